@@ -1,0 +1,36 @@
+{
+  "targets": [
+    {
+      "target_name": "tandem",
+      "sources": [
+        "native/src/addon.cpp",
+        "native/src/addon_state.cpp",
+        "native/src/cuda_device.cpp",
+        "native/src/cuda_driver.cpp",
+        "native/src/device_buffer.cpp",
+        "native/src/dynlib.cpp",
+        "native/src/probe.cpp",
+        "native/src/work_queue.cpp"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": [
+        "NAPI_VERSION=9",
+        "NAPI_CPP_EXCEPTIONS",
+        "NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS",
+        "TANDEM_ADDON_VERSION=\"<!(node -p \"require('./package.json').version\")\""
+      ],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-fno-rtti"],
+      "cflags_cc": ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"],
+      "libraries": ["-ldl", "-lpthread"],
+      "conditions": [
+        ["OS=='mac'", {
+          "xcode_settings": {
+            "GCC_ENABLE_CPP_EXCEPTIONS": "YES",
+            "CLANG_CXX_LANGUAGE_STANDARD": "c++17"
+          }
+        }]
+      ]
+    }
+  ]
+}

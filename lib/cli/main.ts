@@ -1,0 +1,77 @@
+#!/usr/bin/env node
+/**
+ * The `tandem` command line.
+ *
+ *   tandem info [--json]   what this machine offers (CUDA, NCCL, UCX, cuBLAS, kernels) and why not
+ *   tandem start           the embedded deployment on this machine (what `npm start` runs)
+ *   tandem --version
+ */
+import { parseArgs } from 'node:util';
+import { capabilities } from '../capabilities/index.js';
+import { TandemError } from '../errors.js';
+import { packageVersion } from '../version.js';
+import { formatCapabilities } from './format.js';
+import { planEmbedded } from './start.js';
+
+const HELP = `tandem ${packageVersion}: disaggregated LLM serving for Node.js
+
+Usage:
+  tandem info [--json]     report CUDA, NCCL, UCX, cuBLAS and kernel availability (and why not)
+  tandem start             run the embedded deployment on this machine
+  tandem --version         print the version
+  tandem --help            print this help
+
+Environment: TANDEM_LIBCUDA, TANDEM_LIBNVML, TANDEM_LIBNCCL, TANDEM_LIBUCP, TANDEM_LIBCUBLAS,
+TANDEM_LIBCUBLASLT (where to find each library), TANDEM_KERNELS (fatbin), TANDEM_ADDON (addon binary).`;
+
+async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      json: { type: 'boolean', default: false },
+      help: { type: 'boolean', short: 'h', default: false },
+      version: { type: 'boolean', short: 'v', default: false },
+    },
+  });
+  if (values.version) {
+    console.log(packageVersion);
+    return 0;
+  }
+  const command = positionals[0];
+  if (values.help || !command) {
+    console.log(HELP);
+    return command || values.help ? 0 : 1;
+  }
+  switch (command) {
+    case 'info': {
+      const caps = await capabilities();
+      console.log(values.json ? JSON.stringify(caps, null, 2) : formatCapabilities(caps));
+      return 0;
+    }
+    case 'start': {
+      const caps = await capabilities();
+      console.log(formatCapabilities(caps));
+      console.log('');
+      console.log(planEmbedded(caps));
+      return 0;
+    }
+    default:
+      console.error(`tandem: unknown command '${command}'\n\n${HELP}`);
+      return 2;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (error: unknown) => {
+    if (error instanceof TandemError || (error instanceof Error && error.name === 'TypeError' && 'code' in error)) {
+      console.error(`tandem: ${(error as Error).message}`);
+    } else {
+      console.error('tandem:', error);
+    }
+    process.exitCode = 1;
+  },
+);

@@ -1,0 +1,13 @@
+/**
+ * Tandem: disaggregated LLM serving for Node.js. Public API.
+ */
+export { capabilities, nvlinkPerLinkGBps } from './capabilities/index.js';
+export type { Capabilities, CudaDeviceInfo } from './capabilities/index.js';
+export { CudaDevice, DeviceBuffer, probeCuda } from './cuda/index.js';
+export type { KernelArg, LaunchConfig } from './cuda/index.js';
+export * from './errors.js';
+export { LIBRARY_ENV, libraryCandidates } from './native/libraries.js';
+export { kernelImage } from './native/kernels.js';
+export type { KernelImage, KernelManifest } from './native/kernels.js';
+export { loadBinding } from './native/binding.js';
+export { packageVersion } from './version.js';

@@ -1,0 +1,165 @@
+/**
+ * The raw native binding, typed by hand, and its loader. Everything here is mechanical; validation,
+ * defaults and policy live in the modules that wrap it (capabilities, cuda).
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { join } from 'node:path';
+import { NativeLoadError } from '../errors.js';
+import { packageRoot } from './paths.js';
+
+export interface RawLibraryCandidates {
+  cuda: string[];
+  nccl: string[];
+  ucp: string[];
+  cublas: string[];
+  cublasLt: string[];
+  nvml: string[];
+}
+
+export interface RawDevice {
+  ordinal: number;
+  name: string;
+  uuid: string;
+  pciBusId: string;
+  totalMemoryBytes: number;
+  computeCapabilityMajor: number;
+  computeCapabilityMinor: number;
+  multiprocessors: number;
+  l2CacheBytes: number;
+  memoryBusWidthBits: number;
+  memoryClockKHz: number;
+  virtualMemoryManagement: boolean;
+  posixFdHandles: boolean;
+}
+
+export interface RawProbe {
+  cuda: {
+    available: boolean;
+    reason?: string;
+    libraryPath?: string;
+    driverVersion: number;
+    devices: RawDevice[];
+    peerAccess: boolean[][];
+    peerPerformanceRank: number[][];
+    nvlink: {
+      available: boolean;
+      reason?: string;
+      links: number[][];
+      activeLinks: number[];
+      nvmlLinkVersion: number[];
+    };
+  };
+  nccl: { available: boolean; reason?: string; libraryPath?: string; versionCode: number };
+  ucx: {
+    available: boolean;
+    reason?: string;
+    libraryPath?: string;
+    moduleDir?: string;
+    versionParts: [number, number, number];
+    transports: string[];
+    resources: string[];
+    modules: string[];
+    transportReason?: string;
+  };
+  cublas: {
+    available: boolean;
+    reason?: string;
+    libraryPath?: string;
+    versionParts: [number, number, number];
+    lt: { available: boolean; reason?: string; libraryPath?: string; versionCode: number };
+  };
+  kernels: { tried: boolean; loaded: boolean; reason?: string };
+}
+
+export interface RawDeviceBuffer {
+  readonly size: number;
+  readonly address: bigint;
+  readonly disposed: boolean;
+  copyFromHost(source: ArrayBufferView, offset?: number): Promise<void>;
+  copyToHost(target: ArrayBufferView, offset?: number): Promise<void>;
+  fill(byte: number): Promise<void>;
+  dispose(): Promise<void>;
+}
+
+export interface RawCudaDevice {
+  readonly ordinal: number;
+  readonly disposed: boolean;
+  ready(): Promise<{ name: string }>;
+  alloc(bytes: number): Promise<RawDeviceBuffer>;
+  loadKernels(fatbin: Uint8Array): Promise<void>;
+  launch(
+    name: string,
+    grid: [number, number, number],
+    block: [number, number, number],
+    sharedBytes: number,
+    signature: string,
+    args: unknown[],
+  ): Promise<void>;
+  synchronize(): Promise<void>;
+  memoryInfo(): Promise<{ freeBytes: number; totalBytes: number }>;
+  dispose(): Promise<void>;
+}
+
+export interface RawBinding {
+  addonVersion: string;
+  napiVersion: number;
+  probe(options: { libraries: RawLibraryCandidates; fatbin?: Uint8Array }): Promise<RawProbe>;
+  CudaDevice: new (ordinal: number) => RawCudaDevice;
+  DeviceBuffer: new (...args: never[]) => RawDeviceBuffer;
+}
+
+let cached: { binding: RawBinding; path: string } | undefined;
+
+/** Explains a load failure in terms of what the user can do about it. */
+function explain(error: Error, searched: string): string {
+  const text = error.message;
+  const lines = [`Tandem's native addon could not be loaded: ${text.split('\n')[0]}`];
+  if (/No native build was found/.test(text)) {
+    lines.push(
+      `No compiled addon for this platform (searched ${searched}).`,
+      'Build it: `npm run build:addon` (needs python3, make and a C++17 compiler), or make a prebuild on a',
+      'machine like this one with `npm run prebuild`. Set TANDEM_ADDON=/path/to/tandem.node to use a specific file.',
+    );
+  } else if (/GLIBC_|GLIBCXX_|CXXABI_/.test(text)) {
+    lines.push(
+      'The binary was built against a newer C or C++ runtime than this system has.',
+      'Rebuild on this machine with `npm run build:addon`, or use a prebuild made on an older distribution.',
+    );
+  } else if (/wrong ELF class|invalid ELF header|Exec format error/.test(text)) {
+    lines.push(
+      'The binary is for another CPU architecture. Rebuild here with `npm run build:addon`.',
+    );
+  } else if (/NODE_MODULE_VERSION|napi/i.test(text)) {
+    lines.push(
+      'This Node.js does not offer N-API version 9 (Node 20.17 or newer is required).',
+    );
+  } else {
+    lines.push('Rebuild it with `npm run build:addon`; if that fails, the compiler output says why.');
+  }
+  return lines.join('\n');
+}
+
+/** Loads the addon once: TANDEM_ADDON, then prebuilds/ and build/Release via node-gyp-build. */
+export function loadBinding(): { binding: RawBinding; path: string } {
+  if (cached) return cached;
+  const require = createRequire(import.meta.url);
+  const override = process.env.TANDEM_ADDON;
+  try {
+    if (override) {
+      if (!existsSync(override)) {
+        throw new NativeLoadError(`TANDEM_ADDON points at ${override}, which does not exist`);
+      }
+      cached = { binding: require(override) as RawBinding, path: override };
+    } else {
+      const nodeGypBuild = require('node-gyp-build') as { (dir: string): unknown; resolve(dir: string): string };
+      const path = nodeGypBuild.resolve(packageRoot);
+      cached = { binding: require(path) as RawBinding, path };
+    }
+  } catch (error) {
+    if (error instanceof NativeLoadError) throw error;
+    const searched = override ?? `${join(packageRoot, 'prebuilds')} and ${join(packageRoot, 'build', 'Release')}`;
+    throw new NativeLoadError(explain(error as Error, searched), { cause: error });
+  }
+  return cached;
+}

@@ -1,0 +1,43 @@
+// Tandem's native addon: module entry point. The addon links no CUDA, NCCL, UCX or cuBLAS library;
+// each is dlopened at first use (see probe.cpp and cuda_driver.cpp).
+#include <napi.h>
+
+#include "addon_state.h"
+#include "cuda_device.h"
+#include "device_buffer.h"
+#include "probe.h"
+
+#ifndef TANDEM_ADDON_VERSION
+#define TANDEM_ADDON_VERSION "0.0.0"
+#endif
+
+namespace tandem {
+namespace {
+
+// probe({ libraries: { cuda: [...], nccl: [...], ... }, fatbin?: Uint8Array }) -> Promise<RawProbe>
+Napi::Value Probe(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throw Napi::TypeError::New(env, "probe expects an options object");
+  auto options = std::make_shared<ProbeOptions>(parseProbeOptions(info[0].As<Napi::Object>()));
+  return runAsync<ProbeResult>(
+      env, AddonState::of(env).probeQueue(), [options]() { return runProbe(*options); },
+      [](Napi::Env env, ProbeResult& result) { return probeResultToJs(env, result); });
+}
+
+}  // namespace
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  AddonState::init(env, exports);
+  CudaDevice::Init(env, exports);
+  DeviceBuffer::Init(env, exports);
+  exports.Set("probe", Napi::Function::New(env, Probe, "probe"));
+  exports.Set("addonVersion", Napi::String::New(env, TANDEM_ADDON_VERSION));
+  exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
+  return exports;
+}
+
+}  // namespace tandem
+
+static Napi::Object InitTandem(Napi::Env env, Napi::Object exports) { return tandem::Init(env, exports); }
+
+NODE_API_MODULE(tandem, InitTandem)

@@ -1,0 +1,116 @@
+// The slice of the CUDA driver API that Tandem calls, declared here so that the addon builds without
+// CUDA headers and links no CUDA library. The driver's C ABI is stable; every entry point is fetched at
+// run time with cuGetProcAddress at an explicit API version (see cuda_driver.cpp).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+extern "C" {
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct CUctx_st* CUcontext;
+typedef struct CUmod_st* CUmodule;
+typedef struct CUfunc_st* CUfunction;
+typedef struct CUstream_st* CUstream;
+typedef struct CUevent_st* CUevent;
+typedef uint64_t cuuint64_t;
+
+struct CUuuid {
+  unsigned char bytes[16];
+};
+
+enum : int {
+  CUDA_SUCCESS = 0,
+  CUDA_ERROR_INVALID_VALUE = 1,
+  CUDA_ERROR_OUT_OF_MEMORY = 2,
+  CUDA_ERROR_NOT_INITIALIZED = 3,
+  CUDA_ERROR_NO_DEVICE = 100,
+  CUDA_ERROR_INVALID_DEVICE = 101,
+  CUDA_ERROR_NOT_FOUND = 500,
+  CUDA_ERROR_NOT_READY = 600,
+};
+
+// CUdevice_attribute values used by Tandem.
+enum : int {
+  CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16,
+  CU_DEVICE_ATTRIBUTE_PCI_BUS_ID = 33,
+  CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID = 34,
+  CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE = 36,
+  CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH = 37,
+  CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE = 38,
+  CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING = 41,
+  CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID = 50,
+  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75,
+  CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76,
+  CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 102,
+  CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED = 103,
+};
+
+// CUdevice_P2PAttribute values.
+enum : int {
+  CU_DEVICE_P2P_ATTRIBUTE_PERFORMANCE_RANK = 0x01,
+  CU_DEVICE_P2P_ATTRIBUTE_ACCESS_SUPPORTED = 0x02,
+  CU_DEVICE_P2P_ATTRIBUTE_NATIVE_ATOMIC_SUPPORTED = 0x03,
+};
+
+enum : unsigned {
+  CU_STREAM_NON_BLOCKING = 0x1,
+  CU_EVENT_DISABLE_TIMING = 0x2,
+  CU_MEMHOSTALLOC_PORTABLE = 0x1,
+  CU_MEMHOSTREGISTER_PORTABLE = 0x1,
+};
+
+typedef CUresult (*PFN_cuGetProcAddress_v2)(const char* symbol, void** pfn, int cudaVersion,
+                                             cuuint64_t flags, int* symbolStatus);
+typedef CUresult (*PFN_cuGetProcAddress_v1)(const char* symbol, void** pfn, int cudaVersion,
+                                             cuuint64_t flags);
+typedef CUresult (*PFN_cuInit)(unsigned int flags);
+typedef CUresult (*PFN_cuDriverGetVersion)(int* version);
+typedef CUresult (*PFN_cuGetErrorName)(CUresult error, const char** str);
+typedef CUresult (*PFN_cuGetErrorString)(CUresult error, const char** str);
+typedef CUresult (*PFN_cuDeviceGetCount)(int* count);
+typedef CUresult (*PFN_cuDeviceGet)(CUdevice* device, int ordinal);
+typedef CUresult (*PFN_cuDeviceGetName)(char* name, int len, CUdevice dev);
+typedef CUresult (*PFN_cuDeviceTotalMem)(size_t* bytes, CUdevice dev);
+typedef CUresult (*PFN_cuDeviceGetAttribute)(int* value, int attrib, CUdevice dev);
+typedef CUresult (*PFN_cuDeviceGetUuid)(CUuuid* uuid, CUdevice dev);
+typedef CUresult (*PFN_cuDeviceGetPCIBusId)(char* pciBusId, int len, CUdevice dev);
+typedef CUresult (*PFN_cuDeviceCanAccessPeer)(int* canAccessPeer, CUdevice dev, CUdevice peerDev);
+typedef CUresult (*PFN_cuDeviceGetP2PAttribute)(int* value, int attrib, CUdevice src, CUdevice dst);
+typedef CUresult (*PFN_cuDevicePrimaryCtxRetain)(CUcontext* pctx, CUdevice dev);
+typedef CUresult (*PFN_cuDevicePrimaryCtxRelease)(CUdevice dev);
+typedef CUresult (*PFN_cuCtxSetCurrent)(CUcontext ctx);
+typedef CUresult (*PFN_cuCtxSynchronize)(void);
+typedef CUresult (*PFN_cuMemGetInfo)(size_t* free, size_t* total);
+typedef CUresult (*PFN_cuMemAlloc)(CUdeviceptr* dptr, size_t bytesize);
+typedef CUresult (*PFN_cuMemFree)(CUdeviceptr dptr);
+typedef CUresult (*PFN_cuMemAllocHost)(void** pp, size_t bytesize);
+typedef CUresult (*PFN_cuMemFreeHost)(void* p);
+typedef CUresult (*PFN_cuMemHostRegister)(void* p, size_t bytesize, unsigned int flags);
+typedef CUresult (*PFN_cuMemHostUnregister)(void* p);
+typedef CUresult (*PFN_cuMemcpyHtoDAsync)(CUdeviceptr dst, const void* src, size_t bytes, CUstream s);
+typedef CUresult (*PFN_cuMemcpyDtoHAsync)(void* dst, CUdeviceptr src, size_t bytes, CUstream s);
+typedef CUresult (*PFN_cuMemcpyDtoDAsync)(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s);
+typedef CUresult (*PFN_cuMemcpyPeerAsync)(CUdeviceptr dst, CUcontext dstCtx, CUdeviceptr src,
+                                          CUcontext srcCtx, size_t bytes, CUstream s);
+typedef CUresult (*PFN_cuMemsetD8Async)(CUdeviceptr dst, unsigned char value, size_t n, CUstream s);
+typedef CUresult (*PFN_cuStreamCreate)(CUstream* stream, unsigned int flags);
+typedef CUresult (*PFN_cuStreamDestroy)(CUstream stream);
+typedef CUresult (*PFN_cuStreamSynchronize)(CUstream stream);
+typedef CUresult (*PFN_cuEventCreate)(CUevent* event, unsigned int flags);
+typedef CUresult (*PFN_cuEventDestroy)(CUevent event);
+typedef CUresult (*PFN_cuEventRecord)(CUevent event, CUstream stream);
+typedef CUresult (*PFN_cuEventSynchronize)(CUevent event);
+typedef CUresult (*PFN_cuEventElapsedTime)(float* ms, CUevent start, CUevent end);
+typedef CUresult (*PFN_cuModuleLoadData)(CUmodule* module, const void* image);
+typedef CUresult (*PFN_cuModuleUnload)(CUmodule module);
+typedef CUresult (*PFN_cuModuleGetFunction)(CUfunction* fn, CUmodule module, const char* name);
+typedef CUresult (*PFN_cuLaunchKernel)(CUfunction f, unsigned gridX, unsigned gridY, unsigned gridZ,
+                                       unsigned blockX, unsigned blockY, unsigned blockZ,
+                                       unsigned sharedMemBytes, CUstream stream, void** kernelParams,
+                                       void** extra);
+
+}  // extern "C"

@@ -1,0 +1,42 @@
+// A FIFO of jobs run by one thread that the addon owns (never libuv's pool). Each GPU gets one, so
+// that its context is current on exactly one thread; the capability probe gets another.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+
+namespace tandem {
+
+class WorkQueue {
+ public:
+  explicit WorkQueue(std::string name);
+  ~WorkQueue();  // stops and joins; jobs not yet started are run first (nothing is dropped)
+  WorkQueue(const WorkQueue&) = delete;
+  WorkQueue& operator=(const WorkQueue&) = delete;
+
+  // Queues a job. Returns false (and does not run it) once stop() has begun.
+  bool post(std::function<void()> job);
+
+  // Runs every queued job, then joins the thread. Idempotent; must not be called from the queue's
+  // own thread.
+  void stop();
+
+  bool onQueueThread() const { return std::this_thread::get_id() == thread_.get_id(); }
+  const std::string& name() const { return name_; }
+
+ private:
+  void run();
+
+  std::string name_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::function<void()>> jobs_;
+  bool stopping_ = false;
+  std::thread thread_;
+};
+
+}  // namespace tandem
