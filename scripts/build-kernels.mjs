@@ -29,7 +29,9 @@ if (!result.ok) {
 }
 const manifest = JSON.parse(readFileSync(join(out, 'tandem_kernels.json'), 'utf8'));
 if (manifest.built) {
-  console.log(`tandem: kernels built for ${manifest.architectures.join(', ')} + PTX ${manifest.ptx.join(', ')} -> build-kernels/tandem_kernels.fatbin`);
+  console.log(
+    `tandem: kernels built for ${manifest.architectures.join(', ')} + PTX ${manifest.ptx.join(', ')} -> build-kernels/tandem_kernels.fatbin`,
+  );
 } else {
   console.warn(`tandem: kernels not built: ${manifest.reason}`);
 }

@@ -28,7 +28,14 @@ export interface CudaDeviceInfo {
 export interface Capabilities {
   schemaVersion: 1;
   tandem: { version: string; addonPath: string; addonVersion: string };
-  node: { version: string; napiVersion: number; addonNapiVersion: number; platform: string; arch: string; glibc?: string };
+  node: {
+    version: string;
+    napiVersion: number;
+    addonNapiVersion: number;
+    platform: string;
+    arch: string;
+    glibc?: string;
+  };
   cpu: { model: string; cores: number; memoryBytes: number; freeMemoryBytes: number };
   cuda: {
     available: boolean;
@@ -105,7 +112,10 @@ function glibcVersion(): string | undefined {
   return report?.header?.glibcVersionRuntime;
 }
 
-export function assembleCapabilities(raw: RawProbe, addon: { path: string; version: string; napi: number }): Capabilities {
+export function assembleCapabilities(
+  raw: RawProbe,
+  addon: { path: string; version: string; napi: number },
+): Capabilities {
   const devices: CudaDeviceInfo[] = raw.cuda.devices.map((d) => ({
     ordinal: d.ordinal,
     name: d.name,
@@ -121,8 +131,7 @@ export function assembleCapabilities(raw: RawProbe, addon: { path: string; versi
   }));
   const perLink = devices.length > 0 ? nvlinkPerLinkGBps(raw.cuda.devices[0]!.computeCapabilityMajor) : null;
   const links = raw.cuda.nvlink.links;
-  const nvlinkReason =
-    raw.cuda.nvlink.reason ?? (devices.length < 2 ? 'fewer than two CUDA devices' : undefined);
+  const nvlinkReason = raw.cuda.nvlink.reason ?? (devices.length < 2 ? 'fewer than two CUDA devices' : undefined);
 
   const ucxVersion = raw.ucx.available ? raw.ucx.versionParts.join('.') : undefined;
   const cudaTransports = raw.ucx.transports.some((t) => t.startsWith('cuda'));

@@ -11,7 +11,9 @@ export function formatCapabilities(c: Capabilities): string {
     `Node ${c.node.version}, N-API ${c.node.napiVersion} (addon built for ${c.node.addonNapiVersion}), ` +
       `${c.node.platform}-${c.node.arch}${c.node.glibc ? `, glibc ${c.node.glibc}` : ''}`,
   );
-  out.push(`CPU: ${c.cpu.cores} cores (${c.cpu.model}), memory ${gib(c.cpu.memoryBytes)} (${gib(c.cpu.freeMemoryBytes)} free)`);
+  out.push(
+    `CPU: ${c.cpu.cores} cores (${c.cpu.model}), memory ${gib(c.cpu.memoryBytes)} (${gib(c.cpu.freeMemoryBytes)} free)`,
+  );
   out.push('');
 
   out.push(`CUDA: ${status(c.cuda.available)}${c.cuda.driverVersion ? `, driver ${c.cuda.driverVersion}` : ''}`);
@@ -36,7 +38,10 @@ export function formatCapabilities(c: Capabilities): string {
         out.push(
           `    [${i}] ` +
             row.map((n, j) => (i === j ? '-' : `${n}`).padStart(6)).join('') +
-            `   (${row.map((_, j) => (i === j ? null : `${c.cuda.nvlink.bandwidthGBps[i]?.[j] ?? 0} GB/s`)).filter(Boolean).join(', ')})`,
+            `   (${row
+              .map((_, j) => (i === j ? null : `${c.cuda.nvlink.bandwidthGBps[i]?.[j] ?? 0} GB/s`))
+              .filter(Boolean)
+              .join(', ')})`,
         );
       });
     } else if (c.cuda.nvlink.reason) {

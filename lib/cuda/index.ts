@@ -91,7 +91,8 @@ export class CudaDevice {
 
   /** Opens device `ordinal` (retains its primary context on the device's own thread). */
   static async open(ordinal = 0): Promise<CudaDevice> {
-    if (!Number.isInteger(ordinal) || ordinal < 0) throw new BadArgumentError(`device ordinal must be a non-negative integer, got ${ordinal}`);
+    if (!Number.isInteger(ordinal) || ordinal < 0)
+      throw new BadArgumentError(`device ordinal must be a non-negative integer, got ${ordinal}`);
     const cuda = await probeCuda();
     if (!cuda.available) throw new CudaUnavailableError(cuda.reason ?? 'unknown reason');
     const { binding } = loadBinding();
@@ -134,7 +135,10 @@ export class CudaDevice {
     const values: unknown[] = [];
     for (const arg of args) {
       if (arg instanceof DeviceBuffer) {
-        if (arg.device !== this) throw new BadArgumentError(`kernel ${name}: a buffer of device ${arg.device.ordinal} was passed to device ${this.ordinal}`);
+        if (arg.device !== this)
+          throw new BadArgumentError(
+            `kernel ${name}: a buffer of device ${arg.device.ordinal} was passed to device ${this.ordinal}`,
+          );
         signature += 'p';
         values.push(arg.raw);
       } else if ('ptr' in arg) {

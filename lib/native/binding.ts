@@ -127,13 +127,9 @@ function explain(error: Error, searched: string): string {
       'Rebuild on this machine with `npm run build:addon`, or use a prebuild made on an older distribution.',
     );
   } else if (/wrong ELF class|invalid ELF header|Exec format error/.test(text)) {
-    lines.push(
-      'The binary is for another CPU architecture. Rebuild here with `npm run build:addon`.',
-    );
+    lines.push('The binary is for another CPU architecture. Rebuild here with `npm run build:addon`.');
   } else if (/NODE_MODULE_VERSION|napi/i.test(text)) {
-    lines.push(
-      'This Node.js does not offer N-API version 9 (Node 20.17 or newer is required).',
-    );
+    lines.push('This Node.js does not offer N-API version 9 (Node 20.17 or newer is required).');
   } else {
     lines.push('Rebuild it with `npm run build:addon`; if that fails, the compiler output says why.');
   }

@@ -33,7 +33,13 @@ const SONAMES: Record<keyof RawLibraryCandidates, string[]> = {
   cublasLt: ['libcublasLt.so.13', 'libcublasLt.so.12'],
 };
 
-const DRIVER_DIRS = ['/usr/lib/x86_64-linux-gnu', '/usr/lib64', '/usr/lib', '/usr/local/nvidia/lib64', '/usr/lib/wsl/lib'];
+const DRIVER_DIRS = [
+  '/usr/lib/x86_64-linux-gnu',
+  '/usr/lib64',
+  '/usr/lib',
+  '/usr/local/nvidia/lib64',
+  '/usr/lib/wsl/lib',
+];
 const TOOLKIT_DIRS = ['/usr/local/cuda/lib64', '/usr/lib/x86_64-linux-gnu', '/usr/lib64'];
 
 function isDirectory(path: string): boolean {
@@ -54,7 +60,12 @@ export function libraryCandidates(env: NodeJS.ProcessEnv = process.env): RawLibr
   const build = (key: keyof RawLibraryCandidates, dirs: string[]): string[] => {
     const sonames = SONAMES[key];
     const override = env[LIBRARY_ENV[key]];
-    const fromEnv = override ? override.split(':').filter(Boolean).flatMap((e) => expand(e, sonames)) : [];
+    const fromEnv = override
+      ? override
+          .split(':')
+          .filter(Boolean)
+          .flatMap((e) => expand(e, sonames))
+      : [];
     const fromDirs = dirs.flatMap((dir) => sonames.map((name) => join(dir, name)));
     return [...new Set([...fromEnv, ...sonames, ...fromDirs])];
   };
