@@ -128,6 +128,8 @@ describe('capabilities(): assembling a multi-GPU report', () => {
           [18, 0],
         ],
         activeLinks: [18, 18],
+        switchLinks: [0, 0],
+        unmatchedLinks: [0, 0],
         nvmlLinkVersion: [4, 4],
       },
     },

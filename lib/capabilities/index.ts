@@ -51,6 +51,10 @@ export interface Capabilities {
       reason?: string;
       /** links[i][j]: active NVLink links from device i to device j. */
       links: number[][];
+      /** Per device: active NVLink links in all (to GPUs and NVSwitches). */
+      activeLinks: number[];
+      /** Per device: active links that end at an NVSwitch (counted toward every switch-connected peer). */
+      switchLinks: number[];
       /** One link's bandwidth per direction, GB/s, for this GPU generation; null when unknown. */
       perLinkGBps: number | null;
       /** bandwidthGBps[i][j] = links[i][j] x perLinkGBps (per direction). */
@@ -173,6 +177,8 @@ export function assembleCapabilities(
         available: raw.cuda.nvlink.available,
         ...(nvlinkReason ? { reason: nvlinkReason } : {}),
         links,
+        activeLinks: raw.cuda.nvlink.activeLinks,
+        switchLinks: raw.cuda.nvlink.switchLinks ?? [],
         perLinkGBps: perLink,
         bandwidthGBps: links.map((row) => row.map((n) => (perLink === null ? 0 : n * perLink))),
       },

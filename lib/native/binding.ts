@@ -47,6 +47,8 @@ export interface RawProbe {
       reason?: string;
       links: number[][];
       activeLinks: number[];
+      switchLinks: number[];
+      unmatchedLinks: number[];
       nvmlLinkVersion: number[];
     };
   };

@@ -36,6 +36,9 @@ typedef const char* (*PFN_nvmlErrorString)(nvmlReturn_t);
 typedef nvmlReturn_t (*PFN_nvmlDeviceGetHandleByPciBusId_v2)(const char* busId, nvmlDevice_t* device);
 typedef nvmlReturn_t (*PFN_nvmlDeviceGetNvLinkState)(nvmlDevice_t, unsigned link, int* isActive);
 typedef nvmlReturn_t (*PFN_nvmlDeviceGetNvLinkVersion)(nvmlDevice_t, unsigned link, unsigned* version);
+// nvmlIntNvLinkDeviceType_t: 0 GPU, 1 IBM NPU, 2 NVSwitch, 0xFF unknown.
+enum : int { NVML_NVLINK_DEVICE_TYPE_GPU = 0, NVML_NVLINK_DEVICE_TYPE_SWITCH = 2 };
+typedef nvmlReturn_t (*PFN_nvmlDeviceGetNvLinkRemoteDeviceType)(nvmlDevice_t, unsigned link, int* type);
 typedef nvmlReturn_t (*PFN_nvmlDeviceGetNvLinkRemotePciInfo_v2)(nvmlDevice_t, unsigned link,
                                                                  nvmlPciInfo_t* pci);
 

@@ -121,6 +121,8 @@ void probeNvlink(const ProbeOptions& options, ProbeResult& out) {
   auto version = reinterpret_cast<PFN_nvmlDeviceGetNvLinkVersion>(lib.symbol("nvmlDeviceGetNvLinkVersion"));
   auto remote = reinterpret_cast<PFN_nvmlDeviceGetNvLinkRemotePciInfo_v2>(
       lib.symbol("nvmlDeviceGetNvLinkRemotePciInfo_v2"));
+  auto remoteType = reinterpret_cast<PFN_nvmlDeviceGetNvLinkRemoteDeviceType>(
+      lib.symbol("nvmlDeviceGetNvLinkRemoteDeviceType"));
   if (!init || !shutdown || !byBus || !state || !version || !remote) {
     nv.reason = lib.path + " lacks the NVLink queries (NVML too old)";
     return;
@@ -133,6 +135,8 @@ void probeNvlink(const ProbeOptions& options, ProbeResult& out) {
   nv.links.assign(n, std::vector<int>(n, 0));
   nv.activeLinks.assign(n, 0);
   nv.linkVersion.assign(n, 0);
+  nv.switchLinks.assign(n, 0);
+  nv.unmatchedLinks.assign(n, 0);
   for (size_t i = 0; i < n; ++i) {
     nvmlDevice_t handle = nullptr;
     if (byBus(out.devices[i].pciBusId.c_str(), &handle) != NVML_SUCCESS) continue;
@@ -144,17 +148,44 @@ void probeNvlink(const ProbeOptions& options, ProbeResult& out) {
       nv.activeLinks[i]++;
       unsigned v = 0;
       if (nv.linkVersion[i] == 0 && version(handle, link, &v) == NVML_SUCCESS) nv.linkVersion[i] = static_cast<int>(v);
+      int type = NVML_NVLINK_DEVICE_TYPE_GPU;
+      if (remoteType && remoteType(handle, link, &type) == NVML_SUCCESS && type == NVML_NVLINK_DEVICE_TYPE_SWITCH) {
+        nv.switchLinks[i]++;
+        continue;
+      }
       nvmlPciInfo_t pci{};
       if (remote(handle, link, &pci) != NVML_SUCCESS) continue;
       unsigned rd = 0, rb = 0, rdev = 0;
-      if (!parseBusId(pci.busId, rd, rb, rdev)) continue;
-      for (size_t j = 0; j < n; ++j) {
-        unsigned d = 0, b = 0, dv = 0;
-        if (parseBusId(out.devices[j].pciBusId, d, b, dv) && d == rd && b == rb && dv == rdev) nv.links[i][j]++;
+      bool matched = false;
+      if (parseBusId(pci.busId, rd, rb, rdev)) {
+        for (size_t j = 0; j < n; ++j) {
+          unsigned d = 0, b = 0, dv = 0;
+          if (parseBusId(out.devices[j].pciBusId, d, b, dv) && d == rd && b == rb && dv == rdev) {
+            nv.links[i][j]++;
+            matched = true;
+          }
+        }
       }
+      if (!matched) nv.unmatchedLinks[i]++;
     }
   }
   shutdown();
+  // Inside a VM, NVML may report the host-side PCI id of the GPU at the far end of a link, which
+  // matches no visible device. With two GPUs the far end can only be the other one.
+  if (n == 2) {
+    for (size_t i = 0; i < 2; ++i) {
+      nv.links[i][1 - i] += nv.unmatchedLinks[i];
+    }
+  }
+  // GPUs on NVSwitches (HGX boards) reach each other over all of their switch links at once: a pair
+  // that can map each other's memory gets the smaller of their switch-link counts.
+  for (size_t i = 0; i < n; ++i) {
+    for (size_t j = 0; j < n; ++j) {
+      if (i != j && out.peerAccess[i][j] && nv.switchLinks[i] > 0 && nv.switchLinks[j] > 0) {
+        nv.links[i][j] += std::min(nv.switchLinks[i], nv.switchLinks[j]);
+      }
+    }
+  }
   nv.available = true;
 }
 
@@ -440,6 +471,14 @@ Napi::Value probeResultToJs(Napi::Env env, const ProbeResult& r) {
     versions.Set(i, r.nvlink.linkVersion[i]);
   }
   nvlink.Set("activeLinks", active);
+  Napi::Array switched = Napi::Array::New(env, r.nvlink.switchLinks.size());
+  Napi::Array unmatched = Napi::Array::New(env, r.nvlink.unmatchedLinks.size());
+  for (size_t i = 0; i < r.nvlink.switchLinks.size(); ++i) {
+    switched.Set(i, r.nvlink.switchLinks[i]);
+    unmatched.Set(i, r.nvlink.unmatchedLinks[i]);
+  }
+  nvlink.Set("switchLinks", switched);
+  nvlink.Set("unmatchedLinks", unmatched);
   nvlink.Set("nvmlLinkVersion", versions);
   cuda.Set("nvlink", nvlink);
   o.Set("cuda", cuda);

@@ -33,6 +33,8 @@ struct NvlinkInfo {
   std::vector<std::vector<int>> links;  // links[i][j]: active NVLink links from device i to device j
   std::vector<int> activeLinks;         // per device, all active links (including to switches)
   std::vector<int> linkVersion;         // per device, NVML's version code of its first active link
+  std::vector<int> switchLinks;         // per device, active links that end at an NVSwitch
+  std::vector<int> unmatchedLinks;      // per device, links to a GPU whose PCI id matches no visible device
 };
 
 struct ProbeResult {
