@@ -10,6 +10,10 @@
         "native/src/device_buffer.cpp",
         "native/src/dynlib.cpp",
         "native/src/probe.cpp",
+        "native/src/transfer/agent.cpp",
+        "native/src/transfer/agent_wrap.cpp",
+        "native/src/transfer/metadata.cpp",
+        "native/src/transfer/wire.cpp",
         "native/src/work_queue.cpp"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

@@ -75,6 +75,69 @@ export class OutOfMemoryError extends TandemError {
   }
 }
 
+/** The peer went away (process died, connection closed, removed, or replaced by a restart). */
+export class RemoteDisconnectError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_REMOTE_DISCONNECTED', message);
+  }
+}
+
+/** A transfer descriptor is malformed (no pieces, mismatched arrays, fractional offsets, ...). */
+export class BadDescriptorError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_BAD_DESCRIPTOR', message);
+  }
+}
+
+/** A region (local or remote) is not registered, or was deregistered. */
+export class NotRegisteredError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_NOT_REGISTERED', message);
+  }
+}
+
+/** The operation was canceled through its AbortSignal. */
+export class CanceledError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_CANCELED', message);
+  }
+}
+
+/** A peer did not answer within the agent's timeout. */
+export class TimeoutError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_TIMEOUT', message);
+  }
+}
+
+/** Peer metadata is malformed, truncated or corrupted. Nothing was loaded. */
+export class MetadataError extends TandemError {
+  constructor(message: string, code = 'TANDEM_BAD_METADATA') {
+    super(code, message);
+  }
+}
+
+/** Peer metadata comes from an incompatible Tandem build or format. Nothing was loaded. */
+export class IncompatibleMetadataError extends MetadataError {
+  constructor(message: string) {
+    super(message, 'TANDEM_INCOMPATIBLE_METADATA');
+  }
+}
+
+/** No peer of that name has been loaded. */
+export class UnknownPeerError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_UNKNOWN_PEER', message);
+  }
+}
+
+/** The peer refused a request (its own validation failed). */
+export class RemoteError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_REMOTE_ERROR', message);
+  }
+}
+
 const stripPrefix = (message: string, prefix: string) =>
   message.startsWith(prefix) ? message.slice(prefix.length) : message;
 
@@ -98,6 +161,28 @@ export function fromNative(error: unknown): unknown {
       return new CudaError(message);
     case 'TANDEM_OUT_OF_MEMORY':
       return new OutOfMemoryError(message);
+    case 'TANDEM_REMOTE_DISCONNECTED':
+      return new RemoteDisconnectError(message);
+    case 'TANDEM_BAD_DESCRIPTOR':
+      return new BadDescriptorError(message);
+    case 'TANDEM_NOT_REGISTERED':
+      return new NotRegisteredError(message);
+    case 'TANDEM_CANCELED':
+      return new CanceledError(message);
+    case 'TANDEM_TIMEOUT':
+      return new TimeoutError(message);
+    case 'TANDEM_BAD_METADATA':
+      return new MetadataError(message);
+    case 'TANDEM_INCOMPATIBLE_METADATA':
+      return new IncompatibleMetadataError(message);
+    case 'TANDEM_UNKNOWN_PEER':
+      return new UnknownPeerError(message);
+    case 'TANDEM_REMOTE_ERROR':
+      return new RemoteError(message);
+    case 'TANDEM_BACKEND_UNAVAILABLE': {
+      const m = /^backend (\S+) unavailable: (.*)$/s.exec(message);
+      return new BackendUnavailableError(m ? m[1]! : 'backend', m ? m[2]! : message);
+    }
     default:
       if (error instanceof TypeError || error instanceof RangeError) return new BadArgumentError(message);
       return error;

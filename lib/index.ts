@@ -11,3 +11,17 @@ export { kernelImage } from './native/kernels.js';
 export type { KernelImage, KernelManifest } from './native/kernels.js';
 export { loadBinding } from './native/binding.js';
 export { packageVersion } from './version.js';
+export { TransferAgent, TransferPlan } from './transfer/index.js';
+export type {
+  AgentOptions,
+  BackendName,
+  MemoryKind,
+  PieceList,
+  PostOptions,
+  PrepareOptions,
+  Region,
+  RemotePeer,
+  RemoteRegion,
+  StridedPieces,
+} from './transfer/index.js';
+export * from './kv/index.js';

@@ -103,12 +103,74 @@ export interface RawCudaDevice {
   dispose(): Promise<void>;
 }
 
+export interface RawRegion {
+  id: number;
+  kind: 'host' | 'shared' | 'pinned' | 'device';
+  size: number;
+  device: number;
+  address: bigint;
+  buffer?: ArrayBuffer;
+}
+
+export interface RawRemotePeer {
+  name: string;
+  sameHost: boolean;
+  incarnation: bigint;
+  backends: string[];
+  regions: { id: number; kind: RawRegion['kind']; size: number; device: number }[];
+}
+
+export interface RawTransferPlan {
+  readonly backend: string;
+  readonly pieces: number;
+  readonly requestedPieces: number;
+  readonly bytes: number;
+  readonly op: 'READ' | 'WRITE';
+  readonly peer: string;
+}
+
+export interface RawTransferAgent {
+  readonly name: string;
+  readonly incarnation: bigint;
+  readonly tcpPort: number;
+  readonly backends: string[];
+  readonly disposed: boolean;
+  registerHost(buffer: ArrayBufferView): RawRegion;
+  allocShared(bytes: number, pinned: boolean): RawRegion;
+  registerDevice(device: number, address: bigint, bytes: number): RawRegion;
+  allocDevice(device: number, bytes: number): RawRegion;
+  deregister(id: number): void;
+  metadata(): Buffer;
+  loadRemote(metadata: Uint8Array): RawRemotePeer;
+  removeRemote(name: string): boolean;
+  prepare(
+    op: 'READ' | 'WRITE',
+    peer: string,
+    localIds: Uint32Array,
+    remoteIds: Uint32Array,
+    localOffsets: Float64Array,
+    remoteOffsets: Float64Array,
+    lengths: Float64Array | number,
+    localRegionIndex: Uint32Array | undefined,
+    remoteRegionIndex: Uint32Array | undefined,
+    backend: string | undefined,
+  ): RawTransferPlan;
+  post(plan: RawTransferPlan, notification?: Uint8Array): { token: number; promise: Promise<void> };
+  cancel(token: number): void;
+  notify(peer: string, message: Uint8Array): Promise<void>;
+  dispose(): Promise<void>;
+}
+
 export interface RawBinding {
   addonVersion: string;
   napiVersion: number;
   probe(options: { libraries: RawLibraryCandidates; fatbin?: Uint8Array }): Promise<RawProbe>;
   CudaDevice: new (ordinal: number) => RawCudaDevice;
   DeviceBuffer: new (...args: never[]) => RawDeviceBuffer;
+  TransferAgent: new (
+    options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number },
+    onNotification: (from: string, message: Buffer) => void,
+  ) => RawTransferAgent;
 }
 
 let cached: { binding: RawBinding; path: string } | undefined;

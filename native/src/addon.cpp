@@ -6,6 +6,7 @@
 #include "cuda_device.h"
 #include "device_buffer.h"
 #include "probe.h"
+#include "transfer/agent_wrap.h"
 
 #ifndef TANDEM_ADDON_VERSION
 #define TANDEM_ADDON_VERSION "0.0.0"
@@ -30,6 +31,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   AddonState::init(env, exports);
   CudaDevice::Init(env, exports);
   DeviceBuffer::Init(env, exports);
+  transfer::TransferAgentWrap::Init(env, exports);
+  transfer::TransferPlanWrap::Init(env, exports);
   exports.Set("probe", Napi::Function::New(env, Probe, "probe"));
   exports.Set("addonVersion", Napi::String::New(env, TANDEM_ADDON_VERSION));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));

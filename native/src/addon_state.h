@@ -65,7 +65,11 @@ class AddonState {
 
   WorkQueue& probeQueue();
 
+  bool closing() const { return closing_; }
+
   Napi::FunctionReference cudaDeviceConstructor;
+  Napi::FunctionReference transferAgentConstructor;
+  Napi::FunctionReference transferPlanConstructor;
   Napi::FunctionReference deviceBufferConstructor;
 
  private:

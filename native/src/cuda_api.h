@@ -63,6 +63,20 @@ enum : unsigned {
   CU_MEMHOSTREGISTER_PORTABLE = 0x1,
 };
 
+struct CUipcMemHandle {
+  unsigned char reserved[64];
+};
+typedef void (*CUhostFn)(void* userData);
+
+enum : int {
+  CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2,
+  CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL = 9,
+  CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10,
+  CU_MEMORYTYPE_HOST = 1,
+  CU_MEMORYTYPE_DEVICE = 2,
+  CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1,
+};
+
 typedef CUresult (*PFN_cuGetProcAddress_v2)(const char* symbol, void** pfn, int cudaVersion,
                                              cuuint64_t flags, int* symbolStatus);
 typedef CUresult (*PFN_cuGetProcAddress_v1)(const char* symbol, void** pfn, int cudaVersion,
@@ -96,6 +110,7 @@ typedef CUresult (*PFN_cuMemcpyDtoHAsync)(void* dst, CUdeviceptr src, size_t byt
 typedef CUresult (*PFN_cuMemcpyDtoDAsync)(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s);
 typedef CUresult (*PFN_cuMemcpyPeerAsync)(CUdeviceptr dst, CUcontext dstCtx, CUdeviceptr src,
                                           CUcontext srcCtx, size_t bytes, CUstream s);
+typedef CUresult (*PFN_cuMemcpyAsync)(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s);
 typedef CUresult (*PFN_cuMemsetD8Async)(CUdeviceptr dst, unsigned char value, size_t n, CUstream s);
 typedef CUresult (*PFN_cuStreamCreate)(CUstream* stream, unsigned int flags);
 typedef CUresult (*PFN_cuStreamDestroy)(CUstream stream);
@@ -108,6 +123,13 @@ typedef CUresult (*PFN_cuEventElapsedTime)(float* ms, CUevent start, CUevent end
 typedef CUresult (*PFN_cuModuleLoadData)(CUmodule* module, const void* image);
 typedef CUresult (*PFN_cuModuleUnload)(CUmodule module);
 typedef CUresult (*PFN_cuModuleGetFunction)(CUfunction* fn, CUmodule module, const char* name);
+typedef CUresult (*PFN_cuIpcGetMemHandle)(CUipcMemHandle* handle, CUdeviceptr dptr);
+typedef CUresult (*PFN_cuIpcOpenMemHandle)(CUdeviceptr* dptr, CUipcMemHandle handle, unsigned int flags);
+typedef CUresult (*PFN_cuIpcCloseMemHandle)(CUdeviceptr dptr);
+typedef CUresult (*PFN_cuMemGetAddressRange)(CUdeviceptr* base, size_t* size, CUdeviceptr dptr);
+typedef CUresult (*PFN_cuPointerGetAttribute)(void* data, int attribute, CUdeviceptr ptr);
+typedef CUresult (*PFN_cuLaunchHostFunc)(CUstream stream, CUhostFn fn, void* userData);
+typedef CUresult (*PFN_cuMemHostGetDevicePointer)(CUdeviceptr* dptr, void* p, unsigned int flags);
 typedef CUresult (*PFN_cuLaunchKernel)(CUfunction f, unsigned gridX, unsigned gridY, unsigned gridZ,
                                        unsigned blockX, unsigned blockY, unsigned blockZ,
                                        unsigned sharedMemBytes, CUstream stream, void** kernelParams,

@@ -1,0 +1,1452 @@
+#include "agent.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <future>
+#include <random>
+#include <sstream>
+
+#include "wire.h"
+
+namespace tandem::transfer {
+
+// ---------------------------------------------------------------------------------------------------
+// Small helpers
+
+const char* backendName(Backend b) {
+  switch (b) {
+    case Backend::Shm: return "shm";
+    case Backend::Tcp: return "tcp";
+    case Backend::CudaIpc: return "cuda-ipc";
+    case Backend::Nccl: return "nccl";
+    case Backend::Ucx: return "ucx";
+  }
+  return "unknown";
+}
+
+bool parseBackend(const std::string& name, Backend& out) {
+  static const std::pair<const char*, Backend> names[] = {
+      {"shm", Backend::Shm}, {"tcp", Backend::Tcp}, {"cuda-ipc", Backend::CudaIpc},
+      {"nccl", Backend::Nccl}, {"ucx", Backend::Ucx}};
+  for (const auto& [n, b] : names) {
+    if (name == n) {
+      out = b;
+      return true;
+    }
+  }
+  return false;
+}
+
+namespace {
+
+std::string errnoText(const char* what) { return std::string(what) + ": " + std::strerror(errno); }
+
+std::string readFirstLine(const char* path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+// Same-host key: agents that share it can map each other's memfds through /proc and use CUDA IPC.
+std::string makeHostKey() {
+  std::string boot = readFirstLine("/proc/sys/kernel/random/boot_id");
+  char ns[128] = {0};
+  ssize_t n = readlink("/proc/self/ns/pid", ns, sizeof(ns) - 1);
+  if (n > 0) ns[n] = 0;
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  return boot + "/" + ns + "/" + host;
+}
+
+uint64_t randomIncarnation() {
+  std::random_device rd;
+  uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  return v ? v : 1;
+}
+
+const char* opName(Op op) { return op == Op::Write ? "WRITE" : "READ"; }
+
+bool isHostKind(MemKind k) { return k != MemKind::Device; }
+
+}  // namespace
+
+HostMapping::~HostMapping() {
+  // cuMemHostUnregister is done by the agent (progress thread) before the last reference drops.
+  if (base && base != MAP_FAILED) munmap(base, size);
+  if (memfd >= 0) ::close(memfd);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Connections
+
+struct Connection {
+  explicit Connection(int fd) : fd(fd) {}
+  ~Connection() {
+    if (fd >= 0) ::close(fd);
+  }
+  void shutdown() {
+    if (open.exchange(false)) ::shutdown(fd, SHUT_RDWR);
+  }
+  int fd;
+  std::mutex sendMutex;
+  std::atomic<bool> open{true};
+  std::string peerName;
+  uint64_t peerIncarnation = 0;
+};
+
+namespace {
+
+bool sendMessage(Connection& c, Msg type, uint32_t aux, uint64_t seq, const void* payload, size_t size,
+                 std::string& error) {
+  Header h{static_cast<uint32_t>(type), aux, seq, size};
+  std::vector<iovec> iov{{&h, sizeof(h)}};
+  if (size) iov.push_back({const_cast<void*>(payload), size});
+  std::lock_guard<std::mutex> lock(c.sendMutex);
+  return sendVector(c.fd, iov, error);
+}
+
+std::vector<unsigned char> helloPayload(uint64_t incarnation, const std::string& name) {
+  std::vector<unsigned char> out(sizeof(uint64_t) + sizeof(uint16_t) + name.size());
+  std::memcpy(out.data(), &incarnation, 8);
+  uint16_t len = static_cast<uint16_t>(name.size());
+  std::memcpy(out.data() + 8, &len, 2);
+  std::memcpy(out.data() + 10, name.data(), name.size());
+  return out;
+}
+
+bool parseHello(const std::vector<unsigned char>& p, uint64_t& incarnation, std::string& name) {
+  if (p.size() < 10) return false;
+  std::memcpy(&incarnation, p.data(), 8);
+  uint16_t len;
+  std::memcpy(&len, p.data() + 8, 2);
+  if (p.size() != 10u + len) return false;
+  name.assign(reinterpret_cast<const char*>(p.data() + 10), len);
+  return true;
+}
+
+// Connects with a deadline (a blackholed address must not stall a thread for minutes).
+int connectWithTimeout(const sockaddr* addr, socklen_t len, int family, int timeoutMs, std::string& error) {
+  int fd = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) {
+    error = errnoText("socket");
+    return -1;
+  }
+  int r = ::connect(fd, addr, len);
+  if (r < 0 && errno != EINPROGRESS) {
+    error = errnoText("connect");
+    ::close(fd);
+    return -1;
+  }
+  if (r < 0) {
+    pollfd p{fd, POLLOUT, 0};
+    int n = ::poll(&p, 1, timeoutMs);
+    int soError = 0;
+    socklen_t sl = sizeof(soError);
+    if (n <= 0) {
+      error = n == 0 ? "connect timed out" : errnoText("poll");
+      ::close(fd);
+      return -1;
+    }
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soError, &sl);
+    if (soError) {
+      error = std::string("connect: ") + std::strerror(soError);
+      ::close(fd);
+      return -1;
+    }
+  }
+  int flags = fcntl(fd, F_GETFL);
+  fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  if (family == AF_INET || family == AF_INET6) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+  }
+  return fd;
+}
+
+sockaddr_un abstractAddress(const std::string& name, socklen_t& len) {
+  sockaddr_un a{};
+  a.sun_family = AF_UNIX;
+  a.sun_path[0] = '\0';
+  size_t n = std::min(name.size(), sizeof(a.sun_path) - 2);
+  std::memcpy(a.sun_path + 1, name.data(), n);
+  len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + n);
+  return a;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Agent: lifetime
+
+Agent::Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* cuda)
+    : options_(std::move(options)), callbacks_(std::move(callbacks)), cuda_(cuda) {
+  incarnation_ = randomIncarnation();
+  hostKey_ = makeHostKey();
+  char hex[17];
+  std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(incarnation_));
+  unixName_ = std::string("tandem.") + hex;
+  startListening();
+  progress_ = std::make_unique<WorkQueue>("tandem-xfer");
+  acceptThread_ = std::thread([this] { acceptLoop(); });
+  timeoutThread_ = std::thread([this] {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!closing_) {
+      timeoutWake_.wait_for(lock, std::chrono::milliseconds(50));
+      auto now = std::chrono::steady_clock::now();
+      std::vector<std::pair<uint64_t, std::string>> expired;
+      for (auto it = pending_.begin(); it != pending_.end();) {
+        if (it->second.deadline <= now) {
+          expired.push_back({it->first, it->second.peer->d.name});
+          it = pending_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      lock.unlock();
+      for (auto& [token, peerName] : expired) {
+        callbacks_.completed(token, false, "TANDEM_TIMEOUT",
+                             "peer '" + peerName + "' did not answer within " + std::to_string(options_.timeoutMs) + " ms");
+      }
+      lock.lock();
+    }
+  });
+}
+
+Agent::~Agent() { close(); }
+
+void Agent::startListening() {
+  if (pipe2(wakeFd_, O_CLOEXEC) != 0) throw AgentError{"TANDEM_INTERNAL", errnoText("pipe2")};
+  socklen_t ulen;
+  sockaddr_un ua = abstractAddress(unixName_, ulen);
+  unixFd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (unixFd_ < 0 || ::bind(unixFd_, reinterpret_cast<sockaddr*>(&ua), ulen) != 0 || ::listen(unixFd_, 64) != 0) {
+    throw AgentError{"TANDEM_INTERNAL", errnoText("unix socket")};
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  std::string port = std::to_string(options_.tcpPort);
+  int gai = getaddrinfo(options_.tcpHost.c_str(), port.c_str(), &hints, &res);
+  if (gai != 0 || !res) {
+    throw AgentError{"TANDEM_BAD_ARGUMENT", "cannot listen on " + options_.tcpHost + ": " + gai_strerror(gai)};
+  }
+  tcpFd_ = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  setsockopt(tcpFd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (tcpFd_ < 0 || ::bind(tcpFd_, res->ai_addr, res->ai_addrlen) != 0 || ::listen(tcpFd_, 64) != 0) {
+    std::string e = errnoText("tcp listen");
+    freeaddrinfo(res);
+    throw AgentError{"TANDEM_BAD_ARGUMENT", "cannot listen on " + options_.tcpHost + ":" + port + ": " + e};
+  }
+  freeaddrinfo(res);
+  sockaddr_storage bound{};
+  socklen_t blen = sizeof(bound);
+  getsockname(tcpFd_, reinterpret_cast<sockaddr*>(&bound), &blen);
+  tcpPort_ = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                                               : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+}
+
+void Agent::close() {
+  if (closing_.exchange(true)) return;
+  timeoutWake_.notify_all();
+  // Reject everything still waiting on a peer.
+  std::map<uint64_t, Pending> pending;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    pending.swap(pending_);
+  }
+  for (auto& [token, p] : pending) callbacks_.completed(token, false, "TANDEM_DISPOSED", "the transfer agent was disposed");
+  // Wake the accept loop and every reader.
+  if (wakeFd_[1] >= 0) {
+    char c = 1;
+    (void)!::write(wakeFd_[1], &c, 1);
+  }
+  std::vector<std::shared_ptr<Connection>> conns;
+  std::vector<std::shared_ptr<Peer>> peers;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    conns = connections_;
+    for (auto& [name, peer] : peers_) peers.push_back(peer);
+  }
+  for (auto& c : conns) c->shutdown();
+  for (auto& p : peers) {
+    std::lock_guard<std::mutex> lock(p->mutex);
+    p->dead = true;
+    if (p->deadReason.empty()) p->deadReason = "the transfer agent was disposed";
+    p->connecting = false;
+    p->connected.notify_all();
+  }
+  if (acceptThread_.joinable()) acceptThread_.join();
+  if (timeoutThread_.joinable()) timeoutThread_.join();
+  {
+    std::lock_guard<std::mutex> lock(readersMutex_);
+    for (auto& t : readers_) {
+      if (t.joinable()) t.join();
+    }
+    readers_.clear();
+  }
+  // Jobs still queued see closing_ and reject; then release CUDA state on the progress thread.
+  progress_->post([this] { releaseCuda(); });
+  progress_->stop();
+  if (unixFd_ >= 0) ::close(unixFd_);
+  if (tcpFd_ >= 0) ::close(tcpFd_);
+  if (wakeFd_[0] >= 0) ::close(wakeFd_[0]);
+  if (wakeFd_[1] >= 0) ::close(wakeFd_[1]);
+  unixFd_ = tcpFd_ = wakeFd_[0] = wakeFd_[1] = -1;
+  std::lock_guard<std::mutex> lock(mutex_);
+  peers_.clear();
+  connections_.clear();
+  regions_.clear();
+}
+
+template <typename F>
+auto Agent::onProgress(F&& fn) -> decltype(fn()) {
+  using R = decltype(fn());
+  if (progress_->onQueueThread()) return fn();
+  auto task = std::make_shared<std::packaged_task<R()>>(std::forward<F>(fn));
+  auto future = task->get_future();
+  if (!progress_->post([task] { (*task)(); })) throw AgentError{"TANDEM_DISPOSED", "the transfer agent was disposed"};
+  return future.get();  // rethrows AgentError from the progress thread
+}
+
+uint32_t Agent::backends() const {
+  uint32_t b = kBackendShm | kBackendTcp;
+  if (cuda_ && cuda_->available) b |= kBackendCudaIpc;
+  return b;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CUDA helpers (progress thread)
+
+void Agent::checkCuda(CUresult r, const char* what) {
+  if (r == CUDA_SUCCESS) return;
+  throw AgentError{r == CUDA_ERROR_OUT_OF_MEMORY ? "TANDEM_OUT_OF_MEMORY" : "TANDEM_CUDA_ERROR",
+                   std::string(what) + ": " + cuda_->describe(r)};
+}
+
+void Agent::setDevice(int device) {
+  if (!cuda_ || !cuda_->available) throw AgentError{"TANDEM_BACKEND_UNAVAILABLE", "CUDA unavailable"};
+  if (device == currentDevice_) return;
+  auto it = contexts_.find(device);
+  if (it == contexts_.end()) {
+    CUdevice dev;
+    CUcontext ctx;
+    checkCuda(cuda_->cuDeviceGet(&dev, device), "cuDeviceGet");
+    checkCuda(cuda_->cuDevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+    it = contexts_.emplace(device, ctx).first;
+  }
+  checkCuda(cuda_->cuCtxSetCurrent(it->second), "cuCtxSetCurrent");
+  currentDevice_ = device;
+}
+
+void Agent::releaseCuda() {
+  if (!cuda_ || !cuda_->available || contexts_.empty()) return;
+  std::vector<std::shared_ptr<Peer>> peers;
+  std::vector<std::shared_ptr<Region>> regions;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [n, p] : peers_) peers.push_back(p);
+    for (auto& [id, r] : regions_) regions.push_back(r);
+  }
+  for (auto& p : peers) {
+    if (p->stream) {
+      setDevice(p->streamDevice);
+      cuda_->cuStreamSynchronize(p->stream);
+      cuda_->cuStreamDestroy(p->stream);
+      p->stream = nullptr;
+    }
+    for (auto& r : p->regions) {
+      if (r.opened && r.openedOn >= 0 && p->d.pid != static_cast<uint32_t>(getpid())) {
+        setDevice(r.openedOn);
+        cuda_->cuIpcCloseMemHandle(r.opened - r.d.ipcOffset);
+      }
+      r.opened = 0;
+    }
+  }
+  for (auto& r : regions) {
+    if (r->ownsDevice && r->dev) {
+      setDevice(r->device);
+      cuda_->cuMemFree(r->dev);
+      r->dev = 0;
+    }
+    if (r->mapping && r->mapping->cudaRegistered) {
+      cuda_->cuMemHostUnregister(r->mapping->base);
+      r->mapping->cudaRegistered = false;
+    }
+  }
+  cuda_->cuCtxSetCurrent(nullptr);
+  for (auto& [device, ctx] : contexts_) {
+    CUdevice dev;
+    if (cuda_->cuDeviceGet(&dev, device) == CUDA_SUCCESS) cuda_->cuDevicePrimaryCtxRelease(dev);
+  }
+  contexts_.clear();
+  currentDevice_ = -1;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Registration
+
+std::shared_ptr<Region> Agent::registerHost(unsigned char* data, uint64_t size) {
+  if (!data || size == 0) throw AgentError{"TANDEM_BAD_ARGUMENT", "cannot register an empty host buffer"};
+  auto r = std::make_shared<Region>();
+  r->kind = MemKind::Host;
+  r->host = data;
+  r->size = size;
+  std::lock_guard<std::mutex> lock(mutex_);
+  r->id = nextRegionId_++;
+  r->desc.id = r->id;
+  r->desc.kind = r->kind;
+  r->desc.size = size;
+  r->desc.address = reinterpret_cast<uint64_t>(data);
+  regions_[r->id] = r;
+  return r;
+}
+
+std::shared_ptr<Region> Agent::allocShared(uint64_t size, bool pinned) {
+  if (size == 0) throw AgentError{"TANDEM_BAD_ARGUMENT", "cannot allocate an empty region"};
+  auto mapping = std::make_shared<HostMapping>();
+  std::string label = "tandem:" + options_.name;
+  mapping->memfd = static_cast<int>(syscall(SYS_memfd_create, label.c_str(), 0));
+  if (mapping->memfd < 0) throw AgentError{"TANDEM_INTERNAL", errnoText("memfd_create")};
+  if (ftruncate(mapping->memfd, static_cast<off_t>(size)) != 0) {
+    throw AgentError{"TANDEM_OUT_OF_MEMORY", errnoText("ftruncate of shared region")};
+  }
+  mapping->base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, mapping->memfd, 0);
+  if (mapping->base == MAP_FAILED) {
+    mapping->base = nullptr;
+    throw AgentError{"TANDEM_OUT_OF_MEMORY", errnoText("mmap of shared region")};
+  }
+  mapping->size = size;
+  auto r = std::make_shared<Region>();
+  r->kind = pinned ? MemKind::Pinned : MemKind::Shared;
+  r->host = static_cast<unsigned char*>(mapping->base);
+  r->size = size;
+  r->mapping = mapping;
+  if (pinned) {
+    onProgress([&] {
+      setDevice(0);
+      checkCuda(cuda_->cuMemHostRegister(mapping->base, size, CU_MEMHOSTREGISTER_PORTABLE), "cuMemHostRegister");
+      mapping->cudaRegistered = true;
+      return 0;
+    });
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  r->id = nextRegionId_++;
+  r->desc.id = r->id;
+  r->desc.kind = r->kind;
+  r->desc.size = size;
+  r->desc.address = reinterpret_cast<uint64_t>(r->host);
+  r->desc.memfd = mapping->memfd;
+  regions_[r->id] = r;
+  return r;
+}
+
+std::shared_ptr<Region> Agent::registerDevice(int device, CUdeviceptr ptr, uint64_t size, bool owns) {
+  if (!cuda_ || !cuda_->available) {
+    throw AgentError{"TANDEM_CUDA_UNAVAILABLE", std::string("CUDA unavailable: ") + (cuda_ ? cuda_->reason : "not probed")};
+  }
+  if (device < 0 || device >= cuda_->deviceCount) {
+    throw AgentError{"TANDEM_BAD_ARGUMENT", "no CUDA device " + std::to_string(device)};
+  }
+  if (!ptr || !size) throw AgentError{"TANDEM_BAD_ARGUMENT", "device region needs an address and a size"};
+  auto r = std::make_shared<Region>();
+  r->kind = MemKind::Device;
+  r->device = device;
+  r->dev = ptr;
+  r->size = size;
+  r->ownsDevice = owns;
+  r->desc.kind = MemKind::Device;
+  r->desc.device = static_cast<int16_t>(device);
+  r->desc.size = size;
+  r->desc.address = ptr;
+  onProgress([&] {
+    setDevice(device);
+    // The range must lie inside one allocation of this device; the IPC handle names that allocation.
+    CUdeviceptr base = 0;
+    size_t allocSize = 0;
+    CUresult res = cuda_->cuMemGetAddressRange(&base, &allocSize, ptr);
+    if (res != CUDA_SUCCESS) {
+      throw AgentError{"TANDEM_BAD_ARGUMENT", "address 0x" + [&] {
+        std::ostringstream o;
+        o << std::hex << ptr;
+        return o.str();
+      }() + " is not device memory of this process: " + cuda_->describe(res)};
+    }
+    if (ptr + size > base + allocSize) {
+      throw AgentError{"TANDEM_OUT_OF_BOUNDS", "device region of " + std::to_string(size) + " bytes runs past the end of its allocation (" +
+                                                   std::to_string(base + allocSize - ptr) + " bytes left)"};
+    }
+    int ordinal = -1;
+    if (cuda_->cuPointerGetAttribute(&ordinal, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr) == CUDA_SUCCESS && ordinal != device) {
+      throw AgentError{"TANDEM_BAD_ARGUMENT", "address belongs to CUDA device " + std::to_string(ordinal) + ", not " + std::to_string(device)};
+    }
+    CUipcMemHandle handle{};
+    if (cuda_->cuIpcGetMemHandle(&handle, base) == CUDA_SUCCESS) {
+      r->desc.hasIpcHandle = true;
+      r->desc.ipcOffset = ptr - base;
+      std::memcpy(r->desc.ipcHandle, handle.reserved, sizeof(handle.reserved));
+    }
+    return 0;
+  });
+  std::lock_guard<std::mutex> lock(mutex_);
+  r->id = nextRegionId_++;
+  r->desc.id = r->id;
+  regions_[r->id] = r;
+  return r;
+}
+
+std::shared_ptr<Region> Agent::allocDevice(int device, uint64_t size) {
+  if (!cuda_ || !cuda_->available) {
+    throw AgentError{"TANDEM_CUDA_UNAVAILABLE", std::string("CUDA unavailable: ") + (cuda_ ? cuda_->reason : "not probed")};
+  }
+  CUdeviceptr ptr = onProgress([&] {
+    setDevice(device);
+    CUdeviceptr p = 0;
+    checkCuda(cuda_->cuMemAlloc(&p, size), "cuMemAlloc");
+    return p;
+  });
+  try {
+    return registerDevice(device, ptr, size, true);
+  } catch (...) {
+    onProgress([&] {
+      cuda_->cuMemFree(ptr);
+      return 0;
+    });
+    throw;
+  }
+}
+
+void Agent::deregister(uint32_t id) {
+  std::shared_ptr<Region> r;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = regions_.find(id);
+    if (it == regions_.end()) throw AgentError{"TANDEM_NOT_REGISTERED", "region " + std::to_string(id) + " is not registered"};
+    r = it->second;
+    regions_.erase(it);
+  }
+  // Peers can no longer open it; JS views keep the mapping itself until they are collected.
+  if (r->mapping && r->mapping->memfd >= 0) {
+    ::close(r->mapping->memfd);
+    r->mapping->memfd = -1;
+  }
+  // Device memory and pinned registrations are released on the progress thread, after any transfer
+  // already queued there has finished with them.
+  if ((r->ownsDevice && r->dev) || (r->mapping && r->mapping->cudaRegistered)) {
+    onProgress([&] {
+      if (r->ownsDevice && r->dev) {
+        setDevice(r->device);
+        cuda_->cuMemFree(r->dev);
+        r->dev = 0;
+      }
+      if (r->mapping && r->mapping->cudaRegistered) {
+        setDevice(0);
+        cuda_->cuMemHostUnregister(r->mapping->base);
+        r->mapping->cudaRegistered = false;
+      }
+      return 0;
+    });
+  }
+}
+
+std::shared_ptr<Region> Agent::region(uint32_t id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = regions_.find(id);
+  return it == regions_.end() ? nullptr : it->second;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Metadata and peers
+
+std::vector<unsigned char> Agent::metadata() {
+  AgentDescriptor d;
+  d.name = options_.name;
+  d.incarnation = incarnation_;
+  d.pid = static_cast<uint32_t>(getpid());
+  d.hostKey = hostKey_;
+  d.unixSocket = unixName_;
+  d.tcpHost = options_.tcpHost;
+  d.tcpPort = tcpPort_;
+  d.backends = backends();
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& [id, r] : regions_) d.regions.push_back(r->desc);
+  return encodeMetadata(d);
+}
+
+std::shared_ptr<Peer> Agent::loadRemote(const unsigned char* data, size_t size) {
+  AgentDescriptor d;
+  try {
+    d = decodeMetadata(data, size);
+  } catch (const MetadataError& e) {
+    throw AgentError{e.code, e.message};
+  }
+  if (d.incarnation == incarnation_) throw AgentError{"TANDEM_BAD_ARGUMENT", "cannot load an agent's own metadata as a peer"};
+  std::shared_ptr<Peer> old;
+  auto peer = std::make_shared<Peer>();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = peers_.find(d.name);
+    if (it != peers_.end()) {
+      if (it->second->d.incarnation == d.incarnation && !it->second->removed) {
+        // Same peer, possibly with more regions registered since: refresh the region list only when
+        // nothing was resolved yet would be racy; keep the existing peer and append new regions.
+        auto& existing = it->second;
+        for (const auto& r : d.regions) {
+          if (!existing->regionIndex.count(r.id)) {
+            // Appending is safe: plans hold indices, and vectors of RemoteRegion are only resized
+            // under mutex_ before any plan refers to the new entries.
+            std::lock_guard<std::mutex> peerLock(existing->mutex);
+            existing->regionIndex[r.id] = existing->regions.size();
+            existing->regions.push_back(RemoteRegion{r});
+          }
+        }
+        return existing;
+      }
+      old = it->second;  // a restarted peer with the same name: a new peer
+    }
+    peer->d = d;
+    peer->sameHost = d.hostKey == hostKey_;
+    peer->regions.reserve(d.regions.size() + 64);
+    for (const auto& r : d.regions) {
+      peer->regionIndex[r.id] = peer->regions.size();
+      peer->regions.push_back(RemoteRegion{r});
+    }
+    peers_[d.name] = peer;
+  }
+  if (old) markDead(old, "peer '" + old->d.name + "' was replaced by a new incarnation");
+  std::lock_guard<std::mutex> lock(readersMutex_);
+  readers_.emplace_back([this, peer] { readOutbound(peer, nullptr); });
+  return peer;
+}
+
+bool Agent::removeRemote(const std::string& name) {
+  std::shared_ptr<Peer> peer;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = peers_.find(name);
+    if (it == peers_.end()) return false;
+    peer = it->second;
+    peers_.erase(it);
+  }
+  peer->removed = true;
+  markDead(peer, "peer '" + name + "' was removed");
+  return true;
+}
+
+std::shared_ptr<Peer> Agent::peer(const std::string& name) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = peers_.find(name);
+  return it == peers_.end() ? nullptr : it->second;
+}
+
+void Agent::markDead(const std::shared_ptr<Peer>& peer, const std::string& reason) {
+  std::shared_ptr<Connection> conn;
+  {
+    std::lock_guard<std::mutex> lock(peer->mutex);
+    if (!peer->dead) {
+      peer->dead = true;
+      peer->deadReason = reason;
+    }
+    peer->connecting = false;
+    conn = peer->conn;
+    peer->connected.notify_all();
+  }
+  if (conn) conn->shutdown();
+  std::vector<std::pair<uint64_t, Pending>> failed;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (it->second.peer == peer) {
+        failed.emplace_back(it->first, std::move(it->second));
+        it = pending_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& [token, p] : failed) {
+    callbacks_.completed(token, false, "TANDEM_REMOTE_DISCONNECTED",
+                         "peer '" + peer->d.name + "' disconnected during " + opName(p.plan->op) + " of " +
+                             std::to_string(p.plan->pieces.size()) + " pieces (" + reason + ")");
+  }
+}
+
+std::shared_ptr<Connection> Agent::waitConnected(const std::shared_ptr<Peer>& peer, std::string& error) {
+  std::unique_lock<std::mutex> lock(peer->mutex);
+  bool ready = peer->connected.wait_for(lock, std::chrono::milliseconds(options_.timeoutMs),
+                                        [&] { return !peer->connecting || peer->dead; });
+  if (peer->dead) {
+    error = peer->deadReason;
+    return nullptr;
+  }
+  if (!ready || !peer->conn) {
+    error = "could not connect to peer '" + peer->d.name + "' within " + std::to_string(options_.timeoutMs) + " ms";
+    return nullptr;
+  }
+  return peer->conn;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Threads: accept, inbound service, outbound answers
+
+void Agent::acceptLoop() {
+  pthread_setname_np(pthread_self(), "tandem-accept");
+  for (;;) {
+    pollfd fds[3] = {{unixFd_, POLLIN, 0}, {tcpFd_, POLLIN, 0}, {wakeFd_[0], POLLIN, 0}};
+    int n = ::poll(fds, 3, -1);
+    if (closing_) return;
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    for (int i = 0; i < 2; ++i) {
+      if (!(fds[i].revents & POLLIN)) continue;
+      int fd = ::accept4(fds[i].fd, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      if (i == 1) {
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+      }
+      auto conn = std::make_shared<Connection>(fd);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        connections_.push_back(conn);
+      }
+      std::lock_guard<std::mutex> lock(readersMutex_);
+      if (closing_) {
+        conn->shutdown();
+        return;
+      }
+      readers_.emplace_back([this, conn] { serveInbound(conn); });
+    }
+  }
+}
+
+namespace {
+
+struct WirePiece {
+  uint64_t offset;
+  uint64_t length;
+};
+
+}  // namespace
+
+void Agent::serveInbound(std::shared_ptr<Connection> conn) {
+  pthread_setname_np(pthread_self(), "tandem-serve");
+  std::string error;
+  Header h{};
+  std::vector<unsigned char> payload;
+  // Handshake: the initiator names itself first.
+  if (!recvAll(conn->fd, &h, sizeof(h), error) || h.type != static_cast<uint32_t>(Msg::Hello) || h.length > 4096) {
+    conn->shutdown();
+    return;
+  }
+  payload.resize(h.length);
+  if (!recvAll(conn->fd, payload.data(), payload.size(), error) ||
+      !parseHello(payload, conn->peerIncarnation, conn->peerName)) {
+    conn->shutdown();
+    return;
+  }
+  auto ack = helloPayload(incarnation_, options_.name);
+  if (!sendMessage(*conn, Msg::HelloAck, 0, h.seq, ack.data(), ack.size(), error)) {
+    conn->shutdown();
+    return;
+  }
+
+  while (!closing_) {
+    if (!recvAll(conn->fd, &h, sizeof(h), error)) break;
+    Msg type = static_cast<Msg>(h.type);
+    if (type == Msg::Notify) {
+      if (h.length > (64u << 20)) break;  // a corrupt stream; stop serving it
+      std::vector<unsigned char> message(h.length);
+      if (!recvAll(conn->fd, message.data(), message.size(), error)) break;
+      callbacks_.notified(conn->peerName, std::move(message));
+      continue;
+    }
+    if (type != Msg::WriteData && type != Msg::ReadRequest) break;  // protocol violation
+    uint32_t counts[2];
+    if (h.length < sizeof(counts) || !recvAll(conn->fd, counts, sizeof(counts), error)) break;
+    uint64_t pieceCount = counts[0];
+    uint64_t notifLen = type == Msg::WriteData ? counts[1] : 0;
+    if (pieceCount * sizeof(WirePiece) + sizeof(counts) > h.length) break;
+    std::vector<WirePiece> pieces(pieceCount);
+    if (!recvAll(conn->fd, pieces.data(), pieces.size() * sizeof(WirePiece), error)) break;
+    uint64_t dataBytes = h.length - sizeof(counts) - pieces.size() * sizeof(WirePiece);
+
+    // Validate against our own registration: the initiator's checks are not trusted.
+    std::string problem;
+    std::shared_ptr<Region> region = this->region(h.aux);
+    uint64_t total = 0;
+    if (!region) {
+      problem = "region " + std::to_string(h.aux) + " is not registered at '" + options_.name + "'";
+    } else if (!isHostKind(region->kind)) {
+      problem = "region " + std::to_string(h.aux) + " is device memory; tcp moves host memory only";
+    } else {
+      for (size_t i = 0; i < pieces.size() && problem.empty(); ++i) {
+        if (pieces[i].length == 0 || pieces[i].offset > region->size || pieces[i].length > region->size - pieces[i].offset) {
+          problem = "piece " + std::to_string(i) + " (offset " + std::to_string(pieces[i].offset) + ", length " +
+                    std::to_string(pieces[i].length) + ") is outside region " + std::to_string(h.aux) + " of " +
+                    std::to_string(region->size) + " bytes";
+        }
+        total += pieces[i].length;
+      }
+      if (problem.empty() && type == Msg::WriteData && total + notifLen != dataBytes) {
+        problem = "WRITE payload size does not match its pieces";
+      }
+    }
+
+    if (type == Msg::WriteData) {
+      if (!problem.empty()) {
+        if (!discard(conn->fd, dataBytes, error)) break;
+        if (!sendMessage(*conn, Msg::Done, 1, h.seq, problem.data(), problem.size(), error)) break;
+        continue;
+      }
+      bool ok = true;
+      for (const auto& p : pieces) {
+        if (!recvAll(conn->fd, region->host + p.offset, p.length, error)) {
+          ok = false;
+          break;
+        }
+      }
+      if (!ok) break;
+      std::vector<unsigned char> notif(notifLen);
+      if (notifLen && !recvAll(conn->fd, notif.data(), notif.size(), error)) break;
+      // The data is in place before the notification is delivered, and before the initiator hears Done.
+      if (notifLen) callbacks_.notified(conn->peerName, std::move(notif));
+      if (!sendMessage(*conn, Msg::Done, 0, h.seq, nullptr, 0, error)) break;
+    } else {
+      if (!problem.empty() || dataBytes != 0) {
+        if (problem.empty()) problem = "READ request carries unexpected payload";
+        if (!discard(conn->fd, dataBytes, error)) break;
+        if (!sendMessage(*conn, Msg::ReadData, 1, h.seq, problem.data(), problem.size(), error)) break;
+        continue;
+      }
+      Header rh{static_cast<uint32_t>(Msg::ReadData), 0, h.seq, total};
+      std::vector<iovec> iov;
+      iov.reserve(pieces.size() + 1);
+      iov.push_back({&rh, sizeof(rh)});
+      for (const auto& p : pieces) iov.push_back({region->host + p.offset, p.length});
+      std::lock_guard<std::mutex> lock(conn->sendMutex);
+      if (!sendVector(conn->fd, iov, error)) break;
+    }
+  }
+  conn->shutdown();
+}
+
+void Agent::readOutbound(std::shared_ptr<Peer> peer, std::shared_ptr<Connection>) {
+  pthread_setname_np(pthread_self(), "tandem-peer");
+  std::string error;
+  // Connect: same host over the abstract unix socket, else over tcp.
+  int fd = -1;
+  int timeout = static_cast<int>(std::min<uint32_t>(options_.timeoutMs, 10000));
+  if (peer->sameHost && !peer->d.unixSocket.empty()) {
+    socklen_t len;
+    sockaddr_un a = abstractAddress(peer->d.unixSocket, len);
+    fd = connectWithTimeout(reinterpret_cast<sockaddr*>(&a), len, AF_UNIX, timeout, error);
+  } else {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    addrinfo* res = nullptr;
+    std::string port = std::to_string(peer->d.tcpPort);
+    int gai = getaddrinfo(peer->d.tcpHost.c_str(), port.c_str(), &hints, &res);
+    if (gai != 0 || !res) {
+      error = std::string("cannot resolve ") + peer->d.tcpHost + ": " + gai_strerror(gai);
+    } else {
+      fd = connectWithTimeout(res->ai_addr, res->ai_addrlen, res->ai_family, timeout, error);
+      freeaddrinfo(res);
+    }
+  }
+  if (fd < 0) {
+    markDead(peer, "cannot connect to peer '" + peer->d.name + "': " + error);
+    return;
+  }
+  auto conn = std::make_shared<Connection>(fd);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    connections_.push_back(conn);
+    if (closing_) {
+      conn->shutdown();
+      return;
+    }
+  }
+  auto hello = helloPayload(incarnation_, options_.name);
+  Header h{};
+  std::vector<unsigned char> payload;
+  uint64_t incarnation = 0;
+  std::string name;
+  bool ok = sendMessage(*conn, Msg::Hello, 0, 0, hello.data(), hello.size(), error) &&
+            recvAll(fd, &h, sizeof(h), error) && h.type == static_cast<uint32_t>(Msg::HelloAck) && h.length <= 4096;
+  if (ok) {
+    payload.resize(h.length);
+    ok = recvAll(fd, payload.data(), payload.size(), error) && parseHello(payload, incarnation, name);
+  }
+  if (!ok) {
+    markDead(peer, "handshake with peer '" + peer->d.name + "' failed: " + (error.empty() ? "protocol error" : error));
+    return;
+  }
+  if (incarnation != peer->d.incarnation) {
+    markDead(peer, "peer '" + peer->d.name + "' restarted (its metadata is stale); load its new metadata");
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(peer->mutex);
+    if (peer->dead) {
+      conn->shutdown();
+      return;
+    }
+    peer->conn = conn;
+    peer->connecting = false;
+    peer->connected.notify_all();
+  }
+
+  while (!closing_) {
+    if (!recvAll(fd, &h, sizeof(h), error)) break;
+    Msg type = static_cast<Msg>(h.type);
+    if (type != Msg::Done && type != Msg::ReadData) break;
+    // Find the transfer this answers; it may have been canceled or timed out meanwhile.
+    std::shared_ptr<Plan> plan;
+    std::pair<size_t, size_t> group{0, 0};
+    std::vector<unsigned char> notif;
+    bool last = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = pending_.find(h.seq);
+      if (it != pending_.end() && it->second.answered < it->second.groups.size()) {
+        plan = it->second.plan;
+        group = it->second.groups[it->second.answered++];
+        last = it->second.answered == it->second.groups.size();
+        if (last) notif = it->second.notif;
+      }
+    }
+    if (h.aux != 0) {  // an error answer carries text
+      std::string text(std::min<uint64_t>(h.length, 4096), '\0');
+      if (!recvAll(fd, text.data(), text.size(), error) || !discard(fd, h.length - text.size(), error)) break;
+      bool erased = false;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        erased = pending_.erase(h.seq) > 0;
+      }
+      if (erased || plan) callbacks_.completed(h.seq, false, "TANDEM_REMOTE_ERROR", "peer '" + peer->d.name + "' refused: " + text);
+      continue;
+    }
+    if (type == Msg::ReadData) {
+      uint64_t expected = 0;
+      if (plan) {
+        for (size_t i = group.first; i < group.second; ++i) expected += plan->pieces[i].length;
+      }
+      if (!plan || expected != h.length) {
+        if (!discard(fd, h.length, error)) break;
+        if (plan) {
+          {
+            std::lock_guard<std::mutex> lock(mutex_);
+            pending_.erase(h.seq);
+          }
+          callbacks_.completed(h.seq, false, "TANDEM_REMOTE_ERROR", "READ answer size does not match the request");
+        }
+        continue;
+      }
+      bool recvOk = true;
+      for (size_t i = group.first; i < group.second && recvOk; ++i) {
+        recvOk = recvAll(fd, reinterpret_cast<void*>(plan->pieces[i].local), plan->pieces[i].length, error);
+      }
+      if (!recvOk) break;
+    } else if (h.length) {
+      if (!discard(fd, h.length, error)) break;
+    }
+    if (!plan || !last) continue;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (pending_.erase(h.seq) == 0) continue;  // canceled or timed out while we read
+    }
+    if (type == Msg::ReadData && !notif.empty()) {
+      std::string notifyError;
+      if (!sendMessage(*conn, Msg::Notify, 0, 0, notif.data(), notif.size(), notifyError)) {
+        callbacks_.completed(h.seq, false, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer->d.name + "': " + notifyError);
+        break;
+      }
+    }
+    callbacks_.completed(h.seq, true, "", "");
+  }
+  markDead(peer, closing_ ? "the transfer agent was disposed"
+                          : "peer '" + peer->d.name + "' closed the connection" + (error.empty() ? "" : " (" + error + ")"));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Prepare
+
+std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const std::vector<uint32_t>& localRegions,
+                                     const std::vector<uint32_t>& remoteRegions, const double* localOffsets,
+                                     const double* remoteOffsets, const double* lengths, double uniformLength,
+                                     const uint32_t* localIdx, const uint32_t* remoteIdx, size_t count,
+                                     const std::string& backendName) {
+  auto peer = this->peer(peerName);
+  if (!peer) throw AgentError{"TANDEM_UNKNOWN_PEER", "no peer named '" + peerName + "' (load its metadata first)"};
+  {
+    std::lock_guard<std::mutex> lock(peer->mutex);
+    if (peer->dead) throw AgentError{"TANDEM_REMOTE_DISCONNECTED", peer->deadReason};
+  }
+  if (count == 0) throw AgentError{"TANDEM_BAD_DESCRIPTOR", "a transfer needs at least one piece"};
+  if (localRegions.empty() || remoteRegions.empty()) throw AgentError{"TANDEM_BAD_DESCRIPTOR", "a transfer needs a local and a remote region"};
+
+  std::vector<std::shared_ptr<Region>> locals;
+  for (uint32_t id : localRegions) {
+    auto r = region(id);
+    if (!r) throw AgentError{"TANDEM_NOT_REGISTERED", "local region " + std::to_string(id) + " is not registered"};
+    locals.push_back(r);
+  }
+  std::vector<uint32_t> remotes;
+  {
+    std::lock_guard<std::mutex> lock(peer->mutex);
+    for (uint32_t id : remoteRegions) {
+      auto it = peer->regionIndex.find(id);
+      if (it == peer->regionIndex.end()) {
+        throw AgentError{"TANDEM_NOT_REGISTERED", "peer '" + peerName + "' has no region " + std::to_string(id) +
+                                                      " in the metadata loaded (reload its metadata after it registers)"};
+      }
+      remotes.push_back(static_cast<uint32_t>(it->second));
+    }
+  }
+  bool localDevice = locals[0]->kind == MemKind::Device;
+  bool remoteDevice = peer->regions[remotes[0]].d.kind == MemKind::Device;
+  for (auto& r : locals) {
+    if ((r->kind == MemKind::Device) != localDevice) throw AgentError{"TANDEM_BAD_DESCRIPTOR", "local regions mix device and host memory"};
+  }
+  for (uint32_t i : remotes) {
+    if ((peer->regions[i].d.kind == MemKind::Device) != remoteDevice) {
+      throw AgentError{"TANDEM_BAD_DESCRIPTOR", "remote regions mix device and host memory"};
+    }
+  }
+
+  // Backend: the caller's choice, or the best one for this pair.
+  Backend backend;
+  if (!backendName.empty()) {
+    if (!parseBackend(backendName, backend)) throw AgentError{"TANDEM_BAD_ARGUMENT", "unknown backend '" + backendName + "'"};
+  } else if (localDevice || remoteDevice) {
+    backend = peer->sameHost ? Backend::CudaIpc : Backend::Nccl;
+  } else {
+    backend = peer->sameHost ? Backend::Shm : Backend::Tcp;
+  }
+  auto unavailable = [&](const std::string& why) {
+    throw AgentError{"TANDEM_BACKEND_UNAVAILABLE", std::string("backend ") + transfer::backendName(backend) + " unavailable: " + why};
+  };
+  switch (backend) {
+    case Backend::Shm:
+      if (!peer->sameHost) unavailable("peer '" + peerName + "' is on another host");
+      if (localDevice || remoteDevice) unavailable("shm moves host memory only; use cuda-ipc for device memory");
+      break;
+    case Backend::Tcp:
+      if (localDevice || remoteDevice) unavailable("tcp moves host memory only");
+      break;
+    case Backend::CudaIpc:
+      if (!cuda_ || !cuda_->available) unavailable(std::string("CUDA unavailable: ") + (cuda_ ? cuda_->reason : "not probed"));
+      if (!peer->sameHost) unavailable("peer '" + peerName + "' is on another host (CUDA IPC needs one host)");
+      if (!(peer->d.backends & kBackendCudaIpc)) unavailable("peer '" + peerName + "' has no CUDA");
+      if (!localDevice && !remoteDevice) unavailable("neither side is device memory; use shm");
+      for (uint32_t i : remotes) {
+        const auto& d = peer->regions[i].d;
+        if (d.kind == MemKind::Device && !d.hasIpcHandle) unavailable("remote region " + std::to_string(d.id) + " has no CUDA IPC handle");
+        if (d.kind == MemKind::Host) unavailable("remote region " + std::to_string(d.id) + " is plain host memory; register shared or pinned memory");
+      }
+      break;
+    case Backend::Nccl:
+      unavailable("the nccl transfer backend is not built into this version (same-host GPU pairs use cuda-ipc)");
+      break;
+    case Backend::Ucx:
+      unavailable("the ucx transfer backend is not built into this version (host memory uses shm or tcp)");
+      break;
+  }
+  if (backend == Backend::Shm) {
+    for (uint32_t i : remotes) {
+      if (peer->regions[i].d.memfd < 0 && peer->regions[i].d.kind != MemKind::Host) {
+        unavailable("remote region " + std::to_string(peer->regions[i].d.id) + " cannot be mapped");
+      }
+    }
+  }
+
+  auto plan = std::make_shared<Plan>();
+  plan->op = op;
+  plan->backend = backend;
+  plan->peer = peer;
+  plan->localRegionIds = localRegions;
+  plan->piecesBeforeCoalescing = count;
+  if (localDevice) {
+    plan->localDevice = locals[0]->device;
+    for (auto& r : locals) {
+      if (r->device != plan->localDevice) throw AgentError{"TANDEM_BAD_DESCRIPTOR", "local device regions span several GPUs"};
+    }
+  } else if (backend == Backend::CudaIpc) {
+    plan->localDevice = 0;  // host-side copies are issued from device 0's context
+  }
+  plan->pieces.reserve(count);
+  auto asOffset = [](double v, uint64_t& out) {
+    if (!(v >= 0) || v > 9007199254740991.0 || v != std::floor(v)) return false;
+    out = static_cast<uint64_t>(v);
+    return true;
+  };
+  for (size_t i = 0; i < count; ++i) {
+    uint32_t li = localIdx ? localIdx[i] : 0;
+    uint32_t ri = remoteIdx ? remoteIdx[i] : 0;
+    if (li >= locals.size() || ri >= remotes.size()) {
+      throw AgentError{"TANDEM_BAD_DESCRIPTOR", "piece " + std::to_string(i) + " names region index " +
+                                                    std::to_string(li >= locals.size() ? li : ri) + ", beyond the regions given"};
+    }
+    uint64_t lo, ro, len;
+    double lenValue = lengths ? lengths[i] : uniformLength;
+    if (!asOffset(localOffsets[i], lo) || !asOffset(remoteOffsets[i], ro) || !asOffset(lenValue, len) || len == 0) {
+      throw AgentError{"TANDEM_BAD_DESCRIPTOR", "piece " + std::to_string(i) + " has a negative, fractional or zero offset/length"};
+    }
+    const auto& l = locals[li];
+    const auto& rr = peer->regions[remotes[ri]].d;
+    if (lo > l->size || len > l->size - lo) {
+      throw AgentError{"TANDEM_OUT_OF_BOUNDS", "piece " + std::to_string(i) + ": local offset " + std::to_string(lo) + " + length " +
+                                                   std::to_string(len) + " exceeds local region " + std::to_string(l->id) + " (" +
+                                                   std::to_string(l->size) + " bytes); nothing was moved"};
+    }
+    if (ro > rr.size || len > rr.size - ro) {
+      throw AgentError{"TANDEM_OUT_OF_BOUNDS", "piece " + std::to_string(i) + ": remote offset " + std::to_string(ro) + " + length " +
+                                                   std::to_string(len) + " exceeds region " + std::to_string(rr.id) + " of peer '" +
+                                                   peerName + "' (" + std::to_string(rr.size) + " bytes); nothing was moved"};
+    }
+    uint64_t base = l->kind == MemKind::Device ? l->dev : reinterpret_cast<uint64_t>(l->host);
+    Piece p{base + lo, ro, len, remotes[ri], l->id};
+    // Coalesce with the previous piece when both sides continue exactly where it ended.
+    if (!plan->pieces.empty()) {
+      Piece& prev = plan->pieces.back();
+      if (prev.remoteRegion == p.remoteRegion && prev.localRegion == p.localRegion && prev.local + prev.length == p.local &&
+          prev.remoteOff + prev.length == p.remoteOff) {
+        prev.length += p.length;
+        plan->bytes += len;
+        continue;
+      }
+    }
+    plan->pieces.push_back(p);
+    plan->bytes += len;
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  plan->id = nextPlanId_++;
+  return plan;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Post
+
+void Agent::fail(uint64_t token, const std::string& code, const std::string& message) {
+  callbacks_.completed(token, false, code, message);
+}
+
+void Agent::succeed(uint64_t token) { callbacks_.completed(token, true, "", ""); }
+
+void Agent::cancel(uint64_t token) {
+  bool wasPending = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    wasPending = pending_.erase(token) > 0;
+    if (!wasPending) canceled_[token] = true;
+  }
+  if (wasPending) fail(token, "TANDEM_CANCELED", "the transfer was canceled (data already sent may have landed)");
+}
+
+void Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif) {
+  bool queued = progress_->post([this, plan, token, notif = std::move(notif)]() mutable {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (canceled_.erase(token)) {
+        fail(token, "TANDEM_CANCELED", "the transfer was canceled before it started; nothing was moved");
+        return;
+      }
+    }
+    if (closing_) {
+      fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+      return;
+    }
+    for (uint32_t id : plan->localRegionIds) {
+      if (!region(id)) {
+        fail(token, "TANDEM_NOT_REGISTERED", "local region " + std::to_string(id) + " was deregistered; nothing was moved");
+        return;
+      }
+    }
+    try {
+      switch (plan->backend) {
+        case Backend::Shm: runShm(plan, token, notif); break;
+        case Backend::Tcp: runTcp(plan, token, notif); break;
+        case Backend::CudaIpc: runCudaIpc(plan, token, notif); break;
+        default: fail(token, "TANDEM_BACKEND_UNAVAILABLE", std::string("backend ") + backendName(plan->backend) + " unavailable");
+      }
+    } catch (const AgentError& e) {
+      fail(token, e.code, e.message);
+    }
+  });
+  if (!queued) fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+}
+
+void Agent::notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message) {
+  auto peer = this->peer(peerName);
+  if (!peer) {
+    fail(token, "TANDEM_UNKNOWN_PEER", "no peer named '" + peerName + "'");
+    return;
+  }
+  bool queued = progress_->post([this, peer, token, message = std::move(message)] {
+    std::string error;
+    if (closing_) return fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+    if (!sendNotify(peer, message, error)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+    succeed(token);
+  });
+  if (!queued) fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+}
+
+bool Agent::sendNotify(const std::shared_ptr<Peer>& peer, const std::vector<unsigned char>& message, std::string& error) {
+  auto conn = waitConnected(peer, error);
+  if (!conn) return false;
+  if (!sendMessage(*conn, Msg::Notify, 0, 0, message.data(), message.size(), error)) {
+    error = "peer '" + peer->d.name + "': " + error;
+    return false;
+  }
+  return true;
+}
+
+unsigned char* Agent::mapRemote(Peer& peer, RemoteRegion& r) {
+  if (r.mapped) return r.mapped;
+  if (peer.d.pid == static_cast<uint32_t>(getpid())) {
+    r.mapped = reinterpret_cast<unsigned char*>(r.d.address);  // same process: already addressable
+    return r.mapped;
+  }
+  std::string path = "/proc/" + std::to_string(peer.d.pid) + "/fd/" + std::to_string(r.d.memfd);
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    throw AgentError{errno == ENOENT ? "TANDEM_REMOTE_DISCONNECTED" : "TANDEM_BACKEND_UNAVAILABLE",
+                     "cannot open region " + std::to_string(r.d.id) + " of peer '" + peer.d.name + "' (" + path + "): " +
+                         std::strerror(errno)};
+  }
+  void* p = mmap(nullptr, r.d.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (p == MAP_FAILED) {
+    throw AgentError{"TANDEM_BACKEND_UNAVAILABLE", "cannot map region " + std::to_string(r.d.id) + " of peer '" + peer.d.name +
+                                                       "': " + std::strerror(errno)};
+  }
+  r.mapped = static_cast<unsigned char*>(p);
+  r.mappedSize = r.d.size;
+  return r.mapped;
+}
+
+void Agent::runShm(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
+  Peer& peer = *plan->peer;
+  std::string error;
+  // The connection proves the peer is alive; without it, data "in place" in a dead peer means nothing.
+  if (!waitConnected(plan->peer, error)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  bool cma = false;
+  for (const auto& p : plan->pieces) {
+    if (peer.regions[p.remoteRegion].d.kind == MemKind::Host) cma = true;
+  }
+  if (!cma) {
+    for (const auto& p : plan->pieces) {
+      unsigned char* remote = mapRemote(peer, peer.regions[p.remoteRegion]) + p.remoteOff;
+      auto* local = reinterpret_cast<unsigned char*>(p.local);
+      if (plan->op == Op::Write) {
+        std::memcpy(remote, local, p.length);
+      } else {
+        std::memcpy(local, remote, p.length);
+      }
+    }
+  } else {
+    // Plain (unshared) host memory of another process: cross-memory attach, IOV_MAX pieces per call.
+    std::vector<iovec> localIov, remoteIov;
+    for (const auto& p : plan->pieces) {
+      const auto& rr = peer.regions[p.remoteRegion];
+      uint64_t remoteAddr = (rr.d.kind == MemKind::Host ? rr.d.address : reinterpret_cast<uint64_t>(mapRemote(peer, peer.regions[p.remoteRegion])));
+      localIov.push_back({reinterpret_cast<void*>(p.local), p.length});
+      remoteIov.push_back({reinterpret_cast<void*>(remoteAddr + p.remoteOff), p.length});
+    }
+    if (peer.d.pid == static_cast<uint32_t>(getpid())) {
+      for (size_t i = 0; i < localIov.size(); ++i) {
+        if (plan->op == Op::Write) std::memcpy(remoteIov[i].iov_base, localIov[i].iov_base, localIov[i].iov_len);
+        else std::memcpy(localIov[i].iov_base, remoteIov[i].iov_base, localIov[i].iov_len);
+      }
+    } else {
+      for (size_t i = 0; i < localIov.size(); i += IOV_MAX) {
+        size_t n = std::min<size_t>(IOV_MAX, localIov.size() - i);
+        uint64_t want = 0;
+        for (size_t k = i; k < i + n; ++k) want += localIov[k].iov_len;
+        ssize_t done = plan->op == Op::Write
+                           ? process_vm_writev(peer.d.pid, &localIov[i], n, &remoteIov[i], n, 0)
+                           : process_vm_readv(peer.d.pid, &localIov[i], n, &remoteIov[i], n, 0);
+        if (done < 0 || static_cast<uint64_t>(done) != want) {
+          std::string why = done < 0 ? std::strerror(errno) : "short copy";
+          return fail(token, errno == ESRCH ? "TANDEM_REMOTE_DISCONNECTED" : "TANDEM_BACKEND_UNAVAILABLE",
+                      "shm: cannot reach plain host memory of peer '" + peer.d.name + "' (" + why +
+                          "); register shared memory with allocShared() instead");
+        }
+      }
+    }
+  }
+  std::atomic_thread_fence(std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(peer.mutex);
+    if (peer.dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peer.deadReason);
+  }
+  if (!notif.empty() && !sendNotify(plan->peer, notif, error)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  succeed(token);
+}
+
+void Agent::runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
+  std::string error;
+  auto conn = waitConnected(plan->peer, error);
+  if (!conn) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  Peer& peer = *plan->peer;
+  // One message per run of pieces that target the same remote region.
+  std::vector<std::pair<size_t, size_t>> groups;
+  for (size_t i = 0; i < plan->pieces.size(); ++i) {
+    if (groups.empty() || plan->pieces[groups.back().first].remoteRegion != plan->pieces[i].remoteRegion) {
+      groups.push_back({i, i + 1});
+    } else {
+      groups.back().second = i + 1;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Pending p;
+    p.plan = plan;
+    p.peer = plan->peer;
+    p.notif = plan->op == Op::Read ? notif : std::vector<unsigned char>{};
+    p.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeoutMs);
+    p.groups = groups;
+    pending_[token] = std::move(p);
+  }
+  for (size_t g = 0; g < groups.size(); ++g) {
+    auto [first, last] = groups[g];
+    bool lastGroup = g + 1 == groups.size();
+    uint32_t notifLen = plan->op == Op::Write && lastGroup ? static_cast<uint32_t>(notif.size()) : 0;
+    std::vector<WirePiece> table;
+    table.reserve(last - first);
+    uint64_t data = 0;
+    for (size_t i = first; i < last; ++i) {
+      table.push_back({plan->pieces[i].remoteOff, plan->pieces[i].length});
+      data += plan->pieces[i].length;
+    }
+    uint32_t counts[2] = {static_cast<uint32_t>(table.size()), notifLen};
+    Msg type = plan->op == Op::Write ? Msg::WriteData : Msg::ReadRequest;
+    uint64_t length = sizeof(counts) + table.size() * sizeof(WirePiece) + (plan->op == Op::Write ? data + notifLen : 0);
+    Header h{static_cast<uint32_t>(type), peer.regions[plan->pieces[first].remoteRegion].d.id, token, length};
+    std::vector<iovec> iov{{&h, sizeof(h)}, {counts, sizeof(counts)}, {table.data(), table.size() * sizeof(WirePiece)}};
+    if (plan->op == Op::Write) {
+      for (size_t i = first; i < last; ++i) iov.push_back({reinterpret_cast<void*>(plan->pieces[i].local), plan->pieces[i].length});
+      if (notifLen) iov.push_back({notif.data(), notif.size()});
+    }
+    bool sent;
+    {
+      std::lock_guard<std::mutex> lock(conn->sendMutex);
+      sent = sendVector(conn->fd, iov, error);
+    }
+    if (!sent) {
+      bool erased;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        erased = pending_.erase(token) > 0;
+      }
+      if (erased) fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
+      return;
+    }
+  }
+  // Completion arrives on the peer's reader thread (Done / ReadData).
+}
+
+CUdeviceptr Agent::openRemote(Peer& peer, RemoteRegion& r, int device) {
+  if (r.opened) return r.opened;
+  if (peer.d.pid == static_cast<uint32_t>(getpid())) {
+    r.opened = r.d.address;  // same process: unified addressing already reaches it
+    r.openedOn = device;
+    return r.opened;
+  }
+  CUipcMemHandle handle{};
+  std::memcpy(handle.reserved, r.d.ipcHandle, sizeof(handle.reserved));
+  CUdeviceptr base = 0;
+  CUresult res = cuda_->cuIpcOpenMemHandle(&base, handle, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS);
+  if (res != CUDA_SUCCESS) {
+    throw AgentError{"TANDEM_CUDA_ERROR", "cannot open CUDA IPC handle of region " + std::to_string(r.d.id) + " of peer '" +
+                                              peer.d.name + "': " + cuda_->describe(res)};
+  }
+  r.opened = base + r.d.ipcOffset;
+  r.openedOn = device;
+  return r.opened;
+}
+
+namespace {
+struct HostFnContext {
+  Agent* agent;
+  std::function<void()> done;
+};
+void hostFnTrampoline(void* user) {
+  auto* ctx = static_cast<HostFnContext*>(user);
+  ctx->done();
+  delete ctx;
+}
+}  // namespace
+
+void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
+  std::string error;
+  if (!waitConnected(plan->peer, error)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  Peer& peer = *plan->peer;
+  setDevice(plan->localDevice);
+  if (!peer.stream || peer.streamDevice != plan->localDevice) {
+    if (peer.stream) {
+      setDevice(peer.streamDevice);
+      cuda_->cuStreamSynchronize(peer.stream);
+      cuda_->cuStreamDestroy(peer.stream);
+      setDevice(plan->localDevice);
+    }
+    checkCuda(cuda_->cuStreamCreate(&peer.stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+    peer.streamDevice = plan->localDevice;
+  }
+  for (const auto& p : plan->pieces) {
+    auto& rr = peer.regions[p.remoteRegion];
+    CUdeviceptr remote = (rr.d.kind == MemKind::Device ? openRemote(peer, rr, plan->localDevice)
+                                                       : reinterpret_cast<CUdeviceptr>(mapRemote(peer, rr))) +
+                         p.remoteOff;
+    CUdeviceptr dst = plan->op == Op::Write ? remote : p.local;
+    CUdeviceptr src = plan->op == Op::Write ? p.local : remote;
+    checkCuda(cuda_->cuMemcpyAsync(dst, src, p.length, peer.stream), "cuMemcpyAsync");
+  }
+  auto peerPtr = plan->peer;
+  auto* ctx = new HostFnContext{this, [this, token, peerPtr, notif = std::move(notif)]() {
+    // A CUDA callback may not call CUDA; hand the rest to the progress thread.
+    progress_->post([this, token, peerPtr, notif] {
+      std::string err;
+      {
+        std::lock_guard<std::mutex> lock(peerPtr->mutex);
+        if (peerPtr->dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peerPtr->deadReason);
+      }
+      if (!notif.empty() && !sendNotify(peerPtr, notif, err)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", err);
+      succeed(token);
+    }) || (fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed"), true);
+  }};
+  CUresult res = cuda_->cuLaunchHostFunc(peer.stream, hostFnTrampoline, ctx);
+  if (res != CUDA_SUCCESS) {
+    delete ctx;
+    checkCuda(res, "cuLaunchHostFunc");
+  }
+}
+
+}  // namespace tandem::transfer

@@ -1,0 +1,228 @@
+// The transfer agent core (no N-API here): registered regions, peers loaded from metadata, prepared
+// transfer plans, the connections between agents and the threads that move bytes.
+//
+// Threads the agent owns (all joined by close()):
+//   progress  - runs posted transfers (shm copies, tcp sends, CUDA copy submission) and notifications
+//   accept    - accepts inbound connections on the agent's unix and tcp sockets
+//   readers   - one per connection: inbound ones serve WRITE/READ requests and deliver notifications,
+//               outbound ones complete pending transfers from the target's answers
+// Results reach JavaScript through the callbacks in AgentCallbacks, called from any of these threads.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "../cuda_driver.h"
+#include "../work_queue.h"
+#include "metadata.h"
+
+namespace tandem::transfer {
+
+enum class Op : uint8_t { Read = 0, Write = 1 };
+enum class Backend : uint8_t { Shm = 0, Tcp = 1, CudaIpc = 2, Nccl = 3, Ucx = 4 };
+const char* backendName(Backend b);
+bool parseBackend(const std::string& name, Backend& out);
+
+struct AgentError {
+  std::string code;
+  std::string message;
+};
+
+// A host mapping that may outlive its registration while JS still holds ArrayBuffers over it.
+struct HostMapping {
+  void* base = nullptr;
+  size_t size = 0;
+  int memfd = -1;
+  bool cudaRegistered = false;
+  ~HostMapping();
+};
+
+struct Region {
+  uint32_t id = 0;
+  MemKind kind = MemKind::Host;
+  int device = -1;
+  uint64_t size = 0;
+  unsigned char* host = nullptr;  // host-visible kinds
+  CUdeviceptr dev = 0;            // device kind
+  bool ownsDevice = false;        // allocated by the agent: freed on deregister
+  std::shared_ptr<HostMapping> mapping;  // shared/pinned
+  RegionDescriptor desc;                 // what metadata() publishes (IPC handle, memfd, ...)
+  std::function<void()> onRelease;       // plain host memory: lets go of the JS buffer that owns it
+  ~Region() {
+    if (onRelease) onRelease();
+  }
+};
+
+struct Connection;
+
+struct RemoteRegion {
+  RegionDescriptor d;
+  // Resolved lazily on the progress thread, then cached for the peer's lifetime.
+  unsigned char* mapped = nullptr;  // shm: our mapping of the peer's shared region
+  size_t mappedSize = 0;
+  CUdeviceptr opened = 0;  // cuda-ipc: the peer's device memory opened in our process
+  int openedOn = -1;       // device whose context opened it
+};
+
+struct Peer {
+  AgentDescriptor d;
+  bool sameHost = false;
+  std::vector<RemoteRegion> regions;  // index = position in metadata
+  std::unordered_map<uint32_t, size_t> regionIndex;
+  std::shared_ptr<Connection> conn;  // outbound connection
+  std::mutex mutex;                   // guards conn state, dead, reason
+  bool dead = false;
+  bool removed = false;
+  std::string deadReason;
+  std::condition_variable connected;
+  bool connecting = true;
+  CUstream stream = nullptr;  // cuda-ipc: per-peer stream (progress thread only)
+  int streamDevice = -1;
+};
+
+struct Piece {
+  uint64_t local;       // absolute local address (host pointer or device pointer)
+  uint64_t remoteOff;   // offset within the remote region
+  uint64_t length;
+  uint32_t remoteRegion;  // index into Peer::regions
+  uint32_t localRegion;   // region id (for validation at post time)
+};
+
+struct Plan {
+  uint64_t id = 0;
+  Op op = Op::Write;
+  Backend backend = Backend::Shm;
+  std::shared_ptr<Peer> peer;
+  std::vector<Piece> pieces;
+  std::vector<uint32_t> localRegionIds;
+  int localDevice = -1;  // cuda-ipc: the device whose memory is local
+  uint64_t bytes = 0;
+  uint64_t piecesBeforeCoalescing = 0;
+};
+
+struct AgentCallbacks {
+  // A post finished: ok, or failed with code/message. Called from agent threads.
+  std::function<void(uint64_t token, bool ok, std::string code, std::string message)> completed;
+  // A notification arrived from `from`. Called from a reader thread, after the data it follows is visible.
+  std::function<void(std::string from, std::vector<unsigned char> message)> notified;
+};
+
+struct AgentOptions {
+  std::string name;
+  std::string tcpHost = "127.0.0.1";
+  uint16_t tcpPort = 0;
+  uint32_t timeoutMs = 30000;  // bound on waiting for a peer's answer
+};
+
+class Agent {
+ public:
+  Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* cuda);
+  ~Agent();
+  void close();  // rejects pending work, closes sockets, joins threads; idempotent
+
+  const std::string& name() const { return options_.name; }
+  uint64_t incarnation() const { return incarnation_; }
+  uint16_t tcpPort() const { return tcpPort_; }
+  uint32_t backends() const;
+
+  // Registration (JS thread). Throw AgentError.
+  std::shared_ptr<Region> registerHost(unsigned char* data, uint64_t size);
+  std::shared_ptr<Region> allocShared(uint64_t size, bool pinned);
+  std::shared_ptr<Region> registerDevice(int device, CUdeviceptr ptr, uint64_t size, bool owns);
+  std::shared_ptr<Region> allocDevice(int device, uint64_t size);
+  void deregister(uint32_t id);
+  std::shared_ptr<Region> region(uint32_t id);
+
+  std::vector<unsigned char> metadata();
+  // Returns the peer name. Replaces a peer of the same name with another incarnation.
+  std::shared_ptr<Peer> loadRemote(const unsigned char* data, size_t size);
+  bool removeRemote(const std::string& name);
+  std::shared_ptr<Peer> peer(const std::string& name);
+
+  // Validates every piece and builds the plan; throws AgentError before anything moves.
+  std::shared_ptr<Plan> prepare(Op op, const std::string& peerName, const std::vector<uint32_t>& localRegions,
+                                const std::vector<uint32_t>& remoteRegions, const double* localOffsets,
+                                const double* remoteOffsets, const double* lengths, double uniformLength,
+                                const uint32_t* localIdx, const uint32_t* remoteIdx, size_t count,
+                                const std::string& backend);
+
+  // Queues the plan; `token` identifies the completion. Notification bytes go after the data.
+  void post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif);
+  void cancel(uint64_t token);
+  void notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message);
+
+ private:
+  friend struct Connection;
+  void startListening();
+  void acceptLoop();
+  void serveInbound(std::shared_ptr<Connection> conn);
+  void readOutbound(std::shared_ptr<Peer> peer, std::shared_ptr<Connection> conn);
+  void connectPeer(std::shared_ptr<Peer> peer);
+  std::shared_ptr<Connection> waitConnected(const std::shared_ptr<Peer>& peer, std::string& error);
+  void markDead(const std::shared_ptr<Peer>& peer, const std::string& reason);
+  void fail(uint64_t token, const std::string& code, const std::string& message);
+  void succeed(uint64_t token);
+
+  void runShm(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  void runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  void runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  bool sendNotify(const std::shared_ptr<Peer>& peer, const std::vector<unsigned char>& message, std::string& error);
+  unsigned char* mapRemote(Peer& peer, RemoteRegion& r);
+  CUdeviceptr openRemote(Peer& peer, RemoteRegion& r, int device);
+  void setDevice(int device);
+  void releaseCuda();
+  void checkCuda(CUresult r, const char* what);
+  template <typename F>
+  auto onProgress(F&& fn) -> decltype(fn());
+
+  AgentOptions options_;
+  AgentCallbacks callbacks_;
+  const CudaDriver* cuda_;
+  uint64_t incarnation_ = 0;
+  std::string hostKey_;
+  std::string unixName_;
+  int unixFd_ = -1, tcpFd_ = -1, wakeFd_[2] = {-1, -1};
+  uint16_t tcpPort_ = 0;
+  std::atomic<bool> closing_{false};
+
+  std::mutex mutex_;  // regions_, peers_, connections_, pending_
+  uint32_t nextRegionId_ = 1;
+  std::map<uint32_t, std::shared_ptr<Region>> regions_;
+  std::map<std::string, std::shared_ptr<Peer>> peers_;
+  std::vector<std::shared_ptr<Connection>> connections_;
+  struct Pending {
+    std::shared_ptr<Plan> plan;
+    std::shared_ptr<Peer> peer;
+    std::vector<unsigned char> notif;
+    std::chrono::steady_clock::time_point deadline;
+    std::vector<std::pair<size_t, size_t>> groups;  // tcp: [first, last) piece ranges, one per message
+    size_t answered = 0;                            // tcp: messages answered so far
+  };
+  std::map<uint64_t, Pending> pending_;  // token -> waiting for the target's answer
+  std::map<uint64_t, bool> canceled_;
+
+  std::unique_ptr<WorkQueue> progress_;
+  std::thread acceptThread_;
+  std::thread timeoutThread_;
+  std::condition_variable timeoutWake_;
+  std::vector<std::thread> readers_;
+  std::mutex readersMutex_;
+  uint64_t nextPlanId_ = 1;
+  std::atomic<uint64_t> nextSeq_{1};
+
+  // CUDA state, progress thread only.
+  std::map<int, CUcontext> contexts_;
+  int currentDevice_ = -1;
+};
+
+}  // namespace tandem::transfer

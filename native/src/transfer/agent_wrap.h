@@ -1,0 +1,70 @@
+#pragma once
+
+#include <napi.h>
+
+#include <map>
+#include <memory>
+
+#include "../addon_state.h"
+#include "agent.h"
+
+namespace tandem::transfer {
+
+class TransferPlanWrap : public Napi::ObjectWrap<TransferPlanWrap> {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports);
+  explicit TransferPlanWrap(const Napi::CallbackInfo& info);
+  const std::shared_ptr<Plan>& plan() const { return plan_; }
+
+ private:
+  Napi::Value GetBackend(const Napi::CallbackInfo& info);
+  Napi::Value GetPieces(const Napi::CallbackInfo& info);
+  Napi::Value GetRequestedPieces(const Napi::CallbackInfo& info);
+  Napi::Value GetBytes(const Napi::CallbackInfo& info);
+  Napi::Value GetOp(const Napi::CallbackInfo& info);
+  Napi::Value GetPeer(const Napi::CallbackInfo& info);
+  std::shared_ptr<Plan> plan_;
+};
+
+// State the agent's threads reach through deliver(): touched only on the JS thread, and shared so
+// that a completion queued before the wrapper was collected still finds valid memory.
+struct AgentJsState {
+  std::map<uint64_t, Napi::Promise::Deferred> pending;
+  Napi::FunctionReference onNotification;
+  bool disposed = false;
+};
+
+class TransferAgentWrap : public Napi::ObjectWrap<TransferAgentWrap>, public Closeable {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports);
+  explicit TransferAgentWrap(const Napi::CallbackInfo& info);
+  ~TransferAgentWrap() override;
+  void close() override;
+
+ private:
+  Agent& live(Napi::Env env);
+  Napi::Value RegisterHost(const Napi::CallbackInfo& info);
+  Napi::Value AllocShared(const Napi::CallbackInfo& info);
+  Napi::Value RegisterDevice(const Napi::CallbackInfo& info);
+  Napi::Value AllocDevice(const Napi::CallbackInfo& info);
+  Napi::Value Deregister(const Napi::CallbackInfo& info);
+  Napi::Value Metadata(const Napi::CallbackInfo& info);
+  Napi::Value LoadRemote(const Napi::CallbackInfo& info);
+  Napi::Value RemoveRemote(const Napi::CallbackInfo& info);
+  Napi::Value Prepare(const Napi::CallbackInfo& info);
+  Napi::Value Post(const Napi::CallbackInfo& info);
+  Napi::Value Cancel(const Napi::CallbackInfo& info);
+  Napi::Value Notify(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value GetName(const Napi::CallbackInfo& info);
+  Napi::Value GetIncarnation(const Napi::CallbackInfo& info);
+  Napi::Value GetTcpPort(const Napi::CallbackInfo& info);
+  Napi::Value GetBackends(const Napi::CallbackInfo& info);
+  Napi::Value GetDisposed(const Napi::CallbackInfo& info);
+
+  std::unique_ptr<Agent> agent_;
+  std::shared_ptr<AgentJsState> js_;
+  uint64_t nextToken_ = 1;
+};
+
+}  // namespace tandem::transfer

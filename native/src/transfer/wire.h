@@ -1,0 +1,41 @@
+// The agent-to-agent wire protocol. Every message is a fixed 24-byte header followed by `length` bytes.
+// One connection per (initiator -> target) direction: the initiator sends requests and notifications,
+// the target answers on the same connection. Integers are little-endian (x86-64 and aarch64 both are).
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace tandem::transfer {
+
+constexpr uint32_t kWireVersion = 1;
+
+enum class Msg : uint32_t {
+  Hello = 1,       // initiator -> target: u64 incarnation, u16 nameLen, name
+  HelloAck = 2,    // target -> initiator: u64 incarnation, u16 nameLen, name
+  Notify = 3,      // payload: the notification bytes
+  WriteData = 4,   // aux = region id; payload: u32 pieces, u32 notifLen, pieces x (u64 off, u64 len), data, notif
+  ReadRequest = 5, // aux = region id; payload: u32 pieces, u32 reserved, pieces x (u64 off, u64 len)
+  ReadData = 6,    // aux = status (0 ok); payload: data (status 0) or error text
+  Done = 7,        // aux = status (0 ok); payload: error text when status != 0
+};
+
+struct Header {
+  uint32_t type;
+  uint32_t aux;
+  uint64_t seq;
+  uint64_t length;
+};
+static_assert(sizeof(Header) == 24, "wire header must be 24 bytes");
+
+// Blocking socket helpers. They return false on EOF or error and set `error`.
+bool sendAll(int fd, const void* data, size_t size, std::string& error);
+// Sends a vector of buffers, splitting at IOV_MAX, resuming after partial writes.
+bool sendVector(int fd, std::vector<iovec>& iov, std::string& error);
+bool recvAll(int fd, void* data, size_t size, std::string& error);
+bool discard(int fd, uint64_t size, std::string& error);
+
+}  // namespace tandem::transfer
