@@ -70,6 +70,7 @@ class AddonState {
   Napi::FunctionReference cudaDeviceConstructor;
   Napi::FunctionReference transferAgentConstructor;
   Napi::FunctionReference transferPlanConstructor;
+  Napi::FunctionReference ncclCommConstructor;  // native/src/nccl/
   Napi::FunctionReference deviceBufferConstructor;
 
  private:
