@@ -1,0 +1,162 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { CudaDevice, OutOfBoundsError, TransferAgent, type DeviceBuffer, type Region, type RemotePeer } from '../../lib/index.js';
+import { fillPatternOnGpu, mismatchesOnGpu } from '../helpers/gpu-pattern.js';
+import { gpuGate } from '../helpers/gpu.js';
+import { fillPattern } from '../helpers/pattern.js';
+import { PeerProcess } from '../helpers/peer.js';
+
+// cuda-ipc between two real processes: device memory of this process (the initiator) and of a child
+// process (the target), on one GPU and across two. Bytes are checked on the GPU with a pattern kernel.
+const gate = await gpuGate(1);
+const BLOCK = 64 << 10;
+const BLOCKS = 512; // 32 MiB per side
+const pairs: [number, number][] = gate.run
+  ? gate.caps.cuda.devices.length >= 2
+    ? [
+        [0, 0],
+        [0, 1],
+        [1, 0],
+      ]
+    : [[0, 0]]
+  : [[0, 0]];
+
+describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on GPU %i', (localGpu, remoteGpu) => {
+  let target: PeerProcess;
+  let agent: TransferAgent;
+  let device: CudaDevice;
+  let buffer: DeviceBuffer;
+  let local: Region;
+  let peer: RemotePeer;
+  let remote: number;
+  const SEED_LOCAL = 11;
+  const SEED_REMOTE = 77;
+
+  beforeAll(async () => {
+    target = await PeerProcess.start();
+    await target.request('create', { name: `gpu-target-${localGpu}-${remoteGpu}` });
+    remote = (await target.request<{ region: { id: number } }>('allocDevice', { device: remoteGpu, bytes: BLOCK * BLOCKS, seed: SEED_REMOTE })).region.id;
+    agent = await TransferAgent.create({ name: `gpu-initiator-${localGpu}-${remoteGpu}` });
+    device = await CudaDevice.open(localGpu);
+    buffer = await device.alloc(BLOCK * BLOCKS);
+    await fillPatternOnGpu(device, buffer, SEED_LOCAL);
+    local = agent.registerDevice(buffer);
+    const { metadata } = await target.request<{ metadata: string }>('metadata');
+    peer = agent.loadRemote(Buffer.from(metadata, 'base64'));
+    await target.request('load', { metadata: Buffer.from(agent.metadata()).toString('base64') });
+  });
+
+  afterAll(async () => {
+    await agent?.dispose();
+    await device?.dispose();
+    await target?.stop();
+  });
+
+  const scattered = (n: number, mul: number, add: number) => Array.from({ length: n }, (_, i) => (i * mul + add) % BLOCKS);
+
+  it('WRITE: 256 scattered 64 KiB blocks land where asked, checked on the target GPU', async () => {
+    const src = scattered(256, 37, 5);
+    const dst = scattered(256, 101, 3); // a permutation (101 and 512 are coprime)
+    const plan = agent.prepare({
+      op: 'WRITE',
+      peer: peer.name,
+      local,
+      remote,
+      pieces: { localOffsets: Float64Array.from(src, (b) => b * BLOCK), remoteOffsets: Float64Array.from(dst, (b) => b * BLOCK), lengths: BLOCK },
+    });
+    expect(plan.backend).toBe('cuda-ipc');
+    await plan.post();
+    for (let i = 0; i < src.length; i++) {
+      const r = await target.request<{ mismatches: number }>('checkDevice', {
+        region: remote,
+        offset: dst[i]! * BLOCK,
+        length: BLOCK,
+        seed: SEED_LOCAL,
+        base: src[i]! * BLOCK,
+      });
+      expect(r.mismatches, `block ${src[i]} -> ${dst[i]}`).toBe(0);
+    }
+    // A block nobody wrote still holds the target's own pattern.
+    const untouched = [...Array(BLOCKS).keys()].find((b) => !dst.includes(b))!;
+    const r = await target.request<{ mismatches: number }>('checkDevice', {
+      region: remote,
+      offset: untouched * BLOCK,
+      length: BLOCK,
+      seed: SEED_REMOTE,
+      base: untouched * BLOCK,
+    });
+    expect(r.mismatches).toBe(0);
+  });
+
+  it('READ: scattered blocks come back into local GPU memory', async () => {
+    await target.request('fillDevice', { region: remote, seed: SEED_REMOTE });
+    const src = scattered(128, 53, 1); // remote blocks
+    const dst = scattered(128, 29, 7); // local blocks
+    const plan = agent.prepare({
+      op: 'READ',
+      peer: peer.name,
+      local,
+      remote,
+      pieces: { localOffsets: Float64Array.from(dst, (b) => b * BLOCK), remoteOffsets: Float64Array.from(src, (b) => b * BLOCK), lengths: BLOCK },
+    });
+    await plan.post();
+    for (let i = 0; i < src.length; i++) {
+      expect(await mismatchesOnGpu(device, buffer, SEED_REMOTE, dst[i]! * BLOCK, BLOCK, src[i]! * BLOCK), `block ${src[i]}`).toBe(0);
+    }
+    await fillPatternOnGpu(device, buffer, SEED_LOCAL);
+  });
+
+  it('the notification arrives after the data is visible on the target GPU', async () => {
+    for (let round = 0; round < 4; round++) {
+      const dstBlock = (round * 97 + 13) % (BLOCKS - 8);
+      const plan = agent.prepare({
+        op: 'WRITE',
+        peer: peer.name,
+        local,
+        remote,
+        pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(dstBlock * BLOCK), lengths: 8 * BLOCK },
+      });
+      const note = JSON.stringify({ round, check: { region: remote, offset: dstBlock * BLOCK, length: 8 * BLOCK, seed: SEED_LOCAL, base: 0 } });
+      await plan.post({ notify: note });
+      const event = await target.nextEvent((e) => e.event === 'notification' && e.text === note);
+      expect((event as { mismatches?: number }).mismatches, `round ${round}`).toBe(0);
+    }
+  });
+
+  it('pinned host memory to the target GPU and back', async () => {
+    const pinned = agent.allocPinned(4 * BLOCK);
+    fillPattern(pinned.view!, 5, 0);
+    await agent.prepare({
+      op: 'WRITE',
+      peer: peer.name,
+      local: pinned,
+      remote,
+      pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(BLOCK * 100), lengths: 4 * BLOCK },
+    }).post();
+    const r = await target.request<{ mismatches: number }>('checkDevice', { region: remote, offset: BLOCK * 100, length: 4 * BLOCK, seed: 5, base: 0 });
+    expect(r.mismatches).toBe(0);
+    pinned.view!.fill(0);
+    await agent.prepare({
+      op: 'READ',
+      peer: peer.name,
+      local: pinned,
+      remote,
+      pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(BLOCK * 100), lengths: 4 * BLOCK },
+    }).post();
+    const expected = new Uint8Array(4 * BLOCK);
+    fillPattern(expected, 5, 0);
+    expect(Buffer.compare(Buffer.from(pinned.view!), Buffer.from(expected))).toBe(0);
+    agent.deregister(pinned);
+  });
+
+  it('out-of-bounds device pieces are refused before anything moves', () => {
+    expect(() =>
+      agent.prepare({
+        op: 'WRITE',
+        peer: peer.name,
+        local,
+        remote,
+        pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(BLOCK * BLOCKS - 16), lengths: 32 },
+      }),
+    ).toThrow(OutOfBoundsError);
+  });
+});
