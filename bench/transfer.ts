@@ -1,98 +1,432 @@
 /**
- * npm run bench:transfer [-- --quick] [-- --json FILE]
+ * npm run bench:transfer [-- --quick] [-- --json FILE] [-- --svg FILE] [-- --host-only]
  *
- * Transfer bandwidth against the baselines that bound it, measured in the same run on the same buffers.
- * This version measures the baselines the transfer backends will be judged against: memcpy within one
- * process (the bound for shm) and, where a GPU is present, host<->device copies through the addon.
- * Backend rows (shm, tcp, ucx, cuda-ipc, nccl) are added by the transfer runtime.
+ * KV transfer measured between two real processes (this one initiates; a child is the target), against
+ * the baselines that bound each path, measured in the same run on the same buffers:
+ *   host backends (shm, tcp, ucx)    vs  memcpy of the same bytes in one process
+ *   cuda-ipc, same GPU                vs  device-to-device copy (cuMemcpyAsync)
+ *   cuda-ipc, across GPUs             vs  contiguous peer copy (cuMemcpyPeerAsync) and NVLink's rate
+ *   pinned host -> device             vs  pinned host-to-device copy
+ * Rows: GB/s, post-to-resolution latency p50/p99, post-to-notification p50 where notified, JS-thread
+ * time to prepare and to post; plus registration times. Prints a table, writes --json (default
+ * bench-results/transfer.json) and an SVG chart (default beside the JSON).
  */
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
 import { parseArgs } from 'node:util';
-import { capabilities, CudaDevice } from '../lib/index.js';
+import { capabilities, CudaDevice, kvPool, kvTransferPieces, TransferAgent, type KvPoolSpec, type Region } from '../lib/index.js';
+import { PeerProcess } from '../test/helpers/peer.js';
+import { writeChart, type ChartPoint } from './chart.js';
+
+const { values } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    json: { type: 'string', default: 'bench-results/transfer.json' },
+    svg: { type: 'string' },
+    'host-only': { type: 'boolean', default: false },
+  },
+});
+const quick = values.quick!;
+const jsonFile = values.json!;
+const svgFile = values.svg ?? jsonFile.replace(/\.json$/, '') + '.svg';
+const budgetMs = quick ? 120 : 500;
+const started = performance.now();
 
 interface Row {
+  section: string;
   path: string;
+  op: 'READ' | 'WRITE' | 'copy';
+  memory: string;
+  pieceBytes: number;
+  pieces: number;
   bytes: number;
   iterations: number;
   gbps: number;
   p50us: number;
   p99us: number;
+  notifyP50us?: number;
+  prepareMs?: number;
+  postUs?: number;
+  backend?: string;
+  mergedPieces?: number;
   baseline?: string;
-  ratio?: number;
+  vsBaseline?: number;
+  vsLink?: number;
 }
 
-const { values } = parseArgs({
-  options: { quick: { type: 'boolean', default: false }, json: { type: 'string' } },
-});
-const quick = values.quick ?? false;
-
-function percentile(sorted: number[], p: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
-}
-
-async function measure(path: string, bytes: number, op: () => Promise<void> | void): Promise<Row> {
-  const budgetMs = quick ? 150 : 600;
-  for (let i = 0; i < 3; i++) await op(); // warm-up
-  const times: number[] = [];
-  const start = performance.now();
-  while (performance.now() - start < budgetMs || times.length < 5) {
-    const t0 = process.hrtime.bigint();
-    await op();
-    times.push(Number(process.hrtime.bigint() - t0) / 1e3);
-    if (times.length >= 10_000) break;
-  }
-  times.sort((a, b) => a - b);
-  const p50 = percentile(times, 50);
-  return { path, bytes, iterations: times.length, gbps: bytes / (p50 * 1e3), p50us: p50, p99us: percentile(times, 99) };
-}
-
-const sizes = quick ? [64 << 10, 1 << 20, 16 << 20] : [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20];
 const rows: Row[] = [];
+const registration: { what: string; bytes: number; ms: number }[] = [];
+
+const pct = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+const human = (b: number) =>
+  b >= 1 << 30 ? `${+(b / 2 ** 30).toFixed(2)} GiB` : b >= 1 << 20 ? `${+(b / 2 ** 20).toFixed(1)} MiB` : `${b / 1024} KiB`;
+
+/** Runs `op` until the time budget is spent (at least 3, at most 1000 times) after 2 warm-ups. */
+async function sample(op: () => Promise<number | void> | void): Promise<number[]> {
+  for (let i = 0; i < 2; i++) await op();
+  const times: number[] = [];
+  const t0 = performance.now();
+  while ((performance.now() - t0 < budgetMs || times.length < 3) && times.length < 1000) {
+    const a = process.hrtime.bigint();
+    const measured = await op();
+    times.push(typeof measured === 'number' ? measured : Number(process.hrtime.bigint() - a) / 1e3);
+  }
+  return times.sort((x, y) => x - y);
+}
+
+function slots(count: number, total: number, seed: number): Float64Array {
+  // A scattered choice of `count` distinct slots out of `total` (deterministic), so that pieces never merge.
+  const out = new Float64Array(count);
+  const stride = Math.max(1, Math.floor(total / count));
+  for (let i = 0; i < count; i++) out[i] = ((i * stride + ((i * seed) % stride)) % total);
+  return out;
+}
+
+function record(row: Row) {
+  rows.push(row);
+  const tag = row.baseline ? ` ${(row.vsBaseline! * 100).toFixed(0)}% of ${row.baseline}` : '';
+  console.error(`  ${row.section} | ${row.path} ${row.op} ${row.memory} ${human(row.pieceBytes)} x ${row.pieces}: ${row.gbps.toFixed(2)} GB/s${tag}`);
+}
+
 const caps = await capabilities();
+const target = await PeerProcess.start();
+await target.request('create', { name: 'bench-target' });
+const agent = await TransferAgent.create({ name: 'bench-initiator' });
 
-for (const bytes of sizes) {
-  const src = new Uint8Array(bytes).fill(1);
-  const dst = new Uint8Array(bytes);
-  rows.push(await measure('memcpy (one process)', bytes, () => dst.set(src)));
+async function exchange() {
+  const { metadata } = await target.request<{ metadata: string }>('metadata');
+  const peer = agent.loadRemote(Buffer.from(metadata, 'base64'));
+  await target.request('load', { metadata: Buffer.from(agent.metadata()).toString('base64') });
+  return peer;
 }
 
-if (caps.cuda.available) {
-  const device = await CudaDevice.open(0);
-  for (const bytes of sizes) {
-    const buffer = await device.alloc(bytes);
-    const host = new Uint8Array(bytes).fill(3);
-    const h2d = await measure('host -> device (pageable)', bytes, () => buffer.copyFromHost(host));
-    const d2h = await measure('device -> host (pageable)', bytes, () => buffer.copyToHost(host));
-    rows.push(h2d, d2h);
-    await buffer.dispose();
+async function sweepPlan(
+  section: string,
+  path: string,
+  memory: string,
+  local: Region,
+  remote: number,
+  op: 'READ' | 'WRITE',
+  pieceBytes: number,
+  count: number,
+  capacity: number,
+  backend: string | undefined,
+  baseline?: { name: string; gbpsFor: (bytes: number) => number | undefined; link?: number },
+) {
+  const localOffsets = slots(count, Math.floor(capacity / pieceBytes), 7);
+  const remoteOffsets = slots(count, Math.floor(capacity / pieceBytes), 13).reverse();
+  for (let i = 0; i < count; i++) {
+    localOffsets[i]! *= pieceBytes;
+    remoteOffsets[i]! *= pieceBytes;
   }
-  await device.dispose();
+  const p0 = performance.now();
+  const plan = agent.prepare({
+    op,
+    peer: 'bench-target',
+    local,
+    remote,
+    pieces: { localOffsets, remoteOffsets, lengths: pieceBytes },
+    ...(backend ? { backend: backend as 'shm' } : {}),
+  });
+  const prepareMs = performance.now() - p0;
+  const postUs: number[] = [];
+  const times = await sample(async () => {
+    const a = process.hrtime.bigint();
+    const pending = plan.post();
+    postUs.push(Number(process.hrtime.bigint() - a) / 1e3);
+    await pending;
+  });
+  postUs.sort((x, y) => x - y);
+  const bytes = pieceBytes * count;
+  const p50 = pct(times, 50);
+  const gbps = bytes / (p50 * 1e3);
+  const base = baseline?.gbpsFor(bytes);
+  record({
+    section,
+    path,
+    op,
+    memory,
+    pieceBytes,
+    pieces: count,
+    bytes,
+    iterations: times.length,
+    gbps,
+    p50us: p50,
+    p99us: pct(times, 99),
+    prepareMs,
+    postUs: pct(postUs, 50),
+    backend: plan.backend,
+    mergedPieces: plan.pieces,
+    ...(base ? { baseline: baseline!.name, vsBaseline: gbps / base } : {}),
+    ...(baseline?.link ? { vsLink: gbps / baseline.link } : {}),
+  });
+  return plan;
 }
 
-// Each row's ratio to the memcpy of the same size measured above.
-for (const row of rows) {
-  const base = rows.find((r) => r.path.startsWith('memcpy') && r.bytes === row.bytes);
-  if (base && base !== row) {
-    row.baseline = base.path;
-    row.ratio = row.gbps / base.gbps;
+async function notifyLatency(section: string, path: string, memory: string, local: Region, remote: number, backend?: string) {
+  const plan = agent.prepare({
+    op: 'WRITE',
+    peer: 'bench-target',
+    local,
+    remote,
+    pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 },
+    ...(backend ? { backend: backend as 'shm' } : {}),
+  });
+  let n = 0;
+  const notify: number[] = [];
+  const times = await sample(async () => {
+    const note = `n${n++}`;
+    const seen = target.nextEvent((e) => e.event === 'notification' && e.text === note);
+    const t0 = process.hrtime.bigint();
+    await plan.post({ notify: note });
+    const e = await seen;
+    notify.push(Number(BigInt(e.t!) - t0) / 1e3);
+  });
+  notify.sort((x, y) => x - y);
+  record({
+    section,
+    path: `${path} + notification`,
+    op: 'WRITE',
+    memory,
+    pieceBytes: 64 << 10,
+    pieces: 1,
+    bytes: 64 << 10,
+    iterations: times.length,
+    gbps: (64 << 10) / (pct(times, 50) * 1e3),
+    p50us: pct(times, 50),
+    p99us: pct(times, 99),
+    notifyP50us: pct(notify, 50),
+    backend: plan.backend,
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host memory: shm, tcp (and ucx where the agent offers it) against memcpy in one process.
+{
+  const capacity = quick ? 64 << 20 : 256 << 20;
+  let t = performance.now();
+  const local = agent.allocShared(capacity);
+  registration.push({ what: 'allocShared', bytes: capacity, ms: performance.now() - t });
+  local.view!.fill(1);
+  const scratch = agent.allocShared(capacity);
+  const plain = Buffer.alloc(capacity);
+  t = performance.now();
+  agent.deregister(agent.registerHost(plain));
+  registration.push({ what: 'registerHost', bytes: capacity, ms: performance.now() - t });
+  const remote = (await target.request<{ region: { id: number } }>('allocShared', { bytes: capacity })).region.id;
+  await exchange();
+
+  const memcpy = new Map<number, number>();
+  const memcpyFor = (bytes: number) => memcpy.get(bytes);
+  const sizes = quick ? [64 << 10, 1 << 20] : [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20];
+  const counts = quick ? [1, 256] : [1, 16, 256, 4096, 16384];
+  const totals = new Set<number>();
+  for (const s of sizes) for (const c of counts) if (s * c <= capacity) totals.add(s * c);
+  for (const bytes of totals) {
+    const src = local.view!.subarray(0, bytes);
+    const dst = scratch.view!.subarray(0, bytes);
+    const times = await sample(() => void dst.set(src));
+    const gbps = bytes / (pct(times, 50) * 1e3);
+    memcpy.set(bytes, gbps);
+    record({ section: 'host', path: 'memcpy (one process)', op: 'copy', memory: 'host', pieceBytes: bytes, pieces: 1, bytes, iterations: times.length, gbps, p50us: pct(times, 50), p99us: pct(times, 99) });
   }
+  const backends = ['shm', 'tcp', ...(agent.backends.includes('ucx') ? ['ucx'] : [])];
+  for (const backend of backends) {
+    for (const op of ['WRITE', 'READ'] as const) {
+      for (const s of sizes) {
+        for (const c of counts) {
+          if (s * c > capacity || (quick && backend === 'tcp' && s * c > 16 << 20)) continue;
+          await sweepPlan('host', backend, 'shared->shared', local, remote, op, s, c, capacity, backend, { name: 'memcpy', gbpsFor: memcpyFor });
+        }
+      }
+    }
+    await notifyLatency('host', backend, 'shared->shared', local, remote, backend);
+  }
+  agent.deregister(local);
+  agent.deregister(scratch);
 }
 
-const human = (b: number) => (b >= 1 << 20 ? `${b / (1 << 20)} MiB` : `${b / 1024} KiB`);
-console.log(
-  `host: ${caps.cpu.cores} cores; CUDA ${caps.cuda.available ? caps.cuda.devices.map((d) => d.name).join(', ') : 'unavailable'}`,
-);
-console.table(
-  rows.map((r) => ({
-    path: r.path,
-    size: human(r.bytes),
-    'GB/s': r.gbps.toFixed(2),
-    'p50 us': r.p50us.toFixed(1),
-    'p99 us': r.p99us.toFixed(1),
-    'vs memcpy': r.ratio === undefined ? '' : `${(r.ratio * 100).toFixed(0)}%`,
-  })),
-);
-if (values.json) {
-  writeFileSync(values.json, JSON.stringify({ host: caps, quick, rows }, null, 2));
-  console.log(`wrote ${values.json}`);
+// ------------------------------------------------------------------------------------------------
+// GPU memory: cuda-ipc on one GPU and across two, KV-shaped cases, pinned host.
+if (caps.cuda.available && !values['host-only']) {
+  const gpus = caps.cuda.devices.length;
+  const capacity = quick ? 512 << 20 : 1536 << 20;
+  const dev0 = await CudaDevice.open(0);
+  const dev1 = gpus > 1 ? await CudaDevice.open(1) : undefined;
+  const localBuf = await dev0.alloc(capacity);
+  await localBuf.fill(3);
+  let t = performance.now();
+  const local = agent.registerDevice(localBuf);
+  registration.push({ what: 'registerDevice', bytes: capacity, ms: performance.now() - t });
+  const scratch0 = await dev0.alloc(capacity);
+  const scratch1 = dev1 ? await dev1.alloc(capacity) : undefined;
+  t = performance.now();
+  const pinned = agent.allocPinned(quick ? 256 << 20 : 1 << 30);
+  registration.push({ what: 'allocPinned', bytes: pinned.size, ms: performance.now() - t });
+
+  const sizes = quick ? [64 << 10, 1 << 20] : [4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20];
+  const counts = quick ? [1, 256, 4096] : [1, 16, 256, 4096, 16384];
+
+  // Baselines, per total size, measured with CUDA events.
+  const timed = async (dst: { address: bigint; device: number }, src: { address: bigint; device: number }, bytes: number) => {
+    const ms = await dev0.timeCopy(dst, src, bytes, quick ? 10 : 30);
+    ms.sort((a, b) => a - b);
+    return bytes / (pct(ms, 50) * 1e6);
+  };
+  const d2d = new Map<number, number>();
+  const peerCopy = new Map<number, number>();
+  const h2d = new Map<number, number>();
+  const totals = new Set<number>([64 << 10]);
+  for (const s of sizes) for (const c of counts) if (s * c <= capacity) totals.add(s * c);
+  for (const bytes of [...totals].sort((a, b) => a - b)) {
+    d2d.set(bytes, await timed({ address: scratch0.address, device: 0 }, { address: localBuf.address, device: 0 }, bytes));
+    record({ section: 'gpu', path: 'device-to-device copy (same GPU)', op: 'copy', memory: 'device', pieceBytes: bytes, pieces: 1, bytes, iterations: 30, gbps: d2d.get(bytes)!, p50us: bytes / d2d.get(bytes)! / 1e3, p99us: 0 });
+    if (scratch1) {
+      peerCopy.set(bytes, await timed({ address: scratch1.address, device: 1 }, { address: localBuf.address, device: 0 }, bytes));
+      record({ section: 'gpu', path: 'peer copy GPU0->GPU1 (cuMemcpyPeerAsync)', op: 'copy', memory: 'device', pieceBytes: bytes, pieces: 1, bytes, iterations: 30, gbps: peerCopy.get(bytes)!, p50us: bytes / peerCopy.get(bytes)! / 1e3, p99us: 0 });
+    }
+    if (bytes <= pinned.size) {
+      h2d.set(bytes, await timed({ address: scratch0.address, device: 0 }, { address: pinned.address, device: -1 }, bytes));
+      record({ section: 'gpu', path: 'pinned host-to-device copy', op: 'copy', memory: 'pinned->device', pieceBytes: bytes, pieces: 1, bytes, iterations: 30, gbps: h2d.get(bytes)!, p50us: bytes / h2d.get(bytes)! / 1e3, p99us: 0 });
+    }
+  }
+  const link = caps.cuda.nvlink.bandwidthGBps[0]?.[1] || undefined;
+
+  const placements: [string, number][] = [['same GPU', 0], ...(gpus > 1 ? ([['GPU0->GPU1', 1]] as [string, number][]) : [])];
+  for (const [placement, remoteGpu] of placements) {
+    const remote = (await target.request<{ region: { id: number } }>('allocDevice', { device: remoteGpu, bytes: capacity })).region.id;
+    await exchange();
+    const baseline =
+      remoteGpu === 0
+        ? { name: 'device-to-device copy', gbpsFor: (b: number) => d2d.get(b) }
+        : { name: 'peer copy', gbpsFor: (b: number) => peerCopy.get(b), ...(link ? { link } : {}) };
+    for (const op of ['WRITE', 'READ'] as const) {
+      for (const s of sizes) {
+        for (const c of counts) {
+          if (s * c > capacity) continue;
+          await sweepPlan('gpu', `cuda-ipc ${placement}`, 'device->device', local, remote, op, s, c, capacity, undefined, baseline);
+        }
+      }
+    }
+    await notifyLatency('gpu', `cuda-ipc ${placement}`, 'device->device', local, remote);
+    await sweepPlan('gpu', `cuda-ipc ${placement}`, 'pinned->device', pinned, remote, 'WRITE', 64 << 20, 1, pinned.size, undefined, {
+      name: 'pinned host-to-device copy',
+      gbpsFor: (b) => h2d.get(b),
+    });
+
+    // KV-shaped: the KV of a 4,096-token prompt (bf16, 16-token blocks).
+    const shapes: [string, Omit<KvPoolSpec, 'numBlocks' | 'layout'>][] = [
+      ['Llama-3.1-8B', { layers: 32, kvHeads: 8, headDim: 128, blockSize: 16, dtype: 'bf16' }],
+      ['Llama-3.1-70B', { layers: 80, kvHeads: 8, headDim: 128, blockSize: 16, dtype: 'bf16' }],
+    ];
+    const blocks = 4096 / 16;
+    for (const [model, shape] of shapes) {
+      for (const layout of ['block-major', 'layer-major'] as const) {
+        const pool = kvPool({ ...shape, layout, numBlocks: Math.floor(capacity / kvPool({ ...shape, layout, numBlocks: 1 }).blockBytes) });
+        if (pool.numBlocks < blocks) continue;
+        const srcIds = Uint32Array.from({ length: blocks }, (_, i) => (i * 7) % pool.numBlocks);
+        const dstIds = Uint32Array.from({ length: blocks }, (_, i) => (pool.numBlocks - 1 - ((i * 11) % pool.numBlocks)));
+        const p = kvTransferPieces(pool, pool, srcIds, dstIds);
+        const p0 = performance.now();
+        const plan = agent.prepare({ op: 'WRITE', peer: 'bench-target', local, remote, pieces: p });
+        const prepareMs = performance.now() - p0;
+        const postUs: number[] = [];
+        const times = await sample(async () => {
+          const a = process.hrtime.bigint();
+          const pending = plan.post();
+          postUs.push(Number(process.hrtime.bigint() - a) / 1e3);
+          await pending;
+        });
+        postUs.sort((x, y) => x - y);
+        const gbps = p.bytes / (pct(times, 50) * 1e3);
+        const base = baseline.gbpsFor(p.bytes) ?? (remoteGpu ? undefined : undefined);
+        record({
+          section: 'kv',
+          path: `cuda-ipc ${placement} ${model} ${layout}`,
+          op: 'WRITE',
+          memory: 'device->device',
+          pieceBytes: Math.round(p.bytes / p.pieces),
+          pieces: p.pieces,
+          bytes: p.bytes,
+          iterations: times.length,
+          gbps,
+          p50us: pct(times, 50),
+          p99us: pct(times, 99),
+          prepareMs,
+          postUs: pct(postUs, 50),
+          backend: plan.backend,
+          mergedPieces: plan.pieces,
+          ...(base ? { baseline: baseline.name, vsBaseline: gbps / base } : {}),
+          ...('link' in baseline && baseline.link ? { vsLink: gbps / baseline.link } : {}),
+        });
+      }
+    }
+    // Heterogeneous TP: prefill TP2 (rank 0 holds 4 of 8 heads) into decode TP1, HND tiles.
+    {
+      const shape = { layers: 32, kvHeads: 8, headDim: 128, blockSize: 16, dtype: 'bf16' as const, layout: 'layer-major' as const, headLayout: 'HND' as const };
+      const dst = kvPool({ ...shape, numBlocks: Math.floor(capacity / kvPool({ ...shape, numBlocks: 1 }).blockBytes) });
+      const src = kvPool({ ...shape, tpSize: 2, tpRank: 0, numBlocks: Math.floor(capacity / kvPool({ ...shape, tpSize: 2, numBlocks: 1 }).blockBytes) });
+      const srcIds = Uint32Array.from({ length: blocks }, (_, i) => i);
+      const dstIds = Uint32Array.from({ length: blocks }, (_, i) => (i * 5 + 3) % dst.numBlocks);
+      const p = kvTransferPieces(src, dst, srcIds, dstIds);
+      const plan = agent.prepare({ op: 'WRITE', peer: 'bench-target', local, remote, pieces: p });
+      const times = await sample(() => plan.post());
+      const gbps = p.bytes / (pct(times, 50) * 1e3);
+      const base = baseline.gbpsFor(p.bytes);
+      record({
+        section: 'kv',
+        path: `cuda-ipc ${placement} Llama-3.1-8B TP2->TP1 head slice`,
+        op: 'WRITE',
+        memory: 'device->device',
+        pieceBytes: Math.round(p.bytes / p.pieces),
+        pieces: p.pieces,
+        bytes: p.bytes,
+        iterations: times.length,
+        gbps,
+        p50us: pct(times, 50),
+        p99us: pct(times, 99),
+        backend: plan.backend,
+        ...(base ? { baseline: baseline.name, vsBaseline: gbps / base } : {}),
+      });
+    }
+  }
+  await agent.dispose();
+  await Promise.all([dev0.dispose(), dev1?.dispose()]);
+} else {
+  await agent.dispose();
 }
+await target.stop();
+
+// ------------------------------------------------------------------------------------------------
+const table = rows.map((r) => ({
+  section: r.section,
+  path: r.path,
+  op: r.op,
+  memory: r.memory,
+  piece: human(r.pieceBytes),
+  pieces: r.pieces,
+  total: human(r.bytes),
+  'GB/s': r.gbps.toFixed(2),
+  'p50 us': r.p50us.toFixed(1),
+  'p99 us': r.p99us.toFixed(1),
+  'notify p50 us': r.notifyP50us?.toFixed(1) ?? '',
+  'prepare ms': r.prepareMs?.toFixed(3) ?? '',
+  'post us': r.postUs?.toFixed(1) ?? '',
+  'vs baseline': r.vsBaseline === undefined ? '' : `${(r.vsBaseline * 100).toFixed(0)}% of ${r.baseline}`,
+  'vs link': r.vsLink === undefined ? '' : `${(r.vsLink * 100).toFixed(0)}%`,
+}));
+console.log(`host: ${caps.cpu.cores} cores; CUDA: ${caps.cuda.available ? caps.cuda.devices.map((d) => d.name).join(', ') : `unavailable (${caps.cuda.reason})`}`);
+console.table(table);
+console.table(registration.map((r) => ({ registration: r.what, size: human(r.bytes), ms: r.ms.toFixed(3) })));
+mkdirSync(dirname(jsonFile), { recursive: true });
+writeFileSync(jsonFile, JSON.stringify({ host: caps, quick, seconds: (performance.now() - started) / 1e3, rows, registration }, null, 2));
+const points: ChartPoint[] = rows
+  .filter((r) => r.section !== 'kv' && (r.op !== 'READ') && (r.pieces === 1 || r.pieces === (quick ? 256 : 4096) || r.op === 'copy'))
+  .map((r) => ({
+    series: r.op === 'copy' ? r.path : `${r.path} x${r.pieces}`,
+    pieceBytes: r.op === 'copy' ? r.bytes : r.pieceBytes,
+    gbps: r.gbps,
+    baseline: r.op === 'copy',
+  }));
+await writeChart(svgFile, `Tandem bench:transfer (${caps.cuda.available ? caps.cuda.devices[0]!.name : 'no GPU'})`, points);
+console.log(`wrote ${jsonFile} and ${svgFile} in ${((performance.now() - started) / 1e3).toFixed(1)} s`);

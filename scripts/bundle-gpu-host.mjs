@@ -59,10 +59,10 @@ for (const f of ['tandem_kernels.fatbin', 'tandem_kernels.json']) {
   if (existsSync(join(root, 'build-kernels', f))) copy(join('build-kernels', f));
 }
 
-// node_modules: the closure of the production dependencies plus vitest and tsx, resolved the way Node
+// node_modules: the closure of the production dependencies plus vitest, tsx and the chart library, resolved the way Node
 // resolves them (nested node_modules first, then up the tree).
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
-const roots = [...Object.keys(pkg.dependencies ?? {}), 'vitest', 'tsx'];
+const roots = [...Object.keys(pkg.dependencies ?? {}), 'vitest', 'tsx', 'vega', 'vega-lite'];
 const seen = new Set();
 function locate(name, fromDir) {
   let dir = fromDir;

@@ -169,6 +169,20 @@ export class CudaDevice {
     );
   }
 
+  /**
+   * Times `iterations` contiguous copies of `bytes` on this device's stream with CUDA events (ms each):
+   * cuMemcpyPeerAsync between two devices, cuMemcpyAsync otherwise (device or pinned host memory;
+   * pass device -1 for host). The baselines of bench:transfer.
+   */
+  timeCopy(
+    dst: { address: bigint; device: number },
+    src: { address: bigint; device: number },
+    bytes: number,
+    iterations: number,
+  ): Promise<number[]> {
+    return native(() => this.raw.timeCopy(dst.address, dst.device, src.address, src.device, bytes, iterations));
+  }
+
   synchronize(): Promise<void> {
     return native(() => this.raw.synchronize());
   }

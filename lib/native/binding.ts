@@ -99,6 +99,7 @@ export interface RawCudaDevice {
     args: unknown[],
   ): Promise<void>;
   synchronize(): Promise<void>;
+  timeCopy(dst: bigint, dstDevice: number, src: bigint, srcDevice: number, bytes: number, iterations: number): Promise<number[]>;
   memoryInfo(): Promise<{ freeBytes: number; totalBytes: number }>;
   dispose(): Promise<void>;
 }
@@ -168,7 +169,7 @@ export interface RawBinding {
   CudaDevice: new (ordinal: number) => RawCudaDevice;
   DeviceBuffer: new (...args: never[]) => RawDeviceBuffer;
   TransferAgent: new (
-    options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number },
+    options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number; kernels?: Uint8Array },
     onNotification: (from: string, message: Buffer) => void,
   ) => RawTransferAgent;
 }

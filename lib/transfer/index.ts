@@ -18,6 +18,7 @@ import { BadArgumentError, BadDescriptorError, CanceledError, TimeoutError, nati
 import { loadBinding, type RawRegion, type RawRemotePeer, type RawTransferAgent, type RawTransferPlan } from '../native/binding.js';
 import type { DeviceBuffer } from '../cuda/index.js';
 import { probeCuda } from '../cuda/index.js';
+import { readKernelImage } from '../native/kernels.js';
 
 export type MemoryKind = 'host' | 'shared' | 'pinned' | 'device';
 export type BackendName = 'shm' | 'tcp' | 'cuda-ipc' | 'nccl' | 'ucx';
@@ -179,9 +180,10 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     await probeCuda();
     const { binding } = loadBinding();
     const holder: { target?: TransferAgent } = {};
+    const kernels = readKernelImage();
     const raw = nativeSync(
       () =>
-        new binding.TransferAgent(options, (from, message) => {
+        new binding.TransferAgent({ ...options, ...(kernels ? { kernels } : {}) }, (from, message) => {
           const agent = holder.target;
           if (!agent) return;
           try {

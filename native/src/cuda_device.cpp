@@ -32,6 +32,7 @@ void CudaDevice::Init(Napi::Env env, Napi::Object exports) {
           InstanceMethod<&CudaDevice::LoadKernels>("loadKernels"),
           InstanceMethod<&CudaDevice::Launch>("launch"),
           InstanceMethod<&CudaDevice::Synchronize>("synchronize"),
+          InstanceMethod<&CudaDevice::TimeCopy>("timeCopy"),
           InstanceMethod<&CudaDevice::MemoryInfo>("memoryInfo"),
           InstanceMethod<&CudaDevice::Dispose>("dispose"),
           InstanceAccessor<&CudaDevice::GetOrdinal>("ordinal"),
@@ -333,6 +334,68 @@ Napi::Value CudaDevice::Synchronize(const Napi::CallbackInfo& info) {
         return Empty{};
       },
       undefinedOf);
+}
+
+// timeCopy(dst: bigint, dstDevice, src: bigint, srcDevice, bytes, iterations) -> Promise<number[]> (ms each)
+// Contiguous copies on this device's stream, timed with CUDA events: the baselines of bench:transfer.
+// Across devices it is cuMemcpyPeerAsync; otherwise cuMemcpyAsync (device or pinned host memory).
+Napi::Value CudaDevice::TimeCopy(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsBigInt() || !info[2].IsBigInt()) throw Napi::TypeError::New(env, "timeCopy(dst: bigint, dstDevice, src: bigint, srcDevice, bytes, iterations)");
+  bool lossless = true;
+  CUdeviceptr dst = info[0].As<Napi::BigInt>().Uint64Value(&lossless);
+  int dstDevice = info[1].As<Napi::Number>().Int32Value();
+  CUdeviceptr src = info[2].As<Napi::BigInt>().Uint64Value(&lossless);
+  int srcDevice = info[3].As<Napi::Number>().Int32Value();
+  size_t bytes = static_cast<size_t>(info[4].As<Napi::Number>().DoubleValue());
+  uint32_t iterations = requireUint32(info[5], "iterations");
+  if (iterations == 0 || bytes == 0) throw makeError(env, "TANDEM_BAD_ARGUMENT", "timeCopy needs bytes and iterations > 0");
+  return runAsync<std::vector<double>>(
+      env, liveQueue(env),
+      [this, dst, dstDevice, src, srcDevice, bytes, iterations]() {
+        if (!initError_.empty()) throw NativeError(initCode_, initError_);
+        const CudaDriver& d = *driver_;
+        CUcontext dstCtx = nullptr, srcCtx = nullptr;
+        bool peer = dstDevice >= 0 && srcDevice >= 0 && dstDevice != srcDevice;
+        if (peer) {
+          check(d.cuDevicePrimaryCtxRetain(&dstCtx, dstDevice), "cuDevicePrimaryCtxRetain");
+          check(d.cuDevicePrimaryCtxRetain(&srcCtx, srcDevice), "cuDevicePrimaryCtxRetain");
+          d.cuCtxSetCurrent(context_);
+        }
+        std::vector<CUevent> events(iterations + 1, nullptr);
+        std::vector<double> out;
+        CUresult r = CUDA_SUCCESS;
+        for (auto& e : events) {
+          if (r == CUDA_SUCCESS) r = d.cuEventCreate(&e, 0);
+        }
+        for (uint32_t i = 0; i < iterations && r == CUDA_SUCCESS; ++i) {
+          if (i == 0) r = d.cuEventRecord(events[0], stream_);
+          if (r == CUDA_SUCCESS) {
+            r = peer ? d.cuMemcpyPeerAsync(dst, dstCtx, src, srcCtx, bytes, stream_) : d.cuMemcpyAsync(dst, src, bytes, stream_);
+          }
+          if (r == CUDA_SUCCESS) r = d.cuEventRecord(events[i + 1], stream_);
+        }
+        if (r == CUDA_SUCCESS) r = d.cuEventSynchronize(events[iterations]);
+        for (uint32_t i = 0; i < iterations && r == CUDA_SUCCESS; ++i) {
+          float ms = 0;
+          r = d.cuEventElapsedTime(&ms, events[i], events[i + 1]);
+          out.push_back(ms);
+        }
+        for (auto& e : events) {
+          if (e) d.cuEventDestroy(e);
+        }
+        if (peer) {
+          d.cuDevicePrimaryCtxRelease(dstDevice);
+          d.cuDevicePrimaryCtxRelease(srcDevice);
+        }
+        check(r, "timed copy");
+        return out;
+      },
+      [](Napi::Env env, std::vector<double>& ms) -> Napi::Value {
+        Napi::Array a = Napi::Array::New(env, ms.size());
+        for (size_t i = 0; i < ms.size(); ++i) a.Set(i, ms[i]);
+        return a;
+      });
 }
 
 Napi::Value CudaDevice::MemoryInfo(const Napi::CallbackInfo& info) {

@@ -46,6 +46,7 @@ class CudaDevice : public Napi::ObjectWrap<CudaDevice>, public Closeable {
   Napi::Value LoadKernels(const Napi::CallbackInfo& info);
   Napi::Value Launch(const Napi::CallbackInfo& info);
   Napi::Value Synchronize(const Napi::CallbackInfo& info);
+  Napi::Value TimeCopy(const Napi::CallbackInfo& info);
   Napi::Value MemoryInfo(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value GetOrdinal(const Napi::CallbackInfo& info);

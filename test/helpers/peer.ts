@@ -9,6 +9,8 @@ export interface PeerEvent {
   from?: string;
   text?: string;
   sha256?: string;
+  /** process.hrtime.bigint() at arrival, as a decimal string */
+  t?: string;
 }
 
 /** A transfer-peer process (test/fixtures/transfer-peer.ts) driven over stdin/stdout. */

@@ -395,6 +395,14 @@ void Agent::releaseCuda() {
       r->mapping->cudaRegistered = false;
     }
   }
+  sweepChunkTables(true);
+  for (auto& [device, k] : kernels_) {
+    if (k.module) {
+      setDevice(device);
+      cuda_->cuModuleUnload(k.module);
+    }
+  }
+  kernels_.clear();
   cuda_->cuCtxSetCurrent(nullptr);
   for (auto& [device, ctx] : contexts_) {
     CUdevice dev;
@@ -1393,6 +1401,40 @@ CUdeviceptr Agent::openRemote(Peer& peer, RemoteRegion& r, int device) {
   return r.opened;
 }
 
+Agent::DeviceKernels& Agent::kernelsFor(int device) {
+  auto it = kernels_.find(device);
+  if (it != kernels_.end()) return it->second;
+  DeviceKernels& k = kernels_[device];
+  if (options_.kernels.empty()) {
+    k.error = "no kernel fatbin was given to the agent";
+    return k;
+  }
+  setDevice(device);
+  CUresult r = cuda_->cuModuleLoadData(&k.module, options_.kernels.data());
+  if (r == CUDA_SUCCESS) r = cuda_->cuModuleGetFunction(&k.copyChunks, k.module, "tandem_copy_chunks");
+  if (r != CUDA_SUCCESS) {
+    k.error = cuda_->describe(r);
+    k.copyChunks = nullptr;
+    return k;
+  }
+  CUdevice dev;
+  cuda_->cuDeviceGet(&dev, device);
+  cuda_->cuDeviceGetAttribute(&k.multiprocessors, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev);
+  return k;
+}
+
+void Agent::sweepChunkTables(bool all) {
+  for (auto it = chunkTables_.begin(); it != chunkTables_.end();) {
+    if (all || it->second.plan.expired()) {
+      setDevice(it->second.device);
+      cuda_->cuMemFree(it->second.table);
+      it = chunkTables_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
 namespace {
 struct HostFnContext {
   Agent* agent;
@@ -1420,14 +1462,58 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     checkCuda(cuda_->cuStreamCreate(&peer.stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
     peer.streamDevice = plan->localDevice;
   }
-  for (const auto& p : plan->pieces) {
-    auto& rr = peer.regions[p.remoteRegion];
-    CUdeviceptr remote = (rr.d.kind == MemKind::Device ? openRemote(peer, rr, plan->localDevice)
-                                                       : reinterpret_cast<CUdeviceptr>(mapRemote(peer, rr))) +
-                         p.remoteOff;
-    CUdeviceptr dst = plan->op == Op::Write ? remote : p.local;
-    CUdeviceptr src = plan->op == Op::Write ? p.local : remote;
-    checkCuda(cuda_->cuMemcpyAsync(dst, src, p.length, peer.stream), "cuMemcpyAsync");
+  // Few pieces: the copy engines (one async copy each). Many pieces: one launch of the chunk-copy
+  // kernel over a table uploaded once per plan. Both run on the peer's stream, in post order.
+  constexpr size_t kKernelMinPieces = 8;
+  constexpr uint64_t kChunkBytes = 128 << 10;
+  DeviceKernels* kernels = plan->pieces.size() >= kKernelMinPieces ? &kernelsFor(plan->localDevice) : nullptr;
+  setDevice(plan->localDevice);
+  if (kernels && kernels->copyChunks) {
+    auto it = chunkTables_.find(plan->id);
+    if (it == chunkTables_.end()) {
+      sweepChunkTables(false);
+      std::vector<unsigned long long> table;  // (src, dst, bytes) triples
+      for (const auto& p : plan->pieces) {
+        auto& rr = peer.regions[p.remoteRegion];
+        CUdeviceptr remote = (rr.d.kind == MemKind::Device ? openRemote(peer, rr, plan->localDevice)
+                                                           : reinterpret_cast<CUdeviceptr>(mapRemote(peer, rr))) +
+                             p.remoteOff;
+        CUdeviceptr dst = plan->op == Op::Write ? remote : p.local;
+        CUdeviceptr src = plan->op == Op::Write ? p.local : remote;
+        for (uint64_t off = 0; off < p.length; off += kChunkBytes) {
+          table.push_back(src + off);
+          table.push_back(dst + off);
+          table.push_back(std::min(kChunkBytes, p.length - off));
+        }
+      }
+      ChunkTable t;
+      t.plan = plan;
+      t.device = plan->localDevice;
+      t.count = static_cast<unsigned>(table.size() / 3);
+      setDevice(plan->localDevice);
+      checkCuda(cuda_->cuMemAlloc(&t.table, table.size() * sizeof(unsigned long long)), "cuMemAlloc (chunk table)");
+      CUresult up = cuda_->cuMemcpyHtoDAsync(t.table, table.data(), table.size() * sizeof(unsigned long long), peer.stream);
+      if (up == CUDA_SUCCESS) up = cuda_->cuStreamSynchronize(peer.stream);
+      if (up != CUDA_SUCCESS) {
+        cuda_->cuMemFree(t.table);
+        checkCuda(up, "upload of the chunk table");
+      }
+      it = chunkTables_.emplace(plan->id, t).first;
+    }
+    unsigned blocks = std::min<unsigned>(it->second.count, static_cast<unsigned>(std::max(1, kernels->multiprocessors) * 4));
+    void* args[] = {&it->second.table, &it->second.count};
+    checkCuda(cuda_->cuLaunchKernel(kernels->copyChunks, blocks, 1, 1, 512, 1, 1, 0, peer.stream, args, nullptr),
+              "launch of tandem_copy_chunks");
+  } else {
+    for (const auto& p : plan->pieces) {
+      auto& rr = peer.regions[p.remoteRegion];
+      CUdeviceptr remote = (rr.d.kind == MemKind::Device ? openRemote(peer, rr, plan->localDevice)
+                                                         : reinterpret_cast<CUdeviceptr>(mapRemote(peer, rr))) +
+                           p.remoteOff;
+      CUdeviceptr dst = plan->op == Op::Write ? remote : p.local;
+      CUdeviceptr src = plan->op == Op::Write ? p.local : remote;
+      checkCuda(cuda_->cuMemcpyAsync(dst, src, p.length, peer.stream), "cuMemcpyAsync");
+    }
   }
   auto peerPtr = plan->peer;
   auto* ctx = new HostFnContext{this, [this, token, peerPtr, notif = std::move(notif)]() {

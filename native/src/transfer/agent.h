@@ -122,6 +122,7 @@ struct AgentOptions {
   std::string tcpHost = "127.0.0.1";
   uint16_t tcpPort = 0;
   uint32_t timeoutMs = 30000;  // bound on waiting for a peer's answer
+  std::vector<unsigned char> kernels;  // the kernel fatbin (copy engine for many-piece cuda-ipc transfers)
 };
 
 class Agent {
@@ -223,6 +224,22 @@ class Agent {
   // CUDA state, progress thread only.
   std::map<int, CUcontext> contexts_;
   int currentDevice_ = -1;
+  struct DeviceKernels {
+    CUmodule module = nullptr;
+    CUfunction copyChunks = nullptr;
+    int multiprocessors = 0;
+    std::string error;
+  };
+  std::map<int, DeviceKernels> kernels_;
+  struct ChunkTable {
+    std::weak_ptr<Plan> plan;
+    int device = -1;
+    CUdeviceptr table = 0;
+    unsigned count = 0;
+  };
+  std::map<uint64_t, ChunkTable> chunkTables_;  // plan id -> uploaded chunk table
+  DeviceKernels& kernelsFor(int device);
+  void sweepChunkTables(bool all);
 };
 
 }  // namespace tandem::transfer

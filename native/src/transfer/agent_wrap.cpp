@@ -148,6 +148,7 @@ TransferAgentWrap::TransferAgentWrap(const Napi::CallbackInfo& info) : Napi::Obj
     options.tcpPort = static_cast<uint16_t>(port);
   }
   if (o.Has("timeoutMs") && !o.Get("timeoutMs").IsUndefined()) options.timeoutMs = static_cast<uint32_t>(requireSize(o.Get("timeoutMs"), "timeoutMs"));
+  if (o.Has("kernels") && o.Get("kernels").IsTypedArray()) options.kernels = bytesOf(o.Get("kernels"), "kernels");
   js_ = std::make_shared<AgentJsState>();
   js_->onNotification = Napi::Persistent(info[1].As<Napi::Function>());
 
