@@ -130,6 +130,8 @@ typedef CUresult (*PFN_cuMemGetAddressRange)(CUdeviceptr* base, size_t* size, CU
 typedef CUresult (*PFN_cuPointerGetAttribute)(void* data, int attribute, CUdeviceptr ptr);
 typedef CUresult (*PFN_cuLaunchHostFunc)(CUstream stream, CUhostFn fn, void* userData);
 typedef CUresult (*PFN_cuMemHostGetDevicePointer)(CUdeviceptr* dptr, void* p, unsigned int flags);
+typedef CUresult (*PFN_cuEventQuery)(CUevent event);
+typedef CUresult (*PFN_cuCtxEnablePeerAccess)(CUcontext peerContext, unsigned int flags);
 typedef CUresult (*PFN_cuLaunchKernel)(CUfunction f, unsigned gridX, unsigned gridY, unsigned gridZ,
                                        unsigned blockX, unsigned blockY, unsigned blockZ,
                                        unsigned sharedMemBytes, CUstream stream, void** kernelParams,

@@ -360,6 +360,13 @@ Napi::Value CudaDevice::TimeCopy(const Napi::CallbackInfo& info) {
         if (peer) {
           check(d.cuDevicePrimaryCtxRetain(&dstCtx, dstDevice), "cuDevicePrimaryCtxRetain");
           check(d.cuDevicePrimaryCtxRetain(&srcCtx, srcDevice), "cuDevicePrimaryCtxRetain");
+          // Without peer access the driver stages peer copies through the host: enable it both ways
+          // (CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED, 704, is fine).
+          for (auto [from, to] : {std::pair{dstCtx, srcCtx}, std::pair{srcCtx, dstCtx}}) {
+            d.cuCtxSetCurrent(from);
+            CUresult e = d.cuCtxEnablePeerAccess(to, 0);
+            if (e != CUDA_SUCCESS && e != 704) check(e, "cuCtxEnablePeerAccess");
+          }
           d.cuCtxSetCurrent(context_);
         }
         std::vector<CUevent> events(iterations + 1, nullptr);

@@ -36,12 +36,27 @@ void WorkQueue::run() {
     std::function<void()> job;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
-      if (jobs_.empty()) return;  // stopping and drained
+      while (jobs_.empty() && !stopping_) {
+        if (poll_) {
+          lock.unlock();
+          bool busy = poll_();
+          if (busy) std::this_thread::yield();
+          lock.lock();
+          if (busy) continue;
+        }
+        if (jobs_.empty() && !stopping_) wake_.wait(lock);
+      }
+      if (jobs_.empty()) {
+        lock.unlock();
+        // Stopping: let in-flight work finish before the thread ends.
+        while (poll_ && poll_()) std::this_thread::yield();
+        return;
+      }
       job = std::move(jobs_.front());
       jobs_.pop_front();
     }
     job();
+    if (poll_) poll_();
   }
 }
 

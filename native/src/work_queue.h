@@ -25,6 +25,11 @@ class WorkQueue {
   // own thread.
   void stop();
 
+  // While `poll` returns true (work is in flight elsewhere, e.g. on a GPU), the thread does not sleep
+  // between jobs: it calls `poll` again at once (yielding the CPU), so completions are seen within
+  // microseconds. Set before posting work that needs it; called on the queue's thread only.
+  void setPoll(std::function<bool()> poll) { poll_ = std::move(poll); }
+
   bool onQueueThread() const { return std::this_thread::get_id() == thread_.get_id(); }
   const std::string& name() const { return name_; }
 
@@ -35,6 +40,7 @@ class WorkQueue {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::deque<std::function<void()>> jobs_;
+  std::function<bool()> poll_;
   bool stopping_ = false;
   std::thread thread_;
 };

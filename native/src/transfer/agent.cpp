@@ -206,6 +206,7 @@ Agent::Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* c
   unixName_ = std::string("tandem.") + hex;
   startListening();
   progress_ = std::make_unique<WorkQueue>("tandem-xfer");
+  progress_->setPoll([this] { return pollInflight(); });
   acceptThread_ = std::thread([this] { acceptLoop(); });
   timeoutThread_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -360,7 +361,36 @@ void Agent::setDevice(int device) {
   currentDevice_ = device;
 }
 
+bool Agent::pollInflight() {
+  // Called on the progress thread between jobs; completes every finished entry (any order: entries
+  // on different peers' streams finish independently).
+  try {
+    for (auto it = inflight_.begin(); it != inflight_.end();) {
+      setDevice(it->device);
+      CUresult r = cuda_->cuEventQuery(it->event);
+      if (r == CUDA_ERROR_NOT_READY) {
+        ++it;
+        continue;
+      }
+      auto done = std::move(it->done);
+      eventPool_.push_back({it->device, it->event});
+      it = inflight_.erase(it);
+      done(r);
+    }
+  } catch (const AgentError&) {
+    // setDevice failed: the context is gone; nothing more can complete.
+    return false;
+  }
+  return !inflight_.empty();
+}
+
 void Agent::releaseCuda() {
+  while (cuda_ && cuda_->available && pollInflight()) std::this_thread::yield();
+  for (auto& [device, event] : eventPool_) {
+    setDevice(device);
+    cuda_->cuEventDestroy(event);
+  }
+  eventPool_.clear();
   if (!cuda_ || !cuda_->available || contexts_.empty()) return;
   std::vector<std::shared_ptr<Peer>> peers;
   std::vector<std::shared_ptr<Region>> regions;
@@ -1435,17 +1465,7 @@ void Agent::sweepChunkTables(bool all) {
   }
 }
 
-namespace {
-struct HostFnContext {
-  Agent* agent;
-  std::function<void()> done;
-};
-void hostFnTrampoline(void* user) {
-  auto* ctx = static_cast<HostFnContext*>(user);
-  ctx->done();
-  delete ctx;
-}
-}  // namespace
+
 
 void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
   std::string error;
@@ -1515,24 +1535,37 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
       checkCuda(cuda_->cuMemcpyAsync(dst, src, p.length, peer.stream), "cuMemcpyAsync");
     }
   }
+  // Completion: an event the progress thread polls between jobs (a host callback costs tens of
+  // microseconds more before anyone hears of it).
   auto peerPtr = plan->peer;
-  auto* ctx = new HostFnContext{this, [this, token, peerPtr, notif = std::move(notif)]() {
-    // A CUDA callback may not call CUDA; hand the rest to the progress thread.
-    progress_->post([this, token, peerPtr, notif] {
-      std::string err;
-      {
-        std::lock_guard<std::mutex> lock(peerPtr->mutex);
-        if (peerPtr->dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peerPtr->deadReason);
-      }
-      if (!notif.empty() && !sendNotify(peerPtr, notif, err)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", err);
-      succeed(token);
-    }) || (fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed"), true);
-  }};
-  CUresult res = cuda_->cuLaunchHostFunc(peer.stream, hostFnTrampoline, ctx);
-  if (res != CUDA_SUCCESS) {
-    delete ctx;
-    checkCuda(res, "cuLaunchHostFunc");
+  CUevent event = nullptr;
+  for (auto it = eventPool_.begin(); it != eventPool_.end(); ++it) {
+    if (it->first == plan->localDevice) {
+      event = it->second;
+      eventPool_.erase(it);
+      break;
+    }
   }
+  if (!event) checkCuda(cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
+  CUresult rec = cuda_->cuEventRecord(event, peer.stream);
+  if (rec != CUDA_SUCCESS) {
+    cuda_->cuEventDestroy(event);
+    checkCuda(rec, "cuEventRecord");
+  }
+  inflight_.push_back(Inflight{event, plan->localDevice, [this, token, peerPtr, notif = std::move(notif)](CUresult result) {
+                                 if (result != CUDA_SUCCESS) {
+                                   return fail(token, "TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(result));
+                                 }
+                                 std::string err;
+                                 {
+                                   std::lock_guard<std::mutex> lock(peerPtr->mutex);
+                                   if (peerPtr->dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peerPtr->deadReason);
+                                 }
+                                 if (!notif.empty() && !sendNotify(peerPtr, notif, err)) {
+                                   return fail(token, "TANDEM_REMOTE_DISCONNECTED", err);
+                                 }
+                                 succeed(token);
+                               }});
 }
 
 }  // namespace tandem::transfer

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -238,6 +239,14 @@ class Agent {
     unsigned count = 0;
   };
   std::map<uint64_t, ChunkTable> chunkTables_;  // plan id -> uploaded chunk table
+  struct Inflight {
+    CUevent event = nullptr;
+    int device = -1;
+    std::function<void(CUresult)> done;  // CUDA_SUCCESS, or the error the GPU work ended with
+  };
+  std::deque<Inflight> inflight_;   // GPU work whose completion the progress thread polls for
+  std::vector<std::pair<int, CUevent>> eventPool_;
+  bool pollInflight();
   DeviceKernels& kernelsFor(int device);
   void sweepChunkTables(bool all);
 };
