@@ -22,6 +22,7 @@
 #include <map>
 #include <mutex>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #else
@@ -38,7 +39,8 @@ namespace {
 // inline wrapper in the headers, so its exported target ucp_init_version is resolved instead (with the
 // headers' UCP_API_MAJOR/MINOR, which pins the 1.13 struct layouts on newer runtimes).
 #define TANDEM_UCP_FUNCTIONS(X)                                                                      \
-  X(ucp_get_version) X(ucp_config_read) X(ucp_config_release) X(ucp_init_version) X(ucp_cleanup)     \
+  X(ucp_get_version) X(ucp_config_read) X(ucp_config_modify) X(ucp_config_release) X(ucp_init_version) \
+  X(ucp_cleanup)                                                                                     \
   X(ucp_context_print_info) X(ucp_worker_create) X(ucp_worker_destroy) X(ucp_worker_get_address)     \
   X(ucp_worker_release_address) X(ucp_worker_progress) X(ucp_worker_get_efd) X(ucp_worker_arm)       \
   X(ucp_ep_create) X(ucp_ep_close_nbx) X(ucp_ep_flush_nbx) X(ucp_mem_map) X(ucp_mem_unmap)           \
@@ -64,6 +66,10 @@ constexpr unsigned kProgressRounds = 32;  // ucp_worker_progress calls per loop 
 constexpr size_t kIssueBudget = 4096;     // operations issued per loop, so completions interleave
 constexpr size_t kMaxCachedRkeys = 1024;  // per endpoint; the cache is dropped when full and idle
 constexpr auto kShutdownDrain = std::chrono::seconds(5);
+// UCX checks peers every KEEPALIVE_INTERVAL (default 20 s). Transports that cannot see a peer die by
+// themselves (shared memory, or a one-sided transport with nothing in flight) rely on it, so the
+// backend shortens it unless UCX_KEEPALIVE_INTERVAL is set: a dead peer's posts fail in a few seconds.
+constexpr const char* kKeepaliveInterval = "2s";
 
 const char* statusName(ucs_status_t s) {
   switch (s) {
@@ -121,7 +127,7 @@ std::string hexAddress(const void* p) {
 
 // A registration of local memory. Owned by the progress thread (and by the transfers that use it, so
 // that an early deregister cannot unmap memory an operation in flight still names).
-struct LocalRegion {
+struct UcxRegion {
   const UcpApi* api = nullptr;
   ucp_context_h context = nullptr;
   ucp_mem_h memh = nullptr;
@@ -131,7 +137,7 @@ struct LocalRegion {
   bool hasMemType = false;
   ucs_memory_type_t memType = UCS_MEMORY_TYPE_HOST;
 
-  ~LocalRegion() {
+  ~UcxRegion() {
     if (memh) api->ucp_mem_unmap(context, memh);
   }
   bool covers(uintptr_t p, uint64_t n) const { return p >= base && n <= size && p - base <= size - n; }
@@ -139,9 +145,9 @@ struct LocalRegion {
 
 // One endpoint to a peer. A failed or unconnectable peer stays in the map without an endpoint, so that
 // its posts fail with the reason until connect() is called again.
-struct Peer : std::enable_shared_from_this<Peer> {
+struct UcxPeer : std::enable_shared_from_this<UcxPeer> {
   const UcpApi* api = nullptr;
-  std::vector<std::shared_ptr<Peer>>* failedPeers = nullptr;  // where the error handler reports
+  std::vector<std::shared_ptr<UcxPeer>>* failedPeers = nullptr;  // where the error handler reports
   std::string key;
   std::vector<uint8_t> address;
   ucp_ep_h ep = nullptr;
@@ -158,16 +164,16 @@ struct Peer : std::enable_shared_from_this<Peer> {
 
 // One post(). Lives until `done` was called and every UCX request it issued has completed (their
 // callbacks point at it).
-struct Transfer {
+struct UcxTransfer {
   const UcpApi* api = nullptr;
   std::string peerKey;
-  std::shared_ptr<Peer> peer;  // set once started on an endpoint
+  std::shared_ptr<UcxPeer> peer;  // set once started on an endpoint
   bool write = true;
   std::vector<UcxBackend::Piece> pieces;
   std::vector<std::vector<uint8_t>> packedRkeys;
   std::vector<ucp_rkey_h> rkeys;                      // resolved lazily, index = rkeyIndex
-  std::vector<std::shared_ptr<LocalRegion>> regions;  // local registrations its operations use
-  LocalRegion* lastRegion = nullptr;
+  std::vector<std::shared_ptr<UcxRegion>> regions;  // local registrations its operations use
+  UcxRegion* lastRegion = nullptr;
   std::function<void(bool, std::string)> done;
   size_t next = 0;         // next piece to issue
   size_t outstanding = 0;  // UCX requests not yet completed (operations and the flush)
@@ -185,14 +191,14 @@ struct Transfer {
 };
 
 void onOperationDone(void* request, ucs_status_t status, void* user) {
-  auto* t = static_cast<Transfer*>(user);
+  auto* t = static_cast<UcxTransfer*>(user);
   --t->outstanding;
   if (status != UCS_OK) t->fail(std::string(t->write ? "put" : "get") + " completed with " + describe(*t->api, status));
   t->api->ucp_request_free(request);
 }
 
 void onFlushDone(void* request, ucs_status_t status, void* user) {
-  auto* t = static_cast<Transfer*>(user);
+  auto* t = static_cast<UcxTransfer*>(user);
   --t->outstanding;
   if (status != UCS_OK) t->fail("endpoint flush completed with " + describe(*t->api, status));
   t->api->ucp_request_free(request);
@@ -200,15 +206,15 @@ void onFlushDone(void* request, ucs_status_t status, void* user) {
 
 // Called from ucp_worker_progress on the progress thread; the loop fails the posts and closes the endpoint.
 void onEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status) {
-  auto* peer = static_cast<Peer*>(arg);
+  auto* peer = static_cast<UcxPeer*>(arg);
   if (peer->closing || peer->ep != ep || !peer->failure.empty()) return;
   peer->failure = "endpoint failed: " + describe(*peer->api, status);
   peer->failedPeers->push_back(peer->shared_from_this());
 }
 
-struct ClosingEndpoint {
+struct UcxClosingEndpoint {
   void* request = nullptr;  // ucp_ep_close_nbx request still in progress
-  std::shared_ptr<Peer> peer;
+  std::shared_ptr<UcxPeer> peer;
 };
 
 }  // namespace
@@ -231,12 +237,12 @@ struct UcxBackend::Impl {
 
   // Progress thread only.
   bool stopping = false;
-  std::map<uint32_t, std::shared_ptr<LocalRegion>> regionsById;
-  std::multimap<uintptr_t, std::shared_ptr<LocalRegion>> regionsByBase;
-  std::unordered_map<std::string, std::shared_ptr<Peer>> peers;
-  std::list<std::shared_ptr<Transfer>> transfers;
-  std::vector<std::shared_ptr<Peer>> failedPeers;
-  std::vector<ClosingEndpoint> closing;
+  std::map<uint32_t, std::shared_ptr<UcxRegion>> regionsById;
+  std::multimap<uintptr_t, std::shared_ptr<UcxRegion>> regionsByBase;
+  std::unordered_map<std::string, std::shared_ptr<UcxPeer>> peers;
+  std::list<std::shared_ptr<UcxTransfer>> transfers;
+  std::vector<std::shared_ptr<UcxPeer>> failedPeers;
+  std::vector<UcxClosingEndpoint> closing;
 
   bool onProgressThread() const { return std::this_thread::get_id() == thread.get_id(); }
 
@@ -289,6 +295,9 @@ struct UcxBackend::Impl {
     ucp_config_t* config = nullptr;
     ucs_status_t s = api.ucp_config_read(nullptr, nullptr, &config);
     if (s != UCS_OK) return "ucp_config_read failed: " + describe(api, s);
+    if (!std::getenv("UCX_KEEPALIVE_INTERVAL")) {
+      api.ucp_config_modify(config, "KEEPALIVE_INTERVAL", kKeepaliveInterval);  // best effort
+    }
     ucp_params_t params{};
     params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
     // WAKEUP only adds event capabilities; it narrows transport selection for TAG, which is not asked for.
@@ -460,8 +469,8 @@ struct UcxBackend::Impl {
     if (!transfers.empty() || !closing.empty()) {
       // UCX still holds requests that point at these: keep them (and their memory handles and rkeys)
       // alive for the rest of the process rather than risk a callback into freed memory.
-      new std::list<std::shared_ptr<Transfer>>(std::move(transfers));
-      new std::vector<ClosingEndpoint>(std::move(closing));
+      new std::list<std::shared_ptr<UcxTransfer>>(std::move(transfers));
+      new std::vector<UcxClosingEndpoint>(std::move(closing));
     }
     regionsByBase.clear();
     regionsById.clear();
@@ -470,13 +479,13 @@ struct UcxBackend::Impl {
 
   // ---- commands (progress thread) ----
 
-  void startTransfer(std::shared_ptr<Transfer> t) {
+  void startTransfer(std::shared_ptr<UcxTransfer> t) {
     transfers.push_back(t);
     if (stopping) return t->fail("the UCX backend was closed");
     auto it = peers.find(t->peerKey);
     if (it == peers.end()) return t->fail("not connected (connect() was not called, or disconnect() was)");
-    Peer& peer = *it->second;
-    if (!peer.ep) return t->fail(peer.failure);
+    UcxPeer& peer = *it->second;
+    if (!peer.ep) return t->fail(peer.failure.empty() ? "not connected" : peer.failure);
     if (peer.inflight == 0 && peer.rkeys.size() >= kMaxCachedRkeys) peer.destroyRkeys();
     t->peer = it->second;
     ++peer.inflight;
@@ -487,13 +496,13 @@ struct UcxBackend::Impl {
     if (stopping) return;
     auto it = peers.find(key);
     if (it != peers.end()) {
-      std::shared_ptr<Peer> old = it->second;
+      std::shared_ptr<UcxPeer> old = it->second;
       if (old->ep && old->address == workerAddress) return;  // same healthy endpoint
       failTransfersOf(old, "the endpoint was replaced by a new connect()");
       retire(old);
       peers.erase(it);
     }
-    auto peer = std::make_shared<Peer>();
+    auto peer = std::make_shared<UcxPeer>();
     peer->api = &api;
     peer->failedPeers = &failedPeers;
     peer->key = key;
@@ -520,7 +529,7 @@ struct UcxBackend::Impl {
   void disconnectPeer(const std::string& key) {
     auto it = peers.find(key);
     if (it == peers.end()) return;
-    std::shared_ptr<Peer> peer = it->second;
+    std::shared_ptr<UcxPeer> peer = it->second;
     peers.erase(it);
     failTransfersOf(peer, "disconnected");
     retire(peer);
@@ -540,7 +549,7 @@ struct UcxBackend::Impl {
       throw AgentError{"TANDEM_BACKEND_UNAVAILABLE", "ucp_mem_map of " + std::to_string(size) + " bytes at " +
                                                          hexAddress(base) + " failed: " + describe(api, s)};
     }
-    auto region = std::make_shared<LocalRegion>();
+    auto region = std::make_shared<UcxRegion>();
     region->api = &api;
     region->context = context;
     region->memh = memh;
@@ -583,7 +592,7 @@ struct UcxBackend::Impl {
 
   // ---- transfers (progress thread) ----
 
-  void failTransfersOf(const std::shared_ptr<Peer>& peer, const std::string& what) {
+  void failTransfersOf(const std::shared_ptr<UcxPeer>& peer, const std::string& what) {
     for (auto& t : transfers) {
       if (t->peer == peer && !t->reported) t->fail(what);
     }
@@ -591,7 +600,7 @@ struct UcxBackend::Impl {
 
   // Force-closes the endpoint (pending operations complete with UCS_ERR_CANCELED). Its rkeys are
   // destroyed once the close has completed and no transfer still uses them.
-  void retire(const std::shared_ptr<Peer>& peer) {
+  void retire(const std::shared_ptr<UcxPeer>& peer) {
     if (peer->closing) return;
     peer->closing = true;
     if (!peer->ep) return;
@@ -632,7 +641,7 @@ struct UcxBackend::Impl {
       auto it = peers.find(peer->key);
       if (it != peers.end() && it->second == peer) {
         // Keep a record without an endpoint so that later posts fail with the reason.
-        auto record = std::make_shared<Peer>();
+        auto record = std::make_shared<UcxPeer>();
         record->api = &api;
         record->failedPeers = &failedPeers;
         record->key = peer->key;
@@ -649,7 +658,7 @@ struct UcxBackend::Impl {
     size_t budget = kIssueBudget;
     bool more = false;
     for (auto& tp : transfers) {
-      Transfer& t = *tp;
+      UcxTransfer& t = *tp;
       if (t.failed || t.flushIssued || !t.peer) continue;
       if (!t.peer->ep) {
         t.fail(t.peer->failure.empty() ? "disconnected" : t.peer->failure);
@@ -669,7 +678,7 @@ struct UcxBackend::Impl {
     return more;
   }
 
-  void issuePiece(Transfer& t, size_t index) {
+  void issuePiece(UcxTransfer& t, size_t index) {
     const UcxBackend::Piece& piece = t.pieces[index];
     if (piece.length == 0) return;
     if (piece.rkeyIndex >= t.rkeys.size()) {
@@ -683,7 +692,7 @@ struct UcxBackend::Impl {
     params.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     params.cb.send = onOperationDone;
     params.user_data = &t;
-    if (LocalRegion* region = regionFor(t, piece.local, piece.length)) {
+    if (UcxRegion* region = regionFor(t, piece.local, piece.length)) {
       // Registered already: UCX skips its own registration-cache lookup and memory-type detection.
       params.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
       params.memh = region->memh;
@@ -703,7 +712,7 @@ struct UcxBackend::Impl {
     ++t.outstanding;
   }
 
-  void issueFlush(Transfer& t) {
+  void issueFlush(UcxTransfer& t) {
     t.flushIssued = true;
     ucp_request_param_t params{};
     params.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -716,13 +725,13 @@ struct UcxBackend::Impl {
   }
 
   // The packed key's bytes identify it: unpacking is a function of (endpoint, bytes) only.
-  ucp_rkey_h unpackRkey(Transfer& t, uint32_t index) {
+  ucp_rkey_h unpackRkey(UcxTransfer& t, uint32_t index) {
     const std::vector<uint8_t>& packed = t.packedRkeys[index];
     if (packed.empty()) {
       t.fail("packed rkey " + std::to_string(index) + " is empty");
       return nullptr;
     }
-    Peer& peer = *t.peer;
+    UcxPeer& peer = *t.peer;
     std::string bytes(reinterpret_cast<const char*>(packed.data()), packed.size());
     auto it = peer.rkeys.find(bytes);
     if (it != peer.rkeys.end()) return it->second;
@@ -736,7 +745,7 @@ struct UcxBackend::Impl {
     return rkey;
   }
 
-  LocalRegion* regionFor(Transfer& t, void* local, uint64_t length) {
+  UcxRegion* regionFor(UcxTransfer& t, void* local, uint64_t length) {
     auto p = reinterpret_cast<uintptr_t>(local);
     if (t.lastRegion && t.lastRegion->covers(p, length)) return t.lastRegion;
     auto it = regionsByBase.upper_bound(p);
@@ -756,7 +765,7 @@ struct UcxBackend::Impl {
   bool reportTransfers() {
     std::vector<std::pair<std::function<void(bool, std::string)>, std::pair<bool, std::string>>> ready;
     for (auto it = transfers.begin(); it != transfers.end();) {
-      Transfer& t = **it;
+      UcxTransfer& t = **it;
       if (!t.reported && (t.failed || (t.flushIssued && t.outstanding == 0))) {
         t.reported = true;
         ready.push_back({std::move(t.done), {!t.failed, t.failed ? t.error : std::string()}});
@@ -823,7 +832,12 @@ std::unique_ptr<UcxBackend> UcxBackend::create(const std::vector<std::string>& c
   std::promise<std::string> ready;
   std::future<std::string> opened = ready.get_future();
   Impl* raw = impl.get();
-  impl->thread = std::thread([raw, ready = std::move(ready)]() mutable { raw->run(std::move(ready)); });
+  try {
+    impl->thread = std::thread([raw, ready = std::move(ready)]() mutable { raw->run(std::move(ready)); });
+  } catch (const std::system_error& e) {
+    reason = std::string("could not start the UCX progress thread: ") + e.what();
+    return nullptr;
+  }
   std::string error = opened.get();
   if (!error.empty()) {
     impl->thread.join();
@@ -870,7 +884,7 @@ void UcxBackend::deregisterMemory(uint32_t regionId) {
 
 void UcxBackend::connect(const std::string& peerKey, const std::vector<uint8_t>& workerAddress) {
   Impl* impl = impl_.get();
-  impl->enqueue([impl, peerKey, workerAddress] { impl->connectPeer(peerKey, workerAddress); });
+  impl->enqueue([impl, peerKey, address = workerAddress]() mutable { impl->connectPeer(peerKey, std::move(address)); });
 }
 
 void UcxBackend::disconnect(const std::string& peerKey) {
@@ -881,7 +895,7 @@ void UcxBackend::disconnect(const std::string& peerKey) {
 void UcxBackend::post(const std::string& peerKey, bool write, std::vector<Piece> pieces,
                       const std::vector<std::vector<uint8_t>>& packedRkeys,
                       std::function<void(bool ok, std::string error)> done) {
-  auto t = std::make_shared<Transfer>();
+  auto t = std::make_shared<UcxTransfer>();
   t->api = &impl_->api;
   t->peerKey = peerKey;
   t->write = write;

@@ -22,14 +22,20 @@
 //   names the UCX status, e.g. "UCX WRITE of 64 pieces to peer 'decode-0' failed: endpoint failed:
 //   Connection reset by remote peer (UCS_ERR_CONNECTION_RESET)". Endpoints use
 //   UCP_ERR_HANDLING_MODE_PEER, so a peer process that dies fails its pending posts as soon as the
-//   transport notices (socket reset, CMA ESRCH, RC retry exhaustion, or UCX keepalive).
-//   `done` must not destroy the backend (the destructor joins the progress thread).
+//   transport notices (socket reset, CMA ESRCH, RC retry exhaustion) or UCX keepalive does (interval
+//   shortened to 2 s unless UCX_KEEPALIVE_INTERVAL is set). That mode restricts UCX to transports that
+//   can detect peer failure: shared memory (posix/sysv) qualifies only with UCX_POSIX_ERROR_HANDLING=y /
+//   UCX_SYSV_ERROR_HANDLING=y, so on one host UCX otherwise runs RMA over tcp/lo.
+//   `done` should not destroy the backend: the thread cannot join itself, so it then finishes the
+//   shutdown on its own and its bookkeeping is leaked.
 //
 // Memory
 //   Local memory of a piece that lies inside a registered region is passed to UCX with its memory
 //   handle (no per-operation registration); other local memory is registered by UCX on the fly.
-//   A region must stay mapped until the posts that use it have completed; deregisterMemory() while such
-//   a post is in flight defers the ucp_mem_unmap until that post has drained.
+//   A region must stay mapped by its owner until the posts that use it have completed. deregisterMemory()
+//   never unmaps under an operation already issued: the ucp_mem_unmap waits until that post drains.
+//   Peers must stop using a region's rkey before it is deregistered (on InfiniBand a remote access to an
+//   unmapped key fails the peer's whole endpoint).
 #pragma once
 
 #include <cstddef>
@@ -61,7 +67,9 @@ class UcxBackend {
   UcxBackend& operator=(const UcxBackend&) = delete;
 
   std::vector<uint8_t> workerAddress() const;  // to publish in metadata (immutable, any thread)
-  std::string transports() const;              // transports UCX opened, e.g. "tcp,sysv,posix,cma"
+  // Transports of the context's resources, e.g. "tcp,sysv,posix,cma" (best effort: an endpoint uses the
+  // subset that reaches the peer and supports peer-failure detection).
+  std::string transports() const;
 
   // Registers [base, base+size) for remote access (ucp_mem_map) and returns the packed remote key
   // (ucp_rkey_pack) to publish. Registering an id again replaces the earlier registration.
