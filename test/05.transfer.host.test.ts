@@ -18,7 +18,7 @@ import { PeerProcess } from './helpers/peer.js';
 const BLOCK = 64 << 10;
 const BLOCKS = 64;
 
-describe.each(['shm', 'tcp'] as const)('transfer between two processes over %s', (backend) => {
+describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes over %s', (backend) => {
   let target: PeerProcess;
   let agent: TransferAgent;
   let local: Region;
@@ -44,11 +44,15 @@ describe.each(['shm', 'tcp'] as const)('transfer between two processes over %s',
     await target?.stop();
   });
 
+  it('the agent offers the backend here (CI installs UCX)', () => {
+    expect(agent.backends, agent.ucxUnavailableReason).toContain(backend);
+  });
+
   it('the peer is on this host, with its regions described', () => {
     expect(peer.name).toBe(`target-${backend}`);
     expect(peer.sameHost).toBe(true);
     expect(peer.regions.map((r) => r.kind).sort()).toEqual(['host', 'shared']);
-    expect(peer.backends).toEqual(expect.arrayContaining(['shm', 'tcp']));
+    expect(peer.backends).toEqual(expect.arrayContaining(['shm', 'tcp', backend]));
   });
 
   it('WRITE moves scattered blocks, each to its own destination, and nothing else', async () => {
@@ -64,7 +68,7 @@ describe.each(['shm', 'tcp'] as const)('transfer between two processes over %s',
         remoteOffsets: Float64Array.from(dst, (b) => b * BLOCK),
         lengths: BLOCK,
       },
-      ...(backend === 'tcp' ? { backend } : {}),
+      ...(backend !== 'shm' ? { backend } : {}),
     });
     expect(plan.backend).toBe(backend);
     expect(plan.bytes).toBe(src.length * BLOCK);

@@ -27,7 +27,7 @@ describe('transfer failures', () => {
     const local = agent.allocShared(BIG);
     const { metadata } = await target.request<{ metadata: string }>('metadata');
     const peer = agent.loadRemote(Buffer.from(metadata, 'base64'));
-    const plan = (op: 'READ' | 'WRITE', backend: 'shm' | 'tcp', bytes = BIG) =>
+    const plan = (op: 'READ' | 'WRITE', backend: 'shm' | 'tcp' | 'ucx', bytes = BIG) =>
       agent.prepare({
         op,
         peer: peer.name,
@@ -41,10 +41,10 @@ describe('transfer failures', () => {
     return { target, agent, plan };
   }
 
-  it('a peer killed mid-WRITE rejects the pending transfer with RemoteDisconnectError within a deadline', async () => {
+  it.each(['tcp', 'ucx'] as const)('a peer killed mid-WRITE over %s rejects the pending transfer with RemoteDisconnectError within a deadline', async (backend) => {
     const { target, plan } = await setup();
-    target.child.kill('SIGSTOP');
-    const pending = plan('WRITE', 'tcp').post();
+    await target.freeze();
+    const pending = plan('WRITE', backend as 'tcp').post();
     await new Promise((r) => setTimeout(r, 200)); // let the send fill the socket buffers
     const t0 = Date.now();
     target.child.kill('SIGKILL');
@@ -54,7 +54,7 @@ describe('transfer failures', () => {
 
   it('a peer killed while a READ waits for its answer rejects it, and later transfers are refused', async () => {
     const { target, plan } = await setup();
-    target.child.kill('SIGSTOP');
+    await target.freeze();
     const pending = plan('READ', 'tcp', 1 << 20).post();
     await new Promise((r) => setTimeout(r, 100));
     target.child.kill('SIGKILL');
@@ -67,7 +67,7 @@ describe('transfer failures', () => {
 
   it('an unresponsive peer times out with TimeoutError; the agent stays usable', async () => {
     const { target, plan } = await setup(500);
-    target.child.kill('SIGSTOP');
+    await target.freeze();
     const t0 = Date.now();
     await expect(plan('READ', 'tcp', 1 << 20).post()).rejects.toBeInstanceOf(TimeoutError);
     expect(Date.now() - t0).toBeLessThan(5_000);
@@ -77,7 +77,7 @@ describe('transfer failures', () => {
 
   it('aborting a pending transfer rejects it with CanceledError at once', async () => {
     const { target, plan } = await setup();
-    target.child.kill('SIGSTOP');
+    await target.freeze();
     const controller = new AbortController();
     const pending = plan('READ', 'tcp', 1 << 20).post({ signal: controller.signal });
     await new Promise((r) => setTimeout(r, 50));
@@ -88,7 +88,7 @@ describe('transfer failures', () => {
 
   it('dispose rejects whatever is still pending and ends the process cleanly', async () => {
     const { target, agent, plan } = await setup();
-    target.child.kill('SIGSTOP');
+    await target.freeze();
     const pending = plan('READ', 'tcp', 1 << 20).post();
     await new Promise((r) => setTimeout(r, 50));
     await agent.dispose();

@@ -136,6 +136,7 @@ export interface RawTransferAgent {
   readonly tcpPort: number;
   readonly backends: string[];
   readonly disposed: boolean;
+  readonly ucxReason: string;
   registerHost(buffer: ArrayBufferView): RawRegion;
   allocShared(bytes: number, pinned: boolean): RawRegion;
   registerDevice(device: number, address: bigint, bytes: number): RawRegion;
@@ -169,7 +170,7 @@ export interface RawBinding {
   CudaDevice: new (ordinal: number) => RawCudaDevice;
   DeviceBuffer: new (...args: never[]) => RawDeviceBuffer;
   TransferAgent: new (
-    options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number; kernels?: Uint8Array },
+    options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number; kernels?: Uint8Array; ucp?: string[] },
     onNotification: (from: string, message: Buffer) => void,
   ) => RawTransferAgent;
 }
@@ -204,6 +205,9 @@ function explain(error: Error, searched: string): string {
 /** Loads the addon once: TANDEM_ADDON, then prebuilds/ and build/Release via node-gyp-build. */
 export function loadBinding(): { binding: RawBinding; path: string } {
   if (cached) return cached;
+  // UCX installs its own SIGSEGV/SIGBUS handlers when libucp loads unless told not to; they would
+  // take over from Node's. Keep Node's (a caller who sets the variable keeps their choice).
+  process.env.UCX_ERROR_SIGNALS ??= '';
   const require = createRequire(import.meta.url);
   const override = process.env.TANDEM_ADDON;
   try {

@@ -10,8 +10,8 @@
  *                                pieces: { localOffsets, remoteOffsets, lengths: 65536 } });
  *   await plan.post({ notify: 'block 7 ready' });           // resolves when the data is in place there
  *
- * Backends (plan.backend): `shm` (host memory, one host), `tcp` (host memory, any host), `cuda-ipc`
- * (device memory, one host). See README.md for the rules that pick one.
+ * Backends (plan.backend): `shm` (host memory, one host), `tcp` and `ucx` (host memory, any host),
+ * `cuda-ipc` (device memory, one host). See README.md for the rules that pick one.
  */
 import { EventEmitter } from 'node:events';
 import { BadArgumentError, BadDescriptorError, CanceledError, TimeoutError, native, nativeSync } from '../errors.js';
@@ -19,6 +19,7 @@ import { loadBinding, type RawRegion, type RawRemotePeer, type RawTransferAgent,
 import type { DeviceBuffer } from '../cuda/index.js';
 import { probeCuda } from '../cuda/index.js';
 import { readKernelImage } from '../native/kernels.js';
+import { libraryCandidates } from '../native/libraries.js';
 
 export type MemoryKind = 'host' | 'shared' | 'pinned' | 'device';
 export type BackendName = 'shm' | 'tcp' | 'cuda-ipc' | 'nccl' | 'ucx';
@@ -183,7 +184,7 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     const kernels = readKernelImage();
     const raw = nativeSync(
       () =>
-        new binding.TransferAgent({ ...options, ...(kernels ? { kernels } : {}) }, (from, message) => {
+        new binding.TransferAgent({ ...options, ...(kernels ? { kernels } : {}), ucp: libraryCandidates().ucp }, (from, message) => {
           const agent = holder.target;
           if (!agent) return;
           try {
@@ -215,6 +216,10 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   }
   get disposed(): boolean {
     return this.raw.disposed;
+  }
+  /** Why the ucx backend is not offered ('' when it is). */
+  get ucxUnavailableReason(): string {
+    return this.raw.ucxReason;
   }
 
   private remember(raw: RawRegion): Region {

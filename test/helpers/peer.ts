@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -83,6 +84,18 @@ export class PeerProcess extends EventEmitter<{ event: [PeerEvent] }> {
       };
       this.on('event', listener);
     });
+  }
+
+  /** SIGSTOPs the process and waits until the kernel reports it stopped (the signal is asynchronous). */
+  async freeze(): Promise<void> {
+    this.child.kill('SIGSTOP');
+    const deadline = Date.now() + 5_000;
+    while (Date.now() < deadline) {
+      const stat = readFileSync(`/proc/${this.child.pid}/stat`, 'utf8');
+      if (/^\d+ \(.*\) [Tt] /.test(stat)) return;
+      await new Promise((r) => setTimeout(r, 2));
+    }
+    throw new Error('the peer process did not stop');
   }
 
   async stop(): Promise<void> {

@@ -205,6 +205,11 @@ Agent::Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* c
   std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(incarnation_));
   unixName_ = std::string("tandem.") + hex;
   startListening();
+  if (!options_.ucp.empty()) {
+    ucx_ = UcxBackend::create(options_.ucp, ucxReason_);
+  } else {
+    ucxReason_ = "no libucp search path was given";
+  }
   progress_ = std::make_unique<WorkQueue>("tandem-xfer");
   progress_->setPoll([this] { return pollInflight(); });
   acceptThread_ = std::thread([this] { acceptLoop(); });
@@ -310,6 +315,7 @@ void Agent::close() {
   // Jobs still queued see closing_ and reject; then release CUDA state on the progress thread.
   progress_->post([this] { releaseCuda(); });
   progress_->stop();
+  ucx_.reset();  // fails whatever UCX still had in flight, joins its thread
   if (unixFd_ >= 0) ::close(unixFd_);
   if (tcpFd_ >= 0) ::close(tcpFd_);
   if (wakeFd_[0] >= 0) ::close(wakeFd_[0]);
@@ -331,8 +337,13 @@ auto Agent::onProgress(F&& fn) -> decltype(fn()) {
   return future.get();  // rethrows AgentError from the progress thread
 }
 
+std::string Agent::ucxPeerKey(const Peer& peer) {
+  return peer.d.name + "#" + std::to_string(peer.d.incarnation);
+}
+
 uint32_t Agent::backends() const {
   uint32_t b = kBackendShm | kBackendTcp;
+  if (ucx_) b |= kBackendUcx;
   if (cuda_ && cuda_->available) b |= kBackendCudaIpc;
   return b;
 }
@@ -457,6 +468,13 @@ std::shared_ptr<Region> Agent::registerHost(unsigned char* data, uint64_t size) 
   r->desc.kind = r->kind;
   r->desc.size = size;
   r->desc.address = reinterpret_cast<uint64_t>(data);
+  if (ucx_) {
+    try {
+      r->desc.ucxRkey = ucx_->registerMemory(r->id, data, size);
+    } catch (const AgentError&) {
+      r->desc.ucxRkey.clear();  // UCX cannot reach this region; the other backends still can
+    }
+  }
   regions_[r->id] = r;
   return r;
 }
@@ -496,6 +514,13 @@ std::shared_ptr<Region> Agent::allocShared(uint64_t size, bool pinned) {
   r->desc.size = size;
   r->desc.address = reinterpret_cast<uint64_t>(r->host);
   r->desc.memfd = mapping->memfd;
+  if (ucx_) {
+    try {
+      r->desc.ucxRkey = ucx_->registerMemory(r->id, r->host, size);
+    } catch (const AgentError&) {
+      r->desc.ucxRkey.clear();
+    }
+  }
   regions_[r->id] = r;
   return r;
 }
@@ -584,6 +609,7 @@ void Agent::deregister(uint32_t id) {
     r = it->second;
     regions_.erase(it);
   }
+  if (ucx_ && !r->desc.ucxRkey.empty()) ucx_->deregisterMemory(id);
   // Peers can no longer open it; JS views keep the mapping itself until they are collected.
   if (r->mapping && r->mapping->memfd >= 0) {
     ::close(r->mapping->memfd);
@@ -627,6 +653,7 @@ std::vector<unsigned char> Agent::metadata() {
   d.tcpHost = options_.tcpHost;
   d.tcpPort = tcpPort_;
   d.backends = backends();
+  if (ucx_) d.ucxAddress = ucx_->workerAddress();
   std::lock_guard<std::mutex> lock(mutex_);
   for (auto& [id, r] : regions_) d.regions.push_back(r->desc);
   return encodeMetadata(d);
@@ -673,6 +700,7 @@ std::shared_ptr<Peer> Agent::loadRemote(const unsigned char* data, size_t size) 
     peers_[d.name] = peer;
   }
   if (old) markDead(old, "peer '" + old->d.name + "' was replaced by a new incarnation");
+  if (ucx_ && !peer->d.ucxAddress.empty()) ucx_->connect(ucxPeerKey(*peer), peer->d.ucxAddress);
   std::lock_guard<std::mutex> lock(readersMutex_);
   readers_.emplace_back([this, peer] { readOutbound(peer, nullptr); });
   return peer;
@@ -711,6 +739,7 @@ void Agent::markDead(const std::shared_ptr<Peer>& peer, const std::string& reaso
     peer->connected.notify_all();
   }
   if (conn) conn->shutdown();
+  if (ucx_ && !peer->d.ucxAddress.empty() && !closing_) ucx_->disconnect(ucxPeerKey(*peer));
   std::vector<std::pair<uint64_t, Pending>> failed;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -1086,7 +1115,7 @@ std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const s
   } else if (localDevice || remoteDevice) {
     backend = peer->sameHost ? Backend::CudaIpc : Backend::Nccl;
   } else {
-    backend = peer->sameHost ? Backend::Shm : Backend::Tcp;
+    backend = peer->sameHost ? Backend::Shm : (ucx_ && (peer->d.backends & kBackendUcx) ? Backend::Ucx : Backend::Tcp);
   }
   auto unavailable = [&](const std::string& why) {
     throw AgentError{"TANDEM_BACKEND_UNAVAILABLE", std::string("backend ") + transfer::backendName(backend) + " unavailable: " + why};
@@ -1114,7 +1143,15 @@ std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const s
       unavailable("the nccl transfer backend is not built into this version (same-host GPU pairs use cuda-ipc)");
       break;
     case Backend::Ucx:
-      unavailable("the ucx transfer backend is not built into this version (host memory uses shm or tcp)");
+      if (!ucx_) unavailable(ucxReason_);
+      if (!(peer->d.backends & kBackendUcx) || peer->d.ucxAddress.empty()) unavailable("peer '" + peerName + "' has no UCX");
+      if (localDevice || remoteDevice) unavailable("this UCX moves host memory only (no CUDA transports)");
+      for (auto& r : locals) {
+        if (!isHostKind(r->kind)) unavailable("local region " + std::to_string(r->id) + " is device memory");
+      }
+      for (uint32_t i : remotes) {
+        if (peer->regions[i].d.ucxRkey.empty()) unavailable("remote region " + std::to_string(peer->regions[i].d.id) + " has no UCX key");
+      }
       break;
   }
   if (backend == Backend::Shm) {
@@ -1232,6 +1269,7 @@ void Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<
         case Backend::Shm: runShm(plan, token, notif); break;
         case Backend::Tcp: runTcp(plan, token, notif); break;
         case Backend::CudaIpc: runCudaIpc(plan, token, notif); break;
+        case Backend::Ucx: runUcx(plan, token, notif); break;
         default: fail(token, "TANDEM_BACKEND_UNAVAILABLE", std::string("backend ") + backendName(plan->backend) + " unavailable");
       }
     } catch (const AgentError& e) {
@@ -1409,6 +1447,52 @@ void Agent::runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vecto
     }
   }
   // Completion arrives on the peer's reader thread (Done / ReadData).
+}
+
+void Agent::runUcx(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
+  std::string error;
+  // The control connection carries notifications and tells us when the peer dies.
+  if (!waitConnected(plan->peer, error)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  Peer& peer = *plan->peer;
+  std::vector<std::vector<uint8_t>> rkeys;
+  std::map<uint32_t, uint32_t> rkeyIndex;  // peer region index -> index into rkeys
+  std::vector<UcxBackend::Piece> pieces;
+  pieces.reserve(plan->pieces.size());
+  for (const auto& p : plan->pieces) {
+    auto it = rkeyIndex.find(p.remoteRegion);
+    if (it == rkeyIndex.end()) {
+      it = rkeyIndex.emplace(p.remoteRegion, static_cast<uint32_t>(rkeys.size())).first;
+      rkeys.push_back(peer.regions[p.remoteRegion].d.ucxRkey);
+    }
+    pieces.push_back({reinterpret_cast<void*>(p.local), peer.regions[p.remoteRegion].d.address + p.remoteOff, p.length, it->second});
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Pending pend;
+    pend.plan = plan;
+    pend.peer = plan->peer;
+    pend.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeoutMs);
+    pending_[token] = std::move(pend);
+  }
+  auto peerPtr = plan->peer;
+  ucx_->post(ucxPeerKey(peer), plan->op == Op::Write, std::move(pieces), rkeys,
+             [this, token, peerPtr, notif](bool ok, std::string err) {
+               {
+                 std::lock_guard<std::mutex> lock(mutex_);
+                 if (pending_.erase(token) == 0) return;  // timed out, canceled or disposed meanwhile
+               }
+               if (!ok) {
+                 return fail(token, "TANDEM_REMOTE_DISCONNECTED", "ucx transfer to peer '" + peerPtr->d.name + "' failed: " + err);
+               }
+               if (notif.empty()) return succeed(token);
+               // Notifications go over the control connection, from the progress thread.
+               bool queued = progress_->post([this, token, peerPtr, notif] {
+                 std::string e;
+                 if (!sendNotify(peerPtr, notif, e)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", e);
+                 succeed(token);
+               });
+               if (!queued) fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+             });
 }
 
 CUdeviceptr Agent::openRemote(Peer& peer, RemoteRegion& r, int device) {

@@ -26,6 +26,7 @@
 #include "../cuda_driver.h"
 #include "../work_queue.h"
 #include "metadata.h"
+#include "ucx_backend.h"
 
 namespace tandem::transfer {
 
@@ -124,6 +125,7 @@ struct AgentOptions {
   uint16_t tcpPort = 0;
   uint32_t timeoutMs = 30000;  // bound on waiting for a peer's answer
   std::vector<unsigned char> kernels;  // the kernel fatbin (copy engine for many-piece cuda-ipc transfers)
+  std::vector<std::string> ucp;        // where to look for libucp (empty: no UCX backend)
 };
 
 class Agent {
@@ -135,6 +137,7 @@ class Agent {
   const std::string& name() const { return options_.name; }
   uint64_t incarnation() const { return incarnation_; }
   uint16_t tcpPort() const { return tcpPort_; }
+  const std::string& ucxReason() const { return ucxReason_; }
   uint32_t backends() const;
 
   // Registration (JS thread). Throw AgentError.
@@ -178,6 +181,8 @@ class Agent {
   void runShm(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
   void runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
   void runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  void runUcx(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  static std::string ucxPeerKey(const Peer& peer);
   bool sendNotify(const std::shared_ptr<Peer>& peer, const std::vector<unsigned char>& message, std::string& error);
   unsigned char* mapRemote(Peer& peer, RemoteRegion& r);
   CUdeviceptr openRemote(Peer& peer, RemoteRegion& r, int device);
@@ -213,6 +218,8 @@ class Agent {
   std::map<uint64_t, Pending> pending_;  // token -> waiting for the target's answer
   std::map<uint64_t, bool> canceled_;
 
+  std::unique_ptr<UcxBackend> ucx_;
+  std::string ucxReason_;
   std::unique_ptr<WorkQueue> progress_;
   std::thread acceptThread_;
   std::thread timeoutThread_;

@@ -126,6 +126,7 @@ void TransferAgentWrap::Init(Napi::Env env, Napi::Object exports) {
           InstanceAccessor<&TransferAgentWrap::GetTcpPort>("tcpPort"),
           InstanceAccessor<&TransferAgentWrap::GetBackends>("backends"),
           InstanceAccessor<&TransferAgentWrap::GetDisposed>("disposed"),
+          InstanceAccessor<&TransferAgentWrap::GetUcxReason>("ucxReason"),
       });
   AddonState::of(env).transferAgentConstructor = Napi::Persistent(ctor);
   exports.Set("TransferAgent", ctor);
@@ -149,6 +150,10 @@ TransferAgentWrap::TransferAgentWrap(const Napi::CallbackInfo& info) : Napi::Obj
   }
   if (o.Has("timeoutMs") && !o.Get("timeoutMs").IsUndefined()) options.timeoutMs = static_cast<uint32_t>(requireSize(o.Get("timeoutMs"), "timeoutMs"));
   if (o.Has("kernels") && o.Get("kernels").IsTypedArray()) options.kernels = bytesOf(o.Get("kernels"), "kernels");
+  if (o.Has("ucp") && o.Get("ucp").IsArray()) {
+    Napi::Array list = o.Get("ucp").As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); ++i) options.ucp.push_back(requireString(list.Get(i), "ucp candidate"));
+  }
   js_ = std::make_shared<AgentJsState>();
   js_->onNotification = Napi::Persistent(info[1].As<Napi::Function>());
 
@@ -434,6 +439,9 @@ Napi::Value TransferAgentWrap::GetBackends(const Napi::CallbackInfo& info) {
     if (mask & (1u << i)) out.Set(n++, backendList[i]);
   }
   return out;
+}
+Napi::Value TransferAgentWrap::GetUcxReason(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), agent_ ? agent_->ucxReason() : std::string());
 }
 Napi::Value TransferAgentWrap::GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !agent_); }
 

@@ -61,6 +61,7 @@ class TransferAgentWrap : public Napi::ObjectWrap<TransferAgentWrap>, public Clo
   Napi::Value GetTcpPort(const Napi::CallbackInfo& info);
   Napi::Value GetBackends(const Napi::CallbackInfo& info);
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
+  Napi::Value GetUcxReason(const Napi::CallbackInfo& info);
 
   std::unique_ptr<Agent> agent_;
   std::shared_ptr<AgentJsState> js_;

@@ -36,6 +36,10 @@ class Writer {
     const auto* p = static_cast<const unsigned char*>(data);
     out.insert(out.end(), p, p + size);
   }
+  void blob(const std::vector<uint8_t>& b) {
+    put<uint32_t>(static_cast<uint32_t>(b.size()));
+    bytes(b.data(), b.size());
+  }
   void str(const std::string& s) {
     put<uint16_t>(static_cast<uint16_t>(s.size()));
     bytes(s.data(), s.size());
@@ -65,6 +69,13 @@ class Reader {
     std::string s(reinterpret_cast<const char*>(data_ + pos_), length);
     pos_ += length;
     return s;
+  }
+  std::vector<uint8_t> blob(const char* what) {
+    uint32_t length = get<uint32_t>(what);
+    need(length, what);
+    std::vector<uint8_t> b(data_ + pos_, data_ + pos_ + length);
+    pos_ += length;
+    return b;
   }
   size_t pos() const { return pos_; }
 
@@ -97,7 +108,7 @@ uint64_t compatHash() {
   // FNV-1a over what both ends must agree on: wire version, header and descriptor layout.
   std::string basis = "tandem-transfer;wire=" + std::to_string(kWireVersion) + ";header=" +
                       std::to_string(sizeof(Header)) + ";metadata=" + std::to_string(kMetadataFormat) +
-                      ";kinds=4;ipc=64";
+                      ";kinds=4;ipc=64;ucx=1";
   uint64_t h = 1469598103934665603ull;
   for (unsigned char c : basis) {
     h ^= c;
@@ -121,6 +132,7 @@ std::vector<unsigned char> encodeMetadata(const AgentDescriptor& a) {
   w.str(a.tcpHost);
   w.put<uint16_t>(a.tcpPort);
   w.put<uint32_t>(a.backends);
+  w.blob(a.ucxAddress);
   w.put<uint32_t>(static_cast<uint32_t>(a.regions.size()));
   for (const auto& r : a.regions) {
     w.put<uint32_t>(r.id);
@@ -132,6 +144,7 @@ std::vector<unsigned char> encodeMetadata(const AgentDescriptor& a) {
     w.put<int32_t>(r.memfd);
     w.put<uint64_t>(r.ipcOffset);
     w.bytes(r.ipcHandle, sizeof(r.ipcHandle));
+    w.blob(r.ucxRkey);
   }
   uint32_t total = static_cast<uint32_t>(w.out.size() + sizeof(uint32_t));
   std::memcpy(w.out.data() + 12, &total, sizeof(total));
@@ -178,6 +191,7 @@ AgentDescriptor decodeMetadata(const unsigned char* data, size_t size) {
   a.tcpHost = r.str("tcp host");
   a.tcpPort = r.get<uint16_t>("tcp port");
   a.backends = r.get<uint32_t>("backends");
+  a.ucxAddress = r.blob("ucx worker address");
   uint32_t count = r.get<uint32_t>("region count");
   if (count > (size / 40)) throw MetadataError{"TANDEM_BAD_METADATA", "metadata region count is implausible"};
   for (uint32_t i = 0; i < count; ++i) {
@@ -195,6 +209,7 @@ AgentDescriptor decodeMetadata(const unsigned char* data, size_t size) {
     d.memfd = r.get<int32_t>("region memfd");
     d.ipcOffset = r.get<uint64_t>("region ipc offset");
     r.bytes(d.ipcHandle, sizeof(d.ipcHandle), "region ipc handle");
+    d.ucxRkey = r.blob("region ucx rkey");
     a.regions.push_back(d);
   }
   if (r.pos() != size - 4) throw MetadataError{"TANDEM_BAD_METADATA", "metadata has trailing bytes"};

@@ -2,9 +2,10 @@
 //
 // Layout (little-endian):  "TNDMAGNT" | u16 format | u16 reserved | u32 total length | u64 compat hash |
 //   u64 incarnation | u32 pid | str name | str host key | str unix socket | str tcp host | u16 tcp port |
-//   u32 backends | u32 region count | regions... | u32 crc32 of everything before it
+//   u32 backends | bytes ucx worker address | u32 region count | regions... | u32 crc32 of all before it
 // A region: u32 id | u8 kind | u8 flags (1: has IPC handle) | i16 device | u64 size | u64 address |
-//   i32 memfd | u64 ipc offset | 64-byte CUDA IPC handle
+//   i32 memfd | u64 ipc offset | 64-byte CUDA IPC handle | bytes packed UCX rkey
+// "bytes" is a u32 length + that many bytes.
 // Strings are u16 length + bytes. Parsing checks every length against the blob before reading it.
 #pragma once
 
@@ -37,6 +38,7 @@ struct RegionDescriptor {
   bool hasIpcHandle = false;
   uint64_t ipcOffset = 0;  // address - base of the allocation the IPC handle names
   unsigned char ipcHandle[64] = {0};
+  std::vector<uint8_t> ucxRkey;  // packed UCX remote key (host regions, when the agent has UCX)
 };
 
 struct AgentDescriptor {
@@ -48,6 +50,7 @@ struct AgentDescriptor {
   std::string tcpHost;
   uint16_t tcpPort = 0;
   uint32_t backends = 0;
+  std::vector<uint8_t> ucxAddress;  // UCX worker address, when the agent has UCX
   std::vector<RegionDescriptor> regions;
 };
 
