@@ -42,6 +42,16 @@ __global__ void copyChunks(const Chunk* __restrict__ chunks, unsigned count) {
   }
 }
 
+__global__ void copyChunksCs(const Chunk* __restrict__ chunks, unsigned count) {
+  for (unsigned c = blockIdx.x; c < count; c += gridDim.x) {
+    const Chunk k = chunks[c];
+    const uint4* s = reinterpret_cast<const uint4*>(k.src);
+    uint4* d = reinterpret_cast<uint4*>(k.dst);
+    const unsigned long long n = k.bytes >> 4;
+    for (unsigned long long i = threadIdx.x; i < n; i += blockDim.x) __stcs(d + i, __ldcs(s + i));
+  }
+}
+
 // Warp-per-chunk variant: each warp walks its own chunk (better for many small pieces).
 __global__ void copyChunksWarp(const Chunk* __restrict__ chunks, unsigned count) {
   unsigned warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
@@ -75,12 +85,12 @@ int main() {
     src[i] = ((i * 7919) % (pool / piece)) * piece;
     dst[i] = ((i * 104729 + 13) % (pool / piece)) * piece;
   }
-  cudaStream_t s0, s1;
+  cudaStream_t s0, s1 = nullptr;
   CHECK(cudaStreamCreateWithFlags(&s0, cudaStreamNonBlocking));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
   auto time = [&](const char* name, cudaStream_t s, auto body, size_t bytes) {
+    cudaEvent_t e0, e1;  // on the current device, which owns stream s
+    CHECK(cudaEventCreate(&e0));
+    CHECK(cudaEventCreate(&e1));
     for (int w = 0; w < 3; ++w) body();
     CHECK(cudaStreamSynchronize(s));
     std::vector<float> ms;
@@ -95,6 +105,8 @@ int main() {
     }
     std::sort(ms.begin(), ms.end());
     std::printf("%-58s %8.1f GB/s  (p50 %.3f ms)\n", name, bytes / (ms[10] * 1e6), ms[10]);
+    CHECK(cudaEventDestroy(e0));
+    CHECK(cudaEventDestroy(e1));
   };
 
   time("copy engine: one contiguous 256 MiB cudaMemcpyPeerAsync", s0, [&] { CHECK(cudaMemcpyPeerAsync(b, 1, a, 0, total, s0)); }, total);
@@ -102,6 +114,14 @@ int main() {
   time("copy engine: 4096 x 64 KiB cudaMemcpyAsync", s0, [&] {
     for (size_t i = 0; i < pieces; ++i) CHECK(cudaMemcpyAsync(b + dst[i], a + src[i], piece, cudaMemcpyDefault, s0));
   }, total);
+  for (size_t big : {2u << 20, 5u << 20}) {
+    size_t n = (256u << 20) / big * 2;
+    std::vector<size_t> so(n), dof(n);
+    for (size_t i = 0; i < n; ++i) { so[i] = ((i * 7) % (pool / big)) * big; dof[i] = ((i * 11 + 3) % (pool / big)) * big; }
+    char name[96];
+    std::snprintf(name, sizeof name, "copy engine: %zu x %zu MiB cudaMemcpyAsync", n, big >> 20);
+    time(name, s0, [&] { for (size_t i = 0; i < n; ++i) CHECK(cudaMemcpyAsync(b + dof[i], a + so[i], big, cudaMemcpyDefault, s0)); }, n * big);
+  }
 #if CUDART_VERSION >= 12080
   {
     std::vector<void*> ds(pieces), ss(pieces);
@@ -128,14 +148,14 @@ int main() {
     CHECK(cudaMalloc(&dpush, push.size() * sizeof(Chunk)));
     CHECK(cudaMemcpy(dpush, push.data(), push.size() * sizeof(Chunk), cudaMemcpyHostToDevice));
     CHECK(cudaSetDevice(1));
-    CHECK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
+    if (!s1) CHECK(cudaStreamCreateWithFlags(&s1, cudaStreamNonBlocking));
     CHECK(cudaMalloc(&dpull, pull.size() * sizeof(Chunk)));
     CHECK(cudaMemcpy(dpull, pull.data(), pull.size() * sizeof(Chunk), cudaMemcpyHostToDevice));
     CHECK(cudaSetDevice(0));
     unsigned count = push.size();
     char name[128];
-    for (int threads : {256, 512, 1024}) {
-      for (int blocksPerSm : {1, 2, 4, 8}) {
+    for (int threads : {512, 1024}) {
+      for (int blocksPerSm : {1, 2}) {
         if (threads * blocksPerSm > 2048) continue;
         unsigned grid = std::min<unsigned>(count, 132 * blocksPerSm);
         std::snprintf(name, sizeof name, "push kernel chunk %zuK, %d thr x %u blocks, unroll 4", chunkKiB, threads, grid);
@@ -154,7 +174,30 @@ int main() {
     time(name, s1, [&] { copyChunks<8><<<264, 1024, 0, s1>>>(dpull, count); }, total);
     CHECK(cudaSetDevice(0));
   }
-  // Split between the copy engine and the SMs: half the pieces each, concurrently.
+  // Streaming-store variant: bypass L2 write-allocate on the remote side.
+  {
+    std::vector<Chunk> push;
+    for (size_t i = 0; i < pieces; ++i) push.push_back({(unsigned long long)(a + src[i]), (unsigned long long)(b + dst[i]), piece});
+    Chunk* d;
+    CHECK(cudaMalloc(&d, push.size() * sizeof(Chunk)));
+    CHECK(cudaMemcpy(d, push.data(), push.size() * sizeof(Chunk), cudaMemcpyHostToDevice));
+    unsigned count = push.size();
+    time("push kernel, streaming stores (__stcs), 512 thr x 264", s0, [&] { copyChunksCs<<<264, 512, 0, s0>>>(d, count); }, total);
+    // Copy engine and SMs at once: half the pieces each, on two streams.
+    cudaStream_t s2;
+    CHECK(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking));
+    cudaEvent_t fork, join;
+    CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+    time("hybrid: kernel 3/4 of pieces + copy engine 1/4, two streams", s0, [&] {
+      CHECK(cudaEventRecord(fork, s0));
+      CHECK(cudaStreamWaitEvent(s2, fork, 0));
+      copyChunks<4><<<264, 512, 0, s0>>>(d, count * 3 / 4);
+      for (size_t i = count * 3 / 4; i < count; ++i) CHECK(cudaMemcpyAsync(b + dst[i], a + src[i], piece, cudaMemcpyDefault, s2));
+      CHECK(cudaEventRecord(join, s2));
+      CHECK(cudaStreamWaitEvent(s0, join, 0));
+    }, total);
+  }
   std::printf("done\n");
   return 0;
 }

@@ -384,9 +384,16 @@ bool Agent::pollInflight() {
         continue;
       }
       auto done = std::move(it->done);
-      eventPool_.push_back({it->device, it->event});
+      float ms = -1;
+      if (it->start) {
+        if (r == CUDA_SUCCESS) cuda_->cuEventElapsedTime(&ms, it->start, it->event);
+        cuda_->cuEventDestroy(it->start);
+        cuda_->cuEventDestroy(it->event);  // timing events are not pooled
+      } else {
+        eventPool_.push_back({it->device, it->event});
+      }
       it = inflight_.erase(it);
-      done(r);
+      done(r, ms);
     }
   } catch (const AgentError&) {
     // setDevice failed: the context is gone; nothing more can complete.
@@ -1568,11 +1575,29 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   }
   // Few pieces: the copy engines (one async copy each). Many pieces: one launch of the chunk-copy
   // kernel over a table uploaded once per plan. Both run on the peer's stream, in post order.
-  constexpr size_t kKernelMinPieces = 8;
+  constexpr size_t kKernelMinPieces = 2;
+  constexpr size_t kCopyEngineMaxPieces = 1024;  // beyond this, per-copy submission cost dominates
   constexpr uint64_t kChunkBytes = 128 << 10;
   DeviceKernels* kernels = plan->pieces.size() >= kKernelMinPieces ? &kernelsFor(plan->localDevice) : nullptr;
+  bool kernelOk = kernels && kernels->copyChunks;
+  bool engineOk = plan->pieces.size() <= kCopyEngineMaxPieces;
+  int use = plan->strategy;
+  bool timed = false;
+  if (use == Plan::kUndecided) {
+    if (kernelOk && engineOk) {
+      use = plan->trialMs[Plan::kKernel] < 0 ? Plan::kKernel : Plan::kCopyEngine;  // try each once, timed
+      timed = true;
+    } else {
+      use = plan->strategy = kernelOk ? Plan::kKernel : Plan::kCopyEngine;
+    }
+  }
   setDevice(plan->localDevice);
-  if (kernels && kernels->copyChunks) {
+  CUevent startEvent = nullptr;
+  if (timed) {
+    checkCuda(cuda_->cuEventCreate(&startEvent, 0), "cuEventCreate");
+    checkCuda(cuda_->cuEventRecord(startEvent, peer.stream), "cuEventRecord");
+  }
+  if (use == Plan::kKernel) {
     auto it = chunkTables_.find(plan->id);
     if (it == chunkTables_.end()) {
       sweepChunkTables(false);
@@ -1623,20 +1648,33 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   // microseconds more before anyone hears of it).
   auto peerPtr = plan->peer;
   CUevent event = nullptr;
-  for (auto it = eventPool_.begin(); it != eventPool_.end(); ++it) {
-    if (it->first == plan->localDevice) {
-      event = it->second;
-      eventPool_.erase(it);
-      break;
+  if (timed) {
+    checkCuda(cuda_->cuEventCreate(&event, 0), "cuEventCreate");
+  } else {
+    for (auto it = eventPool_.begin(); it != eventPool_.end(); ++it) {
+      if (it->first == plan->localDevice) {
+        event = it->second;
+        eventPool_.erase(it);
+        break;
+      }
     }
+    if (!event) checkCuda(cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
   }
-  if (!event) checkCuda(cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
   CUresult rec = cuda_->cuEventRecord(event, peer.stream);
   if (rec != CUDA_SUCCESS) {
     cuda_->cuEventDestroy(event);
     checkCuda(rec, "cuEventRecord");
   }
-  inflight_.push_back(Inflight{event, plan->localDevice, [this, token, peerPtr, notif = std::move(notif)](CUresult result) {
+  inflight_.push_back(Inflight{event, plan->localDevice, startEvent,
+                               [this, token, peerPtr, plan, use, notif = std::move(notif)](CUresult result, float ms) {
+                                 if (ms >= 0 && plan->strategy == Plan::kUndecided) {
+                                   plan->trialMs[use] = ms;
+                                   if (plan->trialMs[Plan::kKernel] >= 0 && plan->trialMs[Plan::kCopyEngine] >= 0) {
+                                     plan->strategy = plan->trialMs[Plan::kKernel] <= plan->trialMs[Plan::kCopyEngine]
+                                                          ? Plan::kKernel
+                                                          : Plan::kCopyEngine;
+                                   }
+                                 }
                                  if (result != CUDA_SUCCESS) {
                                    return fail(token, "TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(result));
                                  }

@@ -110,6 +110,11 @@ struct Plan {
   int localDevice = -1;  // cuda-ipc: the device whose memory is local
   uint64_t bytes = 0;
   uint64_t piecesBeforeCoalescing = 0;
+  // cuda-ipc: how the copies are issued. The first posts try each applicable strategy, timed with CUDA
+  // events; later posts use the fastest (progress thread only).
+  enum Strategy : int { kUndecided = -1, kKernel = 0, kCopyEngine = 1 };
+  int strategy = kUndecided;
+  float trialMs[2] = {-1, -1};
 };
 
 struct AgentCallbacks {
@@ -249,7 +254,8 @@ class Agent {
   struct Inflight {
     CUevent event = nullptr;
     int device = -1;
-    std::function<void(CUresult)> done;  // CUDA_SUCCESS, or the error the GPU work ended with
+    CUevent start = nullptr;             // set when the work is being timed (strategy trials)
+    std::function<void(CUresult, float)> done;  // CUDA_SUCCESS or the error; elapsed ms when timed
   };
   std::deque<Inflight> inflight_;   // GPU work whose completion the progress thread polls for
   std::vector<std::pair<int, CUevent>> eventPool_;
