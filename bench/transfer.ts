@@ -61,6 +61,18 @@ const pct = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, 
 const human = (b: number) =>
   b >= 1 << 30 ? `${+(b / 2 ** 30).toFixed(2)} GiB` : b >= 1 << 20 ? `${+(b / 2 ** 20).toFixed(1)} MiB` : `${b / 1024} KiB`;
 
+/** Posts `plan` repeatedly (see sample): resolution latencies, and the JS-thread time of each post() call. */
+async function timePlan(plan: { post(): Promise<void> }): Promise<{ times: number[]; postUs: number[] }> {
+  const postUs: number[] = [];
+  const times = await sample(async () => {
+    const a = process.hrtime.bigint();
+    const pending = plan.post();
+    postUs.push(Number(process.hrtime.bigint() - a) / 1e3);
+    await pending;
+  });
+  return { times, postUs: postUs.sort((x, y) => x - y) };
+}
+
 /** Runs `op` until the time budget is spent (at least 3, at most 1000 times) after 2 warm-ups. */
 async function sample(op: () => Promise<number | void> | void): Promise<number[]> {
   for (let i = 0; i < 2; i++) await op();
@@ -129,14 +141,7 @@ async function sweepPlan(
     ...(backend ? { backend: backend as 'shm' } : {}),
   });
   const prepareMs = performance.now() - p0;
-  const postUs: number[] = [];
-  const times = await sample(async () => {
-    const a = process.hrtime.bigint();
-    const pending = plan.post();
-    postUs.push(Number(process.hrtime.bigint() - a) / 1e3);
-    await pending;
-  });
-  postUs.sort((x, y) => x - y);
+  const { times, postUs } = await timePlan(plan);
   const bytes = pieceBytes * count;
   const p50 = pct(times, 50);
   const gbps = bytes / (p50 * 1e3);
@@ -340,14 +345,7 @@ if (caps.cuda.available && !values['host-only']) {
         const p0 = performance.now();
         const plan = agent.prepare({ op: 'WRITE', peer: 'bench-target', local, remote, pieces: p });
         const prepareMs = performance.now() - p0;
-        const postUs: number[] = [];
-        const times = await sample(async () => {
-          const a = process.hrtime.bigint();
-          const pending = plan.post();
-          postUs.push(Number(process.hrtime.bigint() - a) / 1e3);
-          await pending;
-        });
-        postUs.sort((x, y) => x - y);
+        const { times, postUs } = await timePlan(plan);
         const gbps = p.bytes / (pct(times, 50) * 1e3);
         const base = await baseline.gbpsFor(p.bytes);
         record({

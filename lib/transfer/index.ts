@@ -20,6 +20,7 @@ import type { DeviceBuffer } from '../cuda/index.js';
 import { probeCuda } from '../cuda/index.js';
 import { readKernelImage } from '../native/kernels.js';
 import { libraryCandidates } from '../native/libraries.js';
+import { kvStridedPieces } from '../kv/index.js';
 
 export type MemoryKind = 'host' | 'shared' | 'pinned' | 'device';
 export type BackendName = 'shm' | 'tcp' | 'cuda-ipc' | 'nccl' | 'ucx';
@@ -110,20 +111,6 @@ export interface AgentOptions {
 
 const encoder = new TextEncoder();
 const asBytes = (m: Uint8Array | string): Uint8Array => (typeof m === 'string' ? encoder.encode(m) : m);
-
-function expandStrided(s: StridedPieces): PieceList {
-  for (const [key, value] of Object.entries(s)) {
-    if (!Number.isSafeInteger(value) || value < 0) throw new BadDescriptorError(`strided.${key} must be a non-negative integer, got ${value}`);
-  }
-  if (s.count < 1 || s.length < 1) throw new BadDescriptorError('strided.count and strided.length must be at least 1');
-  const localOffsets = new Float64Array(s.count);
-  const remoteOffsets = new Float64Array(s.count);
-  for (let i = 0; i < s.count; i++) {
-    localOffsets[i] = s.localStart + i * s.localStride;
-    remoteOffsets[i] = s.remoteStart + i * s.remoteStride;
-  }
-  return { localOffsets, remoteOffsets, lengths: s.length };
-}
 
 /** A prepared transfer: validated once, posted many times. */
 export class TransferPlan {
@@ -295,7 +282,7 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     const remotesIn = Array.isArray(options.remote) ? options.remote : [options.remote];
     const localIds = Uint32Array.from(locals, (r) => r.id);
     const remoteIds = Uint32Array.from(remotesIn as readonly (RemoteRegion | number)[], (r) => (typeof r === 'number' ? r : r.id));
-    const pieces = 'strided' in options.pieces ? expandStrided(options.pieces.strided) : options.pieces;
+    const pieces: PieceList = 'strided' in options.pieces ? kvStridedPieces(options.pieces.strided) : options.pieces;
     if (!(pieces.localOffsets instanceof Float64Array) || !(pieces.remoteOffsets instanceof Float64Array)) {
       throw new BadDescriptorError('localOffsets and remoteOffsets must be Float64Arrays');
     }

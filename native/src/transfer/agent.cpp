@@ -1592,55 +1592,58 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     }
   }
   setDevice(plan->localDevice);
+  // Where piece p's bytes go from and to, in this process's address space.
+  auto endpoints = [&](const Piece& p) {
+    auto& rr = peer.regions[p.remoteRegion];
+    CUdeviceptr remote = (rr.d.kind == MemKind::Device ? openRemote(peer, rr, plan->localDevice)
+                                                       : reinterpret_cast<CUdeviceptr>(mapRemote(peer, rr))) +
+                         p.remoteOff;
+    CUdeviceptr local = p.local;
+    return plan->op == Op::Write ? std::pair{local, remote} : std::pair{remote, local};  // (src, dst)
+  };
+  // The kernel's chunk table is built and uploaded once per plan, before any timing starts.
+  std::map<uint64_t, ChunkTable>::iterator table = chunkTables_.end();
+  if (use == Plan::kKernel) {
+    table = chunkTables_.find(plan->id);
+    if (table == chunkTables_.end()) {
+      sweepChunkTables(false);
+      std::vector<unsigned long long> entries;  // (src, dst, bytes) triples
+      for (const auto& p : plan->pieces) {
+        auto [src, dst] = endpoints(p);
+        for (uint64_t off = 0; off < p.length; off += kChunkBytes) {
+          entries.push_back(src + off);
+          entries.push_back(dst + off);
+          entries.push_back(std::min(kChunkBytes, p.length - off));
+        }
+      }
+      ChunkTable t;
+      t.plan = plan;
+      t.device = plan->localDevice;
+      t.count = static_cast<unsigned>(entries.size() / 3);
+      setDevice(plan->localDevice);
+      checkCuda(cuda_->cuMemAlloc(&t.table, entries.size() * sizeof(unsigned long long)), "cuMemAlloc (chunk table)");
+      CUresult up = cuda_->cuMemcpyHtoDAsync(t.table, entries.data(), entries.size() * sizeof(unsigned long long), peer.stream);
+      if (up == CUDA_SUCCESS) up = cuda_->cuStreamSynchronize(peer.stream);
+      if (up != CUDA_SUCCESS) {
+        cuda_->cuMemFree(t.table);
+        checkCuda(up, "upload of the chunk table");
+      }
+      table = chunkTables_.emplace(plan->id, t).first;
+    }
+  }
   CUevent startEvent = nullptr;
   if (timed) {
     checkCuda(cuda_->cuEventCreate(&startEvent, 0), "cuEventCreate");
     checkCuda(cuda_->cuEventRecord(startEvent, peer.stream), "cuEventRecord");
   }
   if (use == Plan::kKernel) {
-    auto it = chunkTables_.find(plan->id);
-    if (it == chunkTables_.end()) {
-      sweepChunkTables(false);
-      std::vector<unsigned long long> table;  // (src, dst, bytes) triples
-      for (const auto& p : plan->pieces) {
-        auto& rr = peer.regions[p.remoteRegion];
-        CUdeviceptr remote = (rr.d.kind == MemKind::Device ? openRemote(peer, rr, plan->localDevice)
-                                                           : reinterpret_cast<CUdeviceptr>(mapRemote(peer, rr))) +
-                             p.remoteOff;
-        CUdeviceptr dst = plan->op == Op::Write ? remote : p.local;
-        CUdeviceptr src = plan->op == Op::Write ? p.local : remote;
-        for (uint64_t off = 0; off < p.length; off += kChunkBytes) {
-          table.push_back(src + off);
-          table.push_back(dst + off);
-          table.push_back(std::min(kChunkBytes, p.length - off));
-        }
-      }
-      ChunkTable t;
-      t.plan = plan;
-      t.device = plan->localDevice;
-      t.count = static_cast<unsigned>(table.size() / 3);
-      setDevice(plan->localDevice);
-      checkCuda(cuda_->cuMemAlloc(&t.table, table.size() * sizeof(unsigned long long)), "cuMemAlloc (chunk table)");
-      CUresult up = cuda_->cuMemcpyHtoDAsync(t.table, table.data(), table.size() * sizeof(unsigned long long), peer.stream);
-      if (up == CUDA_SUCCESS) up = cuda_->cuStreamSynchronize(peer.stream);
-      if (up != CUDA_SUCCESS) {
-        cuda_->cuMemFree(t.table);
-        checkCuda(up, "upload of the chunk table");
-      }
-      it = chunkTables_.emplace(plan->id, t).first;
-    }
-    unsigned blocks = std::min<unsigned>(it->second.count, static_cast<unsigned>(std::max(1, kernels->multiprocessors) * 4));
-    void* args[] = {&it->second.table, &it->second.count};
+    unsigned blocks = std::min<unsigned>(table->second.count, static_cast<unsigned>(std::max(1, kernels->multiprocessors) * 4));
+    void* args[] = {&table->second.table, &table->second.count};
     checkCuda(cuda_->cuLaunchKernel(kernels->copyChunks, blocks, 1, 1, 512, 1, 1, 0, peer.stream, args, nullptr),
               "launch of tandem_copy_chunks");
   } else {
     for (const auto& p : plan->pieces) {
-      auto& rr = peer.regions[p.remoteRegion];
-      CUdeviceptr remote = (rr.d.kind == MemKind::Device ? openRemote(peer, rr, plan->localDevice)
-                                                         : reinterpret_cast<CUdeviceptr>(mapRemote(peer, rr))) +
-                           p.remoteOff;
-      CUdeviceptr dst = plan->op == Op::Write ? remote : p.local;
-      CUdeviceptr src = plan->op == Op::Write ? p.local : remote;
+      auto [src, dst] = endpoints(p);
       checkCuda(cuda_->cuMemcpyAsync(dst, src, p.length, peer.stream), "cuMemcpyAsync");
     }
   }
