@@ -14,7 +14,15 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { parseArgs } from 'node:util';
-import { capabilities, CudaDevice, kvPool, kvTransferPieces, TransferAgent, type KvPoolSpec, type Region } from '../lib/index.js';
+import {
+  capabilities,
+  CudaDevice,
+  kvPool,
+  kvTransferPieces,
+  TransferAgent,
+  type KvPoolSpec,
+  type Region,
+} from '../lib/index.js';
 import { PeerProcess } from '../test/helpers/peer.js';
 import { writeChart, type ChartPoint } from './chart.js';
 
@@ -57,9 +65,14 @@ interface Row {
 const rows: Row[] = [];
 const registration: { what: string; bytes: number; ms: number }[] = [];
 
-const pct = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+const pct = (sorted: number[], p: number) =>
+  sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 const human = (b: number) =>
-  b >= 1 << 30 ? `${+(b / 2 ** 30).toFixed(2)} GiB` : b >= 1 << 20 ? `${+(b / 2 ** 20).toFixed(1)} MiB` : `${b / 1024} KiB`;
+  b >= 1 << 30
+    ? `${+(b / 2 ** 30).toFixed(2)} GiB`
+    : b >= 1 << 20
+      ? `${+(b / 2 ** 20).toFixed(1)} MiB`
+      : `${b / 1024} KiB`;
 
 /** Posts `plan` repeatedly (see sample): resolution latencies, and the JS-thread time of each post() call. */
 async function timePlan(plan: { post(): Promise<void> }): Promise<{ times: number[]; postUs: number[] }> {
@@ -90,14 +103,16 @@ function slots(count: number, total: number, seed: number): Float64Array {
   // A scattered choice of `count` distinct slots out of `total` (deterministic), so that pieces never merge.
   const out = new Float64Array(count);
   const stride = Math.max(1, Math.floor(total / count));
-  for (let i = 0; i < count; i++) out[i] = ((i * stride + ((i * seed) % stride)) % total);
+  for (let i = 0; i < count; i++) out[i] = (i * stride + ((i * seed) % stride)) % total;
   return out;
 }
 
 function record(row: Row) {
   rows.push(row);
   const tag = row.baseline ? ` ${(row.vsBaseline! * 100).toFixed(0)}% of ${row.baseline}` : '';
-  console.error(`  ${row.section} | ${row.path} ${row.op} ${row.memory} ${human(row.pieceBytes)} x ${row.pieces}: ${row.gbps.toFixed(2)} GB/s${tag}`);
+  console.error(
+    `  ${row.section} | ${row.path} ${row.op} ${row.memory} ${human(row.pieceBytes)} x ${row.pieces}: ${row.gbps.toFixed(2)} GB/s${tag}`,
+  );
 }
 
 const caps = await capabilities();
@@ -123,7 +138,11 @@ async function sweepPlan(
   count: number,
   capacity: number,
   backend: string | undefined,
-  baseline?: { name: string; gbpsFor: (bytes: number) => number | undefined | Promise<number | undefined>; link?: number },
+  baseline?: {
+    name: string;
+    gbpsFor: (bytes: number) => number | undefined | Promise<number | undefined>;
+    link?: number;
+  },
 ) {
   const localOffsets = slots(count, Math.floor(capacity / pieceBytes), 7);
   const remoteOffsets = slots(count, Math.floor(capacity / pieceBytes), 13).reverse();
@@ -168,7 +187,14 @@ async function sweepPlan(
   return plan;
 }
 
-async function notifyLatency(section: string, path: string, memory: string, local: Region, remote: number, backend?: string) {
+async function notifyLatency(
+  section: string,
+  path: string,
+  memory: string,
+  local: Region,
+  remote: number,
+  backend?: string,
+) {
   const plan = agent.prepare({
     op: 'WRITE',
     peer: 'bench-target',
@@ -233,7 +259,19 @@ async function notifyLatency(section: string, path: string, memory: string, loca
     const times = await sample(() => void dst.set(src));
     const gbps = bytes / (pct(times, 50) * 1e3);
     memcpy.set(bytes, gbps);
-    record({ section: 'host', path: 'memcpy (one process)', op: 'copy', memory: 'host', pieceBytes: bytes, pieces: 1, bytes, iterations: times.length, gbps, p50us: pct(times, 50), p99us: pct(times, 99) });
+    record({
+      section: 'host',
+      path: 'memcpy (one process)',
+      op: 'copy',
+      memory: 'host',
+      pieceBytes: bytes,
+      pieces: 1,
+      bytes,
+      iterations: times.length,
+      gbps,
+      p50us: pct(times, 50),
+      p99us: pct(times, 99),
+    });
   }
   const backends = ['shm', 'tcp', ...(agent.backends.includes('ucx') ? ['ucx'] : [])];
   for (const backend of backends) {
@@ -241,7 +279,10 @@ async function notifyLatency(section: string, path: string, memory: string, loca
       for (const s of sizes) {
         for (const c of counts) {
           if (s * c > capacity || (quick && backend === 'tcp' && s * c > 16 << 20)) continue;
-          await sweepPlan('host', backend, 'shared->shared', local, remote, op, s, c, capacity, backend, { name: 'memcpy', gbpsFor: memcpyFor });
+          await sweepPlan('host', backend, 'shared->shared', local, remote, op, s, c, capacity, backend, {
+            name: 'memcpy',
+            gbpsFor: memcpyFor,
+          });
         }
       }
     }
@@ -273,7 +314,11 @@ if (caps.cuda.available && !values['host-only']) {
   const counts = quick ? [1, 256, 4096] : [1, 16, 256, 4096, 16384];
 
   // Baselines, per total size, measured with CUDA events.
-  const timed = async (dst: { address: bigint; device: number }, src: { address: bigint; device: number }, bytes: number) => {
+  const timed = async (
+    dst: { address: bigint; device: number },
+    src: { address: bigint; device: number },
+    bytes: number,
+  ) => {
     const ms = await dev0.timeCopy(dst, src, bytes, quick ? 10 : 30);
     ms.sort((a, b) => a - b);
     return bytes / (pct(ms, 50) * 1e6);
@@ -281,23 +326,63 @@ if (caps.cuda.available && !values['host-only']) {
   // Each baseline is measured once per total size, the first time a row needs it (and for the sweep's
   // sizes up front, so that they appear as their own rows).
   const cache = new Map<string, number>();
-  const baselineRow = async (name: string, memory: string, bytes: number, dst: { address: bigint; device: number }, src: { address: bigint; device: number }) => {
+  const baselineRow = async (
+    name: string,
+    memory: string,
+    bytes: number,
+    dst: { address: bigint; device: number },
+    src: { address: bigint; device: number },
+  ) => {
     const key = `${name}/${bytes}`;
     if (!cache.has(key)) {
       const gbps = await timed(dst, src, bytes);
       cache.set(key, gbps);
-      record({ section: 'gpu', path: name, op: 'copy', memory, pieceBytes: bytes, pieces: 1, bytes, iterations: quick ? 10 : 30, gbps, p50us: bytes / gbps / 1e3, p99us: 0 });
+      record({
+        section: 'gpu',
+        path: name,
+        op: 'copy',
+        memory,
+        pieceBytes: bytes,
+        pieces: 1,
+        bytes,
+        iterations: quick ? 10 : 30,
+        gbps,
+        p50us: bytes / gbps / 1e3,
+        p99us: 0,
+      });
     }
     return cache.get(key)!;
   };
   const d2dFor = (bytes: number) =>
-    bytes > capacity ? undefined : baselineRow('device-to-device copy (same GPU)', 'device', bytes, { address: scratch0.address, device: 0 }, { address: localBuf.address, device: 0 });
+    bytes > capacity
+      ? undefined
+      : baselineRow(
+          'device-to-device copy (same GPU)',
+          'device',
+          bytes,
+          { address: scratch0.address, device: 0 },
+          { address: localBuf.address, device: 0 },
+        );
   const peerFor = (bytes: number) =>
     !scratch1 || bytes > capacity
       ? undefined
-      : baselineRow('peer copy GPU0->GPU1 (cuMemcpyPeerAsync)', 'device', bytes, { address: scratch1.address, device: 1 }, { address: localBuf.address, device: 0 });
+      : baselineRow(
+          'peer copy GPU0->GPU1 (cuMemcpyPeerAsync)',
+          'device',
+          bytes,
+          { address: scratch1.address, device: 1 },
+          { address: localBuf.address, device: 0 },
+        );
   const h2dFor = (bytes: number) =>
-    bytes > pinned.size ? undefined : baselineRow('pinned host-to-device copy', 'pinned->device', bytes, { address: scratch0.address, device: 0 }, { address: pinned.address, device: -1 });
+    bytes > pinned.size
+      ? undefined
+      : baselineRow(
+          'pinned host-to-device copy',
+          'pinned->device',
+          bytes,
+          { address: scratch0.address, device: 0 },
+          { address: pinned.address, device: -1 },
+        );
   const totals = new Set<number>([64 << 10]);
   for (const s of sizes) for (const c of counts) if (s * c <= capacity) totals.add(s * c);
   for (const bytes of [...totals].sort((a, b) => a - b)) {
@@ -307,9 +392,14 @@ if (caps.cuda.available && !values['host-only']) {
   }
   const link = caps.cuda.nvlink.bandwidthGBps[0]?.[1] || undefined;
 
-  const placements: [string, number][] = [['same GPU', 0], ...(gpus > 1 ? ([['GPU0->GPU1', 1]] as [string, number][]) : [])];
+  const placements: [string, number][] = [
+    ['same GPU', 0],
+    ...(gpus > 1 ? ([['GPU0->GPU1', 1]] as [string, number][]) : []),
+  ];
   for (const [placement, remoteGpu] of placements) {
-    const remote = (await target.request<{ region: { id: number } }>('allocDevice', { device: remoteGpu, bytes: capacity })).region.id;
+    const remote = (
+      await target.request<{ region: { id: number } }>('allocDevice', { device: remoteGpu, bytes: capacity })
+    ).region.id;
     await exchange();
     const baseline =
       remoteGpu === 0
@@ -319,15 +409,39 @@ if (caps.cuda.available && !values['host-only']) {
       for (const s of sizes) {
         for (const c of counts) {
           if (s * c > capacity) continue;
-          await sweepPlan('gpu', `cuda-ipc ${placement}`, 'device->device', local, remote, op, s, c, capacity, undefined, baseline);
+          await sweepPlan(
+            'gpu',
+            `cuda-ipc ${placement}`,
+            'device->device',
+            local,
+            remote,
+            op,
+            s,
+            c,
+            capacity,
+            undefined,
+            baseline,
+          );
         }
       }
     }
     await notifyLatency('gpu', `cuda-ipc ${placement}`, 'device->device', local, remote);
-    await sweepPlan('gpu', `cuda-ipc ${placement}`, 'pinned->device', pinned, remote, 'WRITE', 64 << 20, 1, pinned.size, undefined, {
-      name: 'pinned host-to-device copy',
-      gbpsFor: h2dFor,
-    });
+    await sweepPlan(
+      'gpu',
+      `cuda-ipc ${placement}`,
+      'pinned->device',
+      pinned,
+      remote,
+      'WRITE',
+      64 << 20,
+      1,
+      pinned.size,
+      undefined,
+      {
+        name: 'pinned host-to-device copy',
+        gbpsFor: h2dFor,
+      },
+    );
 
     // KV-shaped: the KV of a 4,096-token prompt (bf16, 16-token blocks).
     const shapes: [string, Omit<KvPoolSpec, 'numBlocks' | 'layout'>][] = [
@@ -337,10 +451,14 @@ if (caps.cuda.available && !values['host-only']) {
     const blocks = 4096 / 16;
     for (const [model, shape] of shapes) {
       for (const layout of ['block-major', 'layer-major'] as const) {
-        const pool = kvPool({ ...shape, layout, numBlocks: Math.floor(capacity / kvPool({ ...shape, layout, numBlocks: 1 }).blockBytes) });
+        const pool = kvPool({
+          ...shape,
+          layout,
+          numBlocks: Math.floor(capacity / kvPool({ ...shape, layout, numBlocks: 1 }).blockBytes),
+        });
         if (pool.numBlocks < blocks) continue;
         const srcIds = Uint32Array.from({ length: blocks }, (_, i) => (i * 7) % pool.numBlocks);
-        const dstIds = Uint32Array.from({ length: blocks }, (_, i) => (pool.numBlocks - 1 - ((i * 11) % pool.numBlocks)));
+        const dstIds = Uint32Array.from({ length: blocks }, (_, i) => pool.numBlocks - 1 - ((i * 11) % pool.numBlocks));
         const p = kvTransferPieces(pool, pool, srcIds, dstIds);
         const p0 = performance.now();
         const plan = agent.prepare({ op: 'WRITE', peer: 'bench-target', local, remote, pieces: p });
@@ -371,9 +489,22 @@ if (caps.cuda.available && !values['host-only']) {
     }
     // Heterogeneous TP: prefill TP2 (rank 0 holds 4 of 8 heads) into decode TP1, HND tiles.
     {
-      const shape = { layers: 32, kvHeads: 8, headDim: 128, blockSize: 16, dtype: 'bf16' as const, layout: 'layer-major' as const, headLayout: 'HND' as const };
+      const shape = {
+        layers: 32,
+        kvHeads: 8,
+        headDim: 128,
+        blockSize: 16,
+        dtype: 'bf16' as const,
+        layout: 'layer-major' as const,
+        headLayout: 'HND' as const,
+      };
       const dst = kvPool({ ...shape, numBlocks: Math.floor(capacity / kvPool({ ...shape, numBlocks: 1 }).blockBytes) });
-      const src = kvPool({ ...shape, tpSize: 2, tpRank: 0, numBlocks: Math.floor(capacity / kvPool({ ...shape, tpSize: 2, numBlocks: 1 }).blockBytes) });
+      const src = kvPool({
+        ...shape,
+        tpSize: 2,
+        tpRank: 0,
+        numBlocks: Math.floor(capacity / kvPool({ ...shape, tpSize: 2, numBlocks: 1 }).blockBytes),
+      });
       const srcIds = Uint32Array.from({ length: blocks }, (_, i) => i);
       const dstIds = Uint32Array.from({ length: blocks }, (_, i) => (i * 5 + 3) % dst.numBlocks);
       const p = kvTransferPieces(src, dst, srcIds, dstIds);
@@ -423,18 +554,30 @@ const table = rows.map((r) => ({
   'vs baseline': r.vsBaseline === undefined ? '' : `${(r.vsBaseline * 100).toFixed(0)}% of ${r.baseline}`,
   'vs link': r.vsLink === undefined ? '' : `${(r.vsLink * 100).toFixed(0)}%`,
 }));
-console.log(`host: ${caps.cpu.cores} cores; CUDA: ${caps.cuda.available ? caps.cuda.devices.map((d) => d.name).join(', ') : `unavailable (${caps.cuda.reason})`}`);
+console.log(
+  `host: ${caps.cpu.cores} cores; CUDA: ${caps.cuda.available ? caps.cuda.devices.map((d) => d.name).join(', ') : `unavailable (${caps.cuda.reason})`}`,
+);
 console.table(table);
 console.table(registration.map((r) => ({ registration: r.what, size: human(r.bytes), ms: r.ms.toFixed(3) })));
 mkdirSync(dirname(jsonFile), { recursive: true });
-writeFileSync(jsonFile, JSON.stringify({ host: caps, quick, seconds: (performance.now() - started) / 1e3, rows, registration }, null, 2));
+writeFileSync(
+  jsonFile,
+  JSON.stringify({ host: caps, quick, seconds: (performance.now() - started) / 1e3, rows, registration }, null, 2),
+);
 const points: ChartPoint[] = rows
-  .filter((r) => r.section !== 'kv' && (r.op !== 'READ') && (r.pieces === 1 || r.pieces === (quick ? 256 : 4096) || r.op === 'copy'))
+  .filter(
+    (r) =>
+      r.section !== 'kv' && r.op !== 'READ' && (r.pieces === 1 || r.pieces === (quick ? 256 : 4096) || r.op === 'copy'),
+  )
   .map((r) => ({
     series: r.op === 'copy' ? r.path : `${r.path} x${r.pieces}`,
     pieceBytes: r.op === 'copy' ? r.bytes : r.pieceBytes,
     gbps: r.gbps,
     baseline: r.op === 'copy',
   }));
-await writeChart(svgFile, `Tandem bench:transfer (${caps.cuda.available ? caps.cuda.devices[0]!.name : 'no GPU'})`, points);
+await writeChart(
+  svgFile,
+  `Tandem bench:transfer (${caps.cuda.available ? caps.cuda.devices[0]!.name : 'no GPU'})`,
+  points,
+);
 console.log(`wrote ${jsonFile} and ${svgFile} in ${((performance.now() - started) / 1e3).toFixed(1)} s`);

@@ -48,11 +48,17 @@ if (process.argv[2] === 'decode') {
     },
     ...(process.argv.includes('--tcp') ? { backend: 'tcp' as const } : {}),
   });
-  console.log(`plan: ${plan.requestedPieces} pieces (${plan.pieces} after merging adjacent ones), ${plan.bytes} bytes, backend ${plan.backend}`);
-  const verdict = new Promise<{ verified: boolean; blocks: number }>((resolve) => child.once('message', resolve as never));
+  console.log(
+    `plan: ${plan.requestedPieces} pieces (${plan.pieces} after merging adjacent ones), ${plan.bytes} bytes, backend ${plan.backend}`,
+  );
+  const verdict = new Promise<{ verified: boolean; blocks: number }>((resolve) =>
+    child.once('message', resolve as never),
+  );
   await plan.post({ notify: JSON.stringify({ blocks: dstBlocks, fill: 42 }) });
   const result = await verdict;
-  console.log(`decode-0 checked ${result.blocks} blocks on notification: ${result.verified ? 'all correct' : 'MISMATCH'}`);
+  console.log(
+    `decode-0 checked ${result.blocks} blocks on notification: ${result.verified ? 'all correct' : 'MISMATCH'}`,
+  );
   await agent.dispose();
   process.exitCode = result.verified ? 0 : 1;
 }

@@ -138,8 +138,63 @@ export class RemoteError extends TandemError {
   }
 }
 
+/** NCCL (or the GPU it needs) is not available here. `reason` says why; every collectives call rejects with it. */
+export class NcclUnavailableError extends BackendUnavailableError {
+  constructor(reason: string) {
+    super('NCCL', reason, 'TANDEM_NCCL_UNAVAILABLE');
+  }
+}
+
+/** What a collectives failure names: the communicator, the operation, and NCCL's result when it gave one. */
+export interface CollectiveErrorDetails {
+  communicator?: string;
+  operation?: string;
+  ncclResult?: string;
+}
+
+/**
+ * A collective operation (or a communicator's init or split) failed. The message names the communicator
+ * and the operation; after anything but an argument error the communicator has been aborted, and every
+ * operation that was pending on it rejected too.
+ */
+export class CollectiveError extends TandemError {
+  readonly communicator?: string;
+  readonly operation?: string;
+  /** NCCL's result name (`ncclRemoteError`, ...) when NCCL reported the failure. */
+  readonly ncclResult?: string;
+  constructor(message: string, details: CollectiveErrorDetails = {}, code = 'TANDEM_NCCL_ERROR') {
+    super(code, message);
+    if (details.communicator !== undefined) this.communicator = details.communicator;
+    if (details.operation !== undefined) this.operation = details.operation;
+    if (details.ncclResult !== undefined) this.ncclResult = details.ncclResult;
+  }
+}
+
+/** An operation, init or split did not complete within its timeout; the communicator was aborted. */
+export class CollectiveTimeoutError extends CollectiveError {
+  constructor(message: string, details: CollectiveErrorDetails = {}) {
+    super(message, details, 'TANDEM_NCCL_TIMEOUT');
+  }
+}
+
+/** The operation was not run because the communicator had been aborted (the message says why). */
+export class CommunicatorAbortedError extends CollectiveError {
+  constructor(message: string, details: CollectiveErrorDetails = {}) {
+    super(message, details, 'TANDEM_NCCL_ABORTED');
+  }
+}
+
 const stripPrefix = (message: string, prefix: string) =>
   message.startsWith(prefix) ? message.slice(prefix.length) : message;
+
+function collectiveDetails(error: Error): CollectiveErrorDetails {
+  const e = error as { communicator?: unknown; operation?: unknown; ncclResult?: unknown };
+  const details: CollectiveErrorDetails = {};
+  if (typeof e.communicator === 'string') details.communicator = e.communicator;
+  if (typeof e.operation === 'string') details.operation = e.operation;
+  if (typeof e.ncclResult === 'string') details.ncclResult = e.ncclResult;
+  return details;
+}
 
 /** Converts an error thrown or rejected by the addon into the matching typed error. */
 export function fromNative(error: unknown): unknown {
@@ -179,6 +234,14 @@ export function fromNative(error: unknown): unknown {
       return new UnknownPeerError(message);
     case 'TANDEM_REMOTE_ERROR':
       return new RemoteError(message);
+    case 'TANDEM_NCCL_UNAVAILABLE':
+      return new NcclUnavailableError(stripPrefix(message, 'NCCL unavailable: '));
+    case 'TANDEM_NCCL_ERROR':
+      return new CollectiveError(message, collectiveDetails(error));
+    case 'TANDEM_NCCL_TIMEOUT':
+      return new CollectiveTimeoutError(message, collectiveDetails(error));
+    case 'TANDEM_NCCL_ABORTED':
+      return new CommunicatorAbortedError(message, collectiveDetails(error));
     case 'TANDEM_BACKEND_UNAVAILABLE': {
       const m = /^backend (\S+) unavailable: (.*)$/s.exec(message);
       return new BackendUnavailableError(m ? m[1]! : 'backend', m ? m[2]! : message);

@@ -25,3 +25,28 @@ export type {
   StridedPieces,
 } from './transfer/index.js';
 export * from './kv/index.js';
+export {
+  CollectiveBuffer,
+  Communicator,
+  DEFAULT_COLLECTIVE_TIMEOUT_MS,
+  DTYPES,
+  REDUCE_OPS,
+  UNIQUE_ID_BYTES,
+  busBandwidthFactor,
+  createUniqueId,
+  ncclInfo,
+} from './collectives/index.js';
+export type {
+  AllToAllArgs,
+  BroadcastArgs,
+  CommunicatorOptions,
+  DeviceMemory,
+  Dtype,
+  GatherArgs,
+  NcclInfo,
+  PointToPointArgs,
+  ReduceArgs,
+  ReduceOp,
+  ReduceScatterArgs,
+  RootedReduceArgs,
+} from './collectives/index.js';

@@ -114,9 +114,10 @@ case "$cmd" in
   test:gpu) exec "$node" node_modules/vitest/vitest.mjs run --config vitest.gpu.config.ts "$@" ;;
   test) exec "$node" node_modules/vitest/vitest.mjs run "$@" ;;
   bench:transfer) exec "$node" --import tsx bench/transfer.ts "$@" ;;
+  bench:collectives) exec "$node" --import tsx bench/collectives.ts "$@" ;;
   info) exec "$node" dist/cli/main.js info "$@" ;;
   node) exec "$node" "$@" ;;
-  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | info [--json] | node ARGS" >&2; exit 2 ;;
+  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | info [--json] | node ARGS" >&2; exit 2 ;;
 esac
 `,
 );

@@ -29,8 +29,10 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
   beforeAll(async () => {
     target = await PeerProcess.start();
     await target.request('create', { name: `target-${backend}` });
-    remoteShared = (await target.request<{ region: { id: number } }>('allocShared', { bytes: BLOCK * BLOCKS, seed: 7 })).region.id;
-    remotePlain = (await target.request<{ region: { id: number } }>('registerHost', { bytes: BLOCK * BLOCKS, seed: 9 })).region.id;
+    remoteShared = (await target.request<{ region: { id: number } }>('allocShared', { bytes: BLOCK * BLOCKS, seed: 7 }))
+      .region.id;
+    remotePlain = (await target.request<{ region: { id: number } }>('registerHost', { bytes: BLOCK * BLOCKS, seed: 9 }))
+      .region.id;
     agent = await TransferAgent.create({ name: `initiator-${backend}` });
     local = agent.allocShared(BLOCK * BLOCKS);
     fillPattern(local.view!, 1);
@@ -76,7 +78,11 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
     for (let b = 0; b < BLOCKS; b++) {
       const i = dst.indexOf(b);
       const expected = i >= 0 ? patternBytes(BLOCK, 1, src[i]! * BLOCK) : patternBytes(BLOCK, 7, b * BLOCK);
-      const { sha256: got } = await target.request<{ sha256: string }>('sha256', { region: remoteShared, offset: b * BLOCK, length: BLOCK });
+      const { sha256: got } = await target.request<{ sha256: string }>('sha256', {
+        region: remoteShared,
+        offset: b * BLOCK,
+        length: BLOCK,
+      });
       expect(got, `block ${b}`).toBe(sha256(expected));
     }
   });
@@ -103,7 +109,9 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
     expect(plan.requestedPieces).toBe(4);
     await plan.post();
     src.forEach((s, i) => {
-      expect(sha256(local.view!.subarray(dst[i]! * BLOCK, (dst[i]! + 1) * BLOCK))).toBe(sha256(patternBytes(BLOCK, 7, s * BLOCK)));
+      expect(sha256(local.view!.subarray(dst[i]! * BLOCK, (dst[i]! + 1) * BLOCK))).toBe(
+        sha256(patternBytes(BLOCK, 7, s * BLOCK)),
+      );
     });
     expect(sha256(local.view!.subarray(3 * BLOCK, 4 * BLOCK))).toBe(sha256(patternBytes(BLOCK, 1, 3 * BLOCK)));
   });
@@ -115,7 +123,16 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
       peer: peer.name,
       local,
       remote: remotePlain,
-      pieces: { strided: { localStart: 0, localStride: 2 * BLOCK, remoteStart: BLOCK, remoteStride: 2 * BLOCK, count: 8, length: BLOCK } },
+      pieces: {
+        strided: {
+          localStart: 0,
+          localStride: 2 * BLOCK,
+          remoteStart: BLOCK,
+          remoteStride: 2 * BLOCK,
+          count: 8,
+          length: BLOCK,
+        },
+      },
       backend,
     });
     await plan.post();
@@ -138,7 +155,11 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
         peer: peer.name,
         local,
         remote: remoteShared,
-        pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(offset), lengths: 4 * BLOCK > BLOCK * BLOCKS - offset ? BLOCK : 4 * BLOCK },
+        pieces: {
+          localOffsets: Float64Array.of(0),
+          remoteOffsets: Float64Array.of(offset),
+          lengths: 4 * BLOCK > BLOCK * BLOCKS - offset ? BLOCK : 4 * BLOCK,
+        },
         backend,
       });
       const length = plan.bytes;
@@ -160,14 +181,22 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
 
   it('rejects out-of-bounds pieces before anything moves', async () => {
     await target.request('fill', { region: remoteShared, seed: 7 });
-    const before = await target.request<{ sha256: string }>('sha256', { region: remoteShared, offset: 0, length: BLOCK * BLOCKS });
+    const before = await target.request<{ sha256: string }>('sha256', {
+      region: remoteShared,
+      offset: 0,
+      length: BLOCK * BLOCKS,
+    });
     const bad = (remoteOffsets: number[], localOffsets = [0, BLOCK]) =>
       agent.prepare({
         op: 'WRITE',
         peer: peer.name,
         local,
         remote: remoteShared,
-        pieces: { localOffsets: Float64Array.from(localOffsets), remoteOffsets: Float64Array.from(remoteOffsets), lengths: BLOCK },
+        pieces: {
+          localOffsets: Float64Array.from(localOffsets),
+          remoteOffsets: Float64Array.from(remoteOffsets),
+          lengths: BLOCK,
+        },
         backend,
       });
     expect(() => bad([0, BLOCK * BLOCKS])).toThrow(OutOfBoundsError);
@@ -175,17 +204,25 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
     expect(() => bad([0, BLOCK], [0, BLOCK * BLOCKS])).toThrow(/piece 1: local offset/);
     expect(() => bad([0, -BLOCK])).toThrow(BadDescriptorError);
     expect(() => bad([0, 0.5])).toThrow(BadDescriptorError);
-    const after = await target.request<{ sha256: string }>('sha256', { region: remoteShared, offset: 0, length: BLOCK * BLOCKS });
+    const after = await target.request<{ sha256: string }>('sha256', {
+      region: remoteShared,
+      offset: 0,
+      length: BLOCK * BLOCKS,
+    });
     expect(after.sha256).toBe(before.sha256);
   });
 
   it('rejects unknown peers, unregistered regions and impossible backends with typed errors', async () => {
     const pieces = { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 16 };
-    expect(() => agent.prepare({ op: 'WRITE', peer: 'nobody', local, remote: remoteShared, pieces })).toThrow(UnknownPeerError);
-    expect(() => agent.prepare({ op: 'WRITE', peer: peer.name, local, remote: 999, pieces })).toThrow(NotRegisteredError);
-    expect(() => agent.prepare({ op: 'WRITE', peer: peer.name, local, remote: remoteShared, pieces, backend: 'cuda-ipc' })).toThrow(
-      BackendUnavailableError,
+    expect(() => agent.prepare({ op: 'WRITE', peer: 'nobody', local, remote: remoteShared, pieces })).toThrow(
+      UnknownPeerError,
     );
+    expect(() => agent.prepare({ op: 'WRITE', peer: peer.name, local, remote: 999, pieces })).toThrow(
+      NotRegisteredError,
+    );
+    expect(() =>
+      agent.prepare({ op: 'WRITE', peer: peer.name, local, remote: remoteShared, pieces, backend: 'cuda-ipc' }),
+    ).toThrow(BackendUnavailableError);
     const scratch = agent.allocShared(4096);
     const plan = agent.prepare({ op: 'WRITE', peer: peer.name, local: scratch, remote: remoteShared, pieces, backend });
     agent.deregister(scratch);
@@ -215,7 +252,16 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
       peer: peer.name,
       local,
       remote: remoteShared,
-      pieces: { strided: { localStart: 0, localStride: BLOCK, remoteStart: 0, remoteStride: BLOCK, count: BLOCKS, length: 4096 } },
+      pieces: {
+        strided: {
+          localStart: 0,
+          localStride: BLOCK,
+          remoteStart: 0,
+          remoteStride: BLOCK,
+          count: BLOCKS,
+          length: 4096,
+        },
+      },
       backend,
     });
     await Promise.all(Array.from({ length: 50 }, () => plan.post()));

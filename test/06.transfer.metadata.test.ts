@@ -62,11 +62,14 @@ describe('transfer metadata', () => {
       ['random', Uint8Array.from({ length: 200 }, (_, i) => (i * 7919) & 0xff)],
       ['truncated', blob.subarray(0, blob.length - 9)],
       ['one byte short', blob.subarray(0, blob.length - 1)],
-      ['bit flip', (() => {
-        const x = Uint8Array.from(blob);
-        x[40] = x[40]! ^ 1;
-        return x;
-      })()],
+      [
+        'bit flip',
+        (() => {
+          const x = Uint8Array.from(blob);
+          x[40] = x[40]! ^ 1;
+          return x;
+        })(),
+      ],
       ['trailing garbage', Uint8Array.from([...blob, 1, 2, 3])],
     ];
     for (const [what, bytes] of cases) {
@@ -139,7 +142,11 @@ describe('restarted and removed peers', () => {
       await expect(plan1.post()).rejects.toBeInstanceOf(RemoteDisconnectError);
       const plan2 = agent.prepare({ op: 'WRITE', peer: peer2.name, local, remote: second.region, pieces });
       await plan2.post();
-      const { sha256: got } = await second.p.request<{ sha256: string }>('sha256', { region: second.region, offset: 0, length: 4096 });
+      const { sha256: got } = await second.p.request<{ sha256: string }>('sha256', {
+        region: second.region,
+        offset: 0,
+        length: 4096,
+      });
       expect(got).toBe(sha256(local.view!.subarray(0, 4096)));
 
       // Removed, then re-added from the same metadata: works again.

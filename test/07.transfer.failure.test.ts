@@ -41,16 +41,19 @@ describe('transfer failures', () => {
     return { target, agent, plan };
   }
 
-  it.each(['tcp', 'ucx'] as const)('a peer killed mid-WRITE over %s rejects the pending transfer with RemoteDisconnectError within a deadline', async (backend) => {
-    const { target, plan } = await setup();
-    await target.freeze();
-    const pending = plan('WRITE', backend as 'tcp').post();
-    await new Promise((r) => setTimeout(r, 200)); // let the send fill the socket buffers
-    const t0 = Date.now();
-    target.child.kill('SIGKILL');
-    await expect(pending).rejects.toBeInstanceOf(RemoteDisconnectError);
-    expect(Date.now() - t0).toBeLessThan(5_000);
-  });
+  it.each(['tcp', 'ucx'] as const)(
+    'a peer killed mid-WRITE over %s rejects the pending transfer with RemoteDisconnectError within a deadline',
+    async (backend) => {
+      const { target, plan } = await setup();
+      await target.freeze();
+      const pending = plan('WRITE', backend as 'tcp').post();
+      await new Promise((r) => setTimeout(r, 200)); // let the send fill the socket buffers
+      const t0 = Date.now();
+      target.child.kill('SIGKILL');
+      await expect(pending).rejects.toBeInstanceOf(RemoteDisconnectError);
+      expect(Date.now() - t0).toBeLessThan(5_000);
+    },
+  );
 
   it('a peer killed while a READ waits for its answer rejects it, and later transfers are refused', async () => {
     const { target, plan } = await setup();
@@ -130,7 +133,13 @@ describe('registration churn', () => {
       timeout: 120_000,
     });
     expect(r.status, r.stderr).toBe(0);
-    const m = JSON.parse(r.stdout.trim().split('\n').pop()!) as { first: number; last: number; rssGrowth: number; fdGrowth: number; regions: number };
+    const m = JSON.parse(r.stdout.trim().split('\n').pop()!) as {
+      first: number;
+      last: number;
+      rssGrowth: number;
+      fdGrowth: number;
+      regions: number;
+    };
     expect(m.regions).toBe(0);
     expect(m.fdGrowth).toBeLessThanOrEqual(2);
     expect(m.rssGrowth).toBeLessThan(64 << 20);

@@ -205,9 +205,6 @@ function explain(error: Error, searched: string): string {
 /** Loads the addon once: TANDEM_ADDON, then prebuilds/ and build/Release via node-gyp-build. */
 export function loadBinding(): { binding: RawBinding; path: string } {
   if (cached) return cached;
-  // UCX installs its own SIGSEGV/SIGBUS handlers when libucp loads unless told not to; they would
-  // take over from Node's. Keep Node's (a caller who sets the variable keeps their choice).
-  process.env.UCX_ERROR_SIGNALS ??= '';
   const require = createRequire(import.meta.url);
   const override = process.env.TANDEM_ADDON;
   try {

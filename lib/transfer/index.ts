@@ -15,7 +15,13 @@
  */
 import { EventEmitter } from 'node:events';
 import { BadArgumentError, BadDescriptorError, CanceledError, TimeoutError, native, nativeSync } from '../errors.js';
-import { loadBinding, type RawRegion, type RawRemotePeer, type RawTransferAgent, type RawTransferPlan } from '../native/binding.js';
+import {
+  loadBinding,
+  type RawRegion,
+  type RawRemotePeer,
+  type RawTransferAgent,
+  type RawTransferPlan,
+} from '../native/binding.js';
 import type { DeviceBuffer } from '../cuda/index.js';
 import { probeCuda } from '../cuda/index.js';
 import { readKernelImage } from '../native/kernels.js';
@@ -171,18 +177,21 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     const kernels = readKernelImage();
     const raw = nativeSync(
       () =>
-        new binding.TransferAgent({ ...options, ...(kernels ? { kernels } : {}), ucp: libraryCandidates().ucp }, (from, message) => {
-          const agent = holder.target;
-          if (!agent) return;
-          try {
-            agent.emit('notification', from, message);
-          } catch (error) {
-            // A throwing listener must not unwind into native code; surface it like any async error.
-            queueMicrotask(() => {
-              throw error;
-            });
-          }
-        }),
+        new binding.TransferAgent(
+          { ...options, ...(kernels ? { kernels } : {}), ucp: libraryCandidates().ucp },
+          (from, message) => {
+            const agent = holder.target;
+            if (!agent) return;
+            try {
+              agent.emit('notification', from, message);
+            } catch (error) {
+              // A throwing listener must not unwind into native code; surface it like any async error.
+              queueMicrotask(() => {
+                throw error;
+              });
+            }
+          },
+        ),
     );
     return new TransferAgent(raw, holder);
   }
@@ -281,7 +290,9 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     const locals = Array.isArray(options.local) ? (options.local as readonly Region[]) : [options.local as Region];
     const remotesIn = Array.isArray(options.remote) ? options.remote : [options.remote];
     const localIds = Uint32Array.from(locals, (r) => r.id);
-    const remoteIds = Uint32Array.from(remotesIn as readonly (RemoteRegion | number)[], (r) => (typeof r === 'number' ? r : r.id));
+    const remoteIds = Uint32Array.from(remotesIn as readonly (RemoteRegion | number)[], (r) =>
+      typeof r === 'number' ? r : r.id,
+    );
     const pieces: PieceList = 'strided' in options.pieces ? kvStridedPieces(options.pieces.strided) : options.pieces;
     if (!(pieces.localOffsets instanceof Float64Array) || !(pieces.remoteOffsets instanceof Float64Array)) {
       throw new BadDescriptorError('localOffsets and remoteOffsets must be Float64Arrays');
@@ -311,7 +322,8 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   /** @internal */
   postPlan(plan: TransferPlan, options: PostOptions): Promise<void> {
     const signal = options.signal;
-    if (signal?.aborted) return Promise.reject(new CanceledError('the transfer was canceled before it was posted; nothing was moved'));
+    if (signal?.aborted)
+      return Promise.reject(new CanceledError('the transfer was canceled before it was posted; nothing was moved'));
     const notif = options.notify === undefined ? undefined : asBytes(options.notify);
     const { token, promise } = nativeSync(() => this.raw.post(plan.raw, notif));
     if (!signal) return native(() => promise);
@@ -350,7 +362,11 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
           ? undefined
           : setTimeout(() => {
               cleanup();
-              reject(new TimeoutError(`no notification${options.from ? ` from '${options.from}'` : ''} within ${options.timeoutMs} ms`));
+              reject(
+                new TimeoutError(
+                  `no notification${options.from ? ` from '${options.from}'` : ''} within ${options.timeoutMs} ms`,
+                ),
+              );
             }, options.timeoutMs);
       if (options.signal?.aborted) return onAbort();
       options.signal?.addEventListener('abort', onAbort, { once: true });

@@ -1,5 +1,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CudaDevice, OutOfBoundsError, TransferAgent, type DeviceBuffer, type Region, type RemotePeer } from '../../lib/index.js';
+import {
+  CudaDevice,
+  OutOfBoundsError,
+  TransferAgent,
+  type DeviceBuffer,
+  type Region,
+  type RemotePeer,
+} from '../../lib/index.js';
 import { fillPatternOnGpu, mismatchesOnGpu } from '../helpers/gpu-pattern.js';
 import { gpuGate } from '../helpers/gpu.js';
 import { fillPattern } from '../helpers/pattern.js';
@@ -34,7 +41,13 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
   beforeAll(async () => {
     target = await PeerProcess.start();
     await target.request('create', { name: `gpu-target-${localGpu}-${remoteGpu}` });
-    remote = (await target.request<{ region: { id: number } }>('allocDevice', { device: remoteGpu, bytes: BLOCK * BLOCKS, seed: SEED_REMOTE })).region.id;
+    remote = (
+      await target.request<{ region: { id: number } }>('allocDevice', {
+        device: remoteGpu,
+        bytes: BLOCK * BLOCKS,
+        seed: SEED_REMOTE,
+      })
+    ).region.id;
     agent = await TransferAgent.create({ name: `gpu-initiator-${localGpu}-${remoteGpu}` });
     device = await CudaDevice.open(localGpu);
     buffer = await device.alloc(BLOCK * BLOCKS);
@@ -51,7 +64,8 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     await target?.stop();
   });
 
-  const scattered = (n: number, mul: number, add: number) => Array.from({ length: n }, (_, i) => (i * mul + add) % BLOCKS);
+  const scattered = (n: number, mul: number, add: number) =>
+    Array.from({ length: n }, (_, i) => (i * mul + add) % BLOCKS);
 
   it('WRITE: 256 scattered 64 KiB blocks land where asked, checked on the target GPU', async () => {
     const src = scattered(256, 37, 5);
@@ -61,7 +75,11 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
       peer: peer.name,
       local,
       remote,
-      pieces: { localOffsets: Float64Array.from(src, (b) => b * BLOCK), remoteOffsets: Float64Array.from(dst, (b) => b * BLOCK), lengths: BLOCK },
+      pieces: {
+        localOffsets: Float64Array.from(src, (b) => b * BLOCK),
+        remoteOffsets: Float64Array.from(dst, (b) => b * BLOCK),
+        lengths: BLOCK,
+      },
     });
     expect(plan.backend).toBe('cuda-ipc');
     await plan.post();
@@ -96,11 +114,18 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
       peer: peer.name,
       local,
       remote,
-      pieces: { localOffsets: Float64Array.from(dst, (b) => b * BLOCK), remoteOffsets: Float64Array.from(src, (b) => b * BLOCK), lengths: BLOCK },
+      pieces: {
+        localOffsets: Float64Array.from(dst, (b) => b * BLOCK),
+        remoteOffsets: Float64Array.from(src, (b) => b * BLOCK),
+        lengths: BLOCK,
+      },
     });
     await plan.post();
     for (let i = 0; i < src.length; i++) {
-      expect(await mismatchesOnGpu(device, buffer, SEED_REMOTE, dst[i]! * BLOCK, BLOCK, src[i]! * BLOCK), `block ${src[i]}`).toBe(0);
+      expect(
+        await mismatchesOnGpu(device, buffer, SEED_REMOTE, dst[i]! * BLOCK, BLOCK, src[i]! * BLOCK),
+        `block ${src[i]}`,
+      ).toBe(0);
     }
     await fillPatternOnGpu(device, buffer, SEED_LOCAL);
   });
@@ -113,9 +138,16 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
         peer: peer.name,
         local,
         remote,
-        pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(dstBlock * BLOCK), lengths: 8 * BLOCK },
+        pieces: {
+          localOffsets: Float64Array.of(0),
+          remoteOffsets: Float64Array.of(dstBlock * BLOCK),
+          lengths: 8 * BLOCK,
+        },
       });
-      const note = JSON.stringify({ round, check: { region: remote, offset: dstBlock * BLOCK, length: 8 * BLOCK, seed: SEED_LOCAL, base: 0 } });
+      const note = JSON.stringify({
+        round,
+        check: { region: remote, offset: dstBlock * BLOCK, length: 8 * BLOCK, seed: SEED_LOCAL, base: 0 },
+      });
       await plan.post({ notify: note });
       const event = await target.nextEvent((e) => e.event === 'notification' && e.text === note);
       expect((event as { mismatches?: number }).mismatches, `round ${round}`).toBe(0);
@@ -125,23 +157,33 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
   it('pinned host memory to the target GPU and back', async () => {
     const pinned = agent.allocPinned(4 * BLOCK);
     fillPattern(pinned.view!, 5, 0);
-    await agent.prepare({
-      op: 'WRITE',
-      peer: peer.name,
-      local: pinned,
-      remote,
-      pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(BLOCK * 100), lengths: 4 * BLOCK },
-    }).post();
-    const r = await target.request<{ mismatches: number }>('checkDevice', { region: remote, offset: BLOCK * 100, length: 4 * BLOCK, seed: 5, base: 0 });
+    await agent
+      .prepare({
+        op: 'WRITE',
+        peer: peer.name,
+        local: pinned,
+        remote,
+        pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(BLOCK * 100), lengths: 4 * BLOCK },
+      })
+      .post();
+    const r = await target.request<{ mismatches: number }>('checkDevice', {
+      region: remote,
+      offset: BLOCK * 100,
+      length: 4 * BLOCK,
+      seed: 5,
+      base: 0,
+    });
     expect(r.mismatches).toBe(0);
     pinned.view!.fill(0);
-    await agent.prepare({
-      op: 'READ',
-      peer: peer.name,
-      local: pinned,
-      remote,
-      pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(BLOCK * 100), lengths: 4 * BLOCK },
-    }).post();
+    await agent
+      .prepare({
+        op: 'READ',
+        peer: peer.name,
+        local: pinned,
+        remote,
+        pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(BLOCK * 100), lengths: 4 * BLOCK },
+      })
+      .post();
     const expected = new Uint8Array(4 * BLOCK);
     fillPattern(expected, 5, 0);
     expect(Buffer.compare(Buffer.from(pinned.view!), Buffer.from(expected))).toBe(0);

@@ -1,7 +1,14 @@
 import type { CudaDevice, DeviceBuffer } from '../../lib/index.js';
 
 /** Fills bytes [offset, offset+length) of `buffer` on the GPU with the test pattern (see pattern.cu). */
-export async function fillPatternOnGpu(device: CudaDevice, buffer: DeviceBuffer, seed: number, offset = 0, length = buffer.size, base = offset) {
+export async function fillPatternOnGpu(
+  device: CudaDevice,
+  buffer: DeviceBuffer,
+  seed: number,
+  offset = 0,
+  length = buffer.size,
+  base = offset,
+) {
   await device.launch('tandem_fill_pattern_u8', { grid: 528, block: 256 }, [
     { ptr: buffer.address + BigInt(offset) },
     { u64: BigInt(length) },
@@ -11,7 +18,14 @@ export async function fillPatternOnGpu(device: CudaDevice, buffer: DeviceBuffer,
 }
 
 /** Counts, on the GPU, bytes of [offset, offset+length) that differ from the pattern starting at `base`. */
-export async function mismatchesOnGpu(device: CudaDevice, buffer: DeviceBuffer, seed: number, offset: number, length: number, base: number) {
+export async function mismatchesOnGpu(
+  device: CudaDevice,
+  buffer: DeviceBuffer,
+  seed: number,
+  offset: number,
+  length: number,
+  base: number,
+) {
   const counter = await device.alloc(8);
   try {
     await counter.fill(0);

@@ -18,7 +18,10 @@ export interface PeerEvent {
 export class PeerProcess extends EventEmitter<{ event: [PeerEvent] }> {
   readonly child: ChildProcess;
   private nextId = 1;
-  private readonly waiting = new Map<number, { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void }>();
+  private readonly waiting = new Map<
+    number,
+    { resolve: (v: Record<string, unknown>) => void; reject: (e: Error) => void }
+  >();
   readonly events: PeerEvent[] = [];
   readonly exited: Promise<number | null>;
   stderr = '';
@@ -36,7 +39,10 @@ export class PeerProcess extends EventEmitter<{ event: [PeerEvent] }> {
       this.waiting.clear();
     });
     createInterface({ input: this.child.stdout! }).on('line', (line) => {
-      const msg = JSON.parse(line) as Record<string, unknown> & { id?: number; error?: { name: string; code: string; message: string } };
+      const msg = JSON.parse(line) as Record<string, unknown> & {
+        id?: number;
+        error?: { name: string; code: string; message: string };
+      };
       if (msg.id === undefined) {
         this.events.push(msg as unknown as PeerEvent);
         this.emit('event', msg as unknown as PeerEvent);
