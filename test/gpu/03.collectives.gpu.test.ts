@@ -159,7 +159,9 @@ describe.skipIf(!gate.run)('NCCL collectives on 2 GPUs, 2 processes', () => {
 
   /** Runs one checked operation on both ranks at once and expects every element to match. */
   async function check(comm: string, args: Record<string, unknown>, on: RankProcess[] = ranks): Promise<void> {
-    const replies = await Promise.all(on.map((r) => r.send('check', { comm, seed: seed++, ...args })));
+    // One seed for the operation: every rank derives every other rank's input from it.
+    const opSeed = seed++;
+    const replies = await Promise.all(on.map((r) => r.send('check', { comm, seed: opSeed, ...args })));
     const results: RankResult[] = [];
     for (const [i, reply] of replies.entries()) {
       expect(
