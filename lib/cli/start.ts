@@ -46,7 +46,8 @@ export function planEmbedded(c: Capabilities): string {
     `  decode worker   ${p.engine} engine, model ${p.model}, on ${where(p.decodeDevice)}`,
     `  KV transfer     ${p.kvBackend}`,
     '',
-    'Serving is not implemented yet in this version: the engine, transfer runtime and frontend land in',
-    'later releases. This command reports the machine and the deployment it will run.',
+    'Serving is not implemented yet in this version: the engine and the frontend land in later releases.',
+    'The transfer runtime and NCCL collectives are usable now as a library (see README.md).',
+    'This command reports the machine and the deployment it will run.',
   ].join('\n');
 }
