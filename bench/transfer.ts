@@ -21,6 +21,7 @@ import {
   kvTransferPieces,
   TransferAgent,
   type KvPoolSpec,
+  type PieceList,
   type Region,
 } from '../lib/index.js';
 import { PeerProcess } from '../test/helpers/peer.js';
@@ -127,52 +128,39 @@ async function exchange() {
   return peer;
 }
 
-async function sweepPlan(
-  section: string,
-  path: string,
-  memory: string,
+interface Baseline {
+  name: string;
+  gbpsFor: (bytes: number) => number | undefined | Promise<number | undefined>;
+  link?: number;
+}
+
+/** Prepares a plan over `pieces`, posts it repeatedly and records the row against its baseline. */
+async function measurePlan(
+  row: { section: string; path: string; memory: string; op: 'READ' | 'WRITE'; pieceBytes: number },
   local: Region,
   remote: number,
-  op: 'READ' | 'WRITE',
-  pieceBytes: number,
-  count: number,
-  capacity: number,
+  pieces: PieceList,
   backend: string | undefined,
-  baseline?: {
-    name: string;
-    gbpsFor: (bytes: number) => number | undefined | Promise<number | undefined>;
-    link?: number;
-  },
+  baseline?: Baseline,
 ) {
-  const localOffsets = slots(count, Math.floor(capacity / pieceBytes), 7);
-  const remoteOffsets = slots(count, Math.floor(capacity / pieceBytes), 13).reverse();
-  for (let i = 0; i < count; i++) {
-    localOffsets[i]! *= pieceBytes;
-    remoteOffsets[i]! *= pieceBytes;
-  }
   const p0 = performance.now();
   const plan = agent.prepare({
-    op,
+    op: row.op,
     peer: 'bench-target',
     local,
     remote,
-    pieces: { localOffsets, remoteOffsets, lengths: pieceBytes },
+    pieces,
     ...(backend ? { backend: backend as 'shm' } : {}),
   });
   const prepareMs = performance.now() - p0;
   const { times, postUs } = await timePlan(plan);
-  const bytes = pieceBytes * count;
   const p50 = pct(times, 50);
-  const gbps = bytes / (p50 * 1e3);
-  const base = await baseline?.gbpsFor(bytes);
+  const gbps = plan.bytes / (p50 * 1e3);
+  const base = await baseline?.gbpsFor(plan.bytes);
   record({
-    section,
-    path,
-    op,
-    memory,
-    pieceBytes,
-    pieces: count,
-    bytes,
+    ...row,
+    pieces: plan.requestedPieces,
+    bytes: plan.bytes,
     iterations: times.length,
     gbps,
     p50us: p50,
@@ -184,7 +172,36 @@ async function sweepPlan(
     ...(base ? { baseline: baseline!.name, vsBaseline: gbps / base } : {}),
     ...(baseline?.link ? { vsLink: gbps / baseline.link } : {}),
   });
-  return plan;
+}
+
+/** One sweep point: `count` scattered pieces of `pieceBytes` that never merge. */
+function sweepPlan(
+  section: string,
+  path: string,
+  memory: string,
+  local: Region,
+  remote: number,
+  op: 'READ' | 'WRITE',
+  pieceBytes: number,
+  count: number,
+  capacity: number,
+  backend: string | undefined,
+  baseline?: Baseline,
+) {
+  const localOffsets = slots(count, Math.floor(capacity / pieceBytes), 7);
+  const remoteOffsets = slots(count, Math.floor(capacity / pieceBytes), 13).reverse();
+  for (let i = 0; i < count; i++) {
+    localOffsets[i]! *= pieceBytes;
+    remoteOffsets[i]! *= pieceBytes;
+  }
+  return measurePlan(
+    { section, path, memory, op, pieceBytes },
+    local,
+    remote,
+    { localOffsets, remoteOffsets, lengths: pieceBytes },
+    backend,
+    baseline,
+  );
 }
 
 async function notifyLatency(
@@ -460,31 +477,20 @@ if (caps.cuda.available && !values['host-only']) {
         const srcIds = Uint32Array.from({ length: blocks }, (_, i) => (i * 7) % pool.numBlocks);
         const dstIds = Uint32Array.from({ length: blocks }, (_, i) => pool.numBlocks - 1 - ((i * 11) % pool.numBlocks));
         const p = kvTransferPieces(pool, pool, srcIds, dstIds);
-        const p0 = performance.now();
-        const plan = agent.prepare({ op: 'WRITE', peer: 'bench-target', local, remote, pieces: p });
-        const prepareMs = performance.now() - p0;
-        const { times, postUs } = await timePlan(plan);
-        const gbps = p.bytes / (pct(times, 50) * 1e3);
-        const base = await baseline.gbpsFor(p.bytes);
-        record({
-          section: 'kv',
-          path: `cuda-ipc ${placement} ${model} ${layout}`,
-          op: 'WRITE',
-          memory: 'device->device',
-          pieceBytes: Math.round(p.bytes / p.pieces),
-          pieces: p.pieces,
-          bytes: p.bytes,
-          iterations: times.length,
-          gbps,
-          p50us: pct(times, 50),
-          p99us: pct(times, 99),
-          prepareMs,
-          postUs: pct(postUs, 50),
-          backend: plan.backend,
-          mergedPieces: plan.pieces,
-          ...(base ? { baseline: baseline.name, vsBaseline: gbps / base } : {}),
-          ...('link' in baseline && baseline.link ? { vsLink: gbps / baseline.link } : {}),
-        });
+        await measurePlan(
+          {
+            section: 'kv',
+            path: `cuda-ipc ${placement} ${model} ${layout}`,
+            memory: 'device->device',
+            op: 'WRITE',
+            pieceBytes: Math.round(p.bytes / p.pieces),
+          },
+          local,
+          remote,
+          p,
+          undefined,
+          baseline,
+        );
       }
     }
     // Heterogeneous TP: prefill TP2 (rank 0 holds 4 of 8 heads) into decode TP1, HND tiles.
@@ -508,25 +514,20 @@ if (caps.cuda.available && !values['host-only']) {
       const srcIds = Uint32Array.from({ length: blocks }, (_, i) => i);
       const dstIds = Uint32Array.from({ length: blocks }, (_, i) => (i * 5 + 3) % dst.numBlocks);
       const p = kvTransferPieces(src, dst, srcIds, dstIds);
-      const plan = agent.prepare({ op: 'WRITE', peer: 'bench-target', local, remote, pieces: p });
-      const times = await sample(() => plan.post());
-      const gbps = p.bytes / (pct(times, 50) * 1e3);
-      const base = await baseline.gbpsFor(p.bytes);
-      record({
-        section: 'kv',
-        path: `cuda-ipc ${placement} Llama-3.1-8B TP2->TP1 head slice`,
-        op: 'WRITE',
-        memory: 'device->device',
-        pieceBytes: Math.round(p.bytes / p.pieces),
-        pieces: p.pieces,
-        bytes: p.bytes,
-        iterations: times.length,
-        gbps,
-        p50us: pct(times, 50),
-        p99us: pct(times, 99),
-        backend: plan.backend,
-        ...(base ? { baseline: baseline.name, vsBaseline: gbps / base } : {}),
-      });
+      await measurePlan(
+        {
+          section: 'kv',
+          path: `cuda-ipc ${placement} Llama-3.1-8B TP2->TP1 head slice`,
+          memory: 'device->device',
+          op: 'WRITE',
+          pieceBytes: Math.round(p.bytes / p.pieces),
+        },
+        local,
+        remote,
+        p,
+        undefined,
+        baseline,
+      );
     }
   }
   await agent.dispose();

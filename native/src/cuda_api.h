@@ -66,7 +66,6 @@ enum : unsigned {
 struct CUipcMemHandle {
   unsigned char reserved[64];
 };
-typedef void (*CUhostFn)(void* userData);
 
 enum : int {
   CU_POINTER_ATTRIBUTE_MEMORY_TYPE = 2,
@@ -128,8 +127,6 @@ typedef CUresult (*PFN_cuIpcOpenMemHandle)(CUdeviceptr* dptr, CUipcMemHandle han
 typedef CUresult (*PFN_cuIpcCloseMemHandle)(CUdeviceptr dptr);
 typedef CUresult (*PFN_cuMemGetAddressRange)(CUdeviceptr* base, size_t* size, CUdeviceptr dptr);
 typedef CUresult (*PFN_cuPointerGetAttribute)(void* data, int attribute, CUdeviceptr ptr);
-typedef CUresult (*PFN_cuLaunchHostFunc)(CUstream stream, CUhostFn fn, void* userData);
-typedef CUresult (*PFN_cuMemHostGetDevicePointer)(CUdeviceptr* dptr, void* p, unsigned int flags);
 typedef CUresult (*PFN_cuEventQuery)(CUevent event);
 typedef CUresult (*PFN_cuCtxEnablePeerAccess)(CUcontext peerContext, unsigned int flags);
 typedef CUresult (*PFN_cuLaunchKernel)(CUfunction f, unsigned gridX, unsigned gridY, unsigned gridZ,

@@ -709,7 +709,7 @@ std::shared_ptr<Peer> Agent::loadRemote(const unsigned char* data, size_t size) 
   if (old) markDead(old, "peer '" + old->d.name + "' was replaced by a new incarnation");
   if (ucx_ && !peer->d.ucxAddress.empty()) ucx_->connect(ucxPeerKey(*peer), peer->d.ucxAddress);
   std::lock_guard<std::mutex> lock(readersMutex_);
-  readers_.emplace_back([this, peer] { readOutbound(peer, nullptr); });
+  readers_.emplace_back([this, peer] { readOutbound(peer); });
   return peer;
 }
 
@@ -929,7 +929,7 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
   conn->shutdown();
 }
 
-void Agent::readOutbound(std::shared_ptr<Peer> peer, std::shared_ptr<Connection>) {
+void Agent::readOutbound(std::shared_ptr<Peer> peer) {
   pthread_setname_np(pthread_self(), "tandem-peer");
   std::string error;
   // Connect: same host over the abstract unix socket, else over tcp.

@@ -176,8 +176,8 @@ class Agent {
   void startListening();
   void acceptLoop();
   void serveInbound(std::shared_ptr<Connection> conn);
-  void readOutbound(std::shared_ptr<Peer> peer, std::shared_ptr<Connection> conn);
-  void connectPeer(std::shared_ptr<Peer> peer);
+  // Connects to the peer, then completes transfers from its answers until the connection ends.
+  void readOutbound(std::shared_ptr<Peer> peer);
   std::shared_ptr<Connection> waitConnected(const std::shared_ptr<Peer>& peer, std::string& error);
   void markDead(const std::shared_ptr<Peer>& peer, const std::string& reason);
   void fail(uint64_t token, const std::string& code, const std::string& message);
@@ -232,7 +232,6 @@ class Agent {
   std::vector<std::thread> readers_;
   std::mutex readersMutex_;
   uint64_t nextPlanId_ = 1;
-  std::atomic<uint64_t> nextSeq_{1};
 
   // CUDA state, progress thread only.
   std::map<int, CUcontext> contexts_;
