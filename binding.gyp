@@ -17,6 +17,7 @@
         "native/src/transfer/agent_wrap.cpp",
         "native/src/transfer/metadata.cpp",
         "native/src/transfer/ucx_backend.cpp",
+        "native/src/transfer/nccl_backend.cpp",
         "native/src/transfer/wire.cpp",
         "native/src/work_queue.cpp"
       ],

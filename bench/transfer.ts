@@ -5,9 +5,11 @@
  * the baselines that bound each path, measured in the same run on the same buffers:
  *   host backends (shm, tcp, ucx)    vs  memcpy of the same bytes in one process
  *   cuda-ipc, same GPU                vs  device-to-device copy (cuMemcpyAsync)
- *   cuda-ipc, across GPUs             vs  contiguous peer copy (cuMemcpyPeerAsync) and NVLink's rate
+ *   cuda-ipc, across GPUs             vs  contiguous peer copy (cuMemcpyPeerAsync) and NVLink's rate,
+ *                                         and NCCL send/recv of the same total size
+ *   nccl backend, across GPUs         vs  NCCL send/recv of the same total size
  *   pinned host -> device             vs  pinned host-to-device copy
- * Rows: GB/s, post-to-resolution latency p50/p99, post-to-notification p50 where notified, JS-thread
+ * Rows: GB/s (from the p50 post-to-resolution latency), pipelined GB/s (8 posts in flight), latency p50/p99, post-to-notification p50 where notified, JS-thread
  * time to prepare and to post; plus registration times. Prints a table, writes --json (default
  * bench-results/transfer.json) and an SVG chart (default beside the JSON).
  */
@@ -16,7 +18,9 @@ import { dirname } from 'node:path';
 import { parseArgs } from 'node:util';
 import {
   capabilities,
+  Communicator,
   CudaDevice,
+  ncclInfo,
   kvPool,
   kvTransferPieces,
   TransferAgent,
@@ -61,6 +65,10 @@ interface Row {
   baseline?: string;
   vsBaseline?: number;
   vsLink?: number;
+  /** GB/s with several posts of the plan in flight (a run issued back to back, as the NCCL baseline is). */
+  pipelinedGbps?: number;
+  /** cuda-ipc and nccl rows across GPUs: pipelined GB/s over NCCL send/recv's at the same total size. */
+  vsNccl?: number;
 }
 
 const rows: Row[] = [];
@@ -85,6 +93,12 @@ async function timePlan(plan: { post(): Promise<void> }): Promise<{ times: numbe
     await pending;
   });
   return { times, postUs: postUs.sort((x, y) => x - y) };
+}
+
+/** GB/s with `depth` posts in flight: runs of them issued back to back, p50 over runs. */
+async function pipelined(plan: { post(): Promise<void>; bytes: number }, depth = 8): Promise<number> {
+  const runs = await sample(() => Promise.all(Array.from({ length: depth }, () => plan.post())).then(() => undefined));
+  return (plan.bytes * depth) / (pct(runs, 50) * 1e3);
 }
 
 /** Runs `op` until the time budget is spent (at least 3, at most 1000 times) after 2 warm-ups. */
@@ -132,6 +146,8 @@ interface Baseline {
   name: string;
   gbpsFor: (bytes: number) => number | undefined | Promise<number | undefined>;
   link?: number;
+  /** NCCL send/recv's GB/s at a total size, where measured (rows across GPUs). */
+  ncclFor?: (bytes: number) => number | undefined | Promise<number | undefined>;
 }
 
 /** Prepares a plan over `pieces`, posts it repeatedly and records the row against its baseline. */
@@ -156,7 +172,9 @@ async function measurePlan(
   const { times, postUs } = await timePlan(plan);
   const p50 = pct(times, 50);
   const gbps = plan.bytes / (p50 * 1e3);
+  const pipelinedGbps = await pipelined(plan);
   const base = await baseline?.gbpsFor(plan.bytes);
+  const nccl = await baseline?.ncclFor?.(plan.bytes);
   record({
     ...row,
     pieces: plan.requestedPieces,
@@ -171,6 +189,8 @@ async function measurePlan(
     mergedPieces: plan.pieces,
     ...(base ? { baseline: baseline!.name, vsBaseline: gbps / base } : {}),
     ...(baseline?.link ? { vsLink: gbps / baseline.link } : {}),
+    pipelinedGbps,
+    ...(nccl ? { vsNccl: pipelinedGbps / nccl } : {}),
   });
 }
 
@@ -400,12 +420,63 @@ if (caps.cuda.available && !values['host-only']) {
           { address: scratch0.address, device: 0 },
           { address: pinned.address, device: -1 },
         );
-  const totals = new Set<number>([64 << 10]);
+  // NCCL send/recv GPU0 -> GPU1 on the same buffers as the peer copy: two ranks of one communicator in
+  // this process (NCCL's P2P transport, as between processes), timed as nccl-tests does: a run of
+  // iterations issued back to back, wall time over the count.
+  const nccl = gpus > 1 ? await ncclInfo() : undefined;
+  const ncclRanks = nccl?.available
+    ? await Communicator.initAll({ devices: [0, 1], name: 'bench-baseline', timeoutMs: 60_000 })
+    : undefined;
+  const ncclFor = async (bytes: number) => {
+    if (!ncclRanks || !scratch1 || bytes > capacity) return undefined;
+    const key = `nccl/${bytes}`;
+    if (!cache.has(key)) {
+      const [c0, c1] = ncclRanks as [Communicator, Communicator];
+      const once = (n: number) => {
+        const all: Promise<void>[] = [];
+        for (let i = 0; i < n; i++) {
+          all.push(
+            c0.send({ buffer: localBuf, peer: 1, dtype: 'uint8', count: bytes }),
+            c1.recv({ buffer: scratch1, peer: 0, dtype: 'uint8', count: bytes }),
+          );
+        }
+        return Promise.all(all);
+      };
+      await once(3);
+      const n = quick ? 10 : 30;
+      const runs: number[] = [];
+      for (let r = 0; r < 5; r++) {
+        const t0 = performance.now();
+        await once(n);
+        runs.push(((performance.now() - t0) * 1e3) / n);
+      }
+      runs.sort((a, b) => a - b);
+      const us = pct(runs, 50);
+      cache.set(key, bytes / (us * 1e3));
+      record({
+        section: 'gpu',
+        path: 'NCCL send/recv GPU0->GPU1 (back to back)',
+        op: 'copy',
+        memory: 'device',
+        pieceBytes: bytes,
+        pieces: 1,
+        bytes,
+        iterations: n * 5,
+        gbps: bytes / (us * 1e3),
+        p50us: us,
+        p99us: runs[runs.length - 1]!,
+      });
+    }
+    return cache.get(key)!;
+  };
+  const totals = new Set<number>([64 << 10, 1 << 20]);
   for (const s of sizes) for (const c of counts) if (s * c <= capacity) totals.add(s * c);
+  if (ncclRanks) totals.add(1 << 30);
   for (const bytes of [...totals].sort((a, b) => a - b)) {
     await d2dFor(bytes);
     await peerFor(bytes);
     await h2dFor(bytes);
+    await ncclFor(bytes);
   }
   const link = caps.cuda.nvlink.bandwidthGBps[0]?.[1] || undefined;
 
@@ -421,7 +492,7 @@ if (caps.cuda.available && !values['host-only']) {
     const baseline =
       remoteGpu === 0
         ? { name: 'device-to-device copy', gbpsFor: d2dFor }
-        : { name: 'peer copy', gbpsFor: peerFor, ...(link ? { link } : {}) };
+        : { name: 'peer copy', gbpsFor: peerFor, ncclFor, ...(link ? { link } : {}) };
     for (const op of ['WRITE', 'READ'] as const) {
       for (const s of sizes) {
         for (const c of counts) {
@@ -443,6 +514,44 @@ if (caps.cuda.available && !values['host-only']) {
       }
     }
     await notifyLatency('gpu', `cuda-ipc ${placement}`, 'device->device', local, remote);
+    if (remoteGpu !== 0 && agent.backends.includes('nccl')) {
+      // The nccl backend (for GPU pairs that CUDA IPC cannot reach) on the same pair, against NCCL itself.
+      const ncclBaseline = { name: 'NCCL send/recv', gbpsFor: ncclFor, ncclFor };
+      const points: [number, number][] = quick
+        ? [
+            [1 << 20, 1],
+            [64 << 10, 256],
+            [64 << 20, 1],
+          ]
+        : [
+            [64 << 10, 1],
+            [1 << 20, 1],
+            [16 << 20, 1],
+            [64 << 20, 1],
+            [64 << 20, 16],
+            [64 << 10, 256],
+            [64 << 10, 4096],
+          ];
+      for (const op of ['WRITE', 'READ'] as const) {
+        for (const [s, c] of points) {
+          if (s * c > capacity) continue;
+          await sweepPlan(
+            'gpu',
+            `nccl ${placement}`,
+            'device->device',
+            local,
+            remote,
+            op,
+            s,
+            c,
+            capacity,
+            'nccl',
+            ncclBaseline,
+          );
+        }
+      }
+      await notifyLatency('gpu', `nccl ${placement}`, 'device->device', local, remote, 'nccl');
+    }
     await sweepPlan(
       'gpu',
       `cuda-ipc ${placement}`,
@@ -531,6 +640,7 @@ if (caps.cuda.available && !values['host-only']) {
     }
   }
   await agent.dispose();
+  for (const c of ncclRanks ?? []) await c.dispose();
   await Promise.all([dev0.dispose(), dev1?.dispose()]);
 } else {
   await agent.dispose();
@@ -554,6 +664,8 @@ const table = rows.map((r) => ({
   'post us': r.postUs?.toFixed(1) ?? '',
   'vs baseline': r.vsBaseline === undefined ? '' : `${(r.vsBaseline * 100).toFixed(0)}% of ${r.baseline}`,
   'vs link': r.vsLink === undefined ? '' : `${(r.vsLink * 100).toFixed(0)}%`,
+  'pipelined GB/s': r.pipelinedGbps?.toFixed(2) ?? '',
+  'vs NCCL': r.vsNccl === undefined ? '' : `${r.vsNccl.toFixed(2)}x`,
 }));
 console.log(
   `host: ${caps.cpu.cores} cores; CUDA: ${caps.cuda.available ? caps.cuda.devices.map((d) => d.name).join(', ') : `unavailable (${caps.cuda.reason})`}`,

@@ -223,6 +223,11 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
     expect(() =>
       agent.prepare({ op: 'WRITE', peer: peer.name, local, remote: remoteShared, pieces, backend: 'cuda-ipc' }),
     ).toThrow(BackendUnavailableError);
+    // nccl moves GPU memory only; without CUDA or NCCL the agent says why it is not offered.
+    expect(() =>
+      agent.prepare({ op: 'WRITE', peer: peer.name, local, remote: remoteShared, pieces, backend: 'nccl' }),
+    ).toThrow(agent.backends.includes('nccl') ? /device memory/ : /nccl unavailable: .+/);
+    if (!agent.backends.includes('nccl')) expect(agent.ncclUnavailableReason).toMatch(/unavailable/);
     const scratch = agent.allocShared(4096);
     const plan = agent.prepare({ op: 'WRITE', peer: peer.name, local: scratch, remote: remoteShared, pieces, backend });
     agent.deregister(scratch);

@@ -137,6 +137,7 @@ export interface RawTransferAgent {
   readonly backends: string[];
   readonly disposed: boolean;
   readonly ucxReason: string;
+  readonly ncclReason: string;
   registerHost(buffer: ArrayBufferView): RawRegion;
   allocShared(bytes: number, pinned: boolean): RawRegion;
   registerDevice(device: number, address: bigint, bytes: number): RawRegion;
@@ -170,7 +171,7 @@ export interface RawBinding {
   CudaDevice: new (ordinal: number) => RawCudaDevice;
   DeviceBuffer: new (...args: never[]) => RawDeviceBuffer;
   TransferAgent: new (
-    options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number; kernels?: Uint8Array; ucp?: string[] },
+    options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number; kernels?: Uint8Array; ucp?: string[]; nccl?: string[] },
     onNotification: (from: string, message: Buffer) => void,
   ) => RawTransferAgent;
 }

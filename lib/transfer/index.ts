@@ -178,7 +178,7 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     const raw = nativeSync(
       () =>
         new binding.TransferAgent(
-          { ...options, ...(kernels ? { kernels } : {}), ucp: libraryCandidates().ucp },
+          { ...options, ...(kernels ? { kernels } : {}), ucp: libraryCandidates().ucp, nccl: libraryCandidates().nccl },
           (from, message) => {
             const agent = holder.target;
             if (!agent) return;
@@ -216,6 +216,10 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   /** Why the ucx backend is not offered ('' when it is). */
   get ucxUnavailableReason(): string {
     return this.raw.ucxReason;
+  }
+  /** Why the nccl backend is not offered ('' when it is). */
+  get ncclUnavailableReason(): string {
+    return this.raw.ncclReason;
   }
 
   private remember(raw: RawRegion): Region {

@@ -2,7 +2,23 @@
 
 #include <pthread.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace tandem {
+
+namespace {
+
+inline void cpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+}  // namespace
 
 WorkQueue::WorkQueue(std::string name) : name_(std::move(name)) {
   thread_ = std::thread([this] { run(); });
@@ -15,6 +31,7 @@ bool WorkQueue::post(std::function<void()> job) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) return false;
     jobs_.push_back(std::move(job));
+    queued_.store(jobs_.size(), std::memory_order_release);
   }
   wake_.notify_one();
   return true;
@@ -36,6 +53,7 @@ void WorkQueue::run() {
     std::function<void()> job;
     {
       std::unique_lock<std::mutex> lock(mutex_);
+      bool spun = false;
       while (jobs_.empty() && !stopping_) {
         if (poll_) {
           lock.unlock();
@@ -43,6 +61,17 @@ void WorkQueue::run() {
           if (busy) std::this_thread::yield();
           lock.lock();
           if (busy) continue;
+        }
+        if (!spun && spin_.count() > 0) {
+          spun = true;
+          lock.unlock();
+          auto until = std::chrono::steady_clock::now() + spin_;
+          for (unsigned i = 0; queued_.load(std::memory_order_acquire) == 0; ++i) {
+            cpuRelax();
+            if ((i & 63) == 63 && std::chrono::steady_clock::now() >= until) break;
+          }
+          lock.lock();
+          continue;
         }
         if (jobs_.empty() && !stopping_) wake_.wait(lock);
       }
@@ -54,6 +83,7 @@ void WorkQueue::run() {
       }
       job = std::move(jobs_.front());
       jobs_.pop_front();
+      queued_.store(jobs_.size(), std::memory_order_release);
     }
     job();
     if (poll_) poll_();

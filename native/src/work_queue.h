@@ -2,6 +2,8 @@
 // that its context is current on exactly one thread; the capability probe gets another.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -30,6 +32,11 @@ class WorkQueue {
   // microseconds. Set before posting work that needs it; called on the queue's thread only.
   void setPoll(std::function<bool()> poll) { poll_ = std::move(poll); }
 
+  // After it runs out of work the thread keeps watching for new jobs this long before it sleeps, so
+  // that a job posted soon after the last is picked up without a futex wake (several microseconds).
+  // Costs a core while it spins; zero (the default) sleeps at once. Set before posting work.
+  void setSpin(std::chrono::microseconds spin) { spin_ = spin; }
+
   bool onQueueThread() const { return std::this_thread::get_id() == thread_.get_id(); }
   const std::string& name() const { return name_; }
 
@@ -41,6 +48,8 @@ class WorkQueue {
   std::condition_variable wake_;
   std::deque<std::function<void()>> jobs_;
   std::function<bool()> poll_;
+  std::chrono::microseconds spin_{0};
+  std::atomic<size_t> queued_{0};  // jobs_.size(), readable without the lock
   bool stopping_ = false;
   std::thread thread_;
 };

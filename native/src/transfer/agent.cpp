@@ -17,12 +17,14 @@
 #include <cerrno>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <future>
 #include <random>
 #include <sstream>
 
+#include "connection.h"
 #include "wire.h"
 
 namespace tandem::transfer {
@@ -97,31 +99,7 @@ HostMapping::~HostMapping() {
 // ---------------------------------------------------------------------------------------------------
 // Connections
 
-struct Connection {
-  explicit Connection(int fd) : fd(fd) {}
-  ~Connection() {
-    if (fd >= 0) ::close(fd);
-  }
-  void shutdown() {
-    if (open.exchange(false)) ::shutdown(fd, SHUT_RDWR);
-  }
-  int fd;
-  std::mutex sendMutex;
-  std::atomic<bool> open{true};
-  std::string peerName;
-  uint64_t peerIncarnation = 0;
-};
-
 namespace {
-
-bool sendMessage(Connection& c, Msg type, uint32_t aux, uint64_t seq, const void* payload, size_t size,
-                 std::string& error) {
-  Header h{static_cast<uint32_t>(type), aux, seq, size};
-  std::vector<iovec> iov{{&h, sizeof(h)}};
-  if (size) iov.push_back({const_cast<void*>(payload), size});
-  std::lock_guard<std::mutex> lock(c.sendMutex);
-  return sendVector(c.fd, iov, error);
-}
 
 std::vector<unsigned char> helloPayload(uint64_t incarnation, const std::string& name) {
   std::vector<unsigned char> out(sizeof(uint64_t) + sizeof(uint16_t) + name.size());
@@ -210,8 +188,28 @@ Agent::Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* c
   } else {
     ucxReason_ = "no libucp search path was given";
   }
+  if (!cuda_ || !cuda_->available) {
+    ncclReason_ = std::string("CUDA unavailable: ") + (cuda_ ? cuda_->reason : "not probed");
+  } else if (options_.nccl.empty()) {
+    ncclReason_ = "no libnccl search path was given";
+  } else {
+    const nccl::NcclLibrary& lib = nccl::loadNcclLibrary(options_.nccl);
+    if (lib.available) {
+      nccl_ = &lib;
+    } else {
+      ncclReason_ = "NCCL unavailable: " + lib.reason;
+    }
+  }
   progress_ = std::make_unique<WorkQueue>("tandem-xfer");
   progress_->setPoll([this] { return pollInflight(); });
+  // Posts often come in runs (a request's blocks, a bench loop): spinning briefly between them saves
+  // the thread's wake-up on each. TANDEM_PROGRESS_SPIN_US overrides (0: never spin).
+  {
+    long spinUs = 50;
+    if (const char* env = std::getenv("TANDEM_PROGRESS_SPIN_US")) spinUs = std::max(0L, std::strtol(env, nullptr, 10));
+    spin_ = std::chrono::microseconds(spinUs);
+    progress_->setSpin(spin_);
+  }
   acceptThread_ = std::thread([this] { acceptLoop(); });
   timeoutThread_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -312,6 +310,7 @@ void Agent::close() {
     }
     readers_.clear();
   }
+  for (auto& p : peers) closeNcclLinks(*p);
   // Jobs still queued see closing_ and reject; then release CUDA state on the progress thread.
   progress_->post([this] { releaseCuda(); });
   progress_->stop();
@@ -345,6 +344,7 @@ uint32_t Agent::backends() const {
   uint32_t b = kBackendShm | kBackendTcp;
   if (ucx_) b |= kBackendUcx;
   if (cuda_ && cuda_->available) b |= kBackendCudaIpc;
+  if (nccl_) b |= kBackendNccl;
   return b;
 }
 
@@ -747,6 +747,7 @@ void Agent::markDead(const std::shared_ptr<Peer>& peer, const std::string& reaso
   }
   if (conn) conn->shutdown();
   if (ucx_ && !peer->d.ucxAddress.empty() && !closing_) ucx_->disconnect(ucxPeerKey(*peer));
+  closeNcclLinks(*peer);
   std::vector<std::pair<uint64_t, Pending>> failed;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -849,9 +850,15 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
     return;
   }
 
+  InboundNccl nccl;
   while (!closing_) {
+    spinUntilReadable(conn->fd, spin_);
     if (!recvAll(conn->fd, &h, sizeof(h), error)) break;
     Msg type = static_cast<Msg>(h.type);
+    if (type == Msg::NcclInit || type == Msg::NcclPlan || type == Msg::NcclPost) {
+      if (!serveNccl(*conn, conn, h, nccl, error)) break;
+      continue;
+    }
     if (type == Msg::Notify) {
       if (h.length > (64u << 20)) break;  // a corrupt stream; stop serving it
       std::vector<unsigned char> message(h.length);
@@ -927,6 +934,7 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
     }
   }
   conn->shutdown();
+  closeInboundNccl(nccl);
 }
 
 void Agent::readOutbound(std::shared_ptr<Peer> peer) {
@@ -998,9 +1006,37 @@ void Agent::readOutbound(std::shared_ptr<Peer> peer) {
   }
 
   while (!closing_) {
+    spinUntilReadable(fd, spin_);
     if (!recvAll(fd, &h, sizeof(h), error)) break;
     Msg type = static_cast<Msg>(h.type);
     if (type != Msg::Done && type != Msg::ReadData) break;
+    if (type == Msg::Done) {
+      // nccl posts complete when both halves have: this answer is the target's half.
+      std::shared_ptr<Plan> ncclPlan;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = pending_.find(h.seq);
+        if (it != pending_.end() && it->second.plan->backend == Backend::Nccl) ncclPlan = it->second.plan;
+      }
+      if (ncclPlan) {
+        if (h.aux == 0) {
+          if (!discard(fd, h.length, error)) break;
+          answerNccl(h.seq);
+          continue;
+        }
+        std::string text(std::min<uint64_t>(h.length, 4096), '\0');
+        if (!recvAll(fd, text.data(), text.size(), error) || !discard(fd, h.length - text.size(), error)) break;
+        bool erased = false;
+        {
+          std::lock_guard<std::mutex> lock(mutex_);
+          erased = pending_.erase(h.seq) > 0;
+        }
+        // Our half waits for a partner that will never come: the link is unusable from here on.
+        abortNcclLink(*peer, ncclPlan, "peer '" + peer->d.name + "' refused a transfer: " + text);
+        if (erased) callbacks_.completed(h.seq, false, "TANDEM_REMOTE_ERROR", "peer '" + peer->d.name + "' refused: " + text);
+        continue;
+      }
+    }
     // Find the transfer this answers; it may have been canceled or timed out meanwhile.
     std::shared_ptr<Plan> plan;
     std::pair<size_t, size_t> group{0, 0};
@@ -1147,7 +1183,14 @@ std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const s
       }
       break;
     case Backend::Nccl:
-      unavailable("the nccl transfer backend is not built into this version (same-host GPU pairs use cuda-ipc)");
+      if (!nccl_) unavailable(ncclReason_);
+      if (!(peer->d.backends & kBackendNccl)) unavailable("peer '" + peerName + "' has no NCCL");
+      if (!localDevice || !remoteDevice) unavailable("nccl moves device memory to device memory only");
+      for (uint32_t i : remotes) {
+        if (peer->regions[i].d.device != peer->regions[remotes[0]].d.device) {
+          throw AgentError{"TANDEM_BAD_DESCRIPTOR", "remote device regions span several GPUs (nccl: one GPU per side)"};
+        }
+      }
       break;
     case Backend::Ucx:
       if (!ucx_) unavailable(ucxReason_);
@@ -1175,6 +1218,7 @@ std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const s
   plan->peer = peer;
   plan->localRegionIds = localRegions;
   plan->piecesBeforeCoalescing = count;
+  if (remoteDevice) plan->remoteDevice = peer->regions[remotes[0]].d.device;
   if (localDevice) {
     plan->localDevice = locals[0]->device;
     for (auto& r : locals) {
@@ -1277,6 +1321,7 @@ void Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<
         case Backend::Tcp: runTcp(plan, token, notif); break;
         case Backend::CudaIpc: runCudaIpc(plan, token, notif); break;
         case Backend::Ucx: runUcx(plan, token, notif); break;
+        case Backend::Nccl: runNccl(plan, token, notif); break;
         default: fail(token, "TANDEM_BACKEND_UNAVAILABLE", std::string("backend ") + backendName(plan->backend) + " unavailable");
       }
     } catch (const AgentError& e) {

@@ -25,8 +25,10 @@
 
 #include "../cuda_driver.h"
 #include "../work_queue.h"
+#include "../nccl/communicator.h"
 #include "metadata.h"
 #include "ucx_backend.h"
+#include "wire.h"
 
 namespace tandem::transfer {
 
@@ -90,6 +92,14 @@ struct Peer {
   bool connecting = true;
   CUstream stream = nullptr;  // cuda-ipc: per-peer stream (progress thread only)
   int streamDevice = -1;
+  // nccl: one two-rank communicator per (local GPU, remote GPU) for transfers this agent initiates
+  // (rank 0 here, rank 1 at the peer). Guarded by `mutex`; made on the progress thread.
+  struct NcclLink {
+    uint32_t index = 0;  // names the link on the wire; never reused for this peer
+    std::shared_ptr<nccl::Communicator> comm;
+  };
+  std::map<std::pair<int, int>, NcclLink> ncclLinks;
+  uint32_t nextNcclLink = 1;
 };
 
 struct Piece {
@@ -115,6 +125,8 @@ struct Plan {
   enum Strategy : int { kUndecided = -1, kKernel = 0, kCopyEngine = 1 };
   int strategy = kUndecided;
   float trialMs[2] = {-1, -1};
+  int remoteDevice = -1;       // nccl: the peer's GPU
+  uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
 };
 
 struct AgentCallbacks {
@@ -131,6 +143,7 @@ struct AgentOptions {
   uint32_t timeoutMs = 30000;  // bound on waiting for a peer's answer
   std::vector<unsigned char> kernels;  // the kernel fatbin (copy engine for many-piece cuda-ipc transfers)
   std::vector<std::string> ucp;        // where to look for libucp (empty: no UCX backend)
+  std::vector<std::string> nccl;       // where to look for libnccl (empty: no nccl backend)
 };
 
 class Agent {
@@ -143,6 +156,7 @@ class Agent {
   uint64_t incarnation() const { return incarnation_; }
   uint16_t tcpPort() const { return tcpPort_; }
   const std::string& ucxReason() const { return ucxReason_; }
+  const std::string& ncclReason() const { return ncclReason_; }
   uint32_t backends() const;
 
   // Registration (JS thread). Throw AgentError.
@@ -187,6 +201,36 @@ class Agent {
   void runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
   void runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
   void runUcx(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  // nccl (nccl_backend.cpp). The initiator sends the target its half (NcclInit once per link, NcclPlan
+  // once per plan, NcclPost per post) over the peer connection, then queues its own half; a post
+  // completes when both halves have completed on their GPUs.
+  void runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  void answerNccl(uint64_t token);  // one half of an nccl post finished
+  void settleNccl(uint64_t token, const nccl::Failure* failure);
+  static void closeNcclLinks(Peer& peer);
+  static void abortNcclLink(Peer& peer, const std::shared_ptr<Plan>& plan, const std::string& reason);
+  // The target's side, per inbound connection (its reader thread only, but for `shared`).
+  struct InboundNccl {
+    struct Plan {
+      std::vector<std::pair<uint64_t, uint64_t>> pieces;  // (device address, length) here
+      std::vector<uint32_t> regions;                      // checked again at every post
+    };
+    struct Link {
+      int device = -1;
+      std::shared_ptr<nccl::Communicator> comm;
+      std::map<uint64_t, Plan> plans;  // by the initiator's plan id; or why the plan is refused:
+      std::map<uint64_t, std::string> refused;
+    };
+    std::map<uint32_t, Link> links;
+    struct Shared {  // reached from the communicators' threads
+      std::mutex mutex;
+      std::map<uint64_t, std::vector<unsigned char>> notifications;  // token -> bytes to deliver after the data
+    };
+    std::shared_ptr<Shared> shared = std::make_shared<Shared>();
+  };
+  bool serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, const Header& h, InboundNccl& state,
+                 std::string& error);
+  void closeInboundNccl(InboundNccl& state);
   static std::string ucxPeerKey(const Peer& peer);
   bool sendNotify(const std::shared_ptr<Peer>& peer, const std::vector<unsigned char>& message, std::string& error);
   unsigned char* mapRemote(Peer& peer, RemoteRegion& r);
@@ -206,6 +250,8 @@ class Agent {
   int unixFd_ = -1, tcpFd_ = -1, wakeFd_[2] = {-1, -1};
   uint16_t tcpPort_ = 0;
   std::atomic<bool> closing_{false};
+  // How long the progress thread and the connection readers keep polling for more before they sleep.
+  std::chrono::microseconds spin_{50};
 
   std::mutex mutex_;  // regions_, peers_, connections_, pending_
   uint32_t nextRegionId_ = 1;
@@ -225,6 +271,8 @@ class Agent {
 
   std::unique_ptr<UcxBackend> ucx_;
   std::string ucxReason_;
+  const nccl::NcclLibrary* nccl_ = nullptr;  // set when NCCL loaded and CUDA is usable
+  std::string ncclReason_;
   std::unique_ptr<WorkQueue> progress_;
   std::thread acceptThread_;
   std::thread timeoutThread_;

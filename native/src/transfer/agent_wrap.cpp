@@ -127,6 +127,7 @@ void TransferAgentWrap::Init(Napi::Env env, Napi::Object exports) {
           InstanceAccessor<&TransferAgentWrap::GetBackends>("backends"),
           InstanceAccessor<&TransferAgentWrap::GetDisposed>("disposed"),
           InstanceAccessor<&TransferAgentWrap::GetUcxReason>("ucxReason"),
+          InstanceAccessor<&TransferAgentWrap::GetNcclReason>("ncclReason"),
       });
   AddonState::of(env).transferAgentConstructor = Napi::Persistent(ctor);
   exports.Set("TransferAgent", ctor);
@@ -153,6 +154,10 @@ TransferAgentWrap::TransferAgentWrap(const Napi::CallbackInfo& info) : Napi::Obj
   if (o.Has("ucp") && o.Get("ucp").IsArray()) {
     Napi::Array list = o.Get("ucp").As<Napi::Array>();
     for (uint32_t i = 0; i < list.Length(); ++i) options.ucp.push_back(requireString(list.Get(i), "ucp candidate"));
+  }
+  if (o.Has("nccl") && o.Get("nccl").IsArray()) {
+    Napi::Array list = o.Get("nccl").As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); ++i) options.nccl.push_back(requireString(list.Get(i), "nccl candidate"));
   }
   js_ = std::make_shared<AgentJsState>();
   js_->onNotification = Napi::Persistent(info[1].As<Napi::Function>());
@@ -442,6 +447,10 @@ Napi::Value TransferAgentWrap::GetBackends(const Napi::CallbackInfo& info) {
 }
 Napi::Value TransferAgentWrap::GetUcxReason(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), agent_ ? agent_->ucxReason() : std::string());
+}
+
+Napi::Value TransferAgentWrap::GetNcclReason(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), agent_ ? agent_->ncclReason() : std::string());
 }
 Napi::Value TransferAgentWrap::GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !agent_); }
 

@@ -2,11 +2,23 @@
 
 #include <sys/socket.h>
 
+#include <chrono>
 #include <cerrno>
 #include <climits>
 #include <cstring>
 
 namespace tandem::transfer {
+
+void spinUntilReadable(int fd, std::chrono::microseconds spin) {
+  if (spin.count() <= 0) return;
+  auto until = std::chrono::steady_clock::now() + spin;
+  char c;
+  for (;;) {
+    ssize_t n = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n != -1 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) return;  // data, EOF or error
+    if (std::chrono::steady_clock::now() >= until) return;
+  }
+}
 
 bool sendAll(int fd, const void* data, size_t size, std::string& error) {
   const char* p = static_cast<const char*>(data);

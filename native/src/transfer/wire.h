@@ -5,6 +5,7 @@
 
 #include <sys/uio.h>
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -21,6 +22,10 @@ enum class Msg : uint32_t {
   ReadRequest = 5, // aux = region id; payload: u32 pieces, u32 reserved, pieces x (u64 off, u64 len)
   ReadData = 6,    // aux = status (0 ok); payload: data (status 0) or error text
   Done = 7,        // aux = status (0 ok); payload: error text when status != 0
+  // nccl backend (initiator -> target); the target answers each NcclPost with Done (seq = token).
+  NcclInit = 8,    // aux = link; payload: 128-byte ncclUniqueId, i32 target GPU
+  NcclPlan = 9,    // seq = plan id, aux = link; payload: u32 pieces, u32 reserved, pieces x (u32 region, u32 0, u64 off, u64 len)
+  NcclPost = 10,   // seq = token, aux = link; payload: u64 plan id, u32 op, u32 notifLen, notif
 };
 
 struct Header {
@@ -37,5 +42,8 @@ bool sendAll(int fd, const void* data, size_t size, std::string& error);
 bool sendVector(int fd, std::vector<iovec>& iov, std::string& error);
 bool recvAll(int fd, void* data, size_t size, std::string& error);
 bool discard(int fd, uint64_t size, std::string& error);
+// Polls `fd` without blocking for up to `spin` (returns early once something can be read, or at EOF):
+// called before a blocking read that is likely to be answered soon, it saves the thread's wake-up.
+void spinUntilReadable(int fd, std::chrono::microseconds spin);
 
 }  // namespace tandem::transfer

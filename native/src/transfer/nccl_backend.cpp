@@ -1,0 +1,364 @@
+// The nccl transfer backend: GPU memory to GPU memory where CUDA IPC cannot reach (another host), as
+// grouped ncclSend/ncclRecv on a two-rank communicator per (initiator GPU, target GPU) pair.
+//
+// Two-sided by nature, so the target takes part. Over the agents' existing connection the initiator
+// sends, in order: NcclInit once per link (the unique id and the target GPU), NcclPlan once per plan
+// and link (the target-side pieces, validated there against its own registrations), and NcclPost per
+// post (plan id, op, notification). Each side submits its half to its nccl::Communicator, which runs
+// the group on its own stream and thread, watches deadlines and aborts on error. NCCL matches a
+// group's sends and receives to one peer in order, so piece i goes to piece i. The target answers
+// every post with Done once its half has completed on its GPU (after delivering the notification of a
+// WRITE); the initiator's post settles when its own half and that answer are both in.
+//
+// Ordering: one direction per link, posts issued in one order on both sides (progress thread here, the
+// connection's reader there). A link whose communicator was aborted (timeout, refused post, NCCL
+// error) is replaced by a new one at the next post; the target drops aborted links when a new one comes.
+#include <cstring>
+
+#include "agent.h"
+#include "connection.h"
+
+namespace tandem::transfer {
+
+namespace {
+
+struct WireNcclPiece {
+  uint32_t region;
+  uint32_t reserved;
+  uint64_t offset;
+  uint64_t length;
+};
+static_assert(sizeof(WireNcclPiece) == 24, "nccl plan piece is 24 bytes");
+
+std::string transferCode(const nccl::Failure& f) {
+  if (f.code == "TANDEM_NCCL_TIMEOUT") return "TANDEM_TIMEOUT";
+  return f.code;
+}
+
+std::string shortName(const std::string& s) { return s.size() > 40 ? s.substr(0, 40) : s; }
+
+const char* opName(Op op) { return op == Op::Write ? "WRITE" : "READ"; }
+
+}  // namespace
+
+void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
+  std::string error;
+  auto conn = waitConnected(plan->peer, error);
+  if (!conn) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  Peer& peer = *plan->peer;
+  const std::pair<int, int> key{plan->localDevice, plan->remoteDevice};
+
+  std::shared_ptr<nccl::Communicator> comm, stale;
+  uint32_t link = 0;
+  {
+    std::lock_guard<std::mutex> lock(peer.mutex);
+    if (peer.dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peer.deadReason);
+    auto it = peer.ncclLinks.find(key);
+    if (it != peer.ncclLinks.end()) {
+      if (it->second.comm->aborted()) {
+        stale = std::move(it->second.comm);
+        peer.ncclLinks.erase(it);
+      } else {
+        comm = it->second.comm;
+        link = it->second.index;
+      }
+    }
+  }
+  if (stale) stale->close();
+  if (!comm) {
+    nccl::ncclUniqueId id;
+    nccl::ncclResult_t r = nccl_->ncclGetUniqueId(&id);
+    if (r != nccl::ncclSuccess) return fail(token, "TANDEM_NCCL_ERROR", "ncclGetUniqueId failed: " + nccl_->describe(r));
+    {
+      std::lock_guard<std::mutex> lock(peer.mutex);
+      link = peer.nextNcclLink++;
+    }
+    nccl::CommOptions o;
+    o.name = "xfer " + shortName(options_.name) + ">" + shortName(peer.d.name) + " #" + std::to_string(link);
+    o.device = plan->localDevice;
+    o.rank = 0;
+    o.size = 2;
+    o.timeoutMs = options_.timeoutMs;
+    comm = std::make_shared<nccl::Communicator>(*nccl_, *cuda_, o, [this](uint64_t id, const nccl::Failure* f) {
+      if (id != 0) settleNccl(id, f);  // init's own failure reaches every post through its abort
+    });
+    std::vector<unsigned char> init(sizeof(id) + sizeof(int32_t));
+    int32_t device = plan->remoteDevice;
+    std::memcpy(init.data(), &id, sizeof(id));
+    std::memcpy(init.data() + sizeof(id), &device, sizeof(device));
+    if (!sendMessage(*conn, Msg::NcclInit, link, 0, init.data(), init.size(), error)) {
+      comm->close();
+      return fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
+    }
+    comm->startFromId(id);
+    bool dead = false;
+    {
+      std::lock_guard<std::mutex> lock(peer.mutex);
+      dead = peer.dead;
+      if (!dead) peer.ncclLinks[key] = Peer::NcclLink{link, comm};
+    }
+    if (dead) {
+      comm->close();
+      return fail(token, "TANDEM_REMOTE_DISCONNECTED", peer.deadReason);
+    }
+  }
+
+  if (plan->ncclPlanSentOn != link) {
+    std::vector<unsigned char> body(8 + plan->pieces.size() * sizeof(WireNcclPiece));
+    uint32_t counts[2] = {static_cast<uint32_t>(plan->pieces.size()), 0};
+    std::memcpy(body.data(), counts, sizeof(counts));
+    auto* out = reinterpret_cast<WireNcclPiece*>(body.data() + 8);
+    for (size_t i = 0; i < plan->pieces.size(); ++i) {
+      const Piece& p = plan->pieces[i];
+      out[i] = WireNcclPiece{peer.regions[p.remoteRegion].d.id, 0, p.remoteOff, p.length};
+    }
+    if (!sendMessage(*conn, Msg::NcclPlan, link, plan->id, body.data(), body.size(), error)) {
+      return fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
+    }
+    plan->ncclPlanSentOn = link;
+  }
+
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Pending p;
+    p.plan = plan;
+    p.peer = plan->peer;
+    if (plan->op == Op::Read) p.notif = notif;  // a READ's notification goes out once the data is here
+    p.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeoutMs);
+    p.groups.resize(2);  // two answers: the target's Done and our own half
+    pending_.emplace(token, std::move(p));
+  }
+  std::vector<unsigned char> post(16 + (plan->op == Op::Write ? notif.size() : 0));
+  uint64_t planId = plan->id;
+  uint32_t fields[2] = {static_cast<uint32_t>(plan->op), static_cast<uint32_t>(plan->op == Op::Write ? notif.size() : 0)};
+  std::memcpy(post.data(), &planId, 8);
+  std::memcpy(post.data() + 8, fields, 8);
+  if (fields[1]) std::memcpy(post.data() + 16, notif.data(), notif.size());
+  if (!sendMessage(*conn, Msg::NcclPost, link, token, post.data(), post.size(), error)) {
+    bool erased;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      erased = pending_.erase(token) > 0;
+    }
+    if (erased) fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
+    return;
+  }
+
+  std::vector<nccl::Op> ops(plan->pieces.size());
+  for (size_t i = 0; i < plan->pieces.size(); ++i) {
+    const Piece& p = plan->pieces[i];
+    nccl::Op& op = ops[i];
+    op.kind = plan->op == Op::Write ? nccl::OpKind::Send : nccl::OpKind::Recv;
+    (plan->op == Op::Write ? op.send : op.recv) = p.local;
+    op.count = p.length;
+    op.dtype = nccl::ncclUint8;
+    op.peer = 1;
+  }
+  comm->submit(token, std::move(ops), options_.timeoutMs, std::string("transfer ") + opName(plan->op), nullptr);
+}
+
+void Agent::settleNccl(uint64_t token, const nccl::Failure* failure) {
+  if (!failure) return answerNccl(token);
+  std::shared_ptr<Peer> peer;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = pending_.find(token);
+    if (it == pending_.end()) return;  // answered already (canceled, timed out, refused)
+    peer = it->second.peer;
+    pending_.erase(it);
+  }
+  std::string code = transferCode(*failure);
+  {
+    std::lock_guard<std::mutex> lock(peer->mutex);
+    if (peer->dead && code == "TANDEM_NCCL_ABORTED") {
+      return fail(token, "TANDEM_REMOTE_DISCONNECTED", "nccl transfer with peer '" + peer->d.name + "' ended: " + peer->deadReason);
+    }
+  }
+  fail(token, code, "nccl transfer with peer '" + peer->d.name + "' failed: " + failure->message);
+}
+
+void Agent::answerNccl(uint64_t token) {
+  std::shared_ptr<Plan> plan;
+  std::shared_ptr<Peer> peer;
+  std::vector<unsigned char> notif;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = pending_.find(token);
+    if (it == pending_.end()) return;
+    if (++it->second.answered < it->second.groups.size()) return;
+    plan = it->second.plan;
+    peer = it->second.peer;
+    notif = std::move(it->second.notif);
+    pending_.erase(it);
+  }
+  std::string error;
+  if (!notif.empty() && !sendNotify(peer, notif, error)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  succeed(token);
+}
+
+void Agent::closeNcclLinks(Peer& peer) {
+  std::map<std::pair<int, int>, Peer::NcclLink> links;
+  {
+    std::lock_guard<std::mutex> lock(peer.mutex);
+    links.swap(peer.ncclLinks);
+  }
+  for (auto& [key, link] : links) link.comm->close();
+}
+
+void Agent::abortNcclLink(Peer& peer, const std::shared_ptr<Plan>& plan, const std::string& reason) {
+  std::shared_ptr<nccl::Communicator> comm;
+  {
+    std::lock_guard<std::mutex> lock(peer.mutex);
+    auto it = peer.ncclLinks.find({plan->localDevice, plan->remoteDevice});
+    if (it == peer.ncclLinks.end() || it->second.index != plan->ncclPlanSentOn) return;
+    comm = std::move(it->second.comm);
+    peer.ncclLinks.erase(it);  // the next post starts a new link
+  }
+  comm->requestAbort(reason, nullptr);
+  comm->close();
+}
+
+void Agent::closeInboundNccl(InboundNccl& state) {
+  for (auto& [index, link] : state.links) {
+    if (link.comm) link.comm->close();
+  }
+  state.links.clear();
+}
+
+bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, const Header& h, InboundNccl& state,
+                      std::string& error) {
+  if (h.length > (256u << 20)) return false;  // a corrupt stream; stop serving it
+  std::vector<unsigned char> payload(h.length);
+  if (!recvAll(conn.fd, payload.data(), payload.size(), error)) return false;
+  Msg type = static_cast<Msg>(h.type);
+
+  if (type == Msg::NcclInit) {
+    if (payload.size() != sizeof(nccl::ncclUniqueId) + sizeof(int32_t)) return false;
+    if (state.links.count(h.aux)) return false;  // link numbers are never reused
+    // Links the initiator gave up on (it starts a new one after an abort) are of no further use.
+    for (auto it = state.links.begin(); it != state.links.end();) {
+      if (it->second.comm && it->second.comm->aborted()) {
+        it->second.comm->close();
+        it = state.links.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    nccl::ncclUniqueId id;
+    int32_t device;
+    std::memcpy(&id, payload.data(), sizeof(id));
+    std::memcpy(&device, payload.data() + sizeof(id), sizeof(device));
+    InboundNccl::Link& link = state.links[h.aux];
+    link.device = device;
+    if (!nccl_) return true;  // every post on this link is refused with the reason
+    nccl::CommOptions o;
+    o.name = "xfer " + shortName(conn.peerName) + ">" + shortName(options_.name) + " #" + std::to_string(h.aux);
+    o.device = device;
+    o.rank = 1;
+    o.size = 2;
+    o.timeoutMs = options_.timeoutMs;
+    auto shared = state.shared;
+    std::string from = conn.peerName;
+    link.comm = std::make_shared<nccl::Communicator>(
+        *nccl_, *cuda_, o, [this, shared, connPtr, from](uint64_t token, const nccl::Failure* f) {
+          if (token == 0) return;
+          std::vector<unsigned char> notif;
+          {
+            std::lock_guard<std::mutex> lock(shared->mutex);
+            auto it = shared->notifications.find(token);
+            if (it != shared->notifications.end()) {
+              notif = std::move(it->second);
+              shared->notifications.erase(it);
+            }
+          }
+          std::string err;
+          if (f) {
+            std::string text = "nccl: " + f->message;
+            sendMessage(*connPtr, Msg::Done, 1, token, text.data(), text.size(), err);
+            return;
+          }
+          // The data is in place before the notification is delivered and before the initiator hears Done.
+          if (!notif.empty()) callbacks_.notified(from, std::move(notif));
+          sendMessage(*connPtr, Msg::Done, 0, token, nullptr, 0, err);
+        });
+    link.comm->startFromId(id);
+    return true;
+  }
+
+  auto refuse = [&](const std::string& problem) {
+    return sendMessage(conn, Msg::Done, 1, h.seq, problem.data(), problem.size(), error);
+  };
+
+  if (type == Msg::NcclPlan) {
+    if (payload.size() < 8) return false;
+    uint32_t count;
+    std::memcpy(&count, payload.data(), 4);
+    if (payload.size() != 8 + static_cast<uint64_t>(count) * sizeof(WireNcclPiece)) return false;
+    auto it = state.links.find(h.aux);
+    if (it == state.links.end()) return true;  // posts on an unknown link are refused
+    InboundNccl::Link& link = it->second;
+    const auto* in = reinterpret_cast<const WireNcclPiece*>(payload.data() + 8);
+    InboundNccl::Plan plan;
+    plan.pieces.resize(count);
+    std::string problem;
+    for (uint32_t i = 0; i < count && problem.empty(); ++i) {
+      auto region = this->region(in[i].region);
+      if (!region) {
+        problem = "region " + std::to_string(in[i].region) + " is not registered at '" + options_.name + "'";
+      } else if (region->kind != MemKind::Device || region->device != link.device) {
+        problem = "region " + std::to_string(in[i].region) + " is not memory of GPU " + std::to_string(link.device);
+      } else if (in[i].length == 0 || in[i].offset > region->size || in[i].length > region->size - in[i].offset) {
+        problem = "piece " + std::to_string(i) + " (offset " + std::to_string(in[i].offset) + ", length " +
+                  std::to_string(in[i].length) + ") is outside region " + std::to_string(in[i].region) + " of " +
+                  std::to_string(region->size) + " bytes";
+      } else {
+        plan.pieces[i] = {region->dev + in[i].offset, in[i].length};
+        if (plan.regions.empty() || plan.regions.back() != in[i].region) plan.regions.push_back(in[i].region);
+      }
+    }
+    if (problem.empty()) {
+      link.plans[h.seq] = std::move(plan);
+    } else {
+      link.refused[h.seq] = problem;
+    }
+    return true;
+  }
+
+  // NcclPost
+  if (payload.size() < 16) return false;
+  uint64_t planId;
+  uint32_t fields[2];
+  std::memcpy(&planId, payload.data(), 8);
+  std::memcpy(fields, payload.data() + 8, 8);
+  if (payload.size() != 16 + static_cast<uint64_t>(fields[1])) return false;
+  auto it = state.links.find(h.aux);
+  if (it == state.links.end()) return refuse("no nccl link " + std::to_string(h.aux) + " with '" + conn.peerName + "'");
+  InboundNccl::Link& link = it->second;
+  if (!link.comm) return refuse("the nccl backend is unavailable at '" + options_.name + "': " + ncclReason_);
+  auto refused = link.refused.find(planId);
+  if (refused != link.refused.end()) return refuse(refused->second);
+  auto plan = link.plans.find(planId);
+  if (plan == link.plans.end()) return refuse("unknown nccl plan " + std::to_string(planId));
+  for (uint32_t id : plan->second.regions) {
+    if (!region(id)) return refuse("region " + std::to_string(id) + " was deregistered at '" + options_.name + "'");
+  }
+  const auto& pieces = plan->second.pieces;
+  Op op = fields[0] == static_cast<uint32_t>(Op::Write) ? Op::Write : Op::Read;
+  std::vector<nccl::Op> ops(pieces.size());
+  for (size_t i = 0; i < ops.size(); ++i) {
+    ops[i].kind = op == Op::Write ? nccl::OpKind::Recv : nccl::OpKind::Send;
+    (op == Op::Write ? ops[i].recv : ops[i].send) = pieces[i].first;
+    ops[i].count = pieces[i].second;
+    ops[i].dtype = nccl::ncclUint8;
+    ops[i].peer = 0;
+  }
+  if (fields[1]) {
+    std::lock_guard<std::mutex> lock(state.shared->mutex);
+    state.shared->notifications[h.seq].assign(payload.begin() + 16, payload.end());
+  }
+  link.comm->submit(h.seq, std::move(ops), options_.timeoutMs, std::string("transfer ") + opName(op) + " (target)",
+                    nullptr);
+  return true;
+}
+
+}  // namespace tandem::transfer
