@@ -4,6 +4,7 @@
 #include <sys/prctl.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <exception>
 #include <optional>
 
@@ -96,6 +97,13 @@ Communicator::Communicator(const NcclLibrary& nccl, const CudaDriver& cuda, Comm
   rank_ = options_.rank;
   size_ = options_.size;
   queue_ = std::make_unique<WorkQueue>("tandem-nccl" + std::to_string(options_.device));
+  // Operations come in runs (a layer's collectives, a benchmark loop): the thread watches for the next
+  // one for a while instead of paying a futex wake-up per operation on the latency path.
+  {
+    long spinUs = 50;
+    if (const char* env = std::getenv("TANDEM_PROGRESS_SPIN_US")) spinUs = std::max(0L, std::strtol(env, nullptr, 10));
+    queue_->setSpin(std::chrono::microseconds(spinUs));
+  }
   progress_ = std::thread([this] { progressLoop(); });
 }
 
