@@ -1638,7 +1638,9 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   bool timed = false;
   if (use == Plan::kUndecided) {
     if (kernelOk && engineOk) {
-      use = plan->trialMs[Plan::kKernel] < 0 ? Plan::kKernel : Plan::kCopyEngine;  // try each once, timed
+      // Alternate the two, timed, until each has run kTrials times; later posts use the faster.
+      use = plan->trialsIssued[Plan::kKernel] <= plan->trialsIssued[Plan::kCopyEngine] ? Plan::kKernel : Plan::kCopyEngine;
+      ++plan->trialsIssued[use];
       timed = true;
     } else {
       use = plan->strategy = kernelOk ? Plan::kKernel : Plan::kCopyEngine;
@@ -1724,8 +1726,10 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   inflight_.push_back(Inflight{event, plan->localDevice, startEvent,
                                [this, token, peerPtr, plan, use, notif = std::move(notif)](CUresult result, float ms) {
                                  if (ms >= 0 && plan->strategy == Plan::kUndecided) {
-                                   plan->trialMs[use] = ms;
-                                   if (plan->trialMs[Plan::kKernel] >= 0 && plan->trialMs[Plan::kCopyEngine] >= 0) {
+                                   if (plan->trialMs[use] < 0 || ms < plan->trialMs[use]) plan->trialMs[use] = ms;
+                                   ++plan->trialsDone[use];
+                                   if (plan->trialsDone[Plan::kKernel] >= Plan::kTrials &&
+                                       plan->trialsDone[Plan::kCopyEngine] >= Plan::kTrials) {
                                      plan->strategy = plan->trialMs[Plan::kKernel] <= plan->trialMs[Plan::kCopyEngine]
                                                           ? Plan::kKernel
                                                           : Plan::kCopyEngine;

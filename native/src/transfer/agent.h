@@ -124,7 +124,10 @@ struct Plan {
   // events; later posts use the fastest (progress thread only).
   enum Strategy : int { kUndecided = -1, kKernel = 0, kCopyEngine = 1 };
   int strategy = kUndecided;
-  float trialMs[2] = {-1, -1};
+  static constexpr int kTrials = 2;  // per strategy; the first touch of a peer mapping inflates one
+  int trialsIssued[2] = {0, 0};
+  int trialsDone[2] = {0, 0};
+  float trialMs[2] = {-1, -1};  // fastest trial of each strategy
   int remoteDevice = -1;       // nccl: the peer's GPU
   uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
 };
