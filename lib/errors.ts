@@ -269,3 +269,20 @@ export function nativeSync<T>(call: () => T): T {
     throw fromNative(error);
   }
 }
+
+/**
+ * A model (its config.json, checkpoint directory or `dummy:` name) is missing, malformed or unsupported.
+ * The message names the file and the field. Nothing was loaded.
+ */
+export class ModelConfigError extends TandemError {
+  constructor(message: string, code = 'TANDEM_BAD_MODEL') {
+    super(code, message);
+  }
+}
+
+/** A safetensors checkpoint is truncated, corrupt or inconsistent; the message names the file and the tensor. */
+export class CheckpointError extends ModelConfigError {
+  constructor(message: string) {
+    super(message, 'TANDEM_BAD_CHECKPOINT');
+  }
+}

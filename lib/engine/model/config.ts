@@ -1,0 +1,357 @@
+/**
+ * Hugging Face `config.json` for the Llama family (Llama, Qwen2, Mistral) parsed into a typed `ModelConfig`.
+ * Every problem is a `ModelConfigError` whose message names the file and the field.
+ */
+import { readFileSync, statSync } from 'node:fs';
+import { join } from 'node:path';
+import { ModelConfigError } from '../../errors.js';
+
+export const SUPPORTED_ARCHITECTURES = ['LlamaForCausalLM', 'Qwen2ForCausalLM', 'MistralForCausalLM'] as const;
+export type Architecture = (typeof SUPPORTED_ARCHITECTURES)[number];
+
+/** `model_type` values accepted when `architectures` is absent. */
+const MODEL_TYPES: Record<string, Architecture> = {
+  llama: 'LlamaForCausalLM',
+  qwen2: 'Qwen2ForCausalLM',
+  mistral: 'MistralForCausalLM',
+};
+
+export type TorchDtype = 'bfloat16' | 'float16' | 'float32';
+
+/** Llama 3.1 frequency-dependent RoPE scaling (`rope_scaling.rope_type == "llama3"`). */
+export interface Llama3RopeScaling {
+  type: 'llama3';
+  factor: number;
+  lowFreqFactor: number;
+  highFreqFactor: number;
+  originalMaxPositionEmbeddings: number;
+}
+
+export interface ModelConfig {
+  architecture: Architecture;
+  vocabSize: number;
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  /** `head_dim` when given, else hiddenSize / numHeads. */
+  headDim: number;
+  rmsNormEps: number;
+  ropeTheta: number;
+  /** null: plain RoPE. */
+  ropeScaling: Llama3RopeScaling | null;
+  maxPositionEmbeddings: number;
+  /** lm_head shares model.embed_tokens.weight (no lm_head.weight in the checkpoint). */
+  tieWordEmbeddings: boolean;
+  /** q/k/v projections carry a bias (always for Qwen2; Llama's `attention_bias`). */
+  attentionBias: boolean;
+  /** o_proj carries a bias too (Llama with `attention_bias: true`; never Qwen2 or Mistral). */
+  attentionOutputBias: boolean;
+  /** Sliding-window attention width, or null for full attention (Mistral v0.1; Qwen2 with use_sliding_window). */
+  slidingWindow: number | null;
+  bosTokenId: number | null;
+  /** Every id that ends generation (config's `eos_token_id`, a number or a list); may be empty. */
+  eosTokenIds: number[];
+  /** Dtype the checkpoint was saved in (`torch_dtype`, or `dtype` in newer transformers); float32 when absent. */
+  torchDtype: TorchDtype;
+}
+
+type Json = Record<string, unknown>;
+
+class Fields {
+  constructor(
+    readonly json: Json,
+    readonly source: string,
+  ) {}
+
+  fail(field: string, what: string): never {
+    throw new ModelConfigError(`${this.source}: field "${field}" ${what}`);
+  }
+
+  /** undefined when absent or null. */
+  get(field: string): unknown {
+    const v = this.json[field];
+    return v === null ? undefined : v;
+  }
+
+  positiveInt(field: string, fallback?: number): number {
+    const v = this.get(field);
+    if (v === undefined) {
+      if (fallback !== undefined) return fallback;
+      this.fail(field, 'is missing (a positive integer is required)');
+    }
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0)
+      this.fail(field, `must be a positive integer, got ${JSON.stringify(v)}`);
+    return v;
+  }
+
+  nonNegativeIntOrNull(field: string): number | null {
+    const v = this.get(field);
+    if (v === undefined) return null;
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0)
+      this.fail(field, `must be a non-negative integer or null, got ${JSON.stringify(v)}`);
+    return v;
+  }
+
+  positiveNumber(field: string, fallback: number): number {
+    const v = this.get(field);
+    if (v === undefined) return fallback;
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
+      this.fail(field, `must be a positive number, got ${JSON.stringify(v)}`);
+    return v;
+  }
+
+  bool(field: string, fallback: boolean): boolean {
+    const v = this.get(field);
+    if (v === undefined) return fallback;
+    if (typeof v !== 'boolean') this.fail(field, `must be true or false, got ${JSON.stringify(v)}`);
+    return v;
+  }
+}
+
+function architectureOf(f: Fields): Architecture {
+  const archs = f.get('architectures');
+  if (archs !== undefined) {
+    if (!Array.isArray(archs) || archs.length === 0 || !archs.every((a) => typeof a === 'string'))
+      f.fail('architectures', `must be a non-empty list of names, got ${JSON.stringify(archs)}`);
+    const found = (archs as string[]).find((a): a is Architecture =>
+      (SUPPORTED_ARCHITECTURES as readonly string[]).includes(a),
+    );
+    if (!found)
+      f.fail(
+        'architectures',
+        `names ${JSON.stringify(archs)}, which is not supported (supported: ${SUPPORTED_ARCHITECTURES.join(', ')})`,
+      );
+    return found;
+  }
+  const modelType = f.get('model_type');
+  if (modelType === undefined)
+    f.fail('architectures', `is missing (and so is "model_type"); supported: ${SUPPORTED_ARCHITECTURES.join(', ')}`);
+  if (typeof modelType !== 'string' || !(modelType in MODEL_TYPES))
+    f.fail(
+      'model_type',
+      `is ${JSON.stringify(modelType)}, which is not supported (supported: ${Object.keys(MODEL_TYPES).join(', ')})`,
+    );
+  return MODEL_TYPES[modelType]!;
+}
+
+function ropeScalingOf(f: Fields): Llama3RopeScaling | null {
+  const rs = f.get('rope_scaling');
+  if (rs === undefined) return null;
+  if (typeof rs !== 'object' || Array.isArray(rs)) f.fail('rope_scaling', `must be an object or null`);
+  const sub = new Fields(rs as Json, f.source);
+  const typeField = sub.get('rope_type') !== undefined ? 'rope_type' : 'type';
+  const type = sub.get(typeField);
+  if (type === 'default') return null;
+  if (type !== 'llama3')
+    f.fail(
+      `rope_scaling.${typeField}`,
+      `is ${JSON.stringify(type)}, which is not supported (supported: "llama3", "default")`,
+    );
+  const num = (field: string): number => {
+    const v = sub.get(field);
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
+      f.fail(
+        `rope_scaling.${field}`,
+        v === undefined ? 'is missing' : `must be a positive number, got ${JSON.stringify(v)}`,
+      );
+    return v;
+  };
+  const scaling: Llama3RopeScaling = {
+    type: 'llama3',
+    factor: num('factor'),
+    lowFreqFactor: num('low_freq_factor'),
+    highFreqFactor: num('high_freq_factor'),
+    originalMaxPositionEmbeddings: num('original_max_position_embeddings'),
+  };
+  if (!Number.isSafeInteger(scaling.originalMaxPositionEmbeddings))
+    f.fail('rope_scaling.original_max_position_embeddings', 'must be an integer');
+  if (scaling.highFreqFactor <= scaling.lowFreqFactor)
+    f.fail('rope_scaling.high_freq_factor', 'must be greater than rope_scaling.low_freq_factor');
+  return scaling;
+}
+
+function eosOf(f: Fields): number[] {
+  const v = f.get('eos_token_id');
+  if (v === undefined) return [];
+  const list = Array.isArray(v) ? v : [v];
+  for (const id of list)
+    if (typeof id !== 'number' || !Number.isSafeInteger(id) || id < 0)
+      f.fail('eos_token_id', `must be a token id or a list of token ids, got ${JSON.stringify(v)}`);
+  return [...new Set(list as number[])];
+}
+
+function dtypeOf(f: Fields): TorchDtype {
+  const field = f.get('torch_dtype') !== undefined ? 'torch_dtype' : 'dtype';
+  const v = f.get(field);
+  if (v === undefined) return 'float32';
+  if (v !== 'bfloat16' && v !== 'float16' && v !== 'float32')
+    f.fail(field, `is ${JSON.stringify(v)}; supported: "bfloat16", "float16", "float32"`);
+  return v;
+}
+
+/**
+ * Parses the JSON object of a config.json. `source` names the file in error messages.
+ * Optional fields take transformers' defaults for the architecture.
+ */
+export function parseModelConfig(json: unknown, source = 'config.json'): ModelConfig {
+  if (typeof json !== 'object' || json === null || Array.isArray(json))
+    throw new ModelConfigError(`${source}: not a JSON object`);
+  const f = new Fields(json as Json, source);
+  const architecture = architectureOf(f);
+  const qwen = architecture === 'Qwen2ForCausalLM';
+  const mistral = architecture === 'MistralForCausalLM';
+
+  const hiddenSize = f.positiveInt('hidden_size');
+  const numHeads = f.positiveInt('num_attention_heads');
+  const numKvHeads = f.positiveInt('num_key_value_heads', numHeads);
+  if (numHeads % numKvHeads !== 0)
+    f.fail('num_key_value_heads', `(${numKvHeads}) must divide num_attention_heads (${numHeads})`);
+  let headDim: number;
+  if (f.get('head_dim') !== undefined) headDim = f.positiveInt('head_dim');
+  else {
+    if (hiddenSize % numHeads !== 0)
+      f.fail(
+        'hidden_size',
+        `(${hiddenSize}) must be a multiple of num_attention_heads (${numHeads}) when head_dim is absent`,
+      );
+    headDim = hiddenSize / numHeads;
+  }
+  if (headDim % 2 !== 0) f.fail('head_dim', `(${headDim}) must be even for RoPE`);
+
+  if (f.bool('mlp_bias', false)) f.fail('mlp_bias', 'is true, which is not supported');
+  const llamaBias = architecture === 'LlamaForCausalLM' && f.bool('attention_bias', false);
+
+  let slidingWindow: number | null = null;
+  if (mistral) slidingWindow = f.nonNegativeIntOrNull('sliding_window');
+  else if (qwen && f.bool('use_sliding_window', false)) slidingWindow = f.nonNegativeIntOrNull('sliding_window');
+
+  const hiddenAct = f.get('hidden_act');
+  if (hiddenAct !== undefined && hiddenAct !== 'silu')
+    f.fail('hidden_act', `is ${JSON.stringify(hiddenAct)}; only "silu" (SwiGLU) is supported`);
+
+  return {
+    architecture,
+    vocabSize: f.positiveInt('vocab_size'),
+    hiddenSize,
+    intermediateSize: f.positiveInt('intermediate_size'),
+    numLayers: f.positiveInt('num_hidden_layers'),
+    numHeads,
+    numKvHeads,
+    headDim,
+    rmsNormEps: f.positiveNumber('rms_norm_eps', 1e-6),
+    ropeTheta: f.positiveNumber('rope_theta', 10000),
+    ropeScaling: ropeScalingOf(f),
+    maxPositionEmbeddings: f.positiveInt('max_position_embeddings', qwen ? 32768 : mistral ? 4096 * 32 : 2048),
+    tieWordEmbeddings: f.bool('tie_word_embeddings', false),
+    attentionBias: qwen || llamaBias,
+    attentionOutputBias: llamaBias,
+    slidingWindow,
+    bosTokenId: f.nonNegativeIntOrNull('bos_token_id'),
+    eosTokenIds: eosOf(f),
+    torchDtype: dtypeOf(f),
+  };
+}
+
+/** Reads and parses `<dir>/config.json` (or the file itself when `path` is a file). */
+export function loadModelConfig(path: string): ModelConfig {
+  let file = path;
+  try {
+    if (statSync(path).isDirectory()) file = join(path, 'config.json');
+  } catch {
+    throw new ModelConfigError(`${path}: no such model directory or config file`);
+  }
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (e) {
+    throw new ModelConfigError(`${file}: cannot read (${(e as Error).message})`);
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new ModelConfigError(`${file}: not valid JSON (${(e as Error).message})`);
+  }
+  return parseModelConfig(json, file);
+}
+
+export interface TensorSpec {
+  name: string;
+  shape: number[];
+}
+
+/**
+ * The tensors a checkpoint of this config holds, with Hugging Face names and shapes, in a fixed order
+ * (embedding, layers 0..N-1, final norm, lm_head unless tied).
+ */
+export function expectedTensors(c: ModelConfig): TensorSpec[] {
+  const q = c.numHeads * c.headDim;
+  const kv = c.numKvHeads * c.headDim;
+  const out: TensorSpec[] = [{ name: 'model.embed_tokens.weight', shape: [c.vocabSize, c.hiddenSize] }];
+  for (let l = 0; l < c.numLayers; l++) {
+    const p = `model.layers.${l}.`;
+    out.push({ name: `${p}input_layernorm.weight`, shape: [c.hiddenSize] });
+    out.push({ name: `${p}self_attn.q_proj.weight`, shape: [q, c.hiddenSize] });
+    if (c.attentionBias) out.push({ name: `${p}self_attn.q_proj.bias`, shape: [q] });
+    out.push({ name: `${p}self_attn.k_proj.weight`, shape: [kv, c.hiddenSize] });
+    if (c.attentionBias) out.push({ name: `${p}self_attn.k_proj.bias`, shape: [kv] });
+    out.push({ name: `${p}self_attn.v_proj.weight`, shape: [kv, c.hiddenSize] });
+    if (c.attentionBias) out.push({ name: `${p}self_attn.v_proj.bias`, shape: [kv] });
+    out.push({ name: `${p}self_attn.o_proj.weight`, shape: [c.hiddenSize, q] });
+    if (c.attentionOutputBias) out.push({ name: `${p}self_attn.o_proj.bias`, shape: [c.hiddenSize] });
+    out.push({ name: `${p}post_attention_layernorm.weight`, shape: [c.hiddenSize] });
+    out.push({ name: `${p}mlp.gate_proj.weight`, shape: [c.intermediateSize, c.hiddenSize] });
+    out.push({ name: `${p}mlp.up_proj.weight`, shape: [c.intermediateSize, c.hiddenSize] });
+    out.push({ name: `${p}mlp.down_proj.weight`, shape: [c.hiddenSize, c.intermediateSize] });
+  }
+  out.push({ name: 'model.norm.weight', shape: [c.hiddenSize] });
+  if (!c.tieWordEmbeddings) out.push({ name: 'lm_head.weight', shape: [c.vocabSize, c.hiddenSize] });
+  return out;
+}
+
+/** Number of parameters (elements) in the checkpoint of this config. */
+export function parameterCount(c: ModelConfig): number {
+  return expectedTensors(c).reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1), 0);
+}
+
+/** The config.json object (Hugging Face field names) that `parseModelConfig` reads back as `c`. */
+export function toHfConfig(c: ModelConfig): Record<string, unknown> {
+  const modelType = Object.entries(MODEL_TYPES).find(([, a]) => a === c.architecture)![0];
+  const out: Record<string, unknown> = {
+    architectures: [c.architecture],
+    model_type: modelType,
+    vocab_size: c.vocabSize,
+    hidden_size: c.hiddenSize,
+    intermediate_size: c.intermediateSize,
+    num_hidden_layers: c.numLayers,
+    num_attention_heads: c.numHeads,
+    num_key_value_heads: c.numKvHeads,
+    head_dim: c.headDim,
+    hidden_act: 'silu',
+    rms_norm_eps: c.rmsNormEps,
+    rope_theta: c.ropeTheta,
+    rope_scaling: c.ropeScaling && {
+      rope_type: 'llama3',
+      factor: c.ropeScaling.factor,
+      low_freq_factor: c.ropeScaling.lowFreqFactor,
+      high_freq_factor: c.ropeScaling.highFreqFactor,
+      original_max_position_embeddings: c.ropeScaling.originalMaxPositionEmbeddings,
+    },
+    max_position_embeddings: c.maxPositionEmbeddings,
+    tie_word_embeddings: c.tieWordEmbeddings,
+    bos_token_id: c.bosTokenId,
+    eos_token_id: c.eosTokenIds.length === 1 ? c.eosTokenIds[0] : c.eosTokenIds,
+    torch_dtype: c.torchDtype,
+  };
+  if (c.architecture === 'LlamaForCausalLM') {
+    out.attention_bias = c.attentionOutputBias;
+    out.mlp_bias = false;
+  } else if (c.architecture === 'MistralForCausalLM') out.sliding_window = c.slidingWindow;
+  else {
+    out.use_sliding_window = c.slidingWindow !== null;
+    if (c.slidingWindow !== null) out.sliding_window = c.slidingWindow;
+  }
+  return out;
+}
