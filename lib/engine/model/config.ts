@@ -136,24 +136,44 @@ function architectureOf(f: Fields): Architecture {
   return MODEL_TYPES[modelType]!;
 }
 
+/** transformers 5 writes RoPE settings (theta included) as `rope_parameters`; older files as `rope_scaling`. */
+function ropeField(f: Fields): 'rope_scaling' | 'rope_parameters' {
+  return f.get('rope_scaling') === undefined && f.get('rope_parameters') !== undefined
+    ? 'rope_parameters'
+    : 'rope_scaling';
+}
+
+function ropeThetaOf(f: Fields): number {
+  if (f.get('rope_theta') !== undefined || ropeField(f) !== 'rope_parameters')
+    return f.positiveNumber('rope_theta', 10000);
+  const rp = f.get('rope_parameters');
+  if (typeof rp !== 'object' || rp === null || Array.isArray(rp)) f.fail('rope_parameters', 'must be an object');
+  const v = (rp as Record<string, unknown>).rope_theta;
+  if (v === undefined) return 10000;
+  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
+    f.fail('rope_parameters.rope_theta', `must be a positive number, got ${JSON.stringify(v)}`);
+  return v;
+}
+
 function ropeScalingOf(f: Fields): Llama3RopeScaling | null {
-  const rs = f.get('rope_scaling');
-  if (rs === undefined) return null;
-  if (typeof rs !== 'object' || Array.isArray(rs)) f.fail('rope_scaling', `must be an object or null`);
+  const name = ropeField(f);
+  const rs = f.get(name);
+  if (rs === undefined || rs === null) return null;
+  if (typeof rs !== 'object' || Array.isArray(rs)) f.fail(name, `must be an object or null`);
   const sub = new Fields(rs as Json, f.source);
   const typeField = sub.get('rope_type') !== undefined ? 'rope_type' : 'type';
   const type = sub.get(typeField);
   if (type === 'default') return null;
   if (type !== 'llama3')
     f.fail(
-      `rope_scaling.${typeField}`,
+      `${name}.${typeField}`,
       `is ${JSON.stringify(type)}, which is not supported (supported: "llama3", "default")`,
     );
   const num = (field: string): number => {
     const v = sub.get(field);
     if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
       f.fail(
-        `rope_scaling.${field}`,
+        `${name}.${field}`,
         v === undefined ? 'is missing' : `must be a positive number, got ${JSON.stringify(v)}`,
       );
     return v;
@@ -166,9 +186,9 @@ function ropeScalingOf(f: Fields): Llama3RopeScaling | null {
     originalMaxPositionEmbeddings: num('original_max_position_embeddings'),
   };
   if (!Number.isSafeInteger(scaling.originalMaxPositionEmbeddings))
-    f.fail('rope_scaling.original_max_position_embeddings', 'must be an integer');
+    f.fail(`${name}.original_max_position_embeddings`, 'must be an integer');
   if (scaling.highFreqFactor <= scaling.lowFreqFactor)
-    f.fail('rope_scaling.high_freq_factor', 'must be greater than rope_scaling.low_freq_factor');
+    f.fail(`${name}.high_freq_factor`, `must be greater than ${name}.low_freq_factor`);
   return scaling;
 }
 
@@ -241,7 +261,7 @@ export function parseModelConfig(json: unknown, source = 'config.json'): ModelCo
     numKvHeads,
     headDim,
     rmsNormEps: f.positiveNumber('rms_norm_eps', 1e-6),
-    ropeTheta: f.positiveNumber('rope_theta', 10000),
+    ropeTheta: ropeThetaOf(f),
     ropeScaling: ropeScalingOf(f),
     maxPositionEmbeddings: f.positiveInt('max_position_embeddings', qwen ? 32768 : mistral ? 4096 * 32 : 2048),
     tieWordEmbeddings: f.bool('tie_word_embeddings', false),
