@@ -610,7 +610,7 @@ void Communicator::groupInit(const std::vector<std::shared_ptr<Communicator>>& c
 // Operations
 
 void Communicator::submit(uint64_t id, std::vector<Op> ops, uint32_t timeoutMs, std::string label,
-                          std::shared_ptr<void> hostOwner) {
+                          std::shared_ptr<void> hostOwner, StreamHook before, StreamHook after) {
   Pending pending;
   pending.timeoutMs = timeoutMs;
   pending.deadline = Clock::now() + std::chrono::milliseconds(timeoutMs);
@@ -641,6 +641,8 @@ void Communicator::submit(uint64_t id, std::vector<Op> ops, uint32_t timeoutMs, 
   batch->id = id;
   batch->ops = std::move(ops);
   batch->hostOwner = std::move(hostOwner);
+  batch->before = std::move(before);
+  batch->after = std::move(after);
   auto self = shared_from_this();
   if (!queue_ || !queue_->post([self, batch] { self->runBatch(*batch); })) {
     fail(id, "TANDEM_DISPOSED", "was not run: the communicator was disposed");
@@ -679,14 +681,16 @@ void Communicator::runBatch(Batch& batch) {
     if (!comm) {
       gone = true;
     } else {
-      const bool group = batch.ops.size() > 1;
+      if (batch.before) cr = batch.before(stream_, batch.ops, detail);
+      const bool group = batch.ops.size() > 1 && cr == CUDA_SUCCESS;
       bool grouped = false;
-      if (group) {
+      if (cr != CUDA_SUCCESS) nr = ncclSuccess;  // nothing of the group was issued
+      else if (group) {
         nr = nccl_.ncclGroupStart();
         grouped = nr == ncclSuccess;
       }
       for (const Op& op : batch.ops) {
-        if (nr != ncclSuccess) break;
+        if (nr != ncclSuccess || cr != CUDA_SUCCESS) break;
         void* send = devicePointer(op.send);
         void* recv = devicePointer(op.recv);
         switch (op.kind) {
@@ -720,8 +724,9 @@ void Communicator::runBatch(Batch& batch) {
         ncclResult_t end = nccl_.ncclGroupEnd();
         if (nr == ncclSuccess) nr = end;
       }
+      if (nr == ncclSuccess && cr == CUDA_SUCCESS && batch.after) cr = batch.after(stream_, batch.ops, detail);
       if (nr != ncclSuccess) detail = nccl_.describe(nr);
-      else cr = cuda_.cuEventRecord(event, stream_);
+      else if (cr == CUDA_SUCCESS) cr = cuda_.cuEventRecord(event, stream_);
     }
   } else {
     // Copies and fills touch no NCCL handle. From pageable host memory they return once the bytes

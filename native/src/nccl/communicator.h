@@ -119,8 +119,13 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
 
   // Queues a batch (one operation, or several run inside ncclGroupStart/End). Settles `id` through
   // Settle; never throws.
+  // Work a caller adds around a batch's NCCL group, on the communicator's thread and stream (the
+  // transfer backend's staging copies; `before` may fill in the operations' addresses, e.g. a staging
+  // buffer it allocates). Returns CUDA_SUCCESS, or an error with `detail` set, which fails the batch and
+  // aborts the communicator like a CUDA error of the group itself.
+  using StreamHook = std::function<CUresult(CUstream stream, std::vector<Op>& ops, std::string& detail)>;
   void submit(uint64_t id, std::vector<Op> ops, uint32_t timeoutMs, std::string label,
-              std::shared_ptr<void> hostOwner);
+              std::shared_ptr<void> hostOwner, StreamHook before = nullptr, StreamHook after = nullptr);
 
   // Communicator thread: device memory owned by this communicator (freed at dispose). Throw NativeError.
   uint64_t allocate(size_t bytes);
@@ -169,6 +174,7 @@ class Communicator : public std::enable_shared_from_this<Communicator> {
     uint64_t id;
     std::vector<Op> ops;
     std::shared_ptr<void> hostOwner;
+    StreamHook before, after;
   };
 
   static std::string describe(const OpSummary& summary);

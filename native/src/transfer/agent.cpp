@@ -326,15 +326,6 @@ void Agent::close() {
   regions_.clear();
 }
 
-template <typename F>
-auto Agent::onProgress(F&& fn) -> decltype(fn()) {
-  using R = decltype(fn());
-  if (progress_->onQueueThread()) return fn();
-  auto task = std::make_shared<std::packaged_task<R()>>(std::forward<F>(fn));
-  auto future = task->get_future();
-  if (!progress_->post([task] { (*task)(); })) throw AgentError{"TANDEM_DISPOSED", "the transfer agent was disposed"};
-  return future.get();  // rethrows AgentError from the progress thread
-}
 
 std::string Agent::ucxPeerKey(const Peer& peer) {
   return peer.d.name + "#" + std::to_string(peer.d.incarnation);

@@ -15,6 +15,7 @@
 #include <deque>
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -68,6 +69,8 @@ struct Region {
 };
 
 struct Connection;
+struct NcclStaging;     // nccl_backend.cpp
+struct NcclStagedPlan;  // nccl_backend.cpp
 
 struct RemoteRegion {
   RegionDescriptor d;
@@ -97,6 +100,7 @@ struct Peer {
   struct NcclLink {
     uint32_t index = 0;  // names the link on the wire; never reused for this peer
     std::shared_ptr<nccl::Communicator> comm;
+    std::shared_ptr<NcclStaging> staging;  // for plans of many pieces
   };
   std::map<std::pair<int, int>, NcclLink> ncclLinks;
   uint32_t nextNcclLink = 1;
@@ -130,6 +134,8 @@ struct Plan {
   float trialMs[2] = {-1, -1};  // fastest trial of each strategy
   int remoteDevice = -1;       // nccl: the peer's GPU
   uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
+  std::shared_ptr<NcclStagedPlan> ncclStaged;  // nccl: set when the plan goes through staging buffers
+  bool ncclDecided = false;
 };
 
 struct AgentCallbacks {
@@ -217,10 +223,12 @@ class Agent {
     struct Plan {
       std::vector<std::pair<uint64_t, uint64_t>> pieces;  // (device address, length) here
       std::vector<uint32_t> regions;                      // checked again at every post
+      std::shared_ptr<NcclStagedPlan> staged;             // set when the initiator stages this plan
     };
     struct Link {
       int device = -1;
       std::shared_ptr<nccl::Communicator> comm;
+      std::shared_ptr<NcclStaging> staging;
       std::map<uint64_t, Plan> plans;  // by the initiator's plan id; or why the plan is refused:
       std::map<uint64_t, std::string> refused;
     };
@@ -313,5 +321,16 @@ class Agent {
   DeviceKernels& kernelsFor(int device);
   void sweepChunkTables(bool all);
 };
+
+// Runs `fn` on the progress thread (at once when already there) and returns its result; rethrows.
+template <typename F>
+inline auto Agent::onProgress(F&& fn) -> decltype(fn()) {
+  using R = decltype(fn());
+  if (progress_->onQueueThread()) return fn();
+  auto task = std::make_shared<std::packaged_task<R()>>(std::forward<F>(fn));
+  auto future = task->get_future();
+  if (!progress_->post([task] { (*task)(); })) throw AgentError{"TANDEM_DISPOSED", "the transfer agent was disposed"};
+  return future.get();  // rethrows AgentError from the progress thread
+}
 
 }  // namespace tandem::transfer

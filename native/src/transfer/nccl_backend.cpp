@@ -15,6 +15,7 @@
 // error) is replaced by a new one at the next post; the target drops aborted links when a new one comes.
 #include <cstring>
 
+#include "../addon_state.h"
 #include "agent.h"
 #include "connection.h"
 
@@ -39,6 +40,126 @@ std::string shortName(const std::string& s) { return s.size() > 40 ? s.substr(0,
 
 const char* opName(Op op) { return op == Op::Write ? "WRITE" : "READ"; }
 
+// Plans with at least this many pieces (after merging) go through a staging buffer: one kernel gathers
+// the pieces into it (or scatters them out of it) and NCCL moves one contiguous message, instead of one
+// NCCL send/recv per piece (each costs several microseconds however small it is).
+constexpr size_t kStageMinPieces = 4;
+constexpr uint64_t kStageMaxBytes = 4ull << 30;  // beyond this the staging memory is not worth it
+constexpr uint64_t kStageChunkBytes = 128 << 10;
+
+}  // namespace
+
+// One side's staging state for one link. Touched only on that link communicator's thread (in the hooks
+// around its batches); its memory belongs to the communicator and is freed with it.
+struct NcclStaging {
+  nccl::Communicator* comm = nullptr;
+  const CudaDriver* cuda = nullptr;
+  CUfunction copy = nullptr;  // tandem_copy_chunks, loaded in the device's primary context
+  int multiprocessors = 1;
+  CUdeviceptr buffer = 0;
+  uint64_t size = 0;
+  struct Table {
+    CUdeviceptr dev = 0;
+    unsigned count = 0;
+  };
+  std::map<uint64_t, Table> tables;  // plan id -> chunk table (valid for the current buffer)
+};
+
+// A staged plan as one side sees it: its pieces here, in order, and which way the kernel copies.
+struct NcclStagedPlan {
+  uint64_t id = 0;
+  bool gather = true;  // pieces -> staging (the sender's side); else staging -> pieces
+  uint64_t bytes = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> pieces;  // (device address, length)
+};
+
+namespace {
+
+// Grows the staging buffer to `bytes` (chunk tables name its address, so they go too). Throws NativeError.
+void ensureStaging(NcclStaging& st, uint64_t bytes) {
+  if (st.size >= bytes) return;
+  for (auto& [id, t] : st.tables) st.comm->release(t.dev);
+  st.tables.clear();
+  if (st.buffer) st.comm->release(st.buffer);  // waits for the stream: earlier batches may still use it
+  st.buffer = 0;
+  st.size = 0;
+  st.buffer = st.comm->allocate(bytes);
+  st.size = bytes;
+}
+
+// Runs on the communicator's thread: makes room, uploads the plan's chunk table once, launches the copy.
+CUresult stageCopy(NcclStaging& st, const NcclStagedPlan& plan, CUstream stream, std::string& detail) {
+  const CudaDriver& cuda = *st.cuda;
+  try {
+    ensureStaging(st, plan.bytes);
+    auto it = st.tables.find(plan.id);
+    if (it == st.tables.end()) {
+      std::vector<unsigned long long> entries;  // (src, dst, bytes) triples
+      uint64_t pos = 0;
+      for (const auto& [addr, len] : plan.pieces) {
+        for (uint64_t off = 0; off < len; off += kStageChunkBytes) {
+          uint64_t staged = st.buffer + pos + off;
+          entries.push_back(plan.gather ? addr + off : staged);
+          entries.push_back(plan.gather ? staged : addr + off);
+          entries.push_back(std::min(kStageChunkBytes, len - off));
+        }
+        pos += len;
+      }
+      NcclStaging::Table t;
+      t.count = static_cast<unsigned>(entries.size() / 3);
+      t.dev = st.comm->allocate(entries.size() * sizeof(unsigned long long));
+      CUresult r = cuda.cuMemcpyHtoDAsync(t.dev, entries.data(), entries.size() * sizeof(unsigned long long), stream);
+      if (r == CUDA_SUCCESS) r = cuda.cuStreamSynchronize(stream);  // `entries` goes out of scope
+      if (r != CUDA_SUCCESS) {
+        st.comm->release(t.dev);
+        detail = "upload of the staging chunk table: " + cuda.describe(r);
+        return r;
+      }
+      it = st.tables.emplace(plan.id, t).first;
+    }
+    unsigned blocks = std::min<unsigned>(it->second.count, static_cast<unsigned>(std::max(1, st.multiprocessors) * 4));
+    void* args[] = {&it->second.dev, &it->second.count};
+    CUresult r = cuda.cuLaunchKernel(st.copy, blocks, 1, 1, 512, 1, 1, 0, stream, args, nullptr);
+    if (r != CUDA_SUCCESS) detail = "launch of tandem_copy_chunks (staging): " + cuda.describe(r);
+    return r;
+  } catch (const tandem::NativeError& e) {
+    detail = std::string("staging buffer: ") + e.what();
+    return CUDA_ERROR_OUT_OF_MEMORY;
+  }
+}
+
+// The NCCL side of a staged transfer: one contiguous send or receive of the staging buffer, and the
+// hooks that fill it before the send or empty it after the receive.
+void stagedOps(const std::shared_ptr<NcclStaging>& st, const std::shared_ptr<NcclStagedPlan>& plan, bool send, int peer,
+               std::vector<nccl::Op>& ops, nccl::Communicator::StreamHook& before, nccl::Communicator::StreamHook& after) {
+  ops.assign(1, nccl::Op{});
+  ops[0].kind = send ? nccl::OpKind::Send : nccl::OpKind::Recv;
+  ops[0].count = plan->bytes;
+  ops[0].dtype = nccl::ncclUint8;
+  ops[0].peer = peer;
+  before = [st, plan, send](CUstream stream, std::vector<nccl::Op>& o, std::string& detail) {
+    // The buffer exists only once the first batch has run here; the address is filled in now.
+    CUresult r = CUDA_SUCCESS;
+    if (send) {
+      r = stageCopy(*st, *plan, stream, detail);
+    } else {
+      try {
+        ensureStaging(*st, plan->bytes);  // the copy out runs after the receive
+      } catch (const tandem::NativeError& e) {
+        detail = std::string("staging buffer: ") + e.what();
+        r = CUDA_ERROR_OUT_OF_MEMORY;
+      }
+    }
+    (send ? o[0].send : o[0].recv) = st->buffer;
+    return r;
+  };
+  if (!send) {
+    after = [st, plan](CUstream stream, std::vector<nccl::Op>&, std::string& detail) {
+      return stageCopy(*st, *plan, stream, detail);
+    };
+  }
+}
+
 }  // namespace
 
 void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
@@ -49,6 +170,7 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
   const std::pair<int, int> key{plan->localDevice, plan->remoteDevice};
 
   std::shared_ptr<nccl::Communicator> comm, stale;
+  std::shared_ptr<NcclStaging> staging;
   uint32_t link = 0;
   {
     std::lock_guard<std::mutex> lock(peer.mutex);
@@ -60,6 +182,7 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
         peer.ncclLinks.erase(it);
       } else {
         comm = it->second.comm;
+        staging = it->second.staging;
         link = it->second.index;
       }
     }
@@ -91,11 +214,17 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
       return fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
     }
     comm->startFromId(id);
+    staging = std::make_shared<NcclStaging>();
+    staging->comm = comm.get();
+    staging->cuda = cuda_;
+    DeviceKernels& kernels = kernelsFor(plan->localDevice);
+    staging->copy = kernels.copyChunks;
+    staging->multiprocessors = kernels.multiprocessors;
     bool dead = false;
     {
       std::lock_guard<std::mutex> lock(peer.mutex);
       dead = peer.dead;
-      if (!dead) peer.ncclLinks[key] = Peer::NcclLink{link, comm};
+      if (!dead) peer.ncclLinks[key] = Peer::NcclLink{link, comm, staging};
     }
     if (dead) {
       comm->close();
@@ -103,9 +232,22 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
     }
   }
 
+  if (!plan->ncclDecided) {
+    plan->ncclDecided = true;
+    if (plan->pieces.size() >= kStageMinPieces && plan->bytes <= kStageMaxBytes && staging->copy) {
+      auto staged = std::make_shared<NcclStagedPlan>();
+      staged->id = plan->id;
+      staged->gather = plan->op == Op::Write;  // the sender gathers
+      staged->bytes = plan->bytes;
+      for (const Piece& p : plan->pieces) staged->pieces.emplace_back(p.local, p.length);
+      plan->ncclStaged = staged;
+    }
+  }
   if (plan->ncclPlanSentOn != link) {
     std::vector<unsigned char> body(8 + plan->pieces.size() * sizeof(WireNcclPiece));
-    uint32_t counts[2] = {static_cast<uint32_t>(plan->pieces.size()), 0};
+    // reserved word: bit 0 = staged, bit 1 = the plan's op (1: WRITE)
+    uint32_t counts[2] = {static_cast<uint32_t>(plan->pieces.size()),
+                          (plan->ncclStaged ? 1u : 0u) | (plan->op == Op::Write ? 2u : 0u)};
     std::memcpy(body.data(), counts, sizeof(counts));
     auto* out = reinterpret_cast<WireNcclPiece*>(body.data() + 8);
     for (size_t i = 0; i < plan->pieces.size(); ++i) {
@@ -144,17 +286,24 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
     return;
   }
 
-  std::vector<nccl::Op> ops(plan->pieces.size());
-  for (size_t i = 0; i < plan->pieces.size(); ++i) {
-    const Piece& p = plan->pieces[i];
-    nccl::Op& op = ops[i];
-    op.kind = plan->op == Op::Write ? nccl::OpKind::Send : nccl::OpKind::Recv;
-    (plan->op == Op::Write ? op.send : op.recv) = p.local;
-    op.count = p.length;
-    op.dtype = nccl::ncclUint8;
-    op.peer = 1;
+  std::vector<nccl::Op> ops;
+  nccl::Communicator::StreamHook before, after;
+  if (plan->ncclStaged) {
+    stagedOps(staging, plan->ncclStaged, plan->op == Op::Write, 1, ops, before, after);
+  } else {
+    ops.resize(plan->pieces.size());
+    for (size_t i = 0; i < plan->pieces.size(); ++i) {
+      const Piece& p = plan->pieces[i];
+      nccl::Op& op = ops[i];
+      op.kind = plan->op == Op::Write ? nccl::OpKind::Send : nccl::OpKind::Recv;
+      (plan->op == Op::Write ? op.send : op.recv) = p.local;
+      op.count = p.length;
+      op.dtype = nccl::ncclUint8;
+      op.peer = 1;
+    }
   }
-  comm->submit(token, std::move(ops), options_.timeoutMs, std::string("transfer ") + opName(plan->op), nullptr);
+  comm->submit(token, std::move(ops), options_.timeoutMs, std::string("transfer ") + opName(plan->op), nullptr,
+               std::move(before), std::move(after));
 }
 
 void Agent::settleNccl(uint64_t token, const nccl::Failure* failure) {
@@ -316,6 +465,37 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
         if (plan.regions.empty() || plan.regions.back() != in[i].region) plan.regions.push_back(in[i].region);
       }
     }
+    uint32_t flags;
+    std::memcpy(&flags, payload.data() + 4, 4);
+    if (problem.empty() && (flags & 1u)) {
+      if (!link.comm) {
+        problem = "the nccl backend is unavailable at '" + options_.name + "': " + ncclReason_;
+      } else {
+        if (!link.staging) {
+          int device = link.device;
+          auto fn = onProgress([this, device] {
+            DeviceKernels& k = kernelsFor(device);
+            return std::make_pair(k.copyChunks, k.multiprocessors);
+          });
+          auto st = std::make_shared<NcclStaging>();
+          st->comm = link.comm.get();
+          st->cuda = cuda_;
+          st->copy = fn.first;
+          st->multiprocessors = fn.second;
+          link.staging = st;
+        }
+        if (!link.staging->copy) {
+          problem = "'" + options_.name + "' cannot stage nccl transfers: its copy kernel is unavailable";
+        } else {
+          auto staged = std::make_shared<NcclStagedPlan>();
+          staged->id = h.seq;
+          staged->gather = !(flags & 2u);  // the target sends (gathers) for a READ
+          for (const auto& pc : plan.pieces) staged->bytes += pc.second;
+          staged->pieces = plan.pieces;
+          plan.staged = staged;
+        }
+      }
+    }
     if (problem.empty()) {
       link.plans[h.seq] = std::move(plan);
     } else {
@@ -344,20 +524,26 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
   }
   const auto& pieces = plan->second.pieces;
   Op op = fields[0] == static_cast<uint32_t>(Op::Write) ? Op::Write : Op::Read;
-  std::vector<nccl::Op> ops(pieces.size());
-  for (size_t i = 0; i < ops.size(); ++i) {
-    ops[i].kind = op == Op::Write ? nccl::OpKind::Recv : nccl::OpKind::Send;
-    (op == Op::Write ? ops[i].recv : ops[i].send) = pieces[i].first;
-    ops[i].count = pieces[i].second;
-    ops[i].dtype = nccl::ncclUint8;
-    ops[i].peer = 0;
+  std::vector<nccl::Op> ops;
+  nccl::Communicator::StreamHook before, after;
+  if (plan->second.staged) {
+    stagedOps(link.staging, plan->second.staged, op == Op::Read, 0, ops, before, after);
+  } else {
+    ops.resize(pieces.size());
+    for (size_t i = 0; i < ops.size(); ++i) {
+      ops[i].kind = op == Op::Write ? nccl::OpKind::Recv : nccl::OpKind::Send;
+      (op == Op::Write ? ops[i].recv : ops[i].send) = pieces[i].first;
+      ops[i].count = pieces[i].second;
+      ops[i].dtype = nccl::ncclUint8;
+      ops[i].peer = 0;
+    }
   }
   if (fields[1]) {
     std::lock_guard<std::mutex> lock(state.shared->mutex);
     state.shared->notifications[h.seq].assign(payload.begin() + 16, payload.end());
   }
   link.comm->submit(h.seq, std::move(ops), options_.timeoutMs, std::string("transfer ") + opName(op) + " (target)",
-                    nullptr);
+                    nullptr, std::move(before), std::move(after));
   return true;
 }
 
