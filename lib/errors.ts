@@ -286,3 +286,35 @@ export class CheckpointError extends ModelConfigError {
     super(message, 'TANDEM_BAD_CHECKPOINT');
   }
 }
+
+/** A prompt can never be served: it is longer than the model's context or than the engine's whole KV pool. */
+export class PromptTooLongError extends TandemError {
+  constructor(
+    message: string,
+    readonly promptTokens: number,
+    readonly limit: number,
+  ) {
+    super('TANDEM_PROMPT_TOO_LONG', message);
+  }
+}
+
+/** Not enough free KV blocks for the operation right now (nothing was taken); retry after blocks are released. */
+export class KvCacheFullError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_KV_CACHE_FULL', message);
+  }
+}
+
+/**
+ * An engine request failed because the step that carried it failed (the model runner threw); `cause` is the
+ * runner's error. The engine keeps serving other requests.
+ */
+export class EngineRequestError extends TandemError {
+  constructor(
+    message: string,
+    readonly requestId: string,
+    options?: { cause?: unknown },
+  ) {
+    super('TANDEM_ENGINE_REQUEST_FAILED', message, options);
+  }
+}

@@ -50,3 +50,4 @@ export type {
   ReduceScatterArgs,
   RootedReduceArgs,
 } from './collectives/index.js';
+export * from './engine/index.js';

@@ -4,6 +4,7 @@
  *
  *   tandem info [--json]   what this machine offers (CUDA, NCCL, UCX, cuBLAS, kernels) and why not
  *   tandem start           the embedded deployment on this machine (what `npm start` runs)
+ *   tandem generate ...    one request through the engine (see lib/cli/generate.ts)
  *   tandem --version
  */
 import { parseArgs } from 'node:util';
@@ -11,6 +12,7 @@ import { capabilities } from '../capabilities/index.js';
 import { TandemError } from '../errors.js';
 import { packageVersion } from '../version.js';
 import { formatCapabilities } from './format.js';
+import { generate } from './generate.js';
 import { planEmbedded } from './start.js';
 
 const HELP = `tandem ${packageVersion}: disaggregated LLM serving for Node.js
@@ -18,6 +20,9 @@ const HELP = `tandem ${packageVersion}: disaggregated LLM serving for Node.js
 Usage:
   tandem info [--json]     report CUDA, NCCL, UCX, cuBLAS and kernel availability (and why not)
   tandem start             run the embedded deployment on this machine
+  tandem generate --model <dir|dummy:preset> --prompt TEXT [--max-tokens N] [--device cpu|cuda]
+                  [--seed S] [--temperature T] [--top-p P] [--top-k K] [--chat] [--json]
+                           generate text with the reference engine (greedy unless --temperature)
   tandem --version         print the version
   tandem --help            print this help
 
@@ -30,6 +35,16 @@ async function main(argv: string[]): Promise<number> {
     allowPositionals: true,
     options: {
       json: { type: 'boolean', default: false },
+      model: { type: 'string' },
+      prompt: { type: 'string' },
+      'max-tokens': { type: 'string' },
+      device: { type: 'string' },
+      seed: { type: 'string' },
+      temperature: { type: 'string' },
+      'top-p': { type: 'string' },
+      'top-k': { type: 'string' },
+      threads: { type: 'string' },
+      chat: { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
       version: { type: 'boolean', short: 'v', default: false },
     },
@@ -56,6 +71,8 @@ async function main(argv: string[]): Promise<number> {
       console.log(planEmbedded(caps));
       return 0;
     }
+    case 'generate':
+      return generate(values);
     default:
       console.error(`tandem: unknown command '${command}'\n\n${HELP}`);
       return 2;

@@ -164,6 +164,59 @@ export interface RawTransferAgent {
   dispose(): Promise<void>;
 }
 
+/** Options of the native CPU model runner: a ModelConfig's fields plus the KV pool it reads and writes. */
+export interface RawCpuLlamaOptions {
+  vocabSize: number;
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  rmsNormEps: number;
+  ropeTheta: number;
+  ropeScaling: {
+    type: 'llama3';
+    factor: number;
+    lowFreqFactor: number;
+    highFreqFactor: number;
+    originalMaxPositionEmbeddings: number;
+  } | null;
+  maxPositionEmbeddings: number;
+  tieWordEmbeddings: boolean;
+  attentionBias: boolean;
+  attentionOutputBias: boolean;
+  slidingWindow: number | null;
+  numBlocks: number;
+  blockSize: number;
+  layout: 'block-major' | 'layer-major';
+  /** fp32 KV pool memory (NHD tiles), at least numBlocks * layers * 2 * blockSize * kvHeads * headDim * 4 bytes. */
+  kvBuffer: Uint8Array;
+  /** Compute threads, the forward thread included. Default min(hardware threads, 8). */
+  threads?: number;
+  /** Matrix kernel: 'auto' (default), 'avx512', 'avx2' or 'generic'. */
+  kernel?: string;
+}
+
+export interface RawCpuLlama {
+  readonly threads: number;
+  /** The matrix kernel in use: 'avx512', 'avx2' or 'generic'. */
+  readonly kernel: string;
+  readonly disposed: boolean;
+  setWeight(name: string, data: Float32Array): void;
+  missingWeights(): string[];
+  ready(): void;
+  forward(
+    tokens: Int32Array,
+    positions: Int32Array,
+    seqStarts: Int32Array,
+    blockTables: Int32Array,
+    maxBlocksPerSeq: number,
+    contextLens: Int32Array,
+  ): Promise<Float32Array>;
+  dispose(): Promise<void>;
+}
+
 export interface RawBinding {
   addonVersion: string;
   napiVersion: number;
@@ -174,6 +227,7 @@ export interface RawBinding {
     options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number; kernels?: Uint8Array; ucp?: string[]; nccl?: string[] },
     onNotification: (from: string, message: Buffer) => void,
   ) => RawTransferAgent;
+  CpuLlama: new (options: RawCpuLlamaOptions) => RawCpuLlama;
 }
 
 let cached: { binding: RawBinding; path: string } | undefined;

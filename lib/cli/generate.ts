@@ -1,0 +1,122 @@
+/**
+ * `tandem generate --model <dir|dummy:preset> --prompt TEXT --max-tokens N [--device cpu|cuda] [--seed S]
+ *  [--temperature T] [--top-p P] [--top-k K] [--chat] [--json]`
+ *
+ * Loads the model (progress on stderr), runs one request through the engine and prints the text as it is
+ * generated, or with --json one object: token ids, text, finish reason and timings.
+ */
+import { BadArgumentError } from '../errors.js';
+import { openModel } from '../engine/open.js';
+
+export interface GenerateArgs {
+  model?: string;
+  prompt?: string;
+  'max-tokens'?: string;
+  device?: string;
+  seed?: string;
+  temperature?: string;
+  'top-p'?: string;
+  'top-k'?: string;
+  threads?: string;
+  chat?: boolean;
+  json?: boolean;
+}
+
+function num(name: string, value: string | undefined, integer: boolean, min: number): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isFinite(n) || (integer && !Number.isInteger(n)) || n < min) {
+    throw new BadArgumentError(`--${name} must be ${integer ? 'an integer' : 'a number'} >= ${min} (got '${value}')`);
+  }
+  return n;
+}
+
+export async function generate(args: GenerateArgs): Promise<number> {
+  if (!args.model) throw new BadArgumentError('--model is required (a checkpoint directory or dummy:<preset>)');
+  if (args.prompt === undefined) throw new BadArgumentError('--prompt is required');
+  const maxTokens = num('max-tokens', args['max-tokens'], true, 1) ?? 64;
+  const temperature = num('temperature', args.temperature, false, 0) ?? 0;
+  const seed = num('seed', args.seed, true, 0);
+  const topP = num('top-p', args['top-p'], false, 0);
+  const topK = num('top-k', args['top-k'], true, 0);
+  const threads = num('threads', args.threads, true, 1);
+  const device = (args.device ?? 'auto') as 'cpu' | 'cuda' | 'auto';
+  if (!['cpu', 'cuda', 'auto'].includes(device))
+    throw new BadArgumentError(`--device must be cpu or cuda (got '${device}')`);
+
+  const t0 = performance.now();
+  let lastReport = 0;
+  const opened = await openModel({
+    model: args.model,
+    device,
+    ...(threads !== undefined ? { threads } : {}),
+    onProgress: (loaded, total) => {
+      const now = performance.now();
+      if (loaded === total || now - lastReport > 250) {
+        lastReport = now;
+        process.stderr.write(`\rloading ${args.model}: ${loaded}/${total} tensors`);
+        if (loaded === total) process.stderr.write('\n');
+      }
+    },
+  });
+  try {
+    const loadMs = performance.now() - t0;
+    const tok = opened.tokenizer;
+    const text = args.chat ? tok.applyChatTemplate([{ role: 'user', content: args.prompt }]) : args.prompt;
+    const promptTokenIds = args.chat ? tok.encode(text, { addBos: false }) : tok.encode(text);
+    const handle = opened.engine.addRequest({
+      promptTokenIds,
+      sampling: {
+        temperature,
+        maxTokens,
+        stopTokenIds: tok.eosIds,
+        ...(seed !== undefined ? { seed } : {}),
+        ...(topP !== undefined ? { topP } : {}),
+        ...(topK !== undefined ? { topK } : {}),
+      },
+    });
+    const started = performance.now();
+    let firstTokenMs: number | undefined;
+    const decoder = tok.decoder();
+    const tokenIds: number[] = [];
+    let finishReason: string | null = null;
+    for await (const out of handle) {
+      if (out.tokenIds.length && firstTokenMs === undefined) firstTokenMs = performance.now() - started;
+      tokenIds.push(...out.tokenIds);
+      const piece = decoder.push(out.tokenIds.filter((id) => !tok.eosIds.includes(id)));
+      if (!args.json && piece) process.stdout.write(piece);
+      finishReason = out.finishReason ?? finishReason;
+    }
+    const tail = decoder.flush();
+    const totalMs = performance.now() - started;
+    if (!args.json) {
+      process.stdout.write(tail + '\n');
+      process.stderr.write(
+        `${tokenIds.length} tokens in ${totalMs.toFixed(0)} ms (first after ${(firstTokenMs ?? 0).toFixed(0)} ms; ` +
+          `${promptTokenIds.length} prompt tokens; finish: ${finishReason})\n`,
+      );
+      return 0;
+    }
+    const decodeMs = totalMs - (firstTokenMs ?? totalMs);
+    console.log(
+      JSON.stringify({
+        model: args.model,
+        device: opened.device,
+        prompt: text,
+        promptTokenIds,
+        tokenIds,
+        text: tok.decode(tokenIds),
+        finishReason,
+        timings: {
+          loadMs: +loadMs.toFixed(1),
+          firstTokenMs: firstTokenMs === undefined ? null : +firstTokenMs.toFixed(1),
+          decodeMs: +decodeMs.toFixed(1),
+          decodeTokensPerSecond: tokenIds.length > 1 ? +(((tokenIds.length - 1) * 1000) / decodeMs).toFixed(1) : null,
+        },
+      }),
+    );
+    return 0;
+  } finally {
+    await opened.dispose();
+  }
+}

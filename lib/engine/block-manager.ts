@@ -1,0 +1,400 @@
+/**
+ * The engine's KV block pool bookkeeping: which of the runner's `numBlocks` blocks are free, in use (with a
+ * reference count), or cached (unreferenced but still holding a full block of a known token prefix).
+ *
+ * Prefix caching: a full block is identified by a 64-bit hash chained over the sequence,
+ * `hash(block i) = kvBlockHash(hash(block i-1), tokens of block i)`, so equal hashes mean equal token prefixes
+ * up to and including the block. A block committed under its hash can be shared by any later sequence with
+ * the same prefix (a cache hit). Hashes only name blocks; every hit is verified against the block's stored
+ * tokens and parent hash, so a hash collision costs a miss, never a wrong KV.
+ *
+ * Invariants:
+ * - a block with refCount > 0 is in use and is never handed out by `allocate`;
+ * - a block with refCount 0 is either free (no hash) or cached (hash, in the LRU list, evictable);
+ * - a cached block's KV is immutable: sequences only ever write into blocks they allocated, past their
+ *   last full shared block.
+ *
+ * Events: `stored` when full blocks are committed under new hashes, `removed` when cached blocks are evicted
+ * (a KV-aware router keeps its prefix index from these). Releasing a block does not remove it from the cache.
+ */
+import { BadArgumentError } from '../errors.js';
+
+/** Full blocks were committed to the prefix cache; `hashes[i]` names `blockIds[i]`, chained from `parentHash`. */
+export interface KvBlocksStoredEvent {
+  type: 'stored';
+  /** Hash of the block before `blockIds[0]` in its sequence; null when `blockIds[0]` is the sequence's first. */
+  parentHash: bigint | null;
+  blockIds: Int32Array;
+  hashes: BigUint64Array;
+  /** Tokens per block (the token ids of block i are `tokenIds[i * blockSize .. (i + 1) * blockSize)`). */
+  blockSize: number;
+  tokenIds: Int32Array;
+}
+
+/** Cached blocks were evicted; their hashes no longer name any block of this pool. */
+export interface KvBlocksRemovedEvent {
+  type: 'removed';
+  blockIds: Int32Array;
+  hashes: BigUint64Array;
+}
+
+export type KvEvent = KvBlocksStoredEvent | KvBlocksRemovedEvent;
+
+const C1 = 0xcc9e2d51;
+const C2 = 0x1b873593;
+const C3 = 0x85ebca6b;
+const C4 = 0xc2b2ae35;
+
+function fmix32(h: number): number {
+  h ^= h >>> 16;
+  h = Math.imul(h, C3);
+  h ^= h >>> 13;
+  h = Math.imul(h, C4);
+  h ^= h >>> 16;
+  return h >>> 0;
+}
+
+/**
+ * Hash of one block of tokens chained on its parent's hash (null for a sequence's first block): two
+ * murmur3-style 32-bit lanes that feed each other. `tokens[start .. start + count)` are the block's ids.
+ * A router computes the same values from a request's token ids with this function.
+ */
+export function kvBlockHash(parent: bigint | null, tokens: ArrayLike<number>, start: number, count: number): bigint {
+  let h1 = parent === null ? 0x2545f491 : Number(parent & 0xffffffffn) | 0;
+  let h2 = parent === null ? 0x9e3779b9 | 0 : Number(parent >> 32n) | 0;
+  for (let i = 0; i < count; i++) {
+    const t = tokens[start + i]! | 0;
+    let k1 = Math.imul(t, C1);
+    k1 = (k1 << 15) | (k1 >>> 17);
+    k1 = Math.imul(k1, C2);
+    h1 ^= k1;
+    h1 = (h1 << 13) | (h1 >>> 19);
+    h1 = (Math.imul(h1, 5) + 0xe6546b64) | 0;
+    let k2 = Math.imul(t ^ 0x5bd1e995, C3);
+    k2 = (k2 << 17) | (k2 >>> 15);
+    k2 = Math.imul(k2, C4);
+    h2 ^= k2 ^ h1;
+    h2 = (h2 << 11) | (h2 >>> 21);
+    h2 = (Math.imul(h2, 9) + 0x38b34ae5) | 0;
+  }
+  h1 ^= count;
+  h2 ^= count;
+  h1 = (h1 + h2) | 0;
+  h2 = (h2 + h1) | 0;
+  h1 = fmix32(h1);
+  h2 = fmix32(h2);
+  h1 = (h1 + h2) | 0;
+  h2 = (h2 + h1) | 0;
+  return (BigInt(h2 >>> 0) << 32n) | BigInt(h1 >>> 0);
+}
+
+/** The chained hashes of the first `numBlocks` full blocks of `tokens`, continuing `into` (already hashed ones are kept). */
+export function kvBlockHashes(
+  tokens: ArrayLike<number>,
+  blockSize: number,
+  numBlocks = Math.floor(tokens.length / blockSize),
+  into: bigint[] = [],
+): bigint[] {
+  for (let b = into.length; b < numBlocks; b++)
+    into.push(kvBlockHash(b === 0 ? null : into[b - 1]!, tokens, b * blockSize, blockSize));
+  return into;
+}
+
+export interface KvBlockManagerOptions {
+  numBlocks: number;
+  blockSize: number;
+  /** Keep full blocks for reuse by later sequences with the same prefix. Default true. */
+  enablePrefixCaching?: boolean;
+  /** Receives every stored/removed event synchronously, as it happens. */
+  onEvent?: (event: KvEvent) => void;
+}
+
+export class KvBlockManager {
+  readonly numBlocks: number;
+  readonly blockSize: number;
+  readonly enablePrefixCaching: boolean;
+  private readonly onEvent: ((event: KvEvent) => void) | undefined;
+
+  private readonly refCounts: Int32Array;
+  /** Free blocks without a hash, used as a stack. */
+  private readonly freeStack: Int32Array;
+  private freeTop = 0;
+  /** Cached, unreferenced blocks in LRU order (head evicted first); a doubly linked list over block ids. */
+  private readonly lruPrev: Int32Array;
+  private readonly lruNext: Int32Array;
+  private lruHead = -1;
+  private lruTail = -1;
+  private lruCount = 0;
+  /** Per block: its hash when cached (committed), else undefined; and its parent's hash. */
+  private readonly hashOfBlock: (bigint | undefined)[];
+  private readonly parentOfBlock: (bigint | null)[];
+  /** Token ids of every committed block, to verify cache hits. */
+  private readonly blockTokens: Int32Array;
+  private readonly cache = new Map<bigint, number>();
+
+  /** Counters since construction. */
+  hitBlocks = 0;
+  queriedBlocks = 0;
+  evictedBlocks = 0;
+
+  constructor(options: KvBlockManagerOptions) {
+    const { numBlocks, blockSize } = options;
+    if (!Number.isSafeInteger(numBlocks) || numBlocks < 1)
+      throw new BadArgumentError(`KvBlockManager: numBlocks must be a positive integer (got ${numBlocks})`);
+    if (!Number.isSafeInteger(blockSize) || blockSize < 1)
+      throw new BadArgumentError(`KvBlockManager: blockSize must be a positive integer (got ${blockSize})`);
+    this.numBlocks = numBlocks;
+    this.blockSize = blockSize;
+    this.enablePrefixCaching = options.enablePrefixCaching ?? true;
+    this.onEvent = options.onEvent;
+    this.refCounts = new Int32Array(numBlocks);
+    this.freeStack = new Int32Array(numBlocks);
+    // Lowest ids come out first.
+    for (let i = 0; i < numBlocks; i++) this.freeStack[i] = numBlocks - 1 - i;
+    this.freeTop = numBlocks;
+    this.lruPrev = new Int32Array(numBlocks).fill(-1);
+    this.lruNext = new Int32Array(numBlocks).fill(-1);
+    this.hashOfBlock = new Array<bigint | undefined>(numBlocks).fill(undefined);
+    this.parentOfBlock = new Array<bigint | null>(numBlocks).fill(null);
+    this.blockTokens = new Int32Array(this.enablePrefixCaching ? numBlocks * blockSize : 0);
+  }
+
+  /** Blocks `allocate` can hand out now: free plus cached-but-unreferenced. */
+  get numAllocatable(): number {
+    return this.freeTop + this.lruCount;
+  }
+
+  /** Blocks referenced by at least one owner. */
+  get numUsed(): number {
+    return this.numBlocks - this.freeTop - this.lruCount;
+  }
+
+  /** Blocks holding a committed prefix (referenced or not). */
+  get numCached(): number {
+    return this.cache.size;
+  }
+
+  refCount(blockId: number): number {
+    return this.refCounts[blockId]!;
+  }
+
+  /** The hash a block is cached under, or undefined. */
+  hashOf(blockId: number): bigint | undefined {
+    return this.hashOfBlock[blockId];
+  }
+
+  /**
+   * `n` blocks with reference count 1, or null (nothing taken) when fewer than `n` are allocatable.
+   * Never-cached free blocks go first, then the least recently released cached blocks are evicted.
+   */
+  allocate(n: number): Int32Array | null {
+    if (n > this.numAllocatable) return null;
+    const out = new Int32Array(n);
+    let evicted: number[] | undefined;
+    for (let i = 0; i < n; i++) {
+      let id: number;
+      if (this.freeTop > 0) id = this.freeStack[--this.freeTop]!;
+      else {
+        id = this.lruHead;
+        this.lruRemove(id);
+        (evicted ??= []).push(id);
+      }
+      this.refCounts[id] = 1;
+      out[i] = id;
+    }
+    if (evicted) this.evict(evicted);
+    return out;
+  }
+
+  /**
+   * Takes specific blocks (all of them or none) when each is free or cached-unreferenced; a cached one is
+   * evicted first. Throws BadArgumentError naming the first block in use, out of range or repeated.
+   */
+  allocateSpecific(blockIds: ArrayLike<number>): void {
+    const seen = new Set<number>();
+    for (let i = 0; i < blockIds.length; i++) {
+      const id = blockIds[i]!;
+      if (!Number.isSafeInteger(id) || id < 0 || id >= this.numBlocks)
+        throw new BadArgumentError(`block id ${id} is out of range (0..${this.numBlocks - 1})`);
+      if (seen.has(id)) throw new BadArgumentError(`block id ${id} is listed twice`);
+      seen.add(id);
+      if (this.refCounts[id]! > 0) throw new BadArgumentError(`block ${id} is in use`);
+    }
+    const evicted: number[] = [];
+    for (const id of seen) {
+      if (this.hashOfBlock[id] !== undefined) {
+        this.lruRemove(id);
+        evicted.push(id);
+      } else this.removeFromFreeStack(id);
+      this.refCounts[id] = 1;
+    }
+    if (evicted.length > 0) this.evict(evicted);
+  }
+
+  /** Adds a reference to blocks already in use (a second owner). */
+  ref(blockIds: ArrayLike<number>): void {
+    for (let i = 0; i < blockIds.length; i++) {
+      const id = blockIds[i]!;
+      if (this.refCounts[id]! <= 0) throw new BadArgumentError(`block ${id} is not in use`);
+    }
+    for (let i = 0; i < blockIds.length; i++) this.refCounts[blockIds[i]!]!++;
+  }
+
+  /**
+   * Drops one reference from each block, last block first, so that a sequence's tail blocks are evicted before
+   * its head (heads are the more shared prefixes). Unreferenced cached blocks stay cached until evicted.
+   */
+  free(blockIds: ArrayLike<number>): void {
+    for (let i = 0; i < blockIds.length; i++) {
+      const id = blockIds[i]!;
+      if (!Number.isSafeInteger(id) || id < 0 || id >= this.numBlocks)
+        throw new BadArgumentError(`block id ${id} is out of range (0..${this.numBlocks - 1})`);
+      if (this.refCounts[id]! <= 0) throw new BadArgumentError(`block ${id} is not in use`);
+    }
+    for (let i = blockIds.length - 1; i >= 0; i--) {
+      const id = blockIds[i]!;
+      if (--this.refCounts[id]! > 0) continue;
+      if (this.hashOfBlock[id] !== undefined) this.lruAppend(id);
+      else this.freeStack[this.freeTop++] = id;
+    }
+  }
+
+  /**
+   * Takes a reference on the longest run of cached blocks matching `hashes[0..maxBlocks)` (the chained hashes
+   * of a sequence's full blocks, whose tokens are `tokens[0 .. maxBlocks * blockSize)`). Returns their ids.
+   */
+  matchPrefix(hashes: readonly bigint[], tokens: ArrayLike<number>, maxBlocks = hashes.length): number[] {
+    const out: number[] = [];
+    if (!this.enablePrefixCaching) return out;
+    const n = Math.min(maxBlocks, hashes.length);
+    this.queriedBlocks += n;
+    const bs = this.blockSize;
+    for (let b = 0; b < n; b++) {
+      const id = this.cache.get(hashes[b]!);
+      if (id === undefined) break;
+      if (this.parentOfBlock[id] !== (b === 0 ? null : hashes[b - 1]!)) break;
+      let same = true;
+      for (let j = 0, base = id * bs, t = b * bs; j < bs; j++)
+        if (this.blockTokens[base + j] !== tokens[t + j]) {
+          same = false;
+          break;
+        }
+      if (!same) break;
+      if (this.refCounts[id] === 0) this.lruRemove(id);
+      this.refCounts[id]!++;
+      out.push(id);
+    }
+    this.hitBlocks += out.length;
+    return out;
+  }
+
+  /**
+   * Commits full blocks `from .. to - 1` of a sequence to the prefix cache: `blockIds[b]` holds the KV of
+   * `tokens[b * blockSize .. (b + 1) * blockSize)` and is named by `hashes[b]` (chained, as `kvBlockHashes`).
+   * A block whose hash already names another block stays uncached (it is freed as a plain block). Emits one
+   * stored event per run of newly cached blocks.
+   */
+  commit(blockIds: ArrayLike<number>, hashes: readonly bigint[], tokens: ArrayLike<number>, from: number, to: number) {
+    if (!this.enablePrefixCaching || from >= to) return;
+    const bs = this.blockSize;
+    let runStart = -1;
+    const flush = (end: number) => {
+      if (runStart < 0) return;
+      if (this.onEvent) {
+        const n = end - runStart;
+        const ids = new Int32Array(n);
+        const hs = new BigUint64Array(n);
+        const toks = new Int32Array(n * bs);
+        for (let i = 0; i < n; i++) {
+          ids[i] = blockIds[runStart + i]!;
+          hs[i] = hashes[runStart + i]!;
+        }
+        for (let j = 0; j < n * bs; j++) toks[j] = tokens[runStart * bs + j]!;
+        this.onEvent({
+          type: 'stored',
+          parentHash: runStart === 0 ? null : hashes[runStart - 1]!,
+          blockIds: ids,
+          hashes: hs,
+          blockSize: bs,
+          tokenIds: toks,
+        });
+      }
+      runStart = -1;
+    };
+    for (let b = from; b < to; b++) {
+      const id = blockIds[b]!;
+      const h = hashes[b]!;
+      if (this.refCounts[id]! <= 0) throw new BadArgumentError(`commit: block ${id} is not in use`);
+      const owner = this.cache.get(h);
+      if (owner !== undefined || this.hashOfBlock[id] !== undefined) {
+        // Already cached (this block, shared from the cache) or a duplicate of another block's prefix.
+        flush(b);
+        continue;
+      }
+      this.cache.set(h, id);
+      this.hashOfBlock[id] = h;
+      this.parentOfBlock[id] = b === 0 ? null : hashes[b - 1]!;
+      for (let j = 0, base = id * bs, t = b * bs; j < bs; j++) this.blockTokens[base + j] = tokens[t + j]!;
+      if (runStart < 0) runStart = b;
+    }
+    flush(to);
+  }
+
+  /** Evicts every cached, unreferenced block (emits removed). */
+  clearCache(): void {
+    const ids: number[] = [];
+    while (this.lruHead >= 0) {
+      const id = this.lruHead;
+      this.lruRemove(id);
+      ids.push(id);
+    }
+    if (ids.length > 0) this.evict(ids);
+  }
+
+  /** Drops the hashes of blocks just taken out of the LRU list, returns them to use, and emits removed. */
+  private evict(ids: number[]): void {
+    const hashes = new BigUint64Array(ids.length);
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i]!;
+      const h = this.hashOfBlock[id]!;
+      hashes[i] = h;
+      this.cache.delete(h);
+      this.hashOfBlock[id] = undefined;
+      this.parentOfBlock[id] = null;
+      // Blocks evicted by clearCache go back to the free stack; those evicted by allocate are already in use.
+      if (this.refCounts[id] === 0) this.freeStack[this.freeTop++] = id;
+    }
+    this.evictedBlocks += ids.length;
+    this.onEvent?.({ type: 'removed', blockIds: Int32Array.from(ids), hashes });
+  }
+
+  private lruAppend(id: number): void {
+    this.lruPrev[id] = this.lruTail;
+    this.lruNext[id] = -1;
+    if (this.lruTail >= 0) this.lruNext[this.lruTail] = id;
+    else this.lruHead = id;
+    this.lruTail = id;
+    this.lruCount++;
+  }
+
+  private lruRemove(id: number): void {
+    const p = this.lruPrev[id]!;
+    const n = this.lruNext[id]!;
+    if (p >= 0) this.lruNext[p] = n;
+    else this.lruHead = n;
+    if (n >= 0) this.lruPrev[n] = p;
+    else this.lruTail = p;
+    this.lruPrev[id] = -1;
+    this.lruNext[id] = -1;
+    this.lruCount--;
+  }
+
+  private removeFromFreeStack(id: number): void {
+    for (let i = this.freeTop - 1; i >= 0; i--)
+      if (this.freeStack[i] === id) {
+        this.freeStack[i] = this.freeStack[--this.freeTop]!;
+        return;
+      }
+    throw new BadArgumentError(`block ${id} is not free`);
+  }
+}

@@ -1,0 +1,249 @@
+/**
+ * The reference engine's CPU model runner: a Llama-family model (Llama 2/3.x with llama3 RoPE scaling, Qwen2
+ * with q/k/v bias, Mistral's sliding window; tied or untied embeddings; GQA) in fp32 on native threads
+ * (native/src/engine/). It implements `ModelRunner` (lib/engine/runner.ts) over a paged fp32 KV pool in the
+ * caller's memory, laid out as lib/kv describes, so that a worker can register the same bytes with the
+ * transfer agent and move blocks to or from another engine.
+ *
+ *   const runner = await CpuModelRunner.create({ config, numBlocks: 256, weights: loadWeights('dummy:tiny') });
+ *   const logits = await runner.forward(batch);   // nseq x vocabSize
+ *   await runner.dispose();                       // joins the threads
+ */
+import { BadArgumentError, CheckpointError, native, nativeSync } from '../errors.js';
+import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
+import { loadBinding, type RawCpuLlama } from '../native/binding.js';
+import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
+import { dummyConfig, dummyWeights, isDummyModel } from './model/dummy.js';
+import { openSafetensors } from './model/safetensors.js';
+import type { ForwardBatch, ModelRunner } from './runner.js';
+
+/** One weight tensor by its Hugging Face name, as float32 values in the checkpoint's row-major order. */
+export interface NamedTensor {
+  name: string;
+  data: Float32Array;
+}
+
+/** Where weights come from: tensors as they are produced, or a function that starts producing them. */
+export type WeightSource =
+  Iterable<NamedTensor> | AsyncIterable<NamedTensor> | (() => Iterable<NamedTensor> | AsyncIterable<NamedTensor>);
+
+/** Seed of `dummy:` weights when none is given. */
+export const DEFAULT_DUMMY_SEED = 0;
+
+export interface LoadWeightsOptions {
+  /** The model's config; default: `dummyConfig(source)` for `dummy:` names, else `<source>/config.json`. */
+  config?: ModelConfig;
+  /** Seed of dummy weights (default DEFAULT_DUMMY_SEED). */
+  seed?: number;
+}
+
+/**
+ * The tensors a model of `config` needs, in checkpoint order, one at a time: from a safetensors checkpoint
+ * (directory, file or index; BF16/F16/F32 converted to float32) or, for `dummy:<preset>`, seeded dummy weights.
+ * A checkpoint tensor that is missing or has the wrong shape throws CheckpointError naming it; tensors the
+ * config does not use (a tied model's lm_head.weight) are skipped.
+ */
+export function* loadWeights(source: string, options: LoadWeightsOptions = {}): Generator<NamedTensor> {
+  if (isDummyModel(source)) {
+    const config = options.config ?? dummyConfig(source);
+    for (const t of dummyWeights(config, options.seed ?? DEFAULT_DUMMY_SEED)) yield { name: t.name, data: t.data };
+    return;
+  }
+  const config = options.config ?? loadModelConfig(source);
+  const checkpoint = openSafetensors(source);
+  try {
+    for (const spec of expectedTensors(config)) {
+      if (!checkpoint.has(spec.name))
+        throw new CheckpointError(`${source}: checkpoint has no tensor "${spec.name}", which this config needs`);
+      const shape = checkpoint.info(spec.name).shape;
+      if (shape.length !== spec.shape.length || shape.some((d, i) => d !== spec.shape[i]))
+        throw new CheckpointError(
+          `${source}: tensor "${spec.name}" has shape ${JSON.stringify(shape)}; the config needs ${JSON.stringify(spec.shape)}`,
+        );
+      yield { name: spec.name, data: checkpoint.tensorF32(spec.name) };
+    }
+  } finally {
+    checkpoint.close();
+  }
+}
+
+/** Matrix kernels of the native runner; 'auto' picks the best this CPU runs. */
+export type CpuKernel = 'auto' | 'avx512' | 'avx2' | 'generic';
+
+export interface CpuModelRunnerOptions {
+  config: ModelConfig;
+  /** Blocks in the KV pool. */
+  numBlocks: number;
+  /** Tokens per block. Default 16. */
+  blockSize?: number;
+  /** KV pool layout (lib/kv). Default 'block-major'. */
+  layout?: KvLayout;
+  /**
+   * fp32 KV pool memory of at least `kvPoolSpec`'s poolBytes (e.g. a transfer agent's shared region), starting
+   * at a multiple of 4 bytes. Allocated when absent. The runner keeps a reference while it lives.
+   */
+  kvBuffer?: Uint8Array;
+  /** Compute threads, the forward thread included. Default min(hardware threads, 8). */
+  threads?: number;
+  /** For tests and benchmarks: force a matrix kernel. Default 'auto'. */
+  kernel?: CpuKernel;
+  /** The weights, or a checkpoint directory / `dummy:<preset>` name for `loadWeights`. */
+  weights: WeightSource | string;
+  /** Seed of `dummy:` weights when `weights` is a name. */
+  seed?: number;
+}
+
+const LAYOUTS: readonly KvLayout[] = ['block-major', 'layer-major'];
+const KERNELS: readonly CpuKernel[] = ['auto', 'avx512', 'avx2', 'generic'];
+
+export class CpuModelRunner implements ModelRunner {
+  readonly vocabSize: number;
+  readonly blockSize: number;
+  readonly numBlocks: number;
+  readonly maxPositions: number;
+  /** The KV pool as lib/kv describes it (fp32, NHD), for registering `kvBuffer` with a transfer agent. */
+  readonly kvPoolSpec: KvPoolSpec;
+  /** The checked pool, with its tile, block and pool sizes. */
+  readonly kvPool: KvPool;
+
+  private constructor(
+    private readonly raw: RawCpuLlama,
+    readonly config: ModelConfig,
+    pool: KvPool,
+    /** The KV pool's memory. */
+    readonly kvBuffer: Uint8Array,
+  ) {
+    this.vocabSize = config.vocabSize;
+    this.blockSize = pool.blockSize;
+    this.numBlocks = pool.numBlocks;
+    this.maxPositions = config.maxPositionEmbeddings;
+    this.kvPool = pool;
+    this.kvPoolSpec = {
+      layers: pool.layers,
+      kvHeads: pool.kvHeads,
+      headDim: pool.headDim,
+      blockSize: pool.blockSize,
+      numBlocks: pool.numBlocks,
+      dtype: 'fp32',
+      layout: pool.layout,
+      headLayout: 'NHD',
+    };
+  }
+
+  /** Builds the model, copies every weight in, and checks that none is missing. */
+  static async create(options: CpuModelRunnerOptions): Promise<CpuModelRunner> {
+    const where = 'CpuModelRunner.create';
+    const { config } = options;
+    if (typeof config !== 'object' || config === null) throw new BadArgumentError(`${where}: config is required`);
+    const layout = options.layout ?? 'block-major';
+    if (!LAYOUTS.includes(layout))
+      throw new BadArgumentError(`${where}: layout must be one of ${LAYOUTS.join(', ')} (got ${String(layout)})`);
+    const kernel = options.kernel ?? 'auto';
+    if (!KERNELS.includes(kernel))
+      throw new BadArgumentError(`${where}: kernel must be one of ${KERNELS.join(', ')} (got ${String(kernel)})`);
+    if (options.threads !== undefined) checkInteger(where, 'threads', options.threads, 1);
+    const pool = kvPool({
+      layers: config.numLayers,
+      kvHeads: config.numKvHeads,
+      headDim: config.headDim,
+      blockSize: options.blockSize ?? 16,
+      numBlocks: options.numBlocks,
+      dtype: 'fp32',
+      layout,
+      headLayout: 'NHD',
+    });
+    let kvBuffer = options.kvBuffer;
+    if (kvBuffer === undefined) kvBuffer = new Uint8Array(pool.poolBytes);
+    else if (!(kvBuffer instanceof Uint8Array)) throw new BadArgumentError(`${where}: kvBuffer must be a Uint8Array`);
+    else if (kvBuffer.byteLength < pool.poolBytes)
+      throw new BadArgumentError(
+        `${where}: kvBuffer holds ${kvBuffer.byteLength} bytes; the pool needs ${pool.poolBytes} ` +
+          `(${pool.numBlocks} blocks x ${pool.blockBytes} bytes)`,
+      );
+    else if (kvBuffer.byteOffset % 4 !== 0)
+      throw new BadArgumentError(
+        `${where}: kvBuffer must start at a multiple of 4 bytes (byteOffset ${kvBuffer.byteOffset})`,
+      );
+
+    const { binding } = loadBinding();
+    const buffer = kvBuffer;
+    const raw = nativeSync(
+      () =>
+        new binding.CpuLlama({
+          vocabSize: config.vocabSize,
+          hiddenSize: config.hiddenSize,
+          intermediateSize: config.intermediateSize,
+          numLayers: config.numLayers,
+          numHeads: config.numHeads,
+          numKvHeads: config.numKvHeads,
+          headDim: config.headDim,
+          rmsNormEps: config.rmsNormEps,
+          ropeTheta: config.ropeTheta,
+          ropeScaling: config.ropeScaling,
+          maxPositionEmbeddings: config.maxPositionEmbeddings,
+          tieWordEmbeddings: config.tieWordEmbeddings,
+          attentionBias: config.attentionBias,
+          attentionOutputBias: config.attentionOutputBias,
+          slidingWindow: config.slidingWindow || null,
+          numBlocks: pool.numBlocks,
+          blockSize: pool.blockSize,
+          layout,
+          kvBuffer: buffer,
+          ...(options.threads !== undefined ? { threads: options.threads } : {}),
+          kernel,
+        }),
+    );
+    try {
+      let source = options.weights;
+      if (typeof source === 'string')
+        source = loadWeights(source, { config, seed: options.seed ?? DEFAULT_DUMMY_SEED });
+      else if (typeof source === 'function') source = source();
+      for await (const tensor of source as AsyncIterable<NamedTensor> | Iterable<NamedTensor>)
+        nativeSync(() => raw.setWeight(tensor.name, tensor.data));
+      nativeSync(() => raw.ready());
+    } catch (error) {
+      await raw.dispose();
+      throw error;
+    }
+    return new CpuModelRunner(raw, config, pool, buffer);
+  }
+
+  /** Compute threads (the forward thread included). */
+  get threads(): number {
+    return this.raw.threads;
+  }
+  /** The matrix kernel in use: 'avx512', 'avx2' or 'generic'. */
+  get kernel(): string {
+    return this.raw.kernel;
+  }
+  get disposed(): boolean {
+    return this.raw.disposed;
+  }
+
+  /**
+   * Runs one step (see ForwardBatch) on the runner's own thread; passes run one at a time, in call order.
+   * Every index is checked before anything is written: a malformed batch rejects with BadArgumentError and
+   * leaves the KV pool as it was.
+   */
+  forward(batch: ForwardBatch): Promise<Float32Array> {
+    return native(() =>
+      this.raw.forward(
+        batch.tokens,
+        batch.positions,
+        batch.seqStarts,
+        batch.blockTables,
+        batch.maxBlocksPerSeq,
+        batch.contextLens,
+      ),
+    );
+  }
+
+  /** Stops (a pass in progress gives up at its next layer and rejects with DisposedError), joins the threads. */
+  dispose(): Promise<void> {
+    return native(() => this.raw.dispose());
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose();
+  }
+}

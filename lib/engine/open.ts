@@ -1,0 +1,133 @@
+/**
+ * Opening a model for serving: its config, tokenizer, a model runner with a paged KV pool, and the engine
+ * that schedules requests on it. What `tandem generate` and the workers call.
+ */
+import { freemem } from 'node:os';
+import { BackendUnavailableError, BadArgumentError } from '../errors.js';
+import { kvPool, type KvLayout, type KvPoolSpec } from '../kv/index.js';
+import { CpuModelRunner, loadWeights, type NamedTensor } from './cpu.js';
+import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
+import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
+import { dummyConfig, isDummyModel } from './model/dummy.js';
+import { byteTextTokenizer, loadTokenizer, type TextTokenizer } from './tokenizer.js';
+
+/** Share of free host memory the CPU engine's KV pool takes when neither numBlocks nor kvCacheBytes is given. */
+export const DEFAULT_KV_MEMORY_FRACTION = 0.1;
+/** Upper bound of that default pool. */
+export const DEFAULT_MAX_KV_BYTES = 2 << 30;
+
+export interface OpenModelOptions {
+  /** A Hugging Face checkpoint directory, or `dummy:<preset>`. */
+  model: string;
+  /** 'cpu' runs the fp32 CPU engine; 'cuda' needs the GPU engine; 'auto' (default) picks what is usable. */
+  device?: 'cpu' | 'cuda' | 'auto';
+  /** Seed of `dummy:` weights. Default 0. */
+  seed?: number;
+  threads?: number;
+  blockSize?: number;
+  layout?: KvLayout;
+  /** Blocks in the KV pool; default from kvCacheBytes. */
+  numBlocks?: number;
+  /** Bytes of KV pool; default DEFAULT_KV_MEMORY_FRACTION of free memory, at most DEFAULT_MAX_KV_BYTES. */
+  kvCacheBytes?: number;
+  /** Memory for the KV pool (e.g. a transfer agent's shared region, so that peers can reach it). */
+  kvBuffer?: Uint8Array;
+  engine?: LlmEngineOptions;
+  /** Called as weights load: tensors done, tensors in all. */
+  onProgress?: (loaded: number, total: number, name: string) => void;
+}
+
+export interface OpenedModel {
+  readonly model: string;
+  readonly config: ModelConfig;
+  readonly tokenizer: TextTokenizer;
+  readonly runner: CpuModelRunner;
+  readonly engine: LlmEngine;
+  readonly device: 'cpu';
+  /** The KV pool as lib/kv describes it (register `runner.kvBuffer` with a transfer agent to move blocks). */
+  readonly kvPoolSpec: KvPoolSpec;
+  dispose(): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+function countingWeights(
+  source: string,
+  config: ModelConfig,
+  seed: number | undefined,
+  onProgress: OpenModelOptions['onProgress'],
+): Iterable<NamedTensor> {
+  const total = expectedTensors(config).length;
+  return {
+    *[Symbol.iterator]() {
+      let loaded = 0;
+      for (const t of loadWeights(source, { config, ...(seed !== undefined ? { seed } : {}) })) {
+        yield t;
+        onProgress?.(++loaded, total, t.name);
+      }
+    },
+  };
+}
+
+/** Loads a model and starts an engine on it. Throws ModelConfigError / CheckpointError naming the file. */
+export async function openModel(options: OpenModelOptions): Promise<OpenedModel> {
+  const { model } = options;
+  if (typeof model !== 'string' || model.length === 0) throw new BadArgumentError('openModel: model is required');
+  const device = options.device ?? 'auto';
+  if (device === 'cuda') {
+    throw new BackendUnavailableError(
+      'cuda',
+      'the GPU engine is not in this version of Tandem; run with --device cpu (the CPU engine, fp32)',
+    );
+  }
+  if (device !== 'cpu' && device !== 'auto')
+    throw new BadArgumentError(`device must be cpu, cuda or auto (got ${device})`);
+  const config = isDummyModel(model) ? dummyConfig(model) : loadModelConfig(model);
+  const tokenizer = isDummyModel(model) ? byteTextTokenizer() : loadTokenizer(model, config.eosTokenIds);
+  const blockSize = options.blockSize ?? 16;
+  const layout = options.layout ?? 'block-major';
+  const blockBytes = kvPool({
+    layers: config.numLayers,
+    kvHeads: config.numKvHeads,
+    headDim: config.headDim,
+    blockSize,
+    numBlocks: 1,
+    dtype: 'fp32',
+    layout,
+  }).blockBytes;
+  const minBlocks = Math.ceil(config.maxPositionEmbeddings / blockSize) + 1;
+  let numBlocks = options.numBlocks;
+  if (numBlocks === undefined) {
+    const bytes = options.kvCacheBytes ?? Math.min(freemem() * DEFAULT_KV_MEMORY_FRACTION, DEFAULT_MAX_KV_BYTES);
+    numBlocks = Math.max(Math.floor(bytes / blockBytes), Math.min(minBlocks, 64));
+  }
+  const runner = await CpuModelRunner.create({
+    config,
+    numBlocks,
+    blockSize,
+    layout,
+    ...(options.kvBuffer ? { kvBuffer: options.kvBuffer } : {}),
+    ...(options.threads !== undefined ? { threads: options.threads } : {}),
+    weights: countingWeights(model, config, options.seed, options.onProgress),
+  });
+  const engine = new LlmEngine(runner, {
+    detokenize: (ids) => tokenizer.decode(ids),
+    ...options.engine,
+  });
+  let disposed = false;
+  const dispose = async () => {
+    if (disposed) return;
+    disposed = true;
+    await engine.dispose(); // disposes the runner too (it owns it)
+  };
+  return {
+    model,
+    config,
+    tokenizer,
+    runner,
+    engine,
+    device: 'cpu',
+    kvPoolSpec: runner.kvPoolSpec,
+    dispose,
+    [Symbol.asyncDispose]: dispose,
+  };
+}

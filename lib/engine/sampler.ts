@@ -1,0 +1,235 @@
+/**
+ * Token sampling over rows of logits (Float32Array, row-major, `vocabSize` per row).
+ *
+ * Order of operations (vLLM's): temperature scales the logits, top-k keeps the k largest, top-p keeps the
+ * smallest prefix of those (by descending probability) whose probability reaches p, and one token is drawn by
+ * inverse CDF from the renormalised rest. Temperature 0, top-k 1 and a top-p small enough to keep one token all
+ * pick the arg max (ties: the lowest id), so they equal greedy exactly.
+ *
+ * Randomness is counter-based: the uniform for a request's i-th generated token is a pure function of
+ * (seed, i), so a seeded request yields the same tokens whatever else is in its batch, and after a preemption
+ * (recompute) or a prefill/decode split across two engines.
+ *
+ * Logprobs are the log-softmax of the raw logits (before temperature, top-k and top-p).
+ */
+import { BadArgumentError } from '../errors.js';
+
+/** Checked sampling parameters of one request (see `SamplingParams` in engine.ts for the public form). */
+export interface SamplerParams {
+  /** 0: greedy. */
+  temperature: number;
+  /** 0: all tokens. */
+  topK: number;
+  /** 1: no nucleus filtering. */
+  topP: number;
+  /** Low and high 32 bits of the seed. */
+  seedLo: number;
+  seedHi: number;
+}
+
+/** The log-probability of a chosen token, and the `n` most likely tokens (best first) with theirs. */
+export interface TokenLogprobs {
+  tokenId: number;
+  logprob: number;
+  topTokenIds: Int32Array;
+  topLogprobs: Float32Array;
+}
+
+function fmix32(h: number): number {
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  h ^= h >>> 16;
+  return h >>> 0;
+}
+
+/** A uniform double in [0, 1) (53 random bits) that depends only on (seedLo, seedHi, counter). */
+export function counterUniform(seedLo: number, seedHi: number, counter: number): number {
+  const c = counter >>> 0;
+  const ch = Math.floor(counter / 0x100000000) >>> 0;
+  const a = fmix32((seedLo ^ Math.imul(c, 0x9e3779b9)) + 0x632be5ab);
+  const b = fmix32(a ^ seedHi ^ Math.imul(ch + 1, 0x85ebca77));
+  const hi = fmix32(b + c);
+  const lo = fmix32(hi ^ a ^ 0x27d4eb2f);
+  return (hi * 0x200000 + (lo >>> 11)) / 0x20000000000000;
+}
+
+/** Splits a safe-integer seed into two 32-bit halves. */
+export function seedHalves(seed: number): { seedLo: number; seedHi: number } {
+  if (!Number.isSafeInteger(seed)) throw new BadArgumentError(`seed must be a safe integer (got ${seed})`);
+  return { seedLo: seed >>> 0, seedHi: Math.floor(seed / 0x100000000) >>> 0 };
+}
+
+/** Index of the largest of `row[off .. off + n)`; ties go to the lowest index. NaN never wins. */
+export function argmax(row: Float32Array, off: number, n: number): number {
+  let best = 0;
+  let bestV = -Infinity;
+  let found = false;
+  for (let v = 0; v < n; v++) {
+    const x = row[off + v]!;
+    if (x > bestV || (!found && x === bestV)) {
+      bestV = x;
+      best = v;
+      found = true;
+    }
+  }
+  return best;
+}
+
+/**
+ * Samples rows of logits. One instance per engine: it owns scratch buffers sized to the vocabulary, so sampling
+ * allocates nothing per token (logprobs allocate their two result arrays).
+ */
+export class Sampler {
+  private readonly heap: Int32Array;
+  private readonly weights: Float64Array;
+
+  constructor(readonly vocabSize: number) {
+    this.heap = new Int32Array(vocabSize);
+    this.weights = new Float64Array(vocabSize);
+  }
+
+  /**
+   * The token drawn from row `row` of `logits` for generated-token number `counter` of a request.
+   */
+  sample(logits: Float32Array, row: number, p: SamplerParams, counter: number): number {
+    const V = this.vocabSize;
+    const off = row * V;
+    if (p.temperature === 0) return argmax(logits, off, V);
+    const K = p.topK > 0 ? Math.min(p.topK, V) : V;
+    if (K === 1) return argmax(logits, off, V);
+    const u = counterUniform(p.seedLo, p.seedHi, counter);
+    const invT = 1 / p.temperature;
+
+    if (K === V && p.topP >= 1) {
+      // Plain softmax: inverse CDF in vocabulary order, two passes, no sort.
+      const max = logits[off + argmax(logits, off, V)]!;
+      let sum = 0;
+      for (let v = 0; v < V; v++) sum += Math.exp((logits[off + v]! - max) * invT);
+      const target = u * sum;
+      let acc = 0;
+      let last = 0;
+      for (let v = 0; v < V; v++) {
+        const w = Math.exp((logits[off + v]! - max) * invT);
+        if (w > 0) last = v;
+        acc += w;
+        if (acc > target) return v;
+      }
+      return last;
+    }
+
+    const w = this.weights;
+    const idx = this.heap;
+    // Denominator for top-p when top-k keeps everything: the whole vocabulary.
+    let fullSum = -1;
+    let k = K === V ? Math.min(V, 64) : K;
+    for (;;) {
+      this.topIndices(logits, off, k);
+      const max = logits[off + idx[0]!]!;
+      let kept = 0;
+      for (let j = 0; j < k; j++) kept += w[j] = Math.exp((logits[off + idx[j]!]! - max) * invT);
+      let m = k;
+      if (p.topP < 1) {
+        // Top-p is over the top-k distribution: when top-k is active, k === K and `kept` is all of it.
+        if (K === V && fullSum < 0) {
+          fullSum = 0;
+          for (let v = 0; v < V; v++) fullSum += Math.exp((logits[off + v]! - max) * invT);
+        }
+        const need = p.topP * (K === V ? fullSum : kept);
+        let cum = 0;
+        m = -1;
+        for (let j = 0; j < k; j++) {
+          cum += w[j]!;
+          if (cum >= need) {
+            m = j + 1;
+            break;
+          }
+        }
+        if (m < 0) {
+          if (k < K) {
+            k = Math.min(K, k * 4);
+            continue;
+          }
+          m = k; // rounding: keep all
+        }
+      }
+      let total = 0;
+      for (let j = 0; j < m; j++) total += w[j]!;
+      const target = u * total;
+      let acc = 0;
+      for (let j = 0; j < m; j++) {
+        acc += w[j]!;
+        if (acc > target) return idx[j]!;
+      }
+      return idx[m - 1]!;
+    }
+  }
+
+  /** Log-softmax of row `row`'s raw logits at `tokenId`, and the `n` best tokens with theirs. */
+  logprobs(logits: Float32Array, row: number, tokenId: number, n: number): TokenLogprobs {
+    const V = this.vocabSize;
+    const off = row * V;
+    const max = logits[off + argmax(logits, off, V)]!;
+    let sum = 0;
+    for (let v = 0; v < V; v++) sum += Math.exp(logits[off + v]! - max);
+    const lse = max + Math.log(sum);
+    const k = Math.max(0, Math.min(n, V));
+    const topTokenIds = new Int32Array(k);
+    const topLogprobs = new Float32Array(k);
+    if (k > 0) {
+      this.topIndices(logits, off, k);
+      for (let j = 0; j < k; j++) {
+        const id = this.heap[j]!;
+        topTokenIds[j] = id;
+        topLogprobs[j] = logits[off + id]! - lse;
+      }
+    }
+    return { tokenId, logprob: logits[off + tokenId]! - lse, topTokenIds, topLogprobs };
+  }
+
+  /**
+   * Leaves the `k` largest of `logits[off .. off + V)` in `heap[0 .. k)`, best first (ties: lower id first):
+   * a size-k min-heap over the row, then heap-sorted in place. O(V log k).
+   */
+  private topIndices(logits: Float32Array, off: number, k: number): void {
+    const h = this.heap;
+    const V = this.vocabSize;
+    // `worse(a, b)`: a ranks below b.
+    const worse = (a: number, b: number) => {
+      const la = logits[off + a]!;
+      const lb = logits[off + b]!;
+      return la < lb || (la === lb && a > b) || (la !== la && lb === lb);
+    };
+    const siftDown = (start: number, size: number) => {
+      let i = start;
+      for (;;) {
+        const l = 2 * i + 1;
+        if (l >= size) return;
+        const r = l + 1;
+        let c = l;
+        if (r < size && worse(h[r]!, h[l]!)) c = r;
+        if (!worse(h[c]!, h[i]!)) return;
+        const t = h[i]!;
+        h[i] = h[c]!;
+        h[c] = t;
+        i = c;
+      }
+    };
+    for (let v = 0; v < k; v++) h[v] = v;
+    for (let i = (k >> 1) - 1; i >= 0; i--) siftDown(i, k);
+    for (let v = k; v < V; v++) {
+      if (worse(h[0]!, v)) {
+        h[0] = v;
+        siftDown(0, k);
+      }
+    }
+    // Heap sort: repeatedly move the worst to the end, leaving best first.
+    for (let end = k - 1; end > 0; end--) {
+      const t = h[0]!;
+      h[0] = h[end]!;
+      h[end] = t;
+      siftDown(0, end);
+    }
+  }
+}

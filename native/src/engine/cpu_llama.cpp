@@ -1,0 +1,457 @@
+#include "cpu_llama.h"
+
+#include <pthread.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <unordered_map>
+
+namespace tandem::engine {
+
+// ---------------------------------------------------------------------------------------------------------------
+// ThreadPool
+// ---------------------------------------------------------------------------------------------------------------
+
+ThreadPool::ThreadPool(unsigned threads) {
+  for (unsigned i = 1; i < std::max(1u, threads); ++i) {
+    workers_.emplace_back([this, i] {
+      pthread_setname_np(pthread_self(), ("tandem-cpu-" + std::to_string(i)).substr(0, 15).c_str());
+      workerLoop();
+    });
+  }
+}
+
+ThreadPool::~ThreadPool() { stop(); }
+
+void ThreadPool::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  for (auto& t : workers_)
+    if (t.joinable()) t.join();
+  workers_.clear();
+}
+
+void ThreadPool::runChunks() {
+  for (;;) {
+    size_t begin = next_.fetch_add(1, std::memory_order_relaxed) * grain_;
+    if (begin >= count_) return;
+    try {
+      (*body_)(begin, std::min(count_, begin + grain_));
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+}
+
+void ThreadPool::workerLoop() {
+  uint64_t seen = 0;
+  std::unique_lock<std::mutex> lock(mutex_);
+  for (;;) {
+    wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+    if (stopping_) return;
+    seen = generation_;
+    lock.unlock();
+    runChunks();
+    lock.lock();
+    if (--busy_ == 0) done_.notify_one();
+  }
+}
+
+void ThreadPool::parallelFor(size_t count, size_t grain, const std::function<void(size_t, size_t)>& body) {
+  if (count == 0) return;
+  grain = std::max<size_t>(1, grain);
+  if (workers_.empty() || count <= grain) {
+    body(0, count);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    body_ = &body;
+    count_ = count;
+    grain_ = grain;
+    next_.store(0, std::memory_order_relaxed);
+    busy_ = static_cast<unsigned>(workers_.size());
+    error_ = nullptr;
+    ++generation_;
+  }
+  wake_.notify_all();
+  runChunks();
+  std::exception_ptr error;
+  {
+    // Every helper passes through each generation (the next cannot start before busy_ reaches 0), so none
+    // can still be reading body_ after this.
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [&] { return busy_ == 0; });
+    body_ = nullptr;
+    error = error_;
+    error_ = nullptr;
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace {
+
+std::string shapeText(size_t rows, size_t cols) {
+  return rows == 0 ? "[" + std::to_string(cols) + "]" : "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+}
+
+// The RoPE frequencies as transformers computes them: theta^(-2i/d), then for rope_type llama3 long
+// wavelengths divided by `factor`, short ones kept, and those in between interpolated.
+std::vector<float> ropeFrequencies(const LlamaConfig& c) {
+  size_t half = static_cast<size_t>(c.headDim) / 2;
+  std::vector<float> out(half);
+  for (size_t i = 0; i < half; ++i) {
+    double f = 1.0 / std::pow(c.ropeTheta, static_cast<double>(2 * i) / c.headDim);
+    if (c.llama3Rope) {
+      const double pi = 3.14159265358979323846;
+      double lowWavelen = c.ropeOriginalMaxPositions / c.ropeLowFreqFactor;
+      double highWavelen = c.ropeOriginalMaxPositions / c.ropeHighFreqFactor;
+      double wavelen = 2 * pi / f;
+      if (wavelen > lowWavelen) {
+        f = f / c.ropeFactor;
+      } else if (wavelen >= highWavelen) {
+        double smooth = (c.ropeOriginalMaxPositions / wavelen - c.ropeLowFreqFactor) /
+                        (c.ropeHighFreqFactor - c.ropeLowFreqFactor);
+        f = (1 - smooth) * f / c.ropeFactor + smooth * f;
+      }
+    }
+    out[i] = static_cast<float>(f);
+  }
+  return out;
+}
+
+void rmsNorm(const float* x, const float* weight, size_t n, float eps, float* out) {
+  double sum = 0;
+  for (size_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * x[i];
+  float scale = static_cast<float>(1.0 / std::sqrt(sum / static_cast<double>(n) + eps));
+  for (size_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * scale);
+}
+
+// HF rotate_half: the first and second halves of a head are the two coordinates of each rotated pair.
+void applyRope(float* head, const float* cosv, const float* sinv, size_t half) {
+  for (size_t i = 0; i < half; ++i) {
+    float a = head[i], b = head[i + half];
+    head[i] = a * cosv[i] - b * sinv[i];
+    head[i + half] = b * cosv[i] + a * sinv[i];
+  }
+}
+
+constexpr size_t kMinMacsPerChunk = 1 << 15;  // below this a chunk is not worth a thread hand-off
+
+}  // namespace
+
+CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned threads, const std::string& kernel)
+    : config_(config), pool_(pool), pool_threads_(threads) {
+  const LlamaConfig& c = config_;
+  if (c.vocabSize <= 0 || c.hiddenSize <= 0 || c.intermediateSize <= 0 || c.numLayers <= 0 || c.numHeads <= 0 ||
+      c.numKvHeads <= 0 || c.headDim <= 0 || c.maxPositions <= 0)
+    throw BadInput("every model dimension must be a positive integer");
+  if (c.numHeads % c.numKvHeads != 0)
+    throw BadInput("numKvHeads (" + std::to_string(c.numKvHeads) + ") must divide numHeads (" +
+                   std::to_string(c.numHeads) + ")");
+  if (c.headDim % 2 != 0) throw BadInput("headDim must be even for RoPE");
+  if (c.slidingWindow < 0) throw BadInput("slidingWindow must be non-negative");
+  if (pool.numBlocks <= 0 || pool.blockSize <= 0) throw BadInput("numBlocks and blockSize must be positive");
+  if (reinterpret_cast<uintptr_t>(pool.base) % alignof(float) != 0)
+    throw BadInput("the KV buffer must start at a multiple of 4 bytes (fp32)");
+  size_t need = static_cast<size_t>(pool.numBlocks) * c.numLayers * 2 * pool.blockSize * c.numKvHeads * c.headDim *
+                sizeof(float);
+  if (pool.bytes < need)
+    throw BadInput("the KV buffer holds " + std::to_string(pool.bytes) + " bytes; the pool needs " +
+                   std::to_string(need));
+  try {
+    gemm_ = selectGemmKernel(kernel);
+  } catch (const std::invalid_argument& e) {
+    throw BadInput(e.what());
+  }
+
+  const size_t h = c.hiddenSize, inter = c.intermediateSize;
+  qDim_ = static_cast<size_t>(c.numHeads) * c.headDim;
+  kvDim_ = static_cast<size_t>(c.numKvHeads) * c.headDim;
+  qkvDim_ = qDim_ + 2 * kvDim_;
+  invFreq_ = ropeFrequencies(c);
+
+  embed_.resize(static_cast<size_t>(c.vocabSize) * h);
+  registerSlot("model.embed_tokens.weight", embed_, 0, c.vocabSize, h);
+  layers_.resize(c.numLayers);
+  for (int l = 0; l < c.numLayers; ++l) {
+    Layer& L = layers_[l];
+    std::string p = "model.layers." + std::to_string(l) + ".";
+    L.inputNorm.resize(h);
+    L.wqkv.resize(qkvDim_ * h);
+    if (c.attentionBias) L.bqkv.resize(qkvDim_);
+    L.wo.resize(h * qDim_);
+    if (c.attentionOutputBias) L.bo.resize(h);
+    L.postAttentionNorm.resize(h);
+    L.wgateUp.resize(2 * inter * h);
+    L.wdown.resize(h * inter);
+    // In expectedTensors() order (lib/engine/model/config.ts).
+    registerSlot(p + "input_layernorm.weight", L.inputNorm, 0, 0, h);
+    registerSlot(p + "self_attn.q_proj.weight", L.wqkv, 0, qDim_, h);
+    if (c.attentionBias) registerSlot(p + "self_attn.q_proj.bias", L.bqkv, 0, 0, qDim_);
+    registerSlot(p + "self_attn.k_proj.weight", L.wqkv, qDim_ * h, kvDim_, h);
+    if (c.attentionBias) registerSlot(p + "self_attn.k_proj.bias", L.bqkv, qDim_, 0, kvDim_);
+    registerSlot(p + "self_attn.v_proj.weight", L.wqkv, (qDim_ + kvDim_) * h, kvDim_, h);
+    if (c.attentionBias) registerSlot(p + "self_attn.v_proj.bias", L.bqkv, qDim_ + kvDim_, 0, kvDim_);
+    registerSlot(p + "self_attn.o_proj.weight", L.wo, 0, h, qDim_);
+    if (c.attentionOutputBias) registerSlot(p + "self_attn.o_proj.bias", L.bo, 0, 0, h);
+    registerSlot(p + "post_attention_layernorm.weight", L.postAttentionNorm, 0, 0, h);
+    registerSlot(p + "mlp.gate_proj.weight", L.wgateUp, 0, inter, h);
+    registerSlot(p + "mlp.up_proj.weight", L.wgateUp, inter * h, inter, h);
+    registerSlot(p + "mlp.down_proj.weight", L.wdown, 0, h, inter);
+  }
+  finalNorm_.resize(h);
+  registerSlot("model.norm.weight", finalNorm_, 0, 0, h);
+  if (!c.tieWordEmbeddings) {
+    lmHead_.resize(static_cast<size_t>(c.vocabSize) * h);
+    registerSlot("lm_head.weight", lmHead_, 0, c.vocabSize, h);
+  }
+}
+
+void CpuLlama::registerSlot(const std::string& name, std::vector<float>& storage, size_t offset, size_t rows,
+                            size_t cols) {
+  slots_[name] = Slot{storage.data() + offset, (rows == 0 ? 1 : rows) * cols, shapeText(rows, cols)};
+  order_.push_back(name);
+}
+
+void CpuLlama::setWeight(const std::string& name, const float* data, size_t count) {
+  auto it = slots_.find(name);
+  if (it == slots_.end()) {
+    std::string hint = name == "lm_head.weight" && config_.tieWordEmbeddings
+                           ? " (this config ties lm_head to model.embed_tokens.weight)"
+                           : "";
+    throw BadInput("tensor '" + name + "' is not part of this model" + hint);
+  }
+  Slot& slot = it->second;
+  if (count != slot.count)
+    throw BadInput("tensor '" + name + "' has " + std::to_string(count) + " elements; this config needs " +
+                   std::to_string(slot.count) + " (shape " + slot.shape + ")");
+  std::memcpy(slot.dest, data, count * sizeof(float));
+  slot.set = true;
+}
+
+std::vector<std::string> CpuLlama::missingWeights() const {
+  std::vector<std::string> out;
+  for (const auto& name : order_)
+    if (!slots_.at(name).set) out.push_back(name);
+  return out;
+}
+
+float* CpuLlama::kvTile(int layer, int kv, int block) const {
+  size_t tile = static_cast<size_t>(pool_.blockSize) * kvDim_;
+  size_t lk = static_cast<size_t>(layer) * 2 + kv;
+  size_t index = pool_.layout == KvLayout::BlockMajor
+                     ? static_cast<size_t>(block) * config_.numLayers * 2 + lk
+                     : lk * pool_.numBlocks + block;
+  return pool_.base + index * tile;
+}
+
+void CpuLlama::validate(const ForwardInput& in) const {
+  const LlamaConfig& c = config_;
+  auto fail = [](const std::string& m) { throw BadInput(m); };
+  auto at = [](const char* what, size_t i) { return std::string(what) + "[" + std::to_string(i) + "]"; };
+  if (in.seqStarts.empty()) fail("seqStarts must hold nseq + 1 entries (got none)");
+  size_t nseq = in.seqStarts.size() - 1;
+  size_t ntok = in.tokens.size();
+  if (in.positions.size() != ntok)
+    fail("positions has " + std::to_string(in.positions.size()) + " entries; tokens has " + std::to_string(ntok));
+  if (in.seqStarts[0] != 0) fail("seqStarts[0] must be 0 (got " + std::to_string(in.seqStarts[0]) + ")");
+  if (static_cast<size_t>(in.seqStarts[nseq]) != ntok)
+    fail("seqStarts[" + std::to_string(nseq) + "] must equal the number of tokens " + std::to_string(ntok) +
+         " (got " + std::to_string(in.seqStarts[nseq]) + ")");
+  for (size_t s = 0; s < nseq; ++s)
+    if (in.seqStarts[s + 1] <= in.seqStarts[s])
+      fail("seqStarts must increase (every sequence has at least one new token); " + at("seqStarts", s + 1) +
+           " = " + std::to_string(in.seqStarts[s + 1]) + " <= " + std::to_string(in.seqStarts[s]));
+  if (in.contextLens.size() != nseq)
+    fail("contextLens has " + std::to_string(in.contextLens.size()) + " entries; there are " +
+         std::to_string(nseq) + " sequences");
+  if (in.maxBlocksPerSeq <= 0) fail("maxBlocksPerSeq must be positive");
+  size_t mb = static_cast<size_t>(in.maxBlocksPerSeq);
+  if (in.blockTables.size() != nseq * mb)
+    fail("blockTables has " + std::to_string(in.blockTables.size()) + " entries; nseq x maxBlocksPerSeq is " +
+         std::to_string(nseq * mb));
+  for (size_t t = 0; t < ntok; ++t)
+    if (in.tokens[t] < 0 || in.tokens[t] >= c.vocabSize)
+      fail(at("tokens", t) + " = " + std::to_string(in.tokens[t]) + " is outside the vocabulary (0.." +
+           std::to_string(c.vocabSize - 1) + ")");
+
+  // A block written this step must be read by no other sequence (and appear once in its own table).
+  std::unordered_map<int32_t, int> uses;
+  std::vector<int32_t> written;
+  for (size_t s = 0; s < nseq; ++s) {
+    size_t first = in.seqStarts[s], last = in.seqStarts[s + 1] - 1;
+    int32_t p0 = in.positions[first];
+    if (p0 < 0) fail(at("positions", first) + " = " + std::to_string(p0) + " is negative");
+    for (size_t t = first + 1; t <= last; ++t)
+      if (in.positions[t] != in.positions[t - 1] + 1)
+        fail("the positions of sequence " + std::to_string(s) + " must be consecutive: " + at("positions", t) +
+             " = " + std::to_string(in.positions[t]) + " follows " + std::to_string(in.positions[t - 1]));
+    int64_t ctx = in.contextLens[s];
+    if (ctx != static_cast<int64_t>(in.positions[last]) + 1)
+      fail(at("contextLens", s) + " = " + std::to_string(ctx) + " must be the last new position + 1 (" +
+           std::to_string(static_cast<int64_t>(in.positions[last]) + 1) + ")");
+    if (ctx > c.maxPositions)
+      fail("sequence " + std::to_string(s) + " reaches position " + std::to_string(ctx - 1) +
+           ", beyond the model's maxPositions " + std::to_string(c.maxPositions));
+    if (ctx > static_cast<int64_t>(mb) * pool_.blockSize)
+      fail("sequence " + std::to_string(s) + " holds " + std::to_string(ctx) + " tokens but its block table has room for " +
+           std::to_string(mb * pool_.blockSize) + " (maxBlocksPerSeq " + std::to_string(mb) + " x blockSize " +
+           std::to_string(pool_.blockSize) + ")");
+    int64_t firstRead = c.slidingWindow > 0 ? std::max<int64_t>(0, p0 - c.slidingWindow + 1) : 0;
+    size_t b0 = static_cast<size_t>(firstRead / pool_.blockSize), b1 = static_cast<size_t>((ctx - 1) / pool_.blockSize);
+    size_t firstWritten = static_cast<size_t>(p0 / pool_.blockSize);
+    for (size_t b = b0; b <= b1; ++b) {
+      int32_t block = in.blockTables[s * mb + b];
+      if (block < 0 || block >= pool_.numBlocks)
+        fail("blockTables[" + std::to_string(s) + "][" + std::to_string(b) + "] = " + std::to_string(block) +
+             " is not a block of the pool (0.." + std::to_string(pool_.numBlocks - 1) + ")");
+      uses[block]++;
+      if (b >= firstWritten) written.push_back(block);
+    }
+  }
+  for (int32_t block : written)
+    if (uses[block] > 1)
+      fail("block " + std::to_string(block) + " receives new tokens this step but appears " +
+           std::to_string(uses[block]) + " times in the block tables");
+}
+
+void CpuLlama::matmul(const float* x, size_t rows, size_t k, const float* w, const float* bias, size_t n, float* y) {
+  // Chunks of output rows, a multiple of 4 (the kernels' panel width), each worth at least kMinMacsPerChunk.
+  size_t perRow = std::max<size_t>(1, rows * k);
+  size_t grain = std::max<size_t>(16, (kMinMacsPerChunk + perRow - 1) / perRow);
+  grain = (grain + 3) & ~size_t(3);
+  GemmFn fn = gemm_.fn;
+  pool_threads_.parallelFor(n, grain, [&](size_t n0, size_t n1) { fn(x, rows, k, w, n0, n1, bias, y, n); });
+}
+
+void CpuLlama::attention(const ForwardInput& in, int layer, const float* qkv, float* out,
+                         const std::vector<int>& seqOf) {
+  const LlamaConfig& c = config_;
+  const size_t hd = c.headDim, heads = c.numHeads, group = c.numHeads / c.numKvHeads;
+  const size_t bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  const size_t ntok = in.tokens.size();
+  int64_t longest = 1;
+  for (int32_t len : in.contextLens) longest = std::max<int64_t>(longest, len);
+  size_t perTask = static_cast<size_t>(longest) * hd * 2;
+  size_t grain = std::max<size_t>(1, kMinMacsPerChunk / perTask);
+  pool_threads_.parallelFor(ntok * heads, grain, [&](size_t begin, size_t end) {
+    std::vector<float> scores(static_cast<size_t>(longest));
+    std::vector<float> acc(hd);
+    for (size_t task = begin; task < end; ++task) {
+      size_t t = task / heads, h = task % heads, kvh = h / group;
+      const int32_t* table = in.blockTables.data() + seqOf[t] * mb;
+      int64_t p = in.positions[t];
+      int64_t start = c.slidingWindow > 0 ? std::max<int64_t>(0, p - c.slidingWindow + 1) : 0;
+      const float* q = qkv + t * qkvDim_ + h * hd;
+      float maxScore = -INFINITY;
+      for (int64_t j = start; j <= p; ++j) {
+        const float* kRow = kvTile(layer, 0, table[j / bs]) + ((j % bs) * c.numKvHeads + kvh) * hd;
+        float s = dot(q, kRow, hd) * scale;
+        scores[j - start] = s;
+        maxScore = std::max(maxScore, s);
+      }
+      float sum = 0;
+      for (int64_t j = start; j <= p; ++j) {
+        float e = std::exp(scores[j - start] - maxScore);
+        scores[j - start] = e;
+        sum += e;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = start; j <= p; ++j) {
+        const float* vRow = kvTile(layer, 1, table[j / bs]) + ((j % bs) * c.numKvHeads + kvh) * hd;
+        float wj = scores[j - start];
+        for (size_t d = 0; d < hd; ++d) acc[d] += wj * vRow[d];
+      }
+      float inv = 1.0f / sum;
+      float* o = out + t * qDim_ + h * hd;
+      for (size_t d = 0; d < hd; ++d) o[d] = acc[d] * inv;
+    }
+  });
+}
+
+std::vector<float> CpuLlama::forward(const ForwardInput& in) {
+  if (aborted_.load()) throw Aborted("the model was disposed");
+  auto missing = missingWeights();
+  if (!missing.empty())
+    throw BadInput(std::to_string(missing.size()) + " weight tensor(s) not set, first '" + missing[0] + "'");
+  validate(in);
+
+  const LlamaConfig& c = config_;
+  const size_t ntok = in.tokens.size(), nseq = in.seqStarts.size() - 1;
+  const size_t h = c.hiddenSize, inter = c.intermediateSize, hd = c.headDim, half = hd / 2;
+  const size_t bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
+  if (nseq == 0) return {};
+
+  std::vector<int> seqOf(ntok);
+  for (size_t s = 0; s < nseq; ++s)
+    for (int32_t t = in.seqStarts[s]; t < in.seqStarts[s + 1]; ++t) seqOf[t] = static_cast<int>(s);
+
+  // cos and sin of every token's position, shared by all layers and heads.
+  std::vector<float> cosv(ntok * half), sinv(ntok * half);
+  for (size_t t = 0; t < ntok; ++t)
+    for (size_t i = 0; i < half; ++i) {
+      float angle = static_cast<float>(in.positions[t]) * invFreq_[i];
+      cosv[t * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      sinv[t * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+
+  std::vector<float> x(ntok * h), xn(ntok * h), tmp(ntok * h);
+  std::vector<float> qkv(ntok * qkvDim_), attn(ntok * qDim_);
+  std::vector<float> gateUp(ntok * 2 * inter), act(ntok * inter);
+  for (size_t t = 0; t < ntok; ++t)
+    std::memcpy(&x[t * h], &embed_[static_cast<size_t>(in.tokens[t]) * h], h * sizeof(float));
+
+  for (int l = 0; l < c.numLayers; ++l) {
+    if (aborted_.load()) throw Aborted("the model was disposed during a forward pass");
+    const Layer& L = layers_[l];
+    for (size_t t = 0; t < ntok; ++t) rmsNorm(&x[t * h], L.inputNorm.data(), h, c.rmsNormEps, &xn[t * h]);
+    matmul(xn.data(), ntok, h, L.wqkv.data(), c.attentionBias ? L.bqkv.data() : nullptr, qkvDim_, qkv.data());
+    for (size_t t = 0; t < ntok; ++t) {
+      float* row = &qkv[t * qkvDim_];
+      for (int hh = 0; hh < c.numHeads + c.numKvHeads; ++hh)  // q heads, then k heads (contiguous)
+        applyRope(row + hh * hd, &cosv[t * half], &sinv[t * half], half);
+      // K and V of this token into its slot: NHD, [token][head][dim].
+      int32_t p = in.positions[t];
+      int32_t block = in.blockTables[seqOf[t] * mb + p / bs];
+      size_t slot = static_cast<size_t>(p % bs) * kvDim_;
+      std::memcpy(kvTile(l, 0, block) + slot, row + qDim_, kvDim_ * sizeof(float));
+      std::memcpy(kvTile(l, 1, block) + slot, row + qDim_ + kvDim_, kvDim_ * sizeof(float));
+    }
+    attention(in, l, qkv.data(), attn.data(), seqOf);
+    matmul(attn.data(), ntok, qDim_, L.wo.data(), c.attentionOutputBias ? L.bo.data() : nullptr, h, tmp.data());
+    for (size_t i = 0; i < ntok * h; ++i) x[i] += tmp[i];
+
+    for (size_t t = 0; t < ntok; ++t) rmsNorm(&x[t * h], L.postAttentionNorm.data(), h, c.rmsNormEps, &xn[t * h]);
+    matmul(xn.data(), ntok, h, L.wgateUp.data(), nullptr, 2 * inter, gateUp.data());
+    for (size_t t = 0; t < ntok; ++t) {
+      const float* g = &gateUp[t * 2 * inter];
+      const float* u = g + inter;
+      float* a = &act[t * inter];
+      for (size_t i = 0; i < inter; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+    matmul(act.data(), ntok, inter, L.wdown.data(), nullptr, h, tmp.data());
+    for (size_t i = 0; i < ntok * h; ++i) x[i] += tmp[i];
+  }
+
+  // Final norm and logits for each sequence's last new token only.
+  std::vector<float> last(nseq * h);
+  for (size_t s = 0; s < nseq; ++s)
+    rmsNorm(&x[static_cast<size_t>(in.seqStarts[s + 1] - 1) * h], finalNorm_.data(), h, c.rmsNormEps, &last[s * h]);
+  std::vector<float> logits(nseq * static_cast<size_t>(c.vocabSize));
+  const float* head = c.tieWordEmbeddings ? embed_.data() : lmHead_.data();
+  matmul(last.data(), nseq, h, head, nullptr, c.vocabSize, logits.data());
+  return logits;
+}
+
+}  // namespace tandem::engine

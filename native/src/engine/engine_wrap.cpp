@@ -1,0 +1,260 @@
+#include "engine_wrap.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <thread>
+
+namespace tandem::engine {
+namespace {
+
+[[noreturn]] void badArgument(Napi::Env env, const std::string& message) {
+  throw makeError(env, "TANDEM_BAD_ARGUMENT", message);
+}
+
+Napi::Value field(const Napi::Object& o, const char* name) { return o.Has(name) ? o.Get(name) : o.Env().Undefined(); }
+
+double number(const Napi::Object& o, const char* name) {
+  Napi::Value v = field(o, name);
+  if (!v.IsNumber()) badArgument(o.Env(), std::string("option '") + name + "' must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (!std::isfinite(d)) badArgument(o.Env(), std::string("option '") + name + "' must be finite");
+  return d;
+}
+
+int positiveInt(const Napi::Object& o, const char* name) {
+  double d = number(o, name);
+  if (d < 1 || d > 2147483647.0 || d != std::floor(d))
+    badArgument(o.Env(), std::string("option '") + name + "' must be a positive 32-bit integer (got " +
+                             std::to_string(d) + ")");
+  return static_cast<int>(d);
+}
+
+bool flag(const Napi::Object& o, const char* name) {
+  Napi::Value v = field(o, name);
+  if (v.IsUndefined()) return false;
+  if (!v.IsBoolean()) badArgument(o.Env(), std::string("option '") + name + "' must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+// The bytes of any typed array, including one over a SharedArrayBuffer or an external ArrayBuffer.
+void viewOf(Napi::Env env, const Napi::Value& value, napi_typedarray_type want, void** data, size_t* length,
+            const char* what) {
+  napi_typedarray_type type;
+  napi_value arrayBuffer;
+  size_t byteOffset;
+  if (!value.IsTypedArray() ||
+      napi_get_typedarray_info(env, value, &type, length, data, &arrayBuffer, &byteOffset) != napi_ok ||
+      type != want) {
+    const char* name = want == napi_uint8_array ? "a Uint8Array" : want == napi_float32_array ? "a Float32Array" : "an Int32Array";
+    throw Napi::TypeError::New(env, std::string(what) + " must be " + name);
+  }
+}
+
+std::vector<int32_t> int32s(Napi::Env env, const Napi::Value& value, const char* what) {
+  void* data = nullptr;
+  size_t length = 0;
+  viewOf(env, value, napi_int32_array, &data, &length, what);
+  const int32_t* p = static_cast<const int32_t*>(data);
+  return std::vector<int32_t>(p, p + length);
+}
+
+}  // namespace
+
+void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = DefineClass(env, "CpuLlama",
+                                    {
+                                        InstanceMethod<&CpuLlamaWrap::SetWeight>("setWeight"),
+                                        InstanceMethod<&CpuLlamaWrap::MissingWeights>("missingWeights"),
+                                        InstanceMethod<&CpuLlamaWrap::Ready>("ready"),
+                                        InstanceMethod<&CpuLlamaWrap::Forward>("forward"),
+                                        InstanceMethod<&CpuLlamaWrap::Dispose>("dispose"),
+                                        InstanceAccessor<&CpuLlamaWrap::GetThreads>("threads"),
+                                        InstanceAccessor<&CpuLlamaWrap::GetKernel>("kernel"),
+                                        InstanceAccessor<&CpuLlamaWrap::GetDisposed>("disposed"),
+                                    });
+  exports.Set("CpuLlama", ctor);
+}
+
+// new CpuLlama({ ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer, threads?, kernel? })
+CpuLlamaWrap::CpuLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CpuLlamaWrap>(info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throw Napi::TypeError::New(env, "CpuLlama expects an options object");
+  Napi::Object o = info[0].As<Napi::Object>();
+
+  LlamaConfig c;
+  c.vocabSize = positiveInt(o, "vocabSize");
+  c.hiddenSize = positiveInt(o, "hiddenSize");
+  c.intermediateSize = positiveInt(o, "intermediateSize");
+  c.numLayers = positiveInt(o, "numLayers");
+  c.numHeads = positiveInt(o, "numHeads");
+  c.numKvHeads = positiveInt(o, "numKvHeads");
+  c.headDim = positiveInt(o, "headDim");
+  c.rmsNormEps = static_cast<float>(number(o, "rmsNormEps"));
+  c.ropeTheta = number(o, "ropeTheta");
+  c.maxPositions = positiveInt(o, "maxPositionEmbeddings");
+  c.tieWordEmbeddings = flag(o, "tieWordEmbeddings");
+  c.attentionBias = flag(o, "attentionBias");
+  c.attentionOutputBias = flag(o, "attentionOutputBias");
+  Napi::Value window = field(o, "slidingWindow");
+  if (!window.IsUndefined() && !window.IsNull()) c.slidingWindow = positiveInt(o, "slidingWindow");
+  Napi::Value scaling = field(o, "ropeScaling");
+  if (!scaling.IsUndefined() && !scaling.IsNull()) {
+    if (!scaling.IsObject()) badArgument(env, "option 'ropeScaling' must be an object or null");
+    Napi::Object s = scaling.As<Napi::Object>();
+    Napi::Value type = field(s, "type");
+    if (!type.IsString() || type.As<Napi::String>().Utf8Value() != "llama3")
+      badArgument(env, "ropeScaling.type must be 'llama3'");
+    c.llama3Rope = true;
+    c.ropeFactor = number(s, "factor");
+    c.ropeLowFreqFactor = number(s, "lowFreqFactor");
+    c.ropeHighFreqFactor = number(s, "highFreqFactor");
+    c.ropeOriginalMaxPositions = number(s, "originalMaxPositionEmbeddings");
+    if (!(c.ropeFactor > 0 && c.ropeLowFreqFactor > 0 && c.ropeHighFreqFactor > c.ropeLowFreqFactor &&
+          c.ropeOriginalMaxPositions > 0))
+      badArgument(env, "ropeScaling needs factor > 0, 0 < lowFreqFactor < highFreqFactor, originalMaxPositionEmbeddings > 0");
+  }
+
+  KvPoolView pool;
+  pool.numBlocks = positiveInt(o, "numBlocks");
+  pool.blockSize = positiveInt(o, "blockSize");
+  Napi::Value layout = field(o, "layout");
+  std::string layoutName = layout.IsString() ? layout.As<Napi::String>().Utf8Value() : "";
+  if (layoutName == "block-major") pool.layout = KvLayout::BlockMajor;
+  else if (layoutName == "layer-major") pool.layout = KvLayout::LayerMajor;
+  else badArgument(env, "option 'layout' must be 'block-major' or 'layer-major'");
+  Napi::Value kv = field(o, "kvBuffer");
+  void* kvData = nullptr;
+  viewOf(env, kv, napi_uint8_array, &kvData, &pool.bytes, "option 'kvBuffer'");
+  pool.base = static_cast<float*>(kvData);
+
+  unsigned threads = std::min(8u, std::max(1u, std::thread::hardware_concurrency()));
+  if (!field(o, "threads").IsUndefined()) threads = static_cast<unsigned>(positiveInt(o, "threads"));
+  if (threads > 256) badArgument(env, "option 'threads' must be at most 256");
+  std::string kernel = "auto";
+  if (field(o, "kernel").IsString()) kernel = field(o, "kernel").As<Napi::String>().Utf8Value();
+
+  try {
+    model_ = std::make_shared<CpuLlama>(c, pool, threads, kernel);
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  } catch (const std::bad_alloc&) {
+    throw makeError(env, "TANDEM_OUT_OF_MEMORY", "not enough memory for the model's weights");
+  }
+  threads_ = model_->threads();
+  kernel_ = model_->kernelName();
+  kvBuffer_ = Napi::Persistent(kv.As<Napi::Object>());
+  queue_ = std::make_unique<WorkQueue>("tandem-llama");
+  AddonState::of(env).track(this);
+}
+
+CpuLlamaWrap::~CpuLlamaWrap() { close(); }
+
+void CpuLlamaWrap::close() {
+  if (!model_) return;
+  model_->abort();
+  queue_->stop();  // queued passes run, see the abort and reject with TANDEM_DISPOSED
+  queue_.reset();
+  model_->stopThreads();
+  model_.reset();
+  kvBuffer_.Reset();
+  AddonState::of(Env()).untrack(this);
+}
+
+CpuLlama& CpuLlamaWrap::live(Napi::Env env) {
+  if (!model_) throw makeError(env, "TANDEM_DISPOSED", "the CPU model runner was disposed");
+  return *model_;
+}
+
+// setWeight(name, Float32Array): copies the tensor in, on the calling thread.
+Napi::Value CpuLlamaWrap::SetWeight(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CpuLlama& model = live(env);
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "setWeight expects a tensor name");
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  void* data = nullptr;
+  size_t length = 0;
+  viewOf(env, info[1], napi_float32_array, &data, &length, ("tensor '" + name + "'").c_str());
+  if (*inFlight_ > 0) badArgument(env, "setWeight('" + name + "') while a forward pass is running");
+  try {
+    model.setWeight(name, static_cast<const float*>(data), length);
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  }
+  return env.Undefined();
+}
+
+Napi::Value CpuLlamaWrap::MissingWeights(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto missing = live(env).missingWeights();
+  Napi::Array out = Napi::Array::New(env, missing.size());
+  for (size_t i = 0; i < missing.size(); ++i) out.Set(static_cast<uint32_t>(i), missing[i]);
+  return out;
+}
+
+// ready(): throws TANDEM_BAD_ARGUMENT naming the tensors not set yet.
+Napi::Value CpuLlamaWrap::Ready(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto missing = live(env).missingWeights();
+  if (!missing.empty()) {
+    std::string list;
+    for (size_t i = 0; i < missing.size() && i < 5; ++i) list += (i ? ", " : "") + missing[i];
+    if (missing.size() > 5) list += ", ...";
+    badArgument(env, std::to_string(missing.size()) + " weight tensor(s) not set: " + list);
+  }
+  return env.Undefined();
+}
+
+// forward(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens) -> Promise<Float32Array>
+Napi::Value CpuLlamaWrap::Forward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CpuLlama> model = model_;
+  live(env);
+  auto input = std::make_shared<ForwardInput>();
+  input->tokens = int32s(env, info[0], "tokens");
+  input->positions = int32s(env, info[1], "positions");
+  input->seqStarts = int32s(env, info[2], "seqStarts");
+  input->blockTables = int32s(env, info[3], "blockTables");
+  if (!info[4].IsNumber()) throw Napi::TypeError::New(env, "maxBlocksPerSeq must be a number");
+  double mb = info[4].As<Napi::Number>().DoubleValue();
+  if (!(mb >= 1 && mb <= 2147483647.0 && mb == std::floor(mb)))
+    badArgument(env, "maxBlocksPerSeq must be a positive integer");
+  input->maxBlocksPerSeq = static_cast<int>(mb);
+  input->contextLens = int32s(env, info[5], "contextLens");
+
+  std::shared_ptr<int> inFlight = inFlight_;
+  ++*inFlight;
+  return runAsync<std::vector<float>>(
+      env, *queue_,
+      [model, input]() {
+        try {
+          return model->forward(*input);
+        } catch (const BadInput& e) {
+          throw NativeError("TANDEM_BAD_ARGUMENT", e.what());
+        } catch (const Aborted& e) {
+          throw NativeError("TANDEM_DISPOSED", e.what());
+        } catch (const std::bad_alloc&) {
+          throw NativeError("TANDEM_OUT_OF_MEMORY", "not enough memory for the forward pass's activations");
+        }
+      },
+      [](Napi::Env env, std::vector<float>& logits) -> Napi::Value {
+        Napi::Float32Array out = Napi::Float32Array::New(env, logits.size());
+        if (!logits.empty()) std::memcpy(out.Data(), logits.data(), logits.size() * sizeof(float));
+        return out;
+      },
+      [inFlight](Napi::Env) { --*inFlight; });
+}
+
+Napi::Value CpuLlamaWrap::Dispose(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  close();
+  auto deferred = Napi::Promise::Deferred::New(env);
+  deferred.Resolve(env.Undefined());
+  return deferred.Promise();
+}
+
+Napi::Value CpuLlamaWrap::GetThreads(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), threads_); }
+Napi::Value CpuLlamaWrap::GetKernel(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), kernel_); }
+Napi::Value CpuLlamaWrap::GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !model_); }
+
+}  // namespace tandem::engine

@@ -1,0 +1,46 @@
+// CpuLlama as seen from JavaScript (lib/engine/cpu.ts wraps it). It owns the model's weights, a thread on
+// which forward passes run one at a time, the model's worker threads, and a reference to the caller's KV
+// buffer so that the memory outlives every pass that writes it.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+
+#include "../addon_state.h"
+#include "../work_queue.h"
+#include "cpu_llama.h"
+
+namespace tandem::engine {
+
+class CpuLlamaWrap : public Napi::ObjectWrap<CpuLlamaWrap>, public Closeable {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports);
+  explicit CpuLlamaWrap(const Napi::CallbackInfo& info);
+  ~CpuLlamaWrap() override;
+
+  // Stops forward passes (one in progress gives up at its next layer), joins every thread, frees the
+  // weights and lets go of the KV buffer. Idempotent.
+  void close() override;
+
+ private:
+  CpuLlama& live(Napi::Env env);
+  Napi::Value SetWeight(const Napi::CallbackInfo& info);
+  Napi::Value MissingWeights(const Napi::CallbackInfo& info);
+  Napi::Value Ready(const Napi::CallbackInfo& info);
+  Napi::Value Forward(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value GetThreads(const Napi::CallbackInfo& info);
+  Napi::Value GetKernel(const Napi::CallbackInfo& info);
+  Napi::Value GetDisposed(const Napi::CallbackInfo& info);
+
+  std::shared_ptr<CpuLlama> model_;
+  std::unique_ptr<WorkQueue> queue_;
+  Napi::ObjectReference kvBuffer_;
+  // Forward passes queued or running; touched on the JS thread only, shared with their completions.
+  std::shared_ptr<int> inFlight_ = std::make_shared<int>(0);
+  unsigned threads_ = 0;
+  std::string kernel_;
+};
+
+}  // namespace tandem::engine

@@ -1,0 +1,138 @@
+import { describe, expect, it } from 'vitest';
+import { Sampler, argmax, counterUniform, seedHalves, type SamplerParams } from '../../lib/engine/sampler.js';
+import { referenceLogits } from '../helpers/fake-runner.js';
+
+const V = 50;
+const params = (p: Partial<SamplerParams> & { seed?: number } = {}): SamplerParams => ({
+  temperature: 1,
+  topK: 0,
+  topP: 1,
+  ...seedHalves(p.seed ?? 7),
+  ...p,
+});
+
+/** Two rows: row 1 is the interesting one, row 0 a decoy (checks row addressing). */
+function rows(): Float32Array {
+  const out = new Float32Array(2 * V);
+  out.set(referenceLogits([9, 9, 9], V), 0);
+  out.set(referenceLogits([1, 2, 3], V), V);
+  return out;
+}
+
+function softmax(logits: Float32Array, t: number): Float64Array {
+  const max = Math.max(...logits);
+  const e = Float64Array.from(logits, (x) => Math.exp((x - max) / t));
+  const s = e.reduce((a, b) => a + b, 0);
+  return e.map((x) => x / s);
+}
+
+function histogram(s: Sampler, logits: Float32Array, p: SamplerParams, n: number): Float64Array {
+  const h = new Float64Array(V);
+  for (let i = 0; i < n; i++) h[s.sample(logits, 1, p, i)]! += 1 / n;
+  return h;
+}
+
+describe('Sampler', () => {
+  const s = new Sampler(V);
+  const logits = rows();
+  const row = logits.subarray(V, 2 * V);
+  const best = argmax(logits, V, V);
+
+  it('greedy, top-k 1 and a tiny top-p all give the arg max', () => {
+    expect(best).toBe(Array.from(row).indexOf(Math.max(...row)));
+    for (let i = 0; i < 50; i++) {
+      expect(s.sample(logits, 1, params({ temperature: 0 }), i)).toBe(best);
+      expect(s.sample(logits, 1, params({ topK: 1, seed: i }), i)).toBe(best);
+      expect(s.sample(logits, 1, params({ topP: 1e-6, seed: i }), i)).toBe(best);
+    }
+    // Ties go to the lowest id.
+    expect(argmax(new Float32Array([1, 3, 3, 2]), 0, 4)).toBe(1);
+  });
+
+  it('counter-based uniforms are deterministic, in [0, 1), and look uniform', () => {
+    expect(counterUniform(1, 2, 3)).toBe(counterUniform(1, 2, 3));
+    expect(counterUniform(1, 2, 3)).not.toBe(counterUniform(1, 2, 4));
+    expect(counterUniform(1, 2, 3)).not.toBe(counterUniform(2, 2, 3));
+    const n = 20000;
+    const bins = new Array(10).fill(0);
+    let mean = 0;
+    for (let i = 0; i < n; i++) {
+      const u = counterUniform(42, 0, i);
+      expect(u >= 0 && u < 1).toBe(true);
+      bins[Math.floor(u * 10)]++;
+      mean += u / n;
+    }
+    expect(Math.abs(mean - 0.5)).toBeLessThan(0.01);
+    for (const b of bins) expect(Math.abs(b / n - 0.1)).toBeLessThan(0.01);
+  });
+
+  it('temperature sampling follows the softmax; higher temperature spreads it', () => {
+    const n = 20000;
+    for (const t of [0.5, 1, 2]) {
+      const h = histogram(s, logits, params({ temperature: t }), n);
+      const p = softmax(row, t);
+      let tv = 0;
+      for (let v = 0; v < V; v++) tv += Math.abs(h[v]! - p[v]!) / 2;
+      expect(tv).toBeLessThan(0.03);
+    }
+    const cold = histogram(s, logits, params({ temperature: 0.2 }), 2000);
+    const hot = histogram(s, logits, params({ temperature: 5 }), 2000);
+    expect(cold[best]!).toBeGreaterThan(hot[best]!);
+  });
+
+  it('top-k keeps exactly the k most likely tokens, renormalised', () => {
+    const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => row[b]! - row[a]! || a - b);
+    const k = 5;
+    const h = histogram(s, logits, params({ topK: k }), 20000);
+    const kept = new Set(order.slice(0, k));
+    for (let v = 0; v < V; v++) if (!kept.has(v)) expect(h[v]).toBe(0);
+    const p = softmax(
+      Float32Array.from(order.slice(0, k), (v) => row[v]!),
+      1,
+    );
+    for (let j = 0; j < k; j++) expect(Math.abs(h[order[j]!]! - p[j]!)).toBeLessThan(0.02);
+  });
+
+  it('top-p keeps the smallest most-likely set reaching p', () => {
+    const probs = softmax(row, 1);
+    const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => probs[b]! - probs[a]! || a - b);
+    const topP = 0.6;
+    let cum = 0;
+    let m = 0;
+    while (cum < topP) cum += probs[order[m++]!]!;
+    const h = histogram(s, logits, params({ topP }), 20000);
+    const kept = new Set(order.slice(0, m));
+    for (let v = 0; v < V; v++) if (!kept.has(v)) expect(h[v]).toBe(0);
+    for (let j = 0; j < m; j++) expect(Math.abs(h[order[j]!]! - probs[order[j]!]! / cum)).toBeLessThan(0.02);
+    // Combined with top-k: top-p applies to the top-k distribution.
+    const hk = histogram(s, logits, params({ topK: 2, topP: 0.999 }), 2000);
+    expect(hk.filter((x) => x > 0).length).toBeLessThanOrEqual(2);
+    // A large vocabulary where p needs more than the first candidate batch.
+    const big = new Sampler(1000);
+    const flat = new Float32Array(1000).map((_, i) => (i % 7) * 0.01);
+    const seen = new Set<number>();
+    for (let i = 0; i < 1500; i++) seen.add(big.sample(flat, 0, params({ topP: 0.9 }), i));
+    expect(seen.size).toBeGreaterThan(500);
+  });
+
+  it('same seed and counter, same token; the batch row does not matter', () => {
+    const p = params({ seed: 99 });
+    const alone = new Float32Array(row);
+    for (let i = 0; i < 20; i++) expect(s.sample(logits, 1, p, i)).toBe(s.sample(alone, 0, p, i));
+    const a = Array.from({ length: 30 }, (_, i) => s.sample(logits, 1, params({ seed: 1 }), i));
+    const b = Array.from({ length: 30 }, (_, i) => s.sample(logits, 1, params({ seed: 2 }), i));
+    expect(a).not.toEqual(b);
+  });
+
+  it('logprobs are the log-softmax of the raw logits, top-N best first', () => {
+    const lp = s.logprobs(logits, 1, 3, 5);
+    const max = Math.max(...row);
+    const lse = max + Math.log(row.reduce((a, x) => a + Math.exp(x - max), 0));
+    expect(lp.tokenId).toBe(3);
+    expect(lp.logprob).toBeCloseTo(row[3]! - lse, 5);
+    const order = Array.from({ length: V }, (_, i) => i).sort((a, b) => row[b]! - row[a]! || a - b);
+    expect(Array.from(lp.topTokenIds)).toEqual(order.slice(0, 5));
+    for (let j = 0; j < 5; j++) expect(lp.topLogprobs[j]).toBeCloseTo(row[order[j]!]! - lse, 5);
+    expect(s.logprobs(logits, 1, 3, 0).topTokenIds).toHaveLength(0);
+  });
+});
