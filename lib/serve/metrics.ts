@@ -1,0 +1,169 @@
+/**
+ * Serving metrics, Prometheus format (prom-client). Every metric name is defined here and only here; code
+ * that records a metric goes through `ServeMetrics`, and dashboards and tests read the names from
+ * `METRIC_NAMES`.
+ */
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+
+export const METRIC_NAMES = {
+  /** Counter; labels model, endpoint (chat|completions), stream (true|false), status (success|error|canceled). */
+  requests: 'tandem_frontend_requests_total',
+  /** Gauge: requests being served (accepted, not yet finished). */
+  inflightRequests: 'tandem_frontend_inflight_requests',
+  /** Gauge: requests accepted that have not received their first token (the queue in front of the workers). */
+  queuedRequests: 'tandem_frontend_queued_requests',
+  /** Histogram, seconds: request accepted to first generated token. */
+  timeToFirstToken: 'tandem_frontend_time_to_first_token_seconds',
+  /** Histogram, seconds: between consecutive generated tokens of a request. */
+  interTokenLatency: 'tandem_frontend_inter_token_latency_seconds',
+  /** Histogram, seconds: request accepted to last token. */
+  requestDuration: 'tandem_frontend_request_duration_seconds',
+  /** Counter: prompt tokens of accepted requests. */
+  inputTokens: 'tandem_frontend_input_tokens_total',
+  /** Counter: generated tokens. */
+  outputTokens: 'tandem_frontend_output_tokens_total',
+  /** Counter: KV cache bytes moved from prefill to decode workers. */
+  kvTransferBytes: 'tandem_kv_transfer_bytes_total',
+  /** Histogram, seconds: one request's KV transfer, first block posted to last block landed. */
+  kvTransferSeconds: 'tandem_kv_transfer_seconds',
+  /** Counter; label where (local|remote): prompts prefilled by the decode worker or by a prefill worker. */
+  prefills: 'tandem_prefills_total',
+  /** Gauge: requests waiting in the prefill pool (all prefill workers). */
+  prefillQueueDepth: 'tandem_prefill_queue_depth',
+} as const;
+
+export type RequestStatus = 'success' | 'error' | 'canceled';
+export type Endpoint = 'chat' | 'completions';
+
+// Latency buckets from 1 ms to 1 min: a tiny CPU model answers in milliseconds, a long prompt on a large
+// model in tens of seconds.
+const TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+const ITL_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
+const DURATION_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
+const TRANSFER_BUCKETS = [0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1];
+
+/** The serving metrics of one process, in their own registry (so that several frontends can share a process). */
+export class ServeMetrics {
+  readonly registry = new Registry();
+  private readonly requests = new Counter({
+    name: METRIC_NAMES.requests,
+    help: 'Completion requests by endpoint and outcome',
+    labelNames: ['model', 'endpoint', 'stream', 'status'] as const,
+    registers: [this.registry],
+  });
+  private readonly inflight = new Gauge({
+    name: METRIC_NAMES.inflightRequests,
+    help: 'Requests being served',
+    registers: [this.registry],
+  });
+  private readonly queued = new Gauge({
+    name: METRIC_NAMES.queuedRequests,
+    help: 'Requests waiting for their first token',
+    registers: [this.registry],
+  });
+  private readonly ttft = new Histogram({
+    name: METRIC_NAMES.timeToFirstToken,
+    help: 'Time to first token, seconds',
+    labelNames: ['model'] as const,
+    buckets: TTFT_BUCKETS,
+    registers: [this.registry],
+  });
+  private readonly itl = new Histogram({
+    name: METRIC_NAMES.interTokenLatency,
+    help: 'Inter-token latency, seconds',
+    labelNames: ['model'] as const,
+    buckets: ITL_BUCKETS,
+    registers: [this.registry],
+  });
+  private readonly duration = new Histogram({
+    name: METRIC_NAMES.requestDuration,
+    help: 'Request duration, seconds',
+    labelNames: ['model'] as const,
+    buckets: DURATION_BUCKETS,
+    registers: [this.registry],
+  });
+  private readonly inputTokens = new Counter({
+    name: METRIC_NAMES.inputTokens,
+    help: 'Prompt tokens',
+    labelNames: ['model'] as const,
+    registers: [this.registry],
+  });
+  private readonly outputTokens = new Counter({
+    name: METRIC_NAMES.outputTokens,
+    help: 'Generated tokens',
+    labelNames: ['model'] as const,
+    registers: [this.registry],
+  });
+  private readonly kvBytes = new Counter({
+    name: METRIC_NAMES.kvTransferBytes,
+    help: 'KV cache bytes transferred from prefill to decode workers',
+    registers: [this.registry],
+  });
+  private readonly kvSeconds = new Histogram({
+    name: METRIC_NAMES.kvTransferSeconds,
+    help: 'KV cache transfer time per request, seconds',
+    buckets: TRANSFER_BUCKETS,
+    registers: [this.registry],
+  });
+  private readonly prefills = new Counter({
+    name: METRIC_NAMES.prefills,
+    help: 'Prompts prefilled locally (decode worker) or remotely (prefill worker)',
+    labelNames: ['where'] as const,
+    registers: [this.registry],
+  });
+  private readonly prefillQueue = new Gauge({
+    name: METRIC_NAMES.prefillQueueDepth,
+    help: 'Requests waiting in the prefill pool',
+    registers: [this.registry],
+  });
+
+  constructor() {
+    // Series that exist before the first event, so that a scrape shows every metric from the start.
+    for (const where of ['local', 'remote']) this.prefills.inc({ where }, 0);
+  }
+
+  requestStarted(): void {
+    this.inflight.inc();
+    this.queued.inc();
+  }
+  /** Once per request, when its first token arrives; `seconds` since the request was accepted. */
+  firstToken(model: string, seconds: number): void {
+    this.queued.dec();
+    this.ttft.observe({ model }, seconds);
+  }
+  interToken(model: string, seconds: number): void {
+    this.itl.observe({ model }, seconds);
+  }
+  tokens(model: string, input: number, output: number): void {
+    if (input) this.inputTokens.inc({ model }, input);
+    if (output) this.outputTokens.inc({ model }, output);
+  }
+  /** Once per started request; `gotFirstToken` false when it ended while still queued. */
+  requestFinished(model: string, seconds: number, gotFirstToken: boolean): void {
+    this.inflight.dec();
+    if (!gotFirstToken) this.queued.dec();
+    this.duration.observe({ model }, seconds);
+  }
+  /** Every completion request, accepted or not. */
+  countRequest(model: string, endpoint: Endpoint, stream: boolean, status: RequestStatus): void {
+    this.requests.inc({ model, endpoint, stream: String(stream), status });
+  }
+  kvTransfer(bytes: number, seconds: number): void {
+    this.kvBytes.inc(bytes);
+    this.kvSeconds.observe(seconds);
+  }
+  prefill(where: 'local' | 'remote'): void {
+    this.prefills.inc({ where });
+  }
+  setPrefillQueueDepth(depth: number): void {
+    this.prefillQueue.set(depth);
+  }
+
+  /** The Prometheus text exposition of every metric. */
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+  get contentType(): string {
+    return this.registry.contentType;
+  }
+}
