@@ -19,13 +19,6 @@ describe('tandem CLI', () => {
     }
   });
 
-  it('start prints the embedded deployment plan for this machine', () => {
-    const r = runTs('lib/cli/main.ts', ['start']);
-    expect(r.status, r.stderr).toBe(0);
-    expect(r.stdout).toContain('http://127.0.0.1:8000');
-    expect(r.stdout).toMatch(/prefill worker .* on (CPU|GPU 0)/);
-  });
-
   it('rejects an unknown command with usage and exit code 2', () => {
     const r = runTs('lib/cli/main.ts', ['frobnicate']);
     expect(r.status).toBe(2);

@@ -4,22 +4,27 @@
  *
  *   tandem info [--json]   what this machine offers (CUDA, NCCL, UCX, cuBLAS, kernels) and why not
  *   tandem start           the embedded deployment on this machine (what `npm start` runs)
+ *   tandem serve -f FILE   a deployment graph
  *   tandem generate ...    one request through the engine (see lib/cli/generate.ts)
  *   tandem --version
  */
 import { parseArgs } from 'node:util';
 import { capabilities } from '../capabilities/index.js';
-import { TandemError } from '../errors.js';
+import { BadArgumentError, TandemError } from '../errors.js';
 import { packageVersion } from '../version.js';
 import { formatCapabilities } from './format.js';
 import { generate } from './generate.js';
-import { planEmbedded } from './start.js';
+import { start } from './start.js';
 
 const HELP = `tandem ${packageVersion}: disaggregated LLM serving for Node.js
 
 Usage:
   tandem info [--json]     report CUDA, NCCL, UCX, cuBLAS and kernel availability (and why not)
-  tandem start             run the embedded deployment on this machine
+  tandem start [--mode disagg|agg] [--port N] [--host H] [--model M]
+                           serve the embedded deployment: OpenAI API on 127.0.0.1:8000, one
+                           prefill and one decode worker (CPU engine, dummy:tiny by default)
+  tandem serve -f graph.yaml
+                           serve a deployment graph (YAML; see README)
   tandem generate --model <dir|dummy:preset> --prompt TEXT [--max-tokens N] [--device cpu|cuda]
                   [--seed S] [--temperature T] [--top-p P] [--top-k K] [--chat] [--json]
                            generate text with the reference engine (greedy unless --temperature)
@@ -45,6 +50,10 @@ async function main(argv: string[]): Promise<number> {
       'top-k': { type: 'string' },
       threads: { type: 'string' },
       chat: { type: 'boolean', default: false },
+      file: { type: 'string', short: 'f' },
+      mode: { type: 'string' },
+      host: { type: 'string' },
+      port: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
       version: { type: 'boolean', short: 'v', default: false },
     },
@@ -64,13 +73,11 @@ async function main(argv: string[]): Promise<number> {
       console.log(values.json ? JSON.stringify(caps, null, 2) : formatCapabilities(caps));
       return 0;
     }
-    case 'start': {
-      const caps = await capabilities();
-      console.log(formatCapabilities(caps));
-      console.log('');
-      console.log(planEmbedded(caps));
-      return 0;
-    }
+    case 'start':
+      return start(values);
+    case 'serve':
+      if (!values.file) throw new BadArgumentError('tandem serve needs -f graph.yaml (or run tandem start)');
+      return start(values);
     case 'generate':
       return generate(values);
     default:

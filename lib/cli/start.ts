@@ -1,53 +1,69 @@
-import type { Capabilities } from '../capabilities/index.js';
-
 /**
- * What `tandem start` (npm start) runs on this machine: the embedded deployment, a frontend on
- * 127.0.0.1:8000 with one prefill and one decode worker. The GPU assignment follows the machine: two
- * GPUs or more put prefill and decode on different GPUs; one GPU holds both; none runs the CPU engine.
+ * `tandem start` (npm start) and `tandem serve -f graph.yaml`: run a deployment on this machine until
+ * SIGINT/SIGTERM, then drain and stop. Without a file: the embedded default graph, a frontend on
+ * 127.0.0.1:8000 with one prefill and one decode worker.
  */
-export interface EmbeddedPlan {
-  frontend: { host: string; port: number };
-  engine: 'cuda' | 'cpu';
-  model: string;
-  prefillDevice: number | 'cpu';
-  decodeDevice: number | 'cpu';
-  kvBackend: 'cuda-ipc' | 'shm';
+import { capabilities } from '../capabilities/index.js';
+import { BadArgumentError } from '../errors.js';
+import { defaultGraph, loadGraph, type DeploymentGraph, type ServingMode } from '../serve/graph.js';
+import { banner, startDeployment } from '../serve/launcher.js';
+
+export interface StartArgs {
+  file?: string;
+  mode?: string;
+  model?: string;
+  host?: string;
+  port?: string;
+  seed?: string;
 }
 
-export function embeddedPlan(c: Capabilities): EmbeddedPlan {
-  const gpus = c.cuda.available ? c.cuda.devices.length : 0;
-  if (gpus === 0) {
-    return {
-      frontend: { host: '127.0.0.1', port: 8000 },
-      engine: 'cpu',
-      model: 'dummy:tiny',
-      prefillDevice: 'cpu',
-      decodeDevice: 'cpu',
-      kvBackend: 'shm',
-    };
+export async function start(args: StartArgs): Promise<number> {
+  const mode = args.mode as ServingMode | undefined;
+  if (mode !== undefined && mode !== 'disagg' && mode !== 'agg') {
+    throw new BadArgumentError(`--mode must be disagg or agg (got '${args.mode}')`);
   }
-  return {
-    frontend: { host: '127.0.0.1', port: 8000 },
-    engine: 'cuda',
-    model: 'dummy:tiny',
-    prefillDevice: 0,
-    decodeDevice: gpus >= 2 ? 1 : 0,
-    kvBackend: 'cuda-ipc',
-  };
-}
-
-export function planEmbedded(c: Capabilities): string {
-  const p = embeddedPlan(c);
-  const where = (d: number | 'cpu') => (d === 'cpu' ? 'CPU' : `GPU ${d}`);
-  return [
-    'Embedded deployment for this machine:',
-    `  frontend        http://${p.frontend.host}:${p.frontend.port} (OpenAI-compatible)`,
-    `  prefill worker  ${p.engine} engine, model ${p.model}, on ${where(p.prefillDevice)}`,
-    `  decode worker   ${p.engine} engine, model ${p.model}, on ${where(p.decodeDevice)}`,
-    `  KV transfer     ${p.kvBackend}`,
-    '',
-    'Serving is not implemented yet in this version: the engine and the frontend land in later releases.',
-    'The transfer runtime and NCCL collectives are usable now as a library (see README.md).',
-    'This command reports the machine and the deployment it will run.',
-  ].join('\n');
+  const port = args.port === undefined ? undefined : Number(args.port);
+  if (port !== undefined && (!Number.isInteger(port) || port < 0 || port > 65535)) {
+    throw new BadArgumentError(`--port must be 0..65535 (got '${args.port}')`);
+  }
+  let graph: DeploymentGraph;
+  if (args.file) {
+    graph = loadGraph(args.file);
+    if (mode && mode !== graph.mode)
+      throw new BadArgumentError(`--mode ${mode} differs from the graph's mode ${graph.mode}; edit the file`);
+    if (port !== undefined) graph.frontend.port = port;
+    if (args.host) graph.frontend.host = args.host;
+  } else {
+    const caps = await capabilities();
+    const gpus = caps.cuda.available ? caps.cuda.devices.length : 0;
+    if (gpus > 0) {
+      console.log(
+        `tandem: ${gpus} GPU(s) found, but the GPU engine is not in this version; serving with the CPU engine.`,
+      );
+    }
+    graph = defaultGraph({
+      gpus: 0,
+      ...(args.model ? { model: args.model } : {}),
+      ...(mode ? { mode } : {}),
+      ...(args.host ? { host: args.host } : {}),
+      ...(port !== undefined ? { port } : {}),
+    });
+  }
+  const seed = args.seed === undefined ? 0 : Number(args.seed);
+  console.log(`tandem: starting ${graph.pools.reduce((n, p) => n + p.replicas, 0)} workers for ${graph.model} ...`);
+  const deployment = await startDeployment(graph, { seed });
+  console.log(banner(deployment));
+  await new Promise<void>((resolve) => {
+    const stop = (signal: NodeJS.Signals) => {
+      console.log(`tandem: ${signal}: draining requests in flight (up to 10 s), then stopping the workers`);
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      resolve();
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  });
+  await deployment.stop({ drainMs: 10_000 });
+  console.log('tandem: stopped');
+  return 0;
 }

@@ -164,6 +164,8 @@ export class LlmEngine implements Engine {
   private loop: Promise<void> = Promise.resolve();
   /** True from `kick` until the loop finds nothing to schedule (set and cleared synchronously). */
   private looping = false;
+  /** Work arrived while the loop was running (it may have been past its last look): run it again. */
+  private kicked = false;
   /** Sequences of the step in flight. */
   private inFlight: Set<Sequence<LiveRequest>> | null = null;
   private disposed = false;
@@ -457,8 +459,14 @@ export class LlmEngine implements Engine {
   // ---- the step loop ----
 
   private kick(): void {
-    if (this.looping || this.disposed) return;
+    if (this.disposed) return;
+    if (this.looping) {
+      // The loop may already have found nothing to do and be on its way out: make it look again.
+      this.kicked = true;
+      return;
+    }
     this.looping = true;
+    this.kicked = false;
     this.loop = this.runLoop();
   }
 
@@ -471,11 +479,13 @@ export class LlmEngine implements Engine {
     } finally {
       this.inFlight = null;
       this.looping = false;
+      if (this.kicked) this.kick();
     }
   }
 
   private async steps(): Promise<void> {
     while (!this.disposed) {
+      this.kicked = false;
       const step = this.scheduler.schedule();
       if (!step) return;
       this.inFlight = new Set(step.seqs);

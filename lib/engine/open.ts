@@ -13,8 +13,10 @@ import { byteTextTokenizer, loadTokenizer, type TextTokenizer } from './tokenize
 
 /** Share of free host memory the CPU engine's KV pool takes when neither numBlocks nor kvCacheBytes is given. */
 export const DEFAULT_KV_MEMORY_FRACTION = 0.1;
+/** The default pool holds at most this many full-length sequences. */
+export const DEFAULT_POOL_SEQUENCES = 64;
 /** Upper bound of that default pool. */
-export const DEFAULT_MAX_KV_BYTES = 2 << 30;
+export const DEFAULT_MAX_KV_BYTES = 2 * 2 ** 30;
 
 export interface OpenModelOptions {
   /** A Hugging Face checkpoint directory, or `dummy:<preset>`. */
@@ -32,6 +34,8 @@ export interface OpenModelOptions {
   kvCacheBytes?: number;
   /** Memory for the KV pool (e.g. a transfer agent's shared region, so that peers can reach it). */
   kvBuffer?: Uint8Array;
+  /** Or: called with the pool's description once its size is known, returns its memory. */
+  kvBufferFor?: (spec: KvPoolSpec) => Uint8Array;
   engine?: LlmEngineOptions;
   /** Called as weights load: tensors done, tensors in all. */
   onProgress?: (loaded: number, total: number, name: string) => void;
@@ -94,18 +98,32 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     dtype: 'fp32',
     layout,
   }).blockBytes;
-  const minBlocks = Math.ceil(config.maxPositionEmbeddings / blockSize) + 1;
+  const blocksPerSequence = Math.ceil(config.maxPositionEmbeddings / blockSize);
   let numBlocks = options.numBlocks;
   if (numBlocks === undefined) {
     const bytes = options.kvCacheBytes ?? Math.min(freemem() * DEFAULT_KV_MEMORY_FRACTION, DEFAULT_MAX_KV_BYTES);
-    numBlocks = Math.max(Math.floor(bytes / blockBytes), Math.min(minBlocks, 64));
+    // No more than DEFAULT_POOL_SEQUENCES full-length sequences need (a small model would otherwise take
+    // gigabytes it never uses); at least one full-length sequence, where memory allows.
+    numBlocks = Math.min(Math.floor(bytes / blockBytes), DEFAULT_POOL_SEQUENCES * blocksPerSequence);
+    numBlocks = Math.max(numBlocks, Math.min(blocksPerSequence + 1, 64));
   }
+  const spec: KvPoolSpec = {
+    layers: config.numLayers,
+    kvHeads: config.numKvHeads,
+    headDim: config.headDim,
+    blockSize,
+    numBlocks,
+    dtype: 'fp32',
+    layout,
+    headLayout: 'NHD',
+  };
+  const kvBuffer = options.kvBuffer ?? options.kvBufferFor?.(spec);
   const runner = await CpuModelRunner.create({
     config,
     numBlocks,
     blockSize,
     layout,
-    ...(options.kvBuffer ? { kvBuffer: options.kvBuffer } : {}),
+    ...(kvBuffer ? { kvBuffer } : {}),
     ...(options.threads !== undefined ? { threads: options.threads } : {}),
     weights: countingWeights(model, config, options.seed, options.onProgress),
   });

@@ -49,6 +49,15 @@ async function idle(engine: LlmEngine): Promise<void> {
 }
 
 describe('LlmEngine with a fake runner', () => {
+  it('a request added right after blocks are released is served (no lost wake-up of the step loop)', async () => {
+    // releaseBlocks starts the loop, which finds nothing and is on its way out when addRequest comes.
+    const { engine } = make();
+    const p = prompt(9, 11);
+    engine.releaseBlocks(engine.allocateBlocks(p).blockIds);
+    const result = await engine.addRequest({ promptTokenIds: p, sampling: greedy(6) }).result();
+    expect(result.tokenIds).toEqual(referenceGreedy(p, 6, V));
+  });
+
   it('single request, greedy: equals the reference, streams one token per output', async () => {
     const { engine, runner } = make();
     const p = prompt(10, 1);

@@ -1,0 +1,111 @@
+/**
+ * Messages between the launcher (control plane and router) and its worker processes, over the Node IPC
+ * channel of each forked worker ('advanced' serialization: typed arrays travel as they are).
+ *
+ * Disaggregated request (ARCHITECTURE.md, "Life of a disaggregated request"):
+ *   router -> decode      generate { prefill: candidate or null }
+ *   decode                allocates blocks; decides with shouldPrefillRemotely (uncached tokens, prefill load)
+ *   decode -> router      needPrefill { blockIds, cachedTokens }            (or it prefills locally)
+ *   router -> prefill     prefill { target: decode worker, blockIds, cachedTokens }
+ *   prefill               prefillOnly; WRITEs its blocks into the decode worker's pool; notifies it with the
+ *                         first token (transfer runtime, after the data); releases its blocks (prefix cache)
+ *   decode                decodeFromBlocks on the notification; streams tokens
+ *   decode -> router      tokens ... (finishReason on the last)
+ * A prefill that fails (worker gone, error) reaches decode as prefillFailed: it prefills locally instead.
+ */
+import type { KvPoolSpec } from '../kv/index.js';
+import type { FinishReason, SamplingParams, TokenLogprobs } from '../engine/engine.js';
+import type { DisaggregationThresholds } from './disagg.js';
+import type { PoolRole } from './graph.js';
+
+export interface WorkerInit {
+  name: string;
+  role: PoolRole;
+  model: string;
+  device: 'cpu' | 'cuda' | 'auto';
+  seed: number;
+  blockSize: number;
+  numBlocks?: number;
+  threads?: number;
+  maxBatchTokens?: number;
+  maxSequences?: number;
+  thresholds: DisaggregationThresholds;
+  heartbeatMs: number;
+}
+
+/** What a worker tells the control plane about itself when it registers. */
+export interface WorkerRegistration {
+  name: string;
+  role: PoolRole;
+  pid: number;
+  /** Its transfer agent's name and metadata blob (for peers' loadRemote). */
+  agentName: string;
+  agentMetadata: Uint8Array;
+  /** Its KV pool (region id in its agent, and layout as lib/kv describes it). */
+  kvRegion: number;
+  kvPool: KvPoolSpec;
+  device: 'cpu' | 'cuda';
+  numBlocks: number;
+}
+
+export interface WorkerLoad {
+  running: number;
+  waiting: number;
+  freeBlocks: number;
+  /** Prefill requests in progress (prefill workers). */
+  prefilling: number;
+}
+
+export type ToWorker =
+  | { type: 'init'; init: WorkerInit }
+  | { type: 'peer'; peer: WorkerRegistration }
+  | { type: 'peerGone'; name: string }
+  | {
+      type: 'generate';
+      requestId: string;
+      promptIds: number[];
+      sampling: SamplingParams;
+      /** A prefill worker that could take the prompt, with the prefill pool's load; null: prefill here. */
+      prefill: { worker: string; queueDepth: number; workers: number } | null;
+    }
+  | {
+      type: 'prefill';
+      requestId: string;
+      promptIds: number[];
+      sampling: SamplingParams;
+      target: { worker: string; blockIds: number[]; cachedTokens: number };
+    }
+  | { type: 'prefillFailed'; requestId: string; reason: string }
+  | { type: 'abort'; requestId: string }
+  | { type: 'shutdown' };
+
+export type FromWorker =
+  | { type: 'ready'; registration: WorkerRegistration }
+  | { type: 'heartbeat'; name: string; load: WorkerLoad }
+  | {
+      type: 'tokens';
+      requestId: string;
+      tokenIds: number[];
+      logprobs?: TokenLogprobs[];
+      finishReason: FinishReason | null;
+    }
+  | { type: 'failed'; requestId: string; code: string; message: string }
+  | {
+      type: 'needPrefill';
+      requestId: string;
+      promptIds: number[];
+      sampling: SamplingParams;
+      prefillWorker: string;
+      blockIds: number[];
+      cachedTokens: number;
+    }
+  | { type: 'prefillDone'; requestId: string; ok: boolean; bytes: number; ms: number; error?: string }
+  | { type: 'localPrefill'; requestId: string }
+  | { type: 'fatal'; message: string };
+
+/** The notification a prefill worker sends with its KV WRITE (JSON). */
+export interface PrefillNotice {
+  requestId: string;
+  firstToken: number;
+  logprobs?: TokenLogprobs;
+}

@@ -1,0 +1,219 @@
+/**
+ * The request plane in the launcher: a GenerationBackend that sends each request to a decode (or
+ * aggregated) worker, offers it a prefill worker, relays prefill requests between them, and streams the
+ * tokens back. Worker choice: the fewest requests in flight from this router, then the lightest reported load.
+ */
+import { TandemError } from '../errors.js';
+import type { GenerationBackend, GenerationChunk, GenerationRequest } from './backend.js';
+import { NoWorkerAvailableError } from './backend.js';
+import type { ControlPlane, LiveWorker } from './control-plane.js';
+import type { ServingMode } from './graph.js';
+import type { ServeMetrics } from './metrics.js';
+import type { FromWorker, ToWorker } from './protocol.js';
+
+/** A request that failed in a worker, or whose worker died. */
+export class WorkerRequestError extends TandemError {}
+
+interface Stream {
+  worker: string;
+  prefill?: string;
+  chunks: GenerationChunk[];
+  wake?: () => void;
+  done: boolean;
+  error?: Error;
+}
+
+export class Router implements GenerationBackend {
+  private readonly streams = new Map<string, Stream>();
+  private readonly inflight = new Map<string, number>();
+
+  constructor(
+    private readonly controlPlane: ControlPlane,
+    private readonly send: (worker: string, message: ToWorker) => boolean,
+    private readonly mode: ServingMode,
+    private readonly metrics?: ServeMetrics,
+  ) {
+    controlPlane.on('removed', (name, reason) => this.workerGone(name, reason));
+  }
+
+  private servingWorkers(): LiveWorker[] {
+    const roles = this.mode === 'disagg' ? ['decode', 'aggregated'] : ['aggregated', 'decode'];
+    for (const role of roles) {
+      const found = this.controlPlane.workers(role as 'decode');
+      if (found.length) return found;
+    }
+    return [];
+  }
+
+  private pick(workers: LiveWorker[]): LiveWorker | undefined {
+    let best: LiveWorker | undefined;
+    let bestScore = Infinity;
+    for (const w of workers) {
+      const n = w.registration.name;
+      const score = (this.inflight.get(n) ?? 0) * 1000 + w.load.running + w.load.waiting + w.load.prefilling;
+      if (score < bestScore) {
+        best = w;
+        bestScore = score;
+      }
+    }
+    return best;
+  }
+
+  available(): boolean {
+    return this.servingWorkers().length > 0;
+  }
+
+  generate(request: GenerationRequest): AsyncIterable<GenerationChunk> {
+    const worker = this.pick(this.servingWorkers());
+    if (!worker) throw new NoWorkerAvailableError();
+    const name = worker.registration.name;
+    const prefillWorkers = this.mode === 'disagg' ? this.controlPlane.workers('prefill') : [];
+    const prefill = this.pick(prefillWorkers);
+    const queueDepth = prefillWorkers.reduce((n, w) => n + (this.inflight.get(w.registration.name) ?? 0), 0);
+    const stream: Stream = { worker: name, chunks: [], done: false };
+    const { requestId, signal } = request;
+    this.streams.set(requestId, stream);
+    this.count(name, +1);
+    const sent = this.send(name, {
+      type: 'generate',
+      requestId,
+      promptIds: [...request.promptIds],
+      sampling: request.sampling,
+      prefill: prefill ? { worker: prefill.registration.name, queueDepth, workers: prefillWorkers.length } : null,
+    });
+    if (!sent) {
+      this.finish(requestId);
+      throw new NoWorkerAvailableError(`worker ${name} cannot take requests now`);
+    }
+    const onAbort = () => {
+      this.send(name, { type: 'abort', requestId });
+      if (stream.prefill) this.send(stream.prefill, { type: 'abort', requestId });
+    };
+    signal.addEventListener('abort', onAbort, { once: true });
+    const self = this;
+    return {
+      async *[Symbol.asyncIterator]() {
+        try {
+          for (;;) {
+            while (stream.chunks.length) {
+              const chunk = stream.chunks.shift()!;
+              yield chunk;
+              if (chunk.finishReason) return;
+            }
+            if (stream.error) throw stream.error;
+            if (stream.done) return;
+            await new Promise<void>((resolve) => (stream.wake = resolve));
+            stream.wake = undefined;
+          }
+        } finally {
+          signal.removeEventListener('abort', onAbort);
+          if (!stream.done) onAbort(); // the consumer stopped early: free the worker's blocks
+          self.finish(requestId);
+        }
+      },
+    };
+  }
+
+  private count(worker: string, delta: number): void {
+    const n = (this.inflight.get(worker) ?? 0) + delta;
+    if (n <= 0) this.inflight.delete(worker);
+    else this.inflight.set(worker, n);
+  }
+
+  private finish(requestId: string): void {
+    const s = this.streams.get(requestId);
+    if (!s) return;
+    this.streams.delete(requestId);
+    this.count(s.worker, -1);
+    if (s.prefill) this.count(s.prefill, -1);
+    s.prefill = undefined;
+  }
+
+  private push(requestId: string, update: (s: Stream) => void): void {
+    const s = this.streams.get(requestId);
+    if (!s) return;
+    update(s);
+    s.wake?.();
+  }
+
+  /** A message from worker `from`. */
+  onMessage(from: string, m: FromWorker): void {
+    switch (m.type) {
+      case 'tokens':
+        this.push(m.requestId, (s) => {
+          s.chunks.push({
+            tokenIds: m.tokenIds,
+            finishReason: m.finishReason,
+            ...(m.logprobs ? { logprobs: m.logprobs } : {}),
+          });
+          if (m.finishReason) s.done = true;
+        });
+        return;
+      case 'failed':
+        this.push(m.requestId, (s) => {
+          s.error = new WorkerRequestError(m.code, `${from}: ${m.message}`);
+          s.done = true;
+        });
+        return;
+      case 'needPrefill': {
+        const s = this.streams.get(m.requestId);
+        const target = this.controlPlane.get(m.prefillWorker);
+        if (!s || !target) {
+          this.send(from, { type: 'prefillFailed', requestId: m.requestId, reason: 'prefill worker gone' });
+          return;
+        }
+        s.prefill = m.prefillWorker;
+        this.count(m.prefillWorker, +1);
+        this.metrics?.setPrefillQueueDepth(this.prefillQueueDepth());
+        const ok = this.send(m.prefillWorker, {
+          type: 'prefill',
+          requestId: m.requestId,
+          promptIds: m.promptIds,
+          sampling: m.sampling,
+          target: { worker: from, blockIds: m.blockIds, cachedTokens: m.cachedTokens },
+        });
+        if (!ok) this.prefillEnded(m.requestId, false, 'prefill worker unreachable');
+        return;
+      }
+      case 'prefillDone':
+        if (m.ok) {
+          this.metrics?.kvTransfer(m.bytes, m.ms / 1000);
+          this.metrics?.prefill('remote');
+        }
+        this.prefillEnded(m.requestId, m.ok, m.error ?? '');
+        return;
+      case 'localPrefill':
+        this.metrics?.prefill('local');
+        return;
+      default:
+        return;
+    }
+  }
+
+  private prefillQueueDepth(): number {
+    return this.controlPlane.workers('prefill').reduce((n, w) => n + (this.inflight.get(w.registration.name) ?? 0), 0);
+  }
+
+  private prefillEnded(requestId: string, ok: boolean, reason: string): void {
+    const s = this.streams.get(requestId);
+    if (!s || !s.prefill) return;
+    this.count(s.prefill, -1);
+    s.prefill = undefined;
+    this.metrics?.setPrefillQueueDepth(this.prefillQueueDepth());
+    // On failure the decode worker computes the prompt itself (it holds the blocks it allocated).
+    if (!ok) this.send(s.worker, { type: 'prefillFailed', requestId, reason });
+  }
+
+  private workerGone(name: string, reason: string): void {
+    for (const [requestId, s] of this.streams) {
+      if (s.worker === name) {
+        this.push(requestId, (st) => {
+          st.error = new WorkerRequestError('TANDEM_WORKER_GONE', `worker ${name} stopped (${reason})`);
+          st.done = true;
+        });
+      } else if (s.prefill === name) {
+        this.prefillEnded(requestId, false, `prefill worker ${name} stopped (${reason})`);
+      }
+    }
+  }
+}

@@ -1,0 +1,337 @@
+/**
+ * A worker process: one engine (prefill, decode or aggregated role) with its KV pool in shared memory
+ * registered with a transfer agent, driven by the launcher over the IPC channel (lib/serve/protocol.ts).
+ * Started by the launcher with `fork()`; `runWorker()` is its main.
+ */
+import { kvPool, kvTransferPieces, type KvPoolSpec } from '../kv/index.js';
+import { TandemError } from '../errors.js';
+import type { EngineOutput, RequestHandle, SamplingParams } from '../engine/engine.js';
+import { openModel, type OpenedModel } from '../engine/open.js';
+import { TransferAgent, type Region } from '../transfer/index.js';
+import { shouldPrefillRemotely } from './disagg.js';
+import type { FromWorker, PrefillNotice, ToWorker, WorkerInit, WorkerRegistration } from './protocol.js';
+
+/** A decode worker waits this long for a remote prefill before computing the prompt itself. */
+export const REMOTE_PREFILL_TIMEOUT_MS = 30_000;
+
+function send(message: FromWorker): void {
+  process.send?.(message);
+}
+
+interface PendingRemote {
+  promptIds: number[];
+  sampling: SamplingParams;
+  blockIds: Int32Array;
+  timer: NodeJS.Timeout;
+  aborted: boolean;
+}
+
+class Worker {
+  private readonly handles = new Map<string, RequestHandle>();
+  private readonly remote = new Map<string, PendingRemote>();
+  private readonly prefilling = new Set<string>();
+  private readonly peers = new Map<string, WorkerRegistration>();
+  private heartbeat?: NodeJS.Timeout;
+
+  constructor(
+    private readonly init: WorkerInit,
+    private readonly model: OpenedModel,
+    private readonly agent: TransferAgent,
+    private readonly kvRegion: Region,
+  ) {
+    agent.on('notification', (_from, message) => this.onNotice(message));
+    this.heartbeat = setInterval(() => {
+      const s = model.engine.stats();
+      send({
+        type: 'heartbeat',
+        name: init.name,
+        load: {
+          running: s.running,
+          waiting: s.waiting,
+          freeBlocks: s.numBlocks - s.usedBlocks,
+          prefilling: this.prefilling.size,
+        },
+      });
+    }, init.heartbeatMs);
+    this.heartbeat.unref();
+  }
+
+  registration(): WorkerRegistration {
+    return {
+      name: this.init.name,
+      role: this.init.role,
+      pid: process.pid,
+      agentName: this.agent.name,
+      agentMetadata: this.agent.metadata(),
+      kvRegion: this.kvRegion.id,
+      kvPool: this.model.kvPoolSpec,
+      device: this.model.device,
+      numBlocks: this.model.runner.numBlocks,
+    };
+  }
+
+  handle(message: ToWorker): void {
+    switch (message.type) {
+      case 'peer':
+        this.peers.set(message.peer.name, message.peer);
+        this.agent.loadRemote(message.peer.agentMetadata);
+        return;
+      case 'peerGone':
+        this.peers.delete(message.name);
+        return;
+      case 'generate':
+        this.generate(message);
+        return;
+      case 'prefill':
+        void this.prefill(message);
+        return;
+      case 'prefillFailed': {
+        const p = this.remote.get(message.requestId);
+        if (!p) return;
+        this.remote.delete(message.requestId);
+        clearTimeout(p.timer);
+        this.model.engine.releaseBlocks(p.blockIds);
+        if (p.aborted) return this.finishAborted(message.requestId);
+        send({ type: 'localPrefill', requestId: message.requestId });
+        this.stream(message.requestId, this.model.engine.addRequest(this.request(message.requestId, p)));
+        return;
+      }
+      case 'abort':
+        this.abort(message.requestId);
+        return;
+      case 'init':
+      case 'shutdown':
+        return;
+    }
+  }
+
+  private request(requestId: string, r: { promptIds: number[]; sampling: SamplingParams }) {
+    return { requestId, promptTokenIds: r.promptIds, sampling: r.sampling };
+  }
+
+  private generate(m: Extract<ToWorker, { type: 'generate' }>): void {
+    const engine = this.model.engine;
+    if (m.prefill && this.peers.has(m.prefill.worker)) {
+      let alloc: { blockIds: Int32Array; cachedTokens: number } | undefined;
+      try {
+        alloc = engine.allocateBlocks(m.promptIds);
+      } catch {
+        alloc = undefined; // no room now: the local path queues the request instead
+      }
+      if (alloc) {
+        const remote = shouldPrefillRemotely(
+          {
+            uncachedPromptTokens: m.promptIds.length - alloc.cachedTokens,
+            prefillQueueDepth: m.prefill.queueDepth,
+            prefillWorkersAvailable: m.prefill.workers,
+          },
+          this.init.thresholds,
+        );
+        if (remote) {
+          const timer = setTimeout(
+            () => this.handle({ type: 'prefillFailed', requestId: m.requestId, reason: 'timed out' }),
+            REMOTE_PREFILL_TIMEOUT_MS,
+          );
+          timer.unref();
+          this.remote.set(m.requestId, {
+            promptIds: m.promptIds,
+            sampling: m.sampling,
+            blockIds: alloc.blockIds,
+            timer,
+            aborted: false,
+          });
+          send({
+            type: 'needPrefill',
+            requestId: m.requestId,
+            promptIds: m.promptIds,
+            sampling: m.sampling,
+            prefillWorker: m.prefill.worker,
+            blockIds: [...alloc.blockIds],
+            cachedTokens: alloc.cachedTokens,
+          });
+          return;
+        }
+        engine.releaseBlocks(alloc.blockIds);
+      }
+    }
+    send({ type: 'localPrefill', requestId: m.requestId });
+    this.stream(m.requestId, engine.addRequest(this.request(m.requestId, m)));
+  }
+
+  /** The prefill worker's KV of this request has landed here (the notification follows the data). */
+  private onNotice(message: Buffer): void {
+    let notice: PrefillNotice;
+    try {
+      notice = JSON.parse(message.toString('utf8')) as PrefillNotice;
+    } catch {
+      return;
+    }
+    const p = this.remote.get(notice.requestId);
+    if (!p) return;
+    this.remote.delete(notice.requestId);
+    clearTimeout(p.timer);
+    if (p.aborted) {
+      this.model.engine.releaseBlocks(p.blockIds);
+      return this.finishAborted(notice.requestId);
+    }
+    const handle = this.model.engine.decodeFromBlocks(
+      this.request(notice.requestId, p),
+      p.blockIds,
+      notice.firstToken,
+      notice.logprobs,
+    );
+    this.stream(notice.requestId, handle);
+  }
+
+  private stream(requestId: string, handle: RequestHandle): void {
+    this.handles.set(requestId, handle);
+    void (async () => {
+      try {
+        for await (const out of handle as AsyncIterable<EngineOutput>) {
+          send({
+            type: 'tokens',
+            requestId,
+            tokenIds: out.tokenIds,
+            ...(out.logprobs ? { logprobs: out.logprobs } : {}),
+            finishReason: out.finishReason,
+          });
+        }
+      } catch (error) {
+        const e = error as TandemError;
+        send({ type: 'failed', requestId, code: e.code ?? 'TANDEM_INTERNAL', message: e.message });
+      } finally {
+        this.handles.delete(requestId);
+      }
+    })();
+  }
+
+  private finishAborted(requestId: string): void {
+    send({ type: 'tokens', requestId, tokenIds: [], finishReason: 'abort' });
+  }
+
+  private abort(requestId: string): void {
+    this.handles.get(requestId)?.abort();
+    const p = this.remote.get(requestId);
+    if (p) p.aborted = true; // its blocks are released when the prefill answers (it may still be writing them)
+    if (this.prefilling.has(requestId)) this.model.engine.abort(requestId);
+  }
+
+  private async prefill(m: Extract<ToWorker, { type: 'prefill' }>): Promise<void> {
+    const t0 = performance.now();
+    const target = this.peers.get(m.target.worker);
+    const fail = (error: string) =>
+      send({ type: 'prefillDone', requestId: m.requestId, ok: false, bytes: 0, ms: performance.now() - t0, error });
+    if (!target) return fail(`decode worker ${m.target.worker} is not known here`);
+    this.prefilling.add(m.requestId);
+    let blocks: Int32Array | undefined;
+    try {
+      const result = await this.model.engine.prefillOnly(this.request(m.requestId, m));
+      blocks = result.blockIds;
+      // Blocks the decode worker already holds (its prefix cache) are not sent again.
+      const blockSize = this.model.runner.blockSize;
+      const skip = Math.floor(m.target.cachedTokens / blockSize);
+      const count = Math.ceil(m.promptIds.length / blockSize);
+      const notice: PrefillNotice = {
+        requestId: m.requestId,
+        firstToken: result.firstToken,
+        ...(result.logprobs ? { logprobs: result.logprobs } : {}),
+      };
+      let bytes = 0;
+      if (count > skip) {
+        const pieces = kvTransferPieces(
+          this.model.kvPoolSpec,
+          target.kvPool,
+          Uint32Array.from(result.blockIds.subarray(skip, count)),
+          Uint32Array.from(m.target.blockIds.slice(skip, count)),
+        );
+        bytes = pieces.bytes;
+        const plan = this.agent.prepare({
+          op: 'WRITE',
+          peer: target.agentName,
+          local: this.kvRegion,
+          remote: target.kvRegion,
+          pieces,
+        });
+        await plan.post({ notify: JSON.stringify(notice) });
+      } else {
+        await this.agent.notify(target.agentName, JSON.stringify(notice));
+      }
+      send({ type: 'prefillDone', requestId: m.requestId, ok: true, bytes, ms: performance.now() - t0 });
+    } catch (error) {
+      fail((error as Error).message);
+    } finally {
+      this.prefilling.delete(m.requestId);
+      // They stay as prefix cache where there is room.
+      if (blocks) this.model.engine.releaseBlocks(blocks);
+    }
+  }
+
+  async dispose(): Promise<void> {
+    clearInterval(this.heartbeat);
+    for (const p of this.remote.values()) clearTimeout(p.timer);
+    await this.model.dispose();
+    await this.agent.dispose();
+  }
+}
+
+/** The worker's main: waits for `init`, opens the model with its KV pool in shared memory, registers. */
+export async function runWorker(): Promise<void> {
+  if (!process.send) throw new Error('runWorker: this process has no IPC channel (start it with fork())');
+  const init = await new Promise<WorkerInit>((resolve) => {
+    const onMessage = (m: ToWorker) => {
+      if (m.type !== 'init') return;
+      process.off('message', onMessage);
+      resolve(m.init);
+    };
+    process.on('message', onMessage);
+  });
+  let worker: Worker | undefined;
+  const early: ToWorker[] = [];
+  process.on('message', (m: ToWorker) => {
+    if (m.type === 'shutdown') {
+      void (async () => {
+        await worker?.dispose();
+        process.disconnect?.();
+        process.exit(0);
+      })();
+      return;
+    }
+    if (worker) worker.handle(m);
+    else early.push(m);
+  });
+  // Ctrl-C reaches the whole process group: the launcher decides when workers stop (it drains first).
+  process.on('SIGINT', () => {});
+  process.on('SIGTERM', () => {
+    void (worker?.dispose() ?? Promise.resolve()).finally(() => process.exit(0));
+  });
+  process.on('disconnect', () => {
+    // The launcher is gone: nothing will ask for work any more.
+    void worker?.dispose().finally(() => process.exit(0));
+  });
+  try {
+    const agent = await TransferAgent.create({ name: `${init.name}-${process.pid}` });
+    let region: Region | undefined;
+    const model = await openModel({
+      model: init.model,
+      device: init.device === 'cuda' ? 'cuda' : 'cpu',
+      seed: init.seed,
+      blockSize: init.blockSize,
+      ...(init.numBlocks !== undefined ? { numBlocks: init.numBlocks } : {}),
+      ...(init.threads !== undefined ? { threads: init.threads } : {}),
+      engine: {
+        ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
+        ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),
+      },
+      kvBufferFor: (spec: KvPoolSpec) => {
+        region = agent.allocShared(kvPool(spec).poolBytes);
+        return region.view!;
+      },
+    });
+    worker = new Worker(init, model, agent, region!);
+    send({ type: 'ready', registration: worker.registration() });
+    for (const m of early.splice(0)) worker.handle(m);
+  } catch (error) {
+    send({ type: 'fatal', message: (error as Error).message });
+    process.exit(1);
+  }
+}

@@ -1,0 +1,205 @@
+import { join } from 'node:path';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
+import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+
+// The whole serving path on CPU, as `npm start` runs it: a frontend in this process, a prefill worker
+// and a decode worker in their own processes, the KV cache written from one to the other by the transfer
+// runtime (shm), driven by the official openai client. Loopback only; every wait is bounded.
+const FIXTURE = join(import.meta.dirname, '..', 'fixtures', 'hf-tiny-llama');
+
+function graph(mode: 'disagg' | 'agg', model = FIXTURE): DeploymentGraph {
+  const g = defaultGraph({ gpus: 0, mode, port: 0, model });
+  // Every prompt goes to the prefill worker (the default keeps short prompts local).
+  g.disaggregation = { ...g.disaggregation, minRemotePrefillTokens: 1 };
+  for (const p of g.pools) p.engine = { ...p.engine, numBlocks: 256, threads: 1 };
+  return g;
+}
+
+const quiet = () => {};
+const metric = async (d: Deployment, name: string) => {
+  const text = await (await fetch(`${d.frontend.url}/metrics`)).text();
+  const line = text.split('\n').find((l) => l.startsWith(name));
+  return line ? Number(line.split(' ').pop()) : NaN;
+};
+
+const PROMPTS = [
+  'The KV cache moves from prefill to decode',
+  'Disaggregated serving runs the prompt phase on one pool',
+  'Hello, world! The quick brown fox',
+];
+
+describe('disaggregated serving end to end (CPU)', () => {
+  let disagg: Deployment;
+  let agg: Deployment;
+  let client: OpenAI;
+
+  beforeAll(async () => {
+    [disagg, agg] = await Promise.all([
+      startDeployment(graph('disagg'), { log: quiet, heartbeatMs: 200 }),
+      startDeployment(graph('agg'), { log: quiet, heartbeatMs: 200 }),
+    ]);
+    client = new OpenAI({ baseURL: `${disagg.frontend.url}/v1`, apiKey: 'none', maxRetries: 0, timeout: 30_000 });
+  }, 120_000);
+
+  afterAll(async () => {
+    await Promise.all([disagg?.stop({ drainMs: 1000 }), agg?.stop({ drainMs: 1000 })]);
+  });
+
+  it('chat and completions, streaming and not, through a remote prefill', async () => {
+    const before = await metric(disagg, 'tandem_prefills_total{where="remote"}');
+    const chat = await client.chat.completions.create({
+      model: FIXTURE,
+      messages: [{ role: 'user', content: 'What is disaggregated serving?' }],
+      max_tokens: 12,
+      temperature: 0,
+    });
+    expect(chat.choices[0]!.finish_reason).toMatch(/length|stop/);
+    expect(chat.usage!.completion_tokens).toBeGreaterThan(0);
+
+    const stream = await client.completions.create({
+      model: FIXTURE,
+      prompt: PROMPTS[0]!,
+      max_tokens: 10,
+      temperature: 0,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    let text = '';
+    let usage: OpenAI.CompletionUsage | undefined;
+    for await (const chunk of stream) {
+      text += chunk.choices[0]?.text ?? '';
+      if (chunk.usage) usage = chunk.usage;
+    }
+    const whole = await client.completions.create({
+      model: FIXTURE,
+      prompt: PROMPTS[0]!,
+      max_tokens: 10,
+      temperature: 0,
+    });
+    expect(text).toBe(whole.choices[0]!.text);
+    expect(usage?.completion_tokens).toBe(10);
+    expect(await metric(disagg, 'tandem_prefills_total{where="remote"}')).toBeGreaterThanOrEqual(before + 3);
+    expect(await metric(disagg, 'tandem_kv_transfer_bytes_total')).toBeGreaterThan(0);
+  });
+
+  it('disaggregated and aggregated serving return identical text (greedy and seeded sampling)', async () => {
+    const aggClient = new OpenAI({ baseURL: `${agg.frontend.url}/v1`, apiKey: 'none', maxRetries: 0 });
+    for (const prompt of PROMPTS) {
+      for (const sampling of [{ temperature: 0 }, { temperature: 0.9, top_p: 0.95, seed: 7 }]) {
+        const args = { model: FIXTURE, prompt, max_tokens: 24, ...sampling };
+        const [a, b] = await Promise.all([client.completions.create(args), aggClient.completions.create(args)]);
+        expect(a.choices[0]!.text, `${prompt} ${JSON.stringify(sampling)}`).toBe(b.choices[0]!.text);
+        expect(a.usage).toEqual(b.usage);
+      }
+    }
+    expect(await metric(agg, 'tandem_prefills_total{where="remote"}')).toBe(0);
+  });
+
+  it('bad requests get OpenAI-style errors and the server stays up', async () => {
+    const post = (body: string) =>
+      fetch(`${disagg.frontend.url}/v1/chat/completions`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body,
+      });
+    const malformed = await post('{"model": ');
+    expect(malformed.status).toBe(400);
+    expect(((await malformed.json()) as { error: { type: string } }).error.type).toBe('invalid_request_error');
+    await expect(
+      client.chat.completions.create({ model: 'no-such-model', messages: [{ role: 'user', content: 'hi' }] }),
+    ).rejects.toMatchObject({ status: 404 });
+    await expect(
+      client.completions.create({ model: FIXTURE, prompt: 'word '.repeat(400), max_tokens: 8 }),
+    ).rejects.toMatchObject({ status: 400 });
+    await expect(client.completions.create({ model: FIXTURE, prompt: 'hi', max_tokens: -3 })).rejects.toMatchObject({
+      status: 400,
+    });
+    const ok = await client.completions.create({ model: FIXTURE, prompt: 'hi', max_tokens: 2, temperature: 0 });
+    expect(ok.choices[0]!.finish_reason).toBeDefined();
+  });
+
+  it('a client that disconnects mid-stream frees its blocks on both workers', async () => {
+    const controller = new AbortController();
+    const stream = await client.completions.create(
+      { model: FIXTURE, prompt: PROMPTS[1]!, max_tokens: 200, temperature: 0, stream: true },
+      { signal: controller.signal },
+    );
+    let chunks = 0;
+    try {
+      for await (const _ of stream) if (++chunks === 1) controller.abort();
+    } catch {
+      // the client's abort surfaces here or ends the iteration
+    }
+    expect(chunks).toBeGreaterThan(0);
+    expect(chunks).toBeLessThan(100); // it did not run to max_tokens
+    // Heartbeats (every 200 ms) report each worker's load.
+    const deadline = Date.now() + 5000;
+    for (;;) {
+      await new Promise((r) => setTimeout(r, 250));
+      const loads = ['prefill-0', 'decode-0'].map((n) => disagg.controlPlane.get(n)!.load);
+      if (loads.every((l) => l.running === 0 && l.waiting === 0 && l.prefilling === 0)) {
+        for (const n of ['prefill-0', 'decode-0']) {
+          const w = disagg.controlPlane.get(n)!;
+          expect(w.load.freeBlocks, n).toBe(w.registration.numBlocks);
+        }
+        break;
+      }
+      if (Date.now() > deadline) throw new Error(`workers still busy: ${JSON.stringify(loads)}`);
+    }
+  });
+});
+
+describe('worker failures (CPU)', () => {
+  let d: Deployment;
+  let client: OpenAI;
+
+  beforeAll(async () => {
+    d = await startDeployment(graph('disagg', 'dummy:tiny'), { log: quiet, heartbeatMs: 200 });
+    client = new OpenAI({ baseURL: `${d.frontend.url}/v1`, apiKey: 'none', maxRetries: 0, timeout: 30_000 });
+  }, 120_000);
+
+  afterAll(async () => {
+    await d?.stop({ drainMs: 1000 });
+  });
+
+  it('a prefill worker that dies mid-request: the request is prefilled locally; the worker is restarted', async () => {
+    const prefillPid = d.pids()['prefill-0']!;
+    process.kill(prefillPid, 'SIGSTOP'); // it will receive the prefill and never answer
+    const localBefore = await metric(d, 'tandem_prefills_total{where="local"}');
+    const pending = client.completions.create({
+      model: 'dummy:tiny',
+      prompt: 'abcdefgh',
+      max_tokens: 8,
+      temperature: 0,
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    process.kill(prefillPid, 'SIGKILL');
+    const r = await pending;
+    expect(r.usage!.completion_tokens).toBe(8);
+    expect(await metric(d, 'tandem_prefills_total{where="local"}')).toBe(localBefore + 1);
+    await d.waitReady('prefill-0', 60_000);
+    expect(d.pids()['prefill-0']).not.toBe(prefillPid);
+  });
+
+  it('a decode worker that dies ends its streams with an error; after its restart requests are served', async () => {
+    const stream = await client.completions.create({
+      model: 'dummy:tiny',
+      prompt: 'abc',
+      max_tokens: 3000,
+      temperature: 0,
+      stream: true,
+    });
+    let chunks = 0;
+    const consume = (async () => {
+      for await (const _ of stream) if (++chunks === 5) d.kill('decode-0');
+    })();
+    await expect(consume).rejects.toThrow();
+    await d.waitReady('decode-0', 60_000);
+    const deadline = Date.now() + 10_000;
+    while (!d.controlPlane.get('decode-0') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    const ok = await client.completions.create({ model: 'dummy:tiny', prompt: 'abc', max_tokens: 4, temperature: 0 });
+    expect(ok.usage!.completion_tokens).toBe(4);
+  });
+});
