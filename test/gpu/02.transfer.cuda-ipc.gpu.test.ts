@@ -10,6 +10,7 @@ import {
 import { fillPatternOnGpu, mismatchesOnGpu } from '../helpers/gpu-pattern.js';
 import { gpuGate } from '../helpers/gpu.js';
 import { fillPattern } from '../helpers/pattern.js';
+import { gpuTransferPair, type GpuTransferPair } from '../helpers/gpu-pair.js';
 import { PeerProcess } from '../helpers/peer.js';
 
 // cuda-ipc between two real processes: device memory of this process (the initiator) and of a child
@@ -38,30 +39,22 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
   const SEED_LOCAL = 11;
   const SEED_REMOTE = 77;
 
+  let pair: GpuTransferPair;
+
   beforeAll(async () => {
-    target = await PeerProcess.start();
-    await target.request('create', { name: `gpu-target-${localGpu}-${remoteGpu}` });
-    remote = (
-      await target.request<{ region: { id: number } }>('allocDevice', {
-        device: remoteGpu,
-        bytes: BLOCK * BLOCKS,
-        seed: SEED_REMOTE,
-      })
-    ).region.id;
-    agent = await TransferAgent.create({ name: `gpu-initiator-${localGpu}-${remoteGpu}` });
-    device = await CudaDevice.open(localGpu);
-    buffer = await device.alloc(BLOCK * BLOCKS);
-    await fillPatternOnGpu(device, buffer, SEED_LOCAL);
-    local = agent.registerDevice(buffer);
-    const { metadata } = await target.request<{ metadata: string }>('metadata');
-    peer = agent.loadRemote(Buffer.from(metadata, 'base64'));
-    await target.request('load', { metadata: Buffer.from(agent.metadata()).toString('base64') });
+    pair = await gpuTransferPair({
+      name: `gpu-${localGpu}-${remoteGpu}`,
+      localGpu,
+      remoteGpu,
+      bytes: BLOCK * BLOCKS,
+      seedLocal: SEED_LOCAL,
+      seedRemote: SEED_REMOTE,
+    });
+    ({ target, agent, device, buffer, local, peer, remote } = pair);
   });
 
   afterAll(async () => {
-    await agent?.dispose();
-    await device?.dispose();
-    await target?.stop();
+    await pair?.dispose();
   });
 
   const scattered = (n: number, mul: number, add: number) =>
