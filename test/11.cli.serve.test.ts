@@ -105,6 +105,6 @@ describe('tandem start / serve / generate', () => {
     expect(missing.stderr).toMatch(/no such model directory/);
     const cuda = runTs('lib/cli/main.ts', ['generate', '--model', 'dummy:tiny', '--prompt', 'x', '--device', 'cuda']);
     expect(cuda.status).toBe(1);
-    expect(cuda.stderr).toMatch(/GPU engine/);
+    expect(cuda.stderr).toMatch(/CUDA unavailable/);
   });
 });

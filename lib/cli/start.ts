@@ -38,11 +38,13 @@ export async function start(args: StartArgs): Promise<number> {
     const gpus = caps.cuda.available ? caps.cuda.devices.length : 0;
     if (gpus > 0) {
       console.log(
-        `tandem: ${gpus} GPU(s) found, but the GPU engine is not in this version; serving with the CPU engine.`,
+        gpus >= 2
+          ? `tandem: ${gpus} GPUs found: prefill on GPU 0, decode on GPU 1 (GPU engine, bf16)`
+          : 'tandem: 1 GPU found: prefill and decode share GPU 0 (GPU engine, bf16)',
       );
     }
     graph = defaultGraph({
-      gpus: 0,
+      gpus,
       ...(args.model ? { model: args.model } : {}),
       ...(mode ? { mode } : {}),
       ...(args.host ? { host: args.host } : {}),

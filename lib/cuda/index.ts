@@ -84,7 +84,7 @@ export class CudaDevice {
   private kernelsLoaded = false;
 
   private constructor(
-    private readonly raw: RawCudaDevice,
+    /** @internal */ readonly raw: RawCudaDevice,
     readonly ordinal: number,
     readonly name: string,
   ) {}

@@ -67,6 +67,27 @@ export function* loadWeights(source: string, options: LoadWeightsOptions = {}): 
   }
 }
 
+/** The model fields of the native runners' options (CpuLlama, CudaLlama). */
+export function nativeModelFields(config: ModelConfig) {
+  return {
+    vocabSize: config.vocabSize,
+    hiddenSize: config.hiddenSize,
+    intermediateSize: config.intermediateSize,
+    numLayers: config.numLayers,
+    numHeads: config.numHeads,
+    numKvHeads: config.numKvHeads,
+    headDim: config.headDim,
+    rmsNormEps: config.rmsNormEps,
+    ropeTheta: config.ropeTheta,
+    ropeScaling: config.ropeScaling,
+    maxPositionEmbeddings: config.maxPositionEmbeddings,
+    tieWordEmbeddings: config.tieWordEmbeddings,
+    attentionBias: config.attentionBias,
+    attentionOutputBias: config.attentionOutputBias,
+    slidingWindow: config.slidingWindow || null,
+  };
+}
+
 /** Matrix kernels of the native runner; 'auto' picks the best this CPU runs. */
 export type CpuKernel = 'auto' | 'avx512' | 'avx2' | 'generic';
 
@@ -170,21 +191,7 @@ export class CpuModelRunner implements ModelRunner {
     const raw = nativeSync(
       () =>
         new binding.CpuLlama({
-          vocabSize: config.vocabSize,
-          hiddenSize: config.hiddenSize,
-          intermediateSize: config.intermediateSize,
-          numLayers: config.numLayers,
-          numHeads: config.numHeads,
-          numKvHeads: config.numKvHeads,
-          headDim: config.headDim,
-          rmsNormEps: config.rmsNormEps,
-          ropeTheta: config.ropeTheta,
-          ropeScaling: config.ropeScaling,
-          maxPositionEmbeddings: config.maxPositionEmbeddings,
-          tieWordEmbeddings: config.tieWordEmbeddings,
-          attentionBias: config.attentionBias,
-          attentionOutputBias: config.attentionOutputBias,
-          slidingWindow: config.slidingWindow || null,
+          ...nativeModelFields(config),
           numBlocks: pool.numBlocks,
           blockSize: pool.blockSize,
           layout,

@@ -5,7 +5,9 @@
 import { freemem } from 'node:os';
 import { BackendUnavailableError, BadArgumentError } from '../errors.js';
 import { kvPool, type KvLayout, type KvPoolSpec } from '../kv/index.js';
+import { probeCuda } from '../cuda/index.js';
 import { CpuModelRunner, loadWeights, type NamedTensor } from './cpu.js';
+import { CudaModelRunner, DEFAULT_GPU_KV_FRACTION } from './cuda.js';
 import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
@@ -21,8 +23,19 @@ export const DEFAULT_MAX_KV_BYTES = 2 * 2 ** 30;
 export interface OpenModelOptions {
   /** A Hugging Face checkpoint directory, or `dummy:<preset>`. */
   model: string;
-  /** 'cpu' runs the fp32 CPU engine; 'cuda' needs the GPU engine; 'auto' (default) picks what is usable. */
+  /**
+   * 'cpu' runs the fp32 CPU engine; 'cuda' the bf16 GPU engine (an error says why when it cannot run); 'auto'
+   * (default) the GPU engine when this machine has a GPU it can use, else the CPU engine.
+   */
   device?: 'cpu' | 'cuda' | 'auto';
+  /** The GPU (ordinal) of the GPU engine. Default 0. */
+  gpu?: number;
+  /**
+   * GPU engine: share of the GPU's free memory, after the weights and GPU_ACTIVATION_RESERVE_BYTES, that the KV
+   * pool takes when numBlocks and kvCacheBytes are absent (default DEFAULT_GPU_KV_FRACTION; two workers that
+   * share a GPU take less each).
+   */
+  kvCacheFraction?: number;
   /** Seed of `dummy:` weights. Default 0. */
   seed?: number;
   threads?: number;
@@ -32,9 +45,9 @@ export interface OpenModelOptions {
   numBlocks?: number;
   /** Bytes of KV pool; default DEFAULT_KV_MEMORY_FRACTION of free memory, at most DEFAULT_MAX_KV_BYTES. */
   kvCacheBytes?: number;
-  /** Memory for the KV pool (e.g. a transfer agent's shared region, so that peers can reach it). */
+  /** CPU engine: memory for the KV pool (e.g. a transfer agent's shared region, so that peers can reach it). */
   kvBuffer?: Uint8Array;
-  /** Or: called with the pool's description once its size is known, returns its memory. */
+  /** CPU engine: or called with the pool's description once its size is known, returns its memory. */
   kvBufferFor?: (spec: KvPoolSpec) => Uint8Array;
   engine?: LlmEngineOptions;
   /** Called as weights load: tensors done, tensors in all. */
@@ -45,10 +58,15 @@ export interface OpenedModel {
   readonly model: string;
   readonly config: ModelConfig;
   readonly tokenizer: TextTokenizer;
-  readonly runner: CpuModelRunner;
+  readonly runner: CpuModelRunner | CudaModelRunner;
   readonly engine: LlmEngine;
-  readonly device: 'cpu';
-  /** The KV pool as lib/kv describes it (register `runner.kvBuffer` with a transfer agent to move blocks). */
+  readonly device: 'cpu' | 'cuda';
+  /** Why 'auto' chose the CPU on a machine with a GPU (the GPU engine's error), when it did. */
+  readonly fallbackReason?: string;
+  /**
+   * The KV pool as lib/kv describes it. Register its memory with a transfer agent to move blocks: the CPU
+   * runner's `kvBuffer` (host), the GPU runner's `kvDeviceBuffer` (device).
+   */
   readonly kvPoolSpec: KvPoolSpec;
   dispose(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
@@ -77,14 +95,8 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   const { model } = options;
   if (typeof model !== 'string' || model.length === 0) throw new BadArgumentError('openModel: model is required');
   const device = options.device ?? 'auto';
-  if (device === 'cuda') {
-    throw new BackendUnavailableError(
-      'cuda',
-      'the GPU engine is not in this version of Tandem; run with --device cpu (the CPU engine, fp32)',
-    );
-  }
-  if (device !== 'cpu' && device !== 'auto')
-    throw new BadArgumentError(`device must be cpu, cuda or auto (got ${device})`);
+  if (device !== 'cpu' && device !== 'cuda' && device !== 'auto')
+    throw new BadArgumentError(`device must be cpu, cuda or auto (got ${String(device)})`);
   const config = isDummyModel(model) ? dummyConfig(model) : loadModelConfig(model);
   const tokenizer = isDummyModel(model) ? byteTextTokenizer() : loadTokenizer(model, config.eosTokenIds);
   const blockSize = options.blockSize ?? 16;
@@ -117,16 +129,47 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     layout,
     headLayout: 'NHD',
   };
-  const kvBuffer = options.kvBuffer ?? options.kvBufferFor?.(spec);
-  const runner = await CpuModelRunner.create({
-    config,
-    numBlocks,
-    blockSize,
-    layout,
-    ...(kvBuffer ? { kvBuffer } : {}),
-    ...(options.threads !== undefined ? { threads: options.threads } : {}),
-    weights: countingWeights(model, config, options.seed, options.onProgress),
-  });
+  let runner: CpuModelRunner | CudaModelRunner | undefined;
+  let fallbackReason: string | undefined;
+  if (device !== 'cpu') {
+    const gpus = device === 'auto' ? (await probeCuda()).deviceCount : 1;
+    if (gpus > 0) {
+      try {
+        const fraction = options.kvCacheFraction ?? DEFAULT_GPU_KV_FRACTION;
+        if (!(fraction > 0 && fraction <= 1))
+          throw new BadArgumentError(`kvCacheFraction must be in (0, 1] (got ${String(options.kvCacheFraction)})`);
+        runner = await CudaModelRunner.create({
+          config,
+          device: options.gpu ?? 0,
+          blockSize,
+          layout,
+          ...(options.numBlocks !== undefined ? { numBlocks: options.numBlocks } : {}),
+          ...(options.kvCacheBytes !== undefined ? { kvCacheBytes: options.kvCacheBytes } : {}),
+          ...(options.numBlocks === undefined && options.kvCacheBytes === undefined
+            ? { kvCacheFraction: fraction, maxDefaultBlocks: DEFAULT_POOL_SEQUENCES * blocksPerSequence }
+            : {}),
+          weights: model,
+          ...(options.seed !== undefined ? { seed: options.seed } : {}),
+          ...(options.onProgress ? { onProgress: options.onProgress } : {}),
+        });
+      } catch (error) {
+        if (device === 'cuda' || !(error instanceof BackendUnavailableError)) throw error;
+        fallbackReason = error.message;
+      }
+    }
+  }
+  if (!runner) {
+    const kvBuffer = options.kvBuffer ?? options.kvBufferFor?.(spec);
+    runner = await CpuModelRunner.create({
+      config,
+      numBlocks,
+      blockSize,
+      layout,
+      ...(kvBuffer ? { kvBuffer } : {}),
+      ...(options.threads !== undefined ? { threads: options.threads } : {}),
+      weights: countingWeights(model, config, options.seed, options.onProgress),
+    });
+  }
   const engine = new LlmEngine(runner, {
     detokenize: (ids) => tokenizer.decode(ids),
     ...options.engine,
@@ -143,7 +186,8 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     tokenizer,
     runner,
     engine,
-    device: 'cpu',
+    device: runner instanceof CudaModelRunner ? 'cuda' : 'cpu',
+    ...(fallbackReason ? { fallbackReason } : {}),
     kvPoolSpec: runner.kvPoolSpec,
     dispose,
     [Symbol.asyncDispose]: dispose,

@@ -198,6 +198,31 @@ export interface RawCpuLlamaOptions {
   kernel?: string;
 }
 
+export interface RawCudaLlamaOptions extends Omit<RawCpuLlamaOptions, 'kvBuffer' | 'threads' | 'kernel'> {
+  /** bf16 KV pool (NHD tiles) on the same device, at least numBlocks * layers * 2 * blockSize * kvHeads * headDim * 2 bytes. */
+  kvBuffer: RawDeviceBuffer;
+  /** cuBLAS library candidates, tried in order (lib/native/libraries.ts). */
+  cublas: string[];
+}
+
+export interface RawCudaLlama {
+  readonly weightBytes: number;
+  readonly disposed: boolean;
+  init(): Promise<void>;
+  setWeight(name: string, data: Float32Array): Promise<void>;
+  missingWeights(): string[];
+  ready(): void;
+  forward(
+    tokens: Int32Array,
+    positions: Int32Array,
+    seqStarts: Int32Array,
+    blockTables: Int32Array,
+    maxBlocksPerSeq: number,
+    contextLens: Int32Array,
+  ): Promise<Float32Array>;
+  dispose(): Promise<void>;
+}
+
 export interface RawCpuLlama {
   readonly threads: number;
   /** The matrix kernel in use: 'avx512', 'avx2' or 'generic'. */
@@ -228,6 +253,7 @@ export interface RawBinding {
     onNotification: (from: string, message: Buffer) => void,
   ) => RawTransferAgent;
   CpuLlama: new (options: RawCpuLlamaOptions) => RawCpuLlama;
+  CudaLlama: new (device: RawCudaDevice, options: RawCudaLlamaOptions) => RawCudaLlama;
 }
 
 let cached: { binding: RawBinding; path: string } | undefined;

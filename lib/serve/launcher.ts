@@ -138,6 +138,8 @@ function workerInits(graph: DeploymentGraph, options: DeploymentOptions): Worker
         role: pool.role,
         model: graph.model,
         device: device(pool),
+        ...(pool.device === 'cuda' ? { gpu: pool.gpuIds?.[r * pool.gpusPerReplica] ?? 0 } : {}),
+        ...(pool.engine.kvCacheFraction !== undefined ? { kvCacheFraction: pool.engine.kvCacheFraction } : {}),
         seed: options.seed ?? 0,
         blockSize: pool.engine.blockSize,
         ...(pool.engine.numBlocks !== undefined ? { numBlocks: pool.engine.numBlocks } : {}),

@@ -23,6 +23,10 @@ export interface WorkerInit {
   role: PoolRole;
   model: string;
   device: 'cpu' | 'cuda' | 'auto';
+  /** The GPU of a cuda worker. */
+  gpu?: number;
+  /** Share of the GPU's free memory the KV pool takes (pools sharing a GPU take less each). */
+  kvCacheFraction?: number;
   seed: number;
   blockSize: number;
   numBlocks?: number;

@@ -6,6 +6,7 @@
 import { kvPool, kvTransferPieces, type KvPoolSpec } from '../kv/index.js';
 import { TandemError } from '../errors.js';
 import type { EngineOutput, RequestHandle, SamplingParams } from '../engine/engine.js';
+import { CudaModelRunner } from '../engine/cuda.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type Region } from '../transfer/index.js';
 import { shouldPrefillRemotely } from './disagg.js';
@@ -314,6 +315,8 @@ export async function runWorker(): Promise<void> {
     const model = await openModel({
       model: init.model,
       device: init.device === 'cuda' ? 'cuda' : 'cpu',
+      ...(init.gpu !== undefined ? { gpu: init.gpu } : {}),
+      ...(init.kvCacheFraction !== undefined ? { kvCacheFraction: init.kvCacheFraction } : {}),
       seed: init.seed,
       blockSize: init.blockSize,
       ...(init.numBlocks !== undefined ? { numBlocks: init.numBlocks } : {}),
@@ -322,11 +325,14 @@ export async function runWorker(): Promise<void> {
         ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
         ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),
       },
+      // CPU engine: the pool lives in shared memory that peers on this host map (shm backend).
       kvBufferFor: (spec: KvPoolSpec) => {
         region = agent.allocShared(kvPool(spec).poolBytes);
         return region.view!;
       },
     });
+    // GPU engine: the pool is device memory; peers reach it through CUDA IPC (cuda-ipc backend).
+    if (model.runner instanceof CudaModelRunner) region = agent.registerDevice(model.runner.kvDeviceBuffer);
     worker = new Worker(init, model, agent, region!);
     send({ type: 'ready', registration: worker.registration() });
     for (const m of early.splice(0)) worker.handle(m);

@@ -7,6 +7,7 @@
 #include "addon_state.h"
 #include "cuda_device.h"
 #include "device_buffer.h"
+#include "engine/cuda_llama_wrap.h"
 #include "engine/engine_wrap.h"
 #include "nccl/comm_wrap.h"
 #include "probe.h"
@@ -44,6 +45,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   transfer::TransferPlanWrap::Init(env, exports);
   nccl::NcclCommWrap::Init(env, exports);
   engine::CpuLlamaWrap::Init(env, exports);
+  engine::CudaLlamaWrap::Init(env, exports);
   exports.Set("probe", Napi::Function::New(env, Probe, "probe"));
   exports.Set("addonVersion", Napi::String::New(env, TANDEM_ADDON_VERSION));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));

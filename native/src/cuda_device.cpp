@@ -124,6 +124,34 @@ void CudaDevice::freeAllocation(DeviceAllocation& allocation) {
   }
 }
 
+void CudaDevice::checkOpen() const {
+  if (!initError_.empty()) throw NativeError(initCode_, initError_);
+}
+
+std::shared_ptr<DeviceAllocation> CudaDevice::allocate(size_t bytes, const char* what) {
+  checkOpen();
+  auto allocation = std::make_shared<DeviceAllocation>();
+  allocation->bytes = bytes;
+  check(driver_->cuMemAlloc(&allocation->ptr, bytes), what);
+  std::lock_guard<std::mutex> lock(allocationsMutex_);
+  allocations_.insert(allocation);
+  return allocation;
+}
+
+CUfunction CudaDevice::function(const std::string& name) {
+  checkOpen();
+  if (!module_) throw NativeError("TANDEM_KERNELS_UNAVAILABLE", "no kernel module loaded on this device; call loadKernels first");
+  auto it = functions_.find(name);
+  if (it != functions_.end()) return it->second;
+  CUfunction fn = nullptr;
+  CUresult r = driver_->cuModuleGetFunction(&fn, module_, name.c_str());
+  if (r == CUDA_ERROR_NOT_FOUND)
+    throw NativeError("TANDEM_BAD_ARGUMENT", "no kernel named '" + name + "' in the loaded fatbin (rebuild with `npm run build:kernels`)");
+  check(r, "cuModuleGetFunction");
+  functions_[name] = fn;
+  return fn;
+}
+
 WorkQueue& CudaDevice::liveQueue(Napi::Env env) {
   if (disposed_ || !queue_) {
     throw makeError(env, "TANDEM_DISPOSED", "CUDA device " + std::to_string(ordinal_) + " was disposed");
@@ -164,13 +192,7 @@ Napi::Value CudaDevice::Alloc(const Napi::CallbackInfo& info) {
   return runAsync<std::shared_ptr<DeviceAllocation>>(
       env, liveQueue(env),
       [this, bytes]() {
-        if (!initError_.empty()) throw NativeError(initCode_, initError_);
-        auto allocation = std::make_shared<DeviceAllocation>();
-        allocation->bytes = bytes;
-        check(driver_->cuMemAlloc(&allocation->ptr, bytes), "cuMemAlloc");
-        std::lock_guard<std::mutex> lock(allocationsMutex_);
-        allocations_.insert(allocation);
-        return allocation;
+        return allocate(bytes, "cuMemAlloc");
       },
       [selfRef](Napi::Env env, std::shared_ptr<DeviceAllocation>& allocation) -> Napi::Value {
         return DeviceBuffer::Create(env, selfRef->Value(), allocation);
@@ -303,16 +325,7 @@ Napi::Value CudaDevice::Launch(const Napi::CallbackInfo& info) {
         for (const auto& allocation : pinned) {
           if (allocation->freed) throw NativeError("TANDEM_DISPOSED", "a buffer passed to " + name + " was disposed");
         }
-        CUfunction fn = nullptr;
-        auto it = functions_.find(name);
-        if (it != functions_.end()) {
-          fn = it->second;
-        } else {
-          CUresult r = driver_->cuModuleGetFunction(&fn, module_, name.c_str());
-          if (r == CUDA_ERROR_NOT_FOUND) throw NativeError("TANDEM_BAD_ARGUMENT", "no kernel named '" + name + "' in the fatbin");
-          check(r, "cuModuleGetFunction");
-          functions_[name] = fn;
-        }
+        CUfunction fn = function(name);
         std::vector<void*> params(slots->size());
         for (size_t i = 0; i < slots->size(); ++i) params[i] = &(*slots)[i];
         check(driver_->cuLaunchKernel(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared, stream_,

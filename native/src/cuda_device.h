@@ -39,6 +39,14 @@ class CudaDevice : public Napi::ObjectWrap<CudaDevice>, public Closeable {
   // Device thread only: throws NativeError on failure.
   void check(CUresult result, const char* what) const;
   void freeAllocation(DeviceAllocation& allocation);
+  // Device thread only. Throws NativeError unless the device opened.
+  void checkOpen() const;
+  // Device thread only: device memory owned by this device (freed by freeAllocation, or when the device
+  // closes, whichever comes first). Throws NativeError (TANDEM_OUT_OF_MEMORY when it does not fit).
+  std::shared_ptr<DeviceAllocation> allocate(size_t bytes, const char* what);
+  // Device thread only: a kernel of the loaded fatbin by name (cached). Throws NativeError when no module is
+  // loaded (TANDEM_KERNELS_UNAVAILABLE) or it has no such kernel.
+  CUfunction function(const std::string& name);
 
  private:
   Napi::Value Ready(const Napi::CallbackInfo& info);

@@ -104,31 +104,6 @@ std::string shapeText(size_t rows, size_t cols) {
   return rows == 0 ? "[" + std::to_string(cols) + "]" : "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
 }
 
-// The RoPE frequencies as transformers computes them: theta^(-2i/d), then for rope_type llama3 long
-// wavelengths divided by `factor`, short ones kept, and those in between interpolated.
-std::vector<float> ropeFrequencies(const LlamaConfig& c) {
-  size_t half = static_cast<size_t>(c.headDim) / 2;
-  std::vector<float> out(half);
-  for (size_t i = 0; i < half; ++i) {
-    double f = 1.0 / std::pow(c.ropeTheta, static_cast<double>(2 * i) / c.headDim);
-    if (c.llama3Rope) {
-      const double pi = 3.14159265358979323846;
-      double lowWavelen = c.ropeOriginalMaxPositions / c.ropeLowFreqFactor;
-      double highWavelen = c.ropeOriginalMaxPositions / c.ropeHighFreqFactor;
-      double wavelen = 2 * pi / f;
-      if (wavelen > lowWavelen) {
-        f = f / c.ropeFactor;
-      } else if (wavelen >= highWavelen) {
-        double smooth = (c.ropeOriginalMaxPositions / wavelen - c.ropeLowFreqFactor) /
-                        (c.ropeHighFreqFactor - c.ropeLowFreqFactor);
-        f = (1 - smooth) * f / c.ropeFactor + smooth * f;
-      }
-    }
-    out[i] = static_cast<float>(f);
-  }
-  return out;
-}
-
 void rmsNorm(const float* x, const float* weight, size_t n, float eps, float* out) {
   double sum = 0;
   for (size_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * x[i];
@@ -152,14 +127,7 @@ constexpr size_t kMinMacsPerChunk = 1 << 15;  // below this a chunk is not worth
 CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned threads, const std::string& kernel)
     : config_(config), pool_(pool), pool_threads_(threads) {
   const LlamaConfig& c = config_;
-  if (c.vocabSize <= 0 || c.hiddenSize <= 0 || c.intermediateSize <= 0 || c.numLayers <= 0 || c.numHeads <= 0 ||
-      c.numKvHeads <= 0 || c.headDim <= 0 || c.maxPositions <= 0)
-    throw BadInput("every model dimension must be a positive integer");
-  if (c.numHeads % c.numKvHeads != 0)
-    throw BadInput("numKvHeads (" + std::to_string(c.numKvHeads) + ") must divide numHeads (" +
-                   std::to_string(c.numHeads) + ")");
-  if (c.headDim % 2 != 0) throw BadInput("headDim must be even for RoPE");
-  if (c.slidingWindow < 0) throw BadInput("slidingWindow must be non-negative");
+  checkConfig(c);
   if (pool.numBlocks <= 0 || pool.blockSize <= 0) throw BadInput("numBlocks and blockSize must be positive");
   if (reinterpret_cast<uintptr_t>(pool.base) % alignof(float) != 0)
     throw BadInput("the KV buffer must start at a multiple of 4 bytes (fp32)");
@@ -256,73 +224,7 @@ float* CpuLlama::kvTile(int layer, int kv, int block) const {
 }
 
 void CpuLlama::validate(const ForwardInput& in) const {
-  const LlamaConfig& c = config_;
-  auto fail = [](const std::string& m) { throw BadInput(m); };
-  auto at = [](const char* what, size_t i) { return std::string(what) + "[" + std::to_string(i) + "]"; };
-  if (in.seqStarts.empty()) fail("seqStarts must hold nseq + 1 entries (got none)");
-  size_t nseq = in.seqStarts.size() - 1;
-  size_t ntok = in.tokens.size();
-  if (in.positions.size() != ntok)
-    fail("positions has " + std::to_string(in.positions.size()) + " entries; tokens has " + std::to_string(ntok));
-  if (in.seqStarts[0] != 0) fail("seqStarts[0] must be 0 (got " + std::to_string(in.seqStarts[0]) + ")");
-  if (static_cast<size_t>(in.seqStarts[nseq]) != ntok)
-    fail("seqStarts[" + std::to_string(nseq) + "] must equal the number of tokens " + std::to_string(ntok) +
-         " (got " + std::to_string(in.seqStarts[nseq]) + ")");
-  for (size_t s = 0; s < nseq; ++s)
-    if (in.seqStarts[s + 1] <= in.seqStarts[s])
-      fail("seqStarts must increase (every sequence has at least one new token); " + at("seqStarts", s + 1) +
-           " = " + std::to_string(in.seqStarts[s + 1]) + " <= " + std::to_string(in.seqStarts[s]));
-  if (in.contextLens.size() != nseq)
-    fail("contextLens has " + std::to_string(in.contextLens.size()) + " entries; there are " +
-         std::to_string(nseq) + " sequences");
-  if (in.maxBlocksPerSeq <= 0) fail("maxBlocksPerSeq must be positive");
-  size_t mb = static_cast<size_t>(in.maxBlocksPerSeq);
-  if (in.blockTables.size() != nseq * mb)
-    fail("blockTables has " + std::to_string(in.blockTables.size()) + " entries; nseq x maxBlocksPerSeq is " +
-         std::to_string(nseq * mb));
-  for (size_t t = 0; t < ntok; ++t)
-    if (in.tokens[t] < 0 || in.tokens[t] >= c.vocabSize)
-      fail(at("tokens", t) + " = " + std::to_string(in.tokens[t]) + " is outside the vocabulary (0.." +
-           std::to_string(c.vocabSize - 1) + ")");
-
-  // A block written this step must be read by no other sequence (and appear once in its own table).
-  std::unordered_map<int32_t, int> uses;
-  std::vector<int32_t> written;
-  for (size_t s = 0; s < nseq; ++s) {
-    size_t first = in.seqStarts[s], last = in.seqStarts[s + 1] - 1;
-    int32_t p0 = in.positions[first];
-    if (p0 < 0) fail(at("positions", first) + " = " + std::to_string(p0) + " is negative");
-    for (size_t t = first + 1; t <= last; ++t)
-      if (in.positions[t] != in.positions[t - 1] + 1)
-        fail("the positions of sequence " + std::to_string(s) + " must be consecutive: " + at("positions", t) +
-             " = " + std::to_string(in.positions[t]) + " follows " + std::to_string(in.positions[t - 1]));
-    int64_t ctx = in.contextLens[s];
-    if (ctx != static_cast<int64_t>(in.positions[last]) + 1)
-      fail(at("contextLens", s) + " = " + std::to_string(ctx) + " must be the last new position + 1 (" +
-           std::to_string(static_cast<int64_t>(in.positions[last]) + 1) + ")");
-    if (ctx > c.maxPositions)
-      fail("sequence " + std::to_string(s) + " reaches position " + std::to_string(ctx - 1) +
-           ", beyond the model's maxPositions " + std::to_string(c.maxPositions));
-    if (ctx > static_cast<int64_t>(mb) * pool_.blockSize)
-      fail("sequence " + std::to_string(s) + " holds " + std::to_string(ctx) + " tokens but its block table has room for " +
-           std::to_string(mb * pool_.blockSize) + " (maxBlocksPerSeq " + std::to_string(mb) + " x blockSize " +
-           std::to_string(pool_.blockSize) + ")");
-    int64_t firstRead = c.slidingWindow > 0 ? std::max<int64_t>(0, p0 - c.slidingWindow + 1) : 0;
-    size_t b0 = static_cast<size_t>(firstRead / pool_.blockSize), b1 = static_cast<size_t>((ctx - 1) / pool_.blockSize);
-    size_t firstWritten = static_cast<size_t>(p0 / pool_.blockSize);
-    for (size_t b = b0; b <= b1; ++b) {
-      int32_t block = in.blockTables[s * mb + b];
-      if (block < 0 || block >= pool_.numBlocks)
-        fail("blockTables[" + std::to_string(s) + "][" + std::to_string(b) + "] = " + std::to_string(block) +
-             " is not a block of the pool (0.." + std::to_string(pool_.numBlocks - 1) + ")");
-      uses[block]++;
-      if (b >= firstWritten) written.push_back(block);
-    }
-  }
-  for (int32_t block : written)
-    if (uses[block] > 1)
-      fail("block " + std::to_string(block) + " receives new tokens this step but appears " +
-           std::to_string(uses[block]) + " times in the block tables");
+  validateForward(config_, pool_.numBlocks, pool_.blockSize, in);
 }
 
 void CpuLlama::matmul(const float* x, size_t rows, size_t k, const float* w, const float* bias, size_t n, float* y) {

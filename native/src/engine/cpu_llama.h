@@ -18,41 +18,9 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "llama_common.h"
 
 namespace tandem::engine {
-
-// An argument that breaks the contract (unknown tensor, wrong size, index out of range). The wrapper maps it
-// to TANDEM_BAD_ARGUMENT.
-struct BadInput : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
-
-// forward() gave up because the model was closed meanwhile. The wrapper maps it to TANDEM_DISPOSED.
-struct Aborted : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-struct LlamaConfig {
-  int vocabSize = 0;
-  int hiddenSize = 0;
-  int intermediateSize = 0;
-  int numLayers = 0;
-  int numHeads = 0;
-  int numKvHeads = 0;
-  int headDim = 0;
-  float rmsNormEps = 1e-5f;
-  double ropeTheta = 10000;
-  // llama3 frequency-dependent RoPE scaling (Llama 3.1+); off: plain RoPE.
-  bool llama3Rope = false;
-  double ropeFactor = 1, ropeLowFreqFactor = 1, ropeHighFreqFactor = 4, ropeOriginalMaxPositions = 8192;
-  int maxPositions = 0;
-  bool tieWordEmbeddings = false;
-  bool attentionBias = false;        // q/k/v bias
-  bool attentionOutputBias = false;  // o_proj bias
-  int slidingWindow = 0;             // 0: full attention; w: a token at p sees positions (p - w, p]
-};
-
-enum class KvLayout { BlockMajor, LayerMajor };
 
 // Caller-owned fp32 KV memory: numBlocks blocks of blockSize tokens for every layer, K and V.
 struct KvPoolView {
@@ -61,16 +29,6 @@ struct KvPoolView {
   int numBlocks = 0;
   int blockSize = 0;
   KvLayout layout = KvLayout::BlockMajor;
-};
-
-// One step, as lib/engine/runner.ts's ForwardBatch describes it. Owned copies: forward() runs on another thread.
-struct ForwardInput {
-  std::vector<int32_t> tokens;
-  std::vector<int32_t> positions;
-  std::vector<int32_t> seqStarts;
-  std::vector<int32_t> blockTables;
-  int maxBlocksPerSeq = 0;
-  std::vector<int32_t> contextLens;
 };
 
 // A fixed set of threads that run the parallel parts of one forward. The thread that calls parallelFor runs

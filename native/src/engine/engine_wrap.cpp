@@ -6,7 +6,6 @@
 #include <thread>
 
 namespace tandem::engine {
-namespace {
 
 [[noreturn]] void badArgument(Napi::Env env, const std::string& message) {
   throw makeError(env, "TANDEM_BAD_ARGUMENT", message);
@@ -59,29 +58,33 @@ std::vector<int32_t> int32s(Napi::Env env, const Napi::Value& value, const char*
   return std::vector<int32_t>(p, p + length);
 }
 
-}  // namespace
-
-void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
-  Napi::Function ctor = DefineClass(env, "CpuLlama",
-                                    {
-                                        InstanceMethod<&CpuLlamaWrap::SetWeight>("setWeight"),
-                                        InstanceMethod<&CpuLlamaWrap::MissingWeights>("missingWeights"),
-                                        InstanceMethod<&CpuLlamaWrap::Ready>("ready"),
-                                        InstanceMethod<&CpuLlamaWrap::Forward>("forward"),
-                                        InstanceMethod<&CpuLlamaWrap::Dispose>("dispose"),
-                                        InstanceAccessor<&CpuLlamaWrap::GetThreads>("threads"),
-                                        InstanceAccessor<&CpuLlamaWrap::GetKernel>("kernel"),
-                                        InstanceAccessor<&CpuLlamaWrap::GetDisposed>("disposed"),
-                                    });
-  exports.Set("CpuLlama", ctor);
+KvLayout parseLayout(const Napi::Object& o) {
+  Napi::Value layout = field(o, "layout");
+  std::string layoutName = layout.IsString() ? layout.As<Napi::String>().Utf8Value() : "";
+  if (layoutName == "block-major") return KvLayout::BlockMajor;
+  else if (layoutName == "layer-major") return KvLayout::LayerMajor;
+  badArgument(o.Env(), "option 'layout' must be 'block-major' or 'layer-major'");
 }
 
-// new CpuLlama({ ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer, threads?, kernel? })
-CpuLlamaWrap::CpuLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CpuLlamaWrap>(info) {
+std::shared_ptr<ForwardInput> parseForwardInput(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (!info[0].IsObject()) throw Napi::TypeError::New(env, "CpuLlama expects an options object");
-  Napi::Object o = info[0].As<Napi::Object>();
+  auto input = std::make_shared<ForwardInput>();
+  input->tokens = int32s(env, info[0], "tokens");
+  input->positions = int32s(env, info[1], "positions");
+  input->seqStarts = int32s(env, info[2], "seqStarts");
+  input->blockTables = int32s(env, info[3], "blockTables");
+  if (!info[4].IsNumber()) throw Napi::TypeError::New(env, "maxBlocksPerSeq must be a number");
+  double mb = info[4].As<Napi::Number>().DoubleValue();
+  if (!(mb >= 1 && mb <= 2147483647.0 && mb == std::floor(mb)))
+    badArgument(env, "maxBlocksPerSeq must be a positive integer");
+  input->maxBlocksPerSeq = static_cast<int>(mb);
+  input->contextLens = int32s(env, info[5], "contextLens");
+  return input;
+}
 
+// The model fields of a runner's options object (lib/engine/model/config.ts's ModelConfig).
+LlamaConfig parseLlamaConfig(const Napi::Object& o) {
+  Napi::Env env = o.Env();
   LlamaConfig c;
   c.vocabSize = positiveInt(o, "vocabSize");
   c.hiddenSize = positiveInt(o, "hiddenSize");
@@ -114,15 +117,36 @@ CpuLlamaWrap::CpuLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Cp
           c.ropeOriginalMaxPositions > 0))
       badArgument(env, "ropeScaling needs factor > 0, 0 < lowFreqFactor < highFreqFactor, originalMaxPositionEmbeddings > 0");
   }
+  return c;
+}
+
+void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
+  Napi::Function ctor = DefineClass(env, "CpuLlama",
+                                    {
+                                        InstanceMethod<&CpuLlamaWrap::SetWeight>("setWeight"),
+                                        InstanceMethod<&CpuLlamaWrap::MissingWeights>("missingWeights"),
+                                        InstanceMethod<&CpuLlamaWrap::Ready>("ready"),
+                                        InstanceMethod<&CpuLlamaWrap::Forward>("forward"),
+                                        InstanceMethod<&CpuLlamaWrap::Dispose>("dispose"),
+                                        InstanceAccessor<&CpuLlamaWrap::GetThreads>("threads"),
+                                        InstanceAccessor<&CpuLlamaWrap::GetKernel>("kernel"),
+                                        InstanceAccessor<&CpuLlamaWrap::GetDisposed>("disposed"),
+                                    });
+  exports.Set("CpuLlama", ctor);
+}
+
+// new CpuLlama({ ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer, threads?, kernel? })
+CpuLlamaWrap::CpuLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CpuLlamaWrap>(info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throw Napi::TypeError::New(env, "CpuLlama expects an options object");
+  Napi::Object o = info[0].As<Napi::Object>();
+
+  LlamaConfig c = parseLlamaConfig(o);
 
   KvPoolView pool;
   pool.numBlocks = positiveInt(o, "numBlocks");
   pool.blockSize = positiveInt(o, "blockSize");
-  Napi::Value layout = field(o, "layout");
-  std::string layoutName = layout.IsString() ? layout.As<Napi::String>().Utf8Value() : "";
-  if (layoutName == "block-major") pool.layout = KvLayout::BlockMajor;
-  else if (layoutName == "layer-major") pool.layout = KvLayout::LayerMajor;
-  else badArgument(env, "option 'layout' must be 'block-major' or 'layer-major'");
+  pool.layout = parseLayout(o);
   Napi::Value kv = field(o, "kvBuffer");
   void* kvData = nullptr;
   viewOf(env, kv, napi_uint8_array, &kvData, &pool.bytes, "option 'kvBuffer'");
@@ -210,17 +234,7 @@ Napi::Value CpuLlamaWrap::Forward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::shared_ptr<CpuLlama> model = model_;
   live(env);
-  auto input = std::make_shared<ForwardInput>();
-  input->tokens = int32s(env, info[0], "tokens");
-  input->positions = int32s(env, info[1], "positions");
-  input->seqStarts = int32s(env, info[2], "seqStarts");
-  input->blockTables = int32s(env, info[3], "blockTables");
-  if (!info[4].IsNumber()) throw Napi::TypeError::New(env, "maxBlocksPerSeq must be a number");
-  double mb = info[4].As<Napi::Number>().DoubleValue();
-  if (!(mb >= 1 && mb <= 2147483647.0 && mb == std::floor(mb)))
-    badArgument(env, "maxBlocksPerSeq must be a positive integer");
-  input->maxBlocksPerSeq = static_cast<int>(mb);
-  input->contextLens = int32s(env, info[5], "contextLens");
+  auto input = parseForwardInput(info);
 
   std::shared_ptr<int> inFlight = inFlight_;
   ++*inFlight;

@@ -13,6 +13,23 @@
 
 namespace tandem::engine {
 
+// Option helpers shared by the runners' wrappers; each throws TANDEM_BAD_ARGUMENT or a TypeError naming the field.
+[[noreturn]] void badArgument(Napi::Env env, const std::string& message);
+Napi::Value field(const Napi::Object& o, const char* name);
+double number(const Napi::Object& o, const char* name);
+int positiveInt(const Napi::Object& o, const char* name);
+bool flag(const Napi::Object& o, const char* name);
+void viewOf(Napi::Env env, const Napi::Value& value, napi_typedarray_type want, void** data, size_t* length,
+            const char* what);
+std::vector<int32_t> int32s(Napi::Env env, const Napi::Value& value, const char* what);
+// KvLayout from 'block-major' / 'layer-major'.
+KvLayout parseLayout(const Napi::Object& o);
+// tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens: forward()'s arguments.
+std::shared_ptr<ForwardInput> parseForwardInput(const Napi::CallbackInfo& info);
+
+// The model fields of a runner's options object (ModelConfig); throws TANDEM_BAD_ARGUMENT naming the field.
+LlamaConfig parseLlamaConfig(const Napi::Object& options);
+
 class CpuLlamaWrap : public Napi::ObjectWrap<CpuLlamaWrap>, public Closeable {
  public:
   static void Init(Napi::Env env, Napi::Object exports);

@@ -1,0 +1,322 @@
+#include "cuda_llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace tandem::engine {
+namespace {
+
+constexpr size_t kAlign = 256;
+constexpr size_t kStagingBytes = 16u << 20;  // pinned staging for weight uploads (bf16 values)
+
+size_t alignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+uint16_t toBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) return 0x7fc0;  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+std::string shapeText(size_t rows, size_t cols) {
+  return rows == 0 ? "[" + std::to_string(cols) + "]" : "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+}
+
+unsigned normThreads(int hidden) {
+  unsigned t = static_cast<unsigned>((hidden / 4 + 31) / 32 * 32);
+  return std::clamp(t, 32u, 1024u);
+}
+
+// Carves consecutive 256-byte-aligned pieces out of one allocation.
+struct Carver {
+  size_t used = 0;
+  size_t take(size_t bytes) {
+    size_t at = used;
+    used += alignUp(bytes);
+    return at;
+  }
+};
+
+}  // namespace
+
+CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaConfig& config, const GpuKvPool& pool)
+    : device_(device), cublas_(cublas), config_(config), pool_(pool) {
+  const LlamaConfig& c = config_;
+  checkConfig(c);
+  if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");
+  if (pool.numBlocks <= 0 || pool.blockSize <= 0) throw BadInput("numBlocks and blockSize must be positive");
+  if (pool.base % 2 != 0) throw BadInput("the KV pool must start at a multiple of 2 bytes (bf16)");
+  size_t need = static_cast<size_t>(pool.numBlocks) * c.numLayers * 2 * pool.blockSize * c.numKvHeads * c.headDim * 2;
+  if (pool.bytes < need)
+    throw BadInput("the KV buffer holds " + std::to_string(pool.bytes) + " bytes; the pool needs " + std::to_string(need));
+
+  const size_t h = c.hiddenSize, inter = c.intermediateSize;
+  qDim_ = static_cast<size_t>(c.numHeads) * c.headDim;
+  kvDim_ = static_cast<size_t>(c.numKvHeads) * c.headDim;
+  qkvDim_ = qDim_ + 2 * kvDim_;
+  invFreq_ = ropeFrequencies(c);
+
+  // Same tensors, same checkpoint order as CpuLlama (lib/engine/model/config.ts's expectedTensors).
+  embed_ = place(static_cast<size_t>(c.vocabSize) * h);
+  addSlot("model.embed_tokens.weight", embed_, c.vocabSize, h);
+  layers_.resize(c.numLayers);
+  for (int l = 0; l < c.numLayers; ++l) {
+    LayerOffsets& L = layers_[l];
+    std::string p = "model.layers." + std::to_string(l) + ".";
+    L.inputNorm = place(h);
+    L.wqkv = place(qkvDim_ * h);
+    L.bqkv = c.attentionBias ? place(qkvDim_) : 0;
+    L.wo = place(h * qDim_);
+    L.bo = c.attentionOutputBias ? place(h) : 0;
+    L.postNorm = place(h);
+    L.wgateUp = place(2 * inter * h);
+    L.wdown = place(h * inter);
+    addSlot(p + "input_layernorm.weight", L.inputNorm, 0, h);
+    addSlot(p + "self_attn.q_proj.weight", L.wqkv, qDim_, h);
+    if (c.attentionBias) addSlot(p + "self_attn.q_proj.bias", L.bqkv, 0, qDim_);
+    addSlot(p + "self_attn.k_proj.weight", L.wqkv + qDim_ * h * 2, kvDim_, h);
+    if (c.attentionBias) addSlot(p + "self_attn.k_proj.bias", L.bqkv + qDim_ * 2, 0, kvDim_);
+    addSlot(p + "self_attn.v_proj.weight", L.wqkv + (qDim_ + kvDim_) * h * 2, kvDim_, h);
+    if (c.attentionBias) addSlot(p + "self_attn.v_proj.bias", L.bqkv + (qDim_ + kvDim_) * 2, 0, kvDim_);
+    addSlot(p + "self_attn.o_proj.weight", L.wo, h, qDim_);
+    if (c.attentionOutputBias) addSlot(p + "self_attn.o_proj.bias", L.bo, 0, h);
+    addSlot(p + "post_attention_layernorm.weight", L.postNorm, 0, h);
+    addSlot(p + "mlp.gate_proj.weight", L.wgateUp, inter, h);
+    addSlot(p + "mlp.up_proj.weight", L.wgateUp + inter * h * 2, inter, h);
+    addSlot(p + "mlp.down_proj.weight", L.wdown, h, inter);
+  }
+  finalNorm_ = place(h);
+  addSlot("model.norm.weight", finalNorm_, 0, h);
+  if (!c.tieWordEmbeddings) {
+    lmHead_ = place(static_cast<size_t>(c.vocabSize) * h);
+    addSlot("lm_head.weight", lmHead_, c.vocabSize, h);
+  } else {
+    lmHead_ = embed_;
+  }
+}
+
+CudaLlama::~CudaLlama() = default;  // the owner calls release() on the device thread first
+
+size_t CudaLlama::place(size_t count) {
+  size_t at = weightBytes_;
+  weightBytes_ += alignUp(count * 2);
+  return at;
+}
+
+void CudaLlama::addSlot(const std::string& name, size_t offset, size_t rows, size_t cols) {
+  slots_[name] = Slot{offset, (rows == 0 ? 1 : rows) * cols, shapeText(rows, cols)};
+  order_.push_back(name);
+}
+
+void CudaLlama::init() {
+  if (!cublas_.available) throw NativeError("TANDEM_BACKEND_UNAVAILABLE", "cuBLAS unavailable: " + cublas_.reason);
+  device_.checkOpen();
+  fn_.embed = device_.function("tandem_llama_embed");
+  fn_.addRmsNorm = device_.function("tandem_llama_add_rmsnorm");
+  fn_.addBias = device_.function("tandem_llama_add_bias");
+  fn_.ropeKv = device_.function("tandem_llama_rope_kv");
+  fn_.attention = device_.function("tandem_llama_attention");
+  fn_.siluMul = device_.function("tandem_llama_silu_mul");
+  cublasStatus s = cublas_.create(&handle_);
+  if (s != 0) {
+    handle_ = nullptr;
+    throw NativeError("TANDEM_CUDA_ERROR", "cublasCreate on CUDA device " + std::to_string(device_.ordinal()) + ": " +
+                                               cublas_.describe(s));
+  }
+  s = cublas_.setStream(handle_, device_.stream());
+  if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", "cublasSetStream: " + cublas_.describe(s));
+  weights_ = device_.allocate(weightBytes_, "cuMemAlloc (model weights)");
+  invFreqMem_ = device_.allocate(invFreq_.size() * sizeof(float), "cuMemAlloc (RoPE frequencies)");
+  const CudaDriver& d = device_.driver();
+  check(d.cuMemcpyHtoDAsync(invFreqMem_->ptr, invFreq_.data(), invFreq_.size() * sizeof(float), device_.stream()),
+        "cuMemcpyHtoDAsync");
+  check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize");
+}
+
+void CudaLlama::release() {
+  if (released_) return;
+  released_ = true;
+  const CudaDriver& d = device_.driver();
+  d.cuStreamSynchronize(device_.stream());
+  if (handle_) cublas_.destroy(handle_);
+  handle_ = nullptr;
+  for (auto* a : {&weights_, &invFreqMem_, &scratch_}) {
+    if (*a) {
+      try {
+        device_.freeAllocation(**a);
+      } catch (const std::exception&) {
+        // a failed free leaves nothing to retry: the device frees what it still tracks when it closes
+      }
+      a->reset();
+    }
+  }
+  if (pinned_) d.cuMemFreeHost(pinned_);
+  pinned_ = nullptr;
+  pinnedBytes_ = 0;
+}
+
+void CudaLlama::checkWeight(const std::string& name, size_t count) const {
+  auto it = slots_.find(name);
+  if (it == slots_.end()) {
+    std::string hint = name == "lm_head.weight" && config_.tieWordEmbeddings
+                           ? " (this config ties lm_head to model.embed_tokens.weight)"
+                           : "";
+    throw BadInput("tensor '" + name + "' is not part of this model" + hint);
+  }
+  if (count != it->second.count)
+    throw BadInput("tensor '" + name + "' has " + std::to_string(count) + " elements; this config needs " +
+                   std::to_string(it->second.count) + " (shape " + it->second.shape + ")");
+}
+
+void CudaLlama::setWeight(const std::string& name, const float* data, size_t count) {
+  checkWeight(name, count);
+  if (released_ || !weights_) throw NativeError("TANDEM_DISPOSED", "the GPU model runner was disposed");
+  ensureScratch(0, kStagingBytes);
+  const CudaDriver& d = device_.driver();
+  size_t perChunk = kStagingBytes / 2;
+  uint16_t* staging = static_cast<uint16_t*>(pinned_);
+  CUdeviceptr dest = weight(slots_.at(name).offset);
+  for (size_t done = 0; done < count; done += perChunk) {
+    size_t n = std::min(perChunk, count - done);
+    for (size_t i = 0; i < n; ++i) staging[i] = toBf16(data[done + i]);
+    check(d.cuMemcpyHtoDAsync(dest + done * 2, staging, n * 2, device_.stream()), "cuMemcpyHtoDAsync (weights)");
+    check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize (weights)");
+  }
+  std::lock_guard<std::mutex> lock(slotsMutex_);
+  slots_.at(name).set = true;
+}
+
+std::vector<std::string> CudaLlama::missingWeights() const {
+  std::lock_guard<std::mutex> lock(slotsMutex_);
+  std::vector<std::string> out;
+  for (const auto& name : order_)
+    if (!slots_.at(name).set) out.push_back(name);
+  return out;
+}
+
+void CudaLlama::ensureScratch(size_t deviceBytes, size_t hostBytes) {
+  const CudaDriver& d = device_.driver();
+  if (deviceBytes > 0 && (!scratch_ || scratch_->bytes < deviceBytes)) {
+    check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize");
+    if (scratch_) device_.freeAllocation(*scratch_);
+    scratch_.reset();
+    // A little headroom, so that batches that grow slowly do not reallocate every step.
+    scratch_ = device_.allocate(alignUp(deviceBytes + deviceBytes / 4), "cuMemAlloc (activations)");
+  }
+  if (hostBytes > pinnedBytes_) {
+    check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize");
+    if (pinned_) d.cuMemFreeHost(pinned_);
+    pinned_ = nullptr;
+    pinnedBytes_ = 0;
+    size_t bytes = alignUp(std::max(hostBytes, kStagingBytes));
+    check(d.cuMemAllocHost(&pinned_, bytes), "cuMemAllocHost (staging)");
+    pinnedBytes_ = bytes;
+  }
+}
+
+template <typename... Args>
+void CudaLlama::launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned block, Args... args) {
+  void* params[] = {static_cast<void*>(&args)...};
+  check(device_.driver().cuLaunchKernel(fn, gridX, gridY, 1, block, 1, 1, 0, device_.stream(), params, nullptr),
+        "cuLaunchKernel");
+}
+
+// y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32: in cuBLAS's column-major terms
+// y^T (n x m) = w (k x n, transposed) . x^T (k x m).
+void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) {
+  const float one = 1.0f, zero = 0.0f;
+  cublasStatus s = cublas_.gemmEx(handle_, kCublasOpT, kCublasOpN, n, m, k, &one, reinterpret_cast<const void*>(w),
+                                  kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &zero,
+                                  reinterpret_cast<void*>(y), kCudaR32F, n, kCublasCompute32F, kCublasGemmDefault);
+  if (s != 0)
+    throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx (" + std::to_string(m) + " x " + std::to_string(n) + " x " +
+                                               std::to_string(k) + "): " + cublas_.describe(s));
+}
+
+std::vector<float> CudaLlama::forward(const ForwardInput& in) {
+  if (aborted_.load() || released_) throw Aborted("the model was disposed");
+  if (!weights_) throw NativeError("TANDEM_INTERNAL", "the GPU model runner was not initialised");
+  auto missing = missingWeights();
+  if (!missing.empty())
+    throw BadInput(std::to_string(missing.size()) + " weight tensor(s) not set, first '" + missing[0] + "'");
+  validateForward(config_, pool_.numBlocks, pool_.blockSize, in);
+
+  const LlamaConfig& c = config_;
+  const size_t ntok = in.tokens.size(), nseq = in.seqStarts.size() - 1;
+  if (nseq == 0) return {};
+  const size_t h = c.hiddenSize, inter = c.intermediateSize, vocab = c.vocabSize;
+  const int bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
+
+  // Per-token sequence and destination block, each sequence's last token: uploaded with the batch.
+  std::vector<int32_t> ints;
+  ints.reserve(4 * ntok + nseq * mb + nseq);
+  ints.insert(ints.end(), in.tokens.begin(), in.tokens.end());
+  ints.insert(ints.end(), in.positions.begin(), in.positions.end());
+  for (size_t s = 0; s < nseq; ++s)
+    for (int32_t t = in.seqStarts[s]; t < in.seqStarts[s + 1]; ++t) ints.push_back(static_cast<int32_t>(s));
+  for (size_t s = 0; s < nseq; ++s)
+    for (int32_t t = in.seqStarts[s]; t < in.seqStarts[s + 1]; ++t)
+      ints.push_back(in.blockTables[s * mb + in.positions[t] / bs]);
+  ints.insert(ints.end(), in.blockTables.begin(), in.blockTables.end());
+  for (size_t s = 0; s < nseq; ++s) ints.push_back(in.seqStarts[s + 1] - 1);
+
+  Carver carve;
+  size_t oInts = carve.take(ints.size() * 4);
+  size_t oX = carve.take(ntok * h * 4), oTmp = carve.take(ntok * h * 4), oXn = carve.take(ntok * h * 2);
+  size_t oQkv = carve.take(ntok * qkvDim_ * 4), oAttn = carve.take(ntok * qDim_ * 2);
+  size_t oGateUp = carve.take(ntok * 2 * inter * 4), oAct = carve.take(ntok * inter * 2);
+  size_t oLast = carve.take(nseq * h * 2), oLogits = carve.take(nseq * vocab * 4);
+  size_t hostBytes = std::max(ints.size() * 4, nseq * vocab * 4);
+  ensureScratch(carve.used, hostBytes);
+
+  const CudaDriver& d = device_.driver();
+  CUstream stream = device_.stream();
+  CUdeviceptr base = scratch_->ptr;
+  CUdeviceptr dInts = base + oInts;
+  CUdeviceptr dTokens = dInts, dPositions = dInts + ntok * 4, dTokenSeqs = dInts + 2 * ntok * 4;
+  CUdeviceptr dTokenBlocks = dInts + 3 * ntok * 4, dTables = dInts + 4 * ntok * 4;
+  CUdeviceptr dLastRows = dTables + nseq * mb * 4;
+  CUdeviceptr x = base + oX, tmp = base + oTmp, xn = base + oXn, qkv = base + oQkv, attn = base + oAttn;
+  CUdeviceptr gateUp = base + oGateUp, act = base + oAct, last = base + oLast, logits = base + oLogits;
+  CUdeviceptr kv = pool_.base, invFreq = invFreqMem_->ptr, null = 0;
+
+  std::memcpy(pinned_, ints.data(), ints.size() * 4);
+  check(d.cuMemcpyHtoDAsync(dInts, pinned_, ints.size() * 4, stream), "cuMemcpyHtoDAsync (batch)");
+
+  const int H = c.numHeads, KVH = c.numKvHeads, D = c.headDim, L = c.numLayers;
+  const int hidden = static_cast<int>(h), nb = pool_.numBlocks, blockMajor = pool_.layout == KvLayout::BlockMajor;
+  const int itok = static_cast<int>(ntok), iinter = static_cast<int>(inter), iq = static_cast<int>(qkvDim_);
+  const float eps = c.rmsNormEps, scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  const unsigned nt = normThreads(hidden);
+  launch(fn_.embed, itok, 1, 256, weight(embed_), dTokens, hidden, x);
+  for (int l = 0; l < L; ++l) {
+    if (aborted_.load()) {
+      d.cuStreamSynchronize(stream);
+      throw Aborted("the model was disposed during a forward pass");
+    }
+    const LayerOffsets& W = layers_[l];
+    launch(fn_.addRmsNorm, itok, 1, nt, x, l == 0 ? null : tmp, weight(W.inputNorm), hidden, eps, null, xn);
+    gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
+    if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
+    launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
+    launch(fn_.attention, itok, H, 128, qkv, dPositions, dTokenSeqs, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
+           D, c.slidingWindow, scale, attn);
+    gemm(attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, tmp);
+    if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, tmp, weight(W.bo), hidden);
+    launch(fn_.addRmsNorm, itok, 1, nt, x, tmp, weight(W.postNorm), hidden, eps, null, xn);
+    gemm(xn, itok, hidden, weight(W.wgateUp), 2 * iinter, gateUp);
+    launch(fn_.siluMul, itok, 1, 256, gateUp, iinter, act);
+    gemm(act, itok, iinter, weight(W.wdown), hidden, tmp);
+  }
+  launch(fn_.addRmsNorm, static_cast<unsigned>(nseq), 1, nt, x, tmp, weight(finalNorm_), hidden, eps, dLastRows, last);
+  gemm(last, static_cast<int>(nseq), hidden, weight(lmHead_), static_cast<int>(vocab), logits);
+  check(d.cuMemcpyDtoHAsync(pinned_, logits, nseq * vocab * 4, stream), "cuMemcpyDtoHAsync (logits)");
+  check(d.cuStreamSynchronize(stream), "forward pass");
+  std::vector<float> out(nseq * vocab);
+  std::memcpy(out.data(), pinned_, out.size() * 4);
+  return out;
+}
+
+}  // namespace tandem::engine

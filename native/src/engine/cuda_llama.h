@@ -1,0 +1,104 @@
+// The reference engine's GPU model: the same Llama-family decoder as CpuLlama (llama_common.h), in bf16 with
+// fp32 accumulation. GEMMs go through cuBLAS (dlopened, cublas.h); embedding, fused residual + RMSNorm, RoPE
+// with the KV write, paged attention and SwiGLU are Tandem's kernels (native/kernels/llama.cu). The KV pool
+// is caller-owned device memory in lib/kv's layout (bf16, NHD), so a worker can register it with the
+// transfer agent and move blocks to another GPU.
+//
+// Every method but the constructor, slot checks and abort() runs on the owning CudaDevice's thread, where its
+// context is current; the kernels run on that device's stream.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../cuda_device.h"
+#include "cublas.h"
+#include "llama_common.h"
+
+namespace tandem::engine {
+
+struct GpuKvPool {
+  CUdeviceptr base = 0;
+  size_t bytes = 0;
+  int numBlocks = 0;
+  int blockSize = 0;
+  KvLayout layout = KvLayout::BlockMajor;
+};
+
+class CudaLlama {
+ public:
+  // Any thread: checks the config and the pool's size, lays the weights out. Throws BadInput.
+  CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaConfig& config, const GpuKvPool& pool);
+  ~CudaLlama();
+  CudaLlama(const CudaLlama&) = delete;
+  CudaLlama& operator=(const CudaLlama&) = delete;
+
+  // Device thread: the cuBLAS handle, the weights' memory, the kernels. Throws NativeError.
+  void init();
+  // Device thread: frees everything init() and forward() allocated. Idempotent; afterwards forward() throws.
+  void release();
+
+  // Any thread: the element count a tensor must have; throws BadInput naming it when it is not one of this
+  // model's tensors or `count` differs.
+  void checkWeight(const std::string& name, size_t count) const;
+  // Device thread: converts fp32 to bf16 (round to nearest even) and copies it to the tensor's place.
+  void setWeight(const std::string& name, const float* data, size_t count);
+  std::vector<std::string> missingWeights() const;
+  size_t weightBytes() const { return weightBytes_; }
+
+  // Device thread: as CpuLlama::forward (same validation, same contract), on the GPU.
+  std::vector<float> forward(const ForwardInput& in);
+  void abort() { aborted_.store(true); }
+
+ private:
+  struct Slot {
+    size_t offset;  // bytes into the weights allocation
+    size_t count;
+    std::string shape;
+    bool set = false;
+  };
+  struct LayerOffsets {
+    size_t inputNorm, postNorm, wqkv, bqkv, wo, bo, wgateUp, wdown;
+  };
+
+  size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
+  void addSlot(const std::string& name, size_t offset, size_t rows, size_t cols);
+  CUdeviceptr weight(size_t offset) const { return weights_->ptr + offset; }
+  void ensureScratch(size_t deviceBytes, size_t hostBytes);
+  void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y);
+  template <typename... Args>
+  void launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned block, Args... args);
+  void check(CUresult r, const char* what) const { device_.check(r, what); }
+
+  CudaDevice& device_;
+  const CublasApi& cublas_;
+  LlamaConfig config_;
+  GpuKvPool pool_;
+  size_t qDim_, kvDim_, qkvDim_;
+  std::vector<float> invFreq_;
+
+  size_t weightBytes_ = 0;
+  size_t embed_ = 0, finalNorm_ = 0, lmHead_ = 0;
+  std::vector<LayerOffsets> layers_;
+  std::map<std::string, Slot> slots_;
+  std::vector<std::string> order_;
+  mutable std::mutex slotsMutex_;  // guards Slot::set (written on the device thread, read on the JS thread)
+
+  // Device thread only:
+  cublasHandle handle_ = nullptr;
+  std::shared_ptr<DeviceAllocation> weights_, invFreqMem_, scratch_;
+  void* pinned_ = nullptr;
+  size_t pinnedBytes_ = 0;
+  struct {
+    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, siluMul;
+  } fn_{};
+  bool released_ = false;
+  std::atomic<bool> aborted_{false};
+};
+
+}  // namespace tandem::engine

@@ -1,0 +1,44 @@
+// CudaLlama as seen from JavaScript (lib/engine/cuda.ts wraps it). Its work runs on the CudaDevice's thread
+// and stream; it holds references to the device and to the KV pool's DeviceBuffer so that both outlive it.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+
+#include "../addon_state.h"
+#include "../cuda_device.h"
+#include "cuda_llama.h"
+
+namespace tandem::engine {
+
+class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports);
+  // new CudaLlama(device, { ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer: DeviceBuffer,
+  //                         cublas: string[] (library candidates) })
+  explicit CudaLlamaWrap(const Napi::CallbackInfo& info);
+  ~CudaLlamaWrap() override;
+
+  // Stops forward passes and frees the weights and activations on the device thread. Idempotent.
+  void close() override;
+
+ private:
+  WorkQueue& liveQueue(Napi::Env env);
+  Napi::Value InitModel(const Napi::CallbackInfo& info);
+  Napi::Value SetWeight(const Napi::CallbackInfo& info);
+  Napi::Value MissingWeights(const Napi::CallbackInfo& info);
+  Napi::Value Ready(const Napi::CallbackInfo& info);
+  Napi::Value Forward(const Napi::CallbackInfo& info);
+  Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value GetWeightBytes(const Napi::CallbackInfo& info);
+  Napi::Value GetDisposed(const Napi::CallbackInfo& info);
+
+  std::shared_ptr<CudaLlama> model_;
+  CudaDevice* device_ = nullptr;
+  Napi::ObjectReference deviceRef_, kvBufferRef_;
+  std::shared_ptr<DeviceAllocation> kvAllocation_;
+  bool disposed_ = false;
+};
+
+}  // namespace tandem::engine

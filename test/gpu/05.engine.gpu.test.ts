@@ -1,0 +1,186 @@
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { BadArgumentError } from '../../lib/errors.js';
+import { CpuModelRunner } from '../../lib/engine/cpu.js';
+import { CudaModelRunner } from '../../lib/engine/cuda.js';
+import { dummyConfig } from '../../lib/engine/model/dummy.js';
+import { openModel } from '../../lib/engine/open.js';
+import type { ForwardBatch } from '../../lib/engine/runner.js';
+import { runTs } from '../helpers/cli.js';
+import { gpuGate } from '../helpers/gpu.js';
+
+// The GPU engine (bf16, cuBLAS + Tandem's kernels) against transformers' fp32 logits and greedy tokens on the
+// committed fixtures (scripts/make-hf-fixture.py), and against the CPU engine on batches that mix prefill
+// chunks with decodes. Skipped with the reason printed without a GPU; a failure under `npm run test:gpu`.
+const gate = await gpuGate(1);
+
+interface Expected {
+  prompt: string;
+  promptIds: number[];
+  lastLogits: number[];
+  greedy: number[];
+}
+
+/** ||a - b|| / ||b||. */
+function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < b.length; i++) {
+    num += (a[i]! - b[i]!) ** 2;
+    den += b[i]! ** 2;
+  }
+  return Math.sqrt(num / den);
+}
+
+function argmax(row: ArrayLike<number>): number {
+  let best = 0;
+  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
+  return best;
+}
+
+// bf16 weights and KV (8 mantissa bits) against fp32: a relative logit error of a few 1e-3 is what the format
+// gives on these models; 2e-2 leaves room and still catches a wrong kernel (errors of order 1).
+const BF16_TOLERANCE = 2e-2;
+
+describe.skipIf(!gate.run)('GPU engine', () => {
+  describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('matches transformers on %s', (name) => {
+    const dir = join(import.meta.dirname, '..', 'fixtures', name);
+    const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+
+    it('prefill logits within bf16 tolerance, 32 identical greedy tokens', async () => {
+      await using m = await openModel({ model: dir, device: 'cuda', numBlocks: 16 });
+      expect(m.device).toBe('cuda');
+      expect(m.kvPoolSpec.dtype).toBe('bf16');
+      const n = expected.promptIds.length;
+      const logits = await m.runner.forward({
+        tokens: Int32Array.from(expected.promptIds),
+        positions: Int32Array.from({ length: n }, (_, i) => i),
+        seqStarts: Int32Array.of(0, n),
+        blockTables: Int32Array.from({ length: 16 }, (_, i) => (i < Math.ceil(n / 16) ? 7 - i : -1)),
+        maxBlocksPerSeq: 16,
+        contextLens: Int32Array.of(n),
+      });
+      const rel = relativeError(logits, expected.lastLogits);
+      let maxDiff = 0;
+      for (let i = 0; i < logits.length; i++) maxDiff = Math.max(maxDiff, Math.abs(logits[i]! - expected.lastLogits[i]!));
+      console.log(`[figure] ${name}: GPU vs transformers logits relative error ${rel.toExponential(2)}, max |diff| ${maxDiff.toExponential(2)}`);
+      expect(rel).toBeLessThan(BF16_TOLERANCE);
+      expect(argmax(logits)).toBe(argmax(expected.lastLogits));
+
+      const result = await m.engine
+        .addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } })
+        .result();
+      expect(result.tokenIds).toEqual(expected.greedy);
+    });
+  });
+
+  it.each(['block-major', 'layer-major'] as const)(
+    'agrees with the CPU engine step by step on batches of prefill chunks and decodes (%s, dummy:tiny)',
+    async (layout) => {
+      const config = dummyConfig('tiny');
+      const numBlocks = 64;
+      const cpu = await CpuModelRunner.create({ config, numBlocks, layout, threads: 2, weights: 'dummy:tiny' });
+      const gpu = await CudaModelRunner.create({ config, numBlocks, layout, weights: 'dummy:tiny' });
+      try {
+        // Sequence A: 70-token prompt in chunks of 40 and 30, then 5 decodes. Sequence B (joins in step 2): a
+        // 20-token prompt, then decodes. Block tables deliberately out of order.
+        const tableA = [9, 3, 17, 5, 40, 41];
+        const tableB = [22, 2, 30, 31];
+        const mb = 6;
+        const prompt = (n: number, salt: number) => Array.from({ length: n }, (_, i) => (i * 37 + salt) % 256);
+        const a = prompt(75, 1);
+        const b = prompt(25, 7);
+        const steps: { seqs: { ids: number[]; start: number; table: number[] }[] }[] = [
+          { seqs: [{ ids: a.slice(0, 40), start: 0, table: tableA }] },
+          { seqs: [{ ids: a.slice(40, 70), start: 40, table: tableA }, { ids: b.slice(0, 20), start: 0, table: tableB }] },
+        ];
+        for (let i = 0; i < 5; i++)
+          steps.push({
+            seqs: [
+              { ids: [a[70 + i]!], start: 70 + i, table: tableA },
+              { ids: [b[20 + i]!], start: 20 + i, table: tableB },
+            ],
+          });
+        let worst = 0;
+        for (const step of steps) {
+          const tokens: number[] = [];
+          const positions: number[] = [];
+          const seqStarts = [0];
+          const tables: number[] = [];
+          const ctx: number[] = [];
+          for (const s of step.seqs) {
+            s.ids.forEach((t, i) => {
+              tokens.push(t);
+              positions.push(s.start + i);
+            });
+            seqStarts.push(tokens.length);
+            tables.push(...s.table, ...Array<number>(mb - s.table.length).fill(-1));
+            ctx.push(s.start + s.ids.length);
+          }
+          const batch: ForwardBatch = {
+            tokens: Int32Array.from(tokens),
+            positions: Int32Array.from(positions),
+            seqStarts: Int32Array.from(seqStarts),
+            blockTables: Int32Array.from(tables),
+            maxBlocksPerSeq: mb,
+            contextLens: Int32Array.from(ctx),
+          };
+          const [c, g] = await Promise.all([cpu.forward(batch), gpu.forward(batch)]);
+          const V = config.vocabSize;
+          for (let s = 0; s < step.seqs.length; s++) {
+            const rowC = c.subarray(s * V, (s + 1) * V);
+            const rowG = g.subarray(s * V, (s + 1) * V);
+            const rel = relativeError(rowG, rowC);
+            worst = Math.max(worst, rel);
+            expect(rel, `step at ${step.seqs[s]!.start}, sequence ${s}`).toBeLessThan(BF16_TOLERANCE);
+          }
+        }
+        console.log(`[figure] dummy:tiny ${layout}: GPU vs CPU worst relative logit error ${worst.toExponential(2)}`);
+      } finally {
+        await Promise.all([cpu.dispose(), gpu.dispose()]);
+      }
+    },
+  );
+
+  it('rejects a malformed batch with a typed error, writes nothing, and keeps working', async () => {
+    const config = dummyConfig('tiny');
+    await using gpu = await CudaModelRunner.create({ config, numBlocks: 8, weights: 'dummy:tiny' });
+    const good: ForwardBatch = {
+      tokens: Int32Array.of(5, 6, 7),
+      positions: Int32Array.of(0, 1, 2),
+      seqStarts: Int32Array.of(0, 3),
+      blockTables: Int32Array.of(1, -1),
+      maxBlocksPerSeq: 2,
+      contextLens: Int32Array.of(3),
+    };
+    const before = await gpu.forward(good);
+    await expect(gpu.forward({ ...good, blockTables: Int32Array.of(8, -1) })).rejects.toBeInstanceOf(BadArgumentError);
+    await expect(gpu.forward({ ...good, tokens: Int32Array.of(5, 6, 100000) })).rejects.toBeInstanceOf(
+      BadArgumentError,
+    );
+    expect(Array.from(await gpu.forward(good))).toEqual(Array.from(before));
+    await expect(CudaModelRunner.create({ config, numBlocks: 8, weights: [] })).rejects.toThrow(/not set/);
+  });
+
+  it('`tandem generate --device cuda` on a fixture gives transformers\' greedy tokens', () => {
+    const dir = join(import.meta.dirname, '..', 'fixtures', 'hf-tiny-llama');
+    const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+    const r = runTs('lib/cli/main.ts', [
+      'generate',
+      '--model',
+      dir,
+      '--prompt',
+      expected.prompt,
+      '--max-tokens',
+      '32',
+      '--device',
+      'cuda',
+      '--json',
+    ]);
+    expect(r.status, r.stderr).toBe(0);
+    const out = JSON.parse(r.stdout) as { tokenIds: number[]; device: string };
+    expect(out.device).toBe('cuda');
+    expect(out.tokenIds).toEqual(expected.greedy);
+  });
+});
