@@ -8,7 +8,7 @@
 //
 //   tar xJf tandem-gpu-host.tar.xz && cd tandem-gpu-host
 //   ./run test:gpu             # npm run test:gpu
-//   ./run bench:transfer       # npm run bench:transfer (arguments pass through)
+//   ./run bench:transfer       # npm run bench:transfer (arguments pass through); bench:collectives, bench:engine too
 //   ./run info                 # tandem info
 import { execFileSync, spawnSync } from 'node:child_process';
 import { chmodSync, cpSync, existsSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
@@ -62,7 +62,7 @@ for (const f of ['tandem_kernels.fatbin', 'tandem_kernels.json']) {
 // node_modules: the closure of the production dependencies plus vitest, tsx and the chart library, resolved the way Node
 // resolves them (nested node_modules first, then up the tree).
 const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
-const roots = [...Object.keys(pkg.dependencies ?? {}), 'vitest', 'tsx', 'vega', 'vega-lite'];
+const roots = [...Object.keys(pkg.dependencies ?? {}), 'vitest', 'tsx', 'vega', 'vega-lite', 'openai'];
 const seen = new Set();
 function locate(name, fromDir) {
   let dir = fromDir;
@@ -115,9 +115,10 @@ case "$cmd" in
   test) exec "$node" node_modules/vitest/vitest.mjs run "$@" ;;
   bench:transfer) exec "$node" --import tsx bench/transfer.ts "$@" ;;
   bench:collectives) exec "$node" --import tsx bench/collectives.ts "$@" ;;
+  bench:engine) exec "$node" --import tsx bench/engine.ts "$@" ;;
   info) exec "$node" dist/cli/main.js info "$@" ;;
   node) exec "$node" "$@" ;;
-  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | info [--json] | node ARGS" >&2; exit 2 ;;
+  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | bench:engine [--quick] [--json FILE] | info [--json] | node ARGS" >&2; exit 2 ;;
 esac
 `,
 );

@@ -11,7 +11,7 @@ import { CudaModelRunner, DEFAULT_GPU_KV_FRACTION } from './cuda.js';
 import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
-import { byteTextTokenizer, loadTokenizer, type TextTokenizer } from './tokenizer.js';
+import { modelTokenizer, type TextTokenizer } from './tokenizer.js';
 
 /** Share of free host memory the CPU engine's KV pool takes when neither numBlocks nor kvCacheBytes is given. */
 export const DEFAULT_KV_MEMORY_FRACTION = 0.1;
@@ -98,7 +98,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   if (device !== 'cpu' && device !== 'cuda' && device !== 'auto')
     throw new BadArgumentError(`device must be cpu, cuda or auto (got ${String(device)})`);
   const config = isDummyModel(model) ? dummyConfig(model) : loadModelConfig(model);
-  const tokenizer = isDummyModel(model) ? byteTextTokenizer() : loadTokenizer(model, config.eosTokenIds);
+  const tokenizer = modelTokenizer(model, config);
   const blockSize = options.blockSize ?? 16;
   const layout = options.layout ?? 'block-major';
   const blockBytes = kvPool({

@@ -9,6 +9,8 @@ import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { ModelConfigError } from '../errors.js';
 import { ByteTokenizer } from './model/tokenizer-bytes.js';
+import { dummyTokenizer, isDummyModel } from './model/dummy.js';
+import type { ModelConfig } from './model/config.js';
 
 export interface ChatMessage {
   role: string;
@@ -189,4 +191,12 @@ export function loadTokenizer(dir: string, eosIds: readonly number[] = []): Text
     eosIds,
     addsBos,
   );
+}
+
+/**
+ * The tokenizer of a model: a dummy model's byte-level tokenizer sized to its vocabulary (so every id it can
+ * emit decodes), or the checkpoint's tokenizer.json.
+ */
+export function modelTokenizer(model: string, config: ModelConfig): TextTokenizer {
+  return isDummyModel(model) ? byteTextTokenizer(dummyTokenizer(config)) : loadTokenizer(model, config.eosTokenIds);
 }

@@ -9,9 +9,9 @@ import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { isDummyModel, dummyConfig } from '../engine/model/dummy.js';
+import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
-import { byteTextTokenizer, loadTokenizer } from '../engine/tokenizer.js';
+import { modelTokenizer } from '../engine/tokenizer.js';
 import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
 import type { DeploymentGraph, PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from './frontend.js';
@@ -220,7 +220,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   }
 
   const config = isDummyModel(graph.model) ? dummyConfig(graph.model) : loadModelConfig(graph.model);
-  const tokenizer = isDummyModel(graph.model) ? byteTextTokenizer() : loadTokenizer(graph.model, config.eosTokenIds);
+  const tokenizer = modelTokenizer(graph.model, config);
   let frontend: RunningFrontend;
   try {
     frontend = await startFrontend({

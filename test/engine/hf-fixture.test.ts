@@ -32,6 +32,7 @@ describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('CPU engine matches transforme
     expect(logits.length).toBe(expected.lastLogits.length);
     let maxDiff = 0;
     for (let i = 0; i < logits.length; i++) maxDiff = Math.max(maxDiff, Math.abs(logits[i]! - expected.lastLogits[i]!));
+    console.log(`[figure] ${name}: CPU vs transformers max |diff| ${maxDiff.toExponential(2)}`);
     expect(maxDiff).toBeLessThan(1e-3);
 
     const result = await m.engine

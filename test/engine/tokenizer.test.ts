@@ -5,7 +5,8 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ModelConfigError } from '../../lib/errors.js';
 import { loadModelConfig } from '../../lib/engine/model/config.js';
-import { byteTextTokenizer, loadTokenizer } from '../../lib/engine/tokenizer.js';
+import { dummyConfig } from '../../lib/engine/model/dummy.js';
+import { byteTextTokenizer, loadTokenizer, modelTokenizer } from '../../lib/engine/tokenizer.js';
 
 // The fixtures were made by scripts/make-hf-fixture.py with transformers; expected.json holds what
 // transformers' tokenizer and chat template produced.
@@ -73,5 +74,14 @@ describe('tokenizer loading', () => {
     const pieces = ids.slice(1).map((id) => d.push(id));
     expect(pieces.join('') + d.flush()).toBe('héllo 🚀');
     expect(pieces.every((p) => !p.includes('\uFFFD'))).toBe(true);
+  });
+
+  it('a dummy model with a real-sized vocabulary decodes every id it can emit (ids above the bytes give nothing)', () => {
+    const config = dummyConfig('dummy:llama-3.2-1b');
+    const tok = modelTokenizer('dummy:llama-3.2-1b', config);
+    expect(tok.decode([...tok.encode('ok').slice(1), 94737, config.vocabSize - 1])).toBe('ok');
+    const d = tok.decoder();
+    expect(d.push(94737) + d.push(0x6f) + d.flush()).toBe('o');
+    expect(() => tok.decode([config.vocabSize])).toThrow(/outside the vocabulary/);
   });
 });
