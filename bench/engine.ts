@@ -1,6 +1,7 @@
 /**
  * npm run bench:engine [-- --model dummy:<preset>] [-- --device cpu|cuda|auto] [-- --prompt N]
- *                      [-- --batch 1,8,32] [-- --steps N] [-- --threads N] [-- --quick] [-- --json FILE]
+ *                      [-- --batch 1,8,32] [-- --steps N] [-- --threads N] [-- --sampling device|host]
+ *                      [-- --quick] [-- --json FILE]
  *
  * Forward speed of the engine's model runners (lib/engine/cpu.ts, lib/engine/cuda.ts) on one device, against
  * the memory-bandwidth bound of the same device measured in the same run:
@@ -30,8 +31,9 @@
  * and vsBound = bound ms / measured ms (1.0: at the memory roofline). The rows also say what the weights
  * alone would allow (weightBoundMs in the JSON). Caveats: on cpu a model small enough to sit in the CPU
  * caches (dummy:tiny) is not bound by DRAM at all, so its vsBound says more about per-step overhead than about
- * bandwidth; on cuda each step also copies nseq x vocab fp32 logits to the host, which is part of the measured
- * time but not of the bound.
+ * bandwidth; with --sampling host (and on cpu) each step also copies nseq x vocab fp32 logits to the host,
+ * which is part of the measured time but not of the bound; with --sampling device (the default, what the engine
+ * does on a GPU) the step returns greedy token ids from the sampling kernels instead.
  *
  * Prints a header and a table on stdout (progress on stderr); --json FILE writes
  * {host, model, device, config, params, baseline, rows}. Unknown presets, bad arguments, or --device cuda
@@ -48,6 +50,7 @@ import { CudaModelRunner } from '../lib/engine/cuda.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from '../lib/engine/model/config.js';
 import { dummyConfig, isDummyModel } from '../lib/engine/model/dummy.js';
 import type { ForwardBatch, ModelRunner } from '../lib/engine/runner.js';
+import { Sampler } from '../lib/engine/sampler.js';
 import {
   BackendUnavailableError,
   BadArgumentError,
@@ -156,7 +159,19 @@ class Bench {
     private readonly runner: ModelRunner,
     private readonly prompt: number,
     private readonly blocksPerSeq: number,
+    /** 'device': greedy on the runner's device where it can (forwardSampled, what the engine uses); 'host': whole logits back. */
+    private readonly sampling: 'device' | 'host' = 'device',
   ) {}
+
+  /** One step as the engine runs it: greedy token ids from the device, or whole logits for host sampling. */
+  private step(b: ForwardBatch): Promise<unknown> {
+    const nseq = b.seqStarts.length - 1;
+    if (this.sampling === 'device' && this.runner.forwardSampled) {
+      const greedy = { params: { temperature: 0, topK: 0, topP: 1, seedLo: 0, seedHi: 0 }, counter: 0, logprobs: -1 };
+      return this.runner.forwardSampled(b, new Sampler(this.runner.vocabSize).plan(Array(nseq).fill(greedy)));
+    }
+    return this.runner.forward(b);
+  }
 
   /** Forward of the prompts of sequences first..first+count-1, whole, in one batch. */
   prefillBatch(first: number, count: number): ForwardBatch {
@@ -226,7 +241,7 @@ class Bench {
     const ms: number[] = [];
     for (const b of batches) {
       const t0 = performance.now();
-      await this.runner.forward(b);
+      await this.step(b);
       ms.push(performance.now() - t0);
     }
     return ms.sort((a, b) => a - b);
@@ -362,8 +377,12 @@ async function main(): Promise<void> {
       threads: { type: 'string' },
       json: { type: 'string' },
       quick: { type: 'boolean', default: false },
+      sampling: { type: 'string', default: 'device' },
     },
   });
+  if (values.sampling !== 'device' && values.sampling !== 'host')
+    throw new BadArgumentError(`--sampling must be device or host (got ${values.sampling})`);
+  const sampling = values.sampling;
   const quick = values.quick!;
   const deviceArg = values.device!;
   if (deviceArg !== 'cpu' && deviceArg !== 'cuda' && deviceArg !== 'auto')
@@ -442,7 +461,7 @@ async function main(): Promise<void> {
       runner instanceof CpuModelRunner ? await cpuBaseline(runner.threads, quick) : await cudaBaseline(dev!, quick);
     progress(`baseline: ${baselineText(baseline)}`);
 
-    const bench = new Bench(runner, prompt, blocksPerSeq);
+    const bench = new Bench(runner, prompt, blocksPerSeq, sampling);
     const rows: Row[] = [];
     const record = (row: Row) => {
       rows.push(row);
@@ -525,7 +544,10 @@ async function main(): Promise<void> {
         `"% bound" = bound / measured (100% = at the memory roofline)`,
       `TFLOP/s = 2 x params x tokens (lm_head once per sequence; attention's own FLOPs left out)`,
       `prompt ${prompt} tokens, ${steps} decode steps per batch size, ` +
-        `KV blocks of ${BLOCK_SIZE} tokens${quick ? ', --quick' : ''}`,
+        `KV blocks of ${BLOCK_SIZE} tokens${quick ? ', --quick' : ''}; ` +
+        (sampling === 'device' && runner instanceof CudaModelRunner
+          ? 'greedy token ids from the device (--sampling device)'
+          : 'whole logits back to the host each step (--sampling host)'),
     ];
     console.log(header.join('\n'));
     printTable(rows);
@@ -551,7 +573,16 @@ async function main(): Promise<void> {
             },
             config,
             params: { ...params, weightBytesReadPerStep: weightBytes, kvBytesPerToken },
-            settings: { prompt, steps, batches, prefillBatches, prefillRepeats, blockSize: BLOCK_SIZE, numBlocks },
+            settings: {
+              prompt,
+              steps,
+              batches,
+              prefillBatches,
+              prefillRepeats,
+              blockSize: BLOCK_SIZE,
+              numBlocks,
+              sampling: sampling === 'device' && runner instanceof CudaModelRunner ? 'device' : 'host',
+            },
             baseline,
             rows,
           },

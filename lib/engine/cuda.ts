@@ -16,7 +16,7 @@ import { loadBinding, type RawCudaLlama } from '../native/binding.js';
 import { libraryCandidates } from '../native/libraries.js';
 import { DEFAULT_DUMMY_SEED, loadWeights, nativeModelFields, type NamedTensor, type WeightSource } from './cpu.js';
 import { expectedTensors, type ModelConfig } from './model/config.js';
-import type { ForwardBatch, ModelRunner } from './runner.js';
+import type { ForwardBatch, ModelRunner, SampledLogits, SamplePlan } from './runner.js';
 
 /** Share of the GPU's free memory (after the weights) the KV pool takes when numBlocks is not given. */
 export const DEFAULT_GPU_KV_FRACTION = 0.8;
@@ -211,6 +211,25 @@ export class CudaModelRunner implements ModelRunner {
         batch.contextLens,
       ),
     );
+  }
+
+  /**
+   * The step with sampling's reductions on the GPU (tandem_sample_* in native/kernels/llama.cu): the best
+   * candidates, sums and the plain draw per sequence come back instead of nseq x vocabSize logits.
+   */
+  async forwardSampled(batch: ForwardBatch, plan: SamplePlan): Promise<SampledLogits> {
+    const r = await native(() =>
+      this.raw.forwardSampled(
+        batch.tokens,
+        batch.positions,
+        batch.seqStarts,
+        batch.blockTables,
+        batch.maxBlocksPerSeq,
+        batch.contextLens,
+        plan,
+      ),
+    );
+    return { vocabSize: this.vocabSize, ...r };
   }
 
   /** Frees the weights, the activations and the KV pool; closes the device when the runner opened it. */

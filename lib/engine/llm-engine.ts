@@ -26,7 +26,7 @@ import type {
   RequestResult,
 } from './engine.js';
 import type { ModelRunner } from './runner.js';
-import { Sampler, seedHalves, type SamplerParams, type TokenLogprobs } from './sampler.js';
+import { Sampler, seedHalves, type SamplerParams, type StepLogits, type TokenLogprobs } from './sampler.js';
 import { Scheduler, Sequence, type ScheduledStep } from './scheduler.js';
 
 export interface LlmEngineOptions {
@@ -489,15 +489,30 @@ export class LlmEngine implements Engine {
       const step = this.scheduler.schedule();
       if (!step) return;
       this.inFlight = new Set(step.seqs);
-      let logits: Float32Array | undefined;
+      let logits: StepLogits | undefined;
       let error: unknown;
       try {
-        logits = await this.runner.forward(step.batch);
-        const want = step.seqs.length * this.info.vocabSize;
-        if (!(logits instanceof Float32Array) || logits.length < want)
-          throw new BadArgumentError(
-            `the model runner returned ${logits instanceof Float32Array ? logits.length : typeof logits} logits; ${want} expected`,
+        const nseq = step.seqs.length;
+        if (this.runner.forwardSampled) {
+          // Sampling's reductions where the logits are: only candidates and sums come back.
+          const plan = this.sampler.plan(
+            step.seqs.map((seq, i) =>
+              step.samples[i]
+                ? { params: seq.owner.sampling, counter: seq.numGenerated, logprobs: seq.owner.logprobs }
+                : null,
+            ),
           );
+          logits = await this.runner.forwardSampled(step.batch, plan);
+          if (!(logits.ints instanceof Int32Array) || logits.ints.length < nseq * 4)
+            throw new BadArgumentError(`the model runner returned sampling results for fewer than ${nseq} sequences`);
+        } else {
+          logits = await this.runner.forward(step.batch);
+          const want = nseq * this.info.vocabSize;
+          if (!(logits instanceof Float32Array) || logits.length < want)
+            throw new BadArgumentError(
+              `the model runner returned ${logits instanceof Float32Array ? logits.length : typeof logits} logits; ${want} expected`,
+            );
+        }
       } catch (e) {
         error = e;
       }
@@ -508,7 +523,7 @@ export class LlmEngine implements Engine {
     }
   }
 
-  private applyStep(step: ScheduledStep<LiveRequest>, logits: Float32Array | undefined, error: unknown): void {
+  private applyStep(step: ScheduledStep<LiveRequest>, logits: StepLogits | undefined, error: unknown): void {
     this.counters.steps++;
     // Requests that ended while the step was in flight give their blocks back now.
     for (const seq of step.seqs) if (seq.owner.finished && seq.status !== 'done') this.scheduler.remove(seq);

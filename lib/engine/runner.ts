@@ -26,6 +26,49 @@ export interface ForwardBatch {
   contextLens: Int32Array;
 }
 
+/**
+ * What the sampler needs from each sequence's logits, for runners that sample on the device
+ * (`forwardSampled`): per sequence, `n` best candidates (0: the sequence is not sampled this step; at most
+ * SAMPLE_MAX_CANDIDATES), `flags` (SAMPLE_* below), 1 / temperature, top-p, and the uniform of the plain draw.
+ * Built by `Sampler.plan` (lib/engine/sampler.ts).
+ */
+export interface SamplePlan {
+  n: Int32Array;
+  flags: Int32Array;
+  invT: Float64Array;
+  topP: Float64Array;
+  u: Float64Array;
+}
+
+/** Log-sum-exp of the raw logits. */
+export const SAMPLE_LSE = 1;
+/** Sum of exp((logit - max) * invT) over the vocabulary. */
+export const SAMPLE_EXP_SUM = 2;
+/** Draw by inverse CDF in vocabulary order at `u` (temperature only, no top-k / top-p). */
+export const SAMPLE_PLAIN = 4;
+/** Top-p over the whole vocabulary: return the whole row when the candidates may not reach top-p. */
+export const SAMPLE_TOP_P = 8;
+/** Return the whole row. */
+export const SAMPLE_FULL_ROW = 16;
+export const SAMPLE_MAX_CANDIDATES = 64;
+
+/** A device's answer to a SamplePlan (see `SampledRows` in native/src/engine/cuda_llama.h). */
+export interface SampledLogits {
+  readonly vocabSize: number;
+  /** Candidates per row in topIds / topLogits. */
+  readonly maxN: number;
+  /** nseq x 4: best id, drawn id (SAMPLE_PLAIN), whole row returned for top-p, 0. */
+  readonly ints: Int32Array;
+  /** nseq x 4: max logit, sum of exp((l - max) * invT), log-sum-exp, logit of the drawn id. */
+  readonly dbl: Float64Array;
+  /** nseq x maxN, best first (larger logit, then lower id); -1 past the last. */
+  readonly topIds: Int32Array;
+  readonly topLogits: Float32Array;
+  /** Rows whose whole logits are in `full`, in that order. */
+  readonly fullRows: Int32Array;
+  readonly full: Float32Array;
+}
+
 export interface ModelRunner {
   readonly vocabSize: number;
   /** Tokens per KV block. */
@@ -36,5 +79,10 @@ export interface ModelRunner {
   readonly maxPositions: number;
   /** Logits of each sequence's last new token: nseq x vocabSize, row-major. */
   forward(batch: ForwardBatch): Promise<Float32Array>;
+  /**
+   * Optional: the same step, with the sampler's reductions done where the logits are (a GPU), so that only
+   * candidates and sums come back. The engine uses it when present.
+   */
+  forwardSampled?(batch: ForwardBatch, plan: SamplePlan): Promise<SampledLogits>;
   dispose(): Promise<void>;
 }

@@ -11,8 +11,24 @@
  * (recompute) or a prefill/decode split across two engines.
  *
  * Logprobs are the log-softmax of the raw logits (before temperature, top-k and top-p).
+ *
+ * A runner that samples on its device (`ModelRunner.forwardSampled`) returns, instead of whole rows, what
+ * this algorithm reads from them: the best candidates in order, the sums, and the plain draw made with the
+ * uniform `plan()` gave it. The same steps then run on those (`choose` is shared), so a seed gives the same
+ * tokens either way up to floating-point rounding of the sums; where the candidates might not cover top-p,
+ * the device returns the whole row and the host path runs.
  */
 import { BadArgumentError } from '../errors.js';
+import {
+  SAMPLE_EXP_SUM,
+  SAMPLE_FULL_ROW,
+  SAMPLE_LSE,
+  SAMPLE_MAX_CANDIDATES,
+  SAMPLE_PLAIN,
+  SAMPLE_TOP_P,
+  type SampledLogits,
+  type SamplePlan,
+} from './runner.js';
 
 /** Checked sampling parameters of one request (see `SamplingParams` in engine.ts for the public form). */
 export interface SamplerParams {
@@ -42,6 +58,16 @@ function fmix32(h: number): number {
   h = Math.imul(h, 0xc2b2ae35);
   h ^= h >>> 16;
   return h >>> 0;
+}
+
+/** A step's logits: whole rows (nseq x vocabSize), or a device's candidates and sums (forwardSampled). */
+export type StepLogits = Float32Array | SampledLogits;
+
+/** One sequence's part in a step's sampling: its parameters, generated-token counter and logprobs (-1: none). */
+export interface SampleRowRequest {
+  params: SamplerParams;
+  counter: number;
+  logprobs: number;
 }
 
 /** A uniform double in [0, 1) (53 random bits) that depends only on (seedLo, seedHi, counter). */
@@ -84,16 +110,65 @@ export function argmax(row: Float32Array, off: number, n: number): number {
 export class Sampler {
   private readonly heap: Int32Array;
   private readonly weights: Float64Array;
+  private readonly values: Float64Array;
 
   constructor(readonly vocabSize: number) {
     this.heap = new Int32Array(vocabSize);
     this.weights = new Float64Array(vocabSize);
+    this.values = new Float64Array(vocabSize);
+  }
+
+  /**
+   * What a device must return for each row (null: the row is not sampled this step) so that `sample` and
+   * `logprobs` can run on a SampledLogits.
+   */
+  plan(rows: readonly (SampleRowRequest | null)[]): SamplePlan {
+    const nseq = rows.length;
+    const plan: SamplePlan = {
+      n: new Int32Array(nseq),
+      flags: new Int32Array(nseq),
+      invT: new Float64Array(nseq),
+      topP: new Float64Array(nseq).fill(1),
+      u: new Float64Array(nseq),
+    };
+    const V = this.vocabSize;
+    for (let i = 0; i < nseq; i++) {
+      const r = rows[i];
+      if (!r) continue;
+      const p = r.params;
+      let n = 1;
+      let flags = 0;
+      if (r.logprobs >= 0) {
+        flags |= SAMPLE_LSE;
+        n = Math.max(n, Math.min(r.logprobs, V));
+      }
+      const K = p.topK > 0 ? Math.min(p.topK, V) : V;
+      if (p.temperature > 0 && K > 1) {
+        plan.invT[i] = 1 / p.temperature;
+        if (K === V && p.topP >= 1) {
+          flags |= SAMPLE_PLAIN;
+          plan.u[i] = counterUniform(p.seedLo, p.seedHi, r.counter);
+        } else if (K === V) {
+          flags |= SAMPLE_EXP_SUM | SAMPLE_TOP_P;
+          plan.topP[i] = p.topP;
+          n = Math.max(n, Math.min(V, SAMPLE_MAX_CANDIDATES));
+        } else n = Math.max(n, K);
+      }
+      if (n > SAMPLE_MAX_CANDIDATES) {
+        flags |= SAMPLE_FULL_ROW;
+        n = 1;
+      }
+      plan.n[i] = n;
+      plan.flags[i] = flags;
+    }
+    return plan;
   }
 
   /**
    * The token drawn from row `row` of `logits` for generated-token number `counter` of a request.
    */
-  sample(logits: Float32Array, row: number, p: SamplerParams, counter: number): number {
+  sample(logits: StepLogits, row: number, p: SamplerParams, counter: number): number {
+    if (!(logits instanceof Float32Array)) return this.sampleFromDevice(logits, row, p, counter);
     const V = this.vocabSize;
     const off = row * V;
     if (p.temperature === 0) return argmax(logits, off, V);
@@ -119,55 +194,107 @@ export class Sampler {
       return last;
     }
 
-    const w = this.weights;
     const idx = this.heap;
+    const vals = this.values;
     // Denominator for top-p when top-k keeps everything: the whole vocabulary.
     let fullSum = -1;
+    const wholeSum = (max: number) => {
+      if (fullSum < 0) {
+        fullSum = 0;
+        for (let v = 0; v < V; v++) fullSum += Math.exp((logits[off + v]! - max) * invT);
+      }
+      return fullSum;
+    };
     let k = K === V ? Math.min(V, 64) : K;
     for (;;) {
       this.topIndices(logits, off, k);
-      const max = logits[off + idx[0]!]!;
-      let kept = 0;
-      for (let j = 0; j < k; j++) kept += w[j] = Math.exp((logits[off + idx[j]!]! - max) * invT);
-      let m = k;
-      if (p.topP < 1) {
-        // Top-p is over the top-k distribution: when top-k is active, k === K and `kept` is all of it.
-        if (K === V && fullSum < 0) {
-          fullSum = 0;
-          for (let v = 0; v < V; v++) fullSum += Math.exp((logits[off + v]! - max) * invT);
-        }
-        const need = p.topP * (K === V ? fullSum : kept);
-        let cum = 0;
-        m = -1;
-        for (let j = 0; j < k; j++) {
-          cum += w[j]!;
-          if (cum >= need) {
-            m = j + 1;
-            break;
-          }
-        }
-        if (m < 0) {
-          if (k < K) {
-            k = Math.min(K, k * 4);
-            continue;
-          }
-          m = k; // rounding: keep all
-        }
-      }
-      let total = 0;
-      for (let j = 0; j < m; j++) total += w[j]!;
-      const target = u * total;
-      let acc = 0;
-      for (let j = 0; j < m; j++) {
-        acc += w[j]!;
-        if (acc > target) return idx[j]!;
-      }
-      return idx[m - 1]!;
+      for (let j = 0; j < k; j++) vals[j] = logits[off + idx[j]!]!;
+      const token = this.choose(idx, vals, k, K === V, p, u, invT, wholeSum, k < K);
+      if (token >= 0) return token;
+      k = Math.min(K, k * 4);
     }
   }
 
+  /**
+   * Top-k / top-p over the k best candidates (`ids`, `vals` best first): keeps the shortest prefix whose weight
+   * reaches top-p (of the whole vocabulary's when `whole`, else of the k), draws by inverse CDF at `u`. -1 when
+   * the k do not reach top-p and `canGrow` (the caller retries with more).
+   */
+  private choose(
+    ids: Int32Array,
+    vals: Float64Array,
+    k: number,
+    whole: boolean,
+    p: SamplerParams,
+    u: number,
+    invT: number,
+    wholeSum: (max: number) => number,
+    canGrow: boolean,
+  ): number {
+    const w = this.weights;
+    const max = vals[0]!;
+    let kept = 0;
+    for (let j = 0; j < k; j++) kept += w[j] = Math.exp((vals[j]! - max) * invT);
+    let m = k;
+    if (p.topP < 1) {
+      // Top-p is over the top-k distribution: when top-k is active, `kept` is all of it.
+      const need = p.topP * (whole ? wholeSum(max) : kept);
+      let cum = 0;
+      m = -1;
+      for (let j = 0; j < k; j++) {
+        cum += w[j]!;
+        if (cum >= need) {
+          m = j + 1;
+          break;
+        }
+      }
+      if (m < 0) {
+        if (canGrow) return -1;
+        m = k; // rounding: keep all
+      }
+    }
+    let total = 0;
+    for (let j = 0; j < m; j++) total += w[j]!;
+    const target = u * total;
+    let acc = 0;
+    for (let j = 0; j < m; j++) {
+      acc += w[j]!;
+      if (acc > target) return ids[j]!;
+    }
+    return ids[m - 1]!;
+  }
+
+  /** `sample` on a device's candidates and sums (see `plan`). */
+  private sampleFromDevice(s: SampledLogits, row: number, p: SamplerParams, counter: number): number {
+    const full = fullRowOf(s, row);
+    if (full >= 0) return this.sample(s.full, full, p, counter);
+    const V = this.vocabSize;
+    const best = s.ints[row * 4]!;
+    if (p.temperature === 0) return best;
+    const K = p.topK > 0 ? Math.min(p.topK, V) : V;
+    if (K === 1) return best;
+    if (K === V && p.topP >= 1) return s.ints[row * 4 + 1]!;
+    const u = counterUniform(p.seedLo, p.seedHi, counter);
+    const invT = 1 / p.temperature;
+    const n = s.maxN;
+    let k = 0;
+    while (k < n && s.topIds[row * n + k]! >= 0) {
+      this.heap[k] = s.topIds[row * n + k]!;
+      this.values[k] = s.topLogits[row * n + k]!;
+      k++;
+    }
+    if (K < V) k = Math.min(k, K);
+    const expSum = s.dbl[row * 4 + 1]!;
+    return this.choose(this.heap, this.values, k, K === V, p, u, invT, () => expSum, false);
+  }
+
   /** Log-softmax of row `row`'s raw logits at `tokenId`, and the `n` best tokens with theirs. */
-  logprobs(logits: Float32Array, row: number, tokenId: number, n: number): TokenLogprobs {
+  logprobs(logits: StepLogits, row: number, tokenId: number, n: number): TokenLogprobs {
+    if (!(logits instanceof Float32Array)) {
+      const full = fullRowOf(logits, row);
+      if (full >= 0) return this.logprobs(logits.full, full, tokenId, n);
+      return deviceLogprobs(logits, row, tokenId, n);
+    }
     const V = this.vocabSize;
     const off = row * V;
     const max = logits[off + argmax(logits, off, V)]!;
@@ -232,4 +359,32 @@ export class Sampler {
       siftDown(0, end);
     }
   }
+}
+
+/** Index in `s.full` of row `row`'s whole logits, or -1. */
+function fullRowOf(s: SampledLogits, row: number): number {
+  const rows = s.fullRows;
+  for (let i = 0; i < rows.length; i++) if (rows[i] === row) return i;
+  return -1;
+}
+
+/** `Sampler.logprobs` from a device's log-sum-exp and candidates (the plan asked for at least n). */
+function deviceLogprobs(s: SampledLogits, row: number, tokenId: number, n: number): TokenLogprobs {
+  const lse = s.dbl[row * 4 + 2]!;
+  const base = row * s.maxN;
+  let avail = 0;
+  while (avail < s.maxN && s.topIds[base + avail]! >= 0) avail++;
+  const k = Math.max(0, Math.min(n, avail));
+  const topTokenIds = new Int32Array(k);
+  const topLogprobs = new Float32Array(k);
+  let logit = tokenId === s.ints[row * 4 + 1] ? s.dbl[row * 4 + 3]! : NaN;
+  for (let j = 0; j < avail; j++) {
+    const id = s.topIds[base + j]!;
+    if (j < k) {
+      topTokenIds[j] = id;
+      topLogprobs[j] = s.topLogits[base + j]! - lse;
+    }
+    if (id === tokenId) logit = s.topLogits[base + j]!;
+  }
+  return { tokenId, logprob: logit - lse, topTokenIds, topLogprobs };
 }

@@ -220,6 +220,23 @@ export interface RawCudaLlama {
     maxBlocksPerSeq: number,
     contextLens: Int32Array,
   ): Promise<Float32Array>;
+  forwardSampled(
+    tokens: Int32Array,
+    positions: Int32Array,
+    seqStarts: Int32Array,
+    blockTables: Int32Array,
+    maxBlocksPerSeq: number,
+    contextLens: Int32Array,
+    plan: { n: Int32Array; flags: Int32Array; invT: Float64Array; topP: Float64Array; u: Float64Array },
+  ): Promise<{
+    maxN: number;
+    ints: Int32Array;
+    dbl: Float64Array;
+    topIds: Int32Array;
+    topLogits: Float32Array;
+    fullRows: Int32Array;
+    full: Float32Array;
+  }>;
   dispose(): Promise<void>;
 }
 

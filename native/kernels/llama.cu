@@ -120,9 +120,11 @@ extern "C" __global__ void tandem_llama_rope_kv(float* qkv, const int32_t* posit
 // Paged attention for prefill chunks and decode alike: query token t, head h attends over positions
 // (p - window, p] of its sequence (all of 0..p without a window), K and V read from the pool through the
 // sequence's block table; GQA maps q head h to kv head h / (numHeads / numKvHeads).
-// Each warp takes every kWarps-th key with an online softmax (running max, sum and weighted V per lane's
-// dims); the warps are merged at the end. Grid: (ntok, numHeads); block: kWarps * 32. headDim <= 256.
-constexpr int kAttnWarps = 4;
+// Each of the block's warps takes every nw-th key with an online softmax (running max, sum and weighted V per
+// lane's dims); the warps are merged at the end. Grid: (ntok, numHeads); block: nw * 32 threads, nw <= 16 (the
+// host uses 16 for decode-sized batches, where one query's keys are all the work, and 4 for large prefills).
+// headDim <= 256.
+constexpr int kAttnWarps = 16;
 constexpr int kMaxDimsPerLane = 8;
 
 extern "C" __global__ void __launch_bounds__(kAttnWarps * 32)
@@ -133,7 +135,7 @@ extern "C" __global__ void __launch_bounds__(kAttnWarps * 32)
   __shared__ float wm[kAttnWarps], wl[kAttnWarps];
   __shared__ float wacc[kAttnWarps][kMaxDimsPerLane * 32];
   const int t = blockIdx.x, h = blockIdx.y;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int kvDim = numKvHeads * headDim, qDim = numHeads * headDim;
   const int kvh = h / (numHeads / numKvHeads);
   const int dims = (headDim + 31) / 32;
@@ -150,7 +152,7 @@ extern "C" __global__ void __launch_bounds__(kAttnWarps * 32)
   const int32_t* table = blockTables + (size_t)tokenSeqs[t] * maxBlocksPerSeq;
   const size_t tile = (size_t)blockSize * kvDim;
   float m = -INFINITY, l = 0.0f;
-  for (int j = start + warp; j <= p; j += kAttnWarps) {
+  for (int j = start + warp; j <= p; j += nw) {
     int block = table[j / blockSize];
     size_t off = (size_t)(j % blockSize) * kvDim + (size_t)kvh * headDim;
     const bf16* kr = pool + kvTile(layer, 0, block, numLayers, numBlocks, blockMajor) * tile + off;
@@ -181,9 +183,9 @@ extern "C" __global__ void __launch_bounds__(kAttnWarps * 32)
   __syncthreads();
   if (warp == 0) {
     float M = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, wm[w]);
+    for (int w = 0; w < nw; ++w) M = fmaxf(M, wm[w]);
     float L = 0.0f, f[kAttnWarps];
-    for (int w = 0; w < kAttnWarps; ++w) {
+    for (int w = 0; w < nw; ++w) {
       f[w] = wl[w] > 0.0f ? expf(wm[w] - M) : 0.0f;
       L += wl[w] * f[w];
     }
@@ -192,7 +194,7 @@ extern "C" __global__ void __launch_bounds__(kAttnWarps * 32)
       int d = lane + 32 * i;
       if (d >= headDim) break;
       float v = 0.0f;
-      for (int w = 0; w < kAttnWarps; ++w) v += wacc[w][d] * f[w];
+      for (int w = 0; w < nw; ++w) v += wacc[w][d] * f[w];
       o[d] = __float2bfloat16(v / L);
     }
   }
@@ -206,5 +208,248 @@ extern "C" __global__ void tandem_llama_silu_mul(const float* gateUp, int inter,
   for (int i = threadIdx.x; i < inter; i += blockDim.x) {
     float x = g[i];
     a[i] = __float2bfloat16(x / (1.0f + expf(-x)) * u[i]);
+  }
+}
+
+// ---- Sampling support: candidates, sums and the plain draw over rows of fp32 logits (nseq x V) ----------
+//
+// lib/engine/sampler.ts defines sampling; these kernels give it what it needs without copying whole rows of
+// logits to the host: the row's best tokens in order (larger logit first, ties to the lower id), the sums
+// of exp((logit - max) / T) and exp(logit - max), and the draw by inverse CDF in vocabulary order for the
+// plain temperature case (the uniform comes from the host, so a seed gives the same draw as on the CPU).
+// NaN logits count as -inf.
+
+namespace tandem_sample {
+
+constexpr int kChunk = 8192;     // logits per block in the first pass (32 KiB of shared memory)
+constexpr int kMerge = 4096;     // candidates the second pass can merge (chunks x n)
+constexpr int kThreads = 512;    // both kernels
+constexpr int kFlagLse = 1, kFlagExpSum = 2, kFlagPlain = 4, kFlagTopP = 8;
+
+// a ranks before b. id < 0 is "no candidate" and ranks last.
+__device__ __forceinline__ bool before(float av, int ai, float bv, int bi) {
+  if (ai < 0) return false;
+  if (bi < 0) return true;
+  return av > bv || (av == bv && ai < bi);
+}
+
+// The best (v, id) over the block; every thread gets it. blockDim.x == kThreads.
+__device__ void blockBest(float& v, int& id) {
+  __shared__ float sv[33];
+  __shared__ int si[33];
+  for (int o = 16; o > 0; o >>= 1) {
+    float ov = __shfl_down_sync(0xffffffffu, v, o);
+    int oi = __shfl_down_sync(0xffffffffu, id, o);
+    if (before(ov, oi, v, id)) v = ov, id = oi;
+  }
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) sv[warp] = v, si[warp] = id;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < (int)(blockDim.x >> 5) ? sv[lane] : -INFINITY;
+    id = lane < (int)(blockDim.x >> 5) ? si[lane] : -1;
+    for (int o = 16; o > 0; o >>= 1) {
+      float ov = __shfl_down_sync(0xffffffffu, v, o);
+      int oi = __shfl_down_sync(0xffffffffu, id, o);
+      if (before(ov, oi, v, id)) v = ov, id = oi;
+    }
+    if (lane == 0) sv[32] = v, si[32] = id;
+  }
+  __syncthreads();
+  v = sv[32];
+  id = si[32];
+  __syncthreads();
+}
+
+__device__ double blockSumD(double v) {
+  __shared__ double partial[32];
+  __shared__ double total;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    double s = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) total = s;
+  }
+  __syncthreads();
+  double out = total;
+  __syncthreads();
+  return out;
+}
+
+// Selects the n best of vals[0 .. len) (ids ids[i], or base + i when ids is null) into outV/outI, best first;
+// entries past the last candidate get id -1. Taken entries are overwritten with NaN in vals.
+__device__ void selectBest(float* vals, const int* ids, int base, int len, int n, float* outV, int* outI) {
+  float bv = -INFINITY;
+  int bi = -1;
+  for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    float x = vals[i];
+    int id = ids ? ids[i] : base + i;
+    if (x == x && before(x, id, bv, bi)) bv = x, bi = id;
+  }
+  for (int k = 0; k < n; ++k) {
+    float v = bv;
+    int id = bi;
+    blockBest(v, id);
+    if (threadIdx.x == 0) outV[k] = v, outI[k] = id;
+    if (id < 0) {
+      for (int j = k + 1 + threadIdx.x; j < n; j += blockDim.x) outV[j] = -INFINITY, outI[j] = -1;
+      return;
+    }
+    if (bi == id) {  // this thread held the winner: take it out and find its next best
+      bv = -INFINITY;
+      bi = -1;
+      for (int i = threadIdx.x; i < len; i += blockDim.x) {
+        int cid = ids ? ids[i] : base + i;
+        if (cid == id) vals[i] = NAN;
+        float x = vals[i];
+        if (x == x && before(x, cid, bv, bi)) bv = x, bi = cid;
+      }
+    }
+  }
+}
+
+}  // namespace tandem_sample
+
+// Pass 1: the rowN[row] best logits of each kChunk-wide chunk of each row. Grid: nseq x chunks; kThreads.
+// cand: nseq x chunks x maxN (values and ids). Rows with rowN <= 0 are skipped.
+extern "C" __global__ void __launch_bounds__(tandem_sample::kThreads)
+    tandem_sample_chunk_top(const float* logits, int V, const int32_t* rowN, int maxN, float* candV, int32_t* candI) {
+  using namespace tandem_sample;
+  __shared__ float vals[kChunk];
+  int row = blockIdx.x, chunk = blockIdx.y, n = rowN[row];
+  if (n <= 0) return;
+  int start = chunk * kChunk, len = min(kChunk, V - start);
+  const float* r = logits + (size_t)row * V + start;
+  for (int i = threadIdx.x; i < len; i += blockDim.x) {
+    float x = r[i];
+    vals[i] = x == x ? x : -INFINITY;
+  }
+  __syncthreads();
+  size_t at = ((size_t)row * gridDim.y + chunk) * maxN;
+  selectBest(vals, nullptr, start, len, n, candV + at, candI + at);
+}
+
+// Pass 2, one block per row: merges the chunks' candidates into the row's n best (outV/outI: nseq x maxN),
+// then by flags: lse (log-sum-exp of the raw logits), expSum (sum of exp((l - max) * invT)), plain (the
+// inverse-CDF draw in vocabulary order at u), topP (flags the row when its n candidates may not reach
+// topP of expSum, so that the host copies the whole row).
+// outInts: nseq x 4 (best id, drawn id, needs the whole row, 0); outD: nseq x 4 (max, expSum, lse, drawn logit).
+extern "C" __global__ void __launch_bounds__(tandem_sample::kThreads)
+    tandem_sample_finish(const float* logits, int V, int chunks, int maxN, const float* candV, const int32_t* candI,
+                         const int32_t* rowN, const int32_t* rowFlags, const double* rowInvT, const double* rowTopP,
+                         const double* rowU, float* outV, int32_t* outI, int32_t* outInts, double* outD) {
+  using namespace tandem_sample;
+  __shared__ float mv[kMerge];
+  __shared__ int mi[kMerge];
+  __shared__ double partial[kThreads];
+  __shared__ double prefix[kThreads + 1];
+  __shared__ int drawn;
+  int row = blockIdx.x, n = rowN[row], flags = rowFlags[row];
+  float* topV = outV + (size_t)row * maxN;
+  int32_t* topI = outI + (size_t)row * maxN;
+  for (int j = max(n, 0) + threadIdx.x; j < maxN; j += blockDim.x) topV[j] = -INFINITY, topI[j] = -1;
+  if (n <= 0) {  // not sampled this step
+    if (threadIdx.x < 4) outInts[(size_t)row * 4 + threadIdx.x] = threadIdx.x < 2 ? -1 : 0;
+    if (threadIdx.x < 4) outD[(size_t)row * 4 + threadIdx.x] = 0;
+    return;
+  }
+  int m = chunks * n;
+  for (int i = threadIdx.x; i < m; i += blockDim.x) {
+    size_t at = ((size_t)row * chunks + i / n) * maxN + i % n;
+    mv[i] = candI[at] < 0 ? NAN : candV[at];
+    mi[i] = candI[at];
+  }
+  __syncthreads();
+  selectBest(mv, mi, 0, m, n, topV, topI);
+  __syncthreads();
+  const float* r = logits + (size_t)row * V;
+  const double mx = topV[0];
+  const int best = topI[0];
+  double invT = rowInvT[row], lse = 0, expSum = 0, drawnLogit = 0;
+  int drawnId = best, needFull = 0;
+  const bool finite = mx > -INFINITY;
+  if ((flags & kFlagLse) && finite) {
+    double s = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      float x = r[i];
+      if (x == x) s += exp((double)x - mx);
+    }
+    lse = mx + log(blockSumD(s));
+  }
+  if ((flags & (kFlagExpSum | kFlagPlain | kFlagTopP)) && finite) {
+    // Contiguous ranges per thread, so that the draw below walks the vocabulary in order.
+    int per = (V + blockDim.x - 1) / blockDim.x, lo = min(V, (int)threadIdx.x * per), hi = min(V, lo + per);
+    double s = 0;
+    for (int i = lo; i < hi; ++i) {
+      float x = r[i];
+      if (x == x) s += exp(((double)x - mx) * invT);
+    }
+    partial[threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double acc = 0;
+      for (int t = 0; t < (int)blockDim.x; ++t) prefix[t] = acc, acc += partial[t];
+      prefix[blockDim.x] = acc;
+      drawn = -1;
+    }
+    __syncthreads();
+    expSum = prefix[blockDim.x];
+    if (flags & kFlagPlain) {
+      double target = rowU[row] * expSum;
+      if (s > 0 && prefix[threadIdx.x] <= target && target < prefix[threadIdx.x] + s) {
+        double acc = prefix[threadIdx.x];
+        int last = -1, pick = -1;
+        for (int i = lo; i < hi; ++i) {
+          float x = r[i];
+          double w = x == x ? exp(((double)x - mx) * invT) : 0.0;
+          if (w > 0) last = i;
+          acc += w;
+          if (acc > target) {
+            pick = i;
+            break;
+          }
+        }
+        drawn = pick >= 0 ? pick : last;
+      }
+      __syncthreads();
+      if (drawn < 0) {  // rounding put the target past the total: the last token with weight, as the host does
+        __shared__ int lastWeighted;
+        if (threadIdx.x == 0) lastWeighted = -1;
+        __syncthreads();
+        int last = -1;
+        for (int i = lo; i < hi; ++i) {
+          float x = r[i];
+          if (x == x && exp(((double)x - mx) * invT) > 0) last = i;
+        }
+        if (last >= 0) atomicMax(&lastWeighted, last);
+        __syncthreads();
+        if (threadIdx.x == 0) drawn = lastWeighted < 0 ? best : lastWeighted;
+        __syncthreads();
+      }
+      drawnId = drawn;
+      drawnLogit = r[drawnId];
+    }
+    if ((flags & kFlagTopP) && threadIdx.x == 0) {
+      // The host keeps the shortest prefix of the candidates whose weight reaches topP x expSum; when the n
+      // candidates do not clearly reach it, it needs the whole row.
+      double cum = 0;
+      for (int k = 0; k < n && topI[k] >= 0; ++k) cum += exp(((double)topV[k] - mx) * invT);
+      needFull = cum < rowTopP[row] * expSum * (1.0 + 1e-9) ? 1 : 0;
+    }
+  }
+  if (threadIdx.x == 0) {
+    int32_t* oi = outInts + (size_t)row * 4;
+    oi[0] = best;
+    oi[1] = drawnId;
+    oi[2] = needFull;
+    oi[3] = 0;
+    double* od = outD + (size_t)row * 4;
+    od[0] = mx;
+    od[1] = expSum;
+    od[2] = lse;
+    od[3] = drawnLogit;
   }
 }

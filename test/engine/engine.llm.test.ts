@@ -9,6 +9,7 @@ import {
 import { kvBlockHashes, type KvEvent } from '../../lib/engine/block-manager.js';
 import type { EngineOutput, RequestResult, SamplingParams } from '../../lib/engine/engine.js';
 import { LlmEngine, type LlmEngineOptions } from '../../lib/engine/llm-engine.js';
+import { FakeSampledRunner } from '../helpers/device-sampling.js';
 import { FakeRunner, referenceGreedy, referenceLogits, type FakeRunnerOptions } from '../helpers/fake-runner.js';
 
 const V = 64;
@@ -504,6 +505,36 @@ describe('LlmEngine with a fake runner', () => {
     }
     const none = await engine.addRequest({ promptTokenIds: p, sampling: greedy(2) }).result();
     expect(none.logprobs).toBeUndefined();
+  });
+
+  it('a runner that samples on its device (forwardSampled) gives the tokens and logprobs of whole rows', async () => {
+    const host = make();
+    const runner = new FakeSampledRunner({ vocabSize: V });
+    const device = new LlmEngine(runner);
+    engines.push(device);
+    const samplings: SamplingParams[] = [
+      greedy(12, { logprobs: 2 }),
+      { temperature: 0.9, seed: 3, maxTokens: 12 },
+      { temperature: 1.1, topK: 7, seed: 4, maxTokens: 12, logprobs: 1 },
+      { temperature: 1, topP: 0.8, seed: 5, maxTokens: 12 },
+      { temperature: 0.6, topK: 30, topP: 0.9, seed: 6, maxTokens: 12 },
+    ];
+    const run = (engine: LlmEngine) =>
+      Promise.all(
+        samplings.map((sampling, i) =>
+          engine.addRequest({ promptTokenIds: prompt(10 + i, 90 + i), sampling }).result(),
+        ),
+      );
+    const [a, b] = [await run(host.engine), await run(device)];
+    expect(runner.plans.length).toBeGreaterThan(0);
+    for (let i = 0; i < samplings.length; i++) {
+      expect(b[i]!.tokenIds, `request ${i}`).toEqual(a[i]!.tokenIds);
+      expect(b[i]!.logprobs?.length).toBe(a[i]!.logprobs?.length);
+      b[i]!.logprobs?.forEach((lp, j) => {
+        expect(lp.logprob).toBeCloseTo(a[i]!.logprobs![j]!.logprob, 5);
+        expect(Array.from(lp.topTokenIds)).toEqual(Array.from(a[i]!.logprobs![j]!.topTokenIds));
+      });
+    }
   });
 
   it('prompts that can never fit are rejected with PromptTooLongError; bad input with BadArgumentError', async () => {

@@ -136,3 +136,75 @@ describe('Sampler', () => {
     expect(s.logprobs(logits, 1, 3, 0).topTokenIds).toHaveLength(0);
   });
 });
+
+describe('Sampler on a device-sampled step (forwardSampled contract)', () => {
+  // Rows of three shapes: peaked (top-p met by few candidates), flat over a large vocabulary (top-p needs more
+  // than the device's candidates: the whole row comes back), and ties (broken to the lower id).
+  const BIG = 300;
+  const s = new Sampler(BIG);
+  const peaked = Float32Array.from({ length: BIG }, (_, i) => Math.sin(i * 12.9898) * 6);
+  const flat = Float32Array.from({ length: BIG }, (_, i) => (i % 7) * 0.01);
+  const ties = Float32Array.from({ length: BIG }, (_, i) => (i % 4 === 0 ? 2 : i % 5 === 0 ? 1.5 : -1));
+  const logits = new Float32Array(3 * BIG);
+  logits.set(peaked, 0);
+  logits.set(flat, BIG);
+  logits.set(ties, 2 * BIG);
+  const cases: Partial<SamplerParams>[] = [
+    { temperature: 0 },
+    { temperature: 0.7 },
+    { temperature: 1.3, topK: 1 },
+    { temperature: 1, topK: 5 },
+    { temperature: 0.8, topK: 64 },
+    { temperature: 1, topK: 65 },
+    { temperature: 1, topP: 0.9 },
+    { temperature: 0.5, topP: 0.3 },
+    { temperature: 1, topK: 20, topP: 0.8 },
+  ];
+
+  it.each(cases)('gives the tokens and logprobs of whole rows: %o', async (c) => {
+    const { sampleOnHost } = await import('../helpers/device-sampling.js');
+    for (let counter = 0; counter < 60; counter++) {
+      const p = params({ ...c, seed: 1234 + counter });
+      const req = { params: p, counter, logprobs: counter % 3 === 0 ? 4 : -1 };
+      const plan = s.plan([req, req, req, null]);
+      expect(plan.n[3]).toBe(0);
+      const rows4 = new Float32Array(4 * BIG);
+      rows4.set(logits);
+      const device = sampleOnHost(rows4, BIG, plan);
+      for (let r = 0; r < 3; r++) {
+        const want = s.sample(rows4, r, p, counter);
+        expect(s.sample(device, r, p, counter), `row ${r}, counter ${counter}`).toBe(want);
+        if (req.logprobs >= 0) {
+          const a = s.logprobs(rows4, r, want, 4);
+          const b = s.logprobs(device, r, want, 4);
+          expect(Array.from(b.topTokenIds)).toEqual(Array.from(a.topTokenIds));
+          expect(b.logprob).toBeCloseTo(a.logprob, 6);
+          for (let j = 0; j < 4; j++) expect(b.topLogprobs[j]).toBeCloseTo(a.topLogprobs[j]!, 6);
+        }
+      }
+    }
+  });
+
+  it('asks for whole rows only where candidates cannot answer', async () => {
+    const { sampleOnHost } = await import('../helpers/device-sampling.js');
+    const plan = s.plan([
+      { params: params({ temperature: 0 }), counter: 0, logprobs: -1 },
+      { params: params({ topK: 100 }), counter: 0, logprobs: -1 },
+      { params: params({ topP: 0.9 }), counter: 0, logprobs: -1 },
+      { params: params({ temperature: 0 }), counter: 0, logprobs: 80 },
+    ]);
+    expect(Array.from(plan.n)).toEqual([1, 1, 64, 1]);
+    const rows4 = new Float32Array(4 * BIG);
+    rows4.set(peaked, 0);
+    rows4.set(peaked, BIG);
+    rows4.set(flat, 2 * BIG); // flat: 64 candidates hold about a fifth of the mass, short of 0.9
+    rows4.set(peaked, 3 * BIG);
+    const device = sampleOnHost(rows4, BIG, plan);
+    expect(Array.from(device.fullRows)).toEqual([1, 2, 3]);
+    rows4.set(
+      Float32Array.from({ length: BIG }, (_, i) => (i === 7 ? 10 : 0)),
+      2 * BIG,
+    ); // one token holds 98.7%
+    expect(Array.from(sampleOnHost(rows4, BIG, plan).fullRows)).toEqual([1, 3]);
+  });
+});

@@ -6,7 +6,10 @@ import { CpuModelRunner } from '../../lib/engine/cpu.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { openModel } from '../../lib/engine/open.js';
-import type { ForwardBatch } from '../../lib/engine/runner.js';
+import { LlmEngine } from '../../lib/engine/llm-engine.js';
+import type { ForwardBatch, ModelRunner } from '../../lib/engine/runner.js';
+import { Sampler, seedHalves, type SamplerParams } from '../../lib/engine/sampler.js';
+import { sampleOnHost } from '../helpers/device-sampling.js';
 import { runTs } from '../helpers/cli.js';
 import { gpuGate } from '../helpers/gpu.js';
 
@@ -171,6 +174,116 @@ describe.skipIf(!gate.run)('GPU engine', () => {
     );
     expect(Array.from(await gpu.forward(good))).toEqual(Array.from(before));
     await expect(CudaModelRunner.create({ config, numBlocks: 8, weights: [] })).rejects.toThrow(/not set/);
+  });
+
+  it('sampling kernels: candidates, sums and draws answer the sampler as whole rows do (vocabulary of 5 chunks)', async () => {
+    const V = 40000; // tandem_sample_chunk_top takes 8192 logits per block: 5 chunks to merge
+    const config = { ...dummyConfig('tiny'), vocabSize: V };
+    await using gpu = await CudaModelRunner.create({ config, numBlocks: 16, weights: 'dummy:tiny', seed: 11 });
+    const nseq = 4;
+    const lens = [9, 17, 3, 30];
+    const tokens: number[] = [];
+    const seqStarts = [0];
+    const positions: number[] = [];
+    for (let s = 0; s < nseq; s++) {
+      for (let i = 0; i < lens[s]!; i++) (tokens.push((i * 131 + s * 977) % V), positions.push(i));
+      seqStarts.push(tokens.length);
+    }
+    const batch: ForwardBatch = {
+      tokens: Int32Array.from(tokens),
+      positions: Int32Array.from(positions),
+      seqStarts: Int32Array.from(seqStarts),
+      blockTables: Int32Array.from({ length: nseq * 2 }, (_, i) => i),
+      maxBlocksPerSeq: 2,
+      contextLens: Int32Array.from(lens),
+    };
+    const full = await gpu.forward(batch);
+    const sampler = new Sampler(V);
+    const cases: Partial<SamplerParams>[] = [
+      { temperature: 0 },
+      { temperature: 0.8 },
+      { temperature: 1.5 },
+      { temperature: 1, topK: 40 },
+      { temperature: 1, topK: 300 },
+      { temperature: 1, topP: 0.9 },
+      { temperature: 0.3, topP: 0.5 },
+      { temperature: 1, topK: 50, topP: 0.7 },
+    ];
+    let checked = 0;
+    let fullRows = 0;
+    for (const c of cases) {
+      for (let counter = 0; counter < 12; counter++) {
+        const params: SamplerParams = { temperature: 1, topK: 0, topP: 1, ...seedHalves(100 + counter), ...c };
+        const rows = Array.from({ length: nseq }, (_, r) => ({ params, counter, logprobs: r === 1 ? 5 : -1 }));
+        const plan = sampler.plan(rows);
+        const device = await gpu.forwardSampled(batch, plan);
+        const host = sampleOnHost(full, V, plan);
+        // The kernels' outputs against the host model of the contract, on the same logits.
+        expect(Array.from(device.topIds)).toEqual(Array.from(host.topIds));
+        expect(Array.from(device.fullRows)).toEqual(Array.from(host.fullRows));
+        fullRows += device.fullRows.length;
+        for (let r = 0; r < nseq; r++) {
+          expect(device.ints[r * 4]).toBe(host.ints[r * 4]);
+          expect(device.ints[r * 4 + 1], `drawn id, row ${r}, ${JSON.stringify(c)}`).toBe(host.ints[r * 4 + 1]);
+          expect(device.dbl[r * 4 + 1]).toBeCloseTo(host.dbl[r * 4 + 1]!, 6);
+          expect(device.dbl[r * 4 + 2]).toBeCloseTo(host.dbl[r * 4 + 2]!, 6);
+          // And the sampler's answers.
+          const want = sampler.sample(full, r, params, counter);
+          expect(sampler.sample(device, r, params, counter)).toBe(want);
+          if (rows[r]!.logprobs >= 0) {
+            const a = sampler.logprobs(full, r, want, 5);
+            const b = sampler.logprobs(device, r, want, 5);
+            expect(Array.from(b.topTokenIds)).toEqual(Array.from(a.topTokenIds));
+            expect(b.logprob).toBeCloseTo(a.logprob, 5);
+          }
+          checked++;
+        }
+      }
+    }
+    console.log(
+      `[figure] sampling kernels: ${checked} rows agree with whole-row sampling (${fullRows} whole rows sent back)`,
+    );
+    await expect(gpu.forwardSampled(batch, { ...sampler.plan([null]), n: Int32Array.of(1) })).rejects.toBeInstanceOf(
+      BadArgumentError,
+    );
+  });
+
+  it('the engine on the GPU samples on the device and gives the tokens of host sampling', async () => {
+    const dir = join(import.meta.dirname, '..', 'fixtures', 'hf-tiny-llama');
+    await using m = await openModel({ model: dir, device: 'cuda', numBlocks: 64 });
+    const r = m.runner as CudaModelRunner;
+    const hostOnly: ModelRunner = {
+      vocabSize: r.vocabSize,
+      blockSize: r.blockSize,
+      numBlocks: r.numBlocks,
+      maxPositions: r.maxPositions,
+      forward: (b) => r.forward(b),
+      dispose: async () => {},
+    };
+    const samplings = [
+      { temperature: 0, maxTokens: 24, logprobs: 3 },
+      { temperature: 0.9, seed: 1, maxTokens: 24 },
+      { temperature: 1, topK: 10, seed: 2, maxTokens: 24 },
+      { temperature: 1, topP: 0.9, seed: 3, maxTokens: 24, logprobs: 2 },
+    ];
+    const prompts = [m.tokenizer.encode('The KV cache'), m.tokenizer.encode('Prefill is compute-bound')];
+    const run = async (engine: LlmEngine) => {
+      try {
+        return await Promise.all(
+          samplings.flatMap((sampling) =>
+            prompts.map((promptTokenIds) => engine.addRequest({ promptTokenIds, sampling }).result()),
+          ),
+        );
+      } finally {
+        await engine.dispose();
+      }
+    };
+    const onDevice = await run(new LlmEngine(r, { ownsRunner: false }));
+    const onHost = await run(new LlmEngine(hostOnly, { ownsRunner: false }));
+    for (let i = 0; i < onHost.length; i++) {
+      expect(onDevice[i]!.tokenIds, `request ${i}`).toEqual(onHost[i]!.tokenIds);
+      onDevice[i]!.logprobs?.forEach((lp, j) => expect(lp.logprob).toBeCloseTo(onHost[i]!.logprobs![j]!.logprob, 4));
+    }
   });
 
   it("`tandem generate --device cuda` on a fixture gives transformers' greedy tokens", () => {

@@ -30,6 +30,10 @@ unsigned normThreads(int hidden) {
 }
 
 // Carves consecutive 256-byte-aligned pieces out of one allocation.
+// Sampling kernels' geometry (native/kernels/llama.cu, namespace tandem_sample).
+constexpr size_t kSampleChunk = 8192, kSampleMerge = 4096;
+constexpr unsigned kSampleThreads = 512;
+
 struct Carver {
   size_t used = 0;
   size_t take(size_t bytes) {
@@ -119,6 +123,8 @@ void CudaLlama::init() {
   fn_.ropeKv = device_.function("tandem_llama_rope_kv");
   fn_.attention = device_.function("tandem_llama_attention");
   fn_.siluMul = device_.function("tandem_llama_silu_mul");
+  fn_.sampleChunkTop = device_.function("tandem_sample_chunk_top");
+  fn_.sampleFinish = device_.function("tandem_sample_finish");
   cublasStatus s = cublas_.create(&handle_);
   if (s != 0) {
     handle_ = nullptr;
@@ -235,7 +241,8 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
                                                std::to_string(k) + "): " + cublas_.describe(s));
 }
 
-std::vector<float> CudaLlama::forward(const ForwardInput& in) {
+CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size_t extraHost, CUdeviceptr& extraDev,
+                               uint8_t*& extraHostPtr) {
   if (aborted_.load() || released_) throw Aborted("the model was disposed");
   if (!weights_) throw NativeError("TANDEM_INTERNAL", "the GPU model runner was not initialised");
   auto missing = missingWeights();
@@ -245,7 +252,11 @@ std::vector<float> CudaLlama::forward(const ForwardInput& in) {
 
   const LlamaConfig& c = config_;
   const size_t ntok = in.tokens.size(), nseq = in.seqStarts.size() - 1;
-  if (nseq == 0) return {};
+  if (nseq == 0) {
+    extraDev = 0;
+    extraHostPtr = nullptr;
+    return 0;
+  }
   const size_t h = c.hiddenSize, inter = c.intermediateSize, vocab = c.vocabSize;
   const int bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
 
@@ -268,8 +279,9 @@ std::vector<float> CudaLlama::forward(const ForwardInput& in) {
   size_t oQkv = carve.take(ntok * qkvDim_ * 4), oAttn = carve.take(ntok * qDim_ * 2);
   size_t oGateUp = carve.take(ntok * 2 * inter * 4), oAct = carve.take(ntok * inter * 2);
   size_t oLast = carve.take(nseq * h * 2), oLogits = carve.take(nseq * vocab * 4);
-  size_t hostBytes = std::max(ints.size() * 4, nseq * vocab * 4);
-  ensureScratch(carve.used, hostBytes);
+  size_t oExtra = carve.take(extraDevice);
+  size_t hostExtraAt = alignUp(ints.size() * 4);
+  ensureScratch(carve.used, hostExtraAt + extraHost);
 
   const CudaDriver& d = device_.driver();
   CUstream stream = device_.stream();
@@ -290,6 +302,8 @@ std::vector<float> CudaLlama::forward(const ForwardInput& in) {
   const int itok = static_cast<int>(ntok), iinter = static_cast<int>(inter), iq = static_cast<int>(qkvDim_);
   const float eps = c.rmsNormEps, scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const unsigned nt = normThreads(hidden);
+  // One query's keys are all the work in decode: more warps per (token, head) there (see llama.cu).
+  const unsigned attnThreads = ntok <= 256 ? 512 : 128;
   launch(fn_.embed, itok, 1, 256, weight(embed_), dTokens, hidden, x);
   for (int l = 0; l < L; ++l) {
     if (aborted_.load()) {
@@ -301,7 +315,7 @@ std::vector<float> CudaLlama::forward(const ForwardInput& in) {
     gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
     if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
     launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
-    launch(fn_.attention, itok, H, 128, qkv, dPositions, dTokenSeqs, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
+    launch(fn_.attention, itok, H, attnThreads, qkv, dPositions, dTokenSeqs, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
            D, c.slidingWindow, scale, attn);
     gemm(attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, tmp);
     if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, tmp, weight(W.bo), hidden);
@@ -312,10 +326,106 @@ std::vector<float> CudaLlama::forward(const ForwardInput& in) {
   }
   launch(fn_.addRmsNorm, static_cast<unsigned>(nseq), 1, nt, x, tmp, weight(finalNorm_), hidden, eps, dLastRows, last);
   gemm(last, static_cast<int>(nseq), hidden, weight(lmHead_), static_cast<int>(vocab), logits);
-  check(d.cuMemcpyDtoHAsync(pinned_, logits, nseq * vocab * 4, stream), "cuMemcpyDtoHAsync (logits)");
-  check(d.cuStreamSynchronize(stream), "forward pass");
+  extraDev = base + oExtra;
+  extraHostPtr = static_cast<uint8_t*>(pinned_) + hostExtraAt;
+  return logits;
+}
+
+std::vector<float> CudaLlama::forward(const ForwardInput& in) {
+  const size_t nseq = in.seqStarts.empty() ? 0 : in.seqStarts.size() - 1, vocab = config_.vocabSize;
+  CUdeviceptr extraDev = 0;
+  uint8_t* host = nullptr;
+  CUdeviceptr logits = runModel(in, 0, nseq * vocab * 4, extraDev, host);
+  if (nseq == 0) return {};
+  const CudaDriver& d = device_.driver();
+  check(d.cuMemcpyDtoHAsync(host, logits, nseq * vocab * 4, device_.stream()), "cuMemcpyDtoHAsync (logits)");
+  check(d.cuStreamSynchronize(device_.stream()), "forward pass");
   std::vector<float> out(nseq * vocab);
-  std::memcpy(out.data(), pinned_, out.size() * 4);
+  std::memcpy(out.data(), host, out.size() * 4);
+  return out;
+}
+
+SampledRows CudaLlama::forwardSampled(const ForwardInput& in, const SamplePlan& plan) {
+  const size_t nseq = in.seqStarts.empty() ? 0 : in.seqStarts.size() - 1, vocab = config_.vocabSize;
+  if (plan.n.size() != nseq || plan.flags.size() != nseq || plan.invT.size() != nseq || plan.topP.size() != nseq ||
+      plan.u.size() != nseq)
+    throw BadInput("the sampling plan has " + std::to_string(plan.n.size()) + " rows; the batch has " +
+                   std::to_string(nseq) + " sequences");
+  int32_t maxN = 1;
+  for (size_t r = 0; r < nseq; ++r) {
+    if (plan.n[r] < 0 || plan.n[r] > kSampleMaxCandidates)
+      throw BadInput("sampling plan row " + std::to_string(r) + ": candidates must be 0.." +
+                     std::to_string(kSampleMaxCandidates) + " (got " + std::to_string(plan.n[r]) + ")");
+    if (!(plan.invT[r] >= 0) || !std::isfinite(plan.invT[r]) || !(plan.topP[r] > 0 && plan.topP[r] <= 1) ||
+        !(plan.u[r] >= 0 && plan.u[r] < 1))
+      throw BadInput("sampling plan row " + std::to_string(r) + ": invT must be finite >= 0, topP in (0, 1], u in [0, 1)");
+    maxN = std::max(maxN, plan.n[r]);
+  }
+  const size_t chunks = (vocab + kSampleChunk - 1) / kSampleChunk;
+  if (chunks * static_cast<size_t>(maxN) > kSampleMerge)
+    throw BadInput("a vocabulary of " + std::to_string(vocab) + " allows at most " +
+                   std::to_string(kSampleMerge / chunks) + " sampling candidates per row");
+  SampledRows out;
+  out.nseq = nseq;
+  out.maxN = static_cast<size_t>(maxN);
+  // Device: plan (n, flags, invT, topP as 4-byte values; u), candidates of pass 1, the outputs.
+  Carver carve;
+  size_t oPlan = carve.take(nseq * 8), oDoubles = carve.take(nseq * 24);
+  size_t oCandV = carve.take(nseq * chunks * maxN * 4), oCandI = carve.take(nseq * chunks * maxN * 4);
+  size_t oTopV = carve.take(nseq * maxN * 4), oTopI = carve.take(nseq * maxN * 4);
+  size_t oInts = carve.take(nseq * 16), oDbl = carve.take(nseq * 32);
+  // Host: the plan going up, the outputs coming back (contiguous from oTopV), whole rows after.
+  size_t outBytes = oDbl + nseq * 32 - oTopV;
+  size_t hPlan = 0, hOut = alignUp(nseq * 32), hFull = hOut + alignUp(outBytes);
+  size_t fullCap = 0;
+  for (size_t r = 0; r < nseq; ++r)
+    if (plan.n[r] > 0 && (plan.flags[r] & (kSampleFullRow | kSampleTopP))) ++fullCap;
+  CUdeviceptr dev = 0;
+  uint8_t* host = nullptr;
+  CUdeviceptr logits = runModel(in, carve.used, hFull + fullCap * vocab * 4, dev, host);
+  if (nseq == 0) return out;
+  const CudaDriver& d = device_.driver();
+  CUstream stream = device_.stream();
+
+  uint8_t* hp = host + hPlan;
+  std::memcpy(hp, plan.n.data(), nseq * 4);
+  std::memcpy(hp + nseq * 4, plan.flags.data(), nseq * 4);
+  std::memcpy(hp + nseq * 8, plan.invT.data(), nseq * 8);
+  std::memcpy(hp + nseq * 16, plan.topP.data(), nseq * 8);
+  std::memcpy(hp + nseq * 24, plan.u.data(), nseq * 8);
+  check(d.cuMemcpyHtoDAsync(dev + oPlan, hp, nseq * 8, stream), "cuMemcpyHtoDAsync (sampling plan)");
+  check(d.cuMemcpyHtoDAsync(dev + oDoubles, hp + nseq * 8, nseq * 24, stream), "cuMemcpyHtoDAsync (sampling plan)");
+  CUdeviceptr dN = dev + oPlan, dFlags = dN + nseq * 4;
+  CUdeviceptr dInvT = dev + oDoubles, dTopP = dInvT + nseq * 8, dU = dTopP + nseq * 8, candV = dev + oCandV, candI = dev + oCandI, topV = dev + oTopV, topI = dev + oTopI;
+  CUdeviceptr ints = dev + oInts, dbl = dev + oDbl;
+  const int V = static_cast<int>(vocab), ichunks = static_cast<int>(chunks);
+  launch(fn_.sampleChunkTop, static_cast<unsigned>(nseq), static_cast<unsigned>(chunks), kSampleThreads, logits, V, dN,
+         maxN, candV, candI);
+  launch(fn_.sampleFinish, static_cast<unsigned>(nseq), 1, kSampleThreads, logits, V, ichunks, maxN, candV, candI, dN,
+         dFlags, dInvT, dTopP, dU, topV, topI, ints, dbl);
+  check(d.cuMemcpyDtoHAsync(host + hOut, topV, outBytes, stream), "cuMemcpyDtoHAsync (sampling)");
+  check(d.cuStreamSynchronize(stream), "forward pass");
+  const uint8_t* ho = host + hOut;
+  out.topLogits.resize(nseq * maxN);
+  out.topIds.resize(nseq * maxN);
+  out.ints.resize(nseq * 4);
+  out.dbl.resize(nseq * 4);
+  std::memcpy(out.topLogits.data(), ho, nseq * maxN * 4);
+  std::memcpy(out.topIds.data(), ho + (oTopI - oTopV), nseq * maxN * 4);
+  std::memcpy(out.ints.data(), ho + (oInts - oTopV), nseq * 16);
+  std::memcpy(out.dbl.data(), ho + (oDbl - oTopV), nseq * 32);
+
+  for (size_t r = 0; r < nseq; ++r)
+    if (plan.n[r] > 0 && ((plan.flags[r] & kSampleFullRow) || out.ints[r * 4 + 2])) out.fullRows.push_back(static_cast<int32_t>(r));
+  if (!out.fullRows.empty()) {
+    for (size_t i = 0; i < out.fullRows.size(); ++i)
+      check(d.cuMemcpyDtoHAsync(host + hFull + i * vocab * 4, logits + static_cast<size_t>(out.fullRows[i]) * vocab * 4,
+                                vocab * 4, stream),
+            "cuMemcpyDtoHAsync (logits rows)");
+    check(d.cuStreamSynchronize(stream), "cuStreamSynchronize (logits rows)");
+    out.full.resize(out.fullRows.size() * vocab);
+    std::memcpy(out.full.data(), host + hFull, out.full.size() * 4);
+  }
   return out;
 }
 

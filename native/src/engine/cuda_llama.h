@@ -30,6 +30,26 @@ struct GpuKvPool {
   KvLayout layout = KvLayout::BlockMajor;
 };
 
+// What the sampler (lib/engine/sampler.ts) needs from each row of logits, per row: n best candidates (0: skip
+// the row), flags (kSample* below), 1 / temperature, top-p and the uniform for the plain draw.
+struct SamplePlan {
+  std::vector<int32_t> n, flags;
+  std::vector<double> invT, topP, u;
+};
+constexpr int32_t kSampleLse = 1, kSampleExpSum = 2, kSamplePlain = 4, kSampleTopP = 8, kSampleFullRow = 16;
+// The largest n a plan may ask for.
+constexpr int32_t kSampleMaxCandidates = 64;
+
+struct SampledRows {
+  size_t nseq = 0, maxN = 0;
+  std::vector<int32_t> ints;       // nseq x 4: best id, drawn id (plain), needs the whole row (top-p), 0
+  std::vector<double> dbl;         // nseq x 4: max logit, sum exp((l - max) / T), log-sum-exp, drawn logit
+  std::vector<int32_t> topIds;     // nseq x maxN, best first (-1 past the last)
+  std::vector<float> topLogits;    // nseq x maxN
+  std::vector<int32_t> fullRows;   // rows whose whole logits follow (asked with kSampleFullRow, or top-p short)
+  std::vector<float> full;         // fullRows.size() x vocab
+};
+
 class CudaLlama {
  public:
   // Any thread: checks the config and the pool's size, lays the weights out. Throws BadInput.
@@ -53,6 +73,9 @@ class CudaLlama {
 
   // Device thread: as CpuLlama::forward (same validation, same contract), on the GPU.
   std::vector<float> forward(const ForwardInput& in);
+  // Device thread: the same pass, then the sampling kernels over the logits; only what `plan` asks for comes
+  // back to the host. Throws BadInput on a malformed plan.
+  SampledRows forwardSampled(const ForwardInput& in, const SamplePlan& plan);
   void abort() { aborted_.store(true); }
 
  private:
@@ -66,6 +89,11 @@ class CudaLlama {
     size_t inputNorm, postNorm, wqkv, bqkv, wo, bo, wgateUp, wdown;
   };
 
+  // Validates and runs the model on the stream (not synchronised); returns the logits' device address
+  // (nseq x vocab fp32). extraDevice / extraHost bytes are reserved after the pass's own scratch and
+  // staging and returned through the last two arguments.
+  CUdeviceptr runModel(const ForwardInput& in, size_t extraDevice, size_t extraHost, CUdeviceptr& extraDev,
+                       uint8_t*& extraHostPtr);
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, size_t rows, size_t cols);
   CUdeviceptr weight(size_t offset) const { return weights_->ptr + offset; }
@@ -95,7 +123,7 @@ class CudaLlama {
   void* pinned_ = nullptr;
   size_t pinnedBytes_ = 0;
   struct {
-    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, siluMul;
+    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, siluMul, sampleChunkTop, sampleFinish;
   } fn_{};
   bool released_ = false;
   std::atomic<bool> aborted_{false};

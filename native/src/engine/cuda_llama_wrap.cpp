@@ -35,6 +35,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CudaLlamaWrap::MissingWeights>("missingWeights"),
                                         InstanceMethod<&CudaLlamaWrap::Ready>("ready"),
                                         InstanceMethod<&CudaLlamaWrap::Forward>("forward"),
+                                        InstanceMethod<&CudaLlamaWrap::ForwardSampled>("forwardSampled"),
                                         InstanceMethod<&CudaLlamaWrap::Dispose>("dispose"),
                                         InstanceAccessor<&CudaLlamaWrap::GetWeightBytes>("weightBytes"),
                                         InstanceAccessor<&CudaLlamaWrap::GetDisposed>("disposed"),
@@ -182,6 +183,57 @@ Napi::Value CudaLlamaWrap::Forward(const Napi::CallbackInfo& info) {
       [](Napi::Env env, std::vector<float>& logits) -> Napi::Value {
         Napi::Float32Array out = Napi::Float32Array::New(env, logits.size());
         if (!logits.empty()) std::memcpy(out.Data(), logits.data(), logits.size() * sizeof(float));
+        return out;
+      });
+}
+
+namespace {
+
+template <typename T>
+std::vector<T> copyOf(Napi::Env env, const Napi::Object& o, const char* name, napi_typedarray_type type) {
+  void* data = nullptr;
+  size_t length = 0;
+  viewOf(env, field(o, name), type, &data, &length, (std::string("plan.") + name).c_str());
+  const T* p = static_cast<const T*>(data);
+  return std::vector<T>(p, p + length);
+}
+
+template <typename ArrayT, typename T>
+ArrayT typedArray(Napi::Env env, const std::vector<T>& v) {
+  ArrayT a = ArrayT::New(env, v.size());
+  if (!v.empty()) std::memcpy(a.Data(), v.data(), v.size() * sizeof(T));
+  return a;
+}
+
+}  // namespace
+
+// forwardSampled(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens, plan) -> Promise of
+// { maxN, ints, dbl, topIds, topLogits, fullRows, full } (SampledRows in cuda_llama.h); plan: { n, flags: Int32Array,
+// invT, topP, u: Float64Array }, one entry per sequence.
+Napi::Value CudaLlamaWrap::ForwardSampled(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CudaLlama> model = model_;
+  WorkQueue& queue = liveQueue(env);
+  auto input = parseForwardInput(info);
+  if (!info[6].IsObject()) throw Napi::TypeError::New(env, "forwardSampled expects a sampling plan object");
+  Napi::Object o = info[6].As<Napi::Object>();
+  auto plan = std::make_shared<SamplePlan>();
+  plan->n = copyOf<int32_t>(env, o, "n", napi_int32_array);
+  plan->flags = copyOf<int32_t>(env, o, "flags", napi_int32_array);
+  plan->invT = copyOf<double>(env, o, "invT", napi_float64_array);
+  plan->topP = copyOf<double>(env, o, "topP", napi_float64_array);
+  plan->u = copyOf<double>(env, o, "u", napi_float64_array);
+  return runAsync<SampledRows>(
+      env, queue, [model, input, plan]() { return translated([&] { return model->forwardSampled(*input, *plan); }); },
+      [](Napi::Env env, SampledRows& rows) -> Napi::Value {
+        Napi::Object out = Napi::Object::New(env);
+        out.Set("maxN", Napi::Number::New(env, static_cast<double>(rows.maxN)));
+        out.Set("ints", typedArray<Napi::Int32Array>(env, rows.ints));
+        out.Set("dbl", typedArray<Napi::Float64Array>(env, rows.dbl));
+        out.Set("topIds", typedArray<Napi::Int32Array>(env, rows.topIds));
+        out.Set("topLogits", typedArray<Napi::Float32Array>(env, rows.topLogits));
+        out.Set("fullRows", typedArray<Napi::Int32Array>(env, rows.fullRows));
+        out.Set("full", typedArray<Napi::Float32Array>(env, rows.full));
         return out;
       });
 }

@@ -45,7 +45,10 @@ void viewOf(Napi::Env env, const Napi::Value& value, napi_typedarray_type want, 
   if (!value.IsTypedArray() ||
       napi_get_typedarray_info(env, value, &type, length, data, &arrayBuffer, &byteOffset) != napi_ok ||
       type != want) {
-    const char* name = want == napi_uint8_array ? "a Uint8Array" : want == napi_float32_array ? "a Float32Array" : "an Int32Array";
+    const char* name = want == napi_uint8_array     ? "a Uint8Array"
+                       : want == napi_float32_array ? "a Float32Array"
+                       : want == napi_float64_array ? "a Float64Array"
+                                                    : "an Int32Array";
     throw Napi::TypeError::New(env, std::string(what) + " must be " + name);
   }
 }
