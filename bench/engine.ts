@@ -1,7 +1,7 @@
 /**
  * npm run bench:engine [-- --model dummy:<preset>] [-- --device cpu|cuda|auto] [-- --prompt N]
  *                      [-- --batch 1,8,32] [-- --steps N] [-- --threads N] [-- --sampling device|host]
- *                      [-- --quick] [-- --json FILE]
+ *                      [-- --graphs on|off] [-- --quick] [-- --json FILE]
  *
  * Forward speed of the engine's model runners (lib/engine/cpu.ts, lib/engine/cuda.ts) on one device, against
  * the memory-bandwidth bound of the same device measured in the same run:
@@ -378,8 +378,12 @@ async function main(): Promise<void> {
       json: { type: 'string' },
       quick: { type: 'boolean', default: false },
       sampling: { type: 'string', default: 'device' },
+      graphs: { type: 'string', default: 'on' },
     },
   });
+  if (values.graphs !== 'on' && values.graphs !== 'off')
+    throw new BadArgumentError(`--graphs must be on or off (got ${values.graphs})`);
+  const graphs = values.graphs === 'on';
   if (values.sampling !== 'device' && values.sampling !== 'host')
     throw new BadArgumentError(`--sampling must be device or host (got ${values.sampling})`);
   const sampling = values.sampling;
@@ -442,6 +446,7 @@ async function main(): Promise<void> {
         blockSize: BLOCK_SIZE,
         weights: model,
         onProgress,
+        cudaGraphs: graphs,
       });
       deviceLine = `cuda:${dev.ordinal} ${dev.name}, bf16 weights and KV, fp32 accumulation`;
     } else {
@@ -547,7 +552,10 @@ async function main(): Promise<void> {
         `KV blocks of ${BLOCK_SIZE} tokens${quick ? ', --quick' : ''}; ` +
         (sampling === 'device' && runner instanceof CudaModelRunner
           ? 'greedy token ids from the device (--sampling device)'
-          : 'whole logits back to the host each step (--sampling host)'),
+          : 'whole logits back to the host each step (--sampling host)') +
+        (runner instanceof CudaModelRunner
+          ? `; decode steps ${runner.cudaGraphs.active ? 'replayed as CUDA graphs' : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`}`
+          : ''),
     ];
     console.log(header.join('\n'));
     printTable(rows);
@@ -582,6 +590,7 @@ async function main(): Promise<void> {
               blockSize: BLOCK_SIZE,
               numBlocks,
               sampling: sampling === 'device' && runner instanceof CudaModelRunner ? 'device' : 'host',
+              ...(runner instanceof CudaModelRunner ? { cudaGraphs: runner.cudaGraphs } : {}),
             },
             baseline,
             rows,

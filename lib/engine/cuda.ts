@@ -43,6 +43,11 @@ export interface CudaModelRunnerOptions {
   weights: WeightSource | string;
   /** Seed of `dummy:` weights when `weights` is a name. */
   seed?: number;
+  /**
+   * Decode steps (one token per sequence) replay a CUDA graph captured once per batch shape instead of issuing
+   * each kernel and GEMM from the host. Default true; `cudaGraphs` says whether they are in use.
+   */
+  cudaGraphs?: boolean;
   /** Called after each tensor is on the GPU: tensors done, tensors in all, its name. */
   onProgress?: (loaded: number, total: number, name: string) => void;
 }
@@ -163,6 +168,7 @@ export class CudaModelRunner implements ModelRunner {
             layout,
             kvBuffer: buffer.raw,
             cublas: libraryCandidates().cublas,
+            cudaGraphs: options.cudaGraphs ?? true,
           }),
       );
       const model = raw;
@@ -185,6 +191,11 @@ export class CudaModelRunner implements ModelRunner {
       if (ownsDevice) await device.dispose().catch(() => {});
       throw error;
     }
+  }
+
+  /** Whether decode steps replay CUDA graphs, and why not when capturing failed (they then run eagerly). */
+  get cudaGraphs(): { active: boolean; reason: string | null } {
+    return this.raw.cudaGraphs;
   }
 
   /** bf16 bytes the weights take on the GPU. */

@@ -203,10 +203,13 @@ export interface RawCudaLlamaOptions extends Omit<RawCpuLlamaOptions, 'kvBuffer'
   kvBuffer: RawDeviceBuffer;
   /** cuBLAS library candidates, tried in order (lib/native/libraries.ts). */
   cublas: string[];
+  /** Replay decode steps as CUDA graphs (default true). */
+  cudaGraphs?: boolean;
 }
 
 export interface RawCudaLlama {
   readonly weightBytes: number;
+  readonly cudaGraphs: { active: boolean; reason: string | null };
   readonly disposed: boolean;
   init(): Promise<void>;
   setWeight(name: string, data: Float32Array): Promise<void>;

@@ -16,6 +16,8 @@ typedef struct CUmod_st* CUmodule;
 typedef struct CUfunc_st* CUfunction;
 typedef struct CUstream_st* CUstream;
 typedef struct CUevent_st* CUevent;
+typedef struct CUgraph_st* CUgraph;
+typedef struct CUgraphExec_st* CUgraphExec;
 typedef uint64_t cuuint64_t;
 
 struct CUuuid {
@@ -133,5 +135,13 @@ typedef CUresult (*PFN_cuLaunchKernel)(CUfunction f, unsigned gridX, unsigned gr
                                        unsigned blockX, unsigned blockY, unsigned blockZ,
                                        unsigned sharedMemBytes, CUstream stream, void** kernelParams,
                                        void** extra);
+// Stream capture into CUDA graphs (CUstreamCaptureMode: 0 global, 1 thread-local, 2 relaxed).
+enum : int { CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1 };
+typedef CUresult (*PFN_cuStreamBeginCapture)(CUstream stream, int mode);
+typedef CUresult (*PFN_cuStreamEndCapture)(CUstream stream, CUgraph* graph);
+typedef CUresult (*PFN_cuGraphInstantiateWithFlags)(CUgraphExec* exec, CUgraph graph, unsigned long long flags);
+typedef CUresult (*PFN_cuGraphLaunch)(CUgraphExec exec, CUstream stream);
+typedef CUresult (*PFN_cuGraphExecDestroy)(CUgraphExec exec);
+typedef CUresult (*PFN_cuGraphDestroy)(CUgraph graph);
 
 }  // extern "C"

@@ -156,6 +156,76 @@ describe.skipIf(!gate.run)('GPU engine', () => {
     },
   );
 
+  it('decode steps replayed as CUDA graphs equal eager steps (shapes change, scratch grows between)', async () => {
+    const config = dummyConfig('tiny');
+    const make = (cudaGraphs: boolean) =>
+      CudaModelRunner.create({ config, numBlocks: 64, weights: 'dummy:tiny', cudaGraphs });
+    const graphs = await make(true);
+    const eager = await make(false);
+    try {
+      expect(graphs.cudaGraphs).toEqual({ active: true, reason: null });
+      expect(eager.cudaGraphs.active).toBe(false);
+      // Three sequences: prefill, then decode steps over 1, 2 and 3 of them (new shapes), a long prefill in
+      // between (the scratch grows: graphs captured on the old one must not be replayed), more decodes.
+      const mb = 8;
+      const tables = [0, 1, 2].map((s) => Array.from({ length: mb }, (_, j) => s * mb + j));
+      const len = [20, 33, 7];
+      const step = (seqs: number[], ids: number[][]): ForwardBatch => {
+        const tokens: number[] = [];
+        const positions: number[] = [];
+        const seqStarts = [0];
+        const ctx: number[] = [];
+        seqs.forEach((s, i) => {
+          ids[i]!.forEach((t, k) => {
+            tokens.push(t);
+            positions.push(len[s]! + k);
+          });
+          len[s]! += ids[i]!.length;
+          seqStarts.push(tokens.length);
+          ctx.push(len[s]!);
+        });
+        return {
+          tokens: Int32Array.from(tokens),
+          positions: Int32Array.from(positions),
+          seqStarts: Int32Array.from(seqStarts),
+          blockTables: Int32Array.from(seqs.flatMap((s) => tables[s]!)),
+          maxBlocksPerSeq: mb,
+          contextLens: Int32Array.from(ctx),
+        };
+      };
+      const plan: { seqs: number[]; n: number }[] = [
+        { seqs: [0, 1, 2], n: 0 }, // prefill the starts below
+        { seqs: [0], n: 1 },
+        { seqs: [0, 1], n: 1 },
+        { seqs: [0, 1, 2], n: 1 },
+        { seqs: [0, 1], n: 1 },
+        { seqs: [2], n: 60 }, // a long chunk: the scratch grows
+        { seqs: [0, 1, 2], n: 1 },
+        { seqs: [0], n: 1 },
+      ];
+      let steps = 0;
+      const start = [...len];
+      for (const [k, p] of plan.entries()) {
+        const ids = p.seqs.map((s) =>
+          p.n === 0
+            ? Array.from({ length: start[s]! }, (_, i) => (i * 7 + s) % 250)
+            : Array.from({ length: p.n }, (_, i) => (k * 13 + s * 5 + i) % 250),
+        );
+        if (p.n === 0) p.seqs.forEach((s) => (len[s] = 0));
+        const saved = [...len];
+        const a = await graphs.forward(step(p.seqs, ids));
+        len.splice(0, len.length, ...saved);
+        const b = await eager.forward(step(p.seqs, ids));
+        expect(relativeError(a, b), `step ${k}`).toBeLessThan(1e-3);
+        steps++;
+      }
+      expect(steps).toBe(plan.length);
+      expect(graphs.cudaGraphs.active).toBe(true);
+    } finally {
+      await Promise.all([graphs.dispose(), eager.dispose()]);
+    }
+  });
+
   it('rejects a malformed batch with a typed error, writes nothing, and keeps working', async () => {
     const config = dummyConfig('tiny');
     await using gpu = await CudaModelRunner.create({ config, numBlocks: 8, weights: 'dummy:tiny' });

@@ -33,6 +33,8 @@ unsigned normThreads(int hidden) {
 // Sampling kernels' geometry (native/kernels/llama.cu, namespace tandem_sample).
 constexpr size_t kSampleChunk = 8192, kSampleMerge = 4096;
 constexpr unsigned kSampleThreads = 512;
+// Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
+constexpr size_t kMaxGraphs = 64;
 
 struct Carver {
   size_t used = 0;
@@ -45,8 +47,9 @@ struct Carver {
 
 }  // namespace
 
-CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaConfig& config, const GpuKvPool& pool)
-    : device_(device), cublas_(cublas), config_(config), pool_(pool) {
+CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaConfig& config, const GpuKvPool& pool,
+                     bool cudaGraphs)
+    : device_(device), cublas_(cublas), config_(config), pool_(pool), cudaGraphs_(cudaGraphs) {
   const LlamaConfig& c = config_;
   checkConfig(c);
   if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");
@@ -146,6 +149,7 @@ void CudaLlama::release() {
   released_ = true;
   const CudaDriver& d = device_.driver();
   d.cuStreamSynchronize(device_.stream());
+  dropGraphs();
   if (handle_) cublas_.destroy(handle_);
   handle_ = nullptr;
   for (auto* a : {&weights_, &invFreqMem_, &scratch_}) {
@@ -202,6 +206,11 @@ std::vector<std::string> CudaLlama::missingWeights() const {
   return out;
 }
 
+void CudaLlama::dropGraphs() {
+  for (auto& [key, exec] : graphs_) device_.driver().cuGraphExecDestroy(exec);
+  graphs_.clear();
+}
+
 void CudaLlama::ensureScratch(size_t deviceBytes, size_t hostBytes) {
   const CudaDriver& d = device_.driver();
   if (deviceBytes > 0 && (!scratch_ || scratch_->bytes < deviceBytes)) {
@@ -210,6 +219,7 @@ void CudaLlama::ensureScratch(size_t deviceBytes, size_t hostBytes) {
     scratch_.reset();
     // A little headroom, so that batches that grow slowly do not reallocate every step.
     scratch_ = device_.allocate(alignUp(deviceBytes + deviceBytes / 4), "cuMemAlloc (activations)");
+    ++scratchGeneration_;  // graphs captured on the old scratch are stale
   }
   if (hostBytes > pinnedBytes_) {
     check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize");
@@ -304,28 +314,72 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   const unsigned nt = normThreads(hidden);
   // One query's keys are all the work in decode: more warps per (token, head) there (see llama.cu).
   const unsigned attnThreads = ntok <= 256 ? 512 : 128;
-  launch(fn_.embed, itok, 1, 256, weight(embed_), dTokens, hidden, x);
-  for (int l = 0; l < L; ++l) {
-    if (aborted_.load()) {
-      d.cuStreamSynchronize(stream);
-      throw Aborted("the model was disposed during a forward pass");
+  auto enqueue = [&](bool capturing) {
+    launch(fn_.embed, itok, 1, 256, weight(embed_), dTokens, hidden, x);
+    for (int l = 0; l < L; ++l) {
+      if (!capturing && aborted_.load()) {
+        d.cuStreamSynchronize(stream);
+        throw Aborted("the model was disposed during a forward pass");
+      }
+      const LayerOffsets& W = layers_[l];
+      launch(fn_.addRmsNorm, itok, 1, nt, x, l == 0 ? null : tmp, weight(W.inputNorm), hidden, eps, null, xn);
+      gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
+      if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
+      launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
+      launch(fn_.attention, itok, H, attnThreads, qkv, dPositions, dTokenSeqs, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
+             D, c.slidingWindow, scale, attn);
+      gemm(attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, tmp);
+      if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, tmp, weight(W.bo), hidden);
+      launch(fn_.addRmsNorm, itok, 1, nt, x, tmp, weight(W.postNorm), hidden, eps, null, xn);
+      gemm(xn, itok, hidden, weight(W.wgateUp), 2 * iinter, gateUp);
+      launch(fn_.siluMul, itok, 1, 256, gateUp, iinter, act);
+      gemm(act, itok, iinter, weight(W.wdown), hidden, tmp);
     }
-    const LayerOffsets& W = layers_[l];
-    launch(fn_.addRmsNorm, itok, 1, nt, x, l == 0 ? null : tmp, weight(W.inputNorm), hidden, eps, null, xn);
-    gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
-    if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
-    launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
-    launch(fn_.attention, itok, H, attnThreads, qkv, dPositions, dTokenSeqs, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
-           D, c.slidingWindow, scale, attn);
-    gemm(attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, tmp);
-    if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, tmp, weight(W.bo), hidden);
-    launch(fn_.addRmsNorm, itok, 1, nt, x, tmp, weight(W.postNorm), hidden, eps, null, xn);
-    gemm(xn, itok, hidden, weight(W.wgateUp), 2 * iinter, gateUp);
-    launch(fn_.siluMul, itok, 1, 256, gateUp, iinter, act);
-    gemm(act, itok, iinter, weight(W.wdown), hidden, tmp);
+    launch(fn_.addRmsNorm, static_cast<unsigned>(nseq), 1, nt, x, tmp, weight(finalNorm_), hidden, eps, dLastRows, last);
+    gemm(last, static_cast<int>(nseq), hidden, weight(lmHead_), static_cast<int>(vocab), logits);
+  };
+  if (cudaGraphs_ && ntok == nseq) {
+    // Decode: replay the pass captured for this shape (kernel arguments are baked in: scratch addresses, sizes).
+    if (graphsGeneration_ != scratchGeneration_) {
+      dropGraphs();
+      graphsGeneration_ = scratchGeneration_;
+    }
+    const std::pair<size_t, int> key{nseq, mb};
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) {
+      if (graphs_.size() >= kMaxGraphs) dropGraphs();
+      CUgraph graph = nullptr;
+      CUgraphExec exec = nullptr;
+      try {
+        check(d.cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
+        try {
+          enqueue(true);
+        } catch (...) {
+          d.cuStreamEndCapture(stream, &graph);
+          throw;
+        }
+        check(d.cuStreamEndCapture(stream, &graph), "cuStreamEndCapture");
+        check(d.cuGraphInstantiateWithFlags(&exec, graph, 0), "cuGraphInstantiateWithFlags");
+      } catch (const NativeError& e) {
+        // Something in the pass cannot be captured here: run eagerly from now on, and say why (graphsReason()).
+        if (graph) d.cuGraphDestroy(graph);
+        cudaGraphs_ = false;
+        {
+          std::lock_guard<std::mutex> lock(slotsMutex_);
+          graphsReason_ = e.what();
+        }
+        enqueue(false);
+        graph = nullptr;
+      }
+      if (graph) {
+        d.cuGraphDestroy(graph);
+        it = graphs_.emplace(key, exec).first;
+      }
+    }
+    if (it != graphs_.end()) check(d.cuGraphLaunch(it->second, stream), "cuGraphLaunch");
+  } else {
+    enqueue(false);
   }
-  launch(fn_.addRmsNorm, static_cast<unsigned>(nseq), 1, nt, x, tmp, weight(finalNorm_), hidden, eps, dLastRows, last);
-  gemm(last, static_cast<int>(nseq), hidden, weight(lmHead_), static_cast<int>(vocab), logits);
   extraDev = base + oExtra;
   extraHostPtr = static_cast<uint8_t*>(pinned_) + hostExtraAt;
   return logits;

@@ -53,7 +53,10 @@ struct SampledRows {
 class CudaLlama {
  public:
   // Any thread: checks the config and the pool's size, lays the weights out. Throws BadInput.
-  CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaConfig& config, const GpuKvPool& pool);
+  // cudaGraphs: decode steps (one token per sequence) replay a CUDA graph captured once per (sequences,
+  // blocks per sequence) instead of issuing their ~10 launches per layer one by one.
+  CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaConfig& config, const GpuKvPool& pool,
+            bool cudaGraphs = true);
   ~CudaLlama();
   CudaLlama(const CudaLlama&) = delete;
   CudaLlama& operator=(const CudaLlama&) = delete;
@@ -70,6 +73,12 @@ class CudaLlama {
   void setWeight(const std::string& name, const float* data, size_t count);
   std::vector<std::string> missingWeights() const;
   size_t weightBytes() const { return weightBytes_; }
+  // Whether decode steps replay CUDA graphs; when capture failed, why (and they run eagerly).
+  bool graphsActive() const { return cudaGraphs_; }
+  std::string graphsReason() const {
+    std::lock_guard<std::mutex> lock(slotsMutex_);
+    return graphsReason_;
+  }
 
   // Device thread: as CpuLlama::forward (same validation, same contract), on the GPU.
   std::vector<float> forward(const ForwardInput& in);
@@ -102,6 +111,9 @@ class CudaLlama {
   template <typename... Args>
   void launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned block, Args... args);
   void check(CUresult r, const char* what) const { device_.check(r, what); }
+  // The layers, final norm and lm_head of one pass, on the stream (eager, or while capturing).
+  void enqueueLayers(const ForwardInput& in, CUdeviceptr base, const size_t* offsets, CUdeviceptr dInts, bool capturing);
+  void dropGraphs();
 
   CudaDevice& device_;
   const CublasApi& cublas_;
@@ -115,7 +127,7 @@ class CudaLlama {
   std::vector<LayerOffsets> layers_;
   std::map<std::string, Slot> slots_;
   std::vector<std::string> order_;
-  mutable std::mutex slotsMutex_;  // guards Slot::set (written on the device thread, read on the JS thread)
+  mutable std::mutex slotsMutex_;  // guards Slot::set and graphsReason_ (written on the device thread, read on JS's)
 
   // Device thread only:
   cublasHandle handle_ = nullptr;
@@ -126,6 +138,11 @@ class CudaLlama {
     CUfunction embed, addRmsNorm, addBias, ropeKv, attention, siluMul, sampleChunkTop, sampleFinish;
   } fn_{};
   bool released_ = false;
+  std::atomic<bool> cudaGraphs_{true};
+  std::string graphsReason_;
+  // Decode graphs by (sequences, blocks per sequence), valid for the scratch allocation they were captured on.
+  std::map<std::pair<size_t, int>, CUgraphExec> graphs_;
+  uint64_t scratchGeneration_ = 0, graphsGeneration_ = 0;
   std::atomic<bool> aborted_{false};
 };
 

@@ -39,6 +39,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CudaLlamaWrap::Dispose>("dispose"),
                                         InstanceAccessor<&CudaLlamaWrap::GetWeightBytes>("weightBytes"),
                                         InstanceAccessor<&CudaLlamaWrap::GetDisposed>("disposed"),
+                                        InstanceAccessor<&CudaLlamaWrap::GetCudaGraphs>("cudaGraphs"),
                                     });
   exports.Set("CudaLlama", ctor);
 }
@@ -80,7 +81,8 @@ CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
   const CublasApi& cublas = loadCublas(candidates);
 
   try {
-    model_ = std::make_shared<CudaLlama>(*device_, cublas, c, pool);
+    Napi::Value graphs = field(o, "cudaGraphs");
+    model_ = std::make_shared<CudaLlama>(*device_, cublas, c, pool, graphs.IsUndefined() ? true : flag(o, "cudaGraphs"));
   } catch (const BadInput& e) {
     badArgument(env, e.what());
   }
@@ -260,6 +262,16 @@ Napi::Value CudaLlamaWrap::Dispose(const Napi::CallbackInfo& info) {
 
 Napi::Value CudaLlamaWrap::GetWeightBytes(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), model_ ? static_cast<double>(model_->weightBytes()) : 0);
+}
+
+// { active, reason }: whether decode steps replay CUDA graphs; reason says why not when capture failed.
+Napi::Value CudaLlamaWrap::GetCudaGraphs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("active", Napi::Boolean::New(env, model_ && model_->graphsActive()));
+  std::string reason = model_ ? model_->graphsReason() : "";
+  out.Set("reason", reason.empty() ? env.Null() : Napi::String::New(env, reason));
+  return out;
 }
 
 Napi::Value CudaLlamaWrap::GetDisposed(const Napi::CallbackInfo& info) {

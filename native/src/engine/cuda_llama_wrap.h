@@ -34,6 +34,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value GetWeightBytes(const Napi::CallbackInfo& info);
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
+  Napi::Value GetCudaGraphs(const Napi::CallbackInfo& info);
 
   std::shared_ptr<CudaLlama> model_;
   CudaDevice* device_ = nullptr;
