@@ -200,6 +200,93 @@ extern "C" __global__ void __launch_bounds__(kAttnWarps * 32)
   }
 }
 
+// Paged attention for prefill: the same contract as tandem_llama_attention, organised for long prompts. A
+// block takes one query token and one KV head, with one warp per query head of that head's GQA group; keys
+// and values come through shared memory 32 at a time (one load serves the whole group). In a tile each lane
+// scores one key against the warp's query (a full dot product, no per-key reduction), the warp updates its
+// online softmax once per tile, then each lane accumulates its dims of V. Grid: (ntok, numKvHeads); block:
+// (numHeads / numKvHeads) * 32 threads. Needs headDim even and <= kTiledMaxDim, group <= kTiledMaxGroup.
+constexpr int kTiledKeys = 32;
+constexpr int kTiledMaxDim = 128;
+constexpr int kTiledMaxGroup = 16;
+
+extern "C" __global__ void __launch_bounds__(kTiledMaxGroup * 32)
+    tandem_llama_attention_tiled(const float* qkv, const int32_t* positions, const int32_t* tokenSeqs,
+                                 const int32_t* blockTables, int maxBlocksPerSeq, const bf16* pool, int layer,
+                                 int numLayers, int numBlocks, int blockSize, int blockMajor, int numHeads,
+                                 int numKvHeads, int headDim, int slidingWindow, float scale, bf16* out) {
+  constexpr int kRow = kTiledMaxDim + 2;  // padded row (bf16): lane j's reads of row j fall in distinct banks
+  __shared__ float qs[kTiledMaxGroup][kTiledMaxDim];
+  __shared__ __align__(16) bf16 ks[kTiledKeys][kRow];
+  __shared__ __align__(16) bf16 vs[kTiledKeys][kRow];
+  const int t = blockIdx.x, g = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nthreads = blockDim.x;
+  const int group = numHeads / numKvHeads, h = g * group + warp;
+  const int kvDim = numKvHeads * headDim, qDim = numHeads * headDim, half = headDim / 2;
+  const float* q = qkv + (size_t)t * (qDim + 2 * kvDim) + h * headDim;
+  for (int d = lane; d < headDim; d += 32) qs[warp][d] = q[d] * scale;
+  const int p = positions[t];
+  const int start = slidingWindow > 0 ? max(0, p - slidingWindow + 1) : 0;
+  const int32_t* table = blockTables + (size_t)tokenSeqs[t] * maxBlocksPerSeq;
+  const size_t tile = (size_t)blockSize * kvDim;
+  const int dims = (headDim + 31) / 32;
+  float acc[kTiledMaxDim / 32];
+#pragma unroll
+  for (int i = 0; i < kTiledMaxDim / 32; ++i) acc[i] = 0.0f;
+  float m = -INFINITY, l = 0.0f;
+  for (int j0 = start - start % kTiledKeys; j0 <= p; j0 += kTiledKeys) {
+    __syncthreads();  // the previous tile is consumed (and qs written, on the first pass)
+    // Load keys j0 .. j0+31 that this query may see; others get zero V (their weight is 0).
+    for (int e = threadIdx.x; e < kTiledKeys * half; e += nthreads) {
+      int j = e / half, d2 = e % half, key = j0 + j;
+      __nv_bfloat162 kv2, vv2;
+      if (key >= start && key <= p) {
+        int block = table[key / blockSize];
+        size_t off = (size_t)(key % blockSize) * kvDim + (size_t)g * headDim + 2 * d2;
+        kv2 = *reinterpret_cast<const __nv_bfloat162*>(
+            pool + kvTile(layer, 0, block, numLayers, numBlocks, blockMajor) * tile + off);
+        vv2 = *reinterpret_cast<const __nv_bfloat162*>(
+            pool + kvTile(layer, 1, block, numLayers, numBlocks, blockMajor) * tile + off);
+      } else {
+        kv2 = __floats2bfloat162_rn(0.0f, 0.0f);
+        vv2 = kv2;
+      }
+      *reinterpret_cast<__nv_bfloat162*>(&ks[j][2 * d2]) = kv2;
+      *reinterpret_cast<__nv_bfloat162*>(&vs[j][2 * d2]) = vv2;
+    }
+    __syncthreads();
+    const int key = j0 + lane;
+    const bool valid = key >= start && key <= p;
+    float sc = 0.0f;
+    for (int d2 = 0; d2 < half; ++d2) {
+      float2 k2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ks[lane][2 * d2]));
+      sc += qs[warp][2 * d2] * k2.x + qs[warp][2 * d2 + 1] * k2.y;
+    }
+    sc = valid ? sc : -INFINITY;
+    const float mNew = fmaxf(m, warpMax(sc));
+    const float correction = expf(m - mNew);  // m = -inf on the first tile: 0, and acc, l are 0
+    const float w = valid ? expf(sc - mNew) : 0.0f;
+    l = l * correction + warpSum(w);
+#pragma unroll
+    for (int i = 0; i < kTiledMaxDim / 32; ++i) acc[i] *= correction;
+    for (int j = 0; j < kTiledKeys; ++j) {
+      const float wj = __shfl_sync(0xffffffffu, w, j);
+#pragma unroll
+      for (int i = 0; i < kTiledMaxDim / 32; ++i) {
+        int d = lane + 32 * i;
+        if (i < dims && d < headDim) acc[i] += wj * __bfloat162float(vs[j][d]);
+      }
+    }
+    m = mNew;
+  }
+  bf16* o = out + (size_t)t * qDim + h * headDim;
+#pragma unroll
+  for (int i = 0; i < kTiledMaxDim / 32; ++i) {
+    int d = lane + 32 * i;
+    if (i < dims && d < headDim) o[d] = __float2bfloat16(acc[i] / l);
+  }
+}
+
 // act[t, i] = silu(gate) * up, gate and up from the fused gate_up GEMM output [ntok, 2 * inter]. Grid: ntok.
 extern "C" __global__ void tandem_llama_silu_mul(const float* gateUp, int inter, bf16* act) {
   const float* g = gateUp + (size_t)blockIdx.x * 2 * inter;

@@ -156,6 +156,72 @@ describe.skipIf(!gate.run)('GPU engine', () => {
     },
   );
 
+  it.each([null, 100])(
+    'long prefill chunks (tiled attention) agree with the CPU engine (sliding window %s)',
+    async (slidingWindow) => {
+      const config = { ...dummyConfig('tiny'), slidingWindow };
+      const numBlocks = 96;
+      const cpu = await CpuModelRunner.create({ config, numBlocks, threads: 2, weights: 'dummy:tiny' });
+      const gpu = await CudaModelRunner.create({ config, numBlocks, weights: 'dummy:tiny' });
+      try {
+        const mb = 40;
+        const tableA = Array.from({ length: mb }, (_, j) => (j * 7) % 80); // scattered, distinct
+        const tableB = Array.from({ length: 4 }, (_, j) => 80 + j);
+        const a = Array.from({ length: 600 }, (_, i) => (i * 31 + 3) % 256);
+        const b = Array.from({ length: 40 }, (_, i) => (i * 17 + 9) % 256);
+        type Part = { ids: number[]; start: number; table: number[] };
+        const steps: Part[][] = [
+          [{ ids: a.slice(0, 300), start: 0, table: tableA }], // 300 tokens: tiled
+          [
+            { ids: a.slice(300, 580), start: 300, table: tableA },
+            { ids: b.slice(0, 30), start: 0, table: tableB },
+          ], // 310 tokens over two sequences: tiled
+          [
+            { ids: [a[580]!], start: 580, table: tableA },
+            { ids: [b[30]!], start: 30, table: tableB },
+          ], // decode
+        ];
+        let worst = 0;
+        for (const [k, parts] of steps.entries()) {
+          const tokens: number[] = [];
+          const positions: number[] = [];
+          const seqStarts = [0];
+          const tables: number[] = [];
+          const ctx: number[] = [];
+          for (const part of parts) {
+            part.ids.forEach((t, i) => {
+              tokens.push(t);
+              positions.push(part.start + i);
+            });
+            seqStarts.push(tokens.length);
+            tables.push(...part.table, ...Array<number>(mb - part.table.length).fill(-1));
+            ctx.push(part.start + part.ids.length);
+          }
+          const batch: ForwardBatch = {
+            tokens: Int32Array.from(tokens),
+            positions: Int32Array.from(positions),
+            seqStarts: Int32Array.from(seqStarts),
+            blockTables: Int32Array.from(tables),
+            maxBlocksPerSeq: mb,
+            contextLens: Int32Array.from(ctx),
+          };
+          const [c, g] = await Promise.all([cpu.forward(batch), gpu.forward(batch)]);
+          const V = config.vocabSize;
+          for (let s = 0; s < parts.length; s++) {
+            const rel = relativeError(g.subarray(s * V, (s + 1) * V), c.subarray(s * V, (s + 1) * V));
+            worst = Math.max(worst, rel);
+            expect(rel, `step ${k}, sequence ${s}`).toBeLessThan(BF16_TOLERANCE);
+          }
+        }
+        console.log(
+          `[figure] long prefill chunks (window ${slidingWindow}): GPU vs CPU worst relative logit error ${worst.toExponential(2)}`,
+        );
+      } finally {
+        await Promise.all([cpu.dispose(), gpu.dispose()]);
+      }
+    },
+  );
+
   it('decode steps replayed as CUDA graphs equal eager steps (shapes change, scratch grows between)', async () => {
     const config = dummyConfig('tiny');
     const make = (cudaGraphs: boolean) =>

@@ -33,6 +33,8 @@ unsigned normThreads(int hidden) {
 // Sampling kernels' geometry (native/kernels/llama.cu, namespace tandem_sample).
 constexpr size_t kSampleChunk = 8192, kSampleMerge = 4096;
 constexpr unsigned kSampleThreads = 512;
+// tandem_llama_attention_tiled's limits (llama.cu).
+constexpr int kTiledMaxDim = 128, kTiledMaxGroup = 16;
 // Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
 constexpr size_t kMaxGraphs = 64;
 
@@ -125,6 +127,7 @@ void CudaLlama::init() {
   fn_.addBias = device_.function("tandem_llama_add_bias");
   fn_.ropeKv = device_.function("tandem_llama_rope_kv");
   fn_.attention = device_.function("tandem_llama_attention");
+  fn_.attentionTiled = device_.function("tandem_llama_attention_tiled");
   fn_.siluMul = device_.function("tandem_llama_silu_mul");
   fn_.sampleChunkTop = device_.function("tandem_sample_chunk_top");
   fn_.sampleFinish = device_.function("tandem_sample_finish");
@@ -312,8 +315,11 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   const int itok = static_cast<int>(ntok), iinter = static_cast<int>(inter), iq = static_cast<int>(qkvDim_);
   const float eps = c.rmsNormEps, scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const unsigned nt = normThreads(hidden);
-  // One query's keys are all the work in decode: more warps per (token, head) there (see llama.cu).
+  // One query's keys are all the work in decode: more warps per (token, head) there (see llama.cu). Large
+  // prefills go to the tiled kernel (K/V through shared memory, shared by the GQA group) where it applies.
   const unsigned attnThreads = ntok <= 256 ? 512 : 128;
+  const int group = H / KVH;
+  const bool tiled = ntok > 256 && D % 2 == 0 && D <= kTiledMaxDim && group <= kTiledMaxGroup;
   auto enqueue = [&](bool capturing) {
     launch(fn_.embed, itok, 1, 256, weight(embed_), dTokens, hidden, x);
     for (int l = 0; l < L; ++l) {
@@ -326,8 +332,12 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
       if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
       launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
-      launch(fn_.attention, itok, H, attnThreads, qkv, dPositions, dTokenSeqs, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
-             D, c.slidingWindow, scale, attn);
+      if (tiled)
+        launch(fn_.attentionTiled, itok, KVH, static_cast<unsigned>(group) * 32, qkv, dPositions, dTokenSeqs, dTables, mb,
+               kv, l, L, nb, bs, blockMajor, H, KVH, D, c.slidingWindow, scale, attn);
+      else
+        launch(fn_.attention, itok, H, attnThreads, qkv, dPositions, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
+               blockMajor, H, KVH, D, c.slidingWindow, scale, attn);
       gemm(attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, tmp);
       if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, tmp, weight(W.bo), hidden);
       launch(fn_.addRmsNorm, itok, 1, nt, x, tmp, weight(W.postNorm), hidden, eps, null, xn);

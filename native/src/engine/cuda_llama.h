@@ -135,7 +135,7 @@ class CudaLlama {
   void* pinned_ = nullptr;
   size_t pinnedBytes_ = 0;
   struct {
-    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, siluMul, sampleChunkTop, sampleFinish;
+    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, sampleChunkTop, sampleFinish;
   } fn_{};
   bool released_ = false;
   std::atomic<bool> cudaGraphs_{true};
