@@ -115,6 +115,33 @@ export interface CpuModelRunnerOptions {
 }
 
 const LAYOUTS: readonly KvLayout[] = ['block-major', 'layer-major'];
+
+/** A runner's config and layout options, checked (shared by the CPU and GPU runners). */
+export function runnerConfigAndLayout(
+  where: string,
+  options: { config: ModelConfig; layout?: KvLayout },
+): { config: ModelConfig; layout: KvLayout } {
+  const { config } = options;
+  if (typeof config !== 'object' || config === null) throw new BadArgumentError(`${where}: config is required`);
+  const layout = options.layout ?? 'block-major';
+  if (!LAYOUTS.includes(layout))
+    throw new BadArgumentError(`${where}: layout must be one of ${LAYOUTS.join(', ')} (got ${String(layout)})`);
+  return { config, layout };
+}
+
+/** The KvPoolSpec of a runner's pool (NHD tiles in the pool's dtype). */
+export function runnerPoolSpec(pool: KvPool, dtype: KvPoolSpec['dtype']): KvPoolSpec {
+  return {
+    layers: pool.layers,
+    kvHeads: pool.kvHeads,
+    headDim: pool.headDim,
+    blockSize: pool.blockSize,
+    numBlocks: pool.numBlocks,
+    dtype,
+    layout: pool.layout,
+    headLayout: 'NHD',
+  };
+}
 const KERNELS: readonly CpuKernel[] = ['auto', 'avx512', 'avx2', 'generic'];
 
 export class CpuModelRunner implements ModelRunner {
@@ -139,26 +166,13 @@ export class CpuModelRunner implements ModelRunner {
     this.numBlocks = pool.numBlocks;
     this.maxPositions = config.maxPositionEmbeddings;
     this.kvPool = pool;
-    this.kvPoolSpec = {
-      layers: pool.layers,
-      kvHeads: pool.kvHeads,
-      headDim: pool.headDim,
-      blockSize: pool.blockSize,
-      numBlocks: pool.numBlocks,
-      dtype: 'fp32',
-      layout: pool.layout,
-      headLayout: 'NHD',
-    };
+    this.kvPoolSpec = runnerPoolSpec(pool, 'fp32');
   }
 
   /** Builds the model, copies every weight in, and checks that none is missing. */
   static async create(options: CpuModelRunnerOptions): Promise<CpuModelRunner> {
     const where = 'CpuModelRunner.create';
-    const { config } = options;
-    if (typeof config !== 'object' || config === null) throw new BadArgumentError(`${where}: config is required`);
-    const layout = options.layout ?? 'block-major';
-    if (!LAYOUTS.includes(layout))
-      throw new BadArgumentError(`${where}: layout must be one of ${LAYOUTS.join(', ')} (got ${String(layout)})`);
+    const { config, layout } = runnerConfigAndLayout(where, options);
     const kernel = options.kernel ?? 'auto';
     if (!KERNELS.includes(kernel))
       throw new BadArgumentError(`${where}: kernel must be one of ${KERNELS.join(', ')} (got ${String(kernel)})`);

@@ -14,7 +14,15 @@ import { CudaDevice, type DeviceBuffer } from '../cuda/index.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
 import { loadBinding, type RawCudaLlama } from '../native/binding.js';
 import { libraryCandidates } from '../native/libraries.js';
-import { DEFAULT_DUMMY_SEED, loadWeights, nativeModelFields, type NamedTensor, type WeightSource } from './cpu.js';
+import {
+  DEFAULT_DUMMY_SEED,
+  loadWeights,
+  nativeModelFields,
+  runnerConfigAndLayout,
+  runnerPoolSpec,
+  type NamedTensor,
+  type WeightSource,
+} from './cpu.js';
 import { expectedTensors, type ModelConfig } from './model/config.js';
 import type { ForwardBatch, ModelRunner, SampledLogits, SamplePlan } from './runner.js';
 
@@ -52,8 +60,6 @@ export interface CudaModelRunnerOptions {
   onProgress?: (loaded: number, total: number, name: string) => void;
 }
 
-const LAYOUTS: readonly KvLayout[] = ['block-major', 'layer-major'];
-
 /** bf16 bytes of a config's weights (what the GPU runner allocates, give or take alignment). */
 export function gpuWeightBytes(config: ModelConfig): number {
   let elements = 0;
@@ -85,16 +91,7 @@ export class CudaModelRunner implements ModelRunner {
     this.numBlocks = pool.numBlocks;
     this.maxPositions = config.maxPositionEmbeddings;
     this.kvPool = pool;
-    this.kvPoolSpec = {
-      layers: pool.layers,
-      kvHeads: pool.kvHeads,
-      headDim: pool.headDim,
-      blockSize: pool.blockSize,
-      numBlocks: pool.numBlocks,
-      dtype: 'bf16',
-      layout: pool.layout,
-      headLayout: 'NHD',
-    };
+    this.kvPoolSpec = runnerPoolSpec(pool, 'bf16');
   }
 
   /**
@@ -104,11 +101,7 @@ export class CudaModelRunner implements ModelRunner {
    */
   static async create(options: CudaModelRunnerOptions): Promise<CudaModelRunner> {
     const where = 'CudaModelRunner.create';
-    const { config } = options;
-    if (typeof config !== 'object' || config === null) throw new BadArgumentError(`${where}: config is required`);
-    const layout = options.layout ?? 'block-major';
-    if (!LAYOUTS.includes(layout))
-      throw new BadArgumentError(`${where}: layout must be one of ${LAYOUTS.join(', ')} (got ${String(layout)})`);
+    const { config, layout } = runnerConfigAndLayout(where, options);
     if (config.headDim > 256)
       throw new BadArgumentError(`${where}: the GPU engine supports headDim up to 256 (got ${config.headDim})`);
     const blockSize = options.blockSize ?? 16;

@@ -44,6 +44,37 @@ function argmax(row: ArrayLike<number>): number {
   return best;
 }
 
+/** One step's batch from its parts: each sequence's new ids, first position and block table (padded to mb). */
+interface Part {
+  ids: number[];
+  start: number;
+  table: number[];
+}
+function batchOf(parts: Part[], mb: number): ForwardBatch {
+  const tokens: number[] = [];
+  const positions: number[] = [];
+  const seqStarts = [0];
+  const tables: number[] = [];
+  const ctx: number[] = [];
+  for (const part of parts) {
+    part.ids.forEach((t, i) => {
+      tokens.push(t);
+      positions.push(part.start + i);
+    });
+    seqStarts.push(tokens.length);
+    tables.push(...part.table, ...Array<number>(mb - part.table.length).fill(-1));
+    ctx.push(part.start + part.ids.length);
+  }
+  return {
+    tokens: Int32Array.from(tokens),
+    positions: Int32Array.from(positions),
+    seqStarts: Int32Array.from(seqStarts),
+    blockTables: Int32Array.from(tables),
+    maxBlocksPerSeq: mb,
+    contextLens: Int32Array.from(ctx),
+  };
+}
+
 // bf16 weights and KV (8 mantissa bits) against fp32: a relative logit error of a few 1e-3 is what the format
 // gives on these models; 2e-2 leaves room and still catches a wrong kernel (errors of order 1).
 const BF16_TOLERANCE = 2e-2;
@@ -99,7 +130,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
         const prompt = (n: number, salt: number) => Array.from({ length: n }, (_, i) => (i * 37 + salt) % 256);
         const a = prompt(75, 1);
         const b = prompt(25, 7);
-        const steps: { seqs: { ids: number[]; start: number; table: number[] }[] }[] = [
+        const steps: { seqs: Part[] }[] = [
           { seqs: [{ ids: a.slice(0, 40), start: 0, table: tableA }] },
           {
             seqs: [
@@ -117,28 +148,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
           });
         let worst = 0;
         for (const step of steps) {
-          const tokens: number[] = [];
-          const positions: number[] = [];
-          const seqStarts = [0];
-          const tables: number[] = [];
-          const ctx: number[] = [];
-          for (const s of step.seqs) {
-            s.ids.forEach((t, i) => {
-              tokens.push(t);
-              positions.push(s.start + i);
-            });
-            seqStarts.push(tokens.length);
-            tables.push(...s.table, ...Array<number>(mb - s.table.length).fill(-1));
-            ctx.push(s.start + s.ids.length);
-          }
-          const batch: ForwardBatch = {
-            tokens: Int32Array.from(tokens),
-            positions: Int32Array.from(positions),
-            seqStarts: Int32Array.from(seqStarts),
-            blockTables: Int32Array.from(tables),
-            maxBlocksPerSeq: mb,
-            contextLens: Int32Array.from(ctx),
-          };
+          const batch = batchOf(step.seqs, mb);
           const [c, g] = await Promise.all([cpu.forward(batch), gpu.forward(batch)]);
           const V = config.vocabSize;
           for (let s = 0; s < step.seqs.length; s++) {
@@ -169,7 +179,6 @@ describe.skipIf(!gate.run)('GPU engine', () => {
         const tableB = Array.from({ length: 4 }, (_, j) => 80 + j);
         const a = Array.from({ length: 600 }, (_, i) => (i * 31 + 3) % 256);
         const b = Array.from({ length: 40 }, (_, i) => (i * 17 + 9) % 256);
-        type Part = { ids: number[]; start: number; table: number[] };
         const steps: Part[][] = [
           [{ ids: a.slice(0, 300), start: 0, table: tableA }], // 300 tokens: tiled
           [
@@ -183,28 +192,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
         ];
         let worst = 0;
         for (const [k, parts] of steps.entries()) {
-          const tokens: number[] = [];
-          const positions: number[] = [];
-          const seqStarts = [0];
-          const tables: number[] = [];
-          const ctx: number[] = [];
-          for (const part of parts) {
-            part.ids.forEach((t, i) => {
-              tokens.push(t);
-              positions.push(part.start + i);
-            });
-            seqStarts.push(tokens.length);
-            tables.push(...part.table, ...Array<number>(mb - part.table.length).fill(-1));
-            ctx.push(part.start + part.ids.length);
-          }
-          const batch: ForwardBatch = {
-            tokens: Int32Array.from(tokens),
-            positions: Int32Array.from(positions),
-            seqStarts: Int32Array.from(seqStarts),
-            blockTables: Int32Array.from(tables),
-            maxBlocksPerSeq: mb,
-            contextLens: Int32Array.from(ctx),
-          };
+          const batch = batchOf(parts, mb);
           const [c, g] = await Promise.all([cpu.forward(batch), gpu.forward(batch)]);
           const V = config.vocabSize;
           for (let s = 0; s < parts.length; s++) {
