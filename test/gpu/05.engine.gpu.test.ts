@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { BadArgumentError } from '../../lib/errors.js';
+import { BadArgumentError, OutOfMemoryError } from '../../lib/errors.js';
 import { CpuModelRunner } from '../../lib/engine/cpu.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
@@ -408,6 +408,25 @@ describe.skipIf(!gate.run)('GPU engine', () => {
       expect(onDevice[i]!.tokenIds, `request ${i}`).toEqual(onHost[i]!.tokenIds);
       onDevice[i]!.logprobs?.forEach((lp, j) => expect(lp.logprob).toBeCloseTo(onHost[i]!.logprobs![j]!.logprob, 4));
     }
+  });
+
+  it('a model larger than the GPU is refused with OutOfMemoryError before any weight is made; the GPU stays usable', async () => {
+    // A 70B shape with 200 layers: about 350 GB of bf16 weights, more than any one GPU holds (the 80-layer
+    // 70B itself, 141 GB, fits on an H200).
+    const big = { ...dummyConfig('llama-3.1-70b'), numLayers: 200 };
+    let loaded = 0;
+    const onProgress = () => void loaded++;
+    await expect(
+      CudaModelRunner.create({ config: big, weights: 'dummy:llama-3.1-70b', onProgress }),
+    ).rejects.toBeInstanceOf(OutOfMemoryError);
+    await expect(
+      CudaModelRunner.create({ config: big, numBlocks: 16, weights: 'dummy:llama-3.1-70b', onProgress }),
+    ).rejects.toThrow(OutOfMemoryError);
+    expect(loaded).toBe(0); // refused up front, not after making and copying 70B weights
+    const config = dummyConfig('tiny');
+    await using gpu = await CudaModelRunner.create({ config, numBlocks: 8, weights: 'dummy:tiny' });
+    const logits = await gpu.forward(batchOf([{ ids: [1, 2, 3], start: 0, table: [0] }], 1));
+    expect(logits.every(Number.isFinite)).toBe(true);
   });
 
   it("`tandem generate --device cuda` on a fixture gives transformers' greedy tokens", () => {
