@@ -488,7 +488,26 @@ if (caps.cuda.available && !values['host-only']) {
     const remote = (
       await target.request<{ region: { id: number } }>('allocDevice', { device: remoteGpu, bytes: capacity })
     ).region.id;
-    await exchange();
+    const peer = await exchange();
+    // What a first transfer would otherwise pay (CUDA IPC open of the peer's region, kernel load), then
+    // the first post after it.
+    let t = performance.now();
+    await agent.warmup(peer.name);
+    registration.push({ what: `warmup, ${placement} (agent.warmup)`, bytes: capacity, ms: performance.now() - t });
+    const first = agent.prepare({
+      op: 'WRITE',
+      peer: peer.name,
+      local,
+      remote,
+      pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 },
+    });
+    t = performance.now();
+    await first.post();
+    registration.push({
+      what: `first 64 KiB post after warmup, ${placement}`,
+      bytes: 64 << 10,
+      ms: performance.now() - t,
+    });
     const baseline =
       remoteGpu === 0
         ? { name: 'device-to-device copy', gbpsFor: d2dFor }

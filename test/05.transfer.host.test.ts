@@ -237,6 +237,22 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
     await ok.post();
   });
 
+  it('warmup: nothing to open for host memory, so it resolves; an unknown peer is a typed error', async () => {
+    expect(await agent.warmup(peer.name)).toEqual({ deviceRegions: 0 });
+    expect(await agent.warmup(peer.name)).toEqual({ deviceRegions: 0 }); // again: still nothing to do
+    await expect(agent.warmup('nobody')).rejects.toBeInstanceOf(UnknownPeerError);
+    const pieces = { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: BLOCK };
+    fillPattern(local.view!.subarray(0, BLOCK), 31);
+    await agent.prepare({ op: 'WRITE', peer: peer.name, local, remote: remoteShared, pieces, backend }).post();
+    const there = await target.request<{ sha256: string }>('sha256', {
+      region: remoteShared,
+      offset: 0,
+      length: BLOCK,
+    });
+    expect(there.sha256).toBe(sha256(local.view!.subarray(0, BLOCK)));
+    fillPattern(local.view!, 1); // as the other cases expect it
+  });
+
   it('an already-aborted signal rejects without moving anything', async () => {
     const plan = agent.prepare({
       op: 'WRITE',

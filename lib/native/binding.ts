@@ -161,6 +161,8 @@ export interface RawTransferAgent {
   post(plan: RawTransferPlan, notification?: Uint8Array): { token: number; promise: Promise<void> };
   cancel(token: number): void;
   notify(peer: string, message: Uint8Array): Promise<void>;
+  /** Resolves with how many of the peer's device regions are open, as a decimal string. */
+  warmup(peer: string): Promise<string>;
   dispose(): Promise<void>;
 }
 

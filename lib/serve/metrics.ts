@@ -26,6 +26,8 @@ export const METRIC_NAMES = {
   kvTransferBytes: 'tandem_kv_transfer_bytes_total',
   /** Histogram, seconds: one request's KV transfer, first block posted to last block landed. */
   kvTransferSeconds: 'tandem_kv_transfer_seconds',
+  /** Histogram, seconds: one remote prefill on a prefill worker, prompt received to KV landed. */
+  remotePrefillSeconds: 'tandem_remote_prefill_seconds',
   /** Counter; label where (local|remote): prompts prefilled by the decode worker or by a prefill worker. */
   prefills: 'tandem_prefills_total',
   /** Gauge: requests waiting in the prefill pool (all prefill workers). */
@@ -105,6 +107,12 @@ export class ServeMetrics {
     buckets: TRANSFER_BUCKETS,
     registers: [this.registry],
   });
+  private readonly remotePrefillSeconds = new Histogram({
+    name: METRIC_NAMES.remotePrefillSeconds,
+    help: 'Remote prefill time per request on the prefill worker (compute and KV transfer), seconds',
+    buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [this.registry],
+  });
   private readonly prefills = new Counter({
     name: METRIC_NAMES.prefills,
     help: 'Prompts prefilled locally (decode worker) or remotely (prefill worker)',
@@ -148,9 +156,11 @@ export class ServeMetrics {
   countRequest(model: string, endpoint: Endpoint, stream: boolean, status: RequestStatus): void {
     this.requests.inc({ model, endpoint, stream: String(stream), status });
   }
-  kvTransfer(bytes: number, seconds: number): void {
+  /** One remote prefill: KV bytes moved, the transfer's time and, where known, the whole prefill's. */
+  kvTransfer(bytes: number, seconds: number, prefillSeconds?: number): void {
     this.kvBytes.inc(bytes);
     this.kvSeconds.observe(seconds);
+    if (prefillSeconds !== undefined) this.remotePrefillSeconds.observe(prefillSeconds);
   }
   prefill(where: 'local' | 'remote'): void {
     this.prefills.inc({ where });

@@ -103,7 +103,16 @@ export type FromWorker =
       blockIds: number[];
       cachedTokens: number;
     }
-  | { type: 'prefillDone'; requestId: string; ok: boolean; bytes: number; ms: number; error?: string }
+  /** ms: the whole remote prefill (compute and transfer); transferMs: the KV write and its notification. */
+  | {
+      type: 'prefillDone';
+      requestId: string;
+      ok: boolean;
+      bytes: number;
+      ms: number;
+      transferMs?: number;
+      error?: string;
+    }
   | { type: 'localPrefill'; requestId: string }
   | { type: 'fatal'; message: string };
 

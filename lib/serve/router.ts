@@ -177,7 +177,7 @@ export class Router implements GenerationBackend {
       }
       case 'prefillDone':
         if (m.ok) {
-          this.metrics?.kvTransfer(m.bytes, m.ms / 1000);
+          this.metrics?.kvTransfer(m.bytes, (m.transferMs ?? m.ms) / 1000, m.ms / 1000);
           this.metrics?.prefill('remote');
         }
         this.prefillEnded(m.requestId, m.ok, m.error ?? '');

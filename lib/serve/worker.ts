@@ -76,6 +76,18 @@ class Worker {
       case 'peer':
         this.peers.set(message.peer.name, message.peer);
         this.agent.loadRemote(message.peer.agentMetadata);
+        // A prefill worker writes KV into its peers' pools: open them now rather than on the first
+        // request (CUDA IPC mappings cost tens of milliseconds). A failure here shows again, with the
+        // same error, on the transfer that needs the peer, where the request falls back to a local prefill.
+        // TANDEM_WARMUP=0 turns this off (to measure a cold first transfer).
+        if (this.init.role === 'prefill' && process.env.TANDEM_WARMUP !== '0') {
+          const peer = message.peer.agentName;
+          this.agent.warmup(peer).catch((error: Error) => {
+            process.stderr.write(
+              `tandem worker ${this.init.name}: warm-up of transfers to ${peer} failed: ${error.message}\n`,
+            );
+          });
+        }
         return;
       case 'peerGone':
         this.peers.delete(message.name);
@@ -238,6 +250,7 @@ class Worker {
         ...(result.logprobs ? { logprobs: result.logprobs } : {}),
       };
       let bytes = 0;
+      const sent = performance.now(); // the KV transfer (and its notification) starts here
       if (count > skip) {
         const pieces = kvTransferPieces(
           this.model.kvPoolSpec,
@@ -257,7 +270,8 @@ class Worker {
       } else {
         await this.agent.notify(target.agentName, JSON.stringify(notice));
       }
-      send({ type: 'prefillDone', requestId: m.requestId, ok: true, bytes, ms: performance.now() - t0 });
+      const now = performance.now();
+      send({ type: 'prefillDone', requestId: m.requestId, ok: true, bytes, ms: now - t0, transferMs: now - sent });
     } catch (error) {
       fail((error as Error).message);
     } finally {

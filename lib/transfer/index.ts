@@ -341,6 +341,18 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     return native(() => this.raw.notify(peer, asBytes(message)));
   }
 
+  /**
+   * Pays now what the first cuda-ipc transfer with `peer` would otherwise pay (tens of milliseconds:
+   * opening the peer's GPU memory through CUDA IPC, loading the copy kernel, the connection). Call it
+   * after loadRemote, off the latency path. Resolves at once where there is nothing to warm (no GPU,
+   * a peer on another host, no device regions). Resolves with how many of the peer's GPU regions are
+   * open. Rejects with UnknownPeerError for a peer not loaded.
+   */
+  async warmup(peer: string): Promise<{ deviceRegions: number }> {
+    const opened = await native(() => this.raw.warmup(peer));
+    return { deviceRegions: Number(opened) };
+  }
+
   /** Resolves with the next notification from `from` (any peer if omitted) that `match` accepts. */
   waitForNotification(
     options: { from?: string; match?: (message: Buffer) => boolean; timeoutMs?: number; signal?: AbortSignal } = {},

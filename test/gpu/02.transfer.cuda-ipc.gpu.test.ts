@@ -60,6 +60,11 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
   const scattered = (n: number, mul: number, add: number) =>
     Array.from({ length: n }, (_, i) => (i * mul + add) % BLOCKS);
 
+  it('warmup opens the peer GPU region before any transfer, once, and transfers work after it', async () => {
+    expect(await agent.warmup(peer.name)).toEqual({ deviceRegions: 1 });
+    expect(await agent.warmup(peer.name)).toEqual({ deviceRegions: 1 }); // already open: nothing new
+  });
+
   it('WRITE: 256 scattered 64 KiB blocks land where asked, checked on the target GPU', async () => {
     const src = scattered(256, 37, 5);
     const dst = scattered(256, 101, 3); // a permutation (101 and 512 are coprime)

@@ -82,6 +82,13 @@ describe('disaggregated serving end to end (CPU)', () => {
     expect(usage?.completion_tokens).toBe(10);
     expect(await metric(disagg, 'tandem_prefills_total{where="remote"}')).toBeGreaterThanOrEqual(before + 3);
     expect(await metric(disagg, 'tandem_kv_transfer_bytes_total')).toBeGreaterThan(0);
+    // Each remote prefill is timed twice: the transfer alone, and the whole prefill around it.
+    const remote = await metric(disagg, 'tandem_prefills_total{where="remote"}');
+    expect(await metric(disagg, 'tandem_kv_transfer_seconds_count')).toBe(remote);
+    expect(await metric(disagg, 'tandem_remote_prefill_seconds_count')).toBe(remote);
+    expect(await metric(disagg, 'tandem_kv_transfer_seconds_sum')).toBeLessThan(
+      await metric(disagg, 'tandem_remote_prefill_seconds_sum'),
+    );
   });
 
   it('disaggregated and aggregated serving return identical text (greedy and seeded sampling)', async () => {

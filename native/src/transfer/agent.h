@@ -132,7 +132,8 @@ struct Plan {
   int trialsIssued[2] = {0, 0};
   int trialsDone[2] = {0, 0};
   float trialMs[2] = {-1, -1};  // fastest trial of each strategy
-  int remoteDevice = -1;       // nccl: the peer's GPU
+  int remoteDevice = -1;       // the peer's GPU (its ordinal in the peer's process), where remote memory is device
+  bool sameDevice = false;     // cuda-ipc: device memory on both sides, on the same GPU ordinal
   uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
   std::shared_ptr<NcclStagedPlan> ncclStaged;  // nccl: set when the plan goes through staging buffers
   bool ncclDecided = false;
@@ -193,6 +194,12 @@ class Agent {
   void post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif);
   void cancel(uint64_t token);
   void notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message);
+  // Does now what the first cuda-ipc transfer with this peer would otherwise pay for: connects, opens
+  // the peer's device regions (CUDA IPC), loads the copy kernel and makes the peer's stream, on the
+  // device of this agent's first device region. Nothing to do (no CUDA, another host, no device
+  // regions on either side) succeeds at once. Succeeds with the number of the peer's device regions
+  // open (as the completion's message).
+  void warmup(const std::string& peerName, uint64_t token);
 
  private:
   friend struct Connection;

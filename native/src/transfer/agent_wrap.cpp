@@ -120,6 +120,7 @@ void TransferAgentWrap::Init(Napi::Env env, Napi::Object exports) {
           InstanceMethod<&TransferAgentWrap::Post>("post"),
           InstanceMethod<&TransferAgentWrap::Cancel>("cancel"),
           InstanceMethod<&TransferAgentWrap::Notify>("notify"),
+          InstanceMethod<&TransferAgentWrap::Warmup>("warmup"),
           InstanceMethod<&TransferAgentWrap::Dispose>("dispose"),
           InstanceAccessor<&TransferAgentWrap::GetName>("name"),
           InstanceAccessor<&TransferAgentWrap::GetIncarnation>("incarnation"),
@@ -173,7 +174,8 @@ TransferAgentWrap::TransferAgentWrap(const Napi::CallbackInfo& info) : Napi::Obj
       if (it == js->pending.end()) return;  // settled already (canceled or disposed)
       Napi::Promise::Deferred deferred = it->second;
       js->pending.erase(it);
-      if (ok) deferred.Resolve(env.Undefined());
+      // A success may carry a result (warmup: how many regions are open); transfers carry none.
+      if (ok) deferred.Resolve(message.empty() ? env.Undefined() : Napi::String::New(env, message));
       else deferred.Reject(makeError(env, code, message).Value());
     });
   };
@@ -418,6 +420,17 @@ Napi::Value TransferAgentWrap::Notify(const Napi::CallbackInfo& info) {
   auto deferred = Napi::Promise::Deferred::New(env);
   js_->pending.emplace(token, deferred);
   agent.notify(peer, token, std::move(message));
+  return deferred.Promise();
+}
+
+Napi::Value TransferAgentWrap::Warmup(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Agent& agent = live(env);
+  std::string peer = requireString(info[0], "peer");
+  uint64_t token = nextToken_++;
+  auto deferred = Napi::Promise::Deferred::New(env);
+  js_->pending.emplace(token, deferred);
+  agent.warmup(peer, token);
   return deferred.Promise();
 }
 
