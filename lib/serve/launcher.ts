@@ -88,6 +88,9 @@ class WorkerProcess {
       }
       this.onMessage(m);
     });
+    // A write to a worker whose IPC channel is closing (it is exiting: shutdown, crash) fails with EPIPE
+    // after send() returned; the exit handler deals with the worker, the launcher must not die of it.
+    child.on('error', (error) => this.log(`[${this.name}] ${error.message}`));
     child.on('exit', (code, signal) => {
       this.ready = false;
       if (this.child === child) this.child = undefined;
@@ -99,7 +102,10 @@ class WorkerProcess {
   send(message: ToWorker): boolean {
     if (!this.child?.connected) return false;
     try {
-      return this.child.send(message);
+      // With a callback, a failed write is reported to it rather than as the child's 'error' event.
+      return this.child.send(message, (error) => {
+        if (error && !this.stopping) this.log(`[${this.name}] message ${message.type} not delivered: ${error.message}`);
+      });
     } catch {
       return false;
     }

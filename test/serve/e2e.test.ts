@@ -209,4 +209,23 @@ describe('worker failures (CPU)', () => {
     const ok = await client.completions.create({ model: 'dummy:tiny', prompt: 'abc', max_tokens: 4, temperature: 0 });
     expect(ok.usage!.completion_tokens).toBe(4);
   });
+
+  it('stopping right after a worker died, before its exit is seen: the launcher stops cleanly', async () => {
+    // The launcher then writes to a closed IPC channel (shutdown, peerGone): EPIPE, after send() returned.
+    const errors: Error[] = [];
+    const onError = (e: Error) => errors.push(e);
+    process.on('uncaughtException', onError);
+    const pids = Object.values(d.pids());
+    try {
+      process.kill(d.pids()['prefill-0']!, 'SIGKILL');
+      const until = Date.now() + 200;
+      while (Date.now() < until); // the worker dies meanwhile; this process has not yet seen it exit
+      await d.stop({ drainMs: 200 });
+      await new Promise((r) => setTimeout(r, 300));
+    } finally {
+      process.off('uncaughtException', onError);
+    }
+    expect(errors.map((e) => e.message)).toEqual([]);
+    for (const pid of pids) expect(() => process.kill(pid!, 0), `worker ${pid} is gone`).toThrow();
+  });
 });
