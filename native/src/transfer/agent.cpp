@@ -1732,10 +1732,14 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     checkCuda(cuda_->cuEventRecord(startEvent, peer.stream), "cuEventRecord");
   }
   if (use == Plan::kKernel) {
-    // Four blocks per SM across GPUs; within one GPU, one (bench/micro/peer_copy_mix.cu: 92.8% of a
-    // device-to-device copy against 91.0% with four, for 16384 x 64 KiB).
-    const int perSm = plan->sameDevice ? 1 : 4;
-    unsigned blocks = std::min<unsigned>(table->second.count, static_cast<unsigned>(std::max(1, kernels->multiprocessors) * perSm));
+    // Four blocks per SM, except within one GPU for plenty of chunks of 32 KiB and more: one
+    // (bench/micro/peer_copy_mix.cu, 16384 x 64 KiB: 92.8% of a device-to-device copy against 91.0%;
+    // bench:transfer: 4096 x 64 KiB 1870 -> 1943 GB/s). Smaller or fewer chunks need the four (16 KiB
+    // pieces fell from 1832 to 1393 GB/s with one).
+    const unsigned sms = static_cast<unsigned>(std::max(1, kernels->multiprocessors));
+    const unsigned count = table->second.count;
+    const int perSm = plan->sameDevice && count >= 8 * sms && plan->bytes / count >= (32u << 10) ? 1 : 4;
+    unsigned blocks = std::min<unsigned>(count, sms * perSm);
     void* args[] = {&table->second.table, &table->second.count};
     checkCuda(cuda_->cuLaunchKernel(kernels->copyChunks, blocks, 1, 1, 512, 1, 1, 0, peer.stream, args, nullptr),
               "launch of tandem_copy_chunks");
