@@ -5,22 +5,11 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o peer_copy peer_copy.cu && ./peer_copy
 #include <cuda_runtime.h>
 
+#include "micro.h"
+
 #include <algorithm>
 #include <cstdio>
 #include <vector>
-
-#define CHECK(x)                                                                  \
-  do {                                                                            \
-    cudaError_t e = (x);                                                          \
-    if (e != cudaSuccess) {                                                       \
-      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      std::exit(1);                                                               \
-    }                                                                             \
-  } while (0)
-
-struct Chunk {
-  unsigned long long src, dst, bytes;
-};
 
 template <int UNROLL>
 __global__ void copyChunks(const Chunk* __restrict__ chunks, unsigned count) {

@@ -8,6 +8,8 @@
 //   nvcc -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a -o peer_copy_mix peer_copy_mix.cu && ./peer_copy_mix
 #include <cuda_runtime.h>
 
+#include "micro.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -15,19 +17,6 @@
 #include <cstring>
 #include <string>
 #include <vector>
-
-#define CHECK(x)                                                                    \
-  do {                                                                              \
-    cudaError_t e = (x);                                                            \
-    if (e != cudaSuccess) {                                                         \
-      std::printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
-
-struct Chunk {
-  unsigned long long src, dst, bytes;
-};
 
 // The product's kernel (native/kernels/copy.cu), aligned path only.
 __global__ void __launch_bounds__(512) chunkKernel(const Chunk* __restrict__ chunks, unsigned count) {
