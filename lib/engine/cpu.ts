@@ -15,7 +15,7 @@ import { loadBinding, type RawCpuLlama } from '../native/binding.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, dummyWeights, isDummyModel } from './model/dummy.js';
 import { openSafetensors } from './model/safetensors.js';
-import type { ForwardBatch, ModelRunner } from './runner.js';
+import { forwardArgs, type ForwardBatch, type ModelRunner } from './runner.js';
 
 /** One weight tensor by its Hugging Face name, as float32 values in the checkpoint's row-major order. */
 export interface NamedTensor {
@@ -247,16 +247,7 @@ export class CpuModelRunner implements ModelRunner {
    * leaves the KV pool as it was.
    */
   forward(batch: ForwardBatch): Promise<Float32Array> {
-    return native(() =>
-      this.raw.forward(
-        batch.tokens,
-        batch.positions,
-        batch.seqStarts,
-        batch.blockTables,
-        batch.maxBlocksPerSeq,
-        batch.contextLens,
-      ),
-    );
+    return native(() => this.raw.forward(...forwardArgs(batch)));
   }
 
   /** Stops (a pass in progress gives up at its next layer and rejects with DisposedError), joins the threads. */

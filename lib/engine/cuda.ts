@@ -24,7 +24,7 @@ import {
   type WeightSource,
 } from './cpu.js';
 import { expectedTensors, type ModelConfig } from './model/config.js';
-import type { ForwardBatch, ModelRunner, SampledLogits, SamplePlan } from './runner.js';
+import { forwardArgs, type ForwardBatch, type ModelRunner, type SampledLogits, type SamplePlan } from './runner.js';
 
 /** Share of the GPU's free memory (after the weights) the KV pool takes when numBlocks is not given. */
 export const DEFAULT_GPU_KV_FRACTION = 0.8;
@@ -205,16 +205,7 @@ export class CudaModelRunner implements ModelRunner {
    * the KV pool as it was.
    */
   forward(batch: ForwardBatch): Promise<Float32Array> {
-    return native(() =>
-      this.raw.forward(
-        batch.tokens,
-        batch.positions,
-        batch.seqStarts,
-        batch.blockTables,
-        batch.maxBlocksPerSeq,
-        batch.contextLens,
-      ),
-    );
+    return native(() => this.raw.forward(...forwardArgs(batch)));
   }
 
   /**
@@ -222,17 +213,7 @@ export class CudaModelRunner implements ModelRunner {
    * candidates, sums and the plain draw per sequence come back instead of nseq x vocabSize logits.
    */
   async forwardSampled(batch: ForwardBatch, plan: SamplePlan): Promise<SampledLogits> {
-    const r = await native(() =>
-      this.raw.forwardSampled(
-        batch.tokens,
-        batch.positions,
-        batch.seqStarts,
-        batch.blockTables,
-        batch.maxBlocksPerSeq,
-        batch.contextLens,
-        plan,
-      ),
-    );
+    const r = await native(() => this.raw.forwardSampled(...forwardArgs(batch), plan));
     return { vocabSize: this.vocabSize, ...r };
   }
 

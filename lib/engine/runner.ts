@@ -26,6 +26,11 @@ export interface ForwardBatch {
   contextLens: Int32Array;
 }
 
+/** A batch as the native runners' forward calls take it, in their argument order. */
+export function forwardArgs(b: ForwardBatch) {
+  return [b.tokens, b.positions, b.seqStarts, b.blockTables, b.maxBlocksPerSeq, b.contextLens] as const;
+}
+
 /**
  * What the sampler needs from each sequence's logits, for runners that sample on the device
  * (`forwardSampled`): per sequence, `n` best candidates (0: the sequence is not sampled this step; at most
