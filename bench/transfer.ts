@@ -73,6 +73,8 @@ interface Row {
 
 const rows: Row[] = [];
 const registration: { what: string; bytes: number; ms: number }[] = [];
+/** A notification alone, one way (half the round trip of one the target echoes back), in us. */
+let notifyOneWay: { p50us: number; p99us: number; iterations: number } | undefined;
 
 const pct = (sorted: number[], p: number) =>
   sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
@@ -224,6 +226,22 @@ function sweepPlan(
   );
 }
 
+/**
+ * The notification path alone, with no data: this process notifies the target, whose fixture sends it
+ * straight back (JS -> agent thread -> socket -> peer's reader -> peer's JS, twice). Half the round trip
+ * is what a notification adds to a transfer's completion.
+ */
+async function notifyRoundTrip() {
+  let n = 0;
+  const times = await sample(async () => {
+    const text = `echo:${n++}`;
+    const back = agent.waitForNotification({ from: 'bench-target', match: (m) => m.toString('latin1') === text });
+    await agent.notify('bench-target', text);
+    await back;
+  });
+  return { p50us: pct(times, 50) / 2, p99us: pct(times, 99) / 2, iterations: times.length };
+}
+
 async function notifyLatency(
   section: string,
   path: string,
@@ -324,6 +342,7 @@ async function notifyLatency(
       }
     }
     await notifyLatency('host', backend, 'shared->shared', local, remote, backend);
+    if (!notifyOneWay) notifyOneWay = await notifyRoundTrip();
   }
   agent.deregister(local);
   agent.deregister(scratch);
@@ -691,10 +710,19 @@ console.log(
 );
 console.table(table);
 console.table(registration.map((r) => ({ registration: r.what, size: human(r.bytes), ms: r.ms.toFixed(3) })));
+if (notifyOneWay) {
+  console.log(
+    `notification alone, one way (round trip / 2, ${notifyOneWay.iterations} round trips): p50 ${notifyOneWay.p50us.toFixed(1)} us, p99 ${notifyOneWay.p99us.toFixed(1)} us`,
+  );
+}
 mkdirSync(dirname(jsonFile), { recursive: true });
 writeFileSync(
   jsonFile,
-  JSON.stringify({ host: caps, quick, seconds: (performance.now() - started) / 1e3, rows, registration }, null, 2),
+  JSON.stringify(
+    { host: caps, quick, seconds: (performance.now() - started) / 1e3, rows, registration, notifyOneWay },
+    null,
+    2,
+  ),
 );
 const points: ChartPoint[] = rows
   .filter(

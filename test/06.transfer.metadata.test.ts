@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   IncompatibleMetadataError,
@@ -111,9 +112,9 @@ describe('restarted and removed peers', () => {
     await agent?.dispose();
   });
 
-  async function startTarget() {
+  async function startTarget(name = 'restart-target') {
     const p = await PeerProcess.start();
-    await p.request('create', { name: 'restart-target' });
+    await p.request('create', { name });
     const region = (await p.request<{ region: { id: number } }>('allocShared', { bytes: 1 << 20, seed: 3 })).region.id;
     const { metadata } = await p.request<{ metadata: string }>('metadata');
     return { p, region, metadata: Buffer.from(metadata, 'base64') };
@@ -155,6 +156,47 @@ describe('restarted and removed peers', () => {
       agent.loadRemote(second.metadata);
       await agent.prepare({ op: 'WRITE', peer: peer2.name, local, remote: second.region, pieces }).post();
     } finally {
+      await second.p.stop();
+    }
+  });
+
+  it("lets go of a peer's shared memory once the peer is removed, replaced or gone", async () => {
+    const name = 'release-target';
+    // Our mappings of the peer's regions: its memfd is labelled after the agent.
+    const mapped = () =>
+      readFileSync('/proc/self/maps', 'utf8')
+        .split('\n')
+        .filter((line) => line.includes(`/memfd:tandem:${name} `)).length;
+    const eventually = async (want: number, what: string) => {
+      for (let i = 0; i < 500 && mapped() !== want; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(mapped(), what).toBe(want);
+    };
+    const pieces = { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 4096 };
+    const write = async (t: Awaited<ReturnType<typeof startTarget>>) => {
+      const peer = agent.loadRemote(t.metadata);
+      await agent.prepare({ op: 'WRITE', peer: peer.name, local, remote: t.region, pieces, backend: 'shm' }).post();
+    };
+
+    const first = await startTarget(name);
+    const second = await startTarget(name);
+    try {
+      await write(first);
+      expect(mapped(), 'a shm write maps the target region').toBe(1);
+      expect(agent.removeRemote(name)).toBe(true);
+      await eventually(0, 'removed');
+
+      await write(first);
+      expect(mapped()).toBe(1);
+      // A new incarnation under the same name replaces the old one, whose mapping goes.
+      await write(second);
+      await eventually(1, 'replaced');
+
+      // A peer whose process is gone: its connection closes and its mapping goes.
+      second.p.child.kill('SIGKILL');
+      await second.p.exited;
+      await eventually(0, 'gone');
+    } finally {
+      await first.p.stop();
       await second.p.stop();
     }
   });

@@ -91,3 +91,47 @@ export interface ModelRunner {
   forwardSampled?(batch: ForwardBatch, plan: SamplePlan): Promise<SampledLogits>;
   dispose(): Promise<void>;
 }
+
+/**
+ * Runs the model once over a short prompt and once more for one decode token, so that the first real
+ * step does not pay for what a runner does on first use (a GPU runner loads its kernels, cuBLAS picks its
+ * own and scratch buffers grow: tens of milliseconds). Kernels are chosen by shape: the default prompt is
+ * long enough for the long-prompt attention path (over 256 tokens). Writes K and V only into the pool's first blocks: call it
+ * before any request has blocks (their contents are rewritten before any request reads them).
+ * Returns the time taken, in milliseconds.
+ */
+export async function warmUpRunner(runner: ModelRunner, promptTokens = 512): Promise<number> {
+  const t0 = performance.now();
+  const blocksFor = (tokens: number) => Math.ceil(tokens / runner.blockSize);
+  // prompt + one decode token, within the pool and the model's positions
+  let prompt = Math.max(1, Math.min(promptTokens, runner.maxPositions - 1));
+  while (prompt > 1 && blocksFor(prompt + 1) > runner.numBlocks) prompt = Math.floor(prompt / 2);
+  const maxBlocksPerSeq = blocksFor(prompt + 1);
+  if (maxBlocksPerSeq > runner.numBlocks) return 0; // a pool of no blocks: nothing can run
+  const blockTables = Int32Array.from({ length: maxBlocksPerSeq }, (_, i) => i);
+  const step = async (first: number, count: number) => {
+    const batch: ForwardBatch = {
+      tokens: Int32Array.from({ length: count }, (_, i) => (first + i) % runner.vocabSize),
+      positions: Int32Array.from({ length: count }, (_, i) => first + i),
+      seqStarts: Int32Array.of(0, count),
+      blockTables,
+      maxBlocksPerSeq,
+      contextLens: Int32Array.of(first + count),
+    };
+    if (runner.forwardSampled) {
+      const plan: SamplePlan = {
+        n: Int32Array.of(1),
+        flags: Int32Array.of(SAMPLE_LSE),
+        invT: Float64Array.of(1),
+        topP: Float64Array.of(1),
+        u: Float64Array.of(0.5),
+      };
+      await runner.forwardSampled(batch, plan);
+    } else {
+      await runner.forward(batch);
+    }
+  };
+  await step(0, prompt);
+  await step(prompt, 1);
+  return performance.now() - t0;
+}

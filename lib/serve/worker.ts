@@ -7,6 +7,7 @@ import { kvPool, kvTransferPieces, type KvPoolSpec } from '../kv/index.js';
 import { TandemError } from '../errors.js';
 import type { EngineOutput, RequestHandle, SamplingParams } from '../engine/engine.js';
 import { CudaModelRunner } from '../engine/cuda.js';
+import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type Region } from '../transfer/index.js';
 import { shouldPrefillRemotely } from './disagg.js';
@@ -89,9 +90,13 @@ class Worker {
           });
         }
         return;
-      case 'peerGone':
+      case 'peerGone': {
+        // Forget its agent too: that closes our mappings of its memory (a GPU worker's whole KV pool).
+        const gone = this.peers.get(message.name);
         this.peers.delete(message.name);
+        if (gone) this.agent.removeRemote(gone.agentName);
         return;
+      }
       case 'generate':
         this.generate(message);
         return;
@@ -346,7 +351,14 @@ export async function runWorker(): Promise<void> {
       },
     });
     // GPU engine: the pool is device memory; peers reach it through CUDA IPC (cuda-ipc backend).
-    if (model.runner instanceof CudaModelRunner) region = agent.registerDevice(model.runner.kvDeviceBuffer);
+    if (model.runner instanceof CudaModelRunner) {
+      region = agent.registerDevice(model.runner.kvDeviceBuffer);
+      // The first forward pass on a GPU loads kernels: do it now rather than in the first request.
+      if (process.env.TANDEM_WARMUP !== '0') {
+        const ms = await warmUpRunner(model.runner);
+        process.stderr.write(`tandem worker ${init.name}: engine warm-up ${ms.toFixed(0)} ms\n`);
+      }
+    }
     worker = new Worker(init, model, agent, region!);
     send({ type: 'ready', registration: worker.registration() });
     for (const m of early.splice(0)) worker.handle(m);

@@ -200,3 +200,37 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     ).toThrow(OutOfBoundsError);
   });
 });
+
+describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () => {
+  it('is given back once the peer is removed, not held until the agent is disposed', async () => {
+    const remoteGpu = gate.caps.cuda.devices.length >= 2 ? 1 : 0;
+    const GiB = 1 << 30;
+    const pair = await gpuTransferPair({
+      name: 'release',
+      localGpu: 0,
+      remoteGpu,
+      bytes: 2 * GiB,
+      seedLocal: 1,
+      seedRemote: 2,
+    });
+    try {
+      const { agent, local, peer, remote, target } = pair;
+      // One write opens the target's region in this process (CUDA IPC).
+      const one = { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 };
+      await agent.prepare({ op: 'WRITE', peer: peer.name, local, remote, pieces: one }).post();
+      const before = (await target.request<{ freeBytes: number }>('memoryInfo', { device: remoteGpu })).freeBytes;
+      // The target frees the region; our open handle keeps the 2 GiB alive.
+      const afterFree = (await target.request<{ freeBytes: number }>('freeDevice', { region: remote })).freeBytes;
+      expect(afterFree - before, 'held while this process has the region open').toBeLessThan(GiB);
+      expect(agent.removeRemote(peer.name)).toBe(true);
+      let free = afterFree;
+      for (let i = 0; i < 500 && free - before < 1.5 * GiB; i++) {
+        await new Promise((r) => setTimeout(r, 10));
+        free = (await target.request<{ freeBytes: number }>('memoryInfo', { device: remoteGpu })).freeBytes;
+      }
+      expect(free - before, 'given back after removeRemote').toBeGreaterThanOrEqual(1.5 * GiB);
+    } finally {
+      await pair.dispose();
+    }
+  });
+});

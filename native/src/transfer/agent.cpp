@@ -393,6 +393,37 @@ bool Agent::pollInflight() {
   return !inflight_.empty();
 }
 
+void Agent::releasePeer(Peer& peer) {
+  const bool otherProcess = peer.d.pid != static_cast<uint32_t>(getpid());
+  const bool cuda = cuda_ && cuda_->available && !contexts_.empty();
+  // Work already issued to the peer reads or writes its memory through these mappings: let it finish.
+  if (peer.stream && cuda) {
+    setDevice(peer.streamDevice);
+    cuda_->cuStreamSynchronize(peer.stream);
+    cuda_->cuStreamDestroy(peer.stream);
+  }
+  peer.stream = nullptr;
+  for (auto& r : peer.regions) {
+    if (r.opened && r.openedOn >= 0 && otherProcess && cuda) {
+      setDevice(r.openedOn);
+      cuda_->cuIpcCloseMemHandle(r.opened - r.d.ipcOffset);
+    }
+    r.opened = 0;
+    if (r.mapped && r.mappedSize && otherProcess) munmap(r.mapped, r.mappedSize);
+    r.mapped = nullptr;
+    r.mappedSize = 0;
+  }
+}
+
+void Agent::releaseRetired() {
+  std::vector<std::shared_ptr<Peer>> retired;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    retired.swap(retired_);
+  }
+  for (auto& p : retired) releasePeer(*p);
+}
+
 void Agent::releaseCuda() {
   while (cuda_ && cuda_->available && pollInflight()) std::this_thread::yield();
   for (auto& [device, event] : eventPool_) {
@@ -400,7 +431,13 @@ void Agent::releaseCuda() {
     cuda_->cuEventDestroy(event);
   }
   eventPool_.clear();
-  if (!cuda_ || !cuda_->available || contexts_.empty()) return;
+  releaseRetired();
+  if (!cuda_ || !cuda_->available || contexts_.empty()) {
+    // No CUDA state to free; shm mappings of peers still loaded go all the same.
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [n, p] : peers_) releasePeer(*p);
+    return;
+  }
   std::vector<std::shared_ptr<Peer>> peers;
   std::vector<std::shared_ptr<Region>> regions;
   {
@@ -408,21 +445,7 @@ void Agent::releaseCuda() {
     for (auto& [n, p] : peers_) peers.push_back(p);
     for (auto& [id, r] : regions_) regions.push_back(r);
   }
-  for (auto& p : peers) {
-    if (p->stream) {
-      setDevice(p->streamDevice);
-      cuda_->cuStreamSynchronize(p->stream);
-      cuda_->cuStreamDestroy(p->stream);
-      p->stream = nullptr;
-    }
-    for (auto& r : p->regions) {
-      if (r.opened && r.openedOn >= 0 && p->d.pid != static_cast<uint32_t>(getpid())) {
-        setDevice(r.openedOn);
-        cuda_->cuIpcCloseMemHandle(r.opened - r.d.ipcOffset);
-      }
-      r.opened = 0;
-    }
-  }
+  for (auto& p : peers) releasePeer(*p);
   for (auto& r : regions) {
     if (r->ownsDevice && r->dev) {
       setDevice(r->device);
@@ -739,6 +762,15 @@ void Agent::markDead(const std::shared_ptr<Peer>& peer, const std::string& reaso
   if (conn) conn->shutdown();
   if (ucx_ && !peer->d.ucxAddress.empty() && !closing_) ucx_->disconnect(ucxPeerKey(*peer));
   closeNcclLinks(*peer);
+  // Nothing more can be posted to a dead peer: close our mappings of its memory on the progress
+  // thread, after any job of its that is already queued there (dispose releases the rest).
+  if (!closing_) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      retired_.push_back(peer);
+    }
+    progress_->post([this] { releaseRetired(); });
+  }
   std::vector<std::pair<uint64_t, Pending>> failed;
   {
     std::lock_guard<std::mutex> lock(mutex_);

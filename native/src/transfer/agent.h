@@ -255,6 +255,10 @@ class Agent {
   CUdeviceptr openRemote(Peer& peer, RemoteRegion& r, int device);
   void setDevice(int device);
   void releaseCuda();
+  // Progress thread: lets go of what this process holds of a dead peer's memory (CUDA IPC handles,
+  // shm mappings, its stream), once the work already issued to it has finished.
+  void releasePeer(Peer& peer);
+  void releaseRetired();
   void checkCuda(CUresult r, const char* what);
   template <typename F>
   auto onProgress(F&& fn) -> decltype(fn());
@@ -324,6 +328,8 @@ class Agent {
   };
   std::deque<Inflight> inflight_;   // GPU work whose completion the progress thread polls for
   std::vector<std::pair<int, CUevent>> eventPool_;
+  // Dead peers (removed, replaced, disconnected) whose mappings releaseRetired() has yet to close.
+  std::vector<std::shared_ptr<Peer>> retired_;  // guarded by mutex_
   bool pollInflight();
   DeviceKernels& kernelsFor(int device);
   void sweepChunkTables(bool all);
