@@ -1,6 +1,7 @@
 /**
  * npm run bench:collectives [-- --quick] [-- --json FILE] [-- --ranks N] [-- --dtype float32|bfloat16|float16]
- *                           [-- --ops allReduce,allGather,...] [-- --torch-nccl bundled|ours] [-- --rounds N]
+ *                           [-- --ops allReduce,allGather,...] [-- --sizes 1MiB,16MiB,...]
+ *                           [-- --torch-nccl bundled|ours] [-- --rounds N]
  *
  * Bus bandwidth and per-call latency of Tandem's NCCL collectives, one process per GPU, beside the same
  * operations through PyTorch's torch.distributed (NCCL backend) on the same GPUs in the same run, where
@@ -38,26 +39,8 @@ import {
   type Dtype,
 } from '../lib/index.js';
 import { packageRoot } from '../lib/native/paths.js';
+import { DTYPE_BYTES, makePlan, OPS, parseSize, type BenchDtype, type BenchOp, type Plan } from './collectives-plan.js';
 
-const OPS = ['allReduce', 'allGather', 'reduceScatter', 'broadcast', 'reduce', 'allToAll', 'sendRecv'] as const;
-type BenchOp = (typeof OPS)[number];
-const DTYPE_BYTES = { float32: 4, bfloat16: 2, float16: 2 } as const;
-type BenchDtype = keyof typeof DTYPE_BYTES;
-
-interface PlanEntry {
-  op: BenchOp;
-  bytes: number;
-  warmup: number;
-  iters: number;
-  reps: number;
-  /** 0: no latency measurement at this size. */
-  latencyIters: number;
-}
-interface Plan {
-  dtype: BenchDtype;
-  ranks: number;
-  entries: PlanEntry[];
-}
 /** One rank-0 measurement, from either side. */
 interface Measurement {
   op: BenchOp;
@@ -75,6 +58,7 @@ const { values } = parseArgs({
     ranks: { type: 'string', default: '2' },
     dtype: { type: 'string', default: 'float32' },
     ops: { type: 'string' },
+    sizes: { type: 'string' },
     'torch-nccl': { type: 'string', default: 'bundled' },
     rounds: { type: 'string' },
     // Internal: this process is one rank.
@@ -89,31 +73,6 @@ const MiB = 1 << 20;
 const human = (b: number) =>
   b >= 1 << 30 ? `${b / (1 << 30)} GiB` : b >= MiB ? `${b / MiB} MiB` : b >= 1024 ? `${b / 1024} KiB` : `${b} B`;
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-
-function makePlan(quick: boolean, ranks: number, dtype: BenchDtype, ops: readonly BenchOp[]): Plan {
-  const sizes = quick
-    ? [8, 64 * 1024, MiB, 16 * MiB, 128 * MiB]
-    : [8, 1024, 64 * 1024, MiB, 4 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, 1024 * MiB];
-  const unit = ranks * DTYPE_BYTES[dtype];
-  const entries: PlanEntry[] = [];
-  for (const op of ops) {
-    for (const raw of sizes) {
-      const bytes = Math.max(unit, Math.floor(raw / unit) * unit);
-      // About 4 GiB of traffic per run (less in quick mode), between 5 and 1000 operations.
-      const budget = quick ? 1 << 30 : 4 << 30;
-      const iters = Math.max(quick ? 3 : 5, Math.min(1000, Math.floor(budget / bytes)));
-      entries.push({
-        op,
-        bytes,
-        warmup: Math.min(iters, 10),
-        iters,
-        reps: quick ? 2 : 3,
-        latencyIters: bytes < MiB ? (quick ? 100 : 300) : bytes <= 16 * MiB ? (quick ? 20 : 50) : 0,
-      });
-    }
-  }
-  return { dtype, ranks, entries };
-}
 
 // ---------------------------------------------------------------------------------------------------
 // One rank (a child process).
@@ -329,7 +288,8 @@ async function main(): Promise<void> {
     return;
   }
 
-  const plan = makePlan(quick, ranks, dtype, ops);
+  const sizes = values.sizes ? values.sizes.split(',').map(parseSize) : undefined;
+  const plan = makePlan(quick, ranks, dtype, ops, sizes);
   const limitMs = (quick ? 10 : 40) * 60_000;
   const rounds = values.rounds ? Number(values.rounds) : quick ? 1 : 2;
   if (!Number.isInteger(rounds) || rounds < 1) throw new Error('--rounds must be a positive integer');

@@ -9,7 +9,9 @@
 //   - latency "sync": one operation, cudaStreamSynchronize (PyTorch's torch.cuda.synchronize());
 //   - latency "poll": one operation and an event, then the event polled the way the communicator's
 //     progress thread polls it (yield for 50 us, then sleep 1/16 of the time waited, timer slack 1 us);
-//   - latency "spin": the same with yields only.
+//   - latency "spin": the same with yields only;
+//   - bandwidth again with what Tandem adds around each operation: an event recorded after it, a
+//     thread polling those events, submission from another thread than the one waiting.
 // Also: how long a requested 1-16 us sleep takes on this host.
 //   nvcc -O3 -std=c++17 -o nccl_ops bench/micro/nccl_ops.cu -lnccl && NCCL_NVLS_ENABLE=0 ./nccl_ops
 #include <cuda_runtime.h>
@@ -21,6 +23,7 @@
 #include "micro.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <string>
@@ -161,6 +164,69 @@ static void rank(int r, int fdIn, int fdOut) {
     } else if (read(fdIn, &id, sizeof id) != sizeof id) {
       std::exit(2);
     }
+  }
+  // Tandem's shape around the same operations: an event recorded after each, a thread polling the
+  // oldest event not yet seen complete (yield between queries), submission from another thread.
+  {
+    ncclComm_t parent;
+    ncclComm_t comm = makeComm("plain", id, r, &parent);
+    std::vector<cudaEvent_t> evs(1024);
+    for (auto& ev : evs) CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    if (r == 0) std::printf("\n%-10s %9s %-22s %10s\n", "op", "bytes", "around each op", "busbw GB/s");
+    for (const char* op : {"reduce", "allGather"}) {
+      for (size_t bytes : {size_t(4) << 20, size_t(16) << 20}) {
+        size_t count = bytes / 4;
+        auto run = [&] {
+          if (!std::strcmp(op, "reduce")) NCHECK(ncclReduce(send, send, count, ncclFloat, ncclSum, 0, comm, s));
+          else NCHECK(ncclAllGather(send, recv, count / 2, ncclFloat, comm, s));
+        };
+        const int iters = int((size_t(4) << 30) / bytes);
+        for (const char* variant : {"nothing", "event", "event+poller", "event+poller+thread"}) {
+          const bool events = std::strcmp(variant, "nothing") != 0;
+          const bool poller = std::strstr(variant, "poller") != nullptr;
+          const bool thread = std::strstr(variant, "thread") != nullptr;
+          std::vector<double> per;
+          for (int rep = 0; rep < 5; ++rep) {
+            NCHECK(ncclAllReduce(send, send, 1, ncclFloat, ncclSum, comm, s));
+            CHECK(cudaStreamSynchronize(s));
+            std::atomic<int> recorded{0};
+            std::atomic<bool> done{false};
+            std::thread poll;
+            if (poller) {
+              poll = std::thread([&] {
+                int seen = 0;
+                while (seen < iters) {
+                  if (seen < recorded.load(std::memory_order_acquire) && cudaEventQuery(evs[seen % evs.size()]) == cudaSuccess) ++seen;
+                  else std::this_thread::yield();
+                }
+                done = true;
+              });
+            }
+            auto t0 = Clock::now();
+            auto submitAll = [&] {
+              for (int i = 0; i < iters; ++i) {
+                run();
+                if (events) CHECK(cudaEventRecord(evs[i % evs.size()], s));
+                recorded.store(i + 1, std::memory_order_release);
+              }
+            };
+            if (thread) std::thread(submitAll).join();
+            else submitAll();
+            CHECK(cudaStreamSynchronize(s));
+            if (poll.joinable()) poll.join();
+            per.push_back(us(Clock::now() - t0) / iters);
+          }
+          double t = median(per);
+          double factor = !std::strcmp(op, "allGather") ? 0.5 : 1.0;
+          if (r == 0) {
+            std::printf("%-10s %9zu %-22s %10.1f\n", op, bytes, variant, bytes / t / 1e3 * factor);
+            std::fflush(stdout);
+          }
+        }
+      }
+    }
+    for (auto& ev : evs) CHECK(cudaEventDestroy(ev));
+    NCHECK(ncclCommDestroy(comm));
   }
   if (r == 0) {
     std::printf("\nrequested sleep -> measured (median of 200, timer slack 1 us)\n");
