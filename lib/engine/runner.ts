@@ -93,12 +93,12 @@ export interface ModelRunner {
 }
 
 /**
- * Runs the model once over a short prompt and once more for one decode token, so that the first real
- * step does not pay for what a runner does on first use (a GPU runner loads its kernels, cuBLAS picks its
- * own and scratch buffers grow: tens of milliseconds). Kernels are chosen by shape: the default prompt is
- * long enough for the long-prompt attention path (over 256 tokens). Writes K and V only into the pool's first blocks: call it
- * before any request has blocks (their contents are rewritten before any request reads them).
- * Returns the time taken, in milliseconds.
+ * Runs the model once over a prompt and once more for one decode token, so that the first real step does
+ * not pay for what a runner does on first use (a GPU runner loads its kernels, cuBLAS picks its own and
+ * scratch buffers grow: tens of milliseconds). Kernels are chosen by shape: the default prompt (512 tokens,
+ * fewer where the pool or the model's positions are smaller) takes the long-prompt attention path (over
+ * 256 tokens). Writes K and V only into the pool's first blocks: call it before any request has blocks
+ * (their contents are rewritten before any request reads them). Returns the time taken, in milliseconds.
  */
 export async function warmUpRunner(runner: ModelRunner, promptTokens = 512): Promise<number> {
   const t0 = performance.now();
