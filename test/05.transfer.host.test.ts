@@ -267,6 +267,35 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
     await expect(plan.post({ signal: controller.signal })).rejects.toBeInstanceOf(CanceledError);
   });
 
+  it('transfers land in post order: a mid-size post does not overtake a big one still running', async () => {
+    fillPattern(local.view!, 1);
+    const whole = agent.prepare({
+      op: 'WRITE',
+      peer: peer.name,
+      local,
+      remote: remoteShared,
+      pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: BLOCK * BLOCKS },
+      backend,
+    });
+    // 512 KiB: small enough for shm to copy it on this thread when nothing else is in progress.
+    const over = agent.prepare({
+      op: 'WRITE',
+      peer: peer.name,
+      local,
+      remote: remoteShared,
+      pieces: { localOffsets: Float64Array.of(56 * BLOCK), remoteOffsets: Float64Array.of(0), lengths: 8 * BLOCK },
+      backend,
+    });
+    await over.post(); // maps the target region (on shm), so the next one could run at once
+    await Promise.all([whole.post(), over.post()]);
+    const { sha256: got } = await target.request<{ sha256: string }>('sha256', {
+      region: remoteShared,
+      offset: 0,
+      length: 8 * BLOCK,
+    });
+    expect(got).toBe(sha256(patternBytes(8 * BLOCK, 1, 56 * BLOCK)));
+  });
+
   it('posts the same plan many times, concurrently', async () => {
     const plan = agent.prepare({
       op: 'WRITE',

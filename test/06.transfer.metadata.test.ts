@@ -182,7 +182,18 @@ describe('restarted and removed peers', () => {
     try {
       await write(first);
       expect(mapped(), 'a shm write maps the target region').toBe(1);
+      // A mid-size post (one the agent may copy on this thread) to the removed peer fails cleanly.
+      const mid = agent.prepare({
+        op: 'WRITE',
+        peer: name,
+        local,
+        remote: first.region,
+        pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 512 << 10 },
+        backend: 'shm',
+      });
+      await mid.post();
       expect(agent.removeRemote(name)).toBe(true);
+      await expect(mid.post()).rejects.toBeInstanceOf(RemoteDisconnectError);
       await eventually(0, 'removed');
 
       await write(first);

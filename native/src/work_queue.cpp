@@ -83,10 +83,12 @@ void WorkQueue::run() {
       }
       job = std::move(jobs_.front());
       jobs_.pop_front();
+      running_.store(true, std::memory_order_release);  // before queued_ drops: never both look idle
       queued_.store(jobs_.size(), std::memory_order_release);
     }
     job();
     if (poll_) poll_();
+    running_.store(false, std::memory_order_release);
   }
 }
 

@@ -37,6 +37,12 @@ class WorkQueue {
   // Costs a core while it spins; zero (the default) sleeps at once. Set before posting work.
   void setSpin(std::chrono::microseconds spin) { spin_ = spin; }
 
+  // Nothing queued and no job running (a snapshot: another thread may post right after). A thread
+  // that is the only one posting some kind of job can rely on it for that kind.
+  bool idle() const {
+    return queued_.load(std::memory_order_acquire) == 0 && !running_.load(std::memory_order_acquire);
+  }
+
   bool onQueueThread() const { return std::this_thread::get_id() == thread_.get_id(); }
   const std::string& name() const { return name_; }
 
@@ -50,6 +56,7 @@ class WorkQueue {
   std::function<bool()> poll_;
   std::chrono::microseconds spin_{0};
   std::atomic<size_t> queued_{0};  // jobs_.size(), readable without the lock
+  std::atomic<bool> running_{false};  // a job taken off jobs_ has not finished yet
   bool stopping_ = false;
   std::thread thread_;
 };

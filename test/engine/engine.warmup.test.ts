@@ -77,7 +77,8 @@ describe('warmUpRunner', () => {
   });
 
   it('leaves no trace: a warmed CPU runner gives the same logits as a fresh one', async () => {
-    const make = () => CpuModelRunner.create({ config: dummyConfig('tiny'), numBlocks: 8, weights: 'dummy:tiny', threads: 2 });
+    const make = () =>
+      CpuModelRunner.create({ config: dummyConfig('tiny'), numBlocks: 8, weights: 'dummy:tiny', threads: 2 });
     const [fresh, warmed] = await Promise.all([make(), make()]);
     try {
       expect(await warmUpRunner(warmed)).toBeGreaterThan(0);

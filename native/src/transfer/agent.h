@@ -259,6 +259,8 @@ class Agent {
   // shm mappings, its stream), once the work already issued to it has finished.
   void releasePeer(Peer& peer);
   void releaseRetired();
+  // JS thread: runs a mid-size shm post at once when it safely can (see kInlineShmMinBytes); false: queue it.
+  bool tryInlineShm(const Plan& plan, uint64_t token);
   void checkCuda(CUresult r, const char* what);
   template <typename F>
   auto onProgress(F&& fn) -> decltype(fn());
