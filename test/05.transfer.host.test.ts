@@ -269,23 +269,18 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
 
   it('transfers land in post order: a mid-size post does not overtake a big one still running', async () => {
     fillPattern(local.view!, 1);
-    const whole = agent.prepare({
-      op: 'WRITE',
-      peer: peer.name,
-      local,
-      remote: remoteShared,
-      pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: BLOCK * BLOCKS },
-      backend,
-    });
+    const write = (from: number, to: number, length: number) =>
+      agent.prepare({
+        op: 'WRITE',
+        peer: peer.name,
+        local,
+        remote: remoteShared,
+        pieces: { localOffsets: Float64Array.of(from), remoteOffsets: Float64Array.of(to), lengths: length },
+        backend,
+      });
+    const whole = write(0, 0, BLOCK * BLOCKS);
     // 512 KiB: small enough for shm to copy it on this thread when nothing else is in progress.
-    const over = agent.prepare({
-      op: 'WRITE',
-      peer: peer.name,
-      local,
-      remote: remoteShared,
-      pieces: { localOffsets: Float64Array.of(56 * BLOCK), remoteOffsets: Float64Array.of(0), lengths: 8 * BLOCK },
-      backend,
-    });
+    const over = write(56 * BLOCK, 0, 8 * BLOCK);
     await over.post(); // maps the target region (on shm), so the next one could run at once
     await Promise.all([whole.post(), over.post()]);
     const { sha256: got } = await target.request<{ sha256: string }>('sha256', {
