@@ -477,6 +477,9 @@ async function main(): Promise<void> {
       );
     };
 
+    /** A row's timing fields from its sorted step times. */
+    const timing = (ms: number[]) => ({ samples: ms.length, msP50: pct(ms, 50), msMin: ms[0]!, msMax: ms.at(-1)! });
+
     // Prefill: whole prompts in one forward, after one untimed forward of the same shape.
     for (const b of prefillBatches) {
       const batch = bench.prefillBatch(0, b);
@@ -490,10 +493,7 @@ async function main(): Promise<void> {
         batch: b,
         tokens,
         context: prompt,
-        samples: ms.length,
-        msP50: p50,
-        msMin: ms[0]!,
-        msMax: ms[ms.length - 1]!,
+        ...timing(ms),
         tokensPerSec: tokens / (p50 / 1e3),
         tflops: forwardFlops(params, tokens, b) / (p50 * 1e9),
       });
@@ -521,10 +521,7 @@ async function main(): Promise<void> {
         batch: b,
         tokens: b,
         context: prompt + steps,
-        samples: ms.length,
-        msP50: p50,
-        msMin: ms[0]!,
-        msMax: ms[ms.length - 1]!,
+        ...timing(ms),
         tokensPerSec: b / (p50 / 1e3),
         tflops: forwardFlops(params, b, b) / (p50 * 1e9),
         readBytes,

@@ -8,6 +8,8 @@
  * holds so far (causal within the chunk), and returns the logits of each sequence's last new token.
  */
 
+import type { RawForwardArgs } from '../native/binding.js';
+
 /** One step's input. All arrays are owned by the caller and only read during the call. */
 export interface ForwardBatch {
   /** New tokens of every sequence, concatenated. */
@@ -27,8 +29,8 @@ export interface ForwardBatch {
 }
 
 /** A batch as the native runners' forward calls take it, in their argument order. */
-export function forwardArgs(b: ForwardBatch) {
-  return [b.tokens, b.positions, b.seqStarts, b.blockTables, b.maxBlocksPerSeq, b.contextLens] as const;
+export function forwardArgs(b: ForwardBatch): RawForwardArgs {
+  return [b.tokens, b.positions, b.seqStarts, b.blockTables, b.maxBlocksPerSeq, b.contextLens];
 }
 
 /**

@@ -209,6 +209,16 @@ export interface RawCudaLlamaOptions extends Omit<RawCpuLlamaOptions, 'kvBuffer'
   cudaGraphs?: boolean;
 }
 
+/** One forward batch, in the native runners' argument order (built by `forwardArgs`, lib/engine/runner.ts). */
+export type RawForwardArgs = readonly [
+  tokens: Int32Array,
+  positions: Int32Array,
+  seqStarts: Int32Array,
+  blockTables: Int32Array,
+  maxBlocksPerSeq: number,
+  contextLens: Int32Array,
+];
+
 export interface RawCudaLlama {
   readonly weightBytes: number;
   readonly cudaGraphs: { active: boolean; reason: string | null };
@@ -217,22 +227,12 @@ export interface RawCudaLlama {
   setWeight(name: string, data: Float32Array): Promise<void>;
   missingWeights(): string[];
   ready(): void;
-  forward(
-    tokens: Int32Array,
-    positions: Int32Array,
-    seqStarts: Int32Array,
-    blockTables: Int32Array,
-    maxBlocksPerSeq: number,
-    contextLens: Int32Array,
-  ): Promise<Float32Array>;
+  forward(...batch: RawForwardArgs): Promise<Float32Array>;
   forwardSampled(
-    tokens: Int32Array,
-    positions: Int32Array,
-    seqStarts: Int32Array,
-    blockTables: Int32Array,
-    maxBlocksPerSeq: number,
-    contextLens: Int32Array,
-    plan: { n: Int32Array; flags: Int32Array; invT: Float64Array; topP: Float64Array; u: Float64Array },
+    ...args: [
+      ...batch: RawForwardArgs,
+      plan: { n: Int32Array; flags: Int32Array; invT: Float64Array; topP: Float64Array; u: Float64Array },
+    ]
   ): Promise<{
     maxN: number;
     ints: Int32Array;
@@ -253,14 +253,7 @@ export interface RawCpuLlama {
   setWeight(name: string, data: Float32Array): void;
   missingWeights(): string[];
   ready(): void;
-  forward(
-    tokens: Int32Array,
-    positions: Int32Array,
-    seqStarts: Int32Array,
-    blockTables: Int32Array,
-    maxBlocksPerSeq: number,
-    contextLens: Int32Array,
-  ): Promise<Float32Array>;
+  forward(...batch: RawForwardArgs): Promise<Float32Array>;
   dispose(): Promise<void>;
 }
 
