@@ -291,6 +291,49 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
     expect(got).toBe(sha256(patternBytes(8 * BLOCK, 1, 56 * BLOCK)));
   });
 
+  it('a small post with nothing else in flight is done by the time post() returns (shm); posts settle in post order', async () => {
+    fillPattern(local.view!, 3);
+    const write = (from: number, to: number, length: number) =>
+      agent.prepare({
+        op: 'WRITE',
+        peer: peer.name,
+        local,
+        remote: remoteShared,
+        pieces: { localOffsets: Float64Array.of(from), remoteOffsets: Float64Array.of(to), lengths: length },
+        backend,
+      });
+    const small = write(5 * BLOCK, 2 * BLOCK, BLOCK);
+    await small.post(); // maps the target region (on shm)
+    await new Promise((resolve) => setTimeout(resolve, 5)); // the agent's thread has long finished
+    let settled = false;
+    const posted = small.post().then(() => (settled = true));
+    // A few microtask turns, no event-loop turn: only a post settled during the call can be seen here.
+    for (let i = 0; i < 3; i++) await Promise.resolve();
+    expect(settled).toBe(backend === 'shm');
+    await posted;
+    const { sha256: got } = await target.request<{ sha256: string }>('sha256', {
+      region: remoteShared,
+      offset: 2 * BLOCK,
+      length: BLOCK,
+    });
+    expect(got).toBe(sha256(patternBytes(BLOCK, 3, 5 * BLOCK)));
+
+    // Posted after a big one, small and mid-size posts settle after it: here the big one has finished
+    // (this thread is kept busy meanwhile), but its completion has yet to reach JavaScript.
+    const whole = write(0, 0, BLOCK * BLOCKS);
+    const mid = write(0, 0, 8 * BLOCK);
+    const order: string[] = [];
+    const done = [whole.post().then(() => order.push('whole'))];
+    const until = performance.now() + 20;
+    while (performance.now() < until);
+    done.push(
+      mid.post().then(() => order.push('mid')),
+      small.post().then(() => order.push('small')),
+    );
+    await Promise.all(done);
+    if (backend !== 'ucx') expect(order).toEqual(['whole', 'mid', 'small']);
+  });
+
   it('posts the same plan many times, concurrently', async () => {
     const plan = agent.prepare({
       op: 'WRITE',

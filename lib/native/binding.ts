@@ -158,7 +158,8 @@ export interface RawTransferAgent {
     remoteRegionIndex: Uint32Array | undefined,
     backend: string | undefined,
   ): RawTransferPlan;
-  post(plan: RawTransferPlan, notification?: Uint8Array): { token: number; promise: Promise<void> };
+  /** undefined: the transfer was done during the call (a small shm post with nothing else in flight). */
+  post(plan: RawTransferPlan, notification?: Uint8Array): { token: number; promise: Promise<void> } | undefined;
   cancel(token: number): void;
   notify(peer: string, message: Uint8Array): Promise<void>;
   /** Resolves with how many of the peer's device regions are open, as a decimal string. */

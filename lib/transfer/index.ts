@@ -117,6 +117,8 @@ export interface AgentOptions {
 
 const encoder = new TextEncoder();
 const asBytes = (m: Uint8Array | string): Uint8Array => (typeof m === 'string' ? encoder.encode(m) : m);
+/** What a post done during the call returns (settled already; shared, as it carries no value). */
+const DONE: Promise<void> = Promise.resolve();
 
 /** A prepared transfer: validated once, posted many times. */
 export class TransferPlan {
@@ -329,7 +331,9 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     if (signal?.aborted)
       return Promise.reject(new CanceledError('the transfer was canceled before it was posted; nothing was moved'));
     const notif = options.notify === undefined ? undefined : asBytes(options.notify);
-    const { token, promise } = nativeSync(() => this.raw.post(plan.raw, notif));
+    const posted = nativeSync(() => this.raw.post(plan.raw, notif));
+    if (!posted) return DONE;
+    const { token, promise } = posted;
     if (!signal) return native(() => promise);
     const onAbort = () => this.raw.cancel(token);
     signal.addEventListener('abort', onAbort, { once: true });

@@ -1321,15 +1321,17 @@ void Agent::cancel(uint64_t token) {
   if (wasPending) fail(token, "TANDEM_CANCELED", "the transfer was canceled (data already sent may have landed)");
 }
 
-// Mid-size shm transfers run on the caller's thread when nothing is queued or running on the progress
-// thread: no hand-off, and the source is often still in this core's cache (one 1 MiB post: 43-45% of a
-// memcpy through the progress thread, 84-89% here). At most 1 MiB: tens of microseconds of copying on the
-// JS thread. Below 256 KiB the copy is shorter than the hand-off it saves, and posts issued back to back
-// go faster when the progress thread copies while the JS thread posts the next.
+// Shm transfers of at most 1 MiB run on the caller's thread when nothing is queued or running on the
+// progress thread: no hand-off, and the source is often still in this core's cache (one 1 MiB post: 43-45%
+// of a memcpy through the progress thread, 84-89% here). At most 1 MiB: tens of microseconds of copying on
+// the JS thread. From 256 KiB up they always may; below, only when the caller has nothing else in flight
+// (`alone`): posts issued back to back go faster when the progress thread copies while the JS thread posts
+// the next, and a small copy is shorter than the hand-off it saves only when its completion need not wait
+// behind earlier ones either.
 constexpr uint64_t kInlineShmMinBytes = 256 << 10;
 constexpr uint64_t kInlineShmMaxBytes = 1 << 20;
 
-bool Agent::tryInlineShm(const Plan& plan, uint64_t token) {
+bool Agent::tryInlineShm(const Plan& plan) {
   if (closing_ || !progress_->idle()) return false;
   for (uint32_t id : plan.localRegionIds) {
     if (!region(id)) return false;  // the queued path reports it
@@ -1349,15 +1351,16 @@ bool Agent::tryInlineShm(const Plan& plan, uint64_t token) {
     if (plan.op == Op::Write) std::memcpy(remote, local, p.length);
     else std::memcpy(local, remote, p.length);
   }
-  succeed(token);
   return true;
 }
 
-void Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif) {
+bool Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif, bool alone) {
   // A notification means a socket write, which could block: those go through the progress thread.
-  if (plan->backend == Backend::Shm && notif.empty() && plan->bytes >= kInlineShmMinBytes &&
-      plan->bytes <= kInlineShmMaxBytes && tryInlineShm(*plan, token)) {
-    return;
+  if (plan->backend == Backend::Shm && notif.empty() && (alone || plan->bytes >= kInlineShmMinBytes) &&
+      plan->bytes <= kInlineShmMaxBytes && tryInlineShm(*plan)) {
+    if (alone) return true;
+    succeed(token);  // after completions already on their way to the caller
+    return false;
   }
   bool queued = progress_->post([this, plan, token, notif = std::move(notif)]() mutable {
     {
@@ -1391,6 +1394,7 @@ void Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<
     }
   });
   if (!queued) fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+  return false;
 }
 
 void Agent::notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message) {

@@ -190,8 +190,11 @@ class Agent {
                                 const uint32_t* localIdx, const uint32_t* remoteIdx, size_t count,
                                 const std::string& backend);
 
-  // Queues the plan; `token` identifies the completion. Notification bytes go after the data.
-  void post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif);
+  // Queues the plan; `token` identifies the completion. Notification bytes go after the data. With `alone`
+  // (the caller has nothing else in flight with this agent, so settling this one at once reorders nothing
+  // it could see), returns true when the transfer was done on the calling thread instead (a small shm
+  // post, see tryInlineShm): it succeeded, and no completion callback follows.
+  bool post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif, bool alone = false);
   void cancel(uint64_t token);
   void notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message);
   // Does now what the first cuda-ipc transfer with this peer would otherwise pay for: connects, opens
@@ -259,8 +262,8 @@ class Agent {
   // shm mappings, its stream), once the work already issued to it has finished.
   void releasePeer(Peer& peer);
   void releaseRetired();
-  // JS thread: runs a mid-size shm post at once when it safely can (see kInlineShmMinBytes); false: queue it.
-  bool tryInlineShm(const Plan& plan, uint64_t token);
+  // JS thread: runs an shm post at once when it safely can (see kInlineShmMinBytes); false: queue it.
+  bool tryInlineShm(const Plan& plan);
   void checkCuda(CUresult r, const char* what);
   template <typename F>
   auto onProgress(F&& fn) -> decltype(fn());

@@ -394,9 +394,11 @@ Napi::Value TransferAgentWrap::Post(const Napi::CallbackInfo& info) {
   TransferPlanWrap* plan = TransferPlanWrap::Unwrap(info[0].As<Napi::Object>());
   std::vector<unsigned char> notif = bytesOf(info[1], "notification");
   uint64_t token = nextToken_++;
+  // With nothing else of this agent's in flight, a post done on this thread is settled already: no earlier
+  // completion can still be on its way to overtake it. Then there is no promise to make (undefined).
+  if (agent.post(plan->plan(), token, std::move(notif), js_->pending.empty())) return env.Undefined();
   auto deferred = Napi::Promise::Deferred::New(env);
   js_->pending.emplace(token, deferred);
-  agent.post(plan->plan(), token, std::move(notif));
   Napi::Object o = Napi::Object::New(env);
   o.Set("token", static_cast<double>(token));
   o.Set("promise", deferred.Promise());
