@@ -138,6 +138,7 @@ export interface RawTransferAgent {
   readonly disposed: boolean;
   readonly ucxReason: string;
   readonly ncclReason: string;
+  readonly directPosts: number;
   registerHost(buffer: ArrayBufferView): RawRegion;
   allocShared(bytes: number, pinned: boolean): RawRegion;
   registerDevice(device: number, address: bigint, bytes: number): RawRegion;

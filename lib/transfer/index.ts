@@ -223,6 +223,14 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   get ncclUnavailableReason(): string {
     return this.raw.ncclReason;
   }
+  /**
+   * How many cuda-ipc posts this process's calling thread issued to the GPU itself, without the agent's
+   * thread: posts of a plan of at most 8 pieces that has run once, with nothing of the same peer queued
+   * ahead. The agent's thread still watches their completion and sends their notifications.
+   */
+  get directPosts(): number {
+    return this.raw.directPosts;
+  }
 
   private remember(raw: RawRegion): Region {
     const region: Region = {

@@ -98,6 +98,8 @@ typedef CUresult (*PFN_cuDeviceGetP2PAttribute)(int* value, int attrib, CUdevice
 typedef CUresult (*PFN_cuDevicePrimaryCtxRetain)(CUcontext* pctx, CUdevice dev);
 typedef CUresult (*PFN_cuDevicePrimaryCtxRelease)(CUdevice dev);
 typedef CUresult (*PFN_cuCtxSetCurrent)(CUcontext ctx);
+typedef CUresult (*PFN_cuCtxPushCurrent)(CUcontext ctx);
+typedef CUresult (*PFN_cuCtxPopCurrent)(CUcontext* pctx);
 typedef CUresult (*PFN_cuCtxSynchronize)(void);
 typedef CUresult (*PFN_cuMemGetInfo)(size_t* free, size_t* total);
 typedef CUresult (*PFN_cuMemAlloc)(CUdeviceptr* dptr, size_t bytesize);

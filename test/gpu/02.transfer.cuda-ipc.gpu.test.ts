@@ -2,6 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   CudaDevice,
   OutOfBoundsError,
+  RemoteDisconnectError,
   TransferAgent,
   type DeviceBuffer,
   type Region,
@@ -152,6 +153,50 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     }
   });
 
+  it('a plan of few pieces, posted again, is issued by the calling thread; it never overtakes posts queued before it', async () => {
+    const eight = (dstBlock: number, srcBlock = 0) =>
+      agent.prepare({
+        op: 'WRITE',
+        peer: peer.name,
+        local,
+        remote,
+        pieces: {
+          localOffsets: Float64Array.of(srcBlock * BLOCK),
+          remoteOffsets: Float64Array.of(dstBlock * BLOCK),
+          lengths: 8 * BLOCK,
+        },
+      });
+    // Posted again: the calling thread issues it; the data is in place before the notification is seen.
+    const plan = eight(40);
+    await plan.post(); // the agent's thread resolves its copies
+    const direct = agent.directPosts;
+    for (let round = 0; round < 4; round++) {
+      const note = JSON.stringify({
+        direct: round,
+        check: { region: remote, offset: 40 * BLOCK, length: 8 * BLOCK, seed: SEED_LOCAL, base: 0 },
+      });
+      await plan.post({ notify: note });
+      const event = await target.nextEvent((e) => e.event === 'notification' && e.text === note);
+      expect((event as { mismatches?: number }).mismatches, `round ${round}`).toBe(0);
+    }
+    expect(agent.directPosts - direct).toBe(4);
+
+    // Eight new plans queue for the agent's thread (each 8 blocks from local block 0 onto remote block 0),
+    // then a resolved plan copies local blocks 100.. onto the same place: it must land last.
+    const last = eight(0, 100);
+    await last.post();
+    const queued = Array.from({ length: 8 }, () => eight(0, 0));
+    await Promise.all([...queued.map((q) => q.post()), last.post()]);
+    const r = await target.request<{ mismatches: number }>('checkDevice', {
+      region: remote,
+      offset: 0,
+      length: 8 * BLOCK,
+      seed: SEED_LOCAL,
+      base: 100 * BLOCK,
+    });
+    expect(r.mismatches, 'the last post landed last').toBe(0);
+  });
+
   it('pinned host memory to the target GPU and back', async () => {
     const pinned = agent.allocPinned(4 * BLOCK);
     fillPattern(pinned.view!, 5, 0);
@@ -217,7 +262,9 @@ describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () 
       const { agent, local, peer, remote, target } = pair;
       // One write opens the target's region in this process (CUDA IPC).
       const one = { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 };
-      await agent.prepare({ op: 'WRITE', peer: peer.name, local, remote, pieces: one }).post();
+      const plan = agent.prepare({ op: 'WRITE', peer: peer.name, local, remote, pieces: one });
+      await plan.post();
+      await plan.post(); // issued by this thread (its copies are resolved now)
       const before = (await target.request<{ freeBytes: number }>('memoryInfo', { device: remoteGpu })).freeBytes;
       // The target frees the region; our open handle keeps the 2 GiB alive.
       const afterFree = (await target.request<{ freeBytes: number }>('freeDevice', { region: remote })).freeBytes;
@@ -229,6 +276,8 @@ describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () 
         free = (await target.request<{ freeBytes: number }>('memoryInfo', { device: remoteGpu })).freeBytes;
       }
       expect(free - before, 'given back after removeRemote').toBeGreaterThanOrEqual(1.5 * GiB);
+      // The plan's resolved copies went with the peer: posting it again fails cleanly.
+      await expect(plan.post()).rejects.toBeInstanceOf(RemoteDisconnectError);
     } finally {
       await pair.dispose();
     }

@@ -210,6 +210,8 @@ Agent::Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* c
     spin_ = std::chrono::microseconds(spinUs);
     progress_->setSpin(spin_);
   }
+  // TANDEM_DIRECT_POSTS=0: every cuda-ipc post goes through the progress thread (see tryDirectCuda).
+  if (const char* env = std::getenv("TANDEM_DIRECT_POSTS")) directPostsOn_ = std::strcmp(env, "0") != 0;
   acceptThread_ = std::thread([this] { acceptLoop(); });
   timeoutThread_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -381,6 +383,7 @@ bool Agent::pollInflight() {
         cuda_->cuEventDestroy(it->start);
         cuda_->cuEventDestroy(it->event);  // timing events are not pooled
       } else {
+        std::lock_guard<std::mutex> lock(eventMutex_);
         eventPool_.push_back({it->device, it->event});
       }
       it = inflight_.erase(it);
@@ -396,13 +399,18 @@ bool Agent::pollInflight() {
 void Agent::releasePeer(Peer& peer) {
   const bool otherProcess = peer.d.pid != static_cast<uint32_t>(getpid());
   const bool cuda = cuda_ && cuda_->available && !contexts_.empty();
-  // Work already issued to the peer reads or writes its memory through these mappings: let it finish.
-  if (peer.stream && cuda) {
-    setDevice(peer.streamDevice);
-    cuda_->cuStreamSynchronize(peer.stream);
-    cuda_->cuStreamDestroy(peer.stream);
+  CUstream stream = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(peer.mutex);  // no more copies issued on the caller's thread
+    ++peer.cudaEpoch;
+    std::swap(stream, peer.stream);
   }
-  peer.stream = nullptr;
+  // Work already issued to the peer reads or writes its memory through these mappings: let it finish.
+  if (stream && cuda) {
+    setDevice(peer.streamDevice);
+    cuda_->cuStreamSynchronize(stream);
+    cuda_->cuStreamDestroy(stream);
+  }
   for (auto& r : peer.regions) {
     if (r.opened && r.openedOn >= 0 && otherProcess && cuda) {
       setDevice(r.openedOn);
@@ -427,11 +435,15 @@ void Agent::releaseRetired() {
 
 void Agent::releaseCuda() {
   while (cuda_ && cuda_->available && pollInflight()) std::this_thread::yield();
-  for (auto& [device, event] : eventPool_) {
+  std::vector<std::pair<int, CUevent>> pool;
+  {
+    std::lock_guard<std::mutex> lock(eventMutex_);
+    pool.swap(eventPool_);
+  }
+  for (auto& [device, event] : pool) {
     setDevice(device);
     cuda_->cuEventDestroy(event);
   }
-  eventPool_.clear();
   releaseRetired();
   if (!cuda_ || !cuda_->available || contexts_.empty()) {
     // No CUDA state to free; shm mappings of peers still loaded go all the same.
@@ -1330,6 +1342,9 @@ void Agent::cancel(uint64_t token) {
 // behind earlier ones either.
 constexpr uint64_t kInlineShmMinBytes = 256 << 10;
 constexpr uint64_t kInlineShmMaxBytes = 1 << 20;
+// cuda-ipc plans of at most this many pieces (copy-engine strategy) are issued on the caller's thread when
+// they can be (tryDirectCuda): each copy costs that thread a few microseconds to submit.
+constexpr size_t kDirectMaxPieces = 8;
 
 bool Agent::tryInlineShm(const Plan& plan) {
   if (closing_ || !progress_->idle()) return false;
@@ -1362,7 +1377,17 @@ bool Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<
     succeed(token);  // after completions already on their way to the caller
     return false;
   }
-  bool queued = progress_->post([this, plan, token, notif = std::move(notif)]() mutable {
+  if (plan->backend == Backend::CudaIpc && tryDirectCuda(plan, token, notif)) return false;
+  // Until the progress thread has issued this post, later ones for the peer must queue behind it.
+  const bool counted = plan->backend == Backend::CudaIpc;
+  if (counted) plan->peer->queuedIssues.fetch_add(1, std::memory_order_acq_rel);
+  bool queued = progress_->post([this, plan, token, counted, notif = std::move(notif)]() mutable {
+    struct Issued {
+      Peer* peer;
+      ~Issued() {
+        if (peer) peer->queuedIssues.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    } issued{counted ? plan->peer.get() : nullptr};
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (canceled_.erase(token)) {
@@ -1393,7 +1418,10 @@ bool Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<
       fail(token, e.code, e.message);
     }
   });
-  if (!queued) fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+  if (!queued) {
+    if (counted) plan->peer->queuedIssues.fetch_sub(1, std::memory_order_acq_rel);
+    fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+  }
   return false;
 }
 
@@ -1731,13 +1759,22 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   Peer& peer = *plan->peer;
   setDevice(plan->localDevice);
   if (!peer.stream || peer.streamDevice != plan->localDevice) {
-    if (peer.stream) {
+    CUstream old = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(peer.mutex);
+      ++peer.cudaEpoch;
+      std::swap(old, peer.stream);
+    }
+    if (old) {
       setDevice(peer.streamDevice);
-      cuda_->cuStreamSynchronize(peer.stream);
-      cuda_->cuStreamDestroy(peer.stream);
+      cuda_->cuStreamSynchronize(old);
+      cuda_->cuStreamDestroy(old);
       setDevice(plan->localDevice);
     }
-    checkCuda(cuda_->cuStreamCreate(&peer.stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+    CUstream stream = nullptr;
+    checkCuda(cuda_->cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+    std::lock_guard<std::mutex> lock(peer.mutex);
+    peer.stream = stream;
     peer.streamDevice = plan->localDevice;
   }
   // Few pieces: the copy engines (one async copy each). Many pieces: one launch of the chunk-copy
@@ -1818,9 +1855,25 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     checkCuda(cuda_->cuLaunchKernel(kernels->copyChunks, blocks, 1, 1, 512, 1, 1, 0, peer.stream, args, nullptr),
               "launch of tandem_copy_chunks");
   } else {
+    // Few pieces, strategy settled: once resolved, later posts of this plan may be issued by the caller's
+    // thread itself (tryDirectCuda). Only this thread writes `direct` and the epoch; the caller reads them
+    // under the peer's mutex.
+    const bool resolve = !timed && plan->pieces.size() <= kDirectMaxPieces &&
+                         (!plan->direct || plan->direct->epoch != peer.cudaEpoch);
+    std::vector<Plan::Direct::Copy> copies;
     for (const auto& p : plan->pieces) {
       auto [src, dst] = endpoints(p);
       checkCuda(cuda_->cuMemcpyAsync(dst, src, p.length, peer.stream), "cuMemcpyAsync");
+      if (resolve) copies.push_back({dst, src, p.length});
+    }
+    if (resolve) {
+      auto direct = std::make_unique<Plan::Direct>();
+      direct->context = contexts_.at(plan->localDevice);
+      direct->stream = peer.stream;
+      direct->copies = std::move(copies);
+      std::lock_guard<std::mutex> lock(peer.mutex);
+      direct->epoch = peer.cudaEpoch;
+      plan->direct = std::move(direct);
     }
   }
   // Completion: an event the progress thread polls between jobs (a host callback costs tens of
@@ -1830,13 +1883,7 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   if (timed) {
     checkCuda(cuda_->cuEventCreate(&event, 0), "cuEventCreate");
   } else {
-    for (auto it = eventPool_.begin(); it != eventPool_.end(); ++it) {
-      if (it->first == plan->localDevice) {
-        event = it->second;
-        eventPool_.erase(it);
-        break;
-      }
-    }
+    event = takeEvent(plan->localDevice);
     if (!event) checkCuda(cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
   }
   CUresult rec = cuda_->cuEventRecord(event, peer.stream);
@@ -1844,31 +1891,92 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     cuda_->cuEventDestroy(event);
     checkCuda(rec, "cuEventRecord");
   }
-  inflight_.push_back(Inflight{event, plan->localDevice, startEvent,
-                               [this, token, peerPtr, plan, use, notif = std::move(notif)](CUresult result, float ms) {
-                                 if (ms >= 0 && plan->strategy == Plan::kUndecided) {
-                                   if (plan->trialMs[use] < 0 || ms < plan->trialMs[use]) plan->trialMs[use] = ms;
-                                   ++plan->trialsDone[use];
-                                   if (plan->trialsDone[Plan::kKernel] >= Plan::kTrials &&
-                                       plan->trialsDone[Plan::kCopyEngine] >= Plan::kTrials) {
-                                     plan->strategy = plan->trialMs[Plan::kKernel] <= plan->trialMs[Plan::kCopyEngine]
-                                                          ? Plan::kKernel
-                                                          : Plan::kCopyEngine;
-                                   }
-                                 }
-                                 if (result != CUDA_SUCCESS) {
-                                   return fail(token, "TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(result));
-                                 }
-                                 std::string err;
-                                 {
-                                   std::lock_guard<std::mutex> lock(peerPtr->mutex);
-                                   if (peerPtr->dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peerPtr->deadReason);
-                                 }
-                                 if (!notif.empty() && !sendNotify(peerPtr, notif, err)) {
-                                   return fail(token, "TANDEM_REMOTE_DISCONNECTED", err);
-                                 }
-                                 succeed(token);
-                               }});
+  inflight_.push_back(Inflight{event, plan->localDevice, startEvent, cudaDone(plan, token, use, std::move(notif))});
+}
+
+CUevent Agent::takeEvent(int device) {
+  std::lock_guard<std::mutex> lock(eventMutex_);
+  for (auto it = eventPool_.begin(); it != eventPool_.end(); ++it) {
+    if (it->first == device) {
+      CUevent event = it->second;
+      eventPool_.erase(it);
+      return event;
+    }
+  }
+  return nullptr;
+}
+
+std::function<void(CUresult, float)> Agent::cudaDone(const std::shared_ptr<Plan>& plan, uint64_t token, int use,
+                                                     std::vector<unsigned char> notif) {
+  return [this, token, plan, use, notif = std::move(notif)](CUresult result, float ms) {
+    if (ms >= 0 && plan->strategy == Plan::kUndecided) {
+      if (plan->trialMs[use] < 0 || ms < plan->trialMs[use]) plan->trialMs[use] = ms;
+      ++plan->trialsDone[use];
+      if (plan->trialsDone[Plan::kKernel] >= Plan::kTrials && plan->trialsDone[Plan::kCopyEngine] >= Plan::kTrials) {
+        plan->strategy =
+            plan->trialMs[Plan::kKernel] <= plan->trialMs[Plan::kCopyEngine] ? Plan::kKernel : Plan::kCopyEngine;
+      }
+    }
+    if (result != CUDA_SUCCESS) {
+      return fail(token, "TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(result));
+    }
+    const auto& peer = plan->peer;
+    {
+      std::lock_guard<std::mutex> lock(peer->mutex);
+      if (peer->dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peer->deadReason);
+    }
+    std::string err;
+    if (!notif.empty() && !sendNotify(peer, notif, err)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", err);
+    succeed(token);
+  };
+}
+
+bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
+  Peer& peer = *plan->peer;
+  // A plan has `direct` only once its strategy is settled on the copy engines (see runCudaIpc).
+  // Only when the progress thread is idle: in a burst of posts it issues them faster than this thread would
+  // (each direct post also hands it the completion), while this thread goes on posting.
+  if (!directPostsOn_ || closing_ || peer.queuedIssues.load(std::memory_order_acquire) != 0 || !progress_->idle()) {
+    return false;
+  }
+  for (uint32_t id : plan->localRegionIds) {
+    if (!region(id)) return false;  // the queued path reports it
+  }
+  auto giveBack = [&](CUevent event) {
+    if (!event) return;
+    std::lock_guard<std::mutex> pool(eventMutex_);
+    eventPool_.push_back({plan->localDevice, event});
+  };
+  std::unique_lock<std::mutex> lock(peer.mutex);  // releasePeer cannot take the stream meanwhile
+  const Plan::Direct* direct = plan->direct.get();
+  if (peer.dead || !direct || direct->epoch != peer.cudaEpoch) return false;
+  CUevent event = takeEvent(plan->localDevice);
+  CUresult r = cuda_->cuCtxPushCurrent(direct->context);
+  if (r != CUDA_SUCCESS) {
+    lock.unlock();
+    giveBack(event);
+    return false;
+  }
+  for (const auto& c : direct->copies) {
+    if (r == CUDA_SUCCESS) r = cuda_->cuMemcpyAsync(c.dst, c.src, c.bytes, direct->stream);
+  }
+  if (r == CUDA_SUCCESS && !event) r = cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
+  if (r == CUDA_SUCCESS) r = cuda_->cuEventRecord(event, direct->stream);
+  CUcontext popped = nullptr;
+  cuda_->cuCtxPopCurrent(&popped);
+  lock.unlock();
+  if (r != CUDA_SUCCESS) {
+    giveBack(event);
+    fail(token, "TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(r));
+    return true;
+  }
+  directPosts_.fetch_add(1, std::memory_order_relaxed);
+  // The progress thread watches the event from here on (waking it overlaps the copy).
+  Inflight inflight{event, plan->localDevice, nullptr, cudaDone(plan, token, Plan::kCopyEngine, std::move(notif))};
+  if (!progress_->post([this, inflight = std::move(inflight)]() mutable { inflight_.push_back(std::move(inflight)); })) {
+    fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed (the copy was issued)");
+  }
+  return true;
 }
 
 }  // namespace tandem::transfer

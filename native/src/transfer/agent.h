@@ -93,8 +93,14 @@ struct Peer {
   std::string deadReason;
   std::condition_variable connected;
   bool connecting = true;
-  CUstream stream = nullptr;  // cuda-ipc: per-peer stream (progress thread only)
+  CUstream stream = nullptr;  // cuda-ipc: per-peer stream (set on the progress thread, under `mutex`)
   int streamDevice = -1;
+  // cuda-ipc: changes (under `mutex`) whenever the stream or the opened regions go, so that a plan's
+  // resolved copies (Plan::direct) stop being used on the caller's thread.
+  uint64_t cudaEpoch = 0;
+  // cuda-ipc posts queued for the progress thread and not yet issued to the stream: while there are any,
+  // posts cannot be issued on the caller's thread without overtaking them.
+  std::atomic<int> queuedIssues{0};
   // nccl: one two-rank communicator per (local GPU, remote GPU) for transfers this agent initiates
   // (rank 0 here, rank 1 at the peer). Guarded by `mutex`; made on the progress thread.
   struct NcclLink {
@@ -137,6 +143,19 @@ struct Plan {
   uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
   std::shared_ptr<NcclStagedPlan> ncclStaged;  // nccl: set when the plan goes through staging buffers
   bool ncclDecided = false;
+  // cuda-ipc, copy-engine plans of few pieces: the copies as the progress thread last issued them, for the
+  // caller's thread to issue again itself (Agent::tryDirectCuda). Guarded by the peer's mutex.
+  struct Direct {
+    uint64_t epoch = 0;  // Peer::cudaEpoch when resolved
+    CUcontext context = nullptr;
+    CUstream stream = nullptr;
+    struct Copy {
+      CUdeviceptr dst, src;
+      uint64_t bytes;
+    };
+    std::vector<Copy> copies;
+  };
+  std::unique_ptr<Direct> direct;
 };
 
 struct AgentCallbacks {
@@ -195,6 +214,8 @@ class Agent {
   // it could see), returns true when the transfer was done on the calling thread instead (a small shm
   // post, see tryInlineShm): it succeeded, and no completion callback follows.
   bool post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif, bool alone = false);
+  // Posts the caller's thread issued to the GPU itself (cuda-ipc; see tryDirectCuda). For tests and stats.
+  uint64_t directPosts() const { return directPosts_.load(std::memory_order_relaxed); }
   void cancel(uint64_t token);
   void notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message);
   // Does now what the first cuda-ipc transfer with this peer would otherwise pay for: connects, opens
@@ -264,6 +285,14 @@ class Agent {
   void releaseRetired();
   // JS thread: runs an shm post at once when it safely can (see kInlineShmMinBytes); false: queue it.
   bool tryInlineShm(const Plan& plan);
+  // JS thread: issues a cuda-ipc post of few pieces on the peer's stream at once, when the plan's copies
+  // are resolved and nothing for this peer waits on the progress thread; the progress thread only
+  // watches for its completion. False: queue it.
+  bool tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  // What runs when a cuda-ipc post's copies have finished (or failed): strategy timing, notification, result.
+  std::function<void(CUresult, float)> cudaDone(const std::shared_ptr<Plan>& plan, uint64_t token, int use,
+                                                std::vector<unsigned char> notif);
+  CUevent takeEvent(int device);  // from eventPool_, or nullptr
   void checkCuda(CUresult r, const char* what);
   template <typename F>
   auto onProgress(F&& fn) -> decltype(fn());
@@ -332,7 +361,10 @@ class Agent {
     std::function<void(CUresult, float)> done;  // CUDA_SUCCESS or the error; elapsed ms when timed
   };
   std::deque<Inflight> inflight_;   // GPU work whose completion the progress thread polls for
+  std::mutex eventMutex_;            // eventPool_ (the JS thread takes events from it too)
   std::vector<std::pair<int, CUevent>> eventPool_;
+  std::atomic<uint64_t> directPosts_{0};
+  bool directPostsOn_ = true;
   // Dead peers (removed, replaced, disconnected) whose mappings releaseRetired() has yet to close.
   std::vector<std::shared_ptr<Peer>> retired_;  // guarded by mutex_
   bool pollInflight();

@@ -129,6 +129,7 @@ void TransferAgentWrap::Init(Napi::Env env, Napi::Object exports) {
           InstanceAccessor<&TransferAgentWrap::GetDisposed>("disposed"),
           InstanceAccessor<&TransferAgentWrap::GetUcxReason>("ucxReason"),
           InstanceAccessor<&TransferAgentWrap::GetNcclReason>("ncclReason"),
+          InstanceAccessor<&TransferAgentWrap::GetDirectPosts>("directPosts"),
       });
   AddonState::of(env).transferAgentConstructor = Napi::Persistent(ctor);
   exports.Set("TransferAgent", ctor);
@@ -466,6 +467,9 @@ Napi::Value TransferAgentWrap::GetUcxReason(const Napi::CallbackInfo& info) {
 
 Napi::Value TransferAgentWrap::GetNcclReason(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), agent_ ? agent_->ncclReason() : std::string());
+}
+Napi::Value TransferAgentWrap::GetDirectPosts(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), agent_ ? static_cast<double>(agent_->directPosts()) : 0);
 }
 Napi::Value TransferAgentWrap::GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !agent_); }
 
