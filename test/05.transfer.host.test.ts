@@ -253,6 +253,17 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
     fillPattern(local.view!, 1); // as the other cases expect it
   });
 
+  /** A WRITE plan of one piece into the target's shared region. */
+  const write = (from: number, to: number, length: number) =>
+    agent.prepare({
+      op: 'WRITE',
+      peer: peer.name,
+      local,
+      remote: remoteShared,
+      pieces: { localOffsets: Float64Array.of(from), remoteOffsets: Float64Array.of(to), lengths: length },
+      backend,
+    });
+
   it('an already-aborted signal rejects without moving anything', async () => {
     const plan = agent.prepare({
       op: 'WRITE',
@@ -269,15 +280,6 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
 
   it('transfers land in post order: a mid-size post does not overtake a big one still running', async () => {
     fillPattern(local.view!, 1);
-    const write = (from: number, to: number, length: number) =>
-      agent.prepare({
-        op: 'WRITE',
-        peer: peer.name,
-        local,
-        remote: remoteShared,
-        pieces: { localOffsets: Float64Array.of(from), remoteOffsets: Float64Array.of(to), lengths: length },
-        backend,
-      });
     const whole = write(0, 0, BLOCK * BLOCKS);
     // 512 KiB: small enough for shm to copy it on this thread when nothing else is in progress.
     const over = write(56 * BLOCK, 0, 8 * BLOCK);
@@ -293,15 +295,6 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('transfer between two processes ov
 
   it('a small post with nothing else in flight is done by the time post() returns (shm); posts settle in post order', async () => {
     fillPattern(local.view!, 3);
-    const write = (from: number, to: number, length: number) =>
-      agent.prepare({
-        op: 'WRITE',
-        peer: peer.name,
-        local,
-        remote: remoteShared,
-        pieces: { localOffsets: Float64Array.of(from), remoteOffsets: Float64Array.of(to), lengths: length },
-        backend,
-      });
     const small = write(5 * BLOCK, 2 * BLOCK, BLOCK);
     await small.post(); // maps the target region (on shm)
     await new Promise((resolve) => setTimeout(resolve, 5)); // the agent's thread has long finished
