@@ -383,8 +383,7 @@ bool Agent::pollInflight() {
         cuda_->cuEventDestroy(it->start);
         cuda_->cuEventDestroy(it->event);  // timing events are not pooled
       } else {
-        std::lock_guard<std::mutex> lock(eventMutex_);
-        eventPool_.push_back({it->device, it->event});
+        giveEvent(it->device, it->event);
       }
       it = inflight_.erase(it);
       done(r, ms);
@@ -1894,6 +1893,12 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   inflight_.push_back(Inflight{event, plan->localDevice, startEvent, cudaDone(plan, token, use, std::move(notif))});
 }
 
+void Agent::giveEvent(int device, CUevent event) {
+  if (!event) return;
+  std::lock_guard<std::mutex> lock(eventMutex_);
+  eventPool_.push_back({device, event});
+}
+
 CUevent Agent::takeEvent(int device) {
   std::lock_guard<std::mutex> lock(eventMutex_);
   for (auto it = eventPool_.begin(); it != eventPool_.end(); ++it) {
@@ -1933,20 +1938,15 @@ std::function<void(CUresult, float)> Agent::cudaDone(const std::shared_ptr<Plan>
 
 bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
   Peer& peer = *plan->peer;
-  // A plan has `direct` only once its strategy is settled on the copy engines (see runCudaIpc).
   // Only when the progress thread is idle: in a burst of posts it issues them faster than this thread would
-  // (each direct post also hands it the completion), while this thread goes on posting.
+  // (each direct post also hands it the completion), while this thread goes on posting. A plan has
+  // `direct` only once its strategy is settled on the copy engines (see runCudaIpc).
   if (!directPostsOn_ || closing_ || peer.queuedIssues.load(std::memory_order_acquire) != 0 || !progress_->idle()) {
     return false;
   }
   for (uint32_t id : plan->localRegionIds) {
     if (!region(id)) return false;  // the queued path reports it
   }
-  auto giveBack = [&](CUevent event) {
-    if (!event) return;
-    std::lock_guard<std::mutex> pool(eventMutex_);
-    eventPool_.push_back({plan->localDevice, event});
-  };
   std::unique_lock<std::mutex> lock(peer.mutex);  // releasePeer cannot take the stream meanwhile
   const Plan::Direct* direct = plan->direct.get();
   if (peer.dead || !direct || direct->epoch != peer.cudaEpoch) return false;
@@ -1954,7 +1954,7 @@ bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std
   CUresult r = cuda_->cuCtxPushCurrent(direct->context);
   if (r != CUDA_SUCCESS) {
     lock.unlock();
-    giveBack(event);
+    giveEvent(plan->localDevice, event);
     return false;
   }
   for (const auto& c : direct->copies) {
@@ -1966,7 +1966,7 @@ bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std
   cuda_->cuCtxPopCurrent(&popped);
   lock.unlock();
   if (r != CUDA_SUCCESS) {
-    giveBack(event);
+    giveEvent(plan->localDevice, event);
     fail(token, "TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(r));
     return true;
   }

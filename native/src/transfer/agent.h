@@ -293,6 +293,7 @@ class Agent {
   std::function<void(CUresult, float)> cudaDone(const std::shared_ptr<Plan>& plan, uint64_t token, int use,
                                                 std::vector<unsigned char> notif);
   CUevent takeEvent(int device);  // from eventPool_, or nullptr
+  void giveEvent(int device, CUevent event);  // back to eventPool_ (nullptr: nothing)
   void checkCuda(CUresult r, const char* what);
   template <typename F>
   auto onProgress(F&& fn) -> decltype(fn());
