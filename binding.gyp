@@ -23,6 +23,7 @@
         "native/src/transfer/agent.cpp",
         "native/src/transfer/agent_wrap.cpp",
         "native/src/transfer/metadata.cpp",
+        "native/src/transfer/notify_ring.cpp",
         "native/src/transfer/ucx_backend.cpp",
         "native/src/transfer/nccl_backend.cpp",
         "native/src/transfer/wire.cpp",

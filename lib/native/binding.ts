@@ -162,7 +162,9 @@ export interface RawTransferAgent {
   /** undefined: the transfer was done during the call (a small shm post with nothing else in flight). */
   post(plan: RawTransferPlan, notification?: Uint8Array): { token: number; promise: Promise<void> } | undefined;
   cancel(token: number): void;
-  notify(peer: string, message: Uint8Array): Promise<void>;
+  /** undefined: written into the peer's ring on the calling thread, done. */
+  notify(peer: string, message: Uint8Array): Promise<void> | undefined;
+  takeNotifications(max?: number): { from: string; message: Buffer }[];
   /** Resolves with how many of the peer's device regions are open, as a decimal string. */
   warmup(peer: string): Promise<string>;
   dispose(): Promise<void>;

@@ -113,6 +113,19 @@ export interface AgentOptions {
   tcpPort?: number;
   /** How long to wait for a peer's answer or connection before rejecting (default 30000 ms). */
   timeoutMs?: number;
+  /**
+   * How this agent receives notifications. 'events' (default): each is emitted as a 'notification' event.
+   * 'poll': they wait until takeNotifications() takes them, and peers on the same host write them into
+   * shared memory that this agent reads, so no thread or event loop is woken to deliver one: the lowest
+   * latency, for a process that polls (a decode loop between steps, or a spin while it waits).
+   */
+  notifications?: 'events' | 'poll';
+}
+
+/** A notification taken with TransferAgent.takeNotifications(). */
+export interface Notification {
+  from: string;
+  message: Buffer;
 }
 
 const encoder = new TextEncoder();
@@ -156,14 +169,20 @@ export class TransferPlan {
   }
 }
 
-/** One per process: registers memory, talks to peers, moves pieces. Emits 'notification' (from, message). */
+/**
+ * One per process: registers memory, talks to peers, moves pieces. Emits 'notification' (from, message),
+ * or, created with `notifications: 'poll'`, keeps them for takeNotifications().
+ */
 export class TransferAgent extends EventEmitter<{ notification: [from: string, message: Buffer] }> {
   private readonly raw: RawTransferAgent;
   private readonly regions = new Map<number, Region>();
+  /** Whether notifications are taken with takeNotifications() (options.notifications 'poll'). */
+  readonly pollsNotifications: boolean;
 
-  private constructor(raw: RawTransferAgent, onNotification: { target?: TransferAgent }) {
+  private constructor(raw: RawTransferAgent, onNotification: { target?: TransferAgent }, polls: boolean) {
     super();
     this.raw = raw;
+    this.pollsNotifications = polls;
     onNotification.target = this;
   }
 
@@ -171,6 +190,9 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   static async create(options: AgentOptions): Promise<TransferAgent> {
     if (!options || typeof options.name !== 'string' || options.name.length === 0) {
       throw new BadArgumentError('TransferAgent.create needs a non-empty name');
+    }
+    if (options.notifications !== undefined && options.notifications !== 'events' && options.notifications !== 'poll') {
+      throw new BadArgumentError(`notifications must be 'events' or 'poll', not ${String(options.notifications)}`);
     }
     // Load the CUDA driver first (if any) so that the agent can offer cuda-ipc.
     await probeCuda();
@@ -195,7 +217,7 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
           },
         ),
     );
-    return new TransferAgent(raw, holder);
+    return new TransferAgent(raw, holder, options.notifications === 'poll');
   }
 
   get name(): string {
@@ -350,7 +372,18 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
 
   /** Sends a plain notification (no data) to a peer. */
   notify(peer: string, message: Uint8Array | string): Promise<void> {
-    return native(() => this.raw.notify(peer, asBytes(message)));
+    const bytes = asBytes(message);
+    const sent = nativeSync(() => this.raw.notify(peer, bytes));
+    return sent ? native(() => sent) : DONE;
+  }
+
+  /**
+   * Takes the notifications that have arrived (at most `max`), oldest first; each sender's in the order
+   * it sent them, each after the data it follows. Never waits: [] when there are none. Only for an agent
+   * created with `notifications: 'poll'` (BadArgumentError otherwise).
+   */
+  takeNotifications(max?: number): Notification[] {
+    return nativeSync(() => this.raw.takeNotifications(max));
   }
 
   /**
@@ -369,6 +402,11 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   waitForNotification(
     options: { from?: string; match?: (message: Buffer) => boolean; timeoutMs?: number; signal?: AbortSignal } = {},
   ): Promise<{ from: string; message: Buffer }> {
+    if (this.pollsNotifications) {
+      return Promise.reject(
+        new BadArgumentError("this agent's notifications are taken with takeNotifications() (notifications: 'poll')"),
+      );
+    }
     return new Promise((resolve, reject) => {
       const cleanup = () => {
         this.off('notification', listener);

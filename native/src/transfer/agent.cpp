@@ -879,8 +879,32 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
     conn->shutdown();
     return;
   }
+  // Polled notifications: an inbox for this connection, with a ring in shared memory when the initiator
+  // is on this host (it came over the unix socket). The HelloAck names the ring's fd (plus one; 0: none).
+  uint32_t ringFd = 0;
+  if (options_.pollNotifications) {
+    auto inbox = std::make_shared<Inbox>();
+    inbox->from = conn->peerName;
+    sockaddr_storage local{};
+    socklen_t localLen = sizeof(local);
+    if (getsockname(conn->fd, reinterpret_cast<sockaddr*>(&local), &localLen) == 0 && local.ss_family == AF_UNIX) {
+      std::string ringError;
+      inbox->ring = NotifyRing::create(NotifyRing::kCapacity, ringError);  // without one, the socket carries all
+      if (inbox->ring) ringFd = static_cast<uint32_t>(inbox->ring->memfd()) + 1;
+      inbox->numbered = inbox->ring != nullptr;
+    }
+    conn->inbox = inbox;
+    std::lock_guard<std::mutex> lock(inboxMutex_);
+    inboxes_.push_back(std::move(inbox));
+  }
+  struct CloseInbox {
+    Connection& conn;
+    ~CloseInbox() {
+      if (conn.inbox) conn.inbox->closed.store(true, std::memory_order_release);
+    }
+  } closeInbox{*conn};
   auto ack = helloPayload(incarnation_, options_.name);
-  if (!sendMessage(*conn, Msg::HelloAck, 0, h.seq, ack.data(), ack.size(), error)) {
+  if (!sendMessage(*conn, Msg::HelloAck, ringFd, h.seq, ack.data(), ack.size(), error)) {
     conn->shutdown();
     return;
   }
@@ -898,7 +922,7 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
       if (h.length > (64u << 20)) break;  // a corrupt stream; stop serving it
       std::vector<unsigned char> message(h.length);
       if (!recvAll(conn->fd, message.data(), message.size(), error)) break;
-      callbacks_.notified(conn->peerName, std::move(message));
+      delivered(*conn, h.seq, std::move(message));
       continue;
     }
     if (type != Msg::WriteData && type != Msg::ReadRequest) break;  // protocol violation
@@ -935,7 +959,14 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
 
     if (type == Msg::WriteData) {
       if (!problem.empty()) {
-        if (!discard(conn->fd, dataBytes, error)) break;
+        // The refused WRITE's notification is not delivered, but a poller must hear its number is spent.
+        bool carried = notifLen >= 8 && notifLen <= dataBytes && conn->inbox && conn->inbox->numbered;
+        if (!discard(conn->fd, dataBytes - (carried ? notifLen : 0), error)) break;
+        if (carried) {
+          std::vector<unsigned char> notif(notifLen);
+          if (!recvAll(conn->fd, notif.data(), notif.size(), error)) break;
+          deliveredCarried(*conn, std::move(notif), false);
+        }
         if (!sendMessage(*conn, Msg::Done, 1, h.seq, problem.data(), problem.size(), error)) break;
         continue;
       }
@@ -950,7 +981,7 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
       std::vector<unsigned char> notif(notifLen);
       if (notifLen && !recvAll(conn->fd, notif.data(), notif.size(), error)) break;
       // The data is in place before the notification is delivered, and before the initiator hears Done.
-      if (notifLen) callbacks_.notified(conn->peerName, std::move(notif));
+      if (notifLen) deliveredCarried(*conn, std::move(notif), true);
       if (!sendMessage(*conn, Msg::Done, 0, h.seq, nullptr, 0, error)) break;
     } else {
       if (!problem.empty() || dataBytes != 0) {
@@ -1029,12 +1060,21 @@ void Agent::readOutbound(std::shared_ptr<Peer> peer) {
     markDead(peer, "peer '" + peer->d.name + "' restarted (its metadata is stale); load its new metadata");
     return;
   }
+  // The peer polls its notifications and gave us a ring for them. Without it (it could not be mapped),
+  // the socket carries them all, still numbered.
+  std::unique_ptr<NotifyRing> ring;
+  if (h.aux != 0 && peer->sameHost) {
+    std::string ringError;
+    ring = NotifyRing::open(peer->d.pid, static_cast<int>(h.aux - 1), ringError);
+  }
   {
     std::lock_guard<std::mutex> lock(peer->mutex);
     if (peer->dead) {
       conn->shutdown();
       return;
     }
+    peer->ring = std::move(ring);
+    peer->numbered = h.aux != 0;
     peer->conn = conn;
     peer->connecting = false;
     peer->connected.notify_all();
@@ -1129,7 +1169,7 @@ void Agent::readOutbound(std::shared_ptr<Peer> peer) {
     }
     if (type == Msg::ReadData && !notif.empty()) {
       std::string notifyError;
-      if (!sendMessage(*conn, Msg::Notify, 0, 0, notif.data(), notif.size(), notifyError)) {
+      if (!notifyOn(*peer, *conn, notif, notifyError)) {
         callbacks_.completed(h.seq, false, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer->d.name + "': " + notifyError);
         break;
       }
@@ -1424,11 +1464,27 @@ bool Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<
   return false;
 }
 
-void Agent::notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message) {
+bool Agent::notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message, bool alone) {
   auto peer = this->peer(peerName);
   if (!peer) {
     fail(token, "TANDEM_UNKNOWN_PEER", "no peer named '" + peerName + "'");
-    return;
+    return false;
+  }
+  // Into the peer's ring from this thread, when that cannot block and nothing of ours is in flight that
+  // this notification could overtake (a post's notification still to come, an earlier notify).
+  if (alone && !closing_) {
+    bool ready;
+    {
+      std::lock_guard<std::mutex> lock(peer->mutex);
+      ready = peer->conn && !peer->dead && peer->ring;
+    }
+    if (ready && progress_->idle()) {
+      std::lock_guard<std::mutex> lock(peer->ringMutex);
+      if (peer->ring->tryWrite(peer->nextNotifySeq, message.data(), message.size())) {
+        ++peer->nextNotifySeq;
+        return true;
+      }
+    }
   }
   bool queued = progress_->post([this, peer, token, message = std::move(message)] {
     std::string error;
@@ -1437,6 +1493,7 @@ void Agent::notify(const std::string& peerName, uint64_t token, std::vector<unsi
     succeed(token);
   });
   if (!queued) fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
+  return false;
 }
 
 void Agent::warmup(const std::string& peerName, uint64_t token) {
@@ -1489,12 +1546,64 @@ void Agent::warmup(const std::string& peerName, uint64_t token) {
 
 bool Agent::sendNotify(const std::shared_ptr<Peer>& peer, const std::vector<unsigned char>& message, std::string& error) {
   auto conn = waitConnected(peer, error);
-  if (!conn) return false;
-  if (!sendMessage(*conn, Msg::Notify, 0, 0, message.data(), message.size(), error)) {
-    error = "peer '" + peer->d.name + "': " + error;
-    return false;
+  return conn && notifyOn(*peer, *conn, message, error);
+}
+
+bool Agent::notifyOn(Peer& peer, Connection& conn, const std::vector<unsigned char>& message, std::string& error) {
+  bool sent;
+  if (peer.numbered) {
+    // Numbered in the order written, so that the peer can put what the socket carries back in order.
+    std::lock_guard<std::mutex> lock(peer.ringMutex);
+    uint64_t seq = peer.nextNotifySeq++;
+    if (peer.ring && peer.ring->tryWrite(seq, message.data(), message.size())) return true;
+    sent = sendMessage(conn, Msg::Notify, 0, seq, message.data(), message.size(), error);
+  } else {
+    sent = sendMessage(conn, Msg::Notify, 0, 0, message.data(), message.size(), error);
   }
-  return true;
+  if (!sent) error = "peer '" + peer.d.name + "': " + error;
+  return sent;
+}
+
+void Agent::delivered(Connection& conn, uint64_t seq, std::vector<unsigned char> message) {
+  if (conn.inbox) conn.inbox->push(seq, std::move(message));
+  else callbacks_.notified(conn.peerName, std::move(message));
+}
+
+std::vector<unsigned char> Agent::carriedNotification(Peer& peer, const std::vector<unsigned char>& notif) {
+  if (!peer.numbered || notif.empty()) return notif;
+  std::vector<unsigned char> out(8 + notif.size());
+  {
+    std::lock_guard<std::mutex> lock(peer.ringMutex);
+    uint64_t seq = peer.nextNotifySeq++;
+    std::memcpy(out.data(), &seq, 8);
+  }
+  std::memcpy(out.data() + 8, notif.data(), notif.size());
+  return out;
+}
+
+void Agent::deliveredCarried(Connection& conn, std::vector<unsigned char> notif, bool ok) {
+  if (!conn.inbox || !conn.inbox->numbered) {
+    if (ok && !notif.empty()) delivered(conn, 0, std::move(notif));
+    return;
+  }
+  uint64_t seq = 0;
+  if (notif.size() >= 8) std::memcpy(&seq, notif.data(), 8);
+  if (seq == 0) return;  // malformed: nothing to deliver or to skip
+  notif.erase(notif.begin(), notif.begin() + 8);
+  conn.inbox->push(seq, std::move(notif), !ok);
+}
+
+std::vector<std::pair<std::string, std::vector<unsigned char>>> Agent::takeNotifications(size_t max) {
+  std::vector<std::pair<std::string, std::vector<unsigned char>>> out;
+  std::vector<std::vector<unsigned char>> bytes;
+  std::lock_guard<std::mutex> lock(inboxMutex_);
+  for (auto it = inboxes_.begin(); it != inboxes_.end() && out.size() < max;) {
+    bool finished = (*it)->drain(bytes, max - out.size());
+    for (auto& b : bytes) out.emplace_back((*it)->from, std::move(b));
+    bytes.clear();
+    it = finished ? inboxes_.erase(it) : it + 1;
+  }
+  return out;
 }
 
 unsigned char* Agent::mapRemote(Peer& peer, RemoteRegion& r) {
@@ -1607,7 +1716,9 @@ void Agent::runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vecto
   for (size_t g = 0; g < groups.size(); ++g) {
     auto [first, last] = groups[g];
     bool lastGroup = g + 1 == groups.size();
-    uint32_t notifLen = plan->op == Op::Write && lastGroup ? static_cast<uint32_t>(notif.size()) : 0;
+    std::vector<unsigned char> carried;
+    if (plan->op == Op::Write && lastGroup) carried = carriedNotification(peer, notif);
+    uint32_t notifLen = static_cast<uint32_t>(carried.size());
     std::vector<WirePiece> table;
     table.reserve(last - first);
     uint64_t data = 0;
@@ -1622,7 +1733,7 @@ void Agent::runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vecto
     std::vector<iovec> iov{{&h, sizeof(h)}, {counts, sizeof(counts)}, {table.data(), table.size() * sizeof(WirePiece)}};
     if (plan->op == Op::Write) {
       for (size_t i = first; i < last; ++i) iov.push_back({reinterpret_cast<void*>(plan->pieces[i].local), plan->pieces[i].length});
-      if (notifLen) iov.push_back({notif.data(), notif.size()});
+      if (notifLen) iov.push_back({carried.data(), carried.size()});
     }
     bool sent;
     {

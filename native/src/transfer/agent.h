@@ -28,6 +28,7 @@
 #include "../work_queue.h"
 #include "../nccl/communicator.h"
 #include "metadata.h"
+#include "notify_ring.h"
 #include "ucx_backend.h"
 #include "wire.h"
 
@@ -101,6 +102,13 @@ struct Peer {
   // cuda-ipc posts queued for the progress thread and not yet issued to the stream: while there are any,
   // posts cannot be issued on the caller's thread without overtaking them.
   std::atomic<int> queuedIssues{0};
+  // The peer polls its notifications (notify_ring.h): its ring for ours, mapped at the handshake (before
+  // `connecting` clears; unchanged after), and the sequence numbers of what we send it. ringMutex keeps
+  // the numbers in the order they are written (ring or socket).
+  std::unique_ptr<NotifyRing> ring;
+  bool numbered = false;  // the peer offered a ring: number every notification, even if it could not be mapped
+  std::mutex ringMutex;
+  uint64_t nextNotifySeq = 1;
   // nccl: one two-rank communicator per (local GPU, remote GPU) for transfers this agent initiates
   // (rank 0 here, rank 1 at the peer). Guarded by `mutex`; made on the progress thread.
   struct NcclLink {
@@ -173,6 +181,9 @@ struct AgentOptions {
   std::vector<unsigned char> kernels;  // the kernel fatbin (copy engine for many-piece cuda-ipc transfers)
   std::vector<std::string> ucp;        // where to look for libucp (empty: no UCX backend)
   std::vector<std::string> nccl;       // where to look for libnccl (empty: no nccl backend)
+  // Notifications wait for takeNotifications() instead of going to AgentCallbacks::notified, and
+  // same-host initiators write them into shared memory (notify_ring.h).
+  bool pollNotifications = false;
 };
 
 class Agent {
@@ -217,7 +228,13 @@ class Agent {
   // Posts the caller's thread issued to the GPU itself (cuda-ipc; see tryDirectCuda). For tests and stats.
   uint64_t directPosts() const { return directPosts_.load(std::memory_order_relaxed); }
   void cancel(uint64_t token);
-  void notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message);
+  // With `alone` (as for post), returns true when the notification was written into the peer's ring on
+  // the calling thread: it succeeded, and no completion callback follows.
+  bool notify(const std::string& peerName, uint64_t token, std::vector<unsigned char> message, bool alone = false);
+  bool pollsNotifications() const { return options_.pollNotifications; }
+  // pollNotifications only (JS thread): up to `max` notifications that have arrived, as (from, bytes), in
+  // each sender's order.
+  std::vector<std::pair<std::string, std::vector<unsigned char>>> takeNotifications(size_t max);
   // Does now what the first cuda-ipc transfer with this peer would otherwise pay for: connects, opens
   // the peer's device regions (CUDA IPC), loads the copy kernel and makes the peer's stream, on the
   // device of this agent's first device region. Nothing to do (no CUDA, another host, no device
@@ -275,6 +292,14 @@ class Agent {
   void closeInboundNccl(InboundNccl& state);
   static std::string ucxPeerKey(const Peer& peer);
   bool sendNotify(const std::shared_ptr<Peer>& peer, const std::vector<unsigned char>& message, std::string& error);
+  // Sends a notification on `conn` (the peer's ring when it has one, see notify_ring.h).
+  bool notifyOn(Peer& peer, Connection& conn, const std::vector<unsigned char>& message, std::string& error);
+  // A notification arrived on an inbound connection (`seq`: its order against the ring, 0: none).
+  void delivered(Connection& conn, uint64_t seq, std::vector<unsigned char> message);
+  // Notifications carried inside a WRITE (tcp, nccl) to a peer that numbers them: the number goes first.
+  std::vector<unsigned char> carriedNotification(Peer& peer, const std::vector<unsigned char>& notif);
+  // The target's side of those: delivered (ok) or, for a WRITE that failed, its number skipped.
+  void deliveredCarried(Connection& conn, std::vector<unsigned char> notif, bool ok);
   unsigned char* mapRemote(Peer& peer, RemoteRegion& r);
   CUdeviceptr openRemote(Peer& peer, RemoteRegion& r, int device);
   void setDevice(int device);
@@ -368,6 +393,9 @@ class Agent {
   bool directPostsOn_ = true;
   // Dead peers (removed, replaced, disconnected) whose mappings releaseRetired() has yet to close.
   std::vector<std::shared_ptr<Peer>> retired_;  // guarded by mutex_
+  // pollNotifications: one per inbound connection, dropped once closed and drained.
+  std::mutex inboxMutex_;
+  std::vector<std::shared_ptr<Inbox>> inboxes_;
   bool pollInflight();
   DeviceKernels& kernelsFor(int device);
   void sweepChunkTables(bool all);

@@ -120,6 +120,7 @@ void TransferAgentWrap::Init(Napi::Env env, Napi::Object exports) {
           InstanceMethod<&TransferAgentWrap::Post>("post"),
           InstanceMethod<&TransferAgentWrap::Cancel>("cancel"),
           InstanceMethod<&TransferAgentWrap::Notify>("notify"),
+          InstanceMethod<&TransferAgentWrap::TakeNotifications>("takeNotifications"),
           InstanceMethod<&TransferAgentWrap::Warmup>("warmup"),
           InstanceMethod<&TransferAgentWrap::Dispose>("dispose"),
           InstanceAccessor<&TransferAgentWrap::GetName>("name"),
@@ -152,6 +153,11 @@ TransferAgentWrap::TransferAgentWrap(const Napi::CallbackInfo& info) : Napi::Obj
     options.tcpPort = static_cast<uint16_t>(port);
   }
   if (o.Has("timeoutMs") && !o.Get("timeoutMs").IsUndefined()) options.timeoutMs = static_cast<uint32_t>(requireSize(o.Get("timeoutMs"), "timeoutMs"));
+  if (o.Has("notifications") && !o.Get("notifications").IsUndefined()) {
+    std::string mode = requireString(o.Get("notifications"), "notifications");
+    if (mode != "events" && mode != "poll") throw makeError(env, "TANDEM_BAD_ARGUMENT", "notifications must be 'events' or 'poll'");
+    options.pollNotifications = mode == "poll";
+  }
   if (o.Has("kernels") && o.Get("kernels").IsTypedArray()) options.kernels = bytesOf(o.Get("kernels"), "kernels");
   if (o.Has("ucp") && o.Get("ucp").IsArray()) {
     Napi::Array list = o.Get("ucp").As<Napi::Array>();
@@ -420,10 +426,31 @@ Napi::Value TransferAgentWrap::Notify(const Napi::CallbackInfo& info) {
   std::string peer = requireString(info[0], "peer");
   std::vector<unsigned char> message = bytesOf(info[1], "message");
   uint64_t token = nextToken_++;
+  // As for post: written into the peer's ring on this thread with nothing else in flight, it is done.
+  if (agent.notify(peer, token, std::move(message), js_->pending.empty())) return env.Undefined();
   auto deferred = Napi::Promise::Deferred::New(env);
   js_->pending.emplace(token, deferred);
-  agent.notify(peer, token, std::move(message));
   return deferred.Promise();
+}
+
+// takeNotifications(max?: number) -> [{ from, message: Buffer }]
+Napi::Value TransferAgentWrap::TakeNotifications(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Agent& agent = live(env);
+  if (!agent.pollsNotifications()) {
+    throw makeError(env, "TANDEM_BAD_ARGUMENT",
+                    "this agent delivers notifications as 'notification' events; create it with notifications: 'poll' to take them");
+  }
+  size_t max = info[0].IsUndefined() ? SIZE_MAX : static_cast<size_t>(requireSize(info[0], "max"));
+  auto taken = agent.takeNotifications(max);
+  Napi::Array out = Napi::Array::New(env, taken.size());
+  for (size_t i = 0; i < taken.size(); ++i) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("from", Napi::String::New(env, taken[i].first));
+    o.Set("message", Napi::Buffer<unsigned char>::Copy(env, taken[i].second.data(), taken[i].second.size()));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  return out;
 }
 
 Napi::Value TransferAgentWrap::Warmup(const Napi::CallbackInfo& info) {

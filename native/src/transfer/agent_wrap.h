@@ -55,6 +55,7 @@ class TransferAgentWrap : public Napi::ObjectWrap<TransferAgentWrap>, public Clo
   Napi::Value Post(const Napi::CallbackInfo& info);
   Napi::Value Cancel(const Napi::CallbackInfo& info);
   Napi::Value Notify(const Napi::CallbackInfo& info);
+  Napi::Value TakeNotifications(const Napi::CallbackInfo& info);
   Napi::Value Warmup(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value GetName(const Napi::CallbackInfo& info);

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <memory>
 #include <cstdint>
 #include <mutex>
 #include <string>
@@ -15,6 +16,8 @@
 #include "wire.h"
 
 namespace tandem::transfer {
+
+struct Inbox;  // notify_ring.h
 
 struct Connection {
   explicit Connection(int fd) : fd(fd) {}
@@ -29,6 +32,7 @@ struct Connection {
   std::atomic<bool> open{true};
   std::string peerName;
   uint64_t peerIncarnation = 0;
+  std::shared_ptr<Inbox> inbox;  // inbound, when the agent polls its notifications
 };
 
 // One message (header + payload), sent whole under the connection's send lock.

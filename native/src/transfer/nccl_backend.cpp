@@ -270,12 +270,13 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
     p.groups.resize(2);  // two answers: the target's Done and our own half
     pending_.emplace(token, std::move(p));
   }
-  std::vector<unsigned char> post(16 + (plan->op == Op::Write ? notif.size() : 0));
+  std::vector<unsigned char> carried = plan->op == Op::Write ? carriedNotification(peer, notif) : std::vector<unsigned char>{};
+  std::vector<unsigned char> post(16 + carried.size());
   uint64_t planId = plan->id;
-  uint32_t fields[2] = {static_cast<uint32_t>(plan->op), static_cast<uint32_t>(plan->op == Op::Write ? notif.size() : 0)};
+  uint32_t fields[2] = {static_cast<uint32_t>(plan->op), static_cast<uint32_t>(carried.size())};
   std::memcpy(post.data(), &planId, 8);
   std::memcpy(post.data() + 8, fields, 8);
-  if (fields[1]) std::memcpy(post.data() + 16, notif.data(), notif.size());
+  if (fields[1]) std::memcpy(post.data() + 16, carried.data(), carried.size());
   if (!sendMessage(*conn, Msg::NcclPost, link, token, post.data(), post.size(), error)) {
     bool erased;
     {
@@ -407,9 +408,8 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
     o.size = 2;
     o.timeoutMs = options_.timeoutMs;
     auto shared = state.shared;
-    std::string from = conn.peerName;
     link.comm = std::make_shared<nccl::Communicator>(
-        *nccl_, *cuda_, o, [this, shared, connPtr, from](uint64_t token, const nccl::Failure* f) {
+        *nccl_, *cuda_, o, [this, shared, connPtr](uint64_t token, const nccl::Failure* f) {
           if (token == 0) return;
           std::vector<unsigned char> notif;
           {
@@ -422,12 +422,13 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
           }
           std::string err;
           if (f) {
+            if (!notif.empty()) deliveredCarried(*connPtr, std::move(notif), false);
             std::string text = "nccl: " + f->message;
             sendMessage(*connPtr, Msg::Done, 1, token, text.data(), text.size(), err);
             return;
           }
           // The data is in place before the notification is delivered and before the initiator hears Done.
-          if (!notif.empty()) callbacks_.notified(from, std::move(notif));
+          if (!notif.empty()) deliveredCarried(*connPtr, std::move(notif), true);
           sendMessage(*connPtr, Msg::Done, 0, token, nullptr, 0, err);
         });
     link.comm->startFromId(id);
@@ -511,16 +512,21 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
   std::memcpy(&planId, payload.data(), 8);
   std::memcpy(fields, payload.data() + 8, 8);
   if (payload.size() != 16 + static_cast<uint64_t>(fields[1])) return false;
+  // A refused post's notification is never delivered; a poller must still hear that its number is spent.
+  auto refusePost = [&](const std::string& problem) {
+    if (fields[1]) deliveredCarried(conn, std::vector<unsigned char>(payload.begin() + 16, payload.end()), false);
+    return refuse(problem);
+  };
   auto it = state.links.find(h.aux);
-  if (it == state.links.end()) return refuse("no nccl link " + std::to_string(h.aux) + " with '" + conn.peerName + "'");
+  if (it == state.links.end()) return refusePost("no nccl link " + std::to_string(h.aux) + " with '" + conn.peerName + "'");
   InboundNccl::Link& link = it->second;
-  if (!link.comm) return refuse("the nccl backend is unavailable at '" + options_.name + "': " + ncclReason_);
+  if (!link.comm) return refusePost("the nccl backend is unavailable at '" + options_.name + "': " + ncclReason_);
   auto refused = link.refused.find(planId);
-  if (refused != link.refused.end()) return refuse(refused->second);
+  if (refused != link.refused.end()) return refusePost(refused->second);
   auto plan = link.plans.find(planId);
-  if (plan == link.plans.end()) return refuse("unknown nccl plan " + std::to_string(planId));
+  if (plan == link.plans.end()) return refusePost("unknown nccl plan " + std::to_string(planId));
   for (uint32_t id : plan->second.regions) {
-    if (!region(id)) return refuse("region " + std::to_string(id) + " was deregistered at '" + options_.name + "'");
+    if (!region(id)) return refusePost("region " + std::to_string(id) + " was deregistered at '" + options_.name + "'");
   }
   const auto& pieces = plan->second.pieces;
   Op op = fields[0] == static_cast<uint32_t>(Op::Write) ? Op::Write : Op::Read;
