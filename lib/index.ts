@@ -16,6 +16,7 @@ export type {
   AgentOptions,
   BackendName,
   MemoryKind,
+  Notification,
   PieceList,
   PostOptions,
   PrepareOptions,
