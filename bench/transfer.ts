@@ -10,7 +10,9 @@
  *   nccl backend, across GPUs         vs  NCCL send/recv of the same total size
  *   pinned host -> device             vs  pinned host-to-device copy
  * Rows: GB/s (from the p50 post-to-resolution latency), pipelined GB/s (8 posts in flight), latency p50/p99, post-to-notification p50 where notified, JS-thread
- * time to prepare and to post; plus registration times. Prints a table, writes --json (default
+ * time to prepare and to post; plus registration times. Notifications are timed twice: to a target that
+ * takes them as events, and to a second target process made with `notifications: 'poll'` that spins on
+ * takeNotifications() while the initiator posts ("polled target" rows). Prints a table, writes --json (default
  * bench-results/transfer.json) and an SVG chart (default beside the JSON).
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -75,6 +77,8 @@ const rows: Row[] = [];
 const registration: { what: string; bytes: number; ms: number }[] = [];
 /** A notification alone, one way (half the round trip of one the target echoes back), in us. */
 let notifyOneWay: { p50us: number; p99us: number; iterations: number } | undefined;
+/** A notification alone to the polled target, one way (its arrival stamp minus the notify() call's), in us. */
+let notifyPolledOneWay: { p50us: number; p99us: number; iterations: number } | undefined;
 
 const pct = (sorted: number[], p: number) =>
   sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
@@ -136,6 +140,20 @@ const caps = await capabilities();
 const target = await PeerProcess.start();
 await target.request('create', { name: 'bench-target' });
 const agent = await TransferAgent.create({ name: 'bench-initiator' });
+// The second target: notifications taken by polling (see notifyLatencyPolled).
+const polled = await PeerProcess.start();
+await polled.request('create', { name: 'bench-polled', notifications: 'poll' });
+
+/** Gives the polled target a region (host: shared; device: on `device`) and exchanges metadata again. */
+async function polledRegion(device?: number): Promise<number> {
+  const { region } = await polled.request<{ region: { id: number } }>(
+    device === undefined ? 'allocShared' : 'allocDevice',
+    device === undefined ? { bytes: 1 << 20 } : { device, bytes: 1 << 20 },
+  );
+  agent.loadRemote(Buffer.from((await polled.request<{ metadata: string }>('metadata')).metadata, 'base64'));
+  await polled.request('load', { metadata: Buffer.from(agent.metadata()).toString('base64') });
+  return region.id;
+}
 
 async function exchange() {
   const { metadata } = await target.request<{ metadata: string }>('metadata');
@@ -286,6 +304,86 @@ async function notifyLatency(
   });
 }
 
+/**
+ * Post to notification with a target that polls: the polled target spins on takeNotifications() (nothing
+ * else runs in it meanwhile) and stamps each notification as it takes it, while this process posts one
+ * 64 KiB WRITE with a notification at a time, each awaited, as notifyLatency does. Then the same number of
+ * notifications alone, 30 us apart. Stamps are CLOCK_MONOTONIC in both processes. The spinning target
+ * takes a core: on a machine with few cores its figures measure the scheduler more than the path.
+ */
+async function notifyLatencyPolled(
+  section: string,
+  path: string,
+  memory: string,
+  local: Region,
+  remote: number,
+  backend?: string,
+) {
+  const plan = agent.prepare({
+    op: 'WRITE',
+    peer: 'bench-polled',
+    local,
+    remote,
+    pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 },
+    ...(backend ? { backend: backend as 'shm' } : {}),
+  });
+  for (let i = 0; i < 10; i++) await plan.post(); // connection, mappings, the copy strategy's trials
+  const count = quick ? 300 : 1000;
+  const spin = polled.request<{ notifications: { text: string; t: string }[] }>('spin', {
+    count: 2 * count,
+    timeoutMs: 60_000,
+  });
+  await polled.nextEvent((e) => e.event === 'spinning');
+  const sentAt = new Map<string, bigint>();
+  const times: number[] = [];
+  for (let i = 0; i < count; i++) {
+    const note = `p${i}`;
+    const t0 = process.hrtime.bigint();
+    sentAt.set(note, t0);
+    await plan.post({ notify: note });
+    times.push(Number(process.hrtime.bigint() - t0) / 1e3);
+  }
+  for (let i = 0; i < count; i++) {
+    const note = `a${i}`;
+    const t0 = process.hrtime.bigint();
+    sentAt.set(note, t0);
+    await agent.notify('bench-polled', note);
+    // One at a time: a notify() that completes during the call would otherwise queue them up faster than
+    // one is taken, and time the queue.
+    while (process.hrtime.bigint() - t0 < 30_000n);
+  }
+  const { notifications } = await spin;
+  const latency = (prefix: string) =>
+    notifications
+      .filter((n) => n.text.startsWith(prefix) && sentAt.has(n.text))
+      .map((n) => Number(BigInt(n.t) - sentAt.get(n.text)!) / 1e3)
+      .sort((x, y) => x - y);
+  const withData = latency('p');
+  const alone = latency('a');
+  if (withData.length !== count || alone.length !== count) {
+    throw new Error(`polled target took ${withData.length + alone.length} of ${2 * count} notifications`);
+  }
+  times.sort((x, y) => x - y);
+  record({
+    section,
+    path: `${path} + notification (polled target)`,
+    op: 'WRITE',
+    memory,
+    pieceBytes: 64 << 10,
+    pieces: 1,
+    bytes: 64 << 10,
+    iterations: count,
+    gbps: (64 << 10) / (pct(times, 50) * 1e3),
+    p50us: pct(times, 50),
+    p99us: pct(times, 99),
+    notifyP50us: pct(withData, 50),
+    backend: plan.backend,
+  });
+  notifyPolledOneWay ??= { p50us: pct(alone, 50), p99us: pct(alone, 99), iterations: count };
+}
+
+let polledHost: number | undefined;
+
 // ------------------------------------------------------------------------------------------------
 // Host memory: shm, tcp (and ucx where the agent offers it) against memcpy in one process.
 {
@@ -343,6 +441,8 @@ async function notifyLatency(
     }
     await notifyLatency('host', backend, 'shared->shared', local, remote, backend);
     if (!notifyOneWay) notifyOneWay = await notifyRoundTrip();
+    polledHost ??= await polledRegion();
+    await notifyLatencyPolled('host', backend, 'shared->shared', local, polledHost, backend);
   }
   agent.deregister(local);
   agent.deregister(scratch);
@@ -552,6 +652,9 @@ if (caps.cuda.available && !values['host-only']) {
       }
     }
     await notifyLatency('gpu', `cuda-ipc ${placement}`, 'device->device', local, remote);
+    const polledRemote = await polledRegion(remoteGpu);
+    await agent.warmup('bench-polled');
+    await notifyLatencyPolled('gpu', `cuda-ipc ${placement}`, 'device->device', local, polledRemote);
     if (remoteGpu !== 0 && agent.backends.includes('nccl')) {
       // The nccl backend (for GPU pairs that CUDA IPC cannot reach) on the same pair, against NCCL itself.
       const ncclBaseline = { name: 'NCCL send/recv', gbpsFor: ncclFor, ncclFor };
@@ -683,7 +786,7 @@ if (caps.cuda.available && !values['host-only']) {
 } else {
   await agent.dispose();
 }
-await target.stop();
+await Promise.all([target.stop(), polled.stop()]);
 
 // ------------------------------------------------------------------------------------------------
 const table = rows.map((r) => ({
@@ -715,11 +818,24 @@ if (notifyOneWay) {
     `notification alone, one way (round trip / 2, ${notifyOneWay.iterations} round trips): p50 ${notifyOneWay.p50us.toFixed(1)} us, p99 ${notifyOneWay.p99us.toFixed(1)} us`,
   );
 }
+if (notifyPolledOneWay) {
+  console.log(
+    `notification alone to the polled target, one way (${notifyPolledOneWay.iterations}): p50 ${notifyPolledOneWay.p50us.toFixed(1)} us, p99 ${notifyPolledOneWay.p99us.toFixed(1)} us`,
+  );
+}
 mkdirSync(dirname(jsonFile), { recursive: true });
 writeFileSync(
   jsonFile,
   JSON.stringify(
-    { host: caps, quick, seconds: (performance.now() - started) / 1e3, rows, registration, notifyOneWay },
+    {
+      host: caps,
+      quick,
+      seconds: (performance.now() - started) / 1e3,
+      rows,
+      registration,
+      notifyOneWay,
+      notifyPolledOneWay,
+    },
     null,
     2,
   ),

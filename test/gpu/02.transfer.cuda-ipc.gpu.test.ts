@@ -283,3 +283,64 @@ describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () 
     }
   });
 });
+
+describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l === 0 || r === 0).slice(0, 2))(
+  'cuda-ipc to a target that polls its notifications: initiator on GPU %i, target on GPU %i',
+  (localGpu, remoteGpu) => {
+    it('each notification is taken after its data is on the target GPU, in order, direct or queued', async () => {
+      const pair = await gpuTransferPair({
+        name: `poll-${localGpu}-${remoteGpu}`,
+        localGpu,
+        remoteGpu,
+        bytes: BLOCK * 64,
+        seedLocal: 21,
+        seedRemote: 22,
+        notifications: 'poll',
+      });
+      try {
+        const { agent, local, peer, remote, target } = pair;
+        const plan = (dst: number, src: number) =>
+          agent.prepare({
+            op: 'WRITE',
+            peer: peer.name,
+            local,
+            remote,
+            pieces: {
+              localOffsets: Float64Array.of(src * BLOCK),
+              remoteOffsets: Float64Array.of(dst * BLOCK),
+              lengths: 4 * BLOCK,
+            },
+          });
+        const notes: string[] = [];
+        const note = (round: number, dst: number, src: number) => {
+          const text = JSON.stringify({
+            round,
+            check: { region: remote, offset: dst * BLOCK, length: 4 * BLOCK, seed: 21, base: src * BLOCK },
+          });
+          notes.push(text);
+          return text;
+        };
+        // Posted again and awaited: issued by this thread. Then a burst: queued for the agent's thread.
+        const again = plan(8, 0);
+        await again.post();
+        const direct = agent.directPosts;
+        for (let round = 0; round < 4; round++) await again.post({ notify: note(round, 8, 0) });
+        expect(agent.directPosts - direct).toBe(4);
+        await Promise.all(
+          Array.from({ length: 6 }, (_, i) => plan(16 + 4 * i, 4 * i).post({ notify: note(4 + i, 16 + 4 * i, 4 * i) })),
+        );
+        const taken: { text: string; mismatches?: number; from: string }[] = [];
+        for (let i = 0; i < 200 && taken.length < notes.length; i++) {
+          const { notifications } = await target.request<{ notifications: typeof taken }>('take');
+          taken.push(...notifications);
+          if (taken.length < notes.length) await new Promise((r) => setTimeout(r, 5));
+        }
+        expect(taken.map((t) => t.text)).toEqual(notes);
+        expect(taken.map((t) => t.mismatches)).toEqual(notes.map(() => 0));
+        expect(taken.every((t) => t.from === agent.name)).toBe(true);
+      } finally {
+        await pair.dispose();
+      }
+    });
+  },
+);

@@ -26,10 +26,16 @@ export async function gpuTransferPair(options: {
   seedLocal: number;
   seedRemote: number;
   timeoutMs?: number;
+  /** How the target receives notifications (its agent's option). */
+  notifications?: 'events' | 'poll';
 }): Promise<GpuTransferPair> {
   const timeout = options.timeoutMs ? { timeoutMs: options.timeoutMs } : {};
   const target = await PeerProcess.start();
-  await target.request('create', { name: `${options.name}-target`, ...timeout });
+  await target.request('create', {
+    name: `${options.name}-target`,
+    ...timeout,
+    ...(options.notifications ? { notifications: options.notifications } : {}),
+  });
   const remote = (
     await target.request<{ region: { id: number } }>('allocDevice', {
       device: options.remoteGpu,
