@@ -140,6 +140,27 @@ describe('polled notifications', () => {
     expect(poller.takeNotifications()).toEqual([]);
   });
 
+  it('a WRITE the target refuses holds back no later notification (tcp)', async () => {
+    const doomed = poller.allocShared(BLOCK);
+    await sender.request('load', { metadata: Buffer.from(poller.metadata()).toString('base64') });
+    poller.deregister(doomed);
+    await expect(
+      sender.request('post', {
+        op: 'WRITE',
+        peer: 'poller',
+        local: senderRegion,
+        remote: doomed.id,
+        localOffsets: [0],
+        remoteOffsets: [0],
+        length: BLOCK,
+        backend: 'tcp',
+        notify: 'never delivered',
+      }),
+    ).rejects.toThrow(/not registered/);
+    await sender.request('notify', { peer: 'poller', message: 'after the refused one' });
+    expect((await collect(poller, 1)).map((n) => n.message.toString())).toEqual(['after the refused one']);
+  });
+
   it('takeNotifications(max) takes at most max, leaving the rest in order', async () => {
     // Each notify() has resolved once its notification is in the ring (or on the socket).
     for (let i = 0; i < 5; i++) await sender.request('notify', { peer: 'poller', message: `m${i}` });

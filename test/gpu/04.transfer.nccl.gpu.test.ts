@@ -9,6 +9,7 @@ import {
 } from '../../lib/index.js';
 import { fillPatternOnGpu, mismatchesOnGpu } from '../helpers/gpu-pattern.js';
 import { gpuGate } from '../helpers/gpu.js';
+import { gpuTransferPair } from '../helpers/gpu-pair.js';
 import { PeerProcess } from '../helpers/peer.js';
 
 // The nccl backend between two real processes on two GPUs (the path for GPU pairs that CUDA IPC cannot
@@ -192,6 +193,72 @@ describe.skipIf(!run)('nccl: failures', () => {
       await agent.dispose();
       await device.dispose();
       await target.stop();
+    }
+  });
+});
+
+describe.skipIf(!run)('nccl: a target that polls its notifications', () => {
+  it('WRITE notifications are taken in order with plain ones, after their data; a refused one holds none back', async () => {
+    const pair = await gpuTransferPair({
+      name: 'nccl-poll',
+      localGpu: 0,
+      remoteGpu: 1,
+      bytes: BLOCK * 64,
+      seedLocal: 31,
+      seedRemote: 32,
+      timeoutMs: 20_000,
+      notifications: 'poll',
+    });
+    try {
+      const { agent, local, peer, remote, target } = pair;
+      const write = (region: number, dst: number, src: number) =>
+        agent.prepare({
+          op: 'WRITE',
+          peer: peer.name,
+          local,
+          remote: region,
+          backend: 'nccl',
+          pieces: {
+            localOffsets: Float64Array.of(src * BLOCK),
+            remoteOffsets: Float64Array.of(dst * BLOCK),
+            lengths: 2 * BLOCK,
+          },
+        });
+      const taken: { text: string; mismatches?: number }[] = [];
+      const take = async (count: number) => {
+        for (let i = 0; i < 400 && taken.length < count; i++) {
+          taken.push(...(await target.request<{ notifications: typeof taken }>('take')).notifications);
+          if (taken.length < count) await new Promise((r) => setTimeout(r, 5));
+        }
+        return taken.map((t) => t.text);
+      };
+      const expected: string[] = [];
+      for (let round = 0; round < 3; round++) {
+        const dst = 8 * round + 2;
+        const note = JSON.stringify({
+          round,
+          check: { region: remote, offset: dst * BLOCK, length: 2 * BLOCK, seed: 31, base: 4 * round * BLOCK },
+        });
+        await write(remote, dst, 4 * round).post({ notify: note });
+        await agent.notify(peer.name, `plain ${round}`);
+        expected.push(note, `plain ${round}`);
+      }
+      expect(await take(expected.length)).toEqual(expected);
+      expect(taken.filter((t) => t.mismatches !== undefined).map((t) => t.mismatches)).toEqual([0, 0, 0]);
+
+      // A WRITE the target refuses carries a numbered notification that never comes: the next ones must not
+      // wait for it.
+      const extra = (
+        await target.request<{ region: { id: number } }>('allocDevice', { device: 1, bytes: 2 * BLOCK, seed: 1 })
+      ).region.id;
+      agent.loadRemote(Buffer.from((await target.request<{ metadata: string }>('metadata')).metadata, 'base64'));
+      const doomed = write(extra, 0, 0);
+      await target.request('deregister', { region: extra });
+      await expect(doomed.post({ notify: 'never' })).rejects.toThrow(/not registered|deregistered/);
+      await agent.notify(peer.name, 'after the refused one');
+      expect(await take(expected.length + 1)).toEqual([...expected, 'after the refused one']);
+    } finally {
+      await pair.dispose();
     }
   });
 });

@@ -322,6 +322,10 @@ void Agent::close() {
   if (wakeFd_[0] >= 0) ::close(wakeFd_[0]);
   if (wakeFd_[1] >= 0) ::close(wakeFd_[1]);
   unixFd_ = tcpFd_ = wakeFd_[0] = wakeFd_[1] = -1;
+  {
+    std::lock_guard<std::mutex> lock(inboxMutex_);
+    inboxes_.clear();  // their rings' memfds and mappings (a sender's own mapping outlives this)
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   peers_.clear();
   connections_.clear();
