@@ -268,14 +268,7 @@ async function notifyLatency(
   remote: number,
   backend?: string,
 ) {
-  const plan = agent.prepare({
-    op: 'WRITE',
-    peer: 'bench-target',
-    local,
-    remote,
-    pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 },
-    ...(backend ? { backend: backend as 'shm' } : {}),
-  });
+  const plan = notifyPlan('bench-target', local, remote, backend);
   let n = 0;
   const notify: number[] = [];
   const times = await sample(async () => {
@@ -287,9 +280,33 @@ async function notifyLatency(
     notify.push(Number(BigInt(e.t!) - t0) / 1e3);
   });
   notify.sort((x, y) => x - y);
+  recordNotify(section, `${path} + notification`, memory, times, notify, plan.backend);
+}
+
+/** One 64 KiB WRITE from the start of `local` to the start of `remote` at `peer`. */
+function notifyPlan(peer: string, local: Region, remote: number, backend?: string) {
+  return agent.prepare({
+    op: 'WRITE',
+    peer,
+    local,
+    remote,
+    pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 },
+    ...(backend ? { backend: backend as 'shm' } : {}),
+  });
+}
+
+/** A notification row: post-to-resolution `times` and post-to-notification `notify` (sorted, us). */
+function recordNotify(
+  section: string,
+  path: string,
+  memory: string,
+  times: number[],
+  notify: number[],
+  backend: string,
+) {
   record({
     section,
-    path: `${path} + notification`,
+    path,
     op: 'WRITE',
     memory,
     pieceBytes: 64 << 10,
@@ -300,7 +317,7 @@ async function notifyLatency(
     p50us: pct(times, 50),
     p99us: pct(times, 99),
     notifyP50us: pct(notify, 50),
-    backend: plan.backend,
+    backend,
   });
 }
 
@@ -319,14 +336,7 @@ async function notifyLatencyPolled(
   remote: number,
   backend?: string,
 ) {
-  const plan = agent.prepare({
-    op: 'WRITE',
-    peer: 'bench-polled',
-    local,
-    remote,
-    pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 },
-    ...(backend ? { backend: backend as 'shm' } : {}),
-  });
+  const plan = notifyPlan('bench-polled', local, remote, backend);
   for (let i = 0; i < 10; i++) await plan.post(); // connection, mappings, the copy strategy's trials
   const count = quick ? 300 : 1000;
   const spin = polled.request<{ notifications: { text: string; t: string }[] }>('spin', {
@@ -364,21 +374,7 @@ async function notifyLatencyPolled(
     throw new Error(`polled target took ${withData.length + alone.length} of ${2 * count} notifications`);
   }
   times.sort((x, y) => x - y);
-  record({
-    section,
-    path: `${path} + notification (polled target)`,
-    op: 'WRITE',
-    memory,
-    pieceBytes: 64 << 10,
-    pieces: 1,
-    bytes: 64 << 10,
-    iterations: count,
-    gbps: (64 << 10) / (pct(times, 50) * 1e3),
-    p50us: pct(times, 50),
-    p99us: pct(times, 99),
-    notifyP50us: pct(withData, 50),
-    backend: plan.backend,
-  });
+  recordNotify(section, `${path} + notification (polled target)`, memory, times, withData, plan.backend);
   notifyPolledOneWay ??= { p50us: pct(alone, 50), p99us: pct(alone, 99), iterations: count };
 }
 

@@ -29,6 +29,28 @@ const pairs: [number, number][] = gate.run
     : [[0, 0]]
   : [[0, 0]];
 
+/** A WRITE of `blocks` blocks from local block `src` to remote block `dst`. */
+const blockWrite = (
+  agent: TransferAgent,
+  peer: string,
+  local: Region,
+  remote: number,
+  dst: number,
+  src: number,
+  blocks: number,
+) =>
+  agent.prepare({
+    op: 'WRITE',
+    peer,
+    local,
+    remote,
+    pieces: {
+      localOffsets: Float64Array.of(src * BLOCK),
+      remoteOffsets: Float64Array.of(dst * BLOCK),
+      lengths: blocks * BLOCK,
+    },
+  });
+
 describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on GPU %i', (localGpu, remoteGpu) => {
   let target: PeerProcess;
   let agent: TransferAgent;
@@ -155,17 +177,7 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
 
   it('a plan of few pieces, posted again, is issued by the calling thread; it never overtakes posts queued before it', async () => {
     const eight = (dstBlock: number, srcBlock = 0) =>
-      agent.prepare({
-        op: 'WRITE',
-        peer: peer.name,
-        local,
-        remote,
-        pieces: {
-          localOffsets: Float64Array.of(srcBlock * BLOCK),
-          remoteOffsets: Float64Array.of(dstBlock * BLOCK),
-          lengths: 8 * BLOCK,
-        },
-      });
+      blockWrite(agent, peer.name, local, remote, dstBlock, srcBlock, 8);
     // Posted again: the calling thread issues it; the data is in place before the notification is seen.
     const plan = eight(40);
     await plan.post(); // the agent's thread resolves its copies
@@ -299,18 +311,7 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l === 0 || r === 0).sli
       });
       try {
         const { agent, local, peer, remote, target } = pair;
-        const plan = (dst: number, src: number) =>
-          agent.prepare({
-            op: 'WRITE',
-            peer: peer.name,
-            local,
-            remote,
-            pieces: {
-              localOffsets: Float64Array.of(src * BLOCK),
-              remoteOffsets: Float64Array.of(dst * BLOCK),
-              lengths: 4 * BLOCK,
-            },
-          });
+        const plan = (dst: number, src: number) => blockWrite(agent, peer.name, local, remote, dst, src, 4);
         const notes: string[] = [];
         const note = (round: number, dst: number, src: number) => {
           const text = JSON.stringify({
