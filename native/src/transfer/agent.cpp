@@ -895,7 +895,6 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
       std::string ringError;
       inbox->ring = NotifyRing::create(NotifyRing::kCapacity, ringError);  // without one, the socket carries all
       if (inbox->ring) ringFd = static_cast<uint32_t>(inbox->ring->memfd()) + 1;
-      inbox->numbered = inbox->ring != nullptr;
     }
     conn->inbox = inbox;
     std::lock_guard<std::mutex> lock(inboxMutex_);
@@ -964,7 +963,7 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
     if (type == Msg::WriteData) {
       if (!problem.empty()) {
         // The refused WRITE's notification is not delivered, but a poller must hear its number is spent.
-        bool carried = notifLen >= 8 && notifLen <= dataBytes && conn->inbox && conn->inbox->numbered;
+        bool carried = notifLen >= 8 && notifLen <= dataBytes && conn->inbox && conn->inbox->ring;
         if (!discard(conn->fd, dataBytes - (carried ? notifLen : 0), error)) break;
         if (carried) {
           std::vector<unsigned char> notif(notifLen);
@@ -1482,13 +1481,7 @@ bool Agent::notify(const std::string& peerName, uint64_t token, std::vector<unsi
       std::lock_guard<std::mutex> lock(peer->mutex);
       ready = peer->conn && !peer->dead && peer->ring;
     }
-    if (ready && progress_->idle()) {
-      std::lock_guard<std::mutex> lock(peer->ringMutex);
-      if (peer->ring->tryWrite(peer->nextNotifySeq, message.data(), message.size())) {
-        ++peer->nextNotifySeq;
-        return true;
-      }
-    }
+    if (ready && progress_->idle() && tryRing(*peer, message)) return true;
   }
   bool queued = progress_->post([this, peer, token, message = std::move(message)] {
     std::string error;
@@ -1557,10 +1550,9 @@ bool Agent::notifyOn(Peer& peer, Connection& conn, const std::vector<unsigned ch
   bool sent;
   if (peer.numbered) {
     // Numbered in the order written, so that the peer can put what the socket carries back in order.
+    if (tryRing(peer, message)) return true;
     std::lock_guard<std::mutex> lock(peer.ringMutex);
-    uint64_t seq = peer.nextNotifySeq++;
-    if (peer.ring && peer.ring->tryWrite(seq, message.data(), message.size())) return true;
-    sent = sendMessage(conn, Msg::Notify, 0, seq, message.data(), message.size(), error);
+    sent = sendMessage(conn, Msg::Notify, 0, peer.nextNotifySeq++, message.data(), message.size(), error);
   } else {
     sent = sendMessage(conn, Msg::Notify, 0, 0, message.data(), message.size(), error);
   }
@@ -1573,20 +1565,21 @@ void Agent::delivered(Connection& conn, uint64_t seq, std::vector<unsigned char>
   else callbacks_.notified(conn.peerName, std::move(message));
 }
 
-std::vector<unsigned char> Agent::carriedNotification(Peer& peer, const std::vector<unsigned char>& notif) {
-  if (!peer.numbered || notif.empty()) return notif;
-  std::vector<unsigned char> out(8 + notif.size());
-  {
-    std::lock_guard<std::mutex> lock(peer.ringMutex);
-    uint64_t seq = peer.nextNotifySeq++;
-    std::memcpy(out.data(), &seq, 8);
-  }
-  std::memcpy(out.data() + 8, notif.data(), notif.size());
-  return out;
+bool Agent::tryRing(Peer& peer, const std::vector<unsigned char>& message) {
+  std::lock_guard<std::mutex> lock(peer.ringMutex);
+  if (!peer.ring || !peer.ring->tryWrite(peer.nextNotifySeq, message.data(), message.size())) return false;
+  ++peer.nextNotifySeq;
+  return true;
+}
+
+uint64_t Agent::carriedNumber(Peer& peer, const std::vector<unsigned char>& notif) {
+  if (!peer.numbered || notif.empty()) return 0;
+  std::lock_guard<std::mutex> lock(peer.ringMutex);
+  return peer.nextNotifySeq++;
 }
 
 void Agent::deliveredCarried(Connection& conn, std::vector<unsigned char> notif, bool ok) {
-  if (!conn.inbox || !conn.inbox->numbered) {
+  if (!conn.inbox || !conn.inbox->ring) {
     if (ok && !notif.empty()) delivered(conn, 0, std::move(notif));
     return;
   }
@@ -1720,9 +1713,9 @@ void Agent::runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vecto
   for (size_t g = 0; g < groups.size(); ++g) {
     auto [first, last] = groups[g];
     bool lastGroup = g + 1 == groups.size();
-    std::vector<unsigned char> carried;
-    if (plan->op == Op::Write && lastGroup) carried = carriedNotification(peer, notif);
-    uint32_t notifLen = static_cast<uint32_t>(carried.size());
+    const bool carries = plan->op == Op::Write && lastGroup && !notif.empty();
+    const uint64_t number = carries ? carriedNumber(peer, notif) : 0;
+    uint32_t notifLen = carries ? static_cast<uint32_t>(notif.size() + (number ? 8 : 0)) : 0;
     std::vector<WirePiece> table;
     table.reserve(last - first);
     uint64_t data = 0;
@@ -1737,7 +1730,8 @@ void Agent::runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vecto
     std::vector<iovec> iov{{&h, sizeof(h)}, {counts, sizeof(counts)}, {table.data(), table.size() * sizeof(WirePiece)}};
     if (plan->op == Op::Write) {
       for (size_t i = first; i < last; ++i) iov.push_back({reinterpret_cast<void*>(plan->pieces[i].local), plan->pieces[i].length});
-      if (notifLen) iov.push_back({carried.data(), carried.size()});
+      if (number) iov.push_back({const_cast<uint64_t*>(&number), 8});
+      if (notifLen) iov.push_back({notif.data(), notif.size()});
     }
     bool sent;
     {

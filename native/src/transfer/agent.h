@@ -296,8 +296,11 @@ class Agent {
   bool notifyOn(Peer& peer, Connection& conn, const std::vector<unsigned char>& message, std::string& error);
   // A notification arrived on an inbound connection (`seq`: its order against the ring, 0: none).
   void delivered(Connection& conn, uint64_t seq, std::vector<unsigned char> message);
-  // Notifications carried inside a WRITE (tcp, nccl) to a peer that numbers them: the number goes first.
-  std::vector<unsigned char> carriedNotification(Peer& peer, const std::vector<unsigned char>& notif);
+  // Writes `message` into the peer's ring under the next number, if it has one and the message fits.
+  bool tryRing(Peer& peer, const std::vector<unsigned char>& message);
+  // The number of a notification carried inside a WRITE (tcp, nccl), sent in front of it; 0: the peer
+  // does not number them (or there is no notification).
+  uint64_t carriedNumber(Peer& peer, const std::vector<unsigned char>& notif);
   // The target's side of those: delivered (ok) or, for a WRITE that failed, its number skipped.
   void deliveredCarried(Connection& conn, std::vector<unsigned char> notif, bool ok);
   unsigned char* mapRemote(Peer& peer, RemoteRegion& r);

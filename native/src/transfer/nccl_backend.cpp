@@ -270,13 +270,17 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
     p.groups.resize(2);  // two answers: the target's Done and our own half
     pending_.emplace(token, std::move(p));
   }
-  std::vector<unsigned char> carried = plan->op == Op::Write ? carriedNotification(peer, notif) : std::vector<unsigned char>{};
-  std::vector<unsigned char> post(16 + carried.size());
+  // A WRITE's notification rides in the post (after its number, when the target numbers them).
+  const bool carries = plan->op == Op::Write && !notif.empty();
+  const uint64_t number = carries ? carriedNumber(peer, notif) : 0;
+  const size_t head = number ? 8 : 0;
+  std::vector<unsigned char> post(16 + (carries ? head + notif.size() : 0));
   uint64_t planId = plan->id;
-  uint32_t fields[2] = {static_cast<uint32_t>(plan->op), static_cast<uint32_t>(carried.size())};
+  uint32_t fields[2] = {static_cast<uint32_t>(plan->op), static_cast<uint32_t>(post.size() - 16)};
   std::memcpy(post.data(), &planId, 8);
   std::memcpy(post.data() + 8, fields, 8);
-  if (fields[1]) std::memcpy(post.data() + 16, carried.data(), carried.size());
+  if (number) std::memcpy(post.data() + 16, &number, 8);
+  if (carries) std::memcpy(post.data() + 16 + head, notif.data(), notif.size());
   if (!sendMessage(*conn, Msg::NcclPost, link, token, post.data(), post.size(), error)) {
     bool erased;
     {

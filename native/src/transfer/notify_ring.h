@@ -66,7 +66,7 @@ class NotifyRing {
 // initiators) and what arrived over the socket, merged in the initiator's order by the JS thread.
 struct Inbox {
   std::string from;
-  std::unique_ptr<NotifyRing> ring;
+  std::unique_ptr<NotifyRing> ring;  // offered to the sender: then every notification it sends is numbered
   std::mutex mutex;  // queued
   // From the connection's reader (and nccl's threads). Numbered ones by number: threads of the sender
   // may put them on the socket in another order than their numbers. A skipped number belongs to a
@@ -77,7 +77,6 @@ struct Inbox {
   };
   std::map<uint64_t, Queued> queued;
   std::deque<std::vector<unsigned char>> loose;  // not numbered (no ring was offered): as they come
-  bool numbered = false;  // this connection was offered a ring: every notification carries a number
   std::atomic<size_t> queuedCount{0};
   std::atomic<bool> closed{false};  // the connection ended: nothing more will be queued
   uint64_t expected = 1;            // JS thread: the next sequence number to deliver
