@@ -139,6 +139,7 @@ export interface RawTransferAgent {
   readonly ucxReason: string;
   readonly ncclReason: string;
   readonly directPosts: number;
+  readonly streamCommits: number;
   registerHost(buffer: ArrayBufferView): RawRegion;
   allocShared(bytes: number, pinned: boolean): RawRegion;
   registerDevice(device: number, address: bigint, bytes: number): RawRegion;

@@ -248,10 +248,19 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   /**
    * How many cuda-ipc posts this process's calling thread issued to the GPU itself, without the agent's
    * thread: posts of a plan of at most 8 pieces that has run once, with nothing of the same peer queued
-   * ahead. The agent's thread still watches their completion and sends their notifications.
+   * ahead. The agent's thread still watches their completion (and sends their notifications, unless the
+   * stream commits them: see streamCommits).
    */
   get directPosts(): number {
     return this.raw.directPosts;
+  }
+  /**
+   * How many cuda-ipc notifications this agent had committed by the GPU stream itself, right after the
+   * copy, to a target that polls its notifications (`notifications: 'poll'`): no host thread stands
+   * between the data landing and the target seeing the notification.
+   */
+  get streamCommits(): number {
+    return this.raw.streamCommits;
   }
 
   private remember(raw: RawRegion): Region {

@@ -63,6 +63,8 @@ enum : unsigned {
   CU_EVENT_DISABLE_TIMING = 0x2,
   CU_MEMHOSTALLOC_PORTABLE = 0x1,
   CU_MEMHOSTREGISTER_PORTABLE = 0x1,
+  CU_MEMHOSTREGISTER_DEVICEMAP = 0x2,
+  CU_STREAM_WRITE_VALUE_DEFAULT = 0x0,  // with a memory fence before the write
 };
 
 struct CUipcMemHandle {
@@ -108,6 +110,8 @@ typedef CUresult (*PFN_cuMemAllocHost)(void** pp, size_t bytesize);
 typedef CUresult (*PFN_cuMemFreeHost)(void* p);
 typedef CUresult (*PFN_cuMemHostRegister)(void* p, size_t bytesize, unsigned int flags);
 typedef CUresult (*PFN_cuMemHostUnregister)(void* p);
+typedef CUresult (*PFN_cuMemHostGetDevicePointer)(CUdeviceptr* dptr, void* p, unsigned int flags);
+typedef CUresult (*PFN_cuStreamWriteValue32)(CUstream stream, CUdeviceptr addr, uint32_t value, unsigned int flags);
 typedef CUresult (*PFN_cuMemcpyHtoDAsync)(CUdeviceptr dst, const void* src, size_t bytes, CUstream s);
 typedef CUresult (*PFN_cuMemcpyDtoHAsync)(void* dst, CUdeviceptr src, size_t bytes, CUstream s);
 typedef CUresult (*PFN_cuMemcpyDtoDAsync)(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s);

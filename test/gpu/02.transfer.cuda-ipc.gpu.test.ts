@@ -325,17 +325,15 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l === 0 || r === 0).sli
         const again = plan(8, 0);
         await again.post();
         const direct = agent.directPosts;
+        const committed = agent.streamCommits;
         for (let round = 0; round < 4; round++) await again.post({ notify: note(round, 8, 0) });
         expect(agent.directPosts - direct).toBe(4);
         await Promise.all(
           Array.from({ length: 6 }, (_, i) => plan(16 + 4 * i, 4 * i).post({ notify: note(4 + i, 16 + 4 * i, 4 * i) })),
         );
-        const taken: { text: string; mismatches?: number; from: string }[] = [];
-        for (let i = 0; i < 200 && taken.length < notes.length; i++) {
-          const { notifications } = await target.request<{ notifications: typeof taken }>('take');
-          taken.push(...notifications);
-          if (taken.length < notes.length) await new Promise((r) => setTimeout(r, 5));
-        }
+        // Every one of them was committed by the GPU stream after its copy, none by a host thread.
+        expect(agent.streamCommits - committed).toBe(notes.length);
+        const taken = await takeAll(target, notes.length);
         expect(taken.map((t) => t.text)).toEqual(notes);
         expect(taken.map((t) => t.mismatches)).toEqual(notes.map(() => 0));
         expect(taken.every((t) => t.from === agent.name)).toBe(true);
@@ -343,5 +341,70 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l === 0 || r === 0).sli
         await pair.dispose();
       }
     });
+
+    it('keeps post order between WRITE notifications and plain ones, in the ring or, when it is full, the socket', async () => {
+      const pair = await gpuTransferPair({
+        name: `poll-order-${localGpu}-${remoteGpu}`,
+        localGpu,
+        remoteGpu,
+        bytes: BLOCK * 64,
+        seedLocal: 23,
+        seedRemote: 24,
+        notifications: 'poll',
+      });
+      try {
+        const { agent, local, peer, remote, target } = pair;
+        const check = (dst: number, src: number) => ({
+          region: remote,
+          offset: dst * BLOCK,
+          length: 4 * BLOCK,
+          seed: 23,
+          base: src * BLOCK,
+        });
+        const write = blockWrite(agent, peer.name, local, remote, 8, 0, 4);
+        await write.post(); // settles the plan's strategy: later posts go straight to the stream
+        const expected: string[] = [];
+        const sent: Promise<void>[] = [];
+        const plain = (text: string) => {
+          expected.push(text);
+          sent.push(agent.notify(peer.name, text));
+        };
+        const written = (round: number) => {
+          const text = JSON.stringify({ round, check: check(8, 0) });
+          expected.push(text);
+          sent.push(write.post({ notify: text }));
+        };
+        // Neither side waits between posts: a plain notification posted after a WRITE must not overtake
+        // the WRITE's, which the stream commits only once the copy is done.
+        for (let round = 0; round < 6; round++) {
+          written(round);
+          plain(`plain ${round}`);
+        }
+        await Promise.all(sent.splice(0));
+        // The target has not read: fill its 1 MiB ring with 200 KiB notifications, so that what follows
+        // overflows to the socket, a WRITE's notification among them, then one that fits the ring again.
+        for (let i = 0; i < 6; i++) plain(`filler ${i} `.padEnd(200 << 10, String(i)));
+        written(100);
+        plain('after the WRITE');
+        written(101);
+        await Promise.all(sent.splice(0));
+        const taken = await takeAll(target, expected.length);
+        expect(taken.map((t) => t.text)).toEqual(expected);
+        for (const t of taken) if (t.text.startsWith('{')) expect(t.mismatches, t.text).toBe(0);
+      } finally {
+        await pair.dispose();
+      }
+    });
   },
 );
+
+/** Takes `count` notifications from a polling target (polled every 5 ms, at most 200 times). */
+async function takeAll(target: GpuTransferPair['target'], count: number) {
+  const taken: { text: string; mismatches?: number; from: string }[] = [];
+  for (let i = 0; i < 200 && taken.length < count; i++) {
+    const { notifications } = await target.request<{ notifications: typeof taken }>('take');
+    taken.push(...notifications);
+    if (taken.length < count) await new Promise((r) => setTimeout(r, 5));
+  }
+  return taken;
+}

@@ -414,6 +414,18 @@ void Agent::releasePeer(Peer& peer) {
     cuda_->cuStreamSynchronize(stream);
     cuda_->cuStreamDestroy(stream);
   }
+  // No stream of ours writes into the peer's ring any more (the stream is gone, the epoch stops direct posts).
+  if (peer.ringRegisteredOn >= 0 && cuda && peer.ring) {
+    int device;
+    {
+      std::lock_guard<std::mutex> lock(peer.mutex);
+      peer.ringOnDevice = 0;
+      device = peer.ringRegisteredOn;
+      peer.ringRegisteredOn = -1;
+    }
+    setDevice(device);
+    cuda_->cuMemHostUnregister(peer.ring->mapping());
+  }
   for (auto& r : peer.regions) {
     if (r.opened && r.openedOn >= 0 && otherProcess && cuda) {
       setDevice(r.openedOn);
@@ -925,6 +937,11 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
       if (h.length > (64u << 20)) break;  // a corrupt stream; stop serving it
       std::vector<unsigned char> message(h.length);
       if (!recvAll(conn->fd, message.data(), message.size(), error)) break;
+      if (h.aux == kNotifySkip) {
+        // A numbered notification that will not come (its transfer failed): later ones need not wait.
+        if (conn->inbox && h.seq != 0) conn->inbox->push(h.seq, {}, true);
+        continue;
+      }
       delivered(*conn, h.seq, std::move(message));
       continue;
     }
@@ -1529,6 +1546,7 @@ void Agent::warmup(const std::string& peerName, uint64_t token) {
         ++opened;
       }
       kernelsFor(device);
+      if (peer->numbered) ringOnDevice(*peer);
       if (!peer->stream) {
         checkCuda(cuda_->cuStreamCreate(&peer->stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
         peer->streamDevice = device;
@@ -1986,7 +2004,6 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   }
   // Completion: an event the progress thread polls between jobs (a host callback costs tens of
   // microseconds more before anyone hears of it).
-  auto peerPtr = plan->peer;
   CUevent event = nullptr;
   if (timed) {
     checkCuda(cuda_->cuEventCreate(&event, 0), "cuEventCreate");
@@ -1994,12 +2011,23 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     event = takeEvent(plan->localDevice);
     if (!event) checkCuda(cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING), "cuEventCreate");
   }
+  // The notification: numbered now, and committed by the stream after the copies when it is in the ring.
+  // (The ring is registered at the peer's first post, with a notification or not, so that posts issued
+  // by the caller's thread find it.)
+  const CUdeviceptr ringDevice = peer.numbered ? ringOnDevice(peer) : 0;
+  CudaNotice notice = reserveNotice(peer, std::move(notif));
+  if (ringDevice && !streamCommit(peer, notice, peer.stream, ringDevice)) {
+    std::lock_guard<std::mutex> lock(peer.mutex);
+    peer.ringOnDevice = 0;  // the host commits this peer's notifications from now on
+  }
   CUresult rec = cuda_->cuEventRecord(event, peer.stream);
   if (rec != CUDA_SUCCESS) {
     cuda_->cuEventDestroy(event);
+    std::string ignored;
+    settleNotice(plan->peer, notice, false, ignored);
     checkCuda(rec, "cuEventRecord");
   }
-  inflight_.push_back(Inflight{event, plan->localDevice, startEvent, cudaDone(plan, token, use, std::move(notif))});
+  inflight_.push_back(Inflight{event, plan->localDevice, startEvent, cudaDone(plan, token, use, std::move(notice))});
 }
 
 void Agent::giveEvent(int device, CUevent event) {
@@ -2021,8 +2049,8 @@ CUevent Agent::takeEvent(int device) {
 }
 
 std::function<void(CUresult, float)> Agent::cudaDone(const std::shared_ptr<Plan>& plan, uint64_t token, int use,
-                                                     std::vector<unsigned char> notif) {
-  return [this, token, plan, use, notif = std::move(notif)](CUresult result, float ms) {
+                                                     CudaNotice notice) {
+  return [this, token, plan, use, notice = std::move(notice)](CUresult result, float ms) mutable {
     if (ms >= 0 && plan->strategy == Plan::kUndecided) {
       if (plan->trialMs[use] < 0 || ms < plan->trialMs[use]) plan->trialMs[use] = ms;
       ++plan->trialsDone[use];
@@ -2031,18 +2059,92 @@ std::function<void(CUresult, float)> Agent::cudaDone(const std::shared_ptr<Plan>
             plan->trialMs[Plan::kKernel] <= plan->trialMs[Plan::kCopyEngine] ? Plan::kKernel : Plan::kCopyEngine;
       }
     }
+    const auto& peer = plan->peer;
+    std::string err;
     if (result != CUDA_SUCCESS) {
+      settleNotice(peer, notice, false, err);
       return fail(token, "TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(result));
     }
-    const auto& peer = plan->peer;
     {
-      std::lock_guard<std::mutex> lock(peer->mutex);
-      if (peer->dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peer->deadReason);
+      std::unique_lock<std::mutex> lock(peer->mutex);
+      if (peer->dead) {
+        std::string reason = peer->deadReason;
+        lock.unlock();
+        settleNotice(peer, notice, false, err);
+        return fail(token, "TANDEM_REMOTE_DISCONNECTED", reason);
+      }
     }
-    std::string err;
-    if (!notif.empty() && !sendNotify(peer, notif, err)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", err);
+    if (!settleNotice(peer, notice, true, err)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", err);
     succeed(token);
   };
+}
+
+Agent::CudaNotice Agent::reserveNotice(Peer& peer, std::vector<unsigned char> notif) {
+  CudaNotice notice;
+  notice.bytes = std::move(notif);
+  if (notice.bytes.empty() || !peer.numbered) return notice;
+  std::lock_guard<std::mutex> lock(peer.ringMutex);
+  notice.seq = peer.nextNotifySeq++;
+  if (peer.ring && !peer.ring->tryWrite(notice.seq, notice.bytes.data(), notice.bytes.size(), &notice.commitWord)) {
+    notice.commitWord = nullptr;  // the ring is full (or the message too big): the socket, when the copy is done
+  }
+  return notice;
+}
+
+bool Agent::streamCommit(Peer& peer, CudaNotice& notice, CUstream stream, CUdeviceptr ringDevice) {
+  if (!notice.commitWord) return true;
+  const auto at = reinterpret_cast<unsigned char*>(notice.commitWord) - static_cast<unsigned char*>(peer.ring->mapping());
+  // The default flags put a fence before the write: the copies' stores are visible before the commit.
+  CUresult r = cuda_->cuStreamWriteValue32(stream, ringDevice + static_cast<CUdeviceptr>(at), NotifyRing::kCommitted,
+                                           CU_STREAM_WRITE_VALUE_DEFAULT);
+  if (r != CUDA_SUCCESS) return false;  // still pending: the host commits it when the copy is done
+  notice.streamCommits = true;
+  streamCommits_.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+CUdeviceptr Agent::ringOnDevice(Peer& peer) {
+  if (!peer.ringRegisterTried && peer.ring) {
+    peer.ringRegisterTried = true;  // once: a failure leaves the host committing the notifications
+    void* mapping = peer.ring->mapping();
+    if (cuda_->cuMemHostRegister(mapping, peer.ring->mappedBytes(),
+                                 CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP) == CUDA_SUCCESS) {
+      CUdeviceptr address = 0;
+      CUresult r = cuda_->cuMemHostGetDevicePointer(&address, mapping, 0);
+      std::lock_guard<std::mutex> lock(peer.mutex);
+      peer.ringRegisteredOn = currentDevice_;  // unregistered in releasePeer
+      peer.ringOnDevice = r == CUDA_SUCCESS ? address : 0;
+    }
+  }
+  // The address is the mapping's in the context it was registered in (the same everywhere with unified
+  // addressing, but only that one is relied on).
+  std::lock_guard<std::mutex> lock(peer.mutex);
+  return peer.ringRegisteredOn == currentDevice_ ? peer.ringOnDevice : 0;
+}
+
+bool Agent::settleNotice(const std::shared_ptr<Peer>& peer, CudaNotice& notice, bool ok, std::string& error) {
+  if (notice.bytes.empty()) return true;
+  if (notice.seq == 0) return !ok || sendNotify(peer, notice.bytes, error);  // the peer does not number them
+  if (notice.commitWord) {
+    if (notice.streamCommits) {
+      if (ok) return true;  // the stream committed it
+      // The stream may still write that commit word, so it cannot be reused: the ring's order is lost.
+      // Ending the connection lets the target give up the record (and see later notifications on a new one).
+      markDead(peer, "a cuda-ipc copy to peer '" + peer->d.name + "' failed after its notification was queued; " +
+                         "load its metadata again to reconnect");
+      error = peer->deadReason;
+      return false;
+    }
+    std::lock_guard<std::mutex> lock(peer->ringMutex);
+    NotifyRing::commit(notice.commitWord, notice.seq, ok);
+    return true;
+  }
+  // Over the socket, under the number it was given: the notification, or that number given up.
+  auto conn = waitConnected(peer, error);
+  bool sent = conn && sendMessage(*conn, Msg::Notify, ok ? 0 : kNotifySkip, notice.seq, notice.bytes.data(),
+                                  ok ? notice.bytes.size() : 0, error);
+  if (!sent && conn) error = "peer '" + peer->d.name + "': " + error;
+  return sent;
 }
 
 bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
@@ -2066,22 +2168,31 @@ bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std
     giveEvent(plan->localDevice, event);
     return false;
   }
+  if (!event) r = cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
   for (const auto& c : direct->copies) {
     if (r == CUDA_SUCCESS) r = cuda_->cuMemcpyAsync(c.dst, c.src, c.bytes, direct->stream);
   }
-  if (r == CUDA_SUCCESS && !event) r = cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
-  if (r == CUDA_SUCCESS) r = cuda_->cuEventRecord(event, direct->stream);
+  CudaNotice notice;
+  if (r == CUDA_SUCCESS) {
+    // The ring's address is known once a post of this peer has gone through the progress thread.
+    const CUdeviceptr ringDevice = peer.ringRegisteredOn == plan->localDevice ? peer.ringOnDevice : 0;
+    notice = reserveNotice(peer, std::move(notif));
+    if (ringDevice && !streamCommit(peer, notice, direct->stream, ringDevice)) peer.ringOnDevice = 0;
+    r = cuda_->cuEventRecord(event, direct->stream);
+  }
   CUcontext popped = nullptr;
   cuda_->cuCtxPopCurrent(&popped);
   lock.unlock();
   if (r != CUDA_SUCCESS) {
     giveEvent(plan->localDevice, event);
+    std::string ignored;
+    settleNotice(plan->peer, notice, false, ignored);
     fail(token, "TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(r));
     return true;
   }
   directPosts_.fetch_add(1, std::memory_order_relaxed);
   // The progress thread watches the event from here on (waking it overlaps the copy).
-  Inflight inflight{event, plan->localDevice, nullptr, cudaDone(plan, token, Plan::kCopyEngine, std::move(notif))};
+  Inflight inflight{event, plan->localDevice, nullptr, cudaDone(plan, token, Plan::kCopyEngine, std::move(notice))};
   if (!progress_->post([this, inflight = std::move(inflight)]() mutable { inflight_.push_back(std::move(inflight)); })) {
     fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed (the copy was issued)");
   }

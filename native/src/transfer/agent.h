@@ -109,6 +109,12 @@ struct Peer {
   bool numbered = false;  // the peer offered a ring: number every notification, even if it could not be mapped
   std::mutex ringMutex;
   uint64_t nextNotifySeq = 1;
+  // cuda-ipc: the ring registered with CUDA (progress thread, once), so that the stream itself commits a
+  // WRITE's notification after the copy. ringOnDevice is its mapping's device address (0: not usable);
+  // set under `mutex`, read there by the caller's thread.
+  bool ringRegisterTried = false;
+  int ringRegisteredOn = -1;
+  CUdeviceptr ringOnDevice = 0;
   // nccl: one two-rank communicator per (local GPU, remote GPU) for transfers this agent initiates
   // (rank 0 here, rank 1 at the peer). Guarded by `mutex`; made on the progress thread.
   struct NcclLink {
@@ -227,6 +233,8 @@ class Agent {
   bool post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif, bool alone = false);
   // Posts the caller's thread issued to the GPU itself (cuda-ipc; see tryDirectCuda). For tests and stats.
   uint64_t directPosts() const { return directPosts_.load(std::memory_order_relaxed); }
+  // cuda-ipc notifications committed by the stream after the copy (no host thread in between).
+  uint64_t streamCommits() const { return streamCommits_.load(std::memory_order_relaxed); }
   void cancel(uint64_t token);
   // With `alone` (as for post), returns true when the notification was written into the peer's ring on
   // the calling thread: it succeeded, and no completion callback follows.
@@ -317,9 +325,29 @@ class Agent {
   // are resolved and nothing for this peer waits on the progress thread; the progress thread only
   // watches for its completion. False: queue it.
   bool tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
+  // A cuda-ipc post's notification to a peer that numbers them: numbered when the post is issued, so that
+  // it keeps its place among the peer's notifications, and, when it fits, written into the ring at once
+  // as a pending record that the stream commits after the copy.
+  struct CudaNotice {
+    std::vector<unsigned char> bytes;  // empty: no notification
+    uint64_t seq = 0;                  // 0: not numbered, sent when the copy has finished (peer does not poll)
+    uint32_t* commitWord = nullptr;    // its pending ring record (null: goes over the socket when done)
+    bool streamCommits = false;        // the stream writes the commit word after the copy
+  };
+  // Issue time (caller's or progress thread): numbers the notification and, when it fits, puts it in the
+  // ring as a pending record.
+  CudaNotice reserveNotice(Peer& peer, std::vector<unsigned char> notif);
+  // After the copies are issued on `stream`: asks the stream to commit the notice's ring record (a no-op
+  // without one). False: the stream could not take the write; the host commits it when the copy is done.
+  bool streamCommit(Peer& peer, CudaNotice& notice, CUstream stream, CUdeviceptr ringDevice);
+  // Progress thread: the ring's device address in the current context, registering the ring the first time
+  // (0: the peer has no ring, or it cannot be registered or written by a stream).
+  CUdeviceptr ringOnDevice(Peer& peer);
+  // When the copies have finished (ok) or failed: the notice delivered, or its number given up.
+  bool settleNotice(const std::shared_ptr<Peer>& peer, CudaNotice& notice, bool ok, std::string& error);
   // What runs when a cuda-ipc post's copies have finished (or failed): strategy timing, notification, result.
   std::function<void(CUresult, float)> cudaDone(const std::shared_ptr<Plan>& plan, uint64_t token, int use,
-                                                std::vector<unsigned char> notif);
+                                                CudaNotice notice);
   CUevent takeEvent(int device);  // from eventPool_, or nullptr
   void giveEvent(int device, CUevent event);  // back to eventPool_ (nullptr: nothing)
   void checkCuda(CUresult r, const char* what);
@@ -393,6 +421,7 @@ class Agent {
   std::mutex eventMutex_;            // eventPool_ (the JS thread takes events from it too)
   std::vector<std::pair<int, CUevent>> eventPool_;
   std::atomic<uint64_t> directPosts_{0};
+  std::atomic<uint64_t> streamCommits_{0};
   bool directPostsOn_ = true;
   // Dead peers (removed, replaced, disconnected) whose mappings releaseRetired() has yet to close.
   std::vector<std::shared_ptr<Peer>> retired_;  // guarded by mutex_

@@ -131,6 +131,7 @@ void TransferAgentWrap::Init(Napi::Env env, Napi::Object exports) {
           InstanceAccessor<&TransferAgentWrap::GetUcxReason>("ucxReason"),
           InstanceAccessor<&TransferAgentWrap::GetNcclReason>("ncclReason"),
           InstanceAccessor<&TransferAgentWrap::GetDirectPosts>("directPosts"),
+          InstanceAccessor<&TransferAgentWrap::GetStreamCommits>("streamCommits"),
       });
   AddonState::of(env).transferAgentConstructor = Napi::Persistent(ctor);
   exports.Set("TransferAgent", ctor);
@@ -497,6 +498,10 @@ Napi::Value TransferAgentWrap::GetNcclReason(const Napi::CallbackInfo& info) {
 }
 Napi::Value TransferAgentWrap::GetDirectPosts(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), agent_ ? static_cast<double>(agent_->directPosts()) : 0);
+}
+
+Napi::Value TransferAgentWrap::GetStreamCommits(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), agent_ ? static_cast<double>(agent_->streamCommits()) : 0);
 }
 Napi::Value TransferAgentWrap::GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !agent_); }
 

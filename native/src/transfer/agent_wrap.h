@@ -66,6 +66,7 @@ class TransferAgentWrap : public Napi::ObjectWrap<TransferAgentWrap>, public Clo
   Napi::Value GetUcxReason(const Napi::CallbackInfo& info);
   Napi::Value GetNcclReason(const Napi::CallbackInfo& info);
   Napi::Value GetDirectPosts(const Napi::CallbackInfo& info);
+  Napi::Value GetStreamCommits(const Napi::CallbackInfo& info);
 
   std::unique_ptr<Agent> agent_;
   std::shared_ptr<AgentJsState> js_;

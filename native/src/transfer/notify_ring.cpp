@@ -7,15 +7,18 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 
 namespace tandem::transfer {
 
 namespace {
 constexpr uint64_t kMagic = 0x474e495246544e54ull;  // "TNTFRING"
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 constexpr size_t kHeaderBytes = 4096;
 constexpr uint32_t kWrap = 1;
+constexpr uint32_t kPending = 2;
+constexpr uint32_t kSkipped = 4;
 struct Record {
   uint32_t length;
   uint32_t flags;
@@ -105,7 +108,7 @@ NotifyRing::~NotifyRing() {
   if (memfd_ >= 0) ::close(memfd_);
 }
 
-bool NotifyRing::tryWrite(uint64_t seq, const unsigned char* bytes, size_t size) {
+bool NotifyRing::tryWrite(uint64_t seq, const unsigned char* bytes, size_t size, uint32_t** pending) {
   if (broken_ || size > capacity_ / 4) return false;
   const uint64_t need = recordBytes(size);
   const uint64_t head = header_->head.load(std::memory_order_relaxed);  // only this producer writes it
@@ -122,44 +125,59 @@ bool NotifyRing::tryWrite(uint64_t seq, const unsigned char* bytes, size_t size)
     std::memcpy(data_ + offset, &wrap, sizeof(wrap));
   }
   unsigned char* at = data_ + ((head + padding) & (capacity_ - 1));
-  Record record{static_cast<uint32_t>(size), 0, seq};
+  Record record{static_cast<uint32_t>(size), pending ? kPending : kCommitted, seq};
   std::memcpy(at, &record, sizeof(record));
   if (size) std::memcpy(at + sizeof(record), bytes, size);
+  if (pending) *pending = reinterpret_cast<uint32_t*>(at + offsetof(Record, flags));
   header_->head.store(head + padding + need, std::memory_order_release);
   return true;
 }
 
-uint64_t NotifyRing::peek() {
+void NotifyRing::commit(uint32_t* word, uint64_t seq, bool ok) {
+  uint64_t recordSeq;
+  std::memcpy(&recordSeq, reinterpret_cast<unsigned char*>(word) + sizeof(uint32_t), sizeof(recordSeq));
+  if (recordSeq != seq) return;  // taken, and the space holds another record now
+  uint32_t expected = kPending;
+  __atomic_compare_exchange_n(word, &expected, ok ? kCommitted : kSkipped, false, __ATOMIC_RELEASE, __ATOMIC_RELAXED);
+}
+
+NotifyRing::Front NotifyRing::peek() {
   while (!broken_) {
     const uint64_t head = header_->head.load(std::memory_order_acquire);
-    if (head == tail_) return 0;
+    if (head == tail_) return {};
     if (head < tail_ || head - tail_ > capacity_) break;
     const uint64_t offset = tail_ & (capacity_ - 1);
     Record record;
     std::memcpy(&record, data_ + offset, sizeof(record));
+    // The commit word is written by another process's CPU or its GPU: read it on its own, with acquire,
+    // so that the record's bytes (and the data it announces) are read after it.
+    record.flags = __atomic_load_n(reinterpret_cast<uint32_t*>(data_ + offset + offsetof(Record, flags)), __ATOMIC_ACQUIRE);
     if (record.flags == kWrap) {
       tail_ += capacity_ - offset;
       header_->tail.store(tail_, std::memory_order_release);
       continue;
     }
-    if (record.flags != 0 || record.length > capacity_ / 4 || offset + recordBytes(record.length) > capacity_ ||
+    if ((record.flags != kCommitted && record.flags != kPending && record.flags != kSkipped) ||
+        record.length > capacity_ / 4 || offset + recordBytes(record.length) > capacity_ ||
         recordBytes(record.length) > head - tail_ || record.seq == 0) {
       break;
     }
-    return record.seq;
+    return {record.seq, record.flags != kPending};
   }
   broken_ = true;
-  return 0;
+  return {};
 }
 
-std::vector<unsigned char> NotifyRing::take() {
+bool NotifyRing::take(std::vector<unsigned char>& out) {
   const uint64_t offset = tail_ & (capacity_ - 1);
   Record record;
   std::memcpy(&record, data_ + offset, sizeof(record));
-  std::vector<unsigned char> out(data_ + offset + sizeof(record), data_ + offset + sizeof(record) + record.length);
+  record.flags = __atomic_load_n(reinterpret_cast<uint32_t*>(data_ + offset + offsetof(Record, flags)), __ATOMIC_ACQUIRE);
+  const bool deliver = record.flags == kCommitted;
+  if (deliver) out.assign(data_ + offset + sizeof(record), data_ + offset + sizeof(record) + record.length);
   tail_ += recordBytes(record.length);
   header_->tail.store(tail_, std::memory_order_release);
-  return out;
+  return deliver;
 }
 
 void Inbox::push(uint64_t seq, std::vector<unsigned char> bytes, bool skip) {
@@ -171,10 +189,14 @@ void Inbox::push(uint64_t seq, std::vector<unsigned char> bytes, bool skip) {
 
 bool Inbox::drain(std::vector<std::vector<unsigned char>>& out, size_t max) {
   while (out.size() < max) {
-    const uint64_t next = ring ? ring->peek() : 0;
-    if (next != 0 && next <= expected) {
-      // Below `expected` only after a gap was skipped (see below); deliver it all the same.
-      out.push_back(ring->take());
+    const NotifyRing::Front front = ring ? ring->peek() : NotifyRing::Front{};
+    const uint64_t next = front.seq;
+    if (next != 0 && next <= expected && (front.ready || closed.load(std::memory_order_acquire))) {
+      // Below `expected` only after a gap was skipped (see below); deliver it all the same. A record still
+      // pending once the connection has ended is given up: its sender is gone, or failed the transfer
+      // when its connection went (its commit is never coming, or announces a transfer reported failed).
+      std::vector<unsigned char> bytes;
+      if (ring->take(bytes)) out.push_back(std::move(bytes));
       if (next == expected) ++expected;
       continue;
     }

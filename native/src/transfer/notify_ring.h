@@ -10,11 +10,15 @@
 //
 // The ring (single producer: the initiator serializes its threads with Peer::ringMutex; single
 // consumer: the target's JS thread): a 4 KiB header page, then `capacity` bytes (a power of two) of
-// records, each 16-byte aligned: u32 length | u32 flags (1: padding to the end, wrap) | u64 seq | bytes.
+// records, each 16-byte aligned: u32 length | u32 flags | u64 seq | bytes. Flags: 0 ready; 1 padding to the
+// end (wrap); 2 pending: written ahead of the data it announces, ready once its commit word (the flags
+// themselves) is set to 0, which the initiator's CUDA stream does right after the copy
+// (cuStreamWriteValue32), so that no host thread sits between the copy and the target seeing it;
+// 4 skipped: its copy failed, nothing to deliver, its number is used up.
 // `head` (bytes ever written) is published with release after the record; `tail` (bytes ever consumed)
-// with release after the record is copied out. Neither side trusts the other's counters: a producer
-// that sees a bad tail stops using the ring (the socket takes over); a consumer that sees a bad record
-// stops reading it.
+// with release after the record is copied out. The consumer stops at a pending record: the ring is in
+// number order. Neither side trusts the other's counters: a producer that sees a bad tail stops using
+// the ring (the socket takes over); a consumer that sees a bad record stops reading it.
 #pragma once
 
 #include <atomic>
@@ -41,12 +45,27 @@ class NotifyRing {
   NotifyRing& operator=(const NotifyRing&) = delete;
 
   int memfd() const { return memfd_; }
-  // Producer: copies one record in and publishes it. False when it does not fit now.
-  bool tryWrite(uint64_t seq, const unsigned char* data, size_t size);
-  // Consumer: the sequence number of the next record, or 0 when there is none (or the ring is broken).
-  uint64_t peek();
-  // Consumer: copies out the record peek() saw and frees its space.
-  std::vector<unsigned char> take();
+  // The whole mapping, for registering it with CUDA (the stream writes pending records' commit words).
+  void* mapping() const { return header_; }
+  size_t mappedBytes() const { return mappedBytes_; }
+  // Producer: copies one record in and publishes it. False when it does not fit now. With `pending`, the
+  // record waits for its commit: *pending is set to its commit word (see commit()).
+  bool tryWrite(uint64_t seq, const unsigned char* data, size_t size, uint32_t** pending = nullptr);
+  // Producer, from the host: commits (ok) or skips the pending record numbered `seq` whose commit word
+  // tryWrite gave. Nothing happens unless that word still holds `seq`'s pending record: it could be
+  // committed already, taken, and its space reused. The caller serializes producers.
+  static void commit(uint32_t* word, uint64_t seq, bool ok);
+  static constexpr uint32_t kCommitted = 0;  // the value the stream writes into a commit word
+  // Consumer: the record at the front. seq 0: none (or the ring is broken); ready false: its commit is
+  // still to come.
+  struct Front {
+    uint64_t seq = 0;
+    bool ready = false;
+  };
+  Front peek();
+  // Consumer: consumes the record peek() saw and frees its space. Its bytes go to `out` unless it was
+  // skipped (or is still pending: a consumer that gives up on it), and then it returns false.
+  bool take(std::vector<unsigned char>& out);
   bool broken() const { return broken_; }
 
  private:

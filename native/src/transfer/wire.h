@@ -17,7 +17,7 @@ constexpr uint32_t kWireVersion = 1;
 enum class Msg : uint32_t {
   Hello = 1,       // initiator -> target: u64 incarnation, u16 nameLen, name
   HelloAck = 2,    // target -> initiator: u64 incarnation, u16 nameLen, name
-  Notify = 3,      // payload: the notification bytes
+  Notify = 3,      // seq = its number (0: none); aux 0: payload is the notification; aux kNotifySkip: that number will not come
   WriteData = 4,   // aux = region id; payload: u32 pieces, u32 notifLen, pieces x (u64 off, u64 len), data, notif
   ReadRequest = 5, // aux = region id; payload: u32 pieces, u32 reserved, pieces x (u64 off, u64 len)
   ReadData = 6,    // aux = status (0 ok); payload: data (status 0) or error text
@@ -27,6 +27,8 @@ enum class Msg : uint32_t {
   NcclPlan = 9,    // seq = plan id, aux = link; payload: u32 pieces, u32 reserved, pieces x (u32 region, u32 0, u64 off, u64 len)
   NcclPost = 10,   // seq = token, aux = link; payload: u64 plan id, u32 op, u32 notifLen, notif
 };
+
+constexpr uint32_t kNotifySkip = 1;  // Msg::Notify's aux: the numbered notification's transfer failed
 
 struct Header {
   uint32_t type;
