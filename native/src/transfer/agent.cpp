@@ -212,6 +212,9 @@ Agent::Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* c
   }
   // TANDEM_DIRECT_POSTS=0: every cuda-ipc post goes through the progress thread (see tryDirectCuda).
   if (const char* env = std::getenv("TANDEM_DIRECT_POSTS")) directPostsOn_ = std::strcmp(env, "0") != 0;
+  // TANDEM_STREAM_COMMIT=0: the host commits cuda-ipc notifications to polling targets once the copy is seen
+  // done, instead of the stream right after the copy (see streamCommit).
+  if (const char* env = std::getenv("TANDEM_STREAM_COMMIT")) streamCommitOn_ = std::strcmp(env, "0") != 0;
   acceptThread_ = std::thread([this] { acceptLoop(); });
   timeoutThread_ = std::thread([this] {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -2104,7 +2107,7 @@ bool Agent::streamCommit(Peer& peer, CudaNotice& notice, CUstream stream, CUdevi
 }
 
 CUdeviceptr Agent::ringOnDevice(Peer& peer) {
-  if (!peer.ringRegisterTried && peer.ring) {
+  if (!peer.ringRegisterTried && peer.ring && streamCommitOn_) {
     peer.ringRegisterTried = true;  // once: a failure leaves the host committing the notifications
     void* mapping = peer.ring->mapping();
     if (cuda_->cuMemHostRegister(mapping, peer.ring->mappedBytes(),

@@ -423,6 +423,7 @@ class Agent {
   std::atomic<uint64_t> directPosts_{0};
   std::atomic<uint64_t> streamCommits_{0};
   bool directPostsOn_ = true;
+  bool streamCommitOn_ = true;
   // Dead peers (removed, replaced, disconnected) whose mappings releaseRetired() has yet to close.
   std::vector<std::shared_ptr<Peer>> retired_;  // guarded by mutex_
   // pollNotifications: one per inbound connection, dropped once closed and drained.
