@@ -47,7 +47,10 @@ const summary = (v: number[]) => {
 
 async function round(p: GpuTransferPair, plan: ReturnType<GpuTransferPair['agent']['prepare']>) {
   const { agent, target } = p;
-  const spin = target.request<{ notifications: { text: string; t: string }[] }>('spin', { count: posts, timeoutMs: 60_000 });
+  const spin = target.request<{ notifications: { text: string; t: string }[] }>('spin', {
+    count: posts,
+    timeoutMs: 60_000,
+  });
   await target.nextEvent((e) => e.event === 'spinning');
   const started = new Map<string, bigint>();
   const returned = new Map<string, bigint>();
@@ -62,10 +65,11 @@ async function round(p: GpuTransferPair, plan: ReturnType<GpuTransferPair['agent
     returned.set(note, b);
     call.push(Number(b - a) / 1e3);
     await posted;
-    for (const s = process.hrtime.bigint(); process.hrtime.bigint() - s < gapNs; );
+    for (const s = process.hrtime.bigint(); process.hrtime.bigint() - s < gapNs;);
   }
   const { notifications } = await spin;
-  if (notifications.length !== posts) throw new Error(`the target took ${notifications.length} of ${posts} notifications`);
+  if (notifications.length !== posts)
+    throw new Error(`the target took ${notifications.length} of ${posts} notifications`);
   const since = (from: Map<string, bigint>) => notifications.map((n) => Number(BigInt(n.t) - from.get(n.text)!) / 1e3);
   return {
     postCall: summary(call),
@@ -91,7 +95,8 @@ const plans = setups.map(({ p }) =>
 for (const plan of plans) for (let i = 0; i < 10; i++) await plan.post(); // mappings, strategy trials
 const rows: Record<string, string | number>[] = [];
 const results: unknown[] = [];
-const f = (s: { p10: number; p50: number; p90: number }) => `${s.p10.toFixed(1)} / ${s.p50.toFixed(1)} / ${s.p90.toFixed(1)}`;
+const f = (s: { p10: number; p50: number; p90: number }) =>
+  `${s.p10.toFixed(1)} / ${s.p50.toFixed(1)} / ${s.p90.toFixed(1)}`;
 for (let r = 0; r < rounds; r++) {
   for (const [i, { mode, p }] of setups.entries()) {
     const out = await round(p, plans[i]!);
@@ -106,7 +111,10 @@ for (let r = 0; r < rounds; r++) {
     });
   }
 }
-console.log(`64 KiB cuda-ipc WRITE + notification, GPU0 -> GPU1, polling target; ${posts} posts per round, each awaited`);
+console.log(
+  `64 KiB cuda-ipc WRITE + notification, GPU0 -> GPU1, polling target; ${posts} posts per round, each awaited`,
+);
 console.table(rows);
-if (values.json) writeFileSync(values.json, JSON.stringify({ posts, gapUs: Number(values['gap-us']), results }, null, 2));
+if (values.json)
+  writeFileSync(values.json, JSON.stringify({ posts, gapUs: Number(values['gap-us']), results }, null, 2));
 for (const { p } of setups) await p.dispose();

@@ -299,25 +299,34 @@ describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () 
 describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l === 0 || r === 0).slice(0, 2))(
   'cuda-ipc to a target that polls its notifications: initiator on GPU %i, target on GPU %i',
   (localGpu, remoteGpu) => {
-    it('each notification is taken after its data is on the target GPU, in order, direct or queued', async () => {
-      const pair = await gpuTransferPair({
-        name: `poll-${localGpu}-${remoteGpu}`,
+    /** A pair whose target polls; the initiator's blocks are seeded with `seed`. */
+    const pollingPair = (name: string, seed: number) =>
+      gpuTransferPair({
+        name: `${name}-${localGpu}-${remoteGpu}`,
         localGpu,
         remoteGpu,
         bytes: BLOCK * 64,
-        seedLocal: 21,
-        seedRemote: 22,
+        seedLocal: seed,
+        seedRemote: seed + 1,
         notifications: 'poll',
       });
+    /** What the target checks on its GPU when it takes a notification: 4 blocks at `dst` hold ours from `src`. */
+    const blockCheck = (remote: number, dst: number, src: number, seed: number) => ({
+      region: remote,
+      offset: dst * BLOCK,
+      length: 4 * BLOCK,
+      seed,
+      base: src * BLOCK,
+    });
+
+    it('each notification is taken after its data is on the target GPU, in order, direct or queued', async () => {
+      const pair = await pollingPair('poll', 21);
       try {
         const { agent, local, peer, remote, target } = pair;
         const plan = (dst: number, src: number) => blockWrite(agent, peer.name, local, remote, dst, src, 4);
         const notes: string[] = [];
         const note = (round: number, dst: number, src: number) => {
-          const text = JSON.stringify({
-            round,
-            check: { region: remote, offset: dst * BLOCK, length: 4 * BLOCK, seed: 21, base: src * BLOCK },
-          });
+          const text = JSON.stringify({ round, check: blockCheck(remote, dst, src, 21) });
           notes.push(text);
           return text;
         };
@@ -343,24 +352,9 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l === 0 || r === 0).sli
     });
 
     it('keeps post order between WRITE notifications and plain ones, in the ring or, when it is full, the socket', async () => {
-      const pair = await gpuTransferPair({
-        name: `poll-order-${localGpu}-${remoteGpu}`,
-        localGpu,
-        remoteGpu,
-        bytes: BLOCK * 64,
-        seedLocal: 23,
-        seedRemote: 24,
-        notifications: 'poll',
-      });
+      const pair = await pollingPair('poll-order', 23);
       try {
         const { agent, local, peer, remote, target } = pair;
-        const check = (dst: number, src: number) => ({
-          region: remote,
-          offset: dst * BLOCK,
-          length: 4 * BLOCK,
-          seed: 23,
-          base: src * BLOCK,
-        });
         const write = blockWrite(agent, peer.name, local, remote, 8, 0, 4);
         await write.post(); // settles the plan's strategy: later posts go straight to the stream
         const expected: string[] = [];
@@ -370,7 +364,7 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l === 0 || r === 0).sli
           sent.push(agent.notify(peer.name, text));
         };
         const written = (round: number) => {
-          const text = JSON.stringify({ round, check: check(8, 0) });
+          const text = JSON.stringify({ round, check: blockCheck(remote, 8, 0, 23) });
           expected.push(text);
           sent.push(write.post({ notify: text }));
         };
