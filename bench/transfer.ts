@@ -260,14 +260,17 @@ async function notifyRoundTrip() {
   return { p50us: pct(times, 50) / 2, p99us: pct(times, 99) / 2, iterations: times.length };
 }
 
-async function notifyLatency(
-  section: string,
-  path: string,
-  memory: string,
-  local: Region,
-  remote: number,
-  backend?: string,
-) {
+/** One notification row's case: the 64 KiB WRITE's memory and the row's labels. */
+interface NotifyCase {
+  section: string;
+  path: string;
+  memory: string;
+  local: Region;
+  remote: number;
+  backend?: string;
+}
+
+async function notifyLatency({ section, path, memory, local, remote, backend }: NotifyCase) {
   const plan = notifyPlan('bench-target', local, remote, backend);
   let n = 0;
   const notify: number[] = [];
@@ -328,14 +331,7 @@ function recordNotify(
  * notifications alone, 30 us apart. Stamps are CLOCK_MONOTONIC in both processes. The spinning target
  * takes a core: on a machine with few cores its figures measure the scheduler more than the path.
  */
-async function notifyLatencyPolled(
-  section: string,
-  path: string,
-  memory: string,
-  local: Region,
-  remote: number,
-  backend?: string,
-) {
+async function notifyLatencyPolled({ section, path, memory, local, remote, backend }: NotifyCase) {
   const plan = notifyPlan('bench-polled', local, remote, backend);
   for (let i = 0; i < 10; i++) await plan.post(); // connection, mappings, the copy strategy's trials
   const count = quick ? 300 : 1000;
@@ -435,10 +431,17 @@ let polledHost: number | undefined;
         }
       }
     }
-    await notifyLatency('host', backend, 'shared->shared', local, remote, backend);
+    await notifyLatency({ section: 'host', path: backend, memory: 'shared->shared', local, remote, backend });
     if (!notifyOneWay) notifyOneWay = await notifyRoundTrip();
     polledHost ??= await polledRegion();
-    await notifyLatencyPolled('host', backend, 'shared->shared', local, polledHost, backend);
+    await notifyLatencyPolled({
+      section: 'host',
+      path: backend,
+      memory: 'shared->shared',
+      local,
+      remote: polledHost,
+      backend,
+    });
   }
   agent.deregister(local);
   agent.deregister(scratch);
@@ -647,10 +650,16 @@ if (caps.cuda.available && !values['host-only']) {
         }
       }
     }
-    await notifyLatency('gpu', `cuda-ipc ${placement}`, 'device->device', local, remote);
+    await notifyLatency({ section: 'gpu', path: `cuda-ipc ${placement}`, memory: 'device->device', local, remote });
     const polledRemote = await polledRegion(remoteGpu);
     await agent.warmup('bench-polled');
-    await notifyLatencyPolled('gpu', `cuda-ipc ${placement}`, 'device->device', local, polledRemote);
+    await notifyLatencyPolled({
+      section: 'gpu',
+      path: `cuda-ipc ${placement}`,
+      memory: 'device->device',
+      local,
+      remote: polledRemote,
+    });
     if (remoteGpu !== 0 && agent.backends.includes('nccl')) {
       // The nccl backend (for GPU pairs that CUDA IPC cannot reach) on the same pair, against NCCL itself.
       const ncclBaseline = { name: 'NCCL send/recv', gbpsFor: ncclFor, ncclFor };
@@ -687,7 +696,14 @@ if (caps.cuda.available && !values['host-only']) {
           );
         }
       }
-      await notifyLatency('gpu', `nccl ${placement}`, 'device->device', local, remote, 'nccl');
+      await notifyLatency({
+        section: 'gpu',
+        path: `nccl ${placement}`,
+        memory: 'device->device',
+        local,
+        remote,
+        backend: 'nccl',
+      });
     }
     await sweepPlan(
       'gpu',
