@@ -71,6 +71,8 @@ interface Row {
   pipelinedGbps?: number;
   /** cuda-ipc and nccl rows across GPUs: pipelined GB/s over NCCL send/recv's at the same total size. */
   vsNccl?: number;
+  /** cuda-ipc rows: how the plan's copies were issued once its trials were done (TransferPlan.copyStrategy). */
+  copyStrategy?: string;
 }
 
 const rows: Row[] = [];
@@ -211,6 +213,7 @@ async function measurePlan(
     ...(baseline?.link ? { vsLink: gbps / baseline.link } : {}),
     pipelinedGbps,
     ...(nccl ? { vsNccl: pipelinedGbps / nccl } : {}),
+    ...(plan.copyStrategy ? { copyStrategy: plan.copyStrategy } : {}),
   });
 }
 
@@ -819,6 +822,7 @@ const table = rows.map((r) => ({
   'vs link': r.vsLink === undefined ? '' : `${(r.vsLink * 100).toFixed(0)}%`,
   'pipelined GB/s': r.pipelinedGbps?.toFixed(2) ?? '',
   'vs NCCL': r.vsNccl === undefined ? '' : `${r.vsNccl.toFixed(2)}x`,
+  copy: r.copyStrategy ?? '',
 }));
 console.log(
   `host: ${caps.cpu.cores} cores; CUDA: ${caps.cuda.available ? caps.cuda.devices.map((d) => d.name).join(', ') : `unavailable (${caps.cuda.reason})`}`,

@@ -15,6 +15,7 @@ export { TransferAgent, TransferPlan } from './transfer/index.js';
 export type {
   AgentOptions,
   BackendName,
+  CopyStrategy,
   MemoryKind,
   Notification,
   PieceList,

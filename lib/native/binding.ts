@@ -128,7 +128,11 @@ export interface RawTransferPlan {
   readonly bytes: number;
   readonly op: 'READ' | 'WRITE';
   readonly peer: string;
+  readonly copyStrategy: CopyStrategy | undefined;
 }
+
+/** How a cuda-ipc plan's copies are issued (see TransferPlan.copyStrategy). */
+export type CopyStrategy = 'undecided' | 'kernel' | 'copy-engine' | 'batch';
 
 export interface RawTransferAgent {
   readonly name: string;

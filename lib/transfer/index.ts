@@ -17,6 +17,7 @@ import { EventEmitter } from 'node:events';
 import { BadArgumentError, BadDescriptorError, CanceledError, TimeoutError, native, nativeSync } from '../errors.js';
 import {
   loadBinding,
+  type CopyStrategy,
   type RawRegion,
   type RawRemotePeer,
   type RawTransferAgent,
@@ -30,6 +31,7 @@ import { kvStridedPieces } from '../kv/index.js';
 
 export type MemoryKind = 'host' | 'shared' | 'pinned' | 'device';
 export type BackendName = 'shm' | 'tcp' | 'cuda-ipc' | 'nccl' | 'ucx';
+export type { CopyStrategy };
 
 /** A region registered with this agent. */
 export interface Region {
@@ -161,6 +163,15 @@ export class TransferPlan {
   }
   get bytes(): number {
     return this.raw.bytes;
+  }
+  /**
+   * cuda-ipc only (undefined otherwise): how the copies are issued. 'undecided' until the first posts have
+   * timed each applicable way: 'kernel' (a copy kernel on the SMs, for many small pieces), 'copy-engine'
+   * (one copy per piece, for few), 'batch' (batched copy-engine copies, for pieces of 256 KiB and up on
+   * drivers 12.8+). TANDEM_CUDA_COPY=kernel|engine|batch forces one where it can run.
+   */
+  get copyStrategy(): CopyStrategy | undefined {
+    return this.raw.copyStrategy;
   }
 
   /** Moves the data; resolves when it is in place at the target (WRITE) or here (READ). */

@@ -150,4 +150,22 @@ typedef CUresult (*PFN_cuGraphLaunch)(CUgraphExec exec, CUstream stream);
 typedef CUresult (*PFN_cuGraphExecDestroy)(CUgraphExec exec);
 typedef CUresult (*PFN_cuGraphDestroy)(CUgraph graph);
 
+// Batched copies (driver 12.8 and later; optional): the copy engines run a list of copies without the
+// per-copy stream bookkeeping that separate cuMemcpyAsync calls cost on the GPU.
+struct CUmemLocation {
+  int type;  // CUmemLocationType; 0 (invalid) when no hint is given
+  int id;
+};
+struct CUmemcpyAttributes {
+  int srcAccessOrder;  // CUmemcpySrcAccessOrder
+  CUmemLocation srcLocHint;
+  CUmemLocation dstLocHint;
+  unsigned int flags;
+};
+enum : int { CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 0x1 };
+// The CUDA 12.8 signature (with failIdx), requested at API version 12080.
+typedef CUresult (*PFN_cuMemcpyBatchAsync)(CUdeviceptr* dsts, CUdeviceptr* srcs, size_t* sizes, size_t count,
+                                           CUmemcpyAttributes* attrs, size_t* attrIdxs, size_t numAttrs,
+                                           size_t* failIdx, CUstream stream);
+
 }  // extern "C"

@@ -29,14 +29,14 @@ void loadInto(CudaDriver& d, const std::vector<std::string>& candidates) {
     d.reason = lib.path + " has no cuGetProcAddress: the driver is older than CUDA 11.3; update it";
     return;
   }
-  auto resolve = [&](const char* name) -> void* {
+  auto resolve = [&](const char* name, int version = kRequestedApiVersion) -> void* {
     void* fn = nullptr;
     CUresult r;
     if (getProcV2) {
       int status = 0;
-      r = getProcV2(name, &fn, kRequestedApiVersion, 0, &status);
+      r = getProcV2(name, &fn, version, 0, &status);
     } else {
-      r = getProcV1(name, &fn, kRequestedApiVersion, 0);
+      r = getProcV1(name, &fn, version, 0);
     }
     return r == CUDA_SUCCESS ? fn : nullptr;
   };
@@ -47,6 +47,7 @@ void loadInto(CudaDriver& d, const std::vector<std::string>& candidates) {
   if (!d.name) missing += (missing.empty() ? "" : ", ") + std::string(#name);
 #include "cuda_functions.inc"
 #undef TANDEM_CUDA_FN
+  d.cuMemcpyBatchAsync = reinterpret_cast<PFN_cuMemcpyBatchAsync>(resolve("cuMemcpyBatchAsync", 12080));
   if (!missing.empty()) {
     d.reason = lib.path + " lacks driver entry points needed by Tandem: " + missing +
                " (driver too old for CUDA 12 API?)";

@@ -20,6 +20,8 @@ struct CudaDriver {
 #define TANDEM_CUDA_FN(name) PFN_##name name = nullptr;
 #include "cuda_functions.inc"
 #undef TANDEM_CUDA_FN
+  // Optional entry points: null where the driver is older than the version they need.
+  PFN_cuMemcpyBatchAsync cuMemcpyBatchAsync = nullptr;  // driver 12.8+
 
   // "CUDA_ERROR_OUT_OF_MEMORY (out of memory)" for a CUresult.
   std::string describe(CUresult result) const;

@@ -209,6 +209,44 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     expect(r.mismatches, 'the last post landed last').toBe(0);
   });
 
+  it('pieces of 256 KiB and up: the first posts time the kernel, per-piece and batched copies; each lands the data', async () => {
+    const src = scattered(24, 37, 5).map((b) => b & ~3); // 4-block (256 KiB) pieces
+    const dst = Array.from({ length: 24 }, (_, i) => ((i * 5 + 3) % (BLOCKS / 4)) * 4);
+    expect(new Set(dst).size).toBe(24);
+    const plan = agent.prepare({
+      op: 'WRITE',
+      peer: peer.name,
+      local,
+      remote,
+      pieces: {
+        localOffsets: Float64Array.from(src, (b) => b * BLOCK),
+        remoteOffsets: Float64Array.from(dst, (b) => b * BLOCK),
+        lengths: 4 * BLOCK,
+      },
+    });
+    expect(plan.copyStrategy).toBe('undecided');
+    const seen = new Set<string>();
+    for (let round = 0; round < 8; round++) {
+      await target.request('fillDevice', { region: remote, seed: SEED_REMOTE }); // each post's bytes checked afresh
+      await plan.post();
+      seen.add(plan.copyStrategy!);
+      for (let i = 0; i < src.length; i++) {
+        const r = await target.request<{ mismatches: number }>('checkDevice', {
+          region: remote,
+          offset: dst[i]! * BLOCK,
+          length: 4 * BLOCK,
+          seed: SEED_LOCAL,
+          base: src[i]! * BLOCK,
+        });
+        expect(r.mismatches, `round ${round} (${plan.copyStrategy}), piece ${i}`).toBe(0);
+      }
+    }
+    // Three candidates, two timed trials each: settled by the sixth post's completion.
+    expect(['kernel', 'copy-engine', 'batch']).toContain(plan.copyStrategy);
+    expect(seen.has('undecided')).toBe(true);
+    await target.request('fillDevice', { region: remote, seed: SEED_REMOTE });
+  });
+
   it('pinned host memory to the target GPU and back', async () => {
     const pinned = agent.allocPinned(4 * BLOCK);
     fillPattern(pinned.view!, 5, 0);
@@ -257,6 +295,135 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     ).toThrow(OutOfBoundsError);
   });
 });
+
+// Batched copy-engine copies (cuMemcpyBatchAsync, driver 12.8+), forced for every plan with TANDEM_CUDA_COPY
+// so that plans of any piece size take that path: sub-batch boundaries, both directions, notifications.
+const [driverMajor = 0, driverMinor = 0] = (gate.run ? (gate.caps.cuda.driverVersion ?? '0') : '0')
+  .split('.')
+  .map(Number);
+const batchDriver = gate.run && driverMajor * 100 + driverMinor >= 1208;
+describe.skipIf(!batchDriver).each(pairs.filter(([l, r]) => l !== r || pairs.length === 1).slice(0, 1))(
+  'cuda-ipc, batched copies (TANDEM_CUDA_COPY=batch): initiator on GPU %i, target on GPU %i',
+  (localGpu, remoteGpu) => {
+    let pair: GpuTransferPair;
+    const SEED_LOCAL = 21;
+    const SEED_REMOTE = 87;
+    beforeAll(async () => {
+      process.env.TANDEM_CUDA_COPY = 'batch'; // read when the agent is created
+      try {
+        pair = await gpuTransferPair({
+          name: `batch-${localGpu}-${remoteGpu}`,
+          localGpu,
+          remoteGpu,
+          bytes: BLOCK * BLOCKS,
+          seedLocal: SEED_LOCAL,
+          seedRemote: SEED_REMOTE,
+        });
+      } finally {
+        delete process.env.TANDEM_CUDA_COPY;
+      }
+    });
+    afterAll(async () => {
+      await pair?.dispose();
+    });
+
+    const plan = (op: 'READ' | 'WRITE', local: number[], remote: number[], blocks: number) =>
+      pair.agent.prepare({
+        op,
+        peer: pair.peer.name,
+        local: pair.local,
+        remote: pair.remote,
+        pieces: {
+          localOffsets: Float64Array.from(local, (b) => b * BLOCK),
+          remoteOffsets: Float64Array.from(remote, (b) => b * BLOCK),
+          lengths: blocks * BLOCK,
+        },
+      });
+
+    it('WRITE: 301 scattered 64 KiB blocks (calls of 2, 8, 32 and the other 259 copies) land where asked', async () => {
+      const src = Array.from({ length: 301 }, (_, i) => (i * 37 + 5) % BLOCKS);
+      const dst = Array.from({ length: 301 }, (_, i) => (i * 101 + 3) % BLOCKS);
+      const p = plan('WRITE', src, dst, 1);
+      expect(p.pieces).toBe(301);
+      for (let round = 0; round < 2; round++) {
+        await pair.target.request('fillDevice', { region: pair.remote, seed: SEED_REMOTE });
+        await p.post();
+        expect(p.copyStrategy).toBe('batch');
+        for (let i = 0; i < src.length; i++) {
+          const r = await pair.target.request<{ mismatches: number }>('checkDevice', {
+            region: pair.remote,
+            offset: dst[i]! * BLOCK,
+            length: BLOCK,
+            seed: SEED_LOCAL,
+            base: src[i]! * BLOCK,
+          });
+          expect(r.mismatches, `round ${round}, block ${src[i]} -> ${dst[i]}`).toBe(0);
+        }
+      }
+      const untouched = [...Array(BLOCKS).keys()].find((b) => !dst.includes(b))!;
+      const r = await pair.target.request<{ mismatches: number }>('checkDevice', {
+        region: pair.remote,
+        offset: untouched * BLOCK,
+        length: BLOCK,
+        seed: SEED_REMOTE,
+        base: untouched * BLOCK,
+      });
+      expect(r.mismatches, 'a block nobody wrote').toBe(0);
+    });
+
+    it('READ: 12 scattered 1 MiB pieces come back into local GPU memory', async () => {
+      await pair.target.request('fillDevice', { region: pair.remote, seed: SEED_REMOTE });
+      const remoteBlocks = Array.from({ length: 12 }, (_, i) => ((i * 7 + 2) % 32) * 16);
+      const localBlocks = Array.from({ length: 12 }, (_, i) => ((i * 5 + 1) % 32) * 16);
+      const p = plan('READ', localBlocks, remoteBlocks, 16);
+      await p.post();
+      expect(p.copyStrategy).toBe('batch');
+      for (let i = 0; i < 12; i++) {
+        expect(
+          await mismatchesOnGpu(
+            pair.device,
+            pair.buffer,
+            SEED_REMOTE,
+            localBlocks[i]! * BLOCK,
+            16 * BLOCK,
+            remoteBlocks[i]! * BLOCK,
+          ),
+          `piece ${i}`,
+        ).toBe(0);
+      }
+      await fillPatternOnGpu(pair.device, pair.buffer, SEED_LOCAL);
+    });
+
+    it('the notification of a batched WRITE is seen after all its data is on the target GPU', async () => {
+      for (let round = 0; round < 3; round++) {
+        const dst = 64 + round * 64;
+        // 40 x 1-block pieces landing contiguously (not merged: the sources are scattered).
+        const src = Array.from({ length: 40 }, (_, i) => (i * 13 + round) % BLOCKS);
+        const p = plan(
+          'WRITE',
+          src,
+          Array.from({ length: 40 }, (_, i) => dst + i),
+          1,
+        );
+        expect(p.pieces).toBe(40);
+        const note = JSON.stringify({
+          batch: round,
+          check: {
+            region: pair.remote,
+            offset: (dst + 39) * BLOCK,
+            length: BLOCK,
+            seed: SEED_LOCAL,
+            base: src[39]! * BLOCK,
+          },
+        });
+        await p.post({ notify: note });
+        const event = await pair.target.nextEvent((e) => e.event === 'notification' && e.text === note);
+        expect((event as { mismatches?: number }).mismatches, `round ${round}`).toBe(0);
+        expect(p.copyStrategy).toBe('batch');
+      }
+    });
+  },
+);
 
 describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () => {
   it('is given back once the peer is removed, not held until the agent is disposed', async () => {

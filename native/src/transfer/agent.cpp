@@ -210,6 +210,13 @@ Agent::Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* c
     spin_ = std::chrono::microseconds(spinUs);
     progress_->setSpin(spin_);
   }
+  // TANDEM_CUDA_BATCH=0: cuda-ipc plans never use batched copies. TANDEM_CUDA_COPY=kernel|engine|batch: plans
+  // use that strategy wherever it can run, without trials.
+  if (const char* env = std::getenv("TANDEM_CUDA_BATCH")) copyBatchOn_ = std::strcmp(env, "0") != 0;
+  if (const char* env = std::getenv("TANDEM_CUDA_COPY")) {
+    std::string v = env;
+    forcedCopy_ = v == "kernel" ? Plan::kKernel : v == "engine" ? Plan::kCopyEngine : v == "batch" ? Plan::kBatch : -1;
+  }
   // TANDEM_DIRECT_POSTS=0: every cuda-ipc post goes through the progress thread (see tryDirectCuda).
   if (const char* env = std::getenv("TANDEM_DIRECT_POSTS")) directPostsOn_ = std::strcmp(env, "0") != 0;
   // TANDEM_STREAM_COMMIT=0: the host commits cuda-ipc notifications to polling targets once the copy is seen
@@ -1907,23 +1914,47 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     peer.streamDevice = plan->localDevice;
   }
   // Few pieces: the copy engines (one async copy each). Many pieces: one launch of the chunk-copy
-  // kernel over a table uploaded once per plan. Both run on the peer's stream, in post order.
+  // kernel over a table uploaded once per plan. Large pieces: batched copy-engine copies. All run on the
+  // peer's stream, in post order.
   constexpr size_t kKernelMinPieces = 2;
   constexpr size_t kCopyEngineMaxPieces = 1024;  // beyond this, per-copy submission cost dominates
   constexpr uint64_t kChunkBytes = 128 << 10;
-  DeviceKernels* kernels = plan->pieces.size() >= kKernelMinPieces ? &kernelsFor(plan->localDevice) : nullptr;
-  bool kernelOk = kernels && kernels->copyChunks;
-  bool engineOk = plan->pieces.size() <= kCopyEngineMaxPieces;
   int use = plan->strategy;
   bool timed = false;
+  DeviceKernels* kernels = nullptr;
+  if (use == Plan::kUndecided || use == Plan::kKernel) {
+    kernels = plan->pieces.size() >= kKernelMinPieces ? &kernelsFor(plan->localDevice) : nullptr;
+  }
   if (use == Plan::kUndecided) {
-    if (kernelOk && engineOk) {
-      // Alternate the two, timed, until each has run kTrials times; later posts use the faster.
-      use = plan->trialsIssued[Plan::kKernel] <= plan->trialsIssued[Plan::kCopyEngine] ? Plan::kKernel : Plan::kCopyEngine;
+    if (!plan->candidates) {
+      // A batch costs the host about 0.55 us per copy (H200, driver 580), so it keeps the copy engines busy
+      // only where a piece takes longer than that on the link: 256 KiB and up, on average.
+      // (bench/micro/ce_scatter.cu: 128 x 2 MiB GPU0 -> GPU1 in sub-batches 374.7 GB/s, 95.7% of one
+      // contiguous copy; 4096 x 64 KiB 118 GB/s, bound by the host.)
+      constexpr uint64_t kBatchMinAverageBytes = 256 << 10;
+      unsigned c = 0;
+      if (kernels && kernels->copyChunks) c |= 1u << Plan::kKernel;
+      if (plan->pieces.size() <= kCopyEngineMaxPieces) c |= 1u << Plan::kCopyEngine;
+      const bool batchable = cuda_->cuMemcpyBatchAsync && copyBatchOn_ && !plan->pieces.empty();
+      if (batchable && plan->pieces.size() >= 2 && plan->bytes / plan->pieces.size() >= kBatchMinAverageBytes) {
+        c |= 1u << Plan::kBatch;
+      }
+      // TANDEM_CUDA_COPY names one strategy: used wherever it can run (tests, and A/B measurements).
+      if (forcedCopy_ == Plan::kBatch && batchable) c = 1u << Plan::kBatch;
+      if (forcedCopy_ >= 0 && (c & (1u << forcedCopy_))) c = 1u << forcedCopy_;
+      plan->candidates = c ? c : 1u << Plan::kCopyEngine;
+    }
+    const unsigned c = plan->candidates;
+    if ((c & (c - 1)) == 0) {
+      use = plan->strategy = __builtin_ctz(c);
+    } else {
+      // Take turns, timed, until each candidate has run kTrials times; later posts use the fastest.
+      for (int k = 0; k < Plan::kStrategies; ++k) {
+        if (!(c & (1u << k))) continue;
+        if (use == Plan::kUndecided || plan->trialsIssued[k] < plan->trialsIssued[use]) use = k;
+      }
       ++plan->trialsIssued[use];
       timed = true;
-    } else {
-      use = plan->strategy = kernelOk ? Plan::kKernel : Plan::kCopyEngine;
     }
   }
   setDevice(plan->localDevice);
@@ -1983,6 +2014,43 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     void* args[] = {&table->second.table, &table->second.count};
     checkCuda(cuda_->cuLaunchKernel(kernels->copyChunks, blocks, 1, 1, 512, 1, 1, 0, peer.stream, args, nullptr),
               "launch of tandem_copy_chunks");
+  } else if (use == Plan::kBatch) {
+    // Sub-batches of 2, 8, 32, 128... copies: the copy engines start once the first two are submitted, and
+    // each batch keeps them busy while the host submits the next (about 0.55 us of host time per copy; a 2 MiB
+    // piece takes 5.3 us on NVLink). Each call also costs the GPU a few microseconds between batches
+    // (bench/micro/ce_scatter.cu: 128 x 2 MiB in calls of 4, 8, 16 copies: 88.5, 93.0, 95.7% of one
+    // contiguous copy), hence few, growing calls.
+    if (!plan->batch || plan->batch->epoch != peer.cudaEpoch) {
+      auto b = std::make_unique<Plan::Batch>();
+      b->epoch = peer.cudaEpoch;
+      for (const auto& p : plan->pieces) {
+        auto [src, dst] = endpoints(p);
+        b->srcs.push_back(src);
+        b->dsts.push_back(dst);
+        b->sizes.push_back(p.length);
+      }
+      plan->batch = std::move(b);
+    }
+    Plan::Batch& b = *plan->batch;
+    CUmemcpyAttributes attr{};
+    attr.srcAccessOrder = CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
+    size_t attrIndex = 0;
+    size_t step = 2;
+    for (size_t i = 0; i < b.sizes.size(); i += step, step *= 4) {
+      // The last call takes what would leave too few for another.
+      if (b.sizes.size() - i <= step * 4) step = b.sizes.size() - i;
+      const size_t n = std::min(step, b.sizes.size() - i);
+      size_t failed = SIZE_MAX;
+      CUresult r = cuda_->cuMemcpyBatchAsync(&b.dsts[i], &b.srcs[i], &b.sizes[i], n, &attr, &attrIndex, 1, &failed,
+                                             peer.stream);
+      if (r != CUDA_SUCCESS) {
+        // Copies already submitted still run; the caller's stream bookkeeping below is skipped (throw),
+        // so wait for them before the failure is reported.
+        cuda_->cuStreamSynchronize(peer.stream);
+        const std::string what = "cuMemcpyBatchAsync (copy " + std::to_string(i + (failed == SIZE_MAX ? 0 : failed)) + ")";
+        checkCuda(r, what.c_str());
+      }
+    }
   } else {
     // Few pieces, strategy settled: once resolved, later posts of this plan may be issued by the caller's
     // thread itself (tryDirectCuda). Only this thread writes `direct` and the epoch; the caller reads them
@@ -2057,10 +2125,14 @@ std::function<void(CUresult, float)> Agent::cudaDone(const std::shared_ptr<Plan>
     if (ms >= 0 && plan->strategy == Plan::kUndecided) {
       if (plan->trialMs[use] < 0 || ms < plan->trialMs[use]) plan->trialMs[use] = ms;
       ++plan->trialsDone[use];
-      if (plan->trialsDone[Plan::kKernel] >= Plan::kTrials && plan->trialsDone[Plan::kCopyEngine] >= Plan::kTrials) {
-        plan->strategy =
-            plan->trialMs[Plan::kKernel] <= plan->trialMs[Plan::kCopyEngine] ? Plan::kKernel : Plan::kCopyEngine;
+      bool done = true;
+      int best = -1;
+      for (int k = 0; k < Plan::kStrategies; ++k) {
+        if (!(plan->candidates & (1u << k))) continue;
+        if (plan->trialsDone[k] < Plan::kTrials) done = false;
+        if (best < 0 || plan->trialMs[k] < plan->trialMs[best]) best = k;
       }
+      if (done) plan->strategy = best;
     }
     const auto& peer = plan->peer;
     std::string err;

@@ -145,13 +145,25 @@ struct Plan {
   uint64_t bytes = 0;
   uint64_t piecesBeforeCoalescing = 0;
   // cuda-ipc: how the copies are issued. The first posts try each applicable strategy, timed with CUDA
-  // events; later posts use the fastest (progress thread only).
-  enum Strategy : int { kUndecided = -1, kKernel = 0, kCopyEngine = 1 };
-  int strategy = kUndecided;
+  // events; later posts use the fastest (written by the progress thread; read by JS as copyStrategy).
+  //   kernel: the chunk-copy kernel over a table uploaded once per plan (SMs);
+  //   copy engine: one cuMemcpyAsync per piece;
+  //   batch: cuMemcpyBatchAsync in growing sub-batches (copy engines, no per-copy stream bookkeeping).
+  enum Strategy : int { kUndecided = -1, kKernel = 0, kCopyEngine = 1, kBatch = 2 };
+  static constexpr int kStrategies = 3;
+  std::atomic<int> strategy{kUndecided};
+  unsigned candidates = 0;  // bit per strategy, fixed at the first post
   static constexpr int kTrials = 2;  // per strategy; the first touch of a peer mapping inflates one
-  int trialsIssued[2] = {0, 0};
-  int trialsDone[2] = {0, 0};
-  float trialMs[2] = {-1, -1};  // fastest trial of each strategy
+  int trialsIssued[kStrategies] = {0, 0, 0};
+  int trialsDone[kStrategies] = {0, 0, 0};
+  float trialMs[kStrategies] = {-1, -1, -1};  // fastest trial of each strategy
+  // batch: the copies' endpoints in this process, resolved at the first batched post of a peer epoch.
+  struct Batch {
+    uint64_t epoch = 0;
+    std::vector<CUdeviceptr> dsts, srcs;
+    std::vector<size_t> sizes;
+  };
+  std::unique_ptr<Batch> batch;
   int remoteDevice = -1;       // the peer's GPU (its ordinal in the peer's process), where remote memory is device
   bool sameDevice = false;     // cuda-ipc: device memory on both sides, on the same GPU ordinal
   uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
@@ -422,6 +434,8 @@ class Agent {
   std::vector<std::pair<int, CUevent>> eventPool_;
   std::atomic<uint64_t> directPosts_{0};
   std::atomic<uint64_t> streamCommits_{0};
+  bool copyBatchOn_ = true;
+  int forcedCopy_ = -1;  // a Plan::Strategy named by TANDEM_CUDA_COPY, or -1
   bool directPostsOn_ = true;
   bool streamCommitOn_ = true;
   // Dead peers (removed, replaced, disconnected) whose mappings releaseRetired() has yet to close.

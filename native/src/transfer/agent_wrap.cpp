@@ -76,6 +76,7 @@ void TransferPlanWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceAccessor<&TransferPlanWrap::GetBytes>("bytes"),
                                         InstanceAccessor<&TransferPlanWrap::GetOp>("op"),
                                         InstanceAccessor<&TransferPlanWrap::GetPeer>("peer"),
+                                        InstanceAccessor<&TransferPlanWrap::GetCopyStrategy>("copyStrategy"),
                                     });
   AddonState::of(env).transferPlanConstructor = Napi::Persistent(ctor);
   exports.Set("TransferPlan", ctor);
@@ -100,6 +101,16 @@ Napi::Value TransferPlanWrap::GetOp(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), plan_->op == Op::Write ? "WRITE" : "READ");
 }
 Napi::Value TransferPlanWrap::GetPeer(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), plan_->peer->d.name); }
+Napi::Value TransferPlanWrap::GetCopyStrategy(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (plan_->backend != Backend::CudaIpc) return env.Undefined();
+  switch (plan_->strategy.load()) {
+    case Plan::kKernel: return Napi::String::New(env, "kernel");
+    case Plan::kCopyEngine: return Napi::String::New(env, "copy-engine");
+    case Plan::kBatch: return Napi::String::New(env, "batch");
+    default: return Napi::String::New(env, "undecided");
+  }
+}
 
 // --------------------------------------------------------------------------------------------------
 // TransferAgent

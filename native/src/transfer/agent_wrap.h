@@ -23,6 +23,7 @@ class TransferPlanWrap : public Napi::ObjectWrap<TransferPlanWrap> {
   Napi::Value GetBytes(const Napi::CallbackInfo& info);
   Napi::Value GetOp(const Napi::CallbackInfo& info);
   Napi::Value GetPeer(const Napi::CallbackInfo& info);
+  Napi::Value GetCopyStrategy(const Napi::CallbackInfo& info);
   std::shared_ptr<Plan> plan_;
 };
 
