@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
+#include <unistd.h>
 #include <chrono>
 #include <cstdio>
 #include <thread>
@@ -29,15 +31,39 @@ struct Piece {
   size_t src, dst, bytes;
 };
 
-int main() {
+// `./ce_scatter sched [ipc]`: only the sub-batch schedules, end to end; with `ipc` the destination is GPU 1
+// memory of a child process, opened through CUDA IPC (as Tandem's cuda-ipc backend sees it).
+int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  const bool schedOnly = argc > 1 && std::string(argv[1]) == "sched";
+  const bool ipc = argc > 2 && std::string(argv[2]) == "ipc";
   const size_t pool = 1ull << 30;
   char *a, *b;
-  CHECK(cudaSetDevice(1));
-  CHECK(cudaDeviceEnablePeerAccess(0, 0));
-  CHECK(cudaMalloc(&b, pool));
-  CHECK(cudaSetDevice(0));
-  CHECK(cudaDeviceEnablePeerAccess(1, 0));
+  int toParent[2], toChild[2];
+  if (ipc) {
+    if (pipe(toParent) != 0 || pipe(toChild) != 0) return 1;
+    if (fork() == 0) {  // the child: GPU 1 memory, exported; lives until the parent is done
+      char* mem;
+      CHECK(cudaSetDevice(1));
+      CHECK(cudaMalloc(&mem, pool));
+      cudaIpcMemHandle_t h;
+      CHECK(cudaIpcGetMemHandle(&h, mem));
+      if (write(toParent[1], &h, sizeof h) != sizeof h) return 1;
+      char done;
+      if (read(toChild[0], &done, 1) < 0) return 1;
+      return 0;
+    }
+    cudaIpcMemHandle_t h;
+    if (read(toParent[0], &h, sizeof h) != sizeof h) return 1;
+    CHECK(cudaSetDevice(0));
+    CHECK(cudaIpcOpenMemHandle(reinterpret_cast<void**>(&b), h, cudaIpcMemLazyEnablePeerAccess));
+  } else {
+    CHECK(cudaSetDevice(1));
+    CHECK(cudaDeviceEnablePeerAccess(0, 0));
+    CHECK(cudaMalloc(&b, pool));
+    CHECK(cudaSetDevice(0));
+    CHECK(cudaDeviceEnablePeerAccess(1, 0));
+  }
   CHECK(cudaMalloc(&a, pool));
   CHECK(cudaMemset(a, 1, pool));
   cudaDeviceProp prop;
@@ -216,6 +242,85 @@ int main() {
   };
   std::vector<Piece> contiguous{{0, 0, 256ull << 20}};
   std::vector<Piece> contiguous512{{0, 0, 512ull << 20}};
+  // Sub-batch schedules, end to end: GPU time from before the first call to after the last (events), and
+  // wall time to the host seeing the end, for 256 x 2 MiB (the Llama-3.1-8B block-major KV of 4096 tokens).
+  {
+    auto v = scattered(256, 2 << 20);
+    struct Schedule {
+      const char* name;
+      size_t first, growth, cap;
+    };
+    const Schedule schedules[] = {{"one call", 256, 1, 256},      {"2, 8, 32, rest (x4)", 2, 4, 0},
+                                  {"2, 4, 8, 16, 32 x n", 2, 2, 32}, {"1, 4, 16, 64, rest", 1, 4, 0},
+                                  {"2, 16, rest (x8)", 2, 8, 0},      {"4, 32, rest", 4, 8, 0},
+                                  {"8 x 32", 32, 1, 32},            {"16 x 16", 16, 1, 16}};
+    for (int rep = 0; rep < 2; ++rep) {
+      std::vector<float> cg, cw;
+      for (int r = 0; r < 12; ++r) {
+        auto w0 = std::chrono::steady_clock::now();
+        CHECK(cudaEventRecord(e0, s0));
+        CHECK(cudaMemcpyAsync(b, a, 512ull << 20, cudaMemcpyDefault, s0));
+        CHECK(cudaEventRecord(e1, s0));
+        CHECK(cudaEventSynchronize(e1));
+        float t;
+        CHECK(cudaEventElapsedTime(&t, e0, e1));
+        if (r >= 2) {
+          cg.push_back(t);
+          cw.push_back(std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - w0).count());
+        }
+      }
+      report("contiguous 512 MiB, events", cg, 512ull << 20, 0);
+      report("contiguous 512 MiB, wall", cw, 512ull << 20, 0);
+      for (const auto& sc : schedules) {
+        std::vector<float> g, w;
+        int calls = 0;
+        for (int r = 0; r < 12; ++r) {
+          calls = 0;
+          auto w0 = std::chrono::steady_clock::now();
+          CHECK(cudaEventRecord(e0, s0));
+          size_t step = sc.first;
+          for (size_t i = 0; i < v.size(); i += step, step = sc.cap ? std::min(step * sc.growth, sc.cap) : step * sc.growth) {
+            if (!sc.cap && v.size() - i <= step * sc.growth) step = v.size() - i;
+            batchCall(v, 0, s0, cudaMemcpySrcAccessOrderStream, i, i + step);
+            ++calls;
+          }
+          CHECK(cudaEventRecord(e1, s0));
+          CHECK(cudaEventSynchronize(e1));
+          float t;
+          CHECK(cudaEventElapsedTime(&t, e0, e1));
+          if (r >= 2) {
+            g.push_back(t);
+            w.push_back(std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - w0).count());
+          }
+        }
+        char name[160];
+        std::snprintf(name, sizeof name, "%s, 256 x 2 MiB: %d calls, events", sc.name, calls);
+        report(name, g, 512ull << 20, 0);
+        std::snprintf(name, sizeof name, "%s, 256 x 2 MiB: wall", sc.name);
+        report(name, w, 512ull << 20, 0);
+      }
+    }
+    // Host time per copy with these pointers.
+    std::vector<double> us;
+    for (int r = 0; r < 10; ++r) {
+      auto h0 = std::chrono::steady_clock::now();
+      batchCall(v, 0, s0);
+      us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0).count());
+      CHECK(cudaStreamSynchronize(s0));
+    }
+    std::sort(us.begin(), us.end());
+    std::printf("batch call host time, 256 x 2 MiB%s: %.1f us (%.3f us per copy)\n", ipc ? " (IPC destination)" : "",
+                us[5], us[5] / 256);
+  }
+  if (schedOnly) {
+    if (ipc) {
+      CHECK(cudaIpcCloseMemHandle(b));
+      char done = 1;
+      if (write(toChild[1], &done, 1) != 1) return 1;
+    }
+    std::printf("done\n");
+    return 0;
+  }
   gated("contiguous 256 MiB, gated", contiguous, 1, false);
   gated("contiguous 512 MiB, gated", contiguous512, 1, false);
   // Host cost of the call by batch size and source order (the host's time is all the call costs: timed alone).
