@@ -425,6 +425,58 @@ describe.skipIf(!batchDriver).each(pairs.filter(([l, r]) => l !== r || pairs.len
   },
 );
 
+describe.skipIf(!gate.run)('cuda-ipc to a polling target, a sender killed with a notification pending', () => {
+  it('the target gives the pending record up and still delivers what the sender wrote after it', async () => {
+    const GiB = 1 << 30;
+    const targetGpu = gate.caps.cuda.devices.length >= 2 ? 1 : 0;
+    const agent = await TransferAgent.create({ name: 'pending-target', notifications: 'poll' });
+    const device = await CudaDevice.open(targetGpu);
+    const buffer = await device.alloc(GiB);
+    const sender = await PeerProcess.start();
+    try {
+      const region = agent.registerDevice(buffer);
+      await sender.request('create', { name: 'pending-sender' });
+      const src = (await sender.request<{ region: { id: number } }>('allocDevice', { device: 0, bytes: GiB, seed: 3 }))
+        .region.id;
+      await sender.request('load', { metadata: Buffer.from(agent.metadata()).toString('base64') });
+      agent.loadRemote(Buffer.from((await sender.request<{ metadata: string }>('metadata')).metadata, 'base64'));
+      /** Takes notifications until one reads `text` (or `ms` pass); all the texts taken, in order. */
+      const takeUntil = async (text: string, ms: number) => {
+        const texts: string[] = [];
+        const deadline = Date.now() + ms;
+        while (!texts.includes(text) && Date.now() < deadline) {
+          texts.push(...agent.takeNotifications().map((n) => n.message.toString()));
+          await new Promise((r) => setTimeout(r, 1));
+        }
+        return texts;
+      };
+      const common = { peer: 'pending-target', local: src, remote: region.id };
+      // Connects, maps the ring, settles the plan's copies.
+      await sender.request('post', {
+        ...common,
+        op: 'WRITE',
+        localOffsets: [0],
+        remoteOffsets: [0],
+        length: 1 << 20,
+        notify: 'warm',
+      });
+      expect(await takeUntil('warm', 10_000)).toEqual(['warm']);
+      // 8 x 1 GiB queued (about 22 ms of copying on NVLink), the last one's notification pending in the ring,
+      // then a plain notification behind it; the sender dies long before the copies end.
+      await sender.request('postQueued', { ...common, count: 8, length: GiB, notify: 'write-last', after: 'after' });
+      await sender.kill();
+      const taken = await takeUntil('after', 10_000);
+      expect(taken, 'the notification behind the pending one is delivered once the sender is gone').toContain('after');
+      expect(taken, 'the WRITE whose copy was cut off is never announced').not.toContain('write-last');
+      expect(agent.takeNotifications()).toEqual([]);
+    } finally {
+      await sender.kill();
+      await agent.dispose();
+      await device.dispose();
+    }
+  });
+});
+
 describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () => {
   it('is given back once the peer is removed, not held until the agent is disposed', async () => {
     const remoteGpu = gate.caps.cuda.devices.length >= 2 ? 1 : 0;

@@ -104,6 +104,13 @@ export class PeerProcess extends EventEmitter<{ event: [PeerEvent] }> {
     throw new Error('the peer process did not stop');
   }
 
+  /** SIGKILLs the process (no cleanup of any kind in it) and waits until it is gone. */
+  async kill(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    this.child.kill('SIGKILL');
+    await this.exited;
+  }
+
   async stop(): Promise<void> {
     if (this.child.exitCode !== null || this.child.signalCode !== null) return;
     this.child.stdin!.end();
