@@ -312,6 +312,64 @@ int main(int argc, char** argv) {
     std::printf("batch call host time, 256 x 2 MiB%s: %.1f us (%.3f us per copy)\n", ipc ? " (IPC destination)" : "",
                 us[5], us[5] / 256);
   }
+  // Layer-major KV (Llama-3.1-8B shape: 64 tiles of layer x K/V, 32 KiB per block in a tile, 256 blocks
+  // per tile: 8 MiB between a block's tiles): each block's 64 pieces as one 2D copy (width 32 KiB, 64 rows,
+  // pitch 8 MiB on both sides) in cudaMemcpy3DBatchAsync; 256 such copies move 512 MiB.
+  {
+    const size_t tile = 32 << 10, tiles = 64, blocksPerTile = 256, pitch = tile * blocksPerTile;
+    std::vector<cudaMemcpy3DBatchOp> ops(blocksPerTile);
+    for (size_t i = 0; i < blocksPerTile; ++i) {
+      size_t sId = (i * 7) % blocksPerTile, dId = blocksPerTile - 1 - ((i * 11) % blocksPerTile);
+      cudaMemcpy3DBatchOp& o = ops[i];
+      o = cudaMemcpy3DBatchOp{};
+      o.src.type = cudaMemcpyOperandTypePointer;
+      o.src.op.ptr.ptr = a + sId * tile;
+      o.src.op.ptr.rowLength = pitch;
+      o.dst.type = cudaMemcpyOperandTypePointer;
+      o.dst.op.ptr.ptr = b + dId * tile;
+      o.dst.op.ptr.rowLength = pitch;
+      o.extent = make_cudaExtent(tile, tiles, 1);
+      o.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    }
+    auto call3d = [&](size_t lo, size_t hi) { CHECK(cudaMemcpy3DBatchAsync(hi - lo, ops.data() + lo, 0, s0)); };
+    const size_t bytes = tile * tiles * blocksPerTile;
+    for (int rep = 0; rep < 2; ++rep) {
+      std::vector<float> g, e, w;
+      double hostUs = 0;
+      for (int r = 0; r < 12; ++r) {
+        *(volatile int*)flag = 0;
+        gate<<<1, 1, 0, s0>>>(flag);
+        CHECK(cudaEventRecord(e0, s0));
+        auto h0 = std::chrono::steady_clock::now();
+        call3d(0, ops.size());
+        hostUs = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0).count();
+        CHECK(cudaEventRecord(e1, s0));
+        *(volatile int*)flag = 1;
+        CHECK(cudaEventSynchronize(e1));
+        float t;
+        CHECK(cudaEventElapsedTime(&t, e0, e1));
+        if (r >= 2) g.push_back(t);
+        // End to end, calls of 2, 8, 32, rest.
+        auto w0 = std::chrono::steady_clock::now();
+        CHECK(cudaEventRecord(e0, s0));
+        size_t step = 2;
+        for (size_t i = 0; i < ops.size(); i += step, step *= 4) {
+          if (ops.size() - i <= step * 4) step = ops.size() - i;
+          call3d(i, i + step);
+        }
+        CHECK(cudaEventRecord(e1, s0));
+        CHECK(cudaEventSynchronize(e1));
+        CHECK(cudaEventElapsedTime(&t, e0, e1));
+        if (r >= 2) {
+          e.push_back(t);
+          w.push_back(std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - w0).count());
+        }
+      }
+      report("layer-major 256 blocks as 2D copies (32 KiB x 64 rows), one 3D batch, GPU only", g, bytes, hostUs);
+      report("  the same in calls of 2, 8, 32, rest: events", e, bytes, 0);
+      report("  the same: wall", w, bytes, 0);
+    }
+  }
   if (schedOnly) {
     if (ipc) {
       CHECK(cudaIpcCloseMemHandle(b));
