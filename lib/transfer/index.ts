@@ -167,8 +167,8 @@ export class TransferPlan {
   /**
    * cuda-ipc only (undefined otherwise): how the copies are issued. 'undecided' until the first posts have
    * timed each applicable way: 'kernel' (a copy kernel on the SMs, for many small pieces), 'copy-engine'
-   * (one copy per piece, for few), 'batch' (batched copy-engine copies, for pieces of 256 KiB and up on
-   * drivers 12.8+). TANDEM_CUDA_COPY=kernel|engine|batch forces one where it can run.
+   * (one copy per piece, for few), 'batch' (batched copy-engine copies, for device-to-device pieces of
+   * 256 KiB and up on drivers 12.8+). TANDEM_CUDA_COPY=kernel|engine|batch forces one where it can run.
    */
   get copyStrategy(): CopyStrategy | undefined {
     return this.raw.copyStrategy;

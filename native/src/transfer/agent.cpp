@@ -1927,15 +1927,25 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   }
   if (use == Plan::kUndecided) {
     if (!plan->candidates) {
-      // A batch costs the host about 0.55 us per copy (H200, driver 580), so it keeps the copy engines busy
+      // A batch costs the host 0.55 - 0.93 us per copy (H200, driver 580), so it keeps the copy engines busy
       // only where a piece takes longer than that on the link: 256 KiB and up, on average.
-      // (bench/micro/ce_scatter.cu: 128 x 2 MiB GPU0 -> GPU1 in sub-batches 374.7 GB/s, 95.7% of one
-      // contiguous copy; 4096 x 64 KiB 118 GB/s, bound by the host.)
+      // (bench/micro/ce_scatter.cu, GPU0 -> GPU1: 256 x 2 MiB in calls of 2, 8, 32 and the rest 99.5% of one
+      // contiguous copy; 4096 x 64 KiB 118 GB/s, bound by the host.) Device memory on both sides only: that
+      // is what was measured, and host pointers have their own rules in a batch.
       constexpr uint64_t kBatchMinAverageBytes = 256 << 10;
       unsigned c = 0;
       if (kernels && kernels->copyChunks) c |= 1u << Plan::kKernel;
       if (plan->pieces.size() <= kCopyEngineMaxPieces) c |= 1u << Plan::kCopyEngine;
-      const bool batchable = cuda_->cuMemcpyBatchAsync && copyBatchOn_ && !plan->pieces.empty();
+      bool deviceBoth = !plan->pieces.empty();
+      for (uint32_t id : plan->localRegionIds) {
+        auto r = region(id);
+        deviceBoth = deviceBoth && r && r->kind == MemKind::Device;
+      }
+      for (const auto& p : plan->pieces) {
+        if (!deviceBoth) break;
+        deviceBoth = peer.regions[p.remoteRegion].d.kind == MemKind::Device;
+      }
+      const bool batchable = cuda_->cuMemcpyBatchAsync && copyBatchOn_ && deviceBoth;
       if (batchable && plan->pieces.size() >= 2 && plan->bytes / plan->pieces.size() >= kBatchMinAverageBytes) {
         c |= 1u << Plan::kBatch;
       }
@@ -2015,11 +2025,11 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     checkCuda(cuda_->cuLaunchKernel(kernels->copyChunks, blocks, 1, 1, 512, 1, 1, 0, peer.stream, args, nullptr),
               "launch of tandem_copy_chunks");
   } else if (use == Plan::kBatch) {
-    // Sub-batches of 2, 8, 32, 128... copies: the copy engines start once the first two are submitted, and
-    // each batch keeps them busy while the host submits the next (about 0.55 us of host time per copy; a 2 MiB
-    // piece takes 5.3 us on NVLink). Each call also costs the GPU a few microseconds between batches
-    // (bench/micro/ce_scatter.cu: 128 x 2 MiB in calls of 4, 8, 16 copies: 88.5, 93.0, 95.7% of one
-    // contiguous copy), hence few, growing calls.
+    // Calls of 2, 8, 32, 128... copies: the copy engines start once the first two are submitted, and each
+    // call keeps them busy while the host submits the next (0.55 - 0.93 us of host time per copy; a 2 MiB
+    // piece takes 5.3 us on NVLink). Each call also costs the GPU 3-4 us (bench/micro/ce_scatter.cu: 128 x
+    // 2 MiB in calls of 4, 8, 16 copies: 88.5, 93.0, 95.7% of one contiguous copy; 256 x 2 MiB in calls
+    // growing by four: 99.5%), hence few, growing calls.
     if (!plan->batch || plan->batch->epoch != peer.cudaEpoch) {
       auto b = std::make_unique<Plan::Batch>();
       b->epoch = peer.cudaEpoch;
