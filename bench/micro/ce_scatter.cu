@@ -57,15 +57,11 @@ int main(int argc, char** argv) {
     if (read(toParent[0], &h, sizeof h) != sizeof h) return 1;
     CHECK(cudaSetDevice(0));
     CHECK(cudaIpcOpenMemHandle(reinterpret_cast<void**>(&b), h, cudaIpcMemLazyEnablePeerAccess));
+    CHECK(cudaMalloc(&a, pool));
+    CHECK(cudaMemset(a, 1, pool));
   } else {
-    CHECK(cudaSetDevice(1));
-    CHECK(cudaDeviceEnablePeerAccess(0, 0));
-    CHECK(cudaMalloc(&b, pool));
-    CHECK(cudaSetDevice(0));
-    CHECK(cudaDeviceEnablePeerAccess(1, 0));
+    peerPair(pool, &a, &b);
   }
-  CHECK(cudaMalloc(&a, pool));
-  CHECK(cudaMemset(a, 1, pool));
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("%s, asyncEngineCount %d\n", prop.name, prop.asyncEngineCount);
@@ -82,6 +78,22 @@ int main(int argc, char** argv) {
   CHECK(cudaEventCreate(&e1));
   cudaStream_t s0 = st[0];
 
+  // One cudaMemcpyBatchAsync of pieces [lo, hi) on stream s.
+  auto batchCall = [&](const std::vector<Piece>& pieces, unsigned flags, cudaStream_t s, cudaMemcpySrcAccessOrder order = cudaMemcpySrcAccessOrderStream, size_t lo = 0, size_t hi = SIZE_MAX) {
+    hi = std::min(hi, pieces.size());
+    std::vector<void*> ds, ss;
+    std::vector<size_t> sz;
+    for (size_t i = lo; i < hi; ++i) {
+      ds.push_back(b + pieces[i].dst);
+      ss.push_back(a + pieces[i].src);
+      sz.push_back(pieces[i].bytes);
+    }
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = order;
+    attr.flags = flags;
+    size_t idx = 0;
+    CHECK(cudaMemcpyBatchAsync(ds.data(), ss.data(), sz.data(), ds.size(), &attr, &idx, 1, s));
+  };
   // Queues `pieces` over `streams` streams after `fork` (recorded on s0), joined back into s0.
   auto enqueue = [&](const std::vector<Piece>& pieces, int streams, bool batch) {
     CHECK(cudaEventRecord(fork, s0));
@@ -91,19 +103,7 @@ int main(int argc, char** argv) {
       size_t lo = k * per, hi = std::min(pieces.size(), lo + per);
       if (lo >= hi) continue;
       if (batch) {
-#if CUDART_VERSION >= 12080
-        std::vector<void*> ds, ss;
-        std::vector<size_t> sz;
-        for (size_t i = lo; i < hi; ++i) {
-          ds.push_back(b + pieces[i].dst);
-          ss.push_back(a + pieces[i].src);
-          sz.push_back(pieces[i].bytes);
-        }
-        cudaMemcpyAttributes attr{};
-        attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
-        size_t idx = 0;
-        CHECK(cudaMemcpyBatchAsync(ds.data(), ss.data(), sz.data(), ds.size(), &attr, &idx, 1, st[k]));
-#endif
+        batchCall(pieces, 0, st[k], cudaMemcpySrcAccessOrderStream, lo, hi);
       } else {
         for (size_t i = lo; i < hi; ++i)
           CHECK(cudaMemcpyAsync(b + pieces[i].dst, a + pieces[i].src, pieces[i].bytes, cudaMemcpyDefault, st[k]));
@@ -188,23 +188,7 @@ int main(int argc, char** argv) {
     CHECK(cudaGraphDestroy(g));
   };
 
-  // cudaMemcpyBatchAsync: GPU time (gated), host time of the call, end to end (ungated), and the same
-  // batch captured into a CUDA graph (build time, launch time, GPU time with the launch).
-  auto batchCall = [&](const std::vector<Piece>& pieces, unsigned flags, cudaStream_t s, cudaMemcpySrcAccessOrder order = cudaMemcpySrcAccessOrderStream, size_t lo = 0, size_t hi = SIZE_MAX) {
-    hi = std::min(hi, pieces.size());
-    std::vector<void*> ds, ss;
-    std::vector<size_t> sz;
-    for (size_t i = lo; i < hi; ++i) {
-      ds.push_back(b + pieces[i].dst);
-      ss.push_back(a + pieces[i].src);
-      sz.push_back(pieces[i].bytes);
-    }
-    cudaMemcpyAttributes attr{};
-    attr.srcAccessOrder = order;
-    attr.flags = flags;
-    size_t idx = 0;
-    CHECK(cudaMemcpyBatchAsync(ds.data(), ss.data(), sz.data(), ds.size(), &attr, &idx, 1, s));
-  };
+  // GPU time (gated), host time of the call, and end to end (ungated).
   auto batchCase = [&](const char* label, const std::vector<Piece>& pieces, unsigned flags) {
     size_t bytes = 0;
     for (auto& p : pieces) bytes += p.bytes;
@@ -461,6 +445,17 @@ int main(int argc, char** argv) {
   batchCase("16384 x 32 KiB", scattered(16384, 32 << 10), 0);
   batchCase("4096 x 64 KiB", v64, cudaMemcpyFlagPreferOverlapWithCompute);
   batchCase("1 x 1 MiB", scattered(1, 1 << 20), 0);
+  // Per-piece copies: the GPU's cost per call, on 1 - 32 streams and as a CUDA graph (1, 8, 16 branches).
+  for (int streams : {1, 8, 32}) {
+    char name[128];
+    std::snprintf(name, sizeof name, "4096 x 64 KiB, per-piece copies, %d streams, gated", streams);
+    gated(name, v64, streams, false);
+  }
+  for (int branches : {1, 8, 16}) {
+    char name[128];
+    std::snprintf(name, sizeof name, "graph: 4096 x 64 KiB, %d branches", branches);
+    graphed(name, v64, branches);
+  }
   std::printf("done\n");
   return 0;
 }

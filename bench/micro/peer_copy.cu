@@ -62,13 +62,7 @@ int main() {
   const size_t piece = 64 << 10, pieces = 4096, total = piece * pieces;  // 256 MiB scattered
   const size_t pool = 1ull << 30;
   char *a, *b;
-  CHECK(cudaSetDevice(1));
-  CHECK(cudaDeviceEnablePeerAccess(0, 0));
-  CHECK(cudaMalloc(&b, pool));
-  CHECK(cudaSetDevice(0));
-  CHECK(cudaDeviceEnablePeerAccess(1, 0));
-  CHECK(cudaMalloc(&a, pool));
-  CHECK(cudaMemset(a, 1, pool));
+  peerPair(pool, &a, &b);
   std::vector<size_t> src(pieces), dst(pieces);
   for (size_t i = 0; i < pieces; ++i) {
     src[i] = ((i * 7919) % (pool / piece)) * piece;

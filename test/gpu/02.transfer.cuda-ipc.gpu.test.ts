@@ -51,6 +51,62 @@ const blockWrite = (
     },
   });
 
+/** A plan of equal pieces, `blocks` blocks each, at the given local and remote block indices. */
+const blockPlan = (
+  agent: TransferAgent,
+  peer: string,
+  local: Region,
+  remote: number,
+  op: 'READ' | 'WRITE',
+  localBlocks: number[],
+  remoteBlocks: number[],
+  blocks: number,
+) =>
+  agent.prepare({
+    op,
+    peer,
+    local,
+    remote,
+    pieces: {
+      localOffsets: Float64Array.from(localBlocks, (b) => b * BLOCK),
+      remoteOffsets: Float64Array.from(remoteBlocks, (b) => b * BLOCK),
+      lengths: blocks * BLOCK,
+    },
+  });
+
+/**
+ * Checks on the target's GPU that remote block run dst[i] holds the pattern `seed` of local block run src[i]
+ * (`blocks` blocks each), and, where `untouchedSeed` is given, that a block outside every run still holds it.
+ */
+async function expectLanded(
+  target: PeerProcess,
+  remote: number,
+  at: { src: number[]; dst: number[]; blocks: number; seed: number; untouchedSeed?: number },
+  label: string,
+) {
+  for (let i = 0; i < at.src.length; i++) {
+    const r = await target.request<{ mismatches: number }>('checkDevice', {
+      region: remote,
+      offset: at.dst[i]! * BLOCK,
+      length: at.blocks * BLOCK,
+      seed: at.seed,
+      base: at.src[i]! * BLOCK,
+    });
+    expect(r.mismatches, `${label}: block ${at.src[i]} -> ${at.dst[i]}`).toBe(0);
+  }
+  if (at.untouchedSeed === undefined) return;
+  const written = new Set(at.dst.flatMap((d) => Array.from({ length: at.blocks }, (_, k) => d + k)));
+  const untouched = [...Array(BLOCKS).keys()].find((b) => !written.has(b))!;
+  const r = await target.request<{ mismatches: number }>('checkDevice', {
+    region: remote,
+    offset: untouched * BLOCK,
+    length: BLOCK,
+    seed: at.untouchedSeed,
+    base: untouched * BLOCK,
+  });
+  expect(r.mismatches, `${label}: a block nobody wrote`).toBe(0);
+}
+
 describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on GPU %i', (localGpu, remoteGpu) => {
   let target: PeerProcess;
   let agent: TransferAgent;
@@ -91,39 +147,11 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
   it('WRITE: 256 scattered 64 KiB blocks land where asked, checked on the target GPU', async () => {
     const src = scattered(256, 37, 5);
     const dst = scattered(256, 101, 3); // a permutation (101 and 512 are coprime)
-    const plan = agent.prepare({
-      op: 'WRITE',
-      peer: peer.name,
-      local,
-      remote,
-      pieces: {
-        localOffsets: Float64Array.from(src, (b) => b * BLOCK),
-        remoteOffsets: Float64Array.from(dst, (b) => b * BLOCK),
-        lengths: BLOCK,
-      },
-    });
+    const plan = blockPlan(agent, peer.name, local, remote, 'WRITE', src, dst, 1);
     expect(plan.backend).toBe('cuda-ipc');
     await plan.post();
-    for (let i = 0; i < src.length; i++) {
-      const r = await target.request<{ mismatches: number }>('checkDevice', {
-        region: remote,
-        offset: dst[i]! * BLOCK,
-        length: BLOCK,
-        seed: SEED_LOCAL,
-        base: src[i]! * BLOCK,
-      });
-      expect(r.mismatches, `block ${src[i]} -> ${dst[i]}`).toBe(0);
-    }
     // A block nobody wrote still holds the target's own pattern.
-    const untouched = [...Array(BLOCKS).keys()].find((b) => !dst.includes(b))!;
-    const r = await target.request<{ mismatches: number }>('checkDevice', {
-      region: remote,
-      offset: untouched * BLOCK,
-      length: BLOCK,
-      seed: SEED_REMOTE,
-      base: untouched * BLOCK,
-    });
-    expect(r.mismatches).toBe(0);
+    await expectLanded(target, remote, { src, dst, blocks: 1, seed: SEED_LOCAL, untouchedSeed: SEED_REMOTE }, 'WRITE');
   });
 
   it('READ: scattered blocks come back into local GPU memory', async () => {
@@ -213,33 +241,19 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     const src = scattered(24, 37, 5).map((b) => b & ~3); // 4-block (256 KiB) pieces
     const dst = Array.from({ length: 24 }, (_, i) => ((i * 5 + 3) % (BLOCKS / 4)) * 4);
     expect(new Set(dst).size).toBe(24);
-    const plan = agent.prepare({
-      op: 'WRITE',
-      peer: peer.name,
-      local,
-      remote,
-      pieces: {
-        localOffsets: Float64Array.from(src, (b) => b * BLOCK),
-        remoteOffsets: Float64Array.from(dst, (b) => b * BLOCK),
-        lengths: 4 * BLOCK,
-      },
-    });
+    const plan = blockPlan(agent, peer.name, local, remote, 'WRITE', src, dst, 4);
     expect(plan.copyStrategy).toBe('undecided');
     const seen = new Set<string>();
     for (let round = 0; round < 8; round++) {
       await target.request('fillDevice', { region: remote, seed: SEED_REMOTE }); // each post's bytes checked afresh
       await plan.post();
       seen.add(plan.copyStrategy!);
-      for (let i = 0; i < src.length; i++) {
-        const r = await target.request<{ mismatches: number }>('checkDevice', {
-          region: remote,
-          offset: dst[i]! * BLOCK,
-          length: 4 * BLOCK,
-          seed: SEED_LOCAL,
-          base: src[i]! * BLOCK,
-        });
-        expect(r.mismatches, `round ${round} (${plan.copyStrategy}), piece ${i}`).toBe(0);
-      }
+      await expectLanded(
+        target,
+        remote,
+        { src, dst, blocks: 4, seed: SEED_LOCAL },
+        `round ${round} (${plan.copyStrategy})`,
+      );
     }
     // Three candidates, two timed trials each: settled by the sixth post's completion.
     expect(['kernel', 'copy-engine', 'batch']).toContain(plan.copyStrategy);
@@ -328,17 +342,7 @@ describe.skipIf(!batchDriver).each(pairs.filter(([l, r]) => l !== r || pairs.len
     });
 
     const plan = (op: 'READ' | 'WRITE', local: number[], remote: number[], blocks: number) =>
-      pair.agent.prepare({
-        op,
-        peer: pair.peer.name,
-        local: pair.local,
-        remote: pair.remote,
-        pieces: {
-          localOffsets: Float64Array.from(local, (b) => b * BLOCK),
-          remoteOffsets: Float64Array.from(remote, (b) => b * BLOCK),
-          lengths: blocks * BLOCK,
-        },
-      });
+      blockPlan(pair.agent, pair.peer.name, pair.local, pair.remote, op, local, remote, blocks);
 
     it('WRITE: 301 scattered 64 KiB blocks (calls of 2, 8, 32 and the other 259 copies) land where asked', async () => {
       const src = Array.from({ length: 301 }, (_, i) => (i * 37 + 5) % BLOCKS);
@@ -349,26 +353,9 @@ describe.skipIf(!batchDriver).each(pairs.filter(([l, r]) => l !== r || pairs.len
         await pair.target.request('fillDevice', { region: pair.remote, seed: SEED_REMOTE });
         await p.post();
         expect(p.copyStrategy).toBe('batch');
-        for (let i = 0; i < src.length; i++) {
-          const r = await pair.target.request<{ mismatches: number }>('checkDevice', {
-            region: pair.remote,
-            offset: dst[i]! * BLOCK,
-            length: BLOCK,
-            seed: SEED_LOCAL,
-            base: src[i]! * BLOCK,
-          });
-          expect(r.mismatches, `round ${round}, block ${src[i]} -> ${dst[i]}`).toBe(0);
-        }
+        const at = { src, dst, blocks: 1, seed: SEED_LOCAL, untouchedSeed: SEED_REMOTE };
+        await expectLanded(pair.target, pair.remote, at, `round ${round}`);
       }
-      const untouched = [...Array(BLOCKS).keys()].find((b) => !dst.includes(b))!;
-      const r = await pair.target.request<{ mismatches: number }>('checkDevice', {
-        region: pair.remote,
-        offset: untouched * BLOCK,
-        length: BLOCK,
-        seed: SEED_REMOTE,
-        base: untouched * BLOCK,
-      });
-      expect(r.mismatches, 'a block nobody wrote').toBe(0);
     });
 
     it('READ: 12 scattered 1 MiB pieces come back into local GPU memory', async () => {
