@@ -1324,6 +1324,7 @@ std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const s
   plan->localRegionIds = localRegions;
   plan->piecesBeforeCoalescing = count;
   if (remoteDevice) plan->remoteDevice = peer->regions[remotes[0]].d.device;
+  plan->deviceToDevice = localDevice && remoteDevice;
   if (localDevice) {
     plan->localDevice = locals[0]->device;
     for (auto& r : locals) {
@@ -1936,16 +1937,8 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
       unsigned c = 0;
       if (kernels && kernels->copyChunks) c |= 1u << Plan::kKernel;
       if (plan->pieces.size() <= kCopyEngineMaxPieces) c |= 1u << Plan::kCopyEngine;
-      bool deviceBoth = !plan->pieces.empty();
-      for (uint32_t id : plan->localRegionIds) {
-        auto r = region(id);
-        deviceBoth = deviceBoth && r && r->kind == MemKind::Device;
-      }
-      for (const auto& p : plan->pieces) {
-        if (!deviceBoth) break;
-        deviceBoth = peer.regions[p.remoteRegion].d.kind == MemKind::Device;
-      }
-      const bool batchable = cuda_->cuMemcpyBatchAsync && copyBatchOn_ && deviceBoth;
+      const bool batchable =
+          cuda_->cuMemcpyBatchAsync && copyBatchOn_ && plan->deviceToDevice && !plan->pieces.empty();
       if (batchable && plan->pieces.size() >= 2 && plan->bytes / plan->pieces.size() >= kBatchMinAverageBytes) {
         c |= 1u << Plan::kBatch;
       }
@@ -2049,9 +2042,8 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     for (size_t i = 0; i < b.sizes.size(); i += step, step *= 4) {
       // The last call takes what would leave too few for another.
       if (b.sizes.size() - i <= step * 4) step = b.sizes.size() - i;
-      const size_t n = std::min(step, b.sizes.size() - i);
       size_t failed = SIZE_MAX;
-      CUresult r = cuda_->cuMemcpyBatchAsync(&b.dsts[i], &b.srcs[i], &b.sizes[i], n, &attr, &attrIndex, 1, &failed,
+      CUresult r = cuda_->cuMemcpyBatchAsync(&b.dsts[i], &b.srcs[i], &b.sizes[i], step, &attr, &attrIndex, 1, &failed,
                                              peer.stream);
       if (r != CUDA_SUCCESS) {
         // Copies already submitted still run; the caller's stream bookkeeping below is skipped (throw),

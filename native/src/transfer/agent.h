@@ -165,6 +165,7 @@ struct Plan {
   };
   std::unique_ptr<Batch> batch;
   int remoteDevice = -1;       // the peer's GPU (its ordinal in the peer's process), where remote memory is device
+  bool deviceToDevice = false;  // device memory on both sides
   bool sameDevice = false;     // cuda-ipc: device memory on both sides, on the same GPU ordinal
   uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
   std::shared_ptr<NcclStagedPlan> ncclStaged;  // nccl: set when the plan goes through staging buffers
