@@ -1,6 +1,6 @@
 import { spawnSync } from 'node:child_process';
 import { afterEach, describe, expect, it } from 'vitest';
-import { CanceledError, RemoteDisconnectError, TimeoutError, TransferAgent } from '../lib/index.js';
+import { CanceledError, DisposedError, RemoteDisconnectError, TimeoutError, TransferAgent } from '../lib/index.js';
 import { packageRoot } from '../lib/native/paths.js';
 import { PeerProcess } from './helpers/peer.js';
 
@@ -97,6 +97,51 @@ describe('transfer failures', () => {
     await agent.dispose();
     await expect(pending).rejects.toThrow(/disposed/);
     target.child.kill('SIGCONT');
+  });
+});
+
+describe('a plan outliving its agent', () => {
+  it('posts of a plan whose agent was disposed reject with DisposedError through the promise; other agents go on', async () => {
+    const b = await TransferAgent.create({ name: 'outlive-b' });
+    const a = await TransferAgent.create({ name: 'outlive-a' });
+    try {
+      const region = b.allocShared(1 << 20);
+      const local = a.allocShared(1 << 20);
+      a.loadRemote(b.metadata());
+      b.loadRemote(a.metadata());
+      const plan = (from: TransferAgent, to: string, l: typeof local, r: number) =>
+        from.prepare({
+          op: 'WRITE',
+          peer: to,
+          local: l,
+          remote: r,
+          pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 4096 },
+        });
+      const doomed = plan(a, 'outlive-b', local, region.id);
+      local.view!.fill(7);
+      await doomed.post();
+      expect(region.view![4095]).toBe(7);
+      await a.dispose();
+      let pending: Promise<void> | undefined;
+      expect(() => (pending = doomed.post({ notify: 'never' }))).not.toThrow();
+      await expect(pending).rejects.toBeInstanceOf(DisposedError);
+      await expect(doomed.post()).rejects.toThrow(/disposed/);
+      // The other agent, in the same process, still moves data (to a fresh peer of its own).
+      const c = await TransferAgent.create({ name: 'outlive-c' });
+      try {
+        const into = c.allocShared(1 << 20);
+        b.loadRemote(c.metadata());
+        const mine = b.allocShared(1 << 20);
+        mine.view!.fill(9);
+        await plan(b, 'outlive-c', mine, into.id).post();
+        expect(into.view![0]).toBe(9);
+      } finally {
+        await c.dispose();
+      }
+    } finally {
+      await a.dispose();
+      await b.dispose();
+    }
   });
 });
 

@@ -129,6 +129,8 @@ export interface RawTransferPlan {
   readonly op: 'READ' | 'WRITE';
   readonly peer: string;
   readonly copyStrategy: CopyStrategy | undefined;
+  /** Posts it on the agent that prepared it. undefined: the transfer was done during the call (a small shm post with nothing else in flight). */
+  post(notification?: Uint8Array): { token: number; promise: Promise<void> } | undefined;
 }
 
 /** How a cuda-ipc plan's copies are issued (see TransferPlan.copyStrategy). */
@@ -164,8 +166,6 @@ export interface RawTransferAgent {
     remoteRegionIndex: Uint32Array | undefined,
     backend: string | undefined,
   ): RawTransferPlan;
-  /** undefined: the transfer was done during the call (a small shm post with nothing else in flight). */
-  post(plan: RawTransferPlan, notification?: Uint8Array): { token: number; promise: Promise<void> } | undefined;
   cancel(token: number): void;
   /** undefined: written into the peer's ring on the calling thread, done. */
   notify(peer: string, message: Uint8Array): Promise<void> | undefined;

@@ -380,8 +380,12 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     const signal = options.signal;
     if (signal?.aborted)
       return Promise.reject(new CanceledError('the transfer was canceled before it was posted; nothing was moved'));
-    const notif = options.notify === undefined ? undefined : asBytes(options.notify);
-    const posted = nativeSync(() => this.raw.post(plan.raw, notif));
+    let posted: ReturnType<RawTransferPlan['post']>;
+    try {
+      posted = nativeSync(() => plan.raw.post(options.notify === undefined ? undefined : asBytes(options.notify)));
+    } catch (e) {
+      return Promise.reject(e); // as every other failure of a post: through the promise (DisposedError, ...)
+    }
     if (!posted) return DONE;
     const { token, promise } = posted;
     if (!signal) return native(() => promise);

@@ -77,17 +77,23 @@ void TransferPlanWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceAccessor<&TransferPlanWrap::GetOp>("op"),
                                         InstanceAccessor<&TransferPlanWrap::GetPeer>("peer"),
                                         InstanceAccessor<&TransferPlanWrap::GetCopyStrategy>("copyStrategy"),
+                                        InstanceMethod<&TransferPlanWrap::Post>("post"),
                                     });
   AddonState::of(env).transferPlanConstructor = Napi::Persistent(ctor);
   exports.Set("TransferPlan", ctor);
 }
 
 TransferPlanWrap::TransferPlanWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<TransferPlanWrap>(info) {
-  if (info.Length() != 1 || !info[0].IsExternal()) {
+  if (info.Length() != 2 || !info[0].IsExternal() || !info[1].IsObject() ||
+      !info[1].As<Napi::Object>().InstanceOf(AddonState::of(info.Env()).transferAgentConstructor.Value())) {
     throw Napi::TypeError::New(info.Env(), "TransferPlan cannot be constructed directly; use TransferAgent.prepare()");
   }
   plan_ = *info[0].As<Napi::External<std::shared_ptr<Plan>>>().Data();
+  agent_ = TransferAgentWrap::Unwrap(info[1].As<Napi::Object>());
+  agentRef_ = Napi::Persistent(info[1].As<Napi::Object>());
 }
+
+Napi::Value TransferPlanWrap::Post(const Napi::CallbackInfo& info) { return agent_->postPlan(info.Env(), plan_, info[0]); }
 
 Napi::Value TransferPlanWrap::GetBackend(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), backendName(plan_->backend)); }
 Napi::Value TransferPlanWrap::GetPieces(const Napi::CallbackInfo& info) {
@@ -128,7 +134,6 @@ void TransferAgentWrap::Init(Napi::Env env, Napi::Object exports) {
           InstanceMethod<&TransferAgentWrap::LoadRemote>("loadRemote"),
           InstanceMethod<&TransferAgentWrap::RemoveRemote>("removeRemote"),
           InstanceMethod<&TransferAgentWrap::Prepare>("prepare"),
-          InstanceMethod<&TransferAgentWrap::Post>("post"),
           InstanceMethod<&TransferAgentWrap::Cancel>("cancel"),
           InstanceMethod<&TransferAgentWrap::Notify>("notify"),
           InstanceMethod<&TransferAgentWrap::TakeNotifications>("takeNotifications"),
@@ -400,22 +405,16 @@ Napi::Value TransferAgentWrap::Prepare(const Napi::CallbackInfo& info) {
   }
   auto* payload = new std::shared_ptr<Plan>(plan);
   auto external = Napi::External<std::shared_ptr<Plan>>::New(env, payload, [](Napi::Env, std::shared_ptr<Plan>* p) { delete p; });
-  return AddonState::of(env).transferPlanConstructor.New({external});
+  return AddonState::of(env).transferPlanConstructor.New({external, info.This()});
 }
 
-// post(plan, notification?: Uint8Array) -> { token, promise }
-Napi::Value TransferAgentWrap::Post(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
+Napi::Value TransferAgentWrap::postPlan(Napi::Env env, const std::shared_ptr<Plan>& plan, const Napi::Value& notification) {
   Agent& agent = live(env);
-  if (!info[0].IsObject() || !info[0].As<Napi::Object>().InstanceOf(AddonState::of(env).transferPlanConstructor.Value())) {
-    throw Napi::TypeError::New(env, "post expects a TransferPlan");
-  }
-  TransferPlanWrap* plan = TransferPlanWrap::Unwrap(info[0].As<Napi::Object>());
-  std::vector<unsigned char> notif = bytesOf(info[1], "notification");
+  std::vector<unsigned char> notif = bytesOf(notification, "notification");
   uint64_t token = nextToken_++;
   // With nothing else of this agent's in flight, a post done on this thread is settled already: no earlier
   // completion can still be on its way to overtake it. Then there is no promise to make (undefined).
-  if (agent.post(plan->plan(), token, std::move(notif), js_->pending.empty())) return env.Undefined();
+  if (agent.post(plan, token, std::move(notif), js_->pending.empty())) return env.Undefined();
   auto deferred = Napi::Promise::Deferred::New(env);
   js_->pending.emplace(token, deferred);
   Napi::Object o = Napi::Object::New(env);
