@@ -13,7 +13,10 @@
 //   - bandwidth again with what Tandem adds around each operation: an event recorded after it, a
 //     thread polling those events, submission from another thread than the one waiting.
 // Also: how long a requested 1-16 us sleep takes on this host.
-//   nvcc -O3 -std=c++17 -o nccl_ops bench/micro/nccl_ops.cu -lnccl && NCCL_NVLS_ENABLE=0 ./nccl_ops
+// With the argument `sendrecv`, only this instead: NCCL send/recv GPU0 -> GPU1 as bench:transfer's NCCL
+// baseline issues it, but from C++ (no JavaScript around each operation): runs of `depth` operations
+// back to back, then both streams synchronised; the receiver's time per operation, median of 20 runs.
+//   nvcc -O3 -std=c++17 -o nccl_ops bench/micro/nccl_ops.cu -lnccl && NCCL_NVLS_ENABLE=0 ./nccl_ops [sendrecv]
 #include <cuda_runtime.h>
 #include <nccl.h>
 #include <sys/prctl.h>
@@ -87,6 +90,38 @@ static void waitEvent(cudaEvent_t ev, cudaStream_t s, Wait how) {
   }
 }
 
+static void sendRecv(int r, ncclComm_t comm, cudaStream_t s, void* send, void* recv, size_t maxBytes) {
+  if (r == 1) std::printf("%-10s %6s %12s %10s\n", "bytes", "depth", "us per op", "GB/s");
+  for (size_t bytes : {size_t(64) << 10, size_t(1) << 20, size_t(16) << 20, std::min(maxBytes, size_t(64) << 20)}) {
+    for (int depth : {1, 8, 32, 128}) {
+      auto run = [&] {
+        for (int i = 0; i < depth; ++i) {
+          if (r == 0) NCHECK(ncclSend(send, bytes, ncclUint8, 1, comm, s));
+          else NCHECK(ncclRecv(recv, bytes, ncclUint8, 0, comm, s));
+        }
+      };
+      run();
+      CHECK(cudaStreamSynchronize(s));
+      std::vector<double> per;
+      for (int rep = 0; rep < 20; ++rep) {
+        NCHECK(ncclAllReduce(send, send, 1, ncclFloat, ncclSum, comm, s));  // barrier
+        CHECK(cudaStreamSynchronize(s));
+        auto t0 = Clock::now();
+        run();
+        CHECK(cudaStreamSynchronize(s));
+        per.push_back(us(Clock::now() - t0) / depth);
+      }
+      if (r == 1) {
+        double t = median(per);
+        std::printf("%-10zu %6d %12.2f %10.1f\n", bytes, depth, t, bytes / t / 1e3);
+        std::fflush(stdout);
+      }
+    }
+  }
+}
+
+static bool onlySendRecv = false;
+
 static void rank(int r, int fdIn, int fdOut) {
   prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
   ncclUniqueId id;
@@ -107,6 +142,13 @@ static void rank(int r, int fdIn, int fdOut) {
   CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   cudaEvent_t ev;
   CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  if (onlySendRecv) {
+    ncclComm_t parent;
+    ncclComm_t comm = makeComm("plain", id, r, &parent);
+    sendRecv(r, comm, s, send, recv, maxBytes);
+    NCHECK(ncclCommDestroy(comm));
+    return;
+  }
   if (r == 0) std::printf("%-6s %-10s %9s %10s %10s %9s %9s %9s\n", "comm", "op", "bytes", "busbw GB/s", "time us",
                           "lat sync", "lat poll", "lat spin");
   for (const char* how : {"plain", "split", "plain", "split"}) {
@@ -242,7 +284,8 @@ static void rank(int r, int fdIn, int fdOut) {
   }
 }
 
-int main() {
+int main(int argc, char** argv) {
+  onlySendRecv = argc > 1 && std::strcmp(argv[1], "sendrecv") == 0;
   int fds[2];
   if (pipe(fds) != 0) return 1;
   pid_t kids[2];

@@ -5,6 +5,7 @@ import {
   RemoteDisconnectError,
   TransferAgent,
   type DeviceBuffer,
+  type TransferPlan,
   type Region,
   type RemotePeer,
 } from '../../lib/index.js';
@@ -73,6 +74,16 @@ const blockPlan = (
       lengths: blocks * BLOCK,
     },
   });
+
+/**
+ * Posts `plan` until its copy strategy is settled (its timed trials done), then once more: that post, through
+ * the agent's thread, leaves the plan resolved for the posting thread to issue later posts itself.
+ */
+async function settle(plan: TransferPlan) {
+  for (let i = 0; i < 12 && plan.copyStrategy === 'undecided'; i++) await plan.post();
+  expect(plan.copyStrategy).not.toBe('undecided');
+  await plan.post();
+}
 
 /**
  * Checks on the target's GPU that remote block run dst[i] holds the pattern `seed` of local block run src[i]
@@ -207,8 +218,8 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     const eight = (dstBlock: number, srcBlock = 0) =>
       blockWrite(agent, peer.name, local, remote, dstBlock, srcBlock, 8);
     // Posted again: the calling thread issues it; the data is in place before the notification is seen.
-    const plan = eight(40);
-    await plan.post(); // the agent's thread resolves its copies
+    const plan = eight(40); // one 512 KiB piece: the kernel and the copy engines are timed first
+    await settle(plan);
     const direct = agent.directPosts;
     for (let round = 0; round < 4; round++) {
       const note = JSON.stringify({
@@ -224,7 +235,7 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     // Eight new plans queue for the agent's thread (each 8 blocks from local block 0 onto remote block 0),
     // then a resolved plan copies local blocks 100.. onto the same place: it must land last.
     const last = eight(0, 100);
-    await last.post();
+    await settle(last);
     const queued = Array.from({ length: 8 }, () => eight(0, 0));
     await Promise.all([...queued.map((q) => q.post()), last.post()]);
     const r = await target.request<{ mismatches: number }>('checkDevice', {
@@ -412,6 +423,125 @@ describe.skipIf(!batchDriver).each(pairs.filter(([l, r]) => l !== r || pairs.len
   },
 );
 
+// The chunk kernel, forced with TANDEM_CUDA_COPY: a single large piece split into chunks for every SM, and a
+// settled kernel plan launched again by the posting thread itself.
+describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l !== r || pairs.length === 1).slice(0, 1))(
+  'cuda-ipc, the chunk kernel (TANDEM_CUDA_COPY=kernel): initiator on GPU %i, target on GPU %i',
+  (localGpu, remoteGpu) => {
+    let pair: GpuTransferPair;
+    const SEED_LOCAL = 31;
+    const SEED_REMOTE = 97;
+    beforeAll(async () => {
+      process.env.TANDEM_CUDA_COPY = 'kernel'; // read when the agent is created
+      try {
+        pair = await gpuTransferPair({
+          name: `kernel-${localGpu}-${remoteGpu}`,
+          localGpu,
+          remoteGpu,
+          bytes: BLOCK * BLOCKS,
+          seedLocal: SEED_LOCAL,
+          seedRemote: SEED_REMOTE,
+        });
+      } finally {
+        delete process.env.TANDEM_CUDA_COPY;
+      }
+    });
+    afterAll(async () => {
+      await pair?.dispose();
+    });
+
+    it('one piece of 1 MiB, and one of 256 KiB + 48 bytes at odd offsets, go by the kernel and land whole', async () => {
+      for (const [bytes, srcOff, dstOff] of [
+        [16 * BLOCK, 3 * BLOCK, 100 * BLOCK],
+        [4 * BLOCK + 48, 40 * BLOCK + 3, 200 * BLOCK + 5],
+      ] as const) {
+        await pair.target.request('fillDevice', { region: pair.remote, seed: SEED_REMOTE });
+        const p = pair.agent.prepare({
+          op: 'WRITE',
+          peer: pair.peer.name,
+          local: pair.local,
+          remote: pair.remote,
+          pieces: { localOffsets: Float64Array.of(srcOff), remoteOffsets: Float64Array.of(dstOff), lengths: bytes },
+        });
+        await p.post();
+        expect(p.copyStrategy).toBe('kernel');
+        const landed = await pair.target.request<{ mismatches: number }>('checkDevice', {
+          region: pair.remote,
+          offset: dstOff,
+          length: bytes,
+          seed: SEED_LOCAL,
+          base: srcOff,
+        });
+        expect(landed.mismatches, `${bytes} bytes`).toBe(0);
+        // The bytes on either side of the piece are untouched.
+        for (const at of [dstOff - 16, dstOff + bytes]) {
+          const edge = await pair.target.request<{ mismatches: number }>('checkDevice', {
+            region: pair.remote,
+            offset: at,
+            length: 16,
+            seed: SEED_REMOTE,
+            base: at,
+          });
+          expect(edge.mismatches, `${bytes} bytes: 16 bytes at ${at}`).toBe(0);
+        }
+      }
+    });
+
+    it('a settled kernel plan of 200 scattered blocks is launched by the posting thread; each notification follows its data', async () => {
+      const src = Array.from({ length: 200 }, (_, i) => (i * 37 + 11) % BLOCKS);
+      const dst = Array.from({ length: 200 }, (_, i) => (i * 101 + 7) % BLOCKS);
+      const p = blockPlan(pair.agent, pair.peer.name, pair.local, pair.remote, 'WRITE', src, dst, 1);
+      expect(p.pieces).toBe(200);
+      await settle(p);
+      expect(p.copyStrategy).toBe('kernel');
+      const direct = pair.agent.directPosts;
+      for (let round = 0; round < 4; round++) {
+        await pair.target.request('fillDevice', { region: pair.remote, seed: SEED_REMOTE });
+        const note = JSON.stringify({
+          kernel: round,
+          check: {
+            region: pair.remote,
+            offset: dst[199]! * BLOCK,
+            length: BLOCK,
+            seed: SEED_LOCAL,
+            base: src[199]! * BLOCK,
+          },
+        });
+        await p.post({ notify: note });
+        const event = await pair.target.nextEvent((e) => e.event === 'notification' && e.text === note);
+        expect((event as { mismatches?: number }).mismatches, `round ${round}`).toBe(0);
+        await expectLanded(pair.target, pair.remote, { src, dst, blocks: 1, seed: SEED_LOCAL }, `round ${round}`);
+      }
+      expect(pair.agent.directPosts - direct).toBe(4);
+    });
+
+    it('a kernel plan launched by the posting thread never overtakes posts queued before it', async () => {
+      const onto = Array.from({ length: 32 }, (_, i) => 300 + i);
+      const from = (base: number) => Array.from({ length: 32 }, (_, i) => base + ((i * 7) % 32));
+      const last = blockPlan(pair.agent, pair.peer.name, pair.local, pair.remote, 'WRITE', from(100), onto, 1);
+      await settle(last);
+      const direct = pair.agent.directPosts;
+      for (let round = 0; round < 3; round++) {
+        // Fresh plans (their first posts go through the agent's thread) onto the same blocks, then the settled one.
+        const queued = Array.from({ length: 6 }, (_, k) =>
+          blockPlan(pair.agent, pair.peer.name, pair.local, pair.remote, 'WRITE', from(k * 32), onto, 1),
+        );
+        await Promise.all([...queued.map((q) => q.post()), last.post()]);
+        await expectLanded(
+          pair.target,
+          pair.remote,
+          { src: from(100), dst: onto, blocks: 1, seed: SEED_LOCAL },
+          `round ${round}: the last post landed last`,
+        );
+      }
+      // With posts queued ahead, the settled plan went through the agent's thread; alone, it is launched here.
+      expect(pair.agent.directPosts - direct).toBe(0);
+      await last.post();
+      expect(pair.agent.directPosts - direct).toBe(1);
+    });
+  },
+);
+
 describe.skipIf(!gate.run)('cuda-ipc to a polling target, a sender killed with a notification pending', () => {
   it('the target gives the pending record up and still delivers what the sender wrote after it', async () => {
     const GiB = 1 << 30;
@@ -538,7 +668,7 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l === 0 || r === 0).sli
         };
         // Posted again and awaited: issued by this thread. Then a burst: queued for the agent's thread.
         const again = plan(8, 0);
-        await again.post();
+        await settle(again);
         const direct = agent.directPosts;
         const committed = agent.streamCommits;
         for (let round = 0; round < 4; round++) await again.post({ notify: note(round, 8, 0) });

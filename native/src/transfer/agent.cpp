@@ -1412,8 +1412,9 @@ void Agent::cancel(uint64_t token) {
 // behind earlier ones either.
 constexpr uint64_t kInlineShmMinBytes = 256 << 10;
 constexpr uint64_t kInlineShmMaxBytes = 1 << 20;
-// cuda-ipc plans of at most this many pieces (copy-engine strategy) are issued on the caller's thread when
-// they can be (tryDirectCuda): each copy costs that thread a few microseconds to submit.
+// cuda-ipc plans settled on the copy engines with at most this many pieces are issued on the caller's thread
+// when they can be (tryDirectCuda): each copy costs that thread a few microseconds to submit. (A plan settled
+// on the kernel is one launch, whatever its pieces.)
 constexpr size_t kDirectMaxPieces = 8;
 
 bool Agent::tryInlineShm(const Plan& plan) {
@@ -1917,14 +1918,19 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   // Few pieces: the copy engines (one async copy each). Many pieces: one launch of the chunk-copy
   // kernel over a table uploaded once per plan. Large pieces: batched copy-engine copies. All run on the
   // peer's stream, in post order.
+  // One piece: the kernel too from 256 KiB, where a copy-engine copy's fixed cost (about 2.5 us on the GPU)
+  // is most of its time on the link and back-to-back posts are bound by it (bench/micro/depth.ts).
   constexpr size_t kKernelMinPieces = 2;
+  constexpr uint64_t kKernelMinSingleBytes = 256 << 10;
   constexpr size_t kCopyEngineMaxPieces = 1024;  // beyond this, per-copy submission cost dominates
   constexpr uint64_t kChunkBytes = 128 << 10;
+  constexpr uint64_t kMinChunkBytes = 8 << 10;  // one 16-byte vector per thread of a 512-thread block
   int use = plan->strategy;
   bool timed = false;
   DeviceKernels* kernels = nullptr;
   if (use == Plan::kUndecided || use == Plan::kKernel) {
-    kernels = plan->pieces.size() >= kKernelMinPieces ? &kernelsFor(plan->localDevice) : nullptr;
+    const bool kernelable = plan->pieces.size() >= kKernelMinPieces || plan->bytes >= kKernelMinSingleBytes;
+    kernels = kernelable ? &kernelsFor(plan->localDevice) : nullptr;
   }
   if (use == Plan::kUndecided) {
     if (!plan->candidates) {
@@ -1976,13 +1982,23 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     table = chunkTables_.find(plan->id);
     if (table == chunkTables_.end()) {
       sweepChunkTables(false);
+      // Chunks of 128 KiB, or smaller ones where those would leave SMs without one (a plan of a few
+      // large pieces: 1 MiB in 8 chunks would run on 8 of 132 SMs).
+      const uint64_t sms = static_cast<uint64_t>(std::max(1, kernels->multiprocessors));
+      auto chunksOf = [&](uint64_t size) {
+        uint64_t n = 0;
+        for (const auto& p : plan->pieces) n += (p.length + size - 1) / size;
+        return n;
+      };
+      uint64_t chunkBytes = kChunkBytes;
+      while (chunkBytes > kMinChunkBytes && chunksOf(chunkBytes) < sms) chunkBytes /= 2;
       std::vector<unsigned long long> entries;  // (src, dst, bytes) triples
       for (const auto& p : plan->pieces) {
         auto [src, dst] = endpoints(p);
-        for (uint64_t off = 0; off < p.length; off += kChunkBytes) {
+        for (uint64_t off = 0; off < p.length; off += chunkBytes) {
           entries.push_back(src + off);
           entries.push_back(dst + off);
-          entries.push_back(std::min(kChunkBytes, p.length - off));
+          entries.push_back(std::min(chunkBytes, p.length - off));
         }
       }
       ChunkTable t;
@@ -2017,6 +2033,20 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     void* args[] = {&table->second.table, &table->second.count};
     checkCuda(cuda_->cuLaunchKernel(kernels->copyChunks, blocks, 1, 1, 512, 1, 1, 0, peer.stream, args, nullptr),
               "launch of tandem_copy_chunks");
+    // Strategy settled: later posts of this plan may launch it from the caller's thread (one call, however
+    // many pieces).
+    if (!timed && (!plan->direct || plan->direct->epoch != peer.cudaEpoch)) {
+      auto direct = std::make_unique<Plan::Direct>();
+      direct->context = contexts_.at(plan->localDevice);
+      direct->stream = peer.stream;
+      direct->kernel = kernels->copyChunks;
+      direct->blocks = blocks;
+      direct->table = table->second.table;
+      direct->count = table->second.count;
+      std::lock_guard<std::mutex> lock(peer.mutex);
+      direct->epoch = peer.cudaEpoch;
+      plan->direct = std::move(direct);
+    }
   } else if (use == Plan::kBatch) {
     // Calls of 2, 8, 32, 128... copies: the copy engines start once the first two are submitted, and each
     // call keeps them busy while the host submits the next (0.55 - 0.93 us of host time per copy; a 2 MiB
@@ -2246,6 +2276,14 @@ bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std
     return false;
   }
   if (!event) r = cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
+  if (direct->kernel) {
+    CUdeviceptr table = direct->table;
+    unsigned count = direct->count;
+    void* args[] = {&table, &count};
+    if (r == CUDA_SUCCESS) {
+      r = cuda_->cuLaunchKernel(direct->kernel, direct->blocks, 1, 1, 512, 1, 1, 0, direct->stream, args, nullptr);
+    }
+  }
   for (const auto& c : direct->copies) {
     if (r == CUDA_SUCCESS) r = cuda_->cuMemcpyAsync(c.dst, c.src, c.bytes, direct->stream);
   }
@@ -2269,7 +2307,8 @@ bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std
   }
   directPosts_.fetch_add(1, std::memory_order_relaxed);
   // The progress thread watches the event from here on (waking it overlaps the copy).
-  Inflight inflight{event, plan->localDevice, nullptr, cudaDone(plan, token, Plan::kCopyEngine, std::move(notice))};
+  const int use = direct->kernel ? Plan::kKernel : Plan::kCopyEngine;
+  Inflight inflight{event, plan->localDevice, nullptr, cudaDone(plan, token, use, std::move(notice))};
   if (!progress_->post([this, inflight = std::move(inflight)]() mutable { inflight_.push_back(std::move(inflight)); })) {
     fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed (the copy was issued)");
   }

@@ -170,8 +170,9 @@ struct Plan {
   uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
   std::shared_ptr<NcclStagedPlan> ncclStaged;  // nccl: set when the plan goes through staging buffers
   bool ncclDecided = false;
-  // cuda-ipc, copy-engine plans of few pieces: the copies as the progress thread last issued them, for the
-  // caller's thread to issue again itself (Agent::tryDirectCuda). Guarded by the peer's mutex.
+  // cuda-ipc plans whose strategy is settled on the copy engines (few pieces) or on the kernel: the copies
+  // or the launch as the progress thread last issued them, for the caller's thread to issue again itself
+  // (Agent::tryDirectCuda). Guarded by the peer's mutex.
   struct Direct {
     uint64_t epoch = 0;  // Peer::cudaEpoch when resolved
     CUcontext context = nullptr;
@@ -181,6 +182,11 @@ struct Plan {
       uint64_t bytes;
     };
     std::vector<Copy> copies;
+    // The kernel strategy: one launch over the plan's chunk table (which lives as long as the plan).
+    CUfunction kernel = nullptr;
+    unsigned blocks = 0;
+    CUdeviceptr table = 0;
+    unsigned count = 0;
   };
   std::unique_ptr<Direct> direct;
 };
