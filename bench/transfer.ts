@@ -9,7 +9,7 @@
  *                                         and NCCL send/recv of the same total size
  *   nccl backend, across GPUs         vs  NCCL send/recv of the same total size
  *   pinned host -> device             vs  pinned host-to-device copy
- * Rows: GB/s (from the p50 post-to-resolution latency), pipelined GB/s (8 posts in flight), latency p50/p99, post-to-notification p50 where notified, JS-thread
+ * Rows: GB/s (from the p50 post-to-resolution latency), pipelined GB/s (32 posts in flight), latency p50/p99, post-to-notification p50 where notified, JS-thread
  * time to prepare and to post; plus registration times. Notifications are timed twice: to a target that
  * takes them as events, and to a second target process made with `notifications: 'poll'` that spins on
  * takeNotifications() while the initiator posts ("polled target" rows). Prints a table, writes --json (default
@@ -107,8 +107,15 @@ async function timePlan(plan: { post(): Promise<void> }): Promise<{ times: numbe
   return { times, postUs: postUs.sort((x, y) => x - y) };
 }
 
+/**
+ * Operations in flight in the pipelined rows and in the NCCL baseline's runs alike, so that `vs NCCL` compares
+ * like with like (it was 8 posts against 30 NCCL operations; bench/micro/depth.ts: at 1 MiB, 8 in flight cost
+ * Tandem 9 us per transfer and 32 cost 6, while NCCL through the same JavaScript API stayed at 17-19 us).
+ */
+const inFlight = 32;
+
 /** GB/s with `depth` posts in flight: runs of them issued back to back, p50 over runs. */
-async function pipelined(plan: { post(): Promise<void>; bytes: number }, depth = 8): Promise<number> {
+async function pipelined(plan: { post(): Promise<void>; bytes: number }, depth = inFlight): Promise<number> {
   const runs = await sample(() => Promise.all(Array.from({ length: depth }, () => plan.post())).then(() => undefined));
   return (plan.bytes * depth) / (pct(runs, 50) * 1e3);
 }
@@ -551,7 +558,9 @@ if (caps.cuda.available && !values['host-only']) {
         );
   // NCCL send/recv GPU0 -> GPU1 on the same buffers as the peer copy: two ranks of one communicator in
   // this process (NCCL's P2P transport, as between processes), timed as nccl-tests does: a run of
-  // iterations issued back to back, wall time over the count.
+  // `inFlight` operations issued back to back, wall time over the count. Issued through Tandem's
+  // Communicator, as a Node program would: at 1 MiB that costs the JS thread about 15 us per operation,
+  // and NCCL issued from C++ moves 1 MiB operations about 1.5x as fast (bench/micro/nccl_ops.cu sendrecv).
   const nccl = gpus > 1 ? await ncclInfo() : undefined;
   const ncclRanks = nccl?.available
     ? await Communicator.initAll({ devices: [0, 1], name: 'bench-baseline', timeoutMs: 60_000 })
@@ -572,7 +581,7 @@ if (caps.cuda.available && !values['host-only']) {
         return Promise.all(all);
       };
       await once(3);
-      const n = quick ? 10 : 30;
+      const n = inFlight;
       const runs: number[] = [];
       for (let r = 0; r < 5; r++) {
         const t0 = performance.now();

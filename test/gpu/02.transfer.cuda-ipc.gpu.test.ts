@@ -423,8 +423,8 @@ describe.skipIf(!batchDriver).each(pairs.filter(([l, r]) => l !== r || pairs.len
   },
 );
 
-// The chunk kernel, forced with TANDEM_CUDA_COPY: a single large piece split into chunks for every SM, and a
-// settled kernel plan launched again by the posting thread itself.
+// The chunk kernel, forced with TANDEM_CUDA_COPY: unaligned pieces, and a settled kernel plan launched again
+// by the posting thread itself.
 describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l !== r || pairs.length === 1).slice(0, 1))(
   'cuda-ipc, the chunk kernel (TANDEM_CUDA_COPY=kernel): initiator on GPU %i, target on GPU %i',
   (localGpu, remoteGpu) => {
@@ -450,31 +450,35 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l !== r || pairs.length
       await pair?.dispose();
     });
 
-    it('one piece of 1 MiB, and one of 256 KiB + 48 bytes at odd offsets, go by the kernel and land whole', async () => {
-      for (const [bytes, srcOff, dstOff] of [
-        [16 * BLOCK, 3 * BLOCK, 100 * BLOCK],
-        [4 * BLOCK + 48, 40 * BLOCK + 3, 200 * BLOCK + 5],
-      ] as const) {
-        await pair.target.request('fillDevice', { region: pair.remote, seed: SEED_REMOTE });
-        const p = pair.agent.prepare({
-          op: 'WRITE',
-          peer: pair.peer.name,
-          local: pair.local,
-          remote: pair.remote,
-          pieces: { localOffsets: Float64Array.of(srcOff), remoteOffsets: Float64Array.of(dstOff), lengths: bytes },
-        });
-        await p.post();
-        expect(p.copyStrategy).toBe('kernel');
+    it('a piece of 1 MiB and one of 256 KiB + 48 bytes at odd offsets land whole, and nothing beside them', async () => {
+      await pair.target.request('fillDevice', { region: pair.remote, seed: SEED_REMOTE });
+      const pieces = [
+        { bytes: 16 * BLOCK, src: 3 * BLOCK, dst: 100 * BLOCK },
+        { bytes: 4 * BLOCK + 48, src: 40 * BLOCK + 3, dst: 200 * BLOCK + 5 }, // the kernel's byte-wise path
+      ];
+      const p = pair.agent.prepare({
+        op: 'WRITE',
+        peer: pair.peer.name,
+        local: pair.local,
+        remote: pair.remote,
+        pieces: {
+          localOffsets: Float64Array.from(pieces, (x) => x.src),
+          remoteOffsets: Float64Array.from(pieces, (x) => x.dst),
+          lengths: Float64Array.from(pieces, (x) => x.bytes),
+        },
+      });
+      await p.post();
+      expect(p.copyStrategy).toBe('kernel');
+      for (const { bytes, src, dst } of pieces) {
         const landed = await pair.target.request<{ mismatches: number }>('checkDevice', {
           region: pair.remote,
-          offset: dstOff,
+          offset: dst,
           length: bytes,
           seed: SEED_LOCAL,
-          base: srcOff,
+          base: src,
         });
         expect(landed.mismatches, `${bytes} bytes`).toBe(0);
-        // The bytes on either side of the piece are untouched.
-        for (const at of [dstOff - 16, dstOff + bytes]) {
+        for (const at of [dst - 16, dst + bytes]) {
           const edge = await pair.target.request<{ mismatches: number }>('checkDevice', {
             region: pair.remote,
             offset: at,
@@ -482,7 +486,7 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l !== r || pairs.length
             seed: SEED_REMOTE,
             base: at,
           });
-          expect(edge.mismatches, `${bytes} bytes: 16 bytes at ${at}`).toBe(0);
+          expect(edge.mismatches, `${bytes} bytes: the 16 bytes at ${at}`).toBe(0);
         }
       }
     });

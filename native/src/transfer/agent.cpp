@@ -1918,19 +1918,16 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   // Few pieces: the copy engines (one async copy each). Many pieces: one launch of the chunk-copy
   // kernel over a table uploaded once per plan. Large pieces: batched copy-engine copies. All run on the
   // peer's stream, in post order.
-  // One piece: the kernel too from 256 KiB, where a copy-engine copy's fixed cost (about 2.5 us on the GPU)
-  // is most of its time on the link and back-to-back posts are bound by it (bench/micro/depth.ts).
+  // (One piece stays on the copy engines: the kernel over 1 MiB or 256 KiB in chunks for every SM was
+  // slower back to back, 8.9 against 6.0 us per 1 MiB at 32 in flight: bench/micro/depth.ts, 2 x H200.)
   constexpr size_t kKernelMinPieces = 2;
-  constexpr uint64_t kKernelMinSingleBytes = 256 << 10;
   constexpr size_t kCopyEngineMaxPieces = 1024;  // beyond this, per-copy submission cost dominates
   constexpr uint64_t kChunkBytes = 128 << 10;
-  constexpr uint64_t kMinChunkBytes = 8 << 10;  // one 16-byte vector per thread of a 512-thread block
   int use = plan->strategy;
   bool timed = false;
   DeviceKernels* kernels = nullptr;
   if (use == Plan::kUndecided || use == Plan::kKernel) {
-    const bool kernelable = plan->pieces.size() >= kKernelMinPieces || plan->bytes >= kKernelMinSingleBytes;
-    kernels = kernelable ? &kernelsFor(plan->localDevice) : nullptr;
+    kernels = plan->pieces.size() >= kKernelMinPieces ? &kernelsFor(plan->localDevice) : nullptr;
   }
   if (use == Plan::kUndecided) {
     if (!plan->candidates) {
@@ -1982,16 +1979,7 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     table = chunkTables_.find(plan->id);
     if (table == chunkTables_.end()) {
       sweepChunkTables(false);
-      // Chunks of 128 KiB, or smaller ones where those would leave SMs without one (a plan of a few
-      // large pieces: 1 MiB in 8 chunks would run on 8 of 132 SMs).
-      const uint64_t sms = static_cast<uint64_t>(std::max(1, kernels->multiprocessors));
-      auto chunksOf = [&](uint64_t size) {
-        uint64_t n = 0;
-        for (const auto& p : plan->pieces) n += (p.length + size - 1) / size;
-        return n;
-      };
-      uint64_t chunkBytes = kChunkBytes;
-      while (chunkBytes > kMinChunkBytes && chunksOf(chunkBytes) < sms) chunkBytes /= 2;
+      const uint64_t chunkBytes = kChunkBytes;
       std::vector<unsigned long long> entries;  // (src, dst, bytes) triples
       for (const auto& p : plan->pieces) {
         auto [src, dst] = endpoints(p);
