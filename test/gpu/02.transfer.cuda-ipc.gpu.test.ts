@@ -321,6 +321,29 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
   });
 });
 
+/** A pair whose initiator's agent is made with TANDEM_CUDA_COPY=`copy`: that strategy wherever it can run. */
+async function forcedCopyPair(
+  copy: 'batch' | 'kernel',
+  localGpu: number,
+  remoteGpu: number,
+  seedLocal: number,
+  seedRemote: number,
+): Promise<GpuTransferPair> {
+  process.env.TANDEM_CUDA_COPY = copy; // read when the agent is created
+  try {
+    return await gpuTransferPair({
+      name: `${copy}-${localGpu}-${remoteGpu}`,
+      localGpu,
+      remoteGpu,
+      bytes: BLOCK * BLOCKS,
+      seedLocal,
+      seedRemote,
+    });
+  } finally {
+    delete process.env.TANDEM_CUDA_COPY;
+  }
+}
+
 // Batched copy-engine copies (cuMemcpyBatchAsync, driver 12.8+), forced for every plan with TANDEM_CUDA_COPY
 // so that plans of any piece size take that path: sub-batch boundaries, both directions, notifications.
 const [driverMajor = 0, driverMinor = 0] = (gate.run ? (gate.caps.cuda.driverVersion ?? '0') : '0')
@@ -334,19 +357,7 @@ describe.skipIf(!batchDriver).each(pairs.filter(([l, r]) => l !== r || pairs.len
     const SEED_LOCAL = 21;
     const SEED_REMOTE = 87;
     beforeAll(async () => {
-      process.env.TANDEM_CUDA_COPY = 'batch'; // read when the agent is created
-      try {
-        pair = await gpuTransferPair({
-          name: `batch-${localGpu}-${remoteGpu}`,
-          localGpu,
-          remoteGpu,
-          bytes: BLOCK * BLOCKS,
-          seedLocal: SEED_LOCAL,
-          seedRemote: SEED_REMOTE,
-        });
-      } finally {
-        delete process.env.TANDEM_CUDA_COPY;
-      }
+      pair = await forcedCopyPair('batch', localGpu, remoteGpu, SEED_LOCAL, SEED_REMOTE);
     });
     afterAll(async () => {
       await pair?.dispose();
@@ -432,19 +443,7 @@ describe.skipIf(!gate.run).each(pairs.filter(([l, r]) => l !== r || pairs.length
     const SEED_LOCAL = 31;
     const SEED_REMOTE = 97;
     beforeAll(async () => {
-      process.env.TANDEM_CUDA_COPY = 'kernel'; // read when the agent is created
-      try {
-        pair = await gpuTransferPair({
-          name: `kernel-${localGpu}-${remoteGpu}`,
-          localGpu,
-          remoteGpu,
-          bytes: BLOCK * BLOCKS,
-          seedLocal: SEED_LOCAL,
-          seedRemote: SEED_REMOTE,
-        });
-      } finally {
-        delete process.env.TANDEM_CUDA_COPY;
-      }
+      pair = await forcedCopyPair('kernel', localGpu, remoteGpu, SEED_LOCAL, SEED_REMOTE);
     });
     afterAll(async () => {
       await pair?.dispose();
