@@ -248,6 +248,42 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     expect(r.mismatches, 'the last post landed last').toBe(0);
   });
 
+  it('copy-engine posts that come while the stream is busy go in one batch, in post order, each notification after its data', async () => {
+    await target.request('fillDevice', { region: remote, seed: SEED_REMOTE });
+    // 16 MiB first (issued at once: the stream is idle), then 40 one-block posts with notifications, then a
+    // plan of other pieces (its strategy trials: not held) onto four of the same blocks: it must land last.
+    const big = blockWrite(agent, peer.name, local, remote, 0, 256, 256);
+    const src = scattered(40, 53, 7);
+    const small = src.map((b, i) => blockWrite(agent, peer.name, local, remote, 300 + i, b, 1));
+    const lastSrc = [120, 77, 9, 200];
+    const last = blockPlan(agent, peer.name, local, remote, 'WRITE', lastSrc, [300, 301, 302, 303], 1);
+    const coalesced = agent.coalescedPosts;
+    const notes = small.map((_, i) =>
+      JSON.stringify({
+        coalesced: i,
+        check: { region: remote, offset: (300 + i) * BLOCK, length: BLOCK, seed: SEED_LOCAL, base: src[i]! * BLOCK },
+      }),
+    );
+    await Promise.all([big.post(), ...small.map((p, i) => p.post({ notify: notes[i] })), last.post()]);
+    for (let i = 4; i < 40; i++) {
+      const event = await target.nextEvent((e) => e.event === 'notification' && e.text === notes[i]);
+      expect((event as { mismatches?: number }).mismatches, `post ${i}`).toBe(0);
+    }
+    expect(agent.coalescedPosts - coalesced, 'posts issued in a batch with others').toBeGreaterThanOrEqual(2);
+    await expectLanded(
+      target,
+      remote,
+      {
+        src: [256, ...src.slice(4), ...lastSrc],
+        dst: [0, ...Array.from({ length: 36 }, (_, i) => 304 + i), 300, 301, 302, 303],
+        blocks: 1,
+        seed: SEED_LOCAL,
+      },
+      'after the batch',
+    );
+    await target.request('fillDevice', { region: remote, seed: SEED_REMOTE });
+  });
+
   it('pieces of 256 KiB and up: the first posts time the kernel, per-piece and batched copies; each lands the data', async () => {
     const src = scattered(24, 37, 5).map((b) => b & ~3); // 4-block (256 KiB) pieces
     const dst = Array.from({ length: 24 }, (_, i) => ((i * 5 + 3) % (BLOCKS / 4)) * 4);
