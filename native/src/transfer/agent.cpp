@@ -2099,14 +2099,30 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     auto held = held_.find(&peer);
     const size_t heldCopies = held == held_.end() ? 0 : held->second.sizes.size();
     if ((busy != onStream_.end() || held != held_.end()) && heldCopies + plan->pieces.size() <= kHoldMaxCopies) {
+      // The copies of one batch run in any order, at once: a post that writes what a held one reads or
+      // writes, or reads what it writes, goes in the next batch, behind them on the stream.
+      std::vector<std::pair<CUdeviceptr, CUdeviceptr>> mine;  // (src, dst)
+      for (const auto& p : plan->pieces) mine.push_back(endpoints(p));
+      if (held != held_.end()) {
+        const HeldBatch& h = held->second;
+        auto overlap = [](CUdeviceptr a, uint64_t an, CUdeviceptr b, uint64_t bn) { return a < b + bn && b < a + an; };
+        bool hazard = false;
+        for (size_t k = 0; k < mine.size() && !hazard; ++k) {
+          const uint64_t n = plan->pieces[k].length;
+          for (size_t i = 0; i < h.sizes.size() && !hazard; ++i) {
+            hazard = overlap(mine[k].second, n, h.dsts[i], h.sizes[i]) || overlap(mine[k].second, n, h.srcs[i], h.sizes[i]) ||
+                     overlap(mine[k].first, n, h.dsts[i], h.sizes[i]);
+          }
+        }
+        if (hazard) flushHeld(peer);  // the stream is busy with them now: this one waits for the next batch
+      }
       HeldBatch& b = held_[&peer];
       b.peer = plan->peer;
       b.device = plan->localDevice;
-      for (const auto& p : plan->pieces) {
-        auto [src, dst] = endpoints(p);
-        b.srcs.push_back(src);
-        b.dsts.push_back(dst);
-        b.sizes.push_back(p.length);
+      for (size_t k = 0; k < mine.size(); ++k) {
+        b.srcs.push_back(mine[k].first);
+        b.dsts.push_back(mine[k].second);
+        b.sizes.push_back(plan->pieces[k].length);
       }
       b.posts.push_back(HeldPost{plan, token, reserveNotice(peer, std::move(notif))});
       peer.heldPosts.fetch_add(1, std::memory_order_release);
