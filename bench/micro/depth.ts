@@ -2,7 +2,9 @@
 // GPUs: runs of `depth` posts issued back to back, then awaited, for each depth; the time per transfer,
 // and how much of it the JS thread spent issuing the posts. What fixed cost a run pays (the first copy's
 // launch, the JS thread waking for the last completion) against what each transfer pays.
-//   ./run node --import tsx bench/micro/depth.ts [--bytes 1048576] [--depths 1,2,4,8,16,32,64] [--runs 200] [--json FILE]
+// With --distinct, each transfer in flight has its own source and destination (as transfers for different
+// requests would), instead of the same plan posted again.
+//   ./run node --import tsx bench/micro/depth.ts [--bytes 1048576] [--depths 1,2,4,8,16,32,64] [--runs 200] [--distinct] [--json FILE]
 import { writeFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import { Communicator, CudaDevice } from '../../lib/index.js';
@@ -13,6 +15,7 @@ const { values } = parseArgs({
     bytes: { type: 'string', default: String(1 << 20) },
     depths: { type: 'string', default: '1,2,4,8,16,32,64' },
     runs: { type: 'string', default: '200' },
+    distinct: { type: 'boolean', default: false },
     json: { type: 'string' },
   },
 });
@@ -25,7 +28,7 @@ const pair = await gpuTransferPair({
   name: 'depth',
   localGpu: 0,
   remoteGpu: 1,
-  bytes: bytes * 2,
+  bytes: bytes * (values.distinct ? maxDepth : 2),
   seedLocal: 1,
   seedRemote: 2,
 });
@@ -35,15 +38,23 @@ const [c0, c1] = (await Communicator.initAll({ devices: [0, 1], name: 'depth', t
   Communicator,
   Communicator,
 ];
-const plan = pair.agent.prepare({
-  op: 'WRITE',
-  peer: pair.peer.name,
-  local: pair.local,
-  remote: pair.remote,
-  pieces: { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: bytes },
-});
+const plans = Array.from({ length: values.distinct ? maxDepth : 1 }, (_, i) =>
+  pair.agent.prepare({
+    op: 'WRITE',
+    peer: pair.peer.name,
+    local: pair.local,
+    remote: pair.remote,
+    // distinct: source i onto destination (i * 7) mod n, so that no two in flight touch the same bytes
+    pieces: {
+      localOffsets: Float64Array.of(i * bytes),
+      remoteOffsets: Float64Array.of(((i * 7) % maxDepth) * bytes),
+      lengths: bytes,
+    },
+  }),
+);
+const plan = plans[0]!;
 await pair.agent.warmup(pair.peer.name);
-for (let i = 0; i < 50; i++) await plan.post(); // through the strategy trials
+for (const p of plans) for (let i = 0; i < 8; i++) await p.post(); // through the strategy trials
 
 const p50 = (v: number[]) => v.sort((a, b) => a - b)[Math.floor(v.length / 2)]!;
 const now = () => Number(process.hrtime.bigint()) / 1e3;
@@ -51,7 +62,7 @@ const now = () => Number(process.hrtime.bigint()) / 1e3;
 async function tandemRun(depth: number): Promise<{ us: number; postUs: number }> {
   const t0 = now();
   const all: Promise<void>[] = [];
-  for (let i = 0; i < depth; i++) all.push(plan.post());
+  for (let i = 0; i < depth; i++) all.push(plans[i % plans.length]!.post());
   const posted = now();
   await Promise.all(all);
   return { us: now() - t0, postUs: posted - t0 };
@@ -117,10 +128,25 @@ const rows = depths.map((depth) => {
     ratio: (t.gbps / n.gbps).toFixed(2),
   };
 });
-console.log(`${bytes} bytes per transfer, copy strategy ${plan.copyStrategy}, up to ${maxDepth} in flight`);
+console.log(
+  `${bytes} bytes per transfer (${values.distinct ? 'each its own bytes' : 'one plan posted again'}), copy strategy ${plan.copyStrategy}, up to ${maxDepth} in flight, ${pair.agent.coalescedPosts} posts coalesced`,
+);
 console.table(rows);
 if (values.json)
-  writeFileSync(values.json, JSON.stringify({ bytes, copyStrategy: plan.copyStrategy, points }, null, 2));
+  writeFileSync(
+    values.json,
+    JSON.stringify(
+      {
+        bytes,
+        distinct: values.distinct,
+        copyStrategy: plan.copyStrategy,
+        coalesced: pair.agent.coalescedPosts,
+        points,
+      },
+      null,
+      2,
+    ),
+  );
 await c0.dispose();
 await c1.dispose();
 await recvBuf.dispose();

@@ -2098,15 +2098,15 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     auto busy = onStream_.find(&peer);
     auto held = held_.find(&peer);
     const size_t heldCopies = held == held_.end() ? 0 : held->second.sizes.size();
+    // The copies of one batch run in any order, at once: a post that writes what a held one reads or
+    // writes, or reads what it writes, is issued behind them (below), not held with them.
+    std::vector<std::pair<CUdeviceptr, CUdeviceptr>> mine;  // (src, dst)
+    bool hazard = false;
     if ((busy != onStream_.end() || held != held_.end()) && heldCopies + plan->pieces.size() <= kHoldMaxCopies) {
-      // The copies of one batch run in any order, at once: a post that writes what a held one reads or
-      // writes, or reads what it writes, goes in the next batch, behind them on the stream.
-      std::vector<std::pair<CUdeviceptr, CUdeviceptr>> mine;  // (src, dst)
       for (const auto& p : plan->pieces) mine.push_back(endpoints(p));
       if (held != held_.end()) {
         const HeldBatch& h = held->second;
         auto overlap = [](CUdeviceptr a, uint64_t an, CUdeviceptr b, uint64_t bn) { return a < b + bn && b < a + an; };
-        bool hazard = false;
         for (size_t k = 0; k < mine.size() && !hazard; ++k) {
           const uint64_t n = plan->pieces[k].length;
           for (size_t i = 0; i < h.sizes.size() && !hazard; ++i) {
@@ -2114,8 +2114,9 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
                      overlap(mine[k].first, n, h.dsts[i], h.sizes[i]);
           }
         }
-        if (hazard) flushHeld(peer);  // the stream is busy with them now: this one waits for the next batch
       }
+    }
+    if (!mine.empty() && !hazard) {
       HeldBatch& b = held_[&peer];
       b.peer = plan->peer;
       b.device = plan->localDevice;
