@@ -129,7 +129,7 @@ const rows = depths.map((depth) => {
   };
 });
 console.log(
-  `${bytes} bytes per transfer (${values.distinct ? 'each its own bytes' : 'one plan posted again'}), copy strategy ${plan.copyStrategy}, up to ${maxDepth} in flight, ${pair.agent.coalescedPosts} posts coalesced`,
+  `${bytes} bytes per transfer (${values.distinct ? 'each its own bytes' : 'one plan posted again'}), copy strategy ${plan.copyStrategy}, up to ${maxDepth} in flight`,
 );
 console.table(rows);
 if (values.json)
@@ -140,7 +140,6 @@ if (values.json)
         bytes,
         distinct: values.distinct,
         copyStrategy: plan.copyStrategy,
-        coalesced: pair.agent.coalescedPosts,
         points,
       },
       null,

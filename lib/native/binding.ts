@@ -145,7 +145,6 @@ export interface RawTransferAgent {
   readonly ucxReason: string;
   readonly ncclReason: string;
   readonly directPosts: number;
-  readonly coalescedPosts: number;
   readonly streamCommits: number;
   registerHost(buffer: ArrayBufferView): RawRegion;
   allocShared(bytes: number, pinned: boolean): RawRegion;

@@ -266,14 +266,6 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     return this.raw.directPosts;
   }
   /**
-   * How many cuda-ipc posts went to the GPU together with others: posts of plans settled on the copy engines
-   * (device memory on both sides) that came while the peer's stream was busy wait, and go as one batched call
-   * (`cuMemcpyBatchAsync`) once it is done. TANDEM_CUDA_COALESCE=0 turns that off.
-   */
-  get coalescedPosts(): number {
-    return this.raw.coalescedPosts;
-  }
-  /**
    * How many cuda-ipc notifications this agent had committed by the GPU stream itself, right after the
    * copy, to a target that polls its notifications (`notifications: 'poll'`): no host thread stands
    * between the data landing and the target seeing the notification.

@@ -219,8 +219,6 @@ Agent::Agent(AgentOptions options, AgentCallbacks callbacks, const CudaDriver* c
   }
   // TANDEM_DIRECT_POSTS=0: every cuda-ipc post goes through the progress thread (see tryDirectCuda).
   if (const char* env = std::getenv("TANDEM_DIRECT_POSTS")) directPostsOn_ = std::strcmp(env, "0") != 0;
-  // TANDEM_CUDA_COALESCE=0: every copy-engine post is issued on its own (see flushHeld).
-  if (const char* env = std::getenv("TANDEM_CUDA_COALESCE")) coalesceOn_ = std::strcmp(env, "0") != 0;
   // TANDEM_STREAM_COMMIT=0: the host commits cuda-ipc notifications to polling targets once the copy is seen
   // done, instead of the stream right after the copy (see streamCommit).
   if (const char* env = std::getenv("TANDEM_STREAM_COMMIT")) streamCommitOn_ = std::strcmp(env, "0") != 0;
@@ -381,21 +379,9 @@ void Agent::setDevice(int device) {
   currentDevice_ = device;
 }
 
-void Agent::track(Inflight inflight) {
-  if (inflight.peer) ++onStream_[inflight.peer.get()];
-  inflight_.push_back(std::move(inflight));
-}
-
-// Posts wait to be coalesced only behind this many entries in flight on the peer's stream, and go when fewer
-// are left: the next batch is on the stream before the one running ends (held behind one: 8 x 1 MiB in
-// flight took 8.9 - 9.4 us each, against 7.6 - 8.9 issued one by one).
-constexpr int kHoldBehind = 2;
-
 bool Agent::pollInflight() {
   // Called on the progress thread between jobs; completes every finished entry (any order: entries
-  // on different peers' streams finish independently). A peer whose stream has nothing left in flight
-  // gets its held posts issued.
-  std::vector<std::shared_ptr<Peer>> idle;
+  // on different peers' streams finish independently).
   try {
     for (auto it = inflight_.begin(); it != inflight_.end();) {
       setDevice(it->device);
@@ -413,18 +399,9 @@ bool Agent::pollInflight() {
       } else {
         giveEvent(it->device, it->event);
       }
-      if (auto peer = std::move(it->peer)) {
-        auto n = onStream_.find(peer.get());
-        if (n != onStream_.end()) {
-          const int left = --n->second;
-          if (left <= 0) onStream_.erase(n);
-          if (left < kHoldBehind && held_.count(peer.get())) idle.push_back(std::move(peer));
-        }
-      }
       it = inflight_.erase(it);
       done(r, ms);
     }
-    for (auto& peer : idle) flushHeld(*peer);
   } catch (const AgentError&) {
     // setDevice failed: the context is gone; nothing more can complete.
     return false;
@@ -432,74 +409,7 @@ bool Agent::pollInflight() {
   return !inflight_.empty();
 }
 
-void Agent::flushHeld(Peer& peer) {
-  auto found = held_.find(&peer);
-  if (found == held_.end()) return;
-  HeldBatch b = std::move(found->second);
-  held_.erase(found);
-  peer.heldPosts.store(0, std::memory_order_release);
-  if (b.posts.empty()) return;
-  CUstream stream = nullptr;
-  std::string reason;
-  {
-    std::lock_guard<std::mutex> lock(peer.mutex);
-    stream = peer.stream;
-    if (peer.dead) reason = peer.deadReason;
-  }
-  auto failAll = [&](const char* code, const std::string& message) {
-    for (auto& h : b.posts) {
-      std::string ignored;
-      settleNotice(h.plan->peer, h.notice, false, ignored);
-      fail(h.token, code, message);
-    }
-  };
-  if (!reason.empty()) return failAll("TANDEM_REMOTE_DISCONNECTED", reason);
-  if (!stream) return failAll("TANDEM_REMOTE_DISCONNECTED", "the peer's stream is gone");
-  setDevice(b.device);
-  CUresult r;
-  if (b.sizes.size() == 1) {
-    r = cuda_->cuMemcpyAsync(b.dsts[0], b.srcs[0], b.sizes[0], stream);
-  } else {
-    CUmemcpyAttributes attr{};
-    attr.srcAccessOrder = CU_MEMCPY_SRC_ACCESS_ORDER_STREAM;
-    size_t attrIndex = 0;
-    size_t failed = SIZE_MAX;
-    r = cuda_->cuMemcpyBatchAsync(b.dsts.data(), b.srcs.data(), b.sizes.data(), b.sizes.size(), &attr, &attrIndex, 1,
-                                  &failed, stream);
-  }
-  if (r != CUDA_SUCCESS) {
-    cuda_->cuStreamSynchronize(stream);  // whatever of it was submitted, before the posts are reported failed
-    return failAll("TANDEM_CUDA_ERROR", "cuda-ipc copy failed: " + cuda_->describe(r));
-  }
-  // Each post's notification, committed by the stream after the copies where the peer polls.
-  const CUdeviceptr ringDevice = peer.numbered ? ringOnDevice(peer) : 0;
-  std::vector<std::function<void(CUresult, float)>> dones;
-  for (auto& h : b.posts) {
-    if (ringDevice && !streamCommit(peer, h.notice, stream, ringDevice)) {
-      std::lock_guard<std::mutex> lock(peer.mutex);
-      peer.ringOnDevice = 0;
-    }
-    dones.push_back(cudaDone(h.plan, h.token, Plan::kCopyEngine, std::move(h.notice)));
-  }
-  CUevent event = takeEvent(b.device);
-  CUresult rec = event ? CUDA_SUCCESS : cuda_->cuEventCreate(&event, CU_EVENT_DISABLE_TIMING);
-  if (rec == CUDA_SUCCESS) rec = cuda_->cuEventRecord(event, stream);
-  if (rec != CUDA_SUCCESS) {
-    cuda_->cuStreamSynchronize(stream);
-    if (event) cuda_->cuEventDestroy(event);
-    for (auto& d : dones) d(rec, -1);
-    return;
-  }
-  if (b.posts.size() > 1) coalescedPosts_.fetch_add(b.posts.size(), std::memory_order_relaxed);
-  track(Inflight{event, b.device, nullptr,
-                 [dones = std::move(dones)](CUresult result, float) {
-                   for (auto& d : dones) d(result, -1);
-                 },
-                 std::move(b.peer)});
-}
-
 void Agent::releasePeer(Peer& peer) {
-  flushHeld(peer);  // issued before the stream goes (or failed, for a dead peer)
   const bool otherProcess = peer.d.pid != static_cast<uint32_t>(getpid());
   const bool cuda = cuda_ && cuda_->available && !contexts_.empty();
   CUstream stream = nullptr;
@@ -1987,7 +1897,6 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
   Peer& peer = *plan->peer;
   setDevice(plan->localDevice);
   if (!peer.stream || peer.streamDevice != plan->localDevice) {
-    flushHeld(peer);  // onto the stream they were held for
     CUstream old = nullptr;
     {
       std::lock_guard<std::mutex> lock(peer.mutex);
@@ -2095,49 +2004,6 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
       table = chunkTables_.emplace(plan->id, t).first;
     }
   }
-  // While the peer's stream has kHoldBehind entries in flight, a post settled on the copy engines waits, to go
-  // with the others that come meanwhile in one batched call when fewer are left: each separate copy costs the
-  // GPU about 2.5 us besides its bytes, a batch 3 - 4 us in all (bench/micro/ce_scatter.cu). Any other post
-  // for the peer first issues what is held, in post order.
-  constexpr size_t kHoldMaxCopies = 256;
-  if (use == Plan::kCopyEngine && !timed && coalesceOn_ && cuda_->cuMemcpyBatchAsync && plan->deviceToDevice) {
-    auto busy = onStream_.find(&peer);
-    auto held = held_.find(&peer);
-    const size_t heldCopies = held == held_.end() ? 0 : held->second.sizes.size();
-    // The copies of one batch run in any order, at once: a post that writes what a held one reads or
-    // writes, or reads what it writes, is issued behind them (below), not held with them.
-    std::vector<std::pair<CUdeviceptr, CUdeviceptr>> mine;  // (src, dst)
-    bool hazard = false;
-    const bool busyEnough = busy != onStream_.end() && busy->second >= kHoldBehind;
-    if ((busyEnough || held != held_.end()) && heldCopies + plan->pieces.size() <= kHoldMaxCopies) {
-      for (const auto& p : plan->pieces) mine.push_back(endpoints(p));
-      if (held != held_.end()) {
-        const HeldBatch& h = held->second;
-        auto overlap = [](CUdeviceptr a, uint64_t an, CUdeviceptr b, uint64_t bn) { return a < b + bn && b < a + an; };
-        for (size_t k = 0; k < mine.size() && !hazard; ++k) {
-          const uint64_t n = plan->pieces[k].length;
-          for (size_t i = 0; i < h.sizes.size() && !hazard; ++i) {
-            hazard = overlap(mine[k].second, n, h.dsts[i], h.sizes[i]) || overlap(mine[k].second, n, h.srcs[i], h.sizes[i]) ||
-                     overlap(mine[k].first, n, h.dsts[i], h.sizes[i]);
-          }
-        }
-      }
-    }
-    if (!mine.empty() && !hazard) {
-      HeldBatch& b = held_[&peer];
-      b.peer = plan->peer;
-      b.device = plan->localDevice;
-      for (size_t k = 0; k < mine.size(); ++k) {
-        b.srcs.push_back(mine[k].first);
-        b.dsts.push_back(mine[k].second);
-        b.sizes.push_back(plan->pieces[k].length);
-      }
-      b.posts.push_back(HeldPost{plan, token, reserveNotice(peer, std::move(notif))});
-      peer.heldPosts.fetch_add(1, std::memory_order_release);
-      return;
-    }
-  }
-  flushHeld(peer);
   CUevent startEvent = nullptr;
   if (timed) {
     checkCuda(cuda_->cuEventCreate(&startEvent, 0), "cuEventCreate");
@@ -2252,7 +2118,7 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     settleNotice(plan->peer, notice, false, ignored);
     checkCuda(rec, "cuEventRecord");
   }
-  track(Inflight{event, plan->localDevice, startEvent, cudaDone(plan, token, use, std::move(notice)), plan->peer});
+  inflight_.push_back(Inflight{event, plan->localDevice, startEvent, cudaDone(plan, token, use, std::move(notice))});
 }
 
 void Agent::giveEvent(int device, CUevent event) {
@@ -2381,8 +2247,7 @@ bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std
   // Only when the progress thread is idle: in a burst of posts it issues them faster than this thread would
   // (each direct post also hands it the completion), while this thread goes on posting. A plan has
   // `direct` only once its strategy is settled on the copy engines (see runCudaIpc).
-  if (!directPostsOn_ || closing_ || peer.queuedIssues.load(std::memory_order_acquire) != 0 ||
-      peer.heldPosts.load(std::memory_order_acquire) != 0 || !progress_->idle()) {
+  if (!directPostsOn_ || closing_ || peer.queuedIssues.load(std::memory_order_acquire) != 0 || !progress_->idle()) {
     return false;
   }
   for (uint32_t id : plan->localRegionIds) {
@@ -2431,8 +2296,8 @@ bool Agent::tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std
   directPosts_.fetch_add(1, std::memory_order_relaxed);
   // The progress thread watches the event from here on (waking it overlaps the copy).
   const int use = direct->kernel ? Plan::kKernel : Plan::kCopyEngine;
-  Inflight inflight{event, plan->localDevice, nullptr, cudaDone(plan, token, use, std::move(notice)), plan->peer};
-  if (!progress_->post([this, inflight = std::move(inflight)]() mutable { track(std::move(inflight)); })) {
+  Inflight inflight{event, plan->localDevice, nullptr, cudaDone(plan, token, use, std::move(notice))};
+  if (!progress_->post([this, inflight = std::move(inflight)]() mutable { inflight_.push_back(std::move(inflight)); })) {
     fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed (the copy was issued)");
   }
   return true;

@@ -102,9 +102,6 @@ struct Peer {
   // cuda-ipc posts queued for the progress thread and not yet issued to the stream: while there are any,
   // posts cannot be issued on the caller's thread without overtaking them.
   std::atomic<int> queuedIssues{0};
-  // cuda-ipc posts the progress thread holds back to issue together (Agent::holdOrFlush): while any are
-  // held, posts cannot be issued on the caller's thread either.
-  std::atomic<int> heldPosts{0};
   // The peer polls its notifications (notify_ring.h): its ring for ours, mapped at the handshake (before
   // `connecting` clears; unchanged after), and the sequence numbers of what we send it. ringMutex keeps
   // the numbers in the order they are written (ring or socket).
@@ -255,8 +252,6 @@ class Agent {
   bool post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif, bool alone = false);
   // Posts the caller's thread issued to the GPU itself (cuda-ipc; see tryDirectCuda). For tests and stats.
   uint64_t directPosts() const { return directPosts_.load(std::memory_order_relaxed); }
-  // Posts issued to the GPU together with others, in one batched call (see Agent::flushHeld).
-  uint64_t coalescedPosts() const { return coalescedPosts_.load(std::memory_order_relaxed); }
   // cuda-ipc notifications committed by the stream after the copy (no host thread in between).
   uint64_t streamCommits() const { return streamCommits_.load(std::memory_order_relaxed); }
   void cancel(uint64_t token);
@@ -440,30 +435,8 @@ class Agent {
     int device = -1;
     CUevent start = nullptr;             // set when the work is being timed (strategy trials)
     std::function<void(CUresult, float)> done;  // CUDA_SUCCESS or the error; elapsed ms when timed
-    std::shared_ptr<Peer> peer;          // whose stream it is on (counted in onStream_)
   };
   std::deque<Inflight> inflight_;   // GPU work whose completion the progress thread polls for
-  // Coalescing (progress thread only): while a peer's stream has work in flight, posts of plans settled on
-  // the copy engines wait here, and go as one cuMemcpyBatchAsync when that work is done (or when another
-  // kind of post for the peer comes, or the batch is full).
-  struct HeldPost {
-    std::shared_ptr<Plan> plan;
-    uint64_t token = 0;
-    CudaNotice notice;
-  };
-  struct HeldBatch {
-    std::shared_ptr<Peer> peer;
-    int device = -1;
-    std::vector<HeldPost> posts;
-    std::vector<CUdeviceptr> srcs, dsts;
-    std::vector<size_t> sizes;
-  };
-  std::map<Peer*, HeldBatch> held_;
-  std::map<Peer*, int> onStream_;   // Inflight entries per peer
-  bool coalesceOn_ = true;
-  std::atomic<uint64_t> coalescedPosts_{0};
-  void track(Inflight inflight);
-  void flushHeld(Peer& peer);
   std::mutex eventMutex_;            // eventPool_ (the JS thread takes events from it too)
   std::vector<std::pair<int, CUevent>> eventPool_;
   std::atomic<uint64_t> directPosts_{0};

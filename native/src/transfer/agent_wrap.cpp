@@ -147,7 +147,6 @@ void TransferAgentWrap::Init(Napi::Env env, Napi::Object exports) {
           InstanceAccessor<&TransferAgentWrap::GetUcxReason>("ucxReason"),
           InstanceAccessor<&TransferAgentWrap::GetNcclReason>("ncclReason"),
           InstanceAccessor<&TransferAgentWrap::GetDirectPosts>("directPosts"),
-          InstanceAccessor<&TransferAgentWrap::GetCoalescedPosts>("coalescedPosts"),
           InstanceAccessor<&TransferAgentWrap::GetStreamCommits>("streamCommits"),
       });
   AddonState::of(env).transferAgentConstructor = Napi::Persistent(ctor);
@@ -507,10 +506,6 @@ Napi::Value TransferAgentWrap::GetUcxReason(const Napi::CallbackInfo& info) {
 Napi::Value TransferAgentWrap::GetNcclReason(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), agent_ ? agent_->ncclReason() : std::string());
 }
-Napi::Value TransferAgentWrap::GetCoalescedPosts(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), agent_ ? static_cast<double>(agent_->coalescedPosts()) : 0);
-}
-
 Napi::Value TransferAgentWrap::GetDirectPosts(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), agent_ ? static_cast<double>(agent_->directPosts()) : 0);
 }

@@ -75,7 +75,6 @@ class TransferAgentWrap : public Napi::ObjectWrap<TransferAgentWrap>, public Clo
   Napi::Value GetUcxReason(const Napi::CallbackInfo& info);
   Napi::Value GetNcclReason(const Napi::CallbackInfo& info);
   Napi::Value GetDirectPosts(const Napi::CallbackInfo& info);
-  Napi::Value GetCoalescedPosts(const Napi::CallbackInfo& info);
   Napi::Value GetStreamCommits(const Napi::CallbackInfo& info);
 
   std::unique_ptr<Agent> agent_;
