@@ -277,7 +277,7 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
         blocks: 1,
         seed: SEED_LOCAL,
       },
-      'after the batch',
+      'after the posts',
     );
     await target.request('fillDevice', { region: remote, seed: SEED_REMOTE });
   });
@@ -303,6 +303,56 @@ describe.skipIf(!gate.run).each(pairs)('cuda-ipc: initiator on GPU %i, target on
     // Three candidates, two timed trials each: settled by the sixth post's completion.
     expect(['kernel', 'copy-engine', 'batch']).toContain(plan.copyStrategy);
     expect(seen.has('undecided')).toBe(true);
+    await target.request('fillDevice', { region: remote, seed: SEED_REMOTE });
+  });
+
+  it('16 scattered pieces of pinned host memory to the target GPU and back go by the copy engines (the kernel is for device memory)', async () => {
+    const pinned = agent.allocPinned(32 * BLOCK);
+    fillPattern(pinned.view!, 6, 0);
+    const src = Array.from({ length: 16 }, (_, i) => (i * 7 + 3) % 32); // pinned blocks
+    const dst = Array.from({ length: 16 }, (_, i) => 400 + ((i * 5) % 16) * 2); // remote blocks, gaps between
+    const plan = (op: 'READ' | 'WRITE') =>
+      agent.prepare({
+        op,
+        peer: peer.name,
+        local: pinned,
+        remote,
+        pieces: {
+          localOffsets: Float64Array.from(src, (b) => b * BLOCK),
+          remoteOffsets: Float64Array.from(dst, (b) => b * BLOCK),
+          lengths: BLOCK,
+        },
+      });
+    const write = plan('WRITE');
+    for (let round = 0; round < 3; round++) await write.post();
+    expect(write.copyStrategy).toBe('copy-engine');
+    for (let i = 0; i < 16; i++) {
+      const r = await target.request<{ mismatches: number }>('checkDevice', {
+        region: remote,
+        offset: dst[i]! * BLOCK,
+        length: BLOCK,
+        seed: 6,
+        base: src[i]! * BLOCK,
+      });
+      expect(r.mismatches, `piece ${i}`).toBe(0);
+    }
+    pinned.view!.fill(0);
+    const read = plan('READ');
+    await read.post();
+    expect(read.copyStrategy).toBe('copy-engine');
+    const expected = new Uint8Array(32 * BLOCK);
+    fillPattern(expected, 6, 0);
+    for (const b of src) {
+      const at = b * BLOCK;
+      expect(
+        Buffer.compare(
+          Buffer.from(pinned.view!.subarray(at, at + BLOCK)),
+          Buffer.from(expected.subarray(at, at + BLOCK)),
+        ),
+        `block ${b}`,
+      ).toBe(0);
+    }
+    agent.deregister(pinned);
     await target.request('fillDevice', { region: remote, seed: SEED_REMOTE });
   });
 

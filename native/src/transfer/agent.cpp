@@ -1938,7 +1938,11 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
       // is what was measured, and host pointers have their own rules in a batch.
       constexpr uint64_t kBatchMinAverageBytes = 256 << 10;
       unsigned c = 0;
-      if (kernels && kernels->copyChunks) c |= 1u << Plan::kKernel;
+      // The kernel only between device memory: a kernel on the plan's device faulted
+      // (CUDA_ERROR_ILLEGAL_ADDRESS, which ends the context) on pinned host memory registered by an agent on
+      // GPU 1 (test/gpu/02, 2026-11-23), and a peer's host memory is only mapped, never registered. The copy
+      // engines move host memory.
+      if (kernels && kernels->copyChunks && plan->deviceToDevice) c |= 1u << Plan::kKernel;
       if (plan->pieces.size() <= kCopyEngineMaxPieces) c |= 1u << Plan::kCopyEngine;
       const bool batchable =
           cuda_->cuMemcpyBatchAsync && copyBatchOn_ && plan->deviceToDevice && !plan->pieces.empty();
