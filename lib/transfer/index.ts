@@ -259,8 +259,8 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   /**
    * How many cuda-ipc posts this process's calling thread issued to the GPU itself, without the agent's
    * thread: posts of a plan whose copy strategy is settled (the kernel, one launch; or the copy engines,
-   * at most 8 pieces), with nothing of the same peer queued ahead. The agent's thread still watches their completion (and sends their notifications, unless the
-   * stream commits them: see streamCommits).
+   * at most 8 pieces), with nothing of the same peer queued ahead. The agent's thread still watches their
+   * completion (and sends their notifications, unless the stream commits them: see streamCommits).
    */
   get directPosts(): number {
     return this.raw.directPosts;

@@ -1983,14 +1983,13 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     table = chunkTables_.find(plan->id);
     if (table == chunkTables_.end()) {
       sweepChunkTables(false);
-      const uint64_t chunkBytes = kChunkBytes;
       std::vector<unsigned long long> entries;  // (src, dst, bytes) triples
       for (const auto& p : plan->pieces) {
         auto [src, dst] = endpoints(p);
-        for (uint64_t off = 0; off < p.length; off += chunkBytes) {
+        for (uint64_t off = 0; off < p.length; off += kChunkBytes) {
           entries.push_back(src + off);
           entries.push_back(dst + off);
-          entries.push_back(std::min(chunkBytes, p.length - off));
+          entries.push_back(std::min(kChunkBytes, p.length - off));
         }
       }
       ChunkTable t;
@@ -2008,6 +2007,17 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
       table = chunkTables_.emplace(plan->id, t).first;
     }
   }
+  // Once the strategy is settled, what this post issued is kept for the caller's thread to issue again
+  // (tryDirectCuda). Only this thread writes `direct` and the epoch; the caller reads them under the peer's
+  // mutex.
+  const bool resolveDirect = !timed && (!plan->direct || plan->direct->epoch != peer.cudaEpoch);
+  auto publishDirect = [&](std::unique_ptr<Plan::Direct> direct) {
+    direct->context = contexts_.at(plan->localDevice);
+    direct->stream = peer.stream;
+    std::lock_guard<std::mutex> lock(peer.mutex);
+    direct->epoch = peer.cudaEpoch;
+    plan->direct = std::move(direct);
+  };
   CUevent startEvent = nullptr;
   if (timed) {
     checkCuda(cuda_->cuEventCreate(&startEvent, 0), "cuEventCreate");
@@ -2025,19 +2035,13 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     void* args[] = {&table->second.table, &table->second.count};
     checkCuda(cuda_->cuLaunchKernel(kernels->copyChunks, blocks, 1, 1, 512, 1, 1, 0, peer.stream, args, nullptr),
               "launch of tandem_copy_chunks");
-    // Strategy settled: later posts of this plan may launch it from the caller's thread (one call, however
-    // many pieces).
-    if (!timed && (!plan->direct || plan->direct->epoch != peer.cudaEpoch)) {
+    if (resolveDirect) {  // one launch, however many pieces
       auto direct = std::make_unique<Plan::Direct>();
-      direct->context = contexts_.at(plan->localDevice);
-      direct->stream = peer.stream;
       direct->kernel = kernels->copyChunks;
       direct->blocks = blocks;
       direct->table = table->second.table;
       direct->count = table->second.count;
-      std::lock_guard<std::mutex> lock(peer.mutex);
-      direct->epoch = peer.cudaEpoch;
-      plan->direct = std::move(direct);
+      publishDirect(std::move(direct));
     }
   } else if (use == Plan::kBatch) {
     // Calls of 2, 8, 32, 128... copies: the copy engines start once the first two are submitted, and each
@@ -2076,11 +2080,7 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
       }
     }
   } else {
-    // Few pieces, strategy settled: once resolved, later posts of this plan may be issued by the caller's
-    // thread itself (tryDirectCuda). Only this thread writes `direct` and the epoch; the caller reads them
-    // under the peer's mutex.
-    const bool resolve = !timed && plan->pieces.size() <= kDirectMaxPieces &&
-                         (!plan->direct || plan->direct->epoch != peer.cudaEpoch);
+    const bool resolve = resolveDirect && plan->pieces.size() <= kDirectMaxPieces;  // few pieces only
     std::vector<Plan::Direct::Copy> copies;
     for (const auto& p : plan->pieces) {
       auto [src, dst] = endpoints(p);
@@ -2089,12 +2089,8 @@ void Agent::runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::v
     }
     if (resolve) {
       auto direct = std::make_unique<Plan::Direct>();
-      direct->context = contexts_.at(plan->localDevice);
-      direct->stream = peer.stream;
       direct->copies = std::move(copies);
-      std::lock_guard<std::mutex> lock(peer.mutex);
-      direct->epoch = peer.cudaEpoch;
-      plan->direct = std::move(direct);
+      publishDirect(std::move(direct));
     }
   }
   // Completion: an event the progress thread polls between jobs (a host callback costs tens of

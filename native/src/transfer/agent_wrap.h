@@ -16,7 +16,6 @@ class TransferPlanWrap : public Napi::ObjectWrap<TransferPlanWrap> {
  public:
   static void Init(Napi::Env env, Napi::Object exports);
   explicit TransferPlanWrap(const Napi::CallbackInfo& info);
-  const std::shared_ptr<Plan>& plan() const { return plan_; }
 
  private:
   // post(notification?) on the plan itself: V8 checks the receiver's class (the method's signature), so
