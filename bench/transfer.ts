@@ -9,8 +9,8 @@
  *                                         and NCCL send/recv of the same total size
  *   nccl backend, across GPUs         vs  NCCL send/recv of the same total size
  *   pinned host -> device             vs  pinned host-to-device copy
- * Rows: GB/s (from the p50 post-to-resolution latency), pipelined GB/s (32 posts in flight on GPU rows, 8 on host rows), latency p50/p99, post-to-notification p50 where notified, JS-thread
- * time to prepare and to post; plus registration times. Notifications are timed twice: to a target that
+ * Rows: GB/s (from the p50 post-to-resolution latency), pipelined GB/s (32 posts in flight on GPU rows, 8 on
+ * host rows), latency p50/p99, post-to-notification p50 where notified, JS-thread time to prepare and to post; plus registration times. Notifications are timed twice: to a target that
  * takes them as events, and to a second target process made with `notifications: 'poll'` that spins on
  * takeNotifications() while the initiator posts ("polled target" rows). Prints a table, writes --json (default
  * bench-results/transfer.json) and an SVG chart (default beside the JSON).
