@@ -8,12 +8,13 @@
  *   cuda-ipc, across GPUs             vs  contiguous peer copy (cuMemcpyPeerAsync) and NVLink's rate,
  *                                         and NCCL send/recv of the same total size
  *   nccl backend, across GPUs         vs  NCCL send/recv of the same total size
- *   pinned host -> device             vs  pinned host-to-device copy
+ *   pinned host -> device and back    vs  pinned host-to-device and device-to-pinned-host copies
  * Rows: GB/s (from the p50 post-to-resolution latency), pipelined GB/s (32 posts in flight on GPU rows, 8 on
  * host rows), latency p50/p99, post-to-notification p50 where notified, JS-thread time to prepare and to post; plus registration times. Notifications are timed twice: to a target that
  * takes them as events, and to a second target process made with `notifications: 'poll'` that spins on
  * takeNotifications() while the initiator posts ("polled target" rows). Prints a table, writes --json (default
- * bench-results/transfer.json) and an SVG chart (default beside the JSON).
+ * bench-results/transfer.json) and an SVG chart (default beside the JSON), and prints the scorecard of the
+ * targets it is judged by (bench/targets.ts), also in the JSON as `targets`.
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
@@ -32,6 +33,7 @@ import {
 } from '../lib/index.js';
 import { PeerProcess } from '../test/helpers/peer.js';
 import { writeChart, type ChartPoint } from './chart.js';
+import { scoreTable, scoreTargets } from './targets.js';
 
 const { values } = parseArgs({
   options: {
@@ -557,6 +559,16 @@ if (caps.cuda.available && !values['host-only']) {
           { address: scratch0.address, device: 0 },
           { address: pinned.address, device: -1 },
         );
+  const d2hFor = (bytes: number) =>
+    bytes > pinned.size
+      ? undefined
+      : baselineRow(
+          'device-to-pinned-host copy',
+          'device->pinned',
+          bytes,
+          { address: pinned.address, device: -1 },
+          { address: scratch0.address, device: 0 },
+        );
   // NCCL send/recv GPU0 -> GPU1 on the same buffers as the peer copy: two ranks of one communicator in
   // this process (NCCL's P2P transport, as between processes), timed as nccl-tests does: a run of
   // `inFlight` operations issued back to back, wall time over the count. Issued through Tandem's
@@ -615,6 +627,7 @@ if (caps.cuda.available && !values['host-only']) {
     await d2dFor(bytes);
     await peerFor(bytes);
     await h2dFor(bytes);
+    await d2hFor(bytes);
     await ncclFor(bytes);
   }
   const link = caps.cuda.nvlink.bandwidthGBps[0]?.[1] || undefined;
@@ -726,22 +739,24 @@ if (caps.cuda.available && !values['host-only']) {
         backend: 'nccl',
       });
     }
-    await sweepPlan(
-      'gpu',
-      `cuda-ipc ${placement}`,
-      'pinned->device',
-      pinned,
-      remote,
-      'WRITE',
-      64 << 20,
-      1,
-      pinned.size,
-      undefined,
-      {
-        name: 'pinned host-to-device copy',
-        gbpsFor: h2dFor,
-      },
-    );
+    // Pinned host memory here, device memory at the target: a WRITE moves host to device, a READ back.
+    for (const op of ['WRITE', 'READ'] as const) {
+      await sweepPlan(
+        'gpu',
+        `cuda-ipc ${placement}`,
+        'pinned->device',
+        pinned,
+        remote,
+        op,
+        64 << 20,
+        1,
+        pinned.size,
+        undefined,
+        op === 'WRITE'
+          ? { name: 'pinned host-to-device copy', gbpsFor: h2dFor }
+          : { name: 'device-to-pinned-host copy', gbpsFor: d2hFor },
+      );
+    }
 
     // KV-shaped: the KV of a 4,096-token prompt (bf16, 16-token blocks).
     const shapes: [string, Omit<KvPoolSpec, 'numBlocks' | 'layout'>][] = [
@@ -857,6 +872,9 @@ if (notifyPolledOneWay) {
     `notification alone to the polled target, one way (${notifyPolledOneWay.iterations}): p50 ${notifyPolledOneWay.p50us.toFixed(1)} us, p99 ${notifyPolledOneWay.p99us.toFixed(1)} us`,
   );
 }
+const targets = scoreTargets(rows, caps.cuda.available);
+console.log(`targets${quick ? ' (--quick: fewer rows, shorter runs; the full sweep is the one to judge by)' : ''}:`);
+console.table(scoreTable(targets));
 mkdirSync(dirname(jsonFile), { recursive: true });
 writeFileSync(
   jsonFile,
@@ -869,6 +887,7 @@ writeFileSync(
       registration,
       notifyOneWay,
       notifyPolledOneWay,
+      targets,
     },
     null,
     2,
