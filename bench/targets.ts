@@ -83,14 +83,16 @@ function every(
 }
 
 /**
- * Scores the issue's targets on one run's rows. `hasGpu`: whether the host had a CUDA device (the shm
- * target is for machines without one, and is shown but not scored where there is one).
+ * Scores the issue's targets on one run's rows. `gpus`: how many CUDA devices the run used. The targets are
+ * set for a host of two NVLinked GPUs, except the shm one, which is for machines without a GPU; on other
+ * hosts a target's rows are still shown, as `not scored`.
  */
-export function scoreTargets(rows: ScoredRow[], hasGpu: boolean): TargetScore[] {
+export function scoreTargets(rows: ScoredRow[], gpus: number): TargetScore[] {
   const out: TargetScore[] = [];
   const acrossDevice = (r: ScoredRow) =>
     r.path === ACROSS && isTransfer(r) && r.memory === 'device->device' && r.section === 'gpu';
 
+  // The targets for two NVLinked GPUs.
   out.push(
     every(
       'scattered 64 KiB x 4096, cuda-ipc WRITE across GPUs: >= 95% of the peer copy',
@@ -203,8 +205,8 @@ export function scoreTargets(rows: ScoredRow[], hasGpu: boolean): TargetScore[] 
     (v) => v >= 0.8,
     pct,
   );
-  out.push(hasGpu && shm.result !== 'not measured' ? { ...shm, result: 'not scored' } : shm);
-  return out;
+  const unscored = (s: TargetScore): TargetScore => (s.result === 'not measured' ? s : { ...s, result: 'not scored' });
+  return [...(gpus >= 2 ? out : out.map(unscored)), gpus === 0 ? shm : unscored(shm)];
 }
 
 /** The scorecard as rows for console.table (the long row lists stay in the JSON). */

@@ -872,7 +872,7 @@ if (notifyPolledOneWay) {
     `notification alone to the polled target, one way (${notifyPolledOneWay.iterations}): p50 ${notifyPolledOneWay.p50us.toFixed(1)} us, p99 ${notifyPolledOneWay.p99us.toFixed(1)} us`,
   );
 }
-const targets = scoreTargets(rows, caps.cuda.available);
+const targets = scoreTargets(rows, caps.cuda.available ? caps.cuda.devices.length : 0);
 console.log(`targets${quick ? ' (--quick: fewer rows, shorter runs; the full sweep is the one to judge by)' : ''}:`);
 console.table(scoreTable(targets));
 mkdirSync(dirname(jsonFile), { recursive: true });

@@ -124,12 +124,12 @@ function passingRun(): ScoredRow[] {
   ];
 }
 
-const byTarget = (rows: ScoredRow[], hasGpu = true) =>
-  Object.fromEntries(scoreTargets(rows, hasGpu).map((s) => [s.target.split(':')[0]!.split(' >=')[0]!, s]));
+const byTarget = (rows: ScoredRow[], gpus = 2) =>
+  Object.fromEntries(scoreTargets(rows, gpus).map((s) => [s.target.split(':')[0]!.split(' >=')[0]!, s]));
 
 describe('bench:transfer targets scorecard', () => {
   it('scores every target met on a run that meets them, on the rows each target names', () => {
-    const scores = scoreTargets(passingRun(), true);
+    const scores = scoreTargets(passingRun(), 2);
     expect(scores).toHaveLength(10);
     for (const s of scores.slice(0, 9)) expect([s.target, s.result]).toEqual([s.target, 'met']);
     const t = byTarget(passingRun());
@@ -150,7 +150,7 @@ describe('bench:transfer targets scorecard', () => {
     expect(t['pinned host to device and back']!.rows).toHaveLength(2);
     // shm is judged on machines without a GPU only
     expect(t['shm']!.result).toBe('not scored');
-    expect(byTarget(passingRun(), false)['shm']!.result).toBe('met');
+    expect(byTarget(passingRun(), 0)['shm']!.result).toBe('met');
   });
 
   it('names the worst row when one row misses', () => {
@@ -168,7 +168,7 @@ describe('bench:transfer targets scorecard', () => {
         vsBaseline: 0.751,
       }),
     );
-    const t = byTarget(rows, false);
+    const t = byTarget(rows, 2);
     const kv = t['KV block-major and layer-major, cuda-ipc WRITE across GPUs']!;
     expect(kv.result).toBe('missed');
     expect(kv.measured).toBe('89.3%, 96.0%, 97.0% (2 of 3 rows met)');
@@ -176,8 +176,26 @@ describe('bench:transfer targets scorecard', () => {
     const post = t['post a 16,384-piece transfer again']!;
     expect(post.result).toBe('missed');
     expect(post.measured).toBe('worst 50.2 us (4 of 5 rows met)');
-    expect(t['shm']!.result).toBe('missed');
-    expect(t['shm']!.measured).toBe('75.1%, 103.0% (1 of 2 rows met)');
+    const shm = byTarget(rows, 0)['shm']!;
+    expect(shm.result).toBe('missed');
+    expect(shm.measured).toBe('75.1%, 103.0% (1 of 2 rows met)');
+  });
+
+  it('scores the two-GPU targets only with two GPUs, and shm only without one, showing the figures either way', () => {
+    const rows = passingRun();
+    rows.find((r) => r.pieces === 16384 && r.path === 'cuda-ipc same GPU')!.postUs = 170;
+    for (const gpus of [0, 1]) {
+      const t = byTarget(rows, gpus);
+      expect(t['post a 16,384-piece transfer again']).toMatchObject({
+        result: 'not scored',
+        measured: 'worst 170.0 us (4 of 5 rows met)',
+      });
+      expect(t['scattered 64 KiB x 4096, cuda-ipc WRITE across GPUs']!.result).toBe('not scored');
+      expect(t['shm']!.result).toBe(gpus === 0 ? 'met' : 'not scored');
+    }
+    expect(byTarget(rows, 2)['post a 16,384-piece transfer again']!.result).toBe('missed');
+    // a target with no rows stays "not measured" wherever it runs
+    expect(byTarget([], 1)['shm']!.result).toBe('not measured');
   });
 
   it('takes the best 1 MiB transfer against the 5x target, and misses below it', () => {
@@ -191,7 +209,7 @@ describe('bench:transfer targets scorecard', () => {
 
   it('says "not measured" where the run has no such rows, never "met"', () => {
     const hostOnly = passingRun().filter((r) => r.section === 'host');
-    const scores = scoreTargets(hostOnly, false);
+    const scores = scoreTargets(hostOnly, 2);
     const results = Object.fromEntries(scores.map((s) => [s.target.split(':')[0], s.result]));
     expect(results['scattered 64 KiB x 4096, cuda-ipc WRITE across GPUs']).toBe('not measured');
     expect(results['>= 5x NCCL send/recv at 1 MiB (pipelined)']).toBe('not measured');
@@ -199,7 +217,7 @@ describe('bench:transfer targets scorecard', () => {
     expect(results['same GPU across processes (largest total size)']).toBe('not measured');
     // the host rows still score what they measure
     expect(results['post a 16,384-piece transfer again']).toBe('met');
-    expect(scoreTargets([], false).every((s) => s.result === 'not measured')).toBe(true);
+    expect(scoreTargets([], 0).every((s) => s.result === 'not measured')).toBe(true);
   });
 
   it('ignores rows whose figure is missing or not finite', () => {
