@@ -37,14 +37,9 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 
-const human = (bytes: number) =>
-  bytes >= GiB && bytes % GiB === 0
-    ? `${bytes / GiB} GiB`
-    : bytes >= MiB && bytes % MiB === 0
-      ? `${bytes / MiB} MiB`
-      : bytes >= KiB && bytes % KiB === 0
-        ? `${bytes / KiB} KiB`
-        : `${bytes} B`;
+/** Bytes as bench:transfer's table writes them (binary units). */
+export const human = (b: number) =>
+  b >= GiB ? `${+(b / GiB).toFixed(2)} GiB` : b >= MiB ? `${+(b / MiB).toFixed(1)} MiB` : `${b / KiB} KiB`;
 
 export const rowName = (r: ScoredRow) => `${r.path} ${r.op} ${r.memory} ${human(r.pieceBytes)} x ${r.pieces}`;
 const pct = (x: number) => `${(x * 100).toFixed(1)}%`;

@@ -33,7 +33,7 @@ import {
 } from '../lib/index.js';
 import { PeerProcess } from '../test/helpers/peer.js';
 import { writeChart, type ChartPoint } from './chart.js';
-import { scoreTable, scoreTargets } from './targets.js';
+import { human, scoreTable, scoreTargets } from './targets.js';
 
 const { values } = parseArgs({
   options: {
@@ -86,13 +86,6 @@ let notifyPolledOneWay: { p50us: number; p99us: number; iterations: number } | u
 
 const pct = (sorted: number[], p: number) =>
   sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
-const human = (b: number) =>
-  b >= 1 << 30
-    ? `${+(b / 2 ** 30).toFixed(2)} GiB`
-    : b >= 1 << 20
-      ? `${+(b / 2 ** 20).toFixed(1)} MiB`
-      : `${b / 1024} KiB`;
-
 /** Posts `plan` repeatedly (see sample): resolution latencies, and the JS-thread time of each post() call. */
 async function timePlan(plan: { post(): Promise<void> }): Promise<{ times: number[]; postUs: number[] }> {
   // Post-to-resolution timed exactly as the baseline rows are (sample()), then the JS-thread time of the
