@@ -1,8 +1,9 @@
 import { join } from 'node:path';
 import OpenAI from 'openai';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { metric } from '../helpers/serve.js';
 import { gpuGate } from '../helpers/gpu.js';
 
 // `npm start` on a 2-GPU host: prefill worker on GPU 0, decode worker on GPU 1, both with the GPU engine; the
@@ -19,11 +20,6 @@ function graph(mode: 'disagg' | 'agg'): DeploymentGraph {
 }
 
 const quiet = () => {};
-const metric = async (d: Deployment, name: string) => {
-  const text = await (await fetch(`${d.frontend.url}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(name));
-  return line ? Number(line.split(' ').pop()) : NaN;
-};
 
 const PROMPTS = [
   'The KV cache moves from prefill to decode',
@@ -74,10 +70,17 @@ describe.skipIf(!gate.run)('disaggregated serving end to end on two GPUs', () =>
     let chunks = 0;
     for await (const chunk of stream) if (chunk.choices[0]?.delta?.content) chunks++;
     expect(chunks).toBeGreaterThan(0);
-    const remote = (await metric(disagg, 'tandem_prefills_total{where="remote"}')) - before;
+    // The prefill worker's prefillDone can reach the router after the decode worker's last token: wait for it.
+    let remote = 0;
+    await vi.waitFor(
+      async () => {
+        remote = (await metric(disagg, 'tandem_prefills_total{where="remote"}')) - before;
+        expect(remote).toBeGreaterThanOrEqual(PROMPTS.length * 2 + 1);
+      },
+      { timeout: 5000, interval: 20 },
+    );
     const bytes = await metric(disagg, 'tandem_kv_transfer_bytes_total');
     console.log(`[figure] 2-GPU serving: ${remote} remote prefills, ${bytes} KV bytes moved GPU 0 -> GPU 1`);
-    expect(remote).toBeGreaterThanOrEqual(PROMPTS.length * 2 + 1);
     expect(bytes).toBeGreaterThan(0);
     expect(await metric(agg, 'tandem_prefills_total{where="remote"}')).toBe(0);
   });

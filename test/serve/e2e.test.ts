@@ -1,8 +1,9 @@
 import { join } from 'node:path';
 import OpenAI from 'openai';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { metric, prefillCounts } from '../helpers/serve.js';
 
 // The whole serving path on CPU, as `npm start` runs it: a frontend in this process, a prefill worker
 // and a decode worker in their own processes, the KV cache written from one to the other by the transfer
@@ -18,11 +19,6 @@ function graph(mode: 'disagg' | 'agg', model = FIXTURE): DeploymentGraph {
 }
 
 const quiet = () => {};
-const metric = async (d: Deployment, name: string) => {
-  const text = await (await fetch(`${d.frontend.url}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(name));
-  return line ? Number(line.split(' ').pop()) : NaN;
-};
 
 const PROMPTS = [
   'The KV cache moves from prefill to decode',
@@ -48,8 +44,7 @@ describe('disaggregated serving end to end (CPU)', () => {
   });
 
   it('chat and completions, streaming and not, through a remote prefill', async () => {
-    const before = await metric(disagg, 'tandem_prefills_total{where="remote"}');
-    const localBefore = await metric(disagg, 'tandem_prefills_total{where="local"}');
+    const before = await prefillCounts(disagg);
     const chat = await client.chat.completions.create({
       model: FIXTURE,
       messages: [{ role: 'user', content: 'What is disaggregated serving?' }],
@@ -83,9 +78,18 @@ describe('disaggregated serving end to end (CPU)', () => {
     expect(usage?.completion_tokens).toBe(10);
     // The first two prompts are new: prefilled remotely. The third repeats the second, whose blocks the decode
     // worker may have in its prefix cache by then: too few uncached tokens are prefilled locally.
-    const remoteNow = await metric(disagg, 'tandem_prefills_total{where="remote"}');
-    expect(remoteNow).toBeGreaterThanOrEqual(before + 2);
-    expect(remoteNow - before + (await metric(disagg, 'tandem_prefills_total{where="local"}')) - localBefore).toBe(3);
+    // A remote prefill is counted when the prefill worker's prefillDone reaches the router. That message travels
+    // on the prefill worker's channel, the tokens on the decode worker's, so it can arrive after the response
+    // has ended: wait for it, boundedly.
+    let now = before;
+    await vi.waitFor(
+      async () => {
+        now = await prefillCounts(disagg);
+        expect(now.remote - before.remote + now.local - before.local).toBe(3);
+      },
+      { timeout: 5000, interval: 20 },
+    );
+    expect(now.remote - before.remote).toBeGreaterThanOrEqual(2);
     expect(await metric(disagg, 'tandem_kv_transfer_bytes_total')).toBeGreaterThan(0);
     // Each remote prefill is timed twice: the transfer alone, and the whole prefill around it.
     const remote = await metric(disagg, 'tandem_prefills_total{where="remote"}');
