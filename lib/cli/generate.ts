@@ -5,8 +5,8 @@
  * Loads the model (progress on stderr), runs one request through the engine and prints the text as it is
  * generated, or with --json one object: token ids, text, finish reason and timings.
  */
-import { BadArgumentError } from '../errors.js';
 import { openModel } from '../engine/open.js';
+import { choiceOption, numberOption, UsageError } from './args.js';
 
 export interface GenerateArgs {
   model?: string;
@@ -22,27 +22,16 @@ export interface GenerateArgs {
   json?: boolean;
 }
 
-function num(name: string, value: string | undefined, integer: boolean, min: number): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!Number.isFinite(n) || (integer && !Number.isInteger(n)) || n < min) {
-    throw new BadArgumentError(`--${name} must be ${integer ? 'an integer' : 'a number'} >= ${min} (got '${value}')`);
-  }
-  return n;
-}
-
 export async function generate(args: GenerateArgs): Promise<number> {
-  if (!args.model) throw new BadArgumentError('--model is required (a checkpoint directory or dummy:<preset>)');
-  if (args.prompt === undefined) throw new BadArgumentError('--prompt is required');
-  const maxTokens = num('max-tokens', args['max-tokens'], true, 1) ?? 64;
-  const temperature = num('temperature', args.temperature, false, 0) ?? 0;
-  const seed = num('seed', args.seed, true, 0);
-  const topP = num('top-p', args['top-p'], false, 0);
-  const topK = num('top-k', args['top-k'], true, 0);
-  const threads = num('threads', args.threads, true, 1);
-  const device = (args.device ?? 'auto') as 'cpu' | 'cuda' | 'auto';
-  if (!['cpu', 'cuda', 'auto'].includes(device))
-    throw new BadArgumentError(`--device must be cpu or cuda (got '${device}')`);
+  if (!args.model) throw new UsageError('--model is required (a checkpoint directory or dummy:<preset>)');
+  if (args.prompt === undefined) throw new UsageError('--prompt is required');
+  const maxTokens = numberOption('max-tokens', args['max-tokens'], { integer: true, min: 1 }) ?? 64;
+  const temperature = numberOption('temperature', args.temperature) ?? 0;
+  const seed = numberOption('seed', args.seed, { integer: true });
+  const topP = numberOption('top-p', args['top-p'], { max: 1 });
+  const topK = numberOption('top-k', args['top-k'], { integer: true });
+  const threads = numberOption('threads', args.threads, { integer: true, min: 1 });
+  const device = choiceOption('device', args.device, ['cpu', 'cuda', 'auto'] as const) ?? 'auto';
 
   const t0 = performance.now();
   let lastReport = 0;

@@ -8,10 +8,10 @@
  *   tandem generate ...    one request through the engine (see lib/cli/generate.ts)
  *   tandem --version
  */
-import { parseArgs } from 'node:util';
 import { capabilities } from '../capabilities/index.js';
-import { BadArgumentError, TandemError } from '../errors.js';
+import { TandemError } from '../errors.js';
 import { packageVersion } from '../version.js';
+import { parseCommandLine, UsageError } from './args.js';
 import { formatCapabilities } from './format.js';
 import { generate } from './generate.js';
 import { start } from './start.js';
@@ -20,52 +20,32 @@ const HELP = `tandem ${packageVersion}: disaggregated LLM serving for Node.js
 
 Usage:
   tandem info [--json]     report CUDA, NCCL, UCX, cuBLAS and kernel availability (and why not)
-  tandem start [--mode disagg|agg] [--port N] [--host H] [--model M]
+  tandem start [--mode disagg|agg] [--port N] [--host H] [--model M] [--api-key KEY] [--seed S]
                            serve the embedded deployment: OpenAI API on 127.0.0.1:8000, one
                            prefill and one decode worker (CPU engine, dummy:tiny by default)
-  tandem serve -f graph.yaml
+  tandem serve -f graph.yaml [--port N] [--host H] [--api-key KEY] [--seed S]
                            serve a deployment graph (YAML; see README)
   tandem generate --model <dir|dummy:preset> --prompt TEXT [--max-tokens N] [--device cpu|cuda]
-                  [--seed S] [--temperature T] [--top-p P] [--top-k K] [--chat] [--json]
+                  [--seed S] [--temperature T] [--top-p P] [--top-k K] [--threads N] [--chat] [--json]
                            generate text with the reference engine (greedy unless --temperature)
   tandem --version         print the version
   tandem --help            print this help
 
-Environment: TANDEM_LIBCUDA, TANDEM_LIBNVML, TANDEM_LIBNCCL, TANDEM_LIBUCP, TANDEM_LIBCUBLAS,
-TANDEM_LIBCUBLASLT (where to find each library), TANDEM_KERNELS (fatbin), TANDEM_ADDON (addon binary).`;
+Exit status: 0 done, 1 failed, 2 wrong command line.
+
+Environment: TANDEM_API_KEY (the API key of tandem start/serve, instead of --api-key), TANDEM_LIBCUDA,
+TANDEM_LIBNVML, TANDEM_LIBNCCL, TANDEM_LIBUCP, TANDEM_LIBCUBLAS, TANDEM_LIBCUBLASLT (where to find each
+library), TANDEM_KERNELS (fatbin), TANDEM_ADDON (addon binary).`;
 
 async function main(argv: string[]): Promise<number> {
-  const { values, positionals } = parseArgs({
-    args: argv,
-    allowPositionals: true,
-    options: {
-      json: { type: 'boolean', default: false },
-      model: { type: 'string' },
-      prompt: { type: 'string' },
-      'max-tokens': { type: 'string' },
-      device: { type: 'string' },
-      seed: { type: 'string' },
-      temperature: { type: 'string' },
-      'top-p': { type: 'string' },
-      'top-k': { type: 'string' },
-      threads: { type: 'string' },
-      chat: { type: 'boolean', default: false },
-      file: { type: 'string', short: 'f' },
-      mode: { type: 'string' },
-      host: { type: 'string' },
-      port: { type: 'string' },
-      help: { type: 'boolean', short: 'h', default: false },
-      version: { type: 'boolean', short: 'v', default: false },
-    },
-  });
+  const { command, values } = parseCommandLine(argv);
   if (values.version) {
     console.log(packageVersion);
     return 0;
   }
-  const command = positionals[0];
   if (values.help || !command) {
     console.log(HELP);
-    return command || values.help ? 0 : 1;
+    return command || values.help ? 0 : 2;
   }
   switch (command) {
     case 'info': {
@@ -76,13 +56,10 @@ async function main(argv: string[]): Promise<number> {
     case 'start':
       return start(values);
     case 'serve':
-      if (!values.file) throw new BadArgumentError('tandem serve needs -f graph.yaml (or run tandem start)');
+      if (!values.file) throw new UsageError('tandem serve needs -f graph.yaml (or run tandem start)');
       return start(values);
     case 'generate':
       return generate(values);
-    default:
-      console.error(`tandem: unknown command '${command}'\n\n${HELP}`);
-      return 2;
   }
 }
 
@@ -91,11 +68,10 @@ main(process.argv.slice(2)).then(
     process.exitCode = code;
   },
   (error: unknown) => {
-    if (error instanceof TandemError || (error instanceof Error && error.name === 'TypeError' && 'code' in error)) {
-      console.error(`tandem: ${(error as Error).message}`);
-    } else {
-      console.error('tandem:', error);
-    }
-    process.exitCode = 1;
+    // Expected failures (a wrong command line, a missing model, a busy port) are one line; anything else is a
+    // bug, printed whole.
+    if (error instanceof TandemError) console.error(`tandem: ${error.message}`);
+    else console.error('tandem:', error);
+    process.exitCode = error instanceof UsageError ? 2 : 1;
   },
 );

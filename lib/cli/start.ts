@@ -4,9 +4,9 @@
  * 127.0.0.1:8000 with one prefill and one decode worker.
  */
 import { capabilities } from '../capabilities/index.js';
-import { BadArgumentError } from '../errors.js';
-import { defaultGraph, loadGraph, type DeploymentGraph, type ServingMode } from '../serve/graph.js';
+import { defaultGraph, loadGraph, SERVING_MODES, type DeploymentGraph } from '../serve/graph.js';
 import { banner, startDeployment } from '../serve/launcher.js';
+import { choiceOption, numberOption, UsageError } from './args.js';
 
 export interface StartArgs {
   file?: string;
@@ -15,22 +15,19 @@ export interface StartArgs {
   host?: string;
   port?: string;
   seed?: string;
+  'api-key'?: string;
 }
 
 export async function start(args: StartArgs): Promise<number> {
-  const mode = args.mode as ServingMode | undefined;
-  if (mode !== undefined && mode !== 'disagg' && mode !== 'agg') {
-    throw new BadArgumentError(`--mode must be disagg or agg (got '${args.mode}')`);
-  }
-  const port = args.port === undefined ? undefined : Number(args.port);
-  if (port !== undefined && (!Number.isInteger(port) || port < 0 || port > 65535)) {
-    throw new BadArgumentError(`--port must be 0..65535 (got '${args.port}')`);
-  }
+  const mode = choiceOption('mode', args.mode, SERVING_MODES);
+  const port = numberOption('port', args.port, { integer: true, min: 0, max: 65535 });
+  const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
+  if (args.host === '') throw new UsageError('--host must not be empty');
   let graph: DeploymentGraph;
   if (args.file) {
     graph = loadGraph(args.file);
     if (mode && mode !== graph.mode)
-      throw new BadArgumentError(`--mode ${mode} differs from the graph's mode ${graph.mode}; edit the file`);
+      throw new UsageError(`--mode ${mode} differs from the graph's mode ${graph.mode}; edit the file`);
     if (port !== undefined) graph.frontend.port = port;
     if (args.host) graph.frontend.host = args.host;
   } else {
@@ -51,8 +48,6 @@ export async function start(args: StartArgs): Promise<number> {
       ...(port !== undefined ? { port } : {}),
     });
   }
-  const seed = args.seed === undefined ? 0 : Number(args.seed);
-  console.log(`tandem: starting ${graph.pools.reduce((n, p) => n + p.replicas, 0)} workers for ${graph.model} ...`);
   const deployment = await startDeployment(graph, { seed });
   console.log(banner(deployment));
   await new Promise<void>((resolve) => {
