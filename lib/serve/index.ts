@@ -37,5 +37,5 @@ export {
   type GenerationRequest,
 } from './backend.js';
 export { engineBackend } from './engine-backend.js';
-export { HttpError, startFrontend, type FrontendOptions, type RunningFrontend } from './frontend.js';
+export { HttpError, startFrontend, type FrontendOptions, type RunningFrontend } from '../frontend/index.js';
 export { METRIC_NAMES, ServeMetrics } from './metrics.js';

@@ -14,7 +14,7 @@ import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
 import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
 import type { DeploymentGraph, PoolSpec } from './graph.js';
-import { startFrontend, type RunningFrontend } from './frontend.js';
+import { startFrontend, type RunningFrontend } from '../frontend/index.js';
 import { ServeMetrics } from './metrics.js';
 import type { FromWorker, ToWorker, WorkerInit } from './protocol.js';
 import { Router } from './router.js';
@@ -234,6 +234,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       tokenizer,
       modelName: graph.model,
       contextLength: config.maxPositionEmbeddings,
+      vocabSize: config.vocabSize,
       host: graph.frontend.host,
       port: graph.frontend.port,
       metrics,

@@ -6,7 +6,11 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 
 export const METRIC_NAMES = {
-  /** Counter; labels model, endpoint (chat|completions), stream (true|false), status (success|error|canceled). */
+  /**
+   * Counter; labels model, endpoint (chat|completions), stream (true|false), status: success (answered 2xx),
+   * client_error (4xx: refused request), server_error (5xx, 503 included, or a stream that failed or was cut at
+   * shutdown), canceled (the client went away).
+   */
   requests: 'tandem_frontend_requests_total',
   /** Gauge: requests being served (accepted, not yet finished). */
   inflightRequests: 'tandem_frontend_inflight_requests',
@@ -34,7 +38,7 @@ export const METRIC_NAMES = {
   prefillQueueDepth: 'tandem_prefill_queue_depth',
 } as const;
 
-export type RequestStatus = 'success' | 'error' | 'canceled';
+export type RequestStatus = 'success' | 'client_error' | 'server_error' | 'canceled';
 export type Endpoint = 'chat' | 'completions';
 
 // Latency buckets from 1 ms to 1 min: a tiny CPU model answers in milliseconds, a long prompt on a large

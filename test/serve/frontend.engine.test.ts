@@ -1,10 +1,11 @@
 import OpenAI from 'openai';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import type { RequestHandle } from '../../lib/engine/engine.js';
 import { LlmEngine } from '../../lib/engine/llm-engine.js';
 import { BYTE_EOS_ID, BYTE_VOCAB_SIZE } from '../../lib/engine/model/tokenizer-bytes.js';
 import { byteTextTokenizer } from '../../lib/engine/tokenizer.js';
 import { engineBackend } from '../../lib/serve/engine-backend.js';
-import { startFrontend, type RunningFrontend } from '../../lib/serve/frontend.js';
+import { startFrontend, type RunningFrontend } from '../../lib/frontend/index.js';
 import { FakeRunner, referenceGreedy } from '../helpers/fake-runner.js';
 
 // The frontend over the real engine (with the deterministic fake runner): token ids, sampling parameters,
@@ -24,6 +25,7 @@ beforeAll(async () => {
     tokenizer,
     modelName: MODEL,
     contextLength: engine.info.maxModelLen,
+    vocabSize: engine.info.vocabSize,
     port: 0,
   });
   client = new OpenAI({ baseURL: `${frontend.url}/v1`, apiKey: 'unused', maxRetries: 0, timeout: 10_000 });
@@ -62,16 +64,80 @@ describe('frontend over LlmEngine', () => {
     expect(b).toBe(a.choices[0]!.text);
   });
 
-  it('a client that disconnects frees the engine request', async () => {
+  it('a client that disconnects mid-stream aborts the engine request: it ends as aborted, its blocks freed', async () => {
+    const added = vi.spyOn(engine, 'addRequest');
     runner.delayMs = 2;
     try {
       const stream = await client.completions.create({ model: MODEL, prompt: 'long', max_tokens: 400, stream: true });
       let n = 0;
       for await (const _ of stream) if (++n === 3) break;
+      const handle = added.mock.results.at(-1)!.value as RequestHandle;
+      const result = await handle.result();
+      expect(result.finishReason).toBe('abort');
+      expect(result.tokenIds.length).toBeLessThan(400);
       await idle();
-      expect(engine.stats().running).toBe(0);
+      expect(engine.stats()).toMatchObject({ running: 0, waiting: 0, usedBlocks: 0 });
     } finally {
       runner.delayMs = 0;
+      added.mockRestore();
     }
+  });
+
+  it('a client that gives up on a request not streaming aborts the engine request too', async () => {
+    const added = vi.spyOn(engine, 'addRequest');
+    runner.delayMs = 2;
+    try {
+      const controller = new AbortController();
+      const pending = client.completions.create(
+        { model: MODEL, prompt: 'long', max_tokens: 400 },
+        { signal: controller.signal },
+      );
+      // Give up once the request is running in the engine.
+      for (let i = 0; i < 1000 && added.mock.results.length === 0; i++) await new Promise((r) => setTimeout(r, 2));
+      controller.abort();
+      await expect(pending).rejects.toThrow();
+      const result = await (added.mock.results.at(-1)!.value as RequestHandle).result();
+      expect(result.finishReason).toBe('abort');
+      expect(result.tokenIds.length).toBeLessThan(400);
+      await idle();
+      expect(engine.stats().usedBlocks).toBe(0);
+    } finally {
+      runner.delayMs = 0;
+      added.mockRestore();
+    }
+  });
+
+  it('top_k 1 samples greedily; ignore_eos generates past EOS up to max_tokens', async () => {
+    const prompt = 'top k';
+    const greedy = referenceGreedy(tokenizer.encode(prompt), 8, BYTE_VOCAB_SIZE, [BYTE_EOS_ID]);
+    const r = await client.completions.create({
+      model: MODEL,
+      prompt,
+      max_tokens: 8,
+      temperature: 1,
+      top_k: 1,
+    } as OpenAI.CompletionCreateParamsNonStreaming);
+    expect(r.choices[0]!.text).toBe(tokenizer.decode(greedy));
+
+    // A prompt whose greedy continuation hits EOS early.
+    const MAX = 48;
+    let ids: number[] = [];
+    for (let i = 0; ; i++) {
+      ids = tokenizer.encode(`eos ${i}`);
+      if (referenceGreedy(ids, MAX, BYTE_VOCAB_SIZE, [BYTE_EOS_ID]).length < MAX) break;
+    }
+    const stopped = await client.completions.create({ model: MODEL, prompt: ids, max_tokens: MAX, temperature: 0 });
+    expect(stopped.choices[0]!.finish_reason).toBe('stop');
+    expect(stopped.usage!.completion_tokens).toBeLessThan(MAX);
+    const past = await client.completions.create({
+      model: MODEL,
+      prompt: ids,
+      max_tokens: MAX,
+      temperature: 0,
+      ignore_eos: true,
+    } as OpenAI.CompletionCreateParamsNonStreaming);
+    expect(past.choices[0]!.finish_reason).toBe('length');
+    expect(past.usage!.completion_tokens).toBe(MAX);
+    expect(past.choices[0]!.text).toBe(tokenizer.decode(referenceGreedy(ids, MAX, BYTE_VOCAB_SIZE, [])));
   });
 });

@@ -1,77 +1,16 @@
 import OpenAI, { APIError } from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { byteTextTokenizer } from '../../lib/engine/tokenizer.js';
-import {
-  NoWorkerAvailableError,
-  type GenerationBackend,
-  type GenerationChunk,
-  type GenerationRequest,
-  type TokenLogprobs,
-} from '../../lib/serve/backend.js';
-import { startFrontend, type RunningFrontend } from '../../lib/serve/frontend.js';
+import { NoWorkerAvailableError } from '../../lib/serve/backend.js';
+import { startFrontend, type RunningFrontend } from '../../lib/frontend/index.js';
 import { METRIC_NAMES } from '../../lib/serve/metrics.js';
+import { FakeBackend } from '../helpers/fake-backend.js';
 
 const MODEL = 'dummy:tiny';
 const CONTEXT = 256;
 const EOS = 257;
+const VOCAB = 258;
 const tokenizer = byteTextTokenizer();
-
-/**
- * Answers every prompt with `reply` (byte tokens, one per chunk), then EOS; or, with `endless`, bytes until
- * aborted. Records each request and whether its signal fired.
- */
-class FakeBackend implements GenerationBackend {
-  reply = 'Hello there! How are you?';
-  endless = false;
-  up = true;
-  failWith: Error | undefined;
-  failAfter: number | undefined;
-  delayMs = 0;
-  requests: GenerationRequest[] = [];
-  aborted: string[] = [];
-  private waiters: (() => void)[] = [];
-
-  available() {
-    return this.up;
-  }
-
-  /** Resolves once some request's signal has fired. */
-  nextAbort(): Promise<void> {
-    return new Promise((resolve) => this.waiters.push(resolve));
-  }
-
-  async *generate(req: GenerationRequest): AsyncGenerator<GenerationChunk> {
-    this.requests.push(req);
-    req.signal.addEventListener('abort', () => {
-      this.aborted.push(req.requestId);
-      for (const w of this.waiters.splice(0)) w();
-    });
-    if (this.failWith && this.failAfter === undefined) throw this.failWith;
-    const ids = [...Buffer.from(this.reply, 'utf8')];
-    const max = req.sampling.maxTokens ?? Infinity;
-    for (let i = 0; ; i++) {
-      if (req.signal.aborted) return;
-      if (this.failWith && i === this.failAfter) throw this.failWith;
-      if (this.delayMs) await new Promise((r) => setTimeout(r, this.delayMs));
-      else await Promise.resolve();
-      const id = this.endless ? 97 + (i % 26) : (ids[i] ?? EOS);
-      const logprobs: TokenLogprobs[] | undefined =
-        req.sampling.logprobs === undefined
-          ? undefined
-          : [
-              {
-                tokenId: id,
-                logprob: -0.5,
-                topTokenIds: Int32Array.from([id, 120, 121].slice(0, Math.max(1, req.sampling.logprobs))),
-                topLogprobs: Float32Array.from([-0.5, -1.5, -2.5].slice(0, Math.max(1, req.sampling.logprobs))),
-              },
-            ];
-      const finish = id === EOS ? 'stop' : i + 1 >= max ? 'length' : null;
-      yield { tokenIds: [id], ...(logprobs ? { logprobs } : {}), finishReason: finish };
-      if (finish) return;
-    }
-  }
-}
 
 let backend: FakeBackend;
 let frontend: RunningFrontend;
@@ -85,6 +24,7 @@ beforeAll(async () => {
     tokenizer,
     modelName: MODEL,
     contextLength: CONTEXT,
+    vocabSize: VOCAB,
     port: 0,
     log: (line) => logged.push(line),
   });
@@ -93,14 +33,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await frontend?.close({ drainMs: 1000 });
 });
-beforeEach(() => {
-  backend.reply = 'Hello there! How are you?';
-  backend.endless = false;
-  backend.up = true;
-  backend.failWith = undefined;
-  backend.failAfter = undefined;
-  backend.delayMs = 0;
-});
+beforeEach(() => backend.reset());
 
 const messages = [{ role: 'user' as const, content: 'Hi' }];
 const chatPromptTokens = tokenizer.encode(tokenizer.applyChatTemplate(messages), { addBos: false }).length;
@@ -409,7 +342,17 @@ describe('frontend lifecycle', () => {
       new RegExp(`${METRIC_NAMES.requests}\\{model="${MODEL}",endpoint="chat",stream="false",status="success"\\} \\d+`),
     );
     expect(r.body).toMatch(new RegExp(`${METRIC_NAMES.requests}\\{[^}]*status="canceled"\\} [1-9]`));
-    expect(r.body).toMatch(new RegExp(`${METRIC_NAMES.requests}\\{model="unknown",[^}]*status="error"\\} [1-9]`));
+    // Refused requests are client errors, a failed backend a server error: the two are told apart.
+    expect(r.body).toMatch(
+      new RegExp(`${METRIC_NAMES.requests}\\{model="unknown",[^}]*status="client_error"\\} [1-9]`),
+    );
+    expect(r.body).toMatch(
+      new RegExp(`${METRIC_NAMES.requests}\\{model="${MODEL}",[^}]*status="client_error"\\} [1-9]`),
+    );
+    expect(r.body).toMatch(
+      new RegExp(`${METRIC_NAMES.requests}\\{model="${MODEL}",[^}]*status="server_error"\\} [1-9]`),
+    );
+    expect(r.body).not.toMatch(/status="error"/);
     expect(r.body).toMatch(new RegExp(`${METRIC_NAMES.timeToFirstToken}_count\\{model="${MODEL}"\\} [1-9]`));
     expect(r.body).toMatch(new RegExp(`${METRIC_NAMES.interTokenLatency}_count\\{model="${MODEL}"\\} [1-9]`));
     expect(r.body).toMatch(new RegExp(`${METRIC_NAMES.outputTokens}\\{model="${MODEL}"\\} [1-9]`));
@@ -420,7 +363,14 @@ describe('frontend lifecycle', () => {
   });
 
   it('close() stops the server', async () => {
-    const other = await startFrontend({ backend, tokenizer, modelName: MODEL, contextLength: CONTEXT, port: 0 });
+    const other = await startFrontend({
+      backend,
+      tokenizer,
+      modelName: MODEL,
+      contextLength: CONTEXT,
+      vocabSize: VOCAB,
+      port: 0,
+    });
     expect((await fetch(`${other.url}/health`)).status).toBe(200);
     await other.close({ drainMs: 100 });
     await expect(fetch(`${other.url}/health`)).rejects.toThrow();
