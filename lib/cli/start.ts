@@ -23,6 +23,7 @@ export async function start(args: StartArgs): Promise<number> {
   const port = numberOption('port', args.port, { integer: true, min: 0, max: 65535 });
   const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
   if (args.host === '') throw new UsageError('--host must not be empty');
+  if (args['api-key'] === '') throw new UsageError('--api-key must not be empty');
   let graph: DeploymentGraph;
   if (args.file) {
     graph = loadGraph(args.file);
@@ -48,7 +49,9 @@ export async function start(args: StartArgs): Promise<number> {
       ...(port !== undefined ? { port } : {}),
     });
   }
-  const deployment = await startDeployment(graph, { seed });
+  // --api-key, else the variable the graph names (the launcher reads it), else TANDEM_API_KEY.
+  const apiKey = args['api-key'] ?? (graph.frontend.apiKeyEnv ? undefined : process.env.TANDEM_API_KEY || undefined);
+  const deployment = await startDeployment(graph, { seed, ...(apiKey !== undefined ? { apiKey } : {}) });
   console.log(banner(deployment));
   await new Promise<void>((resolve) => {
     const stop = (signal: NodeJS.Signals) => {

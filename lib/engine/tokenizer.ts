@@ -81,10 +81,10 @@ class HfTextTokenizer implements TextTokenizer {
   }
 
   decode(ids: readonly number[]): string {
-    return this.tokenizer.decode(
-      ids.filter((id) => !this.special.has(id)),
-      { skip_special_tokens: true },
-    );
+    const text = ids.filter((id) => !this.special.has(id));
+    // Only special tokens (an EOS among the top logprobs): no text. The library throws on an empty list.
+    if (text.length === 0) return '';
+    return this.tokenizer.decode(text, { skip_special_tokens: true });
   }
 
   decoder(): StreamDecoder {

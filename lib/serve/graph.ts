@@ -70,11 +70,22 @@ export interface PoolSpec {
   engine: EngineOptions;
 }
 
+export interface FrontendSpec {
+  host: string;
+  port: number;
+  /**
+   * The environment variable that holds the API key clients must send (`Authorization: Bearer <key>`). The
+   * key itself never goes in the graph file: files get committed, copied and shared. Absent: no key, unless
+   * `tandem start --api-key` or TANDEM_API_KEY gives one.
+   */
+  apiKeyEnv?: string;
+}
+
 export interface DeploymentGraph {
   /** A model directory (absolute once loaded from a file) or `dummy:<preset>`. */
   model: string;
   mode: ServingMode;
-  frontend: { host: string; port: number };
+  frontend: FrontendSpec;
   pools: PoolSpec[];
   disaggregation: DisaggregationThresholds;
 }
@@ -109,6 +120,7 @@ const nonNegativeInt = () => z.number(err(NON_NEGATIVE_INT)).int(err(NON_NEGATIV
 const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
   z.enum(values, err(`must be one of ${values.join(', ')}`));
 const MAPPING = 'must be a mapping';
+const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 const POOL_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$/;
 
 const EngineOptionsSchema = z.strictObject(
@@ -159,6 +171,10 @@ const GraphSchema = z.strictObject(
             .min(0, err('must be an integer in 0..65535'))
             .max(65535, err('must be an integer in 0..65535'))
             .default(DEFAULT_FRONTEND_PORT),
+          apiKeyEnv: z
+            .string(err('must be the name of an environment variable'))
+            .regex(ENV_NAME, err('must be the name of an environment variable (letters, digits, _)'))
+            .optional(),
         },
         err(MAPPING),
       )
@@ -187,7 +203,7 @@ interface PathIssue {
 
 const KNOWN_KEYS: Record<string, readonly string[]> = {
   root: Object.keys(GraphSchema.shape),
-  frontend: ['host', 'port'],
+  frontend: ['host', 'port', 'apiKeyEnv'],
   pool: Object.keys(PoolSchema.shape),
   engine: Object.keys(EngineOptionsSchema.shape),
   disaggregation: ['minRemotePrefillTokens', 'maxPrefillQueue'],
@@ -200,6 +216,8 @@ function knownKeysAt(path: readonly PathKey[]): readonly string[] {
 }
 
 function unknownKeyMessage(key: string, path: readonly PathKey[]): string {
+  if (path.length === 1 && path[0] === 'frontend' && /^api[-_]?key$/i.test(key))
+    return `unknown key '${key}': an API key does not belong in a graph file; put it in an environment variable and name that in apiKeyEnv`;
   const known = knownKeysAt(path);
   const near = known.find((k) => k.toLowerCase() === key.toLowerCase().replace(/[-_]/g, ''));
   return `unknown key '${key}'${near ? ` (did you mean '${near}'?)` : ` (known: ${known.join(', ')})`}`;
@@ -316,7 +334,11 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
     graph: {
       model,
       mode: parsed.mode,
-      frontend: { host: parsed.frontend.host, port: parsed.frontend.port },
+      frontend: {
+        host: parsed.frontend.host,
+        port: parsed.frontend.port,
+        ...(parsed.frontend.apiKeyEnv !== undefined ? { apiKeyEnv: parsed.frontend.apiKeyEnv } : {}),
+      },
       pools,
       disaggregation: {
         minRemotePrefillTokens: parsed.disaggregation.minRemotePrefillTokens,

@@ -2,13 +2,20 @@
  * The launcher: starts a deployment graph on this machine. One process per worker (forked, supervised:
  * a crashed worker is reported and restarted), logs prefixed by process, the control plane and the router
  * in this process, and the OpenAI-compatible frontend in front of them. `stop()` drains, then stops
- * everything; no process outlives it.
+ * everything; no process outlives it (and workers exit by themselves when the launcher dies).
+ *
+ * Start-up fails fast, before any weights load where it can: the model's config and tokenizer are read
+ * first (a missing or malformed model is a ModelConfigError naming the path), then the frontend takes its
+ * port (a busy port is a ListenError naming it), then the workers start; a worker that fails to start (its
+ * `fatal` message, or an exit before it registered) fails the whole start with its error, without restarts.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
+import { isIPv4 } from 'node:net';
 import { dirname, join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { BadArgumentError, TandemError, TimeoutError } from '../errors.js';
 import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
@@ -16,8 +23,43 @@ import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
 import type { DeploymentGraph, PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
 import { ServeMetrics } from './metrics.js';
+import type { GenerationBackend } from './backend.js';
 import type { FromWorker, ToWorker, WorkerInit } from './protocol.js';
 import { Router } from './router.js';
+
+/** First delay before restarting a crashed worker; it doubles with each crash, up to RESTART_BACKOFF_MAX_MS. */
+export const RESTART_BACKOFF_INITIAL_MS = 500;
+export const RESTART_BACKOFF_MAX_MS = 10_000;
+/**
+ * A worker that had been registered this long when it crashed counts as having been healthy: its restart
+ * delay starts over from RESTART_BACKOFF_INITIAL_MS (a crash a day must not cost 10 s of downtime each).
+ */
+export const RESTART_BACKOFF_RESET_MS = 60_000;
+/** Default bound on a worker's start-up (loading the model included). */
+export const DEFAULT_WORKER_START_TIMEOUT_MS = 120_000;
+
+/** The delay before restart number `restarts + 1` of a worker. */
+export function restartDelayMs(restarts: number): number {
+  return Math.min(RESTART_BACKOFF_MAX_MS, RESTART_BACKOFF_INITIAL_MS * 2 ** Math.min(restarts, 5));
+}
+
+/** A worker failed to start (its error, or the signal or exit code it died of); the deployment did not start. */
+export class WorkerStartError extends TandemError {
+  constructor(
+    readonly worker: string,
+    message: string,
+    code = 'TANDEM_WORKER_START_FAILED',
+  ) {
+    super(code, `worker ${worker} failed to start: ${message}`);
+  }
+}
+
+/** The frontend cannot listen where the graph says (the port is taken, or needs privileges). */
+export class ListenError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_LISTEN_FAILED', message);
+  }
+}
 
 export interface DeploymentOptions {
   /** Where log lines go (default: stdout). */
@@ -27,14 +69,47 @@ export interface DeploymentOptions {
   seed?: number;
   /** Restart crashed workers (default true). */
   restart?: boolean;
-  /** Worker start-up bound (loading the model included). Default 120 s. */
+  /** Worker start-up bound (loading the model included). Default DEFAULT_WORKER_START_TIMEOUT_MS. */
   startTimeoutMs?: number;
+  /** Registered this long, a worker's restart backoff starts over. Default RESTART_BACKOFF_RESET_MS. */
+  restartBackoffResetMs?: number;
+  /** The clock (ms) the restart backoff reads; tests inject one. Default Date.now. */
+  now?: () => number;
+  /**
+   * The API key clients must send as `Authorization: Bearer <key>` on /v1/*. Default: the environment
+   * variable the graph names in `frontend.apiKeyEnv` (which must then be set), else none.
+   */
+  apiKey?: string;
+}
+
+/** Loopback: reachable from this machine only. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.replace(/^\[|\]$/g, '').toLowerCase();
+  return h === 'localhost' || h === '::1' || (isIPv4(h) && h.startsWith('127.'));
+}
+
+/** The API key of a deployment: given, or read from the environment variable its graph names. */
+function apiKeyOf(graph: DeploymentGraph, options: DeploymentOptions): string | undefined {
+  if (options.apiKey !== undefined) {
+    if (options.apiKey === '') throw new BadArgumentError('the API key must not be empty');
+    return options.apiKey;
+  }
+  const name = graph.frontend.apiKeyEnv;
+  if (name === undefined) return undefined;
+  const key = process.env[name];
+  // Fail closed: a graph that asks for a key never serves without one.
+  if (!key) throw new BadArgumentError(`frontend.apiKeyEnv names ${name}, which is not set (or is empty)`);
+  return key;
 }
 
 export interface Deployment {
   readonly graph: DeploymentGraph;
   readonly frontend: RunningFrontend;
   readonly controlPlane: ControlPlane;
+  /** The request plane behind the frontend (the router): requests reach the workers through it unchecked. */
+  readonly backend: GenerationBackend;
+  /** Whether /v1/* asks for an API key. */
+  readonly apiKeyRequired: boolean;
   /** Worker process ids by worker name (the current process of each). */
   pids(): Record<string, number>;
   /** Kills a worker process (tests of supervision and failover). */
@@ -55,13 +130,19 @@ function workerEntry(): { file: string; execArgv: string[] } {
 
 class WorkerProcess {
   child?: ChildProcess;
+  /** Restarts since the worker was last healthy (they set the backoff). */
   restarts = 0;
   stopping = false;
   ready = false;
-  private readyWaiters: (() => void)[] = [];
+  /** When the current process registered (the launcher's clock). */
+  readyAt?: number;
+  /** Why the current process failed to start (its `fatal` message), if it did. */
+  startError?: WorkerStartError;
+  private readyWaiters: { resolve: () => void; reject: (error: Error) => void }[] = [];
 
   constructor(
     readonly name: string,
+    readonly pool: string,
     readonly init: WorkerInit,
     private readonly onMessage: (m: FromWorker) => void,
     private readonly onExit: (code: number | null, signal: NodeJS.Signals | null) => void,
@@ -78,13 +159,17 @@ class WorkerProcess {
     });
     this.child = child;
     this.ready = false;
+    this.readyAt = undefined;
+    this.startError = undefined;
     for (const stream of [child.stdout!, child.stderr!]) {
       createInterface({ input: stream }).on('line', (line) => this.log(`[${this.name}] ${line}`));
     }
     child.on('message', (m: FromWorker) => {
       if (m.type === 'ready') {
         this.ready = true;
-        for (const w of this.readyWaiters.splice(0)) w();
+        for (const w of this.readyWaiters.splice(0)) w.resolve();
+      } else if (m.type === 'fatal') {
+        this.failStart(new WorkerStartError(this.name, m.message, m.code));
       }
       this.onMessage(m);
     });
@@ -111,14 +196,31 @@ class WorkerProcess {
     }
   }
 
+  /** The current process will not register: those waiting for it hear why (the first reason given stays). */
+  failStart(error: WorkerStartError): void {
+    this.startError ??= error;
+    for (const w of this.readyWaiters.splice(0)) w.reject(this.startError);
+  }
+
+  /** Resolves when the worker has registered; rejects when it fails to start or after `timeoutMs`. */
   waitReady(timeoutMs: number): Promise<void> {
     if (this.ready) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`${this.name} did not start within ${timeoutMs} ms`)), timeoutMs);
-      this.readyWaiters.push(() => {
-        clearTimeout(timer);
-        resolve();
-      });
+      const waiter = {
+        resolve: () => {
+          clearTimeout(timer);
+          resolve();
+        },
+        reject: (error: Error) => {
+          clearTimeout(timer);
+          reject(error);
+        },
+      };
+      const timer = setTimeout(() => {
+        this.readyWaiters = this.readyWaiters.filter((w) => w !== waiter);
+        reject(new TimeoutError(`worker ${this.name} did not start within ${timeoutMs} ms`));
+      }, timeoutMs);
+      this.readyWaiters.push(waiter);
     });
   }
 
@@ -141,6 +243,7 @@ function workerInits(graph: DeploymentGraph, options: DeploymentOptions): Worker
     for (let r = 0; r < pool.replicas; r++) {
       inits.push({
         name: `${pool.name}-${r}`,
+        pool: pool.name,
         role: pool.role,
         model: graph.model,
         device: device(pool),
@@ -160,20 +263,66 @@ function workerInits(graph: DeploymentGraph, options: DeploymentOptions): Worker
   return inits;
 }
 
-/** Starts every worker of `graph`, waits for them to register, then opens the frontend. */
+/** Why a worker process ended, as the restart counter's `reason` label. */
+function exitReason(everReady: boolean, code: number | null, signal: NodeJS.Signals | null): string {
+  if (!everReady) return 'start_failure';
+  return signal ?? `exit_${code}`;
+}
+
+/**
+ * Reads the model's config and tokenizer, opens the frontend, then starts every worker of `graph` and waits
+ * for them to register. Whatever fails stops what was started and rejects with that error.
+ */
 export async function startDeployment(graph: DeploymentGraph, options: DeploymentOptions = {}): Promise<Deployment> {
   const log = options.log ?? ((line: string) => console.log(line));
+  const now = options.now ?? Date.now;
+  const healthyMs = options.restartBackoffResetMs ?? RESTART_BACKOFF_RESET_MS;
   const heartbeatMs = options.heartbeatMs ?? 1000;
+  // The model first: a wrong path or a broken config is reported before any process starts.
+  const config = isDummyModel(graph.model) ? dummyConfig(graph.model) : loadModelConfig(graph.model);
+  const tokenizer = modelTokenizer(graph.model, config);
+  const apiKey = apiKeyOf(graph, options);
+  if (apiKey === undefined && !isLoopbackHost(graph.frontend.host))
+    log(
+      `[launcher] WARNING: the API on ${graph.frontend.host} is reachable from other machines and has no ` +
+        'authentication: anyone who reaches it can use it. Set an API key (--api-key, TANDEM_API_KEY, or ' +
+        'frontend.apiKeyEnv in the graph).',
+    );
+
   const controlPlane = new EmbeddedControlPlane(Math.max(5 * heartbeatMs, 3000));
   const metrics = new ServeMetrics();
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
   const router = new Router(controlPlane, send, graph.mode, metrics);
+  /** Set once every worker has registered: from then on a crashed worker is restarted. */
+  let started = false;
   let stopping = false;
+
+  // The port before the workers: a busy port is found before any weights load (it answers 503 until then).
+  let frontend: RunningFrontend;
+  try {
+    frontend = await startFrontend({
+      backend: router,
+      tokenizer,
+      modelName: graph.model,
+      contextLength: config.maxPositionEmbeddings,
+      vocabSize: config.vocabSize,
+      host: graph.frontend.host,
+      port: graph.frontend.port,
+      ...(apiKey !== undefined ? { apiKey } : {}),
+      metrics,
+      log: (line) => log(`[frontend] ${line}`),
+    });
+  } catch (error) {
+    controlPlane.close();
+    throw listenError(error, graph.frontend.host, graph.frontend.port);
+  }
 
   controlPlane.on('added', (w) => {
     const reg = w.registration;
     log(`[launcher] ${reg.name} registered (${reg.role}, ${reg.device}, ${reg.numBlocks} KV blocks, pid ${reg.pid})`);
+    const wp = workers.get(reg.name);
+    if (wp) metrics.workerKvBlocks(reg.name, wp.pool, reg.numBlocks - w.load.freeBlocks, reg.numBlocks);
     // Every worker learns every other's transfer agent, so that prefill can write into decode's pool.
     for (const other of controlPlane.workers()) {
       if (other.registration.name === reg.name) continue;
@@ -183,25 +332,51 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   });
   controlPlane.on('removed', (name, reason) => {
     if (!stopping) log(`[launcher] ${name} dropped: ${reason}`);
+    metrics.dropWorker(name);
     for (const other of controlPlane.workers()) send(other.registration.name, { type: 'peerGone', name });
   });
 
   for (const init of workerInits(graph, options)) {
+    const pool = init.pool;
     const wp: WorkerProcess = new WorkerProcess(
       init.name,
+      pool,
       init,
       (m) => {
-        if (m.type === 'ready') controlPlane.register(m.registration);
-        else if (m.type === 'heartbeat') controlPlane.heartbeat(m.name, m.load);
-        else if (m.type === 'fatal') log(`[launcher] ${init.name} failed to start: ${m.message}`);
+        if (m.type === 'ready') {
+          wp.readyAt = now();
+          controlPlane.register(m.registration);
+        } else if (m.type === 'heartbeat') {
+          controlPlane.heartbeat(m.name, m.load);
+          const live = controlPlane.get(m.name);
+          if (live) {
+            const total = live.registration.numBlocks;
+            metrics.workerKvBlocks(m.name, pool, total - m.load.freeBlocks, total);
+          }
+        } else if (m.type === 'fatal') log(`[launcher] ${init.name} failed to start: ${m.message}`);
         else router.onMessage(init.name, m);
       },
       (code, signal) => {
+        const everReady = wp.readyAt !== undefined;
         controlPlane.remove(init.name, `process exited (${signal ?? `code ${code}`})`);
         if (stopping || wp.stopping) return;
-        log(`[launcher] ${init.name} exited unexpectedly (${signal ?? `code ${code}`})`);
+        const how = signal ?? `code ${code}`;
+        if (!started) {
+          // Starting: no restarts; the start fails with this worker's error.
+          wp.failStart(new WorkerStartError(init.name, `its process exited (${how}) before it registered`));
+          return;
+        }
+        log(`[launcher] ${init.name} exited unexpectedly (${how})`);
         if (options.restart === false) return;
-        const delay = Math.min(10_000, 500 * 2 ** Math.min(wp.restarts, 5));
+        metrics.workerRestart(pool, exitReason(everReady, code, signal));
+        // Healthy for long enough before this crash: the backoff starts over.
+        if (everReady && now() - wp.readyAt! >= healthyMs && wp.restarts > 0) {
+          log(
+            `[launcher] ${init.name} had been up ${Math.round((now() - wp.readyAt!) / 1000)} s: restart backoff reset`,
+          );
+          wp.restarts = 0;
+        }
+        const delay = restartDelayMs(wp.restarts);
         wp.restarts++;
         log(`[launcher] restarting ${init.name} in ${delay} ms (restart ${wp.restarts})`);
         setTimeout(() => {
@@ -215,34 +390,17 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
 
   const stopWorkers = () => Promise.all([...workers.values()].map((w) => w.stop()));
   try {
+    log(
+      `[launcher] listening on ${frontend.url}; starting ${workers.size} worker${workers.size === 1 ? '' : 's'} ` +
+        `for ${graph.model} ...`,
+    );
     for (const w of workers.values()) w.start();
-    const startTimeout = options.startTimeoutMs ?? 120_000;
+    const startTimeout = options.startTimeoutMs ?? DEFAULT_WORKER_START_TIMEOUT_MS;
     await Promise.all([...workers.values()].map((w) => w.waitReady(startTimeout)));
+    started = true;
   } catch (error) {
     stopping = true;
-    await stopWorkers();
-    controlPlane.close();
-    throw error;
-  }
-
-  const config = isDummyModel(graph.model) ? dummyConfig(graph.model) : loadModelConfig(graph.model);
-  const tokenizer = modelTokenizer(graph.model, config);
-  let frontend: RunningFrontend;
-  try {
-    frontend = await startFrontend({
-      backend: router,
-      tokenizer,
-      modelName: graph.model,
-      contextLength: config.maxPositionEmbeddings,
-      vocabSize: config.vocabSize,
-      host: graph.frontend.host,
-      port: graph.frontend.port,
-      metrics,
-      log: (line) => log(`[frontend] ${line}`),
-    });
-  } catch (error) {
-    stopping = true;
-    await stopWorkers();
+    await Promise.all([frontend.close({ drainMs: 0 }), stopWorkers()]);
     controlPlane.close();
     throw error;
   }
@@ -251,6 +409,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     graph,
     frontend,
     controlPlane,
+    backend: router,
+    apiKeyRequired: apiKey !== undefined,
     pids: () => Object.fromEntries([...workers].filter(([, w]) => w.child?.pid).map(([n, w]) => [n, w.child!.pid!])),
     kill: (name, signal = 'SIGKILL') => workers.get(name)?.child?.kill(signal),
     waitReady: (name, timeoutMs = 60_000) => {
@@ -268,6 +428,20 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   };
 }
 
+/** A failure to listen, as one line naming the address (EADDRINUSE, EACCES); other errors as they are. */
+function listenError(error: unknown, host: string, port: number): unknown {
+  const code = (error as NodeJS.ErrnoException)?.code;
+  const where = `${host.includes(':') ? `[${host}]` : host}:${port}`;
+  if (code === 'EADDRINUSE')
+    return new ListenError(
+      `cannot listen on ${where}: the port is in use (stop what holds it, or pick another with --port)`,
+    );
+  if (code === 'EACCES')
+    return new ListenError(`cannot listen on ${where}: permission denied (ports below 1024 need privileges)`);
+  if (code === 'EADDRNOTAVAIL') return new ListenError(`cannot listen on ${where}: no such address on this machine`);
+  return error;
+}
+
 /** The start-up banner: the graph and where to reach it. */
 export function banner(d: Deployment): string {
   const g = d.graph;
@@ -279,10 +453,13 @@ export function banner(d: Deployment): string {
     ),
     `  workers: ${Object.entries(d.pids())
       .map(([n, pid]) => `${n} (pid ${pid})`)
-      .join(', ')}`,
-    `  OpenAI API: ${d.frontend.url}/v1  (chat/completions, completions, models)`,
+      .join(', ')}; launcher pid ${process.pid} (SIGINT or SIGTERM stops them all)`,
+    `  OpenAI API: ${d.frontend.url}/v1  (chat/completions, completions, models)` +
+      (d.apiKeyRequired ? '; API key required (Authorization: Bearer <key>)' : ''),
     `  health: ${d.frontend.url}/health   metrics: ${d.frontend.url}/metrics`,
-    `  try: curl ${d.frontend.url}/v1/chat/completions -H 'Content-Type: application/json' -d '{"model":"${g.model}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,
+    `  try: curl ${d.frontend.url}/v1/chat/completions -H 'Content-Type: application/json'` +
+      (d.apiKeyRequired ? ` -H "Authorization: Bearer $KEY"` : '') +
+      ` -d '{"model":"${g.model}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,
   ];
   return lines.join('\n');
 }

@@ -36,6 +36,14 @@ export const METRIC_NAMES = {
   prefills: 'tandem_prefills_total',
   /** Gauge: requests waiting in the prefill pool (all prefill workers). */
   prefillQueueDepth: 'tandem_prefill_queue_depth',
+  /** Counter; labels pool, reason (signal name, exit_<code>, start_failure): crashed workers restarted. */
+  workerRestarts: 'tandem_worker_restarts_total',
+  /** Gauge; labels worker, pool: KV blocks in use (by requests, or held for a transfer), from heartbeats. */
+  workerKvBlocksUsed: 'tandem_worker_kv_blocks_used',
+  /** Gauge; labels worker, pool: the worker's KV pool, in blocks. */
+  workerKvBlocksTotal: 'tandem_worker_kv_blocks_total',
+  /** Gauge; labels worker, pool: used / total KV blocks, 0..1. */
+  workerKvUsage: 'tandem_worker_kv_usage_ratio',
 } as const;
 
 export type RequestStatus = 'success' | 'client_error' | 'server_error' | 'canceled';
@@ -129,6 +137,33 @@ export class ServeMetrics {
     registers: [this.registry],
   });
 
+  private readonly workerRestarts = new Counter({
+    name: METRIC_NAMES.workerRestarts,
+    help: 'Crashed workers restarted, by pool and reason (signal, exit code, or start_failure)',
+    labelNames: ['pool', 'reason'] as const,
+    registers: [this.registry],
+  });
+  private readonly workerKvUsed = new Gauge({
+    name: METRIC_NAMES.workerKvBlocksUsed,
+    help: 'KV cache blocks in use on each worker',
+    labelNames: ['worker', 'pool'] as const,
+    registers: [this.registry],
+  });
+  private readonly workerKvTotal = new Gauge({
+    name: METRIC_NAMES.workerKvBlocksTotal,
+    help: 'KV cache blocks of each worker',
+    labelNames: ['worker', 'pool'] as const,
+    registers: [this.registry],
+  });
+  private readonly workerKvUsage = new Gauge({
+    name: METRIC_NAMES.workerKvUsage,
+    help: "Share of each worker's KV cache blocks in use, 0..1",
+    labelNames: ['worker', 'pool'] as const,
+    registers: [this.registry],
+  });
+  /** Pool of each worker with KV series, so that its series can be dropped by name. */
+  private readonly workerPools = new Map<string, string>();
+
   constructor() {
     // Series that exist before the first event, so that a scrape shows every metric from the start.
     for (const where of ['local', 'remote']) this.prefills.inc({ where }, 0);
@@ -171,6 +206,26 @@ export class ServeMetrics {
   }
   setPrefillQueueDepth(depth: number): void {
     this.prefillQueue.set(depth);
+  }
+  /** A crashed worker of `pool` is being restarted; `reason`: signal name, exit_<code> or start_failure. */
+  workerRestart(pool: string, reason: string): void {
+    this.workerRestarts.inc({ pool, reason });
+  }
+  /** A worker's KV pool as its last heartbeat (or registration) reported it. */
+  workerKvBlocks(worker: string, pool: string, used: number, total: number): void {
+    const labels = { worker, pool };
+    this.workerPools.set(worker, pool);
+    this.workerKvUsed.set(labels, used);
+    this.workerKvTotal.set(labels, total);
+    this.workerKvUsage.set(labels, total > 0 ? used / total : 0);
+  }
+  /** A worker left: its series go with it (a restarted worker registers afresh). */
+  dropWorker(worker: string): void {
+    const pool = this.workerPools.get(worker);
+    if (pool === undefined) return;
+    this.workerPools.delete(worker);
+    const labels = { worker, pool };
+    for (const gauge of [this.workerKvUsed, this.workerKvTotal, this.workerKvUsage]) gauge.remove(labels);
   }
 
   /** The Prometheus text exposition of every metric. */

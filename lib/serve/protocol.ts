@@ -13,13 +13,16 @@
  *   decode -> router      tokens ... (finishReason on the last)
  * A prefill that fails (worker gone, error) reaches decode as prefillFailed: it prefills locally instead.
  */
+import { deserialize, serialize } from 'node:v8';
 import type { KvPoolSpec } from '../kv/index.js';
 import type { FinishReason, SamplingParams, TokenLogprobs } from '../engine/engine.js';
 import type { DisaggregationThresholds } from './disagg.js';
 import type { PoolRole } from './graph.js';
 
 export interface WorkerInit {
+  /** `<pool>-<replica>`: names the process (its title, log prefix) and its registration. */
   name: string;
+  pool: string;
   role: PoolRole;
   model: string;
   device: 'cpu' | 'cuda' | 'auto';
@@ -114,11 +117,32 @@ export type FromWorker =
       error?: string;
     }
   | { type: 'localPrefill'; requestId: string }
-  | { type: 'fatal'; message: string };
+  /** The worker could not start (its model, device or KV pool); `code` is the error's (TANDEM_BAD_MODEL, ...). */
+  | { type: 'fatal'; code: string; message: string };
 
-/** The notification a prefill worker sends with its KV WRITE (JSON). */
+/** The notification a prefill worker sends with its KV WRITE (encodePrefillNotice). */
 export interface PrefillNotice {
   requestId: string;
   firstToken: number;
   logprobs?: TokenLogprobs;
+}
+
+/**
+ * A PrefillNotice as bytes, in the structured-clone format the IPC channel uses too: the first token's
+ * logprobs keep their typed arrays (topTokenIds, topLogprobs) and non-finite values, which JSON would turn
+ * into plain objects and nulls.
+ */
+export function encodePrefillNotice(notice: PrefillNotice): Uint8Array {
+  return serialize(notice);
+}
+
+/** The notice encodePrefillNotice wrote; throws on anything else. */
+export function decodePrefillNotice(bytes: Uint8Array): PrefillNotice {
+  const n = deserialize(bytes) as Partial<PrefillNotice> | null;
+  if (!n || typeof n.requestId !== 'string' || typeof n.firstToken !== 'number')
+    throw new TypeError('not a prefill notice');
+  const lp = n.logprobs;
+  if (lp !== undefined && !(lp.topTokenIds instanceof Int32Array && lp.topLogprobs instanceof Float32Array))
+    throw new TypeError(`prefill notice of ${n.requestId}: logprobs without typed top alternatives`);
+  return n as PrefillNotice;
 }

@@ -125,7 +125,11 @@ export class Router implements GenerationBackend {
     if (!s) return;
     this.streams.delete(requestId);
     this.count(s.worker, -1);
-    if (s.prefill) this.count(s.prefill, -1);
+    // A request can end before its prefill worker's prefillDone arrives (that comes on another channel).
+    if (s.prefill) {
+      this.count(s.prefill, -1);
+      this.metrics?.setPrefillQueueDepth(this.prefillQueueDepth());
+    }
     s.prefill = undefined;
   }
 

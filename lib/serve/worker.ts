@@ -4,20 +4,40 @@
  * Started by the launcher with `fork()`; `runWorker()` is its main.
  */
 import { kvPool, kvTransferPieces, type KvPoolSpec } from '../kv/index.js';
-import { TandemError } from '../errors.js';
+import { KvCacheFullError, TandemError } from '../errors.js';
 import type { EngineOutput, RequestHandle, SamplingParams } from '../engine/engine.js';
 import { CudaModelRunner } from '../engine/cuda.js';
 import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type Region } from '../transfer/index.js';
 import { shouldPrefillRemotely } from './disagg.js';
-import type { FromWorker, PrefillNotice, ToWorker, WorkerInit, WorkerRegistration } from './protocol.js';
+import {
+  decodePrefillNotice,
+  encodePrefillNotice,
+  type FromWorker,
+  type PrefillNotice,
+  type ToWorker,
+  type WorkerInit,
+  type WorkerRegistration,
+} from './protocol.js';
 
 /** A decode worker waits this long for a remote prefill before computing the prompt itself. */
 export const REMOTE_PREFILL_TIMEOUT_MS = 30_000;
 
+/** How long a worker whose launcher is gone (or that was told to stop) waits for its engine to dispose. */
+const EXIT_GRACE_MS = 5_000;
+
 function send(message: FromWorker): void {
   process.send?.(message);
+}
+
+/** The code a request's failure travels with (the frontend maps TANDEM_BAD_ARGUMENT and the like to 400). */
+function errorCode(error: unknown): string {
+  return error instanceof TandemError ? error.code : 'TANDEM_INTERNAL';
+}
+
+function errorMessage(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
 }
 
 interface PendingRemote {
@@ -72,7 +92,41 @@ class Worker {
     };
   }
 
+  /**
+   * Every message from the launcher goes through here. Whatever a request makes the engine throw (a token id
+   * outside the vocabulary, a prompt too long, bad sampling) is answered as that request's error, and the
+   * worker goes on serving every other request: a request never takes a worker down.
+   */
   handle(message: ToWorker): void {
+    try {
+      this.dispatch(message);
+    } catch (error) {
+      this.requestFailed('requestId' in message ? message.requestId : undefined, message.type, error);
+    }
+  }
+
+  /**
+   * A request failed before it had a stream: its remote prefill (if any) is forgotten and its blocks given
+   * back, and the router hears of it (`failed`, or `prefillDone` not ok for a prefill, so that the decode
+   * worker falls back to its own prefill).
+   */
+  private requestFailed(requestId: string | undefined, what: string, error: unknown): void {
+    if (requestId === undefined) {
+      process.stderr.write(`tandem worker ${this.init.name}: ${what} failed: ${errorMessage(error)}\n`);
+      return;
+    }
+    const p = this.remote.get(requestId);
+    if (p) {
+      this.remote.delete(requestId);
+      clearTimeout(p.timer);
+      this.model.engine.releaseBlocks(p.blockIds);
+    }
+    if (what === 'prefill')
+      send({ type: 'prefillDone', requestId, ok: false, bytes: 0, ms: 0, error: errorMessage(error) });
+    else send({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
+  }
+
+  private dispatch(message: ToWorker): void {
     switch (message.type) {
       case 'peer':
         this.peers.set(message.peer.name, message.peer);
@@ -133,8 +187,10 @@ class Worker {
       let alloc: { blockIds: Int32Array; cachedTokens: number } | undefined;
       try {
         alloc = engine.allocateBlocks(m.promptIds);
-      } catch {
-        alloc = undefined; // no room now: the local path queues the request instead
+      } catch (error) {
+        // No room now: the local path queues the request instead. Anything else is the request's own error.
+        if (!(error instanceof KvCacheFullError)) throw error;
+        alloc = undefined;
       }
       if (alloc) {
         const remote = shouldPrefillRemotely(
@@ -180,24 +236,32 @@ class Worker {
   private onNotice(message: Buffer): void {
     let notice: PrefillNotice;
     try {
-      notice = JSON.parse(message.toString('utf8')) as PrefillNotice;
-    } catch {
+      notice = decodePrefillNotice(message);
+    } catch (error) {
+      process.stderr.write(`tandem worker ${this.init.name}: unreadable prefill notice: ${errorMessage(error)}\n`);
       return;
     }
     const p = this.remote.get(notice.requestId);
     if (!p) return;
-    this.remote.delete(notice.requestId);
     clearTimeout(p.timer);
     if (p.aborted) {
+      this.remote.delete(notice.requestId);
       this.model.engine.releaseBlocks(p.blockIds);
       return this.finishAborted(notice.requestId);
     }
-    const handle = this.model.engine.decodeFromBlocks(
-      this.request(notice.requestId, p),
-      p.blockIds,
-      notice.firstToken,
-      notice.logprobs,
-    );
+    let handle: RequestHandle;
+    try {
+      handle = this.model.engine.decodeFromBlocks(
+        this.request(notice.requestId, p),
+        p.blockIds,
+        notice.firstToken,
+        notice.logprobs,
+      );
+    } catch (error) {
+      return this.requestFailed(notice.requestId, 'decode', error); // gives its blocks back
+    }
+    // From here the engine owns the blocks.
+    this.remote.delete(notice.requestId);
     this.stream(notice.requestId, handle);
   }
 
@@ -215,8 +279,7 @@ class Worker {
           });
         }
       } catch (error) {
-        const e = error as TandemError;
-        send({ type: 'failed', requestId, code: e.code ?? 'TANDEM_INTERNAL', message: e.message });
+        send({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
       } finally {
         this.handles.delete(requestId);
       }
@@ -271,14 +334,14 @@ class Worker {
           remote: target.kvRegion,
           pieces,
         });
-        await plan.post({ notify: JSON.stringify(notice) });
+        await plan.post({ notify: encodePrefillNotice(notice) });
       } else {
-        await this.agent.notify(target.agentName, JSON.stringify(notice));
+        await this.agent.notify(target.agentName, encodePrefillNotice(notice));
       }
       const now = performance.now();
       send({ type: 'prefillDone', requestId: m.requestId, ok: true, bytes, ms: now - t0, transferMs: now - sent });
     } catch (error) {
-      fail((error as Error).message);
+      fail(errorMessage(error));
     } finally {
       this.prefilling.delete(m.requestId);
       // They stay as prefix cache where there is room.
@@ -297,6 +360,21 @@ class Worker {
 /** The worker's main: waits for `init`, opens the model with its KV pool in shared memory, registers. */
 export async function runWorker(): Promise<void> {
   if (!process.send) throw new Error('runWorker: this process has no IPC channel (start it with fork())');
+  // `ps` and `top` show which worker this is (`tandem decode-0`), also while the model loads.
+  if (process.env.TANDEM_WORKER_NAME) process.title = `tandem ${process.env.TANDEM_WORKER_NAME}`;
+  let worker: Worker | undefined;
+  let exiting = false;
+  /** Disposes the engine (bounded: a stuck dispose does not keep the process) and exits. */
+  const exit = (code: number) => {
+    if (exiting) return;
+    exiting = true;
+    setTimeout(() => process.exit(code), EXIT_GRACE_MS).unref();
+    void (worker?.dispose() ?? Promise.resolve()).finally(() => process.exit(code));
+  };
+  // The launcher is gone (it exited, or was killed): nothing will ask for work any more. This also holds
+  // while the model is still loading.
+  process.on('disconnect', () => exit(0));
+  if (!process.connected) return exit(0); // it was gone before this process got here
   const init = await new Promise<WorkerInit>((resolve) => {
     const onMessage = (m: ToWorker) => {
       if (m.type !== 'init') return;
@@ -305,29 +383,15 @@ export async function runWorker(): Promise<void> {
     };
     process.on('message', onMessage);
   });
-  let worker: Worker | undefined;
   const early: ToWorker[] = [];
   process.on('message', (m: ToWorker) => {
-    if (m.type === 'shutdown') {
-      void (async () => {
-        await worker?.dispose();
-        process.disconnect?.();
-        process.exit(0);
-      })();
-      return;
-    }
+    if (m.type === 'shutdown') return exit(0);
     if (worker) worker.handle(m);
     else early.push(m);
   });
   // Ctrl-C reaches the whole process group: the launcher decides when workers stop (it drains first).
   process.on('SIGINT', () => {});
-  process.on('SIGTERM', () => {
-    void (worker?.dispose() ?? Promise.resolve()).finally(() => process.exit(0));
-  });
-  process.on('disconnect', () => {
-    // The launcher is gone: nothing will ask for work any more.
-    void worker?.dispose().finally(() => process.exit(0));
-  });
+  process.on('SIGTERM', () => exit(0));
   try {
     const agent = await TransferAgent.create({ name: `${init.name}-${process.pid}` });
     let region: Region | undefined;
@@ -363,7 +427,9 @@ export async function runWorker(): Promise<void> {
     send({ type: 'ready', registration: worker.registration() });
     for (const m of early.splice(0)) worker.handle(m);
   } catch (error) {
-    send({ type: 'fatal', message: (error as Error).message });
-    process.exit(1);
+    // Exit once the message is out: the launcher stops a starting deployment on it, with this message.
+    process.send({ type: 'fatal', code: errorCode(error), message: errorMessage(error) } satisfies FromWorker, () =>
+      process.exit(1),
+    );
   }
 }

@@ -100,16 +100,44 @@ describe('disaggregated serving end to end (CPU)', () => {
     );
   });
 
-  it('disaggregated and aggregated serving return identical text (greedy and seeded sampling)', async () => {
+  it('disaggregated and aggregated serving return identical responses, logprobs and top_logprobs included (greedy and seeded sampling)', async () => {
     const aggClient = new OpenAI({ baseURL: `${agg.frontend.url}/v1`, apiKey: 'none', maxRetries: 0 });
+    // Whole responses, less what names the response itself.
+    const body = <T extends { id: string; created: number }>({ id: _id, created: _created, ...rest }: T) => rest;
+    const before = await prefillCounts(disagg);
+    let requests = 0;
     for (const prompt of PROMPTS) {
       for (const sampling of [{ temperature: 0 }, { temperature: 0.9, top_p: 0.95, seed: 7 }]) {
-        const args = { model: FIXTURE, prompt, max_tokens: 24, ...sampling };
+        const args = { model: FIXTURE, prompt, max_tokens: 24, logprobs: 5, ...sampling };
         const [a, b] = await Promise.all([client.completions.create(args), aggClient.completions.create(args)]);
-        expect(a.choices[0]!.text, `${prompt} ${JSON.stringify(sampling)}`).toBe(b.choices[0]!.text);
-        expect(a.usage).toEqual(b.usage);
+        requests++;
+        expect(body(a), `${prompt} ${JSON.stringify(sampling)}`).toEqual(body(b));
+        // The first token is the prefill worker's (remote prefill): its alternatives came with the KV blocks.
+        expect(Object.keys(a.choices[0]!.logprobs!.top_logprobs![0]!).length).toBeGreaterThan(0);
       }
     }
+    // A chat request with a long prompt (most of the fixture's 256 positions), as in the issue.
+    const long = Array.from({ length: 12 }, (_, i) => `step ${i} moves the cache;`).join(' ');
+    const chat = {
+      model: FIXTURE,
+      messages: [{ role: 'user' as const, content: long }],
+      max_tokens: 8,
+      temperature: 0,
+      logprobs: true,
+      top_logprobs: 5,
+    };
+    const [a, b] = await Promise.all([client.chat.completions.create(chat), aggClient.chat.completions.create(chat)]);
+    requests++;
+    expect(a.usage!.prompt_tokens).toBeGreaterThan(150);
+    expect(body(a)).toEqual(body(b));
+    const first = a.choices[0]!.logprobs!.content![0]!;
+    expect(first.top_logprobs).toHaveLength(5);
+    expect(first.top_logprobs[0]!.logprob).toBeGreaterThanOrEqual(first.top_logprobs[4]!.logprob);
+    // Every one of them was prefilled remotely (the prefill worker reports it on its own channel: wait).
+    await vi.waitFor(async () => expect((await prefillCounts(disagg)).remote - before.remote).toBe(requests), {
+      timeout: 5000,
+      interval: 20,
+    });
     expect(await metric(agg, 'tandem_prefills_total{where="remote"}')).toBe(0);
   });
 

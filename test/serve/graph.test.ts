@@ -146,10 +146,25 @@ frontend: { port: 8000, hots: x }
     ).toBe(
       [
         "graph.yaml:6:7: pools[0].engine: unknown key 'block_size' (did you mean 'blockSize'?)",
-        "graph.yaml:9:25: frontend: unknown key 'hots' (known: host, port)",
+        "graph.yaml:9:25: frontend: unknown key 'hots' (known: host, port, apiKeyEnv)",
       ].join('\n'),
     );
     expect(errorOf(`${MINIMAL}extra: 1\n`)).toMatch(/^graph\.yaml:7:1: unknown key 'extra'/);
+  });
+
+  it('frontend.apiKeyEnv names the variable that holds the API key; a key itself is refused', () => {
+    expect(parseGraph(`${MINIMAL}frontend: { apiKeyEnv: MY_KEY_1 }\n`).frontend).toEqual({
+      host: '127.0.0.1',
+      port: 8000,
+      apiKeyEnv: 'MY_KEY_1',
+    });
+    expect(errorOf(`${MINIMAL}frontend: { apiKeyEnv: 'my key' }\n`)).toBe(
+      'graph.yaml:7:24: frontend.apiKeyEnv: must be the name of an environment variable (letters, digits, _)',
+    );
+    expect(errorOf(`${MINIMAL}frontend: { apiKey: sk-123 }\n`)).toBe(
+      "graph.yaml:7:13: frontend: unknown key 'apiKey': an API key does not belong in a graph file; put it in " +
+        'an environment variable and name that in apiKeyEnv',
+    );
   });
 
   it('reports every schema error, in document order', () => {
