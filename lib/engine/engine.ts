@@ -38,6 +38,13 @@ export interface SamplingParams {
   seed?: number;
   /** Generated tokens at most. Default: up to the engine's maxModelLen. */
   maxTokens?: number;
+  /**
+   * vLLM's min_tokens: a stop token id or stop string ends the request only once at least this many tokens
+   * precede it (the earliest stop is token minTokens + 1). At most maxTokens; default 0. A stop token sampled
+   * earlier stays in the output as an ordinary token (vLLM masks it out of sampling instead; here the rule is
+   * in the stop check, which the CPU and GPU runners share). maxTokens and the context limit still end it.
+   */
+  minTokens?: number;
   /** Generation stops after any of these ids (the id is part of the output). Add the model's EOS ids here. */
   stopTokenIds?: readonly number[];
   /**

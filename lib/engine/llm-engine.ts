@@ -137,6 +137,8 @@ interface LiveRequest {
   seq: Sequence<LiveRequest>;
   sampling: SamplerParams;
   maxTokens: number;
+  /** Stops end the request only after this many generated tokens. */
+  minTokens: number;
   stopTokenIds: Set<number> | null;
   stop: readonly string[] | null;
   stopWindow: number;
@@ -416,6 +418,9 @@ export class LlmEngine implements Engine {
     const maxTokens = s.maxTokens ?? Number.MAX_SAFE_INTEGER;
     if (!Number.isSafeInteger(maxTokens) || maxTokens < 1)
       fail(`maxTokens must be a positive integer (got ${maxTokens})`);
+    const minTokens = s.minTokens ?? 0;
+    if (!Number.isSafeInteger(minTokens) || minTokens < 0 || minTokens > maxTokens)
+      fail(`minTokens must be an integer in 0 .. maxTokens (${maxTokens}) (got ${minTokens})`);
     let stopTokenIds: Set<number> | null = null;
     if (s.stopTokenIds && s.stopTokenIds.length > 0) {
       stopTokenIds = new Set(this.checkTokens(s.stopTokenIds, 'sampling.stopTokenIds'));
@@ -440,6 +445,7 @@ export class LlmEngine implements Engine {
       seq: undefined as unknown as Sequence<LiveRequest>,
       sampling: { temperature, topK: topK < 0 ? 0 : topK, topP, seedLo, seedHi },
       maxTokens,
+      minTokens,
       stopTokenIds,
       stop,
       stopWindow,
@@ -560,10 +566,12 @@ export class LlmEngine implements Engine {
     if (lp && req.logprobList) req.logprobList.push(lp);
 
     let reason: FinishReason | null = null;
-    if (req.stopTokenIds?.has(token)) {
+    // A stop ends the request only once minTokens tokens precede it.
+    const stopsApply = seq.numGenerated > req.minTokens;
+    if (stopsApply && req.stopTokenIds?.has(token)) {
       reason = 'stop';
       req.stopReason = token;
-    } else if (req.stop) {
+    } else if (stopsApply && req.stop) {
       const from = Math.max(seq.numPromptTokens, seq.numTokens - req.stopWindow);
       let text: string;
       try {

@@ -126,6 +126,8 @@ export class Generation {
 
   /** On a stop string: the text before it (possibly ''), the request marked finished and the backend stopped. */
   private matchStop(): string | undefined {
+    // min_tokens: no stop string before that many tokens (vLLM's rule, as the engine's for stop tokens).
+    if (this.completionTokens <= (this.request.sampling.minTokens ?? 0)) return undefined;
     let at = -1;
     for (const s of this.request.stop) {
       const i = this.pending.indexOf(s);

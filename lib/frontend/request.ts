@@ -9,11 +9,13 @@
  *   token ids are integers in [0, vocabSize).
  * - max_tokens (max_completion_tokens): 1 .. contextLength - prompt tokens; default all the room left.
  * - temperature [0, 2]; top_p (0, 1]; top_k -1 (or 0: off) or >= 1; seed a safe integer.
+ * - min_tokens (vLLM's): 0 .. max_tokens (or the room left when max_tokens is absent); neither EOS nor a stop
+ *   string ends the request before min_tokens tokens.
  * - stop: a string or at most 4 strings, none empty.
  * - chat logprobs true with top_logprobs 0 .. 20; completions logprobs 0 .. 5.
  * - stream_options only with stream: true.
  * - Parameters that change the output and that Tandem does not implement (n, best_of, penalties, logit_bias,
- *   min_p, min_tokens, echo, suffix, tools, ...) are refused with `unsupported_value` unless at their no-op
+ *   min_p, echo, suffix, tools, ...) are refused with `unsupported_value` unless at their no-op
  *   value. Fields no rule names are ignored (clients send extras).
  */
 import { randomUUID } from 'node:crypto';
@@ -87,6 +89,8 @@ const SamplingFields = {
   ),
   /** vLLM's extension: generate past EOS, up to max_tokens. */
   ignore_eos: optional(z.boolean()),
+  /** vLLM's extension: no stop (EOS, stop string) ends the request before this many tokens. */
+  min_tokens: optional(int().min(0)),
   user: optional(z.string()),
   // Not implemented: typed here so that a wrong type is invalid_value, refused below unless a no-op.
   n: optional(int().min(1)),
@@ -95,7 +99,6 @@ const SamplingFields = {
   logit_bias: optional(z.record(z.string(), z.number())),
   repetition_penalty: optional(z.number().gt(0)),
   min_p: optional(z.number().min(0).max(1)),
-  min_tokens: optional(int().min(0)),
   use_beam_search: optional(z.boolean()),
 };
 
@@ -149,7 +152,6 @@ const NOT_IMPLEMENTED: [param: string, isNoOp: (value: unknown) => boolean, noOp
   ['frequency_penalty', (v) => v === 0, '0'],
   ['repetition_penalty', (v) => v === 1, '1'],
   ['min_p', (v) => v === 0, '0'],
-  ['min_tokens', (v) => v === 0, '0'],
   ['logit_bias', (v) => Object.keys(v as object).length === 0, 'an empty object'],
   ['use_beam_search', (v) => v === false, 'false'],
   ['echo', (v) => v === false, 'false'],
@@ -223,6 +225,12 @@ function checkPrompt(
     maxTokens: maxTokens.value ?? room,
     stopTokenIds: body.ignore_eos ? [] : model.tokenizer.eosIds,
   };
+  if (body.min_tokens != null && body.min_tokens > sampling.maxTokens!)
+    throw badRequest(
+      `min_tokens (${body.min_tokens}) must not exceed ${maxTokens.value != null ? maxTokens.param : 'the room left in the context'} (${sampling.maxTokens})`,
+      'min_tokens',
+    );
+  if (body.min_tokens) sampling.minTokens = body.min_tokens;
   if (body.top_k != null && body.top_k > 0) sampling.topK = body.top_k;
   if (body.seed != null) sampling.seed = body.seed;
   if (logprobs !== undefined) sampling.logprobs = logprobs;

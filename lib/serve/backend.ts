@@ -13,8 +13,9 @@ export interface GenerationRequest {
   requestId: string;
   promptIds: readonly number[];
   /**
-   * The frontend sets temperature, topP, seed, maxTokens, stopTokenIds (the model's EOS) and logprobs. It
-   * never sets `stop`: stop strings are matched on text, in the frontend, which aborts the request on a match.
+   * The frontend sets temperature, topP, topK, seed, maxTokens, minTokens, stopTokenIds (the model's EOS) and
+   * logprobs. It never sets `stop`: stop strings are matched on text, in the frontend, which aborts the request on
+   * a match.
    */
   sampling: SamplingParams;
   /** Fires when the client went away or the frontend stopped the request (stop string): free everything. */

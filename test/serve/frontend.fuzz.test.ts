@@ -128,7 +128,10 @@ const badCommonField: fc.Arbitrary<BadField> = fc.oneof(
   fc
     .oneof(fc.double({ min: 1.0001, max: 10, noNaN: true }), fc.constant(0))
     .map((v) => bad('repetition_penalty', { repetition_penalty: v })),
-  fc.integer({ min: 1, max: 100 }).map((v) => bad('min_tokens', { min_tokens: v })),
+  // Above the base request's max_tokens (2), negative, not an integer.
+  fc
+    .oneof(fc.integer({ min: 3, max: 100 }), fc.integer({ max: -1 }), nonInteger, notNumber)
+    .map((v) => bad('min_tokens', { min_tokens: v })),
   fc.constant(bad('use_beam_search', { use_beam_search: true })),
   fc.oneof(fc.integer(), fc.string()).map((v) => bad('ignore_eos', { ignore_eos: v })),
   // stop lists

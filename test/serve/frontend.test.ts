@@ -168,6 +168,17 @@ describe('frontend, through the openai client', () => {
     expect(s.choices[0]!.finish_reason).toBe('stop');
   });
 
+  it('min_tokens: a stop string ends the request only once min_tokens tokens precede its last token', async () => {
+    // 'Hello there! How are you?': 'How' is completed by token 16.
+    const withMin = (min_tokens: number) =>
+      client.completions.create({ model: MODEL, prompt: 'x', stop: 'How', min_tokens } as never);
+    const cut = await withMin(15);
+    expect(cut.choices[0]).toMatchObject({ text: 'Hello there! ', finish_reason: 'stop' });
+    const whole = await withMin(16);
+    expect(whole.choices[0]!.text).toBe('Hello there! How are you?');
+    expect(backend.requests.at(-1)!.sampling.minTokens).toBe(16);
+  });
+
   it('chat logprobs and top_logprobs', async () => {
     backend.reply = 'ab';
     const r = await client.chat.completions.create({ model: MODEL, messages, logprobs: true, top_logprobs: 2 });

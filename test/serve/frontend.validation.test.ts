@@ -169,6 +169,23 @@ describe('request rules at their boundaries', () => {
     refused(() => completion({ ignore_eos: 1 }), 'ignore_eos');
   });
 
+  it('min_tokens: 0 .. max_tokens (or the room left); 0 and null set nothing', () => {
+    const room = CONTEXT - 3;
+    expect(completion({ max_tokens: 5, min_tokens: 5 }).sampling).toMatchObject({ maxTokens: 5, minTokens: 5 });
+    expect(completion({ max_tokens: 5, min_tokens: 0 }).sampling.minTokens).toBeUndefined();
+    expect(completion({ min_tokens: null }).sampling.minTokens).toBeUndefined();
+    let e = refused(() => completion({ max_tokens: 5, min_tokens: 6 }), 'min_tokens');
+    expect(e.message).toBe('min_tokens (6) must not exceed max_tokens (5)');
+    expect(completion({ min_tokens: room }).sampling.minTokens).toBe(room);
+    e = refused(() => completion({ min_tokens: room + 1 }), 'min_tokens');
+    expect(e.message).toMatch(/the room left in the context \(61\)/);
+    expect(chat({ max_completion_tokens: 4, min_tokens: 4 }).sampling.minTokens).toBe(4);
+    refused(() => chat({ max_completion_tokens: 4, min_tokens: 5 }), 'min_tokens');
+    refused(() => completion({ min_tokens: -1 }), 'min_tokens');
+    refused(() => completion({ min_tokens: 1.5 }), 'min_tokens');
+    refused(() => completion({ min_tokens: '3' }), 'min_tokens');
+  });
+
   it('parameters Tandem does not implement: accepted at their no-op value, else unsupported_value', () => {
     const cases: [string, unknown, unknown, ('chat' | 'completions')[]][] = [
       ['n', 1, 2, ['chat', 'completions']],
@@ -177,7 +194,6 @@ describe('request rules at their boundaries', () => {
       ['frequency_penalty', 0, -0.5, ['chat', 'completions']],
       ['repetition_penalty', 1, 1.1, ['chat', 'completions']],
       ['min_p', 0, 0.1, ['chat', 'completions']],
-      ['min_tokens', 0, 1, ['chat', 'completions']],
       ['logit_bias', {}, { '5': 10 }, ['chat', 'completions']],
       ['use_beam_search', false, true, ['chat', 'completions']],
       ['echo', false, true, ['completions']],
