@@ -191,6 +191,15 @@ export class CudaModelRunner implements ModelRunner {
     return this.raw.cudaGraphs;
   }
 
+  /**
+   * Which attention kernels run: 'flash' (tensor-core prefill and split-context decode, native/kernels/attention.cu:
+   * head dims 64 and 128, GQA groups up to 16) or 'reference' (native/kernels/llama.cu: any shape, or
+   * TANDEM_ATTENTION=reference).
+   */
+  get attentionKernels(): 'flash' | 'reference' {
+    return this.raw.attentionKernels;
+  }
+
   /** bf16 bytes the weights take on the GPU. */
   get weightBytes(): number {
     return this.raw.weightBytes;

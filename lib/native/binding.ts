@@ -231,6 +231,7 @@ export type RawForwardArgs = readonly [
 export interface RawCudaLlama {
   readonly weightBytes: number;
   readonly cudaGraphs: { active: boolean; reason: string | null };
+  readonly attentionKernels: 'flash' | 'reference';
   readonly disposed: boolean;
   init(): Promise<void>;
   setWeight(name: string, data: Float32Array): Promise<void>;

@@ -141,6 +141,9 @@ typedef CUresult (*PFN_cuLaunchKernel)(CUfunction f, unsigned gridX, unsigned gr
                                        unsigned blockX, unsigned blockY, unsigned blockZ,
                                        unsigned sharedMemBytes, CUstream stream, void** kernelParams,
                                        void** extra);
+// CUfunction_attribute: a kernel may use more than 48 KiB of dynamic shared memory only once raised.
+enum : int { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8 };
+typedef CUresult (*PFN_cuFuncSetAttribute)(CUfunction f, int attrib, int value);
 // Stream capture into CUDA graphs (CUstreamCaptureMode: 0 global, 1 thread-local, 2 relaxed).
 enum : int { CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1 };
 typedef CUresult (*PFN_cuStreamBeginCapture)(CUstream stream, int mode);

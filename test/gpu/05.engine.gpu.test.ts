@@ -79,6 +79,14 @@ function batchOf(parts: Part[], mb: number): ForwardBatch {
 // gives on these models; 2e-2 leaves room and still catches a wrong kernel (errors of order 1).
 const BF16_TOLERANCE = 2e-2;
 
+// Attention shapes: dummy:tiny's head dim 16 runs llama.cu's kernels; head dims 64 and 128 (GQA groups 4 and 8,
+// as Llama-3 8B and 70B) run the flash kernels of attention.cu.
+const ATTENTION_SHAPES = [
+  ['head dim 16', dummyConfig('tiny'), 'reference'],
+  ['head dim 64, GQA 4', { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 }, 'flash'],
+  ['head dim 128, GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }, 'flash'],
+] as const;
+
 describe.skipIf(!gate.run)('GPU engine', () => {
   describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('matches transformers on %s', (name) => {
     const dir = join(import.meta.dirname, '..', 'fixtures', name);
@@ -114,14 +122,16 @@ describe.skipIf(!gate.run)('GPU engine', () => {
     });
   });
 
-  it.each(['block-major', 'layer-major'] as const)(
-    'agrees with the CPU engine step by step on batches of prefill chunks and decodes (%s, dummy:tiny)',
-    async (layout) => {
-      const config = dummyConfig('tiny');
+  it.each(
+    (['block-major', 'layer-major'] as const).flatMap((layout) => ATTENTION_SHAPES.map((s) => [layout, ...s] as const)),
+  )(
+    'agrees with the CPU engine step by step on batches of prefill chunks and decodes (%s, dummy:tiny, %s)',
+    async (layout, _shape, config, kernels) => {
       const numBlocks = 64;
       const cpu = await CpuModelRunner.create({ config, numBlocks, layout, threads: 2, weights: 'dummy:tiny' });
       const gpu = await CudaModelRunner.create({ config, numBlocks, layout, weights: 'dummy:tiny' });
       try {
+        expect(gpu.attentionKernels).toBe(kernels);
         // Sequence A: 70-token prompt in chunks of 40 and 30, then 5 decodes. Sequence B (joins in step 2): a
         // 20-token prompt, then decodes. Block tables deliberately out of order.
         const tableA = [9, 3, 17, 5, 40, 41];
@@ -159,21 +169,24 @@ describe.skipIf(!gate.run)('GPU engine', () => {
             expect(rel, `step at ${step.seqs[s]!.start}, sequence ${s}`).toBeLessThan(BF16_TOLERANCE);
           }
         }
-        console.log(`[figure] dummy:tiny ${layout}: GPU vs CPU worst relative logit error ${worst.toExponential(2)}`);
+        console.log(
+          `[figure] dummy:tiny ${layout}, ${_shape}: GPU vs CPU worst relative logit error ${worst.toExponential(2)}`,
+        );
       } finally {
         await Promise.all([cpu.dispose(), gpu.dispose()]);
       }
     },
   );
 
-  it.each([null, 100])(
-    'long prefill chunks (tiled attention) agree with the CPU engine (sliding window %s)',
-    async (slidingWindow) => {
-      const config = { ...dummyConfig('tiny'), slidingWindow };
+  it.each(([null, 100] as const).flatMap((window) => ATTENTION_SHAPES.map((s) => [window, ...s] as const)))(
+    'long prefill chunks agree with the CPU engine (sliding window %s, %s)',
+    async (slidingWindow, _shape, shape, kernels) => {
+      const config = { ...shape, slidingWindow };
       const numBlocks = 96;
       const cpu = await CpuModelRunner.create({ config, numBlocks, threads: 2, weights: 'dummy:tiny' });
       const gpu = await CudaModelRunner.create({ config, numBlocks, weights: 'dummy:tiny' });
       try {
+        expect(gpu.attentionKernels).toBe(kernels);
         const mb = 40;
         const tableA = Array.from({ length: mb }, (_, j) => (j * 7) % 80); // scattered, distinct
         const tableB = Array.from({ length: 4 }, (_, j) => 80 + j);
@@ -202,7 +215,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
           }
         }
         console.log(
-          `[figure] long prefill chunks (window ${slidingWindow}): GPU vs CPU worst relative logit error ${worst.toExponential(2)}`,
+          `[figure] long prefill chunks (window ${slidingWindow}, ${_shape}): GPU vs CPU worst relative logit error ${worst.toExponential(2)}`,
         );
       } finally {
         await Promise.all([cpu.dispose(), gpu.dispose()]);
@@ -210,75 +223,77 @@ describe.skipIf(!gate.run)('GPU engine', () => {
     },
   );
 
-  it('decode steps replayed as CUDA graphs equal eager steps (shapes change, scratch grows between)', async () => {
-    const config = dummyConfig('tiny');
-    const make = (cudaGraphs: boolean) =>
-      CudaModelRunner.create({ config, numBlocks: 64, weights: 'dummy:tiny', cudaGraphs });
-    const graphs = await make(true);
-    const eager = await make(false);
-    try {
-      expect(graphs.cudaGraphs).toEqual({ active: true, reason: null });
-      expect(eager.cudaGraphs.active).toBe(false);
-      // Three sequences: prefill, then decode steps over 1, 2 and 3 of them (new shapes), a long prefill in
-      // between (the scratch grows: graphs captured on the old one must not be replayed), more decodes.
-      const mb = 8;
-      const tables = [0, 1, 2].map((s) => Array.from({ length: mb }, (_, j) => s * mb + j));
-      const len = [20, 33, 7];
-      const step = (seqs: number[], ids: number[][]): ForwardBatch => {
-        const tokens: number[] = [];
-        const positions: number[] = [];
-        const seqStarts = [0];
-        const ctx: number[] = [];
-        seqs.forEach((s, i) => {
-          ids[i]!.forEach((t, k) => {
-            tokens.push(t);
-            positions.push(len[s]! + k);
+  it.each(ATTENTION_SHAPES)(
+    'decode steps replayed as CUDA graphs equal eager steps (shapes change, scratch grows between; %s)',
+    async (_shape, config) => {
+      const make = (cudaGraphs: boolean) =>
+        CudaModelRunner.create({ config, numBlocks: 64, weights: 'dummy:tiny', cudaGraphs });
+      const graphs = await make(true);
+      const eager = await make(false);
+      try {
+        expect(graphs.cudaGraphs).toEqual({ active: true, reason: null });
+        expect(eager.cudaGraphs.active).toBe(false);
+        // Three sequences: prefill, then decode steps over 1, 2 and 3 of them (new shapes), a long prefill in
+        // between (the scratch grows: graphs captured on the old one must not be replayed), more decodes.
+        const mb = 8;
+        const tables = [0, 1, 2].map((s) => Array.from({ length: mb }, (_, j) => s * mb + j));
+        const len = [20, 33, 7];
+        const step = (seqs: number[], ids: number[][]): ForwardBatch => {
+          const tokens: number[] = [];
+          const positions: number[] = [];
+          const seqStarts = [0];
+          const ctx: number[] = [];
+          seqs.forEach((s, i) => {
+            ids[i]!.forEach((t, k) => {
+              tokens.push(t);
+              positions.push(len[s]! + k);
+            });
+            len[s]! += ids[i]!.length;
+            seqStarts.push(tokens.length);
+            ctx.push(len[s]!);
           });
-          len[s]! += ids[i]!.length;
-          seqStarts.push(tokens.length);
-          ctx.push(len[s]!);
-        });
-        return {
-          tokens: Int32Array.from(tokens),
-          positions: Int32Array.from(positions),
-          seqStarts: Int32Array.from(seqStarts),
-          blockTables: Int32Array.from(seqs.flatMap((s) => tables[s]!)),
-          maxBlocksPerSeq: mb,
-          contextLens: Int32Array.from(ctx),
+          return {
+            tokens: Int32Array.from(tokens),
+            positions: Int32Array.from(positions),
+            seqStarts: Int32Array.from(seqStarts),
+            blockTables: Int32Array.from(seqs.flatMap((s) => tables[s]!)),
+            maxBlocksPerSeq: mb,
+            contextLens: Int32Array.from(ctx),
+          };
         };
-      };
-      const plan: { seqs: number[]; n: number }[] = [
-        { seqs: [0, 1, 2], n: 0 }, // prefill the starts below
-        { seqs: [0], n: 1 },
-        { seqs: [0, 1], n: 1 },
-        { seqs: [0, 1, 2], n: 1 },
-        { seqs: [0, 1], n: 1 },
-        { seqs: [2], n: 60 }, // a long chunk: the scratch grows
-        { seqs: [0, 1, 2], n: 1 },
-        { seqs: [0], n: 1 },
-      ];
-      let steps = 0;
-      const start = [...len];
-      for (const [k, p] of plan.entries()) {
-        const ids = p.seqs.map((s) =>
-          p.n === 0
-            ? Array.from({ length: start[s]! }, (_, i) => (i * 7 + s) % 250)
-            : Array.from({ length: p.n }, (_, i) => (k * 13 + s * 5 + i) % 250),
-        );
-        if (p.n === 0) p.seqs.forEach((s) => (len[s] = 0));
-        const saved = [...len];
-        const a = await graphs.forward(step(p.seqs, ids));
-        len.splice(0, len.length, ...saved);
-        const b = await eager.forward(step(p.seqs, ids));
-        expect(relativeError(a, b), `step ${k}`).toBeLessThan(1e-3);
-        steps++;
+        const plan: { seqs: number[]; n: number }[] = [
+          { seqs: [0, 1, 2], n: 0 }, // prefill the starts below
+          { seqs: [0], n: 1 },
+          { seqs: [0, 1], n: 1 },
+          { seqs: [0, 1, 2], n: 1 },
+          { seqs: [0, 1], n: 1 },
+          { seqs: [2], n: 60 }, // a long chunk: the scratch grows
+          { seqs: [0, 1, 2], n: 1 },
+          { seqs: [0], n: 1 },
+        ];
+        let steps = 0;
+        const start = [...len];
+        for (const [k, p] of plan.entries()) {
+          const ids = p.seqs.map((s) =>
+            p.n === 0
+              ? Array.from({ length: start[s]! }, (_, i) => (i * 7 + s) % 250)
+              : Array.from({ length: p.n }, (_, i) => (k * 13 + s * 5 + i) % 250),
+          );
+          if (p.n === 0) p.seqs.forEach((s) => (len[s] = 0));
+          const saved = [...len];
+          const a = await graphs.forward(step(p.seqs, ids));
+          len.splice(0, len.length, ...saved);
+          const b = await eager.forward(step(p.seqs, ids));
+          expect(relativeError(a, b), `step ${k}`).toBeLessThan(1e-3);
+          steps++;
+        }
+        expect(steps).toBe(plan.length);
+        expect(graphs.cudaGraphs.active).toBe(true);
+      } finally {
+        await Promise.all([graphs.dispose(), eager.dispose()]);
       }
-      expect(steps).toBe(plan.length);
-      expect(graphs.cudaGraphs.active).toBe(true);
-    } finally {
-      await Promise.all([graphs.dispose(), eager.dispose()]);
-    }
-  });
+    },
+  );
 
   it('rejects a malformed batch with a typed error, writes nothing, and keeps working', async () => {
     const config = dummyConfig('tiny');

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 namespace tandem::engine {
@@ -35,6 +36,15 @@ constexpr size_t kSampleChunk = 8192, kSampleMerge = 4096;
 constexpr unsigned kSampleThreads = 512;
 // tandem_llama_attention_tiled's limits (llama.cu).
 constexpr int kTiledMaxDim = 128, kTiledMaxGroup = 16;
+// The flash kernels' geometry (attention.cu, namespace tandem_attn): query rows per prefill tile, keys per
+// tile, threads, the largest GQA group, a decode split's partial-result stride (floats), and the prefill
+// kernel's dynamic shared memory (two stages of K and V tiles).
+constexpr int kFlashRows = 64, kFlashKeys = 64, kFlashMaxGroup = 16;
+constexpr unsigned kFlashThreads = 128;
+int flashPartialStride(int headDim) { return headDim + 4; }
+unsigned flashPrefillSmem(int headDim) { return 2u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
+// Decode attention is split along the context until the grid has this many CTAs per multiprocessor.
+constexpr int kFlashDecodeCtasPerSm = 2;
 // Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
 constexpr size_t kMaxGraphs = 64;
 
@@ -131,6 +141,24 @@ void CudaLlama::init() {
   fn_.siluMul = device_.function("tandem_llama_silu_mul");
   fn_.sampleChunkTop = device_.function("tandem_sample_chunk_top");
   fn_.sampleFinish = device_.function("tandem_sample_finish");
+  const CudaDriver& drv = device_.driver();
+  const int D = config_.headDim, group = config_.numHeads / config_.numKvHeads;
+  const char* attention = std::getenv("TANDEM_ATTENTION");
+  if (!(attention && std::string(attention) == "reference") && (D == 64 || D == 128) &&
+      config_.numHeads % config_.numKvHeads == 0 && group <= kFlashMaxGroup) {
+    const std::string d = std::to_string(D);
+    fn_.flashPrefill = device_.function("tandem_flash_prefill_d" + d);
+    fn_.flashDecode = device_.function("tandem_flash_decode_d" + d);
+    fn_.flashCombine = device_.function("tandem_flash_decode_combine");
+    check(drv.cuFuncSetAttribute(fn_.flashPrefill, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                 static_cast<int>(flashPrefillSmem(D))),
+          "cuFuncSetAttribute (flash prefill shared memory)");
+    flash_ = true;
+  }
+  CUdevice dev = 0;
+  check(drv.cuDeviceGet(&dev, device_.ordinal()), "cuDeviceGet");
+  check(drv.cuDeviceGetAttribute(&multiprocessors_, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
+        "cuDeviceGetAttribute (multiprocessors)");
   cublasStatus s = cublas_.create(&handle_);
   if (s != 0) {
     handle_ = nullptr;
@@ -242,6 +270,15 @@ void CudaLlama::launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned b
         "cuLaunchKernel");
 }
 
+template <typename... Args>
+void CudaLlama::launch3(CUfunction fn, unsigned gridX, unsigned gridY, unsigned gridZ, unsigned block,
+                        unsigned sharedBytes, Args... args) {
+  void* params[] = {static_cast<void*>(&args)...};
+  check(device_.driver().cuLaunchKernel(fn, gridX, gridY, gridZ, block, 1, 1, sharedBytes, device_.stream(), params,
+                                        nullptr),
+        "cuLaunchKernel");
+}
+
 // y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32: in cuBLAS's column-major terms
 // y^T (n x m) = w (k x n, transposed) . x^T (k x m).
 void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) {
@@ -285,6 +322,38 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       ints.push_back(in.blockTables[s * mb + in.positions[t] / bs]);
   ints.insert(ints.end(), in.blockTables.begin(), in.blockTables.end());
   for (size_t s = 0; s < nseq; ++s) ints.push_back(in.seqStarts[s + 1] - 1);
+  // Flash attention's plan: prefill tiles (token start, count, sequence) of up to kFlashRows tokens of one
+  // sequence, and decode rows (the token of each sequence with exactly one token in the batch), the latter
+  // split along the context so that the grid fills the GPU. A decode step's plan depends only on (sequences,
+  // blocks per sequence), the key of its CUDA graph.
+  const size_t tilesAt = ints.size();
+  size_t decodeAt = tilesAt, decodeRows = 0;
+  int splits = 1, keysPerSplit = 0;
+  if (flash_) {
+    for (size_t s = 0; s < nseq; ++s) {
+      const int32_t first = in.seqStarts[s], n = in.seqStarts[s + 1] - first;
+      if (n == 1) continue;
+      for (int32_t a = 0; a < n; a += kFlashRows) {
+        ints.push_back(first + a);
+        ints.push_back(std::min<int32_t>(kFlashRows, n - a));
+        ints.push_back(static_cast<int32_t>(s));
+      }
+    }
+    decodeAt = ints.size();
+    for (size_t s = 0; s < nseq; ++s)
+      if (in.seqStarts[s + 1] - in.seqStarts[s] == 1) ints.push_back(in.seqStarts[s]);
+    decodeRows = ints.size() - decodeAt;
+    if (decodeRows) {
+      const int ctx = c.slidingWindow > 0 ? std::min(c.slidingWindow, mb * bs) : mb * bs;
+      const int chunks = (ctx + kFlashKeys - 1) / kFlashKeys;
+      const int ctas = static_cast<int>(decodeRows) * c.numKvHeads;
+      const int want = std::max(1, (kFlashDecodeCtasPerSm * multiprocessors_ + ctas - 1) / ctas);
+      splits = std::max(1, std::min(want, chunks));
+      keysPerSplit = (chunks + splits - 1) / splits * kFlashKeys;
+      splits = (ctx + keysPerSplit - 1) / keysPerSplit;
+    }
+  }
+  const size_t flashTiles = (decodeAt - tilesAt) / 3;
 
   Carver carve;
   size_t oInts = carve.take(ints.size() * 4);
@@ -292,6 +361,8 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   size_t oQkv = carve.take(ntok * qkvDim_ * 4), oAttn = carve.take(ntok * qDim_ * 2);
   size_t oGateUp = carve.take(ntok * 2 * inter * 4), oAct = carve.take(ntok * inter * 2);
   size_t oLast = carve.take(nseq * h * 2), oLogits = carve.take(nseq * vocab * 4);
+  size_t oPartial =
+      carve.take(splits > 1 ? decodeRows * c.numHeads * splits * flashPartialStride(c.headDim) * 4 : 0);
   size_t oExtra = carve.take(extraDevice);
   size_t hostExtraAt = alignUp(ints.size() * 4);
   ensureScratch(carve.used, hostExtraAt + extraHost);
@@ -305,6 +376,7 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   CUdeviceptr dLastRows = dTables + nseq * mb * 4;
   CUdeviceptr x = base + oX, tmp = base + oTmp, xn = base + oXn, qkv = base + oQkv, attn = base + oAttn;
   CUdeviceptr gateUp = base + oGateUp, act = base + oAct, last = base + oLast, logits = base + oLogits;
+  CUdeviceptr dFlashTiles = dInts + tilesAt * 4, dDecodeRows = dInts + decodeAt * 4, partial = base + oPartial;
   CUdeviceptr kv = pool_.base, invFreq = invFreqMem_->ptr, null = 0;
 
   std::memcpy(pinned_, ints.data(), ints.size() * 4);
@@ -332,7 +404,20 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
       if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
       launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
-      if (tiled)
+      if (flash_) {
+        if (flashTiles)
+          launch3(fn_.flashPrefill, static_cast<unsigned>(flashTiles), H, 1, kFlashThreads, flashPrefillSmem(D), qkv,
+                  dPositions, dFlashTiles, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale,
+                  attn);
+        if (decodeRows) {
+          launch3(fn_.flashDecode, static_cast<unsigned>(decodeRows), KVH, static_cast<unsigned>(splits),
+                  kFlashThreads, 0, qkv, dPositions, dDecodeRows, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
+                  blockMajor, H, KVH, c.slidingWindow, scale, keysPerSplit, partial, attn);
+          if (splits > 1)
+            launch3(fn_.flashCombine, static_cast<unsigned>(decodeRows), H, 1, kFlashThreads, 0, partial,
+                    dDecodeRows, H, D, splits, attn);
+        }
+      } else if (tiled)
         launch(fn_.attentionTiled, itok, KVH, static_cast<unsigned>(group) * 32, qkv, dPositions, dTokenSeqs, dTables, mb,
                kv, l, L, nb, bs, blockMajor, H, KVH, D, c.slidingWindow, scale, attn);
       else

@@ -75,6 +75,8 @@ class CudaLlama {
   size_t weightBytes() const { return weightBytes_; }
   // Whether decode steps replay CUDA graphs; when capture failed, why (and they run eagerly).
   bool graphsActive() const { return cudaGraphs_; }
+  // Whether attention runs through the flash kernels (set by init()).
+  bool flashAttention() const { return flash_; }
   std::string graphsReason() const {
     std::lock_guard<std::mutex> lock(slotsMutex_);
     return graphsReason_;
@@ -110,6 +112,9 @@ class CudaLlama {
   void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y);
   template <typename... Args>
   void launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned block, Args... args);
+  template <typename... Args>
+  void launch3(CUfunction fn, unsigned gridX, unsigned gridY, unsigned gridZ, unsigned block, unsigned sharedBytes,
+               Args... args);
   void check(CUresult r, const char* what) const { device_.check(r, what); }
   // The layers, final norm and lm_head of one pass, on the stream (eager, or while capturing).
   void enqueueLayers(const ForwardInput& in, CUdeviceptr base, const size_t* offsets, CUdeviceptr dInts, bool capturing);
@@ -136,7 +141,12 @@ class CudaLlama {
   size_t pinnedBytes_ = 0;
   struct {
     CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, sampleChunkTop, sampleFinish;
+    CUfunction flashPrefill, flashDecode, flashCombine;  // attention.cu, for head dims 64 and 128
   } fn_{};
+  // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
+  // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).
+  std::atomic<bool> flash_{false};
+  int multiprocessors_ = 0;
   bool released_ = false;
   std::atomic<bool> cudaGraphs_{true};
   std::string graphsReason_;

@@ -40,6 +40,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceAccessor<&CudaLlamaWrap::GetWeightBytes>("weightBytes"),
                                         InstanceAccessor<&CudaLlamaWrap::GetDisposed>("disposed"),
                                         InstanceAccessor<&CudaLlamaWrap::GetCudaGraphs>("cudaGraphs"),
+                                        InstanceAccessor<&CudaLlamaWrap::GetAttentionKernels>("attentionKernels"),
                                     });
   exports.Set("CudaLlama", ctor);
 }
@@ -272,6 +273,11 @@ Napi::Value CudaLlamaWrap::GetCudaGraphs(const Napi::CallbackInfo& info) {
   std::string reason = model_ ? model_->graphsReason() : "";
   out.Set("reason", reason.empty() ? env.Null() : Napi::String::New(env, reason));
   return out;
+}
+
+// 'flash' (attention.cu) or 'reference' (llama.cu); known once init() has run.
+Napi::Value CudaLlamaWrap::GetAttentionKernels(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), model_ && model_->flashAttention() ? "flash" : "reference");
 }
 
 Napi::Value CudaLlamaWrap::GetDisposed(const Napi::CallbackInfo& info) {

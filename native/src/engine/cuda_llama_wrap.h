@@ -35,6 +35,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value GetWeightBytes(const Napi::CallbackInfo& info);
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
   Napi::Value GetCudaGraphs(const Napi::CallbackInfo& info);
+  Napi::Value GetAttentionKernels(const Napi::CallbackInfo& info);
 
   std::shared_ptr<CudaLlama> model_;
   CudaDevice* device_ = nullptr;

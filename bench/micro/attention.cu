@@ -1,0 +1,311 @@
+// Paged attention kernels against each other and against a float64 reference on the CPU: the engine's
+// tandem_llama_attention / _tiled (llama.cu) and the flash kernels (attention.cu), on Llama-3.1-8B's
+// attention shape (32 q heads, 8 kv heads, head dim 128, 16-token blocks scattered through the pool).
+// Prefill cases: one prompt of 512 / 3000 / 8192 tokens, a chunk of 1000 tokens behind 2000 cached ones, two
+// prompts in one batch, a sliding window. Decode cases: batch 1 / 16 / 64 at contexts 544 / 3032 / 8192.
+// Each case: relative L2 error of both against the reference (sampled rows), every output element written,
+// and the median time of 20 runs.
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o attention attention.cu && ./attention
+#include "micro.h"
+
+#include "../../native/kernels/attention.cu"
+#include "../../native/kernels/llama.cu"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int H = 32, KVH = 8, D = 128, BS = 16, LAYERS = 2, LAYER = 1, BLOCK_MAJOR = 1;
+constexpr int QKV = (H + 2 * KVH) * D;
+
+float bf16ToFloat(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+uint16_t floatToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+struct Seq {
+  int firstPos;  // position of the sequence's first token in this batch
+  int count;     // tokens in this batch
+};
+
+struct Case {
+  std::string name;
+  std::vector<Seq> seqs;
+  int window = 0;
+};
+
+struct Batch {
+  int ntok = 0, nseq = 0, mb = 0, numBlocks = 0;
+  std::vector<int32_t> positions, tokenSeqs, tables;
+  std::vector<float> qkv;
+  std::vector<uint16_t> pool;
+};
+
+size_t tileIndex(int layer, int kv, int block, int numBlocks) {
+  return BLOCK_MAJOR ? ((size_t)block * LAYERS + layer) * 2 + kv : ((size_t)layer * 2 + kv) * numBlocks + block;
+}
+
+Batch makeBatch(const Case& c, std::mt19937& rng) {
+  Batch b;
+  b.nseq = static_cast<int>(c.seqs.size());
+  for (const Seq& s : c.seqs) b.mb = std::max(b.mb, (s.firstPos + s.count + BS - 1) / BS);
+  b.numBlocks = b.nseq * b.mb + 7;
+  std::vector<int32_t> perm(b.numBlocks);
+  for (int i = 0; i < b.numBlocks; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  b.tables.assign((size_t)b.nseq * b.mb, -1);  // entries past a sequence's length stay invalid
+  int next = 0;
+  for (int s = 0; s < b.nseq; ++s) {
+    int blocks = (c.seqs[s].firstPos + c.seqs[s].count + BS - 1) / BS;
+    for (int k = 0; k < blocks; ++k) b.tables[(size_t)s * b.mb + k] = perm[next++];
+    for (int t = 0; t < c.seqs[s].count; ++t) {
+      b.positions.push_back(c.seqs[s].firstPos + t);
+      b.tokenSeqs.push_back(s);
+    }
+  }
+  b.ntok = static_cast<int>(b.positions.size());
+  std::normal_distribution<float> nd(0.f, 1.f);
+  b.qkv.resize((size_t)b.ntok * QKV);
+  for (float& v : b.qkv) v = nd(rng);
+  b.pool.resize((size_t)b.numBlocks * LAYERS * 2 * BS * KVH * D);
+  for (uint16_t& v : b.pool) v = floatToBf16(nd(rng));
+  return b;
+}
+
+// Attention of token t, head h in float64 over the pool as stored (bf16) and q as given (fp32).
+void reference(const Batch& b, int window, int t, int h, double* out) {
+  const int kvh = h / (H / KVH), p = b.positions[t], seq = b.tokenSeqs[t];
+  const int start = window > 0 ? std::max(0, p - window + 1) : 0;
+  const double scale = 1.0 / std::sqrt((double)D);
+  const float* q = &b.qkv[(size_t)t * QKV + h * D];
+  std::vector<double> s(p - start + 1);
+  double mx = -1e300;
+  const size_t tile = (size_t)BS * KVH * D;
+  for (int j = start; j <= p; ++j) {
+    int block = b.tables[(size_t)seq * b.mb + j / BS];
+    const uint16_t* k = &b.pool[tileIndex(LAYER, 0, block, b.numBlocks) * tile + (size_t)(j % BS) * KVH * D + kvh * D];
+    double dot = 0;
+    for (int d = 0; d < D; ++d) dot += (double)q[d] * bf16ToFloat(k[d]);
+    s[j - start] = dot * scale;
+    mx = std::max(mx, s[j - start]);
+  }
+  double sum = 0;
+  for (double& v : s) sum += (v = std::exp(v - mx));
+  for (int d = 0; d < D; ++d) out[d] = 0;
+  for (int j = start; j <= p; ++j) {
+    int block = b.tables[(size_t)seq * b.mb + j / BS];
+    const uint16_t* v = &b.pool[tileIndex(LAYER, 1, block, b.numBlocks) * tile + (size_t)(j % BS) * KVH * D + kvh * D];
+    for (int d = 0; d < D; ++d) out[d] += s[j - start] / sum * bf16ToFloat(v[d]);
+  }
+}
+
+struct Device {
+  float* qkv;
+  int32_t *positions, *tokenSeqs, *tables, *tiles, *rows;
+  uint16_t *pool, *out;
+  float* partial;
+};
+
+// The host's plan for the flash kernels (cuda_llama.cpp builds the same): prefill tiles of <= 64 tokens of
+// one sequence; sequences of exactly one token in the batch are decode rows.
+struct FlashPlan {
+  std::vector<int32_t> tiles, rows;
+  int splits = 1, keysPerSplit = 0;
+};
+
+FlashPlan plan(const Batch& b, const Case& c, int sms) {
+  FlashPlan f;
+  int t0 = 0, maxCtx = 0;
+  for (int s = 0; s < b.nseq; ++s) {
+    int n = c.seqs[s].count;
+    if (n == 1) {
+      f.rows.push_back(t0);
+      maxCtx = std::max(maxCtx, b.mb * BS);
+    } else {
+      for (int a = 0; a < n; a += tandem_attn::kRows) {
+        f.tiles.push_back(t0 + a);
+        f.tiles.push_back(std::min(tandem_attn::kRows, n - a));
+        f.tiles.push_back(s);
+      }
+    }
+    t0 += n;
+  }
+  if (!f.rows.empty()) {
+    int ctx = c.window > 0 ? std::min(c.window, maxCtx) : maxCtx;
+    int chunks = (ctx + tandem_attn::kKeys - 1) / tandem_attn::kKeys;
+    int ctas = static_cast<int>(f.rows.size()) * KVH;
+    int want = std::max(1, (2 * sms + ctas - 1) / ctas);
+    int splits = std::min(want, chunks);
+    f.keysPerSplit = ((chunks + splits - 1) / splits) * tandem_attn::kKeys;
+    f.splits = (ctx + f.keysPerSplit - 1) / f.keysPerSplit;
+  }
+  return f;
+}
+
+void runOld(const Batch& b, const Case& c, const Device& dv) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  if (b.ntok > 256) {
+    tandem_llama_attention_tiled<<<dim3(b.ntok, KVH), (H / KVH) * 32>>>(
+        dv.qkv, dv.positions, dv.tokenSeqs, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS,
+        BLOCK_MAJOR, H, KVH, D, c.window, scale, (bf16*)dv.out);
+  } else {
+    tandem_llama_attention<<<dim3(b.ntok, H), 512>>>(dv.qkv, dv.positions, dv.tokenSeqs, dv.tables, b.mb,
+                                                     (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS, BLOCK_MAJOR,
+                                                     H, KVH, D, c.window, scale, (bf16*)dv.out);
+  }
+}
+
+void runFlash(const Batch& b, const Case& c, const Device& dv, const FlashPlan& f) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int ntiles = static_cast<int>(f.tiles.size() / 3), nrows = static_cast<int>(f.rows.size());
+  if (ntiles)
+    tandem_flash_prefill_d128<<<dim3(ntiles, H), tandem_attn::kThreads, 2 * 2 * tandem_attn::kKeys * D * 2>>>(
+        dv.qkv, dv.positions, dv.tiles, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS,
+        BLOCK_MAJOR, H, KVH, c.window, scale, (bf16*)dv.out);
+  if (nrows) {
+    tandem_flash_decode_d128<<<dim3(nrows, KVH, f.splits), tandem_attn::kThreads>>>(
+        dv.qkv, dv.positions, dv.rows, dv.tokenSeqs, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS,
+        b.numBlocks, BS, BLOCK_MAJOR, H, KVH, c.window, scale, f.keysPerSplit, dv.partial, (bf16*)dv.out);
+    if (f.splits > 1)
+      tandem_flash_decode_combine<<<dim3(nrows, H), tandem_attn::kThreads>>>(dv.partial, dv.rows, H, D, f.splits,
+                                                                             (bf16*)dv.out);
+  }
+}
+
+// Relative L2 error over sampled (token, head) rows; NaN if any output element was left unwritten.
+double check(const Batch& b, const Case& c, const std::vector<uint16_t>& out, std::mt19937& rng) {
+  for (uint16_t v : out)
+    if (v == 0xffff) return NAN;
+  std::uniform_int_distribution<int> tok(0, b.ntok - 1), head(0, H - 1);
+  double num = 0, den = 0;
+  std::vector<double> ref(D);
+  std::vector<int> ts = {0, b.ntok - 1};
+  for (int i = 0; i < 48; ++i) ts.push_back(tok(rng));
+  for (int t : ts) {
+    int h = head(rng);
+    reference(b, c.window, t, h, ref.data());
+    for (int d = 0; d < D; ++d) {
+      double got = bf16ToFloat(out[(size_t)t * H * D + h * D + d]);
+      num += (got - ref[d]) * (got - ref[d]);
+      den += ref[d] * ref[d];
+    }
+  }
+  return std::sqrt(num / den);
+}
+
+template <typename F>
+float medianMs(F&& fn, int reps = 20) {
+  cudaEvent_t a, z;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&z));
+  fn();
+  CHECK(cudaDeviceSynchronize());
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    CHECK(cudaEventRecord(a));
+    fn();
+    CHECK(cudaEventRecord(z));
+    CHECK(cudaEventSynchronize(z));
+    float m;
+    CHECK(cudaEventElapsedTime(&m, a, z));
+    ms.push_back(m);
+  }
+  CHECK(cudaGetLastError());
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  CHECK(cudaFuncSetAttribute(tandem_flash_prefill_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             2 * 2 * tandem_attn::kKeys * D * 2));
+  std::printf("%s, %d SMs; shape H=%d KVH=%d D=%d, block %d\n", prop.name, sms, H, KVH, D, BS);
+  std::vector<Case> cases = {
+      {"prefill 512", {{0, 512}}},
+      {"prefill 3000", {{0, 3000}}},
+      {"prefill 8192", {{0, 8192}}},
+      {"chunk 1000 after 2000", {{2000, 1000}}},
+      {"two prompts 700 + 37", {{0, 700}, {0, 37}}},
+      {"prefill 3000 window 700", {{0, 3000}}, 700},
+      {"prefill 100 + 3 decodes", {{0, 100}, {543, 1}, {3031, 1}, {17, 1}}},
+  };
+  for (int batch : {1, 16, 64})
+    for (int ctx : {544, 3032, 8192}) {
+      Case c{"decode b" + std::to_string(batch) + " ctx " + std::to_string(ctx), {}};
+      for (int i = 0; i < batch; ++i) c.seqs.push_back({ctx - 1 - (i % 7), 1});
+      cases.push_back(c);
+    }
+  cases.push_back({"decode b4 ctx 3032 window 1000", {{3031, 1}, {3000, 1}, {500, 1}, {2, 1}}, 1000});
+  if (argc > 1 && std::string(argv[1]) == "--quick") cases.resize(2);
+
+  std::mt19937 rng(1234);
+  std::printf("%-32s %10s %10s %10s %10s %8s %12s\n", "case", "old ms", "flash ms", "old err", "flash err", "speedup",
+              "flash TF/s");
+  bool ok = true;
+  for (const Case& c : cases) {
+    Batch b = makeBatch(c, rng);
+    FlashPlan f = plan(b, c, sms);
+    Device dv;
+    CHECK(cudaMalloc(&dv.qkv, b.qkv.size() * 4));
+    CHECK(cudaMalloc(&dv.positions, b.ntok * 4));
+    CHECK(cudaMalloc(&dv.tokenSeqs, b.ntok * 4));
+    CHECK(cudaMalloc(&dv.tables, b.tables.size() * 4));
+    CHECK(cudaMalloc(&dv.tiles, std::max<size_t>(1, f.tiles.size()) * 4));
+    CHECK(cudaMalloc(&dv.rows, std::max<size_t>(1, f.rows.size()) * 4));
+    CHECK(cudaMalloc(&dv.pool, b.pool.size() * 2));
+    CHECK(cudaMalloc(&dv.out, (size_t)b.ntok * H * D * 2));
+    CHECK(cudaMalloc(&dv.partial, std::max<size_t>(1, f.rows.size() * H * f.splits * tandem_attn::partialStride(D)) * 4));
+    CHECK(cudaMemcpy(dv.qkv, b.qkv.data(), b.qkv.size() * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(dv.positions, b.positions.data(), b.ntok * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(dv.tokenSeqs, b.tokenSeqs.data(), b.ntok * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(dv.tables, b.tables.data(), b.tables.size() * 4, cudaMemcpyHostToDevice));
+    if (!f.tiles.empty()) CHECK(cudaMemcpy(dv.tiles, f.tiles.data(), f.tiles.size() * 4, cudaMemcpyHostToDevice));
+    if (!f.rows.empty()) CHECK(cudaMemcpy(dv.rows, f.rows.data(), f.rows.size() * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(dv.pool, b.pool.data(), b.pool.size() * 2, cudaMemcpyHostToDevice));
+    std::vector<uint16_t> out((size_t)b.ntok * H * D);
+    double err[2];
+    for (int which = 0; which < 2; ++which) {
+      CHECK(cudaMemset(dv.out, 0xff, out.size() * 2));  // NaN everywhere: unwritten outputs show
+      if (which == 0) runOld(b, c, dv);
+      else runFlash(b, c, dv, f);
+      CHECK(cudaGetLastError());
+      CHECK(cudaDeviceSynchronize());
+      CHECK(cudaMemcpy(out.data(), dv.out, out.size() * 2, cudaMemcpyDeviceToHost));
+      err[which] = check(b, c, out, rng);
+    }
+    float tOld = medianMs([&] { runOld(b, c, dv); });
+    float tNew = medianMs([&] { runFlash(b, c, dv, f); });
+    double keys = 0;  // (query, key) pairs per head
+    for (int t = 0; t < b.ntok; ++t) {
+      int p = b.positions[t];
+      keys += c.window > 0 ? std::min(p + 1, c.window) : p + 1;
+    }
+    double tflops = 4.0 * D * keys * H / (tNew * 1e-3) / 1e12;
+    std::printf("%-32s %10.3f %10.3f %10.2e %10.2e %7.1fx %12.1f   (splits %d)\n", c.name.c_str(), tOld, tNew, err[0],
+                err[1], tOld / tNew, tflops, f.splits);
+    if (!(err[1] < 2e-2)) ok = false;
+    for (void* p : {(void*)dv.qkv, (void*)dv.positions, (void*)dv.tokenSeqs, (void*)dv.tables, (void*)dv.tiles,
+                    (void*)dv.rows, (void*)dv.pool, (void*)dv.out, (void*)dv.partial})
+      CHECK(cudaFree(p));
+  }
+  std::printf(ok ? "all flash outputs within 2e-2 of the float64 reference\n" : "FLASH ERROR above tolerance\n");
+  return ok ? 0 : 1;
+}

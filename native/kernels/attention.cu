@@ -1,0 +1,486 @@
+// Attention over the paged KV pool on tensor cores (prefill) and split across the context (decode).
+// The same contract as tandem_llama_attention (llama.cu): query token t, head h attends over positions
+// (p - window, p] of its sequence (all of 0..p without a window), K and V read from the pool through the
+// sequence's block table, GQA maps q head h to kv head h / (numHeads / numKvHeads). Queries come from the
+// fp32 qkv rows the QKV GEMM wrote (RoPE applied); the output is bf16 [token][numHeads * headDim].
+//
+//   tandem_flash_prefill_d{64,128}: flash attention (online softmax) for runs of a sequence's tokens. A CTA
+//     takes up to 64 consecutive tokens of one sequence (a "tile": token start, count, sequence) and one q
+//     head; 4 warps of 16 query rows each. Keys and values come 64 at a time into shared memory with
+//     cp.async, two stages deep, and S = Q K^T and O += P V run as mma.sync m16n8k16 (bf16 in, fp32
+//     accumulate). Grid: (tiles, numHeads); 128 threads; dynamic shared memory prefillSmemBytes(D).
+//   tandem_flash_decode_d{64,128}: one query token per sequence (decode rows), GQA-aware (a CTA serves every
+//     q head of one kv head, so K and V are read once per kv head) and split along the context
+//     (flash-decoding), so a single long sequence still fills the GPU. Grid: (rows, numKvHeads, splits); 128
+//     threads. With one split it writes the output; with several it writes each split's unnormalised
+//     output, max and sum, which tandem_flash_decode_combine merges. Grid (rows, numHeads); 128 threads.
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace tandem_attn {
+
+typedef __nv_bfloat16 bf16;
+
+constexpr int kRows = 64;     // query rows per prefill CTA (16 per warp)
+constexpr int kKeys = 64;     // keys per tile, both kernels
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ size_t kvTile(int layer, int kv, int block, int numLayers, int numBlocks, int blockMajor) {
+  return blockMajor ? ((size_t)block * numLayers + layer) * 2 + kv : ((size_t)layer * 2 + kv) * numBlocks + block;
+}
+
+__device__ __forceinline__ uint32_t smemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; with valid false the destination is zero-filled and src unread.
+__device__ __forceinline__ void cpAsync16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smemAddr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrixX4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smemAddr(p)));
+}
+__device__ __forceinline__ void ldmatrixX4T(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(smemAddr(p)));
+}
+
+// c += a (16x16, row) . b (16x8, col); bf16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t packBf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// A tile of kKeys rows x D bf16 in shared memory, rows of D / 8 16-byte chunks, chunk c of row r stored at
+// c ^ (r & 7): the 8 rows an ldmatrix reads at one logical chunk land in 8 different bank groups.
+template <int D>
+__device__ __forceinline__ bf16* swizzled(bf16* tile, int row, int chunk) {
+  return tile + row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// Loads keys j0 .. j0 + kKeys - 1 (K and V, kv head kvh) of a sequence into shared memory; keys outside
+// [lo, hi] are zero-filled (never read: their block-table entries may be anything). Warp w loads rows
+// 16w .. 16w + 15: lane i < 16 resolves row 16w + i through the block table once, and the warp copies each row
+// with consecutive lanes on consecutive 16-byte chunks. Row r, chunk c goes to `dst(r, c)` in `ks` and `vs`.
+template <int D, typename Dst>
+__device__ __forceinline__ void loadKv(bf16* ks, bf16* vs, Dst dst, const bf16* pool, const int32_t* table, int j0,
+                                       int lo, int hi, int kvh, int layer, int numLayers, int numBlocks,
+                                       int blockSize, int blockMajor, int kvDim) {
+  static_assert(kThreads / 32 * 16 == kKeys, "one warp per 16 rows");
+  constexpr int kChunks = D / 8, kRowsPerPass = 32 / kChunks;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  long long offK = -1, offV = -1;  // element offsets into the pool; -1: not a key to load
+  if (lane < 16) {
+    const int j = j0 + warp * 16 + lane;
+    if (j >= lo && j <= hi) {
+      const int block = table[j / blockSize];
+      const size_t tile = (size_t)blockSize * kvDim;
+      const size_t off = (size_t)(j % blockSize) * kvDim + (size_t)kvh * D;
+      offK = (long long)(kvTile(layer, 0, block, numLayers, numBlocks, blockMajor) * tile + off);
+      offV = (long long)(kvTile(layer, 1, block, numLayers, numBlocks, blockMajor) * tile + off);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 16 / kRowsPerPass; ++i) {
+    const int rr = i * kRowsPerPass + lane / kChunks, c = lane % kChunks, r = warp * 16 + rr;
+    const long long k = __shfl_sync(0xffffffffu, offK, rr), v = __shfl_sync(0xffffffffu, offV, rr);
+    cpAsync16(dst(ks, r, c), pool + (k < 0 ? 0 : k + c * 8), k >= 0);
+    cpAsync16(dst(vs, r, c), pool + (v < 0 ? 0 : v + c * 8), v >= 0);
+  }
+}
+
+template <int D>
+__device__ void flashPrefill(const float* qkv, const int32_t* positions, const int32_t* tiles,
+                             const int32_t* blockTables, int maxBlocksPerSeq, const bf16* pool, int layer,
+                             int numLayers, int numBlocks, int blockSize, int blockMajor, int numHeads,
+                             int numKvHeads, int slidingWindow, float scale, bf16* out) {
+  // Two stages, each K then V (kKeys x D bf16 each).
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* const stages = reinterpret_cast<bf16*>(smem);
+  constexpr int kStage = 2 * kKeys * D;
+  __shared__ int rowPos[kRows];
+
+  // The host lists a sequence's tiles first to last; later tiles see more keys, so they start first.
+  const int tileIndex = gridDim.x - 1 - blockIdx.x;
+  const int tokenStart = tiles[tileIndex * 3], count = tiles[tileIndex * 3 + 1], seq = tiles[tileIndex * 3 + 2];
+  const int h = blockIdx.y, kvh = h / (numHeads / numKvHeads);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
+  const int32_t* table = blockTables + (size_t)seq * maxBlocksPerSeq;
+
+  if (threadIdx.x < kRows) rowPos[threadIdx.x] = threadIdx.x < count ? positions[tokenStart + threadIdx.x] : -1;
+  __syncthreads();
+  // Keys any row of the tile may see: [lo, hi].
+  int hi = -1, minPos = 0x7fffffff;
+  for (int r = 0; r < count; ++r) {
+    hi = max(hi, rowPos[r]);
+    minPos = min(minPos, rowPos[r]);
+  }
+  const int lo = slidingWindow > 0 ? max(0, minPos - slidingWindow + 1) : 0;
+  const int tilesN = hi < lo ? 0 : (hi - lo) / kKeys + 1;
+
+  // This warp's rows: 16 * warp + g and + 8. Their query fragments (A operand, bf16, unscaled) straight from
+  // the fp32 qkv rows; rows past `count` are zero.
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int p0 = rowPos[r0], p1 = rowPos[r1];
+  const bool warpActive = warp * 16 < count;
+  int warpMaxPos = max(p0, p1);
+  for (int o = 16; o > 0; o >>= 1) warpMaxPos = max(warpMaxPos, __shfl_xor_sync(0xffffffffu, warpMaxPos, o));
+  uint32_t qf[D / 16][4];
+  {
+    const float* q0 = qkv + (size_t)(tokenStart + r0) * rowStride + h * D;
+    const float* q1 = qkv + (size_t)(tokenStart + r1) * rowStride + h * D;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      const int c = k * 16 + 2 * tq;
+      float2 a = r0 < count ? *reinterpret_cast<const float2*>(q0 + c) : make_float2(0.f, 0.f);
+      float2 b = r1 < count ? *reinterpret_cast<const float2*>(q1 + c) : make_float2(0.f, 0.f);
+      float2 a8 = r0 < count ? *reinterpret_cast<const float2*>(q0 + c + 8) : make_float2(0.f, 0.f);
+      float2 b8 = r1 < count ? *reinterpret_cast<const float2*>(q1 + c + 8) : make_float2(0.f, 0.f);
+      qf[k][0] = packBf16(a.x, a.y);
+      qf[k][1] = packBf16(b.x, b.y);
+      qf[k][2] = packBf16(a8.x, a8.y);
+      qf[k][3] = packBf16(b8.x, b8.y);
+    }
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0, r1 (this thread's share of l)
+  const float sl2 = scale * kLog2e;
+  const int lo0 = slidingWindow > 0 ? p0 - slidingWindow + 1 : 0;
+  const int lo1 = slidingWindow > 0 ? p1 - slidingWindow + 1 : 0;
+
+  if (tilesN > 0)
+    loadKv<D>(stages, stages + kKeys * D, swizzled<D>, pool, table, lo, lo, hi, kvh, layer, numLayers, numBlocks, blockSize, blockMajor,
+              kvDim);
+  cpAsyncCommit();
+  for (int it = 0; it < tilesN; ++it) {
+    const int j0 = lo + it * kKeys;
+    if (it + 1 < tilesN) {
+      bf16* next = stages + ((it + 1) & 1) * kStage;
+      loadKv<D>(next, next + kKeys * D, swizzled<D>, pool, table, j0 + kKeys, lo, hi, kvh, layer, numLayers,
+                numBlocks, blockSize, blockMajor, kvDim);
+      cpAsyncCommit();
+      cpAsyncWait<1>();
+    } else {
+      cpAsyncWait<0>();
+    }
+    __syncthreads();
+    bf16* const ks = stages + (it & 1) * kStage;
+    bf16* const vs = ks + kKeys * D;
+    // Skip the math where none of this warp's rows sees any key of the tile (causal: the tile is past them).
+    if (warpActive && j0 <= warpMaxPos) {
+      float s[kKeys / 8][4];
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; n += 2) {
+          // Keys 8n .. 8n+15, dims 16k .. 16k+15: matrices (keys 8n.., dims 16k), (8n.., 16k+8),
+          // (8n+8.., 16k), (8n+8.., 16k+8).
+          const int key = n * 8 + (lane & 7) + ((lane >> 4) << 3);
+          const int chunk = k * 2 + ((lane >> 3) & 1);
+          uint32_t b0, b1, b2, b3;
+          ldmatrixX4(b0, b1, b2, b3, swizzled<D>(ks, key, chunk));
+          mma16816(s[n], qf[k], b0, b1);
+          mma16816(s[n + 1], qf[k], b2, b3);
+        }
+      }
+      // Mask, scale into log2 units, and the online softmax per row (a row's 64 scores live in the 4 threads
+      // of a quad).
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int j = j0 + n * 8 + 2 * tq + e;
+          s[n][e] = (j <= p0 && j >= lo0) ? s[n][e] * sl2 : -INFINITY;
+          s[n][2 + e] = (j <= p1 && j >= lo1) ? s[n][2 + e] * sl2 : -INFINITY;
+          mx0 = fmaxf(mx0, s[n][e]);
+          mx1 = fmaxf(mx1, s[n][2 + e]);
+        }
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+      // A row that has seen no key yet keeps max -inf: use 0 as its reference so that exp2 gives 0, not NaN.
+      const float ref0 = n0 == -INFINITY ? 0.f : n0, ref1 = n1 == -INFINITY ? 0.f : n1;
+      const float c0 = exp2f(m0 - ref0), c1 = exp2f(m1 - ref1);
+      m0 = n0;
+      m1 = n1;
+      l0 *= c0;
+      l1 *= c1;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= c0;
+        o[n][1] *= c0;
+        o[n][2] *= c1;
+        o[n][3] *= c1;
+      }
+      uint32_t pf[kKeys / 16][4];
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) {
+        const float a = exp2f(s[n][0] - ref0), b = exp2f(s[n][1] - ref0);
+        const float c = exp2f(s[n][2] - ref1), d = exp2f(s[n][3] - ref1);
+        l0 += a + b;
+        l1 += c + d;
+        // The C fragments of key tiles 2k and 2k+1 are the A fragment of keys 16k .. 16k+15.
+        pf[n >> 1][(n & 1) * 2] = packBf16(a, b);
+        pf[n >> 1][(n & 1) * 2 + 1] = packBf16(c, d);
+      }
+#pragma unroll
+      for (int k = 0; k < kKeys / 16; ++k) {
+#pragma unroll
+        for (int n = 0; n < D / 8; n += 2) {
+          // Keys 16k .. 16k+15, dims 8n .. 8n+15, transposed: matrices (keys 16k.., dims 8n), (16k+8.., 8n),
+          // (16k.., 8n+8), (16k+8.., 8n+8).
+          const int key = k * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+          const int chunk = n + (lane >> 4);
+          uint32_t b0, b1, b2, b3;
+          ldmatrixX4T(b0, b1, b2, b3, swizzled<D>(vs, key, chunk));
+          mma16816(o[n], pf[k], b0, b1);
+          mma16816(o[n + 1], pf[k], b2, b3);
+        }
+      }
+    }
+    __syncthreads();  // this stage is consumed before the next iteration's load overwrites it
+  }
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  bf16* out0 = out + (size_t)(tokenStart + r0) * qDim + h * D;
+  bf16* out1 = out + (size_t)(tokenStart + r1) * qDim + h * D;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * tq;
+    if (r0 < count)
+      *reinterpret_cast<__nv_bfloat162*>(out0 + c) = __floats2bfloat162_rn(o[n][0] * inv0, o[n][1] * inv0);
+    if (r1 < count)
+      *reinterpret_cast<__nv_bfloat162*>(out1 + c) = __floats2bfloat162_rn(o[n][2] * inv1, o[n][3] * inv1);
+  }
+}
+
+// ---- decode -------------------------------------------------------------------------------------------------
+
+constexpr int kMaxGroup = 16;
+// A split's partial result: headDim unnormalised outputs, then its max and sum, padded to 16 bytes.
+__host__ __device__ constexpr int partialStride(int headDim) { return headDim + 4; }
+
+template <int D>
+__device__ void flashDecode(const float* qkv, const int32_t* positions, const int32_t* rows, const int32_t* tokenSeqs,
+                            const int32_t* blockTables, int maxBlocksPerSeq, const bf16* pool, int layer,
+                            int numLayers, int numBlocks, int blockSize, int blockMajor, int numHeads,
+                            int numKvHeads, int slidingWindow, float scale, int keysPerSplit, float* partial,
+                            bf16* out) {
+  constexpr int kPad = 8;  // row padding (bf16): 16-byte reads of 8 consecutive rows hit distinct bank groups
+  constexpr int kRowLen = D + kPad;
+  constexpr int kSlotsPerHead = D / 4;  // a thread's output slot: 4 consecutive dims of one q head
+  constexpr int kSlotsPerThread = kMaxGroup * kSlotsPerHead / kThreads;
+  __shared__ __align__(16) bf16 ks[kKeys * kRowLen];
+  __shared__ __align__(16) bf16 vs[kKeys * kRowLen];
+  __shared__ float qs[kMaxGroup][D];
+  __shared__ float ps[kMaxGroup][kKeys];
+  __shared__ float mS[kMaxGroup], lS[kMaxGroup], corr[kMaxGroup];
+
+  const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const int group = numHeads / numKvHeads;
+  const int t = rows[row], p = positions[t];
+  const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
+  const int32_t* table = blockTables + (size_t)tokenSeqs[t] * maxBlocksPerSeq;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float sl2 = scale * kLog2e;
+  auto padded = [](bf16* base, int r, int c) { return base + r * kRowLen + c * 8; };
+
+  // This split's keys: [lo, hi] (empty when the sequence is shorter than the split's start).
+  const int start = slidingWindow > 0 ? max(0, p - slidingWindow + 1) : 0;
+  const int lo = start + split * keysPerSplit, hi = min(p, lo + keysPerSplit - 1);
+
+  for (int e = threadIdx.x; e < group * D; e += kThreads) {
+    const int qh = e / D, d = e % D;
+    qs[qh][d] = qkv[(size_t)t * rowStride + (size_t)(kvh * group + qh) * D + d] * sl2;
+  }
+  if (threadIdx.x < kMaxGroup) {
+    mS[threadIdx.x] = -INFINITY;
+    lS[threadIdx.x] = 0.f;
+  }
+  float acc[kSlotsPerThread][4];
+#pragma unroll
+  for (int i = 0; i < kSlotsPerThread; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  const int slots = group * kSlotsPerHead;
+
+  for (int j0 = lo; j0 <= hi; j0 += kKeys) {
+    __syncthreads();  // the previous chunk is consumed (and qs, mS, lS written, on the first pass)
+    loadKv<D>(ks, vs, padded, pool, table, j0, lo, hi, kvh, layer, numLayers, numBlocks, blockSize, blockMajor,
+              kvDim);
+    cpAsyncCommit();
+    cpAsyncWait<0>();
+    __syncthreads();
+    // Scores (log2 units): thread -> key threadIdx % 64 against q heads threadIdx / 64, + 2, ...
+    {
+      const int r = threadIdx.x % kKeys;
+      const bf16* kr = ks + r * kRowLen;
+      for (int qh = threadIdx.x / kKeys; qh < group; qh += kThreads / kKeys) {
+        float sc = 0.f;
+#pragma unroll 4
+        for (int c = 0; c < D / 8; ++c) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(kr + c * 8);
+          const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 kf = __bfloat1622float2(k2[i]);
+            sc += qs[qh][c * 8 + 2 * i] * kf.x + qs[qh][c * 8 + 2 * i + 1] * kf.y;
+          }
+        }
+        ps[qh][r] = j0 + r <= hi ? sc : -INFINITY;
+      }
+    }
+    __syncthreads();
+    // Online softmax per q head (warp w: heads w, w + 4, ...; a lane per two keys). Key j0 <= hi is in the
+    // chunk, so the new max is finite.
+    for (int qh = warp; qh < group; qh += kThreads / 32) {
+      const float a = ps[qh][lane], b = ps[qh][lane + 32];
+      float mx = fmaxf(a, b);
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float mOld = mS[qh], mNew = fmaxf(mOld, mx);
+      const float pa = exp2f(a - mNew), pb = exp2f(b - mNew);
+      ps[qh][lane] = pa;
+      ps[qh][lane + 32] = pb;
+      float sum = pa + pb;
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      __syncwarp();
+      if (lane == 0) {
+        const float c = exp2f(mOld - mNew);  // 0 on the first chunk (mOld = -inf)
+        corr[qh] = c;
+        lS[qh] = lS[qh] * c + sum;
+        mS[qh] = mNew;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kSlotsPerThread; ++i) {
+      const int slot = threadIdx.x + i * kThreads;
+      if (slot < slots) {
+        const int qh = slot / kSlotsPerHead, d = (slot % kSlotsPerHead) * 4;
+        const float c = corr[qh];
+        float a0 = acc[i][0] * c, a1 = acc[i][1] * c, a2 = acc[i][2] * c, a3 = acc[i][3] * c;
+#pragma unroll 8
+        for (int j = 0; j < kKeys; ++j) {
+          const float pj = ps[qh][j];
+          const uint2 raw = *reinterpret_cast<const uint2*>(vs + j * kRowLen + d);
+          const __nv_bfloat162* v2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+          const float2 x = __bfloat1622float2(v2[0]), y = __bfloat1622float2(v2[1]);
+          a0 += pj * x.x;
+          a1 += pj * x.y;
+          a2 += pj * y.x;
+          a3 += pj * y.y;
+        }
+        acc[i][0] = a0;
+        acc[i][1] = a1;
+        acc[i][2] = a2;
+        acc[i][3] = a3;
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kSlotsPerThread; ++i) {
+    const int slot = threadIdx.x + i * kThreads;
+    if (slot >= slots) continue;
+    const int qh = slot / kSlotsPerHead, d = (slot % kSlotsPerHead) * 4, h = kvh * group + qh;
+    if (splits == 1) {
+      const float inv = lS[qh] > 0.f ? 1.f / lS[qh] : 0.f;
+      bf16* o = out + (size_t)t * qDim + (size_t)h * D + d;
+      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(acc[i][0] * inv, acc[i][1] * inv);
+      *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(acc[i][2] * inv, acc[i][3] * inv);
+    } else {
+      float* part = partial + ((size_t)(row * numHeads + h) * splits + split) * partialStride(D);
+      *reinterpret_cast<float4*>(part + d) = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      if (d == 0) {
+        part[D] = mS[qh];
+        part[D + 1] = lS[qh];
+      }
+    }
+  }
+}
+
+}  // namespace tandem_attn
+
+// No `using namespace` here: every kernel file shares one translation unit (CMakeLists.txt's umbrella), and
+// llama.cu has helpers of the same names.
+#define TANDEM_FLASH_PREFILL(D)                                                                                     \
+  extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads) tandem_flash_prefill_d##D(                               \
+      const float* qkv, const int32_t* positions, const int32_t* tiles, const int32_t* blockTables,                 \
+      int maxBlocksPerSeq, const tandem_attn::bf16* pool, int layer, int numLayers, int numBlocks, int blockSize, int blockMajor, \
+      int numHeads, int numKvHeads, int slidingWindow, float scale, tandem_attn::bf16* out) {                       \
+    tandem_attn::flashPrefill<D>(qkv, positions, tiles, blockTables, maxBlocksPerSeq, pool, layer, numLayers, numBlocks,        \
+                    blockSize, blockMajor, numHeads, numKvHeads, slidingWindow, scale, out);                        \
+  }
+TANDEM_FLASH_PREFILL(64)
+TANDEM_FLASH_PREFILL(128)
+
+#define TANDEM_FLASH_DECODE(D)                                                                                      \
+  extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads) tandem_flash_decode_d##D(                                \
+      const float* qkv, const int32_t* positions, const int32_t* rows, const int32_t* tokenSeqs,                    \
+      const int32_t* blockTables, int maxBlocksPerSeq, const tandem_attn::bf16* pool, int layer, int numLayers,      \
+      int numBlocks,                                                                                                \
+      int blockSize, int blockMajor, int numHeads, int numKvHeads, int slidingWindow, float scale, int keysPerSplit, \
+      float* partial, tandem_attn::bf16* out) {                                                                     \
+    tandem_attn::flashDecode<D>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer, numLayers, numBlocks, \
+                   blockSize, blockMajor, numHeads, numKvHeads, slidingWindow, scale, keysPerSplit, partial, out);   \
+  }
+TANDEM_FLASH_DECODE(64)
+TANDEM_FLASH_DECODE(128)
+
+// Merges the splits of tandem_flash_decode: out = sum_z acc_z 2^(m_z - M) / sum_z l_z 2^(m_z - M).
+// Grid: (rows, numHeads); 128 threads.
+extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads)
+    tandem_flash_decode_combine(const float* partial, const int32_t* rows, int numHeads, int headDim, int splits,
+                                tandem_attn::bf16* out) {
+  const int row = blockIdx.x, h = blockIdx.y;
+  const int stride = tandem_attn::partialStride(headDim);
+  const float* base = partial + (size_t)(row * numHeads + h) * splits * stride;
+  float M = -INFINITY;
+  for (int z = 0; z < splits; ++z) M = fmaxf(M, base[z * stride + headDim]);
+  float L = 0.f;
+  for (int z = 0; z < splits; ++z) {
+    const float l = base[z * stride + headDim + 1];
+    if (l > 0.f) L += l * exp2f(base[z * stride + headDim] - M);
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  tandem_attn::bf16* o = out + (size_t)rows[row] * numHeads * headDim + (size_t)h * headDim;
+  for (int d = threadIdx.x; d < headDim; d += tandem_attn::kThreads) {
+    float v = 0.f;
+    for (int z = 0; z < splits; ++z) {
+      const float* part = base + z * stride;
+      if (part[headDim + 1] > 0.f) v += part[d] * exp2f(part[headDim] - M);
+    }
+    o[d] = __float2bfloat16(v * inv);
+  }
+}
