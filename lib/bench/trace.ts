@@ -1,0 +1,96 @@
+/**
+ * Request traces in Mooncake's JSONL format (github.com/kvcache-ai/Mooncake, FAST'25 traces): one request per
+ * line,
+ *
+ *   {"timestamp": 27482, "input_length": 6955, "output_length": 52, "hash_ids": [46, 47, 48, ...]}
+ *
+ * `timestamp` is the arrival in milliseconds; `hash_ids` names the prompt's blocks of `blockSize` tokens (512 in
+ * Mooncake's traces): two requests whose lists start alike share that many blocks of prompt, which is what a
+ * prefix cache sees. Blank lines are skipped; fields not named here are ignored. A line that is not such a
+ * record is a TraceFormatError naming the file, the line number and the field.
+ */
+import { readFileSync } from 'node:fs';
+import { z } from 'zod';
+import { TandemError } from '../errors.js';
+
+/** Mooncake's block size, in tokens, of `hash_ids`. */
+export const MOONCAKE_BLOCK_TOKENS = 512;
+
+/** A trace line that is not a request record: `file:line: what is wrong` (line 0: the whole file). */
+export class TraceFormatError extends TandemError {
+  constructor(
+    readonly source: string,
+    readonly line: number,
+    detail: string,
+  ) {
+    super('TANDEM_BAD_TRACE', `${source}${line > 0 ? `:${line}` : ''}: ${detail}`);
+  }
+}
+
+export interface TraceRequest {
+  /** Line number in the file (1-based). */
+  line: number;
+  timestampMs: number;
+  inputLength: number;
+  outputLength: number;
+  /** Block hashes of the prompt, in order; empty when the line has none (a prompt shared with no one). */
+  hashIds: number[];
+}
+
+const count = () => z.number().int().min(1).refine(Number.isSafeInteger, 'must be a safe integer');
+const TraceLine = z.looseObject({
+  timestamp: z.number().min(0).refine(Number.isFinite, 'must be finite'),
+  input_length: count(),
+  output_length: count(),
+  hash_ids: z.array(z.number().int().min(0).refine(Number.isSafeInteger, 'must be a safe integer')).optional(),
+});
+
+/** Parses trace text; `source` names it in errors. Requests come back in arrival order (stable for equal times). */
+export function parseTrace(text: string, source = 'trace.jsonl'): TraceRequest[] {
+  const out: TraceRequest[] = [];
+  const lines = text.split('\n');
+  for (let i = 0; i < lines.length; i++) {
+    const raw = lines[i]!.trim();
+    if (raw === '') continue;
+    const lineNo = i + 1;
+    let json: unknown;
+    try {
+      json = JSON.parse(raw);
+    } catch (error) {
+      throw new TraceFormatError(source, lineNo, `not JSON (${(error as Error).message})`);
+    }
+    if (json === null || typeof json !== 'object' || Array.isArray(json))
+      throw new TraceFormatError(source, lineNo, 'not a JSON object');
+    const parsed = TraceLine.safeParse(json);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0]!;
+      const field = issue.path
+        .map((k) => (typeof k === 'number' ? `[${k}]` : String(k)))
+        .join('.')
+        .replace(/\.\[/g, '[');
+      const missing = issue.code === 'invalid_type' && /received undefined/.test(issue.message);
+      throw new TraceFormatError(source, lineNo, `${field}: ${missing ? 'is required' : issue.message}`);
+    }
+    const r = parsed.data;
+    out.push({
+      line: lineNo,
+      timestampMs: r.timestamp,
+      inputLength: r.input_length,
+      outputLength: r.output_length,
+      hashIds: r.hash_ids ?? [],
+    });
+  }
+  if (out.length === 0) throw new TraceFormatError(source, 0, 'the trace has no requests');
+  return out.sort((a, b) => a.timestampMs - b.timestampMs);
+}
+
+/** Reads and parses a trace file. Throws TraceFormatError (a file that cannot be read: line 0). */
+export function loadTrace(path: string): TraceRequest[] {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    throw new TraceFormatError(path, 0, `cannot read: ${(error as Error).message}`);
+  }
+  return parseTrace(text, path);
+}
