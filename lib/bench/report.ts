@@ -131,7 +131,7 @@ export function comparisonTable(targets: TargetResult[]): string {
     ...best.map((p) => (p ? `${sig(p.stats.goodput)} (${p.load.label})` : '-')),
     ...best.slice(1).map((p) => ratio(p?.stats.goodput, best[0]?.stats.goodput)),
   ]);
-  return formatTable(header, rows);
+  return formatTable(header, rows, ['left', 'left']);
 }
 
 /** Everything printed after the run. */

@@ -57,20 +57,24 @@ function colour(runs: ChartRun[]): ChartSpec {
   };
 }
 
-/** A horizontal dashed line at `y`, labelled at its right end. */
-function ruleAt(y: number, label: string): ChartSpec[] {
-  const data = { values: [{ y, label }] };
+/** A horizontal dashed line at `y`; with `label`, labelled at its left end. */
+function ruleAt(y: number, label?: string): ChartSpec[] {
+  const data = { values: [{ y, label: label ?? '' }] };
   return [
     {
       data,
       mark: { type: 'rule', color: '#555', strokeDash: [6, 4], strokeWidth: 1.5 },
       encoding: { y: { field: 'y', type: 'quantitative' } },
     },
-    {
-      data,
-      mark: { type: 'text', align: 'left', baseline: 'bottom', dy: -3, color: '#333', fontSize: 12 },
-      encoding: { y: { field: 'y', type: 'quantitative' }, x: { value: 4 }, text: { field: 'label' } },
-    },
+    ...(label
+      ? [
+          {
+            data,
+            mark: { type: 'text', align: 'left', baseline: 'bottom', dy: -3, color: '#333', fontSize: 12 },
+            encoding: { y: { field: 'y', type: 'quantitative' }, x: { value: 4 }, text: { field: 'label' } },
+          },
+        ]
+      : []),
   ];
 }
 
@@ -155,7 +159,7 @@ export function goodputChart(runs: ChartRun[], ctx: ServeChartContext): ChartSpe
 /** TTFT and ITL p50 / p90 / p99 (ms) against the load, one panel each, with the SLO. */
 export function latencyChart(runs: ChartRun[], ctx: ServeChartContext): ChartSpec {
   const percentiles = ['p50', 'p90', 'p99'] as const;
-  const panel = (what: 'ttftMs' | 'itlMs', title: string, axisTitle: string, slo: number, sloLabel: string) => {
+  const panel = (what: 'ttftMs' | 'itlMs', title: ChartSpec, axisTitle: string, slo: number) => {
     const rows = runs.flatMap((r) => {
       const d = r[what];
       return d ? percentiles.map((p) => ({ deployment: r.deployment, x: r.x, percentile: p, ms: d[p] })) : [];
@@ -182,18 +186,25 @@ export function latencyChart(runs: ChartRun[], ctx: ServeChartContext): ChartSpe
             },
           },
         },
-        ...ruleAt(slo, sloLabel),
+        ...ruleAt(slo),
       ],
     } as ChartSpec;
   };
   return panels({ text: 'bench serve: latency against load', subtitle: ctx.subtitle }, [
-    panel('ttftMs', 'Time to first token (TTFT)', 'TTFT (ms)', ctx.slo.ttftMs, `SLO ${ctx.slo.ttftMs} ms`),
+    panel(
+      'ttftMs',
+      { text: 'Time to first token (TTFT)', subtitle: `dashed: the SLO, ${ctx.slo.ttftMs} ms` },
+      'TTFT (ms)',
+      ctx.slo.ttftMs,
+    ),
     panel(
       'itlMs',
-      'Inter-token latency (ITL)',
+      {
+        text: 'Inter-token latency (ITL)',
+        subtitle: `dashed: the SLO, ${ctx.slo.itlMs} ms on each request's mean (TPOT)`,
+      },
       'ITL (ms)',
       ctx.slo.itlMs,
-      `SLO ${ctx.slo.itlMs} ms (each request's mean, TPOT)`,
     ),
   ]);
 }

@@ -32,7 +32,7 @@ export function plain(x: number): string {
 /** A ratio as `1.23x`; '-' when either side is missing or the base is 0. */
 export function ratio(value: number | null | undefined, base: number | null | undefined): string {
   if (value == null || base == null || !Number.isFinite(value) || !Number.isFinite(base) || base === 0) return '-';
-  return `${sig(value / base)}x`;
+  return `${plain(value / base)}x`;
 }
 
 /** A share in [0, 1] as a whole percentage. */
