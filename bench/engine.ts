@@ -1,7 +1,7 @@
 /**
  * npm run bench:engine [-- --model dummy:<preset>] [-- --device cpu|cuda|auto] [-- --prompt N]
  *                      [-- --batch 1,8,32] [-- --steps N] [-- --threads N] [-- --sampling device|host]
- *                      [-- --graphs on|off] [-- --quick] [-- --json FILE]
+ *                      [-- --graphs on|off] [-- --quick] [-- --json FILE] [-- --svg FILE]
  *
  * Forward speed of the engine's model runners (lib/engine/cpu.ts, lib/engine/cuda.ts) on one device, against
  * the memory-bandwidth bound of the same device measured in the same run:
@@ -36,7 +36,9 @@
  * does on a GPU) the step returns greedy token ids from the sampling kernels instead.
  *
  * Prints a header and a table on stdout (progress on stderr); --json FILE writes
- * {host, model, device, config, params, baseline, rows}. Unknown presets, bad arguments, or --device cuda
+ * {host, model, device, config, params, baseline, rows}; --svg FILE (default: beside the JSON, else
+ * bench-results/engine.svg) charts decode step time and tokens/s against batch size, measured and at the
+ * memory bound. Unknown presets, bad arguments, or --device cuda
  * without a usable GPU print the error's message and exit 2.
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -51,6 +53,7 @@ import { expectedTensors, loadModelConfig, type ModelConfig } from '../lib/engin
 import { dummyConfig, isDummyModel } from '../lib/engine/model/dummy.js';
 import type { ForwardBatch, ModelRunner } from '../lib/engine/runner.js';
 import { Sampler } from '../lib/engine/sampler.js';
+import { engineChart, writeChart } from './chart.js';
 import {
   BackendUnavailableError,
   BadArgumentError,
@@ -376,6 +379,7 @@ async function main(): Promise<void> {
       steps: { type: 'string' },
       threads: { type: 'string' },
       json: { type: 'string' },
+      svg: { type: 'string' },
       quick: { type: 'boolean', default: false },
       sampling: { type: 'string', default: 'device' },
       graphs: { type: 'string', default: 'on' },
@@ -598,6 +602,24 @@ async function main(): Promise<void> {
       );
       console.log(`wrote ${values.json}`);
     }
+    const svgFile =
+      values.svg ?? (values.json ? values.json.replace(/\.json$/, '') + '.svg' : 'bench-results/engine.svg');
+    await writeChart(
+      svgFile,
+      engineChart(
+        rows,
+        `Tandem bench:engine: ${model} on ${device === 'cuda' ? dev!.name : 'the CPU'}${quick ? ' (--quick)' : ''}`,
+        [
+          `${deviceLine}; prompt ${prompt} tokens, ${steps} decode steps per batch size`,
+          `memory bound at ${sig(baseline.readGBps)} GB/s read (${baseline.what})` +
+            rows
+              .filter((r) => r.phase === 'prefill')
+              .map((r) => `; prefill x${r.batch}: ${sig(r.msP50)} ms, ${sig(r.tokensPerSec)} tokens/s`)
+              .join(''),
+        ],
+      ),
+    );
+    console.log(`wrote ${svgFile}`);
     console.log(`done in ${seconds.toFixed(1)} s`);
   } finally {
     await runner?.dispose().catch(() => {});

@@ -32,7 +32,7 @@ import {
   type Region,
 } from '../lib/index.js';
 import { PeerProcess } from '../test/helpers/peer.js';
-import { writeChart, type ChartPoint } from './chart.js';
+import { transferChart, writeChart } from './chart.js';
 import { human, scoreTable, scoreTargets } from './targets.js';
 
 const { values } = parseArgs({
@@ -886,20 +886,13 @@ writeFileSync(
     2,
   ),
 );
-const points: ChartPoint[] = rows
-  .filter(
-    (r) =>
-      r.section !== 'kv' && r.op !== 'READ' && (r.pieces === 1 || r.pieces === (quick ? 256 : 4096) || r.op === 'copy'),
-  )
-  .map((r) => ({
-    series: r.op === 'copy' ? r.path : `${r.path} x${r.pieces}`,
-    pieceBytes: r.op === 'copy' ? r.bytes : r.pieceBytes,
-    gbps: r.gbps,
-    baseline: r.op === 'copy',
-  }));
 await writeChart(
   svgFile,
-  `Tandem bench:transfer (${caps.cuda.available ? caps.cuda.devices[0]!.name : 'no GPU'})`,
-  points,
+  transferChart(
+    rows,
+    `Tandem bench:transfer${quick ? ' --quick' : ''}`,
+    `${caps.cuda.available ? caps.cuda.devices.map((d) => d.name).join(' + ') : `no GPU, ${caps.cpu.cores}-core CPU`}; ` +
+      'WRITE, GB/s from the p50 latency of one transfer (READ and pipelined rows in the JSON)',
+  ),
 );
 console.log(`wrote ${jsonFile} and ${svgFile} in ${((performance.now() - started) / 1e3).toFixed(1)} s`);

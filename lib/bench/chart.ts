@@ -59,22 +59,26 @@ export function logTicks(min: number, max: number): number[] {
 
 /**
  * A quantitative axis for `values`: a log scale with 1-2-5 ticks where they span decades, else linear. `ticks`
- * overrides the tick values (e.g. the measured points of a sweep).
+ * overrides the tick values (e.g. the measured points of a sweep); `domain` fixes the scale's extent (the same
+ * in every panel).
  */
 export function axisFor(
   field: string,
   title: string,
   values: readonly number[],
-  options: { base?: number; zero?: boolean; ticks?: number[]; labelExpr?: string } = {},
+  options: { base?: number; zero?: boolean; ticks?: number[]; labelExpr?: string; domain?: [number, number] } = {},
 ): ChartSpec {
   const finite = values.filter((v) => Number.isFinite(v));
   const log = spansDecades(finite);
   const ticks = options.ticks ?? (log ? logTicks(Math.min(...finite), Math.max(...finite)) : undefined);
+  const domain = options.domain ? { domain: options.domain } : {};
   return {
     field,
     type: 'quantitative',
     title,
-    scale: log ? { type: 'log', base: options.base ?? 10 } : { type: 'linear', zero: options.zero ?? true, nice: true },
+    scale: log
+      ? { type: 'log', base: options.base ?? 10, ...domain }
+      : { type: 'linear', zero: options.zero ?? true, nice: true, ...domain },
     axis: {
       ...(ticks ? { values: ticks } : {}),
       labelExpr: options.labelExpr ?? NUMBER_LABEL,
@@ -108,6 +112,7 @@ export const CHART_CONFIG: ChartSpec = {
     labelFontSize: 12,
     titleFontSize: 13,
     labelLimit: 0,
+    titleLimit: 0,
     symbolSize: 220,
     symbolStrokeWidth: 2.5,
     columnPadding: 18,
@@ -117,11 +122,15 @@ export const CHART_CONFIG: ChartSpec = {
   view: { stroke: '#bbb' },
 };
 
-/** Panels side by side (wrapping after `columns`), each a layer or unit spec of its own; scales independent. */
+/**
+ * Panels side by side (wrapping after `columns`), each a layer or unit spec of its own; colours and dashes
+ * mean the same in every panel; axes are each panel's own unless `sharedY` (panels read against each other).
+ */
 export function panels(
-  title: string | { text: string; subtitle?: string },
+  title: string | { text: string; subtitle?: string | string[] },
   specs: ChartSpec[],
   columns = 2,
+  { sharedY = false }: { sharedY?: boolean } = {},
 ): ChartSpec {
   return {
     $schema: 'https://vega.github.io/schema/vega-lite/v5.json',
@@ -130,8 +139,20 @@ export function panels(
     concat: specs,
     columns,
     spacing: 36,
-    resolve: { scale: { color: 'shared', strokeDash: 'shared', y: 'independent', x: 'independent' } },
+    resolve: {
+      scale: { color: 'shared', strokeDash: 'shared', y: sharedY ? 'shared' : 'independent', x: 'independent' },
+    },
   };
+}
+
+/** Powers of two from `min` to `max` (bytes, say), every 2^k-th so that there are at most `most`. */
+export function powerOfTwoTicks(min: number, max: number, most = 8): number[] {
+  const lo = Math.floor(Math.log2(min));
+  const hi = Math.ceil(Math.log2(max));
+  const step = Math.max(1, Math.ceil((hi - lo + 1) / most));
+  const ticks: number[] = [];
+  for (let e = lo; e <= hi; e += step) ticks.push(2 ** e);
+  return ticks;
 }
 
 /** Renders a Vega-Lite spec to SVG text. Throws ChartUnavailableError without vega and vega-lite. */
