@@ -31,6 +31,9 @@ import {
   type WorkloadSpec,
 } from './workload.js';
 
+/** Bound on starting a deployment to measure (its workers loading the model included). */
+export const DEPLOYMENT_START_TIMEOUT_MS = 600_000;
+
 /** The loads of a sweep, in increasing order once resolved. */
 export type LoadSweep =
   | { kind: 'rate'; arrival: ArrivalSpec; rates: number[] }
@@ -281,7 +284,12 @@ async function bringUp(target: TargetSpec, graph: DeploymentGraph | null, config
   };
   let deployment: Deployment;
   try {
-    deployment = await startDeployment(g, { log, seed: config.weightSeed });
+    // Dummy weights of the large presets take minutes to generate: a benchmark waits longer than `tandem start`.
+    deployment = await startDeployment(g, {
+      log,
+      seed: config.weightSeed,
+      startTimeoutMs: DEPLOYMENT_START_TIMEOUT_MS,
+    });
   } catch (error) {
     const tail = config.verbose ? '' : `\n${lines.slice(-20).join('\n')}`;
     throw new BenchTargetError(
