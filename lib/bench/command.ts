@@ -116,6 +116,32 @@ export interface BenchServeCommand {
   charts: boolean;
 }
 
+const NUMBER = /^-?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$/i;
+
+/** `--rate -1` as `--rate=-1`: a negative number is a value (refused later by its range), not an option. */
+function joinNumbers(argv: string[]): string[] {
+  const out: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const name = argv[i]!.startsWith('--') && !argv[i]!.includes('=') ? argv[i]!.slice(2) : undefined;
+    const spec = name === undefined ? undefined : (OPTIONS as Record<string, { type: string }>)[name];
+    if (spec?.type === 'string' && NUMBER.test(argv[i + 1] ?? '')) out.push(`${argv[i]}=${argv[++i]}`);
+    else out.push(argv[i]!);
+  }
+  return out;
+}
+
+/** node's parseArgs error, worded as the tandem command line words its own. */
+function argumentError(error: Error): string {
+  const code = (error as { code?: string }).code;
+  const option = /'(--?[\w-]+)/.exec(error.message)?.[1];
+  if (code === 'ERR_PARSE_ARGS_UNKNOWN_OPTION') return `unknown option ${option}`;
+  if (code === 'ERR_PARSE_ARGS_UNEXPECTED_POSITIONAL')
+    return `unexpected argument '${/'([^']*)'/.exec(error.message)?.[1]}'`;
+  if (code === 'ERR_PARSE_ARGS_INVALID_OPTION_VALUE')
+    return /does not take an argument/.test(error.message) ? `${option} takes no value` : `${option} needs a value`;
+  return error.message.split('\n')[0]!;
+}
+
 /** A comma-separated list of option values. */
 function list(name: string, value: string): string[] {
   const items = value.split(',').map((s) => s.trim());
@@ -143,10 +169,9 @@ function lengthSpec(name: string, value: string): LengthSpec {
 export function parseBenchServeArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): BenchServeCommand {
   let values: Values;
   try {
-    ({ values } = parseArgs({ args: argv, options: OPTIONS, strict: true, allowPositionals: false }));
+    ({ values } = parseArgs({ args: joinNumbers(argv), options: OPTIONS, strict: true, allowPositionals: false }));
   } catch (error) {
-    // node's messages name the option; keep the first sentence, and point at the help.
-    throw new UsageError(`${(error as Error).message.split('. ')[0]!.replace(/\.$/, '')} (see --help)`);
+    throw new UsageError(`${argumentError(error as Error)} (see tandem bench serve --help)`);
   }
   const quick = values.quick ?? false;
   const int = (name: keyof Values, min: number) =>

@@ -6,6 +6,7 @@
  *   tandem start           the embedded deployment on this machine (what `npm start` runs)
  *   tandem serve -f FILE   a deployment graph
  *   tandem generate ...    one request through the engine (see lib/cli/generate.ts)
+ *   tandem bench serve ... goodput under SLOs (lib/bench/command.ts parses its options)
  *   tandem --version
  */
 import { capabilities } from '../capabilities/index.js';
@@ -28,6 +29,9 @@ Usage:
   tandem generate --model <dir|dummy:preset> --prompt TEXT [--max-tokens N] [--device cpu|cuda]
                   [--seed S] [--temperature T] [--top-p P] [--top-k K] [--threads N] [--chat] [--json]
                            generate text with the reference engine (greedy unless --temperature)
+  tandem bench serve [--quick] [--url URL | --deploy A.yaml,B.yaml] [--rate R,... | --concurrency C,...]
+                           goodput under SLOs of a deployment or of any OpenAI-compatible server
+                           (tandem bench serve --help lists its options)
   tandem --version         print the version
   tandem --help            print this help
 
@@ -38,6 +42,15 @@ TANDEM_LIBNVML, TANDEM_LIBNCCL, TANDEM_LIBUCP, TANDEM_LIBCUBLAS, TANDEM_LIBCUBLA
 library), TANDEM_KERNELS (fatbin), TANDEM_ADDON (addon binary).`;
 
 async function main(argv: string[]): Promise<number> {
+  // bench serve has options of its own, parsed where the benchmark is (loaded only for it).
+  if (argv[0] === 'bench') {
+    if (argv[1] !== 'serve')
+      throw new UsageError(
+        `bench needs serve (got ${argv[1] === undefined ? 'nothing' : `'${argv[1]}'`}) (see tandem --help)`,
+      );
+    const { benchServeMain } = await import('../bench/command.js');
+    return benchServeMain(argv.slice(2));
+  }
   const { command, values } = parseCommandLine(argv);
   if (values.version) {
     console.log(packageVersion);
