@@ -43,7 +43,8 @@ Workload (seeded: every target and every point gets the same lengths and arrival
   --trace FILE.jsonl        replay a Mooncake trace (timestamp ms, input_length, output_length, hash_ids)
   --trace-time-scale X[,X]  multiply its timestamps (0.5: twice the rate; default 1)
   --trace-block-size N      tokens per hash id (default ${MOONCAKE_BLOCK_TOKENS}, Mooncake's)
-  --seed N                  workload seed (default 0)
+  --seed N                  workload seed (default 0; a running server that cached an earlier run's
+                            prompts needs another)
   --temperature T           sampling temperature (default 0)
   --no-force-length         do not send ignore_eos and min_tokens (for servers that refuse them; outputs
                             may then end early at EOS)

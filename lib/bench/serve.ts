@@ -258,11 +258,14 @@ function defaultLabel(target: TargetSpec): string {
 }
 
 /** The model a target serves, known before it starts (graphs) or asked of it (URLs). */
-async function targetModel(target: TargetSpec, graph: DeploymentGraph | null, config: BenchServeConfig) {
+async function targetModel(
+  target: TargetSpec,
+  graph: DeploymentGraph | null,
+  config: BenchServeConfig,
+): Promise<string> {
   if (config.model) return config.model;
-  if (graph) return graph.model;
-  if (target.kind === 'url') return servedModel(serverRoot(target.url), config.apiKey);
-  throw new Error('unreachable');
+  if (target.kind === 'url' || !graph) return servedModel(serverRoot((target as { url: string }).url), config.apiKey);
+  return graph.model;
 }
 
 /** A running server to measure: started here (and stopped by `stop`), or already there. */
@@ -271,8 +274,14 @@ interface LiveTarget {
   stop(): Promise<void>;
 }
 
-async function bringUp(target: TargetSpec, graph: DeploymentGraph | null, config: BenchServeConfig, ui: BenchUi) {
-  if (!graph) return { root: serverRoot((target as { url: string }).url), stop: async () => {} } as LiveTarget;
+async function bringUp(
+  target: TargetSpec,
+  graph: DeploymentGraph | null,
+  config: BenchServeConfig,
+  ui: BenchUi,
+): Promise<LiveTarget> {
+  if (target.kind === 'url' || !graph)
+    return { root: serverRoot((target as { url: string }).url), stop: async () => {} };
   // Our own deployment, on loopback, on a free port, without an API key.
   const g: DeploymentGraph = structuredClone(graph);
   g.frontend = { host: '127.0.0.1', port: 0 };
@@ -301,10 +310,7 @@ async function bringUp(target: TargetSpec, graph: DeploymentGraph | null, config
       graph.pools.map((p) => `${p.name} (${p.role} x${p.replicas} on ${p.device})`).join(', ') +
       ` at ${deployment.frontend.url}`,
   );
-  return {
-    root: deployment.frontend.url,
-    stop: () => deployment.stop({ drainMs: 1000 }),
-  } as LiveTarget;
+  return { root: deployment.frontend.url, stop: () => deployment.stop({ drainMs: 1000 }) };
 }
 
 function errorCounts(timings: readonly RequestTiming[]): { message: string; count: number }[] {
