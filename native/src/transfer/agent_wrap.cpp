@@ -108,14 +108,8 @@ Napi::Value TransferPlanWrap::GetOp(const Napi::CallbackInfo& info) {
 }
 Napi::Value TransferPlanWrap::GetPeer(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), plan_->peer->d.name); }
 Napi::Value TransferPlanWrap::GetCopyStrategy(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (plan_->backend != Backend::CudaIpc) return env.Undefined();
-  switch (plan_->strategy.load()) {
-    case Plan::kKernel: return Napi::String::New(env, "kernel");
-    case Plan::kCopyEngine: return Napi::String::New(env, "copy-engine");
-    case Plan::kBatch: return Napi::String::New(env, "batch");
-    default: return Napi::String::New(env, "undecided");
-  }
+  const char* strategy = plan_->state ? plan_->state->copyStrategy() : nullptr;
+  return strategy ? Napi::String::New(info.Env(), strategy) : info.Env().Undefined();
 }
 
 // --------------------------------------------------------------------------------------------------
@@ -350,7 +344,7 @@ Napi::Value TransferAgentWrap::LoadRemote(const Napi::CallbackInfo& info) {
   std::lock_guard<std::mutex> lock(peer->mutex);
   Napi::Array regions = Napi::Array::New(env, peer->regions.size());
   for (size_t i = 0; i < peer->regions.size(); ++i) {
-    const auto& d = peer->regions[i].d;
+    const auto& d = peer->regions[i]->d;
     Napi::Object r = Napi::Object::New(env);
     r.Set("id", d.id);
     r.Set("kind", memKindName(d.kind));

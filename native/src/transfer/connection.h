@@ -1,5 +1,5 @@
 // A connection between two agents (one per initiator -> target direction) and how messages go out on
-// it. Internal to the transfer agent; shared by agent.cpp and nccl_backend.cpp.
+// it. Internal to the transfer agent; shared by agent.cpp and the backends.
 #pragma once
 
 #include <sys/socket.h>
