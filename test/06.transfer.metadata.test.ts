@@ -89,7 +89,7 @@ describe('transfer metadata', () => {
   });
 
   it('rejects another format version or build with IncompatibleMetadataError', () => {
-    expect(() => a.loadRemote(patched(blob, 8, [2, 0]))).toThrow(IncompatibleMetadataError);
+    expect(() => a.loadRemote(patched(blob, 8, [1, 0]))).toThrow(IncompatibleMetadataError); // format 1: an older build
     expect(() => a.loadRemote(patched(blob, 16, [0xde, 0xad]))).toThrow(IncompatibleMetadataError);
     expect(() => a.loadRemote(patched(blob, 16, [0xde, 0xad]))).toThrow(/incompatible Tandem build/);
   });

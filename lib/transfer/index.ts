@@ -329,7 +329,10 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   /**
    * Loads a peer's metadata. A malformed, truncated or incompatible blob throws MetadataError and
    * changes nothing. Loading a restarted peer (same name, new incarnation) replaces the old one, whose
-   * pending transfers reject with RemoteDisconnectError.
+   * pending transfers reject with RemoteDisconnectError. Loading the same peer again makes its regions
+   * exactly those of the blob (an older blob than the one loaded changes nothing); plans and prepare()
+   * naming a region it no longer has reject with RemoteRegionGoneError, as do posts to a region the
+   * peer deregistered before its new metadata was loaded.
    */
   loadRemote(metadata: Uint8Array): RemotePeer {
     const raw: RawRemotePeer = nativeSync(() => this.raw.loadRemote(metadata));

@@ -7,6 +7,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -89,6 +90,14 @@ uint64_t randomIncarnation() {
   std::random_device rd;
   uint64_t v = (static_cast<uint64_t>(rd()) << 32) ^ rd();
   return v ? v : 1;
+}
+
+// Whether a region of a reloaded peer is the one already known (same registration, same memory).
+bool sameRegion(const RegionDescriptor& a, const RegionDescriptor& b) {
+  return a.id == b.id && a.kind == b.kind && a.device == b.device && a.size == b.size && a.address == b.address &&
+         a.memfd == b.memfd && a.inode == b.inode && a.fileDevice == b.fileDevice && a.hasIpcHandle == b.hasIpcHandle &&
+         a.ipcOffset == b.ipcOffset && std::memcmp(a.ipcHandle, b.ipcHandle, sizeof(a.ipcHandle)) == 0 &&
+         a.ucxRkey == b.ucxRkey;
 }
 
 }  // namespace
@@ -404,6 +413,7 @@ std::shared_ptr<Region> Agent::registerHost(unsigned char* data, uint64_t size) 
   r->size = size;
   std::lock_guard<std::mutex> lock(mutex_);
   r->id = nextRegionId_++;
+  ++generation_;
   r->desc.id = r->id;
   r->desc.kind = r->kind;
   r->desc.size = size;
@@ -443,11 +453,17 @@ std::shared_ptr<Region> Agent::allocShared(uint64_t size, bool pinned) {
   }
   std::lock_guard<std::mutex> lock(mutex_);
   r->id = nextRegionId_++;
+  ++generation_;
   r->desc.id = r->id;
   r->desc.kind = r->kind;
   r->desc.size = size;
   r->desc.address = reinterpret_cast<uint64_t>(r->host);
   r->desc.memfd = mapping->memfd;
+  struct stat st {};
+  if (fstat(mapping->memfd, &st) == 0) {
+    r->desc.inode = st.st_ino;
+    r->desc.fileDevice = st.st_dev;
+  }
   for (auto& b : backends_) b->regionRegistered(*r);
   regions_[r->id] = r;
   return r;
@@ -502,6 +518,7 @@ std::shared_ptr<Region> Agent::registerDevice(int device, CUdeviceptr ptr, uint6
   });
   std::lock_guard<std::mutex> lock(mutex_);
   r->id = nextRegionId_++;
+  ++generation_;
   r->desc.id = r->id;
   regions_[r->id] = r;
   return r;
@@ -530,12 +547,25 @@ std::shared_ptr<Region> Agent::allocDevice(int device, uint64_t size) {
 
 void Agent::deregister(uint32_t id) {
   std::shared_ptr<Region> r;
+  std::vector<std::shared_ptr<Connection>> inbound;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = regions_.find(id);
     if (it == regions_.end()) throw AgentError{"TANDEM_NOT_REGISTERED", "region " + std::to_string(id) + " is not registered"};
     r = it->second;
     regions_.erase(it);
+    ++generation_;
+    for (const auto& c : connections_) {
+      if (c->inbound && c->greeted && c->open) inbound.push_back(c);
+    }
+  }
+  // Peers that reach the region without asking this agent (shm mappings, UCX keys) hear that it is gone;
+  // those that ask (tcp, nccl) are refused by the region check there.
+  if (!inbound.empty()) {
+    progress_->post([inbound, id] {
+      std::string ignored;
+      for (const auto& c : inbound) sendMessage(*c, Msg::RegionGone, id, 0, nullptr, 0, ignored);
+    });
   }
   for (auto& b : backends_) b->regionDeregistered(*r);
   // Peers can no longer open it; JS views keep the mapping itself until they are collected.
@@ -592,6 +622,7 @@ std::vector<unsigned char> Agent::metadata() {
   d.backends = backends();
   for (const auto& b : backends_) b->describe(d);
   std::lock_guard<std::mutex> lock(mutex_);
+  d.generation = generation_;
   for (auto& [id, r] : regions_) d.regions.push_back(r->desc);
   return encodeMetadata(d);
 }
@@ -611,21 +642,48 @@ std::shared_ptr<Peer> Agent::loadRemote(const unsigned char* data, size_t size) 
     auto it = peers_.find(d.name);
     if (it != peers_.end()) {
       if (it->second->d.incarnation == d.incarnation && !it->second->removed) {
-        // Same peer, possibly with more regions registered since: keep the existing peer and add them.
-        auto& existing = it->second;
-        std::lock_guard<std::mutex> peerLock(existing->mutex);
-        for (const auto& r : d.regions) {
-          if (!existing->regionById.count(r.id)) {
-            auto region = std::make_shared<RemoteRegion>(r);
-            existing->regionById[r.id] = region;
-            existing->regions.push_back(std::move(region));
+        // Same peer: its regions become exactly those of this metadata, unless what we hold is newer
+        // (a stale blob changes nothing). A region it no longer lists is gone; one whose descriptor
+        // changed is a new region (the old one gone).
+        auto existing = it->second;
+        std::vector<std::shared_ptr<RemoteRegion>> gone;
+        {
+          std::lock_guard<std::mutex> peerLock(existing->mutex);
+          if (d.generation < existing->generation) return existing;
+          std::vector<std::shared_ptr<RemoteRegion>> regions;
+          std::unordered_map<uint32_t, std::shared_ptr<RemoteRegion>> byId;
+          for (const auto& r : d.regions) {
+            if (existing->goneIds.count(r.id)) continue;  // ids are never reused: gone is gone
+            auto old = existing->regionById.find(r.id);
+            std::shared_ptr<RemoteRegion> region;
+            if (old != existing->regionById.end() && sameRegion(old->second->d, r)) {
+              region = old->second;
+            } else {
+              region = std::make_shared<RemoteRegion>(r);
+            }
+            byId[r.id] = region;
+            regions.push_back(std::move(region));
           }
+          for (const auto& old : existing->regions) {
+            auto now = byId.find(old->d.id);
+            if (now != byId.end() && now->second == old) continue;
+            old->gone.store(true, std::memory_order_release);
+            if (now == byId.end()) existing->goneIds[old->d.id] = true;
+            gone.push_back(old);
+          }
+          existing->regions = std::move(regions);
+          existing->regionById = std::move(byId);
+          existing->generation = d.generation;
+        }
+        if (!gone.empty()) {
+          progress_->post([this, existing, gone = std::move(gone)]() mutable { releaseRegions(existing, std::move(gone)); });
         }
         return existing;
       }
       old = it->second;  // a restarted peer with the same name: a new peer
     }
     peer->d = d;
+    peer->generation = d.generation;
     peer->sameHost = d.hostKey == hostKey_;
     for (const auto& r : d.regions) {
       auto region = std::make_shared<RemoteRegion>(r);
@@ -741,6 +799,7 @@ void Agent::acceptLoop() {
         setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
       }
       auto conn = std::make_shared<Connection>(fd);
+      conn->inbound = true;
       {
         std::lock_guard<std::mutex> lock(mutex_);
         connections_.push_back(conn);
@@ -795,9 +854,16 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
     }
   } closeInbox{*conn};
   auto ack = helloPayload(incarnation_, options_.name);
-  if (!sendMessage(*conn, Msg::HelloAck, ringFd, h.seq, ack.data(), ack.size(), error)) {
-    conn->shutdown();
-    return;
+  {
+    // Under the send lock, so that nothing (RegionGone) goes out before the HelloAck.
+    std::lock_guard<std::mutex> lock(conn->sendMutex);
+    Header ackHeader{static_cast<uint32_t>(Msg::HelloAck), ringFd, h.seq, ack.size()};
+    std::vector<iovec> iov{{&ackHeader, sizeof(ackHeader)}, {ack.data(), ack.size()}};
+    if (!sendVector(conn->fd, iov, error)) {
+      conn->shutdown();
+      return;
+    }
+    conn->greeted = true;
   }
 
   // Each backend's state for this connection (nccl: its links), made by the backend on first use.
@@ -913,6 +979,11 @@ void Agent::readOutbound(std::shared_ptr<Peer> peer) {
     spinUntilReadable(fd, spin_);
     if (!recvAll(fd, &h, sizeof(h), error)) break;
     Msg type = static_cast<Msg>(h.type);
+    if (type == Msg::RegionGone) {
+      if (h.length && !discard(fd, h.length, error)) break;
+      regionGone(peer, h.aux, "it was deregistered there");
+      continue;
+    }
     if (type != Msg::Done && type != Msg::ReadData) break;
     // The post this answers (it may have been canceled or timed out meanwhile: then tcp's rules apply,
     // which read and drop the answer).
@@ -952,6 +1023,9 @@ std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const s
     std::lock_guard<std::mutex> lock(peer->mutex);
     for (uint32_t id : remoteRegions) {
       auto it = peer->regionById.find(id);
+      if (it == peer->regionById.end() && peer->goneIds.count(id)) {
+        throw AgentError{"TANDEM_REMOTE_REGION_GONE", goneMessage(*peer, id)};
+      }
       if (it == peer->regionById.end()) {
         throw AgentError{"TANDEM_NOT_REGISTERED", "peer '" + peerName + "' has no region " + std::to_string(id) +
                                                       " in the metadata loaded (reload its metadata after it registers)"};
@@ -1140,6 +1214,10 @@ void Agent::cancel(uint64_t token) {
 
 bool Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif, bool alone) {
   TransferBackend& b = backend(plan->backend);
+  if (const RemoteRegion* gone = goneRegion(*plan)) {
+    fail(token, "TANDEM_REMOTE_REGION_GONE", goneMessage(*plan->peer, gone->d.id));
+    return false;
+  }
   // Done or issued on this thread (a small shm copy, a cuda-ipc post of a settled plan): no hand-off.
   bool settled = false;
   if (b.postOnCaller(plan, token, notif, alone, settled)) return settled;
@@ -1167,6 +1245,10 @@ bool Agent::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<
         fail(token, "TANDEM_NOT_REGISTERED", "local region " + std::to_string(id) + " was deregistered; nothing was moved");
         return;
       }
+    }
+    if (const RemoteRegion* gone = goneRegion(*plan)) {
+      fail(token, "TANDEM_REMOTE_REGION_GONE", goneMessage(*plan->peer, gone->d.id));
+      return;
     }
     try {
       b.post(plan, token, notif);
@@ -1284,12 +1366,42 @@ unsigned char* Agent::mapRemote(Peer& peer, RemoteRegion& r) {
     r.mapped = reinterpret_cast<unsigned char*>(r.d.address);  // same process: already addressable
     return r.mapped;
   }
+  auto gone = [&](const std::string& why) {
+    {
+      std::lock_guard<std::mutex> lock(peer.mutex);
+      if (!r.gone.exchange(true)) {
+        auto it = peer.regionById.find(r.d.id);
+        if (it != peer.regionById.end() && it->second.get() == &r) peer.goneIds[r.d.id] = true;
+      }
+    }
+    return AgentError{"TANDEM_REMOTE_REGION_GONE", goneMessage(peer, r.d.id) + " (" + why + ")"};
+  };
   std::string path = "/proc/" + std::to_string(peer.d.pid) + "/fd/" + std::to_string(r.d.memfd);
   int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) {
-    throw AgentError{errno == ENOENT ? "TANDEM_REMOTE_DISCONNECTED" : "TANDEM_BACKEND_UNAVAILABLE",
+    const int err = errno;
+    // The fd is closed (the region was deregistered) while the process lives; or the process is gone.
+    if (err == ENOENT && ::access(("/proc/" + std::to_string(peer.d.pid)).c_str(), F_OK) == 0) {
+      throw gone("its memfd is closed");
+    }
+    throw AgentError{err == ENOENT ? "TANDEM_REMOTE_DISCONNECTED" : "TANDEM_BACKEND_UNAVAILABLE",
                      "cannot open region " + std::to_string(r.d.id) + " of peer '" + peer.d.name + "' (" + path + "): " +
-                         std::strerror(errno)};
+                         std::strerror(err)};
+  }
+  // The fd number may have been reused for another file since the metadata was made: map only the file
+  // the metadata describes, and never past its end (a mapping longer than the file faults with SIGBUS).
+  struct stat st {};
+  if (fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw AgentError{"TANDEM_BACKEND_UNAVAILABLE", "cannot stat region " + std::to_string(r.d.id) + " of peer '" +
+                                                       peer.d.name + "': " + std::strerror(err)};
+  }
+  const bool sameFile = r.d.inode == 0 || (static_cast<uint64_t>(st.st_ino) == r.d.inode &&
+                                           static_cast<uint64_t>(st.st_dev) == r.d.fileDevice);
+  if (!sameFile || static_cast<uint64_t>(st.st_size) < r.d.size) {
+    ::close(fd);
+    throw gone(sameFile ? "its file is smaller than the metadata says" : "its memfd now names another file");
   }
   void* p = mmap(nullptr, r.d.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ::close(fd);
@@ -1297,10 +1409,53 @@ unsigned char* Agent::mapRemote(Peer& peer, RemoteRegion& r) {
     throw AgentError{"TANDEM_BACKEND_UNAVAILABLE", "cannot map region " + std::to_string(r.d.id) + " of peer '" + peer.d.name +
                                                        "': " + std::strerror(errno)};
   }
+  std::lock_guard<std::mutex> lock(peer.mutex);  // the caller's thread reads it there (shm inline copies)
   r.mapped = static_cast<unsigned char*>(p);
   r.mappedSize = r.d.size;
   return r.mapped;
 }
 
+std::string Agent::goneMessage(const Peer& peer, uint32_t id) {
+  return "region " + std::to_string(id) + " of peer '" + peer.d.name +
+         "' is gone (deregistered there); nothing was moved. Load the peer's metadata again and prepare anew";
+}
+
+const RemoteRegion* Agent::goneRegion(const Plan& plan) {
+  for (const auto& r : plan.remotes) {
+    if (r->gone.load(std::memory_order_acquire)) return r.get();
+  }
+  return nullptr;
+}
+
+std::string Agent::regionGone(const std::shared_ptr<Peer>& peer, uint32_t id, const std::string& why) {
+  std::vector<std::shared_ptr<RemoteRegion>> gone;
+  {
+    std::lock_guard<std::mutex> lock(peer->mutex);
+    auto it = peer->regionById.find(id);
+    if (it != peer->regionById.end()) {
+      it->second->gone.store(true, std::memory_order_release);
+      gone.push_back(it->second);
+      peer->regions.erase(std::remove(peer->regions.begin(), peer->regions.end(), it->second), peer->regions.end());
+      peer->regionById.erase(it);
+    }
+    peer->goneIds[id] = true;
+  }
+  if (!gone.empty() && !closing_) {
+    progress_->post([this, peer, gone = std::move(gone)]() mutable { releaseRegions(peer, std::move(gone)); });
+  }
+  return goneMessage(*peer, id) + " (" + why + ")";
+}
+
+void Agent::releaseRegions(const std::shared_ptr<Peer>& peer, std::vector<std::shared_ptr<RemoteRegion>> regions) {
+  // On the progress thread, after the posts queued before the region went: none is issued with it now.
+  const bool otherProcess = peer->d.pid != static_cast<uint32_t>(getpid());
+  for (auto& r : regions) {
+    for (auto& b : backends_) b->releaseRegion(*peer, *r);
+    std::lock_guard<std::mutex> lock(peer->mutex);  // against the shm copies on the caller's thread
+    if (r->mapped && r->mappedSize && otherProcess) munmap(r->mapped, r->mappedSize);
+    r->mapped = nullptr;
+    r->mappedSize = 0;
+  }
+}
 
 }  // namespace tandem::transfer

@@ -74,6 +74,10 @@ struct Connection;
 struct RemoteRegion {
   explicit RemoteRegion(const RegionDescriptor& desc) : d(desc) {}
   RegionDescriptor d;
+  // The peer no longer has it (a reloaded metadata lacks it, the peer said so, or its memfd now names
+  // another file): posts of plans that name it fail with TANDEM_REMOTE_REGION_GONE. Set under the peer's
+  // mutex, never cleared.
+  std::atomic<bool> gone{false};
   // Our mapping of the peer's shared memory (shm, and cuda-ipc to the peer's host memory): made on the
   // progress thread, checked against the metadata (mapRemote), closed by releasePeer/releaseRegion.
   unsigned char* mapped = nullptr;
@@ -83,8 +87,12 @@ struct RemoteRegion {
 struct Peer {
   AgentDescriptor d;
   bool sameHost = false;
-  std::vector<std::shared_ptr<RemoteRegion>> regions;  // in metadata order; guarded by `mutex`
+  // Exactly the regions of the metadata loaded last (or of a later generation), in its order; guarded
+  // by `mutex`, as are the others below.
+  std::vector<std::shared_ptr<RemoteRegion>> regions;
   std::unordered_map<uint32_t, std::shared_ptr<RemoteRegion>> regionById;
+  std::unordered_map<uint32_t, bool> goneIds;  // ids of regions it had and has no more
+  uint64_t generation = 0;                     // of the metadata that set `regions`
   std::shared_ptr<Connection> conn;  // outbound connection
   std::mutex mutex;                   // guards conn state, dead, reason, regions
   bool dead = false;
@@ -259,8 +267,13 @@ class Agent {
   // The target's side of those: delivered (ok) or, for a WRITE that failed, its number skipped.
   void deliveredCarried(Connection& conn, std::vector<unsigned char> notif, bool ok);
 
-  // Progress thread: our mapping of a peer's shared region (shm, cuda-ipc host copies).
+  // Progress thread: our mapping of a peer's shared region (shm, cuda-ipc host copies), checked against
+  // the file the metadata describes. Throws AgentError TANDEM_REMOTE_REGION_GONE when it is not that file.
   unsigned char* mapRemote(Peer& peer, RemoteRegion& r);
+  // The peer no longer has region `id` (it said so, or a check found out): marks it gone, so that posts
+  // naming it fail, and lets go of our mappings of it on the progress thread. Returns the error message.
+  std::string regionGone(const std::shared_ptr<Peer>& peer, uint32_t id, const std::string& why);
+  static std::string goneMessage(const Peer& peer, uint32_t id);
 
   // Runs `fn` on the progress thread (at once when already there) and returns its result; rethrows.
   template <typename F>
@@ -282,6 +295,10 @@ class Agent {
   // once the work already issued to it has finished.
   void releasePeer(Peer& peer);
   void releaseRetired();
+  // Progress thread: lets go of what this process holds of regions a peer has removed.
+  void releaseRegions(const std::shared_ptr<Peer>& peer, std::vector<std::shared_ptr<RemoteRegion>> regions);
+  // The first gone remote region of the plan, or null.
+  static const RemoteRegion* goneRegion(const Plan& plan);
   void releaseCuda();
 
   AgentOptions options_;
@@ -299,7 +316,8 @@ class Agent {
   std::array<std::unique_ptr<TransferBackend>, kBackendCount> backends_;
 
   std::mutex mutex_;  // regions_, peers_, connections_, pending_
-  uint32_t nextRegionId_ = 1;
+  uint32_t nextRegionId_ = 1;  // never reused: an id names one registration for the agent's life
+  uint64_t generation_ = 0;    // bumped by every registration and deregistration
   std::map<uint32_t, std::shared_ptr<Region>> regions_;
   std::map<std::string, std::shared_ptr<Peer>> peers_;
   std::vector<std::shared_ptr<Connection>> connections_;

@@ -12,7 +12,8 @@
 
 namespace tandem::transfer {
 
-constexpr uint32_t kWireVersion = 1;
+// 2: Msg::RegionGone, and status kStatusRegionGone in Done/ReadData.
+constexpr uint32_t kWireVersion = 2;
 
 enum class Msg : uint32_t {
   Hello = 1,       // initiator -> target: u64 incarnation, u16 nameLen, name
@@ -26,7 +27,15 @@ enum class Msg : uint32_t {
   NcclInit = 8,    // aux = link; payload: 128-byte ncclUniqueId, i32 target GPU
   NcclPlan = 9,    // seq = plan id, aux = link; payload: u32 pieces, u32 reserved, pieces x (u32 region, u32 0, u64 off, u64 len)
   NcclPost = 10,   // seq = token, aux = link; payload: u64 plan id, u32 op, u32 notifLen, notif
+  // target -> initiator, on every inbound connection when the target deregisters a region: aux = its id.
+  RegionGone = 11,
 };
+
+// Done/ReadData status: 0 ok, 1 refused (the payload says why), kStatusRegionGone: the request named a
+// region that is not (any more) registered there. Region ids are never reused within an incarnation, so
+// an id that is not registered is one that was deregistered (or never published).
+constexpr uint32_t kStatusRefused = 1;
+constexpr uint32_t kStatusRegionGone = 2;
 
 constexpr uint32_t kNotifySkip = 1;  // Msg::Notify's aux: the numbered notification's transfer failed
 

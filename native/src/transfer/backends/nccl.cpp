@@ -48,6 +48,9 @@ constexpr size_t kStageMinPieces = 4;
 constexpr uint64_t kStageMaxBytes = 4ull << 30;  // beyond this the staging memory is not worth it
 constexpr uint64_t kStageChunkBytes = 128 << 10;
 
+// Prefixes a target-side refusal that names a region not registered there (answered as kStatusRegionGone).
+constexpr const char* kRegionGoneMark = "\x01gone:";
+
 }  // namespace
 
 // One side's staging state for one link. Touched only on that link communicator's thread (in the hooks
@@ -420,7 +423,13 @@ bool NcclBackend::answer(const std::shared_ptr<Peer>& peer, Connection& conn, co
   bool erased = agent_.erasePending(h.seq);
   // Our half waits for a partner that will never come: the link is unusable from here on.
   abortLink(*peer, *plan, "peer '" + peer->d.name + "' refused a transfer: " + text);
-  if (erased) agent_.fail(h.seq, "TANDEM_REMOTE_ERROR", "peer '" + peer->d.name + "' refused: " + text);
+  if (!erased) return true;
+  if (h.aux == kStatusRegionGone) {
+    agent_.fail(h.seq, "TANDEM_REMOTE_REGION_GONE",
+                "peer '" + peer->d.name + "': " + text + "; load its metadata again and prepare anew");
+  } else {
+    agent_.fail(h.seq, "TANDEM_REMOTE_ERROR", "peer '" + peer->d.name + "' refused: " + text);
+  }
   return true;
 }
 
@@ -513,7 +522,10 @@ bool NcclBackend::serve(const std::shared_ptr<Connection>& connPtr, const Header
   }
 
   auto refuse = [&](const std::string& problem) {
-    return sendMessage(conn, Msg::Done, 1, h.seq, problem.data(), problem.size(), error);
+    // A region that is not registered (any more) is reported as gone: ids are never reused.
+    const bool gone = problem.rfind(kRegionGoneMark, 0) == 0;
+    const std::string text = gone ? problem.substr(std::strlen(kRegionGoneMark)) : problem;
+    return sendMessage(conn, Msg::Done, gone ? kStatusRegionGone : kStatusRefused, h.seq, text.data(), text.size(), error);
   };
 
   if (type == Msg::NcclPlan) {
@@ -531,7 +543,7 @@ bool NcclBackend::serve(const std::shared_ptr<Connection>& connPtr, const Header
     for (uint32_t i = 0; i < count && problem.empty(); ++i) {
       auto region = agent_.region(in[i].region);
       if (!region) {
-        problem = "region " + std::to_string(in[i].region) + " is not registered at '" + self + "'";
+        problem = kRegionGoneMark + ("region " + std::to_string(in[i].region) + " is not registered at '" + self + "'");
       } else if (region->kind != MemKind::Device || region->device != link.device) {
         problem = "region " + std::to_string(in[i].region) + " is not memory of GPU " + std::to_string(link.device);
       } else if (in[i].length == 0 || in[i].offset > region->size || in[i].length > region->size - in[i].offset) {
@@ -603,7 +615,9 @@ bool NcclBackend::serve(const std::shared_ptr<Connection>& connPtr, const Header
   auto plan = link.plans.find(planId);
   if (plan == link.plans.end()) return refusePost("unknown nccl plan " + std::to_string(planId));
   for (uint32_t id : plan->second.regions) {
-    if (!agent_.region(id)) return refusePost("region " + std::to_string(id) + " was deregistered at '" + self + "'");
+    if (!agent_.region(id)) {
+      return refusePost(kRegionGoneMark + ("region " + std::to_string(id) + " was deregistered at '" + self + "'"));
+    }
   }
   const auto& pieces = plan->second.pieces;
   Op op = fields[0] == static_cast<uint32_t>(Op::Write) ? Op::Write : Op::Read;

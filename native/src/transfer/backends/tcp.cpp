@@ -99,9 +99,12 @@ bool TcpBackend::serve(const std::shared_ptr<Connection>& connPtr, const Header&
 
   // Validate against our own registration: the initiator's checks are not trusted.
   std::string problem;
+  uint32_t status = kStatusRefused;
   std::shared_ptr<Region> region = agent_.region(h.aux);
   uint64_t total = 0;
   if (!region) {
+    // Region ids are never reused: this one was deregistered (the initiator's metadata is older).
+    status = kStatusRegionGone;
     problem = "region " + std::to_string(h.aux) + " is not registered at '" + self + "'";
   } else if (!isHostKind(region->kind)) {
     problem = "region " + std::to_string(h.aux) + " is device memory; tcp moves host memory only";
@@ -129,7 +132,7 @@ bool TcpBackend::serve(const std::shared_ptr<Connection>& connPtr, const Header&
         if (!recvAll(conn.fd, notif.data(), notif.size(), error)) return false;
         agent_.deliveredCarried(conn, std::move(notif), false);
       }
-      return sendMessage(conn, Msg::Done, 1, h.seq, problem.data(), problem.size(), error);
+      return sendMessage(conn, Msg::Done, status, h.seq, problem.data(), problem.size(), error);
     }
     for (const auto& p : pieces) {
       if (!recvAll(conn.fd, region->host + p.offset, p.length, error)) return false;
@@ -143,7 +146,7 @@ bool TcpBackend::serve(const std::shared_ptr<Connection>& connPtr, const Header&
   if (!problem.empty() || dataBytes != 0) {
     if (problem.empty()) problem = "READ request carries unexpected payload";
     if (!discard(conn.fd, dataBytes, error)) return false;
-    return sendMessage(conn, Msg::ReadData, 1, h.seq, problem.data(), problem.size(), error);
+    return sendMessage(conn, Msg::ReadData, status, h.seq, problem.data(), problem.size(), error);
   }
   Header rh{static_cast<uint32_t>(Msg::ReadData), 0, h.seq, total};
   std::vector<iovec> iov;
@@ -171,7 +174,13 @@ bool TcpBackend::answer(const std::shared_ptr<Peer>& peer, Connection& conn, con
     std::string text(std::min<uint64_t>(h.length, 4096), '\0');
     if (!recvAll(fd, text.data(), text.size(), error) || !discard(fd, h.length - text.size(), error)) return false;
     bool erased = agent_.erasePending(h.seq);
-    if (erased || plan) agent_.fail(h.seq, "TANDEM_REMOTE_ERROR", "peer '" + peer->d.name + "' refused: " + text);
+    if (!erased && !plan) return true;
+    if (h.aux == kStatusRegionGone && plan) {
+      const uint32_t id = plan->remotes[plan->pieces[group.first].remoteRegion]->d.id;
+      agent_.fail(h.seq, "TANDEM_REMOTE_REGION_GONE", agent_.regionGone(peer, id, "peer '" + peer->d.name + "': " + text));
+      return true;
+    }
+    agent_.fail(h.seq, "TANDEM_REMOTE_ERROR", "peer '" + peer->d.name + "' refused: " + text);
     return true;
   }
   if (type == Msg::ReadData) {
