@@ -166,11 +166,9 @@ AgentDescriptor decodeMetadata(const unsigned char* data, size_t size) {
   uint16_t format = r.get<uint16_t>("format");
   r.get<uint16_t>("reserved");
   uint32_t total = r.get<uint32_t>("length");
-  if (format != kMetadataFormat) {
-    throw MetadataError{"TANDEM_INCOMPATIBLE_METADATA", "metadata format " + std::to_string(format) +
-                                                            " is not supported (this build reads format " +
-                                                            std::to_string(kMetadataFormat) + ")"};
-  }
+  // Length and checksum first (their place is the same in every format): only an intact blob can say
+  // that it comes from another build. Checked the other way round, a corrupt blob whose format bytes
+  // happened to differ was reported as incompatible.
   if (total != size) {
     throw MetadataError{"TANDEM_BAD_METADATA", "metadata length field says " + std::to_string(total) +
                                                    " bytes but " + std::to_string(size) + " were given (truncated?)"};
@@ -179,6 +177,11 @@ AgentDescriptor decodeMetadata(const unsigned char* data, size_t size) {
   std::memcpy(&storedCrc, data + size - 4, 4);
   if (crc32(data, size - 4) != storedCrc) {
     throw MetadataError{"TANDEM_BAD_METADATA", "metadata checksum mismatch (corrupted in transit?)"};
+  }
+  if (format != kMetadataFormat) {
+    throw MetadataError{"TANDEM_INCOMPATIBLE_METADATA", "metadata format " + std::to_string(format) +
+                                                            " is not supported (this build reads format " +
+                                                            std::to_string(kMetadataFormat) + ")"};
   }
   uint64_t hash = r.get<uint64_t>("compat hash");
   if (hash != compatHash()) {
