@@ -22,6 +22,7 @@
         "native/src/probe.cpp",
         "native/src/transfer/agent.cpp",
         "native/src/transfer/agent_wrap.cpp",
+        "native/src/transfer/auth.cpp",
         "native/src/transfer/backends/cuda_ipc.cpp",
         "native/src/transfer/backends/nccl.cpp",
         "native/src/transfer/backends/shm.cpp",

@@ -28,6 +28,9 @@ import { probeCuda } from '../cuda/index.js';
 import { readKernelImage } from '../native/kernels.js';
 import { libraryCandidates } from '../native/libraries.js';
 import { kvStridedPieces } from '../kv/index.js';
+import { checkListen, resolveAllowedUids, resolveSecret, type AuthOptions } from './auth.js';
+
+export { AUTH_ENV, handshakeProof, isLoopbackHost, sameProof, type AuthOptions } from './auth.js';
 
 export type MemoryKind = 'host' | 'shared' | 'pinned' | 'device';
 export type BackendName = 'shm' | 'tcp' | 'cuda-ipc' | 'nccl' | 'ucx';
@@ -107,9 +110,12 @@ export interface PostOptions {
   signal?: AbortSignal;
 }
 
-export interface AgentOptions {
+export interface AgentOptions extends AuthOptions {
   name: string;
-  /** Address the agent listens on for peers on other hosts (default 127.0.0.1). */
+  /**
+   * Address the agent listens on for peers on other hosts (default 127.0.0.1). Beyond loopback it needs a
+   * shared secret (`secret`, TANDEM_TRANSFER_SECRET or TANDEM_TRANSFER_SECRET_FILE) or `trustNetwork`.
+   */
   tcpHost?: string;
   /** Port for that listener (default 0: any free port). */
   tcpPort?: number;
@@ -205,6 +211,9 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     if (options.notifications !== undefined && options.notifications !== 'events' && options.notifications !== 'poll') {
       throw new BadArgumentError(`notifications must be 'events' or 'poll', not ${String(options.notifications)}`);
     }
+    const secret = resolveSecret(options);
+    const allowedUids = resolveAllowedUids(options);
+    checkListen(options.tcpHost ?? '127.0.0.1', secret, options);
     // Load the CUDA driver first (if any) so that the agent can offer cuda-ipc.
     await probeCuda();
     const { binding } = loadBinding();
@@ -213,7 +222,18 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     const raw = nativeSync(
       () =>
         new binding.TransferAgent(
-          { ...options, ...(kernels ? { kernels } : {}), ucp: libraryCandidates().ucp, nccl: libraryCandidates().nccl },
+          {
+            name: options.name,
+            ...(options.tcpHost !== undefined ? { tcpHost: options.tcpHost } : {}),
+            ...(options.tcpPort !== undefined ? { tcpPort: options.tcpPort } : {}),
+            ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
+            ...(options.notifications !== undefined ? { notifications: options.notifications } : {}),
+            ...(kernels ? { kernels } : {}),
+            ...(secret ? { secret } : {}),
+            allowedUids,
+            ucp: libraryCandidates().ucp,
+            nccl: libraryCandidates().nccl,
+          },
           (from, message) => {
             const agent = holder.target;
             if (!agent) return;

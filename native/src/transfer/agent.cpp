@@ -25,6 +25,7 @@
 #include <random>
 #include <sstream>
 
+#include "auth.h"
 #include "backends/cuda_ipc.h"
 #include "backends/nccl.h"
 #include "backends/shm.h"
@@ -92,6 +93,81 @@ uint64_t randomIncarnation() {
   return v ? v : 1;
 }
 
+// The uid of the process at the other end of a loopback tcp connection, from /proc/net/tcp{,6} (the
+// connecting socket's line: its local address is our peer's, its remote one ours). False: not loopback,
+// or not found (`loopback` says which). (Unix sockets have SO_PEERCRED; tcp has no such thing, but a
+// loopback peer is a local process all the same.)
+bool loopbackPeerUid(int fd, uint32_t& uid, bool& loopback) {
+  loopback = false;
+  sockaddr_storage ours{}, theirs{};
+  socklen_t oursLen = sizeof(ours), theirsLen = sizeof(theirs);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&ours), &oursLen) != 0 ||
+      getpeername(fd, reinterpret_cast<sockaddr*>(&theirs), &theirsLen) != 0 || ours.ss_family != theirs.ss_family) {
+    return false;
+  }
+  auto hex4 = [](const in_addr& a, uint16_t port) {
+    char out[16];
+    std::snprintf(out, sizeof(out), "%08X:%04X", static_cast<unsigned>(a.s_addr), static_cast<unsigned>(ntohs(port)));
+    return std::string(out);
+  };
+  auto hex6 = [](const in6_addr& a, uint16_t port) {
+    std::string out;
+    char word[12];
+    for (int i = 0; i < 4; ++i) {
+      uint32_t w;
+      std::memcpy(&w, a.s6_addr + 4 * i, 4);
+      std::snprintf(word, sizeof(word), "%08X", static_cast<unsigned>(w));
+      out += word;
+    }
+    std::snprintf(word, sizeof(word), ":%04X", static_cast<unsigned>(ntohs(port)));
+    return out + word;
+  };
+  std::string local, remote, table;
+  if (theirs.ss_family == AF_INET) {
+    const auto& t = reinterpret_cast<const sockaddr_in&>(theirs);
+    const auto& o = reinterpret_cast<const sockaddr_in&>(ours);
+    if ((ntohl(t.sin_addr.s_addr) >> 24) != 127) return false;
+    loopback = true;
+    local = hex4(t.sin_addr, t.sin_port);
+    remote = hex4(o.sin_addr, o.sin_port);
+    table = "/proc/net/tcp";
+  } else if (theirs.ss_family == AF_INET6) {
+    const auto& t = reinterpret_cast<const sockaddr_in6&>(theirs);
+    const auto& o = reinterpret_cast<const sockaddr_in6&>(ours);
+    if (IN6_IS_ADDR_V4MAPPED(&t.sin6_addr)) {  // an IPv4 client of a dual-stack listener: in the IPv4 table
+      in_addr t4{}, o4{};
+      std::memcpy(&t4, t.sin6_addr.s6_addr + 12, 4);
+      std::memcpy(&o4, o.sin6_addr.s6_addr + 12, 4);
+      if ((ntohl(t4.s_addr) >> 24) != 127) return false;
+      loopback = true;
+      local = hex4(t4, t.sin6_port);
+      remote = hex4(o4, o.sin6_port);
+      table = "/proc/net/tcp";
+    } else {
+      if (!IN6_IS_ADDR_LOOPBACK(&t.sin6_addr)) return false;
+      loopback = true;
+      local = hex6(t.sin6_addr, t.sin6_port);
+      remote = hex6(o.sin6_addr, o.sin6_port);
+      table = "/proc/net/tcp6";
+    }
+  } else {
+    return false;
+  }
+  std::ifstream in(table);
+  std::string line;
+  std::getline(in, line);  // header
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string slot, l, r, state, queues, timer, retransmits, owner;
+    if (!(fields >> slot >> l >> r >> state >> queues >> timer >> retransmits >> owner)) continue;
+    if (l == local && r == remote) {
+      uid = static_cast<uint32_t>(std::strtoul(owner.c_str(), nullptr, 10));
+      return true;
+    }
+  }
+  return false;
+}
+
 // Whether a region of a reloaded peer is the one already known (same registration, same memory).
 bool sameRegion(const RegionDescriptor& a, const RegionDescriptor& b) {
   return a.id == b.id && a.kind == b.kind && a.device == b.device && a.size == b.size && a.address == b.address &&
@@ -113,22 +189,40 @@ HostMapping::~HostMapping() {
 
 namespace {
 
-std::vector<unsigned char> helloPayload(uint64_t incarnation, const std::string& name) {
+// Hello and HelloAck: u64 incarnation, u16 name length, name, then (authenticating) the sender's nonce and,
+// in the HelloAck, the target's proof (auth.h).
+std::vector<unsigned char> helloPayload(uint64_t incarnation, const std::string& name, const auth::Nonce* nonce = nullptr,
+                                        const auth::Proof* proof = nullptr) {
   std::vector<unsigned char> out(sizeof(uint64_t) + sizeof(uint16_t) + name.size());
   std::memcpy(out.data(), &incarnation, 8);
   uint16_t len = static_cast<uint16_t>(name.size());
   std::memcpy(out.data() + 8, &len, 2);
   std::memcpy(out.data() + 10, name.data(), name.size());
+  if (nonce) out.insert(out.end(), nonce->begin(), nonce->end());
+  if (proof) out.insert(out.end(), proof->begin(), proof->end());
   return out;
 }
 
-bool parseHello(const std::vector<unsigned char>& p, uint64_t& incarnation, std::string& name) {
+struct Hello {
+  uint64_t incarnation = 0;
+  std::string name;
+  bool hasNonce = false, hasProof = false;
+  auth::Nonce nonce{};
+  auth::Proof proof{};
+};
+
+bool parseHello(const std::vector<unsigned char>& p, Hello& out) {
   if (p.size() < 10) return false;
-  std::memcpy(&incarnation, p.data(), 8);
+  std::memcpy(&out.incarnation, p.data(), 8);
   uint16_t len;
   std::memcpy(&len, p.data() + 8, 2);
-  if (p.size() != 10u + len) return false;
-  name.assign(reinterpret_cast<const char*>(p.data() + 10), len);
+  const size_t base = 10u + len;
+  if (p.size() != base && p.size() != base + 32 && p.size() != base + 64) return false;
+  out.name.assign(reinterpret_cast<const char*>(p.data() + 10), len);
+  out.hasNonce = p.size() >= base + 32;
+  out.hasProof = p.size() == base + 64;
+  if (out.hasNonce) std::memcpy(out.nonce.data(), p.data() + base, 32);
+  if (out.hasProof) std::memcpy(out.proof.data(), p.data() + base + 32, 32);
   return true;
 }
 
@@ -719,13 +813,19 @@ std::shared_ptr<Peer> Agent::peer(const std::string& name) {
   return it == peers_.end() ? nullptr : it->second;
 }
 
-void Agent::markDead(const std::shared_ptr<Peer>& peer, const std::string& reason) {
+std::string Agent::unreachableCode(Peer& peer) {
+  std::lock_guard<std::mutex> lock(peer.mutex);
+  return peer.dead ? peer.deadCode : "TANDEM_REMOTE_DISCONNECTED";
+}
+
+void Agent::markDead(const std::shared_ptr<Peer>& peer, const std::string& reason, const std::string& code) {
   std::shared_ptr<Connection> conn;
   {
     std::lock_guard<std::mutex> lock(peer->mutex);
     if (!peer->dead) {
       peer->dead = true;
       peer->deadReason = reason;
+      peer->deadCode = code;
     }
     peer->connecting = false;
     conn = peer->conn;
@@ -825,10 +925,48 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
     return;
   }
   payload.resize(h.length);
-  if (!recvAll(conn->fd, payload.data(), payload.size(), error) ||
-      !parseHello(payload, conn->peerIncarnation, conn->peerName)) {
+  Hello hello;
+  if (!recvAll(conn->fd, payload.data(), payload.size(), error) || !parseHello(payload, hello)) {
     conn->shutdown();
     return;
+  }
+  conn->peerIncarnation = hello.incarnation;
+  conn->peerName = hello.name;
+  // Who may connect. The peer hears why it was refused (Msg::Refused); this agent goes on serving others.
+  auto refuse = [&](const std::string& why) {
+    std::string ignored;
+    sendMessage(*conn, Msg::Refused, 0, 0, why.data(), why.size(), ignored);
+    conn->shutdown();
+  };
+  sockaddr_storage local{};
+  socklen_t localLen = sizeof(local);
+  const bool unixSocket =
+      getsockname(conn->fd, reinterpret_cast<sockaddr*>(&local), &localLen) == 0 && local.ss_family == AF_UNIX;
+  // Local peers: the abstract socket has no file permissions and the loopback listener none either, so
+  // any local process can connect; its uid decides (SO_PEERCRED; /proc/net/tcp for loopback tcp).
+  uint32_t uid = 0;
+  bool localPeer = false;
+  if (unixSocket) {
+    ucred cred{};
+    socklen_t credLen = sizeof(cred);
+    if (getsockopt(conn->fd, SOL_SOCKET, SO_PEERCRED, &cred, &credLen) != 0) return refuse("its credentials could not be read");
+    uid = static_cast<uint32_t>(cred.uid);
+    localPeer = true;
+  } else if (!loopbackPeerUid(conn->fd, uid, localPeer) && localPeer) {
+    return refuse("the uid of its loopback connection could not be found in /proc/net");
+  }
+  if (localPeer) {
+    const auto& allowed = options_.allowedUids;
+    if (uid != static_cast<uint32_t>(geteuid()) && std::find(allowed.begin(), allowed.end(), uid) == allowed.end()) {
+      return refuse("agent '" + options_.name + "' accepts local peers of uid " + std::to_string(geteuid()) +
+                    (allowed.empty() ? std::string() : " and its allowedUids") + "; '" + hello.name + "' runs as uid " +
+                    std::to_string(uid) + " (add it to allowedUids / TANDEM_TRANSFER_ALLOWED_UIDS to let it in)");
+    }
+  }
+  const bool authenticating = !options_.secret.empty();
+  if (authenticating && !hello.hasNonce) {
+    return refuse("agent '" + options_.name + "' requires the shared secret (TANDEM_TRANSFER_SECRET); '" + hello.name +
+                  "' has none set");
   }
   // Polled notifications: an inbox for this connection, with a ring in shared memory when the initiator
   // is on this host (it came over the unix socket). The HelloAck names the ring's fd (plus one; 0: none).
@@ -836,9 +974,7 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
   if (options_.pollNotifications) {
     auto inbox = std::make_shared<Inbox>();
     inbox->from = conn->peerName;
-    sockaddr_storage local{};
-    socklen_t localLen = sizeof(local);
-    if (getsockname(conn->fd, reinterpret_cast<sockaddr*>(&local), &localLen) == 0 && local.ss_family == AF_UNIX) {
+    if (unixSocket) {
       std::string ringError;
       inbox->ring = NotifyRing::create(NotifyRing::kCapacity, ringError);  // without one, the socket carries all
       if (inbox->ring) ringFd = static_cast<uint32_t>(inbox->ring->memfd()) + 1;
@@ -853,8 +989,34 @@ void Agent::serveInbound(std::shared_ptr<Connection> conn) {
       if (conn.inbox) conn.inbox->closed.store(true, std::memory_order_release);
     }
   } closeInbox{*conn};
-  auto ack = helloPayload(incarnation_, options_.name);
-  {
+  auth::Nonce ourNonce{};
+  auth::Proof ourProof{};
+  if (authenticating) {
+    ourNonce = auth::nonce();
+    ourProof = auth::proof(options_.secret, "target", hello.nonce, ourNonce);
+  }
+  auto ack = authenticating ? helloPayload(incarnation_, options_.name, &ourNonce, &ourProof)
+                            : helloPayload(incarnation_, options_.name);
+  if (authenticating) {
+    // The initiator proves it holds the secret before anything it sends is served.
+    std::string ackError;
+    if (!sendMessage(*conn, Msg::HelloAck, ringFd, h.seq, ack.data(), ack.size(), ackError)) {
+      conn->shutdown();
+      return;
+    }
+    auth::Proof theirs{};
+    if (!recvAll(conn->fd, &h, sizeof(h), error)) {
+      conn->shutdown();
+      return;
+    }
+    if (h.type != static_cast<uint32_t>(Msg::Auth) || h.length != theirs.size() ||
+        !recvAll(conn->fd, theirs.data(), theirs.size(), error) ||
+        !auth::same(theirs, auth::proof(options_.secret, "initiator", hello.nonce, ourNonce))) {
+      return refuse("agent '" + options_.name + "' refused '" + hello.name + "': it did not prove the shared secret");
+    }
+    conn->greeted = true;
+  }
+  if (!authenticating) {
     // Under the send lock, so that nothing (RegionGone) goes out before the HelloAck.
     std::lock_guard<std::mutex> lock(conn->sendMutex);
     Header ackHeader{static_cast<uint32_t>(Msg::HelloAck), ringFd, h.seq, ack.size()};
@@ -936,22 +1098,51 @@ void Agent::readOutbound(std::shared_ptr<Peer> peer) {
       return;
     }
   }
-  auto hello = helloPayload(incarnation_, options_.name);
+  const bool authenticating = !options_.secret.empty();
+  const auth::Nonce ourNonce = authenticating ? auth::nonce() : auth::Nonce{};
+  auto hello = authenticating ? helloPayload(incarnation_, options_.name, &ourNonce) : helloPayload(incarnation_, options_.name);
   Header h{};
   std::vector<unsigned char> payload;
-  uint64_t incarnation = 0;
-  std::string name;
-  bool ok = sendMessage(*conn, Msg::Hello, 0, 0, hello.data(), hello.size(), error) &&
-            recvAll(fd, &h, sizeof(h), error) && h.type == static_cast<uint32_t>(Msg::HelloAck) && h.length <= 4096;
+  Hello ack;
+  bool ok = sendMessage(*conn, Msg::Hello, 0, 0, hello.data(), hello.size(), error) && recvAll(fd, &h, sizeof(h), error) &&
+            (h.type == static_cast<uint32_t>(Msg::HelloAck) || h.type == static_cast<uint32_t>(Msg::Refused)) &&
+            h.length <= 4096;
   if (ok) {
     payload.resize(h.length);
-    ok = recvAll(fd, payload.data(), payload.size(), error) && parseHello(payload, incarnation, name);
+    ok = recvAll(fd, payload.data(), payload.size(), error);
   }
+  if (ok && h.type == static_cast<uint32_t>(Msg::Refused)) {
+    markDead(peer, "peer '" + peer->d.name + "' refused this agent: " + std::string(payload.begin(), payload.end()),
+             "TANDEM_PEER_REJECTED");
+    return;
+  }
+  if (ok) ok = parseHello(payload, ack);
   if (!ok) {
     markDead(peer, "handshake with peer '" + peer->d.name + "' failed: " + (error.empty() ? "protocol error" : error));
     return;
   }
-  if (incarnation != peer->d.incarnation) {
+  if (authenticating) {
+    // The target proves the secret first; only then does this agent prove it (and trust the connection).
+    if (!ack.hasProof) {
+      markDead(peer, "peer '" + peer->d.name + "' does not authenticate (it has no shared secret set); this agent has one: set the same TANDEM_TRANSFER_SECRET on both",
+               "TANDEM_PEER_REJECTED");
+      return;
+    }
+    if (!auth::same(ack.proof, auth::proof(options_.secret, "target", ourNonce, ack.nonce))) {
+      markDead(peer, "peer '" + peer->d.name + "' did not prove this agent's shared secret (the two have different secrets)",
+               "TANDEM_PEER_REJECTED");
+      return;
+    }
+    const auth::Proof ours = auth::proof(options_.secret, "initiator", ourNonce, ack.nonce);
+    if (!sendMessage(*conn, Msg::Auth, 0, 0, ours.data(), ours.size(), error)) {
+      markDead(peer, "handshake with peer '" + peer->d.name + "' failed: " + error);
+      return;
+    }
+  } else if (ack.hasProof) {
+    markDead(peer, "peer '" + peer->d.name + "' authenticates with a shared secret and this agent has none", "TANDEM_PEER_REJECTED");
+    return;
+  }
+  if (ack.incarnation != peer->d.incarnation) {
     markDead(peer, "peer '" + peer->d.name + "' restarted (its metadata is stale); load its new metadata");
     return;
   }
@@ -979,6 +1170,12 @@ void Agent::readOutbound(std::shared_ptr<Peer> peer) {
     spinUntilReadable(fd, spin_);
     if (!recvAll(fd, &h, sizeof(h), error)) break;
     Msg type = static_cast<Msg>(h.type);
+    if (type == Msg::Refused) {  // it did not accept our proof
+      std::string text(std::min<uint64_t>(h.length, 4096), '\0');
+      if (!recvAll(fd, text.data(), text.size(), error)) break;
+      markDead(peer, "peer '" + peer->d.name + "' refused this agent: " + text, "TANDEM_PEER_REJECTED");
+      return;
+    }
     if (type == Msg::RegionGone) {
       if (h.length && !discard(fd, h.length, error)) break;
       regionGone(peer, h.aux, "it was deregistered there");
@@ -1007,7 +1204,7 @@ std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const s
   if (!peer) throw AgentError{"TANDEM_UNKNOWN_PEER", "no peer named '" + peerName + "' (load its metadata first)"};
   {
     std::lock_guard<std::mutex> lock(peer->mutex);
-    if (peer->dead) throw AgentError{"TANDEM_REMOTE_DISCONNECTED", peer->deadReason};
+    if (peer->dead) throw AgentError{peer->deadCode, peer->deadReason};
   }
   if (count == 0) throw AgentError{"TANDEM_BAD_DESCRIPTOR", "a transfer needs at least one piece"};
   if (localRegions.empty() || remoteRegions.empty()) throw AgentError{"TANDEM_BAD_DESCRIPTOR", "a transfer needs a local and a remote region"};
@@ -1282,7 +1479,7 @@ bool Agent::notify(const std::string& peerName, uint64_t token, std::vector<unsi
   bool queued = progress_->post([this, peer, token, message = std::move(message)] {
     std::string error;
     if (closing_) return fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");
-    if (!sendNotify(peer, message, error)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+    if (!sendNotify(peer, message, error)) return fail(token, unreachableCode(*peer), error);
     succeed(token);
   });
   if (!queued) fail(token, "TANDEM_DISPOSED", "the transfer agent was disposed");

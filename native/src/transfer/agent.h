@@ -98,6 +98,7 @@ struct Peer {
   bool dead = false;
   bool removed = false;
   std::string deadReason;
+  std::string deadCode = "TANDEM_REMOTE_DISCONNECTED";  // TANDEM_PEER_REJECTED: it refused us, or we it
   std::condition_variable connected;
   bool connecting = true;
   // The peer polls its notifications (notify_ring.h): its ring for ours, mapped at the handshake (before
@@ -162,6 +163,11 @@ struct AgentOptions {
   // Notifications wait for takeNotifications() instead of going to AgentCallbacks::notified, and
   // same-host initiators write them into shared memory (notify_ring.h).
   bool pollNotifications = false;
+  // Who may connect. Local peers (the unix socket) are accepted when their credentials (SO_PEERCRED) show
+  // this process's uid or one of these. With a secret, every peer must prove it holds the same one
+  // (auth.h), and this agent refuses peers that do not.
+  std::vector<uint32_t> allowedUids;
+  std::vector<unsigned char> secret;
 };
 
 class Agent {
@@ -242,7 +248,10 @@ class Agent {
   }
   // Waits (bounded by timeoutMs) for the outbound connection; null with `error` when there is none.
   std::shared_ptr<Connection> waitConnected(const std::shared_ptr<Peer>& peer, std::string& error);
-  void markDead(const std::shared_ptr<Peer>& peer, const std::string& reason);
+  void markDead(const std::shared_ptr<Peer>& peer, const std::string& reason,
+                const std::string& code = "TANDEM_REMOTE_DISCONNECTED");
+  // The code of a failure to reach a dead peer (TANDEM_REMOTE_DISCONNECTED, or TANDEM_PEER_REJECTED).
+  std::string unreachableCode(Peer& peer);
 
   // Posts that wait for the target's answers (tcp, ucx, nccl). A pending post fails when its deadline
   // passes, its peer dies or it is canceled; `answers` is how many answers complete it.

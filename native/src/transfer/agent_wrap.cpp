@@ -170,6 +170,17 @@ TransferAgentWrap::TransferAgentWrap(const Napi::CallbackInfo& info) : Napi::Obj
     options.pollNotifications = mode == "poll";
   }
   if (o.Has("kernels") && o.Get("kernels").IsTypedArray()) options.kernels = bytesOf(o.Get("kernels"), "kernels");
+  if (o.Has("secret") && !o.Get("secret").IsUndefined()) options.secret = bytesOf(o.Get("secret"), "secret");
+  if (o.Has("allowedUids") && o.Get("allowedUids").IsArray()) {
+    Napi::Array list = o.Get("allowedUids").As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); ++i) {
+      double uid = list.Get(i).IsNumber() ? list.Get(i).As<Napi::Number>().DoubleValue() : -1;
+      if (!(uid >= 0) || uid > 4294967295.0 || uid != std::floor(uid)) {
+        throw makeError(env, "TANDEM_BAD_ARGUMENT", "allowedUids must hold uids (integers 0..2^32-1)");
+      }
+      options.allowedUids.push_back(static_cast<uint32_t>(uid));
+    }
+  }
   if (o.Has("ucp") && o.Get("ucp").IsArray()) {
     Napi::Array list = o.Get("ucp").As<Napi::Array>();
     for (uint32_t i = 0; i < list.Length(); ++i) options.ucp.push_back(requireString(list.Get(i), "ucp candidate"));

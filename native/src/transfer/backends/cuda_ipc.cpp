@@ -237,7 +237,7 @@ void CudaIpcBackend::sweepChunkTables(bool all) {
 
 void CudaIpcBackend::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
   std::string error;
-  if (!agent_.waitConnected(plan->peer, error)) return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  if (!agent_.waitConnected(plan->peer, error)) return agent_.fail(token, agent_.unreachableCode(*plan->peer), error);
   Peer& peer = *plan->peer;
   CudaIpcPeer& cs = peer.state<CudaIpcPeer>(Backend::CudaIpc);
   CudaIpcPlan& cp = plan->stateAs<CudaIpcPlan>();
@@ -657,7 +657,7 @@ void CudaIpcBackend::warmup(const std::shared_ptr<Peer>& peer, uint64_t token) {
     }
     try {
       std::string error;
-      if (!agent_.waitConnected(peer, error)) return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+      if (!agent_.waitConnected(peer, error)) return agent_.fail(token, agent_.unreachableCode(*peer), error);
       agent_.cuda().setDevice(device);
       size_t opened = 0;
       for (const auto& r : regions) {

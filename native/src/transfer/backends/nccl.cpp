@@ -215,7 +215,7 @@ void stagedOps(const std::shared_ptr<NcclStaging>& st, const std::shared_ptr<Ncc
 void NcclBackend::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
   std::string error;
   auto conn = agent_.waitConnected(plan->peer, error);
-  if (!conn) return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  if (!conn) return agent_.fail(token, agent_.unreachableCode(*plan->peer), error);
   Peer& peer = *plan->peer;
   NcclPeer& links = peer.state<NcclPeer>(Backend::Nccl);
   NcclPlan& state = plan->stateAs<NcclPlan>();

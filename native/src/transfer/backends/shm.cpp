@@ -81,7 +81,7 @@ void ShmBackend::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::ve
   Peer& peer = *plan->peer;
   std::string error;
   // The connection proves the peer is alive; without it, data "in place" in a dead peer means nothing.
-  if (!agent_.waitConnected(plan->peer, error)) return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  if (!agent_.waitConnected(plan->peer, error)) return agent_.fail(token, agent_.unreachableCode(*plan->peer), error);
   bool cma = false;
   for (const auto& p : plan->pieces) {
     if (plan->remotes[p.remoteRegion]->d.kind == MemKind::Host) cma = true;

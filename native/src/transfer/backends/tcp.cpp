@@ -42,7 +42,7 @@ std::unique_ptr<BackendPlanState> TcpBackend::preparePlan(Plan& plan) {
 void TcpBackend::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
   std::string error;
   auto conn = agent_.waitConnected(plan->peer, error);
-  if (!conn) return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  if (!conn) return agent_.fail(token, agent_.unreachableCode(*plan->peer), error);
   Peer& peer = *plan->peer;
   const auto& groups = plan->stateAs<TcpPlan>().groups;
   // A READ's notification goes out once the data is here (answer()); a WRITE carries its own.

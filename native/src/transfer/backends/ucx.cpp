@@ -61,7 +61,7 @@ void UcxBackend::closePeer(Peer& peer, bool closing) {
 void UcxBackend::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
   std::string error;
   // The control connection carries notifications and tells us when the peer dies.
-  if (!agent_.waitConnected(plan->peer, error)) return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  if (!agent_.waitConnected(plan->peer, error)) return agent_.fail(token, agent_.unreachableCode(*plan->peer), error);
   Peer& peer = *plan->peer;
   std::vector<std::vector<uint8_t>> rkeys;
   std::map<uint32_t, uint32_t> rkeyIndex;  // plan remote index -> index into rkeys
