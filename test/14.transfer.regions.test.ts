@@ -1,5 +1,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { RemoteRegionGoneError, TransferAgent, type Region, type RemotePeer, type TransferPlan } from '../lib/index.js';
+import {
+  RemoteDisconnectError,
+  RemoteRegionGoneError,
+  TransferAgent,
+  type Region,
+  type RemotePeer,
+  type TransferPlan,
+} from '../lib/index.js';
 import { fillPattern } from './helpers/pattern.js';
 import { PeerProcess } from './helpers/peer.js';
 
@@ -123,6 +130,9 @@ describe.each(['shm', 'tcp', 'ucx'] as const)('remote regions that go away, over
     await expect(write.post()).rejects.toBeInstanceOf(RemoteRegionGoneError);
     expect(await sha(b, SMALL)).toBe(before);
     expect(agent.loadRemote(await metadataOf()).regions.map((r) => r.id)).toEqual([b]);
+    // A peer that is gone itself is reported as such, whatever regions it had removed.
+    agent.removeRemote(peer.name);
+    await expect(write.post()).rejects.toBeInstanceOf(RemoteDisconnectError);
     await target.request('deregister', { region: b });
   });
 });

@@ -3,6 +3,7 @@ import {
   CudaDevice,
   OutOfBoundsError,
   RemoteDisconnectError,
+  RemoteRegionGoneError,
   TransferAgent,
   type DeviceBuffer,
   type TransferPlan,
@@ -719,8 +720,8 @@ describe.skipIf(!gate.run)('cuda-ipc to a polling target, a sender killed with a
   });
 });
 
-describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () => {
-  it('is given back once the peer is removed, not held until the agent is disposed', async () => {
+describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed, or of a region it frees', () => {
+  it('is given back once this process lets go of it (the peer removed, or the region gone), not held until dispose', async () => {
     const remoteGpu = gate.caps.cuda.devices.length >= 2 ? 1 : 0;
     const GiB = 1 << 30;
     const pair = await gpuTransferPair({
@@ -732,25 +733,49 @@ describe.skipIf(!gate.run)('cuda-ipc: GPU memory of a peer that is removed', () 
       seedRemote: 2,
     });
     try {
-      const { agent, local, peer, remote, target } = pair;
-      // One write opens the target's region in this process (CUDA IPC).
+      const { agent, local, target } = pair;
+      const freeBytes = async () =>
+        (await target.request<{ freeBytes: number }>('memoryInfo', { device: remoteGpu })).freeBytes;
+      /** Frees the target's region and waits (bounded) until its 2 GiB are back on the GPU. */
+      const freedAndBack = async (region: number, before: number) => {
+        let free = (await target.request<{ freeBytes: number }>('freeDevice', { region })).freeBytes;
+        for (let i = 0; i < 500 && free - before < 1.5 * GiB; i++) {
+          await new Promise((r) => setTimeout(r, 10));
+          free = await freeBytes();
+        }
+        return free - before;
+      };
+      // One write opens the target's region in this process (CUDA IPC); a second is issued by this thread.
       const one = { localOffsets: Float64Array.of(0), remoteOffsets: Float64Array.of(0), lengths: 64 << 10 };
-      const plan = agent.prepare({ op: 'WRITE', peer: peer.name, local, remote, pieces: one });
-      await plan.post();
-      await plan.post(); // issued by this thread (its copies are resolved now)
-      const before = (await target.request<{ freeBytes: number }>('memoryInfo', { device: remoteGpu })).freeBytes;
-      // The target frees the region; our open handle keeps the 2 GiB alive.
-      const afterFree = (await target.request<{ freeBytes: number }>('freeDevice', { region: remote })).freeBytes;
-      expect(afterFree - before, 'held while this process has the region open').toBeLessThan(GiB);
-      expect(agent.removeRemote(peer.name)).toBe(true);
-      let free = afterFree;
-      for (let i = 0; i < 500 && free - before < 1.5 * GiB; i++) {
-        await new Promise((r) => setTimeout(r, 10));
-        free = (await target.request<{ freeBytes: number }>('memoryInfo', { device: remoteGpu })).freeBytes;
-      }
-      expect(free - before, 'given back after removeRemote').toBeGreaterThanOrEqual(1.5 * GiB);
-      // The plan's resolved copies went with the peer: posting it again fails cleanly.
+      const opened = async (remote: number) => {
+        const plan = agent.prepare({ op: 'WRITE', peer: pair.peer.name, local, remote, pieces: one });
+        await plan.post();
+        await plan.post();
+        return plan;
+      };
+
+      // The peer removed: our handles close, so the region's memory returns as soon as the target frees it.
+      const plan = await opened(pair.remote);
+      expect(agent.removeRemote(pair.peer.name)).toBe(true);
       await expect(plan.post()).rejects.toBeInstanceOf(RemoteDisconnectError);
+      expect(
+        await freedAndBack(pair.remote, await freeBytes()),
+        'given back after removeRemote',
+      ).toBeGreaterThanOrEqual(1.5 * GiB);
+
+      // A region the target frees while we have it open: the target says it is gone, we close our handle.
+      const second = (
+        await target.request<{ region: { id: number } }>('allocDevice', { device: remoteGpu, bytes: 2 * GiB })
+      ).region.id;
+      pair.peer = agent.loadRemote(
+        Buffer.from((await target.request<{ metadata: string }>('metadata')).metadata, 'base64'),
+      );
+      const plan2 = await opened(second);
+      expect(
+        await freedAndBack(second, await freeBytes()),
+        'given back once the region is gone here',
+      ).toBeGreaterThanOrEqual(1.5 * GiB);
+      await expect(plan2.post()).rejects.toBeInstanceOf(RemoteRegionGoneError);
     } finally {
       await pair.dispose();
     }

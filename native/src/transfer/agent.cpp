@@ -1619,7 +1619,10 @@ std::string Agent::goneMessage(const Peer& peer, uint32_t id) {
 
 const RemoteRegion* Agent::goneRegion(const Plan& plan) {
   for (const auto& r : plan.remotes) {
-    if (r->gone.load(std::memory_order_acquire)) return r.get();
+    if (!r->gone.load(std::memory_order_acquire)) continue;
+    // A dead peer is reported as such (RemoteDisconnectError, by the backend), whatever it had removed.
+    std::lock_guard<std::mutex> lock(plan.peer->mutex);
+    return plan.peer->dead ? nullptr : r.get();
   }
   return nullptr;
 }

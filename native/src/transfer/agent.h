@@ -306,7 +306,7 @@ class Agent {
   void releaseRetired();
   // Progress thread: lets go of what this process holds of regions a peer has removed.
   void releaseRegions(const std::shared_ptr<Peer>& peer, std::vector<std::shared_ptr<RemoteRegion>> regions);
-  // The first gone remote region of the plan, or null.
+  // The first gone remote region of the plan, or null (also when the peer is dead: that is the error then).
   static const RemoteRegion* goneRegion(const Plan& plan);
   void releaseCuda();
 

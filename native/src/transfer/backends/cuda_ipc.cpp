@@ -89,9 +89,11 @@ struct CudaIpcPeer final : BackendPeerState {
   CUdeviceptr ringOnDevice = 0;
   // The peer's device regions opened in this process (progress thread).
   struct Opened {
-    CUdeviceptr address = 0;
+    CUdeviceptr address = 0;  // the region's start in this process
+    CUdeviceptr handleBase = 0;  // what cuIpcOpenMemHandle returned (0: same process, nothing to close)
     int device = -1;
   };
+  // Keyed by identity only (never dereferenced: a region can be dropped before its entry goes).
   std::unordered_map<const RemoteRegion*, Opened> opened;
 };
 
@@ -173,9 +175,9 @@ void CudaIpcBackend::releasePeer(Peer& peer) {
     cuda_->cuMemHostUnregister(peer.ring->mapping());
   }
   for (auto& [region, o] : cs.opened) {
-    if (o.address && o.device >= 0 && otherProcess && cuda) {
+    if (o.handleBase && o.device >= 0 && otherProcess && cuda) {
       agent_.cuda().setDevice(o.device);
-      cuda_->cuIpcCloseMemHandle(o.address - region->d.ipcOffset);
+      cuda_->cuIpcCloseMemHandle(o.handleBase);
     }
   }
   cs.opened.clear();
@@ -195,9 +197,9 @@ void CudaIpcBackend::releaseRegion(Peer& peer, RemoteRegion& region) {
   }
   auto it = cs.opened.find(&region);
   if (it == cs.opened.end()) return;
-  if (it->second.address && it->second.device >= 0 && peer.d.pid != static_cast<uint32_t>(getpid()) && cuda) {
+  if (it->second.handleBase && it->second.device >= 0 && peer.d.pid != static_cast<uint32_t>(getpid()) && cuda) {
     agent_.cuda().setDevice(it->second.device);
-    cuda_->cuIpcCloseMemHandle(it->second.address - region.d.ipcOffset);
+    cuda_->cuIpcCloseMemHandle(it->second.handleBase);
   }
   cs.opened.erase(it);
 }
@@ -219,6 +221,7 @@ CUdeviceptr CudaIpcBackend::openRemote(Peer& peer, RemoteRegion& r, int device) 
                                               peer.d.name + "': " + cuda_->describe(res)};
   }
   o.address = base + r.d.ipcOffset;
+  o.handleBase = base;
   o.device = device;
   return o.address;
 }
