@@ -1220,7 +1220,8 @@ std::shared_ptr<Plan> Agent::prepare(Op op, const std::string& peerName, const s
     std::lock_guard<std::mutex> lock(peer->mutex);
     for (uint32_t id : remoteRegions) {
       auto it = peer->regionById.find(id);
-      if (it == peer->regionById.end() && peer->goneIds.count(id)) {
+      if ((it == peer->regionById.end() && peer->goneIds.count(id)) ||
+          (it != peer->regionById.end() && it->second->gone.load(std::memory_order_acquire))) {
         throw AgentError{"TANDEM_REMOTE_REGION_GONE", goneMessage(*peer, id)};
       }
       if (it == peer->regionById.end()) {
