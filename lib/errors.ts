@@ -96,6 +96,34 @@ export class NotRegisteredError extends TandemError {
   }
 }
 
+/**
+ * A remote region named by a transfer is gone: the peer deregistered it (its reloaded metadata lacks it,
+ * it said so, or its memory now belongs to another region). Nothing was moved. Load the peer's metadata
+ * again and prepare the transfer against the regions it has now. The same error whatever the backend.
+ */
+export class RemoteRegionGoneError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_REMOTE_REGION_GONE', message);
+  }
+}
+
+/**
+ * A peer refused this agent, or this agent refused the peer, at the handshake: its uid is not allowed
+ * (local peers), or the shared secrets differ or only one side has one. The message says which.
+ */
+export class PeerRejectedError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_PEER_REJECTED', message);
+  }
+}
+
+/** A listener would accept connections beyond this host without a shared secret (see lib/transfer/auth.ts). */
+export class InsecureListenError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_INSECURE_LISTEN', message);
+  }
+}
+
 /** The operation was canceled through its AbortSignal. */
 export class CanceledError extends TandemError {
   constructor(message: string) {
@@ -222,6 +250,10 @@ export function fromNative(error: unknown): unknown {
       return new BadDescriptorError(message);
     case 'TANDEM_NOT_REGISTERED':
       return new NotRegisteredError(message);
+    case 'TANDEM_REMOTE_REGION_GONE':
+      return new RemoteRegionGoneError(message);
+    case 'TANDEM_PEER_REJECTED':
+      return new PeerRejectedError(message);
     case 'TANDEM_CANCELED':
       return new CanceledError(message);
     case 'TANDEM_TIMEOUT':

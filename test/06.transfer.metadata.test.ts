@@ -88,8 +88,34 @@ describe('transfer metadata', () => {
     ).toThrow(UnknownPeerError);
   });
 
+  it('random blobs that start with the magic are corrupt (MetadataError), never "incompatible"', () => {
+    // Seeded (mulberry32), bounded: 2000 blobs of 28..299 bytes, half with a length field that matches.
+    let seed = 0x7a11de;
+    const random = () => {
+      seed = (seed + 0x6d2b79f5) | 0;
+      let t = seed;
+      t = Math.imul(t ^ (t >>> 15), t | 1);
+      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+      return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    };
+    const magic = new TextEncoder().encode('TNDMAGNT');
+    for (let i = 0; i < 2000; i++) {
+      const bytes = Uint8Array.from({ length: 28 + Math.floor(random() * 272) }, () => Math.floor(random() * 256));
+      bytes.set(magic);
+      if (i % 2) new DataView(bytes.buffer).setUint32(12, bytes.length, true);
+      let thrown: unknown;
+      try {
+        a.loadRemote(bytes);
+      } catch (error) {
+        thrown = error;
+      }
+      expect(thrown, `blob ${i}`).toBeInstanceOf(MetadataError);
+      expect(thrown, `blob ${i}`).not.toBeInstanceOf(IncompatibleMetadataError);
+    }
+  });
+
   it('rejects another format version or build with IncompatibleMetadataError', () => {
-    expect(() => a.loadRemote(patched(blob, 8, [2, 0]))).toThrow(IncompatibleMetadataError);
+    expect(() => a.loadRemote(patched(blob, 8, [1, 0]))).toThrow(IncompatibleMetadataError); // format 1: an older build
     expect(() => a.loadRemote(patched(blob, 16, [0xde, 0xad]))).toThrow(IncompatibleMetadataError);
     expect(() => a.loadRemote(patched(blob, 16, [0xde, 0xad]))).toThrow(/incompatible Tandem build/);
   });

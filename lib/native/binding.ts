@@ -274,7 +274,18 @@ export interface RawBinding {
   CudaDevice: new (ordinal: number) => RawCudaDevice;
   DeviceBuffer: new (...args: never[]) => RawDeviceBuffer;
   TransferAgent: new (
-    options: { name: string; tcpHost?: string; tcpPort?: number; timeoutMs?: number; kernels?: Uint8Array; ucp?: string[]; nccl?: string[] },
+    options: {
+      name: string;
+      tcpHost?: string;
+      tcpPort?: number;
+      timeoutMs?: number;
+      notifications?: 'events' | 'poll';
+      kernels?: Uint8Array;
+      secret?: Uint8Array;
+      allowedUids?: number[];
+      ucp?: string[];
+      nccl?: string[];
+    },
     onNotification: (from: string, message: Buffer) => void,
   ) => RawTransferAgent;
   CpuLlama: new (options: RawCpuLlamaOptions) => RawCpuLlama;

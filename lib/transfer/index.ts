@@ -28,6 +28,9 @@ import { probeCuda } from '../cuda/index.js';
 import { readKernelImage } from '../native/kernels.js';
 import { libraryCandidates } from '../native/libraries.js';
 import { kvStridedPieces } from '../kv/index.js';
+import { checkListen, resolveAllowedUids, resolveSecret, type AuthOptions } from './auth.js';
+
+export { AUTH_ENV, handshakeProof, isLoopbackHost, sameProof, type AuthOptions } from './auth.js';
 
 export type MemoryKind = 'host' | 'shared' | 'pinned' | 'device';
 export type BackendName = 'shm' | 'tcp' | 'cuda-ipc' | 'nccl' | 'ucx';
@@ -107,9 +110,12 @@ export interface PostOptions {
   signal?: AbortSignal;
 }
 
-export interface AgentOptions {
+export interface AgentOptions extends AuthOptions {
   name: string;
-  /** Address the agent listens on for peers on other hosts (default 127.0.0.1). */
+  /**
+   * Address the agent listens on for peers on other hosts (default 127.0.0.1). Beyond loopback it needs a
+   * shared secret (`secret`, TANDEM_TRANSFER_SECRET or TANDEM_TRANSFER_SECRET_FILE) or `trustNetwork`.
+   */
   tcpHost?: string;
   /** Port for that listener (default 0: any free port). */
   tcpPort?: number;
@@ -205,6 +211,9 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     if (options.notifications !== undefined && options.notifications !== 'events' && options.notifications !== 'poll') {
       throw new BadArgumentError(`notifications must be 'events' or 'poll', not ${String(options.notifications)}`);
     }
+    const secret = resolveSecret(options);
+    const allowedUids = resolveAllowedUids(options);
+    checkListen(options.tcpHost ?? '127.0.0.1', secret, options);
     // Load the CUDA driver first (if any) so that the agent can offer cuda-ipc.
     await probeCuda();
     const { binding } = loadBinding();
@@ -213,7 +222,18 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
     const raw = nativeSync(
       () =>
         new binding.TransferAgent(
-          { ...options, ...(kernels ? { kernels } : {}), ucp: libraryCandidates().ucp, nccl: libraryCandidates().nccl },
+          {
+            name: options.name,
+            ...(options.tcpHost !== undefined ? { tcpHost: options.tcpHost } : {}),
+            ...(options.tcpPort !== undefined ? { tcpPort: options.tcpPort } : {}),
+            ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
+            ...(options.notifications !== undefined ? { notifications: options.notifications } : {}),
+            ...(kernels ? { kernels } : {}),
+            ...(secret ? { secret } : {}),
+            allowedUids,
+            ucp: libraryCandidates().ucp,
+            nccl: libraryCandidates().nccl,
+          },
           (from, message) => {
             const agent = holder.target;
             if (!agent) return;
@@ -329,7 +349,10 @@ export class TransferAgent extends EventEmitter<{ notification: [from: string, m
   /**
    * Loads a peer's metadata. A malformed, truncated or incompatible blob throws MetadataError and
    * changes nothing. Loading a restarted peer (same name, new incarnation) replaces the old one, whose
-   * pending transfers reject with RemoteDisconnectError.
+   * pending transfers reject with RemoteDisconnectError. Loading the same peer again makes its regions
+   * exactly those of the blob (an older blob than the one loaded changes nothing); plans and prepare()
+   * naming a region it no longer has reject with RemoteRegionGoneError, as do posts to a region the
+   * peer deregistered before its new metadata was loaded.
    */
   loadRemote(metadata: Uint8Array): RemotePeer {
     const raw: RawRemotePeer = nativeSync(() => this.raw.loadRemote(metadata));

@@ -13,7 +13,7 @@ out="${UCX_SELFTEST_OUT:-${TMPDIR:-/tmp}/tandem-ucx-selftest}"
 mkdir -p "$out"
 
 g++ -std=c++17 -O2 -g -Wall -Wextra -Werror -pthread \
-  "$here/ucx_selftest.cpp" "$src/transfer/ucx_backend.cpp" "$src/dynlib.cpp" \
+  "$here/ucx_selftest.cpp" "$src/transfer/backends/ucx_worker.cpp" "$src/dynlib.cpp" \
   -o "$out/ucx_selftest" -ldl -lpthread
 
 status=0

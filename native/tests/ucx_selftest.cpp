@@ -1,7 +1,7 @@
-// Two-process self-test of the UCX RMA backend (native/src/transfer/ucx_backend.cpp), without Node.
+// Two-process self-test of the UCX RMA backend (native/src/transfer/backends/ucx_worker.cpp), without Node.
 // Build and run: native/tests/run_ucx_selftest.sh
 //
-// The parent forks a child before either touches UCX. Each creates a UcxBackend, registers a 64 MiB
+// The parent forks a child before either touches UCX. Each creates a UcxWorker, registers a 64 MiB
 // anonymous mapping filled with its own byte pattern, and sends the other its worker address, packed
 // rkey and buffer address over a socketpair. Both keep shadow copies of both buffers and apply every
 // case's pieces to them, so each side checks its whole buffer byte for byte after every case (the child
@@ -31,10 +31,10 @@
 #include <vector>
 
 #include "../src/transfer/agent.h"
-#include "../src/transfer/ucx_backend.h"
+#include "../src/transfer/backends/ucx_worker.h"
 
 using tandem::transfer::AgentError;
-using tandem::transfer::UcxBackend;
+using tandem::transfer::UcxWorker;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -219,8 +219,8 @@ struct Outcome {
   std::string error;
 };
 
-std::shared_ptr<Outcome> postAsync(UcxBackend& backend, const std::string& peer, bool write,
-                                   std::vector<UcxBackend::Piece> pieces, const std::vector<std::vector<uint8_t>>& rkeys) {
+std::shared_ptr<Outcome> postAsync(UcxWorker& backend, const std::string& peer, bool write,
+                                   std::vector<UcxWorker::Piece> pieces, const std::vector<std::vector<uint8_t>>& rkeys) {
   auto o = std::make_shared<Outcome>();
   backend.post(peer, write, std::move(pieces), rkeys, [o](bool ok, std::string error) {
     std::lock_guard<std::mutex> lock(o->mutex);
@@ -238,7 +238,7 @@ bool waitFor(Outcome& o, std::chrono::milliseconds timeout) {
   return o.cv.wait_for(lock, timeout, [&] { return o.calls > 0; });
 }
 
-bool postAndWait(UcxBackend& backend, const std::string& peer, bool write, std::vector<UcxBackend::Piece> pieces,
+bool postAndWait(UcxWorker& backend, const std::string& peer, bool write, std::vector<UcxWorker::Piece> pieces,
                  const std::vector<std::vector<uint8_t>>& rkeys, std::chrono::milliseconds timeout,
                  std::shared_ptr<Outcome>& outcome) {
   outcome = postAsync(backend, peer, write, std::move(pieces), rkeys);
@@ -254,7 +254,7 @@ void report(bool pass, const std::string& name, const std::string& detail) {
 }
 
 struct Process {
-  std::unique_ptr<UcxBackend> backend;
+  std::unique_ptr<UcxWorker> backend;
   uint8_t* buffer = nullptr;
   std::vector<uint8_t> rkey;
   Endpoint peer;
@@ -264,8 +264,8 @@ struct Process {
 // Both sides: backend, registered buffer, exchange over `sock`, connect. Returns "" or why not.
 std::string setUp(Process& p, int sock, bool isParent) {
   std::string reason;
-  p.backend = UcxBackend::create({"libucp.so.0"}, reason);
-  if (!p.backend) return "UcxBackend::create failed: " + reason;
+  p.backend = UcxWorker::create({"libucp.so.0"}, reason);
+  if (!p.backend) return "UcxWorker::create failed: " + reason;
   void* mem = mmap(nullptr, kBufferSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) return std::string("mmap: ") + std::strerror(errno);
   p.buffer = static_cast<uint8_t*>(mem);
@@ -288,8 +288,8 @@ std::string setUp(Process& p, int sock, bool isParent) {
   return "";
 }
 
-std::vector<UcxBackend::Piece> piecesFor(const Case& c, const Process& p) {
-  std::vector<UcxBackend::Piece> pieces;
+std::vector<UcxWorker::Piece> piecesFor(const Case& c, const Process& p) {
+  std::vector<UcxWorker::Piece> pieces;
   pieces.reserve(c.spans.size());
   for (const auto& s : c.spans) {
     pieces.push_back({p.buffer + s.parentOff, p.peer.buffer + s.childOff, s.length, 0});

@@ -14,6 +14,13 @@ export interface PeerEvent {
   t?: string;
 }
 
+/** How to start the peer process: as another user (root only), with another environment. */
+export interface PeerOptions {
+  uid?: number;
+  gid?: number;
+  env?: NodeJS.ProcessEnv;
+}
+
 /** A transfer-peer process (test/fixtures/transfer-peer.ts) driven over stdin/stdout. */
 export class PeerProcess extends EventEmitter<{ event: [PeerEvent] }> {
   readonly child: ChildProcess;
@@ -26,11 +33,14 @@ export class PeerProcess extends EventEmitter<{ event: [PeerEvent] }> {
   readonly exited: Promise<number | null>;
   stderr = '';
 
-  private constructor() {
+  private constructor(options: PeerOptions) {
     super();
     this.child = spawn(process.execPath, ['--import', 'tsx', join(packageRoot, 'test/fixtures/transfer-peer.ts')], {
       cwd: packageRoot,
       stdio: ['pipe', 'pipe', 'pipe'],
+      ...(options.uid !== undefined ? { uid: options.uid } : {}),
+      ...(options.gid !== undefined ? { gid: options.gid } : {}),
+      ...(options.env ? { env: options.env } : {}),
     });
     this.child.stderr!.on('data', (d: Buffer) => (this.stderr += d.toString()));
     this.exited = new Promise((resolve) => this.child.on('exit', (code) => resolve(code)));
@@ -56,8 +66,8 @@ export class PeerProcess extends EventEmitter<{ event: [PeerEvent] }> {
     });
   }
 
-  static async start(): Promise<PeerProcess> {
-    const p = new PeerProcess();
+  static async start(options: PeerOptions = {}): Promise<PeerProcess> {
+    const p = new PeerProcess(options);
     await p.nextEvent((e) => e.event === 'ready', 30_000);
     return p;
   }

@@ -1,18 +1,21 @@
 // The transfer agent core (no N-API here): registered regions, peers loaded from metadata, prepared
-// transfer plans, the connections between agents and the threads that move bytes.
+// transfer plans, the connections between agents, notification order, and the threads that run them.
+// What moves the bytes is a TransferBackend (backends/backend.h): shm, tcp, cuda-ipc, nccl, ucx, each
+// in its own file with its own peer, plan and connection state; the core chooses one per plan from
+// their capabilities (chooseBackend) and hands it the post.
 //
 // Threads the agent owns (all joined by close()):
-//   progress  - runs posted transfers (shm copies, tcp sends, CUDA copy submission) and notifications
+//   progress  - runs posted transfers (through their backend) and notifications
 //   accept    - accepts inbound connections on the agent's unix and tcp sockets
-//   readers   - one per connection: inbound ones serve WRITE/READ requests and deliver notifications,
-//               outbound ones complete pending transfers from the target's answers
+//   readers   - one per connection: inbound ones hand requests to the backend that serves them and
+//               deliver notifications, outbound ones hand the target's answers to the post's backend
 // Results reach JavaScript through the callbacks in AgentCallbacks, called from any of these threads.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <deque>
 #include <cstdint>
 #include <functional>
 #include <future>
@@ -26,18 +29,13 @@
 
 #include "../cuda_driver.h"
 #include "../work_queue.h"
-#include "../nccl/communicator.h"
+#include "backends/backend.h"
+#include "cuda_state.h"
 #include "metadata.h"
 #include "notify_ring.h"
-#include "ucx_backend.h"
 #include "wire.h"
 
 namespace tandem::transfer {
-
-enum class Op : uint8_t { Read = 0, Write = 1 };
-enum class Backend : uint8_t { Shm = 0, Tcp = 1, CudaIpc = 2, Nccl = 3, Ucx = 4 };
-const char* backendName(Backend b);
-bool parseBackend(const std::string& name, Backend& out);
 
 struct AgentError {
   std::string code;
@@ -70,38 +68,39 @@ struct Region {
 };
 
 struct Connection;
-struct NcclStaging;     // nccl_backend.cpp
-struct NcclStagedPlan;  // nccl_backend.cpp
 
+// A region of a peer, as its metadata described it. Shared by the peer's region table and the plans
+// that use it, so that a region the peer has removed stays known (as gone) to those plans.
 struct RemoteRegion {
+  explicit RemoteRegion(const RegionDescriptor& desc) : d(desc) {}
   RegionDescriptor d;
-  // Resolved lazily on the progress thread, then cached for the peer's lifetime.
-  unsigned char* mapped = nullptr;  // shm: our mapping of the peer's shared region
+  // The peer no longer has it (a reloaded metadata lacks it, the peer said so, or its memfd now names
+  // another file): posts of plans that name it fail with TANDEM_REMOTE_REGION_GONE. Set under the peer's
+  // mutex, never cleared.
+  std::atomic<bool> gone{false};
+  // Our mapping of the peer's shared memory (shm, and cuda-ipc to the peer's host memory): made on the
+  // progress thread, checked against the metadata (mapRemote), closed by releasePeer/releaseRegion.
+  unsigned char* mapped = nullptr;
   size_t mappedSize = 0;
-  CUdeviceptr opened = 0;  // cuda-ipc: the peer's device memory opened in our process
-  int openedOn = -1;       // device whose context opened it
 };
 
 struct Peer {
   AgentDescriptor d;
   bool sameHost = false;
-  std::vector<RemoteRegion> regions;  // index = position in metadata
-  std::unordered_map<uint32_t, size_t> regionIndex;
+  // Exactly the regions of the metadata loaded last (or of a later generation), in its order; guarded
+  // by `mutex`, as are the others below.
+  std::vector<std::shared_ptr<RemoteRegion>> regions;
+  std::unordered_map<uint32_t, std::shared_ptr<RemoteRegion>> regionById;
+  std::unordered_map<uint32_t, bool> goneIds;  // ids of regions it had and has no more
+  uint64_t generation = 0;                     // of the metadata that set `regions`
   std::shared_ptr<Connection> conn;  // outbound connection
-  std::mutex mutex;                   // guards conn state, dead, reason
+  std::mutex mutex;                   // guards conn state, dead, reason, regions
   bool dead = false;
   bool removed = false;
   std::string deadReason;
+  std::string deadCode = "TANDEM_REMOTE_DISCONNECTED";  // TANDEM_PEER_REJECTED: it refused us, or we it
   std::condition_variable connected;
   bool connecting = true;
-  CUstream stream = nullptr;  // cuda-ipc: per-peer stream (set on the progress thread, under `mutex`)
-  int streamDevice = -1;
-  // cuda-ipc: changes (under `mutex`) whenever the stream or the opened regions go, so that a plan's
-  // resolved copies (Plan::direct) stop being used on the caller's thread.
-  uint64_t cudaEpoch = 0;
-  // cuda-ipc posts queued for the progress thread and not yet issued to the stream: while there are any,
-  // posts cannot be issued on the caller's thread without overtaking them.
-  std::atomic<int> queuedIssues{0};
   // The peer polls its notifications (notify_ring.h): its ring for ours, mapped at the handshake (before
   // `connecting` clears; unchanged after), and the sequence numbers of what we send it. ringMutex keeps
   // the numbers in the order they are written (ring or socket).
@@ -109,28 +108,19 @@ struct Peer {
   bool numbered = false;  // the peer offered a ring: number every notification, even if it could not be mapped
   std::mutex ringMutex;
   uint64_t nextNotifySeq = 1;
-  // cuda-ipc: the ring registered with CUDA (progress thread, once), so that the stream itself commits a
-  // WRITE's notification after the copy. ringOnDevice is its mapping's device address (0: not usable);
-  // set under `mutex`, read there by the caller's thread.
-  bool ringRegisterTried = false;
-  int ringRegisteredOn = -1;
-  CUdeviceptr ringOnDevice = 0;
-  // nccl: one two-rank communicator per (local GPU, remote GPU) for transfers this agent initiates
-  // (rank 0 here, rank 1 at the peer). Guarded by `mutex`; made on the progress thread.
-  struct NcclLink {
-    uint32_t index = 0;  // names the link on the wire; never reused for this peer
-    std::shared_ptr<nccl::Communicator> comm;
-    std::shared_ptr<NcclStaging> staging;  // for plans of many pieces
-  };
-  std::map<std::pair<int, int>, NcclLink> ncclLinks;
-  uint32_t nextNcclLink = 1;
+  // Each backend's own state for this peer (made at loadRemote by TransferBackend::openPeer).
+  std::array<std::unique_ptr<BackendPeerState>, kBackendCount> backendState;
+  template <typename T>
+  T& state(Backend b) {
+    return static_cast<T&>(*backendState[static_cast<size_t>(b)]);
+  }
 };
 
 struct Piece {
-  uint64_t local;       // absolute local address (host pointer or device pointer)
-  uint64_t remoteOff;   // offset within the remote region
+  uint64_t local;         // absolute local address (host pointer or device pointer)
+  uint64_t remoteOff;     // offset within the remote region
   uint64_t length;
-  uint32_t remoteRegion;  // index into Peer::regions
+  uint32_t remoteRegion;  // index into Plan::remotes
   uint32_t localRegion;   // region id (for validation at post time)
 };
 
@@ -141,54 +131,18 @@ struct Plan {
   std::shared_ptr<Peer> peer;
   std::vector<Piece> pieces;
   std::vector<uint32_t> localRegionIds;
-  int localDevice = -1;  // cuda-ipc: the device whose memory is local
+  std::vector<std::shared_ptr<RemoteRegion>> remotes;  // the remote regions the pieces name
+  int localDevice = -1;   // the device whose memory is local (cuda-ipc host copies: 0)
+  int remoteDevice = -1;  // the peer's GPU (its ordinal in the peer's process), where remote memory is device
+  bool deviceToDevice = false;  // device memory on both sides
+  bool sameDevice = false;      // device memory on both sides, on the same GPU ordinal of one host
   uint64_t bytes = 0;
   uint64_t piecesBeforeCoalescing = 0;
-  // cuda-ipc: how the copies are issued. The first posts try each applicable strategy, timed with CUDA
-  // events; later posts use the fastest (written by the progress thread; read by JS as copyStrategy).
-  //   kernel: the chunk-copy kernel over a table uploaded once per plan (SMs);
-  //   copy engine: one cuMemcpyAsync per piece;
-  //   batch: cuMemcpyBatchAsync in growing sub-batches (copy engines, no per-copy stream bookkeeping).
-  enum Strategy : int { kUndecided = -1, kKernel = 0, kCopyEngine = 1, kBatch = 2 };
-  static constexpr int kStrategies = 3;
-  std::atomic<int> strategy{kUndecided};
-  unsigned candidates = 0;  // bit per strategy, fixed at the first post
-  static constexpr int kTrials = 2;  // per strategy; the first touch of a peer mapping inflates one
-  int trialsIssued[kStrategies] = {0, 0, 0};
-  int trialsDone[kStrategies] = {0, 0, 0};
-  float trialMs[kStrategies] = {-1, -1, -1};  // fastest trial of each strategy
-  // batch: the copies' endpoints in this process, resolved at the first batched post of a peer epoch.
-  struct Batch {
-    uint64_t epoch = 0;
-    std::vector<CUdeviceptr> dsts, srcs;
-    std::vector<size_t> sizes;
-  };
-  std::unique_ptr<Batch> batch;
-  int remoteDevice = -1;       // the peer's GPU (its ordinal in the peer's process), where remote memory is device
-  bool deviceToDevice = false;  // device memory on both sides
-  bool sameDevice = false;     // cuda-ipc: device memory on both sides, on the same GPU ordinal
-  uint32_t ncclPlanSentOn = 0;  // nccl: the link whose target has this plan's pieces (0: none yet)
-  std::shared_ptr<NcclStagedPlan> ncclStaged;  // nccl: set when the plan goes through staging buffers
-  bool ncclDecided = false;
-  // cuda-ipc plans whose strategy is settled on the copy engines (few pieces) or on the kernel: the copies
-  // or the launch as the progress thread last issued them, for the caller's thread to issue again itself
-  // (Agent::tryDirectCuda). Guarded by the peer's mutex.
-  struct Direct {
-    uint64_t epoch = 0;  // Peer::cudaEpoch when resolved
-    CUcontext context = nullptr;
-    CUstream stream = nullptr;
-    struct Copy {
-      CUdeviceptr dst, src;
-      uint64_t bytes;
-    };
-    std::vector<Copy> copies;
-    // The kernel strategy: one launch over the plan's chunk table (which lives as long as the plan).
-    CUfunction kernel = nullptr;
-    unsigned blocks = 0;
-    CUdeviceptr table = 0;
-    unsigned count = 0;
-  };
-  std::unique_ptr<Direct> direct;
+  std::unique_ptr<BackendPlanState> state;  // the backend's (TransferBackend::preparePlan)
+  template <typename T>
+  T& stateAs() {
+    return static_cast<T&>(*state);
+  }
 };
 
 struct AgentCallbacks {
@@ -209,6 +163,11 @@ struct AgentOptions {
   // Notifications wait for takeNotifications() instead of going to AgentCallbacks::notified, and
   // same-host initiators write them into shared memory (notify_ring.h).
   bool pollNotifications = false;
+  // Who may connect. Local peers (the unix socket) are accepted when their credentials (SO_PEERCRED) show
+  // this process's uid or one of these. With a secret, every peer must prove it holds the same one
+  // (auth.h), and this agent refuses peers that do not.
+  std::vector<uint32_t> allowedUids;
+  std::vector<unsigned char> secret;
 };
 
 class Agent {
@@ -220,8 +179,8 @@ class Agent {
   const std::string& name() const { return options_.name; }
   uint64_t incarnation() const { return incarnation_; }
   uint16_t tcpPort() const { return tcpPort_; }
-  const std::string& ucxReason() const { return ucxReason_; }
-  const std::string& ncclReason() const { return ncclReason_; }
+  std::string ucxReason() const { return backend(Backend::Ucx).unavailableReason(); }
+  std::string ncclReason() const { return backend(Backend::Nccl).unavailableReason(); }
   uint32_t backends() const;
 
   // Registration (JS thread). Throw AgentError.
@@ -231,6 +190,8 @@ class Agent {
   std::shared_ptr<Region> allocDevice(int device, uint64_t size);
   void deregister(uint32_t id);
   std::shared_ptr<Region> region(uint32_t id);
+  // The lowest CUDA device among this agent's device regions (-1: none).
+  int firstDeviceRegion();
 
   std::vector<unsigned char> metadata();
   // Returns the peer name. Replaces a peer of the same name with another incarnation.
@@ -248,9 +209,9 @@ class Agent {
   // Queues the plan; `token` identifies the completion. Notification bytes go after the data. With `alone`
   // (the caller has nothing else in flight with this agent, so settling this one at once reorders nothing
   // it could see), returns true when the transfer was done on the calling thread instead (a small shm
-  // post, see tryInlineShm): it succeeded, and no completion callback follows.
+  // post): it succeeded, and no completion callback follows.
   bool post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char> notif, bool alone = false);
-  // Posts the caller's thread issued to the GPU itself (cuda-ipc; see tryDirectCuda). For tests and stats.
+  // Posts the caller's thread issued to the GPU itself (cuda-ipc). For tests and stats.
   uint64_t directPosts() const { return directPosts_.load(std::memory_order_relaxed); }
   // cuda-ipc notifications committed by the stream after the copy (no host thread in between).
   uint64_t streamCommits() const { return streamCommits_.load(std::memory_order_relaxed); }
@@ -262,67 +223,51 @@ class Agent {
   // pollNotifications only (JS thread): up to `max` notifications that have arrived, as (from, bytes), in
   // each sender's order.
   std::vector<std::pair<std::string, std::vector<unsigned char>>> takeNotifications(size_t max);
-  // Does now what the first cuda-ipc transfer with this peer would otherwise pay for: connects, opens
-  // the peer's device regions (CUDA IPC), loads the copy kernel and makes the peer's stream, on the
-  // device of this agent's first device region. Nothing to do (no CUDA, another host, no device
-  // regions on either side) succeeds at once. Succeeds with the number of the peer's device regions
-  // open (as the completion's message).
+  // Does now what the first cuda-ipc transfer with this peer would otherwise pay for (see
+  // CudaIpcBackend::warmup). Succeeds with the number of the peer's device regions open (as the
+  // completion's message).
   void warmup(const std::string& peerName, uint64_t token);
 
- private:
-  friend struct Connection;
-  void startListening();
-  void acceptLoop();
-  void serveInbound(std::shared_ptr<Connection> conn);
-  // Connects to the peer, then completes transfers from its answers until the connection ends.
-  void readOutbound(std::shared_ptr<Peer> peer);
-  std::shared_ptr<Connection> waitConnected(const std::shared_ptr<Peer>& peer, std::string& error);
-  void markDead(const std::shared_ptr<Peer>& peer, const std::string& reason);
+  // ------------------------------------------------------------------------------------------------
+  // Services for the backends (backends/*.cpp)
+  const AgentOptions& options() const { return options_; }
+  const std::string& hostKey() const { return hostKey_; }
+  bool closing() const { return closing_.load(); }
+  WorkQueue& progress() { return *progress_; }
+  std::chrono::microseconds spin() const { return spin_; }
+  CudaState& cuda() { return cuda_; }
+  TransferBackend& backend(Backend b) const { return *backends_[static_cast<size_t>(b)]; }
+  std::atomic<uint64_t>& directPostCount() { return directPosts_; }
+  std::atomic<uint64_t>& streamCommitCount() { return streamCommits_; }
+  [[noreturn]] static void unavailable(Backend b, const std::string& why);
+
   void fail(uint64_t token, const std::string& code, const std::string& message);
   void succeed(uint64_t token);
+  void completed(uint64_t token, bool ok, const std::string& code, const std::string& message) {
+    callbacks_.completed(token, ok, code, message);
+  }
+  // Waits (bounded by timeoutMs) for the outbound connection; null with `error` when there is none.
+  std::shared_ptr<Connection> waitConnected(const std::shared_ptr<Peer>& peer, std::string& error);
+  void markDead(const std::shared_ptr<Peer>& peer, const std::string& reason,
+                const std::string& code = "TANDEM_REMOTE_DISCONNECTED");
+  // The code of a failure to reach a dead peer (TANDEM_REMOTE_DISCONNECTED, or TANDEM_PEER_REJECTED).
+  std::string unreachableCode(Peer& peer);
 
-  void runShm(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
-  void runTcp(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
-  void runCudaIpc(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
-  void runUcx(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
-  // nccl (nccl_backend.cpp). The initiator sends the target its half (NcclInit once per link, NcclPlan
-  // once per plan, NcclPost per post) over the peer connection, then queues its own half; a post
-  // completes when both halves have completed on their GPUs.
-  void runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
-  void answerNccl(uint64_t token);  // one half of an nccl post finished
-  void settleNccl(uint64_t token, const nccl::Failure* failure);
-  static void closeNcclLinks(Peer& peer);
-  static void abortNcclLink(Peer& peer, const std::shared_ptr<Plan>& plan, const std::string& reason);
-  // The target's side, per inbound connection (its reader thread only, but for `shared`).
-  struct InboundNccl {
-    struct Plan {
-      std::vector<std::pair<uint64_t, uint64_t>> pieces;  // (device address, length) here
-      std::vector<uint32_t> regions;                      // checked again at every post
-      std::shared_ptr<NcclStagedPlan> staged;             // set when the initiator stages this plan
-    };
-    struct Link {
-      int device = -1;
-      std::shared_ptr<nccl::Communicator> comm;
-      std::shared_ptr<NcclStaging> staging;
-      std::map<uint64_t, Plan> plans;  // by the initiator's plan id; or why the plan is refused:
-      std::map<uint64_t, std::string> refused;
-    };
-    std::map<uint32_t, Link> links;
-    struct Shared {  // reached from the communicators' threads
-      std::mutex mutex;
-      std::map<uint64_t, std::vector<unsigned char>> notifications;  // token -> bytes to deliver after the data
-    };
-    std::shared_ptr<Shared> shared = std::make_shared<Shared>();
-  };
-  bool serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, const Header& h, InboundNccl& state,
-                 std::string& error);
-  void closeInboundNccl(InboundNccl& state);
-  static std::string ucxPeerKey(const Peer& peer);
+  // Posts that wait for the target's answers (tcp, ucx, nccl). A pending post fails when its deadline
+  // passes, its peer dies or it is canceled; `answers` is how many answers complete it.
+  void addPending(uint64_t token, const std::shared_ptr<Plan>& plan, std::vector<unsigned char> notif, size_t answers);
+  bool erasePending(uint64_t token);
+  std::shared_ptr<Plan> pendingPlan(uint64_t token);
+  // Counts one answer: false when the token is no longer pending (or every answer is in); else `index`
+  // is this answer's place, and on the last one (`last`) the post is no longer pending and `notif` is its
+  // deferred notification.
+  bool takeAnswer(uint64_t token, size_t& index, bool& last, std::vector<unsigned char>* notif,
+                  std::shared_ptr<Plan>* plan = nullptr, std::shared_ptr<Peer>* peer = nullptr, bool eraseOnLast = true);
+
+  // Notifications (order: notify_ring.h).
   bool sendNotify(const std::shared_ptr<Peer>& peer, const std::vector<unsigned char>& message, std::string& error);
-  // Sends a notification on `conn` (the peer's ring when it has one, see notify_ring.h).
+  // Sends a notification on `conn` (the peer's ring when it has one).
   bool notifyOn(Peer& peer, Connection& conn, const std::vector<unsigned char>& message, std::string& error);
-  // A notification arrived on an inbound connection (`seq`: its order against the ring, 0: none).
-  void delivered(Connection& conn, uint64_t seq, std::vector<unsigned char> message);
   // Writes `message` into the peer's ring under the next number, if it has one and the message fits.
   bool tryRing(Peer& peer, const std::vector<unsigned char>& message);
   // The number of a notification carried inside a WRITE (tcp, nccl), sent in front of it; 0: the peer
@@ -330,52 +275,44 @@ class Agent {
   uint64_t carriedNumber(Peer& peer, const std::vector<unsigned char>& notif);
   // The target's side of those: delivered (ok) or, for a WRITE that failed, its number skipped.
   void deliveredCarried(Connection& conn, std::vector<unsigned char> notif, bool ok);
+
+  // Progress thread: our mapping of a peer's shared region (shm, cuda-ipc host copies), checked against
+  // the file the metadata describes. Throws AgentError TANDEM_REMOTE_REGION_GONE when it is not that file.
   unsigned char* mapRemote(Peer& peer, RemoteRegion& r);
-  CUdeviceptr openRemote(Peer& peer, RemoteRegion& r, int device);
-  void setDevice(int device);
-  void releaseCuda();
-  // Progress thread: lets go of what this process holds of a dead peer's memory (CUDA IPC handles,
-  // shm mappings, its stream), once the work already issued to it has finished.
-  void releasePeer(Peer& peer);
-  void releaseRetired();
-  // JS thread: runs an shm post at once when it safely can (see kInlineShmMinBytes); false: queue it.
-  bool tryInlineShm(const Plan& plan);
-  // JS thread: issues a cuda-ipc post of few pieces on the peer's stream at once, when the plan's copies
-  // are resolved and nothing for this peer waits on the progress thread; the progress thread only
-  // watches for its completion. False: queue it.
-  bool tryDirectCuda(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif);
-  // A cuda-ipc post's notification to a peer that numbers them: numbered when the post is issued, so that
-  // it keeps its place among the peer's notifications, and, when it fits, written into the ring at once
-  // as a pending record that the stream commits after the copy.
-  struct CudaNotice {
-    std::vector<unsigned char> bytes;  // empty: no notification
-    uint64_t seq = 0;                  // 0: not numbered, sent when the copy has finished (peer does not poll)
-    uint32_t* commitWord = nullptr;    // its pending ring record (null: goes over the socket when done)
-    bool streamCommits = false;        // the stream writes the commit word after the copy
-  };
-  // Issue time (caller's or progress thread): numbers the notification and, when it fits, puts it in the
-  // ring as a pending record.
-  CudaNotice reserveNotice(Peer& peer, std::vector<unsigned char> notif);
-  // After the copies are issued on `stream`: asks the stream to commit the notice's ring record (a no-op
-  // without one). False: the stream could not take the write; the host commits it when the copy is done.
-  bool streamCommit(Peer& peer, CudaNotice& notice, CUstream stream, CUdeviceptr ringDevice);
-  // Progress thread: the ring's device address in the current context, registering the ring the first time
-  // (0: the peer has no ring, or it cannot be registered or written by a stream).
-  CUdeviceptr ringOnDevice(Peer& peer);
-  // When the copies have finished (ok) or failed: the notice delivered, or its number given up.
-  bool settleNotice(const std::shared_ptr<Peer>& peer, CudaNotice& notice, bool ok, std::string& error);
-  // What runs when a cuda-ipc post's copies have finished (or failed): strategy timing, notification, result.
-  std::function<void(CUresult, float)> cudaDone(const std::shared_ptr<Plan>& plan, uint64_t token, int use,
-                                                CudaNotice notice);
-  CUevent takeEvent(int device);  // from eventPool_, or nullptr
-  void giveEvent(int device, CUevent event);  // back to eventPool_ (nullptr: nothing)
-  void checkCuda(CUresult r, const char* what);
+  // The peer no longer has region `id` (it said so, or a check found out): marks it gone, so that posts
+  // naming it fail, and lets go of our mappings of it on the progress thread. Returns the error message.
+  std::string regionGone(const std::shared_ptr<Peer>& peer, uint32_t id, const std::string& why);
+  static std::string goneMessage(const Peer& peer, uint32_t id);
+
+  // Runs `fn` on the progress thread (at once when already there) and returns its result; rethrows.
   template <typename F>
   auto onProgress(F&& fn) -> decltype(fn());
 
+ private:
+  friend struct Connection;
+  void startListening();
+  void acceptLoop();
+  void serveInbound(std::shared_ptr<Connection> conn);
+  // Connects to the peer, then hands the target's answers to the posts' backends until the connection ends.
+  void readOutbound(std::shared_ptr<Peer> peer);
+  // Picks the backend for a pair when the caller names none: the first in preference order that moves
+  // these memory kinds, reaches this peer and is available on both sides (see the table in agent.cpp).
+  Backend chooseBackend(const PlanShape& shape) const;
+  // A notification arrived on an inbound connection (`seq`: its order against the ring, 0: none).
+  void delivered(Connection& conn, uint64_t seq, std::vector<unsigned char> message);
+  // Progress thread: lets go of what this process holds of a dead peer's memory (through each backend),
+  // once the work already issued to it has finished.
+  void releasePeer(Peer& peer);
+  void releaseRetired();
+  // Progress thread: lets go of what this process holds of regions a peer has removed.
+  void releaseRegions(const std::shared_ptr<Peer>& peer, std::vector<std::shared_ptr<RemoteRegion>> regions);
+  // The first gone remote region of the plan, or null (also when the peer is dead: that is the error then).
+  static const RemoteRegion* goneRegion(const Plan& plan);
+  void releaseCuda();
+
   AgentOptions options_;
   AgentCallbacks callbacks_;
-  const CudaDriver* cuda_;
+  CudaState cuda_;
   uint64_t incarnation_ = 0;
   std::string hostKey_;
   std::string unixName_;
@@ -385,26 +322,25 @@ class Agent {
   // How long the progress thread and the connection readers keep polling for more before they sleep.
   std::chrono::microseconds spin_{50};
 
+  std::array<std::unique_ptr<TransferBackend>, kBackendCount> backends_;
+
   std::mutex mutex_;  // regions_, peers_, connections_, pending_
-  uint32_t nextRegionId_ = 1;
+  uint32_t nextRegionId_ = 1;  // never reused: an id names one registration for the agent's life
+  uint64_t generation_ = 0;    // bumped by every registration and deregistration
   std::map<uint32_t, std::shared_ptr<Region>> regions_;
   std::map<std::string, std::shared_ptr<Peer>> peers_;
   std::vector<std::shared_ptr<Connection>> connections_;
   struct Pending {
     std::shared_ptr<Plan> plan;
     std::shared_ptr<Peer> peer;
-    std::vector<unsigned char> notif;
+    std::vector<unsigned char> notif;  // sent once the post completes (a READ's; a UCX WRITE's goes itself)
     std::chrono::steady_clock::time_point deadline;
-    std::vector<std::pair<size_t, size_t>> groups;  // tcp: [first, last) piece ranges, one per message
-    size_t answered = 0;                            // tcp: messages answered so far
+    size_t answers = 1;   // answers that complete it
+    size_t answered = 0;  // answers in so far
   };
   std::map<uint64_t, Pending> pending_;  // token -> waiting for the target's answer
   std::map<uint64_t, bool> canceled_;
 
-  std::unique_ptr<UcxBackend> ucx_;
-  std::string ucxReason_;
-  const nccl::NcclLibrary* nccl_ = nullptr;  // set when NCCL loaded and CUDA is usable
-  std::string ncclReason_;
   std::unique_ptr<WorkQueue> progress_;
   std::thread acceptThread_;
   std::thread timeoutThread_;
@@ -413,49 +349,15 @@ class Agent {
   std::mutex readersMutex_;
   uint64_t nextPlanId_ = 1;
 
-  // CUDA state, progress thread only.
-  std::map<int, CUcontext> contexts_;
-  int currentDevice_ = -1;
-  struct DeviceKernels {
-    CUmodule module = nullptr;
-    CUfunction copyChunks = nullptr;
-    int multiprocessors = 0;
-    std::string error;
-  };
-  std::map<int, DeviceKernels> kernels_;
-  struct ChunkTable {
-    std::weak_ptr<Plan> plan;
-    int device = -1;
-    CUdeviceptr table = 0;
-    unsigned count = 0;
-  };
-  std::map<uint64_t, ChunkTable> chunkTables_;  // plan id -> uploaded chunk table
-  struct Inflight {
-    CUevent event = nullptr;
-    int device = -1;
-    CUevent start = nullptr;             // set when the work is being timed (strategy trials)
-    std::function<void(CUresult, float)> done;  // CUDA_SUCCESS or the error; elapsed ms when timed
-  };
-  std::deque<Inflight> inflight_;   // GPU work whose completion the progress thread polls for
-  std::mutex eventMutex_;            // eventPool_ (the JS thread takes events from it too)
-  std::vector<std::pair<int, CUevent>> eventPool_;
   std::atomic<uint64_t> directPosts_{0};
   std::atomic<uint64_t> streamCommits_{0};
-  bool copyBatchOn_ = true;
-  int forcedCopy_ = -1;  // a Plan::Strategy named by TANDEM_CUDA_COPY, or -1
-  bool directPostsOn_ = true;
-  bool streamCommitOn_ = true;
   // Dead peers (removed, replaced, disconnected) whose mappings releaseRetired() has yet to close.
   std::vector<std::shared_ptr<Peer>> retired_;  // guarded by mutex_
   // pollNotifications: one per inbound connection, dropped once closed and drained.
   std::mutex inboxMutex_;
   std::vector<std::shared_ptr<Inbox>> inboxes_;
-  bool pollInflight();
-  DeviceKernels& kernelsFor(int device);
-  void sweepChunkTables(bool all);
 };
 
-// Runs `fn` on the progress thread (at once when already there) and returns its result; rethrows.
 template <typename F>
 inline auto Agent::onProgress(F&& fn) -> decltype(fn()) {
   using R = decltype(fn());

@@ -108,14 +108,8 @@ Napi::Value TransferPlanWrap::GetOp(const Napi::CallbackInfo& info) {
 }
 Napi::Value TransferPlanWrap::GetPeer(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), plan_->peer->d.name); }
 Napi::Value TransferPlanWrap::GetCopyStrategy(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (plan_->backend != Backend::CudaIpc) return env.Undefined();
-  switch (plan_->strategy.load()) {
-    case Plan::kKernel: return Napi::String::New(env, "kernel");
-    case Plan::kCopyEngine: return Napi::String::New(env, "copy-engine");
-    case Plan::kBatch: return Napi::String::New(env, "batch");
-    default: return Napi::String::New(env, "undecided");
-  }
+  const char* strategy = plan_->state ? plan_->state->copyStrategy() : nullptr;
+  return strategy ? Napi::String::New(info.Env(), strategy) : info.Env().Undefined();
 }
 
 // --------------------------------------------------------------------------------------------------
@@ -176,6 +170,17 @@ TransferAgentWrap::TransferAgentWrap(const Napi::CallbackInfo& info) : Napi::Obj
     options.pollNotifications = mode == "poll";
   }
   if (o.Has("kernels") && o.Get("kernels").IsTypedArray()) options.kernels = bytesOf(o.Get("kernels"), "kernels");
+  if (o.Has("secret") && !o.Get("secret").IsUndefined()) options.secret = bytesOf(o.Get("secret"), "secret");
+  if (o.Has("allowedUids") && o.Get("allowedUids").IsArray()) {
+    Napi::Array list = o.Get("allowedUids").As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); ++i) {
+      double uid = list.Get(i).IsNumber() ? list.Get(i).As<Napi::Number>().DoubleValue() : -1;
+      if (!(uid >= 0) || uid > 4294967295.0 || uid != std::floor(uid)) {
+        throw makeError(env, "TANDEM_BAD_ARGUMENT", "allowedUids must hold uids (integers 0..2^32-1)");
+      }
+      options.allowedUids.push_back(static_cast<uint32_t>(uid));
+    }
+  }
   if (o.Has("ucp") && o.Get("ucp").IsArray()) {
     Napi::Array list = o.Get("ucp").As<Napi::Array>();
     for (uint32_t i = 0; i < list.Length(); ++i) options.ucp.push_back(requireString(list.Get(i), "ucp candidate"));
@@ -350,7 +355,7 @@ Napi::Value TransferAgentWrap::LoadRemote(const Napi::CallbackInfo& info) {
   std::lock_guard<std::mutex> lock(peer->mutex);
   Napi::Array regions = Napi::Array::New(env, peer->regions.size());
   for (size_t i = 0; i < peer->regions.size(); ++i) {
-    const auto& d = peer->regions[i].d;
+    const auto& d = peer->regions[i]->d;
     Napi::Object r = Napi::Object::New(env);
     r.Set("id", d.id);
     r.Set("kind", memKindName(d.kind));

@@ -1,5 +1,5 @@
 // A connection between two agents (one per initiator -> target direction) and how messages go out on
-// it. Internal to the transfer agent; shared by agent.cpp and nccl_backend.cpp.
+// it. Internal to the transfer agent; shared by agent.cpp and the backends.
 #pragma once
 
 #include <sys/socket.h>
@@ -33,6 +33,8 @@ struct Connection {
   std::string peerName;
   uint64_t peerIncarnation = 0;
   std::shared_ptr<Inbox> inbox;  // inbound, when the agent polls its notifications
+  bool inbound = false;          // accepted by this agent (it serves the peer's requests on it)
+  std::atomic<bool> greeted{false};  // inbound: the HelloAck went out (later messages may follow it)
 };
 
 // One message (header + payload), sent whole under the connection's send lock.

@@ -125,6 +125,7 @@ std::vector<unsigned char> encodeMetadata(const AgentDescriptor& a) {
   w.put<uint32_t>(0);  // total length, patched below
   w.put<uint64_t>(compatHash());
   w.put<uint64_t>(a.incarnation);
+  w.put<uint64_t>(a.generation);
   w.put<uint32_t>(a.pid);
   w.str(a.name);
   w.str(a.hostKey);
@@ -142,6 +143,8 @@ std::vector<unsigned char> encodeMetadata(const AgentDescriptor& a) {
     w.put<uint64_t>(r.size);
     w.put<uint64_t>(r.address);
     w.put<int32_t>(r.memfd);
+    w.put<uint64_t>(r.inode);
+    w.put<uint64_t>(r.fileDevice);
     w.put<uint64_t>(r.ipcOffset);
     w.bytes(r.ipcHandle, sizeof(r.ipcHandle));
     w.blob(r.ucxRkey);
@@ -163,11 +166,9 @@ AgentDescriptor decodeMetadata(const unsigned char* data, size_t size) {
   uint16_t format = r.get<uint16_t>("format");
   r.get<uint16_t>("reserved");
   uint32_t total = r.get<uint32_t>("length");
-  if (format != kMetadataFormat) {
-    throw MetadataError{"TANDEM_INCOMPATIBLE_METADATA", "metadata format " + std::to_string(format) +
-                                                            " is not supported (this build reads format " +
-                                                            std::to_string(kMetadataFormat) + ")"};
-  }
+  // Length and checksum first (their place is the same in every format): only an intact blob can say
+  // that it comes from another build. Checked the other way round, a corrupt blob whose format bytes
+  // happened to differ was reported as incompatible.
   if (total != size) {
     throw MetadataError{"TANDEM_BAD_METADATA", "metadata length field says " + std::to_string(total) +
                                                    " bytes but " + std::to_string(size) + " were given (truncated?)"};
@@ -177,6 +178,11 @@ AgentDescriptor decodeMetadata(const unsigned char* data, size_t size) {
   if (crc32(data, size - 4) != storedCrc) {
     throw MetadataError{"TANDEM_BAD_METADATA", "metadata checksum mismatch (corrupted in transit?)"};
   }
+  if (format != kMetadataFormat) {
+    throw MetadataError{"TANDEM_INCOMPATIBLE_METADATA", "metadata format " + std::to_string(format) +
+                                                            " is not supported (this build reads format " +
+                                                            std::to_string(kMetadataFormat) + ")"};
+  }
   uint64_t hash = r.get<uint64_t>("compat hash");
   if (hash != compatHash()) {
     throw MetadataError{"TANDEM_INCOMPATIBLE_METADATA",
@@ -184,6 +190,7 @@ AgentDescriptor decodeMetadata(const unsigned char* data, size_t size) {
   }
   AgentDescriptor a;
   a.incarnation = r.get<uint64_t>("incarnation");
+  a.generation = r.get<uint64_t>("generation");
   a.pid = r.get<uint32_t>("pid");
   a.name = r.str("name");
   a.hostKey = r.str("host key");
@@ -207,6 +214,8 @@ AgentDescriptor decodeMetadata(const unsigned char* data, size_t size) {
     d.size = r.get<uint64_t>("region size");
     d.address = r.get<uint64_t>("region address");
     d.memfd = r.get<int32_t>("region memfd");
+    d.inode = r.get<uint64_t>("region memfd inode");
+    d.fileDevice = r.get<uint64_t>("region memfd device");
     d.ipcOffset = r.get<uint64_t>("region ipc offset");
     r.bytes(d.ipcHandle, sizeof(d.ipcHandle), "region ipc handle");
     d.ucxRkey = r.blob("region ucx rkey");

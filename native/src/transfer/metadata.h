@@ -1,10 +1,11 @@
 // An agent's metadata blob: what a peer needs to reach it and its registered regions.
 //
 // Layout (little-endian):  "TNDMAGNT" | u16 format | u16 reserved | u32 total length | u64 compat hash |
-//   u64 incarnation | u32 pid | str name | str host key | str unix socket | str tcp host | u16 tcp port |
+//   u64 incarnation | u64 generation | u32 pid | str name | str host key | str unix socket | str tcp host | u16 tcp port |
 //   u32 backends | bytes ucx worker address | u32 region count | regions... | u32 crc32 of all before it
 // A region: u32 id | u8 kind | u8 flags (1: has IPC handle) | i16 device | u64 size | u64 address |
-//   i32 memfd | u64 ipc offset | 64-byte CUDA IPC handle | bytes packed UCX rkey
+//   i32 memfd | u64 memfd inode | u64 memfd device | u64 ipc offset | 64-byte CUDA IPC handle |
+//   bytes packed UCX rkey
 // "bytes" is a u32 length + that many bytes.
 // Strings are u16 length + bytes. Parsing checks every length against the blob before reading it.
 #pragma once
@@ -15,7 +16,9 @@
 
 namespace tandem::transfer {
 
-constexpr uint16_t kMetadataFormat = 1;
+// 2: the region table's generation, and each memfd's inode and device (a peer checks that what it maps
+// through /proc/<pid>/fd/<memfd> is still that file).
+constexpr uint16_t kMetadataFormat = 2;
 
 enum class MemKind : uint8_t { Host = 0, Shared = 1, Pinned = 2, Device = 3 };
 const char* memKindName(MemKind kind);
@@ -35,6 +38,8 @@ struct RegionDescriptor {
   uint64_t size = 0;
   uint64_t address = 0;  // in the owner's address space (host pointer, or device pointer)
   int32_t memfd = -1;    // shared/pinned regions: the owner's fd, reachable as /proc/<pid>/fd/<memfd>
+  uint64_t inode = 0;       // ... and the file it names (fstat st_ino, st_dev): fd numbers are reused
+  uint64_t fileDevice = 0;
   bool hasIpcHandle = false;
   uint64_t ipcOffset = 0;  // address - base of the allocation the IPC handle names
   unsigned char ipcHandle[64] = {0};
@@ -44,6 +49,9 @@ struct RegionDescriptor {
 struct AgentDescriptor {
   std::string name;
   uint64_t incarnation = 0;
+  // Counts the agent's registrations and deregistrations: of two blobs of one incarnation, the one with
+  // the higher generation describes the later region table.
+  uint64_t generation = 0;
   uint32_t pid = 0;
   std::string hostKey;
   std::string unixSocket;  // abstract socket name (without the leading NUL)

@@ -1,7 +1,7 @@
-#include "ucx_backend.h"
+#include "ucx_worker.h"
 
-#include "../dynlib.h"
-#include "agent.h"
+#include "../../dynlib.h"
+#include "../agent.h"
 
 #if __has_include(<ucp/api/ucp.h>)
 #define TANDEM_HAVE_UCX_HEADERS 1
@@ -169,7 +169,7 @@ struct UcxTransfer {
   std::string peerKey;
   std::shared_ptr<UcxPeer> peer;  // set once started on an endpoint
   bool write = true;
-  std::vector<UcxBackend::Piece> pieces;
+  std::vector<UcxWorker::Piece> pieces;
   std::vector<std::vector<uint8_t>> packedRkeys;
   std::vector<ucp_rkey_h> rkeys;                      // resolved lazily, index = rkeyIndex
   std::vector<std::shared_ptr<UcxRegion>> regions;  // local registrations its operations use
@@ -219,7 +219,7 @@ struct UcxClosingEndpoint {
 
 }  // namespace
 
-struct UcxBackend::Impl {
+struct UcxWorker::Impl {
   UcpApi api;
   std::string libraryPath;
   ucp_context_h context = nullptr;
@@ -679,7 +679,7 @@ struct UcxBackend::Impl {
   }
 
   void issuePiece(UcxTransfer& t, size_t index) {
-    const UcxBackend::Piece& piece = t.pieces[index];
+    const UcxWorker::Piece& piece = t.pieces[index];
     if (piece.length == 0) return;
     if (piece.rkeyIndex >= t.rkeys.size()) {
       return t.fail("piece " + std::to_string(index) + " names rkey " + std::to_string(piece.rkeyIndex) +
@@ -789,9 +789,9 @@ struct UcxBackend::Impl {
   }
 };
 
-UcxBackend::UcxBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+UcxWorker::UcxWorker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-std::unique_ptr<UcxBackend> UcxBackend::create(const std::vector<std::string>& candidates, std::string& reason) {
+std::unique_ptr<UcxWorker> UcxWorker::create(const std::vector<std::string>& candidates, std::string& reason) {
   LoadedLibrary lib = loadFirst("libucp.so.0", candidates);
   if (!lib.ok()) {
     reason = lib.reason;
@@ -844,10 +844,10 @@ std::unique_ptr<UcxBackend> UcxBackend::create(const std::vector<std::string>& c
     reason = error + " (" + lib.path + ")";
     return nullptr;
   }
-  return std::unique_ptr<UcxBackend>(new UcxBackend(std::move(impl)));
+  return std::unique_ptr<UcxWorker>(new UcxWorker(std::move(impl)));
 }
 
-UcxBackend::~UcxBackend() {
+UcxWorker::~UcxWorker() {
   if (!impl_) return;
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);
@@ -864,11 +864,11 @@ UcxBackend::~UcxBackend() {
   impl_->thread.join();
 }
 
-std::vector<uint8_t> UcxBackend::workerAddress() const { return impl_->address; }
+std::vector<uint8_t> UcxWorker::workerAddress() const { return impl_->address; }
 
-std::string UcxBackend::transports() const { return impl_->transports; }
+std::string UcxWorker::transports() const { return impl_->transports; }
 
-std::vector<uint8_t> UcxBackend::registerMemory(uint32_t regionId, void* base, size_t size) {
+std::vector<uint8_t> UcxWorker::registerMemory(uint32_t regionId, void* base, size_t size) {
   std::vector<uint8_t> packed;
   Impl* impl = impl_.get();
   if (!impl->runSync([&] { packed = impl->mapRegion(regionId, base, size); })) {
@@ -877,22 +877,22 @@ std::vector<uint8_t> UcxBackend::registerMemory(uint32_t regionId, void* base, s
   return packed;
 }
 
-void UcxBackend::deregisterMemory(uint32_t regionId) {
+void UcxWorker::deregisterMemory(uint32_t regionId) {
   Impl* impl = impl_.get();
   impl->runSync([&] { impl->dropRegion(regionId); });
 }
 
-void UcxBackend::connect(const std::string& peerKey, const std::vector<uint8_t>& workerAddress) {
+void UcxWorker::connect(const std::string& peerKey, const std::vector<uint8_t>& workerAddress) {
   Impl* impl = impl_.get();
   impl->enqueue([impl, peerKey, address = workerAddress]() mutable { impl->connectPeer(peerKey, std::move(address)); });
 }
 
-void UcxBackend::disconnect(const std::string& peerKey) {
+void UcxWorker::disconnect(const std::string& peerKey) {
   Impl* impl = impl_.get();
   impl->runSync([&] { impl->disconnectPeer(peerKey); });
 }
 
-void UcxBackend::post(const std::string& peerKey, bool write, std::vector<Piece> pieces,
+void UcxWorker::post(const std::string& peerKey, bool write, std::vector<Piece> pieces,
                       const std::vector<std::vector<uint8_t>>& packedRkeys,
                       std::function<void(bool ok, std::string error)> done) {
   auto t = std::make_shared<UcxTransfer>();
@@ -911,26 +911,26 @@ void UcxBackend::post(const std::string& peerKey, bool write, std::vector<Piece>
 
 #else  // !TANDEM_HAVE_UCX_HEADERS
 
-struct UcxBackend::Impl {};
+struct UcxWorker::Impl {};
 
-UcxBackend::UcxBackend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+UcxWorker::UcxWorker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-std::unique_ptr<UcxBackend> UcxBackend::create(const std::vector<std::string>&, std::string& reason) {
+std::unique_ptr<UcxWorker> UcxWorker::create(const std::vector<std::string>&, std::string& reason) {
   reason = "UCX headers were not present when Tandem was built (install libucx-dev and rebuild)";
   return nullptr;
 }
 
 // No instance can exist without the headers; these only satisfy the linker.
-UcxBackend::~UcxBackend() = default;
-std::vector<uint8_t> UcxBackend::workerAddress() const { return {}; }
-std::string UcxBackend::transports() const { return ""; }
-std::vector<uint8_t> UcxBackend::registerMemory(uint32_t, void*, size_t) {
+UcxWorker::~UcxWorker() = default;
+std::vector<uint8_t> UcxWorker::workerAddress() const { return {}; }
+std::string UcxWorker::transports() const { return ""; }
+std::vector<uint8_t> UcxWorker::registerMemory(uint32_t, void*, size_t) {
   throw AgentError{"TANDEM_BACKEND_UNAVAILABLE", "UCX headers were not present when Tandem was built"};
 }
-void UcxBackend::deregisterMemory(uint32_t) {}
-void UcxBackend::connect(const std::string&, const std::vector<uint8_t>&) {}
-void UcxBackend::disconnect(const std::string&) {}
-void UcxBackend::post(const std::string&, bool, std::vector<Piece>, const std::vector<std::vector<uint8_t>>&,
+void UcxWorker::deregisterMemory(uint32_t) {}
+void UcxWorker::connect(const std::string&, const std::vector<uint8_t>&) {}
+void UcxWorker::disconnect(const std::string&) {}
+void UcxWorker::post(const std::string&, bool, std::vector<Piece>, const std::vector<std::vector<uint8_t>>&,
                       std::function<void(bool ok, std::string error)> done) {
   if (done) done(false, "UCX headers were not present when Tandem was built");
 }

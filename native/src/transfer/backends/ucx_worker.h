@@ -1,4 +1,4 @@
-// One-sided RMA between processes through UCX (ucp), loaded at run time: the addon never links UCX.
+// UcxWorker: one-sided RMA between processes through UCX (ucp), loaded at run time: the addon never links UCX.
 // libucp.so.0 is dlopen'ed through tandem::loadFirst and every ucp_* entry point is resolved with dlsym;
 // types and struct layouts come from the libucx-dev headers present at build time (UCX 1.13 API,
 // requested explicitly so that a newer runtime such as 1.16 keeps the 1.13 ABI). Without those headers
@@ -47,7 +47,7 @@
 
 namespace tandem::transfer {
 
-class UcxBackend {
+class UcxWorker {
  public:
   struct Piece {
     void* local;          // local host address
@@ -58,13 +58,13 @@ class UcxBackend {
 
   // Loads libucp from `candidates` (first that loads), creates a context (features RMA + WAKEUP) and one
   // worker, and starts the progress thread. On failure returns nullptr and sets `reason`.
-  static std::unique_ptr<UcxBackend> create(const std::vector<std::string>& candidates, std::string& reason);
+  static std::unique_ptr<UcxWorker> create(const std::vector<std::string>& candidates, std::string& reason);
 
   // Fails every pending post ("the UCX backend was closed"), force-closes the endpoints, unmaps the
   // registered memory, destroys the worker and context, joins the progress thread.
-  ~UcxBackend();
-  UcxBackend(const UcxBackend&) = delete;
-  UcxBackend& operator=(const UcxBackend&) = delete;
+  ~UcxWorker();
+  UcxWorker(const UcxWorker&) = delete;
+  UcxWorker& operator=(const UcxWorker&) = delete;
 
   std::vector<uint8_t> workerAddress() const;  // to publish in metadata (immutable, any thread)
   // Transports of the context's resources, e.g. "tcp,sysv,posix,cma" (best effort: an endpoint uses the
@@ -96,7 +96,7 @@ class UcxBackend {
 
  private:
   struct Impl;
-  explicit UcxBackend(std::unique_ptr<Impl> impl);
+  explicit UcxWorker(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -13,11 +13,14 @@
 // Ordering: one direction per link, posts issued in one order on both sides (progress thread here, the
 // connection's reader there). A link whose communicator was aborted (timeout, refused post, NCCL
 // error) is replaced by a new one at the next post; the target drops aborted links when a new one comes.
-#include <cstring>
+#include "nccl.h"
 
-#include "../addon_state.h"
-#include "agent.h"
-#include "connection.h"
+#include <cstring>
+#include <map>
+
+#include "../../addon_state.h"
+#include "../agent.h"
+#include "../connection.h"
 
 namespace tandem::transfer {
 
@@ -38,14 +41,15 @@ std::string transferCode(const nccl::Failure& f) {
 
 std::string shortName(const std::string& s) { return s.size() > 40 ? s.substr(0, 40) : s; }
 
-const char* opName(Op op) { return op == Op::Write ? "WRITE" : "READ"; }
-
 // Plans with at least this many pieces (after merging) go through a staging buffer: one kernel gathers
 // the pieces into it (or scatters them out of it) and NCCL moves one contiguous message, instead of one
 // NCCL send/recv per piece (each costs several microseconds however small it is).
 constexpr size_t kStageMinPieces = 4;
 constexpr uint64_t kStageMaxBytes = 4ull << 30;  // beyond this the staging memory is not worth it
 constexpr uint64_t kStageChunkBytes = 128 << 10;
+
+// Prefixes a target-side refusal that names a region not registered there (answered as kStatusRegionGone).
+constexpr const char* kRegionGoneMark = "\x01gone:";
 
 }  // namespace
 
@@ -74,6 +78,52 @@ struct NcclStagedPlan {
 };
 
 namespace {
+
+// Per peer: one two-rank communicator per (local GPU, remote GPU) for transfers this agent initiates
+// (rank 0 here, rank 1 at the peer). Guarded by the peer's mutex; made on the progress thread.
+struct NcclPeer final : BackendPeerState {
+  struct Link {
+    uint32_t index = 0;  // names the link on the wire; never reused for this peer
+    std::shared_ptr<nccl::Communicator> comm;
+    std::shared_ptr<NcclStaging> staging;  // for plans of many pieces
+  };
+  std::map<std::pair<int, int>, Link> links;
+  uint32_t nextLink = 1;
+};
+
+// Per plan (progress thread).
+struct NcclPlan final : BackendPlanState {
+  uint32_t sentOn = 0;  // the link whose target has this plan's pieces (0: none yet)
+  std::shared_ptr<NcclStagedPlan> staged;  // set when the plan goes through staging buffers
+  bool decided = false;
+};
+
+// The target's side, per inbound connection (its reader thread only, but for `shared`).
+struct NcclInbound final : BackendInboundState {
+  struct Plan {
+    std::vector<std::pair<uint64_t, uint64_t>> pieces;  // (device address, length) here
+    std::vector<uint32_t> regions;                      // checked again at every post
+    std::shared_ptr<NcclStagedPlan> staged;             // set when the initiator stages this plan
+  };
+  struct Link {
+    int device = -1;
+    std::shared_ptr<nccl::Communicator> comm;
+    std::shared_ptr<NcclStaging> staging;
+    std::map<uint64_t, Plan> plans;  // by the initiator's plan id; or why the plan is refused:
+    std::map<uint64_t, std::string> refused;
+  };
+  std::map<uint32_t, Link> links;
+  struct Shared {  // reached from the communicators' threads
+    std::mutex mutex;
+    std::map<uint64_t, std::vector<unsigned char>> notifications;  // token -> bytes to deliver after the data
+  };
+  std::shared_ptr<Shared> shared = std::make_shared<Shared>();
+  ~NcclInbound() override {
+    for (auto& [index, link] : links) {
+      if (link.comm) link.comm->close();
+    }
+  }
+};
 
 // Grows the staging buffer to `bytes` (chunk tables name its address, so they go too). Throws NativeError.
 void ensureStaging(NcclStaging& st, uint64_t bytes) {
@@ -162,11 +212,13 @@ void stagedOps(const std::shared_ptr<NcclStaging>& st, const std::shared_ptr<Ncc
 
 }  // namespace
 
-void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
+void NcclBackend::post(const std::shared_ptr<Plan>& plan, uint64_t token, std::vector<unsigned char>& notif) {
   std::string error;
-  auto conn = waitConnected(plan->peer, error);
-  if (!conn) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  auto conn = agent_.waitConnected(plan->peer, error);
+  if (!conn) return agent_.fail(token, agent_.unreachableCode(*plan->peer), error);
   Peer& peer = *plan->peer;
+  NcclPeer& links = peer.state<NcclPeer>(Backend::Nccl);
+  NcclPlan& state = plan->stateAs<NcclPlan>();
   const std::pair<int, int> key{plan->localDevice, plan->remoteDevice};
 
   std::shared_ptr<nccl::Communicator> comm, stale;
@@ -174,12 +226,12 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
   uint32_t link = 0;
   {
     std::lock_guard<std::mutex> lock(peer.mutex);
-    if (peer.dead) return fail(token, "TANDEM_REMOTE_DISCONNECTED", peer.deadReason);
-    auto it = peer.ncclLinks.find(key);
-    if (it != peer.ncclLinks.end()) {
+    if (peer.dead) return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", peer.deadReason);
+    auto it = links.links.find(key);
+    if (it != links.links.end()) {
       if (it->second.comm->aborted()) {
         stale = std::move(it->second.comm);
-        peer.ncclLinks.erase(it);
+        links.links.erase(it);
       } else {
         comm = it->second.comm;
         staging = it->second.staging;
@@ -191,19 +243,19 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
   if (!comm) {
     nccl::ncclUniqueId id;
     nccl::ncclResult_t r = nccl_->ncclGetUniqueId(&id);
-    if (r != nccl::ncclSuccess) return fail(token, "TANDEM_NCCL_ERROR", "ncclGetUniqueId failed: " + nccl_->describe(r));
+    if (r != nccl::ncclSuccess) return agent_.fail(token, "TANDEM_NCCL_ERROR", "ncclGetUniqueId failed: " + nccl_->describe(r));
     {
       std::lock_guard<std::mutex> lock(peer.mutex);
-      link = peer.nextNcclLink++;
+      link = links.nextLink++;
     }
     nccl::CommOptions o;
-    o.name = "xfer " + shortName(options_.name) + ">" + shortName(peer.d.name) + " #" + std::to_string(link);
+    o.name = "xfer " + shortName(agent_.name()) + ">" + shortName(peer.d.name) + " #" + std::to_string(link);
     o.device = plan->localDevice;
     o.rank = 0;
     o.size = 2;
-    o.timeoutMs = options_.timeoutMs;
-    comm = std::make_shared<nccl::Communicator>(*nccl_, *cuda_, o, [this](uint64_t id, const nccl::Failure* f) {
-      if (id != 0) settleNccl(id, f);  // init's own failure reaches every post through its abort
+    o.timeoutMs = agent_.options().timeoutMs;
+    comm = std::make_shared<nccl::Communicator>(*nccl_, *agent_.cuda().driver(), o, [this](uint64_t id, const nccl::Failure* f) {
+      if (id != 0) settle(id, f);  // init's own failure reaches every post through its abort
     });
     std::vector<unsigned char> init(sizeof(id) + sizeof(int32_t));
     int32_t device = plan->remoteDevice;
@@ -211,68 +263,60 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
     std::memcpy(init.data() + sizeof(id), &device, sizeof(device));
     if (!sendMessage(*conn, Msg::NcclInit, link, 0, init.data(), init.size(), error)) {
       comm->close();
-      return fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
+      return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
     }
     comm->startFromId(id);
     staging = std::make_shared<NcclStaging>();
     staging->comm = comm.get();
-    staging->cuda = cuda_;
-    DeviceKernels& kernels = kernelsFor(plan->localDevice);
+    staging->cuda = agent_.cuda().driver();
+    CudaState::DeviceKernels& kernels = agent_.cuda().kernelsFor(plan->localDevice);
     staging->copy = kernels.copyChunks;
     staging->multiprocessors = kernels.multiprocessors;
     bool dead = false;
     {
       std::lock_guard<std::mutex> lock(peer.mutex);
       dead = peer.dead;
-      if (!dead) peer.ncclLinks[key] = Peer::NcclLink{link, comm, staging};
+      if (!dead) links.links[key] = NcclPeer::Link{link, comm, staging};
     }
     if (dead) {
       comm->close();
-      return fail(token, "TANDEM_REMOTE_DISCONNECTED", peer.deadReason);
+      return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", peer.deadReason);
     }
   }
 
-  if (!plan->ncclDecided) {
-    plan->ncclDecided = true;
+  if (!state.decided) {
+    state.decided = true;
     if (plan->pieces.size() >= kStageMinPieces && plan->bytes <= kStageMaxBytes && staging->copy) {
       auto staged = std::make_shared<NcclStagedPlan>();
       staged->id = plan->id;
       staged->gather = plan->op == Op::Write;  // the sender gathers
       staged->bytes = plan->bytes;
       for (const Piece& p : plan->pieces) staged->pieces.emplace_back(p.local, p.length);
-      plan->ncclStaged = staged;
+      state.staged = staged;
     }
   }
-  if (plan->ncclPlanSentOn != link) {
+  if (state.sentOn != link) {
     std::vector<unsigned char> body(8 + plan->pieces.size() * sizeof(WireNcclPiece));
     // reserved word: bit 0 = staged, bit 1 = the plan's op (1: WRITE)
     uint32_t counts[2] = {static_cast<uint32_t>(plan->pieces.size()),
-                          (plan->ncclStaged ? 1u : 0u) | (plan->op == Op::Write ? 2u : 0u)};
+                          (state.staged ? 1u : 0u) | (plan->op == Op::Write ? 2u : 0u)};
     std::memcpy(body.data(), counts, sizeof(counts));
     auto* out = reinterpret_cast<WireNcclPiece*>(body.data() + 8);
     for (size_t i = 0; i < plan->pieces.size(); ++i) {
       const Piece& p = plan->pieces[i];
-      out[i] = WireNcclPiece{peer.regions[p.remoteRegion].d.id, 0, p.remoteOff, p.length};
+      out[i] = WireNcclPiece{plan->remotes[p.remoteRegion]->d.id, 0, p.remoteOff, p.length};
     }
     if (!sendMessage(*conn, Msg::NcclPlan, link, plan->id, body.data(), body.size(), error)) {
-      return fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
+      return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
     }
-    plan->ncclPlanSentOn = link;
+    state.sentOn = link;
   }
 
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    Pending p;
-    p.plan = plan;
-    p.peer = plan->peer;
-    if (plan->op == Op::Read) p.notif = notif;  // a READ's notification goes out once the data is here
-    p.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.timeoutMs);
-    p.groups.resize(2);  // two answers: the target's Done and our own half
-    pending_.emplace(token, std::move(p));
-  }
+  // Two answers: the target's Done and our own half. A READ's notification goes out once the data is here.
+  agent_.addPending(token, plan, plan->op == Op::Read ? notif : std::vector<unsigned char>{}, 2);
   // A WRITE's notification rides in the post (after its number, when the target numbers them).
   const bool carries = plan->op == Op::Write && !notif.empty();
-  const uint64_t number = carries ? carriedNumber(peer, notif) : 0;
+  const uint64_t number = carries ? agent_.carriedNumber(peer, notif) : 0;
   const size_t head = number ? 8 : 0;
   std::vector<unsigned char> post(16 + (carries ? head + notif.size() : 0));
   uint64_t planId = plan->id;
@@ -282,19 +326,14 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
   if (number) std::memcpy(post.data() + 16, &number, 8);
   if (carries) std::memcpy(post.data() + 16 + head, notif.data(), notif.size());
   if (!sendMessage(*conn, Msg::NcclPost, link, token, post.data(), post.size(), error)) {
-    bool erased;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      erased = pending_.erase(token) > 0;
-    }
-    if (erased) fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
+    if (agent_.erasePending(token)) agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", "peer '" + peer.d.name + "': " + error);
     return;
   }
 
   std::vector<nccl::Op> ops;
   nccl::Communicator::StreamHook before, after;
-  if (plan->ncclStaged) {
-    stagedOps(staging, plan->ncclStaged, plan->op == Op::Write, 1, ops, before, after);
+  if (state.staged) {
+    stagedOps(staging, state.staged, plan->op == Op::Write, 1, ops, before, after);
   } else {
     ops.resize(plan->pieces.size());
     for (size_t i = 0; i < plan->pieces.size(); ++i) {
@@ -307,80 +346,123 @@ void Agent::runNccl(const std::shared_ptr<Plan>& plan, uint64_t token, std::vect
       op.peer = 1;
     }
   }
-  comm->submit(token, std::move(ops), options_.timeoutMs, std::string("transfer ") + opName(plan->op), nullptr,
+  comm->submit(token, std::move(ops), agent_.options().timeoutMs, std::string("transfer ") + opName(plan->op), nullptr,
                std::move(before), std::move(after));
 }
 
-void Agent::settleNccl(uint64_t token, const nccl::Failure* failure) {
-  if (!failure) return answerNccl(token);
-  std::shared_ptr<Peer> peer;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = pending_.find(token);
-    if (it == pending_.end()) return;  // answered already (canceled, timed out, refused)
-    peer = it->second.peer;
-    pending_.erase(it);
+NcclBackend::NcclBackend(Agent& agent) : TransferBackend(agent) {
+  const CudaState& cuda = agent.cuda();
+  if (!cuda.available()) {
+    reason_ = "CUDA unavailable: " + cuda.reason();
+  } else if (agent.options().nccl.empty()) {
+    reason_ = "no libnccl search path was given";
+  } else {
+    const nccl::NcclLibrary& lib = nccl::loadNcclLibrary(agent.options().nccl);
+    if (lib.available) {
+      nccl_ = &lib;
+    } else {
+      reason_ = "NCCL unavailable: " + lib.reason;
+    }
   }
+}
+
+void NcclBackend::checkPlan(const PlanShape& shape) const {
+  if (!nccl_) Agent::unavailable(id(), reason_);
+  if (!(shape.peer.d.backends & bit())) Agent::unavailable(id(), "peer '" + shape.peerName + "' has no NCCL");
+  if (!shape.localDevice || !shape.remoteDevice) Agent::unavailable(id(), "nccl moves device memory to device memory only");
+  for (const auto& r : shape.remotes) {
+    if (r->d.device != shape.remotes[0]->d.device) {
+      throw AgentError{"TANDEM_BAD_DESCRIPTOR", "remote device regions span several GPUs (nccl: one GPU per side)"};
+    }
+  }
+}
+
+std::unique_ptr<BackendPlanState> NcclBackend::preparePlan(Plan&) { return std::make_unique<NcclPlan>(); }
+
+std::unique_ptr<BackendPeerState> NcclBackend::openPeer(Peer&) { return std::make_unique<NcclPeer>(); }
+
+void NcclBackend::settle(uint64_t token, const nccl::Failure* failure) {
+  if (!failure) return answered(token);
+  // One failed half fails the post, whichever answer it was.
+  std::shared_ptr<Plan> plan = agent_.pendingPlan(token);
+  if (!plan || !agent_.erasePending(token)) return;  // answered already (canceled, timed out, refused)
+  const std::shared_ptr<Peer>& peer = plan->peer;
   std::string code = transferCode(*failure);
   {
     std::lock_guard<std::mutex> lock(peer->mutex);
     if (peer->dead && code == "TANDEM_NCCL_ABORTED") {
-      return fail(token, "TANDEM_REMOTE_DISCONNECTED", "nccl transfer with peer '" + peer->d.name + "' ended: " + peer->deadReason);
+      return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED",
+                         "nccl transfer with peer '" + peer->d.name + "' ended: " + peer->deadReason);
     }
   }
-  fail(token, code, "nccl transfer with peer '" + peer->d.name + "' failed: " + failure->message);
+  agent_.fail(token, code, "nccl transfer with peer '" + peer->d.name + "' failed: " + failure->message);
 }
 
-void Agent::answerNccl(uint64_t token) {
-  std::shared_ptr<Plan> plan;
+void NcclBackend::answered(uint64_t token) {
   std::shared_ptr<Peer> peer;
   std::vector<unsigned char> notif;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = pending_.find(token);
-    if (it == pending_.end()) return;
-    if (++it->second.answered < it->second.groups.size()) return;
-    plan = it->second.plan;
-    peer = it->second.peer;
-    notif = std::move(it->second.notif);
-    pending_.erase(it);
-  }
+  size_t index;
+  bool last;
+  if (!agent_.takeAnswer(token, index, last, &notif, nullptr, &peer, true) || !last) return;
   std::string error;
-  if (!notif.empty() && !sendNotify(peer, notif, error)) return fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
-  succeed(token);
+  if (!notif.empty() && !agent_.sendNotify(peer, notif, error)) return agent_.fail(token, "TANDEM_REMOTE_DISCONNECTED", error);
+  agent_.succeed(token);
 }
 
-void Agent::closeNcclLinks(Peer& peer) {
-  std::map<std::pair<int, int>, Peer::NcclLink> links;
+bool NcclBackend::answer(const std::shared_ptr<Peer>& peer, Connection& conn, const Header& h,
+                         const std::shared_ptr<Plan>& plan, std::string& error) {
+  // The target's half of a post: Done, after its side completed on its GPU.
+  if (static_cast<Msg>(h.type) != Msg::Done) return false;
+  if (h.aux == 0) {
+    if (!discard(conn.fd, h.length, error)) return false;
+    answered(h.seq);
+    return true;
+  }
+  std::string text(std::min<uint64_t>(h.length, 4096), '\0');
+  if (!recvAll(conn.fd, text.data(), text.size(), error) || !discard(conn.fd, h.length - text.size(), error)) return false;
+  bool erased = agent_.erasePending(h.seq);
+  // Our half waits for a partner that will never come: the link is unusable from here on.
+  abortLink(*peer, *plan, "peer '" + peer->d.name + "' refused a transfer: " + text);
+  if (!erased) return true;
+  if (h.aux == kStatusRegionGone) {
+    agent_.fail(h.seq, "TANDEM_REMOTE_REGION_GONE",
+                "peer '" + peer->d.name + "': " + text + "; load its metadata again and prepare anew");
+  } else {
+    agent_.fail(h.seq, "TANDEM_REMOTE_ERROR", "peer '" + peer->d.name + "' refused: " + text);
+  }
+  return true;
+}
+
+void NcclBackend::closePeer(Peer& peer, bool) {
+  if (!peer.backendState[static_cast<size_t>(Backend::Nccl)]) return;
+  std::map<std::pair<int, int>, NcclPeer::Link> links;
   {
     std::lock_guard<std::mutex> lock(peer.mutex);
-    links.swap(peer.ncclLinks);
+    links.swap(peer.state<NcclPeer>(Backend::Nccl).links);
   }
   for (auto& [key, link] : links) link.comm->close();
 }
 
-void Agent::abortNcclLink(Peer& peer, const std::shared_ptr<Plan>& plan, const std::string& reason) {
+void NcclBackend::abortLink(Peer& peer, const Plan& plan, const std::string& reason) {
   std::shared_ptr<nccl::Communicator> comm;
   {
     std::lock_guard<std::mutex> lock(peer.mutex);
-    auto it = peer.ncclLinks.find({plan->localDevice, plan->remoteDevice});
-    if (it == peer.ncclLinks.end() || it->second.index != plan->ncclPlanSentOn) return;
+    auto& links = peer.state<NcclPeer>(Backend::Nccl).links;
+    auto it = links.find({plan.localDevice, plan.remoteDevice});
+    if (it == links.end() || it->second.index != static_cast<const NcclPlan&>(*plan.state).sentOn) return;
     comm = std::move(it->second.comm);
-    peer.ncclLinks.erase(it);  // the next post starts a new link
+    links.erase(it);  // the next post starts a new link
   }
   comm->requestAbort(reason, nullptr);
   comm->close();
 }
 
-void Agent::closeInboundNccl(InboundNccl& state) {
-  for (auto& [index, link] : state.links) {
-    if (link.comm) link.comm->close();
-  }
-  state.links.clear();
-}
-
-bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, const Header& h, InboundNccl& state,
-                      std::string& error) {
+bool NcclBackend::serve(const std::shared_ptr<Connection>& connPtr, const Header& h,
+                        std::unique_ptr<BackendInboundState>& inbound, std::string& error) {
+  Connection& conn = *connPtr;
+  if (!inbound) inbound = std::make_unique<NcclInbound>();
+  NcclInbound& state = static_cast<NcclInbound&>(*inbound);
+  const std::string& self = agent_.name();
   if (h.length > (256u << 20)) return false;  // a corrupt stream; stop serving it
   std::vector<unsigned char> payload(h.length);
   if (!recvAll(conn.fd, payload.data(), payload.size(), error)) return false;
@@ -402,18 +484,18 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
     int32_t device;
     std::memcpy(&id, payload.data(), sizeof(id));
     std::memcpy(&device, payload.data() + sizeof(id), sizeof(device));
-    InboundNccl::Link& link = state.links[h.aux];
+    NcclInbound::Link& link = state.links[h.aux];
     link.device = device;
     if (!nccl_) return true;  // every post on this link is refused with the reason
     nccl::CommOptions o;
-    o.name = "xfer " + shortName(conn.peerName) + ">" + shortName(options_.name) + " #" + std::to_string(h.aux);
+    o.name = "xfer " + shortName(conn.peerName) + ">" + shortName(self) + " #" + std::to_string(h.aux);
     o.device = device;
     o.rank = 1;
     o.size = 2;
-    o.timeoutMs = options_.timeoutMs;
+    o.timeoutMs = agent_.options().timeoutMs;
     auto shared = state.shared;
     link.comm = std::make_shared<nccl::Communicator>(
-        *nccl_, *cuda_, o, [this, shared, connPtr](uint64_t token, const nccl::Failure* f) {
+        *nccl_, *agent_.cuda().driver(), o, [this, shared, connPtr](uint64_t token, const nccl::Failure* f) {
           if (token == 0) return;
           std::vector<unsigned char> notif;
           {
@@ -426,13 +508,13 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
           }
           std::string err;
           if (f) {
-            if (!notif.empty()) deliveredCarried(*connPtr, std::move(notif), false);
+            if (!notif.empty()) agent_.deliveredCarried(*connPtr, std::move(notif), false);
             std::string text = "nccl: " + f->message;
             sendMessage(*connPtr, Msg::Done, 1, token, text.data(), text.size(), err);
             return;
           }
           // The data is in place before the notification is delivered and before the initiator hears Done.
-          if (!notif.empty()) deliveredCarried(*connPtr, std::move(notif), true);
+          if (!notif.empty()) agent_.deliveredCarried(*connPtr, std::move(notif), true);
           sendMessage(*connPtr, Msg::Done, 0, token, nullptr, 0, err);
         });
     link.comm->startFromId(id);
@@ -440,7 +522,10 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
   }
 
   auto refuse = [&](const std::string& problem) {
-    return sendMessage(conn, Msg::Done, 1, h.seq, problem.data(), problem.size(), error);
+    // A region that is not registered (any more) is reported as gone: ids are never reused.
+    const bool gone = problem.rfind(kRegionGoneMark, 0) == 0;
+    const std::string text = gone ? problem.substr(std::strlen(kRegionGoneMark)) : problem;
+    return sendMessage(conn, Msg::Done, gone ? kStatusRegionGone : kStatusRefused, h.seq, text.data(), text.size(), error);
   };
 
   if (type == Msg::NcclPlan) {
@@ -450,15 +535,15 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
     if (payload.size() != 8 + static_cast<uint64_t>(count) * sizeof(WireNcclPiece)) return false;
     auto it = state.links.find(h.aux);
     if (it == state.links.end()) return true;  // posts on an unknown link are refused
-    InboundNccl::Link& link = it->second;
+    NcclInbound::Link& link = it->second;
     const auto* in = reinterpret_cast<const WireNcclPiece*>(payload.data() + 8);
-    InboundNccl::Plan plan;
+    NcclInbound::Plan plan;
     plan.pieces.resize(count);
     std::string problem;
     for (uint32_t i = 0; i < count && problem.empty(); ++i) {
-      auto region = this->region(in[i].region);
+      auto region = agent_.region(in[i].region);
       if (!region) {
-        problem = "region " + std::to_string(in[i].region) + " is not registered at '" + options_.name + "'";
+        problem = kRegionGoneMark + ("region " + std::to_string(in[i].region) + " is not registered at '" + self + "'");
       } else if (region->kind != MemKind::Device || region->device != link.device) {
         problem = "region " + std::to_string(in[i].region) + " is not memory of GPU " + std::to_string(link.device);
       } else if (in[i].length == 0 || in[i].offset > region->size || in[i].length > region->size - in[i].offset) {
@@ -474,23 +559,23 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
     std::memcpy(&flags, payload.data() + 4, 4);
     if (problem.empty() && (flags & 1u)) {
       if (!link.comm) {
-        problem = "the nccl backend is unavailable at '" + options_.name + "': " + ncclReason_;
+        problem = "the nccl backend is unavailable at '" + self + "': " + reason_;
       } else {
         if (!link.staging) {
           int device = link.device;
-          auto fn = onProgress([this, device] {
-            DeviceKernels& k = kernelsFor(device);
+          auto fn = agent_.onProgress([this, device] {
+            CudaState::DeviceKernels& k = agent_.cuda().kernelsFor(device);
             return std::make_pair(k.copyChunks, k.multiprocessors);
           });
           auto st = std::make_shared<NcclStaging>();
           st->comm = link.comm.get();
-          st->cuda = cuda_;
+          st->cuda = agent_.cuda().driver();
           st->copy = fn.first;
           st->multiprocessors = fn.second;
           link.staging = st;
         }
         if (!link.staging->copy) {
-          problem = "'" + options_.name + "' cannot stage nccl transfers: its copy kernel is unavailable";
+          problem = "'" + self + "' cannot stage nccl transfers: its copy kernel is unavailable";
         } else {
           auto staged = std::make_shared<NcclStagedPlan>();
           staged->id = h.seq;
@@ -518,19 +603,21 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
   if (payload.size() != 16 + static_cast<uint64_t>(fields[1])) return false;
   // A refused post's notification is never delivered; a poller must still hear that its number is spent.
   auto refusePost = [&](const std::string& problem) {
-    if (fields[1]) deliveredCarried(conn, std::vector<unsigned char>(payload.begin() + 16, payload.end()), false);
+    if (fields[1]) agent_.deliveredCarried(conn, std::vector<unsigned char>(payload.begin() + 16, payload.end()), false);
     return refuse(problem);
   };
   auto it = state.links.find(h.aux);
   if (it == state.links.end()) return refusePost("no nccl link " + std::to_string(h.aux) + " with '" + conn.peerName + "'");
-  InboundNccl::Link& link = it->second;
-  if (!link.comm) return refusePost("the nccl backend is unavailable at '" + options_.name + "': " + ncclReason_);
+  NcclInbound::Link& link = it->second;
+  if (!link.comm) return refusePost("the nccl backend is unavailable at '" + self + "': " + reason_);
   auto refused = link.refused.find(planId);
   if (refused != link.refused.end()) return refusePost(refused->second);
   auto plan = link.plans.find(planId);
   if (plan == link.plans.end()) return refusePost("unknown nccl plan " + std::to_string(planId));
   for (uint32_t id : plan->second.regions) {
-    if (!region(id)) return refusePost("region " + std::to_string(id) + " was deregistered at '" + options_.name + "'");
+    if (!agent_.region(id)) {
+      return refusePost(kRegionGoneMark + ("region " + std::to_string(id) + " was deregistered at '" + self + "'"));
+    }
   }
   const auto& pieces = plan->second.pieces;
   Op op = fields[0] == static_cast<uint32_t>(Op::Write) ? Op::Write : Op::Read;
@@ -552,7 +639,7 @@ bool Agent::serveNccl(Connection& conn, std::shared_ptr<Connection> connPtr, con
     std::lock_guard<std::mutex> lock(state.shared->mutex);
     state.shared->notifications[h.seq].assign(payload.begin() + 16, payload.end());
   }
-  link.comm->submit(h.seq, std::move(ops), options_.timeoutMs, std::string("transfer ") + opName(op) + " (target)",
+  link.comm->submit(h.seq, std::move(ops), agent_.options().timeoutMs, std::string("transfer ") + opName(op) + " (target)",
                     nullptr, std::move(before), std::move(after));
   return true;
 }
