@@ -67,10 +67,13 @@ describe('ByteTokenizer', () => {
     expect(d.push(65)).toBe('A');
   });
 
-  it('a large dummy preset accepts its whole vocabulary; ids above the bytes decode to nothing', () => {
+  it('a large dummy preset accepts its whole vocabulary; each id past the bytes decodes to one printable character', () => {
     const big = dummyTokenizer(dummyConfig('llama-3.1-8b'));
     expect(big.vocabSize).toBe(128256);
-    expect(big.decode([72, 1000, 128255, 105])).toBe('Hi');
+    // '!' + (id - 256) % 94: 1000 -> 744 % 94 = 86 -> 'w'; 128255 -> 127999 % 94 = 65 -> 'b'; BOS and EOS: nothing.
+    expect(big.decode([72, 1000, 256, 128255, 257, 105])).toBe('Hwbi');
+    const d = big.decoder();
+    expect([350, 349, 444].map((id) => d.push(id))).toEqual(['!', '~', '!']);
     expect(() => big.decode([128256])).toThrow(BadArgumentError);
   });
 });

@@ -4,7 +4,7 @@
  * one, can be generated on its own, in any order, on any process, with the same values.
  *
  * Every dummy model uses the byte-level tokenizer (ids 0..255 are bytes, 256 is BOS, 257 is EOS); the large
- * presets keep their real vocabulary size, so their ids above 257 decode to nothing.
+ * presets keep their real vocabulary size; their ids above 257 decode to one printable character each.
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';

@@ -1,6 +1,8 @@
 /**
  * Byte-level tokenizer for dummy models: ids 0..255 are the UTF-8 bytes of the text, 256 is BOS, 257 is EOS.
- * Any other id (a large dummy preset keeps its real vocabulary) is special and decodes to nothing.
+ * A large dummy preset keeps its real vocabulary: each id beyond those decodes to one printable ASCII
+ * character ('!' + (id - 256) % 94), so that its gibberish streams as text token by token, as a real model's
+ * would (benchmarks time the stream's text; ids that decoded to nothing left a stream without any).
  */
 import { BadArgumentError } from '../../errors.js';
 
@@ -8,11 +10,14 @@ export const BYTE_BOS_ID = 256;
 export const BYTE_EOS_ID = 257;
 /** 256 bytes + BOS + EOS. */
 export const BYTE_VOCAB_SIZE = 258;
+/** Ids past the bytes, BOS and EOS decode to one of the printable ASCII characters '!' .. '~'. */
+const PLACEHOLDER_FIRST = 0x21;
+const PLACEHOLDER_COUNT = 94;
 
 export interface ByteTokenizerOptions {
   bosId?: number;
   eosId?: number;
-  /** Ids at or above 256 and below this are valid (and special); default 258. */
+  /** Ids below this are valid; those above 255 other than BOS and EOS decode to a placeholder. Default 258. */
   vocabSize?: number;
 }
 
@@ -46,9 +51,9 @@ export class ByteTokenizer {
     return ids;
   }
 
-  /** True for every id that is not a byte (BOS, EOS, anything above 255). */
+  /** True for BOS and EOS: they decode to nothing. */
   isSpecial(id: number): boolean {
-    return id >= 256;
+    return id === this.bosId || id === this.eosId;
   }
 
   /** The text of `ids`, special ids skipped; invalid UTF-8 becomes U+FFFD. */
@@ -79,7 +84,8 @@ export class ByteStreamDecoder {
     for (const id of list) {
       if (!Number.isSafeInteger(id) || id < 0 || id >= this.tokenizer.vocabSize)
         throw new BadArgumentError(`token id ${id} is outside the vocabulary (0..${this.tokenizer.vocabSize - 1})`);
-      if (!this.tokenizer.isSpecial(id)) bytes.push(id);
+      if (id < 256) bytes.push(id);
+      else if (!this.tokenizer.isSpecial(id)) bytes.push(PLACEHOLDER_FIRST + ((id - 256) % PLACEHOLDER_COUNT));
     }
     if (bytes.length === 0) return '';
     return this.utf8.decode(Uint8Array.from(bytes), { stream: true });
