@@ -93,6 +93,63 @@ describe('KvBlockManager', () => {
     expect(m.numAllocatable).toBe(6);
   });
 
+  it('a block written after a duplicate prefix extends the cached chain', () => {
+    // Two identical prompts computed side by side: the second one's blocks duplicate the first's, and the block
+    // it goes on to fill is cached behind the first one's.
+    const m = new KvBlockManager({ numBlocks: 8, blockSize: 2 });
+    const t = [1, 2, 3, 4, 5, 6, 7, 8];
+    const h = kvBlockHashes(t, 2);
+    const a = Array.from(m.allocate(3)!);
+    const b = Array.from(m.allocate(4)!);
+    m.commit(a, h, t, 0, 3);
+    m.commit(b, h, t, 0, 3);
+    m.commit(b, h, t, 3, 4);
+    expect(m.hashOf(b[3]!)).toBe(h[3]);
+    expect(m.matchPrefix(h, t)).toEqual([...a, b[3]]);
+  });
+
+  // Hashes come from the caller, so crafted ones stand for a kvBlockHash that collides. Block hashes are chained:
+  // once two different prefixes collide at block i, their blocks after i collide too wherever their tokens are equal.
+  it("a hash collision never hands one prompt another prompt's blocks", () => {
+    const m = new KvBlockManager({ numBlocks: 8, blockSize: 2 });
+    const [A, B, H, Z] = [0x11n, 0x22n, 0x33n, 0x44n];
+    const p = [1, 2, 3, 4];
+    const q = [5, 6, 7, 8, 9, 10];
+    const pIds = Array.from(m.allocate(2)!);
+    m.commit(pIds, [A, H], p, 0, 2);
+    const qIds = Array.from(m.allocate(3)!);
+    m.commit(qIds, [B, H, Z], q, 0, 3); // q's block 1 collides with p's: it stays uncached
+    expect(m.hashOf(qIds[1]!)).toBeUndefined();
+    // r = p's tokens then q's last block: its hashes are [A, H, Z], but q's block 2 holds KV computed after 5 6 7 8.
+    const r = [1, 2, 3, 4, 9, 10];
+    const hit = m.matchPrefix([A, H, Z], r);
+    expect(hit).toEqual(pIds);
+    m.free(hit);
+    // Same hash, other tokens, at the first block: a miss.
+    expect(m.matchPrefix([A], [5, 6])).toEqual([]);
+    // q itself still finds its own first block.
+    expect(m.matchPrefix([B, H, Z], q)).toEqual([qIds[0]]);
+  });
+
+  it('a block whose parent was evicted, and the id reused for another prefix, is not matched through it', () => {
+    const m = new KvBlockManager({ numBlocks: 4, blockSize: 2 });
+    const [A, H, Z, W] = [0x11n, 0x33n, 0x44n, 0x55n];
+    const a = Array.from(m.allocate(3)!);
+    m.commit(a, [A, H, Z], [1, 2, 3, 4, 9, 10], 0, 3);
+    for (const id of [a[1]!, a[0]!, a[2]!]) m.free([id]); // LRU order: a[1], a[0], a[2]
+    m.allocate(1); // the never-used block
+    const [reused] = m.allocate(1)!; // evicts a[1]
+    expect(reused).toBe(a[1]);
+    // A sequence 1 2 7 7 takes a[0] from the cache and writes its second block into the reused id.
+    const s = [1, 2, 7, 7];
+    const ids = [...m.matchPrefix([A], s), reused!];
+    expect(ids).toEqual([a[0], a[1]]);
+    m.commit(ids, [A, W], s, 1, 2);
+    // Hashes [A, W, Z] (Z colliding): a[2] still names a[1] as its parent, but a[1] now holds 7 7, not 3 4.
+    const hit = m.matchPrefix([A, W, Z], [1, 2, 7, 7, 9, 10]);
+    expect(hit).toEqual([a[0], a[1]]);
+  });
+
   it('evicts unreferenced cached blocks LRU (tail blocks of a sequence first) only when free blocks run out', () => {
     const events: KvEvent[] = [];
     const m = new KvBlockManager({ numBlocks: 4, blockSize: 2, onEvent: (e) => events.push(e) });
