@@ -115,6 +115,73 @@ describe('Sampler', () => {
     expect(seen.size).toBeGreaterThan(500);
   });
 
+  /**
+   * The distribution the sampler must draw from (vLLM's order): softmax of logits / T, the k best kept (ties: lower
+   * id), then the smallest best-first prefix of those whose probability reaches p, renormalised.
+   */
+  function targetDistribution(logits: Float32Array, t: number, topK: number, topP: number): Map<number, number> {
+    const probs = softmax(logits, t);
+    const order = Array.from(probs.keys()).sort((a, b) => probs[b]! - probs[a]! || a - b);
+    const k = topK > 0 ? Math.min(topK, order.length) : order.length;
+    const top = order.slice(0, k);
+    const mass = top.reduce((a, v) => a + probs[v]!, 0);
+    const kept: number[] = [];
+    let cum = 0;
+    for (const v of top) {
+      kept.push(v);
+      cum += probs[v]! / mass;
+      if (cum >= topP) break;
+    }
+    const keptMass = kept.reduce((a, v) => a + probs[v]!, 0);
+    return new Map(kept.map((v) => [v, probs[v]! / keptMass]));
+  }
+
+  // Seeded (counter-based uniforms), so these frequencies are the same on every run: the tolerance only has to
+  // cover sampling error, about 0.0035 per token at n = 20000 (0.02 is over five standard errors).
+  it.each([
+    { temperature: 0.5, topK: 5, topP: 1 },
+    { temperature: 2, topK: 5, topP: 1 },
+    { temperature: 0.5, topK: 0, topP: 0.8 },
+    { temperature: 2, topK: 0, topP: 0.8 },
+    { temperature: 0.7, topK: 12, topP: 0.6 },
+    { temperature: 3, topK: 12, topP: 0.6 },
+  ])('temperature with top-k and top-p: only the kept tokens, at their tempered frequencies (%o)', (c) => {
+    const want = targetDistribution(row, c.temperature, c.topK, c.topP);
+    const n = 20000;
+    const h = histogram(s, logits, params({ ...c, seed: 4242 }), n);
+    for (let v = 0; v < V; v++) {
+      if (!want.has(v)) expect(h[v], `token ${v} is outside the kept set`).toBe(0);
+      else expect(Math.abs(h[v]! - want.get(v)!), `token ${v}`).toBeLessThan(0.02);
+    }
+  });
+
+  it('temperature applies before top-k and top-p choose', () => {
+    // With top-p, a colder distribution keeps fewer tokens; top-k keeps the same k at any temperature.
+    expect(targetDistribution(row, 0.5, 0, 0.8).size).toBeLessThan(targetDistribution(row, 2, 0, 0.8).size);
+    const cold = histogram(s, logits, params({ temperature: 0.5, topP: 0.8 }), 4000);
+    const hot = histogram(s, logits, params({ temperature: 2, topP: 0.8 }), 4000);
+    expect(cold.filter((x) => x > 0).length).toBe(targetDistribution(row, 0.5, 0, 0.8).size);
+    expect(hot.filter((x) => x > 0).length).toBe(targetDistribution(row, 2, 0, 0.8).size);
+    // Top-k 5 at temperature 0.5 and 2: the same five tokens, the colder one more peaked on the best.
+    const k5cold = histogram(s, logits, params({ temperature: 0.5, topK: 5 }), 4000);
+    const k5hot = histogram(s, logits, params({ temperature: 2, topK: 5 }), 4000);
+    expect(k5cold.map((x) => (x > 0 ? 1 : 0))).toEqual(k5hot.map((x) => (x > 0 ? 1 : 0)));
+    expect(k5cold[best]!).toBeGreaterThan(k5hot[best]! + 0.1);
+  });
+
+  it('top-p keeps the smallest set whose probability reaches p exactly', () => {
+    // Four equal logits: probabilities of 0.25 each, exact in binary. p = 0.5 keeps two tokens, not three.
+    const four = new Sampler(4);
+    const flat = new Float32Array([0, 0, 0, 0]);
+    const seen = new Set<number>();
+    for (let i = 0; i < 400; i++) seen.add(four.sample(flat, 0, params({ topP: 0.5 }), i));
+    expect([...seen].sort()).toEqual([0, 1]);
+    // Top-k 3 then top-p 0.6: top-p is over the top-k distribution (1/3 each) and keeps two; over all four, three.
+    seen.clear();
+    for (let i = 0; i < 400; i++) seen.add(four.sample(flat, 0, params({ topK: 3, topP: 0.6 }), i));
+    expect([...seen].sort()).toEqual([0, 1]);
+  });
+
   it('same seed and counter, same token; the batch row does not matter', () => {
     const p = params({ seed: 99 });
     const alone = new Float32Array(row);
