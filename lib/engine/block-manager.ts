@@ -135,7 +135,7 @@ export class KvBlockManager {
   private lruCount = 0;
   /** Per block: its hash when cached (committed), else undefined. */
   private readonly hashOfBlock: (bigint | undefined)[];
-  /** Per cached block: the cached block holding its parent prefix (NO_PARENT for a first block) and its generation then. */
+  /** Per cached block: the cached block holding its parent prefix (NO_PARENT: none) and that one's generation. */
   private readonly parentBlock: Int32Array;
   private readonly parentGeneration: Int32Array;
   /** Per block: how many times it has been evicted; a child that recorded an older one is not its child. */
