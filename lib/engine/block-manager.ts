@@ -266,14 +266,26 @@ export class KvBlockManager {
 
   /**
    * Drops one reference from each block, last block first, so that a sequence's tail blocks are evicted before
-   * its head (heads are the more shared prefixes). Unreferenced cached blocks stay cached until evicted.
+   * its head (heads are the more shared prefixes). Unreferenced cached blocks stay cached until evicted. A block
+   * may be listed as often as it is referenced; listed more often, it would go to the free list twice and be
+   * handed out twice, so that throws (and nothing is freed).
    */
   free(blockIds: ArrayLike<number>): void {
+    const listed = blockIds.length > 1 ? new Map<number, number>() : undefined;
     for (let i = 0; i < blockIds.length; i++) {
       const id = blockIds[i]!;
       if (!Number.isSafeInteger(id) || id < 0 || id >= this.numBlocks)
         throw new BadArgumentError(`block id ${id} is out of range (0..${this.numBlocks - 1})`);
-      if (this.refCounts[id]! <= 0) throw new BadArgumentError(`block ${id} is not in use`);
+      const refs = this.refCounts[id]!;
+      if (refs <= 0) throw new BadArgumentError(`block ${id} is not in use`);
+      if (listed) {
+        const times = (listed.get(id) ?? 0) + 1;
+        if (times > refs)
+          throw new BadArgumentError(
+            `block ${id} is listed ${times} times but has ${refs} reference${refs > 1 ? 's' : ''}`,
+          );
+        listed.set(id, times);
+      }
     }
     for (let i = blockIds.length - 1; i >= 0; i--) {
       const id = blockIds[i]!;
@@ -352,7 +364,7 @@ export class KvBlockManager {
       if (owner !== undefined || parent === UNKNOWN) {
         // A duplicate of a cached block (remembered, so that the blocks after it extend the cached chain), a hash
         // collision with one, or a block after a collision.
-        if (owner !== undefined && parent !== UNKNOWN && this.extends(owner, parent, tokens, b * bs)) {
+        if (owner !== undefined && this.extends(owner, parent, tokens, b * bs)) {
           this.sameAs[id] = owner;
           this.sameAsGeneration[id] = this.generation[owner]!;
         }
@@ -371,7 +383,7 @@ export class KvBlockManager {
 
   /**
    * Whether cached block `id` holds the prefix held by cached block `parent` (NO_PARENT: none) followed by
-   * `tokens[start .. start + blockSize)`.
+   * `tokens[start .. start + blockSize)`. Never for `parent` UNKNOWN, which no block records.
    */
   private extends(id: number, parent: number, tokens: ArrayLike<number>, start: number): boolean {
     if (this.parentBlock[id] !== parent) return false;
