@@ -183,6 +183,36 @@ describe('KvBlockManager', () => {
     expect(m.matchPrefix([C, H, Z], [7, 7, 8, 8, 5, 6])).toEqual([c0, c1]);
   });
 
+  it('a first block is never matched after another block, whatever the hashes say', () => {
+    // Block 0 is p's first block (hash A); block 1 is q's (hash B). r's hashes [B, A] (A colliding) reach block 0
+    // after block 1, but block 0 was computed at the start of a sequence.
+    const m = new KvBlockManager({ numBlocks: 4, blockSize: 2 });
+    const [A, B, C] = [0x11n, 0x22n, 0x33n];
+    const [x, y] = m.allocate(2)!;
+    m.commit([x!], [A], [9, 9], 0, 1);
+    m.commit([y!], [B], [5, 6], 0, 1);
+    expect(m.matchPrefix([B, A], [5, 6, 9, 9])).toEqual([y]);
+    // A sequence whose first block is block 2, and its second block after it: both matched.
+    const rest = Array.from(m.allocate(2)!);
+    expect(rest).toEqual([2, 3]);
+    m.commit(rest, [C, 0x44n], [7, 7, 8, 8], 0, 2);
+    expect(m.matchPrefix([C, 0x44n], [7, 7, 8, 8])).toEqual([2, 3]);
+  });
+
+  it('blocks cached again after an eviction are matched with the blocks after them', () => {
+    const m = new KvBlockManager({ numBlocks: 2, blockSize: 2 });
+    const t = [1, 2, 3, 4];
+    const h = kvBlockHashes(t, 2);
+    const first = Array.from(m.allocate(2)!);
+    m.commit(first, h, t, 0, 2);
+    m.free(first);
+    m.clearCache(); // both evicted: their generations move on
+    const again = Array.from(m.allocate(2)!);
+    m.commit(again, h, t, 0, 2);
+    m.free(again);
+    expect(m.matchPrefix(h, t)).toEqual(again);
+  });
+
   it('a block whose parent was evicted, and the id reused for another prefix, is not matched through it', () => {
     const m = new KvBlockManager({ numBlocks: 4, blockSize: 2 });
     const [A, H, Z, W] = [0x11n, 0x33n, 0x44n, 0x55n];
@@ -259,9 +289,10 @@ describe('KvBlockManager', () => {
   it('free refuses a block listed more often than it is referenced', () => {
     const m = new KvBlockManager({ numBlocks: 4, blockSize: 2 });
     const [a] = m.allocate(1)!;
-    expect(() => m.free([a!, a!])).toThrow(`block ${a} is listed 2 times but has 1 reference`);
+    expect(() => m.free([a!, a!])).toThrow(new RegExp(`^block ${a} is listed 2 times but has 1 reference$`));
     expect(m.refCount(a!)).toBe(1);
     m.ref([a!]);
+    expect(() => m.free([a!, a!, a!])).toThrow(new RegExp(`^block ${a} is listed 3 times but has 2 references$`));
     m.free([a!, a!]);
     expect(m.refCount(a!)).toBe(0);
     // Free once, on the free list once: four blocks to hand out, each once.
@@ -270,7 +301,7 @@ describe('KvBlockManager', () => {
 
   it('emits a stored event per run of newly cached blocks, chained to the block before the run', () => {
     const events: KvEvent[] = [];
-    const m = new KvBlockManager({ numBlocks: 8, blockSize: 2, onEvent: (e) => events.push(e) });
+    const m = new KvBlockManager({ numBlocks: 12, blockSize: 2, onEvent: (e) => events.push(e) });
     const t = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
     const h = kvBlockHashes(t, 2);
     const ids = Array.from(m.allocate(5)!);
@@ -284,6 +315,11 @@ describe('KvBlockManager', () => {
     const uIds = [...m.matchPrefix(hu, u, 3), ...other.slice(0, 2)];
     expect(uIds.slice(0, 3)).toEqual(ids.slice(0, 3));
     m.commit(uIds, hu, u, 3, 5);
+    // A third one computed beside the first (nothing matched): its first three blocks duplicate the cached ones.
+    const v = [1, 2, 3, 4, 5, 6, 7, 8, 11, 12];
+    const hv = kvBlockHashes(v, 2);
+    const vIds = [other[2]!, ...Array.from(m.allocate(4)!)];
+    m.commit(vIds, hv, v, 0, 5);
     const stored = events.filter((e) => e.type === 'stored');
     expect(
       stored.map((e) => [e.parentHash, Array.from(e.blockIds), Array.from(e.hashes), Array.from(e.tokenIds)]),
@@ -291,8 +327,9 @@ describe('KvBlockManager', () => {
       [null, [ids[0]], [h[0]], [1, 2]],
       [h[0], [ids[1], ids[2]], [h[1], h[2]], [3, 4, 5, 6]],
       [hu[2], [other[0], other[1]], [hu[3], hu[4]], [70, 80, 90, 100]],
+      [hv[2], [vIds[3], vIds[4]], [hv[3], hv[4]], [7, 8, 11, 12]],
     ]);
-    expect(m.numCached).toBe(5);
+    expect(m.numCached).toBe(7);
   });
 
   it('counts queried, hit and evicted blocks, and emits nothing for an empty clear', () => {
@@ -349,6 +386,13 @@ describe('KvBlockManager', () => {
     f.allocateSpecific([2]);
     expect(Array.from(f.allocate(3)!).sort()).toEqual([0, 1, 3]);
     expect(f.allocate(1)).toBeNull();
+    // Freed in another order than taken: 0 is taken from below the top of the free list.
+    const g = new KvBlockManager({ numBlocks: 4, blockSize: 2 });
+    g.allocate(3);
+    g.free([0]);
+    g.free([2]);
+    g.allocateSpecific([0]);
+    expect(Array.from(g.allocate(2)!).sort()).toEqual([2, 3]);
   });
 
   it('allocateSpecific evicts a cached block it takes (removed event), and a free one silently', () => {
