@@ -200,19 +200,19 @@ describe('Sampler', () => {
   it('ties go to the lower id and NaN never wins, in argmax and in top-k', () => {
     expect(argmax(new Float32Array([NaN, 1, 2, NaN]), 0, 4)).toBe(2);
     expect(argmax(new Float32Array([-Infinity, -Infinity]), 0, 2)).toBe(0);
-    // Ids 1, 2, 3 tie at 3; top-k 2 keeps 1 and 2, top-k 5 every number and never the NaN.
+    // Ids 0, 2 and 4 tie at 3, id 1 is NaN (inside the first k the heap starts from): top-k 2 keeps 0 and 2, top-k 3
+    // the three, top-k 5 every number and never the NaN.
     const six = new Sampler(6);
-    const row6 = new Float32Array([1, 3, 3, 3, 2, NaN]);
+    const row6 = new Float32Array([3, NaN, 3, 1, 3, 2]);
     const drawn = (topK: number) => {
       const seen = new Set<number>();
       for (let i = 0; i < 300; i++) seen.add(six.sample(row6, 0, params({ topK, seed: 3 }), i));
       return [...seen].sort();
     };
-    expect(drawn(2)).toEqual([1, 2]);
-    expect(drawn(3)).toEqual([1, 2, 3]);
-    expect(drawn(5)).toEqual([0, 1, 2, 3, 4]);
-    const lp = six.logprobs(row6, 0, 1, 3);
-    expect(Array.from(lp.topTokenIds)).toEqual([1, 2, 3]);
+    expect(drawn(2)).toEqual([0, 2]);
+    expect(drawn(3)).toEqual([0, 2, 4]);
+    expect(drawn(5)).toEqual([0, 2, 3, 4, 5]);
+    expect(Array.from(six.logprobs(row6, 0, 0, 4).topTokenIds)).toEqual([0, 2, 4, 5]);
   });
 
   it('top-p keeps the smallest set whose probability reaches p exactly', () => {
