@@ -22,9 +22,10 @@ const rows = [];
 for (const name of names.length > 0 ? names : Object.keys(mutationModules)) {
   const { mutate, testFiles, breakBelow } = mutationModules[name];
   const started = Date.now();
+  // vitest.mutation.config.ts runs only these (see there why not Stryker's `testFiles`).
+  process.env.TANDEM_MUTATION_TEST_FILES = testFiles.join(',');
   const results = await new Stryker({
     mutate,
-    testFiles,
     htmlReporter: { fileName: `reports/mutation/${name}/mutation.html` },
     jsonReporter: { fileName: `reports/mutation/${name}/mutation.json` },
   }).runMutationTest();
