@@ -2,17 +2,20 @@
  * The engine's KV block pool bookkeeping: which of the runner's `numBlocks` blocks are free, in use (with a
  * reference count), or cached (unreferenced but still holding a full block of a known token prefix).
  *
- * Prefix caching: a full block is identified by a 64-bit hash chained over the sequence,
- * `hash(block i) = kvBlockHash(hash(block i-1), tokens of block i)`, so equal hashes mean equal token prefixes
- * up to and including the block. A block committed under its hash can be shared by any later sequence with
- * the same prefix (a cache hit). Hashes only name blocks; every hit is verified against the block's stored
- * tokens and parent hash, so a hash collision costs a miss, never a wrong KV.
+ * Prefix caching: a full block is named by a 64-bit hash chained over the sequence,
+ * `hash(block i) = kvBlockHash(hash(block i-1), tokens of block i)`, so equal prefixes have equal hashes. A block
+ * committed under its hash can be shared by any later sequence with the same prefix (a cache hit). Hashes only
+ * find blocks: a hit at block i needs the cached block's stored tokens to equal the sequence's, and its parent to
+ * be the very block matched at i-1 (same id, not evicted since), so by induction from block 0 its whole prefix
+ * equals the sequence's. A hash collision (which repeats down the chain wherever tokens agree) costs a miss,
+ * never another prompt's KV.
  *
  * Invariants:
  * - a block with refCount > 0 is in use and is never handed out by `allocate`;
  * - a block with refCount 0 is either free (no hash) or cached (hash, in the LRU list, evictable);
  * - a cached block's KV is immutable: sequences only ever write into blocks they allocated, past their
- *   last full shared block.
+ *   last full shared block;
+ * - a cached block's parent is cached, or was evicted since (its generation moved on), or it is a first block.
  *
  * Events: `stored` when full blocks are committed under new hashes, `removed` when cached blocks are evicted
  * (a KV-aware router keeps its prefix index from these). Releasing a block does not remove it from the cache.
@@ -39,6 +42,11 @@ export interface KvBlocksRemovedEvent {
 }
 
 export type KvEvent = KvBlocksStoredEvent | KvBlocksRemovedEvent;
+
+/** `parentBlock` of a sequence's first block. */
+const NO_PARENT = -1;
+/** A block whose prefix no cached block is known to hold. */
+const UNKNOWN = -2;
 
 const C1 = 0xcc9e2d51;
 const C2 = 0x1b873593;
@@ -125,9 +133,19 @@ export class KvBlockManager {
   private lruHead = -1;
   private lruTail = -1;
   private lruCount = 0;
-  /** Per block: its hash when cached (committed), else undefined; and its parent's hash. */
+  /** Per block: its hash when cached (committed), else undefined. */
   private readonly hashOfBlock: (bigint | undefined)[];
-  private readonly parentOfBlock: (bigint | null)[];
+  /** Per cached block: the cached block holding its parent prefix (NO_PARENT: none) and that one's generation. */
+  private readonly parentBlock: Int32Array;
+  private readonly parentGeneration: Int32Array;
+  /** Per block: how many times it has been evicted; a child that recorded an older one is not its child. */
+  private readonly generation: Int32Array;
+  /**
+   * Per block in use that was committed while another block was cached with the same prefix: that block and its
+   * generation (-1: none). The blocks after it extend the cached chain from there.
+   */
+  private readonly sameAs: Int32Array;
+  private readonly sameAsGeneration: Int32Array;
   /** Token ids of every committed block, to verify cache hits. */
   private readonly blockTokens: Int32Array;
   private readonly cache = new Map<bigint, number>();
@@ -155,7 +173,11 @@ export class KvBlockManager {
     this.lruPrev = new Int32Array(numBlocks).fill(-1);
     this.lruNext = new Int32Array(numBlocks).fill(-1);
     this.hashOfBlock = new Array<bigint | undefined>(numBlocks).fill(undefined);
-    this.parentOfBlock = new Array<bigint | null>(numBlocks).fill(null);
+    this.parentBlock = new Int32Array(numBlocks).fill(NO_PARENT);
+    this.parentGeneration = new Int32Array(numBlocks);
+    this.generation = new Int32Array(numBlocks);
+    this.sameAs = new Int32Array(numBlocks).fill(-1);
+    this.sameAsGeneration = new Int32Array(numBlocks);
     this.blockTokens = new Int32Array(this.enablePrefixCaching ? numBlocks * blockSize : 0);
   }
 
@@ -200,6 +222,7 @@ export class KvBlockManager {
         (evicted ??= []).push(id);
       }
       this.refCounts[id] = 1;
+      this.sameAs[id] = -1;
       out[i] = id;
     }
     if (evicted) this.evict(evicted);
@@ -227,6 +250,7 @@ export class KvBlockManager {
         evicted.push(id);
       } else this.removeFromFreeStack(id);
       this.refCounts[id] = 1;
+      this.sameAs[id] = -1;
     }
     if (evicted.length > 0) this.evict(evicted);
   }
@@ -242,14 +266,26 @@ export class KvBlockManager {
 
   /**
    * Drops one reference from each block, last block first, so that a sequence's tail blocks are evicted before
-   * its head (heads are the more shared prefixes). Unreferenced cached blocks stay cached until evicted.
+   * its head (heads are the more shared prefixes). Unreferenced cached blocks stay cached until evicted. A block
+   * may be listed as often as it is referenced; listed more often, it would go to the free list twice and be
+   * handed out twice, so that throws (and nothing is freed).
    */
   free(blockIds: ArrayLike<number>): void {
+    const listed = blockIds.length > 1 ? new Map<number, number>() : undefined;
     for (let i = 0; i < blockIds.length; i++) {
       const id = blockIds[i]!;
       if (!Number.isSafeInteger(id) || id < 0 || id >= this.numBlocks)
         throw new BadArgumentError(`block id ${id} is out of range (0..${this.numBlocks - 1})`);
-      if (this.refCounts[id]! <= 0) throw new BadArgumentError(`block ${id} is not in use`);
+      const refs = this.refCounts[id]!;
+      if (refs <= 0) throw new BadArgumentError(`block ${id} is not in use`);
+      if (listed) {
+        const times = (listed.get(id) ?? 0) + 1;
+        if (times > refs)
+          throw new BadArgumentError(
+            `block ${id} is listed ${times} times but has ${refs} reference${refs > 1 ? 's' : ''}`,
+          );
+        listed.set(id, times);
+      }
     }
     for (let i = blockIds.length - 1; i >= 0; i--) {
       const id = blockIds[i]!;
@@ -271,15 +307,7 @@ export class KvBlockManager {
     const bs = this.blockSize;
     for (let b = 0; b < n; b++) {
       const id = this.cache.get(hashes[b]!);
-      if (id === undefined) break;
-      if (this.parentOfBlock[id] !== (b === 0 ? null : hashes[b - 1]!)) break;
-      let same = true;
-      for (let j = 0, base = id * bs, t = b * bs; j < bs; j++)
-        if (this.blockTokens[base + j] !== tokens[t + j]) {
-          same = false;
-          break;
-        }
-      if (!same) break;
+      if (id === undefined || !this.extends(id, b === 0 ? NO_PARENT : out[b - 1]!, tokens, b * bs)) break;
       if (this.refCounts[id] === 0) this.lruRemove(id);
       this.refCounts[id]!++;
       out.push(id);
@@ -291,8 +319,9 @@ export class KvBlockManager {
   /**
    * Commits full blocks `from .. to - 1` of a sequence to the prefix cache: `blockIds[b]` holds the KV of
    * `tokens[b * blockSize .. (b + 1) * blockSize)` and is named by `hashes[b]` (chained, as `kvBlockHashes`).
-   * A block whose hash already names another block stays uncached (it is freed as a plain block). Emits one
-   * stored event per run of newly cached blocks.
+   * A block whose hash already names another block stays uncached (it is freed as a plain block); so does a block
+   * whose parent prefix no cached block holds (after a hash collision). Emits one stored event per run of newly
+   * cached blocks.
    */
   commit(blockIds: ArrayLike<number>, hashes: readonly bigint[], tokens: ArrayLike<number>, from: number, to: number) {
     if (!this.enablePrefixCaching || from >= to) return;
@@ -325,19 +354,52 @@ export class KvBlockManager {
       const id = blockIds[b]!;
       const h = hashes[b]!;
       if (this.refCounts[id]! <= 0) throw new BadArgumentError(`commit: block ${id} is not in use`);
+      if (this.hashOfBlock[id] !== undefined) {
+        // Already cached: shared from the cache, or committed before.
+        flush(b);
+        continue;
+      }
+      const parent = b === 0 ? NO_PARENT : this.prefixHolder(blockIds[b - 1]!, hashes[b - 1]!);
       const owner = this.cache.get(h);
-      if (owner !== undefined || this.hashOfBlock[id] !== undefined) {
-        // Already cached (this block, shared from the cache) or a duplicate of another block's prefix.
+      if (owner !== undefined || parent === UNKNOWN) {
+        // A duplicate of a cached block (remembered, so that the blocks after it extend the cached chain), a hash
+        // collision with one, or a block after a collision.
+        if (owner !== undefined && this.extends(owner, parent, tokens, b * bs)) {
+          this.sameAs[id] = owner;
+          this.sameAsGeneration[id] = this.generation[owner]!;
+        }
         flush(b);
         continue;
       }
       this.cache.set(h, id);
       this.hashOfBlock[id] = h;
-      this.parentOfBlock[id] = b === 0 ? null : hashes[b - 1]!;
+      this.parentBlock[id] = parent;
+      this.parentGeneration[id] = parent === NO_PARENT ? 0 : this.generation[parent]!;
       for (let j = 0, base = id * bs, t = b * bs; j < bs; j++) this.blockTokens[base + j] = tokens[t + j]!;
       if (runStart < 0) runStart = b;
     }
     flush(to);
+  }
+
+  /**
+   * Whether cached block `id` holds the prefix held by cached block `parent` (NO_PARENT: none) followed by
+   * `tokens[start .. start + blockSize)`. Never for `parent` UNKNOWN, which no block records.
+   */
+  private extends(id: number, parent: number, tokens: ArrayLike<number>, start: number): boolean {
+    if (this.parentBlock[id] !== parent) return false;
+    if (parent !== NO_PARENT && this.parentGeneration[id] !== this.generation[parent]) return false;
+    const bs = this.blockSize;
+    for (let j = 0, base = id * bs; j < bs; j++) if (this.blockTokens[base + j] !== tokens[start + j]) return false;
+    return true;
+  }
+
+  /** The cached block holding the prefix of a sequence's block `id` (chained hash `hash`), or UNKNOWN. */
+  private prefixHolder(id: number, hash: bigint): number {
+    if (this.hashOfBlock[id] === hash) return id;
+    const same = this.sameAs[id]!;
+    if (same >= 0 && this.generation[same] === this.sameAsGeneration[id] && this.hashOfBlock[same] === hash)
+      return same;
+    return UNKNOWN;
   }
 
   /** Evicts every cached, unreferenced block (emits removed). */
@@ -360,7 +422,7 @@ export class KvBlockManager {
       hashes[i] = h;
       this.cache.delete(h);
       this.hashOfBlock[id] = undefined;
-      this.parentOfBlock[id] = null;
+      this.generation[id] = (this.generation[id]! + 1) | 0;
       // Blocks evicted by clearCache go back to the free stack; those evicted by allocate are already in use.
       if (this.refCounts[id] === 0) this.freeStack[this.freeTop++] = id;
     }

@@ -91,13 +91,11 @@ export function seedHalves(seed: number): { seedLo: number; seedHi: number } {
 export function argmax(row: Float32Array, off: number, n: number): number {
   let best = 0;
   let bestV = -Infinity;
-  let found = false;
   for (let v = 0; v < n; v++) {
     const x = row[off + v]!;
-    if (x > bestV || (!found && x === bestV)) {
+    if (x > bestV) {
       bestV = x;
       best = v;
-      found = true;
     }
   }
   return best;

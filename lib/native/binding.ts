@@ -302,7 +302,7 @@ function explain(error: Error, searched: string): string {
     lines.push(
       `No compiled addon for this platform (searched ${searched}).`,
       'Build it: `npm run build:addon` (needs python3, make and a C++17 compiler), or make a prebuild on a',
-      'machine like this one with `npm run prebuild`. Set TANDEM_ADDON=/path/to/tandem.node to use a specific file.',
+      'machine like this one with `npm run build:prebuild`. Set TANDEM_ADDON=/path/to/tandem.node to use a specific file.',
     );
   } else if (/GLIBC_|GLIBCXX_|CXXABI_/.test(text)) {
     lines.push(
