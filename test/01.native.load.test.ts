@@ -1,8 +1,10 @@
-import { writeFileSync, mkdtempSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { loadBinding, NativeLoadError } from '../lib/index.js';
+import { packageRoot } from '../lib/native/paths.js';
 import { runTs } from './helpers/cli.js';
 
 describe('native addon: loading', () => {
@@ -28,6 +30,26 @@ describe('native addon: loading', () => {
     expect(r.status).toBe(1);
     expect(r.stderr).toContain("Tandem's native addon could not be loaded");
     expect(r.stderr).toMatch(/npm run build:addon/);
+  });
+
+  it('with no build at all, names the places searched in the order node-gyp-build tries them', () => {
+    // A package of the loader alone: package.json and binding.gyp, no build/ and no prebuilds/.
+    const root = mkdtempSync(join(tmpdir(), 'tandem-no-addon-'));
+    writeFileSync(join(root, 'package.json'), '{"type": "module"}');
+    writeFileSync(join(root, 'binding.gyp'), '{}');
+    mkdirSync(join(root, 'lib', 'native'), { recursive: true });
+    for (const file of ['errors.ts', 'native/binding.ts', 'native/paths.ts'])
+      copyFileSync(join(packageRoot, 'lib', file), join(root, 'lib', file));
+    symlinkSync(join(packageRoot, 'node_modules'), join(root, 'node_modules'));
+    writeFileSync(
+      join(root, 'load.ts'),
+      "import { loadBinding } from './lib/native/binding.js';\ntry { loadBinding(); } catch (e) { console.log((e as Error).message); }\n",
+    );
+    const r = spawnSync(process.execPath, ['--import', 'tsx', join(root, 'load.ts')], { cwd: root, encoding: 'utf8' });
+    rmSync(root, { recursive: true }); // the node_modules link goes, not what it points at
+    expect(r.stdout).toContain(
+      `No compiled addon for this platform (searched ${join(root, 'build', 'Release')} and ${join(root, 'prebuilds')}).`,
+    );
   });
 
   it('loads where the addon cannot be constructed directly: DeviceBuffer needs CudaDevice.alloc', () => {

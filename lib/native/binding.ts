@@ -319,7 +319,7 @@ function explain(error: Error, searched: string): string {
   return lines.join('\n');
 }
 
-/** Loads the addon once: TANDEM_ADDON, then prebuilds/ and build/Release via node-gyp-build. */
+/** Loads the addon once: TANDEM_ADDON, else build/Release (a local build) then prebuilds/, as node-gyp-build tries them. */
 export function loadBinding(): { binding: RawBinding; path: string } {
   if (cached) return cached;
   const require = createRequire(import.meta.url);
@@ -337,7 +337,7 @@ export function loadBinding(): { binding: RawBinding; path: string } {
     }
   } catch (error) {
     if (error instanceof NativeLoadError) throw error;
-    const searched = override ?? `${join(packageRoot, 'prebuilds')} and ${join(packageRoot, 'build', 'Release')}`;
+    const searched = override ?? `${join(packageRoot, 'build', 'Release')} and ${join(packageRoot, 'prebuilds')}`;
     throw new NativeLoadError(explain(error as Error, searched), { cause: error });
   }
   return cached;
