@@ -133,6 +133,18 @@ export class Router implements GenerationBackend {
     s.prefill = undefined;
   }
 
+  /**
+   * The request ended on its decode worker's side (it failed there, or the worker is gone). A remote prefill
+   * still running for it is of no use: its prefill worker is told to stop.
+   */
+  private fail(requestId: string, error: Error): void {
+    this.push(requestId, (s) => {
+      s.error = error;
+      s.done = true;
+      if (s.prefill) this.send(s.prefill, { type: 'abort', requestId });
+    });
+  }
+
   private push(requestId: string, update: (s: Stream) => void): void {
     const s = this.streams.get(requestId);
     if (!s) return;
@@ -154,10 +166,7 @@ export class Router implements GenerationBackend {
         });
         return;
       case 'failed':
-        this.push(m.requestId, (s) => {
-          s.error = new WorkerRequestError(m.code, `${from}: ${m.message}`);
-          s.done = true;
-        });
+        this.fail(m.requestId, new WorkerRequestError(m.code, `${from}: ${m.message}`));
         return;
       case 'needPrefill': {
         const s = this.streams.get(m.requestId);
@@ -211,10 +220,7 @@ export class Router implements GenerationBackend {
   private workerGone(name: string, reason: string): void {
     for (const [requestId, s] of this.streams) {
       if (s.worker === name) {
-        this.push(requestId, (st) => {
-          st.error = new WorkerRequestError('TANDEM_WORKER_GONE', `worker ${name} stopped (${reason})`);
-          st.done = true;
-        });
+        this.fail(requestId, new WorkerRequestError('TANDEM_WORKER_GONE', `worker ${name} stopped (${reason})`));
       } else if (s.prefill === name) {
         this.prefillEnded(requestId, false, `prefill worker ${name} stopped (${reason})`);
       }

@@ -1,10 +1,14 @@
 import type { Deployment } from '../../lib/serve/launcher.js';
 
-/** One sample of a deployment's /metrics, by its name and labels as printed (NaN when absent). */
-export async function metric(d: Deployment, name: string): Promise<number> {
-  const text = await (await fetch(`${d.frontend.url}/metrics`)).text();
+/** One sample of a Prometheus text exposition, by its name and labels as printed, or their start (NaN when absent). */
+export function sample(text: string, name: string): number {
   const line = text.split('\n').find((l) => l.startsWith(name));
   return line ? Number(line.split(' ').pop()) : NaN;
+}
+
+/** One sample of a deployment's /metrics, as `sample` finds it. */
+export async function metric(d: Deployment, name: string): Promise<number> {
+  return sample(await (await fetch(`${d.frontend.url}/metrics`)).text(), name);
 }
 
 /** Remote and local prefills counted so far. */
