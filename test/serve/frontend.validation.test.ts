@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { byteTextTokenizer } from '../../lib/engine/tokenizer.js';
+import { byteTextTokenizer, type ChatMessage } from '../../lib/engine/tokenizer.js';
 import {
   checkChatRequest,
   checkCompletionRequest,
@@ -187,28 +187,30 @@ describe('request rules at their boundaries', () => {
   });
 
   it('parameters Tandem does not implement: accepted at their no-op value, else unsupported_value', () => {
-    const cases: [string, unknown, unknown, ('chat' | 'completions')[]][] = [
-      ['n', 1, 2, ['chat', 'completions']],
-      ['best_of', 1, 2, ['completions']],
-      ['presence_penalty', 0, 0.5, ['chat', 'completions']],
-      ['frequency_penalty', 0, -0.5, ['chat', 'completions']],
-      ['repetition_penalty', 1, 1.1, ['chat', 'completions']],
-      ['min_p', 0, 0.1, ['chat', 'completions']],
-      ['logit_bias', {}, { '5': 10 }, ['chat', 'completions']],
-      ['use_beam_search', false, true, ['chat', 'completions']],
-      ['echo', false, true, ['completions']],
-      ['suffix', '', 'tail', ['completions']],
-      ['tools', [], [{ type: 'function', function: { name: 'f' } }], ['chat']],
-      ['response_format', { type: 'text' }, { type: 'json_object' }, ['chat']],
+    // [param, no-op value, a value that is refused, the no-op as the message names it, endpoints]
+    const cases: [string, unknown, unknown, string, ('chat' | 'completions')[]][] = [
+      ['n', 1, 2, 'n=1', ['chat', 'completions']],
+      ['best_of', 1, 2, 'best_of=1', ['completions']],
+      ['presence_penalty', 0, 0.5, '0', ['chat', 'completions']],
+      ['frequency_penalty', 0, -0.5, '0', ['chat', 'completions']],
+      ['repetition_penalty', 1, 1.1, '1', ['chat', 'completions']],
+      ['min_p', 0, 0.1, '0', ['chat', 'completions']],
+      ['logit_bias', {}, { '5': 10 }, 'an empty object', ['chat', 'completions']],
+      ['use_beam_search', false, true, 'false', ['chat', 'completions']],
+      ['echo', false, true, 'false', ['completions']],
+      ['suffix', '', 'tail', 'empty', ['completions']],
+      ['tools', [], [{ type: 'function', function: { name: 'f' } }], 'an empty list', ['chat']],
+      ['response_format', { type: 'text' }, { type: 'json_object' }, '{"type": "text"}', ['chat']],
     ];
-    for (const [param, noOp, value, endpoints] of cases)
+    for (const [param, noOp, value, noOpText, endpoints] of cases)
       for (const endpoint of endpoints) {
         const check = endpoint === 'chat' ? chat : completion;
         expect(() => check({ [param]: noOp }), `${endpoint} ${param}`).not.toThrow();
         expect(() => check({ [param]: null }), `${endpoint} ${param}`).not.toThrow();
         const e = refused(() => check({ [param]: value }), param, 'unsupported_value');
-        expect(e.message).toMatch(/not supported/);
+        expect(e.message).toBe(`${param} is not supported (only ${noOpText})`);
       }
+    refused(() => chat({ response_format: {} }), 'response_format.type');
     // Out of OpenAI's range is invalid, not merely unsupported.
     refused(() => completion({ presence_penalty: 2.5 }), 'presence_penalty');
     refused(() => completion({ n: 0 }), 'n');
@@ -232,5 +234,109 @@ describe('request rules at their boundaries', () => {
     refused(() => checkChatRequest(model, { messages }), 'model');
     // Fields no rule names are ignored, as OpenAI-compatible servers do.
     expect(completion({ frobnicate: { deep: [1, 2] }, user: 'u' }).promptIds).toEqual([1, 2, 3]);
+  });
+});
+
+describe('what a client reads back', () => {
+  it('each refusal says what is wrong and what would do', () => {
+    const room = CONTEXT - 3;
+    type Case = [check: () => CheckedRequest, param: string | null, message: string];
+    const cases: Case[] = [
+      ...[null, [{ model: model.name }], 'text', 5].map((body): Case => [
+        () => checkCompletionRequest(model, body),
+        null,
+        'the request body must be a JSON object',
+      ]),
+      [() => checkChatRequest(model, { messages }), 'model', 'model: is required'],
+      [() => completion({ prompt: [] }), 'prompt', 'the prompt is empty'],
+      [() => completion({ prompt: [[]] }), 'prompt', 'the prompt is empty'],
+      [() => completion({ prompt: ['a', 'b'] }), 'prompt', 'one prompt per request is supported'],
+      [
+        () => completion({ prompt: { ids: [1] } }),
+        'prompt',
+        'prompt: must be a string, a list of strings, a list of token ids or a list of lists of token ids',
+      ],
+      [
+        () => chat({ messages: [{ role: 'user', content: [{ text: 'Hi' }] }] }),
+        'messages[0].content',
+        'messages[0].content: must be a string or a list of content parts',
+      ],
+      [
+        () => chat({ messages: [{ role: 'user', content: [{ type: 'image_url' }] }] }),
+        'messages[0].content[0]',
+        'messages[0].content[0]: only text content parts are supported',
+      ],
+      [
+        () => completion({ stop: ['a', 'b', 'c', 'd', 'e'] }),
+        'stop',
+        'stop: must be a string or a list of at most 4 strings',
+      ],
+      [() => completion({ stop: ['a', ''] }), 'stop', 'stop strings must not be empty'],
+      [() => completion({ stream_options: {} }), 'stream_options', 'stream_options is only allowed with stream: true'],
+      [() => chat({ top_logprobs: 2 }), 'top_logprobs', 'top_logprobs needs logprobs: true'],
+      [
+        () => chat({ max_tokens: 1, max_completion_tokens: 1 }),
+        'max_tokens',
+        'set max_tokens or max_completion_tokens, not both',
+      ],
+      [
+        () => completion({ prompt: ids(CONTEXT) }),
+        'prompt',
+        `This model's maximum context length is ${CONTEXT} tokens. However, your prompt is ${CONTEXT} tokens, ` +
+          'which leaves no room for a completion.',
+      ],
+      [
+        () => completion({ max_tokens: room + 1 }),
+        'max_tokens',
+        `This model's maximum context length is ${CONTEXT} tokens. However, you requested ${CONTEXT + 1} tokens ` +
+          `(3 in the prompt, ${room + 1} in the completion). Please reduce the prompt or the completion length.`,
+      ],
+    ];
+    for (const [check, param, message] of cases) expect(refusal(check), message).toMatchObject({ param, message });
+    // A value of the wrong type is not reported as missing.
+    expect(refusal(() => completion({ model: 5 })).message).toMatch(/^model: .*expected string, received number/);
+  });
+
+  it('an unknown model: 404 not_found_error naming the model served', () => {
+    const e = refusal(() => completion({ model: 'gpt-4' }));
+    expect(e.body().error).toEqual({
+      message: "The model 'gpt-4' does not exist (this server serves 'dummy:tiny')",
+      type: 'not_found_error',
+      param: 'model',
+      code: 'model_not_found',
+    });
+  });
+
+  it('the checked request: endpoint, a fresh id of the endpoint, streaming and usage', () => {
+    const a = completion({});
+    const b = completion({});
+    expect(a).toMatchObject({ endpoint: 'completions', stream: false, includeUsage: false });
+    expect(a.id).toMatch(/^cmpl-[0-9a-f]{32}$/);
+    expect(b.id).not.toBe(a.id);
+    expect(completion({ stream: true })).toMatchObject({ stream: true, includeUsage: false });
+    expect(completion({ stream: true, stream_options: { include_usage: false } }).includeUsage).toBe(false);
+    const c = chat({});
+    expect(c.endpoint).toBe('chat');
+    expect(c.id).toMatch(/^chatcmpl-[0-9a-f]{32}$/);
+  });
+
+  it('chat messages: every role, text parts joined, null content as empty', () => {
+    const promptOf = (m: { role: string; content: string }[]) =>
+      tokenizer.encode(tokenizer.applyChatTemplate(m as ChatMessage[], { addGenerationPrompt: true }), {
+        addBos: false,
+      });
+    for (const role of ['system', 'developer', 'user', 'assistant', 'tool']) {
+      const turn = [{ role, content: 'x' }];
+      expect(chat({ messages: turn }).promptIds, role).toEqual(promptOf(turn));
+    }
+    refused(() => chat({ messages: [{ role: 'robot', content: 'Hi' }] }), 'messages[0].role');
+    const parts = [
+      { type: 'text', text: 'H' },
+      { type: 'text', text: 'i' },
+    ];
+    expect(chat({ messages: [{ role: 'user', content: parts }] }).promptIds).toEqual(promptOf(messages));
+    // An assistant turn that only called tools has no content.
+    const turns = [...messages, { role: 'assistant', content: null }];
+    expect(chat({ messages: turns }).promptIds).toEqual(promptOf([...messages, { role: 'assistant', content: '' }]));
   });
 });
