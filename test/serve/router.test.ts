@@ -40,8 +40,8 @@ class Harness {
   readonly router: Router;
   private next = 0;
 
-  constructor(mode: ServingMode = 'disagg', metrics: ServeMetrics | undefined = new ServeMetrics()) {
-    this.metrics = metrics;
+  constructor(mode: ServingMode = 'disagg', { withMetrics = true } = {}) {
+    this.metrics = withMetrics ? new ServeMetrics() : undefined;
     this.router = new Router(
       this.controlPlane,
       (to, message) => {
@@ -515,7 +515,7 @@ describe('abort', () => {
 
 describe('without metrics (they are optional)', () => {
   it('relays, counts and frees the same', async () => {
-    h = new Harness('disagg', undefined);
+    h = new Harness('disagg', { withMetrics: false });
     h.add('d0', 'decode');
     h.add('p0', 'prefill');
     h.add('p1', 'prefill');
