@@ -20,16 +20,24 @@ export const mutationModules = {
     testFiles: ['test/serve/disagg.test.ts'],
     breakBelow: 80,
   },
+  // Its unit tests, with fake workers in this process (the end-to-end test's workers run in other processes, where no
+  // mutant is active, and take minutes per mutant).
   router: {
     mutate: ['lib/serve/router.ts'],
-    testFiles: ['test/serve/e2e.test.ts'],
-    breakBelow: null,
+    testFiles: ['test/serve/router.test.ts'],
+    breakBelow: 80,
   },
-  // Request validation: the schemas and parseBody, lines 101-162 of frontend.ts until they move to their own file.
+  // Request validation: the schemas and the rules that turn a body into a checked request. Its boundary tests, and
+  // the frontend tests that reach it over HTTP (not the fuzz test: minutes per mutant).
   validation: {
-    mutate: ['lib/serve/frontend.ts:101-162'],
-    testFiles: ['test/serve/frontend.test.ts'],
-    breakBelow: null,
+    mutate: ['lib/frontend/request.ts'],
+    testFiles: [
+      'test/serve/frontend.validation.test.ts',
+      'test/serve/frontend.test.ts',
+      'test/serve/frontend.http.test.ts',
+      'test/serve/frontend.engine.test.ts',
+    ],
+    breakBelow: 80,
   },
 };
 
