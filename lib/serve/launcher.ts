@@ -65,6 +65,8 @@ export interface DeploymentOptions {
   /** Where log lines go (default: stdout). */
   log?: (line: string) => void;
   heartbeatMs?: number;
+  /** How long a decode worker waits for a remote prefill before serving the request itself (default 30 s). */
+  remotePrefillTimeoutMs?: number;
   /** Seed of `dummy:` weights, the same in every worker. */
   seed?: number;
   /** Restart crashed workers (default true). */
@@ -257,6 +259,9 @@ function workerInits(graph: DeploymentGraph, options: DeploymentOptions): Worker
         ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
         thresholds: graph.disaggregation,
         heartbeatMs: options.heartbeatMs ?? 1000,
+        ...(options.remotePrefillTimeoutMs !== undefined
+          ? { remotePrefillTimeoutMs: options.remotePrefillTimeoutMs }
+          : {}),
       });
     }
   }

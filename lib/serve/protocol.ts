@@ -38,6 +38,8 @@ export interface WorkerInit {
   maxSequences?: number;
   thresholds: DisaggregationThresholds;
   heartbeatMs: number;
+  /** How long a decode worker waits for a remote prefill before serving the request itself (REMOTE_PREFILL_TIMEOUT_MS). */
+  remotePrefillTimeoutMs?: number;
 }
 
 /** What a worker tells the control plane about itself when it registers. */
@@ -117,6 +119,8 @@ export type FromWorker =
       error?: string;
     }
   | { type: 'localPrefill'; requestId: string }
+  /** The decode worker served the request itself (its remote prefill timed out): the prefill worker may stop. */
+  | { type: 'abandonPrefill'; requestId: string }
   /** The worker could not start (its model, device or KV pool); `code` is the error's (TANDEM_BAD_MODEL, ...). */
   | { type: 'fatal'; code: string; message: string };
 

@@ -26,6 +26,12 @@ interface Stream {
 export class Router implements GenerationBackend {
   private readonly streams = new Map<string, Stream>();
   private readonly inflight = new Map<string, number>();
+  /**
+   * Remote prefills still running for requests that have ended (served by their decode worker after a timeout,
+   * failed there, or left by their client): the decode worker keeps the blocks it lent until the prefill
+   * worker's answer, which is relayed to it from here (or until that worker is gone).
+   */
+  private readonly owedPrefills = new Map<string, { decode: string; prefill: string }>();
 
   constructor(
     private readonly controlPlane: ControlPlane,
@@ -129,6 +135,7 @@ export class Router implements GenerationBackend {
     if (s.prefill) {
       this.count(s.prefill, -1);
       this.metrics?.setPrefillQueueDepth(this.prefillQueueDepth());
+      this.owedPrefills.set(requestId, { decode: s.worker, prefill: s.prefill });
     }
     s.prefill = undefined;
   }
@@ -188,13 +195,25 @@ export class Router implements GenerationBackend {
         if (!ok) this.prefillEnded(m.requestId, false, 'prefill worker unreachable');
         return;
       }
-      case 'prefillDone':
+      case 'prefillDone': {
         if (m.ok) {
           this.metrics?.kvTransfer(m.bytes, (m.transferMs ?? m.ms) / 1000, m.ms / 1000);
           this.metrics?.prefill('remote');
         }
-        this.prefillEnded(m.requestId, m.ok, m.error ?? '');
+        const owed = this.owedPrefills.get(m.requestId);
+        if (owed) {
+          // The request ended first; its decode worker keeps the blocks it lent until it hears the prefill
+          // worker is done with them (a prefill that succeeded tells it itself, with its KV notification).
+          this.owedPrefills.delete(m.requestId);
+          if (!m.ok) this.send(owed.decode, { type: 'prefillFailed', requestId: m.requestId, reason: m.error ?? '' });
+        } else this.prefillEnded(m.requestId, m.ok, m.error ?? '');
         return;
+      }
+      case 'abandonPrefill': {
+        const s = this.streams.get(m.requestId);
+        if (s?.prefill) this.send(s.prefill, { type: 'abort', requestId: m.requestId });
+        return;
+      }
       case 'localPrefill':
         this.metrics?.prefill('local');
         return;
@@ -218,6 +237,15 @@ export class Router implements GenerationBackend {
   }
 
   private workerGone(name: string, reason: string): void {
+    for (const [requestId, owed] of this.owedPrefills) {
+      if (owed.prefill === name)
+        this.send(owed.decode, {
+          type: 'prefillFailed',
+          requestId,
+          reason: `prefill worker ${name} stopped (${reason})`,
+        });
+      if (owed.prefill === name || owed.decode === name) this.owedPrefills.delete(requestId);
+    }
     for (const [requestId, s] of this.streams) {
       if (s.worker === name) {
         this.fail(requestId, new WorkerRequestError('TANDEM_WORKER_GONE', `worker ${name} stopped (${reason})`));

@@ -40,12 +40,21 @@ function errorMessage(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
+/**
+ * A request whose prompt a prefill worker computes into `blockIds` of this worker's pool. Those blocks stay
+ * reserved until that worker is done with them: its KV and notification have landed (onNotice), or the router
+ * says it is done without them (prefillFailed: it failed, stopped when told to, or is gone; relayed also after
+ * the request has ended). Released earlier, a late WRITE would land in blocks another request holds by then.
+ */
 interface PendingRemote {
   promptIds: number[];
   sampling: SamplingParams;
   blockIds: Int32Array;
   timer: NodeJS.Timeout;
+  /** The client went away: nothing is served when the prefill answers. */
   aborted: boolean;
+  /** Served here instead (the remote prefill timed out): the answer only gives the blocks back. */
+  abandoned: boolean;
 }
 
 class Worker {
@@ -101,14 +110,23 @@ class Worker {
     try {
       this.dispatch(message);
     } catch (error) {
-      this.requestFailed('requestId' in message ? message.requestId : undefined, message.type, error);
+      // A prefill that cannot start is answered as failed, so that its decode worker serves the request itself.
+      if (message.type === 'prefill')
+        send({
+          type: 'prefillDone',
+          requestId: message.requestId,
+          ok: false,
+          bytes: 0,
+          ms: 0,
+          error: errorMessage(error),
+        });
+      else this.requestFailed('requestId' in message ? message.requestId : undefined, message.type, error);
     }
   }
 
   /**
-   * A request failed before it had a stream: its remote prefill (if any) is forgotten and its blocks given
-   * back, and the router hears of it (`failed`, or `prefillDone` not ok for a prefill, so that the decode
-   * worker falls back to its own prefill).
+   * A request failed before it had a stream, and the router hears of it (`failed`). A remote prefill still pending for it is
+   * abandoned: its prefill worker is asked to stop, and its blocks wait for that worker's answer.
    */
   private requestFailed(requestId: string | undefined, what: string, error: unknown): void {
     if (requestId === undefined) {
@@ -116,14 +134,12 @@ class Worker {
       return;
     }
     const p = this.remote.get(requestId);
-    if (p) {
-      this.remote.delete(requestId);
+    if (p && !p.abandoned) {
       clearTimeout(p.timer);
-      this.model.engine.releaseBlocks(p.blockIds);
+      p.abandoned = true;
+      send({ type: 'abandonPrefill', requestId });
     }
-    if (what === 'prefill')
-      send({ type: 'prefillDone', requestId, ok: false, bytes: 0, ms: 0, error: errorMessage(error) });
-    else send({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
+    send({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
   }
 
   private dispatch(message: ToWorker): void {
@@ -158,11 +174,11 @@ class Worker {
         void this.prefill(message);
         return;
       case 'prefillFailed': {
+        // The prefill worker is done with this request's blocks, having written nothing we wait for.
         const p = this.remote.get(message.requestId);
         if (!p) return;
-        this.remote.delete(message.requestId);
-        clearTimeout(p.timer);
-        this.model.engine.releaseBlocks(p.blockIds);
+        this.prefillEnded(message.requestId, p);
+        if (p.abandoned) return; // already served here
         if (p.aborted) return this.finishAborted(message.requestId);
         send({ type: 'localPrefill', requestId: message.requestId });
         this.stream(message.requestId, this.model.engine.addRequest(this.request(message.requestId, p)));
@@ -175,6 +191,27 @@ class Worker {
       case 'shutdown':
         return;
     }
+  }
+
+  /** The prefill worker is done with `p`'s blocks: they come back to the pool. */
+  private prefillEnded(requestId: string, p: PendingRemote): void {
+    this.remote.delete(requestId);
+    clearTimeout(p.timer);
+    this.model.engine.releaseBlocks(p.blockIds);
+  }
+
+  /**
+   * The remote prefill did not answer in time: this worker serves the request itself (new blocks), asks the
+   * prefill worker to stop, and keeps the blocks it lent until that worker answers or leaves.
+   */
+  private remotePrefillTimedOut(requestId: string): void {
+    const p = this.remote.get(requestId);
+    if (!p || p.abandoned) return;
+    p.abandoned = true;
+    send({ type: 'abandonPrefill', requestId });
+    if (p.aborted) return this.finishAborted(requestId);
+    send({ type: 'localPrefill', requestId });
+    this.stream(requestId, this.model.engine.addRequest(this.request(requestId, p)));
   }
 
   private request(requestId: string, r: { promptIds: number[]; sampling: SamplingParams }) {
@@ -202,10 +239,13 @@ class Worker {
           this.init.thresholds,
         );
         if (remote) {
-          const timer = setTimeout(
-            () => this.handle({ type: 'prefillFailed', requestId: m.requestId, reason: 'timed out' }),
-            REMOTE_PREFILL_TIMEOUT_MS,
-          );
+          const timer = setTimeout(() => {
+            try {
+              this.remotePrefillTimedOut(m.requestId);
+            } catch (error) {
+              this.requestFailed(m.requestId, 'generate', error);
+            }
+          }, this.init.remotePrefillTimeoutMs ?? REMOTE_PREFILL_TIMEOUT_MS);
           timer.unref();
           this.remote.set(m.requestId, {
             promptIds: m.promptIds,
@@ -213,6 +253,7 @@ class Worker {
             blockIds: alloc.blockIds,
             timer,
             aborted: false,
+            abandoned: false,
           });
           send({
             type: 'needPrefill',
@@ -244,9 +285,9 @@ class Worker {
     const p = this.remote.get(notice.requestId);
     if (!p) return;
     clearTimeout(p.timer);
+    if (p.abandoned) return this.prefillEnded(notice.requestId, p); // served here meanwhile
     if (p.aborted) {
-      this.remote.delete(notice.requestId);
-      this.model.engine.releaseBlocks(p.blockIds);
+      this.prefillEnded(notice.requestId, p);
       return this.finishAborted(notice.requestId);
     }
     let handle: RequestHandle;
@@ -258,7 +299,8 @@ class Worker {
         notice.logprobs,
       );
     } catch (error) {
-      return this.requestFailed(notice.requestId, 'decode', error); // gives its blocks back
+      this.prefillEnded(notice.requestId, p); // the prefill worker is done with them: its data has landed
+      return this.requestFailed(notice.requestId, 'decode', error);
     }
     // From here the engine owns the blocks.
     this.remote.delete(notice.requestId);
@@ -301,7 +343,14 @@ class Worker {
     const t0 = performance.now();
     const target = this.peers.get(m.target.worker);
     const fail = (error: string) =>
-      send({ type: 'prefillDone', requestId: m.requestId, ok: false, bytes: 0, ms: performance.now() - t0, error });
+      send({
+        type: 'prefillDone',
+        requestId: m.requestId,
+        ok: false,
+        bytes: 0,
+        ms: performance.now() - t0,
+        error,
+      });
     if (!target) return fail(`decode worker ${m.target.worker} is not known here`);
     this.prefilling.add(m.requestId);
     let blocks: Int32Array | undefined;
@@ -339,7 +388,14 @@ class Worker {
         await this.agent.notify(target.agentName, encodePrefillNotice(notice));
       }
       const now = performance.now();
-      send({ type: 'prefillDone', requestId: m.requestId, ok: true, bytes, ms: now - t0, transferMs: now - sent });
+      send({
+        type: 'prefillDone',
+        requestId: m.requestId,
+        ok: true,
+        bytes,
+        ms: now - t0,
+        transferMs: now - sent,
+      });
     } catch (error) {
       fail(errorMessage(error));
     } finally {

@@ -351,6 +351,45 @@ describe('remote prefill relay', () => {
     h.from('p0', { type: 'prefillDone', requestId: r.requestId, ok: true, bytes: 1, ms: 1 });
     expect(h.start().generate.prefill).toEqual({ worker: 'p0', queueDepth: 0, workers: 2 });
   });
+
+  it('abandonPrefill (the decode worker served the request itself): the prefill worker is told to abort', () => {
+    h = new Harness();
+    h.add('d0', 'decode');
+    h.add('p0', 'prefill');
+    const r = h.start();
+    const local = h.start();
+    h.needPrefill('d0', r.requestId, 'p0');
+    h.from('d0', { type: 'abandonPrefill', requestId: r.requestId });
+    h.from('d0', { type: 'abandonPrefill', requestId: local.requestId }); // no remote prefill: nothing to stop
+    expect(h.all('abort')).toEqual([{ to: 'p0', message: { type: 'abort', requestId: r.requestId } }]);
+  });
+
+  it('a prefill still running when its request ends: its failure still reaches the decode worker (which keeps the blocks it lent until then), once', async () => {
+    h = new Harness();
+    h.add('d0', 'decode');
+    h.add('p0', 'prefill');
+    const [failed, succeeded, orphaned] = [h.start(), h.start(), h.start()];
+    for (const r of [failed, succeeded, orphaned]) {
+      h.needPrefill('d0', r.requestId, 'p0');
+      h.finish('d0', r.requestId); // served by the decode worker itself after a timeout
+      await drain(r.chunks);
+    }
+    expect(await h.metric(QUEUE)).toBe(0);
+    h.from('p0', { type: 'prefillDone', requestId: failed.requestId, ok: false, bytes: 0, ms: 1, error: 'aborted' });
+    h.from('p0', { type: 'prefillDone', requestId: failed.requestId, ok: false, bytes: 0, ms: 1, error: 'again' });
+    // A prefill that succeeded tells the decode worker itself, with its KV notification.
+    h.from('p0', { type: 'prefillDone', requestId: succeeded.requestId, ok: true, bytes: 1, ms: 1 });
+    expect(h.to('d0', 'prefillFailed')).toEqual([
+      { type: 'prefillFailed', requestId: failed.requestId, reason: 'aborted' },
+    ]);
+    // The prefill worker leaves before answering: the decode worker hears that too.
+    h.controlPlane.remove('p0', 'SIGKILL');
+    expect(h.to('d0', 'prefillFailed')).toEqual([
+      { type: 'prefillFailed', requestId: failed.requestId, reason: 'aborted' },
+      { type: 'prefillFailed', requestId: orphaned.requestId, reason: 'prefill worker p0 stopped (SIGKILL)' },
+    ]);
+    expect(await h.metric(REMOTE)).toBe(1);
+  });
 });
 
 describe('streams', () => {
