@@ -361,6 +361,7 @@ describe('remote prefill relay', () => {
     h.needPrefill('d0', r.requestId, 'p0');
     h.from('d0', { type: 'abandonPrefill', requestId: r.requestId });
     h.from('d0', { type: 'abandonPrefill', requestId: local.requestId }); // no remote prefill: nothing to stop
+    h.from('d0', { type: 'abandonPrefill', requestId: 'unknown' }); // a request that has ended: nothing either
     expect(h.all('abort')).toEqual([{ to: 'p0', message: { type: 'abort', requestId: r.requestId } }]);
   });
 
@@ -389,6 +390,44 @@ describe('remote prefill relay', () => {
       { type: 'prefillFailed', requestId: orphaned.requestId, reason: 'prefill worker p0 stopped (SIGKILL)' },
     ]);
     expect(await h.metric(REMOTE)).toBe(1);
+    // Relayed once: a late answer from a worker of the same name changes nothing.
+    h.add('p0', 'prefill');
+    h.from('p0', { type: 'prefillDone', requestId: orphaned.requestId, ok: false, bytes: 0, ms: 1 });
+    expect(h.to('d0', 'prefillFailed')).toHaveLength(2);
+  });
+
+  it('owed answers: only the prefill worker that left is answered for; a decode worker that left is told nothing', async () => {
+    h = new Harness();
+    h.add('d0', 'decode');
+    h.add('d1', 'decode');
+    h.add('p0', 'prefill');
+    h.add('p1', 'prefill');
+    const [onP0, onP1] = [h.start(), h.start()]; // d0, d1
+    const onD0 = h.start(); // d0 again, with p0
+    expect([onP0.worker, onP1.worker, onD0.worker]).toEqual(['d0', 'd1', 'd0']);
+    h.needPrefill('d0', onP0.requestId, 'p0');
+    h.needPrefill('d1', onP1.requestId, 'p1');
+    h.needPrefill('d0', onD0.requestId, 'p0');
+    for (const r of [onP0, onP1, onD0]) {
+      h.finish(r.worker, r.requestId);
+      await drain(r.chunks);
+    }
+    h.controlPlane.remove('p1', 'SIGKILL');
+    expect(h.all('prefillFailed')).toEqual([
+      {
+        to: 'd1',
+        message: { type: 'prefillFailed', requestId: onP1.requestId, reason: 'prefill worker p1 stopped (SIGKILL)' },
+      },
+    ]);
+    // p0's answers are still owed to d0 ...
+    h.from('p0', { type: 'prefillDone', requestId: onP0.requestId, ok: false, bytes: 0, ms: 1, error: 'stopped' });
+    expect(h.to('d0', 'prefillFailed')).toEqual([
+      { type: 'prefillFailed', requestId: onP0.requestId, reason: 'stopped' },
+    ]);
+    // ... until d0 itself is gone.
+    h.controlPlane.remove('d0', 'SIGKILL');
+    h.from('p0', { type: 'prefillDone', requestId: onD0.requestId, ok: false, bytes: 0, ms: 1 });
+    expect(h.all('prefillFailed')).toHaveLength(2);
   });
 });
 
