@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { describe, expect, it, vi } from 'vitest';
+import { capabilities } from '../lib/capabilities/index.js';
 import { packageRoot } from '../lib/native/paths.js';
 import { runTs } from './helpers/cli.js';
 
@@ -20,6 +21,7 @@ const alive = (pid: number) => {
   }
 };
 const FIXTURE = join(packageRoot, 'test/fixtures/hf-tiny-llama');
+const cudaAvailable = (await capabilities()).cuda.available;
 const GONE = { timeout: 20_000, interval: 50 };
 
 interface Serving {
@@ -180,6 +182,37 @@ describe('tandem start / serve / generate', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   }, 90_000);
+
+  // A worker that cannot start (CUDA asked for on a machine without it) while the other still loads its model
+  // (dummy:llama-3.2-1b on the CPU takes seconds): the start fails at once, the loading worker is stopped, and
+  // the process exits. The loading worker's wait for its registration used to keep the process alive until the
+  // 120 s start timeout.
+  it.skipIf(cudaAvailable)(
+    'a worker that fails while another still loads: exit 1 without waiting for the start timeout',
+    () => {
+      const dir = mkdtempSync(join(tmpdir(), 'tandem-graph-'));
+      try {
+        const file = join(dir, 'graph.yaml');
+        writeFileSync(
+          file,
+          [
+            'model: dummy:llama-3.2-1b',
+            'mode: disagg',
+            'frontend: { host: 127.0.0.1, port: 0 }',
+            'pools:',
+            '  - { name: prefill, role: prefill, replicas: 1, device: cpu, engine: { numBlocks: 64, threads: 1 } }',
+            '  - { name: decode, role: decode, replicas: 1, device: cuda, engine: { numBlocks: 64 } }',
+          ].join('\n'),
+        );
+        const r = runTs('lib/cli/main.ts', ['serve', '-f', file], {}, 60_000);
+        expect(r.status, r.stdout + r.stderr).toBe(1);
+        expect(r.stderr).toMatch(/^tandem: worker decode-0 failed to start: CUDA unavailable: .*\n$/);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    },
+    90_000,
+  );
 
   it('a busy port: one line naming it, exit 1, before any worker starts', async () => {
     const holder = createServer();

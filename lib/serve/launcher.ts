@@ -364,13 +364,13 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       (code, signal) => {
         const everReady = wp.readyAt !== undefined;
         controlPlane.remove(init.name, `process exited (${signal ?? `code ${code}`})`);
-        if (stopping || wp.stopping) return;
         const how = signal ?? `code ${code}`;
-        if (!started) {
-          // Starting: no restarts; the start fails with this worker's error.
+        // Exited during the start before it registered: the start waits for it no longer (also while stopping:
+        // a start that failed on another worker stops this one, and its wait's timer must not hold the process).
+        if (!started && !everReady)
           wp.failStart(new WorkerStartError(init.name, `its process exited (${how}) before it registered`));
-          return;
-        }
+        if (stopping || wp.stopping) return;
+        if (!started) return; // starting: no restarts; the start fails with this worker's error
         log(`[launcher] ${init.name} exited unexpectedly (${how})`);
         if (options.restart === false) return;
         metrics.workerRestart(pool, exitReason(everReady, code, signal));
