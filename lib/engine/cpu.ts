@@ -9,11 +9,12 @@
  *   const logits = await runner.forward(batch);   // nseq x vocabSize
  *   await runner.dispose();                       // joins the threads
  */
-import { BadArgumentError, CheckpointError, native, nativeSync } from '../errors.js';
+import { BadArgumentError, native, nativeSync } from '../errors.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
 import { loadBinding, type RawCpuLlama } from '../native/binding.js';
-import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
+import { loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, dummyWeights, isDummyModel } from './model/dummy.js';
+import { checkCheckpointTensors, nativeManifest, weightManifest } from './model/manifest.js';
 import { openSafetensors } from './model/safetensors.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner } from './runner.js';
 
@@ -40,8 +41,9 @@ export interface LoadWeightsOptions {
 /**
  * The tensors a model of `config` needs, in checkpoint order, one at a time: from a safetensors checkpoint
  * (directory, file or index; BF16/F16/F32 converted to float32) or, for `dummy:<preset>`, seeded dummy weights.
- * A checkpoint tensor that is missing or has the wrong shape throws CheckpointError naming it; tensors the
- * config does not use (a tied model's lm_head.weight) are skipped.
+ * The checkpoint is checked against the weight manifest first (model/manifest.ts): a tensor missing, of the
+ * wrong shape, or not in the manifest throws CheckpointError naming it before any loads; a tied model's
+ * lm_head.weight is skipped.
  */
 export function* loadWeights(source: string, options: LoadWeightsOptions = {}): Generator<NamedTensor> {
   if (isDummyModel(source)) {
@@ -52,16 +54,9 @@ export function* loadWeights(source: string, options: LoadWeightsOptions = {}): 
   const config = options.config ?? loadModelConfig(source);
   const checkpoint = openSafetensors(source);
   try {
-    for (const spec of expectedTensors(config)) {
-      if (!checkpoint.has(spec.name))
-        throw new CheckpointError(`${source}: checkpoint has no tensor "${spec.name}", which this config needs`);
-      const shape = checkpoint.info(spec.name).shape;
-      if (shape.length !== spec.shape.length || shape.some((d, i) => d !== spec.shape[i]))
-        throw new CheckpointError(
-          `${source}: tensor "${spec.name}" has shape ${JSON.stringify(shape)}; the config needs ${JSON.stringify(spec.shape)}`,
-        );
-      yield { name: spec.name, data: checkpoint.tensorF32(spec.name) };
-    }
+    const manifest = weightManifest(config);
+    checkCheckpointTensors(manifest, checkpoint, source);
+    for (const spec of manifest) yield { name: spec.name, data: checkpoint.tensorF32(spec.name) };
   } finally {
     checkpoint.close();
   }
@@ -85,6 +80,7 @@ export function nativeModelFields(config: ModelConfig) {
     attentionBias: config.attentionBias,
     attentionOutputBias: config.attentionOutputBias,
     slidingWindow: config.slidingWindow || null,
+    tensors: nativeManifest(weightManifest(config)),
   };
 }
 

@@ -24,6 +24,9 @@ import {
   type WeightSource,
 } from './cpu.js';
 import { expectedTensors, type ModelConfig } from './model/config.js';
+import { dummyTensorRecipe, isDummyModel } from './model/dummy.js';
+import { tensorElements, weightManifest } from './model/manifest.js';
+import { ByteProgress, StartPhases, type StartLog } from './model/progress.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner, type SampledLogits, type SamplePlan } from './runner.js';
 
 /** Share of the GPU's free memory (after the weights) the KV pool takes when numBlocks is not given. */
@@ -58,6 +61,8 @@ export interface CudaModelRunnerOptions {
   cudaGraphs?: boolean;
   /** Called after each tensor is on the GPU: tensors done, tensors in all, its name. */
   onProgress?: (loaded: number, total: number, name: string) => void;
+  /** Start-up log: each phase's time and the weights' progress (model/progress.ts). */
+  log?: StartLog;
 }
 
 /** bf16 bytes of a config's weights (what the GPU runner allocates, give or take alignment). */
@@ -108,11 +113,13 @@ export class CudaModelRunner implements ModelRunner {
     checkInteger(where, 'blockSize', blockSize, 1);
     const given = options.device ?? 0;
     const ownsDevice = typeof given === 'number';
-    const device = typeof given === 'number' ? await CudaDevice.open(given) : given;
+    const phases = new StartPhases(options.log);
+    const device =
+      typeof given === 'number' ? await phases.run(`open CUDA device ${given}`, () => CudaDevice.open(given)) : given;
     let kvBuffer: DeviceBuffer | undefined;
     let raw: RawCudaLlama | undefined;
     try {
-      await device.loadKernels();
+      await phases.run('load kernels', () => device.loadKernels());
       const one = kvPool({
         layers: config.numLayers,
         kvHeads: config.numKvHeads,
@@ -150,7 +157,10 @@ export class CudaModelRunner implements ModelRunner {
         dtype: 'bf16',
         layout,
       });
-      kvBuffer = await device.alloc(pool.poolBytes);
+      kvBuffer = await phases.run(
+        `allocate KV pool (${numBlocks} blocks, ${(pool.poolBytes / 1e9).toFixed(1)} GB)`,
+        () => device.alloc(pool.poolBytes),
+      );
       const buffer = kvBuffer;
       raw = nativeSync(
         () =>
@@ -165,18 +175,38 @@ export class CudaModelRunner implements ModelRunner {
           }),
       );
       const model = raw;
-      await native(() => model.init());
-      let source = options.weights;
-      if (typeof source === 'string')
-        source = loadWeights(source, { config, seed: options.seed ?? DEFAULT_DUMMY_SEED });
-      else if (typeof source === 'function') source = source();
-      const total = expectedTensors(config).length;
+      await phases.run('cuBLAS and weight memory', () => native(() => model.init()));
+      const manifest = weightManifest(config);
+      const total = manifest.length;
       let loaded = 0;
-      for await (const tensor of source as AsyncIterable<NamedTensor> | Iterable<NamedTensor>) {
-        await native(() => model.setWeight(tensor.name, tensor.data));
-        options.onProgress?.(++loaded, total, tensor.name);
+      const source = options.weights;
+      if (typeof source === 'string' && isDummyModel(source)) {
+        // Generated in place by a kernel: the same values as the host generator, none of it crosses PCIe.
+        const seed = options.seed ?? DEFAULT_DUMMY_SEED;
+        const progress = new ByteProgress('generating dummy weights', model.weightBytes, options.log);
+        for (const t of manifest) {
+          await native(() => model.fillDummy(t.name, dummyTensorRecipe(config, seed, t.name)));
+          progress.add(tensorElements(t) * 2);
+          options.onProgress?.(++loaded, total, t.name);
+        }
+        progress.finish();
+      } else {
+        const tensors =
+          typeof source === 'string'
+            ? loadWeights(source, { config, seed: options.seed ?? DEFAULT_DUMMY_SEED })
+            : typeof source === 'function'
+              ? source()
+              : source;
+        const progress = new ByteProgress('loading weights', model.weightBytes, options.log);
+        for await (const tensor of tensors as AsyncIterable<NamedTensor> | Iterable<NamedTensor>) {
+          await native(() => model.setWeight(tensor.name, tensor.data));
+          progress.add(tensor.data.length * 2);
+          options.onProgress?.(++loaded, total, tensor.name);
+        }
+        progress.finish();
       }
       nativeSync(() => model.ready());
+      options.log?.(`GPU model runner ready in ${phases.elapsedMs().toFixed(0)} ms`);
       return new CudaModelRunner(model, config, pool, device, buffer, ownsDevice);
     } catch (error) {
       await raw?.dispose().catch(() => {});
@@ -198,6 +228,11 @@ export class CudaModelRunner implements ModelRunner {
    */
   get attentionKernels(): 'flash' | 'reference' {
     return this.raw.attentionKernels;
+  }
+
+  /** One weight tensor's bf16 bit patterns as the GPU holds them (tests compare them with the host's values). */
+  readWeightBf16(name: string): Promise<Uint16Array> {
+    return native(() => this.raw.readWeight(name));
   }
 
   /** bf16 bytes the weights take on the GPU. */

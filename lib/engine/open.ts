@@ -11,6 +11,7 @@ import { CudaModelRunner, DEFAULT_GPU_KV_FRACTION } from './cuda.js';
 import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
+import { StartPhases, type StartLog } from './model/progress.js';
 import { modelTokenizer, type TextTokenizer } from './tokenizer.js';
 
 /** Share of free host memory the CPU engine's KV pool takes when neither numBlocks nor kvCacheBytes is given. */
@@ -52,6 +53,11 @@ export interface OpenModelOptions {
   engine?: LlmEngineOptions;
   /** Called as weights load: tensors done, tensors in all. */
   onProgress?: (loaded: number, total: number, name: string) => void;
+  /**
+   * Start-up log: the time of each phase (config and tokenizer, device, kernels, KV pool, weights, engine) and
+   * throttled progress through the weights. A worker writes these lines to stderr.
+   */
+  log?: StartLog;
 }
 
 export interface OpenedModel {
@@ -97,8 +103,11 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   const device = options.device ?? 'auto';
   if (device !== 'cpu' && device !== 'cuda' && device !== 'auto')
     throw new BadArgumentError(`device must be cpu, cuda or auto (got ${String(device)})`);
-  const config = isDummyModel(model) ? dummyConfig(model) : loadModelConfig(model);
-  const tokenizer = modelTokenizer(model, config);
+  const phases = new StartPhases(options.log);
+  const { config, tokenizer } = await phases.run('config and tokenizer', () => {
+    const config = isDummyModel(model) ? dummyConfig(model) : loadModelConfig(model);
+    return { config, tokenizer: modelTokenizer(model, config) };
+  });
   const blockSize = options.blockSize ?? 16;
   const layout = options.layout ?? 'block-major';
   const blockBytes = kvPool({
@@ -151,6 +160,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
           weights: model,
           ...(options.seed !== undefined ? { seed: options.seed } : {}),
           ...(options.onProgress ? { onProgress: options.onProgress } : {}),
+          ...(options.log ? { log: options.log } : {}),
         });
       } catch (error) {
         if (device === 'cuda' || !(error instanceof BackendUnavailableError)) throw error;
@@ -160,20 +170,25 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   }
   if (!runner) {
     const kvBuffer = options.kvBuffer ?? options.kvBufferFor?.(spec);
-    runner = await CpuModelRunner.create({
-      config,
-      numBlocks,
-      blockSize,
-      layout,
-      ...(kvBuffer ? { kvBuffer } : {}),
-      ...(options.threads !== undefined ? { threads: options.threads } : {}),
-      weights: countingWeights(model, config, options.seed, options.onProgress),
-    });
+    runner = await phases.run('CPU model runner and weights', () =>
+      CpuModelRunner.create({
+        config,
+        numBlocks,
+        blockSize,
+        layout,
+        ...(kvBuffer ? { kvBuffer } : {}),
+        ...(options.threads !== undefined ? { threads: options.threads } : {}),
+        weights: countingWeights(model, config, options.seed, options.onProgress),
+      }),
+    );
   }
   const engine = new LlmEngine(runner, {
     detokenize: (ids) => tokenizer.decode(ids),
     ...options.engine,
   });
+  options.log?.(
+    `model ${model} open on ${runner instanceof CudaModelRunner ? 'cuda' : 'cpu'} in ${phases.elapsedMs().toFixed(0)} ms`,
+  );
   let disposed = false;
   const dispose = async () => {
     if (disposed) return;

@@ -198,6 +198,8 @@ export interface RawCpuLlamaOptions {
   attentionBias: boolean;
   attentionOutputBias: boolean;
   slidingWindow: number | null;
+  /** The weight manifest (lib/engine/model/manifest.ts's nativeManifest): each tensor's name, role and layer. */
+  tensors: { name: string; role: string; layer: number }[];
   numBlocks: number;
   blockSize: number;
   layout: 'block-major' | 'layer-major';
@@ -235,6 +237,13 @@ export interface RawCudaLlama {
   readonly disposed: boolean;
   init(): Promise<void>;
   setWeight(name: string, data: Float32Array): Promise<void>;
+  /** Generates a dummy tensor on the GPU (lib/engine/model/dummy.ts's DummyRecipe; native/kernels/dummy_init.cu). */
+  fillDummy(
+    name: string,
+    recipe: { kind: 'ones' } | { kind: 'uniform'; keys: [number, number, number]; width: number },
+  ): Promise<void>;
+  /** A tensor's bf16 bit patterns as the GPU holds them. */
+  readWeight(name: string): Promise<Uint16Array>;
   missingWeights(): string[];
   ready(): void;
   forward(...batch: RawForwardArgs): Promise<Float32Array>;

@@ -457,6 +457,7 @@ export async function runWorker(): Promise<void> {
       ...(init.gpu !== undefined ? { gpu: init.gpu } : {}),
       ...(init.kvCacheFraction !== undefined ? { kvCacheFraction: init.kvCacheFraction } : {}),
       seed: init.seed,
+      log: (line) => process.stderr.write(`tandem worker ${init.name}: ${line}\n`),
       blockSize: init.blockSize,
       ...(init.numBlocks !== undefined ? { numBlocks: init.numBlocks } : {}),
       ...(init.threads !== undefined ? { threads: init.threads } : {}),

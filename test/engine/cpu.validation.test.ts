@@ -4,7 +4,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CpuModelRunner, type NamedTensor } from '../../lib/engine/cpu.js';
-import { dummyConfig, dummyWeights } from '../../lib/engine/model/index.js';
+import { dummyConfig, dummyWeights, nativeManifest, weightManifest } from '../../lib/engine/model/index.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { BadArgumentError, DisposedError, TandemError } from '../../lib/errors.js';
 import { loadBinding } from '../../lib/native/binding.js';
@@ -149,6 +149,7 @@ describe('CpuModelRunner weights', () => {
     const { binding } = loadBinding();
     const raw = new binding.CpuLlama({
       ...config,
+      tensors: nativeManifest(weightManifest(config)),
       numBlocks: NUM_BLOCKS,
       blockSize: BLOCK_SIZE,
       layout: 'block-major',

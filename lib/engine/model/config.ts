@@ -5,6 +5,7 @@
 import { readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { ModelConfigError } from '../../errors.js';
+import { weightManifest } from './manifest.js';
 
 export const SUPPORTED_ARCHITECTURES = ['LlamaForCausalLM', 'Qwen2ForCausalLM', 'MistralForCausalLM'] as const;
 export type Architecture = (typeof SUPPORTED_ARCHITECTURES)[number];
@@ -304,31 +305,11 @@ export interface TensorSpec {
 
 /**
  * The tensors a checkpoint of this config holds, with Hugging Face names and shapes, in a fixed order
- * (embedding, layers 0..N-1, final norm, lm_head unless tied).
+ * (embedding, layers 0..N-1, final norm, lm_head unless tied): the weight manifest's names and shapes
+ * (./manifest.ts, which also gives each tensor's role, dtype and sharding rule).
  */
 export function expectedTensors(c: ModelConfig): TensorSpec[] {
-  const q = c.numHeads * c.headDim;
-  const kv = c.numKvHeads * c.headDim;
-  const out: TensorSpec[] = [{ name: 'model.embed_tokens.weight', shape: [c.vocabSize, c.hiddenSize] }];
-  for (let l = 0; l < c.numLayers; l++) {
-    const p = `model.layers.${l}.`;
-    out.push({ name: `${p}input_layernorm.weight`, shape: [c.hiddenSize] });
-    out.push({ name: `${p}self_attn.q_proj.weight`, shape: [q, c.hiddenSize] });
-    if (c.attentionBias) out.push({ name: `${p}self_attn.q_proj.bias`, shape: [q] });
-    out.push({ name: `${p}self_attn.k_proj.weight`, shape: [kv, c.hiddenSize] });
-    if (c.attentionBias) out.push({ name: `${p}self_attn.k_proj.bias`, shape: [kv] });
-    out.push({ name: `${p}self_attn.v_proj.weight`, shape: [kv, c.hiddenSize] });
-    if (c.attentionBias) out.push({ name: `${p}self_attn.v_proj.bias`, shape: [kv] });
-    out.push({ name: `${p}self_attn.o_proj.weight`, shape: [c.hiddenSize, q] });
-    if (c.attentionOutputBias) out.push({ name: `${p}self_attn.o_proj.bias`, shape: [c.hiddenSize] });
-    out.push({ name: `${p}post_attention_layernorm.weight`, shape: [c.hiddenSize] });
-    out.push({ name: `${p}mlp.gate_proj.weight`, shape: [c.intermediateSize, c.hiddenSize] });
-    out.push({ name: `${p}mlp.up_proj.weight`, shape: [c.intermediateSize, c.hiddenSize] });
-    out.push({ name: `${p}mlp.down_proj.weight`, shape: [c.hiddenSize, c.intermediateSize] });
-  }
-  out.push({ name: 'model.norm.weight', shape: [c.hiddenSize] });
-  if (!c.tieWordEmbeddings) out.push({ name: 'lm_head.weight', shape: [c.vocabSize, c.hiddenSize] });
-  return out;
+  return weightManifest(c).map(({ name, shape }) => ({ name, shape }));
 }
 
 /** Number of parameters (elements) in the checkpoint of this config. */

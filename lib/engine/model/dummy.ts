@@ -256,6 +256,21 @@ function stdOf(config: ModelConfig, spec: TensorSpec): number | 'ones' {
 }
 
 /**
+ * How a dummy tensor's values are made, as the GPU engine's kernel (native/kernels/dummy_init.cu) takes it:
+ * `ones`, or `uniform`: row r is xoshiro128** seeded with (keys[0], keys[1], keys[2], r), each draw u (24 bits)
+ * giving the float32 nearest to (u - 0.5) * width (computed in double). CPU and GPU compute the same values.
+ */
+export type DummyRecipe = { kind: 'ones' } | { kind: 'uniform'; keys: [number, number, number]; width: number };
+
+/** The recipe of one tensor of a dummy model (`dummyTensorRows` generates from it). */
+export function dummyTensorRecipe(config: ModelConfig, seed: number, name: string): DummyRecipe {
+  const [lo, hi] = seedKeys(seed);
+  const std = stdOf(config, specOf(config, name));
+  if (std === 'ones') return { kind: 'ones' };
+  return { kind: 'uniform', keys: [lo, hi, hashName(name)], width: 2 * Math.sqrt(3) * std }; // uniform on [-w/2, w/2) has standard deviation std
+}
+
+/**
  * Rows [rowStart, rowStart + rowCount) of a dummy tensor (a 1-D tensor is one row), as float32 values drawn
  * uniformly with the tensor's standard deviation. Row r depends only on (seed, name, r).
  */
@@ -267,7 +282,7 @@ export function dummyTensorRows(
   rowCount?: number,
   out?: Float32Array,
 ): Float32Array {
-  const [lo, hi] = seedKeys(seed);
+  const recipe = dummyTensorRecipe(config, seed, name);
   const spec = specOf(config, name);
   const rows = spec.shape.length === 1 ? 1 : spec.shape[0]!;
   const cols = spec.shape.length === 1 ? spec.shape[0]! : spec.shape.slice(1).reduce((a, b) => a * b, 1);
@@ -283,15 +298,13 @@ export function dummyTensorRows(
   const values = out ?? new Float32Array(count * cols);
   if (values.length < count * cols)
     throw new BadArgumentError(`output holds ${values.length} values, rows need ${count * cols}`);
-  const std = stdOf(config, spec);
-  if (std === 'ones') {
+  if (recipe.kind === 'ones') {
     values.fill(1, 0, count * cols);
     return values;
   }
-  const nameKey = hashName(name);
-  const width = 2 * Math.sqrt(3) * std; // uniform on [-w/2, w/2) has standard deviation std
+  const [lo, hi, nameKey] = recipe.keys;
   for (let r = 0; r < count; r++) {
-    new Xoshiro128(lo, hi, nameKey, rowStart + r).fillCentered(values, r * cols, cols, width);
+    new Xoshiro128(lo, hi, nameKey, rowStart + r).fillCentered(values, r * cols, cols, recipe.width);
   }
   return values;
 }

@@ -149,11 +149,8 @@ CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned t
   invFreq_ = ropeFrequencies(c);
 
   embed_.resize(static_cast<size_t>(c.vocabSize) * h);
-  registerSlot("model.embed_tokens.weight", embed_, 0, c.vocabSize, h);
   layers_.resize(c.numLayers);
-  for (int l = 0; l < c.numLayers; ++l) {
-    Layer& L = layers_[l];
-    std::string p = "model.layers." + std::to_string(l) + ".";
+  for (Layer& L : layers_) {
     L.inputNorm.resize(h);
     L.wqkv.resize(qkvDim_ * h);
     if (c.attentionBias) L.bqkv.resize(qkvDim_);
@@ -162,26 +159,30 @@ CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned t
     L.postAttentionNorm.resize(h);
     L.wgateUp.resize(2 * inter * h);
     L.wdown.resize(h * inter);
-    // In expectedTensors() order (lib/engine/model/config.ts).
-    registerSlot(p + "input_layernorm.weight", L.inputNorm, 0, 0, h);
-    registerSlot(p + "self_attn.q_proj.weight", L.wqkv, 0, qDim_, h);
-    if (c.attentionBias) registerSlot(p + "self_attn.q_proj.bias", L.bqkv, 0, 0, qDim_);
-    registerSlot(p + "self_attn.k_proj.weight", L.wqkv, qDim_ * h, kvDim_, h);
-    if (c.attentionBias) registerSlot(p + "self_attn.k_proj.bias", L.bqkv, qDim_, 0, kvDim_);
-    registerSlot(p + "self_attn.v_proj.weight", L.wqkv, (qDim_ + kvDim_) * h, kvDim_, h);
-    if (c.attentionBias) registerSlot(p + "self_attn.v_proj.bias", L.bqkv, qDim_ + kvDim_, 0, kvDim_);
-    registerSlot(p + "self_attn.o_proj.weight", L.wo, 0, h, qDim_);
-    if (c.attentionOutputBias) registerSlot(p + "self_attn.o_proj.bias", L.bo, 0, 0, h);
-    registerSlot(p + "post_attention_layernorm.weight", L.postAttentionNorm, 0, 0, h);
-    registerSlot(p + "mlp.gate_proj.weight", L.wgateUp, 0, inter, h);
-    registerSlot(p + "mlp.up_proj.weight", L.wgateUp, inter * h, inter, h);
-    registerSlot(p + "mlp.down_proj.weight", L.wdown, 0, h, inter);
   }
   finalNorm_.resize(h);
-  registerSlot("model.norm.weight", finalNorm_, 0, 0, h);
-  if (!c.tieWordEmbeddings) {
-    lmHead_.resize(static_cast<size_t>(c.vocabSize) * h);
-    registerSlot("lm_head.weight", lmHead_, 0, c.vocabSize, h);
+  if (!c.tieWordEmbeddings) lmHead_.resize(static_cast<size_t>(c.vocabSize) * h);
+  // Names come from the weight manifest (lib/engine/model/manifest.ts; checkConfig checked it is complete).
+  for (const WeightEntry& w : c.weights) {
+    Layer* L = w.layer >= 0 ? &layers_[w.layer] : nullptr;
+    switch (w.role) {
+      case WeightRole::Embed: registerSlot(w.name, embed_, 0, c.vocabSize, h); break;
+      case WeightRole::InputNorm: registerSlot(w.name, L->inputNorm, 0, 0, h); break;
+      case WeightRole::Q: registerSlot(w.name, L->wqkv, 0, qDim_, h); break;
+      case WeightRole::QBias: registerSlot(w.name, L->bqkv, 0, 0, qDim_); break;
+      case WeightRole::K: registerSlot(w.name, L->wqkv, qDim_ * h, kvDim_, h); break;
+      case WeightRole::KBias: registerSlot(w.name, L->bqkv, qDim_, 0, kvDim_); break;
+      case WeightRole::V: registerSlot(w.name, L->wqkv, (qDim_ + kvDim_) * h, kvDim_, h); break;
+      case WeightRole::VBias: registerSlot(w.name, L->bqkv, qDim_ + kvDim_, 0, kvDim_); break;
+      case WeightRole::O: registerSlot(w.name, L->wo, 0, h, qDim_); break;
+      case WeightRole::OBias: registerSlot(w.name, L->bo, 0, 0, h); break;
+      case WeightRole::PostNorm: registerSlot(w.name, L->postAttentionNorm, 0, 0, h); break;
+      case WeightRole::Gate: registerSlot(w.name, L->wgateUp, 0, inter, h); break;
+      case WeightRole::Up: registerSlot(w.name, L->wgateUp, inter * h, inter, h); break;
+      case WeightRole::Down: registerSlot(w.name, L->wdown, 0, h, inter); break;
+      case WeightRole::FinalNorm: registerSlot(w.name, finalNorm_, 0, 0, h); break;
+      case WeightRole::LmHead: registerSlot(w.name, lmHead_, 0, c.vocabSize, h); break;
+    }
   }
 }
 

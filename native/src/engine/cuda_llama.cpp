@@ -77,13 +77,11 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaCon
   qkvDim_ = qDim_ + 2 * kvDim_;
   invFreq_ = ropeFrequencies(c);
 
-  // Same tensors, same checkpoint order as CpuLlama (lib/engine/model/config.ts's expectedTensors).
+  // Fused q|k|v and gate|up projections, so each is one GEMM; names come from the weight manifest
+  // (lib/engine/model/manifest.ts; checkConfig checked that it is complete).
   embed_ = place(static_cast<size_t>(c.vocabSize) * h);
-  addSlot("model.embed_tokens.weight", embed_, c.vocabSize, h);
   layers_.resize(c.numLayers);
-  for (int l = 0; l < c.numLayers; ++l) {
-    LayerOffsets& L = layers_[l];
-    std::string p = "model.layers." + std::to_string(l) + ".";
+  for (LayerOffsets& L : layers_) {
     L.inputNorm = place(h);
     L.wqkv = place(qkvDim_ * h);
     L.bqkv = c.attentionBias ? place(qkvDim_) : 0;
@@ -92,27 +90,29 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaCon
     L.postNorm = place(h);
     L.wgateUp = place(2 * inter * h);
     L.wdown = place(h * inter);
-    addSlot(p + "input_layernorm.weight", L.inputNorm, 0, h);
-    addSlot(p + "self_attn.q_proj.weight", L.wqkv, qDim_, h);
-    if (c.attentionBias) addSlot(p + "self_attn.q_proj.bias", L.bqkv, 0, qDim_);
-    addSlot(p + "self_attn.k_proj.weight", L.wqkv + qDim_ * h * 2, kvDim_, h);
-    if (c.attentionBias) addSlot(p + "self_attn.k_proj.bias", L.bqkv + qDim_ * 2, 0, kvDim_);
-    addSlot(p + "self_attn.v_proj.weight", L.wqkv + (qDim_ + kvDim_) * h * 2, kvDim_, h);
-    if (c.attentionBias) addSlot(p + "self_attn.v_proj.bias", L.bqkv + (qDim_ + kvDim_) * 2, 0, kvDim_);
-    addSlot(p + "self_attn.o_proj.weight", L.wo, h, qDim_);
-    if (c.attentionOutputBias) addSlot(p + "self_attn.o_proj.bias", L.bo, 0, h);
-    addSlot(p + "post_attention_layernorm.weight", L.postNorm, 0, h);
-    addSlot(p + "mlp.gate_proj.weight", L.wgateUp, inter, h);
-    addSlot(p + "mlp.up_proj.weight", L.wgateUp + inter * h * 2, inter, h);
-    addSlot(p + "mlp.down_proj.weight", L.wdown, h, inter);
   }
   finalNorm_ = place(h);
-  addSlot("model.norm.weight", finalNorm_, 0, h);
-  if (!c.tieWordEmbeddings) {
-    lmHead_ = place(static_cast<size_t>(c.vocabSize) * h);
-    addSlot("lm_head.weight", lmHead_, c.vocabSize, h);
-  } else {
-    lmHead_ = embed_;
+  lmHead_ = c.tieWordEmbeddings ? embed_ : place(static_cast<size_t>(c.vocabSize) * h);
+  for (const WeightEntry& w : c.weights) {
+    const LayerOffsets* L = w.layer >= 0 ? &layers_[w.layer] : nullptr;
+    switch (w.role) {
+      case WeightRole::Embed: addSlot(w.name, embed_, c.vocabSize, h); break;
+      case WeightRole::InputNorm: addSlot(w.name, L->inputNorm, 0, h); break;
+      case WeightRole::Q: addSlot(w.name, L->wqkv, qDim_, h); break;
+      case WeightRole::QBias: addSlot(w.name, L->bqkv, 0, qDim_); break;
+      case WeightRole::K: addSlot(w.name, L->wqkv + qDim_ * h * 2, kvDim_, h); break;
+      case WeightRole::KBias: addSlot(w.name, L->bqkv + qDim_ * 2, 0, kvDim_); break;
+      case WeightRole::V: addSlot(w.name, L->wqkv + (qDim_ + kvDim_) * h * 2, kvDim_, h); break;
+      case WeightRole::VBias: addSlot(w.name, L->bqkv + (qDim_ + kvDim_) * 2, 0, kvDim_); break;
+      case WeightRole::O: addSlot(w.name, L->wo, h, qDim_); break;
+      case WeightRole::OBias: addSlot(w.name, L->bo, 0, h); break;
+      case WeightRole::PostNorm: addSlot(w.name, L->postNorm, 0, h); break;
+      case WeightRole::Gate: addSlot(w.name, L->wgateUp, inter, h); break;
+      case WeightRole::Up: addSlot(w.name, L->wgateUp + inter * h * 2, inter, h); break;
+      case WeightRole::Down: addSlot(w.name, L->wdown, h, inter); break;
+      case WeightRole::FinalNorm: addSlot(w.name, finalNorm_, 0, h); break;
+      case WeightRole::LmHead: addSlot(w.name, lmHead_, c.vocabSize, h); break;
+    }
   }
 }
 
@@ -125,7 +125,7 @@ size_t CudaLlama::place(size_t count) {
 }
 
 void CudaLlama::addSlot(const std::string& name, size_t offset, size_t rows, size_t cols) {
-  slots_[name] = Slot{offset, (rows == 0 ? 1 : rows) * cols, shapeText(rows, cols)};
+  slots_[name] = Slot{offset, (rows == 0 ? 1 : rows) * cols, rows == 0 ? 1 : rows, shapeText(rows, cols)};
   order_.push_back(name);
 }
 
@@ -198,7 +198,7 @@ void CudaLlama::release() {
   pinnedBytes_ = 0;
 }
 
-void CudaLlama::checkWeight(const std::string& name, size_t count) const {
+const CudaLlama::Slot& CudaLlama::slotOf(const std::string& name) const {
   auto it = slots_.find(name);
   if (it == slots_.end()) {
     std::string hint = name == "lm_head.weight" && config_.tieWordEmbeddings
@@ -206,9 +206,19 @@ void CudaLlama::checkWeight(const std::string& name, size_t count) const {
                            : "";
     throw BadInput("tensor '" + name + "' is not part of this model" + hint);
   }
-  if (count != it->second.count)
+  return it->second;
+}
+
+void CudaLlama::markSet(const std::string& name) {
+  std::lock_guard<std::mutex> lock(slotsMutex_);
+  slots_.at(name).set = true;
+}
+
+void CudaLlama::checkWeight(const std::string& name, size_t count) const {
+  const Slot& slot = slotOf(name);
+  if (count != slot.count)
     throw BadInput("tensor '" + name + "' has " + std::to_string(count) + " elements; this config needs " +
-                   std::to_string(it->second.count) + " (shape " + it->second.shape + ")");
+                   std::to_string(slot.count) + " (shape " + slot.shape + ")");
 }
 
 void CudaLlama::setWeight(const std::string& name, const float* data, size_t count) {
@@ -216,17 +226,65 @@ void CudaLlama::setWeight(const std::string& name, const float* data, size_t cou
   if (released_ || !weights_) throw NativeError("TANDEM_DISPOSED", "the GPU model runner was disposed");
   ensureScratch(0, kStagingBytes);
   const CudaDriver& d = device_.driver();
-  size_t perChunk = kStagingBytes / 2;
-  uint16_t* staging = static_cast<uint16_t*>(pinned_);
-  CUdeviceptr dest = weight(slots_.at(name).offset);
-  for (size_t done = 0; done < count; done += perChunk) {
-    size_t n = std::min(perChunk, count - done);
-    for (size_t i = 0; i < n; ++i) staging[i] = toBf16(data[done + i]);
-    check(d.cuMemcpyHtoDAsync(dest + done * 2, staging, n * 2, device_.stream()), "cuMemcpyHtoDAsync (weights)");
+  // Two halves of the staging buffer: the host converts into one while the copy out of the other runs.
+  size_t perChunk = pinnedBytes_ / 4;
+  uint16_t* halves[2] = {static_cast<uint16_t*>(pinned_), static_cast<uint16_t*>(pinned_) + perChunk};
+  CUevent copied[2] = {nullptr, nullptr};
+  for (CUevent& e : copied) check(d.cuEventCreate(&e, CU_EVENT_DISABLE_TIMING), "cuEventCreate (weights)");
+  CUdeviceptr dest = weight(slotOf(name).offset);
+  try {
+    int k = 0;
+    for (size_t done = 0; done < count; done += perChunk, k ^= 1) {
+      size_t n = std::min(perChunk, count - done);
+      check(d.cuEventSynchronize(copied[k]), "cuEventSynchronize (weights)");  // this half's last copy is done
+      uint16_t* staging = halves[k];
+      for (size_t i = 0; i < n; ++i) staging[i] = toBf16(data[done + i]);
+      check(d.cuMemcpyHtoDAsync(dest + done * 2, staging, n * 2, device_.stream()), "cuMemcpyHtoDAsync (weights)");
+      check(d.cuEventRecord(copied[k], device_.stream()), "cuEventRecord (weights)");
+    }
     check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize (weights)");
+  } catch (...) {
+    d.cuStreamSynchronize(device_.stream());
+    for (CUevent e : copied) d.cuEventDestroy(e);
+    throw;
   }
-  std::lock_guard<std::mutex> lock(slotsMutex_);
-  slots_.at(name).set = true;
+  for (CUevent e : copied) d.cuEventDestroy(e);
+  markSet(name);
+}
+
+void CudaLlama::fillDummy(const std::string& name, bool ones, uint32_t key0, uint32_t key1, uint32_t key2,
+                          double width) {
+  const Slot& slot = slotOf(name);
+  if (released_ || !weights_) throw NativeError("TANDEM_DISPOSED", "the GPU model runner was disposed");
+  const CudaDriver& d = device_.driver();
+  CUdeviceptr dest = weight(slot.offset);
+  constexpr unsigned kThreads = 128;
+  if (ones) {
+    if (!fn_.dummyFill) fn_.dummyFill = device_.function("tandem_dummy_fill_bf16");
+    unsigned long long count = slot.count;
+    unsigned int one = 0x3f80;  // bf16 1.0
+    launch(fn_.dummyFill, static_cast<unsigned>(std::min<unsigned long long>((count + kThreads - 1) / kThreads, 4096)),
+           1, kThreads, dest, count, one);
+  } else {
+    if (!fn_.dummyUniform) fn_.dummyUniform = device_.function("tandem_dummy_uniform_bf16");
+    unsigned long long rows = slot.rows, cols = slot.count / slot.rows;
+    launch(fn_.dummyUniform, static_cast<unsigned>((rows + kThreads - 1) / kThreads), 1, kThreads, dest, rows, cols,
+           static_cast<unsigned int>(key0), static_cast<unsigned int>(key1), static_cast<unsigned int>(key2), width);
+  }
+  check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize (dummy weights)");
+  markSet(name);
+}
+
+std::vector<uint16_t> CudaLlama::readWeight(const std::string& name) {
+  const Slot& slot = slotOf(name);
+  if (released_ || !weights_) throw NativeError("TANDEM_DISPOSED", "the GPU model runner was disposed");
+  std::vector<uint16_t> out(slot.count);
+  const CudaDriver& d = device_.driver();
+  check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize");
+  check(d.cuMemcpyDtoHAsync(out.data(), weight(slot.offset), slot.count * 2, device_.stream()),
+        "cuMemcpyDtoHAsync (weights)");
+  check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize");
+  return out;
 }
 
 std::vector<std::string> CudaLlama::missingWeights() const {

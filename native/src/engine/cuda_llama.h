@@ -69,8 +69,15 @@ class CudaLlama {
   // Any thread: the element count a tensor must have; throws BadInput naming it when it is not one of this
   // model's tensors or `count` differs.
   void checkWeight(const std::string& name, size_t count) const;
+  // Any thread: the element count of one of this model's tensors; throws BadInput naming an unknown one.
+  size_t elementsOf(const std::string& name) const { return slotOf(name).count; }
   // Device thread: converts fp32 to bf16 (round to nearest even) and copies it to the tensor's place.
   void setWeight(const std::string& name, const float* data, size_t count);
+  // Device thread: fills the tensor in place with dummy values (native/kernels/dummy_init.cu, the same values
+  // lib/engine/model/dummy.ts generates): all ones, or uniform rows seeded with (key0, key1, key2, row).
+  void fillDummy(const std::string& name, bool ones, uint32_t key0, uint32_t key1, uint32_t key2, double width);
+  // Device thread: the tensor's bf16 bit patterns as they are on the GPU (tests compare them with the host's).
+  std::vector<uint16_t> readWeight(const std::string& name);
   std::vector<std::string> missingWeights() const;
   size_t weightBytes() const { return weightBytes_; }
   // Whether decode steps replay CUDA graphs; when capture failed, why (and they run eagerly).
@@ -93,6 +100,7 @@ class CudaLlama {
   struct Slot {
     size_t offset;  // bytes into the weights allocation
     size_t count;
+    size_t rows;  // 1 for a 1-D tensor
     std::string shape;
     bool set = false;
   };
@@ -107,6 +115,8 @@ class CudaLlama {
                        uint8_t*& extraHostPtr);
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, size_t rows, size_t cols);
+  const Slot& slotOf(const std::string& name) const;  // throws BadInput naming an unknown tensor
+  void markSet(const std::string& name);
   CUdeviceptr weight(size_t offset) const { return weights_->ptr + offset; }
   void ensureScratch(size_t deviceBytes, size_t hostBytes);
   void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y);
@@ -142,6 +152,7 @@ class CudaLlama {
   struct {
     CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, sampleChunkTop, sampleFinish;
     CUfunction flashPrefill, flashDecode, flashCombine;  // attention.cu, for head dims 64 and 128
+    CUfunction dummyUniform, dummyFill;                  // dummy_init.cu, looked up on first use
   } fn_{};
   // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
   // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).

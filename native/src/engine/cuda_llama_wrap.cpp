@@ -1,5 +1,6 @@
 #include "cuda_llama_wrap.h"
 
+#include <cmath>
 #include <cstring>
 
 #include "../device_buffer.h"
@@ -32,6 +33,8 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                     {
                                         InstanceMethod<&CudaLlamaWrap::InitModel>("init"),
                                         InstanceMethod<&CudaLlamaWrap::SetWeight>("setWeight"),
+                                        InstanceMethod<&CudaLlamaWrap::FillDummy>("fillDummy"),
+                                        InstanceMethod<&CudaLlamaWrap::ReadWeight>("readWeight"),
                                         InstanceMethod<&CudaLlamaWrap::MissingWeights>("missingWeights"),
                                         InstanceMethod<&CudaLlamaWrap::Ready>("ready"),
                                         InstanceMethod<&CudaLlamaWrap::Forward>("forward"),
@@ -150,6 +153,72 @@ Napi::Value CudaLlamaWrap::SetWeight(const Napi::CallbackInfo& info) {
         return Empty{};
       },
       undefinedOf, [keep](Napi::Env) { keep->release(); });
+}
+
+// fillDummy(name, recipe) -> Promise: generates the tensor on the GPU (lib/engine/model/dummy.ts's DummyRecipe:
+// { kind: 'ones' } or { kind: 'uniform', keys: [k0, k1, k2] (uint32), width }).
+Napi::Value CudaLlamaWrap::FillDummy(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CudaLlama> model = model_;
+  WorkQueue& queue = liveQueue(env);
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "fillDummy expects a tensor name");
+  if (!info[1].IsObject()) throw Napi::TypeError::New(env, "fillDummy expects a recipe object");
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  Napi::Object recipe = info[1].As<Napi::Object>();
+  Napi::Value kind = recipe.Get("kind");
+  std::string k = kind.IsString() ? kind.As<Napi::String>().Utf8Value() : "";
+  if (k != "ones" && k != "uniform") badArgument(env, "fillDummy: recipe.kind must be 'ones' or 'uniform'");
+  bool ones = k == "ones";
+  uint32_t keys[3] = {0, 0, 0};
+  double width = 0;
+  if (!ones) {
+    Napi::Value list = recipe.Get("keys");
+    if (!list.IsArray() || list.As<Napi::Array>().Length() != 3)
+      badArgument(env, "fillDummy: recipe.keys must hold 3 unsigned 32-bit integers");
+    for (uint32_t i = 0; i < 3; ++i) {
+      Napi::Value v = list.As<Napi::Array>().Get(i);
+      double x = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+      if (!(x >= 0 && x <= 4294967295.0 && x == static_cast<double>(static_cast<uint32_t>(x))))
+        badArgument(env, "fillDummy: recipe.keys must hold 3 unsigned 32-bit integers");
+      keys[i] = static_cast<uint32_t>(x);
+    }
+    Napi::Value w = recipe.Get("width");
+    width = w.IsNumber() ? w.As<Napi::Number>().DoubleValue() : -1;
+    if (!(width >= 0 && std::isfinite(width))) badArgument(env, "fillDummy: recipe.width must be a finite number >= 0");
+  }
+  try {
+    model->elementsOf(name);
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  }
+  return runAsync<Empty>(
+      env, queue,
+      [model, name, ones, keys, width]() {
+        translated([&] { model->fillDummy(name, ones, keys[0], keys[1], keys[2], width); });
+        return Empty{};
+      },
+      undefinedOf);
+}
+
+// readWeight(name) -> Promise<Uint16Array>: the tensor's bf16 bit patterns as the GPU holds them.
+Napi::Value CudaLlamaWrap::ReadWeight(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CudaLlama> model = model_;
+  WorkQueue& queue = liveQueue(env);
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "readWeight expects a tensor name");
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  try {
+    model->elementsOf(name);
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  }
+  return runAsync<std::vector<uint16_t>>(
+      env, queue, [model, name]() { return translated([&] { return model->readWeight(name); }); },
+      [](Napi::Env env, std::vector<uint16_t>& bits) -> Napi::Value {
+        Napi::Uint16Array out = Napi::Uint16Array::New(env, bits.size());
+        if (!bits.empty()) std::memcpy(out.Data(), bits.data(), bits.size() * 2);
+        return out;
+      });
 }
 
 Napi::Value CudaLlamaWrap::MissingWeights(const Napi::CallbackInfo& info) {

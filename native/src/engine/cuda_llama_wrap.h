@@ -27,6 +27,8 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   WorkQueue& liveQueue(Napi::Env env);
   Napi::Value InitModel(const Napi::CallbackInfo& info);
   Napi::Value SetWeight(const Napi::CallbackInfo& info);
+  Napi::Value FillDummy(const Napi::CallbackInfo& info);
+  Napi::Value ReadWeight(const Napi::CallbackInfo& info);
   Napi::Value MissingWeights(const Napi::CallbackInfo& info);
   Napi::Value Ready(const Napi::CallbackInfo& info);
   Napi::Value Forward(const Napi::CallbackInfo& info);

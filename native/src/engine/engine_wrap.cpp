@@ -102,6 +102,32 @@ LlamaConfig parseLlamaConfig(const Napi::Object& o) {
   c.tieWordEmbeddings = flag(o, "tieWordEmbeddings");
   c.attentionBias = flag(o, "attentionBias");
   c.attentionOutputBias = flag(o, "attentionOutputBias");
+  // The weight manifest (lib/engine/model/manifest.ts's nativeManifest): [{ name, role, layer }], checkpoint order.
+  Napi::Value tensors = field(o, "tensors");
+  if (!tensors.IsArray())
+    badArgument(env, "option 'tensors' must be the weight manifest: an array of { name, role, layer } "
+                     "(lib/engine/model/manifest.ts)");
+  Napi::Array list = tensors.As<Napi::Array>();
+  for (uint32_t i = 0; i < list.Length(); ++i) {
+    Napi::Value item = list.Get(i);
+    std::string at = "tensors[" + std::to_string(i) + "]";
+    if (!item.IsObject()) badArgument(env, at + " must be an object { name, role, layer }");
+    Napi::Object t = item.As<Napi::Object>();
+    Napi::Value name = t.Get("name"), role = t.Get("role"), layer = t.Get("layer");
+    if (!name.IsString() || !role.IsString() || !layer.IsNumber())
+      badArgument(env, at + " must be { name: string, role: string, layer: number }");
+    WeightEntry w;
+    w.name = name.As<Napi::String>().Utf8Value();
+    double l = layer.As<Napi::Number>().DoubleValue();
+    if (!(l >= -1 && l <= 1e9 && l == std::floor(l))) badArgument(env, at + ".layer must be an integer >= -1");
+    w.layer = static_cast<int>(l);
+    try {
+      w.role = parseWeightRole(role.As<Napi::String>().Utf8Value());
+    } catch (const BadInput& e) {
+      badArgument(env, at + ": " + e.what());
+    }
+    c.weights.push_back(std::move(w));
+  }
   Napi::Value window = field(o, "slidingWindow");
   if (!window.IsUndefined() && !window.IsNull()) c.slidingWindow = positiveInt(o, "slidingWindow");
   Napi::Value scaling = field(o, "ropeScaling");

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 #include <unordered_map>
+#include <utility>
 
 namespace tandem::engine {
 
@@ -29,6 +31,62 @@ std::vector<float> ropeFrequencies(const LlamaConfig& c) {
   return out;
 }
 
+namespace {
+constexpr const char* kRoleNames[] = {"embed", "input_norm", "q",         "q_bias", "k",  "k_bias",
+                                      "v",     "v_bias",     "o",         "o_bias", "post_norm", "gate",
+                                      "up",    "down",       "final_norm", "lm_head"};
+constexpr int kRoleCount = static_cast<int>(sizeof(kRoleNames) / sizeof(kRoleNames[0]));
+bool perLayer(WeightRole r) { return r != WeightRole::Embed && r != WeightRole::FinalNorm && r != WeightRole::LmHead; }
+}  // namespace
+
+WeightRole parseWeightRole(const std::string& role) {
+  for (int i = 0; i < kRoleCount; ++i)
+    if (role == kRoleNames[i]) return static_cast<WeightRole>(i);
+  throw BadInput("unknown weight role '" + role + "' (lib/engine/model/manifest.ts's WEIGHT_ROLES)");
+}
+
+void checkWeightManifest(const LlamaConfig& c) {
+  // Which roles this config has.
+  auto wanted = [&](WeightRole r) {
+    switch (r) {
+      case WeightRole::QBias:
+      case WeightRole::KBias:
+      case WeightRole::VBias:
+        return c.attentionBias;
+      case WeightRole::OBias:
+        return c.attentionOutputBias;
+      case WeightRole::LmHead:
+        return !c.tieWordEmbeddings;
+      default:
+        return true;
+    }
+  };
+  std::set<std::pair<int, int>> seen;  // (role, layer)
+  std::set<std::string> names;
+  for (const WeightEntry& w : c.weights) {
+    const std::string role = kRoleNames[static_cast<int>(w.role)];
+    if (!wanted(w.role))
+      throw BadInput("weight manifest: tensor '" + w.name + "' (" + role + ") is not part of this config" +
+                     (w.role == WeightRole::LmHead ? " (it ties lm_head to the embedding)" : ""));
+    if (perLayer(w.role) ? (w.layer < 0 || w.layer >= c.numLayers) : w.layer != -1)
+      throw BadInput("weight manifest: tensor '" + w.name + "' (" + role + ") has layer " + std::to_string(w.layer) +
+                     (perLayer(w.role) ? "; the model has layers 0.." + std::to_string(c.numLayers - 1)
+                                       : "; a model-wide tensor has layer -1"));
+    if (!seen.insert({static_cast<int>(w.role), w.layer}).second)
+      throw BadInput("weight manifest: two tensors for " + role + " of layer " + std::to_string(w.layer) +
+                     ", the second '" + w.name + "'");
+    if (!names.insert(w.name).second) throw BadInput("weight manifest: tensor '" + w.name + "' appears twice");
+  }
+  for (int r = 0; r < kRoleCount; ++r) {
+    WeightRole role = static_cast<WeightRole>(r);
+    if (!wanted(role)) continue;
+    for (int l = perLayer(role) ? 0 : -1; l < (perLayer(role) ? c.numLayers : 0); ++l)
+      if (!seen.count({r, l}))
+        throw BadInput(std::string("weight manifest: no tensor for ") + kRoleNames[r] +
+                       (l >= 0 ? " of layer " + std::to_string(l) : ""));
+  }
+}
+
 void checkConfig(const LlamaConfig& c) {
   if (c.vocabSize <= 0 || c.hiddenSize <= 0 || c.intermediateSize <= 0 || c.numLayers <= 0 || c.numHeads <= 0 ||
       c.numKvHeads <= 0 || c.headDim <= 0 || c.maxPositions <= 0)
@@ -38,6 +96,7 @@ void checkConfig(const LlamaConfig& c) {
                    std::to_string(c.numHeads) + ")");
   if (c.headDim % 2 != 0) throw BadInput("headDim must be even for RoPE");
   if (c.slidingWindow < 0) throw BadInput("slidingWindow must be non-negative");
+  checkWeightManifest(c);
 }
 
 void validateForward(const LlamaConfig& c, int numBlocks, int blockSize, const ForwardInput& in) {

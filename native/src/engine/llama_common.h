@@ -20,6 +20,17 @@ struct Aborted : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// What a weight tensor is in the decoder: lib/engine/model/manifest.ts's WEIGHT_ROLES, in the same order.
+enum class WeightRole { Embed, InputNorm, Q, QBias, K, KBias, V, VBias, O, OBias, PostNorm, Gate, Up, Down, FinalNorm, LmHead };
+
+// One entry of the weight manifest (lib/engine/model/manifest.ts, which owns the tensor names): the runners lay
+// their memory out by role and layer and register the tensor under `name`.
+struct WeightEntry {
+  std::string name;
+  WeightRole role = WeightRole::Embed;
+  int layer = -1;  // -1: embedding, final norm, lm_head
+};
+
 struct LlamaConfig {
   int vocabSize = 0;
   int hiddenSize = 0;
@@ -38,7 +49,15 @@ struct LlamaConfig {
   bool attentionBias = false;        // q/k/v bias
   bool attentionOutputBias = false;  // o_proj bias
   int slidingWindow = 0;             // 0: full attention; w: a token at p sees positions (p - w, p]
+  std::vector<WeightEntry> weights;  // the weight manifest, checkpoint order (checkWeightManifest)
 };
+
+// The role named as manifest.ts spells it ('q', 'gate', 'final_norm', ...); throws BadInput for another.
+WeightRole parseWeightRole(const std::string& role);
+
+// Throws BadInput unless config.weights holds exactly the tensors the config needs: every (role, layer) once
+// (biases only where the config has them, lm_head only when untied), layers in range, names distinct.
+void checkWeightManifest(const LlamaConfig& config);
 
 enum class KvLayout { BlockMajor, LayerMajor };
 
