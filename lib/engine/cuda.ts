@@ -9,14 +9,14 @@
  *   const logits = await runner.forward(batch);   // nseq x vocabSize, fp32
  *   await runner.dispose();
  */
-import { BadArgumentError, native, nativeSync, OutOfMemoryError } from '../errors.js';
+import { closeSync, openSync } from 'node:fs';
+import { BadArgumentError, CheckpointError, native, nativeSync, OutOfMemoryError, TandemError } from '../errors.js';
 import { CudaDevice, type DeviceBuffer } from '../cuda/index.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
 import { loadBinding, type RawCudaLlama } from '../native/binding.js';
 import { libraryCandidates } from '../native/libraries.js';
 import {
   DEFAULT_DUMMY_SEED,
-  loadWeights,
   nativeModelFields,
   runnerConfigAndLayout,
   runnerPoolSpec,
@@ -25,7 +25,8 @@ import {
 } from './cpu.js';
 import { expectedTensors, type ModelConfig } from './model/config.js';
 import { dummyTensorRecipe, isDummyModel } from './model/dummy.js';
-import { tensorElements, weightManifest } from './model/manifest.js';
+import { checkCheckpointTensors, tensorElements, weightManifest, type ManifestTensor } from './model/manifest.js';
+import { openSafetensors } from './model/safetensors.js';
 import { ByteProgress, StartPhases, type StartLog } from './model/progress.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner, type SampledLogits, type SamplePlan } from './runner.js';
 
@@ -50,7 +51,10 @@ export interface CudaModelRunnerOptions {
   blockSize?: number;
   /** KV pool layout (lib/kv). Default 'block-major'. */
   layout?: KvLayout;
-  /** The weights, or a checkpoint directory / `dummy:<preset>` name for `loadWeights`. */
+  /**
+   * The weights as tensors, or a name: `dummy:<preset>` (generated on the GPU, the values `loadWeights` gives) or a
+   * safetensors checkpoint (directory, file or index; read from disk straight into pinned staging).
+   */
   weights: WeightSource | string;
   /** Seed of `dummy:` weights when `weights` is a name. */
   seed?: number;
@@ -70,6 +74,67 @@ export function gpuWeightBytes(config: ModelConfig): number {
   let elements = 0;
   for (const t of expectedTensors(config)) elements += t.shape.reduce((a, b) => a * b, 1);
   return elements * 2;
+}
+
+/** How often the checkpoint reader's byte count is looked at while a file loads. */
+const CHECKPOINT_POLL_MS = 250;
+
+/**
+ * Reads a safetensors checkpoint straight into the weights on the GPU: checked against the manifest first, then
+ * one native call per file (CudaLlama::loadFromFile: 64 MiB sequential reads into two pinned buffers, one read
+ * while the other is copied), with no host copy of the file and progress from the native reader's byte count.
+ */
+async function loadCheckpoint(
+  model: RawCudaLlama,
+  path: string,
+  manifest: readonly ManifestTensor[],
+  log: StartLog | undefined,
+  onTensors: (count: number, lastName: string) => void,
+): Promise<void> {
+  const checkpoint = openSafetensors(path);
+  try {
+    checkCheckpointTensors(manifest, checkpoint, path);
+    type FileTensor = { name: string; offset: number; bytes: number; dtype: 'BF16' | 'F16' | 'F32' };
+    const byFile = new Map<string, FileTensor[]>();
+    let totalBytes = 0;
+    for (const t of manifest) {
+      const info = checkpoint.info(t.name);
+      if (info.dtype !== 'BF16' && info.dtype !== 'F16' && info.dtype !== 'F32')
+        throw new CheckpointError(
+          `${info.file}: tensor "${t.name}" is stored as ${info.dtype}; the engines read BF16, F16 and F32`,
+        );
+      const list = byFile.get(info.file) ?? [];
+      list.push({ name: t.name, offset: info.offset, bytes: info.byteLength, dtype: info.dtype });
+      byFile.set(info.file, list);
+      totalBytes += info.byteLength;
+    }
+    const progress = new ByteProgress('loading weights', totalBytes, log);
+    for (const [file, tensors] of byFile) {
+      const fd = openSync(file, 'r');
+      const bytesDone = new Float64Array(1);
+      let counted = 0;
+      const count = () => {
+        progress.add(bytesDone[0]! - counted);
+        counted = bytesDone[0]!;
+      };
+      const poll = setInterval(count, CHECKPOINT_POLL_MS);
+      try {
+        await native(() => model.loadFromFile(fd, tensors, bytesDone));
+      } catch (error) {
+        if (error instanceof TandemError && error.code === 'TANDEM_BAD_CHECKPOINT')
+          throw new CheckpointError(`${file}: ${error.message}`);
+        throw error;
+      } finally {
+        clearInterval(poll);
+        closeSync(fd);
+      }
+      count();
+      onTensors(tensors.length, tensors.at(-1)!.name);
+    }
+    progress.finish();
+  } finally {
+    checkpoint.close();
+  }
 }
 
 export class CudaModelRunner implements ModelRunner {
@@ -190,13 +255,13 @@ export class CudaModelRunner implements ModelRunner {
           options.onProgress?.(++loaded, total, t.name);
         }
         progress.finish();
+      } else if (typeof source === 'string') {
+        await loadCheckpoint(model, source, manifest, options.log, (tensors, name) => {
+          loaded += tensors;
+          options.onProgress?.(loaded, total, name);
+        });
       } else {
-        const tensors =
-          typeof source === 'string'
-            ? loadWeights(source, { config, seed: options.seed ?? DEFAULT_DUMMY_SEED })
-            : typeof source === 'function'
-              ? source()
-              : source;
+        const tensors = typeof source === 'function' ? source() : source;
         const progress = new ByteProgress('loading weights', model.weightBytes, options.log);
         for await (const tensor of tensors as AsyncIterable<NamedTensor> | Iterable<NamedTensor>) {
           await native(() => model.setWeight(tensor.name, tensor.data));

@@ -242,6 +242,15 @@ export interface RawCudaLlama {
     name: string,
     recipe: { kind: 'ones' } | { kind: 'uniform'; keys: [number, number, number]; width: number },
   ): Promise<void>;
+  /**
+   * Reads tensors of an open safetensors file into the weights (64 MiB reads into pinned staging, double-buffered);
+   * progress[0] counts the file bytes done meanwhile.
+   */
+  loadFromFile(
+    fd: number,
+    tensors: { name: string; offset: number; bytes: number; dtype: 'BF16' | 'F16' | 'F32' }[],
+    progress?: Float64Array,
+  ): Promise<void>;
   /** A tensor's bf16 bit patterns as the GPU holds them. */
   readWeight(name: string): Promise<Uint16Array>;
   missingWeights(): string[];

@@ -1,8 +1,12 @@
-import { describe, expect, it } from 'vitest';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
-import { dummyConfig, dummyTensorRows, dummyWeights } from '../../lib/engine/model/dummy.js';
+import { loadModelConfig } from '../../lib/engine/model/config.js';
+import { dummyConfig, dummyTensorRows, dummyWeights, saveDummyModel } from '../../lib/engine/model/dummy.js';
 import { weightManifest } from '../../lib/engine/model/manifest.js';
-import { f32ToBf16 } from '../../lib/engine/model/safetensors.js';
+import { f32ToBf16, openSafetensors } from '../../lib/engine/model/safetensors.js';
 import { openModel } from '../../lib/engine/open.js';
 import { gpuGate } from '../helpers/gpu.js';
 
@@ -88,4 +92,34 @@ describe.skipIf(!gate.run)('GPU engine start-up', () => {
       }
     }
   }, 120_000);
+
+  let tmp = '';
+  beforeAll(() => {
+    tmp = mkdtempSync(join(tmpdir(), 'tandem-start-gpu-'));
+    saveDummyModel(join(tmp, 'tiny-f16'), 'tiny', 3, 'F16');
+  });
+  afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+  const fixture = (name: string) => join(import.meta.dirname, '..', 'fixtures', name);
+  it.each([
+    ['BF16', () => fixture('hf-tiny-llama')],
+    ['F32', () => fixture('hf-tiny-qwen2')],
+    ['F16', () => join(tmp, 'tiny-f16')],
+  ])('a %s checkpoint read from disk by the native reader equals its values rounded to bf16', async (_dtype, where) => {
+    const dir = where();
+    const config = loadModelConfig(dir);
+    const lines: string[] = [];
+    const runner = await CudaModelRunner.create({ config, numBlocks: 4, weights: dir, log: (l) => lines.push(l) });
+    const checkpoint = openSafetensors(dir);
+    try {
+      expect(lines.some((l) => /^loading weights: [\d.]+ GB in \d+ ms/.test(l))).toBe(true);
+      for (const t of weightManifest(config)) {
+        const gpu = await runner.readWeightBf16(t.name);
+        const want = f32ToBf16(checkpoint.tensorF32(t.name));
+        expect(firstDifference(gpu, want), `${t.name}: first differing element`).toBe(-1);
+      }
+    } finally {
+      checkpoint.close();
+      await runner.dispose();
+    }
+  });
 });

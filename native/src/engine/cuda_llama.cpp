@@ -1,15 +1,20 @@
 #include "cuda_llama.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 namespace tandem::engine {
 namespace {
 
 constexpr size_t kAlign = 256;
 constexpr size_t kStagingBytes = 16u << 20;  // pinned staging for weight uploads (bf16 values)
+constexpr size_t kFileChunkBytes = 64u << 20;  // one read of a checkpoint file; two such pinned buffers
 
 size_t alignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -19,6 +24,45 @@ uint16_t toBf16(float f) {
   if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0) return 0x7fc0;  // NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
   return static_cast<uint16_t>(u >> 16);
+}
+
+// IEEE half to float (exact).
+float f16ToF32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ffu, u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        ++e;
+        mant <<= 1;
+      } while ((mant & 0x400u) == 0);
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (mant & 0x3ffu) << 13;
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | mant << 13;
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | mant << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// Reads exactly `bytes` at `offset`; throws NativeError naming the file position on a short read or an error.
+void readAt(int fd, void* into, size_t bytes, uint64_t offset) {
+  uint8_t* p = static_cast<uint8_t*>(into);
+  while (bytes > 0) {
+    ssize_t n = ::pread(fd, p, bytes, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0)
+      throw NativeError("TANDEM_BAD_CHECKPOINT", std::string("checkpoint read at byte ") + std::to_string(offset) +
+                                                     (n == 0 ? ": unexpected end of file" : ": " + std::string(std::strerror(errno))));
+    p += n;
+    bytes -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
 }
 
 std::string shapeText(size_t rows, size_t cols) {
@@ -273,6 +317,111 @@ void CudaLlama::fillDummy(const std::string& name, bool ones, uint32_t key0, uin
   }
   check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize (dummy weights)");
   markSet(name);
+}
+
+void CudaLlama::checkFileTensor(const FileTensor& t) const {
+  const Slot& slot = slotOf(t.name);
+  size_t width = t.dtype == FileDtype::F32 ? 4 : 2;
+  if (t.bytes != slot.count * width)
+    throw BadInput("tensor '" + t.name + "' holds " + std::to_string(t.bytes) + " bytes in the file; shape " + slot.shape +
+                   " needs " + std::to_string(slot.count * width));
+}
+
+void CudaLlama::loadFromFile(int fd, std::vector<FileTensor> tensors, double* bytesDone) {
+  for (const FileTensor& t : tensors) checkFileTensor(t);
+  if (released_ || !weights_) throw NativeError("TANDEM_DISPOSED", "the GPU model runner was disposed");
+  std::sort(tensors.begin(), tensors.end(), [](const FileTensor& a, const FileTensor& b) { return a.offset < b.offset; });
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+  const CudaDriver& d = device_.driver();
+  CUstream stream = device_.stream();
+  void* staging[2] = {nullptr, nullptr};
+  CUevent copied[2] = {nullptr, nullptr};
+  std::vector<uint8_t> raw;  // F16 / F32 file bytes before rounding
+  auto cleanup = [&] {
+    d.cuStreamSynchronize(stream);
+    for (CUevent e : copied)
+      if (e) d.cuEventDestroy(e);
+    for (void* p : staging)
+      if (p) d.cuMemFreeHost(p);
+  };
+  try {
+    for (int k = 0; k < 2; ++k) {
+      check(d.cuMemAllocHost(&staging[k], kFileChunkBytes), "cuMemAllocHost (checkpoint staging)");
+      check(d.cuEventCreate(&copied[k], CU_EVENT_DISABLE_TIMING), "cuEventCreate (checkpoint staging)");
+    }
+    int k = 0;
+    double done = 0;
+    // A piece: a run of one tensor's bytes that fits a chunk (its file range and where it goes).
+    struct Piece {
+      uint64_t offset, bytes;
+      CUdeviceptr dest;
+    };
+    std::vector<Piece> run;
+    auto flushRun = [&] {  // one read of the consecutive BF16 pieces in `run`, then their copies
+      if (run.empty()) return;
+      uint64_t start = run.front().offset, end = run.back().offset + run.back().bytes;
+      check(d.cuEventSynchronize(copied[k]), "cuEventSynchronize (checkpoint staging)");
+      readAt(fd, staging[k], end - start, start);
+      for (const Piece& p : run)
+        check(d.cuMemcpyHtoDAsync(p.dest, static_cast<uint8_t*>(staging[k]) + (p.offset - start), p.bytes, stream),
+              "cuMemcpyHtoDAsync (checkpoint)");
+      check(d.cuEventRecord(copied[k], stream), "cuEventRecord (checkpoint staging)");
+      k ^= 1;
+      done += static_cast<double>(end - start);
+      if (bytesDone) *bytesDone = done;
+      run.clear();
+    };
+    for (const FileTensor& t : tensors) {
+      CUdeviceptr dest = weight(slotOf(t.name).offset);
+      if (t.dtype == FileDtype::BF16) {
+        for (uint64_t at = 0; at < t.bytes;) {
+          uint64_t n = std::min<uint64_t>(kFileChunkBytes, t.bytes - at);
+          uint64_t runBytes = run.empty() ? 0 : run.back().offset + run.back().bytes - run.front().offset;
+          bool contiguous = !run.empty() && run.back().offset + run.back().bytes == t.offset + at;
+          if (!contiguous || runBytes + n > kFileChunkBytes) flushRun();
+          run.push_back(Piece{t.offset + at, n, dest + at});
+          at += n;
+        }
+      } else {
+        flushRun();
+        const size_t width = t.dtype == FileDtype::F32 ? 4 : 2;
+        const size_t perChunk = kFileChunkBytes / 2;  // bf16 values per staging buffer
+        const size_t count = t.bytes / width;
+        raw.resize(std::min(perChunk, count) * width);
+        for (size_t at = 0; at < count; at += perChunk) {
+          size_t n = std::min(perChunk, count - at);
+          readAt(fd, raw.data(), n * width, t.offset + at * width);
+          check(d.cuEventSynchronize(copied[k]), "cuEventSynchronize (checkpoint staging)");
+          uint16_t* out = static_cast<uint16_t*>(staging[k]);
+          if (width == 4) {
+            for (size_t i = 0; i < n; ++i) {
+              float f;
+              std::memcpy(&f, raw.data() + i * 4, 4);
+              out[i] = toBf16(f);
+            }
+          } else {
+            for (size_t i = 0; i < n; ++i) {
+              uint16_t h;
+              std::memcpy(&h, raw.data() + i * 2, 2);
+              out[i] = toBf16(f16ToF32(h));
+            }
+          }
+          check(d.cuMemcpyHtoDAsync(dest + at * 2, out, n * 2, stream), "cuMemcpyHtoDAsync (checkpoint)");
+          check(d.cuEventRecord(copied[k], stream), "cuEventRecord (checkpoint staging)");
+          k ^= 1;
+          done += static_cast<double>(n * width);
+          if (bytesDone) *bytesDone = done;
+        }
+      }
+    }
+    flushRun();
+    check(d.cuStreamSynchronize(stream), "cuStreamSynchronize (checkpoint)");
+  } catch (...) {
+    cleanup();
+    throw;
+  }
+  cleanup();
+  for (const FileTensor& t : tensors) markSet(t.name);
 }
 
 std::vector<uint16_t> CudaLlama::readWeight(const std::string& name) {

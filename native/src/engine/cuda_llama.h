@@ -76,6 +76,21 @@ class CudaLlama {
   // Device thread: fills the tensor in place with dummy values (native/kernels/dummy_init.cu, the same values
   // lib/engine/model/dummy.ts generates): all ones, or uniform rows seeded with (key0, key1, key2, row).
   void fillDummy(const std::string& name, bool ones, uint32_t key0, uint32_t key1, uint32_t key2, double width);
+  // One tensor of a safetensors file for loadFromFile: where its data is and how it is stored.
+  enum class FileDtype { BF16, F16, F32 };
+  struct FileTensor {
+    std::string name;
+    uint64_t offset = 0;  // absolute byte offset in the file
+    uint64_t bytes = 0;
+    FileDtype dtype = FileDtype::BF16;
+  };
+  // Any thread: throws BadInput naming a tensor that is not this model's or whose byte size does not match.
+  void checkFileTensor(const FileTensor& t) const;
+  // Device thread: reads the tensors from the open file `fd` with large sequential reads (consecutive tensors in
+  // one read, up to kFileChunkBytes) into two pinned staging buffers, copying one to the GPU while the next is
+  // read. BF16 goes to the GPU as read; F16 and F32 are rounded to bf16 on the host first. *bytesDone (when
+  // given) counts file bytes done, for progress (written from this thread, read by JavaScript's).
+  void loadFromFile(int fd, std::vector<FileTensor> tensors, double* bytesDone);
   // Device thread: the tensor's bf16 bit patterns as they are on the GPU (tests compare them with the host's).
   std::vector<uint16_t> readWeight(const std::string& name);
   std::vector<std::string> missingWeights() const;

@@ -34,6 +34,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CudaLlamaWrap::InitModel>("init"),
                                         InstanceMethod<&CudaLlamaWrap::SetWeight>("setWeight"),
                                         InstanceMethod<&CudaLlamaWrap::FillDummy>("fillDummy"),
+                                        InstanceMethod<&CudaLlamaWrap::LoadFromFile>("loadFromFile"),
                                         InstanceMethod<&CudaLlamaWrap::ReadWeight>("readWeight"),
                                         InstanceMethod<&CudaLlamaWrap::MissingWeights>("missingWeights"),
                                         InstanceMethod<&CudaLlamaWrap::Ready>("ready"),
@@ -198,6 +199,69 @@ Napi::Value CudaLlamaWrap::FillDummy(const Napi::CallbackInfo& info) {
         return Empty{};
       },
       undefinedOf);
+}
+
+// loadFromFile(fd, tensors: [{ name, offset, bytes, dtype: 'BF16' | 'F16' | 'F32' }], progress?: Float64Array)
+// -> Promise: the tensors read from the open safetensors file on the device thread (CudaLlama::loadFromFile);
+// progress[0] counts the file bytes done meanwhile. The caller keeps fd open until the promise settles.
+Napi::Value CudaLlamaWrap::LoadFromFile(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CudaLlama> model = model_;
+  WorkQueue& queue = liveQueue(env);
+  double fdValue = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+  if (!(fdValue >= 0 && fdValue <= 2147483647.0 && fdValue == std::floor(fdValue)))
+    throw Napi::TypeError::New(env, "loadFromFile expects an open file descriptor");
+  if (!info[1].IsArray()) throw Napi::TypeError::New(env, "loadFromFile expects an array of tensors");
+  Napi::Array list = info[1].As<Napi::Array>();
+  std::vector<CudaLlama::FileTensor> tensors;
+  for (uint32_t i = 0; i < list.Length(); ++i) {
+    std::string at = "tensors[" + std::to_string(i) + "]";
+    Napi::Value item = list.Get(i);
+    if (!item.IsObject()) badArgument(env, at + " must be { name, offset, bytes, dtype }");
+    Napi::Object o = item.As<Napi::Object>();
+    Napi::Value name = o.Get("name"), offset = o.Get("offset"), bytes = o.Get("bytes"), dtype = o.Get("dtype");
+    if (!name.IsString() || !offset.IsNumber() || !bytes.IsNumber() || !dtype.IsString())
+      badArgument(env, at + " must be { name: string, offset: number, bytes: number, dtype: string }");
+    CudaLlama::FileTensor t;
+    t.name = name.As<Napi::String>().Utf8Value();
+    double off = offset.As<Napi::Number>().DoubleValue(), n = bytes.As<Napi::Number>().DoubleValue();
+    if (!(off >= 0 && n >= 0 && off <= 9007199254740991.0 && n <= 9007199254740991.0 && off == std::floor(off) &&
+          n == std::floor(n)))
+      badArgument(env, at + ": offset and bytes must be non-negative integers");
+    t.offset = static_cast<uint64_t>(off);
+    t.bytes = static_cast<uint64_t>(n);
+    std::string d = dtype.As<Napi::String>().Utf8Value();
+    if (d == "BF16") t.dtype = CudaLlama::FileDtype::BF16;
+    else if (d == "F16") t.dtype = CudaLlama::FileDtype::F16;
+    else if (d == "F32") t.dtype = CudaLlama::FileDtype::F32;
+    else badArgument(env, "tensor '" + t.name + "' is stored as " + d + "; the GPU engine reads BF16, F16 and F32");
+    try {
+      model->checkFileTensor(t);
+    } catch (const BadInput& e) {
+      badArgument(env, e.what());
+    }
+    tensors.push_back(std::move(t));
+  }
+  double* progress = nullptr;
+  std::shared_ptr<JsKeepAlive> keep;
+  if (!info[2].IsUndefined()) {
+    void* data = nullptr;
+    size_t length = 0;
+    viewOf(env, info[2], napi_float64_array, &data, &length, "progress");
+    if (length < 1) badArgument(env, "progress must hold at least one value");
+    progress = static_cast<double*>(data);
+    keep = std::make_shared<JsKeepAlive>(env, info[2]);
+  }
+  int fd = static_cast<int>(fdValue);
+  return runAsync<Empty>(
+      env, queue,
+      [model, fd, tensors = std::move(tensors), progress]() mutable {
+        translated([&] { model->loadFromFile(fd, std::move(tensors), progress); });
+        return Empty{};
+      },
+      undefinedOf, [keep](Napi::Env) {
+        if (keep) keep->release();
+      });
 }
 
 // readWeight(name) -> Promise<Uint16Array>: the tensor's bf16 bit patterns as the GPU holds them.

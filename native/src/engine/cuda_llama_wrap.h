@@ -28,6 +28,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value InitModel(const Napi::CallbackInfo& info);
   Napi::Value SetWeight(const Napi::CallbackInfo& info);
   Napi::Value FillDummy(const Napi::CallbackInfo& info);
+  Napi::Value LoadFromFile(const Napi::CallbackInfo& info);
   Napi::Value ReadWeight(const Napi::CallbackInfo& info);
   Napi::Value MissingWeights(const Napi::CallbackInfo& info);
   Napi::Value Ready(const Napi::CallbackInfo& info);
