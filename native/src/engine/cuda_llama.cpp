@@ -45,6 +45,18 @@ int flashPartialStride(int headDim) { return headDim + 4; }
 unsigned flashPrefillSmem(int headDim) { return 2u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 // Decode attention is split along the context until the grid has this many CTAs per multiprocessor.
 constexpr int kFlashDecodeCtasPerSm = 2;
+// The skinny GEMM's geometry (gemv.cu, namespace tandem_gemv): threads per CTA, the largest batch with a kernel,
+// and weight rows per CTA (any grid is correct there; this one gives each CTA one row group).
+constexpr unsigned kGemvThreads = 128;
+constexpr int kGemvKernelMaxM = 16;
+constexpr int gemvRows(int m) { return m <= 2 ? 2 : 4; }
+// GEMMs with at most this many rows of x (decode batches) run through gemv.cu, larger ones through cuBLAS.
+// Reasoning until the micro benchmark (bench/micro/gemv.cu) says otherwise: up to 8 rows each weight vector
+// costs about 8m + 8 + 9m/4 instructions per thread, under the issue rate at full memory bandwidth on an
+// H100, while cuBLAS's small-m kernels reach well under the bandwidth; at 16 rows the FMA path nears the issue
+// limit and tensor cores are the right tool. TANDEM_GEMV=off (or 0) forces cuBLAS; TANDEM_GEMV=<1..16> moves
+// the crossover.
+constexpr int kGemvMaxBatch = 8;
 // Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
 constexpr size_t kMaxGraphs = 64;
 
@@ -155,6 +167,23 @@ void CudaLlama::init() {
           "cuFuncSetAttribute (flash prefill shared memory)");
     flash_ = true;
   }
+  int gemvMax = kGemvMaxBatch;
+  if (const char* gemv = std::getenv("TANDEM_GEMV")) {
+    const std::string v = gemv;
+    char* end = nullptr;
+    const long parsed = std::strtol(v.c_str(), &end, 10);
+    if (v == "off")
+      gemvMax = 0;
+    else if (!v.empty() && *end == '\0' && parsed >= 0 && parsed <= kGemvKernelMaxM)
+      gemvMax = static_cast<int>(parsed);
+    else
+      throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_GEMV must be 'off' or the largest batch (0.." +
+                                                   std::to_string(kGemvKernelMaxM) + ") for the GEMV kernels; got '" +
+                                                   v + "'");
+  }
+  gemv_.clear();
+  for (int m = 1; m <= gemvMax; ++m) gemv_.push_back(device_.function("tandem_gemv_m" + std::to_string(m)));
+  gemvMaxBatch_ = gemvMax;
   CUdevice dev = 0;
   check(drv.cuDeviceGet(&dev, device_.ordinal()), "cuDeviceGet");
   check(drv.cuDeviceGetAttribute(&multiprocessors_, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
@@ -279,9 +308,15 @@ void CudaLlama::launch3(CUfunction fn, unsigned gridX, unsigned gridY, unsigned 
         "cuLaunchKernel");
 }
 
-// y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32: in cuBLAS's column-major terms
+// y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32. A small m goes to gemv.cu (one launch, no
+// workspace: capturable in a decode graph); otherwise cuBLAS, in whose column-major terms
 // y^T (n x m) = w (k x n, transposed) . x^T (k x m).
 void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) {
+  if (m >= 1 && m <= gemvMaxBatch_) {
+    const unsigned rows = static_cast<unsigned>(gemvRows(m));
+    launch(gemv_[m - 1], (static_cast<unsigned>(n) + rows - 1) / rows, 1, kGemvThreads, x, w, y, n, k);
+    return;
+  }
   const float one = 1.0f, zero = 0.0f;
   cublasStatus s = cublas_.gemmEx(handle_, kCublasOpT, kCublasOpN, n, m, k, &one, reinterpret_cast<const void*>(w),
                                   kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &zero,

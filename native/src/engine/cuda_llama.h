@@ -1,5 +1,6 @@
 // The reference engine's GPU model: the same Llama-family decoder as CpuLlama (llama_common.h), in bf16 with
-// fp32 accumulation. GEMMs go through cuBLAS (dlopened, cublas.h); embedding, fused residual + RMSNorm, RoPE
+// fp32 accumulation. GEMMs go through cuBLAS (dlopened, cublas.h), those of a small batch (decode) through
+// Tandem's skinny GEMM (native/kernels/gemv.cu); embedding, fused residual + RMSNorm, RoPE
 // with the KV write, paged attention and SwiGLU are Tandem's kernels (native/kernels/llama.cu). The KV pool
 // is caller-owned device memory in lib/kv's layout (bf16, NHD), so a worker can register it with the
 // transfer agent and move blocks to another GPU.
@@ -77,6 +78,9 @@ class CudaLlama {
   bool graphsActive() const { return cudaGraphs_; }
   // Whether attention runs through the flash kernels (set by init()).
   bool flashAttention() const { return flash_; }
+  // GEMMs with at most this many rows of x run through gemv.cu's kernels, larger ones through cuBLAS (0: all
+  // through cuBLAS, TANDEM_GEMV=off). Set by init().
+  int gemvMaxBatch() const { return gemvMaxBatch_; }
   std::string graphsReason() const {
     std::lock_guard<std::mutex> lock(slotsMutex_);
     return graphsReason_;
@@ -146,6 +150,8 @@ class CudaLlama {
   // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
   // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).
   std::atomic<bool> flash_{false};
+  std::vector<CUfunction> gemv_;  // tandem_gemv_m<m> at index m - 1, m = 1..gemvMaxBatch_
+  std::atomic<int> gemvMaxBatch_{0};
   int multiprocessors_ = 0;
   bool released_ = false;
   std::atomic<bool> cudaGraphs_{true};
