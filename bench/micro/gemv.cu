@@ -13,11 +13,15 @@
 // is the first over the second. Last: the GEMM time of one 8B decode step (32 layers + lm_head) per m, for
 // the kernel, cuBLAS and the copy bound: where the kernel stops beating cuBLAS is the engine's crossover
 // (kGemvMaxBatch in native/src/engine/cuda_llama.cpp; TANDEM_GEMV=<m> moves it without a rebuild).
+// gate_up also runs as the engine runs it up to the crossover, tandem_gemv_swiglu_m<M> (the GEMV with SiLU * up
+// fused, bf16 out), checked against cuBLAS + tandem_llama_silu_mul (within one bf16 rounding) and timed against
+// the unfused pair (GEMV + silu_mul).
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o gemv gemv.cu -ldl && ./gemv
 #include "micro.h"
 
 #include "../../native/kernels/gemv.cu"
+#include "../../native/kernels/llama.cu"
 
 #include <dlfcn.h>
 
@@ -143,6 +147,33 @@ std::vector<Variant> variantsFor(int m) {
     case 16: return variants<16>();
   }
   return {};
+}
+
+typedef void (*SwigluKernel)(const bf16*, const bf16*, bf16*, int, int);
+const SwigluKernel kSwiglu[tandem_gemv::kMaxM] = {
+    tandem_gemv_swiglu_m1,  tandem_gemv_swiglu_m2,  tandem_gemv_swiglu_m3,  tandem_gemv_swiglu_m4,
+    tandem_gemv_swiglu_m5,  tandem_gemv_swiglu_m6,  tandem_gemv_swiglu_m7,  tandem_gemv_swiglu_m8,
+    tandem_gemv_swiglu_m9,  tandem_gemv_swiglu_m10, tandem_gemv_swiglu_m11, tandem_gemv_swiglu_m12,
+    tandem_gemv_swiglu_m13, tandem_gemv_swiglu_m14, tandem_gemv_swiglu_m15, tandem_gemv_swiglu_m16};
+
+void launchSwiglu(int m, const bf16* x, const bf16* w, bf16* act, int inter, int k) {
+  const int pairs = rowsFor(m) / 2;
+  kSwiglu[m - 1]<<<(inter + pairs - 1) / pairs, kThreads>>>(x, w, act, inter, k);
+}
+
+// Two bf16 arrays agree when every element is within two bf16 roundings of the other (the fp32 sums before
+// the rounding differ in order only). Returns the number of elements that do not (non-finite ones included).
+size_t bf16Mismatches(const bf16* dA, const bf16* dB, size_t count) {
+  std::vector<uint16_t> a(count), b(count);
+  CHECK(cudaMemcpy(a.data(), dA, count * 2, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(b.data(), dB, count * 2, cudaMemcpyDeviceToHost));
+  size_t bad = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const float x = bf16ToFloat(a[i]), y = bf16ToFloat(b[i]);
+    if (!std::isfinite(x) || !(std::fabs(x - y) <= std::ldexp(std::max(std::fabs(x), std::fabs(y)), -7) + 1e-6f))
+      ++bad;
+  }
+  return bad;
 }
 
 void launchEntry(int m, const bf16* x, const bf16* w, float* y, int n, int k, int grid = 0) {
@@ -349,6 +380,11 @@ int main() {
     std::string bestName;
   };
   std::vector<Row> table;
+  struct Swiglu {
+    int m;
+    double fused, split;  // ms
+  };
+  std::vector<Swiglu> swiglu;
   uint32_t seed = 1000;
   for (const Gemm& g : gemms) {
     const size_t wCount = (size_t)g.n * g.k, wBytes = wCount * 2;
@@ -368,6 +404,12 @@ int main() {
     const int reps = (int)std::max<size_t>(20, (16ull << 30) / wBytes);
     const double copyMs =
         timeMs([&](int i) { CHECK(cudaMemcpyAsync(copyDst, w[i % copies], wBytes, cudaMemcpyDeviceToDevice)); }, reps);
+    bf16 *act = nullptr, *actRef = nullptr;
+    const int inter = g.n / 2;
+    if (std::string(g.name) == "gate_up") {
+      CHECK(cudaMalloc(&act, (size_t)16 * inter * 2));
+      CHECK(cudaMalloc(&actRef, (size_t)16 * inter * 2));
+    }
     std::vector<int> rows;
     for (int r = 0; r < g.n; r += g.n / 37) rows.push_back(r);
     rows.push_back(g.n - 1);
@@ -403,6 +445,25 @@ int main() {
       }
       row.cublas = timeMs([&](int i) { cublasGemm(cublas, x, m, g.k, w[i % copies], g.n, y); }, reps);
       table.push_back(row);
+      if (act) {
+        CHECK(cudaMemset(act, 0xff, (size_t)m * inter * 2));
+        launchSwiglu(m, x, w[0], act, inter, g.k);
+        tandem_llama_silu_mul<<<m, 256>>>(yRef, inter, actRef);  // yRef: cuBLAS's gate_up of w[0] above
+        CHECK(cudaGetLastError());
+        CHECK(cudaDeviceSynchronize());
+        const size_t bad = bf16Mismatches(act, actRef, (size_t)m * inter);
+        if (bad) fail("gate_up swiglu m=" + std::to_string(m) + ": " + std::to_string(bad) + " of " +
+                      std::to_string((size_t)m * inter) + " outputs differ from cuBLAS + silu_mul");
+        const double fused = timeMs([&](int i) { launchSwiglu(m, x, w[i % copies], act, inter, g.k); }, reps);
+        const double split = timeMs(
+            [&](int i) {
+              launchEntry(m, x, w[i % copies], y, g.n, g.k);
+              tandem_llama_silu_mul<<<m, 256>>>(y, inter, act);
+            },
+            reps);
+        std::printf("gate_up  m=%-2d swiglu-fused %7.1f us  GEMV + silu_mul %7.1f us\n", m, fused * 1e3, split * 1e3);
+        swiglu.push_back({m, fused, split});
+      }
       std::printf("%-8s m=%-2d engine %7.1f us  best %7.1f us (%s)  cuBLAS %7.1f us  copy %7.1f us\n", g.name, m,
                   row.ours * 1e3, row.best * 1e3, row.bestName.c_str(), row.cublas * 1e3, copyMs * 1e3);
       std::fflush(stdout);
@@ -412,6 +473,10 @@ int main() {
     CHECK(cudaFree(y));
     CHECK(cudaFree(yRef));
     CHECK(cudaFree(copyDst));
+    if (act) {
+      CHECK(cudaFree(act));
+      CHECK(cudaFree(actRef));
+    }
   }
 
   std::printf("\n%-8s %3s %9s | %9s %8s %6s | %9s %6s %-14s | %9s %8s %6s | %7s\n", "gemm", "m", "MB", "engine us",
@@ -438,6 +503,9 @@ int main() {
     }
     std::printf("%3d %12.3f %12.3f %12.3f %14s\n", m, ours, cub, copy, ours < cub ? "engine kernel" : "cuBLAS");
   }
+  std::printf("\ngate_up with SiLU * up fused (what the engine runs up to the crossover), 32 layers:\n%3s %12s %18s\n",
+              "m", "fused ms", "GEMV+silu_mul ms");
+  for (const Swiglu& s : swiglu) std::printf("%3d %12.3f %18.3f\n", s.m, 32 * s.fused, 32 * s.split);
   if (failures) {
     std::printf("\nFAIL: %d check(s) failed (see FAIL lines above)\n", failures);
     return 1;

@@ -10,6 +10,11 @@
 // the CTA's rows. fp32 accumulation; warp-shuffle then shared-memory reduction. The grid strides over row
 // groups, so any grid size is correct (the host launches ceil(n / Rows)).
 //
+// The SwiGLU form (tandem_gemv_swiglu_m<M>) takes the fused gate_up weights w[2 inter, k] (gate rows, then up
+// rows) and writes act[m, inter] = bf16(silu(gate) * up), as llama.cu's tandem_llama_silu_mul does from the
+// GEMM's fp32 output: each CTA computes matching gate and up rows, so the fp32 gate_up never reaches memory and
+// the separate launch goes away.
+//
 // Shapes: k a multiple of 8 with 16-byte aligned x and w takes the vector path; any other k (or alignment)
 // takes the scalar path, slower but exact. n need not be a multiple of Rows.
 #include <cuda_bf16.h>
@@ -55,27 +60,34 @@ __device__ __forceinline__ float warpSum(float v) {
 
 // The whole kernel for batch M, ROWS weight rows per CTA, THREADS threads per CTA, UNROLL loads per row in
 // flight. The micro benchmark instantiates other geometries to compare; the engine's are the entry points below.
-template <int M, int ROWS, int THREADS, int UNROLL>
-__device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w, float* __restrict__ y,
+// Plain: out is y (fp32, m x n). SWIGLU: n is inter, w has 2 n rows, out is act (bf16, m x n); the CTA's first
+// ROWS / 2 rows are gate rows, the others the matching up rows.
+template <int M, int ROWS, int THREADS, int UNROLL, bool SWIGLU = false>
+__device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out,
                                      int n, int k) {
   static_assert(THREADS % 32 == 0 && THREADS <= 1024, "THREADS must be whole warps");
   static_assert(M * ROWS <= THREADS, "the final reduction uses one thread per output");
+  static_assert(!SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows");
   constexpr int kWarps = THREADS / 32;
+  constexpr int kOutputs = SWIGLU ? ROWS / 2 : ROWS;  // outputs per batch row and row group
   __shared__ float partial[kWarps][M * ROWS];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool vectors = (k & 7) == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w)) & 15) == 0;
   const int kv = vectors ? k >> 3 : 0;  // 16-byte vectors per row; the scalar loop does elements [8 kv, k)
   const uint4* xv = reinterpret_cast<const uint4*>(x);
 
-  for (int row0 = blockIdx.x * ROWS; row0 < n; row0 += gridDim.x * ROWS) {
+  for (int row0 = blockIdx.x * kOutputs; row0 < n; row0 += gridDim.x * kOutputs) {
     float acc[M][ROWS];
 #pragma unroll
     for (int m = 0; m < M; ++m)
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) acc[m][r] = 0.0f;
-    size_t rowOffset[ROWS];  // rows past n read row n - 1 (valid memory) and are not written
+    size_t rowOffset[ROWS];  // outputs past n read row n - 1 (valid memory) and are not written
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) rowOffset[r] = (size_t)min(row0 + r, n - 1) * k;
+    for (int r = 0; r < ROWS; ++r) {
+      const int o = r % kOutputs, up = r / kOutputs;  // SwiGLU: up rows follow the inter gate rows
+      rowOffset[r] = ((size_t)up * n + min(row0 + o, n - 1)) * k;
+    }
 
     for (int v0 = tid; v0 < kv; v0 += THREADS * UNROLL) {
       uint4 wv[UNROLL][ROWS];
@@ -130,7 +142,17 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
       float s = 0.0f;
 #pragma unroll
       for (int i = 0; i < kWarps; ++i) s += partial[i][tid];
-      if (row0 + r < n) y[(size_t)m * n + row0 + r] = s;
+      if (!SWIGLU && row0 + r < n) static_cast<float*>(out)[(size_t)m * n + row0 + r] = s;
+      if (SWIGLU) partial[0][tid] = s;  // only this thread reads column tid
+    }
+    if (SWIGLU) {
+      __syncthreads();
+      if (tid < M * kOutputs) {
+        const int m = tid / kOutputs, o = tid % kOutputs;
+        const float g = partial[0][m * ROWS + o], u = partial[0][m * ROWS + kOutputs + o];
+        if (row0 + o < n)
+          static_cast<bf16*>(out)[(size_t)m * n + row0 + o] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+      }
     }
     __syncthreads();  // partial is reused by the next row group
   }
@@ -138,12 +160,20 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
 
 }  // namespace tandem_gemv
 
-// tandem_gemv_m<M>(x, w, y, n, k): block tandem_gemv::kThreads, grid ceil(n / rowsFor(M)) (any grid is correct).
-#define TANDEM_GEMV_ENTRY(M)                                                                                        \
-  extern "C" __global__ void __launch_bounds__(tandem_gemv::kThreads)                                              \
-      tandem_gemv_m##M(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,                   \
-                       float* __restrict__ y, int n, int k) {                                                      \
-    tandem_gemv::gemv<M, tandem_gemv::rowsFor(M), tandem_gemv::kThreads, tandem_gemv::kUnroll>(x, w, y, n, k);     \
+// tandem_gemv_m<M>(x, w, y, n, k): block tandem_gemv::kThreads, grid ceil(n / rowsFor(M)).
+// tandem_gemv_swiglu_m<M>(x, w, act, inter, k): block tandem_gemv::kThreads, grid ceil(inter / (rowsFor(M) / 2)).
+// Any grid is correct (the CTAs stride over row groups); these give each CTA one group.
+#define TANDEM_GEMV_ENTRY(M)                                                                                         \
+  extern "C" __global__ void __launch_bounds__(tandem_gemv::kThreads)                                               \
+      tandem_gemv_m##M(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,                    \
+                       float* __restrict__ y, int n, int k) {                                                       \
+    tandem_gemv::gemv<M, tandem_gemv::rowsFor(M), tandem_gemv::kThreads, tandem_gemv::kUnroll>(x, w, y, n, k);      \
+  }                                                                                                                 \
+  extern "C" __global__ void __launch_bounds__(tandem_gemv::kThreads)                                               \
+      tandem_gemv_swiglu_m##M(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,             \
+                              __nv_bfloat16* __restrict__ act, int inter, int k) {                                  \
+    tandem_gemv::gemv<M, tandem_gemv::rowsFor(M), tandem_gemv::kThreads, tandem_gemv::kUnroll, true>(x, w, act,      \
+                                                                                                    inter, k);      \
   }
 TANDEM_GEMV_ENTRY(1)
 TANDEM_GEMV_ENTRY(2)

@@ -78,7 +78,7 @@ describe.skipIf(!gate.run)('GEMV kernels (gemv.cu)', () => {
     [1000, 1032],
     [259, 100],
     [3, 4096],
-  ])('every entry point m = 1..16 matches float64 at n = %i, k = %i, for a full grid and a grid of 2', async (n, k) => {
+  ])('every entry point m = 1..16, plain and SwiGLU, matches float64 at n = %i, k = %i', async (n, k) => {
     const device = await CudaDevice.open(0);
     try {
       await device.loadKernels();
@@ -124,6 +124,51 @@ describe.skipIf(!gate.run)('GEMV kernels (gemv.cu)', () => {
         }
       }
       console.log(`[figure] gemv n=${n} k=${k}: worst error ${worst.toExponential(2)} of sum |w x| (m = 1..16)`);
+
+      // tandem_gemv_swiglu_m<m>: w's first `inter` rows are gate rows, the next `inter` up rows; out is
+      // act = bf16(silu(gate) * up). Allowed: one bf16 rounding of act plus fp32 summation error carried through.
+      const inter = Math.floor(n / 2);
+      const dAct = await device.alloc(GEMV_MAX_M * inter * 2);
+      let worstAct = 0;
+      for (let m = 1; m <= GEMV_MAX_M; m++) {
+        const x = randomBf16(m * k, 2000 + m);
+        const xf = bf16Values(x);
+        await dX.copyFromHost(x);
+        await dAct.copyFromHost(new Uint16Array(m * inter).fill(0x7fc0)); // NaN: every output must be written
+        await device.launch(`tandem_gemv_swiglu_m${m}`, { grid: 2 * inter, block: GEMV_THREADS }, [
+          dX,
+          dW,
+          dAct,
+          { i32: inter },
+          { i32: k },
+        ]);
+        const act = new Uint16Array(m * inter);
+        await dAct.copyToHost(act);
+        const got = bf16Values(act);
+        for (let i = 0; i < m; i++)
+          for (let j = 0; j < inter; j++) {
+            let g = 0;
+            let u = 0;
+            let gBound = 0;
+            let uBound = 0;
+            for (let e = 0; e < k; e++) {
+              const pg = wf[j * k + e]! * xf[i * k + e]!;
+              const pu = wf[(inter + j) * k + e]! * xf[i * k + e]!;
+              g += pg;
+              u += pu;
+              gBound += Math.abs(pg);
+              uBound += Math.abs(pu);
+            }
+            const silu = g / (1 + Math.exp(-g));
+            const want = silu * u;
+            const allowed = 2 ** -8 * Math.abs(want) + 1e-5 * (Math.abs(u) * gBound + Math.abs(silu) * uBound) + 1e-30;
+            const err = Math.abs(got[i * inter + j]! - want);
+            expect(err <= allowed, `swiglu m ${m}: act[${i}, ${j}] = ${got[i * inter + j]}, want ${want}`).toBe(true);
+            worstAct = Math.max(worstAct, err / allowed);
+          }
+      }
+      console.log(`[figure] gemv swiglu inter=${inter} k=${k}: worst error ${worstAct.toFixed(3)} of the allowance`);
+      await dAct.dispose();
       await Promise.all([dW.dispose(), dX.dispose(), dY.dispose()]);
     } finally {
       await device.dispose();

@@ -182,7 +182,11 @@ void CudaLlama::init() {
                                                    v + "'");
   }
   gemv_.clear();
-  for (int m = 1; m <= gemvMax; ++m) gemv_.push_back(device_.function("tandem_gemv_m" + std::to_string(m)));
+  gemvSwiglu_.clear();
+  for (int m = 1; m <= gemvMax; ++m) {
+    gemv_.push_back(device_.function("tandem_gemv_m" + std::to_string(m)));
+    gemvSwiglu_.push_back(device_.function("tandem_gemv_swiglu_m" + std::to_string(m)));
+  }
   gemvMaxBatch_ = gemvMax;
   CUdevice dev = 0;
   check(drv.cuDeviceGet(&dev, device_.ordinal()), "cuDeviceGet");
@@ -326,6 +330,18 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
                                                std::to_string(k) + "): " + cublas_.describe(s));
 }
 
+void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int inter, CUdeviceptr gateUp,
+                          CUdeviceptr act) {
+  if (m >= 1 && m <= gemvMaxBatch_) {
+    const unsigned pairs = static_cast<unsigned>(gemvRows(m) / 2);  // gate and up rows per CTA
+    launch(gemvSwiglu_[m - 1], (static_cast<unsigned>(inter) + pairs - 1) / pairs, 1, kGemvThreads, x, wgateUp, act,
+           inter, k);
+    return;
+  }
+  gemm(x, m, k, wgateUp, 2 * inter, gateUp);
+  launch(fn_.siluMul, static_cast<unsigned>(m), 1, 256, gateUp, inter, act);
+}
+
 CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size_t extraHost, CUdeviceptr& extraDev,
                                uint8_t*& extraHostPtr) {
   if (aborted_.load() || released_) throw Aborted("the model was disposed");
@@ -461,8 +477,7 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       gemm(attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, tmp);
       if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, tmp, weight(W.bo), hidden);
       launch(fn_.addRmsNorm, itok, 1, nt, x, tmp, weight(W.postNorm), hidden, eps, null, xn);
-      gemm(xn, itok, hidden, weight(W.wgateUp), 2 * iinter, gateUp);
-      launch(fn_.siluMul, itok, 1, 256, gateUp, iinter, act);
+      gateUpAct(xn, itok, hidden, weight(W.wgateUp), iinter, gateUp, act);
       gemm(act, itok, iinter, weight(W.wdown), hidden, tmp);
     }
     launch(fn_.addRmsNorm, static_cast<unsigned>(nseq), 1, nt, x, tmp, weight(finalNorm_), hidden, eps, dLastRows, last);

@@ -114,6 +114,9 @@ class CudaLlama {
   CUdeviceptr weight(size_t offset) const { return weights_->ptr + offset; }
   void ensureScratch(size_t deviceBytes, size_t hostBytes);
   void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y);
+  // act[m, inter] = bf16(silu(gate) * up) of x . wgateUp^T: one fused GEMV launch for small m, else the GEMM into
+  // gateUp (fp32 scratch) and tandem_llama_silu_mul.
+  void gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int inter, CUdeviceptr gateUp, CUdeviceptr act);
   template <typename... Args>
   void launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned block, Args... args);
   template <typename... Args>
@@ -150,7 +153,8 @@ class CudaLlama {
   // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
   // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).
   std::atomic<bool> flash_{false};
-  std::vector<CUfunction> gemv_;  // tandem_gemv_m<m> at index m - 1, m = 1..gemvMaxBatch_
+  std::vector<CUfunction> gemv_;        // tandem_gemv_m<m> at index m - 1, m = 1..gemvMaxBatch_
+  std::vector<CUfunction> gemvSwiglu_;  // tandem_gemv_swiglu_m<m>, likewise
   std::atomic<int> gemvMaxBatch_{0};
   int multiprocessors_ = 0;
   bool released_ = false;
