@@ -15,6 +15,12 @@
 // GEMM's fp32 output: each CTA computes matching gate and up rows, so the fp32 gate_up never reaches memory and
 // the separate launch goes away.
 //
+// Programmatic dependent launch (Hopper; the engine opts in with TANDEM_GEMV_PDL=1): launched with programmatic
+// stream serialization, a CTA may start while the previous kernel still runs. It then issues its first weight
+// loads (weights are constant) and waits (griddepcontrol.wait) before it reads x or writes anything. Launched
+// normally, the wait returns at once. Each CTA also lets the next kernel launch early
+// (griddepcontrol.launch_dependents), which matters only when that one was launched the same way.
+//
 // Shapes: k a multiple of 8 with 16-byte aligned x and w takes the vector path; any other k (or alignment)
 // takes the scalar path, slower but exact. n need not be a multiple of Rows.
 #include <cuda_bf16.h>
@@ -33,13 +39,35 @@ constexpr int kMaxM = 16;      // largest batch with an entry point (tandem_gemv
 __host__ __device__ constexpr int rowsFor(int m) { return m <= 2 ? 2 : 4; }
 static_assert(kMaxM * rowsFor(kMaxM) <= kThreads, "the final reduction uses one thread per output");
 
-// 16 bytes of weights, read once: not kept in L1.
+// 16 bytes of weights, read once: not kept in L1. volatile keeps the loads in program order, ahead of
+// waitForInputs() and of their first use.
 __device__ __forceinline__ uint4 loadStreaming(const uint4* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
   return v;
+}
+
+// 16 bytes of x: an ordinary (coherent) load, cached in L1, where every CTA of the SM finds it again. Not the
+// non-coherent path (ld.global.nc): under programmatic dependent launch the previous kernel writes x during
+// this kernel's lifetime. volatile keeps it after waitForInputs().
+__device__ __forceinline__ uint4 loadInput(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// Programmatic dependent launch: until this returns, the previous kernel's writes may not be visible.
+__device__ __forceinline__ void waitForInputs() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void letDependentsLaunch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // Eight bf16 (one 16-byte vector) to fp32, in order.
@@ -63,8 +91,8 @@ __device__ __forceinline__ float warpSum(float v) {
 // Plain: out is y (fp32, m x n). SWIGLU: n is inter, w has 2 n rows, out is act (bf16, m x n); the CTA's first
 // ROWS / 2 rows are gate rows, the others the matching up rows.
 template <int M, int ROWS, int THREADS, int UNROLL, bool SWIGLU = false>
-__device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __restrict__ w, void* __restrict__ out,
-                                     int n, int k) {
+__device__ __forceinline__ void gemv(const bf16* x, const bf16* __restrict__ w, void* __restrict__ out, int n,
+                                     int k) {
   static_assert(THREADS % 32 == 0 && THREADS <= 1024, "THREADS must be whole warps");
   static_assert(M * ROWS <= THREADS, "the final reduction uses one thread per output");
   static_assert(!SWIGLU || ROWS % 2 == 0, "SwiGLU pairs gate and up rows");
@@ -75,6 +103,8 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
   const bool vectors = (k & 7) == 0 && ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w)) & 15) == 0;
   const int kv = vectors ? k >> 3 : 0;  // 16-byte vectors per row; the scalar loop does elements [8 kv, k)
   const uint4* xv = reinterpret_cast<const uint4*>(x);
+  letDependentsLaunch();
+  bool waited = false;  // x is read and out written only after waitForInputs()
 
   for (int row0 = blockIdx.x * kOutputs; row0 < n; row0 += gridDim.x * kOutputs) {
     float acc[M][ROWS];
@@ -98,6 +128,10 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
         for (int r = 0; r < ROWS; ++r)
           wv[u][r] = v < kv ? loadStreaming(reinterpret_cast<const uint4*>(w + rowOffset[r]) + v) : make_uint4(0, 0, 0, 0);
       }
+      if (!waited) {
+        waitForInputs();
+        waited = true;
+      }
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         const int v = v0 + u * THREADS;
@@ -108,7 +142,7 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
 #pragma unroll
           for (int m = 0; m < M; ++m) {
             float xf[8];
-            unpack(__ldg(xv + (size_t)m * kv + v), xf);
+            unpack(loadInput(xv + (size_t)m * kv + v), xf);
 #pragma unroll
             for (int r = 0; r < ROWS; ++r)
 #pragma unroll
@@ -116,6 +150,10 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
           }
         }
       }
+    }
+    if (!waited) {  // no vector work for this thread
+      waitForInputs();
+      waited = true;
     }
     for (int e = kv * 8 + tid; e < k; e += THREADS) {
       float wf[ROWS];
@@ -165,12 +203,12 @@ __device__ __forceinline__ void gemv(const bf16* __restrict__ x, const bf16* __r
 // Any grid is correct (the CTAs stride over row groups); these give each CTA one group.
 #define TANDEM_GEMV_ENTRY(M)                                                                                         \
   extern "C" __global__ void __launch_bounds__(tandem_gemv::kThreads)                                               \
-      tandem_gemv_m##M(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,                    \
+      tandem_gemv_m##M(const __nv_bfloat16* x, const __nv_bfloat16* __restrict__ w,                                 \
                        float* __restrict__ y, int n, int k) {                                                       \
     tandem_gemv::gemv<M, tandem_gemv::rowsFor(M), tandem_gemv::kThreads, tandem_gemv::kUnroll>(x, w, y, n, k);      \
   }                                                                                                                 \
   extern "C" __global__ void __launch_bounds__(tandem_gemv::kThreads)                                               \
-      tandem_gemv_swiglu_m##M(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,             \
+      tandem_gemv_swiglu_m##M(const __nv_bfloat16* x, const __nv_bfloat16* __restrict__ w,                          \
                               __nv_bfloat16* __restrict__ act, int inter, int k) {                                  \
     tandem_gemv::gemv<M, tandem_gemv::rowsFor(M), tandem_gemv::kThreads, tandem_gemv::kUnroll, true>(x, w, act,      \
                                                                                                     inter, k);      \

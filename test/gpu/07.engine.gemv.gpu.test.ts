@@ -19,10 +19,12 @@ const GEMV_MAX_M = 16; // tandem_gemv::kMaxM
 const DEFAULT_GEMV_MAX_BATCH = 8; // kGemvMaxBatch in cuda_llama.cpp
 const BF16_TOLERANCE = 2e-2; // as test/gpu/05: bf16 weights and activations, fp32 accumulation
 
-const savedGemv = process.env.TANDEM_GEMV;
+const saved = { TANDEM_GEMV: process.env.TANDEM_GEMV, TANDEM_GEMV_PDL: process.env.TANDEM_GEMV_PDL };
 afterEach(() => {
-  if (savedGemv === undefined) delete process.env.TANDEM_GEMV;
-  else process.env.TANDEM_GEMV = savedGemv;
+  for (const [name, value] of Object.entries(saved)) {
+    if (value === undefined) delete process.env[name];
+    else process.env[name] = value;
+  }
 });
 
 /** The GPU engine reads TANDEM_GEMV when a runner is created (CudaLlama::init). */
@@ -272,6 +274,57 @@ describe.skipIf(!gate.run)('GPU engine with the GEMV kernels', () => {
       }
     },
   );
+
+  it('with programmatic dependent launch (TANDEM_GEMV_PDL=1) decode steps in CUDA graphs give the same logits', async () => {
+    const config = {
+      ...dummyConfig('tiny'),
+      hiddenSize: 512,
+      intermediateSize: 1536,
+      numHeads: 4,
+      numKvHeads: 2,
+      headDim: 128,
+    };
+    const create = () => CudaModelRunner.create({ config, numBlocks: 32, weights: 'dummy:tiny', seed: 9 });
+    const plain = await create();
+    process.env.TANDEM_GEMV_PDL = '1';
+    const pdl = await create();
+    try {
+      // Same kernels in the same order: only the launch overlap differs, so the logits must be bit-identical (a
+      // GEMV that read x before the previous kernel finished writing it would not be).
+      const lens = [0, 0, 0];
+      const step = (n: number, salt: number): ForwardBatch => {
+        const tokens: number[] = [];
+        const positions: number[] = [];
+        const seqStarts = [0];
+        for (let s = 0; s < 3; s++) {
+          for (let i = 0; i < n; i++) {
+            tokens.push((s * 17 + salt * 5 + i * 11) % config.vocabSize);
+            positions.push(lens[s]! + i);
+          }
+          lens[s]! += n;
+          seqStarts.push(tokens.length);
+        }
+        return {
+          tokens: Int32Array.from(tokens),
+          positions: Int32Array.from(positions),
+          seqStarts: Int32Array.from(seqStarts),
+          blockTables: Int32Array.from({ length: 3 * 4 }, (_, i) => i),
+          maxBlocksPerSeq: 4,
+          contextLens: Int32Array.from(lens),
+        };
+      };
+      const prefill = step(12, 0);
+      await Promise.all([plain.forward(prefill), pdl.forward(prefill)]);
+      for (let k = 1; k <= 6; k++) {
+        const batch = step(1, k);
+        const [a, b] = await Promise.all([plain.forward(batch), pdl.forward(batch)]);
+        expect(Array.from(b), `decode step ${k}`).toEqual(Array.from(a));
+      }
+      expect(pdl.cudaGraphs).toEqual({ active: true, reason: null });
+    } finally {
+      await Promise.all([plain.dispose(), pdl.dispose()]);
+    }
+  });
 
   it.each(['hf-tiny-llama', 'hf-tiny-qwen2'])(
     "greedy decoding gives transformers' 32 tokens with and without the GEMV kernels (%s)",

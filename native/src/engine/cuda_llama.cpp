@@ -188,6 +188,8 @@ void CudaLlama::init() {
     gemvSwiglu_.push_back(device_.function("tandem_gemv_swiglu_m" + std::to_string(m)));
   }
   gemvMaxBatch_ = gemvMax;
+  const char* pdl = std::getenv("TANDEM_GEMV_PDL");
+  gemvPdl_ = pdl && std::string(pdl) == "1";
   CUdevice dev = 0;
   check(drv.cuDeviceGet(&dev, device_.ordinal()), "cuDeviceGet");
   check(drv.cuDeviceGetAttribute(&multiprocessors_, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
@@ -312,13 +314,34 @@ void CudaLlama::launch3(CUfunction fn, unsigned gridX, unsigned gridY, unsigned 
         "cuLaunchKernel");
 }
 
+template <typename... Args>
+void CudaLlama::launchGemv(CUfunction fn, unsigned grid, Args... args) {
+  if (!gemvPdl_) {
+    launch(fn, grid, 1, kGemvThreads, args...);
+    return;
+  }
+  void* params[] = {static_cast<void*>(&args)...};
+  CUlaunchAttribute attr{};
+  attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+  attr.value.programmaticStreamSerializationAllowed = 1;
+  CUlaunchConfig config{};
+  config.gridDimX = grid;
+  config.gridDimY = config.gridDimZ = 1;
+  config.blockDimX = kGemvThreads;
+  config.blockDimY = config.blockDimZ = 1;
+  config.hStream = device_.stream();
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  check(device_.driver().cuLaunchKernelEx(&config, fn, params, nullptr), "cuLaunchKernelEx (GEMV)");
+}
+
 // y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32. A small m goes to gemv.cu (one launch, no
 // workspace: capturable in a decode graph); otherwise cuBLAS, in whose column-major terms
 // y^T (n x m) = w (k x n, transposed) . x^T (k x m).
 void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) {
   if (m >= 1 && m <= gemvMaxBatch_) {
     const unsigned rows = static_cast<unsigned>(gemvRows(m));
-    launch(gemv_[m - 1], (static_cast<unsigned>(n) + rows - 1) / rows, 1, kGemvThreads, x, w, y, n, k);
+    launchGemv(gemv_[m - 1], (static_cast<unsigned>(n) + rows - 1) / rows, x, w, y, n, k);
     return;
   }
   const float one = 1.0f, zero = 0.0f;
@@ -334,8 +357,7 @@ void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int 
                           CUdeviceptr act) {
   if (m >= 1 && m <= gemvMaxBatch_) {
     const unsigned pairs = static_cast<unsigned>(gemvRows(m) / 2);  // gate and up rows per CTA
-    launch(gemvSwiglu_[m - 1], (static_cast<unsigned>(inter) + pairs - 1) / pairs, 1, kGemvThreads, x, wgateUp, act,
-           inter, k);
+    launchGemv(gemvSwiglu_[m - 1], (static_cast<unsigned>(inter) + pairs - 1) / pairs, x, wgateUp, act, inter, k);
     return;
   }
   gemm(x, m, k, wgateUp, 2 * inter, gateUp);

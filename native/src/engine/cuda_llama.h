@@ -119,6 +119,9 @@ class CudaLlama {
   void gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int inter, CUdeviceptr gateUp, CUdeviceptr act);
   template <typename... Args>
   void launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned block, Args... args);
+  // A GEMV kernel (gemv.cu, kGemvThreads threads), with programmatic stream serialization when gemvPdl_.
+  template <typename... Args>
+  void launchGemv(CUfunction fn, unsigned grid, Args... args);
   template <typename... Args>
   void launch3(CUfunction fn, unsigned gridX, unsigned gridY, unsigned gridZ, unsigned block, unsigned sharedBytes,
                Args... args);
@@ -156,6 +159,9 @@ class CudaLlama {
   std::vector<CUfunction> gemv_;        // tandem_gemv_m<m> at index m - 1, m = 1..gemvMaxBatch_
   std::vector<CUfunction> gemvSwiglu_;  // tandem_gemv_swiglu_m<m>, likewise
   std::atomic<int> gemvMaxBatch_{0};
+  // TANDEM_GEMV_PDL=1: GEMV kernels start before the kernel ahead of them ends (programmatic dependent launch)
+  // and stream their first weights meanwhile. Off by default until measured.
+  bool gemvPdl_ = false;
   int multiprocessors_ = 0;
   bool released_ = false;
   std::atomic<bool> cudaGraphs_{true};
