@@ -555,7 +555,8 @@ async function main(): Promise<void> {
           ? 'greedy token ids from the device (--sampling device)'
           : 'whole logits back to the host each step (--sampling host)') +
         (runner instanceof CudaModelRunner
-          ? `; decode steps ${runner.cudaGraphs.active ? 'replayed as CUDA graphs' : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`}`
+          ? `; decode steps ${runner.cudaGraphs.active ? 'replayed as CUDA graphs' : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`}` +
+            `; GEMMs of ${runner.gemvMaxBatch > 0 ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more` : 'any size (TANDEM_GEMV=off)'} through cuBLAS`
           : ''),
     ];
     console.log(header.join('\n'));
@@ -591,7 +592,9 @@ async function main(): Promise<void> {
               blockSize: BLOCK_SIZE,
               numBlocks,
               sampling: sampling === 'device' && runner instanceof CudaModelRunner ? 'device' : 'host',
-              ...(runner instanceof CudaModelRunner ? { cudaGraphs: runner.cudaGraphs } : {}),
+              ...(runner instanceof CudaModelRunner
+                ? { cudaGraphs: runner.cudaGraphs, gemvMaxBatch: runner.gemvMaxBatch }
+                : {}),
             },
             baseline,
             rows,

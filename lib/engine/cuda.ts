@@ -300,6 +300,14 @@ export class CudaModelRunner implements ModelRunner {
     return native(() => this.raw.readWeight(name));
   }
 
+  /**
+   * The largest batch (rows of a GEMM) whose GEMMs run through the skinny-GEMM kernels of
+   * native/kernels/gemv.cu; larger ones go to cuBLAS. 0 with TANDEM_GEMV=off.
+   */
+  get gemvMaxBatch(): number {
+    return this.raw.gemvMaxBatch;
+  }
+
   /** bf16 bytes the weights take on the GPU. */
   get weightBytes(): number {
     return this.raw.weightBytes;

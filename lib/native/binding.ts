@@ -234,6 +234,7 @@ export interface RawCudaLlama {
   readonly weightBytes: number;
   readonly cudaGraphs: { active: boolean; reason: string | null };
   readonly attentionKernels: 'flash' | 'reference';
+  readonly gemvMaxBatch: number;
   readonly disposed: boolean;
   init(): Promise<void>;
   setWeight(name: string, data: Float32Array): Promise<void>;

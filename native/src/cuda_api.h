@@ -141,6 +141,27 @@ typedef CUresult (*PFN_cuLaunchKernel)(CUfunction f, unsigned gridX, unsigned gr
                                        unsigned blockX, unsigned blockY, unsigned blockZ,
                                        unsigned sharedMemBytes, CUstream stream, void** kernelParams,
                                        void** extra);
+// cuLaunchKernelEx and its attributes (cuda.h's CUlaunchConfig / CUlaunchAttribute layout). Programmatic stream
+// serialization (Hopper's programmatic dependent launch): the kernel may start before the previous one on the
+// stream has finished, and must execute griddepcontrol.wait before it touches what that one writes.
+enum : int { CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6 };
+union CUlaunchAttributeValue {
+  char pad[64];
+  int programmaticStreamSerializationAllowed;
+  unsigned long long align;  // the driver's union holds pointers: 8-byte aligned
+};
+struct CUlaunchAttribute {
+  int id;  // CUlaunchAttributeID
+  char pad[8 - sizeof(int)];
+  CUlaunchAttributeValue value;
+};
+struct CUlaunchConfig {
+  unsigned gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY, blockDimZ, sharedMemBytes;
+  CUstream hStream;
+  CUlaunchAttribute* attrs;
+  unsigned numAttrs;
+};
+typedef CUresult (*PFN_cuLaunchKernelEx)(const CUlaunchConfig* config, CUfunction f, void** kernelParams, void** extra);
 // CUfunction_attribute: a kernel may use more than 48 KiB of dynamic shared memory only once raised.
 enum : int { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8 };
 typedef CUresult (*PFN_cuFuncSetAttribute)(CUfunction f, int attrib, int value);

@@ -89,6 +89,18 @@ int flashPartialStride(int headDim) { return headDim + 4; }
 unsigned flashPrefillSmem(int headDim) { return 2u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 // Decode attention is split along the context until the grid has this many CTAs per multiprocessor.
 constexpr int kFlashDecodeCtasPerSm = 2;
+// The skinny GEMM's geometry (gemv.cu, namespace tandem_gemv): threads per CTA, the largest batch with a kernel,
+// and weight rows per CTA (any grid is correct there; this one gives each CTA one row group).
+constexpr unsigned kGemvThreads = 128;
+constexpr int kGemvKernelMaxM = 16;
+constexpr int gemvRows(int m) { return m <= 2 ? 2 : 4; }
+// GEMMs with at most this many rows of x (decode batches) run through gemv.cu, larger ones through cuBLAS.
+// Reasoning until the micro benchmark (bench/micro/gemv.cu) says otherwise: up to 8 rows each weight vector
+// costs about 8m + 8 + 9m/4 instructions per thread, under the issue rate at full memory bandwidth on an
+// H100, while cuBLAS's small-m kernels reach well under the bandwidth; at 16 rows the FMA path nears the issue
+// limit and tensor cores are the right tool. TANDEM_GEMV=off (or 0) forces cuBLAS; TANDEM_GEMV=<1..16> moves
+// the crossover.
+constexpr int kGemvMaxBatch = 8;
 // Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
 constexpr size_t kMaxGraphs = 64;
 
@@ -199,6 +211,29 @@ void CudaLlama::init() {
           "cuFuncSetAttribute (flash prefill shared memory)");
     flash_ = true;
   }
+  int gemvMax = kGemvMaxBatch;
+  if (const char* gemv = std::getenv("TANDEM_GEMV")) {
+    const std::string v = gemv;
+    char* end = nullptr;
+    const long parsed = std::strtol(v.c_str(), &end, 10);
+    if (v == "off")
+      gemvMax = 0;
+    else if (!v.empty() && *end == '\0' && parsed >= 0 && parsed <= kGemvKernelMaxM)
+      gemvMax = static_cast<int>(parsed);
+    else
+      throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_GEMV must be 'off' or the largest batch (0.." +
+                                                   std::to_string(kGemvKernelMaxM) + ") for the GEMV kernels; got '" +
+                                                   v + "'");
+  }
+  gemv_.clear();
+  gemvSwiglu_.clear();
+  for (int m = 1; m <= gemvMax; ++m) {
+    gemv_.push_back(device_.function("tandem_gemv_m" + std::to_string(m)));
+    gemvSwiglu_.push_back(device_.function("tandem_gemv_swiglu_m" + std::to_string(m)));
+  }
+  gemvMaxBatch_ = gemvMax;
+  const char* pdl = std::getenv("TANDEM_GEMV_PDL");
+  gemvPdl_ = pdl && std::string(pdl) == "1";
   CUdevice dev = 0;
   check(drv.cuDeviceGet(&dev, device_.ordinal()), "cuDeviceGet");
   check(drv.cuDeviceGetAttribute(&multiprocessors_, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
@@ -486,9 +521,36 @@ void CudaLlama::launch3(CUfunction fn, unsigned gridX, unsigned gridY, unsigned 
         "cuLaunchKernel");
 }
 
-// y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32: in cuBLAS's column-major terms
+template <typename... Args>
+void CudaLlama::launchGemv(CUfunction fn, unsigned grid, Args... args) {
+  if (!gemvPdl_) {
+    launch(fn, grid, 1, kGemvThreads, args...);
+    return;
+  }
+  void* params[] = {static_cast<void*>(&args)...};
+  CUlaunchAttribute attr{};
+  attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+  attr.value.programmaticStreamSerializationAllowed = 1;
+  CUlaunchConfig config{};
+  config.gridDimX = grid;
+  config.gridDimY = config.gridDimZ = 1;
+  config.blockDimX = kGemvThreads;
+  config.blockDimY = config.blockDimZ = 1;
+  config.hStream = device_.stream();
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  check(device_.driver().cuLaunchKernelEx(&config, fn, params, nullptr), "cuLaunchKernelEx (GEMV)");
+}
+
+// y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32. A small m goes to gemv.cu (one launch, no
+// workspace: capturable in a decode graph); otherwise cuBLAS, in whose column-major terms
 // y^T (n x m) = w (k x n, transposed) . x^T (k x m).
 void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) {
+  if (m >= 1 && m <= gemvMaxBatch_) {
+    const unsigned rows = static_cast<unsigned>(gemvRows(m));
+    launchGemv(gemv_[m - 1], (static_cast<unsigned>(n) + rows - 1) / rows, x, w, y, n, k);
+    return;
+  }
   const float one = 1.0f, zero = 0.0f;
   cublasStatus s = cublas_.gemmEx(handle_, kCublasOpT, kCublasOpN, n, m, k, &one, reinterpret_cast<const void*>(w),
                                   kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &zero,
@@ -496,6 +558,17 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
   if (s != 0)
     throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx (" + std::to_string(m) + " x " + std::to_string(n) + " x " +
                                                std::to_string(k) + "): " + cublas_.describe(s));
+}
+
+void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int inter, CUdeviceptr gateUp,
+                          CUdeviceptr act) {
+  if (m >= 1 && m <= gemvMaxBatch_) {
+    const unsigned pairs = static_cast<unsigned>(gemvRows(m) / 2);  // gate and up rows per CTA
+    launchGemv(gemvSwiglu_[m - 1], (static_cast<unsigned>(inter) + pairs - 1) / pairs, x, wgateUp, act, inter, k);
+    return;
+  }
+  gemm(x, m, k, wgateUp, 2 * inter, gateUp);
+  launch(fn_.siluMul, static_cast<unsigned>(m), 1, 256, gateUp, inter, act);
 }
 
 CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size_t extraHost, CUdeviceptr& extraDev,
@@ -633,8 +706,7 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       gemm(attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, tmp);
       if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, tmp, weight(W.bo), hidden);
       launch(fn_.addRmsNorm, itok, 1, nt, x, tmp, weight(W.postNorm), hidden, eps, null, xn);
-      gemm(xn, itok, hidden, weight(W.wgateUp), 2 * iinter, gateUp);
-      launch(fn_.siluMul, itok, 1, 256, gateUp, iinter, act);
+      gateUpAct(xn, itok, hidden, weight(W.wgateUp), iinter, gateUp, act);
       gemm(act, itok, iinter, weight(W.wdown), hidden, tmp);
     }
     launch(fn_.addRmsNorm, static_cast<unsigned>(nseq), 1, nt, x, tmp, weight(finalNorm_), hidden, eps, dLastRows, last);

@@ -1,5 +1,6 @@
 // The reference engine's GPU model: the same Llama-family decoder as CpuLlama (llama_common.h), in bf16 with
-// fp32 accumulation. GEMMs go through cuBLAS (dlopened, cublas.h); embedding, fused residual + RMSNorm, RoPE
+// fp32 accumulation. GEMMs go through cuBLAS (dlopened, cublas.h), those of a small batch (decode) through
+// Tandem's skinny GEMM (native/kernels/gemv.cu); embedding, fused residual + RMSNorm, RoPE
 // with the KV write, paged attention and SwiGLU are Tandem's kernels (native/kernels/llama.cu). The KV pool
 // is caller-owned device memory in lib/kv's layout (bf16, NHD), so a worker can register it with the
 // transfer agent and move blocks to another GPU.
@@ -99,6 +100,9 @@ class CudaLlama {
   bool graphsActive() const { return cudaGraphs_; }
   // Whether attention runs through the flash kernels (set by init()).
   bool flashAttention() const { return flash_; }
+  // GEMMs with at most this many rows of x run through gemv.cu's kernels, larger ones through cuBLAS (0: all
+  // through cuBLAS, TANDEM_GEMV=off). Set by init().
+  int gemvMaxBatch() const { return gemvMaxBatch_; }
   std::string graphsReason() const {
     std::lock_guard<std::mutex> lock(slotsMutex_);
     return graphsReason_;
@@ -135,8 +139,14 @@ class CudaLlama {
   CUdeviceptr weight(size_t offset) const { return weights_->ptr + offset; }
   void ensureScratch(size_t deviceBytes, size_t hostBytes);
   void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y);
+  // act[m, inter] = bf16(silu(gate) * up) of x . wgateUp^T: one fused GEMV launch for small m, else the GEMM into
+  // gateUp (fp32 scratch) and tandem_llama_silu_mul.
+  void gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int inter, CUdeviceptr gateUp, CUdeviceptr act);
   template <typename... Args>
   void launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned block, Args... args);
+  // A GEMV kernel (gemv.cu, kGemvThreads threads), with programmatic stream serialization when gemvPdl_.
+  template <typename... Args>
+  void launchGemv(CUfunction fn, unsigned grid, Args... args);
   template <typename... Args>
   void launch3(CUfunction fn, unsigned gridX, unsigned gridY, unsigned gridZ, unsigned block, unsigned sharedBytes,
                Args... args);
@@ -172,6 +182,12 @@ class CudaLlama {
   // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
   // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).
   std::atomic<bool> flash_{false};
+  std::vector<CUfunction> gemv_;        // tandem_gemv_m<m> at index m - 1, m = 1..gemvMaxBatch_
+  std::vector<CUfunction> gemvSwiglu_;  // tandem_gemv_swiglu_m<m>, likewise
+  std::atomic<int> gemvMaxBatch_{0};
+  // TANDEM_GEMV_PDL=1: GEMV kernels start before the kernel ahead of them ends (programmatic dependent launch)
+  // and stream their first weights meanwhile. Off by default until measured.
+  bool gemvPdl_ = false;
   int multiprocessors_ = 0;
   bool released_ = false;
   std::atomic<bool> cudaGraphs_{true};

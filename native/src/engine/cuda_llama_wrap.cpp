@@ -45,6 +45,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceAccessor<&CudaLlamaWrap::GetDisposed>("disposed"),
                                         InstanceAccessor<&CudaLlamaWrap::GetCudaGraphs>("cudaGraphs"),
                                         InstanceAccessor<&CudaLlamaWrap::GetAttentionKernels>("attentionKernels"),
+                                        InstanceAccessor<&CudaLlamaWrap::GetGemvMaxBatch>("gemvMaxBatch"),
                                     });
   exports.Set("CudaLlama", ctor);
 }
@@ -411,6 +412,11 @@ Napi::Value CudaLlamaWrap::GetCudaGraphs(const Napi::CallbackInfo& info) {
 // 'flash' (attention.cu) or 'reference' (llama.cu); known once init() has run.
 Napi::Value CudaLlamaWrap::GetAttentionKernels(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), model_ && model_->flashAttention() ? "flash" : "reference");
+}
+
+// The largest batch whose GEMMs run through gemv.cu (0: all through cuBLAS); known once init() has run.
+Napi::Value CudaLlamaWrap::GetGemvMaxBatch(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), model_ ? model_->gemvMaxBatch() : 0);
 }
 
 Napi::Value CudaLlamaWrap::GetDisposed(const Napi::CallbackInfo& info) {

@@ -39,6 +39,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
   Napi::Value GetCudaGraphs(const Napi::CallbackInfo& info);
   Napi::Value GetAttentionKernels(const Napi::CallbackInfo& info);
+  Napi::Value GetGemvMaxBatch(const Napi::CallbackInfo& info);
 
   std::shared_ptr<CudaLlama> model_;
   CudaDevice* device_ = nullptr;
