@@ -116,7 +116,7 @@ function checkRequest(r: CapacityRequest): Required<CapacityRequest> {
   positiveInt('gpus', r.gpus);
   const minReplicas = r.minReplicas ?? 1;
   positiveInt('minReplicas', minReplicas);
-  return { ...r, minReplicas };
+  return { rate: r.rate, isl: r.isl, osl: r.osl, ttftMs: r.ttftMs, itlMs: r.itlMs, gpus: r.gpus, minReplicas };
 }
 
 const ms = (x: number) => `${+x.toPrecision(3)} ms`;
