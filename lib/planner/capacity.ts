@@ -17,9 +17,9 @@
  *
  * Layout: per pool, the layout of the profile that needs the fewest GPUs (replicas x GPUs per replica); ties go
  * to the layout listed first. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
- * each pool keeps its layout and at least minReplicas, and the rest of the budget goes one replica at a time to
- * the pool that serves the smaller share of the rate; `servableRate` says what that deployment serves within
- * the SLAs. A budget below minReplicas of each pool is an UnmeetablePlanError.
+ * for each pair of layouts, minReplicas of each pool, then one replica at a time to the pool that serves the
+ * smaller share of the rate while one fits; the pair that serves the most wins. `servableRate` says what that
+ * deployment serves within the SLAs. A budget below minReplicas of each pool is an UnmeetablePlanError.
  */
 import { BadArgumentError } from '../errors.js';
 import { UnmeetablePlanError } from './errors.js';
@@ -191,28 +191,60 @@ function decodeFor(
   };
 }
 
-/** The candidate needing the fewest GPUs (first listed on ties); UnmeetablePlanError with every reason if none. */
-function cheapest<T extends PoolPlanBase>(candidates: (T | string)[], what: string): T {
+/** The layouts that can meet the SLA, or UnmeetablePlanError with every layout's reason when none can. */
+function feasible<T extends PoolPlanBase>(candidates: (T | string)[], what: string): T[] {
   const plans = candidates.filter((c): c is T => typeof c !== 'string');
   if (plans.length === 0)
     throw new UnmeetablePlanError(`no ${what} replica meets the SLA: ${(candidates as string[]).join('; ')}`);
-  return plans.reduce((best, p) => (p.gpus < best.gpus ? p : best));
+  return plans;
+}
+
+/** The plan needing the fewest GPUs (the first listed on ties). */
+const cheapest = <T extends PoolPlanBase>(plans: T[]): T => plans.reduce((best, p) => (p.gpus < best.gpus ? p : best));
+
+const served = (p: PoolPlanBase) => p.replicas * p.ratePerReplica;
+
+/**
+ * Within a budget below the need: minReplicas of each pool, then one replica at a time to the pool that serves
+ * the smaller share of the rate, while it fits. Undefined when minReplicas of each do not fit.
+ */
+function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(
+  prefill: P,
+  decode: D,
+  r: Required<CapacityRequest>,
+) {
+  const least = r.minReplicas * (prefill.gpusPerReplica + decode.gpusPerReplica);
+  if (least > r.gpus) return undefined;
+  const p = { ...prefill, replicas: r.minReplicas };
+  const d = { ...decode, replicas: r.minReplicas };
+  let left = r.gpus - least;
+  for (;;) {
+    const order = served(p) <= served(d) ? [p, d] : [d, p];
+    const next = order.find((pool) => pool.gpusPerReplica <= left && pool.replicas < pool.replicasNeeded);
+    if (!next) break;
+    next.replicas++;
+    left -= next.gpusPerReplica;
+  }
+  p.gpus = p.replicas * p.gpusPerReplica;
+  d.gpus = d.replicas * d.gpusPerReplica;
+  return { prefill: p, decode: d, gpusUsed: p.gpus + d.gpus, servableRate: Math.min(served(p), served(d)) };
 }
 
 /** Replica counts and layouts for a load; see the module comment for the arithmetic. */
 export function planCapacity(profile: Profile, request: CapacityRequest): CapacityPlan {
   const r = checkRequest(request);
   const models = layoutModels(profile);
-  const prefill = cheapest(
+  const prefills = feasible(
     models.map((m) => prefillFor(m, r)),
     'prefill',
   );
-  const decode = cheapest(
+  const decodes = feasible(
     models.map((m) => decodeFor(m, r, profile.engine)),
     'decode',
   );
+  const prefill = cheapest(prefills);
+  const decode = cheapest(decodes);
   const gpusNeeded = prefill.gpus + decode.gpus;
-  const served = (p: PoolPlanBase) => p.replicas * p.ratePerReplica;
   if (gpusNeeded <= r.gpus)
     return {
       status: 'ok',
@@ -224,32 +256,26 @@ export function planCapacity(profile: Profile, request: CapacityRequest): Capaci
       servableRate: Math.min(served(prefill), served(decode)),
     };
 
-  const least = r.minReplicas * (prefill.gpusPerReplica + decode.gpusPerReplica);
-  if (least > r.gpus)
+  // Over budget: of every pair of layouts, the one that serves the most within it (then the fewest GPUs).
+  let best: ReturnType<typeof bestEffort<PrefillPoolPlan, DecodePoolPlan>>;
+  for (const p of prefills)
+    for (const d of decodes) {
+      const effort = bestEffort(p, d, r);
+      if (!effort) continue;
+      if (
+        !best ||
+        effort.servableRate > best.servableRate ||
+        (effort.servableRate === best.servableRate && effort.gpusUsed < best.gpusUsed)
+      )
+        best = effort;
+    }
+  if (!best) {
+    const smallest = (plans: PoolPlanBase[]) => plans.reduce((a, b) => (b.gpusPerReplica < a.gpusPerReplica ? b : a));
+    const [p, d] = [smallest(prefills), smallest(decodes)];
     throw new UnmeetablePlanError(
-      `a budget of ${r.gpus} GPUs cannot hold ${r.minReplicas} ${prefill.layout} prefill and ${r.minReplicas} ` +
-        `${decode.layout} decode replicas (${least} GPUs)`,
+      `a budget of ${r.gpus} GPUs cannot hold ${r.minReplicas} ${p.layout} prefill and ${r.minReplicas} ` +
+        `${d.layout} decode replicas (${r.minReplicas * (p.gpusPerReplica + d.gpusPerReplica)} GPUs)`,
     );
-  const p = { ...prefill, replicas: r.minReplicas };
-  const d = { ...decode, replicas: r.minReplicas };
-  let left = r.gpus - least;
-  for (;;) {
-    // The pool that serves the smaller share of the rate gets the next replica, if it fits.
-    const order = served(p) <= served(d) ? [p, d] : [d, p];
-    const next = order.find((pool) => pool.gpusPerReplica <= left && pool.replicas < pool.replicasNeeded);
-    if (!next) break;
-    next.replicas++;
-    left -= next.gpusPerReplica;
   }
-  p.gpus = p.replicas * p.gpusPerReplica;
-  d.gpus = d.replicas * d.gpusPerReplica;
-  return {
-    status: 'over-budget',
-    request: r,
-    prefill: p,
-    decode: d,
-    gpusNeeded,
-    gpusUsed: p.gpus + d.gpus,
-    servableRate: Math.min(served(p), served(d)),
-  };
+  return { status: 'over-budget', request: r, gpusNeeded, ...best };
 }

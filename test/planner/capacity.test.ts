@@ -90,6 +90,20 @@ describe('planCapacity: the arithmetic', () => {
     );
   });
 
+  it('over budget, layouts are chosen for the budget: a TP 2 pool gives way where it does not fit', () => {
+    const two = syntheticProfile([syntheticLayout(), syntheticLayout({ tp: 2, speedup: 2.5 })]);
+    const need = planCapacity(two, { ...base, rate: 100 });
+    expect([need.prefill.gpusPerReplica, need.decode.gpusPerReplica]).toEqual([2, 2]);
+    const plan = planCapacity(two, { ...base, rate: 100, gpus: 3 });
+    expect(plan.status).toBe('over-budget');
+    expect(plan.gpusUsed).toBeLessThanOrEqual(3);
+    expect(plan.prefill.gpusPerReplica + plan.decode.gpusPerReplica).toBeLessThanOrEqual(3);
+    // The pair chosen serves at least what any other pair that fits serves.
+    const tp1 = planCapacity(syntheticProfile([syntheticLayout()]), { ...base, rate: 100, gpus: 3 });
+    expect(plan.servableRate).toBeGreaterThanOrEqual(tp1.servableRate);
+    expect(plan.gpusNeeded).toBe(need.gpusNeeded);
+  });
+
   it('SLAs no size meets, and a budget below one replica of each pool: UnmeetablePlanError saying why', () => {
     expect(unmeetable({ ttftMs: prefillCost(1024) - 1 })).toBe(
       `no prefill replica meets the SLA: one prompt of 1024 tokens alone takes ${+prefillCost(1024).toPrecision(3)} ms on tp1, over the TTFT SLA of ${+(prefillCost(1024) - 1).toPrecision(3)} ms`,
