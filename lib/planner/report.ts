@@ -122,7 +122,12 @@ export function profileChart(profile: Profile): ChartSpec {
             'isl',
             'input length (tokens)',
             prefill.map((p) => p.isl),
-            { base: 2, zero: false, ticks: [...new Set(prefill.map((p) => p.isl))] },
+            {
+              base: 2,
+              zero: false,
+              labelExpr: "format(datum.value, 'd')",
+              ticks: [...new Set(prefill.map((p) => p.isl))],
+            },
           ),
           y: axisFor(
             'ms',
@@ -144,7 +149,12 @@ export function profileChart(profile: Profile): ChartSpec {
             'batch',
             'batch (sequences)',
             decode.map((p) => p.batch),
-            { base: 2, zero: false, ticks: [...new Set(decode.map((p) => p.batch))] },
+            {
+              base: 2,
+              zero: false,
+              labelExpr: "format(datum.value, 'd')",
+              ticks: [...new Set(decode.map((p) => p.batch))],
+            },
           ),
           y: axisFor(
             'ms',
