@@ -7,6 +7,8 @@
  * TTFT = S + W <= ttftMs holds while rho <= 2x / (1 + 2x), x = (ttftMs - S) / S, capped at
  * MAX_PREFILL_UTILIZATION. A replica then serves rho / S prompts per second (its throughput at the TTFT SLA),
  * and prefillReplicas = ceil(rate / (rho / S)). S > ttftMs: no replica count meets the TTFT.
+ * Conservative for short prompts: the engine batches several into one step (up to maxNumBatchedTokens), which
+ * serves more than one at a time.
  *
  * Decode (per replica of a layout): the mean context of a sequence over its decode is ISL + OSL / 2. The batch
  * B is the largest measured batch whose step time at that context meets the ITL SLA, bounded by the KV pool

@@ -74,7 +74,7 @@ export interface LoadCorrection {
 }
 
 export class LoadCorrector {
-  private readonly o: Required<Omit<LoadCorrectionOptions, 'gpusPerReplica'>> & {
+  private o: Required<Omit<LoadCorrectionOptions, 'gpusPerReplica'>> & {
     gpusPerReplica: Record<Pool, number>;
   };
   private readonly state: Record<Pool, PoolState>;
@@ -120,8 +120,17 @@ export class LoadCorrector {
     this.setReplicas(replicas);
   }
 
-  /** Replicas set from outside (the SLA plan of a new interval): counts start again; no cool-down. */
-  setReplicas(replicas: Record<Pool, number>, atMs?: number): void {
+  /**
+   * Replicas set from outside (the SLA plan of a new interval, with its layouts' GPUs per replica): counts start
+   * again, and with `atMs` a cool-down starts, so that the correction does not undo the plan at once.
+   */
+  setReplicas(replicas: Record<Pool, number>, atMs?: number, gpusPerReplica?: Record<Pool, number>): void {
+    for (const pool of POOLS) {
+      const g = gpusPerReplica?.[pool];
+      if (g !== undefined && (!Number.isSafeInteger(g) || g < 1))
+        throw new BadArgumentError(`gpusPerReplica.${pool} must be a positive integer (got ${g})`);
+    }
+    if (gpusPerReplica) this.o.gpusPerReplica = { ...gpusPerReplica };
     for (const pool of POOLS) {
       const n = replicas[pool];
       if (!Number.isSafeInteger(n) || n < 0)

@@ -69,7 +69,10 @@ export class Planner {
         gpus: this.options.maxGpus,
         minReplicas: this.options.minReplicas ?? 1,
       });
-      this.corrector.setReplicas({ prefill: plan.prefill.replicas, decode: plan.decode.replicas }, atMs);
+      this.corrector.setReplicas({ prefill: plan.prefill.replicas, decode: plan.decode.replicas }, atMs, {
+        prefill: plan.prefill.gpusPerReplica,
+        decode: plan.decode.gpusPerReplica,
+      });
       reason =
         plan.status === 'ok'
           ? `forecast ${forecast.rate.toFixed(2)} req/s needs ${plan.prefill.replicas} prefill + ${plan.decode.replicas} decode`

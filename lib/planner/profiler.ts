@@ -146,6 +146,8 @@ export async function measureProfile(options: MeasureProfileOptions): Promise<Pr
         continue;
       }
       const runs: number[] = [];
+      // A GPU's first step of a shape pays for its kernels and scratch; a CPU's does not, and its prompts are slow.
+      if (opened.device === 'cuda') await prefillOnce(isl);
       for (let i = 0; i < sweep.repeats; i++) runs.push(await prefillOnce(isl));
       prefill.push({
         isl,

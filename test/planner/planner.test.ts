@@ -8,7 +8,7 @@ import {
   UnmeetablePlanError,
   type Decision,
 } from '../../lib/planner/index.js';
-import { syntheticProfile } from './synthetic.js';
+import { syntheticLayout, syntheticProfile } from './synthetic.js';
 
 describe('DecisionHistory', () => {
   it('numbers and stamps decisions, keeps the newest `capacity`', () => {
@@ -65,6 +65,21 @@ describe('Planner', () => {
     expect(later.outputs.action.kind).toBe('remove');
     expect(later.inputs.atMs).toBe(10_000);
     expect(planner.history.latest()).toBe(later);
+  });
+
+  it("the correction counts the planned layouts' GPUs: a TP 2 replica does not fit one free GPU", () => {
+    const two = syntheticProfile([syntheticLayout(), syntheticLayout({ tp: 2, speedup: 2.5 })]);
+    const load = { rate: 100, isl: 1024, osl: 256 };
+    const planned = planCapacity(two, { ...load, ...sla, gpus: 64 });
+    expect(planned.prefill.gpusPerReplica).toBe(2);
+    const maxGpus = planned.gpusUsed + 1;
+    const planner = new Planner({ ...sla, maxGpus, cooldownMs: 0, profile: two, replicas: { prefill: 1, decode: 1 } });
+    expect(planner.planInterval(load, 0).outputs.plan!.prefill.replicas).toBe(planned.prefill.replicas);
+    let last;
+    for (let t = 1; t <= 3; t++) last = planner.observeLoad({ atMs: t, prefillTtftMs: [900, 900], decodeItlMs: [20] });
+    expect(last!.outputs.action.kind).toBe('hold');
+    expect(last!.reason).toMatch(/^prefill misses its TTFT 500 ms but the GPU budget \(\d+\) is full/);
+    expect(planner.replicas.prefill).toBe(planned.prefill.replicas);
   });
 
   it('mode load: no profile, no planInterval', () => {
