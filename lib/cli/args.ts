@@ -40,12 +40,23 @@ const OPTIONS = {
   host: { type: 'string' },
   port: { type: 'string' },
   'api-key': { type: 'string' },
+  out: { type: 'string' },
+  quick: { type: 'boolean' },
+  isl: { type: 'string' },
+  osl: { type: 'string' },
+  batch: { type: 'string' },
+  context: { type: 'string' },
+  profile: { type: 'string' },
+  rate: { type: 'string' },
+  'ttft-ms': { type: 'string' },
+  'itl-ms': { type: 'string' },
+  gpus: { type: 'string' },
 } as const satisfies Record<string, OptionSpec>;
 
 export type OptionName = keyof typeof OPTIONS;
 export type OptionValues = { [K in OptionName]?: (typeof OPTIONS)[K]['type'] extends 'boolean' ? boolean : string };
 
-export const COMMANDS = ['info', 'start', 'serve', 'generate'] as const;
+export const COMMANDS = ['info', 'start', 'serve', 'generate', 'profile', 'plan'] as const;
 export type Command = (typeof COMMANDS)[number];
 
 const GLOBAL: readonly OptionName[] = ['help', 'version'];
@@ -68,6 +79,8 @@ export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
     'chat',
     'json',
   ],
+  profile: ['model', 'out', 'quick', 'isl', 'batch', 'context', 'device', 'threads', 'seed'],
+  plan: ['profile', 'isl', 'osl', 'rate', 'ttft-ms', 'itl-ms', 'gpus', 'json'],
 };
 
 export interface CommandLine {

@@ -7,6 +7,8 @@
  *   tandem serve -f FILE   a deployment graph
  *   tandem generate ...    one request through the engine (see lib/cli/generate.ts)
  *   tandem bench serve ... goodput under SLOs (lib/bench/command.ts parses its options)
+ *   tandem profile ...     a performance profile of a model on this machine (lib/cli/profile.ts)
+ *   tandem plan ...        the replicas and layouts the planner would choose (lib/cli/plan.ts)
  *   tandem --version
  */
 import { capabilities } from '../capabilities/index.js';
@@ -15,6 +17,8 @@ import { packageVersion } from '../version.js';
 import { parseCommandLine, UsageError } from './args.js';
 import { formatCapabilities } from './format.js';
 import { generate } from './generate.js';
+import { plan } from './plan.js';
+import { profile } from './profile.js';
 import { start } from './start.js';
 
 const HELP = `tandem ${packageVersion}: disaggregated LLM serving for Node.js
@@ -32,6 +36,14 @@ Usage:
   tandem bench serve [--quick] [--url URL | --deploy A.yaml,B.yaml] [--rate R,... | --concurrency C,...]
                            goodput under SLOs of a deployment or of any OpenAI-compatible server
                            (tandem bench serve --help lists its options)
+  tandem profile --model <dir|dummy:preset> --out FILE [--quick] [--isl N,...] [--batch N,...]
+                 [--context N,...] [--device cpu|cuda|auto] [--threads N] [--seed S]
+                           measure prefill time against input length and decode step time against
+                           batch and context through the engine; write the profile (JSON), a table and
+                           a chart (FILE.svg)
+  tandem plan --profile FILE --isl N --osl N --rate R --ttft-ms T --itl-ms I --gpus G [--json]
+                           the prefill and decode replicas and layouts that meet the SLAs within G GPUs
+                           (exit status 1 when G is not enough: the best effort is printed)
   tandem --version         print the version
   tandem --help            print this help
 
@@ -73,6 +85,10 @@ async function main(argv: string[]): Promise<number> {
       return start(values);
     case 'generate':
       return generate(values);
+    case 'profile':
+      return profile(values);
+    case 'plan':
+      return plan(values);
   }
 }
 

@@ -1,0 +1,283 @@
+/**
+ * SLA arithmetic: from a load (request rate, ISL, OSL), the SLAs (TTFT, ITL) and a profile, the replicas each
+ * pool needs and each pool's layout, within a GPU budget. Pure: nothing is started.
+ *
+ * Prefill (per replica of a layout): a prompt of ISL tokens alone takes S = prefillMs(ISL). Prompts queue, so
+ * a replica kept busy a share rho of the time adds a wait; with the M/D/1 mean wait W = rho S / (2 (1 - rho)),
+ * TTFT = S + W <= ttftMs holds while rho <= 2x / (1 + 2x), x = (ttftMs - S) / S, capped at
+ * MAX_PREFILL_UTILIZATION. A replica then serves rho / S prompts per second (its throughput at the TTFT SLA),
+ * and prefillReplicas = ceil(rate / (rho / S)). S > ttftMs: no replica count meets the TTFT.
+ * Conservative for short prompts: the engine batches several into one step (up to maxNumBatchedTokens), which
+ * serves more than one at a time.
+ *
+ * Decode (per replica of a layout): the mean context of a sequence over its decode is ISL + OSL / 2. The batch
+ * B is the largest measured batch whose step time at that context meets the ITL SLA, bounded by the KV pool
+ * (B sequences of ISL + OSL tokens, rounded up to whole blocks, must fit: no preemption at the end of the
+ * requests) and by the engine's maxNumSeqs. A request occupies a slot for OSL steps of t = decodeStepMs(B, ctx),
+ * so (Little's law) a replica serves B / (OSL t) requests per second, and
+ * decodeReplicas = ceil(rate x OSL x t / B). No B >= 1: no replica count meets the ITL.
+ *
+ * Layout: per pool, the layout of the profile that needs the fewest GPUs (replicas x GPUs per replica); ties go
+ * to the layout listed first. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
+ * for each pair of layouts, minReplicas of each pool, then one replica at a time to the pool that serves the
+ * smaller share of the rate while one fits; the pair that serves the most wins. `servableRate` says what that
+ * deployment serves within the SLAs. A budget below minReplicas of each pool is an UnmeetablePlanError.
+ */
+import { BadArgumentError } from '../errors.js';
+import { UnmeetablePlanError } from './errors.js';
+import { layoutModels, type LayoutModel } from './performance-model.js';
+import type { Parallelism, Profile } from './profile.js';
+
+/** A prefill replica is planned busy at most this share of the time: queues grow without bound near 1. */
+export const MAX_PREFILL_UTILIZATION = 0.9;
+
+/** Rounding slack: 2.0000000001 replicas is 2. */
+const EPSILON = 1e-9;
+
+export interface CapacityRequest {
+  /** Requests per second. */
+  rate: number;
+  /** Prompt tokens per request. */
+  isl: number;
+  /** Output tokens per request. */
+  osl: number;
+  ttftMs: number;
+  itlMs: number;
+  /** GPUs both pools may take together (CPU engine: engine instances). */
+  gpus: number;
+  /** Fewest replicas of each pool. Default 1. */
+  minReplicas?: number;
+}
+
+interface PoolPlanBase {
+  layout: string;
+  parallelism: Parallelism;
+  gpusPerReplica: number;
+  /** What the load needs to meet the SLA. */
+  replicasNeeded: number;
+  /** What the plan deploys: replicasNeeded, or less when over budget. */
+  replicas: number;
+  /** replicas x gpusPerReplica. */
+  gpus: number;
+  /** Requests per second one replica serves within the SLA. */
+  ratePerReplica: number;
+  /** Estimates outside the profile's measured range that this pool's numbers rest on. */
+  extrapolated: boolean;
+}
+
+export interface PrefillPoolPlan extends PoolPlanBase {
+  role: 'prefill';
+  /** One prompt of ISL tokens alone. */
+  prefillMs: number;
+  /** The busy share planned (rho). */
+  utilization: number;
+}
+
+export interface DecodePoolPlan extends PoolPlanBase {
+  role: 'decode';
+  /** Mean context of a sequence over its decode: ISL + OSL / 2. */
+  context: number;
+  /** Sequences per replica planned. */
+  batch: number;
+  /** Largest batch that meets the ITL at `context` (within the batches measured). */
+  itlBatch: number;
+  /** Largest batch whose KV fits a replica. */
+  kvBatch: number;
+  /** Step time at `batch`: the planned ITL. */
+  stepMs: number;
+}
+
+export interface CapacityPlan {
+  /** 'ok': the SLAs are met within the budget; 'over-budget': the best effort within it. */
+  status: 'ok' | 'over-budget';
+  request: Required<CapacityRequest>;
+  prefill: PrefillPoolPlan;
+  decode: DecodePoolPlan;
+  /** GPUs the SLAs need at this rate. */
+  gpusNeeded: number;
+  /** GPUs the plan deploys (<= the budget). */
+  gpusUsed: number;
+  /** Requests per second the deployed plan serves within the SLAs (>= rate when 'ok'). */
+  servableRate: number;
+}
+
+function checkRequest(r: CapacityRequest): Required<CapacityRequest> {
+  const positive = (name: string, v: number) => {
+    if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
+      throw new BadArgumentError(`${name} must be a positive number (got ${String(v)})`);
+  };
+  const positiveInt = (name: string, v: number) => {
+    if (!Number.isSafeInteger(v) || v < 1)
+      throw new BadArgumentError(`${name} must be a positive integer (got ${String(v)})`);
+  };
+  positive('rate', r.rate);
+  positiveInt('isl', r.isl);
+  positiveInt('osl', r.osl);
+  positive('ttftMs', r.ttftMs);
+  positive('itlMs', r.itlMs);
+  positiveInt('gpus', r.gpus);
+  const minReplicas = r.minReplicas ?? 1;
+  positiveInt('minReplicas', minReplicas);
+  return { rate: r.rate, isl: r.isl, osl: r.osl, ttftMs: r.ttftMs, itlMs: r.itlMs, gpus: r.gpus, minReplicas };
+}
+
+const ms = (x: number) => `${+x.toPrecision(3)} ms`;
+
+/** One layout's prefill replica at the TTFT SLA, or why it cannot meet it. */
+function prefillFor(model: LayoutModel, r: Required<CapacityRequest>): PrefillPoolPlan | string {
+  if (r.isl > model.maxModelLen) return `a prompt of ${r.isl} tokens is over the model's ${model.maxModelLen}`;
+  const s = model.prefillMs(r.isl);
+  if (s.ms >= r.ttftMs)
+    return `one prompt of ${r.isl} tokens alone takes ${ms(s.ms)} on ${model.name}, over the TTFT SLA of ${ms(r.ttftMs)}`;
+  const x = (r.ttftMs - s.ms) / s.ms;
+  const utilization = Math.min(MAX_PREFILL_UTILIZATION, (2 * x) / (1 + 2 * x));
+  const ratePerReplica = utilization / (s.ms / 1000);
+  const replicasNeeded = Math.max(r.minReplicas, Math.ceil(r.rate / ratePerReplica - EPSILON));
+  return {
+    role: 'prefill',
+    layout: model.name,
+    parallelism: model.parallelism,
+    gpusPerReplica: model.gpusPerReplica,
+    replicasNeeded,
+    replicas: replicasNeeded,
+    gpus: replicasNeeded * model.gpusPerReplica,
+    ratePerReplica,
+    extrapolated: s.extrapolated,
+    prefillMs: s.ms,
+    utilization,
+  };
+}
+
+/** One layout's decode replica at the ITL SLA, or why it cannot meet it. */
+function decodeFor(
+  model: LayoutModel,
+  r: Required<CapacityRequest>,
+  engine: { blockSize: number; maxNumSeqs: number },
+): DecodePoolPlan | string {
+  const total = r.isl + r.osl;
+  if (total > model.maxModelLen) return `ISL + OSL = ${total} tokens is over the model's ${model.maxModelLen}`;
+  const context = r.isl + r.osl / 2;
+  const blockTokens = Math.ceil(total / engine.blockSize) * engine.blockSize;
+  const kvBatch = Math.floor(model.kvCapacityTokens / blockTokens);
+  if (kvBatch < 1)
+    return `one request of ${total} tokens does not fit the KV cache of a ${model.name} replica (${model.kvCapacityTokens} tokens)`;
+  // Step time rises with the batch (performance-model.ts): the batches that meet the ITL are 1..itlBatch.
+  let itlBatch = 0;
+  for (let b = 1; b <= model.maxBatch; b++) {
+    if (model.decodeStepMs(b, context).ms > r.itlMs) break;
+    itlBatch = b;
+  }
+  if (itlBatch < 1) {
+    const one = model.decodeStepMs(1, context).ms;
+    return `one decode step at ${Math.round(context)} tokens of context takes ${ms(one)} on ${model.name}, over the ITL SLA of ${ms(r.itlMs)}`;
+  }
+  const batch = Math.min(itlBatch, kvBatch, engine.maxNumSeqs);
+  const step = model.decodeStepMs(batch, context);
+  const ratePerReplica = batch / ((r.osl * step.ms) / 1000);
+  const replicasNeeded = Math.max(r.minReplicas, Math.ceil(r.rate / ratePerReplica - EPSILON));
+  return {
+    role: 'decode',
+    layout: model.name,
+    parallelism: model.parallelism,
+    gpusPerReplica: model.gpusPerReplica,
+    replicasNeeded,
+    replicas: replicasNeeded,
+    gpus: replicasNeeded * model.gpusPerReplica,
+    ratePerReplica,
+    extrapolated: step.extrapolated,
+    context,
+    batch,
+    itlBatch,
+    kvBatch,
+    stepMs: step.ms,
+  };
+}
+
+/** The layouts that can meet the SLA, or UnmeetablePlanError with every layout's reason when none can. */
+function feasible<T extends PoolPlanBase>(candidates: (T | string)[], what: string): T[] {
+  const plans = candidates.filter((c): c is T => typeof c !== 'string');
+  if (plans.length === 0)
+    throw new UnmeetablePlanError(`no ${what} replica meets the SLA: ${(candidates as string[]).join('; ')}`);
+  return plans;
+}
+
+/** The plan needing the fewest GPUs (the first listed on ties). */
+const cheapest = <T extends PoolPlanBase>(plans: T[]): T => plans.reduce((best, p) => (p.gpus < best.gpus ? p : best));
+
+const served = (p: PoolPlanBase) => p.replicas * p.ratePerReplica;
+
+/**
+ * Within a budget below the need: minReplicas of each pool, then one replica at a time to the pool that serves
+ * the smaller share of the rate, while it fits. Undefined when minReplicas of each do not fit.
+ */
+function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(
+  prefill: P,
+  decode: D,
+  r: Required<CapacityRequest>,
+) {
+  const least = r.minReplicas * (prefill.gpusPerReplica + decode.gpusPerReplica);
+  if (least > r.gpus) return undefined;
+  const p = { ...prefill, replicas: r.minReplicas };
+  const d = { ...decode, replicas: r.minReplicas };
+  let left = r.gpus - least;
+  for (;;) {
+    const order = served(p) <= served(d) ? [p, d] : [d, p];
+    const next = order.find((pool) => pool.gpusPerReplica <= left && pool.replicas < pool.replicasNeeded);
+    if (!next) break;
+    next.replicas++;
+    left -= next.gpusPerReplica;
+  }
+  p.gpus = p.replicas * p.gpusPerReplica;
+  d.gpus = d.replicas * d.gpusPerReplica;
+  return { prefill: p, decode: d, gpusUsed: p.gpus + d.gpus, servableRate: Math.min(served(p), served(d)) };
+}
+
+/** Replica counts and layouts for a load; see the module comment for the arithmetic. */
+export function planCapacity(profile: Profile, request: CapacityRequest): CapacityPlan {
+  const r = checkRequest(request);
+  const models = layoutModels(profile);
+  const prefills = feasible(
+    models.map((m) => prefillFor(m, r)),
+    'prefill',
+  );
+  const decodes = feasible(
+    models.map((m) => decodeFor(m, r, profile.engine)),
+    'decode',
+  );
+  const prefill = cheapest(prefills);
+  const decode = cheapest(decodes);
+  const gpusNeeded = prefill.gpus + decode.gpus;
+  if (gpusNeeded <= r.gpus)
+    return {
+      status: 'ok',
+      request: r,
+      prefill,
+      decode,
+      gpusNeeded,
+      gpusUsed: gpusNeeded,
+      servableRate: Math.min(served(prefill), served(decode)),
+    };
+
+  // Over budget: of every pair of layouts, the one that serves the most within it (then the fewest GPUs).
+  let best: ReturnType<typeof bestEffort<PrefillPoolPlan, DecodePoolPlan>>;
+  for (const p of prefills)
+    for (const d of decodes) {
+      const effort = bestEffort(p, d, r);
+      if (!effort) continue;
+      if (
+        !best ||
+        effort.servableRate > best.servableRate ||
+        (effort.servableRate === best.servableRate && effort.gpusUsed < best.gpusUsed)
+      )
+        best = effort;
+    }
+  if (!best) {
+    const smallest = (plans: PoolPlanBase[]) => plans.reduce((a, b) => (b.gpusPerReplica < a.gpusPerReplica ? b : a));
+    const [p, d] = [smallest(prefills), smallest(decodes)];
+    throw new UnmeetablePlanError(
+      `a budget of ${r.gpus} GPUs cannot hold ${r.minReplicas} ${p.layout} prefill and ${r.minReplicas} ` +
+        `${d.layout} decode replicas (${r.minReplicas * (p.gpusPerReplica + d.gpusPerReplica)} GPUs)`,
+    );
+  }
+  return { status: 'over-budget', request: r, gpusNeeded, ...best };
+}

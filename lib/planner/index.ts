@@ -1,0 +1,73 @@
+/**
+ * The planner: sizes the prefill and decode pools for a load and SLAs from a measured profile, and corrects
+ * them between planning intervals from the engines' latencies.
+ *
+ *   profile.ts           the profile file (zod schema, load / write)
+ *   profiler.ts          measuring one through the engine (`tandem profile`)
+ *   performance-model.ts the profile as monotone functions (prefill ms(ISL), step ms(batch, context))
+ *   capacity.ts          SLA arithmetic: replicas and layouts within a GPU budget (`tandem plan`)
+ *   forecast.ts          the next interval's load (Holt's linear trend, moving means; pluggable)
+ *   load-correction.ts   the fast loop: one worker at a time, with hysteresis and a cool-down
+ *   decisions.ts         the bounded history of decisions
+ *   planner.ts           the above together, for a connector to act on
+ *   spec.ts              the deployment graph's `planner` section
+ */
+export { ProfileError, UnmeetablePlanError } from './errors.js';
+export {
+  PROFILE_FORMAT,
+  PROFILE_VERSION,
+  ProfileSchema,
+  layoutName,
+  loadProfile,
+  parseProfile,
+  writeProfile,
+  type DecodePoint,
+  type Parallelism,
+  type PrefillPoint,
+  type Profile,
+  type ProfileLayout,
+} from './profile.js';
+export {
+  DEFAULT_SWEEP,
+  QUICK_SWEEP,
+  measureProfile,
+  type MeasureProfileOptions,
+  type ProfileProgress,
+  type ProfileSweep,
+} from './profiler.js';
+export { LayoutModel, layoutModels, type Estimate } from './performance-model.js';
+export {
+  MAX_PREFILL_UTILIZATION,
+  planCapacity,
+  type CapacityPlan,
+  type CapacityRequest,
+  type DecodePoolPlan,
+  type PrefillPoolPlan,
+} from './capacity.js';
+export {
+  HoltLinearForecaster,
+  LoadForecast,
+  MovingMeanForecaster,
+  type Forecaster,
+  type LoadSample,
+} from './forecast.js';
+export {
+  LoadCorrector,
+  POOLS,
+  type LoadAction,
+  type LoadCorrection,
+  type LoadCorrectionOptions,
+  type LoadObservation,
+  type Pool,
+  type PoolState,
+} from './load-correction.js';
+export { DecisionHistory, DEFAULT_HISTORY_SIZE, type Decision } from './decisions.js';
+export { Planner, type LoadDecision, type PlannerDecision, type PlannerOptions, type SlaDecision } from './planner.js';
+export {
+  DEFAULT_PLANNING_INTERVAL_S,
+  PLANNER_MODES,
+  PlannerSpecSchema,
+  type PlannerMode,
+  type PlannerSpec,
+  type PlannerSpecInput,
+} from './spec.js';
