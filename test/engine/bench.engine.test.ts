@@ -1,8 +1,10 @@
+import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { probeCuda } from '../../lib/cuda/index.js';
+import { packageRoot } from '../../lib/native/paths.js';
 import { runTs } from '../helpers/cli.js';
 
 interface BenchRow {
@@ -137,6 +139,21 @@ describe('bench:engine', () => {
     expect(bad.status).toBe(2);
     expect(bad.stderr).toContain('--torch must be auto or off (got maybe)');
   });
+
+  it.skipIf(spawnSync('python3', ['--version']).status !== 0)(
+    'bench/engine_torch.py refuses what it cannot run with one line and exit code 2, not a traceback',
+    () => {
+      // Without torch it says so; with torch (a GPU host) the cases are checked first and these lack a model.
+      const r = spawnSync('python3', [join(packageRoot, 'bench/engine_torch.py'), '{"prefill": [512]}'], {
+        encoding: 'utf8',
+        timeout: 120_000,
+      });
+      expect(r.status, r.stderr).toBe(2);
+      expect(r.stdout).toBe('');
+      expect(r.stderr.trim().split('\n')).toHaveLength(1);
+      expect(r.stderr).toMatch(/^engine_torch: (cannot import torch: |the cases need a 'model' object)/);
+    },
+  );
 
   it('rejects an unknown preset with its message and exit code 2', () => {
     const r = runTs('bench/engine.ts', ['--device', 'cpu', '--model', 'dummy:nope']);

@@ -150,12 +150,12 @@ Napi::Value TimeGemm(const Napi::CallbackInfo& info) {
       if (a.Get(i).IsString()) candidates.push_back(a.Get(i).As<Napi::String>().Utf8Value());
   }
   if (candidates.empty()) candidates = {"libcublas.so.13", "libcublas.so.12"};
-  const CublasApi& cublas = loadCublas(candidates);
+  const CublasApi* cublas = &loadCublas(candidates);  // process-wide, never freed
 
   // The device object stays referenced until the promise settles, so its thread outlives the work.
   auto keep = std::make_shared<JsKeepAlive>(env, deviceObject);
   return runAsync<std::vector<double>>(
-      env, *queue, [device, &cublas, shape]() { return timeGemmOnDevice(*device, cublas, shape); },
+      env, *queue, [device, cublas, shape]() { return timeGemmOnDevice(*device, *cublas, shape); },
       [](Napi::Env env, std::vector<double>& ms) -> Napi::Value {
         Napi::Array a = Napi::Array::New(env, ms.size());
         for (size_t i = 0; i < ms.size(); ++i) a.Set(static_cast<uint32_t>(i), ms[i]);
