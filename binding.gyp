@@ -15,6 +15,7 @@
         "native/src/engine/cuda_llama.cpp",
         "native/src/engine/cuda_llama_wrap.cpp",
         "native/src/engine/engine_wrap.cpp",
+        "native/src/engine/gemm_bench.cpp",
         "native/src/engine/llama_common.cpp",
         "native/src/nccl/comm_wrap.cpp",
         "native/src/nccl/communicator.cpp",

@@ -1,22 +1,31 @@
 /**
- * npm run bench:engine [-- --model dummy:<preset>] [-- --device cpu|cuda|auto] [-- --prompt N]
- *                      [-- --batch 1,8,32] [-- --steps N] [-- --threads N] [-- --sampling device|host]
- *                      [-- --graphs on|off] [-- --quick] [-- --json FILE] [-- --svg FILE]
+ * npm run bench:engine [-- --model dummy:<preset>] [-- --device cpu|cuda|auto] [-- --prefill 512,3000]
+ *                      [-- --context 512,3072] [-- --prompt N] [-- --batch 1,16,64] [-- --steps N] [-- --threads N]
+ *                      [-- --sampling device|host] [-- --graphs on|off] [-- --torch auto|off] [-- --quick]
+ *                      [-- --json FILE] [-- --svg FILE]          (-- --help lists them with their defaults)
  *
  * Forward speed of the engine's model runners (lib/engine/cpu.ts, lib/engine/cuda.ts) on one device, against
- * the memory-bandwidth bound of the same device measured in the same run:
- *   prefill  one sequence of `--prompt` tokens in one forward (and, on cuda, 4 such sequences in one forward):
- *            ms (p50 over repeats), tokens/s, achieved TFLOP/s.
- *   decode   for each batch size B: B sequences with `--prompt` tokens already in the KV cache (prefilled
- *            untimed), then `--steps` single-token steps of the whole batch: ms/step (p50), tokens/s
- *            (B / step time), TFLOP/s, and vsBound = bound time / measured step time.
+ * the limits of the same device measured in the same run, and on cuda against PyTorch on the same GPU:
+ *   prefill  one sequence of each `--prefill` length in one forward (and, on cuda, 4 sequences of the shortest
+ *            in one forward): ms (p50 over repeats), tokens/s, achieved TFLOP/s, and on cuda MFU.
+ *   decode   for each context C of `--context` and batch size B of `--batch`: one step of B sequences that
+ *            each have C tokens in the KV cache (the new token at position C - 1), timed `--steps` times:
+ *            ms/step (p50), tokens/s (B / step time), TFLOP/s, and vsBound = bound time / measured step time.
+ *            The KV cache is not prefilled (a step's time does not depend on the values it reads): on cuda the
+ *            pool is filled with bf16 0.0115, on cpu it is zeros. On cuda a case whose KV cache does not fit
+ *            beside the weights and DEVICE_RESERVE_BYTES is skipped, and the table says so.
  *
  * FLOPs: 2 x parameters x tokens (one multiply-add per weight per token), over the parameters a forward
  * multiplies by: every weight but the embedding table (a gather, no FLOPs), plus lm_head (the embedding
  * table again when tied). lm_head runs on the last token of each sequence only (the runners return the
  * last token's logits), so it counts once per sequence, not once per token. Attention's own FLOPs (QK^T and
- * PV, 4 x layers x context x heads x headDim per token) are left out: under 2% at a 512-token prompt on
- * the presets (e.g. llama-3.2-1b: ~17 GFLOP of ~1 TFLOP for one 512-token prefill).
+ * PV, 4 x layers x context x heads x headDim per token) are left out of TFLOP/s and counted in MFU: causal,
+ * 4 x layers x heads x headDim x T(T+1)/2 for a prompt of T tokens (2% of an 8B prefill at 512 tokens, 15% at 8192).
+ *
+ * MFU (cuda): (forward + attention FLOPs) / time, over a GEMM ceiling measured in the same run through the
+ * engine's own cuBLAS (timeGemm, native/src/engine/gemm_bench.cpp: bf16 in and out, fp32 accumulation, CUDA
+ * events, p50): "MFU" against the model's largest GEMM (the fused gate/up projection of a Llama) with as many
+ * rows as the forward has tokens, "MFU 8192" against 8192^3.
  *
  * The decode bound: a decode step of a small batch is bound by memory, reading every weight it multiplies by
  * once (bf16 on cuda, fp32 on cpu) plus the KV cache of every sequence (K and V of all layers, every token in
@@ -35,14 +44,24 @@
  * which is part of the measured time but not of the bound; with --sampling device (the default, what the engine
  * does on a GPU) the step returns greedy token ids from the sampling kernels instead.
  *
+ * PyTorch (cuda, where `python3 -c "import torch"` works and torch sees a GPU; otherwise one line says why):
+ * after Tandem's rows, with Tandem's device memory freed, bench/engine_torch.py runs the same prefill lengths
+ * (batch 1) and decode cases on the same GPU: a plain Llama of the same shape (SDPA with GQA, static KV cache,
+ * the decode step captured in a CUDA graph) and, where transformers imports, LlamaForCausalLM with SDPA for the
+ * prefill rows. Its times are CUDA-event times of the forward; Tandem's are wall times of a forward call (input
+ * upload and result download included), so small gaps at short steps favour PyTorch. "Tandem x" = PyTorch
+ * ms / Tandem ms (above 1: Tandem is faster).
+ *
  * Prints a header and a table on stdout (progress on stderr); --json FILE writes
- * {host, model, device, config, params, baseline, rows}; --svg FILE (default: beside the JSON, else
- * bench-results/engine.svg) charts decode step time and tokens/s against batch size, measured and at the
- * memory bound. Unknown presets, bad arguments, or --device cuda
- * without a usable GPU print the error's message and exit 2.
+ * {host, model, device, config, params, settings, baseline, gemmCeilings, skipped, torch, rows}; --svg FILE
+ * (default: beside the JSON, else bench-results/engine.svg) charts prefill time against prompt length and, one
+ * panel per context, decode step time against batch size, for Tandem, PyTorch and the limits. Unknown presets,
+ * bad arguments, or --device cuda without a usable GPU print the error's message and exit 2.
  */
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Worker } from 'node:worker_threads';
 import { capabilities } from '../lib/capabilities/index.js';
@@ -53,11 +72,15 @@ import { expectedTensors, loadModelConfig, type ModelConfig } from '../lib/engin
 import { dummyConfig, isDummyModel } from '../lib/engine/model/dummy.js';
 import type { ForwardBatch, ModelRunner } from '../lib/engine/runner.js';
 import { Sampler } from '../lib/engine/sampler.js';
-import { engineChart, writeChart } from './chart.js';
+import { loadBinding } from '../lib/native/binding.js';
+import { libraryCandidates } from '../lib/native/libraries.js';
+import { axisFor, PANEL_HEIGHT, PANEL_WIDTH, panels, writeChart, type ChartSpec } from '../lib/bench/chart.js';
+import { formatTable } from '../lib/bench/table.js';
 import {
   BackendUnavailableError,
   BadArgumentError,
   ModelConfigError,
+  native,
   OutOfMemoryError,
   TandemError,
 } from '../lib/errors.js';
@@ -93,6 +116,16 @@ interface Row {
   weightBoundMs?: number;
   /** decode: boundMs / msP50. */
   vsBound?: number;
+  /** prefill: FLOPs of causal attention (QK^T and PV), not in `tflops`. */
+  attentionFlops?: number;
+  /** prefill on cuda: (forward + attention FLOPs) / time, over the ceiling of the model's largest GEMM at `tokens` rows. */
+  mfu?: number;
+  /** prefill on cuda: the same over the 8192^3 ceiling. */
+  mfu8192?: number;
+  /** The same case through PyTorch: the plain Llama of bench/engine_torch.py. */
+  torch?: TorchCell;
+  /** The same case through transformers' LlamaForCausalLM (prefill rows). */
+  transformers?: TorchCell;
 }
 
 interface Baseline {
@@ -154,14 +187,16 @@ const forwardFlops = (p: ReturnType<typeof parameterCounts>, tokens: number, nse
 /** A deterministic token of sequence `seq` at `position` (below 256: valid in every vocabulary here). */
 const tokenAt = (seq: number, position: number) => (position * 31 + seq * 17 + 7) % 256;
 
-class Bench {
-  /** Sequences whose prompt is in the KV cache (sequence i owns blocks i*blocksPerSeq .. +blocksPerSeq). */
-  private done = 0;
+/** KV blocks one sequence of `tokens` tokens needs. */
+const blocksFor = (tokens: number) => Math.ceil(tokens / BLOCK_SIZE);
 
+/**
+ * Forward batches of the benchmark's shapes. Sequence s of a batch whose sequences hold up to `blocksPerSeq`
+ * blocks owns blocks s * blocksPerSeq .. (s + 1) * blocksPerSeq - 1 of the pool.
+ */
+class Bench {
   constructor(
     private readonly runner: ModelRunner,
-    private readonly prompt: number,
-    private readonly blocksPerSeq: number,
     /** 'device': greedy on the runner's device where it can (forwardSampled, what the engine uses); 'host': whole logits back. */
     private readonly sampling: 'device' | 'host' = 'device',
   ) {}
@@ -176,16 +211,16 @@ class Bench {
     return this.runner.forward(b);
   }
 
-  /** Forward of the prompts of sequences first..first+count-1, whole, in one batch. */
-  prefillBatch(first: number, count: number): ForwardBatch {
-    const { prompt, blocksPerSeq } = this;
+  /** Prompts of `count` sequences of `prompt` tokens each, whole, in one forward. */
+  prefillBatch(count: number, prompt: number): ForwardBatch {
+    const blocksPerSeq = blocksFor(prompt);
     const tokens = new Int32Array(count * prompt);
     const positions = new Int32Array(count * prompt);
     const seqStarts = new Int32Array(count + 1);
     for (let s = 0; s < count; s++) {
       seqStarts[s + 1] = (s + 1) * prompt;
       for (let i = 0; i < prompt; i++) {
-        tokens[s * prompt + i] = tokenAt(first + s, i);
+        tokens[s * prompt + i] = tokenAt(s, i);
         positions[s * prompt + i] = i;
       }
     }
@@ -193,62 +228,43 @@ class Bench {
       tokens,
       positions,
       seqStarts,
-      blockTables: this.blockTables(first, count),
+      blockTables: blockTables(count, blocksPerSeq),
       maxBlocksPerSeq: blocksPerSeq,
       contextLens: new Int32Array(count).fill(prompt),
     };
   }
 
-  /** One decode step of sequences 0..batch-1, each at `position`. */
-  decodeBatch(batch: number, position: number, blockTables: Int32Array): ForwardBatch {
+  /**
+   * One decode step of `batch` sequences that each have `context` tokens once it is done: the new token at
+   * position context - 1, attention over all `context`. Repeating it rewrites the same KV slot, so every
+   * timed step reads the same context.
+   */
+  decodeBatch(batch: number, context: number): ForwardBatch {
+    const blocksPerSeq = blocksFor(context);
     return {
-      tokens: Int32Array.from({ length: batch }, (_, s) => tokenAt(s, position)),
-      positions: new Int32Array(batch).fill(position),
+      tokens: Int32Array.from({ length: batch }, (_, s) => tokenAt(s, context - 1)),
+      positions: new Int32Array(batch).fill(context - 1),
       seqStarts: Int32Array.from({ length: batch + 1 }, (_, s) => s),
-      blockTables,
-      maxBlocksPerSeq: this.blocksPerSeq,
-      contextLens: new Int32Array(batch).fill(position + 1),
+      blockTables: blockTables(batch, blocksPerSeq),
+      maxBlocksPerSeq: blocksPerSeq,
+      contextLens: new Int32Array(batch).fill(context),
     };
   }
 
-  blockTables(first: number, count: number): Int32Array {
-    const { blocksPerSeq } = this;
-    return Int32Array.from(
-      { length: count * blocksPerSeq },
-      (_, i) => (first + Math.floor(i / blocksPerSeq)) * blocksPerSeq + (i % blocksPerSeq),
-    );
-  }
-
-  /** Marks sequences 0..count-1 as prefilled (a timed prefill wrote the same tokens the untimed one would). */
-  markPrefilled(count: number) {
-    this.done = Math.max(this.done, count);
-  }
-
-  /** Untimed: puts the prompt of sequences prefilled..count-1 in the KV cache, whole sequences per forward. */
-  async prefillUpTo(count: number, chunkTokens: number) {
-    const perForward = Math.max(1, Math.floor(chunkTokens / this.prompt));
-    while (this.done < count) {
-      const n = Math.min(perForward, count - this.done);
-      await this.runner.forward(this.prefillBatch(this.done, n));
-      this.done += n;
-    }
-  }
-
-  /** Sequences 0..prefilled-1 have their prompt in the KV cache. */
-  get prefilled(): number {
-    return this.done;
-  }
-
-  /** Wall times (ms) of `forward` calls, one at a time, sorted. */
-  async time(batches: ForwardBatch[]): Promise<number[]> {
+  /** Wall times (ms) of `repeats` steps of `batch`, one at a time, sorted. */
+  async time(batch: ForwardBatch, repeats: number): Promise<number[]> {
     const ms: number[] = [];
-    for (const b of batches) {
+    for (let i = 0; i < repeats; i++) {
       const t0 = performance.now();
-      await this.step(b);
+      await this.step(batch);
       ms.push(performance.now() - t0);
     }
     return ms.sort((a, b) => a - b);
   }
+}
+
+function blockTables(count: number, blocksPerSeq: number): Int32Array {
+  return Int32Array.from({ length: count * blocksPerSeq }, (_, i) => i);
 }
 
 /**
@@ -368,13 +384,206 @@ function countingWeights(model: string, config: ModelConfig, onProgress: (loaded
   };
 }
 
+const USAGE = `npm run bench:engine [-- options]
+  --model dummy:<preset>|DIR  the model (default dummy:llama-3.2-1b on cuda, dummy:tiny on cpu)
+  --device cpu|cuda|auto      where it runs (default auto: cuda when a GPU is there)
+  --prefill LIST              prompt lengths of the prefill rows, one sequence each
+                              (default cuda 512,1024,3000,8192, --quick 512,3000; cpu 128)
+  --context LIST              contexts of the decode rows (default cuda 512,3072,8192, --quick 512,3072; cpu 128)
+  --prompt N                  --prefill N --context N
+  --batch LIST                batch sizes of the decode rows (default cuda 1,16,64,128, --quick 1,64; cpu 1,4)
+  --steps N                   timed decode steps per row (default 32, --quick 16)
+  --threads N                 cpu threads (default: the runner's)
+  --sampling device|host      greedy ids from the device, or whole logits to the host (default device)
+  --graphs on|off             decode steps as CUDA graphs (default on)
+  --torch auto|off            PyTorch rows on cuda where python3 imports torch with a GPU (default auto)
+  --quick                     fewer rows and samples
+  --json FILE                 results as JSON
+  --svg FILE                  the chart (default beside --json, else bench-results/engine.svg)
+  -h, --help                  this help`;
+
+/** Device memory kept free beside the weights and the KV pool: activations of the longest prefill, cuBLAS, the copy baseline, graphs. */
+const DEVICE_RESERVE_BYTES = 8 * GiB;
+
+/** The timed cuBLAS GEMM of the GEMM ceilings (gemm_bench.cpp). */
+interface GemmCeiling {
+  what: string;
+  m: number;
+  n: number;
+  k: number;
+  samples: number;
+  msP50: number;
+  tflops: number;
+}
+
+/** A PyTorch row (bench/engine_torch.py). */
+interface TorchRow {
+  impl: 'plain' | 'transformers';
+  phase: 'prefill' | 'decode';
+  batch: number;
+  tokens: number;
+  context: number;
+  samples?: number;
+  msP50?: number;
+  msMin?: number;
+  msMax?: number;
+  cudaGraph?: boolean;
+  error?: string;
+}
+
+interface TorchRun {
+  torch: string;
+  cudaRuntime: string;
+  deviceName: string;
+  ceilings: { gemmN: number; gemmMs: number; gemmTflops: number; copyBytes: number; copyMs: number; copyGBps: number };
+  transformers: string | null;
+  transformersReason?: string;
+  rows: TorchRow[];
+  seconds: number;
+}
+
+/** What a Tandem row says of the same case run through PyTorch. */
+interface TorchCell {
+  msP50?: number;
+  msMin?: number;
+  samples?: number;
+  /** PyTorch ms / Tandem ms: above 1, Tandem is faster. */
+  tandemSpeedup?: number;
+  /** prefill: against the same GEMM ceiling as Tandem's row. */
+  mfu?: number;
+  /** decode: the same memory bound as Tandem's row / PyTorch ms. */
+  vsBound?: number;
+  error?: string;
+}
+
+/** Whether python3 imports torch and torch sees a GPU; why not, in one line, otherwise. */
+function probeTorch(): { available: true; version: string } | { available: false; reason: string } {
+  const r = spawnSync(
+    'python3',
+    ['-c', 'import torch; assert torch.cuda.is_available(), "torch sees no CUDA device"; print(torch.__version__)'],
+    { encoding: 'utf8', timeout: 120_000 },
+  );
+  if (r.error) return { available: false, reason: `python3 could not be run (${r.error.message})` };
+  if (r.status !== 0)
+    return { available: false, reason: `python3 -c "import torch" failed: ${r.stderr.trim().split('\n').pop()}` };
+  return { available: true, version: r.stdout.trim().split('\n').pop() ?? '?' };
+}
+
+/** Runs bench/engine_torch.py on `cases` (its progress passed through on stderr); rejects with its last error line. */
+function runTorch(cases: unknown, timeoutMs: number): Promise<TorchRun> {
+  const script = fileURLToPath(new URL('./engine_torch.py', import.meta.url));
+  return new Promise((resolve, reject) => {
+    const child = spawn('python3', [script], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let lastError = '';
+    let pending = '';
+    let timedOut = false;
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => {
+      const lines = (pending + d).split('\n');
+      pending = lines.pop()!;
+      for (const line of lines) {
+        if (!line.trim()) continue;
+        console.error(
+          line.startsWith('engine_torch:') ? `bench:engine: ${line}` : `bench:engine: engine_torch: ${line}`,
+        );
+        lastError = line;
+      }
+    });
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      reject(new Error(`python3 could not be run (${e.message})`));
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      if (pending.trim()) lastError = pending.trim();
+      if (timedOut) return reject(new Error(`bench/engine_torch.py took over ${timeoutMs / 1e3} s and was stopped`));
+      if (code !== 0)
+        return reject(
+          new Error(lastError.replace(/^engine_torch: /, '') || `bench/engine_torch.py exited with ${code ?? signal}`),
+        );
+      try {
+        resolve(JSON.parse(stdout.trim().split('\n').pop()!) as TorchRun);
+      } catch {
+        reject(new Error(`bench/engine_torch.py printed no JSON result (${stdout.length} bytes on stdout)`));
+      }
+    });
+    child.stdin.on('error', () => {}); // a child that exits early: its exit code says why
+    child.stdin.end(JSON.stringify(cases));
+  });
+}
+
+/** The linear layer of `config` with the most weights (the engine fuses QKV and gate/up): N and K of its GEMM. */
+function largestGemm(config: ModelConfig): { what: string; n: number; k: number } {
+  const h = config.hiddenSize;
+  const candidates = [
+    { what: 'qkv', n: (config.numHeads + 2 * config.numKvHeads) * config.headDim, k: h },
+    { what: 'o', n: h, k: config.numHeads * config.headDim },
+    { what: 'gate/up', n: 2 * config.intermediateSize, k: h },
+    { what: 'down', n: h, k: config.intermediateSize },
+  ];
+  return candidates.reduce((best, c) => (c.n * c.k > best.n * best.k ? c : best));
+}
+
+/** bf16 GEMM ceilings through the engine's cuBLAS: 8192^3 and the model's largest GEMM at each of `ms` tokens. */
+async function gemmCeilings(
+  dev: CudaDevice,
+  config: ModelConfig,
+  ms: number[],
+  quick: boolean,
+): Promise<GemmCeiling[]> {
+  const { binding } = loadBinding();
+  const big = largestGemm(config);
+  const shapes = [
+    { what: '8192^3', m: 8192, n: 8192, k: 8192 },
+    ...[...new Set(ms)]
+      .sort((a, b) => a - b)
+      .map((m) => ({ what: `${big.what} at ${m} tokens`, m, n: big.n, k: big.k })),
+  ];
+  const out: GemmCeiling[] = [];
+  for (const s of shapes) {
+    const iterations = quick ? 10 : 20;
+    const times = (
+      await native(() =>
+        binding.timeGemm(dev.raw, {
+          m: s.m,
+          n: s.n,
+          k: s.k,
+          iterations,
+          warmup: 5,
+          cublas: libraryCandidates().cublas,
+        }),
+      )
+    ).sort((a, b) => a - b);
+    const msP50 = pct(times, 50);
+    out.push({ ...s, samples: iterations, msP50, tflops: (2 * s.m * s.n * s.k) / (msP50 * 1e9) });
+    progress(`GEMM ceiling ${s.m} x ${s.n} x ${s.k} (${s.what}): ${sig(msP50)} ms, ${sig(out.at(-1)!.tflops)} TFLOP/s`);
+  }
+  return out;
+}
+
+/** FLOPs of causal attention (QK^T and PV) over `nseq` prompts of `tokens / nseq` tokens each. */
+function attentionFlops(config: ModelConfig, tokens: number, nseq: number): number {
+  const t = tokens / nseq;
+  return 4 * config.numLayers * config.numHeads * config.headDim * nseq * ((t * (t + 1)) / 2);
+}
+
 async function main(): Promise<void> {
   const started = performance.now();
   const { values } = parseArgs({
+    // `./run bench:engine -- --model ...` (the GPU-host bundle passes its arguments through as they are): the
+    // `--` that npm run needs is not an end of options here.
+    args: process.argv.slice(2).filter((arg, i) => !(i === 0 && arg === '--')),
     options: {
       model: { type: 'string' },
       device: { type: 'string', default: 'auto' },
       prompt: { type: 'string' },
+      prefill: { type: 'string' },
+      context: { type: 'string' },
       batch: { type: 'string' },
       steps: { type: 'string' },
       threads: { type: 'string' },
@@ -383,50 +592,115 @@ async function main(): Promise<void> {
       quick: { type: 'boolean', default: false },
       sampling: { type: 'string', default: 'device' },
       graphs: { type: 'string', default: 'on' },
+      torch: { type: 'string', default: 'auto' },
+      help: { type: 'boolean', short: 'h', default: false },
     },
   });
+  if (values.help) {
+    console.log(USAGE);
+    return;
+  }
   if (values.graphs !== 'on' && values.graphs !== 'off')
     throw new BadArgumentError(`--graphs must be on or off (got ${values.graphs})`);
   const graphs = values.graphs === 'on';
   if (values.sampling !== 'device' && values.sampling !== 'host')
     throw new BadArgumentError(`--sampling must be device or host (got ${values.sampling})`);
   const sampling = values.sampling;
+  if (values.torch !== 'auto' && values.torch !== 'off')
+    throw new BadArgumentError(`--torch must be auto or off (got ${values.torch})`);
   const quick = values.quick!;
   const deviceArg = values.device!;
   if (deviceArg !== 'cpu' && deviceArg !== 'cuda' && deviceArg !== 'auto')
     throw new BadArgumentError(`--device must be cpu, cuda or auto (got ${deviceArg})`);
+  const list = (name: string, text: string) => [...new Set(text.split(',').map((t) => positiveInt(name, t.trim())))];
   const threads = values.threads === undefined ? undefined : positiveInt('threads', values.threads);
   const prompt0 = values.prompt === undefined ? undefined : positiveInt('prompt', values.prompt);
   const steps0 = values.steps === undefined ? undefined : positiveInt('steps', values.steps);
-  const batches0 = values.batch?.split(',').map((b) => positiveInt('batch', b.trim()));
+  const batches0 = values.batch === undefined ? undefined : list('batch', values.batch);
+  const prefills0 = values.prefill === undefined ? undefined : list('prefill', values.prefill);
+  const contexts0 = values.context === undefined ? undefined : list('context', values.context);
   // An explicit model is checked before anything native loads (an unknown preset fails fast).
   let config = values.model === undefined ? undefined : modelConfig(values.model);
 
   const device: Device =
     deviceArg === 'auto' ? ((await probeCuda()).deviceCount > 0 ? 'cuda' : 'cpu') : (deviceArg as Device);
-  const model = values.model ?? (device === 'cuda' ? 'dummy:llama-3.2-1b' : 'dummy:tiny');
+  const cuda = device === 'cuda';
+  const model = values.model ?? (cuda ? 'dummy:llama-3.2-1b' : 'dummy:tiny');
   config ??= modelConfig(model);
-  const prompt = prompt0 ?? (device === 'cuda' ? 512 : 128);
+  const ascending = (xs: number[]) => [...xs].sort((a, b) => a - b);
+  const prefills = ascending(
+    prefills0 ?? (prompt0 ? [prompt0] : cuda ? (quick ? [512, 3000] : [512, 1024, 3000, 8192]) : [128]),
+  );
+  const contexts = ascending(
+    contexts0 ?? (prompt0 ? [prompt0] : cuda ? (quick ? [512, 3072] : [512, 3072, 8192]) : [128]),
+  );
+  const batches = ascending(batches0 ?? (cuda ? (quick ? [1, 64] : [1, 16, 64, 128]) : [1, 4]));
   const steps = steps0 ?? (quick ? 16 : 32);
-  const batches = batches0 ?? (device === 'cuda' ? (quick ? [1, 32] : [1, 8, 32, 64]) : [1, 4]);
-  const prefillBatches = device === 'cuda' ? [1, 4] : [1];
   const prefillRepeats = quick ? 3 : 5;
-  if (prompt + steps > config.maxPositionEmbeddings)
+  const longest = Math.max(...prefills, ...contexts);
+  if (longest > config.maxPositionEmbeddings)
     throw new BadArgumentError(
-      `--prompt + --steps (${prompt + steps}) exceeds the model's ${config.maxPositionEmbeddings} positions`,
+      `a prompt or context of ${longest} tokens exceeds the model's ${config.maxPositionEmbeddings} positions`,
     );
-  const maxSeqs = Math.max(...batches, ...prefillBatches);
-  const blocksPerSeq = Math.ceil((prompt + steps) / BLOCK_SIZE) + 1;
-  const numBlocks = maxSeqs * blocksPerSeq;
+  // Prefill: one sequence per prompt length; on cuda also 4 sequences of the shortest in one forward, where
+  // those are short prompts (4 long ones would need more activation memory than DEVICE_RESERVE_BYTES allows).
+  const prefillCases = [
+    ...prefills.map((tokens) => ({ batch: 1, prompt: tokens })),
+    ...(cuda && prefills[0]! <= 1024 ? [{ batch: 4, prompt: prefills[0]! }] : []),
+  ];
+  let decodeCases = contexts.flatMap((context) => batches.map((batch) => ({ batch, context })));
   const params = parameterCounts(config);
-  const dtype = device === 'cuda' ? 'bf16' : 'fp32';
-  const dtypeBytes = device === 'cuda' ? 2 : 4;
+  const dtype = cuda ? 'bf16' : 'fp32';
+  const dtypeBytes = cuda ? 2 : 4;
   const kvBytesPerToken = config.numLayers * 2 * config.numKvHeads * config.headDim * dtypeBytes;
+  const kvBytesOf = (batch: number, context: number) => batch * blocksFor(context) * BLOCK_SIZE * kvBytesPerToken;
+
+  const torchProbe = !cuda
+    ? { available: false as const, reason: 'the PyTorch comparison runs on cuda only, and this run is on the CPU' }
+    : values.torch === 'off'
+      ? { available: false as const, reason: '--torch off' }
+      : probeTorch();
+  progress(torchProbe.available ? `PyTorch ${torchProbe.version} found` : `no PyTorch rows: ${torchProbe.reason}`);
 
   const caps = await capabilities();
+  const skipped: string[] = [];
   let dev: CudaDevice | undefined;
   let runner: CpuModelRunner | CudaModelRunner | undefined;
+  let ceilings: GemmCeiling[] = [];
+  let baseline: Baseline;
+  let deviceLine: string;
+  let graphsLine = '';
+  let weightBytesOnDevice: number | undefined;
+  let cudaGraphs: { active: boolean; reason: string | null } | undefined;
+  let gemvMaxBatch: number | undefined;
+  const rows: Row[] = [];
+  const weightBytes = params.readPerStep * dtypeBytes;
+  let numBlocks = 0;
   try {
+    if (cuda) {
+      dev = await CudaDevice.open(0);
+      const free = (await dev.memoryInfo()).freeBytes;
+      const kvBudget = free - params.total * dtypeBytes - DEVICE_RESERVE_BYTES;
+      decodeCases = decodeCases.filter(({ batch, context }) => {
+        const bytes = kvBytesOf(batch, context);
+        if (bytes <= kvBudget) return true;
+        skipped.push(
+          `decode batch ${batch} at context ${context}: its KV cache (${human(bytes)}) does not fit in the ` +
+            `${human(Math.max(0, kvBudget))} left beside the weights and ${human(DEVICE_RESERVE_BYTES)} of working memory`,
+        );
+        return false;
+      });
+      ceilings = await gemmCeilings(
+        dev,
+        config,
+        prefillCases.map((c) => c.batch * c.prompt),
+        quick,
+      );
+    }
+    numBlocks = Math.max(
+      ...prefillCases.map((c) => c.batch * blocksFor(c.prompt)),
+      ...decodeCases.map((c) => c.batch * blocksFor(c.context)),
+    );
     const loadStart = performance.now();
     let lastLine = loadStart;
     // A line a second while loading (the large presets take a while to generate), and one at the end.
@@ -439,9 +713,7 @@ async function main(): Promise<void> {
           `${((now - loadStart) / 1e3).toFixed(1)} s`,
       );
     };
-    let deviceLine: string;
-    if (device === 'cuda') {
-      dev = await CudaDevice.open(0);
+    if (dev) {
       progress(`${model} on GPU ${dev.ordinal} (${dev.name}), ${numBlocks} KV blocks of ${BLOCK_SIZE} tokens`);
       runner = await CudaModelRunner.create({
         config,
@@ -452,7 +724,10 @@ async function main(): Promise<void> {
         onProgress,
         cudaGraphs: graphs,
       });
+      // Decode rows read KV that no prompt wrote: bf16 0x3c3c (0.0115) everywhere, finite whatever the GPU held.
+      await runner.kvDeviceBuffer.fill(0x3c);
       deviceLine = `cuda:${dev.ordinal} ${dev.name}, bf16 weights and KV, fp32 accumulation`;
+      weightBytesOnDevice = runner.weightBytes;
     } else {
       progress(`${model} on the CPU, ${numBlocks} KV blocks of ${BLOCK_SIZE} tokens`);
       runner = await CpuModelRunner.create({
@@ -466,32 +741,34 @@ async function main(): Promise<void> {
     }
     progress(`loaded in ${((performance.now() - loadStart) / 1e3).toFixed(1)} s; measuring the baseline`);
 
-    const baseline =
+    baseline =
       runner instanceof CpuModelRunner ? await cpuBaseline(runner.threads, quick) : await cudaBaseline(dev!, quick);
     progress(`baseline: ${baselineText(baseline)}`);
 
-    const bench = new Bench(runner, prompt, blocksPerSeq, sampling);
-    const rows: Row[] = [];
+    const bench = new Bench(runner, sampling);
     const record = (row: Row) => {
       rows.push(row);
       progress(
-        `${row.phase} batch ${row.batch} (${row.tokens} tokens per forward): ${sig(row.msP50)} ms, ` +
-          `${sig(row.tokensPerSec)} tokens/s, ${sig(row.tflops)} TFLOP/s` +
+        `${row.phase} batch ${row.batch} at context ${row.context} (${row.tokens} tokens per forward): ` +
+          `${sig(row.msP50)} ms, ${sig(row.tokensPerSec)} tokens/s, ${sig(row.tflops)} TFLOP/s` +
+          (row.mfu !== undefined ? `, MFU ${(row.mfu * 100).toFixed(0)}%` : '') +
           (row.vsBound !== undefined ? `, ${(row.vsBound * 100).toFixed(0)}% of the memory bound` : ''),
       );
     };
-
     /** A row's timing fields from its sorted step times. */
     const timing = (ms: number[]) => ({ samples: ms.length, msP50: pct(ms, 50), msMin: ms[0]!, msMax: ms.at(-1)! });
 
     // Prefill: whole prompts in one forward, after one untimed forward of the same shape.
-    for (const b of prefillBatches) {
-      const batch = bench.prefillBatch(0, b);
+    for (const { batch: b, prompt } of prefillCases) {
+      const batch = bench.prefillBatch(b, prompt);
       await runner.forward(batch);
-      const ms = await bench.time(Array.from({ length: prefillRepeats }, () => batch));
-      bench.markPrefilled(b);
+      const ms = await bench.time(batch, prefillRepeats);
       const p50 = pct(ms, 50);
       const tokens = b * prompt;
+      const flops = forwardFlops(params, tokens, b);
+      const attention = attentionFlops(config, tokens, b);
+      const ceiling = ceilings.find((c) => c.m === tokens && c.what !== '8192^3');
+      const square = ceilings.find((c) => c.what === '8192^3');
       record({
         phase: 'prefill',
         batch: b,
@@ -499,32 +776,26 @@ async function main(): Promise<void> {
         context: prompt,
         ...timing(ms),
         tokensPerSec: tokens / (p50 / 1e3),
-        tflops: forwardFlops(params, tokens, b) / (p50 * 1e9),
+        tflops: flops / (p50 * 1e9),
+        attentionFlops: attention,
+        ...(ceiling ? { mfu: (flops + attention) / (p50 * 1e9) / ceiling.tflops } : {}),
+        ...(square ? { mfu8192: (flops + attention) / (p50 * 1e9) / square.tflops } : {}),
       });
     }
 
-    // Decode: every sequence of the batch at the same position, steps timed one by one.
-    const chunkTokens = Math.max(prompt, device === 'cuda' ? 4096 : 1024);
-    const weightBytes = params.readPerStep * dtypeBytes;
-    for (const b of [...new Set(batches)].sort((x, y) => x - y)) {
-      if (b > bench.prefilled)
-        progress(`decode batch ${b}: prefilling ${b - bench.prefilled} more x ${prompt} tokens (untimed)`);
-      await bench.prefillUpTo(b, chunkTokens);
-      const tables = bench.blockTables(0, b);
-      const stepBatches = Array.from({ length: steps }, (_, k) => bench.decodeBatch(b, prompt + k, tables));
-      await bench.time(stepBatches.slice(0, Math.min(2, steps))); // warm-up: the first positions, rewritten below
-      const ms = await bench.time(stepBatches);
+    // Decode: every sequence of the batch at the same context, the same step timed `steps` times.
+    for (const { batch: b, context } of decodeCases) {
+      const batch = bench.decodeBatch(b, context);
+      await bench.time(batch, 2); // warm-up (and the CUDA graph's capture)
+      const ms = await bench.time(batch, steps);
       const p50 = pct(ms, 50);
-      // Attention at position p reads p + 1 tokens of K and V; the steps span prompt .. prompt + steps - 1.
-      const meanContext = prompt + (steps + 1) / 2;
-      const kvBytes = b * meanContext * kvBytesPerToken;
-      const readBytes = weightBytes + kvBytes;
+      const readBytes = weightBytes + b * context * kvBytesPerToken;
       const boundMs = readBytes / (baseline.readGBps * 1e6);
       record({
         phase: 'decode',
         batch: b,
         tokens: b,
-        context: prompt + steps,
+        context,
         ...timing(ms),
         tokensPerSec: b / (p50 / 1e3),
         tflops: forwardFlops(params, b, b) / (p50 * 1e9),
@@ -535,99 +806,173 @@ async function main(): Promise<void> {
         vsBound: boundMs / p50,
       });
     }
-
-    // ---------------------------------------------------------------------------------------------------
-    const header = [
-      `bench:engine  model ${model} (${sig(params.total / 1e6)} M params; ` +
-        `${sig(params.readPerStep / 1e6)} M multiplied per token, ` +
-        `${bytesText(weightBytes)} of ${dtype} weights read per decode step)`,
-      `device ${deviceLine}; host ${caps.cpu.cores} cores, ${sig(caps.cpu.memoryBytes / GiB)} GiB` +
-        (dev
-          ? `; GPU memory bandwidth (theoretical) ${sig(caps.cuda.devices[dev.ordinal]?.memoryBandwidthGBps)} GB/s`
-          : ''),
-      `baseline ${baselineText(baseline)}`,
-      `bound ms = (weights + KV read per decode step) / ${sig(baseline.readGBps)} GB/s; ` +
-        `"% bound" = bound / measured (100% = at the memory roofline)`,
-      `TFLOP/s = 2 x params x tokens (lm_head once per sequence; attention's own FLOPs left out)`,
-      `prompt ${prompt} tokens, ${steps} decode steps per batch size, ` +
-        `KV blocks of ${BLOCK_SIZE} tokens${quick ? ', --quick' : ''}; ` +
-        (sampling === 'device' && runner instanceof CudaModelRunner
-          ? 'greedy token ids from the device (--sampling device)'
-          : 'whole logits back to the host each step (--sampling host)') +
-        (runner instanceof CudaModelRunner
-          ? `; decode steps ${runner.cudaGraphs.active ? 'replayed as CUDA graphs' : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`}` +
-            `; GEMMs of ${runner.gemvMaxBatch > 0 ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more` : 'any size (TANDEM_GEMV=off)'} through cuBLAS`
-          : ''),
-    ];
-    console.log(header.join('\n'));
-    printTable(rows);
-
-    const seconds = (performance.now() - started) / 1e3;
-    if (values.json) {
-      mkdirSync(dirname(values.json), { recursive: true });
-      writeFileSync(
-        values.json,
-        JSON.stringify(
-          {
-            host: caps,
-            quick,
-            seconds,
-            model,
-            device: {
-              kind: device,
-              description: deviceLine,
-              dtype,
-              ...(dev ? { ordinal: dev.ordinal, name: dev.name } : {}),
-              ...(runner instanceof CpuModelRunner ? { threads: runner.threads, kernel: runner.kernel } : {}),
-              ...(runner instanceof CudaModelRunner ? { weightBytes: runner.weightBytes } : {}),
-            },
-            config,
-            params: { ...params, weightBytesReadPerStep: weightBytes, kvBytesPerToken },
-            settings: {
-              prompt,
-              steps,
-              batches,
-              prefillBatches,
-              prefillRepeats,
-              blockSize: BLOCK_SIZE,
-              numBlocks,
-              sampling: sampling === 'device' && runner instanceof CudaModelRunner ? 'device' : 'host',
-              ...(runner instanceof CudaModelRunner
-                ? { cudaGraphs: runner.cudaGraphs, gemvMaxBatch: runner.gemvMaxBatch }
-                : {}),
-            },
-            baseline,
-            rows,
-          },
-          null,
-          2,
-        ) + '\n',
-      );
-      console.log(`wrote ${values.json}`);
+    if (runner instanceof CudaModelRunner) {
+      cudaGraphs = runner.cudaGraphs;
+      gemvMaxBatch = runner.gemvMaxBatch;
     }
-    const svgFile =
-      values.svg ?? (values.json ? values.json.replace(/\.json$/, '') + '.svg' : 'bench-results/engine.svg');
-    await writeChart(
-      svgFile,
-      engineChart(
-        rows,
-        `Tandem bench:engine: ${model} on ${device === 'cuda' ? dev!.name : 'the CPU'}${quick ? ' (--quick)' : ''}`,
-        [
-          `${deviceLine}; prompt ${prompt} tokens, ${steps} decode steps per batch size`,
-          `memory bound at ${sig(baseline.readGBps)} GB/s read (${baseline.what})` +
-            rows
-              .filter((r) => r.phase === 'prefill')
-              .map((r) => `; prefill x${r.batch}: ${sig(r.msP50)} ms, ${sig(r.tokensPerSec)} tokens/s`)
-              .join(''),
-        ],
-      ),
-    );
-    console.log(`wrote ${svgFile}`);
-    console.log(`done in ${seconds.toFixed(1)} s`);
+    if (runner instanceof CudaModelRunner)
+      graphsLine = `; decode steps ${
+        runner.cudaGraphs.active
+          ? 'replayed as CUDA graphs'
+          : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`
+      }}; GEMMs of ${
+        runner.gemvMaxBatch > 0
+          ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more`
+          : 'any size (TANDEM_GEMV=off)'
+      } through cuBLAS`;
   } finally {
+    // PyTorch runs next on the same GPU: Tandem's memory goes back first.
     await runner?.dispose().catch(() => {});
     await dev?.dispose().catch(() => {});
   }
+
+  // ---------------------------------------------------------------------------------------------------
+  let torchRun: TorchRun | undefined;
+  let torchReason = torchProbe.available ? undefined : torchProbe.reason;
+  if (torchProbe.available) {
+    progress(`PyTorch ${torchProbe.version}: the same cases through bench/engine_torch.py`);
+    try {
+      torchRun = await runTorch(
+        {
+          model: config,
+          prefill: prefills,
+          decode: decodeCases,
+          warmup: { prefill: 2, decode: 3 },
+          repeats: { prefill: prefillRepeats, decode: steps },
+          transformers: true,
+          ceilings: { gemm: 8192, copyBytes: baseline!.bytes },
+          device: 0,
+        },
+        (quick ? 240 : 420) * 1e3,
+      );
+    } catch (error) {
+      torchReason = `bench/engine_torch.py failed: ${(error as Error).message}`;
+      progress(`no PyTorch rows: ${torchReason}`);
+    }
+  }
+  const torchCell = (row: Row, impl: TorchRow['impl']): TorchCell | undefined => {
+    const t = torchRun?.rows.find(
+      (r) => r.impl === impl && r.phase === row.phase && r.batch === row.batch && r.context === row.context,
+    );
+    if (!t) return undefined;
+    if (t.error !== undefined || t.msP50 === undefined) return { error: t.error ?? 'no time' };
+    const flops = row.tflops * row.msP50 * 1e9 + (row.attentionFlops ?? 0);
+    const ceiling = ceilings.find((c) => c.m === row.tokens && c.what !== '8192^3');
+    return {
+      msP50: t.msP50,
+      msMin: t.msMin!,
+      samples: t.samples!,
+      tandemSpeedup: t.msP50 / row.msP50,
+      ...(row.phase === 'prefill' && ceiling ? { mfu: flops / (t.msP50 * 1e9) / ceiling.tflops } : {}),
+      ...(row.boundMs !== undefined ? { vsBound: row.boundMs / t.msP50 } : {}),
+    };
+  };
+  for (const row of rows) {
+    const plain = torchCell(row, 'plain');
+    const hf = torchCell(row, 'transformers');
+    if (plain) row.torch = plain;
+    if (hf) row.transformers = hf;
+  }
+
+  const square = ceilings.find((c) => c.what === '8192^3');
+  const header = [
+    `bench:engine  model ${model} (${sig(params.total / 1e6)} M params; ` +
+      `${sig(params.readPerStep / 1e6)} M multiplied per token, ` +
+      `${bytesText(weightBytes)} of ${dtype} weights read per decode step)`,
+    `device ${deviceLine!}; host ${caps.cpu.cores} cores, ${sig(caps.cpu.memoryBytes / GiB)} GiB` +
+      (cuda ? `; GPU memory bandwidth (theoretical) ${sig(caps.cuda.devices[0]?.memoryBandwidthGBps)} GB/s` : ''),
+    `baseline ${baselineText(baseline!)}`,
+    `bound ms = (weights + KV read per decode step) / ${sig(baseline!.readGBps)} GB/s; ` +
+      `"% bound" = bound / measured (100% = at the memory roofline)`,
+    `TFLOP/s = 2 x params x tokens (lm_head once per sequence; attention's own FLOPs left out)`,
+    ...(square
+      ? [
+          `GEMM ceilings (cuBLAS bf16, this run): ${ceilings.map((c) => `${c.m}x${c.n}x${c.k} ${sig(c.tflops)}`).join(', ')} TFLOP/s; ` +
+            `MFU = (TFLOP/s + causal attention) / the model's largest GEMM (${largestGemm(config).what}) at the row's tokens; ` +
+            `MFU 8192 = the same / ${sig(square.tflops)} TFLOP/s (8192^3)`,
+        ]
+      : []),
+    `prefill ${prefills.join(', ')} tokens (${prefillRepeats} timed); decode at context ${contexts.join(', ')}, ` +
+      `${steps} timed steps per row, KV blocks of ${BLOCK_SIZE} tokens${quick ? ', --quick' : ''}; ` +
+      (sampling === 'device' && cuda
+        ? 'greedy token ids from the device (--sampling device)'
+        : 'whole logits back to the host each step (--sampling host)') +
+      graphsLine,
+    torchRun
+      ? `PyTorch ${torchRun.torch} (CUDA ${torchRun.cudaRuntime}) on ${torchRun.deviceName}, same GPU after Tandem, ` +
+        `bench/engine_torch.py: "torch" = plain Llama, SDPA (GQA), static KV cache, decode step as a CUDA graph; ` +
+        `"HF" = transformers ${torchRun.transformers ?? '(none)'} LlamaForCausalLM, SDPA, prefill only` +
+        (torchRun.transformersReason ? ` (${torchRun.transformersReason})` : '') +
+        `; "Tandem x" = torch ms / Tandem ms; "torch %" = MFU (prefill) or % bound (decode); ` +
+        `PyTorch's own ceilings: bf16 GEMM ${torchRun.ceilings.gemmN}^3 ${sig(torchRun.ceilings.gemmTflops)} TFLOP/s, ` +
+        `copy ${sig(torchRun.ceilings.copyGBps)} GB/s`
+      : `no PyTorch rows: ${torchReason}`,
+  ];
+  console.log(header.join('\n'));
+  printTable(rows);
+  for (const line of skipped) console.log(`skipped: ${line}`);
+
+  const seconds = (performance.now() - started) / 1e3;
+  if (values.json) {
+    mkdirSync(dirname(values.json), { recursive: true });
+    writeFileSync(
+      values.json,
+      JSON.stringify(
+        {
+          host: caps,
+          quick,
+          seconds,
+          model,
+          device: {
+            kind: device,
+            description: deviceLine!,
+            dtype,
+            ...(weightBytesOnDevice !== undefined ? { weightBytes: weightBytesOnDevice } : {}),
+          },
+          config,
+          params: { ...params, weightBytesReadPerStep: weightBytes, kvBytesPerToken },
+          settings: {
+            prefill: prefills,
+            contexts,
+            batches,
+            steps,
+            prefillCases,
+            prefillRepeats,
+            blockSize: BLOCK_SIZE,
+            numBlocks,
+            sampling: sampling === 'device' && cuda ? 'device' : 'host',
+            ...(cudaGraphs ? { cudaGraphs } : {}),
+            ...(gemvMaxBatch !== undefined ? { gemvMaxBatch } : {}),
+          },
+          baseline: baseline!,
+          gemmCeilings: ceilings,
+          skipped,
+          torch: torchRun ? { available: true, ...torchRun } : { available: false, reason: torchReason },
+          rows,
+        },
+        null,
+        2,
+      ) + '\n',
+    );
+    console.log(`wrote ${values.json}`);
+  }
+  const svgFile =
+    values.svg ?? (values.json ? values.json.replace(/\.json$/, '') + '.svg' : 'bench-results/engine.svg');
+  await writeChart(
+    svgFile,
+    comparisonChart(
+      rows,
+      `Tandem bench:engine: ${model} on ${cuda ? (torchRun?.deviceName ?? caps.cuda.devices[0]?.name ?? 'GPU 0') : 'the CPU'}${quick ? ' (--quick)' : ''}`,
+      [
+        `${deviceLine!}; ${steps} decode steps per row` +
+          (torchRun ? `; PyTorch ${torchRun.torch} on the same GPU` : ''),
+        `memory bound at ${sig(baseline!.readGBps)} GB/s read (${baseline!.what})` +
+          (square ? `; GEMM ceiling ${sig(square.tflops)} TFLOP/s (cuBLAS bf16 8192^3)` : ''),
+      ],
+    ),
+  );
+  console.log(`wrote ${svgFile}`);
+  console.log(`done in ${((performance.now() - started) / 1e3).toFixed(1)} s`);
 }
 
 function baselineText(b: Baseline): string {
@@ -642,7 +987,11 @@ function modelConfig(model: string): ModelConfig {
   return isDummyModel(model) ? dummyConfig(model) : loadModelConfig(model);
 }
 
+const percent = (x: number | undefined) => (x === undefined ? '' : `${(x * 100).toFixed(0)}%`);
+
+/** The table on stdout; a column no row has a value in (MFU on cpu, PyTorch where it did not run) is left out. */
 function printTable(rows: Row[]) {
+  const torchText = (c: TorchCell | undefined) => (c?.error !== undefined ? 'failed' : sig(c?.msP50));
   const columns: [string, (r: Row) => string][] = [
     ['phase', (r) => r.phase],
     ['batch', (r) => String(r.batch)],
@@ -652,20 +1001,124 @@ function printTable(rows: Row[]) {
     ['ms min', (r) => sig(r.msMin)],
     ['tokens/s', (r) => sig(r.tokensPerSec)],
     ['TFLOP/s', (r) => sig(r.tflops)],
+    ['MFU', (r) => percent(r.mfu)],
+    ['MFU 8192', (r) => percent(r.mfu8192)],
     ['read GB/s', (r) => sig(r.readGBps)],
     ['bound ms', (r) => sig(r.boundMs)],
-    ['% bound', (r) => (r.vsBound === undefined ? '' : `${(r.vsBound * 100).toFixed(0)}%`)],
+    ['% bound', (r) => percent(r.vsBound)],
+    ['torch ms', (r) => torchText(r.torch)],
+    ['torch %', (r) => percent(r.torch?.mfu ?? r.torch?.vsBound)],
+    ['Tandem x', (r) => (r.torch?.tandemSpeedup === undefined ? '' : `${r.torch.tandemSpeedup.toFixed(2)}x`)],
+    ['HF ms', (r) => torchText(r.transformers)],
+    [
+      'vs HF',
+      (r) => (r.transformers?.tandemSpeedup === undefined ? '' : `${r.transformers.tandemSpeedup.toFixed(2)}x`),
+    ],
   ];
   const cells = rows.map((r) => columns.map(([, f]) => f(r)));
-  const widths = columns.map(([h], i) => Math.max(h.length, ...cells.map((c) => c[i]!.length)));
-  const line = (c: string[]) =>
-    c
-      .map((s, i) => (i === 0 ? s.padEnd(widths[i]!) : s.padStart(widths[i]!)))
-      .join('  ')
-      .trimEnd();
-  console.log(line(columns.map(([h]) => h)));
-  console.log(widths.map((w) => '-'.repeat(w)).join('  '));
-  for (const c of cells) console.log(line(c));
+  const kept = columns.map((_, i) => i < 5 || cells.some((c) => c[i] !== ''));
+  const pick = <T>(xs: T[]) => xs.filter((_, i) => kept[i]);
+  console.log(
+    formatTable(
+      pick(columns.map(([h]) => h)),
+      cells.map((c) => pick(c)),
+    ),
+  );
+}
+
+/**
+ * The chart: prefill time against prompt length (Tandem, PyTorch, transformers, and the time the forward's FLOPs
+ * take at the row's GEMM ceiling) and, one panel per context, decode step time against batch size (Tandem,
+ * PyTorch, the memory bound).
+ */
+function comparisonChart(rows: readonly Row[], title: string, subtitle: string[]): ChartSpec {
+  const kinds = [
+    'Tandem',
+    'PyTorch (plain Llama, SDPA, CUDA graph decode)',
+    'transformers (SDPA)',
+    'at the GEMM ceiling (MFU 100%)',
+    'memory bound (weights + KV)',
+  ];
+  const point = (kind: number, x: number, ms: number | undefined) =>
+    ms === undefined || !Number.isFinite(ms) ? [] : [{ kind: kinds[kind]!, x, ms }];
+  const prefill = rows.filter((r) => r.phase === 'prefill' && r.batch === 1);
+  const encoding = {
+    color: {
+      field: 'kind',
+      type: 'nominal',
+      title: null,
+      sort: kinds,
+      scale: { domain: kinds, scheme: 'tableau10' },
+      legend: { symbolType: 'stroke', symbolSize: 700, columns: 2 },
+    },
+    strokeDash: {
+      field: 'kind',
+      type: 'nominal',
+      title: null,
+      sort: kinds,
+      scale: {
+        domain: kinds,
+        range: [
+          [1, 0],
+          [1, 0],
+          [1, 0],
+          [7, 4],
+          [2, 3],
+        ],
+      },
+    },
+  };
+  const panel = (heading: string, xTitle: string, values: { kind: string; x: number; ms: number }[], base: number) => {
+    const xs = [...new Set(values.map((v) => v.x))].sort((a, b) => a - b);
+    return {
+      width: PANEL_WIDTH,
+      height: PANEL_HEIGHT,
+      title: heading,
+      data: { values },
+      mark: { type: 'line', point: true },
+      encoding: {
+        ...encoding,
+        x: axisFor('x', xTitle, xs, { base, zero: false, ticks: xs, labelExpr: "format(datum.value, ',d')" }),
+        y: axisFor(
+          'ms',
+          'ms (p50)',
+          values.map((v) => v.ms),
+        ),
+      },
+    };
+  };
+  const specs: ChartSpec[] = [];
+  if (prefill.length > 0)
+    specs.push(
+      panel(
+        'Prefill, one sequence',
+        'prompt tokens',
+        prefill.flatMap((r) => [
+          ...point(0, r.tokens, r.msP50),
+          ...point(1, r.tokens, r.torch?.msP50),
+          ...point(2, r.tokens, r.transformers?.msP50),
+          ...point(3, r.tokens, r.mfu === undefined ? undefined : r.msP50 * r.mfu),
+        ]),
+        2,
+      ),
+    );
+  const decode = rows.filter((r) => r.phase === 'decode');
+  for (const context of [...new Set(decode.map((r) => r.context))].sort((a, b) => a - b))
+    specs.push(
+      panel(
+        `Decode step at context ${context}`,
+        'batch (sequences decoding together)',
+        decode
+          .filter((r) => r.context === context)
+          .flatMap((r) => [
+            ...point(0, r.batch, r.msP50),
+            ...point(1, r.batch, r.torch?.msP50),
+            ...point(4, r.batch, r.boundMs),
+          ]),
+        2,
+      ),
+    );
+  return panels({ text: title, subtitle }, specs, 2);
 }
 
 try {

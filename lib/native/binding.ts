@@ -290,6 +290,11 @@ export interface RawBinding {
   addonVersion: string;
   napiVersion: number;
   probe(options: { libraries: RawLibraryCandidates; fatbin?: Uint8Array }): Promise<RawProbe>;
+  /** ms of each timed bf16 GEMM y[m, n] = x[m, k] . w[n, k]^T through the engine's cuBLAS (native/src/engine/gemm_bench.h). */
+  timeGemm(
+    device: RawCudaDevice,
+    options: { m: number; n: number; k: number; iterations: number; warmup?: number; cublas?: string[] },
+  ): Promise<number[]>;
   CudaDevice: new (ordinal: number) => RawCudaDevice;
   DeviceBuffer: new (...args: never[]) => RawDeviceBuffer;
   TransferAgent: new (

@@ -9,6 +9,7 @@
 #include "device_buffer.h"
 #include "engine/cuda_llama_wrap.h"
 #include "engine/engine_wrap.h"
+#include "engine/gemm_bench.h"
 #include "nccl/comm_wrap.h"
 #include "probe.h"
 #include "transfer/agent_wrap.h"
@@ -47,6 +48,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   engine::CpuLlamaWrap::Init(env, exports);
   engine::CudaLlamaWrap::Init(env, exports);
   exports.Set("probe", Napi::Function::New(env, Probe, "probe"));
+  exports.Set("timeGemm", Napi::Function::New(env, engine::TimeGemm, "timeGemm"));
   exports.Set("addonVersion", Napi::String::New(env, TANDEM_ADDON_VERSION));
   exports.Set("napiVersion", Napi::Number::New(env, NAPI_VERSION));
   return exports;
