@@ -815,7 +815,7 @@ async function main(): Promise<void> {
         runner.cudaGraphs.active
           ? 'replayed as CUDA graphs'
           : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`
-      }}; GEMMs of ${
+      }; GEMMs of ${
         runner.gemvMaxBatch > 0
           ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more`
           : 'any size (TANDEM_GEMV=off)'
