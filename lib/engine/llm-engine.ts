@@ -12,7 +12,8 @@
  * their blocks, and the loop goes on with the rest.
  */
 import { BadArgumentError, CanceledError, DisposedError, EngineRequestError, KvCacheFullError } from '../errors.js';
-import { KvBlockManager, kvBlockHashes, type KvEvent } from './block-manager.js';
+import { kvBlockHashes } from '../kv/hash.js';
+import { KvBlockManager, type KvEvent } from './block-manager.js';
 import type {
   BlockAllocation,
   Engine,

@@ -6,7 +6,8 @@ import {
   KvCacheFullError,
   PromptTooLongError,
 } from '../../lib/errors.js';
-import { kvBlockHashes, type KvEvent } from '../../lib/engine/block-manager.js';
+import type { KvEvent } from '../../lib/engine/block-manager.js';
+import { kvBlockHashes } from '../../lib/kv/hash.js';
 import type { EngineOutput, RequestResult, SamplingParams } from '../../lib/engine/engine.js';
 import { LlmEngine, type LlmEngineOptions } from '../../lib/engine/llm-engine.js';
 import { FakeSampledRunner } from '../helpers/device-sampling.js';
