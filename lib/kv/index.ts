@@ -27,3 +27,5 @@ export type { KvDtype, KvHeadLayout, KvLayout, KvPool, KvPoolSpec } from './pool
 export { kvStridedPieces, kvTransferPieces } from './pieces.js';
 export type { KvBlockIds, KvPieces, KvStridedSpec } from './pieces.js';
 export { hashLanesOf, kvBlockHash, kvBlockHashes, kvBlockHashLanes } from './hash.js';
+export { KV_EVENT_REMOVED, KV_EVENT_STORED, KvEventPublisher, newIncarnation } from './events.js';
+export type { KvEventBatch, KvHashEvent, KvSnapshot } from './events.js';
