@@ -79,6 +79,11 @@ export interface EngineOutput {
   finishReason: FinishReason | null;
   /** The stop token id or stop string that ended the request. */
   stopReason?: number | string;
+  /**
+   * On the request's first output: prompt tokens served from the prefix cache rather than computed (for a
+   * request decoded from given blocks, the whole prompt: it was computed elsewhere).
+   */
+  cachedPromptTokens?: number;
 }
 
 export interface RequestResult {

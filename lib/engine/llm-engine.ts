@@ -595,6 +595,7 @@ export class LlmEngine implements Engine {
       return;
     }
     const out: EngineOutput = { requestId: req.id, tokenIds: [token], finishReason: reason };
+    if (seq.numGenerated === 1) out.cachedPromptTokens = seq.numCachedPromptTokens;
     if (lp) out.logprobs = [lp];
     if (reason && req.stopReason !== undefined) out.stopReason = req.stopReason;
     req.stream!.push(out);

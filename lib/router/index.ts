@@ -31,4 +31,5 @@ export {
   type RouteChoice,
   type RouteDecision,
   type RouteRequest,
+  type RouterConfig,
 } from './kv-router.js';

@@ -20,6 +20,11 @@ import { createPolicy, DEFAULT_ROUTER_POLICY, type RouterPolicyName, type Routin
 /** A worker that has finished this many requests of at least one full block without one KV event is reported. */
 export const KV_EVENTS_MISSING_AFTER = 4;
 
+/** The graph's `router` section: the policy and the cost function's weights. */
+export interface RouterConfig extends CostWeights {
+  policy: RouterPolicyName;
+}
+
 export interface KvRouterOptions extends Partial<CostWeights> {
   policy?: RouterPolicyName;
   /** Uniforms in [0, 1) for `random` and for the temperature's draw (inject a seeded one in tests). */
