@@ -40,8 +40,18 @@ export interface CostTerms {
   decodeBlocks: number;
 }
 
+/** The formula above, on plain numbers (the router's hot path allocates nothing per candidate). */
+export function costOf(
+  prefillWeight: number,
+  uncachedBlocks: number,
+  queuedPrefillBlocks: number,
+  decodeBlocks: number,
+): number {
+  return prefillWeight * (uncachedBlocks + queuedPrefillBlocks) + decodeBlocks;
+}
+
 export function workerCost(terms: CostTerms, weights: CostWeights = DEFAULT_COST_WEIGHTS): number {
-  return weights.prefillWeight * (terms.uncachedBlocks + terms.queuedPrefillBlocks) + terms.decodeBlocks;
+  return costOf(weights.prefillWeight, terms.uncachedBlocks, terms.queuedPrefillBlocks, terms.decodeBlocks);
 }
 
 /** The formula with one candidate's live values, as the debug log writes it. */

@@ -6,6 +6,7 @@
 export { KvPrefixIndex, type PrefixIndexOptions } from './prefix-index.js';
 export {
   chooseByCost,
+  costOf,
   DEFAULT_COST_WEIGHTS,
   DEFAULT_PREFILL_WEIGHT,
   DEFAULT_ROUTER_TEMPERATURE,

@@ -13,9 +13,15 @@ import {
   shouldPrefillRemotely,
   type DisaggregationThresholds,
 } from '../serve/disagg.js';
-import { DEFAULT_COST_WEIGHTS, explainCost, workerCost, type CostTerms, type CostWeights } from './cost.js';
+import { costOf, DEFAULT_COST_WEIGHTS, explainCost, type CostTerms, type CostWeights } from './cost.js';
 import { KvPrefixIndex } from './prefix-index.js';
-import { createPolicy, DEFAULT_ROUTER_POLICY, type RouterPolicyName, type RoutingPolicy } from './policies.js';
+import {
+  createPolicy,
+  DEFAULT_ROUTER_POLICY,
+  type Candidates,
+  type RouterPolicyName,
+  type RoutingPolicy,
+} from './policies.js';
 
 /** A worker that has finished this many requests of at least one full block without one KV event is reported. */
 export const KV_EVENTS_MISSING_AFTER = 4;
@@ -60,7 +66,7 @@ export interface RouteChoice {
 
 export interface RouteRequest {
   requestId: string;
-  promptIds: readonly number[];
+  promptIds: ArrayLike<number>;
   /** Decode (or aggregated) workers that can serve it. */
   decode: readonly RouteCandidate[];
   /** Prefill workers (none: the decode worker prefills). */
@@ -114,6 +120,15 @@ export class KvRouter {
   private nextId = 0;
   private readonly admissions = new Map<string, Admission[]>();
   private overlapScratch: Int32Array;
+  private laneScratch = new Uint32Array(512);
+  private scratch: Candidates & { cached: Int32Array } = {
+    n: 0,
+    costs: new Float64Array(0),
+    inflight: new Float64Array(0),
+    reportedLoad: new Float64Array(0),
+    cached: new Int32Array(0),
+  };
+  private stateScratch: WorkerState[] = [];
 
   constructor(private readonly options: KvRouterOptions = {}) {
     this.weights = {
@@ -280,62 +295,89 @@ export class KvRouter {
   /** One worker among `candidates` for the prompt, by the policy. */
   choose(
     candidates: readonly RouteCandidate[],
-    promptIds: readonly number[],
+    promptIds: ArrayLike<number>,
     pool: string,
     requestId = '',
   ): RouteChoice | undefined {
     const n = candidates.length;
     if (n === 0) return undefined;
-    const cached = new Int32Array(n);
-    const requestBlocks = new Int32Array(n);
+    const d = this.decisionScratch(n);
+    const states = this.stateScratch;
     // One walk of the index per block size among the candidates (a pool normally has one).
-    const done = new Map<number, Int32Array>();
+    let walkedBlockSize = 0;
+    let walked: Int32Array = this.overlapScratch;
+    let otherSizes: Map<number, Int32Array> | undefined;
     for (let i = 0; i < n; i++) {
       const c = candidates[i]!;
-      const s = this.state(c.name);
-      let overlaps = done.get(c.blockSize);
+      const s = (states[i] = this.state(c.name));
+      const bs = c.blockSize;
+      let overlaps: Int32Array | undefined;
+      if (bs === walkedBlockSize) overlaps = walked;
+      else overlaps = otherSizes?.get(bs);
       if (!overlaps) {
-        const full = Math.floor(promptIds.length / c.blockSize);
-        if (this.overlapScratch.length < this.index.maxWorkers)
-          this.overlapScratch = new Int32Array(this.index.maxWorkers);
-        this.index.overlaps(kvBlockHashLanes(promptIds, c.blockSize, full), full, this.overlapScratch);
-        overlaps = this.overlapScratch.slice();
-        done.set(c.blockSize, overlaps);
+        overlaps = this.walk(promptIds, bs, walkedBlockSize === 0 ? this.overlapScratch : undefined);
+        if (walkedBlockSize === 0) {
+          walkedBlockSize = bs;
+          walked = overlaps;
+        } else (otherSizes ??= new Map()).set(bs, overlaps);
       }
-      cached[i] = overlaps[s.id]!;
-      requestBlocks[i] = Math.ceil(promptIds.length / c.blockSize);
+      const requestBlocks = Math.ceil(promptIds.length / bs);
+      const cached = overlaps[s.id]!;
+      d.cached[i] = cached;
+      d.costs[i] = costOf(this.weights.prefillWeight, requestBlocks - cached, s.queuedPrefillBlocks, s.decodeBlocks);
+      d.inflight[i] = c.inflight;
+      d.reportedLoad[i] = c.reportedLoad;
     }
-    const costs = new Float64Array(n);
-    const inflight = new Float64Array(n);
-    const reportedLoad = new Float64Array(n);
-    const terms: CostTerms[] = [];
-    for (let i = 0; i < n; i++) {
-      const c = candidates[i]!;
-      const s = this.state(c.name);
-      const t: CostTerms = {
-        uncachedBlocks: requestBlocks[i]! - cached[i]!,
-        queuedPrefillBlocks: s.queuedPrefillBlocks,
-        decodeBlocks: s.decodeBlocks,
-      };
-      terms.push(t);
-      costs[i] = workerCost(t, this.weights);
-      inflight[i] = c.inflight;
-      reportedLoad[i] = c.reportedLoad;
-    }
-    const names = candidates.map((c) => c.name);
-    const at = this.policy.choose({ n, names, costs, inflight, reportedLoad }, pool);
+    const at = this.policy.choose(d, pool, candidates);
     const chosen = candidates[at]!;
-    if (this.debug?.enabled !== false && this.debug) {
-      for (let i = 0; i < n; i++)
-        this.debug(`route ${requestId} ${pool}: ${explainCost(names[i]!, terms[i]!, this.weights)}`);
-      this.debug(`route ${requestId} ${pool}: ${this.policyName} chose ${chosen.name} (${cached[at]} cached blocks)`);
+    const cachedBlocks = d.cached[at]!;
+    if (this.debug && this.debug.enabled !== false) {
+      for (let i = 0; i < n; i++) {
+        const c = candidates[i]!;
+        const terms: CostTerms = {
+          uncachedBlocks: Math.ceil(promptIds.length / c.blockSize) - d.cached[i]!,
+          queuedPrefillBlocks: states[i]!.queuedPrefillBlocks,
+          decodeBlocks: states[i]!.decodeBlocks,
+        };
+        this.debug(`route ${requestId} ${pool}: ${explainCost(c.name, terms, this.weights)}`);
+      }
+      this.debug(`route ${requestId} ${pool}: ${this.policyName} chose ${chosen.name} (${cachedBlocks} cached blocks)`);
     }
     return {
       worker: chosen.name,
       blockSize: chosen.blockSize,
-      cachedBlocks: cached[at]!,
-      uncachedTokens: Math.max(0, promptIds.length - cached[at]! * chosen.blockSize),
+      cachedBlocks,
+      uncachedTokens: Math.max(0, promptIds.length - cachedBlocks * chosen.blockSize),
     };
+  }
+
+  /** Leading blocks of the prompt (in blocks of `blockSize`) each worker id holds; into `out` when given. */
+  private walk(promptIds: ArrayLike<number>, blockSize: number, out?: Int32Array): Int32Array {
+    const full = Math.floor(promptIds.length / blockSize);
+    if (this.laneScratch.length < 2 * full) this.laneScratch = new Uint32Array(4 * full);
+    const lanes = kvBlockHashLanes(promptIds, blockSize, full, this.laneScratch);
+    let target = out ?? new Int32Array(this.index.maxWorkers);
+    if (target.length < this.index.maxWorkers) target = new Int32Array(this.index.maxWorkers);
+    if (out && target !== out) this.overlapScratch = target;
+    this.index.overlaps(lanes, full, target);
+    return target;
+  }
+
+  /** Per-decision arrays, reused (a decision allocates nothing per candidate). */
+  private decisionScratch(n: number): Candidates & { cached: Int32Array } {
+    if (this.scratch.costs.length < n) {
+      const size = Math.max(n, 2 * this.scratch.costs.length);
+      this.scratch = {
+        n,
+        costs: new Float64Array(size),
+        inflight: new Float64Array(size),
+        reportedLoad: new Float64Array(size),
+        cached: new Int32Array(size),
+      };
+      this.stateScratch = new Array<WorkerState>(size);
+    }
+    this.scratch.n = n;
+    return this.scratch;
   }
 
   private admit(requestId: string, admissions: Admission[]): void {

@@ -9,10 +9,9 @@ export const ROUTER_POLICIES = ['kv', 'least-load', 'round-robin', 'random'] as 
 export type RouterPolicyName = (typeof ROUTER_POLICIES)[number];
 export const DEFAULT_ROUTER_POLICY: RouterPolicyName = 'kv';
 
-/** The candidates of one decision, as parallel arrays (index i is candidate i). */
+/** The candidates of one decision, as parallel arrays (index i is candidate i of n; the arrays may be longer). */
 export interface Candidates {
   n: number;
-  names: readonly string[];
   /** cost.ts's cost of each candidate. */
   costs: Float64Array;
   /** Requests in flight from this router. */
@@ -23,8 +22,11 @@ export interface Candidates {
 
 export interface RoutingPolicy {
   readonly name: RouterPolicyName;
-  /** The index of the chosen candidate; `pool` names the candidate set (round-robin keeps a turn per pool). */
-  choose(candidates: Candidates, pool: string): number;
+  /**
+   * The index of the chosen candidate; `pool` names the candidate set (round-robin keeps a turn per pool);
+   * `workers` are the candidates themselves, by name.
+   */
+  choose(candidates: Candidates, pool: string, workers: readonly { name: string }[]): number;
 }
 
 /** The cheapest worker by cost.ts (or a softmax draw over costs with a temperature). */
