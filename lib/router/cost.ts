@@ -7,7 +7,9 @@
  *   uncachedBlocks(w)      = requestBlocks - cachedBlocks(w): the blocks w would compute for this request
  *                            (cachedBlocks from the prefix index: leading blocks of the request w holds)
  *   queuedPrefillBlocks(w) = uncached blocks of the requests routed to w that have no first token yet
- *   decodeBlocks(w)        = blocks of the requests routed to w and not finished (their KV w keeps)
+ *   decodeBlocks(w)        = blocks the requests routed to w and not finished occupy there: each request's
+ *                            uncached blocks (what it found cached is shared with the requests before it, so
+ *                            a popular prefix counts once, as the KV pool holds it once)
  *
  * The lowest cost wins; ties go to fewer requests in flight, then to the lighter reported load, then to the
  * first candidate. The load terms are this router's estimate, updated when it routes a request, at its first

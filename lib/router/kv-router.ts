@@ -277,7 +277,7 @@ export class KvRouter {
       {
         worker: decode.worker,
         queuedPrefillBlocks: prefill ? 0 : uncachedBlocks(decode),
-        decodeBlocks: blocks(decode),
+        decodeBlocks: uncachedBlocks(decode),
         fullBlock: fullBlock(decode),
       },
     ];

@@ -111,13 +111,16 @@ describe('routing', () => {
     r.onKvSnapshot('d1', { incarnation: 1, seq: 0, lanes: kvBlockHashLanes(p.slice(0, 40), BS) }); // 10 blocks
     const pick = () => r.choose([cand('d0'), cand('d1'), cand('d2')], p, 'decode')!;
     expect(pick()).toMatchObject({ worker: 'd1', cachedBlocks: 10, uncachedTokens: 24 });
-    // Routed requests load d1: decode 16 blocks + 6 queued prefill each, against 16 uncached elsewhere.
+    // A routed request loads d1 with its 6 uncached blocks, queued for prefill until its first token and held
+    // until its end (its 10 cached blocks are shared, not counted again).
     r.route({ requestId: 'a', promptIds: p, decode: [cand('d1')] });
-    expect(r.loadOf('d1')).toEqual({ queuedPrefillBlocks: 6, decodeBlocks: 16 });
-    // d1: 6 + 6 + 16 = 28 > d0: 16 + 0 + 0
+    expect(r.loadOf('d1')).toEqual({ queuedPrefillBlocks: 6, decodeBlocks: 6 });
+    // d1: 6 + 6 + 6 = 18 > d0: 16 + 0 + 0
     expect(pick().worker).toBe('d0');
     r.firstToken('a');
-    expect(r.loadOf('d1')).toEqual({ queuedPrefillBlocks: 0, decodeBlocks: 16 });
+    expect(r.loadOf('d1')).toEqual({ queuedPrefillBlocks: 0, decodeBlocks: 6 });
+    // d1: 6 + 0 + 6 = 12 < 16
+    expect(pick().worker).toBe('d1');
     r.complete('a');
     expect(r.loadOf('d1')).toEqual({ queuedPrefillBlocks: 0, decodeBlocks: 0 });
     expect(pick().worker).toBe('d1');
