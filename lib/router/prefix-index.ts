@@ -4,9 +4,9 @@
  * is a walk down the request's hash chain, dropping each worker at the first block it lacks.
  *
  * Layout, for the router's hot paths (a decision per request, an update per KV event):
- * - one open-addressing table (linear probing, backward-shift deletion, no tombstones) keyed by the hash's two
- *   32-bit lanes in a Uint32Array: no bigint, no object, no Map entry per block;
- * - per table slot, a bitset of the workers holding that block (`words` Uint32 per slot, 32 workers a word);
+ * - one open-addressing table (linear probing, backward-shift deletion, no tombstones) in one Uint32Array: a
+ *   slot is the hash's two 32-bit lanes followed by a bitset of the workers holding the block (32 workers a
+ *   word), so a lookup touches one cache line; no bigint, no object, no Map entry per block;
  * - per worker, its block count.
  * A worker's removal (gone, restarted) clears its bit in every slot and rebuilds the table once: O(capacity),
  * which is rare next to events and decisions.
@@ -29,11 +29,12 @@ export interface PrefixIndexOptions {
 
 export class KvPrefixIndex {
   private words: number;
+  /** Uint32s a slot: its two hash lanes, then its worker bitset (one cache line holds a slot and its probes). */
+  private stride: number;
   private capacity: number;
   private shift: number;
-  private keys: Uint32Array;
-  private occupied: Uint8Array;
-  private bits: Uint32Array;
+  /** Slot i at `i * stride`: lo, hi, bitset words. Empty when its bitset is all zero (the invariant above). */
+  private slots: Uint32Array;
   private size = 0;
   private blocksOf: Int32Array;
   /** Scratch of `overlaps`: the workers still matching. */
@@ -41,11 +42,10 @@ export class KvPrefixIndex {
 
   constructor(options: PrefixIndexOptions = {}) {
     this.words = Math.max(1, Math.ceil((options.maxWorkers ?? 64) / 32));
+    this.stride = 2 + this.words;
     this.capacity = capacityFor(options.expectedBlocks ?? MIN_CAPACITY);
     this.shift = 32 - Math.log2(this.capacity);
-    this.keys = new Uint32Array(2 * this.capacity);
-    this.occupied = new Uint8Array(this.capacity);
-    this.bits = new Uint32Array(this.capacity * this.words);
+    this.slots = new Uint32Array(this.capacity * this.stride);
     this.blocksOf = new Int32Array(this.words * 32);
     this.alive = new Uint32Array(this.words);
   }
@@ -76,13 +76,22 @@ export class KvPrefixIndex {
     return Math.imul(lo ^ Math.imul(hi, 0x85ebca6b), GOLDEN) >>> this.shift;
   }
 
-  /** The slot of hash (lo, hi), or -1. */
+  private occupied(base: number): boolean {
+    const slots = this.slots;
+    for (let k = base + 2, end = base + this.stride; k < end; k++) if (slots[k] !== 0) return true;
+    return false;
+  }
+
+  /** The offset of hash (lo, hi)'s slot, or -1. */
   private find(lo: number, hi: number): number {
     const mask = this.capacity - 1;
-    const keys = this.keys;
-    for (let i = this.home(lo, hi); this.occupied[i]; i = (i + 1) & mask)
-      if (keys[2 * i] === lo && keys[2 * i + 1] === hi) return i;
-    return -1;
+    const slots = this.slots;
+    const stride = this.stride;
+    for (let i = this.home(lo, hi); ; i = (i + 1) & mask) {
+      const base = i * stride;
+      if (slots[base] === lo && slots[base + 1] === hi && this.occupied(base)) return base;
+      if (!this.occupied(base)) return -1;
+    }
   }
 
   /** Worker `w` holds block (lo, hi). */
@@ -91,22 +100,24 @@ export class KvPrefixIndex {
     hi >>>= 0;
     if (w >= this.words * 32) this.ensureWorkers(w + 1);
     const mask = this.capacity - 1;
+    const stride = this.stride;
     let i = this.home(lo, hi);
-    for (; this.occupied[i]; i = (i + 1) & mask) if (this.keys[2 * i] === lo && this.keys[2 * i + 1] === hi) break;
-    if (!this.occupied[i]) {
+    let base = i * stride;
+    for (; this.occupied(base); i = (i + 1) & mask, base = i * stride)
+      if (this.slots[base] === lo && this.slots[base + 1] === hi) break;
+    if (!this.occupied(base)) {
       if ((this.size + 1) / this.capacity > MAX_LOAD) {
         this.rebuild(this.capacity * 2, this.words);
         return this.add(w, lo, hi);
       }
-      this.occupied[i] = 1;
-      this.keys[2 * i] = lo;
-      this.keys[2 * i + 1] = hi;
+      this.slots[base] = lo;
+      this.slots[base + 1] = hi;
       this.size++;
     }
-    const at = i * this.words + (w >>> 5);
+    const at = base + 2 + (w >>> 5);
     const bit = 1 << (w & 31);
-    if ((this.bits[at]! & bit) === 0) {
-      this.bits[at]! |= bit;
+    if ((this.slots[at]! & bit) === 0) {
+      this.slots[at]! |= bit;
       this.blocksOf[w]!++;
     }
   }
@@ -114,15 +125,14 @@ export class KvPrefixIndex {
   /** Worker `w` no longer holds block (lo, hi) (a no-op when it did not). */
   remove(w: number, lo: number, hi: number): void {
     if (w >= this.words * 32) return;
-    const i = this.find(lo >>> 0, hi >>> 0);
-    if (i < 0) return;
-    const base = i * this.words;
+    const base = this.find(lo >>> 0, hi >>> 0);
+    if (base < 0) return;
+    const at = base + 2 + (w >>> 5);
     const bit = 1 << (w & 31);
-    if ((this.bits[base + (w >>> 5)]! & bit) === 0) return;
-    this.bits[base + (w >>> 5)]! &= ~bit;
+    if ((this.slots[at]! & bit) === 0) return;
+    this.slots[at]! &= ~bit;
     this.blocksOf[w]!--;
-    for (let k = 0; k < this.words; k++) if (this.bits[base + k] !== 0) return;
-    this.deleteSlot(i);
+    if (!this.occupied(base)) this.deleteSlot(base / this.stride);
   }
 
   /** Applies a run of block hashes as lanes (`lanes[2k]` low, `lanes[2k + 1]` high) stored or removed by `w`. */
@@ -135,10 +145,11 @@ export class KvPrefixIndex {
   /** Forgets every block of worker `w` (it is gone, or restarted with an empty cache). */
   dropWorker(w: number): void {
     if (w >= this.words * 32 || this.blocksOf[w] === 0) return;
-    const word = w >>> 5;
     const keep = ~(1 << (w & 31));
-    for (let i = 0; i < this.capacity; i++) if (this.occupied[i]) this.bits[i * this.words + word]! &= keep;
+    const at = 2 + (w >>> 5);
+    for (let base = 0; base < this.slots.length; base += this.stride) this.slots[base + at]! &= keep;
     this.blocksOf[w] = 0;
+    // Slots left without a worker are empty now, mid-run: a rebuild restores the probing invariant.
     this.rebuild(this.capacity, this.words);
   }
 
@@ -148,6 +159,7 @@ export class KvPrefixIndex {
    */
   overlaps(lanes: Uint32Array, numBlocks: number, out: Int32Array | Uint32Array): number {
     const words = this.words;
+    const slots = this.slots;
     const alive = this.alive;
     alive.fill(0xffffffff);
     out.fill(0, 0, Math.min(out.length, words * 32));
@@ -155,11 +167,10 @@ export class KvPrefixIndex {
     for (; b < numBlocks; b++) {
       const slot = this.find(lanes[2 * b]!, lanes[2 * b + 1]!);
       if (slot < 0) break;
-      const base = slot * words;
       let any = 0;
       for (let k = 0; k < words; k++) {
         const before = alive[k]!;
-        const now = before & this.bits[base + k]!;
+        const now = before & slots[slot + 2 + k]!;
         alive[k] = now;
         any |= now;
         // Workers that lack block b hold exactly b leading blocks.
@@ -176,32 +187,29 @@ export class KvPrefixIndex {
   /** Linear probing's backward-shift deletion: later entries of the probe run move up; no tombstones. */
   private deleteSlot(i: number): void {
     const mask = this.capacity - 1;
-    const words = this.words;
+    const stride = this.stride;
+    const slots = this.slots;
     let hole = i;
-    for (let j = (hole + 1) & mask; this.occupied[j]; j = (j + 1) & mask) {
-      const home = this.home(this.keys[2 * j]!, this.keys[2 * j + 1]!);
+    for (let j = (hole + 1) & mask; this.occupied(j * stride); j = (j + 1) & mask) {
+      const home = this.home(slots[j * stride]!, slots[j * stride + 1]!);
       // The entry at j may move to the hole when its home is not cyclically within (hole, j].
       const between = hole <= j ? home > hole && home <= j : home > hole || home <= j;
       if (between) continue;
-      this.keys[2 * hole] = this.keys[2 * j]!;
-      this.keys[2 * hole + 1] = this.keys[2 * j + 1]!;
-      this.bits.copyWithin(hole * words, j * words, j * words + words);
+      slots.copyWithin(hole * stride, j * stride, j * stride + stride);
       hole = j;
     }
-    this.occupied[hole] = 0;
-    this.bits.fill(0, hole * words, hole * words + words);
+    slots.fill(0, hole * stride, hole * stride + stride);
     this.size--;
   }
 
   /** Re-inserts every slot that still has a worker into a table of `capacity` slots and `words` words a slot. */
   private rebuild(capacity: number, words: number): void {
-    const { keys, occupied, bits, words: oldWords, capacity: oldCapacity } = this;
+    const { slots: old, stride: oldStride, words: oldWords } = this;
     this.capacity = capacity;
     this.shift = 32 - Math.log2(capacity);
     this.words = words;
-    this.keys = new Uint32Array(2 * capacity);
-    this.occupied = new Uint8Array(capacity);
-    this.bits = new Uint32Array(capacity * words);
+    this.stride = 2 + words;
+    this.slots = new Uint32Array(capacity * this.stride);
     this.alive = new Uint32Array(words);
     if (this.blocksOf.length < words * 32) {
       const counts = new Int32Array(words * 32);
@@ -210,19 +218,18 @@ export class KvPrefixIndex {
     }
     this.size = 0;
     const mask = capacity - 1;
-    for (let s = 0; s < oldCapacity; s++) {
-      if (!occupied[s]) continue;
+    for (let s = 0; s < old.length; s += oldStride) {
       let any = 0;
-      for (let k = 0; k < oldWords; k++) any |= bits[s * oldWords + k]!;
+      for (let k = 0; k < oldWords; k++) any |= old[s + 2 + k]!;
       if (any === 0) continue;
-      const lo = keys[2 * s]!;
-      const hi = keys[2 * s + 1]!;
+      const lo = old[s]!;
+      const hi = old[s + 1]!;
       let i = this.home(lo, hi);
-      while (this.occupied[i]) i = (i + 1) & mask;
-      this.occupied[i] = 1;
-      this.keys[2 * i] = lo;
-      this.keys[2 * i + 1] = hi;
-      this.bits.set(bits.subarray(s * oldWords, s * oldWords + oldWords), i * words);
+      while (this.occupied(i * this.stride)) i = (i + 1) & mask;
+      const base = i * this.stride;
+      this.slots[base] = lo;
+      this.slots[base + 1] = hi;
+      this.slots.set(old.subarray(s + 2, s + 2 + oldWords), base + 2);
       this.size++;
     }
   }
