@@ -318,6 +318,9 @@ class Worker {
       try {
         for await (const out of handle as AsyncIterable<EngineOutput>) {
           const cached = out.cachedPromptTokens === undefined ? undefined : (cachedTokens ?? out.cachedPromptTokens);
+          // The blocks a finished request leaves in the prefix cache reach the router before its end does: a
+          // client's next request is routed knowing them.
+          if (out.finishReason) this.kvEvents.flush();
           send({
             type: 'tokens',
             requestId,
