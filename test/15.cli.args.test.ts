@@ -44,6 +44,15 @@ describe('tandem command-line errors', () => {
   it('choices, missing values, values given to flags, stray arguments', () => {
     expectUsageError(['start', '--mode', 'fast'], '--mode must be disagg or agg (got fast)');
     expectUsageError(
+      ['start', '--router-policy', 'prefix'],
+      '--router-policy must be one of kv, least-load, round-robin, random (got prefix)',
+    );
+    expectUsageError(['serve', '-f', 'g.yaml', '--router-policy'], '--router-policy needs a value');
+    expectUsageError(
+      ['generate', '--router-policy', 'kv'],
+      'unknown option --router-policy for generate (see tandem --help)',
+    );
+    expectUsageError(
       ['generate', '--model', 'dummy:tiny', '--prompt', 'x', '--device', 'tpu'],
       '--device must be one of cpu, cuda, auto (got tpu)',
     );

@@ -102,6 +102,7 @@ export async function timeRequest(
     outputTokens: 0,
     usage: false,
     promptTokens: null,
+    cachedTokens: null,
     error: null,
   };
   const timeout = AbortSignal.timeout(timeoutMs);
@@ -138,6 +139,8 @@ export async function timeRequest(
           timing.usage = true;
         }
         if (typeof usage.prompt_tokens === 'number') timing.promptTokens = usage.prompt_tokens;
+        const details = usage.prompt_tokens_details as { cached_tokens?: unknown } | null | undefined;
+        if (typeof details?.cached_tokens === 'number') timing.cachedTokens = details.cached_tokens;
       }
     }
     await reader.cancel().catch(() => {});

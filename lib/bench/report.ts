@@ -50,6 +50,7 @@ export function targetTable(t: TargetResult): string {
     'E2E s p50 / p99',
     'goodput req/s',
     'SLO met',
+    'cache hit',
   ];
   const rows = t.points.map((p) => {
     const s = p.stats;
@@ -64,6 +65,7 @@ export function targetTable(t: TargetResult): string {
       s.e2eMs ? `${sig(s.e2eMs.p50 / 1000)} / ${sig(s.e2eMs.p99 / 1000)}` : '-',
       sig(s.goodput),
       percent(s.attainment),
+      s.cacheHitRate === null ? '-' : percent(s.cacheHitRate),
     ];
   });
   const notes: string[] = [];
@@ -97,10 +99,17 @@ const METRICS: Metric[] = [
   { name: 'goodput req/s', value: (p) => p.stats.goodput, format: sig, ratio: true },
   { name: 'SLO met', value: (p) => p.stats.attainment, format: (x) => (x == null ? '-' : percent(x)), ratio: false },
   { name: 'TTFT p50 ms', value: (p) => p.stats.ttftMs?.p50, format: sig, ratio: true },
+  { name: 'TTFT p90 ms', value: (p) => p.stats.ttftMs?.p90, format: sig, ratio: true },
   { name: 'TTFT p99 ms', value: (p) => p.stats.ttftMs?.p99, format: sig, ratio: true },
   { name: 'ITL p50 ms', value: (p) => p.stats.itlMs?.p50, format: sig, ratio: true },
   { name: 'ITL p99 ms', value: (p) => p.stats.itlMs?.p99, format: sig, ratio: true },
   { name: 'output tok/s', value: (p) => p.stats.outputTokenThroughput, format: sig, ratio: true },
+  {
+    name: 'prefix cache hit',
+    value: (p) => p.stats.cacheHitRate,
+    format: (x) => (x == null ? '-' : percent(x)),
+    ratio: false,
+  },
 ];
 
 /** The targets side by side, point by point, with each target's ratio to the first. */

@@ -51,6 +51,8 @@ export interface RequestTiming {
   usage: boolean;
   /** Prompt tokens as the server counted them; null without usage. */
   promptTokens: number | null;
+  /** Of those, the tokens the server found in a prefix cache (usage.prompt_tokens_details.cached_tokens); null when it does not say. */
+  cachedTokens: number | null;
   /** Why it failed; null when it completed. */
   error: string | null;
 }
@@ -83,6 +85,11 @@ export interface RunStats {
   goodput: number;
   /** sloMet / sent. */
   attainment: number;
+  /**
+   * Prefix cache hit rate: cached prompt tokens / prompt tokens, over the completed requests whose usage says
+   * how many were cached; null when none does.
+   */
+  cacheHitRate: number | null;
 }
 
 /** The p-th percentile (0..100) of ascending `sorted`, interpolating linearly between closest ranks. */
@@ -141,9 +148,15 @@ export function runStats(timings: readonly RequestTiming[], promptTokens: ArrayL
   const per = (n: number) => (durationS > 0 ? n / durationS : 0);
   let inputTokens = 0;
   let outputTokens = 0;
+  let cachedTokens = 0;
+  let cacheCountedTokens = 0;
   for (const t of done) {
     inputTokens += t.promptTokens ?? promptTokens[t.index] ?? 0;
     outputTokens += t.outputTokens;
+    if (t.cachedTokens !== null && t.promptTokens !== null) {
+      cachedTokens += t.cachedTokens;
+      cacheCountedTokens += t.promptTokens;
+    }
   }
   const met = timings.filter((t) => meetsSlo(t, slo)).length;
   return {
@@ -162,5 +175,6 @@ export function runStats(timings: readonly RequestTiming[], promptTokens: ArrayL
     sloMet: met,
     goodput: per(met),
     attainment: timings.length ? met / timings.length : 0,
+    cacheHitRate: cacheCountedTokens > 0 ? cachedTokens / cacheCountedTokens : null,
   };
 }

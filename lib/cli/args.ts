@@ -51,6 +51,7 @@ const OPTIONS = {
   'ttft-ms': { type: 'string' },
   'itl-ms': { type: 'string' },
   gpus: { type: 'string' },
+  'router-policy': { type: 'string' },
 } as const satisfies Record<string, OptionSpec>;
 
 export type OptionName = keyof typeof OPTIONS;
@@ -60,7 +61,7 @@ export const COMMANDS = ['info', 'start', 'serve', 'generate', 'profile', 'plan'
 export type Command = (typeof COMMANDS)[number];
 
 const GLOBAL: readonly OptionName[] = ['help', 'version'];
-const SERVING: readonly OptionName[] = ['mode', 'host', 'port', 'seed', 'api-key'];
+const SERVING: readonly OptionName[] = ['mode', 'host', 'port', 'seed', 'api-key', 'router-policy'];
 /** The options each command takes (besides --help and --version). */
 export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
   info: ['json'],

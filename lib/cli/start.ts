@@ -4,6 +4,7 @@
  * 127.0.0.1:8000 with one prefill and one decode worker.
  */
 import { capabilities } from '../capabilities/index.js';
+import { ROUTER_POLICIES } from '../router/index.js';
 import { defaultGraph, loadGraph, SERVING_MODES, type DeploymentGraph } from '../serve/graph.js';
 import { banner, startDeployment } from '../serve/launcher.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
@@ -16,12 +17,17 @@ export interface StartArgs {
   port?: string;
   seed?: string;
   'api-key'?: string;
+  'router-policy'?: string;
 }
 
-export async function start(args: StartArgs): Promise<number> {
+/**
+ * The deployment graph the command line describes: the file's, or the embedded default; the options that
+ * override a graph applied. Throws UsageError or GraphError.
+ */
+export async function graphOf(args: StartArgs): Promise<DeploymentGraph> {
   const mode = choiceOption('mode', args.mode, SERVING_MODES);
   const port = numberOption('port', args.port, { integer: true, min: 0, max: 65535 });
-  const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
+  const routerPolicy = choiceOption('router-policy', args['router-policy'], ROUTER_POLICIES);
   if (args.host === '') throw new UsageError('--host must not be empty');
   if (args['api-key'] === '') throw new UsageError('--api-key must not be empty');
   let graph: DeploymentGraph;
@@ -49,6 +55,13 @@ export async function start(args: StartArgs): Promise<number> {
       ...(port !== undefined ? { port } : {}),
     });
   }
+  if (routerPolicy) graph.router.policy = routerPolicy;
+  return graph;
+}
+
+export async function start(args: StartArgs): Promise<number> {
+  const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
+  const graph = await graphOf(args);
   // --api-key, else the variable the graph names (the launcher reads it), else TANDEM_API_KEY.
   const apiKey = args['api-key'] ?? (graph.frontend.apiKeyEnv ? undefined : process.env.TANDEM_API_KEY || undefined);
   const deployment = await startDeployment(graph, { seed, ...(apiKey !== undefined ? { apiKey } : {}) });

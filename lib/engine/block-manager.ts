@@ -2,8 +2,9 @@
  * The engine's KV block pool bookkeeping: which of the runner's `numBlocks` blocks are free, in use (with a
  * reference count), or cached (unreferenced but still holding a full block of a known token prefix).
  *
- * Prefix caching: a full block is named by a 64-bit hash chained over the sequence,
- * `hash(block i) = kvBlockHash(hash(block i-1), tokens of block i)`, so equal prefixes have equal hashes. A block
+ * Prefix caching: a full block is named by a 64-bit hash chained over the sequence (lib/kv/hash.ts, the same
+ * hashes a KV-aware router computes), `hash(block i) = kvBlockHash(hash(block i-1), tokens of block i)`, so equal
+ * prefixes have equal hashes. A block
  * committed under its hash can be shared by any later sequence with the same prefix (a cache hit). Hashes only
  * find blocks: a hit at block i needs the cached block's stored tokens to equal the sequence's, and its parent to
  * be the very block matched at i-1 (same id, not evicted since), so by induction from block 0 its whole prefix
@@ -47,66 +48,6 @@ export type KvEvent = KvBlocksStoredEvent | KvBlocksRemovedEvent;
 const NO_PARENT = -1;
 /** A block whose prefix no cached block is known to hold. */
 const UNKNOWN = -2;
-
-const C1 = 0xcc9e2d51;
-const C2 = 0x1b873593;
-const C3 = 0x85ebca6b;
-const C4 = 0xc2b2ae35;
-
-function fmix32(h: number): number {
-  h ^= h >>> 16;
-  h = Math.imul(h, C3);
-  h ^= h >>> 13;
-  h = Math.imul(h, C4);
-  h ^= h >>> 16;
-  return h >>> 0;
-}
-
-/**
- * Hash of one block of tokens chained on its parent's hash (null for a sequence's first block): two
- * murmur3-style 32-bit lanes that feed each other. `tokens[start .. start + count)` are the block's ids.
- * A router computes the same values from a request's token ids with this function.
- */
-export function kvBlockHash(parent: bigint | null, tokens: ArrayLike<number>, start: number, count: number): bigint {
-  let h1 = parent === null ? 0x2545f491 : Number(parent & 0xffffffffn) | 0;
-  let h2 = parent === null ? 0x9e3779b9 | 0 : Number(parent >> 32n) | 0;
-  for (let i = 0; i < count; i++) {
-    const t = tokens[start + i]! | 0;
-    let k1 = Math.imul(t, C1);
-    k1 = (k1 << 15) | (k1 >>> 17);
-    k1 = Math.imul(k1, C2);
-    h1 ^= k1;
-    h1 = (h1 << 13) | (h1 >>> 19);
-    h1 = (Math.imul(h1, 5) + 0xe6546b64) | 0;
-    let k2 = Math.imul(t ^ 0x5bd1e995, C3);
-    k2 = (k2 << 17) | (k2 >>> 15);
-    k2 = Math.imul(k2, C4);
-    h2 ^= k2 ^ h1;
-    h2 = (h2 << 11) | (h2 >>> 21);
-    h2 = (Math.imul(h2, 9) + 0x38b34ae5) | 0;
-  }
-  h1 ^= count;
-  h2 ^= count;
-  h1 = (h1 + h2) | 0;
-  h2 = (h2 + h1) | 0;
-  h1 = fmix32(h1);
-  h2 = fmix32(h2);
-  h1 = (h1 + h2) | 0;
-  h2 = (h2 + h1) | 0;
-  return (BigInt(h2 >>> 0) << 32n) | BigInt(h1 >>> 0);
-}
-
-/** The chained hashes of the first `numBlocks` full blocks of `tokens`, continuing `into` (already hashed ones are kept). */
-export function kvBlockHashes(
-  tokens: ArrayLike<number>,
-  blockSize: number,
-  numBlocks = Math.floor(tokens.length / blockSize),
-  into: bigint[] = [],
-): bigint[] {
-  for (let b = into.length; b < numBlocks; b++)
-    into.push(kvBlockHash(b === 0 ? null : into[b - 1]!, tokens, b * blockSize, blockSize));
-  return into;
-}
 
 export interface KvBlockManagerOptions {
   numBlocks: number;

@@ -15,7 +15,7 @@
  *   caller, `decodeFromBlocks` (and `prefillOnly` with given blocks) takes the caller's blocks over, and
  *   `releaseBlocks` gives them back. A block the caller owns is never handed to anyone else.
  * - KV events (`onKvEvent`): blocks stored into / removed from the prefix cache with their chained prefix hashes
- *   (`kvBlockHash` in lib/engine/block-manager.ts), for a KV-aware router.
+ *   (`kvBlockHash` in lib/kv/hash.ts), for a KV-aware router.
  *
  * Disaggregated flow (ARCHITECTURE.md): the decode worker D calls `allocateBlocks(prompt)` and sends the block
  * ids to the prefill worker P; P runs `prefillOnly(req)`, writes its blocks into D's (transfer runtime), calls
@@ -79,6 +79,11 @@ export interface EngineOutput {
   finishReason: FinishReason | null;
   /** The stop token id or stop string that ended the request. */
   stopReason?: number | string;
+  /**
+   * On the request's first output: prompt tokens served from the prefix cache rather than computed (for a
+   * request decoded from given blocks, the whole prompt: it was computed elsewhere).
+   */
+  cachedPromptTokens?: number;
 }
 
 export interface RequestResult {

@@ -5,7 +5,7 @@
  */
 export * from './engine.js';
 export { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
-export { KvBlockManager, kvBlockHash, kvBlockHashes, type KvBlockManagerOptions } from './block-manager.js';
+export { KvBlockManager, type KvBlockManagerOptions } from './block-manager.js';
 export { DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS } from './scheduler.js';
 export { CpuModelRunner, loadWeights, type CpuModelRunnerOptions, type NamedTensor, type WeightSource } from './cpu.js';
 export type { ForwardBatch, ModelRunner } from './runner.js';

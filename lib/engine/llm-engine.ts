@@ -12,7 +12,8 @@
  * their blocks, and the loop goes on with the rest.
  */
 import { BadArgumentError, CanceledError, DisposedError, EngineRequestError, KvCacheFullError } from '../errors.js';
-import { KvBlockManager, kvBlockHashes, type KvEvent } from './block-manager.js';
+import { kvBlockHashes } from '../kv/hash.js';
+import { KvBlockManager, type KvEvent } from './block-manager.js';
 import type {
   BlockAllocation,
   Engine,
@@ -594,6 +595,7 @@ export class LlmEngine implements Engine {
       return;
     }
     const out: EngineOutput = { requestId: req.id, tokenIds: [token], finishReason: reason };
+    if (seq.numGenerated === 1) out.cachedPromptTokens = seq.numCachedPromptTokens;
     if (lp) out.logprobs = [lp];
     if (reason && req.stopReason !== undefined) out.stopReason = req.stopReason;
     req.stream!.push(out);

@@ -17,7 +17,8 @@
  * `complete(step)` then records the computed tokens and commits newly full blocks to the prefix cache.
  */
 import { BadArgumentError, PromptTooLongError } from '../errors.js';
-import { kvBlockHashes, type KvBlockManager } from './block-manager.js';
+import { kvBlockHashes } from '../kv/hash.js';
+import type { KvBlockManager } from './block-manager.js';
 import type { ForwardBatch } from './runner.js';
 
 export const DEFAULT_MAX_NUM_BATCHED_TOKENS = 512;

@@ -42,6 +42,8 @@ export function nextChunk(
 
 export class Generation {
   completionTokens = 0;
+  /** Prompt tokens the backend served from a prefix cache (its first chunk says). */
+  cachedTokens = 0;
   finishReason: 'stop' | 'length' | null = null;
   private readonly decoder: StreamDecoder;
   private pending = '';
@@ -95,6 +97,7 @@ export class Generation {
     const now = performance.now();
     const n = chunk.tokenIds.length;
     const { metrics, modelName } = this.context;
+    if (chunk.cachedTokens !== undefined) this.cachedTokens = chunk.cachedTokens;
     if (n) {
       if (!this.firstTokenAt) {
         this.firstTokenAt = now;

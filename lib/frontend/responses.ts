@@ -13,11 +13,18 @@ export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;
+  /** OpenAI's field: prompt tokens served from the prefix cache (on the worker that computed the prompt). */
+  prompt_tokens_details: { cached_tokens: number };
 }
 
-export function usage(request: CheckedRequest, completionTokens: number): Usage {
+export function usage(request: CheckedRequest, completionTokens: number, cachedTokens = 0): Usage {
   const prompt = request.promptIds.length;
-  return { prompt_tokens: prompt, completion_tokens: completionTokens, total_tokens: prompt + completionTokens };
+  return {
+    prompt_tokens: prompt,
+    completion_tokens: completionTokens,
+    total_tokens: prompt + completionTokens,
+    prompt_tokens_details: { cached_tokens: cachedTokens },
+  };
 }
 
 /** One server-sent event carrying `data` as JSON. */
@@ -82,7 +89,13 @@ export function completionBody(
   tokenizer: TextTokenizer,
   modelName: string,
   request: CheckedRequest,
-  answer: { text: string; tokens: readonly TokenLogprobs[]; finishReason: FinishReason; completionTokens: number },
+  answer: {
+    text: string;
+    tokens: readonly TokenLogprobs[];
+    finishReason: FinishReason;
+    completionTokens: number;
+    cachedTokens?: number;
+  },
 ) {
   const base = { id: request.id, created: Math.floor(Date.now() / 1000), model: modelName };
   const logprobs = logprobsField(tokenizer, request, answer.tokens);
@@ -94,7 +107,7 @@ export function completionBody(
     ...base,
     object: request.endpoint === 'chat' ? 'chat.completion' : 'text_completion',
     choices: [{ ...choice, finish_reason: answer.finishReason }],
-    usage: usage(request, answer.completionTokens),
+    usage: usage(request, answer.completionTokens, answer.cachedTokens),
   };
 }
 
@@ -154,7 +167,7 @@ export class StreamChunks {
     ]);
   }
 
-  usage(completionTokens: number) {
-    return { ...this.chunk([]), usage: usage(this.request, completionTokens) };
+  usage(completionTokens: number, cachedTokens = 0) {
+    return { ...this.chunk([]), usage: usage(this.request, completionTokens, cachedTokens) };
   }
 }

@@ -343,6 +343,7 @@ class FrontendCore {
         tokens,
         finishReason: generation.finishReason,
         completionTokens: generation.completionTokens,
+        cachedTokens: generation.cachedTokens,
       }),
     );
   }
@@ -383,7 +384,7 @@ class FrontendCore {
       }
       if (generation.cut) return;
       await send(chunks.last(generation.finishReason));
-      if (request.includeUsage) await send(chunks.usage(generation.completionTokens));
+      if (request.includeUsage) await send(chunks.usage(generation.completionTokens, generation.cachedTokens));
       res.end(SSE_DONE);
     } catch (error) {
       if (generation.cut) return;

@@ -18,8 +18,14 @@
  * with the same heads, whole tiles when the layouts differ, and, when the TP sizes differ, only the heads both
  * pools hold: one piece per (layer, K-or-V, token) with NHD, one per tile with HND. Pieces that continue each
  * other on both sides are merged.
+ *
+ * Block hashing (hash.ts): the chained 64-bit hashes that name full blocks, one definition for the engine's prefix
+ * cache and the router's prefix index.
  */
 export { KV_DTYPE_BYTES, kvBlockOffset, kvPool } from './pool.js';
 export type { KvDtype, KvHeadLayout, KvLayout, KvPool, KvPoolSpec } from './pool.js';
 export { kvStridedPieces, kvTransferPieces } from './pieces.js';
 export type { KvBlockIds, KvPieces, KvStridedSpec } from './pieces.js';
+export { hashLanesOf, kvBlockHash, kvBlockHashes, kvBlockHashLanes } from './hash.js';
+export { KV_EVENT_REMOVED, KV_EVENT_STORED, KvEventPublisher, newIncarnation } from './events.js';
+export type { KvEventBatch, KvHashEvent, KvSnapshot } from './events.js';

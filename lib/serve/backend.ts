@@ -29,6 +29,8 @@ export interface GenerationChunk {
   logprobs?: TokenLogprobs[];
   /** Set on the last chunk. 'abort' on a request the frontend did not abort is reported as a server error. */
   finishReason?: FinishReason | null;
+  /** On the first chunk: prompt tokens served from a prefix cache rather than computed. */
+  cachedTokens?: number;
 }
 
 export interface GenerationBackend {

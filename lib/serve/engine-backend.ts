@@ -18,6 +18,7 @@ export function engineBackend(engine: Engine): GenerationBackend {
         for await (const out of handle) {
           const chunk: GenerationChunk = { tokenIds: out.tokenIds, finishReason: out.finishReason };
           if (out.logprobs) chunk.logprobs = out.logprobs;
+          if (out.cachedPromptTokens !== undefined) chunk.cachedTokens = out.cachedPromptTokens;
           yield chunk;
         }
       } finally {

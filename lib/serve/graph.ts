@@ -18,6 +18,13 @@ import {
   DEFAULT_MIN_REMOTE_PREFILL_TOKENS,
   type DisaggregationThresholds,
 } from './disagg.js';
+import {
+  DEFAULT_PREFILL_WEIGHT,
+  DEFAULT_ROUTER_POLICY,
+  DEFAULT_ROUTER_TEMPERATURE,
+  ROUTER_POLICIES,
+  type RouterConfig,
+} from '../router/index.js';
 
 export const POOL_ROLES = ['prefill', 'decode', 'aggregated'] as const;
 export type PoolRole = (typeof POOL_ROLES)[number];
@@ -88,6 +95,8 @@ export interface DeploymentGraph {
   frontend: FrontendSpec;
   pools: PoolSpec[];
   disaggregation: DisaggregationThresholds;
+  /** How the router picks workers (README, "Routing policies"); `tandem serve --router-policy` overrides policy. */
+  router: RouterConfig;
 }
 
 /** Where one problem of a graph is: `source:line:column: path: message`. */
@@ -189,6 +198,22 @@ const GraphSchema = z.strictObject(
         err(MAPPING),
       )
       .prefault({}),
+    router: z
+      .strictObject(
+        {
+          policy: oneOf(ROUTER_POLICIES).default(DEFAULT_ROUTER_POLICY),
+          prefillWeight: z
+            .number(err('must be a number >= 0'))
+            .min(0, err('must be a number >= 0'))
+            .default(DEFAULT_PREFILL_WEIGHT),
+          temperature: z
+            .number(err('must be a number >= 0 (0: always the cheapest worker)'))
+            .min(0, err('must be a number >= 0 (0: always the cheapest worker)'))
+            .default(DEFAULT_ROUTER_TEMPERATURE),
+        },
+        err(MAPPING),
+      )
+      .prefault({}),
   },
   err('a deployment graph must be a mapping with model and pools'),
 );
@@ -207,6 +232,7 @@ const KNOWN_KEYS: Record<string, readonly string[]> = {
   pool: Object.keys(PoolSchema.shape),
   engine: Object.keys(EngineOptionsSchema.shape),
   disaggregation: ['minRemotePrefillTokens', 'maxPrefillQueue'],
+  router: ['policy', 'prefillWeight', 'temperature'],
 };
 
 function knownKeysAt(path: readonly PathKey[]): readonly string[] {
@@ -343,6 +369,11 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
       disaggregation: {
         minRemotePrefillTokens: parsed.disaggregation.minRemotePrefillTokens,
         maxPrefillQueue: parsed.disaggregation.maxPrefillQueue,
+      },
+      router: {
+        policy: parsed.router.policy,
+        prefillWeight: parsed.router.prefillWeight,
+        temperature: parsed.router.temperature,
       },
     },
     issues,

@@ -257,7 +257,6 @@ function workerInits(graph: DeploymentGraph, options: DeploymentOptions): Worker
         ...(pool.engine.threads !== undefined ? { threads: pool.engine.threads } : {}),
         ...(pool.engine.maxBatchTokens !== undefined ? { maxBatchTokens: pool.engine.maxBatchTokens } : {}),
         ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
-        thresholds: graph.disaggregation,
         heartbeatMs: options.heartbeatMs ?? 1000,
         ...(options.remotePrefillTimeoutMs !== undefined
           ? { remotePrefillTimeoutMs: options.remotePrefillTimeoutMs }
@@ -298,7 +297,11 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const metrics = new ServeMetrics();
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
-  const router = new Router(controlPlane, send, graph.mode, metrics);
+  const router = new Router(controlPlane, send, graph.mode, metrics, {
+    routing: graph.router,
+    thresholds: graph.disaggregation,
+    log: (line) => log(`[router] ${line}`),
+  });
   /** Set once every worker has registered: from then on a crashed worker is restarted. */
   let started = false;
   let stopping = false;

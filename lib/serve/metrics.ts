@@ -44,6 +44,19 @@ export const METRIC_NAMES = {
   workerKvBlocksTotal: 'tandem_worker_kv_blocks_total',
   /** Gauge; labels worker, pool: used / total KV blocks, 0..1. */
   workerKvUsage: 'tandem_worker_kv_usage_ratio',
+  /** Counter; label worker: prompt tokens of the requests the worker served (decode or aggregated). */
+  workerPromptTokens: 'tandem_worker_prompt_tokens_total',
+  /**
+   * Counter; label worker: of those, tokens served from a prefix cache (the prefill worker's, when remote).
+   * Cache hit rate = cached / prompt tokens.
+   */
+  workerCachedPromptTokens: 'tandem_worker_cached_prompt_tokens_total',
+  /** Gauge; label worker: 1 while the worker serves requests but has published no KV event (KV routing is blind). */
+  routerKvEventsMissing: 'tandem_router_kv_events_missing',
+  /** Counter; label worker: gaps in a worker's KV event numbers (each asks it for a snapshot). */
+  routerKvEventGaps: 'tandem_router_kv_event_gaps_total',
+  /** Counter; label policy: requests routed. */
+  routerDecisions: 'tandem_router_decisions_total',
 } as const;
 
 export type RequestStatus = 'success' | 'client_error' | 'server_error' | 'canceled';
@@ -161,6 +174,36 @@ export class ServeMetrics {
     labelNames: ['worker', 'pool'] as const,
     registers: [this.registry],
   });
+  private readonly workerPromptTokens = new Counter({
+    name: METRIC_NAMES.workerPromptTokens,
+    help: 'Prompt tokens of the requests each worker served',
+    labelNames: ['worker'] as const,
+    registers: [this.registry],
+  });
+  private readonly workerCachedPromptTokens = new Counter({
+    name: METRIC_NAMES.workerCachedPromptTokens,
+    help: 'Prompt tokens served from a prefix cache, by the worker that served the request',
+    labelNames: ['worker'] as const,
+    registers: [this.registry],
+  });
+  private readonly kvEventsMissing = new Gauge({
+    name: METRIC_NAMES.routerKvEventsMissing,
+    help: 'Workers serving requests without publishing KV events (1): the KV-aware router cannot see their cache',
+    labelNames: ['worker'] as const,
+    registers: [this.registry],
+  });
+  private readonly kvEventGaps = new Counter({
+    name: METRIC_NAMES.routerKvEventGaps,
+    help: "Gaps in workers' KV event numbers (each asks the worker for a snapshot)",
+    labelNames: ['worker'] as const,
+    registers: [this.registry],
+  });
+  private readonly routerDecisions = new Counter({
+    name: METRIC_NAMES.routerDecisions,
+    help: 'Requests routed, by routing policy',
+    labelNames: ['policy'] as const,
+    registers: [this.registry],
+  });
   /** Pool of each worker with KV series, so that its series can be dropped by name. */
   private readonly workerPools = new Map<string, string>();
 
@@ -218,6 +261,20 @@ export class ServeMetrics {
     this.workerKvUsed.set(labels, used);
     this.workerKvTotal.set(labels, total);
     this.workerKvUsage.set(labels, total > 0 ? used / total : 0);
+  }
+  /** A request's prompt on the worker that serves it: its length and the part a prefix cache held. */
+  promptCache(worker: string, promptTokens: number, cachedTokens: number): void {
+    this.workerPromptTokens.inc({ worker }, promptTokens);
+    this.workerCachedPromptTokens.inc({ worker }, cachedTokens);
+  }
+  kvEventsMissingOn(worker: string, missing: boolean): void {
+    this.kvEventsMissing.set({ worker }, missing ? 1 : 0);
+  }
+  kvEventGap(worker: string): void {
+    this.kvEventGaps.inc({ worker });
+  }
+  routed(policy: string): void {
+    this.routerDecisions.inc({ policy });
   }
   /** A worker left: its series go with it (a restarted worker registers afresh). */
   dropWorker(worker: string): void {

@@ -3,8 +3,10 @@
  * channel of each forked worker ('advanced' serialization: typed arrays travel as they are).
  *
  * Disaggregated request (ARCHITECTURE.md, "Life of a disaggregated request"):
- *   router -> decode      generate { prefill: candidate or null }
- *   decode                allocates blocks; decides with shouldPrefillRemotely (uncached tokens, prefill load)
+ *   router                decides (lib/router): the decode worker, and remote or local prefill on that worker's
+ *                         uncached tokens and the prefill pool's queue (lib/serve/disagg.ts's rule)
+ *   router -> decode      generate { prefill: the prefill worker chosen, or null: prefill here }
+ *   decode                allocates blocks for the prompt (no room, or the prefill worker unknown here: local)
  *   decode -> router      needPrefill { blockIds, cachedTokens }            (or it prefills locally)
  *   router -> prefill     prefill { target: decode worker, blockIds, cachedTokens }
  *   prefill               prefillOnly; WRITEs its blocks into the decode worker's pool; notifies it with the
@@ -12,11 +14,13 @@
  *   decode                decodeFromBlocks on the notification; streams tokens
  *   decode -> router      tokens ... (finishReason on the last)
  * A prefill that fails (worker gone, error) reaches decode as prefillFailed: it prefills locally instead.
+ *
+ * KV events (lib/kv/events.ts): every worker sends `kvSnapshot` once it is ready, then `kvEvents` batches numbered
+ * within its incarnation, one per engine step; `kvSnapshotRequest` asks for a new snapshot (after a gap).
  */
 import { deserialize, serialize } from 'node:v8';
-import type { KvPoolSpec } from '../kv/index.js';
+import type { KvEventBatch, KvPoolSpec, KvSnapshot } from '../kv/index.js';
 import type { FinishReason, SamplingParams, TokenLogprobs } from '../engine/engine.js';
-import type { DisaggregationThresholds } from './disagg.js';
 import type { PoolRole } from './graph.js';
 
 export interface WorkerInit {
@@ -36,7 +40,6 @@ export interface WorkerInit {
   threads?: number;
   maxBatchTokens?: number;
   maxSequences?: number;
-  thresholds: DisaggregationThresholds;
   heartbeatMs: number;
   /** How long a decode worker waits for a remote prefill before serving the request itself (REMOTE_PREFILL_TIMEOUT_MS). */
   remotePrefillTimeoutMs?: number;
@@ -74,8 +77,8 @@ export type ToWorker =
       requestId: string;
       promptIds: number[];
       sampling: SamplingParams;
-      /** A prefill worker that could take the prompt, with the prefill pool's load; null: prefill here. */
-      prefill: { worker: string; queueDepth: number; workers: number } | null;
+      /** The router's decision: the prefill worker that computes the prompt; null: prefill here. */
+      prefill: { worker: string } | null;
     }
   | {
       type: 'prefill';
@@ -86,6 +89,7 @@ export type ToWorker =
     }
   | { type: 'prefillFailed'; requestId: string; reason: string }
   | { type: 'abort'; requestId: string }
+  | { type: 'kvSnapshotRequest' }
   | { type: 'shutdown' };
 
 export type FromWorker =
@@ -97,8 +101,12 @@ export type FromWorker =
       tokenIds: number[];
       logprobs?: TokenLogprobs[];
       finishReason: FinishReason | null;
+      /** On the first message: prompt tokens served from a prefix cache (the prefill worker's, when remote). */
+      cachedTokens?: number;
     }
   | { type: 'failed'; requestId: string; code: string; message: string }
+  | { type: 'kvEvents'; batch: KvEventBatch }
+  | { type: 'kvSnapshot'; snapshot: KvSnapshot }
   | {
       type: 'needPrefill';
       requestId: string;
@@ -128,6 +136,8 @@ export type FromWorker =
 export interface PrefillNotice {
   requestId: string;
   firstToken: number;
+  /** Prompt tokens the prefill worker took from its prefix cache. */
+  cachedTokens?: number;
   logprobs?: TokenLogprobs;
 }
 

@@ -1,21 +1,37 @@
 /**
  * The request plane in the launcher: a GenerationBackend that sends each request to a decode (or
- * aggregated) worker, offers it a prefill worker, relays prefill requests between them, and streams the
- * tokens back. Worker choice: the fewest requests in flight from this router, then the lightest reported load.
+ * aggregated) worker with the router's decision on its prefill (lib/router: the policy, the prefix index fed
+ * by the workers' KV events, the remote-prefill rule), relays prefill requests between workers, and streams
+ * the tokens back.
  */
 import { TandemError } from '../errors.js';
+import { KvRouter, type RouteCandidate, type RouterConfig } from '../router/index.js';
 import type { GenerationBackend, GenerationChunk, GenerationRequest } from './backend.js';
 import { NoWorkerAvailableError } from './backend.js';
 import type { ControlPlane, LiveWorker } from './control-plane.js';
-import type { ServingMode } from './graph.js';
+import type { DisaggregationThresholds } from './disagg.js';
+import { DEFAULT_BLOCK_SIZE, type ServingMode } from './graph.js';
 import type { ServeMetrics } from './metrics.js';
 import type { FromWorker, ToWorker } from './protocol.js';
 
 /** A request that failed in a worker, or whose worker died. */
 export class WorkerRequestError extends TandemError {}
 
+export interface RouterOptions {
+  /** Policy and cost weights (the graph's `router` section); default the kv policy with default weights. */
+  routing?: Partial<RouterConfig>;
+  /** The remote-prefill rule's thresholds (the graph's `disaggregation` section). */
+  thresholds?: DisaggregationThresholds;
+  /** Where warnings go (a worker that publishes no KV events). */
+  log?: (line: string) => void;
+  /** Uniforms in [0, 1) for the random policy and temperature draws. */
+  random?: () => number;
+}
+
 interface Stream {
   worker: string;
+  promptTokens: number;
+  gotFirstToken: boolean;
   prefill?: string;
   chunks: GenerationChunk[];
   wake?: () => void;
@@ -32,14 +48,41 @@ export class Router implements GenerationBackend {
    * worker's answer, which is relayed to it from here (or until that worker is gone).
    */
   private readonly owedPrefills = new Map<string, { decode: string; prefill: string }>();
+  /** The routing decisions and what they are made from (prefix index, load estimate). */
+  readonly kv: KvRouter;
 
   constructor(
     private readonly controlPlane: ControlPlane,
     private readonly send: (worker: string, message: ToWorker) => boolean,
     private readonly mode: ServingMode,
     private readonly metrics?: ServeMetrics,
+    private readonly options: RouterOptions = {},
   ) {
+    const log = options.log ?? ((line: string) => process.stderr.write(`${line}\n`));
+    this.kv = new KvRouter({
+      ...options.routing,
+      ...(options.random ? { random: options.random } : {}),
+      requestSnapshot: (worker) => this.send(worker, { type: 'kvSnapshotRequest' }),
+      onEventsMissing: (worker, missing) => {
+        metrics?.kvEventsMissingOn(worker, missing);
+        if (missing)
+          log(
+            `WARNING: worker ${worker} serves requests but has published no KV events: KV-aware routing cannot ` +
+              'see its cache (is prefix caching off, or are its events lost?)',
+          );
+      },
+    });
     controlPlane.on('removed', (name, reason) => this.workerGone(name, reason));
+  }
+
+  private candidate(w: LiveWorker): RouteCandidate {
+    const name = w.registration.name;
+    return {
+      name,
+      inflight: this.inflight.get(name) ?? 0,
+      reportedLoad: w.load.running + w.load.waiting + w.load.prefilling,
+      blockSize: w.registration.kvPool.blockSize ?? DEFAULT_BLOCK_SIZE,
+    };
   }
 
   private servingWorkers(): LiveWorker[] {
@@ -51,33 +94,31 @@ export class Router implements GenerationBackend {
     return [];
   }
 
-  private pick(workers: LiveWorker[]): LiveWorker | undefined {
-    let best: LiveWorker | undefined;
-    let bestScore = Infinity;
-    for (const w of workers) {
-      const n = w.registration.name;
-      const score = (this.inflight.get(n) ?? 0) * 1000 + w.load.running + w.load.waiting + w.load.prefilling;
-      if (score < bestScore) {
-        best = w;
-        bestScore = score;
-      }
-    }
-    return best;
-  }
-
   available(): boolean {
     return this.servingWorkers().length > 0;
   }
 
   generate(request: GenerationRequest): AsyncIterable<GenerationChunk> {
-    const worker = this.pick(this.servingWorkers());
-    if (!worker) throw new NoWorkerAvailableError();
-    const name = worker.registration.name;
-    const prefillWorkers = this.mode === 'disagg' ? this.controlPlane.workers('prefill') : [];
-    const prefill = this.pick(prefillWorkers);
-    const queueDepth = prefillWorkers.reduce((n, w) => n + (this.inflight.get(w.registration.name) ?? 0), 0);
-    const stream: Stream = { worker: name, chunks: [], done: false };
     const { requestId, signal } = request;
+    const prefillWorkers = this.mode === 'disagg' ? this.controlPlane.workers('prefill') : [];
+    const decision = this.kv.route({
+      requestId,
+      promptIds: request.promptIds,
+      decode: this.servingWorkers().map((w) => this.candidate(w)),
+      prefill: prefillWorkers.map((w) => this.candidate(w)),
+      prefillQueueDepth: this.prefillQueueDepth(),
+      ...(this.options.thresholds ? { thresholds: this.options.thresholds } : {}),
+    });
+    if (!decision) throw new NoWorkerAvailableError();
+    this.metrics?.routed(this.kv.policyName);
+    const name = decision.decode.worker;
+    const stream: Stream = {
+      worker: name,
+      promptTokens: request.promptIds.length,
+      gotFirstToken: false,
+      chunks: [],
+      done: false,
+    };
     this.streams.set(requestId, stream);
     this.count(name, +1);
     const sent = this.send(name, {
@@ -85,7 +126,7 @@ export class Router implements GenerationBackend {
       requestId,
       promptIds: [...request.promptIds],
       sampling: request.sampling,
-      prefill: prefill ? { worker: prefill.registration.name, queueDepth, workers: prefillWorkers.length } : null,
+      prefill: decision.prefill ? { worker: decision.prefill.worker } : null,
     });
     if (!sent) {
       this.finish(requestId);
@@ -130,6 +171,7 @@ export class Router implements GenerationBackend {
     const s = this.streams.get(requestId);
     if (!s) return;
     this.streams.delete(requestId);
+    this.kv.complete(requestId);
     this.count(s.worker, -1);
     // A request can end before its prefill worker's prefillDone arrives (that comes on another channel).
     if (s.prefill) {
@@ -164,13 +206,25 @@ export class Router implements GenerationBackend {
     switch (m.type) {
       case 'tokens':
         this.push(m.requestId, (s) => {
+          if (!s.gotFirstToken && m.tokenIds.length > 0) {
+            s.gotFirstToken = true;
+            this.kv.firstToken(m.requestId);
+          }
+          if (m.cachedTokens !== undefined) this.metrics?.promptCache(from, s.promptTokens, m.cachedTokens);
           s.chunks.push({
             tokenIds: m.tokenIds,
             finishReason: m.finishReason,
             ...(m.logprobs ? { logprobs: m.logprobs } : {}),
+            ...(m.cachedTokens !== undefined ? { cachedTokens: m.cachedTokens } : {}),
           });
           if (m.finishReason) s.done = true;
         });
+        return;
+      case 'kvEvents':
+        if (this.kv.onKvEvents(from, m.batch) === 'gap') this.metrics?.kvEventGap(from);
+        return;
+      case 'kvSnapshot':
+        this.kv.onKvSnapshot(from, m.snapshot);
         return;
       case 'failed':
         this.fail(m.requestId, new WorkerRequestError(m.code, `${from}: ${m.message}`));
@@ -237,6 +291,7 @@ export class Router implements GenerationBackend {
   }
 
   private workerGone(name: string, reason: string): void {
+    this.kv.removeWorker(name);
     for (const [requestId, owed] of this.owedPrefills) {
       if (owed.prefill === name)
         this.send(owed.decode, {

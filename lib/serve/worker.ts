@@ -3,14 +3,13 @@
  * registered with a transfer agent, driven by the launcher over the IPC channel (lib/serve/protocol.ts).
  * Started by the launcher with `fork()`; `runWorker()` is its main.
  */
-import { kvPool, kvTransferPieces, type KvPoolSpec } from '../kv/index.js';
+import { KvEventPublisher, kvPool, kvTransferPieces, type KvPoolSpec } from '../kv/index.js';
 import { KvCacheFullError, TandemError } from '../errors.js';
 import type { EngineOutput, RequestHandle, SamplingParams } from '../engine/engine.js';
 import { CudaModelRunner } from '../engine/cuda.js';
 import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type Region } from '../transfer/index.js';
-import { shouldPrefillRemotely } from './disagg.js';
 import {
   decodePrefillNotice,
   encodePrefillNotice,
@@ -63,6 +62,9 @@ class Worker {
   private readonly prefilling = new Set<string>();
   private readonly peers = new Map<string, WorkerRegistration>();
   private heartbeat?: NodeJS.Timeout;
+  /** The engine's KV events, batched per engine step and numbered, to the routers (lib/kv/events.ts). */
+  private readonly kvEvents = new KvEventPublisher((batch) => send({ type: 'kvEvents', batch }));
+  private readonly stopKvEvents: () => void;
 
   constructor(
     private readonly init: WorkerInit,
@@ -71,6 +73,7 @@ class Worker {
     private readonly kvRegion: Region,
   ) {
     agent.on('notification', (_from, message) => this.onNotice(message));
+    this.stopKvEvents = model.engine.onKvEvent((event) => this.kvEvents.add(event));
     this.heartbeat = setInterval(() => {
       const s = model.engine.stats();
       send({
@@ -85,6 +88,11 @@ class Worker {
       });
     }, init.heartbeatMs);
     this.heartbeat.unref();
+  }
+
+  /** What a router's index starts from: every block this worker holds, numbered (sent at registration and on request). */
+  sendKvSnapshot(): void {
+    send({ type: 'kvSnapshot', snapshot: this.kvEvents.snapshot() });
   }
 
   registration(): WorkerRegistration {
@@ -187,6 +195,9 @@ class Worker {
       case 'abort':
         this.abort(message.requestId);
         return;
+      case 'kvSnapshotRequest':
+        this.sendKvSnapshot();
+        return;
       case 'init':
       case 'shutdown':
         return;
@@ -229,44 +240,34 @@ class Worker {
         if (!(error instanceof KvCacheFullError)) throw error;
         alloc = undefined;
       }
+      // The router decided on remote prefill (lib/router); this worker only lends the blocks.
       if (alloc) {
-        const remote = shouldPrefillRemotely(
-          {
-            uncachedPromptTokens: m.promptIds.length - alloc.cachedTokens,
-            prefillQueueDepth: m.prefill.queueDepth,
-            prefillWorkersAvailable: m.prefill.workers,
-          },
-          this.init.thresholds,
-        );
-        if (remote) {
-          const timer = setTimeout(() => {
-            try {
-              this.remotePrefillTimedOut(m.requestId);
-            } catch (error) {
-              this.requestFailed(m.requestId, 'generate', error);
-            }
-          }, this.init.remotePrefillTimeoutMs ?? REMOTE_PREFILL_TIMEOUT_MS);
-          timer.unref();
-          this.remote.set(m.requestId, {
-            promptIds: m.promptIds,
-            sampling: m.sampling,
-            blockIds: alloc.blockIds,
-            timer,
-            aborted: false,
-            abandoned: false,
-          });
-          send({
-            type: 'needPrefill',
-            requestId: m.requestId,
-            promptIds: m.promptIds,
-            sampling: m.sampling,
-            prefillWorker: m.prefill.worker,
-            blockIds: [...alloc.blockIds],
-            cachedTokens: alloc.cachedTokens,
-          });
-          return;
-        }
-        engine.releaseBlocks(alloc.blockIds);
+        const timer = setTimeout(() => {
+          try {
+            this.remotePrefillTimedOut(m.requestId);
+          } catch (error) {
+            this.requestFailed(m.requestId, 'generate', error);
+          }
+        }, this.init.remotePrefillTimeoutMs ?? REMOTE_PREFILL_TIMEOUT_MS);
+        timer.unref();
+        this.remote.set(m.requestId, {
+          promptIds: m.promptIds,
+          sampling: m.sampling,
+          blockIds: alloc.blockIds,
+          timer,
+          aborted: false,
+          abandoned: false,
+        });
+        send({
+          type: 'needPrefill',
+          requestId: m.requestId,
+          promptIds: m.promptIds,
+          sampling: m.sampling,
+          prefillWorker: m.prefill.worker,
+          blockIds: [...alloc.blockIds],
+          cachedTokens: alloc.cachedTokens,
+        });
+        return;
       }
     }
     send({ type: 'localPrefill', requestId: m.requestId });
@@ -304,20 +305,29 @@ class Worker {
     }
     // From here the engine owns the blocks.
     this.remote.delete(notice.requestId);
-    this.stream(notice.requestId, handle);
+    this.stream(notice.requestId, handle, notice.cachedTokens ?? 0);
   }
 
-  private stream(requestId: string, handle: RequestHandle): void {
+  /**
+   * Relays a request's outputs. `cachedTokens`: the prompt tokens served from a prefix cache, when the prompt was
+   * computed elsewhere (remote prefill); else the engine's own count, which comes with the first output.
+   */
+  private stream(requestId: string, handle: RequestHandle, cachedTokens?: number): void {
     this.handles.set(requestId, handle);
     void (async () => {
       try {
         for await (const out of handle as AsyncIterable<EngineOutput>) {
+          const cached = out.cachedPromptTokens === undefined ? undefined : (cachedTokens ?? out.cachedPromptTokens);
+          // The blocks a finished request leaves in the prefix cache reach the router before its end does: a
+          // client's next request is routed knowing them.
+          if (out.finishReason) this.kvEvents.flush();
           send({
             type: 'tokens',
             requestId,
             tokenIds: out.tokenIds,
             ...(out.logprobs ? { logprobs: out.logprobs } : {}),
             finishReason: out.finishReason,
+            ...(cached !== undefined ? { cachedTokens: cached } : {}),
           });
         }
       } catch (error) {
@@ -364,6 +374,7 @@ class Worker {
       const notice: PrefillNotice = {
         requestId: m.requestId,
         firstToken: result.firstToken,
+        cachedTokens: result.cachedTokens,
         ...(result.logprobs ? { logprobs: result.logprobs } : {}),
       };
       let bytes = 0;
@@ -407,6 +418,7 @@ class Worker {
 
   async dispose(): Promise<void> {
     clearInterval(this.heartbeat);
+    this.stopKvEvents();
     for (const p of this.remote.values()) clearTimeout(p.timer);
     await this.model.dispose();
     await this.agent.dispose();
@@ -482,6 +494,7 @@ export async function runWorker(): Promise<void> {
     }
     worker = new Worker(init, model, agent, region!);
     send({ type: 'ready', registration: worker.registration() });
+    worker.sendKvSnapshot();
     for (const m of early.splice(0)) worker.handle(m);
   } catch (error) {
     // Exit once the message is out: the launcher stops a starting deployment on it, with this message.

@@ -20,6 +20,7 @@ function point(rate: number, ttft: number, gap: number): PointResult {
     e2eMs: ttft + 3 * gap,
     outputTokens: 4,
     usage: true,
+    cachedTokens: null,
     promptTokens: 10,
     error: null,
   }));
@@ -62,8 +63,9 @@ describe('tables', () => {
   it("a target's table has a row per point with the measured percentiles", () => {
     const table = targetTable(target('agg', [point(1, 100, 20), point(2, 3000, 20)]));
     expect(table).toMatch(/^agg: dummy:tiny at http:\/\/127\.0\.0\.1:1 \(agg\.yaml\)$/m);
-    expect(table).toMatch(/^rate 1\/s\s+4\/4\s.*\s100 \/ 100 \/ 100\s+20\.0 \/ 20\.0 \/ 20\.0\s.*\s100%$/m);
-    expect(table).toMatch(/^rate 2\/s\s+4\/4\s.*\s0%$/m);
+    // The last columns: SLO met, cache hit (none reported here).
+    expect(table).toMatch(/^rate 1\/s\s+4\/4\s.*\s100 \/ 100 \/ 100\s+20\.0 \/ 20\.0 \/ 20\.0\s.*\s100%\s+-$/m);
+    expect(table).toMatch(/^rate 2\/s\s+4\/4\s.*\s0%\s+-$/m);
   });
 
   it('side by side: every metric of every target, ratios to the first, skipped points marked', () => {
@@ -75,6 +77,8 @@ describe('tables', () => {
     expect(table).toMatch(/^rate 1\/s\s+goodput req\/s\s+8\.70\s+10\.5\s+1\.21x$/m);
     expect(table).toMatch(/^\s+TTFT p50 ms\s+100\s+50\.0\s+0\.5x$/m);
     expect(table).toMatch(/^\s+ITL p99 ms\s+20\.0\s+10\.0\s+0\.5x$/m);
+    expect(table).toMatch(/^\s+TTFT p90 ms\s+100\s+50\.0\s+0\.5x$/m);
+    expect(table).toMatch(/^\s+prefix cache hit\s+-\s+-\s*$/m);
     expect(table).toMatch(/^rate 2\/s\s+goodput req\/s\s+\S+\s+skipped\s+-$/m);
     expect(table).toMatch(/^best\s+max goodput req\/s\s+8\.70 \(rate 1\/s\)\s+10\.5 \(rate 1\/s\)\s+1\.21x$/m);
   });

@@ -21,6 +21,7 @@ function timing(fields: Partial<RequestTiming> & { index: number }): RequestTimi
     outputTokens: 1,
     usage: true,
     promptTokens: 10,
+    cachedTokens: null,
     error: null,
     ...fields,
   };
@@ -128,6 +129,17 @@ describe('goodput under an SLO', () => {
       timing({ index: 1, promptTokens: null, usage: false, e2eMs: 1000 }),
     ];
     expect(runStats(timings, [99, 30], slo).inputTokenThroughput).toBe(42);
+  });
+
+  it('cache hit rate: cached / prompt tokens of the completed requests that say; null when none does', () => {
+    const timings = [
+      timing({ index: 0, promptTokens: 100, cachedTokens: 80 }),
+      timing({ index: 1, promptTokens: 100, cachedTokens: 0 }),
+      timing({ index: 2, promptTokens: 300, cachedTokens: null }), // says nothing: not counted
+      timing({ index: 3, promptTokens: 100, cachedTokens: 100, error: 'failed' }),
+    ];
+    expect(runStats(timings, [0, 0, 0, 0], slo).cacheHitRate).toBe(0.4);
+    expect(runStats([timing({ index: 0 })], [10], slo).cacheHitRate).toBeNull();
   });
 
   it('an empty run is all zeros, not NaN', () => {

@@ -6,7 +6,8 @@ import {
   KvCacheFullError,
   PromptTooLongError,
 } from '../../lib/errors.js';
-import { kvBlockHashes, type KvEvent } from '../../lib/engine/block-manager.js';
+import type { KvEvent } from '../../lib/engine/block-manager.js';
+import { kvBlockHashes } from '../../lib/kv/hash.js';
 import type { EngineOutput, RequestResult, SamplingParams } from '../../lib/engine/engine.js';
 import { LlmEngine, type LlmEngineOptions } from '../../lib/engine/llm-engine.js';
 import { FakeSampledRunner } from '../helpers/device-sampling.js';
@@ -138,6 +139,21 @@ describe('LlmEngine with a fake runner', () => {
     );
     ps.forEach((q, i) => expect(rs[i]!.tokenIds).toEqual(referenceGreedy(q, 6, V)));
     expect(many.runner.log.every((l) => l.ntokens <= 7)).toBe(true);
+  });
+
+  it("the first output says how many prompt tokens came from the prefix cache (the frontend's cached_tokens)", async () => {
+    const { engine } = make({ blockSize: 4 });
+    const shared = prompt(20, 21);
+    const outputs = async (p: number[]) => {
+      const all = [];
+      for await (const out of engine.addRequest({ promptTokenIds: p, sampling: greedy(3) })) all.push(out);
+      return all;
+    };
+    const first = await outputs([...shared, ...prompt(3, 22)]);
+    expect(first[0]!.cachedPromptTokens).toBe(0);
+    expect(first.slice(1).every((o) => o.cachedPromptTokens === undefined)).toBe(true);
+    const second = await outputs([...shared, ...prompt(5, 23)]);
+    expect(second[0]!.cachedPromptTokens).toBe(20);
   });
 
   it('prefix cache: a second request with the same prefix reuses its blocks; stored events carry the hashes', async () => {

@@ -102,8 +102,14 @@ describe('disaggregated serving end to end (CPU)', () => {
 
   it('disaggregated and aggregated serving return identical responses, logprobs and top_logprobs included (greedy and seeded sampling)', async () => {
     const aggClient = new OpenAI({ baseURL: `${agg.frontend.url}/v1`, apiKey: 'none', maxRetries: 0 });
-    // Whole responses, less what names the response itself.
-    const body = <T extends { id: string; created: number }>({ id: _id, created: _created, ...rest }: T) => rest;
+    // Whole responses, less what names the response itself and the prompt tokens found cached (which depends on
+    // each deployment's history: an earlier test sent some of these prompts to one of them only).
+    const body = <T extends { id: string; created: number; usage?: OpenAI.CompletionUsage }>({
+      id: _id,
+      created: _created,
+      usage,
+      ...rest
+    }: T) => ({ ...rest, usage: { ...usage, prompt_tokens_details: undefined } });
     const before = await prefillCounts(disagg);
     let requests = 0;
     for (const prompt of PROMPTS) {
@@ -139,6 +145,29 @@ describe('disaggregated serving end to end (CPU)', () => {
       interval: 20,
     });
     expect(await metric(agg, 'tandem_prefills_total{where="remote"}')).toBe(0);
+  });
+
+  it('usage.prompt_tokens_details.cached_tokens: the prefix cache hit of a repeated prompt, agg and disagg, streaming and not', async () => {
+    const long = Array.from({ length: 10 }, (_, i) => `cached prefix ${i} of a repeated prompt;`).join(' ');
+    for (const [name, deployment] of [
+      ['agg', agg],
+      ['disagg', disagg],
+    ] as const) {
+      const c = new OpenAI({ baseURL: `${deployment.frontend.url}/v1`, apiKey: 'none', maxRetries: 0 });
+      const args = { model: FIXTURE, prompt: `${name}: ${long}`, max_tokens: 4, temperature: 0 };
+      const first = await c.completions.create(args);
+      expect(first.usage!.prompt_tokens, name).toBeGreaterThan(100);
+      expect(first.usage!.prompt_tokens_details, name).toEqual({ cached_tokens: 0 });
+      const again = await c.completions.create(args);
+      const cached = again.usage!.prompt_tokens_details!.cached_tokens!;
+      // Every full block of the prompt but the one holding its last token (the engine computes at least one).
+      const blockSize = 16;
+      expect(cached, name).toBe(Math.floor((again.usage!.prompt_tokens - 1) / blockSize) * blockSize);
+      const stream = await c.completions.create({ ...args, stream: true, stream_options: { include_usage: true } });
+      let usage: OpenAI.CompletionUsage | undefined;
+      for await (const chunk of stream) if (chunk.usage) usage = chunk.usage;
+      expect(usage!.prompt_tokens_details, name).toEqual({ cached_tokens: cached });
+    }
   });
 
   it('bad requests get OpenAI-style errors and the server stays up', async () => {

@@ -74,6 +74,7 @@ describe('frontend, through the openai client', () => {
       prompt_tokens: chatPromptTokens,
       completion_tokens: Buffer.byteLength(backend.reply) + 1, // + EOS
       total_tokens: chatPromptTokens + Buffer.byteLength(backend.reply) + 1,
+      prompt_tokens_details: { cached_tokens: 0 },
     });
     // The backend got token ids of the templated prompt and the sampling parameters.
     const req = backend.requests.at(-1)!;
@@ -123,7 +124,12 @@ describe('frontend, through the openai client', () => {
     expect(r.object).toBe('text_completion');
     expect(r.choices[0]!.text).toBe(backend.reply.slice(0, 5));
     expect(r.choices[0]!.finish_reason).toBe('length');
-    expect(r.usage).toEqual({ prompt_tokens: 10, completion_tokens: 5, total_tokens: 15 }); // BOS + 9 bytes
+    expect(r.usage).toEqual({
+      prompt_tokens: 10, // BOS + 9 bytes
+      completion_tokens: 5,
+      total_tokens: 15,
+      prompt_tokens_details: { cached_tokens: 0 },
+    });
     expect(backend.requests.at(-1)!.promptIds).toEqual(tokenizer.encode('Once upon'));
 
     const stream = await client.completions.create({

@@ -2,6 +2,7 @@ import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { DEFAULT_PREFILL_WEIGHT } from '../../lib/router/index.js';
 import { DEFAULT_MAX_PREFILL_QUEUE, DEFAULT_MIN_REMOTE_PREFILL_TOKENS } from '../../lib/serve/disagg.js';
 import {
   defaultGraph,
@@ -62,7 +63,31 @@ describe('parseGraph', () => {
         minRemotePrefillTokens: DEFAULT_MIN_REMOTE_PREFILL_TOKENS,
         maxPrefillQueue: DEFAULT_MAX_PREFILL_QUEUE,
       },
+      router: { policy: 'kv', prefillWeight: DEFAULT_PREFILL_WEIGHT, temperature: 0 },
     });
+  });
+
+  it('router: the policy and the cost weights; a bad policy or weight names the key, its line and the choices', () => {
+    const g = parseGraph(`${MINIMAL}router:\n  policy: round-robin\n  prefillWeight: 2.5\n  temperature: 0.1\n`);
+    expect(g.router).toEqual({ policy: 'round-robin', prefillWeight: 2.5, temperature: 0.1 });
+    expect(parseGraph(`${MINIMAL}router:\n  policy: least-load\n`).router).toEqual({
+      policy: 'least-load',
+      prefillWeight: DEFAULT_PREFILL_WEIGHT,
+      temperature: 0,
+    });
+    expect(errorOf(`${MINIMAL}router:\n  policy: prefix\n`)).toBe(
+      'graph.yaml:8:11: router.policy: must be one of kv, least-load, round-robin, random',
+    );
+    expect(errorOf(`${MINIMAL}router:\n  temperature: -1\n`)).toBe(
+      'graph.yaml:8:16: router.temperature: must be a number >= 0 (0: always the cheapest worker)',
+    );
+    expect(errorOf(`${MINIMAL}router:\n  prefillWeight: heavy\n`)).toBe(
+      'graph.yaml:8:18: router.prefillWeight: must be a number >= 0',
+    );
+    expect(errorOf(`${MINIMAL}router:\n  polcy: kv\n`)).toBe(
+      "graph.yaml:8:3: router: unknown key 'polcy' (known: policy, prefillWeight, temperature)",
+    );
+    expect(errorOf(`${MINIMAL}router: kv\n`)).toBe('graph.yaml:7:9: router: must be a mapping');
   });
 
   it('reads a full graph', () => {

@@ -2,10 +2,13 @@ import { afterEach, describe, expect, it } from 'vitest';
 import type { GenerationChunk, SamplingParams } from '../../lib/serve/backend.js';
 import { NoWorkerAvailableError } from '../../lib/serve/backend.js';
 import { EmbeddedControlPlane } from '../../lib/serve/control-plane.js';
+import type { DisaggregationThresholds } from '../../lib/serve/disagg.js';
 import type { PoolRole, ServingMode } from '../../lib/serve/graph.js';
 import { METRIC_NAMES, ServeMetrics } from '../../lib/serve/metrics.js';
 import type { FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from '../../lib/serve/protocol.js';
 import { Router, WorkerRequestError } from '../../lib/serve/router.js';
+import { kvBlockHashLanes } from '../../lib/kv/index.js';
+import { KV_EVENTS_MISSING_AFTER } from '../../lib/router/index.js';
 import { sample } from '../helpers/serve.js';
 
 // The router alone, in this process: an embedded control plane with registered workers that exist only as names,
@@ -40,7 +43,14 @@ class Harness {
   readonly router: Router;
   private next = 0;
 
-  constructor(mode: ServingMode = 'disagg', { withMetrics = true } = {}) {
+  /** `thresholds` null: the defaults; else every prompt pays for a remote prefill (minRemotePrefillTokens 1). */
+  constructor(
+    mode: ServingMode = 'disagg',
+    {
+      withMetrics = true,
+      thresholds = { minRemotePrefillTokens: 1, maxPrefillQueue: 2 } as DisaggregationThresholds | null,
+    } = {},
+  ) {
     this.metrics = withMetrics ? new ServeMetrics() : undefined;
     this.router = new Router(
       this.controlPlane,
@@ -51,6 +61,7 @@ class Harness {
       },
       mode,
       this.metrics,
+      thresholds ? { thresholds } : {},
     );
   }
 
@@ -221,29 +232,43 @@ describe('worker choice: the fewest requests in flight from this router, then th
   });
 });
 
-describe('the prefill candidate offered to the decode worker', () => {
-  it('the least busy prefill worker, the requests queued in the prefill pool, and the pool size', async () => {
+describe("the router's prefill decision, sent to the decode worker", () => {
+  it('remote to the cheapest prefill worker while the pool has room; local once it is saturated', async () => {
     h = new Harness();
     h.add('d0', 'decode');
     h.add('p0', 'prefill', { prefilling: 1 });
     h.add('p1', 'prefill');
     const a = h.start([7, 8, 9]);
+    // Equal costs and none in flight: the lighter reported load.
     expect(a.generate).toEqual({
       type: 'generate',
       requestId: a.requestId,
       promptIds: [7, 8, 9],
       sampling: SAMPLING,
-      prefill: { worker: 'p1', queueDepth: 0, workers: 2 },
+      prefill: { worker: 'p1' },
     });
     h.needPrefill('d0', a.requestId, 'p1');
-    // p1 has one request of this router in flight: p0 is offered, and the pool has one request queued.
+    // p1 has a prefill queued: p0 is cheaper.
     const b = h.start();
-    expect(b.generate.prefill).toEqual({ worker: 'p0', queueDepth: 1, workers: 2 });
+    expect(b.generate.prefill).toEqual({ worker: 'p0' });
     h.needPrefill('d0', b.requestId, 'p0');
-    expect(h.start().generate.prefill).toEqual({ worker: 'p1', queueDepth: 2, workers: 2 });
+    // Two queued in a pool of two (maxPrefillQueue 2): still room.
+    const c = h.start();
+    expect(c.generate.prefill).not.toBeNull();
+    h.needPrefill('d0', c.requestId, c.generate.prefill!.worker);
+    h.needPrefill('d0', h.start().requestId, 'p0');
+    // Four queued: saturated, the decode worker prefills.
+    expect(h.start().generate.prefill).toBeNull();
     // Once a prefill is done it no longer counts.
     h.from('p1', { type: 'prefillDone', requestId: a.requestId, ok: true, bytes: 10, ms: 2 });
-    expect(h.start().generate.prefill).toEqual({ worker: 'p1', queueDepth: 1, workers: 2 });
+    expect(h.start().generate.prefill).not.toBeNull();
+  });
+
+  it('a prompt shorter than minRemotePrefillTokens prefills locally (the default thresholds)', () => {
+    h = new Harness('disagg', { thresholds: null });
+    h.add('d0', 'decode');
+    h.add('p0', 'prefill');
+    expect(h.start([1, 2, 3]).generate.prefill).toBeNull();
   });
 
   it('no prefill worker: null', () => {
@@ -305,7 +330,7 @@ describe('remote prefill relay', () => {
     // A second answer for the same prefill changes nothing.
     h.from('p0', { type: 'prefillDone', requestId: r.requestId, ok: false, bytes: 0, ms: 1 });
     expect(h.to('d0', 'prefillFailed')).toHaveLength(1);
-    expect(h.start().generate.prefill).toEqual({ worker: 'p0', queueDepth: 0, workers: 1 });
+    expect(h.start().generate.prefill).toEqual({ worker: 'p0' });
   });
 
   it('a prefill worker that is gone or unreachable: prefillFailed to the decode worker at once', async () => {
@@ -326,7 +351,7 @@ describe('remote prefill relay', () => {
     });
     expect(await h.metric(QUEUE)).toBe(0);
     h.unreachable.delete('p0');
-    expect(h.start().generate.prefill).toEqual({ worker: 'p0', queueDepth: 0, workers: 1 });
+    expect(h.start().generate.prefill).toEqual({ worker: 'p0' });
   });
 
   it('needPrefill for a request the router does not know (it ended): prefillFailed, nothing relayed', () => {
@@ -349,7 +374,7 @@ describe('remote prefill relay', () => {
     await drain(r.chunks);
     expect(await h.metric(QUEUE)).toBe(0);
     h.from('p0', { type: 'prefillDone', requestId: r.requestId, ok: true, bytes: 1, ms: 1 });
-    expect(h.start().generate.prefill).toEqual({ worker: 'p0', queueDepth: 0, workers: 2 });
+    expect(h.start().generate.prefill).toEqual({ worker: 'p0' });
   });
 
   it('abandonPrefill (the decode worker served the request itself): the prefill worker is told to abort', () => {
@@ -555,7 +580,7 @@ describe('abort', () => {
     // Sent once: not again when the iteration ends.
     expect(h.to('d0', 'abort')).toHaveLength(1);
     expect(await h.metric(QUEUE)).toBe(0);
-    expect(h.start().generate.prefill).toEqual({ worker: 'p0', queueDepth: 0, workers: 1 });
+    expect(h.start().generate.prefill).toEqual({ worker: 'p0' });
   });
 
   it('without a remote prefill, only the decode worker hears of it', () => {
@@ -584,7 +609,7 @@ describe('abort', () => {
     // Nothing in flight is left: the next request goes to the lighter d0, with an empty prefill queue.
     const next = h.start();
     expect(next.worker).toBe('d0');
-    expect(next.generate.prefill).toEqual({ worker: 'p0', queueDepth: 0, workers: 1 });
+    expect(next.generate.prefill).toEqual({ worker: 'p0' });
     // The signal of the request that ended sends nothing more.
     r.controller.abort();
     expect(h.to('d0', 'abort')).toHaveLength(1);
@@ -614,7 +639,7 @@ describe('without metrics (they are optional)', () => {
       h.finish('d0', r.requestId);
       await drain(r.chunks);
     }
-    expect(h.start().generate.prefill).toEqual({ worker: 'p0', queueDepth: 0, workers: 1 });
+    expect(h.start().generate.prefill).toEqual({ worker: 'p0' });
   });
 });
 
@@ -627,5 +652,103 @@ describe('messages that are not about a request stream', () => {
     h.from('d0', { type: 'failed', requestId: 'unknown', code: 'X', message: 'y' });
     h.from('p0', { type: 'prefillDone', requestId: 'unknown', ok: false, bytes: 0, ms: 0 });
     expect(h.sent.length).toBe(before);
+  });
+});
+
+describe('KV events and KV-aware routing', () => {
+  const prompt = Array.from({ length: 64 }, (_, i) => 1000 + i); // 4 blocks of 16
+  const lanes = kvBlockHashLanes(prompt, 16);
+  const batch = (incarnation: number, seq: number, stored = true) => ({
+    incarnation,
+    seq,
+    kinds: Uint8Array.of(stored ? 1 : 0),
+    counts: Uint32Array.of(4),
+    lanes,
+  });
+
+  it("a worker's snapshot and events feed the index: the request goes where its prefix is; a gap asks for a snapshot", async () => {
+    h = new Harness('agg');
+    h.add('a0', 'aggregated');
+    h.add('a1', 'aggregated');
+    h.from('a0', { type: 'kvSnapshot', snapshot: { incarnation: 1, seq: 0, lanes: new Uint32Array(0) } });
+    h.from('a1', { type: 'kvSnapshot', snapshot: { incarnation: 2, seq: 0, lanes: new Uint32Array(0) } });
+    h.from('a1', { type: 'kvEvents', batch: batch(2, 1) });
+    expect(h.router.kv.blocksOf('a1')).toBe(4);
+    expect(h.start(prompt).worker).toBe('a1');
+    // a0 skips a number: asked for a snapshot, counted.
+    h.from('a0', { type: 'kvEvents', batch: batch(1, 2) });
+    expect(h.to('a0', 'kvSnapshotRequest')).toEqual([{ type: 'kvSnapshotRequest' }]);
+    expect(h.router.kv.blocksOf('a0')).toBe(0);
+    expect(await h.metric(`${METRIC_NAMES.routerKvEventGaps}{worker="a0"}`)).toBe(1);
+    // A removal empties a1; a1 gone: its blocks leave the index.
+    h.from('a1', { type: 'kvEvents', batch: batch(2, 2, false) });
+    expect(h.router.kv.blocksOf('a1')).toBe(0);
+    h.from('a1', { type: 'kvEvents', batch: batch(2, 3) });
+    h.controlPlane.remove('a1', 'test');
+    expect(h.router.kv.index.blocks).toBe(0);
+  });
+
+  it('cached tokens: carried on the first chunk, and counted per worker', async () => {
+    h = new Harness('agg');
+    h.add('a0', 'aggregated');
+    const r = h.start(prompt);
+    h.from('a0', { type: 'tokens', requestId: r.requestId, tokenIds: [5], finishReason: null, cachedTokens: 48 });
+    h.from('a0', { type: 'tokens', requestId: r.requestId, tokenIds: [6], finishReason: 'stop' });
+    expect(await drain(r.chunks)).toEqual([
+      { tokenIds: [5], finishReason: null, cachedTokens: 48 },
+      { tokenIds: [6], finishReason: 'stop' },
+    ]);
+    expect(await h.metric(`${METRIC_NAMES.workerPromptTokens}{worker="a0"}`)).toBe(64);
+    expect(await h.metric(`${METRIC_NAMES.workerCachedPromptTokens}{worker="a0"}`)).toBe(48);
+  });
+
+  it('a worker that serves requests without publishing KV events: a loud warning and a metric', async () => {
+    const lines: string[] = [];
+    const metrics = new ServeMetrics();
+    const cp = new EmbeddedControlPlane(3_600_000);
+    const router = new Router(cp, () => true, 'agg', metrics, { log: (l) => lines.push(l) });
+    cp.register(registration('a0', 'aggregated'));
+    cp.heartbeat('a0', { running: 0, waiting: 0, freeBlocks: 64, prefilling: 0 });
+    for (let i = 0; i < KV_EVENTS_MISSING_AFTER; i++) {
+      const it = router.generate({
+        requestId: `q${i}`,
+        promptIds: prompt,
+        sampling: SAMPLING,
+        signal: new AbortController().signal,
+      });
+      router.onMessage('a0', { type: 'tokens', requestId: `q${i}`, tokenIds: [1], finishReason: 'stop' });
+      await drain(it[Symbol.asyncIterator]());
+    }
+    expect(lines).toEqual([
+      'WARNING: worker a0 serves requests but has published no KV events: KV-aware routing cannot see its cache (is prefix caching off, or are its events lost?)',
+    ]);
+    expect(sample(await metrics.text(), `${METRIC_NAMES.routerKvEventsMissing}{worker="a0"}`)).toBe(1);
+    router.onMessage('a0', { type: 'kvEvents', batch: batch(9, 1) });
+    router.onMessage('a0', { type: 'kvSnapshot', snapshot: { incarnation: 9, seq: 1, lanes } });
+    expect(sample(await metrics.text(), `${METRIC_NAMES.routerKvEventsMissing}{worker="a0"}`)).toBe(0);
+    cp.close();
+  });
+
+  it('the policy comes from the options: round-robin ignores the cache', () => {
+    const cp = new EmbeddedControlPlane(3_600_000);
+    const sent: string[] = [];
+    const router = new Router(cp, (to, m) => (m.type === 'generate' && sent.push(to), true), 'agg', undefined, {
+      routing: { policy: 'round-robin' },
+    });
+    for (const n of ['a0', 'a1']) {
+      cp.register(registration(n, 'aggregated'));
+      cp.heartbeat(n, { running: 0, waiting: 0, freeBlocks: 64, prefilling: 0 });
+    }
+    router.onMessage('a1', { type: 'kvSnapshot', snapshot: { incarnation: 1, seq: 0, lanes } });
+    for (let i = 0; i < 3; i++)
+      router.generate({
+        requestId: `q${i}`,
+        promptIds: prompt,
+        sampling: SAMPLING,
+        signal: new AbortController().signal,
+      });
+    expect(sent).toEqual(['a0', 'a1', 'a0']);
+    expect(router.kv.policyName).toBe('round-robin');
+    cp.close();
   });
 });
