@@ -57,11 +57,24 @@ export interface SamplingParams {
   logprobs?: number;
 }
 
+/**
+ * The output a request had already generated elsewhere before it came here (request migration: its worker
+ * died mid-stream). Those tokens are output, not prompt: the sampler's counter continues after them (a seeded
+ * request draws what it would have drawn), maxTokens, minTokens and stop checks count them, and the prompt's
+ * length (usage) stays the original one. The stream and `result()` carry only the tokens generated here.
+ */
+export interface ResumeState {
+  /** Output tokens already streamed to the client, in order; fewer than maxTokens, no stop among them. */
+  outputTokenIds: ArrayLike<number>;
+}
+
 export interface EngineRequest {
   /** Unique among live requests; default a generated id. */
   requestId?: string;
   promptTokenIds: ArrayLike<number>;
   sampling?: SamplingParams;
+  /** Continue a request from output generated elsewhere (`addRequest` only). */
+  resume?: ResumeState;
   /** Text of generated token ids, for stop strings; default the engine's. Required when `sampling.stop` is set. */
   detokenize?: (tokenIds: readonly number[]) => string;
 }
@@ -83,7 +96,7 @@ export interface EngineOutput {
 
 export interface RequestResult {
   requestId: string;
-  /** Every generated token, in order. */
+  /** Every token generated here, in order (after `resume.outputTokenIds`, when resumed). */
   tokenIds: number[];
   logprobs?: TokenLogprobs[];
   finishReason: FinishReason;
@@ -154,7 +167,11 @@ export interface EngineStats {
 
 export interface Engine {
   readonly info: EngineInfo;
-  /** Queues a request; throws PromptTooLongError (never servable) or BadArgumentError at once. */
+  /**
+   * Queues a request; throws PromptTooLongError (never servable) or BadArgumentError at once (also for a
+   * `resume` that could not have happened: a token id outside the vocabulary, maxTokens or the context already
+   * reached, a stop token that would have ended the request).
+   */
   addRequest(request: EngineRequest): RequestHandle;
   /** Aborts a live request; false when there is none of that id. */
   abort(requestId: string): boolean;

@@ -145,6 +145,8 @@ interface LiveRequest {
   detokenize: ((ids: readonly number[]) => string) | undefined;
   /** -1: no logprobs. */
   logprobs: number;
+  /** Output tokens generated elsewhere before this engine took the request over (ResumeState). */
+  resumedTokens: number;
   logprobList: TokenLogprobs[] | undefined;
   finished: boolean;
   finishReason: FinishReason | null;
@@ -239,6 +241,7 @@ export class LlmEngine implements Engine {
   }
 
   prefillOnly(request: EngineRequest, blockIds?: ArrayLike<number>): Promise<PrefillResult> {
+    this.refuseResume(request, 'prefillOnly');
     const req = this.newRequest(request, 'prefill');
     const seq = req.seq;
     const bs = this.info.blockSize;
@@ -269,6 +272,7 @@ export class LlmEngine implements Engine {
     firstToken: number,
     firstLogprobs?: TokenLogprobs,
   ): RequestHandle {
+    this.refuseResume(request, 'decodeFromBlocks');
     const req = this.newRequest(request, 'generate');
     const seq = req.seq;
     const n = seq.numPromptTokens;
@@ -393,6 +397,14 @@ export class LlmEngine implements Engine {
     return ids;
   }
 
+  /** A migrated request is prefilled (prompt and resumed output) where it lands: `addRequest` only. */
+  private refuseResume(request: EngineRequest, what: string): void {
+    if (request?.resume !== undefined)
+      throw new BadArgumentError(
+        `${what}: resume is served by addRequest only (prompt and resumed output prefill here)`,
+      );
+  }
+
   private newRequest(request: EngineRequest, kind: RequestKind): LiveRequest {
     this.checkLive();
     if (request === null || typeof request !== 'object') throw new BadArgumentError('request must be an object');
@@ -451,6 +463,7 @@ export class LlmEngine implements Engine {
       stopWindow,
       detokenize,
       logprobs,
+      resumedTokens: 0,
       logprobList: logprobs >= 0 ? [] : undefined,
       finished: false,
       finishReason: null,
@@ -459,7 +472,36 @@ export class LlmEngine implements Engine {
       prefill: undefined,
     };
     req.seq = new Sequence(id, prompt, req);
+    if (request.resume !== undefined) this.resume(req, request.resume);
     return req;
+  }
+
+  /**
+   * Appends a migrated request's earlier output to its sequence as generated tokens, so that everything that
+   * counts output (the sampler's counter, maxTokens, minTokens, stop strings' window) continues from there.
+   * Refuses output the request could not have produced without ending.
+   */
+  private resume(req: LiveRequest, resume: EngineRequest['resume']): void {
+    const fail = (m: string): never => {
+      throw new BadArgumentError(`request ${JSON.stringify(req.id)}: resume${m}`);
+    };
+    if (resume === null || typeof resume !== 'object') fail(' must be an object { outputTokenIds }');
+    const output = this.checkTokens(resume!.outputTokenIds, 'resume.outputTokenIds');
+    const seq = req.seq;
+    if (output.length >= req.maxTokens)
+      fail(`.outputTokenIds holds ${output.length} tokens: maxTokens (${req.maxTokens}) was already reached`);
+    if (seq.numPromptTokens + output.length >= this.info.maxModelLen)
+      fail(
+        `.outputTokenIds: prompt (${seq.numPromptTokens}) and output (${output.length}) already reach the context ` +
+          `limit (${this.info.maxModelLen})`,
+      );
+    for (let i = 0; i < output.length; i++) {
+      // Token i + 1 of the output: a stop there (past minTokens) would have ended the request.
+      if (i + 1 > req.minTokens && req.stopTokenIds?.has(output[i]!))
+        fail(`.outputTokenIds[${i}] = ${output[i]} is a stop token: the request had ended there`);
+      seq.append(output[i]!);
+    }
+    req.resumedTokens = output.length;
   }
 
   // ---- the step loop ----
@@ -632,7 +674,7 @@ export class LlmEngine implements Engine {
     if (reason === 'abort') stream.push({ requestId: req.id, tokenIds: [], finishReason: 'abort' });
     const result: RequestResult = {
       requestId: req.id,
-      tokenIds: req.seq.generated(),
+      tokenIds: req.seq.generated().slice(req.resumedTokens),
       finishReason: reason,
       promptTokens: req.seq.numPromptTokens,
       cachedPromptTokens: req.seq.numCachedPromptTokens,
