@@ -40,6 +40,7 @@ const OPTIONS = {
   host: { type: 'string' },
   port: { type: 'string' },
   'api-key': { type: 'string' },
+  'migration-limit': { type: 'string' },
 } as const satisfies Record<string, OptionSpec>;
 
 export type OptionName = keyof typeof OPTIONS;
@@ -49,7 +50,7 @@ export const COMMANDS = ['info', 'start', 'serve', 'generate'] as const;
 export type Command = (typeof COMMANDS)[number];
 
 const GLOBAL: readonly OptionName[] = ['help', 'version'];
-const SERVING: readonly OptionName[] = ['mode', 'host', 'port', 'seed', 'api-key'];
+const SERVING: readonly OptionName[] = ['mode', 'host', 'port', 'seed', 'api-key', 'migration-limit'];
 /** The options each command takes (besides --help and --version). */
 export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
   info: ['json'],

@@ -16,12 +16,14 @@ export interface StartArgs {
   port?: string;
   seed?: string;
   'api-key'?: string;
+  'migration-limit'?: string;
 }
 
 export async function start(args: StartArgs): Promise<number> {
   const mode = choiceOption('mode', args.mode, SERVING_MODES);
   const port = numberOption('port', args.port, { integer: true, min: 0, max: 65535 });
   const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
+  const migrationLimit = numberOption('migration-limit', args['migration-limit'], { integer: true, min: 0 });
   if (args.host === '') throw new UsageError('--host must not be empty');
   if (args['api-key'] === '') throw new UsageError('--api-key must not be empty');
   let graph: DeploymentGraph;
@@ -29,7 +31,11 @@ export async function start(args: StartArgs): Promise<number> {
     graph = loadGraph(args.file);
     if (mode && mode !== graph.mode)
       throw new UsageError(`--mode ${mode} differs from the graph's mode ${graph.mode}; edit the file`);
-    if (port !== undefined) graph.frontend.port = port;
+    if (port !== undefined) {
+      // --port P: the frontends listen on P, P + 1, ... whatever ports the file lists.
+      graph.frontend.port = port;
+      delete graph.frontend.ports;
+    }
     if (args.host) graph.frontend.host = args.host;
   } else {
     const caps = await capabilities();
@@ -49,6 +55,7 @@ export async function start(args: StartArgs): Promise<number> {
       ...(port !== undefined ? { port } : {}),
     });
   }
+  if (migrationLimit !== undefined) graph.frontend.migrationLimit = migrationLimit;
   // --api-key, else the variable the graph names (the launcher reads it), else TANDEM_API_KEY.
   const apiKey = args['api-key'] ?? (graph.frontend.apiKeyEnv ? undefined : process.env.TANDEM_API_KEY || undefined);
   const deployment = await startDeployment(graph, { seed, ...(apiKey !== undefined ? { apiKey } : {}) });

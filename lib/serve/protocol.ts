@@ -76,6 +76,11 @@ export type ToWorker =
       sampling: SamplingParams;
       /** A prefill worker that could take the prompt, with the prefill pool's load; null: prefill here. */
       prefill: { worker: string; queueDepth: number; workers: number } | null;
+      /**
+       * Request migration: output another worker had streamed before it died. The worker prefills prompt and
+       * output itself (no remote prefill) and continues after them (the engine's ResumeState).
+       */
+      resume?: { outputTokenIds: number[] };
     }
   | {
       type: 'prefill';

@@ -86,6 +86,8 @@ export class Router implements GenerationBackend {
       promptIds: [...request.promptIds],
       sampling: request.sampling,
       prefill: prefill ? { worker: prefill.registration.name, queueDepth, workers: prefillWorkers.length } : null,
+      // Request migration (lib/serve/migration.ts): the output a worker that died had streamed.
+      ...(request.resume ? { resume: { outputTokenIds: [...request.resume.outputTokenIds] } } : {}),
     });
     if (!sent) {
       this.finish(requestId);
