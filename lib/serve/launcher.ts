@@ -295,6 +295,27 @@ export function parseRequestPlaneId(id: string): { frontend: number; requestId: 
   return m ? { frontend: Number(m[1]), requestId: m[2]! } : undefined;
 }
 
+/**
+ * A worker's message to the routers: one about a request goes to the router that owns it (its request-plane id
+ * names the frontend), with the id that router knows; one about no request (worker-wide: load, events) to every
+ * router. A request id no router owns is logged and dropped.
+ */
+export function deliverToRouters(
+  routers: readonly Pick<Router, 'onMessage'>[],
+  from: string,
+  m: FromWorker,
+  log: (line: string) => void,
+): void {
+  if (!('requestId' in m)) {
+    for (const router of routers) router.onMessage(from, m);
+    return;
+  }
+  const owner = parseRequestPlaneId(m.requestId);
+  const router = owner && routers[owner.frontend];
+  if (router) router.onMessage(from, { ...m, requestId: owner.requestId });
+  else log(`[launcher] ${from} sent ${m.type} about unknown request ${m.requestId}: dropped`);
+}
+
 /** Why a worker process ended, as the restart counter's `reason` label. */
 function exitReason(everReady: boolean, code: number | null, signal: NodeJS.Signals | null): string {
   if (!everReady) return 'start_failure';
@@ -344,17 +365,6 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
         log: (line) => log(`[${frontendName(i, ports.length)}] ${line}`),
       }),
   );
-  /** A worker's message: about a request, to the router that owns it; else to every router. */
-  const toRouters = (from: string, m: FromWorker) => {
-    if (!('requestId' in m)) {
-      for (const router of routers) router.onMessage(from, m);
-      return;
-    }
-    const owner = parseRequestPlaneId(m.requestId);
-    const router = owner && routers[owner.frontend];
-    if (router) router.onMessage(from, { ...m, requestId: owner.requestId });
-    else log(`[launcher] ${from} sent ${m.type} about unknown request ${m.requestId}: dropped`);
-  };
   /** Set once every worker has registered: from then on a crashed worker is restarted. */
   let started = false;
   let stopping = false;
@@ -422,7 +432,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
             metrics.workerKvBlocks(m.name, pool, total - m.load.freeBlocks, total);
           }
         } else if (m.type === 'fatal') log(`[launcher] ${init.name} failed to start: ${m.message}`);
-        else toRouters(init.name, m);
+        else deliverToRouters(routers, init.name, m, log);
       },
       (code, signal) => {
         const everReady = wp.readyAt !== undefined;

@@ -41,7 +41,8 @@ interface Outcome {
  */
 async function stream(
   client: OpenAI,
-  params: Partial<OpenAI.CompletionCreateParamsStreaming>,
+  /** OpenAI's parameters, and vLLM's (ignore_eos, min_tokens) that the frontend takes too. */
+  params: Record<string, unknown>,
   onProgress?: () => Promise<void>,
   killAfter = 1,
 ): Promise<Outcome> {
@@ -53,7 +54,7 @@ async function stream(
     stream: true,
     stream_options: { include_usage: true },
     ...params,
-  });
+  } as OpenAI.CompletionCreateParamsStreaming);
   let chunks = 0;
   try {
     for await (const chunk of s) {
@@ -84,6 +85,11 @@ async function busyWorker(d: Deployment): Promise<string> {
     expect(name).toBeDefined();
   }, WAIT);
   return name!;
+}
+
+/** Waits until no worker reports a request running (so that a later report of one is about the next request). */
+async function idle(d: Deployment): Promise<void> {
+  await vi.waitFor(() => expect(d.controlPlane.workers().every((w) => w.load.running === 0)).toBe(true), WAIT);
 }
 
 /** SIGKILL on the pid of the worker running the request; resolves once the launcher has seen it go. */
@@ -135,6 +141,7 @@ describe('request migration end to end (CPU, SIGKILL)', () => {
       expect(undisturbed.completionTokens).toBeGreaterThanOrEqual(2000);
       if (name !== 'seeded, min_tokens') expect(undisturbed.finishReason).toBe('length');
       const before = await migrations(d, 'migrated');
+      await idle(d);
       let killed = '';
       const migrated = await stream(client, params, async () => {
         killed = await killBusyWorker(d);
@@ -150,6 +157,7 @@ describe('request migration end to end (CPU, SIGKILL)', () => {
 
   it('the limit used up: the stream ends with an error event, counted', async () => {
     await bothUp(d);
+    await idle(d);
     const before = await migrations(d, 'limit_reached');
     const out = await stream(client, { temperature: 0 }, async () => {
       // The first death migrates (limit 1); the worker it moved to dies too before the first restarts.
