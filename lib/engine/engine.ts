@@ -55,6 +55,15 @@ export interface SamplingParams {
   stop?: readonly string[];
   /** Return the log-probability of each generated token and of the N most likely tokens (0: chosen only). */
   logprobs?: number;
+  /** OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit of every token in the output. Default 0. */
+  presencePenalty?: number;
+  /** OpenAI's frequency penalty, in [-2, 2]: subtracted from a token's logit once per time it is in the output. Default 0. */
+  frequencyPenalty?: number;
+  /**
+   * vLLM's (and HF's) repetition penalty, > 0: the logit of every token in the prompt or the output is divided by
+   * it when positive, multiplied by it when not. Default 1 (none).
+   */
+  repetitionPenalty?: number;
 }
 
 /**

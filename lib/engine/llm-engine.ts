@@ -26,7 +26,15 @@ import type {
   RequestResult,
 } from './engine.js';
 import type { ModelRunner } from './runner.js';
-import { Sampler, seedHalves, type SamplerParams, type StepLogits, type TokenLogprobs } from './sampler.js';
+import {
+  applyPenalties,
+  Sampler,
+  seedHalves,
+  type PenaltyParams,
+  type SamplerParams,
+  type StepLogits,
+  type TokenLogprobs,
+} from './sampler.js';
 import { Scheduler, Sequence, type ScheduledStep } from './scheduler.js';
 
 export interface LlmEngineOptions {
@@ -147,6 +155,8 @@ interface LiveRequest {
   logprobs: number;
   /** Output tokens generated elsewhere before this engine took the request over (ResumeState). */
   resumedTokens: number;
+  /** Null: no penalties. Else the counts of output tokens (resumed ones included) and, for repetition, the prompt's. */
+  penalties: { params: PenaltyParams; outputCounts: Map<number, number>; promptTokens: Set<number> | null } | null;
   logprobList: TokenLogprobs[] | undefined;
   finished: boolean;
   finishReason: FinishReason | null;
@@ -165,6 +175,8 @@ export class LlmEngine implements Engine {
   private readonly detokenize: ((ids: readonly number[]) => string) | undefined;
   private readonly ownsRunner: boolean;
   private nextId = 0;
+  /** Scratch row for penalized sampling (allocated on first use). */
+  private penaltyRow: Float32Array | undefined;
   private loop: Promise<void> = Promise.resolve();
   /** True from `kick` until the loop finds nothing to schedule (set and cleared synchronously). */
   private looping = false;
@@ -450,6 +462,17 @@ export class LlmEngine implements Engine {
     }
     const logprobs = s.logprobs ?? -1;
     if (!Number.isSafeInteger(logprobs) || logprobs < -1) fail(`logprobs must be an integer >= 0 (got ${logprobs})`);
+    const presence = s.presencePenalty ?? 0;
+    const frequency = s.frequencyPenalty ?? 0;
+    const repetition = s.repetitionPenalty ?? 1;
+    for (const [name, v] of [
+      ['presencePenalty', presence],
+      ['frequencyPenalty', frequency],
+    ] as const)
+      if (typeof v !== 'number' || !(v >= -2 && v <= 2)) fail(`${name} must be a number in [-2, 2] (got ${v})`);
+    if (typeof repetition !== 'number' || !Number.isFinite(repetition) || !(repetition > 0))
+      fail(`repetitionPenalty must be a finite number > 0 (got ${repetition})`);
+    const penalized = presence !== 0 || frequency !== 0 || repetition !== 1;
 
     const req: LiveRequest = {
       id,
@@ -464,6 +487,13 @@ export class LlmEngine implements Engine {
       detokenize,
       logprobs,
       resumedTokens: 0,
+      penalties: penalized
+        ? {
+            params: { presence, frequency, repetition },
+            outputCounts: new Map(),
+            promptTokens: repetition !== 1 ? new Set(prompt) : null,
+          }
+        : null,
       logprobList: logprobs >= 0 ? [] : undefined,
       finished: false,
       finishReason: null,
@@ -500,6 +530,7 @@ export class LlmEngine implements Engine {
       if (i + 1 > req.minTokens && req.stopTokenIds?.has(output[i]!))
         fail(`.outputTokenIds[${i}] = ${output[i]} is a stop token: the request had ended there`);
       seq.append(output[i]!);
+      this.countOutput(req, output[i]!);
     }
     req.resumedTokens = output.length;
   }
@@ -546,7 +577,12 @@ export class LlmEngine implements Engine {
           const plan = this.sampler.plan(
             step.seqs.map((seq, i) =>
               step.samples[i]
-                ? { params: seq.owner.sampling, counter: seq.numGenerated, logprobs: seq.owner.logprobs }
+                ? {
+                    params: seq.owner.sampling,
+                    counter: seq.numGenerated,
+                    logprobs: seq.owner.logprobs,
+                    fullRow: seq.owner.penalties !== null,
+                  }
                 : null,
             ),
           );
@@ -594,16 +630,35 @@ export class LlmEngine implements Engine {
       if (req.finished) continue;
       this.counters.computedTokens += step.numNew[i]!;
       if (!step.samples[i]) continue;
-      const token = this.sampler.sample(logits, i, req.sampling, seq.numGenerated);
+      const token = req.penalties
+        ? this.sampler.sample(this.penalizedRow(logits, i, req), 0, req.sampling, seq.numGenerated)
+        : this.sampler.sample(logits, i, req.sampling, seq.numGenerated);
       const lp = req.logprobs >= 0 ? this.sampler.logprobs(logits, i, token, req.logprobs) : undefined;
       this.acceptToken(req, token, lp);
     }
+  }
+
+  /** Row `i` of a step's logits with `req`'s penalties applied, in a scratch row (the raw row stays for logprobs). */
+  private penalizedRow(logits: StepLogits, i: number, req: LiveRequest): Float32Array {
+    const raw = this.sampler.row(logits, i);
+    if (!raw) throw new BadArgumentError(`the model runner returned no whole row for penalized request ${req.id}`);
+    this.penaltyRow ??= new Float32Array(this.info.vocabSize);
+    this.penaltyRow.set(raw);
+    const p = req.penalties!;
+    applyPenalties(this.penaltyRow, p.params, p.outputCounts, p.promptTokens);
+    return this.penaltyRow;
+  }
+
+  private countOutput(req: LiveRequest, token: number): void {
+    const counts = req.penalties?.outputCounts;
+    if (counts) counts.set(token, (counts.get(token) ?? 0) + 1);
   }
 
   /** Appends a generated token, checks stop conditions, and streams it (finishing the request if it stops). */
   private acceptToken(req: LiveRequest, token: number, lp: TokenLogprobs | undefined): void {
     const seq = req.seq;
     seq.append(token);
+    this.countOutput(req, token);
     this.counters.generatedTokens++;
     if (lp && req.logprobList) req.logprobList.push(lp);
 

@@ -68,6 +68,17 @@ describe('resume', () => {
     }
   });
 
+  it('penalties count the resumed tokens as output', async () => {
+    const engine = make();
+    for (const sampling of [
+      { temperature: 0, maxTokens: N, presencePenalty: 1.2, frequencyPenalty: 0.6 },
+      { temperature: 0.9, seed: 11, maxTokens: N, frequencyPenalty: 1.5, repetitionPenalty: 1.4 },
+    ]) {
+      const full = await run(engine, sampling);
+      await expectContinues(engine, sampling, full, [1, 7, 16]);
+    }
+  });
+
   it('logprobs of the tokens generated after the resumed ones are those of the run', async () => {
     const engine = make();
     const sampling = { temperature: 0.9, seed: 3, maxTokens: 12, logprobs: 3 };

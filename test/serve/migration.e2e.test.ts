@@ -7,8 +7,8 @@ import { metric } from '../helpers/serve.js';
 
 // Request migration end to end on CPU: a decode worker killed with SIGKILL (on its pid) mid-stream, and the
 // official openai client's stream completes with exactly the text and token count of an undisturbed run, greedy
-// and seeded. With the limit used up, or migration off, the stream ends with an error event as before.
-// Loopback only; every wait is bounded; the deployments stop at the end.
+// and seeded, with penalties. With the limit used up, or migration off, the stream ends with an error event as
+// before. Loopback only; every wait is bounded; the deployments stop at the end.
 const MODEL = 'dummy:tiny';
 /** Long enough that the worker is still generating when it is killed (it is killed after a few tokens). */
 const MAX_TOKENS = 3000;
@@ -133,6 +133,11 @@ describe('request migration end to end (CPU, SIGKILL)', () => {
     ['seeded, EOS ignored', { temperature: 0.9, top_p: 0.95, seed: 1234, ignore_eos: true }],
     // min_tokens counts the output streamed before the death: EOS ends the request at the same token.
     ['seeded, min_tokens', { temperature: 1, seed: 77, min_tokens: 2000 }],
+    // Penalties count the output streamed before the death as output.
+    [
+      'greedy, penalties',
+      { temperature: 0, presence_penalty: 0.8, frequency_penalty: 0.05, repetition_penalty: 1.2, ignore_eos: true },
+    ],
   ] as const)
     it(`${name}: the stream completes with exactly the tokens of an undisturbed run`, async () => {
       await bothUp(d);
