@@ -3,6 +3,7 @@ import type { SamplingParams } from '../../lib/engine/engine.js';
 import { LlmEngine } from '../../lib/engine/llm-engine.js';
 import { SAMPLE_FULL_ROW } from '../../lib/engine/runner.js';
 import { Sampler, seedHalves } from '../../lib/engine/sampler.js';
+import { FakeSampledRunner } from '../helpers/device-sampling.js';
 import { FakeRunner, referenceLogits } from '../helpers/fake-runner.js';
 
 // Presence, frequency and repetition penalties (OpenAI's and vLLM's), against a plain reference written from
@@ -86,6 +87,21 @@ describe('penalties', () => {
     expect(bad({ frequencyPenalty: NaN })).toThrow(/frequencyPenalty must be a number in \[-2, 2\]/);
     expect(bad({ repetitionPenalty: 0 })).toThrow(/repetitionPenalty must be a finite number > 0/);
     expect(bad({ repetitionPenalty: Infinity })).toThrow(/repetitionPenalty/);
+  });
+
+  it('an engine that samples on a device gives the tokens and logprobs of host sampling, penalized', async () => {
+    const device = new LlmEngine(new FakeSampledRunner({ vocabSize: V }));
+    engines.push(device);
+    const host = make();
+    for (const sampling of [
+      { temperature: 0, maxTokens: 20, presencePenalty: 1, repetitionPenalty: 1.5, logprobs: 2 },
+      { temperature: 0.9, seed: 8, maxTokens: 20, frequencyPenalty: 0.8, logprobs: 1 },
+      { temperature: 1, topK: 5, seed: 9, maxTokens: 20, repetitionPenalty: 0.7 },
+    ]) {
+      const [d, h] = [await run(device, sampling), await run(host, sampling)];
+      expect(d.tokenIds).toEqual(h.tokenIds);
+      expect(d.logprobs).toEqual(h.logprobs);
+    }
   });
 
   it('a device is asked for the whole row of a penalized request', () => {
