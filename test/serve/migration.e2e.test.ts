@@ -1,8 +1,10 @@
+import { randomUUID } from 'node:crypto';
 import OpenAI, { APIError } from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
 import { METRIC_NAMES } from '../../lib/serve/metrics.js';
+import { WorkerRequestError } from '../../lib/serve/router.js';
 import { metric } from '../helpers/serve.js';
 
 // Request migration end to end on CPU: a decode worker killed with SIGKILL (on its pid) mid-stream, and the
@@ -159,6 +161,30 @@ describe('request migration end to end (CPU, SIGKILL)', () => {
       expect(await migrations(d, 'migrated')).toBe(before + 1);
       expect(lines.some((l) => l.includes(`worker ${killed} stopped`) && l.includes('migrated with'))).toBe(true);
     });
+
+  it("resume on the worker protocol: continues a request; one the engine refuses is that request's error", async () => {
+    await bothUp(d);
+    const backendRun = async (resume?: { outputTokenIds: number[] }, promptIds = [72, 105, 33]) => {
+      const tokens: number[] = [];
+      for await (const c of d.backend.generate({
+        requestId: randomUUID(),
+        promptIds,
+        sampling: { temperature: 0.5, seed: 21, maxTokens: 40, stopTokenIds: [] },
+        ...(resume ? { resume } : {}),
+        signal: new AbortController().signal,
+      }))
+        tokens.push(...c.tokenIds);
+      return tokens;
+    };
+    const whole = await backendRun();
+    expect(await backendRun({ outputTokenIds: whole.slice(0, 15) })).toEqual(whole.slice(15));
+    for (const outputTokenIds of [[1_000_000], whole]) {
+      const error = await backendRun({ outputTokenIds }).catch((e: unknown) => e);
+      expect(error).toBeInstanceOf(WorkerRequestError);
+      expect(error).toMatchObject({ code: 'TANDEM_BAD_ARGUMENT', message: expect.stringMatching(/resume/) });
+    }
+    expect(await backendRun()).toEqual(whole);
+  });
 
   it('the limit used up: the stream ends with an error event, counted', async () => {
     await bothUp(d);
