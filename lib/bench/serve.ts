@@ -284,7 +284,7 @@ async function bringUp(
     return { root: serverRoot((target as { url: string }).url), stop: async () => {} };
   // Our own deployment, on loopback, on a free port, without an API key.
   const g: DeploymentGraph = structuredClone(graph);
-  g.frontend = { host: '127.0.0.1', port: 0 };
+  g.frontend = { host: '127.0.0.1', port: 0, replicas: 1, migrationLimit: graph.frontend.migrationLimit };
   const lines: string[] = [];
   const log = (line: string) => {
     if (config.verbose) process.stderr.write(`${line}\n`);

@@ -52,6 +52,7 @@ const OPTIONS = {
   'itl-ms': { type: 'string' },
   gpus: { type: 'string' },
   'router-policy': { type: 'string' },
+  'migration-limit': { type: 'string' },
 } as const satisfies Record<string, OptionSpec>;
 
 export type OptionName = keyof typeof OPTIONS;
@@ -61,7 +62,7 @@ export const COMMANDS = ['info', 'start', 'serve', 'generate', 'profile', 'plan'
 export type Command = (typeof COMMANDS)[number];
 
 const GLOBAL: readonly OptionName[] = ['help', 'version'];
-const SERVING: readonly OptionName[] = ['mode', 'host', 'port', 'seed', 'api-key', 'router-policy'];
+const SERVING: readonly OptionName[] = ['mode', 'host', 'port', 'seed', 'api-key', 'router-policy', 'migration-limit'];
 /** The options each command takes (besides --help and --version). */
 export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
   info: ['json'],

@@ -26,12 +26,15 @@ const HELP = `tandem ${packageVersion}: disaggregated LLM serving for Node.js
 Usage:
   tandem info [--json]     report CUDA, NCCL, UCX, cuBLAS and kernel availability (and why not)
   tandem start [--mode disagg|agg] [--port N] [--host H] [--model M] [--api-key KEY] [--seed S]
-               [--router-policy kv|least-load|round-robin|random]
+               [--router-policy kv|least-load|round-robin|random] [--migration-limit N]
                            serve the embedded deployment: OpenAI API on 127.0.0.1:8000, one
                            prefill and one decode worker (CPU engine, dummy:tiny by default)
   tandem serve -f graph.yaml [--port N] [--host H] [--api-key KEY] [--seed S] [--router-policy P]
+               [--migration-limit N]
                            serve a deployment graph (YAML; see README); --router-policy overrides
-                           the graph's router.policy (default kv: by cached prefix and load)
+                           the graph's router.policy (default kv: by cached prefix and load);
+                           --migration-limit: times a request whose worker dies is re-issued to
+                           another (default 3, 0: never)
   tandem generate --model <dir|dummy:preset> --prompt TEXT [--max-tokens N] [--device cpu|cuda]
                   [--seed S] [--temperature T] [--top-p P] [--top-k K] [--threads N] [--chat] [--json]
                            generate text with the reference engine (greedy unless --temperature)

@@ -18,6 +18,7 @@ export interface StartArgs {
   seed?: string;
   'api-key'?: string;
   'router-policy'?: string;
+  'migration-limit'?: string;
 }
 
 /**
@@ -28,6 +29,7 @@ export async function graphOf(args: StartArgs): Promise<DeploymentGraph> {
   const mode = choiceOption('mode', args.mode, SERVING_MODES);
   const port = numberOption('port', args.port, { integer: true, min: 0, max: 65535 });
   const routerPolicy = choiceOption('router-policy', args['router-policy'], ROUTER_POLICIES);
+  const migrationLimit = numberOption('migration-limit', args['migration-limit'], { integer: true, min: 0 });
   if (args.host === '') throw new UsageError('--host must not be empty');
   if (args['api-key'] === '') throw new UsageError('--api-key must not be empty');
   let graph: DeploymentGraph;
@@ -35,7 +37,11 @@ export async function graphOf(args: StartArgs): Promise<DeploymentGraph> {
     graph = loadGraph(args.file);
     if (mode && mode !== graph.mode)
       throw new UsageError(`--mode ${mode} differs from the graph's mode ${graph.mode}; edit the file`);
-    if (port !== undefined) graph.frontend.port = port;
+    if (port !== undefined) {
+      // --port P: the frontends listen on P, P + 1, ... whatever ports the file lists.
+      graph.frontend.port = port;
+      delete graph.frontend.ports;
+    }
     if (args.host) graph.frontend.host = args.host;
   } else {
     const caps = await capabilities();
@@ -56,6 +62,7 @@ export async function graphOf(args: StartArgs): Promise<DeploymentGraph> {
     });
   }
   if (routerPolicy) graph.router.policy = routerPolicy;
+  if (migrationLimit !== undefined) graph.frontend.migrationLimit = migrationLimit;
   return graph;
 }
 

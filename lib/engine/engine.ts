@@ -55,6 +55,26 @@ export interface SamplingParams {
   stop?: readonly string[];
   /** Return the log-probability of each generated token and of the N most likely tokens (0: chosen only). */
   logprobs?: number;
+  /** OpenAI's presence penalty, in [-2, 2]: subtracted once from the logit of every token in the output. Default 0. */
+  presencePenalty?: number;
+  /** OpenAI's frequency penalty, in [-2, 2]: subtracted from a token's logit once per time it is in the output. Default 0. */
+  frequencyPenalty?: number;
+  /**
+   * vLLM's (and HF's) repetition penalty, > 0: the logit of every token in the prompt or the output is divided by
+   * it when positive, multiplied by it when not. Default 1 (none).
+   */
+  repetitionPenalty?: number;
+}
+
+/**
+ * The output a request had already generated elsewhere before it came here (request migration: its worker
+ * died mid-stream). Those tokens are output, not prompt: the sampler's counter continues after them (a seeded
+ * request draws what it would have drawn), maxTokens, minTokens and stop checks count them, and the prompt's
+ * length (usage) stays the original one. The stream and `result()` carry only the tokens generated here.
+ */
+export interface ResumeState {
+  /** Output tokens already streamed to the client, in order; fewer than maxTokens, no stop among them. */
+  outputTokenIds: ArrayLike<number>;
 }
 
 export interface EngineRequest {
@@ -62,6 +82,8 @@ export interface EngineRequest {
   requestId?: string;
   promptTokenIds: ArrayLike<number>;
   sampling?: SamplingParams;
+  /** Continue a request from output generated elsewhere (`addRequest` only). */
+  resume?: ResumeState;
   /** Text of generated token ids, for stop strings; default the engine's. Required when `sampling.stop` is set. */
   detokenize?: (tokenIds: readonly number[]) => string;
 }
@@ -88,7 +110,7 @@ export interface EngineOutput {
 
 export interface RequestResult {
   requestId: string;
-  /** Every generated token, in order. */
+  /** Every token generated here, in order (after `resume.outputTokenIds`, when resumed). */
   tokenIds: number[];
   logprobs?: TokenLogprobs[];
   finishReason: FinishReason;
@@ -159,7 +181,11 @@ export interface EngineStats {
 
 export interface Engine {
   readonly info: EngineInfo;
-  /** Queues a request; throws PromptTooLongError (never servable) or BadArgumentError at once. */
+  /**
+   * Queues a request; throws PromptTooLongError (never servable) or BadArgumentError at once (also for a
+   * `resume` that could not have happened: a token id outside the vocabulary, maxTokens or the context already
+   * reached, a stop token that would have ended the request).
+   */
   addRequest(request: EngineRequest): RequestHandle;
   /** Aborts a live request; false when there is none of that id. */
   abort(requestId: string): boolean;

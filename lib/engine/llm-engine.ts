@@ -27,7 +27,15 @@ import type {
   RequestResult,
 } from './engine.js';
 import type { ModelRunner } from './runner.js';
-import { Sampler, seedHalves, type SamplerParams, type StepLogits, type TokenLogprobs } from './sampler.js';
+import {
+  applyPenalties,
+  Sampler,
+  seedHalves,
+  type PenaltyParams,
+  type SamplerParams,
+  type StepLogits,
+  type TokenLogprobs,
+} from './sampler.js';
 import { Scheduler, Sequence, type ScheduledStep } from './scheduler.js';
 
 export interface LlmEngineOptions {
@@ -146,6 +154,10 @@ interface LiveRequest {
   detokenize: ((ids: readonly number[]) => string) | undefined;
   /** -1: no logprobs. */
   logprobs: number;
+  /** Output tokens generated elsewhere before this engine took the request over (ResumeState). */
+  resumedTokens: number;
+  /** Null: no penalties. Else the counts of output tokens (resumed ones included) and, for repetition, the prompt's. */
+  penalties: { params: PenaltyParams; outputCounts: Map<number, number>; promptTokens: Set<number> | null } | null;
   logprobList: TokenLogprobs[] | undefined;
   finished: boolean;
   finishReason: FinishReason | null;
@@ -164,6 +176,8 @@ export class LlmEngine implements Engine {
   private readonly detokenize: ((ids: readonly number[]) => string) | undefined;
   private readonly ownsRunner: boolean;
   private nextId = 0;
+  /** Scratch row for penalized sampling (allocated on first use). */
+  private penaltyRow: Float32Array | undefined;
   private loop: Promise<void> = Promise.resolve();
   /** True from `kick` until the loop finds nothing to schedule (set and cleared synchronously). */
   private looping = false;
@@ -240,6 +254,7 @@ export class LlmEngine implements Engine {
   }
 
   prefillOnly(request: EngineRequest, blockIds?: ArrayLike<number>): Promise<PrefillResult> {
+    this.refuseResume(request, 'prefillOnly');
     const req = this.newRequest(request, 'prefill');
     const seq = req.seq;
     const bs = this.info.blockSize;
@@ -270,6 +285,7 @@ export class LlmEngine implements Engine {
     firstToken: number,
     firstLogprobs?: TokenLogprobs,
   ): RequestHandle {
+    this.refuseResume(request, 'decodeFromBlocks');
     const req = this.newRequest(request, 'generate');
     const seq = req.seq;
     const n = seq.numPromptTokens;
@@ -394,6 +410,14 @@ export class LlmEngine implements Engine {
     return ids;
   }
 
+  /** A migrated request is prefilled (prompt and resumed output) where it lands: `addRequest` only. */
+  private refuseResume(request: EngineRequest, what: string): void {
+    if (request?.resume !== undefined)
+      throw new BadArgumentError(
+        `${what}: resume is served by addRequest only (prompt and resumed output prefill here)`,
+      );
+  }
+
   private newRequest(request: EngineRequest, kind: RequestKind): LiveRequest {
     this.checkLive();
     if (request === null || typeof request !== 'object') throw new BadArgumentError('request must be an object');
@@ -439,6 +463,17 @@ export class LlmEngine implements Engine {
     }
     const logprobs = s.logprobs ?? -1;
     if (!Number.isSafeInteger(logprobs) || logprobs < -1) fail(`logprobs must be an integer >= 0 (got ${logprobs})`);
+    const presence = s.presencePenalty ?? 0;
+    const frequency = s.frequencyPenalty ?? 0;
+    const repetition = s.repetitionPenalty ?? 1;
+    for (const [name, v] of [
+      ['presencePenalty', presence],
+      ['frequencyPenalty', frequency],
+    ] as const)
+      if (typeof v !== 'number' || !(v >= -2 && v <= 2)) fail(`${name} must be a number in [-2, 2] (got ${v})`);
+    if (typeof repetition !== 'number' || !Number.isFinite(repetition) || !(repetition > 0))
+      fail(`repetitionPenalty must be a finite number > 0 (got ${repetition})`);
+    const penalized = presence !== 0 || frequency !== 0 || repetition !== 1;
 
     const req: LiveRequest = {
       id,
@@ -452,6 +487,14 @@ export class LlmEngine implements Engine {
       stopWindow,
       detokenize,
       logprobs,
+      resumedTokens: 0,
+      penalties: penalized
+        ? {
+            params: { presence, frequency, repetition },
+            outputCounts: new Map(),
+            promptTokens: repetition !== 1 ? new Set(prompt) : null,
+          }
+        : null,
       logprobList: logprobs >= 0 ? [] : undefined,
       finished: false,
       finishReason: null,
@@ -460,7 +503,37 @@ export class LlmEngine implements Engine {
       prefill: undefined,
     };
     req.seq = new Sequence(id, prompt, req);
+    if (request.resume !== undefined) this.resume(req, request.resume);
     return req;
+  }
+
+  /**
+   * Appends a migrated request's earlier output to its sequence as generated tokens, so that everything that
+   * counts output (the sampler's counter, maxTokens, minTokens, stop strings' window) continues from there.
+   * Refuses output the request could not have produced without ending.
+   */
+  private resume(req: LiveRequest, resume: EngineRequest['resume']): void {
+    const fail = (m: string): never => {
+      throw new BadArgumentError(`request ${JSON.stringify(req.id)}: resume${m}`);
+    };
+    if (resume === null || typeof resume !== 'object') fail(' must be an object { outputTokenIds }');
+    const output = this.checkTokens(resume!.outputTokenIds, 'resume.outputTokenIds');
+    const seq = req.seq;
+    if (output.length >= req.maxTokens)
+      fail(`.outputTokenIds holds ${output.length} tokens: maxTokens (${req.maxTokens}) was already reached`);
+    if (seq.numPromptTokens + output.length >= this.info.maxModelLen)
+      fail(
+        `.outputTokenIds: prompt (${seq.numPromptTokens}) and output (${output.length}) already reach the context ` +
+          `limit (${this.info.maxModelLen})`,
+      );
+    for (let i = 0; i < output.length; i++) {
+      // Token i + 1 of the output: a stop there (past minTokens) would have ended the request.
+      if (i + 1 > req.minTokens && req.stopTokenIds?.has(output[i]!))
+        fail(`.outputTokenIds[${i}] = ${output[i]} is a stop token: the request had ended there`);
+      seq.append(output[i]!);
+      this.countOutput(req, output[i]!);
+    }
+    req.resumedTokens = output.length;
   }
 
   // ---- the step loop ----
@@ -505,7 +578,12 @@ export class LlmEngine implements Engine {
           const plan = this.sampler.plan(
             step.seqs.map((seq, i) =>
               step.samples[i]
-                ? { params: seq.owner.sampling, counter: seq.numGenerated, logprobs: seq.owner.logprobs }
+                ? {
+                    params: seq.owner.sampling,
+                    counter: seq.numGenerated,
+                    logprobs: seq.owner.logprobs,
+                    fullRow: seq.owner.penalties !== null,
+                  }
                 : null,
             ),
           );
@@ -553,16 +631,35 @@ export class LlmEngine implements Engine {
       if (req.finished) continue;
       this.counters.computedTokens += step.numNew[i]!;
       if (!step.samples[i]) continue;
-      const token = this.sampler.sample(logits, i, req.sampling, seq.numGenerated);
+      const token = req.penalties
+        ? this.sampler.sample(this.penalizedRow(logits, i, req), 0, req.sampling, seq.numGenerated)
+        : this.sampler.sample(logits, i, req.sampling, seq.numGenerated);
       const lp = req.logprobs >= 0 ? this.sampler.logprobs(logits, i, token, req.logprobs) : undefined;
       this.acceptToken(req, token, lp);
     }
+  }
+
+  /** Row `i` of a step's logits with `req`'s penalties applied, in a scratch row (the raw row stays for logprobs). */
+  private penalizedRow(logits: StepLogits, i: number, req: LiveRequest): Float32Array {
+    const raw = this.sampler.row(logits, i);
+    if (!raw) throw new BadArgumentError(`the model runner returned no whole row for penalized request ${req.id}`);
+    this.penaltyRow ??= new Float32Array(this.info.vocabSize);
+    this.penaltyRow.set(raw);
+    const p = req.penalties!;
+    applyPenalties(this.penaltyRow, p.params, p.outputCounts, p.promptTokens);
+    return this.penaltyRow;
+  }
+
+  private countOutput(req: LiveRequest, token: number): void {
+    const counts = req.penalties?.outputCounts;
+    if (counts) counts.set(token, (counts.get(token) ?? 0) + 1);
   }
 
   /** Appends a generated token, checks stop conditions, and streams it (finishing the request if it stops). */
   private acceptToken(req: LiveRequest, token: number, lp: TokenLogprobs | undefined): void {
     const seq = req.seq;
     seq.append(token);
+    this.countOutput(req, token);
     this.counters.generatedTokens++;
     if (lp && req.logprobList) req.logprobList.push(lp);
 
@@ -634,7 +731,7 @@ export class LlmEngine implements Engine {
     if (reason === 'abort') stream.push({ requestId: req.id, tokenIds: [], finishReason: 'abort' });
     const result: RequestResult = {
       requestId: req.id,
-      tokenIds: req.seq.generated(),
+      tokenIds: req.seq.generated().slice(req.resumedTokens),
       finishReason: reason,
       promptTokens: req.seq.numPromptTokens,
       cachedPromptTokens: req.seq.numCachedPromptTokens,

@@ -10,7 +10,14 @@
  * (seed, i), so a seeded request yields the same tokens whatever else is in its batch, and after a preemption
  * (recompute) or a prefill/decode split across two engines.
  *
- * Logprobs are the log-softmax of the raw logits (before temperature, top-k and top-p).
+ * Logprobs are the log-softmax of the raw logits (before penalties, temperature, top-k and top-p: vLLM's
+ * default, raw_logprobs).
+ *
+ * Penalties (vLLM's and OpenAI's, `applyPenalties`) change a row before sampling: repetition divides a positive
+ * logit (multiplies a negative one) of every token seen in the prompt or the output; frequency subtracts its
+ * weight times the token's count in the output; presence subtracts its weight once for a token in the output.
+ * The output is the request's generated tokens, those of a resumed request (migration) included. A penalized
+ * row is sampled on the host: `plan` asks a device for the whole row.
  *
  * A runner that samples on its device (`ModelRunner.forwardSampled`) returns, instead of whole rows, what
  * this algorithm reads from them: the best candidates in order, the sums, and the plain draw made with the
@@ -68,6 +75,37 @@ export interface SampleRowRequest {
   params: SamplerParams;
   counter: number;
   logprobs: number;
+  /** The host needs the whole row (penalties apply to it). */
+  fullRow?: boolean;
+}
+
+/** Checked penalties of one request; neutral values are presence 0, frequency 0, repetition 1. */
+export interface PenaltyParams {
+  presence: number;
+  frequency: number;
+  repetition: number;
+}
+
+/**
+ * Applies penalties in place to `row[0 .. V)` (vLLM's order: repetition, then frequency and presence).
+ * `outputCounts`: each output token id's count; `promptTokens`: the prompt's token ids (read for repetition).
+ */
+export function applyPenalties(
+  row: Float32Array,
+  p: PenaltyParams,
+  outputCounts: ReadonlyMap<number, number>,
+  promptTokens: ReadonlySet<number> | null,
+): void {
+  if (p.repetition !== 1) {
+    const repeat = (id: number) => {
+      const x = row[id]!;
+      row[id] = x > 0 ? x / p.repetition : x * p.repetition;
+    };
+    if (promptTokens) for (const id of promptTokens) repeat(id);
+    for (const id of outputCounts.keys()) if (!promptTokens?.has(id)) repeat(id);
+  }
+  if (p.frequency !== 0 || p.presence !== 0)
+    for (const [id, count] of outputCounts) row[id] = row[id]! - p.frequency * count - p.presence;
 }
 
 /** A uniform double in [0, 1) (53 random bits) that depends only on (seedLo, seedHi, counter). */
@@ -152,7 +190,7 @@ export class Sampler {
           n = Math.max(n, Math.min(V, SAMPLE_MAX_CANDIDATES));
         } else n = Math.max(n, K);
       }
-      if (n > SAMPLE_MAX_CANDIDATES) {
+      if (n > SAMPLE_MAX_CANDIDATES || r.fullRow) {
         flags |= SAMPLE_FULL_ROW;
         n = 1;
       }
@@ -284,6 +322,17 @@ export class Sampler {
     if (K < V) k = Math.min(k, K);
     const expSum = s.dbl[row * 4 + 1]!;
     return this.choose(this.heap, this.values, k, K === V, p, u, invT, () => expSum, false);
+  }
+
+  /**
+   * Row `row` of a step's logits as a view of its whole row; undefined when a device returned only candidates
+   * for it (its plan did not ask for the whole row).
+   */
+  row(logits: StepLogits, row: number): Float32Array | undefined {
+    const V = this.vocabSize;
+    if (logits instanceof Float32Array) return logits.subarray(row * V, (row + 1) * V);
+    const full = fullRowOf(logits, row);
+    return full < 0 ? undefined : logits.full.subarray(full * V, (full + 1) * V);
   }
 
   /** Log-softmax of row `row`'s raw logits at `tokenId`, and the `n` best tokens with theirs. */

@@ -12,9 +12,10 @@
  * - min_tokens (vLLM's): 0 .. max_tokens (or the room left when max_tokens is absent); neither EOS nor a stop
  *   string ends the request before min_tokens tokens.
  * - stop: a string or at most 4 strings, none empty.
+ * - presence_penalty and frequency_penalty [-2, 2]; repetition_penalty (vLLM's) > 0 (the engine's penalties).
  * - chat logprobs true with top_logprobs 0 .. 20; completions logprobs 0 .. 5.
  * - stream_options only with stream: true.
- * - Parameters that change the output and that Tandem does not implement (n, best_of, penalties, logit_bias,
+ * - Parameters that change the output and that Tandem does not implement (n, best_of, logit_bias,
  *   min_p, echo, suffix, tools, ...) are refused with `unsupported_value` unless at their no-op
  *   value. Fields no rule names are ignored (clients send extras).
  */
@@ -92,12 +93,13 @@ const SamplingFields = {
   /** vLLM's extension: no stop (EOS, stop string) ends the request before this many tokens. */
   min_tokens: optional(int().min(0)),
   user: optional(z.string()),
-  // Not implemented: typed here so that a wrong type is invalid_value, refused below unless a no-op.
-  n: optional(int().min(1)),
   presence_penalty: optional(z.number().min(-2).max(2)),
   frequency_penalty: optional(z.number().min(-2).max(2)),
-  logit_bias: optional(z.record(z.string(), z.number())),
+  /** vLLM's extension. */
   repetition_penalty: optional(z.number().gt(0)),
+  // Not implemented: typed here so that a wrong type is invalid_value, refused below unless a no-op.
+  n: optional(int().min(1)),
+  logit_bias: optional(z.record(z.string(), z.number())),
   min_p: optional(z.number().min(0).max(1)),
   use_beam_search: optional(z.boolean()),
 };
@@ -148,9 +150,6 @@ function parseBody<S extends z.ZodType>(schema: S, body: unknown): z.output<S> {
 const NOT_IMPLEMENTED: [param: string, isNoOp: (value: unknown) => boolean, noOp: string][] = [
   ['n', (v) => v === 1, 'n=1'],
   ['best_of', (v) => v === 1, 'best_of=1'],
-  ['presence_penalty', (v) => v === 0, '0'],
-  ['frequency_penalty', (v) => v === 0, '0'],
-  ['repetition_penalty', (v) => v === 1, '1'],
   ['min_p', (v) => v === 0, '0'],
   ['logit_bias', (v) => Object.keys(v as object).length === 0, 'an empty object'],
   ['use_beam_search', (v) => v === false, 'false'],
@@ -233,6 +232,10 @@ function checkPrompt(
   if (body.min_tokens) sampling.minTokens = body.min_tokens;
   if (body.top_k != null && body.top_k > 0) sampling.topK = body.top_k;
   if (body.seed != null) sampling.seed = body.seed;
+  if (body.presence_penalty) sampling.presencePenalty = body.presence_penalty;
+  if (body.frequency_penalty) sampling.frequencyPenalty = body.frequency_penalty;
+  if (body.repetition_penalty != null && body.repetition_penalty !== 1)
+    sampling.repetitionPenalty = body.repetition_penalty;
   if (logprobs !== undefined) sampling.logprobs = logprobs;
   return {
     endpoint,

@@ -18,6 +18,11 @@ export interface GenerationRequest {
    * a match.
    */
   sampling: SamplingParams;
+  /**
+   * Request migration: the output already streamed to the client by a worker that died. The worker continues
+   * after it, counting it as output (see ResumeState in lib/engine/engine.ts); chunks carry only new tokens.
+   */
+  resume?: { outputTokenIds: readonly number[] };
   /** Fires when the client went away or the frontend stopped the request (stop string): free everything. */
   signal: AbortSignal;
 }

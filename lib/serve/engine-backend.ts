@@ -8,8 +8,19 @@ import type { GenerationBackend, GenerationChunk, GenerationRequest } from './ba
 export function engineBackend(engine: Engine): GenerationBackend {
   return {
     available: () => true,
-    async *generate({ requestId, promptIds, sampling, signal }: GenerationRequest): AsyncGenerator<GenerationChunk> {
-      const handle = engine.addRequest({ requestId, promptTokenIds: promptIds, sampling });
+    async *generate({
+      requestId,
+      promptIds,
+      sampling,
+      resume,
+      signal,
+    }: GenerationRequest): AsyncGenerator<GenerationChunk> {
+      const handle = engine.addRequest({
+        requestId,
+        promptTokenIds: promptIds,
+        sampling,
+        ...(resume ? { resume } : {}),
+      });
       // Aborting a finished request is a no-op, so the listener needs no bookkeeping of its own.
       const abort = () => handle.abort();
       if (signal.aborted) abort();

@@ -13,6 +13,7 @@ import { isMap, isScalar, isSeq, LineCounter, parseDocument, type Document, type
 import { z } from 'zod';
 import { TandemError } from '../errors.js';
 import { DUMMY_PREFIX, DUMMY_PRESETS } from '../engine/model/dummy.js';
+import { DEFAULT_MIGRATION_LIMIT } from './migration.js';
 import {
   DEFAULT_MAX_PREFILL_QUEUE,
   DEFAULT_MIN_REMOTE_PREFILL_TOKENS,
@@ -79,7 +80,17 @@ export interface PoolSpec {
 
 export interface FrontendSpec {
   host: string;
+  /** The first frontend's port; replica i listens on port + i (0: each picks a free port), unless `ports`. */
   port: number;
+  /** HTTP frontends (default 1), each with its own router; any of them serves any request. */
+  replicas: number;
+  /** One port per replica, in order, instead of port, port + 1, ... (see `frontendPorts`). */
+  ports?: number[];
+  /**
+   * Times a request whose decode (or aggregated) worker dies mid-stream is re-issued to another worker, with
+   * the output already streamed (lib/serve/migration.ts). Default DEFAULT_MIGRATION_LIMIT (3); 0 turns it off.
+   */
+  migrationLimit: number;
   /**
    * The environment variable that holds the API key clients must send (`Authorization: Bearer <key>`). The
    * key itself never goes in the graph file: files get committed, copied and shared. Absent: no key, unless
@@ -125,6 +136,8 @@ const err = (message: string) => ({ error: message });
 const POSITIVE_INT = 'must be a positive integer';
 const NON_NEGATIVE_INT = 'must be an integer >= 0';
 const positiveInt = () => z.number(err(POSITIVE_INT)).int(err(POSITIVE_INT)).min(1, err(POSITIVE_INT));
+const PORT = 'must be an integer in 0..65535';
+const port = () => z.number(err(PORT)).int(err(PORT)).min(0, err(PORT)).max(65535, err(PORT));
 const nonNegativeInt = () => z.number(err(NON_NEGATIVE_INT)).int(err(NON_NEGATIVE_INT)).min(0, err(NON_NEGATIVE_INT));
 const oneOf = <const T extends readonly [string, ...string[]]>(values: T) =>
   z.enum(values, err(`must be one of ${values.join(', ')}`));
@@ -174,12 +187,10 @@ const GraphSchema = z.strictObject(
       .strictObject(
         {
           host: z.string(err('must be a string')).min(1, err('must not be empty')).default(DEFAULT_FRONTEND_HOST),
-          port: z
-            .number(err('must be an integer in 0..65535'))
-            .int(err('must be an integer in 0..65535'))
-            .min(0, err('must be an integer in 0..65535'))
-            .max(65535, err('must be an integer in 0..65535'))
-            .default(DEFAULT_FRONTEND_PORT),
+          port: port().optional(),
+          replicas: positiveInt().default(1),
+          ports: z.array(port(), err('must be a list of ports')).optional(),
+          migrationLimit: nonNegativeInt().default(DEFAULT_MIGRATION_LIMIT),
           apiKeyEnv: z
             .string(err('must be the name of an environment variable'))
             .regex(ENV_NAME, err('must be the name of an environment variable (letters, digits, _)'))
@@ -228,7 +239,7 @@ interface PathIssue {
 
 const KNOWN_KEYS: Record<string, readonly string[]> = {
   root: Object.keys(GraphSchema.shape),
-  frontend: ['host', 'port', 'apiKeyEnv'],
+  frontend: ['host', 'port', 'replicas', 'ports', 'migrationLimit', 'apiKeyEnv'],
   pool: Object.keys(PoolSchema.shape),
   engine: Object.keys(EngineOptionsSchema.shape),
   disaggregation: ['minRemotePrefillTokens', 'maxPrefillQueue'],
@@ -356,15 +367,35 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
     });
   }
 
+  const f = parsed.frontend;
+  const frontend: FrontendSpec = {
+    host: f.host,
+    port: f.ports?.[0] ?? f.port ?? DEFAULT_FRONTEND_PORT,
+    replicas: f.replicas,
+    migrationLimit: f.migrationLimit,
+    ...(f.apiKeyEnv !== undefined ? { apiKeyEnv: f.apiKeyEnv } : {}),
+  };
+  if (f.ports !== undefined) {
+    frontend.ports = [...f.ports];
+    if (f.port !== undefined) issues.push({ path: ['frontend', 'ports'], message: 'set port or ports, not both' });
+    else if (f.ports.length !== f.replicas)
+      issues.push({
+        path: ['frontend', 'ports'],
+        message: `must list one port per replica (${f.replicas}; got ${f.ports.length})`,
+      });
+    else if (new Set(f.ports.filter((p) => p !== 0)).size !== f.ports.filter((p) => p !== 0).length)
+      issues.push({ path: ['frontend', 'ports'], message: 'must not repeat a port (0 excepted)' });
+  } else if (frontend.port !== 0 && frontend.port + f.replicas - 1 > 65535)
+    issues.push({
+      path: ['frontend', 'replicas'],
+      message: `${f.replicas} frontends from port ${frontend.port} go past port 65535`,
+    });
+
   return {
     graph: {
       model,
       mode: parsed.mode,
-      frontend: {
-        host: parsed.frontend.host,
-        port: parsed.frontend.port,
-        ...(parsed.frontend.apiKeyEnv !== undefined ? { apiKeyEnv: parsed.frontend.apiKeyEnv } : {}),
-      },
+      frontend,
       pools,
       disaggregation: {
         minRemotePrefillTokens: parsed.disaggregation.minRemotePrefillTokens,
@@ -460,6 +491,15 @@ export function parseGraph(text: string, sourceName = 'graph.yaml', options: Par
   }
   if (issues.length || !graph) throw new GraphError(positioned(doc, lines, sourceName, issues));
   return graph;
+}
+
+/**
+ * The port of each frontend replica: `ports` as the graph lists them, else port, port + 1, ...; port 0 gives
+ * every replica 0 (each picks a free port).
+ */
+export function frontendPorts(frontend: FrontendSpec): number[] {
+  if (frontend.ports) return [...frontend.ports];
+  return Array.from({ length: frontend.replicas }, (_, i) => (frontend.port === 0 ? 0 : frontend.port + i));
 }
 
 /** Reads and validates a graph file; a relative model directory is relative to the file. Throws GraphError. */

@@ -1,12 +1,19 @@
 /**
  * The launcher: starts a deployment graph on this machine. One process per worker (forked, supervised:
- * a crashed worker is reported and restarted), logs prefixed by process, the control plane and the router
- * in this process, and the OpenAI-compatible frontend in front of them. `stop()` drains, then stops
- * everything; no process outlives it (and workers exit by themselves when the launcher dies).
+ * a crashed worker is reported and restarted), logs prefixed by process, the control plane in this process,
+ * and in front of it the OpenAI-compatible frontends (`frontend.replicas`, one port each), each with its own
+ * router behind request migration (migration.ts). `stop()` drains, then stops everything; no process
+ * outlives it (and workers exit by themselves when the launcher dies).
+ *
+ * Several frontends share the workers. On the request plane a request's id carries its frontend
+ * (`f<index>/<id>`, see `requestPlaneId`): a worker's message about a request reaches the router that sent it;
+ * a message about no request (load, and whatever worker-wide events workers publish) reaches every router.
+ * Load is shared best-effort: every router sees every worker's reported load (heartbeats, one control plane),
+ * and counts only its own requests in flight.
  *
  * Start-up fails fast, before any weights load where it can: the model's config and tokenizer are read
- * first (a missing or malformed model is a ModelConfigError naming the path), then the frontend takes its
- * port (a busy port is a ListenError naming it), then the workers start; a worker that fails to start (its
+ * first (a missing or malformed model is a ModelConfigError naming the path), then the frontends take their
+ * ports (a busy port is a ListenError naming it), then the workers start; a worker that fails to start (its
  * `fatal` message, or an exit before it registered) fails the whole start with its error, without restarts.
  */
 import { fork, type ChildProcess } from 'node:child_process';
@@ -20,10 +27,11 @@ import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
 import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
-import type { DeploymentGraph, PoolSpec } from './graph.js';
+import { frontendPorts, type DeploymentGraph, type PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
 import { ServeMetrics } from './metrics.js';
 import type { GenerationBackend } from './backend.js';
+import { MigratingBackend } from './migration.js';
 import type { FromWorker, ToWorker, WorkerInit } from './protocol.js';
 import { Router } from './router.js';
 
@@ -106,10 +114,18 @@ function apiKeyOf(graph: DeploymentGraph, options: DeploymentOptions): string | 
 
 export interface Deployment {
   readonly graph: DeploymentGraph;
+  /** The first frontend (frontends[0]). */
   readonly frontend: RunningFrontend;
+  /** Every frontend, in the order of the graph's ports. */
+  readonly frontends: readonly RunningFrontend[];
   readonly controlPlane: ControlPlane;
-  /** The request plane behind the frontend (the router): requests reach the workers through it unchecked. */
+  /**
+   * The request plane behind the first frontend (its router, behind request migration): requests reach the
+   * workers through it unchecked.
+   */
   readonly backend: GenerationBackend;
+  /** The request plane behind each frontend, in the order of `frontends`. */
+  readonly backends: readonly GenerationBackend[];
   /** Whether /v1/* asks for an API key. */
   readonly apiKeyRequired: boolean;
   /** Worker process ids by worker name (the current process of each). */
@@ -267,6 +283,38 @@ function workerInits(graph: DeploymentGraph, options: DeploymentOptions): Worker
   return inits;
 }
 
+/** A request's id on the request plane: the frontend that owns it, then its id there. */
+export function requestPlaneId(frontend: number, requestId: string): string {
+  return `f${frontend}/${requestId}`;
+}
+
+/** The frontend and frontend-side id of a request-plane id; undefined for an id requestPlaneId did not make. */
+export function parseRequestPlaneId(id: string): { frontend: number; requestId: string } | undefined {
+  const m = /^f(\d+)\/(.*)$/s.exec(id);
+  return m ? { frontend: Number(m[1]), requestId: m[2]! } : undefined;
+}
+
+/**
+ * A worker's message to the routers: one about a request goes to the router that owns it (its request-plane id
+ * names the frontend), with the id that router knows; one about no request (worker-wide: load, events) to every
+ * router. A request id no router owns is logged and dropped.
+ */
+export function deliverToRouters(
+  routers: readonly Pick<Router, 'onMessage'>[],
+  from: string,
+  m: FromWorker,
+  log: (line: string) => void,
+): void {
+  if (!('requestId' in m)) {
+    for (const router of routers) router.onMessage(from, m);
+    return;
+  }
+  const owner = parseRequestPlaneId(m.requestId);
+  const router = owner && routers[owner.frontend];
+  if (router) router.onMessage(from, { ...m, requestId: owner.requestId });
+  else log(`[launcher] ${from} sent ${m.type} about unknown request ${m.requestId}: dropped`);
+}
+
 /** Why a worker process ended, as the restart counter's `reason` label. */
 function exitReason(everReady: boolean, code: number | null, signal: NodeJS.Signals | null): string {
   if (!everReady) return 'start_failure';
@@ -297,34 +345,60 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const metrics = new ServeMetrics();
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
-  const router = new Router(controlPlane, send, graph.mode, metrics, {
-    routing: graph.router,
-    thresholds: graph.disaggregation,
-    log: (line) => log(`[router] ${line}`),
-  });
+  const ports = frontendPorts(graph.frontend);
+  // One router per frontend; what it sends about a request carries its frontend (requestPlaneId).
+  const routers = ports.map(
+    (_, i) =>
+      new Router(
+        controlPlane,
+        (name, m) => send(name, 'requestId' in m ? { ...m, requestId: requestPlaneId(i, m.requestId) } : m),
+        graph.mode,
+        metrics,
+        {
+          routing: graph.router,
+          thresholds: graph.disaggregation,
+          log: (line) => log(`[router${ports.length > 1 ? ` ${i}` : ''}] ${line}`),
+        },
+      ),
+  );
+  const backends = routers.map(
+    (router, i) =>
+      new MigratingBackend(router, {
+        limit: graph.frontend.migrationLimit,
+        metrics,
+        log: (line) => log(`[${frontendName(i, ports.length)}] ${line}`),
+      }),
+  );
   /** Set once every worker has registered: from then on a crashed worker is restarted. */
   let started = false;
   let stopping = false;
 
-  // The port before the workers: a busy port is found before any weights load (it answers 503 until then).
-  let frontend: RunningFrontend;
-  try {
-    frontend = await startFrontend({
-      backend: router,
-      tokenizer,
-      modelName: graph.model,
-      contextLength: config.maxPositionEmbeddings,
-      vocabSize: config.vocabSize,
-      host: graph.frontend.host,
-      port: graph.frontend.port,
-      ...(apiKey !== undefined ? { apiKey } : {}),
-      metrics,
-      log: (line) => log(`[frontend] ${line}`),
-    });
-  } catch (error) {
-    controlPlane.close();
-    throw listenError(error, graph.frontend.host, graph.frontend.port);
+  // The ports before the workers: a busy port is found before any weights load (it answers 503 until then).
+  const frontends: RunningFrontend[] = [];
+  for (const [i, port] of ports.entries()) {
+    try {
+      frontends.push(
+        await startFrontend({
+          backend: backends[i]!,
+          tokenizer,
+          modelName: graph.model,
+          contextLength: config.maxPositionEmbeddings,
+          vocabSize: config.vocabSize,
+          host: graph.frontend.host,
+          port,
+          ...(apiKey !== undefined ? { apiKey } : {}),
+          metrics,
+          log: (line) => log(`[${frontendName(i, ports.length)}] ${line}`),
+        }),
+      );
+    } catch (error) {
+      await Promise.all(frontends.map((f) => f.close({ drainMs: 0 })));
+      controlPlane.close();
+      throw listenError(error, graph.frontend.host, port);
+    }
   }
+  const frontend = frontends[0]!;
+  const closeFrontends = (drainMs: number) => Promise.all(frontends.map((f) => f.close({ drainMs })));
 
   controlPlane.on('added', (w) => {
     const reg = w.registration;
@@ -362,7 +436,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
             metrics.workerKvBlocks(m.name, pool, total - m.load.freeBlocks, total);
           }
         } else if (m.type === 'fatal') log(`[launcher] ${init.name} failed to start: ${m.message}`);
-        else router.onMessage(init.name, m);
+        else deliverToRouters(routers, init.name, m, log);
       },
       (code, signal) => {
         const everReady = wp.readyAt !== undefined;
@@ -399,8 +473,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const stopWorkers = () => Promise.all([...workers.values()].map((w) => w.stop()));
   try {
     log(
-      `[launcher] listening on ${frontend.url}; starting ${workers.size} worker${workers.size === 1 ? '' : 's'} ` +
-        `for ${graph.model} ...`,
+      `[launcher] listening on ${frontends.map((f) => f.url).join(', ')}; starting ${workers.size} ` +
+        `worker${workers.size === 1 ? '' : 's'} for ${graph.model} ...`,
     );
     for (const w of workers.values()) w.start();
     const startTimeout = options.startTimeoutMs ?? DEFAULT_WORKER_START_TIMEOUT_MS;
@@ -408,7 +482,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     started = true;
   } catch (error) {
     stopping = true;
-    await Promise.all([frontend.close({ drainMs: 0 }), stopWorkers()]);
+    await Promise.all([closeFrontends(0), stopWorkers()]);
     controlPlane.close();
     throw error;
   }
@@ -416,8 +490,10 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   return {
     graph,
     frontend,
+    frontends,
     controlPlane,
-    backend: router,
+    backend: backends[0]!,
+    backends,
     apiKeyRequired: apiKey !== undefined,
     pids: () => Object.fromEntries([...workers].filter(([, w]) => w.child?.pid).map(([n, w]) => [n, w.child!.pid!])),
     kill: (name, signal = 'SIGKILL') => workers.get(name)?.child?.kill(signal),
@@ -429,11 +505,16 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     stop: async ({ drainMs = 10_000 } = {}) => {
       if (stopping) return;
       stopping = true;
-      await frontend.close({ drainMs });
+      await closeFrontends(drainMs);
       await stopWorkers();
       controlPlane.close();
     },
   };
+}
+
+/** How a frontend's log lines are prefixed: `frontend`, or `frontend-<i>` when there are several. */
+function frontendName(index: number, count: number): string {
+  return count === 1 ? 'frontend' : `frontend-${index}`;
 }
 
 /** A failure to listen, as one line naming the address (EADDRINUSE, EACCES); other errors as they are. */
@@ -462,9 +543,12 @@ export function banner(d: Deployment): string {
     `  workers: ${Object.entries(d.pids())
       .map(([n, pid]) => `${n} (pid ${pid})`)
       .join(', ')}; launcher pid ${process.pid} (SIGINT or SIGTERM stops them all)`,
-    `  OpenAI API: ${d.frontend.url}/v1  (chat/completions, completions, models)` +
+    `  OpenAI API: ${d.frontends.map((f) => `${f.url}/v1`).join(', ')}  (chat/completions, completions, models)` +
       (d.apiKeyRequired ? '; API key required (Authorization: Bearer <key>)' : ''),
-    `  health: ${d.frontend.url}/health   metrics: ${d.frontend.url}/metrics`,
+    `  health: ${d.frontend.url}/health   metrics: ${d.frontend.url}/metrics` +
+      (d.frontends.length > 1 ? ' (each frontend serves both)' : ''),
+    `  request migration: up to ${g.frontend.migrationLimit} per request` +
+      (g.frontend.migrationLimit === 0 ? ' (off)' : ''),
     `  try: curl ${d.frontend.url}/v1/chat/completions -H 'Content-Type: application/json'` +
       (d.apiKeyRequired ? ` -H "Authorization: Bearer $KEY"` : '') +
       ` -d '{"model":"${g.model}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,

@@ -57,6 +57,12 @@ export const METRIC_NAMES = {
   routerKvEventGaps: 'tandem_router_kv_event_gaps_total',
   /** Counter; label policy: requests routed. */
   routerDecisions: 'tandem_router_decisions_total',
+  /**
+   * Counter; label outcome: requests whose worker died mid-stream, re-issued to another worker (migrated), or
+   * ended with an error because their migrations were used up (limit_reached) or no worker could take them
+   * (no_worker). See lib/serve/migration.ts.
+   */
+  requestMigrations: 'tandem_request_migrations_total',
 } as const;
 
 export type RequestStatus = 'success' | 'client_error' | 'server_error' | 'canceled';
@@ -204,12 +210,19 @@ export class ServeMetrics {
     labelNames: ['policy'] as const,
     registers: [this.registry],
   });
+  private readonly migrations = new Counter({
+    name: METRIC_NAMES.requestMigrations,
+    help: 'Requests whose worker died mid-stream, by outcome (migrated, limit_reached, no_worker)',
+    labelNames: ['outcome'] as const,
+    registers: [this.registry],
+  });
   /** Pool of each worker with KV series, so that its series can be dropped by name. */
   private readonly workerPools = new Map<string, string>();
 
   constructor() {
     // Series that exist before the first event, so that a scrape shows every metric from the start.
     for (const where of ['local', 'remote']) this.prefills.inc({ where }, 0);
+    for (const outcome of ['migrated', 'limit_reached', 'no_worker']) this.migrations.inc({ outcome }, 0);
   }
 
   requestStarted(): void {
@@ -283,6 +296,11 @@ export class ServeMetrics {
     this.workerPools.delete(worker);
     const labels = { worker, pool };
     for (const gauge of [this.workerKvUsed, this.workerKvTotal, this.workerKvUsage]) gauge.remove(labels);
+  }
+
+  /** A request whose worker died: re-issued elsewhere, or ended (lib/serve/migration.ts). */
+  requestMigration(outcome: 'migrated' | 'limit_reached' | 'no_worker'): void {
+    this.migrations.inc({ outcome });
   }
 
   /** The Prometheus text exposition of every metric. */

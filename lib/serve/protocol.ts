@@ -79,6 +79,12 @@ export type ToWorker =
       sampling: SamplingParams;
       /** The router's decision: the prefill worker that computes the prompt; null: prefill here. */
       prefill: { worker: string } | null;
+      /**
+       * Request migration: output another worker had streamed before it died. The worker prefills prompt and
+       * output itself (no remote prefill: the router decides local prefill for it) and continues after them
+       * (the engine's ResumeState).
+       */
+      resume?: { outputTokenIds: number[] };
     }
   | {
       type: 'prefill';

@@ -105,7 +105,8 @@ export class Router implements GenerationBackend {
       requestId,
       promptIds: request.promptIds,
       decode: this.servingWorkers().map((w) => this.candidate(w)),
-      prefill: prefillWorkers.map((w) => this.candidate(w)),
+      // A migrated request is prefilled where it lands: its prompt and the output streamed so far (protocol.ts).
+      prefill: request.resume ? [] : prefillWorkers.map((w) => this.candidate(w)),
       prefillQueueDepth: this.prefillQueueDepth(),
       ...(this.options.thresholds ? { thresholds: this.options.thresholds } : {}),
     });
@@ -127,6 +128,8 @@ export class Router implements GenerationBackend {
       promptIds: [...request.promptIds],
       sampling: request.sampling,
       prefill: decision.prefill ? { worker: decision.prefill.worker } : null,
+      // Request migration (lib/serve/migration.ts): the output a worker that died had streamed.
+      ...(request.resume ? { resume: { outputTokenIds: [...request.resume.outputTokenIds] } } : {}),
     });
     if (!sent) {
       this.finish(requestId);

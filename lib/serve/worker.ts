@@ -225,13 +225,17 @@ class Worker {
     this.stream(requestId, this.model.engine.addRequest(this.request(requestId, p)));
   }
 
-  private request(requestId: string, r: { promptIds: number[]; sampling: SamplingParams }) {
-    return { requestId, promptTokenIds: r.promptIds, sampling: r.sampling };
+  private request(
+    requestId: string,
+    r: { promptIds: number[]; sampling: SamplingParams; resume?: { outputTokenIds: number[] } },
+  ) {
+    return { requestId, promptTokenIds: r.promptIds, sampling: r.sampling, ...(r.resume ? { resume: r.resume } : {}) };
   }
 
   private generate(m: Extract<ToWorker, { type: 'generate' }>): void {
     const engine = this.model.engine;
-    if (m.prefill && this.peers.has(m.prefill.worker)) {
+    // A migrated request (resume) is prefilled here: its prompt and resumed output, in one engine request.
+    if (m.prefill && !m.resume && this.peers.has(m.prefill.worker)) {
       let alloc: { blockIds: Int32Array; cachedTokens: number } | undefined;
       try {
         alloc = engine.allocateBlocks(m.promptIds);

@@ -404,6 +404,9 @@ describe.skipIf(!gate.run)('GPU engine', () => {
       { temperature: 0.9, seed: 1, maxTokens: 24 },
       { temperature: 1, topK: 10, seed: 2, maxTokens: 24 },
       { temperature: 1, topP: 0.9, seed: 3, maxTokens: 24, logprobs: 2 },
+      // Penalized rows come back whole and are sampled on the host (Sampler.plan, fullRow).
+      { temperature: 0, maxTokens: 24, presencePenalty: 0.5, frequencyPenalty: 0.3, repetitionPenalty: 1.2 },
+      { temperature: 0.8, seed: 4, maxTokens: 24, repetitionPenalty: 1.3, logprobs: 2 },
     ];
     const prompts = [m.tokenizer.encode('The KV cache'), m.tokenizer.encode('Prefill is compute-bound')];
     const run = async (engine: LlmEngine) => {

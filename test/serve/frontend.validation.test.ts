@@ -191,9 +191,6 @@ describe('request rules at their boundaries', () => {
     const cases: [string, unknown, unknown, string, ('chat' | 'completions')[]][] = [
       ['n', 1, 2, 'n=1', ['chat', 'completions']],
       ['best_of', 1, 2, 'best_of=1', ['completions']],
-      ['presence_penalty', 0, 0.5, '0', ['chat', 'completions']],
-      ['frequency_penalty', 0, -0.5, '0', ['chat', 'completions']],
-      ['repetition_penalty', 1, 1.1, '1', ['chat', 'completions']],
       ['min_p', 0, 0.1, '0', ['chat', 'completions']],
       ['logit_bias', {}, { '5': 10 }, 'an empty object', ['chat', 'completions']],
       ['use_beam_search', false, true, 'false', ['chat', 'completions']],
@@ -220,6 +217,15 @@ describe('request rules at their boundaries', () => {
       'messages[0].content[0]',
       'unsupported_value',
     );
+  });
+
+  it('penalties: presence and frequency in [-2, 2], repetition > 0, passed to the engine unless neutral', () => {
+    const s = completion({ presence_penalty: -2, frequency_penalty: 2, repetition_penalty: 1.3 }).sampling;
+    expect(s).toMatchObject({ presencePenalty: -2, frequencyPenalty: 2, repetitionPenalty: 1.3 });
+    const neutral = chat({ presence_penalty: 0, frequency_penalty: 0, repetition_penalty: 1 }).sampling;
+    expect(Object.keys(neutral).filter((k) => k.endsWith('Penalty'))).toEqual([]);
+    refused(() => chat({ frequency_penalty: -2.01 }), 'frequency_penalty');
+    refused(() => chat({ repetition_penalty: 0 }), 'repetition_penalty');
   });
 
   it('model, body shape and unknown fields', () => {

@@ -38,7 +38,7 @@ describe('parseGraph', () => {
     expect(g).toEqual<DeploymentGraph>({
       model: 'dummy:tiny',
       mode: 'disagg',
-      frontend: { host: '127.0.0.1', port: 8000 },
+      frontend: { host: '127.0.0.1', port: 8000, replicas: 1, migrationLimit: 3 },
       pools: [
         {
           name: 'prefill',
@@ -116,7 +116,7 @@ disaggregation:
   minRemotePrefillTokens: 64
   maxPrefillQueue: 4
 `);
-    expect(g.frontend).toEqual({ host: '0.0.0.0', port: 9000 });
+    expect(g.frontend).toEqual({ host: '0.0.0.0', port: 9000, replicas: 1, migrationLimit: 3 });
     expect(g.pools[0]).toMatchObject({ replicas: 2, gpusPerReplica: 1, gpuIds: [0, 1] });
     expect(g.pools[0]!.engine).toEqual({ blockSize: 32, numBlocks: 4096, maxBatchTokens: 8192 });
     expect(g.pools[1]).toMatchObject({ tensorParallelSize: 2, gpusPerReplica: 2 });
@@ -171,7 +171,7 @@ frontend: { port: 8000, hots: x }
     ).toBe(
       [
         "graph.yaml:6:7: pools[0].engine: unknown key 'block_size' (did you mean 'blockSize'?)",
-        "graph.yaml:9:25: frontend: unknown key 'hots' (known: host, port, apiKeyEnv)",
+        "graph.yaml:9:25: frontend: unknown key 'hots' (known: host, port, replicas, ports, migrationLimit, apiKeyEnv)",
       ].join('\n'),
     );
     expect(errorOf(`${MINIMAL}extra: 1\n`)).toMatch(/^graph\.yaml:7:1: unknown key 'extra'/);
@@ -181,6 +181,8 @@ frontend: { port: 8000, hots: x }
     expect(parseGraph(`${MINIMAL}frontend: { apiKeyEnv: MY_KEY_1 }\n`).frontend).toEqual({
       host: '127.0.0.1',
       port: 8000,
+      replicas: 1,
+      migrationLimit: 3,
       apiKeyEnv: 'MY_KEY_1',
     });
     expect(errorOf(`${MINIMAL}frontend: { apiKeyEnv: 'my key' }\n`)).toBe(
@@ -300,7 +302,7 @@ describe('defaultGraph', () => {
     const g = defaultGraph({ gpus: 0 });
     expect(g.model).toBe('dummy:tiny');
     expect(g.mode).toBe('disagg');
-    expect(g.frontend).toEqual({ host: '127.0.0.1', port: 8000 });
+    expect(g.frontend).toEqual({ host: '127.0.0.1', port: 8000, replicas: 1, migrationLimit: 3 });
     expect(g.pools.map((p) => [p.name, p.role, p.device, p.gpusPerReplica, p.gpuIds])).toEqual([
       ['prefill', 'prefill', 'cpu', 0, undefined],
       ['decode', 'decode', 'cpu', 0, undefined],
