@@ -7,6 +7,7 @@
  *   tandem serve -f FILE   a deployment graph
  *   tandem generate ...    one request through the engine (see lib/cli/generate.ts)
  *   tandem bench serve ... goodput under SLOs (lib/bench/command.ts parses its options)
+ *   tandem k8s render ...  Kubernetes manifests of a deployment graph (lib/cli/k8s.ts parses its options)
  *   tandem --version
  */
 import { capabilities } from '../capabilities/index.js';
@@ -32,6 +33,9 @@ Usage:
   tandem bench serve [--quick] [--url URL | --deploy A.yaml,B.yaml] [--rate R,... | --concurrency C,...]
                            goodput under SLOs of a deployment or of any OpenAI-compatible server
                            (tandem bench serve --help lists its options)
+  tandem k8s render -f graph.yaml [--out DIR] [--image IMAGE] [--namespace NS] [--etcd etcd://H:P]
+                           write the Kubernetes manifests of a deployment graph
+                           (tandem k8s --help lists its options)
   tandem --version         print the version
   tandem --help            print this help
 
@@ -50,6 +54,10 @@ async function main(argv: string[]): Promise<number> {
       );
     const { benchServeMain } = await import('../bench/command.js');
     return benchServeMain(argv.slice(2));
+  }
+  if (argv[0] === 'k8s') {
+    const { k8sMain } = await import('./k8s.js');
+    return k8sMain(argv.slice(1));
   }
   const { command, values } = parseCommandLine(argv);
   if (values.version) {
