@@ -232,6 +232,22 @@ describe.skipIf(binary.missing !== undefined)('EtcdControlPlane when etcd restar
     await vi.waitFor(() => expect(names(a)).toEqual(['a-0', 'a-1', 'b-0']), RECOVER);
   });
 
+  it('a registration while etcd is down rejects with the typed error, and lands once etcd is back', async () => {
+    const { a, b } = await twoHosts(freshNamespace());
+    await etcd.kill();
+    const error = await a.register(workerRegistration('late')).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(error).toBeInstanceOf(ControlPlaneUnavailableError);
+    expect((error as Error).message).toMatch(/did not take the registration of 'late'.*still retrying/);
+    // removing a worker while etcd is away neither throws nor hangs
+    await a.remove('nobody', 'gone');
+    await etcd.restart();
+    await vi.waitFor(() => expect(names(b)).toEqual(['late']), RECOVER);
+    await vi.waitFor(() => expect(names(a)).toEqual(['late']), RECOVER);
+  });
+
   it('after a restart with an empty store, workers register again and watchers see them', async () => {
     const ns = freshNamespace();
     const { a, b } = await twoHosts(ns);
