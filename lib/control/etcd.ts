@@ -97,6 +97,8 @@ interface OwnRegistration {
   readonly registration: WorkerRegistration;
   readonly value: string;
   lease?: Lease;
+  /** The running keepRegistered loop; a replacement waits for it, so an old put can never land after a new one. */
+  keeping?: Promise<number | undefined>;
   load?: WorkerLoad;
   lastLoadWrite: number;
   loadTimer?: NodeJS.Timeout;
@@ -209,12 +211,15 @@ export class EtcdControlPlane extends EventEmitter<ControlPlaneEvents> implement
       ended: false,
     };
     this.own.set(registration.name, own);
-    const landed = this.keepRegistered(own);
+    let landed: Promise<number | undefined>;
     if (previous) {
       // The new put takes the key over from the old lease, so watchers see one replacement, not a leave and a
       // join; the old lease is revoked only after that (or once the new one could not be put).
-      const replaced = this.endOwn(previous, { revoke: false });
-      void landed.finally(() => replaced?.revoke().catch(() => {}));
+      this.endOwn(previous, { revoke: false });
+      landed = own.keeping = (previous.keeping ?? Promise.resolve(undefined)).then(() => this.keepRegistered(own));
+      void landed.finally(() => previous.lease?.revoke().catch(() => {}));
+    } else {
+      landed = own.keeping = this.keepRegistered(own);
     }
     let timer: NodeJS.Timeout | undefined;
     try {
@@ -278,7 +283,7 @@ export class EtcdControlPlane extends EventEmitter<ControlPlaneEvents> implement
 
   private leaseLost(own: OwnRegistration, lease: Lease): void {
     if (own.ended || this.closed || own.lease !== lease) return;
-    void this.keepRegistered(own);
+    own.keeping = this.keepRegistered(own);
   }
 
   /** Throttled: the newest load is written at most once per loadIntervalMs; the local cache sees it at once. */
