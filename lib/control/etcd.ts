@@ -15,11 +15,10 @@
  * for the differences; so a store that came back without its keys, or at a lower revision, is followed too.
  * While etcd is unreachable the cache keeps what it last knew.
  */
-import { circuitBreaker, ConsecutiveBreaker, ExponentialBackoff, handleWhen, retry } from 'cockatiel';
-import { Etcd3, isRecoverableError, type IKeyValue, type Lease, type Namespace, type Watcher } from 'etcd3';
+import type { Etcd3, IKeyValue, Lease, Namespace, Watcher } from 'etcd3';
 import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { BadArgumentError, TandemError } from '../errors.js';
+import { BackendUnavailableError, BadArgumentError, TandemError } from '../errors.js';
 import type { PoolRole } from '../serve/graph.js';
 import type { WorkerLoad, WorkerRegistration } from '../serve/protocol.js';
 import type { ControlPlane, ControlPlaneEvents, LiveWorker } from './control-plane.js';
@@ -86,6 +85,28 @@ export function parseEtcdEndpoints(endpoints: string | readonly string[]): strin
   });
 }
 
+/**
+ * The etcd client and its fault-handling library. They are optional peer dependencies, loaded only when an
+ * etcd plane connects: etcd3 pulls in gRPC and protobufjs (which has an install script), which a deployment on
+ * one machine does not need.
+ */
+interface EtcdLibraries {
+  etcd3: typeof import('etcd3');
+  cockatiel: typeof import('cockatiel');
+}
+
+async function loadEtcdLibraries(): Promise<EtcdLibraries> {
+  try {
+    const [etcd3, cockatiel] = await Promise.all([import('etcd3'), import('cockatiel')]);
+    return { etcd3, cockatiel };
+  } catch (error) {
+    throw new BackendUnavailableError(
+      'etcd control plane',
+      `the etcd3 package does not load (${(error as Error).message.split('\n')[0]}); install it next to tandem: npm install etcd3`,
+    );
+  }
+}
+
 interface CachedWorker {
   worker: LiveWorker;
   /** The stored text, to tell a re-put of the same registration from a new one. */
@@ -127,7 +148,7 @@ export class EtcdControlPlane extends EventEmitter<ControlPlaneEvents> implement
 
   /** Connects, reads the namespace's workers and starts watching. Throws ControlPlaneUnavailableError, BadArgumentError. */
   static async connect(options: EtcdControlPlaneOptions): Promise<EtcdControlPlane> {
-    const plane = new EtcdControlPlane(options);
+    const plane = new EtcdControlPlane(options, await loadEtcdLibraries());
     const timeoutMs = plane.callTimeoutMs;
     let timer: NodeJS.Timeout | undefined;
     try {
@@ -152,7 +173,10 @@ export class EtcdControlPlane extends EventEmitter<ControlPlaneEvents> implement
     return plane;
   }
 
-  private constructor(options: EtcdControlPlaneOptions) {
+  private constructor(
+    options: EtcdControlPlaneOptions,
+    private readonly lib: EtcdLibraries,
+  ) {
     super();
     this.endpoints = parseEtcdEndpoints(options.endpoints);
     this.namespace = options.namespace ?? DEFAULT_NAMESPACE;
@@ -168,7 +192,9 @@ export class EtcdControlPlane extends EventEmitter<ControlPlaneEvents> implement
     this.loadIntervalMs = options.loadIntervalMs ?? DEFAULT_LOAD_INTERVAL_MS;
     this.callTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     const callTimeoutMs = this.callTimeoutMs;
-    this.client = new Etcd3({
+    const { circuitBreaker, ConsecutiveBreaker, ExponentialBackoff, handleWhen, retry } = lib.cockatiel;
+    const { isRecoverableError } = lib.etcd3;
+    this.client = new lib.etcd3.Etcd3({
       hosts: [...this.endpoints],
       dialTimeout: callTimeoutMs,
       // Streams (watch, keep-alive) live on; every unary call has a deadline, so nothing waits on a dead etcd.
@@ -250,7 +276,7 @@ export class EtcdControlPlane extends EventEmitter<ControlPlaneEvents> implement
    * this again.
    */
   private async keepRegistered(own: OwnRegistration): Promise<number | undefined> {
-    const backoff = new ExponentialBackoff(RETRY_BACKOFF).next();
+    const backoff = new this.lib.cockatiel.ExponentialBackoff(RETRY_BACKOFF).next();
     for (let delay = backoff; !own.ended && !this.closed; delay = delay.next(undefined)) {
       const lease = this.keys.lease(this.leaseTtlSeconds);
       lease.on('lost', () => {}); // a failed grant also emits 'lost'; the catch below handles it
@@ -400,7 +426,7 @@ export class EtcdControlPlane extends EventEmitter<ControlPlaneEvents> implement
     this.resyncing = true;
     this.dropWatcher();
     void (async () => {
-      const backoff = new ExponentialBackoff(RETRY_BACKOFF).next();
+      const backoff = new this.lib.cockatiel.ExponentialBackoff(RETRY_BACKOFF).next();
       for (let delay = backoff; !this.closed; delay = delay.next(undefined)) {
         await sleep(delay.duration);
         try {

@@ -16,6 +16,7 @@ import {
   type LiveWorker,
 } from '../../lib/control/index.js';
 import { BadArgumentError } from '../../lib/errors.js';
+import { runTs } from '../helpers/cli.js';
 import { EtcdServer, etcdBinary, freeLoopbackPort } from '../helpers/etcd.js';
 import { workerRegistration } from './registration.js';
 
@@ -311,6 +312,15 @@ describe('EtcdControlPlane without etcd', () => {
       for (const s of sockets) s.destroy();
       silent.close();
     }
+  });
+
+  it('without the optional etcd3 package: a typed error that says to install it', () => {
+    const r = runTs('test/control/connect-without-etcd3.ts');
+    expect(r.status, r.stderr).toBe(0);
+    const error = JSON.parse(r.stdout.trim()) as { name: string; code: string; message: string };
+    expect(error.name).toBe('BackendUnavailableError');
+    expect(error.code).toBe('TANDEM_BACKEND_UNAVAILABLE');
+    expect(error.message).toMatch(/the etcd3 package does not load .*npm install etcd3/);
   });
 
   it('endpoints and options are checked before anything connects', async () => {
