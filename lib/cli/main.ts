@@ -9,6 +9,7 @@
  *   tandem bench serve ... goodput under SLOs (lib/bench/command.ts parses its options)
  *   tandem profile ...     a performance profile of a model on this machine (lib/cli/profile.ts)
  *   tandem plan ...        the replicas and layouts the planner would choose (lib/cli/plan.ts)
+ *   tandem k8s render ...  Kubernetes manifests of a deployment graph (lib/cli/k8s.ts parses its options)
  *   tandem --version
  */
 import { capabilities } from '../capabilities/index.js';
@@ -49,6 +50,9 @@ Usage:
   tandem plan --profile FILE --isl N --osl N --rate R --ttft-ms T --itl-ms I --gpus G [--json]
                            the prefill and decode replicas and layouts that meet the SLAs within G GPUs
                            (exit status 1 when G is not enough: the best effort is printed)
+  tandem k8s render -f graph.yaml [--out DIR] [--image IMAGE] [--namespace NS] [--etcd etcd://H:P]
+                           write the Kubernetes manifests of a deployment graph
+                           (tandem k8s --help lists its options)
   tandem --version         print the version
   tandem --help            print this help
 
@@ -67,6 +71,10 @@ async function main(argv: string[]): Promise<number> {
       );
     const { benchServeMain } = await import('../bench/command.js');
     return benchServeMain(argv.slice(2));
+  }
+  if (argv[0] === 'k8s') {
+    const { k8sMain } = await import('./k8s.js');
+    return k8sMain(argv.slice(1));
   }
   const { command, values } = parseCommandLine(argv);
   if (values.version) {
