@@ -16,7 +16,7 @@ const gate = await gpuGate(1);
 
 const GEMV_THREADS = 128; // tandem_gemv::kThreads
 const GEMV_MAX_M = 16; // tandem_gemv::kMaxM
-const DEFAULT_GEMV_MAX_BATCH = 8; // kGemvMaxBatch in cuda_llama.cpp
+const DEFAULT_GEMV_MAX_BATCH = 4; // kGemvMaxBatch in cuda_llama.cpp
 const BF16_TOLERANCE = 2e-2; // as test/gpu/05: bf16 weights and activations, fp32 accumulation
 
 const saved = { TANDEM_GEMV: process.env.TANDEM_GEMV, TANDEM_GEMV_PDL: process.env.TANDEM_GEMV_PDL };
@@ -179,7 +179,7 @@ describe.skipIf(!gate.run)('GEMV kernels (gemv.cu)', () => {
 });
 
 describe.skipIf(!gate.run)('GPU engine with the GEMV kernels', () => {
-  it('TANDEM_GEMV picks the crossover: default 8, off, a number; anything else is a typed error', async () => {
+  it('TANDEM_GEMV picks the crossover: default 4, off, a number; anything else is a typed error', async () => {
     const config = dummyConfig('tiny');
     const make = () => CudaModelRunner.create({ config, numBlocks: 8, weights: 'dummy:tiny' });
     for (const [value, want] of [

@@ -95,12 +95,11 @@ constexpr unsigned kGemvThreads = 128;
 constexpr int kGemvKernelMaxM = 16;
 constexpr int gemvRows(int m) { return m <= 2 ? 2 : 4; }
 // GEMMs with at most this many rows of x (decode batches) run through gemv.cu, larger ones through cuBLAS.
-// Reasoning until the micro benchmark (bench/micro/gemv.cu) says otherwise: up to 8 rows each weight vector
-// costs about 8m + 8 + 9m/4 instructions per thread, under the issue rate at full memory bandwidth on an
-// H100, while cuBLAS's small-m kernels reach well under the bandwidth; at 16 rows the FMA path nears the issue
-// limit and tensor cores are the right tool. TANDEM_GEMV=off (or 0) forces cuBLAS; TANDEM_GEMV=<1..16> moves
-// the crossover.
-constexpr int kGemvMaxBatch = 8;
+// Measured crossover (bench/micro/gemv.cu, one H100, 2026-12-06; GEMM time of one 8B decode step, 32 layers +
+// lm_head): m = 4 GEMV 5.68 ms vs cuBLAS 5.75 ms, m = 8 GEMV 6.92 ms vs cuBLAS 5.79 ms; per GEMM the kernel
+// stops winning at m = 4 (qkv 22.7 vs 22.4 us, down 46.0 vs 45.1 us) and loses 12-25% at m = 8.
+// TANDEM_GEMV=off (or 0) forces cuBLAS; TANDEM_GEMV=<1..16> moves the crossover.
+constexpr int kGemvMaxBatch = 4;
 // Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
 constexpr size_t kMaxGraphs = 64;
 
