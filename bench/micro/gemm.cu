@@ -139,7 +139,9 @@ double sampledError(const Sample& s, const void* dY, int n, int k, bool bf16Out)
   return worst;
 }
 
-constexpr double kTolerance = 1e-4;  // of sum |w| |x|; fp32 accumulation lands near 1e-6, a lost term near 1e-2
+// Of sum |w| |x|: fp32 accumulation of random inputs lands near 1e-6; a wrong index or a lost block of terms is
+// O(1e-2) or more.
+constexpr double kTolerance = 1e-4;
 
 template <typename Run>
 double timeMs(Run run, int reps, int batches = 5) {
@@ -300,9 +302,10 @@ int main(int argc, char** argv) {
       int bestIndex = 0;
       for (size_t a = 0; a < algos.size(); ++a) {
         auto run = [&, a](int i) {
-          int s = lt.runWith(algos[a], dx, m, g.k, wp(i), g.n, dy, kCudaR32F, nullptr);
+          const char* what = "";
+          int s = lt.run(dx, m, g.k, wp(i), g.n, dy, kCudaR32F, nullptr, &what, &algos[a]);
           if (s) {
-            std::printf("FAIL: cublasLtMatmul candidate %zu (%s): %s\n", a, shape.c_str(), cublasLt.describe(s).c_str());
+            std::printf("FAIL: %s, candidate %zu (%s): %s\n", what, a, shape.c_str(), cublasLt.describe(s).c_str());
             std::exit(1);
           }
         };

@@ -174,27 +174,14 @@ cublasStatus LtGemm::prepare(int m, int n, int k, int yType, const char** what) 
 }
 
 cublasStatus LtGemm::run(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, CUstream stream,
-                         const char** what) {
+                         const char** what, const cublasLtMatmulAlgo* algo) {
   const Plan* p = nullptr;
   if (cublasStatus s = planFor(Key{m, n, k, yType}, &p, what)) return s;
   const float one = 1.0f, zero = 0.0f;
   *what = "cublasLtMatmul";
   return api_.matmul(handle_, p->desc, &one, reinterpret_cast<const void*>(w), p->a, reinterpret_cast<const void*>(x),
-                     p->b, &zero, reinterpret_cast<const void*>(y), p->d, reinterpret_cast<void*>(y), p->d, &p->algo,
+                     p->b, &zero, reinterpret_cast<const void*>(y), p->d, reinterpret_cast<void*>(y), p->d, algo ? algo : &p->algo,
                      reinterpret_cast<void*>(workspace_), workspaceBytes_, stream);
-}
-
-cublasStatus LtGemm::runWith(const cublasLtMatmulAlgo& algo, CUdeviceptr x, int m, int k, CUdeviceptr w, int n,
-                             CUdeviceptr y, int yType, CUstream stream) {
-  Plan p;
-  cublasStatus s = describeShape(m, n, k, yType, p);
-  const float one = 1.0f, zero = 0.0f;
-  if (s == 0)
-    s = api_.matmul(handle_, p.desc, &one, reinterpret_cast<const void*>(w), p.a, reinterpret_cast<const void*>(x), p.b,
-                    &zero, reinterpret_cast<const void*>(y), p.d, reinterpret_cast<void*>(y), p.d, &algo,
-                    reinterpret_cast<void*>(workspace_), workspaceBytes_, stream);
-  destroy(p);  // cublasLtMatmul reads the descriptors only while it enqueues
-  return s;
 }
 
 }  // namespace tandem::engine

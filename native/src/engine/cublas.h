@@ -111,13 +111,12 @@ class LtGemm {
   // Returns 0, or the status of the step that failed (`what` names it); kCublasLtNoAlgorithm when the heuristic
   // offers nothing for the shape.
   cublasStatus prepare(int m, int n, int k, int yType, const char** what);
-  // Enqueues the product on `stream` (prepare() first where the shape is new). Returns as prepare().
+  // Enqueues the product on `stream` (prepare() first where the shape is new) with the chosen algorithm, or with
+  // `algo` when given (one of candidates()). Returns as prepare().
   cublasStatus run(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, CUstream stream,
-                   const char** what);
-  // The heuristic's top `count` algorithms for the shape (for the micro benchmark's timing), and a run with one.
+                   const char** what, const cublasLtMatmulAlgo* algo = nullptr);
+  // The heuristic's top `count` algorithms for the shape (the micro benchmark times them).
   std::vector<cublasLtMatmulAlgo> candidates(int m, int n, int k, int yType, int count, cublasStatus* status);
-  cublasStatus runWith(const cublasLtMatmulAlgo& algo, CUdeviceptr x, int m, int k, CUdeviceptr w, int n,
-                       CUdeviceptr y, int yType, CUstream stream);
   size_t shapesCached() const { return plans_.size(); }
 
  private:
