@@ -9,7 +9,7 @@ import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
 
 // The skinny GEMM of decode (native/kernels/gemv.cu): each entry point tandem_gemv_m<m> against a float64
-// reference, and the engine with it (the default up to batch 8) against the engine with cuBLAS only
+// reference, and the engine with it (the default up to batch 4) against the engine with cuBLAS only
 // (TANDEM_GEMV=off): decode logits within bf16 tolerance at batch 1, 3 and 8, and transformers' greedy tokens on
 // the fixtures either way. Skipped with the reason printed without a GPU; a failure under `npm run test:gpu`.
 const gate = await gpuGate(1);
