@@ -819,7 +819,7 @@ async function main(): Promise<void> {
         runner.gemvMaxBatch > 0
           ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more`
           : 'any size (TANDEM_GEMV=off)'
-      } through cuBLAS`;
+      } through ${runner.gemmPath === 'lt' ? 'cuBLASLt (TANDEM_GEMM=lt)' : 'cublasGemmEx (TANDEM_GEMM=gemmex)'}`;
   } finally {
     // PyTorch runs next on the same GPU: Tandem's memory goes back first.
     await runner?.dispose().catch(() => {});

@@ -14,8 +14,9 @@
 // the kernel, cuBLAS and the copy bound: where the kernel stops beating cuBLAS is the engine's crossover
 // (kGemvMaxBatch in native/src/engine/cuda_llama.cpp; TANDEM_GEMV=<m> moves it without a rebuild).
 // gate_up also runs as the engine runs it up to the crossover, tandem_gemv_swiglu_m<M> (the GEMV with SiLU * up
-// fused, bf16 out), checked against cuBLAS + tandem_llama_silu_mul (within one bf16 rounding) and timed against
-// the unfused pair (GEMV + silu_mul).
+// fused, bf16 out), checked (as is cuBLAS + tandem_llama_silu_mul) against float64 silu(g) * u from the same bf16
+// inputs (two bf16 ulps plus the fp32 accumulation error; see swigluMismatches) and timed against the unfused
+// pair (GEMV + silu_mul).
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o gemv gemv.cu -ldl && ./gemv
 #include "micro.h"
@@ -161,17 +162,41 @@ void launchSwiglu(int m, const bf16* x, const bf16* w, bf16* act, int inter, int
   kSwiglu[m - 1]<<<(inter + pairs - 1) / pairs, kThreads>>>(x, w, act, inter, k);
 }
 
-// Two bf16 arrays agree when every element is within two bf16 roundings of the other (the fp32 sums before
-// the rounding differ in order only). Returns the number of elements that do not (non-finite ones included).
-size_t bf16Mismatches(const bf16* dA, const bf16* dB, size_t count) {
-  std::vector<uint16_t> a(count), b(count);
-  CHECK(cudaMemcpy(a.data(), dA, count * 2, cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(b.data(), dB, count * 2, cudaMemcpyDeviceToHost));
+// act[m, inter] (bf16, device) = silu(g) * u, g and u the gate and up rows of w (gate rows 0..inter-1, up rows
+// inter..2 inter-1) against float64 on the host for the given rows, from the same bf16 inputs. Every element must
+// be finite; each may be off by two bf16 ulps of the reference (the rounding to bf16 of a result whose fp32
+// sums differ from float64 in order) plus the fp32 accumulation error of g and u (kTolerance of sum |w| |x|)
+// carried through silu(g) * u. Near-ties and silu's slope make the first term matter; a wrong index or a lost
+// term is O(|ref|) and fails. Returns the number of elements outside that.
+size_t swigluMismatches(const bf16* dAct, const bf16* dX, const bf16* dW, int m, int inter, int k,
+                        const std::vector<int>& rows, double accumulation) {
+  std::vector<uint16_t> x((size_t)m * k), gRow(k), uRow(k), act((size_t)m * inter);
+  CHECK(cudaMemcpy(x.data(), dX, x.size() * 2, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(act.data(), dAct, act.size() * 2, cudaMemcpyDeviceToHost));
   size_t bad = 0;
-  for (size_t i = 0; i < count; ++i) {
-    const float x = bf16ToFloat(a[i]), y = bf16ToFloat(b[i]);
-    if (!std::isfinite(x) || !(std::fabs(x - y) <= std::ldexp(std::max(std::fabs(x), std::fabs(y)), -7) + 1e-6f))
-      ++bad;
+  for (uint16_t v : act)
+    if (!std::isfinite(bf16ToFloat(v))) ++bad;
+  for (int r : rows) {
+    if (r >= inter) continue;
+    CHECK(cudaMemcpy(gRow.data(), dW + (size_t)r * k, (size_t)k * 2, cudaMemcpyDeviceToHost));
+    CHECK(cudaMemcpy(uRow.data(), dW + (size_t)(inter + r) * k, (size_t)k * 2, cudaMemcpyDeviceToHost));
+    for (int i = 0; i < m; ++i) {
+      double g = 0, u = 0, gMag = 0, uMag = 0;
+      for (int e = 0; e < k; ++e) {
+        const double xe = bf16ToFloat(x[(size_t)i * k + e]);
+        const double pg = bf16ToFloat(gRow[e]) * xe, pu = bf16ToFloat(uRow[e]) * xe;
+        g += pg;
+        u += pu;
+        gMag += std::fabs(pg);
+        uMag += std::fabs(pu);
+      }
+      const double sig = 1 / (1 + std::exp(-g)), silu = g * sig, slope = sig * (1 + g * (1 - sig));
+      const double ref = silu * u;
+      const double tol = std::ldexp(std::fabs(ref), -6) + 1e-30 +  // two bf16 ulps (8 significant bits)
+                         accumulation * (std::fabs(slope * u) * gMag + std::fabs(silu) * uMag);
+      const double got = bf16ToFloat(act[(size_t)i * inter + r]);
+      if (!(std::fabs(got - ref) <= tol)) ++bad;
+    }
   }
   return bad;
 }
@@ -451,9 +476,12 @@ int main() {
         tandem_llama_silu_mul<<<m, 256>>>(yRef, inter, actRef);  // yRef: cuBLAS's gate_up of w[0] above
         CHECK(cudaGetLastError());
         CHECK(cudaDeviceSynchronize());
-        const size_t bad = bf16Mismatches(act, actRef, (size_t)m * inter);
-        if (bad) fail("gate_up swiglu m=" + std::to_string(m) + ": " + std::to_string(bad) + " of " +
-                      std::to_string((size_t)m * inter) + " outputs differ from cuBLAS + silu_mul");
+        // Both paths the engine takes (fused GEMV up to the crossover, cuBLAS + silu_mul above) against float64.
+        for (const auto& [path, out] : {std::pair<const char*, const bf16*>{"fused GEMV", act}, {"cuBLAS + silu_mul", actRef}}) {
+          const size_t bad = swigluMismatches(out, x, w[0], m, inter, g.k, rows, kTolerance);
+          if (bad) fail("gate_up swiglu m=" + std::to_string(m) + " (" + path + "): " + std::to_string(bad) +
+                        " outputs non-finite or off float64 silu(g) * u by more than 2 bf16 ulps + accumulation");
+        }
         const double fused = timeMs([&](int i) { launchSwiglu(m, x, w[i % copies], act, inter, g.k); }, reps);
         const double split = timeMs(
             [&](int i) {

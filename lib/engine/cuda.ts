@@ -236,6 +236,7 @@ export class CudaModelRunner implements ModelRunner {
             layout,
             kvBuffer: buffer.raw,
             cublas: libraryCandidates().cublas,
+            cublasLt: libraryCandidates().cublasLt,
             cudaGraphs: options.cudaGraphs ?? true,
           }),
       );
@@ -306,6 +307,14 @@ export class CudaModelRunner implements ModelRunner {
    */
   get gemvMaxBatch(): number {
     return this.raw.gemvMaxBatch;
+  }
+
+  /**
+   * The GEMMs above the GEMV: 'lt' (cublasLtMatmul with the heuristic's algorithm per shape) or 'gemmex'
+   * (cublasGemmEx). TANDEM_GEMM=lt|gemmex; by default 'lt' where libcublasLt loads.
+   */
+  get gemmPath(): 'lt' | 'gemmex' {
+    return this.raw.gemmPath;
   }
 
   /** bf16 bytes the weights take on the GPU. */

@@ -216,6 +216,8 @@ export interface RawCudaLlamaOptions extends Omit<RawCpuLlamaOptions, 'kvBuffer'
   kvBuffer: RawDeviceBuffer;
   /** cuBLAS library candidates, tried in order (lib/native/libraries.ts). */
   cublas: string[];
+  /** cuBLASLt library candidates (absent or none loading: GEMMs through cublasGemmEx). */
+  cublasLt?: string[];
   /** Replay decode steps as CUDA graphs (default true). */
   cudaGraphs?: boolean;
 }
@@ -235,6 +237,7 @@ export interface RawCudaLlama {
   readonly cudaGraphs: { active: boolean; reason: string | null };
   readonly attentionKernels: 'flash' | 'reference';
   readonly gemvMaxBatch: number;
+  readonly gemmPath: 'lt' | 'gemmex';
   readonly disposed: boolean;
   init(): Promise<void>;
   setWeight(name: string, data: Float32Array): Promise<void>;

@@ -20,9 +20,13 @@ typedef struct CUgraph_st* CUgraph;
 typedef struct CUgraphExec_st* CUgraphExec;
 typedef uint64_t cuuint64_t;
 
+// driver_types.h (CUDA runtime headers, included first by bench/micro/gemm.cu) defines the same 16 bytes.
+#ifndef CU_UUID_HAS_BEEN_DEFINED
+#define CU_UUID_HAS_BEEN_DEFINED
 struct CUuuid {
   unsigned char bytes[16];
 };
+#endif
 
 enum : int {
   CUDA_SUCCESS = 0,

@@ -95,12 +95,13 @@ constexpr unsigned kGemvThreads = 128;
 constexpr int kGemvKernelMaxM = 16;
 constexpr int gemvRows(int m) { return m <= 2 ? 2 : 4; }
 // GEMMs with at most this many rows of x (decode batches) run through gemv.cu, larger ones through cuBLAS.
-// Reasoning until the micro benchmark (bench/micro/gemv.cu) says otherwise: up to 8 rows each weight vector
-// costs about 8m + 8 + 9m/4 instructions per thread, under the issue rate at full memory bandwidth on an
-// H100, while cuBLAS's small-m kernels reach well under the bandwidth; at 16 rows the FMA path nears the issue
-// limit and tensor cores are the right tool. TANDEM_GEMV=off (or 0) forces cuBLAS; TANDEM_GEMV=<1..16> moves
-// the crossover.
-constexpr int kGemvMaxBatch = 8;
+// Measured crossover (bench/micro/gemv.cu, one H100, 2026-12-06; GEMM time of one 8B decode step, 32 layers +
+// lm_head): m = 4 GEMV 5.68 ms vs cuBLAS 5.75 ms, m = 8 GEMV 6.92 ms vs cuBLAS 5.79 ms; per GEMM the kernel
+// stops winning at m = 4 (qkv 22.7 vs 22.4 us, down 46.0 vs 45.1 us) and loses 12-25% at m = 8.
+// TANDEM_GEMV=off (or 0) forces cuBLAS; TANDEM_GEMV=<1..16> moves the crossover.
+constexpr int kGemvMaxBatch = 4;
+// cuBLASLt's workspace: what its large-m kernels (split-k, stream-k) may use; allocated once per runner.
+constexpr size_t kLtWorkspaceBytes = 32u << 20;
 // Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
 constexpr size_t kMaxGraphs = 64;
 
@@ -115,9 +116,9 @@ struct Carver {
 
 }  // namespace
 
-CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaConfig& config, const GpuKvPool& pool,
-                     bool cudaGraphs)
-    : device_(device), cublas_(cublas), config_(config), pool_(pool), cudaGraphs_(cudaGraphs) {
+CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
+                     const GpuKvPool& pool, bool cudaGraphs)
+    : device_(device), cublas_(cublas), cublasLt_(cublasLt), config_(config), pool_(pool), cudaGraphs_(cudaGraphs) {
   const LlamaConfig& c = config_;
   checkConfig(c);
   if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");
@@ -232,6 +233,18 @@ void CudaLlama::init() {
     gemvSwiglu_.push_back(device_.function("tandem_gemv_swiglu_m" + std::to_string(m)));
   }
   gemvMaxBatch_ = gemvMax;
+  // TANDEM_GEMM: lt (the default where libcublasLt loaded) or gemmex; lt asked for but absent is an error.
+  bool useLt = cublasLt_.available;
+  if (const char* gemm = std::getenv("TANDEM_GEMM")) {
+    const std::string v = gemm;
+    if (v == "gemmex")
+      useLt = false;
+    else if (v != "lt")
+      throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_GEMM must be 'lt' or 'gemmex'; got '" + v + "'");
+    else if (!cublasLt_.available)
+      throw NativeError("TANDEM_BACKEND_UNAVAILABLE", "TANDEM_GEMM=lt but cuBLASLt is unavailable: " +
+                                                          cublasLt_.reason + " (set TANDEM_LIBCUBLASLT, or TANDEM_GEMM=gemmex)");
+  }
   const char* pdl = std::getenv("TANDEM_GEMV_PDL");
   gemvPdl_ = pdl && std::string(pdl) == "1";
   CUdevice dev = 0;
@@ -246,6 +259,13 @@ void CudaLlama::init() {
   }
   s = cublas_.setStream(handle_, device_.stream());
   if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", "cublasSetStream: " + cublas_.describe(s));
+  if (useLt) {
+    ltWorkspace_ = device_.allocate(kLtWorkspaceBytes, "cuMemAlloc (cuBLASLt workspace)");
+    lt_ = std::make_unique<LtGemm>(cublasLt_);
+    s = lt_->init(ltWorkspace_->ptr, kLtWorkspaceBytes);
+    if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", "cublasLtCreate: " + cublasLt_.describe(s));
+  }
+  gemmLt_ = useLt;
   weights_ = device_.allocate(weightBytes_, "cuMemAlloc (model weights)");
   invFreqMem_ = device_.allocate(invFreq_.size() * sizeof(float), "cuMemAlloc (RoPE frequencies)");
   const CudaDriver& d = device_.driver();
@@ -262,7 +282,8 @@ void CudaLlama::release() {
   dropGraphs();
   if (handle_) cublas_.destroy(handle_);
   handle_ = nullptr;
-  for (auto* a : {&weights_, &invFreqMem_, &scratch_}) {
+  lt_.reset();
+  for (auto* a : {&weights_, &invFreqMem_, &scratch_, &ltWorkspace_}) {
     if (*a) {
       try {
         device_.freeAllocation(**a);
@@ -543,12 +564,26 @@ void CudaLlama::launchGemv(CUfunction fn, unsigned grid, Args... args) {
 }
 
 // y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32. A small m goes to gemv.cu (one launch, no
-// workspace: capturable in a decode graph); otherwise cuBLAS, in whose column-major terms
-// y^T (n x m) = w (k x n, transposed) . x^T (k x m).
+// workspace: capturable in a decode graph); otherwise cuBLASLt (LtGemm: the heuristic's first algorithm, chosen
+// once per shape, for a decode graph before its capture by prepareGemms; the workspace is the runner's) or
+// cublasGemmEx, in whose column-major terms y^T (n x m) = w (k x n, transposed) . x^T (k x m).
+// Not fused (yet): o_proj's and down's residual add could be cuBLASLt's C = x with beta 1 (D = x), the add
+// then leaving tandem_llama_add_rmsnorm (residual null); that changes runModel's layer loop, which the
+// attention work edits at the same time, and the GEMV path (m <= kGemvMaxBatch) would need the same
+// accumulate form. It would save about one fp32 pass over ntok x hidden per fused GEMM (~16 us at 3000 tokens,
+// ~1 ms or 1% of prefill 3000 over 64 GEMMs; negligible in decode), and no launch.
 void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) {
   if (m >= 1 && m <= gemvMaxBatch_) {
     const unsigned rows = static_cast<unsigned>(gemvRows(m));
     launchGemv(gemv_[m - 1], (static_cast<unsigned>(n) + rows - 1) / rows, x, w, y, n, k);
+    return;
+  }
+  if (gemmLt_) {
+    const char* what = "cublasLtMatmul";
+    cublasStatus s = lt_->run(x, m, k, w, n, y, kCudaR32F, device_.stream(), &what);
+    if (s != 0)
+      throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
+                                                 " x " + std::to_string(k) + "): " + cublasLt_.describe(s));
     return;
   }
   const float one = 1.0f, zero = 0.0f;
@@ -558,6 +593,24 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
   if (s != 0)
     throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx (" + std::to_string(m) + " x " + std::to_string(n) + " x " +
                                                std::to_string(k) + "): " + cublas_.describe(s));
+}
+
+void CudaLlama::prepareGemms(int tokens, int sequences) {
+  if (!gemmLt_) return;
+  const LlamaConfig& c = config_;
+  const int h = c.hiddenSize, inter = c.intermediateSize;
+  const int shapes[][3] = {{tokens, static_cast<int>(qkvDim_), h},
+                           {tokens, h, static_cast<int>(qDim_)},
+                           {tokens, 2 * inter, h},
+                           {tokens, h, inter},
+                           {sequences, c.vocabSize, h}};
+  for (const auto& [m, n, k] : shapes) {
+    if (m <= gemvMaxBatch_) continue;
+    const char* what = "";
+    if (cublasStatus s = lt_->prepare(m, n, k, kCudaR32F, &what))
+      throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
+                                                 " x " + std::to_string(k) + "): " + cublasLt_.describe(s));
+  }
 }
 
 void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int inter, CUdeviceptr gateUp,
@@ -724,6 +777,7 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       if (graphs_.size() >= kMaxGraphs) dropGraphs();
       CUgraph graph = nullptr;
       CUgraphExec exec = nullptr;
+      prepareGemms(itok, static_cast<int>(nseq));  // no cuBLASLt set-up while capturing
       try {
         check(d.cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
         try {

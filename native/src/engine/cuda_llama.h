@@ -1,6 +1,6 @@
 // The reference engine's GPU model: the same Llama-family decoder as CpuLlama (llama_common.h), in bf16 with
-// fp32 accumulation. GEMMs go through cuBLAS (dlopened, cublas.h), those of a small batch (decode) through
-// Tandem's skinny GEMM (native/kernels/gemv.cu); embedding, fused residual + RMSNorm, RoPE
+// fp32 accumulation. GEMMs go through cuBLASLt (or cublasGemmEx: TANDEM_GEMM; both dlopened, cublas.h), those
+// of a small batch (decode) through Tandem's skinny GEMM (native/kernels/gemv.cu); embedding, fused residual + RMSNorm, RoPE
 // with the KV write, paged attention and SwiGLU are Tandem's kernels (native/kernels/llama.cu). The KV pool
 // is caller-owned device memory in lib/kv's layout (bf16, NHD), so a worker can register it with the
 // transfer agent and move blocks to another GPU.
@@ -56,8 +56,9 @@ class CudaLlama {
   // Any thread: checks the config and the pool's size, lays the weights out. Throws BadInput.
   // cudaGraphs: decode steps (one token per sequence) replay a CUDA graph captured once per (sequences,
   // blocks per sequence) instead of issuing their ~10 launches per layer one by one.
-  CudaLlama(CudaDevice& device, const CublasApi& cublas, const LlamaConfig& config, const GpuKvPool& pool,
-            bool cudaGraphs = true);
+  // cublasLt may be unavailable: GEMMs then go through cublasGemmEx.
+  CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
+            const GpuKvPool& pool, bool cudaGraphs = true);
   ~CudaLlama();
   CudaLlama(const CudaLlama&) = delete;
   CudaLlama& operator=(const CudaLlama&) = delete;
@@ -103,6 +104,9 @@ class CudaLlama {
   // GEMMs with at most this many rows of x run through gemv.cu's kernels, larger ones through cuBLAS (0: all
   // through cuBLAS, TANDEM_GEMV=off). Set by init().
   int gemvMaxBatch() const { return gemvMaxBatch_; }
+  // The GEMMs above the GEMV: "lt" (cublasLtMatmul, heuristic algorithm per shape) or "gemmex" (cublasGemmEx,
+  // CUBLAS_GEMM_DEFAULT). TANDEM_GEMM=lt|gemmex; by default lt where libcublasLt loads. Set by init().
+  std::string gemmPath() const { return gemmLt_ ? "lt" : "gemmex"; }
   std::string graphsReason() const {
     std::lock_guard<std::mutex> lock(slotsMutex_);
     return graphsReason_;
@@ -139,6 +143,9 @@ class CudaLlama {
   CUdeviceptr weight(size_t offset) const { return weights_->ptr + offset; }
   void ensureScratch(size_t deviceBytes, size_t hostBytes);
   void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y);
+  // Chooses cuBLASLt's algorithms for a pass's GEMM shapes (tokens rows, lm_head `sequences` rows) ahead of a
+  // decode-graph capture, so that only stream work happens while capturing. No-op on the gemmex path.
+  void prepareGemms(int tokens, int sequences);
   // act[m, inter] = bf16(silu(gate) * up) of x . wgateUp^T: one fused GEMV launch for small m, else the GEMM into
   // gateUp (fp32 scratch) and tandem_llama_silu_mul.
   void gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int inter, CUdeviceptr gateUp, CUdeviceptr act);
@@ -157,6 +164,7 @@ class CudaLlama {
 
   CudaDevice& device_;
   const CublasApi& cublas_;
+  const CublasLtApi& cublasLt_;
   LlamaConfig config_;
   GpuKvPool pool_;
   size_t qDim_, kvDim_, qkvDim_;
@@ -171,6 +179,10 @@ class CudaLlama {
 
   // Device thread only:
   cublasHandle handle_ = nullptr;
+  // cuBLASLt's GEMMs and their workspace (kLtWorkspaceBytes, allocated by init() when TANDEM_GEMM is lt).
+  std::unique_ptr<LtGemm> lt_;
+  std::shared_ptr<DeviceAllocation> ltWorkspace_;
+  std::atomic<bool> gemmLt_{false};
   std::shared_ptr<DeviceAllocation> weights_, invFreqMem_, scratch_;
   void* pinned_ = nullptr;
   size_t pinnedBytes_ = 0;

@@ -46,6 +46,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceAccessor<&CudaLlamaWrap::GetCudaGraphs>("cudaGraphs"),
                                         InstanceAccessor<&CudaLlamaWrap::GetAttentionKernels>("attentionKernels"),
                                         InstanceAccessor<&CudaLlamaWrap::GetGemvMaxBatch>("gemvMaxBatch"),
+                                        InstanceAccessor<&CudaLlamaWrap::GetGemmPath>("gemmPath"),
                                     });
   exports.Set("CudaLlama", ctor);
 }
@@ -85,10 +86,19 @@ CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
   }
   if (candidates.empty()) candidates = {"libcublas.so.13", "libcublas.so.12"};
   const CublasApi& cublas = loadCublas(candidates);
+  std::vector<std::string> ltCandidates;
+  Napi::Value ltLibs = field(o, "cublasLt");
+  if (ltLibs.IsArray()) {
+    Napi::Array a = ltLibs.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); ++i)
+      if (a.Get(i).IsString()) ltCandidates.push_back(a.Get(i).As<Napi::String>().Utf8Value());
+  }
+  if (ltCandidates.empty()) ltCandidates = {"libcublasLt.so.13", "libcublasLt.so.12"};
+  const CublasLtApi& cublasLt = loadCublasLt(ltCandidates);
 
   try {
     Napi::Value graphs = field(o, "cudaGraphs");
-    model_ = std::make_shared<CudaLlama>(*device_, cublas, c, pool, graphs.IsUndefined() ? true : flag(o, "cudaGraphs"));
+    model_ = std::make_shared<CudaLlama>(*device_, cublas, cublasLt, c, pool, graphs.IsUndefined() ? true : flag(o, "cudaGraphs"));
   } catch (const BadInput& e) {
     badArgument(env, e.what());
   }
@@ -417,6 +427,11 @@ Napi::Value CudaLlamaWrap::GetAttentionKernels(const Napi::CallbackInfo& info) {
 // The largest batch whose GEMMs run through gemv.cu (0: all through cuBLAS); known once init() has run.
 Napi::Value CudaLlamaWrap::GetGemvMaxBatch(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), model_ ? model_->gemvMaxBatch() : 0);
+}
+
+// 'lt' (cublasLtMatmul) or 'gemmex' (cublasGemmEx) for the GEMMs above the GEMV; known once init() has run.
+Napi::Value CudaLlamaWrap::GetGemmPath(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), model_ ? model_->gemmPath() : "gemmex");
 }
 
 Napi::Value CudaLlamaWrap::GetDisposed(const Napi::CallbackInfo& info) {

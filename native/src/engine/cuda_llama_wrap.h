@@ -40,6 +40,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value GetCudaGraphs(const Napi::CallbackInfo& info);
   Napi::Value GetAttentionKernels(const Napi::CallbackInfo& info);
   Napi::Value GetGemvMaxBatch(const Napi::CallbackInfo& info);
+  Napi::Value GetGemmPath(const Napi::CallbackInfo& info);
 
   std::shared_ptr<CudaLlama> model_;
   CudaDevice* device_ = nullptr;
