@@ -221,12 +221,19 @@ void runFlash(const Batch& b, const Case& c, const Device& dv, const FlashPlan& 
   }
 }
 
-void runFlash2(const Batch& b, const Case& c, const Device& dv, const FlashPlan& f) {
+// The second kernels: prefill2 with 8 warps (tiles of 128, dv.tiles) or 4 (tiles of 64: `tiles4`, the first
+// plan's), decode2.
+void runFlash2(const Batch& b, const Case& c, const Device& dv, const FlashPlan& f, int warps,
+               const int32_t* tiles4, int ntiles4) {
   const float scale = 1.0f / std::sqrt((float)D);
-  const int ntiles = static_cast<int>(f.tiles.size() / 3), nrows = static_cast<int>(f.rows.size());
-  if (ntiles)
-    tandem_flash_prefill2_d128<<<dim3(H, ntiles), tandem_attn::kThreads2, tandem_attn::prefill2SmemBytes(D)>>>(
+  const int ntiles = warps == 8 ? static_cast<int>(f.tiles.size() / 3) : ntiles4, nrows = static_cast<int>(f.rows.size());
+  if (ntiles && warps == 8)
+    tandem_flash_prefill2_d128<<<dim3(H, ntiles), 256, tandem_attn::prefill2SmemBytes(D)>>>(
         dv.qkv, dv.positions, dv.tiles, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS,
+        BLOCK_MAJOR, H, KVH, c.window, scale, (bf16*)dv.out);
+  if (ntiles && warps == 4)
+    tandem_flash_prefill2w4_d128<<<dim3(H, ntiles), 128, tandem_attn::prefill2SmemBytes(D)>>>(
+        dv.qkv, dv.positions, tiles4, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS,
         BLOCK_MAJOR, H, KVH, c.window, scale, (bf16*)dv.out);
   if (nrows)
     tandem_flash_decode2_d128_g4<<<dim3(nrows, KVH, f.splits), tandem_attn::kThreads>>>(
@@ -300,6 +307,8 @@ int main(int argc, char** argv) {
                              2 * 2 * tandem_attn::kKeys * D * 2));
   CHECK(cudaFuncSetAttribute(tandem_flash_prefill2_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              tandem_attn::prefill2SmemBytes(D)));
+  CHECK(cudaFuncSetAttribute(tandem_flash_prefill2w4_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             tandem_attn::prefill2SmemBytes(D)));
   std::printf("%s, %d SMs; shape H=%d KVH=%d D=%d, block %d\n", prop.name, sms, H, KVH, D, BS);
   std::vector<Case> cases = {
       {"prefill 512", {{0, 512}}},
@@ -320,8 +329,10 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "--quick") cases.resize(2);
 
   std::mt19937 rng(1234);
-  std::printf("%-32s %8s %8s %8s %9s %9s %9s %9s %8s %8s %8s\n", "case", "old ms", "flash ms", "new ms",
-              "old err", "flash err", "new err", "new-flash", "flash TF", "new TF", "new x");
+  // new: prefill2 (8 warps, 128-row tiles) + decode2, the engine's default; new4: prefill2w4 (4 warps) + decode2.
+  std::printf("%-32s %8s %8s %8s %8s %9s %9s %9s %9s %9s %8s %8s %8s %8s\n", "case", "old ms", "flash ms", "new ms",
+              "new4 ms", "old err", "flash err", "new err", "new4 err", "new-flash", "flash TF", "new TF", "new4 TF",
+              "new x");
   bool ok = true;
   for (const Case& c : cases) {
     Batch b = makeBatch(c, rng);
@@ -358,7 +369,7 @@ int main(int argc, char** argv) {
     auto run = [&](int which) {
       if (which == 0) runOld(b, c, dv);
       else if (which == 1) runFlash(b, c, dv, f);
-      else runFlash2(b, c, dv2, f2);
+      else runFlash2(b, c, dv2, f2, which == 2 ? 8 : 4, dv.tiles, static_cast<int>(f.tiles.size() / 3));
     };
     auto once = [&](int which) {
       CHECK(cudaMemset(dv.out, 0xff, out.size() * 2));  // NaN everywhere: unwritten outputs show
@@ -368,29 +379,35 @@ int main(int argc, char** argv) {
       CHECK(cudaMemcpy(out.data(), dv.out, out.size() * 2, cudaMemcpyDeviceToHost));
       return check(b, c, out, rng);
     };
-    double err[3];
-    for (int which = 0; which < 3; ++which) {
+    double err[4];
+    std::vector<uint16_t> outNew4;
+    for (int which = 0; which < 4; ++which) {
       err[which] = once(which);
       if (which == 1) outFlash = out;
       if (which == 2) outNew = out;
+      if (which == 3) outNew4 = out;
     }
-    const double newVsFlash = distance(outNew, outFlash);
+    const double newVsFlash = distance(outNew, outFlash), new4VsFlash = distance(outNew4, outFlash);
     float tOld = medianMs([&] { run(0); });
     float tFlash = medianMs([&] { run(1); });
     float tNew = medianMs([&] { run(2); });
-    const double errAgain = once(2);  // after 21 more launches
+    float tNew4 = medianMs([&] { run(3); });
+    // Again after 21 more launches each: decode2's counters must have reset themselves.
+    const double errAgain = once(2), errAgain2 = once(3);
     double keys = 0;  // (query, key) pairs per head
     for (int t = 0; t < b.ntok; ++t) {
       int p = b.positions[t];
       keys += c.window > 0 ? std::min(p + 1, c.window) : p + 1;
     }
     const double flops = 4.0 * D * keys * H;
-    std::printf("%-32s %8.3f %8.3f %8.3f %9.2e %9.2e %9.2e %9.2e %8.1f %8.1f %7.2fx  (splits %d / %d)\n",
-                c.name.c_str(), tOld, tFlash, tNew, err[0], err[1], err[2], newVsFlash, flops / (tFlash * 1e-3) / 1e12,
-                flops / (tNew * 1e-3) / 1e12, tFlash / tNew, f.splits, f2.splits);
-    if (!(err[1] < 2e-2) || !(err[2] < 2e-2) || !(errAgain < 2e-2) || !(newVsFlash < 2e-2)) {
-      std::printf("  FAILED: flash err %.3e, new err %.3e (again %.3e), new vs flash %.3e\n", err[1], err[2], errAgain,
-                  newVsFlash);
+    std::printf("%-32s %8.3f %8.3f %8.3f %8.3f %9.2e %9.2e %9.2e %9.2e %9.2e %8.1f %8.1f %8.1f %7.2fx  (splits %d / %d)\n",
+                c.name.c_str(), tOld, tFlash, tNew, tNew4, err[0], err[1], err[2], err[3], std::max(newVsFlash, new4VsFlash),
+                flops / (tFlash * 1e-3) / 1e12, flops / (tNew * 1e-3) / 1e12, flops / (tNew4 * 1e-3) / 1e12,
+                tFlash / tNew, f.splits, f2.splits);
+    if (!(err[1] < 2e-2) || !(err[2] < 2e-2) || !(err[3] < 2e-2) || !(errAgain < 2e-2) || !(errAgain2 < 2e-2) ||
+        !(newVsFlash < 2e-2) || !(new4VsFlash < 2e-2)) {
+      std::printf("  FAILED: flash err %.3e, new err %.3e, new4 err %.3e (again %.3e / %.3e), new / new4 vs flash %.3e / %.3e\n",
+                  err[1], err[2], err[3], errAgain, errAgain2, newVsFlash, new4VsFlash);
       ok = false;
     }
     for (void* p : {(void*)dv.qkv, (void*)dv.positions, (void*)dv.tokenSeqs, (void*)dv.tables, (void*)dv.tiles,

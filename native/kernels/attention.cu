@@ -493,6 +493,8 @@ extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads)
 //     scale folded into one FMA before exp2, and the causal/window mask applied only to tiles that cross a row's
 //     limits. Grid: (numHeads, tiles): heads vary fastest, so the heaviest (last) tiles of every head start first.
 //     256 threads; dynamic shared memory prefill2SmemBytes(D); one CTA per multiprocessor.
+//   tandem_flash_prefill2w4_d{64,128}: the same with 4 warps (tiles of up to 64 tokens, 128 threads), two CTAs per
+//     multiprocessor, so one CTA's softmax overlaps the other's matrix products.
 //   tandem_flash_decode2_d{64,128}_g{1,2,4,8}: one query token per sequence, GQA group g, split along the context;
 //     no shared-memory staging: each warp takes 8 (D 128) or 16 (D 64) keys at a time straight into registers
 //     (16-byte loads, the next step's keys issued before the current ones are used), and the last CTA of a (row, kv head) to finish, counted
@@ -501,8 +503,10 @@ extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads)
 //     launch; every launch leaves them zero.
 namespace tandem_attn {
 
+// prefill2 comes with 8 warps (128 query rows per CTA, one CTA per multiprocessor: 222 registers) and with 4 (64
+// rows, two CTAs per multiprocessor); the engine picks one (cuda_llama.cpp, kFlash2PrefillWarps).
 constexpr int kWarps2 = 8;
-constexpr int kRows2 = 16 * kWarps2;  // query rows per prefill2 CTA
+constexpr int kRows2 = 16 * kWarps2;  // query rows per 8-warp prefill2 CTA
 constexpr int kThreads2 = 32 * kWarps2;
 constexpr int kStages2 = 3;
 constexpr int kMaxSplits2 = 64;
@@ -513,11 +517,11 @@ __host__ __device__ constexpr int prefill2SmemBytes(int headDim) { return kStage
 
 // Keys j0 .. j0 + kKeys - 1 of K and V (kv head kvh) into one swizzled stage; keys outside [lo, hi] zero-filled.
 // Warp w loads rows w * kKeys / kWarps2 ..: lane i < that count resolves one row through the block table.
-template <int D>
+template <int D, int W>
 __device__ __forceinline__ void loadKv2(bf16* ks, bf16* vs, const bf16* pool, const int32_t* table, int j0, int lo,
                                         int hi, int kvh, int layer, int numLayers, int numBlocks, int blockSize,
                                         int blockMajor, int kvDim) {
-  constexpr int kRowsPerWarp = kKeys / kWarps2, kChunks = D / 8, kRowsPerPass = 32 / kChunks;
+  constexpr int kRowsPerWarp = kKeys / W, kChunks = D / 8, kRowsPerPass = 32 / kChunks;
   static_assert(kRowsPerWarp % kRowsPerPass == 0, "whole passes");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   long long offK = -1, offV = -1;
@@ -540,7 +544,7 @@ __device__ __forceinline__ void loadKv2(bf16* ks, bf16* vs, const bf16* pool, co
   }
 }
 
-template <int D>
+template <int D, int W>
 __device__ void flashPrefill2(const float* qkv, const int32_t* positions, const int32_t* tiles,
                               const int32_t* blockTables, int maxBlocksPerSeq, const bf16* pool, int layer,
                               int numLayers, int numBlocks, int blockSize, int blockMajor, int numHeads,
@@ -548,7 +552,8 @@ __device__ void flashPrefill2(const float* qkv, const int32_t* positions, const 
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* const stages = reinterpret_cast<bf16*>(smem);
   constexpr int kStage = 2 * kKeys * D;
-  __shared__ int rowPos[kRows2];
+  constexpr int kRows = 16 * W;
+  __shared__ int rowPos[kRows];
 
   const int tileIndex = gridDim.y - 1 - blockIdx.y;
   const int tokenStart = tiles[tileIndex * 3], count = tiles[tileIndex * 3 + 1], seq = tiles[tileIndex * 3 + 2];
@@ -557,7 +562,7 @@ __device__ void flashPrefill2(const float* qkv, const int32_t* positions, const 
   const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
   const int32_t* table = blockTables + (size_t)seq * maxBlocksPerSeq;
 
-  if (threadIdx.x < kRows2) rowPos[threadIdx.x] = threadIdx.x < count ? positions[tokenStart + threadIdx.x] : -1;
+  if (threadIdx.x < kRows) rowPos[threadIdx.x] = threadIdx.x < count ? positions[tokenStart + threadIdx.x] : -1;
   __syncthreads();
   int hi = -1, minPos = 0x7fffffff;
   for (int r = 0; r < count; ++r) {
@@ -611,7 +616,7 @@ __device__ void flashPrefill2(const float* qkv, const int32_t* positions, const 
   for (int s = 0; s < kStages2 - 1; ++s) {
     if (s < tilesN) {
       bf16* st = stages + s * kStage;
-      loadKv2<D>(st, st + kKeys * D, pool, table, lo + s * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
+      loadKv2<D, W>(st, st + kKeys * D, pool, table, lo + s * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
                  blockSize, blockMajor, kvDim);
     }
     cpAsyncCommit();  // one group per tile slot, empty or not: the wait below counts groups
@@ -624,7 +629,7 @@ __device__ void flashPrefill2(const float* qkv, const int32_t* positions, const 
       const int nxt = it + kStages2 - 1;
       if (nxt < tilesN) {
         bf16* st = stages + (nxt % kStages2) * kStage;
-        loadKv2<D>(st, st + kKeys * D, pool, table, lo + nxt * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
+        loadKv2<D, W>(st, st + kKeys * D, pool, table, lo + nxt * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
                    blockSize, blockMajor, kvDim);
       }
       cpAsyncCommit();
@@ -966,16 +971,18 @@ __device__ void flashDecode2(const float* qkv, const int32_t* positions, const i
 
 }  // namespace tandem_attn
 
-#define TANDEM_FLASH_PREFILL2(D)                                                                                    \
-  extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads2, 1) tandem_flash_prefill2_d##D(             \
+#define TANDEM_FLASH_PREFILL2(D, W, NAME, MIN_CTAS)                                                                 \
+  extern "C" __global__ void __launch_bounds__(32 * W, MIN_CTAS) NAME(                                             \
       const float* qkv, const int32_t* positions, const int32_t* tiles, const int32_t* blockTables,                 \
       int maxBlocksPerSeq, const tandem_attn::bf16* pool, int layer, int numLayers, int numBlocks, int blockSize,   \
       int blockMajor, int numHeads, int numKvHeads, int slidingWindow, float scale, tandem_attn::bf16* out) {       \
-    tandem_attn::flashPrefill2<D>(qkv, positions, tiles, blockTables, maxBlocksPerSeq, pool, layer, numLayers,     \
+    tandem_attn::flashPrefill2<D, W>(qkv, positions, tiles, blockTables, maxBlocksPerSeq, pool, layer, numLayers,     \
                                   numBlocks, blockSize, blockMajor, numHeads, numKvHeads, slidingWindow, scale, out); \
   }
-TANDEM_FLASH_PREFILL2(64)
-TANDEM_FLASH_PREFILL2(128)
+TANDEM_FLASH_PREFILL2(64, 8, tandem_flash_prefill2_d64, 1)
+TANDEM_FLASH_PREFILL2(128, 8, tandem_flash_prefill2_d128, 1)
+TANDEM_FLASH_PREFILL2(64, 4, tandem_flash_prefill2w4_d64, 2)
+TANDEM_FLASH_PREFILL2(128, 4, tandem_flash_prefill2w4_d128, 2)
 
 #define TANDEM_FLASH_DECODE2(D, G)                                                                                  \
   extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads, tandem_attn::decodeMinCtas2(G)) tandem_flash_decode2_d##D##_g##G(            \
