@@ -1,10 +1,13 @@
 // Paged attention kernels against each other and against a float64 reference on the CPU: the engine's
-// tandem_llama_attention / _tiled (llama.cu) and the flash kernels (attention.cu), on Llama-3.1-8B's
+// tandem_llama_attention / _tiled (llama.cu), the first flash kernels (tandem_flash_prefill / _decode + _combine)
+// and the second ones (tandem_flash_prefill2, tandem_flash_decode2: 128-row tiles, one-launch split decode), on Llama-3.1-8B's
 // attention shape (32 q heads, 8 kv heads, head dim 128, 16-token blocks scattered through the pool).
 // Prefill cases: one prompt of 512 / 3000 / 8192 tokens, a chunk of 1000 tokens behind 2000 cached ones, two
 // prompts in one batch, a sliding window. Decode cases: batch 1 / 16 / 64 at contexts 544 / 3032 / 8192.
-// Each case: relative L2 error of both against the reference (sampled rows), every output element written,
-// and the median time of 20 runs.
+// Each case: relative L2 error of each against the reference (sampled rows), every output element written, the
+// new kernels against the first flash kernels over every element, the new kernels again after the timed
+// repeats (decode2's split counters must have reset themselves), and the median time of 20 runs. Exit 1 on any
+// failure.
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o attention attention.cu && ./attention
 #include "micro.h"
 
@@ -116,7 +119,8 @@ struct Device {
   float* qkv;
   int32_t *positions, *tokenSeqs, *tables, *tiles, *rows;
   uint16_t *pool, *out;
-  float* partial;
+  float *partial, *partial2;
+  int* counters;  // decode2: one per (row, kv head), zero between launches
 };
 
 // The host's plan for the flash kernels (cuda_llama.cpp builds the same): prefill tiles of <= 64 tokens of
@@ -155,6 +159,38 @@ FlashPlan plan(const Batch& b, const Case& c, int sms) {
   return f;
 }
 
+// The second kernels' plan (cuda_llama.cpp builds the same): prefill tiles of <= kRows2 tokens; decode splits
+// of a multiple of 64 keys, enough for kDecode2CtasPerSm CTAs per multiprocessor, at most kMaxSplits2.
+constexpr int kDecode2CtasPerSm = 3;
+FlashPlan plan2(const Batch& b, const Case& c, int sms) {
+  FlashPlan f;
+  int t0 = 0, maxCtx = 0;
+  for (int s = 0; s < b.nseq; ++s) {
+    int n = c.seqs[s].count;
+    if (n == 1) {
+      f.rows.push_back(t0);
+      maxCtx = std::max(maxCtx, b.mb * BS);
+    } else {
+      for (int a = 0; a < n; a += tandem_attn::kRows2) {
+        f.tiles.push_back(t0 + a);
+        f.tiles.push_back(std::min(tandem_attn::kRows2, n - a));
+        f.tiles.push_back(s);
+      }
+    }
+    t0 += n;
+  }
+  if (!f.rows.empty()) {
+    int ctx = c.window > 0 ? std::min(c.window, maxCtx) : maxCtx;
+    int chunks = (ctx + 63) / 64;
+    int ctas = static_cast<int>(f.rows.size()) * KVH;
+    int want = std::max(1, (kDecode2CtasPerSm * sms + ctas - 1) / ctas);
+    int splits = std::min({want, chunks, tandem_attn::kMaxSplits2});
+    f.keysPerSplit = ((chunks + splits - 1) / splits) * 64;
+    f.splits = (ctx + f.keysPerSplit - 1) / f.keysPerSplit;
+  }
+  return f;
+}
+
 void runOld(const Batch& b, const Case& c, const Device& dv) {
   const float scale = 1.0f / std::sqrt((float)D);
   if (b.ntok > 256) {
@@ -183,6 +219,38 @@ void runFlash(const Batch& b, const Case& c, const Device& dv, const FlashPlan& 
       tandem_flash_decode_combine<<<dim3(nrows, H), tandem_attn::kThreads>>>(dv.partial, dv.rows, H, D, f.splits,
                                                                              (bf16*)dv.out);
   }
+}
+
+// The second kernels: prefill2 with 8 warps (tiles of 128, dv.tiles) or 4 (tiles of 64: `tiles4`, the first
+// plan's), decode2.
+void runFlash2(const Batch& b, const Case& c, const Device& dv, const FlashPlan& f, int warps,
+               const int32_t* tiles4, int ntiles4) {
+  const float scale = 1.0f / std::sqrt((float)D);
+  const int ntiles = warps == 8 ? static_cast<int>(f.tiles.size() / 3) : ntiles4, nrows = static_cast<int>(f.rows.size());
+  if (ntiles && warps == 8)
+    tandem_flash_prefill2_d128<<<dim3(H, ntiles), 256, tandem_attn::prefill2SmemBytes(D)>>>(
+        dv.qkv, dv.positions, dv.tiles, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS,
+        BLOCK_MAJOR, H, KVH, c.window, scale, (bf16*)dv.out);
+  if (ntiles && warps == 4)
+    tandem_flash_prefill2w4_d128<<<dim3(H, ntiles), 128, tandem_attn::prefill2SmemBytes(D)>>>(
+        dv.qkv, dv.positions, tiles4, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS,
+        BLOCK_MAJOR, H, KVH, c.window, scale, (bf16*)dv.out);
+  if (nrows)
+    tandem_flash_decode2_d128_g4<<<dim3(nrows, KVH, f.splits), tandem_attn::kThreads>>>(
+        dv.qkv, dv.positions, dv.rows, dv.tokenSeqs, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS,
+        b.numBlocks, BS, BLOCK_MAJOR, H, KVH, c.window, scale, f.keysPerSplit, dv.partial2, dv.counters,
+        (bf16*)dv.out);
+}
+
+// Relative L2 distance between two outputs over every element (NaN if either has one).
+double distance(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    double x = bf16ToFloat(a[i]), y = bf16ToFloat(b[i]);
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return std::sqrt(num / den);
 }
 
 // Relative L2 error over sampled (token, head) rows; NaN if any output element was left unwritten.
@@ -237,6 +305,10 @@ int main(int argc, char** argv) {
   CHECK(cudaGetDeviceProperties(&prop, 0));
   CHECK(cudaFuncSetAttribute(tandem_flash_prefill_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              2 * 2 * tandem_attn::kKeys * D * 2));
+  CHECK(cudaFuncSetAttribute(tandem_flash_prefill2_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             tandem_attn::prefill2SmemBytes(D)));
+  CHECK(cudaFuncSetAttribute(tandem_flash_prefill2w4_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             tandem_attn::prefill2SmemBytes(D)));
   std::printf("%s, %d SMs; shape H=%d KVH=%d D=%d, block %d\n", prop.name, sms, H, KVH, D, BS);
   std::vector<Case> cases = {
       {"prefill 512", {{0, 512}}},
@@ -257,22 +329,28 @@ int main(int argc, char** argv) {
   if (argc > 1 && std::string(argv[1]) == "--quick") cases.resize(2);
 
   std::mt19937 rng(1234);
-  std::printf("%-32s %10s %10s %10s %10s %8s %12s\n", "case", "old ms", "flash ms", "old err", "flash err", "speedup",
-              "flash TF/s");
+  // new: prefill2 (8 warps, 128-row tiles) + decode2, the engine's default; new4: prefill2w4 (4 warps) + decode2.
+  std::printf("%-32s %8s %8s %8s %8s %9s %9s %9s %9s %9s %8s %8s %8s %8s\n", "case", "old ms", "flash ms", "new ms",
+              "new4 ms", "old err", "flash err", "new err", "new4 err", "new-flash", "flash TF", "new TF", "new4 TF",
+              "new x");
   bool ok = true;
   for (const Case& c : cases) {
     Batch b = makeBatch(c, rng);
-    FlashPlan f = plan(b, c, sms);
+    FlashPlan f = plan(b, c, sms), f2 = plan2(b, c, sms);
     Device dv;
     CHECK(cudaMalloc(&dv.qkv, b.qkv.size() * 4));
     CHECK(cudaMalloc(&dv.positions, b.ntok * 4));
     CHECK(cudaMalloc(&dv.tokenSeqs, b.ntok * 4));
     CHECK(cudaMalloc(&dv.tables, b.tables.size() * 4));
-    CHECK(cudaMalloc(&dv.tiles, std::max<size_t>(1, f.tiles.size()) * 4));
-    CHECK(cudaMalloc(&dv.rows, std::max<size_t>(1, f.rows.size()) * 4));
+    CHECK(cudaMalloc(&dv.tiles, std::max<size_t>(1, f.tiles.size() + f2.tiles.size()) * 4));
+    CHECK(cudaMalloc(&dv.rows, std::max<size_t>(1, f.rows.size() + f2.rows.size()) * 4));
     CHECK(cudaMalloc(&dv.pool, b.pool.size() * 2));
     CHECK(cudaMalloc(&dv.out, (size_t)b.ntok * H * D * 2));
     CHECK(cudaMalloc(&dv.partial, std::max<size_t>(1, f.rows.size() * H * f.splits * tandem_attn::partialStride(D)) * 4));
+    CHECK(cudaMalloc(&dv.partial2, std::max<size_t>(1, f2.rows.size() * H * f2.splits * tandem_attn::partialStride(D)) * 4));
+    CHECK(cudaMalloc(&dv.counters, std::max<size_t>(1, f2.rows.size() * KVH) * 4));
+    CHECK(cudaMemset(dv.counters, 0, std::max<size_t>(1, f2.rows.size() * KVH) * 4));
+    // The tiles and rows of both plans: the first plan's at the front of dv.tiles / dv.rows, the second's after.
     CHECK(cudaMemcpy(dv.qkv, b.qkv.data(), b.qkv.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(dv.positions, b.positions.data(), b.ntok * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(dv.tokenSeqs, b.tokenSeqs.data(), b.ntok * 4, cudaMemcpyHostToDevice));
@@ -280,32 +358,64 @@ int main(int argc, char** argv) {
     if (!f.tiles.empty()) CHECK(cudaMemcpy(dv.tiles, f.tiles.data(), f.tiles.size() * 4, cudaMemcpyHostToDevice));
     if (!f.rows.empty()) CHECK(cudaMemcpy(dv.rows, f.rows.data(), f.rows.size() * 4, cudaMemcpyHostToDevice));
     CHECK(cudaMemcpy(dv.pool, b.pool.data(), b.pool.size() * 2, cudaMemcpyHostToDevice));
-    std::vector<uint16_t> out((size_t)b.ntok * H * D);
-    double err[2];
-    for (int which = 0; which < 2; ++which) {
-      CHECK(cudaMemset(dv.out, 0xff, out.size() * 2));  // NaN everywhere: unwritten outputs show
+    if (!f2.tiles.empty())
+      CHECK(cudaMemcpy(dv.tiles + f.tiles.size(), f2.tiles.data(), f2.tiles.size() * 4, cudaMemcpyHostToDevice));
+    if (!f2.rows.empty())
+      CHECK(cudaMemcpy(dv.rows + f.rows.size(), f2.rows.data(), f2.rows.size() * 4, cudaMemcpyHostToDevice));
+    Device dv2 = dv;
+    dv2.tiles = dv.tiles + f.tiles.size();
+    dv2.rows = dv.rows + f.rows.size();
+    std::vector<uint16_t> out((size_t)b.ntok * H * D), outFlash, outNew;
+    auto run = [&](int which) {
       if (which == 0) runOld(b, c, dv);
-      else runFlash(b, c, dv, f);
+      else if (which == 1) runFlash(b, c, dv, f);
+      else runFlash2(b, c, dv2, f2, which == 2 ? 8 : 4, dv.tiles, static_cast<int>(f.tiles.size() / 3));
+    };
+    auto once = [&](int which) {
+      CHECK(cudaMemset(dv.out, 0xff, out.size() * 2));  // NaN everywhere: unwritten outputs show
+      run(which);
       CHECK(cudaGetLastError());
       CHECK(cudaDeviceSynchronize());
       CHECK(cudaMemcpy(out.data(), dv.out, out.size() * 2, cudaMemcpyDeviceToHost));
-      err[which] = check(b, c, out, rng);
+      return check(b, c, out, rng);
+    };
+    double err[4];
+    std::vector<uint16_t> outNew4;
+    for (int which = 0; which < 4; ++which) {
+      err[which] = once(which);
+      if (which == 1) outFlash = out;
+      if (which == 2) outNew = out;
+      if (which == 3) outNew4 = out;
     }
-    float tOld = medianMs([&] { runOld(b, c, dv); });
-    float tNew = medianMs([&] { runFlash(b, c, dv, f); });
+    const double newVsFlash = distance(outNew, outFlash), new4VsFlash = distance(outNew4, outFlash);
+    float tOld = medianMs([&] { run(0); });
+    float tFlash = medianMs([&] { run(1); });
+    float tNew = medianMs([&] { run(2); });
+    float tNew4 = medianMs([&] { run(3); });
+    // Again after 21 more launches each: decode2's counters must have reset themselves.
+    const double errAgain = once(2), errAgain2 = once(3);
     double keys = 0;  // (query, key) pairs per head
     for (int t = 0; t < b.ntok; ++t) {
       int p = b.positions[t];
       keys += c.window > 0 ? std::min(p + 1, c.window) : p + 1;
     }
-    double tflops = 4.0 * D * keys * H / (tNew * 1e-3) / 1e12;
-    std::printf("%-32s %10.3f %10.3f %10.2e %10.2e %7.1fx %12.1f   (splits %d)\n", c.name.c_str(), tOld, tNew, err[0],
-                err[1], tOld / tNew, tflops, f.splits);
-    if (!(err[1] < 2e-2)) ok = false;
+    const double flops = 4.0 * D * keys * H;
+    std::printf("%-32s %8.3f %8.3f %8.3f %8.3f %9.2e %9.2e %9.2e %9.2e %9.2e %8.1f %8.1f %8.1f %7.2fx  (splits %d / %d)\n",
+                c.name.c_str(), tOld, tFlash, tNew, tNew4, err[0], err[1], err[2], err[3], std::max(newVsFlash, new4VsFlash),
+                flops / (tFlash * 1e-3) / 1e12, flops / (tNew * 1e-3) / 1e12, flops / (tNew4 * 1e-3) / 1e12,
+                tFlash / tNew, f.splits, f2.splits);
+    if (!(err[1] < 2e-2) || !(err[2] < 2e-2) || !(err[3] < 2e-2) || !(errAgain < 2e-2) || !(errAgain2 < 2e-2) ||
+        !(newVsFlash < 2e-2) || !(new4VsFlash < 2e-2)) {
+      std::printf("  FAILED: flash err %.3e, new err %.3e, new4 err %.3e (again %.3e / %.3e), new / new4 vs flash %.3e / %.3e\n",
+                  err[1], err[2], err[3], errAgain, errAgain2, newVsFlash, new4VsFlash);
+      ok = false;
+    }
     for (void* p : {(void*)dv.qkv, (void*)dv.positions, (void*)dv.tokenSeqs, (void*)dv.tables, (void*)dv.tiles,
-                    (void*)dv.rows, (void*)dv.pool, (void*)dv.out, (void*)dv.partial})
+                    (void*)dv.rows, (void*)dv.pool, (void*)dv.out, (void*)dv.partial, (void*)dv.partial2,
+                    (void*)dv.counters})
       CHECK(cudaFree(p));
   }
-  std::printf(ok ? "all flash outputs within 2e-2 of the float64 reference\n" : "FLASH ERROR above tolerance\n");
+  std::printf(ok ? "all flash and new outputs within 2e-2 of the float64 reference and of each other\n"
+                 : "FLASH ERROR above tolerance\n");
   return ok ? 0 : 1;
 }

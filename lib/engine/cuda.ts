@@ -288,11 +288,12 @@ export class CudaModelRunner implements ModelRunner {
   }
 
   /**
-   * Which attention kernels run: 'flash' (tensor-core prefill and split-context decode, native/kernels/attention.cu:
-   * head dims 64 and 128, GQA groups up to 16) or 'reference' (native/kernels/llama.cu: any shape, or
-   * TANDEM_ATTENTION=reference).
+   * Which attention kernels run: 'flash2' (native/kernels/attention.cu's second kernels: 128-row prefill tiles,
+   * one-launch split decode; head dims 64 and 128, GQA groups 1, 2, 4, 8), 'flash' (the first ones: head dims 64
+   * and 128, GQA groups up to 16, or TANDEM_ATTENTION=flash1) or 'reference' (native/kernels/llama.cu: any shape,
+   * or TANDEM_ATTENTION=reference).
    */
-  get attentionKernels(): 'flash' | 'reference' {
+  get attentionKernels(): 'flash2' | 'flash' | 'reference' {
     return this.raw.attentionKernels;
   }
 

@@ -235,7 +235,7 @@ export type RawForwardArgs = readonly [
 export interface RawCudaLlama {
   readonly weightBytes: number;
   readonly cudaGraphs: { active: boolean; reason: string | null };
-  readonly attentionKernels: 'flash' | 'reference';
+  readonly attentionKernels: 'flash2' | 'flash' | 'reference';
   readonly gemvMaxBatch: number;
   readonly gemmPath: 'lt' | 'gemmex';
   readonly disposed: boolean;

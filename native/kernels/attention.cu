@@ -484,3 +484,521 @@ extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads)
     o[d] = __float2bfloat16(v * inv);
   }
 }
+
+// ---- second generation: 128-row prefill tiles, one-launch split decode ------------------------------------------
+//
+//   tandem_flash_prefill2_d{64,128}: as tandem_flash_prefill, with tiles of up to 128 tokens (8 warps of 16 query
+//     rows; K and V read once per 128 queries instead of 64), kStages2 cp.async stages with one barrier per key
+//     tile (the next tile is issued right after the barrier that retires the stage it overwrites), the softmax
+//     scale folded into one FMA before exp2, and the causal/window mask applied only to tiles that cross a row's
+//     limits. Grid: (numHeads, tiles): heads vary fastest, so the heaviest (last) tiles of every head start first.
+//     256 threads; dynamic shared memory prefill2SmemBytes(D); one CTA per multiprocessor.
+//   tandem_flash_prefill2w4_d{64,128}: the same with 4 warps (tiles of up to 64 tokens, 128 threads), two CTAs per
+//     multiprocessor, so one CTA's softmax overlaps the other's matrix products.
+//   tandem_flash_decode2_d{64,128}_g{1,2,4,8}: one query token per sequence, GQA group g, split along the context;
+//     no shared-memory staging: each warp takes 8 (D 128) or 16 (D 64) keys at a time straight into registers
+//     (16-byte loads, the next step's keys issued before the current ones are used), and the last CTA of a (row, kv head) to finish, counted
+//     with an atomic per (row, kv head) that it resets, merges the splits: one launch. Grid: (rows, numKvHeads,
+//     splits <= kMaxSplits2); 128 threads. `counters` (rows * numKvHeads ints) must be zero before the first
+//     launch; every launch leaves them zero.
+namespace tandem_attn {
+
+// prefill2 comes with 8 warps (128 query rows per CTA, one CTA per multiprocessor: 222 registers) and with 4 (64
+// rows, two CTAs per multiprocessor); the engine picks one (cuda_llama.cpp, kFlash2PrefillWarps).
+constexpr int kWarps2 = 8;
+constexpr int kRows2 = 16 * kWarps2;  // query rows per 8-warp prefill2 CTA
+constexpr int kThreads2 = 32 * kWarps2;
+constexpr int kStages2 = 3;
+constexpr int kMaxSplits2 = 64;
+// decode2 CTAs resident per multiprocessor, which caps registers at 168; group 8 needs more than that.
+__host__ __device__ constexpr int decodeMinCtas2(int group) { return group >= 8 ? 1 : 3; }
+constexpr int kDecodeKeysPerLane2 = 4;  // keys a lane holds per step in decode2 (K and V, 16 bytes each)
+__host__ __device__ constexpr int prefill2SmemBytes(int headDim) { return kStages2 * 2 * kKeys * headDim * 2; }
+
+// Keys j0 .. j0 + kKeys - 1 of K and V (kv head kvh) into one swizzled stage; keys outside [lo, hi] zero-filled.
+// Warp w loads rows w * kKeys / kWarps2 ..: lane i < that count resolves one row through the block table.
+template <int D, int W>
+__device__ __forceinline__ void loadKv2(bf16* ks, bf16* vs, const bf16* pool, const int32_t* table, int j0, int lo,
+                                        int hi, int kvh, int layer, int numLayers, int numBlocks, int blockSize,
+                                        int blockMajor, int kvDim) {
+  constexpr int kRowsPerWarp = kKeys / W, kChunks = D / 8, kRowsPerPass = 32 / kChunks;
+  static_assert(kRowsPerWarp % kRowsPerPass == 0, "whole passes");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  long long offK = -1, offV = -1;
+  if (lane < kRowsPerWarp) {
+    const int j = j0 + warp * kRowsPerWarp + lane;
+    if (j >= lo && j <= hi) {
+      const int block = table[j / blockSize];
+      const size_t tile = (size_t)blockSize * kvDim;
+      const size_t off = (size_t)(j % blockSize) * kvDim + (size_t)kvh * D;
+      offK = (long long)(kvTile(layer, 0, block, numLayers, numBlocks, blockMajor) * tile + off);
+      offV = (long long)(kvTile(layer, 1, block, numLayers, numBlocks, blockMajor) * tile + off);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp / kRowsPerPass; ++i) {
+    const int rr = i * kRowsPerPass + lane / kChunks, c = lane % kChunks, r = warp * kRowsPerWarp + rr;
+    const long long k = __shfl_sync(0xffffffffu, offK, rr), v = __shfl_sync(0xffffffffu, offV, rr);
+    cpAsync16(swizzled<D>(ks, r, c), pool + (k < 0 ? 0 : k + c * 8), k >= 0);
+    cpAsync16(swizzled<D>(vs, r, c), pool + (v < 0 ? 0 : v + c * 8), v >= 0);
+  }
+}
+
+template <int D, int W>
+__device__ void flashPrefill2(const float* qkv, const int32_t* positions, const int32_t* tiles,
+                              const int32_t* blockTables, int maxBlocksPerSeq, const bf16* pool, int layer,
+                              int numLayers, int numBlocks, int blockSize, int blockMajor, int numHeads,
+                              int numKvHeads, int slidingWindow, float scale, bf16* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* const stages = reinterpret_cast<bf16*>(smem);
+  constexpr int kStage = 2 * kKeys * D;
+  constexpr int kRows = 16 * W;
+  __shared__ int rowPos[kRows];
+
+  const int tileIndex = gridDim.y - 1 - blockIdx.y;
+  const int tokenStart = tiles[tileIndex * 3], count = tiles[tileIndex * 3 + 1], seq = tiles[tileIndex * 3 + 2];
+  const int h = blockIdx.x, kvh = h / (numHeads / numKvHeads);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
+  const int32_t* table = blockTables + (size_t)seq * maxBlocksPerSeq;
+
+  if (threadIdx.x < kRows) rowPos[threadIdx.x] = threadIdx.x < count ? positions[tokenStart + threadIdx.x] : -1;
+  __syncthreads();
+  int hi = -1, minPos = 0x7fffffff;
+  for (int r = 0; r < count; ++r) {
+    hi = max(hi, rowPos[r]);
+    minPos = min(minPos, rowPos[r]);
+  }
+  const int lo = slidingWindow > 0 ? max(0, minPos - slidingWindow + 1) : 0;
+  const int tilesN = hi < lo ? 0 : (hi - lo) / kKeys + 1;
+
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int p0 = rowPos[r0], p1 = rowPos[r1];
+  const bool warpActive = warp * 16 < count;
+  // Over this warp's rows (padding rows have position -1, so a warp with padding masks every tile): the largest
+  // position (tiles past it are skipped), the smallest (tiles wholly at or below it need no causal mask) and the
+  // largest window start (tiles wholly at or above it need no window mask).
+  int warpMaxPos = max(p0, p1), warpMinPos = min(p0, p1);
+  for (int o = 16; o > 0; o >>= 1) {
+    warpMaxPos = max(warpMaxPos, __shfl_xor_sync(0xffffffffu, warpMaxPos, o));
+    warpMinPos = min(warpMinPos, __shfl_xor_sync(0xffffffffu, warpMinPos, o));
+  }
+  const int lo0 = slidingWindow > 0 ? p0 - slidingWindow + 1 : 0;
+  const int lo1 = slidingWindow > 0 ? p1 - slidingWindow + 1 : 0;
+  const int warpMaxLo = slidingWindow > 0 ? warpMaxPos - slidingWindow + 1 : 0;
+
+  uint32_t qf[D / 16][4];
+  {
+    const float* q0 = qkv + (size_t)(tokenStart + r0) * rowStride + h * D;
+    const float* q1 = qkv + (size_t)(tokenStart + r1) * rowStride + h * D;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      const int c = k * 16 + 2 * tq;
+      float2 a = r0 < count ? *reinterpret_cast<const float2*>(q0 + c) : make_float2(0.f, 0.f);
+      float2 b = r1 < count ? *reinterpret_cast<const float2*>(q1 + c) : make_float2(0.f, 0.f);
+      float2 a8 = r0 < count ? *reinterpret_cast<const float2*>(q0 + c + 8) : make_float2(0.f, 0.f);
+      float2 b8 = r1 < count ? *reinterpret_cast<const float2*>(q1 + c + 8) : make_float2(0.f, 0.f);
+      qf[k][0] = packBf16(a.x, a.y);
+      qf[k][1] = packBf16(b.x, b.y);
+      qf[k][2] = packBf16(a8.x, a8.y);
+      qf[k][3] = packBf16(b8.x, b8.y);
+    }
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  // Row maxima in log2 units (scaled), this thread's share of the row sums.
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  const float sl2 = scale * kLog2e;
+
+#pragma unroll
+  for (int s = 0; s < kStages2 - 1; ++s) {
+    if (s < tilesN) {
+      bf16* st = stages + s * kStage;
+      loadKv2<D, W>(st, st + kKeys * D, pool, table, lo + s * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
+                 blockSize, blockMajor, kvDim);
+    }
+    cpAsyncCommit();  // one group per tile slot, empty or not: the wait below counts groups
+  }
+  for (int it = 0; it < tilesN; ++it) {
+    const int j0 = lo + it * kKeys;
+    cpAsyncWait<kStages2 - 2>();
+    __syncthreads();  // tile `it` is visible to all; the stage tile it-1 used is free
+    {
+      const int nxt = it + kStages2 - 1;
+      if (nxt < tilesN) {
+        bf16* st = stages + (nxt % kStages2) * kStage;
+        loadKv2<D, W>(st, st + kKeys * D, pool, table, lo + nxt * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
+                   blockSize, blockMajor, kvDim);
+      }
+      cpAsyncCommit();
+    }
+    bf16* const ks = stages + (it % kStages2) * kStage;
+    bf16* const vs = ks + kKeys * D;
+    if (warpActive && j0 <= warpMaxPos) {
+      float s[kKeys / 8][4];
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; n += 2) {
+          const int key = n * 8 + (lane & 7) + ((lane >> 4) << 3);
+          const int chunk = k * 2 + ((lane >> 3) & 1);
+          uint32_t b0, b1, b2, b3;
+          ldmatrixX4(b0, b1, b2, b3, swizzled<D>(ks, key, chunk));
+          mma16816(s[n], qf[k], b0, b1);
+          mma16816(s[n + 1], qf[k], b2, b3);
+        }
+      }
+      // Raw scores; the mask only where the tile crosses some row's causal limit or window start.
+      const bool masked = j0 + kKeys - 1 > warpMinPos || j0 < warpMaxLo;
+      if (masked) {
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = j0 + n * 8 + 2 * tq + e;
+            if (!(j <= p0 && j >= lo0)) s[n][e] = -INFINITY;
+            if (!(j <= p1 && j >= lo1)) s[n][2 + e] = -INFINITY;
+          }
+        }
+      }
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) {
+        mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      // scale > 0, so max(raw) * sl2 is the max of the scaled scores.
+      const float n0 = fmaxf(m0, mx0 * sl2), n1 = fmaxf(m1, mx1 * sl2);
+      const float ref0 = n0 == -INFINITY ? 0.f : n0, ref1 = n1 == -INFINITY ? 0.f : n1;
+      const float c0 = exp2f(m0 - ref0), c1 = exp2f(m1 - ref1);
+      m0 = n0;
+      m1 = n1;
+      l0 *= c0;
+      l1 *= c1;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= c0;
+        o[n][1] *= c0;
+        o[n][2] *= c1;
+        o[n][3] *= c1;
+      }
+      uint32_t pf[kKeys / 16][4];
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) {
+        const float a = exp2f(fmaf(s[n][0], sl2, -ref0)), b = exp2f(fmaf(s[n][1], sl2, -ref0));
+        const float c = exp2f(fmaf(s[n][2], sl2, -ref1)), d = exp2f(fmaf(s[n][3], sl2, -ref1));
+        l0 += a + b;
+        l1 += c + d;
+        pf[n >> 1][(n & 1) * 2] = packBf16(a, b);
+        pf[n >> 1][(n & 1) * 2 + 1] = packBf16(c, d);
+      }
+#pragma unroll
+      for (int k = 0; k < kKeys / 16; ++k) {
+#pragma unroll
+        for (int n = 0; n < D / 8; n += 2) {
+          const int key = k * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+          const int chunk = n + (lane >> 4);
+          uint32_t b0, b1, b2, b3;
+          ldmatrixX4T(b0, b1, b2, b3, swizzled<D>(vs, key, chunk));
+          mma16816(o[n], pf[k], b0, b1);
+          mma16816(o[n + 1], pf[k], b2, b3);
+        }
+      }
+    }
+  }
+  cpAsyncWait<0>();
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  bf16* out0 = out + (size_t)(tokenStart + r0) * qDim + h * D;
+  bf16* out1 = out + (size_t)(tokenStart + r1) * qDim + h * D;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * tq;
+    if (r0 < count)
+      *reinterpret_cast<__nv_bfloat162*>(out0 + c) = __floats2bfloat162_rn(o[n][0] * inv0, o[n][1] * inv0);
+    if (r1 < count)
+      *reinterpret_cast<__nv_bfloat162*>(out1 + c) = __floats2bfloat162_rn(o[n][2] * inv1, o[n][3] * inv1);
+  }
+}
+
+// 8 bf16 (16 bytes) to floats.
+__device__ __forceinline__ void unpack8(const uint4& raw, float* f) {
+  const __nv_bfloat162* v = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __bfloat1622float2(v[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+template <int D, int G>
+__device__ void flashDecode2(const float* qkv, const int32_t* positions, const int32_t* rows,
+                             const int32_t* tokenSeqs, const int32_t* blockTables, int maxBlocksPerSeq,
+                             const bf16* pool, int layer, int numLayers, int numBlocks, int blockSize, int blockMajor,
+                             int numHeads, int numKvHeads, int slidingWindow, float scale, int keysPerSplit,
+                             float* partial, int* counters, bf16* out) {
+  // A key row is D / 8 lanes of 16 bytes; a warp step covers kSlots keys side by side, kPerLane steps deep.
+  constexpr int kLanesPerKey = D / 8, kSlots = 32 / kLanesPerKey, kPerLane = kDecodeKeysPerLane2;
+  constexpr int kWarpKeys = kSlots * kPerLane;  // keys per warp step: 8 (D 128) or 16 (D 64)
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kStride = partialStride(D);
+  __shared__ float wm[kWarps][G], wl[kWarps][G];
+  __shared__ __align__(16) float wo[kWarps][G][D];
+  __shared__ float cl[G];
+  __shared__ float wz[G][kMaxSplits2];
+  __shared__ int last;
+
+  const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const int t = rows[row], p = positions[t];
+  const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
+  const int32_t* table = blockTables + (size_t)tokenSeqs[t] * maxBlocksPerSeq;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int dc = lane % kLanesPerKey, slot = lane / kLanesPerKey;  // dims 8dc .. 8dc + 7 of key `slot` of a step
+  const float sl2 = scale * kLog2e;
+  const int start = slidingWindow > 0 ? max(0, p - slidingWindow + 1) : 0;
+  const int lo = start + split * keysPerSplit, hi = min(p, lo + keysPerSplit - 1);
+
+  float q[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const float* qp = qkv + (size_t)t * rowStride + (size_t)(kvh * G + g) * D + dc * 8;
+    const float4 a = *reinterpret_cast<const float4*>(qp), b = *reinterpret_cast<const float4*>(qp + 4);
+    q[g][0] = a.x * sl2, q[g][1] = a.y * sl2, q[g][2] = a.z * sl2, q[g][3] = a.w * sl2;
+    q[g][4] = b.x * sl2, q[g][5] = b.y * sl2, q[g][6] = b.z * sl2, q[g][7] = b.w * sl2;
+  }
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+  }
+
+  // Warp w's steps cover keys lo + c * kStep + w * kWarpKeys .. (c = 0, 1, ...): every warp gets a share of a
+  // short split.
+  const size_t tileElems = (size_t)blockSize * kvDim;
+  auto load = [&](int base, uint4* kr, uint4* vr) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int j = base + i * kSlots + slot;
+      if (j <= hi) {
+        const int block = table[j / blockSize];
+        const size_t off = (size_t)(j % blockSize) * kvDim + (size_t)kvh * D + dc * 8;
+        kr[i] = __ldg(reinterpret_cast<const uint4*>(pool + kvTile(layer, 0, block, numLayers, numBlocks, blockMajor) * tileElems + off));
+        vr[i] = __ldg(reinterpret_cast<const uint4*>(pool + kvTile(layer, 1, block, numLayers, numBlocks, blockMajor) * tileElems + off));
+      } else {
+        kr[i] = make_uint4(0, 0, 0, 0);
+        vr[i] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  constexpr int kStep = kWarps * kWarpKeys;
+  int base = lo + warp * kWarpKeys;
+  uint4 kc[kPerLane], vc[kPerLane];
+  if (base <= hi) load(base, kc, vc);
+  for (; base <= hi; base += kStep) {
+    uint4 kn[kPerLane], vn[kPerLane];
+    const bool more = base + kStep <= hi;
+    if (more) load(base + kStep, kn, vn);
+    float s[kPerLane][G];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      float kf[8];
+      unpack8(kc[i], kf);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d = fmaf(q[g][e], kf[e], d);
+        s[i][g] = d;
+      }
+    }
+#pragma unroll
+    for (int o = 1; o < kLanesPerKey; o <<= 1)
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i)
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[i][g] += __shfl_xor_sync(0xffffffffu, s[i][g], o);
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+      if (base + i * kSlots + slot > hi)
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[i][g] = -INFINITY;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float mx = s[0][g];
+#pragma unroll
+      for (int i = 1; i < kPerLane; ++i) mx = fmaxf(mx, s[i][g]);
+#pragma unroll
+      for (int o = kLanesPerKey; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float mNew = fmaxf(m[g], mx);  // finite: key `base` <= hi is in this step
+      const float c = exp2f(m[g] - mNew);
+      m[g] = mNew;
+      l[g] *= c;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] *= c;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        s[i][g] = exp2f(s[i][g] - mNew);
+        l[g] += s[i][g];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      float vf[8];
+      unpack8(vc[i], vf);
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(s[i][g], vf[e], acc[g][e]);
+    }
+    if (more) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        kc[i] = kn[i];
+        vc[i] = vn[i];
+      }
+    }
+  }
+  // The warp's sums over its key slots: lanes of slot 0 hold the warp's result for dims 8dc ..
+#pragma unroll
+  for (int o = kLanesPerKey; o < 32; o <<= 1)
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+    }
+  if (slot == 0) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      *reinterpret_cast<float4*>(&wo[warp][g][dc * 8]) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      *reinterpret_cast<float4*>(&wo[warp][g][dc * 8 + 4]) = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+      if (dc == 0) {
+        wm[warp][g] = m[g];  // -inf for a warp that saw no key (then its l and acc are 0)
+        wl[warp][g] = l[g];
+      }
+    }
+  }
+  __syncthreads();
+  // The CTA's result per (head, 4 dims): warps merged.
+  for (int e = threadIdx.x; e < G * D / 4; e += kThreads) {
+    const int g = e / (D / 4), d = (e % (D / 4)) * 4;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w][g]);
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    float L = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float c = wm[w][g] == -INFINITY ? 0.f : exp2f(wm[w][g] - M);
+      const float4 x = *reinterpret_cast<const float4*>(&wo[w][g][d]);
+      v.x += c * x.x, v.y += c * x.y, v.z += c * x.z, v.w += c * x.w;
+      L += c * wl[w][g];
+    }
+    const int h = kvh * G + g;
+    if (splits == 1) {
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      bf16* o = out + (size_t)t * qDim + (size_t)h * D + d;
+      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v.x * inv, v.y * inv);
+      *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(v.z * inv, v.w * inv);
+    } else {
+      float* part = partial + ((size_t)(row * numHeads + h) * splits + split) * kStride;
+      *reinterpret_cast<float4*>(part + d) = v;
+      if (d == 0) {
+        part[D] = M;  // -inf with L = 0 for a split past the sequence's end
+        part[D + 1] = L;
+      }
+    }
+  }
+  if (splits == 1) return;
+
+  // The last CTA of this (row, kv head) merges every split: out = sum_z acc_z 2^(m_z - M) / sum_z l_z 2^(m_z - M).
+  __threadfence();  // this CTA's partial is visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[row * numKvHeads + kvh], 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float* base0 = partial + (size_t)(row * numHeads + kvh * G) * splits * kStride;
+  for (int g = warp; g < G; g += kWarps) {
+    const float* hb = base0 + (size_t)g * splits * kStride;
+    float M = -INFINITY;
+    for (int z = lane; z < splits; z += 32) M = fmaxf(M, __ldcg(hb + z * kStride + D));
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float L = 0.f;
+    for (int z = lane; z < splits; z += 32) {
+      const float mz = __ldcg(hb + z * kStride + D), lz = __ldcg(hb + z * kStride + D + 1);
+      const float w = lz > 0.f ? exp2f(mz - M) : 0.f;
+      wz[g][z] = w;
+      L += w * lz;
+    }
+    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    if (lane == 0) cl[g] = L;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < G * D / 4; e += kThreads) {
+    const int g = e / (D / 4), d = (e % (D / 4)) * 4;
+    const float* hb = base0 + (size_t)g * splits * kStride + d;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+    for (int z = 0; z < splits; ++z) {
+      const float w = wz[g][z];
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(hb + z * kStride));
+      v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+    }
+    const float inv = cl[g] > 0.f ? 1.f / cl[g] : 0.f;
+    bf16* o = out + (size_t)t * qDim + (size_t)(kvh * G + g) * D + d;
+    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v.x * inv, v.y * inv);
+    *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(v.z * inv, v.w * inv);
+  }
+  if (threadIdx.x == 0) counters[row * numKvHeads + kvh] = 0;  // ready for the next launch
+}
+
+}  // namespace tandem_attn
+
+#define TANDEM_FLASH_PREFILL2(D, W, NAME, MIN_CTAS)                                                                 \
+  extern "C" __global__ void __launch_bounds__(32 * W, MIN_CTAS) NAME(                                             \
+      const float* qkv, const int32_t* positions, const int32_t* tiles, const int32_t* blockTables,                 \
+      int maxBlocksPerSeq, const tandem_attn::bf16* pool, int layer, int numLayers, int numBlocks, int blockSize,   \
+      int blockMajor, int numHeads, int numKvHeads, int slidingWindow, float scale, tandem_attn::bf16* out) {       \
+    tandem_attn::flashPrefill2<D, W>(qkv, positions, tiles, blockTables, maxBlocksPerSeq, pool, layer, numLayers,     \
+                                  numBlocks, blockSize, blockMajor, numHeads, numKvHeads, slidingWindow, scale, out); \
+  }
+TANDEM_FLASH_PREFILL2(64, 8, tandem_flash_prefill2_d64, 1)
+TANDEM_FLASH_PREFILL2(128, 8, tandem_flash_prefill2_d128, 1)
+TANDEM_FLASH_PREFILL2(64, 4, tandem_flash_prefill2w4_d64, 2)
+TANDEM_FLASH_PREFILL2(128, 4, tandem_flash_prefill2w4_d128, 2)
+
+#define TANDEM_FLASH_DECODE2(D, G)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads, tandem_attn::decodeMinCtas2(G)) tandem_flash_decode2_d##D##_g##G(            \
+      const float* qkv, const int32_t* positions, const int32_t* rows, const int32_t* tokenSeqs,                    \
+      const int32_t* blockTables, int maxBlocksPerSeq, const tandem_attn::bf16* pool, int layer, int numLayers,     \
+      int numBlocks, int blockSize, int blockMajor, int numHeads, int numKvHeads, int slidingWindow, float scale,   \
+      int keysPerSplit, float* partial, int* counters, tandem_attn::bf16* out) {                                    \
+    tandem_attn::flashDecode2<D, G>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer,    \
+                                    numLayers, numBlocks, blockSize, blockMajor, numHeads, numKvHeads,             \
+                                    slidingWindow, scale, keysPerSplit, partial, counters, out);                   \
+  }
+TANDEM_FLASH_DECODE2(64, 1)
+TANDEM_FLASH_DECODE2(64, 2)
+TANDEM_FLASH_DECODE2(64, 4)
+TANDEM_FLASH_DECODE2(64, 8)
+TANDEM_FLASH_DECODE2(128, 1)
+TANDEM_FLASH_DECODE2(128, 2)
+TANDEM_FLASH_DECODE2(128, 4)
+TANDEM_FLASH_DECODE2(128, 8)

@@ -80,12 +80,35 @@ function batchOf(parts: Part[], mb: number): ForwardBatch {
 const BF16_TOLERANCE = 2e-2;
 
 // Attention shapes: dummy:tiny's head dim 16 runs llama.cu's kernels; head dims 64 and 128 (GQA groups 4 and 8,
-// as Llama-3 8B and 70B) run the flash kernels of attention.cu.
+// as Llama-3 8B and 70B) run attention.cu's second flash kernels by default, and its first ones with
+// TANDEM_ATTENTION=flash1 (the last element: TANDEM_ATTENTION while the GPU runner is created).
 const ATTENTION_SHAPES = [
-  ['head dim 16', dummyConfig('tiny'), 'reference'],
-  ['head dim 64, GQA 4', { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 }, 'flash'],
-  ['head dim 128, GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }, 'flash'],
+  ['head dim 16', dummyConfig('tiny'), 'reference', null],
+  ['head dim 64, GQA 4', { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 }, 'flash2', null],
+  ['head dim 128, GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }, 'flash2', null],
+  [
+    'head dim 128, GQA 8, TANDEM_ATTENTION=flash1',
+    { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 },
+    'flash',
+    'flash1',
+  ],
 ] as const;
+
+/** A GPU runner created with TANDEM_ATTENTION set to `attention` (unset for null); the runner reads it once. */
+async function createGpuRunner(
+  options: Parameters<typeof CudaModelRunner.create>[0],
+  attention: string | null,
+): Promise<CudaModelRunner> {
+  const saved = process.env.TANDEM_ATTENTION;
+  if (attention === null) delete process.env.TANDEM_ATTENTION;
+  else process.env.TANDEM_ATTENTION = attention;
+  try {
+    return await CudaModelRunner.create(options);
+  } finally {
+    if (saved === undefined) delete process.env.TANDEM_ATTENTION;
+    else process.env.TANDEM_ATTENTION = saved;
+  }
+}
 
 describe.skipIf(!gate.run)('GPU engine', () => {
   describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('matches transformers on %s', (name) => {
@@ -126,10 +149,10 @@ describe.skipIf(!gate.run)('GPU engine', () => {
     (['block-major', 'layer-major'] as const).flatMap((layout) => ATTENTION_SHAPES.map((s) => [layout, ...s] as const)),
   )(
     'agrees with the CPU engine step by step on batches of prefill chunks and decodes (%s, dummy:tiny, %s)',
-    async (layout, _shape, config, kernels) => {
+    async (layout, _shape, config, kernels, attention) => {
       const numBlocks = 64;
       const cpu = await CpuModelRunner.create({ config, numBlocks, layout, threads: 2, weights: 'dummy:tiny' });
-      const gpu = await CudaModelRunner.create({ config, numBlocks, layout, weights: 'dummy:tiny' });
+      const gpu = await createGpuRunner({ config, numBlocks, layout, weights: 'dummy:tiny' }, attention);
       try {
         expect(gpu.attentionKernels).toBe(kernels);
         // Sequence A: 70-token prompt in chunks of 40 and 30, then 5 decodes. Sequence B (joins in step 2): a
@@ -180,11 +203,11 @@ describe.skipIf(!gate.run)('GPU engine', () => {
 
   it.each(([null, 100] as const).flatMap((window) => ATTENTION_SHAPES.map((s) => [window, ...s] as const)))(
     'long prefill chunks agree with the CPU engine (sliding window %s, %s)',
-    async (slidingWindow, _shape, shape, kernels) => {
+    async (slidingWindow, _shape, shape, kernels, attention) => {
       const config = { ...shape, slidingWindow };
       const numBlocks = 96;
       const cpu = await CpuModelRunner.create({ config, numBlocks, threads: 2, weights: 'dummy:tiny' });
-      const gpu = await CudaModelRunner.create({ config, numBlocks, weights: 'dummy:tiny' });
+      const gpu = await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, attention);
       try {
         expect(gpu.attentionKernels).toBe(kernels);
         const mb = 40;
@@ -225,13 +248,14 @@ describe.skipIf(!gate.run)('GPU engine', () => {
 
   it.each(ATTENTION_SHAPES)(
     'decode steps replayed as CUDA graphs equal eager steps (shapes change, scratch grows between; %s)',
-    async (_shape, config) => {
+    async (_shape, config, kernels, attention) => {
       const make = (cudaGraphs: boolean) =>
-        CudaModelRunner.create({ config, numBlocks: 64, weights: 'dummy:tiny', cudaGraphs });
+        createGpuRunner({ config, numBlocks: 64, weights: 'dummy:tiny', cudaGraphs }, attention);
       const graphs = await make(true);
       const eager = await make(false);
       try {
         expect(graphs.cudaGraphs).toEqual({ active: true, reason: null });
+        expect([graphs.attentionKernels, eager.attentionKernels]).toEqual([kernels, kernels]);
         expect(eager.cudaGraphs.active).toBe(false);
         // Three sequences: prefill, then decode steps over 1, 2 and 3 of them (new shapes), a long prefill in
         // between (the scratch grows: graphs captured on the old one must not be replayed), more decodes.

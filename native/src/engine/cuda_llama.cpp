@@ -89,6 +89,25 @@ int flashPartialStride(int headDim) { return headDim + 4; }
 unsigned flashPrefillSmem(int headDim) { return 2u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 // Decode attention is split along the context until the grid has this many CTAs per multiprocessor.
 constexpr int kFlashDecodeCtasPerSm = 2;
+// The second flash kernels (attention.cu, tandem_flash_prefill2 / tandem_flash_decode2): used where they are in the
+// loaded fatbin, this is true and TANDEM_ATTENTION is not `flash1` (or `reference`). Prefill: tiles of up to
+// kFlash2Rows tokens, kFlash2Threads threads, three cp.async stages of K and V tiles. Decode: GQA groups up to
+// kFlash2MaxGroup, splits of a multiple of kFlashKeys keys, enough for kFlash2DecodeCtasPerSm CTAs per
+// multiprocessor, at most kFlash2MaxSplits, merged in the same launch by the last CTA of each (row, kv head),
+// which an atomic counter finds; the counters (kFlash2Counters ints, zeroed once, reset by every launch) limit
+// split decode to rows * kv heads <= kFlash2Counters (more rows than that fill the GPU unsplit anyway).
+// kFlash2PrefillWarps picks the prefill kernel: 8 warps (tandem_flash_prefill2: 128-row tiles, one CTA per
+// multiprocessor) or 4 (tandem_flash_prefill2w4: 64-row tiles, two CTAs); bench/micro/attention.cu times both
+// (columns new and new4).
+constexpr bool kFlash2Enabled = true;
+constexpr int kFlash2PrefillWarps = 8;
+static_assert(kFlash2PrefillWarps == 8 || kFlash2PrefillWarps == 4, "prefill2 comes with 8 or 4 warps");
+constexpr int kFlash2Rows = 16 * kFlash2PrefillWarps, kFlash2MaxGroup = 8, kFlash2MaxSplits = 64;
+constexpr int kFlash2DecodeCtasPerSm = 3;
+constexpr unsigned kFlash2Threads = 32 * kFlash2PrefillWarps;
+const char* const kFlash2PrefillName = kFlash2PrefillWarps == 8 ? "tandem_flash_prefill2_d" : "tandem_flash_prefill2w4_d";
+constexpr size_t kFlash2Counters = 4096;
+unsigned flash2PrefillSmem(int headDim) { return 3u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 // The skinny GEMM's geometry (gemv.cu, namespace tandem_gemv): threads per CTA, the largest batch with a kernel,
 // and weight rows per CTA (any grid is correct there; this one gives each CTA one row group).
 constexpr unsigned kGemvThreads = 128;
@@ -200,9 +219,11 @@ void CudaLlama::init() {
   fn_.sampleFinish = device_.function("tandem_sample_finish");
   const CudaDriver& drv = device_.driver();
   const int D = config_.headDim, group = config_.numHeads / config_.numKvHeads;
-  const char* attention = std::getenv("TANDEM_ATTENTION");
-  if (!(attention && std::string(attention) == "reference") && (D == 64 || D == 128) &&
-      config_.numHeads % config_.numKvHeads == 0 && group <= kFlashMaxGroup) {
+  const char* attentionEnv = std::getenv("TANDEM_ATTENTION");
+  const std::string attention = attentionEnv ? attentionEnv : "";
+  flash2_ = false;
+  if (attention != "reference" && (D == 64 || D == 128) && config_.numHeads % config_.numKvHeads == 0 &&
+      group <= kFlashMaxGroup) {
     const std::string d = std::to_string(D);
     fn_.flashPrefill = device_.function("tandem_flash_prefill_d" + d);
     fn_.flashDecode = device_.function("tandem_flash_decode_d" + d);
@@ -211,6 +232,19 @@ void CudaLlama::init() {
                                  static_cast<int>(flashPrefillSmem(D))),
           "cuFuncSetAttribute (flash prefill shared memory)");
     flash_ = true;
+    if (kFlash2Enabled && attention != "flash1" && group <= kFlash2MaxGroup && (group & (group - 1)) == 0) {
+      // A fatbin built before the second kernels lacks them: keep the first ones then.
+      try {
+        fn_.flash2Prefill = device_.function(kFlash2PrefillName + d);
+        fn_.flash2Decode = device_.function("tandem_flash_decode2_d" + d + "_g" + std::to_string(group));
+        check(drv.cuFuncSetAttribute(fn_.flash2Prefill, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                     static_cast<int>(flash2PrefillSmem(D))),
+              "cuFuncSetAttribute (flash2 prefill shared memory)");
+        flash2_ = true;
+      } catch (const NativeError& e) {
+        if (e.code != "TANDEM_BAD_ARGUMENT") throw;
+      }
+    }
   }
   int gemvMax = kGemvMaxBatch;
   if (const char* gemv = std::getenv("TANDEM_GEMV")) {
@@ -269,6 +303,10 @@ void CudaLlama::init() {
   weights_ = device_.allocate(weightBytes_, "cuMemAlloc (model weights)");
   invFreqMem_ = device_.allocate(invFreq_.size() * sizeof(float), "cuMemAlloc (RoPE frequencies)");
   const CudaDriver& d = device_.driver();
+  if (flash2_) {
+    flash2Counters_ = device_.allocate(kFlash2Counters * 4, "cuMemAlloc (flash decode counters)");
+    check(d.cuMemsetD8Async(flash2Counters_->ptr, 0, kFlash2Counters * 4, device_.stream()), "cuMemsetD8Async");
+  }
   check(d.cuMemcpyHtoDAsync(invFreqMem_->ptr, invFreq_.data(), invFreq_.size() * sizeof(float), device_.stream()),
         "cuMemcpyHtoDAsync");
   check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize");
@@ -283,7 +321,7 @@ void CudaLlama::release() {
   if (handle_) cublas_.destroy(handle_);
   handle_ = nullptr;
   lt_.reset();
-  for (auto* a : {&weights_, &invFreqMem_, &scratch_, &ltWorkspace_}) {
+  for (auto* a : {&weights_, &invFreqMem_, &scratch_, &ltWorkspace_, &flash2Counters_}) {
     if (*a) {
       try {
         device_.freeAllocation(**a);
@@ -662,13 +700,15 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   const size_t tilesAt = ints.size();
   size_t decodeAt = tilesAt, decodeRows = 0;
   int splits = 1, keysPerSplit = 0;
+  const bool flash2 = flash2_;
   if (flash_) {
+    const int32_t tileRows = flash2 ? kFlash2Rows : kFlashRows;
     for (size_t s = 0; s < nseq; ++s) {
       const int32_t first = in.seqStarts[s], n = in.seqStarts[s + 1] - first;
       if (n == 1) continue;
-      for (int32_t a = 0; a < n; a += kFlashRows) {
+      for (int32_t a = 0; a < n; a += tileRows) {
         ints.push_back(first + a);
-        ints.push_back(std::min<int32_t>(kFlashRows, n - a));
+        ints.push_back(std::min<int32_t>(tileRows, n - a));
         ints.push_back(static_cast<int32_t>(s));
       }
     }
@@ -680,7 +720,9 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       const int ctx = c.slidingWindow > 0 ? std::min(c.slidingWindow, mb * bs) : mb * bs;
       const int chunks = (ctx + kFlashKeys - 1) / kFlashKeys;
       const int ctas = static_cast<int>(decodeRows) * c.numKvHeads;
-      const int want = std::max(1, (kFlashDecodeCtasPerSm * multiprocessors_ + ctas - 1) / ctas);
+      const int perSm = flash2 ? kFlash2DecodeCtasPerSm : kFlashDecodeCtasPerSm;
+      int want = std::max(1, (perSm * multiprocessors_ + ctas - 1) / ctas);
+      if (flash2) want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
       splits = std::max(1, std::min(want, chunks));
       keysPerSplit = (chunks + splits - 1) / splits * kFlashKeys;
       splits = (ctx + keysPerSplit - 1) / keysPerSplit;
@@ -711,6 +753,7 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   CUdeviceptr gateUp = base + oGateUp, act = base + oAct, last = base + oLast, logits = base + oLogits;
   CUdeviceptr dFlashTiles = dInts + tilesAt * 4, dDecodeRows = dInts + decodeAt * 4, partial = base + oPartial;
   CUdeviceptr kv = pool_.base, invFreq = invFreqMem_->ptr, null = 0;
+  const CUdeviceptr counters = flash2 ? flash2Counters_->ptr : 0;
 
   std::memcpy(pinned_, ints.data(), ints.size() * 4);
   check(d.cuMemcpyHtoDAsync(dInts, pinned_, ints.size() * 4, stream), "cuMemcpyHtoDAsync (batch)");
@@ -737,7 +780,16 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
       if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
       launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
-      if (flash_) {
+      if (flash2) {
+        if (flashTiles)
+          launch3(fn_.flash2Prefill, H, static_cast<unsigned>(flashTiles), 1, kFlash2Threads, flash2PrefillSmem(D),
+                  qkv, dPositions, dFlashTiles, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow,
+                  scale, attn);
+        if (decodeRows)
+          launch3(fn_.flash2Decode, static_cast<unsigned>(decodeRows), KVH, static_cast<unsigned>(splits),
+                  kFlashThreads, 0, qkv, dPositions, dDecodeRows, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
+                  blockMajor, H, KVH, c.slidingWindow, scale, keysPerSplit, partial, counters, attn);
+      } else if (flash_) {
         if (flashTiles)
           launch3(fn_.flashPrefill, static_cast<unsigned>(flashTiles), H, 1, kFlashThreads, flashPrefillSmem(D), qkv,
                   dPositions, dFlashTiles, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale,

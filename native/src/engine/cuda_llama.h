@@ -99,8 +99,9 @@ class CudaLlama {
   size_t weightBytes() const { return weightBytes_; }
   // Whether decode steps replay CUDA graphs; when capture failed, why (and they run eagerly).
   bool graphsActive() const { return cudaGraphs_; }
-  // Whether attention runs through the flash kernels (set by init()).
+  // Whether attention runs through the flash kernels (set by init()), and whether through the second ones.
   bool flashAttention() const { return flash_; }
+  bool flash2Attention() const { return flash2_; }
   // GEMMs with at most this many rows of x run through gemv.cu's kernels, larger ones through cuBLAS (0: all
   // through cuBLAS, TANDEM_GEMV=off). Set by init().
   int gemvMaxBatch() const { return gemvMaxBatch_; }
@@ -184,16 +185,21 @@ class CudaLlama {
   std::shared_ptr<DeviceAllocation> ltWorkspace_;
   std::atomic<bool> gemmLt_{false};
   std::shared_ptr<DeviceAllocation> weights_, invFreqMem_, scratch_;
+  std::shared_ptr<DeviceAllocation> flash2Counters_;  // tandem_flash_decode2's split counters: zero between launches
   void* pinned_ = nullptr;
   size_t pinnedBytes_ = 0;
   struct {
     CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, sampleChunkTop, sampleFinish;
     CUfunction flashPrefill, flashDecode, flashCombine;  // attention.cu, for head dims 64 and 128
+    CUfunction flash2Prefill, flash2Decode;              // attention.cu's second kernels, where flash2_
     CUfunction dummyUniform, dummyFill;                  // dummy_init.cu, looked up on first use
   } fn_{};
   // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
   // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).
   std::atomic<bool> flash_{false};
+  // Within flash_: the second kernels (tandem_flash_prefill2 / _decode2) where they exist, the GQA group is a power
+  // of two up to 8 and TANDEM_ATTENTION is not `flash1`.
+  std::atomic<bool> flash2_{false};
   std::vector<CUfunction> gemv_;        // tandem_gemv_m<m> at index m - 1, m = 1..gemvMaxBatch_
   std::vector<CUfunction> gemvSwiglu_;  // tandem_gemv_swiglu_m<m>, likewise
   std::atomic<int> gemvMaxBatch_{0};

@@ -421,7 +421,8 @@ Napi::Value CudaLlamaWrap::GetCudaGraphs(const Napi::CallbackInfo& info) {
 
 // 'flash' (attention.cu) or 'reference' (llama.cu); known once init() has run.
 Napi::Value CudaLlamaWrap::GetAttentionKernels(const Napi::CallbackInfo& info) {
-  return Napi::String::New(info.Env(), model_ && model_->flashAttention() ? "flash" : "reference");
+  if (!model_ || !model_->flashAttention()) return Napi::String::New(info.Env(), "reference");
+  return Napi::String::New(info.Env(), model_->flash2Attention() ? "flash2" : "flash");
 }
 
 // The largest batch whose GEMMs run through gemv.cu (0: all through cuBLAS); known once init() has run.
