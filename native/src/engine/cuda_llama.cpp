@@ -107,6 +107,11 @@ constexpr int kFlash2DecodeCtasPerSm = 3;
 constexpr unsigned kFlash2Threads = 32 * kFlash2PrefillWarps;
 const char* const kFlash2PrefillName = kFlash2PrefillWarps == 8 ? "tandem_flash_prefill2_d" : "tandem_flash_prefill2w4_d";
 constexpr size_t kFlash2Counters = 4096;
+// Decode steps of at most this many sequences take the second decode kernel, larger ones the first: measured on
+// one H100 (bench/micro/attention.cu, 8B shape, per layer), the second wins where the context is split across
+// many CTAs (batch 1 at 3032 keys: 18 us against 25; batch 16 at 544: 26 against 29) and loses once the batch
+// alone fills the GPU (batch 16 at 3032: 111 against 103 us; batch 64 at 3032: 388 against 323 us).
+constexpr size_t kFlash2DecodeMaxRows = 8;
 unsigned flash2PrefillSmem(int headDim) { return 3u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 // The skinny GEMM's geometry (gemv.cu, namespace tandem_gemv): threads per CTA, the largest batch with a kernel,
 // and weight rows per CTA (any grid is correct there; this one gives each CTA one row group).
@@ -701,6 +706,7 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   size_t decodeAt = tilesAt, decodeRows = 0;
   int splits = 1, keysPerSplit = 0;
   const bool flash2 = flash2_;
+  bool flash2Decode = false;
   if (flash_) {
     const int32_t tileRows = flash2 ? kFlash2Rows : kFlashRows;
     for (size_t s = 0; s < nseq; ++s) {
@@ -716,13 +722,14 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
     for (size_t s = 0; s < nseq; ++s)
       if (in.seqStarts[s + 1] - in.seqStarts[s] == 1) ints.push_back(in.seqStarts[s]);
     decodeRows = ints.size() - decodeAt;
+    flash2Decode = flash2 && decodeRows <= kFlash2DecodeMaxRows;
     if (decodeRows) {
       const int ctx = c.slidingWindow > 0 ? std::min(c.slidingWindow, mb * bs) : mb * bs;
       const int chunks = (ctx + kFlashKeys - 1) / kFlashKeys;
       const int ctas = static_cast<int>(decodeRows) * c.numKvHeads;
-      const int perSm = flash2 ? kFlash2DecodeCtasPerSm : kFlashDecodeCtasPerSm;
+      const int perSm = flash2Decode ? kFlash2DecodeCtasPerSm : kFlashDecodeCtasPerSm;
       int want = std::max(1, (perSm * multiprocessors_ + ctas - 1) / ctas);
-      if (flash2) want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
+      if (flash2Decode) want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
       splits = std::max(1, std::min(want, chunks));
       keysPerSplit = (chunks + splits - 1) / splits * kFlashKeys;
       splits = (ctx + keysPerSplit - 1) / keysPerSplit;
@@ -780,21 +787,20 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
       gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
       if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
       launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
-      if (flash2) {
-        if (flashTiles)
+      if (flash_) {
+        if (flashTiles && flash2)
           launch3(fn_.flash2Prefill, H, static_cast<unsigned>(flashTiles), 1, kFlash2Threads, flash2PrefillSmem(D),
                   qkv, dPositions, dFlashTiles, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow,
                   scale, attn);
-        if (decodeRows)
-          launch3(fn_.flash2Decode, static_cast<unsigned>(decodeRows), KVH, static_cast<unsigned>(splits),
-                  kFlashThreads, 0, qkv, dPositions, dDecodeRows, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
-                  blockMajor, H, KVH, c.slidingWindow, scale, keysPerSplit, partial, counters, attn);
-      } else if (flash_) {
-        if (flashTiles)
+        else if (flashTiles)
           launch3(fn_.flashPrefill, static_cast<unsigned>(flashTiles), H, 1, kFlashThreads, flashPrefillSmem(D), qkv,
                   dPositions, dFlashTiles, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale,
                   attn);
-        if (decodeRows) {
+        if (decodeRows && flash2Decode)
+          launch3(fn_.flash2Decode, static_cast<unsigned>(decodeRows), KVH, static_cast<unsigned>(splits),
+                  kFlashThreads, 0, qkv, dPositions, dDecodeRows, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
+                  blockMajor, H, KVH, c.slidingWindow, scale, keysPerSplit, partial, counters, attn);
+        else if (decodeRows) {
           launch3(fn_.flashDecode, static_cast<unsigned>(decodeRows), KVH, static_cast<unsigned>(splits),
                   kFlashThreads, 0, qkv, dPositions, dDecodeRows, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
                   blockMajor, H, KVH, c.slidingWindow, scale, keysPerSplit, partial, attn);
