@@ -121,6 +121,15 @@ export class KvRouter {
   private readonly admissions = new Map<string, Admission[]>();
   private overlapScratch: Int32Array;
   private laneScratch = new Uint32Array(512);
+  /** Inside route(): the hash memo is valid. */
+  private deciding = false;
+  /** The last prompt hashed (by identity) and its lanes, a view of laneScratch: valid for one decision. */
+  private hashMemo: { prompt: ArrayLike<number> | null; length: number; blockSize: number; lanes: Uint32Array } = {
+    prompt: null,
+    length: 0,
+    blockSize: 0,
+    lanes: new Uint32Array(0),
+  };
   private scratch: Candidates & { cached: Int32Array } = {
     n: 0,
     costs: new Float64Array(0),
@@ -254,6 +263,19 @@ export class KvRouter {
    * chosen decode worker's uncached tokens and the prefill pool's queue); records the load it adds.
    */
   route(request: RouteRequest): RouteDecision | undefined {
+    // The prompt is hashed once for both choices; the memo lives for this decision only (a caller may reuse and
+    // mutate its array between decisions).
+    this.hashMemo.prompt = null;
+    this.deciding = true;
+    try {
+      return this.decide(request);
+    } finally {
+      this.deciding = false;
+      this.hashMemo.prompt = null;
+    }
+  }
+
+  private decide(request: RouteRequest): RouteDecision | undefined {
     const decode = this.choose(request.decode, request.promptIds, 'decode', request.requestId);
     if (!decode) return undefined;
     const prefillWorkers = request.prefill ?? [];
@@ -270,23 +292,22 @@ export class KvRouter {
       )
     )
       prefill = this.choose(prefillWorkers, request.promptIds, 'prefill', request.requestId) ?? null;
-    const blocks = (c: RouteChoice) => Math.ceil(request.promptIds.length / c.blockSize);
-    const uncachedBlocks = (c: RouteChoice) => blocks(c) - c.cachedBlocks;
-    const fullBlock = (c: RouteChoice) => request.promptIds.length >= c.blockSize;
+    const promptTokens = request.promptIds.length;
+    const decodeUncached = Math.ceil(promptTokens / decode.blockSize) - decode.cachedBlocks;
     const admissions: Admission[] = [
       {
         worker: decode.worker,
-        queuedPrefillBlocks: prefill ? 0 : uncachedBlocks(decode),
-        decodeBlocks: uncachedBlocks(decode),
-        fullBlock: fullBlock(decode),
+        queuedPrefillBlocks: prefill ? 0 : decodeUncached,
+        decodeBlocks: decodeUncached,
+        fullBlock: promptTokens >= decode.blockSize,
       },
     ];
     if (prefill)
       admissions.push({
         worker: prefill.worker,
-        queuedPrefillBlocks: uncachedBlocks(prefill),
+        queuedPrefillBlocks: Math.ceil(promptTokens / prefill.blockSize) - prefill.cachedBlocks,
         decodeBlocks: 0,
-        fullBlock: fullBlock(prefill),
+        fullBlock: promptTokens >= prefill.blockSize,
       });
     this.admit(request.requestId, admissions);
     return { decode, prefill };
@@ -328,6 +349,7 @@ export class KvRouter {
       d.inflight[i] = c.inflight;
       d.reportedLoad[i] = c.reportedLoad;
     }
+    if (!this.deciding) this.hashMemo.prompt = null;
     const at = this.policy.choose(d, pool, candidates);
     const chosen = candidates[at]!;
     const cachedBlocks = d.cached[at]!;
@@ -351,16 +373,35 @@ export class KvRouter {
     };
   }
 
-  /** Leading blocks of the prompt (in blocks of `blockSize`) each worker id holds; into `out` when given. */
+  /**
+   * Leading blocks of the prompt (in blocks of `blockSize`) each worker id holds; into `out` when given. The
+   * engine keeps each worker's holdings prefix-closed, so the index bisects the chain (a few probes) instead of
+   * probing every block.
+   */
   private walk(promptIds: ArrayLike<number>, blockSize: number, out?: Int32Array): Int32Array {
     const full = Math.floor(promptIds.length / blockSize);
-    if (this.laneScratch.length < 2 * full) this.laneScratch = new Uint32Array(4 * full);
-    const lanes = kvBlockHashLanes(promptIds, blockSize, full, this.laneScratch);
+    const lanes = this.hashes(promptIds, blockSize, full);
     let target = out ?? new Int32Array(this.index.maxWorkers);
     if (target.length < this.index.maxWorkers) target = new Int32Array(this.index.maxWorkers);
     if (out && target !== out) this.overlapScratch = target;
-    this.index.overlaps(lanes, full, target);
+    this.index.overlapsPrefixClosed(lanes, full, target);
     return target;
+  }
+
+  /**
+   * The prompt's chained block hashes, computed once per request and block size: the decode and the prefill
+   * choice of one decision reuse them (hashing a 2,000-token prompt costs more than bisecting the index).
+   */
+  private hashes(promptIds: ArrayLike<number>, blockSize: number, full: number): Uint32Array {
+    const memo = this.hashMemo;
+    if (memo.prompt === promptIds && memo.length === promptIds.length && memo.blockSize === blockSize)
+      return memo.lanes;
+    if (this.laneScratch.length < 2 * full) this.laneScratch = new Uint32Array(4 * full);
+    memo.lanes = kvBlockHashLanes(promptIds, blockSize, full, this.laneScratch);
+    memo.prompt = promptIds;
+    memo.length = promptIds.length;
+    memo.blockSize = blockSize;
+    return memo.lanes;
   }
 
   /** Per-decision arrays, reused (a decision allocates nothing per candidate). */
