@@ -12,8 +12,8 @@
  *                            a popular prefix counts once, as the KV pool holds it once)
  *
  * The lowest cost wins; ties go to fewer requests in flight, then to the lighter reported load, then to the
- * first candidate. The load terms are this router's estimate, updated when it routes a request, at its first
- * token and at its end (LoadEstimate).
+ * first candidate. The load terms are the routers' estimate (load-estimate.ts: shared by the routers of one
+ * launcher), updated when a request is routed, at its first token and at its end.
  *
  * With `temperature` > 0 the choice is a draw instead: P(w) ∝ exp(-cost(w) / (temperature * maxCost)), costs
  * normalised by the largest one so that the temperature does not depend on the size of the requests. A higher

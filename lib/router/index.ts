@@ -4,6 +4,7 @@
  * decision. The request relay over the workers' channels is lib/serve/router.ts, which asks this for decisions.
  */
 export { KvPrefixIndex, type PrefixIndexOptions } from './prefix-index.js';
+export { LoadEstimate, type WorkerLoadEstimate } from './load-estimate.js';
 export {
   chooseByCost,
   costOf,

@@ -14,6 +14,7 @@ import {
   type DisaggregationThresholds,
 } from '../serve/disagg.js';
 import { costOf, DEFAULT_COST_WEIGHTS, explainCost, type CostTerms, type CostWeights } from './cost.js';
+import { LoadEstimate, type WorkerLoadEstimate } from './load-estimate.js';
 import { KvPrefixIndex } from './prefix-index.js';
 import {
   createPolicy,
@@ -43,11 +44,13 @@ export interface KvRouterOptions extends Partial<CostWeights> {
   onEventsMissing?: (worker: string, missing: boolean) => void;
   /** Worker ids to size the index for (it grows past it). Default 64. */
   maxWorkers?: number;
+  /** The load estimate to share with other routers (a launcher's frontends); default one of its own. */
+  load?: LoadEstimate;
 }
 
 export interface RouteCandidate {
   name: string;
-  /** Requests in flight from this router. */
+  /** Requests in flight there from the routers sharing this load estimate (load-estimate.ts). */
   inflight: number;
   /** Load the worker reports (running + waiting + prefilling). */
   reportedLoad: number;
@@ -90,8 +93,8 @@ interface WorkerState {
   /** The last batch applied (or included in the snapshot applied). */
   seq: number;
   awaitingSnapshot: boolean;
-  queuedPrefillBlocks: number;
-  decodeBlocks: number;
+  /** Its entry in the (possibly shared) load estimate. */
+  load: WorkerLoadEstimate;
   /** KV batches and snapshots with blocks received: 0 means the worker has never said it holds anything. */
   eventsSeen: number;
   /** Requests with at least one full block finished on it. */
@@ -101,6 +104,8 @@ interface WorkerState {
 
 interface Admission {
   worker: string;
+  /** The entry the request's load was added to (released there, even after the worker left). */
+  load: WorkerLoadEstimate;
   queuedPrefillBlocks: number;
   decodeBlocks: number;
   /** The prompt fills at least one block: serving it stores a block (a KV event) unless it was cached. */
@@ -112,6 +117,8 @@ const defaultDebug = debuglog('tandem-router');
 export class KvRouter {
   readonly index: KvPrefixIndex;
   readonly policyName: RouterPolicyName;
+  /** Requests in flight and cost.ts's load terms per worker; shared by the routers of one launcher. */
+  readonly load: LoadEstimate;
   private readonly weights: CostWeights;
   private readonly policy: RoutingPolicy;
   private readonly debug: KvRouterOptions['debug'];
@@ -121,6 +128,15 @@ export class KvRouter {
   private readonly admissions = new Map<string, Admission[]>();
   private overlapScratch: Int32Array;
   private laneScratch = new Uint32Array(512);
+  /** Inside route(): the hash memo is valid. */
+  private deciding = false;
+  /** The last prompt hashed (by identity) and its lanes, a view of laneScratch: valid for one decision. */
+  private hashMemo: { prompt: ArrayLike<number> | null; length: number; blockSize: number; lanes: Uint32Array } = {
+    prompt: null,
+    length: 0,
+    blockSize: 0,
+    lanes: new Uint32Array(0),
+  };
   private scratch: Candidates & { cached: Int32Array } = {
     n: 0,
     costs: new Float64Array(0),
@@ -139,6 +155,7 @@ export class KvRouter {
     this.policy = createPolicy(this.policyName, this.weights, options.random ?? Math.random);
     this.debug = options.debug ?? defaultDebug;
     this.index = new KvPrefixIndex({ maxWorkers: options.maxWorkers ?? 64 });
+    this.load = options.load ?? new LoadEstimate();
     this.overlapScratch = new Int32Array(this.index.maxWorkers);
   }
 
@@ -152,8 +169,7 @@ export class KvRouter {
         incarnation: undefined,
         seq: 0,
         awaitingSnapshot: false,
-        queuedPrefillBlocks: 0,
-        decodeBlocks: 0,
+        load: this.load.of(name),
         eventsSeen: 0,
         servedWithBlocks: 0,
         missingReported: false,
@@ -171,8 +187,8 @@ export class KvRouter {
 
   /** The load estimate of `worker` (cost.ts's terms less the request's own). */
   loadOf(worker: string): { queuedPrefillBlocks: number; decodeBlocks: number } {
-    const s = this.workers.get(worker);
-    return { queuedPrefillBlocks: s?.queuedPrefillBlocks ?? 0, decodeBlocks: s?.decodeBlocks ?? 0 };
+    const e = this.load.peek(worker);
+    return { queuedPrefillBlocks: e?.queuedPrefillBlocks ?? 0, decodeBlocks: e?.decodeBlocks ?? 0 };
   }
 
   /** The worker is gone: its blocks leave the index, its id is free again. */
@@ -181,6 +197,7 @@ export class KvRouter {
     if (!s) return;
     this.index.dropWorker(s.id);
     this.workers.delete(name);
+    this.load.forget(name);
     this.freeIds.push(s.id);
     if (s.missingReported) this.options.onEventsMissing?.(name, false);
   }
@@ -254,6 +271,19 @@ export class KvRouter {
    * chosen decode worker's uncached tokens and the prefill pool's queue); records the load it adds.
    */
   route(request: RouteRequest): RouteDecision | undefined {
+    // The prompt is hashed once for both choices; the memo lives for this decision only (a caller may reuse and
+    // mutate its array between decisions).
+    this.hashMemo.prompt = null;
+    this.deciding = true;
+    try {
+      return this.decide(request);
+    } finally {
+      this.deciding = false;
+      this.hashMemo.prompt = null;
+    }
+  }
+
+  private decide(request: RouteRequest): RouteDecision | undefined {
     const decode = this.choose(request.decode, request.promptIds, 'decode', request.requestId);
     if (!decode) return undefined;
     const prefillWorkers = request.prefill ?? [];
@@ -270,23 +300,24 @@ export class KvRouter {
       )
     )
       prefill = this.choose(prefillWorkers, request.promptIds, 'prefill', request.requestId) ?? null;
-    const blocks = (c: RouteChoice) => Math.ceil(request.promptIds.length / c.blockSize);
-    const uncachedBlocks = (c: RouteChoice) => blocks(c) - c.cachedBlocks;
-    const fullBlock = (c: RouteChoice) => request.promptIds.length >= c.blockSize;
+    const promptTokens = request.promptIds.length;
+    const decodeUncached = Math.ceil(promptTokens / decode.blockSize) - decode.cachedBlocks;
     const admissions: Admission[] = [
       {
         worker: decode.worker,
-        queuedPrefillBlocks: prefill ? 0 : uncachedBlocks(decode),
-        decodeBlocks: uncachedBlocks(decode),
-        fullBlock: fullBlock(decode),
+        load: this.state(decode.worker).load,
+        queuedPrefillBlocks: prefill ? 0 : decodeUncached,
+        decodeBlocks: decodeUncached,
+        fullBlock: promptTokens >= decode.blockSize,
       },
     ];
     if (prefill)
       admissions.push({
         worker: prefill.worker,
-        queuedPrefillBlocks: uncachedBlocks(prefill),
+        load: this.state(prefill.worker).load,
+        queuedPrefillBlocks: Math.ceil(promptTokens / prefill.blockSize) - prefill.cachedBlocks,
         decodeBlocks: 0,
-        fullBlock: fullBlock(prefill),
+        fullBlock: promptTokens >= prefill.blockSize,
       });
     this.admit(request.requestId, admissions);
     return { decode, prefill };
@@ -324,10 +355,16 @@ export class KvRouter {
       const requestBlocks = Math.ceil(promptIds.length / bs);
       const cached = overlaps[s.id]!;
       d.cached[i] = cached;
-      d.costs[i] = costOf(this.weights.prefillWeight, requestBlocks - cached, s.queuedPrefillBlocks, s.decodeBlocks);
+      d.costs[i] = costOf(
+        this.weights.prefillWeight,
+        requestBlocks - cached,
+        s.load.queuedPrefillBlocks,
+        s.load.decodeBlocks,
+      );
       d.inflight[i] = c.inflight;
       d.reportedLoad[i] = c.reportedLoad;
     }
+    if (!this.deciding) this.hashMemo.prompt = null;
     const at = this.policy.choose(d, pool, candidates);
     const chosen = candidates[at]!;
     const cachedBlocks = d.cached[at]!;
@@ -336,8 +373,8 @@ export class KvRouter {
         const c = candidates[i]!;
         const terms: CostTerms = {
           uncachedBlocks: Math.ceil(promptIds.length / c.blockSize) - d.cached[i]!,
-          queuedPrefillBlocks: states[i]!.queuedPrefillBlocks,
-          decodeBlocks: states[i]!.decodeBlocks,
+          queuedPrefillBlocks: states[i]!.load.queuedPrefillBlocks,
+          decodeBlocks: states[i]!.load.decodeBlocks,
         };
         this.debug(`route ${requestId} ${pool}: ${explainCost(c.name, terms, this.weights)}`);
       }
@@ -351,16 +388,35 @@ export class KvRouter {
     };
   }
 
-  /** Leading blocks of the prompt (in blocks of `blockSize`) each worker id holds; into `out` when given. */
+  /**
+   * Leading blocks of the prompt (in blocks of `blockSize`) each worker id holds; into `out` when given. The
+   * engine keeps each worker's holdings prefix-closed, so the index bisects the chain (a few probes) instead of
+   * probing every block.
+   */
   private walk(promptIds: ArrayLike<number>, blockSize: number, out?: Int32Array): Int32Array {
     const full = Math.floor(promptIds.length / blockSize);
-    if (this.laneScratch.length < 2 * full) this.laneScratch = new Uint32Array(4 * full);
-    const lanes = kvBlockHashLanes(promptIds, blockSize, full, this.laneScratch);
+    const lanes = this.hashes(promptIds, blockSize, full);
     let target = out ?? new Int32Array(this.index.maxWorkers);
     if (target.length < this.index.maxWorkers) target = new Int32Array(this.index.maxWorkers);
     if (out && target !== out) this.overlapScratch = target;
-    this.index.overlaps(lanes, full, target);
+    this.index.overlapsPrefixClosed(lanes, full, target);
     return target;
+  }
+
+  /**
+   * The prompt's chained block hashes, computed once per request and block size: the decode and the prefill
+   * choice of one decision reuse them (hashing a 2,000-token prompt costs more than bisecting the index).
+   */
+  private hashes(promptIds: ArrayLike<number>, blockSize: number, full: number): Uint32Array {
+    const memo = this.hashMemo;
+    if (memo.prompt === promptIds && memo.length === promptIds.length && memo.blockSize === blockSize)
+      return memo.lanes;
+    if (this.laneScratch.length < 2 * full) this.laneScratch = new Uint32Array(4 * full);
+    memo.lanes = kvBlockHashLanes(promptIds, blockSize, full, this.laneScratch);
+    memo.prompt = promptIds;
+    memo.length = promptIds.length;
+    memo.blockSize = blockSize;
+    return memo.lanes;
   }
 
   /** Per-decision arrays, reused (a decision allocates nothing per candidate). */
@@ -383,9 +439,8 @@ export class KvRouter {
   private admit(requestId: string, admissions: Admission[]): void {
     this.release(requestId, false);
     for (const a of admissions) {
-      const s = this.state(a.worker);
-      s.queuedPrefillBlocks += a.queuedPrefillBlocks;
-      s.decodeBlocks += a.decodeBlocks;
+      a.load.queuedPrefillBlocks += a.queuedPrefillBlocks;
+      a.load.decodeBlocks += a.decodeBlocks;
     }
     this.admissions.set(requestId, admissions);
   }
@@ -393,8 +448,7 @@ export class KvRouter {
   /** The request's first token came: its prompt is computed, its prefill no longer queued anywhere. */
   firstToken(requestId: string): void {
     for (const a of this.admissions.get(requestId) ?? []) {
-      const s = this.workers.get(a.worker);
-      if (s) s.queuedPrefillBlocks -= a.queuedPrefillBlocks;
+      a.load.queuedPrefillBlocks -= a.queuedPrefillBlocks;
       a.queuedPrefillBlocks = 0;
     }
   }
@@ -409,11 +463,10 @@ export class KvRouter {
     if (!admissions) return;
     this.admissions.delete(requestId);
     for (const a of admissions) {
+      a.load.queuedPrefillBlocks -= a.queuedPrefillBlocks;
+      a.load.decodeBlocks -= a.decodeBlocks;
       const s = this.workers.get(a.worker);
-      if (!s) continue;
-      s.queuedPrefillBlocks -= a.queuedPrefillBlocks;
-      s.decodeBlocks -= a.decodeBlocks;
-      if (!served || !a.fullBlock) continue;
+      if (!s || s.load !== a.load || !served || !a.fullBlock) continue;
       // KV routing's most common silent failure: a worker that serves but never says what it caches.
       s.servedWithBlocks++;
       if (s.eventsSeen === 0 && !s.missingReported && s.servedWithBlocks >= KV_EVENTS_MISSING_AFTER) {

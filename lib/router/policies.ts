@@ -14,7 +14,7 @@ export interface Candidates {
   n: number;
   /** cost.ts's cost of each candidate. */
   costs: Float64Array;
-  /** Requests in flight from this router. */
+  /** Requests in flight there from the routers sharing a load estimate (a launcher's frontends). */
   inflight: Float64Array;
   /** Load the worker reports (running + waiting + prefilling). */
   reportedLoad: Float64Array;
@@ -41,7 +41,7 @@ class KvPolicy implements RoutingPolicy {
   }
 }
 
-/** Fewest requests in flight from this router, then the lightest reported load, then the first. */
+/** Fewest requests in flight (from the routers sharing a load estimate), then the lightest reported load, then the first. */
 class LeastLoadPolicy implements RoutingPolicy {
   readonly name = 'least-load';
   choose(c: Candidates): number {

@@ -34,6 +34,7 @@ import type { GenerationBackend } from './backend.js';
 import { MigratingBackend } from './migration.js';
 import type { FromWorker, ToWorker, WorkerInit } from './protocol.js';
 import { Router } from './router.js';
+import { LoadEstimate } from '../router/index.js';
 
 /** First delay before restarting a crashed worker; it doubles with each crash, up to RESTART_BACKOFF_MAX_MS. */
 export const RESTART_BACKOFF_INITIAL_MS = 500;
@@ -346,7 +347,9 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
   const ports = frontendPorts(graph.frontend);
-  // One router per frontend; what it sends about a request carries its frontend (requestPlaneId).
+  // One router per frontend; what it sends about a request carries its frontend (requestPlaneId). They share one
+  // load estimate, so requests in flight through one frontend weigh on the others' choices (best-effort).
+  const load = new LoadEstimate();
   const routers = ports.map(
     (_, i) =>
       new Router(
@@ -357,6 +360,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
         {
           routing: graph.router,
           thresholds: graph.disaggregation,
+          load,
           log: (line) => log(`[router${ports.length > 1 ? ` ${i}` : ''}] ${line}`),
         },
       ),

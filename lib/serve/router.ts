@@ -5,7 +5,13 @@
  * the tokens back.
  */
 import { TandemError } from '../errors.js';
-import { KvRouter, type RouteCandidate, type RouterConfig } from '../router/index.js';
+import {
+  KvRouter,
+  type LoadEstimate,
+  type RouteCandidate,
+  type RouterConfig,
+  type WorkerLoadEstimate,
+} from '../router/index.js';
 import type { GenerationBackend, GenerationChunk, GenerationRequest } from './backend.js';
 import { NoWorkerAvailableError } from './backend.js';
 import type { ControlPlane, LiveWorker } from './control-plane.js';
@@ -26,10 +32,15 @@ export interface RouterOptions {
   log?: (line: string) => void;
   /** Uniforms in [0, 1) for the random policy and temperature draws. */
   random?: () => number;
+  /** The load estimate shared by the routers of one launcher (lib/router/load-estimate.ts); default its own. */
+  load?: LoadEstimate;
 }
 
 interface Stream {
   worker: string;
+  /** The load entries this request counts in (its decode worker's; its prefill worker's while one runs). */
+  workerLoad: WorkerLoadEstimate;
+  prefillLoad?: WorkerLoadEstimate;
   promptTokens: number;
   gotFirstToken: boolean;
   prefill?: string;
@@ -41,7 +52,6 @@ interface Stream {
 
 export class Router implements GenerationBackend {
   private readonly streams = new Map<string, Stream>();
-  private readonly inflight = new Map<string, number>();
   /**
    * Remote prefills still running for requests that have ended (served by their decode worker after a timeout,
    * failed there, or left by their client): the decode worker keeps the blocks it lent until the prefill
@@ -62,6 +72,7 @@ export class Router implements GenerationBackend {
     this.kv = new KvRouter({
       ...options.routing,
       ...(options.random ? { random: options.random } : {}),
+      ...(options.load ? { load: options.load } : {}),
       requestSnapshot: (worker) => this.send(worker, { type: 'kvSnapshotRequest' }),
       onEventsMissing: (worker, missing) => {
         metrics?.kvEventsMissingOn(worker, missing);
@@ -79,7 +90,7 @@ export class Router implements GenerationBackend {
     const name = w.registration.name;
     return {
       name,
-      inflight: this.inflight.get(name) ?? 0,
+      inflight: this.kv.load.peek(name)?.inflight ?? 0,
       reportedLoad: w.load.running + w.load.waiting + w.load.prefilling,
       blockSize: w.registration.kvPool.blockSize ?? DEFAULT_BLOCK_SIZE,
     };
@@ -115,13 +126,14 @@ export class Router implements GenerationBackend {
     const name = decision.decode.worker;
     const stream: Stream = {
       worker: name,
+      workerLoad: this.kv.load.of(name),
       promptTokens: request.promptIds.length,
       gotFirstToken: false,
       chunks: [],
       done: false,
     };
     this.streams.set(requestId, stream);
-    this.count(name, +1);
+    stream.workerLoad.inflight++;
     const sent = this.send(name, {
       type: 'generate',
       requestId,
@@ -164,25 +176,20 @@ export class Router implements GenerationBackend {
     };
   }
 
-  private count(worker: string, delta: number): void {
-    const n = (this.inflight.get(worker) ?? 0) + delta;
-    if (n <= 0) this.inflight.delete(worker);
-    else this.inflight.set(worker, n);
-  }
-
   private finish(requestId: string): void {
     const s = this.streams.get(requestId);
     if (!s) return;
     this.streams.delete(requestId);
     this.kv.complete(requestId);
-    this.count(s.worker, -1);
+    s.workerLoad.inflight--;
     // A request can end before its prefill worker's prefillDone arrives (that comes on another channel).
     if (s.prefill) {
-      this.count(s.prefill, -1);
+      s.prefillLoad!.inflight--;
       this.metrics?.setPrefillQueueDepth(this.prefillQueueDepth());
       this.owedPrefills.set(requestId, { decode: s.worker, prefill: s.prefill });
     }
     s.prefill = undefined;
+    s.prefillLoad = undefined;
   }
 
   /**
@@ -240,7 +247,8 @@ export class Router implements GenerationBackend {
           return;
         }
         s.prefill = m.prefillWorker;
-        this.count(m.prefillWorker, +1);
+        s.prefillLoad = this.kv.load.of(m.prefillWorker);
+        s.prefillLoad.inflight++;
         this.metrics?.setPrefillQueueDepth(this.prefillQueueDepth());
         const ok = this.send(m.prefillWorker, {
           type: 'prefill',
@@ -280,14 +288,17 @@ export class Router implements GenerationBackend {
   }
 
   private prefillQueueDepth(): number {
-    return this.controlPlane.workers('prefill').reduce((n, w) => n + (this.inflight.get(w.registration.name) ?? 0), 0);
+    return this.controlPlane
+      .workers('prefill')
+      .reduce((n, w) => n + (this.kv.load.peek(w.registration.name)?.inflight ?? 0), 0);
   }
 
   private prefillEnded(requestId: string, ok: boolean, reason: string): void {
     const s = this.streams.get(requestId);
     if (!s || !s.prefill) return;
-    this.count(s.prefill, -1);
+    s.prefillLoad!.inflight--;
     s.prefill = undefined;
+    s.prefillLoad = undefined;
     this.metrics?.setPrefillQueueDepth(this.prefillQueueDepth());
     // On failure the decode worker computes the prompt itself (it holds the blocks it allocated).
     if (!ok) this.send(s.worker, { type: 'prefillFailed', requestId, reason });

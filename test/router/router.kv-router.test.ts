@@ -191,6 +191,35 @@ describe('routing', () => {
     expect(r.route({ requestId: 'f', promptIds: p, decode: [], thresholds })).toBeUndefined();
   });
 
+  it('a prompt is hashed once per decision: an array reused and rewritten between decisions is hashed afresh', () => {
+    const a = prompt(32, 1);
+    const b = prompt(32, 2);
+    const r = new KvRouter();
+    r.onKvSnapshot('d0', { incarnation: 1, seq: 0, lanes: kvBlockHashLanes(a, BS) });
+    r.onKvSnapshot('d1', { incarnation: 2, seq: 0, lanes: kvBlockHashLanes(b, BS) });
+    r.onKvSnapshot('p1', { incarnation: 3, seq: 0, lanes: kvBlockHashLanes(b.slice(0, 16), BS) });
+    const buffer = Int32Array.from(a);
+    const decide = (id: string) =>
+      r.route({
+        requestId: id,
+        promptIds: buffer,
+        decode: [cand('d0'), cand('d1')],
+        prefill: [cand('p0'), cand('p1')],
+        thresholds: { minRemotePrefillTokens: 0, maxPrefillQueue: 8 },
+      })!;
+    expect(decide('x').decode).toMatchObject({ worker: 'd0', cachedBlocks: 8 });
+    r.complete('x');
+    buffer.set(b);
+    const second = decide('y');
+    // Both choices of one decision saw the rewritten prompt: decode by all of it, prefill by its first half.
+    expect(second.decode).toMatchObject({ worker: 'd1', cachedBlocks: 8 });
+    expect(second.prefill).toMatchObject({ worker: 'p1', cachedBlocks: 4 });
+    buffer.set(a);
+    expect(r.choose([cand('d0'), cand('d1')], buffer, 'decode')).toMatchObject({ worker: 'd0', cachedBlocks: 8 });
+    buffer.set(b);
+    expect(r.choose([cand('d0'), cand('d1')], buffer, 'decode')).toMatchObject({ worker: 'd1', cachedBlocks: 8 });
+  });
+
   it('a worker that serves requests but publishes no KV events is reported, and cleared when events come', () => {
     const reports: [string, boolean][] = [];
     const r = new KvRouter({ onEventsMissing: (w, missing) => reports.push([w, missing]) });
