@@ -355,6 +355,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const config = isDummyModel(graph.model) ? dummyConfig(graph.model) : loadModelConfig(graph.model);
   const tokenizer = modelTokenizer(graph.model, config);
   const apiKey = apiKeyOf(graph, options);
+  // The planner's profile before any process starts, like the model (planner hooks): a bad one is a ProfileError.
+  const plannerProfile = graph.planner.profile !== undefined ? loadProfile(graph.planner.profile) : undefined;
   if (apiKey === undefined && !isLoopbackHost(graph.frontend.host))
     log(
       `[launcher] WARNING: the API on ${graph.frontend.host} is reachable from other machines and has no ` +
@@ -532,6 +534,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     start: async (role) => {
       const pool = poolOf(role);
       if (!pool) throw new BadArgumentError(`the graph has no ${role} pool`);
+      if (stopping) throw new BadArgumentError('the deployment is stopping');
       const r = nextReplica.get(pool.name)!;
       nextReplica.set(pool.name, r + 1);
       const wp = addWorker(workerInit(graph, pool, r, options));
@@ -544,6 +547,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
         workers.delete(wp.name);
         throw error;
       }
+      // The deployment began to stop while this worker started: it stops too.
+      if (stopping) await wp.stop();
       return wp.name;
     },
     drain: (name, timeoutMs) => {
@@ -593,36 +598,43 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   if (plannerSpec.mode !== 'off') {
     const roles = ['prefill', 'decode'] as const;
     const slots = (role: Pool) => Math.max(1, poolOf(role)?.gpusPerReplica ?? 1);
-    planner = new PlannerRuntime({
-      mode: plannerSpec.mode,
-      ttftMs: plannerSpec.ttftMs!,
-      itlMs: plannerSpec.itlMs!,
-      intervalS: plannerSpec.intervalS,
-      minReplicas: plannerSpec.minReplicas,
-      // Default budget: what the graph starts (on CPU, one slot per worker), so the planner moves workers.
-      maxGpus: plannerSpec.maxGpus ?? roles.reduce((n, r) => n + (poolOf(r)?.replicas ?? 0) * slots(r), 0),
-      gpusPerReplica: { prefill: slots('prefill'), decode: slots('decode') },
-      ...(plannerSpec.profile !== undefined ? { profile: loadProfile(plannerSpec.profile) } : {}),
-      connector: new LocalConnector(localWorkers, {
-        ...(options.planner?.drainTimeoutMs !== undefined ? { drainTimeoutMs: options.planner.drainTimeoutMs } : {}),
+    try {
+      planner = new PlannerRuntime({
+        mode: plannerSpec.mode,
+        ttftMs: plannerSpec.ttftMs!,
+        itlMs: plannerSpec.itlMs!,
+        intervalS: plannerSpec.intervalS,
+        minReplicas: plannerSpec.minReplicas,
+        // Default budget: what the graph starts (on CPU, one slot per worker), so the planner moves workers.
+        maxGpus: plannerSpec.maxGpus ?? roles.reduce((n, r) => n + (poolOf(r)?.replicas ?? 0) * slots(r), 0),
+        gpusPerReplica: { prefill: slots('prefill'), decode: slots('decode') },
+        ...(plannerProfile ? { profile: plannerProfile } : {}),
+        connector: new LocalConnector(localWorkers, {
+          ...(options.planner?.drainTimeoutMs !== undefined ? { drainTimeoutMs: options.planner.drainTimeoutMs } : {}),
+          log: (line) => log(`[planner] ${line}`),
+        }),
+        window: () =>
+          new MetricsWindow(
+            () => metrics.plannerReadings(),
+            () =>
+              Object.fromEntries(
+                controlPlane.workers().map((w) => {
+                  const total = w.registration.numBlocks;
+                  return [w.registration.name, total > 0 ? (total - w.load.freeBlocks) / total : 0];
+                }),
+              ),
+          ),
+        metrics,
+        ...(options.planner?.correction ? { correction: options.planner.correction } : {}),
         log: (line) => log(`[planner] ${line}`),
-      }),
-      window: () =>
-        new MetricsWindow(
-          () => metrics.plannerReadings(),
-          () =>
-            Object.fromEntries(
-              controlPlane.workers().map((w) => {
-                const total = w.registration.numBlocks;
-                return [w.registration.name, total > 0 ? (total - w.load.freeBlocks) / total : 0];
-              }),
-            ),
-        ),
-      metrics,
-      ...(options.planner?.correction ? { correction: options.planner.correction } : {}),
-      log: (line) => log(`[planner] ${line}`),
-    });
-    await planner.start();
+      });
+      await planner.start();
+    } catch (error) {
+      stopping = true;
+      await Promise.all([closeFrontends(0), stopWorkers()]);
+      controlPlane.close();
+      throw error;
+    }
   }
   // ---- end planner hooks ----
 

@@ -32,19 +32,20 @@ async function planner(d: Deployment): Promise<PlannerStatus> {
 }
 
 /**
- * Sends `count` completions, `concurrency` at a time, while `during` runs; resolves with the failures (none
- * expected) and the completions' count, once both are done.
+ * Sends completions, three at a time, while `during` runs and until at least `count` were sent (at most 500);
+ * resolves with how many were sent, how many completed, and the failures (none expected).
  */
 async function steadyStream(
   client: OpenAI,
   count: number,
   during: () => Promise<unknown>,
-): Promise<{ ok: number; failures: string[] }> {
+): Promise<{ sent: number; ok: number; failures: string[] }> {
   const failures: string[] = [];
   let ok = 0;
   let next = 0;
+  let done = false;
   const one = async (): Promise<void> => {
-    while (next < count) {
+    while ((next < count || !done) && next < 500) {
       const i = next++;
       try {
         const r = await client.completions.create({
@@ -60,8 +61,8 @@ async function steadyStream(
       }
     }
   };
-  await Promise.all([one(), one(), one(), during()]);
-  return { ok, failures };
+  await Promise.all([one(), one(), one(), during().finally(() => (done = true))]);
+  return { sent: next, ok, failures };
 }
 
 describe('local connector (CPU workers, requests streaming)', () => {
@@ -91,13 +92,13 @@ describe('local connector (CPU workers, requests streaming)', () => {
     const pidsBefore = d.pids();
     let moved = '';
     const remoteBefore = await metric(d, 'tandem_prefills_total{where="remote"}');
-    const { ok, failures } = await steadyStream(client, 24, async () => {
+    const { sent, ok, failures } = await steadyStream(client, 24, async () => {
       // Requests are in flight when the move starts.
       await vi.waitFor(() => expect(d.controlPlane.workers().some((w) => w.load.running > 0)).toBe(true), WAIT);
       moved = await connector.moveReplica('decode', 'prefill');
     });
     expect(failures).toEqual([]);
-    expect(ok).toBe(24);
+    expect(ok).toBe(sent);
     expect(moved).toMatch(/^decode-[01]$/);
     expect(connector.replicas()).toEqual({ prefill: 2, decode: 1 });
     expect(d.controlPlane.get(moved)?.registration.role).toBe('prefill');
@@ -112,22 +113,27 @@ describe('local connector (CPU workers, requests streaming)', () => {
     expect(lines.some((l) => l.includes(`${moved} registered (prefill`))).toBe(true);
   }, 180_000);
 
-  it('adds a decode worker and drains and stops a prefill worker, under load, with no request failing', async () => {
+  it('adds a decode worker, drains and stops a prefill and a decode worker, under load, with no request failing', async () => {
     const connector = new LocalConnector(d.localWorkers, { drainTimeoutMs: 30_000 });
     let added = '';
-    let removed = '';
-    const { ok, failures } = await steadyStream(client, 24, async () => {
+    const removed: string[] = [];
+    const { sent, ok, failures } = await steadyStream(client, 36, async () => {
       added = await connector.addReplica('decode');
-      removed = await connector.removeReplica('prefill');
+      removed.push(await connector.removeReplica('prefill'));
+      removed.push(await connector.removeReplica('decode'));
     });
     expect(failures).toEqual([]);
-    expect(ok).toBe(24);
+    expect(ok).toBe(sent);
     expect(added).toBe('decode-2');
-    expect(connector.replicas()).toEqual({ prefill: 1, decode: 2 });
-    expect(d.pids()[removed]).toBeUndefined();
-    expect(d.controlPlane.get(removed)).toBeUndefined();
+    expect(connector.replicas()).toEqual({ prefill: 1, decode: 1 });
+    for (const name of removed) {
+      expect(d.pids()[name]).toBeUndefined();
+      expect(d.controlPlane.get(name)).toBeUndefined();
+    }
     // The last replica of a pool is never taken.
     await expect(connector.removeReplica('prefill')).rejects.toMatchObject({ code: 'TANDEM_PLANNER_ACTION_FAILED' });
-    await expect(connector.moveReplica('prefill', 'decode')).rejects.toThrow(/it has 1 serving/);
+    await expect(connector.moveReplica('decode', 'prefill')).rejects.toThrow(/it has 1 serving/);
+    const last = await client.completions.create({ model: MODEL, prompt: 'after the moves', max_tokens: 8 });
+    expect(last.choices[0]?.finish_reason).toBeTruthy();
   }, 240_000);
 });

@@ -103,4 +103,15 @@ describe('planner, mode load (CPU workers)', () => {
     const after = await client.completions.create({ model: MODEL, prompt: 'after the move', max_tokens: 8 });
     expect(after.choices[0]?.finish_reason).toBeTruthy();
   }, 180_000);
+
+  it('mode sla with a profile that cannot be read fails the start before any process starts', async () => {
+    const g = graph();
+    g.planner = { ...g.planner, mode: 'sla', profile: '/nonexistent/tandem-profile.json' };
+    const log: string[] = [];
+    await expect(startDeployment(g, { log: (l) => log.push(l) })).rejects.toMatchObject({
+      code: 'TANDEM_BAD_PROFILE',
+      message: expect.stringContaining('/nonexistent/tandem-profile.json'),
+    });
+    expect(log.some((l) => l.includes('starting'))).toBe(false);
+  });
 });
