@@ -730,6 +730,11 @@ export function banner(d: Deployment): string {
       (d.frontends.length > 1 ? ' (each frontend serves both)' : ''),
     `  request migration: up to ${g.frontend.migrationLimit} per request` +
       (g.frontend.migrationLimit === 0 ? ' (off)' : ''),
+    // planner hooks
+    `  planner: ${g.planner.mode}` +
+      (g.planner.mode === 'off'
+        ? ' (fixed pools)'
+        : ` (TTFT ${g.planner.ttftMs} ms, ITL ${g.planner.itlMs} ms, every ${g.planner.intervalS} s): ${d.frontend.url}/planner`),
     `  try: curl ${d.frontend.url}/v1/chat/completions -H 'Content-Type: application/json'` +
       (d.apiKeyRequired ? ` -H "Authorization: Bearer $KEY"` : '') +
       ` -d '{"model":"${g.model}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,
