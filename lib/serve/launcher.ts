@@ -558,6 +558,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       log(`[launcher] planner: draining ${name}`);
       return new Promise<boolean>((resolve) => {
         const timer = setTimeout(() => finish(false), timeoutMs);
+        timer.unref(); // a drain never keeps the launcher's process alive
         const finish = (drained: boolean) => {
           clearTimeout(timer);
           wp.onDrained = undefined;
