@@ -570,6 +570,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     },
     undrain: (name) => {
       draining.delete(name);
+      workers.get(name)?.send({ type: 'undrain' });
     },
     stop: async (name) => {
       const wp = workers.get(name);

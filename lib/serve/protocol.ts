@@ -102,6 +102,8 @@ export type ToWorker =
    * prefill asked of it is refused (its decode worker prefills locally).
    */
   | { type: 'drain' }
+  /** A drain given up (the planner's move did not happen): the worker takes remote prefills again. */
+  | { type: 'undrain' }
   /**
    * After a drain: serve as `role` from now on, with the same engine, weights, KV pool and transfer agent; the
    * worker registers again (`ready`, then a KV snapshot), which re-announces it to its peers and routers.

@@ -67,7 +67,9 @@ class Worker {
   private heartbeat?: NodeJS.Timeout;
   /** The role served now: the init's, until the planner switches it (setRole). */
   private role: WorkerInit['role'];
-  /** Set by `drain`: polls until nothing is in flight, then answers `drained`. */
+  /** From `drain` to `setRole` or `undrain` (or the end): remote prefills are refused. */
+  private draining = false;
+  /** While draining and not yet idle: polls until nothing is in flight, then answers `drained`. */
   private drainPoll?: NodeJS.Timeout;
   /** The engine's KV events, batched per engine step and numbered, to the routers (lib/kv/events.ts). */
   private readonly kvEvents = new KvEventPublisher((batch) => send({ type: 'kvEvents', batch }));
@@ -187,7 +189,7 @@ class Worker {
         this.generate(message);
         return;
       case 'prefill':
-        if (this.drainPoll) {
+        if (this.draining) {
           send({
             type: 'prefillDone',
             requestId: message.requestId,
@@ -205,6 +207,9 @@ class Worker {
         return;
       case 'setRole':
         this.setRole(message.role);
+        return;
+      case 'undrain':
+        this.endDrain();
         return;
       case 'prefillFailed': {
         // The prefill worker is done with this request's blocks, having written nothing we wait for.
@@ -235,7 +240,8 @@ class Worker {
 
   /** Answers `drained` once nothing is in flight (requests that arrive meanwhile are served, then counted). */
   private drain(): void {
-    if (this.drainPoll) return;
+    if (this.draining) return;
+    this.draining = true;
     const check = () => {
       if (!this.idle()) return;
       clearInterval(this.drainPoll);
@@ -252,11 +258,16 @@ class Worker {
    * blocks, peers its agent) and add the new one (peers load the same agent again; routers read the snapshot).
    */
   private setRole(role: WorkerInit['role']): void {
-    clearInterval(this.drainPoll);
-    this.drainPoll = undefined;
+    this.endDrain();
     this.role = role;
     send({ type: 'ready', registration: this.registration() });
     this.sendKvSnapshot();
+  }
+
+  private endDrain(): void {
+    this.draining = false;
+    clearInterval(this.drainPoll);
+    this.drainPoll = undefined;
   }
 
   /** The prefill worker is done with `p`'s blocks: they come back to the pool. */

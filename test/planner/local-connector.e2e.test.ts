@@ -113,6 +113,33 @@ describe('local connector (CPU workers, requests streaming)', () => {
     expect(lines.some((l) => l.includes(`${moved} registered (prefill`))).toBe(true);
   }, 180_000);
 
+  it('a drain given up: the worker is routed to again and takes remote prefills again', async () => {
+    const w = d.localWorkers;
+    const [p, other] = w.serving('prefill');
+    expect(other).toBeDefined();
+    expect(await w.drain(p!, 30_000)).toBe(true);
+    expect(w.serving('prefill')).toEqual([other]);
+    w.undrain(p!);
+    expect(w.serving('prefill').sort()).toEqual([p, other].sort());
+    // The other prefill worker drained: every remote prefill has to be p's.
+    expect(await w.drain(other!, 30_000)).toBe(true);
+    try {
+      const remote = () => metric(d, 'tandem_prefills_total{where="remote"}');
+      const before = await remote();
+      for (let i = 0; i < 4; i++) {
+        const r = await client.completions.create({
+          model: MODEL,
+          prompt: `undrained ${i}: a prompt for the prefill worker that was drained and then undrained`,
+          max_tokens: 4,
+        });
+        expect(r.choices[0]?.finish_reason).toBeTruthy();
+      }
+      expect(await remote()).toBe(before + 4);
+    } finally {
+      w.undrain(other!);
+    }
+  }, 120_000);
+
   it('adds a decode worker, drains and stops a prefill and a decode worker, under load, with no request failing', async () => {
     const connector = new LocalConnector(d.localWorkers, { drainTimeoutMs: 30_000 });
     let added = '';
