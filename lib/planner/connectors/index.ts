@@ -21,4 +21,10 @@ export interface PlannerConnector {
   moveReplica(from: Pool, to: Pool): Promise<string>;
 }
 
-export { LocalConnector, type LocalWorkers, type LocalConnectorOptions } from './local.js';
+export {
+  DEFAULT_DRAIN_TIMEOUT_MS,
+  LocalConnector,
+  PlannerActionError,
+  type LocalWorkers,
+  type LocalConnectorOptions,
+} from './local.js';
