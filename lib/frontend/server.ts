@@ -51,6 +51,8 @@ export interface FrontendOptions {
   /** Default 8000 (DEFAULT_FRONTEND_PORT); 0 picks a free port. */
   port?: number;
   metrics?: ServeMetrics;
+  /** What GET /planner answers (the launcher's planner, lib/planner/runtime.ts); absent: 404. */
+  plannerStatus?: () => unknown;
   maxBodyBytes?: number;
   /** Server-side errors (500s, failed streams); default console.error. */
   log?: (line: string) => void;
@@ -119,6 +121,7 @@ class FrontendCore {
   readonly model: ServedModel;
   readonly metrics: ServeMetrics;
   readonly maxBodyBytes: number;
+  readonly plannerStatus: (() => unknown) | undefined;
   readonly log: (line: string) => void;
   readonly created = Math.floor(Date.now() / 1000);
   private readonly apiKeyDigest: Buffer | undefined;
@@ -145,6 +148,7 @@ class FrontendCore {
     };
     this.metrics = options.metrics ?? new ServeMetrics();
     this.maxBodyBytes = options.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES;
+    this.plannerStatus = options.plannerStatus;
     this.log = options.log ?? ((line) => console.error(line));
     this.apiKeyDigest = options.apiKey === undefined ? undefined : sha256(options.apiKey);
   }
@@ -428,6 +432,15 @@ const ROUTES: Record<string, Route> = {
     run: async (core, _req, res) => {
       const status = core.draining ? 'draining' : core.backend.available() ? 'ok' : 'no_worker_available';
       sendJson(res, status === 'ok' ? 200 : 503, { status, model: core.modelName });
+      return 'success';
+    },
+  },
+  '/planner': {
+    method: 'GET',
+    run: async (core, _req, res) => {
+      if (!core.plannerStatus)
+        throw new HttpError(404, 'no planner behind this frontend', 'not_found_error', null, 'not_found');
+      sendJson(res, 200, core.plannerStatus());
       return 'success';
     },
   },

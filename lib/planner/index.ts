@@ -11,6 +11,9 @@
  *   decisions.ts         the bounded history of decisions
  *   planner.ts           the above together, for a connector to act on
  *   spec.ts              the deployment graph's `planner` section
+ *   observe.ts           what it sees of a deployment: ServeMetrics differenced per interval
+ *   runtime.ts           the planner at work in the launcher: tick, decide, log, act through a connector
+ *   connectors/          how it acts: one interface; local (the launcher's processes)
  */
 export { ProfileError, UnmeetablePlanError } from './errors.js';
 export {
@@ -71,3 +74,19 @@ export {
   type PlannerSpec,
   type PlannerSpecInput,
 } from './spec.js';
+export { MetricsWindow, type PlannerWindow } from './observe.js';
+export {
+  CORRECTION_INTERVAL_S,
+  PlannerRuntime,
+  type PlannerAction,
+  type PlannerRuntimeOptions,
+  type PlannerStatus,
+} from './runtime.js';
+export {
+  DEFAULT_DRAIN_TIMEOUT_MS,
+  LocalConnector,
+  PlannerActionError,
+  type LocalConnectorOptions,
+  type LocalWorkers,
+  type PlannerConnector,
+} from './connectors/index.js';

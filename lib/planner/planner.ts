@@ -89,6 +89,14 @@ export class Planner {
     });
   }
 
+  /**
+   * The replicas actually serving, when they differ from the decided ones (a connector's action failed): the
+   * correction starts counting again from them, without a cool-down.
+   */
+  resync(replicas: Record<Pool, number>): void {
+    this.corrector.setReplicas(replicas);
+  }
+
   /** One observation of the engines' latencies between intervals. */
   observeLoad(observation: LoadObservation): LoadDecision {
     const correction = this.corrector.observe(observation);

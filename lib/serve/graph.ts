@@ -26,6 +26,7 @@ import {
   ROUTER_POLICIES,
   type RouterConfig,
 } from '../router/index.js';
+import { PlannerSpecSchema, type PlannerSpec } from '../planner/spec.js';
 
 export const POOL_ROLES = ['prefill', 'decode', 'aggregated'] as const;
 export type PoolRole = (typeof POOL_ROLES)[number];
@@ -108,6 +109,11 @@ export interface DeploymentGraph {
   disaggregation: DisaggregationThresholds;
   /** How the router picks workers (README, "Routing policies"); `tandem serve --router-policy` overrides policy. */
   router: RouterConfig;
+  /**
+   * The planner (README, "Planning capacity"): off by default (fixed pools). A profile path is absolute once
+   * loaded from a file.
+   */
+  planner: PlannerSpec;
 }
 
 /** Where one problem of a graph is: `source:line:column: path: message`. */
@@ -225,6 +231,7 @@ const GraphSchema = z.strictObject(
         err(MAPPING),
       )
       .prefault({}),
+    planner: PlannerSpecSchema.prefault({}),
   },
   err('a deployment graph must be a mapping with model and pools'),
 );
@@ -244,6 +251,7 @@ const KNOWN_KEYS: Record<string, readonly string[]> = {
   engine: Object.keys(EngineOptionsSchema.shape),
   disaggregation: ['minRemotePrefillTokens', 'maxPrefillQueue'],
   router: ['policy', 'prefillWeight', 'temperature'],
+  planner: ['mode', 'ttftMs', 'itlMs', 'intervalS', 'minReplicas', 'maxGpus', 'profile'],
 };
 
 function knownKeysAt(path: readonly PathKey[]): readonly string[] {
@@ -277,7 +285,7 @@ function schemaIssues(input: unknown): { graph?: z.output<typeof GraphSchema>; i
     const path = issue.path.filter((k): k is PathKey => typeof k !== 'symbol');
     if (issue.code === 'unrecognized_keys') {
       for (const key of issue.keys) issues.push({ path, key, message: unknownKeyMessage(key, path) });
-    } else if (path.length > 0 && valueAt(input, path) === undefined) {
+    } else if (issue.code !== 'custom' && path.length > 0 && valueAt(input, path) === undefined) {
       issues.push({ path, message: 'is required' });
     } else {
       issues.push({ path, message: issue.message });
@@ -391,6 +399,20 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
       message: `${f.replicas} frontends from port ${frontend.port} go past port 65535`,
     });
 
+  const planner: PlannerSpec = { ...parsed.planner };
+  if (planner.mode !== 'off') {
+    if (parsed.mode !== 'disagg')
+      issues.push({ path: ['planner', 'mode'], message: `planner mode ${planner.mode} needs mode disagg` });
+    for (const role of ['prefill', 'decode'] as const) {
+      const n = pools.filter((p) => p.role === role).length;
+      if (n > 1)
+        issues.push({
+          path: ['pools'],
+          message: `planner mode ${planner.mode} moves workers between one prefill and one decode pool (${n} ${role} pools)`,
+        });
+    }
+  }
+
   return {
     graph: {
       model,
@@ -406,6 +428,7 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
         prefillWeight: parsed.router.prefillWeight,
         temperature: parsed.router.temperature,
       },
+      planner,
     },
     issues,
   };
@@ -489,6 +512,8 @@ export function parseGraph(text: string, sourceName = 'graph.yaml', options: Par
       issues.push({ path: ['model'], message: `model directory ${dir} does not exist (or write dummy:<preset>)` });
     graph.model = dir;
   }
+  if (graph?.planner.profile !== undefined && options.baseDir !== undefined)
+    graph.planner.profile = resolve(options.baseDir, graph.planner.profile);
   if (issues.length || !graph) throw new GraphError(positioned(doc, lines, sourceName, issues));
   return graph;
 }

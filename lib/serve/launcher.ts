@@ -35,6 +35,13 @@ import { MigratingBackend } from './migration.js';
 import type { FromWorker, ToWorker, WorkerInit } from './protocol.js';
 import { Router } from './router.js';
 import { LoadEstimate } from '../router/index.js';
+// ---- planner hooks (lib/planner: the runtime and its local connector) ----
+import { LocalConnector, type LocalWorkers } from '../planner/connectors/index.js';
+import { MetricsWindow } from '../planner/observe.js';
+import { loadProfile } from '../planner/profile.js';
+import { PlannerRuntime, type PlannerRuntimeOptions, type PlannerStatus } from '../planner/runtime.js';
+import type { Pool } from '../planner/load-correction.js';
+// ---- end planner hooks ----
 
 /** First delay before restarting a crashed worker; it doubles with each crash, up to RESTART_BACKOFF_MAX_MS. */
 export const RESTART_BACKOFF_INITIAL_MS = 500;
@@ -91,6 +98,12 @@ export interface DeploymentOptions {
    * variable the graph names in `frontend.apiKeyEnv` (which must then be set), else none.
    */
   apiKey?: string;
+  /** The planner's tuning beyond the graph's section (tests make it react fast). */
+  planner?: {
+    correction?: PlannerRuntimeOptions['correction'];
+    /** Bound on a worker's drain before the local connector stops it anyway or gives a move up. */
+    drainTimeoutMs?: number;
+  };
 }
 
 /** Loopback: reachable from this machine only. */
@@ -135,6 +148,10 @@ export interface Deployment {
   kill(name: string, signal?: NodeJS.Signals): void;
   /** Resolves when worker `name` has registered (again). */
   waitReady(name: string, timeoutMs?: number): Promise<void>;
+  /** The planner at work (graph `planner.mode` load or sla); undefined when it is off. */
+  readonly planner?: PlannerRuntime;
+  /** The launcher's workers as the planner's local connector drives them (start, drain, stop, switch role). */
+  readonly localWorkers: LocalWorkers;
   stop(options?: { drainMs?: number }): Promise<void>;
 }
 
@@ -149,6 +166,8 @@ function workerEntry(): { file: string; execArgv: string[] } {
 
 class WorkerProcess {
   child?: ChildProcess;
+  /** A drain waits for the worker's `drained` (planner hooks). */
+  onDrained?: () => void;
   /** Restarts since the worker was last healthy (they set the backoff). */
   restarts = 0;
   stopping = false;
@@ -161,7 +180,8 @@ class WorkerProcess {
 
   constructor(
     readonly name: string,
-    readonly pool: string,
+    /** The pool it serves in: changes when the planner switches its role. */
+    public pool: string,
     readonly init: WorkerInit,
     private readonly onMessage: (m: FromWorker) => void,
     private readonly onExit: (code: number | null, signal: NodeJS.Signals | null) => void,
@@ -189,6 +209,9 @@ class WorkerProcess {
         for (const w of this.readyWaiters.splice(0)) w.resolve();
       } else if (m.type === 'fatal') {
         this.failStart(new WorkerStartError(this.name, m.message, m.code));
+      } else if (m.type === 'drained') {
+        this.onDrained?.();
+        return;
       }
       this.onMessage(m);
     });
@@ -256,32 +279,30 @@ class WorkerProcess {
 }
 
 function workerInits(graph: DeploymentGraph, options: DeploymentOptions): WorkerInit[] {
-  const inits: WorkerInit[] = [];
-  const device = (p: PoolSpec): WorkerInit['device'] => (p.device === 'cuda' ? 'cuda' : 'cpu');
-  for (const pool of graph.pools) {
-    for (let r = 0; r < pool.replicas; r++) {
-      inits.push({
-        name: `${pool.name}-${r}`,
-        pool: pool.name,
-        role: pool.role,
-        model: graph.model,
-        device: device(pool),
-        ...(pool.device === 'cuda' ? { gpu: pool.gpuIds?.[r * pool.gpusPerReplica] ?? 0 } : {}),
-        ...(pool.engine.kvCacheFraction !== undefined ? { kvCacheFraction: pool.engine.kvCacheFraction } : {}),
-        seed: options.seed ?? 0,
-        blockSize: pool.engine.blockSize,
-        ...(pool.engine.numBlocks !== undefined ? { numBlocks: pool.engine.numBlocks } : {}),
-        ...(pool.engine.threads !== undefined ? { threads: pool.engine.threads } : {}),
-        ...(pool.engine.maxBatchTokens !== undefined ? { maxBatchTokens: pool.engine.maxBatchTokens } : {}),
-        ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
-        heartbeatMs: options.heartbeatMs ?? 1000,
-        ...(options.remotePrefillTimeoutMs !== undefined
-          ? { remotePrefillTimeoutMs: options.remotePrefillTimeoutMs }
-          : {}),
-      });
-    }
-  }
-  return inits;
+  return graph.pools.flatMap((pool) =>
+    Array.from({ length: pool.replicas }, (_, r) => workerInit(graph, pool, r, options)),
+  );
+}
+
+/** Replica `r` of `pool`. A replica past the pool's gpuIds (one the planner added) takes GPU 0. */
+function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, options: DeploymentOptions): WorkerInit {
+  return {
+    name: `${pool.name}-${r}`,
+    pool: pool.name,
+    role: pool.role,
+    model: graph.model,
+    device: pool.device === 'cuda' ? 'cuda' : 'cpu',
+    ...(pool.device === 'cuda' ? { gpu: pool.gpuIds?.[r * pool.gpusPerReplica] ?? 0 } : {}),
+    ...(pool.engine.kvCacheFraction !== undefined ? { kvCacheFraction: pool.engine.kvCacheFraction } : {}),
+    seed: options.seed ?? 0,
+    blockSize: pool.engine.blockSize,
+    ...(pool.engine.numBlocks !== undefined ? { numBlocks: pool.engine.numBlocks } : {}),
+    ...(pool.engine.threads !== undefined ? { threads: pool.engine.threads } : {}),
+    ...(pool.engine.maxBatchTokens !== undefined ? { maxBatchTokens: pool.engine.maxBatchTokens } : {}),
+    ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
+    heartbeatMs: options.heartbeatMs ?? 1000,
+    ...(options.remotePrefillTimeoutMs !== undefined ? { remotePrefillTimeoutMs: options.remotePrefillTimeoutMs } : {}),
+  };
 }
 
 /** A request's id on the request plane: the frontend that owns it, then its id there. */
@@ -335,6 +356,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const config = isDummyModel(graph.model) ? dummyConfig(graph.model) : loadModelConfig(graph.model);
   const tokenizer = modelTokenizer(graph.model, config);
   const apiKey = apiKeyOf(graph, options);
+  // The planner's profile before any process starts, like the model (planner hooks): a bad one is a ProfileError.
+  const plannerProfile = graph.planner.profile !== undefined ? loadProfile(graph.planner.profile) : undefined;
   if (apiKey === undefined && !isLoopbackHost(graph.frontend.host))
     log(
       `[launcher] WARNING: the API on ${graph.frontend.host} is reachable from other machines and has no ` +
@@ -347,13 +370,18 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
   const ports = frontendPorts(graph.frontend);
+  // ---- planner hooks: a worker being drained is hidden from the routers (they send it nothing new) ----
+  const draining = new Set<string>();
+  const routable = routingView(controlPlane, draining);
+  let planner: PlannerRuntime | undefined;
+  // ---- end planner hooks ----
   // One router per frontend; what it sends about a request carries its frontend (requestPlaneId). They share one
   // load estimate, so requests in flight through one frontend weigh on the others' choices (best-effort).
   const load = new LoadEstimate();
   const routers = ports.map(
     (_, i) =>
       new Router(
-        controlPlane,
+        routable,
         (name, m) => send(name, 'requestId' in m ? { ...m, requestId: requestPlaneId(i, m.requestId) } : m),
         graph.mode,
         metrics,
@@ -392,6 +420,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
           port,
           ...(apiKey !== undefined ? { apiKey } : {}),
           metrics,
+          plannerStatus: () => planner?.status() ?? plannerOff(routable),
           log: (line) => log(`[${frontendName(i, ports.length)}] ${line}`),
         }),
       );
@@ -422,22 +451,22 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     for (const other of controlPlane.workers()) send(other.registration.name, { type: 'peerGone', name });
   });
 
-  for (const init of workerInits(graph, options)) {
-    const pool = init.pool;
+  const addWorker = (init: WorkerInit): WorkerProcess => {
     const wp: WorkerProcess = new WorkerProcess(
       init.name,
-      pool,
+      init.pool,
       init,
       (m) => {
         if (m.type === 'ready') {
           wp.readyAt = now();
+          draining.delete(init.name); // a role switch ends its drain (planner hooks)
           controlPlane.register(m.registration);
         } else if (m.type === 'heartbeat') {
           controlPlane.heartbeat(m.name, m.load);
           const live = controlPlane.get(m.name);
           if (live) {
             const total = live.registration.numBlocks;
-            metrics.workerKvBlocks(m.name, pool, total - m.load.freeBlocks, total);
+            metrics.workerKvBlocks(m.name, wp.pool, total - m.load.freeBlocks, total);
           }
         } else if (m.type === 'fatal') log(`[launcher] ${init.name} failed to start: ${m.message}`);
         else deliverToRouters(routers, init.name, m, log);
@@ -454,7 +483,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
         if (!started) return; // starting: no restarts; the start fails with this worker's error
         log(`[launcher] ${init.name} exited unexpectedly (${how})`);
         if (options.restart === false) return;
-        metrics.workerRestart(pool, exitReason(everReady, code, signal));
+        metrics.workerRestart(wp.pool, exitReason(everReady, code, signal));
         // Healthy for long enough before this crash: the backoff starts over.
         if (everReady && now() - wp.readyAt! >= healthyMs && wp.restarts > 0) {
           log(
@@ -472,7 +501,9 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       log,
     );
     workers.set(init.name, wp);
-  }
+    return wp;
+  };
+  for (const init of workerInits(graph, options)) addWorker(init);
 
   const stopWorkers = () => Promise.all([...workers.values()].map((w) => w.stop()));
   try {
@@ -491,6 +522,128 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     throw error;
   }
 
+  // ---- planner hooks: the launcher's workers as the local connector drives them, and the planner itself ----
+  const poolOf = (role: Pool) => graph.pools.find((p) => p.role === role);
+  const nextReplica = new Map(graph.pools.map((p) => [p.name, p.replicas]));
+  const localWorkers: LocalWorkers = {
+    serving: (role) =>
+      controlPlane
+        .workers(role)
+        .map((w) => w.registration.name)
+        .filter((n) => !draining.has(n) && workers.get(n)?.stopping === false),
+    load: (name) => {
+      const l = controlPlane.get(name)?.load;
+      return l ? l.running + l.waiting + l.prefilling : 0;
+    },
+    start: async (role) => {
+      const pool = poolOf(role);
+      if (!pool) throw new BadArgumentError(`the graph has no ${role} pool`);
+      if (stopping) throw new BadArgumentError('the deployment is stopping');
+      const r = nextReplica.get(pool.name)!;
+      nextReplica.set(pool.name, r + 1);
+      const wp = addWorker(workerInit(graph, pool, r, options));
+      log(`[launcher] planner: starting ${wp.name} (${role})`);
+      wp.start();
+      try {
+        await wp.waitReady(options.startTimeoutMs ?? DEFAULT_WORKER_START_TIMEOUT_MS);
+      } catch (error) {
+        await wp.stop();
+        workers.delete(wp.name);
+        throw error;
+      }
+      // The deployment began to stop while this worker started: it stops too.
+      if (stopping) await wp.stop();
+      return wp.name;
+    },
+    drain: (name, timeoutMs) => {
+      const wp = workers.get(name);
+      if (!wp) return Promise.reject(new BadArgumentError(`no worker ${name}`));
+      draining.add(name);
+      log(`[launcher] planner: draining ${name}`);
+      return new Promise<boolean>((resolve) => {
+        const timer = setTimeout(() => finish(false), timeoutMs);
+        timer.unref(); // a drain never keeps the launcher's process alive
+        const finish = (drained: boolean) => {
+          clearTimeout(timer);
+          wp.onDrained = undefined;
+          resolve(drained);
+        };
+        wp.onDrained = () => finish(true);
+        if (!wp.send({ type: 'drain' })) finish(false);
+      });
+    },
+    undrain: (name) => {
+      draining.delete(name);
+      workers.get(name)?.send({ type: 'undrain' });
+    },
+    stop: async (name) => {
+      const wp = workers.get(name);
+      if (!wp) return;
+      log(`[launcher] planner: stopping ${name}`);
+      await wp.stop();
+      controlPlane.remove(name, 'stopped by the planner');
+      workers.delete(name);
+      draining.delete(name);
+    },
+    switchRole: async (name, role) => {
+      const wp = workers.get(name);
+      const pool = poolOf(role);
+      if (!wp || !pool) throw new BadArgumentError(`no worker ${name}, or no ${role} pool`);
+      log(`[launcher] planner: ${name} switches to ${role} (pool ${pool.name}); its weights and KV pool stay`);
+      wp.ready = false;
+      // A crash restart brings it back in its new role.
+      wp.init.role = role;
+      wp.init.pool = pool.name;
+      wp.pool = pool.name;
+      const registered = wp.waitReady(options.startTimeoutMs ?? DEFAULT_WORKER_START_TIMEOUT_MS);
+      if (!wp.send({ type: 'setRole', role })) throw new BadArgumentError(`worker ${name} is not reachable`);
+      await registered;
+    },
+  };
+  const plannerSpec = graph.planner;
+  if (plannerSpec.mode !== 'off') {
+    const roles = ['prefill', 'decode'] as const;
+    const slots = (role: Pool) => Math.max(1, poolOf(role)?.gpusPerReplica ?? 1);
+    try {
+      planner = new PlannerRuntime({
+        mode: plannerSpec.mode,
+        ttftMs: plannerSpec.ttftMs!,
+        itlMs: plannerSpec.itlMs!,
+        intervalS: plannerSpec.intervalS,
+        minReplicas: plannerSpec.minReplicas,
+        // Default budget: what the graph starts (on CPU, one slot per worker), so the planner moves workers.
+        maxGpus: plannerSpec.maxGpus ?? roles.reduce((n, r) => n + (poolOf(r)?.replicas ?? 0) * slots(r), 0),
+        gpusPerReplica: { prefill: slots('prefill'), decode: slots('decode') },
+        ...(plannerProfile ? { profile: plannerProfile } : {}),
+        connector: new LocalConnector(localWorkers, {
+          ...(options.planner?.drainTimeoutMs !== undefined ? { drainTimeoutMs: options.planner.drainTimeoutMs } : {}),
+          log: (line) => log(`[planner] ${line}`),
+        }),
+        window: () =>
+          new MetricsWindow(
+            () => metrics.plannerReadings(),
+            () =>
+              Object.fromEntries(
+                controlPlane.workers().map((w) => {
+                  const total = w.registration.numBlocks;
+                  return [w.registration.name, total > 0 ? (total - w.load.freeBlocks) / total : 0];
+                }),
+              ),
+          ),
+        metrics,
+        ...(options.planner?.correction ? { correction: options.planner.correction } : {}),
+        log: (line) => log(`[planner] ${line}`),
+      });
+      await planner.start();
+    } catch (error) {
+      stopping = true;
+      await Promise.all([closeFrontends(0), stopWorkers()]);
+      controlPlane.close();
+      throw error;
+    }
+  }
+  // ---- end planner hooks ----
+
   return {
     graph,
     frontend,
@@ -501,6 +654,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     apiKeyRequired: apiKey !== undefined,
     pids: () => Object.fromEntries([...workers].filter(([, w]) => w.child?.pid).map(([n, w]) => [n, w.child!.pid!])),
     kill: (name, signal = 'SIGKILL') => workers.get(name)?.child?.kill(signal),
+    ...(planner ? { planner } : {}),
+    localWorkers,
     waitReady: (name, timeoutMs = 60_000) => {
       const w = workers.get(name);
       if (!w) return Promise.reject(new Error(`no worker ${name}`));
@@ -509,12 +664,40 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     stop: async ({ drainMs = 10_000 } = {}) => {
       if (stopping) return;
       stopping = true;
+      await planner?.stop();
       await closeFrontends(drainMs);
       await stopWorkers();
       controlPlane.close();
     },
   };
 }
+
+// ---- planner hooks ----
+/**
+ * The control plane as the routers see it: workers being drained are left out of `workers()` (no new request
+ * reaches them); everything else (get, events) is the control plane's own, so a request already routed to a
+ * draining worker (its remote prefill included) completes.
+ */
+function routingView(controlPlane: ControlPlane, draining: ReadonlySet<string>): ControlPlane {
+  return new Proxy(controlPlane, {
+    get(target, key) {
+      if (key === 'workers')
+        return (role?: Parameters<ControlPlane['workers']>[0]) =>
+          target.workers(role).filter((w) => !draining.has(w.registration.name));
+      const value: unknown = Reflect.get(target, key, target);
+      return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value;
+    },
+  });
+}
+
+/** /planner when the graph's planner is off: the pools as they are. */
+function plannerOff(routable: ControlPlane): PlannerStatus {
+  return {
+    mode: 'off',
+    replicas: { current: { prefill: routable.workers('prefill').length, decode: routable.workers('decode').length } },
+  };
+}
+// ---- end planner hooks ----
 
 /** How a frontend's log lines are prefixed: `frontend`, or `frontend-<i>` when there are several. */
 function frontendName(index: number, count: number): string {
@@ -553,6 +736,11 @@ export function banner(d: Deployment): string {
       (d.frontends.length > 1 ? ' (each frontend serves both)' : ''),
     `  request migration: up to ${g.frontend.migrationLimit} per request` +
       (g.frontend.migrationLimit === 0 ? ' (off)' : ''),
+    // planner hooks
+    `  planner: ${g.planner.mode}` +
+      (g.planner.mode === 'off'
+        ? ' (fixed pools)'
+        : ` (TTFT ${g.planner.ttftMs} ms, ITL ${g.planner.itlMs} ms, every ${g.planner.intervalS} s): ${d.frontend.url}/planner`),
     `  try: curl ${d.frontend.url}/v1/chat/completions -H 'Content-Type: application/json'` +
       (d.apiKeyRequired ? ` -H "Authorization: Bearer $KEY"` : '') +
       ` -d '{"model":"${g.model}","messages":[{"role":"user","content":"Hello"}],"max_tokens":16}'`,

@@ -63,7 +63,32 @@ export const METRIC_NAMES = {
    * (no_worker). See lib/serve/migration.ts.
    */
   requestMigrations: 'tandem_request_migrations_total',
+  /** Gauge; label pool (prefill|decode): replicas the planner wants (lib/planner). */
+  plannerDesiredReplicas: 'tandem_planner_desired_replicas',
+  /** Gauge; label pool: replicas serving now, as the planner's connector reports them. */
+  plannerReplicas: 'tandem_planner_replicas',
+  /**
+   * Counter; labels kind (sla|load), action (hold|add|remove|move|plan): planner decisions. `plan` is an SLA
+   * decision, whatever replicas it set.
+   */
+  plannerDecisions: 'tandem_planner_decisions_total',
+  /** Counter; labels action (add|remove|move), outcome (done|failed): what the connector carried out. */
+  plannerActions: 'tandem_planner_actions_total',
 } as const;
+
+/** Cumulative readings the planner takes each interval and differences (lib/planner/observe.ts). */
+export interface PlannerReadings {
+  /** Requests finished (with or without a first token). */
+  finished: number;
+  inputTokens: number;
+  outputTokens: number;
+  ttftSeconds: { sum: number; count: number };
+  itlSeconds: { sum: number; count: number };
+  /** Requests waiting for their first token now. */
+  queued: number;
+  /** Requests waiting in the prefill pool now. */
+  prefillQueue: number;
+}
 
 export type RequestStatus = 'success' | 'client_error' | 'server_error' | 'canceled';
 export type Endpoint = 'chat' | 'completions';
@@ -216,6 +241,30 @@ export class ServeMetrics {
     labelNames: ['outcome'] as const,
     registers: [this.registry],
   });
+  private readonly plannerDesired = new Gauge({
+    name: METRIC_NAMES.plannerDesiredReplicas,
+    help: 'Replicas the planner wants, by pool',
+    labelNames: ['pool'] as const,
+    registers: [this.registry],
+  });
+  private readonly plannerReplicas = new Gauge({
+    name: METRIC_NAMES.plannerReplicas,
+    help: 'Replicas serving now, by pool, as the planner sees them',
+    labelNames: ['pool'] as const,
+    registers: [this.registry],
+  });
+  private readonly plannerDecisions = new Counter({
+    name: METRIC_NAMES.plannerDecisions,
+    help: 'Planner decisions, by kind (sla, load) and action (hold, add, remove, move, plan)',
+    labelNames: ['kind', 'action'] as const,
+    registers: [this.registry],
+  });
+  private readonly plannerActions = new Counter({
+    name: METRIC_NAMES.plannerActions,
+    help: 'Planner actions carried out by its connector, by action and outcome (done, failed)',
+    labelNames: ['action', 'outcome'] as const,
+    registers: [this.registry],
+  });
   /** Pool of each worker with KV series, so that its series can be dropped by name. */
   private readonly workerPools = new Map<string, string>();
 
@@ -301,6 +350,42 @@ export class ServeMetrics {
   /** A request whose worker died: re-issued elsewhere, or ended (lib/serve/migration.ts). */
   requestMigration(outcome: 'migrated' | 'limit_reached' | 'no_worker'): void {
     this.migrations.inc({ outcome });
+  }
+
+  /** The planner's view of a pool: replicas wanted and serving. */
+  plannerPool(pool: string, desired: number, serving: number): void {
+    this.plannerDesired.set({ pool }, desired);
+    this.plannerReplicas.set({ pool }, serving);
+  }
+  plannerDecision(kind: string, action: string): void {
+    this.plannerDecisions.inc({ kind, action });
+  }
+  plannerAction(action: string, outcome: 'done' | 'failed'): void {
+    this.plannerActions.inc({ action, outcome });
+  }
+
+  /** What the planner observes, as cumulative totals read from the metrics themselves (no text scraping). */
+  async plannerReadings(): Promise<PlannerReadings> {
+    const sumValues = async (m: Counter | Gauge) => (await m.get()).values.reduce((a, v) => a + v.value, 0);
+    const histogram = async (h: Histogram) => {
+      let sum = 0;
+      let count = 0;
+      for (const v of (await h.get()).values) {
+        if (v.metricName?.endsWith('_sum')) sum += v.value;
+        else if (v.metricName?.endsWith('_count')) count += v.value;
+      }
+      return { sum, count };
+    };
+    const duration = await histogram(this.duration);
+    return {
+      finished: duration.count,
+      inputTokens: await sumValues(this.inputTokens),
+      outputTokens: await sumValues(this.outputTokens),
+      ttftSeconds: await histogram(this.ttft),
+      itlSeconds: await histogram(this.itl),
+      queued: await sumValues(this.queued),
+      prefillQueue: await sumValues(this.prefillQueue),
+    };
   }
 
   /** The Prometheus text exposition of every metric. */

@@ -96,11 +96,26 @@ export type ToWorker =
   | { type: 'prefillFailed'; requestId: string; reason: string }
   | { type: 'abort'; requestId: string }
   | { type: 'kvSnapshotRequest' }
+  /**
+   * The planner moves this worker (lib/planner/connectors/local.ts): no new work reaches it (the launcher's
+   * routers no longer see it); it answers `drained` once nothing is in flight here. While draining, a remote
+   * prefill asked of it is refused (its decode worker prefills locally).
+   */
+  | { type: 'drain' }
+  /** A drain given up (the planner's move did not happen): the worker takes remote prefills again. */
+  | { type: 'undrain' }
+  /**
+   * After a drain: serve as `role` from now on, with the same engine, weights, KV pool and transfer agent; the
+   * worker registers again (`ready`, then a KV snapshot), which re-announces it to its peers and routers.
+   */
+  | { type: 'setRole'; role: PoolRole }
   | { type: 'shutdown' };
 
 export type FromWorker =
   | { type: 'ready'; registration: WorkerRegistration }
   | { type: 'heartbeat'; name: string; load: WorkerLoad }
+  /** Answer to `drain`: no request is in flight here. */
+  | { type: 'drained'; name: string }
   | {
       type: 'tokens';
       requestId: string;

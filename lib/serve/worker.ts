@@ -23,6 +23,9 @@ import {
 /** A decode worker waits this long for a remote prefill before computing the prompt itself. */
 export const REMOTE_PREFILL_TIMEOUT_MS = 30_000;
 
+/** How often a draining worker looks whether its last request has ended. */
+const DRAIN_POLL_MS = 20;
+
 /** How long a worker whose launcher is gone (or that was told to stop) waits for its engine to dispose. */
 const EXIT_GRACE_MS = 5_000;
 
@@ -62,6 +65,12 @@ class Worker {
   private readonly prefilling = new Set<string>();
   private readonly peers = new Map<string, WorkerRegistration>();
   private heartbeat?: NodeJS.Timeout;
+  /** The role served now: the init's, until the planner switches it (setRole). */
+  private role: WorkerInit['role'];
+  /** From `drain` to `setRole` or `undrain` (or the end): remote prefills are refused. */
+  private draining = false;
+  /** While draining and not yet idle: polls until nothing is in flight, then answers `drained`. */
+  private drainPoll?: NodeJS.Timeout;
   /** The engine's KV events, batched per engine step and numbered, to the routers (lib/kv/events.ts). */
   private readonly kvEvents = new KvEventPublisher((batch) => send({ type: 'kvEvents', batch }));
   private readonly stopKvEvents: () => void;
@@ -72,6 +81,7 @@ class Worker {
     private readonly agent: TransferAgent,
     private readonly kvRegion: Region,
   ) {
+    this.role = init.role;
     agent.on('notification', (_from, message) => this.onNotice(message));
     this.stopKvEvents = model.engine.onKvEvent((event) => this.kvEvents.add(event));
     this.heartbeat = setInterval(() => {
@@ -98,7 +108,7 @@ class Worker {
   registration(): WorkerRegistration {
     return {
       name: this.init.name,
-      role: this.init.role,
+      role: this.role,
       pid: process.pid,
       agentName: this.agent.name,
       agentMetadata: this.agent.metadata(),
@@ -159,7 +169,7 @@ class Worker {
         // request (CUDA IPC mappings cost tens of milliseconds). A failure here shows again, with the
         // same error, on the transfer that needs the peer, where the request falls back to a local prefill.
         // TANDEM_WARMUP=0 turns this off (to measure a cold first transfer).
-        if (this.init.role === 'prefill' && process.env.TANDEM_WARMUP !== '0') {
+        if (this.role === 'prefill' && process.env.TANDEM_WARMUP !== '0') {
           const peer = message.peer.agentName;
           this.agent.warmup(peer).catch((error: Error) => {
             process.stderr.write(
@@ -179,7 +189,27 @@ class Worker {
         this.generate(message);
         return;
       case 'prefill':
+        if (this.draining) {
+          send({
+            type: 'prefillDone',
+            requestId: message.requestId,
+            ok: false,
+            bytes: 0,
+            ms: 0,
+            error: `prefill worker ${this.init.name} is draining`,
+          });
+          return;
+        }
         void this.prefill(message);
+        return;
+      case 'drain':
+        this.drain();
+        return;
+      case 'setRole':
+        this.setRole(message.role);
+        return;
+      case 'undrain':
+        this.endDrain();
         return;
       case 'prefillFailed': {
         // The prefill worker is done with this request's blocks, having written nothing we wait for.
@@ -202,6 +232,42 @@ class Worker {
       case 'shutdown':
         return;
     }
+  }
+
+  private idle(): boolean {
+    return this.handles.size === 0 && this.remote.size === 0 && this.prefilling.size === 0;
+  }
+
+  /** Answers `drained` once nothing is in flight (requests that arrive meanwhile are served, then counted). */
+  private drain(): void {
+    if (this.draining) return;
+    this.draining = true;
+    const check = () => {
+      if (!this.idle()) return;
+      clearInterval(this.drainPoll);
+      this.drainPoll = undefined;
+      send({ type: 'drained', name: this.init.name });
+    };
+    this.drainPoll = setInterval(check, DRAIN_POLL_MS);
+    check();
+  }
+
+  /**
+   * Changes role in place: the engine, its weights and KV pool (prefix cache included) and the transfer agent
+   * stay. Registering again makes the control plane drop the old registration (routers forget this worker's
+   * blocks, peers its agent) and add the new one (peers load the same agent again; routers read the snapshot).
+   */
+  private setRole(role: WorkerInit['role']): void {
+    this.endDrain();
+    this.role = role;
+    send({ type: 'ready', registration: this.registration() });
+    this.sendKvSnapshot();
+  }
+
+  private endDrain(): void {
+    this.draining = false;
+    clearInterval(this.drainPoll);
+    this.drainPoll = undefined;
   }
 
   /** The prefill worker is done with `p`'s blocks: they come back to the pool. */
@@ -422,6 +488,7 @@ class Worker {
 
   async dispose(): Promise<void> {
     clearInterval(this.heartbeat);
+    clearInterval(this.drainPoll);
     this.stopKvEvents();
     for (const p of this.remote.values()) clearTimeout(p.timer);
     await this.model.dispose();

@@ -64,6 +64,7 @@ describe('parseGraph', () => {
         maxPrefillQueue: DEFAULT_MAX_PREFILL_QUEUE,
       },
       router: { policy: 'kv', prefillWeight: DEFAULT_PREFILL_WEIGHT, temperature: 0 },
+      planner: { mode: 'off', intervalS: 60, minReplicas: 1 },
     });
   });
 

@@ -1,0 +1,206 @@
+import { describe, expect, it, vi } from 'vitest';
+import type { PlannerConnector } from '../../lib/planner/connectors/index.js';
+import { MetricsWindow } from '../../lib/planner/observe.js';
+import { PlannerRuntime } from '../../lib/planner/runtime.js';
+import type { Pool } from '../../lib/planner/load-correction.js';
+import { METRIC_NAMES, ServeMetrics, type PlannerReadings } from '../../lib/serve/metrics.js';
+import { sample } from '../helpers/serve.js';
+import { syntheticProfile } from './synthetic.js';
+
+// The planner runtime without processes: what it observes (ServeMetrics differenced per interval), what it
+// decides and how it brings a connector's pools there, one action at a time; a failed action leaves the planner
+// counting from the pools as they are.
+
+/** A connector over counters; `fail` makes the named actions reject. */
+class FakeConnector implements PlannerConnector {
+  readonly kind = 'fake';
+  readonly calls: string[] = [];
+  constructor(
+    readonly pools: Record<Pool, number>,
+    private readonly fail: ReadonlySet<string> = new Set(),
+  ) {}
+  replicas() {
+    return { ...this.pools };
+  }
+  private async act(what: string, change: () => void): Promise<string> {
+    this.calls.push(what);
+    await new Promise((r) => setTimeout(r, 1));
+    if (this.fail.has(what.split(' ')[0]!)) throw new Error(`${what} refused`);
+    change();
+    return `w${this.calls.length}`;
+  }
+  addReplica(pool: Pool) {
+    return this.act(`add ${pool}`, () => this.pools[pool]++);
+  }
+  removeReplica(pool: Pool) {
+    return this.act(`remove ${pool}`, () => this.pools[pool]--);
+  }
+  moveReplica(from: Pool, to: Pool) {
+    return this.act(`move ${from} ${to}`, () => {
+      this.pools[from]--;
+      this.pools[to]++;
+    });
+  }
+}
+
+/** Readings that grow by `perTick` finished requests of the given shape each time they are read. */
+function growingReadings(perTick: { requests: number; isl: number; osl: number; ttftS: number; itlS: number }) {
+  const r: PlannerReadings = {
+    finished: 0,
+    inputTokens: 0,
+    outputTokens: 0,
+    ttftSeconds: { sum: 0, count: 0 },
+    itlSeconds: { sum: 0, count: 0 },
+    queued: 0,
+    prefillQueue: 0,
+  };
+  return async (): Promise<PlannerReadings> => {
+    const n = perTick.requests;
+    r.finished += n;
+    r.inputTokens += n * perTick.isl;
+    r.outputTokens += n * perTick.osl;
+    r.ttftSeconds = { sum: r.ttftSeconds.sum + n * perTick.ttftS, count: r.ttftSeconds.count + n };
+    r.itlSeconds = { sum: r.itlSeconds.sum + n * perTick.itlS, count: r.itlSeconds.count + n };
+    return structuredClone(r);
+  };
+}
+
+describe('MetricsWindow', () => {
+  it("differences ServeMetrics' totals: rate, ISL, OSL, mean TTFT and ITL per interval; a quiet one keeps the lengths", async () => {
+    const metrics = new ServeMetrics();
+    let now = 0;
+    const w = new MetricsWindow(
+      () => metrics.plannerReadings(),
+      () => ({ 'decode-0': 0.25 }),
+      () => now,
+    );
+    metrics.requestStarted(); // counted before the window starts: not part of it
+    metrics.firstToken('m', 9);
+    metrics.tokens('m', 1000, 1000);
+    metrics.requestFinished('m', 10, true);
+    await w.start();
+    for (const [ttft, itl] of [
+      [0.1, 0.01],
+      [0.3, 0.03],
+    ]) {
+      metrics.requestStarted();
+      metrics.firstToken('m', ttft!);
+      metrics.interToken('m', itl!);
+      metrics.tokens('m', 100, 10);
+      metrics.requestFinished('m', 1, true);
+    }
+    metrics.requestStarted(); // still waiting for its first token
+    now = 2000;
+    const a = await w.next();
+    expect(a.seconds).toBe(2);
+    expect(a.requests).toBe(2);
+    expect(a.rate).toBe(1);
+    expect(a.isl).toBe(100);
+    expect(a.osl).toBe(10);
+    expect(a.ttftMs).toBeCloseTo(200, 9);
+    expect(a.itlMs).toBeCloseTo(20, 9);
+    expect(a.queued).toBe(1);
+    expect(a.kvUsage).toEqual({ 'decode-0': 0.25 });
+    now = 3000;
+    const b = await w.next();
+    expect(b).toMatchObject({ seconds: 1, requests: 0, rate: 0, isl: 100, osl: 10, ttftMs: null, itlMs: null });
+  });
+});
+
+describe('PlannerRuntime', () => {
+  it('mode sla: a plan from the profile each interval, the pools brought to it one action at a time', async () => {
+    const connector = new FakeConnector({ prefill: 1, decode: 1 });
+    const metrics = new ServeMetrics();
+    let now = 0;
+    const log: string[] = [];
+    const runtime = new PlannerRuntime({
+      mode: 'sla',
+      ttftMs: 500,
+      itlMs: 30,
+      intervalS: 60,
+      minReplicas: 1,
+      maxGpus: 16,
+      profile: syntheticProfile(),
+      connector,
+      window: () =>
+        new MetricsWindow(
+          growingReadings({ requests: 60 * 20, isl: 1024, osl: 256, ttftS: 0.1, itlS: 0.01 }),
+          () => ({}),
+          () => now,
+        ),
+      metrics,
+      log: (l) => log.push(l),
+      now: () => now,
+    });
+    await runtime.start();
+    now = 60_000;
+    const decision = await runtime.tick();
+    expect(decision?.kind).toBe('sla');
+    if (decision?.kind !== 'sla') return;
+    expect(decision.inputs.observed).toEqual({ rate: 20, isl: 1024, osl: 256 });
+    const want = decision.outputs.replicas;
+    expect(want.prefill + want.decode).toBeGreaterThan(2);
+    await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+    expect(connector.replicas()).toEqual(want);
+    // Both pools grew: adds only, one per missing replica.
+    expect(connector.calls.every((c) => c.startsWith('add'))).toBe(true);
+    expect(connector.calls).toHaveLength(want.prefill + want.decode - 2);
+    const text = await metrics.text();
+    expect(sample(text, `${METRIC_NAMES.plannerDecisions}{kind="sla",action="plan"}`)).toBe(1);
+    expect(sample(text, `${METRIC_NAMES.plannerDesiredReplicas}{pool="decode"}`)).toBe(want.decode);
+    expect(sample(text, `${METRIC_NAMES.plannerReplicas}{pool="decode"}`)).toBe(want.decode);
+    expect(sample(text, `${METRIC_NAMES.plannerActions}{action="add",outcome="done"}`)).toBe(connector.calls.length);
+    expect(log.some((l) => l.startsWith('decision #1 sla plan:') && l.includes('"rate":20'))).toBe(true);
+    // Between intervals: load-based corrections.
+    now = 65_000;
+    expect((await runtime.tick())?.kind).toBe('load');
+    await runtime.stop();
+  });
+
+  it('a failed action is recorded and the planner counts from the pools as they are', async () => {
+    const connector = new FakeConnector({ prefill: 1, decode: 2 }, new Set(['move']));
+    const metrics = new ServeMetrics();
+    let now = 0;
+    const runtime = new PlannerRuntime({
+      mode: 'load',
+      ttftMs: 50,
+      itlMs: 1000,
+      intervalS: 1,
+      minReplicas: 1,
+      maxGpus: 3,
+      connector,
+      // TTFT 200 ms: prefill misses; ITL 10 ms: decode well inside.
+      window: () =>
+        new MetricsWindow(
+          growingReadings({ requests: 5, isl: 64, osl: 8, ttftS: 0.2, itlS: 0.01 }),
+          () => ({}),
+          () => now,
+        ),
+      metrics,
+      correction: { scaleUpAfter: 2, scaleDownAfter: 100, cooldownMs: 0 },
+      now: () => now,
+    });
+    await runtime.start();
+    now = 1000;
+    const first = await runtime.tick();
+    expect(first?.kind === 'load' && first.outputs.action.kind).toBe('hold'); // one miss: not yet
+    now = 2000;
+    const second = await runtime.tick();
+    expect(second?.kind === 'load' && second.outputs.action).toEqual({ kind: 'move', from: 'decode', to: 'prefill' });
+    await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+    const status = runtime.status();
+    expect(status.actions).toMatchObject([
+      {
+        decision: second!.id,
+        action: 'move',
+        from: 'decode',
+        to: 'prefill',
+        outcome: 'failed',
+        error: 'move decode prefill refused',
+      },
+    ]);
+    expect(status.replicas).toEqual({ current: { prefill: 1, decode: 2 }, desired: { prefill: 1, decode: 2 } });
+    expect(sample(await metrics.text(), `${METRIC_NAMES.plannerActions}{action="move",outcome="failed"}`)).toBe(1);
+    await runtime.stop();
+  });
+});
