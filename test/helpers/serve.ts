@@ -1,6 +1,21 @@
 import OpenAI, { APIError } from 'openai';
 import { expect, vi } from 'vitest';
+import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
 import type { Deployment } from '../../lib/serve/launcher.js';
+
+/**
+ * A CPU deployment of one prefill and two decode workers with small engines, for the planner's end-to-end tests:
+ * every prompt goes to the prefill pool (so that prefill workers are exercised), and no request migration (a
+ * request cut by a move would fail there rather than be re-issued elsewhere).
+ */
+export function plannerTestGraph(): DeploymentGraph {
+  const g = defaultGraph({ gpus: 0, port: 0 });
+  g.pools.find((p) => p.role === 'decode')!.replicas = 2;
+  g.disaggregation = { ...g.disaggregation, minRemotePrefillTokens: 1 };
+  g.frontend.migrationLimit = 0;
+  for (const p of g.pools) p.engine = { ...p.engine, numBlocks: 256, threads: 1 };
+  return g;
+}
 
 /** One sample of a Prometheus text exposition, by its name and labels as printed, or their start (NaN when absent). */
 export function sample(text: string, name: string): number {
