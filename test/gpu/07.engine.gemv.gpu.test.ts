@@ -5,15 +5,7 @@ import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { openModel } from '../../lib/engine/open.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
-import {
-  argmax,
-  BF16_TOLERANCE,
-  hfFixture,
-  relativeL2Error,
-  restoreEnvAfterEach,
-  sequenceSteps,
-  withEnv,
-} from '../helpers/gpu-logits.js';
+import { hfFixture, LogitsAgreement, restoreEnvAfterEach, sequenceSteps, withEnv } from '../helpers/gpu-logits.js';
 
 // The skinny GEMM of decode (native/kernels/gemv.cu): each entry point tandem_gemv_m<m> against a float64
 // reference, and the engine with it (the default up to batch 4) against the engine with cuBLAS only
@@ -203,27 +195,14 @@ describe.skipIf(!gate.run)('GPU engine with the GEMV kernels', () => {
         const plan: number[][] = [[0], [0, 1, 2], all, [5], [2, 4, 6], all, all];
         const prefill = step(all, 20, 0);
         await Promise.all([gemv.forward(prefill), cublas.forward(prefill)]);
-        let worst = 0;
-        let argmaxAgree = 0;
-        let rows = 0;
+        const agreement = new LogitsAgreement(config.vocabSize);
         for (const [k, seqs] of plan.entries()) {
           const batch = step(seqs, 1, k + 1);
           const [a, b] = await Promise.all([gemv.forward(batch), cublas.forward(batch)]);
-          const V = config.vocabSize;
-          for (let s = 0; s < seqs.length; s++) {
-            const rowA = a.subarray(s * V, (s + 1) * V);
-            const rowB = b.subarray(s * V, (s + 1) * V);
-            const rel = relativeL2Error(rowA, rowB);
-            worst = Math.max(worst, rel);
-            expect(rel, `step ${k} (batch ${seqs.length}), sequence ${seqs[s]}`).toBeLessThan(BF16_TOLERANCE);
-            if (argmax(rowA) === argmax(rowB)) argmaxAgree++;
-            rows++;
-          }
+          agreement.check(a, b, seqs.length, (s) => `step ${k} (batch ${seqs.length}), sequence ${seqs[s]}`);
         }
         expect(gemv.cudaGraphs).toEqual({ active: true, reason: null });
-        console.log(
-          `[figure] ${_n}: decode logits GEMV vs cuBLAS worst relative error ${worst.toExponential(2)}; argmax equal in ${argmaxAgree} of ${rows} rows`,
-        );
+        console.log(`[figure] ${_n}: decode logits GEMV vs cuBLAS ${agreement}`);
       } finally {
         await Promise.all([gemv.dispose(), cublas.dispose()]);
       }

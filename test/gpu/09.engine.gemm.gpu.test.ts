@@ -5,15 +5,7 @@ import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { openModel } from '../../lib/engine/open.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
-import {
-  argmax,
-  BF16_TOLERANCE,
-  hfFixture,
-  relativeL2Error,
-  restoreEnvAfterEach,
-  sequenceSteps,
-  withEnv,
-} from '../helpers/gpu-logits.js';
+import { hfFixture, LogitsAgreement, restoreEnvAfterEach, sequenceSteps, withEnv } from '../helpers/gpu-logits.js';
 
 // The GEMMs above the GEMV through cuBLASLt (TANDEM_GEMM=lt, the default where libcublasLt loads: LtGemm in
 // native/src/engine/cublas.cpp) against cublasGemmEx (TANDEM_GEMM=gemmex, the path before): logits within bf16
@@ -64,22 +56,12 @@ describe.skipIf(!gate.run)('GPU engine GEMMs through cuBLASLt', () => {
       expect(gemmex.gemmPath).toBe('gemmex');
       const step = sequenceSteps(config.vocabSize, seqs, mb);
       const V = config.vocabSize;
-      let worst = 0;
-      let argmaxAgree = 0;
-      let rows = 0;
+      const agreement = new LogitsAgreement(V);
       const compare = async (batch: ForwardBatch, label: string) => {
         const [a, b] = await Promise.all([lt.forward(batch), gemmex.forward(batch)]);
         const n = batch.seqStarts.length - 1;
         expect(a.length).toBe(n * V);
-        for (let s = 0; s < n; s++) {
-          const rowA = a.subarray(s * V, (s + 1) * V);
-          const rowB = b.subarray(s * V, (s + 1) * V);
-          const rel = relativeL2Error(rowA, rowB);
-          worst = Math.max(worst, rel);
-          expect(rel, `${label}, row ${s}`).toBeLessThan(BF16_TOLERANCE);
-          if (argmax(rowA) === argmax(rowB)) argmaxAgree++;
-          rows++;
-        }
+        agreement.check(a, b, n, (s) => `${label}, row ${s}`);
       };
       const all = Array.from({ length: seqs }, (_, s) => s);
       await compare(step([0], 300, 0), 'prefill of 300 tokens');
@@ -88,9 +70,7 @@ describe.skipIf(!gate.run)('GPU engine GEMMs through cuBLASLt', () => {
       for (const [k, which] of plan.entries())
         await compare(step(which, 1, k + 1), `decode step ${k} (batch ${which.length})`);
       expect(lt.cudaGraphs).toEqual({ active: true, reason: null });
-      console.log(
-        `[figure] logits lt vs gemmex: worst relative error ${worst.toExponential(2)}; argmax equal in ${argmaxAgree} of ${rows} rows`,
-      );
+      console.log(`[figure] logits lt vs gemmex: ${agreement}`);
     } finally {
       await Promise.all([lt.dispose(), gemmex.dispose()]);
     }

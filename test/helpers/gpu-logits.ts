@@ -1,7 +1,7 @@
 /** What the GPU engine tests (test/gpu/05, 07, 09) share: bf16 logit comparison, fixtures, env switches. */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterEach } from 'vitest';
+import { afterEach, expect } from 'vitest';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 
 // bf16 weights and KV (8 mantissa bits) against fp32: a relative logit error of a few 1e-3 is what the format
@@ -23,6 +23,34 @@ export function argmax(row: ArrayLike<number>): number {
   let best = 0;
   for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
   return best;
+}
+
+/** Two runners' logits compared row by row within BF16_TOLERANCE, keeping the worst error and argmax agreement. */
+export class LogitsAgreement {
+  worst = 0;
+  argmaxEqual = 0;
+  rows = 0;
+
+  constructor(private readonly vocabSize: number) {}
+
+  /** Expects each of the first `rows` rows of `a` within BF16_TOLERANCE of `b`'s; `label(s)` names row s. */
+  check(a: Float32Array, b: Float32Array, rows: number, label: (s: number) => string): void {
+    const V = this.vocabSize;
+    for (let s = 0; s < rows; s++) {
+      const rowA = a.subarray(s * V, (s + 1) * V);
+      const rowB = b.subarray(s * V, (s + 1) * V);
+      const rel = relativeL2Error(rowA, rowB);
+      this.worst = Math.max(this.worst, rel);
+      expect(rel, label(s)).toBeLessThan(BF16_TOLERANCE);
+      if (argmax(rowA) === argmax(rowB)) this.argmaxEqual++;
+      this.rows++;
+    }
+  }
+
+  /** The figure: worst error and argmax agreement over every row checked. */
+  toString(): string {
+    return `worst relative error ${this.worst.toExponential(2)}; argmax equal in ${this.argmaxEqual} of ${this.rows} rows`;
+  }
 }
 
 /** A committed fixture's expected.json (scripts/make-hf-fixture.py). */
