@@ -5,7 +5,14 @@ import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { openModel } from '../../lib/engine/open.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
-import { hfFixture, LogitsAgreement, restoreEnvAfterEach, sequenceSteps, withEnv } from '../helpers/gpu-logits.js';
+import {
+  greedyCopies,
+  hfFixture,
+  LogitsAgreement,
+  restoreEnvAfterEach,
+  sequenceSteps,
+  withEnv,
+} from '../helpers/gpu-logits.js';
 
 // The skinny GEMM of decode (native/kernels/gemv.cu): each entry point tandem_gemv_m<m> against a float64
 // reference, and the engine with it (the default up to batch 4) against the engine with cuBLAS only
@@ -271,14 +278,8 @@ describe.skipIf(!gate.run)('GPU engine with the GEMV kernels', () => {
         await using m = await withGemv(value, () => openModel({ model: dir, device: 'cuda', numBlocks: 16 }));
         expect((m.runner as CudaModelRunner).gemvMaxBatch).toBe(want);
         // Three copies of the prompt at once: decode steps of batch 3 besides the single one.
-        const results = await Promise.all(
-          [0, 1, 2].map(() =>
-            m.engine
-              .addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } })
-              .result(),
-          ),
-        );
-        for (const r of results) expect(r.tokenIds, `TANDEM_GEMV=${value}`).toEqual(expected.greedy);
+        for (const tokenIds of await greedyCopies(m.engine, expected, 3))
+          expect(tokenIds, `TANDEM_GEMV=${value}`).toEqual(expected.greedy);
       }
     },
   );

@@ -5,7 +5,14 @@ import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { openModel } from '../../lib/engine/open.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
-import { hfFixture, LogitsAgreement, restoreEnvAfterEach, sequenceSteps, withEnv } from '../helpers/gpu-logits.js';
+import {
+  greedyCopies,
+  hfFixture,
+  LogitsAgreement,
+  restoreEnvAfterEach,
+  sequenceSteps,
+  withEnv,
+} from '../helpers/gpu-logits.js';
 
 // The GEMMs above the GEMV through cuBLASLt (TANDEM_GEMM=lt, the default where libcublasLt loads: LtGemm in
 // native/src/engine/cublas.cpp) against cublasGemmEx (TANDEM_GEMM=gemmex, the path before): logits within bf16
@@ -84,14 +91,8 @@ describe.skipIf(!gate.run)('GPU engine GEMMs through cuBLASLt', () => {
         await using m = await withGemm(value, () => openModel({ model: dir, device: 'cuda', numBlocks: 64 }));
         expect((m.runner as CudaModelRunner).gemmPath).toBe(value);
         // Eight copies of the prompt at once: decode steps of batch 8 (above the GEMV) besides smaller ones.
-        const results = await Promise.all(
-          Array.from({ length: 8 }, () =>
-            m.engine
-              .addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } })
-              .result(),
-          ),
-        );
-        for (const r of results) expect(r.tokenIds, `TANDEM_GEMM=${value}`).toEqual(expected.greedy);
+        for (const tokenIds of await greedyCopies(m.engine, expected, 8))
+          expect(tokenIds, `TANDEM_GEMM=${value}`).toEqual(expected.greedy);
       }
     },
   );

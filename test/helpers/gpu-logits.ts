@@ -2,6 +2,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterEach, expect } from 'vitest';
+import type { LlmEngine } from '../../lib/engine/llm-engine.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 
 // bf16 weights and KV (8 mantissa bits) against fp32: a relative logit error of a few 1e-3 is what the format
@@ -67,6 +68,16 @@ export interface HfExpected {
 export function hfFixture(name: string): { dir: string; expected: HfExpected } {
   const dir = join(import.meta.dirname, '..', 'fixtures', name);
   return { dir, expected: JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as HfExpected };
+}
+
+/** `copies` greedy requests of the fixture's prompt at once, 32 tokens each (as its `greedy`): their token ids. */
+export async function greedyCopies(engine: LlmEngine, expected: HfExpected, copies: number): Promise<number[][]> {
+  const results = await Promise.all(
+    Array.from({ length: copies }, () =>
+      engine.addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } }).result(),
+    ),
+  );
+  return results.map((r) => r.tokenIds);
 }
 
 /** Puts back the named environment variables (as they are now) after each test of the calling file. */
