@@ -123,6 +123,26 @@ function checkRequest(r: CapacityRequest): Required<CapacityRequest> {
 
 const ms = (x: number) => `${+x.toPrecision(3)} ms`;
 
+/** The replicas of `model` that serve `r.rate` at `ratePerReplica` each (at least r.minReplicas), all deployed. */
+function poolOf(
+  model: LayoutModel,
+  r: Required<CapacityRequest>,
+  ratePerReplica: number,
+  extrapolated: boolean,
+): PoolPlanBase {
+  const replicasNeeded = Math.max(r.minReplicas, Math.ceil(r.rate / ratePerReplica - EPSILON));
+  return {
+    layout: model.name,
+    parallelism: model.parallelism,
+    gpusPerReplica: model.gpusPerReplica,
+    replicasNeeded,
+    replicas: replicasNeeded,
+    gpus: replicasNeeded * model.gpusPerReplica,
+    ratePerReplica,
+    extrapolated,
+  };
+}
+
 /** One layout's prefill replica at the TTFT SLA, or why it cannot meet it. */
 function prefillFor(model: LayoutModel, r: Required<CapacityRequest>): PrefillPoolPlan | string {
   if (r.isl > model.maxModelLen) return `a prompt of ${r.isl} tokens is over the model's ${model.maxModelLen}`;
@@ -131,18 +151,9 @@ function prefillFor(model: LayoutModel, r: Required<CapacityRequest>): PrefillPo
     return `one prompt of ${r.isl} tokens alone takes ${ms(s.ms)} on ${model.name}, over the TTFT SLA of ${ms(r.ttftMs)}`;
   const x = (r.ttftMs - s.ms) / s.ms;
   const utilization = Math.min(MAX_PREFILL_UTILIZATION, (2 * x) / (1 + 2 * x));
-  const ratePerReplica = utilization / (s.ms / 1000);
-  const replicasNeeded = Math.max(r.minReplicas, Math.ceil(r.rate / ratePerReplica - EPSILON));
   return {
     role: 'prefill',
-    layout: model.name,
-    parallelism: model.parallelism,
-    gpusPerReplica: model.gpusPerReplica,
-    replicasNeeded,
-    replicas: replicasNeeded,
-    gpus: replicasNeeded * model.gpusPerReplica,
-    ratePerReplica,
-    extrapolated: s.extrapolated,
+    ...poolOf(model, r, utilization / (s.ms / 1000), s.extrapolated),
     prefillMs: s.ms,
     utilization,
   };
@@ -173,18 +184,9 @@ function decodeFor(
   }
   const batch = Math.min(itlBatch, kvBatch, engine.maxNumSeqs);
   const step = model.decodeStepMs(batch, context);
-  const ratePerReplica = batch / ((r.osl * step.ms) / 1000);
-  const replicasNeeded = Math.max(r.minReplicas, Math.ceil(r.rate / ratePerReplica - EPSILON));
   return {
     role: 'decode',
-    layout: model.name,
-    parallelism: model.parallelism,
-    gpusPerReplica: model.gpusPerReplica,
-    replicasNeeded,
-    replicas: replicasNeeded,
-    gpus: replicasNeeded * model.gpusPerReplica,
-    ratePerReplica,
-    extrapolated: step.extrapolated,
+    ...poolOf(model, r, batch / ((r.osl * step.ms) / 1000), step.extrapolated),
     context,
     batch,
     itlBatch,

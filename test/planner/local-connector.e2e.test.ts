@@ -2,9 +2,8 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { LocalConnector } from '../../lib/planner/connectors/index.js';
 import type { PlannerStatus } from '../../lib/planner/runtime.js';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import { metric } from '../helpers/serve.js';
+import { metric, plannerTestGraph } from '../helpers/serve.js';
 
 // The local connector on CPU workers under a steady stream of requests (official openai client, loopback): a
 // decode worker drained and switched to prefill in place (same process: no weights reloaded), a worker added,
@@ -12,17 +11,6 @@ import { metric } from '../helpers/serve.js';
 // with a timeout, the deployment stopped at the end.
 const MODEL = 'dummy:tiny';
 const WAIT = { timeout: 60_000, interval: 20 };
-
-function graph(): DeploymentGraph {
-  const g = defaultGraph({ gpus: 0, port: 0 });
-  g.pools.find((p) => p.role === 'decode')!.replicas = 2;
-  // Every prompt goes to the prefill pool, so that prefill workers are exercised.
-  g.disaggregation = { ...g.disaggregation, minRemotePrefillTokens: 1 };
-  // No request migration: a request cut by a move would fail here rather than be re-issued elsewhere.
-  g.frontend.migrationLimit = 0;
-  for (const p of g.pools) p.engine = { ...p.engine, numBlocks: 256, threads: 1 };
-  return g;
-}
 
 async function planner(d: Deployment): Promise<PlannerStatus> {
   const res = await fetch(`${d.frontend.url}/planner`);
@@ -71,7 +59,7 @@ describe('local connector (CPU workers, requests streaming)', () => {
   const lines: string[] = [];
 
   beforeAll(async () => {
-    d = await startDeployment(graph(), { log: (l) => lines.push(l), heartbeatMs: 20 });
+    d = await startDeployment(plannerTestGraph(), { log: (l) => lines.push(l), heartbeatMs: 20 });
     client = new OpenAI({ baseURL: `${d.frontend.url}/v1`, apiKey: 'none', maxRetries: 0, timeout: 60_000 });
   }, 120_000);
 

@@ -2,10 +2,10 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { LoadDecision } from '../../lib/planner/planner.js';
 import type { PlannerStatus } from '../../lib/planner/runtime.js';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
+import type { DeploymentGraph } from '../../lib/serve/graph.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
 import { METRIC_NAMES } from '../../lib/serve/metrics.js';
-import { metric } from '../helpers/serve.js';
+import { metric, plannerTestGraph } from '../helpers/serve.js';
 
 // The planner in mode load on CPU workers, facing a synthetic overload: a TTFT SLA of 1 microsecond that every
 // request misses, an ITL SLA every request meets by far. The GPU budget (by default the graph's 3 workers) is
@@ -15,11 +15,7 @@ const MODEL = 'dummy:tiny';
 const WAIT = { timeout: 60_000, interval: 25 };
 
 function graph(): DeploymentGraph {
-  const g = defaultGraph({ gpus: 0, port: 0 });
-  g.pools.find((p) => p.role === 'decode')!.replicas = 2;
-  g.disaggregation = { ...g.disaggregation, minRemotePrefillTokens: 1 };
-  g.frontend.migrationLimit = 0;
-  for (const p of g.pools) p.engine = { ...p.engine, numBlocks: 256, threads: 1 };
+  const g = plannerTestGraph();
   g.planner = { mode: 'load', ttftMs: 0.001, itlMs: 100_000, intervalS: 0.2, minReplicas: 1 };
   return g;
 }

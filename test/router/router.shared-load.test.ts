@@ -4,9 +4,10 @@ import type { GenerationChunk, SamplingParams } from '../../lib/serve/backend.js
 import { EmbeddedControlPlane } from '../../lib/serve/control-plane.js';
 import { defaultGraph } from '../../lib/serve/graph.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import type { ToWorker, WorkerRegistration } from '../../lib/serve/protocol.js';
+import type { ToWorker } from '../../lib/serve/protocol.js';
 import { Router } from '../../lib/serve/router.js';
 import { LoadEstimate, type RouterPolicyName } from '../../lib/router/index.js';
+import { workerRegistration } from '../helpers/fake-worker.js';
 
 // Several frontends' routers share one load estimate (lib/router/load-estimate.ts): a burst that arrives through
 // two frontends at once is spread over the workers, where two routers that each count only their own requests
@@ -16,25 +17,11 @@ import { LoadEstimate, type RouterPolicyName } from '../../lib/router/index.js';
 const SAMPLING: SamplingParams = { temperature: 0, maxTokens: 8 };
 const WORKERS = ['w0', 'w1', 'w2', 'w3'];
 
-function registration(name: string): WorkerRegistration {
-  return {
-    name,
-    role: 'aggregated',
-    pid: 0,
-    agentName: name,
-    agentMetadata: new Uint8Array(0),
-    kvRegion: 0,
-    kvPool: { layers: 1, kvHeads: 1, headDim: 8, numBlocks: 64, dtype: 'fp32', layout: 'block-major' },
-    device: 'cpu',
-    numBlocks: 64,
-  };
-}
-
 /** Two routers (two frontends) over one control plane with four idle workers; `shared`: one load estimate. */
 function twoRouters(policy: RouterPolicyName, shared: boolean) {
   const controlPlane = new EmbeddedControlPlane(3_600_000);
   for (const w of WORKERS) {
-    controlPlane.register(registration(w));
+    controlPlane.register(workerRegistration(w));
     controlPlane.heartbeat(w, { running: 0, waiting: 0, freeBlocks: 64, prefilling: 0 });
   }
   const load = shared ? new LoadEstimate() : undefined;
@@ -104,7 +91,7 @@ describe('two routers sharing one load estimate', () => {
     expect(load!.peek(a.to)).toEqual({ inflight: 0, queuedPrefillBlocks: 0, decodeBlocks: 0 });
     // b's worker leaves (every router forgets it) and registers again: b's end does not touch the new entry.
     controlPlane.remove(b.to, 'test');
-    controlPlane.register(registration(b.to));
+    controlPlane.register(workerRegistration(b.to));
     controlPlane.heartbeat(b.to, { running: 0, waiting: 0, freeBlocks: 64, prefilling: 0 });
     expect(load!.peek(b.to)).toBeUndefined();
     const again = [0, 1, 0, 1].map((r, k) => start(r, prompt(10 + k)).to);

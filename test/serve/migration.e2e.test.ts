@@ -5,7 +5,7 @@ import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
 import { METRIC_NAMES } from '../../lib/serve/metrics.js';
 import { WorkerRequestError } from '../../lib/serve/router.js';
-import { metric } from '../helpers/serve.js';
+import { busyWorker, killBusyWorker, metric, streamCompletion, waitIdle } from '../helpers/serve.js';
 
 // Request migration end to end on CPU: a decode worker killed with SIGKILL (on its pid) mid-stream, and the
 // official openai client's stream completes with exactly the text and token count of an undisturbed run, greedy
@@ -29,79 +29,9 @@ function graph(mode: 'disagg' | 'agg', migrationLimit: number): DeploymentGraph 
 
 const PROMPT = 'Request migration keeps the stream going when a decode worker dies';
 
-interface Outcome {
-  text: string;
-  completionTokens?: number;
-  promptTokens?: number;
-  finishReason?: string | null;
-  error?: APIError;
-}
-
-/**
- * Streams a completion; once `killAfter` chunks have arrived, calls `onProgress` (which kills workers) and
- * waits for it before reading on.
- */
-async function stream(
-  client: OpenAI,
-  /** OpenAI's parameters, and vLLM's (ignore_eos, min_tokens) that the frontend takes too. */
-  params: Record<string, unknown>,
-  onProgress?: () => Promise<void>,
-  killAfter = 1,
-): Promise<Outcome> {
-  const out: Outcome = { text: '' };
-  const s = await client.completions.create({
-    model: MODEL,
-    prompt: PROMPT,
-    max_tokens: MAX_TOKENS,
-    stream: true,
-    stream_options: { include_usage: true },
-    ...params,
-  } as OpenAI.CompletionCreateParamsStreaming);
-  let chunks = 0;
-  try {
-    for await (const chunk of s) {
-      const c = chunk.choices[0];
-      if (c) {
-        out.text += c.text;
-        if (c.finish_reason) out.finishReason = c.finish_reason;
-      }
-      if (chunk.usage) {
-        out.completionTokens = chunk.usage.completion_tokens;
-        out.promptTokens = chunk.usage.prompt_tokens;
-      }
-      if (++chunks === killAfter && onProgress) await onProgress();
-    }
-  } catch (error) {
-    if (!(error instanceof APIError)) throw error;
-    out.error = error;
-  }
-  return out;
-}
-
-/** The serving worker (decode or aggregated) running a request now, from the workers' heartbeats. */
-async function busyWorker(d: Deployment): Promise<string> {
-  let name: string | undefined;
-  await vi.waitFor(() => {
-    name = d.controlPlane.workers().find((w) => w.registration.role !== 'prefill' && w.load.running > 0)
-      ?.registration.name;
-    expect(name).toBeDefined();
-  }, WAIT);
-  return name!;
-}
-
-/** Waits until no worker reports a request running (so that a later report of one is about the next request). */
-async function idle(d: Deployment): Promise<void> {
-  await vi.waitFor(() => expect(d.controlPlane.workers().every((w) => w.load.running === 0)).toBe(true), WAIT);
-}
-
-/** SIGKILL on the pid of the worker running the request; resolves once the launcher has seen it go. */
-async function killBusyWorker(d: Deployment): Promise<string> {
-  const name = await busyWorker(d);
-  const pid = d.pids()[name]!;
-  process.kill(pid, 'SIGKILL');
-  await vi.waitFor(() => expect(d.controlPlane.get(name)?.registration.pid).not.toBe(pid), WAIT);
-  return name;
-}
+/** Streams PROMPT with `params` over the defaults (see streamCompletion). */
+const stream = (client: OpenAI, params: Record<string, unknown>, onFirstChunk?: () => Promise<void>) =>
+  streamCompletion(client, { model: MODEL, prompt: PROMPT, max_tokens: MAX_TOKENS, ...params }, onFirstChunk);
 
 const migrations = (d: Deployment, outcome: string) =>
   metric(d, `${METRIC_NAMES.requestMigrations}{outcome="${outcome}"}`);
@@ -148,10 +78,10 @@ describe('request migration end to end (CPU, SIGKILL)', () => {
       expect(undisturbed.completionTokens).toBeGreaterThanOrEqual(2000);
       if (name !== 'seeded, min_tokens') expect(undisturbed.finishReason).toBe('length');
       const before = await migrations(d, 'migrated');
-      await idle(d);
+      await waitIdle(d, WAIT);
       let killed = '';
       const migrated = await stream(client, params, async () => {
-        killed = await killBusyWorker(d);
+        killed = await killBusyWorker(d, WAIT);
       });
       expect(migrated.error).toBeUndefined();
       expect(migrated.text).toBe(undisturbed.text);
@@ -188,16 +118,16 @@ describe('request migration end to end (CPU, SIGKILL)', () => {
 
   it('the limit used up: the stream ends with an error event, counted', async () => {
     await bothUp(d);
-    await idle(d);
+    await waitIdle(d, WAIT);
     const before = await migrations(d, 'limit_reached');
     const out = await stream(client, { temperature: 0 }, async () => {
       // The first death migrates (limit 1); the worker it moved to dies too before the first restarts.
-      const first = await killBusyWorker(d);
+      const first = await killBusyWorker(d, WAIT);
       await vi.waitFor(async () => {
-        const busy = await busyWorker(d);
+        const busy = await busyWorker(d, WAIT);
         expect(busy).not.toBe(first);
       }, WAIT);
-      await killBusyWorker(d);
+      await killBusyWorker(d, WAIT);
     });
     expect(out.error).toBeInstanceOf(APIError);
     expect(out.error!.message).toMatch(/stopped .*migration limit 1 reached/);
@@ -208,7 +138,7 @@ describe('request migration end to end (CPU, SIGKILL)', () => {
   it('migrationLimit 0: the stream ends with an error event, as without migration', async () => {
     const c = new OpenAI({ baseURL: `${off.frontend.url}/v1`, apiKey: 'none', maxRetries: 0, timeout: 60_000 });
     const out = await stream(c, { temperature: 0 }, async () => {
-      await killBusyWorker(off);
+      await killBusyWorker(off, WAIT);
     });
     expect(out.error).toBeInstanceOf(APIError);
     expect(out.error!.message).toMatch(/stopped .*migration limit 0 reached/);

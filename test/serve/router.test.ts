@@ -5,10 +5,11 @@ import { EmbeddedControlPlane } from '../../lib/serve/control-plane.js';
 import type { DisaggregationThresholds } from '../../lib/serve/disagg.js';
 import type { PoolRole, ServingMode } from '../../lib/serve/graph.js';
 import { METRIC_NAMES, ServeMetrics } from '../../lib/serve/metrics.js';
-import type { FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from '../../lib/serve/protocol.js';
+import type { FromWorker, ToWorker, WorkerLoad } from '../../lib/serve/protocol.js';
 import { Router, WorkerRequestError } from '../../lib/serve/router.js';
 import { kvBlockHashLanes } from '../../lib/kv/index.js';
 import { KV_EVENTS_MISSING_AFTER } from '../../lib/router/index.js';
+import { workerRegistration } from '../helpers/fake-worker.js';
 import { sample } from '../helpers/serve.js';
 
 // The router alone, in this process: an embedded control plane with registered workers that exist only as names,
@@ -17,20 +18,6 @@ import { sample } from '../helpers/serve.js';
 // the workers get, and the metrics.
 
 const SAMPLING: SamplingParams = { temperature: 0, maxTokens: 8 };
-
-function registration(name: string, role: PoolRole): WorkerRegistration {
-  return {
-    name,
-    role,
-    pid: 0,
-    agentName: name,
-    agentMetadata: new Uint8Array(0),
-    kvRegion: 0,
-    kvPool: { layers: 1, kvHeads: 1, headDim: 8, numBlocks: 64, dtype: 'fp32', layout: 'block-major' },
-    device: 'cpu',
-    numBlocks: 64,
-  };
-}
 
 type Generate = Extract<ToWorker, { type: 'generate' }>;
 
@@ -66,7 +53,7 @@ class Harness {
   }
 
   add(name: string, role: PoolRole, load: Partial<WorkerLoad> = {}): void {
-    this.controlPlane.register(registration(name, role));
+    this.controlPlane.register(workerRegistration(name, role));
     this.load(name, load);
   }
 
@@ -707,7 +694,7 @@ describe('KV events and KV-aware routing', () => {
     const metrics = new ServeMetrics();
     const cp = new EmbeddedControlPlane(3_600_000);
     const router = new Router(cp, () => true, 'agg', metrics, { log: (l) => lines.push(l) });
-    cp.register(registration('a0', 'aggregated'));
+    cp.register(workerRegistration('a0', 'aggregated'));
     cp.heartbeat('a0', { running: 0, waiting: 0, freeBlocks: 64, prefilling: 0 });
     for (let i = 0; i < KV_EVENTS_MISSING_AFTER; i++) {
       const it = router.generate({
@@ -736,7 +723,7 @@ describe('KV events and KV-aware routing', () => {
       routing: { policy: 'round-robin' },
     });
     for (const n of ['a0', 'a1']) {
-      cp.register(registration(n, 'aggregated'));
+      cp.register(workerRegistration(n, 'aggregated'));
       cp.heartbeat(n, { running: 0, waiting: 0, freeBlocks: 64, prefilling: 0 });
     }
     router.onMessage('a1', { type: 'kvSnapshot', snapshot: { incarnation: 1, seq: 0, lanes } });
