@@ -309,6 +309,10 @@ const edgeRequest: fc.Arbitrary<FuzzCase & { maxTokens: number; stream: boolean 
     logprobs: fc.option(fc.integer({ min: 0, max: 20 }), { nil: undefined }),
     stream: fc.boolean(),
     ignoreEos: fc.boolean(),
+    // The engine's penalties at their limits (a tiny repetition penalty multiplies logits by up to 1e9).
+    presencePenalty: fc.oneof(fc.constantFrom(0, -2, 2), fc.double({ min: -2, max: 2, noNaN: true })),
+    frequencyPenalty: fc.oneof(fc.constantFrom(0, -2, 2), fc.double({ min: -2, max: 2, noNaN: true })),
+    repetitionPenalty: fc.option(fc.constantFrom(1, 1e-9, 0.5, 2, 1e9), { nil: undefined }),
     extra: unknownFields,
   })
   .map((c) => {
@@ -331,8 +335,9 @@ const edgeRequest: fc.Arbitrary<FuzzCase & { maxTokens: number; stream: boolean 
       ...(c.stream ? { stream_options: { include_usage: true } } : {}),
       ignore_eos: c.ignoreEos,
       n: 1,
-      presence_penalty: 0,
-      frequency_penalty: 0,
+      presence_penalty: c.presencePenalty,
+      frequency_penalty: c.frequencyPenalty,
+      ...(c.repetitionPenalty !== undefined ? { repetition_penalty: c.repetitionPenalty } : {}),
       logit_bias: {},
     };
     if (c.logprobs !== undefined) {
