@@ -1,5 +1,5 @@
 /**
- * The charts of bench:transfer and bench:engine, to the standard of lib/bench/chart.ts (log axes where values
+ * The charts of bench:transfer (bench:engine draws its own in bench/engine.ts), to the standard of lib/bench/chart.ts (log axes where values
  * span decades, bytes as KiB / MiB, whole legend labels, distinct colours, one panel per comparison).
  */
 import {
@@ -144,80 +144,4 @@ export function transferChart(rows: readonly TransferChartRow[], title: string, 
     });
   }
   return panels({ text: title, subtitle }, specs, 3);
-}
-
-/** What the engine chart reads of a bench:engine row. */
-export interface EngineChartRow {
-  phase: 'prefill' | 'decode';
-  batch: number;
-  tokens: number;
-  msP50: number;
-  tokensPerSec: number;
-  boundMs?: number;
-  weightBoundMs?: number;
-}
-
-/**
- * bench:engine: decode against batch size, measured and at the memory bound (weights and KV read once a step),
- * as time per step and as tokens per second; the prefill rows in the subtitle.
- */
-export function engineChart(rows: readonly EngineChartRow[], title: string, subtitle: string | string[]): ChartSpec {
-  const decode = rows.filter((r) => r.phase === 'decode').sort((a, b) => a.batch - b.batch);
-  const kinds = ['measured', 'memory bound (weights + KV)', 'weights alone'];
-  const step = decode.flatMap((r) => [
-    { batch: r.batch, kind: kinds[0], ms: r.msP50, tokensPerSec: r.tokensPerSec },
-    ...(r.boundMs
-      ? [{ batch: r.batch, kind: kinds[1], ms: r.boundMs, tokensPerSec: (r.batch * 1000) / r.boundMs }]
-      : []),
-    ...(r.weightBoundMs
-      ? [{ batch: r.batch, kind: kinds[2], ms: r.weightBoundMs, tokensPerSec: (r.batch * 1000) / r.weightBoundMs }]
-      : []),
-  ]);
-  const batches = decode.map((r) => r.batch);
-  const x = axisFor('batch', 'batch (sequences decoding together)', batches, { base: 2, zero: false, ticks: batches });
-  // Colour and dash on the same field, titled alike: one legend that shows both.
-  const encoding = {
-    x,
-    color: {
-      field: 'kind',
-      type: 'nominal',
-      title: 'decode step',
-      sort: kinds,
-      scale: { domain: kinds, scheme: 'tableau10' },
-      legend: { symbolType: 'stroke', symbolSize: 700 },
-    },
-    strokeDash: {
-      field: 'kind',
-      type: 'nominal',
-      title: 'decode step',
-      sort: kinds,
-      scale: {
-        domain: kinds,
-        range: [
-          [1, 0],
-          [7, 4],
-          [2, 3],
-        ],
-      },
-    },
-  };
-  const panel = (field: 'ms' | 'tokensPerSec', heading: string, axisTitle: string): ChartSpec => ({
-    width: PANEL_WIDTH,
-    height: PANEL_HEIGHT,
-    title: heading,
-    data: { values: step },
-    mark: { type: 'line', point: true },
-    encoding: {
-      ...encoding,
-      y: axisFor(
-        field,
-        axisTitle,
-        step.map((s) => s[field]),
-      ),
-    },
-  });
-  return panels({ text: title, subtitle }, [
-    panel('ms', 'Time per decode step', 'ms per step (p50)'),
-    panel('tokensPerSec', 'Decode throughput', 'tokens per second'),
-  ]);
 }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { engineChart, transferChart, type TransferChartRow } from '../../bench/chart.js';
+import { transferChart, type TransferChartRow } from '../../bench/chart.js';
 import { powerOfTwoTicks, renderSvg } from '../../lib/bench/chart.js';
 
 // bench:transfer's and bench:engine's charts, to the standard of lib/bench/chart.ts, on synthetic rows: bytes in
@@ -61,27 +61,5 @@ describe('bench:transfer chart', () => {
     );
     expect(powerOfTwoTicks(4096, 1 << 30).length).toBeLessThanOrEqual(8);
     expect(powerOfTwoTicks(65536, 65536)).toEqual([65536]);
-  });
-});
-
-describe('bench:engine chart', () => {
-  it('decode step time and tokens/s against batch, measured and at the memory bound, one legend', async () => {
-    const rows = [
-      { phase: 'prefill' as const, batch: 1, tokens: 512, msP50: 20, tokensPerSec: 25600 },
-      { phase: 'decode' as const, batch: 1, tokens: 1, msP50: 5, tokensPerSec: 200, boundMs: 4, weightBoundMs: 3.9 },
-      { phase: 'decode' as const, batch: 64, tokens: 64, msP50: 9, tokensPerSec: 7111, boundMs: 6, weightBoundMs: 3.9 },
-    ];
-    const svg = await renderSvg(engineChart(rows, 'Tandem bench:engine', ['line one', 'line two']));
-    for (const text of [
-      'Time per decode step',
-      'Decode throughput',
-      'measured',
-      'memory bound (weights + KV)',
-      'weights alone',
-      'batch (sequences decoding together)',
-      'line two',
-    ])
-      expect(svg, text).toContain(text);
-    expect(svg).not.toContain('…');
   });
 });
