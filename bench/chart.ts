@@ -1,6 +1,7 @@
 /**
- * The charts of bench:transfer (bench:engine draws its own in bench/engine.ts), to the standard of lib/bench/chart.ts (log axes where values
- * span decades, bytes as KiB / MiB, whole legend labels, distinct colours, one panel per comparison).
+ * The chart of bench:transfer, to the standard of lib/bench/chart.ts (log axes where values span decades, bytes
+ * as KiB / MiB, whole legend labels, distinct colours, one panel per comparison); bench:engine draws its own in
+ * bench/engine.ts.
  */
 import {
   axisFor,
