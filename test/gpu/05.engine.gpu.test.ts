@@ -1,4 +1,3 @@
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BadArgumentError, OutOfMemoryError } from '../../lib/errors.js';
@@ -12,37 +11,12 @@ import { Sampler, seedHalves, type SamplerParams } from '../../lib/engine/sample
 import { sampleOnHost } from '../helpers/device-sampling.js';
 import { runTs } from '../helpers/cli.js';
 import { gpuGate } from '../helpers/gpu.js';
+import { argmax, BF16_TOLERANCE, hfFixture, relativeL2Error } from '../helpers/gpu-logits.js';
 
 // The GPU engine (bf16, cuBLAS + Tandem's kernels) against transformers' fp32 logits and greedy tokens on the
 // committed fixtures (scripts/make-hf-fixture.py), and against the CPU engine on batches that mix prefill
 // chunks with decodes. Skipped with the reason printed without a GPU; a failure under `npm run test:gpu`.
 const gate = await gpuGate(1);
-
-interface Expected {
-  prompt: string;
-  promptIds: number[];
-  lastLogits: number[];
-  greedy: number[];
-  /** Smallest top-2 logit gap along the reference's greedy path (the fixture script keeps it bf16-stable). */
-  minGreedyMargin?: number;
-}
-
-/** ||a - b|| / ||b||. */
-function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < b.length; i++) {
-    num += (a[i]! - b[i]!) ** 2;
-    den += b[i]! ** 2;
-  }
-  return Math.sqrt(num / den);
-}
-
-function argmax(row: ArrayLike<number>): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
-  return best;
-}
 
 /** One step's batch from its parts: each sequence's new ids, first position and block table (padded to mb). */
 interface Part {
@@ -74,10 +48,6 @@ function batchOf(parts: Part[], mb: number): ForwardBatch {
     contextLens: Int32Array.from(ctx),
   };
 }
-
-// bf16 weights and KV (8 mantissa bits) against fp32: a relative logit error of a few 1e-3 is what the format
-// gives on these models; 2e-2 leaves room and still catches a wrong kernel (errors of order 1).
-const BF16_TOLERANCE = 2e-2;
 
 // Attention shapes: dummy:tiny's head dim 16 runs llama.cu's kernels; head dims 64 and 128 (GQA groups 4 and 8,
 // as Llama-3 8B and 70B) run attention.cu's second flash kernels by default, and its first ones with
@@ -112,8 +82,7 @@ async function createGpuRunner(
 
 describe.skipIf(!gate.run)('GPU engine', () => {
   describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('matches transformers on %s', (name) => {
-    const dir = join(import.meta.dirname, '..', 'fixtures', name);
-    const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+    const { dir, expected } = hfFixture(name);
 
     it('prefill logits within bf16 tolerance, 32 identical greedy tokens', async () => {
       await using m = await openModel({ model: dir, device: 'cuda', numBlocks: 16 });
@@ -128,7 +97,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
         maxBlocksPerSeq: 16,
         contextLens: Int32Array.of(n),
       });
-      const rel = relativeError(logits, expected.lastLogits);
+      const rel = relativeL2Error(logits, expected.lastLogits);
       let maxDiff = 0;
       for (let i = 0; i < logits.length; i++)
         maxDiff = Math.max(maxDiff, Math.abs(logits[i]! - expected.lastLogits[i]!));
@@ -187,7 +156,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
           for (let s = 0; s < step.seqs.length; s++) {
             const rowC = c.subarray(s * V, (s + 1) * V);
             const rowG = g.subarray(s * V, (s + 1) * V);
-            const rel = relativeError(rowG, rowC);
+            const rel = relativeL2Error(rowG, rowC);
             worst = Math.max(worst, rel);
             expect(rel, `step at ${step.seqs[s]!.start}, sequence ${s}`).toBeLessThan(BF16_TOLERANCE);
           }
@@ -232,7 +201,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
           const [c, g] = await Promise.all([cpu.forward(batch), gpu.forward(batch)]);
           const V = config.vocabSize;
           for (let s = 0; s < parts.length; s++) {
-            const rel = relativeError(g.subarray(s * V, (s + 1) * V), c.subarray(s * V, (s + 1) * V));
+            const rel = relativeL2Error(g.subarray(s * V, (s + 1) * V), c.subarray(s * V, (s + 1) * V));
             worst = Math.max(worst, rel);
             expect(rel, `step ${k}, sequence ${s}`).toBeLessThan(BF16_TOLERANCE);
           }
@@ -308,7 +277,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
           const a = await graphs.forward(step(p.seqs, ids));
           len.splice(0, len.length, ...saved);
           const b = await eager.forward(step(p.seqs, ids));
-          expect(relativeError(a, b), `step ${k}`).toBeLessThan(1e-3);
+          expect(relativeL2Error(a, b), `step ${k}`).toBeLessThan(1e-3);
           steps++;
         }
         expect(steps).toBe(plan.length);
@@ -472,8 +441,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
   });
 
   it("`tandem generate --device cuda` on a fixture gives transformers' greedy tokens", () => {
-    const dir = join(import.meta.dirname, '..', 'fixtures', 'hf-tiny-llama');
-    const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+    const { dir, expected } = hfFixture('hf-tiny-llama');
     const r = runTs('lib/cli/main.ts', [
       'generate',
       '--model',

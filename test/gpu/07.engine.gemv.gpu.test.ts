@@ -1,12 +1,18 @@
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { BadArgumentError, CudaDevice } from '../../lib/index.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { openModel } from '../../lib/engine/open.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
+import {
+  greedyCopies,
+  hfFixture,
+  LogitsAgreement,
+  restoreEnvAfterEach,
+  sequenceSteps,
+  withEnv,
+} from '../helpers/gpu-logits.js';
 
 // The skinny GEMM of decode (native/kernels/gemv.cu): each entry point tandem_gemv_m<m> against a float64
 // reference, and the engine with it (the default up to batch 4) against the engine with cuBLAS only
@@ -17,22 +23,9 @@ const gate = await gpuGate(1);
 const GEMV_THREADS = 128; // tandem_gemv::kThreads
 const GEMV_MAX_M = 16; // tandem_gemv::kMaxM
 const DEFAULT_GEMV_MAX_BATCH = 4; // kGemvMaxBatch in cuda_llama.cpp
-const BF16_TOLERANCE = 2e-2; // as test/gpu/05: bf16 weights and activations, fp32 accumulation
 
-const saved = { TANDEM_GEMV: process.env.TANDEM_GEMV, TANDEM_GEMV_PDL: process.env.TANDEM_GEMV_PDL };
-afterEach(() => {
-  for (const [name, value] of Object.entries(saved)) {
-    if (value === undefined) delete process.env[name];
-    else process.env[name] = value;
-  }
-});
-
-/** The GPU engine reads TANDEM_GEMV when a runner is created (CudaLlama::init). */
-function withGemv<T>(value: string | undefined, create: () => Promise<T>): Promise<T> {
-  if (value === undefined) delete process.env.TANDEM_GEMV;
-  else process.env.TANDEM_GEMV = value;
-  return create();
-}
+restoreEnvAfterEach('TANDEM_GEMV', 'TANDEM_GEMV_PDL');
+const withGemv = <T>(value: string | undefined, create: () => Promise<T>) => withEnv('TANDEM_GEMV', value, create);
 
 function bf16Bits(f: number): number {
   const u = new Uint32Array(Float32Array.of(f).buffer)[0]!;
@@ -54,23 +47,6 @@ function randomBf16(count: number, seed: number): Uint16Array {
     out[i] = bf16Bits(((s >>> 0) / 2 ** 32) * 2 - 1);
   }
   return out;
-}
-
-/** ||a - b|| / ||b||. */
-function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < b.length; i++) {
-    num += (a[i]! - b[i]!) ** 2;
-    den += b[i]! ** 2;
-  }
-  return Math.sqrt(num / den);
-}
-
-function argmax(row: ArrayLike<number>): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
-  return best;
 }
 
 describe.skipIf(!gate.run)('GEMV kernels (gemv.cu)', () => {
@@ -221,54 +197,19 @@ describe.skipIf(!gate.run)('GPU engine with the GEMV kernels', () => {
         expect(gemv.gemvMaxBatch).toBe(DEFAULT_GEMV_MAX_BATCH);
         expect(cublas.gemvMaxBatch).toBe(0);
         // 8 sequences: a 20-token prompt each in one batch of 160 tokens (cuBLAS in both), then decode steps.
-        const lens = Array<number>(8).fill(0);
-        const table = (s: number) => Array.from({ length: mb }, (_, j) => s * mb + j);
-        const step = (seqs: number[], n: number, salt: number): ForwardBatch => {
-          const tokens: number[] = [];
-          const positions: number[] = [];
-          const seqStarts = [0];
-          for (const s of seqs) {
-            for (let i = 0; i < n; i++) {
-              tokens.push((s * 31 + salt * 7 + i * 13) % config.vocabSize);
-              positions.push(lens[s]! + i);
-            }
-            lens[s]! += n;
-            seqStarts.push(tokens.length);
-          }
-          return {
-            tokens: Int32Array.from(tokens),
-            positions: Int32Array.from(positions),
-            seqStarts: Int32Array.from(seqStarts),
-            blockTables: Int32Array.from(seqs.flatMap(table)),
-            maxBlocksPerSeq: mb,
-            contextLens: Int32Array.from(seqs.map((s) => lens[s]!)),
-          };
-        };
+        const step = sequenceSteps(config.vocabSize, 8, mb);
         const all = [0, 1, 2, 3, 4, 5, 6, 7];
         const plan: number[][] = [[0], [0, 1, 2], all, [5], [2, 4, 6], all, all];
         const prefill = step(all, 20, 0);
         await Promise.all([gemv.forward(prefill), cublas.forward(prefill)]);
-        let worst = 0;
-        let argmaxAgree = 0;
-        let rows = 0;
+        const agreement = new LogitsAgreement(config.vocabSize);
         for (const [k, seqs] of plan.entries()) {
           const batch = step(seqs, 1, k + 1);
           const [a, b] = await Promise.all([gemv.forward(batch), cublas.forward(batch)]);
-          const V = config.vocabSize;
-          for (let s = 0; s < seqs.length; s++) {
-            const rowA = a.subarray(s * V, (s + 1) * V);
-            const rowB = b.subarray(s * V, (s + 1) * V);
-            const rel = relativeError(rowA, rowB);
-            worst = Math.max(worst, rel);
-            expect(rel, `step ${k} (batch ${seqs.length}), sequence ${seqs[s]}`).toBeLessThan(BF16_TOLERANCE);
-            if (argmax(rowA) === argmax(rowB)) argmaxAgree++;
-            rows++;
-          }
+          agreement.check(a, b, seqs.length, (s) => `step ${k} (batch ${seqs.length}), sequence ${seqs[s]}`);
         }
         expect(gemv.cudaGraphs).toEqual({ active: true, reason: null });
-        console.log(
-          `[figure] ${_n}: decode logits GEMV vs cuBLAS worst relative error ${worst.toExponential(2)}; argmax equal in ${argmaxAgree} of ${rows} rows`,
-        );
+        console.log(`[figure] ${_n}: decode logits GEMV vs cuBLAS ${agreement}`);
       } finally {
         await Promise.all([gemv.dispose(), cublas.dispose()]);
       }
@@ -329,11 +270,7 @@ describe.skipIf(!gate.run)('GPU engine with the GEMV kernels', () => {
   it.each(['hf-tiny-llama', 'hf-tiny-qwen2'])(
     "greedy decoding gives transformers' 32 tokens with and without the GEMV kernels (%s)",
     async (name) => {
-      const dir = join(import.meta.dirname, '..', 'fixtures', name);
-      const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as {
-        promptIds: number[];
-        greedy: number[];
-      };
+      const { dir, expected } = hfFixture(name);
       for (const [value, want] of [
         [undefined, DEFAULT_GEMV_MAX_BATCH],
         ['off', 0],
@@ -341,14 +278,8 @@ describe.skipIf(!gate.run)('GPU engine with the GEMV kernels', () => {
         await using m = await withGemv(value, () => openModel({ model: dir, device: 'cuda', numBlocks: 16 }));
         expect((m.runner as CudaModelRunner).gemvMaxBatch).toBe(want);
         // Three copies of the prompt at once: decode steps of batch 3 besides the single one.
-        const results = await Promise.all(
-          [0, 1, 2].map(() =>
-            m.engine
-              .addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } })
-              .result(),
-          ),
-        );
-        for (const r of results) expect(r.tokenIds, `TANDEM_GEMV=${value}`).toEqual(expected.greedy);
+        for (const tokenIds of await greedyCopies(m.engine, expected, 3))
+          expect(tokenIds, `TANDEM_GEMV=${value}`).toEqual(expected.greedy);
       }
     },
   );

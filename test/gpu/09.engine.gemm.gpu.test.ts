@@ -1,12 +1,18 @@
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { BadArgumentError } from '../../lib/index.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { openModel } from '../../lib/engine/open.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
+import {
+  greedyCopies,
+  hfFixture,
+  LogitsAgreement,
+  restoreEnvAfterEach,
+  sequenceSteps,
+  withEnv,
+} from '../helpers/gpu-logits.js';
 
 // The GEMMs above the GEMV through cuBLASLt (TANDEM_GEMM=lt, the default where libcublasLt loads: LtGemm in
 // native/src/engine/cublas.cpp) against cublasGemmEx (TANDEM_GEMM=gemmex, the path before): logits within bf16
@@ -15,39 +21,8 @@ import { gpuGate } from '../helpers/gpu.js';
 // `npm run test:gpu`.
 const gate = await gpuGate(1);
 
-const BF16_TOLERANCE = 2e-2; // as test/gpu/05 and 07: bf16 weights and activations, fp32 accumulation
-
-const saved = { TANDEM_GEMM: process.env.TANDEM_GEMM, TANDEM_GEMV: process.env.TANDEM_GEMV };
-afterEach(() => {
-  for (const [name, value] of Object.entries(saved)) {
-    if (value === undefined) delete process.env[name];
-    else process.env[name] = value;
-  }
-});
-
-/** The GPU engine reads TANDEM_GEMM when a runner is created (CudaLlama::init). */
-function withGemm<T>(value: string | undefined, create: () => Promise<T>): Promise<T> {
-  if (value === undefined) delete process.env.TANDEM_GEMM;
-  else process.env.TANDEM_GEMM = value;
-  return create();
-}
-
-/** ||a - b|| / ||b||. */
-function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < b.length; i++) {
-    num += (a[i]! - b[i]!) ** 2;
-    den += b[i]! ** 2;
-  }
-  return Math.sqrt(num / den);
-}
-
-function argmax(row: ArrayLike<number>): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
-  return best;
-}
+restoreEnvAfterEach('TANDEM_GEMM', 'TANDEM_GEMV');
+const withGemm = <T>(value: string | undefined, create: () => Promise<T>) => withEnv('TANDEM_GEMM', value, create);
 
 describe.skipIf(!gate.run)('GPU engine GEMMs through cuBLASLt', () => {
   it('TANDEM_GEMM picks the path: default lt, lt, gemmex; anything else is a typed error', async () => {
@@ -86,45 +61,14 @@ describe.skipIf(!gate.run)('GPU engine GEMMs through cuBLASLt', () => {
     try {
       expect(lt.gemmPath).toBe('lt');
       expect(gemmex.gemmPath).toBe('gemmex');
-      const lens = Array<number>(seqs).fill(0);
-      const step = (which: number[], n: number, salt: number): ForwardBatch => {
-        const tokens: number[] = [];
-        const positions: number[] = [];
-        const seqStarts = [0];
-        for (const s of which) {
-          for (let i = 0; i < n; i++) {
-            tokens.push((s * 31 + salt * 7 + i * 13) % config.vocabSize);
-            positions.push(lens[s]! + i);
-          }
-          lens[s]! += n;
-          seqStarts.push(tokens.length);
-        }
-        return {
-          tokens: Int32Array.from(tokens),
-          positions: Int32Array.from(positions),
-          seqStarts: Int32Array.from(seqStarts),
-          blockTables: Int32Array.from(which.flatMap((s) => Array.from({ length: mb }, (_, j) => s * mb + j))),
-          maxBlocksPerSeq: mb,
-          contextLens: Int32Array.from(which.map((s) => lens[s]!)),
-        };
-      };
+      const step = sequenceSteps(config.vocabSize, seqs, mb);
       const V = config.vocabSize;
-      let worst = 0;
-      let argmaxAgree = 0;
-      let rows = 0;
+      const agreement = new LogitsAgreement(V);
       const compare = async (batch: ForwardBatch, label: string) => {
         const [a, b] = await Promise.all([lt.forward(batch), gemmex.forward(batch)]);
         const n = batch.seqStarts.length - 1;
         expect(a.length).toBe(n * V);
-        for (let s = 0; s < n; s++) {
-          const rowA = a.subarray(s * V, (s + 1) * V);
-          const rowB = b.subarray(s * V, (s + 1) * V);
-          const rel = relativeError(rowA, rowB);
-          worst = Math.max(worst, rel);
-          expect(rel, `${label}, row ${s}`).toBeLessThan(BF16_TOLERANCE);
-          if (argmax(rowA) === argmax(rowB)) argmaxAgree++;
-          rows++;
-        }
+        agreement.check(a, b, n, (s) => `${label}, row ${s}`);
       };
       const all = Array.from({ length: seqs }, (_, s) => s);
       await compare(step([0], 300, 0), 'prefill of 300 tokens');
@@ -133,9 +77,7 @@ describe.skipIf(!gate.run)('GPU engine GEMMs through cuBLASLt', () => {
       for (const [k, which] of plan.entries())
         await compare(step(which, 1, k + 1), `decode step ${k} (batch ${which.length})`);
       expect(lt.cudaGraphs).toEqual({ active: true, reason: null });
-      console.log(
-        `[figure] logits lt vs gemmex: worst relative error ${worst.toExponential(2)}; argmax equal in ${argmaxAgree} of ${rows} rows`,
-      );
+      console.log(`[figure] logits lt vs gemmex: ${agreement}`);
     } finally {
       await Promise.all([lt.dispose(), gemmex.dispose()]);
     }
@@ -144,23 +86,13 @@ describe.skipIf(!gate.run)('GPU engine GEMMs through cuBLASLt', () => {
   it.each(['hf-tiny-llama', 'hf-tiny-qwen2'])(
     "greedy decoding gives transformers' 32 tokens through lt and through gemmex (%s)",
     async (name) => {
-      const dir = join(import.meta.dirname, '..', 'fixtures', name);
-      const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as {
-        promptIds: number[];
-        greedy: number[];
-      };
+      const { dir, expected } = hfFixture(name);
       for (const value of ['lt', 'gemmex'] as const) {
         await using m = await withGemm(value, () => openModel({ model: dir, device: 'cuda', numBlocks: 64 }));
         expect((m.runner as CudaModelRunner).gemmPath).toBe(value);
         // Eight copies of the prompt at once: decode steps of batch 8 (above the GEMV) besides smaller ones.
-        const results = await Promise.all(
-          Array.from({ length: 8 }, () =>
-            m.engine
-              .addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } })
-              .result(),
-          ),
-        );
-        for (const r of results) expect(r.tokenIds, `TANDEM_GEMM=${value}`).toEqual(expected.greedy);
+        for (const tokenIds of await greedyCopies(m.engine, expected, 8))
+          expect(tokenIds, `TANDEM_GEMM=${value}`).toEqual(expected.greedy);
       }
     },
   );

@@ -1,10 +1,10 @@
-import OpenAI, { APIError } from 'openai';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseGraph } from '../../lib/serve/graph.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
 import { METRIC_NAMES } from '../../lib/serve/metrics.js';
 import { gpuGate } from '../helpers/gpu.js';
-import { metric } from '../helpers/serve.js';
+import { killBusyWorker, metric, openCompletionStream, streamCompletion, waitIdle } from '../helpers/serve.js';
 
 // KV-aware routing and request migration on ONE GPU: two aggregated GPU workers share GPU 0 (a pool each, as a
 // pool's replicas take distinct GPUs), the router's policy is kv. (a) A repeated long prompt lands on the worker
@@ -55,46 +55,14 @@ function servedBy(before: Record<string, number>, after: Record<string, number>,
   return WORKERS.filter((w) => after[w]! - before[w]! === promptTokens);
 }
 
-interface Outcome {
-  text: string;
-  completionTokens?: number;
-  promptTokens?: number;
-  finishReason?: string | null;
-  error?: APIError;
-}
-
-/** Streams a greedy completion; after its first chunk, awaits `onFirstChunk` (which kills the busy worker). */
-async function stream(client: OpenAI, prompt: string, onFirstChunk?: () => Promise<void>): Promise<Outcome> {
-  const out: Outcome = { text: '' };
-  const s = await client.completions.create({
-    model: MODEL,
-    prompt,
-    max_tokens: MAX_TOKENS,
-    temperature: 0,
-    ignore_eos: true,
-    stream: true,
-    stream_options: { include_usage: true },
-  } as OpenAI.CompletionCreateParamsStreaming);
-  let chunks = 0;
-  try {
-    for await (const chunk of s) {
-      const c = chunk.choices[0];
-      if (c) {
-        out.text += c.text;
-        if (c.finish_reason) out.finishReason = c.finish_reason;
-      }
-      if (chunk.usage) {
-        out.completionTokens = chunk.usage.completion_tokens;
-        out.promptTokens = chunk.usage.prompt_tokens;
-      }
-      if (++chunks === 1 && onFirstChunk) await onFirstChunk();
-    }
-  } catch (error) {
-    if (!(error instanceof APIError)) throw error;
-    out.error = error;
-  }
-  return out;
-}
+/** A long greedy completion of `prompt` (streamed: see openCompletionStream). */
+const longGreedy = (prompt: string) => ({
+  model: MODEL,
+  prompt,
+  max_tokens: MAX_TOKENS,
+  temperature: 0,
+  ignore_eos: true,
+});
 
 describe.skipIf(!gate.run)('KV-aware routing and request migration on one GPU (two workers share GPU 0)', () => {
   let d: Deployment;
@@ -102,8 +70,7 @@ describe.skipIf(!gate.run)('KV-aware routing and request migration on one GPU (t
   const lines: string[] = [];
 
   const bothUp = () => Promise.all(WORKERS.map((w) => d.waitReady(w)));
-  const idle = () =>
-    vi.waitFor(() => expect(d.controlPlane.workers().every((w) => w.load.running === 0)).toBe(true), WAIT);
+  const idle = () => waitIdle(d, WAIT);
 
   beforeAll(async () => {
     const graph = parseGraph(GRAPH, '10.serve.router.gpu');
@@ -126,15 +93,7 @@ describe.skipIf(!gate.run)('KV-aware routing and request migration on one GPU (t
     const p2 = longPrompt('bravo', 18); // ~700 tokens: prompt lengths tell the workers' counts apart
     // p1 runs (a long stream, in flight) while p2 comes: p2 goes to the other worker, whose cost has no load.
     let before = await promptTokensByWorker(d);
-    const held = await client.completions.create({
-      model: MODEL,
-      prompt: p1,
-      max_tokens: MAX_TOKENS,
-      temperature: 0,
-      ignore_eos: true,
-      stream: true,
-      stream_options: { include_usage: true },
-    } as OpenAI.CompletionCreateParamsStreaming);
+    const held = await openCompletionStream(client, longGreedy(p1));
     const iterator = held[Symbol.asyncIterator]();
     expect((await iterator.next()).done).toBe(false); // p1 is routed and generating
     const second = await client.completions.create({ model: MODEL, prompt: p2, max_tokens: 8, temperature: 0 });
@@ -172,23 +131,15 @@ describe.skipIf(!gate.run)('KV-aware routing and request migration on one GPU (t
   it('migration: SIGKILL on the worker serving a long greedy stream; the stream completes with exactly the tokens of an undisturbed run', async () => {
     await bothUp();
     const prompt = longPrompt('migration', 4);
-    const undisturbed = await stream(client, prompt);
+    const undisturbed = await streamCompletion(client, longGreedy(prompt));
     expect(undisturbed.error).toBeUndefined();
     expect(undisturbed.completionTokens).toBe(MAX_TOKENS);
     expect(undisturbed.finishReason).toBe('length');
     const migratedBefore = await metric(d, `${METRIC_NAMES.requestMigrations}{outcome="migrated"}`);
     await idle();
     let killed = '';
-    const migrated = await stream(client, prompt, async () => {
-      let name: string | undefined;
-      await vi.waitFor(() => {
-        name = d.controlPlane.workers().find((w) => w.load.running > 0)?.registration.name;
-        expect(name).toBeDefined();
-      }, WAIT);
-      const pid = d.pids()[name!]!;
-      process.kill(pid, 'SIGKILL');
-      await vi.waitFor(() => expect(d.controlPlane.get(name!)?.registration.pid).not.toBe(pid), WAIT);
-      killed = name!;
+    const migrated = await streamCompletion(client, longGreedy(prompt), async () => {
+      killed = await killBusyWorker(d, WAIT);
     });
     expect(migrated.error).toBeUndefined();
     // Where they part, if they do (bf16 numerics of a re-prefill against token-by-token decode).
