@@ -143,30 +143,6 @@ double sampledError(const Sample& s, const void* dY, int n, int k, bool bf16Out)
 // O(1e-2) or more.
 constexpr double kTolerance = 1e-4;
 
-template <typename Run>
-double timeMs(Run run, int reps, int batches = 5) {
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) run(i);  // warm-up
-  CHECK(cudaGetLastError());
-  std::vector<float> ms;
-  int call = 0;
-  for (int t = 0; t < batches; ++t) {
-    CHECK(cudaEventRecord(a));
-    for (int i = 0; i < reps; ++i) run(call++);
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    CHECK(cudaGetLastError());
-    float v;
-    CHECK(cudaEventElapsedTime(&v, a, b));
-    ms.push_back(v / reps);
-  }
-  std::sort(ms.begin(), ms.end());
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
-  return ms[ms.size() / 2];
-}
 
 struct Gemm {
   const char* name;
