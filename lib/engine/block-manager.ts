@@ -82,8 +82,11 @@ export class KvBlockManager {
   /** Per block: how many times it has been evicted; a child that recorded an older one is not its child. */
   private readonly generation: Int32Array;
   /**
-   * Per block in use that was committed while another block was cached with the same prefix: that block and its
-   * generation (-1: none). The blocks after it extend the cached chain from there.
+   * Per block in use that was committed while another block was cached with the same prefix: that block (its
+   * twin) and its generation (-1: none). The blocks after it extend the cached chain from there. The duplicate
+   * holds a reference on its twin until it is freed, so the twin outlives every block cached after the duplicate:
+   * released tail first, the cache stays prefix-closed (a cached block's parent is cached), which a KV-aware
+   * router's prefix index relies on.
    */
   private readonly sameAs: Int32Array;
   private readonly sameAsGeneration: Int32Array;
@@ -228,11 +231,19 @@ export class KvBlockManager {
         listed.set(id, times);
       }
     }
-    for (let i = blockIds.length - 1; i >= 0; i--) {
-      const id = blockIds[i]!;
-      if (--this.refCounts[id]! > 0) continue;
-      if (this.hashOfBlock[id] !== undefined) this.lruAppend(id);
-      else this.freeStack[this.freeTop++] = id;
+    for (let i = blockIds.length - 1; i >= 0; i--) this.release(blockIds[i]!);
+  }
+
+  /** Drops one reference from a block; unreferenced, it goes to the LRU list (cached) or the free stack, and a
+   * duplicate lets go of its twin right after it. */
+  private release(id: number): void {
+    if (--this.refCounts[id]! > 0) return;
+    if (this.hashOfBlock[id] !== undefined) this.lruAppend(id);
+    else this.freeStack[this.freeTop++] = id;
+    const twin = this.sameAs[id]!;
+    if (twin >= 0) {
+      this.sameAs[id] = -1;
+      this.release(twin);
     }
   }
 
@@ -308,6 +319,7 @@ export class KvBlockManager {
         if (owner !== undefined && this.extends(owner, parent, tokens, b * bs)) {
           this.sameAs[id] = owner;
           this.sameAsGeneration[id] = this.generation[owner]!;
+          if (this.refCounts[owner]!++ === 0) this.lruRemove(owner);
         }
         flush(b);
         continue;

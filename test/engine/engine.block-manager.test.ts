@@ -127,23 +127,66 @@ describe('KvBlockManager', () => {
     expect(m.matchPrefix([B, Z], [5, 6, 9, 10])).toEqual([qIds[0]]);
   });
 
-  it('a duplicate whose cached twin was evicted, and the id reused after a collision, chains nothing after it', () => {
-    // b duplicates a's two blocks (a's are cached); a's second block is evicted and its id is cached again under
-    // the same hash H by c = 7 7 | 8 8 (a collision). b's next block was computed after 1 2 3 4, not after c.
-    const m = new KvBlockManager({ numBlocks: 6, blockSize: 2 });
+  it('a duplicate holds its cached twin until freed, so eviction keeps the cache prefix-closed', () => {
+    // Two identical prompts computed side by side; the second goes one block further (cached behind the first's
+    // last block). Freed in either order and evicted block by block, no cached block ever outlives its parent.
+    for (const order of ['first-then-second', 'second-then-first']) {
+      const cached = new Map<bigint, bigint | null>();
+      const check = () => {
+        for (const [h, parent] of cached)
+          expect(parent === null || cached.has(parent), `${order}: ${h} cached without its parent`).toBe(true);
+      };
+      const m = new KvBlockManager({
+        numBlocks: 8,
+        blockSize: 2,
+        onEvent: (e) => {
+          if (e.type === 'stored') e.hashes.forEach((h, i) => cached.set(h, i === 0 ? e.parentHash : e.hashes[i - 1]!));
+          else e.hashes.forEach((h) => cached.delete(h));
+          check();
+        },
+      });
+      const t = [1, 2, 3, 4, 5, 6, 7, 8];
+      const h = kvBlockHashes(t, 2);
+      const a = Array.from(m.allocate(3)!);
+      const b = Array.from(m.allocate(4)!);
+      m.commit(a, h, t, 0, 3);
+      m.commit(b, h, t, 0, 4);
+      expect(m.hashOf(b[3]!)).toBe(h[3]);
+      expect(m.refCount(a[2]!)).toBe(2); // a's own reference and b[2]'s
+      if (order === 'first-then-second') {
+        m.free(a);
+        expect(m.numCached).toBe(4);
+        expect(m.numAllocatable).toBe(1); // a's blocks stay held by b's duplicates
+        m.free(b);
+      } else {
+        m.free(b);
+        m.free(a);
+      }
+      expect(m.numUsed).toBe(0);
+      for (let k = 0; k < 8; k++) {
+        const got = m.allocate(1);
+        expect(got).not.toBeNull();
+        check();
+      }
+      expect(cached.size).toBe(0);
+    }
+  });
+
+  it('a duplicate after a hash collision chains nothing after it', () => {
+    // b = 1 2 | 3 4 | 5 6 duplicates a's two blocks; c = 7 7 | 8 8 collides with a's second block (hash H) and
+    // stays uncached. b's next block was computed after 1 2 3 4, not after c: c matches only its own first block.
+    const m = new KvBlockManager({ numBlocks: 8, blockSize: 2 });
     const [A, C, H, Z] = [0x11n, 0x33n, 0x55n, 0x77n];
     const a = Array.from(m.allocate(2)!);
     m.commit(a, [A, H], [1, 2, 3, 4], 0, 2);
     const b = Array.from(m.allocate(3)!);
     m.commit(b, [A, H, Z], [1, 2, 3, 4, 5, 6], 0, 2);
-    m.free([a[1]!]);
-    m.free([a[0]!]);
-    const [c0] = m.allocate(1)!; // the last free block
-    const [c1] = m.allocate(1)!; // evicts a[1]
-    expect(c1).toBe(a[1]);
-    m.commit([c0!, c1!], [C, H], [7, 7, 8, 8], 0, 2);
+    const c = Array.from(m.allocate(2)!);
+    m.commit(c, [C, H], [7, 7, 8, 8], 0, 2);
     m.commit(b, [A, H, Z], [1, 2, 3, 4, 5, 6], 2, 3);
-    expect(m.matchPrefix([C, H, Z], [7, 7, 8, 8, 5, 6])).toEqual([c0, c1]);
+    expect(m.hashOf(c[1]!)).toBeUndefined();
+    expect(m.matchPrefix([C, H, Z], [7, 7, 8, 8, 5, 6])).toEqual([c[0]]);
+    expect(m.matchPrefix([A, H, Z], [1, 2, 3, 4, 5, 6])).toEqual([a[0], a[1], b[2]]);
   });
 
   it('a first block is never matched after another block, whatever the hashes say', () => {
