@@ -194,12 +194,10 @@ export class KvPrefixIndex {
    * out). A request of 128 blocks whose prefix a few workers hold takes ~9 probes instead of 128.
    *
    * The engine keeps its holdings prefix-closed: it frees a sequence's blocks whole, last block first, so a
-   * block's cached descendants enter its LRU list before it and are evicted first (block-manager.ts;
-   * test/router/router.prefix-closed.test.ts). One exception: when two sequences computed the same prompt side
-   * by side, the blocks the second one caches after its duplicates hang off the first one's blocks, which can be
-   * evicted while the second one runs; those orphans, which the engine itself can no longer hit, stay held until
-   * evicted in turn. Across such a hole this credits the worker with blocks it lacks (a routing cost, never
-   * wrong KV: the engine verifies every hit) where `overlaps` would stop at it.
+   * block's cached descendants enter its LRU list before it and are evicted first; when two sequences computed
+   * the same prompt side by side, the second one's duplicate blocks hold their cached twins until freed, so the
+   * blocks it caches after them are evicted before the twins too (block-manager.ts;
+   * test/router/router.prefix-closed.test.ts, test/engine/engine.block-manager.test.ts).
    */
   overlapsPrefixClosed(lanes: Uint32Array, numBlocks: number, out: Int32Array | Uint32Array): number {
     const words = this.words;
