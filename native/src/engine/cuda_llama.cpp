@@ -142,7 +142,13 @@ struct Carver {
 
 CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
                      const GpuKvPool& pool, bool cudaGraphs)
-    : device_(device), cublas_(cublas), cublasLt_(cublasLt), config_(config), pool_(pool), cudaGraphs_(cudaGraphs) {
+    : device_(device),
+      cublas_(cublas),
+      cublasLt_(cublasLt),
+      config_(config),
+      pool_(pool),
+      cudaGraphs_(cudaGraphs),
+      graphs_(device, kMaxGraphs) {
   const LlamaConfig& c = config_;
   checkConfig(c);
   if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");
@@ -322,7 +328,7 @@ void CudaLlama::release() {
   released_ = true;
   const CudaDriver& d = device_.driver();
   d.cuStreamSynchronize(device_.stream());
-  dropGraphs();
+  graphs_.clear();
   if (handle_) cublas_.destroy(handle_);
   handle_ = nullptr;
   lt_.reset();
@@ -543,11 +549,6 @@ std::vector<std::string> CudaLlama::missingWeights() const {
   return out;
 }
 
-void CudaLlama::dropGraphs() {
-  for (auto& [key, exec] : graphs_) device_.driver().cuGraphExecDestroy(exec);
-  graphs_.clear();
-}
-
 void CudaLlama::ensureScratch(size_t deviceBytes, size_t hostBytes) {
   const CudaDriver& d = device_.driver();
   if (deviceBytes > 0 && (!scratch_ || scratch_->bytes < deviceBytes)) {
@@ -667,27 +668,19 @@ void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int 
   launch(fn_.siluMul, static_cast<unsigned>(m), 1, 256, gateUp, inter, act);
 }
 
-CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size_t extraHost, CUdeviceptr& extraDev,
-                               uint8_t*& extraHostPtr) {
-  if (aborted_.load() || released_) throw Aborted("the model was disposed");
-  if (!weights_) throw NativeError("TANDEM_INTERNAL", "the GPU model runner was not initialised");
-  auto missing = missingWeights();
-  if (!missing.empty())
-    throw BadInput(std::to_string(missing.size()) + " weight tensor(s) not set, first '" + missing[0] + "'");
+CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDevice, size_t extraHost) const {
   validateForward(config_, pool_.numBlocks, pool_.blockSize, in);
-
   const LlamaConfig& c = config_;
+  BatchPlan p;
   const size_t ntok = in.tokens.size(), nseq = in.seqStarts.size() - 1;
-  if (nseq == 0) {
-    extraDev = 0;
-    extraHostPtr = nullptr;
-    return 0;
-  }
+  p.ntok = ntok;
+  p.nseq = nseq;
   const size_t h = c.hiddenSize, inter = c.intermediateSize, vocab = c.vocabSize;
   const int bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
+  p.maxBlocks = mb;
 
   // Per-token sequence and destination block, each sequence's last token: uploaded with the batch.
-  std::vector<int32_t> ints;
+  std::vector<int32_t>& ints = p.ints;
   ints.reserve(4 * ntok + nseq * mb + nseq);
   ints.insert(ints.end(), in.tokens.begin(), in.tokens.end());
   ints.insert(ints.end(), in.positions.begin(), in.positions.end());
@@ -702,13 +695,11 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   // sequence, and decode rows (the token of each sequence with exactly one token in the batch), the latter
   // split along the context so that the grid fills the GPU. A decode step's plan depends only on (sequences,
   // blocks per sequence), the key of its CUDA graph.
-  const size_t tilesAt = ints.size();
-  size_t decodeAt = tilesAt, decodeRows = 0;
-  int splits = 1, keysPerSplit = 0;
-  const bool flash2 = flash2_;
-  bool flash2Decode = false;
+  p.tilesAt = ints.size();
+  p.decodeAt = p.tilesAt;
+  p.flash2 = flash2_;
   if (flash_) {
-    const int32_t tileRows = flash2 ? kFlash2Rows : kFlashRows;
+    const int32_t tileRows = p.flash2 ? kFlash2Rows : kFlashRows;
     for (size_t s = 0; s < nseq; ++s) {
       const int32_t first = in.seqStarts[s], n = in.seqStarts[s + 1] - first;
       if (n == 1) continue;
@@ -718,157 +709,191 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
         ints.push_back(static_cast<int32_t>(s));
       }
     }
-    decodeAt = ints.size();
+    p.decodeAt = ints.size();
     for (size_t s = 0; s < nseq; ++s)
       if (in.seqStarts[s + 1] - in.seqStarts[s] == 1) ints.push_back(in.seqStarts[s]);
-    decodeRows = ints.size() - decodeAt;
-    flash2Decode = flash2 && decodeRows <= kFlash2DecodeMaxRows;
-    if (decodeRows) {
+    p.decodeRows = ints.size() - p.decodeAt;
+    p.flash2Decode = p.flash2 && p.decodeRows <= kFlash2DecodeMaxRows;
+    if (p.decodeRows) {
       const int ctx = c.slidingWindow > 0 ? std::min(c.slidingWindow, mb * bs) : mb * bs;
       const int chunks = (ctx + kFlashKeys - 1) / kFlashKeys;
-      const int ctas = static_cast<int>(decodeRows) * c.numKvHeads;
-      const int perSm = flash2Decode ? kFlash2DecodeCtasPerSm : kFlashDecodeCtasPerSm;
+      const int ctas = static_cast<int>(p.decodeRows) * c.numKvHeads;
+      const int perSm = p.flash2Decode ? kFlash2DecodeCtasPerSm : kFlashDecodeCtasPerSm;
       int want = std::max(1, (perSm * multiprocessors_ + ctas - 1) / ctas);
-      if (flash2Decode) want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
-      splits = std::max(1, std::min(want, chunks));
-      keysPerSplit = (chunks + splits - 1) / splits * kFlashKeys;
-      splits = (ctx + keysPerSplit - 1) / keysPerSplit;
+      if (p.flash2Decode) want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
+      p.splits = std::max(1, std::min(want, chunks));
+      p.keysPerSplit = (chunks + p.splits - 1) / p.splits * kFlashKeys;
+      p.splits = (ctx + p.keysPerSplit - 1) / p.keysPerSplit;
     }
   }
-  const size_t flashTiles = (decodeAt - tilesAt) / 3;
+  p.flashTiles = (p.decodeAt - p.tilesAt) / 3;
 
   Carver carve;
-  size_t oInts = carve.take(ints.size() * 4);
-  size_t oX = carve.take(ntok * h * 4), oTmp = carve.take(ntok * h * 4), oXn = carve.take(ntok * h * 2);
-  size_t oQkv = carve.take(ntok * qkvDim_ * 4), oAttn = carve.take(ntok * qDim_ * 2);
-  size_t oGateUp = carve.take(ntok * 2 * inter * 4), oAct = carve.take(ntok * inter * 2);
-  size_t oLast = carve.take(nseq * h * 2), oLogits = carve.take(nseq * vocab * 4);
-  size_t oPartial =
-      carve.take(splits > 1 ? decodeRows * c.numHeads * splits * flashPartialStride(c.headDim) * 4 : 0);
-  size_t oExtra = carve.take(extraDevice);
-  size_t hostExtraAt = alignUp(ints.size() * 4);
-  ensureScratch(carve.used, hostExtraAt + extraHost);
+  p.oInts = carve.take(ints.size() * 4);
+  p.oX = carve.take(ntok * h * 4);
+  p.oTmp = carve.take(ntok * h * 4);
+  p.oXn = carve.take(ntok * h * 2);
+  p.oQkv = carve.take(ntok * qkvDim_ * 4);
+  p.oAttn = carve.take(ntok * qDim_ * 2);
+  p.oGateUp = carve.take(ntok * 2 * inter * 4);
+  p.oAct = carve.take(ntok * inter * 2);
+  p.oLast = carve.take(nseq * h * 2);
+  p.oLogits = carve.take(nseq * vocab * 4);
+  p.oPartial =
+      carve.take(p.splits > 1 ? p.decodeRows * c.numHeads * p.splits * flashPartialStride(c.headDim) * 4 : 0);
+  p.oExtra = carve.take(extraDevice);
+  p.deviceBytes = carve.used;
+  p.hostExtraAt = alignUp(ints.size() * 4);
+  p.hostBytes = p.hostExtraAt + extraHost;
+  return p;
+}
 
-  const CudaDriver& d = device_.driver();
-  CUstream stream = device_.stream();
-  CUdeviceptr base = scratch_->ptr;
-  CUdeviceptr dInts = base + oInts;
-  CUdeviceptr dTokens = dInts, dPositions = dInts + ntok * 4, dTokenSeqs = dInts + 2 * ntok * 4;
-  CUdeviceptr dTokenBlocks = dInts + 3 * ntok * 4, dTables = dInts + 4 * ntok * 4;
-  CUdeviceptr dLastRows = dTables + nseq * mb * 4;
-  CUdeviceptr x = base + oX, tmp = base + oTmp, xn = base + oXn, qkv = base + oQkv, attn = base + oAttn;
-  CUdeviceptr gateUp = base + oGateUp, act = base + oAct, last = base + oLast, logits = base + oLogits;
-  CUdeviceptr dFlashTiles = dInts + tilesAt * 4, dDecodeRows = dInts + decodeAt * 4, partial = base + oPartial;
-  CUdeviceptr kv = pool_.base, invFreq = invFreqMem_->ptr, null = 0;
-  const CUdeviceptr counters = flash2 ? flash2Counters_->ptr : 0;
+CudaLlama::BatchBuffers CudaLlama::uploadBatch(const BatchPlan& p) {
+  ensureScratch(p.deviceBytes, p.hostBytes);
+  const size_t ntok = p.ntok, nseq = p.nseq;
+  const CUdeviceptr base = scratch_->ptr, dInts = base + p.oInts;
+  BatchBuffers b{};
+  b.tokens = dInts;
+  b.positions = dInts + ntok * 4;
+  b.tokenSeqs = dInts + 2 * ntok * 4;
+  b.tokenBlocks = dInts + 3 * ntok * 4;
+  b.tables = dInts + 4 * ntok * 4;
+  b.lastRows = b.tables + nseq * p.maxBlocks * 4;
+  b.flashTiles = dInts + p.tilesAt * 4;
+  b.decodeRows = dInts + p.decodeAt * 4;
+  b.x = base + p.oX;
+  b.tmp = base + p.oTmp;
+  b.xn = base + p.oXn;
+  b.qkv = base + p.oQkv;
+  b.attn = base + p.oAttn;
+  b.gateUp = base + p.oGateUp;
+  b.act = base + p.oAct;
+  b.last = base + p.oLast;
+  b.logits = base + p.oLogits;
+  b.partial = base + p.oPartial;
+  b.extra = base + p.oExtra;
+  std::memcpy(pinned_, p.ints.data(), p.ints.size() * 4);
+  check(device_.driver().cuMemcpyHtoDAsync(dInts, pinned_, p.ints.size() * 4, device_.stream()),
+        "cuMemcpyHtoDAsync (batch)");
+  return b;
+}
 
-  std::memcpy(pinned_, ints.data(), ints.size() * 4);
-  check(d.cuMemcpyHtoDAsync(dInts, pinned_, ints.size() * 4, stream), "cuMemcpyHtoDAsync (batch)");
-
+void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers& b) {
+  const LlamaConfig& c = config_;
+  const LayerOffsets& W = layers_[l];
   const int H = c.numHeads, KVH = c.numKvHeads, D = c.headDim, L = c.numLayers;
-  const int hidden = static_cast<int>(h), nb = pool_.numBlocks, blockMajor = pool_.layout == KvLayout::BlockMajor;
-  const int itok = static_cast<int>(ntok), iinter = static_cast<int>(inter), iq = static_cast<int>(qkvDim_);
+  const int bs = pool_.blockSize, mb = p.maxBlocks;
+  const int hidden = c.hiddenSize, nb = pool_.numBlocks, blockMajor = pool_.layout == KvLayout::BlockMajor;
+  const int itok = static_cast<int>(p.ntok), iinter = c.intermediateSize, iq = static_cast<int>(qkvDim_);
   const float eps = c.rmsNormEps, scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const unsigned nt = normThreads(hidden);
   // One query's keys are all the work in decode: more warps per (token, head) there (see llama.cu). Large
   // prefills go to the tiled kernel (K/V through shared memory, shared by the GQA group) where it applies.
-  const unsigned attnThreads = ntok <= 256 ? 512 : 128;
+  const unsigned attnThreads = p.ntok <= 256 ? 512 : 128;
   const int group = H / KVH;
-  const bool tiled = ntok > 256 && D % 2 == 0 && D <= kTiledMaxDim && group <= kTiledMaxGroup;
-  auto enqueue = [&](bool capturing) {
-    launch(fn_.embed, itok, 1, 256, weight(embed_), dTokens, hidden, x);
-    for (int l = 0; l < L; ++l) {
-      if (!capturing && aborted_.load()) {
-        d.cuStreamSynchronize(stream);
-        throw Aborted("the model was disposed during a forward pass");
-      }
-      const LayerOffsets& W = layers_[l];
-      launch(fn_.addRmsNorm, itok, 1, nt, x, l == 0 ? null : tmp, weight(W.inputNorm), hidden, eps, null, xn);
-      gemm(xn, itok, hidden, weight(W.wqkv), iq, qkv);
-      if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, qkv, weight(W.bqkv), iq);
-      launch(fn_.ropeKv, itok, 1, 128, qkv, dPositions, dTokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
-      if (flash_) {
-        if (flashTiles && flash2)
-          launch3(fn_.flash2Prefill, H, static_cast<unsigned>(flashTiles), 1, kFlash2Threads, flash2PrefillSmem(D),
-                  qkv, dPositions, dFlashTiles, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow,
-                  scale, attn);
-        else if (flashTiles)
-          launch3(fn_.flashPrefill, static_cast<unsigned>(flashTiles), H, 1, kFlashThreads, flashPrefillSmem(D), qkv,
-                  dPositions, dFlashTiles, dTables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale,
-                  attn);
-        if (decodeRows && flash2Decode)
-          launch3(fn_.flash2Decode, static_cast<unsigned>(decodeRows), KVH, static_cast<unsigned>(splits),
-                  kFlashThreads, 0, qkv, dPositions, dDecodeRows, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
-                  blockMajor, H, KVH, c.slidingWindow, scale, keysPerSplit, partial, counters, attn);
-        else if (decodeRows) {
-          launch3(fn_.flashDecode, static_cast<unsigned>(decodeRows), KVH, static_cast<unsigned>(splits),
-                  kFlashThreads, 0, qkv, dPositions, dDecodeRows, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
-                  blockMajor, H, KVH, c.slidingWindow, scale, keysPerSplit, partial, attn);
-          if (splits > 1)
-            launch3(fn_.flashCombine, static_cast<unsigned>(decodeRows), H, 1, kFlashThreads, 0, partial,
-                    dDecodeRows, H, D, splits, attn);
-        }
-      } else if (tiled)
-        launch(fn_.attentionTiled, itok, KVH, static_cast<unsigned>(group) * 32, qkv, dPositions, dTokenSeqs, dTables, mb,
-               kv, l, L, nb, bs, blockMajor, H, KVH, D, c.slidingWindow, scale, attn);
-      else
-        launch(fn_.attention, itok, H, attnThreads, qkv, dPositions, dTokenSeqs, dTables, mb, kv, l, L, nb, bs,
-               blockMajor, H, KVH, D, c.slidingWindow, scale, attn);
-      gemm(attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, tmp);
-      if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, tmp, weight(W.bo), hidden);
-      launch(fn_.addRmsNorm, itok, 1, nt, x, tmp, weight(W.postNorm), hidden, eps, null, xn);
-      gateUpAct(xn, itok, hidden, weight(W.wgateUp), iinter, gateUp, act);
-      gemm(act, itok, iinter, weight(W.wdown), hidden, tmp);
+  const bool tiled = p.ntok > 256 && D % 2 == 0 && D <= kTiledMaxDim && group <= kTiledMaxGroup;
+  const CUdeviceptr kv = pool_.base, invFreq = invFreqMem_->ptr, null = 0;
+  const CUdeviceptr counters = p.flash2 ? flash2Counters_->ptr : 0;
+  const unsigned flashTiles = static_cast<unsigned>(p.flashTiles), decodeRows = static_cast<unsigned>(p.decodeRows);
+  const int keysPerSplit = p.keysPerSplit;
+
+  launch(fn_.addRmsNorm, itok, 1, nt, b.x, l == 0 ? null : b.tmp, weight(W.inputNorm), hidden, eps, null, b.xn);
+  gemm(b.xn, itok, hidden, weight(W.wqkv), iq, b.qkv);
+  if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, b.qkv, weight(W.bqkv), iq);
+  launch(fn_.ropeKv, itok, 1, 128, b.qkv, b.positions, b.tokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs,
+         blockMajor);
+  if (flash_) {
+    if (flashTiles && p.flash2)
+      launch3(fn_.flash2Prefill, H, flashTiles, 1, kFlash2Threads, flash2PrefillSmem(D), b.qkv, b.positions,
+              b.flashTiles, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale, b.attn);
+    else if (flashTiles)
+      launch3(fn_.flashPrefill, flashTiles, H, 1, kFlashThreads, flashPrefillSmem(D), b.qkv, b.positions,
+              b.flashTiles, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale, b.attn);
+    if (decodeRows && p.flash2Decode)
+      launch3(fn_.flash2Decode, decodeRows, KVH, static_cast<unsigned>(p.splits), kFlashThreads, 0, b.qkv,
+              b.positions, b.decodeRows, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
+              c.slidingWindow, scale, keysPerSplit, b.partial, counters, b.attn);
+    else if (decodeRows) {
+      launch3(fn_.flashDecode, decodeRows, KVH, static_cast<unsigned>(p.splits), kFlashThreads, 0, b.qkv,
+              b.positions, b.decodeRows, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
+              c.slidingWindow, scale, keysPerSplit, b.partial, b.attn);
+      if (p.splits > 1)
+        launch3(fn_.flashCombine, decodeRows, H, 1, kFlashThreads, 0, b.partial, b.decodeRows, H, D, p.splits,
+                b.attn);
     }
-    launch(fn_.addRmsNorm, static_cast<unsigned>(nseq), 1, nt, x, tmp, weight(finalNorm_), hidden, eps, dLastRows, last);
-    gemm(last, static_cast<int>(nseq), hidden, weight(lmHead_), static_cast<int>(vocab), logits);
-  };
-  if (cudaGraphs_ && ntok == nseq) {
+  } else if (tiled)
+    launch(fn_.attentionTiled, itok, KVH, static_cast<unsigned>(group) * 32, b.qkv, b.positions, b.tokenSeqs,
+           b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, D, c.slidingWindow, scale, b.attn);
+  else
+    launch(fn_.attention, itok, H, attnThreads, b.qkv, b.positions, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs,
+           blockMajor, H, KVH, D, c.slidingWindow, scale, b.attn);
+  gemm(b.attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, b.tmp);
+  if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, b.tmp, weight(W.bo), hidden);
+  launch(fn_.addRmsNorm, itok, 1, nt, b.x, b.tmp, weight(W.postNorm), hidden, eps, null, b.xn);
+  gateUpAct(b.xn, itok, hidden, weight(W.wgateUp), iinter, b.gateUp, b.act);
+  gemm(b.act, itok, iinter, weight(W.wdown), hidden, b.tmp);
+}
+
+void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capturing) {
+  const LlamaConfig& c = config_;
+  const int hidden = c.hiddenSize;
+  const float eps = c.rmsNormEps;
+  const unsigned nt = normThreads(hidden);
+  launch(fn_.embed, static_cast<int>(p.ntok), 1, 256, weight(embed_), b.tokens, hidden, b.x);
+  for (int l = 0; l < c.numLayers; ++l) {
+    if (!capturing && aborted_.load()) {
+      device_.driver().cuStreamSynchronize(device_.stream());
+      throw Aborted("the model was disposed during a forward pass");
+    }
+    enqueueDenseLayer(l, p, b);
+  }
+  const CUdeviceptr lastRows = b.lastRows;
+  launch(fn_.addRmsNorm, static_cast<unsigned>(p.nseq), 1, nt, b.x, b.tmp, weight(finalNorm_), hidden, eps, lastRows,
+         b.last);
+  gemm(b.last, static_cast<int>(p.nseq), hidden, weight(lmHead_), c.vocabSize, b.logits);
+}
+
+CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size_t extraHost, CUdeviceptr& extraDev,
+                                uint8_t*& extraHostPtr) {
+  if (aborted_.load() || released_) throw Aborted("the model was disposed");
+  if (!weights_) throw NativeError("TANDEM_INTERNAL", "the GPU model runner was not initialised");
+  auto missing = missingWeights();
+  if (!missing.empty())
+    throw BadInput(std::to_string(missing.size()) + " weight tensor(s) not set, first '" + missing[0] + "'");
+  const BatchPlan plan = planBatch(in, extraDevice, extraHost);
+  if (plan.nseq == 0) {
+    extraDev = 0;
+    extraHostPtr = nullptr;
+    return 0;
+  }
+  const BatchBuffers b = uploadBatch(plan);
+  CUstream stream = device_.stream();
+  if (cudaGraphs_ && plan.ntok == plan.nseq) {
     // Decode: replay the pass captured for this shape (kernel arguments are baked in: scratch addresses, sizes).
-    if (graphsGeneration_ != scratchGeneration_) {
-      dropGraphs();
-      graphsGeneration_ = scratchGeneration_;
-    }
-    const std::pair<size_t, int> key{nseq, mb};
-    auto it = graphs_.find(key);
-    if (it == graphs_.end()) {
-      if (graphs_.size() >= kMaxGraphs) dropGraphs();
-      CUgraph graph = nullptr;
-      CUgraphExec exec = nullptr;
-      prepareGemms(itok, static_cast<int>(nseq));  // no cuBLASLt set-up while capturing
+    graphs_.keepOnlyGeneration(scratchGeneration_);
+    const DecodeGraphCache::Key key{plan.nseq, plan.maxBlocks};
+    CUgraphExec exec = graphs_.find(key);
+    if (!exec) {
+      prepareGemms(static_cast<int>(plan.ntok), static_cast<int>(plan.nseq));  // no cuBLASLt set-up while capturing
       try {
-        check(d.cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
-        try {
-          enqueue(true);
-        } catch (...) {
-          d.cuStreamEndCapture(stream, &graph);
-          throw;
-        }
-        check(d.cuStreamEndCapture(stream, &graph), "cuStreamEndCapture");
-        check(d.cuGraphInstantiateWithFlags(&exec, graph, 0), "cuGraphInstantiateWithFlags");
+        exec = graphs_.capture(key, stream, [&] { enqueuePass(plan, b, true); });
       } catch (const NativeError& e) {
         // Something in the pass cannot be captured here: run eagerly from now on, and say why (graphsReason()).
-        if (graph) d.cuGraphDestroy(graph);
         cudaGraphs_ = false;
         {
           std::lock_guard<std::mutex> lock(slotsMutex_);
           graphsReason_ = e.what();
         }
-        enqueue(false);
-        graph = nullptr;
-      }
-      if (graph) {
-        d.cuGraphDestroy(graph);
-        it = graphs_.emplace(key, exec).first;
+        enqueuePass(plan, b, false);
       }
     }
-    if (it != graphs_.end()) check(d.cuGraphLaunch(it->second, stream), "cuGraphLaunch");
+    if (exec) graphs_.launch(exec, stream);
   } else {
-    enqueue(false);
+    enqueuePass(plan, b, false);
   }
-  extraDev = base + oExtra;
-  extraHostPtr = static_cast<uint8_t*>(pinned_) + hostExtraAt;
-  return logits;
+  extraDev = b.extra;
+  extraHostPtr = static_cast<uint8_t*>(pinned_) + plan.hostExtraAt;
+  return b.logits;
 }
 
 std::vector<float> CudaLlama::forward(const ForwardInput& in) {

@@ -19,6 +19,7 @@
 
 #include "../cuda_device.h"
 #include "cublas.h"
+#include "cuda_llama_graphs.h"
 #include "llama_common.h"
 
 namespace tandem::engine {
@@ -132,11 +133,42 @@ class CudaLlama {
     size_t inputNorm, postNorm, wqkv, bqkv, wo, bo, wgateUp, wdown;
   };
 
+  // Batch set-up, host side: what one pass uploads (token ids, positions, per-token sequence and KV block, block
+  // tables, last rows, the flash-attention plan), its kernels' launch geometry and where each activation lies in
+  // the scratch allocation (offsets; bound to addresses by bindBatch once the scratch is large enough).
+  struct BatchPlan {
+    size_t ntok = 0, nseq = 0;
+    int maxBlocks = 0;            // blocks per sequence in the block tables
+    std::vector<int32_t> ints;    // uploaded as one copy; the offsets below are into it, in int32 units
+    size_t tilesAt = 0, decodeAt = 0;
+    size_t flashTiles = 0, decodeRows = 0;
+    int splits = 1, keysPerSplit = 0;
+    bool flash2 = false, flash2Decode = false;
+    // Scratch (device) byte offsets, and its size; host: the staging offset of the caller's extra bytes.
+    size_t oInts = 0, oX = 0, oTmp = 0, oXn = 0, oQkv = 0, oAttn = 0, oGateUp = 0, oAct = 0, oLast = 0, oLogits = 0;
+    size_t oPartial = 0, oExtra = 0, deviceBytes = 0, hostExtraAt = 0, hostBytes = 0;
+  };
+  // A planned batch's device addresses in the current scratch allocation.
+  struct BatchBuffers {
+    CUdeviceptr tokens, positions, tokenSeqs, tokenBlocks, tables, lastRows, flashTiles, decodeRows;
+    CUdeviceptr x, tmp, xn, qkv, attn, gateUp, act, last, logits, partial, extra;
+  };
+  // Validates the batch and plans it (no device work). extraDevice / extraHost bytes are reserved after the
+  // pass's own scratch and staging.
+  BatchPlan planBatch(const ForwardInput& in, size_t extraDevice, size_t extraHost) const;
+  // Grows the scratch for `plan` and copies its ints to the device (on the stream); the buffers' addresses.
+  BatchBuffers uploadBatch(const BatchPlan& plan);
   // Validates and runs the model on the stream (not synchronised); returns the logits' device address
   // (nseq x vocab fp32). extraDevice / extraHost bytes are reserved after the pass's own scratch and
   // staging and returned through the last two arguments.
   CUdeviceptr runModel(const ForwardInput& in, size_t extraDevice, size_t extraHost, CUdeviceptr& extraDev,
                        uint8_t*& extraHostPtr);
+  // One pass on the stream (eager, or while capturing a decode graph): embedding, the layers, final norm, lm_head.
+  void enqueuePass(const BatchPlan& plan, const BatchBuffers& b, bool capturing);
+  // The layer step of the dense Llama / Qwen2 decoder (the one family today): input norm (+ the previous layer's
+  // residual), QKV GEMM (+ bias), RoPE with the KV write, attention, o_proj (+ bias), residual + post norm,
+  // gate/up with SwiGLU, down. Leaves the layer's output in b.tmp for the next step's residual add.
+  void enqueueDenseLayer(int layer, const BatchPlan& plan, const BatchBuffers& b);
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, size_t rows, size_t cols);
   const Slot& slotOf(const std::string& name) const;  // throws BadInput naming an unknown tensor
@@ -159,9 +191,6 @@ class CudaLlama {
   void launch3(CUfunction fn, unsigned gridX, unsigned gridY, unsigned gridZ, unsigned block, unsigned sharedBytes,
                Args... args);
   void check(CUresult r, const char* what) const { device_.check(r, what); }
-  // The layers, final norm and lm_head of one pass, on the stream (eager, or while capturing).
-  void enqueueLayers(const ForwardInput& in, CUdeviceptr base, const size_t* offsets, CUdeviceptr dInts, bool capturing);
-  void dropGraphs();
 
   CudaDevice& device_;
   const CublasApi& cublas_;
@@ -211,8 +240,8 @@ class CudaLlama {
   std::atomic<bool> cudaGraphs_{true};
   std::string graphsReason_;
   // Decode graphs by (sequences, blocks per sequence), valid for the scratch allocation they were captured on.
-  std::map<std::pair<size_t, int>, CUgraphExec> graphs_;
-  uint64_t scratchGeneration_ = 0, graphsGeneration_ = 0;
+  DecodeGraphCache graphs_;
+  uint64_t scratchGeneration_ = 0;
   std::atomic<bool> aborted_{false};
 };
 
