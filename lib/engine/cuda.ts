@@ -49,7 +49,7 @@ export interface CudaModelRunnerOptions {
   device?: number | CudaDevice;
   /** Blocks in the KV pool. Default: from kvCacheBytes, else DEFAULT_GPU_KV_FRACTION of free memory. */
   numBlocks?: number;
-  /** Bytes of KV pool when numBlocks is absent. */
+  /** Bytes of KV pool when numBlocks is absent (with tensor parallelism: all ranks' pools together). */
   kvCacheBytes?: number;
   /** Share of free memory after the weights the default pool takes. Default DEFAULT_GPU_KV_FRACTION. */
   kvCacheFraction?: number;

@@ -39,6 +39,18 @@ function argmax(row: ArrayLike<number>): number {
   return best;
 }
 
+/** The gap between a row's best and second-best logit. */
+function topMargin(row: ArrayLike<number>): number {
+  const best = argmax(row);
+  let second = -Infinity;
+  for (let i = 0; i < row.length; i++) if (i !== best) second = Math.max(second, row[i]!);
+  return row[best]! - second;
+}
+
+// Random dummy weights can put two logits closer than the TP 1 / TP n difference: the best token is compared only
+// where TP 1's margin is wider than this.
+const CLEAR_MARGIN = 0.05;
+
 // TP 1 and TP n hold the same bf16 weights; they differ only in fp32 summation order (the all-reduces add the ranks'
 // partial sums; one rank sums inside its GEMM), which bf16 activations then round: a relative logit error of a few
 // 1e-3 at most. 1e-2 still catches a wrong slice or a missed reduction (errors of order 1).
@@ -207,7 +219,7 @@ describe.skipIf(!gate.run)('GPU engine, tensor parallel ranks on one device', ()
             const rel = relativeError(rowY, rowX);
             worst = Math.max(worst, rel);
             expect(rel, `step at ${seqs[s]!.start}, sequence ${s}`).toBeLessThan(TP_TOLERANCE);
-            expect(argmax(rowY)).toBe(argmax(rowX));
+            if (topMargin(rowX) > CLEAR_MARGIN) expect(argmax(rowY)).toBe(argmax(rowX));
           }
         }
         // Sampling on rank 0 over the gathered logits: the greedy candidates are TP 1's.
@@ -219,14 +231,20 @@ describe.skipIf(!gate.run)('GPU engine, tensor parallel ranks on one device', ()
           mb,
         );
         const plan = {
-          n: Int32Array.of(1, 1),
+          n: Int32Array.of(2, 2),
           flags: Int32Array.of(0, 0),
           invT: Float64Array.of(0, 0),
           topP: Float64Array.of(1, 1),
           u: Float64Array.of(0, 0),
         };
         const [sx, sy] = [await one.forwardSampled(last, plan), await many.forwardSampled(last, plan)];
-        expect(Array.from(sy.topIds)).toEqual(Array.from(sx.topIds));
+        for (let s = 0; s < 2; s++) {
+          expect(
+            relativeError(sy.topLogits.subarray(2 * s, 2 * s + 2), sx.topLogits.subarray(2 * s, 2 * s + 2)),
+          ).toBeLessThan(TP_TOLERANCE);
+          if (sx.topLogits[2 * s]! - sx.topLogits[2 * s + 1]! > CLEAR_MARGIN)
+            expect(sy.topIds[2 * s]).toBe(sx.topIds[2 * s]);
+        }
         console.log(
           `[figure] ${_name} TP ${tp} vs TP 1 (${many.attentionKernels}): worst relative logit error ${worst.toExponential(2)}`,
         );
