@@ -14,6 +14,7 @@
         "native/src/engine/cublas.cpp",
         "native/src/engine/cuda_llama.cpp",
         "native/src/engine/cuda_llama_graphs.cpp",
+        "native/src/engine/cuda_llama_tp.cpp",
         "native/src/engine/cuda_llama_wrap.cpp",
         "native/src/engine/engine_wrap.cpp",
         "native/src/engine/gemm_bench.cpp",

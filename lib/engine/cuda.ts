@@ -8,12 +8,19 @@
  *   const runner = await CudaModelRunner.create({ config, device: 0, weights: 'dummy:tiny' });
  *   const logits = await runner.forward(batch);   // nseq x vocabSize, fp32
  *   await runner.dispose();
+ *
+ * Tensor parallelism (issue 25; `parallel: { tp }`): a runner group of tp ranks, each a native CudaLlama holding its
+ * slice of the model (lib/engine/cuda-parallel.ts) on its own CudaDevice (own thread and stream), its own KV pool of
+ * its kv heads, the ranks summing partial results through a communicator injected into the native layer step. Today
+ * every rank runs on one device (a local reduction, so TP 2 is checked against TP 1 on one GPU); ranks on several
+ * GPUs need the NCCL communicator (not written yet). forward() drives every rank with the same batch and returns
+ * rank 0's logits.
  */
 import { closeSync, openSync } from 'node:fs';
 import { BadArgumentError, CheckpointError, native, nativeSync, OutOfMemoryError, TandemError } from '../errors.js';
 import { CudaDevice, type DeviceBuffer } from '../cuda/index.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
-import { loadBinding, type RawCudaLlama } from '../native/binding.js';
+import { loadBinding, type RawCudaLlama, type RawCudaTpGroup, type RawTensorShard } from '../native/binding.js';
 import { libraryCandidates } from '../native/libraries.js';
 import {
   DEFAULT_DUMMY_SEED,
@@ -29,6 +36,7 @@ import { checkCheckpointTensors, tensorElements, weightManifest, type ManifestTe
 import { openSafetensors } from './model/safetensors.js';
 import { ByteProgress, StartPhases, type StartLog } from './model/progress.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner, type SampledLogits, type SamplePlan } from './runner.js';
+import { checkCudaTensorParallel, rankKvHeads, sliceHostTensor, tpDeviceOrdinals } from './cuda-parallel.js';
 
 /** Share of the GPU's free memory (after the weights) the KV pool takes when numBlocks is not given. */
 export const DEFAULT_GPU_KV_FRACTION = 0.8;
@@ -41,7 +49,7 @@ export interface CudaModelRunnerOptions {
   device?: number | CudaDevice;
   /** Blocks in the KV pool. Default: from kvCacheBytes, else DEFAULT_GPU_KV_FRACTION of free memory. */
   numBlocks?: number;
-  /** Bytes of KV pool when numBlocks is absent. */
+  /** Bytes of KV pool when numBlocks is absent (with tensor parallelism: all ranks' pools together). */
   kvCacheBytes?: number;
   /** Share of free memory after the weights the default pool takes. Default DEFAULT_GPU_KV_FRACTION. */
   kvCacheFraction?: number;
@@ -67,6 +75,22 @@ export interface CudaModelRunnerOptions {
   onProgress?: (loaded: number, total: number, name: string) => void;
   /** Start-up log: each phase's time and the weights' progress (model/progress.ts). */
   log?: StartLog;
+  /**
+   * Tensor parallelism: `tp` ranks (default 1), checked against the model before any GPU memory is taken
+   * (ParallelLayoutError). Each rank opens its own CudaDevice on its ordinal; decode steps run eagerly (no CUDA
+   * graphs) with more than one rank.
+   */
+  parallel?: { tp: number };
+  /** The device ordinal of each tensor-parallel rank (default: `device`'s for all). Today all must be equal. */
+  devices?: number[];
+}
+
+/** A tensor-parallel rank other than rank 0: its model, device and KV pool. */
+interface TpPeer {
+  raw: RawCudaLlama;
+  device: CudaDevice;
+  kvBuffer: DeviceBuffer;
+  ownsDevice: boolean;
 }
 
 /** bf16 bytes of a config's weights (what the GPU runner allocates, give or take alignment). */
@@ -155,6 +179,8 @@ export class CudaModelRunner implements ModelRunner {
     /** The KV pool's memory, for `agent.registerDevice()`. */
     readonly kvDeviceBuffer: DeviceBuffer,
     private readonly ownsDevice: boolean,
+    /** Tensor-parallel ranks 1..tp-1 (none for one rank). */
+    private readonly peers: readonly TpPeer[] = [],
   ) {
     this.vocabSize = config.vocabSize;
     this.blockSize = pool.blockSize;
@@ -176,6 +202,8 @@ export class CudaModelRunner implements ModelRunner {
       throw new BadArgumentError(`${where}: the GPU engine supports headDim up to 256 (got ${config.headDim})`);
     const blockSize = options.blockSize ?? 16;
     checkInteger(where, 'blockSize', blockSize, 1);
+    const tp = checkCudaTensorParallel(config, options.parallel?.tp ?? 1, where);
+    if (tp > 1) return CudaModelRunner.createTensorParallel(options, config, layout, blockSize, tp);
     const given = options.device ?? 0;
     const ownsDevice = typeof given === 'number';
     const phases = new StartPhases(options.log);
@@ -282,6 +310,180 @@ export class CudaModelRunner implements ModelRunner {
     }
   }
 
+  /**
+   * create() with tp > 1 ranks: every rank's device opened, kernels loaded, KV pool allocated and model built before
+   * the weights (each rank generating or reading only its slice); all of it disposed again on any failure.
+   */
+  private static async createTensorParallel(
+    options: CudaModelRunnerOptions,
+    config: ModelConfig,
+    layout: KvLayout,
+    blockSize: number,
+    tp: number,
+  ): Promise<CudaModelRunner> {
+    const where = 'CudaModelRunner.create';
+    const given = options.device ?? 0;
+    const ordinals = tpDeviceOrdinals(tp, typeof given === 'number' ? given : given.ordinal, options.devices, where);
+    const phases = new StartPhases(options.log);
+    interface Rank {
+      device: CudaDevice;
+      ownsDevice: boolean;
+      kvBuffer?: DeviceBuffer;
+      raw?: RawCudaLlama;
+      pool?: KvPool;
+    }
+    const ranks: Rank[] = [];
+    const poolOf = (rank: number, numBlocks: number) =>
+      kvPool({
+        layers: config.numLayers,
+        kvHeads: rankKvHeads(config, tp, rank),
+        headDim: config.headDim,
+        blockSize,
+        numBlocks,
+        dtype: 'bf16',
+        layout,
+      });
+    try {
+      for (let r = 0; r < tp; r++) {
+        // Rank 0 may use the caller's device; every other rank opens its own (its own thread and stream).
+        const device =
+          r === 0 && typeof given !== 'number'
+            ? given
+            : await phases.run(`open CUDA device ${ordinals[r]} (rank ${r})`, () => CudaDevice.open(ordinals[r]!));
+        ranks.push({ device, ownsDevice: !(r === 0 && typeof given !== 'number') });
+        await phases.run(`load kernels (rank ${r})`, () => device.loadKernels());
+      }
+      let numBlocks = options.numBlocks;
+      if (numBlocks === undefined) {
+        // One block's bytes over all ranks (each holds its kv heads); the ranks share one device today.
+        let blockBytes = 0;
+        for (let r = 0; r < tp; r++) blockBytes += poolOf(r, 1).blockBytes;
+        let bytes = options.kvCacheBytes;
+        if (bytes === undefined) {
+          const free = (await ranks[0]!.device.memoryInfo()).freeBytes;
+          bytes =
+            (free - gpuWeightBytes(config) - tp * GPU_ACTIVATION_RESERVE_BYTES) *
+            (options.kvCacheFraction ?? DEFAULT_GPU_KV_FRACTION);
+        }
+        numBlocks = Math.floor(bytes / blockBytes);
+        if (options.maxDefaultBlocks !== undefined) numBlocks = Math.min(numBlocks, options.maxDefaultBlocks);
+        if (numBlocks < 1) {
+          const free = (await ranks[0]!.device.memoryInfo()).freeBytes;
+          throw new OutOfMemoryError(
+            `GPU ${ordinals[0]} has ${(free / 2 ** 30).toFixed(1)} GiB free; the weights of ${tp} tensor-parallel ` +
+              `ranks need ${(gpuWeightBytes(config) / 2 ** 30).toFixed(1)} GiB and leave no room for a KV pool`,
+          );
+        }
+      }
+      const group: RawCudaTpGroup = nativeSync(() => new (loadBinding().binding.CudaTpGroup)(tp));
+      for (let r = 0; r < tp; r++) {
+        const rank = ranks[r]!;
+        const pool = poolOf(r, numBlocks);
+        rank.pool = pool;
+        const buffer = await phases.run(
+          `allocate KV pool of rank ${r} (${numBlocks} blocks, ${(pool.poolBytes / 1e9).toFixed(1)} GB)`,
+          () => rank.device.alloc(pool.poolBytes),
+        );
+        rank.kvBuffer = buffer;
+        rank.raw = nativeSync(
+          () =>
+            new (loadBinding().binding.CudaLlama)(rank.device.raw, {
+              ...nativeModelFields(config),
+              numBlocks: pool.numBlocks,
+              blockSize: pool.blockSize,
+              layout,
+              kvBuffer: buffer.raw,
+              cublas: libraryCandidates().cublas,
+              cublasLt: libraryCandidates().cublasLt,
+              cudaGraphs: options.cudaGraphs ?? true,
+              tp: { group, rank: r },
+            }),
+        );
+      }
+      const models = ranks.map((rank) => rank.raw!);
+      await phases.run('cuBLAS and weight memory', () => Promise.all(models.map((m) => native(() => m.init()))));
+      const manifest = weightManifest(config);
+      const total = manifest.length;
+      let loaded = 0;
+      const source = options.weights;
+      const weightBytes = models.reduce((sum, m) => sum + m.weightBytes, 0);
+      if (typeof source === 'string' && isDummyModel(source)) {
+        // Each rank generates its slice of the same tensors as one rank would (dummy_init.cu).
+        const seed = options.seed ?? DEFAULT_DUMMY_SEED;
+        const progress = new ByteProgress('generating dummy weights', weightBytes, options.log);
+        for (const t of manifest) {
+          const recipe = dummyTensorRecipe(config, seed, t.name);
+          await Promise.all(models.map((m) => native(() => m.fillDummy(t.name, recipe))));
+          progress.add(tensorElements(t) * 2);
+          options.onProgress?.(++loaded, total, t.name);
+        }
+        progress.finish();
+      } else if (typeof source === 'string') {
+        // Each rank reads its slice of every tensor from the files (rows, or columns of every row).
+        await Promise.all(
+          models.map((m, r) =>
+            loadCheckpoint(m, source, manifest, r === 0 ? options.log : undefined, (tensors, name) => {
+              if (r !== 0) return;
+              loaded += tensors;
+              options.onProgress?.(loaded, total, name);
+            }),
+          ),
+        );
+      } else {
+        const byName = new Map(manifest.map((t) => [t.name, t]));
+        const tensors = typeof source === 'function' ? source() : source;
+        const progress = new ByteProgress('loading weights', weightBytes, options.log);
+        for await (const tensor of tensors as AsyncIterable<NamedTensor> | Iterable<NamedTensor>) {
+          const entry = byName.get(tensor.name);
+          if (!entry) throw new BadArgumentError(`${where}: tensor '${tensor.name}' is not part of this model`);
+          await Promise.all(
+            models.map((m, r) =>
+              native(() => m.setWeight(tensor.name, sliceHostTensor(config, tp, r, entry, tensor.data))),
+            ),
+          );
+          progress.add(tensor.data.length * 2);
+          options.onProgress?.(++loaded, total, tensor.name);
+        }
+        progress.finish();
+      }
+      for (const m of models) nativeSync(() => m.ready());
+      options.log?.(`GPU model runner (${tp} tensor-parallel ranks) ready in ${phases.elapsedMs().toFixed(0)} ms`);
+      const [first, ...rest] = ranks;
+      const peers = rest.map((rank) => ({
+        raw: rank.raw!,
+        device: rank.device,
+        kvBuffer: rank.kvBuffer!,
+        ownsDevice: rank.ownsDevice,
+      }));
+      return new CudaModelRunner(
+        first!.raw!,
+        config,
+        first!.pool!,
+        first!.device,
+        first!.kvBuffer!,
+        first!.ownsDevice,
+        peers,
+      );
+    } catch (error) {
+      await Promise.all(ranks.map((rank) => rank.raw?.dispose().catch(() => {})));
+      for (const rank of ranks) {
+        await rank.kvBuffer?.dispose().catch(() => {});
+        if (rank.ownsDevice) await rank.device.dispose().catch(() => {});
+      }
+      throw error;
+    }
+  }
+
+  /** The number of tensor-parallel ranks (1: the whole model on one runner). */
+  get tensorParallelSize(): number {
+    return this.peers.length + 1;
+  }
+
+  /** What each tensor-parallel rank holds, rank 0 first: [start, count] of heads, kv heads, channels, vocabulary. */
+  get tensorShards(): RawTensorShard[] {
+    return [this.raw, ...this.peers.map((p) => p.raw)].map((m) => m.tensorParallel!);
+  }
+
   /** Whether decode steps replay CUDA graphs, and why not when capturing failed (they then run eagerly). */
   get cudaGraphs(): { active: boolean; reason: string | null } {
     return this.raw.cudaGraphs;
@@ -297,9 +499,15 @@ export class CudaModelRunner implements ModelRunner {
     return this.raw.attentionKernels;
   }
 
-  /** One weight tensor's bf16 bit patterns as the GPU holds them (tests compare them with the host's values). */
-  readWeightBf16(name: string): Promise<Uint16Array> {
-    return native(() => this.raw.readWeight(name));
+  /**
+   * One weight tensor's bf16 bit patterns as the GPU holds them (tests compare them with the host's values): tensor-
+   * parallel rank `rank`'s slice (default rank 0; the whole tensor with one rank).
+   */
+  readWeightBf16(name: string, rank = 0): Promise<Uint16Array> {
+    const model = rank === 0 ? this.raw : this.peers[rank - 1]?.raw;
+    if (!model)
+      return Promise.reject(new BadArgumentError(`readWeightBf16: rank ${rank} is not one of 0..${this.peers.length}`));
+    return native(() => model.readWeight(name));
   }
 
   /**
@@ -318,9 +526,9 @@ export class CudaModelRunner implements ModelRunner {
     return this.raw.gemmPath;
   }
 
-  /** bf16 bytes the weights take on the GPU. */
+  /** bf16 bytes the weights take on the GPU (all tensor-parallel ranks together). */
   get weightBytes(): number {
-    return this.raw.weightBytes;
+    return this.peers.reduce((sum, p) => sum + p.raw.weightBytes, this.raw.weightBytes);
   }
   get disposed(): boolean {
     return this.raw.disposed;
@@ -332,7 +540,27 @@ export class CudaModelRunner implements ModelRunner {
    * the KV pool as it was.
    */
   forward(batch: ForwardBatch): Promise<Float32Array> {
-    return native(() => this.raw.forward(...forwardArgs(batch)));
+    if (this.peers.length === 0) return native(() => this.raw.forward(...forwardArgs(batch)));
+    const args = forwardArgs(batch);
+    return this.allRanks(
+      native(() => this.raw.forward(...args)),
+      args,
+    );
+  }
+
+  /**
+   * Rank 0's pass (`first`, started) with every other rank's pass of the same batch, which only feeds the
+   * collectives; settles once every rank is done, with rank 0's result or the first failure (a rank that fails
+   * stops the group's collectives, so the others fail too rather than wait).
+   */
+  private async allRanks<T>(first: Promise<T>, args: ReturnType<typeof forwardArgs>): Promise<T> {
+    const results = await Promise.allSettled([
+      first,
+      ...this.peers.map((p) => native(() => p.raw.forwardWithoutLogits(...args))),
+    ]);
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
+    return (results[0] as PromiseFulfilledResult<T>).value;
   }
 
   /**
@@ -340,16 +568,33 @@ export class CudaModelRunner implements ModelRunner {
    * candidates, sums and the plain draw per sequence come back instead of nseq x vocabSize logits.
    */
   async forwardSampled(batch: ForwardBatch, plan: SamplePlan): Promise<SampledLogits> {
-    const r = await native(() => this.raw.forwardSampled(...forwardArgs(batch), plan));
+    if (this.peers.length === 0) {
+      const r = await native(() => this.raw.forwardSampled(...forwardArgs(batch), plan));
+      return { vocabSize: this.vocabSize, ...r };
+    }
+    const args = forwardArgs(batch);
+    const r = await this.allRanks(
+      native(() => this.raw.forwardSampled(...args, plan)),
+      args,
+    );
     return { vocabSize: this.vocabSize, ...r };
   }
 
   /** Frees the weights, the activations and the KV pool; closes the device when the runner opened it. */
   async dispose(): Promise<void> {
     if (this.raw.disposed) return;
-    await native(() => this.raw.dispose());
+    if (this.peers.length === 0) {
+      await native(() => this.raw.dispose());
+      await this.kvDeviceBuffer.dispose().catch(() => {});
+      if (this.ownsDevice) await this.device.dispose();
+      return;
+    }
+    // Every rank at once: disposing one stops the group's collectives, so no rank waits for a disposed one.
+    await Promise.all([this.raw, ...this.peers.map((p) => p.raw)].map((m) => native(() => m.dispose())));
     await this.kvDeviceBuffer.dispose().catch(() => {});
+    for (const p of this.peers) await p.kvBuffer.dispose().catch(() => {});
     if (this.ownsDevice) await this.device.dispose();
+    for (const p of this.peers) if (p.ownsDevice) await p.device.dispose();
   }
 
   [Symbol.asyncDispose](): Promise<void> {

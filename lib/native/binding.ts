@@ -220,6 +220,23 @@ export interface RawCudaLlamaOptions extends Omit<RawCpuLlamaOptions, 'kvBuffer'
   cublasLt?: string[];
   /** Replay decode steps as CUDA graphs (default true). */
   cudaGraphs?: boolean;
+  /** This runner is tensor-parallel rank `rank` of `group` (lib/engine/cuda-parallel.ts); its kvBuffer holds its kv heads. */
+  tp?: { group: RawCudaTpGroup; rank: number };
+}
+
+/** The ranks of one tensor-parallel runner group on one CUDA device (native/src/engine/cuda_llama_tp.h). */
+export interface RawCudaTpGroup {
+  readonly size: number;
+}
+
+/** What a tensor-parallel rank holds: [start, count] of heads, kv heads, intermediate channels, vocabulary rows. */
+export interface RawTensorShard {
+  rank: number;
+  size: number;
+  heads: [number, number];
+  kvHeads: [number, number];
+  intermediate: [number, number];
+  vocab: [number, number];
 }
 
 /** One forward batch, in the native runners' argument order (built by `forwardArgs`, lib/engine/runner.ts). */
@@ -239,6 +256,8 @@ export interface RawCudaLlama {
   readonly gemvMaxBatch: number;
   readonly gemmPath: 'lt' | 'gemmex';
   readonly disposed: boolean;
+  /** What this rank holds (the whole model for one rank); null once disposed. */
+  readonly tensorParallel: RawTensorShard | null;
   init(): Promise<void>;
   setWeight(name: string, data: Float32Array): Promise<void>;
   /** Generates a dummy tensor on the GPU (lib/engine/model/dummy.ts's DummyRecipe; native/kernels/dummy_init.cu). */
@@ -260,6 +279,8 @@ export interface RawCudaLlama {
   missingWeights(): string[];
   ready(): void;
   forward(...batch: RawForwardArgs): Promise<Float32Array>;
+  /** A tensor-parallel rank's pass whose logits nobody reads (rank 0 runs forward or forwardSampled meanwhile). */
+  forwardWithoutLogits(...batch: RawForwardArgs): Promise<void>;
   forwardSampled(
     ...args: [
       ...batch: RawForwardArgs,
@@ -317,6 +338,7 @@ export interface RawBinding {
   ) => RawTransferAgent;
   CpuLlama: new (options: RawCpuLlamaOptions) => RawCpuLlama;
   CudaLlama: new (device: RawCudaDevice, options: RawCudaLlamaOptions) => RawCudaLlama;
+  CudaTpGroup: new (size: number) => RawCudaTpGroup;
 }
 
 let cached: { binding: RawBinding; path: string } | undefined;

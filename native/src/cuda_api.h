@@ -127,6 +127,7 @@ typedef CUresult (*PFN_cuStreamCreate)(CUstream* stream, unsigned int flags);
 typedef CUresult (*PFN_cuStreamDestroy)(CUstream stream);
 typedef CUresult (*PFN_cuStreamSynchronize)(CUstream stream);
 typedef CUresult (*PFN_cuEventCreate)(CUevent* event, unsigned int flags);
+typedef CUresult (*PFN_cuStreamWaitEvent)(CUstream stream, CUevent event, unsigned int flags);
 typedef CUresult (*PFN_cuEventDestroy)(CUevent event);
 typedef CUresult (*PFN_cuEventRecord)(CUevent event, CUstream stream);
 typedef CUresult (*PFN_cuEventSynchronize)(CUevent event);

@@ -141,16 +141,29 @@ struct Carver {
 }  // namespace
 
 CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
-                     const GpuKvPool& pool, bool cudaGraphs)
+                     const GpuKvPool& pool, bool cudaGraphs, std::shared_ptr<TpCommunicator> tp)
     : device_(device),
       cublas_(cublas),
       cublasLt_(cublasLt),
       config_(config),
+      tp_(std::move(tp)),
       pool_(pool),
       cudaGraphs_(cudaGraphs),
       graphs_(device, kMaxGraphs) {
-  const LlamaConfig& c = config_;
-  checkConfig(c);
+  checkConfig(config_);
+  shard_ = tp_ ? tpShardOf(config_, tp_->size(), tp_->rank()) : tpShardOf(config_, 1, 0);
+  local_ = config_;
+  local_.numHeads = shard_.heads;
+  local_.numKvHeads = shard_.kvHeads;
+  local_.intermediateSize = shard_.inter;
+  local_.vocabSize = shard_.vocabRows;
+  for (int r = 0; r < shard_.size; ++r) vocabRowsPerRank_.push_back(tpShardOf(config_, shard_.size, r).vocabRows);
+  if (tensorParallel() && cudaGraphs_) {
+    cudaGraphs_ = false;
+    graphsReason_ = "tensor-parallel ranks run decode steps eagerly (the local communicator's host barriers cannot be "
+                    "captured in a CUDA graph)";
+  }
+  const LlamaConfig& c = local_;  // this rank's shapes
   if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");
   if (pool.numBlocks <= 0 || pool.blockSize <= 0) throw BadInput("numBlocks and blockSize must be positive");
   if (pool.base % 2 != 0) throw BadInput("the KV pool must start at a multiple of 2 bytes (bf16)");
@@ -158,7 +171,7 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
   if (pool.bytes < need)
     throw BadInput("the KV buffer holds " + std::to_string(pool.bytes) + " bytes; the pool needs " + std::to_string(need));
 
-  const size_t h = c.hiddenSize, inter = c.intermediateSize;
+  const size_t h = c.hiddenSize, inter = c.intermediateSize, vocab = c.vocabSize;
   qDim_ = static_cast<size_t>(c.numHeads) * c.headDim;
   kvDim_ = static_cast<size_t>(c.numKvHeads) * c.headDim;
   qkvDim_ = qDim_ + 2 * kvDim_;
@@ -166,7 +179,7 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
 
   // Fused q|k|v and gate|up projections, so each is one GEMM; names come from the weight manifest
   // (lib/engine/model/manifest.ts; checkConfig checked that it is complete).
-  embed_ = place(static_cast<size_t>(c.vocabSize) * h);
+  embed_ = place(vocab * h);
   layers_.resize(c.numLayers);
   for (LayerOffsets& L : layers_) {
     L.inputNorm = place(h);
@@ -179,26 +192,37 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
     L.wdown = place(h * inter);
   }
   finalNorm_ = place(h);
-  lmHead_ = c.tieWordEmbeddings ? embed_ : place(static_cast<size_t>(c.vocabSize) * h);
+  lmHead_ = c.tieWordEmbeddings ? embed_ : place(vocab * h);
+  // Each tensor's slice of the whole one (lib/engine/model/manifest.ts's shard rules): column (q/k/v, gate/up, their
+  // biases) and vocab (embedding, lm_head) take rows, row (o_proj, down_proj) takes columns, replicated all of it.
+  const TpShard& t = shard_;
+  const size_t D = c.headDim, fullQ = static_cast<size_t>(config_.numHeads) * D;
+  const size_t fullKv = static_cast<size_t>(config_.numKvHeads) * D, fullInter = config_.intermediateSize;
+  const size_t fullVocab = config_.vocabSize;
+  const size_t q0 = t.headStart * D, kv0 = t.kvHeadStart * D, i0 = t.interStart, v0 = t.vocabStart;
+  auto whole = [](size_t rows, size_t cols) { return SliceOf{rows, cols, 0, rows, 0, cols}; };
+  auto rowsOf = [](size_t fullRows, size_t cols, size_t start, size_t n) { return SliceOf{fullRows, cols, start, n, 0, cols}; };
+  auto colsOf = [](size_t rows, size_t fullCols, size_t start, size_t n) { return SliceOf{rows, fullCols, 0, rows, start, n}; };
+  auto elementsOf = [](size_t full, size_t start, size_t n) { return SliceOf{0, full, 0, 0, start, n}; };
   for (const WeightEntry& w : c.weights) {
     const LayerOffsets* L = w.layer >= 0 ? &layers_[w.layer] : nullptr;
     switch (w.role) {
-      case WeightRole::Embed: addSlot(w.name, embed_, c.vocabSize, h); break;
-      case WeightRole::InputNorm: addSlot(w.name, L->inputNorm, 0, h); break;
-      case WeightRole::Q: addSlot(w.name, L->wqkv, qDim_, h); break;
-      case WeightRole::QBias: addSlot(w.name, L->bqkv, 0, qDim_); break;
-      case WeightRole::K: addSlot(w.name, L->wqkv + qDim_ * h * 2, kvDim_, h); break;
-      case WeightRole::KBias: addSlot(w.name, L->bqkv + qDim_ * 2, 0, kvDim_); break;
-      case WeightRole::V: addSlot(w.name, L->wqkv + (qDim_ + kvDim_) * h * 2, kvDim_, h); break;
-      case WeightRole::VBias: addSlot(w.name, L->bqkv + (qDim_ + kvDim_) * 2, 0, kvDim_); break;
-      case WeightRole::O: addSlot(w.name, L->wo, h, qDim_); break;
-      case WeightRole::OBias: addSlot(w.name, L->bo, 0, h); break;
-      case WeightRole::PostNorm: addSlot(w.name, L->postNorm, 0, h); break;
-      case WeightRole::Gate: addSlot(w.name, L->wgateUp, inter, h); break;
-      case WeightRole::Up: addSlot(w.name, L->wgateUp + inter * h * 2, inter, h); break;
-      case WeightRole::Down: addSlot(w.name, L->wdown, h, inter); break;
-      case WeightRole::FinalNorm: addSlot(w.name, finalNorm_, 0, h); break;
-      case WeightRole::LmHead: addSlot(w.name, lmHead_, c.vocabSize, h); break;
+      case WeightRole::Embed: addSlot(w.name, embed_, rowsOf(fullVocab, h, v0, vocab)); break;
+      case WeightRole::InputNorm: addSlot(w.name, L->inputNorm, whole(0, h)); break;
+      case WeightRole::Q: addSlot(w.name, L->wqkv, rowsOf(fullQ, h, q0, qDim_)); break;
+      case WeightRole::QBias: addSlot(w.name, L->bqkv, elementsOf(fullQ, q0, qDim_)); break;
+      case WeightRole::K: addSlot(w.name, L->wqkv + qDim_ * h * 2, rowsOf(fullKv, h, kv0, kvDim_)); break;
+      case WeightRole::KBias: addSlot(w.name, L->bqkv + qDim_ * 2, elementsOf(fullKv, kv0, kvDim_)); break;
+      case WeightRole::V: addSlot(w.name, L->wqkv + (qDim_ + kvDim_) * h * 2, rowsOf(fullKv, h, kv0, kvDim_)); break;
+      case WeightRole::VBias: addSlot(w.name, L->bqkv + (qDim_ + kvDim_) * 2, elementsOf(fullKv, kv0, kvDim_)); break;
+      case WeightRole::O: addSlot(w.name, L->wo, colsOf(h, fullQ, q0, qDim_)); break;
+      case WeightRole::OBias: addSlot(w.name, L->bo, whole(0, h)); break;
+      case WeightRole::PostNorm: addSlot(w.name, L->postNorm, whole(0, h)); break;
+      case WeightRole::Gate: addSlot(w.name, L->wgateUp, rowsOf(fullInter, h, i0, inter)); break;
+      case WeightRole::Up: addSlot(w.name, L->wgateUp + inter * h * 2, rowsOf(fullInter, h, i0, inter)); break;
+      case WeightRole::Down: addSlot(w.name, L->wdown, colsOf(h, fullInter, i0, inter)); break;
+      case WeightRole::FinalNorm: addSlot(w.name, finalNorm_, whole(0, h)); break;
+      case WeightRole::LmHead: addSlot(w.name, lmHead_, rowsOf(fullVocab, h, v0, vocab)); break;
     }
   }
 }
@@ -211,8 +235,15 @@ size_t CudaLlama::place(size_t count) {
   return at;
 }
 
-void CudaLlama::addSlot(const std::string& name, size_t offset, size_t rows, size_t cols) {
-  slots_[name] = Slot{offset, (rows == 0 ? 1 : rows) * cols, rows == 0 ? 1 : rows, shapeText(rows, cols)};
+void CudaLlama::addSlot(const std::string& name, size_t offset, const SliceOf& s) {
+  const bool oneD = s.fullRows == 0;
+  Slot slot{offset, 0, oneD ? 1 : s.rows, s.cols, oneD ? 1 : s.fullRows, s.fullCols, s.rowStart, s.colStart, "", false};
+  slot.count = slot.rows * slot.cols;
+  slot.shape = shapeText(oneD ? 0 : slot.rows, slot.cols);
+  if (!slot.whole())
+    slot.shape += " (tensor-parallel rank " + std::to_string(shard_.rank) + " of " + std::to_string(shard_.size) +
+                  ": a slice of " + shapeText(s.fullRows, s.fullCols) + ")";
+  slots_[name] = slot;
   order_.push_back(name);
 }
 
@@ -229,11 +260,11 @@ void CudaLlama::init() {
   fn_.sampleChunkTop = device_.function("tandem_sample_chunk_top");
   fn_.sampleFinish = device_.function("tandem_sample_finish");
   const CudaDriver& drv = device_.driver();
-  const int D = config_.headDim, group = config_.numHeads / config_.numKvHeads;
+  const int D = local_.headDim, group = local_.numHeads / local_.numKvHeads;
   const char* attentionEnv = std::getenv("TANDEM_ATTENTION");
   const std::string attention = attentionEnv ? attentionEnv : "";
   flash2_ = false;
-  if (attention != "reference" && (D == 64 || D == 128) && config_.numHeads % config_.numKvHeads == 0 &&
+  if (attention != "reference" && (D == 64 || D == 128) && local_.numHeads % local_.numKvHeads == 0 &&
       group <= kFlashMaxGroup) {
     const std::string d = std::to_string(D);
     fn_.flashPrefill = device_.function("tandem_flash_prefill_d" + d);
@@ -311,6 +342,10 @@ void CudaLlama::init() {
     if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", "cublasLtCreate: " + cublasLt_.describe(s));
   }
   gemmLt_ = useLt;
+  if (tensorParallel()) {
+    fn_.embedShard = device_.function("tandem_tp_embed_vocab_shard");
+    tp_->init(device_);
+  }
   weights_ = device_.allocate(weightBytes_, "cuMemAlloc (model weights)");
   invFreqMem_ = device_.allocate(invFreq_.size() * sizeof(float), "cuMemAlloc (RoPE frequencies)");
   const CudaDriver& d = device_.driver();
@@ -345,6 +380,7 @@ void CudaLlama::release() {
   if (pinned_) d.cuMemFreeHost(pinned_);
   pinned_ = nullptr;
   pinnedBytes_ = 0;
+  if (tp_) tp_->release();
 }
 
 const CudaLlama::Slot& CudaLlama::slotOf(const std::string& name) const {
@@ -414,11 +450,18 @@ void CudaLlama::fillDummy(const std::string& name, bool ones, uint32_t key0, uin
     unsigned int one = 0x3f80;  // bf16 1.0
     launch(fn_.dummyFill, static_cast<unsigned>(std::min<unsigned long long>((count + kThreads - 1) / kThreads, 4096)),
            1, kThreads, dest, count, one);
-  } else {
+  } else if (slot.whole()) {
     if (!fn_.dummyUniform) fn_.dummyUniform = device_.function("tandem_dummy_uniform_bf16");
     unsigned long long rows = slot.rows, cols = slot.count / slot.rows;
     launch(fn_.dummyUniform, static_cast<unsigned>((rows + kThreads - 1) / kThreads), 1, kThreads, dest, rows, cols,
            static_cast<unsigned int>(key0), static_cast<unsigned int>(key1), static_cast<unsigned int>(key2), width);
+  } else if (slot.count > 0) {
+    // A tensor-parallel rank's slice: element (i, j) is element (rowStart + i, colStart + j) of the whole tensor.
+    if (!fn_.dummySlice) fn_.dummySlice = device_.function("tandem_dummy_uniform_slice_bf16");
+    unsigned long long rows = slot.rows, cols = slot.cols, rowStart = slot.rowStart, colStart = slot.colStart;
+    launch(fn_.dummySlice, static_cast<unsigned>((rows + kThreads - 1) / kThreads), 1, kThreads, dest, rows, cols,
+           rowStart, colStart, static_cast<unsigned int>(key0), static_cast<unsigned int>(key1),
+           static_cast<unsigned int>(key2), width);
   }
   check(d.cuStreamSynchronize(device_.stream()), "cuStreamSynchronize (dummy weights)");
   markSet(name);
@@ -427,9 +470,10 @@ void CudaLlama::fillDummy(const std::string& name, bool ones, uint32_t key0, uin
 void CudaLlama::checkFileTensor(const FileTensor& t) const {
   const Slot& slot = slotOf(t.name);
   size_t width = t.dtype == FileDtype::F32 ? 4 : 2;
-  if (t.bytes != slot.count * width)
+  const size_t fullCount = slot.fullRows * slot.fullCols;
+  if (t.bytes != fullCount * width)
     throw BadInput("tensor '" + t.name + "' holds " + std::to_string(t.bytes) + " bytes in the file; shape " + slot.shape +
-                   " needs " + std::to_string(slot.count * width));
+                   " needs " + std::to_string(fullCount * width));
 }
 
 void CudaLlama::loadFromFile(int fd, std::vector<FileTensor> tensors, double* bytesDone) {
@@ -476,26 +520,75 @@ void CudaLlama::loadFromFile(int fd, std::vector<FileTensor> tensors, double* by
       if (bytesDone) *bytesDone = done;
       run.clear();
     };
+    // A tensor-parallel rank's columns of a row-parallel tensor (o_proj, down_proj): whole rows are read, the rank's
+    // columns go (rounded to bf16 where the file is not) densely into staging, one copy per chunk of rows.
+    auto loadColumns = [&](const FileTensor& t, const Slot& slot) {
+      const size_t width = t.dtype == FileDtype::F32 ? 4 : 2;
+      const size_t rowBytes = slot.fullCols * width;
+      const size_t rowsPerChunk =
+          std::max<size_t>(1, std::min(kFileChunkBytes / rowBytes, kFileChunkBytes / (slot.cols * 2)));
+      const CUdeviceptr dest = weight(slot.offset);
+      for (size_t r = 0; r < slot.rows; r += rowsPerChunk) {
+        const size_t n = std::min(rowsPerChunk, slot.rows - r);
+        raw.resize(n * rowBytes);
+        readAt(fd, raw.data(), n * rowBytes, t.offset + (slot.rowStart + r) * rowBytes);
+        check(d.cuEventSynchronize(copied[k]), "cuEventSynchronize (checkpoint staging)");
+        uint16_t* out = static_cast<uint16_t*>(staging[k]);
+        for (size_t i = 0; i < n; ++i) {
+          const uint8_t* from = raw.data() + i * rowBytes + slot.colStart * width;
+          uint16_t* to = out + i * slot.cols;
+          if (t.dtype == FileDtype::BF16) {
+            std::memcpy(to, from, slot.cols * 2);
+          } else if (width == 4) {
+            for (size_t j = 0; j < slot.cols; ++j) {
+              float f;
+              std::memcpy(&f, from + j * 4, 4);
+              to[j] = toBf16(f);
+            }
+          } else {
+            for (size_t j = 0; j < slot.cols; ++j) {
+              uint16_t h;
+              std::memcpy(&h, from + j * 2, 2);
+              to[j] = toBf16(f16ToF32(h));
+            }
+          }
+        }
+        check(d.cuMemcpyHtoDAsync(dest + r * slot.cols * 2, out, n * slot.cols * 2, stream),
+              "cuMemcpyHtoDAsync (checkpoint)");
+        check(d.cuEventRecord(copied[k], stream), "cuEventRecord (checkpoint staging)");
+        k ^= 1;
+        done += static_cast<double>(n * rowBytes);
+        if (bytesDone) *bytesDone = done;
+      }
+    };
     for (const FileTensor& t : tensors) {
-      CUdeviceptr dest = weight(slotOf(t.name).offset);
+      const Slot& slot = slotOf(t.name);
+      CUdeviceptr dest = weight(slot.offset);
+      const size_t width = t.dtype == FileDtype::F32 ? 4 : 2;
+      if (slot.cols != slot.fullCols) {
+        flushRun();
+        loadColumns(t, slot);
+        continue;
+      }
+      // The whole tensor, or a tensor-parallel rank's rows of it: one contiguous range of the file.
+      const uint64_t first = t.offset + slot.rowStart * slot.fullCols * width, bytes = slot.count * width;
       if (t.dtype == FileDtype::BF16) {
-        for (uint64_t at = 0; at < t.bytes;) {
-          uint64_t n = std::min<uint64_t>(kFileChunkBytes, t.bytes - at);
+        for (uint64_t at = 0; at < bytes;) {
+          uint64_t n = std::min<uint64_t>(kFileChunkBytes, bytes - at);
           uint64_t runBytes = run.empty() ? 0 : run.back().offset + run.back().bytes - run.front().offset;
-          bool contiguous = !run.empty() && run.back().offset + run.back().bytes == t.offset + at;
+          bool contiguous = !run.empty() && run.back().offset + run.back().bytes == first + at;
           if (!contiguous || runBytes + n > kFileChunkBytes) flushRun();
-          run.push_back(Piece{t.offset + at, n, dest + at});
+          run.push_back(Piece{first + at, n, dest + at});
           at += n;
         }
       } else {
         flushRun();
-        const size_t width = t.dtype == FileDtype::F32 ? 4 : 2;
         const size_t perChunk = kFileChunkBytes / 2;  // bf16 values per staging buffer
-        const size_t count = t.bytes / width;
+        const size_t count = bytes / width;
         raw.resize(std::min(perChunk, count) * width);
         for (size_t at = 0; at < count; at += perChunk) {
           size_t n = std::min(perChunk, count - at);
-          readAt(fd, raw.data(), n * width, t.offset + at * width);
+          readAt(fd, raw.data(), n * width, first + at * width);
           check(d.cuEventSynchronize(copied[k]), "cuEventSynchronize (checkpoint staging)");
           uint16_t* out = static_cast<uint16_t*>(staging[k]);
           if (width == 4) {
@@ -641,7 +734,7 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
 
 void CudaLlama::prepareGemms(int tokens, int sequences) {
   if (!gemmLt_) return;
-  const LlamaConfig& c = config_;
+  const LlamaConfig& c = local_;
   const int h = c.hiddenSize, inter = c.intermediateSize;
   const int shapes[][3] = {{tokens, static_cast<int>(qkvDim_), h},
                            {tokens, h, static_cast<int>(qDim_)},
@@ -675,7 +768,8 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
   const size_t ntok = in.tokens.size(), nseq = in.seqStarts.size() - 1;
   p.ntok = ntok;
   p.nseq = nseq;
-  const size_t h = c.hiddenSize, inter = c.intermediateSize, vocab = c.vocabSize;
+  // Activations are this rank's shapes; the logits the whole vocabulary's.
+  const size_t h = c.hiddenSize, inter = local_.intermediateSize, vocab = c.vocabSize;
   const int bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
   p.maxBlocks = mb;
 
@@ -717,7 +811,7 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
     if (p.decodeRows) {
       const int ctx = c.slidingWindow > 0 ? std::min(c.slidingWindow, mb * bs) : mb * bs;
       const int chunks = (ctx + kFlashKeys - 1) / kFlashKeys;
-      const int ctas = static_cast<int>(p.decodeRows) * c.numKvHeads;
+      const int ctas = static_cast<int>(p.decodeRows) * local_.numKvHeads;
       const int perSm = p.flash2Decode ? kFlash2DecodeCtasPerSm : kFlashDecodeCtasPerSm;
       int want = std::max(1, (perSm * multiprocessors_ + ctas - 1) / ctas);
       if (p.flash2Decode) want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
@@ -740,7 +834,8 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
   p.oLast = carve.take(nseq * h * 2);
   p.oLogits = carve.take(nseq * vocab * 4);
   p.oPartial =
-      carve.take(p.splits > 1 ? p.decodeRows * c.numHeads * p.splits * flashPartialStride(c.headDim) * 4 : 0);
+      carve.take(p.splits > 1 ? p.decodeRows * local_.numHeads * p.splits * flashPartialStride(c.headDim) * 4 : 0);
+  p.oRankLogits = carve.take(tensorParallel() ? nseq * static_cast<size_t>(local_.vocabSize) * 4 : 0);
   p.oExtra = carve.take(extraDevice);
   p.deviceBytes = carve.used;
   p.hostExtraAt = alignUp(ints.size() * 4);
@@ -772,6 +867,7 @@ CudaLlama::BatchBuffers CudaLlama::uploadBatch(const BatchPlan& p) {
   b.logits = base + p.oLogits;
   b.partial = base + p.oPartial;
   b.extra = base + p.oExtra;
+  b.rankLogits = base + p.oRankLogits;
   std::memcpy(pinned_, p.ints.data(), p.ints.size() * 4);
   check(device_.driver().cuMemcpyHtoDAsync(dInts, pinned_, p.ints.size() * 4, device_.stream()),
         "cuMemcpyHtoDAsync (batch)");
@@ -779,7 +875,7 @@ CudaLlama::BatchBuffers CudaLlama::uploadBatch(const BatchPlan& p) {
 }
 
 void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers& b) {
-  const LlamaConfig& c = config_;
+  const LlamaConfig& c = local_;  // this rank's heads, kv heads and intermediate channels
   const LayerOffsets& W = layers_[l];
   const int H = c.numHeads, KVH = c.numKvHeads, D = c.headDim, L = c.numLayers;
   const int bs = pool_.blockSize, mb = p.maxBlocks;
@@ -828,10 +924,16 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
     launch(fn_.attention, itok, H, attnThreads, b.qkv, b.positions, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs,
            blockMajor, H, KVH, D, c.slidingWindow, scale, b.attn);
   gemm(b.attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, b.tmp);
+  allReduce(b.tmp, p.ntok);  // row-parallel o_proj: the ranks' partial sums (the bias, replicated, after)
   if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, b.tmp, weight(W.bo), hidden);
   launch(fn_.addRmsNorm, itok, 1, nt, b.x, b.tmp, weight(W.postNorm), hidden, eps, null, b.xn);
   gateUpAct(b.xn, itok, hidden, weight(W.wgateUp), iinter, b.gateUp, b.act);
   gemm(b.act, itok, iinter, weight(W.wdown), hidden, b.tmp);
+  allReduce(b.tmp, p.ntok);  // row-parallel down_proj
+}
+
+void CudaLlama::allReduce(CUdeviceptr buf, size_t tokens) {
+  if (tensorParallel()) tp_->allReduceSum(buf, tokens * static_cast<size_t>(config_.hiddenSize), device_.stream());
 }
 
 void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capturing) {
@@ -839,7 +941,14 @@ void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capt
   const int hidden = c.hiddenSize;
   const float eps = c.rmsNormEps;
   const unsigned nt = normThreads(hidden);
-  launch(fn_.embed, static_cast<int>(p.ntok), 1, 256, weight(embed_), b.tokens, hidden, b.x);
+  if (!tensorParallel()) {
+    launch(fn_.embed, static_cast<int>(p.ntok), 1, 256, weight(embed_), b.tokens, hidden, b.x);
+  } else {
+    // Vocabulary-parallel embedding: each rank writes the rows it holds, zeros elsewhere; the sum is the embedding.
+    launch(fn_.embedShard, static_cast<int>(p.ntok), 1, 256, weight(embed_), b.tokens, hidden, shard_.vocabStart,
+           shard_.vocabRows, b.x);
+    allReduce(b.x, p.ntok);
+  }
   for (int l = 0; l < c.numLayers; ++l) {
     if (!capturing && aborted_.load()) {
       device_.driver().cuStreamSynchronize(device_.stream());
@@ -850,7 +959,13 @@ void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capt
   const CUdeviceptr lastRows = b.lastRows;
   launch(fn_.addRmsNorm, static_cast<unsigned>(p.nseq), 1, nt, b.x, b.tmp, weight(finalNorm_), hidden, eps, lastRows,
          b.last);
-  gemm(b.last, static_cast<int>(p.nseq), hidden, weight(lmHead_), c.vocabSize, b.logits);
+  if (!tensorParallel()) {
+    gemm(b.last, static_cast<int>(p.nseq), hidden, weight(lmHead_), c.vocabSize, b.logits);
+  } else {
+    // Vocabulary-parallel lm_head: each rank's columns of the logits, gathered side by side in rank order.
+    if (shard_.vocabRows > 0) gemm(b.last, static_cast<int>(p.nseq), hidden, weight(lmHead_), shard_.vocabRows, b.rankLogits);
+    tp_->allGatherColumns(b.rankLogits, p.nseq, vocabRowsPerRank_, b.logits, device_.stream());
+  }
 }
 
 CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size_t extraHost, CUdeviceptr& extraDev,
@@ -865,6 +980,19 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
     extraDev = 0;
     extraHostPtr = nullptr;
     return 0;
+  }
+  if (tensorParallel()) {
+    // A rank that fails here would leave the others waiting in a collective: break the group so that they stop too.
+    try {
+      const BatchBuffers b = uploadBatch(plan);
+      enqueuePass(plan, b, false);
+      extraDev = b.extra;
+      extraHostPtr = static_cast<uint8_t*>(pinned_) + plan.hostExtraAt;
+      return b.logits;
+    } catch (const std::exception& e) {
+      tp_->abort(std::string("rank ") + std::to_string(shard_.rank) + " failed: " + e.what());
+      throw;
+    }
   }
   const BatchBuffers b = uploadBatch(plan);
   CUstream stream = device_.stream();
@@ -908,6 +1036,13 @@ std::vector<float> CudaLlama::forward(const ForwardInput& in) {
   std::vector<float> out(nseq * vocab);
   std::memcpy(out.data(), host, out.size() * 4);
   return out;
+}
+
+void CudaLlama::forwardWithoutLogits(const ForwardInput& in) {
+  CUdeviceptr extraDev = 0;
+  uint8_t* host = nullptr;
+  runModel(in, 0, 0, extraDev, host);
+  check(device_.driver().cuStreamSynchronize(device_.stream()), "forward pass");
 }
 
 SampledRows CudaLlama::forwardSampled(const ForwardInput& in, const SamplePlan& plan) {

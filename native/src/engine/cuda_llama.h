@@ -20,6 +20,7 @@
 #include "../cuda_device.h"
 #include "cublas.h"
 #include "cuda_llama_graphs.h"
+#include "cuda_llama_tp.h"
 #include "llama_common.h"
 
 namespace tandem::engine {
@@ -58,8 +59,12 @@ class CudaLlama {
   // cudaGraphs: decode steps (one token per sequence) replay a CUDA graph captured once per (sequences,
   // blocks per sequence) instead of issuing their ~10 launches per layer one by one.
   // cublasLt may be unavailable: GEMMs then go through cublasGemmEx.
+  // tp (issue 25): this runner is one tensor-parallel rank of tp->size() (cuda_llama_tp.h): it holds its slice of
+  // every sharded tensor (tensor names and element counts are then the slice's), its kv heads in `pool`, and calls
+  // tp's collectives in its layer step. Null: the whole model (one rank). With several ranks decode steps run
+  // eagerly (graphsReason() says why).
   CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
-            const GpuKvPool& pool, bool cudaGraphs = true);
+            const GpuKvPool& pool, bool cudaGraphs = true, std::shared_ptr<TpCommunicator> tp = nullptr);
   ~CudaLlama();
   CudaLlama(const CudaLlama&) = delete;
   CudaLlama& operator=(const CudaLlama&) = delete;
@@ -74,10 +79,12 @@ class CudaLlama {
   void checkWeight(const std::string& name, size_t count) const;
   // Any thread: the element count of one of this model's tensors; throws BadInput naming an unknown one.
   size_t elementsOf(const std::string& name) const { return slotOf(name).count; }
-  // Device thread: converts fp32 to bf16 (round to nearest even) and copies it to the tensor's place.
+  // Device thread: converts fp32 to bf16 (round to nearest even) and copies it to the tensor's place (this rank's
+  // slice: the caller slices; `count` is the slice's).
   void setWeight(const std::string& name, const float* data, size_t count);
   // Device thread: fills the tensor in place with dummy values (native/kernels/dummy_init.cu, the same values
-  // lib/engine/model/dummy.ts generates): all ones, or uniform rows seeded with (key0, key1, key2, row).
+  // lib/engine/model/dummy.ts generates): all ones, or uniform rows seeded with (key0, key1, key2, row). A tensor-
+  // parallel rank generates its slice of the same whole tensor.
   void fillDummy(const std::string& name, bool ones, uint32_t key0, uint32_t key1, uint32_t key2, double width);
   // One tensor of a safetensors file for loadFromFile: where its data is and how it is stored.
   enum class FileDtype { BF16, F16, F32 };
@@ -87,7 +94,8 @@ class CudaLlama {
     uint64_t bytes = 0;
     FileDtype dtype = FileDtype::BF16;
   };
-  // Any thread: throws BadInput naming a tensor that is not this model's or whose byte size does not match.
+  // Any thread: throws BadInput naming a tensor that is not this model's or whose byte size does not match (the whole
+  // tensor's, also on a tensor-parallel rank, which reads its slice of it).
   void checkFileTensor(const FileTensor& t) const;
   // Device thread: reads the tensors from the open file `fd` with large sequential reads (consecutive tensors in
   // one read, up to kFileChunkBytes) into two pinned staging buffers, copying one to the GPU while the next is
@@ -116,18 +124,34 @@ class CudaLlama {
 
   // Device thread: as CpuLlama::forward (same validation, same contract), on the GPU.
   std::vector<float> forward(const ForwardInput& in);
+  // Device thread: the pass with no logits coming back: a tensor-parallel rank other than the one whose logits are
+  // used runs this while that one runs forward() or forwardSampled() (every rank's pass calls the same collectives).
+  void forwardWithoutLogits(const ForwardInput& in);
+  // This rank's part of the model (the whole model for a single rank).
+  const TpShard& tpShard() const { return shard_; }
   // Device thread: the same pass, then the sampling kernels over the logits; only what `plan` asks for comes
   // back to the host. Throws BadInput on a malformed plan.
   SampledRows forwardSampled(const ForwardInput& in, const SamplePlan& plan);
-  void abort() { aborted_.store(true); }
+  void abort() {
+    aborted_.store(true);
+    if (tp_) tp_->abort("a rank's model was disposed");
+  }
 
  private:
   struct Slot {
     size_t offset;  // bytes into the weights allocation
-    size_t count;
-    size_t rows;  // 1 for a 1-D tensor
+    size_t count;   // elements this rank holds: rows x cols
+    size_t rows;    // 1 for a 1-D tensor
+    size_t cols;
+    // The whole tensor (fullRows 1 for a 1-D tensor) and where this rank's slice starts in it.
+    size_t fullRows, fullCols, rowStart, colStart;
     std::string shape;
     bool set = false;
+    bool whole() const { return rows == fullRows && cols == fullCols; }
+  };
+  // A rank's part of a [fullRows, fullCols] tensor (fullRows 0: a 1-D tensor of fullCols).
+  struct SliceOf {
+    size_t fullRows, fullCols, rowStart, rows, colStart, cols;
   };
   struct LayerOffsets {
     size_t inputNorm, postNorm, wqkv, bqkv, wo, bo, wgateUp, wdown;
@@ -147,11 +171,12 @@ class CudaLlama {
     // Scratch (device) byte offsets, and its size; host: the staging offset of the caller's extra bytes.
     size_t oInts = 0, oX = 0, oTmp = 0, oXn = 0, oQkv = 0, oAttn = 0, oGateUp = 0, oAct = 0, oLast = 0, oLogits = 0;
     size_t oPartial = 0, oExtra = 0, deviceBytes = 0, hostExtraAt = 0, hostBytes = 0;
+    size_t oRankLogits = 0;  // tensor parallel: this rank's vocabulary columns before the gather
   };
   // A planned batch's device addresses in the current scratch allocation.
   struct BatchBuffers {
     CUdeviceptr tokens, positions, tokenSeqs, tokenBlocks, tables, lastRows, flashTiles, decodeRows;
-    CUdeviceptr x, tmp, xn, qkv, attn, gateUp, act, last, logits, partial, extra;
+    CUdeviceptr x, tmp, xn, qkv, attn, gateUp, act, last, logits, partial, extra, rankLogits;
   };
   // Validates the batch and plans it (no device work). extraDevice / extraHost bytes are reserved after the
   // pass's own scratch and staging.
@@ -170,7 +195,10 @@ class CudaLlama {
   // gate/up with SwiGLU, down. Leaves the layer's output in b.tmp for the next step's residual add.
   void enqueueDenseLayer(int layer, const BatchPlan& plan, const BatchBuffers& b);
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
-  void addSlot(const std::string& name, size_t offset, size_t rows, size_t cols);
+  void addSlot(const std::string& name, size_t offset, const SliceOf& slice);
+  bool tensorParallel() const { return shard_.size > 1; }
+  // Sums a [tokens, hidden] fp32 buffer over the tensor-parallel ranks (nothing with one rank).
+  void allReduce(CUdeviceptr buf, size_t tokens);
   const Slot& slotOf(const std::string& name) const;  // throws BadInput naming an unknown tensor
   void markSet(const std::string& name);
   CUdeviceptr weight(size_t offset) const { return weights_->ptr + offset; }
@@ -196,6 +224,12 @@ class CudaLlama {
   const CublasApi& cublas_;
   const CublasLtApi& cublasLt_;
   LlamaConfig config_;
+  // This rank's shapes: config_ with its heads, kv heads, intermediate size and vocabulary rows (config_ itself for
+  // a single rank). config_ keeps the whole model's (batch checks, logits).
+  LlamaConfig local_;
+  TpShard shard_;
+  std::shared_ptr<TpCommunicator> tp_;
+  std::vector<int> vocabRowsPerRank_;
   GpuKvPool pool_;
   size_t qDim_, kvDim_, qkvDim_;
   std::vector<float> invFreq_;
@@ -221,7 +255,8 @@ class CudaLlama {
     CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, sampleChunkTop, sampleFinish;
     CUfunction flashPrefill, flashDecode, flashCombine;  // attention.cu, for head dims 64 and 128
     CUfunction flash2Prefill, flash2Decode;              // attention.cu's second kernels, where flash2_
-    CUfunction dummyUniform, dummyFill;                  // dummy_init.cu, looked up on first use
+    CUfunction dummyUniform, dummyFill, dummySlice;      // dummy_init.cu, looked up on first use
+    CUfunction embedShard;                               // tp.cu, with several tensor-parallel ranks
   } fn_{};
   // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
   // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).

@@ -40,6 +40,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CudaLlamaWrap::Ready>("ready"),
                                         InstanceMethod<&CudaLlamaWrap::Forward>("forward"),
                                         InstanceMethod<&CudaLlamaWrap::ForwardSampled>("forwardSampled"),
+                                        InstanceMethod<&CudaLlamaWrap::ForwardWithoutLogits>("forwardWithoutLogits"),
                                         InstanceMethod<&CudaLlamaWrap::Dispose>("dispose"),
                                         InstanceAccessor<&CudaLlamaWrap::GetWeightBytes>("weightBytes"),
                                         InstanceAccessor<&CudaLlamaWrap::GetDisposed>("disposed"),
@@ -47,8 +48,40 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceAccessor<&CudaLlamaWrap::GetAttentionKernels>("attentionKernels"),
                                         InstanceAccessor<&CudaLlamaWrap::GetGemvMaxBatch>("gemvMaxBatch"),
                                         InstanceAccessor<&CudaLlamaWrap::GetGemmPath>("gemmPath"),
+                                        InstanceAccessor<&CudaLlamaWrap::GetTensorParallel>("tensorParallel"),
                                     });
   exports.Set("CudaLlama", ctor);
+  CudaTpGroupWrap::Init(env, exports);
+}
+
+namespace {
+// Marks CudaTpGroup objects, so that a CudaLlama can tell one from any other object (napi_type_tag).
+const napi_type_tag kTpGroupTag = {0x7a1d3c0e5b8f4a21ULL, 0x9c6e2f4b1d8a7e53ULL};
+}  // namespace
+
+void CudaTpGroupWrap::Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("CudaTpGroup", DefineClass(env, "CudaTpGroup", {InstanceAccessor<&CudaTpGroupWrap::GetSize>("size")}));
+}
+
+CudaTpGroupWrap::CudaTpGroupWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaTpGroupWrap>(info) {
+  Napi::Env env = info.Env();
+  double size = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : 0;
+  if (!(size >= 1 && size <= LocalTpGroup::kMaxRanks && size == std::floor(size)))
+    badArgument(env, "CudaTpGroup: size must be an integer 1.." + std::to_string(LocalTpGroup::kMaxRanks));
+  group_ = std::make_shared<LocalTpGroup>(static_cast<int>(size));
+  napi_status status = napi_type_tag_object(env, info.This(), &kTpGroupTag);
+  if (status != napi_ok) throw Napi::Error::New(env, "CudaTpGroup: napi_type_tag_object failed");
+}
+
+std::shared_ptr<LocalTpGroup> CudaTpGroupWrap::groupOf(Napi::Env env, const Napi::Value& value) {
+  if (!value.IsObject()) return nullptr;
+  bool tagged = false;
+  if (napi_check_object_type_tag(env, value, &kTpGroupTag, &tagged) != napi_ok || !tagged) return nullptr;
+  return CudaTpGroupWrap::Unwrap(value.As<Napi::Object>())->group_;
+}
+
+Napi::Value CudaTpGroupWrap::GetSize(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), group_ ? group_->size() : 0);
 }
 
 CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaLlamaWrap>(info) {
@@ -96,9 +129,24 @@ CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
   if (ltCandidates.empty()) ltCandidates = {"libcublasLt.so.13", "libcublasLt.so.12"};
   const CublasLtApi& cublasLt = loadCublasLt(ltCandidates);
 
+  std::shared_ptr<TpCommunicator> tp;
+  Napi::Value tpOption = field(o, "tp");
+  if (!tpOption.IsUndefined()) {
+    if (!tpOption.IsObject()) badArgument(env, "option 'tp' must be { group: CudaTpGroup, rank }");
+    Napi::Object t = tpOption.As<Napi::Object>();
+    std::shared_ptr<LocalTpGroup> group = CudaTpGroupWrap::groupOf(env, t.Get("group"));
+    if (!group) badArgument(env, "option 'tp.group' must be a CudaTpGroup");
+    Napi::Value rankValue = t.Get("rank");
+    double rank = rankValue.IsNumber() ? rankValue.As<Napi::Number>().DoubleValue() : -1;
+    if (!(rank >= 0 && rank < group->size() && rank == std::floor(rank)))
+      badArgument(env, "option 'tp.rank' must be an integer 0.." + std::to_string(group->size() - 1));
+    tp = std::make_shared<LocalTpCommunicator>(group, static_cast<int>(rank));
+  }
+
   try {
     Napi::Value graphs = field(o, "cudaGraphs");
-    model_ = std::make_shared<CudaLlama>(*device_, cublas, cublasLt, c, pool, graphs.IsUndefined() ? true : flag(o, "cudaGraphs"));
+    model_ = std::make_shared<CudaLlama>(*device_, cublas, cublasLt, c, pool, graphs.IsUndefined() ? true : flag(o, "cudaGraphs"),
+                                         tp);
   } catch (const BadInput& e) {
     badArgument(env, e.what());
   }
@@ -383,6 +431,44 @@ Napi::Value CudaLlamaWrap::ForwardSampled(const Napi::CallbackInfo& info) {
         out.Set("full", typedArray<Napi::Float32Array>(env, rows.full));
         return out;
       });
+}
+
+// forwardWithoutLogits(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens) -> Promise<void>: a
+// tensor-parallel rank's pass whose logits nobody reads (rank 0 runs forward or forwardSampled meanwhile).
+Napi::Value CudaLlamaWrap::ForwardWithoutLogits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CudaLlama> model = model_;
+  WorkQueue& queue = liveQueue(env);
+  auto input = parseForwardInput(info);
+  return runAsync<Empty>(
+      env, queue,
+      [model, input]() {
+        translated([&] { model->forwardWithoutLogits(*input); });
+        return Empty{};
+      },
+      undefinedOf);
+}
+
+// { rank, size, heads: [start, count], kvHeads, intermediate, vocab }: what this rank holds (the whole model for
+// one rank).
+Napi::Value CudaLlamaWrap::GetTensorParallel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!model_) return env.Null();
+  const TpShard& s = model_->tpShard();
+  Napi::Object out = Napi::Object::New(env);
+  auto range = [&](int start, int count) {
+    Napi::Array a = Napi::Array::New(env, 2);
+    a.Set(0u, Napi::Number::New(env, start));
+    a.Set(1u, Napi::Number::New(env, count));
+    return a;
+  };
+  out.Set("rank", Napi::Number::New(env, s.rank));
+  out.Set("size", Napi::Number::New(env, s.size));
+  out.Set("heads", range(s.headStart, s.heads));
+  out.Set("kvHeads", range(s.kvHeadStart, s.kvHeads));
+  out.Set("intermediate", range(s.interStart, s.inter));
+  out.Set("vocab", range(s.vocabStart, s.vocabRows));
+  return out;
 }
 
 // dispose() -> Promise: settles once the weights and activations are freed.

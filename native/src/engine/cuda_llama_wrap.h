@@ -12,11 +12,26 @@
 
 namespace tandem::engine {
 
+// new CudaTpGroup(size): the ranks of one tensor-parallel runner group on one CUDA device (LocalTpGroup in
+// cuda_llama_tp.h). Each rank is a CudaLlama built with { tp: { group, rank } } on its own CudaDevice of the same
+// ordinal (its own thread and stream). Holds no GPU memory.
+class CudaTpGroupWrap : public Napi::ObjectWrap<CudaTpGroupWrap> {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports);
+  explicit CudaTpGroupWrap(const Napi::CallbackInfo& info);
+  // The group of a JS value when it is a CudaTpGroup, else null.
+  static std::shared_ptr<LocalTpGroup> groupOf(Napi::Env env, const Napi::Value& value);
+
+ private:
+  Napi::Value GetSize(const Napi::CallbackInfo& info);
+  std::shared_ptr<LocalTpGroup> group_;
+};
+
 class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
  public:
   static void Init(Napi::Env env, Napi::Object exports);
   // new CudaLlama(device, { ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer: DeviceBuffer,
-  //                         cublas: string[] (library candidates) })
+  //                         cublas: string[] (library candidates), tp?: { group: CudaTpGroup, rank } })
   explicit CudaLlamaWrap(const Napi::CallbackInfo& info);
   ~CudaLlamaWrap() override;
 
@@ -34,6 +49,8 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value Ready(const Napi::CallbackInfo& info);
   Napi::Value Forward(const Napi::CallbackInfo& info);
   Napi::Value ForwardSampled(const Napi::CallbackInfo& info);
+  Napi::Value ForwardWithoutLogits(const Napi::CallbackInfo& info);
+  Napi::Value GetTensorParallel(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value GetWeightBytes(const Napi::CallbackInfo& info);
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);

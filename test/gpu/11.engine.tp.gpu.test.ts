@@ -1,0 +1,303 @@
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { DisposedError, ParallelLayoutError, TandemError } from '../../lib/errors.js';
+import { CudaModelRunner } from '../../lib/engine/cuda.js';
+import { tensorSlice } from '../../lib/engine/cuda-parallel.js';
+import { loadModelConfig, type ModelConfig } from '../../lib/engine/model/config.js';
+import { dummyConfig } from '../../lib/engine/model/dummy.js';
+import { weightManifest } from '../../lib/engine/model/manifest.js';
+import type { ForwardBatch } from '../../lib/engine/runner.js';
+import { gpuGate } from '../helpers/gpu.js';
+
+// Tensor parallelism in the GPU engine (issue 25): TP 2 and TP 4 as ranks on ONE device (each rank its own
+// CudaDevice thread and stream, summing through the local communicator, native/src/engine/cuda_llama_tp.h) against
+// TP 1 on the same device: the same weights bit for bit (each rank's slice of the TP 1 tensors, from the checkpoint
+// and from the dummy generator), logits within bf16 tolerance, identical greedy tokens. Skipped without a GPU.
+const gate = await gpuGate(1);
+
+interface Expected {
+  promptIds: number[];
+  lastLogits: number[];
+  greedy: number[];
+}
+
+/** ||a - b|| / ||b||. */
+function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < b.length; i++) {
+    num += (a[i]! - b[i]!) ** 2;
+    den += b[i]! ** 2;
+  }
+  return Math.sqrt(num / den);
+}
+
+function argmax(row: ArrayLike<number>): number {
+  let best = 0;
+  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
+  return best;
+}
+
+/** The gap between a row's best and second-best logit. */
+function topMargin(row: ArrayLike<number>): number {
+  const best = argmax(row);
+  let second = -Infinity;
+  for (let i = 0; i < row.length; i++) if (i !== best) second = Math.max(second, row[i]!);
+  return row[best]! - second;
+}
+
+// Random dummy weights can put two logits closer than the TP 1 / TP n difference: the best token is compared only
+// where TP 1's margin is wider than this.
+const CLEAR_MARGIN = 0.05;
+
+// TP 1 and TP n hold the same bf16 weights; they differ only in fp32 summation order (the all-reduces add the ranks'
+// partial sums; one rank sums inside its GEMM), which bf16 activations then round: a relative logit error of a few
+// 1e-3 at most. 1e-2 still catches a wrong slice or a missed reduction (errors of order 1).
+const TP_TOLERANCE = 1e-2;
+// Against transformers' fp32 logits, as test/gpu/05.engine.gpu.test.ts.
+const BF16_TOLERANCE = 2e-2;
+
+/** One sequence's batch: `ids` at positions start.., block table `table` padded to mb. */
+function batchOf(seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch {
+  const tokens: number[] = [];
+  const positions: number[] = [];
+  const seqStarts = [0];
+  const tables: number[] = [];
+  const ctx: number[] = [];
+  for (const s of seqs) {
+    s.ids.forEach((t, i) => {
+      tokens.push(t);
+      positions.push(s.start + i);
+    });
+    seqStarts.push(tokens.length);
+    tables.push(...s.table, ...Array<number>(mb - s.table.length).fill(-1));
+    ctx.push(s.start + s.ids.length);
+  }
+  return {
+    tokens: Int32Array.from(tokens),
+    positions: Int32Array.from(positions),
+    seqStarts: Int32Array.from(seqStarts),
+    blockTables: Int32Array.from(tables),
+    maxBlocksPerSeq: mb,
+    contextLens: Int32Array.from(ctx),
+  };
+}
+
+/** The prompt's last logits, then `steps` greedy tokens, one decode step each. */
+async function greedy(
+  runner: CudaModelRunner,
+  prompt: number[],
+  steps: number,
+): Promise<{ logits: Float32Array; tokens: number[] }> {
+  const mb = 16;
+  const table = Array.from({ length: mb }, (_, i) => 15 - i); // out of order on purpose
+  const V = runner.vocabSize;
+  const first = await runner.forward(batchOf([{ ids: prompt, start: 0, table }], mb));
+  const logits = first.slice(0, V);
+  const tokens = [argmax(logits)];
+  for (let i = 1; i < steps; i++) {
+    const out = await runner.forward(batchOf([{ ids: [tokens.at(-1)!], start: prompt.length + i - 1, table }], mb));
+    tokens.push(argmax(out));
+  }
+  return { logits, tokens };
+}
+
+/** bf16 bit patterns as numbers, for sliceHostTensor-style comparison. */
+function asNumbers(bits: Uint16Array): number[] {
+  return Array.from(bits);
+}
+
+/** Rank `rank`'s slice of a whole tensor's bf16 bits (row-major), by the manifest's shard rule. */
+function sliceBits(config: ModelConfig, tp: number, rank: number, name: string, whole: Uint16Array): number[] {
+  const t = weightManifest(config).find((m) => m.name === name)!;
+  const { rows, cols, fullCols } = tensorSlice(config, tp, rank, t);
+  const out: number[] = [];
+  for (let i = 0; i < rows.count; i++)
+    for (let j = 0; j < cols.count; j++) out.push(whole[(rows.start + i) * fullCols + cols.start + j]!);
+  return out;
+}
+
+/** Every rank holds its slice of every TP 1 tensor, bit for bit. */
+async function expectSameWeights(config: ModelConfig, one: CudaModelRunner, many: CudaModelRunner): Promise<void> {
+  const tp = many.tensorParallelSize;
+  for (const t of weightManifest(config)) {
+    const whole = await one.readWeightBf16(t.name);
+    for (let r = 0; r < tp; r++) {
+      const part = await many.readWeightBf16(t.name, r);
+      expect(asNumbers(part), `${t.name}, rank ${r} of ${tp}`).toEqual(sliceBits(config, tp, r, t.name, whole));
+    }
+  }
+}
+
+describe.skipIf(!gate.run)('GPU engine, tensor parallel ranks on one device', () => {
+  describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('%s', (name) => {
+    const dir = join(import.meta.dirname, '..', 'fixtures', name);
+    const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+    const config = loadModelConfig(dir);
+
+    it.each([2, 4])(
+      'TP %i reads each rank slice from the checkpoint; logits match TP 1, 32 greedy tokens identical (and transformers)',
+      async (tp) => {
+        const one = await CudaModelRunner.create({ config, numBlocks: 16, weights: dir });
+        const many = await CudaModelRunner.create({ config, numBlocks: 16, weights: dir, parallel: { tp } });
+        try {
+          expect(many.tensorParallelSize).toBe(tp);
+          const shards = many.tensorShards;
+          expect(shards.map((s) => s.rank)).toEqual([...Array(tp).keys()]);
+          expect(shards.map((s) => s.heads[1])).toEqual(Array(tp).fill(config.numHeads / tp));
+          expect(many.cudaGraphs.active).toBe(false);
+          expect(many.cudaGraphs.reason).toMatch(/tensor-parallel/);
+          await expectSameWeights(config, one, many);
+
+          const a = await greedy(one, expected.promptIds, 32);
+          const b = await greedy(many, expected.promptIds, 32);
+          const rel = relativeError(b.logits, a.logits);
+          console.log(
+            `[figure] ${name}: TP ${tp} vs TP 1 prefill logits relative error ${rel.toExponential(2)}; ` +
+              `vs transformers ${relativeError(b.logits, expected.lastLogits).toExponential(2)}`,
+          );
+          expect(rel).toBeLessThan(TP_TOLERANCE);
+          expect(relativeError(b.logits, expected.lastLogits)).toBeLessThan(BF16_TOLERANCE);
+          expect(b.tokens).toEqual(a.tokens);
+          expect(b.tokens).toEqual(expected.greedy);
+        } finally {
+          await Promise.all([one.dispose(), many.dispose()]);
+        }
+      },
+    );
+  });
+
+  // dummy:tiny (head dim 16: llama.cu's attention), and head dims 64 / 128 whose rank shapes take the flash kernels:
+  // 8 heads over 2 kv heads at TP 2 is 4 heads over 1 kv head per rank; at TP 4, 2 heads and one replicated kv head.
+  const head64: ModelConfig = { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 };
+  const head128: ModelConfig = { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 };
+  const DUMMY_SHAPES: [string, ModelConfig, number, string][] = [
+    ['dummy:tiny', dummyConfig('tiny'), 2, 'reference'],
+    ['dummy:tiny', dummyConfig('tiny'), 4, 'reference'],
+    ['head dim 64, 8 heads, 2 kv heads', head64, 2, 'flash2'],
+    ['head dim 64, 8 heads, 2 kv heads', head64, 4, 'flash2'],
+    ['head dim 128, 8 heads, 1 kv head', head128, 2, 'flash2'],
+  ];
+  it.each(DUMMY_SHAPES)(
+    '%s at TP %i: dummy weights are slices of TP 1, and batches of prefill chunks and decodes agree step by step',
+    async (_name, config, tp, kernels) => {
+      const numBlocks = 64;
+      const one = await CudaModelRunner.create({ config, numBlocks, weights: 'dummy:tiny' });
+      const many = await CudaModelRunner.create({ config, numBlocks, weights: 'dummy:tiny', parallel: { tp } });
+      try {
+        expect(many.attentionKernels).toBe(kernels);
+        await expectSameWeights(config, one, many);
+        // Sequence A: a 70-token prompt in chunks of 40 and 30, then decodes; B joins with 20 tokens, then decodes.
+        const tableA = [9, 3, 17, 5, 40, 41];
+        const tableB = [22, 2, 30, 31];
+        const mb = 6;
+        const prompt = (n: number, salt: number) => Array.from({ length: n }, (_, i) => (i * 37 + salt) % 256);
+        const a = prompt(75, 1);
+        const b = prompt(25, 7);
+        const steps = [
+          [{ ids: a.slice(0, 40), start: 0, table: tableA }],
+          [
+            { ids: a.slice(40, 70), start: 40, table: tableA },
+            { ids: b.slice(0, 20), start: 0, table: tableB },
+          ],
+        ];
+        for (let i = 0; i < 5; i++)
+          steps.push([
+            { ids: [a[70 + i]!], start: 70 + i, table: tableA },
+            { ids: [b[20 + i]!], start: 20 + i, table: tableB },
+          ]);
+        let worst = 0;
+        const V = config.vocabSize;
+        for (const seqs of steps) {
+          const batch = batchOf(seqs, mb);
+          const x = await one.forward(batch);
+          const y = await many.forward(batch);
+          for (let s = 0; s < seqs.length; s++) {
+            const rowX = x.subarray(s * V, (s + 1) * V);
+            const rowY = y.subarray(s * V, (s + 1) * V);
+            const rel = relativeError(rowY, rowX);
+            worst = Math.max(worst, rel);
+            expect(rel, `step at ${seqs[s]!.start}, sequence ${s}`).toBeLessThan(TP_TOLERANCE);
+            if (topMargin(rowX) > CLEAR_MARGIN) expect(argmax(rowY)).toBe(argmax(rowX));
+          }
+        }
+        // Sampling on rank 0 over the gathered logits: the greedy candidates are TP 1's.
+        const last = batchOf(
+          [
+            { ids: [a[74]!], start: 75, table: tableA },
+            { ids: [b[24]!], start: 25, table: tableB },
+          ],
+          mb,
+        );
+        const plan = {
+          n: Int32Array.of(2, 2),
+          flags: Int32Array.of(0, 0),
+          invT: Float64Array.of(0, 0),
+          topP: Float64Array.of(1, 1),
+          u: Float64Array.of(0, 0),
+        };
+        const [sx, sy] = [await one.forwardSampled(last, plan), await many.forwardSampled(last, plan)];
+        for (let s = 0; s < 2; s++) {
+          expect(
+            relativeError(sy.topLogits.subarray(2 * s, 2 * s + 2), sx.topLogits.subarray(2 * s, 2 * s + 2)),
+          ).toBeLessThan(TP_TOLERANCE);
+          if (sx.topLogits[2 * s]! - sx.topLogits[2 * s + 1]! > CLEAR_MARGIN)
+            expect(sy.topIds[2 * s]).toBe(sx.topIds[2 * s]);
+        }
+        console.log(
+          `[figure] ${_name} TP ${tp} vs TP 1 (${many.attentionKernels}): worst relative logit error ${worst.toExponential(2)}`,
+        );
+      } finally {
+        await Promise.all([one.dispose(), many.dispose()]);
+      }
+    },
+  );
+
+  it('host tensors (setWeight) are sliced per rank: the same weights as TP 1 gets', async () => {
+    const config = dummyConfig('tiny');
+    const { dummyWeights } = await import('../../lib/engine/model/dummy.js');
+    const weights = () => dummyWeights(config, 7);
+    const one = await CudaModelRunner.create({ config, numBlocks: 8, weights });
+    const many = await CudaModelRunner.create({ config, numBlocks: 8, weights, parallel: { tp: 2 } });
+    try {
+      await expectSameWeights(config, one, many);
+    } finally {
+      await Promise.all([one.dispose(), many.dispose()]);
+    }
+  });
+
+  it('bad layouts are typed errors before any GPU memory is taken; the GPU stays usable', async () => {
+    const config = dummyConfig('tiny');
+    for (const parallel of [{ tp: 3 }, { tp: 8 }, { tp: 0 }])
+      await expect(
+        CudaModelRunner.create({ config, numBlocks: 4, weights: 'dummy:tiny', parallel }),
+      ).rejects.toBeInstanceOf(ParallelLayoutError);
+    await expect(
+      CudaModelRunner.create({ config, numBlocks: 4, weights: 'dummy:tiny', parallel: { tp: 2 }, devices: [0, 1] }),
+    ).rejects.toThrow(/NCCL communicator/);
+    const ok = await CudaModelRunner.create({ config, numBlocks: 4, weights: 'dummy:tiny', parallel: { tp: 2 } });
+    await ok.dispose();
+  });
+
+  it('a malformed batch is refused on every rank alike (the group keeps working); dispose mid-pass does not hang', async () => {
+    const config = dummyConfig('tiny');
+    const many = await CudaModelRunner.create({ config, numBlocks: 16, weights: 'dummy:tiny', parallel: { tp: 2 } });
+    const bad = batchOf([{ ids: [1, 2, 3], start: 0, table: [99] }], 1); // block 99 of 16
+    await expect(many.forward(bad)).rejects.toThrow(TandemError);
+    const good = batchOf([{ ids: [1, 2, 3], start: 0, table: [0] }], 1);
+    expect((await many.forward(good)).length).toBe(config.vocabSize);
+    // A long prefill in flight while the group is disposed: the pass settles (done or DisposedError), nothing hangs.
+    const long = batchOf(
+      [{ ids: Array.from({ length: 200 }, (_, i) => i % 256), start: 0, table: [...Array(13).keys()] }],
+      13,
+    );
+    const pass = many.forward(long).then(
+      () => 'done',
+      (error: unknown) => (error instanceof DisposedError ? 'disposed' : error),
+    );
+    await many.dispose();
+    expect(['done', 'disposed']).toContain(await pass);
+    await expect(many.forward(good)).rejects.toBeInstanceOf(DisposedError);
+  });
+});
