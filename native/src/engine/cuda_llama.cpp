@@ -145,6 +145,9 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
     : device_(device), cublas_(cublas), cublasLt_(cublasLt), config_(config), pool_(pool), cudaGraphs_(cudaGraphs) {
   const LlamaConfig& c = config_;
   checkConfig(c);
+  if (c.moe.numExperts > 0 || c.qkNorm)
+    throw BadInput("the GPU engine does not run mixture-of-experts or q/k-norm models yet (issue 28); "
+                   "use the CPU engine");
   if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");
   if (pool.numBlocks <= 0 || pool.blockSize <= 0) throw BadInput("numBlocks and blockSize must be positive");
   if (pool.base % 2 != 0) throw BadInput("the KV pool must start at a multiple of 2 bytes (bf16)");
@@ -193,6 +196,7 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
       case WeightRole::Down: addSlot(w.name, L->wdown, h, inter); break;
       case WeightRole::FinalNorm: addSlot(w.name, finalNorm_, 0, h); break;
       case WeightRole::LmHead: addSlot(w.name, lmHead_, c.vocabSize, h); break;
+      default: break;  // MoE and q/k-norm roles: refused above
     }
   }
 }
