@@ -3,6 +3,7 @@
  *
  *   eplb.ts         expert replication and placement over EP ranks (global and hierarchical), routing table
  *   load-window.ts  tokens per layer and expert over a sliding window of steps
+ *   load-recorder.ts  a model runner whose passes' expert load feeds a window and running totals
  *   policy.ts       when to rebalance (window, period, redundant slots, minimum gain) and the balancer
  */
 export {
@@ -22,4 +23,5 @@ export {
   type LayerPlacement,
 } from './eplb.js';
 export { ExpertLoadWindow } from './load-window.js';
+export { ExpertLoadRecorder, type ExpertLoadSource } from './load-recorder.js';
 export { checkEplbPolicy, DEFAULT_EPLB_POLICY, ExpertBalancer, type EplbDecision, type EplbPolicy } from './policy.js';
