@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Builds the tiny Hugging Face fixtures the reference engine is checked against.
 
-    python3 scripts/make-hf-fixture.py OUT_DIR        (needs torch, transformers, tokenizers, safetensors)
+    python3 scripts/make-hf-fixture.py OUT_DIR [--only llama,qwen2,mixtral,qwen3_moe]
+                                                        (needs torch, transformers, tokenizers, safetensors)
 
 For each fixture (a Llama with Llama-3.1 RoPE scaling and untied embeddings, stored in bf16 as real Llama
-checkpoints are; a Qwen2 with q/k/v bias and tied embeddings, stored in fp32) it writes OUT_DIR/<name>/:
+checkpoints are; a Qwen2 with q/k/v bias and tied embeddings, stored in fp32; a Mixtral with 8 experts, top 2,
+stored in bf16; a Qwen3-MoE with q/k norm, 8 experts, top 2 without norm_topk_prob, stored in fp32) it writes
+OUT_DIR/<name>/:
 config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with a chat template), and
 expected.json produced by transformers on the CPU in fp32: the prompt's token ids, the logits of its last
 token, 32 greedy tokens (EOS does not stop them), and a rendered chat template.
@@ -15,19 +18,34 @@ every one of the 32 greedy choices wins by at least MIN_MARGIN logits, the 32 to
 MIN_DISTINCT different ones, and transformers itself, run entirely
 in bf16, chooses the same 32 tokens: a random model often has near-ties between its top two logits, and a
 fixture with one would make "identical greedy tokens" a coin toss for any bf16 engine. expected.json records
-the seed, the smallest top-2 margin along the greedy path and transformers' own bf16 logit error.
+the seed, the smallest top-2 margin along the greedy path and transformers' own bf16 logit error. The MoE
+fixtures are also kept only if, at every token of the prompt and the greedy path and in every layer, the k-th
+and (k+1)-th routing probabilities differ by at least MIN_ROUTER_MARGIN, so that an engine's rounding cannot
+send a token to another expert (expected.json: minRouterMargin).
+
+MoE checkpoints are written with one tensor per expert (Mixtral: block_sparse_moe.experts.<e>.w1/w2/w3;
+Qwen3-MoE: mlp.experts.<e>.gate_proj/up_proj/down_proj), the layout of the published checkpoints: transformers
+5 keeps experts fused in memory, and any fused tensor it saves is split here; the files are then loaded back
+with from_pretrained and must give the same logits.
 
 Everything is seeded: running it again gives the same files. The outputs are committed under test/fixtures/
 so CI checks the CPU engine without Python.
 """
+import argparse
 import copy
 import json
 import os
-import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 CORPUS = [
     "Disaggregated serving runs the prompt phase and the generation phase on separate GPU pools.",
@@ -72,6 +90,85 @@ MAX_SEEDS = 5000
 MIN_MARGIN = 0.1
 # Distinct tokens the greedy path must hold, so that it is not one token repeated.
 MIN_DISTINCT = 8
+# Smallest gap between the k-th and (k+1)-th routing probability allowed anywhere on the fixture's sequence.
+MIN_ROUTER_MARGIN = 2e-3
+MOE_ARCHS = ("mixtral", "qwen3_moe")
+# Fixture directory and on-disk dtype of each architecture.
+FIXTURES = {
+    "llama": ("hf-tiny-llama", "bf16"),
+    "qwen2": ("hf-tiny-qwen2", "fp32"),
+    "mixtral": ("hf-tiny-mixtral", "bf16"),
+    "qwen3_moe": ("hf-tiny-qwen3-moe", "fp32"),
+}
+
+
+def moe_blocks(model):
+    """Each decoder layer's sparse MoE block (transformers 4: Mixtral's block_sparse_moe; 5 and Qwen3: mlp)."""
+    return [getattr(layer, "block_sparse_moe", None) or layer.mlp for layer in model.model.layers]
+
+
+def router_margin(model, ids):
+    """The smallest gap between the k-th and (k+1)-th routing probability over every token and MoE layer."""
+    k = model.config.num_experts_per_tok
+    gaps = []
+    hooks = []
+    for block in moe_blocks(model):
+        def hook(module, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).float().reshape(-1, model.config.hidden_size)
+            probs = torch.softmax(x @ module.gate.weight.float().t(), dim=-1)
+            top = torch.topk(probs, k + 1, dim=-1).values
+            gaps.append(float((top[:, k - 1] - top[:, k]).min()))
+        hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(gaps)
+
+
+def per_expert_checkpoint(out, arch, config):
+    """Rewrites OUT/model.safetensors with one tensor per expert where transformers saved experts fused."""
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(out, "model.safetensors")
+    assert os.path.exists(path) and not os.path.exists(path + ".index.json"), "expected one model.safetensors"
+    tensors = load_file(path)
+    inter = config.intermediate_size if arch == "mixtral" else config.moe_intermediate_size
+    hidden = config.hidden_size
+    names = {
+        "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+        "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    }
+    block, gate, up, down = names[arch]
+    result = {}
+    for name, t in tensors.items():
+        if arch == "mixtral":
+            name = name.replace(".mlp.", ".block_sparse_moe.")
+        prefix, _, leaf = name.rpartition(".experts.")
+        if leaf == "gate_up_proj":
+            if t.shape[1:] == (hidden, 2 * inter):
+                t = t.transpose(1, 2)
+            assert t.shape[1:] == (2 * inter, hidden), (name, t.shape)
+            for e in range(t.shape[0]):
+                result[f"{prefix}.experts.{e}.{gate}.weight"] = t[e, :inter].contiguous()
+                result[f"{prefix}.experts.{e}.{up}.weight"] = t[e, inter:].contiguous()
+        elif leaf == "down_proj":
+            if t.shape[1:] == (inter, hidden):
+                t = t.transpose(1, 2)
+            assert t.shape[1:] == (hidden, inter), (name, t.shape)
+            for e in range(t.shape[0]):
+                result[f"{prefix}.experts.{e}.{down}.weight"] = t[e].contiguous()
+        else:
+            result[name] = t
+    experts = config.num_local_experts if arch == "mixtral" else config.num_experts
+    for l in range(config.num_hidden_layers):
+        assert f"model.layers.{l}.{block}.gate.weight" in result, f"layer {l}: no router"
+        for e in range(experts):
+            for p in (gate, up, down):
+                assert f"model.layers.{l}.{block}.experts.{e}.{p}.weight" in result, (l, e, p)
+    save_file(result, path, metadata={"format": "pt"})
 
 
 def greedy(model, x):
@@ -88,7 +185,8 @@ def greedy(model, x):
     return gen, margins
 
 
-def build(name, out_root, arch):
+def build(arch, out_root):
+    name, on_disk = FIXTURES[arch]
     out = os.path.join(out_root, name)
     os.makedirs(out, exist_ok=True)
     tok = make_tokenizer(out)
@@ -99,7 +197,9 @@ def build(name, out_root, arch):
         tried += 1
         model = make_model(tok, arch, seed)
         gen, margins = greedy(model, x)
-        if min(margins) < MIN_MARGIN or len(set(gen)) < MIN_DISTINCT:
+        route = router_margin(model, ids + gen) if arch in MOE_ARCHS else None
+        routed_close = route is not None and route < MIN_ROUTER_MARGIN
+        if min(margins) < MIN_MARGIN or len(set(gen)) < MIN_DISTINCT or routed_close:
             if tried % 250 == 0:
                 print(f"{name}: {tried} seeds tried", flush=True)
             continue
@@ -115,10 +215,17 @@ def build(name, out_root, arch):
         low = bf16(x).logits[0, -1].float()
     bf16_rel = float(torch.linalg.vector_norm(low - ref) / torch.linalg.vector_norm(ref))
     assert len(gen) == 32, len(gen)
-    if arch == "llama":
+    if on_disk == "bf16":
         bf16.save_pretrained(out, safe_serialization=True)
     else:
         model.save_pretrained(out, safe_serialization=True)
+    if arch in MOE_ARCHS:
+        per_expert_checkpoint(out, arch, model.config)
+        reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            again = reloaded(x).logits[0, -1]
+        diff = float((again - ref).abs().max())
+        assert diff < 1e-5, f"{name}: the per-expert checkpoint reloads to other logits (max |diff| {diff})"
     logits = ref.tolist()
     chat_text = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     chat_ids = tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
@@ -127,10 +234,11 @@ def build(name, out_root, arch):
     expected = {
         "generator": f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, fp32 CPU",
         "seed": seed,
-        "weightsOnDisk": "bf16" if arch == "llama" else "fp32 (bf16 values)",
+        "weightsOnDisk": "bf16" if on_disk == "bf16" else "fp32 (bf16 values)",
         "minGreedyMargin": min(margins),
         "seedsTried": tried,
         "bf16TransformersRelError": bf16_rel,
+        **({"minRouterMargin": route} if route is not None else {}),
         "prompt": PROMPT,
         "promptIds": ids,
         "lastLogits": logits,
@@ -175,6 +283,37 @@ def make_model(tok, arch, seed):
             tie_word_embeddings=False,
         )
         model = LlamaForCausalLM(config)
+    elif arch == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(
+            **{**common, "intermediate_size": 48},
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            rope_theta=1000000.0,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+            tie_word_embeddings=False,
+        )
+        model = MixtralForCausalLM(config)
+    elif arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(
+            **common,
+            head_dim=16,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,  # Mixtral covers renormalised top-k; this covers the raw softmax weights
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            attention_bias=False,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        )
+        model = Qwen3MoeForCausalLM(config)
     else:
         config = Qwen2Config(**common, rope_theta=10000.0, tie_word_embeddings=True, use_sliding_window=False)
         model = Qwen2ForCausalLM(config)
@@ -184,7 +323,7 @@ def make_model(tok, arch, seed):
                     proj.bias.normal_(0.0, 0.1)
     with torch.no_grad():  # RMSNorm weights start at 1; vary them so a wrong norm shows
         for n, p in model.named_parameters():
-            if n.endswith("layernorm.weight") or n == "model.norm.weight":
+            if n.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) or n == "model.norm.weight":
                 p.uniform_(0.5, 1.5)
     with torch.no_grad():  # every weight a bf16 value: a bf16 engine holds this model exactly
         for p in model.parameters():
@@ -197,12 +336,17 @@ def make_model(tok, arch, seed):
 
 
 def main():
-    if len(sys.argv) != 2:
-        print(__doc__)
-        sys.exit(2)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--only", default=",".join(FIXTURES), help="comma-separated: " + ",".join(FIXTURES))
+    args = parser.parse_args()
+    archs = [a for a in args.only.split(",") if a]
+    unknown = [a for a in archs if a not in FIXTURES]
+    if unknown:
+        parser.error(f"unknown fixture(s) {unknown}; known: {', '.join(FIXTURES)}")
     torch.set_num_threads(1)
-    build("hf-tiny-llama", sys.argv[1], "llama")
-    build("hf-tiny-qwen2", sys.argv[1], "qwen2")
+    for arch in archs:
+        build(arch, args.out_dir)
 
 
 if __name__ == "__main__":

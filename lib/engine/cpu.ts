@@ -1,6 +1,7 @@
 /**
  * The reference engine's CPU model runner: a Llama-family model (Llama 2/3.x with llama3 RoPE scaling, Qwen2
- * with q/k/v bias, Mistral's sliding window; tied or untied embeddings; GQA) in fp32 on native threads
+ * with q/k/v bias, Mistral's sliding window; tied or untied embeddings; GQA; mixture-of-experts Mixtral and
+ * Qwen3-MoE) in fp32 on native threads
  * (native/src/engine/). It implements `ModelRunner` (lib/engine/runner.ts) over a paged fp32 KV pool in the
  * caller's memory, laid out as lib/kv describes, so that a worker can register the same bytes with the
  * transfer agent and move blocks to or from another engine.
@@ -80,6 +81,8 @@ export function nativeModelFields(config: ModelConfig) {
     attentionBias: config.attentionBias,
     attentionOutputBias: config.attentionOutputBias,
     slidingWindow: config.slidingWindow || null,
+    qkNorm: config.qkNorm ?? false,
+    moe: config.moe ?? null,
     tensors: nativeManifest(weightManifest(config)),
   };
 }
@@ -244,6 +247,15 @@ export class CpuModelRunner implements ModelRunner {
    */
   forward(batch: ForwardBatch): Promise<Float32Array> {
     return native(() => this.raw.forward(...forwardArgs(batch)));
+  }
+
+  /**
+   * Mixture-of-experts models: the tokens routed to each expert by the passes completed since the last call,
+   * flat and layer-major (numLayers x numExperts), and a reset; what lib/moe's ExpertLoadWindow records per step.
+   * Empty for a dense model.
+   */
+  takeExpertLoad(): Float64Array {
+    return nativeSync(() => this.raw.takeExpertLoad());
   }
 
   /** Stops (a pass in progress gives up at its next layer and rejects with DisposedError), joins the threads. */

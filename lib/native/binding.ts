@@ -198,8 +198,12 @@ export interface RawCpuLlamaOptions {
   attentionBias: boolean;
   attentionOutputBias: boolean;
   slidingWindow: number | null;
-  /** The weight manifest (lib/engine/model/manifest.ts's nativeManifest): each tensor's name, role and layer. */
-  tensors: { name: string; role: string; layer: number }[];
+  /** Qwen3's per-head q/k RMSNorm before RoPE. */
+  qkNorm?: boolean;
+  /** Mixture-of-experts FFN (ModelConfig's MoeSpec), or null for a dense model. */
+  moe?: { numExperts: number; topK: number; intermediateSize: number; normTopkProb: boolean } | null;
+  /** The weight manifest (lib/engine/model/manifest.ts's nativeManifest): each tensor's name, role, layer and expert. */
+  tensors: { name: string; role: string; layer: number; expert?: number }[];
   numBlocks: number;
   blockSize: number;
   layout: 'block-major' | 'layer-major';
@@ -307,6 +311,8 @@ export interface RawCpuLlama {
   missingWeights(): string[];
   ready(): void;
   forward(...batch: RawForwardArgs): Promise<Float32Array>;
+  /** Tokens routed per layer and expert (layer-major) by the passes since the last call; empty for a dense model. */
+  takeExpertLoad(): Float64Array;
   dispose(): Promise<void>;
 }
 

@@ -257,8 +257,8 @@ describe('native runners take their weights from the manifest', () => {
     expect(() => new binding.CpuLlama(rawOptions(twice))).toThrow(/two tensors for .* the second 'copy'/);
     const badLayer = full.map((t) => (t.role === 'q' && t.layer === 0 ? { ...t, layer: 9 } : t));
     expect(() => new binding.CpuLlama(rawOptions(badLayer))).toThrow(/has layer 9; the model has layers 0\.\.1/);
-    const badRole = [...full, { name: 'x', role: 'router', layer: 0 }];
-    expect(() => new binding.CpuLlama(rawOptions(badRole))).toThrow(/unknown weight role 'router'/);
+    const badRole = [...full, { name: 'x', role: 'lora_a', layer: 0 }];
+    expect(() => new binding.CpuLlama(rawOptions(badRole))).toThrow(/unknown weight role 'lora_a'/);
     const tiedHead = [...full.filter((t) => t.role !== 'lm_head')];
     expect(() => new binding.CpuLlama(rawOptions(tiedHead))).toThrow(/no tensor for lm_head/);
     expect(() => new binding.CpuLlama({ ...rawOptions(full), tensors: undefined as never })).toThrow(

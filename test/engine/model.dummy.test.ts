@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { BadArgumentError, ModelConfigError } from '../../lib/errors.js';
 import {
+  DENSE_DUMMY_PRESETS,
   DUMMY_PRESETS,
   Xoshiro128,
   dummyConfig,
@@ -102,10 +103,10 @@ describe('dummy presets', () => {
   };
 
   it('lists exactly the four presets', () => {
-    expect([...DUMMY_PRESETS].sort()).toEqual(Object.keys(expected).sort());
+    expect([...DENSE_DUMMY_PRESETS].sort()).toEqual(Object.keys(expected).sort());
   });
 
-  for (const preset of DUMMY_PRESETS) {
+  for (const preset of DENSE_DUMMY_PRESETS) {
     it(`dummy:${preset} has the real shapes, names and parameter count`, () => {
       const { params, ...shape } = expected[preset]!;
       const c = dummyConfig(`dummy:${preset}`);

@@ -5,6 +5,8 @@
  * transformers' LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM line by line.
  */
 import type { ModelConfig } from '../../lib/engine/model/config.js';
+import { weightManifest } from '../../lib/engine/model/manifest.js';
+import { moeBlock, type MoeBlockWeights } from '../moe/moe-reference.js';
 
 export type Weights = ReadonlyMap<string, Float32Array>;
 
@@ -78,12 +80,29 @@ export class ReferenceSequence {
 
 export class LlamaReference {
   private readonly invFreq: number[];
+  /** MoE models: tokens routed per layer and expert (layer-major) since construction. */
+  readonly expertTokens: number[];
 
   constructor(
     readonly config: ModelConfig,
     private readonly weights: Weights,
   ) {
     this.invFreq = ropeInvFreq(config);
+    this.expertTokens = new Array<number>(config.numLayers * (config.moe?.numExperts ?? 0)).fill(0);
+  }
+
+  /** Layer l's router and experts, by the manifest's roles. */
+  private moeWeights(l: number): MoeBlockWeights {
+    const m = weightManifest(this.config).filter((t) => t.layer === l);
+    const byRole = (role: string, e?: number) => this.w(m.find((t) => t.role === role && t.expert === e)!.name);
+    return {
+      router: byRole('router'),
+      experts: Array.from({ length: this.config.moe!.numExperts }, (_, e) => ({
+        gate: byRole('expert_gate', e),
+        up: byRole('expert_up', e),
+        down: byRole('expert_down', e),
+      })),
+    };
   }
 
   private w(name: string): Float32Array {
@@ -117,6 +136,14 @@ export class LlamaReference {
       const q = matvec(this.w(`${p}self_attn.q_proj.weight`), xn, c.numHeads * hd, H, bias('q'));
       const k = matvec(this.w(`${p}self_attn.k_proj.weight`), xn, c.numKvHeads * hd, H, bias('k'));
       const v = matvec(this.w(`${p}self_attn.v_proj.weight`), xn, c.numKvHeads * hd, H, bias('v'));
+      if (c.qkNorm) {
+        // Qwen3: RMSNorm over each head's dimensions before RoPE
+        const normHeads = (t: Float64Array, n: number, w: Float32Array) => {
+          for (let h = 0; h < n; h++) t.set(rmsNorm(t.slice(h * hd, (h + 1) * hd), w, c.rmsNormEps), h * hd);
+        };
+        normHeads(q, c.numHeads, this.w(`${p}self_attn.q_norm.weight`));
+        normHeads(k, c.numKvHeads, this.w(`${p}self_attn.k_norm.weight`));
+      }
       for (let h = 0; h < c.numHeads; h++) rope(q.subarray(h * hd, (h + 1) * hd), pos, this.invFreq);
       for (let h = 0; h < c.numKvHeads; h++) rope(k.subarray(h * hd, (h + 1) * hd), pos, this.invFreq);
       seq.k[l]!.push(k);
@@ -153,6 +180,13 @@ export class LlamaReference {
       x = x.map((v, i) => v + o[i]!);
 
       const xn2 = rmsNorm(x, this.w(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
+      if (c.moe) {
+        const counts = new Array<number>(c.moe.numExperts).fill(0);
+        const y = moeBlock(c.moe, this.moeWeights(l), xn2, counts);
+        counts.forEach((n, e) => (this.expertTokens[l * c.moe!.numExperts + e]! += n));
+        x = x.map((v, i) => v + y[i]!);
+        continue;
+      }
       const I = c.intermediateSize;
       const gate = matvec(this.w(`${p}mlp.gate_proj.weight`), xn2, I, H);
       const up = matvec(this.w(`${p}mlp.up_proj.weight`), xn2, I, H);

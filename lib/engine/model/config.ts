@@ -1,5 +1,6 @@
 /**
- * Hugging Face `config.json` for the Llama family (Llama, Qwen2, Mistral) parsed into a typed `ModelConfig`.
+ * Hugging Face `config.json` for the Llama family (Llama, Qwen2, Mistral) and its mixture-of-experts relatives
+ * (Mixtral, Qwen3-MoE) parsed into a typed `ModelConfig`.
  * Every problem is a `ModelConfigError` whose message names the file and the field.
  */
 import { readFileSync, statSync } from 'node:fs';
@@ -7,7 +8,13 @@ import { join } from 'node:path';
 import { ModelConfigError } from '../../errors.js';
 import { weightManifest } from './manifest.js';
 
-export const SUPPORTED_ARCHITECTURES = ['LlamaForCausalLM', 'Qwen2ForCausalLM', 'MistralForCausalLM'] as const;
+export const SUPPORTED_ARCHITECTURES = [
+  'LlamaForCausalLM',
+  'Qwen2ForCausalLM',
+  'MistralForCausalLM',
+  'MixtralForCausalLM',
+  'Qwen3MoeForCausalLM',
+] as const;
 export type Architecture = (typeof SUPPORTED_ARCHITECTURES)[number];
 
 /** `model_type` values accepted when `architectures` is absent. */
@@ -15,7 +22,21 @@ const MODEL_TYPES: Record<string, Architecture> = {
   llama: 'LlamaForCausalLM',
   qwen2: 'Qwen2ForCausalLM',
   mistral: 'MistralForCausalLM',
+  mixtral: 'MixtralForCausalLM',
+  qwen3_moe: 'Qwen3MoeForCausalLM',
 };
+
+/**
+ * The sparse mixture-of-experts FFN that replaces the dense one in every layer: router logits [numExperts],
+ * softmax over all experts, the `topK` largest kept, renormalised to sum to 1 when `normTopkProb` (always for
+ * Mixtral; Qwen3-MoE's `norm_topk_prob`), each a SwiGLU expert of width `intermediateSize`.
+ */
+export interface MoeSpec {
+  numExperts: number;
+  topK: number;
+  intermediateSize: number;
+  normTopkProb: boolean;
+}
 
 export type TorchDtype = 'bfloat16' | 'float16' | 'float32';
 
@@ -56,6 +77,10 @@ export interface ModelConfig {
   eosTokenIds: number[];
   /** Dtype the checkpoint was saved in (`torch_dtype`, or `dtype` in newer transformers); float32 when absent. */
   torchDtype: TorchDtype;
+  /** Qwen3: each q and k head is RMS-normalised (weights [headDim]) before RoPE. Absent: false. */
+  qkNorm?: boolean;
+  /** Mixture-of-experts models: the sparse FFN of every layer. Absent or null: a dense model. */
+  moe?: MoeSpec | null;
 }
 
 type Json = Record<string, unknown>;
@@ -222,7 +247,9 @@ export function parseModelConfig(json: unknown, source = 'config.json'): ModelCo
   const f = new Fields(json as Json, source);
   const architecture = architectureOf(f);
   const qwen = architecture === 'Qwen2ForCausalLM';
-  const mistral = architecture === 'MistralForCausalLM';
+  const mixtral = architecture === 'MixtralForCausalLM';
+  const qwen3Moe = architecture === 'Qwen3MoeForCausalLM';
+  const mistral = architecture === 'MistralForCausalLM' || mixtral;
 
   const hiddenSize = f.positiveInt('hidden_size');
   const numHeads = f.positiveInt('num_attention_heads');
@@ -242,15 +269,18 @@ export function parseModelConfig(json: unknown, source = 'config.json'): ModelCo
   if (headDim % 2 !== 0) f.fail('head_dim', `(${headDim}) must be even for RoPE`);
 
   if (f.bool('mlp_bias', false)) f.fail('mlp_bias', 'is true, which is not supported');
-  const llamaBias = architecture === 'LlamaForCausalLM' && f.bool('attention_bias', false);
+  const llamaBias = (architecture === 'LlamaForCausalLM' || qwen3Moe) && f.bool('attention_bias', false);
 
   let slidingWindow: number | null = null;
   if (mistral) slidingWindow = f.nonNegativeIntOrNull('sliding_window');
-  else if (qwen && f.bool('use_sliding_window', false)) slidingWindow = f.nonNegativeIntOrNull('sliding_window');
+  else if ((qwen || qwen3Moe) && f.bool('use_sliding_window', false))
+    slidingWindow = f.nonNegativeIntOrNull('sliding_window');
 
   const hiddenAct = f.get('hidden_act');
   if (hiddenAct !== undefined && hiddenAct !== 'silu')
     f.fail('hidden_act', `is ${JSON.stringify(hiddenAct)}; only "silu" (SwiGLU) is supported`);
+
+  const moe = mixtral ? mixtralMoe(f) : qwen3Moe ? qwen3MoeSpec(f) : null;
 
   return {
     architecture,
@@ -261,10 +291,13 @@ export function parseModelConfig(json: unknown, source = 'config.json'): ModelCo
     numHeads,
     numKvHeads,
     headDim,
-    rmsNormEps: f.positiveNumber('rms_norm_eps', 1e-6),
+    rmsNormEps: f.positiveNumber('rms_norm_eps', mixtral ? 1e-5 : 1e-6),
     ropeTheta: ropeThetaOf(f),
     ropeScaling: ropeScalingOf(f),
-    maxPositionEmbeddings: f.positiveInt('max_position_embeddings', qwen ? 32768 : mistral ? 4096 * 32 : 2048),
+    maxPositionEmbeddings: f.positiveInt(
+      'max_position_embeddings',
+      qwen || qwen3Moe ? 32768 : mistral ? 4096 * 32 : 2048,
+    ),
     tieWordEmbeddings: f.bool('tie_word_embeddings', false),
     attentionBias: qwen || llamaBias,
     attentionOutputBias: llamaBias,
@@ -272,6 +305,44 @@ export function parseModelConfig(json: unknown, source = 'config.json'): ModelCo
     bosTokenId: f.nonNegativeIntOrNull('bos_token_id'),
     eosTokenIds: eosOf(f),
     torchDtype: dtypeOf(f),
+    ...(moe && { qkNorm: qwen3Moe, moe }),
+  };
+}
+
+function topKOf(f: Fields, numExperts: number, fallback: number): number {
+  const topK = f.positiveInt('num_experts_per_tok', fallback);
+  if (topK > numExperts)
+    f.fail('num_experts_per_tok', `(${topK}) must be at most the number of experts (${numExperts})`);
+  return topK;
+}
+
+/** Mixtral: num_local_experts SwiGLU experts of width intermediate_size; the top k always renormalised. */
+function mixtralMoe(f: Fields): MoeSpec {
+  const numExperts = f.positiveInt('num_local_experts', 8);
+  return {
+    numExperts,
+    topK: topKOf(f, numExperts, 2),
+    intermediateSize: f.positiveInt('intermediate_size'),
+    normTopkProb: true,
+  };
+}
+
+/**
+ * Qwen3-MoE: num_experts experts of width moe_intermediate_size, renormalised when norm_topk_prob. Dense layers
+ * among the sparse ones (decoder_sparse_step > 1, mlp_only_layers) are not supported.
+ */
+function qwen3MoeSpec(f: Fields): MoeSpec {
+  const numExperts = f.positiveInt('num_experts', 128);
+  const step = f.positiveInt('decoder_sparse_step', 1);
+  if (step !== 1) f.fail('decoder_sparse_step', `is ${step}; only 1 (every layer sparse) is supported`);
+  const mlpOnly = f.get('mlp_only_layers');
+  if (mlpOnly !== undefined && !(Array.isArray(mlpOnly) && mlpOnly.length === 0))
+    f.fail('mlp_only_layers', `is ${JSON.stringify(mlpOnly)}; only [] (no dense layers) is supported`);
+  return {
+    numExperts,
+    topK: topKOf(f, numExperts, 8),
+    intermediateSize: f.positiveInt('moe_intermediate_size', 768),
+    normTopkProb: f.bool('norm_topk_prob', false),
   };
 }
 
@@ -350,7 +421,22 @@ export function toHfConfig(c: ModelConfig): Record<string, unknown> {
     out.attention_bias = c.attentionOutputBias;
     out.mlp_bias = false;
   } else if (c.architecture === 'MistralForCausalLM') out.sliding_window = c.slidingWindow;
-  else {
+  else if (c.architecture === 'MixtralForCausalLM') {
+    out.sliding_window = c.slidingWindow;
+    out.num_local_experts = c.moe!.numExperts;
+    out.num_experts_per_tok = c.moe!.topK;
+    out.intermediate_size = c.moe!.intermediateSize;
+  } else if (c.architecture === 'Qwen3MoeForCausalLM') {
+    out.attention_bias = c.attentionOutputBias;
+    out.use_sliding_window = c.slidingWindow !== null;
+    if (c.slidingWindow !== null) out.sliding_window = c.slidingWindow;
+    out.num_experts = c.moe!.numExperts;
+    out.num_experts_per_tok = c.moe!.topK;
+    out.moe_intermediate_size = c.moe!.intermediateSize;
+    out.norm_topk_prob = c.moe!.normTopkProb;
+    out.decoder_sparse_step = 1;
+    out.mlp_only_layers = [];
+  } else {
     out.use_sliding_window = c.slidingWindow !== null;
     if (c.slidingWindow !== null) out.sliding_window = c.slidingWindow;
   }

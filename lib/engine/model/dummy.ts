@@ -13,7 +13,11 @@ import { expectedTensors, toHfConfig, type ModelConfig, type TensorSpec } from '
 import { writeSafetensors, type FloatDtype, type TensorToWrite } from './safetensors.js';
 import { BYTE_BOS_ID, BYTE_EOS_ID, BYTE_VOCAB_SIZE, ByteTokenizer } from './tokenizer-bytes.js';
 
-export const DUMMY_PRESETS = ['tiny', 'llama-3.2-1b', 'llama-3.1-8b', 'llama-3.1-70b'] as const;
+/** Dense Llama-family presets. */
+export const DENSE_DUMMY_PRESETS = ['tiny', 'llama-3.2-1b', 'llama-3.1-8b', 'llama-3.1-70b'] as const;
+/** Mixture-of-experts presets (Qwen3-MoE and Mixtral shapes). */
+export const MOE_DUMMY_PRESETS = ['tiny-moe', 'tiny-mixtral', 'qwen3-30b-a3b', 'mixtral-8x7b'] as const;
+export const DUMMY_PRESETS = [...DENSE_DUMMY_PRESETS, ...MOE_DUMMY_PRESETS] as const;
 export type DummyPreset = (typeof DUMMY_PRESETS)[number];
 export const DUMMY_PREFIX = 'dummy:';
 
@@ -53,6 +57,57 @@ function llama(
     bosTokenId: BYTE_BOS_ID,
     eosTokenIds: [BYTE_EOS_ID],
     torchDtype: 'bfloat16',
+  };
+}
+
+/** A Qwen3-MoE shape: q/k norm, every layer sparse, top-k renormalised (Qwen3-30B-A3B sets norm_topk_prob). */
+function qwen3Moe(
+  shape: Pick<
+    ModelConfig,
+    'vocabSize' | 'hiddenSize' | 'intermediateSize' | 'numLayers' | 'numHeads' | 'numKvHeads' | 'headDim'
+  > & { moe: NonNullable<ModelConfig['moe']>; maxPositionEmbeddings: number },
+): ModelConfig {
+  return {
+    architecture: 'Qwen3MoeForCausalLM',
+    ...shape,
+    rmsNormEps: 1e-6,
+    ropeTheta: 1000000,
+    ropeScaling: null,
+    tieWordEmbeddings: false,
+    attentionBias: false,
+    attentionOutputBias: false,
+    slidingWindow: null,
+    bosTokenId: BYTE_BOS_ID,
+    eosTokenIds: [BYTE_EOS_ID],
+    torchDtype: 'bfloat16',
+    qkNorm: true,
+  };
+}
+
+/** A Mixtral shape: Mistral attention, top-2 of 8 experts (always renormalised), experts of intermediateSize. */
+function mixtral(
+  shape: Pick<
+    ModelConfig,
+    'vocabSize' | 'hiddenSize' | 'intermediateSize' | 'numLayers' | 'numHeads' | 'numKvHeads' | 'maxPositionEmbeddings'
+  > & { numExperts: number; topK: number },
+): ModelConfig {
+  const { numExperts, topK, ...rest } = shape;
+  return {
+    architecture: 'MixtralForCausalLM',
+    ...rest,
+    headDim: shape.hiddenSize / shape.numHeads,
+    rmsNormEps: 1e-5,
+    ropeTheta: 1000000,
+    ropeScaling: null,
+    tieWordEmbeddings: false,
+    attentionBias: false,
+    attentionOutputBias: false,
+    slidingWindow: null,
+    bosTokenId: BYTE_BOS_ID,
+    eosTokenIds: [BYTE_EOS_ID],
+    torchDtype: 'bfloat16',
+    qkNorm: false,
+    moe: { numExperts, topK, intermediateSize: shape.intermediateSize, normTopkProb: true },
   };
 }
 
@@ -113,6 +168,57 @@ const PRESETS: Record<DummyPreset, () => ModelConfig> = {
       ropeScaling: llama3Scaling(8),
       maxPositionEmbeddings: 131072,
       rmsNormEps: 1e-5,
+    }),
+  // Tiny mixture-of-experts models for tests: 8 experts, top 2, small enough for microsecond CPU passes.
+  'tiny-moe': () =>
+    qwen3Moe({
+      vocabSize: BYTE_VOCAB_SIZE,
+      hiddenSize: 64,
+      intermediateSize: 128,
+      numLayers: 2,
+      numHeads: 4,
+      numKvHeads: 2,
+      headDim: 16,
+      maxPositionEmbeddings: 4096,
+      moe: { numExperts: 8, topK: 2, intermediateSize: 32, normTopkProb: true },
+    }),
+  'tiny-mixtral': () =>
+    mixtral({
+      vocabSize: BYTE_VOCAB_SIZE,
+      hiddenSize: 64,
+      intermediateSize: 64,
+      numLayers: 2,
+      numHeads: 4,
+      numKvHeads: 2,
+      maxPositionEmbeddings: 4096,
+      numExperts: 8,
+      topK: 2,
+    }),
+  // Qwen/Qwen3-30B-A3B's config.json shapes (30.5 B parameters, 3.3 B active).
+  'qwen3-30b-a3b': () =>
+    qwen3Moe({
+      vocabSize: 151936,
+      hiddenSize: 2048,
+      intermediateSize: 6144,
+      numLayers: 48,
+      numHeads: 32,
+      numKvHeads: 4,
+      headDim: 128,
+      maxPositionEmbeddings: 40960,
+      moe: { numExperts: 128, topK: 8, intermediateSize: 768, normTopkProb: true },
+    }),
+  // mistralai/Mixtral-8x7B-v0.1's config.json shapes (46.7 B parameters, 12.9 B active).
+  'mixtral-8x7b': () =>
+    mixtral({
+      vocabSize: 32000,
+      hiddenSize: 4096,
+      intermediateSize: 14336,
+      numLayers: 32,
+      numHeads: 32,
+      numKvHeads: 8,
+      maxPositionEmbeddings: 32768,
+      numExperts: 8,
+      topK: 2,
     }),
 };
 

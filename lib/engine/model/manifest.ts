@@ -16,9 +16,11 @@ import type { ModelConfig, TorchDtype } from './config.js';
  * - `replicated`: every rank holds all of it (norms, o_proj's bias);
  * - `column`: split along the output dimension (dim 0 of a [out, in] weight, or a bias): q/k/v, gate, up;
  * - `row`: split along the input dimension (dim 1): o_proj, down_proj; partial outputs are summed (all-reduce);
- * - `vocab`: split along the vocabulary (dim 0): the embedding and lm_head.
+ * - `vocab`: split along the vocabulary (dim 0): the embedding and lm_head;
+ * - `expert`: one expert's tensor, held whole by the expert-parallel ranks its expert is placed on (issue 28;
+ *   lib/moe places experts).
  */
-export type ShardRule = 'replicated' | 'column' | 'row' | 'vocab';
+export type ShardRule = 'replicated' | 'column' | 'row' | 'vocab' | 'expert';
 
 /** What a tensor is in a Llama-family decoder; the native runners place tensors by role. */
 export const WEIGHT_ROLES = [
@@ -38,6 +40,13 @@ export const WEIGHT_ROLES = [
   'down',
   'final_norm',
   'lm_head',
+  // Qwen3's per-head q/k RMSNorm, and the mixture-of-experts FFN (router, then each expert's SwiGLU weights).
+  'q_norm',
+  'k_norm',
+  'router',
+  'expert_gate',
+  'expert_up',
+  'expert_down',
 ] as const;
 export type WeightRole = (typeof WEIGHT_ROLES)[number];
 
@@ -54,6 +63,8 @@ export interface ManifestTensor {
   role: WeightRole;
   /** The decoder layer, or -1 for the embedding, final norm and lm_head. */
   layer: number;
+  /** The expert of an expert_gate / expert_up / expert_down tensor; absent for the rest. */
+  expert?: number;
   shard: ShardRule;
 }
 
@@ -76,11 +87,42 @@ const SHARD_OF: Record<WeightRole, ShardRule> = {
   down: 'row',
   final_norm: 'replicated',
   lm_head: 'vocab',
+  q_norm: 'replicated',
+  k_norm: 'replicated',
+  router: 'replicated',
+  expert_gate: 'expert',
+  expert_up: 'expert',
+  expert_down: 'expert',
+};
+
+/**
+ * Where a family keeps its MoE tensors under `model.layers.<l>.`: the router, and an expert's gate / up / down
+ * projections under `<experts>.<e>.`. These are the checkpoints' per-expert names (transformers 5 fuses experts
+ * in memory but saves this layout by default).
+ */
+const MOE_NAMES: Partial<
+  Record<ModelConfig['architecture'], { router: string; experts: string; gate: string; up: string; down: string }>
+> = {
+  MixtralForCausalLM: {
+    router: 'block_sparse_moe.gate.weight',
+    experts: 'block_sparse_moe.experts',
+    gate: 'w1.weight',
+    up: 'w3.weight',
+    down: 'w2.weight',
+  },
+  Qwen3MoeForCausalLM: {
+    router: 'mlp.gate.weight',
+    experts: 'mlp.experts',
+    gate: 'gate_proj.weight',
+    up: 'up_proj.weight',
+    down: 'down_proj.weight',
+  },
 };
 
 /**
  * The tensors of a config, in checkpoint order (embedding, layers 0..N-1, final norm, lm_head unless tied).
- * Biases appear only where the config has them (Qwen2's q/k/v bias, attentionOutputBias).
+ * Biases appear only where the config has them (Qwen2's q/k/v bias, attentionOutputBias). A mixture-of-experts
+ * layer has a router and numExperts x (gate, up, down) in place of the dense gate / up / down.
  */
 export function weightManifest(c: ModelConfig): ManifestTensor[] {
   const dtype = DTYPE_OF[c.torchDtype] ?? 'BF16';
@@ -88,14 +130,22 @@ export function weightManifest(c: ModelConfig): ManifestTensor[] {
   const kv = c.numKvHeads * c.headDim;
   const h = c.hiddenSize;
   const out: ManifestTensor[] = [];
-  const add = (name: string, shape: number[], role: WeightRole, layer = -1) =>
-    out.push({ name, shape, dtype, role, layer, shard: SHARD_OF[role] });
+  const add = (name: string, shape: number[], role: WeightRole, layer = -1, expert?: number) =>
+    out.push({ name, shape, dtype, role, layer, ...(expert !== undefined && { expert }), shard: SHARD_OF[role] });
+  const moe = c.moe ?? null;
+  const moeNames = moe && MOE_NAMES[c.architecture];
+  if (moe && !moeNames)
+    throw new CheckpointError(`${c.architecture}: no mixture-of-experts tensor names for this architecture`);
   add('model.embed_tokens.weight', [c.vocabSize, h], 'embed');
   for (let l = 0; l < c.numLayers; l++) {
     const p = `model.layers.${l}.`;
     add(`${p}input_layernorm.weight`, [h], 'input_norm', l);
     add(`${p}self_attn.q_proj.weight`, [q, h], 'q', l);
     if (c.attentionBias) add(`${p}self_attn.q_proj.bias`, [q], 'q_bias', l);
+    if (c.qkNorm) {
+      add(`${p}self_attn.q_norm.weight`, [c.headDim], 'q_norm', l);
+      add(`${p}self_attn.k_norm.weight`, [c.headDim], 'k_norm', l);
+    }
     add(`${p}self_attn.k_proj.weight`, [kv, h], 'k', l);
     if (c.attentionBias) add(`${p}self_attn.k_proj.bias`, [kv], 'k_bias', l);
     add(`${p}self_attn.v_proj.weight`, [kv, h], 'v', l);
@@ -103,6 +153,17 @@ export function weightManifest(c: ModelConfig): ManifestTensor[] {
     add(`${p}self_attn.o_proj.weight`, [h, q], 'o', l);
     if (c.attentionOutputBias) add(`${p}self_attn.o_proj.bias`, [h], 'o_bias', l);
     add(`${p}post_attention_layernorm.weight`, [h], 'post_norm', l);
+    if (moe && moeNames) {
+      const mi = moe.intermediateSize;
+      add(`${p}${moeNames.router}`, [moe.numExperts, h], 'router', l);
+      for (let e = 0; e < moe.numExperts; e++) {
+        const x = `${p}${moeNames.experts}.${e}.`;
+        add(`${x}${moeNames.gate}`, [mi, h], 'expert_gate', l, e);
+        add(`${x}${moeNames.up}`, [mi, h], 'expert_up', l, e);
+        add(`${x}${moeNames.down}`, [h, mi], 'expert_down', l, e);
+      }
+      continue;
+    }
     add(`${p}mlp.gate_proj.weight`, [c.intermediateSize, h], 'gate', l);
     add(`${p}mlp.up_proj.weight`, [c.intermediateSize, h], 'up', l);
     add(`${p}mlp.down_proj.weight`, [h, c.intermediateSize], 'down', l);
@@ -120,8 +181,13 @@ export function tensorElements(t: { shape: readonly number[] }): number {
 /** The manifest as the native runners' `tensors` option takes it: name, role and layer of each tensor. */
 export function nativeManifest(
   manifest: readonly ManifestTensor[],
-): { name: string; role: WeightRole; layer: number }[] {
-  return manifest.map(({ name, role, layer }) => ({ name, role, layer }));
+): { name: string; role: WeightRole; layer: number; expert?: number }[] {
+  return manifest.map(({ name, role, layer, expert }) => ({
+    name,
+    role,
+    layer,
+    ...(expert !== undefined && { expert }),
+  }));
 }
 
 /** What checkCheckpointTensors needs of a checkpoint: its tensor names and each one's shape. */

@@ -157,9 +157,16 @@ CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned t
     L.wo.resize(h * qDim_);
     if (c.attentionOutputBias) L.bo.resize(h);
     L.postAttentionNorm.resize(h);
+    if (c.qkNorm) L.qNorm.resize(c.headDim), L.kNorm.resize(c.headDim);
+    if (c.moe.numExperts > 0) continue;
     L.wgateUp.resize(2 * inter * h);
     L.wdown.resize(h * inter);
   }
+  if (c.moe.numExperts > 0) {
+    moe_ = std::make_unique<CpuMoe>(c);
+    expertTokens_.assign(static_cast<size_t>(c.numLayers) * c.moe.numExperts, 0);
+  }
+  const size_t moeInter = c.moe.intermediateSize;
   finalNorm_.resize(h);
   if (!c.tieWordEmbeddings) lmHead_.resize(static_cast<size_t>(c.vocabSize) * h);
   // Names come from the weight manifest (lib/engine/model/manifest.ts; checkConfig checked it is complete).
@@ -182,6 +189,18 @@ CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned t
       case WeightRole::Down: registerSlot(w.name, L->wdown, 0, h, inter); break;
       case WeightRole::FinalNorm: registerSlot(w.name, finalNorm_, 0, 0, h); break;
       case WeightRole::LmHead: registerSlot(w.name, lmHead_, 0, c.vocabSize, h); break;
+      case WeightRole::QNorm: registerSlot(w.name, L->qNorm, 0, 0, c.headDim); break;
+      case WeightRole::KNorm: registerSlot(w.name, L->kNorm, 0, 0, c.headDim); break;
+      case WeightRole::Router: registerSlot(w.name, moe_->router(w.layer), 0, c.moe.numExperts, h); break;
+      case WeightRole::ExpertGate:
+        registerSlot(w.name, moe_->gateUp(w.layer), moe_->gateUpOffset(w.expert, false), moeInter, h);
+        break;
+      case WeightRole::ExpertUp:
+        registerSlot(w.name, moe_->gateUp(w.layer), moe_->gateUpOffset(w.expert, true), moeInter, h);
+        break;
+      case WeightRole::ExpertDown:
+        registerSlot(w.name, moe_->down(w.layer), moe_->downOffset(w.expert), h, moeInter);
+        break;
     }
   }
 }
@@ -212,6 +231,13 @@ std::vector<std::string> CpuLlama::missingWeights() const {
   std::vector<std::string> out;
   for (const auto& name : order_)
     if (!slots_.at(name).set) out.push_back(name);
+  return out;
+}
+
+std::vector<int64_t> CpuLlama::takeExpertTokens() {
+  std::lock_guard<std::mutex> lock(expertMutex_);
+  std::vector<int64_t> out = expertTokens_;
+  std::fill(expertTokens_.begin(), expertTokens_.end(), 0);
   return out;
 }
 
@@ -311,7 +337,11 @@ std::vector<float> CpuLlama::forward(const ForwardInput& in) {
 
   std::vector<float> x(ntok * h), xn(ntok * h), tmp(ntok * h);
   std::vector<float> qkv(ntok * qkvDim_), attn(ntok * qDim_);
-  std::vector<float> gateUp(ntok * 2 * inter), act(ntok * inter);
+  std::vector<float> gateUp(moe_ ? 0 : ntok * 2 * inter), act(moe_ ? 0 : ntok * inter);
+  std::vector<int64_t> expertTokens(moe_ ? expertTokens_.size() : 0);
+  const MatmulFn moeMatmul = [this](const float* a, size_t rows, size_t k, const float* w, size_t n, float* y) {
+    matmul(a, rows, k, w, nullptr, n, y);
+  };
   for (size_t t = 0; t < ntok; ++t)
     std::memcpy(&x[t * h], &embed_[static_cast<size_t>(in.tokens[t]) * h], h * sizeof(float));
 
@@ -322,6 +352,11 @@ std::vector<float> CpuLlama::forward(const ForwardInput& in) {
     matmul(xn.data(), ntok, h, L.wqkv.data(), c.attentionBias ? L.bqkv.data() : nullptr, qkvDim_, qkv.data());
     for (size_t t = 0; t < ntok; ++t) {
       float* row = &qkv[t * qkvDim_];
+      if (c.qkNorm)  // Qwen3: each q and k head RMS-normalised over headDim, before RoPE
+        for (int hh = 0; hh < c.numHeads + c.numKvHeads; ++hh) {
+          const float* w = hh < c.numHeads ? L.qNorm.data() : L.kNorm.data();
+          rmsNorm(row + hh * hd, w, hd, c.rmsNormEps, row + hh * hd);
+        }
       for (int hh = 0; hh < c.numHeads + c.numKvHeads; ++hh)  // q heads, then k heads (contiguous)
         applyRope(row + hh * hd, &cosv[t * half], &sinv[t * half], half);
       // K and V of this token into its slot: NHD, [token][head][dim].
@@ -336,6 +371,12 @@ std::vector<float> CpuLlama::forward(const ForwardInput& in) {
     for (size_t i = 0; i < ntok * h; ++i) x[i] += tmp[i];
 
     for (size_t t = 0; t < ntok; ++t) rmsNorm(&x[t * h], L.postAttentionNorm.data(), h, c.rmsNormEps, &xn[t * h]);
+    if (moe_) {
+      int64_t* layerTokens = &expertTokens[static_cast<size_t>(l) * c.moe.numExperts];
+      moe_->forward(l, xn.data(), ntok, tmp.data(), moeMatmul, layerTokens);
+      for (size_t i = 0; i < ntok * h; ++i) x[i] += tmp[i];
+      continue;
+    }
     matmul(xn.data(), ntok, h, L.wgateUp.data(), nullptr, 2 * inter, gateUp.data());
     for (size_t t = 0; t < ntok; ++t) {
       const float* g = &gateUp[t * 2 * inter];
@@ -345,6 +386,11 @@ std::vector<float> CpuLlama::forward(const ForwardInput& in) {
     }
     matmul(act.data(), ntok, inter, L.wdown.data(), nullptr, h, tmp.data());
     for (size_t i = 0; i < ntok * h; ++i) x[i] += tmp[i];
+  }
+
+  if (moe_) {
+    std::lock_guard<std::mutex> lock(expertMutex_);
+    for (size_t i = 0; i < expertTokens.size(); ++i) expertTokens_[i] += expertTokens[i];
   }
 
   // Final norm and logits for each sequence's last new token only.

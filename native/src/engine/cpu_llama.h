@@ -1,5 +1,6 @@
 // The reference engine's CPU model: a Llama-family decoder (Llama 2/3.x with llama3 RoPE scaling, Qwen2 with
-// q/k/v bias, Mistral's sliding window), fp32 throughout, reading and writing a caller-owned paged KV pool.
+// q/k/v bias, Mistral's sliding window; Mixtral and Qwen3-MoE with the MoE FFN of cpu_moe.h), fp32 throughout,
+// reading and writing a caller-owned paged KV pool.
 // Pure C++ (no N-API): engine_wrap.cpp exposes it to JavaScript. The contract of forward() is ForwardBatch in
 // lib/engine/runner.ts; the KV pool layout is lib/kv/pool.ts's, fp32 with head layout NHD.
 #pragma once
@@ -11,6 +12,7 @@
 #include <exception>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -18,6 +20,7 @@
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "cpu_moe.h"
 #include "llama_common.h"
 
 namespace tandem::engine {
@@ -87,6 +90,10 @@ class CpuLlama {
   // of this step's K and V).
   std::vector<float> forward(const ForwardInput& in);
 
+  // MoE models: tokens routed to each expert (layer-major, numLayers x numExperts) by the forward passes since
+  // the last call, and a reset; empty for a dense model. Callable from any thread.
+  std::vector<int64_t> takeExpertTokens();
+
   // Makes a running or later forward() throw Aborted. Callable from any thread.
   void abort() { aborted_.store(true); }
   // Joins the worker threads. Call only when no forward() is running.
@@ -99,6 +106,7 @@ class CpuLlama {
     std::vector<float> wo, bo;      // [hidden, heads * headDim]
     std::vector<float> wgateUp;     // gate and up stacked: [2 * intermediate, hidden]
     std::vector<float> wdown;       // [hidden, intermediate]
+    std::vector<float> qNorm, kNorm;  // [headDim] each, when config.qkNorm
   };
   struct Slot {
     float* dest;
@@ -125,6 +133,9 @@ class CpuLlama {
   std::vector<std::string> order_;  // checkpoint order, for missingWeights()
   ThreadPool pool_threads_;
   std::atomic<bool> aborted_{false};
+  std::unique_ptr<CpuMoe> moe_;  // the FFN of every layer when config.moe.numExperts > 0
+  std::mutex expertMutex_;
+  std::vector<int64_t> expertTokens_;  // guarded by expertMutex_
 };
 
 }  // namespace tandem::engine

@@ -151,6 +151,9 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
       cudaGraphs_(cudaGraphs),
       graphs_(device, kMaxGraphs) {
   checkConfig(config_);
+  if (config_.moe.numExperts > 0 || config_.qkNorm)
+    throw BadInput("the GPU engine does not run mixture-of-experts or q/k-norm models yet (issue 28); "
+                   "use the CPU engine");
   shard_ = tp_ ? tpShardOf(config_, tp_->size(), tp_->rank()) : tpShardOf(config_, 1, 0);
   local_ = config_;
   local_.numHeads = shard_.heads;
@@ -223,6 +226,7 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
       case WeightRole::Down: addSlot(w.name, L->wdown, colsOf(h, fullInter, i0, inter)); break;
       case WeightRole::FinalNorm: addSlot(w.name, finalNorm_, whole(0, h)); break;
       case WeightRole::LmHead: addSlot(w.name, lmHead_, rowsOf(fullVocab, h, v0, vocab)); break;
+      default: break;  // MoE and q/k-norm roles: refused above
     }
   }
 }

@@ -113,7 +113,7 @@ LlamaConfig parseLlamaConfig(const Napi::Object& o) {
     std::string at = "tensors[" + std::to_string(i) + "]";
     if (!item.IsObject()) badArgument(env, at + " must be an object { name, role, layer }");
     Napi::Object t = item.As<Napi::Object>();
-    Napi::Value name = t.Get("name"), role = t.Get("role"), layer = t.Get("layer");
+    Napi::Value name = t.Get("name"), role = t.Get("role"), layer = t.Get("layer"), expert = t.Get("expert");
     if (!name.IsString() || !role.IsString() || !layer.IsNumber())
       badArgument(env, at + " must be { name: string, role: string, layer: number }");
     WeightEntry w;
@@ -121,12 +121,28 @@ LlamaConfig parseLlamaConfig(const Napi::Object& o) {
     double l = layer.As<Napi::Number>().DoubleValue();
     if (!(l >= -1 && l <= 1e9 && l == std::floor(l))) badArgument(env, at + ".layer must be an integer >= -1");
     w.layer = static_cast<int>(l);
+    if (!expert.IsUndefined()) {
+      double e = expert.IsNumber() ? expert.As<Napi::Number>().DoubleValue() : -2;
+      if (!(e >= -1 && e <= 1e9 && e == std::floor(e))) badArgument(env, at + ".expert must be an integer >= -1");
+      w.expert = static_cast<int>(e);
+    }
     try {
       w.role = parseWeightRole(role.As<Napi::String>().Utf8Value());
     } catch (const BadInput& e) {
       badArgument(env, at + ": " + e.what());
     }
     c.weights.push_back(std::move(w));
+  }
+  c.qkNorm = flag(o, "qkNorm");
+  // Mixture of experts (ModelConfig's `moe`): { numExperts, topK, intermediateSize, normTopkProb } or null.
+  Napi::Value moe = field(o, "moe");
+  if (!moe.IsUndefined() && !moe.IsNull()) {
+    if (!moe.IsObject()) badArgument(env, "option 'moe' must be an object or null");
+    Napi::Object m = moe.As<Napi::Object>();
+    c.moe.numExperts = positiveInt(m, "numExperts");
+    c.moe.topK = positiveInt(m, "topK");
+    c.moe.intermediateSize = positiveInt(m, "intermediateSize");
+    c.moe.normTopkProb = flag(m, "normTopkProb");
   }
   Napi::Value window = field(o, "slidingWindow");
   if (!window.IsUndefined() && !window.IsNull()) c.slidingWindow = positiveInt(o, "slidingWindow");
@@ -157,6 +173,7 @@ void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CpuLlamaWrap::Ready>("ready"),
                                         InstanceMethod<&CpuLlamaWrap::Forward>("forward"),
                                         InstanceMethod<&CpuLlamaWrap::Dispose>("dispose"),
+                                        InstanceMethod<&CpuLlamaWrap::TakeExpertLoad>("takeExpertLoad"),
                                         InstanceAccessor<&CpuLlamaWrap::GetThreads>("threads"),
                                         InstanceAccessor<&CpuLlamaWrap::GetKernel>("kernel"),
                                         InstanceAccessor<&CpuLlamaWrap::GetDisposed>("disposed"),
@@ -286,6 +303,15 @@ Napi::Value CpuLlamaWrap::Forward(const Napi::CallbackInfo& info) {
         return out;
       },
       [inFlight](Napi::Env) { --*inFlight; });
+}
+
+// takeExpertLoad() -> Float64Array: tokens routed per layer and expert (layer-major) since the last call.
+Napi::Value CpuLlamaWrap::TakeExpertLoad(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<int64_t> counts = live(env).takeExpertTokens();
+  Napi::Float64Array out = Napi::Float64Array::New(env, counts.size());
+  for (size_t i = 0; i < counts.size(); ++i) out[i] = static_cast<double>(counts[i]);
+  return out;
 }
 
 Napi::Value CpuLlamaWrap::Dispose(const Napi::CallbackInfo& info) {

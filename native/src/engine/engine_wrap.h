@@ -46,6 +46,7 @@ class CpuLlamaWrap : public Napi::ObjectWrap<CpuLlamaWrap>, public Closeable {
   Napi::Value MissingWeights(const Napi::CallbackInfo& info);
   Napi::Value Ready(const Napi::CallbackInfo& info);
   Napi::Value Forward(const Napi::CallbackInfo& info);
+  Napi::Value TakeExpertLoad(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value GetThreads(const Napi::CallbackInfo& info);
   Napi::Value GetKernel(const Napi::CallbackInfo& info);

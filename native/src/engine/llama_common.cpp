@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <set>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 
@@ -34,9 +35,14 @@ std::vector<float> ropeFrequencies(const LlamaConfig& c) {
 namespace {
 constexpr const char* kRoleNames[] = {"embed", "input_norm", "q",         "q_bias", "k",  "k_bias",
                                       "v",     "v_bias",     "o",         "o_bias", "post_norm", "gate",
-                                      "up",    "down",       "final_norm", "lm_head"};
+                                      "up",    "down",       "final_norm", "lm_head", "q_norm", "k_norm",
+                                      "router", "expert_gate", "expert_up", "expert_down"};
 constexpr int kRoleCount = static_cast<int>(sizeof(kRoleNames) / sizeof(kRoleNames[0]));
+static_assert(kRoleCount == static_cast<int>(WeightRole::ExpertDown) + 1, "kRoleNames follows WeightRole");
 bool perLayer(WeightRole r) { return r != WeightRole::Embed && r != WeightRole::FinalNorm && r != WeightRole::LmHead; }
+bool perExpert(WeightRole r) {
+  return r == WeightRole::ExpertGate || r == WeightRole::ExpertUp || r == WeightRole::ExpertDown;
+}
 }  // namespace
 
 WeightRole parseWeightRole(const std::string& role) {
@@ -57,11 +63,23 @@ void checkWeightManifest(const LlamaConfig& c) {
         return c.attentionOutputBias;
       case WeightRole::LmHead:
         return !c.tieWordEmbeddings;
+      case WeightRole::QNorm:
+      case WeightRole::KNorm:
+        return c.qkNorm;
+      case WeightRole::Gate:
+      case WeightRole::Up:
+      case WeightRole::Down:
+        return c.moe.numExperts == 0;
+      case WeightRole::Router:
+      case WeightRole::ExpertGate:
+      case WeightRole::ExpertUp:
+      case WeightRole::ExpertDown:
+        return c.moe.numExperts > 0;
       default:
         return true;
     }
   };
-  std::set<std::pair<int, int>> seen;  // (role, layer)
+  std::set<std::tuple<int, int, int>> seen;  // (role, layer, expert)
   std::set<std::string> names;
   for (const WeightEntry& w : c.weights) {
     const std::string role = kRoleNames[static_cast<int>(w.role)];
@@ -72,18 +90,25 @@ void checkWeightManifest(const LlamaConfig& c) {
       throw BadInput("weight manifest: tensor '" + w.name + "' (" + role + ") has layer " + std::to_string(w.layer) +
                      (perLayer(w.role) ? "; the model has layers 0.." + std::to_string(c.numLayers - 1)
                                        : "; a model-wide tensor has layer -1"));
-    if (!seen.insert({static_cast<int>(w.role), w.layer}).second)
+    if (perExpert(w.role) ? (w.expert < 0 || w.expert >= c.moe.numExperts) : w.expert != -1)
+      throw BadInput("weight manifest: tensor '" + w.name + "' (" + role + ") has expert " +
+                     std::to_string(w.expert) +
+                     (perExpert(w.role) ? "; the model has experts 0.." + std::to_string(c.moe.numExperts - 1)
+                                        : "; only expert tensors have one"));
+    if (!seen.insert({static_cast<int>(w.role), w.layer, w.expert}).second)
       throw BadInput("weight manifest: two tensors for " + role + " of layer " + std::to_string(w.layer) +
-                     ", the second '" + w.name + "'");
+                     (w.expert >= 0 ? " expert " + std::to_string(w.expert) : "") + ", the second '" + w.name + "'");
     if (!names.insert(w.name).second) throw BadInput("weight manifest: tensor '" + w.name + "' appears twice");
   }
   for (int r = 0; r < kRoleCount; ++r) {
     WeightRole role = static_cast<WeightRole>(r);
     if (!wanted(role)) continue;
     for (int l = perLayer(role) ? 0 : -1; l < (perLayer(role) ? c.numLayers : 0); ++l)
-      if (!seen.count({r, l}))
-        throw BadInput(std::string("weight manifest: no tensor for ") + kRoleNames[r] +
-                       (l >= 0 ? " of layer " + std::to_string(l) : ""));
+      for (int e = perExpert(role) ? 0 : -1; e < (perExpert(role) ? c.moe.numExperts : 0); ++e)
+        if (!seen.count({r, l, e}))
+          throw BadInput(std::string("weight manifest: no tensor for ") + kRoleNames[r] +
+                         (l >= 0 ? " of layer " + std::to_string(l) : "") +
+                         (e >= 0 ? " expert " + std::to_string(e) : ""));
   }
 }
 
@@ -96,6 +121,9 @@ void checkConfig(const LlamaConfig& c) {
                    std::to_string(c.numHeads) + ")");
   if (c.headDim % 2 != 0) throw BadInput("headDim must be even for RoPE");
   if (c.slidingWindow < 0) throw BadInput("slidingWindow must be non-negative");
+  if (c.moe.numExperts < 0 || (c.moe.numExperts > 0 && (c.moe.topK <= 0 || c.moe.topK > c.moe.numExperts ||
+                                                        c.moe.intermediateSize <= 0)))
+    throw BadInput("moe: numExperts must be >= 0, and with experts topK in 1..numExperts and intermediateSize > 0");
   checkWeightManifest(c);
 }
 

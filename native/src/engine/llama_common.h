@@ -21,7 +21,10 @@ struct Aborted : std::runtime_error {
 };
 
 // What a weight tensor is in the decoder: lib/engine/model/manifest.ts's WEIGHT_ROLES, in the same order.
-enum class WeightRole { Embed, InputNorm, Q, QBias, K, KBias, V, VBias, O, OBias, PostNorm, Gate, Up, Down, FinalNorm, LmHead };
+enum class WeightRole {
+  Embed, InputNorm, Q, QBias, K, KBias, V, VBias, O, OBias, PostNorm, Gate, Up, Down, FinalNorm, LmHead,
+  QNorm, KNorm, Router, ExpertGate, ExpertUp, ExpertDown
+};
 
 // One entry of the weight manifest (lib/engine/model/manifest.ts, which owns the tensor names): the runners lay
 // their memory out by role and layer and register the tensor under `name`.
@@ -29,6 +32,17 @@ struct WeightEntry {
   std::string name;
   WeightRole role = WeightRole::Embed;
   int layer = -1;  // -1: embedding, final norm, lm_head
+  int expert = -1;  // the expert of an expert_gate / expert_up / expert_down tensor; -1 for the rest
+};
+
+// A sparse mixture-of-experts FFN in every layer in place of the dense one (Mixtral, Qwen3-MoE): a router
+// [numExperts, hidden], softmax over experts, the top `topK`, optionally renormalised to sum to 1, and SwiGLU
+// experts of width `intermediateSize`.
+struct MoeConfig {
+  int numExperts = 0;  // 0: a dense model
+  int topK = 0;
+  int intermediateSize = 0;
+  bool normTopkProb = false;
 };
 
 struct LlamaConfig {
@@ -49,6 +63,8 @@ struct LlamaConfig {
   bool attentionBias = false;        // q/k/v bias
   bool attentionOutputBias = false;  // o_proj bias
   int slidingWindow = 0;             // 0: full attention; w: a token at p sees positions (p - w, p]
+  bool qkNorm = false;               // Qwen3: RMSNorm over each q and k head (weights [headDim]) before RoPE
+  MoeConfig moe;
   std::vector<WeightEntry> weights;  // the weight manifest, checkpoint order (checkWeightManifest)
 };
 

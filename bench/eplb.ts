@@ -1,0 +1,402 @@
+/**
+ * bench:eplb: expert-parallel load balancing (lib/moe) on skewed routing, on the CPU.
+ *
+ * Routing is simulated: in every layer each token picks top-k distinct experts with Zipf(s) popularity (a random
+ * order of experts per layer). The balancer sees a window of steps, places replicas, and the placement is then
+ * judged on the next window of steps (tokens routed through the routing table, `routeToSlots`), against the
+ * static placement (contiguous experts per rank, no replicas). Imbalance = max / mean tokens per rank, averaged
+ * over layers and steps: the busiest rank sets an EP step's time, so 1.5 means the step waits 50 % longer than
+ * an even split would. A last section takes the expert load of a real CPU forward pass (dummy:tiny-moe, random
+ * prompts) through the same path. Also: the time to balance a Qwen3-30B-A3B-sized model (48 layers x 128 experts).
+ *
+ *   npm run bench:eplb [-- --quick] [--out reports/eplb.json] [--chart reports/eplb.svg] [--seed 1]
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
+import { dirname } from 'node:path';
+import { parseArgs } from 'node:util';
+import { randomLcg } from 'd3-random';
+import { axisFor, ChartUnavailableError, panels, writeChart, type ChartSpec } from '../lib/bench/chart.js';
+import { formatTable, sig } from '../lib/bench/table.js';
+import { CpuModelRunner } from '../lib/engine/cpu.js';
+import { dummyConfig } from '../lib/engine/model/index.js';
+import {
+  balanceExperts,
+  ExpertLoadRecorder,
+  imbalance,
+  rankOfSlot,
+  routeToSlots,
+  staticPlacement,
+  type BalanceOptions,
+  type ExpertPlacement,
+} from '../lib/moe/index.js';
+
+const { values } = parseArgs({
+  options: {
+    quick: { type: 'boolean', default: false },
+    out: { type: 'string', default: 'reports/eplb.json' },
+    chart: { type: 'string', default: 'reports/eplb.svg' },
+    seed: { type: 'string', default: '1' },
+  },
+});
+const quick = values.quick!;
+const seed = Number(values.seed);
+const LAYERS = quick ? 2 : 4;
+const TOKENS_PER_STEP = 256;
+const WINDOW_STEPS = quick ? 10 : 40;
+const ZIPF = [0.6, 1.0, 1.4];
+const REDUNDANT = [0, 1, 2, 4];
+
+interface Shape {
+  name: string;
+  /** The chart panel's heading. */
+  title: string;
+  experts: number;
+  topK: number;
+  ranks: number;
+  nodes?: number;
+  groups?: number;
+}
+const SHAPES: Shape[] = [
+  {
+    name: 'Qwen3-30B-A3B routing (128 experts, top 8) on 8 ranks',
+    title: '128 experts (top 8), 8 ranks',
+    experts: 128,
+    topK: 8,
+    ranks: 8,
+  },
+  {
+    name: 'Qwen3-30B-A3B routing on 32 ranks',
+    title: '128 experts (top 8), 32 ranks',
+    experts: 128,
+    topK: 8,
+    ranks: 32,
+  },
+  {
+    name: 'Qwen3-30B-A3B routing on 32 ranks, 4 nodes, 8 expert groups (hierarchical)',
+    title: '128 experts, 32 ranks, 4 nodes x 8 groups (hierarchical)',
+    experts: 128,
+    topK: 8,
+    ranks: 32,
+    nodes: 4,
+    groups: 8,
+  },
+  {
+    name: 'Mixtral-8x7B routing (8 experts, top 2) on 4 ranks',
+    title: '8 experts (top 2), 4 ranks',
+    experts: 8,
+    topK: 2,
+    ranks: 4,
+  },
+];
+
+/** Steps of routed expert ids: steps x layers x (tokens * topK), each token's k experts distinct. */
+function simulateRouting(experts: number, topK: number, s: number, steps: number, rng: () => number): Int32Array[][] {
+  const layerCdf = Array.from({ length: LAYERS }, () => {
+    const order = Array.from({ length: experts }, (_, i) => i);
+    for (let i = experts - 1; i > 0; i--) {
+      const j = Math.floor(rng() * (i + 1));
+      [order[i], order[j]] = [order[j]!, order[i]!];
+    }
+    const weight = new Float64Array(experts);
+    order.forEach((e, rank) => (weight[e] = 1 / Math.pow(rank + 1, s)));
+    const total = weight.reduce((a, b) => a + b, 0);
+    let acc = 0;
+    return Float64Array.from(weight, (w) => (acc += w / total));
+  });
+  const draw = (cdf: Float64Array) => {
+    const u = rng();
+    let lo = 0;
+    let hi = cdf.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (cdf[mid]! < u) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  };
+  return Array.from({ length: steps }, () =>
+    layerCdf.map((cdf) => {
+      const ids = new Int32Array(TOKENS_PER_STEP * topK);
+      for (let t = 0; t < TOKENS_PER_STEP; t++)
+        for (let j = 0; j < topK; j++) {
+          let e: number;
+          do e = draw(cdf);
+          while (ids.subarray(t * topK, t * topK + j).includes(e));
+          ids[t * topK + j] = e;
+        }
+      return ids;
+    }),
+  );
+}
+
+/** Tokens per expert per layer, summed over steps. */
+function loadsOf(steps: Int32Array[][], experts: number): Float64Array[] {
+  const out = Array.from({ length: LAYERS }, () => new Float64Array(experts));
+  for (const step of steps) step.forEach((ids, l) => ids.forEach((e) => out[l]![e]!++));
+  return out;
+}
+
+/** Mean over steps and layers of max/mean tokens per rank, tokens sent through the placement's routing table. */
+function measuredImbalance(placement: ExpertPlacement, steps: Int32Array[][]): number {
+  let sum = 0;
+  let n = 0;
+  for (const step of steps)
+    step.forEach((ids, l) => {
+      const perRank = new Float64Array(placement.numRanks);
+      for (const slot of routeToSlots(placement, l, ids)) perRank[rankOfSlot(placement, slot)]!++;
+      sum += imbalance(perRank);
+      n++;
+    });
+  return sum / n;
+}
+
+interface Row {
+  shape: string;
+  experts: number;
+  topK: number;
+  ranks: number;
+  nodes: number;
+  zipf: number;
+  redundantSlotsPerRank: number;
+  /** Static placement, on the evaluation window. */
+  imbalanceStatic: number;
+  /** EPLB placement fit on the first window, judged on the next one. */
+  imbalanceBalanced: number;
+  /** EPLB's own estimate on the window it was fit on (loads spread evenly over replicas). */
+  imbalanceFitted: number;
+  balanceMs: number;
+}
+
+function placementRows(): Row[] {
+  const rows: Row[] = [];
+  for (const shape of SHAPES)
+    for (const s of ZIPF) {
+      const rng = randomLcg(((seed * 7919 + shape.experts * 31 + shape.ranks + s * 1000) % 1000) / 1000);
+      const steps = simulateRouting(shape.experts, shape.topK, s, 2 * WINDOW_STEPS, rng);
+      const fit = steps.slice(0, WINDOW_STEPS);
+      const judge = steps.slice(WINDOW_STEPS);
+      const loads = loadsOf(fit, shape.experts);
+      const before = measuredImbalance(staticPlacement(LAYERS, shape.experts, shape.ranks), judge);
+      for (const redundant of REDUNDANT) {
+        const options: BalanceOptions = {
+          numRanks: shape.ranks,
+          redundantSlotsPerRank: redundant,
+          numNodes: shape.nodes,
+          numExpertGroups: shape.groups,
+        };
+        const t0 = performance.now();
+        const result = balanceExperts(loads, options);
+        const balanceMs = performance.now() - t0;
+        rows.push({
+          shape: shape.name,
+          experts: shape.experts,
+          topK: shape.topK,
+          ranks: shape.ranks,
+          nodes: shape.nodes ?? 1,
+          zipf: s,
+          redundantSlotsPerRank: redundant,
+          imbalanceStatic: before,
+          imbalanceBalanced: measuredImbalance(result.placement, judge),
+          imbalanceFitted: result.imbalanceAfter.reduce((a, b) => a + b, 0) / LAYERS,
+          balanceMs,
+        });
+      }
+      process.stderr.write(`  ${shape.name}, zipf ${s}: done\n`);
+    }
+  return rows;
+}
+
+/** Time to balance a Qwen3-30B-A3B-sized model: 48 layers x 128 experts on 32 ranks, 1 redundant slot each. */
+function fullModelBalanceMs(): number {
+  const rng = randomLcg(0.5);
+  const loads = Array.from({ length: 48 }, () => Float64Array.from({ length: 128 }, () => Math.floor(rng() * 1e5)));
+  balanceExperts(loads, { numRanks: 32, redundantSlotsPerRank: 1 });
+  const runs = quick ? 3 : 10;
+  const t0 = performance.now();
+  for (let i = 0; i < runs; i++) balanceExperts(loads, { numRanks: 32, redundantSlotsPerRank: 1 });
+  return (performance.now() - t0) / runs;
+}
+
+interface ModelRow {
+  model: string;
+  ranks: number;
+  redundantSlotsPerRank: number;
+  steps: number;
+  tokens: number;
+  imbalanceStatic: number;
+  imbalanceBalanced: number;
+}
+
+/** The expert load of real CPU forward passes (dummy:tiny-moe), balanced over 4 ranks. */
+async function modelRows(): Promise<ModelRow[]> {
+  const config = dummyConfig('tiny-moe');
+  const { numExperts } = config.moe!;
+  const steps = quick ? 4 : 16;
+  const tokensPerStep = 32;
+  const runner = await CpuModelRunner.create({
+    config,
+    numBlocks: 8 * steps,
+    blockSize: 16,
+    threads: 2,
+    weights: 'dummy:tiny-moe',
+  });
+  const recorder = new ExpertLoadRecorder(runner, config.numLayers, numExperts, steps);
+  try {
+    const rng = randomLcg(seed / 1000 + 0.0003);
+    for (let s = 0; s < steps; s++) {
+      const tokens = Int32Array.from({ length: tokensPerStep }, () => Math.floor(rng() * 256));
+      const blocks = Math.ceil(tokensPerStep / 16);
+      await recorder.forward({
+        tokens,
+        positions: Int32Array.from({ length: tokensPerStep }, (_, i) => i),
+        seqStarts: Int32Array.of(0, tokensPerStep),
+        blockTables: Int32Array.from({ length: blocks }, (_, i) => s * blocks + i),
+        maxBlocksPerSeq: blocks,
+        contextLens: Int32Array.of(tokensPerStep),
+      });
+    }
+  } finally {
+    await recorder.dispose();
+  }
+  const loads = recorder.window.totals();
+  const rows: ModelRow[] = [];
+  for (const redundant of [0, 1, 2]) {
+    const r = balanceExperts(loads, { numRanks: 4, redundantSlotsPerRank: redundant });
+    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+    rows.push({
+      model: 'dummy:tiny-moe (8 experts, top 2)',
+      ranks: 4,
+      redundantSlotsPerRank: redundant,
+      steps,
+      tokens: steps * tokensPerStep,
+      imbalanceStatic: mean(r.imbalanceBefore),
+      imbalanceBalanced: mean(r.imbalanceAfter),
+    });
+  }
+  return rows;
+}
+
+function chart(rows: Row[]): ChartSpec {
+  const data = rows.flatMap((r) => [
+    {
+      shape: r.shape,
+      redundant: r.redundantSlotsPerRank,
+      imbalance: r.imbalanceStatic,
+      series: `Zipf ${r.zipf}, static`,
+    },
+    {
+      shape: r.shape,
+      redundant: r.redundantSlotsPerRank,
+      imbalance: r.imbalanceBalanced,
+      series: `Zipf ${r.zipf}, EPLB`,
+    },
+  ]);
+  const series = [...new Set(data.map((d) => d.series))].sort();
+  // One colour per Zipf exponent; static dashed, EPLB solid.
+  const palette = ['#4c78a8', '#f58518', '#e45756'];
+  const colours: Record<string, string> = Object.fromEntries(ZIPF.map((s, i) => [`Zipf ${s}`, palette[i]!]));
+  const all = data.map((d) => d.imbalance);
+  const specs = SHAPES.map((shape): ChartSpec => ({
+    title: shape.title,
+    width: 380,
+    height: 240,
+    data: { values: data.filter((d) => d.shape === shape.name) },
+    mark: { type: 'line', point: true },
+    encoding: {
+      x: axisFor('redundant', 'redundant expert slots per rank', REDUNDANT, { ticks: REDUNDANT, zero: true }),
+      y: axisFor('imbalance', 'imbalance (max / mean tokens per rank)', all, {
+        domain: [1, Math.max(...all) * 1.05],
+      }),
+      color: {
+        field: 'series',
+        type: 'nominal',
+        title: null,
+        sort: series,
+        scale: { domain: series, range: series.map((name) => colours[name.split(',')[0]!]!) },
+        legend: { symbolType: 'stroke', symbolSize: 700, columns: 3 },
+      },
+      strokeDash: {
+        field: 'series',
+        type: 'nominal',
+        title: null,
+        sort: series,
+        scale: { domain: series, range: series.map((name) => (name.endsWith('static') ? [6, 4] : [1, 0])) },
+      },
+    },
+  }));
+  return panels(
+    {
+      text: 'EPLB: imbalance on skewed routing, before (static, dashed) and after balancing',
+      subtitle: `Zipf routing, ${TOKENS_PER_STEP} tokens a step; fit on ${WINDOW_STEPS} steps, judged on the next ${WINDOW_STEPS}`,
+    },
+    specs,
+    2,
+    { sharedY: true },
+  );
+}
+
+async function main(): Promise<void> {
+  const started = performance.now();
+  const rows = placementRows();
+  const fullMs = fullModelBalanceMs();
+  const model = await modelRows();
+  console.log(`bench:eplb on ${cpus()[0]?.model ?? 'this CPU'}, Node ${process.version}${quick ? ', --quick' : ''}`);
+  console.log(
+    `routing: Zipf over experts (random order per layer), ${TOKENS_PER_STEP} tokens a step, ${LAYERS} layers; ` +
+      `placement fit on ${WINDOW_STEPS} steps, imbalance measured on the next ${WINDOW_STEPS} (mean over steps and layers)`,
+  );
+  console.log(
+    formatTable(
+      ['shape', 'zipf s', 'redundant/rank', 'static', 'EPLB', 'EPLB (fit window)', 'balance ms'],
+      rows.map((r) => [
+        r.shape,
+        String(r.zipf),
+        String(r.redundantSlotsPerRank),
+        sig(r.imbalanceStatic),
+        sig(r.imbalanceBalanced),
+        sig(r.imbalanceFitted),
+        sig(r.balanceMs),
+      ]),
+      ['left', 'right', 'right', 'right', 'right', 'right', 'right'],
+    ),
+  );
+  console.log(`balancing 48 layers x 128 experts over 32 ranks (1 redundant slot each): ${sig(fullMs)} ms`);
+  console.log('expert load of real CPU forward passes, balanced over 4 ranks (imbalance on the load balanced):');
+  console.log(
+    formatTable(
+      ['model', 'tokens', 'redundant/rank', 'static', 'EPLB'],
+      model.map((r) => [
+        r.model,
+        String(r.tokens),
+        String(r.redundantSlotsPerRank),
+        sig(r.imbalanceStatic),
+        sig(r.imbalanceBalanced),
+      ]),
+      ['left', 'right', 'right', 'right', 'right'],
+    ),
+  );
+  const report = {
+    bench: 'eplb',
+    cpu: cpus()[0]?.model,
+    node: process.version,
+    quick,
+    seconds: (performance.now() - started) / 1000,
+    settings: { layers: LAYERS, tokensPerStep: TOKENS_PER_STEP, windowSteps: WINDOW_STEPS, zipf: ZIPF, seed },
+    placement: rows,
+    fullModelBalanceMs: fullMs,
+    model,
+  };
+  mkdirSync(dirname(values.out!), { recursive: true });
+  writeFileSync(values.out!, `${JSON.stringify(report, null, 2)}\n`);
+  console.log(`JSON: ${values.out}`);
+  try {
+    await writeChart(values.chart!, chart(rows));
+    console.log(`chart: ${values.chart}`);
+  } catch (error) {
+    if (!(error instanceof ChartUnavailableError)) throw error;
+    console.log(`no chart: ${error.message}`);
+  }
+}
+
+await main();

@@ -1,0 +1,27 @@
+/**
+ * Mixture-of-experts serving concerns that are policy, not kernels:
+ *
+ *   eplb.ts         expert replication and placement over EP ranks (global and hierarchical), routing table
+ *   load-window.ts  tokens per layer and expert over a sliding window of steps
+ *   load-recorder.ts  a model runner whose passes' expert load feeds a window and running totals
+ *   policy.ts       when to rebalance (window, period, redundant slots, minimum gain) and the balancer
+ */
+export {
+  balanceExperts,
+  imbalance,
+  packBalanced,
+  rankLoads,
+  rankOfSlot,
+  replicate,
+  routeToSlots,
+  slotsPerRank,
+  staticPlacement,
+  type BalanceOptions,
+  type BalanceResult,
+  type ExpertLoads,
+  type ExpertPlacement,
+  type LayerPlacement,
+} from './eplb.js';
+export { ExpertLoadWindow } from './load-window.js';
+export { ExpertLoadRecorder, type ExpertLoadSource } from './load-recorder.js';
+export { checkEplbPolicy, DEFAULT_EPLB_POLICY, ExpertBalancer, type EplbDecision, type EplbPolicy } from './policy.js';

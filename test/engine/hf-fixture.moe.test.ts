@@ -1,0 +1,58 @@
+import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { openModel } from '../../lib/engine/open.js';
+import { CpuModelRunner } from '../../lib/engine/cpu.js';
+
+// The CPU engine against transformers on the tiny MoE fixtures (Mixtral; Qwen3-MoE with q/k norm) that
+// scripts/make-hf-fixture.py builds: `python3 scripts/make-hf-fixture.py test/fixtures --only mixtral,qwen3_moe`
+// on a machine with torch and transformers. Same checks as hf-fixture.test.ts: last-token logits within fp32
+// tolerance and 32 identical greedy tokens; and the routed-token count the runner reports.
+interface Expected {
+  prompt: string;
+  promptIds: number[];
+  lastLogits: number[];
+  greedy: number[];
+  minRouterMargin: number;
+}
+
+for (const name of ['hf-tiny-mixtral', 'hf-tiny-qwen3-moe']) {
+  const dir = join(import.meta.dirname, '..', 'fixtures', name);
+  const present = existsSync(join(dir, 'expected.json'));
+  describe.skipIf(!present)(`CPU engine matches transformers on ${name}`, () => {
+    it('prefill logits within fp32 tolerance, and 32 identical greedy tokens', async () => {
+      const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+      await using m = await openModel({ model: dir, device: 'cpu', numBlocks: 16, threads: 2 });
+      expect(m.tokenizer.encode(expected.prompt)).toEqual(expected.promptIds);
+      const config = m.config;
+      expect(config.moe?.numExperts).toBe(8);
+      const n = expected.promptIds.length;
+      const logits = await m.runner.forward({
+        tokens: Int32Array.from(expected.promptIds),
+        positions: Int32Array.from({ length: n }, (_, i) => i),
+        seqStarts: Int32Array.of(0, n),
+        blockTables: Int32Array.from({ length: 16 }, (_, i) => (i < Math.ceil(n / 16) ? 7 - i : -1)),
+        maxBlocksPerSeq: 16,
+        contextLens: Int32Array.of(n),
+      });
+      expect(logits.length).toBe(expected.lastLogits.length);
+      let maxDiff = 0;
+      for (let i = 0; i < logits.length; i++)
+        maxDiff = Math.max(maxDiff, Math.abs(logits[i]! - expected.lastLogits[i]!));
+      console.log(`[figure] ${name}: CPU vs transformers max |diff| ${maxDiff.toExponential(2)}`);
+      expect(maxDiff).toBeLessThan(1e-3);
+      const load = (m.runner as CpuModelRunner).takeExpertLoad();
+      for (let l = 0; l < config.numLayers; l++) {
+        const row = load.subarray(l * 8, (l + 1) * 8);
+        expect(row.reduce((a, b) => a + b, 0)).toBe(n * config.moe!.topK);
+      }
+
+      const result = await m.engine
+        .addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } })
+        .result();
+      expect(result.tokenIds).toEqual(expected.greedy);
+    });
+  });
+  if (!present)
+    it.skip(`${name}: fixture not generated yet (run scripts/make-hf-fixture.py test/fixtures --only mixtral,qwen3_moe where torch and transformers are installed)`, () => {});
+}

@@ -1,0 +1,39 @@
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+
+interface PlacementRow {
+  shape: string;
+  zipf: number;
+  redundantSlotsPerRank: number;
+  imbalanceStatic: number;
+  imbalanceBalanced: number;
+}
+
+describe('bench:eplb --quick', () => {
+  it('writes its JSON; balancing lowers the imbalance on skewed routing', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tandem-eplb-'));
+    try {
+      const out = join(dir, 'eplb.json');
+      const stdout = execFileSync(
+        process.execPath,
+        ['--import', 'tsx', 'bench/eplb.ts', '--quick', '--out', out, '--chart', join(dir, 'eplb.svg')],
+        { encoding: 'utf8', timeout: 120_000, stdio: ['ignore', 'pipe', 'ignore'] },
+      );
+      expect(stdout).toContain('bench:eplb');
+      const report = JSON.parse(readFileSync(out, 'utf8')) as { placement: PlacementRow[]; model: PlacementRow[] };
+      expect(report.placement.length).toBe(4 * 3 * 4);
+      for (const r of report.placement) {
+        if (r.redundantSlotsPerRank === 0) continue;
+        // with a redundant slot per rank, every skewed case ends well below the static placement
+        expect(r.imbalanceBalanced, `${r.shape} zipf ${r.zipf}`).toBeLessThan(r.imbalanceStatic);
+        expect(r.imbalanceBalanced, `${r.shape} zipf ${r.zipf}`).toBeLessThan(1.5);
+      }
+      for (const r of report.model) expect(r.imbalanceBalanced).toBeLessThanOrEqual(r.imbalanceStatic);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 180_000);
+});
