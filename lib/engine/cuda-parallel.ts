@@ -154,7 +154,16 @@ export function tensorSlice(
     case 'post_norm':
     case 'final_norm':
     case 'o_bias':
+    case 'q_norm':
+    case 'k_norm':
       return all;
+    case 'router':
+    case 'expert_gate':
+    case 'expert_up':
+    case 'expert_down':
+      throw new ParallelLayoutError(
+        `${tensor.name}: the GPU engine does not run mixture-of-experts models (issue 28); use the CPU engine`,
+      );
   }
 }
 
