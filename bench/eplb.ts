@@ -313,7 +313,7 @@ async function servingSkewed(): Promise<ServingResult> {
   };
 }
 
-function chart(rows: Row[]): ChartSpec {
+function chart(rows: Row[], serving: ServingResult): ChartSpec {
   const data = rows.flatMap((r) => [
     {
       shape: r.shape,
@@ -361,10 +361,36 @@ function chart(rows: Row[]): ChartSpec {
       },
     },
   }));
+  const steps = serving.timeline.map((t) => t.step);
+  specs.push({
+    title: `serving ${serving.model}, ${serving.ranks} ranks`,
+    width: 380,
+    height: 240,
+    layer: [
+      {
+        data: { values: serving.timeline },
+        mark: { type: 'line', point: { color: '#222' }, color: '#222' },
+        encoding: {
+          x: axisFor('step', 'engine step', steps, { zero: true }),
+          y: axisFor('imbalance', 'imbalance (max / mean tokens per rank)', all, {
+            domain: [1, Math.max(...all) * 1.05],
+          }),
+        },
+      },
+      {
+        data: { values: serving.decisions.filter((d) => d.applied) },
+        mark: { type: 'rule', strokeDash: [6, 4], color: '#888' },
+        encoding: { x: { field: 'step', type: 'quantitative' } },
+      },
+    ],
+  });
   return panels(
     {
       text: 'EPLB: imbalance on skewed routing, before (static, dashed) and after balancing',
-      subtitle: `Zipf routing, ${TOKENS_PER_STEP} tokens a step; fit on ${WINDOW_STEPS} steps, judged on the next ${WINDOW_STEPS}`,
+      subtitle: [
+        `Zipf routing, ${TOKENS_PER_STEP} tokens a step; fit on ${WINDOW_STEPS} steps, judged on the next ${WINDOW_STEPS}`,
+        'last panel: each serving step under the placement in force; grey dashes: a new placement applied',
+      ],
     },
     specs,
     2,
@@ -425,7 +451,7 @@ async function main(): Promise<void> {
   writeFileSync(values.out!, `${JSON.stringify(report, null, 2)}\n`);
   console.log(`JSON: ${values.out}`);
   try {
-    await writeChart(values.chart!, chart(rows));
+    await writeChart(values.chart!, chart(rows, serving));
     console.log(`chart: ${values.chart}`);
   } catch (error) {
     if (!(error instanceof ChartUnavailableError)) throw error;
