@@ -6,8 +6,8 @@
  * judged on the next window of steps (tokens routed through the routing table, `routeToSlots`), against the
  * static placement (contiguous experts per rank, no replicas). Imbalance = max / mean tokens per rank, averaged
  * over layers and steps: the busiest rank sets an EP step's time, so 1.5 means the step waits 50 % longer than
- * an even split would. A last section takes the expert load of a real CPU forward pass (dummy:tiny-moe, random
- * prompts) through the same path. Also: the time to balance a Qwen3-30B-A3B-sized model (48 layers x 128 experts).
+ * an even split would. A last section serves requests on the CPU with a dummy MoE whose gates favour a few
+ * experts, the balancer fed by the runner's expert load while serving goes on (servingSkewed). Also: the time to balance a Qwen3-30B-A3B-sized model (48 layers x 128 experts).
  *
  *   npm run bench:eplb [-- --quick] [--out reports/eplb.json] [--chart reports/eplb.svg] [--seed 1]
  */
@@ -19,15 +19,19 @@ import { randomLcg } from 'd3-random';
 import { axisFor, ChartUnavailableError, panels, writeChart, type ChartSpec } from '../lib/bench/chart.js';
 import { formatTable, sig } from '../lib/bench/table.js';
 import { CpuModelRunner } from '../lib/engine/cpu.js';
-import { dummyConfig } from '../lib/engine/model/index.js';
+import { LlmEngine } from '../lib/engine/llm-engine.js';
+import { dummyConfig, dummyWeights } from '../lib/engine/model/index.js';
 import {
   balanceExperts,
+  ExpertBalancer,
   ExpertLoadRecorder,
   imbalance,
+  rankLoads,
   rankOfSlot,
   routeToSlots,
   staticPlacement,
   type BalanceOptions,
+  type EplbPolicy,
   type ExpertPlacement,
 } from '../lib/moe/index.js';
 
@@ -218,66 +222,98 @@ function fullModelBalanceMs(): number {
   return (performance.now() - t0) / runs;
 }
 
-interface ModelRow {
+interface ServingResult {
   model: string;
   ranks: number;
-  redundantSlotsPerRank: number;
+  policy: EplbPolicy;
+  requests: number;
   steps: number;
-  tokens: number;
-  imbalanceStatic: number;
-  imbalanceBalanced: number;
+  /** Mean over layers of max/mean tokens per rank, each step under the placement in force during it. */
+  timeline: { step: number; imbalance: number }[];
+  /** Steps served before the first placement was applied, and their mean imbalance; then those after. */
+  stepsBefore: number;
+  imbalanceBefore: number;
+  imbalanceAfter: number;
+  decisions: { step: number; gain: number; applied: boolean; moves: number }[];
 }
 
-/** The expert load of real CPU forward passes (dummy:tiny-moe), balanced over 4 ranks. */
-async function modelRows(): Promise<ModelRow[]> {
+/**
+ * dummy:tiny-moe with gates that favour a few experts (a shared input direction, and router weights on it
+ * falling with Zipf(1) over a random order of experts per layer) served through LlmEngine on the CPU; its
+ * expert load feeds the balancer while requests run, and each step's imbalance is measured under the
+ * placement in force.
+ */
+async function servingSkewed(): Promise<ServingResult> {
   const config = dummyConfig('tiny-moe');
   const { numExperts } = config.moe!;
-  const steps = quick ? 4 : 16;
-  const tokensPerStep = 32;
-  const runner = await CpuModelRunner.create({
-    config,
-    numBlocks: 8 * steps,
-    blockSize: 16,
-    threads: 2,
-    weights: 'dummy:tiny-moe',
-  });
-  const recorder = new ExpertLoadRecorder(runner, config.numLayers, numExperts, steps);
-  try {
-    const rng = randomLcg(seed / 1000 + 0.0003);
-    for (let s = 0; s < steps; s++) {
-      const tokens = Int32Array.from({ length: tokensPerStep }, () => Math.floor(rng() * 256));
-      const blocks = Math.ceil(tokensPerStep / 16);
-      await recorder.forward({
-        tokens,
-        positions: Int32Array.from({ length: tokensPerStep }, (_, i) => i),
-        seqStarts: Int32Array.of(0, tokensPerStep),
-        blockTables: Int32Array.from({ length: blocks }, (_, i) => s * blocks + i),
-        maxBlocksPerSeq: blocks,
-        contextLens: Int32Array.of(tokensPerStep),
-      });
+  const rng = randomLcg(seed / 1000 + 0.0007);
+  // Every token's embedding gets a large first coordinate, so the normalised FFN input has a near-constant
+  // one (about hidden / sqrt(4 + 1) ~ 7 after RMSNorm); router weights on it act as per-expert biases.
+  const FIRST = 2;
+  const NORMALISED_FIRST = 7;
+  const weights = [...dummyWeights(config, seed)].map((t) => {
+    if (t.name === 'model.embed_tokens.weight')
+      for (let row = 0; row < config.vocabSize; row++) t.data[row * config.hiddenSize] = FIRST;
+    if (t.name.endsWith('.mlp.gate.weight')) {
+      const order = Array.from({ length: numExperts }, (_, i) => i);
+      for (let i = numExperts - 1; i > 0; i--) {
+        const j = Math.floor(rng() * (i + 1));
+        [order[i], order[j]] = [order[j]!, order[i]!];
+      }
+      order.forEach((e, rank) => (t.data[e * config.hiddenSize] = (-Math.log(rank + 1) / NORMALISED_FIRST) * 3));
     }
+    return { name: t.name, data: t.data };
+  });
+  const policy: EplbPolicy = { windowSteps: 4, periodSteps: 4, redundantSlotsPerRank: 1, minImbalanceGain: 0.05 };
+  const ranks = 4;
+  const balancer = new ExpertBalancer(config.numLayers, numExperts, ranks, policy);
+  const timeline: { step: number; imbalance: number }[] = [];
+  const runner = await CpuModelRunner.create({ config, numBlocks: 256, blockSize: 16, threads: 2, weights });
+  const recorder = new ExpertLoadRecorder(runner, config.numLayers, numExperts, policy.windowSteps, (load) => {
+    let sum = 0;
+    for (let l = 0; l < config.numLayers; l++)
+      sum += imbalance(rankLoads(balancer.placement, l, load.subarray(l * numExperts, (l + 1) * numExperts)));
+    timeline.push({ step: timeline.length, imbalance: sum / config.numLayers });
+    balancer.step(load);
+  });
+  const engine = new LlmEngine(recorder);
+  const requests = quick ? 4 : 12;
+  try {
+    await Promise.all(
+      Array.from({ length: requests }, () =>
+        engine
+          .addRequest({
+            promptTokenIds: Array.from({ length: 24 }, () => Math.floor(rng() * 256)),
+            sampling: { temperature: 0, maxTokens: quick ? 16 : 40 },
+          })
+          .result(),
+      ),
+    );
   } finally {
-    await recorder.dispose();
+    await engine.dispose();
   }
-  const loads = recorder.window.totals();
-  const rows: ModelRow[] = [];
-  for (const redundant of [0, 1, 2]) {
-    const r = balanceExperts(loads, { numRanks: 4, redundantSlotsPerRank: redundant });
-    const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
-    rows.push({
-      model: 'dummy:tiny-moe (8 experts, top 2)',
-      ranks: 4,
-      redundantSlotsPerRank: redundant,
-      steps,
-      tokens: steps * tokensPerStep,
-      imbalanceStatic: mean(r.imbalanceBefore),
-      imbalanceBalanced: mean(r.imbalanceAfter),
-    });
-  }
-  return rows;
+  const firstApplied = balancer.decisions.find((d) => d.applied)?.step ?? timeline.length;
+  const mean = (xs: { imbalance: number }[]) => xs.reduce((a, b) => a + b.imbalance, 0) / Math.max(1, xs.length);
+  return {
+    model: 'dummy:tiny-moe with skewed gates (8 experts, top 2)',
+    ranks,
+    policy,
+    requests,
+    steps: timeline.length,
+    timeline,
+    stepsBefore: firstApplied,
+    imbalanceBefore: mean(timeline.slice(0, firstApplied)),
+    imbalanceAfter: mean(timeline.slice(firstApplied)),
+    decisions: balancer.decisions.map((d) => ({
+      step: d.step,
+      gain: d.gain,
+      applied: d.applied,
+      moves: d.moves.length,
+    })),
+  };
 }
 
-function chart(rows: Row[]): ChartSpec {
+function chart(rows: Row[], serving: ServingResult): ChartSpec {
   const data = rows.flatMap((r) => [
     {
       shape: r.shape,
@@ -325,10 +361,36 @@ function chart(rows: Row[]): ChartSpec {
       },
     },
   }));
+  const steps = serving.timeline.map((t) => t.step);
+  specs.push({
+    title: `serving ${serving.model}, ${serving.ranks} ranks`,
+    width: 380,
+    height: 240,
+    layer: [
+      {
+        data: { values: serving.timeline },
+        mark: { type: 'line', point: { color: '#222' }, color: '#222' },
+        encoding: {
+          x: axisFor('step', 'engine step', steps, { zero: true }),
+          y: axisFor('imbalance', 'imbalance (max / mean tokens per rank)', all, {
+            domain: [1, Math.max(...all) * 1.05],
+          }),
+        },
+      },
+      {
+        data: { values: serving.decisions.filter((d) => d.applied) },
+        mark: { type: 'rule', strokeDash: [6, 4], color: '#888' },
+        encoding: { x: { field: 'step', type: 'quantitative' } },
+      },
+    ],
+  });
   return panels(
     {
       text: 'EPLB: imbalance on skewed routing, before (static, dashed) and after balancing',
-      subtitle: `Zipf routing, ${TOKENS_PER_STEP} tokens a step; fit on ${WINDOW_STEPS} steps, judged on the next ${WINDOW_STEPS}`,
+      subtitle: [
+        `Zipf routing, ${TOKENS_PER_STEP} tokens a step; fit on ${WINDOW_STEPS} steps, judged on the next ${WINDOW_STEPS}`,
+        'last panel: each serving step under the placement in force; grey dashes: a new placement applied',
+      ],
     },
     specs,
     2,
@@ -340,7 +402,7 @@ async function main(): Promise<void> {
   const started = performance.now();
   const rows = placementRows();
   const fullMs = fullModelBalanceMs();
-  const model = await modelRows();
+  const serving = await servingSkewed();
   console.log(`bench:eplb on ${cpus()[0]?.model ?? 'this CPU'}, Node ${process.version}${quick ? ', --quick' : ''}`);
   console.log(
     `routing: Zipf over experts (random order per layer), ${TOKENS_PER_STEP} tokens a step, ${LAYERS} layers; ` +
@@ -362,19 +424,17 @@ async function main(): Promise<void> {
     ),
   );
   console.log(`balancing 48 layers x 128 experts over 32 ranks (1 redundant slot each): ${sig(fullMs)} ms`);
-  console.log('expert load of real CPU forward passes, balanced over 4 ranks (imbalance on the load balanced):');
   console.log(
-    formatTable(
-      ['model', 'tokens', 'redundant/rank', 'static', 'EPLB'],
-      model.map((r) => [
-        r.model,
-        String(r.tokens),
-        String(r.redundantSlotsPerRank),
-        sig(r.imbalanceStatic),
-        sig(r.imbalanceBalanced),
-      ]),
-      ['left', 'right', 'right', 'right', 'right'],
-    ),
+    `serving ${serving.model} through LlmEngine on the CPU, ${serving.requests} requests, ${serving.steps} steps; ` +
+      `balancer over ${serving.ranks} ranks (window ${serving.policy.windowSteps}, period ${serving.policy.periodSteps}, ` +
+      `${serving.policy.redundantSlotsPerRank} redundant slot per rank, minimum gain ${serving.policy.minImbalanceGain}):`,
+  );
+  console.log(
+    `  imbalance ${sig(serving.imbalanceBefore)} over the ${serving.stepsBefore} steps before the first placement applied, ` +
+      `${sig(serving.imbalanceAfter)} over the ${serving.steps - serving.stepsBefore} after; decisions: ` +
+      serving.decisions
+        .map((d) => `step ${d.step} gain ${sig(d.gain)} ${d.applied ? `applied (${d.moves} expert copies)` : 'kept'}`)
+        .join(', '),
   );
   const report = {
     bench: 'eplb',
@@ -385,13 +445,13 @@ async function main(): Promise<void> {
     settings: { layers: LAYERS, tokensPerStep: TOKENS_PER_STEP, windowSteps: WINDOW_STEPS, zipf: ZIPF, seed },
     placement: rows,
     fullModelBalanceMs: fullMs,
-    model,
+    serving,
   };
   mkdirSync(dirname(values.out!), { recursive: true });
   writeFileSync(values.out!, `${JSON.stringify(report, null, 2)}\n`);
   console.log(`JSON: ${values.out}`);
   try {
-    await writeChart(values.chart!, chart(rows));
+    await writeChart(values.chart!, chart(rows, serving));
     console.log(`chart: ${values.chart}`);
   } catch (error) {
     if (!(error instanceof ChartUnavailableError)) throw error;

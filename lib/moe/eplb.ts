@@ -161,15 +161,25 @@ function layerPlacementFromSlots(slotToExpert: Int32Array, numExperts: number): 
   return { slotToExpert, expertToSlots, replicaCount };
 }
 
-/** The placement without balancing: expert e on slot e, ranks holding contiguous experts, no replicas. */
-export function staticPlacement(numLayers: number, numExperts: number, numRanks: number): ExpertPlacement {
-  const perRank = slotsPerRank(numExperts, { numRanks, redundantSlotsPerRank: 0 });
-  const layers = Array.from({ length: numLayers }, () =>
-    layerPlacementFromSlots(
-      Int32Array.from({ length: numExperts }, (_, e) => e),
-      numExperts,
-    ),
-  );
+/**
+ * The placement without balancing: rank r holds experts r*n .. r*n+n-1 (n = numExperts / numRanks), in order,
+ * then its redundant slots hold replicas of the experts that follow (the next ranks' first ones), so that no
+ * rank holds an expert twice while redundantSlotsPerRank <= numExperts - n.
+ */
+export function staticPlacement(
+  numLayers: number,
+  numExperts: number,
+  numRanks: number,
+  redundantSlotsPerRank = 0,
+): ExpertPlacement {
+  const perRank = slotsPerRank(numExperts, { numRanks, redundantSlotsPerRank });
+  const own = numExperts / numRanks;
+  const slots = Int32Array.from({ length: numRanks * perRank }, (_, s) => {
+    const r = Math.floor(s / perRank);
+    const j = s % perRank;
+    return (r * own + j) % numExperts;
+  });
+  const layers = Array.from({ length: numLayers }, () => layerPlacementFromSlots(Int32Array.from(slots), numExperts));
   return { numExperts, numRanks, slotsPerRank: perRank, layers };
 }
 

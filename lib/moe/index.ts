@@ -4,6 +4,7 @@
  *   eplb.ts         expert replication and placement over EP ranks (global and hierarchical), routing table
  *   load-window.ts  tokens per layer and expert over a sliding window of steps
  *   load-recorder.ts  a model runner whose passes' expert load feeds a window and running totals
+ *   moves.ts        applying a placement: slots aligned with the current one, the expert copies it takes
  *   policy.ts       when to rebalance (window, period, redundant slots, minimum gain) and the balancer
  */
 export {
@@ -23,5 +24,6 @@ export {
   type LayerPlacement,
 } from './eplb.js';
 export { ExpertLoadWindow } from './load-window.js';
+export { alignPlacement, expertMoves, type ExpertMove } from './moves.js';
 export { ExpertLoadRecorder, type ExpertLoadSource } from './load-recorder.js';
 export { checkEplbPolicy, DEFAULT_EPLB_POLICY, ExpertBalancer, type EplbDecision, type EplbPolicy } from './policy.js';

@@ -8,6 +8,7 @@
 import { BadArgumentError } from '../errors.js';
 import { balanceExperts, staticPlacement, type BalanceResult, type ExpertPlacement } from './eplb.js';
 import { ExpertLoadWindow } from './load-window.js';
+import { alignPlacement, expertMoves, type ExpertMove } from './moves.js';
 
 export interface EplbPolicy {
   /** Steps of load the decision looks at. */
@@ -54,7 +55,10 @@ export interface EplbDecision {
   gain: number;
   /** The placement was replaced (gain >= minImbalanceGain). */
   applied: boolean;
+  /** The proposed placement, its slots aligned with the current one (`alignPlacement`). */
   result: BalanceResult;
+  /** The expert copies that adopting it takes (those of the applied placement when `applied`). */
+  moves: ExpertMove[];
 }
 
 /**
@@ -77,7 +81,7 @@ export class ExpertBalancer {
   ) {
     this.policy = checkEplbPolicy({ ...policy });
     this.window = new ExpertLoadWindow(numLayers, numExperts, this.policy.windowSteps);
-    this.current = staticPlacement(numLayers, numExperts, numRanks);
+    this.current = staticPlacement(numLayers, numExperts, numRanks, this.policy.redundantSlotsPerRank);
   }
 
   get placement(): ExpertPlacement {
@@ -96,12 +100,14 @@ export class ExpertBalancer {
       },
       this.current,
     );
+    result.placement = alignPlacement(this.current, result.placement);
+    const moves = expertMoves(this.current, result.placement);
     const before = mean(result.imbalanceBefore);
     const after = mean(result.imbalanceAfter);
     const gain = before > 0 ? 1 - after / before : 0;
     const applied = gain >= this.policy.minImbalanceGain && gain > 0;
     if (applied) this.current = result.placement;
-    const decision = { step: this.steps, imbalanceBefore: before, imbalanceAfter: after, gain, applied, result };
+    const decision = { step: this.steps, imbalanceBefore: before, imbalanceAfter: after, gain, applied, result, moves };
     this.decisions.push(decision);
     this.stepsSinceDecision = 0;
     return decision;

@@ -7,7 +7,8 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { CpuModelRunner } from '../../lib/engine/cpu.js';
+import { CpuModelRunner, nativeModelFields } from '../../lib/engine/cpu.js';
+import { loadBinding } from '../../lib/native/binding.js';
 import {
   dummyConfig,
   dummyWeights,
@@ -18,7 +19,7 @@ import {
   type ModelConfig,
 } from '../../lib/engine/model/index.js';
 import { weightManifest } from '../../lib/engine/model/manifest.js';
-import { BadArgumentError, ModelConfigError } from '../../lib/errors.js';
+import { BadArgumentError, ModelConfigError, nativeSync } from '../../lib/errors.js';
 import { ExpertLoadWindow } from '../../lib/moe/index.js';
 import { forwardBatch, logitsRow, relativeError, type SequenceStep } from '../helpers/forward-batch.js';
 import { LlamaReference, type ReferenceSequence } from '../helpers/llama-reference.js';
@@ -139,6 +140,50 @@ describe('CPU runner, mixture of experts', () => {
     await expect(
       CpuModelRunner.create({ config, numBlocks: 4, weights: weights.map((t) => ({ name: t.name, data: t.data })) }),
     ).rejects.toBeInstanceOf(BadArgumentError);
+  });
+});
+
+describe('native MoE options and manifest checks', () => {
+  const config = dummyConfig('tiny-mixtral');
+  const rawOptions = (overrides: Record<string, unknown> = {}) => ({
+    ...nativeModelFields(config),
+    numBlocks: 2,
+    blockSize: 16,
+    layout: 'block-major' as const,
+    kvBuffer: new Uint8Array(2 * config.numLayers * 2 * 16 * config.numKvHeads * config.headDim * 4),
+    ...overrides,
+  });
+  const refused = (overrides: Record<string, unknown>, message: RegExp) => {
+    const { binding } = loadBinding();
+    const f = () => nativeSync(() => new binding.CpuLlama(rawOptions(overrides) as never));
+    expect(f).toThrow(BadArgumentError);
+    expect(f).toThrow(message);
+  };
+
+  it('refuses inconsistent MoE settings and expert tensors, naming them', () => {
+    const full = nativeModelFields(config).tensors;
+    refused({ moe: { ...config.moe, topK: 9 } }, /topK in 1\.\.numExperts/);
+    refused({ moe: 'mixtral' }, /option 'moe' must be an object or null/);
+    refused(
+      { moe: null },
+      /tensor 'model\.layers\.0\.block_sparse_moe\.gate\.weight' \(router\) is not part of this config/,
+    );
+    refused(
+      { tensors: full.filter((t) => !(t.role === 'expert_up' && t.layer === 1 && t.expert === 6)) },
+      /no tensor for expert_up of layer 1 expert 6/,
+    );
+    refused(
+      { tensors: full.map((t) => (t.role === 'expert_down' && t.expert === 7 ? { ...t, expert: 8 } : t)) },
+      /has expert 8; the model has experts 0\.\.7/,
+    );
+    refused(
+      { tensors: full.map((t) => (t.role === 'router' ? { ...t, expert: 0 } : t)) },
+      /only expert tensors have one/,
+    );
+    refused(
+      { tensors: full.map((t) => (t.role === 'expert_gate' ? { ...t, expert: 1.5 } : t)) },
+      /\.expert must be an integer >= -1/,
+    );
   });
 });
 

@@ -179,6 +179,16 @@ describe('balanceExperts', () => {
   });
 });
 
+describe('staticPlacement', () => {
+  it('contiguous experts per rank, redundant slots holding the following experts, no rank holding one twice', () => {
+    const p = staticPlacement(1, 8, 4, 2);
+    expect(p.slotsPerRank).toBe(4);
+    expect(Array.from(p.layers[0]!.slotToExpert)).toEqual([0, 1, 2, 3, 2, 3, 4, 5, 4, 5, 6, 7, 6, 7, 0, 1]);
+    expect(Array.from(p.layers[0]!.replicaCount)).toEqual([2, 2, 2, 2, 2, 2, 2, 2]);
+    expect(Array.from(staticPlacement(1, 8, 4).layers[0]!.slotToExpert)).toEqual([0, 1, 2, 3, 4, 5, 6, 7]);
+  });
+});
+
 describe('routeToSlots', () => {
   it("spreads an expert's tokens evenly over its replicas and keeps single-replica experts on their slot", () => {
     const { placement } = balanceExperts([[60, 20, 10, 10]], { numRanks: 2, redundantSlotsPerRank: 1 });
@@ -263,7 +273,7 @@ describe('ExpertBalancer', () => {
     expect(d.gain).toBeLessThan(0.99);
     expect(d.applied).toBe(false);
     expect(b.placement).toBe(before);
-    expect(b.placement).toEqual(staticPlacement(numLayers, numExperts, 4));
+    expect(b.placement).toEqual(staticPlacement(numLayers, numExperts, 4, 1));
     expect(imbalance(rankLoads(b.placement, 0, b.window.totals()[0]!))).toBeCloseTo(d.result.imbalanceBefore[0]!, 12);
   });
 
