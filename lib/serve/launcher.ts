@@ -285,7 +285,7 @@ function workerInits(graph: DeploymentGraph, options: DeploymentOptions): Worker
 }
 
 /** Replica `r` of `pool`. A replica past the pool's gpuIds (one the planner added) takes GPU 0. */
-function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, options: DeploymentOptions): WorkerInit {
+export function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, options: DeploymentOptions): WorkerInit {
   return {
     name: `${pool.name}-${r}`,
     pool: pool.name,
