@@ -113,10 +113,9 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
         if ('requestId' in m && !m.requestId.startsWith(`${c.frontend}/`)) return;
         w.handle(m);
       });
-      // A frontend gone: its requests here are aborted (a frontend that reconnects re-issues what it still wants).
-      c.on('close', () => {
-        if (!server.frontends().some((o) => o.frontend === c.frontend)) w.abortAll(`${c.frontend}/`);
-      });
+      // A frontend's connection gone: its requests here are aborted. Its router has failed them on the break (and
+      // request migration re-issued them under new ids), so nothing would read their tokens.
+      c.on('close', () => w.abortAll(`${c.frontend}/`));
       w.sendKvSnapshot((m) => c.send(m));
     });
 
