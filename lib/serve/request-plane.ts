@@ -365,7 +365,10 @@ export class WorkerClient extends EventEmitter<{
     const timeoutMs = this.options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
     const socket = createConnection({ host, port });
     socket.on('error', () => {}); // reported through the handshake's rejection or the FramedSocket
-    const timer = setTimeout(() => socket.destroy(new Error(`no connection and handshake within ${timeoutMs} ms`)), timeoutMs);
+    const timer = setTimeout(
+      () => socket.destroy(new Error(`no connection and handshake within ${timeoutMs} ms`)),
+      timeoutMs,
+    );
     void (async () => {
       try {
         const { value: challenge } = await readJsonFrame(socket, timeoutMs);
