@@ -60,6 +60,9 @@ const OPTIONS = {
   name: { type: 'string' },
   namespace: { type: 'string' },
   'kv-backend': { type: 'string' },
+  advertise: { type: 'string' },
+  'kv-port': { type: 'string' },
+  'status-port': { type: 'string' },
 } as const satisfies Record<string, OptionSpec>;
 
 export type OptionName = keyof typeof OPTIONS;
@@ -75,7 +78,20 @@ export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
   info: ['json'],
   start: ['model', ...SERVING],
   serve: ['file', 'control', 'namespace', ...SERVING],
-  worker: ['join', 'pool', 'graph', 'host', 'port', 'name', 'namespace', 'seed', 'kv-backend'],
+  worker: [
+    'join',
+    'pool',
+    'graph',
+    'host',
+    'advertise',
+    'port',
+    'kv-port',
+    'status-port',
+    'name',
+    'namespace',
+    'seed',
+    'kv-backend',
+  ],
   frontend: ['join', 'graph', 'host', 'port', 'namespace', 'api-key', 'migration-limit', 'router-policy'],
   generate: [
     'model',

@@ -29,13 +29,14 @@ export async function frontend(args: FrontendArgs): Promise<number> {
   const migrationLimit = numberOption('migration-limit', args['migration-limit'], { integer: true, min: 0 });
   const routerPolicy = choiceOption('router-policy', args['router-policy'], ROUTER_POLICIES);
   const graph = loadGraph(args.graph);
+  const namespace = args.namespace ?? (process.env.TANDEM_CONTROL_NAMESPACE || undefined);
   if (migrationLimit !== undefined) graph.frontend.migrationLimit = migrationLimit;
   if (routerPolicy) graph.router.policy = routerPolicy;
   const apiKey = args['api-key'] ?? (process.env.TANDEM_API_KEY || undefined);
   const joined = await joinFrontend({
     graph,
     control: args.join,
-    ...(args.namespace ? { controlOptions: { namespace: args.namespace } } : {}),
+    ...(namespace ? { controlOptions: { namespace } } : {}),
     ...(args.host ? { host: args.host } : {}),
     ...(port !== undefined ? { port } : {}),
     ...(apiKey !== undefined ? { apiKey } : {}),

@@ -53,11 +53,12 @@ Usage:
   tandem k8s render -f graph.yaml [--out DIR] [--image IMAGE] [--namespace NS] [--etcd etcd://H:P]
                            write the Kubernetes manifests of a deployment graph
                            (tandem k8s --help lists its options)
-  tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE [--host ADDR] [--port N]
-                [--name NAME] [--namespace NS] [--kv-backend auto|tcp|ucx|shm]
+  tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE [--host ADDR] [--advertise ADDR]
+                [--port N] [--kv-port N] [--status-port N] [--name NAME] [--namespace NS]
+                [--kv-backend auto|tcp|ucx|shm]
                            one worker of the graph's pool NAME on this host, registered in etcd,
                            reached by frontends over TCP on ADDR (default 127.0.0.1; beyond loopback
-                           TANDEM_TOKEN must be set)
+                           TANDEM_TOKEN must be set); --status-port: /live and /health over HTTP
   tandem frontend --join etcd://HOST:2379 --graph FILE [--host ADDR] [--port N] [--namespace NS]
                            the OpenAI API in front of the workers registered in etcd
   tandem --version         print the version

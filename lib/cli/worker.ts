@@ -1,7 +1,8 @@
 /**
  * `tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE [--host ADDR] [--port N]`: one worker of the
  * graph's pool NAME on this host, registered in etcd, serving frontends over TCP (lib/serve/worker-join.ts).
- * Runs until SIGINT or SIGTERM, then leaves discovery and stops.
+ * Runs until SIGINT or SIGTERM, then leaves discovery and stops. In a pod, TANDEM_POD_NAME, TANDEM_POD_IP and
+ * TANDEM_CONTROL_NAMESPACE stand in for --name, --advertise and --namespace.
  */
 import { loadGraph } from '../serve/graph.js';
 import { joinWorker } from '../serve/worker-join.js';
@@ -12,7 +13,10 @@ export interface WorkerArgs {
   pool?: string;
   graph?: string;
   host?: string;
+  advertise?: string;
   port?: string;
+  'kv-port'?: string;
+  'status-port'?: string;
   name?: string;
   namespace?: string;
   seed?: string;
@@ -38,16 +42,24 @@ export async function worker(args: WorkerArgs): Promise<number> {
   if (!args.graph) throw new UsageError('tandem worker needs --graph FILE');
   if (args.host === '') throw new UsageError('--host must not be empty');
   const port = numberOption('port', args.port, { integer: true, min: 0, max: 65535 });
+  const kvPort = numberOption('kv-port', args['kv-port'], { integer: true, min: 0, max: 65535 });
+  const statusPort = numberOption('status-port', args['status-port'], { integer: true, min: 0, max: 65535 });
+  // In a pod (tandem k8s render), its name and the deployment's etcd namespace come from the environment.
+  const name = args.name ?? (process.env.TANDEM_POD_NAME || undefined);
+  const namespace = args.namespace ?? (process.env.TANDEM_CONTROL_NAMESPACE || undefined);
   const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
   const kvBackend = choiceOption('kv-backend', args['kv-backend'], ['auto', 'shm', 'tcp', 'ucx'] as const);
   const joined = await joinWorker({
     graph: loadGraph(args.graph),
     pool: args.pool,
     control: args.join,
-    ...(args.namespace ? { controlOptions: { namespace: args.namespace } } : {}),
+    ...(namespace ? { controlOptions: { namespace } } : {}),
     ...(args.host ? { host: args.host } : {}),
+    ...(args.advertise ? { advertise: args.advertise } : {}),
     ...(port !== undefined ? { port } : {}),
-    ...(args.name ? { name: args.name } : {}),
+    ...(kvPort !== undefined ? { kvPort } : {}),
+    ...(statusPort !== undefined ? { statusPort } : {}),
+    ...(name ? { name } : {}),
     ...(kvBackend && kvBackend !== 'auto' ? { kvBackend } : {}),
     seed,
   });

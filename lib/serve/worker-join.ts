@@ -5,14 +5,15 @@
  * learns its KV-transfer peers from the control plane's joins and leaves. When its process dies, its lease
  * lapses and it leaves discovery; when etcd comes back empty, the control plane puts it again.
  */
+import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
 import { hostname } from 'node:os';
 import { BadArgumentError } from '../errors.js';
 import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
-import { AUTH_ENV } from '../transfer/index.js';
+import { AUTH_ENV, isLoopbackHost } from '../transfer/index.js';
 import type { DeploymentGraph } from './graph.js';
 import { workerInit } from './launcher.js';
 import type { FromWorker, WorkerInit, WorkerRegistration } from './protocol.js';
-import { RequestPlaneServer, resolveToken, type FrontendConnection } from './request-plane.js';
+import { RequestPlaneServer, resolveToken, TOKEN_ENV, type FrontendConnection } from './request-plane.js';
 import { openWorker, type Worker } from './worker.js';
 
 export interface JoinWorkerOptions {
@@ -23,10 +24,20 @@ export interface JoinWorkerOptions {
   control: string;
   /** The control plane's namespace and timings (tests shorten the lease). */
   controlOptions?: Omit<EtcdControlPlaneOptions, 'endpoints'>;
-  /** The address this worker binds and registers (request plane and transfer agent). Default 127.0.0.1. */
+  /** The address the request plane (and the status port) binds. Default 127.0.0.1. */
   host?: string;
+  /**
+   * The address other hosts reach this worker at: registered for the request plane, and where its transfer agent
+   * listens (the agent announces the address it listens on). Default `host`, or, when `host` is a wildcard
+   * (0.0.0.0, ::), TANDEM_POD_IP (a Kubernetes pod's IP).
+   */
+  advertise?: string;
   /** Request-plane port; default 0 (a free one). */
   port?: number;
+  /** The transfer agent's tcp port; default 0 (a free one). */
+  kvPort?: number;
+  /** Where /live and /health answer over HTTP (probes); default none. */
+  statusPort?: number;
   /** Unique in the namespace; default `<pool>-<hostname>-<pid>`. */
   name?: string;
   seed?: number;
@@ -40,6 +51,8 @@ export interface JoinWorkerOptions {
 
 export interface JoinedWorker {
   readonly name: string;
+  /** The status port (/live, /health), when one was asked for. */
+  readonly statusPort?: number;
   readonly registration: () => WorkerRegistration;
   readonly controlPlane: EtcdControlPlane;
   /** Leaves discovery (revokes the lease), closes the request plane, frees the engine. */
@@ -54,6 +67,32 @@ function nameOf(pool: string): string {
   return `${pool}-${host}-${process.pid}`;
 }
 
+/**
+ * The worker's probes over HTTP: /live answers 200 while the process serves; /health 200 while it is registered
+ * in the control plane (503 otherwise: etcd lost it and it is putting itself back).
+ */
+async function listenStatus(host: string, port: number, registered: () => boolean): Promise<HttpServer> {
+  const server = createHttpServer((req, res) => {
+    const path = (req.url ?? '').split('?')[0];
+    const [code, body] =
+      req.method !== 'GET'
+        ? [405, { error: 'method not allowed' }]
+        : path === '/live'
+          ? [200, { status: 'alive' }]
+          : path === '/health'
+            ? registered()
+              ? [200, { status: 'ok' }]
+              : [503, { status: 'not_registered' }]
+            : [404, { error: 'not found' }];
+    res.writeHead(code, { 'Content-Type': 'application/json' }).end(JSON.stringify(body));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => resolve());
+  });
+  return server;
+}
+
 /** Starts the worker and registers it. Throws BadArgumentError, ControlPlaneUnavailableError, the engine's errors. */
 export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWorker> {
   const log = options.log ?? ((line: string) => console.log(line));
@@ -63,7 +102,18 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
       `the graph has no pool '${options.pool}' (it has ${options.graph.pools.map((p) => p.name).join(', ')})`,
     );
   const host = options.host ?? '127.0.0.1';
+  const wildcard = host === '0.0.0.0' || host === '::' || host === '[::]';
+  const advertise = options.advertise ?? (wildcard ? process.env.TANDEM_POD_IP || undefined : host);
+  if (advertise === undefined)
+    throw new BadArgumentError(
+      `--host ${host} listens on every address: say where other hosts reach this worker (--advertise ADDR)`,
+    );
   const token = resolveToken(options.token);
+  // The transfer agent listens where peers reach it; beyond loopback it needs the token as its secret (below).
+  if (token === undefined && !isLoopbackHost(advertise))
+    throw new BadArgumentError(
+      `refusing to serve on ${advertise} without a token: set ${TOKEN_ENV} on every worker and frontend`,
+    );
   const init: WorkerInit = {
     ...workerInit(options.graph, pool, 0, {
       seed: options.seed ?? 0,
@@ -80,7 +130,11 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
   server.on('refused', (reason) => log(`[${init.name}] request plane: refused a connection: ${reason}`));
   let plane: EtcdControlPlane | undefined;
   let worker: Worker | undefined;
+  let status: HttpServer | undefined;
   try {
+    // Before the model loads: a startup probe sees the process live while it does.
+    if (options.statusPort !== undefined)
+      status = await listenStatus(host, options.statusPort, () => plane?.get(init.name) !== undefined);
     plane = await EtcdControlPlane.connect({ ...options.controlOptions, endpoints: options.control });
     const controlPlane = plane;
     /** Messages about a request go to the frontend that sent it; worker-wide ones to every frontend. */
@@ -102,9 +156,13 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
     };
     // The transfer agent listens where the request plane does; beyond loopback the shared token is its secret too.
     const secret = process.env[AUTH_ENV.secret] || process.env[AUTH_ENV.secretFile] ? undefined : token;
-    worker = await openWorker(init, out, { tcpHost: host, ...(secret !== undefined ? { secret } : {}) });
+    worker = await openWorker(init, out, {
+      tcpHost: advertise,
+      ...(options.kvPort !== undefined ? { tcpPort: options.kvPort } : {}),
+      ...(secret !== undefined ? { secret } : {}),
+    });
     const w = worker;
-    w.registrationExtras = { pool: pool.name, requestPlane: { host, port: server.port } };
+    w.registrationExtras = { pool: pool.name, requestPlane: { host: advertise, port: server.port } };
 
     server.on('connection', (c: FrontendConnection) => {
       c.on('message', (m) => {
@@ -132,9 +190,12 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
     await controlPlane.register(w.registration());
     log(
       `[${init.name}] registered in etcd (${options.control}) as ${w.currentRole} of pool ${pool.name}; ` +
-        `request plane on ${host}:${server.port}${token !== undefined ? ' (token required)' : ''}`,
+        `request plane on ${host}:${server.port}, reached at ${advertise}` +
+        `${token !== undefined ? ' (token required)' : ''}` +
+        (status ? `; /live and /health on ${host}:${(status.address() as { port: number }).port}` : ''),
     );
   } catch (error) {
+    status?.close();
     await plane?.close();
     await server.close();
     await worker?.dispose();
@@ -145,10 +206,12 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
   let stopped: Promise<void> | undefined;
   return {
     name: init.name,
+    ...(status ? { statusPort: (status.address() as { port: number }).port } : {}),
     registration: () => w.registration(),
     controlPlane,
     stop: () =>
       (stopped ??= (async () => {
+        status?.close();
         await controlPlane.close();
         await server.close();
         await w.dispose();

@@ -10,6 +10,7 @@ import { BadArgumentError } from '../../lib/errors.js';
 import { defaultGraph } from '../../lib/serve/graph.js';
 import type { FromWorker } from '../../lib/serve/protocol.js';
 import { WorkerClient } from '../../lib/serve/request-plane.js';
+import { joinFrontend } from '../../lib/serve/request-plane-frontend.js';
 import { joinWorker, type JoinedWorker } from '../../lib/serve/worker-join.js';
 import { EtcdServer, etcdBinary } from '../helpers/etcd.js';
 
@@ -66,6 +67,7 @@ describe.skipIf(binary.missing !== undefined)('a joined worker', () => {
       host: '127.0.0.2',
       name: 'agg-a',
       heartbeatMs: 50,
+      statusPort: 0,
       token: 'join-test',
       log: () => {},
     });
@@ -88,6 +90,50 @@ describe.skipIf(binary.missing !== undefined)('a joined worker', () => {
     await vi.waitFor(() => expect(observer.get('agg-a')!.load.freeBlocks).toBeGreaterThan(0), WAIT);
   });
 
+  it('answers /live and /health on its status port', async () => {
+    const base = `http://127.0.0.2:${joined.statusPort}`;
+    expect((await fetch(`${base}/live`)).status).toBe(200);
+    const health = await fetch(`${base}/health`);
+    expect(health.status).toBe(200);
+    expect(await health.json()).toEqual({ status: 'ok' });
+    expect((await fetch(`${base}/nope`)).status).toBe(404);
+  });
+
+  it('a joined frontend: /live always, /health once it reaches a worker; it serves through the worker', async () => {
+    const g = graph();
+    const alone = await joinFrontend({
+      graph: g,
+      control: etcd.endpoint,
+      controlOptions: { namespace: `${NAMESPACE}-empty` },
+      port: 0,
+      token: 'join-test',
+      log: () => {},
+    });
+    const served = await joinFrontend({
+      graph: g,
+      control: etcd.endpoint,
+      controlOptions: { namespace: NAMESPACE },
+      port: 0,
+      token: 'join-test',
+      log: () => {},
+    });
+    try {
+      expect((await fetch(`${alone.frontend.url}/live`)).status).toBe(200);
+      expect((await fetch(`${alone.frontend.url}/health`)).status).toBe(503);
+      expect((await fetch(`${served.frontend.url}/live`)).status).toBe(200);
+      await vi.waitFor(async () => expect((await fetch(`${served.frontend.url}/health`)).status).toBe(200), WAIT);
+      const r = await fetch(`${served.frontend.url}/v1/completions`, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ model: g.model, prompt: 'over tcp', max_tokens: 5, temperature: 0 }),
+      });
+      expect(r.status).toBe(200);
+      expect(((await r.json()) as { usage: { completion_tokens: number } }).usage.completion_tokens).toBe(5);
+    } finally {
+      await Promise.all([alone.stop({ drainMs: 0 }), served.stop({ drainMs: 0 })]);
+    }
+  });
+
   it('refuses a request-plane bind beyond loopback without a token, before touching etcd', async () => {
     const previous = process.env.TANDEM_TOKEN;
     delete process.env.TANDEM_TOKEN;
@@ -95,6 +141,16 @@ describe.skipIf(binary.missing !== undefined)('a joined worker', () => {
       await expect(
         joinWorker({ graph: graph(), pool: graph().pools[0]!.name, control: etcd.endpoint, host: '0.0.0.0' }),
       ).rejects.toThrow(BadArgumentError);
+      // A wildcard bind needs to be told where others reach the worker.
+      await expect(
+        joinWorker({
+          graph: graph(),
+          pool: graph().pools[0]!.name,
+          control: etcd.endpoint,
+          host: '0.0.0.0',
+          token: 't',
+        }),
+      ).rejects.toThrow(/--advertise/);
       await expect(joinWorker({ graph: graph(), pool: 'nope', control: etcd.endpoint })).rejects.toThrow(
         /no pool 'nope'/,
       );
