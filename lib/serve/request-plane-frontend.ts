@@ -21,7 +21,7 @@ import type { DeploymentGraph, PoolRole } from './graph.js';
 import { MigratingBackend } from './migration.js';
 import { ServeMetrics } from './metrics.js';
 import type { FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from './protocol.js';
-import { WorkerClient } from './request-plane.js';
+import { WorkerClient, type RequestPlane } from './request-plane.js';
 import { Router } from './router.js';
 
 export interface ReachableWorkersOptions {
@@ -36,7 +36,7 @@ export interface ReachableWorkersOptions {
  * The workers of a control plane that this frontend reaches over TCP, as a ControlPlane for the router, and the
  * connections to them: send() a message to a worker; what workers send comes to `onMessage`.
  */
-export class ReachableWorkers extends EventEmitter<ControlPlaneEvents> implements ControlPlane {
+export class ReachableWorkers extends EventEmitter<ControlPlaneEvents> implements ControlPlane, RequestPlane {
   readonly frontend: string;
   private readonly clients = new Map<string, WorkerClient>();
   private readonly up = new Set<string>();

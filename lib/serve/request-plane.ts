@@ -36,6 +36,16 @@ export const RECONNECT_MAX_MS = 5_000;
 const HANDSHAKE_TIMEOUT_MS = 5_000;
 const PROTOCOL_VERSION = 1;
 
+/**
+ * The request plane as a router sends on it: to a worker by name; false when that worker cannot take the message
+ * now (gone, not connected, or its queue full). Embedded: the launcher's IPC channels to its children
+ * (lib/serve/launcher.ts); across hosts: `ReachableWorkers` over TCP (lib/serve/request-plane-frontend.ts). What
+ * workers send comes back to the router's onMessage(from, message).
+ */
+export interface RequestPlane {
+  send(worker: string, message: ToWorker): boolean;
+}
+
 /** A frontend was refused by a worker (no token, or the wrong one), or the other end broke the protocol. */
 export class RequestPlaneError extends TandemError {}
 
