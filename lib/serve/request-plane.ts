@@ -92,7 +92,9 @@ export function encodeFrame(payload: Uint8Array): Buffer {
 
 /**
  * A socket carrying frames, with backpressure: while socket.write() reports a full buffer, frames wait in a
- * queue that is written on 'drain'; send() refuses (returns false) once the queue holds maxQueuedBytes.
+ * queue that is written on 'drain'; once the queue holds maxQueuedBytes, send() refuses (returns false), or, with
+ * `closeWhenFull`, closes the connection (a worker never drops a message: the frontend that reads too slowly loses
+ * the connection, fails its requests there and reconnects).
  */
 export class FramedSocket<In, Out> extends EventEmitter<{ message: [m: In]; close: [error?: Error] }> {
   private readonly decoder = new FrameDecoder();
@@ -104,6 +106,7 @@ export class FramedSocket<In, Out> extends EventEmitter<{ message: [m: In]; clos
   constructor(
     readonly socket: Socket,
     private readonly maxQueuedBytes = DEFAULT_MAX_QUEUED_BYTES,
+    private readonly closeWhenFull = false,
   ) {
     super();
     socket.setNoDelay(true);
@@ -143,7 +146,16 @@ export class FramedSocket<In, Out> extends EventEmitter<{ message: [m: In]; clos
     if (this.closed) return false;
     const frame = encodeFrame(serialize(message));
     if (this.blocked) {
-      if (this.queuedBytes + frame.length > this.maxQueuedBytes) return false;
+      if (this.queuedBytes + frame.length > this.maxQueuedBytes) {
+        if (this.closeWhenFull)
+          this.close(
+            new RequestPlaneError(
+              'TANDEM_REQUEST_PLANE_SLOW_READER',
+              `the other end reads too slowly: ${this.queuedBytes} bytes queued`,
+            ),
+          );
+        return false;
+      }
       this.queue.push(frame);
       this.queuedBytes += frame.length;
       return true;
@@ -299,7 +311,7 @@ export class RequestPlaneServer extends EventEmitter<{
         return refuse(`wrong or missing token (${TOKEN_ENV})`);
     }
     socket.write(jsonFrame({ v: PROTOCOL_VERSION, ok: true }));
-    const connection = Object.assign(new FramedSocket<ToWorker, FromWorker>(socket, maxQueuedBytes), {
+    const connection = Object.assign(new FramedSocket<ToWorker, FromWorker>(socket, maxQueuedBytes, true), {
       frontend: hello.frontend,
     });
     this.connections.add(connection);

@@ -148,12 +148,8 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
       if (m.type === 'heartbeat') controlPlane.heartbeat(m.name, m.load);
       if (m.type === 'drained' || m.type === 'fatal') return;
       const frontend = 'requestId' in m ? m.requestId.slice(0, m.requestId.indexOf('/')) : undefined;
-      for (const c of server.frontends()) {
-        if (frontend !== undefined && c.frontend !== frontend) continue;
-        // A frontend that reads too slowly loses its connection rather than messages: it fails (and migrates)
-        // the requests it had here, and reconnects.
-        if (!c.send(m)) c.close(new Error('the frontend reads too slowly: its queue is full'));
-      }
+      // A frontend that reads too slowly loses its connection rather than messages (FramedSocket's closeWhenFull).
+      for (const c of server.frontends()) if (frontend === undefined || c.frontend === frontend) c.send(m);
     };
     // The transfer agent listens where the request plane does; beyond loopback the shared token is its secret too.
     const secret = process.env[AUTH_ENV.secret] || process.env[AUTH_ENV.secretFile] ? undefined : token;

@@ -151,6 +151,28 @@ describe('request plane server and client', () => {
 });
 
 describe('backpressure', () => {
+  it('a worker closes the connection of a frontend that stops reading, rather than drop its messages', async () => {
+    const s = await server({ maxQueuedBytes: 1 << 20 });
+    let conn: FrontendConnection | undefined;
+    const closed: (Error | undefined)[] = [];
+    s.on('connection', (c) => {
+      conn = c;
+      c.on('close', (error) => closed.push(error));
+    });
+    const { c } = client(s.port);
+    await vi.waitFor(() => expect(conn).toBeDefined(), WAIT);
+    // The frontend's process stops reading (its socket paused): the worker's sends pile up.
+    (c as unknown as { connection: FramedSocket<FromWorker, ToWorker> }).connection.socket.pause();
+    const tokenIds = Array.from({ length: 16 * 1024 }, (_, i) => i);
+    let sent = 0;
+    while (sent < 10_000 && conn!.send({ type: 'tokens', requestId: `f1/r${sent}`, tokenIds, finishReason: null }))
+      sent++;
+    expect(sent).toBeLessThan(10_000);
+    expect(closed).toHaveLength(1);
+    expect(closed[0]).toMatchObject({ code: 'TANDEM_REQUEST_PLANE_SLOW_READER' });
+    expect(conn!.connected).toBe(false);
+  });
+
   it('queues while the socket is full, refuses past the bound, and delivers everything queued in order', async () => {
     let peer: Socket | undefined;
     const sink = createServer((s) => {
