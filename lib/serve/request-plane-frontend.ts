@@ -17,7 +17,7 @@ import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
-import type { DeploymentGraph, PoolRole } from './graph.js';
+import { frontendPorts, type DeploymentGraph, type PoolRole } from './graph.js';
 import { MigratingBackend } from './migration.js';
 import { ServeMetrics } from './metrics.js';
 import type { FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from './protocol.js';
@@ -188,7 +188,7 @@ export async function joinFrontend(options: JoinFrontendOptions): Promise<Joined
       contextLength: config.maxPositionEmbeddings,
       vocabSize: config.vocabSize,
       host: options.host ?? graph.frontend.host,
-      port: options.port ?? graph.frontend.port,
+      port: options.port ?? frontendPorts(graph.frontend)[0]!,
       ...(options.apiKey !== undefined ? { apiKey: options.apiKey } : {}),
       metrics,
       log: (line) => log(`[frontend] ${line}`),
