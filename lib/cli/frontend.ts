@@ -32,7 +32,8 @@ export async function frontend(args: FrontendArgs): Promise<number> {
   const namespace = args.namespace ?? (process.env.TANDEM_CONTROL_NAMESPACE || undefined);
   if (migrationLimit !== undefined) graph.frontend.migrationLimit = migrationLimit;
   if (routerPolicy) graph.router.policy = routerPolicy;
-  const apiKey = args['api-key'] ?? (process.env.TANDEM_API_KEY || undefined);
+  // --api-key, else the variable the graph names (joinFrontend reads it), else TANDEM_API_KEY.
+  const apiKey = args['api-key'] ?? (graph.frontend.apiKeyEnv ? undefined : process.env.TANDEM_API_KEY || undefined);
   const joined = await joinFrontend({
     graph,
     control: args.join,

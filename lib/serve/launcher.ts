@@ -119,7 +119,7 @@ export function isLoopbackHost(host: string): boolean {
 }
 
 /** The API key of a deployment: given, or read from the environment variable its graph names. */
-function apiKeyOf(graph: DeploymentGraph, options: DeploymentOptions): string | undefined {
+export function apiKeyOf(graph: DeploymentGraph, options: Pick<DeploymentOptions, 'apiKey'>): string | undefined {
   if (options.apiKey !== undefined) {
     if (options.apiKey === '') throw new BadArgumentError('the API key must not be empty');
     return options.apiKey;

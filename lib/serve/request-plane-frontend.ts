@@ -18,6 +18,7 @@ import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
 import { frontendPorts, type DeploymentGraph, type PoolRole } from './graph.js';
+import { apiKeyOf, isLoopbackHost } from './launcher.js';
 import { MigratingBackend } from './migration.js';
 import { ServeMetrics } from './metrics.js';
 import type { FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from './protocol.js';
@@ -160,6 +161,14 @@ export async function joinFrontend(options: JoinFrontendOptions): Promise<Joined
   const log = options.log ?? ((line: string) => console.log(line));
   const config = isDummyModel(graph.model) ? dummyConfig(graph.model) : loadModelConfig(graph.model);
   const tokenizer = modelTokenizer(graph.model, config);
+  // The key: given, else from the variable the graph names (which must then be set), as the launcher does.
+  const apiKey = apiKeyOf(graph, options);
+  const host = options.host ?? graph.frontend.host;
+  if (apiKey === undefined && !isLoopbackHost(host))
+    log(
+      `[frontend] WARNING: the API on ${host} is reachable from other machines and has no authentication: ` +
+        'anyone who reaches it can use it. Set an API key (--api-key, TANDEM_API_KEY, or frontend.apiKeyEnv).',
+    );
   const controlPlane = await EtcdControlPlane.connect({ ...options.controlOptions, endpoints: options.control });
   const workers = new ReachableWorkers(controlPlane, {
     ...(options.token !== undefined ? { token: options.token } : {}),
@@ -187,9 +196,9 @@ export async function joinFrontend(options: JoinFrontendOptions): Promise<Joined
       modelName: graph.model,
       contextLength: config.maxPositionEmbeddings,
       vocabSize: config.vocabSize,
-      host: options.host ?? graph.frontend.host,
+      host,
       port: options.port ?? frontendPorts(graph.frontend)[0]!,
-      ...(options.apiKey !== undefined ? { apiKey: options.apiKey } : {}),
+      ...(apiKey !== undefined ? { apiKey } : {}),
       metrics,
       log: (line) => log(`[frontend] ${line}`),
     });

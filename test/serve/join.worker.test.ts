@@ -134,6 +134,30 @@ describe.skipIf(binary.missing !== undefined)('a joined worker', () => {
     }
   });
 
+  it('a joined frontend takes its API key from the variable the graph names, and refuses to start without it', async () => {
+    const g = graph();
+    g.frontend.apiKeyEnv = 'TANDEM_JOIN_TEST_KEY';
+    const options = {
+      graph: g,
+      control: etcd.endpoint,
+      controlOptions: { namespace: NAMESPACE },
+      port: 0,
+      log: () => {},
+    };
+    delete process.env.TANDEM_JOIN_TEST_KEY;
+    await expect(joinFrontend(options)).rejects.toThrow(/TANDEM_JOIN_TEST_KEY/);
+    process.env.TANDEM_JOIN_TEST_KEY = 'k3y';
+    const f = await joinFrontend({ ...options, token: 'join-test' });
+    try {
+      expect((await fetch(`${f.frontend.url}/v1/models`)).status).toBe(401);
+      const ok = await fetch(`${f.frontend.url}/v1/models`, { headers: { Authorization: 'Bearer k3y' } });
+      expect(ok.status).toBe(200);
+    } finally {
+      delete process.env.TANDEM_JOIN_TEST_KEY;
+      await f.stop({ drainMs: 0 });
+    }
+  });
+
   it('refuses a request-plane bind beyond loopback without a token, before touching etcd', async () => {
     const previous = process.env.TANDEM_TOKEN;
     delete process.env.TANDEM_TOKEN;
