@@ -71,11 +71,11 @@ export async function graphOf(args: StartArgs): Promise<DeploymentGraph> {
 
 export async function start(args: StartArgs): Promise<number> {
   const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
+  if (args.namespace !== undefined && !args.control)
+    throw new UsageError('--namespace goes with --control etcd://HOST:2379');
   const graph = await graphOf(args);
   // --api-key, else the variable the graph names (the launcher reads it), else TANDEM_API_KEY.
   const apiKey = args['api-key'] ?? (graph.frontend.apiKeyEnv ? undefined : process.env.TANDEM_API_KEY || undefined);
-  if (args.namespace !== undefined && !args.control)
-    throw new UsageError('--namespace goes with --control etcd://HOST:2379');
   const deployment = await startDeployment(graph, {
     seed,
     ...(apiKey !== undefined ? { apiKey } : {}),
