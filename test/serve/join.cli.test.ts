@@ -22,6 +22,7 @@ describe('tandem worker / frontend command lines', () => {
         ['frontend', '--join', 'etcd://127.0.0.1:1', '--graph', 'g', '--pool', 'p'],
         /unknown option --pool for frontend/,
       ],
+      [['serve', '-f', 'g.yaml', '--namespace', 'ns'], /--namespace goes with --control/],
     ] as const) {
       const r = runTs('lib/cli/main.ts', [...args]);
       expect(r.status, r.stderr).toBe(2);
