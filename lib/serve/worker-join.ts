@@ -151,7 +151,7 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
       // A frontend that reads too slowly loses its connection rather than messages (FramedSocket's closeWhenFull).
       for (const c of server.frontends()) if (frontend === undefined || c.frontend === frontend) c.send(m);
     };
-    // The transfer agent listens where the request plane does; beyond loopback the shared token is its secret too.
+    // The transfer agent listens on the advertised address; the shared token is its secret unless one is set for it.
     const secret = process.env[AUTH_ENV.secret] || process.env[AUTH_ENV.secretFile] ? undefined : token;
     worker = await openWorker(init, out, {
       tcpHost: advertise,
