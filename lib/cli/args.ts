@@ -53,12 +53,22 @@ const OPTIONS = {
   gpus: { type: 'string' },
   'router-policy': { type: 'string' },
   'migration-limit': { type: 'string' },
+  join: { type: 'string' },
+  control: { type: 'string' },
+  pool: { type: 'string' },
+  graph: { type: 'string' },
+  name: { type: 'string' },
+  namespace: { type: 'string' },
+  'kv-backend': { type: 'string' },
+  advertise: { type: 'string' },
+  'kv-port': { type: 'string' },
+  'status-port': { type: 'string' },
 } as const satisfies Record<string, OptionSpec>;
 
 export type OptionName = keyof typeof OPTIONS;
 export type OptionValues = { [K in OptionName]?: (typeof OPTIONS)[K]['type'] extends 'boolean' ? boolean : string };
 
-export const COMMANDS = ['info', 'start', 'serve', 'generate', 'profile', 'plan'] as const;
+export const COMMANDS = ['info', 'start', 'serve', 'generate', 'profile', 'plan', 'worker', 'frontend'] as const;
 export type Command = (typeof COMMANDS)[number];
 
 const GLOBAL: readonly OptionName[] = ['help', 'version'];
@@ -67,7 +77,22 @@ const SERVING: readonly OptionName[] = ['mode', 'host', 'port', 'seed', 'api-key
 export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
   info: ['json'],
   start: ['model', ...SERVING],
-  serve: ['file', ...SERVING],
+  serve: ['file', 'control', 'namespace', ...SERVING],
+  worker: [
+    'join',
+    'pool',
+    'graph',
+    'host',
+    'advertise',
+    'port',
+    'kv-port',
+    'status-port',
+    'name',
+    'namespace',
+    'seed',
+    'kv-backend',
+  ],
+  frontend: ['join', 'graph', 'host', 'port', 'namespace', 'api-key', 'migration-limit', 'router-policy'],
   generate: [
     'model',
     'prompt',

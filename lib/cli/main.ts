@@ -31,7 +31,7 @@ Usage:
                            serve the embedded deployment: OpenAI API on 127.0.0.1:8000, one
                            prefill and one decode worker (CPU engine, dummy:tiny by default)
   tandem serve -f graph.yaml [--port N] [--host H] [--api-key KEY] [--seed S] [--router-policy P]
-               [--migration-limit N]
+               [--migration-limit N] [--control etcd://HOST:2379 [--namespace NS]]
                            serve a deployment graph (YAML; see README); --router-policy overrides
                            the graph's router.policy (default kv: by cached prefix and load);
                            --migration-limit: times a request whose worker dies is re-issued to
@@ -53,12 +53,21 @@ Usage:
   tandem k8s render -f graph.yaml [--out DIR] [--image IMAGE] [--namespace NS] [--etcd etcd://H:P]
                            write the Kubernetes manifests of a deployment graph
                            (tandem k8s --help lists its options)
+  tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE [--host ADDR] [--advertise ADDR]
+                [--port N] [--kv-port N] [--status-port N] [--name NAME] [--namespace NS]
+                [--kv-backend auto|tcp|ucx|shm]
+                           one worker of the graph's pool NAME on this host, registered in etcd,
+                           reached by frontends over TCP on ADDR (default 127.0.0.1; beyond loopback
+                           TANDEM_TOKEN must be set); --status-port: /live and /health over HTTP
+  tandem frontend --join etcd://HOST:2379 --graph FILE [--host ADDR] [--port N] [--namespace NS]
+                           the OpenAI API in front of the workers registered in etcd
   tandem --version         print the version
   tandem --help            print this help
 
 Exit status: 0 done, 1 failed, 2 wrong command line.
 
-Environment: TANDEM_API_KEY (the API key of tandem start/serve, instead of --api-key), TANDEM_LIBCUDA,
+Environment: TANDEM_API_KEY (the API key of tandem start/serve, instead of --api-key), TANDEM_TOKEN (the
+shared token of the request plane between frontends and workers), TANDEM_LIBCUDA,
 TANDEM_LIBNVML, TANDEM_LIBNCCL, TANDEM_LIBUCP, TANDEM_LIBCUBLAS, TANDEM_LIBCUBLASLT (where to find each
 library), TANDEM_KERNELS (fatbin), TANDEM_ADDON (addon binary).`;
 
@@ -102,6 +111,14 @@ async function main(argv: string[]): Promise<number> {
       return profile(values);
     case 'plan':
       return plan(values);
+    case 'worker': {
+      const { worker } = await import('./worker.js');
+      return worker(values);
+    }
+    case 'frontend': {
+      const { frontend } = await import('./frontend.js');
+      return frontend(values);
+    }
   }
 }
 

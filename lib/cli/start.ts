@@ -19,6 +19,9 @@ export interface StartArgs {
   'api-key'?: string;
   'router-policy'?: string;
   'migration-limit'?: string;
+  /** serve only: etcd as the control plane (`etcd://HOST:2379`), and its namespace. */
+  control?: string;
+  namespace?: string;
 }
 
 /**
@@ -68,10 +71,18 @@ export async function graphOf(args: StartArgs): Promise<DeploymentGraph> {
 
 export async function start(args: StartArgs): Promise<number> {
   const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
+  if (args.namespace !== undefined && !args.control)
+    throw new UsageError('--namespace goes with --control etcd://HOST:2379');
   const graph = await graphOf(args);
   // --api-key, else the variable the graph names (the launcher reads it), else TANDEM_API_KEY.
   const apiKey = args['api-key'] ?? (graph.frontend.apiKeyEnv ? undefined : process.env.TANDEM_API_KEY || undefined);
-  const deployment = await startDeployment(graph, { seed, ...(apiKey !== undefined ? { apiKey } : {}) });
+  const deployment = await startDeployment(graph, {
+    seed,
+    ...(apiKey !== undefined ? { apiKey } : {}),
+    ...(args.control
+      ? { control: { endpoints: args.control, ...(args.namespace ? { namespace: args.namespace } : {}) } }
+      : {}),
+  });
   console.log(banner(deployment));
   await new Promise<void>((resolve) => {
     const stop = (signal: NodeJS.Signals) => {

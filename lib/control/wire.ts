@@ -39,6 +39,8 @@ const StoredRegistrationSchema = z.strictObject({
   kvPool: KvPoolSpecSchema,
   device: z.enum(['cpu', 'cuda']),
   numBlocks: count,
+  pool: z.string().min(1).optional(),
+  requestPlane: z.strictObject({ host: z.string().min(1), port: z.number().int().min(1).max(65535) }).optional(),
 });
 
 const WorkerLoadSchema = z.strictObject({

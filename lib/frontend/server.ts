@@ -427,6 +427,14 @@ const ROUTES: Record<string, Route> = {
       return 'success';
     },
   },
+  // Liveness: the process answers (also while draining or with no worker); /health is readiness.
+  '/live': {
+    method: 'GET',
+    run: async (core, _req, res) => {
+      sendJson(res, 200, { status: 'alive', model: core.modelName });
+      return 'success';
+    },
+  },
   '/health': {
     method: 'GET',
     run: async (core, _req, res) => {

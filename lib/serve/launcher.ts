@@ -27,6 +27,7 @@ import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
 import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
+import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
 import { frontendPorts, type DeploymentGraph, type PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
 import { ServeMetrics } from './metrics.js';
@@ -98,6 +99,11 @@ export interface DeploymentOptions {
    * variable the graph names in `frontend.apiKeyEnv` (which must then be set), else none.
    */
   apiKey?: string;
+  /**
+   * etcd as the control plane (`tandem serve --control etcd://HOST:2379`): the workers are registered there under
+   * leases this process keeps, in `namespace` (one launcher per namespace). Default: the embedded control plane.
+   */
+  control?: EtcdControlPlaneOptions;
   /** The planner's tuning beyond the graph's section (tests make it react fast). */
   planner?: {
     correction?: PlannerRuntimeOptions['correction'];
@@ -113,7 +119,7 @@ export function isLoopbackHost(host: string): boolean {
 }
 
 /** The API key of a deployment: given, or read from the environment variable its graph names. */
-function apiKeyOf(graph: DeploymentGraph, options: DeploymentOptions): string | undefined {
+export function apiKeyOf(graph: DeploymentGraph, options: Pick<DeploymentOptions, 'apiKey'>): string | undefined {
   if (options.apiKey !== undefined) {
     if (options.apiKey === '') throw new BadArgumentError('the API key must not be empty');
     return options.apiKey;
@@ -285,7 +291,7 @@ function workerInits(graph: DeploymentGraph, options: DeploymentOptions): Worker
 }
 
 /** Replica `r` of `pool`. A replica past the pool's gpuIds (one the planner added) takes GPU 0. */
-function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, options: DeploymentOptions): WorkerInit {
+export function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, options: DeploymentOptions): WorkerInit {
   return {
     name: `${pool.name}-${r}`,
     pool: pool.name,
@@ -365,14 +371,16 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
         'frontend.apiKeyEnv in the graph).',
     );
 
-  const controlPlane = new EmbeddedControlPlane(Math.max(5 * heartbeatMs, 3000));
+  const controlPlane: ControlPlane = options.control
+    ? await EtcdControlPlane.connect(options.control)
+    : new EmbeddedControlPlane(Math.max(5 * heartbeatMs, 3000));
   const metrics = new ServeMetrics();
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
   const ports = frontendPorts(graph.frontend);
   // ---- planner hooks: a worker being drained is hidden from the routers (they send it nothing new) ----
   const draining = new Set<string>();
-  const routable = routingView(controlPlane, draining);
+  const routable = routingView(controlPlane, draining, (name) => workers.has(name));
   let planner: PlannerRuntime | undefined;
   // ---- end planner hooks ----
   // One router per frontend; what it sends about a request carries its frontend (requestPlaneId). They share one
@@ -435,6 +443,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
 
   controlPlane.on('added', (w) => {
     const reg = w.registration;
+    // In etcd, a worker of another process (a joined worker) is not this launcher's to relay to.
+    if (!workers.has(reg.name)) return;
     log(`[launcher] ${reg.name} registered (${reg.role}, ${reg.device}, ${reg.numBlocks} KV blocks, pid ${reg.pid})`);
     const wp = workers.get(reg.name);
     if (wp) metrics.workerKvBlocks(reg.name, wp.pool, reg.numBlocks - w.load.freeBlocks, reg.numBlocks);
@@ -446,6 +456,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     }
   });
   controlPlane.on('removed', (name, reason) => {
+    if (!workers.has(name)) return;
     if (!stopping) log(`[launcher] ${name} dropped: ${reason}`);
     metrics.dropWorker(name);
     for (const other of controlPlane.workers()) send(other.registration.name, { type: 'peerGone', name });
@@ -514,6 +525,12 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     for (const w of workers.values()) w.start();
     const startTimeout = options.startTimeoutMs ?? DEFAULT_WORKER_START_TIMEOUT_MS;
     await Promise.all([...workers.values()].map((w) => w.waitReady(startTimeout)));
+    // In etcd, a registration is in place once the watch shows it: the routers see every worker from here on.
+    await waitFor(
+      () => [...workers.keys()].every((name) => controlPlane.get(name) !== undefined),
+      startTimeout,
+      'the workers did not show in the control plane',
+    );
     started = true;
   } catch (error) {
     stopping = true;
@@ -667,7 +684,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       await planner?.stop();
       await closeFrontends(drainMs);
       await stopWorkers();
-      controlPlane.close();
+      await controlPlane.close();
     },
   };
 }
@@ -678,12 +695,17 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
  * reaches them); everything else (get, events) is the control plane's own, so a request already routed to a
  * draining worker (its remote prefill included) completes.
  */
-function routingView(controlPlane: ControlPlane, draining: ReadonlySet<string>): ControlPlane {
+function routingView(
+  controlPlane: ControlPlane,
+  draining: ReadonlySet<string>,
+  /** Whether a worker is this launcher's (in etcd, others may be registered too: the routers cannot reach them). */
+  isOwn: (name: string) => boolean = () => true,
+): ControlPlane {
   return new Proxy(controlPlane, {
     get(target, key) {
       if (key === 'workers')
         return (role?: Parameters<ControlPlane['workers']>[0]) =>
-          target.workers(role).filter((w) => !draining.has(w.registration.name));
+          target.workers(role).filter((w) => !draining.has(w.registration.name) && isOwn(w.registration.name));
       const value: unknown = Reflect.get(target, key, target);
       return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value;
     },
@@ -698,6 +720,15 @@ function plannerOff(routable: ControlPlane): PlannerStatus {
   };
 }
 // ---- end planner hooks ----
+
+/** Resolves once `ready()` holds (polled); rejects with a TimeoutError after `timeoutMs`. */
+async function waitFor(ready: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!ready()) {
+    if (Date.now() > deadline) throw new TimeoutError(`${what} within ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
 
 /** How a frontend's log lines are prefixed: `frontend`, or `frontend-<i>` when there are several. */
 function frontendName(index: number, count: number): string {

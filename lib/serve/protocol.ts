@@ -43,6 +43,8 @@ export interface WorkerInit {
   heartbeatMs: number;
   /** How long a decode worker waits for a remote prefill before serving the request itself (REMOTE_PREFILL_TIMEOUT_MS). */
   remotePrefillTimeoutMs?: number;
+  /** The transfer backend of its KV writes, when forced (`tcp` between hosts on one machine); default: the agent's pick. */
+  kvBackend?: 'shm' | 'tcp' | 'ucx';
 }
 
 /** What a worker tells the control plane about itself when it registers. */
@@ -58,6 +60,10 @@ export interface WorkerRegistration {
   kvPool: KvPoolSpec;
   device: 'cpu' | 'cuda';
   numBlocks: number;
+  /** Its pool in the graph (a joined worker's; the launcher knows its own workers' pools). */
+  pool?: string;
+  /** Where frontends reach it over TCP (lib/serve/request-plane.ts): a joined worker; absent under a launcher (IPC). */
+  requestPlane?: { host: string; port: number };
 }
 
 export interface WorkerLoad {

@@ -9,7 +9,7 @@ import type { EngineOutput, RequestHandle, SamplingParams } from '../engine/engi
 import { CudaModelRunner } from '../engine/cuda.js';
 import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
-import { TransferAgent, type Region } from '../transfer/index.js';
+import { TransferAgent, type AgentOptions, type Region } from '../transfer/index.js';
 import {
   decodePrefillNotice,
   encodePrefillNotice,
@@ -59,7 +59,7 @@ interface PendingRemote {
   abandoned: boolean;
 }
 
-class Worker {
+export class Worker {
   private readonly handles = new Map<string, RequestHandle>();
   private readonly remote = new Map<string, PendingRemote>();
   private readonly prefilling = new Set<string>();
@@ -72,21 +72,24 @@ class Worker {
   /** While draining and not yet idle: polls until nothing is in flight, then answers `drained`. */
   private drainPoll?: NodeJS.Timeout;
   /** The engine's KV events, batched per engine step and numbered, to the routers (lib/kv/events.ts). */
-  private readonly kvEvents = new KvEventPublisher((batch) => send({ type: 'kvEvents', batch }));
+  private readonly kvEvents: KvEventPublisher;
   private readonly stopKvEvents: () => void;
 
   constructor(
+    /** Where the worker's messages go: the launcher (IPC), or the request plane's connections (TCP). */
+    private readonly out: (message: FromWorker) => void,
     private readonly init: WorkerInit,
     private readonly model: OpenedModel,
     private readonly agent: TransferAgent,
     private readonly kvRegion: Region,
   ) {
     this.role = init.role;
+    this.kvEvents = new KvEventPublisher((batch) => this.out({ type: 'kvEvents', batch }));
     agent.on('notification', (_from, message) => this.onNotice(message));
     this.stopKvEvents = model.engine.onKvEvent((event) => this.kvEvents.add(event));
     this.heartbeat = setInterval(() => {
       const s = model.engine.stats();
-      send({
+      this.out({
         type: 'heartbeat',
         name: init.name,
         load: {
@@ -101,12 +104,16 @@ class Worker {
   }
 
   /** What a router's index starts from: every block this worker holds, numbered (sent at registration and on request). */
-  sendKvSnapshot(): void {
-    send({ type: 'kvSnapshot', snapshot: this.kvEvents.snapshot() });
+  sendKvSnapshot(to: (message: FromWorker) => void = this.out): void {
+    to({ type: 'kvSnapshot', snapshot: this.kvEvents.snapshot() });
   }
+
+  /** Set by a joined worker: what its registration adds (its pool, and where frontends reach it). */
+  registrationExtras: Pick<WorkerRegistration, 'pool' | 'requestPlane'> = {};
 
   registration(): WorkerRegistration {
     return {
+      ...this.registrationExtras,
       name: this.init.name,
       role: this.role,
       pid: process.pid,
@@ -130,7 +137,7 @@ class Worker {
     } catch (error) {
       // A prefill that cannot start is answered as failed, so that its decode worker serves the request itself.
       if (message.type === 'prefill')
-        send({
+        this.out({
           type: 'prefillDone',
           requestId: message.requestId,
           ok: false,
@@ -155,9 +162,9 @@ class Worker {
     if (p && !p.abandoned) {
       clearTimeout(p.timer);
       p.abandoned = true;
-      send({ type: 'abandonPrefill', requestId });
+      this.out({ type: 'abandonPrefill', requestId });
     }
-    send({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
+    this.out({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
   }
 
   private dispatch(message: ToWorker): void {
@@ -190,7 +197,7 @@ class Worker {
         return;
       case 'prefill':
         if (this.draining) {
-          send({
+          this.out({
             type: 'prefillDone',
             requestId: message.requestId,
             ok: false,
@@ -218,7 +225,7 @@ class Worker {
         this.prefillEnded(message.requestId, p);
         if (p.abandoned) return; // already served here
         if (p.aborted) return this.finishAborted(message.requestId);
-        send({ type: 'localPrefill', requestId: message.requestId });
+        this.out({ type: 'localPrefill', requestId: message.requestId });
         this.stream(message.requestId, this.model.engine.addRequest(this.request(message.requestId, p)));
         return;
       }
@@ -246,7 +253,7 @@ class Worker {
       if (!this.idle()) return;
       clearInterval(this.drainPoll);
       this.drainPoll = undefined;
-      send({ type: 'drained', name: this.init.name });
+      this.out({ type: 'drained', name: this.init.name });
     };
     this.drainPoll = setInterval(check, DRAIN_POLL_MS);
     check();
@@ -260,7 +267,7 @@ class Worker {
   private setRole(role: WorkerInit['role']): void {
     this.endDrain();
     this.role = role;
-    send({ type: 'ready', registration: this.registration() });
+    this.out({ type: 'ready', registration: this.registration() });
     this.sendKvSnapshot();
   }
 
@@ -285,9 +292,9 @@ class Worker {
     const p = this.remote.get(requestId);
     if (!p || p.abandoned) return;
     p.abandoned = true;
-    send({ type: 'abandonPrefill', requestId });
+    this.out({ type: 'abandonPrefill', requestId });
     if (p.aborted) return this.finishAborted(requestId);
-    send({ type: 'localPrefill', requestId });
+    this.out({ type: 'localPrefill', requestId });
     this.stream(requestId, this.model.engine.addRequest(this.request(requestId, p)));
   }
 
@@ -328,7 +335,7 @@ class Worker {
           aborted: false,
           abandoned: false,
         });
-        send({
+        this.out({
           type: 'needPrefill',
           requestId: m.requestId,
           promptIds: m.promptIds,
@@ -340,7 +347,7 @@ class Worker {
         return;
       }
     }
-    send({ type: 'localPrefill', requestId: m.requestId });
+    this.out({ type: 'localPrefill', requestId: m.requestId });
     this.stream(m.requestId, engine.addRequest(this.request(m.requestId, m)));
   }
 
@@ -391,7 +398,7 @@ class Worker {
           // The blocks a finished request leaves in the prefix cache reach the router before its end does: a
           // client's next request is routed knowing them.
           if (out.finishReason) this.kvEvents.flush();
-          send({
+          this.out({
             type: 'tokens',
             requestId,
             tokenIds: out.tokenIds,
@@ -401,7 +408,7 @@ class Worker {
           });
         }
       } catch (error) {
-        send({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
+        this.out({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
       } finally {
         this.handles.delete(requestId);
       }
@@ -409,7 +416,16 @@ class Worker {
   }
 
   private finishAborted(requestId: string): void {
-    send({ type: 'tokens', requestId, tokenIds: [], finishReason: 'abort' });
+    this.out({ type: 'tokens', requestId, tokenIds: [], finishReason: 'abort' });
+  }
+
+  /**
+   * A frontend is gone (its request-plane connection closed): every request whose id starts with `prefix` (that
+   * frontend's) is aborted, and its blocks freed as on an abort.
+   */
+  abortAll(prefix: string): void {
+    const ids = new Set([...this.handles.keys(), ...this.remote.keys(), ...this.prefilling]);
+    for (const id of ids) if (id.startsWith(prefix)) this.abort(id);
   }
 
   private abort(requestId: string): void {
@@ -423,7 +439,7 @@ class Worker {
     const t0 = performance.now();
     const target = this.peers.get(m.target.worker);
     const fail = (error: string) =>
-      send({
+      this.out({
         type: 'prefillDone',
         requestId: m.requestId,
         ok: false,
@@ -463,13 +479,14 @@ class Worker {
           local: this.kvRegion,
           remote: target.kvRegion,
           pieces,
+          ...(this.init.kvBackend ? { backend: this.init.kvBackend } : {}),
         });
         await plan.post({ notify: encodePrefillNotice(notice) });
       } else {
         await this.agent.notify(target.agentName, encodePrefillNotice(notice));
       }
       const now = performance.now();
-      send({
+      this.out({
         type: 'prefillDone',
         requestId: m.requestId,
         ok: true,
@@ -486,6 +503,11 @@ class Worker {
     }
   }
 
+  /** The role served now. */
+  get currentRole(): WorkerInit['role'] {
+    return this.role;
+  }
+
   async dispose(): Promise<void> {
     clearInterval(this.heartbeat);
     clearInterval(this.drainPoll);
@@ -494,6 +516,50 @@ class Worker {
     await this.model.dispose();
     await this.agent.dispose();
   }
+}
+
+/**
+ * Opens a worker's transfer agent, model and KV pool (shared memory on CPU, device memory on GPU) and the
+ * Worker that serves them; its messages go to `out`. `agentOptions`: where the agent listens for peers on other
+ * hosts (a joined worker, lib/cli/worker.ts).
+ */
+export async function openWorker(
+  init: WorkerInit,
+  out: (message: FromWorker) => void,
+  agentOptions: Omit<AgentOptions, 'name'> = {},
+): Promise<Worker> {
+  const agent = await TransferAgent.create({ name: `${init.name}-${process.pid}`, ...agentOptions });
+  let region: Region | undefined;
+  const model = await openModel({
+    model: init.model,
+    device: init.device === 'cuda' ? 'cuda' : 'cpu',
+    ...(init.gpu !== undefined ? { gpu: init.gpu } : {}),
+    ...(init.kvCacheFraction !== undefined ? { kvCacheFraction: init.kvCacheFraction } : {}),
+    seed: init.seed,
+    log: (line) => process.stderr.write(`tandem worker ${init.name}: ${line}\n`),
+    blockSize: init.blockSize,
+    ...(init.numBlocks !== undefined ? { numBlocks: init.numBlocks } : {}),
+    ...(init.threads !== undefined ? { threads: init.threads } : {}),
+    engine: {
+      ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
+      ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),
+    },
+    // CPU engine: the pool lives in shared memory that peers on this host map (shm backend).
+    kvBufferFor: (spec: KvPoolSpec) => {
+      region = agent.allocShared(kvPool(spec).poolBytes);
+      return region.view!;
+    },
+  });
+  // GPU engine: the pool is device memory; peers reach it through CUDA IPC (cuda-ipc backend).
+  if (model.runner instanceof CudaModelRunner) {
+    region = agent.registerDevice(model.runner.kvDeviceBuffer);
+    // The first forward pass on a GPU loads kernels: do it now rather than in the first request.
+    if (process.env.TANDEM_WARMUP !== '0') {
+      const ms = await warmUpRunner(model.runner);
+      process.stderr.write(`tandem worker ${init.name}: engine warm-up ${ms.toFixed(0)} ms\n`);
+    }
+  }
+  return new Worker(out, init, model, agent, region!);
 }
 
 /** The worker's main: waits for `init`, opens the model with its KV pool in shared memory, registers. */
@@ -532,38 +598,7 @@ export async function runWorker(): Promise<void> {
   process.on('SIGINT', () => {});
   process.on('SIGTERM', () => exit(0));
   try {
-    const agent = await TransferAgent.create({ name: `${init.name}-${process.pid}` });
-    let region: Region | undefined;
-    const model = await openModel({
-      model: init.model,
-      device: init.device === 'cuda' ? 'cuda' : 'cpu',
-      ...(init.gpu !== undefined ? { gpu: init.gpu } : {}),
-      ...(init.kvCacheFraction !== undefined ? { kvCacheFraction: init.kvCacheFraction } : {}),
-      seed: init.seed,
-      log: (line) => process.stderr.write(`tandem worker ${init.name}: ${line}\n`),
-      blockSize: init.blockSize,
-      ...(init.numBlocks !== undefined ? { numBlocks: init.numBlocks } : {}),
-      ...(init.threads !== undefined ? { threads: init.threads } : {}),
-      engine: {
-        ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
-        ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),
-      },
-      // CPU engine: the pool lives in shared memory that peers on this host map (shm backend).
-      kvBufferFor: (spec: KvPoolSpec) => {
-        region = agent.allocShared(kvPool(spec).poolBytes);
-        return region.view!;
-      },
-    });
-    // GPU engine: the pool is device memory; peers reach it through CUDA IPC (cuda-ipc backend).
-    if (model.runner instanceof CudaModelRunner) {
-      region = agent.registerDevice(model.runner.kvDeviceBuffer);
-      // The first forward pass on a GPU loads kernels: do it now rather than in the first request.
-      if (process.env.TANDEM_WARMUP !== '0') {
-        const ms = await warmUpRunner(model.runner);
-        process.stderr.write(`tandem worker ${init.name}: engine warm-up ${ms.toFixed(0)} ms\n`);
-      }
-    }
-    worker = new Worker(init, model, agent, region!);
+    worker = await openWorker(init, send);
     send({ type: 'ready', registration: worker.registration() });
     worker.sendKvSnapshot();
     for (const m of early.splice(0)) worker.handle(m);

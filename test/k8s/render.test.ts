@@ -148,6 +148,12 @@ describe('tandem k8s render', () => {
         '/etc/tandem/graph.yaml',
         '--host',
         '0.0.0.0',
+        '--port',
+        String(WORKER_PORTS.requests),
+        '--kv-port',
+        String(WORKER_PORTS.kv),
+        '--status-port',
+        String(WORKER_PORTS.status),
       ]);
       expect(c.resources?.limits?.['nvidia.com/gpu']).toBe(gpus > 0 ? gpus : undefined);
       const mounts = (c.volumeMounts ?? []).map((m) => m.mountPath);

@@ -407,6 +407,13 @@ function poolWorkload(c: Common, pool: PoolSpec): K8sObject[] {
                   graphPath,
                   '--host',
                   '0.0.0.0',
+                  // The pod's fixed ports; it registers its pod IP (TANDEM_POD_IP) with them in etcd.
+                  '--port',
+                  String(WORKER_PORTS.requests),
+                  '--kv-port',
+                  String(WORKER_PORTS.kv),
+                  '--status-port',
+                  String(WORKER_PORTS.status),
                 ],
                 env: tandemEnv(c),
                 ports: Object.entries(WORKER_PORTS).map(([portName, p]) => ({ name: portName, containerPort: p })),

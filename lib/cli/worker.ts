@@ -1,0 +1,70 @@
+/**
+ * `tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE [--host ADDR] [--port N]`: one worker of the
+ * graph's pool NAME on this host, registered in etcd, serving frontends over TCP (lib/serve/worker-join.ts).
+ * Runs until SIGINT or SIGTERM, then leaves discovery and stops. In a pod, TANDEM_POD_NAME, TANDEM_POD_IP and
+ * TANDEM_CONTROL_NAMESPACE stand in for --name, --advertise and --namespace.
+ */
+import { loadGraph } from '../serve/graph.js';
+import { joinWorker } from '../serve/worker-join.js';
+import { choiceOption, numberOption, UsageError } from './args.js';
+
+export interface WorkerArgs {
+  join?: string;
+  pool?: string;
+  graph?: string;
+  host?: string;
+  advertise?: string;
+  port?: string;
+  'kv-port'?: string;
+  'status-port'?: string;
+  name?: string;
+  namespace?: string;
+  seed?: string;
+  'kv-backend'?: string;
+}
+
+/** Resolves when SIGINT or SIGTERM arrives. */
+export function untilSignal(): Promise<NodeJS.Signals> {
+  return new Promise((resolve) => {
+    const stop = (signal: NodeJS.Signals) => {
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+      resolve(signal);
+    };
+    process.on('SIGINT', stop);
+    process.on('SIGTERM', stop);
+  });
+}
+
+export async function worker(args: WorkerArgs): Promise<number> {
+  if (!args.join) throw new UsageError('tandem worker needs --join etcd://HOST:2379');
+  if (!args.pool) throw new UsageError('tandem worker needs --pool NAME (a pool of the graph)');
+  if (!args.graph) throw new UsageError('tandem worker needs --graph FILE');
+  if (args.host === '') throw new UsageError('--host must not be empty');
+  const port = numberOption('port', args.port, { integer: true, min: 0, max: 65535 });
+  const kvPort = numberOption('kv-port', args['kv-port'], { integer: true, min: 0, max: 65535 });
+  const statusPort = numberOption('status-port', args['status-port'], { integer: true, min: 0, max: 65535 });
+  // In a pod (tandem k8s render), its name and the deployment's etcd namespace come from the environment.
+  const name = args.name ?? (process.env.TANDEM_POD_NAME || undefined);
+  const namespace = args.namespace ?? (process.env.TANDEM_CONTROL_NAMESPACE || undefined);
+  const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
+  const kvBackend = choiceOption('kv-backend', args['kv-backend'], ['auto', 'shm', 'tcp', 'ucx'] as const);
+  const joined = await joinWorker({
+    graph: loadGraph(args.graph),
+    pool: args.pool,
+    control: args.join,
+    ...(namespace ? { controlOptions: { namespace } } : {}),
+    ...(args.host ? { host: args.host } : {}),
+    ...(args.advertise ? { advertise: args.advertise } : {}),
+    ...(port !== undefined ? { port } : {}),
+    ...(kvPort !== undefined ? { kvPort } : {}),
+    ...(statusPort !== undefined ? { statusPort } : {}),
+    ...(name ? { name } : {}),
+    ...(kvBackend && kvBackend !== 'auto' ? { kvBackend } : {}),
+    seed,
+  });
+  const signal = await untilSignal();
+  console.log(`tandem: ${signal}: ${joined.name} leaves discovery and stops`);
+  await joined.stop();
+  return 0;
+}
