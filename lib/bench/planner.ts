@@ -44,6 +44,8 @@ import { workloadRequests, workloadShape, type WorkloadSpec } from './workload.j
 export const BENCH_PLANNER_MODEL = 'dummy:tiny';
 /** Prefill queue per prefill worker before decode workers prefill long prompts themselves: never, here. */
 const STRICT_MAX_PREFILL_QUEUE = 1_000_000;
+/** Seconds of trace per point of the chart's latency lines. */
+const CHART_BUCKET_S = 2;
 
 /** One deployment to run the trace against. */
 export interface PlannerVariant {
@@ -460,19 +462,29 @@ export function plannerChart(report: BenchPlannerReport): ChartSpec {
     mark: { type: 'rule', strokeDash: [6, 4], color: '#444' },
     encoding: { y: { field: 'ms', type: 'quantitative' } },
   });
+  // Requests by when they were sent, in buckets of CHART_BUCKET_S: each bucket's median.
   const latency = (what: 'ttftMs' | 'tpotMs', title: string, slo: number): ChartSpec => {
-    const rows = report.variants.flatMap((v) =>
-      v.requests.flatMap((r) => (r[what] === null ? [] : [{ deployment: v.variant.label, atS: r.atS, ms: r[what] }])),
-    );
+    const rows = report.variants.flatMap((v) => {
+      const buckets = new Map<number, number[]>();
+      for (const r of v.requests) {
+        const ms = r[what];
+        if (ms === null) continue;
+        const at = Math.floor(r.atS / CHART_BUCKET_S) * CHART_BUCKET_S;
+        buckets.set(at, [...(buckets.get(at) ?? []), ms]);
+      }
+      return [...buckets]
+        .sort((a, b) => a[0] - b[0])
+        .map(([atS, values]) => ({ deployment: v.variant.label, atS, ms: distribution(values)!.p50 }));
+    });
     return {
       width: PANEL_WIDTH,
       height: 260,
-      title,
+      title: { text: title, subtitle: `median of the requests sent in each ${CHART_BUCKET_S} s` },
       layer: [
         {
           data: { values: rows },
-          mark: { type: 'point', filled: true, size: 14, opacity: 0.6 },
-          encoding: { x, y: axisFor('ms', `${title} (ms)`, [...rows.map((r) => r.ms as number), slo]), color: colour },
+          mark: { type: 'line', interpolate: 'step-after' },
+          encoding: { x, y: axisFor('ms', `${title} (ms)`, [...rows.map((r) => r.ms), slo]), color: colour },
         },
         sloRule(slo),
         phaseRule,
@@ -489,10 +501,20 @@ export function plannerChart(report: BenchPlannerReport): ChartSpec {
     layer: [
       {
         data: { values: poolRows },
-        mark: { type: 'line', interpolate: 'step-after', point: true },
+        mark: { type: 'line', interpolate: 'step-after' },
         encoding: {
           x,
-          y: { field: 'workers', type: 'quantitative', title: 'prefill workers', scale: { zero: true } },
+          y: {
+            field: 'workers',
+            type: 'quantitative',
+            title: 'prefill workers',
+            scale: { zero: true },
+            // whole workers only
+            axis: {
+              values: Array.from({ length: Math.max(...poolRows.map((r) => r.workers), 1) + 1 }, (_, i) => i),
+              format: 'd',
+            },
+          },
           color: colour,
         },
       },
