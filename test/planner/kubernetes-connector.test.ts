@@ -13,8 +13,10 @@ import {
   KubernetesConnector,
   KubernetesNotFoundError,
   KubernetesTimeoutError,
+  kubernetesConnectorOptions,
   type KubernetesConnectorOptions,
 } from '../../lib/planner/connectors/kubernetes.js';
+import { parseGraph } from '../../lib/serve/graph.js';
 import { PlannerActionError } from '../../lib/planner/connectors/index.js';
 
 interface Recorded {
@@ -344,5 +346,44 @@ describe('kubernetes connector against a fake Kubernetes API server (no cluster 
     expect(k.replicas().prefill).toBe(1);
     await k.refresh();
     expect(k.replicas().prefill).toBe(4);
+  });
+
+  it("the graph's planner.kubernetes section names the workloads: <name>-<pool> in its namespace", async () => {
+    const graph = parseGraph(`model: dummy:tiny
+pools:
+  - {name: pf, role: prefill, device: cpu}
+  - {name: dc, role: decode, device: cpu}
+planner: {mode: load, ttftMs: 1, itlMs: 1, connector: kubernetes, kubernetes: {name: llm, namespace: serving, readyTimeoutS: 2}}
+`);
+    const options = kubernetesConnectorOptions(graph.planner.kubernetes!, { prefill: 'pf', decode: 'dc' });
+    expect(options).toEqual({
+      namespace: 'serving',
+      workloads: { prefill: { kind: 'StatefulSet', name: 'llm-pf' }, decode: { kind: 'StatefulSet', name: 'llm-dc' } },
+      readyTimeoutMs: 2000,
+    });
+    api.reset({ 'statefulsets/llm-pf': { replicas: 2 }, 'statefulsets/llm-dc': { replicas: 3 } });
+    const k = await KubernetesConnector.connect({ ...options, kubeConfig: kubeConfig() });
+    expect(k.replicas()).toEqual({ prefill: 2, decode: 3 });
+    expect(api.requests.map(brief)).toEqual([`GET ${STS}/llm-pf/scale`, `GET ${STS}/llm-dc/scale`]);
+  });
+
+  it("without a namespace, the kubeconfig context's namespace is used", async () => {
+    api.reset({ 'statefulsets/tandem-prefill': { replicas: 1 }, 'statefulsets/tandem-decode': { replicas: 1 } });
+    const kc = new KubeConfig();
+    kc.loadFromOptions({
+      clusters: [{ name: 'fake', server: api.url, skipTLSVerify: true }],
+      users: [{ name: 'planner', token: 't' }],
+      contexts: [{ name: 'fake', cluster: 'fake', user: 'planner', namespace: NS }],
+      currentContext: 'fake',
+    });
+    const k = await KubernetesConnector.connect({
+      workloads: {
+        prefill: { kind: 'StatefulSet', name: 'tandem-prefill' },
+        decode: { kind: 'StatefulSet', name: 'tandem-decode' },
+      },
+      kubeConfig: kc,
+    });
+    expect(k.replicas()).toEqual({ prefill: 1, decode: 1 });
+    expect(api.requests[0]!.path).toBe(`${STS}/tandem-prefill/scale`);
   });
 });
