@@ -8,10 +8,15 @@
  * Mooncake's traces): two requests whose lists start alike share that many blocks of prompt, which is what a
  * prefix cache sees. Blank lines are skipped; fields not named here are ignored. A line that is not such a
  * record is a TraceFormatError naming the file, the line number and the field.
+ *
+ * `phasedTrace` generates one: seeded phases of Poisson arrivals (the planner's traffic shift, bench:planner), which
+ * `traceToJsonl` writes in the same format.
  */
 import { readFileSync } from 'node:fs';
+import { randomExponential } from 'd3-random';
 import { z } from 'zod';
 import { TandemError } from '../errors.js';
+import { seededSource } from './distributions.js';
 
 /** Mooncake's block size, in tokens, of `hash_ids`. */
 export const MOONCAKE_BLOCK_TOKENS = 512;
@@ -93,4 +98,83 @@ export function loadTrace(path: string): TraceRequest[] {
     throw new TraceFormatError(path, 0, `cannot read: ${(error as Error).message}`);
   }
   return parseTrace(text, path);
+}
+
+/** One phase of a generated trace: its requests' lengths and arrival rate, for `seconds`. */
+export interface TracePhase {
+  name: string;
+  /** Prompt tokens of each request (drawn uniformly within +-`jitter` of it). */
+  isl: number;
+  /** Output tokens of each request (likewise). */
+  osl: number;
+  /** Poisson arrivals, requests per second. */
+  rate: number;
+  seconds: number;
+}
+
+export interface PhasedTrace {
+  requests: TraceRequest[];
+  /** The phase of each request (index into the phases). */
+  phaseOf: Int32Array;
+  /** Where each phase starts, ms from the trace's start. */
+  phaseStartMs: number[];
+}
+
+/**
+ * A seeded trace of phases one after another (a traffic shift: long prompts and short answers, then short prompts
+ * and long answers, say): Poisson arrivals at each phase's rate, lengths within +-`jitter` (a share) of the phase's.
+ * No request shares a prompt block with another (hash_ids unique). The same spec and seed give the same trace.
+ */
+export function phasedTrace(phases: readonly TracePhase[], seed: number, jitter = 0.1): PhasedTrace {
+  if (phases.length === 0) throw new TraceFormatError('generated trace', 0, 'no phases');
+  if (!(jitter >= 0 && jitter < 1))
+    throw new TraceFormatError('generated trace', 0, `jitter ${jitter} is not in [0, 1)`);
+  const requests: TraceRequest[] = [];
+  const phaseOf: number[] = [];
+  const phaseStartMs: number[] = [];
+  let startMs = 0;
+  let nextHash = 0;
+  phases.forEach((phase, p) => {
+    for (const [key, v] of [
+      ['isl', phase.isl],
+      ['osl', phase.osl],
+      ['rate', phase.rate],
+      ['seconds', phase.seconds],
+    ] as const)
+      if (!(v > 0 && Number.isFinite(v)))
+        throw new TraceFormatError('generated trace', 0, `phase ${phase.name}: ${key} must be > 0 (got ${v})`);
+    phaseStartMs.push(startMs);
+    const gaps = randomExponential.source(seededSource(seed, `phase ${p} arrivals`))(phase.rate / 1000);
+    const lengths = seededSource(seed, `phase ${p} lengths`);
+    const around = (n: number) => Math.max(1, Math.round(n * (1 + jitter * (2 * lengths() - 1))));
+    const endMs = startMs + phase.seconds * 1000;
+    for (let t = startMs + gaps(); t < endMs; t += gaps()) {
+      const inputLength = around(phase.isl);
+      requests.push({
+        line: requests.length + 1,
+        timestampMs: Math.round(t),
+        inputLength,
+        outputLength: around(phase.osl),
+        hashIds: Array.from({ length: Math.ceil(inputLength / MOONCAKE_BLOCK_TOKENS) }, () => nextHash++),
+      });
+      phaseOf.push(p);
+    }
+    startMs = endMs;
+  });
+  return { requests, phaseOf: Int32Array.from(phaseOf), phaseStartMs };
+}
+
+/** A trace as Mooncake's JSONL (what `bench:serve --trace` reads back). */
+export function traceToJsonl(requests: readonly TraceRequest[]): string {
+  return requests
+    .map((r) =>
+      JSON.stringify({
+        timestamp: r.timestampMs,
+        input_length: r.inputLength,
+        output_length: r.outputLength,
+        hash_ids: r.hashIds,
+      }),
+    )
+    .join('\n')
+    .concat('\n');
 }

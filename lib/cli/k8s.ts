@@ -23,10 +23,11 @@ import { UsageError } from './args.js';
 
 export const K8S_HELP = `Usage: tandem k8s render -f graph.yaml [options]
 
-Writes the Kubernetes manifests of a deployment graph: a ConfigMap with the graph, RBAC for the planner,
-etcd (StatefulSet + Service) unless --etcd names one, the frontend (Deployment + Service) and one
-StatefulSet with a headless Service per pool (replicas and nvidia.com/gpu from the graph). They are
-validated against the Kubernetes 1.27 schemas before they are written.
+Writes the Kubernetes manifests of a deployment graph: a ConfigMap with the graph, RBAC for the planner
+when it scales the pools (planner.connector kubernetes), etcd (StatefulSet + Service) unless --etcd names
+one, the frontend (Deployment + Service) and one StatefulSet with a headless Service per pool (replicas and
+nvidia.com/gpu from the graph). They are validated against the Kubernetes 1.27 schemas before they are
+written.
 
 Options:
   -f, --file FILE         the deployment graph (required)

@@ -13,7 +13,8 @@
  *   spec.ts              the deployment graph's `planner` section
  *   observe.ts           what it sees of a deployment: ServeMetrics differenced per interval
  *   runtime.ts           the planner at work in the launcher: tick, decide, log, act through a connector
- *   connectors/          how it acts: one interface; local (the launcher's processes)
+ *   connectors/          how it acts: one interface; local (the launcher's processes), kubernetes (the pools'
+ *                        workloads; imported from connectors/kubernetes.js, not re-exported: it loads the client)
  */
 export { ProfileError, UnmeetablePlanError } from './errors.js';
 export {
@@ -68,8 +69,14 @@ export { DecisionHistory, DEFAULT_HISTORY_SIZE, type Decision } from './decision
 export { Planner, type LoadDecision, type PlannerDecision, type PlannerOptions, type SlaDecision } from './planner.js';
 export {
   DEFAULT_PLANNING_INTERVAL_S,
+  KubernetesPlannerSchema,
+  PLANNER_CONNECTORS,
   PLANNER_MODES,
   PlannerSpecSchema,
+  correctionOptions,
+  correctionTickS,
+  type KubernetesPlannerSpec,
+  type PlannerConnectorKind,
   type PlannerMode,
   type PlannerSpec,
   type PlannerSpecInput,

@@ -6,7 +6,7 @@
  *
  * Ticks: mode load, every intervalS, a load-based correction from the interval's TTFT (prefill) and ITL (decode).
  * Mode sla, a plan from the profile every intervalS and load-based corrections every min(intervalS,
- * CORRECTION_INTERVAL_S) in between. The frontend measures TTFT and ITL per request, not per engine, so each
+ * correctionIntervalS) in between (spec.ts, `correctionTickS`). The frontend measures TTFT and ITL per request, not per engine, so each
  * pool is judged by one value (the interval's mean): "every engine misses" reads "the pool's requests miss".
  * A tick that comes while an action is still being carried out (a drain can take a while) is skipped: the next
  * one sees the result.
@@ -18,10 +18,9 @@ import type { LoadCorrectionOptions, Pool } from './load-correction.js';
 import { MetricsWindow, type PlannerWindow } from './observe.js';
 import { Planner, type PlannerDecision } from './planner.js';
 import type { Profile } from './profile.js';
-import type { PlannerMode } from './spec.js';
+import { correctionTickS, type PlannerMode } from './spec.js';
 
-/** Seconds between load-based corrections in mode sla (at most intervalS). */
-export const CORRECTION_INTERVAL_S = 5;
+export { CORRECTION_INTERVAL_S } from './spec.js';
 /** Actions kept for /planner. */
 const ACTIONS_KEPT = 64;
 /** Decisions /planner shows. */
@@ -46,6 +45,8 @@ export interface PlannerRuntimeOptions {
   ttftMs: number;
   itlMs: number;
   intervalS: number;
+  /** Mode sla: seconds between load-based corrections (default CORRECTION_INTERVAL_S, at most intervalS). */
+  correctionIntervalS?: number;
   minReplicas: number;
   /** GPUs (on CPU: workers) both pools may take together. */
   maxGpus: number;
@@ -100,8 +101,8 @@ export class PlannerRuntime {
 
   /** Seconds between ticks. */
   get tickS(): number {
-    const { mode, intervalS } = this.options;
-    return mode === 'load' ? intervalS : Math.min(intervalS, CORRECTION_INTERVAL_S);
+    const { mode, intervalS, correctionIntervalS } = this.options;
+    return correctionTickS({ mode, intervalS, ...(correctionIntervalS !== undefined ? { correctionIntervalS } : {}) });
   }
 
   async start(): Promise<void> {
@@ -137,6 +138,17 @@ export class PlannerRuntime {
     if (this.acting) {
       this.log('tick skipped: an action is still under way');
       return undefined;
+    }
+    // Pools that can change without the connector (a person scaling a workload) are read again first.
+    if (this.options.connector.refresh) {
+      await this.options.connector.refresh();
+      const have = this.options.connector.replicas();
+      const want = this.planner.replicas;
+      // Only on a change: a resync starts the hysteresis counts again.
+      if (have.prefill !== want.prefill || have.decode !== want.decode) {
+        this.log(`pools changed outside the planner: prefill ${have.prefill}, decode ${have.decode}`);
+        this.planner.resync(have);
+      }
     }
     const atMs = this.now();
     let decision: PlannerDecision;

@@ -26,7 +26,7 @@ import {
   ROUTER_POLICIES,
   type RouterConfig,
 } from '../router/index.js';
-import { PlannerSpecSchema, type PlannerSpec } from '../planner/spec.js';
+import { KubernetesPlannerSchema, PlannerSpecSchema, type PlannerSpec } from '../planner/spec.js';
 
 export const POOL_ROLES = ['prefill', 'decode', 'aggregated'] as const;
 export type PoolRole = (typeof POOL_ROLES)[number];
@@ -251,12 +251,14 @@ const KNOWN_KEYS: Record<string, readonly string[]> = {
   engine: Object.keys(EngineOptionsSchema.shape),
   disaggregation: ['minRemotePrefillTokens', 'maxPrefillQueue'],
   router: ['policy', 'prefillWeight', 'temperature'],
-  planner: ['mode', 'ttftMs', 'itlMs', 'intervalS', 'minReplicas', 'maxGpus', 'profile'],
+  planner: PlannerSpecSchema.in.keyof().options,
+  'planner.kubernetes': KubernetesPlannerSchema.keyof().options,
 };
 
 function knownKeysAt(path: readonly PathKey[]): readonly string[] {
   if (path.length === 0) return KNOWN_KEYS.root!;
   if (path[0] === 'pools') return path.length >= 3 && path[2] === 'engine' ? KNOWN_KEYS.engine! : KNOWN_KEYS.pool!;
+  if (path[0] === 'planner' && path[1] === 'kubernetes') return KNOWN_KEYS['planner.kubernetes']!;
   return KNOWN_KEYS[String(path[0])] ?? [];
 }
 
@@ -514,6 +516,8 @@ export function parseGraph(text: string, sourceName = 'graph.yaml', options: Par
   }
   if (graph?.planner.profile !== undefined && options.baseDir !== undefined)
     graph.planner.profile = resolve(options.baseDir, graph.planner.profile);
+  if (graph?.planner.kubernetes?.kubeconfig !== undefined && options.baseDir !== undefined)
+    graph.planner.kubernetes.kubeconfig = resolve(options.baseDir, graph.planner.kubernetes.kubeconfig);
   if (issues.length || !graph) throw new GraphError(positioned(doc, lines, sourceName, issues));
   return graph;
 }

@@ -37,11 +37,12 @@ import type { FromWorker, ToWorker, WorkerInit } from './protocol.js';
 import { Router } from './router.js';
 import { LoadEstimate } from '../router/index.js';
 // ---- planner hooks (lib/planner: the runtime and its local connector) ----
-import { LocalConnector, type LocalWorkers } from '../planner/connectors/index.js';
+import { LocalConnector, type LocalWorkers, type PlannerConnector } from '../planner/connectors/index.js';
 import { MetricsWindow } from '../planner/observe.js';
 import { loadProfile } from '../planner/profile.js';
 import { PlannerRuntime, type PlannerRuntimeOptions, type PlannerStatus } from '../planner/runtime.js';
 import type { Pool } from '../planner/load-correction.js';
+import { correctionOptions, type PlannerSpec } from '../planner/spec.js';
 // ---- end planner hooks ----
 
 /** First delay before restarting a crashed worker; it doubles with each crash, up to RESTART_BACKOFF_MAX_MS. */
@@ -632,10 +633,19 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
         maxGpus: plannerSpec.maxGpus ?? roles.reduce((n, r) => n + (poolOf(r)?.replicas ?? 0) * slots(r), 0),
         gpusPerReplica: { prefill: slots('prefill'), decode: slots('decode') },
         ...(plannerProfile ? { profile: plannerProfile } : {}),
-        connector: new LocalConnector(localWorkers, {
-          ...(options.planner?.drainTimeoutMs !== undefined ? { drainTimeoutMs: options.planner.drainTimeoutMs } : {}),
-          log: (line) => log(`[planner] ${line}`),
-        }),
+        connector:
+          plannerSpec.connector === 'kubernetes'
+            ? await kubernetesConnector(
+                plannerSpec,
+                { prefill: poolOf('prefill')!.name, decode: poolOf('decode')!.name },
+                log,
+              )
+            : new LocalConnector(localWorkers, {
+                ...(options.planner?.drainTimeoutMs !== undefined
+                  ? { drainTimeoutMs: options.planner.drainTimeoutMs }
+                  : {}),
+                log: (line) => log(`[planner] ${line}`),
+              }),
         window: () =>
           new MetricsWindow(
             () => metrics.plannerReadings(),
@@ -648,7 +658,10 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
               ),
           ),
         metrics,
-        ...(options.planner?.correction ? { correction: options.planner.correction } : {}),
+        ...(plannerSpec.correctionIntervalS !== undefined
+          ? { correctionIntervalS: plannerSpec.correctionIntervalS }
+          : {}),
+        correction: { ...correctionOptions(plannerSpec), ...options.planner?.correction },
         log: (line) => log(`[planner] ${line}`),
       });
       await planner.start();
@@ -709,6 +722,19 @@ function routingView(
       const value: unknown = Reflect.get(target, key, target);
       return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value;
     },
+  });
+}
+
+/** The kubernetes connector, imported only when a graph asks for it (it loads @kubernetes/client-node). */
+async function kubernetesConnector(
+  spec: PlannerSpec,
+  poolNames: Record<Pool, string>,
+  log: (line: string) => void,
+): Promise<PlannerConnector> {
+  const k8s = await import('../planner/connectors/kubernetes.js');
+  return k8s.KubernetesConnector.connect({
+    ...k8s.kubernetesConnectorOptions(spec.kubernetes!, poolNames),
+    log: (line) => log(`[planner] ${line}`),
   });
 }
 

@@ -50,6 +50,15 @@ pools:
     engine: {threads: 2}
 `;
 
+/** One prefill and one decode pool, a planner that scales them through the Kubernetes API. */
+const PLANNER_GRAPH = `model: dummy:tiny
+frontend: {port: 8000}
+pools:
+  - {name: prefill, role: prefill, device: cuda}
+  - {name: decode, role: decode, device: cuda, replicas: 2}
+planner: {mode: load, ttftMs: 500, itlMs: 50, connector: kubernetes}
+`;
+
 const dir = mkdtempSync(join(tmpdir(), 'tandem-k8s-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -92,7 +101,6 @@ describe('tandem k8s render', () => {
     expect(run.status).toBe(0);
     expect(readdirSync(out).sort()).toEqual([
       '00-graph.yaml',
-      '01-planner-rbac.yaml',
       '02-etcd.yaml',
       '10-frontend.yaml',
       '20-pool-decode-cpu.yaml',
@@ -103,14 +111,11 @@ describe('tandem k8s render', () => {
     expect(objects.map((o) => `${o.kind}/${o.metadata!.name}`).sort()).toEqual([
       'ConfigMap/tandem-graph',
       'Deployment/tandem-frontend',
-      'Role/tandem-planner',
-      'RoleBinding/tandem-planner',
       'Service/tandem-decode',
       'Service/tandem-decode-cpu',
       'Service/tandem-etcd',
       'Service/tandem-frontend',
       'Service/tandem-prefill',
-      'ServiceAccount/tandem-planner',
       'StatefulSet/tandem-decode',
       'StatefulSet/tandem-decode-cpu',
       'StatefulSet/tandem-etcd',
@@ -173,7 +178,7 @@ describe('tandem k8s render', () => {
     });
   });
 
-  it('the frontend listens on the graph port, runs as the planner, and gets the API key from the Secret', () => {
+  it('the frontend listens on the graph port, mounts no account token (no planner here), and gets the API key from the Secret', () => {
     const objects = written();
     const deployment = find<IDeployment>(objects, 'Deployment', 'tandem-frontend');
     const svc = find<IService>(objects, 'Service', 'tandem-frontend');
@@ -187,15 +192,8 @@ describe('tandem k8s render', () => {
       name: 'MY_API_KEY',
       valueFrom: { secretKeyRef: { name: 'tandem-token', key: 'api-key' } },
     });
-    expect(deployment.spec!.template.spec!.serviceAccountName).toBe('tandem-planner');
-
-    const role = find<IRole>(objects, 'Role', 'tandem-planner');
-    expect(role.rules).toContainEqual(
-      expect.objectContaining({ apiGroups: ['apps'], resources: ['statefulsets', 'statefulsets/scale'] }),
-    );
-    expect(role.rules![0]!.verbs).toEqual(expect.arrayContaining(['patch', 'update', 'get']));
-    const binding = find<IRoleBinding>(objects, 'RoleBinding', 'tandem-planner');
-    expect(binding.subjects).toEqual([{ kind: 'ServiceAccount', name: 'tandem-planner', namespace: 'serving' }]);
+    expect(deployment.spec!.template.spec!.serviceAccountName).toBeUndefined();
+    expect(deployment.spec!.template.spec!.automountServiceAccountToken).toBe(false);
   });
 
   it('the ConfigMap holds the graph as loaded, for the pods: the same graph, listening on all interfaces', () => {
@@ -226,8 +224,88 @@ describe('tandem k8s render', () => {
     const r = runTs('lib/cli/main.ts', ['k8s', 'render', '-f', graphFile]);
     expect(r.status).toBe(0);
     const docs = parseAllDocuments(r.stdout).map((d) => d.toJS() as K8sObject);
-    expect(docs).toHaveLength(14);
+    expect(docs).toHaveLength(11);
     expect(manifestProblems(docs)).toEqual([]);
+  });
+});
+
+describe('a planner with the kubernetes connector', () => {
+  const render = (text: string, options = {}) =>
+    renderKubernetes(parseGraph(text), { name: 'llm', namespace: 'serving', ...options });
+
+  it('gets a service account allowed exactly what the connector calls, for its two StatefulSets; the frontend runs under it', () => {
+    const { files, notes } = render(PLANNER_GRAPH);
+    expect(files.map((f) => f.file)).toContain('01-planner-rbac.yaml');
+    const objects = files.flatMap((f) => f.objects);
+    expect(manifestProblems(objects)).toEqual([]);
+    const role = find<IRole>(objects, 'Role', 'llm-planner');
+    expect(role.rules).toEqual([
+      {
+        apiGroups: ['apps'],
+        resources: ['statefulsets'],
+        resourceNames: ['llm-prefill', 'llm-decode'],
+        verbs: ['get'],
+      },
+      {
+        apiGroups: ['apps'],
+        resources: ['statefulsets/scale'],
+        resourceNames: ['llm-prefill', 'llm-decode'],
+        verbs: ['get', 'patch'],
+      },
+    ]);
+    // The names it may scale are the StatefulSets rendered.
+    for (const name of role.rules![0]!.resourceNames!) find<IStatefulSet>(objects, 'StatefulSet', name);
+    const binding = find<IRoleBinding>(objects, 'RoleBinding', 'llm-planner');
+    expect(binding.roleRef).toEqual({ apiGroup: 'rbac.authorization.k8s.io', kind: 'Role', name: 'llm-planner' });
+    expect(binding.subjects).toEqual([{ kind: 'ServiceAccount', name: 'llm-planner', namespace: 'serving' }]);
+    find(objects, 'ServiceAccount', 'llm-planner');
+    const frontendSpec = find<IDeployment>(objects, 'Deployment', 'llm-frontend').spec!.template.spec!;
+    expect(frontendSpec.serviceAccountName).toBe('llm-planner');
+    expect(frontendSpec.automountServiceAccountToken).toBeUndefined();
+    // Workers never get a token.
+    for (const set of ['llm-prefill', 'llm-decode'])
+      expect(find<IStatefulSet>(objects, 'StatefulSet', set).spec!.template.spec!.automountServiceAccountToken).toBe(
+        false,
+      );
+    expect(notes.join('\n')).not.toContain('kubeconfig');
+  });
+
+  it("the pods' graph names the rendered workloads and namespace, and no kubeconfig", () => {
+    const { files, notes } = render(
+      PLANNER_GRAPH.replace(
+        'connector: kubernetes}',
+        'connector: kubernetes, kubernetes: {kubeconfig: /home/me/.kube/config}}',
+      ),
+    );
+    const map = find<IConfigMap>(
+      files.flatMap((f) => f.objects),
+      'ConfigMap',
+      'llm-graph',
+    );
+    expect(parseGraph(map.data!['graph.yaml']!).planner.kubernetes).toEqual({
+      name: 'llm',
+      namespace: 'serving',
+      workloadKind: 'StatefulSet',
+      readyTimeoutS: 600,
+    });
+    expect(notes.join('\n')).toContain('planner.kubernetes.kubeconfig is not used in the pods');
+  });
+
+  it('no RBAC for a planner that is off or local', () => {
+    for (const planner of ['{mode: off, connector: kubernetes}', '{mode: load, ttftMs: 1, itlMs: 1}']) {
+      const { files } = render(PLANNER_GRAPH.replace(/planner: .*/, `planner: ${planner}`));
+      expect(files.map((f) => f.file)).not.toContain('01-planner-rbac.yaml');
+    }
+  });
+
+  it('a kubernetes section that names other workloads, another namespace, or Deployments is refused', () => {
+    const withSection = (section: string) =>
+      PLANNER_GRAPH.replace('connector: kubernetes}', `connector: kubernetes, kubernetes: ${section}}`);
+    expect(() => render(withSection('{name: other}'))).toThrow(K8sRenderError);
+    expect(() => render(withSection('{name: other}'))).toThrow(/planner.kubernetes.name 'other'.*--name 'llm'/);
+    expect(() => render(withSection('{namespace: prod}'))).toThrow(/planner.kubernetes.namespace 'prod'/);
+    expect(() => render(withSection('{workloadKind: Deployment}'))).toThrow(/writes each pool as a StatefulSet/);
+    expect(() => render(withSection('{name: llm, namespace: serving}'))).not.toThrow();
   });
 });
 
@@ -284,7 +362,10 @@ describe('graphs and options Kubernetes cannot take', () => {
 });
 
 describe('the validator bites', () => {
-  const objects = renderKubernetes(parseGraph(GRAPH)).files.flatMap((f) => f.objects);
+  const objects = [
+    ...renderKubernetes(parseGraph(GRAPH)).files.flatMap((f) => f.objects),
+    ...renderKubernetes(parseGraph(PLANNER_GRAPH)).files.find((f) => f.file === '01-planner-rbac.yaml')!.objects,
+  ];
   const mutated = (kind: string, name: string, mutate: (o: Record<string, any>) => void): unknown[] =>
     objects.map((o) => {
       if (o.kind !== kind || o.metadata!.name !== name) return o;

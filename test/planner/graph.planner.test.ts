@@ -3,6 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { GraphError, loadGraph, parseGraph } from '../../lib/serve/graph.js';
+import { correctionOptions } from '../../lib/planner/spec.js';
 
 // The deployment graph's planner section: defaults, required SLAs, positions of errors, unknown keys, and the
 // rules that span sections (one prefill and one decode pool, mode disagg).
@@ -82,6 +83,77 @@ describe('graph planner section', () => {
       const file = join(dir, 'graph.yaml');
       writeFileSync(file, `${BASE}planner:\n  mode: sla\n  ttftMs: 100\n  itlMs: 10\n  profile: profiles/p.json\n`);
       expect(loadGraph(file).planner.profile).toBe(join(dir, 'profiles', 'p.json'));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('takes the load-based correction knobs, in seconds, and turns them into counts of corrections', () => {
+    const g = parseGraph(
+      `${BASE}planner:\n  mode: load\n  ttftMs: 200\n  itlMs: 20\n  intervalS: 2\n  scaleUpAfterS: 5\n  scaleDownAfterS: 8\n  scaleDownBelow: 0.3\n  cooldownS: 20\n`,
+    );
+    expect(g.planner).toMatchObject({ scaleUpAfterS: 5, scaleDownAfterS: 8, scaleDownBelow: 0.3, cooldownS: 20 });
+    // Mode load corrects every intervalS (2 s): 5 s of misses is 3 corrections (rounded up), 8 s is 4.
+    expect(correctionOptions(g.planner)).toEqual({
+      scaleUpAfter: 3,
+      scaleDownAfter: 4,
+      scaleDownBelow: 0.3,
+      cooldownMs: 20_000,
+    });
+    // Mode sla corrects every min(intervalS, correctionIntervalS).
+    const sla = parseGraph(
+      `${BASE}planner:\n  mode: sla\n  ttftMs: 200\n  itlMs: 20\n  profile: p.json\n  correctionIntervalS: 3\n  scaleUpAfterS: 9\n`,
+    );
+    expect(correctionOptions(sla.planner)).toEqual({ scaleUpAfter: 3 });
+    // Knobs left out stay out (load-correction.ts has the defaults).
+    expect(correctionOptions(parseGraph(`${BASE}planner:\n  mode: load\n  ttftMs: 1\n  itlMs: 1\n`).planner)).toEqual(
+      {},
+    );
+  });
+
+  it('bad correction knobs name their line', () => {
+    const on = `${BASE}planner:\n  mode: load\n  ttftMs: 200\n  itlMs: 20\n  intervalS: 5\n`;
+    expect(graphError(`${on}  cooldownS: -1\n`)).toContain('planner.cooldownS: must be a number of seconds >= 0');
+    expect(graphError(`${on}  scaleDownBelow: 1.5\n`)).toContain('planner.scaleDownBelow: must be a number in (0, 1)');
+    expect(graphError(`${on}  scaleUpAfterS: 2\n`)).toContain(
+      'planner.scaleUpAfterS: must be at least the correction interval (5 s)',
+    );
+    expect(graphError(`${on}  correctionIntervalS: 2\n`)).toContain(
+      'planner.correctionIntervalS: is for mode sla only',
+    );
+    expect(graphError(`${on}  scaleUpAfter: 2\n`)).toMatch(
+      /planner: unknown key 'scaleUpAfter' \(known: .*scaleUpAfterS, scaleDownAfterS, scaleDownBelow, cooldownS, connector, kubernetes\)/,
+    );
+  });
+
+  it('connector kubernetes: defaults filled, options validated, the kubeconfig relative to the graph file', () => {
+    const on = `${BASE}planner:\n  mode: load\n  ttftMs: 200\n  itlMs: 20\n`;
+    expect(parseGraph(on).planner.connector).toBeUndefined(); // local
+    expect(parseGraph(`${on}  connector: kubernetes\n`).planner.kubernetes).toEqual({
+      name: 'tandem',
+      workloadKind: 'StatefulSet',
+      readyTimeoutS: 600,
+    });
+    expect(
+      parseGraph(
+        `${on}  connector: kubernetes\n  kubernetes: {name: llm, namespace: serving, workloadKind: Deployment}\n`,
+      ).planner.kubernetes,
+    ).toEqual({ name: 'llm', namespace: 'serving', workloadKind: 'Deployment', readyTimeoutS: 600 });
+    expect(graphError(`${on}  connector: k8s\n`)).toContain('planner.connector: must be one of local, kubernetes');
+    expect(graphError(`${on}  connector: kubernetes\n  kubernetes: {namespace: Serving}\n`)).toContain(
+      'planner.kubernetes.namespace: must be a Kubernetes name',
+    );
+    expect(graphError(`${on}  connector: kubernetes\n  kubernetes: {namespce: x}\n`)).toContain(
+      "planner.kubernetes: unknown key 'namespce' (known: name, namespace, kubeconfig, workloadKind, readyTimeoutS)",
+    );
+    expect(graphError(`${on}  kubernetes: {namespace: x}\n`)).toContain(
+      'planner.kubernetes: is for connector kubernetes only',
+    );
+    const dir = mkdtempSync(join(tmpdir(), 'tandem-planner-graph-'));
+    try {
+      const file = join(dir, 'graph.yaml');
+      writeFileSync(file, `${on}  connector: kubernetes\n  kubernetes: {kubeconfig: kube/config}\n`);
+      expect(loadGraph(file).planner.kubernetes!.kubeconfig).toBe(join(dir, 'kube', 'config'));
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

@@ -16,7 +16,18 @@ const WAIT = { timeout: 60_000, interval: 25 };
 
 function graph(): DeploymentGraph {
   const g = plannerTestGraph();
-  g.planner = { mode: 'load', ttftMs: 0.001, itlMs: 100_000, intervalS: 0.2, minReplicas: 1 };
+  // The graph's correction knobs (what launcher.ts hands the runtime): react on the first missed interval; never
+  // scale down here; one change per pool in this test.
+  g.planner = {
+    mode: 'load',
+    ttftMs: 0.001,
+    itlMs: 100_000,
+    intervalS: 0.2,
+    minReplicas: 1,
+    scaleUpAfterS: 0.2,
+    scaleDownAfterS: 1_000_000,
+    cooldownS: 600,
+  };
   return g;
 }
 
@@ -29,8 +40,6 @@ describe('planner, mode load (CPU workers)', () => {
     d = await startDeployment(graph(), {
       log: (l) => lines.push(l),
       heartbeatMs: 20,
-      // React on the first missed interval; never scale down here; one change per pool in this test.
-      planner: { correction: { scaleUpAfter: 1, scaleDownAfter: 1_000_000, cooldownMs: 600_000 } },
     });
     client = new OpenAI({ baseURL: `${d.frontend.url}/v1`, apiKey: 'none', maxRetries: 0, timeout: 60_000 });
   }, 120_000);
@@ -81,6 +90,11 @@ describe('planner, mode load (CPU workers)', () => {
     expect(decision.window.seconds).toBeGreaterThan(0);
     expect(Object.keys(decision.window.kvUsage).sort()).toEqual(['decode-0', 'decode-1', 'prefill-0']);
     expect(decision.reason).toMatch(/every prefill engine missed its TTFT/);
+    // The graph's scaleUpAfterS (one interval) holds: the move came on the first interval that missed.
+    const missedBefore = status.decisions!.filter(
+      (x) => x.id < decision.id && x.kind === 'load' && (x as LoadDecision).outputs.pools.prefill.verdict === 'miss',
+    );
+    expect(missedBefore).toEqual([]);
     const action = status.actions!.find((a) => a.decision === decision.id)!;
     expect(action).toMatchObject({ action: 'move', from: 'decode', to: 'prefill', outcome: 'done' });
     expect(d.controlPlane.get(action.worker!)?.registration.role).toBe('prefill');

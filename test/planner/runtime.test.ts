@@ -5,6 +5,8 @@ import { PlannerRuntime } from '../../lib/planner/runtime.js';
 import type { Pool } from '../../lib/planner/load-correction.js';
 import { METRIC_NAMES, ServeMetrics, type PlannerReadings } from '../../lib/serve/metrics.js';
 import { sample } from '../helpers/serve.js';
+import { parseGraph } from '../../lib/serve/graph.js';
+import { correctionOptions } from '../../lib/planner/spec.js';
 import { syntheticProfile } from './synthetic.js';
 
 // The planner runtime without processes: what it observes (ServeMetrics differenced per interval), what it
@@ -201,6 +203,125 @@ describe('PlannerRuntime', () => {
     ]);
     expect(status.replicas).toEqual({ current: { prefill: 1, decode: 2 }, desired: { prefill: 1, decode: 2 } });
     expect(sample(await metrics.text(), `${METRIC_NAMES.plannerActions}{action="move",outcome="failed"}`)).toBe(1);
+    await runtime.stop();
+  });
+
+  /**
+   * Mode load every second for two simulated minutes against a noisy TTFT (around 1.3 x the SLA, now and then
+   * under it), the correction knobs from a graph. Returns the decision (= second) of each action.
+   */
+  async function noisyRun(knobs: string): Promise<number[]> {
+    const planner = parseGraph(
+      `model: dummy:tiny\npools:\n  - {name: prefill, role: prefill, device: cpu}\n  - {name: decode, role: decode, device: cpu}\n` +
+        `planner:\n  mode: load\n  ttftMs: 100\n  itlMs: 50\n  intervalS: 1\n  maxGpus: 64\n${knobs}`,
+    ).planner;
+    const connector = new FakeConnector({ prefill: 1, decode: 1 });
+    let now = 0;
+    let seed = 7;
+    const random = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
+    const readings: PlannerReadings = {
+      finished: 0,
+      inputTokens: 0,
+      outputTokens: 0,
+      ttftSeconds: { sum: 0, count: 0 },
+      itlSeconds: { sum: 0, count: 0 },
+      queued: 0,
+      prefillQueue: 0,
+    };
+    const runtime = new PlannerRuntime({
+      mode: planner.mode as 'load',
+      ttftMs: planner.ttftMs!,
+      itlMs: planner.itlMs!,
+      intervalS: planner.intervalS,
+      minReplicas: planner.minReplicas,
+      maxGpus: planner.maxGpus!,
+      connector,
+      window: () =>
+        new MetricsWindow(
+          async () => {
+            // One request a tick: TTFT 0.13 s +- 0.06 s (the SLA is 0.1 s); ITL 20 ms (neither here nor there).
+            readings.finished++;
+            readings.ttftSeconds = {
+              sum: readings.ttftSeconds.sum + 0.13 + 0.06 * (2 * random() - 1),
+              count: readings.ttftSeconds.count + 1,
+            };
+            readings.itlSeconds = { sum: readings.itlSeconds.sum + 0.02, count: readings.itlSeconds.count + 1 };
+            return structuredClone(readings);
+          },
+          () => ({}),
+          () => now,
+        ),
+      correction: correctionOptions(planner),
+      now: () => now,
+    });
+    await runtime.start();
+    for (let t = 1; t <= 120; t++) {
+      now = t * 1000;
+      await runtime.tick();
+      await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+    }
+    await runtime.stop();
+    // Mode load decides once a tick, so a decision's id is the tick (second) it was made in.
+    return runtime.status().actions!.map((a) => a.decision);
+  }
+
+  it("the graph's cool-down and scale-up knobs are respected against a noisy load: no change inside the cool-down", async () => {
+    const decisionsAt = await noisyRun('  scaleUpAfterS: 2\n  cooldownS: 30\n');
+    // Decision ids are one per tick (1 s apart): actions at least 30 ticks apart.
+    expect(decisionsAt.length).toBeGreaterThanOrEqual(2);
+    expect(decisionsAt.length).toBeLessThanOrEqual(4);
+    for (let i = 1; i < decisionsAt.length; i++)
+      expect(decisionsAt[i]! - decisionsAt[i - 1]!, JSON.stringify(decisionsAt)).toBeGreaterThanOrEqual(30);
+    // The same load with no cool-down and a one-second streak adds replicas far more often (the knobs bite).
+    const eager = await noisyRun('  scaleUpAfterS: 1\n  cooldownS: 0\n');
+    expect(eager.length).toBeGreaterThan(3 * decisionsAt.length);
+  });
+
+  it('a connector that can change outside the planner is read again each tick; an unchanged one keeps the streaks', async () => {
+    class Refreshing extends FakeConnector {
+      refreshes = 0;
+      external?: Record<Pool, number>;
+      async refresh() {
+        this.refreshes++;
+        if (this.external) Object.assign(this.pools, this.external);
+        this.external = undefined;
+      }
+    }
+    const connector = new Refreshing({ prefill: 1, decode: 1 });
+    let now = 0;
+    const log: string[] = [];
+    const runtime = new PlannerRuntime({
+      mode: 'load',
+      ttftMs: 50,
+      itlMs: 1000,
+      intervalS: 1,
+      minReplicas: 1,
+      maxGpus: 8,
+      connector,
+      window: () =>
+        new MetricsWindow(
+          growingReadings({ requests: 5, isl: 64, osl: 8, ttftS: 0.2, itlS: 0.3 }),
+          () => ({}),
+          () => now,
+        ),
+      correction: { scaleUpAfter: 2, scaleDownAfter: 100, cooldownMs: 0 },
+      log: (l) => log.push(l),
+      now: () => now,
+    });
+    await runtime.start();
+    now = 1000;
+    expect((await runtime.tick())?.kind).toBe('load'); // one miss
+    now = 2000;
+    const second = await runtime.tick(); // the second miss in a row: the streak survived the refresh
+    expect(second?.kind === 'load' && second.outputs.action).toEqual({ kind: 'add', pool: 'prefill' });
+    await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+    expect(connector.refreshes).toBe(2);
+    // Someone scales decode to 3 by hand: the next tick counts from there.
+    connector.external = { prefill: 2, decode: 3 };
+    now = 3000;
+    await runtime.tick();
+    expect(runtime.status().replicas.desired).toEqual({ prefill: 2, decode: 3 });
+    expect(log).toContain('pools changed outside the planner: prefill 2, decode 3');
     await runtime.stop();
   });
 });

@@ -3,8 +3,10 @@
  *
  *   ConfigMap <name>-graph          the graph as the pods read it (/etc/tandem/graph.yaml)
  *   ServiceAccount, Role, RoleBinding <name>-planner
- *                                   the planner's connector scales the pools' StatefulSets; the frontend runs
- *                                   under it, workers under no account token at all
+ *                                   only when the graph's planner uses the kubernetes connector: it may read the
+ *                                   two pools' StatefulSets and read and patch their `scale`, nothing else; the
+ *                                   frontend (where the planner runs) runs under it. Otherwise, and for workers,
+ *                                   no pod mounts an account token at all
  *   StatefulSet + Service <name>-etcd  the control plane's etcd (one member), unless --etcd names one
  *   Deployment + Service <name>-frontend  the OpenAI API (port from the graph), probes on /live and /health
  *   StatefulSet + headless Service <name>-<pool>  per pool: replicas and GPUs (nvidia.com/gpu) from the graph;
@@ -29,6 +31,7 @@ import { stringify } from 'yaml';
 import { TandemError } from '../../errors.js';
 import { DUMMY_PREFIX } from '../../engine/model/dummy.js';
 import type { DeploymentGraph, PoolSpec } from '../../serve/graph.js';
+import { DEFAULT_K8S_WORKLOAD_PREFIX } from '../../planner/spec.js';
 
 export const DEFAULT_DEPLOYMENT_NAME = 'tandem';
 export const DEFAULT_K8S_NAMESPACE = 'default';
@@ -120,12 +123,31 @@ export function renderKubernetes(graph: DeploymentGraph, options: K8sRenderOptio
   if (graph.pools.some((p) => p.gpuIds !== undefined))
     notes.push('gpuIds are not used on Kubernetes: the device plugin gives each pod its GPUs');
 
+  const planner = graph.planner;
+  const plannerScales = planner.mode !== 'off' && planner.connector === 'kubernetes';
+  if (plannerScales) {
+    const k = planner.kubernetes!;
+    // The connector finds its workloads by these: they must be what is rendered.
+    if (k.name !== DEFAULT_K8S_WORKLOAD_PREFIX && k.name !== name)
+      throw new K8sRenderError(
+        `planner.kubernetes.name '${k.name}' names workloads other than those rendered (--name '${name}'): leave it out or make them equal`,
+      );
+    if (k.namespace !== undefined && k.namespace !== namespace)
+      throw new K8sRenderError(
+        `planner.kubernetes.namespace '${k.namespace}' is not the namespace rendered into (--namespace '${namespace}')`,
+      );
+    if (k.workloadKind !== 'StatefulSet')
+      throw new K8sRenderError(
+        `planner.kubernetes.workloadKind ${k.workloadKind}: tandem k8s render writes each pool as a StatefulSet`,
+      );
+    if (k.kubeconfig !== undefined)
+      notes.push('planner.kubernetes.kubeconfig is not used in the pods: the planner uses its service account');
+  }
+
   const etcdEndpoint = options.etcd ?? `etcd://${name}-etcd.${namespace}.svc:${ETCD_CLIENT_PORT}`;
-  const common = { name, namespace, image, tokenSecret, etcdEndpoint, graph };
-  const files: K8sManifestFile[] = [
-    { file: '00-graph.yaml', objects: [graphConfigMap(common)] },
-    { file: '01-planner-rbac.yaml', objects: plannerRbac(common) },
-  ];
+  const common = { name, namespace, image, tokenSecret, etcdEndpoint, graph, plannerScales };
+  const files: K8sManifestFile[] = [{ file: '00-graph.yaml', objects: [graphConfigMap(common)] }];
+  if (plannerScales) files.push({ file: '01-planner-rbac.yaml', objects: plannerRbac(common) });
   if (options.etcd === undefined)
     files.push({ file: '02-etcd.yaml', objects: etcd(common, options.etcdImage ?? DEFAULT_ETCD_IMAGE) });
   files.push({ file: '10-frontend.yaml', objects: frontend(common) });
@@ -148,6 +170,8 @@ interface Common {
   tokenSecret: string;
   etcdEndpoint: string;
   graph: DeploymentGraph;
+  /** The graph's planner scales the pools through the Kubernetes API (connector kubernetes). */
+  plannerScales: boolean;
 }
 
 function labels(c: Common, component: string, extra: Record<string, string> = {}): Record<string, string> {
@@ -163,12 +187,25 @@ function meta(c: Common, objectName: string, objectLabels: Record<string, string
   return { name: objectName, namespace: c.namespace, labels: objectLabels };
 }
 
-/** The graph the pods read: as loaded (defaults filled), frontend on all interfaces, no host GPU indices. */
+/**
+ * The graph the pods read: as loaded (defaults filled), frontend on all interfaces, no host GPU indices; a
+ * kubernetes planner's section names the rendered workloads and namespace, and no kubeconfig (it uses its
+ * service account).
+ */
 function graphConfigMap(c: Common): IConfigMap {
+  const planner = c.graph.planner;
   const podGraph = {
     ...c.graph,
     frontend: { ...c.graph.frontend, host: '0.0.0.0' },
     pools: c.graph.pools.map(({ gpuIds: _gpuIds, ...pool }) => pool),
+    ...(planner.kubernetes
+      ? {
+          planner: {
+            ...planner,
+            kubernetes: { ...omitKey(planner.kubernetes, 'kubeconfig'), name: c.name, namespace: c.namespace },
+          },
+        }
+      : {}),
   };
   return {
     apiVersion: 'v1',
@@ -178,9 +215,21 @@ function graphConfigMap(c: Common): IConfigMap {
   };
 }
 
+function omitKey<T extends object, K extends keyof T>(o: T, key: K): Omit<T, K> {
+  const { [key]: _omitted, ...rest } = o;
+  return rest;
+}
+
+/**
+ * What the kubernetes connector (lib/planner/connectors/kubernetes.ts) calls, and nothing more: GET of the two
+ * pools' StatefulSets (their status: ready replicas), GET and PATCH of their `scale` subresource.
+ */
 function plannerRbac(c: Common): K8sObject[] {
   const account = `${c.name}-planner`;
   const l = labels(c, 'planner');
+  const workloads = (['prefill', 'decode'] as const).map(
+    (role) => `${c.name}-${c.graph.pools.find((p) => p.role === role)!.name}`,
+  );
   return [
     { apiVersion: 'v1', kind: 'ServiceAccount', metadata: meta(c, account, l) },
     {
@@ -188,12 +237,8 @@ function plannerRbac(c: Common): K8sObject[] {
       kind: 'Role',
       metadata: meta(c, account, l),
       rules: [
-        {
-          apiGroups: ['apps'],
-          resources: ['statefulsets', 'statefulsets/scale'],
-          verbs: ['get', 'list', 'watch', 'patch', 'update'],
-        },
-        { apiGroups: [''], resources: ['pods'], verbs: ['get', 'list', 'watch'] },
+        { apiGroups: ['apps'], resources: ['statefulsets'], resourceNames: workloads, verbs: ['get'] },
+        { apiGroups: ['apps'], resources: ['statefulsets/scale'], resourceNames: workloads, verbs: ['get', 'patch'] },
       ],
     },
     {
@@ -322,7 +367,9 @@ function frontend(c: Common): K8sObject[] {
         template: {
           metadata: { labels: l },
           spec: {
-            serviceAccountName: `${c.name}-planner`,
+            ...(c.plannerScales
+              ? { serviceAccountName: `${c.name}-planner` }
+              : { automountServiceAccountToken: false }),
             containers: [
               {
                 name: 'frontend',

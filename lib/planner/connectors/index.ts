@@ -4,7 +4,9 @@
  * workload's replica count), is its own business.
  *
  *   local.ts       the launcher's processes on this machine: start, drain and stop, switch role in place
- *   (kubernetes)   would scale the pools' workloads; a move is a scale-down then a scale-up
+ *   kubernetes.ts  the pools' workloads (StatefulSets) through the Kubernetes API: scale one up or down; a move
+ *                  is a scale-down of one pool then a scale-up of the other (no role switch in place). Not
+ *                  re-exported here: it loads @kubernetes/client-node, which only a kubernetes planner needs
  */
 import type { Pool } from '../load-correction.js';
 
@@ -19,6 +21,8 @@ export interface PlannerConnector {
   removeReplica(pool: Pool): Promise<string>;
   /** Moves one replica from `from` to `to` (no request lost); resolves with the worker's name once it serves there. */
   moveReplica(from: Pool, to: Pool): Promise<string>;
+  /** Reads the pools again where they can change without the connector (a person scaling a workload). */
+  refresh?(): Promise<void>;
 }
 
 export {
