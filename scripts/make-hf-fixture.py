@@ -90,8 +90,11 @@ MAX_SEEDS = 5000
 MIN_MARGIN = 0.1
 # Distinct tokens the greedy path must hold, so that it is not one token repeated.
 MIN_DISTINCT = 8
-# Smallest gap between the k-th and (k+1)-th routing probability allowed anywhere on the fixture's sequence.
-MIN_ROUTER_MARGIN = 2e-3
+# Smallest gap between the k-th and (k+1)-th routing probability allowed anywhere on the fixture's sequence:
+# 100x an fp32 engine's rounding. 2e-3 (enough for bf16 routing) found no Mixtral seed in 1,500 (H100 host,
+# 2026-12-06): with 8 experts, ~45 tokens and 2 layers, some token nearly ties almost always. The greedy path is
+# still checked against transformers run in bf16 below.
+MIN_ROUTER_MARGIN = 2e-4
 MOE_ARCHS = ("mixtral", "qwen3_moe")
 # Fixture directory and on-disk dtype of each architecture.
 FIXTURES = {
