@@ -319,6 +319,17 @@ export class CheckpointError extends ModelConfigError {
   }
 }
 
+/**
+ * A tensor / pipeline parallel layout does not fit the model (tp does not divide the heads, the kv heads or
+ * the intermediate size; more stages than layers; a size below 1) or cannot run on the chosen engine. Raised
+ * before any memory is taken; the message names the size and the model dimension at fault.
+ */
+export class ParallelLayoutError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_BAD_PARALLEL_LAYOUT', message);
+  }
+}
+
 /** A prompt can never be served: it is longer than the model's context or than the engine's whole KV pool. */
 export class PromptTooLongError extends TandemError {
   constructor(
