@@ -11,6 +11,7 @@
         "native/src/dynlib.cpp",
         "native/src/engine/cpu_kernels.cpp",
         "native/src/engine/cpu_llama.cpp",
+        "native/src/engine/cpu_parallel.cpp",
         "native/src/engine/cublas.cpp",
         "native/src/engine/cuda_llama.cpp",
         "native/src/engine/cuda_llama_wrap.cpp",
