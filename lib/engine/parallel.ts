@@ -55,7 +55,7 @@ const isSize = (n: unknown): n is number => typeof n === 'number' && Number.isIn
 
 /**
  * Checks a layout against a model before any memory is taken; returns it with defaults filled (tp 1, pp 1).
- * Throws ParallelLayoutError naming the size and the dimension it does not fit.
+ * Throws ParallelLayoutError naming the size and the dimension it does not fit, after `where: ` (none when empty).
  */
 export function checkParallelConfig(
   config: ModelConfig,
@@ -65,7 +65,7 @@ export function checkParallelConfig(
   const tp = parallel?.tp ?? 1;
   const pp = parallel?.pp ?? 1;
   const fail = (what: string): never => {
-    throw new ParallelLayoutError(`${where}: ${what}`);
+    throw new ParallelLayoutError(where ? `${where}: ${what}` : what);
   };
   if (!isSize(tp)) fail(`tensor parallel size must be a positive integer (got ${String(tp)})`);
   if (!isSize(pp)) fail(`pipeline parallel size must be a positive integer (got ${String(pp)})`);
