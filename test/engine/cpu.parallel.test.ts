@@ -111,6 +111,8 @@ describe.each(['dummy:tiny', 'hf-tiny-llama', 'hf-tiny-qwen2'])('CPU tensor / pi
       const runner = await runnerFor(m, parallel, parallel.tp * parallel.pp);
       try {
         expect(runner.parallel).toEqual(parallel);
+        // One compute thread per rank here (threads = tp x pp, split evenly between the ranks).
+        expect(runner.threads).toBe(parallel.tp * parallel.pp);
         expect(runner.layout).toMatch(new RegExp(`^tp ${parallel.tp} x pp ${parallel.pp} \\(`));
         const got = await runSchedule(runner, m.config.vocabSize);
         expect(got.logits.length).toBe(reference.logits.length);
