@@ -5,12 +5,14 @@
  * prefix-cache hit; bad layouts are refused with ParallelLayoutError; dispose reaches every rank; an exception in
  * one rank fails that forward cleanly and leaves the runner usable.
  */
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { CpuModelRunner, loadWeights, type NamedTensor } from '../../lib/engine/cpu.js';
 import { dummyConfig, loadModelConfig, type ModelConfig } from '../../lib/engine/model/index.js';
 import type { ParallelConfig } from '../../lib/engine/parallel.js';
 import type { RawCpuLlama } from '../../lib/native/binding.js';
+import { packageRoot } from '../../lib/native/paths.js';
 import { DisposedError, ParallelLayoutError, TandemError } from '../../lib/errors.js';
 import { forwardBatch, logitsRow, relativeError, type SequenceStep } from '../helpers/forward-batch.js';
 
@@ -215,4 +217,27 @@ describe('CPU parallel layouts and failures', () => {
   });
 });
 
-afterAll(() => undefined);
+describe('CPU rank threads at exit', () => {
+  it('a process that never disposes a tp 2 x pp 2 runner exits by itself (cleanup joins every rank)', () => {
+    const source = `
+      import { CpuModelRunner } from './lib/engine/cpu.ts';
+      import { dummyConfig } from './lib/engine/model/index.ts';
+      const runner = await CpuModelRunner.create({
+        config: dummyConfig('tiny'), numBlocks: 4, weights: 'dummy:tiny', threads: 8, parallel: { tp: 2, pp: 2 },
+      });
+      const logits = await runner.forward({
+        tokens: Int32Array.of(256, 1, 2, 3), positions: Int32Array.of(0, 1, 0, 1), seqStarts: Int32Array.of(0, 2, 4),
+        blockTables: Int32Array.of(1, 2), maxBlocksPerSeq: 1, contextLens: Int32Array.of(2, 2),
+      });
+      console.log('logits', logits.length, runner.threads);
+    `;
+    const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', source], {
+      cwd: packageRoot,
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
+    expect(r.signal, r.stderr).toBeNull();
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain('logits 516 8');
+  });
+});
