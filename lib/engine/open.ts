@@ -12,7 +12,7 @@ import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
 import { StartPhases, type StartLog } from './model/progress.js';
-import { checkParallelConfig, describeParallel, type ParallelConfig } from './parallel.js';
+import { checkParallelConfig, describeParallel, SINGLE_RANK, type ParallelConfig } from './parallel.js';
 import { modelTokenizer, type TextTokenizer } from './tokenizer.js';
 
 /** Share of free host memory the CPU engine's KV pool takes when neither numBlocks nor kvCacheBytes is given. */
@@ -210,10 +210,12 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     detokenize: (ids) => tokenizer.decode(ids),
     ...options.engine,
   });
-  const layoutText = describeParallel(config, parallel);
+  // What the runner runs (the GPU runner: one rank), not what was asked.
+  const running = runner instanceof CpuModelRunner ? runner.parallel : SINGLE_RANK;
+  const layoutText = describeParallel(config, running);
   options.log?.(
     `model ${model} open on ${runner instanceof CudaModelRunner ? 'cuda' : 'cpu'}` +
-      `${ranks > 1 ? ` as ${layoutText}` : ''} in ${phases.elapsedMs().toFixed(0)} ms`,
+      `${running.tp * running.pp > 1 ? ` as ${layoutText}` : ''} in ${phases.elapsedMs().toFixed(0)} ms`,
   );
   let disposed = false;
   const dispose = async () => {
@@ -228,7 +230,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     runner,
     engine,
     device: runner instanceof CudaModelRunner ? 'cuda' : 'cpu',
-    parallel,
+    parallel: { ...running },
     layout: layoutText,
     ...(fallbackReason ? { fallbackReason } : {}),
     kvPoolSpec: runner.kvPoolSpec,
