@@ -298,6 +298,8 @@ function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, options: 
     blockSize: pool.engine.blockSize,
     ...(pool.engine.numBlocks !== undefined ? { numBlocks: pool.engine.numBlocks } : {}),
     ...(pool.engine.threads !== undefined ? { threads: pool.engine.threads } : {}),
+    ...(pool.tensorParallelSize > 1 ? { tensorParallelSize: pool.tensorParallelSize } : {}),
+    ...(pool.pipelineParallelSize > 1 ? { pipelineParallelSize: pool.pipelineParallelSize } : {}),
     ...(pool.engine.maxBatchTokens !== undefined ? { maxBatchTokens: pool.engine.maxBatchTokens } : {}),
     ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
     heartbeatMs: options.heartbeatMs ?? 1000,

@@ -38,6 +38,9 @@ export interface WorkerInit {
   blockSize: number;
   numBlocks?: number;
   threads?: number;
+  /** Tensor / pipeline parallel ranks of the worker's engine (the pool's; default 1). */
+  tensorParallelSize?: number;
+  pipelineParallelSize?: number;
   maxBatchTokens?: number;
   maxSequences?: number;
   heartbeatMs: number;

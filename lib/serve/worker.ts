@@ -544,6 +544,8 @@ export async function runWorker(): Promise<void> {
       blockSize: init.blockSize,
       ...(init.numBlocks !== undefined ? { numBlocks: init.numBlocks } : {}),
       ...(init.threads !== undefined ? { threads: init.threads } : {}),
+      ...(init.tensorParallelSize !== undefined ? { tensorParallelSize: init.tensorParallelSize } : {}),
+      ...(init.pipelineParallelSize !== undefined ? { pipelineParallelSize: init.pipelineParallelSize } : {}),
       engine: {
         ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
         ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),

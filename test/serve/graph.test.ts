@@ -46,6 +46,7 @@ describe('parseGraph', () => {
           replicas: 1,
           gpusPerReplica: 1,
           tensorParallelSize: 1,
+          pipelineParallelSize: 1,
           device: 'auto',
           engine: { blockSize: 16 },
         },
@@ -55,6 +56,7 @@ describe('parseGraph', () => {
           replicas: 1,
           gpusPerReplica: 1,
           tensorParallelSize: 1,
+          pipelineParallelSize: 1,
           device: 'auto',
           engine: { blockSize: 16 },
         },
@@ -259,11 +261,11 @@ ${extra}
     expect(errorOf(pools('    device: cpu\n    gpusPerReplica: 1'))).toBe(
       'graph.yaml:6:21: pools[0].gpusPerReplica: must be 0 on device cpu',
     );
-    expect(errorOf(pools('    device: cpu\n    tensorParallelSize: 2'))).toBe(
-      'graph.yaml:6:25: pools[0].tensorParallelSize: tensor parallelism needs GPUs (device cuda)',
+    expect(errorOf(pools('    device: cpu\n    tensorParallelSize: 3'))).toBe(
+      "graph.yaml:6:25: pools[0].tensorParallelSize: tensor parallel size 3 does not divide the model's 4 attention heads",
     );
     expect(errorOf(pools('    tensorParallelSize: 2\n    gpusPerReplica: 1'))).toBe(
-      'graph.yaml:6:21: pools[0].gpusPerReplica: must equal tensorParallelSize (2): one GPU per tensor-parallel rank',
+      'graph.yaml:6:21: pools[0].gpusPerReplica: must equal tensorParallelSize x pipelineParallelSize (2): one GPU per rank',
     );
     expect(errorOf(pools('    replicas: 2\n    gpuIds: [0]'))).toBe(
       'graph.yaml:6:13: pools[0].gpuIds: must list replicas x gpusPerReplica = 2 GPU indices (got 1)',
