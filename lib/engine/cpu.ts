@@ -23,7 +23,15 @@ import {
   type ManifestTensor,
 } from './model/manifest.js';
 import { openSafetensors } from './model/safetensors.js';
-import { checkParallelConfig, describeParallel, sliceTensor, tensorStages, type ParallelConfig } from './parallel.js';
+import {
+  checkParallelConfig,
+  describeParallel,
+  groupSize,
+  rankCount,
+  rankSlice,
+  tensorStages,
+  type ParallelConfig,
+} from './parallel.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner } from './runner.js';
 
 /** One weight tensor by its Hugging Face name, as float32 values in the checkpoint's row-major order. */
@@ -119,9 +127,9 @@ export interface CpuModelRunnerOptions {
   /** Seed of `dummy:` weights when `weights` is a name. */
   seed?: number;
   /**
-   * Tensor and pipeline parallel layout (lib/engine/parallel.ts): tp x pp ranks, each a native thread holding its
-   * slice of the weights, with `threads` split between them. Default { tp: 1, pp: 1 }. A layout that does not
-   * fit the model throws ParallelLayoutError before any memory is taken.
+   * Tensor, pipeline and expert parallel layout (lib/engine/parallel.ts): max(tp, ep) x pp ranks, each a native
+   * thread holding its slice of the weights, with `threads` split between them. Default { tp: 1, pp: 1, ep: 1 }.
+   * A layout that does not fit the model throws ParallelLayoutError before any memory is taken.
    */
   parallel?: Partial<ParallelConfig>;
 }
@@ -167,7 +175,7 @@ function setRankSlices(
   spec: ManifestTensor | undefined,
   tensor: NamedTensor,
 ): void {
-  if (spec === undefined || parallel.tp * parallel.pp === 1) {
+  if (spec === undefined || rankCount(parallel) === 1) {
     nativeSync(() => raw.setWeight(tensor.name, tensor.data));
     return;
   }
@@ -176,10 +184,11 @@ function setRankSlices(
     throw new BadArgumentError(
       `tensor '${tensor.name}' has ${tensor.data?.length} elements; this config needs ${need} (shape [${spec.shape.join(', ')}])`,
     );
+  const group = groupSize(parallel);
   for (const stage of tensorStages(config, parallel.pp, spec))
-    for (let r = 0; r < parallel.tp; r++) {
-      const slice = sliceTensor(config, parallel.tp, r, spec, tensor.data);
-      nativeSync(() => raw.setWeight(tensor.name, slice, stage * parallel.tp + r));
+    for (let r = 0; r < group; r++) {
+      const slice = rankSlice(config, parallel, r, spec, tensor.data);
+      if (slice) nativeSync(() => raw.setWeight(tensor.name, slice, stage * group + r));
     }
 }
 
@@ -256,6 +265,7 @@ export class CpuModelRunner implements ModelRunner {
           kernel,
           tensorParallelSize: parallel.tp,
           pipelineParallelSize: parallel.pp,
+          expertParallelSize: parallel.ep,
         }),
     );
     try {

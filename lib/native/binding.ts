@@ -217,10 +217,15 @@ export interface RawCpuLlamaOptions {
   tensorParallelSize?: number;
   /** Pipeline stages. Default 1. */
   pipelineParallelSize?: number;
+  /** Expert parallel ranks per pipeline stage (MoE models; 1 or tensorParallelSize when that is > 1). Default 1. */
+  expertParallelSize?: number;
 }
 
 export interface RawCudaLlamaOptions
-  extends Omit<RawCpuLlamaOptions, 'kvBuffer' | 'threads' | 'kernel' | 'tensorParallelSize' | 'pipelineParallelSize'> {
+  extends Omit<
+    RawCpuLlamaOptions,
+    'kvBuffer' | 'threads' | 'kernel' | 'tensorParallelSize' | 'pipelineParallelSize' | 'expertParallelSize'
+  > {
   /** bf16 KV pool (NHD tiles) on the same device, at least numBlocks * layers * 2 * blockSize * kvHeads * headDim * 2 bytes. */
   kvBuffer: RawDeviceBuffer;
   /** cuBLAS library candidates, tried in order (lib/native/libraries.ts). */
@@ -312,9 +317,9 @@ export interface RawCpuLlama {
   /** The matrix kernel in use: 'avx512', 'avx2' or 'generic'. */
   readonly kernel: string;
   readonly disposed: boolean;
-  /** tensorParallelSize x pipelineParallelSize. */
+  /** max(tensorParallelSize, expertParallelSize) x pipelineParallelSize. */
   readonly ranks: number;
-  /** Rank `rank`'s slice of a tensor (rank = stage * tp + tensor-parallel rank; default 0). */
+  /** Rank `rank`'s slice of a tensor (rank = stage * max(tp, ep) + rank in the stage; default 0). */
   setWeight(name: string, data: Float32Array, rank?: number): void;
   missingWeights(): string[];
   ready(): void;

@@ -27,23 +27,23 @@ interface Model {
 }
 
 function model(name: string): Model {
-  if (name === 'dummy:tiny') {
-    const config = dummyConfig('tiny');
-    return { config, weights: [...loadWeights('dummy:tiny', { config, seed: 3 })] };
+  if (name.startsWith('dummy:')) {
+    const config = dummyConfig(name);
+    return { config, weights: [...loadWeights(name, { config, seed: 3 })] };
   }
   const dir = join(FIXTURES, name);
   const config = loadModelConfig(dir);
   return { config, weights: [...loadWeights(dir, { config })] };
 }
 
-const LAYOUTS: ParallelConfig[] = [
+const LAYOUTS: { tp: number; pp: number }[] = [
   { tp: 2, pp: 1 },
   { tp: 4, pp: 1 }, // 2 kv heads: each replicated on two ranks
   { tp: 1, pp: 2 },
   { tp: 2, pp: 2 },
 ];
 
-const runnerFor = (m: Model, parallel: ParallelConfig, threads = 2) =>
+const runnerFor = (m: Model, parallel: Partial<ParallelConfig>, threads = 2) =>
   CpuModelRunner.create({
     config: m.config,
     numBlocks: NUM_BLOCKS,
@@ -112,7 +112,7 @@ describe.each(['dummy:tiny', 'hf-tiny-llama', 'hf-tiny-qwen2'])('CPU tensor / pi
     it(`tp ${parallel.tp} x pp ${parallel.pp}: logits, greedy tokens and the KV pool equal one rank's`, async () => {
       const runner = await runnerFor(m, parallel, parallel.tp * parallel.pp);
       try {
-        expect(runner.parallel).toEqual(parallel);
+        expect(runner.parallel).toEqual({ ...parallel, ep: 1 });
         // One compute thread per rank here (threads = tp x pp, split evenly between the ranks).
         expect(runner.threads).toBe(parallel.tp * parallel.pp);
         expect(runner.layout).toMatch(new RegExp(`^tp ${parallel.tp} x pp ${parallel.pp} \\(`));
@@ -129,6 +129,77 @@ describe.each(['dummy:tiny', 'hf-tiny-llama', 'hf-tiny-qwen2'])('CPU tensor / pi
         await runner.dispose();
       }
     });
+});
+
+/**
+ * Mixture-of-experts models (issue 28) on CPU ranks: tensor parallelism splits every expert's channels (router
+ * replicated), expert parallelism places whole experts on the ranks of a stage (attention replicated with tp 1,
+ * split with tp = ep), pipeline stages split the layers; each equals one rank: logits within fp32 rounding, the
+ * same greedy tokens, the same KV pool, and the same expert loads counted once for the whole model.
+ */
+describe.each(['dummy:tiny-moe', 'dummy:tiny-mixtral'])('CPU MoE tensor / pipeline / expert parallel on %s', (name) => {
+  const MOE_LAYOUTS: Partial<ParallelConfig>[] = [
+    { tp: 2 },
+    { tp: 4 }, // kv heads replicated too
+    { pp: 2 },
+    { tp: 2, pp: 2 },
+    { ep: 2 },
+    { ep: 4 },
+    { ep: 8 }, // one expert per rank
+    { ep: 2, tp: 2 },
+    { ep: 4, tp: 4 },
+    { ep: 2, pp: 2 },
+  ];
+  let m: Model;
+  let reference: Awaited<ReturnType<typeof runSchedule>>;
+  let referenceKv: Float32Array;
+  let referenceLoad: Float64Array;
+
+  beforeAll(async () => {
+    m = model(name);
+    const single = await runnerFor(m, {});
+    try {
+      reference = await runSchedule(single, m.config.vocabSize);
+      referenceKv = new Float32Array(single.kvBuffer.slice().buffer);
+      referenceLoad = single.takeExpertLoad();
+    } finally {
+      await single.dispose();
+    }
+  });
+
+  for (const parallel of MOE_LAYOUTS) {
+    const full = { tp: 1, pp: 1, ep: 1, ...parallel };
+    const ranks = Math.max(full.tp, full.ep) * full.pp;
+    it(`tp ${full.tp} x ep ${full.ep} x pp ${full.pp}: logits, greedy tokens, KV pool and expert loads equal one rank's`, async () => {
+      const runner = await runnerFor(m, parallel, ranks);
+      try {
+        expect(runner.parallel).toEqual(full);
+        expect(runner.threads).toBe(ranks);
+        const got = await runSchedule(runner, m.config.vocabSize);
+        expect(got.logits.length).toBe(reference.logits.length);
+        got.logits.forEach((l, i) =>
+          expect(relativeError(l, reference.logits[i]!), `step ${i}`).toBeLessThan(TOLERANCE),
+        );
+        expect(got.tokens).toEqual(reference.tokens);
+        const kv = new Float32Array(runner.kvBuffer.slice().buffer);
+        expect(relativeError(kv, referenceKv)).toBeLessThan(TOLERANCE);
+        // Every rank routes every token; the loads are counted once (numLayers x numExperts, each token topK times).
+        const load = runner.takeExpertLoad();
+        expect(Array.from(load)).toEqual(Array.from(referenceLoad));
+        expect(runner.takeExpertLoad().every((n) => n === 0)).toBe(true);
+      } finally {
+        await runner.dispose();
+      }
+    });
+  }
+
+  it('a rank that holds only its experts: EP ranks take no other expert, and name a missing one by rank', async () => {
+    const partial = m.weights.filter((t) => !/\.experts\.5\.(w2|down_proj)\.weight$/.test(t.name));
+    const error = await runnerFor({ ...m, weights: partial }, { ep: 4 }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(TandemError);
+    // Expert 5 of 8 lives on rank 2 of 4 (experts 4, 5).
+    expect((error as Error).message).toMatch(/experts\.5\.(w2|down_proj)\.weight \(rank 2\)/);
+  });
 });
 
 describe('CPU parallel layouts and failures', () => {
@@ -153,6 +224,35 @@ describe('CPU parallel layouts and failures', () => {
     await expect(
       CpuModelRunner.create({ config: tiny.config, numBlocks: 4, weights, parallel: { tp: 8 } }),
     ).rejects.toThrow(/tensor parallel size 8 does not divide the model's 4 attention heads/);
+    await expect(
+      CpuModelRunner.create({ config: tiny.config, numBlocks: 4, weights, parallel: { ep: 2 } }),
+    ).rejects.toThrow(/expert parallel size 2 needs a mixture-of-experts model/);
+    expect(loaded).toBe(0);
+  });
+
+  it('refuses an expert-parallel size that does not fit an MoE model with ParallelLayoutError, before loading', async () => {
+    const moe = dummyConfig('tiny-moe'); // 8 experts
+    let loaded = 0;
+    const weights = function* () {
+      for (const t of loadWeights('dummy:tiny-moe', { config: moe })) {
+        loaded++;
+        yield t;
+      }
+    };
+    for (const [parallel, message] of [
+      [{ ep: 3 }, /expert parallel size 3 does not divide the model's 8 experts/],
+      [{ ep: 4, tp: 2 }, /expert parallel size 4 with tensor parallel size 2: .* tp must be 1 .* or 4/],
+      [{ ep: 0 }, /expert parallel size must be a positive integer \(got 0\)/],
+      [{ tp: 64 }, /tensor parallel size 64 does not divide the model's 4 attention heads/],
+    ] as const) {
+      const error = await CpuModelRunner.create({ config: moe, numBlocks: 4, weights, parallel }).catch(
+        (e: unknown) => e,
+      );
+      expect(error).toBeInstanceOf(ParallelLayoutError);
+      expect((error as ParallelLayoutError).code).toBe('TANDEM_BAD_PARALLEL_LAYOUT');
+      expect((error as Error).message).toMatch(message);
+    }
+    expect(loaded).toBe(0);
   });
 
   it('names the rank of a weight that was not set', async () => {

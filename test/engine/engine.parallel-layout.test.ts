@@ -1,7 +1,7 @@
 /**
- * Tensor / pipeline parallel arithmetic (lib/engine/parallel.ts): validation, each rank's heads, kv heads,
- * channels and vocabulary rows, stage layers, and slices of tensors by their manifest shard rule, checked by
- * reassembling the slices into the whole tensor.
+ * Tensor / pipeline / expert parallel arithmetic (lib/engine/parallel.ts): validation, each rank's heads, kv
+ * heads, channels, experts and vocabulary rows, stage layers, and slices of tensors by their manifest shard rule,
+ * checked by reassembling the slices into the whole tensor.
  */
 import { describe, expect, it } from 'vitest';
 import { ParallelLayoutError } from '../../lib/errors.js';
@@ -10,6 +10,8 @@ import { weightManifest, type ManifestTensor } from '../../lib/engine/model/mani
 import {
   checkParallelConfig,
   describeParallel,
+  expertShard,
+  rankSlice,
   sliceTensor,
   stageLayers,
   tensorShard,
@@ -22,12 +24,32 @@ const wide: ModelConfig = { ...tiny, numHeads: 8, numKvHeads: 2, hiddenSize: 64,
 
 describe('checkParallelConfig', () => {
   it('accepts layouts that divide the model and fills defaults', () => {
-    expect(checkParallelConfig(tiny, undefined)).toEqual({ tp: 1, pp: 1 });
-    expect(checkParallelConfig(tiny, { tp: 2 })).toEqual({ tp: 2, pp: 1 });
-    expect(checkParallelConfig(tiny, { tp: 4, pp: 2 })).toEqual({ tp: 4, pp: 2 });
+    expect(checkParallelConfig(tiny, undefined)).toEqual({ tp: 1, pp: 1, ep: 1 });
+    expect(checkParallelConfig(tiny, { tp: 2 })).toEqual({ tp: 2, pp: 1, ep: 1 });
+    expect(checkParallelConfig(tiny, { tp: 4, pp: 2 })).toEqual({ tp: 4, pp: 2, ep: 1 });
   });
 
-  const bad: [string, ModelConfig, { tp?: number; pp?: number }, RegExp][] = [
+  it("takes ep on an MoE model: experts divided, tp 1 or tp = ep; the experts' width bounds tp instead", () => {
+    const moe = dummyConfig('tiny-moe'); // 8 experts of width 32, 4 heads
+    expect(checkParallelConfig(moe, { ep: 8 })).toEqual({ tp: 1, pp: 1, ep: 8 });
+    expect(checkParallelConfig(moe, { ep: 4, tp: 4, pp: 2 })).toEqual({ tp: 4, pp: 2, ep: 4 });
+    // The dense intermediate size (128) splits nothing in an MoE model; the experts' 32 channels do.
+    expect(checkParallelConfig({ ...moe, intermediateSize: 100 }, { tp: 4 })).toEqual({ tp: 4, pp: 1, ep: 1 });
+  });
+
+  const moe = dummyConfig('tiny-moe');
+  const bad: [string, ModelConfig, { tp?: number; pp?: number; ep?: number }, RegExp][] = [
+    ['ep on a dense model', tiny, { ep: 2 }, /expert parallel size 2 needs a mixture-of-experts model/],
+    ['ep 3 on 8 experts', moe, { ep: 3 }, /expert parallel size 3 does not divide the model's 8 experts/],
+    ['ep 4 with tp 2', moe, { ep: 4, tp: 2 }, /expert parallel size 4 with tensor parallel size 2/],
+    ['ep 2 with tp 4', moe, { ep: 2, tp: 4 }, /expert parallel size 2 with tensor parallel size 4/],
+    ['ep 0', moe, { ep: 0 }, /expert parallel size must be a positive integer \(got 0\)/],
+    [
+      'tp 4 on experts 6 wide',
+      { ...moe, moe: { ...moe.moe!, intermediateSize: 6 } },
+      { tp: 4 },
+      /tensor parallel size 4 does not divide the experts' intermediate size 6/,
+    ],
     ['tp 3 on 4 heads', tiny, { tp: 3 }, /tensor parallel size 3 does not divide the model's 4 attention heads/],
     ['pp beyond the layers', tiny, { pp: 3 }, /pipeline parallel size 3 is more stages than the model's 2 layers/],
     ['tp 0', tiny, { tp: 0 }, /tensor parallel size must be a positive integer \(got 0\)/],
@@ -164,6 +186,55 @@ describe('sliceTensor', () => {
       }
     });
 
+  it('tp 2 on an MoE model: router and q/k norms whole, expert gate/up rows and down columns by channel', () => {
+    const moe = dummyConfig('tiny-moe'); // experts 32 wide, hidden 64
+    const t = weightManifest(moe).filter((x) => x.layer === 0);
+    const byRole = (role: string) => t.find((x) => x.role === role && (x.expert ?? 3) === 3)!;
+    for (const role of ['router', 'q_norm', 'k_norm']) {
+      const data = whole(byRole(role));
+      expect(sliceTensor(moe, 2, 1, byRole(role), data)).toBe(data);
+    }
+    const gate = byRole('expert_gate');
+    const g = whole(gate);
+    expect([...sliceTensor(moe, 2, 1, gate, g)]).toEqual([...g.subarray(16 * 64, 32 * 64)]);
+    const down = byRole('expert_down');
+    const d = whole(down);
+    const half = sliceTensor(moe, 2, 1, down, d);
+    expect(half.length).toBe(64 * 16);
+    for (let row = 0; row < 64; row++)
+      expect([...half.subarray(row * 16, (row + 1) * 16)]).toEqual([...d.subarray(row * 32 + 16, row * 32 + 32)]);
+  });
+
+  it('ep: each expert whole on exactly the rank it is placed on; the rest as with tp (1: whole everywhere)', () => {
+    const moe = dummyConfig('tiny-moe'); // 8 experts
+    const manifest = weightManifest(moe).filter((x) => x.layer === 0);
+    for (const parallel of [
+      { tp: 1, pp: 1, ep: 4 },
+      { tp: 2, pp: 1, ep: 2 },
+    ]) {
+      const per = 8 / parallel.ep;
+      for (let r = 0; r < parallel.ep; r++)
+        expect(expertShard(moe, parallel, r)).toEqual({
+          experts: { start: r * per, count: per },
+          intermediate: { start: 0, count: 32 },
+        });
+      for (const t of manifest) {
+        const data = whole(t);
+        const held = Array.from({ length: parallel.ep }, (_, r) => rankSlice(moe, parallel, r, t, data));
+        if (t.shard === 'expert') {
+          const owners = held.flatMap((s, r) => (s ? [r] : []));
+          expect(owners, t.name).toEqual([Math.floor(t.expert! / per)]);
+          expect(held[owners[0]!]).toBe(data);
+        } else if (parallel.tp === 1) for (const s of held) expect(s, t.name).toBe(data);
+        else held.forEach((s, r) => expect(s, t.name).toEqual(sliceTensor(moe, parallel.tp, r, t, data)));
+      }
+    }
+    expect(expertShard(moe, { tp: 4, pp: 1, ep: 1 }, 3)).toEqual({
+      experts: { start: 0, count: 8 },
+      intermediate: { start: 24, count: 8 },
+    });
+  });
+
   it('cuts the vocabulary rows of embedding and lm_head in ceil-div parts', () => {
     const embed = manifest.find((t) => t.role === 'embed')!;
     const data = whole(embed);
@@ -172,9 +243,16 @@ describe('sliceTensor', () => {
   });
 
   it('describes a layout in words', () => {
-    expect(describeParallel(tiny, { tp: 1, pp: 1 })).toBe('single rank (tp 1, pp 1)');
-    expect(describeParallel({ ...tiny, numLayers: 5 }, { tp: 4, pp: 2 })).toBe(
+    expect(describeParallel(tiny, { tp: 1, pp: 1, ep: 1 })).toBe('single rank (tp 1, pp 1)');
+    expect(describeParallel({ ...tiny, numLayers: 5 }, { tp: 4, pp: 2, ep: 1 })).toBe(
       'tp 4 x pp 2 (8 ranks; stage layers 0-2, 3-4, kv heads replicated 2x)',
+    );
+    const moe = dummyConfig('tiny-moe');
+    expect(describeParallel(moe, { tp: 1, pp: 1, ep: 4 })).toBe(
+      'tp 1 x ep 4 x pp 1 (4 ranks; stage layers 0-1; 2 experts per rank, attention replicated)',
+    );
+    expect(describeParallel(moe, { tp: 2, pp: 2, ep: 2 })).toBe(
+      'tp 2 x ep 2 x pp 2 (4 ranks; stage layers 0, 1; 4 experts per rank)',
     );
   });
 });
