@@ -1,14 +1,16 @@
 /**
  * `tandem generate --model <dir|dummy:preset> --prompt TEXT --max-tokens N [--device cpu|cuda] [--seed S]
- *  [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N] [--chat] [--json]`
+ *  [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N] [--ep N] [--chat] [--json]`
  *
- * --tp / --pp run the model as tensor x pipeline parallel ranks (lib/engine/parallel.ts): on the CPU engine, one
- * native thread per rank; the layout is printed on stderr (and is `layout` in --json).
+ * --tp / --pp / --ep run the model as tensor x pipeline parallel ranks, an MoE model's experts split over ep of
+ * them (lib/engine/parallel.ts): on the CPU engine, one native thread per rank; the layout is printed on stderr
+ * (and is `layout` in --json).
  *
  * Loads the model (progress on stderr), runs one request through the engine and prints the text as it is
  * generated, or with --json one object: token ids, text, finish reason and timings.
  */
 import { openModel } from '../engine/open.js';
+import { rankCount } from '../engine/parallel.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 
 export interface GenerateArgs {
@@ -23,6 +25,7 @@ export interface GenerateArgs {
   threads?: string;
   tp?: string;
   pp?: string;
+  ep?: string;
   chat?: boolean;
   json?: boolean;
 }
@@ -39,6 +42,7 @@ export async function generate(args: GenerateArgs): Promise<number> {
   const device = choiceOption('device', args.device, ['cpu', 'cuda', 'auto'] as const) ?? 'auto';
   const tensorParallelSize = numberOption('tp', args.tp, { integer: true, min: 1 }) ?? 1;
   const pipelineParallelSize = numberOption('pp', args.pp, { integer: true, min: 1 }) ?? 1;
+  const expertParallelSize = numberOption('ep', args.ep, { integer: true, min: 1 }) ?? 1;
 
   const t0 = performance.now();
   let lastReport = 0;
@@ -48,6 +52,7 @@ export async function generate(args: GenerateArgs): Promise<number> {
     ...(threads !== undefined ? { threads } : {}),
     tensorParallelSize,
     pipelineParallelSize,
+    expertParallelSize,
     onProgress: (loaded, total) => {
       const now = performance.now();
       if (loaded === total || now - lastReport > 250) {
@@ -59,7 +64,7 @@ export async function generate(args: GenerateArgs): Promise<number> {
   });
   try {
     const loadMs = performance.now() - t0;
-    if (!args.json && tensorParallelSize * pipelineParallelSize > 1)
+    if (!args.json && rankCount(opened.parallel) > 1)
       process.stderr.write(`${opened.device} engine, ${opened.layout}\n`);
     const tok = opened.tokenizer;
     const text = args.chat ? tok.applyChatTemplate([{ role: 'user', content: args.prompt }]) : args.prompt;

@@ -12,7 +12,7 @@ import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
 import { StartPhases, type StartLog } from './model/progress.js';
-import { checkParallelConfig, describeParallel, SINGLE_RANK, type ParallelConfig } from './parallel.js';
+import { checkParallelConfig, describeParallel, rankCount, SINGLE_RANK, type ParallelConfig } from './parallel.js';
 import { modelTokenizer, type TextTokenizer } from './tokenizer.js';
 
 /** Share of free host memory the CPU engine's KV pool takes when neither numBlocks nor kvCacheBytes is given. */
@@ -48,6 +48,11 @@ export interface OpenModelOptions {
   tensorParallelSize?: number;
   /** Pipeline stages: each runs a contiguous share of the layers. Default 1. */
   pipelineParallelSize?: number;
+  /**
+   * Expert parallel ranks of an MoE model (lib/engine/parallel.ts): each holds numExperts / ep whole experts; they
+   * are the tensor-parallel ranks (tp 1: attention replicated on each; tp = ep: split). Default 1. CPU engine only.
+   */
+  expertParallelSize?: number;
   blockSize?: number;
   layout?: KvLayout;
   /** Blocks in the KV pool; default from kvCacheBytes. */
@@ -122,10 +127,10 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   // The layout is checked against the model before any memory is taken.
   const parallel = checkParallelConfig(
     config,
-    { tp: options.tensorParallelSize ?? 1, pp: options.pipelineParallelSize ?? 1 },
+    { tp: options.tensorParallelSize ?? 1, pp: options.pipelineParallelSize ?? 1, ep: options.expertParallelSize ?? 1 },
     model,
   );
-  const ranks = parallel.tp * parallel.pp;
+  const ranks = rankCount(parallel);
   const blockSize = options.blockSize ?? 16;
   const layout = options.layout ?? 'block-major';
   const blockBytes = kvPool({
@@ -215,7 +220,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   const layoutText = describeParallel(config, running);
   options.log?.(
     `model ${model} open on ${runner instanceof CudaModelRunner ? 'cuda' : 'cpu'}` +
-      `${running.tp * running.pp > 1 ? ` as ${layoutText}` : ''} in ${phases.elapsedMs().toFixed(0)} ms`,
+      `${rankCount(running) > 1 ? ` as ${layoutText}` : ''} in ${phases.elapsedMs().toFixed(0)} ms`,
   );
   let disposed = false;
   const dispose = async () => {

@@ -1,7 +1,8 @@
 /**
- * `tandem generate --tp N --pp N` (issue 25): CPU ranks reproduce transformers' greedy tokens on the Llama
- * fixture, the layout is reported, a layout that does not fit the model and a GPU engine with tp > 1 are one-line
- * errors (exit status 1) before anything loads; openModel carries the layout into the engine.
+ * `tandem generate --tp N --pp N --ep N` (issues 25, 28): CPU ranks reproduce transformers' greedy tokens on the
+ * Llama fixture, expert-parallel ranks reproduce one rank's tokens on the MoE dummy, the layout is reported, a
+ * layout that does not fit the model and a GPU engine with tp > 1 are one-line errors (exit status 1) before
+ * anything loads; openModel carries the layout into the engine.
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -42,6 +43,29 @@ describe('tandem generate --tp / --pp', () => {
     expect(out.layout).toBe('tp 2 x pp 2 (4 ranks; stage layers 0, 1)');
   });
 
+  it('--ep 2 on CPU ranks gives the tokens of one rank on the MoE dummy and reports the layout', () => {
+    const run = (...parallel: string[]) => {
+      const r = runTs('lib/cli/main.ts', [
+        'generate',
+        ...['--model', 'dummy:tiny-moe', '--prompt', 'experts', '--max-tokens', '12', '--device', 'cpu'],
+        ...parallel,
+        '--json',
+      ]);
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as { tokenIds: number[]; layout: string };
+    };
+    const single = run();
+    const ep = run('--ep', '2');
+    expect(ep.tokenIds).toHaveLength(12);
+    expect(ep.tokenIds).toEqual(single.tokenIds);
+    expect(ep.layout).toBe('tp 1 x ep 2 x pp 1 (2 ranks; stage layers 0-1; 4 experts per rank, attention replicated)');
+    const bad = runTs('lib/cli/main.ts', ['generate', '--model', 'dummy:tiny-moe', '--prompt', 'x', '--ep', '3']);
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toMatch(
+      /^tandem: dummy:tiny-moe: expert parallel size 3 does not divide the model's 8 experts\n$/,
+    );
+  });
+
   it('a layout that does not fit, or tp > 1 on the GPU engine, is a one-line error', () => {
     const bad = runTs('lib/cli/main.ts', ['generate', '--model', 'dummy:tiny', '--prompt', 'x', '--tp', '3']);
     expect(bad.status).toBe(1);
@@ -71,7 +95,7 @@ describe('openModel with a parallel layout', () => {
       log: (line) => lines.push(line),
     });
     try {
-      expect(opened.parallel).toEqual({ tp: 2, pp: 2 });
+      expect(opened.parallel).toEqual({ tp: 2, pp: 2, ep: 1 });
       expect(lines.at(-1)).toMatch(
         /^model dummy:tiny open on cpu as tp 2 x pp 2 \(4 ranks; stage layers 0, 1\) in \d+ ms$/,
       );
