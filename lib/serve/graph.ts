@@ -68,7 +68,7 @@ export interface PoolSpec {
   name: string;
   role: PoolRole;
   replicas: number;
-  /** GPUs of one replica: 0 on CPU, else tensorParallelSize x pipelineParallelSize (one GPU per rank). */
+  /** GPUs of one replica: 0 on CPU, else its ranks, max(tensorParallelSize, expertParallelSize) x pipelineParallelSize. */
   gpusPerReplica: number;
   /**
    * Tensor parallel ranks of one replica (lib/engine/parallel.ts): each holds heads / tp of every layer. On CPU
@@ -77,6 +77,11 @@ export interface PoolSpec {
   tensorParallelSize: number;
   /** Pipeline stages of one replica: each runs a contiguous share of the layers. At most the model's layers. */
   pipelineParallelSize: number;
+  /**
+   * Expert parallel ranks of one replica of an MoE model (lib/engine/parallel.ts): each holds experts / ep whole
+   * experts; they are the tensor-parallel ranks, so tensorParallelSize is 1 or equal to it. Default 1.
+   */
+  expertParallelSize: number;
   /** `auto`: CUDA where the pool has GPUs and the machine has them, else CPU. */
   device: DeviceKind;
   /**
@@ -185,6 +190,7 @@ const PoolSchema = z.strictObject(
     gpusPerReplica: nonNegativeInt().optional(),
     tensorParallelSize: positiveInt().default(1),
     pipelineParallelSize: positiveInt().default(1),
+    expertParallelSize: positiveInt().default(1),
     device: oneOf(DEVICES).default('auto'),
     gpuIds: z.array(nonNegativeInt(), err('must be a list of GPU indices')).optional(),
     engine: EngineOptionsSchema.prefault({}),
@@ -325,7 +331,7 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
     else seen.set(p.name, i);
 
     // On CPU the ranks are threads of the worker (no GPUs); on GPUs, one GPU per rank.
-    const ranks = p.tensorParallelSize * p.pipelineParallelSize;
+    const ranks = Math.max(p.tensorParallelSize, p.expertParallelSize) * p.pipelineParallelSize;
     const gpusPerReplica = p.gpusPerReplica ?? (p.device === 'cpu' ? 0 : ranks);
     if (p.device === 'cpu' && gpusPerReplica > 0)
       issues.push({ path: at('gpusPerReplica'), message: 'must be 0 on device cpu' });
@@ -335,7 +341,7 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
     } else if (gpusPerReplica !== ranks) {
       issues.push({
         path: at('gpusPerReplica'),
-        message: `must equal tensorParallelSize x pipelineParallelSize (${ranks}): one GPU per rank`,
+        message: `must equal ${p.expertParallelSize > 1 ? 'max(tensorParallelSize, expertParallelSize)' : 'tensorParallelSize'} x pipelineParallelSize (${ranks}): one GPU per rank`,
       });
     }
     if (p.gpuIds !== undefined) {
@@ -361,6 +367,7 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
       gpusPerReplica,
       tensorParallelSize: p.tensorParallelSize,
       pipelineParallelSize: p.pipelineParallelSize,
+      expertParallelSize: p.expertParallelSize,
       device: p.device,
       engine,
     };
@@ -504,13 +511,14 @@ export interface ParseGraphOptions {
 }
 
 /**
- * Each pool's tensor / pipeline parallel sizes against the model (heads, kv heads, intermediate size, layers).
+ * Each pool's tensor / pipeline / expert parallel sizes against the model (heads, kv heads, intermediate size,
+ * layers, experts).
  * A model whose config does not load is left to the worker, which names the file.
  */
 function parallelIssues(graph: DeploymentGraph): PathIssue[] {
   const parallel = graph.pools
     .map((p, i) => ({ p, i }))
-    .filter(({ p }) => p.tensorParallelSize * p.pipelineParallelSize > 1);
+    .filter(({ p }) => p.tensorParallelSize * p.pipelineParallelSize * p.expertParallelSize > 1);
   if (parallel.length === 0) return [];
   let config: ModelConfig;
   try {
@@ -521,10 +529,18 @@ function parallelIssues(graph: DeploymentGraph): PathIssue[] {
   const issues: PathIssue[] = [];
   for (const { p, i } of parallel) {
     try {
-      checkParallelConfig(config, { tp: p.tensorParallelSize, pp: p.pipelineParallelSize }, '');
+      checkParallelConfig(
+        config,
+        { tp: p.tensorParallelSize, pp: p.pipelineParallelSize, ep: p.expertParallelSize },
+        '',
+      );
     } catch (error) {
       if (!(error instanceof ParallelLayoutError)) throw error;
-      const field = error.message.startsWith('pipeline') ? 'pipelineParallelSize' : 'tensorParallelSize';
+      const field = error.message.startsWith('pipeline')
+        ? 'pipelineParallelSize'
+        : error.message.startsWith('expert')
+          ? 'expertParallelSize'
+          : 'tensorParallelSize';
       issues.push({ path: ['pools', i, field], message: error.message });
     }
   }

@@ -300,6 +300,7 @@ function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, options: 
     ...(pool.engine.threads !== undefined ? { threads: pool.engine.threads } : {}),
     ...(pool.tensorParallelSize > 1 ? { tensorParallelSize: pool.tensorParallelSize } : {}),
     ...(pool.pipelineParallelSize > 1 ? { pipelineParallelSize: pool.pipelineParallelSize } : {}),
+    ...(pool.expertParallelSize > 1 ? { expertParallelSize: pool.expertParallelSize } : {}),
     ...(pool.engine.maxBatchTokens !== undefined ? { maxBatchTokens: pool.engine.maxBatchTokens } : {}),
     ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
     heartbeatMs: options.heartbeatMs ?? 1000,

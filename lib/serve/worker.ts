@@ -546,6 +546,7 @@ export async function runWorker(): Promise<void> {
       ...(init.threads !== undefined ? { threads: init.threads } : {}),
       ...(init.tensorParallelSize !== undefined ? { tensorParallelSize: init.tensorParallelSize } : {}),
       ...(init.pipelineParallelSize !== undefined ? { pipelineParallelSize: init.pipelineParallelSize } : {}),
+      ...(init.expertParallelSize !== undefined ? { expertParallelSize: init.expertParallelSize } : {}),
       engine: {
         ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
         ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),

@@ -47,6 +47,7 @@ describe('parseGraph', () => {
           gpusPerReplica: 1,
           tensorParallelSize: 1,
           pipelineParallelSize: 1,
+          expertParallelSize: 1,
           device: 'auto',
           engine: { blockSize: 16 },
         },
@@ -57,6 +58,7 @@ describe('parseGraph', () => {
           gpusPerReplica: 1,
           tensorParallelSize: 1,
           pipelineParallelSize: 1,
+          expertParallelSize: 1,
           device: 'auto',
           engine: { blockSize: 16 },
         },
@@ -246,6 +248,29 @@ pools:
         'graph.yaml:4:3: pools: mode agg needs an aggregated (or decode) pool',
         'graph.yaml:4:22: pools[0].role: mode agg runs no prefill pools (use mode disagg)',
       ].join('\n'),
+    );
+  });
+
+  it('expertParallelSize per pool: checked against the model at the field; ranks are max(tp, ep) x pp', () => {
+    const pool = (model: string, extra: string) => `model: ${model}
+pools:
+  - name: p
+    role: prefill
+    device: cpu
+${extra}
+  - name: d
+    role: decode
+`;
+    const g = parseGraph(pool('dummy:tiny-moe', '    expertParallelSize: 4'));
+    expect(g.pools[0]).toMatchObject({ expertParallelSize: 4, tensorParallelSize: 1, gpusPerReplica: 0 });
+    expect(g.pools[1]).toMatchObject({ expertParallelSize: 1 });
+    const gpu = parseGraph(pool('dummy:tiny-moe', '    expertParallelSize: 2').replace('    device: cpu\n', ''));
+    expect(gpu.pools[0]).toMatchObject({ expertParallelSize: 2, gpusPerReplica: 2 });
+    expect(errorOf(pool('dummy:tiny-moe', '    expertParallelSize: 3'))).toBe(
+      "graph.yaml:6:25: pools[0].expertParallelSize: expert parallel size 3 does not divide the model's 8 experts",
+    );
+    expect(errorOf(pool('dummy:tiny', '    expertParallelSize: 2'))).toMatch(
+      /^graph\.yaml:6:25: pools\[0\]\.expertParallelSize: expert parallel size 2 needs a mixture-of-experts model/,
     );
   });
 
