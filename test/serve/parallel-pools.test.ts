@@ -120,3 +120,49 @@ describe('a TP 2 prefill pool and a TP 1 decode pool on CPU', () => {
     });
   });
 });
+
+describe('an EP 2 prefill pool and an EP 1 decode pool of an MoE model on CPU', () => {
+  const MOE = 'dummy:tiny-moe';
+  let disagg: Deployment;
+  let agg: Deployment;
+  const lines: string[] = [];
+  const moeGraph = (mode: 'disagg' | 'agg'): DeploymentGraph => {
+    const g = defaultGraph({ gpus: 0, mode, port: 0, model: MOE });
+    g.disaggregation = { ...g.disaggregation, minRemotePrefillTokens: 1 };
+    for (const p of g.pools) {
+      p.engine = { ...p.engine, numBlocks: 64, threads: p.role === 'prefill' ? 2 : 1 };
+      if (p.role === 'prefill') p.expertParallelSize = 2;
+    }
+    return g;
+  };
+
+  beforeAll(async () => {
+    [disagg, agg] = await Promise.all([
+      startDeployment(moeGraph('disagg'), { log: (l) => lines.push(l), heartbeatMs: 200 }),
+      startDeployment(moeGraph('agg'), { log: () => {}, heartbeatMs: 200 }),
+    ]);
+  }, 120_000);
+
+  afterAll(async () => {
+    await Promise.all([disagg?.stop({ drainMs: 1000 }), agg?.stop({ drainMs: 1000 })]);
+  });
+
+  it('the prefill worker runs its experts on 2 ranks and serves what one rank serves', async () => {
+    expect(
+      lines.some((l) => /^\[prefill-0\] .*open on cpu as tp 1 x ep 2 x pp 1 \(2 ranks/.test(l)),
+      lines.join('\n'),
+    ).toBe(true);
+    const client = new OpenAI({ baseURL: `${disagg.frontend.url}/v1`, apiKey: 'none', maxRetries: 0, timeout: 30_000 });
+    const aggClient = new OpenAI({ baseURL: `${agg.frontend.url}/v1`, apiKey: 'none', maxRetries: 0, timeout: 30_000 });
+    const before = await prefillCounts(disagg);
+    for (const prompt of PROMPTS) {
+      const args = { model: MOE, prompt, max_tokens: 8, temperature: 0 };
+      const [a, b] = await Promise.all([client.completions.create(args), aggClient.completions.create(args)]);
+      expect(a.choices[0]!.text, prompt).toBe(b.choices[0]!.text);
+    }
+    await vi.waitFor(async () => expect((await prefillCounts(disagg)).remote - before.remote).toBe(PROMPTS.length), {
+      timeout: 5000,
+      interval: 20,
+    });
+  });
+});
