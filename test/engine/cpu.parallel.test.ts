@@ -8,10 +8,10 @@
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { CpuModelRunner, loadWeights, type NamedTensor } from '../../lib/engine/cpu.js';
+import { CpuModelRunner, loadWeights, nativeModelFields, type NamedTensor } from '../../lib/engine/cpu.js';
 import { dummyConfig, loadModelConfig, type ModelConfig } from '../../lib/engine/model/index.js';
 import type { ParallelConfig } from '../../lib/engine/parallel.js';
-import type { RawCpuLlama } from '../../lib/native/binding.js';
+import { loadBinding, type RawCpuLlama } from '../../lib/native/binding.js';
 import { packageRoot } from '../../lib/native/paths.js';
 import { DisposedError, ParallelLayoutError, TandemError } from '../../lib/errors.js';
 import { forwardBatch, logitsRow, relativeError, type SequenceStep } from '../helpers/forward-batch.js';
@@ -253,6 +253,30 @@ describe('CPU parallel layouts and failures', () => {
       expect((error as Error).message).toMatch(message);
     }
     expect(loaded).toBe(0);
+  });
+
+  it('the native layer guards an expert-parallel layout itself (BadInput naming the size)', () => {
+    const { binding } = loadBinding();
+    const make = (config: ModelConfig, sizes: object) =>
+      new binding.CpuLlama({
+        ...nativeModelFields(config),
+        numBlocks: 1,
+        blockSize: 1,
+        layout: 'block-major',
+        kvBuffer: new Uint8Array(config.numLayers * 2 * config.numKvHeads * config.headDim * 4),
+        ...sizes,
+      });
+    const moe = dummyConfig('tiny-moe');
+    expect(() => make(moe, { expertParallelSize: 3 })).toThrow(
+      /expert parallel size 3 does not divide the model's 8 experts/,
+    );
+    expect(() => make(moe, { expertParallelSize: 4, tensorParallelSize: 2 })).toThrow(
+      /the expert-parallel ranks are the tensor-parallel ranks/,
+    );
+    expect(() => make(tiny.config, { expertParallelSize: 2 })).toThrow(/needs a mixture-of-experts model/);
+    const ok = make(moe, { expertParallelSize: 4 });
+    expect(ok.ranks).toBe(4);
+    void ok.dispose();
   });
 
   it('names the rank of a weight that was not set', async () => {

@@ -581,7 +581,8 @@ void CpuLlama::runRank(int rank) {
         R.layerStep(l, step, comm);
       }
       if (last) {
-        float* out = groupRank == 0 ? logits_ + microBatchFirstSeq_[m] * static_cast<size_t>(config_.vocabSize) : nullptr;
+        const size_t row = microBatchFirstSeq_[m] * static_cast<size_t>(config_.vocabSize);
+        float* out = groupRank == 0 ? logits_ + row : nullptr;
         R.logits(step, comm, out);
       } else {
         channels_[stage * group + groupRank]->send(std::move(step.x));

@@ -160,9 +160,9 @@ class CpuLlamaRank {
   std::vector<int64_t> expertTokens_;  // numLayers x numExperts; counted by group rank 0 only
 };
 
-// The CPU model runner: tp x pp ranks (issue 25), each on its own native thread with its own compute threads,
-// meeting through host collectives; tp = pp = 1 is the single-rank model. A batch of several sequences is split
-// into as many micro-batches as there are stages so that stages overlap.
+// The CPU model runner: max(tp, ep) x pp ranks (issues 25, 28), each on its own native thread with its own compute
+// threads, meeting through host collectives; tp = pp = ep = 1 is the single-rank model. A batch of several
+// sequences is split into as many micro-batches as there are stages so that stages overlap.
 class CpuLlama {
  public:
   // Throws BadInput when the config, the layout or the pool is inconsistent (pool too small, misaligned, tp not

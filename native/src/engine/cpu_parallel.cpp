@@ -15,7 +15,8 @@ void checkParallelConfig(const LlamaConfig& c, const ParallelConfig& p) {
                      std::to_string(c.moe.numExperts) + " experts");
     if (p.tp != 1 && p.tp != p.ep)
       throw BadInput("expert parallel size " + std::to_string(p.ep) + " with tensor parallel size " +
-                     std::to_string(p.tp) + ": the expert-parallel ranks are the tensor-parallel ranks (tp 1 or tp = ep)");
+                     std::to_string(p.tp) +
+                     ": the expert-parallel ranks are the tensor-parallel ranks (tp 1 or tp = ep)");
   } else if (c.moe.numExperts > 0 && c.moe.intermediateSize % p.tp != 0) {
     throw BadInput("tensor parallel size " + std::to_string(p.tp) + " does not divide the experts' intermediate size " +
                    std::to_string(c.moe.intermediateSize));
