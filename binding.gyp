@@ -12,6 +12,7 @@
         "native/src/engine/cpu_kernels.cpp",
         "native/src/engine/cpu_llama.cpp",
         "native/src/engine/cpu_moe.cpp",
+        "native/src/engine/cpu_parallel.cpp",
         "native/src/engine/cublas.cpp",
         "native/src/engine/cuda_llama.cpp",
         "native/src/engine/cuda_llama_graphs.cpp",

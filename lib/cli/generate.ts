@@ -1,11 +1,16 @@
 /**
  * `tandem generate --model <dir|dummy:preset> --prompt TEXT --max-tokens N [--device cpu|cuda] [--seed S]
- *  [--temperature T] [--top-p P] [--top-k K] [--chat] [--json]`
+ *  [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N] [--ep N] [--chat] [--json]`
+ *
+ * --tp / --pp / --ep run the model as tensor x pipeline parallel ranks, an MoE model's experts split over ep of
+ * them (lib/engine/parallel.ts): on the CPU engine, one native thread per rank; the layout is printed on stderr
+ * (and is `layout` in --json).
  *
  * Loads the model (progress on stderr), runs one request through the engine and prints the text as it is
  * generated, or with --json one object: token ids, text, finish reason and timings.
  */
 import { openModel } from '../engine/open.js';
+import { rankCount } from '../engine/parallel.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 
 export interface GenerateArgs {
@@ -18,6 +23,9 @@ export interface GenerateArgs {
   'top-p'?: string;
   'top-k'?: string;
   threads?: string;
+  tp?: string;
+  pp?: string;
+  ep?: string;
   chat?: boolean;
   json?: boolean;
 }
@@ -32,6 +40,9 @@ export async function generate(args: GenerateArgs): Promise<number> {
   const topK = numberOption('top-k', args['top-k'], { integer: true });
   const threads = numberOption('threads', args.threads, { integer: true, min: 1 });
   const device = choiceOption('device', args.device, ['cpu', 'cuda', 'auto'] as const) ?? 'auto';
+  const tensorParallelSize = numberOption('tp', args.tp, { integer: true, min: 1 }) ?? 1;
+  const pipelineParallelSize = numberOption('pp', args.pp, { integer: true, min: 1 }) ?? 1;
+  const expertParallelSize = numberOption('ep', args.ep, { integer: true, min: 1 }) ?? 1;
 
   const t0 = performance.now();
   let lastReport = 0;
@@ -39,6 +50,9 @@ export async function generate(args: GenerateArgs): Promise<number> {
     model: args.model,
     device,
     ...(threads !== undefined ? { threads } : {}),
+    tensorParallelSize,
+    pipelineParallelSize,
+    expertParallelSize,
     onProgress: (loaded, total) => {
       const now = performance.now();
       if (loaded === total || now - lastReport > 250) {
@@ -50,6 +64,8 @@ export async function generate(args: GenerateArgs): Promise<number> {
   });
   try {
     const loadMs = performance.now() - t0;
+    if (!args.json && rankCount(opened.parallel) > 1)
+      process.stderr.write(`${opened.device} engine, ${opened.layout}\n`);
     const tok = opened.tokenizer;
     const text = args.chat ? tok.applyChatTemplate([{ role: 'user', content: args.prompt }]) : args.prompt;
     const promptTokenIds = args.chat ? tok.encode(text, { addBos: false }) : tok.encode(text);
@@ -91,6 +107,7 @@ export async function generate(args: GenerateArgs): Promise<number> {
       JSON.stringify({
         model: args.model,
         device: opened.device,
+        layout: opened.layout,
         prompt: text,
         promptTokenIds,
         tokenIds,

@@ -37,8 +37,10 @@ Usage:
                            --migration-limit: times a request whose worker dies is re-issued to
                            another (default 3, 0: never)
   tandem generate --model <dir|dummy:preset> --prompt TEXT [--max-tokens N] [--device cpu|cuda]
-                  [--seed S] [--temperature T] [--top-p P] [--top-k K] [--threads N] [--chat] [--json]
-                           generate text with the reference engine (greedy unless --temperature)
+                  [--seed S] [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N]
+                  [--ep N] [--chat] [--json]
+                           generate text with the reference engine (greedy unless --temperature);
+                           --tp / --pp / --ep: tensor / pipeline / expert parallel ranks (CPU engine)
   tandem bench serve [--quick] [--url URL | --deploy A.yaml,B.yaml] [--rate R,... | --concurrency C,...]
                            goodput under SLOs of a deployment or of any OpenAI-compatible server
                            (tandem bench serve --help lists its options)

@@ -15,8 +15,23 @@ import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } fro
 import { loadBinding, type RawCpuLlama } from '../native/binding.js';
 import { loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, dummyWeights, isDummyModel } from './model/dummy.js';
-import { checkCheckpointTensors, nativeManifest, weightManifest } from './model/manifest.js';
+import {
+  checkCheckpointTensors,
+  nativeManifest,
+  tensorElements,
+  weightManifest,
+  type ManifestTensor,
+} from './model/manifest.js';
 import { openSafetensors } from './model/safetensors.js';
+import {
+  checkParallelConfig,
+  describeParallel,
+  groupSize,
+  rankCount,
+  rankSlice,
+  tensorStages,
+  type ParallelConfig,
+} from './parallel.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner } from './runner.js';
 
 /** One weight tensor by its Hugging Face name, as float32 values in the checkpoint's row-major order. */
@@ -111,6 +126,12 @@ export interface CpuModelRunnerOptions {
   weights: WeightSource | string;
   /** Seed of `dummy:` weights when `weights` is a name. */
   seed?: number;
+  /**
+   * Tensor, pipeline and expert parallel layout (lib/engine/parallel.ts): max(tp, ep) x pp ranks, each a native
+   * thread holding its slice of the weights, with `threads` split between them. Default { tp: 1, pp: 1, ep: 1 }.
+   * A layout that does not fit the model throws ParallelLayoutError before any memory is taken.
+   */
+  parallel?: Partial<ParallelConfig>;
 }
 
 const LAYOUTS: readonly KvLayout[] = ['block-major', 'layer-major'];
@@ -143,6 +164,34 @@ export function runnerPoolSpec(pool: KvPool, dtype: KvPoolSpec['dtype']): KvPool
 }
 const KERNELS: readonly CpuKernel[] = ['auto', 'avx512', 'avx2', 'generic'];
 
+/**
+ * Copies a whole tensor into every rank that holds it, each rank its slice by the tensor's shard rule. A single
+ * rank, or a name the manifest does not know, goes to the native runner as is (which names what is wrong).
+ */
+function setRankSlices(
+  raw: RawCpuLlama,
+  config: ModelConfig,
+  parallel: ParallelConfig,
+  spec: ManifestTensor | undefined,
+  tensor: NamedTensor,
+): void {
+  if (spec === undefined || rankCount(parallel) === 1) {
+    nativeSync(() => raw.setWeight(tensor.name, tensor.data));
+    return;
+  }
+  const need = tensorElements(spec);
+  if (!(tensor.data instanceof Float32Array) || tensor.data.length !== need)
+    throw new BadArgumentError(
+      `tensor '${tensor.name}' has ${tensor.data?.length} elements; this config needs ${need} (shape [${spec.shape.join(', ')}])`,
+    );
+  const group = groupSize(parallel);
+  for (const stage of tensorStages(config, parallel.pp, spec))
+    for (let r = 0; r < group; r++) {
+      const slice = rankSlice(config, parallel, r, spec, tensor.data);
+      if (slice) nativeSync(() => raw.setWeight(tensor.name, slice, stage * group + r));
+    }
+}
+
 export class CpuModelRunner implements ModelRunner {
   readonly vocabSize: number;
   readonly blockSize: number;
@@ -159,6 +208,8 @@ export class CpuModelRunner implements ModelRunner {
     pool: KvPool,
     /** The KV pool's memory. */
     readonly kvBuffer: Uint8Array,
+    /** The tensor / pipeline parallel layout. */
+    readonly parallel: ParallelConfig,
   ) {
     this.vocabSize = config.vocabSize;
     this.blockSize = pool.blockSize;
@@ -176,6 +227,7 @@ export class CpuModelRunner implements ModelRunner {
     if (!KERNELS.includes(kernel))
       throw new BadArgumentError(`${where}: kernel must be one of ${KERNELS.join(', ')} (got ${String(kernel)})`);
     if (options.threads !== undefined) checkInteger(where, 'threads', options.threads, 1);
+    const parallel = checkParallelConfig(config, options.parallel, where);
     const pool = kvPool({
       layers: config.numLayers,
       kvHeads: config.numKvHeads,
@@ -211,6 +263,9 @@ export class CpuModelRunner implements ModelRunner {
           kvBuffer: buffer,
           ...(options.threads !== undefined ? { threads: options.threads } : {}),
           kernel,
+          tensorParallelSize: parallel.tp,
+          pipelineParallelSize: parallel.pp,
+          expertParallelSize: parallel.ep,
         }),
     );
     try {
@@ -218,17 +273,23 @@ export class CpuModelRunner implements ModelRunner {
       if (typeof source === 'string')
         source = loadWeights(source, { config, seed: options.seed ?? DEFAULT_DUMMY_SEED });
       else if (typeof source === 'function') source = source();
+      const manifest = new Map(weightManifest(config).map((t) => [t.name, t]));
       for await (const tensor of source as AsyncIterable<NamedTensor> | Iterable<NamedTensor>)
-        nativeSync(() => raw.setWeight(tensor.name, tensor.data));
+        setRankSlices(raw, config, parallel, manifest.get(tensor.name), tensor);
       nativeSync(() => raw.ready());
     } catch (error) {
       await raw.dispose();
       throw error;
     }
-    return new CpuModelRunner(raw, config, pool, buffer);
+    return new CpuModelRunner(raw, config, pool, buffer, parallel);
   }
 
-  /** Compute threads (the forward thread included). */
+  /** The layout in words ("single rank (tp 1, pp 1)", "tp 2 x pp 2 (4 ranks; ...)"), for logs and `tandem info`. */
+  get layout(): string {
+    return describeParallel(this.config, this.parallel);
+  }
+
+  /** Compute threads of all ranks (each rank's own thread included). */
   get threads(): number {
     return this.raw.threads;
   }

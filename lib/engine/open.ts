@@ -3,7 +3,7 @@
  * that schedules requests on it. What `tandem generate` and the workers call.
  */
 import { freemem } from 'node:os';
-import { BackendUnavailableError, BadArgumentError } from '../errors.js';
+import { BackendUnavailableError, BadArgumentError, ParallelLayoutError } from '../errors.js';
 import { kvPool, type KvLayout, type KvPoolSpec } from '../kv/index.js';
 import { probeCuda } from '../cuda/index.js';
 import { CpuModelRunner, loadWeights, type NamedTensor } from './cpu.js';
@@ -12,6 +12,7 @@ import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
 import { StartPhases, type StartLog } from './model/progress.js';
+import { checkParallelConfig, describeParallel, rankCount, SINGLE_RANK, type ParallelConfig } from './parallel.js';
 import { modelTokenizer, type TextTokenizer } from './tokenizer.js';
 
 /** Share of free host memory the CPU engine's KV pool takes when neither numBlocks nor kvCacheBytes is given. */
@@ -40,6 +41,18 @@ export interface OpenModelOptions {
   /** Seed of `dummy:` weights. Default 0. */
   seed?: number;
   threads?: number;
+  /**
+   * Tensor parallel ranks (lib/engine/parallel.ts): each splits every layer's heads and channels. Default 1. The
+   * CPU engine runs one native thread per rank; the GPU engine does not take tp or pp > 1 yet.
+   */
+  tensorParallelSize?: number;
+  /** Pipeline stages: each runs a contiguous share of the layers. Default 1. */
+  pipelineParallelSize?: number;
+  /**
+   * Expert parallel ranks of an MoE model (lib/engine/parallel.ts): each holds numExperts / ep whole experts; they
+   * are the tensor-parallel ranks (tp 1: attention replicated on each; tp = ep: split). Default 1. CPU engine only.
+   */
+  expertParallelSize?: number;
   blockSize?: number;
   layout?: KvLayout;
   /** Blocks in the KV pool; default from kvCacheBytes. */
@@ -67,6 +80,9 @@ export interface OpenedModel {
   readonly runner: CpuModelRunner | CudaModelRunner;
   readonly engine: LlmEngine;
   readonly device: 'cpu' | 'cuda';
+  /** The tensor / pipeline parallel layout, and in words ("tp 2 x pp 1 (2 ranks; ...)"). */
+  readonly parallel: ParallelConfig;
+  readonly layout: string;
   /** Why 'auto' chose the CPU on a machine with a GPU (the GPU engine's error), when it did. */
   readonly fallbackReason?: string;
   /**
@@ -108,6 +124,13 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     const config = isDummyModel(model) ? dummyConfig(model) : loadModelConfig(model);
     return { config, tokenizer: modelTokenizer(model, config) };
   });
+  // The layout is checked against the model before any memory is taken.
+  const parallel = checkParallelConfig(
+    config,
+    { tp: options.tensorParallelSize ?? 1, pp: options.pipelineParallelSize ?? 1, ep: options.expertParallelSize ?? 1 },
+    model,
+  );
+  const ranks = rankCount(parallel);
   const blockSize = options.blockSize ?? 16;
   const layout = options.layout ?? 'block-major';
   const blockBytes = kvPool({
@@ -142,6 +165,11 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   let fallbackReason: string | undefined;
   if (device !== 'cpu') {
     const gpus = device === 'auto' ? (await probeCuda()).deviceCount : 1;
+    if (gpus > 0 && ranks > 1)
+      throw new ParallelLayoutError(
+        `${model}: ${describeParallel(config, parallel)} is not yet on the GPU engine; ` +
+          `run it on CPU ranks with device 'cpu' (--device cpu)`,
+      );
     if (gpus > 0) {
       try {
         const fraction = options.kvCacheFraction ?? DEFAULT_GPU_KV_FRACTION;
@@ -178,6 +206,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
         layout,
         ...(kvBuffer ? { kvBuffer } : {}),
         ...(options.threads !== undefined ? { threads: options.threads } : {}),
+        parallel,
         weights: countingWeights(model, config, options.seed, options.onProgress),
       }),
     );
@@ -186,8 +215,12 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     detokenize: (ids) => tokenizer.decode(ids),
     ...options.engine,
   });
+  // What the runner runs (the GPU runner: one rank), not what was asked.
+  const running = runner instanceof CpuModelRunner ? runner.parallel : SINGLE_RANK;
+  const layoutText = describeParallel(config, running);
   options.log?.(
-    `model ${model} open on ${runner instanceof CudaModelRunner ? 'cuda' : 'cpu'} in ${phases.elapsedMs().toFixed(0)} ms`,
+    `model ${model} open on ${runner instanceof CudaModelRunner ? 'cuda' : 'cpu'}` +
+      `${rankCount(running) > 1 ? ` as ${layoutText}` : ''} in ${phases.elapsedMs().toFixed(0)} ms`,
   );
   let disposed = false;
   const dispose = async () => {
@@ -202,6 +235,8 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     runner,
     engine,
     device: runner instanceof CudaModelRunner ? 'cuda' : 'cpu',
+    parallel: { ...running },
+    layout: layoutText,
     ...(fallbackReason ? { fallbackReason } : {}),
     kvPoolSpec: runner.kvPoolSpec,
     dispose,

@@ -213,9 +213,19 @@ export interface RawCpuLlamaOptions {
   threads?: number;
   /** Matrix kernel: 'auto' (default), 'avx512', 'avx2' or 'generic'. */
   kernel?: string;
+  /** Tensor parallel ranks per pipeline stage (lib/engine/parallel.ts). Default 1. */
+  tensorParallelSize?: number;
+  /** Pipeline stages. Default 1. */
+  pipelineParallelSize?: number;
+  /** Expert parallel ranks per pipeline stage (MoE models; 1 or tensorParallelSize when that is > 1). Default 1. */
+  expertParallelSize?: number;
 }
 
-export interface RawCudaLlamaOptions extends Omit<RawCpuLlamaOptions, 'kvBuffer' | 'threads' | 'kernel'> {
+export interface RawCudaLlamaOptions
+  extends Omit<
+    RawCpuLlamaOptions,
+    'kvBuffer' | 'threads' | 'kernel' | 'tensorParallelSize' | 'pipelineParallelSize' | 'expertParallelSize'
+  > {
   /** bf16 KV pool (NHD tiles) on the same device, at least numBlocks * layers * 2 * blockSize * kvHeads * headDim * 2 bytes. */
   kvBuffer: RawDeviceBuffer;
   /** cuBLAS library candidates, tried in order (lib/native/libraries.ts). */
@@ -307,12 +317,17 @@ export interface RawCpuLlama {
   /** The matrix kernel in use: 'avx512', 'avx2' or 'generic'. */
   readonly kernel: string;
   readonly disposed: boolean;
-  setWeight(name: string, data: Float32Array): void;
+  /** max(tensorParallelSize, expertParallelSize) x pipelineParallelSize. */
+  readonly ranks: number;
+  /** Rank `rank`'s slice of a tensor (rank = stage * max(tp, ep) + rank in the stage; default 0). */
+  setWeight(name: string, data: Float32Array, rank?: number): void;
   missingWeights(): string[];
   ready(): void;
   forward(...batch: RawForwardArgs): Promise<Float32Array>;
   /** Tokens routed per layer and expert (layer-major) by the passes since the last call; empty for a dense model. */
   takeExpertLoad(): Float64Array;
+  /** Test hook: the next forward pass throws in `rank` just before decoder layer `layer`. */
+  failRankForTest(rank: number, layer: number): void;
   dispose(): Promise<void>;
 }
 

@@ -11,8 +11,10 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { isMap, isScalar, isSeq, LineCounter, parseDocument, type Document, type Node } from 'yaml';
 import { z } from 'zod';
-import { TandemError } from '../errors.js';
-import { DUMMY_PREFIX, DUMMY_PRESETS } from '../engine/model/dummy.js';
+import { ParallelLayoutError, TandemError } from '../errors.js';
+import { loadModelConfig, type ModelConfig } from '../engine/model/config.js';
+import { DUMMY_PREFIX, DUMMY_PRESETS, dummyConfig } from '../engine/model/dummy.js';
+import { checkParallelConfig } from '../engine/parallel.js';
 import { DEFAULT_MIGRATION_LIMIT } from './migration.js';
 import {
   DEFAULT_MAX_PREFILL_QUEUE,
@@ -66,9 +68,20 @@ export interface PoolSpec {
   name: string;
   role: PoolRole;
   replicas: number;
-  /** GPUs of one replica: 0 on CPU, else tensorParallelSize (one GPU per tensor-parallel rank). */
+  /** GPUs of one replica: 0 on CPU, else its ranks, max(tensorParallelSize, expertParallelSize) x pipelineParallelSize. */
   gpusPerReplica: number;
+  /**
+   * Tensor parallel ranks of one replica (lib/engine/parallel.ts): each holds heads / tp of every layer. On CPU
+   * the ranks are native threads of the worker; it must divide the model's heads (see checkParallelConfig).
+   */
   tensorParallelSize: number;
+  /** Pipeline stages of one replica: each runs a contiguous share of the layers. At most the model's layers. */
+  pipelineParallelSize: number;
+  /**
+   * Expert parallel ranks of one replica of an MoE model (lib/engine/parallel.ts): each holds experts / ep whole
+   * experts; they are the tensor-parallel ranks, so tensorParallelSize is 1 or equal to it. Default 1.
+   */
+  expertParallelSize: number;
   /** `auto`: CUDA where the pool has GPUs and the machine has them, else CPU. */
   device: DeviceKind;
   /**
@@ -176,6 +189,8 @@ const PoolSchema = z.strictObject(
     replicas: positiveInt().default(1),
     gpusPerReplica: nonNegativeInt().optional(),
     tensorParallelSize: positiveInt().default(1),
+    pipelineParallelSize: positiveInt().default(1),
+    expertParallelSize: positiveInt().default(1),
     device: oneOf(DEVICES).default('auto'),
     gpuIds: z.array(nonNegativeInt(), err('must be a list of GPU indices')).optional(),
     engine: EngineOptionsSchema.prefault({}),
@@ -317,18 +332,18 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
       issues.push({ path: at('name'), message: `'${p.name}' is already the name of pools[${first}]` });
     else seen.set(p.name, i);
 
-    const gpusPerReplica = p.gpusPerReplica ?? (p.device === 'cpu' ? 0 : p.tensorParallelSize);
+    // On CPU the ranks are threads of the worker (no GPUs); on GPUs, one GPU per rank.
+    const ranks = Math.max(p.tensorParallelSize, p.expertParallelSize) * p.pipelineParallelSize;
+    const gpusPerReplica = p.gpusPerReplica ?? (p.device === 'cpu' ? 0 : ranks);
     if (p.device === 'cpu' && gpusPerReplica > 0)
       issues.push({ path: at('gpusPerReplica'), message: 'must be 0 on device cpu' });
     if (gpusPerReplica === 0) {
       if (p.device === 'cuda')
         issues.push({ path: at('gpusPerReplica'), message: 'must be at least 1 on device cuda' });
-      if (p.tensorParallelSize > 1)
-        issues.push({ path: at('tensorParallelSize'), message: 'tensor parallelism needs GPUs (device cuda)' });
-    } else if (gpusPerReplica !== p.tensorParallelSize) {
+    } else if (gpusPerReplica !== ranks) {
       issues.push({
         path: at('gpusPerReplica'),
-        message: `must equal tensorParallelSize (${p.tensorParallelSize}): one GPU per tensor-parallel rank`,
+        message: `must equal ${p.expertParallelSize > 1 ? 'max(tensorParallelSize, expertParallelSize)' : 'tensorParallelSize'} x pipelineParallelSize (${ranks}): one GPU per rank`,
       });
     }
     if (p.gpuIds !== undefined) {
@@ -353,6 +368,8 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
       replicas: p.replicas,
       gpusPerReplica,
       tensorParallelSize: p.tensorParallelSize,
+      pipelineParallelSize: p.pipelineParallelSize,
+      expertParallelSize: p.expertParallelSize,
       device: p.device,
       engine,
     };
@@ -495,6 +512,43 @@ export interface ParseGraphOptions {
   baseDir?: string;
 }
 
+/**
+ * Each pool's tensor / pipeline / expert parallel sizes against the model (heads, kv heads, intermediate size,
+ * layers, experts).
+ * A model whose config does not load is left to the worker, which names the file.
+ */
+function parallelIssues(graph: DeploymentGraph): PathIssue[] {
+  const parallel = graph.pools
+    .map((p, i) => ({ p, i }))
+    .filter(({ p }) => p.tensorParallelSize * p.pipelineParallelSize * p.expertParallelSize > 1);
+  if (parallel.length === 0) return [];
+  let config: ModelConfig;
+  try {
+    config = graph.model.startsWith(DUMMY_PREFIX) ? dummyConfig(graph.model) : loadModelConfig(graph.model);
+  } catch {
+    return [];
+  }
+  const issues: PathIssue[] = [];
+  for (const { p, i } of parallel) {
+    try {
+      checkParallelConfig(
+        config,
+        { tp: p.tensorParallelSize, pp: p.pipelineParallelSize, ep: p.expertParallelSize },
+        '',
+      );
+    } catch (error) {
+      if (!(error instanceof ParallelLayoutError)) throw error;
+      const field = error.message.startsWith('pipeline')
+        ? 'pipelineParallelSize'
+        : error.message.startsWith('expert')
+          ? 'expertParallelSize'
+          : 'tensorParallelSize';
+      issues.push({ path: ['pools', i, field], message: error.message });
+    }
+  }
+  return issues;
+}
+
 /** Parses and validates a graph. `sourceName` is what error positions name (a file name). Throws GraphError. */
 export function parseGraph(text: string, sourceName = 'graph.yaml', options: ParseGraphOptions = {}): DeploymentGraph {
   const lines = new LineCounter();
@@ -514,6 +568,7 @@ export function parseGraph(text: string, sourceName = 'graph.yaml', options: Par
       issues.push({ path: ['model'], message: `model directory ${dir} does not exist (or write dummy:<preset>)` });
     graph.model = dir;
   }
+  if (graph) issues.push(...parallelIssues(graph));
   if (graph?.planner.profile !== undefined && options.baseDir !== undefined)
     graph.planner.profile = resolve(options.baseDir, graph.planner.profile);
   if (graph?.planner.kubernetes?.kubeconfig !== undefined && options.baseDir !== undefined)

@@ -38,6 +38,10 @@ export interface WorkerInit {
   blockSize: number;
   numBlocks?: number;
   threads?: number;
+  /** Tensor / pipeline / expert parallel ranks of the worker's engine (the pool's; default 1). */
+  tensorParallelSize?: number;
+  pipelineParallelSize?: number;
+  expertParallelSize?: number;
   maxBatchTokens?: number;
   maxSequences?: number;
   heartbeatMs: number;

@@ -540,6 +540,9 @@ export async function openWorker(
     blockSize: init.blockSize,
     ...(init.numBlocks !== undefined ? { numBlocks: init.numBlocks } : {}),
     ...(init.threads !== undefined ? { threads: init.threads } : {}),
+    ...(init.tensorParallelSize !== undefined ? { tensorParallelSize: init.tensorParallelSize } : {}),
+    ...(init.pipelineParallelSize !== undefined ? { pipelineParallelSize: init.pipelineParallelSize } : {}),
+    ...(init.expertParallelSize !== undefined ? { expertParallelSize: init.expertParallelSize } : {}),
     engine: {
       ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
       ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),

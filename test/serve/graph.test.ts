@@ -46,6 +46,8 @@ describe('parseGraph', () => {
           replicas: 1,
           gpusPerReplica: 1,
           tensorParallelSize: 1,
+          pipelineParallelSize: 1,
+          expertParallelSize: 1,
           device: 'auto',
           engine: { blockSize: 16 },
         },
@@ -55,6 +57,8 @@ describe('parseGraph', () => {
           replicas: 1,
           gpusPerReplica: 1,
           tensorParallelSize: 1,
+          pipelineParallelSize: 1,
+          expertParallelSize: 1,
           device: 'auto',
           engine: { blockSize: 16 },
         },
@@ -247,6 +251,29 @@ pools:
     );
   });
 
+  it('expertParallelSize per pool: checked against the model at the field; ranks are max(tp, ep) x pp', () => {
+    const pool = (model: string, extra: string) => `model: ${model}
+pools:
+  - name: p
+    role: prefill
+    device: cpu
+${extra}
+  - name: d
+    role: decode
+`;
+    const g = parseGraph(pool('dummy:tiny-moe', '    expertParallelSize: 4'));
+    expect(g.pools[0]).toMatchObject({ expertParallelSize: 4, tensorParallelSize: 1, gpusPerReplica: 0 });
+    expect(g.pools[1]).toMatchObject({ expertParallelSize: 1 });
+    const gpu = parseGraph(pool('dummy:tiny-moe', '    expertParallelSize: 2').replace('    device: cpu\n', ''));
+    expect(gpu.pools[0]).toMatchObject({ expertParallelSize: 2, gpusPerReplica: 2 });
+    expect(errorOf(pool('dummy:tiny-moe', '    expertParallelSize: 3'))).toBe(
+      "graph.yaml:6:25: pools[0].expertParallelSize: expert parallel size 3 does not divide the model's 8 experts",
+    );
+    expect(errorOf(pool('dummy:tiny', '    expertParallelSize: 2'))).toMatch(
+      /^graph\.yaml:6:25: pools\[0\]\.expertParallelSize: expert parallel size 2 needs a mixture-of-experts model/,
+    );
+  });
+
   it('semantic checks: GPUs, devices, names, KV sizing, presets', () => {
     const pools = (extra: string) => `model: dummy:tiny
 pools:
@@ -259,11 +286,11 @@ ${extra}
     expect(errorOf(pools('    device: cpu\n    gpusPerReplica: 1'))).toBe(
       'graph.yaml:6:21: pools[0].gpusPerReplica: must be 0 on device cpu',
     );
-    expect(errorOf(pools('    device: cpu\n    tensorParallelSize: 2'))).toBe(
-      'graph.yaml:6:25: pools[0].tensorParallelSize: tensor parallelism needs GPUs (device cuda)',
+    expect(errorOf(pools('    device: cpu\n    tensorParallelSize: 3'))).toBe(
+      "graph.yaml:6:25: pools[0].tensorParallelSize: tensor parallel size 3 does not divide the model's 4 attention heads",
     );
     expect(errorOf(pools('    tensorParallelSize: 2\n    gpusPerReplica: 1'))).toBe(
-      'graph.yaml:6:21: pools[0].gpusPerReplica: must equal tensorParallelSize (2): one GPU per tensor-parallel rank',
+      'graph.yaml:6:21: pools[0].gpusPerReplica: must equal tensorParallelSize x pipelineParallelSize (2): one GPU per rank',
     );
     expect(errorOf(pools('    replicas: 2\n    gpuIds: [0]'))).toBe(
       'graph.yaml:6:13: pools[0].gpuIds: must list replicas x gpusPerReplica = 2 GPU indices (got 1)',

@@ -17,8 +17,9 @@ import type { ModelConfig, TorchDtype } from './config.js';
  * - `column`: split along the output dimension (dim 0 of a [out, in] weight, or a bias): q/k/v, gate, up;
  * - `row`: split along the input dimension (dim 1): o_proj, down_proj; partial outputs are summed (all-reduce);
  * - `vocab`: split along the vocabulary (dim 0): the embedding and lm_head;
- * - `expert`: one expert's tensor, held whole by the expert-parallel ranks its expert is placed on (issue 28;
- *   lib/moe places experts).
+ * - `expert`: one expert's gate / up / down (issue 28): on the rank its expert is placed on under expert
+ *   parallelism (whole; lib/engine/parallel.ts's expertShard, contiguous like lib/moe's staticPlacement), and split
+ *   like the dense gate / up (dim 0) and down (dim 1) over the tensor-parallel ranks that share every expert (ep 1).
  */
 export type ShardRule = 'replicated' | 'column' | 'row' | 'vocab' | 'expert';
 

@@ -124,56 +124,73 @@ constexpr size_t kMinMacsPerChunk = 1 << 15;  // below this a chunk is not worth
 
 }  // namespace
 
-CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned threads, const std::string& kernel)
-    : config_(config), pool_(pool), pool_threads_(threads) {
-  const LlamaConfig& c = config_;
-  checkConfig(c);
-  if (pool.numBlocks <= 0 || pool.blockSize <= 0) throw BadInput("numBlocks and blockSize must be positive");
-  if (reinterpret_cast<uintptr_t>(pool.base) % alignof(float) != 0)
-    throw BadInput("the KV buffer must start at a multiple of 4 bytes (fp32)");
-  size_t need = static_cast<size_t>(pool.numBlocks) * c.numLayers * 2 * pool.blockSize * c.numKvHeads * c.headDim *
-                sizeof(float);
-  if (pool.bytes < need)
-    throw BadInput("the KV buffer holds " + std::to_string(pool.bytes) + " bytes; the pool needs " +
-                   std::to_string(need));
-  try {
-    gemm_ = selectGemmKernel(kernel);
-  } catch (const std::invalid_argument& e) {
-    throw BadInput(e.what());
-  }
+// ---------------------------------------------------------------------------------------------------------------
+// One rank
+// ---------------------------------------------------------------------------------------------------------------
 
-  const size_t h = c.hiddenSize, inter = c.intermediateSize;
-  qDim_ = static_cast<size_t>(c.numHeads) * c.headDim;
-  kvDim_ = static_cast<size_t>(c.numKvHeads) * c.headDim;
+CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, const ParallelConfig& parallel,
+                           int stage, int groupRank, unsigned threads, const GemmKernel& gemm)
+    : config_(config),
+      pool_(pool),
+      gemm_(gemm),
+      stage_(stage),
+      groupRank_(groupRank),
+      groupSize_(parallel.group()),
+      // tp 1 in a larger group (expert parallelism beside replicated attention): every rank holds all of it.
+      shard_(tensorShard(config, parallel.tp, parallel.tp == 1 ? 0 : groupRank)),
+      layers_range_(stageLayers(config.numLayers, parallel.pp)[stage]),
+      firstStage_(stage == 0),
+      lastStage_(stage == parallel.pp - 1),
+      replicatedKv_(config.numKvHeads < parallel.tp || (parallel.tp == 1 && parallel.group() > 1)),
+      pool_threads_(threads) {
+  const LlamaConfig& c = config_;
+  const size_t h = c.hiddenSize, hd = c.headDim;
+  // Replicas of the whole attention (tp 1): the group's rank 0 writes the KV pool, the others read it.
+  if (parallel.tp == 1 && groupRank > 0) shard_.writesKv = false;
+  qDim_ = static_cast<size_t>(shard_.heads.count) * hd;
+  kvDim_ = static_cast<size_t>(shard_.kvHeads.count) * hd;
   qkvDim_ = qDim_ + 2 * kvDim_;
+  inter_ = static_cast<size_t>(shard_.intermediate.count);
+  kvStride_ = static_cast<size_t>(c.numKvHeads) * hd;
+  const size_t vocab = static_cast<size_t>(shard_.vocab.count);
   invFreq_ = ropeFrequencies(c);
 
-  embed_.resize(static_cast<size_t>(c.vocabSize) * h);
-  layers_.resize(c.numLayers);
-  for (Layer& L : layers_) {
+  const bool holdsEmbed = firstStage_ || (lastStage_ && c.tieWordEmbeddings);
+  if (holdsEmbed) embed_.resize(vocab * h);
+  if (lastStage_) {
+    finalNorm_.resize(h);
+    if (!c.tieWordEmbeddings) lmHead_.resize(vocab * h);
+  }
+  layerWeights_.resize(layers_range_.count);
+  for (Layer& L : layerWeights_) {
     L.inputNorm.resize(h);
     L.wqkv.resize(qkvDim_ * h);
     if (c.attentionBias) L.bqkv.resize(qkvDim_);
     L.wo.resize(h * qDim_);
     if (c.attentionOutputBias) L.bo.resize(h);
     L.postAttentionNorm.resize(h);
-    if (c.qkNorm) L.qNorm.resize(c.headDim), L.kNorm.resize(c.headDim);
+    if (c.qkNorm) L.qNorm.resize(hd), L.kNorm.resize(hd);
     if (c.moe.numExperts > 0) continue;
-    L.wgateUp.resize(2 * inter * h);
-    L.wdown.resize(h * inter);
+    L.wgateUp.resize(2 * inter_ * h);
+    L.wdown.resize(h * inter_);
   }
+  const ExpertShard experts = expertShard(c, parallel, groupRank);
+  const size_t moeInter = static_cast<size_t>(experts.intermediate.count);
   if (c.moe.numExperts > 0) {
-    moe_ = std::make_unique<CpuMoe>(c);
+    moe_ = std::make_unique<CpuMoe>(c, layers_range_.count, experts.experts.start, experts.experts.count, moeInter);
     expertTokens_.assign(static_cast<size_t>(c.numLayers) * c.moe.numExperts, 0);
   }
-  const size_t moeInter = c.moe.intermediateSize;
-  finalNorm_.resize(h);
-  if (!c.tieWordEmbeddings) lmHead_.resize(static_cast<size_t>(c.vocabSize) * h);
   // Names come from the weight manifest (lib/engine/model/manifest.ts; checkConfig checked it is complete).
   for (const WeightEntry& w : c.weights) {
-    Layer* L = w.layer >= 0 ? &layers_[w.layer] : nullptr;
+    Layer* L = nullptr;
+    if (w.layer >= 0) {
+      if (w.layer < layers_range_.start || w.layer >= layers_range_.start + layers_range_.count) continue;
+      L = &layerWeights_[w.layer - layers_range_.start];
+    }
     switch (w.role) {
-      case WeightRole::Embed: registerSlot(w.name, embed_, 0, c.vocabSize, h); break;
+      case WeightRole::Embed:
+        if (holdsEmbed) registerSlot(w.name, embed_, 0, vocab, h);
+        break;
       case WeightRole::InputNorm: registerSlot(w.name, L->inputNorm, 0, 0, h); break;
       case WeightRole::Q: registerSlot(w.name, L->wqkv, 0, qDim_, h); break;
       case WeightRole::QBias: registerSlot(w.name, L->bqkv, 0, 0, qDim_); break;
@@ -184,65 +201,64 @@ CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned t
       case WeightRole::O: registerSlot(w.name, L->wo, 0, h, qDim_); break;
       case WeightRole::OBias: registerSlot(w.name, L->bo, 0, 0, h); break;
       case WeightRole::PostNorm: registerSlot(w.name, L->postAttentionNorm, 0, 0, h); break;
-      case WeightRole::Gate: registerSlot(w.name, L->wgateUp, 0, inter, h); break;
-      case WeightRole::Up: registerSlot(w.name, L->wgateUp, inter * h, inter, h); break;
-      case WeightRole::Down: registerSlot(w.name, L->wdown, 0, h, inter); break;
-      case WeightRole::FinalNorm: registerSlot(w.name, finalNorm_, 0, 0, h); break;
-      case WeightRole::LmHead: registerSlot(w.name, lmHead_, 0, c.vocabSize, h); break;
-      case WeightRole::QNorm: registerSlot(w.name, L->qNorm, 0, 0, c.headDim); break;
-      case WeightRole::KNorm: registerSlot(w.name, L->kNorm, 0, 0, c.headDim); break;
-      case WeightRole::Router: registerSlot(w.name, moe_->router(w.layer), 0, c.moe.numExperts, h); break;
-      case WeightRole::ExpertGate:
-        registerSlot(w.name, moe_->gateUp(w.layer), moe_->gateUpOffset(w.expert, false), moeInter, h);
+      case WeightRole::Gate: registerSlot(w.name, L->wgateUp, 0, inter_, h); break;
+      case WeightRole::Up: registerSlot(w.name, L->wgateUp, inter_ * h, inter_, h); break;
+      case WeightRole::Down: registerSlot(w.name, L->wdown, 0, h, inter_); break;
+      case WeightRole::FinalNorm:
+        if (lastStage_) registerSlot(w.name, finalNorm_, 0, 0, h);
         break;
+      case WeightRole::LmHead:
+        if (lastStage_) registerSlot(w.name, lmHead_, 0, vocab, h);
+        break;
+      case WeightRole::QNorm: registerSlot(w.name, L->qNorm, 0, 0, hd); break;
+      case WeightRole::KNorm: registerSlot(w.name, L->kNorm, 0, 0, hd); break;
+      case WeightRole::Router:
+        registerSlot(w.name, moe_->router(w.layer - layers_range_.start), 0, c.moe.numExperts, h);
+        break;
+      case WeightRole::ExpertGate:
       case WeightRole::ExpertUp:
-        registerSlot(w.name, moe_->gateUp(w.layer), moe_->gateUpOffset(w.expert, true), moeInter, h);
+        if (moe_->holdsExpert(w.expert))
+          registerSlot(w.name, moe_->gateUp(w.layer - layers_range_.start),
+                       moe_->gateUpOffset(w.expert, w.role == WeightRole::ExpertUp), moeInter, h);
         break;
       case WeightRole::ExpertDown:
-        registerSlot(w.name, moe_->down(w.layer), moe_->downOffset(w.expert), h, moeInter);
+        if (moe_->holdsExpert(w.expert))
+          registerSlot(w.name, moe_->down(w.layer - layers_range_.start), moe_->downOffset(w.expert), h, moeInter);
         break;
     }
   }
 }
 
-void CpuLlama::registerSlot(const std::string& name, std::vector<float>& storage, size_t offset, size_t rows,
-                            size_t cols) {
+void CpuLlamaRank::registerSlot(const std::string& name, std::vector<float>& storage, size_t offset, size_t rows,
+                                size_t cols) {
   slots_[name] = Slot{storage.data() + offset, (rows == 0 ? 1 : rows) * cols, shapeText(rows, cols)};
   order_.push_back(name);
 }
 
-void CpuLlama::setWeight(const std::string& name, const float* data, size_t count) {
-  auto it = slots_.find(name);
-  if (it == slots_.end()) {
-    std::string hint = name == "lm_head.weight" && config_.tieWordEmbeddings
-                           ? " (this config ties lm_head to model.embed_tokens.weight)"
-                           : "";
-    throw BadInput("tensor '" + name + "' is not part of this model" + hint);
-  }
-  Slot& slot = it->second;
+void CpuLlamaRank::setWeight(const std::string& name, const float* data, size_t count) {
+  Slot& slot = slots_.at(name);
   if (count != slot.count)
-    throw BadInput("tensor '" + name + "' has " + std::to_string(count) + " elements; this config needs " +
+    throw BadInput("tensor '" + name + "' has " + std::to_string(count) + " elements; this " +
+                   (shard_.size > 1 || !firstStage_ || !lastStage_ ? "rank's slice" : "config") + " needs " +
                    std::to_string(slot.count) + " (shape " + slot.shape + ")");
-  std::memcpy(slot.dest, data, count * sizeof(float));
+  if (count) std::memcpy(slot.dest, data, count * sizeof(float));
   slot.set = true;
 }
 
-std::vector<std::string> CpuLlama::missingWeights() const {
+void CpuLlamaRank::takeExpertTokens(std::vector<int64_t>& into) {
+  for (size_t i = 0; i < expertTokens_.size(); ++i) into[i] += expertTokens_[i];
+  std::fill(expertTokens_.begin(), expertTokens_.end(), 0);
+}
+
+std::vector<std::string> CpuLlamaRank::missingWeights() const {
   std::vector<std::string> out;
   for (const auto& name : order_)
     if (!slots_.at(name).set) out.push_back(name);
   return out;
 }
 
-std::vector<int64_t> CpuLlama::takeExpertTokens() {
-  std::lock_guard<std::mutex> lock(expertMutex_);
-  std::vector<int64_t> out = expertTokens_;
-  std::fill(expertTokens_.begin(), expertTokens_.end(), 0);
-  return out;
-}
-
-float* CpuLlama::kvTile(int layer, int kv, int block) const {
-  size_t tile = static_cast<size_t>(pool_.blockSize) * kvDim_;
+float* CpuLlamaRank::kvTile(int layer, int kv, int block) const {
+  size_t tile = static_cast<size_t>(pool_.blockSize) * kvStride_;
   size_t lk = static_cast<size_t>(layer) * 2 + kv;
   size_t index = pool_.layout == KvLayout::BlockMajor
                      ? static_cast<size_t>(block) * config_.numLayers * 2 + lk
@@ -250,11 +266,8 @@ float* CpuLlama::kvTile(int layer, int kv, int block) const {
   return pool_.base + index * tile;
 }
 
-void CpuLlama::validate(const ForwardInput& in) const {
-  validateForward(config_, pool_.numBlocks, pool_.blockSize, in);
-}
-
-void CpuLlama::matmul(const float* x, size_t rows, size_t k, const float* w, const float* bias, size_t n, float* y) {
+void CpuLlamaRank::matmul(const float* x, size_t rows, size_t k, const float* w, const float* bias, size_t n,
+                          float* y) {
   // Chunks of output rows, a multiple of 4 (the kernels' panel width), each worth at least kMinMacsPerChunk.
   size_t perRow = std::max<size_t>(1, rows * k);
   size_t grain = std::max<size_t>(16, (kMinMacsPerChunk + perRow - 1) / perRow);
@@ -263,10 +276,11 @@ void CpuLlama::matmul(const float* x, size_t rows, size_t k, const float* w, con
   pool_threads_.parallelFor(n, grain, [&](size_t n0, size_t n1) { fn(x, rows, k, w, n0, n1, bias, y, n); });
 }
 
-void CpuLlama::attention(const ForwardInput& in, int layer, const float* qkv, float* out,
-                         const std::vector<int>& seqOf) {
+void CpuLlamaRank::attention(const ForwardInput& in, int layer, const float* qkv, float* out,
+                             const std::vector<int>& seqOf) {
   const LlamaConfig& c = config_;
-  const size_t hd = c.headDim, heads = c.numHeads, group = c.numHeads / c.numKvHeads;
+  const size_t hd = c.headDim, heads = shard_.heads.count, group = c.numHeads / c.numKvHeads;
+  const size_t firstHead = shard_.heads.start;
   const size_t bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const size_t ntok = in.tokens.size();
@@ -278,7 +292,7 @@ void CpuLlama::attention(const ForwardInput& in, int layer, const float* qkv, fl
     std::vector<float> scores(static_cast<size_t>(longest));
     std::vector<float> acc(hd);
     for (size_t task = begin; task < end; ++task) {
-      size_t t = task / heads, h = task % heads, kvh = h / group;
+      size_t t = task / heads, h = task % heads, kvh = (firstHead + h) / group;  // kvh: the pool's head index
       const int32_t* table = in.blockTables.data() + seqOf[t] * mb;
       int64_t p = in.positions[t];
       int64_t start = c.slidingWindow > 0 ? std::max<int64_t>(0, p - c.slidingWindow + 1) : 0;
@@ -309,97 +323,373 @@ void CpuLlama::attention(const ForwardInput& in, int layer, const float* qkv, fl
   });
 }
 
+void CpuLlamaRank::begin(const ForwardInput& in, Step& step) const {
+  const size_t ntok = in.tokens.size(), nseq = in.seqStarts.size() - 1;
+  const size_t h = config_.hiddenSize, half = config_.headDim / 2;
+  step.in = &in;
+  step.seqOf.resize(ntok);
+  for (size_t s = 0; s < nseq; ++s)
+    for (int32_t t = in.seqStarts[s]; t < in.seqStarts[s + 1]; ++t) step.seqOf[t] = static_cast<int>(s);
+  // cos and sin of every token's position, shared by all layers and heads.
+  step.cosv.resize(ntok * half);
+  step.sinv.resize(ntok * half);
+  for (size_t t = 0; t < ntok; ++t)
+    for (size_t i = 0; i < half; ++i) {
+      float angle = static_cast<float>(in.positions[t]) * invFreq_[i];
+      step.cosv[t * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      step.sinv[t * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+  step.x.resize(ntok * h);
+  step.xn.resize(ntok * h);
+  step.tmp.resize(ntok * h);
+  step.qkv.resize(ntok * qkvDim_);
+  step.attn.resize(ntok * qDim_);
+  step.gateUp.resize(moe_ ? 0 : ntok * 2 * inter_);
+  step.act.resize(moe_ ? 0 : ntok * inter_);
+}
+
+void CpuLlamaRank::embed(Step& step, HostCommunicator& comm) {
+  const ForwardInput& in = *step.in;
+  const size_t h = config_.hiddenSize;
+  const int32_t first = shard_.vocab.start, count = shard_.vocab.count;
+  // Vocabulary-parallel: each rank fills the rows of its tokens, zeros elsewhere; the sum is exact.
+  for (size_t t = 0; t < in.tokens.size(); ++t) {
+    int32_t row = in.tokens[t] - first;
+    float* dst = &step.x[t * h];
+    if (row >= 0 && row < count) std::memcpy(dst, &embed_[static_cast<size_t>(row) * h], h * sizeof(float));
+    else std::fill(dst, dst + h, 0.0f);
+  }
+  tpAllReduce(comm, step.x.data(), step.x.size());
+}
+
+void CpuLlamaRank::tpAllReduce(HostCommunicator& comm, float* data, size_t n) {
+  if (shard_.size > 1) comm.allReduceSum(groupRank_, data, n);
+}
+
+void CpuLlamaRank::attentionBlock(const Layer& L, int layer, Step& step, HostCommunicator& comm) {
+  const LlamaConfig& c = config_;
+  const ForwardInput& in = *step.in;
+  const size_t ntok = in.tokens.size(), h = c.hiddenSize, hd = c.headDim, half = hd / 2;
+  const size_t bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
+  const int ropeHeads = shard_.heads.count + shard_.kvHeads.count;  // q heads, then k heads (contiguous)
+  const size_t kvOffset = static_cast<size_t>(shard_.kvHeads.start) * hd;  // this rank's heads in a token's slot
+  for (size_t t = 0; t < ntok; ++t) rmsNorm(&step.x[t * h], L.inputNorm.data(), h, c.rmsNormEps, &step.xn[t * h]);
+  matmul(step.xn.data(), ntok, h, L.wqkv.data(), c.attentionBias ? L.bqkv.data() : nullptr, qkvDim_,
+         step.qkv.data());
+  for (size_t t = 0; t < ntok; ++t) {
+    float* row = &step.qkv[t * qkvDim_];
+    if (c.qkNorm)  // Qwen3: each q and k head RMS-normalised over headDim (one weight for all heads), before RoPE
+      for (int hh = 0; hh < ropeHeads; ++hh) {
+        const float* w = hh < shard_.heads.count ? L.qNorm.data() : L.kNorm.data();
+        rmsNorm(row + hh * hd, w, hd, c.rmsNormEps, row + hh * hd);
+      }
+    for (int hh = 0; hh < ropeHeads; ++hh) applyRope(row + hh * hd, &step.cosv[t * half], &step.sinv[t * half], half);
+    if (!shard_.writesKv) continue;
+    // K and V of this token into its slot: NHD, [token][head][dim]; this rank's kv heads only.
+    int32_t p = in.positions[t];
+    int32_t block = in.blockTables[step.seqOf[t] * mb + p / bs];
+    size_t slot = static_cast<size_t>(p % bs) * kvStride_ + kvOffset;
+    std::memcpy(kvTile(layer, 0, block) + slot, row + qDim_, kvDim_ * sizeof(float));
+    std::memcpy(kvTile(layer, 1, block) + slot, row + qDim_ + kvDim_, kvDim_ * sizeof(float));
+  }
+  // A replicated kv head is written by its first holder: the others wait for it before reading.
+  if (replicatedKv_) comm.barrier();
+  attention(in, layer, step.qkv.data(), step.attn.data(), step.seqOf);
+  // Row-parallel o_proj: partial sums over this rank's heads; its bias is added once, by rank 0.
+  const float* bias = c.attentionOutputBias && shard_.rank == 0 ? L.bo.data() : nullptr;
+  matmul(step.attn.data(), ntok, qDim_, L.wo.data(), bias, h, step.tmp.data());
+  tpAllReduce(comm, step.tmp.data(), ntok * h);
+  for (size_t i = 0; i < ntok * h; ++i) step.x[i] += step.tmp[i];
+}
+
+void CpuLlamaRank::mlpBlock(const Layer& L, int layer, Step& step, HostCommunicator& comm) {
+  const LlamaConfig& c = config_;
+  const size_t ntok = step.in->tokens.size(), h = c.hiddenSize, inter = inter_;
+  for (size_t t = 0; t < ntok; ++t)
+    rmsNorm(&step.x[t * h], L.postAttentionNorm.data(), h, c.rmsNormEps, &step.xn[t * h]);
+  if (moe_) {
+    // Every rank of the group holds every token's xn (the residual stream is whole on each rank), so dispatch is
+    // selecting: each rank runs its experts (or its channels of every expert) over the tokens routed to them; the
+    // combine is the all-reduce below, a fixed-order sum over the group (ranks 0, 1, ...), so EP and TP results do
+    // not depend on thread timing.
+    int64_t* counts = groupRank_ == 0 ? &expertTokens_[static_cast<size_t>(layer) * c.moe.numExperts] : nullptr;
+    const MatmulFn moeMatmul = [this](const float* a, size_t rows, size_t k, const float* w, size_t n, float* y) {
+      matmul(a, rows, k, w, nullptr, n, y);
+    };
+    moe_->forward(layer - layers_range_.start, step.xn.data(), ntok, step.tmp.data(), moeMatmul, counts);
+    if (groupSize_ > 1) comm.allReduceSum(groupRank_, step.tmp.data(), ntok * h);
+    for (size_t i = 0; i < ntok * h; ++i) step.x[i] += step.tmp[i];
+    return;
+  }
+  matmul(step.xn.data(), ntok, h, L.wgateUp.data(), nullptr, 2 * inter, step.gateUp.data());
+  for (size_t t = 0; t < ntok; ++t) {
+    const float* g = &step.gateUp[t * 2 * inter];
+    const float* u = g + inter;
+    float* a = &step.act[t * inter];
+    for (size_t i = 0; i < inter; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+  matmul(step.act.data(), ntok, inter, L.wdown.data(), nullptr, h, step.tmp.data());
+  tpAllReduce(comm, step.tmp.data(), ntok * h);
+  for (size_t i = 0; i < ntok * h; ++i) step.x[i] += step.tmp[i];
+}
+
+void CpuLlamaRank::layerStep(int layer, Step& step, HostCommunicator& comm) {
+  const Layer& L = layerWeights_[layer - layers_range_.start];
+  attentionBlock(L, layer, step, comm);
+  mlpBlock(L, layer, step, comm);
+}
+
+void CpuLlamaRank::logits(Step& step, HostCommunicator& comm, float* out) {
+  const LlamaConfig& c = config_;
+  const ForwardInput& in = *step.in;
+  const size_t nseq = in.seqStarts.size() - 1, h = c.hiddenSize, vocab = shard_.vocab.count;
+  // Final norm and logits for each sequence's last new token only.
+  std::vector<float> last(nseq * h);
+  for (size_t s = 0; s < nseq; ++s)
+    rmsNorm(&step.x[static_cast<size_t>(in.seqStarts[s + 1] - 1) * h], finalNorm_.data(), h, c.rmsNormEps,
+            &last[s * h]);
+  const float* head = c.tieWordEmbeddings ? embed_.data() : lmHead_.data();
+  if (shard_.size == 1) {  // the whole vocabulary: rank 0 writes it, replicas (tp 1 beside ep) need not compute it
+    if (out) matmul(last.data(), nseq, h, head, nullptr, vocab, out);
+    return;
+  }
+  std::vector<float> part(nseq * vocab);
+  matmul(last.data(), nseq, h, head, nullptr, vocab, part.data());
+  comm.gatherColumns(shard_.rank, 0, part.data(), nseq, vocab, out, static_cast<size_t>(c.vocabSize));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The runner group
+// ---------------------------------------------------------------------------------------------------------------
+
+CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned threads, const std::string& kernel,
+                   const ParallelConfig& parallel)
+    : config_(config), pool_(pool), parallel_(parallel) {
+  const LlamaConfig& c = config_;
+  checkConfig(c);
+  checkParallelConfig(c, parallel_);
+  if (pool.numBlocks <= 0 || pool.blockSize <= 0) throw BadInput("numBlocks and blockSize must be positive");
+  if (reinterpret_cast<uintptr_t>(pool.base) % alignof(float) != 0)
+    throw BadInput("the KV buffer must start at a multiple of 4 bytes (fp32)");
+  size_t need = static_cast<size_t>(pool.numBlocks) * c.numLayers * 2 * pool.blockSize * c.numKvHeads * c.headDim *
+                sizeof(float);
+  if (pool.bytes < need)
+    throw BadInput("the KV buffer holds " + std::to_string(pool.bytes) + " bytes; the pool needs " +
+                   std::to_string(need));
+  try {
+    gemm_ = selectGemmKernel(kernel);
+  } catch (const std::invalid_argument& e) {
+    throw BadInput(e.what());
+  }
+  const int ranks = parallel_.ranks(), group = parallel_.group();
+  const unsigned perRank = std::max(1u, std::max(1u, threads) / static_cast<unsigned>(ranks));
+  for (int r = 0; r < ranks; ++r)
+    ranks_.push_back(
+        std::make_unique<CpuLlamaRank>(config_, pool_, parallel_, r / group, r % group, perRank, gemm_));
+  for (int s = 0; s < parallel_.pp; ++s) comms_.push_back(std::make_unique<HostCommunicator>(group));
+  for (int i = 0; i < (parallel_.pp - 1) * group; ++i) channels_.push_back(std::make_unique<ActivationChannel>());
+  if (c.moe.numExperts > 0) expertTokens_.assign(static_cast<size_t>(c.numLayers) * c.moe.numExperts, 0);
+  for (int r = 1; r < ranks; ++r)
+    rankThreads_.emplace_back([this, r] {
+      pthread_setname_np(pthread_self(), ("tandem-rank-" + std::to_string(r)).substr(0, 15).c_str());
+      rankLoop(r);
+    });
+}
+
+CpuLlama::~CpuLlama() { stopThreads(); }
+
+unsigned CpuLlama::threads() const {
+  unsigned total = 0;
+  for (const auto& r : ranks_) total += r->threads();
+  return total;
+}
+
+void CpuLlama::stopThreads() {
+  {
+    std::lock_guard<std::mutex> lock(jobMutex_);
+    stopping_ = true;
+  }
+  jobWake_.notify_all();
+  for (auto& t : rankThreads_)
+    if (t.joinable()) t.join();
+  rankThreads_.clear();
+  for (auto& r : ranks_) r->stopThreads();
+}
+
+void CpuLlama::setWeight(const std::string& name, const float* data, size_t count, int rank) {
+  if (rank < 0 || rank >= parallel_.ranks())
+    throw BadInput("rank " + std::to_string(rank) + " is not one of 0.." + std::to_string(parallel_.ranks() - 1));
+  CpuLlamaRank& r = *ranks_[rank];
+  if (!r.holds(name)) {
+    bool known = false;
+    for (const WeightEntry& w : config_.weights) known = known || w.name == name;
+    std::string hint = name == "lm_head.weight" && config_.tieWordEmbeddings
+                           ? " (this config ties lm_head to model.embed_tokens.weight)"
+                           : "";
+    if (!known) throw BadInput("tensor '" + name + "' is not part of this model" + hint);
+    throw BadInput("tensor '" + name + "' is not held by rank " + std::to_string(rank) + " (pipeline stage " +
+                   std::to_string(r.stage()) + ", layers " + std::to_string(r.layers().start) + ".." +
+                   std::to_string(r.layers().start + r.layers().count - 1) + ")");
+  }
+  r.setWeight(name, data, count);
+}
+
+std::vector<int64_t> CpuLlama::takeExpertTokens() {
+  std::lock_guard<std::mutex> lock(expertMutex_);
+  std::vector<int64_t> out = expertTokens_;
+  std::fill(expertTokens_.begin(), expertTokens_.end(), 0);
+  return out;
+}
+
+std::vector<std::string> CpuLlama::missingWeights() const {
+  std::vector<std::string> out;
+  for (size_t r = 0; r < ranks_.size(); ++r)
+    for (auto& name : ranks_[r]->missingWeights())
+      out.push_back(ranks_.size() == 1 ? name : name + " (rank " + std::to_string(r) + ")");
+  return out;
+}
+
+void CpuLlama::validate(const ForwardInput& in) const {
+  validateForward(config_, pool_.numBlocks, pool_.blockSize, in);
+}
+
+void CpuLlama::breakGroup() {
+  for (auto& c : comms_) c->breakAll();
+  for (auto& ch : channels_) ch->close();
+}
+
+void CpuLlama::runRank(int rank) {
+  try {
+    CpuLlamaRank& R = *ranks_[rank];
+    const int stage = R.stage(), groupRank = R.groupRank(), group = parallel_.group();
+    HostCommunicator& comm = *comms_[stage];
+    const IndexRange layers = R.layers();
+    const bool first = stage == 0, last = stage == parallel_.pp - 1;
+    CpuLlamaRank::Step step;
+    for (size_t m = 0; m < microBatches_->size(); ++m) {
+      const ForwardInput& in = (*microBatches_)[m];
+      R.begin(in, step);
+      if (first) R.embed(step, comm);
+      else step.x = channels_[(stage - 1) * group + groupRank]->receive();
+      for (int l = layers.start; l < layers.start + layers.count; ++l) {
+        if (aborted_.load()) throw Aborted("the model was disposed during a forward pass");
+        if (failRank_.load() == rank && failLayer_.load() == l) {
+          failRank_.store(-1);
+          throw std::runtime_error("injected fault in rank " + std::to_string(rank) + " before layer " +
+                                   std::to_string(l) + " (test hook)");
+        }
+        R.layerStep(l, step, comm);
+      }
+      if (last) {
+        const size_t row = microBatchFirstSeq_[m] * static_cast<size_t>(config_.vocabSize);
+        float* out = groupRank == 0 ? logits_ + row : nullptr;
+        R.logits(step, comm, out);
+      } else {
+        channels_[stage * group + groupRank]->send(std::move(step.x));
+        step.x = {};
+      }
+    }
+  } catch (...) {
+    bool isBreak = false;
+    try {
+      throw;
+    } catch (const RankGroupBroken&) {
+      isBreak = true;
+    } catch (...) {
+    }
+    {
+      std::lock_guard<std::mutex> lock(jobMutex_);
+      // The failing rank's own error wins over the peers' "a peer rank failed".
+      if (!error_ || (errorIsBreak_ && !isBreak)) {
+        error_ = std::current_exception();
+        errorIsBreak_ = isBreak;
+      }
+    }
+    breakGroup();
+  }
+}
+
+void CpuLlama::rankLoop(int rank) {
+  uint64_t seen = 0;
+  std::unique_lock<std::mutex> lock(jobMutex_);
+  for (;;) {
+    jobWake_.wait(lock, [&] { return stopping_ || jobGeneration_ != seen; });
+    if (stopping_) return;
+    seen = jobGeneration_;
+    lock.unlock();
+    runRank(rank);
+    lock.lock();
+    if (--jobPending_ == 0) jobDone_.notify_one();
+  }
+}
+
 std::vector<float> CpuLlama::forward(const ForwardInput& in) {
-  if (aborted_.load()) throw Aborted("the model was disposed");
+  if (aborted_.load() || rankThreads_.size() + 1 < ranks_.size()) throw Aborted("the model was disposed");
   auto missing = missingWeights();
   if (!missing.empty())
     throw BadInput(std::to_string(missing.size()) + " weight tensor(s) not set, first '" + missing[0] + "'");
   validate(in);
-
-  const LlamaConfig& c = config_;
-  const size_t ntok = in.tokens.size(), nseq = in.seqStarts.size() - 1;
-  const size_t h = c.hiddenSize, inter = c.intermediateSize, hd = c.headDim, half = hd / 2;
-  const size_t bs = pool_.blockSize, mb = in.maxBlocksPerSeq;
+  const size_t nseq = in.seqStarts.size() - 1;
   if (nseq == 0) return {};
 
-  std::vector<int> seqOf(ntok);
-  for (size_t s = 0; s < nseq; ++s)
-    for (int32_t t = in.seqStarts[s]; t < in.seqStarts[s + 1]; ++t) seqOf[t] = static_cast<int>(s);
-
-  // cos and sin of every token's position, shared by all layers and heads.
-  std::vector<float> cosv(ntok * half), sinv(ntok * half);
-  for (size_t t = 0; t < ntok; ++t)
-    for (size_t i = 0; i < half; ++i) {
-      float angle = static_cast<float>(in.positions[t]) * invFreq_[i];
-      cosv[t * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-      sinv[t * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
-    }
-
-  std::vector<float> x(ntok * h), xn(ntok * h), tmp(ntok * h);
-  std::vector<float> qkv(ntok * qkvDim_), attn(ntok * qDim_);
-  std::vector<float> gateUp(moe_ ? 0 : ntok * 2 * inter), act(moe_ ? 0 : ntok * inter);
-  std::vector<int64_t> expertTokens(moe_ ? expertTokens_.size() : 0);
-  const MatmulFn moeMatmul = [this](const float* a, size_t rows, size_t k, const float* w, size_t n, float* y) {
-    matmul(a, rows, k, w, nullptr, n, y);
-  };
-  for (size_t t = 0; t < ntok; ++t)
-    std::memcpy(&x[t * h], &embed_[static_cast<size_t>(in.tokens[t]) * h], h * sizeof(float));
-
-  for (int l = 0; l < c.numLayers; ++l) {
-    if (aborted_.load()) throw Aborted("the model was disposed during a forward pass");
-    const Layer& L = layers_[l];
-    for (size_t t = 0; t < ntok; ++t) rmsNorm(&x[t * h], L.inputNorm.data(), h, c.rmsNormEps, &xn[t * h]);
-    matmul(xn.data(), ntok, h, L.wqkv.data(), c.attentionBias ? L.bqkv.data() : nullptr, qkvDim_, qkv.data());
-    for (size_t t = 0; t < ntok; ++t) {
-      float* row = &qkv[t * qkvDim_];
-      if (c.qkNorm)  // Qwen3: each q and k head RMS-normalised over headDim, before RoPE
-        for (int hh = 0; hh < c.numHeads + c.numKvHeads; ++hh) {
-          const float* w = hh < c.numHeads ? L.qNorm.data() : L.kNorm.data();
-          rmsNorm(row + hh * hd, w, hd, c.rmsNormEps, row + hh * hd);
-        }
-      for (int hh = 0; hh < c.numHeads + c.numKvHeads; ++hh)  // q heads, then k heads (contiguous)
-        applyRope(row + hh * hd, &cosv[t * half], &sinv[t * half], half);
-      // K and V of this token into its slot: NHD, [token][head][dim].
-      int32_t p = in.positions[t];
-      int32_t block = in.blockTables[seqOf[t] * mb + p / bs];
-      size_t slot = static_cast<size_t>(p % bs) * kvDim_;
-      std::memcpy(kvTile(l, 0, block) + slot, row + qDim_, kvDim_ * sizeof(float));
-      std::memcpy(kvTile(l, 1, block) + slot, row + qDim_ + kvDim_, kvDim_ * sizeof(float));
-    }
-    attention(in, l, qkv.data(), attn.data(), seqOf);
-    matmul(attn.data(), ntok, qDim_, L.wo.data(), c.attentionOutputBias ? L.bo.data() : nullptr, h, tmp.data());
-    for (size_t i = 0; i < ntok * h; ++i) x[i] += tmp[i];
-
-    for (size_t t = 0; t < ntok; ++t) rmsNorm(&x[t * h], L.postAttentionNorm.data(), h, c.rmsNormEps, &xn[t * h]);
-    if (moe_) {
-      int64_t* layerTokens = &expertTokens[static_cast<size_t>(l) * c.moe.numExperts];
-      moe_->forward(l, xn.data(), ntok, tmp.data(), moeMatmul, layerTokens);
-      for (size_t i = 0; i < ntok * h; ++i) x[i] += tmp[i];
-      continue;
-    }
-    matmul(xn.data(), ntok, h, L.wgateUp.data(), nullptr, 2 * inter, gateUp.data());
-    for (size_t t = 0; t < ntok; ++t) {
-      const float* g = &gateUp[t * 2 * inter];
-      const float* u = g + inter;
-      float* a = &act[t * inter];
-      for (size_t i = 0; i < inter; ++i) a[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    }
-    matmul(act.data(), ntok, inter, L.wdown.data(), nullptr, h, tmp.data());
-    for (size_t i = 0; i < ntok * h; ++i) x[i] += tmp[i];
+  // As many micro-batches as stages (fewer with fewer sequences), so that stage s works on micro-batch m while
+  // stage s + 1 works on m - 1. Each is a ForwardInput of its own sequences.
+  std::vector<ForwardInput> micro;
+  std::vector<size_t> firstSeq;
+  const size_t parts = std::min<size_t>(static_cast<size_t>(parallel_.pp), nseq);
+  if (parts == 1) {
+    micro.push_back(in);
+    firstSeq.push_back(0);
+  }
+  for (size_t m = 0; parts > 1 && m < parts; ++m) {
+    size_t s0 = nseq * m / parts, s1 = nseq * (m + 1) / parts, mbs = in.maxBlocksPerSeq;
+    ForwardInput part;
+    int32_t t0 = in.seqStarts[s0], t1 = in.seqStarts[s1];
+    part.tokens.assign(in.tokens.begin() + t0, in.tokens.begin() + t1);
+    part.positions.assign(in.positions.begin() + t0, in.positions.begin() + t1);
+    for (size_t s = s0; s <= s1; ++s) part.seqStarts.push_back(in.seqStarts[s] - t0);
+    part.blockTables.assign(in.blockTables.begin() + s0 * mbs, in.blockTables.begin() + s1 * mbs);
+    part.maxBlocksPerSeq = in.maxBlocksPerSeq;
+    part.contextLens.assign(in.contextLens.begin() + s0, in.contextLens.begin() + s1);
+    micro.push_back(std::move(part));
+    firstSeq.push_back(s0);
   }
 
-  if (moe_) {
+  std::vector<float> logits(nseq * static_cast<size_t>(config_.vocabSize));
+  {
+    std::lock_guard<std::mutex> lock(jobMutex_);
+    microBatches_ = &micro;
+    microBatchFirstSeq_ = std::move(firstSeq);
+    logits_ = logits.data();
+    error_ = nullptr;
+    errorIsBreak_ = false;
+    jobPending_ = static_cast<int>(rankThreads_.size());
+    ++jobGeneration_;
+  }
+  jobWake_.notify_all();
+  runRank(0);
+  std::exception_ptr error;
+  {
+    std::unique_lock<std::mutex> lock(jobMutex_);
+    jobDone_.wait(lock, [&] { return jobPending_ == 0; });
+    microBatches_ = nullptr;
+    logits_ = nullptr;
+    error = error_;
+    error_ = nullptr;
+  }
+  if (config_.moe.numExperts > 0) {  // a failed pass's counts are dropped with it
+    std::vector<int64_t> counts(expertTokens_.size(), 0);
+    for (auto& r : ranks_) r->takeExpertTokens(counts);
     std::lock_guard<std::mutex> lock(expertMutex_);
-    for (size_t i = 0; i < expertTokens.size(); ++i) expertTokens_[i] += expertTokens[i];
+    if (!error)
+      for (size_t i = 0; i < counts.size(); ++i) expertTokens_[i] += counts[i];
   }
-
-  // Final norm and logits for each sequence's last new token only.
-  std::vector<float> last(nseq * h);
-  for (size_t s = 0; s < nseq; ++s)
-    rmsNorm(&x[static_cast<size_t>(in.seqStarts[s + 1] - 1) * h], finalNorm_.data(), h, c.rmsNormEps, &last[s * h]);
-  std::vector<float> logits(nseq * static_cast<size_t>(c.vocabSize));
-  const float* head = c.tieWordEmbeddings ? embed_.data() : lmHead_.data();
-  matmul(last.data(), nseq, h, head, nullptr, c.vocabSize, logits.data());
+  if (error) {
+    // Every rank has returned: the group can be mended for the next forward.
+    for (auto& c : comms_) c->reset();
+    for (auto& ch : channels_) ch->reset();
+    std::rethrow_exception(error);
+  }
   return logits;
 }
 

@@ -21,6 +21,7 @@
 
 #include "cpu_kernels.h"
 #include "cpu_moe.h"
+#include "cpu_parallel.h"
 #include "llama_common.h"
 
 namespace tandem::engine {
@@ -66,47 +67,61 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
-class CpuLlama {
+// One rank of the model: rank `groupRank` of the group of one pipeline stage (with a single rank, the whole model;
+// the group's layout: ParallelConfig in cpu_parallel.h). It holds only its slice of the weights (heads / tp, its kv
+// heads, intermediate / tp, its vocabulary rows, or all of them when tp is 1; of an MoE FFN the router, and its
+// experts or its channels of every expert), reads and writes only its kv heads of its layers in the caller's pool,
+// and meets the other ranks of its stage through `comm` (all-reduce after o_proj, down_proj and the MoE FFN and
+// for the embedding; gather of the logits). CpuLlama drives the ranks.
+class CpuLlamaRank {
  public:
-  // Throws BadInput when the config or the pool is inconsistent (pool too small, misaligned, ...) or the CPU
-  // cannot run `kernel` ("auto", "avx512", "avx2", "generic"; see cpu_kernels.h).
-  CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned threads, const std::string& kernel = "auto");
+  // Per micro-batch activations and the inputs every layer shares.
+  struct Step {
+    const ForwardInput* in = nullptr;
+    std::vector<int> seqOf;               // sequence of each token
+    std::vector<float> cosv, sinv;        // ntok x headDim / 2
+    std::vector<float> x, xn, tmp;        // ntok x hidden (x: the residual stream)
+    std::vector<float> qkv, attn;         // ntok x local (q + 2 kv), ntok x local q
+    std::vector<float> gateUp, act;       // ntok x 2 local intermediate, ntok x local intermediate
+  };
 
-  const LlamaConfig& config() const { return config_; }
-  const KvPoolView& pool() const { return pool_; }
+  CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, const ParallelConfig& parallel, int stage,
+               int groupRank, unsigned threads, const GemmKernel& gemm);
+
+  int stage() const { return stage_; }
+  int groupRank() const { return groupRank_; }
+  const TensorShard& shard() const { return shard_; }
+  const IndexRange& layers() const { return layers_range_; }
   unsigned threads() const { return pool_threads_.threads(); }
-  const std::string& kernelName() const { return gemm_.name; }
-
-  // Copies a tensor in by its Hugging Face name. Throws BadInput naming the tensor when the name is not one
-  // this config has or `count` is not its element count.
+  // Whether this rank holds the tensor `name` (its stage's layers; the embedding on stage 0, or on the last stage
+  // when tied; the final norm and lm_head on the last stage).
+  bool holds(const std::string& name) const { return slots_.count(name) > 0; }
   void setWeight(const std::string& name, const float* data, size_t count);
-  // Names of the tensors not set yet, in checkpoint order.
   std::vector<std::string> missingWeights() const;
 
-  // Throws BadInput (before anything is written) unless every index in `in` is in range and consistent.
-  void validate(const ForwardInput& in) const;
-  // Validates, writes the new tokens' K and V into the pool, and returns nseq x vocabSize logits (each
-  // sequence's last new token). Throws Aborted if abort() is called meanwhile (the pool may then hold part
-  // of this step's K and V).
-  std::vector<float> forward(const ForwardInput& in);
-
-  // MoE models: tokens routed to each expert (layer-major, numLayers x numExperts) by the forward passes since
-  // the last call, and a reset; empty for a dense model. Callable from any thread.
-  std::vector<int64_t> takeExpertTokens();
-
-  // Makes a running or later forward() throw Aborted. Callable from any thread.
-  void abort() { aborted_.store(true); }
-  // Joins the worker threads. Call only when no forward() is running.
+  // Sizes the activations and computes RoPE tables for one micro-batch.
+  void begin(const ForwardInput& in, Step& step) const;
+  // Stage 0: the micro-batch's embeddings into step.x (vocabulary-parallel: rows of other ranks are summed in).
+  void embed(Step& step, HostCommunicator& comm);
+  // One decoder layer (global index) on step.x: attention block, then the feed-forward block.
+  void layerStep(int layer, Step& step, HostCommunicator& comm);
+  // Last stage: final norm and this rank's vocabulary rows of each sequence's last token; the tensor-parallel
+  // rank 0 receives the whole nseq x vocabSize rows in `out` (others pass nullptr).
+  void logits(Step& step, HostCommunicator& comm, float* out);
   void stopThreads() { pool_threads_.stop(); }
+  // MoE models: tokens routed per (layer, expert) (numLayers x numExperts, layer-major) by this rank's layers since
+  // the last call, and a reset. Only the group's rank 0 counts (every rank routes every token alike), so the sum
+  // over the ranks counts each token once. Not during a forward().
+  void takeExpertTokens(std::vector<int64_t>& into);
 
  private:
   struct Layer {
     std::vector<float> inputNorm, postAttentionNorm;
-    std::vector<float> wqkv, bqkv;  // q, k, v projections stacked: [(heads + 2 kvHeads) * headDim, hidden]
-    std::vector<float> wo, bo;      // [hidden, heads * headDim]
+    std::vector<float> wqkv, bqkv;  // q, k, v of this rank stacked: [(heads + 2 kvHeads) * headDim, hidden]
+    std::vector<float> wo, bo;      // [hidden, heads * headDim]: this rank's columns
     std::vector<float> wgateUp;     // gate and up stacked: [2 * intermediate, hidden]
-    std::vector<float> wdown;       // [hidden, intermediate]
-    std::vector<float> qNorm, kNorm;  // [headDim] each, when config.qkNorm
+    std::vector<float> wdown;       // [hidden, intermediate]: this rank's columns
+    std::vector<float> qNorm, kNorm;  // [headDim] each, when config.qkNorm (replicated)
   };
   struct Slot {
     float* dest;
@@ -115,27 +130,115 @@ class CpuLlama {
     bool set = false;
   };
 
-  // rows == 0: a 1-D tensor of `cols` elements.
   void registerSlot(const std::string& name, std::vector<float>& storage, size_t offset, size_t rows, size_t cols);
   float* kvTile(int layer, int kv, int block) const;
+  void attentionBlock(const Layer& L, int layer, Step& step, HostCommunicator& comm);
+  // The feed-forward block: step.x += down(silu(gate(xn)) * up(xn)) (dense SwiGLU) or the MoE FFN of cpu_moe.h,
+  // each rank's partial output all-reduced over the stage group.
+  void mlpBlock(const Layer& L, int layer, Step& step, HostCommunicator& comm);
+  // The all-reduce of attention and dense partial sums: over the group when tp splits it, nothing when replicated.
+  void tpAllReduce(HostCommunicator& comm, float* data, size_t n);
   void attention(const ForwardInput& in, int layer, const float* qkv, float* out, const std::vector<int>& seqOf);
   // y[m, n] = x[m, :] . w[n, :] (+ bias[n]) for m < rows; w is [n, k] row-major; parallel over n.
   void matmul(const float* x, size_t rows, size_t k, const float* w, const float* bias, size_t n, float* y);
 
-  LlamaConfig config_;
+  const LlamaConfig& config_;
   KvPoolView pool_;
   GemmKernel gemm_;
-  size_t qDim_, kvDim_, qkvDim_;
+  int stage_, groupRank_, groupSize_;
+  TensorShard shard_;
+  IndexRange layers_range_;
+  bool firstStage_, lastStage_, replicatedKv_;
+  size_t qDim_, kvDim_, qkvDim_, inter_, kvStride_;  // local sizes; kvStride_: the pool's kv heads x headDim
   std::vector<float> invFreq_;  // headDim / 2 RoPE frequencies, scaling applied
   std::vector<float> embed_, finalNorm_, lmHead_;
-  std::vector<Layer> layers_;
+  std::vector<Layer> layerWeights_;  // layers_range_.count layers
   std::map<std::string, Slot> slots_;
   std::vector<std::string> order_;  // checkpoint order, for missingWeights()
   ThreadPool pool_threads_;
+  std::unique_ptr<CpuMoe> moe_;        // the FFN of this rank's layers when config.moe.numExperts > 0
+  std::vector<int64_t> expertTokens_;  // numLayers x numExperts; counted by group rank 0 only
+};
+
+// The CPU model runner: max(tp, ep) x pp ranks (issues 25, 28), each on its own native thread with its own compute
+// threads, meeting through host collectives; tp = pp = ep = 1 is the single-rank model. A batch of several
+// sequences is split into as many micro-batches as there are stages so that stages overlap.
+class CpuLlama {
+ public:
+  // Throws BadInput when the config, the layout or the pool is inconsistent (pool too small, misaligned, tp not
+  // dividing the heads, ...) or the CPU cannot run `kernel` ("auto", "avx512", "avx2", "generic"; see
+  // cpu_kernels.h). `threads`: compute threads in all, split evenly between ranks (at least one each).
+  CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned threads, const std::string& kernel = "auto",
+           const ParallelConfig& parallel = {});
+  ~CpuLlama();
+  CpuLlama(const CpuLlama&) = delete;
+  CpuLlama& operator=(const CpuLlama&) = delete;
+
+  const LlamaConfig& config() const { return config_; }
+  const KvPoolView& pool() const { return pool_; }
+  const ParallelConfig& parallel() const { return parallel_; }
+  unsigned threads() const;
+  const std::string& kernelName() const { return gemm_.name; }
+
+  // Copies rank `rank`'s slice of a tensor in by its Hugging Face name (rank = stage * group + group rank;
+  // lib/engine/parallel.ts cuts the slices). Throws BadInput naming the tensor when that rank does not hold it or
+  // `count` is not the slice's element count.
+  void setWeight(const std::string& name, const float* data, size_t count, int rank = 0);
+  // Names of the tensors not set yet, in checkpoint order ("name (rank r)" with several ranks).
+  std::vector<std::string> missingWeights() const;
+
+  // Throws BadInput (before anything is written) unless every index in `in` is in range and consistent.
+  void validate(const ForwardInput& in) const;
+  // Validates, writes the new tokens' K and V into the pool, and returns nseq x vocabSize logits (each
+  // sequence's last new token). Throws Aborted if abort() is called meanwhile (the pool may then hold part
+  // of this step's K and V). An exception in one rank releases the others (their barriers break) and is
+  // rethrown here; the runner stays usable.
+  std::vector<float> forward(const ForwardInput& in);
+
+  // Makes a running or later forward() throw Aborted on every rank. Callable from any thread.
+  void abort() { aborted_.store(true); }
+  // Joins the rank and worker threads. Call only when no forward() is running. Idempotent.
+  void stopThreads();
+  // MoE models: tokens routed to each expert (layer-major, numLayers x numExperts) by the forward passes since
+  // the last call, counted once for the whole model however it is split, and a reset; empty for a dense model.
+  // Callable from any thread.
+  std::vector<int64_t> takeExpertTokens();
+  // Test hook: the next forward() throws in rank `rank` just before layer `layer` (once).
+  void failRankForTest(int rank, int layer) {
+    failLayer_.store(layer);
+    failRank_.store(rank);
+  }
+
+ private:
+  // Runs the current job's micro-batches for one rank; records the first error and breaks the group on failure.
+  void runRank(int rank);
+  void rankLoop(int rank);
+  void breakGroup();
+
+  LlamaConfig config_;
+  KvPoolView pool_;
+  ParallelConfig parallel_;
+  GemmKernel gemm_;
+  std::vector<std::unique_ptr<CpuLlamaRank>> ranks_;
+  std::vector<std::unique_ptr<HostCommunicator>> comms_;       // one per stage
+  std::vector<std::unique_ptr<ActivationChannel>> channels_;  // (stage s -> s + 1, group rank r) at s * group + r
   std::atomic<bool> aborted_{false};
-  std::unique_ptr<CpuMoe> moe_;  // the FFN of every layer when config.moe.numExperts > 0
+  std::atomic<int> failRank_{-1}, failLayer_{-1};
+
+  // The job every rank thread runs (ranks 1.., rank 0 on the forward thread).
+  std::vector<std::thread> rankThreads_;
+  std::mutex jobMutex_;
+  std::condition_variable jobWake_, jobDone_;
+  uint64_t jobGeneration_ = 0;
+  int jobPending_ = 0;
+  bool stopping_ = false;
+  const std::vector<ForwardInput>* microBatches_ = nullptr;
+  std::vector<size_t> microBatchFirstSeq_;
+  float* logits_ = nullptr;
+  std::exception_ptr error_;
+  bool errorIsBreak_ = false;  // error_ is only a RankGroupBroken so far
   std::mutex expertMutex_;
-  std::vector<int64_t> expertTokens_;  // guarded by expertMutex_
+  std::vector<int64_t> expertTokens_;  // guarded by expertMutex_; the ranks' counts after each forward
 };
 
 }  // namespace tandem::engine

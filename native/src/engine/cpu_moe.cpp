@@ -7,29 +7,31 @@
 
 namespace tandem::engine {
 
-CpuMoe::CpuMoe(const LlamaConfig& c) : moe_(c.moe), hidden_(static_cast<size_t>(c.hiddenSize)) {
-  const size_t e = moe_.numExperts, inter = moe_.intermediateSize;
-  layers_.resize(c.numLayers);
+CpuMoe::CpuMoe(const LlamaConfig& c, int numLayers, int firstExpert, int numExperts, size_t intermediate)
+    : moe_(c.moe),
+      hidden_(static_cast<size_t>(c.hiddenSize)),
+      inter_(intermediate),
+      firstExpert_(firstExpert),
+      localExperts_(numExperts) {
+  const size_t local = static_cast<size_t>(localExperts_);
+  layers_.resize(numLayers);
   for (Layer& L : layers_) {
-    L.router.resize(e * hidden_);
-    L.gateUp.resize(e * 2 * inter * hidden_);
-    L.down.resize(e * hidden_ * inter);
+    L.router.resize(static_cast<size_t>(moe_.numExperts) * hidden_);
+    L.gateUp.resize(local * 2 * inter_ * hidden_);
+    L.down.resize(local * hidden_ * inter_);
   }
 }
 
 size_t CpuMoe::gateUpOffset(int expert, bool up) const {
-  const size_t inter = moe_.intermediateSize;
-  return (static_cast<size_t>(expert) * 2 + (up ? 1 : 0)) * inter * hidden_;
+  return (static_cast<size_t>(expert - firstExpert_) * 2 + (up ? 1 : 0)) * inter_ * hidden_;
 }
 
-size_t CpuMoe::downOffset(int expert) const {
-  return static_cast<size_t>(expert) * hidden_ * moe_.intermediateSize;
-}
+size_t CpuMoe::downOffset(int expert) const { return static_cast<size_t>(expert - firstExpert_) * hidden_ * inter_; }
 
 void CpuMoe::forward(int layer, const float* x, size_t ntok, float* out, const MatmulFn& matmul,
                      int64_t* tokensPerExpert) const {
   const Layer& L = layers_[layer];
-  const size_t numExperts = moe_.numExperts, k = moe_.topK, inter = moe_.intermediateSize, h = hidden_;
+  const size_t numExperts = moe_.numExperts, k = moe_.topK, inter = inter_, h = hidden_;
 
   // Routing: softmax over the router logits, the k largest probabilities (ties: the lower expert index), then
   // renormalised over the k when the family says so (Mixtral always; Qwen3-MoE with norm_topk_prob).
@@ -60,19 +62,20 @@ void CpuMoe::forward(int layer, const float* x, size_t ntok, float* out, const M
   std::vector<size_t> start(numExperts + 1, 0);
   for (int e : chosen) ++start[e + 1];
   for (size_t e = 0; e < numExperts; ++e) {
-    tokensPerExpert[e] += static_cast<int64_t>(start[e + 1]);
+    if (tokensPerExpert) tokensPerExpert[e] += static_cast<int64_t>(start[e + 1]);
     start[e + 1] += start[e];
   }
   std::vector<size_t> fill(start.begin(), start.end() - 1);
   std::vector<size_t> pairOf(ntok * k);
   for (size_t p = 0; p < ntok * k; ++p) pairOf[fill[chosen[p]]++] = p;
 
-  // Each expert over its tokens; contributions added in expert order (the order transformers adds them in).
+  // Each held expert over its tokens; contributions added in expert order (the order transformers adds them in).
   std::memset(out, 0, ntok * h * sizeof(float));
+  const size_t first = static_cast<size_t>(firstExpert_), end = first + static_cast<size_t>(localExperts_);
   size_t most = 0;
-  for (size_t e = 0; e < numExperts; ++e) most = std::max(most, start[e + 1] - start[e]);
+  for (size_t e = first; e < end; ++e) most = std::max(most, start[e + 1] - start[e]);
   std::vector<float> in(most * h), gateUp(most * 2 * inter), act(most * inter), y(most * h);
-  for (size_t e = 0; e < numExperts; ++e) {
+  for (size_t e = first; e < end; ++e) {
     const size_t n = start[e + 1] - start[e];
     if (n == 0) continue;
     for (size_t i = 0; i < n; ++i)

@@ -174,14 +174,17 @@ void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CpuLlamaWrap::Forward>("forward"),
                                         InstanceMethod<&CpuLlamaWrap::Dispose>("dispose"),
                                         InstanceMethod<&CpuLlamaWrap::TakeExpertLoad>("takeExpertLoad"),
+                                        InstanceMethod<&CpuLlamaWrap::FailRankForTest>("failRankForTest"),
                                         InstanceAccessor<&CpuLlamaWrap::GetThreads>("threads"),
+                                        InstanceAccessor<&CpuLlamaWrap::GetRanks>("ranks"),
                                         InstanceAccessor<&CpuLlamaWrap::GetKernel>("kernel"),
                                         InstanceAccessor<&CpuLlamaWrap::GetDisposed>("disposed"),
                                     });
   exports.Set("CpuLlama", ctor);
 }
 
-// new CpuLlama({ ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer, threads?, kernel? })
+// new CpuLlama({ ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer, threads?, kernel?,
+//                tensorParallelSize?, pipelineParallelSize? })
 CpuLlamaWrap::CpuLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CpuLlamaWrap>(info) {
   Napi::Env env = info.Env();
   if (!info[0].IsObject()) throw Napi::TypeError::New(env, "CpuLlama expects an options object");
@@ -203,15 +206,23 @@ CpuLlamaWrap::CpuLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Cp
   if (threads > 256) badArgument(env, "option 'threads' must be at most 256");
   std::string kernel = "auto";
   if (field(o, "kernel").IsString()) kernel = field(o, "kernel").As<Napi::String>().Utf8Value();
+  // Tensor / pipeline / expert parallel ranks (lib/engine/parallel.ts checks the layout first).
+  ParallelConfig parallel;
+  if (!field(o, "tensorParallelSize").IsUndefined()) parallel.tp = positiveInt(o, "tensorParallelSize");
+  if (!field(o, "pipelineParallelSize").IsUndefined()) parallel.pp = positiveInt(o, "pipelineParallelSize");
+  if (!field(o, "expertParallelSize").IsUndefined()) parallel.ep = positiveInt(o, "expertParallelSize");
+  if (parallel.ranks() > 256)
+    badArgument(env, "at most 256 ranks (max(tensorParallelSize, expertParallelSize) x pipelineParallelSize)");
 
   try {
-    model_ = std::make_shared<CpuLlama>(c, pool, threads, kernel);
+    model_ = std::make_shared<CpuLlama>(c, pool, threads, kernel, parallel);
   } catch (const BadInput& e) {
     badArgument(env, e.what());
   } catch (const std::bad_alloc&) {
     throw makeError(env, "TANDEM_OUT_OF_MEMORY", "not enough memory for the model's weights");
   }
   threads_ = model_->threads();
+  ranks_ = model_->parallel().ranks();
   kernel_ = model_->kernelName();
   kvBuffer_ = Napi::Persistent(kv.As<Napi::Object>());
   queue_ = std::make_unique<WorkQueue>("tandem-llama");
@@ -236,7 +247,7 @@ CpuLlama& CpuLlamaWrap::live(Napi::Env env) {
   return *model_;
 }
 
-// setWeight(name, Float32Array): copies the tensor in, on the calling thread.
+// setWeight(name, Float32Array, rank = 0): copies the tensor (rank's slice) in, on the calling thread.
 Napi::Value CpuLlamaWrap::SetWeight(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   CpuLlama& model = live(env);
@@ -245,9 +256,15 @@ Napi::Value CpuLlamaWrap::SetWeight(const Napi::CallbackInfo& info) {
   void* data = nullptr;
   size_t length = 0;
   viewOf(env, info[1], napi_float32_array, &data, &length, ("tensor '" + name + "'").c_str());
+  int rank = 0;
+  if (info.Length() > 2 && !info[2].IsUndefined()) {
+    double r = info[2].IsNumber() ? info[2].As<Napi::Number>().DoubleValue() : -1;
+    if (!(r >= 0 && r < 65536 && r == std::floor(r))) badArgument(env, "setWeight's rank must be a non-negative integer");
+    rank = static_cast<int>(r);
+  }
   if (*inFlight_ > 0) badArgument(env, "setWeight('" + name + "') while a forward pass is running");
   try {
-    model.setWeight(name, static_cast<const float*>(data), length);
+    model.setWeight(name, static_cast<const float*>(data), length, rank);
   } catch (const BadInput& e) {
     badArgument(env, e.what());
   }
@@ -322,6 +339,16 @@ Napi::Value CpuLlamaWrap::Dispose(const Napi::CallbackInfo& info) {
   return deferred.Promise();
 }
 
+// failRankForTest(rank, layer): the next forward pass throws in that rank just before that layer (test hook).
+Napi::Value CpuLlamaWrap::FailRankForTest(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  CpuLlama& model = live(env);
+  if (!info[0].IsNumber() || !info[1].IsNumber()) throw Napi::TypeError::New(env, "failRankForTest(rank, layer)");
+  model.failRankForTest(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value());
+  return env.Undefined();
+}
+
+Napi::Value CpuLlamaWrap::GetRanks(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), ranks_); }
 Napi::Value CpuLlamaWrap::GetThreads(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), threads_); }
 Napi::Value CpuLlamaWrap::GetKernel(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), kernel_); }
 Napi::Value CpuLlamaWrap::GetDisposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !model_); }

@@ -48,6 +48,8 @@ class CpuLlamaWrap : public Napi::ObjectWrap<CpuLlamaWrap>, public Closeable {
   Napi::Value Forward(const Napi::CallbackInfo& info);
   Napi::Value TakeExpertLoad(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
+  Napi::Value FailRankForTest(const Napi::CallbackInfo& info);
+  Napi::Value GetRanks(const Napi::CallbackInfo& info);
   Napi::Value GetThreads(const Napi::CallbackInfo& info);
   Napi::Value GetKernel(const Napi::CallbackInfo& info);
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
@@ -58,6 +60,7 @@ class CpuLlamaWrap : public Napi::ObjectWrap<CpuLlamaWrap>, public Closeable {
   // Forward passes queued or running; touched on the JS thread only, shared with their completions.
   std::shared_ptr<int> inFlight_ = std::make_shared<int>(0);
   unsigned threads_ = 0;
+  int ranks_ = 1;
   std::string kernel_;
 };
 
