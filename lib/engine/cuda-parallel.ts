@@ -1,7 +1,7 @@
 /**
  * Tensor parallelism of the GPU engine (issue 25): which part of the model each CudaLlama rank holds, checked
- * before any GPU memory is taken. The arithmetic is native/src/engine/cuda_llama_tp.cpp's (tpShardOf), and the
- * same as lib/engine/parallel.ts's for the CPU ranks (the two merge onto one helper later):
+ * before any GPU memory is taken. The split is lib/engine/parallel.ts's (tensorShard, the CPU ranks' too), which
+ * native/src/engine/cuda_llama_tp.cpp's tpShardOf mirrors:
  *
  * - rank r of tp holds q heads [r * H/tp, (r+1) * H/tp) (o_proj's columns likewise);
  * - kv heads [r * KVH/tp, (r+1) * KVH/tp) when tp divides KVH; else (tp a multiple of KVH) the one kv head
@@ -19,49 +19,21 @@
 import { ParallelLayoutError } from '../errors.js';
 import type { ModelConfig } from './model/config.js';
 import type { ManifestTensor } from './model/manifest.js';
+import { checkParallelConfig, tensorShard, type IndexRange } from './parallel.js';
 
 /** The most ranks one local (single-device) communicator group takes (LocalTpGroup::kMaxRanks). */
 export const MAX_LOCAL_TP_RANKS = 8;
-
-/** A half-open range [start, start + count). */
-export interface IndexRange {
-  start: number;
-  count: number;
-}
-
-/** What tensor-parallel rank `rank` of `size` holds of every layer and of the vocabulary. */
-export interface CudaTensorShard {
-  rank: number;
-  size: number;
-  heads: IndexRange;
-  kvHeads: IndexRange;
-  intermediate: IndexRange;
-  vocab: IndexRange;
-}
 
 /**
  * Throws ParallelLayoutError unless `tp` ranks fit the model on the GPU engine: an integer 1..MAX_LOCAL_TP_RANKS
  * that divides the attention heads and the intermediate size, and divides the kv heads or is a multiple of them.
  */
 export function checkCudaTensorParallel(config: ModelConfig, tp: unknown, where: string): number {
-  const fail = (what: string): never => {
-    throw new ParallelLayoutError(`${where}: ${what}`);
-  };
-  if (typeof tp !== 'number' || !Number.isInteger(tp) || tp < 1)
-    fail(`tensor parallel size must be a positive integer (got ${String(tp)})`);
-  const size = tp as number;
-  if (size > MAX_LOCAL_TP_RANKS)
-    fail(`tensor parallel size ${size} is more than the ${MAX_LOCAL_TP_RANKS} ranks the GPU engine runs`);
-  if (config.numHeads % size !== 0)
-    fail(`tensor parallel size ${size} does not divide the model's ${config.numHeads} attention heads`);
-  if (config.numKvHeads % size !== 0 && size % config.numKvHeads !== 0)
-    fail(
-      `tensor parallel size ${size} neither divides the model's ${config.numKvHeads} kv heads nor is a multiple ` +
-        `of them (kv heads are split, or replicated when there are fewer than ranks)`,
+  if (typeof tp === 'number' && Number.isInteger(tp) && tp > MAX_LOCAL_TP_RANKS)
+    throw new ParallelLayoutError(
+      `${where}: tensor parallel size ${tp} is more than the ${MAX_LOCAL_TP_RANKS} ranks the GPU engine runs`,
     );
-  if (config.intermediateSize % size !== 0)
-    fail(`tensor parallel size ${size} does not divide the model's intermediate size ${config.intermediateSize}`);
-  return size;
+  return checkParallelConfig(config, { tp: tp as number }, where).tp;
 }
 
 /**
@@ -84,33 +56,6 @@ export function tpDeviceOrdinals(tp: number, device: number, devices: readonly n
   return ordinals;
 }
 
-/** The vocabulary rows of rank `rank` of `size`: ceil(vocab / size) each, the last fewer (or none). */
-export function vocabRows(vocabSize: number, size: number, rank: number): IndexRange {
-  const part = Math.ceil(vocabSize / size);
-  const start = Math.min(vocabSize, rank * part);
-  return { start, count: Math.min(vocabSize, start + part) - start };
-}
-
-/** What rank `rank` of `size` holds; the layout must have passed checkCudaTensorParallel. */
-export function cudaTensorShard(config: ModelConfig, size: number, rank: number): CudaTensorShard {
-  if (!Number.isInteger(rank) || rank < 0 || rank >= size)
-    throw new ParallelLayoutError(`tensor parallel rank ${rank} is not one of 0..${size - 1}`);
-  const heads = config.numHeads / size;
-  const kv = config.numKvHeads;
-  const inter = config.intermediateSize / size;
-  return {
-    rank,
-    size,
-    heads: { start: rank * heads, count: heads },
-    kvHeads:
-      kv >= size
-        ? { start: (rank * kv) / size, count: kv / size }
-        : { start: Math.floor((rank * kv) / size), count: 1 },
-    intermediate: { start: rank * inter, count: inter },
-    vocab: vocabRows(config.vocabSize, size, rank),
-  };
-}
-
 /**
  * Rank `rank`'s part of a manifest tensor seen as a [rows, cols] matrix (a 1-D tensor of n is [1, n]): the rows and
  * the columns it holds. The whole tensor for `replicated` tensors and for one rank.
@@ -126,7 +71,7 @@ export function tensorSlice(
   const fullCols = oneD ? tensor.shape[0]! : tensor.shape[1]!;
   const all = { rows: { start: 0, count: fullRows }, cols: { start: 0, count: fullCols }, fullRows, fullCols };
   if (tp === 1) return all;
-  const s = cudaTensorShard(config, tp, rank);
+  const s = tensorShard(config, tp, rank);
   const d = config.headDim;
   const byHead = (r: IndexRange): IndexRange => ({ start: r.start * d, count: r.count * d });
   // Along a 2-D tensor's rows, or along a bias's only dimension.
@@ -192,5 +137,5 @@ export function sliceHostTensor(
 
 /** The model as rank `rank` sees its KV pool: its kv heads. */
 export function rankKvHeads(config: ModelConfig, tp: number, rank: number): number {
-  return cudaTensorShard(config, tp, rank).kvHeads.count;
+  return tensorShard(config, tp, rank).kvHeads.count;
 }

@@ -3,12 +3,11 @@ import { ParallelLayoutError } from '../../lib/errors.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
 import {
   checkCudaTensorParallel,
-  cudaTensorShard,
   sliceHostTensor,
   tensorSlice,
   tpDeviceOrdinals,
-  vocabRows,
 } from '../../lib/engine/cuda-parallel.js';
+import { tensorShard as cudaTensorShard, vocabRange as vocabRows } from '../../lib/engine/parallel.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { weightManifest, tensorElements } from '../../lib/engine/model/manifest.js';
 import type { ModelConfig } from '../../lib/engine/model/config.js';
