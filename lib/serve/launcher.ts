@@ -27,6 +27,7 @@ import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
 import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
+import { DEFAULT_WORKER_TIMEOUT_MS, preferResponsive } from '../control/control-plane.js';
 import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
 import { frontendPorts, type DeploymentGraph, type PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
@@ -83,6 +84,12 @@ export interface DeploymentOptions {
   /** Where log lines go (default: stdout). */
   log?: (line: string) => void;
   heartbeatMs?: number;
+  /**
+   * A worker silent (no heartbeat) for this long is dropped and its requests migrate, though its process is still
+   * there (default DEFAULT_WORKER_TIMEOUT_MS). A shorter silence (5 heartbeats, at least 3 s) only makes it suspect:
+   * routers prefer the others and its requests go on. A worker whose process exits is dropped at once.
+   */
+  workerTimeoutMs?: number;
   /** How long a decode worker waits for a remote prefill before serving the request itself (default 30 s). */
   remotePrefillTimeoutMs?: number;
   /** Seed of `dummy:` weights, the same in every worker. */
@@ -374,7 +381,10 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
 
   const controlPlane: ControlPlane = options.control
     ? await EtcdControlPlane.connect(options.control)
-    : new EmbeddedControlPlane(Math.max(5 * heartbeatMs, 3000));
+    : new EmbeddedControlPlane(
+        Math.max(5 * heartbeatMs, 3000),
+        Math.max(5 * heartbeatMs, 3000, options.workerTimeoutMs ?? DEFAULT_WORKER_TIMEOUT_MS),
+      );
   const metrics = new ServeMetrics();
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
@@ -455,6 +465,10 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       send(reg.name, { type: 'peer', peer: other.registration });
       send(other.registration.name, { type: 'peer', peer: reg });
     }
+  });
+  controlPlane.on('suspect', (name, suspect, reason) => {
+    if (workers.has(name) && !stopping)
+      log(`[launcher] ${name} ${suspect ? `is suspect (${reason}): routers prefer other workers` : 'answers again'}`);
   });
   controlPlane.on('removed', (name, reason) => {
     if (!workers.has(name)) return;
@@ -705,8 +719,9 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
 // ---- planner hooks ----
 /**
  * The control plane as the routers see it: workers being drained are left out of `workers()` (no new request
- * reaches them); everything else (get, events) is the control plane's own, so a request already routed to a
- * draining worker (its remote prefill included) completes.
+ * reaches them), and suspect ones too while others of the role answer (preferResponsive); everything else (get,
+ * events) is the control plane's own, so a request already routed to a draining worker (its remote prefill
+ * included) completes.
  */
 function routingView(
   controlPlane: ControlPlane,
@@ -718,7 +733,9 @@ function routingView(
     get(target, key) {
       if (key === 'workers')
         return (role?: Parameters<ControlPlane['workers']>[0]) =>
-          target.workers(role).filter((w) => !draining.has(w.registration.name) && isOwn(w.registration.name));
+          preferResponsive(
+            target.workers(role).filter((w) => !draining.has(w.registration.name) && isOwn(w.registration.name)),
+          );
       const value: unknown = Reflect.get(target, key, target);
       return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value;
     },
