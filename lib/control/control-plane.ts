@@ -52,6 +52,14 @@ export function preferResponsive(workers: LiveWorker[]): LiveWorker[] {
   return responsive.length > 0 ? responsive : workers;
 }
 
+/**
+ * What a router chooses a new request's workers among: those not draining (they report it with their load: a
+ * worker told to stop finishes what it has and takes nothing new), the responsive ones first (preferResponsive).
+ */
+export function routingChoices(workers: LiveWorker[]): LiveWorker[] {
+  return preferResponsive(workers.filter((w) => !w.load.draining));
+}
+
 export class EmbeddedControlPlane extends EventEmitter<ControlPlaneEvents> implements ControlPlane {
   private readonly live = new Map<string, LiveWorker>();
   private readonly sweep: NodeJS.Timeout;

@@ -27,7 +27,7 @@ import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
 import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
-import { DEFAULT_WORKER_TIMEOUT_MS, preferResponsive } from '../control/control-plane.js';
+import { DEFAULT_WORKER_TIMEOUT_MS, routingChoices } from '../control/control-plane.js';
 import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
 import { frontendPorts, type DeploymentGraph, type PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
@@ -90,6 +90,11 @@ export interface DeploymentOptions {
    * routers prefer the others and its requests go on. A worker whose process exits is dropped at once.
    */
   workerTimeoutMs?: number;
+  /**
+   * How long a worker sent SIGTERM lets its requests in flight finish before it exits (those still running then
+   * migrate); meanwhile routers send it nothing new. Default DEFAULT_DRAIN_TIMEOUT_MS (30 s).
+   */
+  workerDrainTimeoutMs?: number;
   /** How long a decode worker waits for a remote prefill before serving the request itself (default 30 s). */
   remotePrefillTimeoutMs?: number;
   /** Seed of `dummy:` weights, the same in every worker. */
@@ -316,6 +321,7 @@ export function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, op
     ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
     heartbeatMs: options.heartbeatMs ?? 1000,
     ...(options.remotePrefillTimeoutMs !== undefined ? { remotePrefillTimeoutMs: options.remotePrefillTimeoutMs } : {}),
+    ...(options.workerDrainTimeoutMs !== undefined ? { drainTimeoutMs: options.workerDrainTimeoutMs } : {}),
   };
 }
 
@@ -488,6 +494,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
           draining.delete(init.name); // a role switch ends its drain (planner hooks)
           controlPlane.register(m.registration);
         } else if (m.type === 'heartbeat') {
+          if (m.load.draining && !controlPlane.get(m.name)?.load.draining && !stopping)
+            log(`[launcher] ${m.name} is draining (told to stop): routers send it nothing new`);
           controlPlane.heartbeat(m.name, m.load);
           const live = controlPlane.get(m.name);
           if (live) {
@@ -719,7 +727,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
 // ---- planner hooks ----
 /**
  * The control plane as the routers see it: workers being drained are left out of `workers()` (no new request
- * reaches them), and suspect ones too while others of the role answer (preferResponsive); everything else (get,
+ * reaches them), nor those draining on their own (SIGTERM), and suspect ones while others of the role answer
+ * (routingChoices); everything else (get,
  * events) is the control plane's own, so a request already routed to a draining worker (its remote prefill
  * included) completes.
  */
@@ -733,7 +742,7 @@ function routingView(
     get(target, key) {
       if (key === 'workers')
         return (role?: Parameters<ControlPlane['workers']>[0]) =>
-          preferResponsive(
+          routingChoices(
             target.workers(role).filter((w) => !draining.has(w.registration.name) && isOwn(w.registration.name)),
           );
       const value: unknown = Reflect.get(target, key, target);

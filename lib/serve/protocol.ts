@@ -45,6 +45,11 @@ export interface WorkerInit {
   remotePrefillTimeoutMs?: number;
   /** The transfer backend of its KV writes, when forced (`tcp` between hosts on one machine); default: the agent's pick. */
   kvBackend?: 'shm' | 'tcp' | 'ucx';
+  /**
+   * On SIGTERM the worker drains: it reports `draining` (routers choose it no more), lets its requests in flight
+   * finish for up to this long, then exits; those still running then migrate. Default DEFAULT_DRAIN_TIMEOUT_MS.
+   */
+  drainTimeoutMs?: number;
 }
 
 /** What a worker tells the control plane about itself when it registers. */
@@ -72,6 +77,8 @@ export interface WorkerLoad {
   freeBlocks: number;
   /** Prefill requests in progress (prefill workers). */
   prefilling: number;
+  /** The worker is draining (SIGTERM, or the planner's drain): routers send it nothing new. */
+  draining?: boolean;
 }
 
 export type ToWorker =

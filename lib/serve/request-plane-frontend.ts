@@ -12,7 +12,12 @@ import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { BadArgumentError } from '../errors.js';
 import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
-import type { ControlPlane, ControlPlaneEvents, LiveWorker } from '../control/control-plane.js';
+import {
+  routingChoices,
+  type ControlPlane,
+  type ControlPlaneEvents,
+  type LiveWorker,
+} from '../control/control-plane.js';
 import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
@@ -126,8 +131,9 @@ export class ReachableWorkers extends EventEmitter<ControlPlaneEvents> implement
     return this.up.has(name) ? this.discovery.get(name) : undefined;
   }
 
+  /** The workers a router chooses among: connected, not draining, responsive ones first (routingChoices). */
   workers(role?: PoolRole): LiveWorker[] {
-    return this.discovery.workers(role).filter((w) => this.up.has(w.registration.name));
+    return routingChoices(this.discovery.workers(role).filter((w) => this.up.has(w.registration.name)));
   }
 
   close(): void {
