@@ -63,6 +63,7 @@ const OPTIONS = {
   advertise: { type: 'string' },
   'kv-port': { type: 'string' },
   'status-port': { type: 'string' },
+  'drain-timeout': { type: 'string' },
 } as const satisfies Record<string, OptionSpec>;
 
 export type OptionName = keyof typeof OPTIONS;
@@ -91,6 +92,7 @@ export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
     'namespace',
     'seed',
     'kv-backend',
+    'drain-timeout',
   ],
   frontend: ['join', 'graph', 'host', 'port', 'namespace', 'api-key', 'migration-limit', 'router-policy'],
   generate: [

@@ -23,6 +23,13 @@ import type { KvEventBatch, KvPoolSpec, KvSnapshot } from '../kv/index.js';
 import type { FinishReason, SamplingParams, TokenLogprobs } from '../engine/engine.js';
 import type { PoolRole } from './graph.js';
 
+/**
+ * How long a worker told to stop (SIGTERM) lets its requests in flight finish before it exits anyway (those still
+ * running then migrate: the frontend re-issues them elsewhere). Kubernetes' terminationGracePeriodSeconds of a
+ * worker pod exceeds it (lib/deploy/k8s).
+ */
+export const DEFAULT_DRAIN_TIMEOUT_MS = 30_000;
+
 export interface WorkerInit {
   /** `<pool>-<replica>`: names the process (its title, log prefix) and its registration. */
   name: string;

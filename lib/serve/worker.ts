@@ -11,6 +11,7 @@ import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type AgentOptions, type Region } from '../transfer/index.js';
 import {
+  DEFAULT_DRAIN_TIMEOUT_MS,
   decodePrefillNotice,
   encodePrefillNotice,
   type FromWorker,
@@ -22,13 +23,6 @@ import {
 
 /** A decode worker waits this long for a remote prefill before computing the prompt itself. */
 export const REMOTE_PREFILL_TIMEOUT_MS = 30_000;
-
-/**
- * How long a worker told to stop (SIGTERM) lets its requests in flight finish before it exits anyway (those still
- * running then migrate: the frontend re-issues them elsewhere). Kubernetes' terminationGracePeriodSeconds of a
- * worker pod exceeds it (lib/deploy/k8s).
- */
-export const DEFAULT_DRAIN_TIMEOUT_MS = 30_000;
 
 /** How often a draining worker looks whether its last request has ended. */
 const DRAIN_POLL_MS = 20;
