@@ -497,6 +497,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
           if (m.load.draining && !controlPlane.get(m.name)?.load.draining && !stopping)
             log(`[launcher] ${m.name} is draining (told to stop): routers send it nothing new`);
           controlPlane.heartbeat(m.name, m.load);
+          if (m.expertLoad) metrics.expertLoad(m.name, m.expertLoad);
           const live = controlPlane.get(m.name);
           if (live) {
             const total = live.registration.numBlocks;

@@ -88,6 +88,17 @@ export interface WorkerLoad {
   draining?: boolean;
 }
 
+/**
+ * A mixture-of-experts worker's expert load, with its heartbeat (bounded: one number per layer, none per expert).
+ * `imbalance[layer]`: max / mean tokens per expert over the worker's window (EXPERT_LOAD_WINDOW_HEARTBEATS
+ * heartbeats; 1 when nothing was routed); `tokensRouted`: expert assignments since the worker started, a token
+ * counting once per MoE layer and expert it is routed to (top-k per layer).
+ */
+export interface ExpertLoadReport {
+  imbalance: number[];
+  tokensRouted: number;
+}
+
 export type ToWorker =
   | { type: 'init'; init: WorkerInit }
   | { type: 'peer'; peer: WorkerRegistration }
@@ -133,7 +144,7 @@ export type ToWorker =
 
 export type FromWorker =
   | { type: 'ready'; registration: WorkerRegistration }
-  | { type: 'heartbeat'; name: string; load: WorkerLoad }
+  | { type: 'heartbeat'; name: string; load: WorkerLoad; expertLoad?: ExpertLoadReport }
   /** Answer to `drain`: no request is in flight here. */
   | { type: 'drained'; name: string }
   | {

@@ -10,10 +10,12 @@ import { CudaModelRunner } from '../engine/cuda.js';
 import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type AgentOptions, type Region } from '../transfer/index.js';
+import { ExpertLoadWindow, imbalance } from '../moe/index.js';
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
   decodePrefillNotice,
   encodePrefillNotice,
+  type ExpertLoadReport,
   type FromWorker,
   type PrefillNotice,
   type ToWorker,
@@ -23,6 +25,9 @@ import {
 
 /** A decode worker waits this long for a remote prefill before computing the prompt itself. */
 export const REMOTE_PREFILL_TIMEOUT_MS = 30_000;
+
+/** The sliding window of a MoE worker's expert load (`tandem_moe_expert_imbalance`): its last this many heartbeats. */
+export const EXPERT_LOAD_WINDOW_HEARTBEATS = 60;
 
 /** How often a draining worker looks whether its last request has ended. */
 const DRAIN_POLL_MS = 20;
@@ -96,6 +101,7 @@ export class Worker {
 
   private sendHeartbeat(): void {
     const s = this.model.engine.stats();
+    const expertLoad = this.expertLoad();
     this.out({
       type: 'heartbeat',
       name: this.init.name,
@@ -106,7 +112,31 @@ export class Worker {
         prefilling: this.prefilling.size,
         ...(this.draining ? { draining: true } : {}),
       },
+      ...(expertLoad ? { expertLoad } : {}),
     });
+  }
+
+  /** MoE models: tokens per layer and expert over the last heartbeats (one window step per heartbeat). */
+  private expertWindow?: ExpertLoadWindow;
+  private tokensRouted = 0;
+
+  /**
+   * The expert load since the last heartbeat, recorded as one step of the window, and the report it gives;
+   * undefined for a dense model (or a runner that does not count expert load).
+   */
+  private expertLoad(): ExpertLoadReport | undefined {
+    const numExperts = this.model.config.moe?.numExperts;
+    const runner = this.model.runner as Partial<{ takeExpertLoad(): Float64Array }>;
+    if (!numExperts || typeof runner.takeExpertLoad !== 'function') return undefined;
+    const load = runner.takeExpertLoad();
+    if (load.length === 0 || load.length % numExperts !== 0) return undefined;
+    this.expertWindow ??= new ExpertLoadWindow(load.length / numExperts, numExperts, EXPERT_LOAD_WINDOW_HEARTBEATS);
+    this.expertWindow.record(load);
+    for (const v of load) this.tokensRouted += v;
+    return {
+      imbalance: this.expertWindow.totals().map((perExpert) => imbalance(perExpert)),
+      tokensRouted: this.tokensRouted,
+    };
   }
 
   /**
