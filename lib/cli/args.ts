@@ -66,6 +66,7 @@ const OPTIONS = {
   advertise: { type: 'string' },
   'kv-port': { type: 'string' },
   'status-port': { type: 'string' },
+  'drain-timeout': { type: 'string' },
 } as const satisfies Record<string, OptionSpec>;
 
 export type OptionName = keyof typeof OPTIONS;
@@ -94,6 +95,7 @@ export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
     'namespace',
     'seed',
     'kv-backend',
+    'drain-timeout',
   ],
   frontend: ['join', 'graph', 'host', 'port', 'namespace', 'api-key', 'migration-limit', 'router-policy'],
   generate: [

@@ -57,10 +57,11 @@ Usage:
                            (tandem k8s --help lists its options)
   tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE [--host ADDR] [--advertise ADDR]
                 [--port N] [--kv-port N] [--status-port N] [--name NAME] [--namespace NS]
-                [--kv-backend auto|tcp|ucx|shm]
+                [--kv-backend auto|tcp|ucx|shm] [--drain-timeout SECONDS]
                            one worker of the graph's pool NAME on this host, registered in etcd,
                            reached by frontends over TCP on ADDR (default 127.0.0.1; beyond loopback
-                           TANDEM_TOKEN must be set); --status-port: /live and /health over HTTP
+                           TANDEM_TOKEN must be set); --status-port: /live and /health over HTTP;
+                           on SIGTERM it drains (default 30 s; a second signal stops it at once)
   tandem frontend --join etcd://HOST:2379 --graph FILE [--host ADDR] [--port N] [--namespace NS]
                            the OpenAI API in front of the workers registered in etcd
   tandem --version         print the version

@@ -1,7 +1,8 @@
 /**
  * `tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE [--host ADDR] [--port N]`: one worker of the
  * graph's pool NAME on this host, registered in etcd, serving frontends over TCP (lib/serve/worker-join.ts).
- * Runs until SIGINT or SIGTERM, then leaves discovery and stops. In a pod, TANDEM_POD_NAME, TANDEM_POD_IP and
+ * Runs until SIGINT or SIGTERM, then drains (up to --drain-timeout, default 30 s; a second signal cuts it short),
+ * leaves discovery and stops. In a pod, TANDEM_POD_NAME, TANDEM_POD_IP and
  * TANDEM_CONTROL_NAMESPACE stand in for --name, --advertise and --namespace.
  */
 import { loadGraph } from '../serve/graph.js';
@@ -21,6 +22,7 @@ export interface WorkerArgs {
   namespace?: string;
   seed?: string;
   'kv-backend'?: string;
+  'drain-timeout'?: string;
 }
 
 /** Resolves when SIGINT or SIGTERM arrives. */
@@ -48,6 +50,7 @@ export async function worker(args: WorkerArgs): Promise<number> {
   const name = args.name ?? (process.env.TANDEM_POD_NAME || undefined);
   const namespace = args.namespace ?? (process.env.TANDEM_CONTROL_NAMESPACE || undefined);
   const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
+  const drainTimeoutS = numberOption('drain-timeout', args['drain-timeout'], { min: 0 });
   const kvBackend = choiceOption('kv-backend', args['kv-backend'], ['auto', 'shm', 'tcp', 'ucx'] as const);
   const joined = await joinWorker({
     graph: loadGraph(args.graph),
@@ -61,10 +64,20 @@ export async function worker(args: WorkerArgs): Promise<number> {
     ...(statusPort !== undefined ? { statusPort } : {}),
     ...(name ? { name } : {}),
     ...(kvBackend && kvBackend !== 'auto' ? { kvBackend } : {}),
+    ...(drainTimeoutS !== undefined ? { drainTimeoutMs: drainTimeoutS * 1000 } : {}),
     seed,
   });
+  // The first signal drains (frontends choose this worker no more; its requests in flight finish, up to the drain
+  // timeout); a second one, or the timeout, stops it at once: requests still running migrate to other workers.
   const signal = await untilSignal();
-  console.log(`tandem: ${signal}: ${joined.name} leaves discovery and stops`);
+  console.log(
+    `tandem: ${signal}: ${joined.name} drains ${joined.inFlight()} request(s) in flight (a second signal stops it at once)`,
+  );
+  const drained = await Promise.race([joined.drain(), untilSignal().then(() => false)]);
+  console.log(
+    `tandem: ${joined.name} ${drained ? 'drained' : `stops with ${joined.inFlight()} request(s) in flight (they migrate)`}; ` +
+      'it leaves discovery and stops',
+  );
   await joined.stop();
   return 0;
 }

@@ -48,6 +48,7 @@ const WorkerLoadSchema = z.strictObject({
   waiting: count,
   freeBlocks: count,
   prefilling: count,
+  draining: z.boolean().optional(),
 });
 
 export function encodeRegistration(registration: WorkerRegistration): string {

@@ -27,6 +27,7 @@ import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
 import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
+import { DEFAULT_WORKER_TIMEOUT_MS, routingChoices } from '../control/control-plane.js';
 import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
 import { frontendPorts, type DeploymentGraph, type PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
@@ -83,6 +84,17 @@ export interface DeploymentOptions {
   /** Where log lines go (default: stdout). */
   log?: (line: string) => void;
   heartbeatMs?: number;
+  /**
+   * A worker silent (no heartbeat) for this long is dropped and its requests migrate, though its process is still
+   * there (default DEFAULT_WORKER_TIMEOUT_MS). A shorter silence (5 heartbeats, at least 3 s) only makes it suspect:
+   * routers prefer the others and its requests go on. A worker whose process exits is dropped at once.
+   */
+  workerTimeoutMs?: number;
+  /**
+   * How long a worker sent SIGTERM lets its requests in flight finish before it exits (those still running then
+   * migrate); meanwhile routers send it nothing new. Default DEFAULT_DRAIN_TIMEOUT_MS (30 s).
+   */
+  workerDrainTimeoutMs?: number;
   /** How long a decode worker waits for a remote prefill before serving the request itself (default 30 s). */
   remotePrefillTimeoutMs?: number;
   /** Seed of `dummy:` weights, the same in every worker. */
@@ -312,6 +324,7 @@ export function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, op
     ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
     heartbeatMs: options.heartbeatMs ?? 1000,
     ...(options.remotePrefillTimeoutMs !== undefined ? { remotePrefillTimeoutMs: options.remotePrefillTimeoutMs } : {}),
+    ...(options.workerDrainTimeoutMs !== undefined ? { drainTimeoutMs: options.workerDrainTimeoutMs } : {}),
   };
 }
 
@@ -377,7 +390,10 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
 
   const controlPlane: ControlPlane = options.control
     ? await EtcdControlPlane.connect(options.control)
-    : new EmbeddedControlPlane(Math.max(5 * heartbeatMs, 3000));
+    : new EmbeddedControlPlane(
+        Math.max(5 * heartbeatMs, 3000),
+        Math.max(5 * heartbeatMs, 3000, options.workerTimeoutMs ?? DEFAULT_WORKER_TIMEOUT_MS),
+      );
   const metrics = new ServeMetrics();
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
@@ -459,6 +475,10 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       send(other.registration.name, { type: 'peer', peer: reg });
     }
   });
+  controlPlane.on('suspect', (name, suspect, reason) => {
+    if (workers.has(name) && !stopping)
+      log(`[launcher] ${name} ${suspect ? `is suspect (${reason}): routers prefer other workers` : 'answers again'}`);
+  });
   controlPlane.on('removed', (name, reason) => {
     if (!workers.has(name)) return;
     if (!stopping) log(`[launcher] ${name} dropped: ${reason}`);
@@ -477,7 +497,10 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
           draining.delete(init.name); // a role switch ends its drain (planner hooks)
           controlPlane.register(m.registration);
         } else if (m.type === 'heartbeat') {
+          if (m.load.draining && !controlPlane.get(m.name)?.load.draining && !stopping)
+            log(`[launcher] ${m.name} is draining (told to stop): routers send it nothing new`);
           controlPlane.heartbeat(m.name, m.load);
+          if (m.expertLoad) metrics.expertLoad(m.name, m.expertLoad);
           const live = controlPlane.get(m.name);
           if (live) {
             const total = live.registration.numBlocks;
@@ -708,8 +731,10 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
 // ---- planner hooks ----
 /**
  * The control plane as the routers see it: workers being drained are left out of `workers()` (no new request
- * reaches them); everything else (get, events) is the control plane's own, so a request already routed to a
- * draining worker (its remote prefill included) completes.
+ * reaches them), nor those draining on their own (SIGTERM), and suspect ones while others of the role answer
+ * (routingChoices); everything else (get,
+ * events) is the control plane's own, so a request already routed to a draining worker (its remote prefill
+ * included) completes.
  */
 function routingView(
   controlPlane: ControlPlane,
@@ -721,7 +746,9 @@ function routingView(
     get(target, key) {
       if (key === 'workers')
         return (role?: Parameters<ControlPlane['workers']>[0]) =>
-          target.workers(role).filter((w) => !draining.has(w.registration.name) && isOwn(w.registration.name));
+          routingChoices(
+            target.workers(role).filter((w) => !draining.has(w.registration.name) && isOwn(w.registration.name)),
+          );
       const value: unknown = Reflect.get(target, key, target);
       return typeof value === 'function' ? (value as (...a: unknown[]) => unknown).bind(target) : value;
     },

@@ -4,6 +4,7 @@
  * `METRIC_NAMES`.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { ExpertLoadReport } from './protocol.js';
 
 export const METRIC_NAMES = {
   /**
@@ -51,6 +52,17 @@ export const METRIC_NAMES = {
    * Cache hit rate = cached / prompt tokens.
    */
   workerCachedPromptTokens: 'tandem_worker_cached_prompt_tokens_total',
+  /**
+   * Gauge; labels worker, layer: a mixture-of-experts worker's max / mean tokens per expert in that layer over its
+   * window (the last 60 heartbeats; 1 = balanced, or nothing routed). Only for models with experts; no per-expert
+   * series (cardinality: workers x layers).
+   */
+  moeExpertImbalance: 'tandem_moe_expert_imbalance',
+  /**
+   * Counter; label worker: expert assignments on a mixture-of-experts worker, a token counting once per MoE layer
+   * and expert it is routed to (top-k per layer).
+   */
+  moeTokensRouted: 'tandem_moe_tokens_routed_total',
   /** Gauge; label worker: 1 while the worker serves requests but has published no KV event (KV routing is blind). */
   routerKvEventsMissing: 'tandem_router_kv_events_missing',
   /** Counter; label worker: gaps in a worker's KV event numbers (each asks it for a snapshot). */
@@ -338,8 +350,43 @@ export class ServeMetrics {
   routed(policy: string): void {
     this.routerDecisions.inc({ policy });
   }
+  private readonly moeImbalance = new Gauge({
+    name: METRIC_NAMES.moeExpertImbalance,
+    help: 'Max / mean tokens per expert of each MoE layer over the worker window (1 = balanced)',
+    labelNames: ['worker', 'layer'] as const,
+    registers: [this.registry],
+  });
+  private readonly moeTokensRouted = new Counter({
+    name: METRIC_NAMES.moeTokensRouted,
+    help: 'Tokens routed to experts on each MoE worker (once per MoE layer and expert chosen)',
+    labelNames: ['worker'] as const,
+    registers: [this.registry],
+  });
+  /** Per MoE worker: its layers reported, and the cumulative tokens routed its last heartbeat said. */
+  private readonly moeWorkers = new Map<string, { layers: number; tokensRouted: number }>();
+
+  /** A MoE worker's heartbeat: its per-layer imbalance and its cumulative tokens routed. */
+  expertLoad(worker: string, report: ExpertLoadReport): void {
+    const seen = this.moeWorkers.get(worker) ?? { layers: 0, tokensRouted: 0 };
+    report.imbalance.forEach((v, layer) => this.moeImbalance.set({ worker, layer: String(layer) }, v));
+    // The worker's total is cumulative; a smaller one is a new process under the same name (restart).
+    const delta =
+      report.tokensRouted >= seen.tokensRouted ? report.tokensRouted - seen.tokensRouted : report.tokensRouted;
+    if (delta > 0) this.moeTokensRouted.inc({ worker }, delta);
+    this.moeWorkers.set(worker, {
+      layers: Math.max(seen.layers, report.imbalance.length),
+      tokensRouted: report.tokensRouted,
+    });
+  }
+
   /** A worker left: its series go with it (a restarted worker registers afresh). */
   dropWorker(worker: string): void {
+    const moe = this.moeWorkers.get(worker);
+    if (moe) {
+      this.moeWorkers.delete(worker);
+      for (let layer = 0; layer < moe.layers; layer++) this.moeImbalance.remove({ worker, layer: String(layer) });
+      this.moeTokensRouted.remove({ worker });
+    }
     const pool = this.workerPools.get(worker);
     if (pool === undefined) return;
     this.workerPools.delete(worker);

@@ -23,6 +23,13 @@ import type { KvEventBatch, KvPoolSpec, KvSnapshot } from '../kv/index.js';
 import type { FinishReason, SamplingParams, TokenLogprobs } from '../engine/engine.js';
 import type { PoolRole } from './graph.js';
 
+/**
+ * How long a worker told to stop (SIGTERM) lets its requests in flight finish before it exits anyway (those still
+ * running then migrate: the frontend re-issues them elsewhere). Kubernetes' terminationGracePeriodSeconds of a
+ * worker pod exceeds it (lib/deploy/k8s).
+ */
+export const DEFAULT_DRAIN_TIMEOUT_MS = 30_000;
+
 export interface WorkerInit {
   /** `<pool>-<replica>`: names the process (its title, log prefix) and its registration. */
   name: string;
@@ -49,6 +56,11 @@ export interface WorkerInit {
   remotePrefillTimeoutMs?: number;
   /** The transfer backend of its KV writes, when forced (`tcp` between hosts on one machine); default: the agent's pick. */
   kvBackend?: 'shm' | 'tcp' | 'ucx';
+  /**
+   * On SIGTERM the worker drains: it reports `draining` (routers choose it no more), lets its requests in flight
+   * finish for up to this long, then exits; those still running then migrate. Default DEFAULT_DRAIN_TIMEOUT_MS.
+   */
+  drainTimeoutMs?: number;
 }
 
 /** What a worker tells the control plane about itself when it registers. */
@@ -76,6 +88,19 @@ export interface WorkerLoad {
   freeBlocks: number;
   /** Prefill requests in progress (prefill workers). */
   prefilling: number;
+  /** The worker is draining (SIGTERM, or the planner's drain): routers send it nothing new. */
+  draining?: boolean;
+}
+
+/**
+ * A mixture-of-experts worker's expert load, with its heartbeat (bounded: one number per layer, none per expert).
+ * `imbalance[layer]`: max / mean tokens per expert over the worker's window (EXPERT_LOAD_WINDOW_HEARTBEATS
+ * heartbeats; 1 when nothing was routed); `tokensRouted`: expert assignments since the worker started, a token
+ * counting once per MoE layer and expert it is routed to (top-k per layer).
+ */
+export interface ExpertLoadReport {
+  imbalance: number[];
+  tokensRouted: number;
 }
 
 export type ToWorker =
@@ -123,7 +148,7 @@ export type ToWorker =
 
 export type FromWorker =
   | { type: 'ready'; registration: WorkerRegistration }
-  | { type: 'heartbeat'; name: string; load: WorkerLoad }
+  | { type: 'heartbeat'; name: string; load: WorkerLoad; expertLoad?: ExpertLoadReport }
   /** Answer to `drain`: no request is in flight here. */
   | { type: 'drained'; name: string }
   | {

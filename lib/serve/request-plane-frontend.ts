@@ -12,7 +12,12 @@ import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { BadArgumentError } from '../errors.js';
 import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
-import type { ControlPlane, ControlPlaneEvents, LiveWorker } from '../control/control-plane.js';
+import {
+  routingChoices,
+  type ControlPlane,
+  type ControlPlaneEvents,
+  type LiveWorker,
+} from '../control/control-plane.js';
 import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
@@ -21,7 +26,7 @@ import { frontendPorts, type DeploymentGraph, type PoolRole } from './graph.js';
 import { apiKeyOf, isLoopbackHost } from './launcher.js';
 import { MigratingBackend } from './migration.js';
 import { ServeMetrics } from './metrics.js';
-import type { FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from './protocol.js';
+import type { ExpertLoadReport, FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from './protocol.js';
 import { WorkerClient, type RequestPlane } from './request-plane.js';
 import { Router } from './router.js';
 
@@ -43,6 +48,8 @@ export class ReachableWorkers extends EventEmitter<ControlPlaneEvents> implement
   private readonly up = new Set<string>();
   /** Messages from workers (request ids as the router knows them); set by whoever builds the router. */
   onMessage: (from: string, m: FromWorker) => void = () => {};
+  /** A MoE worker's expert load, from its heartbeats (the frontend's /metrics). */
+  onExpertLoad: (from: string, report: ExpertLoadReport) => void = () => {};
 
   constructor(
     private readonly discovery: ControlPlane,
@@ -94,7 +101,10 @@ export class ReachableWorkers extends EventEmitter<ControlPlaneEvents> implement
   }
 
   private receive(from: string, m: FromWorker): void {
-    if (m.type === 'heartbeat') return this.discovery.heartbeat(from, m.load);
+    if (m.type === 'heartbeat') {
+      if (m.expertLoad) this.onExpertLoad(from, m.expertLoad);
+      return this.discovery.heartbeat(from, m.load);
+    }
     if ('requestId' in m) {
       const prefix = `${this.frontend}/`;
       if (!m.requestId.startsWith(prefix)) return;
@@ -126,8 +136,9 @@ export class ReachableWorkers extends EventEmitter<ControlPlaneEvents> implement
     return this.up.has(name) ? this.discovery.get(name) : undefined;
   }
 
+  /** The workers a router chooses among: connected, not draining, responsive ones first (routingChoices). */
   workers(role?: PoolRole): LiveWorker[] {
-    return this.discovery.workers(role).filter((w) => this.up.has(w.registration.name));
+    return routingChoices(this.discovery.workers(role).filter((w) => this.up.has(w.registration.name)));
   }
 
   close(): void {
@@ -181,6 +192,8 @@ export async function joinFrontend(options: JoinFrontendOptions): Promise<Joined
     log: (line) => log(`[router] ${line}`),
   });
   workers.onMessage = (from, m) => router.onMessage(from, m);
+  workers.onExpertLoad = (from, report) => metrics.expertLoad(from, report);
+  workers.on('removed', (name) => metrics.dropWorker(name));
   workers.on('added', (w) => log(`[frontend] worker ${w.registration.name} (${w.registration.role}) reachable`));
   workers.on('removed', (name, reason) => log(`[frontend] worker ${name} gone: ${reason}`));
   const backend = new MigratingBackend(router, {

@@ -44,6 +44,8 @@ export interface JoinWorkerOptions {
   /** Force the KV transfer backend (tcp between "hosts" that share one machine). */
   kvBackend?: WorkerInit['kvBackend'];
   heartbeatMs?: number;
+  /** How long `drain()` (SIGTERM) lets requests in flight finish; default DEFAULT_DRAIN_TIMEOUT_MS (30 s). */
+  drainTimeoutMs?: number;
   /** The shared token (request plane, and transfer agent unless TANDEM_TRANSFER_SECRET is set); default TANDEM_TOKEN. */
   token?: string;
   log?: (line: string) => void;
@@ -55,6 +57,14 @@ export interface JoinedWorker {
   readonly statusPort?: number;
   readonly registration: () => WorkerRegistration;
   readonly controlPlane: EtcdControlPlane;
+  /** Requests in flight here. */
+  inFlight(): number;
+  /**
+   * What SIGTERM does before `stop()`: the worker reports `draining` (frontends choose it no more; /health answers
+   * 503), and resolves once nothing is in flight (true) or after the drain timeout (false). Requests still running
+   * when `stop()` follows migrate: the frontends see the connection close and re-issue them elsewhere.
+   */
+  drain(timeoutMs?: number): Promise<boolean>;
   /** Leaves discovery (revokes the lease), closes the request plane, frees the engine. */
   stop(): Promise<void>;
 }
@@ -69,9 +79,14 @@ function nameOf(pool: string): string {
 
 /**
  * The worker's probes over HTTP: /live answers 200 while the process serves; /health 200 while it is registered
- * in the control plane (503 otherwise: etcd lost it and it is putting itself back).
+ * in the control plane and takes requests (503 otherwise: etcd lost it and it is putting itself back, or it drains).
  */
-async function listenStatus(host: string, port: number, registered: () => boolean): Promise<HttpServer> {
+async function listenStatus(
+  host: string,
+  port: number,
+  registered: () => boolean,
+  draining: () => boolean,
+): Promise<HttpServer> {
   const server = createHttpServer((req, res) => {
     const path = (req.url ?? '').split('?')[0];
     const [code, body] =
@@ -80,9 +95,11 @@ async function listenStatus(host: string, port: number, registered: () => boolea
         : path === '/live'
           ? [200, { status: 'alive' }]
           : path === '/health'
-            ? registered()
-              ? [200, { status: 'ok' }]
-              : [503, { status: 'not_registered' }]
+            ? draining()
+              ? [503, { status: 'draining' }]
+              : registered()
+                ? [200, { status: 'ok' }]
+                : [503, { status: 'not_registered' }]
             : [404, { error: 'not found' }];
     res.writeHead(code, { 'Content-Type': 'application/json' }).end(JSON.stringify(body));
   });
@@ -118,6 +135,7 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
     ...workerInit(options.graph, pool, 0, {
       seed: options.seed ?? 0,
       ...(options.heartbeatMs !== undefined ? { heartbeatMs: options.heartbeatMs } : {}),
+      ...(options.drainTimeoutMs !== undefined ? { workerDrainTimeoutMs: options.drainTimeoutMs } : {}),
     }),
     name: options.name ?? nameOf(pool.name),
     ...(options.kvBackend ? { kvBackend: options.kvBackend } : {}),
@@ -131,10 +149,16 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
   let plane: EtcdControlPlane | undefined;
   let worker: Worker | undefined;
   let status: HttpServer | undefined;
+  let draining: Promise<boolean> | undefined;
   try {
     // Before the model loads: a startup probe sees the process live while it does.
     if (options.statusPort !== undefined)
-      status = await listenStatus(host, options.statusPort, () => plane?.get(init.name) !== undefined);
+      status = await listenStatus(
+        host,
+        options.statusPort,
+        () => plane?.get(init.name) !== undefined,
+        () => draining !== undefined,
+      );
     plane = await EtcdControlPlane.connect({ ...options.controlOptions, endpoints: options.control });
     const controlPlane = plane;
     /** Messages about a request go to the frontend that sent it; worker-wide ones to every frontend. */
@@ -206,6 +230,8 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
     ...(status ? { statusPort: (status.address() as { port: number }).port } : {}),
     registration: () => w.registration(),
     controlPlane,
+    inFlight: () => w.inFlight,
+    drain: (timeoutMs) => (draining ??= w.drainForExit(timeoutMs)),
     stop: () =>
       (stopped ??= (async () => {
         status?.close();

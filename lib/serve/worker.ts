@@ -10,9 +10,12 @@ import { CudaModelRunner } from '../engine/cuda.js';
 import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type AgentOptions, type Region } from '../transfer/index.js';
+import { ExpertLoadWindow, imbalance } from '../moe/index.js';
 import {
+  DEFAULT_DRAIN_TIMEOUT_MS,
   decodePrefillNotice,
   encodePrefillNotice,
+  type ExpertLoadReport,
   type FromWorker,
   type PrefillNotice,
   type ToWorker,
@@ -22,6 +25,9 @@ import {
 
 /** A decode worker waits this long for a remote prefill before computing the prompt itself. */
 export const REMOTE_PREFILL_TIMEOUT_MS = 30_000;
+
+/** The sliding window of a MoE worker's expert load (`tandem_moe_expert_imbalance`): its last this many heartbeats. */
+export const EXPERT_LOAD_WINDOW_HEARTBEATS = 60;
 
 /** How often a draining worker looks whether its last request has ended. */
 const DRAIN_POLL_MS = 20;
@@ -69,6 +75,8 @@ export class Worker {
   private role: WorkerInit['role'];
   /** From `drain` to `setRole` or `undrain` (or the end): remote prefills are refused. */
   private draining = false;
+  /** Draining to exit (SIGTERM): neither `undrain` nor `setRole` ends it. */
+  private exiting = false;
   /** While draining and not yet idle: polls until nothing is in flight, then answers `drained`. */
   private drainPoll?: NodeJS.Timeout;
   /** The engine's KV events, batched per engine step and numbered, to the routers (lib/kv/events.ts). */
@@ -77,7 +85,7 @@ export class Worker {
 
   constructor(
     /** Where the worker's messages go: the launcher (IPC), or the request plane's connections (TCP). */
-    private readonly out: (message: FromWorker) => void,
+    private readonly deliver: (message: FromWorker) => void,
     private readonly init: WorkerInit,
     private readonly model: OpenedModel,
     private readonly agent: TransferAgent,
@@ -87,24 +95,91 @@ export class Worker {
     this.kvEvents = new KvEventPublisher((batch) => this.out({ type: 'kvEvents', batch }));
     agent.on('notification', (_from, message) => this.onNotice(message));
     this.stopKvEvents = model.engine.onKvEvent((event) => this.kvEvents.add(event));
-    this.heartbeat = setInterval(() => {
-      const s = model.engine.stats();
-      this.out({
-        type: 'heartbeat',
-        name: init.name,
-        load: {
-          running: s.running,
-          waiting: s.waiting,
-          freeBlocks: s.numBlocks - s.usedBlocks,
-          prefilling: this.prefilling.size,
-        },
-      });
-    }, init.heartbeatMs);
+    this.heartbeat = setInterval(() => this.sendHeartbeat(), init.heartbeatMs);
     this.heartbeat.unref();
   }
 
+  private sendHeartbeat(): void {
+    const s = this.model.engine.stats();
+    const expertLoad = this.expertLoad();
+    this.out({
+      type: 'heartbeat',
+      name: this.init.name,
+      load: {
+        running: s.running,
+        waiting: s.waiting,
+        freeBlocks: s.numBlocks - s.usedBlocks,
+        prefilling: this.prefilling.size,
+        ...(this.draining ? { draining: true } : {}),
+      },
+      ...(expertLoad ? { expertLoad } : {}),
+    });
+  }
+
+  /** MoE models: tokens per layer and expert over the last heartbeats (one window step per heartbeat). */
+  private expertWindow?: ExpertLoadWindow;
+  private tokensRouted = 0;
+
+  /**
+   * The expert load since the last heartbeat, recorded as one step of the window, and the report it gives;
+   * undefined for a dense model (or a runner that does not count expert load).
+   */
+  private expertLoad(): ExpertLoadReport | undefined {
+    const numExperts = this.model.config.moe?.numExperts;
+    const runner = this.model.runner as Partial<{ takeExpertLoad(): Float64Array }>;
+    if (!numExperts || typeof runner.takeExpertLoad !== 'function') return undefined;
+    const load = runner.takeExpertLoad();
+    if (load.length === 0 || load.length % numExperts !== 0) return undefined;
+    this.expertWindow ??= new ExpertLoadWindow(load.length / numExperts, numExperts, EXPERT_LOAD_WINDOW_HEARTBEATS);
+    this.expertWindow.record(load);
+    for (const v of load) this.tokensRouted += v;
+    return {
+      imbalance: this.expertWindow.totals().map((perExpert) => imbalance(perExpert)),
+      tokensRouted: this.tokensRouted,
+    };
+  }
+
+  /**
+   * The worker is to stop (SIGTERM): it reports `draining` at once (routers choose it no more), and resolves once
+   * nothing is in flight here (true) or after `timeoutMs` (false: the caller exits anyway, and the requests still
+   * running migrate when the frontend sees this worker go).
+   */
+  drainForExit(timeoutMs = this.init.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS): Promise<boolean> {
+    this.drain();
+    this.exiting = true;
+    this.sendHeartbeat();
+    return new Promise((resolve) => {
+      const poll = setInterval(() => {
+        if (!this.idle()) return;
+        finish(true);
+      }, DRAIN_POLL_MS);
+      const timer = setTimeout(() => finish(false), timeoutMs);
+      const finish = (drained: boolean) => {
+        clearInterval(poll);
+        clearTimeout(timer);
+        resolve(drained);
+      };
+      if (this.idle()) finish(true);
+    });
+  }
+
+  /** Requests in flight here (streams, remote prefills lent or served). */
+  get inFlight(): number {
+    return new Set([...this.handles.keys(), ...this.remote.keys(), ...this.prefilling]).size;
+  }
+
+  /**
+   * Set by dispose(): nothing more is said. Requests still in flight then end as the worker's death (the frontend
+   * sees the process exit or the connection close) and migrate, rather than fail with the engine's disposal.
+   */
+  private disposed = false;
+
+  private out(message: FromWorker): void {
+    if (!this.disposed) this.deliver(message);
+  }
+
   /** What a router's index starts from: every block this worker holds, numbered (sent at registration and on request). */
-  sendKvSnapshot(to: (message: FromWorker) => void = this.out): void {
+  sendKvSnapshot(to: (message: FromWorker) => void = (m) => this.out(m)): void {
     to({ type: 'kvSnapshot', snapshot: this.kvEvents.snapshot() });
   }
 
@@ -272,6 +347,7 @@ export class Worker {
   }
 
   private endDrain(): void {
+    if (this.exiting) return;
     this.draining = false;
     clearInterval(this.drainPoll);
     this.drainPoll = undefined;
@@ -509,6 +585,7 @@ export class Worker {
   }
 
   async dispose(): Promise<void> {
+    this.disposed = true;
     clearInterval(this.heartbeat);
     clearInterval(this.drainPoll);
     this.stopKvEvents();
@@ -597,9 +674,31 @@ export async function runWorker(): Promise<void> {
     if (worker) worker.handle(m);
     else early.push(m);
   });
+  // SIGTERM: drain (routers choose this worker no more; its requests in flight finish, up to the drain timeout),
+  // then exit; the launcher restarts it like any exited worker. A second SIGTERM, or SIGINT during the drain, exits
+  // at once; the requests still running migrate (the frontend re-issues them elsewhere) either way.
+  let draining = false;
+  process.on('SIGTERM', () => {
+    if (draining || !worker) return exit(0);
+    draining = true;
+    const timeoutMs = init.drainTimeoutMs ?? DEFAULT_DRAIN_TIMEOUT_MS;
+    process.stderr.write(
+      `tandem worker ${init.name}: SIGTERM: draining ${worker.inFlight} request(s) in flight (up to ` +
+        `${timeoutMs / 1000} s; a second SIGTERM exits at once)\n`,
+    );
+    void worker.drainForExit(timeoutMs).then((drained) => {
+      if (!drained)
+        process.stderr.write(
+          `tandem worker ${init.name}: drain timeout: exiting with ${worker!.inFlight} request(s) in flight ` +
+            '(they migrate)\n',
+        );
+      exit(0);
+    });
+  });
   // Ctrl-C reaches the whole process group: the launcher decides when workers stop (it drains first).
-  process.on('SIGINT', () => {});
-  process.on('SIGTERM', () => exit(0));
+  process.on('SIGINT', () => {
+    if (draining) exit(0);
+  });
   try {
     worker = await openWorker(init, send);
     send({ type: 'ready', registration: worker.registration() });

@@ -21,7 +21,9 @@ import {
   manifestProblems,
   renderKubernetes,
   validateManifests,
+  WORKER_DRAIN_TIMEOUT_S,
   WORKER_PORTS,
+  WORKER_TERMINATION_GRACE_S,
   type K8sObject,
 } from '../../lib/deploy/index.js';
 import { parseGraph } from '../../lib/serve/graph.js';
@@ -159,7 +161,12 @@ describe('tandem k8s render', () => {
         String(WORKER_PORTS.kv),
         '--status-port',
         String(WORKER_PORTS.status),
+        '--drain-timeout',
+        String(WORKER_DRAIN_TIMEOUT_S),
       ]);
+      // The kubelet's SIGKILL comes after the grace period: the worker's drain on SIGTERM must fit in it.
+      expect(set.spec!.template.spec!.terminationGracePeriodSeconds).toBe(WORKER_TERMINATION_GRACE_S);
+      expect(WORKER_TERMINATION_GRACE_S).toBeGreaterThan(WORKER_DRAIN_TIMEOUT_S);
       expect(c.resources?.limits?.['nvidia.com/gpu']).toBe(gpus > 0 ? gpus : undefined);
       const mounts = (c.volumeMounts ?? []).map((m) => m.mountPath);
       if (gpus > 0) expect(mounts).toContain('/dev/shm');

@@ -31,6 +31,7 @@ import { stringify } from 'yaml';
 import { TandemError } from '../../errors.js';
 import { DUMMY_PREFIX } from '../../engine/model/dummy.js';
 import type { DeploymentGraph, PoolSpec } from '../../serve/graph.js';
+import { DEFAULT_DRAIN_TIMEOUT_MS } from '../../serve/protocol.js';
 import { DEFAULT_K8S_WORKLOAD_PREFIX } from '../../planner/spec.js';
 
 export const DEFAULT_DEPLOYMENT_NAME = 'tandem';
@@ -48,6 +49,14 @@ export const ETCD_PEER_PORT = 2380;
  * worker) and `kv` the KV transfer agent's listener (tcp backend). Fixed in the pod, so they need no discovery.
  */
 export const WORKER_PORTS = { status: 9100, requests: 9200, kv: 9300 } as const;
+
+/** A worker pod's drain on SIGTERM (`tandem worker --drain-timeout`): its requests in flight finish meanwhile. */
+export const WORKER_DRAIN_TIMEOUT_S = DEFAULT_DRAIN_TIMEOUT_MS / 1000;
+/**
+ * A worker pod's terminationGracePeriodSeconds: its drain, then leaving etcd and freeing the engine (bounded at 5 s
+ * in the worker), with room to spare; were it shorter, the kubelet's SIGKILL would cut the drain short.
+ */
+export const WORKER_TERMINATION_GRACE_S = WORKER_DRAIN_TIMEOUT_S + 15;
 
 /** The graph cannot be rendered for Kubernetes (a name Kubernetes refuses, a port it cannot expose, ...). */
 export class K8sRenderError extends TandemError {
@@ -440,6 +449,7 @@ function poolWorkload(c: Common, pool: PoolSpec): K8sObject[] {
           metadata: { labels: l },
           spec: {
             automountServiceAccountToken: false,
+            terminationGracePeriodSeconds: WORKER_TERMINATION_GRACE_S,
             containers: [
               {
                 name: 'worker',
@@ -461,6 +471,8 @@ function poolWorkload(c: Common, pool: PoolSpec): K8sObject[] {
                   String(WORKER_PORTS.kv),
                   '--status-port',
                   String(WORKER_PORTS.status),
+                  '--drain-timeout',
+                  String(WORKER_DRAIN_TIMEOUT_S),
                 ],
                 env: tandemEnv(c),
                 ports: Object.entries(WORKER_PORTS).map(([portName, p]) => ({ name: portName, containerPort: p })),
