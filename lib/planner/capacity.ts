@@ -17,8 +17,10 @@
  * so (Little's law) a replica serves B / (OSL t) requests per second, and
  * decodeReplicas = ceil(rate x OSL x t / B). No B >= 1: no replica count meets the ITL.
  *
- * Layout: per pool, the layout of the profile that needs the fewest GPUs (replicas x GPUs per replica); ties go
- * to the layout listed first. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
+ * Layout: per pool, the layout of the profile that needs the fewest devices (replicas x devices per replica: a
+ * TP 2 replica counts 2); ties go to the lower latency (prefill: one prompt's time; decode: the step time at the
+ * planned batch), then to the layout listed first. Every layout considered, with its numbers or why it cannot meet
+ * the SLA, is in `alternatives`. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
  * for each pair of layouts, minReplicas of each pool, then one replica at a time to the pool that serves the
  * smaller share of the rate while one fits; the pair that serves the most wins. `servableRate` says what that
  * deployment serves within the SLAs. A budget below minReplicas of each pool is an UnmeetablePlanError.
@@ -87,6 +89,23 @@ export interface DecodePoolPlan extends PoolPlanBase {
   stepMs: number;
 }
 
+/** One layout considered for a pool: its numbers where it meets the SLA, else why not. */
+export interface LayoutAlternative {
+  layout: string;
+  parallelism: Parallelism;
+  gpusPerReplica: number;
+  /** The layout the plan deploys for this pool. */
+  chosen: boolean;
+  /** Replicas and devices that meet the SLA at this load (absent when none do). */
+  replicasNeeded?: number;
+  gpus?: number;
+  /** Prefill: one prompt's time; decode: the step time at the planned batch. */
+  latencyMs?: number;
+  ratePerReplica?: number;
+  /** Why no replica count of this layout meets the SLA. */
+  reason?: string;
+}
+
 export interface CapacityPlan {
   /** 'ok': the SLAs are met within the budget; 'over-budget': the best effort within it. */
   status: 'ok' | 'over-budget';
@@ -99,6 +118,8 @@ export interface CapacityPlan {
   gpusUsed: number;
   /** Requests per second the deployed plan serves within the SLAs (>= rate when 'ok'). */
   servableRate: number;
+  /** Every layout of the profile, per pool, as considered for this load (in the profile's order). */
+  alternatives: { prefill: LayoutAlternative[]; decode: LayoutAlternative[] };
 }
 
 function checkRequest(r: CapacityRequest): Required<CapacityRequest> {
@@ -203,8 +224,38 @@ function feasible<T extends PoolPlanBase>(candidates: (T | string)[], what: stri
   return plans;
 }
 
-/** The plan needing the fewest GPUs (the first listed on ties). */
-const cheapest = <T extends PoolPlanBase>(plans: T[]): T => plans.reduce((best, p) => (p.gpus < best.gpus ? p : best));
+const latencyOf = (p: PrefillPoolPlan | DecodePoolPlan) => (p.role === 'prefill' ? p.prefillMs : p.stepMs);
+
+/** The plan needing the fewest devices; on ties the lower latency, then the first listed. */
+const cheapest = <T extends PrefillPoolPlan | DecodePoolPlan>(plans: T[]): T =>
+  plans.reduce((best, p) =>
+    p.gpus < best.gpus || (p.gpus === best.gpus && latencyOf(p) < latencyOf(best)) ? p : best,
+  );
+
+/** Each layout's candidate as an alternative of the table, the deployed one marked. */
+function alternativesOf(
+  models: LayoutModel[],
+  candidates: (PrefillPoolPlan | DecodePoolPlan | string)[],
+  chosen: string,
+): LayoutAlternative[] {
+  return candidates.map((c, i) => {
+    const m = models[i]!;
+    const base = {
+      layout: m.name,
+      parallelism: m.parallelism,
+      gpusPerReplica: m.gpusPerReplica,
+      chosen: m.name === chosen,
+    };
+    if (typeof c === 'string') return { ...base, reason: c };
+    return {
+      ...base,
+      replicasNeeded: c.replicasNeeded,
+      gpus: c.gpus,
+      latencyMs: latencyOf(c),
+      ratePerReplica: c.ratePerReplica,
+    };
+  });
+}
 
 const served = (p: PoolPlanBase) => p.replicas * p.ratePerReplica;
 
@@ -238,17 +289,17 @@ function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(
 export function planCapacity(profile: Profile, request: CapacityRequest): CapacityPlan {
   const r = checkRequest(request);
   const models = layoutModels(profile);
-  const prefills = feasible(
-    models.map((m) => prefillFor(m, r)),
-    'prefill',
-  );
-  const decodes = feasible(
-    models.map((m) => decodeFor(m, r, profile.engine)),
-    'decode',
-  );
+  const prefillCandidates = models.map((m) => prefillFor(m, r));
+  const decodeCandidates = models.map((m) => decodeFor(m, r, profile.engine));
+  const prefills = feasible(prefillCandidates, 'prefill');
+  const decodes = feasible(decodeCandidates, 'decode');
   const prefill = cheapest(prefills);
   const decode = cheapest(decodes);
   const gpusNeeded = prefill.gpus + decode.gpus;
+  const alternatives = (p: PoolPlanBase, d: PoolPlanBase) => ({
+    prefill: alternativesOf(models, prefillCandidates, p.layout),
+    decode: alternativesOf(models, decodeCandidates, d.layout),
+  });
   if (gpusNeeded <= r.gpus)
     return {
       status: 'ok',
@@ -258,6 +309,7 @@ export function planCapacity(profile: Profile, request: CapacityRequest): Capaci
       gpusNeeded,
       gpusUsed: gpusNeeded,
       servableRate: Math.min(served(prefill), served(decode)),
+      alternatives: alternatives(prefill, decode),
     };
 
   // Over budget: of every pair of layouts, the one that serves the most within it (then the fewest GPUs).
@@ -281,5 +333,11 @@ export function planCapacity(profile: Profile, request: CapacityRequest): Capaci
         `${d.layout} decode replicas (${r.minReplicas * (p.gpusPerReplica + d.gpusPerReplica)} GPUs)`,
     );
   }
-  return { status: 'over-budget', request: r, gpusNeeded, ...best };
+  return {
+    status: 'over-budget',
+    request: r,
+    gpusNeeded,
+    ...best,
+    alternatives: alternatives(best.prefill, best.decode),
+  };
 }
