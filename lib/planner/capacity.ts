@@ -20,7 +20,8 @@
  * Layout: per pool, the layout of the profile that needs the fewest devices (replicas x devices per replica: a
  * TP 2 replica counts 2); ties go to the lower latency (prefill: one prompt's time; decode: the step time at the
  * planned batch), then to the layout listed first. Every layout considered, with its numbers or why it cannot meet
- * the SLA, is in `alternatives`. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
+ * the SLA, is in `alternatives`. A pool whose layout is fixed (`layouts`: a planner while serving, whose workers do
+ * not change layout) considers that layout of the profile only. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
  * for each pair of layouts, minReplicas of each pool, then one replica at a time to the pool that serves the
  * smaller share of the rate while one fits; the pair that serves the most wins. `servableRate` says what that
  * deployment serves within the SLAs. A budget below minReplicas of each pool is an UnmeetablePlanError.
@@ -28,7 +29,7 @@
 import { BadArgumentError } from '../errors.js';
 import { UnmeetablePlanError } from './errors.js';
 import { layoutModels, type LayoutModel } from './performance-model.js';
-import type { Parallelism, Profile } from './profile.js';
+import { layoutName, type Parallelism, type Profile } from './profile.js';
 
 /** A prefill replica is planned busy at most this share of the time: queues grow without bound near 1. */
 export const MAX_PREFILL_UTILIZATION = 0.9;
@@ -49,6 +50,11 @@ export interface CapacityRequest {
   gpus: number;
   /** Fewest replicas of each pool. Default 1. */
   minReplicas?: number;
+  /**
+   * A pool whose layout is fixed (a planner while serving: its workers cannot change layout yet) is planned with
+   * that layout of the profile only; absent: every layout of the profile is considered.
+   */
+  layouts?: Partial<Record<'prefill' | 'decode', Parallelism>>;
 }
 
 interface PoolPlanBase {
@@ -109,7 +115,7 @@ export interface LayoutAlternative {
 export interface CapacityPlan {
   /** 'ok': the SLAs are met within the budget; 'over-budget': the best effort within it. */
   status: 'ok' | 'over-budget';
-  request: Required<CapacityRequest>;
+  request: CheckedRequest;
   prefill: PrefillPoolPlan;
   decode: DecodePoolPlan;
   /** GPUs the SLAs need at this rate. */
@@ -122,7 +128,9 @@ export interface CapacityPlan {
   alternatives: { prefill: LayoutAlternative[]; decode: LayoutAlternative[] };
 }
 
-function checkRequest(r: CapacityRequest): Required<CapacityRequest> {
+type CheckedRequest = Required<Omit<CapacityRequest, 'layouts'>>;
+
+function checkRequest(r: CapacityRequest): CheckedRequest {
   const positive = (name: string, v: number) => {
     if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
       throw new BadArgumentError(`${name} must be a positive number (got ${String(v)})`);
@@ -145,12 +153,7 @@ function checkRequest(r: CapacityRequest): Required<CapacityRequest> {
 const ms = (x: number) => `${+x.toPrecision(3)} ms`;
 
 /** The replicas of `model` that serve `r.rate` at `ratePerReplica` each (at least r.minReplicas), all deployed. */
-function poolOf(
-  model: LayoutModel,
-  r: Required<CapacityRequest>,
-  ratePerReplica: number,
-  extrapolated: boolean,
-): PoolPlanBase {
+function poolOf(model: LayoutModel, r: CheckedRequest, ratePerReplica: number, extrapolated: boolean): PoolPlanBase {
   const replicasNeeded = Math.max(r.minReplicas, Math.ceil(r.rate / ratePerReplica - EPSILON));
   return {
     layout: model.name,
@@ -165,7 +168,7 @@ function poolOf(
 }
 
 /** One layout's prefill replica at the TTFT SLA, or why it cannot meet it. */
-function prefillFor(model: LayoutModel, r: Required<CapacityRequest>): PrefillPoolPlan | string {
+function prefillFor(model: LayoutModel, r: CheckedRequest): PrefillPoolPlan | string {
   if (r.isl > model.maxModelLen) return `a prompt of ${r.isl} tokens is over the model's ${model.maxModelLen}`;
   const s = model.prefillMs(r.isl);
   if (s.ms >= r.ttftMs)
@@ -183,7 +186,7 @@ function prefillFor(model: LayoutModel, r: Required<CapacityRequest>): PrefillPo
 /** One layout's decode replica at the ITL SLA, or why it cannot meet it. */
 function decodeFor(
   model: LayoutModel,
-  r: Required<CapacityRequest>,
+  r: CheckedRequest,
   engine: { blockSize: number; maxNumSeqs: number },
 ): DecodePoolPlan | string {
   const total = r.isl + r.osl;
@@ -263,11 +266,7 @@ const served = (p: PoolPlanBase) => p.replicas * p.ratePerReplica;
  * Within a budget below the need: minReplicas of each pool, then one replica at a time to the pool that serves
  * the smaller share of the rate, while it fits. Undefined when minReplicas of each do not fit.
  */
-function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(
-  prefill: P,
-  decode: D,
-  r: Required<CapacityRequest>,
-) {
+function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(prefill: P, decode: D, r: CheckedRequest) {
   const least = r.minReplicas * (prefill.gpusPerReplica + decode.gpusPerReplica);
   if (least > r.gpus) return undefined;
   const p = { ...prefill, replicas: r.minReplicas };
@@ -288,17 +287,30 @@ function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(
 /** Replica counts and layouts for a load; see the module comment for the arithmetic. */
 export function planCapacity(profile: Profile, request: CapacityRequest): CapacityPlan {
   const r = checkRequest(request);
-  const models = layoutModels(profile);
-  const prefillCandidates = models.map((m) => prefillFor(m, r));
-  const decodeCandidates = models.map((m) => decodeFor(m, r, profile.engine));
+  const all = layoutModels(profile);
+  const modelsOf = (pool: 'prefill' | 'decode') => {
+    const fixed = request.layouts?.[pool];
+    if (!fixed) return all;
+    const name = layoutName({ tp: fixed.tp, pp: fixed.pp, ep: fixed.ep });
+    const models = all.filter((m) => m.name === name);
+    if (models.length === 0)
+      throw new UnmeetablePlanError(
+        `the ${pool} pool runs ${name}, a layout the profile does not have (it has ${all.map((m) => m.name).join(', ')})`,
+      );
+    return models;
+  };
+  const prefillModels = modelsOf('prefill');
+  const decodeModels = modelsOf('decode');
+  const prefillCandidates = prefillModels.map((m) => prefillFor(m, r));
+  const decodeCandidates = decodeModels.map((m) => decodeFor(m, r, profile.engine));
   const prefills = feasible(prefillCandidates, 'prefill');
   const decodes = feasible(decodeCandidates, 'decode');
   const prefill = cheapest(prefills);
   const decode = cheapest(decodes);
   const gpusNeeded = prefill.gpus + decode.gpus;
   const alternatives = (p: PoolPlanBase, d: PoolPlanBase) => ({
-    prefill: alternativesOf(models, prefillCandidates, p.layout),
-    decode: alternativesOf(models, decodeCandidates, d.layout),
+    prefill: alternativesOf(prefillModels, prefillCandidates, p.layout),
+    decode: alternativesOf(decodeModels, decodeCandidates, d.layout),
   });
   if (gpusNeeded <= r.gpus)
     return {

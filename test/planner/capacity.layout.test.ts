@@ -5,7 +5,13 @@
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { planCapacity, UnmeetablePlanError, type CapacityPlan, type CapacityRequest } from '../../lib/planner/index.js';
+import {
+  planCapacity,
+  Planner,
+  UnmeetablePlanError,
+  type CapacityPlan,
+  type CapacityRequest,
+} from '../../lib/planner/index.js';
 import { prefillCost, syntheticLayout, syntheticProfile } from './synthetic.js';
 
 const base: CapacityRequest = { rate: 20, isl: 1024, osl: 256, ttftMs: 500, itlMs: 30, gpus: 64 };
@@ -90,6 +96,43 @@ describe('planCapacity: a layout per pool', () => {
     expect(plan.prefill.gpus + plan.decode.gpus).toBe(plan.gpusUsed);
     for (const pool of ['prefill', 'decode'] as const)
       expect(plan.alternatives[pool].filter((a) => a.chosen).map((a) => a.layout)).toEqual([plan[pool].layout]);
+  });
+});
+
+describe('a pool whose layout is fixed (serving: no re-shaping yet)', () => {
+  const mixed = syntheticProfile([syntheticLayout(), syntheticLayout({ tp: 2, speedup: 1.8, decodeSpeedup: 1.2 })]);
+  const tp1 = { tp: 1, pp: 1, ep: 1 };
+
+  it('is planned with its layout only; a layout the profile lacks is UnmeetablePlanError', () => {
+    const free = planCapacity(mixed, { ...base, ttftMs: 50 });
+    expect(free.prefill.layout).toBe('tp2');
+    const fixed = planCapacity(mixed, { ...base, ttftMs: 500, layouts: { prefill: { tp: 2, pp: 1, ep: 1 } } });
+    expect(fixed.prefill.layout).toBe('tp2');
+    expect(fixed.alternatives.prefill.map((a) => a.layout)).toEqual(['tp2']);
+    expect(fixed.alternatives.decode.map((a) => a.layout)).toEqual(['tp1', 'tp2']);
+    // TP 1 cannot meet a 50 ms TTFT at 1024 tokens: fixed to it, the plan is unmeetable.
+    expect(() => planCapacity(mixed, { ...base, ttftMs: 50, layouts: { prefill: tp1 } })).toThrow(
+      /^no prefill replica meets the SLA: one prompt of 1024 tokens alone takes .* on tp1/,
+    );
+    expect(() => planCapacity(mixed, { ...base, layouts: { decode: { tp: 4, pp: 1, ep: 1 } } })).toThrow(
+      new UnmeetablePlanError('the decode pool runs tp4, a layout the profile does not have (it has tp1, tp2)'),
+    );
+  });
+
+  it("the Planner keeps the running pools' layouts in its plans", () => {
+    const sla = { ttftMs: 500, itlMs: 30, maxGpus: 64 };
+    const load = { rate: 20, isl: 1024, osl: 256 };
+    const free = new Planner({ ...sla, profile: mixed, replicas: { prefill: 1, decode: 1 } }).planInterval(load, 0);
+    expect(free.outputs.plan!.prefill.layout).toBe('tp2'); // a tie on devices, TP 2's lower latency
+    const kept = new Planner({
+      ...sla,
+      profile: mixed,
+      replicas: { prefill: 1, decode: 1 },
+      layouts: { prefill: tp1, decode: tp1 },
+    }).planInterval(load, 0);
+    expect(kept.outputs.plan!.prefill.layout).toBe('tp1');
+    expect(kept.outputs.plan!.decode.layout).toBe('tp1');
+    expect(kept.outputs.replicas.prefill).toBe(kept.outputs.plan!.prefill.replicas);
   });
 });
 
