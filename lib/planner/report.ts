@@ -128,6 +128,8 @@ export function profileChart(profile: Profile): ChartSpec {
     })),
   );
   const decodeSeries = [...new Set([...decode].sort((a, b) => a.context - b.context).map((p) => p.series))];
+  // The panels share one colour scale: with several layouts, one sorted domain over both (prefill's layouts first).
+  const colourDomain = multi ? [...new Set(prefill.map((p) => p.series)), ...decodeSeries] : decodeSeries;
   const d = profile.device;
   return panels(
     {
@@ -159,7 +161,17 @@ export function profileChart(profile: Profile): ChartSpec {
             prefill.map((p) => p.ms),
           ),
           // One colour per layout; with one layout, no legend.
-          ...(multi ? { color: { field: 'series', type: 'nominal', title: 'layout' } } : {}),
+          ...(multi
+            ? {
+                color: {
+                  field: 'series',
+                  type: 'nominal',
+                  title: 'layout',
+                  sort: colourDomain,
+                  scale: { scheme: colourScheme(colourDomain.length) },
+                },
+              }
+            : {}),
         },
       },
       {
@@ -189,8 +201,8 @@ export function profileChart(profile: Profile): ChartSpec {
             field: 'series',
             type: 'nominal',
             title: 'KV context per sequence (tokens)',
-            sort: decodeSeries,
-            scale: { scheme: colourScheme(decodeSeries.length) },
+            sort: colourDomain,
+            scale: { scheme: colourScheme(colourDomain.length) },
           },
         },
       },
