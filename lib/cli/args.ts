@@ -114,7 +114,7 @@ export const COMMAND_OPTIONS: Record<Command, readonly OptionName[]> = {
     'chat',
     'json',
   ],
-  profile: ['model', 'out', 'quick', 'isl', 'batch', 'context', 'device', 'threads', 'seed'],
+  profile: ['model', 'out', 'quick', 'isl', 'batch', 'context', 'tp', 'pp', 'ep', 'device', 'threads', 'seed'],
   plan: ['profile', 'isl', 'osl', 'rate', 'ttft-ms', 'itl-ms', 'gpus', 'json'],
 };
 

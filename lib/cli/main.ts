@@ -45,10 +45,11 @@ Usage:
                            goodput under SLOs of a deployment or of any OpenAI-compatible server
                            (tandem bench serve --help lists its options)
   tandem profile --model <dir|dummy:preset> --out FILE [--quick] [--isl N,...] [--batch N,...]
-                 [--context N,...] [--device cpu|cuda|auto] [--threads N] [--seed S]
+                 [--context N,...] [--tp N,...] [--pp N,...] [--ep N,...] [--device cpu|cuda|auto]
+                 [--threads N] [--seed S]
                            measure prefill time against input length and decode step time against
-                           batch and context through the engine; write the profile (JSON), a table and
-                           a chart (FILE.svg)
+                           batch and context through the engine, for each parallel layout of the sizes
+                           listed; write the profile (JSON), a table and a chart (FILE.svg)
   tandem plan --profile FILE --isl N --osl N --rate R --ttft-ms T --itl-ms I --gpus G [--json]
                            the prefill and decode replicas and layouts that meet the SLAs within G GPUs
                            (exit status 1 when G is not enough: the best effort is printed)

@@ -2,8 +2,11 @@
  * `tandem plan --profile FILE --isl N --osl N --rate R --ttft-ms T --itl-ms I --gpus G [--json]`
  *
  * The replicas and layouts of each pool that the planner would choose for this load (lib/planner/capacity.ts),
- * without starting anything. A table, or with --json the plan as one object: `prefillReplicas`,
- * `decodeReplicas`, each pool's `parallelism`, and the whole plan under `plan`.
+ * without starting anything. A table (each pool's layout, then every layout considered), or with --json the plan
+ * as one object: `prefillReplicas`, `decodeReplicas`, each pool's `parallelism`, `alternatives` (per pool, every
+ * layout of the profile with its replicas and devices, or why it cannot meet the SLA), and the whole plan under
+ * `plan`. It writes no graph: a pool's layout goes into the graph by hand (its tensorParallelSize,
+ * pipelineParallelSize, expertParallelSize, gpusPerReplica and replicas).
  * Exit status: 0 the SLAs are met within the budget; 1 they are not (over budget: the best effort is printed;
  * or no size meets them: the reason, on stderr); 2 a wrong command line.
  */
@@ -43,6 +46,8 @@ export function planJson(plan: CapacityPlan) {
     gpusUsed: plan.gpusUsed,
     gpuBudget: plan.request.gpus,
     servableRate: plan.servableRate,
+    /** Every layout considered per pool, the chosen one marked, with its numbers or why it cannot meet the SLA. */
+    alternatives: plan.alternatives,
     plan,
   };
 }

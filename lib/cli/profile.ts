@@ -1,12 +1,14 @@
 /**
  * `tandem profile --model <dir|dummy:preset> --out FILE [--quick] [--isl N,...] [--batch N,...] [--context N,...]
- *  [--device cpu|cuda|auto] [--threads N] [--seed S]`
+ *  [--tp N,...] [--pp N,...] [--ep N,...] [--device cpu|cuda|auto] [--threads N] [--seed S]`
  *
- * Measures a performance profile through the engine (lib/planner/profiler.ts), progress on stderr; writes the
- * profile to FILE, prints its tables and draws its chart beside it (FILE without .json, plus .svg).
+ * Measures a performance profile through the engine (lib/planner/profiler.ts), one entry per parallel layout of
+ * the sizes listed (every combination of --tp, --pp and --ep; default 1 each; those the model does not allow are
+ * left out, and said so on stderr), progress on stderr; writes the profile to FILE, prints its tables and draws
+ * its chart beside it (FILE without .json, plus .svg).
  */
 import { ChartUnavailableError, writeChart } from '../bench/chart.js';
-import { measureProfile, writeProfile, type ProfileSweep } from '../planner/index.js';
+import { layoutGrid, measureProfile, writeProfile, type ProfileSweep } from '../planner/index.js';
 import { formatProfile, profileChart } from '../planner/report.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 
@@ -17,6 +19,9 @@ export interface ProfileArgs {
   isl?: string;
   batch?: string;
   context?: string;
+  tp?: string;
+  pp?: string;
+  ep?: string;
   device?: string;
   threads?: string;
   seed?: string;
@@ -43,6 +48,11 @@ export async function profile(args: ProfileArgs): Promise<number> {
   if (isl) sweep.isl = isl;
   if (batch) sweep.batch = batch;
   if (context) sweep.context = context;
+  const layouts = layoutGrid({
+    tp: integerListOption('tp', args.tp) ?? [1],
+    pp: integerListOption('pp', args.pp) ?? [1],
+    ep: integerListOption('ep', args.ep) ?? [1],
+  });
   const device = choiceOption('device', args.device, ['cpu', 'cuda', 'auto'] as const) ?? 'auto';
   const threads = numberOption('threads', args.threads, { integer: true, min: 1 });
   const seed = numberOption('seed', args.seed, { integer: true });
@@ -54,6 +64,7 @@ export async function profile(args: ProfileArgs): Promise<number> {
     device,
     sweep,
     quick: args.quick ?? false,
+    layouts,
     ...(threads !== undefined ? { threads } : {}),
     ...(seed !== undefined ? { seed } : {}),
     onProgress: ({ done, total, point }) => {
@@ -64,6 +75,8 @@ export async function profile(args: ProfileArgs): Promise<number> {
       else process.stderr.write(`${line}\n`);
     },
     onSkip: (point, why) => process.stderr.write(`${tty ? '\r\x1b[K' : ''}profile: ${point} left out: ${why}\n`),
+    onSkipLayout: (layout, why) =>
+      process.stderr.write(`${tty ? '\r\x1b[K' : ''}profile: layout ${layout} left out: ${why}\n`),
   });
   writeProfile(args.out, measured);
   console.log(formatProfile(measured));

@@ -17,8 +17,11 @@
  * so (Little's law) a replica serves B / (OSL t) requests per second, and
  * decodeReplicas = ceil(rate x OSL x t / B). No B >= 1: no replica count meets the ITL.
  *
- * Layout: per pool, the layout of the profile that needs the fewest GPUs (replicas x GPUs per replica); ties go
- * to the layout listed first. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
+ * Layout: per pool, the layout of the profile that needs the fewest devices (replicas x devices per replica: a
+ * TP 2 replica counts 2); ties go to the lower latency (prefill: one prompt's time; decode: the step time at the
+ * planned batch), then to the layout listed first. Every layout considered, with its numbers or why it cannot meet
+ * the SLA, is in `alternatives`. A pool whose layout is fixed (`layouts`: a planner while serving, whose workers do
+ * not change layout) considers that layout of the profile only. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
  * for each pair of layouts, minReplicas of each pool, then one replica at a time to the pool that serves the
  * smaller share of the rate while one fits; the pair that serves the most wins. `servableRate` says what that
  * deployment serves within the SLAs. A budget below minReplicas of each pool is an UnmeetablePlanError.
@@ -26,7 +29,7 @@
 import { BadArgumentError } from '../errors.js';
 import { UnmeetablePlanError } from './errors.js';
 import { layoutModels, type LayoutModel } from './performance-model.js';
-import type { Parallelism, Profile } from './profile.js';
+import { layoutName, type Parallelism, type Profile } from './profile.js';
 
 /** A prefill replica is planned busy at most this share of the time: queues grow without bound near 1. */
 export const MAX_PREFILL_UTILIZATION = 0.9;
@@ -47,6 +50,11 @@ export interface CapacityRequest {
   gpus: number;
   /** Fewest replicas of each pool. Default 1. */
   minReplicas?: number;
+  /**
+   * A pool whose layout is fixed (a planner while serving: its workers cannot change layout yet) is planned with
+   * that layout of the profile only; absent: every layout of the profile is considered.
+   */
+  layouts?: Partial<Record<'prefill' | 'decode', Parallelism>>;
 }
 
 interface PoolPlanBase {
@@ -87,10 +95,27 @@ export interface DecodePoolPlan extends PoolPlanBase {
   stepMs: number;
 }
 
+/** One layout considered for a pool: its numbers where it meets the SLA, else why not. */
+export interface LayoutAlternative {
+  layout: string;
+  parallelism: Parallelism;
+  gpusPerReplica: number;
+  /** The layout the plan deploys for this pool. */
+  chosen: boolean;
+  /** Replicas and devices that meet the SLA at this load (absent when none do). */
+  replicasNeeded?: number;
+  gpus?: number;
+  /** Prefill: one prompt's time; decode: the step time at the planned batch. */
+  latencyMs?: number;
+  ratePerReplica?: number;
+  /** Why no replica count of this layout meets the SLA. */
+  reason?: string;
+}
+
 export interface CapacityPlan {
   /** 'ok': the SLAs are met within the budget; 'over-budget': the best effort within it. */
   status: 'ok' | 'over-budget';
-  request: Required<CapacityRequest>;
+  request: CheckedRequest;
   prefill: PrefillPoolPlan;
   decode: DecodePoolPlan;
   /** GPUs the SLAs need at this rate. */
@@ -99,9 +124,13 @@ export interface CapacityPlan {
   gpusUsed: number;
   /** Requests per second the deployed plan serves within the SLAs (>= rate when 'ok'). */
   servableRate: number;
+  /** Every layout of the profile, per pool, as considered for this load (in the profile's order). */
+  alternatives: { prefill: LayoutAlternative[]; decode: LayoutAlternative[] };
 }
 
-function checkRequest(r: CapacityRequest): Required<CapacityRequest> {
+type CheckedRequest = Required<Omit<CapacityRequest, 'layouts'>>;
+
+function checkRequest(r: CapacityRequest): CheckedRequest {
   const positive = (name: string, v: number) => {
     if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
       throw new BadArgumentError(`${name} must be a positive number (got ${String(v)})`);
@@ -124,12 +153,7 @@ function checkRequest(r: CapacityRequest): Required<CapacityRequest> {
 const ms = (x: number) => `${+x.toPrecision(3)} ms`;
 
 /** The replicas of `model` that serve `r.rate` at `ratePerReplica` each (at least r.minReplicas), all deployed. */
-function poolOf(
-  model: LayoutModel,
-  r: Required<CapacityRequest>,
-  ratePerReplica: number,
-  extrapolated: boolean,
-): PoolPlanBase {
+function poolOf(model: LayoutModel, r: CheckedRequest, ratePerReplica: number, extrapolated: boolean): PoolPlanBase {
   const replicasNeeded = Math.max(r.minReplicas, Math.ceil(r.rate / ratePerReplica - EPSILON));
   return {
     layout: model.name,
@@ -144,7 +168,7 @@ function poolOf(
 }
 
 /** One layout's prefill replica at the TTFT SLA, or why it cannot meet it. */
-function prefillFor(model: LayoutModel, r: Required<CapacityRequest>): PrefillPoolPlan | string {
+function prefillFor(model: LayoutModel, r: CheckedRequest): PrefillPoolPlan | string {
   if (r.isl > model.maxModelLen) return `a prompt of ${r.isl} tokens is over the model's ${model.maxModelLen}`;
   const s = model.prefillMs(r.isl);
   if (s.ms >= r.ttftMs)
@@ -162,7 +186,7 @@ function prefillFor(model: LayoutModel, r: Required<CapacityRequest>): PrefillPo
 /** One layout's decode replica at the ITL SLA, or why it cannot meet it. */
 function decodeFor(
   model: LayoutModel,
-  r: Required<CapacityRequest>,
+  r: CheckedRequest,
   engine: { blockSize: number; maxNumSeqs: number },
 ): DecodePoolPlan | string {
   const total = r.isl + r.osl;
@@ -203,8 +227,38 @@ function feasible<T extends PoolPlanBase>(candidates: (T | string)[], what: stri
   return plans;
 }
 
-/** The plan needing the fewest GPUs (the first listed on ties). */
-const cheapest = <T extends PoolPlanBase>(plans: T[]): T => plans.reduce((best, p) => (p.gpus < best.gpus ? p : best));
+const latencyOf = (p: PrefillPoolPlan | DecodePoolPlan) => (p.role === 'prefill' ? p.prefillMs : p.stepMs);
+
+/** The plan needing the fewest devices; on ties the lower latency, then the first listed. */
+const cheapest = <T extends PrefillPoolPlan | DecodePoolPlan>(plans: T[]): T =>
+  plans.reduce((best, p) =>
+    p.gpus < best.gpus || (p.gpus === best.gpus && latencyOf(p) < latencyOf(best)) ? p : best,
+  );
+
+/** Each layout's candidate as an alternative of the table, the deployed one marked. */
+function alternativesOf(
+  models: LayoutModel[],
+  candidates: (PrefillPoolPlan | DecodePoolPlan | string)[],
+  chosen: string,
+): LayoutAlternative[] {
+  return candidates.map((c, i) => {
+    const m = models[i]!;
+    const base = {
+      layout: m.name,
+      parallelism: m.parallelism,
+      gpusPerReplica: m.gpusPerReplica,
+      chosen: m.name === chosen,
+    };
+    if (typeof c === 'string') return { ...base, reason: c };
+    return {
+      ...base,
+      replicasNeeded: c.replicasNeeded,
+      gpus: c.gpus,
+      latencyMs: latencyOf(c),
+      ratePerReplica: c.ratePerReplica,
+    };
+  });
+}
 
 const served = (p: PoolPlanBase) => p.replicas * p.ratePerReplica;
 
@@ -212,11 +266,7 @@ const served = (p: PoolPlanBase) => p.replicas * p.ratePerReplica;
  * Within a budget below the need: minReplicas of each pool, then one replica at a time to the pool that serves
  * the smaller share of the rate, while it fits. Undefined when minReplicas of each do not fit.
  */
-function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(
-  prefill: P,
-  decode: D,
-  r: Required<CapacityRequest>,
-) {
+function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(prefill: P, decode: D, r: CheckedRequest) {
   const least = r.minReplicas * (prefill.gpusPerReplica + decode.gpusPerReplica);
   if (least > r.gpus) return undefined;
   const p = { ...prefill, replicas: r.minReplicas };
@@ -237,18 +287,31 @@ function bestEffort<P extends PoolPlanBase, D extends PoolPlanBase>(
 /** Replica counts and layouts for a load; see the module comment for the arithmetic. */
 export function planCapacity(profile: Profile, request: CapacityRequest): CapacityPlan {
   const r = checkRequest(request);
-  const models = layoutModels(profile);
-  const prefills = feasible(
-    models.map((m) => prefillFor(m, r)),
-    'prefill',
-  );
-  const decodes = feasible(
-    models.map((m) => decodeFor(m, r, profile.engine)),
-    'decode',
-  );
+  const all = layoutModels(profile);
+  const modelsOf = (pool: 'prefill' | 'decode') => {
+    const fixed = request.layouts?.[pool];
+    if (!fixed) return all;
+    const name = layoutName({ tp: fixed.tp, pp: fixed.pp, ep: fixed.ep });
+    const models = all.filter((m) => m.name === name);
+    if (models.length === 0)
+      throw new UnmeetablePlanError(
+        `the ${pool} pool runs ${name}, a layout the profile does not have (it has ${all.map((m) => m.name).join(', ')})`,
+      );
+    return models;
+  };
+  const prefillModels = modelsOf('prefill');
+  const decodeModels = modelsOf('decode');
+  const prefillCandidates = prefillModels.map((m) => prefillFor(m, r));
+  const decodeCandidates = decodeModels.map((m) => decodeFor(m, r, profile.engine));
+  const prefills = feasible(prefillCandidates, 'prefill');
+  const decodes = feasible(decodeCandidates, 'decode');
   const prefill = cheapest(prefills);
   const decode = cheapest(decodes);
   const gpusNeeded = prefill.gpus + decode.gpus;
+  const alternatives = (p: PoolPlanBase, d: PoolPlanBase) => ({
+    prefill: alternativesOf(prefillModels, prefillCandidates, p.layout),
+    decode: alternativesOf(decodeModels, decodeCandidates, d.layout),
+  });
   if (gpusNeeded <= r.gpus)
     return {
       status: 'ok',
@@ -258,6 +321,7 @@ export function planCapacity(profile: Profile, request: CapacityRequest): Capaci
       gpusNeeded,
       gpusUsed: gpusNeeded,
       servableRate: Math.min(served(prefill), served(decode)),
+      alternatives: alternatives(prefill, decode),
     };
 
   // Over budget: of every pair of layouts, the one that serves the most within it (then the fewest GPUs).
@@ -281,5 +345,11 @@ export function planCapacity(profile: Profile, request: CapacityRequest): Capaci
         `${d.layout} decode replicas (${r.minReplicas * (p.gpusPerReplica + d.gpusPerReplica)} GPUs)`,
     );
   }
-  return { status: 'over-budget', request: r, gpusNeeded, ...best };
+  return {
+    status: 'over-budget',
+    request: r,
+    gpusNeeded,
+    ...best,
+    alternatives: alternatives(best.prefill, best.decode),
+  };
 }

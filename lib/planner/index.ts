@@ -30,10 +30,12 @@ export {
   type PrefillPoint,
   type Profile,
   type ProfileLayout,
+  type SkippedLayout,
 } from './profile.js';
 export {
   DEFAULT_SWEEP,
   QUICK_SWEEP,
+  layoutGrid,
   measureProfile,
   type MeasureProfileOptions,
   type ProfileProgress,

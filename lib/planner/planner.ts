@@ -15,7 +15,7 @@ import {
   type LoadObservation,
   type Pool,
 } from './load-correction.js';
-import type { Profile } from './profile.js';
+import type { Parallelism, Profile } from './profile.js';
 
 export type SlaDecision = Decision<
   'sla',
@@ -28,6 +28,11 @@ export type PlannerDecision = SlaDecision | LoadDecision;
 export interface PlannerOptions extends Omit<LoadCorrectionOptions, 'gpusPerReplica'> {
   /** Required for planInterval (mode sla); without it only the load-based correction runs (mode load). */
   profile?: Profile;
+  /**
+   * The layout each pool's workers run: plans keep it (a pool is not re-shaped while serving). Absent: the plan
+   * may pick any layout of the profile for that pool.
+   */
+  layouts?: Partial<Record<Pool, Parallelism>>;
   /** Replicas running at the start. */
   replicas: Record<Pool, number>;
   forecast?: LoadForecast;
@@ -68,6 +73,7 @@ export class Planner {
         itlMs: this.options.itlMs,
         gpus: this.options.maxGpus,
         minReplicas: this.options.minReplicas ?? 1,
+        ...(this.options.layouts ? { layouts: this.options.layouts } : {}),
       });
       this.corrector.setReplicas({ prefill: plan.prefill.replicas, decode: plan.decode.replicas }, atMs, {
         prefill: plan.prefill.gpusPerReplica,

@@ -16,7 +16,7 @@ export function formatProfile(profile: Profile): string {
   for (const layout of profile.layouts) {
     out.push('');
     out.push(
-      `layout ${layoutName(layout.parallelism)}: ${layout.gpusPerReplica} GPU(s) per replica, ` +
+      `layout ${layoutName(layout.parallelism)}: ${layout.gpusPerReplica} device(s) per replica (${profile.device.kind === 'cpu' ? 'CPU ranks' : 'GPUs'}), ` +
         `KV cache ${layout.kvCapacityTokens} tokens, ${layout.maxModelLen} tokens per sequence`,
     );
     out.push('');
@@ -86,6 +86,30 @@ export function formatPlan(plan: CapacityPlan): string {
   ];
   if (p.extrapolated || d.extrapolated)
     lines.push("* outside the profile's measured range (extrapolated; see lib/planner/performance-model.ts)");
+  lines.push('', 'layouts considered (the fewest devices that meet the SLA; ties: the lower latency):', '');
+  const rows = (['prefill', 'decode'] as const).flatMap((pool) =>
+    plan.alternatives[pool].map((a) => [
+      pool,
+      `${a.layout}${a.chosen ? ' <' : ''}`,
+      String(a.gpusPerReplica),
+      a.replicasNeeded === undefined ? '-' : String(a.replicasNeeded),
+      a.gpus === undefined ? '-' : String(a.gpus),
+      a.latencyMs === undefined ? '-' : sig(a.latencyMs),
+      a.reason ?? `${sig(a.ratePerReplica!)} req/s per replica`,
+    ]),
+  );
+  lines.push(
+    formatTable(['pool', 'layout', 'devices/replica', 'replicas', 'devices', 'latency ms', 'note'], rows, [
+      'left',
+      'left',
+      'right',
+      'right',
+      'right',
+      'right',
+      'left',
+    ]),
+    '< chosen; latency: prefill of one prompt alone, or a decode step at the planned batch',
+  );
   return lines.join('\n');
 }
 
@@ -104,6 +128,8 @@ export function profileChart(profile: Profile): ChartSpec {
     })),
   );
   const decodeSeries = [...new Set([...decode].sort((a, b) => a.context - b.context).map((p) => p.series))];
+  // The panels share one colour scale: with several layouts, one sorted domain over both (prefill's layouts first).
+  const colourDomain = multi ? [...new Set(prefill.map((p) => p.series)), ...decodeSeries] : decodeSeries;
   const d = profile.device;
   return panels(
     {
@@ -135,7 +161,17 @@ export function profileChart(profile: Profile): ChartSpec {
             prefill.map((p) => p.ms),
           ),
           // One colour per layout; with one layout, no legend.
-          ...(multi ? { color: { field: 'series', type: 'nominal', title: 'layout' } } : {}),
+          ...(multi
+            ? {
+                color: {
+                  field: 'series',
+                  type: 'nominal',
+                  title: 'layout',
+                  sort: colourDomain,
+                  scale: { scheme: colourScheme(colourDomain.length) },
+                },
+              }
+            : {}),
         },
       },
       {
@@ -165,8 +201,8 @@ export function profileChart(profile: Profile): ChartSpec {
             field: 'series',
             type: 'nominal',
             title: 'KV context per sequence (tokens)',
-            sort: decodeSeries,
-            scale: { scheme: colourScheme(decodeSeries.length) },
+            sort: colourDomain,
+            scale: { scheme: colourScheme(colourDomain.length) },
           },
         },
       },

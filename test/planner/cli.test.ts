@@ -81,6 +81,43 @@ describe('tandem profile', () => {
     expect(r.stderr).toContain('profile: decode batch 1 context 5000 left out: ');
   });
 
+  it('--tp 1,2,3: one entry per layout the model allows, the others left out and said so; plan weighs them', () => {
+    const out = join(dir, 'layouts.json');
+    const r = tandem(
+      'profile',
+      ...['--model', 'dummy:tiny', '--device', 'cpu', '--out', out, '--tp', '1,2,3'],
+      ...['--isl', '32,64', '--batch', '1,2', '--context', '64'],
+    );
+    expect(r.status, r.stderr).toBe(0);
+    const profile = loadProfile(out);
+    expect(profile.layouts.map((l) => [l.parallelism.tp, l.gpusPerReplica])).toEqual([
+      [1, 1],
+      [2, 2],
+    ]);
+    expect(profile.skippedLayouts.map((l) => l.parallelism.tp)).toEqual([3]);
+    expect(r.stderr).toContain(
+      "profile: layout tp3 left out: dummy:tiny: tensor parallel size 3 does not divide the model's 4 attention heads\n",
+    );
+    expect(r.stdout).toContain('layout tp2: 2 device(s) per replica (CPU ranks)');
+
+    const load = ['--isl', '64', '--osl', '8', '--rate', '1', '--ttft-ms', '5000', '--itl-ms', '500', '--gpus', '4'];
+    const json = tandem('plan', '--profile', out, ...load, '--json');
+    expect(json.status, json.stderr).toBe(0);
+    const plan = JSON.parse(json.stdout);
+    for (const pool of ['prefill', 'decode']) {
+      expect(plan.alternatives[pool].map((a: { layout: string }) => a.layout)).toEqual(['tp1', 'tp2']);
+      const chosen = plan.alternatives[pool].filter((a: { chosen: boolean }) => a.chosen);
+      expect(chosen).toHaveLength(1);
+      expect(chosen[0].layout).toBe(plan[pool].layout);
+    }
+    const table = tandem('plan', '--profile', out, ...load);
+    expect(table.status, table.stderr).toBe(0);
+    expect(table.stdout).toContain(
+      'layouts considered (the fewest devices that meet the SLA; ties: the lower latency):',
+    );
+    expect(table.stdout).toMatch(/\nprefill +tp2 +2 +1 +2 /);
+  });
+
   it('wrong command lines: exit status 2, one line', () => {
     const cases: [string[], string][] = [
       [['profile', '--out', 'x.json'], '--model is required (a checkpoint directory or dummy:<preset>)'],
@@ -92,6 +129,10 @@ describe('tandem profile', () => {
       [
         ['profile', '--model', 'dummy:tiny', '--out', 'x.json', '--batch', '0'],
         '--batch must be a positive integer (got 0)',
+      ],
+      [
+        ['profile', '--model', 'dummy:tiny', '--out', 'x.json', '--tp', '1,0'],
+        '--tp must be a positive integer (got 0)',
       ],
       [
         ['profile', '--model', 'dummy:tiny', '--out', 'x.json', '--rate', '1'],
@@ -174,7 +215,7 @@ describe('tandem plan', () => {
     writeFileSync(bad, JSON.stringify({ ...profile, version: 9 }));
     const r = tandem('plan', ...['--profile', bad, ...args.slice(2)], '--gpus', '8');
     expect(r.status).toBe(1);
-    expect(r.stderr).toBe(`tandem: ${bad}: version: Invalid input: expected 1\n`);
+    expect(r.stderr).toBe(`tandem: ${bad}: version: Invalid input: expected 2\n`);
     expect(r.stdout).toBe('');
   });
 

@@ -42,12 +42,12 @@ describe('profile file', () => {
     prefill[1]!.isl = prefill[0]!.isl; // listed twice
     prefill[2]!.ms = -1;
     layout.gpusPerReplica = 2; // tp 1
-    p.version = 2;
+    p.version = 3;
     const message = profileError(() => parseProfile(p, 'p.json')).message;
     const lines = message.split('\n');
-    expect(lines).toContain('p.json: version: Invalid input: expected 1');
+    expect(lines).toContain('p.json: version: Invalid input: expected 2');
     expect(lines.some((l) => l.startsWith('p.json: layouts[0].prefill[2].ms: '))).toBe(true);
-    expect(lines).toContain('p.json: layouts[0].gpusPerReplica: must be tp x pp = 1 (got 2)');
+    expect(lines).toContain('p.json: layouts[0].gpusPerReplica: must be max(tp, ep) x pp = 1 (got 2)');
     expect(lines).toContain(`p.json: layouts[0].prefill[1].isl: isl ${prefill[0]!.isl} is listed twice`);
   });
 

@@ -8,6 +8,8 @@ export interface SyntheticLayout {
   tp?: number;
   /** Speed-up over tp 1 (a TP 2 replica is ~1.8x faster). */
   speedup?: number;
+  /** Speed-up of decode steps alone, when it differs from prefill's (default: speedup). */
+  decodeSpeedup?: number;
   kvCapacityTokens?: number;
   isl?: number[];
   batch?: number[];
@@ -37,6 +39,7 @@ export const stepCost = (batch: number, context: number) => 5 + 0.1 * batch + 2e
 export function syntheticLayout(o: SyntheticLayout = {}): ProfileLayout {
   const tp = o.tp ?? 1;
   const speedup = o.speedup ?? 1;
+  const decodeSpeedup = o.decodeSpeedup ?? speedup;
   const random = seeded(o.seed ?? 1);
   const noisy = (x: number) => (o.noise ? Math.max(1e-4, +(x * (1 + o.noise * (2 * random() - 1))).toFixed(4)) : x);
   const point = (ms: number) => ({ ms, msMin: ms, msMax: ms, samples: 3 });
@@ -51,7 +54,7 @@ export function syntheticLayout(o: SyntheticLayout = {}): ProfileLayout {
     })),
     decode: (o.context ?? [256, 1024, 4096, 16384]).flatMap((context) =>
       (o.batch ?? [1, 2, 4, 8, 16, 32, 64, 128, 256]).map((batch) => {
-        const ms = noisy(stepCost(batch, context) / speedup);
+        const ms = noisy(stepCost(batch, context) / decodeSpeedup);
         return { batch, context, stepMs: ms, stepMsMin: ms, stepMsMax: ms, samples: 8 };
       }),
     ),
@@ -69,5 +72,6 @@ export function syntheticProfile(layouts: ProfileLayout[] = [syntheticLayout()])
     engine: { blockSize: 16, maxNumBatchedTokens: 512, maxNumSeqs: 256, dtype: 'bf16' },
     measurement: { quick: false, repeats: 3, decodeSteps: 8, seed: 0, durationS: 1 },
     layouts,
+    skippedLayouts: [],
   };
 }
