@@ -27,13 +27,17 @@ const PARAMS = [
   { prompt: 'and sends it nothing new', temperature: 0, presence_penalty: 0.5, ignore_eos: true },
 ] as const;
 
-/** Deployment `d`'s worker processes all registered (a restarted one included). */
-const allUp = (d: Deployment) => Promise.all(Object.keys(d.pids()).map((name) => d.waitReady(name)));
+/** The worker names of each deployment, taken at its start: pids() leaves out a worker between exit and restart. */
+const workerNames = new WeakMap<Deployment, string[]>();
+
+/** Deployment `d`'s workers all registered (one that exited and is being restarted included). */
+const allUp = (d: Deployment) => Promise.all(workerNames.get(d)!.map((name) => d.waitReady(name)));
 
 function setUp(options: { workerDrainTimeoutMs?: number }) {
   const ctx = { lines: [] as string[] } as { d: Deployment; client: OpenAI; lines: string[] };
   beforeAll(async () => {
     ctx.d = await startDeployment(graph(), { log: (l) => ctx.lines.push(l), heartbeatMs: 50, ...options });
+    workerNames.set(ctx.d, Object.keys(ctx.d.pids()));
     ctx.client = new OpenAI({ baseURL: `${ctx.d.frontend.url}/v1`, apiKey: 'none', maxRetries: 0, timeout: 60_000 });
   }, 120_000);
   afterAll(async () => {
@@ -104,7 +108,7 @@ describe('drain on SIGTERM (default drain timeout)', () => {
     }
     // They finished on the draining worker: nothing migrated. Then it exited, and the launcher restarts it.
     expect(await migrated(d)).toBe(before);
-    await vi.waitFor(() => expect(d.pids()[first!]).not.toBe(pid), WAIT);
+    await vi.waitFor(() => expect(d.pids()[first!] ?? pid).not.toBe(pid), WAIT);
     expect(ctx.lines.some((l) => l.includes(`${first} is draining`))).toBe(true);
     expect(ctx.lines.some((l) => l.includes(`[${first}]`) && l.includes('SIGTERM: draining 3 request'))).toBe(true);
   }, 120_000);
