@@ -10,6 +10,7 @@
 export {
   balanceExperts,
   imbalance,
+  layerPlacementFromSlots,
   packBalanced,
   rankLoads,
   rankOfSlot,
