@@ -20,7 +20,8 @@ import { axisFor, ChartUnavailableError, panels, writeChart, type ChartSpec } fr
 import { formatTable, sig } from '../lib/bench/table.js';
 import { CpuModelRunner } from '../lib/engine/cpu.js';
 import { LlmEngine } from '../lib/engine/llm-engine.js';
-import { dummyConfig, dummyWeights } from '../lib/engine/model/index.js';
+import { dummyConfig } from '../lib/engine/model/index.js';
+import { skewedMoeWeights } from '../lib/moe/skewed-dummy.js';
 import {
   balanceExperts,
   ExpertBalancer,
@@ -247,23 +248,7 @@ async function servingSkewed(): Promise<ServingResult> {
   const config = dummyConfig('tiny-moe');
   const { numExperts } = config.moe!;
   const rng = randomLcg(seed / 1000 + 0.0007);
-  // Every token's embedding gets a large first coordinate, so the normalised FFN input has a near-constant
-  // one (about hidden / sqrt(4 + 1) ~ 7 after RMSNorm); router weights on it act as per-expert biases.
-  const FIRST = 2;
-  const NORMALISED_FIRST = 7;
-  const weights = [...dummyWeights(config, seed)].map((t) => {
-    if (t.name === 'model.embed_tokens.weight')
-      for (let row = 0; row < config.vocabSize; row++) t.data[row * config.hiddenSize] = FIRST;
-    if (t.name.endsWith('.mlp.gate.weight')) {
-      const order = Array.from({ length: numExperts }, (_, i) => i);
-      for (let i = numExperts - 1; i > 0; i--) {
-        const j = Math.floor(rng() * (i + 1));
-        [order[i], order[j]] = [order[j]!, order[i]!];
-      }
-      order.forEach((e, rank) => (t.data[e * config.hiddenSize] = (-Math.log(rank + 1) / NORMALISED_FIRST) * 3));
-    }
-    return { name: t.name, data: t.data };
-  });
+  const weights = skewedMoeWeights(config, seed, rng);
   const policy: EplbPolicy = { windowSteps: 4, periodSteps: 4, redundantSlotsPerRank: 1, minImbalanceGain: 0.05 };
   const ranks = 4;
   const balancer = new ExpertBalancer(config.numLayers, numExperts, ranks, policy);
