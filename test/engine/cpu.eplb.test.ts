@@ -25,7 +25,9 @@ import {
 import { skewedMoeWeights } from '../../lib/moe/skewed-dummy.js';
 import { forwardBatch, logitsRow, type SequenceStep } from '../helpers/forward-batch.js';
 
-const config = dummyConfig('tiny-moe'); // 2 layers, 8 experts, top 2
+// dummy:tiny-moe (2 layers, 8 experts) routing each token to 4 experts: with three or more outputs per token the
+// order of the combine's additions shows in the bits (with two, a + b = b + a).
+const config = { ...dummyConfig('tiny-moe'), moe: { ...dummyConfig('tiny-moe').moe!, topK: 4 } };
 const E = config.moe!.numExperts;
 const L = config.numLayers;
 const V = config.vocabSize;
@@ -260,9 +262,9 @@ describe('CPU expert-parallel ranks with redundant slots and online placement', 
     const again = await runner.forward(batch);
     expect(Array.from(again)).toEqual(Array.from(first));
     const after = rankImbalance(runner.takeRankLoad(), 4);
-    expect(before).toBeGreaterThan(2); // the gates favour a few experts
+    expect(before).toBeGreaterThan(1.4); // the gates favour a few experts
     expect(after).toBeLessThan(before);
-    expect(after).toBeLessThan(1.5); // 2.48 before, 1.23 after on this fixture
+    expect(after).toBeLessThan(1.2); // 1.56 before, 1.09 after on this fixture
   });
 });
 
