@@ -105,15 +105,24 @@ function rankImbalance(rankLoad: Float64Array, ranks: number): number {
   return sum / L;
 }
 
-/** The pairs each rank runs when `expertLoad` pairs go through `placement`: replica i of n takes pairs j = i mod n. */
-function expectedRankLoad(placement: ExpertPlacement, expertLoad: Float64Array): Float64Array {
+/**
+ * The pairs each rank runs when `expertLoad` pairs go through `placement` after `routedBefore` pairs went through it
+ * (per layer and expert): replica i of n takes the pairs j = i mod n, j counted from the placement's start.
+ */
+function expectedRankLoad(
+  placement: ExpertPlacement,
+  expertLoad: Float64Array,
+  routedBefore?: Float64Array,
+): Float64Array {
+  const upTo = (j: number, i: number, n: number) => Math.floor((j - i + n - 1) / n); // #{j' < j : j' = i mod n}
   const out = new Float64Array(L * placement.numRanks);
   placement.layers.forEach((lp, l) =>
     lp.expertToSlots.forEach((slots, e) =>
       slots.forEach((slot, i) => {
         const n = slots.length;
+        const b = routedBefore?.[l * E + e] ?? 0;
         const c = expertLoad[l * E + e]!;
-        out[l * placement.numRanks + Math.floor(slot / placement.slotsPerRank)]! += Math.floor((c - i + n - 1) / n);
+        out[l * placement.numRanks + Math.floor(slot / placement.slotsPerRank)]! += upTo(b + c, i, n) - upTo(b, i, n);
       }),
     ),
   );
@@ -192,6 +201,26 @@ describe('CPU expert-parallel ranks with redundant slots and online placement', 
     const expected = expectedRankLoad(before, expertLoad);
     expectedRankLoad(after, expertLoad).forEach((n, i) => (expected[i]! += n));
     expect(Array.from(rankLoad)).toEqual(Array.from(expected));
+  });
+
+  it("an expert's replicas take its pairs in turn across passes, so one-token steps reach every replica", async () => {
+    await using runner = await runnerFor(4, manual(1));
+    const placement = shuffled(4, 3);
+    await runner.applyExpertPlacement(placement);
+    const pass = (i: number) => runner.forward(forwardBatch([{ blocks: [i], start: 0, tokens: [7] }]));
+    const first = await pass(0);
+    const load = runner.takeExpertLoad(); // one token: topK experts, one pair each, per layer
+    const perPass = [runner.takeRankLoad()];
+    expect(Array.from(perPass[0]!)).toEqual(Array.from(expectedRankLoad(placement, load)));
+    for (let i = 1; i <= 3; i++) {
+      expect(Array.from(await pass(i))).toEqual(Array.from(first));
+      expect(runner.takeExpertLoad()).toEqual(load);
+      perPass.push(runner.takeRankLoad());
+      const before = load.map((n) => n * i);
+      expect(Array.from(perPass[i]!), `pass ${i}`).toEqual(Array.from(expectedRankLoad(placement, load, before)));
+    }
+    // The same token, yet the ranks that ran it change from pass to pass.
+    expect(perPass.some((p) => !deepEqual(p, perPass[0]))).toBe(true);
   });
 
   it('bad placements are refused with BadArgumentError before anything changes, and the runner keeps serving', async () => {

@@ -436,8 +436,9 @@ void CpuLlamaRank::mlpBlock(const Layer& L, int layer, Step& step, HostCommunica
     const MatmulFn moeMatmul = [this](const float* a, size_t rows, size_t k, const float* w, size_t n, float* y) {
       matmul(a, rows, k, w, nullptr, n, y);
     };
-    moe_->forward(layer - layers_range_.start, step.xn.data(), ntok, *step.placement, layer, epRank_, moeMatmul,
-                  step.moePairs, step.moeChosen, counts, ran);
+    moe_->forward(layer - layers_range_.start, step.xn.data(), ntok, *step.placement, layer, epRank_,
+                  step.routedBefore + static_cast<size_t>(layer) * c.moe.numExperts, moeMatmul, step.moePairs,
+                  step.moeChosen, counts, ran);
     if (expertParallel) comm.allReduceSum(groupRank_, step.moePairs.data(), step.moePairs.size());
     moe_->combine(step.moePairs, step.moeChosen, ntok, step.tmp.data());
     if (!expertParallel && groupSize_ > 1) comm.allReduceSum(groupRank_, step.tmp.data(), ntok * h);
@@ -524,6 +525,7 @@ CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned t
         staticExpertPlacement(c.numLayers, c.moe.numExperts, epRanks, parallel_.ep > 1 ? redundantExpertSlots : 0));
     slotsPerRank_ = placement_->slotsPerRank;
     rankTokens_.assign(static_cast<size_t>(c.numLayers) * epRanks, 0);
+    routedSincePlacement_.assign(expertTokens_.size(), 0);
     replicasFilled_ = redundantExpertSlots == 0;
   }
   for (int r = 1; r < ranks; ++r)
@@ -616,6 +618,7 @@ ExpertPlacementChange CpuLlama::applyExpertPlacement(const ExpertPlacement& plac
   ExpertPlacementChange change = moveExperts(placement_->slotExpert, placement);
   std::lock_guard<std::mutex> lock(expertMutex_);
   placement_ = std::make_shared<const ExpertPlacement>(placement);
+  std::fill(routedSincePlacement_.begin(), routedSincePlacement_.end(), 0);
   return change;
 }
 
@@ -716,6 +719,7 @@ void CpuLlama::runRank(int rank) {
       const ForwardInput& in = (*microBatches_)[m];
       R.begin(in, step);
       step.placement = activePlacement_.get();
+      step.routedBefore = routedSincePlacement_.data();
       if (first) R.embed(step, comm);
       else step.x = channels_[(stage - 1) * group + groupRank]->receive();
       for (int l = layers.start; l < layers.start + layers.count; ++l) {
@@ -838,6 +842,7 @@ std::vector<float> CpuLlama::forward(const ForwardInput& in) {
     std::lock_guard<std::mutex> lock(expertMutex_);
     if (!error) {
       for (size_t i = 0; i < counts.size(); ++i) expertTokens_[i] += counts[i];
+      for (size_t i = 0; i < counts.size(); ++i) routedSincePlacement_[i] += counts[i];
       for (size_t i = 0; i < pairs.size(); ++i) rankTokens_[i] += pairs[i];
     }
   }

@@ -86,6 +86,7 @@ class CpuLlamaRank {
     std::vector<float> moePairs;          // MoE: ntok x topK x hidden, each (token, choice)'s weighted output
     std::vector<int> moeChosen;           // MoE: ntok x topK experts
     const ExpertPlacement* placement = nullptr;  // MoE: the expert slots of this pass (fixed for its duration)
+    const int64_t* routedBefore = nullptr;       // MoE: numLayers x numExperts pairs routed under it by earlier passes
   };
 
   // redundantExpertSlots: expert slots per rank beyond numExperts / ep (expert parallelism only).
@@ -285,6 +286,9 @@ class CpuLlama {
   int slotsPerRank_ = 0;
   std::shared_ptr<const ExpertPlacement> placement_;  // MoE models; replaced whole by applyExpertPlacement
   std::shared_ptr<const ExpertPlacement> activePlacement_;  // the running pass's, set under passMutex_
+  // Pairs routed to each (layer, expert) by the passes completed under the placement in force (the replicas' round
+  // robin carries over passes); advanced after a pass that succeeded, zeroed when the placement changes. passMutex_.
+  std::vector<int64_t> routedSincePlacement_;
   bool replicasFilled_ = true;  // false until the redundant slots of the initial placement are filled
   bool expertsMoved_ = false;   // an expert slot was rewritten: expert weights can no longer be set by name
 };

@@ -68,7 +68,7 @@ size_t CpuMoe::gateUpOffset(int slot, bool up) const {
 size_t CpuMoe::downOffset(int slot) const { return static_cast<size_t>(slot) * downSize(); }
 
 void CpuMoe::forward(int layer, const float* x, size_t ntok, const ExpertPlacement& placement, int placementLayer,
-                     int rank, const MatmulFn& matmul, std::vector<float>& pairs, std::vector<int>& chosen,
+                     int rank, const int64_t* routedBefore, const MatmulFn& matmul, std::vector<float>& pairs, std::vector<int>& chosen,
                      int64_t* tokensPerExpert, int64_t* pairsRun) const {
   const Layer& L = layers_[layer];
   const size_t numExperts = moe_.numExperts, k = moe_.topK, inter = inter_, h = hidden_;
@@ -100,11 +100,12 @@ void CpuMoe::forward(int layer, const float* x, size_t ntok, const ExpertPlaceme
   if (tokensPerExpert)
     for (int e : chosen) ++tokensPerExpert[e];
 
-  // Each pair to a slot: the j-th pair (in pair order) routed to expert e goes to replica j mod replicas(e). Then
+  // Each pair to a slot: the j-th pair routed to expert e (earlier passes' first, then this one's in pair order) goes
+  // to replica j mod replicas(e). Then
   // the pairs of this rank's slots grouped by slot, pairs ascending within a slot.
   const int firstSlot = rank * placement.slotsPerRank;
   const std::vector<std::vector<int32_t>>& replicas = placement.expertSlots[placementLayer];
-  std::vector<size_t> seen(numExperts, 0);
+  std::vector<uint64_t> seen(routedBefore, routedBefore + numExperts);
   std::vector<int> slotOf(ntok * k);
   std::vector<size_t> start(slots_ + 1, 0);
   for (size_t p = 0; p < ntok * k; ++p) {

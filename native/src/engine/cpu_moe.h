@@ -8,8 +8,9 @@
 // [r * S, (r + 1) * S) of a stage group's ep * S slots (S = numExperts / ep + redundant slots per rank), each a
 // whole expert; an ExpertPlacement (per layer: slot -> logical expert) says which, and may give an expert several
 // replicas (EPLB, lib/moe/eplb.ts). The router is whole on every rank, so every rank routes every token alike and
-// spreads each expert's tokens over its replicas alike (the j-th (token, choice) pair routed to expert e goes to
-// replica j mod replicas(e), as lib/moe's routeToSlots does).
+// spreads each expert's tokens over its replicas alike: round robin, the j-th (token, choice) pair routed to expert e
+// since the placement took effect goes to replica j mod replicas(e) (within one pass from a fresh count, what lib/moe's
+// routeToSlots does; carried over passes, so that decode steps of a few tokens reach every replica too).
 //
 // The combine does not depend on the placement: forward() writes each (token, choice) pair's weighted expert output
 // (zero for pairs another rank runs), the stage group sums those over its ranks (exact: one rank's value plus
@@ -65,12 +66,12 @@ class CpuMoe {
   size_t intermediate() const { return inter_; }
 
   // Routes x ([ntok, hidden]) and runs this instance's slots (rank `rank`'s slots of `placement`, layer
-  // `placementLayer`) over the pairs routed to them: pairs[(t * topK + j) * hidden ..] = weight(t, j) *
+  // `placementLayer`; routedBefore[e]: pairs routed to expert e under it by earlier passes) over the pairs routed to them: pairs[(t * topK + j) * hidden ..] = weight(t, j) *
   // expert(x[t]) for the pairs this rank runs, zero for the others; `chosen` gets each pair's expert. Adds the
   // tokens routed to each expert (all experts) to tokensPerExpert[0..numExperts) unless null, and the pairs this rank
   // ran to *pairsRun unless null.
   void forward(int layer, const float* x, size_t ntok, const ExpertPlacement& placement, int placementLayer, int rank,
-               const MatmulFn& matmul, std::vector<float>& pairs, std::vector<int>& chosen, int64_t* tokensPerExpert,
+               const int64_t* routedBefore, const MatmulFn& matmul, std::vector<float>& pairs, std::vector<int>& chosen, int64_t* tokensPerExpert,
                int64_t* pairsRun) const;
   // out[t] = sum over token t's pairs in ascending expert order of pairs[pair] (out is [ntok, hidden]).
   void combine(const std::vector<float>& pairs, const std::vector<int>& chosen, size_t ntok, float* out) const;
