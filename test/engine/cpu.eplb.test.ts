@@ -8,7 +8,10 @@
 import { isDeepStrictEqual as deepEqual } from 'node:util';
 import { randomLcg } from 'd3-random';
 import { describe, expect, it } from 'vitest';
-import { CpuModelRunner, type NamedTensor } from '../../lib/engine/cpu.js';
+import { CpuModelRunner, nativeModelFields, type NamedTensor } from '../../lib/engine/cpu.js';
+import { weightManifest } from '../../lib/engine/model/manifest.js';
+import { forwardArgs } from '../../lib/engine/runner.js';
+import { loadBinding } from '../../lib/native/binding.js';
 import { LlmEngine } from '../../lib/engine/llm-engine.js';
 import { dummyConfig } from '../../lib/engine/model/index.js';
 import type { ForwardBatch, ModelRunner } from '../../lib/engine/runner.js';
@@ -268,6 +271,49 @@ describe('CPU expert-parallel ranks with redundant slots and online placement', 
       /minImbalanceGain must be in \[0, 1\)/,
     );
     await expect(runnerFor(2, manual(9))).rejects.toThrow(/redundantSlotsPerRank is at most the model's 8 experts/);
+  });
+
+  it('the native layer guards its slots itself: redundant slots need ep > 1, a placement needs every weight, expert weights cannot be set once slots moved', async () => {
+    const { binding } = loadBinding();
+    const make = (sizes: object) =>
+      new binding.CpuLlama({
+        ...nativeModelFields(config),
+        numBlocks: 4,
+        blockSize: 4,
+        layout: 'block-major',
+        kvBuffer: new Uint8Array(4 * L * 2 * 4 * config.numKvHeads * config.headDim * 4),
+        threads: 2,
+        ...sizes,
+      });
+    expect(() => make({ redundantExpertSlots: 1 })).toThrow(/redundant expert slots need expert parallelism/);
+    expect(() => make({ expertParallelSize: 2, redundantExpertSlots: -1 })).toThrow(/redundantExpertSlots/);
+    const raw = make({ expertParallelSize: 2, redundantExpertSlots: 1 });
+    try {
+      const table = Int32Array.from(staticPlacement(L, E, 2, 1).layers.flatMap((lp) => Array.from(lp.slotToExpert)));
+      expect(() => raw.applyExpertPlacement(new Int32Array(3))).toThrow(
+        /has 3 slots; 2 layers x 2 ranks x 5 slots make 20/,
+      );
+      expect(() => raw.applyExpertPlacement(table)).toThrow(/once every weight is set; \d+ not set/);
+      // ep 2, tp 1: everything but the experts on both ranks, expert e on rank e / 4.
+      const expertOf = new Map(weightManifest(config).map((t) => [t.name, t.expert]));
+      for (const t of weights) {
+        const expert = expertOf.get(t.name);
+        if (expert === undefined || expert < 0) for (const rank of [0, 1]) raw.setWeight(t.name, t.data, rank);
+        else raw.setWeight(t.name, t.data, Math.floor(expert / 4));
+      }
+      raw.ready();
+      await raw.forward(...forwardArgs(forwardBatch([{ blocks: [0], start: 0, tokens: [1, 2, 3] }])));
+      // The first pass filled the redundant slots from the owners: the slots have moved.
+      const expertTensor = weights.find((t) => (expertOf.get(t.name) ?? -1) === 1)!;
+      expect(() => raw.setWeight(expertTensor.name, expertTensor.data, 0)).toThrow(
+        /expert weights are set before the first forward pass or expert placement/,
+      );
+      const router = weights.find((t) => t.name.endsWith('.mlp.gate.weight'))!;
+      raw.setWeight(router.name, router.data, 0); // other tensors still can be
+      await expect(raw.applyExpertPlacement(table)).resolves.toEqual({ slotsCopied: 0, crossRankCopies: 0, bytes: 0 });
+    } finally {
+      await raw.dispose();
+    }
   });
 
   it("the runner's per-rank token counts: the imbalance on the skewed model drops once the balancer's placement is applied", async () => {
