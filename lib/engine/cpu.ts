@@ -218,6 +218,10 @@ export class CpuModelRunner implements ModelRunner {
   readonly kvPoolSpec: KvPoolSpec;
   /** The checked pool, with its tile, block and pool sizes. */
   readonly kvPool: KvPool;
+  /** With `eplb`: the last automatic placement change that failed (the runner kept its placement, serving on). */
+  eplbError?: Error;
+  /** With `eplb`: loads not yet taken by takeExpertLoad (the balancer reads the native counts after each pass). */
+  private untakenLoad?: Float64Array;
 
   private constructor(
     private readonly raw: RawCpuLlama,
@@ -342,11 +346,6 @@ export class CpuModelRunner implements ModelRunner {
     if (this.expertBalancer) await this.balanceStep(this.expertBalancer);
     return logits;
   }
-
-  /** Loads not yet taken by takeExpertLoad, when the balancer reads the native counts after each pass. */
-  private untakenLoad?: Float64Array;
-  /** The last automatic placement change that failed (the runner kept its placement and went on serving). */
-  eplbError?: Error;
 
   /**
    * One pass's expert load into the balancer; a placement it decides on is applied before the pass resolves (so the
