@@ -7,7 +7,8 @@
  * static placement (contiguous experts per rank, no replicas). Imbalance = max / mean tokens per rank, averaged
  * over layers and steps: the busiest rank sets an EP step's time, so 1.5 means the step waits 50 % longer than
  * an even split would. A last section serves requests on the CPU with a dummy MoE whose gates favour a few
- * experts, the balancer fed by the runner's expert load while serving goes on (servingSkewed). Also: the time to balance a Qwen3-30B-A3B-sized model (48 layers x 128 experts).
+ * experts, the balancer fed by the runner's expert load while serving goes on (servingSkewed), and the same on real
+ * CPU expert-parallel ranks balancing themselves, the imbalance read from their own counts (cpuRanksSkewed). Also: the time to balance a Qwen3-30B-A3B-sized model (48 layers x 128 experts).
  *
  *   npm run bench:eplb [-- --quick] [--out reports/eplb.json] [--chart reports/eplb.svg] [--seed 1]
  */
@@ -20,7 +21,9 @@ import { axisFor, ChartUnavailableError, panels, writeChart, type ChartSpec } fr
 import { formatTable, sig } from '../lib/bench/table.js';
 import { CpuModelRunner } from '../lib/engine/cpu.js';
 import { LlmEngine } from '../lib/engine/llm-engine.js';
-import { dummyConfig, dummyWeights } from '../lib/engine/model/index.js';
+import type { ModelRunner } from '../lib/engine/runner.js';
+import { dummyConfig } from '../lib/engine/model/index.js';
+import { skewedMoeWeights } from '../lib/moe/skewed-dummy.js';
 import {
   balanceExperts,
   ExpertBalancer,
@@ -247,23 +250,7 @@ async function servingSkewed(): Promise<ServingResult> {
   const config = dummyConfig('tiny-moe');
   const { numExperts } = config.moe!;
   const rng = randomLcg(seed / 1000 + 0.0007);
-  // Every token's embedding gets a large first coordinate, so the normalised FFN input has a near-constant
-  // one (about hidden / sqrt(4 + 1) ~ 7 after RMSNorm); router weights on it act as per-expert biases.
-  const FIRST = 2;
-  const NORMALISED_FIRST = 7;
-  const weights = [...dummyWeights(config, seed)].map((t) => {
-    if (t.name === 'model.embed_tokens.weight')
-      for (let row = 0; row < config.vocabSize; row++) t.data[row * config.hiddenSize] = FIRST;
-    if (t.name.endsWith('.mlp.gate.weight')) {
-      const order = Array.from({ length: numExperts }, (_, i) => i);
-      for (let i = numExperts - 1; i > 0; i--) {
-        const j = Math.floor(rng() * (i + 1));
-        [order[i], order[j]] = [order[j]!, order[i]!];
-      }
-      order.forEach((e, rank) => (t.data[e * config.hiddenSize] = (-Math.log(rank + 1) / NORMALISED_FIRST) * 3));
-    }
-    return { name: t.name, data: t.data };
-  });
+  const weights = skewedMoeWeights(config, seed, rng);
   const policy: EplbPolicy = { windowSteps: 4, periodSteps: 4, redundantSlotsPerRank: 1, minImbalanceGain: 0.05 };
   const ranks = 4;
   const balancer = new ExpertBalancer(config.numLayers, numExperts, ranks, policy);
@@ -304,6 +291,105 @@ async function servingSkewed(): Promise<ServingResult> {
     stepsBefore: firstApplied,
     imbalanceBefore: mean(timeline.slice(0, firstApplied)),
     imbalanceAfter: mean(timeline.slice(firstApplied)),
+    decisions: balancer.decisions.map((d) => ({
+      step: d.step,
+      gain: d.gain,
+      applied: d.applied,
+      moves: d.moves.length,
+    })),
+  };
+}
+
+interface CpuRanksResult {
+  model: string;
+  ranks: number;
+  policy: EplbPolicy;
+  requests: number;
+  steps: number;
+  /** Each step: max / mean of the (token, choice) pairs each EP rank ran (the runner's own counts), mean over layers. */
+  timeline: { step: number; imbalance: number; ms: number }[];
+  stepsBefore: number;
+  imbalanceBefore: number;
+  imbalanceAfter: number;
+  /** Mean wall time of a step (its pass, and the placement applied after it if any) before and after. */
+  stepMsBefore: number;
+  stepMsAfter: number;
+  decisions: { step: number; gain: number; applied: boolean; moves: number }[];
+}
+
+/**
+ * The same skewed model and requests on real CPU expert-parallel ranks (not simulated): a runner with 4 EP ranks
+ * and the `eplb` option balances itself between steps (copying expert weights between the ranks' slots); the
+ * imbalance is read from the runner's own per-rank counts (`takeRankLoad`) after every step.
+ */
+async function cpuRanksSkewed(): Promise<CpuRanksResult> {
+  const config = dummyConfig('tiny-moe');
+  const rng = randomLcg(seed / 1000 + 0.0007);
+  const weights = skewedMoeWeights(config, seed, rng);
+  const policy: EplbPolicy = { windowSteps: 4, periodSteps: 4, redundantSlotsPerRank: 1, minImbalanceGain: 0.05 };
+  const ranks = 4;
+  const runner = await CpuModelRunner.create({
+    config,
+    numBlocks: 256,
+    blockSize: 16,
+    threads: ranks,
+    weights,
+    parallel: { ep: ranks },
+    eplb: policy,
+  });
+  const balancer = runner.expertBalancer!;
+  const timeline: { step: number; imbalance: number; ms: number }[] = [];
+  const observed: ModelRunner = {
+    vocabSize: runner.vocabSize,
+    blockSize: runner.blockSize,
+    numBlocks: runner.numBlocks,
+    maxPositions: runner.maxPositions,
+    forward: async (batch) => {
+      const t0 = performance.now();
+      const logits = await runner.forward(batch);
+      const ms = performance.now() - t0;
+      const load = runner.takeRankLoad();
+      let sum = 0;
+      for (let l = 0; l < config.numLayers; l++) sum += imbalance(load.subarray(l * ranks, (l + 1) * ranks));
+      timeline.push({ step: timeline.length, imbalance: sum / config.numLayers, ms });
+      return logits;
+    },
+    dispose: () => runner.dispose(),
+  };
+  const engine = new LlmEngine(observed);
+  const requests = quick ? 4 : 12;
+  try {
+    await Promise.all(
+      Array.from({ length: requests }, () =>
+        engine
+          .addRequest({
+            promptTokenIds: Array.from({ length: 24 }, () => Math.floor(rng() * 256)),
+            sampling: { temperature: 0, maxTokens: quick ? 16 : 40 },
+          })
+          .result(),
+      ),
+    );
+  } finally {
+    await engine.dispose();
+  }
+  if (runner.eplbError) throw runner.eplbError;
+  // A decision at step n is applied after step n - 1 ran: steps n.. run on it.
+  const firstApplied = balancer.decisions.find((d) => d.applied)?.step ?? timeline.length;
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+  const before = timeline.slice(0, firstApplied);
+  const after = timeline.slice(firstApplied);
+  return {
+    model: 'dummy:tiny-moe with skewed gates (8 experts, top 2)',
+    ranks,
+    policy,
+    requests,
+    steps: timeline.length,
+    timeline,
+    stepsBefore: firstApplied,
+    imbalanceBefore: mean(before.map((t) => t.imbalance)),
+    imbalanceAfter: mean(after.map((t) => t.imbalance)),
+    stepMsBefore: mean(before.map((t) => t.ms)),
+    stepMsAfter: mean(after.map((t) => t.ms)),
     decisions: balancer.decisions.map((d) => ({
       step: d.step,
       gain: d.gain,
@@ -403,6 +489,7 @@ async function main(): Promise<void> {
   const rows = placementRows();
   const fullMs = fullModelBalanceMs();
   const serving = await servingSkewed();
+  const cpuRanks = await cpuRanksSkewed();
   console.log(`bench:eplb on ${cpus()[0]?.model ?? 'this CPU'}, Node ${process.version}${quick ? ', --quick' : ''}`);
   console.log(
     `routing: Zipf over experts (random order per layer), ${TOKENS_PER_STEP} tokens a step, ${LAYERS} layers; ` +
@@ -436,6 +523,16 @@ async function main(): Promise<void> {
         .map((d) => `step ${d.step} gain ${sig(d.gain)} ${d.applied ? `applied (${d.moves} expert copies)` : 'kept'}`)
         .join(', '),
   );
+  console.log(
+    `the same on ${cpuRanks.ranks} CPU expert-parallel ranks with the runner's eplb option (measured per-rank pairs, ` +
+      `not simulated), ${cpuRanks.requests} requests, ${cpuRanks.steps} steps: imbalance ` +
+      `${sig(cpuRanks.imbalanceBefore)} over the ${cpuRanks.stepsBefore} steps before the first placement applied, ` +
+      `${sig(cpuRanks.imbalanceAfter)} over the ${cpuRanks.steps - cpuRanks.stepsBefore} after; step ` +
+      `${sig(cpuRanks.stepMsBefore)} ms before, ${sig(cpuRanks.stepMsAfter)} ms after; decisions: ` +
+      cpuRanks.decisions
+        .map((d) => `step ${d.step} gain ${sig(d.gain)} ${d.applied ? `applied (${d.moves} expert copies)` : 'kept'}`)
+        .join(', '),
+  );
   const report = {
     bench: 'eplb',
     cpu: cpus()[0]?.model,
@@ -446,6 +543,7 @@ async function main(): Promise<void> {
     placement: rows,
     fullModelBalanceMs: fullMs,
     serving,
+    cpuRanks,
   };
   mkdirSync(dirname(values.out!), { recursive: true });
   writeFileSync(values.out!, `${JSON.stringify(report, null, 2)}\n`);

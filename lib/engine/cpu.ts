@@ -33,6 +33,8 @@ import {
   type ParallelConfig,
 } from './parallel.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner } from './runner.js';
+import { layerPlacementFromSlots, type ExpertPlacement } from '../moe/eplb.js';
+import { checkEplbPolicy, ExpertBalancer, type EplbDecision, type EplbPolicy } from '../moe/policy.js';
 
 /** One weight tensor by its Hugging Face name, as float32 values in the checkpoint's row-major order. */
 export interface NamedTensor {
@@ -132,6 +134,21 @@ export interface CpuModelRunnerOptions {
    * A layout that does not fit the model throws ParallelLayoutError before any memory is taken.
    */
   parallel?: Partial<ParallelConfig>;
+  /**
+   * Online expert load balancing (EPLB, lib/moe) of an expert-parallel MoE model (ep > 1): every rank gets
+   * `redundantSlotsPerRank` extra expert slots (replicas, placed first as lib/moe's staticPlacement has them), and
+   * the runner feeds each pass's expert load to an ExpertBalancer; when it decides on a new placement (every
+   * `periodSteps` passes once `windowSteps` are in its window, if the imbalance drops by `minImbalanceGain`), the
+   * runner applies it before its pass resolves (applyExpertPlacement). numNodes / numExpertGroups: hierarchical.
+   */
+  eplb?: EplbPolicy;
+}
+
+/** What applying an expert placement took: slots rewritten, the copies that came from another rank, bytes copied. */
+export interface ExpertPlacementChange {
+  slotsCopied: number;
+  crossRankCopies: number;
+  bytes: number;
 }
 
 const LAYOUTS: readonly KvLayout[] = ['block-major', 'layer-major'];
@@ -201,6 +218,10 @@ export class CpuModelRunner implements ModelRunner {
   readonly kvPoolSpec: KvPoolSpec;
   /** The checked pool, with its tile, block and pool sizes. */
   readonly kvPool: KvPool;
+  /** With `eplb`: the last automatic placement change that failed (the runner kept its placement, serving on). */
+  eplbError?: Error;
+  /** With `eplb`: loads not yet taken by takeExpertLoad (the balancer reads the native counts after each pass). */
+  private untakenLoad?: Float64Array;
 
   private constructor(
     private readonly raw: RawCpuLlama,
@@ -210,6 +231,8 @@ export class CpuModelRunner implements ModelRunner {
     readonly kvBuffer: Uint8Array,
     /** The tensor / pipeline parallel layout. */
     readonly parallel: ParallelConfig,
+    /** With the `eplb` option: the balancer the runner feeds and follows (its decisions, window, placement). */
+    readonly expertBalancer?: ExpertBalancer,
   ) {
     this.vocabSize = config.vocabSize;
     this.blockSize = pool.blockSize;
@@ -228,6 +251,17 @@ export class CpuModelRunner implements ModelRunner {
       throw new BadArgumentError(`${where}: kernel must be one of ${KERNELS.join(', ')} (got ${String(kernel)})`);
     if (options.threads !== undefined) checkInteger(where, 'threads', options.threads, 1);
     const parallel = checkParallelConfig(config, options.parallel, where);
+    let balancer: ExpertBalancer | undefined;
+    if (options.eplb !== undefined) {
+      const policy = checkEplbPolicy({ ...options.eplb });
+      if (!config.moe || parallel.ep < 2)
+        throw new BadArgumentError(`${where}: eplb needs a mixture-of-experts model with expert parallelism (ep > 1)`);
+      if (policy.redundantSlotsPerRank > config.moe.numExperts)
+        throw new BadArgumentError(
+          `${where}: eplb.redundantSlotsPerRank is at most the model's ${config.moe.numExperts} experts (got ${policy.redundantSlotsPerRank})`,
+        );
+      balancer = new ExpertBalancer(config.numLayers, config.moe.numExperts, parallel.ep, policy);
+    }
     const pool = kvPool({
       layers: config.numLayers,
       kvHeads: config.numKvHeads,
@@ -266,6 +300,7 @@ export class CpuModelRunner implements ModelRunner {
           tensorParallelSize: parallel.tp,
           pipelineParallelSize: parallel.pp,
           expertParallelSize: parallel.ep,
+          redundantExpertSlots: balancer?.policy.redundantSlotsPerRank ?? 0,
         }),
     );
     try {
@@ -281,7 +316,7 @@ export class CpuModelRunner implements ModelRunner {
       await raw.dispose();
       throw error;
     }
-    return new CpuModelRunner(raw, config, pool, buffer, parallel);
+    return new CpuModelRunner(raw, config, pool, buffer, parallel, balancer);
   }
 
   /** The layout in words ("single rank (tp 1, pp 1)", "tp 2 x pp 2 (4 ranks; ...)"), for logs and `tandem info`. */
@@ -306,8 +341,28 @@ export class CpuModelRunner implements ModelRunner {
    * Every index is checked before anything is written: a malformed batch rejects with BadArgumentError and
    * leaves the KV pool as it was.
    */
-  forward(batch: ForwardBatch): Promise<Float32Array> {
-    return native(() => this.raw.forward(...forwardArgs(batch)));
+  async forward(batch: ForwardBatch): Promise<Float32Array> {
+    const logits = await native(() => this.raw.forward(...forwardArgs(batch)));
+    if (this.expertBalancer) await this.balanceStep(this.expertBalancer);
+    return logits;
+  }
+
+  /**
+   * One pass's expert load into the balancer; a placement it decides on is applied before the pass resolves (so the
+   * next pass routes through it). A failed apply leaves the runner on the placement it holds, and the balancer too.
+   */
+  private async balanceStep(balancer: ExpertBalancer): Promise<void> {
+    const load = nativeSync(() => this.raw.takeExpertLoad());
+    if (this.untakenLoad) for (let i = 0; i < load.length; i++) this.untakenLoad[i] = this.untakenLoad[i]! + load[i]!;
+    else this.untakenLoad = load.slice();
+    const decision: EplbDecision | undefined = balancer.step(load);
+    if (!decision?.applied) return;
+    try {
+      await this.applyExpertPlacement(decision.result.placement);
+    } catch (error) {
+      this.eplbError = error as Error;
+      if (!this.raw.disposed) balancer.adopt(this.expertPlacement);
+    }
   }
 
   /**
@@ -316,7 +371,74 @@ export class CpuModelRunner implements ModelRunner {
    * Empty for a dense model.
    */
   takeExpertLoad(): Float64Array {
-    return nativeSync(() => this.raw.takeExpertLoad());
+    const load = nativeSync(() => this.raw.takeExpertLoad());
+    const untaken = this.untakenLoad;
+    this.untakenLoad = undefined;
+    if (untaken) for (let i = 0; i < load.length; i++) load[i] = load[i]! + untaken[i]!;
+    return load;
+  }
+
+  /**
+   * Mixture-of-experts models: the (token, choice) pairs each expert-parallel rank's expert slots ran per layer by
+   * the passes since the last call, flat and layer-major (numLayers x ep; x 1 without expert parallelism), and a
+   * reset: the runner's own per-rank load, whose max / mean is the imbalance EPLB lowers.
+   */
+  takeRankLoad(): Float64Array {
+    return nativeSync(() => this.raw.takeRankLoad());
+  }
+
+  /** The expert placement in force (lib/moe's ExpertPlacement): ep ranks x slotsPerRank slots per layer. */
+  get expertPlacement(): ExpertPlacement {
+    const { ranks, slotsPerRank, slotExpert } = nativeSync(() => this.raw.expertPlacement());
+    const numExperts = this.config.moe!.numExperts;
+    const perLayer = ranks * slotsPerRank;
+    const layers = Array.from({ length: this.config.numLayers }, (_, l) =>
+      layerPlacementFromSlots(slotExpert.slice(l * perLayer, (l + 1) * perLayer), numExperts),
+    );
+    return { numExperts, numRanks: ranks, slotsPerRank, layers };
+  }
+
+  /**
+   * Applies an expert placement (lib/moe's balancer output) online: after the passes already called (one in
+   * progress finishes on the old placement), every slot whose expert changes gets that expert's weights from a slot
+   * holding it (its own rank's when it has one; the ranks are threads of this process, so the copy is a memcpy),
+   * then the routing table switches; passes called after this route through the new one. Results do not change:
+   * replicas are copies and the combine sums in expert order. A placement of the wrong shape, an expert out of range
+   * or without a replica, or a model without expert parallelism throws BadArgumentError and changes nothing.
+   */
+  async applyExpertPlacement(placement: ExpertPlacement): Promise<ExpertPlacementChange> {
+    const where = 'CpuModelRunner.applyExpertPlacement';
+    const moe = this.config.moe;
+    if (!moe || this.parallel.ep < 2)
+      throw new BadArgumentError(`${where}: needs a mixture-of-experts model with expert parallelism (ep > 1)`);
+    const slotsPerRank = moe.numExperts / this.parallel.ep + (this.expertBalancer?.policy.redundantSlotsPerRank ?? 0);
+    if (
+      typeof placement !== 'object' ||
+      placement === null ||
+      placement.numRanks !== this.parallel.ep ||
+      placement.slotsPerRank !== slotsPerRank ||
+      placement.numExperts !== moe.numExperts ||
+      !Array.isArray(placement.layers) ||
+      placement.layers.length !== this.config.numLayers
+    )
+      throw new BadArgumentError(
+        `${where}: the runner has ${this.config.numLayers} layers x ${moe.numExperts} experts on ${this.parallel.ep} ` +
+          `ranks x ${slotsPerRank} slots; the placement is ${placement?.layers?.length} x ${placement?.numExperts} on ` +
+          `${placement?.numRanks} x ${placement?.slotsPerRank}`,
+      );
+    const perLayer = this.parallel.ep * slotsPerRank;
+    const table = new Int32Array(this.config.numLayers * perLayer);
+    placement.layers.forEach((layer, l) => {
+      if (layer?.slotToExpert?.length !== perLayer)
+        throw new BadArgumentError(
+          `${where}: layer ${l} has ${layer?.slotToExpert?.length} slots; the runner has ${perLayer}`,
+        );
+      table.set(layer.slotToExpert, l * perLayer);
+    });
+    // Checked synchronously (a bad table throws here, nothing queued); applied on the pass thread.
+    const change = await native(() => this.raw.applyExpertPlacement(table));
+    this.expertBalancer?.adopt(this.expertPlacement);
+    return change;
   }
 
   /** Stops (a pass in progress gives up at its next layer and rejects with DisposedError), joins the threads. */

@@ -154,7 +154,8 @@ export function packBalanced(
   return binOf;
 }
 
-function layerPlacementFromSlots(slotToExpert: Int32Array, numExperts: number): LayerPlacement {
+/** One layer's placement from its slot -> expert table (expertToSlots and replicaCount derived). */
+export function layerPlacementFromSlots(slotToExpert: Int32Array, numExperts: number): LayerPlacement {
   const expertToSlots: number[][] = Array.from({ length: numExperts }, () => []);
   slotToExpert.forEach((e, s) => expertToSlots[e]!.push(s));
   const replicaCount = Int32Array.from(expertToSlots, (s) => s.length);

@@ -6,10 +6,12 @@
  *   load-recorder.ts  a model runner whose passes' expert load feeds a window and running totals
  *   moves.ts        applying a placement: slots aligned with the current one, the expert copies it takes
  *   policy.ts       when to rebalance (window, period, redundant slots, minimum gain) and the balancer
+ *   skewed-dummy.ts dummy MoE weights whose gates favour a few experts (tests, bench:eplb; import it directly)
  */
 export {
   balanceExperts,
   imbalance,
+  layerPlacementFromSlots,
   packBalanced,
   rankLoads,
   rankOfSlot,

@@ -4,7 +4,7 @@
  * changes are filled, each from a rank that already holds that expert (its own rank first: a local copy).
  */
 import { BadArgumentError } from '../errors.js';
-import type { ExpertPlacement, LayerPlacement } from './eplb.js';
+import { layerPlacementFromSlots, type ExpertPlacement } from './eplb.js';
 
 /** One slot to fill: copy `expert`'s weights of `layer` from `sourceRank` into `slot` on `rank`. */
 export interface ExpertMove {
@@ -28,12 +28,6 @@ function checkSameShape(current: ExpertPlacement, next: ExpertPlacement): void {
         `${current.numRanks} x ${current.slotsPerRank} slots, against ${next.layers.length} x ${next.numExperts} ` +
         `on ${next.numRanks} x ${next.slotsPerRank}`,
     );
-}
-
-function layerFromSlots(slotToExpert: Int32Array, numExperts: number): LayerPlacement {
-  const expertToSlots: number[][] = Array.from({ length: numExperts }, () => []);
-  slotToExpert.forEach((e, s) => expertToSlots[e]!.push(s));
-  return { slotToExpert, expertToSlots, replicaCount: Int32Array.from(expertToSlots, (s) => s.length) };
 }
 
 /**
@@ -60,7 +54,7 @@ export function alignPlacement(current: ExpertPlacement, next: ExpertPlacement):
       // The rest fill the free slots in order.
       for (let j = 0; j < S; j++) if (out[base + j] === -1) out[base + j] = pending.shift()!;
     }
-    return layerFromSlots(out, next.numExperts);
+    return layerPlacementFromSlots(out, next.numExperts);
   });
   return { ...next, layers };
 }

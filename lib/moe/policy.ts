@@ -88,6 +88,25 @@ export class ExpertBalancer {
     return this.current;
   }
 
+  /**
+   * Takes `placement` as the one in force (applied from outside the balancer, or what the runner holds after a
+   * failed apply); later decisions balance against it.
+   */
+  adopt(placement: ExpertPlacement): void {
+    if (
+      placement.numRanks !== this.numRanks ||
+      placement.slotsPerRank !== this.current.slotsPerRank ||
+      placement.numExperts !== this.current.numExperts ||
+      placement.layers.length !== this.current.layers.length
+    )
+      throw new BadArgumentError(
+        `ExpertBalancer.adopt: the placement is ${placement.layers.length} layers x ${placement.numExperts} experts on ` +
+          `${placement.numRanks} x ${placement.slotsPerRank} slots; the balancer's is ${this.current.layers.length} x ` +
+          `${this.current.numExperts} on ${this.numRanks} x ${this.current.slotsPerRank}`,
+      );
+    this.current = placement;
+  }
+
   /** Balances the window against the current placement and applies the result if the gain clears the policy. */
   decide(): EplbDecision {
     const result = balanceExperts(

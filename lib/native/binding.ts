@@ -219,12 +219,20 @@ export interface RawCpuLlamaOptions {
   pipelineParallelSize?: number;
   /** Expert parallel ranks per pipeline stage (MoE models; 1 or tensorParallelSize when that is > 1). Default 1. */
   expertParallelSize?: number;
+  /** Expert slots per expert-parallel rank beyond numExperts / ep (EPLB replicas; needs ep > 1). Default 0. */
+  redundantExpertSlots?: number;
 }
 
 export interface RawCudaLlamaOptions
   extends Omit<
     RawCpuLlamaOptions,
-    'kvBuffer' | 'threads' | 'kernel' | 'tensorParallelSize' | 'pipelineParallelSize' | 'expertParallelSize'
+    | 'kvBuffer'
+    | 'threads'
+    | 'kernel'
+    | 'tensorParallelSize'
+    | 'pipelineParallelSize'
+    | 'expertParallelSize'
+    | 'redundantExpertSlots'
   > {
   /** bf16 KV pool (NHD tiles) on the same device, at least numBlocks * layers * 2 * blockSize * kvHeads * headDim * 2 bytes. */
   kvBuffer: RawDeviceBuffer;
@@ -326,6 +334,17 @@ export interface RawCpuLlama {
   forward(...batch: RawForwardArgs): Promise<Float32Array>;
   /** Tokens routed per layer and expert (layer-major) by the passes since the last call; empty for a dense model. */
   takeExpertLoad(): Float64Array;
+  /** (token, choice) pairs each expert-parallel rank ran per layer (numLayers x ep, layer-major) since the last call. */
+  takeRankLoad(): Float64Array;
+  /** The expert placement in force: slot -> expert, numLayers x ranks x slotsPerRank. */
+  expertPlacement(): { ranks: number; slotsPerRank: number; slotExpert: Int32Array };
+  /**
+   * Checks a placement (throws TANDEM_BAD_ARGUMENT, nothing changed), then, after the passes queued before it, copies
+   * the expert weights the rewritten slots need and switches the routing table.
+   */
+  applyExpertPlacement(
+    slotExpert: Int32Array,
+  ): Promise<{ slotsCopied: number; crossRankCopies: number; bytes: number }>;
   /** Test hook: the next forward pass throws in `rank` just before decoder layer `layer`. */
   failRankForTest(rank: number, layer: number): void;
   dispose(): Promise<void>;

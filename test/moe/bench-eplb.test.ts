@@ -26,6 +26,7 @@ describe('bench:eplb --quick', () => {
       const report = JSON.parse(readFileSync(out, 'utf8')) as {
         placement: PlacementRow[];
         serving: { imbalanceBefore: number; imbalanceAfter: number; decisions: { applied: boolean }[] };
+        cpuRanks: { imbalanceBefore: number; imbalanceAfter: number; decisions: { applied: boolean }[] };
       };
       expect(report.placement.length).toBe(4 * 3 * 4);
       for (const r of report.placement) {
@@ -37,6 +38,9 @@ describe('bench:eplb --quick', () => {
       // serving the skewed dummy MoE: the balancer acts, and the steps after are better balanced than those before
       expect(report.serving.decisions.some((d) => d.applied)).toBe(true);
       expect(report.serving.imbalanceAfter).toBeLessThan(report.serving.imbalanceBefore);
+      // the same on real CPU EP ranks balancing themselves, measured from the ranks' own counts
+      expect(report.cpuRanks.decisions.some((d) => d.applied)).toBe(true);
+      expect(report.cpuRanks.imbalanceAfter).toBeLessThan(report.cpuRanks.imbalanceBefore);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

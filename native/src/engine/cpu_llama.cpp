@@ -129,7 +129,8 @@ constexpr size_t kMinMacsPerChunk = 1 << 15;  // below this a chunk is not worth
 // ---------------------------------------------------------------------------------------------------------------
 
 CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, const ParallelConfig& parallel,
-                           int stage, int groupRank, unsigned threads, const GemmKernel& gemm)
+                           int stage, int groupRank, unsigned threads, const GemmKernel& gemm,
+                           int redundantExpertSlots)
     : config_(config),
       pool_(pool),
       gemm_(gemm),
@@ -142,7 +143,8 @@ CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, co
       firstStage_(stage == 0),
       lastStage_(stage == parallel.pp - 1),
       replicatedKv_(config.numKvHeads < parallel.tp || (parallel.tp == 1 && parallel.group() > 1)),
-      pool_threads_(threads) {
+      pool_threads_(threads),
+      epRank_(parallel.ep > 1 ? groupRank : 0) {
   const LlamaConfig& c = config_;
   const size_t h = c.hiddenSize, hd = c.headDim;
   // Replicas of the whole attention (tp 1): the group's rank 0 writes the KV pool, the others read it.
@@ -177,9 +179,17 @@ CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, co
   const ExpertShard experts = expertShard(c, parallel, groupRank);
   const size_t moeInter = static_cast<size_t>(experts.intermediate.count);
   if (c.moe.numExperts > 0) {
-    moe_ = std::make_unique<CpuMoe>(c, layers_range_.count, experts.experts.start, experts.experts.count, moeInter);
+    // Weights load into the slots of the rank's own experts (slot e - first); the redundant slots after them are
+    // filled by CpuLlama from the owners (fillReplicas).
+    const int slots = experts.experts.count + (parallel.ep > 1 ? redundantExpertSlots : 0);
+    moe_ = std::make_unique<CpuMoe>(c, layers_range_.count, slots, moeInter);
     expertTokens_.assign(static_cast<size_t>(c.numLayers) * c.moe.numExperts, 0);
+    rankPairs_.assign(static_cast<size_t>(c.numLayers), 0);
   }
+  auto holdsExpert = [&](int e) {
+    return e >= experts.experts.start && e < experts.experts.start + experts.experts.count;
+  };
+  const int firstExpert = experts.experts.start;
   // Names come from the weight manifest (lib/engine/model/manifest.ts; checkConfig checked it is complete).
   for (const WeightEntry& w : c.weights) {
     Layer* L = nullptr;
@@ -217,13 +227,14 @@ CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, co
         break;
       case WeightRole::ExpertGate:
       case WeightRole::ExpertUp:
-        if (moe_->holdsExpert(w.expert))
+        if (holdsExpert(w.expert))
           registerSlot(w.name, moe_->gateUp(w.layer - layers_range_.start),
-                       moe_->gateUpOffset(w.expert, w.role == WeightRole::ExpertUp), moeInter, h);
+                       moe_->gateUpOffset(w.expert - firstExpert, w.role == WeightRole::ExpertUp), moeInter, h);
         break;
       case WeightRole::ExpertDown:
-        if (moe_->holdsExpert(w.expert))
-          registerSlot(w.name, moe_->down(w.layer - layers_range_.start), moe_->downOffset(w.expert), h, moeInter);
+        if (holdsExpert(w.expert))
+          registerSlot(w.name, moe_->down(w.layer - layers_range_.start), moe_->downOffset(w.expert - firstExpert), h,
+                       moeInter);
         break;
     }
   }
@@ -248,6 +259,12 @@ void CpuLlamaRank::setWeight(const std::string& name, const float* data, size_t 
 void CpuLlamaRank::takeExpertTokens(std::vector<int64_t>& into) {
   for (size_t i = 0; i < expertTokens_.size(); ++i) into[i] += expertTokens_[i];
   std::fill(expertTokens_.begin(), expertTokens_.end(), 0);
+}
+
+void CpuLlamaRank::takeRankPairs(std::vector<int64_t>& into, int epRanks) {
+  if (groupRank_ < epRanks)
+    for (size_t l = 0; l < rankPairs_.size(); ++l) into[l * epRanks + groupRank_] += rankPairs_[l];
+  std::fill(rankPairs_.begin(), rankPairs_.end(), 0);
 }
 
 std::vector<std::string> CpuLlamaRank::missingWeights() const {
@@ -409,15 +426,22 @@ void CpuLlamaRank::mlpBlock(const Layer& L, int layer, Step& step, HostCommunica
     rmsNorm(&step.x[t * h], L.postAttentionNorm.data(), h, c.rmsNormEps, &step.xn[t * h]);
   if (moe_) {
     // Every rank of the group holds every token's xn (the residual stream is whole on each rank), so dispatch is
-    // selecting: each rank runs its experts (or its channels of every expert) over the tokens routed to them; the
-    // combine is the all-reduce below, a fixed-order sum over the group (ranks 0, 1, ...), so EP and TP results do
-    // not depend on thread timing.
+    // selecting: each rank runs its expert slots (or its channels of every expert) over the pairs routed to them.
+    // Expert parallel: the pairs' outputs are summed over the group (each pair is one rank's), then combined in
+    // expert order, as one rank would (cpu_moe.h). Tensor parallel: each rank's partial FFN output is all-reduced.
+    // Either way a fixed-order sum, so results do not depend on thread timing.
     int64_t* counts = groupRank_ == 0 ? &expertTokens_[static_cast<size_t>(layer) * c.moe.numExperts] : nullptr;
+    const bool expertParallel = step.placement->ranks > 1;
+    int64_t* ran = !expertParallel && groupRank_ > 0 ? nullptr : &rankPairs_[static_cast<size_t>(layer)];
     const MatmulFn moeMatmul = [this](const float* a, size_t rows, size_t k, const float* w, size_t n, float* y) {
       matmul(a, rows, k, w, nullptr, n, y);
     };
-    moe_->forward(layer - layers_range_.start, step.xn.data(), ntok, step.tmp.data(), moeMatmul, counts);
-    if (groupSize_ > 1) comm.allReduceSum(groupRank_, step.tmp.data(), ntok * h);
+    moe_->forward(layer - layers_range_.start, step.xn.data(), ntok, *step.placement, layer, epRank_,
+                  step.routedBefore + static_cast<size_t>(layer) * c.moe.numExperts, moeMatmul, step.moePairs,
+                  step.moeChosen, counts, ran);
+    if (expertParallel) comm.allReduceSum(groupRank_, step.moePairs.data(), step.moePairs.size());
+    moe_->combine(step.moePairs, step.moeChosen, ntok, step.tmp.data());
+    if (!expertParallel && groupSize_ > 1) comm.allReduceSum(groupRank_, step.tmp.data(), ntok * h);
     for (size_t i = 0; i < ntok * h; ++i) step.x[i] += step.tmp[i];
     return;
   }
@@ -463,7 +487,7 @@ void CpuLlamaRank::logits(Step& step, HostCommunicator& comm, float* out) {
 // ---------------------------------------------------------------------------------------------------------------
 
 CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned threads, const std::string& kernel,
-                   const ParallelConfig& parallel)
+                   const ParallelConfig& parallel, int redundantExpertSlots)
     : config_(config), pool_(pool), parallel_(parallel) {
   const LlamaConfig& c = config_;
   checkConfig(c);
@@ -476,6 +500,11 @@ CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned t
   if (pool.bytes < need)
     throw BadInput("the KV buffer holds " + std::to_string(pool.bytes) + " bytes; the pool needs " +
                    std::to_string(need));
+  if (redundantExpertSlots < 0) throw BadInput("redundant expert slots must be >= 0");
+  if (redundantExpertSlots > 0 && parallel_.ep < 2)
+    throw BadInput("redundant expert slots need expert parallelism (ep > 1)");
+  if (redundantExpertSlots > c.moe.numExperts)
+    throw BadInput("at most " + std::to_string(c.moe.numExperts) + " redundant expert slots per rank (one per expert)");
   try {
     gemm_ = selectGemmKernel(kernel);
   } catch (const std::invalid_argument& e) {
@@ -485,10 +514,20 @@ CpuLlama::CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned t
   const unsigned perRank = std::max(1u, std::max(1u, threads) / static_cast<unsigned>(ranks));
   for (int r = 0; r < ranks; ++r)
     ranks_.push_back(
-        std::make_unique<CpuLlamaRank>(config_, pool_, parallel_, r / group, r % group, perRank, gemm_));
+        std::make_unique<CpuLlamaRank>(config_, pool_, parallel_, r / group, r % group, perRank, gemm_,
+                                       redundantExpertSlots));
   for (int s = 0; s < parallel_.pp; ++s) comms_.push_back(std::make_unique<HostCommunicator>(group));
   for (int i = 0; i < (parallel_.pp - 1) * group; ++i) channels_.push_back(std::make_unique<ActivationChannel>());
-  if (c.moe.numExperts > 0) expertTokens_.assign(static_cast<size_t>(c.numLayers) * c.moe.numExperts, 0);
+  if (c.moe.numExperts > 0) {
+    expertTokens_.assign(static_cast<size_t>(c.numLayers) * c.moe.numExperts, 0);
+    const int epRanks = parallel_.ep > 1 ? parallel_.ep : 1;
+    placement_ = std::make_shared<const ExpertPlacement>(
+        staticExpertPlacement(c.numLayers, c.moe.numExperts, epRanks, parallel_.ep > 1 ? redundantExpertSlots : 0));
+    slotsPerRank_ = placement_->slotsPerRank;
+    rankTokens_.assign(static_cast<size_t>(c.numLayers) * epRanks, 0);
+    routedSincePlacement_.assign(expertTokens_.size(), 0);
+    replicasFilled_ = redundantExpertSlots == 0;
+  }
   for (int r = 1; r < ranks; ++r)
     rankThreads_.emplace_back([this, r] {
       pthread_setname_np(pthread_self(), ("tandem-rank-" + std::to_string(r)).substr(0, 15).c_str());
@@ -531,6 +570,12 @@ void CpuLlama::setWeight(const std::string& name, const float* data, size_t coun
                    std::to_string(r.stage()) + ", layers " + std::to_string(r.layers().start) + ".." +
                    std::to_string(r.layers().start + r.layers().count - 1) + ")");
   }
+  if (expertsMoved_)
+    for (const WeightEntry& w : config_.weights)
+      if (w.name == name && (w.role == WeightRole::ExpertGate || w.role == WeightRole::ExpertUp ||
+                             w.role == WeightRole::ExpertDown))
+        throw BadInput("tensor '" + name + "': expert weights are set before the first forward pass or expert " +
+                       "placement (the experts' slots have moved since)");
   r.setWeight(name, data, count);
 }
 
@@ -539,6 +584,110 @@ std::vector<int64_t> CpuLlama::takeExpertTokens() {
   std::vector<int64_t> out = expertTokens_;
   std::fill(expertTokens_.begin(), expertTokens_.end(), 0);
   return out;
+}
+
+std::vector<int64_t> CpuLlama::takeRankTokens() {
+  std::lock_guard<std::mutex> lock(expertMutex_);
+  std::vector<int64_t> out = rankTokens_;
+  std::fill(rankTokens_.begin(), rankTokens_.end(), 0);
+  return out;
+}
+
+ExpertPlacement CpuLlama::expertPlacement() const {
+  if (!placement_) throw BadInput("the model has no experts");
+  std::lock_guard<std::mutex> lock(expertMutex_);
+  return *placement_;
+}
+
+ExpertPlacement CpuLlama::checkExpertPlacement(std::vector<std::vector<int32_t>> slotExpert) const {
+  if (!placement_) throw BadInput("an expert placement needs a mixture-of-experts model");
+  if (parallel_.ep < 2) throw BadInput("an expert placement needs expert parallelism (ep > 1)");
+  ExpertPlacement p =
+      makeExpertPlacement(config_.numLayers, config_.moe.numExperts, parallel_.ep, slotsPerRank_, std::move(slotExpert));
+  auto missing = missingWeights();
+  if (!missing.empty())
+    throw BadInput("an expert placement is applied once every weight is set; " + std::to_string(missing.size()) +
+                   " not set, first '" + missing[0] + "'");
+  return p;
+}
+
+ExpertPlacementChange CpuLlama::applyExpertPlacement(const ExpertPlacement& placement) {
+  if (aborted_.load()) throw Aborted("the model was disposed");
+  std::lock_guard<std::mutex> pass(passMutex_);
+  if (!replicasFilled_) fillReplicas();
+  ExpertPlacementChange change = moveExperts(placement_->slotExpert, placement);
+  std::lock_guard<std::mutex> lock(expertMutex_);
+  placement_ = std::make_shared<const ExpertPlacement>(placement);
+  std::fill(routedSincePlacement_.begin(), routedSincePlacement_.end(), 0);
+  return change;
+}
+
+void CpuLlama::fillReplicas() {
+  // The slots as loaded: each rank's own experts, its redundant slots empty.
+  std::vector<std::vector<int32_t>> loaded = placement_->slotExpert;
+  const int own = config_.moe.numExperts / placement_->ranks;
+  for (auto& row : loaded)
+    for (size_t s = 0; s < row.size(); ++s)
+      if (static_cast<int>(s) % slotsPerRank_ >= own) row[s] = -1;
+  moveExperts(loaded, *placement_);
+  replicasFilled_ = true;
+}
+
+ExpertPlacementChange CpuLlama::moveExperts(const std::vector<std::vector<int32_t>>& from, const ExpertPlacement& to) {
+  ExpertPlacementChange change;
+  const int group = parallel_.group(), S = to.slotsPerRank;
+  for (int stage = 0; stage < parallel_.pp; ++stage) {
+    const IndexRange layers = ranks_[static_cast<size_t>(stage) * group]->layers();
+    auto moeOf = [&](int slot) { return ranks_[static_cast<size_t>(stage) * group + slot / S]->moe(); };
+    for (int l = layers.start; l < layers.start + layers.count; ++l) {
+      const int local = l - layers.start;
+      const std::vector<int32_t>& now = from[l];
+      const std::vector<int32_t>& next = to.slotExpert[l];
+      // Each rewritten slot's source: a slot holding its expert now, on its own rank when one does (a local copy),
+      // else on the rank that has sent the fewest so far.
+      std::vector<std::pair<int, int>> copies;  // (destination slot, source slot)
+      std::vector<int> sent(to.ranks, 0);
+      for (int d = 0; d < static_cast<int>(next.size()); ++d) {
+        if (now[d] == next[d]) continue;
+        int source = -1;
+        for (int s = 0; s < static_cast<int>(now.size()); ++s) {
+          if (now[s] != next[d]) continue;
+          if (s / S == d / S) {
+            source = s;
+            break;
+          }
+          if (source < 0 || sent[s / S] < sent[source / S]) source = s;
+        }
+        if (source < 0) throw BadInput("layer " + std::to_string(l) + ": expert " + std::to_string(next[d]) +
+                                       " has no slot to copy from");  // makeExpertPlacement rules this out
+        if (source / S != d / S) ++sent[source / S], ++change.crossRankCopies;
+        copies.push_back({d, source});
+      }
+      // Staged: every source is read before any slot is written, so two slots may trade experts.
+      std::vector<std::vector<float>> staged;
+      for (auto [d, s] : copies) {
+        CpuMoe* src = moeOf(s);
+        const float* gu = src->gateUp(local).data() + src->gateUpOffset(s % S, false);
+        const float* dn = src->down(local).data() + src->downOffset(s % S);
+        std::vector<float> buf(gu, gu + src->gateUpSize());
+        buf.insert(buf.end(), dn, dn + src->downSize());
+        staged.push_back(std::move(buf));
+      }
+      for (size_t i = 0; i < copies.size(); ++i) {
+        const int d = copies[i].first;
+        CpuMoe* dst = moeOf(d);
+        const std::vector<float>& buf = staged[i];
+        std::memcpy(dst->gateUp(local).data() + dst->gateUpOffset(d % S, false), buf.data(),
+                    dst->gateUpSize() * sizeof(float));
+        std::memcpy(dst->down(local).data() + dst->downOffset(d % S), buf.data() + dst->gateUpSize(),
+                    dst->downSize() * sizeof(float));
+        change.bytes += buf.size() * sizeof(float);
+      }
+      change.slotsCopied += static_cast<int>(copies.size());
+    }
+  }
+  if (change.slotsCopied > 0) expertsMoved_ = true;
+  return change;
 }
 
 std::vector<std::string> CpuLlama::missingWeights() const {
@@ -569,6 +718,8 @@ void CpuLlama::runRank(int rank) {
     for (size_t m = 0; m < microBatches_->size(); ++m) {
       const ForwardInput& in = (*microBatches_)[m];
       R.begin(in, step);
+      step.placement = activePlacement_.get();
+      step.routedBefore = routedSincePlacement_.data();
       if (first) R.embed(step, comm);
       else step.x = channels_[(stage - 1) * group + groupRank]->receive();
       for (int l = layers.start; l < layers.start + layers.count; ++l) {
@@ -625,12 +776,15 @@ void CpuLlama::rankLoop(int rank) {
 
 std::vector<float> CpuLlama::forward(const ForwardInput& in) {
   if (aborted_.load() || rankThreads_.size() + 1 < ranks_.size()) throw Aborted("the model was disposed");
+  std::lock_guard<std::mutex> pass(passMutex_);
   auto missing = missingWeights();
   if (!missing.empty())
     throw BadInput(std::to_string(missing.size()) + " weight tensor(s) not set, first '" + missing[0] + "'");
   validate(in);
   const size_t nseq = in.seqStarts.size() - 1;
   if (nseq == 0) return {};
+  if (!replicasFilled_) fillReplicas();
+  activePlacement_ = placement_;
 
   // As many micro-batches as stages (fewer with fewer sequences), so that stage s works on micro-batch m while
   // stage s + 1 works on m - 1. Each is a ForwardInput of its own sequences.
@@ -679,10 +833,18 @@ std::vector<float> CpuLlama::forward(const ForwardInput& in) {
   }
   if (config_.moe.numExperts > 0) {  // a failed pass's counts are dropped with it
     std::vector<int64_t> counts(expertTokens_.size(), 0);
-    for (auto& r : ranks_) r->takeExpertTokens(counts);
+    std::vector<int64_t> pairs(rankTokens_.size(), 0);
+    const int epRanks = placement_->ranks;
+    for (auto& r : ranks_) {
+      r->takeExpertTokens(counts);
+      r->takeRankPairs(pairs, epRanks);
+    }
     std::lock_guard<std::mutex> lock(expertMutex_);
-    if (!error)
+    if (!error) {
       for (size_t i = 0; i < counts.size(); ++i) expertTokens_[i] += counts[i];
+      for (size_t i = 0; i < counts.size(); ++i) routedSincePlacement_[i] += counts[i];
+      for (size_t i = 0; i < pairs.size(); ++i) rankTokens_[i] += pairs[i];
+    }
   }
   if (error) {
     // Every rank has returned: the group can be mended for the next forward.

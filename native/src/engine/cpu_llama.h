@@ -83,10 +83,15 @@ class CpuLlamaRank {
     std::vector<float> x, xn, tmp;        // ntok x hidden (x: the residual stream)
     std::vector<float> qkv, attn;         // ntok x local (q + 2 kv), ntok x local q
     std::vector<float> gateUp, act;       // ntok x 2 local intermediate, ntok x local intermediate
+    std::vector<float> moePairs;          // MoE: ntok x topK x hidden, each (token, choice)'s weighted output
+    std::vector<int> moeChosen;           // MoE: ntok x topK experts
+    const ExpertPlacement* placement = nullptr;  // MoE: the expert slots of this pass (fixed for its duration)
+    const int64_t* routedBefore = nullptr;       // MoE: numLayers x numExperts pairs routed under it by earlier passes
   };
 
+  // redundantExpertSlots: expert slots per rank beyond numExperts / ep (expert parallelism only).
   CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, const ParallelConfig& parallel, int stage,
-               int groupRank, unsigned threads, const GemmKernel& gemm);
+               int groupRank, unsigned threads, const GemmKernel& gemm, int redundantExpertSlots = 0);
 
   int stage() const { return stage_; }
   int groupRank() const { return groupRank_; }
@@ -113,6 +118,10 @@ class CpuLlamaRank {
   // the last call, and a reset. Only the group's rank 0 counts (every rank routes every token alike), so the sum
   // over the ranks counts each token once. Not during a forward().
   void takeExpertTokens(std::vector<int64_t>& into);
+  // MoE models: (token, choice) pairs this rank's expert slots ran per layer since the last call, added to
+  // into[layer * epRanks + groupRank] (epRanks: ep, or 1 with rank 0 counting when ep is 1), and a reset.
+  void takeRankPairs(std::vector<int64_t>& into, int epRanks);
+  CpuMoe* moe() { return moe_.get(); }
 
  private:
   struct Layer {
@@ -158,6 +167,15 @@ class CpuLlamaRank {
   ThreadPool pool_threads_;
   std::unique_ptr<CpuMoe> moe_;        // the FFN of this rank's layers when config.moe.numExperts > 0
   std::vector<int64_t> expertTokens_;  // numLayers x numExperts; counted by group rank 0 only
+  std::vector<int64_t> rankPairs_;     // numLayers: pairs this rank's slots ran
+  int epRank_;                         // this rank's index among the placement's ranks (0 when ep is 1)
+};
+
+// What applying an expert placement took: slots rewritten, how many of those copies came from another rank, bytes.
+struct ExpertPlacementChange {
+  int slotsCopied = 0;
+  int crossRankCopies = 0;
+  size_t bytes = 0;
 };
 
 // The CPU model runner: max(tp, ep) x pp ranks (issues 25, 28), each on its own native thread with its own compute
@@ -168,8 +186,10 @@ class CpuLlama {
   // Throws BadInput when the config, the layout or the pool is inconsistent (pool too small, misaligned, tp not
   // dividing the heads, ...) or the CPU cannot run `kernel` ("auto", "avx512", "avx2", "generic"; see
   // cpu_kernels.h). `threads`: compute threads in all, split evenly between ranks (at least one each).
+  // redundantExpertSlots: expert slots per EP rank beyond numExperts / ep (EPLB replicas; needs ep > 1). They start
+  // as lib/moe's staticPlacement has them, filled from the experts' owners before the first pass.
   CpuLlama(const LlamaConfig& config, const KvPoolView& pool, unsigned threads, const std::string& kernel = "auto",
-           const ParallelConfig& parallel = {});
+           const ParallelConfig& parallel = {}, int redundantExpertSlots = 0);
   ~CpuLlama();
   CpuLlama(const CpuLlama&) = delete;
   CpuLlama& operator=(const CpuLlama&) = delete;
@@ -203,6 +223,22 @@ class CpuLlama {
   // the last call, counted once for the whole model however it is split, and a reset; empty for a dense model.
   // Callable from any thread.
   std::vector<int64_t> takeExpertTokens();
+  // MoE models: (token, choice) pairs run by each expert-parallel rank's slots per layer (numLayers x ep, layer-major;
+  // x 1 when ep is 1) since the last call, and a reset. Callable from any thread.
+  std::vector<int64_t> takeRankTokens();
+
+  // Expert parallelism with online balancing (EPLB, issue 28). The placement in force (per layer, slot -> expert
+  // over the stage group's ep x slotsPerRank slots; every stage group uses the same one for its layers).
+  ExpertPlacement expertPlacement() const;
+  int expertSlotsPerRank() const { return slotsPerRank_; }
+  // Checks a new table against the model (layers, slot count, expert range, every expert replicated) and that every
+  // weight is set; throws BadInput naming the fault. Changes nothing.
+  ExpertPlacement checkExpertPlacement(std::vector<std::vector<int32_t>> slotExpert) const;
+  // Between passes (waits for one in progress, which keeps the old table): copies into every slot whose expert
+  // changes that expert's weights from a slot holding it now (its own rank's when it has one, else another rank's:
+  // ranks are threads of this process, so the transfer is a memcpy, staged so that slots can swap experts), then
+  // switches the table. The next pass routes through it.
+  ExpertPlacementChange applyExpertPlacement(const ExpertPlacement& placement);
   // Test hook: the next forward() throws in rank `rank` just before layer `layer` (once).
   void failRankForTest(int rank, int layer) {
     failLayer_.store(layer);
@@ -214,6 +250,11 @@ class CpuLlama {
   void runRank(int rank);
   void rankLoop(int rank);
   void breakGroup();
+  // Copies expert weights so that the slots hold `to` where they hold `from` now (-1: a slot never filled). Call
+  // with passMutex_ held.
+  ExpertPlacementChange moveExperts(const std::vector<std::vector<int32_t>>& from, const ExpertPlacement& to);
+  // Fills the redundant slots of the initial placement from their experts' owners, once. passMutex_ held.
+  void fillReplicas();
 
   LlamaConfig config_;
   KvPoolView pool_;
@@ -237,8 +278,19 @@ class CpuLlama {
   float* logits_ = nullptr;
   std::exception_ptr error_;
   bool errorIsBreak_ = false;  // error_ is only a RankGroupBroken so far
-  std::mutex expertMutex_;
+  mutable std::mutex expertMutex_;
   std::vector<int64_t> expertTokens_;  // guarded by expertMutex_; the ranks' counts after each forward
+  std::vector<int64_t> rankTokens_;    // guarded by expertMutex_; numLayers x placement ranks
+  // One pass or one placement change at a time: a change never rewrites a slot a pass is reading.
+  std::mutex passMutex_;
+  int slotsPerRank_ = 0;
+  std::shared_ptr<const ExpertPlacement> placement_;  // MoE models; replaced whole by applyExpertPlacement
+  std::shared_ptr<const ExpertPlacement> activePlacement_;  // the running pass's, set under passMutex_
+  // Pairs routed to each (layer, expert) by the passes completed under the placement in force (the replicas' round
+  // robin carries over passes); advanced after a pass that succeeded, zeroed when the placement changes. passMutex_.
+  std::vector<int64_t> routedSincePlacement_;
+  bool replicasFilled_ = true;  // false until the redundant slots of the initial placement are filled
+  bool expertsMoved_ = false;   // an expert slot was rewritten: expert weights can no longer be set by name
 };
 
 }  // namespace tandem::engine

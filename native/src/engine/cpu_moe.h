@@ -1,11 +1,21 @@
 // The sparse mixture-of-experts FFN of the CPU model (Mixtral, Qwen3-MoE), fp32: a router, softmax over the
 // experts, the top k per token (renormalised to sum to 1 where the family does), and SwiGLU experts run over
-// the tokens routed to them (tokens grouped by expert, each expert's GEMMs over its group), their outputs
-// combined with the routing weights. Each CpuLlamaRank owns one for its stage's layers and calls forward() in place
-// of the dense FFN. A rank may hold only some experts (expert parallelism: whole experts [first, first + count))
-// and of each only some intermediate channels (tensor parallelism: gate/up rows and down columns); the router is
-// whole on every rank, so every rank routes every token alike, and forward() adds only the rank's own experts'
-// (partial) outputs: the sum over the ranks of a stage (CpuLlamaRank's all-reduce, in rank order) is the FFN.
+// the tokens routed to them (tokens grouped by expert, each expert's GEMMs over its group). Each CpuLlamaRank owns
+// one for its stage's layers and calls forward() in place of the dense FFN.
+//
+// Weights live in physical expert slots. Under tensor parallelism (ep 1) slot e holds expert e, and of each only
+// some intermediate channels (gate/up rows and down columns). Under expert parallelism (ep > 1) rank r holds slots
+// [r * S, (r + 1) * S) of a stage group's ep * S slots (S = numExperts / ep + redundant slots per rank), each a
+// whole expert; an ExpertPlacement (per layer: slot -> logical expert) says which, and may give an expert several
+// replicas (EPLB, lib/moe/eplb.ts). The router is whole on every rank, so every rank routes every token alike and
+// spreads each expert's tokens over its replicas alike: round robin, the j-th (token, choice) pair routed to expert e
+// since the placement took effect goes to replica j mod replicas(e) (within one pass from a fresh count, what lib/moe's
+// routeToSlots does; carried over passes, so that decode steps of a few tokens reach every replica too).
+//
+// The combine does not depend on the placement: forward() writes each (token, choice) pair's weighted expert output
+// (zero for pairs another rank runs), the stage group sums those over its ranks (exact: one rank's value plus
+// zeros), and combine() adds a token's pairs in ascending expert order, as one rank would. So EP ranks under any
+// placement give the logits of one rank bit for bit.
 #pragma once
 
 #include <cstddef>
@@ -20,28 +30,51 @@ namespace tandem::engine {
 // y[m, n] = x[m, :] . w[n, :] for m < rows; w is [n, k] row-major (CpuLlama::matmul without bias).
 using MatmulFn = std::function<void(const float* x, size_t rows, size_t k, const float* w, size_t n, float* y)>;
 
+// Where the experts of every layer live among a stage group's physical slots (slot s is on rank s / slotsPerRank).
+struct ExpertPlacement {
+  int numExperts = 0, ranks = 1, slotsPerRank = 0;
+  std::vector<std::vector<int32_t>> slotExpert;                // [layer][slot] -> logical expert
+  std::vector<std::vector<std::vector<int32_t>>> expertSlots;  // [layer][expert] -> its slots, ascending
+  int slots() const { return ranks * slotsPerRank; }
+};
+
+// Checks a table (every layer numLayers' slots in [0, numExperts), every expert with a replica in every layer) and
+// derives expertSlots; throws BadInput naming the first fault.
+ExpertPlacement makeExpertPlacement(int numLayers, int numExperts, int ranks, int slotsPerRank,
+                                    std::vector<std::vector<int32_t>> slotExpert);
+// lib/moe's staticPlacement: rank r's slot j holds expert (r * numExperts / ranks + j) % numExperts, so rank r holds
+// its own experts first, then replicas of the next ranks' first ones.
+ExpertPlacement staticExpertPlacement(int numLayers, int numExperts, int ranks, int redundantSlotsPerRank);
+
 class CpuMoe {
  public:
-  // Allocates `numLayers` layers' routers and the experts [experts.start, + experts.count) of each, every expert
-  // `intermediate` channels wide; config.moe.numExperts > 0.
-  CpuMoe(const LlamaConfig& config, int numLayers, int firstExpert, int numExperts, size_t intermediate);
+  // Allocates `numLayers` layers' routers and `slots` physical expert slots of each, every slot `intermediate`
+  // channels wide; config.moe.numExperts > 0.
+  CpuMoe(const LlamaConfig& config, int numLayers, int slots, size_t intermediate);
 
-  // Weight storage (layer: 0.. numLayers - 1; expert: a global index this instance holds), for the rank's tensor
-  // registration. router: [numExperts, hidden] (all experts); gateUp: per local expert [2 * intermediate, hidden]
-  // (gate rows, then up rows); down: per local expert [hidden, intermediate].
+  // Weight storage (layer: 0.. numLayers - 1; slot: this instance's local slot 0.. slots - 1), for the rank's tensor
+  // registration and for copying experts between slots. router: [numExperts, hidden] (all experts); gateUp: per slot
+  // [2 * intermediate, hidden] (gate rows, then up rows); down: per slot [hidden, intermediate].
   std::vector<float>& router(int layer) { return layers_[layer].router; }
   std::vector<float>& gateUp(int layer) { return layers_[layer].gateUp; }
   std::vector<float>& down(int layer) { return layers_[layer].down; }
-  size_t gateUpOffset(int expert, bool up) const;
-  size_t downOffset(int expert) const;
-  bool holdsExpert(int expert) const { return expert >= firstExpert_ && expert < firstExpert_ + localExperts_; }
+  size_t gateUpOffset(int slot, bool up) const;
+  size_t downOffset(int slot) const;
+  size_t gateUpSize() const { return 2 * inter_ * hidden_; }  // one slot's elements
+  size_t downSize() const { return hidden_ * inter_; }
+  int slots() const { return slots_; }
   size_t intermediate() const { return inter_; }
 
-  // out[t] = sum over token t's top-k experts e that this instance holds, in expert order, of
-  // weight(t, e) * expert_e(x[t]) (with a slice of the channels, a partial output); x and out are [ntok, hidden].
-  // Adds the tokens routed to each expert (all experts, held or not) to tokensPerExpert[0..numExperts) unless null.
-  void forward(int layer, const float* x, size_t ntok, float* out, const MatmulFn& matmul,
-               int64_t* tokensPerExpert) const;
+  // Routes x ([ntok, hidden]) and runs this instance's slots (rank `rank`'s slots of `placement`, layer
+  // `placementLayer`; routedBefore[e]: pairs routed to expert e under it by earlier passes) over the pairs routed to them: pairs[(t * topK + j) * hidden ..] = weight(t, j) *
+  // expert(x[t]) for the pairs this rank runs, zero for the others; `chosen` gets each pair's expert. Adds the
+  // tokens routed to each expert (all experts) to tokensPerExpert[0..numExperts) unless null, and the pairs this rank
+  // ran to *pairsRun unless null.
+  void forward(int layer, const float* x, size_t ntok, const ExpertPlacement& placement, int placementLayer, int rank,
+               const int64_t* routedBefore, const MatmulFn& matmul, std::vector<float>& pairs, std::vector<int>& chosen, int64_t* tokensPerExpert,
+               int64_t* pairsRun) const;
+  // out[t] = sum over token t's pairs in ascending expert order of pairs[pair] (out is [ntok, hidden]).
+  void combine(const std::vector<float>& pairs, const std::vector<int>& chosen, size_t ntok, float* out) const;
 
  private:
   struct Layer {
@@ -49,7 +82,7 @@ class CpuMoe {
   };
   MoeConfig moe_;
   size_t hidden_, inter_;
-  int firstExpert_, localExperts_;
+  int slots_;
   std::vector<Layer> layers_;
 };
 

@@ -174,6 +174,9 @@ void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CpuLlamaWrap::Forward>("forward"),
                                         InstanceMethod<&CpuLlamaWrap::Dispose>("dispose"),
                                         InstanceMethod<&CpuLlamaWrap::TakeExpertLoad>("takeExpertLoad"),
+                                        InstanceMethod<&CpuLlamaWrap::TakeRankLoad>("takeRankLoad"),
+                                        InstanceMethod<&CpuLlamaWrap::ExpertPlacementTable>("expertPlacement"),
+                                        InstanceMethod<&CpuLlamaWrap::ApplyExpertPlacement>("applyExpertPlacement"),
                                         InstanceMethod<&CpuLlamaWrap::FailRankForTest>("failRankForTest"),
                                         InstanceAccessor<&CpuLlamaWrap::GetThreads>("threads"),
                                         InstanceAccessor<&CpuLlamaWrap::GetRanks>("ranks"),
@@ -184,7 +187,7 @@ void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
 }
 
 // new CpuLlama({ ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer, threads?, kernel?,
-//                tensorParallelSize?, pipelineParallelSize? })
+//                tensorParallelSize?, pipelineParallelSize?, expertParallelSize?, redundantExpertSlots? })
 CpuLlamaWrap::CpuLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CpuLlamaWrap>(info) {
   Napi::Env env = info.Env();
   if (!info[0].IsObject()) throw Napi::TypeError::New(env, "CpuLlama expects an options object");
@@ -211,11 +214,17 @@ CpuLlamaWrap::CpuLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Cp
   if (!field(o, "tensorParallelSize").IsUndefined()) parallel.tp = positiveInt(o, "tensorParallelSize");
   if (!field(o, "pipelineParallelSize").IsUndefined()) parallel.pp = positiveInt(o, "pipelineParallelSize");
   if (!field(o, "expertParallelSize").IsUndefined()) parallel.ep = positiveInt(o, "expertParallelSize");
+  int redundantExpertSlots = 0;
+  if (!field(o, "redundantExpertSlots").IsUndefined()) {
+    double r = number(o, "redundantExpertSlots");
+    if (r < 0 || r > 65536 || r != std::floor(r)) badArgument(env, "option 'redundantExpertSlots' must be an integer >= 0");
+    redundantExpertSlots = static_cast<int>(r);
+  }
   if (parallel.ranks() > 256)
     badArgument(env, "at most 256 ranks (max(tensorParallelSize, expertParallelSize) x pipelineParallelSize)");
 
   try {
-    model_ = std::make_shared<CpuLlama>(c, pool, threads, kernel, parallel);
+    model_ = std::make_shared<CpuLlama>(c, pool, threads, kernel, parallel, redundantExpertSlots);
   } catch (const BadInput& e) {
     badArgument(env, e.what());
   } catch (const std::bad_alloc&) {
@@ -329,6 +338,80 @@ Napi::Value CpuLlamaWrap::TakeExpertLoad(const Napi::CallbackInfo& info) {
   Napi::Float64Array out = Napi::Float64Array::New(env, counts.size());
   for (size_t i = 0; i < counts.size(); ++i) out[i] = static_cast<double>(counts[i]);
   return out;
+}
+
+// takeRankLoad() -> Float64Array: (token, choice) pairs each expert-parallel rank ran per layer (numLayers x ep,
+// layer-major) since the last call.
+Napi::Value CpuLlamaWrap::TakeRankLoad(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<int64_t> counts = live(env).takeRankTokens();
+  Napi::Float64Array out = Napi::Float64Array::New(env, counts.size());
+  for (size_t i = 0; i < counts.size(); ++i) out[i] = static_cast<double>(counts[i]);
+  return out;
+}
+
+// expertPlacement() -> { ranks, slotsPerRank, slotExpert: Int32Array (numLayers x ranks x slotsPerRank) }.
+Napi::Value CpuLlamaWrap::ExpertPlacementTable(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  ExpertPlacement p;
+  try {
+    p = live(env).expertPlacement();
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  }
+  Napi::Int32Array table = Napi::Int32Array::New(env, p.slotExpert.size() * static_cast<size_t>(p.slots()));
+  size_t i = 0;
+  for (const auto& row : p.slotExpert)
+    for (int32_t e : row) table[i++] = e;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("ranks", p.ranks);
+  out.Set("slotsPerRank", p.slotsPerRank);
+  out.Set("slotExpert", table);
+  return out;
+}
+
+// applyExpertPlacement(slotExpert: Int32Array, numLayers x ep x slotsPerRank) -> Promise<{ slotsCopied,
+// crossRankCopies, bytes }>. Checked here (TANDEM_BAD_ARGUMENT, nothing changed); applied on the pass thread, after
+// the passes queued before it and before those queued after.
+Napi::Value CpuLlamaWrap::ApplyExpertPlacement(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CpuLlama> model = model_;
+  CpuLlama& m = live(env);
+  std::vector<int32_t> flat = int32s(env, info[0], "the expert placement");
+  const size_t layers = static_cast<size_t>(m.config().numLayers);
+  const size_t perLayer = static_cast<size_t>(std::max(1, m.parallel().ep)) * m.expertSlotsPerRank();
+  if (flat.size() != layers * perLayer)
+    badArgument(env, "the expert placement has " + std::to_string(flat.size()) + " slots; " + std::to_string(layers) +
+                         " layers x " + std::to_string(m.parallel().ep) + " ranks x " +
+                         std::to_string(m.expertSlotsPerRank()) + " slots make " + std::to_string(layers * perLayer));
+  std::vector<std::vector<int32_t>> table(layers);
+  for (size_t l = 0; l < layers; ++l) table[l].assign(flat.begin() + l * perLayer, flat.begin() + (l + 1) * perLayer);
+  auto placement = std::make_shared<ExpertPlacement>();
+  try {
+    *placement = m.checkExpertPlacement(std::move(table));
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  }
+  return runAsync<ExpertPlacementChange>(
+      env, *queue_,
+      [model, placement]() {
+        try {
+          return model->applyExpertPlacement(*placement);
+        } catch (const BadInput& e) {
+          throw NativeError("TANDEM_BAD_ARGUMENT", e.what());
+        } catch (const Aborted& e) {
+          throw NativeError("TANDEM_DISPOSED", e.what());
+        } catch (const std::bad_alloc&) {
+          throw NativeError("TANDEM_OUT_OF_MEMORY", "not enough memory to stage the expert copies");
+        }
+      },
+      [](Napi::Env env, ExpertPlacementChange& change) -> Napi::Value {
+        Napi::Object out = Napi::Object::New(env);
+        out.Set("slotsCopied", change.slotsCopied);
+        out.Set("crossRankCopies", change.crossRankCopies);
+        out.Set("bytes", static_cast<double>(change.bytes));
+        return out;
+      });
 }
 
 Napi::Value CpuLlamaWrap::Dispose(const Napi::CallbackInfo& info) {

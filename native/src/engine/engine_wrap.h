@@ -47,6 +47,9 @@ class CpuLlamaWrap : public Napi::ObjectWrap<CpuLlamaWrap>, public Closeable {
   Napi::Value Ready(const Napi::CallbackInfo& info);
   Napi::Value Forward(const Napi::CallbackInfo& info);
   Napi::Value TakeExpertLoad(const Napi::CallbackInfo& info);
+  Napi::Value TakeRankLoad(const Napi::CallbackInfo& info);
+  Napi::Value ExpertPlacementTable(const Napi::CallbackInfo& info);
+  Napi::Value ApplyExpertPlacement(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value FailRankForTest(const Napi::CallbackInfo& info);
   Napi::Value GetRanks(const Napi::CallbackInfo& info);
