@@ -203,6 +203,9 @@ class CpuLlama {
   // the last call, counted once for the whole model however it is split, and a reset; empty for a dense model.
   // Callable from any thread.
   std::vector<int64_t> takeExpertTokens();
+  // Host time each rank (rank = stage * group + group rank) spent in its collectives since the last call, and a
+  // reset; all zero with a single rank. Callable from any thread (between forward passes for whole passes).
+  std::vector<CollectiveTime> takeCollectiveTime();
   // Test hook: the next forward() throws in rank `rank` just before layer `layer` (once).
   void failRankForTest(int rank, int layer) {
     failLayer_.store(layer);

@@ -174,6 +174,7 @@ void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CpuLlamaWrap::Forward>("forward"),
                                         InstanceMethod<&CpuLlamaWrap::Dispose>("dispose"),
                                         InstanceMethod<&CpuLlamaWrap::TakeExpertLoad>("takeExpertLoad"),
+                                        InstanceMethod<&CpuLlamaWrap::TakeCollectiveTime>("takeCollectiveTime"),
                                         InstanceMethod<&CpuLlamaWrap::FailRankForTest>("failRankForTest"),
                                         InstanceAccessor<&CpuLlamaWrap::GetThreads>("threads"),
                                         InstanceAccessor<&CpuLlamaWrap::GetRanks>("ranks"),
@@ -328,6 +329,24 @@ Napi::Value CpuLlamaWrap::TakeExpertLoad(const Napi::CallbackInfo& info) {
   std::vector<int64_t> counts = live(env).takeExpertTokens();
   Napi::Float64Array out = Napi::Float64Array::New(env, counts.size());
   for (size_t i = 0; i < counts.size(); ++i) out[i] = static_cast<double>(counts[i]);
+  return out;
+}
+
+// takeCollectiveTime() -> [{ allReduceMs, gatherMs, barrierMs, handoverMs }] per rank: host time in collectives since
+// the last call.
+Napi::Value CpuLlamaWrap::TakeCollectiveTime(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<CollectiveTime> times = live(env).takeCollectiveTime();
+  Napi::Array out = Napi::Array::New(env, times.size());
+  const auto ms = [&](int64_t ns) { return Napi::Number::New(env, static_cast<double>(ns) / 1e6); };
+  for (size_t r = 0; r < times.size(); ++r) {
+    Napi::Object t = Napi::Object::New(env);
+    t.Set("allReduceMs", ms(times[r].allReduceNs));
+    t.Set("gatherMs", ms(times[r].gatherNs));
+    t.Set("barrierMs", ms(times[r].barrierNs));
+    t.Set("handoverMs", ms(times[r].handoverNs));
+    out.Set(static_cast<uint32_t>(r), t);
+  }
   return out;
 }
 

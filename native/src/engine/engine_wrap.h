@@ -47,6 +47,7 @@ class CpuLlamaWrap : public Napi::ObjectWrap<CpuLlamaWrap>, public Closeable {
   Napi::Value Ready(const Napi::CallbackInfo& info);
   Napi::Value Forward(const Napi::CallbackInfo& info);
   Napi::Value TakeExpertLoad(const Napi::CallbackInfo& info);
+  Napi::Value TakeCollectiveTime(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value FailRankForTest(const Napi::CallbackInfo& info);
   Napi::Value GetRanks(const Napi::CallbackInfo& info);
