@@ -1,6 +1,7 @@
 /**
  * npm run bench:engine [-- --model dummy:<preset>] [-- --device cpu|cuda|auto] [-- --prefill 512,3000]
  *                      [-- --context 512,3072] [-- --prompt N] [-- --batch 1,16,64] [-- --steps N] [-- --threads N]
+ *                      [-- --tp N] [-- --pp N] [-- --ep N]
  *                      [-- --sampling device|host] [-- --graphs on|off] [-- --torch auto|off] [-- --quick]
  *                      [-- --json FILE] [-- --svg FILE]          (-- --help lists them with their defaults)
  *
@@ -52,11 +53,25 @@
  * upload and result download included), so small gaps at short steps favour PyTorch. "Tandem x" = PyTorch
  * ms / Tandem ms (above 1: Tandem is faster).
  *
- * Prints a header and a table on stdout (progress on stderr); --json FILE writes
- * {host, model, device, config, params, settings, baseline, gemmCeilings, skipped, torch, rows}; --svg FILE
- * (default: beside the JSON, else bench-results/engine.svg) charts prefill time against prompt length and, one
- * panel per context, decode step time against batch size, for Tandem, PyTorch and the limits. Unknown presets,
- * bad arguments, or --device cuda without a usable GPU print the error's message and exit 2.
+ * Parallel layouts (--tp, --pp, --ep; lib/engine/parallel.ts, checked against the model before anything loads: a
+ * layout that does not fit, or --pp / --ep on cuda, whose engine runs tensor-parallel ranks only, exits 2 with the
+ * ParallelLayoutError's message): with more than one rank the same rows run first at one rank (tp = pp = ep = 1) on
+ * the same threads (the CPU runner splits --threads between its ranks, at least one each: a layout with more ranks
+ * than threads runs more threads; settings.singleRankThreads and the device line say how many) or the same GPU,
+ * then at the layout; each row has "1-rank ms" and "speed-up" = 1-rank ms / ms. On CPU ranks each row also has
+ * "coll %": rank 0's host time inside collectives (CpuModelRunner.takeCollectiveTime: all-reduces, the logits
+ * gather, barriers for replicated kv heads, and on later pipeline stages the wait for the previous stage's
+ * activations; each the rank's wait for its peers plus its own summing and copying) over the timed steps' total
+ * wall time, and "coll max", the largest share of any rank. On a shared or small host most of that is waiting for
+ * a slower peer, not moving bytes. On cuda the ranks share one GPU through the local communicator and no share is
+ * measured (the GPU's collectives are stream work, not host time).
+ *
+ * Prints a header and a table on stdout (progress on stderr); --json FILE writes {host, model, device, config,
+ * parallel, params, settings, baseline, gemmCeilings, skipped, torch, rows, and with several ranks singleRankRows};
+ * --svg FILE (default: beside the JSON, else bench-results/engine.svg) charts prefill time against prompt length and,
+ * one panel per context, decode step time against batch size, for Tandem (and Tandem at one rank), PyTorch and the
+ * limits. Unknown presets, bad arguments, a layout that does not fit, or --device cuda without a usable GPU print
+ * the error's message and exit 2.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -735,6 +750,8 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   /** The same cases at one rank, when the layout has several. */
   const singleRankRows: Row[] = [];
+  /** CPU: the one-rank runner's threads (a layout with more ranks than threads runs one thread per rank). */
+  let singleRankThreads: number | undefined;
   let layoutLine = describeParallel(config, parallel);
   const weightBytes = params.readPerStep * dtypeBytes;
   let numBlocks = 0;
@@ -812,6 +829,7 @@ async function main(): Promise<void> {
           parallel: layout,
         });
         deviceLine = `cpu ${caps.cpu.model}, ${runner.threads} threads, kernel ${runner.kernel}, fp32 weights and KV`;
+        if (single) singleRankThreads = runner.threads;
       }
       if (!single) layoutLine = layoutText;
       progress(`loaded in ${((performance.now() - loadStart) / 1e3).toFixed(1)} s`);
@@ -985,7 +1003,8 @@ async function main(): Promise<void> {
     `layout ${layoutLine}` +
       (rankCount(parallel) > 1
         ? `; "1-rank ms" = the same rows at one rank (tp 1, pp 1, ep 1) on the same ` +
-          `${cuda ? 'GPU' : 'threads'}, measured first in this run; "speed-up" = 1-rank ms / ms` +
+          `${cuda ? 'GPU' : `host, ${singleRankThreads} threads`}, measured first in this run; ` +
+          `"speed-up" = 1-rank ms / ms` +
           (cuda
             ? ''
             : `; "coll %" = rank 0's host time in collectives (all-reduce, logits gather, barriers, waiting for ` +
@@ -1055,6 +1074,7 @@ async function main(): Promise<void> {
             sampling: sampling === 'device' && cuda ? 'device' : 'host',
             ...(cudaGraphs ? { cudaGraphs } : {}),
             ...(gemvMaxBatch !== undefined ? { gemvMaxBatch } : {}),
+            ...(singleRankThreads !== undefined ? { singleRankThreads } : {}),
           },
           baseline: baseline!,
           gemmCeilings: ceilings,
