@@ -119,6 +119,7 @@ class HostCommunicator {
   // Rank `root` receives out[row * totalCols + offset_r + c] = part_r[row * cols_r + c] for every rank r, its
   // parts laid side by side in rank order (vocabulary-parallel logits); other ranks pass out = nullptr.
   void gatherColumns(int rank, int root, const float* part, size_t rows, size_t cols, float* out, size_t totalCols);
+  // Every rank of the group meets here; the wait counts as group rank `rank`'s barrierNs.
   void barrier(int rank);
   void breakAll() { barrier_.breakAll(); }
   void reset() { barrier_.reset(); }
