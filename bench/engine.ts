@@ -1,6 +1,7 @@
 /**
  * npm run bench:engine [-- --model dummy:<preset>] [-- --device cpu|cuda|auto] [-- --prefill 512,3000]
  *                      [-- --context 512,3072] [-- --prompt N] [-- --batch 1,16,64] [-- --steps N] [-- --threads N]
+ *                      [-- --tp N] [-- --pp N] [-- --ep N]
  *                      [-- --sampling device|host] [-- --graphs on|off] [-- --torch auto|off] [-- --quick]
  *                      [-- --json FILE] [-- --svg FILE]          (-- --help lists them with their defaults)
  *
@@ -52,11 +53,25 @@
  * upload and result download included), so small gaps at short steps favour PyTorch. "Tandem x" = PyTorch
  * ms / Tandem ms (above 1: Tandem is faster).
  *
- * Prints a header and a table on stdout (progress on stderr); --json FILE writes
- * {host, model, device, config, params, settings, baseline, gemmCeilings, skipped, torch, rows}; --svg FILE
- * (default: beside the JSON, else bench-results/engine.svg) charts prefill time against prompt length and, one
- * panel per context, decode step time against batch size, for Tandem, PyTorch and the limits. Unknown presets,
- * bad arguments, or --device cuda without a usable GPU print the error's message and exit 2.
+ * Parallel layouts (--tp, --pp, --ep; lib/engine/parallel.ts, checked against the model before anything loads: a
+ * layout that does not fit, or --pp / --ep on cuda, whose engine runs tensor-parallel ranks only, exits 2 with the
+ * ParallelLayoutError's message): with more than one rank the same rows run first at one rank (tp = pp = ep = 1) on
+ * the same threads (the CPU runner splits --threads between its ranks, at least one each: a layout with more ranks
+ * than threads runs more threads; settings.singleRankThreads and the device line say how many) or the same GPU,
+ * then at the layout; each row has "1-rank ms" and "speed-up" = 1-rank ms / ms. On CPU ranks each row also has
+ * "coll %": rank 0's host time inside collectives (CpuModelRunner.takeCollectiveTime: all-reduces, the logits
+ * gather, barriers for replicated kv heads, and on later pipeline stages the wait for the previous stage's
+ * activations; each the rank's wait for its peers plus its own summing and copying) over the timed steps' total
+ * wall time, and "coll max", the largest share of any rank. On a shared or small host most of that is waiting for
+ * a slower peer, not moving bytes. On cuda the ranks share one GPU through the local communicator and no share is
+ * measured (the GPU's collectives are stream work, not host time).
+ *
+ * Prints a header and a table on stdout (progress on stderr); --json FILE writes {host, model, device, config,
+ * parallel, params, settings, baseline, gemmCeilings, skipped, torch, rows, and with several ranks singleRankRows};
+ * --svg FILE (default: beside the JSON, else bench-results/engine.svg) charts prefill time against prompt length and,
+ * one panel per context, decode step time against batch size, for Tandem (and Tandem at one rank), PyTorch and the
+ * limits. Unknown presets, bad arguments, a layout that does not fit, or --device cuda without a usable GPU print
+ * the error's message and exit 2.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -68,8 +83,10 @@ import { capabilities } from '../lib/capabilities/index.js';
 import { CudaDevice, probeCuda, type DeviceBuffer } from '../lib/cuda/index.js';
 import { CpuModelRunner, DEFAULT_DUMMY_SEED, loadWeights, type NamedTensor } from '../lib/engine/cpu.js';
 import { CudaModelRunner } from '../lib/engine/cuda.js';
+import { checkCudaTensorParallel } from '../lib/engine/cuda-parallel.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from '../lib/engine/model/config.js';
 import { dummyConfig, isDummyModel } from '../lib/engine/model/dummy.js';
+import { checkParallelConfig, describeParallel, rankCount, SINGLE_RANK } from '../lib/engine/parallel.js';
 import type { ForwardBatch, ModelRunner } from '../lib/engine/runner.js';
 import { Sampler } from '../lib/engine/sampler.js';
 import { loadBinding } from '../lib/native/binding.js';
@@ -82,8 +99,10 @@ import {
   ModelConfigError,
   native,
   OutOfMemoryError,
+  ParallelLayoutError,
   TandemError,
 } from '../lib/errors.js';
+import type { RawCollectiveTime } from '../lib/native/binding.js';
 
 const BLOCK_SIZE = 16;
 const MiB = 2 ** 20;
@@ -126,6 +145,40 @@ interface Row {
   torch?: TorchCell;
   /** The same case through transformers' LlamaForCausalLM (prefill rows). */
   transformers?: TorchCell;
+  /** A layout of several ranks: the same case at one rank (tp = pp = ep = 1), measured first in the same run. */
+  singleRank?: { msP50: number; msMin: number; speedup: number };
+  /** CPU ranks of a layout of several: their host time in collectives over the timed steps. */
+  collective?: CollectiveShare;
+}
+
+/** Host time CPU ranks spent in collectives (CpuModelRunner.takeCollectiveTime) against the step time. */
+interface CollectiveShare {
+  /** Rank 0's time in collectives / step time, summed over the timed steps. */
+  share: number;
+  /** The largest share of any rank, and that rank (stage * group + rank in the stage). */
+  maxShare: number;
+  maxRank: number;
+  /** Per rank, ms per step in each kind of collective (wait for the peers plus summing and copying). */
+  ranks: (RawCollectiveTime & { totalMs: number; share: number })[];
+}
+
+/** The ranks' collective time over steps that took `stepMs` (ms each) in all, as shares of the step time. */
+function collectiveShare(times: RawCollectiveTime[], stepMs: number[]): CollectiveShare {
+  const steps = stepMs.length;
+  const wall = stepMs.reduce((a, b) => a + b, 0);
+  const ranks = times.map((t) => {
+    const totalMs = t.allReduceMs + t.gatherMs + t.barrierMs + t.handoverMs;
+    return {
+      allReduceMs: t.allReduceMs / steps,
+      gatherMs: t.gatherMs / steps,
+      barrierMs: t.barrierMs / steps,
+      handoverMs: t.handoverMs / steps,
+      totalMs: totalMs / steps,
+      share: totalMs / wall,
+    };
+  });
+  const maxRank = ranks.reduce((best, r, i) => (r.share > ranks[best]!.share ? i : best), 0);
+  return { share: ranks[0]!.share, maxShare: ranks[maxRank]!.share, maxRank, ranks };
 }
 
 interface Baseline {
@@ -393,7 +446,10 @@ const USAGE = `npm run bench:engine [-- options]
   --prompt N                  --prefill N --context N
   --batch LIST                batch sizes of the decode rows (default cuda 1,16,64,128, --quick 1,64; cpu 1,4)
   --steps N                   timed decode steps per row (default 32, --quick 16)
-  --threads N                 cpu threads (default: the runner's)
+  --threads N                 cpu threads (default: the runner's), split between the ranks
+  --tp N, --pp N, --ep N      tensor / pipeline / expert parallel ranks (default 1 each; cuda: --tp only); with
+                              several ranks the same rows also run at one rank first, for the speed-up, and on
+                              cpu each row says the ranks' share of the step spent in collectives
   --sampling device|host      greedy ids from the device, or whole logits to the host (default device)
   --graphs on|off             decode steps as CUDA graphs (default on)
   --torch auto|off            PyTorch rows on cuda where python3 imports torch with a GPU (default auto)
@@ -587,6 +643,9 @@ async function main(): Promise<void> {
       batch: { type: 'string' },
       steps: { type: 'string' },
       threads: { type: 'string' },
+      tp: { type: 'string' },
+      pp: { type: 'string' },
+      ep: { type: 'string' },
       json: { type: 'string' },
       svg: { type: 'string' },
       quick: { type: 'boolean', default: false },
@@ -627,6 +686,21 @@ async function main(): Promise<void> {
   const cuda = device === 'cuda';
   const model = values.model ?? (cuda ? 'dummy:llama-3.2-1b' : 'dummy:tiny');
   config ??= modelConfig(model);
+  // The layout is checked against the model before anything loads (ParallelLayoutError, exit 2).
+  const sizes = {
+    tp: values.tp === undefined ? 1 : positiveInt('tp', values.tp),
+    pp: values.pp === undefined ? 1 : positiveInt('pp', values.pp),
+    ep: values.ep === undefined ? 1 : positiveInt('ep', values.ep),
+  };
+  const where = `--tp ${sizes.tp} --pp ${sizes.pp} --ep ${sizes.ep} on ${model}`;
+  const parallel = checkParallelConfig(config, sizes, where);
+  if (cuda) {
+    if (parallel.pp > 1 || parallel.ep > 1)
+      throw new ParallelLayoutError(
+        `${where}: the GPU engine runs tensor-parallel ranks only; --pp and --ep run on the CPU engine (--device cpu)`,
+      );
+    checkCudaTensorParallel(config, parallel.tp, where);
+  }
   const ascending = (xs: number[]) => [...xs].sort((a, b) => a - b);
   const prefills = ascending(
     prefills0 ?? (prompt0 ? [prompt0] : cuda ? (quick ? [512, 3000] : [512, 1024, 3000, 8192]) : [128]),
@@ -667,13 +741,18 @@ async function main(): Promise<void> {
   let dev: CudaDevice | undefined;
   let runner: CpuModelRunner | CudaModelRunner | undefined;
   let ceilings: GemmCeiling[] = [];
-  let baseline: Baseline;
+  let baseline: Baseline | undefined;
   let deviceLine: string;
   let graphsLine = '';
   let weightBytesOnDevice: number | undefined;
   let cudaGraphs: { active: boolean; reason: string | null } | undefined;
   let gemvMaxBatch: number | undefined;
   const rows: Row[] = [];
+  /** The same cases at one rank, when the layout has several. */
+  const singleRankRows: Row[] = [];
+  /** CPU: the one-rank runner's threads (a layout with more ranks than threads runs one thread per rank). */
+  let singleRankThreads: number | undefined;
+  let layoutLine = describeParallel(config, parallel);
   const weightBytes = params.readPerStep * dtypeBytes;
   let numBlocks = 0;
   try {
@@ -701,125 +780,165 @@ async function main(): Promise<void> {
       ...prefillCases.map((c) => c.batch * blocksFor(c.prompt)),
       ...decodeCases.map((c) => c.batch * blocksFor(c.context)),
     );
-    const loadStart = performance.now();
-    let lastLine = loadStart;
-    // A line a second while loading (the large presets take a while to generate), and one at the end.
-    const onProgress = (loaded: number, total: number) => {
-      const now = performance.now();
-      if (loaded < total && now - lastLine < 1000) return;
-      lastLine = now;
-      progress(
-        `loading ${model} weights: ${loaded}/${total} tensors (${Math.floor((loaded / total) * 100)}%), ` +
-          `${((now - loadStart) / 1e3).toFixed(1)} s`,
+    // The layout's rows, after the same rows at one rank (tp = pp = ep = 1) when the layout has several: the
+    // speed-up is against a baseline measured in this run, on the same threads (the CPU runner splits them
+    // between its ranks) or the same GPU.
+    const layouts = rankCount(parallel) > 1 ? [SINGLE_RANK, parallel] : [parallel];
+    for (const layout of layouts) {
+      const single = layout === SINGLE_RANK;
+      const into = single ? singleRankRows : rows;
+      const loadStart = performance.now();
+      let lastLine = loadStart;
+      // A line a second while loading (the large presets take a while to generate), and one at the end.
+      const onProgress = (loaded: number, total: number) => {
+        const now = performance.now();
+        if (loaded < total && now - lastLine < 1000) return;
+        lastLine = now;
+        progress(
+          `loading ${model} weights: ${loaded}/${total} tensors (${Math.floor((loaded / total) * 100)}%), ` +
+            `${((now - loadStart) / 1e3).toFixed(1)} s`,
+        );
+      };
+      const layoutText = describeParallel(config, layout);
+      if (dev) {
+        progress(
+          `${model} on GPU ${dev.ordinal} (${dev.name}), ${layoutText}, ${numBlocks} KV blocks of ${BLOCK_SIZE} tokens`,
+        );
+        runner = await CudaModelRunner.create({
+          config,
+          device: dev,
+          numBlocks,
+          blockSize: BLOCK_SIZE,
+          weights: model,
+          onProgress,
+          cudaGraphs: graphs,
+          ...(layout.tp > 1 ? { parallel: { tp: layout.tp } } : {}),
+        });
+        // Decode rows read KV that no prompt wrote: bf16 0x3c3c (0.0115) everywhere, finite whatever the GPU held.
+        await runner.kvDeviceBuffer.fill(0x3c);
+        deviceLine = `cuda:${dev.ordinal} ${dev.name}, bf16 weights and KV, fp32 accumulation`;
+        weightBytesOnDevice = runner.weightBytes;
+      } else {
+        progress(`${model} on the CPU, ${layoutText}, ${numBlocks} KV blocks of ${BLOCK_SIZE} tokens`);
+        runner = await CpuModelRunner.create({
+          config,
+          numBlocks,
+          blockSize: BLOCK_SIZE,
+          weights: countingWeights(model, config, onProgress),
+          ...(threads !== undefined ? { threads } : {}),
+          parallel: layout,
+        });
+        deviceLine = `cpu ${caps.cpu.model}, ${runner.threads} threads, kernel ${runner.kernel}, fp32 weights and KV`;
+        if (single) singleRankThreads = runner.threads;
+      }
+      if (!single) layoutLine = layoutText;
+      progress(`loaded in ${((performance.now() - loadStart) / 1e3).toFixed(1)} s`);
+
+      if (baseline === undefined) {
+        progress('measuring the memory baseline');
+        baseline =
+          runner instanceof CpuModelRunner ? await cpuBaseline(runner.threads, quick) : await cudaBaseline(dev!, quick);
+        progress(`baseline: ${baselineText(baseline)}`);
+      }
+
+      const bench = new Bench(runner, sampling);
+      const cpuRanks = runner instanceof CpuModelRunner && rankCount(layout) > 1 ? runner : undefined;
+      /** Sorted step times of `repeats` steps, and the ranks' time in collectives over them (CPU ranks). */
+      const timed = async (batch: ForwardBatch, repeats: number) => {
+        cpuRanks?.takeCollectiveTime(); // drops what the warm-up steps spent
+        const ms = await bench.time(batch, repeats);
+        return { ms, collective: cpuRanks && collectiveShare(cpuRanks.takeCollectiveTime(), ms) };
+      };
+      const record = (row: Row) => {
+        into.push(row);
+        progress(
+          `${single ? '(one rank) ' : ''}${row.phase} batch ${row.batch} at context ${row.context} ` +
+            `(${row.tokens} tokens per forward): ` +
+            `${sig(row.msP50)} ms, ${sig(row.tokensPerSec)} tokens/s, ${sig(row.tflops)} TFLOP/s` +
+            (row.mfu !== undefined ? `, MFU ${(row.mfu * 100).toFixed(0)}%` : '') +
+            (row.vsBound !== undefined ? `, ${(row.vsBound * 100).toFixed(0)}% of the memory bound` : '') +
+            (row.collective
+              ? `, collectives ${percent(row.collective.share)} of the step on rank 0, ` +
+                `${percent(row.collective.maxShare)} on rank ${row.collective.maxRank}`
+              : ''),
+        );
+      };
+      /** A row's timing fields from its sorted step times. */
+      const timing = (ms: number[]) => ({ samples: ms.length, msP50: pct(ms, 50), msMin: ms[0]!, msMax: ms.at(-1)! });
+
+      // Prefill: whole prompts in one forward, after one untimed forward of the same shape.
+      for (const { batch: b, prompt } of prefillCases) {
+        const batch = bench.prefillBatch(b, prompt);
+        await runner.forward(batch);
+        const { ms, collective } = await timed(batch, prefillRepeats);
+        const p50 = pct(ms, 50);
+        const tokens = b * prompt;
+        const flops = forwardFlops(params, tokens, b);
+        const attention = attentionFlops(config, tokens, b);
+        const ceiling = ceilings.find((c) => c.m === tokens && c.what !== '8192^3');
+        const square = ceilings.find((c) => c.what === '8192^3');
+        record({
+          phase: 'prefill',
+          batch: b,
+          tokens,
+          context: prompt,
+          ...timing(ms),
+          tokensPerSec: tokens / (p50 / 1e3),
+          tflops: flops / (p50 * 1e9),
+          attentionFlops: attention,
+          ...(ceiling ? { mfu: (flops + attention) / (p50 * 1e9) / ceiling.tflops } : {}),
+          ...(square ? { mfu8192: (flops + attention) / (p50 * 1e9) / square.tflops } : {}),
+          ...(collective ? { collective } : {}),
+        });
+      }
+
+      // Decode: every sequence of the batch at the same context, the same step timed `steps` times.
+      for (const { batch: b, context } of decodeCases) {
+        const batch = bench.decodeBatch(b, context);
+        await bench.time(batch, 2); // warm-up (and the CUDA graph's capture)
+        const { ms, collective } = await timed(batch, steps);
+        const p50 = pct(ms, 50);
+        const readBytes = weightBytes + b * context * kvBytesPerToken;
+        const boundMs = readBytes / (baseline.readGBps * 1e6);
+        record({
+          phase: 'decode',
+          batch: b,
+          tokens: b,
+          context,
+          ...timing(ms),
+          tokensPerSec: b / (p50 / 1e3),
+          tflops: forwardFlops(params, b, b) / (p50 * 1e9),
+          readBytes,
+          readGBps: readBytes / (p50 * 1e6),
+          boundMs,
+          weightBoundMs: weightBytes / (baseline.readGBps * 1e6),
+          vsBound: boundMs / p50,
+          ...(collective ? { collective } : {}),
+        });
+      }
+      if (runner instanceof CudaModelRunner && !single) {
+        cudaGraphs = runner.cudaGraphs;
+        gemvMaxBatch = runner.gemvMaxBatch;
+        graphsLine = `; decode steps ${
+          runner.cudaGraphs.active
+            ? 'replayed as CUDA graphs'
+            : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : layout.tp > 1 ? ' (tensor-parallel ranks)' : ' (--graphs off)'}`
+        }; GEMMs of ${
+          runner.gemvMaxBatch > 0
+            ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more`
+            : 'any size (TANDEM_GEMV=off)'
+        } through ${runner.gemmPath === 'lt' ? 'cuBLASLt (TANDEM_GEMM=lt)' : 'cublasGemmEx (TANDEM_GEMM=gemmex)'}`;
+      }
+      // The next layout (or PyTorch) runs on the same device: this one's memory goes back first.
+      await runner.dispose();
+      runner = undefined;
+    }
+    for (const row of rows) {
+      const one = singleRankRows.find(
+        (r) => r.phase === row.phase && r.batch === row.batch && r.context === row.context,
       );
-    };
-    if (dev) {
-      progress(`${model} on GPU ${dev.ordinal} (${dev.name}), ${numBlocks} KV blocks of ${BLOCK_SIZE} tokens`);
-      runner = await CudaModelRunner.create({
-        config,
-        device: dev,
-        numBlocks,
-        blockSize: BLOCK_SIZE,
-        weights: model,
-        onProgress,
-        cudaGraphs: graphs,
-      });
-      // Decode rows read KV that no prompt wrote: bf16 0x3c3c (0.0115) everywhere, finite whatever the GPU held.
-      await runner.kvDeviceBuffer.fill(0x3c);
-      deviceLine = `cuda:${dev.ordinal} ${dev.name}, bf16 weights and KV, fp32 accumulation`;
-      weightBytesOnDevice = runner.weightBytes;
-    } else {
-      progress(`${model} on the CPU, ${numBlocks} KV blocks of ${BLOCK_SIZE} tokens`);
-      runner = await CpuModelRunner.create({
-        config,
-        numBlocks,
-        blockSize: BLOCK_SIZE,
-        weights: countingWeights(model, config, onProgress),
-        ...(threads !== undefined ? { threads } : {}),
-      });
-      deviceLine = `cpu ${caps.cpu.model}, ${runner.threads} threads, kernel ${runner.kernel}, fp32 weights and KV`;
+      if (one) row.singleRank = { msP50: one.msP50, msMin: one.msMin, speedup: one.msP50 / row.msP50 };
     }
-    progress(`loaded in ${((performance.now() - loadStart) / 1e3).toFixed(1)} s; measuring the baseline`);
-
-    baseline =
-      runner instanceof CpuModelRunner ? await cpuBaseline(runner.threads, quick) : await cudaBaseline(dev!, quick);
-    progress(`baseline: ${baselineText(baseline)}`);
-
-    const bench = new Bench(runner, sampling);
-    const record = (row: Row) => {
-      rows.push(row);
-      progress(
-        `${row.phase} batch ${row.batch} at context ${row.context} (${row.tokens} tokens per forward): ` +
-          `${sig(row.msP50)} ms, ${sig(row.tokensPerSec)} tokens/s, ${sig(row.tflops)} TFLOP/s` +
-          (row.mfu !== undefined ? `, MFU ${(row.mfu * 100).toFixed(0)}%` : '') +
-          (row.vsBound !== undefined ? `, ${(row.vsBound * 100).toFixed(0)}% of the memory bound` : ''),
-      );
-    };
-    /** A row's timing fields from its sorted step times. */
-    const timing = (ms: number[]) => ({ samples: ms.length, msP50: pct(ms, 50), msMin: ms[0]!, msMax: ms.at(-1)! });
-
-    // Prefill: whole prompts in one forward, after one untimed forward of the same shape.
-    for (const { batch: b, prompt } of prefillCases) {
-      const batch = bench.prefillBatch(b, prompt);
-      await runner.forward(batch);
-      const ms = await bench.time(batch, prefillRepeats);
-      const p50 = pct(ms, 50);
-      const tokens = b * prompt;
-      const flops = forwardFlops(params, tokens, b);
-      const attention = attentionFlops(config, tokens, b);
-      const ceiling = ceilings.find((c) => c.m === tokens && c.what !== '8192^3');
-      const square = ceilings.find((c) => c.what === '8192^3');
-      record({
-        phase: 'prefill',
-        batch: b,
-        tokens,
-        context: prompt,
-        ...timing(ms),
-        tokensPerSec: tokens / (p50 / 1e3),
-        tflops: flops / (p50 * 1e9),
-        attentionFlops: attention,
-        ...(ceiling ? { mfu: (flops + attention) / (p50 * 1e9) / ceiling.tflops } : {}),
-        ...(square ? { mfu8192: (flops + attention) / (p50 * 1e9) / square.tflops } : {}),
-      });
-    }
-
-    // Decode: every sequence of the batch at the same context, the same step timed `steps` times.
-    for (const { batch: b, context } of decodeCases) {
-      const batch = bench.decodeBatch(b, context);
-      await bench.time(batch, 2); // warm-up (and the CUDA graph's capture)
-      const ms = await bench.time(batch, steps);
-      const p50 = pct(ms, 50);
-      const readBytes = weightBytes + b * context * kvBytesPerToken;
-      const boundMs = readBytes / (baseline.readGBps * 1e6);
-      record({
-        phase: 'decode',
-        batch: b,
-        tokens: b,
-        context,
-        ...timing(ms),
-        tokensPerSec: b / (p50 / 1e3),
-        tflops: forwardFlops(params, b, b) / (p50 * 1e9),
-        readBytes,
-        readGBps: readBytes / (p50 * 1e6),
-        boundMs,
-        weightBoundMs: weightBytes / (baseline.readGBps * 1e6),
-        vsBound: boundMs / p50,
-      });
-    }
-    if (runner instanceof CudaModelRunner) {
-      cudaGraphs = runner.cudaGraphs;
-      gemvMaxBatch = runner.gemvMaxBatch;
-    }
-    if (runner instanceof CudaModelRunner)
-      graphsLine = `; decode steps ${
-        runner.cudaGraphs.active
-          ? 'replayed as CUDA graphs'
-          : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`
-      }; GEMMs of ${
-        runner.gemvMaxBatch > 0
-          ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more`
-          : 'any size (TANDEM_GEMV=off)'
-      } through ${runner.gemmPath === 'lt' ? 'cuBLASLt (TANDEM_GEMM=lt)' : 'cublasGemmEx (TANDEM_GEMM=gemmex)'}`;
   } finally {
     // PyTorch runs next on the same GPU: Tandem's memory goes back first.
     await runner?.dispose().catch(() => {});
@@ -881,6 +1000,17 @@ async function main(): Promise<void> {
       `${bytesText(weightBytes)} of ${dtype} weights read per decode step)`,
     `device ${deviceLine!}; host ${caps.cpu.cores} cores, ${sig(caps.cpu.memoryBytes / GiB)} GiB` +
       (cuda ? `; GPU memory bandwidth (theoretical) ${sig(caps.cuda.devices[0]?.memoryBandwidthGBps)} GB/s` : ''),
+    `layout ${layoutLine}` +
+      (rankCount(parallel) > 1
+        ? `; "1-rank ms" = the same rows at one rank (tp 1, pp 1, ep 1) on the same ` +
+          `${cuda ? 'GPU' : `host, ${singleRankThreads} threads`}, measured first in this run; ` +
+          `"speed-up" = 1-rank ms / ms` +
+          (cuda
+            ? ''
+            : `; "coll %" = rank 0's host time in collectives (all-reduce, logits gather, barriers, waiting for ` +
+              `the previous stage) / step time, "coll max" = the largest of any rank (rank = stage x ` +
+              `${Math.max(parallel.tp, parallel.ep)} + rank in the stage)`)
+        : ''),
     `baseline ${baselineText(baseline!)}`,
     `bound ms = (weights + KV read per decode step) / ${sig(baseline!.readGBps)} GB/s; ` +
       `"% bound" = bound / measured (100% = at the memory roofline)`,
@@ -930,6 +1060,7 @@ async function main(): Promise<void> {
             ...(weightBytesOnDevice !== undefined ? { weightBytes: weightBytesOnDevice } : {}),
           },
           config,
+          parallel: { ...parallel, ranks: rankCount(parallel), layout: layoutLine },
           params: { ...params, weightBytesReadPerStep: weightBytes, kvBytesPerToken },
           settings: {
             prefill: prefills,
@@ -943,12 +1074,14 @@ async function main(): Promise<void> {
             sampling: sampling === 'device' && cuda ? 'device' : 'host',
             ...(cudaGraphs ? { cudaGraphs } : {}),
             ...(gemvMaxBatch !== undefined ? { gemvMaxBatch } : {}),
+            ...(singleRankThreads !== undefined ? { singleRankThreads } : {}),
           },
           baseline: baseline!,
           gemmCeilings: ceilings,
           skipped,
           torch: torchRun ? { available: true, ...torchRun } : { available: false, reason: torchReason },
           rows,
+          ...(rankCount(parallel) > 1 ? { singleRankRows } : {}),
         },
         null,
         2,
@@ -962,10 +1095,15 @@ async function main(): Promise<void> {
     svgFile,
     comparisonChart(
       rows,
-      `Tandem bench:engine: ${model} on ${cuda ? (torchRun?.deviceName ?? caps.cuda.devices[0]?.name ?? 'GPU 0') : 'the CPU'}${quick ? ' (--quick)' : ''}`,
+      `Tandem bench:engine: ${model} on ${cuda ? (torchRun?.deviceName ?? caps.cuda.devices[0]?.name ?? 'GPU 0') : 'the CPU'}` +
+        (rankCount(parallel) > 1
+          ? `, tp ${parallel.tp} x pp ${parallel.pp}${parallel.ep > 1 ? ` x ep ${parallel.ep}` : ''}`
+          : '') +
+        (quick ? ' (--quick)' : ''),
       [
         `${deviceLine!}; ${steps} decode steps per row` +
           (torchRun ? `; PyTorch ${torchRun.torch} on the same GPU` : ''),
+        ...(rankCount(parallel) > 1 ? [`layout ${layoutLine}; one rank: the same rows at tp 1, pp 1 in this run`] : []),
         `memory bound at ${sig(baseline!.readGBps)} GB/s read (${baseline!.what})` +
           (square ? `; GEMM ceiling ${sig(square.tflops)} TFLOP/s (cuBLAS bf16 8192^3)` : ''),
       ],
@@ -999,6 +1137,10 @@ function printTable(rows: Row[]) {
     ['context', (r) => String(r.context)],
     ['ms p50', (r) => sig(r.msP50)],
     ['ms min', (r) => sig(r.msMin)],
+    ['1-rank ms', (r) => sig(r.singleRank?.msP50)],
+    ['speed-up', (r) => (r.singleRank === undefined ? '' : `${r.singleRank.speedup.toFixed(2)}x`)],
+    ['coll %', (r) => percent(r.collective?.share)],
+    ['coll max', (r) => (r.collective ? `${percent(r.collective.maxShare)} (r${r.collective.maxRank})` : '')],
     ['tokens/s', (r) => sig(r.tokensPerSec)],
     ['TFLOP/s', (r) => sig(r.tflops)],
     ['MFU', (r) => percent(r.mfu)],
@@ -1032,15 +1174,19 @@ function printTable(rows: Row[]) {
  * PyTorch, the memory bound).
  */
 function comparisonChart(rows: readonly Row[], title: string, subtitle: string[]): ChartSpec {
-  const kinds = [
-    'Tandem',
-    'PyTorch (plain Llama, SDPA, CUDA graph decode)',
-    'transformers (SDPA)',
-    'at the GEMM ceiling (MFU 100%)',
-    'memory bound (weights + KV)',
+  const series = [
+    { kind: 'Tandem', dash: [1, 0] },
+    { kind: 'PyTorch (plain Llama, SDPA, CUDA graph decode)', dash: [1, 0] },
+    { kind: 'transformers (SDPA)', dash: [1, 0] },
+    { kind: 'at the GEMM ceiling (MFU 100%)', dash: [7, 4] },
+    { kind: 'memory bound (weights + KV)', dash: [2, 3] },
+    { kind: 'Tandem at one rank (same run)', dash: [4, 2] },
   ];
+  // The one-rank series only where the layout has several ranks (it would be an empty legend entry otherwise).
+  const shown = rows.some((r) => r.singleRank) ? series : series.slice(0, 5);
+  const kinds = shown.map((s) => s.kind);
   const point = (kind: number, x: number, ms: number | undefined) =>
-    ms === undefined || !Number.isFinite(ms) ? [] : [{ kind: kinds[kind]!, x, ms }];
+    ms === undefined || !Number.isFinite(ms) ? [] : [{ kind: series[kind]!.kind, x, ms }];
   const prefill = rows.filter((r) => r.phase === 'prefill' && r.batch === 1);
   const encoding = {
     color: {
@@ -1056,16 +1202,7 @@ function comparisonChart(rows: readonly Row[], title: string, subtitle: string[]
       type: 'nominal',
       title: null,
       sort: kinds,
-      scale: {
-        domain: kinds,
-        range: [
-          [1, 0],
-          [1, 0],
-          [1, 0],
-          [7, 4],
-          [2, 3],
-        ],
-      },
+      scale: { domain: kinds, range: shown.map((s) => s.dash) },
     },
   };
   const panel = (heading: string, xTitle: string, values: { kind: string; x: number; ms: number }[], base: number) => {
@@ -1095,6 +1232,7 @@ function comparisonChart(rows: readonly Row[], title: string, subtitle: string[]
         'prompt tokens',
         prefill.flatMap((r) => [
           ...point(0, r.tokens, r.msP50),
+          ...point(5, r.tokens, r.singleRank?.msP50),
           ...point(1, r.tokens, r.torch?.msP50),
           ...point(2, r.tokens, r.transformers?.msP50),
           ...point(3, r.tokens, r.mfu === undefined ? undefined : r.msP50 * r.mfu),
@@ -1112,6 +1250,7 @@ function comparisonChart(rows: readonly Row[], title: string, subtitle: string[]
           .filter((r) => r.context === context)
           .flatMap((r) => [
             ...point(0, r.batch, r.msP50),
+            ...point(5, r.batch, r.singleRank?.msP50),
             ...point(1, r.batch, r.torch?.msP50),
             ...point(4, r.batch, r.boundMs),
           ]),
@@ -1129,6 +1268,7 @@ try {
     error instanceof ModelConfigError ||
     error instanceof BadArgumentError ||
     error instanceof BackendUnavailableError ||
+    error instanceof ParallelLayoutError ||
     error instanceof OutOfMemoryError;
   if (!usage) throw error;
   console.error(`bench:engine: ${error instanceof TandemError ? error.message : (error as Error).message}`);

@@ -12,7 +12,7 @@
  */
 import { BadArgumentError, native, nativeSync } from '../errors.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
-import { loadBinding, type RawCpuLlama } from '../native/binding.js';
+import { loadBinding, type RawCollectiveTime, type RawCpuLlama } from '../native/binding.js';
 import { loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, dummyWeights, isDummyModel } from './model/dummy.js';
 import {
@@ -439,6 +439,16 @@ export class CpuModelRunner implements ModelRunner {
     const change = await native(() => this.raw.applyExpertPlacement(table));
     this.expertBalancer?.adopt(this.expertPlacement);
     return change;
+  }
+
+  /**
+   * Host time (ms) each rank (stage * max(tp, ep) + rank in the stage) spent in its collectives over the passes
+   * since the last call, and a reset: all-reduces, the logits gather, barriers and, after stage 0, waiting for the
+   * previous stage's activations. Each is the rank's wait for its peers plus its own summing and copying
+   * (steady_clock around each call); zeros with a single rank. What bench:engine's "collective share" divides.
+   */
+  takeCollectiveTime(): RawCollectiveTime[] {
+    return nativeSync(() => this.raw.takeCollectiveTime());
   }
 
   /** Stops (a pass in progress gives up at its next layer and rejects with DisposedError), joins the threads. */

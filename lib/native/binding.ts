@@ -320,6 +320,18 @@ export interface RawCudaLlama {
   dispose(): Promise<void>;
 }
 
+/** Host time (ms) one CPU rank spent inside its collectives: waiting for its peers plus its own summing and copying. */
+export interface RawCollectiveTime {
+  /** All-reduces: attention and FFN partial sums, the vocabulary-parallel embedding. */
+  allReduceMs: number;
+  /** The gather of vocabulary-parallel logits. */
+  gatherMs: number;
+  /** Barriers (replicated kv heads: the writer before the readers). */
+  barrierMs: number;
+  /** Waiting for the previous pipeline stage's activations. */
+  handoverMs: number;
+}
+
 export interface RawCpuLlama {
   readonly threads: number;
   /** The matrix kernel in use: 'avx512', 'avx2' or 'generic'. */
@@ -345,6 +357,8 @@ export interface RawCpuLlama {
   applyExpertPlacement(
     slotExpert: Int32Array,
   ): Promise<{ slotsCopied: number; crossRankCopies: number; bytes: number }>;
+  /** Host time each rank (stage * group + group rank) spent in its collectives since the last call, and a reset. */
+  takeCollectiveTime(): RawCollectiveTime[];
   /** Test hook: the next forward pass throws in `rank` just before decoder layer `layer`. */
   failRankForTest(rank: number, layer: number): void;
   dispose(): Promise<void>;

@@ -410,7 +410,7 @@ void CpuLlamaRank::attentionBlock(const Layer& L, int layer, Step& step, HostCom
     std::memcpy(kvTile(layer, 1, block) + slot, row + qDim_ + kvDim_, kvDim_ * sizeof(float));
   }
   // A replicated kv head is written by its first holder: the others wait for it before reading.
-  if (replicatedKv_) comm.barrier();
+  if (replicatedKv_) comm.barrier(groupRank_);
   attention(in, layer, step.qkv.data(), step.attn.data(), step.seqOf);
   // Row-parallel o_proj: partial sums over this rank's heads; its bias is added once, by rank 0.
   const float* bias = c.attentionOutputBias && shard_.rank == 0 ? L.bo.data() : nullptr;
@@ -688,6 +688,17 @@ ExpertPlacementChange CpuLlama::moveExperts(const std::vector<std::vector<int32_
   }
   if (change.slotsCopied > 0) expertsMoved_ = true;
   return change;
+}
+
+std::vector<CollectiveTime> CpuLlama::takeCollectiveTime() {
+  const int group = parallel_.group();
+  std::vector<CollectiveTime> out(ranks_.size());
+  for (size_t r = 0; r < ranks_.size(); ++r) {
+    const int stage = static_cast<int>(r) / group, groupRank = static_cast<int>(r) % group;
+    comms_[stage]->takeTime(groupRank, out[r]);
+    if (stage > 0) channels_[(stage - 1) * group + groupRank]->takeTime(out[r]);  // the channel rank r receives on
+  }
+  return out;
 }
 
 std::vector<std::string> CpuLlama::missingWeights() const {

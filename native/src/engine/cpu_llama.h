@@ -239,6 +239,9 @@ class CpuLlama {
   // ranks are threads of this process, so the transfer is a memcpy, staged so that slots can swap experts), then
   // switches the table. The next pass routes through it.
   ExpertPlacementChange applyExpertPlacement(const ExpertPlacement& placement);
+  // Host time each rank (rank = stage * group + group rank) spent in its collectives since the last call, and a
+  // reset; all zero with a single rank. Callable from any thread (between forward passes for whole passes).
+  std::vector<CollectiveTime> takeCollectiveTime();
   // Test hook: the next forward() throws in rank `rank` just before layer `layer` (once).
   void failRankForTest(int rank, int layer) {
     failLayer_.store(layer);

@@ -108,11 +108,45 @@ void BreakableBarrier::reset() {
   waiting_ = 0;
 }
 
+void CollectiveClock::takeInto(CollectiveTime& into) {
+  into.allReduceNs += allReduceNs.exchange(0, std::memory_order_relaxed);
+  into.gatherNs += gatherNs.exchange(0, std::memory_order_relaxed);
+  into.barrierNs += barrierNs.exchange(0, std::memory_order_relaxed);
+  into.handoverNs += handoverNs.exchange(0, std::memory_order_relaxed);
+}
+
+namespace {
+// Adds the time from construction to destruction to `sum` (also when the operation throws RankGroupBroken).
+class ScopedClock {
+ public:
+  explicit ScopedClock(std::atomic<int64_t>& sum) : sum_(sum), t0_(CollectiveClock::Clock::now()) {}
+  ~ScopedClock() { sum_.fetch_add(CollectiveClock::since(t0_), std::memory_order_relaxed); }
+  ScopedClock(const ScopedClock&) = delete;
+  ScopedClock& operator=(const ScopedClock&) = delete;
+
+ private:
+  std::atomic<int64_t>& sum_;
+  CollectiveClock::Clock::time_point t0_;
+};
+}  // namespace
+
 HostCommunicator::HostCommunicator(int size)
-    : size_(size), barrier_(size), buffers_(size), parts_(size), partCols_(size), reduced_(size) {}
+    : size_(size),
+      barrier_(size),
+      clocks_(size),
+      buffers_(size),
+      parts_(size),
+      partCols_(size),
+      reduced_(size) {}
+
+void HostCommunicator::barrier(int rank) {
+  ScopedClock clock(clocks_[rank].barrierNs);
+  barrier_.arriveAndWait();
+}
 
 void HostCommunicator::allReduceSum(int rank, float* data, size_t n) {
   if (size_ == 1) return;
+  ScopedClock clock(clocks_[rank].allReduceNs);
   buffers_[rank] = data;
   barrier_.arriveAndWait();  // every rank's buffer published
   size_t begin = n * rank / size_, end = n * (rank + 1) / size_;
@@ -138,6 +172,7 @@ void HostCommunicator::gatherColumns(int rank, int root, const float* part, size
       std::memcpy(out + row * totalCols, part + row * cols, cols * sizeof(float));
     return;
   }
+  ScopedClock clock(clocks_[rank].gatherNs);
   parts_[rank] = part;
   partCols_[rank] = cols;
   barrier_.arriveAndWait();
@@ -165,6 +200,7 @@ void ActivationChannel::send(std::vector<float> hidden) {
 }
 
 std::vector<float> ActivationChannel::receive() {
+  ScopedClock clock(clock_.handoverNs);
   std::unique_lock<std::mutex> lock(mutex_);
   cv_.wait(lock, [&] { return closed_ || !queue_.empty(); });
   if (closed_) throw RankGroupBroken();

@@ -5,6 +5,8 @@
 // and the channel that hands activations from one pipeline stage to the next.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -82,6 +84,27 @@ class BreakableBarrier {
   bool broken_ = false;
 };
 
+// Host time one rank spent inside collectives since the last take (bench:engine's "collective share"): waiting for
+// its peers plus its own summing and copying, nanoseconds of steady_clock around each call.
+struct CollectiveTime {
+  int64_t allReduceNs = 0;  // allReduceSum (attention, dense FFN, MoE FFN, vocabulary-parallel embedding)
+  int64_t gatherNs = 0;     // gatherColumns (vocabulary-parallel logits)
+  int64_t barrierNs = 0;    // barrier() (replicated kv heads: the writer before the readers)
+  int64_t handoverNs = 0;   // ActivationChannel::receive (waiting for the previous pipeline stage)
+};
+
+// One rank's running sums: written by that rank's thread only, read and reset from any thread (relaxed: a take
+// between forward passes sees every sum; one during a pass may split a pass between two takes).
+struct CollectiveClock {
+  std::atomic<int64_t> allReduceNs{0}, gatherNs{0}, barrierNs{0}, handoverNs{0};
+  using Clock = std::chrono::steady_clock;
+  static int64_t since(Clock::time_point t0) {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+  }
+  // Adds this clock's sums to `into` and zeroes them.
+  void takeInto(CollectiveTime& into);
+};
+
 // Collectives among the tensor-parallel ranks of one pipeline stage. Every rank of the group calls each
 // operation in the same order. Buffers are exchanged by pointer: a rank's buffer must stay valid until the
 // operation returns on every rank, which the operations' closing barrier guarantees.
@@ -96,13 +119,17 @@ class HostCommunicator {
   // Rank `root` receives out[row * totalCols + offset_r + c] = part_r[row * cols_r + c] for every rank r, its
   // parts laid side by side in rank order (vocabulary-parallel logits); other ranks pass out = nullptr.
   void gatherColumns(int rank, int root, const float* part, size_t rows, size_t cols, float* out, size_t totalCols);
-  void barrier() { barrier_.arriveAndWait(); }
+  // Every rank of the group meets here; the wait counts as group rank `rank`'s barrierNs.
+  void barrier(int rank);
   void breakAll() { barrier_.breakAll(); }
   void reset() { barrier_.reset(); }
+  // Group rank `rank`'s time in the operations above since the last take, added to `into`; then zeroed.
+  void takeTime(int rank, CollectiveTime& into) { clocks_[rank].takeInto(into); }
 
  private:
   int size_;
   BreakableBarrier barrier_;
+  std::vector<CollectiveClock> clocks_;  // one per group rank
   std::vector<float*> buffers_;
   std::vector<const float*> parts_;
   std::vector<size_t> partCols_;
@@ -114,13 +141,16 @@ class HostCommunicator {
 class ActivationChannel {
  public:
   void send(std::vector<float> hidden);
-  // Throws RankGroupBroken once closed.
+  // Throws RankGroupBroken once closed. The time spent inside counts as the receiving rank's handoverNs.
   std::vector<float> receive();
   void close();
   // Only while no thread is inside receive (the group has joined every rank).
   void reset();
+  // The receiving rank's wait since the last take, added to `into.handoverNs`; then zeroed.
+  void takeTime(CollectiveTime& into) { clock_.takeInto(into); }
 
  private:
+  CollectiveClock clock_;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<std::vector<float>> queue_;

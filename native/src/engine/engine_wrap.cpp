@@ -177,6 +177,7 @@ void CpuLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CpuLlamaWrap::TakeRankLoad>("takeRankLoad"),
                                         InstanceMethod<&CpuLlamaWrap::ExpertPlacementTable>("expertPlacement"),
                                         InstanceMethod<&CpuLlamaWrap::ApplyExpertPlacement>("applyExpertPlacement"),
+                                        InstanceMethod<&CpuLlamaWrap::TakeCollectiveTime>("takeCollectiveTime"),
                                         InstanceMethod<&CpuLlamaWrap::FailRankForTest>("failRankForTest"),
                                         InstanceAccessor<&CpuLlamaWrap::GetThreads>("threads"),
                                         InstanceAccessor<&CpuLlamaWrap::GetRanks>("ranks"),
@@ -412,6 +413,24 @@ Napi::Value CpuLlamaWrap::ApplyExpertPlacement(const Napi::CallbackInfo& info) {
         out.Set("bytes", static_cast<double>(change.bytes));
         return out;
       });
+}
+
+// takeCollectiveTime() -> [{ allReduceMs, gatherMs, barrierMs, handoverMs }] per rank: host time in collectives since
+// the last call.
+Napi::Value CpuLlamaWrap::TakeCollectiveTime(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<CollectiveTime> times = live(env).takeCollectiveTime();
+  Napi::Array out = Napi::Array::New(env, times.size());
+  const auto ms = [&](int64_t ns) { return Napi::Number::New(env, static_cast<double>(ns) / 1e6); };
+  for (size_t r = 0; r < times.size(); ++r) {
+    Napi::Object t = Napi::Object::New(env);
+    t.Set("allReduceMs", ms(times[r].allReduceNs));
+    t.Set("gatherMs", ms(times[r].gatherNs));
+    t.Set("barrierMs", ms(times[r].barrierNs));
+    t.Set("handoverMs", ms(times[r].handoverNs));
+    out.Set(static_cast<uint32_t>(r), t);
+  }
+  return out;
 }
 
 Napi::Value CpuLlamaWrap::Dispose(const Napi::CallbackInfo& info) {

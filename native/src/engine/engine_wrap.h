@@ -50,6 +50,7 @@ class CpuLlamaWrap : public Napi::ObjectWrap<CpuLlamaWrap>, public Closeable {
   Napi::Value TakeRankLoad(const Napi::CallbackInfo& info);
   Napi::Value ExpertPlacementTable(const Napi::CallbackInfo& info);
   Napi::Value ApplyExpertPlacement(const Napi::CallbackInfo& info);
+  Napi::Value TakeCollectiveTime(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value FailRankForTest(const Napi::CallbackInfo& info);
   Napi::Value GetRanks(const Napi::CallbackInfo& info);
