@@ -240,6 +240,27 @@ interface ServingResult {
   decisions: { step: number; gain: number; applied: boolean; moves: number }[];
 }
 
+/** Serves the benchmark's requests (random 24-token prompts, greedy) through LlmEngine on `runner`; returns how many. */
+async function serveSkewed(runner: ModelRunner, quick: boolean, rng: () => number): Promise<number> {
+  const engine = new LlmEngine(runner);
+  const requests = quick ? 4 : 12;
+  try {
+    await Promise.all(
+      Array.from({ length: requests }, () =>
+        engine
+          .addRequest({
+            promptTokenIds: Array.from({ length: 24 }, () => Math.floor(rng() * 256)),
+            sampling: { temperature: 0, maxTokens: quick ? 16 : 40 },
+          })
+          .result(),
+      ),
+    );
+  } finally {
+    await engine.dispose();
+  }
+  return requests;
+}
+
 /**
  * dummy:tiny-moe with gates that favour a few experts (a shared input direction, and router weights on it
  * falling with Zipf(1) over a random order of experts per layer) served through LlmEngine on the CPU; its
@@ -263,22 +284,7 @@ async function servingSkewed(): Promise<ServingResult> {
     timeline.push({ step: timeline.length, imbalance: sum / config.numLayers });
     balancer.step(load);
   });
-  const engine = new LlmEngine(recorder);
-  const requests = quick ? 4 : 12;
-  try {
-    await Promise.all(
-      Array.from({ length: requests }, () =>
-        engine
-          .addRequest({
-            promptTokenIds: Array.from({ length: 24 }, () => Math.floor(rng() * 256)),
-            sampling: { temperature: 0, maxTokens: quick ? 16 : 40 },
-          })
-          .result(),
-      ),
-    );
-  } finally {
-    await engine.dispose();
-  }
+  const requests = await serveSkewed(recorder, quick, rng);
   const firstApplied = balancer.decisions.find((d) => d.applied)?.step ?? timeline.length;
   const mean = (xs: { imbalance: number }[]) => xs.reduce((a, b) => a + b.imbalance, 0) / Math.max(1, xs.length);
   return {
@@ -356,22 +362,7 @@ async function cpuRanksSkewed(): Promise<CpuRanksResult> {
     },
     dispose: () => runner.dispose(),
   };
-  const engine = new LlmEngine(observed);
-  const requests = quick ? 4 : 12;
-  try {
-    await Promise.all(
-      Array.from({ length: requests }, () =>
-        engine
-          .addRequest({
-            promptTokenIds: Array.from({ length: 24 }, () => Math.floor(rng() * 256)),
-            sampling: { temperature: 0, maxTokens: quick ? 16 : 40 },
-          })
-          .result(),
-      ),
-    );
-  } finally {
-    await engine.dispose();
-  }
+  const requests = await serveSkewed(observed, quick, rng);
   if (runner.eplbError) throw runner.eplbError;
   // A decision at step n is applied after step n - 1 ran: steps n.. run on it.
   const firstApplied = balancer.decisions.find((d) => d.applied)?.step ?? timeline.length;
