@@ -7,7 +7,7 @@ import {
   type CapacityRequest,
 } from '../../lib/planner/index.js';
 import { BadArgumentError } from '../../lib/errors.js';
-import { prefillCost, stepCost, syntheticLayout, syntheticProfile } from './synthetic.js';
+import { planOrNull as plan, prefillCost, stepCost, syntheticLayout, syntheticProfile } from './synthetic.js';
 
 const profile = syntheticProfile();
 const base: CapacityRequest = { rate: 10, isl: 1024, osl: 256, ttftMs: 500, itlMs: 30, gpus: 64 };
@@ -141,14 +141,6 @@ describe('planCapacity: monotone, and within the budget', () => {
   });
   // Small steps find a noisy point between two lengths; large ones cross the whole profile.
   const longer = fc.oneof(fc.integer({ min: 1, max: 64 }), fc.integer({ min: 1, max: 4000 }));
-  const plan = (p: ReturnType<typeof syntheticProfile>, r: CapacityRequest) => {
-    try {
-      return planCapacity(p, r);
-    } catch (error) {
-      if (error instanceof UnmeetablePlanError) return null;
-      throw error;
-    }
-  };
 
   it('more input per request never means fewer prefill replicas', () => {
     fc.assert(

@@ -2,7 +2,15 @@
  * Synthetic profiles for planner tests: prefill and decode times from simple cost formulas (a fixed cost plus
  * per-token and attention terms), with optional seeded noise, in the profile file's shape.
  */
-import { PROFILE_FORMAT, PROFILE_VERSION, type Profile, type ProfileLayout } from '../../lib/planner/index.js';
+import {
+  planCapacity,
+  PROFILE_FORMAT,
+  PROFILE_VERSION,
+  UnmeetablePlanError,
+  type CapacityRequest,
+  type Profile,
+  type ProfileLayout,
+} from '../../lib/planner/index.js';
 
 export interface SyntheticLayout {
   tp?: number;
@@ -74,4 +82,14 @@ export function syntheticProfile(layouts: ProfileLayout[] = [syntheticLayout()])
     layouts,
     skippedLayouts: [],
   };
+}
+
+/** planCapacity's plan, or null where no plan meets the SLAs (property tests compare the plans that exist). */
+export function planOrNull(profile: Profile, request: CapacityRequest) {
+  try {
+    return planCapacity(profile, request);
+  } catch (error) {
+    if (error instanceof UnmeetablePlanError) return null;
+    throw error;
+  }
 }
