@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { openModel } from '../../lib/engine/open.js';
 import { CpuModelRunner } from '../../lib/engine/cpu.js';
+import { promptBatch } from '../helpers/forward-batch.js';
 
 // The CPU engine against transformers on the tiny MoE fixtures (Mixtral; Qwen3-MoE with q/k norm) that
 // scripts/make-hf-fixture.py builds: `python3 scripts/make-hf-fixture.py test/fixtures --only mixtral,qwen3_moe`
@@ -29,14 +30,7 @@ for (const name of ['hf-tiny-mixtral', 'hf-tiny-qwen3-moe']) {
       const n = expected.promptIds.length;
       const runner = m.runner as CpuModelRunner;
       runner.takeExpertLoad(); // drop what opening the model (a warm-up pass) routed
-      const logits = await m.runner.forward({
-        tokens: Int32Array.from(expected.promptIds),
-        positions: Int32Array.from({ length: n }, (_, i) => i),
-        seqStarts: Int32Array.of(0, n),
-        blockTables: Int32Array.from({ length: 16 }, (_, i) => (i < Math.ceil(n / 16) ? 7 - i : -1)),
-        maxBlocksPerSeq: 16,
-        contextLens: Int32Array.of(n),
-      });
+      const logits = await m.runner.forward(promptBatch(expected.promptIds));
       expect(logits.length).toBe(expected.lastLogits.length);
       let maxDiff = 0;
       for (let i = 0; i < logits.length; i++)

@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { openModel } from '../../lib/engine/open.js';
+import { promptBatch } from '../helpers/forward-batch.js';
 
 // The CPU engine against transformers: tiny random models built, saved and run by
 // scripts/make-hf-fixture.py (transformers, fp32, CPU). Tandem loads the same files (config.json,
@@ -20,15 +21,7 @@ describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('CPU engine matches transforme
   it('prefill logits within fp32 tolerance, and 32 identical greedy tokens', async () => {
     await using m = await openModel({ model: dir, device: 'cpu', numBlocks: 16, threads: 2 });
     expect(m.tokenizer.encode(expected.prompt)).toEqual(expected.promptIds);
-    const n = expected.promptIds.length;
-    const logits = await m.runner.forward({
-      tokens: Int32Array.from(expected.promptIds),
-      positions: Int32Array.from({ length: n }, (_, i) => i),
-      seqStarts: Int32Array.of(0, n),
-      blockTables: Int32Array.from({ length: 16 }, (_, i) => (i < Math.ceil(n / 16) ? 7 - i : -1)),
-      maxBlocksPerSeq: 16,
-      contextLens: Int32Array.of(n),
-    });
+    const logits = await m.runner.forward(promptBatch(expected.promptIds));
     expect(logits.length).toBe(expected.lastLogits.length);
     let maxDiff = 0;
     for (let i = 0; i < logits.length; i++) maxDiff = Math.max(maxDiff, Math.abs(logits[i]! - expected.lastLogits[i]!));

@@ -36,6 +36,12 @@ export function forwardBatch(steps: readonly SequenceStep[], maxBlocksPerSeq?: n
   };
 }
 
+/** One sequence's whole prompt from position 0, in blocks 7, 6, ... of a 16-entry block table (the fixture tests'). */
+export function promptBatch(promptIds: readonly number[]): ForwardBatch {
+  const blocks = Array.from({ length: Math.ceil(promptIds.length / 16) }, (_, i) => 7 - i);
+  return forwardBatch([{ blocks, start: 0, tokens: promptIds }], 16);
+}
+
 /** Row `i` of an nseq x vocab logits matrix. */
 export function logitsRow(logits: Float32Array, vocab: number, i: number): Float32Array {
   return logits.subarray(i * vocab, (i + 1) * vocab);
