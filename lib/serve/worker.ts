@@ -110,7 +110,9 @@ export class Worker {
         waiting: s.waiting,
         freeBlocks: s.numBlocks - s.usedBlocks,
         prefilling: this.prefilling.size,
-        ...(this.draining ? { draining: true } : {}),
+        // Only a drain to exit is reported: a planner's drain is the launcher's own (its routing view leaves the
+        // worker out and takes it back at undrain at once; a reported flag would keep it out until the next beat).
+        ...(this.exiting ? { draining: true } : {}),
       },
       ...(expertLoad ? { expertLoad } : {}),
     });
