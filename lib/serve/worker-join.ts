@@ -12,8 +12,14 @@ import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index
 import { AUTH_ENV, isLoopbackHost } from '../transfer/index.js';
 import type { DeploymentGraph } from './graph.js';
 import { workerInit } from './launcher.js';
-import type { FromWorker, WorkerInit, WorkerRegistration } from './protocol.js';
-import { RequestPlaneServer, resolveToken, TOKEN_ENV, type FrontendConnection } from './request-plane.js';
+import type { FromWorker, ToWorker, WorkerInit, WorkerRegistration } from './protocol.js';
+import {
+  RequestPlaneError,
+  RequestPlaneServer,
+  resolveToken,
+  TOKEN_ENV,
+  type FrontendConnection,
+} from './request-plane.js';
 import { openWorker, type Worker } from './worker.js';
 
 export interface JoinWorkerOptions {
@@ -187,8 +193,12 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
 
     server.on('connection', (c: FrontendConnection) => {
       c.on('message', (m) => {
-        // Peers come from the control plane, never from a frontend; init and shutdown are the launcher's.
-        if (m.type === 'peer' || m.type === 'peerGone' || m.type === 'init' || m.type === 'shutdown') return;
+        // A frame is any structured-clone value: what is not a frontend's message (peers come from the control
+        // plane; init, shutdown, drain and role changes are this host's) closes the connection, the worker unharmed.
+        if (!isFrontendMessage(m)) {
+          c.close(new RequestPlaneError('TANDEM_REQUEST_PLANE_PROTOCOL', 'not a frontend message'));
+          return;
+        }
         if ('requestId' in m && !m.requestId.startsWith(`${c.frontend}/`)) return;
         w.handle(m);
       });
@@ -240,4 +250,15 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
         await w.dispose();
       })()),
   };
+}
+
+/** What a frontend sends a worker over the request plane (its router's messages). */
+const FRONTEND_MESSAGES = new Set(['generate', 'prefill', 'prefillFailed', 'abort', 'kvSnapshotRequest']);
+
+/** A frontend's message by its shape: an object of a frontend type, its request id (when it has one) a string. */
+function isFrontendMessage(m: unknown): m is ToWorker {
+  if (typeof m !== 'object' || m === null) return false;
+  const { type, requestId } = m as { type?: unknown; requestId?: unknown };
+  if (typeof type !== 'string' || !FRONTEND_MESSAGES.has(type)) return false;
+  return type === 'kvSnapshotRequest' || typeof requestId === 'string';
 }

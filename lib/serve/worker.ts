@@ -284,7 +284,18 @@ export class Worker {
           });
           return;
         }
-        void this.prefill(message);
+        // A prefill that throws before its own handling (a malformed message) is answered as failed, like one
+        // that cannot start: nothing of it may reject unhandled, which would end this process.
+        this.prefill(message).catch((error: unknown) =>
+          this.out({
+            type: 'prefillDone',
+            requestId: message.requestId,
+            ok: false,
+            bytes: 0,
+            ms: 0,
+            error: errorMessage(error),
+          }),
+        );
         return;
       case 'drain':
         this.drain();

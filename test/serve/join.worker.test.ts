@@ -4,6 +4,7 @@
  * frontend whose connection closes), answers going only to the frontend that asked, leaving discovery on stop.
  * Loopback only; every wait is bounded.
  */
+import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { EtcdControlPlane } from '../../lib/control/index.js';
 import { BadArgumentError } from '../../lib/errors.js';
@@ -231,6 +232,57 @@ describe.skipIf(binary.missing !== undefined)('a joined worker', () => {
     again.c.close();
     b.c.close();
   });
+
+  it('bad frames and garbage messages over TCP: the connection closes or the request fails, the worker serves on', async () => {
+    // Not a frontend's message at all: the worker closes that connection (the client sees it go down).
+    const notMessages: unknown[] = [
+      null,
+      42,
+      'generate',
+      [],
+      {},
+      { type: 7 },
+      { type: 'init', init: {} },
+      { type: 'shutdown' },
+      { type: 'drain' },
+      { type: 'setRole', role: 'decode' },
+      { type: 'peer', peer: null },
+      { type: 'generate' },
+      { type: 'abort', requestId: 5 },
+    ];
+    for (const value of notMessages) {
+      const x = connect('fz');
+      const down = new Promise<void>((resolve) => x.c.once('down', () => resolve()));
+      await vi.waitFor(() => expect(x.c.connected).toBe(true), WAIT);
+      x.c.send(value as never);
+      await down;
+      x.c.close();
+    }
+    // Frontend messages with garbage fields (seeded): each fails on its own, at most as that request.
+    const anything = fc.oneof(fc.anything(), fc.array(fc.integer()), fc.constant(undefined));
+    const garbage = fc.sample(
+      fc.record({
+        type: fc.constantFrom('generate', 'prefill', 'prefillFailed', 'abort'),
+        n: fc.nat(1000),
+        promptIds: anything,
+        sampling: anything,
+        prefill: anything,
+        blockIds: anything,
+        resume: anything,
+        reason: anything,
+      }),
+      { seed: 26, numRuns: 60 },
+    );
+    const g = connect('fy');
+    await vi.waitFor(() => expect(g.c.connected).toBe(true), WAIT);
+    for (const { n, ...m } of garbage) expect(g.c.send({ ...m, requestId: `fy/g${n}` } as never)).toBe(true);
+    // Still serving: a real request on the same connection completes.
+    g.c.send({ ...generate('fy/ok'), sampling: { temperature: 0, maxTokens: 5, stopTokenIds: [] } });
+    await vi.waitFor(() => expect(tokensOf(g.messages, 'fy/ok').at(-1)?.finishReason).toBe('length'), WAIT);
+    expect(g.c.connected).toBe(true);
+    for (let n = 0; n <= 1000; n++) g.c.send({ type: 'abort', requestId: `fy/g${n}` });
+    g.c.close();
+  }, 60_000);
 
   it('stop() takes it out of discovery', async () => {
     await joined.stop();
