@@ -68,7 +68,15 @@ describe('frontend over LlmEngine', () => {
     const added = vi.spyOn(engine, 'addRequest');
     runner.delayMs = 2;
     try {
-      const stream = await client.completions.create({ model: MODEL, prompt: 'long', max_tokens: 400, stream: true });
+      // EOS ignored: with sampling at temperature 1 the request could otherwise end by itself (stop) before the
+      // disconnect reaches the engine on a loaded machine.
+      const stream = await client.completions.create({
+        model: MODEL,
+        prompt: 'long',
+        max_tokens: 400,
+        stream: true,
+        ignore_eos: true,
+      } as OpenAI.CompletionCreateParamsStreaming);
       let n = 0;
       for await (const _ of stream) if (++n === 3) break;
       const handle = added.mock.results.at(-1)!.value as RequestHandle;
