@@ -177,14 +177,30 @@ describe('polled notifications', () => {
       poller.loadRemote(local.metadata());
       await local.notify('poller', 'first'); // connects; the ring is mapped at the handshake
       expect((await collect(poller, 1)).map((n) => n.message.toString())).toEqual(['first']);
-      let settled = false;
-      const done = local.notify('poller', 'second').then(() => (settled = true));
-      // No event-loop turn since the call: only a notification written during it can be taken here.
-      const taken = poller.takeNotifications();
-      for (let i = 0; i < 3; i++) await Promise.resolve();
-      expect(settled).toBe(true);
-      expect(taken.map((n) => [n.from, n.message.toString()])).toEqual([['local-sender', 'second']]);
-      await done;
+      // "Nothing in flight" includes the progress thread finishing the task that resolved the previous notify:
+      // on a loaded machine it may not have returned yet, and then the call is queued instead (correct, slower).
+      // So try a bounded number of times; whenever the call settles synchronously, its notification must
+      // already be in the ring, and the fast path must be taken at least once.
+      let fast = 0;
+      for (let attempt = 0; attempt < 20 && fast === 0; attempt++) {
+        await new Promise((resolve) => setTimeout(resolve, 5 * attempt));
+        let settled = false;
+        const message = `second ${attempt}`;
+        const done = local.notify('poller', message).then(() => (settled = true));
+        // No event-loop turn since the call: only a notification written during it can be taken here.
+        const taken = poller.takeNotifications();
+        for (let i = 0; i < 3; i++) await Promise.resolve();
+        if (settled) {
+          fast++;
+          expect(taken.map((n) => [n.from, n.message.toString()])).toEqual([['local-sender', message]]);
+        } else {
+          await done;
+          const late = [...taken, ...(await collect(poller, 1 - taken.length))];
+          expect(late.map((n) => n.message.toString())).toEqual([message]);
+        }
+        await done;
+      }
+      expect(fast).toBe(1);
     } finally {
       await local.dispose();
     }
