@@ -4,6 +4,7 @@
  *                      [-- --tp N] [-- --pp N] [-- --ep N]
  *                      [-- --sampling device|host] [-- --graphs on|off] [-- --torch auto|off] [-- --quick]
  *                      [-- --json FILE] [-- --svg FILE]          (-- --help lists them with their defaults)
+ *                      [-- --profile-case prefill:3000,decode:b64:ctx512]
  *
  * Forward speed of the engine's model runners (lib/engine/cpu.ts, lib/engine/cuda.ts) on one device, against
  * the limits of the same device measured in the same run, and on cuda against PyTorch on the same GPU:
@@ -65,6 +66,14 @@
  * wall time, and "coll max", the largest share of any rank. On a shared or small host most of that is waiting for
  * a slower peer, not moving bytes. On cuda the ranks share one GPU through the local communicator and no share is
  * measured (the GPU's collectives are stream work, not host time).
+ *
+ * --profile-case CASES (cuda; scripts/profile-engine.sh runs it under ncu --profile-from-start off): no table, no
+ * baselines, no PyTorch. The runner loads once for all the cases (`prefill:<tokens>`, one sequence;
+ * `decode:b<batch>:ctx<context>`), and each case runs twice as a warm-up (a decode step's CUDA graph is captured
+ * there), then once between cuProfilerStart and cuProfilerStop (binding.cudaProfiler, after the device's work is
+ * done), so that a profiler records exactly one forward of it: a decode step replayed as a CUDA graph as the engine
+ * runs it (ncu needs --graph-profiling node to see its kernels), or issued eagerly with --graphs off. Each case
+ * prints one line `profiled <case> ...` on stdout.
  *
  * Prints a header and a table on stdout (progress on stderr); --json FILE writes {host, model, device, config,
  * parallel, params, settings, baseline, gemmCeilings, skipped, torch, rows, and with several ranks singleRankRows};
@@ -454,6 +463,9 @@ const USAGE = `npm run bench:engine [-- options]
   --graphs on|off             decode steps as CUDA graphs (default on)
   --torch auto|off            PyTorch rows on cuda where python3 imports torch with a GPU (default auto)
   --quick                     fewer rows and samples
+  --profile-case LIST         cuda: only one forward of each case (prefill:<tokens>, decode:b<batch>:ctx<context>)
+                              between cuProfilerStart and cuProfilerStop, for ncu --profile-from-start off
+                              (scripts/profile-engine.sh); may be repeated
   --json FILE                 results as JSON
   --svg FILE                  the chart (default beside --json, else bench-results/engine.svg)
   -h, --help                  this help`;
@@ -652,6 +664,7 @@ async function main(): Promise<void> {
       sampling: { type: 'string', default: 'device' },
       graphs: { type: 'string', default: 'on' },
       torch: { type: 'string', default: 'auto' },
+      'profile-case': { type: 'string', multiple: true },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -678,6 +691,7 @@ async function main(): Promise<void> {
   const batches0 = values.batch === undefined ? undefined : list('batch', values.batch);
   const prefills0 = values.prefill === undefined ? undefined : list('prefill', values.prefill);
   const contexts0 = values.context === undefined ? undefined : list('context', values.context);
+  const profileCases = (values['profile-case'] ?? []).flatMap((text) => text.split(',').map(parseProfileCase));
   // An explicit model is checked before anything native loads (an unknown preset fails fast).
   let config = values.model === undefined ? undefined : modelConfig(values.model);
 
@@ -692,6 +706,16 @@ async function main(): Promise<void> {
     pp: values.pp === undefined ? 1 : positiveInt('pp', values.pp),
     ep: values.ep === undefined ? 1 : positiveInt('ep', values.ep),
   };
+  if (profileCases.length > 0) {
+    if (!cuda)
+      throw new BadArgumentError(
+        '--profile-case profiles the GPU engine: it needs a CUDA device (--device cuda, or auto on a GPU host)',
+      );
+    if (sizes.tp > 1 || sizes.pp > 1 || sizes.ep > 1)
+      throw new BadArgumentError('--profile-case profiles one rank: leave out --tp, --pp and --ep');
+    await profile(model, config, profileCases, { graphs, sampling });
+    return;
+  }
   const where = `--tp ${sizes.tp} --pp ${sizes.pp} --ep ${sizes.ep} on ${model}`;
   const parallel = checkParallelConfig(config, sizes, where);
   if (cuda) {
@@ -1111,6 +1135,86 @@ async function main(): Promise<void> {
   );
   console.log(`wrote ${svgFile}`);
   console.log(`done in ${((performance.now() - started) / 1e3).toFixed(1)} s`);
+}
+
+/** One forward that --profile-case runs under the profiler. */
+type ProfileCase = { phase: 'prefill'; tokens: number } | { phase: 'decode'; batch: number; context: number };
+
+const profileCaseText = (c: ProfileCase) =>
+  c.phase === 'prefill' ? `prefill:${c.tokens}` : `decode:b${c.batch}:ctx${c.context}`;
+
+/** `prefill:3000` or `decode:b64:ctx512`; BadArgumentError otherwise. */
+function parseProfileCase(text: string): ProfileCase {
+  const t = text.trim();
+  const prefill = /^prefill:(\d+)$/.exec(t);
+  const decode = /^decode:b(\d+):ctx(\d+)$/.exec(t);
+  const positive = (x: string) => Number.isSafeInteger(Number(x)) && Number(x) > 0;
+  if (prefill && positive(prefill[1]!)) return { phase: 'prefill', tokens: Number(prefill[1]) };
+  if (decode && positive(decode[1]!) && positive(decode[2]!))
+    return { phase: 'decode', batch: Number(decode[1]), context: Number(decode[2]) };
+  throw new BadArgumentError(
+    `--profile-case must be prefill:<tokens> or decode:b<batch>:ctx<context>, each a positive integer (got '${t}')`,
+  );
+}
+
+/**
+ * --profile-case: the runner loads once; each case runs twice untimed (a decode step's CUDA graph is captured
+ * there), then once between cuProfilerStart and cuProfilerStop (see the header).
+ */
+async function profile(
+  model: string,
+  config: ModelConfig,
+  cases: ProfileCase[],
+  options: { graphs: boolean; sampling: 'device' | 'host' },
+): Promise<void> {
+  const longest = Math.max(...cases.map((c) => (c.phase === 'prefill' ? c.tokens : c.context)));
+  if (longest > config.maxPositionEmbeddings)
+    throw new BadArgumentError(
+      `a profiled case of ${longest} tokens exceeds the model's ${config.maxPositionEmbeddings} positions`,
+    );
+  const { binding } = loadBinding();
+  const numBlocks = Math.max(
+    ...cases.map((c) => (c.phase === 'prefill' ? blocksFor(c.tokens) : c.batch * blocksFor(c.context))),
+  );
+  const dev = await CudaDevice.open(0);
+  let runner: CudaModelRunner | undefined;
+  try {
+    progress(`${model} on GPU ${dev.ordinal} (${dev.name}), ${numBlocks} KV blocks of ${BLOCK_SIZE} tokens`);
+    const loadStart = performance.now();
+    runner = await CudaModelRunner.create({
+      config,
+      device: dev,
+      numBlocks,
+      blockSize: BLOCK_SIZE,
+      weights: model,
+      cudaGraphs: options.graphs,
+    });
+    // As the decode rows: KV no prompt wrote, bf16 0x3c3c everywhere.
+    await runner.kvDeviceBuffer.fill(0x3c);
+    progress(`loaded in ${((performance.now() - loadStart) / 1e3).toFixed(1)} s`);
+    const bench = new Bench(runner, options.sampling);
+    for (const c of cases) {
+      const batch = c.phase === 'prefill' ? bench.prefillBatch(1, c.tokens) : bench.decodeBatch(c.batch, c.context);
+      await bench.time(batch, 2); // warm-up, and the decode graph's capture
+      await native(() => binding.cudaProfiler(dev.raw, 'start'));
+      let ms: number;
+      try {
+        ms = (await bench.time(batch, 1))[0]!;
+      } finally {
+        await native(() => binding.cudaProfiler(dev.raw, 'stop'));
+      }
+      const how =
+        c.phase === 'prefill'
+          ? 'one prefill forward'
+          : runner.cudaGraphs.active
+            ? 'one decode step replayed as a CUDA graph'
+            : `one decode step issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`;
+      console.log(`profiled ${profileCaseText(c)}: ${how}, ${sig(ms)} ms wall (under the profiler)`);
+    }
+  } finally {
+    await runner?.dispose().catch(() => {});
+    await dev.dispose().catch(() => {});
+  }
 }
 
 function baselineText(b: Baseline): string {

@@ -373,6 +373,11 @@ export interface RawBinding {
     device: RawCudaDevice,
     options: { m: number; n: number; k: number; iterations: number; warmup?: number; cublas?: string[] },
   ): Promise<number[]>;
+  /**
+   * The range an attached profiler records (ncu --profile-from-start off): cuProfilerStart, or cuProfilerStop after
+   * the device's work is done, on the device's thread (native/src/addon.cpp). Without a profiler, nothing happens.
+   */
+  cudaProfiler(device: RawCudaDevice, action: 'start' | 'stop'): Promise<void>;
   CudaDevice: new (ordinal: number) => RawCudaDevice;
   DeviceBuffer: new (...args: never[]) => RawDeviceBuffer;
   TransferAgent: new (

@@ -193,6 +193,9 @@ struct CUmemcpyAttributes {
 };
 enum : int { CU_MEMCPY_SRC_ACCESS_ORDER_STREAM = 0x1 };
 // The CUDA 12.8 signature (with failIdx), requested at API version 12080.
+// cudaProfiler.h: the range an attached profiler records (ncu --profile-from-start off).
+typedef CUresult (*PFN_cuProfilerStart)(void);
+typedef CUresult (*PFN_cuProfilerStop)(void);
 typedef CUresult (*PFN_cuMemcpyBatchAsync)(CUdeviceptr* dsts, CUdeviceptr* srcs, size_t* sizes, size_t count,
                                            CUmemcpyAttributes* attrs, size_t* attrIdxs, size_t numAttrs,
                                            size_t* failIdx, CUstream stream);

@@ -48,6 +48,8 @@ void loadInto(CudaDriver& d, const std::vector<std::string>& candidates) {
 #include "cuda_functions.inc"
 #undef TANDEM_CUDA_FN
   d.cuMemcpyBatchAsync = reinterpret_cast<PFN_cuMemcpyBatchAsync>(resolve("cuMemcpyBatchAsync", 12080));
+  d.cuProfilerStart = reinterpret_cast<PFN_cuProfilerStart>(resolve("cuProfilerStart"));
+  d.cuProfilerStop = reinterpret_cast<PFN_cuProfilerStop>(resolve("cuProfilerStop"));
   if (!missing.empty()) {
     d.reason = lib.path + " lacks driver entry points needed by Tandem: " + missing +
                " (driver too old for CUDA 12 API?)";

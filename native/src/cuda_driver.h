@@ -22,6 +22,9 @@ struct CudaDriver {
 #undef TANDEM_CUDA_FN
   // Optional entry points: null where the driver is older than the version they need.
   PFN_cuMemcpyBatchAsync cuMemcpyBatchAsync = nullptr;  // driver 12.8+
+  // The profiler range (cudaProfiler.h); null only where a driver does not resolve them.
+  PFN_cuProfilerStart cuProfilerStart = nullptr;
+  PFN_cuProfilerStop cuProfilerStop = nullptr;
 
   // "CUDA_ERROR_OUT_OF_MEMORY (out of memory)" for a CUresult.
   std::string describe(CUresult result) const;
