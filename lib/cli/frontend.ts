@@ -4,8 +4,8 @@
  * SIGTERM, then drains and stops.
  */
 import { ROUTER_POLICIES } from '../router/index.js';
-import { loadGraph } from '../serve/graph.js';
-import { joinFrontend } from '../serve/request-plane-frontend.js';
+import { loadGraph } from '../deploy/graph.js';
+import { joinFrontend } from '../frontend/request-plane-frontend.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 import { untilSignal } from './worker.js';
 

@@ -5,8 +5,8 @@
  * leaves discovery and stops. In a pod, TANDEM_POD_NAME, TANDEM_POD_IP and
  * TANDEM_CONTROL_NAMESPACE stand in for --name, --advertise and --namespace.
  */
-import { loadGraph } from '../serve/graph.js';
-import { joinWorker } from '../serve/worker-join.js';
+import { loadGraph } from '../deploy/graph.js';
+import { joinWorker } from '../worker/worker-join.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 
 export interface WorkerArgs {

@@ -8,8 +8,8 @@
  * `EtcdControlPlane` (./etcd.ts) keeps the same view across hosts in etcd.
  */
 import { EventEmitter } from 'node:events';
-import type { PoolRole } from '../serve/graph.js';
-import type { WorkerLoad, WorkerRegistration } from '../serve/protocol.js';
+import type { PoolRole } from '../deploy/graph.js';
+import type { WorkerLoad, WorkerRegistration } from '../worker/protocol.js';
 
 export interface LiveWorker {
   readonly registration: WorkerRegistration;

@@ -10,8 +10,8 @@
  * each worker to the routers.
  */
 import { EventEmitter } from 'node:events';
-import type { PoolRole } from '../serve/graph.js';
-import type { WorkerLoad, WorkerRegistration } from '../serve/protocol.js';
+import type { PoolRole } from '../deploy/graph.js';
+import type { WorkerLoad, WorkerRegistration } from '../worker/protocol.js';
 import type { ControlPlane, ControlPlaneEvents, LiveWorker } from './control-plane.js';
 
 /** What a client asks of the hosted control plane. */

@@ -8,11 +8,7 @@
 import { debuglog } from 'node:util';
 import { kvBlockHashLanes } from '../kv/hash.js';
 import type { KvEventBatch, KvSnapshot } from '../kv/events.js';
-import {
-  DEFAULT_DISAGGREGATION_THRESHOLDS,
-  shouldPrefillRemotely,
-  type DisaggregationThresholds,
-} from '../serve/disagg.js';
+import { DEFAULT_DISAGGREGATION_THRESHOLDS, shouldPrefillRemotely, type DisaggregationThresholds } from './disagg.js';
 import { costOf, DEFAULT_COST_WEIGHTS, explainCost, type CostTerms, type CostWeights } from './cost.js';
 import { LoadEstimate, type WorkerLoadEstimate } from './load-estimate.js';
 import { KvPrefixIndex } from './prefix-index.js';

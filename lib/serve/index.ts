@@ -21,7 +21,7 @@ export {
   type PoolRole,
   type PoolSpec,
   type ServingMode,
-} from './graph.js';
+} from '../deploy/graph.js';
 export {
   DEFAULT_DISAGGREGATION_THRESHOLDS,
   DEFAULT_MAX_PREFILL_QUEUE,
@@ -29,13 +29,13 @@ export {
   shouldPrefillRemotely,
   type DisaggregationThresholds,
   type PrefillSituation,
-} from './disagg.js';
+} from '../router/disagg.js';
 export {
   NoWorkerAvailableError,
   type GenerationBackend,
   type GenerationChunk,
   type GenerationRequest,
-} from './backend.js';
-export { engineBackend } from './engine-backend.js';
+} from '../frontend/backend.js';
+export { engineBackend } from '../frontend/engine-backend.js';
 export { HttpError, startFrontend, type FrontendOptions, type RunningFrontend } from '../frontend/index.js';
-export { METRIC_NAMES, ServeMetrics } from './metrics.js';
+export { METRIC_NAMES, ServeMetrics } from '../frontend/metrics.js';

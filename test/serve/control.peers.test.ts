@@ -21,8 +21,8 @@ import {
   type ControlPlaneRequest,
 } from '../../lib/control/index.js';
 import { packageRoot } from '../../lib/native/paths.js';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { EtcdServer, etcdBinary } from '../helpers/etcd.js';
 import { workerRegistration } from '../helpers/fake-worker.js';
 

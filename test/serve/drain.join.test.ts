@@ -15,10 +15,10 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { EtcdControlPlane } from '../../lib/control/index.js';
 import { packageRoot } from '../../lib/native/paths.js';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
-import { joinFrontend, type JoinedFrontend } from '../../lib/serve/request-plane-frontend.js';
-import { joinWorker, type JoinedWorker } from '../../lib/serve/worker-join.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
+import { joinFrontend, type JoinedFrontend } from '../../lib/frontend/request-plane-frontend.js';
+import { joinWorker, type JoinedWorker } from '../../lib/worker/worker-join.js';
 import { EtcdServer, etcdBinary } from '../helpers/etcd.js';
 import { sample, streamCompletion, type StreamOutcome } from '../helpers/serve.js';
 

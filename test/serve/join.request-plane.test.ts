@@ -6,7 +6,7 @@ import { createServer, createConnection, type Server, type Socket } from 'node:n
 import { deserialize } from 'node:v8';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { BadArgumentError } from '../../lib/errors.js';
-import type { FromWorker, ToWorker } from '../../lib/serve/protocol.js';
+import type { FromWorker, ToWorker } from '../../lib/worker/protocol.js';
 import {
   encodeFrame,
   FrameDecoder,
@@ -16,7 +16,7 @@ import {
   RequestPlaneServer,
   WorkerClient,
   type FrontendConnection,
-} from '../../lib/serve/request-plane.js';
+} from '../../lib/worker/request-plane.js';
 
 const WAIT = { timeout: 10_000, interval: 10 };
 

@@ -21,7 +21,7 @@
 import { deserialize, serialize } from 'node:v8';
 import type { KvEventBatch, KvPoolSpec, KvSnapshot } from '../kv/index.js';
 import type { FinishReason, SamplingParams, TokenLogprobs } from '../engine/engine.js';
-import type { PoolRole } from './graph.js';
+import type { PoolRole } from '../deploy/graph.js';
 import type { ControlPlaneEvent, ControlPlaneRequest, EtcdControlPlaneOptions } from '../control/index.js';
 
 /**

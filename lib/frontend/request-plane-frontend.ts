@@ -21,14 +21,14 @@ import {
 import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
-import { startFrontend, type RunningFrontend } from '../frontend/index.js';
-import { frontendPorts, type DeploymentGraph, type PoolRole } from './graph.js';
-import { apiKeyOf, isLoopbackHost } from './launcher.js';
+import { startFrontend, type RunningFrontend } from './index.js';
+import { frontendPorts, type DeploymentGraph, type PoolRole } from '../deploy/graph.js';
+import { apiKeyOf, isLoopbackHost } from '../deploy/launcher.js';
 import { MigratingBackend } from './migration.js';
 import { ServeMetrics } from './metrics.js';
-import type { ExpertLoadReport, FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from './protocol.js';
-import { WorkerClient, type RequestPlane } from './request-plane.js';
-import { Router } from './router.js';
+import type { ExpertLoadReport, FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from '../worker/protocol.js';
+import { WorkerClient, type RequestPlane } from '../worker/request-plane.js';
+import { Router } from '../router/router.js';
 
 export interface ReachableWorkersOptions {
   /** This frontend's id on the request plane (its request ids carry it). Default: random. */

@@ -10,8 +10,8 @@ import { hostname } from 'node:os';
 import { BadArgumentError } from '../errors.js';
 import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
 import { AUTH_ENV, isLoopbackHost } from '../transfer/index.js';
-import type { DeploymentGraph } from './graph.js';
-import { workerInit } from './launcher.js';
+import type { DeploymentGraph } from '../deploy/graph.js';
+import { workerInit } from '../deploy/launcher.js';
 import type { FromWorker, ToWorker, WorkerInit, WorkerRegistration } from './protocol.js';
 import {
   RequestPlaneError,

@@ -4,7 +4,7 @@
  * `METRIC_NAMES`.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
-import type { ExpertLoadReport } from './protocol.js';
+import type { ExpertLoadReport } from '../worker/protocol.js';
 
 export const METRIC_NAMES = {
   /**

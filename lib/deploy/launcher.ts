@@ -26,16 +26,16 @@ import { BadArgumentError, TandemError, TimeoutError } from '../errors.js';
 import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
-import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
+import { EmbeddedControlPlane, type ControlPlane } from '../control/control-plane.js';
 import { DEFAULT_WORKER_TIMEOUT_MS, routingChoices } from '../control/control-plane.js';
 import { ControlPlaneRelay, EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
 import { frontendPorts, type DeploymentGraph, type PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
-import { ServeMetrics } from './metrics.js';
-import type { GenerationBackend } from './backend.js';
-import { MigratingBackend } from './migration.js';
-import type { FromWorker, ToWorker, WorkerInit } from './protocol.js';
-import { Router } from './router.js';
+import { ServeMetrics } from '../frontend/metrics.js';
+import type { GenerationBackend } from '../frontend/backend.js';
+import { MigratingBackend } from '../frontend/migration.js';
+import type { FromWorker, ToWorker, WorkerInit } from '../worker/protocol.js';
+import { Router } from '../router/router.js';
 import { LoadEstimate } from '../router/index.js';
 // ---- planner hooks (lib/planner: the runtime and its local connector) ----
 import { LocalConnector, type LocalWorkers, type PlannerConnector } from '../planner/connectors/index.js';
@@ -179,9 +179,9 @@ const here = dirname(fileURLToPath(import.meta.url));
 
 /** The worker entry: the built JS next to this file, or the TypeScript source under tsx. */
 function workerEntry(): { file: string; execArgv: string[] } {
-  const js = join(here, 'worker-main.js');
+  const js = join(here, '../worker/worker-main.js');
   if (existsSync(js)) return { file: js, execArgv: [] };
-  return { file: join(here, 'worker-main.ts'), execArgv: ['--import', 'tsx'] };
+  return { file: join(here, '../worker/worker-main.ts'), execArgv: ['--import', 'tsx'] };
 }
 
 class WorkerProcess {

@@ -11,14 +11,14 @@ import {
   type RouteCandidate,
   type RouterConfig,
   type WorkerLoadEstimate,
-} from '../router/index.js';
-import type { GenerationBackend, GenerationChunk, GenerationRequest } from './backend.js';
-import { NoWorkerAvailableError } from './backend.js';
-import type { ControlPlane, LiveWorker } from './control-plane.js';
+} from './index.js';
+import type { GenerationBackend, GenerationChunk, GenerationRequest } from '../frontend/backend.js';
+import { NoWorkerAvailableError } from '../frontend/backend.js';
+import type { ControlPlane, LiveWorker } from '../control/control-plane.js';
 import type { DisaggregationThresholds } from './disagg.js';
-import { DEFAULT_BLOCK_SIZE, type ServingMode } from './graph.js';
-import type { ServeMetrics } from './metrics.js';
-import type { FromWorker, ToWorker } from './protocol.js';
+import { DEFAULT_BLOCK_SIZE, type ServingMode } from '../deploy/graph.js';
+import type { ServeMetrics } from '../frontend/metrics.js';
+import type { FromWorker, ToWorker } from '../worker/protocol.js';
 
 /** A request that failed in a worker, or whose worker died. */
 export class WorkerRequestError extends TandemError {}
