@@ -1,4 +1,9 @@
-/** Serving: the deployment graph, the OpenAI-compatible frontend, the backend seam, metrics, disaggregation policy. */
+/**
+ * Compatibility: what lib/serve exported before it was split into the architecture's folders. New code imports
+ * from those: lib/deploy (graph, launcher), lib/frontend (HTTP API, backends, migration, metrics, joined frontend),
+ * lib/router (the request relay, the KV router, the remote-prefill rule), lib/worker (worker, request plane,
+ * protocol) and lib/control (discovery).
+ */
 export {
   DEFAULT_BLOCK_SIZE,
   DEFAULT_FRONTEND_HOST,
