@@ -102,7 +102,7 @@ export interface FrontendSpec {
   ports?: number[];
   /**
    * Times a request whose decode (or aggregated) worker dies mid-stream is re-issued to another worker, with
-   * the output already streamed (lib/serve/migration.ts). Default DEFAULT_MIGRATION_LIMIT (3); 0 turns it off.
+   * the output already streamed (lib/frontend/migration.ts). Default DEFAULT_MIGRATION_LIMIT (3); 0 turns it off.
    */
   migrationLimit: number;
   /**

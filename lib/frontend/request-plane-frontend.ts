@@ -1,7 +1,7 @@
 /**
  * A joined frontend (`tandem frontend --join etcd://HOST:2379 --graph FILE`): the OpenAI API, its router and
  * request migration, in front of workers it discovers in etcd and reaches over the TCP request plane
- * (lib/serve/request-plane.ts). No launcher: workers join and leave on their own hosts.
+ * (lib/worker/request-plane.ts). No launcher: workers join and leave on their own hosts.
  *
  * The router sees `ReachableWorkers`: the control plane's workers that this frontend is connected to. A worker
  * joins the router when its connection is up and leaves it when the connection breaks or its registration

@@ -2,7 +2,7 @@
  * The routing decision, made once per request: which decode worker serves it, and whether a prefill worker
  * computes its prompt (and which). Fed by the workers' numbered KV events (lib/kv/events.ts) through the
  * prefix index, and by a load estimate kept here (updated when a request is routed, at its first token and at
- * its end). The cost function is cost.ts; the remote-prefill rule is lib/serve/disagg.ts's, applied to the
+ * its end). The cost function is cost.ts; the remote-prefill rule is lib/router/disagg.ts's, applied to the
  * uncached tokens of the chosen decode worker.
  */
 import { debuglog } from 'node:util';

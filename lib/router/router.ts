@@ -140,7 +140,7 @@ export class Router implements GenerationBackend {
       promptIds: [...request.promptIds],
       sampling: request.sampling,
       prefill: decision.prefill ? { worker: decision.prefill.worker } : null,
-      // Request migration (lib/serve/migration.ts): the output a worker that died had streamed.
+      // Request migration (lib/frontend/migration.ts): the output a worker that died had streamed.
       ...(request.resume ? { resume: { outputTokenIds: [...request.resume.outputTokenIds] } } : {}),
     });
     if (!sent) {

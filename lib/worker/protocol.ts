@@ -4,7 +4,7 @@
  *
  * Disaggregated request (ARCHITECTURE.md, "Life of a disaggregated request"):
  *   router                decides (lib/router): the decode worker, and remote or local prefill on that worker's
- *                         uncached tokens and the prefill pool's queue (lib/serve/disagg.ts's rule)
+ *                         uncached tokens and the prefill pool's queue (lib/router/disagg.ts's rule)
  *   router -> decode      generate { prefill: the prefill worker chosen, or null: prefill here }
  *   decode                allocates blocks for the prompt (no room, or the prefill worker unknown here: local)
  *   decode -> router      needPrefill { blockIds, cachedTokens }            (or it prefills locally)
@@ -85,7 +85,7 @@ export interface WorkerRegistration {
   numBlocks: number;
   /** Its pool in the graph (a joined worker's; the launcher knows its own workers' pools). */
   pool?: string;
-  /** Where frontends reach it over TCP (lib/serve/request-plane.ts): a joined worker; absent under a launcher (IPC). */
+  /** Where frontends reach it over TCP (lib/worker/request-plane.ts): a joined worker; absent under a launcher (IPC). */
   requestPlane?: { host: string; port: number };
 }
 

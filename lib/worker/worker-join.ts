@@ -1,7 +1,7 @@
 /**
  * A joined worker (`tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE`): one worker of one pool,
  * on this host, with no launcher. It registers itself in etcd under its lease (its role, pool, transfer agent
- * and where frontends reach it), serves frontends over the TCP request plane (lib/serve/request-plane.ts), and
+ * and where frontends reach it), serves frontends over the TCP request plane (lib/worker/request-plane.ts), and
  * learns its KV-transfer peers from the control plane's joins and leaves. When its process dies, its lease
  * lapses and it leaves discovery; when etcd comes back empty, the control plane puts it again.
  */

@@ -1,6 +1,6 @@
 /**
  * A worker process: one engine (prefill, decode or aggregated role) with its KV pool in shared memory
- * registered with a transfer agent, driven by the launcher over the IPC channel (lib/serve/protocol.ts).
+ * registered with a transfer agent, driven by the launcher over the IPC channel (lib/worker/protocol.ts).
  * Started by the launcher with `fork()`; `runWorker()` is its main.
  *
  * Its three planes: the control plane (a `ControlPlane`: the launcher's embedded one over IPC, or etcd), where it

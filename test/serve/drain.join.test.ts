@@ -1,5 +1,5 @@
 /**
- * Graceful drain of joined workers (`tandem worker --join`, lib/serve/worker-join.ts) behind a joined frontend,
+ * Graceful drain of joined workers (`tandem worker --join`, lib/worker/worker-join.ts) behind a joined frontend,
  * with a real etcd (test/helpers/etcd.ts) and the official openai client (loopback): a worker told to drain (what
  * SIGTERM does) reports it over the request plane at once, so the frontend's routers choose it no more and its
  * /health answers 503; its streams in flight finish with exactly the text of an undisturbed run. Past the drain

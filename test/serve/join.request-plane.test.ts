@@ -1,5 +1,5 @@
 /**
- * The TCP request plane (lib/serve/request-plane.ts) on loopback: framing, the token handshake, reconnects,
+ * The TCP request plane (lib/worker/request-plane.ts) on loopback: framing, the token handshake, reconnects,
  * the connect timeout and backpressure. Every wait is bounded; servers and clients close at the end.
  */
 import { createServer, createConnection, type Server, type Socket } from 'node:net';

@@ -1,5 +1,5 @@
 /**
- * A joined worker (lib/serve/worker-join.ts) in this process, with a real etcd (test/helpers/etcd.ts), driven
+ * A joined worker (lib/worker/worker-join.ts) in this process, with a real etcd (test/helpers/etcd.ts), driven
  * through raw request-plane clients: its registration, request cancellation over TCP (an abort message, and a
  * frontend whose connection closes), answers going only to the frontend that asked, leaving discovery on stop.
  * Loopback only; every wait is bounded.
