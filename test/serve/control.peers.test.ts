@@ -112,6 +112,38 @@ describe('the embedded control plane in worker processes (IpcControlPlane over a
   });
 });
 
+describe("a launcher's workers on the embedded control plane learn their peers from it", () => {
+  let d: Deployment;
+  const lines: string[] = [];
+  const workerLines = (worker: string, text: string) =>
+    lines.filter((l) => l.startsWith(`[${worker}] `) && l.includes(text));
+
+  beforeAll(async () => {
+    const g = defaultGraph({ gpus: 0, mode: 'disagg', port: 0 });
+    for (const p of g.pools) p.engine = { ...p.engine, numBlocks: 64, threads: 1 };
+    d = await startDeployment(g, { log: (line) => lines.push(line), heartbeatMs: 100 });
+  }, 120_000);
+  afterAll(async () => {
+    await d?.stop({ drainMs: 500 });
+  }, 60_000);
+
+  it('a worker that dies leaves every peer, and joins them again once restarted', async () => {
+    await vi.waitFor(() => {
+      expect(workerLines('prefill-0', 'peer decode-0 (decode) joined')).toHaveLength(1);
+      expect(workerLines('decode-0', 'peer prefill-0 (prefill) joined')).toHaveLength(1);
+    }, WAIT);
+    const pid = d.pids()['decode-0']!;
+    process.kill(pid, 'SIGKILL');
+    await vi.waitFor(() => {
+      expect(workerLines('prefill-0', 'peer decode-0 left (process exited (SIGKILL))')).toHaveLength(1);
+      expect(workerLines('prefill-0', 'peer decode-0 (decode) joined')).toHaveLength(2);
+      expect(d.pids()['decode-0']).not.toBe(pid);
+    }, WAIT);
+    // The restarted worker learns the peer that was there before it (the snapshot), not from a relay.
+    expect(workerLines('decode-0', 'peer prefill-0 (prefill) joined')).toHaveLength(2);
+  }, 60_000);
+});
+
 const binary = etcdBinary();
 if (binary.missing) console.log(`skipping the launcher-peers-from-etcd test: ${binary.missing}`);
 
