@@ -113,9 +113,9 @@ export interface DeploymentOptions {
    */
   apiKey?: string;
   /**
-   * etcd as the control plane (`tandem serve --control etcd://HOST:2379`): each worker process registers itself there
-   * under its own lease and watches it for its peers, in `namespace` (one launcher per namespace). Default: the
-   * embedded control plane in this process, which the workers reach over their IPC channel.
+   * etcd as the control plane (`tandem serve --control etcd://HOST:2379`): each worker process registers itself
+   * there under its own lease and watches it for its peers, in `namespace` (one launcher per namespace). Default:
+   * the embedded control plane in this process, which the workers reach over their IPC channel.
    */
   control?: EtcdControlPlaneOptions;
   /** The planner's tuning beyond the graph's section (tests make it react fast). */
