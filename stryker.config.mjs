@@ -16,14 +16,14 @@ export const mutationModules = {
     breakBelow: 80,
   },
   disagg: {
-    mutate: ['lib/serve/disagg.ts'],
+    mutate: ['lib/router/disagg.ts'],
     testFiles: ['test/serve/disagg.test.ts'],
     breakBelow: 80,
   },
   // Its unit tests, with fake workers in this process (the end-to-end test's workers run in other processes, where no
   // mutant is active, and take minutes per mutant).
   router: {
-    mutate: ['lib/serve/router.ts'],
+    mutate: ['lib/router/router.ts'],
     testFiles: ['test/serve/router.test.ts'],
     breakBelow: 80,
   },

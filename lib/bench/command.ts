@@ -5,7 +5,7 @@
  */
 import { parseArgs } from 'node:util';
 import { choiceOption, numberOption, UsageError } from '../cli/args.js';
-import { DEFAULT_MODEL, SERVING_MODES } from '../serve/graph.js';
+import { DEFAULT_MODEL, SERVING_MODES } from '../deploy/graph.js';
 import { ARRIVAL_KINDS, parseLengthSpec, type ArrivalSpec, type LengthSpec } from './distributions.js';
 import { PROMPT_APIS } from './prompts.js';
 import { describeRun, formatReport, writeReportJson, writeServeCharts } from './report.js';

@@ -1,11 +1,11 @@
 /**
  * `tandem frontend --join etcd://HOST:2379 --graph FILE [--host ADDR] [--port N]`: the OpenAI API in front of
- * the workers registered in etcd, reached over TCP (lib/serve/request-plane-frontend.ts). Runs until SIGINT or
+ * the workers registered in etcd, reached over TCP (lib/frontend/request-plane-frontend.ts). Runs until SIGINT or
  * SIGTERM, then drains and stops.
  */
 import { ROUTER_POLICIES } from '../router/index.js';
-import { loadGraph } from '../serve/graph.js';
-import { joinFrontend } from '../serve/request-plane-frontend.js';
+import { loadGraph } from '../deploy/graph.js';
+import { joinFrontend } from '../frontend/request-plane-frontend.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 import { untilSignal } from './worker.js';
 

@@ -18,7 +18,7 @@ import {
   validateManifests,
 } from '../deploy/index.js';
 import { BadArgumentError } from '../errors.js';
-import { loadGraph } from '../serve/graph.js';
+import { loadGraph } from '../deploy/graph.js';
 import { UsageError } from './args.js';
 
 export const K8S_HELP = `Usage: tandem k8s render -f graph.yaml [options]

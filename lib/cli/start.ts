@@ -5,8 +5,8 @@
  */
 import { capabilities } from '../capabilities/index.js';
 import { ROUTER_POLICIES } from '../router/index.js';
-import { defaultGraph, loadGraph, SERVING_MODES, type DeploymentGraph } from '../serve/graph.js';
-import { banner, startDeployment } from '../serve/launcher.js';
+import { defaultGraph, loadGraph, SERVING_MODES, type DeploymentGraph } from '../deploy/graph.js';
+import { banner, startDeployment } from '../deploy/launcher.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 
 export interface StartArgs {

@@ -1,12 +1,12 @@
 /**
  * `tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE [--host ADDR] [--port N]`: one worker of the
- * graph's pool NAME on this host, registered in etcd, serving frontends over TCP (lib/serve/worker-join.ts).
+ * graph's pool NAME on this host, registered in etcd, serving frontends over TCP (lib/worker/worker-join.ts).
  * Runs until SIGINT or SIGTERM, then drains (up to --drain-timeout, default 30 s; a second signal cuts it short),
  * leaves discovery and stops. In a pod, TANDEM_POD_NAME, TANDEM_POD_IP and
  * TANDEM_CONTROL_NAMESPACE stand in for --name, --advertise and --namespace.
  */
-import { loadGraph } from '../serve/graph.js';
-import { joinWorker } from '../serve/worker-join.js';
+import { loadGraph } from '../deploy/graph.js';
+import { joinWorker } from '../worker/worker-join.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 
 export interface WorkerArgs {

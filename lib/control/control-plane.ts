@@ -8,8 +8,8 @@
  * `EtcdControlPlane` (./etcd.ts) keeps the same view across hosts in etcd.
  */
 import { EventEmitter } from 'node:events';
-import type { PoolRole } from '../serve/graph.js';
-import type { WorkerLoad, WorkerRegistration } from '../serve/protocol.js';
+import type { PoolRole } from '../deploy/graph.js';
+import type { WorkerLoad, WorkerRegistration } from '../worker/protocol.js';
 
 export interface LiveWorker {
   readonly registration: WorkerRegistration;
@@ -26,13 +26,19 @@ export interface ControlPlaneEvents {
   suspect: [name: string, suspect: boolean, reason: string];
 }
 
+/**
+ * Discovery, one interface whatever keeps it: a worker registers itself and learns its peers from the 'added' and
+ * 'removed' events; routers choose among workers(). A promise from register(), remove() or close() settles once
+ * this instance's view shows the change (a distributed plane); an in-memory plane is done on return.
+ */
 export interface ControlPlane extends EventEmitter<ControlPlaneEvents> {
-  register(registration: WorkerRegistration): void;
+  register(registration: WorkerRegistration): void | Promise<void>;
+  /** Records a worker's load in this instance's view (a distributed plane also stores its own workers' load). */
   heartbeat(name: string, load: WorkerLoad): void;
-  remove(name: string, reason: string): void;
+  remove(name: string, reason: string): void | Promise<void>;
   get(name: string): LiveWorker | undefined;
   workers(role?: PoolRole): LiveWorker[];
-  close(): void;
+  close(): void | Promise<void>;
 }
 
 /** A worker missing heartbeats for this long is suspect (routers prefer others; nothing of it fails). */

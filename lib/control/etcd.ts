@@ -19,8 +19,8 @@ import type { Etcd3, IKeyValue, Lease, Namespace, Watcher } from 'etcd3';
 import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { BackendUnavailableError, BadArgumentError, TandemError } from '../errors.js';
-import type { PoolRole } from '../serve/graph.js';
-import type { WorkerLoad, WorkerRegistration } from '../serve/protocol.js';
+import type { PoolRole } from '../deploy/graph.js';
+import type { WorkerLoad, WorkerRegistration } from '../worker/protocol.js';
 import type { ControlPlane, ControlPlaneEvents, LiveWorker } from './control-plane.js';
 import { BadRegistrationError, decodeLoad, decodeRegistration, encodeLoad, encodeRegistration } from './wire.js';
 

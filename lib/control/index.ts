@@ -1,6 +1,8 @@
 /**
- * Discovery: which workers exist, what they offer and whether they are alive. `EmbeddedControlPlane` keeps it
- * in one process (one host, the default); `EtcdControlPlane` keeps it in etcd, for workers on several hosts.
+ * Discovery: which workers exist, what they offer and whether they are alive, behind one `ControlPlane` interface.
+ * `EmbeddedControlPlane` keeps it in one process (the launcher: one host, the default), which its worker processes
+ * reach as an `IpcControlPlane` (the launcher's `ControlPlaneRelay` serves it over their IPC channel);
+ * `EtcdControlPlane` keeps it in etcd, for workers on several hosts.
  */
 export {
   DEFAULT_WORKER_TIMEOUT_MS,
@@ -20,4 +22,5 @@ export {
   parseEtcdEndpoints,
   type EtcdControlPlaneOptions,
 } from './etcd.js';
+export { ControlPlaneRelay, IpcControlPlane, type ControlPlaneEvent, type ControlPlaneRequest } from './ipc.js';
 export { BadRegistrationError } from './wire.js';

@@ -5,8 +5,8 @@
  */
 import { z } from 'zod';
 import { TandemError } from '../errors.js';
-import { POOL_ROLES } from '../serve/graph.js';
-import type { WorkerLoad, WorkerRegistration } from '../serve/protocol.js';
+import { POOL_ROLES } from '../deploy/graph.js';
+import type { WorkerLoad, WorkerRegistration } from '../worker/protocol.js';
 
 /** A stored registration or load does not parse; `key` names where it was read from. */
 export class BadRegistrationError extends TandemError {

@@ -3,7 +3,7 @@
  * `{ error: { message, type, param, code } }` with its HTTP status; `toHttpError` maps what a backend throws.
  */
 import { TandemError } from '../errors.js';
-import { NoWorkerAvailableError } from '../serve/backend.js';
+import { NoWorkerAvailableError } from './backend.js';
 
 export type ErrorType =
   'invalid_request_error' | 'authentication_error' | 'not_found_error' | 'server_error' | 'service_unavailable_error';

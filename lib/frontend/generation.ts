@@ -5,8 +5,8 @@
  * inter-token latency.
  */
 import type { StreamDecoder, TextTokenizer } from '../engine/tokenizer.js';
-import type { FinishReason, GenerationChunk, TokenLogprobs } from '../serve/backend.js';
-import type { ServeMetrics } from '../serve/metrics.js';
+import type { FinishReason, GenerationChunk, TokenLogprobs } from './backend.js';
+import type { ServeMetrics } from './metrics.js';
 import { HttpError } from './errors.js';
 import type { CheckedRequest } from './request.js';
 

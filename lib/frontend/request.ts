@@ -22,8 +22,8 @@
 import { randomUUID } from 'node:crypto';
 import { z } from 'zod';
 import type { ChatMessage, TextTokenizer } from '../engine/tokenizer.js';
-import type { SamplingParams } from '../serve/backend.js';
-import type { Endpoint } from '../serve/metrics.js';
+import type { SamplingParams } from './backend.js';
+import type { Endpoint } from './metrics.js';
 import { badRequest, HttpError, unsupported } from './errors.js';
 
 /** OpenAI's limits. */

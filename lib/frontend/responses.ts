@@ -3,7 +3,7 @@
  * streamed chunks, logprobs in both endpoints' forms, and the SSE framing.
  */
 import type { TextTokenizer } from '../engine/tokenizer.js';
-import type { TokenLogprobs } from '../serve/backend.js';
+import type { TokenLogprobs } from './backend.js';
 import type { Delta } from './generation.js';
 import type { CheckedRequest } from './request.js';
 

@@ -9,9 +9,9 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import { MIMEType } from 'node:util';
 import type { TextTokenizer } from '../engine/tokenizer.js';
-import type { GenerationBackend, GenerationChunk, TokenLogprobs } from '../serve/backend.js';
-import { DEFAULT_FRONTEND_HOST, DEFAULT_FRONTEND_PORT } from '../serve/graph.js';
-import { ServeMetrics, type Endpoint, type RequestStatus } from '../serve/metrics.js';
+import type { GenerationBackend, GenerationChunk, TokenLogprobs } from './backend.js';
+import { DEFAULT_FRONTEND_HOST, DEFAULT_FRONTEND_PORT } from '../deploy/graph.js';
+import { ServeMetrics, type Endpoint, type RequestStatus } from './metrics.js';
 import {
   badRequest,
   bodyTooLarge,

@@ -6,7 +6,7 @@
  *   ttftMs, itlMs = the interval's means    queued, prefillQueue = now
  * An interval with no finished request keeps the last ISL and OSL (a quiet minute does not make prompts short).
  */
-import type { PlannerReadings } from '../serve/metrics.js';
+import type { PlannerReadings } from '../frontend/metrics.js';
 import type { LoadSample } from './forecast.js';
 
 export interface PlannerWindow extends LoadSample {

@@ -12,7 +12,7 @@
  * one sees the result.
  */
 import { BadArgumentError } from '../errors.js';
-import type { ServeMetrics } from '../serve/metrics.js';
+import type { ServeMetrics } from '../frontend/metrics.js';
 import type { PlannerConnector } from './connectors/index.js';
 import type { LoadCorrectionOptions, Pool } from './load-correction.js';
 import { MetricsWindow, type PlannerWindow } from './observe.js';

@@ -1,5 +1,5 @@
 /**
- * The deployment graph's `planner` section (lib/serve/graph.ts wires it in):
+ * The deployment graph's `planner` section (lib/deploy/graph.ts wires it in):
  *
  *   planner:
  *     mode: sla            # off (default): fixed pools; load: the load-based correction only;

@@ -1,7 +1,8 @@
 /**
  * The KV-aware router: a prefix index of which worker holds which KV block (fed by the workers' numbered KV
  * events), a load estimate per worker, one cost function (cost.ts), routing policies, and the remote-prefill
- * decision. The request relay over the workers' channels is lib/serve/router.ts, which asks this for decisions.
+ * decision (disagg.ts's rule). The request relay over the workers' channels is router.ts (`Router`), which asks
+ * the KV router for decisions.
  */
 export { KvPrefixIndex, type PrefixIndexOptions } from './prefix-index.js';
 export { LoadEstimate, type WorkerLoadEstimate } from './load-estimate.js';
@@ -35,3 +36,13 @@ export {
   type RouteRequest,
   type RouterConfig,
 } from './kv-router.js';
+export {
+  DEFAULT_DISAGGREGATION_THRESHOLDS,
+  DEFAULT_MAX_PREFILL_QUEUE,
+  DEFAULT_MIN_REMOTE_PREFILL_TOKENS,
+  shouldPrefillRemotely,
+  type DisaggregationThresholds,
+  type PrefillSituation,
+} from './disagg.js';
+// Last: router.ts imports the exports above (through this file) and the deployment graph, which imports them too.
+export { Router, WorkerRequestError, type RouterOptions } from './router.js';

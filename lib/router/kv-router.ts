@@ -2,17 +2,13 @@
  * The routing decision, made once per request: which decode worker serves it, and whether a prefill worker
  * computes its prompt (and which). Fed by the workers' numbered KV events (lib/kv/events.ts) through the
  * prefix index, and by a load estimate kept here (updated when a request is routed, at its first token and at
- * its end). The cost function is cost.ts; the remote-prefill rule is lib/serve/disagg.ts's, applied to the
+ * its end). The cost function is cost.ts; the remote-prefill rule is lib/router/disagg.ts's, applied to the
  * uncached tokens of the chosen decode worker.
  */
 import { debuglog } from 'node:util';
 import { kvBlockHashLanes } from '../kv/hash.js';
 import type { KvEventBatch, KvSnapshot } from '../kv/events.js';
-import {
-  DEFAULT_DISAGGREGATION_THRESHOLDS,
-  shouldPrefillRemotely,
-  type DisaggregationThresholds,
-} from '../serve/disagg.js';
+import { DEFAULT_DISAGGREGATION_THRESHOLDS, shouldPrefillRemotely, type DisaggregationThresholds } from './disagg.js';
 import { costOf, DEFAULT_COST_WEIGHTS, explainCost, type CostTerms, type CostWeights } from './cost.js';
 import { LoadEstimate, type WorkerLoadEstimate } from './load-estimate.js';
 import { KvPrefixIndex } from './prefix-index.js';

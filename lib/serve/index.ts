@@ -1,4 +1,9 @@
-/** Serving: the deployment graph, the OpenAI-compatible frontend, the backend seam, metrics, disaggregation policy. */
+/**
+ * Compatibility: what lib/serve exported before it was split into the architecture's folders. New code imports
+ * from those: lib/deploy (graph, launcher), lib/frontend (HTTP API, backends, migration, metrics, joined frontend),
+ * lib/router (the request relay, the KV router, the remote-prefill rule), lib/worker (worker, request plane,
+ * protocol) and lib/control (discovery).
+ */
 export {
   DEFAULT_BLOCK_SIZE,
   DEFAULT_FRONTEND_HOST,
@@ -21,7 +26,7 @@ export {
   type PoolRole,
   type PoolSpec,
   type ServingMode,
-} from './graph.js';
+} from '../deploy/graph.js';
 export {
   DEFAULT_DISAGGREGATION_THRESHOLDS,
   DEFAULT_MAX_PREFILL_QUEUE,
@@ -29,13 +34,13 @@ export {
   shouldPrefillRemotely,
   type DisaggregationThresholds,
   type PrefillSituation,
-} from './disagg.js';
+} from '../router/disagg.js';
 export {
   NoWorkerAvailableError,
   type GenerationBackend,
   type GenerationChunk,
   type GenerationRequest,
-} from './backend.js';
-export { engineBackend } from './engine-backend.js';
+} from '../frontend/backend.js';
+export { engineBackend } from '../frontend/engine-backend.js';
 export { HttpError, startFrontend, type FrontendOptions, type RunningFrontend } from '../frontend/index.js';
-export { METRIC_NAMES, ServeMetrics } from './metrics.js';
+export { METRIC_NAMES, ServeMetrics } from '../frontend/metrics.js';

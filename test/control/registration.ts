@@ -1,6 +1,6 @@
 /** A worker registration as a worker process sends it, for the control-plane tests and their lease holder. */
-import type { WorkerRegistration } from '../../lib/serve/protocol.js';
-import type { PoolRole } from '../../lib/serve/graph.js';
+import type { WorkerRegistration } from '../../lib/worker/protocol.js';
+import type { PoolRole } from '../../lib/deploy/graph.js';
 
 export function workerRegistration(name: string, role: PoolRole = 'decode', pid = process.pid): WorkerRegistration {
   return {

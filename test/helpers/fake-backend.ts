@@ -7,7 +7,7 @@ import {
   type GenerationChunk,
   type GenerationRequest,
   type TokenLogprobs,
-} from '../../lib/serve/backend.js';
+} from '../../lib/frontend/backend.js';
 
 /** The byte tokenizer's EOS id (lib/engine/model/tokenizer-bytes.ts). */
 const EOS = 257;

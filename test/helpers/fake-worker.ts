@@ -1,5 +1,5 @@
-import type { PoolRole } from '../../lib/serve/graph.js';
-import type { WorkerRegistration } from '../../lib/serve/protocol.js';
+import type { PoolRole } from '../../lib/deploy/graph.js';
+import type { WorkerRegistration } from '../../lib/worker/protocol.js';
 
 /** The registration of a worker that exists only as a name (router tests over an embedded control plane). */
 export function workerRegistration(name: string, role: PoolRole = 'aggregated'): WorkerRegistration {

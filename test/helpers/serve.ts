@@ -1,7 +1,7 @@
 import OpenAI, { APIError } from 'openai';
 import { expect, vi } from 'vitest';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import type { Deployment } from '../../lib/serve/launcher.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import type { Deployment } from '../../lib/deploy/launcher.js';
 
 /**
  * A CPU deployment of one prefill and two decode workers with small engines, for the planner's end-to-end tests:

@@ -26,7 +26,7 @@ import {
   WORKER_TERMINATION_GRACE_S,
   type K8sObject,
 } from '../../lib/deploy/index.js';
-import { parseGraph } from '../../lib/serve/graph.js';
+import { parseGraph } from '../../lib/deploy/graph.js';
 import { UsageError } from '../../lib/cli/args.js';
 import { k8sMain } from '../../lib/cli/k8s.js';
 import { runTs } from '../helpers/cli.js';

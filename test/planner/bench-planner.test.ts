@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { phaseResult, variantGraph } from '../../lib/bench/planner.js';
 import type { RequestTiming } from '../../lib/bench/stats.js';
 import { parseTrace, phasedTrace, traceToJsonl, TraceFormatError, type TracePhase } from '../../lib/bench/trace.js';
-import { parseGraph } from '../../lib/serve/graph.js';
+import { parseGraph } from '../../lib/deploy/graph.js';
 import { stringify } from 'yaml';
 
 const PHASES: TracePhase[] = [

@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { GraphError, loadGraph, parseGraph } from '../../lib/serve/graph.js';
+import { GraphError, loadGraph, parseGraph } from '../../lib/deploy/graph.js';
 import { correctionOptions } from '../../lib/planner/spec.js';
 
 // The deployment graph's planner section: defaults, required SLAs, positions of errors, unknown keys, and the

@@ -16,7 +16,7 @@ import {
   kubernetesConnectorOptions,
   type KubernetesConnectorOptions,
 } from '../../lib/planner/connectors/kubernetes.js';
-import { parseGraph } from '../../lib/serve/graph.js';
+import { parseGraph } from '../../lib/deploy/graph.js';
 import { PlannerActionError } from '../../lib/planner/connectors/index.js';
 
 interface Recorded {

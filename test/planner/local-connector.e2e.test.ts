@@ -2,7 +2,7 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { LocalConnector } from '../../lib/planner/connectors/index.js';
 import type { PlannerStatus } from '../../lib/planner/runtime.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { metric, plannerTestGraph } from '../helpers/serve.js';
 
 // The local connector on CPU workers under a steady stream of requests (official openai client, loopback): a

@@ -2,9 +2,9 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { LoadDecision } from '../../lib/planner/planner.js';
 import type { PlannerStatus } from '../../lib/planner/runtime.js';
-import type { DeploymentGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
+import type { DeploymentGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
 import { metric, plannerTestGraph } from '../helpers/serve.js';
 
 // The planner in mode load on CPU workers, facing a synthetic overload: a TTFT SLA of 1 microsecond that every

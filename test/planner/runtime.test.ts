@@ -3,9 +3,9 @@ import type { PlannerConnector } from '../../lib/planner/connectors/index.js';
 import { MetricsWindow } from '../../lib/planner/observe.js';
 import { PlannerRuntime } from '../../lib/planner/runtime.js';
 import type { Pool } from '../../lib/planner/load-correction.js';
-import { METRIC_NAMES, ServeMetrics, type PlannerReadings } from '../../lib/serve/metrics.js';
+import { METRIC_NAMES, ServeMetrics, type PlannerReadings } from '../../lib/frontend/metrics.js';
 import { sample } from '../helpers/serve.js';
-import { parseGraph } from '../../lib/serve/graph.js';
+import { parseGraph } from '../../lib/deploy/graph.js';
 import { correctionOptions } from '../../lib/planner/spec.js';
 import { syntheticProfile } from './synthetic.js';
 

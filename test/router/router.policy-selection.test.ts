@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { UsageError } from '../../lib/cli/args.js';
 import { graphOf } from '../../lib/cli/start.js';
-import { GraphError } from '../../lib/serve/graph.js';
+import { GraphError } from '../../lib/deploy/graph.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'tandem-router-policy-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

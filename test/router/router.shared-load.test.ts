@@ -1,11 +1,11 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import type { GenerationChunk, SamplingParams } from '../../lib/serve/backend.js';
-import { EmbeddedControlPlane } from '../../lib/serve/control-plane.js';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import type { ToWorker } from '../../lib/serve/protocol.js';
-import { Router } from '../../lib/serve/router.js';
+import type { GenerationChunk, SamplingParams } from '../../lib/frontend/backend.js';
+import { EmbeddedControlPlane } from '../../lib/control/control-plane.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
+import type { ToWorker } from '../../lib/worker/protocol.js';
+import { Router } from '../../lib/router/router.js';
 import { LoadEstimate, type RouterPolicyName } from '../../lib/router/index.js';
 import { workerRegistration } from '../helpers/fake-worker.js';
 

@@ -4,7 +4,7 @@ import {
   DEFAULT_MAX_PREFILL_QUEUE,
   DEFAULT_MIN_REMOTE_PREFILL_TOKENS,
   shouldPrefillRemotely,
-} from '../../lib/serve/disagg.js';
+} from '../../lib/router/disagg.js';
 
 const MIN = DEFAULT_MIN_REMOTE_PREFILL_TOKENS;
 const QUEUE = DEFAULT_MAX_PREFILL_QUEUE;

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { metric, prefillCounts } from '../helpers/serve.js';
 
 // A remote prefill that times out: the decode worker serves the request itself, and the blocks it lent the

@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import type { GenerationChunk } from '../../lib/serve/backend.js';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import type { GenerationChunk } from '../../lib/frontend/backend.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { metric, prefillCounts } from '../helpers/serve.js';
 
 // The remote-prefill decision sees what it is meant to see: the prompt tokens the decode worker does not hold

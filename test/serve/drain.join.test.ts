@@ -1,5 +1,5 @@
 /**
- * Graceful drain of joined workers (`tandem worker --join`, lib/serve/worker-join.ts) behind a joined frontend,
+ * Graceful drain of joined workers (`tandem worker --join`, lib/worker/worker-join.ts) behind a joined frontend,
  * with a real etcd (test/helpers/etcd.ts) and the official openai client (loopback): a worker told to drain (what
  * SIGTERM does) reports it over the request plane at once, so the frontend's routers choose it no more and its
  * /health answers 503; its streams in flight finish with exactly the text of an undisturbed run. Past the drain
@@ -15,10 +15,10 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { EtcdControlPlane } from '../../lib/control/index.js';
 import { packageRoot } from '../../lib/native/paths.js';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
-import { joinFrontend, type JoinedFrontend } from '../../lib/serve/request-plane-frontend.js';
-import { joinWorker, type JoinedWorker } from '../../lib/serve/worker-join.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
+import { joinFrontend, type JoinedFrontend } from '../../lib/frontend/request-plane-frontend.js';
+import { joinWorker, type JoinedWorker } from '../../lib/worker/worker-join.js';
 import { EtcdServer, etcdBinary } from '../helpers/etcd.js';
 import { sample, streamCompletion, type StreamOutcome } from '../helpers/serve.js';
 

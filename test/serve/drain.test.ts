@@ -1,8 +1,8 @@
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
 import { busyWorker, metric, streamCompletion, waitIdle, type StreamOutcome } from '../helpers/serve.js';
 
 // Graceful drain on SIGTERM of the launcher's worker processes, with the official openai client (loopback): a

@@ -1,8 +1,8 @@
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { metric, prefillCounts } from '../helpers/serve.js';
 
 // The whole serving path on CPU, as `npm start` runs it: a frontend in this process, a prefill worker

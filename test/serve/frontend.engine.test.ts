@@ -4,7 +4,7 @@ import type { RequestHandle } from '../../lib/engine/engine.js';
 import { LlmEngine } from '../../lib/engine/llm-engine.js';
 import { BYTE_EOS_ID, BYTE_VOCAB_SIZE } from '../../lib/engine/model/tokenizer-bytes.js';
 import { byteTextTokenizer } from '../../lib/engine/tokenizer.js';
-import { engineBackend } from '../../lib/serve/engine-backend.js';
+import { engineBackend } from '../../lib/frontend/engine-backend.js';
 import { startFrontend, type RunningFrontend } from '../../lib/frontend/index.js';
 import { FakeRunner, referenceGreedy } from '../helpers/fake-runner.js';
 

@@ -1,8 +1,8 @@
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BYTE_VOCAB_SIZE } from '../../lib/engine/model/tokenizer-bytes.js';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 
 // Fuzzing a real deployment (dummy:tiny on CPU, disaggregated: a prefill and a decode worker, every prompt
 // prefilled remotely) with seeded requests from fast-check: bad requests of every kind the frontend takes a

@@ -3,7 +3,7 @@ import OpenAI, { AuthenticationError } from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { byteTextTokenizer } from '../../lib/engine/tokenizer.js';
 import { startFrontend, type FrontendOptions, type RunningFrontend } from '../../lib/frontend/index.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
 import { FakeBackend } from '../helpers/fake-backend.js';
 
 // The HTTP side of the frontend: content types, the API key, body limits, clients that go away, and the drain

@@ -1,9 +1,9 @@
 import OpenAI, { APIError } from 'openai';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { byteTextTokenizer } from '../../lib/engine/tokenizer.js';
-import { NoWorkerAvailableError } from '../../lib/serve/backend.js';
+import { NoWorkerAvailableError } from '../../lib/frontend/backend.js';
 import { startFrontend, type RunningFrontend } from '../../lib/frontend/index.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
 import { FakeBackend } from '../helpers/fake-backend.js';
 
 const MODEL = 'dummy:tiny';

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { parseCommandLine } from '../../lib/cli/args.js';
-import { frontendPorts, GraphError, parseGraph } from '../../lib/serve/graph.js';
-import { requestPlaneId, parseRequestPlaneId } from '../../lib/serve/launcher.js';
+import { frontendPorts, GraphError, parseGraph } from '../../lib/deploy/graph.js';
+import { requestPlaneId, parseRequestPlaneId } from '../../lib/deploy/launcher.js';
 import { runTs } from '../helpers/cli.js';
 
 // The frontend section of the graph: replicas and their ports, migrationLimit; the --migration-limit flag; the

@@ -1,9 +1,9 @@
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import type { FromWorker } from '../../lib/serve/protocol.js';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import { deliverToRouters, requestPlaneId, startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
+import type { FromWorker } from '../../lib/worker/protocol.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import { deliverToRouters, requestPlaneId, startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
 import { sample } from '../helpers/serve.js';
 
 // Several frontends over one set of workers (frontend.replicas), on CPU: each answers any request the same,

@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { DEFAULT_PREFILL_WEIGHT } from '../../lib/router/index.js';
-import { DEFAULT_MAX_PREFILL_QUEUE, DEFAULT_MIN_REMOTE_PREFILL_TOKENS } from '../../lib/serve/disagg.js';
+import { DEFAULT_MAX_PREFILL_QUEUE, DEFAULT_MIN_REMOTE_PREFILL_TOKENS } from '../../lib/router/disagg.js';
 import {
   defaultGraph,
   GraphError,
@@ -11,7 +11,7 @@ import {
   parseGraph,
   SHARED_GPU_KV_CACHE_FRACTION,
   type DeploymentGraph,
-} from '../../lib/serve/graph.js';
+} from '../../lib/deploy/graph.js';
 
 /** The message of the GraphError that `text` raises. */
 function errorOf(text: string, source = 'graph.yaml'): string {

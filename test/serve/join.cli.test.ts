@@ -5,7 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { parseCommandLine } from '../../lib/cli/args.js';
 import { renderKubernetes } from '../../lib/deploy/k8s/render.js';
-import { defaultGraph } from '../../lib/serve/graph.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
 import { runTs } from '../helpers/cli.js';
 
 describe('tandem worker / frontend command lines', () => {

@@ -1,12 +1,12 @@
 /**
- * The TCP request plane (lib/serve/request-plane.ts) on loopback: framing, the token handshake, reconnects,
+ * The TCP request plane (lib/worker/request-plane.ts) on loopback: framing, the token handshake, reconnects,
  * the connect timeout and backpressure. Every wait is bounded; servers and clients close at the end.
  */
 import { createServer, createConnection, type Server, type Socket } from 'node:net';
 import { deserialize } from 'node:v8';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { BadArgumentError } from '../../lib/errors.js';
-import type { FromWorker, ToWorker } from '../../lib/serve/protocol.js';
+import type { FromWorker, ToWorker } from '../../lib/worker/protocol.js';
 import {
   encodeFrame,
   FrameDecoder,
@@ -16,7 +16,7 @@ import {
   RequestPlaneServer,
   WorkerClient,
   type FrontendConnection,
-} from '../../lib/serve/request-plane.js';
+} from '../../lib/worker/request-plane.js';
 
 const WAIT = { timeout: 10_000, interval: 10 };
 

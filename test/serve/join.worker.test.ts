@@ -1,5 +1,5 @@
 /**
- * A joined worker (lib/serve/worker-join.ts) in this process, with a real etcd (test/helpers/etcd.ts), driven
+ * A joined worker (lib/worker/worker-join.ts) in this process, with a real etcd (test/helpers/etcd.ts), driven
  * through raw request-plane clients: its registration, request cancellation over TCP (an abort message, and a
  * frontend whose connection closes), answers going only to the frontend that asked, leaving discovery on stop.
  * Loopback only; every wait is bounded.
@@ -8,11 +8,11 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { EtcdControlPlane } from '../../lib/control/index.js';
 import { BadArgumentError } from '../../lib/errors.js';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import type { FromWorker } from '../../lib/serve/protocol.js';
-import { WorkerClient } from '../../lib/serve/request-plane.js';
-import { joinFrontend } from '../../lib/serve/request-plane-frontend.js';
-import { joinWorker, type JoinedWorker } from '../../lib/serve/worker-join.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import type { FromWorker } from '../../lib/worker/protocol.js';
+import { WorkerClient } from '../../lib/worker/request-plane.js';
+import { joinFrontend } from '../../lib/frontend/request-plane-frontend.js';
+import { joinWorker, type JoinedWorker } from '../../lib/worker/worker-join.js';
 import { EtcdServer, etcdBinary } from '../helpers/etcd.js';
 
 const binary = etcdBinary();

@@ -1,8 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import { RESTART_BACKOFF_RESET_MS, startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import { RESTART_BACKOFF_RESET_MS, startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { metric } from '../helpers/serve.js';
 
 // The launcher's supervision of its workers, on CPU: process titles, restarts with a backoff that starts over

@@ -1,8 +1,8 @@
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
 import { busyWorker, killBusyWorker, metric, streamCompletion, waitIdle } from '../helpers/serve.js';
 
 // Liveness under CPU starvation, on CPU workers with the official openai client (loopback): a worker whose process

@@ -1,10 +1,10 @@
 import { randomUUID } from 'node:crypto';
 import OpenAI, { APIError } from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import { METRIC_NAMES } from '../../lib/serve/metrics.js';
-import { WorkerRequestError } from '../../lib/serve/router.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
+import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
+import { WorkerRequestError } from '../../lib/router/router.js';
 import { busyWorker, killBusyWorker, metric, streamCompletion, waitIdle } from '../helpers/serve.js';
 
 // Request migration end to end on CPU: a decode worker killed with SIGKILL (on its pid) mid-stream, and the

@@ -7,11 +7,11 @@ import {
   type GenerationBackend,
   type GenerationChunk,
   type GenerationRequest,
-} from '../../lib/serve/backend.js';
-import { engineBackend } from '../../lib/serve/engine-backend.js';
-import { METRIC_NAMES, ServeMetrics } from '../../lib/serve/metrics.js';
-import { DEFAULT_MIGRATION_LIMIT, MigratingBackend, WORKER_GONE } from '../../lib/serve/migration.js';
-import { WorkerRequestError } from '../../lib/serve/router.js';
+} from '../../lib/frontend/backend.js';
+import { engineBackend } from '../../lib/frontend/engine-backend.js';
+import { METRIC_NAMES, ServeMetrics } from '../../lib/frontend/metrics.js';
+import { DEFAULT_MIGRATION_LIMIT, MigratingBackend, WORKER_GONE } from '../../lib/frontend/migration.js';
+import { WorkerRequestError } from '../../lib/router/router.js';
 import { FakeRunner } from '../helpers/fake-runner.js';
 import { sample } from '../helpers/serve.js';
 

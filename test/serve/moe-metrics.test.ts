@@ -1,9 +1,9 @@
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import { METRIC_NAMES, ServeMetrics } from '../../lib/serve/metrics.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
+import { METRIC_NAMES, ServeMetrics } from '../../lib/frontend/metrics.js';
 import { sample } from '../helpers/serve.js';
 
 // Expert load in /metrics (issue 28): a CPU deployment of dummy:tiny-moe reports, with its workers' heartbeats,

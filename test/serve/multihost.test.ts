@@ -21,9 +21,9 @@ import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { EtcdControlPlane } from '../../lib/control/index.js';
 import { packageRoot } from '../../lib/native/paths.js';
-import { defaultGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
-import { WorkerClient } from '../../lib/serve/request-plane.js';
+import { defaultGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
+import { WorkerClient } from '../../lib/worker/request-plane.js';
 import { EtcdServer, etcdBinary, freeLoopbackPort } from '../helpers/etcd.js';
 import { sample, streamCompletion } from '../helpers/serve.js';
 

@@ -7,8 +7,8 @@
 import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { defaultGraph, parseGraph, GraphError, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import { defaultGraph, parseGraph, GraphError, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { prefillCounts } from '../helpers/serve.js';
 
 const FIXTURE = join(import.meta.dirname, '..', 'fixtures', 'hf-tiny-llama');

@@ -1,9 +1,9 @@
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BYTE_VOCAB_SIZE } from '../../lib/engine/model/tokenizer-bytes.js';
-import type { GenerationChunk, SamplingParams } from '../../lib/serve/backend.js';
-import { defaultGraph, type DeploymentGraph } from '../../lib/serve/graph.js';
-import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
+import type { GenerationChunk, SamplingParams } from '../../lib/frontend/backend.js';
+import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
+import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { prefillCounts } from '../helpers/serve.js';
 
 // One bad request must never take a worker down. These requests go to the workers through the router (the

@@ -30,8 +30,8 @@ import type { IRoleBinding } from 'kubernetes-models/rbac.authorization.k8s.io/v
 import { stringify } from 'yaml';
 import { TandemError } from '../../errors.js';
 import { DUMMY_PREFIX } from '../../engine/model/dummy.js';
-import type { DeploymentGraph, PoolSpec } from '../../serve/graph.js';
-import { DEFAULT_DRAIN_TIMEOUT_MS } from '../../serve/protocol.js';
+import type { DeploymentGraph, PoolSpec } from '../graph.js';
+import { DEFAULT_DRAIN_TIMEOUT_MS } from '../../worker/protocol.js';
 import { DEFAULT_K8S_WORKLOAD_PREFIX } from '../../planner/spec.js';
 
 export const DEFAULT_DEPLOYMENT_NAME = 'tandem';

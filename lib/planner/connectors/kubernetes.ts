@@ -9,7 +9,7 @@
  * - remove: the same, one down, then wait until the workload has that many pods. The StatefulSet controller
  *   deletes the highest ordinal; its worker gets SIGTERM and drains: frontends choose it no more, its requests
  *   in flight finish (up to its drain timeout, 30 s, within the pod's terminationGracePeriodSeconds), then it
- *   leaves etcd and exits; requests still running then migrate to other workers (lib/serve/migration.ts);
+ *   leaves etcd and exits; requests still running then migrate to other workers (lib/frontend/migration.ts);
  * - move: on Kubernetes a worker cannot change role in place (its pod belongs to its pool's workload), so a
  *   role switch is a scale-down of one pool and a scale-up of the other, in that order: the GPU the first frees
  *   is what the second's pod schedules on. When the scale-up is refused, the connector puts the first pool back

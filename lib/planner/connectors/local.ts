@@ -4,7 +4,7 @@
  * - add: start a worker of the pool (it loads the model, registers, then gets requests);
  * - remove: drain the least loaded worker of the pool (routers send it nothing new; its requests finish), then
  *   stop it. A drain that outlasts `drainTimeoutMs` stops it anyway: its remaining requests migrate to other
- *   workers (lib/serve/migration.ts), as they would if it crashed;
+ *   workers (lib/frontend/migration.ts), as they would if it crashed;
  * - move: drain the least loaded worker of `from`, then switch its role to `to` in place: the process, its
  *   weights, KV pool and transfer agent stay; it registers again with the new role, so peers and routers see it
  *   there. A drain that outlasts `drainTimeoutMs` gives the move up and the worker serves on where it was
@@ -25,7 +25,7 @@ export class PlannerActionError extends TandemError {
   }
 }
 
-/** The launcher's mechanics the local connector drives (lib/serve/launcher.ts implements them). */
+/** The launcher's mechanics the local connector drives (lib/deploy/launcher.ts implements them). */
 export interface LocalWorkers {
   /** Workers registered in `role` and not draining, by name. */
   serving(role: Pool): string[];

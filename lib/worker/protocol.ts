@@ -4,7 +4,7 @@
  *
  * Disaggregated request (ARCHITECTURE.md, "Life of a disaggregated request"):
  *   router                decides (lib/router): the decode worker, and remote or local prefill on that worker's
- *                         uncached tokens and the prefill pool's queue (lib/serve/disagg.ts's rule)
+ *                         uncached tokens and the prefill pool's queue (lib/router/disagg.ts's rule)
  *   router -> decode      generate { prefill: the prefill worker chosen, or null: prefill here }
  *   decode                allocates blocks for the prompt (no room, or the prefill worker unknown here: local)
  *   decode -> router      needPrefill { blockIds, cachedTokens }            (or it prefills locally)
@@ -21,7 +21,8 @@
 import { deserialize, serialize } from 'node:v8';
 import type { KvEventBatch, KvPoolSpec, KvSnapshot } from '../kv/index.js';
 import type { FinishReason, SamplingParams, TokenLogprobs } from '../engine/engine.js';
-import type { PoolRole } from './graph.js';
+import type { PoolRole } from '../deploy/graph.js';
+import type { ControlPlaneEvent, ControlPlaneRequest, EtcdControlPlaneOptions } from '../control/index.js';
 
 /**
  * How long a worker told to stop (SIGTERM) lets its requests in flight finish before it exits anyway (those still
@@ -61,6 +62,12 @@ export interface WorkerInit {
    * finish for up to this long, then exits; those still running then migrate. Default DEFAULT_DRAIN_TIMEOUT_MS.
    */
   drainTimeoutMs?: number;
+  /**
+   * etcd, when the deployment's control plane is there (`serve --control etcd://`): the worker registers itself in
+   * etcd under its own lease and watches it for its peers. Absent: it does both through the launcher's embedded
+   * control plane over the IPC channel (lib/control/ipc.ts).
+   */
+  control?: EtcdControlPlaneOptions;
 }
 
 /** What a worker tells the control plane about itself when it registers. */
@@ -78,7 +85,7 @@ export interface WorkerRegistration {
   numBlocks: number;
   /** Its pool in the graph (a joined worker's; the launcher knows its own workers' pools). */
   pool?: string;
-  /** Where frontends reach it over TCP (lib/serve/request-plane.ts): a joined worker; absent under a launcher (IPC). */
+  /** Where frontends reach it over TCP (lib/worker/request-plane.ts): a joined worker; absent under a launcher (IPC). */
   requestPlane?: { host: string; port: number };
 }
 
@@ -105,8 +112,8 @@ export interface ExpertLoadReport {
 
 export type ToWorker =
   | { type: 'init'; init: WorkerInit }
-  | { type: 'peer'; peer: WorkerRegistration }
-  | { type: 'peerGone'; name: string }
+  /** The launcher's embedded control plane, relayed to the worker's IpcControlPlane (its peers come from here). */
+  | { type: 'control'; event: ControlPlaneEvent }
   | {
       type: 'generate';
       requestId: string;
@@ -147,7 +154,10 @@ export type ToWorker =
   | { type: 'shutdown' };
 
 export type FromWorker =
+  /** The worker is registered (through its control plane) and serves. */
   | { type: 'ready'; registration: WorkerRegistration }
+  /** To the launcher's embedded control plane, from the worker's IpcControlPlane. */
+  | { type: 'control'; request: ControlPlaneRequest }
   | { type: 'heartbeat'; name: string; load: WorkerLoad; expertLoad?: ExpertLoadReport }
   /** Answer to `drain`: no request is in flight here. */
   | { type: 'drained'; name: string }

@@ -1,7 +1,7 @@
 /**
  * A joined worker (`tandem worker --join etcd://HOST:2379 --pool NAME --graph FILE`): one worker of one pool,
  * on this host, with no launcher. It registers itself in etcd under its lease (its role, pool, transfer agent
- * and where frontends reach it), serves frontends over the TCP request plane (lib/serve/request-plane.ts), and
+ * and where frontends reach it), serves frontends over the TCP request plane (lib/worker/request-plane.ts), and
  * learns its KV-transfer peers from the control plane's joins and leaves. When its process dies, its lease
  * lapses and it leaves discovery; when etcd comes back empty, the control plane puts it again.
  */
@@ -10,8 +10,8 @@ import { hostname } from 'node:os';
 import { BadArgumentError } from '../errors.js';
 import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
 import { AUTH_ENV, isLoopbackHost } from '../transfer/index.js';
-import type { DeploymentGraph } from './graph.js';
-import { workerInit } from './launcher.js';
+import type { DeploymentGraph } from '../deploy/graph.js';
+import { workerInit } from '../deploy/launcher.js';
 import type { FromWorker, ToWorker, WorkerInit, WorkerRegistration } from './protocol.js';
 import {
   RequestPlaneError,
@@ -167,23 +167,20 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
       );
     plane = await EtcdControlPlane.connect({ ...options.controlOptions, endpoints: options.control });
     const controlPlane = plane;
-    /** Messages about a request go to the frontend that sent it; worker-wide ones to every frontend. */
+    /**
+     * Messages about a request go to the frontend that sent it (request plane); worker-wide ones to every frontend
+     * (event plane). What a launcher would hear of the process (ready, drained, fatal) has no one to hear it here.
+     */
     const out = (m: FromWorker): void => {
-      if (m.type === 'ready') {
-        controlPlane
-          .register(m.registration)
-          .catch((error: Error) => log(`[${init.name}] registration: ${error.message}`));
-        return;
-      }
+      if (m.type === 'ready' || m.type === 'control' || m.type === 'drained' || m.type === 'fatal') return;
       if (m.type === 'heartbeat') controlPlane.heartbeat(m.name, m.load);
-      if (m.type === 'drained' || m.type === 'fatal') return;
       const frontend = 'requestId' in m ? m.requestId.slice(0, m.requestId.indexOf('/')) : undefined;
       // A frontend that reads too slowly loses its connection rather than messages (FramedSocket's closeWhenFull).
       for (const c of server.frontends()) if (frontend === undefined || c.frontend === frontend) c.send(m);
     };
     // The transfer agent listens on the advertised address; the shared token is its secret unless one is set for it.
     const secret = process.env[AUTH_ENV.secret] || process.env[AUTH_ENV.secretFile] ? undefined : token;
-    worker = await openWorker(init, out, {
+    worker = await openWorker(init, out, controlPlane, {
       tcpHost: advertise,
       ...(options.kvPort !== undefined ? { tcpPort: options.kvPort } : {}),
       ...(secret !== undefined ? { secret } : {}),
@@ -208,17 +205,7 @@ export async function joinWorker(options: JoinWorkerOptions): Promise<JoinedWork
       w.sendKvSnapshot((m) => c.send(m));
     });
 
-    const isPeer = (name: string) => name !== init.name;
-    controlPlane.on('added', (peer) => {
-      if (isPeer(peer.registration.name)) w.handle({ type: 'peer', peer: peer.registration });
-    });
-    controlPlane.on('removed', (name) => {
-      if (isPeer(name)) w.handle({ type: 'peerGone', name });
-    });
-    for (const peer of controlPlane.workers())
-      if (isPeer(peer.registration.name)) w.handle({ type: 'peer', peer: peer.registration });
-
-    await controlPlane.register(w.registration());
+    await w.register();
     log(
       `[${init.name}] registered in etcd (${options.control}) as ${w.currentRole} of pool ${pool.name}; ` +
         `request plane on ${host}:${server.port}, reached at ${advertise}` +

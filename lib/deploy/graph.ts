@@ -15,12 +15,12 @@ import { ParallelLayoutError, TandemError } from '../errors.js';
 import { loadModelConfig, type ModelConfig } from '../engine/model/config.js';
 import { DUMMY_PREFIX, DUMMY_PRESETS, dummyConfig } from '../engine/model/dummy.js';
 import { checkParallelConfig } from '../engine/parallel.js';
-import { DEFAULT_MIGRATION_LIMIT } from './migration.js';
+import { DEFAULT_MIGRATION_LIMIT } from '../frontend/migration.js';
 import {
   DEFAULT_MAX_PREFILL_QUEUE,
   DEFAULT_MIN_REMOTE_PREFILL_TOKENS,
   type DisaggregationThresholds,
-} from './disagg.js';
+} from '../router/disagg.js';
 import {
   DEFAULT_PREFILL_WEIGHT,
   DEFAULT_ROUTER_POLICY,
@@ -102,7 +102,7 @@ export interface FrontendSpec {
   ports?: number[];
   /**
    * Times a request whose decode (or aggregated) worker dies mid-stream is re-issued to another worker, with
-   * the output already streamed (lib/serve/migration.ts). Default DEFAULT_MIGRATION_LIMIT (3); 0 turns it off.
+   * the output already streamed (lib/frontend/migration.ts). Default DEFAULT_MIGRATION_LIMIT (3); 0 turns it off.
    */
   migrationLimit: number;
   /**

@@ -1,6 +1,6 @@
 /**
  * The request plane across processes and hosts: frontends reach workers over TCP, point to point. The
- * messages are lib/serve/protocol.ts's (ToWorker one way, FromWorker the other, KV events included), each
+ * messages are lib/worker/protocol.ts's (ToWorker one way, FromWorker the other, KV events included), each
  * framed as a 4-byte big-endian length and its structured-clone bytes (node:v8, the format Node's 'advanced'
  * IPC uses, so typed arrays travel as they are). The embedded plane (Node IPC through the launcher) stays
  * the default on one machine; both are a `WorkerLink` to the router.
@@ -39,7 +39,7 @@ const PROTOCOL_VERSION = 1;
 /**
  * The request plane as a router sends on it: to a worker by name; false when that worker cannot take the message
  * now (gone, not connected, or its queue full). Embedded: the launcher's IPC channels to its children
- * (lib/serve/launcher.ts); across hosts: `ReachableWorkers` over TCP (lib/serve/request-plane-frontend.ts). What
+ * (lib/deploy/launcher.ts); across hosts: `ReachableWorkers` over TCP (lib/frontend/request-plane-frontend.ts). What
  * workers send comes back to the router's onMessage(from, message).
  */
 export interface RequestPlane {

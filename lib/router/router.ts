@@ -11,14 +11,14 @@ import {
   type RouteCandidate,
   type RouterConfig,
   type WorkerLoadEstimate,
-} from '../router/index.js';
-import type { GenerationBackend, GenerationChunk, GenerationRequest } from './backend.js';
-import { NoWorkerAvailableError } from './backend.js';
-import type { ControlPlane, LiveWorker } from './control-plane.js';
+} from './index.js';
+import type { GenerationBackend, GenerationChunk, GenerationRequest } from '../frontend/backend.js';
+import { NoWorkerAvailableError } from '../frontend/backend.js';
+import type { ControlPlane, LiveWorker } from '../control/control-plane.js';
 import type { DisaggregationThresholds } from './disagg.js';
-import { DEFAULT_BLOCK_SIZE, type ServingMode } from './graph.js';
-import type { ServeMetrics } from './metrics.js';
-import type { FromWorker, ToWorker } from './protocol.js';
+import { DEFAULT_BLOCK_SIZE, type ServingMode } from '../deploy/graph.js';
+import type { ServeMetrics } from '../frontend/metrics.js';
+import type { FromWorker, ToWorker } from '../worker/protocol.js';
 
 /** A request that failed in a worker, or whose worker died. */
 export class WorkerRequestError extends TandemError {}
@@ -140,7 +140,7 @@ export class Router implements GenerationBackend {
       promptIds: [...request.promptIds],
       sampling: request.sampling,
       prefill: decision.prefill ? { worker: decision.prefill.worker } : null,
-      // Request migration (lib/serve/migration.ts): the output a worker that died had streamed.
+      // Request migration (lib/frontend/migration.ts): the output a worker that died had streamed.
       ...(request.resume ? { resume: { outputTokenIds: [...request.resume.outputTokenIds] } } : {}),
     });
     if (!sent) {

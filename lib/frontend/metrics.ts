@@ -4,7 +4,7 @@
  * `METRIC_NAMES`.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
-import type { ExpertLoadReport } from './protocol.js';
+import type { ExpertLoadReport } from '../worker/protocol.js';
 
 export const METRIC_NAMES = {
   /**
@@ -72,7 +72,7 @@ export const METRIC_NAMES = {
   /**
    * Counter; label outcome: requests whose worker died mid-stream, re-issued to another worker (migrated), or
    * ended with an error because their migrations were used up (limit_reached) or no worker could take them
-   * (no_worker). See lib/serve/migration.ts.
+   * (no_worker). See lib/frontend/migration.ts.
    */
   requestMigrations: 'tandem_request_migrations_total',
   /** Gauge; label pool (prefill|decode): replicas the planner wants (lib/planner). */
@@ -394,7 +394,7 @@ export class ServeMetrics {
     for (const gauge of [this.workerKvUsed, this.workerKvTotal, this.workerKvUsage]) gauge.remove(labels);
   }
 
-  /** A request whose worker died: re-issued elsewhere, or ended (lib/serve/migration.ts). */
+  /** A request whose worker died: re-issued elsewhere, or ended (lib/frontend/migration.ts). */
   requestMigration(outcome: 'migrated' | 'limit_reached' | 'no_worker'): void {
     this.migrations.inc({ outcome });
   }

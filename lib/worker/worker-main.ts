@@ -1,4 +1,4 @@
-/** Entry point of a worker process (forked by lib/serve/launcher.ts). */
+/** Entry point of a worker process (forked by lib/deploy/launcher.ts). */
 import { runWorker } from './worker.js';
 
 runWorker().catch((error: unknown) => {

@@ -1,7 +1,12 @@
 /**
  * A worker process: one engine (prefill, decode or aggregated role) with its KV pool in shared memory
- * registered with a transfer agent, driven by the launcher over the IPC channel (lib/serve/protocol.ts).
+ * registered with a transfer agent, driven by the launcher over the IPC channel (lib/worker/protocol.ts).
  * Started by the launcher with `fork()`; `runWorker()` is its main.
+ *
+ * Its three planes: the control plane (a `ControlPlane`: the launcher's embedded one over IPC, or etcd), where it
+ * registers itself and learns its KV-transfer peers from the joins and leaves; the request plane (requests in,
+ * their tokens out) and the event plane (its load and KV events out, to every router), both on the IPC channel
+ * under a launcher and on TCP connections from the frontends when joined (worker-join.ts).
  */
 import { KvEventPublisher, kvPool, kvTransferPieces, type KvPoolSpec } from '../kv/index.js';
 import { KvCacheFullError, TandemError } from '../errors.js';
@@ -11,6 +16,7 @@ import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type AgentOptions, type Region } from '../transfer/index.js';
 import { ExpertLoadWindow, imbalance } from '../moe/index.js';
+import { EtcdControlPlane, IpcControlPlane, type ControlPlane, type LiveWorker } from '../control/index.js';
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
   decodePrefillNotice,
@@ -82,6 +88,7 @@ export class Worker {
   /** The engine's KV events, batched per engine step and numbered, to the routers (lib/kv/events.ts). */
   private readonly kvEvents: KvEventPublisher;
   private readonly stopKvEvents: () => void;
+  private readonly stopWatchingPeers: () => void;
 
   constructor(
     /** Where the worker's messages go: the launcher (IPC), or the request plane's connections (TCP). */
@@ -90,11 +97,18 @@ export class Worker {
     private readonly model: OpenedModel,
     private readonly agent: TransferAgent,
     private readonly kvRegion: Region,
+    /** Where it registers itself and learns its peers (every other worker registered there). */
+    private readonly controlPlane: ControlPlane,
   ) {
     this.role = init.role;
     this.kvEvents = new KvEventPublisher((batch) => this.out({ type: 'kvEvents', batch }));
     agent.on('notification', (_from, message) => this.onNotice(message));
     this.stopKvEvents = model.engine.onKvEvent((event) => this.kvEvents.add(event));
+    const added = (w: LiveWorker) => this.peerJoined(w.registration);
+    const removed = (name: string, reason: string) => this.peerLeft(name, reason);
+    controlPlane.on('added', added).on('removed', removed);
+    this.stopWatchingPeers = () => controlPlane.off('added', added).off('removed', removed);
+    for (const w of controlPlane.workers()) this.peerJoined(w.registration);
     this.heartbeat = setInterval(() => this.sendHeartbeat(), init.heartbeatMs);
     this.heartbeat.unref();
   }
@@ -116,6 +130,47 @@ export class Worker {
       },
       ...(expertLoad ? { expertLoad } : {}),
     });
+  }
+
+  /**
+   * A worker joined the control plane: its transfer agent is loaded, so that prefill can write KV into its pool.
+   * A prefill worker opens the transfer path now rather than on the first request (CUDA IPC mappings cost tens of
+   * milliseconds); a failure shows again, with the same error, on the transfer that needs the peer, where the
+   * request falls back to a local prefill. TANDEM_WARMUP=0 turns the warm-up off (to measure a cold first transfer).
+   */
+  private peerJoined(peer: WorkerRegistration): void {
+    if (peer.name === this.init.name || this.disposed) return;
+    try {
+      this.agent.loadRemote(peer.agentMetadata);
+    } catch (error) {
+      process.stderr.write(
+        `tandem worker ${this.init.name}: peer ${peer.name}'s transfer agent does not load: ${errorMessage(error)}\n`,
+      );
+      return;
+    }
+    this.peers.set(peer.name, peer);
+    process.stderr.write(`tandem worker ${this.init.name}: peer ${peer.name} (${peer.role}) joined\n`);
+    if (this.role === 'prefill' && process.env.TANDEM_WARMUP !== '0') {
+      this.agent.warmup(peer.agentName).catch((error: Error) => {
+        process.stderr.write(
+          `tandem worker ${this.init.name}: warm-up of transfers to ${peer.agentName} failed: ${error.message}\n`,
+        );
+      });
+    }
+  }
+
+  /** A worker left the control plane: its agent is forgotten too, which closes our mappings of its memory. */
+  private peerLeft(name: string, reason: string): void {
+    const gone = this.peers.get(name);
+    if (!gone || this.disposed) return;
+    this.peers.delete(name);
+    this.agent.removeRemote(gone.agentName);
+    process.stderr.write(`tandem worker ${this.init.name}: peer ${name} left (${reason})\n`);
+  }
+
+  /** Registers this worker (its current role) in the control plane; resolves once the plane shows it. */
+  async register(): Promise<void> {
+    await this.controlPlane.register(this.registration());
   }
 
   /** MoE models: tokens per layer and expert over the last heartbeats (one window step per heartbeat). */
@@ -246,29 +301,6 @@ export class Worker {
 
   private dispatch(message: ToWorker): void {
     switch (message.type) {
-      case 'peer':
-        this.peers.set(message.peer.name, message.peer);
-        this.agent.loadRemote(message.peer.agentMetadata);
-        // A prefill worker writes KV into its peers' pools: open them now rather than on the first
-        // request (CUDA IPC mappings cost tens of milliseconds). A failure here shows again, with the
-        // same error, on the transfer that needs the peer, where the request falls back to a local prefill.
-        // TANDEM_WARMUP=0 turns this off (to measure a cold first transfer).
-        if (this.role === 'prefill' && process.env.TANDEM_WARMUP !== '0') {
-          const peer = message.peer.agentName;
-          this.agent.warmup(peer).catch((error: Error) => {
-            process.stderr.write(
-              `tandem worker ${this.init.name}: warm-up of transfers to ${peer} failed: ${error.message}\n`,
-            );
-          });
-        }
-        return;
-      case 'peerGone': {
-        // Forget its agent too: that closes our mappings of its memory (a GPU worker's whole KV pool).
-        const gone = this.peers.get(message.name);
-        this.peers.delete(message.name);
-        if (gone) this.agent.removeRemote(gone.agentName);
-        return;
-      }
       case 'generate':
         this.generate(message);
         return;
@@ -324,6 +356,7 @@ export class Worker {
         this.sendKvSnapshot();
         return;
       case 'init':
+      case 'control': // the process's control plane takes these (runWorker)
       case 'shutdown':
         return;
     }
@@ -355,8 +388,16 @@ export class Worker {
   private setRole(role: WorkerInit['role']): void {
     this.endDrain();
     this.role = role;
-    this.out({ type: 'ready', registration: this.registration() });
-    this.sendKvSnapshot();
+    this.register().then(
+      () => {
+        this.out({ type: 'ready', registration: this.registration() });
+        this.sendKvSnapshot();
+      },
+      (error: unknown) =>
+        process.stderr.write(
+          `tandem worker ${this.init.name}: registration as ${role} failed: ${errorMessage(error)}\n`,
+        ),
+    );
   }
 
   private endDrain(): void {
@@ -599,6 +640,7 @@ export class Worker {
 
   async dispose(): Promise<void> {
     this.disposed = true;
+    this.stopWatchingPeers();
     clearInterval(this.heartbeat);
     clearInterval(this.drainPoll);
     this.stopKvEvents();
@@ -610,12 +652,13 @@ export class Worker {
 
 /**
  * Opens a worker's transfer agent, model and KV pool (shared memory on CPU, device memory on GPU) and the
- * Worker that serves them; its messages go to `out`. `agentOptions`: where the agent listens for peers on other
- * hosts (a joined worker, lib/cli/worker.ts).
+ * Worker that serves them; its messages go to `out`, its peers come from `controlPlane`. `agentOptions`: where the
+ * agent listens for peers on other hosts (a joined worker, lib/cli/worker.ts).
  */
 export async function openWorker(
   init: WorkerInit,
   out: (message: FromWorker) => void,
+  controlPlane: ControlPlane,
   agentOptions: Omit<AgentOptions, 'name'> = {},
 ): Promise<Worker> {
   const agent = await TransferAgent.create({ name: `${init.name}-${process.pid}`, ...agentOptions });
@@ -652,7 +695,7 @@ export async function openWorker(
       process.stderr.write(`tandem worker ${init.name}: engine warm-up ${ms.toFixed(0)} ms\n`);
     }
   }
-  return new Worker(out, init, model, agent, region!);
+  return new Worker(out, init, model, agent, region!, controlPlane);
 }
 
 /** The worker's main: waits for `init`, opens the model with its KV pool in shared memory, registers. */
@@ -661,13 +704,14 @@ export async function runWorker(): Promise<void> {
   // `ps` and `top` show which worker this is (`tandem decode-0`), also while the model loads.
   if (process.env.TANDEM_WORKER_NAME) process.title = `tandem ${process.env.TANDEM_WORKER_NAME}`;
   let worker: Worker | undefined;
+  let controlPlane: ControlPlane | undefined;
   let exiting = false;
-  /** Disposes the engine (bounded: a stuck dispose does not keep the process) and exits. */
+  /** Leaves the control plane, disposes the engine (bounded: a stuck dispose does not keep the process) and exits. */
   const exit = (code: number) => {
     if (exiting) return;
     exiting = true;
     setTimeout(() => process.exit(code), EXIT_GRACE_MS).unref();
-    void (worker?.dispose() ?? Promise.resolve()).finally(() => process.exit(code));
+    void Promise.allSettled([controlPlane?.close(), worker?.dispose()]).finally(() => process.exit(code));
   };
   // The launcher is gone (it exited, or was killed): nothing will ask for work any more. This also holds
   // while the model is still loading.
@@ -681,9 +725,14 @@ export async function runWorker(): Promise<void> {
     };
     process.on('message', onMessage);
   });
+  // The control plane: etcd when the deployment's is there, else the launcher's embedded one over this channel.
+  const ipcControlPlane = init.control
+    ? undefined
+    : new IpcControlPlane((request) => send({ type: 'control', request }));
   const early: ToWorker[] = [];
   process.on('message', (m: ToWorker) => {
     if (m.type === 'shutdown') return exit(0);
+    if (m.type === 'control') return ipcControlPlane?.receive(m.event);
     if (worker) worker.handle(m);
     else early.push(m);
   });
@@ -713,7 +762,15 @@ export async function runWorker(): Promise<void> {
     if (draining) exit(0);
   });
   try {
-    worker = await openWorker(init, send);
+    controlPlane = ipcControlPlane ?? (await EtcdControlPlane.connect(init.control!));
+    const plane = controlPlane;
+    // Its load goes to the routers on the event plane (this channel); etcd also stores it (the load key).
+    const out = (m: FromWorker) => {
+      if (m.type === 'heartbeat') plane.heartbeat(m.name, m.load);
+      send(m);
+    };
+    worker = await openWorker(init, out, plane);
+    await worker.register();
     send({ type: 'ready', registration: worker.registration() });
     worker.sendKvSnapshot();
     for (const m of early.splice(0)) worker.handle(m);

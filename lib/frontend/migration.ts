@@ -13,7 +13,7 @@
 import { TandemError } from '../errors.js';
 import type { GenerationBackend, GenerationChunk, GenerationRequest } from './backend.js';
 import type { ServeMetrics } from './metrics.js';
-import { WorkerRequestError } from './router.js';
+import { WorkerRequestError } from '../router/router.js';
 
 /** Migrations per request by default (graph `frontend.migrationLimit`, `--migration-limit`). */
 export const DEFAULT_MIGRATION_LIMIT = 3;

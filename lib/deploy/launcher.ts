@@ -26,16 +26,16 @@ import { BadArgumentError, TandemError, TimeoutError } from '../errors.js';
 import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
-import { EmbeddedControlPlane, type ControlPlane } from './control-plane.js';
+import { EmbeddedControlPlane, type ControlPlane } from '../control/control-plane.js';
 import { DEFAULT_WORKER_TIMEOUT_MS, routingChoices } from '../control/control-plane.js';
-import { EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
+import { ControlPlaneRelay, EtcdControlPlane, type EtcdControlPlaneOptions } from '../control/index.js';
 import { frontendPorts, type DeploymentGraph, type PoolSpec } from './graph.js';
 import { startFrontend, type RunningFrontend } from '../frontend/index.js';
-import { ServeMetrics } from './metrics.js';
-import type { GenerationBackend } from './backend.js';
-import { MigratingBackend } from './migration.js';
-import type { FromWorker, ToWorker, WorkerInit } from './protocol.js';
-import { Router } from './router.js';
+import { ServeMetrics } from '../frontend/metrics.js';
+import type { GenerationBackend } from '../frontend/backend.js';
+import { MigratingBackend } from '../frontend/migration.js';
+import type { FromWorker, ToWorker, WorkerInit } from '../worker/protocol.js';
+import { Router } from '../router/router.js';
 import { LoadEstimate } from '../router/index.js';
 // ---- planner hooks (lib/planner: the runtime and its local connector) ----
 import { LocalConnector, type LocalWorkers, type PlannerConnector } from '../planner/connectors/index.js';
@@ -113,8 +113,9 @@ export interface DeploymentOptions {
    */
   apiKey?: string;
   /**
-   * etcd as the control plane (`tandem serve --control etcd://HOST:2379`): the workers are registered there under
-   * leases this process keeps, in `namespace` (one launcher per namespace). Default: the embedded control plane.
+   * etcd as the control plane (`tandem serve --control etcd://HOST:2379`): each worker process registers itself
+   * there under its own lease and watches it for its peers, in `namespace` (one launcher per namespace). Default:
+   * the embedded control plane in this process, which the workers reach over their IPC channel.
    */
   control?: EtcdControlPlaneOptions;
   /** The planner's tuning beyond the graph's section (tests make it react fast). */
@@ -178,9 +179,9 @@ const here = dirname(fileURLToPath(import.meta.url));
 
 /** The worker entry: the built JS next to this file, or the TypeScript source under tsx. */
 function workerEntry(): { file: string; execArgv: string[] } {
-  const js = join(here, 'worker-main.js');
+  const js = join(here, '../worker/worker-main.js');
   if (existsSync(js)) return { file: js, execArgv: [] };
-  return { file: join(here, 'worker-main.ts'), execArgv: ['--import', 'tsx'] };
+  return { file: join(here, '../worker/worker-main.ts'), execArgv: ['--import', 'tsx'] };
 }
 
 class WorkerProcess {
@@ -325,6 +326,7 @@ export function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, op
     heartbeatMs: options.heartbeatMs ?? 1000,
     ...(options.remotePrefillTimeoutMs !== undefined ? { remotePrefillTimeoutMs: options.remotePrefillTimeoutMs } : {}),
     ...(options.workerDrainTimeoutMs !== undefined ? { drainTimeoutMs: options.workerDrainTimeoutMs } : {}),
+    ...(options.control ? { control: options.control } : {}),
   };
 }
 
@@ -394,6 +396,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
         Math.max(5 * heartbeatMs, 3000),
         Math.max(5 * heartbeatMs, 3000, options.workerTimeoutMs ?? DEFAULT_WORKER_TIMEOUT_MS),
       );
+  // The embedded plane is served to the worker processes over IPC; on etcd they reach etcd themselves.
+  const relay = options.control ? undefined : new ControlPlaneRelay(controlPlane, log);
   const metrics = new ServeMetrics();
   const workers = new Map<string, WorkerProcess>();
   const send = (name: string, m: ToWorker) => workers.get(name)?.send(m) ?? false;
@@ -461,19 +465,14 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const frontend = frontends[0]!;
   const closeFrontends = (drainMs: number) => Promise.all(frontends.map((f) => f.close({ drainMs })));
 
+  // Workers learn their peers from the control plane themselves: nothing is relayed from here.
   controlPlane.on('added', (w) => {
     const reg = w.registration;
-    // In etcd, a worker of another process (a joined worker) is not this launcher's to relay to.
-    if (!workers.has(reg.name)) return;
-    log(`[launcher] ${reg.name} registered (${reg.role}, ${reg.device}, ${reg.numBlocks} KV blocks, pid ${reg.pid})`);
+    // In etcd, a worker of another process (a joined worker) is not this launcher's.
     const wp = workers.get(reg.name);
-    if (wp) metrics.workerKvBlocks(reg.name, wp.pool, reg.numBlocks - w.load.freeBlocks, reg.numBlocks);
-    // Every worker learns every other's transfer agent, so that prefill can write into decode's pool.
-    for (const other of controlPlane.workers()) {
-      if (other.registration.name === reg.name) continue;
-      send(reg.name, { type: 'peer', peer: other.registration });
-      send(other.registration.name, { type: 'peer', peer: reg });
-    }
+    if (!wp) return;
+    log(`[launcher] ${reg.name} registered (${reg.role}, ${reg.device}, ${reg.numBlocks} KV blocks, pid ${reg.pid})`);
+    metrics.workerKvBlocks(reg.name, wp.pool, reg.numBlocks - w.load.freeBlocks, reg.numBlocks);
   });
   controlPlane.on('suspect', (name, suspect, reason) => {
     if (workers.has(name) && !stopping)
@@ -483,7 +482,6 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
     if (!workers.has(name)) return;
     if (!stopping) log(`[launcher] ${name} dropped: ${reason}`);
     metrics.dropWorker(name);
-    for (const other of controlPlane.workers()) send(other.registration.name, { type: 'peerGone', name });
   });
 
   const addWorker = (init: WorkerInit): WorkerProcess => {
@@ -492,10 +490,14 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       init.pool,
       init,
       (m) => {
+        if (m.type === 'control') {
+          relay?.handle(init.name, m.request, (event) => wp.send({ type: 'control', event }));
+          return;
+        }
+        // Registered through its control plane (the relay above, or etcd) before it says so.
         if (m.type === 'ready') {
           wp.readyAt = now();
           draining.delete(init.name); // a role switch ends its drain (planner hooks)
-          controlPlane.register(m.registration);
         } else if (m.type === 'heartbeat') {
           if (m.load.draining && !controlPlane.get(m.name)?.load.draining && !stopping)
             log(`[launcher] ${m.name} is draining (told to stop): routers send it nothing new`);
@@ -511,7 +513,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       },
       (code, signal) => {
         const everReady = wp.readyAt !== undefined;
-        controlPlane.remove(init.name, `process exited (${signal ?? `code ${code}`})`);
+        relay?.drop(init.name);
+        void controlPlane.remove(init.name, `process exited (${signal ?? `code ${code}`})`);
         const how = signal ?? `code ${code}`;
         // Exited during the start before it registered: the start waits for it no longer (also while stopping:
         // a start that failed on another worker stops this one, and its wait's timer must not hold the process).
@@ -723,6 +726,7 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       await planner?.stop();
       await closeFrontends(drainMs);
       await stopWorkers();
+      relay?.close();
       await controlPlane.close();
     },
   };

@@ -1,7 +1,7 @@
 /**
  * A joined frontend (`tandem frontend --join etcd://HOST:2379 --graph FILE`): the OpenAI API, its router and
  * request migration, in front of workers it discovers in etcd and reaches over the TCP request plane
- * (lib/serve/request-plane.ts). No launcher: workers join and leave on their own hosts.
+ * (lib/worker/request-plane.ts). No launcher: workers join and leave on their own hosts.
  *
  * The router sees `ReachableWorkers`: the control plane's workers that this frontend is connected to. A worker
  * joins the router when its connection is up and leaves it when the connection breaks or its registration
@@ -21,14 +21,14 @@ import {
 import { dummyConfig, isDummyModel } from '../engine/model/dummy.js';
 import { loadModelConfig } from '../engine/model/config.js';
 import { modelTokenizer } from '../engine/tokenizer.js';
-import { startFrontend, type RunningFrontend } from '../frontend/index.js';
-import { frontendPorts, type DeploymentGraph, type PoolRole } from './graph.js';
-import { apiKeyOf, isLoopbackHost } from './launcher.js';
+import { startFrontend, type RunningFrontend } from './index.js';
+import { frontendPorts, type DeploymentGraph, type PoolRole } from '../deploy/graph.js';
+import { apiKeyOf, isLoopbackHost } from '../deploy/launcher.js';
 import { MigratingBackend } from './migration.js';
 import { ServeMetrics } from './metrics.js';
-import type { ExpertLoadReport, FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from './protocol.js';
-import { WorkerClient, type RequestPlane } from './request-plane.js';
-import { Router } from './router.js';
+import type { ExpertLoadReport, FromWorker, ToWorker, WorkerLoad, WorkerRegistration } from '../worker/protocol.js';
+import { WorkerClient, type RequestPlane } from '../worker/request-plane.js';
+import { Router } from '../router/router.js';
 
 export interface ReachableWorkersOptions {
   /** This frontend's id on the request plane (its request ids carry it). Default: random. */
