@@ -36,7 +36,7 @@ import { checkCheckpointTensors, tensorElements, weightManifest, type ManifestTe
 import { openSafetensors } from './model/safetensors.js';
 import { ByteProgress, StartPhases, type StartLog } from './model/progress.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner, type SampledLogits, type SamplePlan } from './runner.js';
-import { checkCudaTensorParallel, rankKvHeads, sliceHostTensor, tpDeviceOrdinals } from './cuda-parallel.js';
+import { checkCudaTensorParallel, sliceHostTensor, tpDeviceOrdinals } from './cuda-parallel.js';
 
 /** Share of the GPU's free memory (after the weights) the KV pool takes when numBlocks is not given. */
 export const DEFAULT_GPU_KV_FRACTION = 0.8;
@@ -90,6 +90,7 @@ interface TpPeer {
   raw: RawCudaLlama;
   device: CudaDevice;
   kvBuffer: DeviceBuffer;
+  pool: KvPool;
   ownsDevice: boolean;
 }
 
@@ -98,6 +99,14 @@ export function gpuWeightBytes(config: ModelConfig): number {
   let elements = 0;
   for (const t of expectedTensors(config)) elements += t.shape.reduce((a, b) => a * b, 1);
   return elements * 2;
+}
+
+/** A rank pool's KvPoolSpec (bf16, NHD; tpSize and tpRank when the runner has several ranks). */
+function rankPoolSpec(pool: KvPool): KvPoolSpec {
+  return {
+    ...runnerPoolSpec(pool, 'bf16'),
+    ...(pool.tpSize > 1 ? { tpSize: pool.tpSize, tpRank: pool.tpRank } : {}),
+  };
 }
 
 /** How often the checkpoint reader's byte count is looked at while a file loads. */
@@ -187,7 +196,7 @@ export class CudaModelRunner implements ModelRunner {
     this.numBlocks = pool.numBlocks;
     this.maxPositions = config.maxPositionEmbeddings;
     this.kvPool = pool;
-    this.kvPoolSpec = runnerPoolSpec(pool, 'bf16');
+    this.kvPoolSpec = rankPoolSpec(pool);
   }
 
   /**
@@ -333,15 +342,18 @@ export class CudaModelRunner implements ModelRunner {
       pool?: KvPool;
     }
     const ranks: Rank[] = [];
+    // Rank r's pool holds its kv heads (lib/kv's rank pool: tpSize tp, tpRank r), the heads tensorShard gives it.
     const poolOf = (rank: number, numBlocks: number) =>
       kvPool({
         layers: config.numLayers,
-        kvHeads: rankKvHeads(config, tp, rank),
+        kvHeads: config.numKvHeads,
         headDim: config.headDim,
         blockSize,
         numBlocks,
         dtype: 'bf16',
         layout,
+        tpSize: tp,
+        tpRank: rank,
       });
     try {
       for (let r = 0; r < tp; r++) {
@@ -453,6 +465,7 @@ export class CudaModelRunner implements ModelRunner {
         raw: rank.raw!,
         device: rank.device,
         kvBuffer: rank.kvBuffer!,
+        pool: rank.pool!,
         ownsDevice: rank.ownsDevice,
       }));
       return new CudaModelRunner(
@@ -477,6 +490,21 @@ export class CudaModelRunner implements ModelRunner {
   /** The number of tensor-parallel ranks (1: the whole model on one runner). */
   get tensorParallelSize(): number {
     return this.peers.length + 1;
+  }
+
+  /**
+   * The KV pool of each tensor-parallel rank, rank 0 first (one for a single rank): rank r's holds its kv heads
+   * (lib/kv's rank pool, tpSize and tpRank set; one head each when there are more ranks than kv heads) in
+   * `kvDeviceBuffers[r]`. A transfer agent registers each buffer as a region, and kvRankTransferPieces maps head
+   * slices between these and a peer's pools. `kvPoolSpec` is rank 0's.
+   */
+  get kvRankPoolSpecs(): KvPoolSpec[] {
+    return [this.kvPoolSpec, ...this.peers.map((p) => rankPoolSpec(p.pool))];
+  }
+
+  /** Each rank's KV pool memory, rank 0 first (kvRankPoolSpecs describes them); `kvDeviceBuffer` is rank 0's. */
+  get kvDeviceBuffers(): DeviceBuffer[] {
+    return [this.kvDeviceBuffer, ...this.peers.map((p) => p.kvBuffer)];
   }
 
   /** What each tensor-parallel rank holds, rank 0 first: [start, count] of heads, kv heads, channels, vocabulary. */
