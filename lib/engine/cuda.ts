@@ -20,7 +20,13 @@ import { closeSync, openSync } from 'node:fs';
 import { BadArgumentError, CheckpointError, native, nativeSync, OutOfMemoryError, TandemError } from '../errors.js';
 import { CudaDevice, type DeviceBuffer } from '../cuda/index.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
-import { loadBinding, type RawCudaLlama, type RawCudaTpGroup, type RawTensorShard } from '../native/binding.js';
+import {
+  loadBinding,
+  type RawCollectiveTime,
+  type RawCudaLlama,
+  type RawCudaTpGroup,
+  type RawTensorShard,
+} from '../native/binding.js';
 import { libraryCandidates } from '../native/libraries.js';
 import {
   DEFAULT_DUMMY_SEED,
@@ -510,6 +516,20 @@ export class CudaModelRunner implements ModelRunner {
   /** What each tensor-parallel rank holds, rank 0 first: [start, count] of heads, kv heads, channels, vocabulary. */
   get tensorShards(): RawTensorShard[] {
     return [this.raw, ...this.peers.map((p) => p.raw)].map((m) => m.tensorParallel!);
+  }
+
+  /**
+   * Stream time (ms) each tensor-parallel rank, rank 0 first, spent in its collectives over the passes since the last
+   * call, and a reset: all-reduces (`allReduceMs`) and the logits gather (`gatherMs`), timed with CUDA events around
+   * each on the rank's stream, so a rank's wait for the others' inputs is in it (barrierMs and handoverMs are 0: the
+   * GPU ranks have neither). The first call starts the timing and gives zeros; zeros for one rank. What
+   * bench:engine's "coll %" divides by the step time on the GPU.
+   */
+  async takeCollectiveTime(): Promise<RawCollectiveTime[]> {
+    const times = await Promise.all(
+      [this.raw, ...this.peers.map((p) => p.raw)].map((m) => native(() => m.takeCollectiveTime())),
+    );
+    return times.map((t) => ({ allReduceMs: t.allReduceMs, gatherMs: t.gatherMs, barrierMs: 0, handoverMs: 0 }));
   }
 
   /** Whether decode steps replay CUDA graphs, and why not when capturing failed (they then run eagerly). */
