@@ -14,7 +14,9 @@
  * its kv heads, the ranks summing partial results through a communicator injected into the native layer step. Today
  * every rank runs on one device (a local reduction, so TP 2 is checked against TP 1 on one GPU); ranks on several
  * GPUs need the NCCL communicator (not written yet). forward() drives every rank with the same batch and returns
- * rank 0's logits.
+ * rank 0's logits. Rank r's KV pool is lib/kv's rank pool (tpSize tp, tpRank r: `kvRankPoolSpecs[r]`, memory
+ * `kvDeviceBuffers[r]`); a worker registers each as a region and kvRankTransferPieces maps head slices between them
+ * and a peer's pools.
  */
 import { closeSync, openSync } from 'node:fs';
 import { BadArgumentError, CheckpointError, native, nativeSync, OutOfMemoryError, TandemError } from '../errors.js';
