@@ -64,8 +64,10 @@
  * gather, barriers for replicated kv heads, and on later pipeline stages the wait for the previous stage's
  * activations; each the rank's wait for its peers plus its own summing and copying) over the timed steps' total
  * wall time, and "coll max", the largest share of any rank. On a shared or small host most of that is waiting for
- * a slower peer, not moving bytes. On cuda the ranks share one GPU through the local communicator and no share is
- * measured (the GPU's collectives are stream work, not host time).
+ * a slower peer, not moving bytes. On cuda (--tp only) the ranks share one GPU through the local communicator, and
+ * "coll %" is rank 0's stream time in its collectives (CudaModelRunner.takeCollectiveTime: CUDA events around each
+ * all-reduce and the logits gather, its wait for the other ranks' inputs included) over the step time; the ranks
+ * run concurrently on one GPU, so the share says how much of a step the ranks spend meeting, not what NVLink costs.
  *
  * --profile-case CASES (cuda; scripts/profile-engine.sh runs it under ncu --profile-from-start off): no table, no
  * baselines, no PyTorch. The runner loads once for all the cases (`prefill:<tokens>`, one sequence;
@@ -156,7 +158,7 @@ interface Row {
   transformers?: TorchCell;
   /** A layout of several ranks: the same case at one rank (tp = pp = ep = 1), measured first in the same run. */
   singleRank?: { msP50: number; msMin: number; speedup: number };
-  /** CPU ranks of a layout of several: their host time in collectives over the timed steps. */
+  /** A layout of several ranks: their time in collectives over the timed steps (CPU: host time; GPU: stream time). */
   collective?: CollectiveShare;
 }
 
@@ -457,8 +459,8 @@ const USAGE = `npm run bench:engine [-- options]
   --steps N                   timed decode steps per row (default 32, --quick 16)
   --threads N                 cpu threads (default: the runner's), split between the ranks
   --tp N, --pp N, --ep N      tensor / pipeline / expert parallel ranks (default 1 each; cuda: --tp only); with
-                              several ranks the same rows also run at one rank first, for the speed-up, and on
-                              cpu each row says the ranks' share of the step spent in collectives
+                              several ranks the same rows also run at one rank first, for the speed-up, and
+                              each row says the ranks' share of the step spent in collectives
   --sampling device|host      greedy ids from the device, or whole logits to the host (default device)
   --graphs on|off             decode steps as CUDA graphs (default on)
   --torch auto|off            PyTorch rows on cuda where python3 imports torch with a GPU (default auto)
@@ -838,8 +840,9 @@ async function main(): Promise<void> {
           cudaGraphs: graphs,
           ...(layout.tp > 1 ? { parallel: { tp: layout.tp } } : {}),
         });
-        // Decode rows read KV that no prompt wrote: bf16 0x3c3c (0.0115) everywhere, finite whatever the GPU held.
-        await runner.kvDeviceBuffer.fill(0x3c);
+        // Decode rows read KV that no prompt wrote: bf16 0x3c3c (0.0115) everywhere (every rank's pool), finite
+        // whatever the GPU held.
+        for (const buffer of runner.kvDeviceBuffers) await buffer.fill(0x3c);
         deviceLine = `cuda:${dev.ordinal} ${dev.name}, bf16 weights and KV, fp32 accumulation`;
         weightBytesOnDevice = runner.weightBytes;
       } else {
@@ -866,12 +869,12 @@ async function main(): Promise<void> {
       }
 
       const bench = new Bench(runner, sampling);
-      const cpuRanks = runner instanceof CpuModelRunner && rankCount(layout) > 1 ? runner : undefined;
-      /** Sorted step times of `repeats` steps, and the ranks' time in collectives over them (CPU ranks). */
+      const ranks = rankCount(layout) > 1 ? runner : undefined;
+      /** Sorted step times of `repeats` steps, and the ranks' time in collectives over them. */
       const timed = async (batch: ForwardBatch, repeats: number) => {
-        cpuRanks?.takeCollectiveTime(); // drops what the warm-up steps spent
+        await ranks?.takeCollectiveTime(); // drops what the warm-up steps spent (on the GPU: starts the timing)
         const ms = await bench.time(batch, repeats);
-        return { ms, collective: cpuRanks && collectiveShare(cpuRanks.takeCollectiveTime(), ms) };
+        return { ms, collective: ranks && collectiveShare(await ranks.takeCollectiveTime(), ms) };
       };
       const record = (row: Row) => {
         into.push(row);
@@ -1030,7 +1033,8 @@ async function main(): Promise<void> {
           `${cuda ? 'GPU' : `host, ${singleRankThreads} threads`}, measured first in this run; ` +
           `"speed-up" = 1-rank ms / ms` +
           (cuda
-            ? ''
+            ? `; "coll %" = rank 0's stream time in collectives (all-reduce, logits gather; CUDA events around ` +
+              `each, its wait for the other ranks included) / step time, "coll max" = the largest of any rank`
             : `; "coll %" = rank 0's host time in collectives (all-reduce, logits gather, barriers, waiting for ` +
               `the previous stage) / step time, "coll max" = the largest of any rank (rank = stage x ` +
               `${Math.max(parallel.tp, parallel.ep)} + rank in the stage)`)

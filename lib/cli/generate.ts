@@ -3,8 +3,8 @@
  *  [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N] [--ep N] [--chat] [--json]`
  *
  * --tp / --pp / --ep run the model as tensor x pipeline parallel ranks, an MoE model's experts split over ep of
- * them (lib/engine/parallel.ts): on the CPU engine, one native thread per rank; the layout is printed on stderr
- * (and is `layout` in --json).
+ * them (lib/engine/parallel.ts): on the CPU engine, one native thread per rank; on the GPU engine (--tp only), one
+ * model per rank, every rank on one GPU; the layout is printed on stderr (and is `layout` in --json).
  *
  * Loads the model (progress on stderr), runs one request through the engine and prints the text as it is
  * generated, or with --json one object: token ids, text, finish reason and timings.

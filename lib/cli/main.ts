@@ -40,7 +40,8 @@ Usage:
                   [--seed S] [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N]
                   [--ep N] [--chat] [--json]
                            generate text with the reference engine (greedy unless --temperature);
-                           --tp / --pp / --ep: tensor / pipeline / expert parallel ranks (CPU engine)
+                           --tp / --pp / --ep: tensor / pipeline / expert parallel ranks (CPU engine;
+                           --tp also on the GPU engine, every rank on one GPU)
   tandem bench serve [--quick] [--url URL | --deploy A.yaml,B.yaml] [--rate R,... | --concurrency C,...]
                            goodput under SLOs of a deployment or of any OpenAI-compatible server
                            (tandem bench serve --help lists its options)

@@ -37,6 +37,10 @@ const StoredRegistrationSchema = z.strictObject({
   agentMetadata: z.base64(),
   kvRegion: count,
   kvPool: KvPoolSpecSchema,
+  kvRanks: z
+    .array(z.strictObject({ region: count, pool: KvPoolSpecSchema }))
+    .min(1)
+    .optional(),
   device: z.enum(['cpu', 'cuda']),
   numBlocks: count,
   pool: z.string().min(1).optional(),
@@ -80,9 +84,11 @@ function parseJson<S extends z.ZodType>(key: string, text: string, schema: S): z
 /** Throws BadRegistrationError. */
 export function decodeRegistration(key: string, text: string): WorkerRegistration {
   const stored = parseJson(key, text, StoredRegistrationSchema);
+  const { kvRanks, ...rest } = stored;
   return {
-    ...stored,
+    ...rest,
     kvPool: stored.kvPool as unknown as WorkerRegistration['kvPool'],
+    ...(kvRanks ? { kvRanks: kvRanks as unknown as WorkerRegistration['kvRanks'] } : {}),
     agentMetadata: new Uint8Array(Buffer.from(stored.agentMetadata, 'base64')),
   };
 }

@@ -68,7 +68,12 @@ export interface PoolSpec {
   name: string;
   role: PoolRole;
   replicas: number;
-  /** GPUs of one replica: 0 on CPU, else its ranks, max(tensorParallelSize, expertParallelSize) x pipelineParallelSize. */
+  /**
+   * GPUs of one replica: 0 on CPU, else its ranks, max(tensorParallelSize, expertParallelSize) x pipelineParallelSize
+   * (the default), or 1: every tensor-parallel rank on one GPU (the GPU engine's local communicator; ranks on several
+   * GPUs need the NCCL communicator, which the GPU engine does not have yet, so today a GPU pool of several ranks
+   * sets 1).
+   */
   gpusPerReplica: number;
   /**
    * Tensor parallel ranks of one replica (lib/engine/parallel.ts): each holds heads / tp of every layer. On CPU
@@ -332,7 +337,8 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
       issues.push({ path: at('name'), message: `'${p.name}' is already the name of pools[${first}]` });
     else seen.set(p.name, i);
 
-    // On CPU the ranks are threads of the worker (no GPUs); on GPUs, one GPU per rank.
+    // On CPU the ranks are threads of the worker (no GPUs); on GPUs, one GPU per rank, or every rank on one GPU
+    // (gpusPerReplica 1: the GPU engine's local communicator).
     const ranks = Math.max(p.tensorParallelSize, p.expertParallelSize) * p.pipelineParallelSize;
     const gpusPerReplica = p.gpusPerReplica ?? (p.device === 'cpu' ? 0 : ranks);
     if (p.device === 'cpu' && gpusPerReplica > 0)
@@ -340,10 +346,10 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
     if (gpusPerReplica === 0) {
       if (p.device === 'cuda')
         issues.push({ path: at('gpusPerReplica'), message: 'must be at least 1 on device cuda' });
-    } else if (gpusPerReplica !== ranks) {
+    } else if (gpusPerReplica !== ranks && gpusPerReplica !== 1) {
       issues.push({
         path: at('gpusPerReplica'),
-        message: `must equal ${p.expertParallelSize > 1 ? 'max(tensorParallelSize, expertParallelSize)' : 'tensorParallelSize'} x pipelineParallelSize (${ranks}): one GPU per rank`,
+        message: `must equal ${p.expertParallelSize > 1 ? 'max(tensorParallelSize, expertParallelSize)' : 'tensorParallelSize'} x pipelineParallelSize (${ranks}): one GPU per rank, or 1: every rank on one GPU`,
       });
     }
     if (p.gpuIds !== undefined) {

@@ -313,6 +313,10 @@ export function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, op
     model: graph.model,
     device: pool.device === 'cuda' ? 'cuda' : 'cpu',
     ...(pool.device === 'cuda' ? { gpu: pool.gpuIds?.[r * pool.gpusPerReplica] ?? 0 } : {}),
+    // A replica of several GPUs: one per rank (the worker's engine says when it cannot run them).
+    ...(pool.device === 'cuda' && pool.gpusPerReplica > 1
+      ? { gpus: Array.from({ length: pool.gpusPerReplica }, (_, i) => pool.gpuIds?.[r * pool.gpusPerReplica + i] ?? i) }
+      : {}),
     ...(pool.engine.kvCacheFraction !== undefined ? { kvCacheFraction: pool.engine.kvCacheFraction } : {}),
     seed: options.seed ?? 0,
     blockSize: pool.engine.blockSize,

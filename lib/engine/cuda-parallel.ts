@@ -39,7 +39,7 @@ export function checkCudaTensorParallel(config: ModelConfig, tp: unknown, where:
 /**
  * The device ordinal of each rank: `devices` (one per rank) or `device` for all. Ranks run on one device today
  * (the local communicator); ranks on several devices need the NCCL communicator, not written yet: a
- * ParallelLayoutError says so.
+ * ParallelLayoutError says so (and how to put the ranks on one GPU).
  */
 export function tpDeviceOrdinals(tp: number, device: number, devices: readonly number[] | undefined, where: string) {
   const ordinals = devices ?? Array<number>(tp).fill(device);
@@ -51,7 +51,8 @@ export function tpDeviceOrdinals(tp: number, device: number, devices: readonly n
   if (new Set(ordinals).size > 1)
     throw new ParallelLayoutError(
       `${where}: tensor-parallel ranks on several GPUs (${ordinals.join(', ')}) need the NCCL communicator, which ` +
-        `the GPU engine does not have yet; put every rank on one device`,
+        `the GPU engine does not have yet; put every rank on one GPU (the local communicator: a graph pool's ` +
+        `gpusPerReplica: 1)`,
     );
   return ordinals;
 }
@@ -133,9 +134,4 @@ export function sliceHostTensor(
     out.set(data.subarray(from, from + cols.count), r * cols.count);
   }
   return out;
-}
-
-/** The model as rank `rank` sees its KV pool: its kv heads. */
-export function rankKvHeads(config: ModelConfig, tp: number, rank: number): number {
-  return tensorShard(config, tp, rank).kvHeads.count;
 }

@@ -14,13 +14,21 @@
  * its kv heads, the ranks summing partial results through a communicator injected into the native layer step. Today
  * every rank runs on one device (a local reduction, so TP 2 is checked against TP 1 on one GPU); ranks on several
  * GPUs need the NCCL communicator (not written yet). forward() drives every rank with the same batch and returns
- * rank 0's logits.
+ * rank 0's logits. Rank r's KV pool is lib/kv's rank pool (tpSize tp, tpRank r: `kvRankPoolSpecs[r]`, memory
+ * `kvDeviceBuffers[r]`); a worker registers each as a region and kvRankTransferPieces maps head slices between them
+ * and a peer's pools.
  */
 import { closeSync, openSync } from 'node:fs';
 import { BadArgumentError, CheckpointError, native, nativeSync, OutOfMemoryError, TandemError } from '../errors.js';
 import { CudaDevice, type DeviceBuffer } from '../cuda/index.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
-import { loadBinding, type RawCudaLlama, type RawCudaTpGroup, type RawTensorShard } from '../native/binding.js';
+import {
+  loadBinding,
+  type RawCollectiveTime,
+  type RawCudaLlama,
+  type RawCudaTpGroup,
+  type RawTensorShard,
+} from '../native/binding.js';
 import { libraryCandidates } from '../native/libraries.js';
 import {
   DEFAULT_DUMMY_SEED,
@@ -36,7 +44,7 @@ import { checkCheckpointTensors, tensorElements, weightManifest, type ManifestTe
 import { openSafetensors } from './model/safetensors.js';
 import { ByteProgress, StartPhases, type StartLog } from './model/progress.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner, type SampledLogits, type SamplePlan } from './runner.js';
-import { checkCudaTensorParallel, rankKvHeads, sliceHostTensor, tpDeviceOrdinals } from './cuda-parallel.js';
+import { checkCudaTensorParallel, sliceHostTensor, tpDeviceOrdinals } from './cuda-parallel.js';
 
 /** Share of the GPU's free memory (after the weights) the KV pool takes when numBlocks is not given. */
 export const DEFAULT_GPU_KV_FRACTION = 0.8;
@@ -90,6 +98,7 @@ interface TpPeer {
   raw: RawCudaLlama;
   device: CudaDevice;
   kvBuffer: DeviceBuffer;
+  pool: KvPool;
   ownsDevice: boolean;
 }
 
@@ -98,6 +107,14 @@ export function gpuWeightBytes(config: ModelConfig): number {
   let elements = 0;
   for (const t of expectedTensors(config)) elements += t.shape.reduce((a, b) => a * b, 1);
   return elements * 2;
+}
+
+/** A rank pool's KvPoolSpec (bf16, NHD; tpSize and tpRank when the runner has several ranks). */
+function rankPoolSpec(pool: KvPool): KvPoolSpec {
+  return {
+    ...runnerPoolSpec(pool, 'bf16'),
+    ...(pool.tpSize > 1 ? { tpSize: pool.tpSize, tpRank: pool.tpRank } : {}),
+  };
 }
 
 /** How often the checkpoint reader's byte count is looked at while a file loads. */
@@ -187,7 +204,7 @@ export class CudaModelRunner implements ModelRunner {
     this.numBlocks = pool.numBlocks;
     this.maxPositions = config.maxPositionEmbeddings;
     this.kvPool = pool;
-    this.kvPoolSpec = runnerPoolSpec(pool, 'bf16');
+    this.kvPoolSpec = rankPoolSpec(pool);
   }
 
   /**
@@ -333,15 +350,18 @@ export class CudaModelRunner implements ModelRunner {
       pool?: KvPool;
     }
     const ranks: Rank[] = [];
+    // Rank r's pool holds its kv heads (lib/kv's rank pool: tpSize tp, tpRank r), the heads tensorShard gives it.
     const poolOf = (rank: number, numBlocks: number) =>
       kvPool({
         layers: config.numLayers,
-        kvHeads: rankKvHeads(config, tp, rank),
+        kvHeads: config.numKvHeads,
         headDim: config.headDim,
         blockSize,
         numBlocks,
         dtype: 'bf16',
         layout,
+        tpSize: tp,
+        tpRank: rank,
       });
     try {
       for (let r = 0; r < tp; r++) {
@@ -453,6 +473,7 @@ export class CudaModelRunner implements ModelRunner {
         raw: rank.raw!,
         device: rank.device,
         kvBuffer: rank.kvBuffer!,
+        pool: rank.pool!,
         ownsDevice: rank.ownsDevice,
       }));
       return new CudaModelRunner(
@@ -479,9 +500,38 @@ export class CudaModelRunner implements ModelRunner {
     return this.peers.length + 1;
   }
 
+  /**
+   * The KV pool of each tensor-parallel rank, rank 0 first (one for a single rank): rank r's holds its kv heads
+   * (lib/kv's rank pool, tpSize and tpRank set; one head each when there are more ranks than kv heads) in
+   * `kvDeviceBuffers[r]`. A transfer agent registers each buffer as a region, and kvRankTransferPieces maps head
+   * slices between these and a peer's pools. `kvPoolSpec` is rank 0's.
+   */
+  get kvRankPoolSpecs(): KvPoolSpec[] {
+    return [this.kvPoolSpec, ...this.peers.map((p) => rankPoolSpec(p.pool))];
+  }
+
+  /** Each rank's KV pool memory, rank 0 first (kvRankPoolSpecs describes them); `kvDeviceBuffer` is rank 0's. */
+  get kvDeviceBuffers(): DeviceBuffer[] {
+    return [this.kvDeviceBuffer, ...this.peers.map((p) => p.kvBuffer)];
+  }
+
   /** What each tensor-parallel rank holds, rank 0 first: [start, count] of heads, kv heads, channels, vocabulary. */
   get tensorShards(): RawTensorShard[] {
     return [this.raw, ...this.peers.map((p) => p.raw)].map((m) => m.tensorParallel!);
+  }
+
+  /**
+   * Stream time (ms) each tensor-parallel rank, rank 0 first, spent in its collectives over the passes since the last
+   * call, and a reset: all-reduces (`allReduceMs`) and the logits gather (`gatherMs`), timed with CUDA events around
+   * each on the rank's stream, so a rank's wait for the others' inputs is in it (barrierMs and handoverMs are 0: the
+   * GPU ranks have neither). The first call starts the timing and gives zeros; zeros for one rank. What
+   * bench:engine's "coll %" divides by the step time on the GPU.
+   */
+  async takeCollectiveTime(): Promise<RawCollectiveTime[]> {
+    const times = await Promise.all(
+      [this.raw, ...this.peers.map((p) => p.raw)].map((m) => native(() => m.takeCollectiveTime())),
+    );
+    return times.map((t) => ({ allReduceMs: t.allReduceMs, gatherMs: t.gatherMs, barrierMs: 0, handoverMs: 0 }));
   }
 
   /** Whether decode steps replay CUDA graphs, and why not when capturing failed (they then run eagerly). */

@@ -8,6 +8,7 @@ import { kvPool, type KvLayout, type KvPoolSpec } from '../kv/index.js';
 import { probeCuda } from '../cuda/index.js';
 import { CpuModelRunner, loadWeights, type NamedTensor } from './cpu.js';
 import { CudaModelRunner, DEFAULT_GPU_KV_FRACTION } from './cuda.js';
+import { checkCudaTensorParallel, tpDeviceOrdinals } from './cuda-parallel.js';
 import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
@@ -33,6 +34,12 @@ export interface OpenModelOptions {
   /** The GPU (ordinal) of the GPU engine. Default 0. */
   gpu?: number;
   /**
+   * The GPU of each tensor-parallel rank of the GPU engine (default: `gpu` for every rank). Today the ranks run on
+   * one GPU (the local communicator); ranks on several GPUs need the NCCL communicator, which the GPU engine does not
+   * have yet: listing several throws ParallelLayoutError.
+   */
+  gpus?: number[];
+  /**
    * GPU engine: share of the GPU's free memory, after the weights and GPU_ACTIVATION_RESERVE_BYTES, that the KV
    * pool takes when numBlocks and kvCacheBytes are absent (default DEFAULT_GPU_KV_FRACTION; two workers that
    * share a GPU take less each).
@@ -43,7 +50,9 @@ export interface OpenModelOptions {
   threads?: number;
   /**
    * Tensor parallel ranks (lib/engine/parallel.ts): each splits every layer's heads and channels. Default 1. The
-   * CPU engine runs one native thread per rank; the GPU engine does not take tp or pp > 1 yet.
+   * CPU engine runs one native thread per rank; the GPU engine one CudaLlama per rank, every rank on one GPU (the
+   * local communicator; at most MAX_LOCAL_TP_RANKS), decode steps without CUDA graphs. The GPU engine takes no
+   * pipeline or expert parallelism (ParallelLayoutError: run those on CPU ranks).
    */
   tensorParallelSize?: number;
   /** Pipeline stages: each runs a contiguous share of the layers. Default 1. */
@@ -90,6 +99,12 @@ export interface OpenedModel {
    * runner's `kvBuffer` (host), the GPU runner's `kvDeviceBuffer` (device).
    */
   readonly kvPoolSpec: KvPoolSpec;
+  /**
+   * The KV pool of each rank that keeps its own, rank 0 first: one for the CPU engine (its ranks share one pool of
+   * every head, kvPoolSpec) and for one GPU rank; tp for the GPU engine's tensor-parallel ranks (rank r's kv heads,
+   * in the runner's `kvDeviceBuffers[r]`). What kvRankTransferPieces maps between two engines.
+   */
+  readonly kvRankPoolSpecs: readonly KvPoolSpec[];
   dispose(): Promise<void>;
   [Symbol.asyncDispose](): Promise<void>;
 }
@@ -164,13 +179,18 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   let runner: CpuModelRunner | CudaModelRunner | undefined;
   let fallbackReason: string | undefined;
   if (device !== 'cpu') {
-    const gpus = device === 'auto' ? (await probeCuda()).deviceCount : 1;
-    if (gpus > 0 && ranks > 1)
-      throw new ParallelLayoutError(
-        `${model}: ${describeParallel(config, parallel)} is not yet on the GPU engine; ` +
-          `run it on CPU ranks with device 'cpu' (--device cpu)`,
-      );
-    if (gpus > 0) {
+    const deviceCount = device === 'auto' ? (await probeCuda()).deviceCount : 1;
+    if (deviceCount > 0 && ranks > 1) {
+      if (parallel.pp > 1 || parallel.ep > 1)
+        throw new ParallelLayoutError(
+          `${model}: ${describeParallel(config, parallel)} is not on the GPU engine, which runs tensor-parallel ` +
+            `ranks only (on one GPU); run pipeline or expert parallelism on CPU ranks with device 'cpu' (--device cpu)`,
+        );
+      // Checked here, before any GPU memory is taken (CudaModelRunner.create checks again).
+      checkCudaTensorParallel(config, parallel.tp, model);
+      tpDeviceOrdinals(parallel.tp, options.gpu ?? 0, options.gpus, model);
+    }
+    if (deviceCount > 0) {
       try {
         const fraction = options.kvCacheFraction ?? DEFAULT_GPU_KV_FRACTION;
         if (!(fraction > 0 && fraction <= 1))
@@ -178,6 +198,8 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
         runner = await CudaModelRunner.create({
           config,
           device: options.gpu ?? 0,
+          ...(parallel.tp > 1 ? { parallel: { tp: parallel.tp } } : {}),
+          ...(parallel.tp > 1 && options.gpus ? { devices: options.gpus } : {}),
           blockSize,
           layout,
           ...(options.numBlocks !== undefined ? { numBlocks: options.numBlocks } : {}),
@@ -215,8 +237,9 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     detokenize: (ids) => tokenizer.decode(ids),
     ...options.engine,
   });
-  // What the runner runs (the GPU runner: one rank), not what was asked.
-  const running = runner instanceof CpuModelRunner ? runner.parallel : SINGLE_RANK;
+  // What the runner runs, not what was asked.
+  const running: ParallelConfig =
+    runner instanceof CpuModelRunner ? runner.parallel : { ...SINGLE_RANK, tp: runner.tensorParallelSize };
   const layoutText = describeParallel(config, running);
   options.log?.(
     `model ${model} open on ${runner instanceof CudaModelRunner ? 'cuda' : 'cpu'}` +
@@ -239,6 +262,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     layout: layoutText,
     ...(fallbackReason ? { fallbackReason } : {}),
     kvPoolSpec: runner.kvPoolSpec,
+    kvRankPoolSpecs: runner instanceof CudaModelRunner ? runner.kvRankPoolSpecs : [runner.kvPoolSpec],
     dispose,
     [Symbol.asyncDispose]: dispose,
   };

@@ -19,13 +19,20 @@
  * pools hold: one piece per (layer, K-or-V, token) with NHD, one per tile with HND. Pieces that continue each
  * other on both sides are merged.
  *
+ * An engine whose tensor-parallel ranks each keep their own pool (the GPU engine: rank r's pool holds its kv heads,
+ * `tpSize` / `tpRank` set, one head per rank when there are more ranks than heads) is a list of rank pools, each in
+ * its own memory region; an engine whose ranks share one pool (the CPU engine) is a list of one. `kvRankTransferPieces
+ * (srcRanks, dstRanks, srcBlocks, dstBlocks)` maps head slices between two such lists (TP 2 -> TP 1, TP 1 -> TP 2,
+ * ...): each destination rank gets each of its heads once, from the first source rank holding it, and every piece
+ * names its local and remote region (the rank's index in its list), as the transfer agent's PieceList takes them.
+ *
  * Block hashing (hash.ts): the chained 64-bit hashes that name full blocks, one definition for the engine's prefix
  * cache and the router's prefix index.
  */
 export { KV_DTYPE_BYTES, kvBlockOffset, kvPool } from './pool.js';
 export type { KvDtype, KvHeadLayout, KvLayout, KvPool, KvPoolSpec } from './pool.js';
-export { kvStridedPieces, kvTransferPieces } from './pieces.js';
-export type { KvBlockIds, KvPieces, KvStridedSpec } from './pieces.js';
+export { kvRankTransferPieces, kvStridedPieces, kvTransferPieces } from './pieces.js';
+export type { KvBlockIds, KvPieces, KvRankPieces, KvStridedSpec } from './pieces.js';
 export { hashLanesOf, kvBlockHash, kvBlockHashes, kvBlockHashLanes } from './hash.js';
 export { KV_EVENT_REMOVED, KV_EVENT_STORED, KvEventPublisher, newIncarnation } from './events.js';
 export type { KvEventBatch, KvHashEvent, KvSnapshot } from './events.js';

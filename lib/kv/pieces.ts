@@ -102,10 +102,12 @@ function duplicate(ids: Uint32Array, i: number): BadArgumentError {
   );
 }
 
-function checkCompatible(s: KvPool, d: KvPool): void {
+function checkCompatible(s: KvPool, d: KvPool, sName = 'src', dName = 'dst'): void {
   for (const field of ['layers', 'headDim', 'dtype', 'blockSize', 'kvHeads'] as const) {
     if (s[field] !== d[field]) {
-      throw new BadArgumentError(`${WHERE}: src and dst disagree on ${field} (src ${s[field]}, dst ${d[field]})`);
+      throw new BadArgumentError(
+        `${WHERE}: ${sName} and ${dName} disagree on ${field} (${sName} ${s[field]}, ${dName} ${d[field]})`,
+      );
     }
   }
 }
@@ -169,16 +171,9 @@ export function kvTransferPieces(
   const s = asPool(src, `${WHERE}: src`);
   const d = asPool(dst, `${WHERE}: dst`);
   checkCompatible(s, d);
-  checkBlockList('srcBlocks', srcBlocks);
-  checkBlockList('dstBlocks', dstBlocks);
-  if (srcBlocks.length !== dstBlocks.length) {
-    throw new BadArgumentError(
-      `${WHERE}: srcBlocks and dstBlocks must have the same length (srcBlocks ${srcBlocks.length}, dstBlocks ${dstBlocks.length})`,
-    );
-  }
-  const sIds = copyIds('srcBlocks', 'src', srcBlocks, s.numBlocks);
-  const dIds = copyIds('dstBlocks', 'dst', dstBlocks, d.numBlocks);
-  checkNoDuplicates(dIds, d.numBlocks);
+  const [sIds, dIds] = checkBlockLists(srcBlocks, dstBlocks);
+  copyIds('srcBlocks', 'src', sIds, s.numBlocks);
+  checkDestination(dIds, d.numBlocks);
 
   // The heads both pools hold.
   const lo = Math.max(s.headStart, d.headStart);
@@ -188,6 +183,29 @@ export function kvTransferPieces(
       `${WHERE}: src and dst share no KV heads (src tpSize ${s.tpSize} tpRank ${s.tpRank} holds heads [${s.headStart}, ${s.headStart + s.localHeads}), dst tpSize ${d.tpSize} tpRank ${d.tpRank} holds heads [${d.headStart}, ${d.headStart + d.localHeads})`,
     );
   }
+  return headPieces(s, d, sIds, dIds, lo, hi);
+}
+
+/** Both block lists as Uint32Arrays of equal length (ids not yet checked against a pool). */
+function checkBlockLists(srcBlocks: KvBlockIds, dstBlocks: KvBlockIds): [Uint32Array, Uint32Array] {
+  checkBlockList('srcBlocks', srcBlocks);
+  checkBlockList('dstBlocks', dstBlocks);
+  if (srcBlocks.length !== dstBlocks.length) {
+    throw new BadArgumentError(
+      `${WHERE}: srcBlocks and dstBlocks must have the same length (srcBlocks ${srcBlocks.length}, dstBlocks ${dstBlocks.length})`,
+    );
+  }
+  return [copyIds('srcBlocks', 'src', srcBlocks, Infinity), copyIds('dstBlocks', 'dst', dstBlocks, Infinity)];
+}
+
+/** Destination ids in range, each once. */
+function checkDestination(dIds: Uint32Array, numBlocks: number): void {
+  copyIds('dstBlocks', 'dst', dIds, numBlocks);
+  checkNoDuplicates(dIds, numBlocks);
+}
+
+/** The pieces of heads [lo, hi) (held by both pools) of blocks sIds[i] of s into blocks dIds[i] of d. */
+function headPieces(s: KvPool, d: KvPool, sIds: Uint32Array, dIds: Uint32Array, lo: number, hi: number): KvPieces {
   const overlap = hi - lo;
   const n = sIds.length;
   const tiles = s.layers * 2;
@@ -209,7 +227,8 @@ export function kvTransferPieces(
   const sHead0 = (lo - s.headStart) * sPerHead;
   const dHead0 = (lo - d.headStart) * dPerHead;
 
-  const sameHeads = s.headStart === d.headStart && s.localHeads === d.localHeads;
+  // Both pools hold exactly the heads moved.
+  const sameHeads = s.headStart === lo && d.headStart === lo && s.localHeads === overlap && d.localHeads === overlap;
   const sameHeadLayout = s.headLayout === d.headLayout;
 
   // Whole blocks: one contiguous chunk on both sides.
@@ -264,6 +283,89 @@ export function kvTransferPieces(
     }
   }
   return out.result();
+}
+
+/** Pieces between several regions: piece i goes from local region `localRegionIndex[i]` to remote `remoteRegionIndex[i]`. */
+export interface KvRankPieces extends KvPieces {
+  localRegionIndex: Uint32Array;
+  remoteRegionIndex: Uint32Array;
+}
+
+const RANKS_WHERE = 'kvRankTransferPieces';
+
+/** A rank list's pools, checked: at least one, the same model, and every kv head held by one of them. */
+function rankPools(side: 'src' | 'dst', list: readonly (KvPoolSpec | KvPool)[]): KvPool[] {
+  if (!Array.isArray(list) || list.length === 0)
+    throw new BadArgumentError(`${RANKS_WHERE}: ${side} must be a non-empty list of rank pools`);
+  const pools = list.map((p, i) => asPool(p, `${RANKS_WHERE}: ${side}[${i}]`));
+  for (let i = 1; i < pools.length; i++) checkCompatible(pools[0]!, pools[i]!, `${side}[0]`, `${side}[${i}]`);
+  const held = new Uint8Array(pools[0]!.kvHeads);
+  for (const p of pools) held.fill(1, p.headStart, p.headStart + p.localHeads);
+  const missing = held.indexOf(0);
+  if (missing >= 0)
+    throw new BadArgumentError(
+      `${RANKS_WHERE}: no ${side} rank pool holds kv head ${missing} (${side} holds ` +
+        `${pools.map((p) => `[${p.headStart}, ${p.headStart + p.localHeads})`).join(', ')} of ${held.length})`,
+    );
+  return pools;
+}
+
+/**
+ * The pieces that copy blocks `srcBlocks[i]` of an engine's KV into blocks `dstBlocks[i]` of another's, when each
+ * engine keeps its KV in one pool per tensor-parallel rank (`src[r]`: rank r's pool, as registered in local region r;
+ * `dst[r]` in remote region r) or in one pool of every head (a list of one). Every kv head of every destination rank
+ * is written once, from the first source rank (in list order) that holds it: a head replicated over several source
+ * ranks is read from one, a head replicated over several destination ranks lands in each. Both lists must be the same
+ * model (layers, kv heads, head dim, dtype, block size) and each must hold every kv head; block ids are checked
+ * against every pool, destination ids once each. With one pool on each side the result is kvTransferPieces' (and its
+ * region indices all 0).
+ *
+ *   const p = kvRankTransferPieces([rank0, rank1], [whole], srcIds, dstIds);   // TP 2 -> TP 1
+ *   agent.prepare({ op: 'WRITE', peer, local: [r0, r1], remote: [regionOfWhole], pieces: p });
+ */
+export function kvRankTransferPieces(
+  src: readonly (KvPoolSpec | KvPool)[],
+  dst: readonly (KvPoolSpec | KvPool)[],
+  srcBlocks: KvBlockIds,
+  dstBlocks: KvBlockIds,
+): KvRankPieces {
+  const s = rankPools('src', src);
+  const d = rankPools('dst', dst);
+  checkCompatible(s[0]!, d[0]!);
+  const [sIds, dIds] = checkBlockLists(srcBlocks, dstBlocks);
+  for (const p of s) copyIds('srcBlocks', 'src', sIds, p.numBlocks);
+  for (const p of d) checkDestination(dIds, p.numBlocks);
+  const parts: { pieces: KvPieces; from: number; to: number }[] = [];
+  d.forEach((dp, to) => {
+    const end = dp.headStart + dp.localHeads;
+    for (let head = dp.headStart; head < end;) {
+      const from = s.findIndex((sp) => head >= sp.headStart && head < sp.headStart + sp.localHeads);
+      const hi = Math.min(end, s[from]!.headStart + s[from]!.localHeads);
+      parts.push({ pieces: headPieces(s[from]!, dp, sIds, dIds, head, hi), from, to });
+      head = hi;
+    }
+  });
+  const count = parts.reduce((n, p) => n + p.pieces.pieces, 0);
+  const out: KvRankPieces = {
+    localOffsets: new Float64Array(count),
+    remoteOffsets: new Float64Array(count),
+    lengths: new Float64Array(count),
+    localRegionIndex: new Uint32Array(count),
+    remoteRegionIndex: new Uint32Array(count),
+    bytes: 0,
+    pieces: count,
+  };
+  let at = 0;
+  for (const { pieces, from, to } of parts) {
+    out.localOffsets.set(pieces.localOffsets, at);
+    out.remoteOffsets.set(pieces.remoteOffsets, at);
+    out.lengths.set(pieces.lengths, at);
+    out.localRegionIndex.fill(from, at, at + pieces.pieces);
+    out.remoteRegionIndex.fill(to, at, at + pieces.pieces);
+    out.bytes += pieces.bytes;
+    at += pieces.pieces;
+  }
+  return out;
 }
 
 /**

@@ -36,7 +36,10 @@ export interface KvPoolSpec {
   layout: KvLayout;
   /** Order inside one (layer, K-or-V, block) tile. Default 'NHD'. */
   headLayout?: KvHeadLayout;
-  /** Tensor-parallel size. Default 1. */
+  /**
+   * Tensor-parallel size. Default 1. It divides kvHeads, or is a multiple of them: then rank r holds the one head
+   * floor(r * kvHeads / tpSize), replicated on tpSize / kvHeads ranks (the engines' split, lib/engine/parallel.ts).
+   */
   tpSize?: number;
   /** Tensor-parallel rank of this pool. Default 0. */
   tpRank?: number;
@@ -48,9 +51,9 @@ export interface KvPoolSpec {
 export interface KvPool extends Readonly<Required<KvPoolSpec>> {
   /** Bytes per element. */
   readonly dtypeBytes: number;
-  /** Heads held by this pool: kvHeads / tpSize. */
+  /** Heads held by this pool: kvHeads / tpSize (1 when tpSize is a multiple of kvHeads: a replicated head). */
   readonly localHeads: number;
-  /** First (global) head held by this pool: tpRank * localHeads. */
+  /** First (global) head held by this pool: tpRank * localHeads (floor(tpRank * kvHeads / tpSize) when replicated). */
   readonly headStart: number;
   /** Bytes of one (layer, K-or-V, block) tile: blockSize * localHeads * headDim * dtypeBytes. */
   readonly tileBytes: number;
@@ -106,11 +109,15 @@ export function normalizePool(spec: KvPoolSpec, where: string): KvPool {
   if (tpRank >= tpSize) {
     throw new BadArgumentError(`${where}: tpRank must be less than tpSize ${tpSize} (got ${tpRank})`);
   }
-  if (kvHeads % tpSize !== 0) {
-    throw new BadArgumentError(`${where}: kvHeads ${kvHeads} must be divisible by tpSize (got tpSize ${tpSize})`);
+  if (kvHeads % tpSize !== 0 && tpSize % kvHeads !== 0) {
+    throw new BadArgumentError(
+      `${where}: kvHeads ${kvHeads} must be divisible by tpSize, or tpSize a multiple of kvHeads (got tpSize ${tpSize})`,
+    );
   }
   const dtypeBytes = KV_DTYPE_BYTES[dtype];
-  const localHeads = kvHeads / tpSize;
+  // More ranks than heads: each rank holds one head, replicated on tpSize / kvHeads ranks (lib/engine/parallel.ts).
+  const localHeads = kvHeads >= tpSize ? kvHeads / tpSize : 1;
+  const headStart = kvHeads >= tpSize ? tpRank * localHeads : Math.floor((tpRank * kvHeads) / tpSize);
   const tileBytes = blockSize * localHeads * headDim * dtypeBytes;
   const blockBytes = layers * 2 * tileBytes;
   const poolBytes = numBlocks * blockBytes;
@@ -133,7 +140,7 @@ export function normalizePool(spec: KvPoolSpec, where: string): KvPool {
     baseOffset,
     dtypeBytes,
     localHeads,
-    headStart: tpRank * localHeads,
+    headStart,
     tileBytes,
     blockBytes,
     poolBytes,

@@ -303,6 +303,11 @@ export interface RawCudaLlama {
   forward(...batch: RawForwardArgs): Promise<Float32Array>;
   /** A tensor-parallel rank's pass whose logits nobody reads (rank 0 runs forward or forwardSampled meanwhile). */
   forwardWithoutLogits(...batch: RawForwardArgs): Promise<void>;
+  /**
+   * A tensor-parallel rank's stream time (ms, CUDA events around each collective, waits for its peers included) in
+   * all-reduces and the logits gather since the last call; the first call starts the timing and gives zeros.
+   */
+  takeCollectiveTime(): Promise<{ allReduceMs: number; gatherMs: number }>;
   forwardSampled(
     ...args: [
       ...batch: RawForwardArgs,

@@ -40,6 +40,8 @@ export interface WorkerInit {
   device: 'cpu' | 'cuda' | 'auto';
   /** The GPU of a cuda worker. */
   gpu?: number;
+  /** The GPU of each tensor-parallel rank, when the pool gives a replica several (openModel's `gpus`). */
+  gpus?: number[];
   /** Share of the GPU's free memory the KV pool takes (pools sharing a GPU take less each). */
   kvCacheFraction?: number;
   seed: number;
@@ -81,6 +83,11 @@ export interface WorkerRegistration {
   /** Its KV pool (region id in its agent, and layout as lib/kv describes it). */
   kvRegion: number;
   kvPool: KvPoolSpec;
+  /**
+   * A GPU worker's tensor-parallel ranks each keep their own pool: each rank's region and pool (lib/kv's rank pool),
+   * rank 0 first (kvRegion and kvPool are rank 0's). Absent: one pool of every head (kvRegion, kvPool).
+   */
+  kvRanks?: { region: number; pool: KvPoolSpec }[];
   device: 'cpu' | 'cuda';
   numBlocks: number;
   /** Its pool in the graph (a joined worker's; the launcher knows its own workers' pools). */

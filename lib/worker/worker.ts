@@ -8,7 +8,7 @@
  * their tokens out) and the event plane (its load and KV events out, to every router), both on the IPC channel
  * under a launcher and on TCP connections from the frontends when joined (worker-join.ts).
  */
-import { KvEventPublisher, kvPool, kvTransferPieces, type KvPoolSpec } from '../kv/index.js';
+import { KvEventPublisher, kvPool, kvRankTransferPieces, type KvPoolSpec } from '../kv/index.js';
 import { KvCacheFullError, TandemError } from '../errors.js';
 import type { EngineOutput, RequestHandle, SamplingParams } from '../engine/engine.js';
 import { CudaModelRunner } from '../engine/cuda.js';
@@ -99,6 +99,8 @@ export class Worker {
     private readonly kvRegion: Region,
     /** Where it registers itself and learns its peers (every other worker registered there). */
     private readonly controlPlane: ControlPlane,
+    /** The region of each rank pool (model.kvRankPoolSpecs), rank 0 first: several for GPU tensor-parallel ranks. */
+    private readonly kvRankRegions: readonly Region[] = [kvRegion],
   ) {
     this.role = init.role;
     this.kvEvents = new KvEventPublisher((batch) => this.out({ type: 'kvEvents', batch }));
@@ -253,6 +255,11 @@ export class Worker {
       agentMetadata: this.agent.metadata(),
       kvRegion: this.kvRegion.id,
       kvPool: this.model.kvPoolSpec,
+      ...(this.kvRankRegions.length > 1
+        ? {
+            kvRanks: this.kvRankRegions.map((r, i) => ({ region: r.id, pool: this.model.kvRankPoolSpecs[i]! })),
+          }
+        : {}),
       device: this.model.device,
       numBlocks: this.model.runner.numBlocks,
     };
@@ -596,9 +603,11 @@ export class Worker {
       let bytes = 0;
       const sent = performance.now(); // the KV transfer (and its notification) starts here
       if (count > skip) {
-        const pieces = kvTransferPieces(
-          this.model.kvPoolSpec,
-          target.kvPool,
+        // Head slices from each of this engine's rank pools into each of the target's (one each but for GPU TP).
+        const targetRanks = target.kvRanks ?? [{ region: target.kvRegion, pool: target.kvPool }];
+        const pieces = kvRankTransferPieces(
+          this.model.kvRankPoolSpecs,
+          targetRanks.map((r) => r.pool),
           Uint32Array.from(result.blockIds.subarray(skip, count)),
           Uint32Array.from(m.target.blockIds.slice(skip, count)),
         );
@@ -606,8 +615,8 @@ export class Worker {
         const plan = this.agent.prepare({
           op: 'WRITE',
           peer: target.agentName,
-          local: this.kvRegion,
-          remote: target.kvRegion,
+          local: this.kvRankRegions,
+          remote: targetRanks.map((r) => r.region),
           pieces,
           ...(this.init.kvBackend ? { backend: this.init.kvBackend } : {}),
         });
@@ -663,10 +672,12 @@ export async function openWorker(
 ): Promise<Worker> {
   const agent = await TransferAgent.create({ name: `${init.name}-${process.pid}`, ...agentOptions });
   let region: Region | undefined;
+  let rankRegions: Region[] | undefined;
   const model = await openModel({
     model: init.model,
     device: init.device === 'cuda' ? 'cuda' : 'cpu',
     ...(init.gpu !== undefined ? { gpu: init.gpu } : {}),
+    ...(init.gpus !== undefined ? { gpus: init.gpus } : {}),
     ...(init.kvCacheFraction !== undefined ? { kvCacheFraction: init.kvCacheFraction } : {}),
     seed: init.seed,
     log: (line) => process.stderr.write(`tandem worker ${init.name}: ${line}\n`),
@@ -688,14 +699,16 @@ export async function openWorker(
   });
   // GPU engine: the pool is device memory; peers reach it through CUDA IPC (cuda-ipc backend).
   if (model.runner instanceof CudaModelRunner) {
-    region = agent.registerDevice(model.runner.kvDeviceBuffer);
+    // One region per tensor-parallel rank's pool (one for a single rank).
+    rankRegions = model.runner.kvDeviceBuffers.map((buffer) => agent.registerDevice(buffer));
+    region = rankRegions[0];
     // The first forward pass on a GPU loads kernels: do it now rather than in the first request.
     if (process.env.TANDEM_WARMUP !== '0') {
       const ms = await warmUpRunner(model.runner);
       process.stderr.write(`tandem worker ${init.name}: engine warm-up ${ms.toFixed(0)} ms\n`);
     }
   }
-  return new Worker(out, init, model, agent, region!, controlPlane);
+  return new Worker(out, init, model, agent, region!, controlPlane, rankRegions);
 }
 
 /** The worker's main: waits for `init`, opens the model with its KV pool in shared memory, registers. */

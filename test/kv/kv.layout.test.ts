@@ -232,7 +232,10 @@ describe('kvPool', () => {
     );
     expectBad(() => kvPool(small({ layout: 'row-major' as never })), /layout must be one of .*"row-major"/);
     expectBad(() => kvPool(small({ headLayout: 'NDH' as never })), /headLayout .*"NDH"/);
-    expectBad(() => kvPool(small({ kvHeads: 6, tpSize: 4 })), /kvHeads 6 must be divisible by tpSize \(got tpSize 4\)/);
+    expectBad(
+      () => kvPool(small({ kvHeads: 6, tpSize: 4 })),
+      /kvHeads 6 must be divisible by tpSize, or tpSize a multiple of kvHeads \(got tpSize 4\)/,
+    );
     expectBad(() => kvPool(small({ tpSize: 2, tpRank: 2 })), /tpRank must be less than tpSize 2 \(got 2\)/);
     expectBad(() => kvPool(small({ layers: 0 })), /layers must be a positive integer \(got 0\)/);
     expectBad(() => kvPool(small({ headDim: 1.5 })), /headDim must be a positive integer \(got 1\.5\)/);

@@ -289,8 +289,8 @@ ${extra}
     expect(errorOf(pools('    device: cpu\n    tensorParallelSize: 3'))).toBe(
       "graph.yaml:6:25: pools[0].tensorParallelSize: tensor parallel size 3 does not divide the model's 4 attention heads",
     );
-    expect(errorOf(pools('    tensorParallelSize: 2\n    gpusPerReplica: 1'))).toBe(
-      'graph.yaml:6:21: pools[0].gpusPerReplica: must equal tensorParallelSize x pipelineParallelSize (2): one GPU per rank',
+    expect(errorOf(pools('    tensorParallelSize: 2\n    gpusPerReplica: 3'))).toBe(
+      'graph.yaml:6:21: pools[0].gpusPerReplica: must equal tensorParallelSize x pipelineParallelSize (2): one GPU per rank, or 1: every rank on one GPU',
     );
     expect(errorOf(pools('    replicas: 2\n    gpuIds: [0]'))).toBe(
       'graph.yaml:6:13: pools[0].gpuIds: must list replicas x gpusPerReplica = 2 GPU indices (got 1)',

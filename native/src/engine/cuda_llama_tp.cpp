@@ -1,6 +1,7 @@
 #include "cuda_llama_tp.h"
 
 #include <algorithm>
+#include <cstdint>
 
 namespace tandem::engine {
 namespace {
@@ -128,10 +129,66 @@ void LocalTpCommunicator::ensureAccumulator(size_t bytes, CUstream stream) {
   accumulator_ = device_->allocate(bytes + bytes / 4, "cuMemAlloc (tensor-parallel all-reduce)");
 }
 
+size_t LocalTpCommunicator::beginSpan(CUstream stream) {
+  if (!timing_) return SIZE_MAX;
+  if (usedSpans_ == kMaxSpans) foldSpans();
+  const CudaDriver& d = device_->driver();
+  if (usedSpans_ == spans_.size()) {
+    Span span;
+    device_->check(d.cuEventCreate(&span.start, 0), "cuEventCreate (tensor-parallel timing)");
+    if (CUresult r = d.cuEventCreate(&span.end, 0)) {
+      d.cuEventDestroy(span.start);
+      device_->check(r, "cuEventCreate (tensor-parallel timing)");
+    }
+    spans_.push_back(span);
+  }
+  Span& span = spans_[usedSpans_];
+  span.ended = false;
+  device_->check(d.cuEventRecord(span.start, stream), "cuEventRecord (tensor-parallel timing)");
+  return usedSpans_++;
+}
+
+void LocalTpCommunicator::endSpan(size_t index, bool gather, CUstream stream) {
+  if (index == SIZE_MAX) return;
+  Span& span = spans_[index];
+  span.gather = gather;
+  device_->check(device_->driver().cuEventRecord(span.end, stream), "cuEventRecord (tensor-parallel timing)");
+  span.ended = true;
+}
+
+void LocalTpCommunicator::foldSpans() {
+  const CudaDriver& d = device_->driver();
+  // A span whose collective threw (the group was stopped) has no end: it is left out.
+  for (size_t i = usedSpans_; i-- > 0;)
+    if (spans_[i].ended) {
+      device_->check(d.cuEventSynchronize(spans_[i].end), "cuEventSynchronize (tensor-parallel timing)");
+      break;
+    }
+  for (size_t i = 0; i < usedSpans_; ++i) {
+    float ms = 0;
+    if (!spans_[i].ended || d.cuEventElapsedTime(&ms, spans_[i].start, spans_[i].end) != CUDA_SUCCESS) continue;
+    (spans_[i].gather ? folded_.gatherMs : folded_.allReduceMs) += ms;
+  }
+  usedSpans_ = 0;
+}
+
+TpCollectiveTime LocalTpCommunicator::takeTime() {
+  if (!device_) throw NativeError("TANDEM_INTERNAL", "the tensor-parallel communicator was not initialised");
+  if (!timing_) {
+    timing_ = true;
+    return {};
+  }
+  foldSpans();
+  TpCollectiveTime out = folded_;
+  folded_ = {};
+  return out;
+}
+
 void LocalTpCommunicator::allReduceSum(CUdeviceptr buf, size_t count, CUstream stream) {
   if (!device_) throw NativeError("TANDEM_INTERNAL", "the tensor-parallel communicator was not initialised");
   if (group_->size() == 1 || count == 0) return;
   ensureAccumulator(count * 4, stream);
+  const size_t span = beginSpan(stream);
   exchange(buf, stream);
   LocalTpGroup& g = *group_;
   TpSources sources{};
@@ -146,6 +203,7 @@ void LocalTpCommunicator::allReduceSum(CUdeviceptr buf, size_t count, CUstream s
   finish(stream);
   device_->check(device_->driver().cuMemcpyDtoDAsync(buf, out, count * 4, stream),
                  "cuMemcpyDtoDAsync (tensor-parallel sum)");
+  endSpan(span, false, stream);
 }
 
 void LocalTpCommunicator::allGatherColumns(CUdeviceptr in, size_t rows, const std::vector<int>& cols, CUdeviceptr out,
@@ -157,6 +215,7 @@ void LocalTpCommunicator::allGatherColumns(CUdeviceptr in, size_t rows, const st
                    std::to_string(g.size_) + " ranks");
   int outCols = 0;
   for (int c : cols) outCols += c;
+  const size_t span = beginSpan(stream);
   exchange(in, stream);
   int col0 = 0;
   for (int s = 0; s < g.size_; ++s) {
@@ -171,6 +230,7 @@ void LocalTpCommunicator::allGatherColumns(CUdeviceptr in, size_t rows, const st
     col0 += n;
   }
   finish(stream);
+  endSpan(span, true, stream);
 }
 
 void LocalTpCommunicator::release() {
@@ -182,6 +242,13 @@ void LocalTpCommunicator::release() {
     }
   }
   accumulator_.reset();
+  if (device_)
+    for (Span& span : spans_) {
+      device_->driver().cuEventDestroy(span.start);
+      device_->driver().cuEventDestroy(span.end);
+    }
+  spans_.clear();
+  usedSpans_ = 0;
   LocalTpGroup& g = *group_;
   std::lock_guard<std::mutex> lock(g.mutex_);
   if (g.released_[rank_]) return;

@@ -38,6 +38,11 @@ struct TpShard {
 // size a multiple of them, intermediate % size == 0) and 0 <= rank < size.
 TpShard tpShardOf(const LlamaConfig& config, int size, int rank);
 
+// Stream time of a rank's collectives, in ms, by kind (TpCommunicator::takeTime).
+struct TpCollectiveTime {
+  double allReduceMs = 0, gatherMs = 0;
+};
+
 // The collectives a rank's layer step calls, all on the rank's stream and in the same order on every rank.
 // Device thread of the rank only.
 class TpCommunicator {
@@ -55,6 +60,10 @@ class TpCommunicator {
                                 CUstream stream) = 0;
   // Breaks the group: every rank waiting in (or later entering) a collective throws Aborted. Any thread.
   virtual void abort(const std::string& why) = 0;
+  // The stream time of this rank's collectives since the last call (CUDA events recorded around each, so the wait
+  // for the other ranks' inputs is in it), and a reset. The first call turns the timing on and returns zeros: until
+  // then nothing is recorded. Waits for the rank's stream to reach the last collective timed.
+  virtual TpCollectiveTime takeTime() = 0;
   // Device thread of the rank, once, when the rank is released (its stream is idle).
   virtual void release() = 0;
 };
@@ -104,9 +113,23 @@ class LocalTpCommunicator : public TpCommunicator {
   void allGatherColumns(CUdeviceptr in, size_t rows, const std::vector<int>& cols, CUdeviceptr out,
                         CUstream stream) override;
   void abort(const std::string& why) override { group_->abort(why); }
+  TpCollectiveTime takeTime() override;
   void release() override;
 
  private:
+  // A timed collective: events recorded before and after it on the rank's stream (both timing events).
+  struct Span {
+    CUevent start = nullptr, end = nullptr;
+    bool gather = false;
+    bool ended = false;
+  };
+  // Spans kept before they are summed on the host (a sync of the stream) even without takeTime().
+  static constexpr size_t kMaxSpans = 4096;
+  // Records a span's start when timing is on; the span's index, or SIZE_MAX.
+  size_t beginSpan(CUstream stream);
+  void endSpan(size_t span, bool gather, CUstream stream);
+  // Sums the spans recorded so far (waiting for the last) into folded_, and reuses their events.
+  void foldSpans();
   // Publishes `buf` and records ready; barrier; waits for the others' ready.
   void exchange(CUdeviceptr buf, CUstream stream);
   // Records done; barrier; waits for the others' done.
@@ -118,6 +141,10 @@ class LocalTpCommunicator : public TpCommunicator {
   CudaDevice* device_ = nullptr;
   CUfunction sum_ = nullptr, copyColumns_ = nullptr;
   std::shared_ptr<DeviceAllocation> accumulator_;  // this rank's sum before it goes in place
+  bool timing_ = false;
+  std::vector<Span> spans_;
+  size_t usedSpans_ = 0;
+  TpCollectiveTime folded_;
 };
 
 }  // namespace tandem::engine

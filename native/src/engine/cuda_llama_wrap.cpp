@@ -41,6 +41,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CudaLlamaWrap::Forward>("forward"),
                                         InstanceMethod<&CudaLlamaWrap::ForwardSampled>("forwardSampled"),
                                         InstanceMethod<&CudaLlamaWrap::ForwardWithoutLogits>("forwardWithoutLogits"),
+                                        InstanceMethod<&CudaLlamaWrap::TakeCollectiveTime>("takeCollectiveTime"),
                                         InstanceMethod<&CudaLlamaWrap::Dispose>("dispose"),
                                         InstanceAccessor<&CudaLlamaWrap::GetWeightBytes>("weightBytes"),
                                         InstanceAccessor<&CudaLlamaWrap::GetDisposed>("disposed"),
@@ -147,6 +148,7 @@ CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
     Napi::Value graphs = field(o, "cudaGraphs");
     model_ = std::make_shared<CudaLlama>(*device_, cublas, cublasLt, c, pool, graphs.IsUndefined() ? true : flag(o, "cudaGraphs"),
                                          tp);
+    tp_ = tp;
   } catch (const BadInput& e) {
     badArgument(env, e.what());
   }
@@ -447,6 +449,22 @@ Napi::Value CudaLlamaWrap::ForwardWithoutLogits(const Napi::CallbackInfo& info) 
         return Empty{};
       },
       undefinedOf);
+}
+
+// takeCollectiveTime() -> Promise<{ allReduceMs, gatherMs }>: this rank's stream time in collectives since the last
+// call (TpCommunicator::takeTime; the first call starts the timing and gives zeros); zeros for one rank.
+Napi::Value CudaLlamaWrap::TakeCollectiveTime(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  WorkQueue& queue = liveQueue(env);
+  std::shared_ptr<TpCommunicator> tp = tp_;
+  return runAsync<TpCollectiveTime>(
+      env, queue, [tp]() { return tp ? translated([&] { return tp->takeTime(); }) : TpCollectiveTime{}; },
+      [](Napi::Env env, TpCollectiveTime& t) -> Napi::Value {
+        Napi::Object out = Napi::Object::New(env);
+        out.Set("allReduceMs", Napi::Number::New(env, t.allReduceMs));
+        out.Set("gatherMs", Napi::Number::New(env, t.gatherMs));
+        return out;
+      });
 }
 
 // { rank, size, heads: [start, count], kvHeads, intermediate, vocab }: what this rank holds (the whole model for

@@ -50,6 +50,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value Forward(const Napi::CallbackInfo& info);
   Napi::Value ForwardSampled(const Napi::CallbackInfo& info);
   Napi::Value ForwardWithoutLogits(const Napi::CallbackInfo& info);
+  Napi::Value TakeCollectiveTime(const Napi::CallbackInfo& info);
   Napi::Value GetTensorParallel(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value GetWeightBytes(const Napi::CallbackInfo& info);
@@ -60,6 +61,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value GetGemmPath(const Napi::CallbackInfo& info);
 
   std::shared_ptr<CudaLlama> model_;
+  std::shared_ptr<TpCommunicator> tp_;  // the model's communicator (null for one rank), for its timing
   CudaDevice* device_ = nullptr;
   Napi::ObjectReference deviceRef_, kvBufferRef_;
   std::shared_ptr<DeviceAllocation> kvAllocation_;
