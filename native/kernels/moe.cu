@@ -83,7 +83,8 @@ __device__ __forceinline__ void groupedGemm(const bf16* __restrict__ x, const bf
 #pragma unroll
   for (int j = 0; j < FragsN; ++j) colOk[j] = col0 + j * 16 < n;
 
-#pragma unroll 2
+  // Unrolled so that several k steps' fragment loads are in flight at once (decode is bound by reading w).
+#pragma unroll 4
   for (int k0 = 0; k0 < k; k0 += 16) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a[FragsM];
     wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b[FragsN];

@@ -3,7 +3,10 @@
  * only the experts a token / a batch reaches; dense models are counted whole. Qwen3-30B-A3B's published 3.3 B active
  * parameters (of 30.5 B) come out of its dummy preset's shapes.
  */
-import { describe, expect, it } from 'vitest';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
 import {
   activeBodyParams,
   decodeWeightsRead,
@@ -12,6 +15,10 @@ import {
 } from '../../bench/engine-moe.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { expectedTensors, type ModelConfig } from '../../lib/engine/model/config.js';
+import { runTs } from '../helpers/cli.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'tandem-bench-engine-moe-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /** body (layers and final norm) and lm_head elements, as bench/engine.ts's parameterCounts takes them. */
 function parts(config: ModelConfig) {
@@ -60,5 +67,51 @@ describe('bench:engine MoE counts', () => {
     expect(activeBodyParams(config, body)).toBe(body);
     expect(expertParamsPerLayerSet(config)).toBe(0);
     for (const batch of [1, 64]) expect(decodeWeightsRead(config, body, lmHead, batch)).toBe(body + lmHead);
+  });
+
+  it('bench:engine on dummy:tiny-moe (CPU): FLOPs of the active experts, decode rows read only the experts their batch reaches', () => {
+    const file = join(dir, 'tiny-moe.json');
+    const r = runTs(
+      'bench/engine.ts',
+      [
+        '--device',
+        'cpu',
+        '--model',
+        'dummy:tiny-moe',
+        '--quick',
+        '--prompt',
+        '32',
+        '--batch',
+        '1,4',
+        '--steps',
+        '2',
+        '--json',
+        file,
+      ],
+      {},
+      120_000,
+    );
+    expect(r.status, r.stderr).toBe(0);
+    const config = dummyConfig('tiny-moe');
+    const { body, lmHead } = parts(config);
+    const json = JSON.parse(readFileSync(file, 'utf8')) as {
+      params: { active: number; readPerStep: number; kvBytesPerToken: number };
+      rows: { phase: string; batch: number; context: number; readBytes?: number; tflops: number; msP50: number }[];
+    };
+    expect(json.params.active).toBe(activeBodyParams(config, body));
+    expect(json.params.active).toBeLessThan(body);
+    const decode = json.rows.filter((row) => row.phase === 'decode');
+    expect(decode.map((row) => row.batch)).toEqual([1, 4]);
+    for (const row of decode) {
+      const weights = decodeWeightsRead(config, body, lmHead, row.batch) * 4; // fp32 on the CPU
+      expect(row.readBytes).toBeCloseTo(weights + row.batch * row.context * json.params.kvBytesPerToken, 0);
+    }
+    // Four tokens reach more experts than one, and fewer than all of them.
+    expect(decodeWeightsRead(config, body, lmHead, 4)).toBeGreaterThan(decodeWeightsRead(config, body, lmHead, 1));
+    expect(decodeWeightsRead(config, body, lmHead, 4)).toBeLessThan(body + lmHead);
+    // A prefill row's TFLOP/s: 2 x active parameters per token (+ lm_head once).
+    const prefill = json.rows.find((row) => row.phase === 'prefill')!;
+    const flops = 2 * json.params.active * 32 + 2 * lmHead;
+    expect(prefill.tflops).toBeCloseTo(flops / (prefill.msP50 * 1e9), 6);
   });
 });
