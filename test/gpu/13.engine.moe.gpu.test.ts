@@ -152,19 +152,28 @@ describe.skipIf(!gate.run)('GPU engine on mixture-of-experts models', () => {
     },
   );
 
-  // Realistic expert shapes (Qwen3-30B-A3B's hidden 2048, experts 768 wide, head dim 128 through the flash kernels)
-  // with every token routed to all 8 experts (topK = numExperts): no routing near-tie can differ between fp32 and
-  // bf16, so the comparison isolates the grouped GEMMs, the permutation and the combine at these sizes.
-  it('agrees with the CPU engine at Qwen3-30B-A3B expert shapes (hidden 2048, experts 768 wide, all 8 routed)', async () => {
-    const config: ModelConfig = {
-      ...dummyConfig('tiny-moe'),
-      hiddenSize: 2048,
-      numHeads: 32,
-      numKvHeads: 4,
-      headDim: 128,
-      moe: { numExperts: 8, topK: 8, intermediateSize: 768, normTopkProb: true },
-    };
-    await gpuAgreesWithCpu(config, 'dummy:tiny-moe', 0, LONG, 'Qwen3-30B-A3B expert shapes, 8 of 8 experts');
+  // Every token routed to every expert (topK = numExperts): no routing near-tie can differ between fp32 and bf16, so
+  // the comparison isolates the gating weights, the permutation, the grouped GEMMs and the combine. Realistic expert
+  // shapes (Qwen3-30B-A3B's hidden 2048, experts 768 wide, head dim 128 through the flash kernels), and the most
+  // choices a token may have (32: every lane of the gating warp picks, every slot of the combine is used).
+  it.each([
+    [
+      'Qwen3-30B-A3B expert shapes (hidden 2048, experts 768 wide, all 8 routed)',
+      {
+        ...dummyConfig('tiny-moe'),
+        hiddenSize: 2048,
+        numHeads: 32,
+        numKvHeads: 4,
+        headDim: 128,
+        moe: { numExperts: 8, topK: 8, intermediateSize: 768, normTopkProb: true },
+      },
+    ],
+    [
+      'tiny shapes, all 32 of 32 experts routed, no renormalisation',
+      { ...dummyConfig('tiny-moe'), moe: { numExperts: 32, topK: 32, intermediateSize: 32, normTopkProb: false } },
+    ],
+  ] as [string, ModelConfig][])('agrees with the CPU engine at %s', async (label, config) => {
+    await gpuAgreesWithCpu(config, 'dummy:tiny-moe', 0, LONG, label);
   });
 
   it('decode steps replayed as CUDA graphs equal eager steps bit for bit (dummy:tiny-moe, batches 1..3, scratch grows)', async () => {
