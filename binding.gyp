@@ -18,6 +18,7 @@
         "native/src/engine/cuda_llama_graphs.cpp",
         "native/src/engine/cuda_llama_tp.cpp",
         "native/src/engine/cuda_llama_wrap.cpp",
+        "native/src/engine/cuda_moe.cpp",
         "native/src/engine/engine_wrap.cpp",
         "native/src/engine/gemm_bench.cpp",
         "native/src/engine/llama_common.cpp",

@@ -39,7 +39,9 @@
  * rate at which it can be read is 2 x copy GB/s (reads and writes share DRAM bandwidth about equally; a
  * GPU's pure-read rate is a little above that, so vsBound near 1.0 on cuda is at the roofline). Hence
  *   bound ms per step = (weight bytes read + KV bytes read) / (2 x copy GB/s)
- * and vsBound = bound ms / measured ms (1.0: at the memory roofline). The rows also say what the weights
+ * and vsBound = bound ms / measured ms (1.0: at the memory roofline). A mixture-of-experts model (dummy:qwen3-30b-a3b,
+ * dummy:mixtral-8x7b) counts only the experts a step reaches, in FLOPs (topK per token) and in the bound (the experts
+ * a batch of B reaches under uniform routing, E * (1 - (1 - k/E)^B); bench/engine-moe.ts). The rows also say what the weights
  * alone would allow (weightBoundMs in the JSON). Caveats: on cpu a model small enough to sit in the CPU
  * caches (dummy:tiny) is not bound by DRAM at all, so its vsBound says more about per-step overhead than about
  * bandwidth; with --sampling host (and on cpu) each step also copies nseq x vocab fp32 logits to the host,
@@ -114,6 +116,7 @@ import {
   TandemError,
 } from '../lib/errors.js';
 import type { RawCollectiveTime } from '../lib/native/binding.js';
+import { activeBodyParams, decodeWeightsRead } from './engine-moe.js';
 
 const BLOCK_SIZE = 16;
 const MiB = 2 ** 20;
@@ -239,14 +242,16 @@ function parameterCounts(config: ModelConfig) {
   for (const t of expectedTensors(config)) total += t.shape.reduce((a, b) => a * b, 1);
   const embedding = config.vocabSize * config.hiddenSize;
   const lmHead = config.vocabSize * config.hiddenSize; // its own tensor, or the embedding table when tied
-  // Every weight applied to every token: the layers and the final norm (no embedding, no lm_head).
+  // Every weight applied to every token: the layers and the final norm (no embedding, no lm_head); of an MoE model's
+  // experts only the topK a token is routed to (`active`; bench/engine-moe.ts).
   const body = total - embedding - (config.tieWordEmbeddings ? 0 : lmHead);
-  return { total, embedding, lmHead, body, tied: config.tieWordEmbeddings, readPerStep: body + lmHead };
+  const active = activeBodyParams(config, body);
+  return { total, embedding, lmHead, body, active, tied: config.tieWordEmbeddings, readPerStep: active + lmHead };
 }
 
 /** FLOPs of one forward of `tokens` tokens over `nseq` sequences (see the header: attention left out). */
 const forwardFlops = (p: ReturnType<typeof parameterCounts>, tokens: number, nseq: number) =>
-  2 * p.body * tokens + 2 * p.lmHead * nseq;
+  2 * p.active * tokens + 2 * p.lmHead * nseq;
 
 /** A deterministic token of sequence `seq` at `position` (below 256: valid in every vocabulary here). */
 const tokenAt = (seq: number, position: number) => (position * 31 + seq * 17 + 7) % 256;
@@ -757,9 +762,11 @@ async function main(): Promise<void> {
 
   const torchProbe = !cuda
     ? { available: false as const, reason: 'the PyTorch comparison runs on cuda only, and this run is on the CPU' }
-    : values.torch === 'off'
-      ? { available: false as const, reason: '--torch off' }
-      : probeTorch();
+    : config.moe
+      ? { available: false as const, reason: "bench/engine_torch.py builds dense Llama models; this one's FFN is MoE" }
+      : values.torch === 'off'
+        ? { available: false as const, reason: '--torch off' }
+        : probeTorch();
   progress(torchProbe.available ? `PyTorch ${torchProbe.version} found` : `no PyTorch rows: ${torchProbe.reason}`);
 
   const caps = await capabilities();
@@ -925,7 +932,9 @@ async function main(): Promise<void> {
         await bench.time(batch, 2); // warm-up (and the CUDA graph's capture)
         const { ms, collective } = await timed(batch, steps);
         const p50 = pct(ms, 50);
-        const readBytes = weightBytes + b * context * kvBytesPerToken;
+        // An MoE model's step reads only the experts its batch reaches (bench/engine-moe.ts); a dense one all weights.
+        const stepWeightBytes = decodeWeightsRead(config, params.body, params.lmHead, b) * dtypeBytes;
+        const readBytes = stepWeightBytes + b * context * kvBytesPerToken;
         const boundMs = readBytes / (baseline.readGBps * 1e6);
         record({
           phase: 'decode',
@@ -938,7 +947,7 @@ async function main(): Promise<void> {
           readBytes,
           readGBps: readBytes / (p50 * 1e6),
           boundMs,
-          weightBoundMs: weightBytes / (baseline.readGBps * 1e6),
+          weightBoundMs: stepWeightBytes / (baseline.readGBps * 1e6),
           vsBound: boundMs / p50,
           ...(collective ? { collective } : {}),
         });
@@ -1024,7 +1033,12 @@ async function main(): Promise<void> {
   const header = [
     `bench:engine  model ${model} (${sig(params.total / 1e6)} M params; ` +
       `${sig(params.readPerStep / 1e6)} M multiplied per token, ` +
-      `${bytesText(weightBytes)} of ${dtype} weights read per decode step)`,
+      `${bytesText(weightBytes)} of ${dtype} weights read per decode step` +
+      (config.moe
+        ? ` at batch 1: MoE, ${config.moe.topK} of ${config.moe.numExperts} experts per token; a decode row's ` +
+          `bound counts only the experts its batch reaches under uniform routing`
+        : '') +
+      ')',
     `device ${deviceLine!}; host ${caps.cpu.cores} cores, ${sig(caps.cpu.memoryBytes / GiB)} GiB` +
       (cuda ? `; GPU memory bandwidth (theoretical) ${sig(caps.cuda.devices[0]?.memoryBandwidthGBps)} GB/s` : ''),
     `layout ${layoutLine}` +

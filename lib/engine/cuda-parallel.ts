@@ -108,7 +108,7 @@ export function tensorSlice(
     case 'expert_up':
     case 'expert_down':
       throw new ParallelLayoutError(
-        `${tensor.name}: the GPU engine does not run mixture-of-experts models (issue 28); use the CPU engine`,
+        `${tensor.name}: the GPU engine runs mixture-of-experts models on one rank only; use the CPU engine's ranks`,
       );
   }
 }

@@ -151,9 +151,9 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
       cudaGraphs_(cudaGraphs),
       graphs_(device, kMaxGraphs) {
   checkConfig(config_);
-  if (config_.moe.numExperts > 0 || config_.qkNorm)
-    throw BadInput("the GPU engine does not run mixture-of-experts or q/k-norm models yet (issue 28); "
-                   "use the CPU engine");
+  if (config_.moe.numExperts > 0 && tp_ && tp_->size() > 1)
+    throw BadInput("the GPU engine runs mixture-of-experts models on one rank (no tensor or expert parallelism on "
+                   "the GPU yet); use the CPU engine's ranks");
   shard_ = tp_ ? tpShardOf(config_, tp_->size(), tp_->rank()) : tpShardOf(config_, 1, 0);
   local_ = config_;
   local_.numHeads = shard_.heads;
@@ -191,9 +191,13 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
     L.wo = place(h * qDim_);
     L.bo = c.attentionOutputBias ? place(h) : 0;
     L.postNorm = place(h);
-    L.wgateUp = place(2 * inter * h);
-    L.wdown = place(h * inter);
+    L.qNorm = c.qkNorm ? place(c.headDim) : 0;
+    L.kNorm = c.qkNorm ? place(c.headDim) : 0;
+    const bool dense = c.moe.numExperts == 0;  // an MoE config's FFN is moe_'s
+    L.wgateUp = dense ? place(2 * inter * h) : 0;
+    L.wdown = dense ? place(h * inter) : 0;
   }
+  if (c.moe.numExperts > 0) moe_ = std::make_unique<CudaMoe>(c, [this](size_t count) { return place(count); });
   finalNorm_ = place(h);
   lmHead_ = c.tieWordEmbeddings ? embed_ : place(vocab * h);
   // Each tensor's slice of the whole one (lib/engine/model/manifest.ts's shard rules): column (q/k/v, gate/up, their
@@ -226,7 +230,16 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
       case WeightRole::Down: addSlot(w.name, L->wdown, colsOf(h, fullInter, i0, inter)); break;
       case WeightRole::FinalNorm: addSlot(w.name, finalNorm_, whole(0, h)); break;
       case WeightRole::LmHead: addSlot(w.name, lmHead_, rowsOf(fullVocab, h, v0, vocab)); break;
-      default: break;  // MoE and q/k-norm roles: refused above
+      case WeightRole::QNorm: addSlot(w.name, L->qNorm, whole(0, D)); break;
+      case WeightRole::KNorm: addSlot(w.name, L->kNorm, whole(0, D)); break;
+      case WeightRole::Router:
+      case WeightRole::ExpertGate:
+      case WeightRole::ExpertUp:
+      case WeightRole::ExpertDown: {
+        const CudaMoe::Placed at = moe_->placeOf(w);
+        addSlot(w.name, at.offset, whole(at.rows, at.cols));
+        break;
+      }
     }
   }
 }
@@ -350,6 +363,8 @@ void CudaLlama::init() {
     fn_.embedShard = device_.function("tandem_tp_embed_vocab_shard");
     tp_->init(device_);
   }
+  if (local_.qkNorm) fn_.qkNorm = device_.function("tandem_qk_rmsnorm");
+  if (moe_) moe_->init(device_);
   weights_ = device_.allocate(weightBytes_, "cuMemAlloc (model weights)");
   invFreqMem_ = device_.allocate(invFreq_.size() * sizeof(float), "cuMemAlloc (RoPE frequencies)");
   const CudaDriver& d = device_.driver();
@@ -740,9 +755,10 @@ void CudaLlama::prepareGemms(int tokens, int sequences) {
   if (!gemmLt_) return;
   const LlamaConfig& c = local_;
   const int h = c.hiddenSize, inter = c.intermediateSize;
+  const int router = moe_ ? moe_->routerRows() : 0;
   const int shapes[][3] = {{tokens, static_cast<int>(qkvDim_), h},
                            {tokens, h, static_cast<int>(qDim_)},
-                           {tokens, 2 * inter, h},
+                           {tokens, moe_ ? router : 2 * inter, h},
                            {tokens, h, inter},
                            {sequences, c.vocabSize, h}};
   for (const auto& [m, n, k] : shapes) {
@@ -833,8 +849,9 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
   p.oXn = carve.take(ntok * h * 2);
   p.oQkv = carve.take(ntok * qkvDim_ * 4);
   p.oAttn = carve.take(ntok * qDim_ * 2);
-  p.oGateUp = carve.take(ntok * 2 * inter * 4);
-  p.oAct = carve.take(ntok * inter * 2);
+  p.oGateUp = carve.take(moe_ ? 0 : ntok * 2 * inter * 4);
+  p.oAct = carve.take(moe_ ? 0 : ntok * inter * 2);
+  p.oMoe = carve.take(moe_ ? moe_->scratchBytes(ntok) : 0);
   p.oLast = carve.take(nseq * h * 2);
   p.oLogits = carve.take(nseq * vocab * 4);
   p.oPartial =
@@ -872,6 +889,7 @@ CudaLlama::BatchBuffers CudaLlama::uploadBatch(const BatchPlan& p) {
   b.partial = base + p.oPartial;
   b.extra = base + p.oExtra;
   b.rankLogits = base + p.oRankLogits;
+  b.moe = base + p.oMoe;
   std::memcpy(pinned_, p.ints.data(), p.ints.size() * 4);
   check(device_.driver().cuMemcpyHtoDAsync(dInts, pinned_, p.ints.size() * 4, device_.stream()),
         "cuMemcpyHtoDAsync (batch)");
@@ -900,6 +918,7 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   launch(fn_.addRmsNorm, itok, 1, nt, b.x, l == 0 ? null : b.tmp, weight(W.inputNorm), hidden, eps, null, b.xn);
   gemm(b.xn, itok, hidden, weight(W.wqkv), iq, b.qkv);
   if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, b.qkv, weight(W.bqkv), iq);
+  if (c.qkNorm) launch(fn_.qkNorm, itok, H + KVH, 32, b.qkv, weight(W.qNorm), weight(W.kNorm), H, KVH, D, eps);
   launch(fn_.ropeKv, itok, 1, 128, b.qkv, b.positions, b.tokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs,
          blockMajor);
   if (flash_) {
@@ -931,6 +950,11 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   allReduce(b.tmp, p.ntok);  // row-parallel o_proj: the ranks' partial sums (the bias, replicated, after)
   if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, b.tmp, weight(W.bo), hidden);
   launch(fn_.addRmsNorm, itok, 1, nt, b.x, b.tmp, weight(W.postNorm), hidden, eps, null, b.xn);
+  if (moe_) {  // one rank only (the constructor says so): no all-reduce
+    moe_->enqueue(l, weights_->ptr, b.xn, p.ntok, b.moe, b.tmp,
+                  [this](CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) { gemm(x, m, k, w, n, y); });
+    return;
+  }
   gateUpAct(b.xn, itok, hidden, weight(W.wgateUp), iinter, b.gateUp, b.act);
   gemm(b.act, itok, iinter, weight(W.wdown), hidden, b.tmp);
   allReduce(b.tmp, p.ntok);  // row-parallel down_proj

@@ -21,6 +21,7 @@
 #include "cublas.h"
 #include "cuda_llama_graphs.h"
 #include "cuda_llama_tp.h"
+#include "cuda_moe.h"
 #include "llama_common.h"
 
 namespace tandem::engine {
@@ -155,6 +156,7 @@ class CudaLlama {
   };
   struct LayerOffsets {
     size_t inputNorm, postNorm, wqkv, bqkv, wo, bo, wgateUp, wdown;
+    size_t qNorm, kNorm;  // Qwen3's per-head q/k RMSNorm weights, where config.qkNorm
   };
 
   // Batch set-up, host side: what one pass uploads (token ids, positions, per-token sequence and KV block, block
@@ -172,11 +174,12 @@ class CudaLlama {
     size_t oInts = 0, oX = 0, oTmp = 0, oXn = 0, oQkv = 0, oAttn = 0, oGateUp = 0, oAct = 0, oLast = 0, oLogits = 0;
     size_t oPartial = 0, oExtra = 0, deviceBytes = 0, hostExtraAt = 0, hostBytes = 0;
     size_t oRankLogits = 0;  // tensor parallel: this rank's vocabulary columns before the gather
+    size_t oMoe = 0;         // the MoE FFN's activations (CudaMoe::scratchBytes), for an MoE config
   };
   // A planned batch's device addresses in the current scratch allocation.
   struct BatchBuffers {
     CUdeviceptr tokens, positions, tokenSeqs, tokenBlocks, tables, lastRows, flashTiles, decodeRows;
-    CUdeviceptr x, tmp, xn, qkv, attn, gateUp, act, last, logits, partial, extra, rankLogits;
+    CUdeviceptr x, tmp, xn, qkv, attn, gateUp, act, last, logits, partial, extra, rankLogits, moe;
   };
   // Validates the batch and plans it (no device work). extraDevice / extraHost bytes are reserved after the
   // pass's own scratch and staging.
@@ -190,9 +193,10 @@ class CudaLlama {
                        uint8_t*& extraHostPtr);
   // One pass on the stream (eager, or while capturing a decode graph): embedding, the layers, final norm, lm_head.
   void enqueuePass(const BatchPlan& plan, const BatchBuffers& b, bool capturing);
-  // The layer step of the dense Llama / Qwen2 decoder (the one family today): input norm (+ the previous layer's
-  // residual), QKV GEMM (+ bias), RoPE with the KV write, attention, o_proj (+ bias), residual + post norm,
-  // gate/up with SwiGLU, down. Leaves the layer's output in b.tmp for the next step's residual add.
+  // The layer step of the Llama / Qwen2 decoder: input norm (+ the previous layer's residual), QKV GEMM (+ bias),
+  // Qwen3's q/k norm where the config has it, RoPE with the KV write, attention, o_proj (+ bias), residual + post
+  // norm, gate/up with SwiGLU, down (an MoE config: moe_'s FFN in their place). Leaves the layer's output in b.tmp
+  // for the next step's residual add.
   void enqueueDenseLayer(int layer, const BatchPlan& plan, const BatchBuffers& b);
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, const SliceOf& slice);
@@ -237,6 +241,8 @@ class CudaLlama {
   size_t weightBytes_ = 0;
   size_t embed_ = 0, finalNorm_ = 0, lmHead_ = 0;
   std::vector<LayerOffsets> layers_;
+  // The mixture-of-experts FFN (issue 28), in place of the dense one in every layer of an MoE config; null otherwise.
+  std::unique_ptr<CudaMoe> moe_;
   std::map<std::string, Slot> slots_;
   std::vector<std::string> order_;
   mutable std::mutex slotsMutex_;  // guards Slot::set and graphsReason_ (written on the device thread, read on JS's)
@@ -257,6 +263,7 @@ class CudaLlama {
     CUfunction flash2Prefill, flash2Decode;              // attention.cu's second kernels, where flash2_
     CUfunction dummyUniform, dummyFill, dummySlice;      // dummy_init.cu, looked up on first use
     CUfunction embedShard;                               // tp.cu, with several tensor-parallel ranks
+    CUfunction qkNorm;                                   // moe.cu's tandem_qk_rmsnorm, where config.qkNorm
   } fn_{};
   // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
   // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).
