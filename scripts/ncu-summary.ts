@@ -116,6 +116,13 @@ const SCALE: Record<string, number> = {
   msecond: 1e-3,
   usecond: 1e-6,
   nsecond: 1e-9,
+  // `--print-units base` on the H100 host's ncu (2025.3) writes these abbreviations.
+  s: 1,
+  ms: 1e-3,
+  us: 1e-6,
+  ns: 1e-9,
+  B: 1,
+  kB: 1e3,
   byte: 1,
   Kbyte: 1e3,
   Mbyte: 1e6,

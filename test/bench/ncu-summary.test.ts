@@ -49,6 +49,16 @@ describe('ncu raw CSV', () => {
     expect(launches[12]!.memoryPct).toBeUndefined(); // n/a
   });
 
+  it("reads the abbreviated base units the host's ncu writes (ns, B)", () => {
+    const lines = SAMPLE.split('\n');
+    const units = lines.findIndex((l) => l.includes('"Mbyte","Kbyte"'));
+    lines[units] = lines[units]!.replace('"Mbyte","Kbyte","%","usecond","%"', '"B","B","%","ns","%"');
+    const embed = parseNcuRaw(lines.join('\n'))[0]!;
+    expect(embed.time).toBeCloseTo(2e-9, 15);
+    expect(embed.dramReadBytes).toBeCloseTo(0.52, 9);
+    expect(embed.dramWriteBytes).toBe(1024);
+  });
+
   it('sums time, DRAM traffic and time-weighted throughput per class and per kernel', () => {
     const s = summarise(parseNcuRaw(SAMPLE));
     expect(s.launches).toBe(13);
