@@ -5,10 +5,12 @@ import { openModel } from '../../lib/engine/open.js';
 import { CpuModelRunner } from '../../lib/engine/cpu.js';
 import { promptBatch } from '../helpers/forward-batch.js';
 
-// The CPU engine against transformers on the tiny MoE fixtures (Mixtral; Qwen3-MoE with q/k norm) that
-// scripts/make-hf-fixture.py builds: `python3 scripts/make-hf-fixture.py test/fixtures --only mixtral,qwen3_moe`
-// on a machine with torch and transformers. Same checks as hf-fixture.test.ts: last-token logits within fp32
-// tolerance and 32 identical greedy tokens; and the routed-token count the runner reports.
+// The CPU engine against transformers on the tiny MoE fixtures (Mixtral; Qwen3-MoE with q/k norm; Qwen2-MoE with
+// a shared expert and a dense layer) that scripts/make-hf-fixture.py builds:
+// `python3 scripts/make-hf-fixture.py test/fixtures --only qwen3_moe,qwen2_moe` on a machine with torch and
+// transformers. Same checks as hf-fixture.test.ts: last-token logits within fp32 tolerance and identical greedy
+// tokens (as many as expected.json holds: 32 for Mixtral, 16 for the Qwen fixtures); and the routed-token count
+// the runner reports.
 interface Expected {
   prompt: string;
   promptIds: number[];
@@ -17,11 +19,11 @@ interface Expected {
   minRouterMargin: number;
 }
 
-for (const name of ['hf-tiny-mixtral', 'hf-tiny-qwen3-moe']) {
+for (const name of ['hf-tiny-mixtral', 'hf-tiny-qwen3-moe', 'hf-tiny-qwen2-moe']) {
   const dir = join(import.meta.dirname, '..', 'fixtures', name);
   const present = existsSync(join(dir, 'expected.json'));
   describe.skipIf(!present)(`CPU engine matches transformers on ${name}`, () => {
-    it('prefill logits within fp32 tolerance, and 32 identical greedy tokens', async () => {
+    it('prefill logits within fp32 tolerance, and identical greedy tokens', async () => {
       const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
       await using m = await openModel({ model: dir, device: 'cpu', numBlocks: 16, threads: 2 });
       expect(m.tokenizer.encode(expected.prompt)).toEqual(expected.promptIds);
@@ -44,11 +46,14 @@ for (const name of ['hf-tiny-mixtral', 'hf-tiny-qwen3-moe']) {
       }
 
       const result = await m.engine
-        .addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } })
+        .addRequest({
+          promptTokenIds: expected.promptIds,
+          sampling: { temperature: 0, maxTokens: expected.greedy.length },
+        })
         .result();
       expect(result.tokenIds).toEqual(expected.greedy);
     });
   });
   if (!present)
-    it.skip(`${name}: fixture not generated yet (run scripts/make-hf-fixture.py test/fixtures --only mixtral,qwen3_moe where torch and transformers are installed)`, () => {});
+    it.skip(`${name}: fixture not generated yet (run scripts/make-hf-fixture.py test/fixtures --only qwen3_moe,qwen2_moe where torch and transformers are installed)`, () => {});
 }
