@@ -106,6 +106,10 @@ export function tensorSlice(
     case 'expert_gate':
     case 'expert_up':
     case 'expert_down':
+    case 'shared_gate':
+    case 'shared_up':
+    case 'shared_down':
+    case 'shared_expert_gate':
       throw new ParallelLayoutError(
         `${tensor.name}: the GPU engine does not run mixture-of-experts models (issue 28); use the CPU engine`,
       );
