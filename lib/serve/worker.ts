@@ -10,7 +10,7 @@ import { CudaModelRunner } from '../engine/cuda.js';
 import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type AgentOptions, type Region } from '../transfer/index.js';
-import { ExpertLoadWindow, imbalance } from '../moe/index.js';
+import { ExpertLoadWindow, imbalance, type ExpertBalancer } from '../moe/index.js';
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
   decodePrefillNotice,
@@ -135,9 +135,13 @@ export class Worker {
     this.expertWindow ??= new ExpertLoadWindow(load.length / numExperts, numExperts, EXPERT_LOAD_WINDOW_HEARTBEATS);
     this.expertWindow.record(load);
     for (const v of load) this.tokensRouted += v;
+    const balancer = (runner as Partial<{ expertBalancer: ExpertBalancer }>).expertBalancer;
     return {
       imbalance: this.expertWindow.totals().map((perExpert) => imbalance(perExpert)),
       tokensRouted: this.tokensRouted,
+      ...(balancer && {
+        eplb: { decisions: balancer.decisionCount, applied: balancer.appliedCount },
+      }),
     };
   }
 
@@ -633,6 +637,7 @@ export async function openWorker(
     ...(init.tensorParallelSize !== undefined ? { tensorParallelSize: init.tensorParallelSize } : {}),
     ...(init.pipelineParallelSize !== undefined ? { pipelineParallelSize: init.pipelineParallelSize } : {}),
     ...(init.expertParallelSize !== undefined ? { expertParallelSize: init.expertParallelSize } : {}),
+    ...(init.eplb !== undefined ? { eplb: init.eplb } : {}),
     engine: {
       ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
       ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),
