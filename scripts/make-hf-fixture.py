@@ -1,30 +1,36 @@
 #!/usr/bin/env python3
 """Builds the tiny Hugging Face fixtures the reference engine is checked against.
 
-    python3 scripts/make-hf-fixture.py OUT_DIR [--only llama,qwen2,mixtral,qwen3_moe]
+    python3 scripts/make-hf-fixture.py OUT_DIR [--only llama,qwen2,mixtral,qwen3_moe,qwen2_moe]
                                                         (needs torch, transformers, tokenizers, safetensors)
 
 For each fixture (a Llama with Llama-3.1 RoPE scaling and untied embeddings, stored in bf16 as real Llama
 checkpoints are; a Qwen2 with q/k/v bias and tied embeddings, stored in fp32; a Mixtral with 8 experts, top 2,
-stored in bf16; a Qwen3-MoE with q/k norm, 8 experts, top 2 without norm_topk_prob, stored in fp32) it writes
-OUT_DIR/<name>/:
+stored in bf16; a Qwen3-MoE with q/k norm, 8 experts, top 2 without norm_topk_prob, stored in fp32; a Qwen2-MoE
+with q/k/v bias, 8 experts, top 2 with norm_topk_prob, a gated shared expert and a dense layer between its two
+sparse ones (mlp_only_layers), stored in fp32) it writes OUT_DIR/<name>/:
 config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with a chat template), and
 expected.json produced by transformers on the CPU in fp32: the prompt's token ids, the logits of its last
-token, 32 greedy tokens (EOS does not stop them), and a rendered chat template.
+token, the greedy tokens (EOS does not stop them; 32, and 16 for the Qwen MoE fixtures), and a rendered chat
+template.
 
 The fixtures are conditioned for bf16 engines. Every weight is a bf16 value (so a bf16 engine holds the
 model exactly and differs from the reference only by rounding activations), and a seed is kept only if
-every one of the 32 greedy choices wins by at least MIN_MARGIN logits, the 32 tokens hold at least
-MIN_DISTINCT different ones, and transformers itself, run entirely
-in bf16, chooses the same 32 tokens: a random model often has near-ties between its top two logits, and a
-fixture with one would make "identical greedy tokens" a coin toss for any bf16 engine. expected.json records
+every one of the greedy choices wins by at least MIN_MARGIN logits, the tokens hold at least MIN_DISTINCT
+different ones, and transformers itself, run entirely in bf16, chooses the same tokens: a random model often
+has near-ties between its top two logits, and a fixture with one would make "identical greedy tokens" a coin
+toss for any bf16 engine. Each choice passes with a probability near 0.8, so a 32-token path needs about 2,000
+seeds; the search therefore first walks the greedy path step by step and drops a seed at its first close
+choice (most fail within a few steps), and the Qwen MoE fixtures, whose forward passes are slower, record 16
+tokens (about 50 seeds: seconds instead of many minutes). expected.json records
 the seed, the smallest top-2 margin along the greedy path and transformers' own bf16 logit error. The MoE
 fixtures are also kept only if, at every token of the prompt and the greedy path and in every layer, the k-th
 and (k+1)-th routing probabilities differ by at least MIN_ROUTER_MARGIN, so that an engine's rounding cannot
 send a token to another expert (expected.json: minRouterMargin).
 
 MoE checkpoints are written with one tensor per expert (Mixtral: block_sparse_moe.experts.<e>.w1/w2/w3;
-Qwen3-MoE: mlp.experts.<e>.gate_proj/up_proj/down_proj), the layout of the published checkpoints: transformers
+Qwen3-MoE and Qwen2-MoE: mlp.experts.<e>.gate_proj/up_proj/down_proj; Qwen2-MoE's shared expert:
+mlp.shared_expert.gate_proj/up_proj/down_proj and mlp.shared_expert_gate), the layout of the published checkpoints: transformers
 5 keeps experts fused in memory, and any fused tensor it saves is split here; the files are then loaded back
 with from_pretrained and must give the same logits.
 
@@ -35,6 +41,7 @@ import argparse
 import copy
 import json
 import os
+import time
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -95,19 +102,33 @@ MIN_DISTINCT = 8
 # 2026-12-06): with 8 experts, ~45 tokens and 2 layers, some token nearly ties almost always. The greedy path is
 # still checked against transformers run in bf16 below.
 MIN_ROUTER_MARGIN = 2e-4
-MOE_ARCHS = ("mixtral", "qwen3_moe")
-# Fixture directory and on-disk dtype of each architecture.
+MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen2_moe")
+# Fixture directory, on-disk dtype and number of greedy tokens of each architecture.
 FIXTURES = {
-    "llama": ("hf-tiny-llama", "bf16"),
-    "qwen2": ("hf-tiny-qwen2", "fp32"),
-    "mixtral": ("hf-tiny-mixtral", "bf16"),
-    "qwen3_moe": ("hf-tiny-qwen3-moe", "fp32"),
+    "llama": ("hf-tiny-llama", "bf16", 32),
+    "qwen2": ("hf-tiny-qwen2", "fp32", 32),
+    "mixtral": ("hf-tiny-mixtral", "bf16", 32),
+    "qwen3_moe": ("hf-tiny-qwen3-moe", "fp32", 16),
+    "qwen2_moe": ("hf-tiny-qwen2-moe", "fp32", 16),
 }
 
 
 def moe_blocks(model):
-    """Each decoder layer's sparse MoE block (transformers 4: Mixtral's block_sparse_moe; 5 and Qwen3: mlp)."""
-    return [getattr(layer, "block_sparse_moe", None) or layer.mlp for layer in model.model.layers]
+    """Each sparse layer's MoE block (transformers 4: Mixtral's block_sparse_moe; 5 and Qwen: mlp); a dense
+    layer's MLP (Qwen's mlp_only_layers, decoder_sparse_step) has no router and is left out."""
+    blocks = [getattr(layer, "block_sparse_moe", None) or layer.mlp for layer in model.model.layers]
+    return [b for b in blocks if hasattr(b, "gate")]
+
+
+def sparse_layers(arch, config):
+    """Indices of the layers with a sparse MoE block, as the Qwen decoder layers decide it."""
+    if arch == "mixtral":
+        return list(range(config.num_hidden_layers))
+    return [
+        l
+        for l in range(config.num_hidden_layers)
+        if l not in (config.mlp_only_layers or []) and (l + 1) % config.decoder_sparse_step == 0
+    ]
 
 
 def router_margin(model, ids):
@@ -143,6 +164,7 @@ def per_expert_checkpoint(out, arch, config):
     names = {
         "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
         "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+        "qwen2_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     }
     block, gate, up, down = names[arch]
     result = {}
@@ -166,19 +188,29 @@ def per_expert_checkpoint(out, arch, config):
         else:
             result[name] = t
     experts = config.num_local_experts if arch == "mixtral" else config.num_experts
+    sparse = sparse_layers(arch, config)
     for l in range(config.num_hidden_layers):
+        if l not in sparse:  # a dense layer: one MLP, no router
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                assert f"model.layers.{l}.mlp.{p}.weight" in result, (l, p)
+            assert f"model.layers.{l}.mlp.gate.weight" not in result, f"dense layer {l} has a router"
+            continue
         assert f"model.layers.{l}.{block}.gate.weight" in result, f"layer {l}: no router"
         for e in range(experts):
             for p in (gate, up, down):
                 assert f"model.layers.{l}.{block}.experts.{e}.{p}.weight" in result, (l, e, p)
+        if arch == "qwen2_moe":
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                assert f"model.layers.{l}.mlp.shared_expert.{p}.weight" in result, (l, "shared_expert", p)
+            assert f"model.layers.{l}.mlp.shared_expert_gate.weight" in result, (l, "shared_expert_gate")
     save_file(result, path, metadata={"format": "pt"})
 
 
-def greedy(model, x):
-    """32 greedy tokens (the first is the prompt's last-token argmax) and the top-2 logit margin at each choice."""
+def greedy(model, x, steps):
+    """`steps` greedy tokens (the first is the prompt's last-token argmax) and the top-2 logit margin at each choice."""
     with torch.no_grad():
         out = model.generate(
-            x, do_sample=False, max_new_tokens=32, output_scores=True, return_dict_in_generate=True
+            x, do_sample=False, max_new_tokens=steps, output_scores=True, return_dict_in_generate=True
         )
     gen = out.sequences[0, x.shape[1] :].tolist()
     margins = []
@@ -188,36 +220,68 @@ def greedy(model, x):
     return gen, margins
 
 
+def greedy_margins_pass(model, ids, steps):
+    """Cheap pre-check for greedy(): the same greedy choices, one forward pass each with the KV cache, stopping
+    at the first one that wins by less than MIN_MARGIN. Most seeds fail within a few steps, so a rejected seed
+    costs a few passes instead of a whole generate(); a seed that passes is then run through generate() and
+    checked again there, so the pre-check only saves time and never decides what is kept."""
+    with torch.no_grad():
+        out = model(torch.tensor([ids]), use_cache=True)
+        for step in range(steps):
+            top = torch.topk(out.logits[0, -1].float(), 2)
+            if float(top.values[0] - top.values[1]) < MIN_MARGIN:
+                return False
+            if step + 1 < steps:
+                nxt = top.indices[:1].view(1, 1)
+                out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+    return True
+
+
 def build(arch, out_root):
-    name, on_disk = FIXTURES[arch]
+    name, on_disk, steps = FIXTURES[arch]
     out = os.path.join(out_root, name)
     os.makedirs(out, exist_ok=True)
     tok = make_tokenizer(out)
     ids = [tok.bos_token_id] + tok(PROMPT, add_special_tokens=False)["input_ids"]
     x = torch.tensor([ids])
     tried = 0
+    # Seeds dropped by each check, printed with the progress so that a slow search says what holds it back.
+    dropped = {"greedy margin": 0, "distinct tokens": 0, "router margin": 0, "bf16 greedy": 0}
+    started = time.monotonic()
     for seed in range(1234, 1234 + MAX_SEEDS):
         tried += 1
+        if tried % 250 == 0:
+            print(f"{name}: {tried} seeds tried in {time.monotonic() - started:.0f} s, dropped for {dropped}", flush=True)
         model = make_model(tok, arch, seed)
-        gen, margins = greedy(model, x)
+        if not greedy_margins_pass(model, ids, steps):
+            dropped["greedy margin"] += 1
+            continue
+        gen, margins = greedy(model, x, steps)
+        if min(margins) < MIN_MARGIN:
+            dropped["greedy margin"] += 1
+            continue
+        if len(set(gen)) < MIN_DISTINCT:
+            dropped["distinct tokens"] += 1
+            continue
         route = router_margin(model, ids + gen) if arch in MOE_ARCHS else None
-        routed_close = route is not None and route < MIN_ROUTER_MARGIN
-        if min(margins) < MIN_MARGIN or len(set(gen)) < MIN_DISTINCT or routed_close:
-            if tried % 250 == 0:
-                print(f"{name}: {tried} seeds tried", flush=True)
+        if route is not None and route < MIN_ROUTER_MARGIN:
+            dropped["router margin"] += 1
             continue
         bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        gen_bf16, _ = greedy(bf16, x)
+        gen_bf16, _ = greedy(bf16, x, steps)
         if gen_bf16 == gen:
             break
-        print(f"{name}: seed {seed} rejected (bf16 greedy differs at step {next(i for i in range(32) if gen[i] != gen_bf16[i])})")
+        dropped["bf16 greedy"] += 1
+        print(f"{name}: seed {seed} rejected (bf16 greedy differs at step {next(i for i in range(steps) if gen[i] != gen_bf16[i])})")
     else:
-        raise SystemExit(f"{name}: no seed in {MAX_SEEDS} gives a greedy path that bf16 reproduces with the margins asked")
+        raise SystemExit(f"{name}: no seed in {MAX_SEEDS} gives a greedy path that bf16 reproduces with the margins asked (dropped for {dropped})")
+    # The kept seed passed every check; stated again so that the file cannot claim what was not checked.
+    assert min(margins) >= MIN_MARGIN and len(set(gen)) >= MIN_DISTINCT and len(gen) == steps, (margins, gen)
+    assert route is None or route >= MIN_ROUTER_MARGIN, route
     with torch.no_grad():
         ref = model(x).logits[0, -1]
         low = bf16(x).logits[0, -1].float()
     bf16_rel = float(torch.linalg.vector_norm(low - ref) / torch.linalg.vector_norm(ref))
-    assert len(gen) == 32, len(gen)
     if on_disk == "bf16":
         bf16.save_pretrained(out, safe_serialization=True)
     else:
@@ -253,7 +317,7 @@ def build(arch, out_root):
     }
     with open(os.path.join(out, "expected.json"), "w") as f:
         json.dump(expected, f)
-    print(f"{name}: seed {seed}, vocab {len(tok)}, prompt {len(ids)} tokens, smallest greedy margin {min(margins):.3f} ({tried} seeds tried), transformers in bf16: relative logit error {bf16_rel:.2e}, greedy {gen[:8]}...")
+    print(f"{name}: seed {seed}, vocab {len(tok)}, prompt {len(ids)} tokens, smallest greedy margin {min(margins):.3f} ({tried} seeds tried in {time.monotonic() - started:.1f} s), transformers in bf16: relative logit error {bf16_rel:.2e}, greedy {gen[:8]}...")
 
 
 def make_model(tok, arch, seed):
@@ -317,9 +381,28 @@ def make_model(tok, arch, seed):
             use_sliding_window=False,
         )
         model = Qwen3MoeForCausalLM(config)
+    elif arch == "qwen2_moe":
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        config = Qwen2MoeConfig(
+            **{**common, "num_hidden_layers": 3},  # intermediate_size (128) is the dense layer's MLP
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=96,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,  # Qwen3-MoE's fixture covers the raw softmax weights
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],  # layers 0 and 2 sparse, layer 1 dense
+            qkv_bias=True,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            use_sliding_window=False,
+        )
+        model = Qwen2MoeForCausalLM(config)
     else:
         config = Qwen2Config(**common, rope_theta=10000.0, tie_word_embeddings=True, use_sliding_window=False)
         model = Qwen2ForCausalLM(config)
+    if arch in ("qwen2", "qwen2_moe"):
         with torch.no_grad():  # Qwen2 initialises biases to zero; give them values so they matter
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -331,6 +414,9 @@ def make_model(tok, arch, seed):
     with torch.no_grad():  # every weight a bf16 value: a bf16 engine holds this model exactly
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
+    # Every matrix drawn at random: a router or expert left at its zero placeholder would tie every routing choice.
+    for n, p in model.named_parameters():
+        assert p.dim() < 2 or float(p.abs().max()) > 0, f"{arch}: {n} was not initialised"
     model = model.float().eval()
     # Greedy without stopping at EOS (and without min_new_tokens, which would mask EOS's logit).
     model.generation_config.eos_token_id = None

@@ -1,16 +1,21 @@
 /**
  * `tandem generate --model <dir|dummy:preset> --prompt TEXT --max-tokens N [--device cpu|cuda] [--seed S]
- *  [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N] [--ep N] [--chat] [--json]`
+ *  [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N] [--ep N] [--eplb [--eplb-window N]
+ *  [--eplb-period N] [--eplb-redundant N] [--eplb-min-gain G]] [--chat] [--json]`
  *
  * --tp / --pp / --ep run the model as tensor x pipeline parallel ranks, an MoE model's experts split over ep of
  * them (lib/engine/parallel.ts): on the CPU engine, one native thread per rank; on the GPU engine (--tp only), one
- * model per rank, every rank on one GPU; the layout is printed on stderr (and is `layout` in --json).
+ * model per rank, every rank on one GPU; the layout is printed on stderr (and is `layout` in --json). --eplb balances
+ * the experts over the ep ranks online (CPU engine; lib/moe's EplbPolicy, its defaults unless an --eplb-* option sets
+ * windowSteps, periodSteps, redundantSlotsPerRank or minImbalanceGain; any --eplb-* option implies --eplb); the
+ * balancer's decisions are summed up on stderr (`eplb` in --json).
  *
  * Loads the model (progress on stderr), runs one request through the engine and prints the text as it is
  * generated, or with --json one object: token ids, text, finish reason and timings.
  */
 import { openModel } from '../engine/open.js';
 import { rankCount } from '../engine/parallel.js';
+import { DEFAULT_EPLB_POLICY, type EplbPolicy, type ExpertBalancer } from '../moe/policy.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
 
 export interface GenerateArgs {
@@ -26,6 +31,11 @@ export interface GenerateArgs {
   tp?: string;
   pp?: string;
   ep?: string;
+  eplb?: boolean;
+  'eplb-window'?: string;
+  'eplb-period'?: string;
+  'eplb-redundant'?: string;
+  'eplb-min-gain'?: string;
   chat?: boolean;
   json?: boolean;
 }
@@ -43,6 +53,9 @@ export async function generate(args: GenerateArgs): Promise<number> {
   const tensorParallelSize = numberOption('tp', args.tp, { integer: true, min: 1 }) ?? 1;
   const pipelineParallelSize = numberOption('pp', args.pp, { integer: true, min: 1 }) ?? 1;
   const expertParallelSize = numberOption('ep', args.ep, { integer: true, min: 1 }) ?? 1;
+  const eplb = eplbOptions(args);
+  if (eplb && expertParallelSize < 2)
+    throw new UsageError('--eplb balances experts over expert-parallel ranks: it needs --ep 2 or more');
 
   const t0 = performance.now();
   let lastReport = 0;
@@ -53,6 +66,7 @@ export async function generate(args: GenerateArgs): Promise<number> {
     tensorParallelSize,
     pipelineParallelSize,
     expertParallelSize,
+    ...(eplb ? { eplb } : {}),
     onProgress: (loaded, total) => {
       const now = performance.now();
       if (loaded === total || now - lastReport > 250) {
@@ -94,12 +108,22 @@ export async function generate(args: GenerateArgs): Promise<number> {
     }
     const tail = decoder.flush();
     const totalMs = performance.now() - started;
+    const balancing = eplb ? eplbSummary(opened.runner) : undefined;
     if (!args.json) {
       process.stdout.write(tail + '\n');
       process.stderr.write(
         `${tokenIds.length} tokens in ${totalMs.toFixed(0)} ms (first after ${(firstTokenMs ?? 0).toFixed(0)} ms; ` +
           `${promptTokenIds.length} prompt tokens; finish: ${finishReason})\n`,
       );
+      if (balancing)
+        process.stderr.write(
+          `eplb: ${balancing.steps} steps, ${balancing.decisions} decisions, ${balancing.applied} applied` +
+            (balancing.last
+              ? `; last at step ${balancing.last.step}: imbalance ${balancing.last.imbalanceBefore.toFixed(2)} -> ` +
+                `${balancing.last.imbalanceAfter.toFixed(2)}${balancing.last.applied ? '' : ' (kept the placement)'}`
+              : ` (a decision needs ${eplb!.windowSteps} steps in the window; --eplb-window, --eplb-period)`) +
+            '\n',
+        );
       return 0;
     }
     const decodeMs = totalMs - (firstTokenMs ?? totalMs);
@@ -113,6 +137,7 @@ export async function generate(args: GenerateArgs): Promise<number> {
         tokenIds,
         text: tok.decode(tokenIds),
         finishReason,
+        ...(balancing ? { eplb: balancing } : {}),
         timings: {
           loadMs: +loadMs.toFixed(1),
           firstTokenMs: firstTokenMs === undefined ? null : +firstTokenMs.toFixed(1),
@@ -125,4 +150,41 @@ export async function generate(args: GenerateArgs): Promise<number> {
   } finally {
     await opened.dispose();
   }
+}
+
+/** The EPLB policy of --eplb and the --eplb-* options (any of which implies --eplb); undefined without them. */
+function eplbOptions(args: GenerateArgs): EplbPolicy | undefined {
+  const windowSteps = numberOption('eplb-window', args['eplb-window'], { integer: true, min: 1 });
+  const periodSteps = numberOption('eplb-period', args['eplb-period'], { integer: true, min: 1 });
+  const redundantSlotsPerRank = numberOption('eplb-redundant', args['eplb-redundant'], { integer: true, min: 0 });
+  const minImbalanceGain = numberOption('eplb-min-gain', args['eplb-min-gain'], { max: 0.999999 });
+  const given = [windowSteps, periodSteps, redundantSlotsPerRank, minImbalanceGain].some((v) => v !== undefined);
+  if (!args.eplb && !given) return undefined;
+  return {
+    ...DEFAULT_EPLB_POLICY,
+    ...(windowSteps !== undefined ? { windowSteps } : {}),
+    ...(periodSteps !== undefined ? { periodSteps } : {}),
+    ...(redundantSlotsPerRank !== undefined ? { redundantSlotsPerRank } : {}),
+    ...(minImbalanceGain !== undefined ? { minImbalanceGain } : {}),
+  };
+}
+
+/** What the runner's balancer did: steps seen, decisions taken and applied, and the last one. */
+function eplbSummary(runner: unknown) {
+  const balancer = (runner as { expertBalancer?: ExpertBalancer }).expertBalancer;
+  if (!balancer) return undefined;
+  const last = balancer.decisions.at(-1);
+  return {
+    policy: balancer.policy,
+    steps: balancer.window.totalSteps,
+    decisions: balancer.decisionCount,
+    applied: balancer.appliedCount,
+    last: last && {
+      step: last.step,
+      imbalanceBefore: last.imbalanceBefore,
+      imbalanceAfter: last.imbalanceAfter,
+      gain: last.gain,
+      applied: last.applied,
+    },
+  };
 }

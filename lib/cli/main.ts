@@ -38,10 +38,13 @@ Usage:
                            another (default 3, 0: never)
   tandem generate --model <dir|dummy:preset> --prompt TEXT [--max-tokens N] [--device cpu|cuda]
                   [--seed S] [--temperature T] [--top-p P] [--top-k K] [--threads N] [--tp N] [--pp N]
-                  [--ep N] [--chat] [--json]
+                  [--ep N] [--eplb] [--eplb-window N] [--eplb-period N] [--eplb-redundant N]
+                  [--eplb-min-gain G] [--chat] [--json]
                            generate text with the reference engine (greedy unless --temperature);
                            --tp / --pp / --ep: tensor / pipeline / expert parallel ranks (CPU engine;
                            --tp also on the GPU engine, every rank on one GPU)
+                           --eplb: balance the experts over the ep ranks online (--eplb-*: its window
+                           and period in steps, redundant slots per rank, least imbalance gain)
   tandem bench serve [--quick] [--url URL | --deploy A.yaml,B.yaml] [--rate R,... | --concurrency C,...]
                            goodput under SLOs of a deployment or of any OpenAI-compatible server
                            (tandem bench serve --help lists its options)

@@ -15,6 +15,7 @@ import { ParallelLayoutError, TandemError } from '../errors.js';
 import { loadModelConfig, type ModelConfig } from '../engine/model/config.js';
 import { DUMMY_PREFIX, DUMMY_PRESETS, dummyConfig } from '../engine/model/dummy.js';
 import { checkParallelConfig } from '../engine/parallel.js';
+import { DEFAULT_EPLB_POLICY, type EplbPolicy } from '../moe/policy.js';
 import { DEFAULT_MIGRATION_LIMIT } from '../frontend/migration.js';
 import {
   DEFAULT_MAX_PREFILL_QUEUE,
@@ -87,6 +88,12 @@ export interface PoolSpec {
    * experts; they are the tensor-parallel ranks, so tensorParallelSize is 1 or equal to it. Default 1.
    */
   expertParallelSize: number;
+  /**
+   * Online expert load balancing (lib/moe's EplbPolicy) of an MoE pool with expertParallelSize > 1, on the CPU
+   * engine: `eplb: {}` takes DEFAULT_EPLB_POLICY; any of windowSteps, periodSteps, redundantSlotsPerRank,
+   * minImbalanceGain overrides it. Absent: the static placement.
+   */
+  eplb?: EplbPolicy;
   /** `auto`: CUDA where the pool has GPUs and the machine has them, else CPU. */
   device: DeviceKind;
   /**
@@ -196,6 +203,21 @@ const PoolSchema = z.strictObject(
     tensorParallelSize: positiveInt().default(1),
     pipelineParallelSize: positiveInt().default(1),
     expertParallelSize: positiveInt().default(1),
+    eplb: z
+      .strictObject(
+        {
+          windowSteps: positiveInt().default(DEFAULT_EPLB_POLICY.windowSteps),
+          periodSteps: positiveInt().default(DEFAULT_EPLB_POLICY.periodSteps),
+          redundantSlotsPerRank: nonNegativeInt().default(DEFAULT_EPLB_POLICY.redundantSlotsPerRank),
+          minImbalanceGain: z
+            .number(err('must be a number in [0, 1)'))
+            .min(0, err('must be a number in [0, 1)'))
+            .lt(1, err('must be a number in [0, 1)'))
+            .default(DEFAULT_EPLB_POLICY.minImbalanceGain),
+        },
+        err(MAPPING),
+      )
+      .optional(),
     device: oneOf(DEVICES).default('auto'),
     gpuIds: z.array(nonNegativeInt(), err('must be a list of GPU indices')).optional(),
     engine: EngineOptionsSchema.prefault({}),
@@ -269,6 +291,7 @@ const KNOWN_KEYS: Record<string, readonly string[]> = {
   frontend: ['host', 'port', 'replicas', 'ports', 'migrationLimit', 'apiKeyEnv'],
   pool: Object.keys(PoolSchema.shape),
   engine: Object.keys(EngineOptionsSchema.shape),
+  eplb: Object.keys(DEFAULT_EPLB_POLICY),
   disaggregation: ['minRemotePrefillTokens', 'maxPrefillQueue'],
   router: ['policy', 'prefillWeight', 'temperature'],
   planner: PlannerSpecSchema.in.keyof().options,
@@ -277,7 +300,8 @@ const KNOWN_KEYS: Record<string, readonly string[]> = {
 
 function knownKeysAt(path: readonly PathKey[]): readonly string[] {
   if (path.length === 0) return KNOWN_KEYS.root!;
-  if (path[0] === 'pools') return path.length >= 3 && path[2] === 'engine' ? KNOWN_KEYS.engine! : KNOWN_KEYS.pool!;
+  if (path[0] === 'pools')
+    return path.length >= 3 && (path[2] === 'engine' || path[2] === 'eplb') ? KNOWN_KEYS[path[2]]! : KNOWN_KEYS.pool!;
   if (path[0] === 'planner' && path[1] === 'kubernetes') return KNOWN_KEYS['planner.kubernetes']!;
   return KNOWN_KEYS[String(path[0])] ?? [];
 }
@@ -362,6 +386,13 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
       else if (new Set(p.gpuIds).size !== p.gpuIds.length)
         issues.push({ path: at('gpuIds'), message: 'must not repeat a GPU within a pool' });
     }
+    if (p.eplb !== undefined && p.expertParallelSize < 2)
+      issues.push({
+        path: at('eplb'),
+        message: 'needs expertParallelSize > 1 (it balances the experts over the expert-parallel ranks)',
+      });
+    else if (p.eplb !== undefined && (p.device === 'cuda' || gpusPerReplica > 0))
+      issues.push({ path: at('eplb'), message: 'runs on the CPU engine only (device: cpu)' });
     if (p.engine.numBlocks !== undefined && p.engine.kvCacheFraction !== undefined)
       issues.push({ path: at('engine', 'kvCacheFraction'), message: 'set numBlocks or kvCacheFraction, not both' });
 
@@ -376,6 +407,7 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
       tensorParallelSize: p.tensorParallelSize,
       pipelineParallelSize: p.pipelineParallelSize,
       expertParallelSize: p.expertParallelSize,
+      ...(p.eplb !== undefined && { eplb: { ...p.eplb } }),
       device: p.device,
       engine,
     };
@@ -526,7 +558,7 @@ export interface ParseGraphOptions {
 function parallelIssues(graph: DeploymentGraph): PathIssue[] {
   const parallel = graph.pools
     .map((p, i) => ({ p, i }))
-    .filter(({ p }) => p.tensorParallelSize * p.pipelineParallelSize * p.expertParallelSize > 1);
+    .filter(({ p }) => p.tensorParallelSize * p.pipelineParallelSize * p.expertParallelSize > 1 || p.eplb);
   if (parallel.length === 0) return [];
   let config: ModelConfig;
   try {
@@ -551,6 +583,12 @@ function parallelIssues(graph: DeploymentGraph): PathIssue[] {
           : 'tensorParallelSize';
       issues.push({ path: ['pools', i, field], message: error.message });
     }
+    const experts = config.moe?.numExperts ?? 0;
+    if (p.eplb && experts > 0 && p.eplb.redundantSlotsPerRank > experts)
+      issues.push({
+        path: ['pools', i, 'eplb', 'redundantSlotsPerRank'],
+        message: `must be at most the model's ${experts} experts (one replica of each per rank)`,
+      });
   }
   return issues;
 }

@@ -325,6 +325,7 @@ export function workerInit(graph: DeploymentGraph, pool: PoolSpec, r: number, op
     ...(pool.tensorParallelSize > 1 ? { tensorParallelSize: pool.tensorParallelSize } : {}),
     ...(pool.pipelineParallelSize > 1 ? { pipelineParallelSize: pool.pipelineParallelSize } : {}),
     ...(pool.expertParallelSize > 1 ? { expertParallelSize: pool.expertParallelSize } : {}),
+    ...(pool.eplb !== undefined ? { eplb: { ...pool.eplb } } : {}),
     ...(pool.engine.maxBatchTokens !== undefined ? { maxBatchTokens: pool.engine.maxBatchTokens } : {}),
     ...(pool.engine.maxSequences !== undefined ? { maxSequences: pool.engine.maxSequences } : {}),
     heartbeatMs: options.heartbeatMs ?? 1000,

@@ -107,6 +107,10 @@ export function tensorSlice(
     case 'expert_gate':
     case 'expert_up':
     case 'expert_down':
+    case 'shared_gate':
+    case 'shared_up':
+    case 'shared_down':
+    case 'shared_expert_gate':
       throw new ParallelLayoutError(
         `${tensor.name}: the GPU engine runs mixture-of-experts models on one rank only; use the CPU engine's ranks`,
       );

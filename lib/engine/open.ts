@@ -15,6 +15,7 @@ import { dummyConfig, isDummyModel } from './model/dummy.js';
 import { StartPhases, type StartLog } from './model/progress.js';
 import { checkParallelConfig, describeParallel, rankCount, SINGLE_RANK, type ParallelConfig } from './parallel.js';
 import { modelTokenizer, type TextTokenizer } from './tokenizer.js';
+import type { EplbPolicy } from '../moe/policy.js';
 
 /** Share of free host memory the CPU engine's KV pool takes when neither numBlocks nor kvCacheBytes is given. */
 export const DEFAULT_KV_MEMORY_FRACTION = 0.1;
@@ -62,6 +63,11 @@ export interface OpenModelOptions {
    * are the tensor-parallel ranks (tp 1: attention replicated on each; tp = ep: split). Default 1. CPU engine only.
    */
   expertParallelSize?: number;
+  /**
+   * Online expert load balancing (lib/moe's EplbPolicy) of an MoE model on CPU expert-parallel ranks
+   * (expertParallelSize > 1): CpuModelRunner's `eplb` option. The GPU engine does not take it.
+   */
+  eplb?: EplbPolicy;
   blockSize?: number;
   layout?: KvLayout;
   /** Blocks in the KV pool; default from kvCacheBytes. */
@@ -146,6 +152,9 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     model,
   );
   const ranks = rankCount(parallel);
+  // Checked here too: a single-rank model could otherwise open on a GPU and run without the balancing asked for.
+  if (options.eplb !== undefined && (!config.moe || parallel.ep < 2))
+    throw new BadArgumentError(`${model}: eplb needs a mixture-of-experts model with expert parallelism (ep > 1)`);
   const blockSize = options.blockSize ?? 16;
   const layout = options.layout ?? 'block-major';
   const blockBytes = kvPool({
@@ -229,6 +238,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
         ...(kvBuffer ? { kvBuffer } : {}),
         ...(options.threads !== undefined ? { threads: options.threads } : {}),
         parallel,
+        ...(options.eplb !== undefined ? { eplb: options.eplb } : {}),
         weights: countingWeights(model, config, options.seed, options.onProgress),
       }),
     );

@@ -11,7 +11,9 @@
  * - `vocab` (dim 0): embedding and lm_head rows in ceil(vocab / tp) parts (the last rank may hold fewer);
  * - `replicated`: the whole tensor (norms, Qwen3's q_norm / k_norm, the MoE router);
  * - `expert`: an expert's gate / up / down, on the ranks its expert is placed on and, among the ranks that share
- *   an expert, split like the dense gate / up (rows) and down (columns) by moe intermediate channel.
+ *   an expert, split like the dense gate / up (rows) and down (columns) by moe intermediate channel;
+ * - `shared_expert` (Qwen2-MoE): the shared expert's gate / up / down, split like the dense ones by its own
+ *   channels over the tensor-parallel ranks (ep 1), whole on every rank under expert parallelism.
  *
  * Mixture-of-experts models (the Megatron / vLLM convention: the expert-parallel ranks are the tensor-parallel
  * ranks of a stage):
@@ -110,9 +112,14 @@ export function checkParallelConfig(
       );
   } else if (moe && moe.intermediateSize % tp !== 0) {
     fail(`tensor parallel size ${tp} does not divide the experts' intermediate size ${moe.intermediateSize}`);
+  } else if (moe && (moe.sharedExpertIntermediateSize ?? 0) % tp !== 0) {
+    fail(
+      `tensor parallel size ${tp} does not divide the shared expert's intermediate size ${moe.sharedExpertIntermediateSize}`,
+    );
   }
-  // An MoE model has no dense FFN (every layer is sparse): its intermediate size splits nothing.
-  if (!moe && config.intermediateSize % tp !== 0)
+  // An MoE model has a dense FFN only in its dense layers (moe.denseLayers); without them its intermediate size
+  // splits nothing.
+  if ((!moe || (moe.denseLayers ?? []).length > 0) && config.intermediateSize % tp !== 0)
     fail(`tensor parallel size ${tp} does not divide the model's intermediate size ${config.intermediateSize}`);
   if (pp > config.numLayers)
     fail(`pipeline parallel size ${pp} is more stages than the model's ${config.numLayers} layers`);
@@ -148,22 +155,36 @@ export function tensorShard(config: ModelConfig, size: number, rank: number): Te
   };
 }
 
-/** What rank `groupRank` of a stage group holds of an MoE FFN: its whole experts, and its channels of each. */
+/**
+ * What rank `groupRank` of a stage group holds of an MoE FFN: its whole experts, and its channels of each; and its
+ * channels of the shared expert (count 0 without one).
+ */
 export interface ExpertShard {
   experts: IndexRange;
   intermediate: IndexRange;
+  shared: IndexRange;
 }
 
 /** The MoE part of rank `groupRank` of a stage group (see the file's doc comment); the model must be MoE. */
 export function expertShard(config: ModelConfig, parallel: ParallelConfig, groupRank: number): ExpertShard {
   const moe = config.moe;
   if (!moe) throw new ParallelLayoutError('expertShard: the model has no experts');
+  const shared = moe.sharedExpertIntermediateSize ?? 0;
   if (parallel.ep > 1) {
     const per = moe.numExperts / parallel.ep;
-    return { experts: { start: groupRank * per, count: per }, intermediate: { start: 0, count: moe.intermediateSize } };
+    return {
+      experts: { start: groupRank * per, count: per },
+      intermediate: { start: 0, count: moe.intermediateSize },
+      shared: { start: 0, count: shared },
+    };
   }
   const inter = moe.intermediateSize / parallel.tp;
-  return { experts: { start: 0, count: moe.numExperts }, intermediate: { start: groupRank * inter, count: inter } };
+  const sharedPer = shared / parallel.tp;
+  return {
+    experts: { start: 0, count: moe.numExperts },
+    intermediate: { start: groupRank * inter, count: inter },
+    shared: { start: groupRank * sharedPer, count: sharedPer },
+  };
 }
 
 /** The layers of each pipeline stage, in order: as even as possible, earlier stages taking the extra layer. */
@@ -228,6 +249,7 @@ export function sliceTensor(
   if (tensor.shard === 'replicated' || tp === 1) return data;
   const shard = tensorShard(config, tp, rank);
   const expertChannels = () => expertShard(config, { tp, pp: 1, ep: 1 }, rank).intermediate;
+  const sharedChannels = () => expertShard(config, { tp, pp: 1, ep: 1 }, rank).shared;
   const hd = config.headDim;
   const cols = tensor.shape.length === 2 ? tensor.shape[1]! : 1;
   switch (tensor.role) {
@@ -254,6 +276,11 @@ export function sliceTensor(
       return rowsOf(data, cols, expertChannels());
     case 'expert_down':
       return columnsOf(data, tensor.shape[0]!, cols, expertChannels());
+    case 'shared_gate':
+    case 'shared_up':
+      return rowsOf(data, cols, sharedChannels());
+    case 'shared_down':
+      return columnsOf(data, tensor.shape[0]!, cols, sharedChannels());
     default:
       throw new ParallelLayoutError(`tensor "${tensor.name}" (${tensor.role}) has no ${tensor.shard} split`);
   }
@@ -275,6 +302,7 @@ export function rankSlice(
     const e = tensor.expert ?? -1;
     return e >= experts.start && e < experts.start + experts.count ? data : undefined;
   }
+  if (tensor.shard === 'shared_expert' && parallel.ep > 1) return data;
   // tp 1 beside ep: every rank of the group holds what a single rank holds.
   return sliceTensor(config, parallel.tp, parallel.tp === 1 ? 0 : groupRank, tensor, data);
 }

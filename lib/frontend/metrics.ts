@@ -63,6 +63,11 @@ export const METRIC_NAMES = {
    * and expert it is routed to (top-k per layer).
    */
   moeTokensRouted: 'tandem_moe_tokens_routed_total',
+  /**
+   * Counter; labels worker, applied: EPLB decisions on a worker whose pool sets `eplb` (applied "true": a new
+   * expert placement was adopted; "false": the gain was below minImbalanceGain and the placement stayed).
+   */
+  moeEplbDecisions: 'tandem_moe_eplb_decisions_total',
   /** Gauge; label worker: 1 while the worker serves requests but has published no KV event (KV routing is blind). */
   routerKvEventsMissing: 'tandem_router_kv_events_missing',
   /** Counter; label worker: gaps in a worker's KV event numbers (each asks it for a snapshot). */
@@ -100,6 +105,11 @@ export interface PlannerReadings {
   queued: number;
   /** Requests waiting in the prefill pool now. */
   prefillQueue: number;
+  /**
+   * Each mixture-of-experts worker's expert load as its last heartbeat reported it (per-layer imbalance over its
+   * window, cumulative tokens routed); absent or empty for dense models.
+   */
+  expertLoad?: Record<string, ExpertLoadReport>;
 }
 
 export type RequestStatus = 'success' | 'client_error' | 'server_error' | 'canceled';
@@ -362,20 +372,38 @@ export class ServeMetrics {
     labelNames: ['worker'] as const,
     registers: [this.registry],
   });
-  /** Per MoE worker: its layers reported, and the cumulative tokens routed its last heartbeat said. */
-  private readonly moeWorkers = new Map<string, { layers: number; tokensRouted: number }>();
+  private readonly moeEplbDecisions = new Counter({
+    name: METRIC_NAMES.moeEplbDecisions,
+    help: 'EPLB decisions on each MoE worker with online expert balancing (applied: a new placement adopted)',
+    labelNames: ['worker', 'applied'] as const,
+    registers: [this.registry],
+  });
+  /** Per MoE worker: its layers reported, and its last heartbeat's report. */
+  private readonly moeWorkers = new Map<
+    string,
+    { layers: number; tokensRouted: number; imbalance: number[]; eplb?: { decisions: number; applied: number } }
+  >();
 
   /** A MoE worker's heartbeat: its per-layer imbalance and its cumulative tokens routed. */
   expertLoad(worker: string, report: ExpertLoadReport): void {
-    const seen = this.moeWorkers.get(worker) ?? { layers: 0, tokensRouted: 0 };
+    const seen = this.moeWorkers.get(worker) ?? { layers: 0, tokensRouted: 0, imbalance: [] };
     report.imbalance.forEach((v, layer) => this.moeImbalance.set({ worker, layer: String(layer) }, v));
-    // The worker's total is cumulative; a smaller one is a new process under the same name (restart).
-    const delta =
-      report.tokensRouted >= seen.tokensRouted ? report.tokensRouted - seen.tokensRouted : report.tokensRouted;
+    // The worker's totals are cumulative; a smaller one is a new process under the same name (restart).
+    const since = (now: number, before: number) => (now >= before ? now - before : now);
+    const delta = since(report.tokensRouted, seen.tokensRouted);
     if (delta > 0) this.moeTokensRouted.inc({ worker }, delta);
+    if (report.eplb) {
+      const restarted = report.eplb.decisions < (seen.eplb?.decisions ?? 0);
+      const applied = restarted ? report.eplb.applied : report.eplb.applied - (seen.eplb?.applied ?? 0);
+      const kept = (restarted ? report.eplb.decisions : report.eplb.decisions - (seen.eplb?.decisions ?? 0)) - applied;
+      if (applied > 0) this.moeEplbDecisions.inc({ worker, applied: 'true' }, applied);
+      if (kept > 0) this.moeEplbDecisions.inc({ worker, applied: 'false' }, kept);
+    }
     this.moeWorkers.set(worker, {
       layers: Math.max(seen.layers, report.imbalance.length),
       tokensRouted: report.tokensRouted,
+      imbalance: [...report.imbalance],
+      ...(report.eplb && { eplb: { ...report.eplb } }),
     });
   }
 
@@ -386,6 +414,7 @@ export class ServeMetrics {
       this.moeWorkers.delete(worker);
       for (let layer = 0; layer < moe.layers; layer++) this.moeImbalance.remove({ worker, layer: String(layer) });
       this.moeTokensRouted.remove({ worker });
+      for (const applied of ['true', 'false']) this.moeEplbDecisions.remove({ worker, applied });
     }
     const pool = this.workerPools.get(worker);
     if (pool === undefined) return;
@@ -432,6 +461,12 @@ export class ServeMetrics {
       itlSeconds: await histogram(this.itl),
       queued: await sumValues(this.queued),
       prefillQueue: await sumValues(this.prefillQueue),
+      expertLoad: Object.fromEntries(
+        [...this.moeWorkers].map(([worker, m]) => [
+          worker,
+          { imbalance: [...m.imbalance], tokensRouted: m.tokensRouted },
+        ]),
+      ),
     };
   }
 

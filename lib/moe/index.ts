@@ -28,4 +28,11 @@ export {
 export { ExpertLoadWindow } from './load-window.js';
 export { alignPlacement, expertMoves, type ExpertMove } from './moves.js';
 export { ExpertLoadRecorder, type ExpertLoadSource } from './load-recorder.js';
-export { checkEplbPolicy, DEFAULT_EPLB_POLICY, ExpertBalancer, type EplbDecision, type EplbPolicy } from './policy.js';
+export {
+  checkEplbPolicy,
+  DEFAULT_EPLB_POLICY,
+  EPLB_DECISION_HISTORY,
+  ExpertBalancer,
+  type EplbDecision,
+  type EplbPolicy,
+} from './policy.js';

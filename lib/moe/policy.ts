@@ -23,6 +23,9 @@ export interface EplbPolicy {
   numExpertGroups?: number;
 }
 
+/** Decisions an ExpertBalancer keeps (the latest); a serving worker decides every periodSteps for as long as it runs. */
+export const EPLB_DECISION_HISTORY = 256;
+
 export const DEFAULT_EPLB_POLICY: EplbPolicy = {
   windowSteps: 1000,
   periodSteps: 1000,
@@ -71,7 +74,11 @@ export class ExpertBalancer {
   private current: ExpertPlacement;
   private stepsSinceDecision = 0;
   private steps = 0;
+  /** The latest EPLB_DECISION_HISTORY decisions, oldest first. */
   readonly decisions: EplbDecision[] = [];
+  /** Decisions taken, and placements applied, since construction (all of them, beyond the history kept). */
+  decisionCount = 0;
+  appliedCount = 0;
 
   constructor(
     numLayers: number,
@@ -128,6 +135,9 @@ export class ExpertBalancer {
     if (applied) this.current = result.placement;
     const decision = { step: this.steps, imbalanceBefore: before, imbalanceAfter: after, gain, applied, result, moves };
     this.decisions.push(decision);
+    if (this.decisions.length > EPLB_DECISION_HISTORY) this.decisions.shift();
+    this.decisionCount++;
+    if (applied) this.appliedCount++;
     this.stepsSinceDecision = 0;
     return decision;
   }

@@ -201,7 +201,14 @@ export interface RawCpuLlamaOptions {
   /** Qwen3's per-head q/k RMSNorm before RoPE. */
   qkNorm?: boolean;
   /** Mixture-of-experts FFN (ModelConfig's MoeSpec), or null for a dense model. */
-  moe?: { numExperts: number; topK: number; intermediateSize: number; normTopkProb: boolean } | null;
+  moe?: {
+    numExperts: number;
+    topK: number;
+    intermediateSize: number;
+    normTopkProb: boolean;
+    sharedExpertIntermediateSize?: number;
+    denseLayers?: number[];
+  } | null;
   /** The weight manifest (lib/engine/model/manifest.ts's nativeManifest): each tensor's name, role, layer and expert. */
   tensors: { name: string; role: string; layer: number; expert?: number }[];
   numBlocks: number;

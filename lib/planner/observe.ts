@@ -1,6 +1,7 @@
 /**
  * What the planner sees of the serving system over one interval: the frontend's metrics (ServeMetrics'
- * cumulative totals, differenced between two readings) and each worker's KV usage (its heartbeats).
+ * cumulative totals, differenced between two readings), each worker's KV usage (its heartbeats) and each
+ * mixture-of-experts worker's expert load (its heartbeats' load window, as /metrics shows it).
  *
  *   rate = finished requests / seconds      isl, osl = input, output tokens / finished requests
  *   ttftMs, itlMs = the interval's means    queued, prefillQueue = now
@@ -22,6 +23,13 @@ export interface PlannerWindow extends LoadSample {
   prefillQueue: number;
   /** Each worker's used / total KV blocks at its end. */
   kvUsage: Record<string, number>;
+  /**
+   * Each mixture-of-experts worker's expert load at its end: `imbalance[layer]`, max / mean tokens per expert over
+   * the worker's load window (the last EXPERT_LOAD_WINDOW_HEARTBEATS heartbeats; 1 when balanced or idle), and
+   * `tokensRouted` in this interval (expert assignments: a token counts once per MoE layer and expert). Empty for
+   * dense models.
+   */
+  expertLoad: Record<string, { imbalance: number[]; tokensRouted: number }>;
 }
 
 export class MetricsWindow {
@@ -66,6 +74,14 @@ export class MetricsWindow {
       queued: readings.queued,
       prefillQueue: readings.prefillQueue,
       kvUsage: this.kvUsage(),
+      expertLoad: Object.fromEntries(
+        Object.entries(readings.expertLoad ?? {}).map(([worker, report]) => {
+          const before = prev.readings.expertLoad?.[worker]?.tokensRouted ?? 0;
+          // A worker's total is cumulative; a smaller one is a new process under the same name.
+          const routed = report.tokensRouted >= before ? report.tokensRouted - before : report.tokensRouted;
+          return [worker, { imbalance: [...report.imbalance], tokensRouted: routed }];
+        }),
+      ),
     };
   }
 }

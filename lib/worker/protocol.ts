@@ -23,6 +23,7 @@ import type { KvEventBatch, KvPoolSpec, KvSnapshot } from '../kv/index.js';
 import type { FinishReason, SamplingParams, TokenLogprobs } from '../engine/engine.js';
 import type { PoolRole } from '../deploy/graph.js';
 import type { ControlPlaneEvent, ControlPlaneRequest, EtcdControlPlaneOptions } from '../control/index.js';
+import type { EplbPolicy } from '../moe/policy.js';
 
 /**
  * How long a worker told to stop (SIGTERM) lets its requests in flight finish before it exits anyway (those still
@@ -52,6 +53,8 @@ export interface WorkerInit {
   tensorParallelSize?: number;
   pipelineParallelSize?: number;
   expertParallelSize?: number;
+  /** Online expert load balancing of the worker's CPU engine (the pool's `eplb`); absent: the static placement. */
+  eplb?: EplbPolicy;
   maxBatchTokens?: number;
   maxSequences?: number;
   heartbeatMs: number;
@@ -115,6 +118,8 @@ export interface WorkerLoad {
 export interface ExpertLoadReport {
   imbalance: number[];
   tokensRouted: number;
+  /** With the pool's `eplb`: the balancer's decisions since the worker started, and the placements it applied. */
+  eplb?: { decisions: number; applied: number };
 }
 
 export type ToWorker =

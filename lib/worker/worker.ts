@@ -15,7 +15,7 @@ import { CudaModelRunner } from '../engine/cuda.js';
 import { warmUpRunner } from '../engine/runner.js';
 import { openModel, type OpenedModel } from '../engine/open.js';
 import { TransferAgent, type AgentOptions, type Region } from '../transfer/index.js';
-import { ExpertLoadWindow, imbalance } from '../moe/index.js';
+import { ExpertLoadWindow, imbalance, type ExpertBalancer } from '../moe/index.js';
 import { EtcdControlPlane, IpcControlPlane, type ControlPlane, type LiveWorker } from '../control/index.js';
 import {
   DEFAULT_DRAIN_TIMEOUT_MS,
@@ -192,9 +192,13 @@ export class Worker {
     this.expertWindow ??= new ExpertLoadWindow(load.length / numExperts, numExperts, EXPERT_LOAD_WINDOW_HEARTBEATS);
     this.expertWindow.record(load);
     for (const v of load) this.tokensRouted += v;
+    const balancer = (runner as Partial<{ expertBalancer: ExpertBalancer }>).expertBalancer;
     return {
       imbalance: this.expertWindow.totals().map((perExpert) => imbalance(perExpert)),
       tokensRouted: this.tokensRouted,
+      ...(balancer && {
+        eplb: { decisions: balancer.decisionCount, applied: balancer.appliedCount },
+      }),
     };
   }
 
@@ -687,6 +691,7 @@ export async function openWorker(
     ...(init.tensorParallelSize !== undefined ? { tensorParallelSize: init.tensorParallelSize } : {}),
     ...(init.pipelineParallelSize !== undefined ? { pipelineParallelSize: init.pipelineParallelSize } : {}),
     ...(init.expertParallelSize !== undefined ? { expertParallelSize: init.expertParallelSize } : {}),
+    ...(init.eplb !== undefined ? { eplb: init.eplb } : {}),
     engine: {
       ...(init.maxBatchTokens !== undefined ? { maxNumBatchedTokens: init.maxBatchTokens } : {}),
       ...(init.maxSequences !== undefined ? { maxNumSeqs: init.maxSequences } : {}),

@@ -137,7 +137,8 @@ describe.each(['dummy:tiny', 'hf-tiny-llama', 'hf-tiny-qwen2'])('CPU tensor / pi
  * split with tp = ep), pipeline stages split the layers; each equals one rank: logits within fp32 rounding, the
  * same greedy tokens, the same KV pool, and the same expert loads counted once for the whole model.
  */
-describe.each(['dummy:tiny-moe', 'dummy:tiny-mixtral'])('CPU MoE tensor / pipeline / expert parallel on %s', (name) => {
+const MOE_MODELS = ['dummy:tiny-moe', 'dummy:tiny-mixtral', 'dummy:tiny-qwen2-moe'];
+describe.each(MOE_MODELS)('CPU MoE tensor / pipeline / expert parallel on %s', (name) => {
   const MOE_LAYOUTS: Partial<ParallelConfig>[] = [
     { tp: 2 },
     { tp: 4 }, // kv heads replicated too

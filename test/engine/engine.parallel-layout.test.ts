@@ -217,6 +217,7 @@ describe('sliceTensor', () => {
         expect(expertShard(moe, parallel, r)).toEqual({
           experts: { start: r * per, count: per },
           intermediate: { start: 0, count: 32 },
+          shared: { start: 0, count: 0 },
         });
       for (const t of manifest) {
         const data = whole(t);
@@ -232,6 +233,7 @@ describe('sliceTensor', () => {
     expect(expertShard(moe, { tp: 4, pp: 1, ep: 1 }, 3)).toEqual({
       experts: { start: 0, count: 8 },
       intermediate: { start: 24, count: 8 },
+      shared: { start: 0, count: 0 },
     });
   });
 

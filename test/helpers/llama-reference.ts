@@ -4,7 +4,7 @@
  * every layer, appends its K and V to its layer's cache, and attends over the cache so far. Follows
  * transformers' LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM line by line.
  */
-import type { ModelConfig } from '../../lib/engine/model/config.js';
+import { isSparseLayer, type ModelConfig } from '../../lib/engine/model/config.js';
 import { weightManifest } from '../../lib/engine/model/manifest.js';
 import { moeBlock, type MoeBlockWeights } from '../moe/moe-reference.js';
 
@@ -91,11 +91,19 @@ export class LlamaReference {
     this.expertTokens = new Array<number>(config.numLayers * (config.moe?.numExperts ?? 0)).fill(0);
   }
 
-  /** Layer l's router and experts, by the manifest's roles. */
+  /** Layer l's router and experts (and shared expert), by the manifest's roles. */
   private moeWeights(l: number): MoeBlockWeights {
     const m = weightManifest(this.config).filter((t) => t.layer === l);
     const byRole = (role: string, e?: number) => this.w(m.find((t) => t.role === role && t.expert === e)!.name);
     return {
+      ...(this.config.moe!.sharedExpertIntermediateSize && {
+        shared: {
+          gate: byRole('shared_gate'),
+          up: byRole('shared_up'),
+          down: byRole('shared_down'),
+          expertGate: byRole('shared_expert_gate'),
+        },
+      }),
       router: byRole('router'),
       experts: Array.from({ length: this.config.moe!.numExperts }, (_, e) => ({
         gate: byRole('expert_gate', e),
@@ -180,7 +188,7 @@ export class LlamaReference {
       x = x.map((v, i) => v + o[i]!);
 
       const xn2 = rmsNorm(x, this.w(`${p}post_attention_layernorm.weight`), c.rmsNormEps);
-      if (c.moe) {
+      if (c.moe && isSparseLayer(c, l)) {
         const counts = new Array<number>(c.moe.numExperts).fill(0);
         const y = moeBlock(c.moe, this.moeWeights(l), xn2, counts);
         counts.forEach((n, e) => (this.expertTokens[l * c.moe!.numExperts + e]! += n));

@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { BadArgumentError } from '../../lib/errors.js';
 import {
   balanceExperts,
+  EPLB_DECISION_HISTORY,
   ExpertBalancer,
   ExpertLoadWindow,
   imbalance,
@@ -282,5 +283,25 @@ describe('ExpertBalancer', () => {
     expect(() => new ExpertBalancer(1, 4, 2, { ...p, windowSteps: 0 })).toThrow(BadArgumentError);
     expect(() => new ExpertBalancer(1, 4, 2, { ...p, minImbalanceGain: 1 })).toThrow(BadArgumentError);
     expect(() => new ExpertBalancer(1, 4, 2, { ...p, redundantSlotsPerRank: 0.5 })).toThrow(BadArgumentError);
+  });
+});
+
+describe('ExpertBalancer history', () => {
+  it('keeps the latest EPLB_DECISION_HISTORY decisions and counts every one', () => {
+    const balancer = new ExpertBalancer(1, 4, 2, {
+      windowSteps: 1,
+      periodSteps: 1,
+      redundantSlotsPerRank: 0,
+      minImbalanceGain: 0,
+    });
+    const steps = EPLB_DECISION_HISTORY + 40;
+    // Load alternating between the two halves of the experts: every other decision moves experts.
+    for (let s = 0; s < steps; s++) balancer.step(s % 2 ? [9, 9, 1, 1] : [1, 1, 9, 9]);
+    expect(balancer.decisionCount).toBe(steps);
+    expect(balancer.decisions.length).toBe(EPLB_DECISION_HISTORY);
+    expect(balancer.decisions[0]!.step).toBe(steps - EPLB_DECISION_HISTORY + 1);
+    expect(balancer.decisions.at(-1)!.step).toBe(steps);
+    expect(balancer.appliedCount).toBeGreaterThan(0);
+    expect(balancer.appliedCount).toBeLessThanOrEqual(steps);
   });
 });

@@ -302,7 +302,7 @@ ${extra}
       "graph.yaml:5:11: pools[1].name: 'p' is already the name of pools[0]",
     );
     expect(errorOf(MINIMAL.replace('dummy:tiny', 'dummy:huge'))).toBe(
-      "graph.yaml:1:8: model: unknown dummy preset 'huge' (known: tiny, llama-3.2-1b, llama-3.1-8b, llama-3.1-70b, tiny-moe, tiny-mixtral, qwen3-30b-a3b, mixtral-8x7b)",
+      "graph.yaml:1:8: model: unknown dummy preset 'huge' (known: tiny, llama-3.2-1b, llama-3.1-8b, llama-3.1-70b, tiny-moe, tiny-mixtral, tiny-qwen2-moe, qwen3-30b-a3b, mixtral-8x7b, qwen1.5-moe-a2.7b)",
     );
   });
 });

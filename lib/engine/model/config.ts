@@ -1,6 +1,6 @@
 /**
  * Hugging Face `config.json` for the Llama family (Llama, Qwen2, Mistral) and its mixture-of-experts relatives
- * (Mixtral, Qwen3-MoE) parsed into a typed `ModelConfig`.
+ * (Mixtral, Qwen3-MoE, Qwen2-MoE) parsed into a typed `ModelConfig`.
  * Every problem is a `ModelConfigError` whose message names the file and the field.
  */
 import { readFileSync, statSync } from 'node:fs';
@@ -14,6 +14,7 @@ export const SUPPORTED_ARCHITECTURES = [
   'MistralForCausalLM',
   'MixtralForCausalLM',
   'Qwen3MoeForCausalLM',
+  'Qwen2MoeForCausalLM',
 ] as const;
 export type Architecture = (typeof SUPPORTED_ARCHITECTURES)[number];
 
@@ -24,18 +25,35 @@ const MODEL_TYPES: Record<string, Architecture> = {
   mistral: 'MistralForCausalLM',
   mixtral: 'MixtralForCausalLM',
   qwen3_moe: 'Qwen3MoeForCausalLM',
+  qwen2_moe: 'Qwen2MoeForCausalLM',
 };
 
 /**
- * The sparse mixture-of-experts FFN that replaces the dense one in every layer: router logits [numExperts],
- * softmax over all experts, the `topK` largest kept, renormalised to sum to 1 when `normTopkProb` (always for
- * Mixtral; Qwen3-MoE's `norm_topk_prob`), each a SwiGLU expert of width `intermediateSize`.
+ * The sparse mixture-of-experts FFN that replaces the dense one in its layers (every layer but `denseLayers`):
+ * router logits [numExperts], softmax over all experts, the `topK` largest kept, renormalised to sum to 1 when
+ * `normTopkProb` (always for Mixtral; the Qwen families' `norm_topk_prob`), each a SwiGLU expert of width
+ * `intermediateSize`, their weighted outputs summed.
  */
 export interface MoeSpec {
   numExperts: number;
   topK: number;
   intermediateSize: number;
   normTopkProb: boolean;
+  /**
+   * Qwen2-MoE's shared expert: a SwiGLU MLP of this width that every token goes through, its output scaled by
+   * sigmoid(shared_expert_gate . x) and added to the routed experts' sum. Absent or 0: none.
+   */
+  sharedExpertIntermediateSize?: number;
+  /**
+   * Layers (ascending) with the dense SwiGLU FFN of the model's `intermediateSize` instead of the sparse one: the
+   * Qwen families' `mlp_only_layers` and the layers `decoder_sparse_step` skips. Absent or empty: none.
+   */
+  denseLayers?: number[];
+}
+
+/** Whether decoder layer `layer` of `c` runs the sparse MoE FFN (false for a dense model and its dense layers). */
+export function isSparseLayer(c: Pick<ModelConfig, 'moe'>, layer: number): boolean {
+  return !!c.moe && !(c.moe.denseLayers ?? []).includes(layer);
 }
 
 export type TorchDtype = 'bfloat16' | 'float16' | 'float32';
@@ -79,7 +97,7 @@ export interface ModelConfig {
   torchDtype: TorchDtype;
   /** Qwen3: each q and k head is RMS-normalised (weights [headDim]) before RoPE. Absent: false. */
   qkNorm?: boolean;
-  /** Mixture-of-experts models: the sparse FFN of every layer. Absent or null: a dense model. */
+  /** Mixture-of-experts models: the sparse FFN (of every layer but moe.denseLayers). Absent or null: a dense model. */
   moe?: MoeSpec | null;
 }
 
@@ -249,6 +267,7 @@ export function parseModelConfig(json: unknown, source = 'config.json'): ModelCo
   const qwen = architecture === 'Qwen2ForCausalLM';
   const mixtral = architecture === 'MixtralForCausalLM';
   const qwen3Moe = architecture === 'Qwen3MoeForCausalLM';
+  const qwen2Moe = architecture === 'Qwen2MoeForCausalLM';
   const mistral = architecture === 'MistralForCausalLM' || mixtral;
 
   const hiddenSize = f.positiveInt('hidden_size');
@@ -275,19 +294,23 @@ export function parseModelConfig(json: unknown, source = 'config.json'): ModelCo
   if (mistral) slidingWindow = f.nonNegativeIntOrNull('sliding_window');
   else if ((qwen || qwen3Moe) && f.bool('use_sliding_window', false))
     slidingWindow = f.nonNegativeIntOrNull('sliding_window');
+  else if (qwen2Moe && f.bool('use_sliding_window', false))
+    // transformers gives Qwen2-MoE a window on some layers only (layer_types, max_window_layers).
+    f.fail('use_sliding_window', 'is true; per-layer sliding windows (Qwen2-MoE) are not supported');
 
   const hiddenAct = f.get('hidden_act');
   if (hiddenAct !== undefined && hiddenAct !== 'silu')
     f.fail('hidden_act', `is ${JSON.stringify(hiddenAct)}; only "silu" (SwiGLU) is supported`);
 
-  const moe = mixtral ? mixtralMoe(f) : qwen3Moe ? qwen3MoeSpec(f) : null;
+  const numLayers = f.positiveInt('num_hidden_layers');
+  const moe = mixtral ? mixtralMoe(f) : qwen3Moe || qwen2Moe ? qwenMoeSpec(f, qwen2Moe, numLayers) : null;
 
   return {
     architecture,
     vocabSize: f.positiveInt('vocab_size'),
     hiddenSize,
     intermediateSize: f.positiveInt('intermediate_size'),
-    numLayers: f.positiveInt('num_hidden_layers'),
+    numLayers,
     numHeads,
     numKvHeads,
     headDim,
@@ -296,10 +319,11 @@ export function parseModelConfig(json: unknown, source = 'config.json'): ModelCo
     ropeScaling: ropeScalingOf(f),
     maxPositionEmbeddings: f.positiveInt(
       'max_position_embeddings',
-      qwen || qwen3Moe ? 32768 : mistral ? 4096 * 32 : 2048,
+      qwen || qwen3Moe || qwen2Moe ? 32768 : mistral ? 4096 * 32 : 2048,
     ),
     tieWordEmbeddings: f.bool('tie_word_embeddings', false),
-    attentionBias: qwen || llamaBias,
+    // Qwen2-MoE: q/k/v bias unless qkv_bias is false (transformers 5's field; older files always have it).
+    attentionBias: qwen || llamaBias || (qwen2Moe && f.bool('qkv_bias', true)),
     attentionOutputBias: llamaBias,
     slidingWindow,
     bosTokenId: f.nonNegativeIntOrNull('bos_token_id'),
@@ -328,21 +352,36 @@ function mixtralMoe(f: Fields): MoeSpec {
 }
 
 /**
- * Qwen3-MoE: num_experts experts of width moe_intermediate_size, renormalised when norm_topk_prob. Dense layers
- * among the sparse ones (decoder_sparse_step > 1, mlp_only_layers) are not supported.
+ * Qwen3-MoE and Qwen2-MoE: num_experts experts of width moe_intermediate_size, renormalised when norm_topk_prob;
+ * Qwen2-MoE adds a shared expert of shared_expert_intermediate_size. As transformers' decoder layers decide it,
+ * layer l is sparse unless it is in mlp_only_layers or (l + 1) is not a multiple of decoder_sparse_step; the
+ * others are dense (moe.denseLayers).
  */
-function qwen3MoeSpec(f: Fields): MoeSpec {
-  const numExperts = f.positiveInt('num_experts', 128);
+function qwenMoeSpec(f: Fields, qwen2Moe: boolean, numLayers: number): MoeSpec {
+  const numExperts = f.positiveInt('num_experts', qwen2Moe ? 60 : 128);
   const step = f.positiveInt('decoder_sparse_step', 1);
-  if (step !== 1) f.fail('decoder_sparse_step', `is ${step}; only 1 (every layer sparse) is supported`);
-  const mlpOnly = f.get('mlp_only_layers');
-  if (mlpOnly !== undefined && !(Array.isArray(mlpOnly) && mlpOnly.length === 0))
-    f.fail('mlp_only_layers', `is ${JSON.stringify(mlpOnly)}; only [] (no dense layers) is supported`);
+  const mlpOnly = f.get('mlp_only_layers') ?? [];
+  if (
+    !Array.isArray(mlpOnly) ||
+    !mlpOnly.every((l) => typeof l === 'number' && Number.isSafeInteger(l) && l >= 0 && l < numLayers)
+  )
+    f.fail('mlp_only_layers', `must be a list of layer indices 0..${numLayers - 1}, got ${JSON.stringify(mlpOnly)}`);
+  const denseLayers: number[] = [];
+  for (let l = 0; l < numLayers; l++)
+    if ((mlpOnly as number[]).includes(l) || (l + 1) % step !== 0) denseLayers.push(l);
+  if (denseLayers.length === numLayers)
+    f.fail(
+      step > numLayers ? 'decoder_sparse_step' : 'mlp_only_layers',
+      `leaves no sparse layer (decoder_sparse_step ${step}, mlp_only_layers ${JSON.stringify(mlpOnly)}, ${numLayers} layers)`,
+    );
+  const shared = qwen2Moe ? f.positiveInt('shared_expert_intermediate_size', 5632) : 0;
   return {
     numExperts,
-    topK: topKOf(f, numExperts, 8),
-    intermediateSize: f.positiveInt('moe_intermediate_size', 768),
+    topK: topKOf(f, numExperts, qwen2Moe ? 4 : 8),
+    intermediateSize: f.positiveInt('moe_intermediate_size', qwen2Moe ? 1408 : 768),
     normTopkProb: f.bool('norm_topk_prob', false),
+    ...(shared > 0 && { sharedExpertIntermediateSize: shared }),
+    ...(denseLayers.length > 0 && { denseLayers }),
   };
 }
 
@@ -426,16 +465,18 @@ export function toHfConfig(c: ModelConfig): Record<string, unknown> {
     out.num_local_experts = c.moe!.numExperts;
     out.num_experts_per_tok = c.moe!.topK;
     out.intermediate_size = c.moe!.intermediateSize;
-  } else if (c.architecture === 'Qwen3MoeForCausalLM') {
-    out.attention_bias = c.attentionOutputBias;
+  } else if (c.architecture === 'Qwen3MoeForCausalLM' || c.architecture === 'Qwen2MoeForCausalLM') {
+    if (c.architecture === 'Qwen3MoeForCausalLM') out.attention_bias = c.attentionOutputBias;
+    else out.qkv_bias = c.attentionBias;
     out.use_sliding_window = c.slidingWindow !== null;
     if (c.slidingWindow !== null) out.sliding_window = c.slidingWindow;
     out.num_experts = c.moe!.numExperts;
     out.num_experts_per_tok = c.moe!.topK;
     out.moe_intermediate_size = c.moe!.intermediateSize;
     out.norm_topk_prob = c.moe!.normTopkProb;
+    if (c.moe!.sharedExpertIntermediateSize) out.shared_expert_intermediate_size = c.moe!.sharedExpertIntermediateSize;
     out.decoder_sparse_step = 1;
-    out.mlp_only_layers = [];
+    out.mlp_only_layers = c.moe!.denseLayers ?? [];
   } else {
     out.use_sliding_window = c.slidingWindow !== null;
     if (c.slidingWindow !== null) out.sliding_window = c.slidingWindow;

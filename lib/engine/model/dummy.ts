@@ -15,8 +15,15 @@ import { BYTE_BOS_ID, BYTE_EOS_ID, BYTE_VOCAB_SIZE, ByteTokenizer } from './toke
 
 /** Dense Llama-family presets. */
 export const DENSE_DUMMY_PRESETS = ['tiny', 'llama-3.2-1b', 'llama-3.1-8b', 'llama-3.1-70b'] as const;
-/** Mixture-of-experts presets (Qwen3-MoE and Mixtral shapes). */
-export const MOE_DUMMY_PRESETS = ['tiny-moe', 'tiny-mixtral', 'qwen3-30b-a3b', 'mixtral-8x7b'] as const;
+/** Mixture-of-experts presets (Qwen3-MoE, Mixtral and Qwen2-MoE shapes). */
+export const MOE_DUMMY_PRESETS = [
+  'tiny-moe',
+  'tiny-mixtral',
+  'tiny-qwen2-moe',
+  'qwen3-30b-a3b',
+  'mixtral-8x7b',
+  'qwen1.5-moe-a2.7b',
+] as const;
 export const DUMMY_PRESETS = [...DENSE_DUMMY_PRESETS, ...MOE_DUMMY_PRESETS] as const;
 export type DummyPreset = (typeof DUMMY_PRESETS)[number];
 export const DUMMY_PREFIX = 'dummy:';
@@ -81,6 +88,31 @@ function qwen3Moe(
     eosTokenIds: [BYTE_EOS_ID],
     torchDtype: 'bfloat16',
     qkNorm: true,
+  };
+}
+
+/** A Qwen2-MoE shape: q/k/v bias, a shared expert beside the routed ones, top-k not renormalised (the family's default). */
+function qwen2Moe(
+  shape: Pick<
+    ModelConfig,
+    'vocabSize' | 'hiddenSize' | 'intermediateSize' | 'numLayers' | 'numHeads' | 'numKvHeads' | 'maxPositionEmbeddings'
+  > & { moe: NonNullable<ModelConfig['moe']> },
+): ModelConfig {
+  return {
+    architecture: 'Qwen2MoeForCausalLM',
+    ...shape,
+    headDim: shape.hiddenSize / shape.numHeads,
+    rmsNormEps: 1e-6,
+    ropeTheta: 1000000,
+    ropeScaling: null,
+    tieWordEmbeddings: false,
+    attentionBias: true,
+    attentionOutputBias: false,
+    slidingWindow: null,
+    bosTokenId: BYTE_BOS_ID,
+    eosTokenIds: [BYTE_EOS_ID],
+    torchDtype: 'bfloat16',
+    qkNorm: false,
   };
 }
 
@@ -194,6 +226,25 @@ const PRESETS: Record<DummyPreset, () => ModelConfig> = {
       numExperts: 8,
       topK: 2,
     }),
+  // Qwen2-MoE for tests: a shared expert of 48 channels, and layer 1 of 3 dense (mlp_only_layers [1]).
+  'tiny-qwen2-moe': () =>
+    qwen2Moe({
+      vocabSize: BYTE_VOCAB_SIZE,
+      hiddenSize: 64,
+      intermediateSize: 128,
+      numLayers: 3,
+      numHeads: 4,
+      numKvHeads: 2,
+      maxPositionEmbeddings: 4096,
+      moe: {
+        numExperts: 8,
+        topK: 2,
+        intermediateSize: 32,
+        normTopkProb: false,
+        sharedExpertIntermediateSize: 48,
+        denseLayers: [1],
+      },
+    }),
   // Qwen/Qwen3-30B-A3B's config.json shapes (30.5 B parameters, 3.3 B active).
   'qwen3-30b-a3b': () =>
     qwen3Moe({
@@ -219,6 +270,25 @@ const PRESETS: Record<DummyPreset, () => ModelConfig> = {
       maxPositionEmbeddings: 32768,
       numExperts: 8,
       topK: 2,
+    }),
+  // Qwen/Qwen1.5-MoE-A2.7B's config.json shapes (14.3 B parameters, 2.7 B active): 60 experts, top 4, a shared
+  // expert of 5632 channels.
+  'qwen1.5-moe-a2.7b': () =>
+    qwen2Moe({
+      vocabSize: 151936,
+      hiddenSize: 2048,
+      intermediateSize: 5632,
+      numLayers: 24,
+      numHeads: 16,
+      numKvHeads: 16,
+      maxPositionEmbeddings: 8192,
+      moe: {
+        numExperts: 60,
+        topK: 4,
+        intermediateSize: 1408,
+        normTopkProb: false,
+        sharedExpertIntermediateSize: 5632,
+      },
     }),
 };
 

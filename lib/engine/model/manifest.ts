@@ -9,7 +9,7 @@
  *   checkCheckpointTensors(manifest, checkpoint, dir);   // CheckpointError naming a missing / extra / misshapen one
  */
 import { CheckpointError } from '../../errors.js';
-import type { ModelConfig, TorchDtype } from './config.js';
+import { isSparseLayer, type ModelConfig, type TorchDtype } from './config.js';
 
 /**
  * How tensor parallelism splits a tensor over ranks (issue 25):
@@ -19,9 +19,12 @@ import type { ModelConfig, TorchDtype } from './config.js';
  * - `vocab`: split along the vocabulary (dim 0): the embedding and lm_head;
  * - `expert`: one expert's gate / up / down (issue 28): on the rank its expert is placed on under expert
  *   parallelism (whole; lib/engine/parallel.ts's expertShard, contiguous like lib/moe's staticPlacement), and split
- *   like the dense gate / up (dim 0) and down (dim 1) over the tensor-parallel ranks that share every expert (ep 1).
+ *   like the dense gate / up (dim 0) and down (dim 1) over the tensor-parallel ranks that share every expert (ep 1);
+ * - `shared_expert`: Qwen2-MoE's shared expert's gate / up / down: split like the dense gate / up (dim 0) and down
+ *   (dim 1) over the tensor-parallel ranks (ep 1), whole on every rank under expert parallelism (ep > 1), so that
+ *   EP ranks compute it exactly as one rank does.
  */
-export type ShardRule = 'replicated' | 'column' | 'row' | 'vocab' | 'expert';
+export type ShardRule = 'replicated' | 'column' | 'row' | 'vocab' | 'expert' | 'shared_expert';
 
 /** What a tensor is in a Llama-family decoder; the native runners place tensors by role. */
 export const WEIGHT_ROLES = [
@@ -48,6 +51,11 @@ export const WEIGHT_ROLES = [
   'expert_gate',
   'expert_up',
   'expert_down',
+  // Qwen2-MoE's shared expert (gate / up / down) and its gate [1, hidden] (sigmoid, scales the shared output).
+  'shared_gate',
+  'shared_up',
+  'shared_down',
+  'shared_expert_gate',
 ] as const;
 export type WeightRole = (typeof WEIGHT_ROLES)[number];
 
@@ -94,6 +102,10 @@ const SHARD_OF: Record<WeightRole, ShardRule> = {
   expert_gate: 'expert',
   expert_up: 'expert',
   expert_down: 'expert',
+  shared_gate: 'shared_expert',
+  shared_up: 'shared_expert',
+  shared_down: 'shared_expert',
+  shared_expert_gate: 'replicated',
 };
 
 /**
@@ -118,12 +130,21 @@ const MOE_NAMES: Partial<
     up: 'up_proj.weight',
     down: 'down_proj.weight',
   },
+  Qwen2MoeForCausalLM: {
+    router: 'mlp.gate.weight',
+    experts: 'mlp.experts',
+    gate: 'gate_proj.weight',
+    up: 'up_proj.weight',
+    down: 'down_proj.weight',
+  },
 };
 
 /**
  * The tensors of a config, in checkpoint order (embedding, layers 0..N-1, final norm, lm_head unless tied).
  * Biases appear only where the config has them (Qwen2's q/k/v bias, attentionOutputBias). A mixture-of-experts
- * layer has a router and numExperts x (gate, up, down) in place of the dense gate / up / down.
+ * layer has a router and numExperts x (gate, up, down) in place of the dense gate / up / down, then Qwen2-MoE's
+ * shared expert (`mlp.shared_expert.{gate,up,down}_proj`, `mlp.shared_expert_gate`); a dense layer of an MoE
+ * model (moe.denseLayers) has the dense gate / up / down.
  */
 export function weightManifest(c: ModelConfig): ManifestTensor[] {
   const dtype = DTYPE_OF[c.torchDtype] ?? 'BF16';
@@ -154,7 +175,7 @@ export function weightManifest(c: ModelConfig): ManifestTensor[] {
     add(`${p}self_attn.o_proj.weight`, [h, q], 'o', l);
     if (c.attentionOutputBias) add(`${p}self_attn.o_proj.bias`, [h], 'o_bias', l);
     add(`${p}post_attention_layernorm.weight`, [h], 'post_norm', l);
-    if (moe && moeNames) {
+    if (moe && moeNames && isSparseLayer(c, l)) {
       const mi = moe.intermediateSize;
       add(`${p}${moeNames.router}`, [moe.numExperts, h], 'router', l);
       for (let e = 0; e < moe.numExperts; e++) {
@@ -162,6 +183,13 @@ export function weightManifest(c: ModelConfig): ManifestTensor[] {
         add(`${x}${moeNames.gate}`, [mi, h], 'expert_gate', l, e);
         add(`${x}${moeNames.up}`, [mi, h], 'expert_up', l, e);
         add(`${x}${moeNames.down}`, [h, mi], 'expert_down', l, e);
+      }
+      const si = moe.sharedExpertIntermediateSize ?? 0;
+      if (si > 0) {
+        add(`${p}mlp.shared_expert.gate_proj.weight`, [si, h], 'shared_gate', l);
+        add(`${p}mlp.shared_expert.up_proj.weight`, [si, h], 'shared_up', l);
+        add(`${p}mlp.shared_expert.down_proj.weight`, [h, si], 'shared_down', l);
+        add(`${p}mlp.shared_expert_gate.weight`, [1, h], 'shared_expert_gate', l);
       }
       continue;
     }

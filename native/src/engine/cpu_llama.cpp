@@ -164,7 +164,8 @@ CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, co
     if (!c.tieWordEmbeddings) lmHead_.resize(vocab * h);
   }
   layerWeights_.resize(layers_range_.count);
-  for (Layer& L : layerWeights_) {
+  for (int l = 0; l < layers_range_.count; ++l) {
+    Layer& L = layerWeights_[l];
     L.inputNorm.resize(h);
     L.wqkv.resize(qkvDim_ * h);
     if (c.attentionBias) L.bqkv.resize(qkvDim_);
@@ -172,7 +173,7 @@ CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, co
     if (c.attentionOutputBias) L.bo.resize(h);
     L.postAttentionNorm.resize(h);
     if (c.qkNorm) L.qNorm.resize(hd), L.kNorm.resize(hd);
-    if (c.moe.numExperts > 0) continue;
+    if (c.moe.isSparse(layers_range_.start + l)) continue;
     L.wgateUp.resize(2 * inter_ * h);
     L.wdown.resize(h * inter_);
   }
@@ -182,7 +183,8 @@ CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, co
     // Weights load into the slots of the rank's own experts (slot e - first); the redundant slots after them are
     // filled by CpuLlama from the owners (fillReplicas).
     const int slots = experts.experts.count + (parallel.ep > 1 ? redundantExpertSlots : 0);
-    moe_ = std::make_unique<CpuMoe>(c, layers_range_.count, slots, moeInter);
+    moe_ = std::make_unique<CpuMoe>(c, layers_range_.start, layers_range_.count, slots, moeInter,
+                                    static_cast<size_t>(experts.shared.count));
     expertTokens_.assign(static_cast<size_t>(c.numLayers) * c.moe.numExperts, 0);
     rankPairs_.assign(static_cast<size_t>(c.numLayers), 0);
   }
@@ -235,6 +237,17 @@ CpuLlamaRank::CpuLlamaRank(const LlamaConfig& config, const KvPoolView& pool, co
         if (holdsExpert(w.expert))
           registerSlot(w.name, moe_->down(w.layer - layers_range_.start), moe_->downOffset(w.expert - firstExpert), h,
                        moeInter);
+        break;
+      case WeightRole::SharedGate:
+      case WeightRole::SharedUp:
+        registerSlot(w.name, moe_->sharedGateUp(w.layer - layers_range_.start),
+                     w.role == WeightRole::SharedUp ? experts.shared.count * h : 0, experts.shared.count, h);
+        break;
+      case WeightRole::SharedDown:
+        registerSlot(w.name, moe_->sharedDown(w.layer - layers_range_.start), 0, h, experts.shared.count);
+        break;
+      case WeightRole::SharedExpertGate:
+        registerSlot(w.name, moe_->sharedGate(w.layer - layers_range_.start), 0, 1, h);
         break;
     }
   }
@@ -361,8 +374,9 @@ void CpuLlamaRank::begin(const ForwardInput& in, Step& step) const {
   step.tmp.resize(ntok * h);
   step.qkv.resize(ntok * qkvDim_);
   step.attn.resize(ntok * qDim_);
-  step.gateUp.resize(moe_ ? 0 : ntok * 2 * inter_);
-  step.act.resize(moe_ ? 0 : ntok * inter_);
+  const bool denseFfn = !moe_ || !config_.moe.denseLayers.empty();  // a dense model, or an MoE one's dense layers
+  step.gateUp.resize(denseFfn ? ntok * 2 * inter_ : 0);
+  step.act.resize(denseFfn ? ntok * inter_ : 0);
 }
 
 void CpuLlamaRank::embed(Step& step, HostCommunicator& comm) {
@@ -424,7 +438,7 @@ void CpuLlamaRank::mlpBlock(const Layer& L, int layer, Step& step, HostCommunica
   const size_t ntok = step.in->tokens.size(), h = c.hiddenSize, inter = inter_;
   for (size_t t = 0; t < ntok; ++t)
     rmsNorm(&step.x[t * h], L.postAttentionNorm.data(), h, c.rmsNormEps, &step.xn[t * h]);
-  if (moe_) {
+  if (moe_ && c.moe.isSparse(layer)) {
     // Every rank of the group holds every token's xn (the residual stream is whole on each rank), so dispatch is
     // selecting: each rank runs its expert slots (or its channels of every expert) over the pairs routed to them.
     // Expert parallel: the pairs' outputs are summed over the group (each pair is one rank's), then combined in
@@ -441,6 +455,9 @@ void CpuLlamaRank::mlpBlock(const Layer& L, int layer, Step& step, HostCommunica
                   step.moeChosen, counts, ran);
     if (expertParallel) comm.allReduceSum(groupRank_, step.moePairs.data(), step.moePairs.size());
     moe_->combine(step.moePairs, step.moeChosen, ntok, step.tmp.data());
+    // The shared expert: whole on each EP rank (after the combine, as one rank adds it), a tensor-parallel rank's
+    // channels of it otherwise (its partial sum joins the routed one in the all-reduce).
+    moe_->addSharedExpert(layer - layers_range_.start, step.xn.data(), ntok, moeMatmul, step.tmp.data());
     if (!expertParallel && groupSize_ > 1) comm.allReduceSum(groupRank_, step.tmp.data(), ntok * h);
     for (size_t i = 0; i < ntok * h; ++i) step.x[i] += step.tmp[i];
     return;
@@ -640,6 +657,7 @@ ExpertPlacementChange CpuLlama::moveExperts(const std::vector<std::vector<int32_
     const IndexRange layers = ranks_[static_cast<size_t>(stage) * group]->layers();
     auto moeOf = [&](int slot) { return ranks_[static_cast<size_t>(stage) * group + slot / S]->moe(); };
     for (int l = layers.start; l < layers.start + layers.count; ++l) {
+      if (!config_.moe.isSparse(l)) continue;  // a dense layer: its placement row routes nothing, holds no experts
       const int local = l - layers.start;
       const std::vector<int32_t>& now = from[l];
       const std::vector<int32_t>& next = to.slotExpert[l];

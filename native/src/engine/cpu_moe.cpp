@@ -50,14 +50,25 @@ ExpertPlacement staticExpertPlacement(int numLayers, int numExperts, int ranks, 
   return makeExpertPlacement(numLayers, numExperts, ranks, perRank, std::vector<std::vector<int32_t>>(numLayers, row));
 }
 
-CpuMoe::CpuMoe(const LlamaConfig& c, int numLayers, int slots, size_t intermediate)
-    : moe_(c.moe), hidden_(static_cast<size_t>(c.hiddenSize)), inter_(intermediate), slots_(slots) {
+CpuMoe::CpuMoe(const LlamaConfig& c, int firstLayer, int numLayers, int slots, size_t intermediate,
+               size_t sharedIntermediate)
+    : moe_(c.moe),
+      hidden_(static_cast<size_t>(c.hiddenSize)),
+      inter_(intermediate),
+      sharedInter_(sharedIntermediate),
+      slots_(slots) {
   const size_t n = static_cast<size_t>(slots_);
   layers_.resize(numLayers);
-  for (Layer& L : layers_) {
+  for (int l = 0; l < numLayers; ++l) {
+    if (!moe_.isSparse(firstLayer + l)) continue;  // a dense layer: the rank's dense FFN
+    Layer& L = layers_[l];
     L.router.resize(static_cast<size_t>(moe_.numExperts) * hidden_);
     L.gateUp.resize(n * gateUpSize());
     L.down.resize(n * downSize());
+    if (moe_.sharedIntermediateSize == 0) continue;
+    L.sharedGateUp.resize(2 * sharedInter_ * hidden_);
+    L.sharedDown.resize(hidden_ * sharedInter_);
+    L.sharedGate.resize(hidden_);
   }
 }
 
@@ -145,6 +156,29 @@ void CpuMoe::forward(int layer, const float* x, size_t ntok, const ExpertPlaceme
       const float* yi = &y[i * h];
       for (size_t d = 0; d < h; ++d) o[d] = w * yi[d];
     }
+  }
+}
+
+void CpuMoe::addSharedExpert(int layer, const float* x, size_t ntok, const MatmulFn& matmul, float* out) const {
+  const Layer& L = layers_[layer];
+  const size_t inter = sharedInter_, h = hidden_;
+  if (moe_.sharedIntermediateSize == 0 || ntok == 0) return;
+  std::vector<float> gate(ntok), gateUp(ntok * 2 * inter), act(ntok * inter), y(ntok * h);
+  matmul(x, ntok, h, L.sharedGate.data(), 1, gate.data());
+  matmul(x, ntok, h, L.sharedGateUp.data(), 2 * inter, gateUp.data());
+  for (size_t t = 0; t < ntok; ++t) {
+    const float* g = &gateUp[t * 2 * inter];
+    const float* u = g + inter;
+    float* a = &act[t * inter];
+    for (size_t j = 0; j < inter; ++j) a[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
+  }
+  matmul(act.data(), ntok, inter, L.sharedDown.data(), h, y.data());
+  // As transformers: the routed sum, then + sigmoid(gate) * shared (the product rounded first).
+  for (size_t t = 0; t < ntok; ++t) {
+    const float s = 1.0f / (1.0f + std::exp(-gate[t]));
+    float* o = out + t * h;
+    const float* yt = &y[t * h];
+    for (size_t d = 0; d < h; ++d) o[d] += s * yt[d];
   }
 }
 

@@ -1,7 +1,8 @@
-// The sparse mixture-of-experts FFN of the CPU model (Mixtral, Qwen3-MoE), fp32: a router, softmax over the
-// experts, the top k per token (renormalised to sum to 1 where the family does), and SwiGLU experts run over
-// the tokens routed to them (tokens grouped by expert, each expert's GEMMs over its group). Each CpuLlamaRank owns
-// one for its stage's layers and calls forward() in place of the dense FFN.
+// The sparse mixture-of-experts FFN of the CPU model (Mixtral, Qwen3-MoE, Qwen2-MoE), fp32: a router, softmax over
+// the experts, the top k per token (renormalised to sum to 1 where the family does), and SwiGLU experts run over
+// the tokens routed to them (tokens grouped by expert, each expert's GEMMs over its group); Qwen2-MoE's shared
+// expert beside them (addSharedExpert). Each CpuLlamaRank owns one for its stage's layers and calls forward() in
+// place of the dense FFN in the sparse ones (a dense layer of an MoE model has no storage here).
 //
 // Weights live in physical expert slots. Under tensor parallelism (ep 1) slot e holds expert e, and of each only
 // some intermediate channels (gate/up rows and down columns). Under expert parallelism (ep > 1) rank r holds slots
@@ -14,8 +15,9 @@
 //
 // The combine does not depend on the placement: forward() writes each (token, choice) pair's weighted expert output
 // (zero for pairs another rank runs), the stage group sums those over its ranks (exact: one rank's value plus
-// zeros), and combine() adds a token's pairs in ascending expert order, as one rank would. So EP ranks under any
-// placement give the logits of one rank bit for bit.
+// zeros), and combine() adds a token's pairs in ascending expert order, as one rank would. The shared expert is
+// whole on every EP rank, which adds it to the combined sum as one rank does. So EP ranks under any placement give
+// the logits of one rank bit for bit.
 #pragma once
 
 #include <cstddef>
@@ -48,9 +50,11 @@ ExpertPlacement staticExpertPlacement(int numLayers, int numExperts, int ranks, 
 
 class CpuMoe {
  public:
-  // Allocates `numLayers` layers' routers and `slots` physical expert slots of each, every slot `intermediate`
-  // channels wide; config.moe.numExperts > 0.
-  CpuMoe(const LlamaConfig& config, int numLayers, int slots, size_t intermediate);
+  // Allocates the routers and `slots` physical expert slots, every slot `intermediate` channels wide, and the
+  // shared expert's `sharedIntermediate` channels (0 without one), of each sparse layer among layers
+  // [firstLayer, firstLayer + numLayers); config.moe.numExperts > 0.
+  CpuMoe(const LlamaConfig& config, int firstLayer, int numLayers, int slots, size_t intermediate,
+         size_t sharedIntermediate);
 
   // Weight storage (layer: 0.. numLayers - 1; slot: this instance's local slot 0.. slots - 1), for the rank's tensor
   // registration and for copying experts between slots. router: [numExperts, hidden] (all experts); gateUp: per slot
@@ -64,6 +68,12 @@ class CpuMoe {
   size_t downSize() const { return hidden_ * inter_; }
   int slots() const { return slots_; }
   size_t intermediate() const { return inter_; }
+  // The shared expert: sharedGateUp [2 * sharedIntermediate, hidden] (gate rows, then up rows), sharedDown
+  // [hidden, sharedIntermediate], sharedGate [hidden] (shared_expert_gate's one row).
+  std::vector<float>& sharedGateUp(int layer) { return layers_[layer].sharedGateUp; }
+  std::vector<float>& sharedDown(int layer) { return layers_[layer].sharedDown; }
+  std::vector<float>& sharedGate(int layer) { return layers_[layer].sharedGate; }
+  size_t sharedIntermediate() const { return sharedInter_; }
 
   // Routes x ([ntok, hidden]) and runs this instance's slots (rank `rank`'s slots of `placement`, layer
   // `placementLayer`; routedBefore[e]: pairs routed to expert e under it by earlier passes) over the pairs routed to them: pairs[(t * topK + j) * hidden ..] = weight(t, j) *
@@ -75,13 +85,18 @@ class CpuMoe {
                int64_t* pairsRun) const;
   // out[t] = sum over token t's pairs in ascending expert order of pairs[pair] (out is [ntok, hidden]).
   void combine(const std::vector<float>& pairs, const std::vector<int>& chosen, size_t ntok, float* out) const;
+  // The shared expert (transformers' Qwen2MoeSparseMoeBlock): out[t] += sigmoid(sharedGate . x[t]) *
+  // down(silu(gate x[t]) * up x[t]) over this instance's shared channels (all of them, or a tensor-parallel rank's
+  // share, whose partial sums the group adds). Nothing without a shared expert.
+  void addSharedExpert(int layer, const float* x, size_t ntok, const MatmulFn& matmul, float* out) const;
 
  private:
   struct Layer {
     std::vector<float> router, gateUp, down;
+    std::vector<float> sharedGateUp, sharedDown, sharedGate;
   };
   MoeConfig moe_;
-  size_t hidden_, inter_;
+  size_t hidden_, inter_, sharedInter_;
   int slots_;
   std::vector<Layer> layers_;
 };

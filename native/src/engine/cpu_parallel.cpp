@@ -20,6 +20,10 @@ void checkParallelConfig(const LlamaConfig& c, const ParallelConfig& p) {
   } else if (c.moe.numExperts > 0 && c.moe.intermediateSize % p.tp != 0) {
     throw BadInput("tensor parallel size " + std::to_string(p.tp) + " does not divide the experts' intermediate size " +
                    std::to_string(c.moe.intermediateSize));
+  } else if (c.moe.sharedIntermediateSize % p.tp != 0) {
+    throw BadInput("tensor parallel size " + std::to_string(p.tp) +
+                   " does not divide the shared expert's intermediate size " +
+                   std::to_string(c.moe.sharedIntermediateSize));
   }
   if (c.numHeads % p.tp != 0)
     throw BadInput("tensor parallel size " + std::to_string(p.tp) + " does not divide the model's " +
@@ -27,7 +31,7 @@ void checkParallelConfig(const LlamaConfig& c, const ParallelConfig& p) {
   if (c.numKvHeads % p.tp != 0 && p.tp % c.numKvHeads != 0)
     throw BadInput("tensor parallel size " + std::to_string(p.tp) + " neither divides the model's " +
                    std::to_string(c.numKvHeads) + " kv heads nor is a multiple of them");
-  if (c.moe.numExperts == 0 && c.intermediateSize % p.tp != 0)
+  if ((c.moe.numExperts == 0 || !c.moe.denseLayers.empty()) && c.intermediateSize % p.tp != 0)
     throw BadInput("tensor parallel size " + std::to_string(p.tp) + " does not divide the intermediate size " +
                    std::to_string(c.intermediateSize));
   if (p.pp > c.numLayers)
@@ -57,12 +61,15 @@ TensorShard tensorShard(const LlamaConfig& c, int size, int rank) {
 ExpertShard expertShard(const LlamaConfig& c, const ParallelConfig& p, int groupRank) {
   ExpertShard s;
   const int experts = c.moe.numExperts, inter = c.moe.intermediateSize;
+  const int shared = c.moe.sharedIntermediateSize;
   if (p.ep > 1) {
     s.experts = {groupRank * (experts / p.ep), experts / p.ep};
     s.intermediate = {0, inter};
+    s.shared = {0, shared};
   } else {
     s.experts = {0, experts};
     s.intermediate = {groupRank * (inter / p.tp), inter / p.tp};
+    s.shared = {groupRank * (shared / p.tp), shared / p.tp};
   }
   return s;
 }

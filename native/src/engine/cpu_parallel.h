@@ -50,10 +50,12 @@ struct TensorShard {
 // error; this is the native layer's own guard).
 void checkParallelConfig(const LlamaConfig& config, const ParallelConfig& parallel);
 TensorShard tensorShard(const LlamaConfig& config, int size, int rank);
-// The MoE part of rank `groupRank` of a stage group: the experts it holds and the channels of each.
+// The MoE part of rank `groupRank` of a stage group: the experts it holds and the channels of each, and its
+// channels of the shared expert (Qwen2-MoE): split over the group when ep is 1, all of them on every rank when ep > 1.
 struct ExpertShard {
   IndexRange experts;       // whole experts [start, start + count)
   IndexRange intermediate;  // moe intermediate channels of each held expert
+  IndexRange shared;        // shared expert channels (count 0 without one)
 };
 ExpertShard expertShard(const LlamaConfig& config, const ParallelConfig& parallel, int groupRank);
 // Layers of each stage: as even as possible, earlier stages taking the extra layer.

@@ -154,6 +154,10 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
   if (config_.moe.numExperts > 0 && tp_ && tp_->size() > 1)
     throw BadInput("the GPU engine runs mixture-of-experts models on one rank (no tensor or expert parallelism on "
                    "the GPU yet); use the CPU engine's ranks");
+  if (config_.moe.sharedIntermediateSize > 0 || !config_.moe.denseLayers.empty())
+    throw BadInput("the GPU engine runs mixture-of-experts models whose every layer is sparse and has no shared "
+                   "expert (Mixtral, Qwen3-MoE); this one (a shared expert or dense layers among the sparse ones, as "
+                   "Qwen2-MoE) runs on the CPU engine");
   shard_ = tp_ ? tpShardOf(config_, tp_->size(), tp_->rank()) : tpShardOf(config_, 1, 0);
   local_ = config_;
   local_.numHeads = shard_.heads;

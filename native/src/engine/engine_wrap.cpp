@@ -134,7 +134,8 @@ LlamaConfig parseLlamaConfig(const Napi::Object& o) {
     c.weights.push_back(std::move(w));
   }
   c.qkNorm = flag(o, "qkNorm");
-  // Mixture of experts (ModelConfig's `moe`): { numExperts, topK, intermediateSize, normTopkProb } or null.
+  // Mixture of experts (ModelConfig's `moe`): { numExperts, topK, intermediateSize, normTopkProb,
+  // sharedExpertIntermediateSize?, denseLayers? } or null.
   Napi::Value moe = field(o, "moe");
   if (!moe.IsUndefined() && !moe.IsNull()) {
     if (!moe.IsObject()) badArgument(env, "option 'moe' must be an object or null");
@@ -143,6 +144,21 @@ LlamaConfig parseLlamaConfig(const Napi::Object& o) {
     c.moe.topK = positiveInt(m, "topK");
     c.moe.intermediateSize = positiveInt(m, "intermediateSize");
     c.moe.normTopkProb = flag(m, "normTopkProb");
+    if (!field(m, "sharedExpertIntermediateSize").IsUndefined() &&
+        number(m, "sharedExpertIntermediateSize") != 0)  // 0 and absent: no shared expert
+      c.moe.sharedIntermediateSize = positiveInt(m, "sharedExpertIntermediateSize");
+    Napi::Value dense = field(m, "denseLayers");
+    if (!dense.IsUndefined()) {
+      if (!dense.IsArray()) badArgument(env, "option 'moe.denseLayers' must be an array of layer indices");
+      Napi::Array layers = dense.As<Napi::Array>();
+      for (uint32_t i = 0; i < layers.Length(); ++i) {
+        Napi::Value v = layers.Get(i);
+        double l = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+        if (!(l >= 0 && l <= 1e9 && l == std::floor(l)))
+          badArgument(env, "option 'moe.denseLayers' must hold non-negative integers");
+        c.moe.denseLayers.push_back(static_cast<int>(l));
+      }
+    }
   }
   Napi::Value window = field(o, "slidingWindow");
   if (!window.IsUndefined() && !window.IsNull()) c.slidingWindow = positiveInt(o, "slidingWindow");

@@ -36,9 +36,10 @@ namespace {
 constexpr const char* kRoleNames[] = {"embed", "input_norm", "q",         "q_bias", "k",  "k_bias",
                                       "v",     "v_bias",     "o",         "o_bias", "post_norm", "gate",
                                       "up",    "down",       "final_norm", "lm_head", "q_norm", "k_norm",
-                                      "router", "expert_gate", "expert_up", "expert_down"};
+                                      "router", "expert_gate", "expert_up", "expert_down", "shared_gate",
+                                      "shared_up", "shared_down", "shared_expert_gate"};
 constexpr int kRoleCount = static_cast<int>(sizeof(kRoleNames) / sizeof(kRoleNames[0]));
-static_assert(kRoleCount == static_cast<int>(WeightRole::ExpertDown) + 1, "kRoleNames follows WeightRole");
+static_assert(kRoleCount == static_cast<int>(WeightRole::SharedExpertGate) + 1, "kRoleNames follows WeightRole");
 bool perLayer(WeightRole r) { return r != WeightRole::Embed && r != WeightRole::FinalNorm && r != WeightRole::LmHead; }
 bool perExpert(WeightRole r) {
   return r == WeightRole::ExpertGate || r == WeightRole::ExpertUp || r == WeightRole::ExpertDown;
@@ -52,8 +53,8 @@ WeightRole parseWeightRole(const std::string& role) {
 }
 
 void checkWeightManifest(const LlamaConfig& c) {
-  // Which roles this config has.
-  auto wanted = [&](WeightRole r) {
+  // Which roles this config has (in `layer` for per-layer roles: an MoE model's dense layers have the dense FFN).
+  auto wanted = [&](WeightRole r, int layer) {
     switch (r) {
       case WeightRole::QBias:
       case WeightRole::KBias:
@@ -69,12 +70,17 @@ void checkWeightManifest(const LlamaConfig& c) {
       case WeightRole::Gate:
       case WeightRole::Up:
       case WeightRole::Down:
-        return c.moe.numExperts == 0;
+        return !c.moe.isSparse(layer);
       case WeightRole::Router:
       case WeightRole::ExpertGate:
       case WeightRole::ExpertUp:
       case WeightRole::ExpertDown:
-        return c.moe.numExperts > 0;
+        return c.moe.isSparse(layer);
+      case WeightRole::SharedGate:
+      case WeightRole::SharedUp:
+      case WeightRole::SharedDown:
+      case WeightRole::SharedExpertGate:
+        return c.moe.isSparse(layer) && c.moe.sharedIntermediateSize > 0;
       default:
         return true;
     }
@@ -83,13 +89,17 @@ void checkWeightManifest(const LlamaConfig& c) {
   std::set<std::string> names;
   for (const WeightEntry& w : c.weights) {
     const std::string role = kRoleNames[static_cast<int>(w.role)];
-    if (!wanted(w.role))
-      throw BadInput("weight manifest: tensor '" + w.name + "' (" + role + ") is not part of this config" +
-                     (w.role == WeightRole::LmHead ? " (it ties lm_head to the embedding)" : ""));
     if (perLayer(w.role) ? (w.layer < 0 || w.layer >= c.numLayers) : w.layer != -1)
       throw BadInput("weight manifest: tensor '" + w.name + "' (" + role + ") has layer " + std::to_string(w.layer) +
                      (perLayer(w.role) ? "; the model has layers 0.." + std::to_string(c.numLayers - 1)
                                        : "; a model-wide tensor has layer -1"));
+    if (!wanted(w.role, w.layer))
+      throw BadInput("weight manifest: tensor '" + w.name + "' (" + role + ") is not part of this config" +
+                     (w.role == WeightRole::LmHead ? " (it ties lm_head to the embedding)"
+                      : c.moe.numExperts > 0 && perLayer(w.role)
+                          ? (c.moe.isSparse(w.layer) ? " (layer " + std::to_string(w.layer) + " is sparse)"
+                                                     : " (layer " + std::to_string(w.layer) + " is dense)")
+                          : ""));
     if (perExpert(w.role) ? (w.expert < 0 || w.expert >= c.moe.numExperts) : w.expert != -1)
       throw BadInput("weight manifest: tensor '" + w.name + "' (" + role + ") has expert " +
                      std::to_string(w.expert) +
@@ -102,13 +112,14 @@ void checkWeightManifest(const LlamaConfig& c) {
   }
   for (int r = 0; r < kRoleCount; ++r) {
     WeightRole role = static_cast<WeightRole>(r);
-    if (!wanted(role)) continue;
-    for (int l = perLayer(role) ? 0 : -1; l < (perLayer(role) ? c.numLayers : 0); ++l)
+    for (int l = perLayer(role) ? 0 : -1; l < (perLayer(role) ? c.numLayers : 0); ++l) {
+      if (!wanted(role, l)) continue;
       for (int e = perExpert(role) ? 0 : -1; e < (perExpert(role) ? c.moe.numExperts : 0); ++e)
         if (!seen.count({r, l, e}))
           throw BadInput(std::string("weight manifest: no tensor for ") + kRoleNames[r] +
                          (l >= 0 ? " of layer " + std::to_string(l) : "") +
                          (e >= 0 ? " expert " + std::to_string(e) : ""));
+    }
   }
 }
 
@@ -124,6 +135,15 @@ void checkConfig(const LlamaConfig& c) {
   if (c.moe.numExperts < 0 || (c.moe.numExperts > 0 && (c.moe.topK <= 0 || c.moe.topK > c.moe.numExperts ||
                                                         c.moe.intermediateSize <= 0)))
     throw BadInput("moe: numExperts must be >= 0, and with experts topK in 1..numExperts and intermediateSize > 0");
+  if (c.moe.sharedIntermediateSize < 0 || (c.moe.numExperts == 0 && c.moe.sharedIntermediateSize > 0))
+    throw BadInput("moe: sharedExpertIntermediateSize must be >= 0, and 0 without experts");
+  std::vector<bool> dense(c.numLayers, false);
+  for (int l : c.moe.denseLayers) {
+    if (l < 0 || l >= c.numLayers || dense[l])
+      throw BadInput("moe: denseLayers must be distinct layers 0.." + std::to_string(c.numLayers - 1) + " (got " +
+                     std::to_string(l) + ")");
+    dense[l] = true;
+  }
   checkWeightManifest(c);
 }
 

@@ -23,7 +23,7 @@ struct Aborted : std::runtime_error {
 // What a weight tensor is in the decoder: lib/engine/model/manifest.ts's WEIGHT_ROLES, in the same order.
 enum class WeightRole {
   Embed, InputNorm, Q, QBias, K, KBias, V, VBias, O, OBias, PostNorm, Gate, Up, Down, FinalNorm, LmHead,
-  QNorm, KNorm, Router, ExpertGate, ExpertUp, ExpertDown
+  QNorm, KNorm, Router, ExpertGate, ExpertUp, ExpertDown, SharedGate, SharedUp, SharedDown, SharedExpertGate
 };
 
 // One entry of the weight manifest (lib/engine/model/manifest.ts, which owns the tensor names): the runners lay
@@ -35,14 +35,23 @@ struct WeightEntry {
   int expert = -1;  // the expert of an expert_gate / expert_up / expert_down tensor; -1 for the rest
 };
 
-// A sparse mixture-of-experts FFN in every layer in place of the dense one (Mixtral, Qwen3-MoE): a router
-// [numExperts, hidden], softmax over experts, the top `topK`, optionally renormalised to sum to 1, and SwiGLU
-// experts of width `intermediateSize`.
+// A sparse mixture-of-experts FFN in place of the dense one in every layer but `denseLayers` (Mixtral, Qwen3-MoE,
+// Qwen2-MoE): a router [numExperts, hidden], softmax over experts, the top `topK`, optionally renormalised to sum to
+// 1, and SwiGLU experts of width `intermediateSize`; with sharedIntermediateSize > 0 (Qwen2-MoE) a shared SwiGLU
+// expert every token goes through, scaled by sigmoid(shared_expert_gate . x) and added to the routed sum.
 struct MoeConfig {
   int numExperts = 0;  // 0: a dense model
   int topK = 0;
   int intermediateSize = 0;
   bool normTopkProb = false;
+  int sharedIntermediateSize = 0;  // 0: no shared expert
+  std::vector<int> denseLayers;    // layers with the dense FFN (the config's intermediateSize) instead
+  bool isSparse(int layer) const {
+    if (numExperts == 0) return false;
+    for (int l : denseLayers)
+      if (l == layer) return false;
+    return true;
+  }
 };
 
 struct LlamaConfig {
