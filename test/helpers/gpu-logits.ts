@@ -74,7 +74,12 @@ export function hfFixture(name: string): { dir: string; expected: HfExpected } {
 export async function greedyCopies(engine: LlmEngine, expected: HfExpected, copies: number): Promise<number[][]> {
   const results = await Promise.all(
     Array.from({ length: copies }, () =>
-      engine.addRequest({ promptTokenIds: expected.promptIds, sampling: { temperature: 0, maxTokens: 32 } }).result(),
+      engine
+        .addRequest({
+          promptTokenIds: expected.promptIds,
+          sampling: { temperature: 0, maxTokens: expected.greedy.length },
+        })
+        .result(),
     ),
   );
   return results.map((r) => r.tokenIds);
