@@ -353,3 +353,18 @@ export function planCapacity(profile: Profile, request: CapacityRequest): Capaci
     alternatives: alternatives(best.prefill, best.decode),
   };
 }
+
+/**
+ * One replica of `model` in `pool` at a load, within the SLA (what planCapacity computes for each layout): its
+ * numbers (ratePerReplica, latency), or why no replica of that layout meets the SLA. For the re-shaping rule
+ * (reshape.ts), which compares layouts on the devices a pool already has.
+ */
+export function replicaPlan(
+  profile: Pick<Profile, 'engine'>,
+  model: LayoutModel,
+  pool: 'prefill' | 'decode',
+  load: Pick<CapacityRequest, 'rate' | 'isl' | 'osl' | 'ttftMs' | 'itlMs'>,
+): PrefillPoolPlan | DecodePoolPlan | string {
+  const r = checkRequest({ ...load, gpus: 1, minReplicas: 1 });
+  return pool === 'prefill' ? prefillFor(model, r) : decodeFor(model, r, profile.engine);
+}
