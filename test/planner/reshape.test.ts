@@ -18,6 +18,7 @@ import {
   type LoadSample,
   type Parallelism,
 } from '../../lib/planner/index.js';
+import { planJson } from '../../lib/cli/plan.js';
 import { seeded, stepCost, syntheticLayout, syntheticProfile } from './synthetic.js';
 
 const profile = syntheticProfile([syntheticLayout(), syntheticLayout({ tp: 2, speedup: 1.8, decodeSpeedup: 1.05 })]);
@@ -323,5 +324,16 @@ describe('Planner: re-shaping with a streak and the cool-down', () => {
     );
     // Short prompts: tp1 wins across the band, so it comes back.
     expect(left.observe(SHORT, pools).decode!.target?.layout).toBe('tp1');
+  });
+
+  it("the live planner and tandem plan name layouts alike: an SLA plan keeps the pools' running layouts", () => {
+    const planner = reshapingPlanner({ decode: 1, layout: 2, maxGpus: 8 });
+    const d = planner.planInterval({ rate: 1, isl: 256, osl: 64 }, 0);
+    expect(d.inputs.layouts.decode).toEqual({ layout: 'tp2', parallelism: tp(2), gpusPerReplica: 2 });
+    const json = planJson(d.outputs.plan!);
+    // tp2 is kept though tp1 would need fewer devices at this load: a pool changes layout by a re-shape only.
+    expect(json.decode).toMatchObject(planner.layouts.decode!);
+    expect(json.prefill).toMatchObject(planner.layouts.prefill!);
+    expect(d.outputs.plan!.alternatives.decode.map((a) => a.layout)).toEqual(['tp2']);
   });
 });
