@@ -5,12 +5,17 @@
  * 2 -> 1 retires the old workers by drain; 1 -> 2 stops the TP 2 worker after a drain bound of 1 ms (and the
  * worker's own shutdown drain is 1 ms), so its requests in flight migrate to the new TP 1 workers. Loopback only; a fixed number of requests, every wait bounded.
  */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import OpenAI from 'openai';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { LocalConnector, type LocalWorkers } from '../../lib/planner/connectors/index.js';
+import { writeProfile } from '../../lib/planner/profile.js';
 import type { PlannerStatus } from '../../lib/planner/runtime.js';
 import { startDeployment, type Deployment } from '../../lib/serve/launcher.js';
 import { metric, plannerTestGraph, streamCompletion, type StreamOutcome } from '../helpers/serve.js';
+import { syntheticLayout, syntheticProfile } from './synthetic.js';
 
 const MODEL = 'dummy:tiny';
 const WAIT = { timeout: 60_000, interval: 20 };
@@ -133,4 +138,66 @@ describe('re-shaping a CPU decode pool under streaming load (local connector)', 
     const last = await streamCompletion(client, params(PROMPTS[0]!));
     expect(last.text).toBe(undisturbed[0]!.text);
   }, 60_000);
+
+  it('the live planner (reshape on) re-shapes the decode pool to tp2 when its profile says so; no request lost', async () => {
+    // A profile in which a TP 1 decode step (over 500 ms) never meets the ITL of 50 ms and a TP 2 step does.
+    const dir = mkdtempSync(join(tmpdir(), 'tandem-reshape-'));
+    const profile = syntheticProfile([
+      syntheticLayout({ decodeSpeedup: 0.01 }),
+      syntheticLayout({ tp: 2, decodeSpeedup: 10 }),
+    ]);
+    writeProfile(join(dir, 'p.json'), { ...profile, model: MODEL, device: { kind: 'cpu', name: 'synthetic CPU' } });
+    const graph = plannerTestGraph();
+    graph.frontend.migrationLimit = 3;
+    // Judged every 0.5 s; 3 wins in a row (scaleUpAfterS) re-shape; never scaled down, one change per pool.
+    graph.planner = {
+      mode: 'load',
+      ttftMs: 5000,
+      itlMs: 50,
+      intervalS: 0.5,
+      minReplicas: 1,
+      scaleUpAfterS: 1.5,
+      scaleDownAfterS: 1_000_000,
+      cooldownS: 600,
+      profile: join(dir, 'p.json'),
+      reshape: true,
+    };
+    const live = await startDeployment(graph, { log: () => {}, heartbeatMs: 20 });
+    try {
+      const liveClient = new OpenAI({
+        baseURL: `${live.frontend.url}/v1`,
+        apiKey: 'none',
+        maxRetries: 0,
+        timeout: 60_000,
+      });
+      const before = await planner(live);
+      expect(before).toMatchObject({
+        mode: 'load',
+        reshape: true,
+        layouts: { desired: { decode: { layout: 'tp1' } } },
+      });
+      const streamed = await streamAll(liveClient, () =>
+        vi.waitFor(async () => {
+          const s = await planner(live);
+          expect(s.layouts.current.decode.layout).toBe('tp2');
+          expect(s.acting).toBe(false);
+        }, WAIT),
+      );
+      expect(streamed.map((o) => o.error?.message)).toEqual(streamed.map(() => undefined));
+      expect(streamed.map((o) => o.text)).toEqual(expected(streamed, undisturbed));
+      const status = await planner(live);
+      expect(status.replicas.current).toEqual({ prefill: 1, decode: 1 });
+      expect(status.layouts.desired!.decode).toEqual({ layout: 'tp2', parallelism: tp(2), gpusPerReplica: 2 });
+      const reshape = status.decisions!.find((d) => d.kind === 'load' && d.outputs.action.kind === 'reshape');
+      expect(reshape?.reason).toMatch(
+        /^re-shape decode from 2 x tp1 to 1 x tp2 \(3 times in a row\): 2 x tp1 serve 0 req\/s/,
+      );
+      expect(status.actions!.filter((a) => a.action === 'reshape')).toMatchObject([
+        { pool: 'decode', layouts: { from: 'tp1', to: 'tp2' }, outcome: 'done' },
+      ]);
+    } finally {
+      await live.stop({ drainMs: 1000 });
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 240_000);
 });
