@@ -267,7 +267,7 @@ export class ServeMetrics {
   });
   private readonly plannerDecisions = new Counter({
     name: METRIC_NAMES.plannerDecisions,
-    help: 'Planner decisions, by kind (sla, load) and action (hold, add, remove, move, plan)',
+    help: 'Planner decisions, by kind (sla, load) and action (hold, add, remove, move, reshape, plan)',
     labelNames: ['kind', 'action'] as const,
     registers: [this.registry],
   });
