@@ -258,9 +258,13 @@ export class PlannerRuntime {
           this.done({ ...entry, worker, outcome: 'done', ms: this.now() - started });
         } catch (error) {
           this.done({ ...entry, outcome: 'failed', error: (error as Error).message, ms: this.now() - started });
-          // The pools are as the connector says: the planner counts from there (a pool left mixed by a re-shape
-          // keeps its desired layout: the next reconcile carries the re-shape on).
-          this.planner.resync(this.options.connector.replicas(), sharedLayouts(this.options.connector.layouts()));
+          // The pools are as the connector says: the planner counts from there. A pool a re-shape left running
+          // two layouts keeps its desired layout and replicas: the next reconcile carries the re-shape on.
+          const layouts = this.options.connector.layouts();
+          const replicas = this.options.connector.replicas();
+          for (const pool of ['prefill', 'decode'] as const)
+            if (layouts[pool].layout === 'mixed') replicas[pool] = this.planner.replicas[pool];
+          this.planner.resync(replicas, sharedLayouts(layouts));
           break;
         }
       }

@@ -1,5 +1,6 @@
 import { describe, expect, it, vi } from 'vitest';
 import {
+  PlannerActionError,
   poolLayout,
   replicaLayout,
   type PlannerConnector,
@@ -438,6 +439,77 @@ describe('PlannerRuntime', () => {
       expect(sample(text, `${METRIC_NAMES.plannerActions}{action="reshape",outcome="done"}`)).toBe(1);
       expect(log.some((l) => l.includes('decode 1 tp2;'))).toBe(true);
       expect(log).toContain('action for decision #3: reshape decode tp1 -> tp2 done (w1) in 0 ms');
+      await runtime.stop();
+    });
+
+    it('a re-shape that fails half-way: the desired layout and replicas stay, and the next tick carries it on', async () => {
+      const tp1 = { tp: 1, pp: 1, ep: 1 };
+      const tp2 = { tp: 2, pp: 1, ep: 1 };
+      class HalfWay extends FakeConnector {
+        mixed = false;
+        override layouts(): Record<Pool, PoolLayout> {
+          if (!this.mixed) return super.layouts();
+          const decode = [
+            replicaLayout('decode-4', tp2),
+            replicaLayout('decode-2', tp1),
+            replicaLayout('decode-3', tp1),
+          ];
+          return { prefill: super.layouts().prefill, decode: poolLayout(decode) };
+        }
+        override async reshapePool(pool: Pool, parallelism: Parallelism, replicas: number) {
+          this.calls.push(`reshape ${pool} ${layoutName(parallelism)} x${replicas}`);
+          if (this.calls.length === 1) {
+            // One TP 2 replica started and two TP 1 retired; the second TP 2 did not start.
+            this.mixed = true;
+            this.pools.decode = 3;
+            throw new PlannerActionError('re-shaping decode to tp2: a tp2 replica did not start');
+          }
+          this.mixed = false;
+          this.shapes[pool] = parallelism;
+          this.pools[pool] = replicas;
+          return ['decode-5'];
+        }
+      }
+      const connector = new HalfWay({ prefill: 1, decode: 4 });
+      let now = 0;
+      const runtime = new PlannerRuntime({
+        mode: 'load',
+        ttftMs: 2000,
+        itlMs: 6.5,
+        intervalS: 1,
+        minReplicas: 1,
+        maxGpus: 5,
+        profile,
+        reshape: true,
+        connector,
+        window: () =>
+          new MetricsWindow(
+            longPrompts(),
+            () => ({}),
+            () => now,
+          ),
+        correction: { cooldownMs: 30_000 },
+        now: () => now,
+      });
+      await runtime.start();
+      for (const t of [1000, 2000, 3000]) {
+        now = t;
+        await runtime.tick();
+      }
+      await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+      let status = runtime.status();
+      expect(status.actions!.at(-1)).toMatchObject({ action: 'reshape', outcome: 'failed' });
+      expect(status.layouts.current.decode.layout).toBe('mixed');
+      expect(status.layouts.desired!.decode!.layout).toBe('tp2');
+      expect(status.replicas.desired!.decode).toBe(2);
+      now = 4000;
+      await runtime.tick();
+      await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+      status = runtime.status();
+      expect(connector.calls).toEqual(['reshape decode tp2 x2', 'reshape decode tp2 x2']);
+      expect(status.actions!.at(-1)).toMatchObject({ action: 'reshape', outcome: 'done', workers: ['decode-5'] });
+      expect(status.layouts.current.decode).toMatchObject({ layout: 'tp2', parallelism: tp2 });
+      expect(status.replicas).toEqual({ current: { prefill: 1, decode: 2 }, desired: { prefill: 1, decode: 2 } });
       await runtime.stop();
     });
 
