@@ -12,9 +12,10 @@
  * - re-shape (2 x TP 1 into 1 x TP 2, or back): make before break, one new replica at a time. Start a replica of
  *   the new layout (it registers and serves), then retire (drain, then stop; a drain that outlasts
  *   `drainTimeoutMs` stops it anyway and its requests migrate) the old replicas whose devices the new ones now
- *   stand for, least loaded first: old devices are kept while they are at most the pool's devices less those of
- *   the new replicas started. So the pool serves throughout, and holds at most one new replica's devices more than
- *   before while both run (on CPU the devices are rank threads). A start that fails stops the re-shape there
+ *   stand for, least loaded first: old replicas are retired while those left still hold at least the pool's
+ *   devices less those of the new replicas started. So the pool serves throughout, and while both run holds at
+ *   most one replica's devices more than before (a new replica's or an old one's, the larger; on CPU the devices
+ *   are rank threads). A start that fails stops the re-shape there
  *   (PlannerActionError): the pool serves on with what runs, and a re-shape asked again carries on from it. A
  *   pool the launcher cannot re-shape (GPU pools) is a ReshapeUnsupportedError before anything changes.
  * The last replica of a pool is never removed or moved.
@@ -120,7 +121,7 @@ export class LocalConnector implements PlannerConnector {
             `${pool} serves on with ${this.describe(pool)}`,
         );
       }
-      // The old replicas keep the devices the new ones do not stand for yet.
+      // Retire old replicas while those left hold at least the devices the new ones do not stand for yet.
       const keep = Math.max(0, pool0 - serving().filter(isNew).length * perReplica);
       const retiring: string[] = [];
       const left = this.leastLoadedFirst(old());
