@@ -17,7 +17,7 @@
  *   connectors/          how it acts: one interface; local (the launcher's processes), kubernetes (the pools'
  *                        workloads; imported from connectors/kubernetes.js, not re-exported: it loads the client)
  */
-export { ProfileError, UnmeetablePlanError } from './errors.js';
+export { ProfileError, ReshapeUnsupportedError, UnmeetablePlanError } from './errors.js';
 export {
   PROFILE_FORMAT,
   PROFILE_VERSION,
@@ -111,6 +111,7 @@ export { MetricsWindow, type PlannerWindow } from './observe.js';
 export {
   CORRECTION_INTERVAL_S,
   PlannerRuntime,
+  sharedLayouts,
   type PlannerAction,
   type PlannerRuntimeOptions,
   type PlannerStatus,
@@ -119,7 +120,11 @@ export {
   DEFAULT_DRAIN_TIMEOUT_MS,
   LocalConnector,
   PlannerActionError,
+  poolLayout,
+  replicaLayout,
   type LocalConnectorOptions,
   type LocalWorkers,
   type PlannerConnector,
+  type PoolLayout,
+  type ReplicaLayout,
 } from './connectors/index.js';
