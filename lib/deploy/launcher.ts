@@ -44,6 +44,10 @@ import { loadProfile } from '../planner/profile.js';
 import { PlannerRuntime, type PlannerRuntimeOptions, type PlannerStatus } from '../planner/runtime.js';
 import type { Pool } from '../planner/load-correction.js';
 import { correctionOptions, type PlannerSpec } from '../planner/spec.js';
+import { ReshapeUnsupportedError } from '../planner/errors.js';
+import { layoutName, type Parallelism } from '../planner/profile.js';
+import { poolLayout, replicaLayout } from '../planner/connectors/index.js';
+import { checkParallelConfig, rankCount } from '../engine/parallel.js';
 // ---- end planner hooks ----
 
 /** First delay before restarting a crashed worker; it doubles with each crash, up to RESTART_BACKOFF_MAX_MS. */
@@ -457,7 +461,8 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
           port,
           ...(apiKey !== undefined ? { apiKey } : {}),
           metrics,
-          plannerStatus: () => planner?.status() ?? plannerOff(routable),
+          plannerStatus: () =>
+            planner?.status() ?? plannerOff(routable, (name) => layoutOfInit(workers.get(name)?.init)),
           log: (line) => log(`[${frontendName(i, ports.length)}] ${line}`),
         }),
       );
@@ -577,7 +582,13 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   // ---- planner hooks: the launcher's workers as the local connector drives them, and the planner itself ----
   const poolOf = (role: Pool) => graph.pools.find((p) => p.role === role);
   const nextReplica = new Map(graph.pools.map((p) => [p.name, p.replicas]));
+  const graphLayout = (pool: PoolSpec): Parallelism => ({
+    tp: pool.tensorParallelSize,
+    pp: pool.pipelineParallelSize,
+    ep: pool.expertParallelSize,
+  });
   const localWorkers: LocalWorkers = {
+    layout: (name) => layoutOfInit(workers.get(name)?.init),
     serving: (role) =>
       controlPlane
         .workers(role)
@@ -587,14 +598,37 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
       const l = controlPlane.get(name)?.load;
       return l ? l.running + l.waiting + l.prefilling : 0;
     },
-    start: async (role) => {
+    start: async (role, layout) => {
       const pool = poolOf(role);
       if (!pool) throw new BadArgumentError(`the graph has no ${role} pool`);
       if (stopping) throw new BadArgumentError('the deployment is stopping');
+      const asGraph = graphLayout(pool);
+      const parallel = layout ?? asGraph;
+      // Another layout than the graph's (a re-shape): CPU pools only, where the ranks are threads of the worker.
+      if (layoutName(parallel) !== layoutName(asGraph)) {
+        if (pool.device === 'cuda')
+          throw new ReshapeUnsupportedError(
+            `pool ${pool.name} runs on GPUs: the local connector re-shapes CPU pools only (a ${layoutName(parallel)} ` +
+              `replica's GPUs are held by the replicas it replaces until they stop)`,
+          );
+        checkParallelConfig(config, parallel, `pool ${pool.name}`);
+      }
       const r = nextReplica.get(pool.name)!;
       nextReplica.set(pool.name, r + 1);
-      const wp = addWorker(workerInit(graph, pool, r, options));
-      log(`[launcher] planner: starting ${wp.name} (${role})`);
+      const wp = addWorker(
+        workerInit(
+          graph,
+          {
+            ...pool,
+            tensorParallelSize: parallel.tp,
+            pipelineParallelSize: parallel.pp,
+            expertParallelSize: parallel.ep,
+          },
+          r,
+          options,
+        ),
+      );
+      log(`[launcher] planner: starting ${wp.name} (${role}, ${layoutName(parallel)})`);
       wp.start();
       try {
         await wp.waitReady(options.startTimeoutMs ?? DEFAULT_WORKER_START_TIMEOUT_MS);
@@ -655,7 +689,11 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
   const plannerSpec = graph.planner;
   if (plannerSpec.mode !== 'off') {
     const roles = ['prefill', 'decode'] as const;
-    const slots = (role: Pool) => Math.max(1, poolOf(role)?.gpusPerReplica ?? 1);
+    // Devices of one replica: its ranks (GPUs, or on CPU rank threads), as the profile counts them.
+    const slots = (role: Pool) => {
+      const pool = poolOf(role);
+      return pool ? rankCount(graphLayout(pool)) : 1;
+    };
     try {
       planner = new PlannerRuntime({
         mode: plannerSpec.mode,
@@ -667,11 +705,13 @@ export async function startDeployment(graph: DeploymentGraph, options: Deploymen
         maxGpus: plannerSpec.maxGpus ?? roles.reduce((n, r) => n + (poolOf(r)?.replicas ?? 0) * slots(r), 0),
         gpusPerReplica: { prefill: slots('prefill'), decode: slots('decode') },
         ...(plannerProfile ? { profile: plannerProfile } : {}),
+        ...(plannerSpec.reshape ? { reshape: true } : {}),
         connector:
           plannerSpec.connector === 'kubernetes'
             ? await kubernetesConnector(
                 plannerSpec,
                 { prefill: poolOf('prefill')!.name, decode: poolOf('decode')!.name },
+                { prefill: graphLayout(poolOf('prefill')!), decode: graphLayout(poolOf('decode')!) },
                 log,
               )
             : new LocalConnector(localWorkers, {
@@ -768,20 +808,33 @@ function routingView(
 async function kubernetesConnector(
   spec: PlannerSpec,
   poolNames: Record<Pool, string>,
+  layouts: Record<Pool, Parallelism>,
   log: (line: string) => void,
 ): Promise<PlannerConnector> {
   const k8s = await import('../planner/connectors/kubernetes.js');
   return k8s.KubernetesConnector.connect({
-    ...k8s.kubernetesConnectorOptions(spec.kubernetes!, poolNames),
+    ...k8s.kubernetesConnectorOptions(spec.kubernetes!, poolNames, layouts),
     log: (line) => log(`[planner] ${line}`),
   });
 }
 
-/** /planner when the graph's planner is off: the pools as they are. */
-function plannerOff(routable: ControlPlane): PlannerStatus {
+/** /planner when the graph's planner is off: the pools as they are, with each worker's layout. */
+function plannerOff(routable: ControlPlane, layoutOf: (name: string) => Parallelism): PlannerStatus {
+  const pool = (role: Pool) =>
+    poolLayout(routable.workers(role).map((w) => replicaLayout(w.registration.name, layoutOf(w.registration.name))));
   return {
     mode: 'off',
     replicas: { current: { prefill: routable.workers('prefill').length, decode: routable.workers('decode').length } },
+    layouts: { current: { prefill: pool('prefill'), decode: pool('decode') } },
+  };
+}
+
+/** The layout a worker runs (its init's sizes; 1 where absent). */
+function layoutOfInit(init: WorkerInit | undefined): Parallelism {
+  return {
+    tp: init?.tensorParallelSize ?? 1,
+    pp: init?.pipelineParallelSize ?? 1,
+    ep: init?.expertParallelSize ?? 1,
   };
 }
 // ---- end planner hooks ----

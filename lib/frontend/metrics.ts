@@ -85,11 +85,11 @@ export const METRIC_NAMES = {
   /** Gauge; label pool: replicas serving now, as the planner's connector reports them. */
   plannerReplicas: 'tandem_planner_replicas',
   /**
-   * Counter; labels kind (sla|load), action (hold|add|remove|move|plan): planner decisions. `plan` is an SLA
+   * Counter; labels kind (sla|load), action (hold|add|remove|move|reshape|plan): planner decisions. `plan` is an SLA
    * decision, whatever replicas it set.
    */
   plannerDecisions: 'tandem_planner_decisions_total',
-  /** Counter; labels action (add|remove|move), outcome (done|failed): what the connector carried out. */
+  /** Counter; labels action (add|remove|move|reshape), outcome (done|failed): what the connector carried out. */
   plannerActions: 'tandem_planner_actions_total',
 } as const;
 
@@ -277,7 +277,7 @@ export class ServeMetrics {
   });
   private readonly plannerDecisions = new Counter({
     name: METRIC_NAMES.plannerDecisions,
-    help: 'Planner decisions, by kind (sla, load) and action (hold, add, remove, move, plan)',
+    help: 'Planner decisions, by kind (sla, load) and action (hold, add, remove, move, reshape, plan)',
     labelNames: ['kind', 'action'] as const,
     registers: [this.registry],
   });

@@ -20,8 +20,8 @@
  * Layout: per pool, the layout of the profile that needs the fewest devices (replicas x devices per replica: a
  * TP 2 replica counts 2); ties go to the lower latency (prefill: one prompt's time; decode: the step time at the
  * planned batch), then to the layout listed first. Every layout considered, with its numbers or why it cannot meet
- * the SLA, is in `alternatives`. A pool whose layout is fixed (`layouts`: a planner while serving, whose workers do
- * not change layout) considers that layout of the profile only. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
+ * the SLA, is in `alternatives`. A pool whose layout is fixed (`layouts`: a planner while serving, whose workers
+ * change layout only by a re-shape, reshape.ts) considers that layout of the profile only. Budget: when the pools together need more than `gpus`, the plan is 'over-budget':
  * for each pair of layouts, minReplicas of each pool, then one replica at a time to the pool that serves the
  * smaller share of the rate while one fits; the pair that serves the most wins. `servableRate` says what that
  * deployment serves within the SLAs. A budget below minReplicas of each pool is an UnmeetablePlanError.
@@ -51,8 +51,8 @@ export interface CapacityRequest {
   /** Fewest replicas of each pool. Default 1. */
   minReplicas?: number;
   /**
-   * A pool whose layout is fixed (a planner while serving: its workers cannot change layout yet) is planned with
-   * that layout of the profile only; absent: every layout of the profile is considered.
+   * A pool whose layout is fixed (a planner while serving: its workers change layout only by a re-shape) is
+   * planned with that layout of the profile only; absent: every layout of the profile is considered.
    */
   layouts?: Partial<Record<'prefill' | 'decode', Parallelism>>;
 }
@@ -352,4 +352,19 @@ export function planCapacity(profile: Profile, request: CapacityRequest): Capaci
     ...best,
     alternatives: alternatives(best.prefill, best.decode),
   };
+}
+
+/**
+ * One replica of `model` in `pool` at a load, within the SLA (what planCapacity computes for each layout): its
+ * numbers (ratePerReplica, latency), or why no replica of that layout meets the SLA. For the re-shaping rule
+ * (reshape.ts), which compares layouts on the devices a pool already has.
+ */
+export function replicaPlan(
+  profile: Pick<Profile, 'engine'>,
+  model: LayoutModel,
+  pool: 'prefill' | 'decode',
+  load: Pick<CapacityRequest, 'rate' | 'isl' | 'osl' | 'ttftMs' | 'itlMs'>,
+): PrefillPoolPlan | DecodePoolPlan | string {
+  const r = checkRequest({ ...load, gpus: 1, minReplicas: 1 });
+  return pool === 'prefill' ? prefillFor(model, r) : decodeFor(model, r, profile.engine);
 }

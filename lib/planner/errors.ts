@@ -18,3 +18,14 @@ export class UnmeetablePlanError extends TandemError {
     super('TANDEM_PLAN_UNMEETABLE', message);
   }
 }
+
+/**
+ * A connector that cannot re-shape a pool (run its replicas in another layout) where it runs: the kubernetes
+ * connector (a pool's pods come from one workload template), or GPU pools of the local connector (a new layout's
+ * ranks need GPUs that the old replicas hold until they stop). The pools are as they were.
+ */
+export class ReshapeUnsupportedError extends TandemError {
+  constructor(message: string) {
+    super('TANDEM_RESHAPE_UNSUPPORTED', message);
+  }
+}

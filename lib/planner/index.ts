@@ -8,6 +8,7 @@
  *   capacity.ts          SLA arithmetic: replicas and layouts within a GPU budget (`tandem plan`)
  *   forecast.ts          the next interval's load (Holt's linear trend, moving means; pluggable)
  *   load-correction.ts   the fast loop: one worker at a time, with hysteresis and a cool-down
+ *   reshape.ts           when a pool's replicas should run another layout (2 x TP 1 <-> 1 x TP 2) for the load
  *   decisions.ts         the bounded history of decisions
  *   planner.ts           the above together, for a connector to act on
  *   spec.ts              the deployment graph's `planner` section
@@ -16,7 +17,7 @@
  *   connectors/          how it acts: one interface; local (the launcher's processes), kubernetes (the pools'
  *                        workloads; imported from connectors/kubernetes.js, not re-exported: it loads the client)
  */
-export { ProfileError, UnmeetablePlanError } from './errors.js';
+export { ProfileError, ReshapeUnsupportedError, UnmeetablePlanError } from './errors.js';
 export {
   PROFILE_FORMAT,
   PROFILE_VERSION,
@@ -45,6 +46,7 @@ export { LayoutModel, layoutModels, type Estimate } from './performance-model.js
 export {
   MAX_PREFILL_UTILIZATION,
   planCapacity,
+  replicaPlan,
   type CapacityPlan,
   type CapacityRequest,
   type DecodePoolPlan,
@@ -67,8 +69,30 @@ export {
   type Pool,
   type PoolState,
 } from './load-correction.js';
+export {
+  judgeReshape,
+  RESHAPE_AFTER,
+  RESHAPE_MARGIN,
+  RESHAPE_WINDOW,
+  Reshaper,
+  type LayoutOption,
+  type ReshapeJudgement,
+  type ReshapeObservation,
+  type ReshaperOptions,
+  type ReshapeVerdict,
+} from './reshape.js';
 export { DecisionHistory, DEFAULT_HISTORY_SIZE, type Decision } from './decisions.js';
-export { Planner, type LoadDecision, type PlannerDecision, type PlannerOptions, type SlaDecision } from './planner.js';
+export {
+  layoutRef,
+  Planner,
+  type LayoutRef,
+  type LoadDecision,
+  type LoadInputs,
+  type PlannerDecision,
+  type PlannerOptions,
+  type PoolLayouts,
+  type SlaDecision,
+} from './planner.js';
 export {
   DEFAULT_PLANNING_INTERVAL_S,
   KubernetesPlannerSchema,
@@ -87,6 +111,7 @@ export { MetricsWindow, type PlannerWindow } from './observe.js';
 export {
   CORRECTION_INTERVAL_S,
   PlannerRuntime,
+  sharedLayouts,
   type PlannerAction,
   type PlannerRuntimeOptions,
   type PlannerStatus,
@@ -95,7 +120,11 @@ export {
   DEFAULT_DRAIN_TIMEOUT_MS,
   LocalConnector,
   PlannerActionError,
+  poolLayout,
+  replicaLayout,
   type LocalConnectorOptions,
   type LocalWorkers,
   type PlannerConnector,
+  type PoolLayout,
+  type ReplicaLayout,
 } from './connectors/index.js';

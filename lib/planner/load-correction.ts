@@ -10,6 +10,7 @@
  * - an add that does not fit maxGpus takes a replica from the other pool instead (a move: the worker changes
  *   role) when that pool is inside now, above minReplicas and not cooling down; else it waits;
  * - after a change a pool cools down for `cooldownMs`: no change, counts start again from zero.
+ * A re-shape (reshape.ts, decided by the Planner when this correction holds) is a change too: `reshaped`.
  * Hysteresis (every engine, N in a row, a low-water mark well under the SLA) and the cool-down are what keep a
  * noisy load from moving workers back and forth: at most one change per pool per cool-down, and a removal
  * needs the pool to be far inside its SLA for a while, not just under it.
@@ -63,7 +64,9 @@ export type LoadAction =
   | { kind: 'hold' }
   | { kind: 'add'; pool: Pool }
   | { kind: 'remove'; pool: Pool }
-  | { kind: 'move'; from: Pool; to: Pool };
+  | { kind: 'move'; from: Pool; to: Pool }
+  /** The pool's replicas run another layout (reshape.ts; the Planner decides it, not the correction). */
+  | { kind: 'reshape'; pool: Pool; from: string; to: string; replicas: number };
 
 export interface LoadCorrection {
   action: LoadAction;
@@ -147,6 +150,38 @@ export class LoadCorrector {
     return { prefill: this.state.prefill.replicas, decode: this.state.decode.replicas };
   }
 
+  /** Devices one replica of each pool takes. */
+  get gpusPerReplica(): Record<Pool, number> {
+    return { ...this.o.gpusPerReplica };
+  }
+
+  /** Each pool's replicas, verdict, counts and cool-down. */
+  poolStates(): Record<Pool, PoolState> {
+    return { prefill: { ...this.state.prefill }, decode: { ...this.state.decode } };
+  }
+
+  /** Whether `pool` changed less than the cool-down before `atMs`. */
+  cooling(pool: Pool, atMs: number): boolean {
+    return atMs < this.state[pool].coolingUntilMs;
+  }
+
+  /**
+   * `pool` was re-shaped: `replicas` replicas of `gpusPerReplica` devices from now on. Its counts start again and
+   * it cools down, as after any other change.
+   */
+  reshaped(pool: Pool, replicas: number, gpusPerReplica: number, atMs: number): void {
+    if (!Number.isSafeInteger(replicas) || replicas < 1)
+      throw new BadArgumentError(`${pool} replicas must be a positive integer (got ${replicas})`);
+    if (!Number.isSafeInteger(gpusPerReplica) || gpusPerReplica < 1)
+      throw new BadArgumentError(`gpusPerReplica.${pool} must be a positive integer (got ${gpusPerReplica})`);
+    this.o.gpusPerReplica = { ...this.o.gpusPerReplica, [pool]: gpusPerReplica };
+    const s = this.state[pool];
+    s.replicas = replicas;
+    s.misses = 0;
+    s.insides = 0;
+    s.coolingUntilMs = atMs + this.o.cooldownMs;
+  }
+
   private gpusUsed(): number {
     return POOLS.reduce((sum, p) => sum + this.state[p].replicas * this.o.gpusPerReplica[p], 0);
   }
@@ -175,7 +210,7 @@ export class LoadCorrector {
       s.misses = s.verdict === 'miss' ? s.misses + 1 : 0;
       s.insides = s.verdict === 'inside' ? s.insides + 1 : 0;
     }
-    const cooling = (p: Pool) => now < this.state[p].coolingUntilMs;
+    const cooling = (p: Pool) => this.cooling(p, now);
     const changed = (...pools: Pool[]) => {
       for (const p of pools) {
         const s = this.state[p];
@@ -234,7 +269,7 @@ export class LoadCorrector {
     return {
       action,
       replicas: this.replicas,
-      pools: { prefill: { ...this.state.prefill }, decode: { ...this.state.decode } },
+      pools: this.poolStates(),
       reason,
     };
   }

@@ -10,14 +10,19 @@
  * pool is judged by one value (the interval's mean): "every engine misses" reads "the pool's requests miss".
  * A tick that comes while an action is still being carried out (a drain can take a while) is skipped: the next
  * one sees the result.
+ *
+ * Layouts: the connector says what each pool's replicas run (the launcher's workers, tp/pp/ep each); the planner
+ * starts from the layouts they share, plans with them, and with `reshape` on may decide another (planner.ts,
+ * reshape.ts); the connector then re-shapes the pool before any other action. /planner shows both, current (per
+ * replica) and desired, in `tandem plan`'s vocabulary.
  */
 import { BadArgumentError } from '../errors.js';
 import type { ServeMetrics } from '../frontend/metrics.js';
-import type { PlannerConnector } from './connectors/index.js';
+import type { PlannerConnector, PoolLayout } from './connectors/index.js';
 import type { LoadCorrectionOptions, Pool } from './load-correction.js';
 import { MetricsWindow, type PlannerWindow } from './observe.js';
-import { Planner, type PlannerDecision } from './planner.js';
-import type { Profile } from './profile.js';
+import { Planner, type PlannerDecision, type PoolLayouts } from './planner.js';
+import type { Parallelism, Profile } from './profile.js';
 import { correctionTickS, type PlannerMode } from './spec.js';
 
 export { CORRECTION_INTERVAL_S } from './spec.js';
@@ -30,11 +35,15 @@ export interface PlannerAction {
   at: string;
   /** The decision that asked for it. */
   decision: number;
-  action: 'add' | 'remove' | 'move';
+  action: 'add' | 'remove' | 'move' | 'reshape';
   from?: Pool;
   to?: Pool;
   pool?: Pool;
+  /** A re-shape's layouts, before and after. */
+  layouts?: { from: string; to: string };
   worker?: string;
+  /** A re-shape's workers started. */
+  workers?: string[];
   outcome: 'done' | 'failed';
   error?: string;
   ms: number;
@@ -52,8 +61,10 @@ export interface PlannerRuntimeOptions {
   maxGpus: number;
   /** GPUs (on CPU: 1) one replica of each pool takes, for the load-based correction. */
   gpusPerReplica?: Record<Pool, number>;
-  /** Mode sla. */
+  /** Mode sla; with `reshape`, any mode. */
   profile?: Profile;
+  /** Re-shape pools into another layout of the profile when that wins for the observed load (reshape.ts). */
+  reshape?: boolean;
   connector: PlannerConnector;
   /** What the planner observes. */
   window: () => MetricsWindow;
@@ -80,6 +91,7 @@ export class PlannerRuntime {
 
   constructor(private readonly options: PlannerRuntimeOptions) {
     if (options.mode === 'sla' && !options.profile) throw new BadArgumentError('planner mode sla needs a profile');
+    if (options.reshape && !options.profile) throw new BadArgumentError('re-shaping pools needs a profile');
     if (!(options.intervalS > 0)) throw new BadArgumentError(`intervalS must be > 0 (got ${options.intervalS})`);
     this.log = options.log ?? (() => {});
     this.now = options.now ?? (() => performance.now());
@@ -92,6 +104,8 @@ export class PlannerRuntime {
       ...options.correction,
       ...(options.profile ? { profile: options.profile } : {}),
       replicas: options.connector.replicas(),
+      layouts: sharedLayouts(options.connector.layouts()),
+      ...(options.reshape ? { reshape: true } : {}),
     });
     this.correctionWindow = options.window();
     this.planWindow = options.window();
@@ -164,6 +178,7 @@ export class PlannerRuntime {
         atMs,
         prefillTtftMs: w.ttftMs === null ? [] : [w.ttftMs],
         decodeItlMs: w.itlMs === null ? [] : [w.itlMs],
+        load: { rate: w.rate, isl: w.isl, osl: w.osl },
       });
       this.record(decision, w, decision.kind === 'load' ? decision.outputs.action.kind : 'plan');
     }
@@ -175,9 +190,11 @@ export class PlannerRuntime {
     (decision as PlannerDecision & { window?: PlannerWindow }).window = window;
     this.options.metrics?.plannerDecision(decision.kind, action);
     const r = this.planner.replicas;
+    const l = this.planner.layouts;
+    const layout = (pool: Pool) => (l[pool] ? ` ${l[pool].layout}` : '');
     this.log(
-      `decision #${decision.id} ${decision.kind} ${action}: ${decision.reason}; replicas prefill ${r.prefill}, ` +
-        `decode ${r.decode}; inputs ${JSON.stringify({ window, ...(decision.kind === 'load' ? {} : decision.inputs) })}`,
+      `decision #${decision.id} ${decision.kind} ${action}: ${decision.reason}; replicas prefill ${r.prefill}${layout('prefill')}, ` +
+        `decode ${r.decode}${layout('decode')}; inputs ${JSON.stringify({ window, ...(decision.kind === 'load' ? {} : decision.inputs) })}`,
     );
     this.publishPools();
   }
@@ -189,7 +206,10 @@ export class PlannerRuntime {
       this.options.metrics?.plannerPool(pool, desired[pool], serving[pool]);
   }
 
-  /** Brings the pools to the planner's replicas, one action at a time: moves first, then adds, then removals. */
+  /**
+   * Brings the pools to the planner's layouts and replicas, one action at a time: re-shapes first, then moves, then
+   * adds, then removals.
+   */
   private async reconcile(decision: number): Promise<void> {
     if (this.acting) return;
     this.acting = true;
@@ -197,14 +217,33 @@ export class PlannerRuntime {
       for (let guard = 0; guard < 64 && !this.stopped; guard++) {
         const want = this.planner.replicas;
         const have = this.options.connector.replicas();
+        const wantLayouts = this.planner.layouts;
+        const haveLayouts = this.options.connector.layouts();
+        const reshape = (['prefill', 'decode'] as const).find(
+          (p) =>
+            wantLayouts[p] && haveLayouts[p].replicas.length > 0 && haveLayouts[p].layout !== wantLayouts[p]!.layout,
+        );
         const up = (['prefill', 'decode'] as const).find((p) => want[p] > have[p]);
         const down = (['prefill', 'decode'] as const).find((p) => want[p] < have[p]);
-        if (!up && !down) break;
+        if (!reshape && !up && !down) break;
         const started = this.now();
         const base = { at: new Date().toISOString(), decision };
         let entry: Omit<PlannerAction, 'outcome' | 'ms'>;
         let run: () => Promise<string>;
-        if (up && down) {
+        if (reshape) {
+          const to = wantLayouts[reshape]!;
+          entry = {
+            ...base,
+            action: 'reshape',
+            pool: reshape,
+            layouts: { from: haveLayouts[reshape].layout!, to: to.layout },
+          };
+          run = async () => {
+            const workers = await this.options.connector.reshapePool(reshape, to.parallelism, want[reshape]);
+            entry.workers = workers;
+            return workers.join(', ');
+          };
+        } else if (up && down) {
           entry = { ...base, action: 'move', from: down, to: up };
           run = () => this.options.connector.moveReplica(down, up);
         } else if (up) {
@@ -219,8 +258,13 @@ export class PlannerRuntime {
           this.done({ ...entry, worker, outcome: 'done', ms: this.now() - started });
         } catch (error) {
           this.done({ ...entry, outcome: 'failed', error: (error as Error).message, ms: this.now() - started });
-          // The pools are as the connector says: the planner counts from there.
-          this.planner.resync(this.options.connector.replicas());
+          // The pools are as the connector says: the planner counts from there. A pool a re-shape left running
+          // two layouts keeps its desired layout and replicas: the next reconcile carries the re-shape on.
+          const layouts = this.options.connector.layouts();
+          const replicas = this.options.connector.replicas();
+          for (const pool of ['prefill', 'decode'] as const)
+            if (layouts[pool].layout === 'mixed') replicas[pool] = this.planner.replicas[pool];
+          this.planner.resync(replicas, sharedLayouts(layouts));
           break;
         }
       }
@@ -234,7 +278,12 @@ export class PlannerRuntime {
     this.actions.push(action);
     if (this.actions.length > ACTIONS_KEPT) this.actions.shift();
     this.options.metrics?.plannerAction(action.action, action.outcome);
-    const what = action.action === 'move' ? `move ${action.from} -> ${action.to}` : `${action.action} ${action.pool}`;
+    const what =
+      action.action === 'move'
+        ? `move ${action.from} -> ${action.to}`
+        : action.action === 'reshape'
+          ? `reshape ${action.pool} ${action.layouts!.from} -> ${action.layouts!.to}`
+          : `${action.action} ${action.pool}`;
     this.log(
       `action for decision #${action.decision}: ${what} ${action.outcome}` +
         `${action.worker ? ` (${action.worker})` : ''} in ${Math.round(action.ms)} ms${action.error ? `: ${action.error}` : ''}`,
@@ -252,6 +301,8 @@ export class PlannerRuntime {
       minReplicas: o.minReplicas,
       maxGpus: o.maxGpus,
       replicas: { current: o.connector.replicas(), desired: this.planner.replicas },
+      layouts: { current: o.connector.layouts(), desired: this.planner.layouts },
+      reshape: o.reshape === true,
       acting: this.acting,
       decisionsTotal: this.planner.history.total,
       decisions: this.planner.history.list().slice(-DECISIONS_SHOWN),
@@ -268,9 +319,23 @@ export interface PlannerStatus {
   minReplicas?: number;
   maxGpus?: number;
   replicas: { current: Record<Pool, number>; desired?: Record<Pool, number> };
+  /** Each pool's replicas' layouts (tp/pp/ep each), and the layouts the planner wants (`tandem plan`'s vocabulary). */
+  layouts: { current: Record<Pool, PoolLayout>; desired?: PoolLayouts };
+  /** Whether the planner may re-shape pools. */
+  reshape?: boolean;
   acting?: boolean;
   decisionsTotal?: number;
   /** Oldest first; each with its inputs (and the metrics window it was made from), outputs and reason. */
   decisions?: readonly PlannerDecision[];
   actions?: readonly PlannerAction[];
+}
+
+/** The layouts pools' replicas share (a pool with none, or running several, left out). */
+export function sharedLayouts(layouts: Record<Pool, PoolLayout>): Partial<Record<Pool, Parallelism>> {
+  const out: Partial<Record<Pool, Parallelism>> = {};
+  for (const pool of ['prefill', 'decode'] as const) {
+    const p = layouts[pool].parallelism;
+    if (p) out[pool] = p;
+  }
+  return out;
 }

@@ -16,6 +16,9 @@
  *     scaleDownAfterS: 25      # one far inside it this long gives one up (default: 5 corrections)
  *     scaleDownBelow: 0.5      # far inside: under this share of the SLA (default 0.5)
  *     cooldownS: 60            # a pool that changed stays as it is this long (default 60)
+ *     reshape: true            # re-shape a pool into another layout of the profile when that wins for the load
+ *                              # (2 x TP 1 <-> 1 x TP 2; lib/planner/reshape.ts); needs the profile and connector
+ *                              # local (CPU pools). Default false: each pool keeps the graph's layout
  *     connector: local         # local (absent: local): the launcher's processes; kubernetes: the pools' workloads
  *     kubernetes:              # connector kubernetes only
  *       name: tandem           # the workloads are <name>-<pool> (`tandem k8s render --name`; default tandem)
@@ -86,6 +89,7 @@ export const PlannerSpecSchema = z
       .number({ error: 'must be a number of seconds >= 0' })
       .min(0, { error: 'must be a number of seconds >= 0' })
       .optional(),
+    reshape: z.boolean({ error: 'must be true or false' }).optional(),
     connector: z.enum(PLANNER_CONNECTORS, { error: `must be one of ${PLANNER_CONNECTORS.join(', ')}` }).optional(),
     kubernetes: KubernetesPlannerSchema.optional(),
   })
@@ -98,6 +102,22 @@ export const PlannerSpecSchema = z
         path: ['correctionIntervalS'],
         message: 'is for mode sla only (mode load corrects every intervalS)',
       });
+    if (spec.reshape) {
+      if (spec.mode === 'off')
+        ctx.addIssue({ code: 'custom', path: ['reshape'], message: 'is for mode load or sla (the planner is off)' });
+      if (spec.profile === undefined)
+        ctx.addIssue({
+          code: 'custom',
+          path: ['reshape'],
+          message: "needs a profile: the layouts are compared on the profile's measurements",
+        });
+      if (spec.connector === 'kubernetes')
+        ctx.addIssue({
+          code: 'custom',
+          path: ['reshape'],
+          message: 'is for connector local only: the kubernetes connector does not re-shape pools',
+        });
+    }
     if (spec.mode === 'off') return;
     for (const key of ['ttftMs', 'itlMs'] as const)
       if (spec[key] === undefined)

@@ -122,7 +122,7 @@ describe('graph planner section', () => {
       'planner.correctionIntervalS: is for mode sla only',
     );
     expect(graphError(`${on}  scaleUpAfter: 2\n`)).toMatch(
-      /planner: unknown key 'scaleUpAfter' \(known: .*scaleUpAfterS, scaleDownAfterS, scaleDownBelow, cooldownS, connector, kubernetes\)/,
+      /planner: unknown key 'scaleUpAfter' \(known: .*scaleUpAfterS, scaleDownAfterS, scaleDownBelow, cooldownS, reshape, connector, kubernetes\)/,
     );
   });
 
@@ -157,5 +157,23 @@ describe('graph planner section', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  it('reshape: on with a profile and the local connector; otherwise an error at the field', () => {
+    const sla = `${BASE}planner:\n  mode: sla\n  ttftMs: 200\n  itlMs: 20\n  profile: p.json\n`;
+    expect(parseGraph(`${sla}  reshape: true\n`).planner.reshape).toBe(true);
+    expect(parseGraph(sla).planner.reshape).toBeUndefined();
+    expect(graphError(`${sla}  reshape: yes please\n`)).toContain(
+      'g.yaml:14:12: planner.reshape: must be true or false',
+    );
+    expect(graphError(`${BASE}planner:\n  mode: load\n  ttftMs: 200\n  itlMs: 20\n  reshape: true\n`)).toContain(
+      "planner.reshape: needs a profile: the layouts are compared on the profile's measurements",
+    );
+    expect(graphError(`${BASE}planner:\n  profile: p.json\n  reshape: true\n`)).toContain(
+      'planner.reshape: is for mode load or sla (the planner is off)',
+    );
+    expect(graphError(`${sla}  reshape: true\n  connector: kubernetes\n`)).toContain(
+      'planner.reshape: is for connector local only: the kubernetes connector does not re-shape pools',
+    );
   });
 });

@@ -18,6 +18,7 @@ import {
 } from '../../lib/planner/connectors/kubernetes.js';
 import { parseGraph } from '../../lib/deploy/graph.js';
 import { PlannerActionError } from '../../lib/planner/connectors/index.js';
+import { ReshapeUnsupportedError } from '../../lib/planner/errors.js';
 
 interface Recorded {
   method: string;
@@ -243,6 +244,38 @@ describe('kubernetes connector against a fake Kubernetes API server (no cluster 
       [`${STS}/tandem-decode/scale`, 2],
     ]);
     expect(k.replicas()).toEqual({ prefill: 2, decode: 2 });
+  });
+
+  it("layouts: the graph's, for every replica the workload asks for; a re-shape is refused before any API call", async () => {
+    api.reset({ 'statefulsets/tandem-prefill': { replicas: 1 }, 'statefulsets/tandem-decode': { replicas: 2 } });
+    const k = await connect({ layouts: { decode: { tp: 2, pp: 1, ep: 1 } } });
+    const tp2 = { tp: 2, pp: 1, ep: 1 };
+    expect(k.layouts()).toEqual({
+      prefill: {
+        layout: 'tp1',
+        parallelism: { tp: 1, pp: 1, ep: 1 },
+        replicas: [{ name: 'tandem-prefill-0', layout: 'tp1', parallelism: { tp: 1, pp: 1, ep: 1 } }],
+      },
+      decode: {
+        layout: 'tp2',
+        parallelism: tp2,
+        replicas: [
+          { name: 'tandem-decode-0', layout: 'tp2', parallelism: tp2 },
+          { name: 'tandem-decode-1', layout: 'tp2', parallelism: tp2 },
+        ],
+      },
+    });
+    api.requests.length = 0;
+    const refused = k.reshapePool('decode', { tp: 1, pp: 1, ep: 1 }, 4);
+    await expect(refused).rejects.toBeInstanceOf(ReshapeUnsupportedError);
+    await expect(refused).rejects.toMatchObject({
+      code: 'TANDEM_RESHAPE_UNSUPPORTED',
+      message:
+        'the kubernetes connector does not re-shape pools: StatefulSet serving/tandem-decode runs tp2 from its pod ' +
+        'template; for 4 x tp1, render and apply the graph with that layout',
+    });
+    expect(api.requests).toEqual([]);
+    expect(k.replicas()).toEqual({ prefill: 1, decode: 2 });
   });
 
   it('scales Deployments through their own scale subresource', async () => {

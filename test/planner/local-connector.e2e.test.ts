@@ -69,7 +69,16 @@ describe('local connector (CPU workers, requests streaming)', () => {
 
   it('GET /planner with the planner off: the mode and the pools as they are', async () => {
     expect(d.planner).toBeUndefined();
-    expect(await planner(d)).toEqual({ mode: 'off', replicas: { current: { prefill: 1, decode: 2 } } });
+    const off = await planner(d);
+    expect(off).toMatchObject({ mode: 'off', replicas: { current: { prefill: 1, decode: 2 } } });
+    // Each replica's layout, in \`tandem plan\`'s vocabulary.
+    const tp1 = { tp: 1, pp: 1, ep: 1 };
+    expect(off.layouts.current.prefill).toEqual({
+      layout: 'tp1',
+      parallelism: tp1,
+      replicas: [{ name: 'prefill-0', layout: 'tp1', parallelism: tp1 }],
+    });
+    expect(off.layouts.current.decode.replicas.map((r) => r.name).sort()).toEqual(['decode-0', 'decode-1']);
     const res = await fetch(`${d.frontend.url}/planner`, { method: 'POST' });
     expect(res.status).toBe(405);
   });
@@ -92,7 +101,7 @@ describe('local connector (CPU workers, requests streaming)', () => {
     expect(d.controlPlane.get(moved)?.registration.role).toBe('prefill');
     // The same process: its engine, weights and KV pool stayed.
     expect(d.pids()[moved]).toBe(pidsBefore[moved]);
-    expect(await planner(d)).toEqual({ mode: 'off', replicas: { current: { prefill: 2, decode: 1 } } });
+    expect(await planner(d)).toMatchObject({ mode: 'off', replicas: { current: { prefill: 2, decode: 1 } } });
 
     // It serves prefills now: with one decode worker left, requests spread over two prefill workers.
     const served = await steadyStream(client, 12, async () => {});

@@ -1,5 +1,13 @@
 import { describe, expect, it, vi } from 'vitest';
-import type { PlannerConnector } from '../../lib/planner/connectors/index.js';
+import {
+  PlannerActionError,
+  poolLayout,
+  replicaLayout,
+  type PlannerConnector,
+  type PoolLayout,
+} from '../../lib/planner/connectors/index.js';
+import { ReshapeUnsupportedError } from '../../lib/planner/errors.js';
+import { layoutName, type Parallelism } from '../../lib/planner/profile.js';
 import { MetricsWindow } from '../../lib/planner/observe.js';
 import { PlannerRuntime } from '../../lib/planner/runtime.js';
 import type { Pool } from '../../lib/planner/load-correction.js';
@@ -7,7 +15,7 @@ import { METRIC_NAMES, ServeMetrics, type PlannerReadings } from '../../lib/fron
 import { sample } from '../helpers/serve.js';
 import { parseGraph } from '../../lib/deploy/graph.js';
 import { correctionOptions } from '../../lib/planner/spec.js';
-import { syntheticProfile } from './synthetic.js';
+import { syntheticLayout, syntheticProfile } from './synthetic.js';
 
 // The planner runtime without processes: what it observes (ServeMetrics differenced per interval), what it
 // decides and how it brings a connector's pools there, one action at a time; a failed action leaves the planner
@@ -42,6 +50,25 @@ class FakeConnector implements PlannerConnector {
       this.pools[from]--;
       this.pools[to]++;
     });
+  }
+  /** The layout each pool's replicas run. */
+  readonly shapes: Record<Pool, Parallelism> = { prefill: { tp: 1, pp: 1, ep: 1 }, decode: { tp: 1, pp: 1, ep: 1 } };
+  layouts(): Record<Pool, PoolLayout> {
+    const of = (pool: Pool) =>
+      poolLayout(Array.from({ length: this.pools[pool] }, (_, i) => replicaLayout(`${pool}-${i}`, this.shapes[pool])));
+    return { prefill: of('prefill'), decode: of('decode') };
+  }
+  async reshapePool(pool: Pool, parallelism: Parallelism, replicas: number) {
+    if (this.fail.has('reshape')) {
+      this.calls.push(`reshape ${pool}`);
+      throw new ReshapeUnsupportedError(`the fake connector does not re-shape ${pool}`);
+    }
+    return [
+      await this.act(`reshape ${pool} ${layoutName(parallelism)} x${replicas}`, () => {
+        this.shapes[pool] = parallelism;
+        this.pools[pool] = replicas;
+      }),
+    ];
   }
 }
 
@@ -323,5 +350,188 @@ describe('PlannerRuntime', () => {
     expect(runtime.status().replicas.desired).toEqual({ prefill: 2, decode: 3 });
     expect(log).toContain('pools changed outside the planner: prefill 2, decode 3');
     await runtime.stop();
+  });
+
+  describe('re-shaping (reshape on, the profile: TP 1 misses the ITL at long contexts, TP 2 meets it)', () => {
+    const profile = syntheticProfile([
+      syntheticLayout(),
+      syntheticLayout({ tp: 2, speedup: 1.8, decodeSpeedup: 1.05 }),
+    ]);
+    const longPrompts = () => growingReadings({ requests: 1, isl: 8000, osl: 256, ttftS: 1.4, itlS: 0.005 });
+    const runtimeOf = (connector: FakeConnector, metrics?: ServeMetrics, log?: string[]) => {
+      let now = 0;
+      const runtime = new PlannerRuntime({
+        mode: 'load',
+        ttftMs: 2000,
+        itlMs: 6.5,
+        intervalS: 1,
+        minReplicas: 1,
+        maxGpus: 3,
+        profile,
+        reshape: true,
+        connector,
+        window: () =>
+          new MetricsWindow(
+            longPrompts(),
+            () => ({}),
+            () => now,
+          ),
+        ...(metrics ? { metrics } : {}),
+        correction: { cooldownMs: 30_000 },
+        ...(log ? { log: (l: string) => log.push(l) } : {}),
+        now: () => now,
+      });
+      return { runtime, at: (ms: number) => (now = ms) };
+    };
+
+    it('the connector re-shapes decode 2 x tp1 -> 1 x tp2; /planner shows the layouts, /metrics the action', async () => {
+      const connector = new FakeConnector({ prefill: 1, decode: 2 });
+      const metrics = new ServeMetrics();
+      const log: string[] = [];
+      const { runtime, at } = runtimeOf(connector, metrics, log);
+      const before = runtime.status();
+      expect(before.reshape).toBe(true);
+      expect(before.layouts.current.decode).toEqual({
+        layout: 'tp1',
+        parallelism: { tp: 1, pp: 1, ep: 1 },
+        replicas: [
+          { name: 'decode-0', layout: 'tp1', parallelism: { tp: 1, pp: 1, ep: 1 } },
+          { name: 'decode-1', layout: 'tp1', parallelism: { tp: 1, pp: 1, ep: 1 } },
+        ],
+      });
+      expect(before.layouts.desired!.decode).toEqual({
+        layout: 'tp1',
+        parallelism: { tp: 1, pp: 1, ep: 1 },
+        gpusPerReplica: 1,
+      });
+      await runtime.start();
+      let third;
+      for (const t of [1000, 2000, 3000]) {
+        at(t);
+        third = await runtime.tick();
+      }
+      expect(third?.kind === 'load' && third.outputs.action).toEqual({
+        kind: 'reshape',
+        pool: 'decode',
+        from: 'tp1',
+        to: 'tp2',
+        replicas: 1,
+      });
+      expect(third!.inputs).toMatchObject({
+        load: { rate: 1, isl: 8000, osl: 256 },
+        layouts: { decode: { layout: 'tp1' } },
+      });
+      await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+      expect(connector.calls).toEqual(['reshape decode tp2 x1']);
+      const status = runtime.status();
+      expect(status.replicas).toEqual({ current: { prefill: 1, decode: 1 }, desired: { prefill: 1, decode: 1 } });
+      expect(status.layouts.current.decode.layout).toBe('tp2');
+      expect(status.layouts.desired!.decode).toMatchObject({ layout: 'tp2', gpusPerReplica: 2 });
+      expect(status.actions!.at(-1)).toMatchObject({
+        action: 'reshape',
+        pool: 'decode',
+        layouts: { from: 'tp1', to: 'tp2' },
+        workers: ['w1'],
+        outcome: 'done',
+      });
+      const text = await metrics.text();
+      expect(sample(text, `${METRIC_NAMES.plannerDecisions}{kind="load",action="reshape"}`)).toBe(1);
+      expect(sample(text, `${METRIC_NAMES.plannerActions}{action="reshape",outcome="done"}`)).toBe(1);
+      expect(log.some((l) => l.includes('decode 1 tp2;'))).toBe(true);
+      expect(log).toContain('action for decision #3: reshape decode tp1 -> tp2 done (w1) in 0 ms');
+      await runtime.stop();
+    });
+
+    it('a re-shape that fails half-way: the desired layout and replicas stay, and the next tick carries it on', async () => {
+      const tp1 = { tp: 1, pp: 1, ep: 1 };
+      const tp2 = { tp: 2, pp: 1, ep: 1 };
+      class HalfWay extends FakeConnector {
+        mixed = false;
+        override layouts(): Record<Pool, PoolLayout> {
+          if (!this.mixed) return super.layouts();
+          const decode = [
+            replicaLayout('decode-4', tp2),
+            replicaLayout('decode-2', tp1),
+            replicaLayout('decode-3', tp1),
+          ];
+          return { prefill: super.layouts().prefill, decode: poolLayout(decode) };
+        }
+        override async reshapePool(pool: Pool, parallelism: Parallelism, replicas: number) {
+          this.calls.push(`reshape ${pool} ${layoutName(parallelism)} x${replicas}`);
+          if (this.calls.length === 1) {
+            // One TP 2 replica started and two TP 1 retired; the second TP 2 did not start.
+            this.mixed = true;
+            this.pools.decode = 3;
+            throw new PlannerActionError('re-shaping decode to tp2: a tp2 replica did not start');
+          }
+          this.mixed = false;
+          this.shapes[pool] = parallelism;
+          this.pools[pool] = replicas;
+          return ['decode-5'];
+        }
+      }
+      const connector = new HalfWay({ prefill: 1, decode: 4 });
+      let now = 0;
+      const runtime = new PlannerRuntime({
+        mode: 'load',
+        ttftMs: 2000,
+        itlMs: 6.5,
+        intervalS: 1,
+        minReplicas: 1,
+        maxGpus: 5,
+        profile,
+        reshape: true,
+        connector,
+        window: () =>
+          new MetricsWindow(
+            longPrompts(),
+            () => ({}),
+            () => now,
+          ),
+        correction: { cooldownMs: 30_000 },
+        now: () => now,
+      });
+      await runtime.start();
+      for (const t of [1000, 2000, 3000]) {
+        now = t;
+        await runtime.tick();
+      }
+      await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+      let status = runtime.status();
+      expect(status.actions!.at(-1)).toMatchObject({ action: 'reshape', outcome: 'failed' });
+      expect(status.layouts.current.decode.layout).toBe('mixed');
+      expect(status.layouts.desired!.decode!.layout).toBe('tp2');
+      expect(status.replicas.desired!.decode).toBe(2);
+      now = 4000;
+      await runtime.tick();
+      await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+      status = runtime.status();
+      expect(connector.calls).toEqual(['reshape decode tp2 x2', 'reshape decode tp2 x2']);
+      expect(status.actions!.at(-1)).toMatchObject({ action: 'reshape', outcome: 'done', workers: ['decode-5'] });
+      expect(status.layouts.current.decode).toMatchObject({ layout: 'tp2', parallelism: tp2 });
+      expect(status.replicas).toEqual({ current: { prefill: 1, decode: 2 }, desired: { prefill: 1, decode: 2 } });
+      await runtime.stop();
+    });
+
+    it('a connector that cannot re-shape: the action fails, the planner takes the layouts back from it', async () => {
+      const connector = new FakeConnector({ prefill: 1, decode: 2 }, new Set(['reshape']));
+      const { runtime, at } = runtimeOf(connector);
+      await runtime.start();
+      for (const t of [1000, 2000, 3000]) {
+        at(t);
+        await runtime.tick();
+      }
+      await vi.waitFor(() => expect(runtime.status().acting).toBe(false));
+      const status = runtime.status();
+      expect(status.actions!.at(-1)).toMatchObject({
+        action: 'reshape',
+        outcome: 'failed',
+        error: 'the fake connector does not re-shape decode',
+      });
+      expect(status.layouts.desired!.decode!.layout).toBe('tp1');
+      expect(status.replicas.desired).toEqual({ prefill: 1, decode: 2 });
+      expect(connector.calls).toEqual(['reshape decode']);
+      await runtime.stop();
+    });
   });
 });

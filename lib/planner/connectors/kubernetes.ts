@@ -14,6 +14,10 @@
  *   role switch is a scale-down of one pool and a scale-up of the other, in that order: the GPU the first frees
  *   is what the second's pod schedules on. When the scale-up is refused, the connector puts the first pool back
  *   (best effort) and reports the error.
+ * - re-shape: not supported (ReshapeUnsupportedError, before any API call): a pool's pods come from its workload's
+ *   one pod template, whose layout `tandem k8s render` wrote; running another layout is a new workload, which is
+ *   a deployment's business, not a scaling connector's. `layouts()` reports each pool's layout as the graph gives
+ *   it, for every replica the workload asks for.
  * Every API call is bounded by `requestTimeoutMs`, every wait for the pods by `readyTimeoutMs`; a failure is a
  * KubernetesApiError (404: KubernetesNotFoundError, 409 after the retries: KubernetesConflictError, no answer or
  * pods not ready in time: KubernetesTimeoutError). A readiness timeout leaves the new replica count in place (a
@@ -34,9 +38,11 @@ import {
   type V1StatefulSet,
 } from '@kubernetes/client-node';
 import { BadArgumentError, TandemError } from '../../errors.js';
+import { ReshapeUnsupportedError } from '../errors.js';
 import type { Pool } from '../load-correction.js';
+import { layoutName, type Parallelism } from '../profile.js';
 import type { KubernetesPlannerSpec } from '../spec.js';
-import type { PlannerConnector } from './index.js';
+import { poolLayout, replicaLayout, type PlannerConnector, type PoolLayout } from './index.js';
 import { PlannerActionError } from './local.js';
 
 export const WORKLOAD_KINDS = ['StatefulSet', 'Deployment'] as const;
@@ -93,6 +99,8 @@ export interface KubernetesConnectorOptions {
   /** Default: the kubeconfig context's namespace (in a pod, its own), else `default`. */
   namespace?: string;
   workloads: Record<Pool, PoolWorkload>;
+  /** The layout each pool's pod template runs (the graph's). Default tp 1, pp 1, ep 1. */
+  layouts?: Partial<Record<Pool, Parallelism>>;
   /** Credentials and API server. Default: `kubeconfig` loaded, else the pod's service account, $KUBECONFIG or ~/.kube/config. */
   kubeConfig?: KubeConfig;
   /** A kubeconfig file to load (ignored when `kubeConfig` is given). */
@@ -111,12 +119,14 @@ export interface KubernetesConnectorOptions {
 export function kubernetesConnectorOptions(
   spec: KubernetesPlannerSpec,
   poolNames: Record<Pool, string>,
+  layouts?: Partial<Record<Pool, Parallelism>>,
 ): KubernetesConnectorOptions {
   const workload = (pool: Pool): PoolWorkload => ({ kind: spec.workloadKind, name: `${spec.name}-${poolNames[pool]}` });
   return {
     ...(spec.namespace !== undefined ? { namespace: spec.namespace } : {}),
     ...(spec.kubeconfig !== undefined ? { kubeconfig: spec.kubeconfig } : {}),
     workloads: { prefill: workload('prefill'), decode: workload('decode') },
+    ...(layouts ? { layouts } : {}),
     readyTimeoutMs: spec.readyTimeoutS * 1000,
   };
 }
@@ -159,6 +169,7 @@ export class KubernetesConnector implements PlannerConnector {
   private readonly conflictRetries: number;
   private readonly log: (line: string) => void;
   private readonly current: Record<Pool, number> = { prefill: 0, decode: 0 };
+  private readonly layoutOf: Record<Pool, Parallelism>;
 
   private constructor(options: KubernetesConnectorOptions) {
     let kc = options.kubeConfig;
@@ -197,6 +208,8 @@ export class KubernetesConnector implements PlannerConnector {
     if (!Number.isSafeInteger(this.conflictRetries) || this.conflictRetries < 0)
       throw new BadArgumentError(`conflictRetries must be an integer >= 0 (got ${String(options.conflictRetries)})`);
     this.log = options.log ?? (() => {});
+    const single = { tp: 1, pp: 1, ep: 1 };
+    this.layoutOf = { prefill: options.layouts?.prefill ?? single, decode: options.layouts?.decode ?? single };
     this.api = kc.makeApiClient(AppsV1Api);
   }
 
@@ -216,6 +229,25 @@ export class KubernetesConnector implements PlannerConnector {
   async refresh(): Promise<void> {
     for (const pool of ['prefill', 'decode'] as const)
       this.current[pool] = (await this.readScale(pool)).spec?.replicas ?? 0;
+  }
+
+  /** Each pool's template layout, for every replica its workload asks for. */
+  layouts(): Record<Pool, PoolLayout> {
+    const of = (pool: Pool) =>
+      poolLayout(
+        Array.from({ length: this.current[pool] }, (_, i) => replicaLayout(this.podName(pool, i), this.layoutOf[pool])),
+      );
+    return { prefill: of('prefill'), decode: of('decode') };
+  }
+
+  /** Not supported: see the module comment. */
+  reshapePool(pool: Pool, parallelism: Parallelism, replicas: number): Promise<string[]> {
+    return Promise.reject(
+      new ReshapeUnsupportedError(
+        `the kubernetes connector does not re-shape pools: ${this.describe(pool)} runs ${layoutName(this.layoutOf[pool])} ` +
+          `from its pod template; for ${replicas} x ${layoutName(parallelism)}, render and apply the graph with that layout`,
+      ),
+    );
   }
 
   async addReplica(pool: Pool): Promise<string> {
