@@ -9,6 +9,9 @@ import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { gpuGate } from '../helpers/gpu.js';
 import { prefillCounts } from '../helpers/serve.js';
 
+/** A greedy choice TP 1 wins by less than this (logprob) may go the other way under TP n's bf16 rounding. */
+const NEAR_TIE = 0.1;
+
 // Tensor parallelism on the GPU engine, wired into openModel and serving (issue 25), on ONE GPU: the ranks are
 // CudaLlama instances on the same device summing through the local communicator (test/gpu/11 checks the runner
 // itself). (a) openModel with tensorParallelSize 2 and 4 gives TP 1's greedy tokens (and transformers') through
@@ -74,9 +77,15 @@ describe.skipIf(!gate.run)('openModel: tensor-parallel ranks on one GPU', () => 
         for (let round = 0; round < 2; round++) {
           const [a, b] = [await run(many), await run(one)];
           a.forEach((r, i) => {
-            expect(r.tokenIds, `round ${round} prompt ${i}`).toEqual(b[i]!.tokenIds);
-            r.logprobs!.forEach((lp, j) =>
-              expect(Math.abs(lp.logprob - b[i]!.logprobs![j]!.logprob)).toBeLessThan(0.05),
+            // The fixture's prompt is conditioned against near-ties (identical, above); the other two are not, and
+            // TP n sums its partial products in another order than TP 1's one GEMM, so bf16 rounding may flip a
+            // near-tie. Identical up to TP 1's first choice won by under NEAR_TIE, logprobs close until then.
+            const ref = b[i]!;
+            const tie = ref.logprobs!.findIndex((lp) => lp.topLogprobs[0]! - lp.topLogprobs[1]! < NEAR_TIE);
+            const upTo = tie < 0 ? ref.tokenIds.length : tie + 1;
+            expect(r.tokenIds.slice(0, upTo), `round ${round} prompt ${i}`).toEqual(ref.tokenIds.slice(0, upTo));
+            r.logprobs!.slice(0, upTo).forEach((lp, j) =>
+              expect(Math.abs(lp.logprob - ref.logprobs![j]!.logprob)).toBeLessThan(0.05),
             );
           });
         }

@@ -352,13 +352,17 @@ function mixtralMoe(f: Fields): MoeSpec {
 }
 
 /**
- * Qwen3-MoE and Qwen2-MoE: num_experts experts of width moe_intermediate_size, renormalised when norm_topk_prob;
+ * Qwen3-MoE and Qwen2-MoE: num_experts (or num_local_experts) experts of width moe_intermediate_size, renormalised when norm_topk_prob;
  * Qwen2-MoE adds a shared expert of shared_expert_intermediate_size. As transformers' decoder layers decide it,
  * layer l is sparse unless it is in mlp_only_layers or (l + 1) is not a multiple of decoder_sparse_step; the
  * others are dense (moe.denseLayers).
  */
 function qwenMoeSpec(f: Fields, qwen2Moe: boolean, numLayers: number): MoeSpec {
-  const numExperts = f.positiveInt('num_experts', qwen2Moe ? 60 : 128);
+  // transformers 5 writes num_local_experts for these families too (its Qwen3-MoE config renamed num_experts).
+  const numExperts =
+    f.get('num_experts') !== undefined || f.get('num_local_experts') === undefined
+      ? f.positiveInt('num_experts', qwen2Moe ? 60 : 128)
+      : f.positiveInt('num_local_experts');
   const step = f.positiveInt('decoder_sparse_step', 1);
   const mlpOnly = f.get('mlp_only_layers') ?? [];
   if (
