@@ -279,15 +279,7 @@ export class Worker {
       this.dispatch(message);
     } catch (error) {
       // A prefill that cannot start is answered as failed, so that its decode worker serves the request itself.
-      if (message.type === 'prefill')
-        this.out({
-          type: 'prefillDone',
-          requestId: message.requestId,
-          ok: false,
-          bytes: 0,
-          ms: 0,
-          error: errorMessage(error),
-        });
+      if (message.type === 'prefill') this.prefillFailed(message.requestId, errorMessage(error));
       else this.requestFailed('requestId' in message ? message.requestId : undefined, message.type, error);
     }
   }
@@ -310,6 +302,11 @@ export class Worker {
     this.out({ type: 'failed', requestId, code: errorCode(error), message: errorMessage(error) });
   }
 
+  /** A prefill this worker will not do: its decode worker hears so and serves the request itself. */
+  private prefillFailed(requestId: string, error: string): void {
+    this.out({ type: 'prefillDone', requestId, ok: false, bytes: 0, ms: 0, error });
+  }
+
   private dispatch(message: ToWorker): void {
     switch (message.type) {
       case 'generate':
@@ -317,28 +314,12 @@ export class Worker {
         return;
       case 'prefill':
         if (this.draining) {
-          this.out({
-            type: 'prefillDone',
-            requestId: message.requestId,
-            ok: false,
-            bytes: 0,
-            ms: 0,
-            error: `prefill worker ${this.init.name} is draining`,
-          });
+          this.prefillFailed(message.requestId, `prefill worker ${this.init.name} is draining`);
           return;
         }
         // A prefill that throws before its own handling (a malformed message) is answered as failed, like one
         // that cannot start: nothing of it may reject unhandled, which would end this process.
-        this.prefill(message).catch((error: unknown) =>
-          this.out({
-            type: 'prefillDone',
-            requestId: message.requestId,
-            ok: false,
-            bytes: 0,
-            ms: 0,
-            error: errorMessage(error),
-          }),
-        );
+        this.prefill(message).catch((error: unknown) => this.prefillFailed(message.requestId, errorMessage(error)));
         return;
       case 'drain':
         this.drain();
