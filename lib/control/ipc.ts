@@ -150,6 +150,13 @@ export class ControlPlaneRelay {
 
   /** A request from client `client`; `send` reaches that client (a dead channel drops what it is given). */
   handle(client: string, request: ControlPlaneRequest, send: (event: ControlPlaneEvent) => void): void {
+    // A child's message is data: a malformed one is logged and dropped, never thrown into the launcher.
+    if (typeof request !== 'object' || request === null) {
+      this.log(`[control] ${client} sent a malformed control request: dropped`);
+      return;
+    }
+    const failed = (what: string) => (error: unknown) =>
+      this.log(`[control] ${client}: ${what} failed: ${error instanceof Error ? error.message : String(error)}`);
     switch (request.op) {
       case 'watch':
         this.watchers.set(client, send);
@@ -163,15 +170,21 @@ export class ControlPlaneRelay {
           this.log(`[control] ${client} tried to register '${request.registration?.name}': refused`);
           return;
         }
-        void this.plane.register(request.registration);
+        Promise.resolve()
+          .then(() => this.plane.register(request.registration))
+          .catch(failed('register'));
         return;
       case 'remove':
         if (request.name !== client) {
           this.log(`[control] ${client} tried to remove '${request.name}': refused`);
           return;
         }
-        void this.plane.remove(client, request.reason);
+        Promise.resolve()
+          .then(() => this.plane.remove(client, request.reason))
+          .catch(failed('remove'));
         return;
+      default:
+        this.log(`[control] ${client} sent an unknown control request: dropped`);
     }
   }
 

@@ -101,6 +101,34 @@ describe('the embedded control plane in worker processes (IpcControlPlane over a
     a.close();
   });
 
+  it('drops malformed requests and logs a plane that fails, without throwing into the launcher', async () => {
+    const lines: string[] = [];
+    const failing = new EmbeddedControlPlane();
+    failing.register = () => Promise.reject(new Error('etcd is unreachable'));
+    const guarded = new ControlPlaneRelay(failing, (line) => lines.push(line));
+    const rejections: unknown[] = [];
+    const onRejection = (reason: unknown) => rejections.push(reason);
+    process.on('unhandledRejection', onRejection);
+    try {
+      const send = () => {};
+      for (const request of [null, 7, 'watch', {}, { op: 'nonsense' }, { op: 'register' }, { op: 'remove' }])
+        expect(() => guarded.handle('a', request as never, send)).not.toThrow();
+      guarded.handle('a', { op: 'register', registration: workerRegistration('a', 'decode') }, send);
+      await vi.waitFor(
+        () => expect(lines.some((l) => /a: register failed: etcd is unreachable/.test(l))).toBe(true),
+        WAIT,
+      );
+      expect(lines.filter((l) => /dropped/.test(l))).toHaveLength(5);
+      expect(lines.filter((l) => /refused/.test(l))).toHaveLength(2);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      expect(rejections).toEqual([]);
+    } finally {
+      process.off('unhandledRejection', onRejection);
+      guarded.close();
+      failing.close();
+    }
+  });
+
   it('a closed client hears nothing more', async () => {
     const a = client('a');
     await vi.waitFor(() => expect(names(a)).toEqual([]), WAIT);
