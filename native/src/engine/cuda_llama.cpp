@@ -782,7 +782,7 @@ void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int 
     return;
   }
   gemm(x, m, k, wgateUp, 2 * inter, gateUp);
-  launch(fn_.siluMul, static_cast<unsigned>(m), 1, 256, gateUp, inter, act);
+  launch(fn_.siluMul, static_cast<unsigned>(m), siluMulBlocks(inter), 256, gateUp, inter, act);
 }
 
 CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDevice, size_t extraHost) const {
@@ -923,8 +923,8 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   gemm(b.xn, itok, hidden, weight(W.wqkv), iq, b.qkv);
   if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, b.qkv, weight(W.bqkv), iq);
   if (c.qkNorm) launch(fn_.qkNorm, itok, H + KVH, 32, b.qkv, weight(W.qNorm), weight(W.kNorm), H, KVH, D, eps);
-  launch(fn_.ropeKv, itok, 1, 128, b.qkv, b.positions, b.tokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs,
-         blockMajor);
+  launch(fn_.ropeKv, itok, static_cast<unsigned>(H + KVH + 1), 64, b.qkv, b.positions, b.tokenBlocks, invFreq, H,
+         KVH, D, kv, l, L, nb, bs, blockMajor);
   if (flash_) {
     if (flashTiles && p.flash2)
       launch3(fn_.flash2Prefill, H, flashTiles, 1, kFlash2Threads, flash2PrefillSmem(D), b.qkv, b.positions,

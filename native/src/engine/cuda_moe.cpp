@@ -139,7 +139,7 @@ void CudaMoe::enqueue(int layer, CUdeviceptr weights, CUdeviceptr xn, size_t nto
   const int twoMi = 2 * mi;
   launch(grouped, static_cast<unsigned>((twoMi + kTileCols - 1) / kTileCols), rowTiles, kGemmThreads, xPerm,
          weights + L.gateUp, gateUpStride, gateUp, offsets, tileStarts, E, twoMi, h);
-  launch(fn_.siluMul, static_cast<unsigned>(P), 1, 256, gateUp, mi, act);
+  launch(fn_.siluMul, static_cast<unsigned>(P), siluMulBlocks(mi), 256, gateUp, mi, act);
   launch(grouped, static_cast<unsigned>((h + kTileCols - 1) / kTileCols), rowTiles, kGemmThreads, act,
          weights + L.down, downStride, y, offsets, tileStarts, E, h, mi);
   launch(fn_.combine, static_cast<unsigned>(ntok), 1, 256, y, pairRow, topIds, topWeights, k, h, out);

@@ -29,6 +29,13 @@
 
 namespace tandem::engine {
 
+// Channels per block of llama.cu's tandem_llama_silu_mul (its TANDEM_SILU_MUL_CHUNK), shared by the dense FFN
+// (cuda_llama.cpp) and the experts: a launch is (rows, siluMulBlocks(channels)) blocks of 256 threads.
+constexpr int kSiluMulChunk = 1024;
+inline unsigned siluMulBlocks(int channels) {
+  return static_cast<unsigned>((channels + kSiluMulChunk - 1) / kSiluMulChunk);
+}
+
 class CudaMoe {
  public:
   // y[m, n] = x[m, k] . w[n, k]^T (bf16 in, fp32 out): the runner's GEMM (CudaLlama::gemm).
