@@ -23,6 +23,7 @@ import { BadArgumentError, CheckpointError, native, nativeSync, OutOfMemoryError
 import { CudaDevice, type DeviceBuffer } from '../cuda/index.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
 import {
+  type GemmTuning,
   loadBinding,
   type RawCollectiveTime,
   type RawCudaLlama,
@@ -574,6 +575,15 @@ export class CudaModelRunner implements ModelRunner {
    */
   get gemmPath(): 'lt' | 'gemmex' {
     return this.raw.gemmPath;
+  }
+
+  /**
+   * cuBLASLt autotuning (TANDEM_GEMM_TUNE, on by default on the lt path: each new GEMM shape keeps the fastest of
+   * the heuristic's top 8, timed on its first run, within a 2 s budget per runner) and whether the gate_up GEMM
+   * writes bf16 (TANDEM_GATEUP_BF16, on by default); shapes tuned and milliseconds spent so far.
+   */
+  get gemmTuning(): GemmTuning {
+    return { ...this.raw.gemmTuning };
   }
 
   /** bf16 bytes the weights take on the GPU (all tensor-parallel ranks together). */

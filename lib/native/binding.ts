@@ -278,12 +278,25 @@ export type RawForwardArgs = readonly [
   contextLens: Int32Array,
 ];
 
+/** The GPU engine's GEMM set-up (CudaModelRunner.gemmTuning). */
+export interface GemmTuning {
+  /** cuBLASLt autotuning on (TANDEM_GEMM_TUNE; false on the gemmex path). */
+  readonly tune: boolean;
+  /** The dense gate_up GEMM writes bf16 (TANDEM_GATEUP_BF16), else fp32. */
+  readonly gateUpBf16: boolean;
+  /** GEMM shapes tuned so far. */
+  readonly shapes: number;
+  /** Milliseconds spent tuning so far (at most about 2000 per runner). */
+  readonly ms: number;
+}
+
 export interface RawCudaLlama {
   readonly weightBytes: number;
   readonly cudaGraphs: { active: boolean; reason: string | null };
   readonly attentionKernels: 'flash2' | 'flash' | 'reference';
   readonly gemvMaxBatch: number;
   readonly gemmPath: 'lt' | 'gemmex';
+  readonly gemmTuning: GemmTuning;
   readonly disposed: boolean;
   /** What this rank holds (the whole model for one rank); null once disposed. */
   readonly tensorParallel: RawTensorShard | null;

@@ -1,5 +1,6 @@
 // The reference engine's GPU kernels (native/src/engine/cuda_llama.cpp drives them; cuBLAS does the GEMMs).
-// Weights and the KV pool are bf16; the residual stream, GEMM outputs and every reduction are fp32.
+// Weights and the KV pool are bf16; the residual stream, GEMM outputs (but gate_up's, bf16 by default) and every
+// reduction are fp32.
 //
 // The paged KV pool is lib/kv's: tiles of blockSize x numKvHeads x headDim (NHD) bf16 values, one per
 // (block, layer, K-or-V). Block-major: tile index (block * numLayers + layer) * 2 + kv; layer-major:
@@ -307,6 +308,38 @@ extern "C" __global__ void tandem_llama_silu_mul(const float* gateUp, int inter,
   for (int i = (int)blockIdx.y * TANDEM_SILU_MUL_CHUNK + threadIdx.x; i < end; i += blockDim.x) {
     float x = g[i];
     a[i] = __float2bfloat16(x / (1.0f + expf(-x)) * u[i]);
+  }
+}
+
+// As tandem_llama_silu_mul, from a bf16 gate_up (the dense FFN's cuBLAS GEMM writes bf16 by default,
+// TANDEM_GATEUP_BF16: half the bytes through HBM of the fp32 one, and the rounding transformers does too); same
+// grid. Four channels per thread in one 8-byte load each of gate and up where the row allows it (inter a multiple
+// of 4: rows and halves stay 8-byte aligned), one at a time otherwise. silu in fp32 of the rounded gate, then one
+// rounding of the product.
+extern "C" __global__ void tandem_llama_silu_mul_bf16(const bf16* gateUp, int inter, bf16* act) {
+  const bf16* g = gateUp + (size_t)blockIdx.x * 2 * inter;
+  const bf16* u = g + inter;
+  bf16* a = act + (size_t)blockIdx.x * inter;
+  const int begin = (int)blockIdx.y * TANDEM_SILU_MUL_CHUNK;
+  const int end = min(inter, begin + TANDEM_SILU_MUL_CHUNK);
+  if ((inter & 3) == 0) {
+    for (int i = begin + 4 * (int)threadIdx.x; i < end; i += 4 * (int)blockDim.x) {
+      const uint2 gv = *reinterpret_cast<const uint2*>(g + i), uv = *reinterpret_cast<const uint2*>(u + i);
+      const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&gv);
+      const __nv_bfloat162* u2 = reinterpret_cast<const __nv_bfloat162*>(&uv);
+      uint2 out;
+      __nv_bfloat162* o2 = reinterpret_cast<__nv_bfloat162*>(&out);
+      for (int j = 0; j < 2; ++j) {
+        const float2 x = __bfloat1622float2(g2[j]), y = __bfloat1622float2(u2[j]);
+        o2[j] = __floats2bfloat162_rn(x.x / (1.0f + expf(-x.x)) * y.x, x.y / (1.0f + expf(-x.y)) * y.y);
+      }
+      *reinterpret_cast<uint2*>(a + i) = out;
+    }
+    return;
+  }
+  for (int i = begin + (int)threadIdx.x; i < end; i += blockDim.x) {
+    const float x = __bfloat162float(g[i]);
+    a[i] = __float2bfloat16(x / (1.0f + expf(-x)) * __bfloat162float(u[i]));
   }
 }
 

@@ -173,6 +173,13 @@ cublasStatus LtGemm::prepare(int m, int n, int k, int yType, const char** what) 
   return planFor(Key{m, n, k, yType}, &p, what);
 }
 
+cublasStatus LtGemm::choose(int m, int n, int k, int yType, const cublasLtMatmulAlgo& algo, const char** what) {
+  const Plan* p = nullptr;
+  if (cublasStatus s = planFor(Key{m, n, k, yType}, &p, what)) return s;
+  plans_[Key{m, n, k, yType}].algo = algo;
+  return 0;
+}
+
 cublasStatus LtGemm::run(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, CUstream stream,
                          const char** what, const cublasLtMatmulAlgo* algo) {
   const Plan* p = nullptr;

@@ -93,9 +93,10 @@ constexpr cublasStatus kCublasLtNoAlgorithm = -1000;  // Tandem's: no heuristic 
 const CublasLtApi& loadCublasLt(const std::vector<std::string>& candidates);
 
 // y[m, n] = x[m, k] . w[n, k]^T (x, w bf16 row-major; y fp32 or bf16) through cublasLtMatmul, with the algorithm
-// cuBLASLt's heuristic ranks first for the shape, chosen once per (m, n, k, y type) and kept with its
-// descriptors. prepare() does the choosing ahead of a CUDA-graph capture (the engine's prepareGemms), so that a
-// captured run() only enqueues; the workspace is caller-owned device memory, allocated once. One thread.
+// cuBLASLt's heuristic ranks first for the shape, or the one the caller chose (choose(): the engine times the
+// heuristic's top candidates), kept once per (m, n, k, y type) with its descriptors. prepare() does the choosing
+// ahead of a CUDA-graph capture (the engine's prepareGemms), so that a captured run() only enqueues; the
+// workspace is caller-owned device memory, allocated once. One thread.
 class LtGemm {
  public:
   explicit LtGemm(const CublasLtApi& api) : api_(api) {}
@@ -115,8 +116,13 @@ class LtGemm {
   // `algo` when given (one of candidates()). Returns as prepare().
   cublasStatus run(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, CUstream stream,
                    const char** what, const cublasLtMatmulAlgo* algo = nullptr);
-  // The heuristic's top `count` algorithms for the shape (the micro benchmark times them).
+  // The heuristic's top `count` algorithms for the shape, best ranked first (the engine's autotuning and the micro
+  // benchmark time them).
   std::vector<cublasLtMatmulAlgo> candidates(int m, int n, int k, int yType, int count, cublasStatus* status);
+  // Whether the shape has a kept algorithm (prepare(), run() or choose() saw it).
+  bool has(int m, int n, int k, int yType) const { return plans_.count(Key{m, n, k, yType}) != 0; }
+  // Keeps `algo` (one of candidates()) for the shape from now on. Returns as prepare().
+  cublasStatus choose(int m, int n, int k, int yType, const cublasLtMatmulAlgo& algo, const char** what);
   size_t shapesCached() const { return plans_.size(); }
 
  private:

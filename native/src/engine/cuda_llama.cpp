@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -126,6 +127,24 @@ constexpr int gemvRows(int m) { return m <= 2 ? 2 : 4; }
 constexpr int kGemvMaxBatch = 4;
 // cuBLASLt's workspace: what its large-m kernels (split-k, stream-k) may use; allocated once per runner.
 constexpr size_t kLtWorkspaceBytes = 32u << 20;
+// cuBLASLt autotuning (tuneGemm): the heuristic's top candidates timed per new shape, each run once untimed then
+// between two events as many times (kGemmTuneRuns .. kGemmTuneMaxRuns) as make kGemmTuneMinMs with the first
+// candidate, so that a decode shape of ~20 us is not timed on event resolution; tuning stops (later shapes keep
+// the heuristic's first) once a runner has spent kGemmTuneBudgetMs on it or would with the shape at hand. An 8B
+// prefill of 8192 tokens tunes its 4 layer shapes in ~0.15 s by arithmetic (8 x 4 runs of 2.5 + 1.2 + 0.5 +
+// 0.4 ms), a decode batch's 5 shapes in ~15 ms; the top 8 held the fastest at m = 64..8192 (bench/micro/gemm.cu).
+constexpr int kGemmTuneCandidates = 8;
+constexpr int kGemmTuneRuns = 3, kGemmTuneMaxRuns = 32;
+constexpr double kGemmTuneMinMs = 0.3;
+constexpr double kGemmTuneBudgetMs = 2000;
+// "0" or "1" from an on/off switch of the environment (unset: `fallback`); anything else is a typed error.
+bool envSwitch(const char* name, bool fallback) {
+  const char* v = std::getenv(name);
+  if (!v) return fallback;
+  const std::string s = v;
+  if (s == "0" || s == "1") return s == "1";
+  throw NativeError("TANDEM_BAD_ARGUMENT", std::string(name) + " must be 0 or 1; got '" + s + "'");
+}
 // Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
 constexpr size_t kMaxGraphs = 64;
 
@@ -278,6 +297,8 @@ void CudaLlama::init() {
   fn_.attention = device_.function("tandem_llama_attention");
   fn_.attentionTiled = device_.function("tandem_llama_attention_tiled");
   fn_.siluMul = device_.function("tandem_llama_silu_mul");
+  gateUpBf16_ = envSwitch("TANDEM_GATEUP_BF16", true);
+  if (gateUpBf16_) fn_.siluMulBf16 = device_.function("tandem_llama_silu_mul_bf16");
   fn_.sampleChunkTop = device_.function("tandem_sample_chunk_top");
   fn_.sampleFinish = device_.function("tandem_sample_finish");
   const CudaDriver& drv = device_.driver();
@@ -363,6 +384,9 @@ void CudaLlama::init() {
     if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", "cublasLtCreate: " + cublasLt_.describe(s));
   }
   gemmLt_ = useLt;
+  gemmTune_ = envSwitch("TANDEM_GEMM_TUNE", true) && useLt;
+  if (gemmTune_)
+    for (CUevent& e : tuneEvents_) check(drv.cuEventCreate(&e, 0), "cuEventCreate (GEMM tuning)");
   if (tensorParallel()) {
     fn_.embedShard = device_.function("tandem_tp_embed_vocab_shard");
     tp_->init(device_);
@@ -390,6 +414,10 @@ void CudaLlama::release() {
   if (handle_) cublas_.destroy(handle_);
   handle_ = nullptr;
   lt_.reset();
+  for (CUevent& e : tuneEvents_) {
+    if (e) d.cuEventDestroy(e);
+    e = nullptr;
+  }
   for (auto* a : {&weights_, &invFreqMem_, &scratch_, &ltWorkspace_, &flash2Counters_}) {
     if (*a) {
       try {
@@ -723,24 +751,28 @@ void CudaLlama::launchGemv(CUfunction fn, unsigned grid, Args... args) {
   check(device_.driver().cuLaunchKernelEx(&config, fn, params, nullptr), "cuLaunchKernelEx (GEMV)");
 }
 
-// y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32. A small m goes to gemv.cu (one launch, no
-// workspace: capturable in a decode graph); otherwise cuBLASLt (LtGemm: the heuristic's first algorithm, chosen
-// once per shape, for a decode graph before its capture by prepareGemms; the workspace is the runner's) or
-// cublasGemmEx, in whose column-major terms y^T (n x m) = w (k x n, transposed) . x^T (k x m).
+// y[m, n] = x[m, k] . w[n, k]^T, x and w bf16 row-major, y fp32 (or bf16 where yType says so). A small m goes to
+// gemv.cu (one launch, no workspace: capturable in a decode graph; fp32 out); otherwise cuBLASLt (LtGemm: per
+// shape the fastest of the heuristic's top candidates as tuneGemm timed them, or its first with tuning off or out
+// of budget, chosen once, for a decode graph before its capture by prepareGemms; the workspace is the runner's)
+// or cublasGemmEx, in whose column-major terms y^T (n x m) = w (k x n, transposed) . x^T (k x m).
 // Not fused (yet): o_proj's and down's residual add could be cuBLASLt's C = x with beta 1 (D = x), the add
 // then leaving tandem_llama_add_rmsnorm (residual null); that changes runModel's layer loop, which the
 // attention work edits at the same time, and the GEMV path (m <= kGemvMaxBatch) would need the same
 // accumulate form. It would save about one fp32 pass over ntok x hidden per fused GEMM (~16 us at 3000 tokens,
 // ~1 ms or 1% of prefill 3000 over 64 GEMMs; negligible in decode), and no launch.
-void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) {
+void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType) {
   if (m >= 1 && m <= gemvMaxBatch_) {
+    if (yType != kCudaR32F) throw NativeError("TANDEM_INTERNAL", "the GEMV kernels write fp32 only");
     const unsigned rows = static_cast<unsigned>(gemvRows(m));
     launchGemv(gemv_[m - 1], (static_cast<unsigned>(n) + rows - 1) / rows, x, w, y, n, k);
     return;
   }
   if (gemmLt_) {
+    // New shapes outside a capture only: prepareGemms has seen every shape of a decode graph before it.
+    if (gemmTune_ && !lt_->has(m, n, k, yType)) tuneGemm(x, m, k, w, n, y, yType);
     const char* what = "cublasLtMatmul";
-    cublasStatus s = lt_->run(x, m, k, w, n, y, kCudaR32F, device_.stream(), &what);
+    cublasStatus s = lt_->run(x, m, k, w, n, y, yType, device_.stream(), &what);
     if (s != 0)
       throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
                                                  " x " + std::to_string(k) + "): " + cublasLt_.describe(s));
@@ -749,28 +781,93 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
   const float one = 1.0f, zero = 0.0f;
   cublasStatus s = cublas_.gemmEx(handle_, kCublasOpT, kCublasOpN, n, m, k, &one, reinterpret_cast<const void*>(w),
                                   kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &zero,
-                                  reinterpret_cast<void*>(y), kCudaR32F, n, kCublasCompute32F, kCublasGemmDefault);
+                                  reinterpret_cast<void*>(y), yType, n, kCublasCompute32F, kCublasGemmDefault);
   if (s != 0)
     throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx (" + std::to_string(m) + " x " + std::to_string(n) + " x " +
                                                std::to_string(k) + "): " + cublas_.describe(s));
 }
 
-void CudaLlama::prepareGemms(int tokens, int sequences) {
-  if (!gemmLt_) return;
-  const LlamaConfig& c = local_;
-  const int h = c.hiddenSize, inter = c.intermediateSize;
-  const int router = moe_ ? moe_->routerRows() : 0;
-  const int shapes[][3] = {{tokens, static_cast<int>(qkvDim_), h},
-                           {tokens, h, static_cast<int>(qDim_)},
-                           {tokens, moe_ ? router : 2 * inter, h},
-                           {tokens, h, inter},
-                           {sequences, c.vocabSize, h}};
-  for (const auto& [m, n, k] : shapes) {
-    if (m <= gemvMaxBatch_) continue;
+void CudaLlama::tuneGemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType) {
+  if (gemmTuneMs_.load() >= kGemmTuneBudgetMs) return;
+  const auto started = std::chrono::steady_clock::now();
+  cublasStatus status = 0;
+  const std::vector<cublasLtMatmulAlgo> algos = lt_->candidates(m, n, k, yType, kGemmTuneCandidates, &status);
+  if (status != 0 || algos.size() < 2) return;  // run() reports a failing heuristic; one candidate needs no timing
+  const CudaDriver& d = device_.driver();
+  CUstream stream = device_.stream();
+  // ms per run of `runs` timed runs after an untimed one; negative where a run failed (the heuristic vouched for
+  // the candidate, but nothing depends on it: skipped).
+  auto timeAlgo = [&](const cublasLtMatmulAlgo& algo, int runs) -> float {
     const char* what = "";
-    if (cublasStatus s = lt_->prepare(m, n, k, kCudaR32F, &what))
+    if (lt_->run(x, m, k, w, n, y, yType, stream, &what, &algo) != 0) return -1;
+    check(d.cuEventRecord(tuneEvents_[0], stream), "cuEventRecord (GEMM tuning)");
+    bool ok = true;
+    for (int r = 0; r < runs && ok; ++r) ok = lt_->run(x, m, k, w, n, y, yType, stream, &what, &algo) == 0;
+    check(d.cuEventRecord(tuneEvents_[1], stream), "cuEventRecord (GEMM tuning)");
+    check(d.cuEventSynchronize(tuneEvents_[1]), "GEMM tuning");
+    float ms = 0;
+    check(d.cuEventElapsedTime(&ms, tuneEvents_[0], tuneEvents_[1]), "cuEventElapsedTime (GEMM tuning)");
+    return ok ? ms / static_cast<float>(runs) : -1;
+  };
+  int runs = kGemmTuneRuns;
+  float first = timeAlgo(algos[0], runs);
+  bool within = true;  // the budget allows this shape (else run() keeps the heuristic's first)
+  if (first >= 0) {
+    runs = std::clamp(static_cast<int>(std::ceil(kGemmTuneMinMs / std::max(first, 1e-4f))), kGemmTuneRuns,
+                      kGemmTuneMaxRuns);
+    const double projected = static_cast<double>(first) * (runs + 1) * static_cast<double>(algos.size());
+    within = gemmTuneMs_.load() + projected <= kGemmTuneBudgetMs;
+    if (within && runs > kGemmTuneRuns) first = timeAlgo(algos[0], runs);
+  }
+  const cublasLtMatmulAlgo* best = within && first >= 0 ? &algos[0] : nullptr;
+  float bestMs = first;
+  for (size_t a = 1; within && a < algos.size(); ++a) {
+    const float ms = timeAlgo(algos[a], runs);
+    if (ms >= 0 && (!best || ms < bestMs)) {
+      best = &algos[a];
+      bestMs = ms;
+    }
+  }
+  if (best) {
+    const char* what = "";
+    if (cublasStatus s = lt_->choose(m, n, k, yType, *best, &what))
       throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
                                                  " x " + std::to_string(k) + "): " + cublasLt_.describe(s));
+  }
+  if (within) gemmTunedShapes_.fetch_add(1);
+  const double spent = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+  gemmTuneMs_.store(gemmTuneMs_.load() + spent);
+}
+
+void CudaLlama::prepareGemms(const BatchPlan& plan, const BatchBuffers& b) {
+  if (!gemmLt_) return;
+  const LlamaConfig& c = local_;
+  const int h = c.hiddenSize, inter = c.intermediateSize, tokens = static_cast<int>(plan.ntok);
+  const int sequences = static_cast<int>(plan.nseq), router = moe_ ? moe_->routerRows() : 0;
+  const int gateUpType = gateUpBf16_ ? kCudaR16BF : kCudaR32F;
+  // Each shape with buffers of its size to tune on (layer 0's weights; outputs the pass overwrites); an MoE
+  // config's router and the dense shapes it does not run are only prepared.
+  const bool dense = !moe_ && !layers_.empty();
+  const LayerOffsets* W = dense ? &layers_[0] : nullptr;
+  struct Shape {
+    int m, n, k, yType;
+    CUdeviceptr x, w, y;
+  };
+  const Shape shapes[] = {
+      {tokens, static_cast<int>(qkvDim_), h, kCudaR32F, b.xn, dense ? weight(W->wqkv) : 0, b.qkv},
+      {tokens, h, static_cast<int>(qDim_), kCudaR32F, b.attn, dense ? weight(W->wo) : 0, b.tmp},
+      {tokens, moe_ ? router : 2 * inter, h, moe_ ? kCudaR32F : gateUpType, b.xn, dense ? weight(W->wgateUp) : 0,
+       b.gateUp},
+      {tokens, h, inter, kCudaR32F, b.act, dense ? weight(W->wdown) : 0, b.tmp},
+      {sequences, c.vocabSize, h, kCudaR32F, b.last, tensorParallel() ? 0 : weight(lmHead_), b.logits}};
+  for (const Shape& s : shapes) {
+    if (s.m <= gemvMaxBatch_ || lt_->has(s.m, s.n, s.k, s.yType)) continue;
+    if (gemmTune_ && s.w) tuneGemm(s.x, s.m, s.k, s.w, s.n, s.y, s.yType);
+    const char* what = "";
+    if (cublasStatus st = lt_->prepare(s.m, s.n, s.k, s.yType, &what))
+      throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(s.m) + " x " +
+                                                 std::to_string(s.n) + " x " + std::to_string(s.k) +
+                                                 "): " + cublasLt_.describe(st));
   }
 }
 
@@ -781,8 +878,10 @@ void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int 
     launchGemv(gemvSwiglu_[m - 1], (static_cast<unsigned>(inter) + pairs - 1) / pairs, x, wgateUp, act, inter, k);
     return;
   }
-  gemm(x, m, k, wgateUp, 2 * inter, gateUp);
-  launch(fn_.siluMul, static_cast<unsigned>(m), siluMulBlocks(inter), 256, gateUp, inter, act);
+  // bf16 gate_up: fp32 accumulation, one rounding of each gate and up value (transformers rounds them too).
+  gemm(x, m, k, wgateUp, 2 * inter, gateUp, gateUpBf16_ ? kCudaR16BF : kCudaR32F);
+  launch(gateUpBf16_ ? fn_.siluMulBf16 : fn_.siluMul, static_cast<unsigned>(m), siluMulBlocks(inter), 256, gateUp,
+         inter, act);
 }
 
 CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDevice, size_t extraHost) const {
@@ -853,7 +952,7 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
   p.oXn = carve.take(ntok * h * 2);
   p.oQkv = carve.take(ntok * qkvDim_ * 4);
   p.oAttn = carve.take(ntok * qDim_ * 2);
-  p.oGateUp = carve.take(moe_ ? 0 : ntok * 2 * inter * 4);
+  p.oGateUp = carve.take(moe_ ? 0 : ntok * 2 * inter * (gateUpBf16_ ? 2 : 4));
   p.oAct = carve.take(moe_ ? 0 : ntok * inter * 2);
   p.oMoe = carve.take(moe_ ? moe_->scratchBytes(ntok) : 0);
   p.oLast = carve.take(nseq * h * 2);
@@ -1034,7 +1133,7 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
     const DecodeGraphCache::Key key{plan.nseq, plan.maxBlocks};
     CUgraphExec exec = graphs_.find(key);
     if (!exec) {
-      prepareGemms(static_cast<int>(plan.ntok), static_cast<int>(plan.nseq));  // no cuBLASLt set-up while capturing
+      prepareGemms(plan, b);  // no cuBLASLt set-up while capturing
       try {
         exec = graphs_.capture(key, stream, [&] { enqueuePass(plan, b, true); });
       } catch (const NativeError& e) {

@@ -118,6 +118,19 @@ class CudaLlama {
   // The GEMMs above the GEMV: "lt" (cublasLtMatmul, heuristic algorithm per shape) or "gemmex" (cublasGemmEx,
   // CUBLAS_GEMM_DEFAULT). TANDEM_GEMM=lt|gemmex; by default lt where libcublasLt loads. Set by init().
   std::string gemmPath() const { return gemmLt_ ? "lt" : "gemmex"; }
+  // cuBLASLt autotuning (TANDEM_GEMM_TUNE, on by default on the lt path): each new GEMM shape's top
+  // kGemmTuneCandidates heuristic algorithms are timed on the stream the first time the shape runs eagerly (or in
+  // prepareGemms before a decode-graph capture) and the fastest is kept, until kGemmTuneBudgetMs of tuning have
+  // been spent. gateUpBf16: the dense gate_up GEMM writes bf16 (TANDEM_GATEUP_BF16, on by default). Set by
+  // init(); shapes and ms count what tuning has done so far.
+  struct GemmTuning {
+    bool tune = false, gateUpBf16 = false;
+    int shapes = 0;
+    double ms = 0;
+  };
+  GemmTuning gemmTuning() const {
+    return {gemmTune_, gateUpBf16_, gemmTunedShapes_.load(), gemmTuneMs_.load()};
+  }
   std::string graphsReason() const {
     std::lock_guard<std::mutex> lock(slotsMutex_);
     return graphsReason_;
@@ -207,12 +220,17 @@ class CudaLlama {
   void markSet(const std::string& name);
   CUdeviceptr weight(size_t offset) const { return weights_->ptr + offset; }
   void ensureScratch(size_t deviceBytes, size_t hostBytes);
-  void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y);
-  // Chooses cuBLASLt's algorithms for a pass's GEMM shapes (tokens rows, lm_head `sequences` rows) ahead of a
+  // y in fp32 (kCudaR32F) or bf16 (kCudaR16BF, above the GEMV only: gemv.cu writes fp32).
+  void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType = kCudaR32F);
+  // Times the heuristic's top algorithms for a shape new to lt_ on these buffers (y is overwritten) and keeps the
+  // fastest; nothing when tuning is off, the budget is spent or the heuristic offers one. Eager stream only: it
+  // synchronises on events.
+  void tuneGemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType);
+  // Chooses (and tunes, on the batch's own buffers) cuBLASLt's algorithms for a pass's GEMM shapes ahead of a
   // decode-graph capture, so that only stream work happens while capturing. No-op on the gemmex path.
-  void prepareGemms(int tokens, int sequences);
+  void prepareGemms(const BatchPlan& plan, const BatchBuffers& b);
   // act[m, inter] = bf16(silu(gate) * up) of x . wgateUp^T: one fused GEMV launch for small m, else the GEMM into
-  // gateUp (fp32 scratch) and tandem_llama_silu_mul.
+  // gateUp (bf16 scratch, or fp32 with TANDEM_GATEUP_BF16=0) and tandem_llama_silu_mul(_bf16).
   void gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int inter, CUdeviceptr gateUp, CUdeviceptr act);
   template <typename... Args>
   void launch(CUfunction fn, unsigned gridX, unsigned gridY, unsigned block, Args... args);
@@ -253,12 +271,16 @@ class CudaLlama {
   std::unique_ptr<LtGemm> lt_;
   std::shared_ptr<DeviceAllocation> ltWorkspace_;
   std::atomic<bool> gemmLt_{false};
+  bool gemmTune_ = false, gateUpBf16_ = false;  // set by init()
+  std::atomic<int> gemmTunedShapes_{0};
+  std::atomic<double> gemmTuneMs_{0};
+  CUevent tuneEvents_[2] = {nullptr, nullptr};  // created by init() when tuning
   std::shared_ptr<DeviceAllocation> weights_, invFreqMem_, scratch_;
   std::shared_ptr<DeviceAllocation> flash2Counters_;  // tandem_flash_decode2's split counters: zero between launches
   void* pinned_ = nullptr;
   size_t pinnedBytes_ = 0;
   struct {
-    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, sampleChunkTop, sampleFinish;
+    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, siluMulBf16, sampleChunkTop, sampleFinish;
     CUfunction flashPrefill, flashDecode, flashCombine;  // attention.cu, for head dims 64 and 128
     CUfunction flash2Prefill, flash2Decode;              // attention.cu's second kernels, where flash2_
     CUfunction dummyUniform, dummyFill, dummySlice;      // dummy_init.cu, looked up on first use

@@ -49,6 +49,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceAccessor<&CudaLlamaWrap::GetAttentionKernels>("attentionKernels"),
                                         InstanceAccessor<&CudaLlamaWrap::GetGemvMaxBatch>("gemvMaxBatch"),
                                         InstanceAccessor<&CudaLlamaWrap::GetGemmPath>("gemmPath"),
+                                        InstanceAccessor<&CudaLlamaWrap::GetGemmTuning>("gemmTuning"),
                                         InstanceAccessor<&CudaLlamaWrap::GetTensorParallel>("tensorParallel"),
                                     });
   exports.Set("CudaLlama", ctor);
@@ -537,6 +538,18 @@ Napi::Value CudaLlamaWrap::GetGemvMaxBatch(const Napi::CallbackInfo& info) {
 // 'lt' (cublasLtMatmul) or 'gemmex' (cublasGemmEx) for the GEMMs above the GEMV; known once init() has run.
 Napi::Value CudaLlamaWrap::GetGemmPath(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), model_ ? model_->gemmPath() : "gemmex");
+}
+
+// { tune, gateUpBf16, shapes, ms }: cuBLASLt autotuning and the gate_up GEMM's output type (CudaLlama::gemmTuning).
+Napi::Value CudaLlamaWrap::GetGemmTuning(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const CudaLlama::GemmTuning t = model_ ? model_->gemmTuning() : CudaLlama::GemmTuning{};
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("tune", Napi::Boolean::New(env, t.tune));
+  out.Set("gateUpBf16", Napi::Boolean::New(env, t.gateUpBf16));
+  out.Set("shapes", Napi::Number::New(env, t.shapes));
+  out.Set("ms", Napi::Number::New(env, t.ms));
+  return out;
 }
 
 Napi::Value CudaLlamaWrap::GetDisposed(const Napi::CallbackInfo& info) {

@@ -59,6 +59,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value GetAttentionKernels(const Napi::CallbackInfo& info);
   Napi::Value GetGemvMaxBatch(const Napi::CallbackInfo& info);
   Napi::Value GetGemmPath(const Napi::CallbackInfo& info);
+  Napi::Value GetGemmTuning(const Napi::CallbackInfo& info);
 
   std::shared_ptr<CudaLlama> model_;
   std::shared_ptr<TpCommunicator> tp_;  // the model's communicator (null for one rank), for its timing
