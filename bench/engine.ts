@@ -115,7 +115,7 @@ import {
   ParallelLayoutError,
   TandemError,
 } from '../lib/errors.js';
-import type { RawCollectiveTime } from '../lib/native/binding.js';
+import type { GemmTuning, RawCollectiveTime } from '../lib/native/binding.js';
 import { activeBodyParams, decodeWeightsRead } from './engine-moe.js';
 
 const BLOCK_SIZE = 16;
@@ -963,7 +963,9 @@ async function main(): Promise<void> {
           runner.gemvMaxBatch > 0
             ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more`
             : 'any size (TANDEM_GEMV=off)'
-        } through ${runner.gemmPath === 'lt' ? 'cuBLASLt (TANDEM_GEMM=lt)' : 'cublasGemmEx (TANDEM_GEMM=gemmex)'}`;
+        } through ${runner.gemmPath === 'lt' ? 'cuBLASLt (TANDEM_GEMM=lt)' : 'cublasGemmEx (TANDEM_GEMM=gemmex)'}${gemmTuningText(
+          runner.gemmTuning,
+        )}`;
       }
       // The next layout (or PyTorch) runs on the same device: this one's memory goes back first.
       await runner.dispose();
@@ -1248,6 +1250,14 @@ function modelConfig(model: string): ModelConfig {
 }
 
 const percent = (x: number | undefined) => (x === undefined ? '' : `${(x * 100).toFixed(0)}%`);
+
+/** What the GPU runner did with its GEMMs: cuBLASLt autotuning and the gate_up GEMM's output type. */
+function gemmTuningText(t: GemmTuning): string {
+  return (
+    `, algorithms ${t.tune ? `autotuned (${t.shapes} shapes in ${t.ms.toFixed(0)} ms)` : "of the heuristic's first (TANDEM_GEMM_TUNE=0 or gemmex)"}` +
+    `; gate_up GEMM out in ${t.gateUpBf16 ? 'bf16' : 'fp32 (TANDEM_GATEUP_BF16=0)'}`
+  );
+}
 
 /** The table on stdout; a column no row has a value in (MFU on cpu, PyTorch where it did not run) is left out. */
 function printTable(rows: Row[]) {

@@ -13,7 +13,10 @@
 // Then times, with CUDA events, the median of 5 batches of launches that rotate over enough weight copies
 // (>= 256 MB) that L2 (50 MB) cannot hold them. TFLOP/s counts 2 m n k; GB/s the bytes a GEMM must move
 // (w + x read, y written). Last: one 8B forward's layer GEMMs (32 x (qkv + o_proj + gate_up + down)) per m
-// and path; the path the engine should keep is the smaller.
+// and path; the path the engine should keep is the smaller. Then the dense FFN's front half at m >= 256 as the engine
+// runs it (native/kernels/llama.cu compiled in): gate_up through lt with fp32 out + tandem_llama_silu_mul (the path
+// before, TANDEM_GATEUP_BF16=0) against bf16 out + tandem_llama_silu_mul_bf16 (the default), both checked against
+// each other (bf16 act within 2^-5 of the fp32 path's, relative to max(|act|, 1)).
 //
 //   cd bench/micro && nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gemm gemm.cu -ldl && /tmp/gemm
 // Optional: /tmp/gemm <m> ... (only those m).
@@ -23,6 +26,7 @@
 
 #include "../../native/src/dynlib.cpp"
 #include "../../native/src/engine/cublas.cpp"
+#include "../../native/kernels/llama.cu"
 
 #include <algorithm>
 #include <cmath>
@@ -324,6 +328,68 @@ int main(int argc, char** argv) {
     for (int p = 0; p < kPaths; ++p) std::printf(" %10.3f", sum[p]);
     std::printf("\n");
   }
+
+  // gate_up + SiLU * up, fp32 against bf16 gate_up, as CudaLlama::gateUpAct launches them.
+  {
+    const int inter = 14336, n = 2 * inter, k = 4096;
+    const size_t wCount = (size_t)n * k, wBytes = wCount * 2;
+    const int copies = (int)std::max<size_t>(1, (kRotateBytes + wBytes - 1) / wBytes);
+    std::vector<bf16*> w(copies);
+    for (bf16*& p : w) {
+      CHECK(cudaMalloc(&p, wBytes));
+      fill(p, wCount, seed++);
+    }
+    bf16 *x, *act32, *act16;
+    void* y;
+    CHECK(cudaMalloc(&x, (size_t)maxM * k * 2));
+    CHECK(cudaMalloc(&y, (size_t)maxM * n * 4));
+    CHECK(cudaMalloc(&act32, (size_t)maxM * inter * 2));
+    CHECK(cudaMalloc(&act16, (size_t)maxM * inter * 2));
+    std::printf("\ngate_up (%d x %d) + SiLU * up, us: lt fp32 out + silu_mul | lt bf16 out + silu_mul_bf16 | bf16/fp32\n",
+                n, k);
+    for (int m : ms) {
+      if (m < 256) continue;
+      fill(x, (size_t)m * k, seed++);
+      const dim3 grid(m, (inter + TANDEM_SILU_MUL_CHUNK - 1) / TANDEM_SILU_MUL_CHUNK);
+      auto ffn = [&](bool bf16Out, bf16* act) {
+        return [&, bf16Out, act](int i) {
+          const char* what = "";
+          int s = lt.run(reinterpret_cast<CUdeviceptr>(x), m, k, reinterpret_cast<CUdeviceptr>(w[i % copies]), n,
+                         reinterpret_cast<CUdeviceptr>(y), bf16Out ? kCudaR16BF : kCudaR32F, nullptr, &what);
+          if (s) {
+            std::printf("FAIL: %s (gate_up m=%d): %s\n", what, m, cublasLt.describe(s).c_str());
+            std::exit(1);
+          }
+          if (bf16Out)
+            tandem_llama_silu_mul_bf16<<<grid, 256>>>(static_cast<const bf16*>(y), inter, act);
+          else
+            tandem_llama_silu_mul<<<grid, 256>>>(static_cast<const float*>(y), inter, act);
+        };
+      };
+      ffn(false, act32)(0);
+      ffn(true, act16)(0);
+      CHECK(cudaDeviceSynchronize());
+      std::vector<uint16_t> a32((size_t)m * inter), a16(a32.size());
+      CHECK(cudaMemcpy(a32.data(), act32, a32.size() * 2, cudaMemcpyDeviceToHost));
+      CHECK(cudaMemcpy(a16.data(), act16, a16.size() * 2, cudaMemcpyDeviceToHost));
+      double worst = 0;
+      for (size_t i = 0; i < a32.size(); ++i) {
+        const double ref = bf16ToFloat(a32[i]), got = bf16ToFloat(a16[i]);
+        worst = std::isfinite(got) ? std::max(worst, std::fabs(got - ref) / std::max(std::fabs(ref), 1.0)) : INFINITY;
+      }
+      if (!(worst <= 1.0 / 32))
+        fail("gate_up + SiLU m=" + std::to_string(m) + ": bf16 path off the fp32 one by " + std::to_string(worst));
+      const double estMs = 2.0 * m * n * k / 600e12 * 1e3;
+      const int reps = (int)std::clamp(20.0 / estMs, 3.0, 200.0);
+      const double t32 = timeMs(ffn(false, act32), reps), t16 = timeMs(ffn(true, act16), reps);
+      std::printf("m=%-5d %12.1f | %12.1f | %.3f (act differs by at most %.2g of max(|act|, 1))\n", m, t32 * 1e3,
+                  t16 * 1e3, t16 / t32, worst);
+      std::fflush(stdout);
+    }
+    for (bf16* p : w) CHECK(cudaFree(p));
+    for (void* p : {(void*)x, y, (void*)act32, (void*)act16}) CHECK(cudaFree(p));
+  }
+
   lt.release();
   if (failures) {
     std::printf("\nFAIL: %d check(s) failed (see FAIL lines above)\n", failures);
