@@ -691,7 +691,9 @@ export async function openWorker(
     // The first forward pass on a GPU loads kernels: do it now rather than in the first request.
     if (process.env.TANDEM_WARMUP !== '0') {
       const ms = await warmUpRunner(model.runner);
-      process.stderr.write(`tandem worker ${init.name}: engine warm-up ${ms.toFixed(0)} ms\n`);
+      const t = model.runner.gemmTuning;
+      const tuning = t.tune ? `GEMM autotuning ${t.shapes} shapes in ${t.ms.toFixed(0)} ms` : 'GEMM autotuning off';
+      process.stderr.write(`tandem worker ${init.name}: engine warm-up ${ms.toFixed(0)} ms (${tuning})\n`);
     }
   }
   return new Worker(out, init, model, agent, region!, controlPlane, rankRegions);
