@@ -73,6 +73,34 @@ const CublasLtApi& loadCublasLt(const std::vector<std::string>& candidates) {
   return *api;
 }
 
+// The registry behind tunedAlgo (no anonymous namespace: bench/micro/gemm.cu compiles this file into its own).
+using TunedKey = std::tuple<int, int, int, int, int>;  // device, m, n, k, y type
+struct TunedRegistry {
+  static constexpr size_t kMax = 1 << 16;
+  std::mutex mutex;
+  std::map<TunedKey, cublasLtMatmulAlgo> algos;
+};
+static TunedRegistry& tunedRegistry() {
+  static auto* registry = new TunedRegistry();  // never freed, as the loaded APIs
+  return *registry;
+}
+
+bool tunedAlgo(int device, int m, int n, int k, int yType, cublasLtMatmulAlgo* algo) {
+  TunedRegistry& r = tunedRegistry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  auto it = r.algos.find(TunedKey{device, m, n, k, yType});
+  if (it == r.algos.end()) return false;
+  *algo = it->second;
+  return true;
+}
+
+cublasLtMatmulAlgo registerTunedAlgo(int device, int m, int n, int k, int yType, const cublasLtMatmulAlgo& algo) {
+  TunedRegistry& r = tunedRegistry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  if (r.algos.size() >= TunedRegistry::kMax) r.algos.clear();
+  return r.algos.emplace(TunedKey{device, m, n, k, yType}, algo).first->second;
+}
+
 cublasStatus LtGemm::init(CUdeviceptr workspace, size_t bytes) {
   release();
   workspace_ = workspace;

@@ -92,6 +92,14 @@ constexpr cublasStatus kCublasLtNoAlgorithm = -1000;  // Tandem's: no heuristic 
 // As loadCublas, for libcublasLt (its own once-per-process load).
 const CublasLtApi& loadCublasLt(const std::vector<std::string>& candidates);
 
+// The algorithms autotuning chose, shared by every runner of the process on a device (`device`: its ordinal):
+// tensor-parallel ranks, and runners that tests compare bit for bit, then run a shape with the same algorithm
+// whichever tuned it first (timings differ from one tuning to the next). Thread-safe; nothing is held while tuning.
+// tunedAlgo: whether one is registered for the shape (and it, in *algo). registerTunedAlgo: registers `algo` unless
+// one is already (bounded: the registry empties when it fills); returns the registered one.
+bool tunedAlgo(int device, int m, int n, int k, int yType, cublasLtMatmulAlgo* algo);
+cublasLtMatmulAlgo registerTunedAlgo(int device, int m, int n, int k, int yType, const cublasLtMatmulAlgo& algo);
+
 // y[m, n] = x[m, k] . w[n, k]^T (x, w bf16 row-major; y fp32 or bf16) through cublasLtMatmul, with the algorithm
 // cuBLASLt's heuristic ranks first for the shape, or the one the caller chose (choose(): the engine times the
 // heuristic's top candidates), kept once per (m, n, k, y type) with its descriptors. prepare() does the choosing

@@ -788,6 +788,20 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
 }
 
 void CudaLlama::tuneGemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType) {
+  const int ordinal = device_.ordinal();
+  auto keep = [&](const cublasLtMatmulAlgo& algo) {
+    const char* what = "";
+    if (cublasStatus s = lt_->choose(m, n, k, yType, algo, &what))
+      throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
+                                                 " x " + std::to_string(k) + "): " + cublasLt_.describe(s));
+  };
+  // Another runner of this process on this device tuned the shape: the same algorithm, at no cost.
+  cublasLtMatmulAlgo shared{};
+  if (tunedAlgo(ordinal, m, n, k, yType, &shared)) {
+    keep(shared);
+    gemmTunedShapes_.fetch_add(1);
+    return;
+  }
   if (gemmTuneMs_.load() >= kGemmTuneBudgetMs) return;
   const auto started = std::chrono::steady_clock::now();
   cublasStatus status = 0;
@@ -828,12 +842,8 @@ void CudaLlama::tuneGemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUde
       bestMs = ms;
     }
   }
-  if (best) {
-    const char* what = "";
-    if (cublasStatus s = lt_->choose(m, n, k, yType, *best, &what))
-      throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
-                                                 " x " + std::to_string(k) + "): " + cublasLt_.describe(s));
-  }
+  // Where another runner registered the shape while this one timed it, that one's choice holds for both.
+  if (best) keep(registerTunedAlgo(ordinal, m, n, k, yType, *best));
   if (within) gemmTunedShapes_.fetch_add(1);
   const double spent = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
   gemmTuneMs_.store(gemmTuneMs_.load() + spent);
@@ -843,26 +853,28 @@ void CudaLlama::prepareGemms(const BatchPlan& plan, const BatchBuffers& b) {
   if (!gemmLt_) return;
   const LlamaConfig& c = local_;
   const int h = c.hiddenSize, inter = c.intermediateSize, tokens = static_cast<int>(plan.ntok);
-  const int sequences = static_cast<int>(plan.nseq), router = moe_ ? moe_->routerRows() : 0;
-  const int gateUpType = gateUpBf16_ ? kCudaR16BF : kCudaR32F;
-  // Each shape with buffers of its size to tune on (layer 0's weights; outputs the pass overwrites); an MoE
-  // config's router and the dense shapes it does not run are only prepared.
-  const bool dense = !moe_ && !layers_.empty();
-  const LayerOffsets* W = dense ? &layers_[0] : nullptr;
+  const int sequences = static_cast<int>(plan.nseq);
+  // The pass's shapes, each with the batch's own x and y buffers (sizes as the pass uses them; the pass then
+  // overwrites y) to be tuned on, and the start of the weights as w (any n x k bf16 times the same: the tuned
+  // algorithm is the one an eager pass would choose). An MoE config: the router in gate_up's place, no down (the
+  // experts' grouped kernel does it).
   struct Shape {
     int m, n, k, yType;
-    CUdeviceptr x, w, y;
+    CUdeviceptr x, y;
   };
-  const Shape shapes[] = {
-      {tokens, static_cast<int>(qkvDim_), h, kCudaR32F, b.xn, dense ? weight(W->wqkv) : 0, b.qkv},
-      {tokens, h, static_cast<int>(qDim_), kCudaR32F, b.attn, dense ? weight(W->wo) : 0, b.tmp},
-      {tokens, moe_ ? router : 2 * inter, h, moe_ ? kCudaR32F : gateUpType, b.xn, dense ? weight(W->wgateUp) : 0,
-       b.gateUp},
-      {tokens, h, inter, kCudaR32F, b.act, dense ? weight(W->wdown) : 0, b.tmp},
-      {sequences, c.vocabSize, h, kCudaR32F, b.last, tensorParallel() ? 0 : weight(lmHead_), b.logits}};
+  std::vector<Shape> shapes = {{tokens, static_cast<int>(qkvDim_), h, kCudaR32F, b.xn, b.qkv},
+                               {tokens, h, static_cast<int>(qDim_), kCudaR32F, b.attn, b.tmp},
+                               {sequences, c.vocabSize, h, kCudaR32F, b.last, b.logits}};
+  if (moe_)
+    shapes.push_back({tokens, moe_->routerRows(), h, kCudaR32F, b.xn, b.moe});
+  else {
+    shapes.push_back({tokens, 2 * inter, h, gateUpBf16_ ? kCudaR16BF : kCudaR32F, b.xn, b.gateUp});
+    shapes.push_back({tokens, h, inter, kCudaR32F, b.act, b.tmp});
+  }
   for (const Shape& s : shapes) {
     if (s.m <= gemvMaxBatch_ || lt_->has(s.m, s.n, s.k, s.yType)) continue;
-    if (gemmTune_ && s.w) tuneGemm(s.x, s.m, s.k, s.w, s.n, s.y, s.yType);
+    if (gemmTune_ && static_cast<size_t>(s.n) * s.k * 2 <= weightBytes_)
+      tuneGemm(s.x, s.m, s.k, weights_->ptr, s.n, s.y, s.yType);
     const char* what = "";
     if (cublasStatus st = lt_->prepare(s.m, s.n, s.k, s.yType, &what))
       throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(s.m) + " x " +

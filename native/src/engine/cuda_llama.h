@@ -121,8 +121,10 @@ class CudaLlama {
   // cuBLASLt autotuning (TANDEM_GEMM_TUNE, on by default on the lt path): each new GEMM shape's top
   // kGemmTuneCandidates heuristic algorithms are timed on the stream the first time the shape runs eagerly (or in
   // prepareGemms before a decode-graph capture) and the fastest is kept, until kGemmTuneBudgetMs of tuning have
-  // been spent. gateUpBf16: the dense gate_up GEMM writes bf16 (TANDEM_GATEUP_BF16, on by default). Set by
-  // init(); shapes and ms count what tuning has done so far.
+  // been spent; a shape another runner of the process tuned on this device takes that one's choice (cublas.h's
+  // tunedAlgo). gateUpBf16: the dense gate_up GEMM writes bf16 (TANDEM_GATEUP_BF16, on by default). Set by
+  // init(). shapes: shapes running a tuned algorithm so far (timed here or taken from another runner); ms: this
+  // runner's time spent timing them.
   struct GemmTuning {
     bool tune = false, gateUpBf16 = false;
     int shapes = 0;
