@@ -995,16 +995,21 @@ __device__ void flashDecode2(const float* qkv, const int32_t* positions, const i
 //     the last CTA of a (row, kv head) merges the splits, one launch). Grid: (rows, numKvHeads, splits <=
 //     kMaxSplits2); 128 threads; dynamic shared memory decode3SmemBytes(D); kDecodeCtas3 CTAs per
 //     multiprocessor. `counters` as decode2's.
+// The engine's stages and CTAs per multiprocessor (the shared memory's limit: 96 KiB a CTA at head dim 128);
+// bench/micro/attention.cu also times 2 stages at 3 CTAs and 4 stages at 1.
 constexpr int kDecodeStages3 = 3;
 constexpr int kDecodeCtas3 = 2;
-__host__ __device__ constexpr int decode3SmemBytes(int headDim) { return kDecodeStages3 * 2 * kKeys * headDim * 2; }
+__host__ __device__ constexpr int decode3SmemBytes(int headDim, int stages = kDecodeStages3) {
+  return stages * 2 * kKeys * headDim * 2;
+}
 
-template <int D, int G>
+template <int D, int G, int S = kDecodeStages3>
 __device__ void flashDecode3(const float* qkv, const int32_t* positions, const int32_t* rows,
                              const int32_t* tokenSeqs, const int32_t* blockTables, int maxBlocksPerSeq,
                              const bf16* pool, int layer, int numLayers, int numBlocks, int blockSize, int blockMajor,
                              int numHeads, int numKvHeads, int slidingWindow, float scale, int keysPerSplit,
                              float* partial, int* counters, bf16* out) {
+  static_assert(S >= 2, "a stage loads while another is read");
   static_assert(G <= 8, "query heads g .. 15 of the A operand are zero: rows 8 .. 15 never hold a head");
   constexpr int kWarps = kThreads / 32;
   static_assert(kWarps * 16 == kKeys, "a warp per 16 keys of a tile");
@@ -1045,9 +1050,9 @@ __device__ void flashDecode3(const float* qkv, const int32_t* positions, const i
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m0 = -INFINITY, l0 = 0.f;  // row g (this thread's share of l)
 
-  // Stages 0 .. kDecodeStages3 - 2 issued up front (empty groups past the last tile keep the wait count uniform).
+  // Stages 0 .. S - 2 issued up front (empty groups past the last tile keep the wait count uniform).
 #pragma unroll
-  for (int s = 0; s < kDecodeStages3 - 1; ++s) {
+  for (int s = 0; s < S - 1; ++s) {
     if (s < tilesN) {
       bf16* st = stages + s * kStage;
       loadKv2<D, kWarps>(st, st + kKeys * D, pool, table, lo + s * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
@@ -1056,18 +1061,18 @@ __device__ void flashDecode3(const float* qkv, const int32_t* positions, const i
     cpAsyncCommit();
   }
   for (int it = 0; it < tilesN; ++it) {
-    cpAsyncWait<kDecodeStages3 - 2>();
+    cpAsyncWait<S - 2>();
     __syncthreads();  // tile `it` is in for every warp, and the stage tile it - 1 used is free
     {
-      const int nxt = it + kDecodeStages3 - 1;
+      const int nxt = it + S - 1;
       if (nxt < tilesN) {
-        bf16* st = stages + (nxt % kDecodeStages3) * kStage;
+        bf16* st = stages + (nxt % S) * kStage;
         loadKv2<D, kWarps>(st, st + kKeys * D, pool, table, lo + nxt * kKeys, lo, hi, kvh, layer, numLayers,
                            numBlocks, blockSize, blockMajor, kvDim);
       }
       cpAsyncCommit();
     }
-    const bf16* const ks = stages + (it % kDecodeStages3) * kStage;
+    const bf16* const ks = stages + (it % S) * kStage;
     const bf16* const vs = ks + kKeys * D;
     const int j0 = lo + it * kKeys + warp * 16;  // this warp's first key
     if (j0 > hi) continue;                       // the last tile may end before this warp's keys
