@@ -107,10 +107,10 @@ constexpr int kFlash2DecodeCtasPerSm = 3;
 constexpr unsigned kFlash2Threads = 32 * kFlash2PrefillWarps;
 const char* const kFlash2PrefillName = kFlash2PrefillWarps == 8 ? "tandem_flash_prefill2_d" : "tandem_flash_prefill2w4_d";
 constexpr size_t kFlash2Counters = 4096;
-// Decode steps of at most this many sequences take the second decode kernel, larger ones the first: measured on
-// one H100 (bench/micro/attention.cu, 8B shape, per layer), the second wins where the context is split across
-// many CTAs (batch 1 at 3032 keys: 18 us against 25; batch 16 at 544: 26 against 29) and loses once the batch
-// alone fills the GPU (batch 16 at 3032: 111 against 103 us; batch 64 at 3032: 388 against 323 us).
+// Decode steps of at most this many sequences take the second decode kernel, larger ones the third (below) or the
+// first: measured on one H100 (bench/micro/attention.cu, 8B shape, per layer), the second wins where the context
+// is split across many CTAs (batch 1 at 3032 keys: 18 us against 25; batch 16 at 544: 26 against 29) and loses
+// once the batch alone fills the GPU (batch 16 at 3032: 111 against 103 us; batch 64 at 3032: 388 against 323 us).
 constexpr size_t kFlash2DecodeMaxRows = 8;
 // Larger decode steps take the third decode kernel (attention.cu, tandem_flash_decode3: the GQA group on tensor
 // cores, three cp.async stages of 64-key tiles, splits merged in the same launch as decode2's) where the group is 4
