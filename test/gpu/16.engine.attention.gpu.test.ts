@@ -66,6 +66,10 @@ describe.skipIf(!gate.run)('GPU decode attention kernels', () => {
         for (const attention of DECODE_KERNELS)
           gpus.push(await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, attention));
         for (const gpu of gpus) expect(gpu.attentionKernels).toBe('flash2');
+        // Unset: decode2 up to 8 rows, decode3 above (both of this test's batch sizes); forced: that one always.
+        expect(gpus.map((g) => g.decodeAttention)).toEqual(
+          DECODE_KERNELS.map((k) => ({ small: k ?? 'decode2', large: k ?? 'decode3', smallMaxRows: 8 })),
+        );
         const all = [cpu, ...gpus];
         // Prompts, 8 sequences per forward (a sequence of one token is a decode row there already).
         for (let s0 = 0; s0 < nseq; s0 += 8) {

@@ -813,6 +813,13 @@ void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int 
   launch(fn_.siluMul, static_cast<unsigned>(m), siluMulBlocks(inter), 256, gateUp, inter, act);
 }
 
+int CudaLlama::decodeKernel(size_t rows) const {
+  const bool few = rows <= kFlash2DecodeMaxRows;
+  const int k = !flash2_ ? 1 : forcedDecode_ ? forcedDecode_ : few ? 2 : 3;
+  return k == 3 && !fn_.flash3Decode ? (few ? 2 : 1) : k;
+}
+size_t CudaLlama::decode2MaxRows() { return kFlash2DecodeMaxRows; }
+
 CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDevice, size_t extraHost) const {
   validateForward(config_, pool_.numBlocks, pool_.blockSize, in);
   const LlamaConfig& c = config_;
@@ -859,9 +866,7 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
     for (size_t s = 0; s < nseq; ++s)
       if (in.seqStarts[s + 1] - in.seqStarts[s] == 1) ints.push_back(in.seqStarts[s]);
     p.decodeRows = ints.size() - p.decodeAt;
-    const bool few = p.decodeRows <= kFlash2DecodeMaxRows;
-    p.decodeKernel = !p.flash2 ? 1 : forcedDecode_ ? forcedDecode_ : few ? 2 : 3;
-    if (p.decodeKernel == 3 && !fn_.flash3Decode) p.decodeKernel = few && p.flash2 ? 2 : 1;
+    p.decodeKernel = decodeKernel(p.decodeRows);
     if (p.decodeRows) {
       const int ctx = c.slidingWindow > 0 ? std::min(c.slidingWindow, mb * bs) : mb * bs;
       const int chunks = (ctx + kFlashKeys - 1) / kFlashKeys;

@@ -112,6 +112,10 @@ class CudaLlama {
   // Whether attention runs through the flash kernels (set by init()), and whether through the second ones.
   bool flashAttention() const { return flash_; }
   bool flash2Attention() const { return flash2_; }
+  // The decode kernel a step with `rows` decode rows runs (within flash_): 1, 2, 3 = tandem_flash_decode,
+  // _decode2, _decode3 (cuda_llama.cpp, kFlash2DecodeMaxRows and TANDEM_ATTENTION=decode<n>).
+  int decodeKernel(size_t rows) const;
+  static size_t decode2MaxRows();
   // GEMMs with at most this many rows of x run through gemv.cu's kernels, larger ones through cuBLAS (0: all
   // through cuBLAS, TANDEM_GEMV=off). Set by init().
   int gemvMaxBatch() const { return gemvMaxBatch_; }
