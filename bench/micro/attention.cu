@@ -480,6 +480,10 @@ bool decodeCase(const Case& c, int group, int sms, double gbps, std::mt19937& rn
 bool decodeTable(int sms, bool quick, std::mt19937& rng) {
   for (auto k : {tandem_flash_decode3_d128_g4, tandem_flash_decode3_d128_g8})
     CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, tandem_attn::decode3SmemBytes(D)));
+  // All shared memory, no L1 (as the engine sets it): room for every variant's CTAs per multiprocessor.
+  for (auto k : {tandem_flash_decode3_d128_g4, tandem_flash_decode3_d128_g8, decode3Variant<4, 2, 3>,
+                 decode3Variant<8, 2, 3>, decode3Variant<4, 4, 1>, decode3Variant<8, 4, 1>})
+    CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
   for (auto k : {decode3Variant<4, 2, 3>, decode3Variant<8, 2, 3>})
     CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, tandem_attn::decode3SmemBytes(D, 2)));
   for (auto k : {decode3Variant<4, 4, 1>, decode3Variant<8, 4, 1>})

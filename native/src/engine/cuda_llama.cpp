@@ -329,6 +329,9 @@ void CudaLlama::init() {
           check(drv.cuFuncSetAttribute(fn_.flash3Decode, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                        static_cast<int>(flash3DecodeSmem(D))),
                 "cuFuncSetAttribute (flash3 decode shared memory)");
+          // All shared memory, no L1 (its loads bypass L1): room for kFlash3DecodeCtasPerSm CTAs.
+          check(drv.cuFuncSetAttribute(fn_.flash3Decode, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
+                "cuFuncSetAttribute (flash3 decode carveout)");
         } catch (const NativeError& e) {
           if (e.code != "TANDEM_BAD_ARGUMENT") throw;
           fn_.flash3Decode = nullptr;
