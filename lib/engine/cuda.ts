@@ -25,6 +25,7 @@ import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } fro
 import {
   type GemmTuning,
   loadBinding,
+  type DecodeAttention,
   type RawCollectiveTime,
   type RawCudaLlama,
   type RawCudaTpGroup,
@@ -548,6 +549,15 @@ export class CudaModelRunner implements ModelRunner {
    */
   get attentionKernels(): 'flash2' | 'flash' | 'reference' {
     return this.raw.attentionKernels;
+  }
+
+  /**
+   * Which decode kernel a decode step runs (null without the flash kernels): `small` for steps of at most
+   * `smallMaxRows` sequences (decode2: splits read straight into registers), `large` above (decode3, the GQA group
+   * on tensor cores, for groups 4 and 8; decode1 otherwise); TANDEM_ATTENTION=decode1|decode2|decode3 forces both.
+   */
+  get decodeAttention(): DecodeAttention | null {
+    return this.raw.decodeAttention;
   }
 
   /**

@@ -289,11 +289,20 @@ export interface GemmTuning {
   /** Milliseconds spent tuning so far (at most about 2000 per runner). */
   readonly ms: number;
 }
+/** The flash decode kernels a GPU runner uses: `small` for steps of at most `smallMaxRows` decode rows, else `large`. */
+export interface DecodeAttention {
+  small: DecodeKernel;
+  large: DecodeKernel;
+  smallMaxRows: number;
+}
+/** native/kernels/attention.cu: tandem_flash_decode (+ _combine), _decode2, _decode3. */
+export type DecodeKernel = 'decode1' | 'decode2' | 'decode3';
 
 export interface RawCudaLlama {
   readonly weightBytes: number;
   readonly cudaGraphs: { active: boolean; reason: string | null };
   readonly attentionKernels: 'flash2' | 'flash' | 'reference';
+  readonly decodeAttention: DecodeAttention | null;
   readonly gemvMaxBatch: number;
   readonly gemmPath: 'lt' | 'gemmex';
   readonly gemmTuning: GemmTuning;

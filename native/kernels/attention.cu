@@ -744,6 +744,92 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float* f) {
   }
 }
 
+// The end of a split decode CTA (decode2, decode3): warp w's partial result for q head g of the kv head is in
+// wm[w][g] (max, log2 units; -inf for a warp that saw no key), wl[w][g] (sum) and wo[w][g][..] (unnormalised
+// output), visible to every thread. Merges the warps; with one split writes the output, with several writes
+// this split's partial and, in the last CTA of the (row, kv head) to get here (an atomic on `counters`, which
+// it resets), merges every split: out = sum_z acc_z 2^(m_z - M) / sum_z l_z 2^(m_z - M).
+template <int D, int G, int kWarps>
+__device__ __forceinline__ void finishSplit(const float (*wm)[G], const float (*wl)[G], const float (*wo)[G][D],
+                                            float* cl, float (*wz)[kMaxSplits2], int& last, int row, int kvh,
+                                            int split, int splits, int t, int numHeads, int numKvHeads,
+                                            float* partial, int* counters, bf16* out) {
+  constexpr int kStride = partialStride(D);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, qDim = numHeads * D;
+  // The CTA's result per (head, 4 dims): warps merged.
+  for (int e = threadIdx.x; e < G * D / 4; e += 32 * kWarps) {
+    const int g = e / (D / 4), d = (e % (D / 4)) * 4;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w][g]);
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    float L = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float c = wm[w][g] == -INFINITY ? 0.f : exp2f(wm[w][g] - M);
+      const float4 x = *reinterpret_cast<const float4*>(&wo[w][g][d]);
+      v.x += c * x.x, v.y += c * x.y, v.z += c * x.z, v.w += c * x.w;
+      L += c * wl[w][g];
+    }
+    const int h = kvh * G + g;
+    if (splits == 1) {
+      const float inv = L > 0.f ? 1.f / L : 0.f;
+      bf16* o = out + (size_t)t * qDim + (size_t)h * D + d;
+      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v.x * inv, v.y * inv);
+      *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(v.z * inv, v.w * inv);
+    } else {
+      float* part = partial + ((size_t)(row * numHeads + h) * splits + split) * kStride;
+      *reinterpret_cast<float4*>(part + d) = v;
+      if (d == 0) {
+        part[D] = M;  // -inf with L = 0 for a split past the sequence's end
+        part[D + 1] = L;
+      }
+    }
+  }
+  if (splits == 1) return;
+
+  // The last CTA of this (row, kv head) merges every split: out = sum_z acc_z 2^(m_z - M) / sum_z l_z 2^(m_z - M).
+  __threadfence();  // this CTA's partial is visible device-wide before it is counted
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[row * numKvHeads + kvh], 1) == splits - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float* base0 = partial + (size_t)(row * numHeads + kvh * G) * splits * kStride;
+  for (int g = warp; g < G; g += kWarps) {
+    const float* hb = base0 + (size_t)g * splits * kStride;
+    float M = -INFINITY;
+    for (int z = lane; z < splits; z += 32) M = fmaxf(M, __ldcg(hb + z * kStride + D));
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    float L = 0.f;
+    for (int z = lane; z < splits; z += 32) {
+      const float mz = __ldcg(hb + z * kStride + D), lz = __ldcg(hb + z * kStride + D + 1);
+      const float w = lz > 0.f ? exp2f(mz - M) : 0.f;
+      wz[g][z] = w;
+      L += w * lz;
+    }
+    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
+    if (lane == 0) cl[g] = L;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < G * D / 4; e += 32 * kWarps) {
+    const int g = e / (D / 4), d = (e % (D / 4)) * 4;
+    const float* hb = base0 + (size_t)g * splits * kStride + d;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 16
+    for (int z = 0; z < splits; ++z) {
+      const float w = wz[g][z];
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(hb + z * kStride));
+      v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+    }
+    const float inv = cl[g] > 0.f ? 1.f / cl[g] : 0.f;
+    bf16* o = out + (size_t)t * qDim + (size_t)(kvh * G + g) * D + d;
+    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v.x * inv, v.y * inv);
+    *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(v.z * inv, v.w * inv);
+  }
+  if (threadIdx.x == 0) counters[row * numKvHeads + kvh] = 0;  // ready for the next launch
+}
+
 template <int D, int G>
 __device__ void flashDecode2(const float* qkv, const int32_t* positions, const int32_t* rows,
                              const int32_t* tokenSeqs, const int32_t* blockTables, int maxBlocksPerSeq,
@@ -754,7 +840,6 @@ __device__ void flashDecode2(const float* qkv, const int32_t* positions, const i
   constexpr int kLanesPerKey = D / 8, kSlots = 32 / kLanesPerKey, kPerLane = kDecodeKeysPerLane2;
   constexpr int kWarpKeys = kSlots * kPerLane;  // keys per warp step: 8 (D 128) or 16 (D 64)
   constexpr int kWarps = kThreads / 32;
-  constexpr int kStride = partialStride(D);
   __shared__ float wm[kWarps][G], wl[kWarps][G];
   __shared__ __align__(16) float wo[kWarps][G][D];
   __shared__ float cl[G];
@@ -895,78 +980,168 @@ __device__ void flashDecode2(const float* qkv, const int32_t* positions, const i
     }
   }
   __syncthreads();
-  // The CTA's result per (head, 4 dims): warps merged.
-  for (int e = threadIdx.x; e < G * D / 4; e += kThreads) {
-    const int g = e / (D / 4), d = (e % (D / 4)) * 4;
-    float M = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, wm[w][g]);
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    float L = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float c = wm[w][g] == -INFINITY ? 0.f : exp2f(wm[w][g] - M);
-      const float4 x = *reinterpret_cast<const float4*>(&wo[w][g][d]);
-      v.x += c * x.x, v.y += c * x.y, v.z += c * x.z, v.w += c * x.w;
-      L += c * wl[w][g];
-    }
-    const int h = kvh * G + g;
-    if (splits == 1) {
-      const float inv = L > 0.f ? 1.f / L : 0.f;
-      bf16* o = out + (size_t)t * qDim + (size_t)h * D + d;
-      *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v.x * inv, v.y * inv);
-      *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(v.z * inv, v.w * inv);
-    } else {
-      float* part = partial + ((size_t)(row * numHeads + h) * splits + split) * kStride;
-      *reinterpret_cast<float4*>(part + d) = v;
-      if (d == 0) {
-        part[D] = M;  // -inf with L = 0 for a split past the sequence's end
-        part[D + 1] = L;
-      }
-    }
-  }
-  if (splits == 1) return;
+  finishSplit<D, G, kWarps>(wm, wl, wo, cl, wz, last, row, kvh, split, splits, t, numHeads, numKvHeads, partial,
+                            counters, out);
+}
 
-  // The last CTA of this (row, kv head) merges every split: out = sum_z acc_z 2^(m_z - M) / sum_z l_z 2^(m_z - M).
-  __threadfence();  // this CTA's partial is visible device-wide before it is counted
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[row * numKvHeads + kvh], 1) == splits - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const float* base0 = partial + (size_t)(row * numHeads + kvh * G) * splits * kStride;
-  for (int g = warp; g < G; g += kWarps) {
-    const float* hb = base0 + (size_t)g * splits * kStride;
-    float M = -INFINITY;
-    for (int z = lane; z < splits; z += 32) M = fmaxf(M, __ldcg(hb + z * kStride + D));
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float L = 0.f;
-    for (int z = lane; z < splits; z += 32) {
-      const float mz = __ldcg(hb + z * kStride + D), lz = __ldcg(hb + z * kStride + D + 1);
-      const float w = lz > 0.f ? exp2f(mz - M) : 0.f;
-      wz[g][z] = w;
-      L += w * lz;
+// ---- third decode kernel: the GQA group on tensor cores ------------------------------------------------------------
+//
+//   tandem_flash_decode3_d{64,128}_g{4,8}: one query token per sequence, GQA group g, split along the context, for
+//     batches that fill the GPU on their own. A CTA serves one (row, kv head, split): the group's g query heads are
+//     the M dimension of mma.sync m16n8k16 (rows g .. 15 zero), so S = Q K^T and O += P V run on tensor cores
+//     and K and V are read once per kv head. Keys come kKeys at a time into kDecodeStages3 swizzled cp.async
+//     stages shared by the CTA (one barrier per key tile, as prefill2); warp w takes keys 16w .. 16w + 15 of
+//     each tile and keeps its own online softmax, merged across warps and splits as decode2 does (finishSplit:
+//     the last CTA of a (row, kv head) merges the splits, one launch). Grid: (rows, numKvHeads, splits <=
+//     kMaxSplits2); 128 threads; dynamic shared memory decode3SmemBytes(D); kDecodeCtas3 CTAs per
+//     multiprocessor. `counters` as decode2's.
+// The engine's stages and CTAs per multiprocessor (the shared memory's limit: 96 KiB a CTA at head dim 128);
+// bench/micro/attention.cu also times 2 stages at 3 CTAs and 4 stages at 1.
+constexpr int kDecodeStages3 = 3;
+constexpr int kDecodeCtas3 = 2;
+__host__ __device__ constexpr int decode3SmemBytes(int headDim, int stages = kDecodeStages3) {
+  return stages * 2 * kKeys * headDim * 2;
+}
+
+template <int D, int G, int S = kDecodeStages3>
+__device__ void flashDecode3(const float* qkv, const int32_t* positions, const int32_t* rows,
+                             const int32_t* tokenSeqs, const int32_t* blockTables, int maxBlocksPerSeq,
+                             const bf16* pool, int layer, int numLayers, int numBlocks, int blockSize, int blockMajor,
+                             int numHeads, int numKvHeads, int slidingWindow, float scale, int keysPerSplit,
+                             float* partial, int* counters, bf16* out) {
+  static_assert(S >= 2, "a stage loads while another is read");
+  static_assert(G <= 8, "query heads g .. 15 of the A operand are zero: rows 8 .. 15 never hold a head");
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kWarps * 16 == kKeys, "a warp per 16 keys of a tile");
+  constexpr int kStage = 2 * kKeys * D;
+  extern __shared__ __align__(128) unsigned char smem[];
+  bf16* const stages = reinterpret_cast<bf16*>(smem);
+  __shared__ float wm[kWarps][G], wl[kWarps][G];
+  __shared__ float cl[G];
+  __shared__ float wz[G][kMaxSplits2];
+  __shared__ int last;
+
+  const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const int t = rows[row], p = positions[t];
+  const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
+  const int32_t* table = blockTables + (size_t)tokenSeqs[t] * maxBlocksPerSeq;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const float sl2 = scale * kLog2e;
+  const int start = slidingWindow > 0 ? max(0, p - slidingWindow + 1) : 0;
+  const int lo = start + split * keysPerSplit, hi = min(p, lo + keysPerSplit - 1);
+  const int tilesN = hi < lo ? 0 : (hi - lo) / kKeys + 1;
+
+  // Query fragments (A operand, bf16, unscaled): row g is q head kvh * G + g for g < G; rows G .. 15 are zero
+  // (A registers 1 and 3 hold rows g + 8: always zero).
+  uint32_t qf[D / 16][2];
+  {
+    const float* q = qkv + (size_t)t * rowStride + (size_t)(kvh * G + g) * D;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      const int c = k * 16 + 2 * tq;
+      const float2 a = g < G ? *reinterpret_cast<const float2*>(q + c) : make_float2(0.f, 0.f);
+      const float2 a8 = g < G ? *reinterpret_cast<const float2*>(q + c + 8) : make_float2(0.f, 0.f);
+      qf[k][0] = packBf16(a.x, a.y);
+      qf[k][1] = packBf16(a8.x, a8.y);
     }
-    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(0xffffffffu, L, o);
-    if (lane == 0) cl[g] = L;
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = -INFINITY, l0 = 0.f;  // row g (this thread's share of l)
+
+  // Stages 0 .. S - 2 issued up front (empty groups past the last tile keep the wait count uniform).
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < tilesN) {
+      bf16* st = stages + s * kStage;
+      loadKv2<D, kWarps>(st, st + kKeys * D, pool, table, lo + s * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
+                         blockSize, blockMajor, kvDim);
+    }
+    cpAsyncCommit();
+  }
+  for (int it = 0; it < tilesN; ++it) {
+    cpAsyncWait<S - 2>();
+    __syncthreads();  // tile `it` is in for every warp, and the stage tile it - 1 used is free
+    {
+      const int nxt = it + S - 1;
+      if (nxt < tilesN) {
+        bf16* st = stages + (nxt % S) * kStage;
+        loadKv2<D, kWarps>(st, st + kKeys * D, pool, table, lo + nxt * kKeys, lo, hi, kvh, layer, numLayers,
+                           numBlocks, blockSize, blockMajor, kvDim);
+      }
+      cpAsyncCommit();
+    }
+    const bf16* const ks = stages + (it % S) * kStage;
+    const bf16* const vs = ks + kKeys * D;
+    const int j0 = lo + it * kKeys + warp * 16;  // this warp's first key
+    if (j0 > hi) continue;                       // the last tile may end before this warp's keys
+    // S (row g; keys j0 + 8n + 2tq, + 1): rows 8 .. 15 of the product are zero and not kept.
+    float s[2][4];
+    s[0][0] = s[0][1] = s[0][2] = s[0][3] = s[1][0] = s[1][1] = s[1][2] = s[1][3] = 0.f;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      const int key = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
+      const int chunk = k * 2 + ((lane >> 3) & 1);
+      uint32_t b0, b1, b2, b3;
+      ldmatrixX4(b0, b1, b2, b3, swizzled<D>(const_cast<bf16*>(ks), key, chunk));
+      const uint32_t a[4] = {qf[k][0], 0u, qf[k][1], 0u};
+      mma16816(s[0], a, b0, b1);
+      mma16816(s[1], a, b2, b3);
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = j0 + n * 8 + 2 * tq + e;
+        s[n][e] = j <= hi ? s[n][e] * sl2 : -INFINITY;
+        mx = fmaxf(mx, s[n][e]);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mNew = fmaxf(m0, mx);  // finite: key j0 <= hi is one of this warp's
+    const float c0 = exp2f(m0 - mNew);  // 0 on the warp's first tile (m0 = -inf)
+    m0 = mNew;
+    l0 *= c0;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= c0;
+      o[n][1] *= c0;
+    }
+    const float p00 = exp2f(s[0][0] - mNew), p01 = exp2f(s[0][1] - mNew);
+    const float p10 = exp2f(s[1][0] - mNew), p11 = exp2f(s[1][1] - mNew);
+    l0 += p00 + p01 + p10 + p11;
+    // The C fragments of keys j0 .. j0 + 7 and j0 + 8 .. j0 + 15 are the A fragment of the 16 keys.
+    const uint32_t pf[4] = {packBf16(p00, p01), 0u, packBf16(p10, p11), 0u};
+#pragma unroll
+    for (int n = 0; n < D / 8; n += 2) {
+      const int key = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+      const int chunk = n + (lane >> 4);
+      uint32_t b0, b1, b2, b3;
+      ldmatrixX4T(b0, b1, b2, b3, swizzled<D>(const_cast<bf16*>(vs), key, chunk));
+      mma16816(o[n], pf, b0, b1);
+      mma16816(o[n + 1], pf, b2, b3);
+    }
+  }
+  cpAsyncWait<0>();
+  __syncthreads();  // every warp is done with the stages: they hold the warps' outputs from here
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  float(*wo)[G][D] = reinterpret_cast<float(*)[G][D]>(smem);
+  if (g < G) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(&wo[warp][g][n * 8 + 2 * tq]) = make_float2(o[n][0], o[n][1]);
+    if (tq == 0) {
+      wm[warp][g] = m0;  // -inf for a warp that saw no key (then its l and o are 0)
+      wl[warp][g] = l0;
+    }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < G * D / 4; e += kThreads) {
-    const int g = e / (D / 4), d = (e % (D / 4)) * 4;
-    const float* hb = base0 + (size_t)g * splits * kStride + d;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 16
-    for (int z = 0; z < splits; ++z) {
-      const float w = wz[g][z];
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(hb + z * kStride));
-      v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
-    }
-    const float inv = cl[g] > 0.f ? 1.f / cl[g] : 0.f;
-    bf16* o = out + (size_t)t * qDim + (size_t)(kvh * G + g) * D + d;
-    *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(v.x * inv, v.y * inv);
-    *reinterpret_cast<__nv_bfloat162*>(o + 2) = __floats2bfloat162_rn(v.z * inv, v.w * inv);
-  }
-  if (threadIdx.x == 0) counters[row * numKvHeads + kvh] = 0;  // ready for the next launch
+  finishSplit<D, G, kWarps>(wm, wl, wo, cl, wz, last, row, kvh, split, splits, t, numHeads, numKvHeads, partial,
+                            counters, out);
 }
 
 }  // namespace tandem_attn
@@ -1002,3 +1177,19 @@ TANDEM_FLASH_DECODE2(128, 1)
 TANDEM_FLASH_DECODE2(128, 2)
 TANDEM_FLASH_DECODE2(128, 4)
 TANDEM_FLASH_DECODE2(128, 8)
+
+#define TANDEM_FLASH_DECODE3(D, G)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads, tandem_attn::kDecodeCtas3)                     \
+      tandem_flash_decode3_d##D##_g##G(                                                                             \
+          const float* qkv, const int32_t* positions, const int32_t* rows, const int32_t* tokenSeqs,                \
+          const int32_t* blockTables, int maxBlocksPerSeq, const tandem_attn::bf16* pool, int layer, int numLayers, \
+          int numBlocks, int blockSize, int blockMajor, int numHeads, int numKvHeads, int slidingWindow,            \
+          float scale, int keysPerSplit, float* partial, int* counters, tandem_attn::bf16* out) {                   \
+    tandem_attn::flashDecode3<D, G>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer,    \
+                                    numLayers, numBlocks, blockSize, blockMajor, numHeads, numKvHeads,             \
+                                    slidingWindow, scale, keysPerSplit, partial, counters, out);                   \
+  }
+TANDEM_FLASH_DECODE3(64, 4)
+TANDEM_FLASH_DECODE3(64, 8)
+TANDEM_FLASH_DECODE3(128, 4)
+TANDEM_FLASH_DECODE3(128, 8)

@@ -169,6 +169,8 @@ struct CUlaunchConfig {
 typedef CUresult (*PFN_cuLaunchKernelEx)(const CUlaunchConfig* config, CUfunction f, void** kernelParams, void** extra);
 // CUfunction_attribute: a kernel may use more than 48 KiB of dynamic shared memory only once raised.
 enum : int { CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8 };
+// ... and the share of L1 / shared memory it prefers, in percent of the most shared memory.
+enum : int { CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT = 9 };
 typedef CUresult (*PFN_cuFuncSetAttribute)(CUfunction f, int attrib, int value);
 // Stream capture into CUDA graphs (CUstreamCaptureMode: 0 global, 1 thread-local, 2 relaxed).
 enum : int { CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1 };

@@ -108,11 +108,27 @@ constexpr int kFlash2DecodeCtasPerSm = 3;
 constexpr unsigned kFlash2Threads = 32 * kFlash2PrefillWarps;
 const char* const kFlash2PrefillName = kFlash2PrefillWarps == 8 ? "tandem_flash_prefill2_d" : "tandem_flash_prefill2w4_d";
 constexpr size_t kFlash2Counters = 4096;
-// Decode steps of at most this many sequences take the second decode kernel, larger ones the first: measured on
-// one H100 (bench/micro/attention.cu, 8B shape, per layer), the second wins where the context is split across
-// many CTAs (batch 1 at 3032 keys: 18 us against 25; batch 16 at 544: 26 against 29) and loses once the batch
-// alone fills the GPU (batch 16 at 3032: 111 against 103 us; batch 64 at 3032: 388 against 323 us).
+// Decode steps of at most this many sequences take the second decode kernel, larger ones the third (below) or the
+// first: measured on one H100 (bench/micro/attention.cu, 8B shape, per layer), the second wins where the context
+// is split across many CTAs (batch 1 at 3032 keys: 18 us against 25; batch 16 at 544: 26 against 29) and loses
+// once the batch alone fills the GPU (batch 16 at 3032: 111 against 103 us; batch 64 at 3032: 388 against 323 us).
 constexpr size_t kFlash2DecodeMaxRows = 8;
+// Larger decode steps take the third decode kernel (attention.cu, tandem_flash_decode3: the GQA group on tensor
+// cores, three cp.async stages of 64-key tiles, splits merged in the same launch as decode2's) where the group is 4
+// or 8, the first one otherwise. Its splits: the fewest that minimise waves / splits, a wave being
+// kFlash3DecodeCtasPerSm CTAs (its shared memory's limit) on every multiprocessor; at most kFlash2MaxSplits.
+// TANDEM_ATTENTION=decode1 / decode2 / decode3 forces one decode kernel for every batch (A/B measurements).
+constexpr int kFlash3DecodeCtasPerSm = 2;
+unsigned flash3DecodeSmem(int headDim) { return 3u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
+int flash3DecodeSplits(int ctas, int chunks, int slots) {
+  int best = 1;
+  double bestCost = 1e300;
+  for (int s = 1; s <= std::min(chunks, kFlash2MaxSplits); ++s) {
+    const double cost = static_cast<double>((static_cast<long long>(ctas) * s + slots - 1) / slots) / s;
+    if (cost < bestCost - 1e-12) best = s, bestCost = cost;
+  }
+  return best;
+}
 unsigned flash2PrefillSmem(int headDim) { return 3u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 // The skinny GEMM's geometry (gemv.cu, namespace tandem_gemv): threads per CTA, the largest batch with a kernel,
 // and weight rows per CTA (any grid is correct there; this one gives each CTA one row group).
@@ -328,7 +344,22 @@ void CudaLlama::init() {
       } catch (const NativeError& e) {
         if (e.code != "TANDEM_BAD_ARGUMENT") throw;
       }
+      if (flash2_ && (group == 4 || group == 8)) {
+        try {
+          fn_.flash3Decode = device_.function("tandem_flash_decode3_d" + d + "_g" + std::to_string(group));
+          check(drv.cuFuncSetAttribute(fn_.flash3Decode, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                       static_cast<int>(flash3DecodeSmem(D))),
+                "cuFuncSetAttribute (flash3 decode shared memory)");
+          // All shared memory, no L1 (its loads bypass L1): room for kFlash3DecodeCtasPerSm CTAs.
+          check(drv.cuFuncSetAttribute(fn_.flash3Decode, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
+                "cuFuncSetAttribute (flash3 decode carveout)");
+        } catch (const NativeError& e) {
+          if (e.code != "TANDEM_BAD_ARGUMENT") throw;
+          fn_.flash3Decode = nullptr;
+        }
+      }
     }
+    if (attention == "decode1" || attention == "decode2" || attention == "decode3") forcedDecode_ = attention[6] - '0';
   }
   int gemvMax = kGemvMaxBatch;
   if (const char* gemv = std::getenv("TANDEM_GEMV")) {
@@ -896,6 +927,13 @@ void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int 
          inter, act);
 }
 
+int CudaLlama::decodeKernel(size_t rows) const {
+  const bool few = rows <= kFlash2DecodeMaxRows;
+  const int k = !flash2_ ? 1 : forcedDecode_ ? forcedDecode_ : few ? 2 : 3;
+  return k == 3 && !fn_.flash3Decode ? (few ? 2 : 1) : k;
+}
+size_t CudaLlama::decode2MaxRows() { return kFlash2DecodeMaxRows; }
+
 CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDevice, size_t extraHost) const {
   validateForward(config_, pool_.numBlocks, pool_.blockSize, in);
   const LlamaConfig& c = config_;
@@ -942,14 +980,17 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
     for (size_t s = 0; s < nseq; ++s)
       if (in.seqStarts[s + 1] - in.seqStarts[s] == 1) ints.push_back(in.seqStarts[s]);
     p.decodeRows = ints.size() - p.decodeAt;
-    p.flash2Decode = p.flash2 && p.decodeRows <= kFlash2DecodeMaxRows;
+    p.decodeKernel = decodeKernel(p.decodeRows);
     if (p.decodeRows) {
       const int ctx = c.slidingWindow > 0 ? std::min(c.slidingWindow, mb * bs) : mb * bs;
       const int chunks = (ctx + kFlashKeys - 1) / kFlashKeys;
       const int ctas = static_cast<int>(p.decodeRows) * local_.numKvHeads;
-      const int perSm = p.flash2Decode ? kFlash2DecodeCtasPerSm : kFlashDecodeCtasPerSm;
+      const int perSm = p.decodeKernel == 2 ? kFlash2DecodeCtasPerSm : kFlashDecodeCtasPerSm;
       int want = std::max(1, (perSm * multiprocessors_ + ctas - 1) / ctas);
-      if (p.flash2Decode) want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
+      if (p.decodeKernel == 3) want = flash3DecodeSplits(ctas, chunks, kFlash3DecodeCtasPerSm * multiprocessors_);
+      // decode2 and decode3 merge splits through one counter per (row, kv head).
+      if (p.decodeKernel >= 2)
+        want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
       p.splits = std::max(1, std::min(want, chunks));
       p.keysPerSplit = (chunks + p.splits - 1) / p.splits * kFlashKeys;
       p.splits = (ctx + p.keysPerSplit - 1) / p.keysPerSplit;
@@ -1043,7 +1084,11 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
     else if (flashTiles)
       launch3(fn_.flashPrefill, flashTiles, H, 1, kFlashThreads, flashPrefillSmem(D), b.qkv, b.positions,
               b.flashTiles, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale, b.attn);
-    if (decodeRows && p.flash2Decode)
+    if (decodeRows && p.decodeKernel == 3)
+      launch3(fn_.flash3Decode, decodeRows, KVH, static_cast<unsigned>(p.splits), kFlashThreads, flash3DecodeSmem(D),
+              b.qkv, b.positions, b.decodeRows, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
+              c.slidingWindow, scale, keysPerSplit, b.partial, counters, b.attn);
+    else if (decodeRows && p.decodeKernel == 2)
       launch3(fn_.flash2Decode, decodeRows, KVH, static_cast<unsigned>(p.splits), kFlashThreads, 0, b.qkv,
               b.positions, b.decodeRows, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
               c.slidingWindow, scale, keysPerSplit, b.partial, counters, b.attn);

@@ -112,6 +112,10 @@ class CudaLlama {
   // Whether attention runs through the flash kernels (set by init()), and whether through the second ones.
   bool flashAttention() const { return flash_; }
   bool flash2Attention() const { return flash2_; }
+  // The decode kernel a step with `rows` decode rows runs (within flash_): 1, 2, 3 = tandem_flash_decode,
+  // _decode2, _decode3 (cuda_llama.cpp, kFlash2DecodeMaxRows and TANDEM_ATTENTION=decode<n>).
+  int decodeKernel(size_t rows) const;
+  static size_t decode2MaxRows();
   // GEMMs with at most this many rows of x run through gemv.cu's kernels, larger ones through cuBLAS (0: all
   // through cuBLAS, TANDEM_GEMV=off). Set by init().
   int gemvMaxBatch() const { return gemvMaxBatch_; }
@@ -184,7 +188,8 @@ class CudaLlama {
     size_t tilesAt = 0, decodeAt = 0;
     size_t flashTiles = 0, decodeRows = 0;
     int splits = 1, keysPerSplit = 0;
-    bool flash2 = false, flash2Decode = false;
+    bool flash2 = false;
+    int decodeKernel = 0;  // decode rows' attention: 1, 2, 3 = tandem_flash_decode, _decode2, _decode3
     // Scratch (device) byte offsets, and its size; host: the staging offset of the caller's extra bytes.
     size_t oInts = 0, oX = 0, oTmp = 0, oXn = 0, oQkv = 0, oAttn = 0, oGateUp = 0, oAct = 0, oLast = 0, oLogits = 0;
     size_t oPartial = 0, oExtra = 0, deviceBytes = 0, hostExtraAt = 0, hostBytes = 0;
@@ -285,6 +290,7 @@ class CudaLlama {
     CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, siluMulBf16, sampleChunkTop, sampleFinish;
     CUfunction flashPrefill, flashDecode, flashCombine;  // attention.cu, for head dims 64 and 128
     CUfunction flash2Prefill, flash2Decode;              // attention.cu's second kernels, where flash2_
+    CUfunction flash3Decode;                             // tandem_flash_decode3 (GQA groups 4, 8), where flash2_
     CUfunction dummyUniform, dummyFill, dummySlice;      // dummy_init.cu, looked up on first use
     CUfunction embedShard;                               // tp.cu, with several tensor-parallel ranks
     CUfunction qkNorm;                                   // moe.cu's tandem_qk_rmsnorm, where config.qkNorm
@@ -295,6 +301,9 @@ class CudaLlama {
   // Within flash_: the second kernels (tandem_flash_prefill2 / _decode2) where they exist, the GQA group is a power
   // of two up to 8 and TANDEM_ATTENTION is not `flash1`.
   std::atomic<bool> flash2_{false};
+  // TANDEM_ATTENTION=decode1 / decode2 / decode3: every decode step's attention through that decode kernel (where
+  // loaded); 0: chosen by rows (planBatch).
+  int forcedDecode_ = 0;
   std::vector<CUfunction> gemv_;        // tandem_gemv_m<m> at index m - 1, m = 1..gemvMaxBatch_
   std::vector<CUfunction> gemvSwiglu_;  // tandem_gemv_swiglu_m<m>, likewise
   std::atomic<int> gemvMaxBatch_{0};

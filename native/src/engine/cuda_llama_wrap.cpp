@@ -47,6 +47,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceAccessor<&CudaLlamaWrap::GetDisposed>("disposed"),
                                         InstanceAccessor<&CudaLlamaWrap::GetCudaGraphs>("cudaGraphs"),
                                         InstanceAccessor<&CudaLlamaWrap::GetAttentionKernels>("attentionKernels"),
+                                        InstanceAccessor<&CudaLlamaWrap::GetDecodeAttention>("decodeAttention"),
                                         InstanceAccessor<&CudaLlamaWrap::GetGemvMaxBatch>("gemvMaxBatch"),
                                         InstanceAccessor<&CudaLlamaWrap::GetGemmPath>("gemmPath"),
                                         InstanceAccessor<&CudaLlamaWrap::GetGemmTuning>("gemmTuning"),
@@ -528,6 +529,19 @@ Napi::Value CudaLlamaWrap::GetCudaGraphs(const Napi::CallbackInfo& info) {
 Napi::Value CudaLlamaWrap::GetAttentionKernels(const Napi::CallbackInfo& info) {
   if (!model_ || !model_->flashAttention()) return Napi::String::New(info.Env(), "reference");
   return Napi::String::New(info.Env(), model_->flash2Attention() ? "flash2" : "flash");
+}
+
+// The flash decode kernels: { small, large, smallMaxRows } (steps of at most smallMaxRows decode rows run `small`),
+// each 'decode1' | 'decode2' | 'decode3'; null without the flash kernels.
+Napi::Value CudaLlamaWrap::GetDecodeAttention(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!model_ || !model_->flashAttention()) return env.Null();
+  const size_t maxRows = CudaLlama::decode2MaxRows();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("small", "decode" + std::to_string(model_->decodeKernel(maxRows)));
+  o.Set("large", "decode" + std::to_string(model_->decodeKernel(maxRows + 1)));
+  o.Set("smallMaxRows", static_cast<double>(maxRows));
+  return o;
 }
 
 // The largest batch whose GEMMs run through gemv.cu (0: all through cuBLAS); known once init() has run.

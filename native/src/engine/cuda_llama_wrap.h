@@ -57,6 +57,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
   Napi::Value GetCudaGraphs(const Napi::CallbackInfo& info);
   Napi::Value GetAttentionKernels(const Napi::CallbackInfo& info);
+  Napi::Value GetDecodeAttention(const Napi::CallbackInfo& info);
   Napi::Value GetGemvMaxBatch(const Napi::CallbackInfo& info);
   Napi::Value GetGemmPath(const Napi::CallbackInfo& info);
   Napi::Value GetGemmTuning(const Napi::CallbackInfo& info);
