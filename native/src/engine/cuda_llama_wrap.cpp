@@ -483,7 +483,9 @@ Napi::Value CudaLlamaWrap::TakeCollectiveTime(const Napi::CallbackInfo& info) {
   WorkQueue& queue = liveQueue(env);
   std::shared_ptr<TpCommunicator> tp = tp_;
   return runAsync<TpCollectiveTime>(
-      env, queue, [tp]() { return tp ? translated([&] { return tp->takeTime(); }) : TpCollectiveTime{}; },
+      // A group of one (one rank with redundant expert slots) has no collectives and no initialised communicator.
+      env, queue,
+      [tp]() { return tp && tp->size() > 1 ? translated([&] { return tp->takeTime(); }) : TpCollectiveTime{}; },
       [](Napi::Env env, TpCollectiveTime& t) -> Napi::Value {
         Napi::Object out = Napi::Object::New(env);
         out.Set("allReduceMs", Napi::Number::New(env, t.allReduceMs));
