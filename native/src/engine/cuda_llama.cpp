@@ -437,6 +437,7 @@ ExpertCopyStats CudaLlama::commitExperts(const std::vector<std::pair<int, int>>&
                                          std::vector<std::vector<int32_t>> slotExpert) {
   if (aborted_.load() || released_) throw Aborted("the model was disposed");
   moe();
+  if (!weights_) throw NativeError("TANDEM_INTERNAL", "the GPU model runner was not initialised");
   return moe_->commitExperts(weights_->ptr, dests, std::move(slotExpert));
 }
 
