@@ -142,6 +142,8 @@ async function loadCheckpoint(
   manifest: readonly ManifestTensor[],
   log: StartLog | undefined,
   onTensors: (count: number, lastName: string) => void,
+  /** The tensors this model reads (an expert-parallel rank: its own experts'); all of them by default. */
+  holds: (name: string) => boolean = () => true,
 ): Promise<void> {
   const checkpoint = openSafetensors(path);
   try {
@@ -150,6 +152,7 @@ async function loadCheckpoint(
     const byFile = new Map<string, FileTensor[]>();
     let totalBytes = 0;
     for (const t of manifest) {
+      if (!holds(t.name)) continue;
       const info = checkpoint.info(t.name);
       if (info.dtype !== 'BF16' && info.dtype !== 'F16' && info.dtype !== 'F32')
         throw new CheckpointError(
@@ -470,13 +473,14 @@ export class CudaModelRunner implements ModelRunner {
             loadCheckpoint(
               m,
               source,
-              manifest.filter((t) => m.holds(t.name)),
+              manifest,
               r === 0 ? options.log : undefined,
               (tensors, name) => {
                 if (r !== 0) return;
                 loaded += tensors;
                 options.onProgress?.(loaded, total, name);
               },
+              (name) => m.holds(name),
             ),
           ),
         );
