@@ -112,6 +112,7 @@ describe.skipIf(!gate.run)('GPU engine: expert parallelism on one device', () =>
         expect(many.expertParallelSize).toBe(ep);
         expect(many.tensorParallelSize).toBe(ep);
         expect(many.cudaGraphs.active).toBe(false); // a group's host barriers are not captured
+        expect(many.cudaGraphs.reason).toMatch(/expert-parallel ranks run decode steps eagerly/);
         const { steps, tokens } = await lockstep([one, many], config.vocabSize, 4);
         let worst = 0;
         steps.forEach(

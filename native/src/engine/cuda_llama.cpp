@@ -177,8 +177,8 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
   for (int r = 0; r < shard_.size; ++r) vocabRowsPerRank_.push_back(tpShardOf(config_, shard_.size, r).vocabRows);
   if (grouped() && cudaGraphs_) {
     cudaGraphs_ = false;
-    graphsReason_ = "tensor- and expert-parallel ranks run decode steps eagerly (the local communicator's host "
-                    "barriers cannot be captured in a CUDA graph)";
+    graphsReason_ = "tensor-parallel and expert-parallel ranks run decode steps eagerly (the local communicator's "
+                    "host barriers cannot be captured in a CUDA graph)";
   }
   const LlamaConfig& c = local_;  // this rank's shapes
   if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");
