@@ -8,9 +8,14 @@
  * over layers and steps: the busiest rank sets an EP step's time, so 1.5 means the step waits 50 % longer than
  * an even split would. A last section serves requests on the CPU with a dummy MoE whose gates favour a few
  * experts, the balancer fed by the runner's expert load while serving goes on (servingSkewed), and the same on real
- * CPU expert-parallel ranks balancing themselves, the imbalance read from their own counts (cpuRanksSkewed). Also: the time to balance a Qwen3-30B-A3B-sized model (48 layers x 128 experts).
+ * CPU expert-parallel ranks balancing themselves, the imbalance read from their own counts (ranksSkewed). Also: the time to balance a Qwen3-30B-A3B-sized model (48 layers x 128 experts).
  *
- *   npm run bench:eplb [-- --quick] [--out reports/eplb.json] [--chart reports/eplb.svg] [--seed 1]
+ * --device cuda runs the real-ranks section on the GPU engine instead: 4 expert-parallel CudaLlama ranks sharing one
+ * GPU (lib/engine/cuda-experts.ts), the same skewed model and requests, the imbalance read from the ranks' GPU load
+ * counters after every step, the step time before and after the first placement applied; its own table, JSON
+ * (`gpuRanks`) and chart (imbalance and step time per step).
+ *
+ *   npm run bench:eplb [-- --quick] [--device cpu|cuda] [--out reports/eplb.json] [--chart reports/eplb.svg] [--seed 1]
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
@@ -20,6 +25,8 @@ import { randomLcg } from 'd3-random';
 import { axisFor, ChartUnavailableError, panels, writeChart, type ChartSpec } from '../lib/bench/chart.js';
 import { formatTable, sig } from '../lib/bench/table.js';
 import { CpuModelRunner } from '../lib/engine/cpu.js';
+import { CudaModelRunner } from '../lib/engine/cuda.js';
+import { BackendUnavailableError } from '../lib/errors.js';
 import { LlmEngine } from '../lib/engine/llm-engine.js';
 import type { ModelRunner } from '../lib/engine/runner.js';
 import { dummyConfig } from '../lib/engine/model/index.js';
@@ -44,9 +51,15 @@ const { values } = parseArgs({
     out: { type: 'string', default: 'reports/eplb.json' },
     chart: { type: 'string', default: 'reports/eplb.svg' },
     seed: { type: 'string', default: '1' },
+    device: { type: 'string', default: 'cpu' },
   },
 });
 const quick = values.quick!;
+const device = values.device!;
+if (device !== 'cpu' && device !== 'cuda') {
+  console.error(`bench:eplb: --device must be cpu or cuda (got ${device})`);
+  process.exit(2);
+}
 const seed = Number(values.seed);
 const LAYERS = quick ? 2 : 4;
 const TOKENS_PER_STEP = 256;
@@ -324,25 +337,22 @@ interface CpuRanksResult {
 }
 
 /**
- * The same skewed model and requests on real CPU expert-parallel ranks (not simulated): a runner with 4 EP ranks
- * and the `eplb` option balances itself between steps (copying expert weights between the ranks' slots); the
- * imbalance is read from the runner's own per-rank counts (`takeRankLoad`) after every step.
+ * The same skewed model and requests on real expert-parallel ranks (not simulated): a runner with 4 EP ranks and the
+ * `eplb` option balances itself between steps (copying expert weights between the ranks' slots); the imbalance is
+ * read from the runner's own per-rank counts (`takeRankLoad`) after every step. `cpu`: CPU ranks (threads); `cuda`:
+ * GPU ranks sharing one device.
  */
-async function cpuRanksSkewed(): Promise<CpuRanksResult> {
+async function ranksSkewed(on: 'cpu' | 'cuda'): Promise<CpuRanksResult> {
   const config = dummyConfig('tiny-moe');
   const rng = randomLcg(seed / 1000 + 0.0007);
   const weights = skewedMoeWeights(config, seed, rng);
   const policy: EplbPolicy = { windowSteps: 4, periodSteps: 4, redundantSlotsPerRank: 1, minImbalanceGain: 0.05 };
   const ranks = 4;
-  const runner = await CpuModelRunner.create({
-    config,
-    numBlocks: 256,
-    blockSize: 16,
-    threads: ranks,
-    weights,
-    parallel: { ep: ranks },
-    eplb: policy,
-  });
+  const options = { config, numBlocks: 256, blockSize: 16, weights, eplb: policy };
+  const runner =
+    on === 'cpu'
+      ? await CpuModelRunner.create({ ...options, threads: ranks, parallel: { ep: ranks } })
+      : await CudaModelRunner.create({ ...options, parallel: { tp: 1, ep: ranks } });
   const balancer = runner.expertBalancer!;
   const timeline: { step: number; imbalance: number; ms: number }[] = [];
   const observed: ModelRunner = {
@@ -480,7 +490,7 @@ async function main(): Promise<void> {
   const rows = placementRows();
   const fullMs = fullModelBalanceMs();
   const serving = await servingSkewed();
-  const cpuRanks = await cpuRanksSkewed();
+  const cpuRanks = await ranksSkewed('cpu');
   console.log(`bench:eplb on ${cpus()[0]?.model ?? 'this CPU'}, Node ${process.version}${quick ? ', --quick' : ''}`);
   console.log(
     `routing: Zipf over experts (random order per layer), ${TOKENS_PER_STEP} tokens a step, ${LAYERS} layers; ` +
@@ -548,4 +558,111 @@ async function main(): Promise<void> {
   }
 }
 
-await main();
+/** --device cuda: the real-ranks section on GPU ranks sharing one device, with its own table, JSON and chart. */
+async function mainCuda(): Promise<void> {
+  const started = performance.now();
+  let gpuRanks: CpuRanksResult;
+  try {
+    gpuRanks = await ranksSkewed('cuda');
+  } catch (error) {
+    // No GPU, no kernels or no cuBLAS here: say which, and exit without a report.
+    if (!(error instanceof BackendUnavailableError)) throw error;
+    console.error(`bench:eplb --device cuda: ${error.message}`);
+    process.exit(1);
+  }
+  console.log(`bench:eplb --device cuda, Node ${process.version}${quick ? ', --quick' : ''}`);
+  console.log(
+    `serving ${gpuRanks.model} on ${gpuRanks.ranks} GPU expert-parallel ranks sharing one device (eplb: window ` +
+      `${gpuRanks.policy.windowSteps}, period ${gpuRanks.policy.periodSteps}, ${gpuRanks.policy.redundantSlotsPerRank} ` +
+      `redundant slot per rank, minimum gain ${gpuRanks.policy.minImbalanceGain}), ${gpuRanks.requests} requests, ` +
+      `${gpuRanks.steps} steps; imbalance = max / mean (token, choice) pairs per rank from the ranks' GPU counters:`,
+  );
+  console.log(
+    formatTable(
+      ['', 'steps', 'imbalance', 'step ms'],
+      [
+        [
+          'before the first placement',
+          String(gpuRanks.stepsBefore),
+          sig(gpuRanks.imbalanceBefore),
+          sig(gpuRanks.stepMsBefore),
+        ],
+        [
+          'after',
+          String(gpuRanks.steps - gpuRanks.stepsBefore),
+          sig(gpuRanks.imbalanceAfter),
+          sig(gpuRanks.stepMsAfter),
+        ],
+      ],
+      ['left', 'right', 'right', 'right'],
+    ),
+  );
+  console.log(
+    'decisions: ' +
+      gpuRanks.decisions
+        .map((d) => `step ${d.step} gain ${sig(d.gain)} ${d.applied ? `applied (${d.moves} expert copies)` : 'kept'}`)
+        .join(', '),
+  );
+  const report = {
+    bench: 'eplb',
+    device: 'cuda',
+    node: process.version,
+    quick,
+    seconds: (performance.now() - started) / 1000,
+    settings: { seed },
+    gpuRanks,
+  };
+  mkdirSync(dirname(values.out!), { recursive: true });
+  writeFileSync(values.out!, `${JSON.stringify(report, null, 2)}\n`);
+  console.log(`JSON: ${values.out}`);
+  try {
+    await writeChart(values.chart!, ranksChart(gpuRanks, 'GPU'));
+    console.log(`chart: ${values.chart}`);
+  } catch (error) {
+    if (!(error instanceof ChartUnavailableError)) throw error;
+    console.log(`no chart: ${error.message}`);
+  }
+}
+
+/** Real ranks balancing themselves: imbalance and step time per step, a rule where a placement was applied. */
+function ranksChart(result: CpuRanksResult, where: string): ChartSpec {
+  const steps = result.timeline.map((t) => t.step);
+  const applied = result.decisions.filter((d) => d.applied);
+  const panel = (field: 'imbalance' | 'ms', title: string): ChartSpec => ({
+    title,
+    width: 380,
+    height: 240,
+    layer: [
+      {
+        data: { values: result.timeline },
+        mark: { type: 'line', point: { color: '#222' }, color: '#222' },
+        encoding: {
+          x: axisFor('step', 'engine step', steps, { zero: true }),
+          y: axisFor(
+            field,
+            field === 'ms' ? 'step time (ms)' : 'imbalance (max / mean pairs per rank)',
+            result.timeline.map((t) => t[field]),
+            field === 'ms'
+              ? { zero: true }
+              : { domain: [1, Math.max(...result.timeline.map((t) => t.imbalance)) * 1.05] },
+          ),
+        },
+      },
+      {
+        data: { values: applied },
+        mark: { type: 'rule', strokeDash: [6, 4], color: '#888' },
+        encoding: { x: { field: 'step', type: 'quantitative' } },
+      },
+    ],
+  });
+  return panels(
+    {
+      text: `EPLB on ${result.ranks} ${where} expert-parallel ranks: ${result.model}`,
+      subtitle: ['grey dashes: a new placement applied (expert weights copied between the ranks, tables switched)'],
+    },
+    [panel('imbalance', 'imbalance per step'), panel('ms', 'step time')],
+    2,
+  );
+}
+
+await (device === 'cuda' ? mainCuda() : main());

@@ -4,9 +4,9 @@
  *  [--eplb-period N] [--eplb-redundant N] [--eplb-min-gain G]] [--chat] [--json]`
  *
  * --tp / --pp / --ep run the model as tensor x pipeline parallel ranks, an MoE model's experts split over ep of
- * them (lib/engine/parallel.ts): on the CPU engine, one native thread per rank; on the GPU engine (--tp only), one
+ * them (lib/engine/parallel.ts): on the CPU engine, one native thread per rank; on the GPU engine (--tp and --ep), one
  * model per rank, every rank on one GPU; the layout is printed on stderr (and is `layout` in --json). --eplb balances
- * the experts over the ep ranks online (CPU engine; lib/moe's EplbPolicy, its defaults unless an --eplb-* option sets
+ * the experts over the ep ranks online (either engine; lib/moe's EplbPolicy, its defaults unless an --eplb-* option sets
  * windowSteps, periodSteps, redundantSlotsPerRank or minImbalanceGain; any --eplb-* option implies --eplb); the
  * balancer's decisions are summed up on stderr (`eplb` in --json).
  *

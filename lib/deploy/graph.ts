@@ -391,8 +391,6 @@ function semanticIssues(parsed: z.output<typeof GraphSchema>): { graph: Deployme
         path: at('eplb'),
         message: 'needs expertParallelSize > 1 (it balances the experts over the expert-parallel ranks)',
       });
-    else if (p.eplb !== undefined && (p.device === 'cuda' || gpusPerReplica > 0))
-      issues.push({ path: at('eplb'), message: 'runs on the CPU engine only (device: cpu)' });
     if (p.engine.numBlocks !== undefined && p.engine.kvCacheFraction !== undefined)
       issues.push({ path: at('engine', 'kvCacheFraction'), message: 'set numBlocks or kvCacheFraction, not both' });
 

@@ -107,12 +107,15 @@ export function tensorSlice(
     case 'expert_gate':
     case 'expert_up':
     case 'expert_down':
+      // Whole: with several GPU ranks an MoE model's experts are split over them (ep = tp), each rank holding its
+      // experts whole (CudaModelRunner skips the experts a rank does not hold), and the router is on every rank.
+      return all;
     case 'shared_gate':
     case 'shared_up':
     case 'shared_down':
     case 'shared_expert_gate':
       throw new ParallelLayoutError(
-        `${tensor.name}: the GPU engine runs mixture-of-experts models on one rank only; use the CPU engine's ranks`,
+        `${tensor.name}: the GPU engine runs no shared expert (Qwen2-MoE) on several ranks; use the CPU engine's ranks`,
       );
   }
 }

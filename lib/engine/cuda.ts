@@ -47,6 +47,10 @@ import { openSafetensors } from './model/safetensors.js';
 import { ByteProgress, StartPhases, type StartLog } from './model/progress.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner, type SampledLogits, type SamplePlan } from './runner.js';
 import { checkCudaTensorParallel, sliceHostTensor, tpDeviceOrdinals } from './cuda-parallel.js';
+import { checkCudaExpertParallel, CudaExpertRanks } from './cuda-experts.js';
+import { ExpertBalancer, checkEplbPolicy, type EplbPolicy } from '../moe/policy.js';
+import type { ExpertPlacement } from '../moe/eplb.js';
+import type { ExpertPlacementChange } from './cpu.js';
 
 /** Share of the GPU's free memory (after the weights) the KV pool takes when numBlocks is not given. */
 export const DEFAULT_GPU_KV_FRACTION = 0.8;
@@ -90,9 +94,16 @@ export interface CudaModelRunnerOptions {
    * (ParallelLayoutError). Each rank opens its own CudaDevice on its ordinal; decode steps run eagerly (no CUDA
    * graphs) with more than one rank.
    */
-  parallel?: { tp: number };
+  parallel?: { tp: number; ep?: number };
   /** The device ordinal of each tensor-parallel rank (default: `device`'s for all). Today all must be equal. */
   devices?: number[];
+  /**
+   * Online expert load balancing of an MoE model (lib/moe's EplbPolicy, as CpuModelRunner's `eplb`): every expert-
+   * parallel rank gets `redundantSlotsPerRank` extra slots (also one rank, ep 1: replicas within it), each pass's
+   * load feeds an ExpertBalancer, and a placement it decides on is applied before the pass resolves (lib/engine/
+   * cuda-experts.ts).
+   */
+  eplb?: EplbPolicy;
 }
 
 /** A tensor-parallel rank other than rank 0: its model, device and KV pool. */
@@ -133,6 +144,8 @@ async function loadCheckpoint(
   manifest: readonly ManifestTensor[],
   log: StartLog | undefined,
   onTensors: (count: number, lastName: string) => void,
+  /** The tensors this model reads (an expert-parallel rank: its own experts'); all of them by default. */
+  holds: (name: string) => boolean = () => true,
 ): Promise<void> {
   const checkpoint = openSafetensors(path);
   try {
@@ -141,6 +154,7 @@ async function loadCheckpoint(
     const byFile = new Map<string, FileTensor[]>();
     let totalBytes = 0;
     for (const t of manifest) {
+      if (!holds(t.name)) continue;
       const info = checkpoint.info(t.name);
       if (info.dtype !== 'BF16' && info.dtype !== 'F16' && info.dtype !== 'F32')
         throw new CheckpointError(
@@ -200,6 +214,8 @@ export class CudaModelRunner implements ModelRunner {
     private readonly ownsDevice: boolean,
     /** Tensor-parallel ranks 1..tp-1 (none for one rank). */
     private readonly peers: readonly TpPeer[] = [],
+    /** MoE models: the experts of every rank, their load and placement (lib/engine/cuda-experts.ts). */
+    private readonly experts?: CudaExpertRanks,
   ) {
     this.vocabSize = config.vocabSize;
     this.blockSize = pool.blockSize;
@@ -222,7 +238,9 @@ export class CudaModelRunner implements ModelRunner {
     const blockSize = options.blockSize ?? 16;
     checkInteger(where, 'blockSize', blockSize, 1);
     const tp = checkCudaTensorParallel(config, options.parallel?.tp ?? 1, where);
-    if (tp > 1) return CudaModelRunner.createTensorParallel(options, config, layout, blockSize, tp);
+    const { ep, balancer } = CudaModelRunner.checkExperts(options, config, tp, where);
+    if (tp > 1 || ep > 1 || balancer)
+      return CudaModelRunner.createTensorParallel(options, config, layout, blockSize, tp, ep, balancer);
     const given = options.device ?? 0;
     const ownsDevice = typeof given === 'number';
     const phases = new StartPhases(options.log);
@@ -320,7 +338,8 @@ export class CudaModelRunner implements ModelRunner {
       }
       nativeSync(() => model.ready());
       options.log?.(`GPU model runner ready in ${phases.elapsedMs().toFixed(0)} ms`);
-      return new CudaModelRunner(model, config, pool, device, buffer, ownsDevice);
+      const experts = config.moe ? new CudaExpertRanks([model], config) : undefined;
+      return new CudaModelRunner(model, config, pool, device, buffer, ownsDevice, [], experts);
     } catch (error) {
       await raw?.dispose().catch(() => {});
       await kvBuffer?.dispose().catch(() => {});
@@ -339,9 +358,14 @@ export class CudaModelRunner implements ModelRunner {
     layout: KvLayout,
     blockSize: number,
     tp: number,
+    ep = 1,
+    balancer?: ExpertBalancer,
   ): Promise<CudaModelRunner> {
     const where = 'CudaModelRunner.create';
     const given = options.device ?? 0;
+    // With expert parallelism the group is ep ranks (tp 1: attention replicated on each; tp = ep: split).
+    const tpSize = tp;
+    tp = Math.max(tp, ep);
     const ordinals = tpDeviceOrdinals(tp, typeof given === 'number' ? given : given.ordinal, options.devices, where);
     const phases = new StartPhases(options.log);
     interface Rank {
@@ -362,8 +386,8 @@ export class CudaModelRunner implements ModelRunner {
         numBlocks,
         dtype: 'bf16',
         layout,
-        tpSize: tp,
-        tpRank: rank,
+        tpSize,
+        tpRank: tpSize > 1 ? rank : 0,
       });
     try {
       for (let r = 0; r < tp; r++) {
@@ -419,6 +443,7 @@ export class CudaModelRunner implements ModelRunner {
               cublasLt: libraryCandidates().cublasLt,
               cudaGraphs: options.cudaGraphs ?? true,
               tp: { group, rank: r },
+              ...CudaModelRunner.expertOption(config, tpSize, ep, balancer),
             }),
         );
       }
@@ -435,7 +460,10 @@ export class CudaModelRunner implements ModelRunner {
         const progress = new ByteProgress('generating dummy weights', weightBytes, options.log);
         for (const t of manifest) {
           const recipe = dummyTensorRecipe(config, seed, t.name);
-          await Promise.all(models.map((m) => native(() => m.fillDummy(t.name, recipe))));
+          // An expert-parallel rank holds its own experts only.
+          await Promise.all(
+            models.filter((m) => m.holds(t.name)).map((m) => native(() => m.fillDummy(t.name, recipe))),
+          );
           progress.add(tensorElements(t) * 2);
           options.onProgress?.(++loaded, total, t.name);
         }
@@ -444,11 +472,18 @@ export class CudaModelRunner implements ModelRunner {
         // Each rank reads its slice of every tensor from the files (rows, or columns of every row).
         await Promise.all(
           models.map((m, r) =>
-            loadCheckpoint(m, source, manifest, r === 0 ? options.log : undefined, (tensors, name) => {
-              if (r !== 0) return;
-              loaded += tensors;
-              options.onProgress?.(loaded, total, name);
-            }),
+            loadCheckpoint(
+              m,
+              source,
+              manifest,
+              r === 0 ? options.log : undefined,
+              (tensors, name) => {
+                if (r !== 0) return;
+                loaded += tensors;
+                options.onProgress?.(loaded, total, name);
+              },
+              (name) => m.holds(name),
+            ),
           ),
         );
       } else {
@@ -460,7 +495,9 @@ export class CudaModelRunner implements ModelRunner {
           if (!entry) throw new BadArgumentError(`${where}: tensor '${tensor.name}' is not part of this model`);
           await Promise.all(
             models.map((m, r) =>
-              native(() => m.setWeight(tensor.name, sliceHostTensor(config, tp, r, entry, tensor.data))),
+              m.holds(tensor.name)
+                ? native(() => m.setWeight(tensor.name, sliceHostTensor(config, tpSize, r, entry, tensor.data)))
+                : undefined,
             ),
           );
           progress.add(tensor.data.length * 2);
@@ -469,7 +506,9 @@ export class CudaModelRunner implements ModelRunner {
         progress.finish();
       }
       for (const m of models) nativeSync(() => m.ready());
-      options.log?.(`GPU model runner (${tp} tensor-parallel ranks) ready in ${phases.elapsedMs().toFixed(0)} ms`);
+      const experts = config.moe ? new CudaExpertRanks(models, config, balancer) : undefined;
+      await experts?.fillRedundantSlots();
+      options.log?.(`GPU model runner (${tp} ranks) ready in ${phases.elapsedMs().toFixed(0)} ms`);
       const [first, ...rest] = ranks;
       const peers = rest.map((rank) => ({
         raw: rank.raw!,
@@ -486,6 +525,7 @@ export class CudaModelRunner implements ModelRunner {
         first!.kvBuffer!,
         first!.ownsDevice,
         peers,
+        experts,
       );
     } catch (error) {
       await Promise.all(ranks.map((rank) => rank.raw?.dispose().catch(() => {})));
@@ -609,13 +649,19 @@ export class CudaModelRunner implements ModelRunner {
    * index is checked before anything is written: a malformed batch rejects with BadArgumentError and leaves
    * the KV pool as it was.
    */
-  forward(batch: ForwardBatch): Promise<Float32Array> {
-    if (this.peers.length === 0) return native(() => this.raw.forward(...forwardArgs(batch)));
+  async forward(batch: ForwardBatch): Promise<Float32Array> {
+    if (this.peers.length === 0) {
+      const logits = await native(() => this.raw.forward(...forwardArgs(batch)));
+      await this.experts?.afterPass();
+      return logits;
+    }
     const args = forwardArgs(batch);
-    return this.allRanks(
+    const logits = await this.allRanks(
       native(() => this.raw.forward(...args)),
       args,
     );
+    await this.experts?.afterPass();
+    return logits;
   }
 
   /**
@@ -640,6 +686,7 @@ export class CudaModelRunner implements ModelRunner {
   async forwardSampled(batch: ForwardBatch, plan: SamplePlan): Promise<SampledLogits> {
     if (this.peers.length === 0) {
       const r = await native(() => this.raw.forwardSampled(...forwardArgs(batch), plan));
+      await this.experts?.afterPass();
       return { vocabSize: this.vocabSize, ...r };
     }
     const args = forwardArgs(batch);
@@ -647,7 +694,89 @@ export class CudaModelRunner implements ModelRunner {
       native(() => this.raw.forwardSampled(...args, plan)),
       args,
     );
+    await this.experts?.afterPass();
     return { vocabSize: this.vocabSize, ...r };
+  }
+
+  /**
+   * Checks the expert-parallel layout and the `eplb` policy (ParallelLayoutError / BadArgumentError before any GPU
+   * memory is taken): ep divides the experts, tp is 1 or ep, eplb needs an MoE model.
+   */
+  private static checkExperts(
+    options: CudaModelRunnerOptions,
+    config: ModelConfig,
+    tp: number,
+    where: string,
+  ): { ep: number; balancer?: ExpertBalancer } {
+    const ep = checkCudaExpertParallel(config, tp, options.parallel?.ep ?? 1, where);
+    if (options.eplb === undefined) return { ep };
+    const policy = checkEplbPolicy({ ...options.eplb });
+    if (!config.moe) throw new BadArgumentError(`${where}: eplb needs a mixture-of-experts model`);
+    if (policy.redundantSlotsPerRank > config.moe.numExperts)
+      throw new BadArgumentError(
+        `${where}: eplb.redundantSlotsPerRank is at most the model's ${config.moe.numExperts} experts (got ${policy.redundantSlotsPerRank})`,
+      );
+    return { ep, balancer: new ExpertBalancer(config.numLayers, config.moe.numExperts, ep, policy) };
+  }
+
+  /** The native `ep` option of a rank: experts split over the group, redundant slots, attention replicated. */
+  private static expertOption(config: ModelConfig, tpSize: number, ep: number, balancer?: ExpertBalancer) {
+    if (!config.moe) return {};
+    return {
+      ep: {
+        size: ep,
+        redundantSlots: balancer?.policy.redundantSlotsPerRank ?? 0,
+        replicatedAttention: tpSize === 1 && ep > 1,
+      },
+    };
+  }
+
+  /** The number of expert-parallel ranks of an MoE model (1: every expert on every rank). */
+  get expertParallelSize(): number {
+    return this.experts?.numRanks ?? 1;
+  }
+
+  /** With `eplb`: the balancer the runner feeds and follows. */
+  get expertBalancer(): ExpertBalancer | undefined {
+    return this.experts?.balancer;
+  }
+
+  /** With `eplb`: the last automatic placement change that failed (the runner kept its placement, serving on). */
+  get eplbError(): Error | undefined {
+    return this.experts?.eplbError;
+  }
+
+  /**
+   * MoE models: the tokens routed to each expert by the passes since the last call, layer-major (numLayers x
+   * numExperts; counted on the GPU, read back after each pass), and a reset: what lib/moe's ExpertLoadWindow
+   * records. Empty for a dense model.
+   */
+  takeExpertLoad(): Float64Array {
+    return this.experts?.takeExpertLoad() ?? new Float64Array(0);
+  }
+
+  /** MoE models: the pairs each expert-parallel rank's slots ran per layer (numLayers x ep) since the last call. */
+  takeRankLoad(): Float64Array {
+    return this.experts?.takeRankLoad() ?? new Float64Array(0);
+  }
+
+  /** MoE models: the expert placement in force (lib/moe's ExpertPlacement), ep ranks x slotsPerRank per layer. */
+  get expertPlacement(): ExpertPlacement {
+    if (!this.experts) throw new BadArgumentError('expertPlacement: the model is not a mixture-of-experts model');
+    return this.experts.placement;
+  }
+
+  /**
+   * Applies an expert placement between passes (CpuModelRunner.applyExpertPlacement's contract): expert weights
+   * copied into the slots whose expert changes (cuMemcpyDtoDAsync on each rank's stream, ranks sharing the device),
+   * then the routing tables switch; passes called after this route through the new one, with the same results.
+   */
+  applyExpertPlacement(placement: ExpertPlacement): Promise<ExpertPlacementChange> {
+    if (!this.experts)
+      return Promise.reject(
+        new BadArgumentError('CudaModelRunner.applyExpertPlacement: the model is not a mixture-of-experts model'),
+      );
+    return this.experts.apply(placement);
   }
 
   /** Frees the weights, the activations and the KV pool; closes the device when the runner opened it. */

@@ -9,11 +9,19 @@ import { probeCuda } from '../cuda/index.js';
 import { CpuModelRunner, loadWeights, type NamedTensor } from './cpu.js';
 import { CudaModelRunner, DEFAULT_GPU_KV_FRACTION } from './cuda.js';
 import { checkCudaTensorParallel, tpDeviceOrdinals } from './cuda-parallel.js';
+import { checkCudaExpertParallel } from './cuda-experts.js';
 import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
 import { StartPhases, type StartLog } from './model/progress.js';
-import { checkParallelConfig, describeParallel, rankCount, SINGLE_RANK, type ParallelConfig } from './parallel.js';
+import {
+  checkParallelConfig,
+  describeParallel,
+  groupSize,
+  rankCount,
+  SINGLE_RANK,
+  type ParallelConfig,
+} from './parallel.js';
 import { modelTokenizer, type TextTokenizer } from './tokenizer.js';
 import type { EplbPolicy } from '../moe/policy.js';
 
@@ -53,19 +61,21 @@ export interface OpenModelOptions {
    * Tensor parallel ranks (lib/engine/parallel.ts): each splits every layer's heads and channels. Default 1. The
    * CPU engine runs one native thread per rank; the GPU engine one CudaLlama per rank, every rank on one GPU (the
    * local communicator; at most MAX_LOCAL_TP_RANKS), decode steps without CUDA graphs. The GPU engine takes no
-   * pipeline or expert parallelism (ParallelLayoutError: run those on CPU ranks).
+   * pipeline parallelism, and of an MoE model no tensor parallelism of the experts' channels (tp > 1 with ep 1):
+   * ParallelLayoutError (run those on CPU ranks).
    */
   tensorParallelSize?: number;
   /** Pipeline stages: each runs a contiguous share of the layers. Default 1. */
   pipelineParallelSize?: number;
   /**
    * Expert parallel ranks of an MoE model (lib/engine/parallel.ts): each holds numExperts / ep whole experts; they
-   * are the tensor-parallel ranks (tp 1: attention replicated on each; tp = ep: split). Default 1. CPU engine only.
+   * are the tensor-parallel ranks (tp 1: attention replicated on each; tp = ep: split). Default 1. Both engines: the
+   * GPU engine runs ep CudaLlama ranks on one GPU (lib/engine/cuda-experts.ts).
    */
   expertParallelSize?: number;
   /**
-   * Online expert load balancing (lib/moe's EplbPolicy) of an MoE model on CPU expert-parallel ranks
-   * (expertParallelSize > 1): CpuModelRunner's `eplb` option. The GPU engine does not take it.
+   * Online expert load balancing (lib/moe's EplbPolicy) of an MoE model on expert-parallel ranks
+   * (expertParallelSize > 1): CpuModelRunner's and CudaModelRunner's `eplb` option.
    */
   eplb?: EplbPolicy;
   blockSize?: number;
@@ -133,6 +143,29 @@ function countingWeights(
   };
 }
 
+/**
+ * The MoE layouts the GPU engine does not run, as a ParallelLayoutError saying what to do instead: tensor parallelism
+ * of the experts' channels (tp > 1 with ep 1; the GPU ranks split whole experts, ep = tp) and a shared expert or
+ * dense layers (Qwen2-MoE) on several ranks.
+ */
+function checkGpuExpertLayout(model: string, config: ModelConfig, parallel: ParallelConfig): void {
+  if (!config.moe) return;
+  if (parallel.tp > 1 && parallel.ep === 1)
+    throw new ParallelLayoutError(
+      `${model}: ${describeParallel(config, parallel)} is not on the GPU engine: its ranks split a mixture-of-experts ` +
+        `model's experts (expertParallelSize = tensorParallelSize, --ep ${parallel.tp}); tensor parallelism of the ` +
+        `experts' channels runs on CPU ranks (--device cpu)`,
+    );
+}
+
+/** What a GPU runner runs: its group of ranks as tensor-parallel (dense) or expert-parallel (MoE, tp 1 or = ep). */
+function gpuRunningLayout(runner: CudaModelRunner): ParallelConfig {
+  const ep = runner.expertParallelSize;
+  const group = runner.tensorParallelSize;
+  const tp = ep > 1 && runner.tensorShards[0]?.size === 1 ? 1 : group;
+  return { ...SINGLE_RANK, tp, ep };
+}
+
 /** Loads a model and starts an engine on it. Throws ModelConfigError / CheckpointError naming the file. */
 export async function openModel(options: OpenModelOptions): Promise<OpenedModel> {
   const { model } = options;
@@ -190,14 +223,16 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   if (device !== 'cpu') {
     const deviceCount = device === 'auto' ? (await probeCuda()).deviceCount : 1;
     if (deviceCount > 0 && ranks > 1) {
-      if (parallel.pp > 1 || parallel.ep > 1)
+      if (parallel.pp > 1)
         throw new ParallelLayoutError(
-          `${model}: ${describeParallel(config, parallel)} is not on the GPU engine, which runs tensor-parallel ` +
-            `ranks only (on one GPU); run pipeline or expert parallelism on CPU ranks with device 'cpu' (--device cpu)`,
+          `${model}: ${describeParallel(config, parallel)} is not on the GPU engine, which runs tensor- and ` +
+            `expert-parallel ranks only (on one GPU); run pipeline parallelism on CPU ranks with device 'cpu' (--device cpu)`,
         );
+      checkGpuExpertLayout(model, config, parallel);
       // Checked here, before any GPU memory is taken (CudaModelRunner.create checks again).
       checkCudaTensorParallel(config, parallel.tp, model);
-      tpDeviceOrdinals(parallel.tp, options.gpu ?? 0, options.gpus, model);
+      checkCudaExpertParallel(config, parallel.tp, parallel.ep, model);
+      tpDeviceOrdinals(groupSize(parallel), options.gpu ?? 0, options.gpus, model);
     }
     if (deviceCount > 0) {
       try {
@@ -207,8 +242,9 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
         runner = await CudaModelRunner.create({
           config,
           device: options.gpu ?? 0,
-          ...(parallel.tp > 1 ? { parallel: { tp: parallel.tp } } : {}),
-          ...(parallel.tp > 1 && options.gpus ? { devices: options.gpus } : {}),
+          ...(ranks > 1 ? { parallel: { tp: parallel.tp, ep: parallel.ep } } : {}),
+          ...(ranks > 1 && options.gpus ? { devices: options.gpus } : {}),
+          ...(options.eplb !== undefined ? { eplb: options.eplb } : {}),
           blockSize,
           layout,
           ...(options.numBlocks !== undefined ? { numBlocks: options.numBlocks } : {}),
@@ -248,8 +284,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
     ...options.engine,
   });
   // What the runner runs, not what was asked.
-  const running: ParallelConfig =
-    runner instanceof CpuModelRunner ? runner.parallel : { ...SINGLE_RANK, tp: runner.tensorParallelSize };
+  const running: ParallelConfig = runner instanceof CpuModelRunner ? runner.parallel : gpuRunningLayout(runner);
   const layoutText = describeParallel(config, running);
   options.log?.(
     `model ${model} open on ${runner instanceof CudaModelRunner ? 'cuda' : 'cpu'}` +

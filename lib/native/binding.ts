@@ -251,6 +251,11 @@ export interface RawCudaLlamaOptions
   cudaGraphs?: boolean;
   /** This runner is tensor-parallel rank `rank` of `group` (lib/engine/cuda-parallel.ts); its kvBuffer holds its kv heads. */
   tp?: { group: RawCudaTpGroup; rank: number };
+  /**
+   * MoE models: expert parallelism over tp's group (`size` its size, or 1 for redundant slots on one rank; each rank
+   * holds its own experts and `redundantSlots` more), attention replicated on every rank (tp 1) or split (tp = ep).
+   */
+  ep?: { size: number; redundantSlots?: number; replicatedAttention?: boolean };
 }
 
 /** The ranks of one tensor-parallel runner group on one CUDA device (native/src/engine/cuda_llama_tp.h). */
@@ -332,6 +337,18 @@ export interface RawCudaLlama {
   forward(...batch: RawForwardArgs): Promise<Float32Array>;
   /** A tensor-parallel rank's pass whose logits nobody reads (rank 0 runs forward or forwardSampled meanwhile). */
   forwardWithoutLogits(...batch: RawForwardArgs): Promise<void>;
+  /** Whether this rank holds the tensor (an expert-parallel rank holds its own experts' only). */
+  holds(name: string): boolean;
+  /** MoE: the placement in force, layers x ranks x slotsPerRank slots -> expert (-1: empty). */
+  expertPlacement(): { ranks: number; slotsPerRank: number; slotExpert: Int32Array };
+  /** MoE: device addresses [gateUp, down] of this rank's local slot (a placement change's copy source). */
+  expertSlotAddress(layer: number, slot: number): [number, number];
+  /** MoE, phase 1 of a placement change: copies the experts at [gateUp, down] address pairs into staging. */
+  stageExperts(sources: Float64Array): Promise<void>;
+  /** MoE, phase 2: staged experts into [layer, slot] pairs, then the new placement's routing tables. */
+  commitExperts(dests: Int32Array, placement: Int32Array): Promise<{ slotsCopied: number; bytes: number }>;
+  /** MoE: pairs routed per layer and expert, and pairs this rank ran per layer, since the last call; a reset. */
+  takeExpertLoad(): Promise<{ perExpert: Float64Array; pairsRun: Float64Array }>;
   /**
    * A tensor-parallel rank's stream time (ms, CUDA events around each collective, waits for its peers included) in
    * all-reduces and the logits gather since the last call; the first call starts the timing and gives zeros.

@@ -3,22 +3,27 @@
 //
 // One MoE layer over ntok tokens, P = ntok * topK (token, choice) pairs, pair p = t * topK + j:
 //   route:    router logits [ntok, E] -> each token's topK experts and weights (softmax over all experts, the k
-//             largest, ties to the lower expert, divided by their sum when the family renormalises); counts
-//             pairs per expert (atomics into counts, zeroed before the launch).
+//             largest, ties to the lower expert, divided by their sum when the family renormalises); then each pair's
+//             physical slot from the layer's routing table (expert e's replicas are slotList[slotStart[e] ..
+//             slotStart[e + 1]), token t takes replica t mod replicas(e)): the rank's local slot when it holds that
+//             slot, else -1 (another expert-parallel rank runs it); counts pairs per local slot (atomics into counts,
+//             zeroed before the launch) and, into the layer's load counters, pairs per expert and pairs run here.
+//             One rank without replicas: slot e holds expert e, every pair is local.
 //   offsets:  one CTA: expert e's pairs are rows [offsets[e], offsets[e+1]) of the permuted buffers; its row tiles
 //             of `tileRows` are tiles [tileStarts[e], tileStarts[e+1]) of the grouped GEMMs.
 //   scatter:  each pair takes a row of its expert's range (an atomic cursor: the order within an expert is not
 //             fixed, and need not be: a row's GEMM result does not depend on the rows beside it, and the combine
 //             reads pairs by (token, choice)), and copies its token's normed hidden row there.
-//   grouped GEMM (twice: gate_up, then down after llama.cu's tandem_llama_silu_mul): y[r, :] = x[r, :] . W_e^T for
-//             the rows r of expert e; tensor cores (WMMA bf16 16x16x16, fp32 accumulate). Every offset lives on
+//   grouped GEMM (twice: gate_up, then down after llama.cu's tandem_llama_silu_mul): y[r, :] = x[r, :] . W_s^T for
+//             the rows r of local slot s; tensor cores (WMMA bf16 16x16x16, fp32 accumulate). Every offset lives on
 //             the device, so a decode step is captured in a CUDA graph with no host sync: the grid is sized for
 //             the worst routing (ceil(P / tileRows) + min(E, P) row tiles) and surplus CTAs return at once.
-//   combine:  out[t, :] = sum over token t's pairs in ascending expert order of weight * y[row of the pair, :]
-//             (the CPU engine's order, cpu_moe.cpp).
+//   combine:  out[t, :] = sum over token t's local pairs in ascending expert order of weight * y[row of the pair, :]
+//             (the CPU engine's order, cpu_moe.cpp); pairs another rank runs add nothing (the ranks' outputs are
+//             summed by the communicator after the layer).
 //
 // Shapes: hidden and the experts' intermediate size multiples of 16 (WMMA tiles; the host checks), at most
-// kMaxExperts experts. The permuted inputs of the grouped GEMMs have tileRows rows of padding past row P: a tile's
+// kMaxExperts experts. "Experts" of the offsets and the grouped GEMMs are the rank's local slots. The permuted inputs of the grouped GEMMs have tileRows rows of padding past row P: a tile's
 // last rows may read past its expert's rows (their results are never stored).
 //
 // Also here: Qwen3's per-head q/k RMSNorm (the attention of Qwen3-MoE, dense path), in place on the fp32 qkv rows
@@ -119,10 +124,16 @@ __device__ __forceinline__ void groupedGemm(const bf16* __restrict__ x, const bf
 }  // namespace tandem_moe
 
 // Routing, one warp per token: logits [ntok, numExperts] fp32 -> topIds / topWeights [ntok, topK] (best first),
-// counts[e] += pairs routed to e. Grid: ceil(ntok / 4); block: 128.
+// pairSlot [ntok, topK] (the local slot in [0, numSlots), or -1), counts[local slot] += its pairs, load[e] += pairs
+// routed to expert e and load[numExperts] += pairs run here (uint64 counters the host reads and zeroes between
+// passes). slotStart [numExperts + 1] / slotList: the layer's routing table (device memory, so a captured decode
+// graph sees a new one); firstSlot: this rank's first slot. Grid: ceil(ntok / 4); block: 128.
 extern "C" __global__ void __launch_bounds__(128)
     tandem_moe_route(const float* __restrict__ logits, int ntok, int numExperts, int topK, int normTopk,
-                     int32_t* __restrict__ topIds, float* __restrict__ topWeights, int32_t* __restrict__ counts) {
+                     const int32_t* __restrict__ slotStart, const int32_t* __restrict__ slotList, int firstSlot,
+                     int numSlots, int32_t* __restrict__ topIds, float* __restrict__ topWeights,
+                     int32_t* __restrict__ pairSlot, int32_t* __restrict__ counts,
+                     unsigned long long* __restrict__ load) {
   using namespace tandem_moe;
   const int t = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (t >= ntok) return;
@@ -173,7 +184,16 @@ extern "C" __global__ void __launch_bounds__(128)
     const size_t at = static_cast<size_t>(t) * topK + lane;
     topIds[at] = myId;
     topWeights[at] = normTopk ? mine / kept : mine;
-    atomicAdd(&counts[myId], 1);
+    // Every expert has a replica (the host checks the table), so replicas >= 1.
+    const int first = slotStart[myId], replicas = slotStart[myId + 1] - first;
+    const int slot = slotList[first + t % replicas] - firstSlot;
+    const int local = slot >= 0 && slot < numSlots ? slot : -1;
+    pairSlot[at] = local;
+    atomicAdd(&load[myId], 1ull);
+    if (local >= 0) {
+      atomicAdd(&counts[local], 1);
+      atomicAdd(&load[numExperts], 1ull);
+    }
   }
 }
 
@@ -195,19 +215,21 @@ extern "C" __global__ void tandem_moe_offsets(const int32_t* __restrict__ counts
   tileStarts[numExperts] = tiles;
 }
 
-// Pair p (one CTA each) takes the next row of its expert's range: pairRow[p] = that row, and xPerm[row, :] =
-// xn[p / topK, :]. Grid: P; block: 128.
-extern "C" __global__ void tandem_moe_scatter(const int32_t* __restrict__ topIds, int topK,
+// Pair p (one CTA each) takes the next row of its local slot's range: pairRow[p] = that row, and xPerm[row, :] =
+// xn[p / topK, :]; a pair another rank runs (pairSlot -1) gets row -1. Grid: P; block: 128.
+extern "C" __global__ void tandem_moe_scatter(const int32_t* __restrict__ pairSlot, int topK,
                                               const tandem_moe::bf16* __restrict__ xn, int hidden,
                                               int32_t* __restrict__ cursor, int32_t* __restrict__ pairRow,
                                               tandem_moe::bf16* __restrict__ xPerm) {
   __shared__ int row;
   const int p = blockIdx.x;
   if (threadIdx.x == 0) {
-    row = atomicAdd(&cursor[topIds[p]], 1);
+    const int slot = pairSlot[p];
+    row = slot < 0 ? -1 : atomicAdd(&cursor[slot], 1);
     pairRow[p] = row;
   }
   __syncthreads();
+  if (row < 0) return;
   const tandem_moe::bf16* from = xn + static_cast<size_t>(p / topK) * hidden;
   tandem_moe::bf16* to = xPerm + static_cast<size_t>(row) * hidden;
   if ((hidden & 7) == 0) {  // 16-byte vectors (rows are 16-byte aligned: hidden is a multiple of 8)
@@ -235,8 +257,8 @@ extern "C" __global__ void __launch_bounds__(128)
   tandem_moe::groupedGemm<2, 2, 2, 2>(x, w, expertStride, y, offsets, tileStarts, numExperts, n, k);
 }
 
-// out[t, :] = sum over token t's pairs, in ascending expert order, of topWeights[pair] * y[pairRow[pair], :].
-// Grid: ntok; block: 256.
+// out[t, :] = sum over token t's pairs run here (pairRow >= 0), in ascending expert order, of topWeights[pair] *
+// y[pairRow[pair], :]. Grid: ntok; block: 256.
 extern "C" __global__ void tandem_moe_combine(const float* __restrict__ y, const int32_t* __restrict__ pairRow,
                                               const int32_t* __restrict__ topIds, const float* __restrict__ topWeights,
                                               int topK, int hidden, float* __restrict__ out) {
@@ -262,7 +284,8 @@ extern "C" __global__ void tandem_moe_combine(const float* __restrict__ y, const
   float* o = out + t * hidden;
   for (int d = threadIdx.x; d < hidden; d += blockDim.x) {
     float acc = 0.0f;
-    for (int j = 0; j < topK; ++j) acc += weights[j] * y[static_cast<size_t>(rows[j]) * hidden + d];
+    for (int j = 0; j < topK; ++j)
+      if (rows[j] >= 0) acc += weights[j] * y[static_cast<size_t>(rows[j]) * hidden + d];
     o[d] = acc;
   }
 }

@@ -77,7 +77,9 @@ describe('tandem generate --tp / --pp', () => {
       ...['--model', 'dummy:tiny', '--prompt', 'x', '--device', 'cuda', '--pp', '2'],
     ]);
     expect(cuda.status).toBe(1);
-    expect(cuda.stderr).toMatch(/tp 1 x pp 2 .* is not on the GPU engine, which runs tensor-parallel ranks only/);
+    expect(cuda.stderr).toMatch(
+      /tp 1 x pp 2 .* is not on the GPU engine, which runs tensor- and expert-parallel ranks only/,
+    );
     const zero = runTs('lib/cli/main.ts', ['generate', '--model', 'dummy:tiny', '--prompt', 'x', '--pp', '0']);
     expect(zero.status).toBe(2);
   });

@@ -29,15 +29,40 @@ async function layoutError(options: Parameters<typeof openModel>[0]): Promise<st
 }
 
 describe('openModel on the GPU engine with a parallel layout', () => {
-  it('pipeline and expert parallelism are refused before any device is opened, saying what runs where', async () => {
+  it('pipeline parallelism and split expert channels are refused before any device is opened, saying what runs where', async () => {
     expect(await layoutError({ model: 'dummy:tiny', device: 'cuda', pipelineParallelSize: 2 })).toBe(
-      'dummy:tiny: tp 1 x pp 2 (2 ranks; stage layers 0, 1) is not on the GPU engine, which runs tensor-parallel ' +
-        "ranks only (on one GPU); run pipeline or expert parallelism on CPU ranks with device 'cpu' (--device cpu)",
+      'dummy:tiny: tp 1 x pp 2 (2 ranks; stage layers 0, 1) is not on the GPU engine, which runs tensor- and ' +
+        "expert-parallel ranks only (on one GPU); run pipeline parallelism on CPU ranks with device 'cpu' (--device cpu)",
     );
-    expect(
-      await layoutError({ model: 'dummy:tiny-moe', device: 'cuda', tensorParallelSize: 2, expertParallelSize: 2 }),
-    ).toMatch(/^dummy:tiny-moe: tp 2 x ep 2 x pp 1 .* is not on the GPU engine, which runs tensor-parallel ranks only/);
+    expect(await layoutError({ model: 'dummy:tiny-moe', device: 'cuda', tensorParallelSize: 2 })).toMatch(
+      /^dummy:tiny-moe: tp 2 x pp 1 .* is not on the GPU engine: its ranks split a mixture-of-experts model's experts \(expertParallelSize = tensorParallelSize, --ep 2\); tensor parallelism of the experts' channels runs on CPU ranks \(--device cpu\)$/,
+    );
   });
+
+  it.for([
+    [1, 2],
+    [2, 2],
+    [1, 4],
+  ])(
+    'tp %s x ep %s of an MoE model on device cuda gets past the layout checks (no GPU: unavailable)',
+    async ([tp, ep], ctx) => {
+      const caps = await capabilities();
+      if (caps.cuda.available) ctx.skip(); // with a GPU it opens (test/gpu/14.engine.ep.gpu.test.ts)
+      const error = await openModel({
+        model: 'dummy:tiny-moe',
+        device: 'cuda',
+        tensorParallelSize: tp,
+        expertParallelSize: ep,
+        eplb: { windowSteps: 2, periodSteps: 2, redundantSlotsPerRank: 1, minImbalanceGain: 0 },
+      }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(error).toBeInstanceOf(TandemError);
+      expect(error).not.toBeInstanceOf(ParallelLayoutError);
+      expect((error as TandemError).code).toMatch(/UNAVAILABLE/);
+    },
+  );
 
   it('more ranks than the local communicator takes, or ranks on several GPUs, are refused before a device opens', async () => {
     // 32 heads, 8 kv heads: tp 16 fits the model but not the one-device group.

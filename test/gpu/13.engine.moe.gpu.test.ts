@@ -225,10 +225,10 @@ describe.skipIf(!gate.run)('GPU engine on mixture-of-experts models', () => {
     }
   });
 
-  it('refuses tensor parallelism for an MoE model with a typed error', async () => {
+  it("refuses tensor parallelism of an MoE model's expert channels (tp 2, ep 1) with a typed error", async () => {
     const config = dummyConfig('tiny-moe');
     await expect(
       CudaModelRunner.create({ config, numBlocks: 8, weights: 'dummy:tiny-moe', parallel: { tp: 2 } }),
-    ).rejects.toThrow(/one rank/);
+    ).rejects.toThrow(/ep = tp/);
   });
 });

@@ -3,6 +3,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { capabilities } from '../../lib/index.js';
 
 interface PlacementRow {
   shape: string;
@@ -45,4 +46,41 @@ describe('bench:eplb --quick', () => {
       rmSync(dir, { recursive: true, force: true });
     }
   }, 180_000);
+});
+
+describe('bench:eplb --device', () => {
+  const run = (args: string[]) => {
+    try {
+      const stdout = execFileSync(process.execPath, ['--import', 'tsx', 'bench/eplb.ts', ...args], {
+        encoding: 'utf8',
+        timeout: 60_000,
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      return { status: 0, stdout, stderr: '' };
+    } catch (error) {
+      const e = error as { status: number; stdout: string; stderr: string };
+      return { status: e.status, stdout: e.stdout, stderr: e.stderr };
+    }
+  };
+
+  it('refuses a device other than cpu or cuda with exit status 2 before running anything', () => {
+    const r = run(['--device', 'gpu', '--quick']);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toBe('bench:eplb: --device must be cpu or cuda (got gpu)\n');
+    expect(r.stdout).toBe('');
+  }, 60_000);
+
+  it('--device cuda without a GPU says why and exits 1 without a report', async (ctx) => {
+    if ((await capabilities()).cuda.available) ctx.skip(); // with a GPU it runs (docs/measurements.md)
+    const dir = mkdtempSync(join(tmpdir(), 'tandem-eplb-cuda-'));
+    try {
+      const out = join(dir, 'eplb.json');
+      const r = run(['--device', 'cuda', '--quick', '--out', out, '--chart', join(dir, 'eplb.svg')]);
+      expect(r.status).toBe(1);
+      expect(r.stderr).toMatch(/^bench:eplb --device cuda: .*CUDA/);
+      expect(() => readFileSync(out)).toThrow();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
 });

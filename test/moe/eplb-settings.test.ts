@@ -80,9 +80,8 @@ describe('graph: a pool eplb setting', () => {
     expect(issuesOf(graphText('eplb: {}').replace('expertParallelSize: 2', 'expertParallelSize: 1'))).toEqual([
       '8:pools[0].eplb: needs expertParallelSize > 1 (it balances the experts over the expert-parallel ranks)',
     ]);
-    expect(issuesOf(graphText('eplb: {}').replace('device: cpu', 'device: cuda'))).toEqual([
-      '8:pools[0].eplb: runs on the CPU engine only (device: cpu)',
-    ]);
+    // The GPU engine balances its expert-parallel ranks too (lib/engine/cuda-experts.ts).
+    expect(issuesOf(graphText('eplb: {}').replace('device: cpu', 'device: cuda'))).toEqual([]);
   });
 });
 

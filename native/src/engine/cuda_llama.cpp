@@ -176,7 +176,8 @@ struct Carver {
 }  // namespace
 
 CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
-                     const GpuKvPool& pool, bool cudaGraphs, std::shared_ptr<TpCommunicator> tp)
+                     const GpuKvPool& pool, bool cudaGraphs, std::shared_ptr<TpCommunicator> tp,
+                     const ExpertLayout& experts, bool replicatedAttention)
     : device_(device),
       cublas_(cublas),
       cublasLt_(cublasLt),
@@ -186,24 +187,33 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
       cudaGraphs_(cudaGraphs),
       graphs_(device, kMaxGraphs) {
   checkConfig(config_);
-  if (config_.moe.numExperts > 0 && tp_ && tp_->size() > 1)
-    throw BadInput("the GPU engine runs mixture-of-experts models on one rank (no tensor or expert parallelism on "
-                   "the GPU yet); use the CPU engine's ranks");
+  const int group = tp_ ? tp_->size() : 1;
+  if (config_.moe.numExperts > 0 && group > 1 && experts.ranks != group)
+    throw BadInput("the GPU engine splits a mixture-of-experts model's experts over its ranks (expert parallel size = "
+                   "the group's " + std::to_string(group) + " ranks); tensor parallelism of the experts' channels "
+                   "(ep 1 with tp > 1) runs on the CPU engine");
+  if (experts.ranks != 1 && (config_.moe.numExperts == 0 || experts.ranks != group || experts.rank != tp_->rank()))
+    throw BadInput("expert parallelism needs a mixture-of-experts model and a communicator group of its " +
+                   std::to_string(experts.ranks) + " ranks");
+  if (experts.redundantSlots > 0 && config_.moe.numExperts == 0)
+    throw BadInput("redundant expert slots need a mixture-of-experts model");
+  if (replicatedAttention && config_.moe.numExperts == 0)
+    throw BadInput("replicated attention beside expert parallelism needs a mixture-of-experts model");
   if (config_.moe.sharedIntermediateSize > 0 || !config_.moe.denseLayers.empty())
     throw BadInput("the GPU engine runs mixture-of-experts models whose every layer is sparse and has no shared "
                    "expert (Mixtral, Qwen3-MoE); this one (a shared expert or dense layers among the sparse ones, as "
                    "Qwen2-MoE) runs on the CPU engine");
-  shard_ = tp_ ? tpShardOf(config_, tp_->size(), tp_->rank()) : tpShardOf(config_, 1, 0);
+  shard_ = tp_ && !replicatedAttention ? tpShardOf(config_, tp_->size(), tp_->rank()) : tpShardOf(config_, 1, 0);
   local_ = config_;
   local_.numHeads = shard_.heads;
   local_.numKvHeads = shard_.kvHeads;
   local_.intermediateSize = shard_.inter;
   local_.vocabSize = shard_.vocabRows;
   for (int r = 0; r < shard_.size; ++r) vocabRowsPerRank_.push_back(tpShardOf(config_, shard_.size, r).vocabRows);
-  if (tensorParallel() && cudaGraphs_) {
+  if (grouped() && cudaGraphs_) {
     cudaGraphs_ = false;
-    graphsReason_ = "tensor-parallel ranks run decode steps eagerly (the local communicator's host barriers cannot be "
-                    "captured in a CUDA graph)";
+    graphsReason_ = "tensor-parallel and expert-parallel ranks run decode steps eagerly (the local communicator's "
+                    "host barriers cannot be captured in a CUDA graph)";
   }
   const LlamaConfig& c = local_;  // this rank's shapes
   if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");
@@ -236,7 +246,8 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
     L.wgateUp = dense ? place(2 * inter * h) : 0;
     L.wdown = dense ? place(h * inter) : 0;
   }
-  if (c.moe.numExperts > 0) moe_ = std::make_unique<CudaMoe>(c, [this](size_t count) { return place(count); });
+  if (c.moe.numExperts > 0)
+    moe_ = std::make_unique<CudaMoe>(c, [this](size_t count) { return place(count); }, experts);
   finalNorm_ = place(h);
   lmHead_ = c.tieWordEmbeddings ? embed_ : place(vocab * h);
   // Each tensor's slice of the whole one (lib/engine/model/manifest.ts's shard rules): column (q/k/v, gate/up, their
@@ -275,6 +286,7 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
       case WeightRole::ExpertGate:
       case WeightRole::ExpertUp:
       case WeightRole::ExpertDown: {
+        if (!moe_->holds(w)) break;  // another expert-parallel rank's expert
         const CudaMoe::Placed at = moe_->placeOf(w);
         addSlot(w.name, at.offset, whole(at.rows, at.cols));
         break;
@@ -418,10 +430,8 @@ void CudaLlama::init() {
   gemmTune_ = envSwitch("TANDEM_GEMM_TUNE", true) && useLt;
   if (gemmTune_)
     for (CUevent& e : tuneEvents_) check(drv.cuEventCreate(&e, 0), "cuEventCreate (GEMM tuning)");
-  if (tensorParallel()) {
-    fn_.embedShard = device_.function("tandem_tp_embed_vocab_shard");
-    tp_->init(device_);
-  }
+  if (tensorParallel()) fn_.embedShard = device_.function("tandem_tp_embed_vocab_shard");
+  if (grouped()) tp_->init(device_);
   if (local_.qkNorm) fn_.qkNorm = device_.function("tandem_qk_rmsnorm");
   if (moe_) moe_->init(device_);
   weights_ = device_.allocate(weightBytes_, "cuMemAlloc (model weights)");
@@ -462,7 +472,38 @@ void CudaLlama::release() {
   if (pinned_) d.cuMemFreeHost(pinned_);
   pinned_ = nullptr;
   pinnedBytes_ = 0;
+  if (moe_) moe_->release();
   if (tp_) tp_->release();
+}
+
+const CudaMoe& CudaLlama::moe() const {
+  if (!moe_) throw BadInput("the model is not a mixture-of-experts model");
+  return *moe_;
+}
+
+std::pair<CUdeviceptr, CUdeviceptr> CudaLlama::expertSlotAddress(int layer, int slot) const {
+  if (!weights_) throw NativeError("TANDEM_INTERNAL", "the GPU model runner was not initialised");
+  return moe().slotAddress(weights_->ptr, layer, slot);
+}
+
+void CudaLlama::stageExperts(const std::vector<std::pair<CUdeviceptr, CUdeviceptr>>& sources) {
+  if (aborted_.load() || released_) throw Aborted("the model was disposed");
+  moe();
+  moe_->stageExperts(sources);
+}
+
+ExpertCopyStats CudaLlama::commitExperts(const std::vector<std::pair<int, int>>& dests,
+                                         std::vector<std::vector<int32_t>> slotExpert) {
+  if (aborted_.load() || released_) throw Aborted("the model was disposed");
+  moe();
+  if (!weights_) throw NativeError("TANDEM_INTERNAL", "the GPU model runner was not initialised");
+  return moe_->commitExperts(weights_->ptr, dests, std::move(slotExpert));
+}
+
+CudaMoe::Load CudaLlama::takeExpertLoad() {
+  if (aborted_.load() || released_) throw Aborted("the model was disposed");
+  moe();
+  return moe_->takeLoad();
 }
 
 const CudaLlama::Slot& CudaLlama::slotOf(const std::string& name) const {
@@ -1110,9 +1151,12 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   allReduce(b.tmp, p.ntok);  // row-parallel o_proj: the ranks' partial sums (the bias, replicated, after)
   if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, b.tmp, weight(W.bo), hidden);
   launch(fn_.addRmsNorm, itok, 1, nt, b.x, b.tmp, weight(W.postNorm), hidden, eps, null, b.xn);
-  if (moe_) {  // one rank only (the constructor says so): no all-reduce
+  if (moe_) {
     moe_->enqueue(l, weights_->ptr, b.xn, p.ntok, b.moe, b.tmp,
                   [this](CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) { gemm(x, m, k, w, n, y); });
+    // Expert parallel: each rank's output holds the pairs its slots ran; the sum over the group is the whole MoE.
+    if (grouped())
+      tp_->allReduceSum(b.tmp, p.ntok * static_cast<size_t>(config_.hiddenSize), device_.stream());
     return;
   }
   gateUpAct(b.xn, itok, hidden, weight(W.wgateUp), iinter, b.gateUp, b.act);
@@ -1169,7 +1213,7 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
     extraHostPtr = nullptr;
     return 0;
   }
-  if (tensorParallel()) {
+  if (grouped()) {
     // A rank that fails here would leave the others waiting in a collective: break the group so that they stop too.
     try {
       const BatchBuffers b = uploadBatch(plan);

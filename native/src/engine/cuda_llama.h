@@ -64,8 +64,14 @@ class CudaLlama {
   // every sharded tensor (tensor names and element counts are then the slice's), its kv heads in `pool`, and calls
   // tp's collectives in its layer step. Null: the whole model (one rank). With several ranks decode steps run
   // eagerly (graphsReason() says why).
+  // experts (issue 28, MoE configs): expert parallelism over the communicator's group (experts.ranks its size,
+  // experts.rank the communicator's rank; cuda_moe.h): this rank holds its experts' tensors only (holds()), and the
+  // MoE output is summed over the group. replicatedAttention: attention, embedding and lm_head whole on every rank
+  // (tp 1 beside ep) instead of split over the group (tp = ep). Redundant slots need no group (one rank: replicas
+  // within it).
   CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
-            const GpuKvPool& pool, bool cudaGraphs = true, std::shared_ptr<TpCommunicator> tp = nullptr);
+            const GpuKvPool& pool, bool cudaGraphs = true, std::shared_ptr<TpCommunicator> tp = nullptr,
+            const ExpertLayout& experts = {}, bool replicatedAttention = false);
   ~CudaLlama();
   CudaLlama(const CudaLlama&) = delete;
   CudaLlama& operator=(const CudaLlama&) = delete;
@@ -149,6 +155,16 @@ class CudaLlama {
   void forwardWithoutLogits(const ForwardInput& in);
   // This rank's part of the model (the whole model for a single rank).
   const TpShard& tpShard() const { return shard_; }
+  // Any thread: whether this rank holds the tensor (an expert-parallel rank holds its own experts only).
+  bool holds(const std::string& name) const { return slots_.count(name) > 0; }
+  // MoE configs (BadInput otherwise), device thread where noted; CudaMoe's methods of the same names:
+  // the placement in force, a slot's weight addresses, the two phases of a placement change, the load counters.
+  const CudaMoe& moe() const;
+  std::pair<CUdeviceptr, CUdeviceptr> expertSlotAddress(int layer, int slot) const;
+  void stageExperts(const std::vector<std::pair<CUdeviceptr, CUdeviceptr>>& sources);
+  ExpertCopyStats commitExperts(const std::vector<std::pair<int, int>>& dests,
+                                std::vector<std::vector<int32_t>> slotExpert);
+  CudaMoe::Load takeExpertLoad();
   // Device thread: the same pass, then the sampling kernels over the logits; only what `plan` asks for comes
   // back to the host. Throws BadInput on a malformed plan.
   SampledRows forwardSampled(const ForwardInput& in, const SamplePlan& plan);
@@ -221,6 +237,8 @@ class CudaLlama {
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, const SliceOf& slice);
   bool tensorParallel() const { return shard_.size > 1; }
+  // Several ranks share collectives (tensor or expert parallel): passes run eagerly, a failing rank breaks the group.
+  bool grouped() const { return tp_ && tp_->size() > 1; }
   // Sums a [tokens, hidden] fp32 buffer over the tensor-parallel ranks (nothing with one rank).
   void allReduce(CUdeviceptr buf, size_t tokens);
   const Slot& slotOf(const std::string& name) const;  // throws BadInput naming an unknown tensor

@@ -43,6 +43,12 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CudaLlamaWrap::ForwardWithoutLogits>("forwardWithoutLogits"),
                                         InstanceMethod<&CudaLlamaWrap::TakeCollectiveTime>("takeCollectiveTime"),
                                         InstanceMethod<&CudaLlamaWrap::Dispose>("dispose"),
+                                        InstanceMethod<&CudaLlamaWrap::Holds>("holds"),
+                                        InstanceMethod<&CudaLlamaWrap::ExpertPlacement>("expertPlacement"),
+                                        InstanceMethod<&CudaLlamaWrap::ExpertSlotAddress>("expertSlotAddress"),
+                                        InstanceMethod<&CudaLlamaWrap::StageExperts>("stageExperts"),
+                                        InstanceMethod<&CudaLlamaWrap::CommitExperts>("commitExperts"),
+                                        InstanceMethod<&CudaLlamaWrap::TakeExpertLoad>("takeExpertLoad"),
                                         InstanceAccessor<&CudaLlamaWrap::GetWeightBytes>("weightBytes"),
                                         InstanceAccessor<&CudaLlamaWrap::GetDisposed>("disposed"),
                                         InstanceAccessor<&CudaLlamaWrap::GetCudaGraphs>("cudaGraphs"),
@@ -146,10 +152,29 @@ CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
     tp = std::make_shared<LocalTpCommunicator>(group, static_cast<int>(rank));
   }
 
+  ExpertLayout experts;
+  bool replicatedAttention = false;
+  Napi::Value epOption = field(o, "ep");
+  if (!epOption.IsUndefined()) {
+    if (!epOption.IsObject()) badArgument(env, "option 'ep' must be { size, redundantSlots, replicatedAttention }");
+    Napi::Object e = epOption.As<Napi::Object>();
+    auto count = [&](const char* name, double fallback) {
+      Napi::Value v = e.Get(name);
+      double n = v.IsUndefined() ? fallback : v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+      if (!(n >= 0 && n <= 1024 && n == std::floor(n)))
+        badArgument(env, std::string("option 'ep.") + name + "' must be an integer 0..1024");
+      return static_cast<int>(n);
+    };
+    experts.ranks = count("size", 1);
+    experts.rank = tp ? tp->rank() : 0;
+    experts.redundantSlots = count("redundantSlots", 0);
+    replicatedAttention = e.Get("replicatedAttention").ToBoolean().Value();
+  }
+
   try {
     Napi::Value graphs = field(o, "cudaGraphs");
     model_ = std::make_shared<CudaLlama>(*device_, cublas, cublasLt, c, pool, graphs.IsUndefined() ? true : flag(o, "cudaGraphs"),
-                                         tp);
+                                         tp, experts, replicatedAttention);
     tp_ = tp;
   } catch (const BadInput& e) {
     badArgument(env, e.what());
@@ -460,7 +485,9 @@ Napi::Value CudaLlamaWrap::TakeCollectiveTime(const Napi::CallbackInfo& info) {
   WorkQueue& queue = liveQueue(env);
   std::shared_ptr<TpCommunicator> tp = tp_;
   return runAsync<TpCollectiveTime>(
-      env, queue, [tp]() { return tp ? translated([&] { return tp->takeTime(); }) : TpCollectiveTime{}; },
+      // A group of one (one rank with redundant expert slots) has no collectives and no initialised communicator.
+      env, queue,
+      [tp]() { return tp && tp->size() > 1 ? translated([&] { return tp->takeTime(); }) : TpCollectiveTime{}; },
       [](Napi::Env env, TpCollectiveTime& t) -> Napi::Value {
         Napi::Object out = Napi::Object::New(env);
         out.Set("allReduceMs", Napi::Number::New(env, t.allReduceMs));
@@ -489,6 +516,140 @@ Napi::Value CudaLlamaWrap::GetTensorParallel(const Napi::CallbackInfo& info) {
   out.Set("intermediate", range(s.interStart, s.inter));
   out.Set("vocab", range(s.vocabStart, s.vocabRows));
   return out;
+}
+
+// holds(name) -> boolean: whether this rank holds the tensor (an expert-parallel rank: its own experts' only).
+Napi::Value CudaLlamaWrap::Holds(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!model_) throw makeError(env, "TANDEM_DISPOSED", "the GPU model runner was disposed");
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "holds expects a tensor name");
+  return Napi::Boolean::New(env, model_->holds(info[0].As<Napi::String>().Utf8Value()));
+}
+
+// expertPlacement() -> { ranks, slotsPerRank, slotExpert: Int32Array (layers x ranks x slotsPerRank, -1: empty) }:
+// the placement in force (read between placement changes).
+Napi::Value CudaLlamaWrap::ExpertPlacement(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!model_) throw makeError(env, "TANDEM_DISPOSED", "the GPU model runner was disposed");
+  try {
+    const CudaMoe& moe = model_->moe();
+    const auto& rows = moe.placement();
+    size_t n = 0;
+    for (const auto& row : rows) n += row.size();
+    Napi::Int32Array table = Napi::Int32Array::New(env, n);
+    size_t at = 0;
+    for (const auto& row : rows)
+      for (int32_t e : row) table[at++] = e;
+    Napi::Object out = Napi::Object::New(env);
+    out.Set("ranks", Napi::Number::New(env, moe.ranks()));
+    out.Set("slotsPerRank", Napi::Number::New(env, moe.slotsPerRank()));
+    out.Set("slotExpert", table);
+    return out;
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  }
+}
+
+// expertSlotAddress(layer, slot) -> [gateUp, down]: device addresses of this rank's local expert slot (sources of
+// another rank's stageExperts on the same device).
+Napi::Value CudaLlamaWrap::ExpertSlotAddress(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!model_) throw makeError(env, "TANDEM_DISPOSED", "the GPU model runner was disposed");
+  if (!info[0].IsNumber() || !info[1].IsNumber())
+    throw Napi::TypeError::New(env, "expertSlotAddress expects (layer, slot)");
+  try {
+    const auto [gateUp, down] =
+        model_->expertSlotAddress(info[0].As<Napi::Number>().Int32Value(), info[1].As<Napi::Number>().Int32Value());
+    Napi::Array out = Napi::Array::New(env, 2);
+    out.Set(0u, Napi::Number::New(env, static_cast<double>(gateUp)));
+    out.Set(1u, Napi::Number::New(env, static_cast<double>(down)));
+    return out;
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  } catch (const NativeError& e) {
+    throw makeError(env, e.code, e.what());
+  }
+}
+
+// stageExperts(Float64Array [gateUp, down] per expert) -> Promise: phase 1 of a placement change (CudaMoe).
+Napi::Value CudaLlamaWrap::StageExperts(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CudaLlama> model = model_;
+  WorkQueue& queue = liveQueue(env);
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_float64_array)
+    throw Napi::TypeError::New(env, "stageExperts expects a Float64Array of [gateUp, down] addresses");
+  Napi::Float64Array a = info[0].As<Napi::Float64Array>();
+  if (a.ElementLength() % 2 != 0) badArgument(env, "stageExperts: an odd number of addresses");
+  auto sources = std::make_shared<std::vector<std::pair<CUdeviceptr, CUdeviceptr>>>();
+  for (size_t i = 0; i + 1 < a.ElementLength(); i += 2)
+    sources->emplace_back(static_cast<CUdeviceptr>(a[i]), static_cast<CUdeviceptr>(a[i + 1]));
+  return runAsync<Empty>(
+      env, queue,
+      [model, sources]() {
+        translated([&] { model->stageExperts(*sources); });
+        return Empty{};
+      },
+      undefinedOf);
+}
+
+// commitExperts(Int32Array [layer, slot] per staged expert, Int32Array placement (layers x ranks x slotsPerRank))
+// -> Promise<{ slotsCopied, bytes }>: phase 2 (CudaMoe::commitExperts).
+Napi::Value CudaLlamaWrap::CommitExperts(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CudaLlama> model = model_;
+  WorkQueue& queue = liveQueue(env);
+  auto isInt32 = [](const Napi::Value& v) {
+    return v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == napi_int32_array;
+  };
+  if (!isInt32(info[0]) || !isInt32(info[1]))
+    throw Napi::TypeError::New(env, "commitExperts expects (Int32Array destinations, Int32Array placement)");
+  Napi::Int32Array d = info[0].As<Napi::Int32Array>(), t = info[1].As<Napi::Int32Array>();
+  if (d.ElementLength() % 2 != 0) badArgument(env, "commitExperts: an odd number of destination values");
+  auto dests = std::make_shared<std::vector<std::pair<int, int>>>();
+  for (size_t i = 0; i + 1 < d.ElementLength(); i += 2) dests->emplace_back(d[i], d[i + 1]);
+  auto rows = std::make_shared<std::vector<std::vector<int32_t>>>();
+  try {
+    const CudaMoe& moe = model->moe();
+    const size_t perLayer = static_cast<size_t>(moe.ranks()) * moe.slotsPerRank();
+    const size_t layers = moe.placement().size();
+    if (t.ElementLength() != layers * perLayer)
+      badArgument(env, "commitExperts: the placement has " + std::to_string(t.ElementLength()) + " values; " +
+                           std::to_string(layers) + " layers x " + std::to_string(perLayer) + " slots make " +
+                           std::to_string(layers * perLayer));
+    for (size_t l = 0; l < layers; ++l) rows->emplace_back(t.Data() + l * perLayer, t.Data() + (l + 1) * perLayer);
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  }
+  return runAsync<ExpertCopyStats>(
+      env, queue,
+      [model, dests, rows]() { return translated([&] { return model->commitExperts(*dests, std::move(*rows)); }); },
+      [](Napi::Env env, ExpertCopyStats& s) -> Napi::Value {
+        Napi::Object out = Napi::Object::New(env);
+        out.Set("slotsCopied", Napi::Number::New(env, s.slotsCopied));
+        out.Set("bytes", Napi::Number::New(env, static_cast<double>(s.bytes)));
+        return out;
+      });
+}
+
+// takeExpertLoad() -> Promise<{ perExpert: Float64Array (layers x experts), pairsRun: Float64Array (layers) }>: the
+// passes' routing since the last call, and a reset.
+Napi::Value CudaLlamaWrap::TakeExpertLoad(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::shared_ptr<CudaLlama> model = model_;
+  WorkQueue& queue = liveQueue(env);
+  return runAsync<CudaMoe::Load>(
+      env, queue, [model]() { return translated([&] { return model->takeExpertLoad(); }); },
+      [](Napi::Env env, CudaMoe::Load& load) -> Napi::Value {
+        auto array = [&](const std::vector<uint64_t>& v) {
+          Napi::Float64Array a = Napi::Float64Array::New(env, v.size());
+          for (size_t i = 0; i < v.size(); ++i) a[i] = static_cast<double>(v[i]);
+          return a;
+        };
+        Napi::Object out = Napi::Object::New(env);
+        out.Set("perExpert", array(load.perExpert));
+        out.Set("pairsRun", array(load.pairsRun));
+        return out;
+      });
 }
 
 // dispose() -> Promise: settles once the weights and activations are freed.

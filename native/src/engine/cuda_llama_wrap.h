@@ -31,7 +31,9 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
  public:
   static void Init(Napi::Env env, Napi::Object exports);
   // new CudaLlama(device, { ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer: DeviceBuffer,
-  //                         cublas: string[] (library candidates), tp?: { group: CudaTpGroup, rank } })
+  //                         cublas: string[] (library candidates), tp?: { group: CudaTpGroup, rank },
+  //                         ep?: { size, redundantSlots, replicatedAttention } (MoE: expert parallel over tp's
+  //                         group, size = its size or 1; cuda_moe.h) })
   explicit CudaLlamaWrap(const Napi::CallbackInfo& info);
   ~CudaLlamaWrap() override;
 
@@ -52,6 +54,12 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value ForwardWithoutLogits(const Napi::CallbackInfo& info);
   Napi::Value TakeCollectiveTime(const Napi::CallbackInfo& info);
   Napi::Value GetTensorParallel(const Napi::CallbackInfo& info);
+  Napi::Value Holds(const Napi::CallbackInfo& info);
+  Napi::Value ExpertPlacement(const Napi::CallbackInfo& info);
+  Napi::Value ExpertSlotAddress(const Napi::CallbackInfo& info);
+  Napi::Value StageExperts(const Napi::CallbackInfo& info);
+  Napi::Value CommitExperts(const Napi::CallbackInfo& info);
+  Napi::Value TakeExpertLoad(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
   Napi::Value GetWeightBytes(const Napi::CallbackInfo& info);
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
