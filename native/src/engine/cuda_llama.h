@@ -200,7 +200,8 @@ class CudaLlama {
   void enqueueDenseLayer(int layer, const BatchPlan& plan, const BatchBuffers& b);
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, const SliceOf& slice);
-  bool tensorParallel() const { return shard_.size > 1; }
+  // With a communicator, even of one rank (an NCCL group of one: the NCCL path one GPU can run), the sharded step.
+  bool tensorParallel() const { return tp_ != nullptr; }
   // Sums a [tokens, hidden] fp32 buffer over the tensor-parallel ranks (nothing with one rank).
   void allReduce(CUdeviceptr buf, size_t tokens);
   const Slot& slotOf(const std::string& name) const;  // throws BadInput naming an unknown tensor
