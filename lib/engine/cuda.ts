@@ -13,10 +13,10 @@
  * slice of the model (lib/engine/cuda-parallel.ts) on its own CudaDevice (own thread and stream), its own KV pool of
  * its kv heads, the ranks summing partial results through a communicator injected into the native layer step: every
  * rank on one device through a local reduction (so TP 2 is checked against TP 1 on one GPU), or each rank on its own
- * GPU (`devices: [0, 1]`) through NCCL (native/src/engine/cuda_llama_nccl.h). forward() drives every rank with the same batch and returns
- * rank 0's logits. Rank r's KV pool is lib/kv's rank pool (tpSize tp, tpRank r: `kvRankPoolSpecs[r]`, memory
- * `kvDeviceBuffers[r]`); a worker registers each as a region and kvRankTransferPieces maps head slices between them
- * and a peer's pools.
+ * GPU (`devices: [0, 1]`) through NCCL (native/src/engine/cuda_llama_nccl.h). forward() drives every rank with the
+ * same batch and returns rank 0's logits. Rank r's KV pool is lib/kv's rank pool (tpSize tp, tpRank r:
+ * `kvRankPoolSpecs[r]`, memory `kvDeviceBuffers[r]`); a worker registers each as a region and kvRankTransferPieces
+ * maps head slices between them and a peer's pools.
  */
 import { closeSync, openSync } from 'node:fs';
 import {
