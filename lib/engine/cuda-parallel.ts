@@ -98,7 +98,8 @@ export function checkTpDevicesPresent(ordinals: readonly number[], deviceCount: 
   if (missing.length > 0)
     throw new ParallelLayoutError(
       `${where}: tensor-parallel ranks on GPUs ${ordinals.join(', ')}, but this host has ${deviceCount} ` +
-        `GPU${deviceCount === 1 ? '' : 's'} (ordinals 0..${deviceCount - 1}); GPU ${missing[0]} is not there`,
+        `GPU${deviceCount === 1 ? '' : 's'} (ordinals 0..${deviceCount - 1}); GPU ${missing[0]} is not there (every ` +
+        `rank on one GPU: the same ordinal for all, a graph pool's gpusPerReplica: 1)`,
     );
 }
 

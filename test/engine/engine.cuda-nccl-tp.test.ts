@@ -79,7 +79,7 @@ describe('tpPlacement: where the ranks run and which communicator joins them', (
     expect(() => checkTpDevicesPresent([0, 1], 2, 'w')).not.toThrow();
     expect(() => checkTpDevicesPresent([0, 1, 2, 3], 2, 'w')).toThrow(ParallelLayoutError);
     expect(() => checkTpDevicesPresent([0, 1, 2, 3], 2, 'w')).toThrow(
-      /^w: tensor-parallel ranks on GPUs 0, 1, 2, 3, but this host has 2 GPUs \(ordinals 0\.\.1\); GPU 2 is not there$/,
+      /^w: tensor-parallel ranks on GPUs 0, 1, 2, 3, but this host has 2 GPUs \(ordinals 0\.\.1\); GPU 2 is not there \(every rank on one GPU: the same ordinal for all, a graph pool's gpusPerReplica: 1\)$/,
     );
     expect(() => checkTpDevicesPresent([1, 1], 1, 'w')).toThrow(/this host has 1 GPU \(/);
   });
