@@ -16,6 +16,7 @@
         "native/src/engine/cublas.cpp",
         "native/src/engine/cuda_llama.cpp",
         "native/src/engine/cuda_llama_graphs.cpp",
+        "native/src/engine/cuda_llama_nccl.cpp",
         "native/src/engine/cuda_llama_tp.cpp",
         "native/src/engine/cuda_llama_wrap.cpp",
         "native/src/engine/cuda_moe.cpp",

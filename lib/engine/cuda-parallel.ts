@@ -16,12 +16,12 @@
  *   checkCudaTensorParallel(config, 2, 'CudaModelRunner.create');   // ParallelLayoutError when it does not fit
  *   const { rows, cols } = tensorSlice(config, 2, 1, tensor);         // rank 1's part of a [out, in] tensor
  */
-import { ParallelLayoutError } from '../errors.js';
+import { BadArgumentError, ParallelLayoutError } from '../errors.js';
 import type { ModelConfig } from './model/config.js';
-import type { ManifestTensor } from './model/manifest.js';
+import { weightManifest, type ManifestTensor } from './model/manifest.js';
 import { checkParallelConfig, tensorShard, type IndexRange } from './parallel.js';
 
-/** The most ranks one local (single-device) communicator group takes (LocalTpGroup::kMaxRanks). */
+/** The most ranks one runner group takes, on one GPU or on several (LocalTpGroup::kMaxRanks). */
 export const MAX_LOCAL_TP_RANKS = 8;
 
 /**
@@ -36,25 +36,117 @@ export function checkCudaTensorParallel(config: ModelConfig, tp: unknown, where:
   return checkParallelConfig(config, { tp: tp as number }, where).tp;
 }
 
+/** How a runner group's ranks exchange partial results: 'local' (every rank on one GPU) or 'nccl' (one GPU each). */
+export type TpCommunicatorKind = 'local' | 'nccl';
+
+/** Where each tensor-parallel rank runs (its device ordinal) and the communicator between the ranks. */
+export interface TpPlacement {
+  ordinals: number[];
+  communicator: TpCommunicatorKind;
+}
+
 /**
- * The device ordinal of each rank: `devices` (one per rank) or `device` for all. Ranks run on one device today
- * (the local communicator); ranks on several devices need the NCCL communicator, not written yet: a
- * ParallelLayoutError says so (and how to put the ranks on one GPU).
+ * The device ordinal of each rank (`devices`, one per rank, or `device` for all) and the communicator: 'local' when
+ * every rank is on one GPU, 'nccl' when each has its own (the default follows the ordinals; `communicator` forces
+ * one, so a single rank can run through NCCL). Throws ParallelLayoutError for a layout neither runs (ranks on
+ * several GPUs with 'local', two ranks on one GPU with 'nccl', some ranks sharing a GPU and some not) and
+ * BadArgumentError for a communicator that is neither. Pure: nothing is opened.
  */
-export function tpDeviceOrdinals(tp: number, device: number, devices: readonly number[] | undefined, where: string) {
-  const ordinals = devices ?? Array<number>(tp).fill(device);
+export function tpPlacement(
+  tp: number,
+  device: number,
+  devices: readonly number[] | undefined,
+  communicator: unknown,
+  where: string,
+): TpPlacement {
+  const ordinals = [...(devices ?? Array<number>(tp).fill(device))];
   if (ordinals.length !== tp)
     throw new ParallelLayoutError(`${where}: ${ordinals.length} devices for ${tp} tensor-parallel ranks`);
   for (const d of ordinals)
     if (!Number.isInteger(d) || d < 0)
       throw new ParallelLayoutError(`${where}: device ordinals must be non-negative integers (got ${String(d)})`);
-  if (new Set(ordinals).size > 1)
-    throw new ParallelLayoutError(
-      `${where}: tensor-parallel ranks on several GPUs (${ordinals.join(', ')}) need the NCCL communicator, which ` +
-        `the GPU engine does not have yet; put every rank on one GPU (the local communicator: a graph pool's ` +
-        `gpusPerReplica: 1)`,
+  if (communicator !== undefined && communicator !== 'local' && communicator !== 'nccl')
+    throw new BadArgumentError(
+      `${where}: communicator must be 'local' or 'nccl' (got ${JSON.stringify(communicator)})`,
     );
-  return ordinals;
+  const distinct = new Set(ordinals).size;
+  const list = ordinals.join(', ');
+  if (communicator === 'local' && distinct > 1)
+    throw new ParallelLayoutError(
+      `${where}: the local communicator runs every rank on one GPU; ranks on GPUs ${list} need communicator 'nccl' ` +
+        `(the default when every rank has its own GPU)`,
+    );
+  if (communicator === 'nccl' && distinct < ordinals.length)
+    throw new ParallelLayoutError(
+      `${where}: NCCL runs one tensor-parallel rank per GPU, and ranks share a GPU here (${list}); give each rank ` +
+        `its own GPU, or put every rank on one GPU with communicator 'local'`,
+    );
+  if (distinct > 1 && distinct < ordinals.length)
+    throw new ParallelLayoutError(
+      `${where}: some tensor-parallel ranks share a GPU and others do not (${list}); give each rank its own GPU ` +
+        `(NCCL) or every rank the same one (the local communicator)`,
+    );
+  return {
+    ordinals,
+    communicator: (communicator as TpCommunicatorKind | undefined) ?? (distinct > 1 ? 'nccl' : 'local'),
+  };
+}
+
+/** Throws ParallelLayoutError unless every ordinal names a GPU of this host (`deviceCount` of them). */
+export function checkTpDevicesPresent(ordinals: readonly number[], deviceCount: number, where: string): void {
+  const missing = ordinals.filter((d) => d >= deviceCount);
+  if (missing.length > 0)
+    throw new ParallelLayoutError(
+      `${where}: tensor-parallel ranks on GPUs ${ordinals.join(', ')}, but this host has ${deviceCount} ` +
+        `GPU${deviceCount === 1 ? '' : 's'} (ordinals 0..${deviceCount - 1}); GPU ${missing[0]} is not there (every ` +
+        `rank on one GPU: the same ordinal for all, a graph pool's gpusPerReplica: 1)`,
+    );
+}
+
+/** bf16 bytes of rank `rank`'s weights: its slice of every manifest tensor (replicated tensors whole). */
+export function rankWeightBytes(config: ModelConfig, tp: number, rank: number): number {
+  let elements = 0;
+  for (const t of weightManifest(config)) {
+    const { rows, cols } = tensorSlice(config, tp, rank, t);
+    elements += rows.count * cols.count;
+  }
+  return elements * 2;
+}
+
+/** One rank's share of a GPU when sizing the KV pools from free memory. */
+export interface RankMemory {
+  /** The rank's GPU and that GPU's free bytes (ranks on one GPU see the same figure). */
+  ordinal: number;
+  freeBytes: number;
+  weightBytes: number;
+  /** Bytes of one block of the rank's KV pool (its kv heads). */
+  blockBytes: number;
+}
+
+/**
+ * The KV blocks every rank's pool can have (each rank holds numBlocks blocks of its kv heads): per GPU, its free
+ * bytes less the weights of the ranks on it and `reserveBytes` for each of them, times `fraction`, over the bytes
+ * of one block of each of them; the least over the GPUs, and the GPU that sets it.
+ */
+export function kvBlocksFromFreeMemory(
+  ranks: readonly RankMemory[],
+  reserveBytes: number,
+  fraction: number,
+): { numBlocks: number; ordinal: number; freeBytes: number; weightBytes: number } {
+  const gpus = new Map<number, { freeBytes: number; weightBytes: number; blockBytes: number; ranks: number }>();
+  for (const r of ranks) {
+    const g = gpus.get(r.ordinal) ?? { freeBytes: r.freeBytes, weightBytes: 0, blockBytes: 0, ranks: 0 };
+    g.weightBytes += r.weightBytes;
+    g.blockBytes += r.blockBytes;
+    g.ranks += 1;
+    gpus.set(r.ordinal, g);
+  }
+  let best = { numBlocks: Infinity, ordinal: -1, freeBytes: 0, weightBytes: 0 };
+  for (const [ordinal, g] of gpus) {
+    const numBlocks = Math.floor(((g.freeBytes - g.weightBytes - g.ranks * reserveBytes) * fraction) / g.blockBytes);
+    if (numBlocks < best.numBlocks) best = { numBlocks, ordinal, freeBytes: g.freeBytes, weightBytes: g.weightBytes };
+  }
+  return best;
 }
 
 /**

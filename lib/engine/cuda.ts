@@ -11,16 +11,27 @@
  *
  * Tensor parallelism (issue 25; `parallel: { tp }`): a runner group of tp ranks, each a native CudaLlama holding its
  * slice of the model (lib/engine/cuda-parallel.ts) on its own CudaDevice (own thread and stream), its own KV pool of
- * its kv heads, the ranks summing partial results through a communicator injected into the native layer step. Today
- * every rank runs on one device (a local reduction, so TP 2 is checked against TP 1 on one GPU); ranks on several
- * GPUs need the NCCL communicator (not written yet). forward() drives every rank with the same batch and returns
- * rank 0's logits. Rank r's KV pool is lib/kv's rank pool (tpSize tp, tpRank r: `kvRankPoolSpecs[r]`, memory
- * `kvDeviceBuffers[r]`); a worker registers each as a region and kvRankTransferPieces maps head slices between them
- * and a peer's pools.
+ * its kv heads, the ranks summing partial results through a communicator injected into the native layer step: every
+ * rank on one device through a local reduction (so TP 2 is checked against TP 1 on one GPU), or each rank on its own
+ * GPU (`devices: [0, 1]`) through NCCL (native/src/engine/cuda_llama_nccl.h). forward() drives every rank with the
+ * same batch and returns rank 0's logits. Rank r's KV pool is lib/kv's rank pool (tpSize tp, tpRank r:
+ * `kvRankPoolSpecs[r]`, memory `kvDeviceBuffers[r]`); a worker registers each as a region and kvRankTransferPieces
+ * maps head slices between them and a peer's pools.
  */
 import { closeSync, openSync } from 'node:fs';
-import { BadArgumentError, CheckpointError, native, nativeSync, OutOfMemoryError, TandemError } from '../errors.js';
-import { CudaDevice, type DeviceBuffer } from '../cuda/index.js';
+import {
+  BadArgumentError,
+  CheckpointError,
+  CudaUnavailableError,
+  DisposedError,
+  native,
+  nativeSync,
+  NcclUnavailableError,
+  OutOfMemoryError,
+  TandemError,
+} from '../errors.js';
+import { CudaDevice, probeCuda, type DeviceBuffer } from '../cuda/index.js';
+import { DEFAULT_COLLECTIVE_TIMEOUT_MS, ncclInfo } from '../collectives/index.js';
 import { checkInteger, kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
 import {
   type GemmTuning,
@@ -46,7 +57,16 @@ import { checkCheckpointTensors, tensorElements, weightManifest, type ManifestTe
 import { openSafetensors } from './model/safetensors.js';
 import { ByteProgress, StartPhases, type StartLog } from './model/progress.js';
 import { forwardArgs, type ForwardBatch, type ModelRunner, type SampledLogits, type SamplePlan } from './runner.js';
-import { checkCudaTensorParallel, sliceHostTensor, tpDeviceOrdinals } from './cuda-parallel.js';
+import {
+  checkCudaTensorParallel,
+  checkTpDevicesPresent,
+  kvBlocksFromFreeMemory,
+  rankWeightBytes,
+  sliceHostTensor,
+  tpPlacement,
+  type TpCommunicatorKind,
+  type TpPlacement,
+} from './cuda-parallel.js';
 import { checkCudaExpertParallel, CudaExpertRanks } from './cuda-experts.js';
 import { ExpertBalancer, checkEplbPolicy, type EplbPolicy } from '../moe/policy.js';
 import type { ExpertPlacement } from '../moe/eplb.js';
@@ -95,8 +115,17 @@ export interface CudaModelRunnerOptions {
    * graphs) with more than one rank.
    */
   parallel?: { tp: number; ep?: number };
-  /** The device ordinal of each tensor-parallel rank (default: `device`'s for all). Today all must be equal. */
+  /**
+   * The device ordinal of each rank (default: `device`'s for all): all the same (the local communicator) or all
+   * different (NCCL, one GPU per rank; checked against the GPUs this host has).
+   */
   devices?: number[];
+  /**
+   * How the ranks exchange partial results: 'local' (every rank on one GPU) or 'nccl' (one GPU per rank; needs
+   * libnccl.so.2). Default: 'local' when every rank shares a device, 'nccl' otherwise. 'nccl' with one rank runs the
+   * sharded step through a one-rank NCCL communicator (the NCCL path one GPU can run).
+   */
+  communicator?: TpCommunicatorKind;
   /**
    * Online expert load balancing of an MoE model (lib/moe's EplbPolicy, as CpuModelRunner's `eplb`): every expert-
    * parallel rank gets `redundantSlotsPerRank` extra slots (also one rank, ep 1: replicas within it), each pass's
@@ -194,6 +223,28 @@ async function loadCheckpoint(
   }
 }
 
+/**
+ * Checks, before any device is opened, that the host can run the ranks: NCCL present for the NCCL communicator
+ * (NcclUnavailableError naming libnccl.so.2 otherwise), a usable CUDA driver, and every ordinal one of its GPUs.
+ */
+async function checkTpHost(ordinals: readonly number[], communicator: TpCommunicatorKind, where: string) {
+  if (communicator === 'nccl') {
+    const nccl = await ncclInfo();
+    if (!nccl.available) throw new NcclUnavailableError(nccl.reason ?? 'libnccl.so.2 could not be loaded');
+  }
+  const cuda = await probeCuda();
+  if (!cuda.available) throw new CudaUnavailableError(cuda.reason ?? 'unknown reason');
+  checkTpDevicesPresent(ordinals, cuda.deviceCount, where);
+}
+
+/** Waits for every rank's promise; rejects with the first error that is not a rank stopped by another's failure. */
+async function firstCause<T>(promises: Promise<T>[]): Promise<T[]> {
+  const results = await Promise.allSettled(promises);
+  const errors = results.flatMap((r) => (r.status === 'rejected' ? [r.reason as unknown] : []));
+  if (errors.length > 0) throw errors.find((e) => !(e instanceof DisposedError)) ?? errors[0];
+  return results.map((r) => (r as PromiseFulfilledResult<T>).value);
+}
+
 export class CudaModelRunner implements ModelRunner {
   readonly vocabSize: number;
   readonly blockSize: number;
@@ -239,13 +290,23 @@ export class CudaModelRunner implements ModelRunner {
     checkInteger(where, 'blockSize', blockSize, 1);
     const tp = checkCudaTensorParallel(config, options.parallel?.tp ?? 1, where);
     const { ep, balancer } = CudaModelRunner.checkExperts(options, config, tp, where);
-    if (tp > 1 || ep > 1 || balancer)
-      return CudaModelRunner.createTensorParallel(options, config, layout, blockSize, tp, ep, balancer);
     const given = options.device ?? 0;
+    const placement = tpPlacement(
+      Math.max(tp, ep),
+      typeof given === 'number' ? given : given.ordinal,
+      options.devices,
+      options.communicator,
+      where,
+    );
+    if (tp > 1 || ep > 1 || balancer || placement.communicator === 'nccl')
+      return CudaModelRunner.createTensorParallel(options, config, layout, blockSize, tp, placement, ep, balancer);
     const ownsDevice = typeof given === 'number';
     const phases = new StartPhases(options.log);
+    const ordinal = placement.ordinals[0]!;
     const device =
-      typeof given === 'number' ? await phases.run(`open CUDA device ${given}`, () => CudaDevice.open(given)) : given;
+      typeof given === 'number'
+        ? await phases.run(`open CUDA device ${ordinal}`, () => CudaDevice.open(ordinal))
+        : given;
     let kvBuffer: DeviceBuffer | undefined;
     let raw: RawCudaLlama | undefined;
     try {
@@ -358,15 +419,16 @@ export class CudaModelRunner implements ModelRunner {
     layout: KvLayout,
     blockSize: number,
     tp: number,
+    { ordinals, communicator }: TpPlacement,
     ep = 1,
     balancer?: ExpertBalancer,
   ): Promise<CudaModelRunner> {
     const where = 'CudaModelRunner.create';
     const given = options.device ?? 0;
+    await checkTpHost(ordinals, communicator, where);
     // With expert parallelism the group is ep ranks (tp 1: attention replicated on each; tp = ep: split).
     const tpSize = tp;
     tp = Math.max(tp, ep);
-    const ordinals = tpDeviceOrdinals(tp, typeof given === 'number' ? given : given.ordinal, options.devices, where);
     const phases = new StartPhases(options.log);
     interface Rank {
       device: CudaDevice;
@@ -401,27 +463,49 @@ export class CudaModelRunner implements ModelRunner {
       }
       let numBlocks = options.numBlocks;
       if (numBlocks === undefined) {
-        // One block's bytes over all ranks (each holds its kv heads); the ranks share one device today.
-        let blockBytes = 0;
-        for (let r = 0; r < tp; r++) blockBytes += poolOf(r, 1).blockBytes;
-        let bytes = options.kvCacheBytes;
-        if (bytes === undefined) {
-          const free = (await ranks[0]!.device.memoryInfo()).freeBytes;
-          bytes =
-            (free - gpuWeightBytes(config) - tp * GPU_ACTIVATION_RESERVE_BYTES) *
-            (options.kvCacheFraction ?? DEFAULT_GPU_KV_FRACTION);
+        let tightest = { numBlocks: 0, ordinal: ordinals[0]!, freeBytes: 0, weightBytes: 0 };
+        if (options.kvCacheBytes !== undefined) {
+          // One block's bytes over all ranks (each holds its kv heads).
+          let blockBytes = 0;
+          for (let r = 0; r < tp; r++) blockBytes += poolOf(r, 1).blockBytes;
+          tightest.numBlocks = Math.floor(options.kvCacheBytes / blockBytes);
+        } else {
+          // Per GPU: its free memory less the weights of the ranks on it (each its slice), the least over the GPUs.
+          const memory = [];
+          for (let r = 0; r < tp; r++)
+            memory.push({
+              ordinal: ordinals[r]!,
+              freeBytes: (await ranks[r]!.device.memoryInfo()).freeBytes,
+              // Expert-parallel ranks (tpSize < tp) hold attention whole and their experts: the model's bytes split
+              // evenly is close enough (the replicated attention and redundant slots fit the activation reserve).
+              weightBytes: tpSize === tp ? rankWeightBytes(config, tp, r) : gpuWeightBytes(config) / tp,
+              blockBytes: poolOf(r, 1).blockBytes,
+            });
+          tightest = kvBlocksFromFreeMemory(
+            memory,
+            GPU_ACTIVATION_RESERVE_BYTES,
+            options.kvCacheFraction ?? DEFAULT_GPU_KV_FRACTION,
+          );
         }
-        numBlocks = Math.floor(bytes / blockBytes);
+        numBlocks = tightest.numBlocks;
         if (options.maxDefaultBlocks !== undefined) numBlocks = Math.min(numBlocks, options.maxDefaultBlocks);
         if (numBlocks < 1) {
-          const free = (await ranks[0]!.device.memoryInfo()).freeBytes;
+          const free = (await ranks[ordinals.indexOf(tightest.ordinal)]!.device.memoryInfo()).freeBytes;
           throw new OutOfMemoryError(
-            `GPU ${ordinals[0]} has ${(free / 2 ** 30).toFixed(1)} GiB free; the weights of ${tp} tensor-parallel ` +
-              `ranks need ${(gpuWeightBytes(config) / 2 ** 30).toFixed(1)} GiB and leave no room for a KV pool`,
+            `GPU ${tightest.ordinal} has ${(free / 2 ** 30).toFixed(1)} GiB free; the weights of its tensor-parallel ` +
+              `rank(s) need ${(tightest.weightBytes / 2 ** 30).toFixed(1)} GiB and leave no room for a KV pool`,
           );
         }
       }
-      const group: RawCudaTpGroup = nativeSync(() => new (loadBinding().binding.CudaTpGroup)(tp));
+      const group: RawCudaTpGroup = nativeSync(
+        () =>
+          new (loadBinding().binding.CudaTpGroup)(
+            tp,
+            communicator === 'nccl'
+              ? { communicator, nccl: libraryCandidates().nccl, timeoutMs: DEFAULT_COLLECTIVE_TIMEOUT_MS }
+              : { communicator },
+          ),
+      );
       for (let r = 0; r < tp; r++) {
         const rank = ranks[r]!;
         const pool = poolOf(r, numBlocks);
@@ -448,7 +532,21 @@ export class CudaModelRunner implements ModelRunner {
         );
       }
       const models = ranks.map((rank) => rank.raw!);
-      await phases.run('cuBLAS and weight memory', () => Promise.all(models.map((m) => native(() => m.init()))));
+      // With NCCL each rank joins the group here; a rank that fails breaks the group, so the others' DisposedError
+      // is not the cause: the first other error is reported.
+      // A rank whose init fails before it joins would leave the others waiting for it: disposing the models breaks
+      // the group at once.
+      const breakGroup = () => Promise.all(models.map((m) => m.dispose().catch(() => {})));
+      await phases.run(`cuBLAS, weight memory and the ${communicator} communicator`, () =>
+        firstCause(
+          models.map((m) =>
+            native(() => m.init()).catch(async (error: unknown) => {
+              await breakGroup();
+              throw error;
+            }),
+          ),
+        ),
+      );
       const manifest = weightManifest(config);
       const total = manifest.length;
       let loaded = 0;
@@ -508,7 +606,10 @@ export class CudaModelRunner implements ModelRunner {
       for (const m of models) nativeSync(() => m.ready());
       const experts = config.moe ? new CudaExpertRanks(models, config, balancer) : undefined;
       await experts?.fillRedundantSlots();
-      options.log?.(`GPU model runner (${tp} ranks) ready in ${phases.elapsedMs().toFixed(0)} ms`);
+      options.log?.(
+        `GPU model runner (${tp} rank${tp === 1 ? '' : 's'} on GPU${new Set(ordinals).size > 1 ? 's' : ''} ` +
+          `${[...new Set(ordinals)].join(', ')}, ${communicator} communicator) ready in ${phases.elapsedMs().toFixed(0)} ms`,
+      );
       const [first, ...rest] = ranks;
       const peers = rest.map((rank) => ({
         raw: rank.raw!,
@@ -540,6 +641,11 @@ export class CudaModelRunner implements ModelRunner {
   /** The number of tensor-parallel ranks (1: the whole model on one runner). */
   get tensorParallelSize(): number {
     return this.peers.length + 1;
+  }
+
+  /** The GPU of each tensor-parallel rank, rank 0 first (one entry for one rank). */
+  get deviceOrdinals(): number[] {
+    return [this.device.ordinal, ...this.peers.map((p) => p.device.ordinal)];
   }
 
   /**
@@ -666,17 +772,15 @@ export class CudaModelRunner implements ModelRunner {
 
   /**
    * Rank 0's pass (`first`, started) with every other rank's pass of the same batch, which only feeds the
-   * collectives; settles once every rank is done, with rank 0's result or the first failure (a rank that fails
-   * stops the group's collectives, so the others fail too rather than wait).
+   * collectives; settles once every rank is done, with rank 0's result or the failure that caused the others (a rank
+   * that fails stops the group's collectives, so the others fail too, with DisposedError, rather than wait).
    */
   private async allRanks<T>(first: Promise<T>, args: ReturnType<typeof forwardArgs>): Promise<T> {
-    const results = await Promise.allSettled([
+    const [result] = await firstCause<unknown>([
       first,
       ...this.peers.map((p) => native(() => p.raw.forwardWithoutLogits(...args))),
     ]);
-    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (failed) throw failed.reason;
-    return (results[0] as PromiseFulfilledResult<T>).value;
+    return result as T;
   }
 
   /**

@@ -8,7 +8,7 @@ import { kvPool, type KvLayout, type KvPoolSpec } from '../kv/index.js';
 import { probeCuda } from '../cuda/index.js';
 import { CpuModelRunner, loadWeights, type NamedTensor } from './cpu.js';
 import { CudaModelRunner, DEFAULT_GPU_KV_FRACTION } from './cuda.js';
-import { checkCudaTensorParallel, tpDeviceOrdinals } from './cuda-parallel.js';
+import { checkCudaTensorParallel, tpPlacement } from './cuda-parallel.js';
 import { checkCudaExpertParallel } from './cuda-experts.js';
 import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
@@ -43,9 +43,8 @@ export interface OpenModelOptions {
   /** The GPU (ordinal) of the GPU engine. Default 0. */
   gpu?: number;
   /**
-   * The GPU of each tensor-parallel rank of the GPU engine (default: `gpu` for every rank). Today the ranks run on
-   * one GPU (the local communicator); ranks on several GPUs need the NCCL communicator, which the GPU engine does not
-   * have yet: listing several throws ParallelLayoutError.
+   * The GPU of each tensor-parallel rank of the GPU engine (default: `gpu` for every rank): one GPU for all (the
+   * local communicator) or one per rank (NCCL between them; a graph pool's gpusPerReplica gives a replica its list).
    */
   gpus?: number[];
   /**
@@ -232,7 +231,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
       // Checked here, before any GPU memory is taken (CudaModelRunner.create checks again).
       checkCudaTensorParallel(config, parallel.tp, model);
       checkCudaExpertParallel(config, parallel.tp, parallel.ep, model);
-      tpDeviceOrdinals(groupSize(parallel), options.gpu ?? 0, options.gpus, model);
+      tpPlacement(groupSize(parallel), options.gpu ?? 0, options.gpus, undefined, model);
     }
     if (deviceCount > 0) {
       try {

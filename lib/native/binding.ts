@@ -258,10 +258,17 @@ export interface RawCudaLlamaOptions
   ep?: { size: number; redundantSlots?: number; replicatedAttention?: boolean };
 }
 
-/** The ranks of one tensor-parallel runner group on one CUDA device (native/src/engine/cuda_llama_tp.h). */
+/**
+ * The ranks of one tensor-parallel runner group: on one CUDA device (the local communicator,
+ * native/src/engine/cuda_llama_tp.h) or one GPU each through NCCL (native/src/engine/cuda_llama_nccl.h).
+ */
 export interface RawCudaTpGroup {
   readonly size: number;
+  readonly communicator: 'local' | 'nccl';
 }
+
+/** new CudaTpGroup(size, options): NCCL's library candidates and the bound on each rank's join. */
+export type RawCudaTpGroupOptions = { communicator: 'local' } | { communicator: 'nccl'; nccl: string[]; timeoutMs: number };
 
 /** What a tensor-parallel rank holds: [start, count] of heads, kv heads, intermediate channels, vocabulary rows. */
 export interface RawTensorShard {
@@ -448,7 +455,7 @@ export interface RawBinding {
   ) => RawTransferAgent;
   CpuLlama: new (options: RawCpuLlamaOptions) => RawCpuLlama;
   CudaLlama: new (device: RawCudaDevice, options: RawCudaLlamaOptions) => RawCudaLlama;
-  CudaTpGroup: new (size: number) => RawCudaTpGroup;
+  CudaTpGroup: new (size: number, options?: RawCudaTpGroupOptions) => RawCudaTpGroup;
 }
 
 let cached: { binding: RawBinding; path: string } | undefined;

@@ -1,12 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { ParallelLayoutError } from '../../lib/errors.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
-import {
-  checkCudaTensorParallel,
-  sliceHostTensor,
-  tensorSlice,
-  tpDeviceOrdinals,
-} from '../../lib/engine/cuda-parallel.js';
+import { checkCudaTensorParallel, sliceHostTensor, tensorSlice, tpPlacement } from '../../lib/engine/cuda-parallel.js';
 import { tensorShard as cudaTensorShard, vocabRange as vocabRows } from '../../lib/engine/parallel.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { weightManifest, tensorElements } from '../../lib/engine/model/manifest.js';
@@ -51,12 +46,12 @@ describe('tensor-parallel layout checks (GPU engine)', () => {
     expect(() => checkCudaTensorParallel(inter, 4, 'w')).toThrow(/intermediate size 130/);
   });
 
-  it('ranks on several devices need the NCCL communicator: a ParallelLayoutError; one device for all is fine', () => {
-    expect(tpDeviceOrdinals(2, 3, undefined, 'w')).toEqual([3, 3]);
-    expect(tpDeviceOrdinals(2, 0, [1, 1], 'w')).toEqual([1, 1]);
-    expect(() => tpDeviceOrdinals(2, 0, [0, 1], 'w')).toThrow(/NCCL communicator/);
-    expect(() => tpDeviceOrdinals(2, 0, [0], 'w')).toThrow(/1 devices for 2 tensor-parallel ranks/);
-    expect(() => tpDeviceOrdinals(2, 0, [0, -1], 'w')).toThrow(ParallelLayoutError);
+  it('ranks on one device take the local communicator, ranks on several NCCL (test/engine/engine.cuda-nccl-tp.test.ts)', () => {
+    expect(tpPlacement(2, 3, undefined, undefined, 'w')).toEqual({ ordinals: [3, 3], communicator: 'local' });
+    expect(tpPlacement(2, 0, [1, 1], undefined, 'w')).toEqual({ ordinals: [1, 1], communicator: 'local' });
+    expect(tpPlacement(2, 0, [0, 1], undefined, 'w')).toEqual({ ordinals: [0, 1], communicator: 'nccl' });
+    expect(() => tpPlacement(2, 0, [0], undefined, 'w')).toThrow(/1 devices for 2 tensor-parallel ranks/);
+    expect(() => tpPlacement(2, 0, [0, -1], undefined, 'w')).toThrow(ParallelLayoutError);
   });
 
   it('CudaModelRunner.create checks the layout before it opens a device (the typed error, also without a GPU)', async () => {
@@ -70,8 +65,9 @@ describe('tensor-parallel layout checks (GPU engine)', () => {
         numBlocks: 4,
         parallel: { tp: 2 },
         devices: [0, 1],
+        communicator: 'local',
       }),
-    ).rejects.toThrow(/NCCL communicator/);
+    ).rejects.toThrow(/the local communicator runs every rank on one GPU/);
   });
 });
 

@@ -1,7 +1,7 @@
 /**
  * Tensor parallelism on the GPU engine, wired into openModel and serving (issue 25): what can be checked without a
- * GPU. openModel refuses the layouts the GPU engine does not run (pipeline or expert parallelism, more ranks than the
- * local communicator takes, ranks on several GPUs) with a ParallelLayoutError before any device is opened; a graph
+ * GPU. openModel refuses the layouts the GPU engine does not run (pipeline or expert parallelism, more ranks than a
+ * runner group takes, ranks some of which share a GPU) with a ParallelLayoutError before any device is opened; a graph
  * pool runs its tensor-parallel ranks on one GPU with gpusPerReplica 1 and hands a replica of several GPUs their list;
  * a registration's rank pools survive the control plane's wire. The GPU side: test/gpu/12.serve.tp.gpu.test.ts.
  */
@@ -64,13 +64,14 @@ describe('openModel on the GPU engine with a parallel layout', () => {
     },
   );
 
-  it('more ranks than the local communicator takes, or ranks on several GPUs, are refused before a device opens', async () => {
+  it('more ranks than a runner group takes, or ranks that neither communicator runs, are refused before a device opens', async () => {
     // 32 heads, 8 kv heads: tp 16 fits the model but not the one-device group.
     expect(await layoutError({ model: 'dummy:llama-3.2-1b', device: 'cuda', tensorParallelSize: 16 })).toBe(
       'dummy:llama-3.2-1b: tensor parallel size 16 is more than the 8 ranks the GPU engine runs',
     );
-    expect(await layoutError({ model: 'dummy:tiny', device: 'cuda', tensorParallelSize: 2, gpus: [0, 1] })).toMatch(
-      /^dummy:tiny: tensor-parallel ranks on several GPUs \(0, 1\) need the NCCL communicator, which the GPU engine does not have yet; put every rank on one GPU \(the local communicator: a graph pool's gpusPerReplica: 1\)$/,
+    expect(await layoutError({ model: 'dummy:tiny', device: 'cuda', tensorParallelSize: 4, gpus: [0, 0, 1, 1] })).toBe(
+      'dummy:tiny: some tensor-parallel ranks share a GPU and others do not (0, 0, 1, 1); give each rank its own GPU ' +
+        '(NCCL) or every rank the same one (the local communicator)',
     );
     expect(await layoutError({ model: 'dummy:tiny', device: 'cuda', tensorParallelSize: 2, gpus: [0] })).toBe(
       'dummy:tiny: 1 devices for 2 tensor-parallel ranks',

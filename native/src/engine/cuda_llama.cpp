@@ -213,7 +213,7 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
   if (grouped() && cudaGraphs_) {
     cudaGraphs_ = false;
     graphsReason_ = "tensor-parallel and expert-parallel ranks run decode steps eagerly (the local communicator's "
-                    "host barriers cannot be captured in a CUDA graph)";
+                    "host barriers cannot be captured in a CUDA graph; NCCL's collectives are not captured yet)";
   }
   const LlamaConfig& c = local_;  // this rank's shapes
   if (c.headDim > 256) throw BadInput("the GPU engine supports headDim up to 256 (got " + std::to_string(c.headDim) + ")");

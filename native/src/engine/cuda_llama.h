@@ -236,9 +236,12 @@ class CudaLlama {
   void enqueueDenseLayer(int layer, const BatchPlan& plan, const BatchBuffers& b);
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, const SliceOf& slice);
-  bool tensorParallel() const { return shard_.size > 1; }
-  // Several ranks share collectives (tensor or expert parallel): passes run eagerly, a failing rank breaks the group.
-  bool grouped() const { return tp_ && tp_->size() > 1; }
+  // The sharded (Megatron) step: attention and the dense FFN split over the ranks. Not for expert-parallel ranks
+  // beside one tensor-parallel rank (attention replicated); also for an NCCL group of one rank (runsAlone).
+  bool tensorParallel() const { return shard_.size > 1 || (tp_ && tp_->runsAlone()); }
+  // Ranks share collectives (tensor or expert parallel, or an NCCL group of one): passes run eagerly, a failing rank
+  // breaks the group.
+  bool grouped() const { return tp_ && (tp_->size() > 1 || tp_->runsAlone()); }
   // Sums a [tokens, hidden] fp32 buffer over the tensor-parallel ranks (nothing with one rank).
   void allReduce(CUdeviceptr buf, size_t tokens);
   const Slot& slotOf(const std::string& name) const;  // throws BadInput naming an unknown tensor

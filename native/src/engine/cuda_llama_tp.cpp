@@ -86,6 +86,7 @@ LocalTpCommunicator::LocalTpCommunicator(std::shared_ptr<LocalTpGroup> group, in
 
 void LocalTpCommunicator::init(CudaDevice& device) {
   device_ = &device;
+  timer_.init(device);
   const CudaDriver& d = device.driver();
   sum_ = device.function("tandem_tp_sum_f32");
   copyColumns_ = device.function("tandem_tp_copy_columns_f32");
@@ -129,9 +130,9 @@ void LocalTpCommunicator::ensureAccumulator(size_t bytes, CUstream stream) {
   accumulator_ = device_->allocate(bytes + bytes / 4, "cuMemAlloc (tensor-parallel all-reduce)");
 }
 
-size_t LocalTpCommunicator::beginSpan(CUstream stream) {
+size_t TpCollectiveTimer::begin(CUstream stream) {
   if (!timing_) return SIZE_MAX;
-  if (usedSpans_ == kMaxSpans) foldSpans();
+  if (usedSpans_ == kMaxSpans) fold();
   const CudaDriver& d = device_->driver();
   if (usedSpans_ == spans_.size()) {
     Span span;
@@ -148,7 +149,7 @@ size_t LocalTpCommunicator::beginSpan(CUstream stream) {
   return usedSpans_++;
 }
 
-void LocalTpCommunicator::endSpan(size_t index, bool gather, CUstream stream) {
+void TpCollectiveTimer::end(size_t index, bool gather, CUstream stream) {
   if (index == SIZE_MAX) return;
   Span& span = spans_[index];
   span.gather = gather;
@@ -156,7 +157,7 @@ void LocalTpCommunicator::endSpan(size_t index, bool gather, CUstream stream) {
   span.ended = true;
 }
 
-void LocalTpCommunicator::foldSpans() {
+void TpCollectiveTimer::fold() {
   const CudaDriver& d = device_->driver();
   // A span whose collective threw (the group was stopped) has no end: it is left out.
   for (size_t i = usedSpans_; i-- > 0;)
@@ -172,23 +173,35 @@ void LocalTpCommunicator::foldSpans() {
   usedSpans_ = 0;
 }
 
-TpCollectiveTime LocalTpCommunicator::takeTime() {
+TpCollectiveTime TpCollectiveTimer::take() {
   if (!device_) throw NativeError("TANDEM_INTERNAL", "the tensor-parallel communicator was not initialised");
   if (!timing_) {
     timing_ = true;
     return {};
   }
-  foldSpans();
+  fold();
   TpCollectiveTime out = folded_;
   folded_ = {};
   return out;
 }
 
+void TpCollectiveTimer::release() {
+  if (device_)
+    for (Span& span : spans_) {
+      device_->driver().cuEventDestroy(span.start);
+      device_->driver().cuEventDestroy(span.end);
+    }
+  spans_.clear();
+  usedSpans_ = 0;
+}
+
+TpCollectiveTime LocalTpCommunicator::takeTime() { return timer_.take(); }
+
 void LocalTpCommunicator::allReduceSum(CUdeviceptr buf, size_t count, CUstream stream) {
   if (!device_) throw NativeError("TANDEM_INTERNAL", "the tensor-parallel communicator was not initialised");
   if (group_->size() == 1 || count == 0) return;
   ensureAccumulator(count * 4, stream);
-  const size_t span = beginSpan(stream);
+  const size_t span = timer_.begin(stream);
   exchange(buf, stream);
   LocalTpGroup& g = *group_;
   TpSources sources{};
@@ -203,7 +216,7 @@ void LocalTpCommunicator::allReduceSum(CUdeviceptr buf, size_t count, CUstream s
   finish(stream);
   device_->check(device_->driver().cuMemcpyDtoDAsync(buf, out, count * 4, stream),
                  "cuMemcpyDtoDAsync (tensor-parallel sum)");
-  endSpan(span, false, stream);
+  timer_.end(span, false, stream);
 }
 
 void LocalTpCommunicator::allGatherColumns(CUdeviceptr in, size_t rows, const std::vector<int>& cols, CUdeviceptr out,
@@ -215,7 +228,7 @@ void LocalTpCommunicator::allGatherColumns(CUdeviceptr in, size_t rows, const st
                    std::to_string(g.size_) + " ranks");
   int outCols = 0;
   for (int c : cols) outCols += c;
-  const size_t span = beginSpan(stream);
+  const size_t span = timer_.begin(stream);
   exchange(in, stream);
   int col0 = 0;
   for (int s = 0; s < g.size_; ++s) {
@@ -230,7 +243,7 @@ void LocalTpCommunicator::allGatherColumns(CUdeviceptr in, size_t rows, const st
     col0 += n;
   }
   finish(stream);
-  endSpan(span, true, stream);
+  timer_.end(span, true, stream);
 }
 
 void LocalTpCommunicator::release() {
@@ -242,13 +255,7 @@ void LocalTpCommunicator::release() {
     }
   }
   accumulator_.reset();
-  if (device_)
-    for (Span& span : spans_) {
-      device_->driver().cuEventDestroy(span.start);
-      device_->driver().cuEventDestroy(span.end);
-    }
-  spans_.clear();
-  usedSpans_ = 0;
+  timer_.release();
   LocalTpGroup& g = *group_;
   std::lock_guard<std::mutex> lock(g.mutex_);
   if (g.released_[rank_]) return;

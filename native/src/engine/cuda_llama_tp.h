@@ -8,9 +8,9 @@
 // vocabulary rows [r * ceil(V/tp), min(V, (r+1) * ceil(V/tp))).
 //
 // TpCommunicator is the seam: LocalTpCommunicator runs every rank on one CUDA device (one primary context), each
-// rank on its own CudaDevice thread and stream, so TP 2 can be checked against TP 1 on one GPU. NCCL across GPUs
-// is the next implementation of the same interface (TODO: NcclTpCommunicator over native/src/nccl's
-// communicator, an ncclAllReduce / ncclAllGather on the rank's stream; not written yet).
+// rank on its own CudaDevice thread and stream, so TP 2 can be checked against TP 1 on one GPU. NcclTpCommunicator
+// (cuda_llama_nccl.h) runs each rank on its own GPU, one NCCL communicator per rank, its collectives on the rank's
+// stream.
 #pragma once
 
 #include <condition_variable>
@@ -50,6 +50,9 @@ class TpCommunicator {
   virtual ~TpCommunicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // True when the communicator runs its collectives even for one rank (an NCCL group of one: the NCCL path one GPU
+  // can run), so that a one-rank runner takes the sharded step through it.
+  virtual bool runsAlone() const { return false; }
   // Device thread: per-rank set-up (events, ...) once the rank's device is open.
   virtual void init(CudaDevice& device) = 0;
   // buf[0, count) fp32 (the residual stream's dtype) = its sum over the ranks, in place.
@@ -66,6 +69,38 @@ class TpCommunicator {
   virtual TpCollectiveTime takeTime() = 0;
   // Device thread of the rank, once, when the rank is released (its stream is idle).
   virtual void release() = 0;
+};
+
+// The stream time of a rank's collectives (TpCommunicator::takeTime), for every communicator: CUDA events recorded
+// before and after each collective on the rank's stream, summed on the host when asked. Device thread of the rank.
+class TpCollectiveTimer {
+ public:
+  void init(CudaDevice& device) { device_ = &device; }
+  // Records a span's start when timing is on; the span's index, or SIZE_MAX.
+  size_t begin(CUstream stream);
+  // Records the span's end (nothing for SIZE_MAX). A span begun but never ended (its collective threw) is left out.
+  void end(size_t span, bool gather, CUstream stream);
+  // TpCommunicator::takeTime's contract: the first call turns the timing on and returns zeros.
+  TpCollectiveTime take();
+  // Destroys the events (the rank's stream is idle).
+  void release();
+
+ private:
+  struct Span {
+    CUevent start = nullptr, end = nullptr;
+    bool gather = false;
+    bool ended = false;
+  };
+  // Spans kept before they are summed on the host (a sync of the stream) even without take().
+  static constexpr size_t kMaxSpans = 4096;
+  // Sums the spans recorded so far (waiting for the last) into folded_, and reuses their events.
+  void fold();
+
+  CudaDevice* device_ = nullptr;
+  bool timing_ = false;
+  std::vector<Span> spans_;
+  size_t usedSpans_ = 0;
+  TpCollectiveTime folded_;
 };
 
 // The state the ranks of one LocalTpCommunicator group share: a host barrier, each rank's published buffer and
@@ -117,19 +152,6 @@ class LocalTpCommunicator : public TpCommunicator {
   void release() override;
 
  private:
-  // A timed collective: events recorded before and after it on the rank's stream (both timing events).
-  struct Span {
-    CUevent start = nullptr, end = nullptr;
-    bool gather = false;
-    bool ended = false;
-  };
-  // Spans kept before they are summed on the host (a sync of the stream) even without takeTime().
-  static constexpr size_t kMaxSpans = 4096;
-  // Records a span's start when timing is on; the span's index, or SIZE_MAX.
-  size_t beginSpan(CUstream stream);
-  void endSpan(size_t span, bool gather, CUstream stream);
-  // Sums the spans recorded so far (waiting for the last) into folded_, and reuses their events.
-  void foldSpans();
   // Publishes `buf` and records ready; barrier; waits for the others' ready.
   void exchange(CUdeviceptr buf, CUstream stream);
   // Records done; barrier; waits for the others' done.
@@ -141,10 +163,7 @@ class LocalTpCommunicator : public TpCommunicator {
   CudaDevice* device_ = nullptr;
   CUfunction sum_ = nullptr, copyColumns_ = nullptr;
   std::shared_ptr<DeviceAllocation> accumulator_;  // this rank's sum before it goes in place
-  bool timing_ = false;
-  std::vector<Span> spans_;
-  size_t usedSpans_ = 0;
-  TpCollectiveTime folded_;
+  TpCollectiveTimer timer_;
 };
 
 }  // namespace tandem::engine

@@ -69,7 +69,9 @@ const napi_type_tag kTpGroupTag = {0x7a1d3c0e5b8f4a21ULL, 0x9c6e2f4b1d8a7e53ULL}
 }  // namespace
 
 void CudaTpGroupWrap::Init(Napi::Env env, Napi::Object exports) {
-  exports.Set("CudaTpGroup", DefineClass(env, "CudaTpGroup", {InstanceAccessor<&CudaTpGroupWrap::GetSize>("size")}));
+  exports.Set("CudaTpGroup", DefineClass(env, "CudaTpGroup",
+                                         {InstanceAccessor<&CudaTpGroupWrap::GetSize>("size"),
+                                          InstanceAccessor<&CudaTpGroupWrap::GetCommunicator>("communicator")}));
 }
 
 CudaTpGroupWrap::CudaTpGroupWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaTpGroupWrap>(info) {
@@ -77,20 +79,66 @@ CudaTpGroupWrap::CudaTpGroupWrap(const Napi::CallbackInfo& info) : Napi::ObjectW
   double size = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : 0;
   if (!(size >= 1 && size <= LocalTpGroup::kMaxRanks && size == std::floor(size)))
     badArgument(env, "CudaTpGroup: size must be an integer 1.." + std::to_string(LocalTpGroup::kMaxRanks));
-  group_ = std::make_shared<LocalTpGroup>(static_cast<int>(size));
+  std::string communicator = "local";
+  if (info[1].IsObject()) {
+    Napi::Value kind = info[1].As<Napi::Object>().Get("communicator");
+    if (!kind.IsUndefined()) communicator = kind.IsString() ? kind.As<Napi::String>().Utf8Value() : "";
+  }
+  if (communicator == "local") {
+    local_ = std::make_shared<LocalTpGroup>(static_cast<int>(size));
+  } else if (communicator == "nccl") {
+    Napi::Object o = info[1].As<Napi::Object>();
+    std::vector<std::string> candidates;
+    Napi::Value libs = o.Get("nccl");
+    if (libs.IsArray()) {
+      Napi::Array a = libs.As<Napi::Array>();
+      for (uint32_t i = 0; i < a.Length(); ++i)
+        if (a.Get(i).IsString()) candidates.push_back(a.Get(i).As<Napi::String>().Utf8Value());
+    }
+    if (candidates.empty()) candidates = {"libnccl.so.2"};
+    Napi::Value t = o.Get("timeoutMs");
+    double timeoutMs = t.IsNumber() ? t.As<Napi::Number>().DoubleValue() : 0;
+    if (!(timeoutMs >= 1 && timeoutMs <= 4294967295.0 && timeoutMs == std::floor(timeoutMs)))
+      badArgument(env, "CudaTpGroup: timeoutMs must be a positive integer of milliseconds");
+    const nccl::NcclLibrary& library = nccl::loadNcclLibrary(candidates);
+    if (!library.available) throw makeError(env, "TANDEM_NCCL_UNAVAILABLE", "NCCL unavailable: " + library.reason);
+    try {
+      nccl_ = std::make_shared<NcclTpGroup>(library, static_cast<int>(size), static_cast<uint32_t>(timeoutMs));
+    } catch (const NativeError& e) {
+      throw makeError(env, e.code, e.what());
+    }
+  } else {
+    badArgument(env, "CudaTpGroup: communicator must be 'local' or 'nccl'");
+  }
   napi_status status = napi_type_tag_object(env, info.This(), &kTpGroupTag);
   if (status != napi_ok) throw Napi::Error::New(env, "CudaTpGroup: napi_type_tag_object failed");
 }
 
-std::shared_ptr<LocalTpGroup> CudaTpGroupWrap::groupOf(Napi::Env env, const Napi::Value& value) {
+namespace {
+CudaTpGroupWrap* tpGroupOf(Napi::Env env, const Napi::Value& value) {
   if (!value.IsObject()) return nullptr;
   bool tagged = false;
   if (napi_check_object_type_tag(env, value, &kTpGroupTag, &tagged) != napi_ok || !tagged) return nullptr;
-  return CudaTpGroupWrap::Unwrap(value.As<Napi::Object>())->group_;
+  return CudaTpGroupWrap::Unwrap(value.As<Napi::Object>());
+}
+}  // namespace
+
+int CudaTpGroupWrap::sizeOf(Napi::Env env, const Napi::Value& value) {
+  CudaTpGroupWrap* group = tpGroupOf(env, value);
+  return group ? group->size() : 0;
 }
 
-Napi::Value CudaTpGroupWrap::GetSize(const Napi::CallbackInfo& info) {
-  return Napi::Number::New(info.Env(), group_ ? group_->size() : 0);
+std::shared_ptr<TpCommunicator> CudaTpGroupWrap::communicatorOf(Napi::Env env, const Napi::Value& value, int rank) {
+  CudaTpGroupWrap* group = tpGroupOf(env, value);
+  if (!group) return nullptr;
+  if (group->local_) return std::make_shared<LocalTpCommunicator>(group->local_, rank);
+  return std::make_shared<NcclTpCommunicator>(group->nccl_, rank);
+}
+
+Napi::Value CudaTpGroupWrap::GetSize(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), size()); }
+
+Napi::Value CudaTpGroupWrap::GetCommunicator(const Napi::CallbackInfo& info) {
+  return Napi::String::New(info.Env(), nccl_ ? "nccl" : "local");
 }
 
 CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaLlamaWrap>(info) {
@@ -143,13 +191,13 @@ CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
   if (!tpOption.IsUndefined()) {
     if (!tpOption.IsObject()) badArgument(env, "option 'tp' must be { group: CudaTpGroup, rank }");
     Napi::Object t = tpOption.As<Napi::Object>();
-    std::shared_ptr<LocalTpGroup> group = CudaTpGroupWrap::groupOf(env, t.Get("group"));
-    if (!group) badArgument(env, "option 'tp.group' must be a CudaTpGroup");
+    const int size = CudaTpGroupWrap::sizeOf(env, t.Get("group"));
+    if (size == 0) badArgument(env, "option 'tp.group' must be a CudaTpGroup");
     Napi::Value rankValue = t.Get("rank");
     double rank = rankValue.IsNumber() ? rankValue.As<Napi::Number>().DoubleValue() : -1;
-    if (!(rank >= 0 && rank < group->size() && rank == std::floor(rank)))
-      badArgument(env, "option 'tp.rank' must be an integer 0.." + std::to_string(group->size() - 1));
-    tp = std::make_shared<LocalTpCommunicator>(group, static_cast<int>(rank));
+    if (!(rank >= 0 && rank < size && rank == std::floor(rank)))
+      badArgument(env, "option 'tp.rank' must be an integer 0.." + std::to_string(size - 1));
+    tp = CudaTpGroupWrap::communicatorOf(env, t.Get("group"), static_cast<int>(rank));
   }
 
   ExpertLayout experts;

@@ -9,22 +9,30 @@
 #include "../addon_state.h"
 #include "../cuda_device.h"
 #include "cuda_llama.h"
+#include "cuda_llama_nccl.h"
 
 namespace tandem::engine {
 
-// new CudaTpGroup(size): the ranks of one tensor-parallel runner group on one CUDA device (LocalTpGroup in
-// cuda_llama_tp.h). Each rank is a CudaLlama built with { tp: { group, rank } } on its own CudaDevice of the same
-// ordinal (its own thread and stream). Holds no GPU memory.
+// new CudaTpGroup(size, options?): the ranks of one tensor-parallel runner group. Each rank is a CudaLlama built
+// with { tp: { group, rank } } on its own CudaDevice (its own thread and stream). Without options (or with
+// { communicator: 'local' }) every rank is on the same device ordinal (LocalTpGroup in cuda_llama_tp.h); with
+// { communicator: 'nccl', nccl: string[] (library candidates), timeoutMs } each rank is on its own GPU and the
+// ranks talk through NCCL (NcclTpGroup in cuda_llama_nccl.h; the unique id is made here). Holds no GPU memory.
 class CudaTpGroupWrap : public Napi::ObjectWrap<CudaTpGroupWrap> {
  public:
   static void Init(Napi::Env env, Napi::Object exports);
   explicit CudaTpGroupWrap(const Napi::CallbackInfo& info);
-  // The group of a JS value when it is a CudaTpGroup, else null.
-  static std::shared_ptr<LocalTpGroup> groupOf(Napi::Env env, const Napi::Value& value);
+  // Rank `rank`'s communicator when `value` is a CudaTpGroup (BadInput for a rank out of range), else null.
+  static std::shared_ptr<TpCommunicator> communicatorOf(Napi::Env env, const Napi::Value& value, int rank);
+  // The group's size when `value` is a CudaTpGroup, else 0.
+  static int sizeOf(Napi::Env env, const Napi::Value& value);
 
  private:
   Napi::Value GetSize(const Napi::CallbackInfo& info);
-  std::shared_ptr<LocalTpGroup> group_;
+  Napi::Value GetCommunicator(const Napi::CallbackInfo& info);
+  int size() const { return local_ ? local_->size() : nccl_ ? nccl_->size() : 0; }
+  std::shared_ptr<LocalTpGroup> local_;  // exactly one of these two
+  std::shared_ptr<NcclTpGroup> nccl_;
 };
 
 class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
