@@ -9,6 +9,7 @@ import { probeCuda } from '../cuda/index.js';
 import { CpuModelRunner, loadWeights, type NamedTensor } from './cpu.js';
 import { CudaModelRunner, DEFAULT_GPU_KV_FRACTION } from './cuda.js';
 import { checkCudaTensorParallel, tpDeviceOrdinals } from './cuda-parallel.js';
+import { checkCudaPipeline } from './cuda-pipeline.js';
 import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
@@ -53,10 +54,14 @@ export interface OpenModelOptions {
    * Tensor parallel ranks (lib/engine/parallel.ts): each splits every layer's heads and channels. Default 1. The
    * CPU engine runs one native thread per rank; the GPU engine one CudaLlama per rank, every rank on one GPU (the
    * local communicator; at most MAX_LOCAL_TP_RANKS), decode steps without CUDA graphs. The GPU engine takes no
-   * pipeline or expert parallelism (ParallelLayoutError: run those on CPU ranks).
+   * expert parallelism (ParallelLayoutError: run that on CPU ranks).
    */
   tensorParallelSize?: number;
-  /** Pipeline stages: each runs a contiguous share of the layers. Default 1. */
+  /**
+   * Pipeline stages: each runs a contiguous share of the layers. Default 1. The CPU engine runs them as thread
+   * groups; the GPU engine as groups of tensorParallelSize CudaLlama ranks on one GPU (lib/engine/cuda-pipeline.ts:
+   * at most MAX_LOCAL_PIPELINE_RANKS ranks, dense models), each stage with a KV pool of its layers (kvRankPoolSpecs).
+   */
   pipelineParallelSize?: number;
   /**
    * Expert parallel ranks of an MoE model (lib/engine/parallel.ts): each holds numExperts / ep whole experts; they
@@ -108,7 +113,8 @@ export interface OpenedModel {
   /**
    * The KV pool of each rank that keeps its own, rank 0 first: one for the CPU engine (its ranks share one pool of
    * every head, kvPoolSpec) and for one GPU rank; tp for the GPU engine's tensor-parallel ranks (rank r's kv heads,
-   * in the runner's `kvDeviceBuffers[r]`). What kvRankTransferPieces maps between two engines.
+   * in the runner's `kvDeviceBuffers[r]`); tp x pp, stage-major, for its pipeline stages (each its stage's layers:
+   * layerStart, layers). What kvRankTransferPieces maps between two engines.
    */
   readonly kvRankPoolSpecs: readonly KvPoolSpec[];
   dispose(): Promise<void>;
@@ -190,14 +196,15 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   if (device !== 'cpu') {
     const deviceCount = device === 'auto' ? (await probeCuda()).deviceCount : 1;
     if (deviceCount > 0 && ranks > 1) {
-      if (parallel.pp > 1 || parallel.ep > 1)
+      if (parallel.ep > 1)
         throw new ParallelLayoutError(
-          `${model}: ${describeParallel(config, parallel)} is not on the GPU engine, which runs tensor-parallel ` +
-            `ranks only (on one GPU); run pipeline or expert parallelism on CPU ranks with device 'cpu' (--device cpu)`,
+          `${model}: ${describeParallel(config, parallel)} is not on the GPU engine, which runs tensor- and ` +
+            `pipeline-parallel ranks only (on one GPU); run expert parallelism on CPU ranks with device 'cpu' (--device cpu)`,
         );
       // Checked here, before any GPU memory is taken (CudaModelRunner.create checks again).
       checkCudaTensorParallel(config, parallel.tp, model);
-      tpDeviceOrdinals(parallel.tp, options.gpu ?? 0, options.gpus, model);
+      if (parallel.pp > 1) checkCudaPipeline(config, parallel.tp, parallel.pp, model);
+      tpDeviceOrdinals(rankCount(parallel), options.gpu ?? 0, options.gpus, model);
     }
     if (deviceCount > 0) {
       try {
@@ -207,8 +214,8 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
         runner = await CudaModelRunner.create({
           config,
           device: options.gpu ?? 0,
-          ...(parallel.tp > 1 ? { parallel: { tp: parallel.tp } } : {}),
-          ...(parallel.tp > 1 && options.gpus ? { devices: options.gpus } : {}),
+          ...(parallel.tp > 1 || parallel.pp > 1 ? { parallel: { tp: parallel.tp, pp: parallel.pp } } : {}),
+          ...((parallel.tp > 1 || parallel.pp > 1) && options.gpus ? { devices: options.gpus } : {}),
           blockSize,
           layout,
           ...(options.numBlocks !== undefined ? { numBlocks: options.numBlocks } : {}),
@@ -249,7 +256,9 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   });
   // What the runner runs, not what was asked.
   const running: ParallelConfig =
-    runner instanceof CpuModelRunner ? runner.parallel : { ...SINGLE_RANK, tp: runner.tensorParallelSize };
+    runner instanceof CpuModelRunner
+      ? runner.parallel
+      : { ...SINGLE_RANK, tp: runner.tensorParallelSize, pp: runner.pipelineParallelSize };
   const layoutText = describeParallel(config, running);
   options.log?.(
     `model ${model} open on ${runner instanceof CudaModelRunner ? 'cuda' : 'cpu'}` +

@@ -20,6 +20,7 @@
 #include "../cuda_device.h"
 #include "cublas.h"
 #include "cuda_llama_graphs.h"
+#include "cuda_llama_pp.h"
 #include "cuda_llama_tp.h"
 #include "cuda_moe.h"
 #include "llama_common.h"
@@ -64,8 +65,13 @@ class CudaLlama {
   // every sharded tensor (tensor names and element counts are then the slice's), its kv heads in `pool`, and calls
   // tp's collectives in its layer step. Null: the whole model (one rank). With several ranks decode steps run
   // eagerly (graphsReason() says why).
+  // pp (issue 25, cuda_llama_pp.h): this runner is one pipeline stage: it holds that stage's layers (its KV pool too:
+  // `pool` has layerCount layers), the embedding only on the first stage and the final norm and lm_head only on the
+  // last; a later stage takes its input from pp.input, an earlier one hands its hidden state to pp.output instead of
+  // computing logits. Null (size 1): the whole model. With several stages decode steps run eagerly.
   CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
-            const GpuKvPool& pool, bool cudaGraphs = true, std::shared_ptr<TpCommunicator> tp = nullptr);
+            const GpuKvPool& pool, bool cudaGraphs = true, std::shared_ptr<TpCommunicator> tp = nullptr,
+            const PpStage* pp = nullptr);
   ~CudaLlama();
   CudaLlama(const CudaLlama&) = delete;
   CudaLlama& operator=(const CudaLlama&) = delete;
@@ -123,6 +129,9 @@ class CudaLlama {
     return graphsReason_;
   }
 
+  // Any thread: throws BadInput when forward() would refuse the batch (validateForward), without running it. A
+  // pipeline checks a whole step this way before it runs any micro-batch, so a bad step writes no KV anywhere.
+  void checkForward(const ForwardInput& in) const { validateForward(config_, pool_.numBlocks, pool_.blockSize, in); }
   // Device thread: as CpuLlama::forward (same validation, same contract), on the GPU.
   std::vector<float> forward(const ForwardInput& in);
   // Device thread: the pass with no logits coming back: a tensor-parallel rank other than the one whose logits are
@@ -130,6 +139,11 @@ class CudaLlama {
   void forwardWithoutLogits(const ForwardInput& in);
   // This rank's part of the model (the whole model for a single rank).
   const TpShard& tpShard() const { return shard_; }
+  // The pipeline stage this runner holds (stage 0 of 1, every layer, without pipeline parallelism).
+  const PpStage& ppStage() const { return stage_; }
+  // Device thread: the micro-batch slot of the stage channels that the next pass sends to and receives from
+  // (lib/engine/cuda-pipeline.ts sets it before each pass of a micro-batch). Throws BadInput out of range.
+  void setStageSlot(int slot);
   // Device thread: the same pass, then the sampling kernels over the logits; only what `plan` asks for comes
   // back to the host. Throws BadInput on a malformed plan.
   SampledRows forwardSampled(const ForwardInput& in, const SamplePlan& plan);
@@ -201,6 +215,7 @@ class CudaLlama {
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, const SliceOf& slice);
   bool tensorParallel() const { return shard_.size > 1; }
+  bool pipelineParallel() const { return stage_.size > 1; }
   // Sums a [tokens, hidden] fp32 buffer over the tensor-parallel ranks (nothing with one rank).
   void allReduce(CUdeviceptr buf, size_t tokens);
   const Slot& slotOf(const std::string& name) const;  // throws BadInput naming an unknown tensor
@@ -233,6 +248,8 @@ class CudaLlama {
   LlamaConfig local_;
   TpShard shard_;
   std::shared_ptr<TpCommunicator> tp_;
+  PpStage stage_;
+  int stageSlot_ = 0;  // device thread only
   std::vector<int> vocabRowsPerRank_;
   GpuKvPool pool_;
   size_t qDim_, kvDim_, qkvDim_;

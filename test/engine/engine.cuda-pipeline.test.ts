@@ -1,0 +1,140 @@
+/**
+ * The GPU engine's pipeline schedule, the parts that need no GPU (lib/engine/cuda-pipeline.ts): a step's batch split
+ * into micro-batches of whole sequences and their sampled rows merged back, checked against the batch itself; the
+ * stage pools' specs. The stages on a GPU: test/gpu/15.engine.pp.gpu.test.ts.
+ */
+import { describe, expect, it } from 'vitest';
+import { mergeSampled, splitMicroBatches, stagePoolSpec } from '../../lib/engine/cuda-pipeline.js';
+import type { ForwardBatch, SampledLogits } from '../../lib/engine/runner.js';
+import { kvPool } from '../../lib/kv/index.js';
+
+/** A batch of sequences of `lengths` new tokens each (distinct values everywhere), mb blocks per sequence. */
+function batchOf(lengths: number[], mb = 3): ForwardBatch {
+  const tokens: number[] = [];
+  const positions: number[] = [];
+  const seqStarts = [0];
+  const tables: number[] = [];
+  const ctx: number[] = [];
+  lengths.forEach((n, s) => {
+    for (let i = 0; i < n; i++) {
+      tokens.push(100 * s + i);
+      positions.push(10 + i);
+    }
+    seqStarts.push(tokens.length);
+    for (let b = 0; b < mb; b++) tables.push(mb * s + b);
+    ctx.push(10 + n);
+  });
+  return {
+    tokens: Int32Array.from(tokens),
+    positions: Int32Array.from(positions),
+    seqStarts: Int32Array.from(seqStarts),
+    blockTables: Int32Array.from(tables),
+    maxBlocksPerSeq: mb,
+    contextLens: Int32Array.from(ctx),
+  };
+}
+
+/** Sequence s of a batch: its tokens, positions, block table row and context length. */
+function sequence(b: ForwardBatch, s: number) {
+  const [t0, t1] = [b.seqStarts[s]!, b.seqStarts[s + 1]!];
+  const mb = b.maxBlocksPerSeq;
+  return {
+    tokens: Array.from(b.tokens.subarray(t0, t1)),
+    positions: Array.from(b.positions.subarray(t0, t1)),
+    table: Array.from(b.blockTables.subarray(s * mb, (s + 1) * mb)),
+    ctx: b.contextLens[s],
+  };
+}
+
+describe('splitMicroBatches', () => {
+  it.each([
+    [[1, 1, 1, 1, 1, 1, 1], 2, [4, 3]],
+    [[1, 1, 1, 1, 1, 1, 1], 4, [2, 2, 2, 1]],
+    [[5, 1, 3], 4, [1, 1, 1]],
+    [[7], 2, [1]],
+    [[2, 3, 4, 1], 1, [4]],
+  ])('sequences %j over %i stages: parts of %j sequences, each sequence whole and in order', (lengths, pp, counts) => {
+    const batch = batchOf(lengths);
+    const parts = splitMicroBatches(batch, pp);
+    expect(parts.map((p) => p.batch.seqStarts.length - 1)).toEqual(counts);
+    let next = 0;
+    for (const { seqStart, batch: part } of parts) {
+      expect(seqStart).toBe(next);
+      expect(part.seqStarts[0]).toBe(0);
+      expect(part.seqStarts.at(-1)).toBe(part.tokens.length);
+      expect(part.maxBlocksPerSeq).toBe(batch.maxBlocksPerSeq);
+      for (let s = 0; s < part.seqStarts.length - 1; s++) expect(sequence(part, s)).toEqual(sequence(batch, next + s));
+      next += part.seqStarts.length - 1;
+    }
+    expect(next).toBe(lengths.length);
+  });
+
+  it('a batch of no sequences has no micro-batches', () => {
+    expect(splitMicroBatches(batchOf([]), 2)).toEqual([]);
+  });
+});
+
+describe('mergeSampled', () => {
+  /** A part's sampled rows: row r's best ids are 10 * (seqStart + r) + k, logits 50 - k; maxN wide. */
+  function rowsOf(seqStart: number, n: number, maxN: number, full: number[]): SampledLogits {
+    const V = 4;
+    const topIds = new Int32Array(n * maxN);
+    const topLogits = new Float32Array(n * maxN);
+    for (let r = 0; r < n; r++)
+      for (let k = 0; k < maxN; k++) {
+        topIds[r * maxN + k] = 10 * (seqStart + r) + k;
+        topLogits[r * maxN + k] = 50 - k;
+      }
+    return {
+      vocabSize: V,
+      maxN,
+      ints: Int32Array.from({ length: n * 4 }, (_, i) => 1000 * seqStart + i),
+      dbl: Float64Array.from({ length: n * 4 }, (_, i) => seqStart + i / 10),
+      topIds,
+      topLogits,
+      fullRows: Int32Array.from(full),
+      full: Float32Array.from(full.flatMap((r) => Array.from({ length: V }, (_, v) => 100 * (seqStart + r) + v))),
+    };
+  }
+
+  it('rows in order, candidates padded to the widest part, whole rows renumbered', () => {
+    const merged = mergeSampled(
+      [
+        { seqStart: 0, rows: rowsOf(0, 2, 1, [1]) },
+        { seqStart: 2, rows: rowsOf(2, 1, 3, [0]) },
+      ],
+      4,
+    );
+    expect(merged.vocabSize).toBe(4);
+    expect(merged.maxN).toBe(3);
+    expect(Array.from(merged.topIds)).toEqual([0, -1, -1, 10, -1, -1, 20, 21, 22]);
+    expect(Array.from(merged.topLogits)).toEqual([50, -Infinity, -Infinity, 50, -Infinity, -Infinity, 50, 49, 48]);
+    expect(Array.from(merged.ints)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 2000, 2001, 2002, 2003]);
+    expect(Array.from(merged.dbl.subarray(8))).toEqual([2, 2.1, 2.2, 2.3]);
+    expect(Array.from(merged.fullRows)).toEqual([1, 2]);
+    expect(Array.from(merged.full)).toEqual([100, 101, 102, 103, 200, 201, 202, 203]);
+  });
+
+  it('no parts: no rows', () => {
+    const merged = mergeSampled([], 8);
+    expect(merged.ints.length).toBe(0);
+    expect(merged.vocabSize).toBe(8);
+  });
+});
+
+describe('stagePoolSpec', () => {
+  it("names a stage pool's layers and kv heads; a whole model's pool is the plain spec", () => {
+    const base = { kvHeads: 4, headDim: 8, blockSize: 16, numBlocks: 5, dtype: 'bf16', layout: 'block-major' } as const;
+    const stage = kvPool({ ...base, layers: 3, layerStart: 3, modelLayers: 6, tpSize: 2, tpRank: 1 });
+    expect(stagePoolSpec(stage)).toEqual({
+      ...base,
+      headLayout: 'NHD',
+      layers: 3,
+      layerStart: 3,
+      modelLayers: 6,
+      tpSize: 2,
+      tpRank: 1,
+    });
+    expect(stagePoolSpec(kvPool({ ...base, layers: 6 }))).toEqual({ ...base, headLayout: 'NHD', layers: 6 });
+  });
+});
