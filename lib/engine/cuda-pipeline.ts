@@ -219,6 +219,7 @@ export class CudaPipeline {
         started.push(pass);
         stageResults.push(pass as Promise<T>);
         const finished = pass.then(() => performance.now());
+        finished.catch(() => {}); // the failure is `pass`'s, reported once by the step (the last one has no reader)
         done.push(finished);
         ownPrevious = finished;
       });

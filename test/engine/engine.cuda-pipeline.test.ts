@@ -1,10 +1,19 @@
 /**
  * The GPU engine's pipeline schedule, the parts that need no GPU (lib/engine/cuda-pipeline.ts): a step's batch split
  * into micro-batches of whole sequences and their sampled rows merged back, checked against the batch itself; the
- * stage pools' specs. The stages on a GPU: test/gpu/15.engine.pp.gpu.test.ts.
+ * stage pools' specs; the schedule itself over fake ranks (native calls recorded, each taking a few milliseconds):
+ * every micro-batch through the stages in order, stages overlapping, a failure stopping its micro-batch's later
+ * stages and failing the step once. The stages on a GPU: test/gpu/15.engine.pp.gpu.test.ts.
  */
 import { describe, expect, it } from 'vitest';
-import { mergeSampled, splitMicroBatches, stagePoolSpec } from '../../lib/engine/cuda-pipeline.js';
+import {
+  CudaPipeline,
+  mergeSampled,
+  splitMicroBatches,
+  stagePoolSpec,
+  type PipelineRank,
+} from '../../lib/engine/cuda-pipeline.js';
+import { BadArgumentError } from '../../lib/errors.js';
 import type { ForwardBatch, SampledLogits } from '../../lib/engine/runner.js';
 import { kvPool } from '../../lib/kv/index.js';
 
@@ -136,5 +145,101 @@ describe('stagePoolSpec', () => {
       tpRank: 1,
     });
     expect(stagePoolSpec(kvPool({ ...base, layers: 6 }))).toEqual({ ...base, headLayout: 'NHD', layers: 6 });
+  });
+});
+
+describe('CudaPipeline: the schedule over fake ranks', () => {
+  const V = 3;
+  /** Calls in start order: `stage.rank:kind slot first-token`, and when each started and ended. */
+  interface Call {
+    what: string;
+    stage: number;
+    slot: number;
+    start: number;
+    end: number;
+  }
+
+  /** A rank whose passes take `ms` each; `failOn(stage, slot)` makes that pass reject. */
+  function fakeRanks(pp: number, tp: number, ms: number, failOn?: (stage: number, slot: number) => boolean) {
+    const calls: Call[] = [];
+    const pass = async (stage: number, what: string, args: unknown[]) => {
+      const slot = args[6] as number;
+      const tokens = args[0] as Int32Array;
+      const call = { what: `${what} ${slot} ${tokens[0]}`, stage, slot, start: performance.now(), end: 0 };
+      calls.push(call);
+      await new Promise((r) => setTimeout(r, ms));
+      call.end = performance.now();
+      if (failOn?.(stage, slot)) throw new BadArgumentError(`stage ${stage} failed on micro-batch ${slot}`);
+      return tokens;
+    };
+    const stages = Array.from({ length: pp }, (_, stage) =>
+      Array.from({ length: tp }, (_, r) => {
+        const raw = {
+          checkForward: (...args: unknown[]) => {
+            if ((args[0] as Int32Array).some((t) => t < 0)) throw new BadArgumentError('negative token');
+          },
+          forwardWithoutLogits: (...args: unknown[]) => pass(stage, `${stage}.${r}:hidden`, args).then(() => {}),
+          forward: async (...args: unknown[]) => {
+            const tokens = await pass(stage, `${stage}.${r}:logits`, args);
+            const seqStarts = args[2] as Int32Array;
+            // Row s: the sequence's first token, then 0s.
+            const out = new Float32Array((seqStarts.length - 1) * V);
+            for (let q = 0; q + 1 < seqStarts.length; q++) out[q * V] = tokens[seqStarts[q]!]!;
+            return out;
+          },
+          takeCollectiveTime: async () => ({ allReduceMs: 0, gatherMs: 0 }),
+          dispose: async () => {},
+        };
+        return { raw, device: {}, kvBuffer: {}, pool: {}, ownsDevice: false } as unknown as PipelineRank;
+      }),
+    );
+    return { pipeline: new CudaPipeline(stages), calls };
+  }
+
+  const decode = (n: number): ForwardBatch => ({
+    ...batchOf(Array<number>(n).fill(1), 1),
+    tokens: Int32Array.from({ length: n }, (_, i) => 10 + i),
+  });
+
+  it('PP 2 x TP 2, 5 decode sequences: micro-batches of 3 and 2 through both stages in order, logits in sequence order', async () => {
+    const { pipeline, calls } = fakeRanks(2, 2, 15);
+    const logits = await pipeline.forward(decode(5), V);
+    expect(Array.from({ length: 5 }, (_, s) => logits[s * V])).toEqual([10, 11, 12, 13, 14]);
+    const sorted = [...calls].map((c) => c.what).sort();
+    expect(sorted).toEqual(
+      ['0.0:hidden 0 10', '0.1:hidden 0 10', '0.0:hidden 1 13', '0.1:hidden 1 13'] // stage 0
+        .concat(['1.0:logits 0 10', '1.1:hidden 0 10', '1.0:logits 1 13', '1.1:hidden 1 13'])
+        .sort(),
+    );
+    // Stage 1 takes micro-batch m after stage 0 finished it; stage 0 runs micro-batch 1 meanwhile (overlap).
+    const at = (what: string) => calls.find((c) => c.what === what)!;
+    expect(at('1.0:logits 0 10').start).toBeGreaterThanOrEqual(at('0.0:hidden 0 10').end);
+    expect(at('1.0:logits 1 13').start).toBeGreaterThanOrEqual(at('0.1:hidden 1 13').end);
+    expect(at('0.0:hidden 1 13').start).toBeLessThan(at('1.0:logits 0 10').end);
+    // Stage 1 waited for stage 0's first micro-batch; stage 0 never waits.
+    const times = await pipeline.takeCollectiveTime();
+    expect(times.map((t) => t.handoverMs > 0)).toEqual([false, false, true, true]);
+    expect((await pipeline.takeCollectiveTime()).every((t) => t.handoverMs === 0)).toBe(true);
+  });
+
+  it('PP 4: four micro-batches, each in slot m on every stage; fewer sequences than stages, fewer micro-batches', async () => {
+    const { pipeline, calls } = fakeRanks(4, 1, 2);
+    await pipeline.forward(decode(8), V);
+    for (let st = 0; st < 4; st++) expect(calls.filter((c) => c.stage === st).map((c) => c.slot)).toEqual([0, 1, 2, 3]);
+    calls.length = 0;
+    const two = await pipeline.forward(decode(2), V);
+    expect(Array.from(two)).toEqual([10, 0, 0, 11, 0, 0]);
+    expect(calls.map((c) => c.slot).sort()).toEqual([0, 0, 0, 0, 1, 1, 1, 1]);
+  });
+
+  it('a stage failing on a micro-batch: later stages never take it, the step fails once with that error', async () => {
+    const { pipeline, calls } = fakeRanks(3, 1, 2, (stage, slot) => stage === 1 && slot === 0);
+    await expect(pipeline.forward(decode(3), V)).rejects.toThrow(/stage 1 failed on micro-batch 0/);
+    expect(calls.filter((c) => c.stage === 2)).toEqual([]);
+    // A step refused by the check runs nothing.
+    calls.length = 0;
+    const bad = { ...decode(2), tokens: Int32Array.of(1, -1) };
+    await expect(pipeline.forward(bad, V)).rejects.toThrow(/negative token/);
+    expect(calls).toEqual([]);
   });
 });
