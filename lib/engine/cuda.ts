@@ -17,6 +17,11 @@
  * rank 0's logits. Rank r's KV pool is lib/kv's rank pool (tpSize tp, tpRank r: `kvRankPoolSpecs[r]`, memory
  * `kvDeviceBuffers[r]`); a worker registers each as a region and kvRankTransferPieces maps head slices between them
  * and a peer's pools.
+ *
+ * Pipeline parallelism (`parallel: { tp, pp }`, lib/engine/cuda-pipeline.ts): pp stages of tp such ranks, each stage
+ * its layers and a KV pool of them; forward() splits a step into micro-batches handed from stage to stage and returns
+ * the last stage's logits. The rank lists (kvRankPoolSpecs, kvDeviceBuffers, tensorShards, takeCollectiveTime) are
+ * then stage-major: rank stage * tp + r.
  */
 import { closeSync, openSync } from 'node:fs';
 import { BadArgumentError, CheckpointError, native, nativeSync, OutOfMemoryError, TandemError } from '../errors.js';
