@@ -441,13 +441,15 @@ export async function openCudaPipeline(
           loadCheckpoint(
             rank.raw!,
             source,
-            manifest.filter((t) => holders(t).includes(rank)),
+            manifest,
             i === 0 ? options.log : undefined,
             (tensors, name) => {
-              if (i !== 0) return;
-              loaded += tensors;
+              // Each stage's rank 0 counts its stage's tensors (a tied embedding twice: capped at the total).
+              if (rank.tpRank !== 0) return;
+              loaded = Math.min(total, loaded + tensors);
               options.onProgress?.(loaded, total, name);
             },
+            manifest.filter((t) => holders(t).includes(rank)),
           ),
         ),
       );

@@ -142,6 +142,8 @@ export async function loadCheckpoint(
   manifest: readonly ManifestTensor[],
   log: StartLog | undefined,
   onTensors: (count: number, lastName: string) => void,
+  /** The tensors this model holds (a pipeline stage's), when not all of the manifest, which the check still takes. */
+  holds: readonly ManifestTensor[] = manifest,
 ): Promise<void> {
   const checkpoint = openSafetensors(path);
   try {
@@ -149,7 +151,7 @@ export async function loadCheckpoint(
     type FileTensor = { name: string; offset: number; bytes: number; dtype: 'BF16' | 'F16' | 'F32' };
     const byFile = new Map<string, FileTensor[]>();
     let totalBytes = 0;
-    for (const t of manifest) {
+    for (const t of holds) {
       const info = checkpoint.info(t.name);
       if (info.dtype !== 'BF16' && info.dtype !== 'F16' && info.dtype !== 'F32')
         throw new CheckpointError(
@@ -194,7 +196,7 @@ export class CudaModelRunner implements ModelRunner {
   readonly blockSize: number;
   readonly numBlocks: number;
   readonly maxPositions: number;
-  /** The KV pool as lib/kv describes it (bf16, NHD). */
+  /** The KV pool as lib/kv describes it (bf16, NHD): rank 0's (of the first stage, its layers only, with pipeline stages). */
   readonly kvPoolSpec: KvPoolSpec;
   readonly kvPool: KvPool;
 
@@ -217,7 +219,7 @@ export class CudaModelRunner implements ModelRunner {
     this.numBlocks = pool.numBlocks;
     this.maxPositions = config.maxPositionEmbeddings;
     this.kvPool = pool;
-    this.kvPoolSpec = rankPoolSpec(pool);
+    this.kvPoolSpec = pipeline ? stagePoolSpec(pool) : rankPoolSpec(pool);
   }
 
   /**

@@ -13,6 +13,12 @@ import {
   stagePoolSpec,
   type PipelineRank,
 } from '../../lib/engine/cuda-pipeline.js';
+import { join } from 'node:path';
+import { loadCheckpoint } from '../../lib/engine/cuda.js';
+import { loadModelConfig } from '../../lib/engine/model/config.js';
+import { weightManifest } from '../../lib/engine/model/manifest.js';
+import { tensorStages } from '../../lib/engine/parallel.js';
+import type { RawCudaLlama } from '../../lib/native/binding.js';
 import { BadArgumentError } from '../../lib/errors.js';
 import type { ForwardBatch, SampledLogits } from '../../lib/engine/runner.js';
 import { kvPool } from '../../lib/kv/index.js';
@@ -241,5 +247,28 @@ describe('CudaPipeline: the schedule over fake ranks', () => {
     const bad = { ...decode(2), tokens: Int32Array.of(1, -1) };
     await expect(pipeline.forward(bad, V)).rejects.toThrow(/negative token/);
     expect(calls).toEqual([]);
+  });
+});
+
+describe("loadCheckpoint: a pipeline stage's tensors", () => {
+  it('checks the whole checkpoint against the whole manifest, then reads only the tensors the stage holds', async () => {
+    const dir = join(import.meta.dirname, '..', 'fixtures', 'hf-tiny-qwen2'); // tied: the embedding on both stages
+    const config = loadModelConfig(dir);
+    const manifest = weightManifest(config);
+    for (const stage of [0, 1]) {
+      const holds = manifest.filter((t) => tensorStages(config, 2, t).includes(stage));
+      const read: string[] = [];
+      const raw = {
+        loadFromFile: async (_fd: number, tensors: { name: string }[]) => {
+          read.push(...tensors.map((t) => t.name));
+        },
+      } as unknown as RawCudaLlama;
+      let counted = 0;
+      await loadCheckpoint(raw, dir, manifest, undefined, (n) => (counted += n), holds);
+      expect(read.sort()).toEqual(holds.map((t) => t.name).sort());
+      expect(counted).toBe(holds.length);
+      expect(read).toContain('model.embed_tokens.weight');
+      expect(read.some((n) => n.startsWith(`model.layers.${1 - stage}.`))).toBe(false);
+    }
   });
 });

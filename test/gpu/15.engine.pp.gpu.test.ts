@@ -141,6 +141,7 @@ function expectStagePools(config: ModelConfig, many: CudaModelRunner, tp: number
   const layers = stageLayers(config.numLayers, pp);
   expect(many.kvRankPoolSpecs).toHaveLength(tp * pp);
   expect(many.kvDeviceBuffers).toHaveLength(tp * pp);
+  expect(many.kvPoolSpec).toEqual(many.kvRankPoolSpecs[0]);
   many.kvRankPoolSpecs.forEach((spec, i) => {
     const stage = Math.floor(i / tp);
     expect(spec).toMatchObject({

@@ -1012,7 +1012,7 @@ void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capt
            shard_.vocabRows, b.x);
     allReduce(b.x, p.ntok);
   }
-  for (int l = 0; l < c.numLayers; ++l) {
+  for (int l = 0; l < local_.numLayers; ++l) {  // this stage's layers (all of them without pipeline stages)
     if (!capturing && aborted_.load()) {
       device_.driver().cuStreamSynchronize(device_.stream());
       throw Aborted("the model was disposed during a forward pass");
