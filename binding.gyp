@@ -18,6 +18,7 @@
         "native/src/engine/cuda_llama_graphs.cpp",
         "native/src/engine/cuda_llama_nccl.cpp",
         "native/src/engine/cuda_llama_tp.cpp",
+        "native/src/engine/cuda_llama_pp.cpp",
         "native/src/engine/cuda_llama_wrap.cpp",
         "native/src/engine/cuda_moe.cpp",
         "native/src/engine/engine_wrap.cpp",

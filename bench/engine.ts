@@ -57,8 +57,8 @@
  * ms / Tandem ms (above 1: Tandem is faster).
  *
  * Parallel layouts (--tp, --pp, --ep; lib/engine/parallel.ts, checked against the model before anything loads: a
- * layout that does not fit, or --pp / --ep on cuda, whose engine runs tensor-parallel ranks only, exits 2 with the
- * ParallelLayoutError's message): with more than one rank the same rows run first at one rank (tp = pp = ep = 1) on
+ * layout that does not fit, or --ep on cuda, whose engine runs tensor- and pipeline-parallel ranks only, exits 2 with
+ * the ParallelLayoutError's message): with more than one rank the same rows run first at one rank (tp = pp = ep = 1) on
  * the same threads (the CPU runner splits --threads between its ranks, at least one each: a layout with more ranks
  * than threads runs more threads; settings.singleRankThreads and the device line say how many) or the same GPU,
  * then at the layout; each row has "1-rank ms" and "speed-up" = 1-rank ms / ms. On CPU ranks each row also has
@@ -66,10 +66,13 @@
  * gather, barriers for replicated kv heads, and on later pipeline stages the wait for the previous stage's
  * activations; each the rank's wait for its peers plus its own summing and copying) over the timed steps' total
  * wall time, and "coll max", the largest share of any rank. On a shared or small host most of that is waiting for
- * a slower peer, not moving bytes. On cuda (--tp only) the ranks share one GPU through the local communicator, and
- * "coll %" is rank 0's stream time in its collectives (CudaModelRunner.takeCollectiveTime: CUDA events around each
- * all-reduce and the logits gather, its wait for the other ranks' inputs included) over the step time; the ranks
- * run concurrently on one GPU, so the share says how much of a step the ranks spend meeting, not what NVLink costs.
+ * a slower peer, not moving bytes. On cuda (--tp, --pp) the ranks share one GPU through the local communicator and
+ * stage channel, and "coll %" is rank 0's stream time in its collectives (CudaModelRunner.takeCollectiveTime: CUDA
+ * events around each all-reduce and the logits gather, its wait for the other ranks' inputs included) plus, on a
+ * later pipeline stage, its host time waiting for the previous stage's micro-batches, over the step time ("coll max":
+ * the largest share of any rank, rank = stage x tp + rank in the stage: with --pp a later stage's hand-off wait, the
+ * pipeline's fill); the ranks run concurrently on one GPU, so the share says how much of a step the ranks spend
+ * meeting, not what NVLink costs.
  *
  * --profile-case CASES (cuda; scripts/profile-engine.sh runs it under ncu --profile-from-start off): no table, no
  * baselines, no PyTorch. The runner loads once for all the cases (`prefill:<tokens>`, one sequence;
@@ -97,6 +100,7 @@ import { CudaDevice, probeCuda, type DeviceBuffer } from '../lib/cuda/index.js';
 import { CpuModelRunner, DEFAULT_DUMMY_SEED, loadWeights, type NamedTensor } from '../lib/engine/cpu.js';
 import { CudaModelRunner } from '../lib/engine/cuda.js';
 import { checkCudaTensorParallel } from '../lib/engine/cuda-parallel.js';
+import { checkCudaPipeline } from '../lib/engine/cuda-pipeline.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from '../lib/engine/model/config.js';
 import { dummyConfig, isDummyModel } from '../lib/engine/model/dummy.js';
 import { checkParallelConfig, describeParallel, rankCount, SINGLE_RANK } from '../lib/engine/parallel.js';
@@ -463,7 +467,7 @@ const USAGE = `npm run bench:engine [-- options]
   --batch LIST                batch sizes of the decode rows (default cuda 1,16,64,128, --quick 1,64; cpu 1,4)
   --steps N                   timed decode steps per row (default 32, --quick 16)
   --threads N                 cpu threads (default: the runner's), split between the ranks
-  --tp N, --pp N, --ep N      tensor / pipeline / expert parallel ranks (default 1 each; cuda: --tp only); with
+  --tp N, --pp N, --ep N      tensor / pipeline / expert parallel ranks (default 1 each; cuda: --tp, --pp); with
                               several ranks the same rows also run at one rank first, for the speed-up, and
                               each row says the ranks' share of the step spent in collectives
   --sampling device|host      greedy ids from the device, or whole logits to the host (default device)
@@ -726,11 +730,12 @@ async function main(): Promise<void> {
   const where = `--tp ${sizes.tp} --pp ${sizes.pp} --ep ${sizes.ep} on ${model}`;
   const parallel = checkParallelConfig(config, sizes, where);
   if (cuda) {
-    if (parallel.pp > 1 || parallel.ep > 1)
+    if (parallel.ep > 1)
       throw new ParallelLayoutError(
-        `${where}: the GPU engine runs tensor-parallel ranks only; --pp and --ep run on the CPU engine (--device cpu)`,
+        `${where}: the GPU engine runs tensor- and pipeline-parallel ranks only; --ep runs on the CPU engine (--device cpu)`,
       );
     checkCudaTensorParallel(config, parallel.tp, where);
+    if (parallel.pp > 1) checkCudaPipeline(config, parallel.tp, parallel.pp, where);
   }
   const ascending = (xs: number[]) => [...xs].sort((a, b) => a - b);
   const prefills = ascending(
@@ -845,7 +850,7 @@ async function main(): Promise<void> {
           weights: model,
           onProgress,
           cudaGraphs: graphs,
-          ...(layout.tp > 1 ? { parallel: { tp: layout.tp } } : {}),
+          ...(layout.tp > 1 || layout.pp > 1 ? { parallel: { tp: layout.tp, pp: layout.pp } } : {}),
         });
         // Decode rows read KV that no prompt wrote: bf16 0x3c3c (0.0115) everywhere (every rank's pool), finite
         // whatever the GPU held.
@@ -958,7 +963,7 @@ async function main(): Promise<void> {
         graphsLine = `; decode steps ${
           runner.cudaGraphs.active
             ? 'replayed as CUDA graphs'
-            : `issued eagerly${runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : layout.tp > 1 ? ' (tensor-parallel ranks)' : ' (--graphs off)'}`
+            : `issued eagerly${layout.tp > 1 || layout.pp > 1 ? ` (${runner.cudaGraphs.reason ?? 'parallel ranks'})` : runner.cudaGraphs.reason ? ` (graph capture failed: ${runner.cudaGraphs.reason})` : ' (--graphs off)'}`
         }; GEMMs of ${
           runner.gemvMaxBatch > 0
             ? `up to ${runner.gemvMaxBatch} rows through gemv.cu, more`
@@ -1050,7 +1055,10 @@ async function main(): Promise<void> {
           `"speed-up" = 1-rank ms / ms` +
           (cuda
             ? `; "coll %" = rank 0's stream time in collectives (all-reduce, logits gather; CUDA events around ` +
-              `each, its wait for the other ranks included) / step time, "coll max" = the largest of any rank`
+              `each, its wait for the other ranks included)` +
+              (parallel.pp > 1 ? ` and host time waiting for the previous pipeline stage's micro-batches` : '') +
+              ` / step time, "coll max" = the largest of any rank` +
+              (parallel.pp > 1 ? ` (rank = stage x ${parallel.tp} + rank in the stage)` : '')
             : `; "coll %" = rank 0's host time in collectives (all-reduce, logits gather, barriers, waiting for ` +
               `the previous stage) / step time, "coll max" = the largest of any rank (rank = stage x ` +
               `${Math.max(parallel.tp, parallel.ep)} + rank in the stage)`)

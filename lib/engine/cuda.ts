@@ -17,6 +17,11 @@
  * same batch and returns rank 0's logits. Rank r's KV pool is lib/kv's rank pool (tpSize tp, tpRank r:
  * `kvRankPoolSpecs[r]`, memory `kvDeviceBuffers[r]`); a worker registers each as a region and kvRankTransferPieces
  * maps head slices between them and a peer's pools.
+ *
+ * Pipeline parallelism (`parallel: { tp, pp }`, lib/engine/cuda-pipeline.ts): pp stages of tp such ranks, each stage
+ * its layers and a KV pool of them; forward() splits a step into micro-batches handed from stage to stage and returns
+ * the last stage's logits. The rank lists (kvRankPoolSpecs, kvDeviceBuffers, tensorShards, takeCollectiveTime) are
+ * then stage-major: rank stage * tp + r.
  */
 import { closeSync, openSync } from 'node:fs';
 import {
@@ -71,6 +76,7 @@ import { checkCudaExpertParallel, CudaExpertRanks } from './cuda-experts.js';
 import { ExpertBalancer, checkEplbPolicy, type EplbPolicy } from '../moe/policy.js';
 import type { ExpertPlacement } from '../moe/eplb.js';
 import type { ExpertPlacementChange } from './cpu.js';
+import { checkCudaPipeline, openCudaPipeline, stagePoolSpec, type CudaPipeline } from './cuda-pipeline.js';
 
 /** Share of the GPU's free memory (after the weights) the KV pool takes when numBlocks is not given. */
 export const DEFAULT_GPU_KV_FRACTION = 0.8;
@@ -113,11 +119,14 @@ export interface CudaModelRunnerOptions {
    * Tensor parallelism: `tp` ranks (default 1), checked against the model before any GPU memory is taken
    * (ParallelLayoutError). Each rank opens its own CudaDevice on its ordinal; decode steps run eagerly (no CUDA
    * graphs) with more than one rank.
+   * Pipeline parallelism: `pp` stages (default 1) of tp ranks each, every stage its share of the layers and a KV
+   * pool of those (lib/engine/cuda-pipeline.ts); decode steps run eagerly with more than one stage.
    */
-  parallel?: { tp: number; ep?: number };
+  parallel?: { tp: number; pp?: number; ep?: number };
   /**
-   * The device ordinal of each rank (default: `device`'s for all): all the same (the local communicator) or all
-   * different (NCCL, one GPU per rank; checked against the GPUs this host has).
+   * The device ordinal of each rank, stage-major with pipeline stages (default: `device`'s for all): all the same (the
+   * local communicator) or all different (NCCL, one GPU per rank; checked against the GPUs this host has; pipeline
+   * stages on one GPU only).
    */
   devices?: number[];
   /**
@@ -167,13 +176,13 @@ const CHECKPOINT_POLL_MS = 250;
  * one native call per file (CudaLlama::loadFromFile: 64 MiB sequential reads into two pinned buffers, one read
  * while the other is copied), with no host copy of the file and progress from the native reader's byte count.
  */
-async function loadCheckpoint(
+export async function loadCheckpoint(
   model: RawCudaLlama,
   path: string,
   manifest: readonly ManifestTensor[],
   log: StartLog | undefined,
   onTensors: (count: number, lastName: string) => void,
-  /** The tensors this model reads (an expert-parallel rank: its own experts'); all of them by default. */
+  /** The tensors this model reads (an expert-parallel rank: its own experts'; a pipeline stage: its layers'); all of them by default. */
   holds: (name: string) => boolean = () => true,
 ): Promise<void> {
   const checkpoint = openSafetensors(path);
@@ -250,7 +259,7 @@ export class CudaModelRunner implements ModelRunner {
   readonly blockSize: number;
   readonly numBlocks: number;
   readonly maxPositions: number;
-  /** The KV pool as lib/kv describes it (bf16, NHD). */
+  /** The KV pool as lib/kv describes it (bf16, NHD): rank 0's (of the first stage, its layers only, with pipeline stages). */
   readonly kvPoolSpec: KvPoolSpec;
   readonly kvPool: KvPool;
 
@@ -267,13 +276,15 @@ export class CudaModelRunner implements ModelRunner {
     private readonly peers: readonly TpPeer[] = [],
     /** MoE models: the experts of every rank, their load and placement (lib/engine/cuda-experts.ts). */
     private readonly experts?: CudaExpertRanks,
+    /** Pipeline stages (lib/engine/cuda-pipeline.ts), whose first rank is `raw`; none without pipeline parallelism. */
+    private readonly pipeline?: CudaPipeline,
   ) {
     this.vocabSize = config.vocabSize;
     this.blockSize = pool.blockSize;
     this.numBlocks = pool.numBlocks;
     this.maxPositions = config.maxPositionEmbeddings;
     this.kvPool = pool;
-    this.kvPoolSpec = rankPoolSpec(pool);
+    this.kvPoolSpec = pipeline ? stagePoolSpec(pool) : rankPoolSpec(pool);
   }
 
   /**
@@ -289,6 +300,8 @@ export class CudaModelRunner implements ModelRunner {
     const blockSize = options.blockSize ?? 16;
     checkInteger(where, 'blockSize', blockSize, 1);
     const tp = checkCudaTensorParallel(config, options.parallel?.tp ?? 1, where);
+    const pp = options.parallel?.pp ?? 1;
+    if (pp !== 1) return CudaModelRunner.createPipeline(options, config, layout, blockSize, tp, pp);
     const { ep, balancer } = CudaModelRunner.checkExperts(options, config, tp, where);
     const given = options.device ?? 0;
     const placement = tpPlacement(
@@ -638,9 +651,42 @@ export class CudaModelRunner implements ModelRunner {
     }
   }
 
-  /** The number of tensor-parallel ranks (1: the whole model on one runner). */
+  /**
+   * create() with pp > 1 pipeline stages (x tp ranks each): lib/engine/cuda-pipeline.ts opens them; `raw`, the pool
+   * and the device of the runner are the first stage's rank 0's.
+   */
+  private static async createPipeline(
+    options: CudaModelRunnerOptions,
+    config: ModelConfig,
+    layout: KvLayout,
+    blockSize: number,
+    tp: number,
+    pp: unknown,
+  ): Promise<CudaModelRunner> {
+    const layoutChecked = checkCudaPipeline(config, tp, pp, 'CudaModelRunner.create');
+    const pipeline = await openCudaPipeline(options, config, layout, blockSize, tp, layoutChecked.pp);
+    const first = pipeline.stages[0]![0]!;
+    return new CudaModelRunner(
+      first.raw,
+      config,
+      first.pool,
+      first.device,
+      first.kvBuffer,
+      first.ownsDevice,
+      [],
+      undefined,
+      pipeline,
+    );
+  }
+
+  /** The number of tensor-parallel ranks (of each pipeline stage; 1: the whole model on one runner). */
   get tensorParallelSize(): number {
-    return this.peers.length + 1;
+    return this.pipeline ? this.pipeline.tp : this.peers.length + 1;
+  }
+
+  /** The number of pipeline stages (1: every layer on each rank). */
+  get pipelineParallelSize(): number {
+    return this.pipeline?.pp ?? 1;
   }
 
   /** The GPU of each tensor-parallel rank, rank 0 first (one entry for one rank). */
@@ -655,16 +701,19 @@ export class CudaModelRunner implements ModelRunner {
    * slices between these and a peer's pools. `kvPoolSpec` is rank 0's.
    */
   get kvRankPoolSpecs(): KvPoolSpec[] {
+    if (this.pipeline) return this.pipeline.ranks.map((r) => stagePoolSpec(r.pool));
     return [this.kvPoolSpec, ...this.peers.map((p) => rankPoolSpec(p.pool))];
   }
 
   /** Each rank's KV pool memory, rank 0 first (kvRankPoolSpecs describes them); `kvDeviceBuffer` is rank 0's. */
   get kvDeviceBuffers(): DeviceBuffer[] {
+    if (this.pipeline) return this.pipeline.ranks.map((r) => r.kvBuffer);
     return [this.kvDeviceBuffer, ...this.peers.map((p) => p.kvBuffer)];
   }
 
   /** What each tensor-parallel rank holds, rank 0 first: [start, count] of heads, kv heads, channels, vocabulary. */
   get tensorShards(): RawTensorShard[] {
+    if (this.pipeline) return this.pipeline.ranks.map((r) => r.raw.tensorParallel!);
     return [this.raw, ...this.peers.map((p) => p.raw)].map((m) => m.tensorParallel!);
   }
 
@@ -676,6 +725,7 @@ export class CudaModelRunner implements ModelRunner {
    * bench:engine's "coll %" divides by the step time on the GPU.
    */
   async takeCollectiveTime(): Promise<RawCollectiveTime[]> {
+    if (this.pipeline) return this.pipeline.takeCollectiveTime();
     const times = await Promise.all(
       [this.raw, ...this.peers.map((p) => p.raw)].map((m) => native(() => m.takeCollectiveTime())),
     );
@@ -711,9 +761,10 @@ export class CudaModelRunner implements ModelRunner {
    * parallel rank `rank`'s slice (default rank 0; the whole tensor with one rank).
    */
   readWeightBf16(name: string, rank = 0): Promise<Uint16Array> {
-    const model = rank === 0 ? this.raw : this.peers[rank - 1]?.raw;
+    const models = this.pipeline ? this.pipeline.ranks.map((r) => r.raw) : [this.raw, ...this.peers.map((p) => p.raw)];
+    const model = models[rank];
     if (!model)
-      return Promise.reject(new BadArgumentError(`readWeightBf16: rank ${rank} is not one of 0..${this.peers.length}`));
+      return Promise.reject(new BadArgumentError(`readWeightBf16: rank ${rank} is not one of 0..${models.length - 1}`));
     return native(() => model.readWeight(name));
   }
 
@@ -744,6 +795,7 @@ export class CudaModelRunner implements ModelRunner {
 
   /** bf16 bytes the weights take on the GPU (all tensor-parallel ranks together). */
   get weightBytes(): number {
+    if (this.pipeline) return this.pipeline.ranks.reduce((sum, r) => sum + r.raw.weightBytes, 0);
     return this.peers.reduce((sum, p) => sum + p.raw.weightBytes, this.raw.weightBytes);
   }
   get disposed(): boolean {
@@ -756,6 +808,7 @@ export class CudaModelRunner implements ModelRunner {
    * the KV pool as it was.
    */
   async forward(batch: ForwardBatch): Promise<Float32Array> {
+    if (this.pipeline) return this.pipeline.forward(batch, this.vocabSize);
     if (this.peers.length === 0) {
       const logits = await native(() => this.raw.forward(...forwardArgs(batch)));
       await this.experts?.afterPass();
@@ -788,6 +841,7 @@ export class CudaModelRunner implements ModelRunner {
    * candidates, sums and the plain draw per sequence come back instead of nseq x vocabSize logits.
    */
   async forwardSampled(batch: ForwardBatch, plan: SamplePlan): Promise<SampledLogits> {
+    if (this.pipeline) return this.pipeline.forwardSampled(batch, plan, this.vocabSize);
     if (this.peers.length === 0) {
       const r = await native(() => this.raw.forwardSampled(...forwardArgs(batch), plan));
       await this.experts?.afterPass();
@@ -886,6 +940,7 @@ export class CudaModelRunner implements ModelRunner {
   /** Frees the weights, the activations and the KV pool; closes the device when the runner opened it. */
   async dispose(): Promise<void> {
     if (this.raw.disposed) return;
+    if (this.pipeline) return this.pipeline.dispose();
     if (this.peers.length === 0) {
       await native(() => this.raw.dispose());
       await this.kvDeviceBuffer.dispose().catch(() => {});

@@ -10,6 +10,7 @@ import { CpuModelRunner, loadWeights, type NamedTensor } from './cpu.js';
 import { CudaModelRunner, DEFAULT_GPU_KV_FRACTION } from './cuda.js';
 import { checkCudaTensorParallel, tpPlacement } from './cuda-parallel.js';
 import { checkCudaExpertParallel } from './cuda-experts.js';
+import { checkCudaPipeline } from './cuda-pipeline.js';
 import { LlmEngine, type LlmEngineOptions } from './llm-engine.js';
 import { expectedTensors, loadModelConfig, type ModelConfig } from './model/config.js';
 import { dummyConfig, isDummyModel } from './model/dummy.js';
@@ -60,11 +61,15 @@ export interface OpenModelOptions {
    * Tensor parallel ranks (lib/engine/parallel.ts): each splits every layer's heads and channels. Default 1. The
    * CPU engine runs one native thread per rank; the GPU engine one CudaLlama per rank, every rank on one GPU (the
    * local communicator; at most MAX_LOCAL_TP_RANKS), decode steps without CUDA graphs. The GPU engine takes no
-   * pipeline parallelism, and of an MoE model no tensor parallelism of the experts' channels (tp > 1 with ep 1):
-   * ParallelLayoutError (run those on CPU ranks).
+   * pipeline parallelism of an MoE model, and of an MoE model no tensor parallelism of the experts' channels (tp > 1
+   * with ep 1): ParallelLayoutError (run those on CPU ranks).
    */
   tensorParallelSize?: number;
-  /** Pipeline stages: each runs a contiguous share of the layers. Default 1. */
+  /**
+   * Pipeline stages: each runs a contiguous share of the layers. Default 1. The CPU engine runs them as thread
+   * groups; the GPU engine as groups of tensorParallelSize CudaLlama ranks on one GPU (lib/engine/cuda-pipeline.ts:
+   * at most MAX_LOCAL_PIPELINE_RANKS ranks, dense models), each stage with a KV pool of its layers (kvRankPoolSpecs).
+   */
   pipelineParallelSize?: number;
   /**
    * Expert parallel ranks of an MoE model (lib/engine/parallel.ts): each holds numExperts / ep whole experts; they
@@ -117,7 +122,8 @@ export interface OpenedModel {
   /**
    * The KV pool of each rank that keeps its own, rank 0 first: one for the CPU engine (its ranks share one pool of
    * every head, kvPoolSpec) and for one GPU rank; tp for the GPU engine's tensor-parallel ranks (rank r's kv heads,
-   * in the runner's `kvDeviceBuffers[r]`). What kvRankTransferPieces maps between two engines.
+   * in the runner's `kvDeviceBuffers[r]`); tp x pp, stage-major, for its pipeline stages (each its stage's layers:
+   * layerStart, layers). What kvRankTransferPieces maps between two engines.
    */
   readonly kvRankPoolSpecs: readonly KvPoolSpec[];
   dispose(): Promise<void>;
@@ -162,7 +168,7 @@ function gpuRunningLayout(runner: CudaModelRunner): ParallelConfig {
   const ep = runner.expertParallelSize;
   const group = runner.tensorParallelSize;
   const tp = ep > 1 && runner.tensorShards[0]?.size === 1 ? 1 : group;
-  return { ...SINGLE_RANK, tp, ep };
+  return { ...SINGLE_RANK, tp, ep, pp: runner.pipelineParallelSize };
 }
 
 /** Loads a model and starts an engine on it. Throws ModelConfigError / CheckpointError naming the file. */
@@ -222,16 +228,17 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
   if (device !== 'cpu') {
     const deviceCount = device === 'auto' ? (await probeCuda()).deviceCount : 1;
     if (deviceCount > 0 && ranks > 1) {
-      if (parallel.pp > 1)
+      if (parallel.pp > 1 && parallel.ep > 1)
         throw new ParallelLayoutError(
-          `${model}: ${describeParallel(config, parallel)} is not on the GPU engine, which runs tensor- and ` +
-            `expert-parallel ranks only (on one GPU); run pipeline parallelism on CPU ranks with device 'cpu' (--device cpu)`,
+          `${model}: ${describeParallel(config, parallel)} is not on the GPU engine, which runs expert-parallel ` +
+            `ranks in one pipeline stage; run pipeline and expert parallelism together on CPU ranks with device 'cpu' (--device cpu)`,
         );
       checkGpuExpertLayout(model, config, parallel);
       // Checked here, before any GPU memory is taken (CudaModelRunner.create checks again).
       checkCudaTensorParallel(config, parallel.tp, model);
       checkCudaExpertParallel(config, parallel.tp, parallel.ep, model);
-      tpPlacement(groupSize(parallel), options.gpu ?? 0, options.gpus, undefined, model);
+      if (parallel.pp > 1) checkCudaPipeline(config, parallel.tp, parallel.pp, model);
+      tpPlacement(rankCount(parallel), options.gpu ?? 0, options.gpus, undefined, model);
     }
     if (deviceCount > 0) {
       try {
@@ -241,7 +248,7 @@ export async function openModel(options: OpenModelOptions): Promise<OpenedModel>
         runner = await CudaModelRunner.create({
           config,
           device: options.gpu ?? 0,
-          ...(ranks > 1 ? { parallel: { tp: parallel.tp, ep: parallel.ep } } : {}),
+          ...(ranks > 1 ? { parallel: { tp: parallel.tp, pp: parallel.pp, ep: parallel.ep } } : {}),
           ...(ranks > 1 && options.gpus ? { devices: options.gpus } : {}),
           ...(options.eplb !== undefined ? { eplb: options.eplb } : {}),
           blockSize,

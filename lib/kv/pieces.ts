@@ -102,8 +102,19 @@ function duplicate(ids: Uint32Array, i: number): BadArgumentError {
   );
 }
 
-function checkCompatible(s: KvPool, d: KvPool, sName = 'src', dName = 'dst'): void {
-  for (const field of ['layers', 'headDim', 'dtype', 'blockSize', 'kvHeads'] as const) {
+/** Pools of one model: the same model layers, kv heads, head dim, dtype and block size. */
+const MODEL_FIELDS = ['modelLayers', 'headDim', 'dtype', 'blockSize', 'kvHeads'] as const;
+/** Pools that also hold the same layers (a whole model's, or one pipeline stage's). */
+const SAME_LAYERS_FIELDS = ['layers', 'layerStart', ...MODEL_FIELDS] as const;
+
+function checkCompatible(
+  s: KvPool,
+  d: KvPool,
+  sName = 'src',
+  dName = 'dst',
+  fields: readonly (keyof KvPool)[] = SAME_LAYERS_FIELDS,
+): void {
+  for (const field of fields) {
     if (s[field] !== d[field]) {
       throw new BadArgumentError(
         `${WHERE}: ${sName} and ${dName} disagree on ${field} (${sName} ${s[field]}, ${dName} ${d[field]})`,
@@ -183,7 +194,7 @@ export function kvTransferPieces(
       `${WHERE}: src and dst share no KV heads (src tpSize ${s.tpSize} tpRank ${s.tpRank} holds heads [${s.headStart}, ${s.headStart + s.localHeads}), dst tpSize ${d.tpSize} tpRank ${d.tpRank} holds heads [${d.headStart}, ${d.headStart + d.localHeads})`,
     );
   }
-  return headPieces(s, d, sIds, dIds, lo, hi);
+  return headPieces(s, d, sIds, dIds, lo, hi, s.layerStart, s.layerStart + s.layers);
 }
 
 /** Both block lists as Uint32Arrays of equal length (ids not yet checked against a pool). */
@@ -204,11 +215,23 @@ function checkDestination(dIds: Uint32Array, numBlocks: number): void {
   checkNoDuplicates(dIds, numBlocks);
 }
 
-/** The pieces of heads [lo, hi) (held by both pools) of blocks sIds[i] of s into blocks dIds[i] of d. */
-function headPieces(s: KvPool, d: KvPool, sIds: Uint32Array, dIds: Uint32Array, lo: number, hi: number): KvPieces {
+/**
+ * The pieces of heads [lo, hi) of model layers [layerLo, layerHi) (held by both pools) of blocks sIds[i] of s into
+ * blocks dIds[i] of d.
+ */
+function headPieces(
+  s: KvPool,
+  d: KvPool,
+  sIds: Uint32Array,
+  dIds: Uint32Array,
+  lo: number,
+  hi: number,
+  layerLo: number,
+  layerHi: number,
+): KvPieces {
   const overlap = hi - lo;
   const n = sIds.length;
-  const tiles = s.layers * 2;
+  const tiles = (layerHi - layerLo) * 2;
   const blockSize = s.blockSize;
   const rowBytes = s.headDim * s.dtypeBytes; // one head of one token
 
@@ -224,15 +247,18 @@ function headPieces(s: KvPool, d: KvPool, sIds: Uint32Array, dIds: Uint32Array, 
   const sPerHead = s.headLayout === 'NHD' ? rowBytes : blockSize * rowBytes;
   const dPerToken = d.headLayout === 'NHD' ? d.localHeads * rowBytes : rowBytes;
   const dPerHead = d.headLayout === 'NHD' ? rowBytes : blockSize * rowBytes;
-  const sHead0 = (lo - s.headStart) * sPerHead;
-  const dHead0 = (lo - d.headStart) * dPerHead;
+  // Each pool's first tile of the layers moved: (layer - layerStart) * 2.
+  const sHead0 = (lo - s.headStart) * sPerHead + (layerLo - s.layerStart) * 2 * sPerTile;
+  const dHead0 = (lo - d.headStart) * dPerHead + (layerLo - d.layerStart) * 2 * dPerTile;
+  const sameLayers =
+    s.layerStart === layerLo && d.layerStart === layerLo && s.layers === layerHi - layerLo && d.layers === s.layers;
 
   // Both pools hold exactly the heads moved.
   const sameHeads = s.headStart === lo && d.headStart === lo && s.localHeads === overlap && d.localHeads === overlap;
   const sameHeadLayout = s.headLayout === d.headLayout;
 
   // Whole blocks: one contiguous chunk on both sides.
-  if (sameHeads && sameHeadLayout && s.layout === 'block-major' && d.layout === 'block-major') {
+  if (sameHeads && sameLayers && sameHeadLayout && s.layout === 'block-major' && d.layout === 'block-major') {
     const out = new PieceBuilder(n);
     const len = s.blockBytes;
     for (let i = 0; i < n; i++) out.push(sBase + sIds[i]! * len, dBase + dIds[i]! * len, len);
@@ -293,30 +319,56 @@ export interface KvRankPieces extends KvPieces {
 
 const RANKS_WHERE = 'kvRankTransferPieces';
 
-/** A rank list's pools, checked: at least one, the same model, and every kv head held by one of them. */
+/** Whether pool `p` holds model layer `layer`. */
+const holdsLayer = (p: KvPool, layer: number) => layer >= p.layerStart && layer < p.layerStart + p.layers;
+
+/**
+ * A rank list's pools, checked: at least one, the same model, and every kv head of every layer held by one of them
+ * (pipeline stages' pools each hold their layers).
+ */
 function rankPools(side: 'src' | 'dst', list: readonly (KvPoolSpec | KvPool)[]): KvPool[] {
   if (!Array.isArray(list) || list.length === 0)
     throw new BadArgumentError(`${RANKS_WHERE}: ${side} must be a non-empty list of rank pools`);
   const pools = list.map((p, i) => asPool(p, `${RANKS_WHERE}: ${side}[${i}]`));
-  for (let i = 1; i < pools.length; i++) checkCompatible(pools[0]!, pools[i]!, `${side}[0]`, `${side}[${i}]`);
-  const held = new Uint8Array(pools[0]!.kvHeads);
-  for (const p of pools) held.fill(1, p.headStart, p.headStart + p.localHeads);
-  const missing = held.indexOf(0);
-  if (missing >= 0)
-    throw new BadArgumentError(
-      `${RANKS_WHERE}: no ${side} rank pool holds kv head ${missing} (${side} holds ` +
-        `${pools.map((p) => `[${p.headStart}, ${p.headStart + p.localHeads})`).join(', ')} of ${held.length})`,
-    );
+  for (let i = 1; i < pools.length; i++)
+    checkCompatible(pools[0]!, pools[i]!, `${side}[0]`, `${side}[${i}]`, MODEL_FIELDS);
+  for (let layer = 0; layer < pools[0]!.modelLayers; layer++) {
+    const held = new Uint8Array(pools[0]!.kvHeads);
+    const holders = pools.filter((p) => holdsLayer(p, layer));
+    for (const p of holders) held.fill(1, p.headStart, p.headStart + p.localHeads);
+    const missing = held.indexOf(0);
+    if (missing >= 0)
+      throw new BadArgumentError(
+        `${RANKS_WHERE}: no ${side} rank pool holds kv head ${missing}` +
+          `${pools[0]!.modelLayers > 1 && holders.length < pools.length ? ` of layer ${layer}` : ''} (${side} holds ` +
+          `${holders.map((p) => `[${p.headStart}, ${p.headStart + p.localHeads})`).join(', ')} of ${held.length})`,
+      );
+  }
   return pools;
+}
+
+/**
+ * The model layer where the next layer range of a list of pools starts after `layer`: within [layer, the result)
+ * every pool holds every layer or none.
+ */
+function nextLayerBoundary(pools: readonly KvPool[], layer: number, end: number): number {
+  let next = end;
+  for (const p of pools) {
+    if (p.layerStart > layer) next = Math.min(next, p.layerStart);
+    if (holdsLayer(p, layer)) next = Math.min(next, p.layerStart + p.layers);
+  }
+  return next;
 }
 
 /**
  * The pieces that copy blocks `srcBlocks[i]` of an engine's KV into blocks `dstBlocks[i]` of another's, when each
  * engine keeps its KV in one pool per tensor-parallel rank (`src[r]`: rank r's pool, as registered in local region r;
- * `dst[r]` in remote region r) or in one pool of every head (a list of one). Every kv head of every destination rank
+ * `dst[r]` in remote region r), one per (pipeline stage, tensor-parallel rank) (each of its stage's layers:
+ * `layerStart` / `layers`), or in one pool of every layer and head (a list of one). Every kv head of every destination rank
  * is written once, from the first source rank (in list order) that holds it: a head replicated over several source
  * ranks is read from one, a head replicated over several destination ranks lands in each. Both lists must be the same
- * model (layers, kv heads, head dim, dtype, block size) and each must hold every kv head; block ids are checked
+ * model (model layers, kv heads, head dim, dtype, block size) and each must hold every kv head of every layer, each
+ * layer from the first source pool holding it likewise; block ids are checked
  * against every pool, destination ids once each. With one pool on each side the result is kvTransferPieces' (and its
  * region indices all 0).
  *
@@ -331,18 +383,25 @@ export function kvRankTransferPieces(
 ): KvRankPieces {
   const s = rankPools('src', src);
   const d = rankPools('dst', dst);
-  checkCompatible(s[0]!, d[0]!);
+  checkCompatible(s[0]!, d[0]!, 'src', 'dst', MODEL_FIELDS);
   const [sIds, dIds] = checkBlockLists(srcBlocks, dstBlocks);
   for (const p of s) copyIds('srcBlocks', 'src', sIds, p.numBlocks);
   for (const p of d) checkDestination(dIds, p.numBlocks);
   const parts: { pieces: KvPieces; from: number; to: number }[] = [];
   d.forEach((dp, to) => {
     const end = dp.headStart + dp.localHeads;
-    for (let head = dp.headStart; head < end;) {
-      const from = s.findIndex((sp) => head >= sp.headStart && head < sp.headStart + sp.localHeads);
-      const hi = Math.min(end, s[from]!.headStart + s[from]!.localHeads);
-      parts.push({ pieces: headPieces(s[from]!, dp, sIds, dIds, head, hi), from, to });
-      head = hi;
+    const layerEnd = dp.layerStart + dp.layers;
+    for (let layer = dp.layerStart; layer < layerEnd;) {
+      const layerHi = nextLayerBoundary(s, layer, layerEnd);
+      for (let head = dp.headStart; head < end;) {
+        const from = s.findIndex(
+          (sp) => holdsLayer(sp, layer) && head >= sp.headStart && head < sp.headStart + sp.localHeads,
+        );
+        const hi = Math.min(end, s[from]!.headStart + s[from]!.localHeads);
+        parts.push({ pieces: headPieces(s[from]!, dp, sIds, dIds, head, hi, layer, layerHi), from, to });
+        head = hi;
+      }
+      layer = layerHi;
     }
   });
   const count = parts.reduce((n, p) => n + p.pieces.pieces, 0);

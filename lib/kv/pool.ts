@@ -22,8 +22,15 @@ const HEAD_LAYOUTS: readonly KvHeadLayout[] = ['NHD', 'HND'];
 
 /** What a caller says about a pool; `kvPool()` fills the defaults and checks it. */
 export interface KvPoolSpec {
-  /** Transformer layers. */
+  /** Transformer layers this pool holds (all of the model's, unless a pipeline stage's: see layerStart). */
   layers: number;
+  /**
+   * First model layer this pool holds: a pipeline stage's pool holds layers [layerStart, layerStart + layers) of
+   * the model's `modelLayers` (lib/engine/parallel.ts's stageLayers). Default 0.
+   */
+  layerStart?: number;
+  /** Layers of the whole model. Default layerStart + layers. */
+  modelLayers?: number;
   /** Total KV heads of the model (all TP ranks together). */
   kvHeads: number;
   /** Elements per head. */
@@ -57,7 +64,7 @@ export interface KvPool extends Readonly<Required<KvPoolSpec>> {
   readonly headStart: number;
   /** Bytes of one (layer, K-or-V, block) tile: blockSize * localHeads * headDim * dtypeBytes. */
   readonly tileBytes: number;
-  /** Bytes of one block over all layers, K and V: layers * 2 * tileBytes. */
+  /** Bytes of one block over the pool's layers, K and V: layers * 2 * tileBytes. */
   readonly blockBytes: number;
   /** Bytes of the whole pool (not counting baseOffset): numBlocks * blockBytes. */
   readonly poolBytes: number;
@@ -106,6 +113,13 @@ export function normalizePool(spec: KvPoolSpec, where: string): KvPool {
   const tpSize = checkInteger(where, 'tpSize', spec.tpSize ?? 1, 1);
   const tpRank = checkInteger(where, 'tpRank', spec.tpRank ?? 0, 0);
   const baseOffset = checkInteger(where, 'baseOffset', spec.baseOffset ?? 0, 0);
+  const layerStart = checkInteger(where, 'layerStart', spec.layerStart ?? 0, 0);
+  const modelLayers = checkInteger(where, 'modelLayers', spec.modelLayers ?? layerStart + layers, 1);
+  if (layerStart + layers > modelLayers) {
+    throw new BadArgumentError(
+      `${where}: layers [${layerStart}, ${layerStart + layers}) run past the model's ${modelLayers} (modelLayers)`,
+    );
+  }
   if (tpRank >= tpSize) {
     throw new BadArgumentError(`${where}: tpRank must be less than tpSize ${tpSize} (got ${tpRank})`);
   }
@@ -128,6 +142,8 @@ export function normalizePool(spec: KvPoolSpec, where: string): KvPool {
   }
   const pool: KvPool = Object.freeze({
     layers,
+    layerStart,
+    modelLayers,
     kvHeads,
     headDim,
     blockSize,
@@ -159,7 +175,7 @@ export function asPool(pool: KvPoolSpec | KvPool, where: string): KvPool {
   return typeof pool === 'object' && pool !== null && made.has(pool) ? (pool as KvPool) : normalizePool(pool, where);
 }
 
-/** Byte offset (baseOffset included) of the (layer, K=0 / V=1) tile of block `blockId`. */
+/** Byte offset (baseOffset included) of the (layer, K=0 / V=1) tile of block `blockId`; `layer` counts from the pool's first (layerStart). */
 export function kvBlockOffset(pool: KvPoolSpec | KvPool, blockId: number, layer: number, kv: 0 | 1): number {
   const where = 'kvBlockOffset';
   const p = asPool(pool, `${where}: pool`);

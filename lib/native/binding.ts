@@ -256,7 +256,22 @@ export interface RawCudaLlamaOptions
    * holds its own experts and `redundantSlots` more), attention replicated on every rank (tp 1) or split (tp = ep).
    */
   ep?: { size: number; redundantSlots?: number; replicatedAttention?: boolean };
+  /**
+   * This runner is pipeline stage `stage` of `size` (lib/engine/cuda-pipeline.ts): layers [layerStart, layerStart +
+   * layerCount) (its kvBuffer holds those), its input from the previous stage's `output` channel.
+   */
+  pp?: {
+    stage: number;
+    size: number;
+    layerStart: number;
+    layerCount: number;
+    input?: RawCudaStageChannel;
+    output?: RawCudaStageChannel;
+  };
 }
+
+/** Hands micro-batches' hidden states from one pipeline stage's rank to the next's (native/src/engine/cuda_llama_pp.h). */
+export type RawCudaStageChannel = object;
 
 /**
  * The ranks of one tensor-parallel runner group: on one CUDA device (the local communicator,
@@ -341,9 +356,15 @@ export interface RawCudaLlama {
   readWeight(name: string): Promise<Uint16Array>;
   missingWeights(): string[];
   ready(): void;
-  forward(...batch: RawForwardArgs): Promise<Float32Array>;
-  /** A tensor-parallel rank's pass whose logits nobody reads (rank 0 runs forward or forwardSampled meanwhile). */
-  forwardWithoutLogits(...batch: RawForwardArgs): Promise<void>;
+  /** `slot`: a pipeline stage's micro-batch slot of its channels (default 0), here and in the two passes below. */
+  forward(...args: [...batch: RawForwardArgs, slot?: number]): Promise<Float32Array>;
+  /**
+   * A tensor-parallel rank's pass whose logits nobody reads (rank 0 runs forward or forwardSampled meanwhile), or a
+   * pipeline stage's before the last (it hands its hidden state to the next stage).
+   */
+  forwardWithoutLogits(...args: [...batch: RawForwardArgs, slot?: number]): Promise<void>;
+  /** Throws TANDEM_BAD_ARGUMENT at once when forward() would refuse the batch; runs nothing. */
+  checkForward(...batch: RawForwardArgs): void;
   /** Whether this rank holds the tensor (an expert-parallel rank holds its own experts' only). */
   holds(name: string): boolean;
   /** MoE: the placement in force, layers x ranks x slotsPerRank slots -> expert (-1: empty). */
@@ -365,6 +386,7 @@ export interface RawCudaLlama {
     ...args: [
       ...batch: RawForwardArgs,
       plan: { n: Int32Array; flags: Int32Array; invT: Float64Array; topP: Float64Array; u: Float64Array },
+      slot?: number,
     ]
   ): Promise<{
     maxN: number;
@@ -456,6 +478,7 @@ export interface RawBinding {
   CpuLlama: new (options: RawCpuLlamaOptions) => RawCpuLlama;
   CudaLlama: new (device: RawCudaDevice, options: RawCudaLlamaOptions) => RawCudaLlama;
   CudaTpGroup: new (size: number, options?: RawCudaTpGroupOptions) => RawCudaTpGroup;
+  CudaStageChannel: new () => RawCudaStageChannel;
 }
 
 let cached: { binding: RawBinding; path: string } | undefined;

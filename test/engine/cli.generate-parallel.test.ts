@@ -66,7 +66,7 @@ describe('tandem generate --tp / --pp', () => {
     );
   });
 
-  it('a layout that does not fit, or pp > 1 on the GPU engine, is a one-line error', () => {
+  it('a layout that does not fit, or pp > 1 of an MoE model on the GPU engine, is a one-line error', () => {
     const bad = runTs('lib/cli/main.ts', ['generate', '--model', 'dummy:tiny', '--prompt', 'x', '--tp', '3']);
     expect(bad.status).toBe(1);
     expect(bad.stderr).toMatch(
@@ -74,11 +74,11 @@ describe('tandem generate --tp / --pp', () => {
     );
     const cuda = runTs('lib/cli/main.ts', [
       'generate',
-      ...['--model', 'dummy:tiny', '--prompt', 'x', '--device', 'cuda', '--pp', '2'],
+      ...['--model', 'dummy:tiny-moe', '--prompt', 'x', '--device', 'cuda', '--pp', '2'],
     ]);
     expect(cuda.status).toBe(1);
     expect(cuda.stderr).toMatch(
-      /tp 1 x pp 2 .* is not on the GPU engine, which runs tensor- and expert-parallel ranks only/,
+      /^tandem: dummy:tiny-moe: the GPU engine runs mixture-of-experts models in one pipeline stage; run pipeline parallelism of this model on CPU ranks \(device 'cpu'\)\n$/,
     );
     const zero = runTs('lib/cli/main.ts', ['generate', '--model', 'dummy:tiny', '--prompt', 'x', '--pp', '0']);
     expect(zero.status).toBe(2);

@@ -1,7 +1,8 @@
 /**
  * Tensor parallelism on the GPU engine, wired into openModel and serving (issue 25): what can be checked without a
- * GPU. openModel refuses the layouts the GPU engine does not run (pipeline or expert parallelism, more ranks than a
- * runner group takes, ranks some of which share a GPU) with a ParallelLayoutError before any device is opened; a graph
+ * GPU. openModel refuses the layouts the GPU engine does not run (split expert channels, pipeline stages of an MoE
+ * model, more ranks than a runner group or one GPU's pipeline takes, ranks some of which share a GPU) with a
+ * ParallelLayoutError before any device is opened; a graph
  * pool runs its tensor-parallel ranks on one GPU with gpusPerReplica 1 and hands a replica of several GPUs their list;
  * a registration's rank pools survive the control plane's wire. The GPU side: test/gpu/12.serve.tp.gpu.test.ts.
  */
@@ -29,14 +30,44 @@ async function layoutError(options: Parameters<typeof openModel>[0]): Promise<st
 }
 
 describe('openModel on the GPU engine with a parallel layout', () => {
-  it('pipeline parallelism and split expert channels are refused before any device is opened, saying what runs where', async () => {
-    expect(await layoutError({ model: 'dummy:tiny', device: 'cuda', pipelineParallelSize: 2 })).toBe(
-      'dummy:tiny: tp 1 x pp 2 (2 ranks; stage layers 0, 1) is not on the GPU engine, which runs tensor- and ' +
-        "expert-parallel ranks only (on one GPU); run pipeline parallelism on CPU ranks with device 'cpu' (--device cpu)",
-    );
+  it('split expert channels, pipeline stages of an MoE model and pipeline x expert parallelism are refused before any device is opened', async () => {
     expect(await layoutError({ model: 'dummy:tiny-moe', device: 'cuda', tensorParallelSize: 2 })).toMatch(
       /^dummy:tiny-moe: tp 2 x pp 1 .* is not on the GPU engine: its ranks split a mixture-of-experts model's experts \(expertParallelSize = tensorParallelSize, --ep 2\); tensor parallelism of the experts' channels runs on CPU ranks \(--device cpu\)$/,
     );
+    expect(await layoutError({ model: 'dummy:tiny-moe', device: 'cuda', pipelineParallelSize: 2 })).toBe(
+      'dummy:tiny-moe: the GPU engine runs mixture-of-experts models in one pipeline stage; run pipeline parallelism ' +
+        "of this model on CPU ranks (device 'cpu')",
+    );
+    expect(
+      await layoutError({ model: 'dummy:tiny-moe', device: 'cuda', expertParallelSize: 2, pipelineParallelSize: 2 }),
+    ).toMatch(
+      /is not on the GPU engine, which runs expert-parallel ranks in one pipeline stage; run pipeline and expert parallelism together on CPU ranks/,
+    );
+  });
+
+  it('pipeline layouts that do not fit are refused before a device opens: more stages than layers, too many ranks', async () => {
+    expect(await layoutError({ model: 'dummy:tiny', device: 'cuda', pipelineParallelSize: 3 })).toBe(
+      "dummy:tiny: pipeline parallel size 3 is more stages than the model's 2 layers",
+    );
+    expect(
+      await layoutError({
+        model: 'dummy:llama-3.2-1b',
+        device: 'cuda',
+        tensorParallelSize: 8,
+        pipelineParallelSize: 4,
+      }),
+    ).toBe(
+      'dummy:llama-3.2-1b: tp 8 x pp 4 is 32 ranks; the GPU engine runs at most 16 on one GPU (tensor-parallel ranks at most 8)',
+    );
+    expect(
+      await layoutError({
+        model: 'dummy:tiny',
+        device: 'cuda',
+        tensorParallelSize: 2,
+        pipelineParallelSize: 2,
+        gpus: [0, 0],
+      }),
+    ).toBe('dummy:tiny: 2 devices for 4 tensor-parallel ranks');
   });
 
   it.for([
@@ -81,16 +112,22 @@ describe('openModel on the GPU engine with a parallel layout', () => {
     );
   });
 
-  it('tp 2 on device cuda gets past the layout checks: without a GPU the error is the GPU being unavailable', async (ctx) => {
+  it('tp 2, pp 2 and tp 2 x pp 2 on device cuda get past the layout checks: without a GPU the error is the GPU being unavailable', async (ctx) => {
     const caps = await capabilities();
-    if (caps.cuda.available) ctx.skip(); // with a GPU it opens (test/gpu/12.serve.tp.gpu.test.ts)
-    const error = await openModel({ model: 'dummy:tiny', device: 'cuda', tensorParallelSize: 2, gpus: [0, 0] }).then(
-      () => undefined,
-      (e: unknown) => e,
-    );
-    expect(error).toBeInstanceOf(TandemError);
-    expect(error).not.toBeInstanceOf(ParallelLayoutError);
-    expect((error as TandemError).code).toMatch(/UNAVAILABLE/);
+    if (caps.cuda.available) ctx.skip(); // with a GPU they open (test/gpu/12.serve.tp, test/gpu/15.engine.pp)
+    for (const layout of [
+      { tensorParallelSize: 2, gpus: [0, 0] },
+      { pipelineParallelSize: 2 },
+      { tensorParallelSize: 2, pipelineParallelSize: 2, gpus: [0, 0, 0, 0] },
+    ]) {
+      const error = await openModel({ model: 'dummy:tiny', device: 'cuda', ...layout }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(error).toBeInstanceOf(TandemError);
+      expect(error).not.toBeInstanceOf(ParallelLayoutError);
+      expect((error as TandemError).code).toMatch(/UNAVAILABLE/);
+    }
   });
 
   it("device 'cpu' still runs the layout on CPU ranks: one rank pool, every head", async () => {

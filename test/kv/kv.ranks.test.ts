@@ -57,7 +57,9 @@ function value(...xs: number[]): number {
   return (h % 255) + 1;
 }
 
-/** Calls fn for every element byte of `blocks` of a pool: (offset, block, layer, kv, token, global head, dim, b). */
+/**
+ * Calls fn for every element byte of `blocks` of a pool: (offset, block, model layer, kv, token, global head, dim, b).
+ */
 function eachByte(spec: KvPoolSpec, blocks: readonly number[], fn: (off: number, ...at: number[]) => void): void {
   const { start, count } = headsOf(spec);
   const eb = DTYPE_SIZE[spec.dtype]!;
@@ -68,7 +70,7 @@ function eachByte(spec: KvPoolSpec, blocks: readonly number[], fn: (off: number,
           for (let h = 0; h < count; h++)
             for (let d = 0; d < spec.headDim; d++)
               for (let b = 0; b < eb; b++)
-                fn(elemOffset(spec, blk, l, kv, t, h, d) + b, blk, l, kv, t, start + h, d, b);
+                fn(elemOffset(spec, blk, l, kv, t, h, d) + b, blk, (spec.layerStart ?? 0) + l, kv, t, start + h, d, b);
 }
 
 /** A rank pool whose every byte encodes where it is (its global head included). */
@@ -255,7 +257,7 @@ describe('kvRankTransferPieces', () => {
     expectBad(() => kvRankTransferPieces(ranks(1), [], [0], [0]), /dst must be a non-empty list of rank pools/);
     expectBad(
       () => kvRankTransferPieces([base(), base({ tpSize: 2, tpRank: 1, layers: 3 })], ranks(1), [0], [0]),
-      /src\[0\] and src\[1\] disagree on layers/,
+      /src\[0\] and src\[1\] disagree on modelLayers/,
     );
     expectBad(() => kvRankTransferPieces(ranks(2), ranks(1, { dtype: 'fp32' }), [0], [0]), /disagree on dtype/);
     expectBad(
@@ -277,5 +279,77 @@ describe('kvRankTransferPieces', () => {
     expectBad(() => kvRankTransferPieces(ranks(2), ranks(1), [0, 1], [2]), /same length/);
     expectBad(() => kvRankTransferPieces(ranks(2), ranks(1), [9], [2]), /srcBlocks\[0\] = 9 is out of range/);
     expectBad(() => kvRankTransferPieces([base({ tpSize: 3 })], ranks(1), [0], [0]), /must be divisible by tpSize/);
+  });
+});
+
+/**
+ * The pools of an engine of pp stages x tp ranks, stage-major (stage s's ranks at s * tp + r): stage s holds layers
+ * [s * L / pp, ...) as lib/engine/parallel.ts's stageLayers splits them (earlier stages taking the extra layer).
+ */
+const stageRanks = (pp: number, tp: number, over: Partial<KvPoolSpec> = {}): KvPoolSpec[] => {
+  const layers = over.layers ?? base().layers;
+  const out: KvPoolSpec[] = [];
+  let start = 0;
+  for (let st = 0; st < pp; st++) {
+    const count = Math.floor(layers / pp) + (st < layers % pp ? 1 : 0);
+    for (const pool of ranks(tp, { ...over, layers: count, layerStart: start, modelLayers: layers })) out.push(pool);
+    start += count;
+  }
+  return out;
+};
+
+describe('kvRankTransferPieces: pipeline stages (each pool holds its layers)', () => {
+  it('kvPool: a stage pool holds its layers only, and may not run past the model', () => {
+    const stage = kvPool(base({ layers: 1, layerStart: 1, modelLayers: 2 }));
+    expect(stage.blockBytes).toBe(kvPool(base()).blockBytes / 2);
+    expect(kvPool(base()).modelLayers).toBe(2);
+    expectBad(
+      () => kvPool(base({ layers: 2, layerStart: 1, modelLayers: 2 })),
+      /layers \[1, 3\) run past the model's 2/,
+    );
+  });
+
+  it('PP 2 -> PP 1: each stage lands its layers, region indices name the stage pool', () => {
+    const p = checkRanks(stageRanks(2, 1, { layers: 3 }), ranks(1, { layers: 3 }), [3, 0, 5], [1, 2, 7]);
+    expect(new Set(p.localRegionIndex)).toEqual(new Set([0, 1]));
+    expect(new Set(p.remoteRegionIndex)).toEqual(new Set([0]));
+  });
+
+  it('TP 1 -> TP 2 x PP 2, and TP 2 x PP 2 -> PP 4 x TP 1 (layer-major, HND): every byte from the pool holding it', () => {
+    const one = ranks(1, { layers: 4 });
+    const grid = stageRanks(2, 2, { layers: 4 });
+    const p = checkRanks(one, grid, [0, 4], [5, 1]);
+    expect(new Set(p.remoteRegionIndex)).toEqual(new Set([0, 1, 2, 3]));
+    const q = checkRanks(
+      grid,
+      stageRanks(4, 1, { layers: 4, layout: 'layer-major', headLayout: 'HND' }),
+      [2, 3],
+      [0, 6],
+    );
+    expect(new Set(q.localRegionIndex)).toEqual(new Set([0, 1, 2, 3]));
+    // Uneven stages on both sides (5 layers: 3 + 2 against 2 + 2 + 1), replicated heads.
+    checkRanks(stageRanks(2, 4, { layers: 5, kvHeads: 2 }), stageRanks(3, 1, { layers: 5, kvHeads: 2 }), [1], [2]);
+  });
+
+  it('same stages and ranks on both sides (block-major): whole blocks pool to pool', () => {
+    const p = checkRanks(stageRanks(2, 2, { layers: 4 }), stageRanks(2, 2, { layers: 4 }), [1, 2], [4, 5]);
+    expect(p.pieces).toBe(4);
+  });
+
+  it('a layer no source pool holds, or pools of different models, are typed errors', () => {
+    const [first] = stageRanks(2, 1, { layers: 4 });
+    expectBad(
+      () => kvRankTransferPieces([first!], ranks(1, { layers: 4 }), [0], [0]),
+      /no src rank pool holds kv head 0 of layer 2 \(src holds {2}of 4\)/,
+    );
+    expectBad(
+      () => kvRankTransferPieces(stageRanks(2, 1, { layers: 4 }), ranks(1, { layers: 3 }), [0], [0]),
+      /src and dst disagree on modelLayers \(src 4, dst 3\)/,
+    );
+    // A pair of pools (kvTransferPieces) must hold the same layers.
+    expectBad(
+      () => kvTransferPieces(stageRanks(2, 1, { layers: 4 })[0]!, stageRanks(2, 1, { layers: 4 })[1]!, [0], [0]),
+      /src and dst disagree on layerStart \(src 0, dst 2\)/,
+    );
   });
 });

@@ -177,7 +177,7 @@ struct Carver {
 
 CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
                      const GpuKvPool& pool, bool cudaGraphs, std::shared_ptr<TpCommunicator> tp,
-                     const ExpertLayout& experts, bool replicatedAttention)
+                     const ExpertLayout& experts, bool replicatedAttention, const PpStage* pp)
     : device_(device),
       cublas_(cublas),
       cublasLt_(cublasLt),
@@ -204,12 +204,27 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
                    "expert (Mixtral, Qwen3-MoE); this one (a shared expert or dense layers among the sparse ones, as "
                    "Qwen2-MoE) runs on the CPU engine");
   shard_ = tp_ && !replicatedAttention ? tpShardOf(config_, tp_->size(), tp_->rank()) : tpShardOf(config_, 1, 0);
+  if (pp) {
+    stage_ = *pp;
+  } else {
+    stage_.layerCount = config_.numLayers;
+  }
+  checkPpStage(config_, stage_);
+  if (pipelineParallel() && config_.moe.numExperts > 0)
+    throw BadInput("the GPU engine runs mixture-of-experts models in one pipeline stage (no pipeline parallelism on "
+                   "the GPU for them yet); use the CPU engine's ranks");
   local_ = config_;
+  local_.numLayers = stage_.layerCount;  // this stage's layers: layers_ and the KV pool are indexed from its first
   local_.numHeads = shard_.heads;
   local_.numKvHeads = shard_.kvHeads;
   local_.intermediateSize = shard_.inter;
   local_.vocabSize = shard_.vocabRows;
   for (int r = 0; r < shard_.size; ++r) vocabRowsPerRank_.push_back(tpShardOf(config_, shard_.size, r).vocabRows);
+  if (pipelineParallel() && cudaGraphs_) {
+    cudaGraphs_ = false;
+    graphsReason_ = "pipeline stages run decode steps eagerly (a stage's input arrives from another stream, and "
+                    "micro-batch shapes vary)";
+  }
   if (grouped() && cudaGraphs_) {
     cudaGraphs_ = false;
     graphsReason_ = "tensor-parallel and expert-parallel ranks run decode steps eagerly (the local communicator's "
@@ -231,7 +246,10 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
 
   // Fused q|k|v and gate|up projections, so each is one GEMM; names come from the weight manifest
   // (lib/engine/model/manifest.ts; checkConfig checked that it is complete).
-  embed_ = place(vocab * h);
+  // A stage holds the embedding when it is the first, or the last with lm_head tied to it (lib/engine/parallel.ts's
+  // tensorStages); the final norm and lm_head on the last only.
+  const bool holdsEmbed = stage_.first() || (stage_.last() && c.tieWordEmbeddings);
+  embed_ = holdsEmbed ? place(vocab * h) : 0;
   layers_.resize(c.numLayers);
   for (LayerOffsets& L : layers_) {
     L.inputNorm = place(h);
@@ -248,8 +266,8 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
   }
   if (c.moe.numExperts > 0)
     moe_ = std::make_unique<CudaMoe>(c, [this](size_t count) { return place(count); }, experts);
-  finalNorm_ = place(h);
-  lmHead_ = c.tieWordEmbeddings ? embed_ : place(vocab * h);
+  finalNorm_ = stage_.last() ? place(h) : 0;
+  lmHead_ = !stage_.last() ? 0 : c.tieWordEmbeddings ? embed_ : place(vocab * h);
   // Each tensor's slice of the whole one (lib/engine/model/manifest.ts's shard rules): column (q/k/v, gate/up, their
   // biases) and vocab (embedding, lm_head) take rows, row (o_proj, down_proj) takes columns, replicated all of it.
   const TpShard& t = shard_;
@@ -262,7 +280,11 @@ CudaLlama::CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLt
   auto colsOf = [](size_t rows, size_t fullCols, size_t start, size_t n) { return SliceOf{rows, fullCols, 0, rows, start, n}; };
   auto elementsOf = [](size_t full, size_t start, size_t n) { return SliceOf{0, full, 0, 0, start, n}; };
   for (const WeightEntry& w : c.weights) {
-    const LayerOffsets* L = w.layer >= 0 ? &layers_[w.layer] : nullptr;
+    // Another stage's tensors are not this runner's.
+    if (w.layer >= 0 && (w.layer < stage_.layerStart || w.layer >= stage_.layerStart + stage_.layerCount)) continue;
+    if (w.role == WeightRole::Embed && !holdsEmbed) continue;
+    if ((w.role == WeightRole::FinalNorm || w.role == WeightRole::LmHead) && !stage_.last()) continue;
+    const LayerOffsets* L = w.layer >= 0 ? &layers_[w.layer - stage_.layerStart] : nullptr;
     switch (w.role) {
       case WeightRole::Embed: addSlot(w.name, embed_, rowsOf(fullVocab, h, v0, vocab)); break;
       case WeightRole::InputNorm: addSlot(w.name, L->inputNorm, whole(0, h)); break;
@@ -474,6 +496,8 @@ void CudaLlama::release() {
   pinnedBytes_ = 0;
   if (moe_) moe_->release();
   if (tp_) tp_->release();
+  if (stage_.input) stage_.input->release(device_, false);
+  if (stage_.output) stage_.output->release(device_, true);
 }
 
 const CudaMoe& CudaLlama::moe() const {
@@ -1050,10 +1074,10 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
   p.oAct = carve.take(moe_ ? 0 : ntok * inter * 2);
   p.oMoe = carve.take(moe_ ? moe_->scratchBytes(ntok) : 0);
   p.oLast = carve.take(nseq * h * 2);
-  p.oLogits = carve.take(nseq * vocab * 4);
+  p.oLogits = carve.take(stage_.last() ? nseq * vocab * 4 : 0);
   p.oPartial =
       carve.take(p.splits > 1 ? p.decodeRows * local_.numHeads * p.splits * flashPartialStride(c.headDim) * 4 : 0);
-  p.oRankLogits = carve.take(tensorParallel() ? nseq * static_cast<size_t>(local_.vocabSize) * 4 : 0);
+  p.oRankLogits = carve.take(tensorParallel() && stage_.last() ? nseq * static_cast<size_t>(local_.vocabSize) * 4 : 0);
   p.oExtra = carve.take(extraDevice);
   p.deviceBytes = carve.used;
   p.hostExtraAt = alignUp(ints.size() * 4);
@@ -1112,7 +1136,10 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   const unsigned flashTiles = static_cast<unsigned>(p.flashTiles), decodeRows = static_cast<unsigned>(p.decodeRows);
   const int keysPerSplit = p.keysPerSplit;
 
-  launch(fn_.addRmsNorm, itok, 1, nt, b.x, l == 0 ? null : b.tmp, weight(W.inputNorm), hidden, eps, null, b.xn);
+  // The model's first layer starts from the embedding alone; every other one adds the previous layer's output (a
+  // later pipeline stage's first layer: the one the previous stage handed over with x).
+  const bool firstLayer = l == 0 && stage_.first();
+  launch(fn_.addRmsNorm, itok, 1, nt, b.x, firstLayer ? null : b.tmp, weight(W.inputNorm), hidden, eps, null, b.xn);
   gemm(b.xn, itok, hidden, weight(W.wqkv), iq, b.qkv);
   if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, b.qkv, weight(W.bqkv), iq);
   if (c.qkNorm) launch(fn_.qkNorm, itok, H + KVH, 32, b.qkv, weight(W.qNorm), weight(W.kNorm), H, KVH, D, eps);
@@ -1173,7 +1200,11 @@ void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capt
   const int hidden = c.hiddenSize;
   const float eps = c.rmsNormEps;
   const unsigned nt = normThreads(hidden);
-  if (!tensorParallel()) {
+  const size_t streamBytes = p.ntok * static_cast<size_t>(hidden) * 4;
+  if (!stage_.first()) {
+    // A later pipeline stage: the residual stream (x, and the last layer's output in tmp) from the previous one.
+    stage_.input->receive(stageSlot_, {b.x, b.tmp}, streamBytes, device_, device_.stream());
+  } else if (!tensorParallel()) {
     launch(fn_.embed, static_cast<int>(p.ntok), 1, 256, weight(embed_), b.tokens, hidden, b.x);
   } else {
     // Vocabulary-parallel embedding: each rank writes the rows it holds, zeros elsewhere; the sum is the embedding.
@@ -1181,12 +1212,16 @@ void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capt
            shard_.vocabRows, b.x);
     allReduce(b.x, p.ntok);
   }
-  for (int l = 0; l < c.numLayers; ++l) {
+  for (int l = 0; l < local_.numLayers; ++l) {  // this stage's layers (all of them without pipeline stages)
     if (!capturing && aborted_.load()) {
       device_.driver().cuStreamSynchronize(device_.stream());
       throw Aborted("the model was disposed during a forward pass");
     }
     enqueueDenseLayer(l, p, b);
+  }
+  if (!stage_.last()) {
+    stage_.output->send(stageSlot_, {b.x, b.tmp}, streamBytes, device_, device_.stream());
+    return;
   }
   const CUdeviceptr lastRows = b.lastRows;
   launch(fn_.addRmsNorm, static_cast<unsigned>(p.nseq), 1, nt, b.x, b.tmp, weight(finalNorm_), hidden, eps, lastRows,
@@ -1256,7 +1291,17 @@ CUdeviceptr CudaLlama::runModel(const ForwardInput& in, size_t extraDevice, size
   return b.logits;
 }
 
+void CudaLlama::setStageSlot(int slot) {
+  if (slot < 0 || slot >= StageChannel::kMaxSlots)
+    throw BadInput("micro-batch slot " + std::to_string(slot) + " is not one of 0.." +
+                   std::to_string(StageChannel::kMaxSlots - 1));
+  stageSlot_ = slot;
+}
+
 std::vector<float> CudaLlama::forward(const ForwardInput& in) {
+  if (!stage_.last())
+    throw BadInput("pipeline stage " + std::to_string(stage_.stage) + " computes no logits (the last stage does): "
+                   "run its passes with forwardWithoutLogits");
   const size_t nseq = in.seqStarts.empty() ? 0 : in.seqStarts.size() - 1, vocab = config_.vocabSize;
   CUdeviceptr extraDev = 0;
   uint8_t* host = nullptr;
@@ -1278,6 +1323,9 @@ void CudaLlama::forwardWithoutLogits(const ForwardInput& in) {
 }
 
 SampledRows CudaLlama::forwardSampled(const ForwardInput& in, const SamplePlan& plan) {
+  if (!stage_.last())
+    throw BadInput("pipeline stage " + std::to_string(stage_.stage) + " computes no logits (the last stage does): "
+                   "run its passes with forwardWithoutLogits");
   const size_t nseq = in.seqStarts.empty() ? 0 : in.seqStarts.size() - 1, vocab = config_.vocabSize;
   if (plan.n.size() != nseq || plan.flags.size() != nseq || plan.invT.size() != nseq || plan.topP.size() != nseq ||
       plan.u.size() != nseq)

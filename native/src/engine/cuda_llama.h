@@ -20,6 +20,7 @@
 #include "../cuda_device.h"
 #include "cublas.h"
 #include "cuda_llama_graphs.h"
+#include "cuda_llama_pp.h"
 #include "cuda_llama_tp.h"
 #include "cuda_moe.h"
 #include "llama_common.h"
@@ -69,9 +70,13 @@ class CudaLlama {
   // MoE output is summed over the group. replicatedAttention: attention, embedding and lm_head whole on every rank
   // (tp 1 beside ep) instead of split over the group (tp = ep). Redundant slots need no group (one rank: replicas
   // within it).
+  // pp (issue 25, cuda_llama_pp.h): this runner is one pipeline stage: it holds that stage's layers (its KV pool too:
+  // `pool` has layerCount layers), the embedding only on the first stage and the final norm and lm_head only on the
+  // last; a later stage takes its input from pp.input, an earlier one hands its hidden state to pp.output instead of
+  // computing logits. Null (size 1): the whole model. With several stages decode steps run eagerly.
   CudaLlama(CudaDevice& device, const CublasApi& cublas, const CublasLtApi& cublasLt, const LlamaConfig& config,
             const GpuKvPool& pool, bool cudaGraphs = true, std::shared_ptr<TpCommunicator> tp = nullptr,
-            const ExpertLayout& experts = {}, bool replicatedAttention = false);
+            const ExpertLayout& experts = {}, bool replicatedAttention = false, const PpStage* pp = nullptr);
   ~CudaLlama();
   CudaLlama(const CudaLlama&) = delete;
   CudaLlama& operator=(const CudaLlama&) = delete;
@@ -148,6 +153,9 @@ class CudaLlama {
     return graphsReason_;
   }
 
+  // Any thread: throws BadInput when forward() would refuse the batch (validateForward), without running it. A
+  // pipeline checks a whole step this way before it runs any micro-batch, so a bad step writes no KV anywhere.
+  void checkForward(const ForwardInput& in) const { validateForward(config_, pool_.numBlocks, pool_.blockSize, in); }
   // Device thread: as CpuLlama::forward (same validation, same contract), on the GPU.
   std::vector<float> forward(const ForwardInput& in);
   // Device thread: the pass with no logits coming back: a tensor-parallel rank other than the one whose logits are
@@ -165,6 +173,11 @@ class CudaLlama {
   ExpertCopyStats commitExperts(const std::vector<std::pair<int, int>>& dests,
                                 std::vector<std::vector<int32_t>> slotExpert);
   CudaMoe::Load takeExpertLoad();
+  // The pipeline stage this runner holds (stage 0 of 1, every layer, without pipeline parallelism).
+  const PpStage& ppStage() const { return stage_; }
+  // Device thread: the micro-batch slot of the stage channels that the next pass sends to and receives from
+  // (lib/engine/cuda-pipeline.ts sets it before each pass of a micro-batch). Throws BadInput out of range.
+  void setStageSlot(int slot);
   // Device thread: the same pass, then the sampling kernels over the logits; only what `plan` asks for comes
   // back to the host. Throws BadInput on a malformed plan.
   SampledRows forwardSampled(const ForwardInput& in, const SamplePlan& plan);
@@ -242,6 +255,7 @@ class CudaLlama {
   // Ranks share collectives (tensor or expert parallel, or an NCCL group of one): passes run eagerly, a failing rank
   // breaks the group.
   bool grouped() const { return tp_ && (tp_->size() > 1 || tp_->runsAlone()); }
+  bool pipelineParallel() const { return stage_.size > 1; }
   // Sums a [tokens, hidden] fp32 buffer over the tensor-parallel ranks (nothing with one rank).
   void allReduce(CUdeviceptr buf, size_t tokens);
   const Slot& slotOf(const std::string& name) const;  // throws BadInput naming an unknown tensor
@@ -279,6 +293,8 @@ class CudaLlama {
   LlamaConfig local_;
   TpShard shard_;
   std::shared_ptr<TpCommunicator> tp_;
+  PpStage stage_;
+  int stageSlot_ = 0;  // device thread only
   std::vector<int> vocabRowsPerRank_;
   GpuKvPool pool_;
   size_t qDim_, kvDim_, qkvDim_;

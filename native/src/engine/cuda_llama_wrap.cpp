@@ -41,6 +41,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                         InstanceMethod<&CudaLlamaWrap::Forward>("forward"),
                                         InstanceMethod<&CudaLlamaWrap::ForwardSampled>("forwardSampled"),
                                         InstanceMethod<&CudaLlamaWrap::ForwardWithoutLogits>("forwardWithoutLogits"),
+                                        InstanceMethod<&CudaLlamaWrap::CheckForward>("checkForward"),
                                         InstanceMethod<&CudaLlamaWrap::TakeCollectiveTime>("takeCollectiveTime"),
                                         InstanceMethod<&CudaLlamaWrap::Dispose>("dispose"),
                                         InstanceMethod<&CudaLlamaWrap::Holds>("holds"),
@@ -61,6 +62,7 @@ void CudaLlamaWrap::Init(Napi::Env env, Napi::Object exports) {
                                     });
   exports.Set("CudaLlama", ctor);
   CudaTpGroupWrap::Init(env, exports);
+  CudaStageChannelWrap::Init(env, exports);
 }
 
 namespace {
@@ -141,6 +143,37 @@ Napi::Value CudaTpGroupWrap::GetCommunicator(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), nccl_ ? "nccl" : "local");
 }
 
+namespace {
+// Marks CudaStageChannel objects (napi_type_tag), as kTpGroupTag marks tensor-parallel groups.
+const napi_type_tag kStageChannelTag = {0x3e8b5d1f7a2c4e90ULL, 0xb47d19e36c0a5f28ULL};
+
+// The optional trailing micro-batch slot of a forward call (argument `index`): 0 when absent.
+int stageSlotArg(const Napi::CallbackInfo& info, size_t index) {
+  if (info.Length() <= index || info[index].IsUndefined()) return 0;
+  double slot = info[index].IsNumber() ? info[index].As<Napi::Number>().DoubleValue() : -1;
+  if (!(slot >= 0 && slot < StageChannel::kMaxSlots && slot == std::floor(slot)))
+    badArgument(info.Env(), "the micro-batch slot must be an integer 0.." + std::to_string(StageChannel::kMaxSlots - 1));
+  return static_cast<int>(slot);
+}
+}  // namespace
+
+void CudaStageChannelWrap::Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("CudaStageChannel", DefineClass(env, "CudaStageChannel", {}));
+}
+
+CudaStageChannelWrap::CudaStageChannelWrap(const Napi::CallbackInfo& info)
+    : Napi::ObjectWrap<CudaStageChannelWrap>(info), channel_(std::make_shared<LocalStageChannel>()) {
+  napi_status status = napi_type_tag_object(info.Env(), info.This(), &kStageChannelTag);
+  if (status != napi_ok) throw Napi::Error::New(info.Env(), "CudaStageChannel: napi_type_tag_object failed");
+}
+
+std::shared_ptr<StageChannel> CudaStageChannelWrap::channelOf(Napi::Env env, const Napi::Value& value) {
+  if (!value.IsObject()) return nullptr;
+  bool tagged = false;
+  if (napi_check_object_type_tag(env, value, &kStageChannelTag, &tagged) != napi_ok || !tagged) return nullptr;
+  return CudaStageChannelWrap::Unwrap(value.As<Napi::Object>())->channel_;
+}
+
 CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CudaLlamaWrap>(info) {
   Napi::Env env = info.Env();
   AddonState& state = AddonState::of(env);
@@ -219,10 +252,39 @@ CudaLlamaWrap::CudaLlamaWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
     replicatedAttention = e.Get("replicatedAttention").ToBoolean().Value();
   }
 
+  // pp: { stage, size, layerStart, layerCount, input?: CudaStageChannel, output?: CudaStageChannel }; the
+  // constructor checks the numbers against the model (checkPpStage).
+  std::unique_ptr<PpStage> pp;
+  Napi::Value ppOption = field(o, "pp");
+  if (!ppOption.IsUndefined()) {
+    if (!ppOption.IsObject())
+      badArgument(env, "option 'pp' must be { stage, size, layerStart, layerCount, input?, output? }");
+    Napi::Object p = ppOption.As<Napi::Object>();
+    pp = std::make_unique<PpStage>();
+    auto integer = [&](const char* name) {
+      Napi::Value v = p.Get(name);
+      double n = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+      if (!(n >= 0 && n <= 1e6 && n == std::floor(n)))
+        badArgument(env, std::string("option 'pp.") + name + "' must be a non-negative integer");
+      return static_cast<int>(n);
+    };
+    pp->stage = integer("stage");
+    pp->size = integer("size");
+    pp->layerStart = integer("layerStart");
+    pp->layerCount = integer("layerCount");
+    for (const char* end : {"input", "output"}) {
+      Napi::Value v = p.Get(end);
+      if (v.IsUndefined() || v.IsNull()) continue;
+      std::shared_ptr<StageChannel> channel = CudaStageChannelWrap::channelOf(env, v);
+      if (!channel) badArgument(env, std::string("option 'pp.") + end + "' must be a CudaStageChannel");
+      (std::string(end) == "input" ? pp->input : pp->output) = channel;
+    }
+  }
+
   try {
     Napi::Value graphs = field(o, "cudaGraphs");
     model_ = std::make_shared<CudaLlama>(*device_, cublas, cublasLt, c, pool, graphs.IsUndefined() ? true : flag(o, "cudaGraphs"),
-                                         tp, experts, replicatedAttention);
+                                         tp, experts, replicatedAttention, pp.get());
     tp_ = tp;
   } catch (const BadInput& e) {
     badArgument(env, e.what());
@@ -444,14 +506,22 @@ Napi::Value CudaLlamaWrap::Ready(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// forward(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens) -> Promise<Float32Array>
+// forward(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens, slot?) -> Promise<Float32Array>
+// (slot: a pipeline stage's micro-batch slot, CudaLlama::setStageSlot; 0 when absent, as for the two calls below)
 Napi::Value CudaLlamaWrap::Forward(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::shared_ptr<CudaLlama> model = model_;
   WorkQueue& queue = liveQueue(env);
   auto input = parseForwardInput(info);
+  const int slot = stageSlotArg(info, 6);
   return runAsync<std::vector<float>>(
-      env, queue, [model, input]() { return translated([&] { return model->forward(*input); }); },
+      env, queue,
+      [model, input, slot]() {
+        return translated([&] {
+          model->setStageSlot(slot);
+          return model->forward(*input);
+        });
+      },
       [](Napi::Env env, std::vector<float>& logits) -> Napi::Value {
         Napi::Float32Array out = Napi::Float32Array::New(env, logits.size());
         if (!logits.empty()) std::memcpy(out.Data(), logits.data(), logits.size() * sizeof(float));
@@ -479,7 +549,7 @@ ArrayT typedArray(Napi::Env env, const std::vector<T>& v) {
 
 }  // namespace
 
-// forwardSampled(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens, plan) -> Promise of
+// forwardSampled(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens, plan, slot?) -> Promise of
 // { maxN, ints, dbl, topIds, topLogits, fullRows, full } (SampledRows in cuda_llama.h); plan: { n, flags: Int32Array,
 // invT, topP, u: Float64Array }, one entry per sequence.
 Napi::Value CudaLlamaWrap::ForwardSampled(const Napi::CallbackInfo& info) {
@@ -495,8 +565,15 @@ Napi::Value CudaLlamaWrap::ForwardSampled(const Napi::CallbackInfo& info) {
   plan->invT = copyOf<double>(env, o, "invT", napi_float64_array);
   plan->topP = copyOf<double>(env, o, "topP", napi_float64_array);
   plan->u = copyOf<double>(env, o, "u", napi_float64_array);
+  const int slot = stageSlotArg(info, 7);
   return runAsync<SampledRows>(
-      env, queue, [model, input, plan]() { return translated([&] { return model->forwardSampled(*input, *plan); }); },
+      env, queue,
+      [model, input, plan, slot]() {
+        return translated([&] {
+          model->setStageSlot(slot);
+          return model->forwardSampled(*input, *plan);
+        });
+      },
       [](Napi::Env env, SampledRows& rows) -> Napi::Value {
         Napi::Object out = Napi::Object::New(env);
         out.Set("maxN", Napi::Number::New(env, static_cast<double>(rows.maxN)));
@@ -510,20 +587,39 @@ Napi::Value CudaLlamaWrap::ForwardSampled(const Napi::CallbackInfo& info) {
       });
 }
 
-// forwardWithoutLogits(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens) -> Promise<void>: a
-// tensor-parallel rank's pass whose logits nobody reads (rank 0 runs forward or forwardSampled meanwhile).
+// forwardWithoutLogits(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens, slot?) -> Promise<void>:
+// a tensor-parallel rank's pass whose logits nobody reads (rank 0 runs forward or forwardSampled meanwhile), or a
+// pipeline stage's before the last (it hands its hidden state to the next stage).
 Napi::Value CudaLlamaWrap::ForwardWithoutLogits(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::shared_ptr<CudaLlama> model = model_;
   WorkQueue& queue = liveQueue(env);
   auto input = parseForwardInput(info);
+  const int slot = stageSlotArg(info, 6);
   return runAsync<Empty>(
       env, queue,
-      [model, input]() {
-        translated([&] { model->forwardWithoutLogits(*input); });
+      [model, input, slot]() {
+        translated([&] {
+          model->setStageSlot(slot);
+          model->forwardWithoutLogits(*input);
+        });
         return Empty{};
       },
       undefinedOf);
+}
+
+// checkForward(tokens, positions, seqStarts, blockTables, maxBlocksPerSeq, contextLens): throws TANDEM_BAD_ARGUMENT
+// (synchronously, nothing queued) when forward() would refuse the batch.
+Napi::Value CudaLlamaWrap::CheckForward(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!model_) throw makeError(env, "TANDEM_DISPOSED", "the GPU model runner (or its CUDA device) was disposed");
+  auto input = parseForwardInput(info);
+  try {
+    model_->checkForward(*input);
+  } catch (const BadInput& e) {
+    badArgument(env, e.what());
+  }
+  return env.Undefined();
 }
 
 // takeCollectiveTime() -> Promise<{ allReduceMs, gatherMs }>: this rank's stream time in collectives since the last

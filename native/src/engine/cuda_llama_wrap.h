@@ -35,13 +35,28 @@ class CudaTpGroupWrap : public Napi::ObjectWrap<CudaTpGroupWrap> {
   std::shared_ptr<NcclTpGroup> nccl_;
 };
 
+// new CudaStageChannel(): hands micro-batches' hidden states from one pipeline stage's rank to the next stage's on one
+// CUDA device (LocalStageChannel in cuda_llama_pp.h): a CudaLlama built with { pp: { ..., output: channel } } sends,
+// the next stage's with { pp: { ..., input: channel } } receives. Holds GPU memory only while stages use it.
+class CudaStageChannelWrap : public Napi::ObjectWrap<CudaStageChannelWrap> {
+ public:
+  static void Init(Napi::Env env, Napi::Object exports);
+  explicit CudaStageChannelWrap(const Napi::CallbackInfo& info);
+  // The channel of a JS value when it is a CudaStageChannel, else null.
+  static std::shared_ptr<StageChannel> channelOf(Napi::Env env, const Napi::Value& value);
+
+ private:
+  std::shared_ptr<StageChannel> channel_;
+};
+
 class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
  public:
   static void Init(Napi::Env env, Napi::Object exports);
   // new CudaLlama(device, { ...ModelConfig fields, numBlocks, blockSize, layout, kvBuffer: DeviceBuffer,
   //                         cublas: string[] (library candidates), tp?: { group: CudaTpGroup, rank },
   //                         ep?: { size, redundantSlots, replicatedAttention } (MoE: expert parallel over tp's
-  //                         group, size = its size or 1; cuda_moe.h) })
+  //                         group, size = its size or 1; cuda_moe.h),
+  //                         pp?: { stage, size, layerStart, layerCount, input?, output?: CudaStageChannel } })
   explicit CudaLlamaWrap(const Napi::CallbackInfo& info);
   ~CudaLlamaWrap() override;
 
@@ -60,6 +75,7 @@ class CudaLlamaWrap : public Napi::ObjectWrap<CudaLlamaWrap>, public Closeable {
   Napi::Value Forward(const Napi::CallbackInfo& info);
   Napi::Value ForwardSampled(const Napi::CallbackInfo& info);
   Napi::Value ForwardWithoutLogits(const Napi::CallbackInfo& info);
+  Napi::Value CheckForward(const Napi::CallbackInfo& info);
   Napi::Value TakeCollectiveTime(const Napi::CallbackInfo& info);
   Napi::Value GetTensorParallel(const Napi::CallbackInfo& info);
   Napi::Value Holds(const Napi::CallbackInfo& info);
