@@ -146,7 +146,7 @@ class CudaLlama {
     double ms = 0;
   };
   GemmTuning gemmTuning() const {
-    return {gemmTune_, gateUpBf16_, gemmTunedShapes_.load(), gemmTuneMs_.load()};
+    return {gemmTune_.load(), gateUpBf16_.load(), gemmTunedShapes_.load(), gemmTuneMs_.load()};
   }
   std::string graphsReason() const {
     std::lock_guard<std::mutex> lock(slotsMutex_);
@@ -315,7 +315,7 @@ class CudaLlama {
   std::unique_ptr<LtGemm> lt_;
   std::shared_ptr<DeviceAllocation> ltWorkspace_;
   std::atomic<bool> gemmLt_{false};
-  bool gemmTune_ = false, gateUpBf16_ = false;  // set by init()
+  std::atomic<bool> gemmTune_{false}, gateUpBf16_{false};  // set by init() (read by gemmTuning() on any thread)
   std::atomic<int> gemmTunedShapes_{0};
   std::atomic<double> gemmTuneMs_{0};
   CUevent tuneEvents_[2] = {nullptr, nullptr};  // created by init() when tuning
@@ -324,7 +324,8 @@ class CudaLlama {
   void* pinned_ = nullptr;
   size_t pinnedBytes_ = 0;
   struct {
-    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, siluMulBf16, sampleChunkTop, sampleFinish;
+    CUfunction embed, addRmsNorm, addBias, ropeKv, attention, attentionTiled, siluMul, sampleChunkTop, sampleFinish;
+    CUfunction siluMulBf16;  // where gateUpBf16_
     CUfunction flashPrefill, flashDecode, flashCombine;  // attention.cu, for head dims 64 and 128
     CUfunction flash2Prefill, flash2Decode;              // attention.cu's second kernels, where flash2_
     CUfunction flash3Decode;                             // tandem_flash_decode3 (GQA groups 4, 8), where flash2_
