@@ -749,8 +749,9 @@ export class CudaModelRunner implements ModelRunner {
 
   /**
    * Which decode kernel a decode step runs (null without the flash kernels): `small` for steps of at most
-   * `smallMaxRows` sequences (decode2: splits read straight into registers), `large` above (decode3, the GQA group
-   * on tensor cores, for groups 4 and 8; decode1 otherwise); TANDEM_ATTENTION=decode1|decode2|decode3 forces both.
+   * `smallMaxRows` sequences (decode2: splits read straight into registers), `medium` up to `mediumMaxRows`
+   * (decode3, the GQA group on tensor cores, for groups 4 and 8; decode1 otherwise), `large` above (decode1);
+   * TANDEM_ATTENTION=decode1|decode2|decode3 forces all three.
    */
   get decodeAttention(): DecodeAttention | null {
     return this.raw.decodeAttention;

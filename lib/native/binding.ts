@@ -316,11 +316,16 @@ export interface GemmTuning {
   /** Milliseconds spent tuning so far (at most about 2000 per runner). */
   readonly ms: number;
 }
-/** The flash decode kernels a GPU runner uses: `small` for steps of at most `smallMaxRows` decode rows, else `large`. */
+/**
+ * The flash decode kernels a GPU runner uses: `small` for steps of at most `smallMaxRows` decode rows, `medium` for
+ * at most `mediumMaxRows`, else `large`.
+ */
 export interface DecodeAttention {
   small: DecodeKernel;
+  medium: DecodeKernel;
   large: DecodeKernel;
   smallMaxRows: number;
+  mediumMaxRows: number;
 }
 /** native/kernels/attention.cu: tandem_flash_decode (+ _combine), _decode2, _decode3. */
 export type DecodeKernel = 'decode1' | 'decode2' | 'decode3';

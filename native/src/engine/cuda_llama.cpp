@@ -113,11 +113,15 @@ constexpr size_t kFlash2Counters = 4096;
 // is split across many CTAs (batch 1 at 3032 keys: 18 us against 25; batch 16 at 544: 26 against 29) and loses
 // once the batch alone fills the GPU (batch 16 at 3032: 111 against 103 us; batch 64 at 3032: 388 against 323 us).
 constexpr size_t kFlash2DecodeMaxRows = 8;
-// Larger decode steps take the third decode kernel (attention.cu, tandem_flash_decode3: the GQA group on tensor
-// cores, three cp.async stages of 64-key tiles, splits merged in the same launch as decode2's) where the group is 4
-// or 8, the first one otherwise. Its splits: the fewest that minimise waves / splits, a wave being
+// Steps of up to kFlash3DecodeMaxRows sequences take the third decode kernel (attention.cu, tandem_flash_decode3: the
+// GQA group on tensor cores, three cp.async stages of 64-key tiles, splits merged in the same launch as decode2's)
+// where the group is 4 or 8, larger ones the first: measured on one H100 (bench:engine, 8B, TANDEM_ATTENTION=decode1
+// against decode3, whole decode steps), decode3 wins at 16 sequences (context 512: 7.21 ms against 8.34; 8192: 13.7
+// against 14.8) and loses once the batch's KV fills the GPU (64 at 3072: 18.8 against 17.8; 128 at 3072: 31.7
+// against 29.0). Its splits: the fewest that minimise waves / splits, a wave being
 // kFlash3DecodeCtasPerSm CTAs (its shared memory's limit) on every multiprocessor; at most kFlash2MaxSplits.
 // TANDEM_ATTENTION=decode1 / decode2 / decode3 forces one decode kernel for every batch (A/B measurements).
+constexpr size_t kFlash3DecodeMaxRows = 16;
 constexpr int kFlash3DecodeCtasPerSm = 2;
 unsigned flash3DecodeSmem(int headDim) { return 3u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 int flash3DecodeSplits(int ctas, int chunks, int slots) {
@@ -994,10 +998,11 @@ void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int 
 
 int CudaLlama::decodeKernel(size_t rows) const {
   const bool few = rows <= kFlash2DecodeMaxRows;
-  const int k = !flash2_ ? 1 : forcedDecode_ ? forcedDecode_ : few ? 2 : 3;
+  const int k = !flash2_ ? 1 : forcedDecode_ ? forcedDecode_ : few ? 2 : rows <= kFlash3DecodeMaxRows ? 3 : 1;
   return k == 3 && !fn_.flash3Decode ? (few ? 2 : 1) : k;
 }
 size_t CudaLlama::decode2MaxRows() { return kFlash2DecodeMaxRows; }
+size_t CudaLlama::decode3MaxRows() { return kFlash3DecodeMaxRows; }
 
 CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDevice, size_t extraHost) const {
   validateForward(config_, pool_.numBlocks, pool_.blockSize, in);

@@ -127,6 +127,7 @@ class CudaLlama {
   // _decode2, _decode3 (cuda_llama.cpp, kFlash2DecodeMaxRows and TANDEM_ATTENTION=decode<n>).
   int decodeKernel(size_t rows) const;
   static size_t decode2MaxRows();
+  static size_t decode3MaxRows();
   // GEMMs with at most this many rows of x run through gemv.cu's kernels, larger ones through cuBLAS (0: all
   // through cuBLAS, TANDEM_GEMV=off). Set by init().
   int gemvMaxBatch() const { return gemvMaxBatch_; }

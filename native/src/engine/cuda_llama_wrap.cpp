@@ -629,9 +629,13 @@ Napi::Value CudaLlamaWrap::TakeCollectiveTime(const Napi::CallbackInfo& info) {
   WorkQueue& queue = liveQueue(env);
   std::shared_ptr<TpCommunicator> tp = tp_;
   return runAsync<TpCollectiveTime>(
-      // A group of one (one rank with redundant expert slots) has no collectives and no initialised communicator.
+      // A group of one (one rank with redundant expert slots) has no collectives and no initialised communicator;
+      // an NCCL group of one (runsAlone) has both.
       env, queue,
-      [tp]() { return tp && tp->size() > 1 ? translated([&] { return tp->takeTime(); }) : TpCollectiveTime{}; },
+      [tp]() {
+        return tp && (tp->size() > 1 || tp->runsAlone()) ? translated([&] { return tp->takeTime(); })
+                                                         : TpCollectiveTime{};
+      },
       [](Napi::Env env, TpCollectiveTime& t) -> Napi::Value {
         Napi::Object out = Napi::Object::New(env);
         out.Set("allReduceMs", Napi::Number::New(env, t.allReduceMs));
@@ -836,16 +840,19 @@ Napi::Value CudaLlamaWrap::GetAttentionKernels(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), model_->flash2Attention() ? "flash2" : "flash");
 }
 
-// The flash decode kernels: { small, large, smallMaxRows } (steps of at most smallMaxRows decode rows run `small`),
-// each 'decode1' | 'decode2' | 'decode3'; null without the flash kernels.
+// The flash decode kernels: { small, medium, large, smallMaxRows, mediumMaxRows } (steps of at most smallMaxRows
+// decode rows run `small`, of at most mediumMaxRows `medium`, larger ones `large`), each 'decode1' | 'decode2' |
+// 'decode3'; null without the flash kernels.
 Napi::Value CudaLlamaWrap::GetDecodeAttention(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!model_ || !model_->flashAttention()) return env.Null();
-  const size_t maxRows = CudaLlama::decode2MaxRows();
+  const size_t maxRows = CudaLlama::decode2MaxRows(), mediumRows = CudaLlama::decode3MaxRows();
   Napi::Object o = Napi::Object::New(env);
   o.Set("small", "decode" + std::to_string(model_->decodeKernel(maxRows)));
-  o.Set("large", "decode" + std::to_string(model_->decodeKernel(maxRows + 1)));
+  o.Set("medium", "decode" + std::to_string(model_->decodeKernel(mediumRows)));
+  o.Set("large", "decode" + std::to_string(model_->decodeKernel(mediumRows + 1)));
   o.Set("smallMaxRows", static_cast<double>(maxRows));
+  o.Set("mediumMaxRows", static_cast<double>(mediumRows));
   return o;
 }
 
