@@ -16,7 +16,7 @@
  *
  *   const runner = await CudaModelRunner.create({ config, weights: 'dummy:tiny', parallel: { tp: 2, pp: 2 } });
  */
-import { BadArgumentError, native, nativeSync, OutOfMemoryError, ParallelLayoutError } from '../errors.js';
+import { native, nativeSync, OutOfMemoryError, ParallelLayoutError } from '../errors.js';
 import { CudaDevice, type DeviceBuffer } from '../cuda/index.js';
 import { kvPool, type KvLayout, type KvPool, type KvPoolSpec } from '../kv/pool.js';
 import {
@@ -27,20 +27,18 @@ import {
   type RawCudaTpGroup,
 } from '../native/binding.js';
 import { libraryCandidates } from '../native/libraries.js';
-import { DEFAULT_DUMMY_SEED, nativeModelFields, runnerPoolSpec, type NamedTensor } from './cpu.js';
+import { nativeModelFields, runnerPoolSpec } from './cpu.js';
 import {
   DEFAULT_GPU_KV_FRACTION,
   GPU_ACTIVATION_RESERVE_BYTES,
   gpuWeightBytes,
-  loadCheckpoint,
+  loadRankWeights,
   type CudaModelRunnerOptions,
 } from './cuda.js';
-import { checkCudaTensorParallel, MAX_LOCAL_TP_RANKS, sliceHostTensor, tpPlacement } from './cuda-parallel.js';
+import { checkCudaTensorParallel, MAX_LOCAL_TP_RANKS, tpPlacement } from './cuda-parallel.js';
 import type { ModelConfig } from './model/config.js';
-import { dummyTensorRecipe, isDummyModel } from './model/dummy.js';
-import { tensorElements, weightManifest } from './model/manifest.js';
-import { ByteProgress, StartPhases } from './model/progress.js';
-import { checkParallelConfig, stageLayers, tensorStages } from './parallel.js';
+import { StartPhases } from './model/progress.js';
+import { checkParallelConfig, stageLayers } from './parallel.js';
 import { forwardArgs, type ForwardBatch, type SampledLogits, type SamplePlan } from './runner.js';
 
 /** The most ranks (stages x tensor-parallel ranks) one GPU runs as a pipeline: each is a CudaDevice thread and stream. */
@@ -427,61 +425,14 @@ export async function openCudaPipeline(
     }
     const models = ranks.map((rank) => rank.raw!);
     await phases.run('cuBLAS and weight memory', () => Promise.all(models.map((m) => native(() => m.init()))));
-    const manifest = weightManifest(config);
-    const total = manifest.length;
-    // The ranks holding each tensor: those of its stages (the embedding on the first, and on the last when lm_head is
-    // tied to it; the final norm and lm_head on the last).
-    const holders = (t: (typeof manifest)[number]) =>
-      ranks.filter((r) => tensorStages(config, pp, t).includes(r.stage));
-    let loaded = 0;
-    const source = options.weights;
-    const weightBytes = models.reduce((sum, m) => sum + m.weightBytes, 0);
-    if (typeof source === 'string' && isDummyModel(source)) {
-      const seed = options.seed ?? DEFAULT_DUMMY_SEED;
-      const progress = new ByteProgress('generating dummy weights', weightBytes, options.log);
-      for (const t of manifest) {
-        const recipe = dummyTensorRecipe(config, seed, t.name);
-        await Promise.all(holders(t).map((r) => native(() => r.raw!.fillDummy(t.name, recipe))));
-        progress.add(tensorElements(t) * 2);
-        options.onProgress?.(++loaded, total, t.name);
-      }
-      progress.finish();
-    } else if (typeof source === 'string') {
-      // Each rank reads its stage's tensors (its slice of each) from the files.
-      await Promise.all(
-        ranks.map((rank, i) =>
-          loadCheckpoint(
-            rank.raw!,
-            source,
-            manifest,
-            i === 0 ? options.log : undefined,
-            (tensors, name) => {
-              // Each stage's rank 0 counts its stage's tensors (a tied embedding twice: capped at the total).
-              if (rank.tpRank !== 0) return;
-              loaded = Math.min(total, loaded + tensors);
-              options.onProgress?.(loaded, total, name);
-            },
-            (name) => rank.raw!.holds(name),
-          ),
-        ),
-      );
-    } else {
-      const byName = new Map(manifest.map((t) => [t.name, t]));
-      const tensors = typeof source === 'function' ? source() : source;
-      const progress = new ByteProgress('loading weights', weightBytes, options.log);
-      for await (const tensor of tensors as AsyncIterable<NamedTensor> | Iterable<NamedTensor>) {
-        const entry = byName.get(tensor.name);
-        if (!entry) throw new BadArgumentError(`${where}: tensor '${tensor.name}' is not part of this model`);
-        await Promise.all(
-          holders(entry).map((r) =>
-            native(() => r.raw!.setWeight(tensor.name, sliceHostTensor(config, tp, r.tpRank, entry, tensor.data))),
-          ),
-        );
-        progress.add(tensor.data.length * 2);
-        options.onProgress?.(++loaded, total, tensor.name);
-      }
-      progress.finish();
-    }
+    // Each rank holds its stage's tensors (the embedding on the first stage, and on the last when lm_head is tied
+    // to it; the final norm and lm_head on the last); each stage's rank 0 counts the checkpoint's progress.
+    await loadRankWeights(
+      ranks.map((r) => ({ model: r.raw!, tpSize: tp, tpRank: r.tpRank, countsProgress: r.tpRank === 0 })),
+      config,
+      options,
+      where,
+    );
     for (const m of models) nativeSync(() => m.ready());
     options.log?.(
       `GPU model runner (tp ${tp} x pp ${pp}: ${tp * pp} ranks) ready in ${phases.elapsedMs().toFixed(0)} ms`,

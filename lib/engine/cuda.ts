@@ -232,6 +232,92 @@ export async function loadCheckpoint(
   }
 }
 
+/** One of the rank models loadRankWeights fills. */
+export interface WeightRank {
+  model: RawCudaLlama;
+  /** sliceHostTensor's tp and rank: the size of its tensor-parallel group (an expert-parallel group: its attention's) and its place in it. */
+  tpSize: number;
+  tpRank: number;
+  /**
+   * Whether its checkpoint files count toward onProgress: one rank of each set of ranks that together read every
+   * tensor (a tied embedding on two pipeline stages is read twice: the count is capped at the total).
+   */
+  countsProgress: boolean;
+}
+
+/**
+ * Loads a model's weights into its rank models (tensor-parallel ranks, expert-parallel ranks, pipeline stages):
+ * each rank gets the tensors it holds (RawCudaLlama.holds), each its own slice of them. Dummy weights are generated
+ * on every holder; a checkpoint is read by every rank from the files (the first rank logs its bytes); host tensors
+ * are sliced for each holder. onProgress counts manifest tensors and reports each count once.
+ */
+export async function loadRankWeights(
+  ranks: readonly WeightRank[],
+  config: ModelConfig,
+  options: Pick<CudaModelRunnerOptions, 'weights' | 'seed' | 'log' | 'onProgress'>,
+  where: string,
+): Promise<void> {
+  const manifest = weightManifest(config);
+  const total = manifest.length;
+  let loaded = 0;
+  const source = options.weights;
+  const weightBytes = ranks.reduce((sum, r) => sum + r.model.weightBytes, 0);
+  if (typeof source === 'string' && isDummyModel(source)) {
+    // Each rank generates its slice of the same tensors as one rank would (dummy_init.cu).
+    const seed = options.seed ?? DEFAULT_DUMMY_SEED;
+    const progress = new ByteProgress('generating dummy weights', weightBytes, options.log);
+    for (const t of manifest) {
+      const recipe = dummyTensorRecipe(config, seed, t.name);
+      await Promise.all(
+        ranks.filter((r) => r.model.holds(t.name)).map((r) => native(() => r.model.fillDummy(t.name, recipe))),
+      );
+      progress.add(tensorElements(t) * 2);
+      options.onProgress?.(++loaded, total, t.name);
+    }
+    progress.finish();
+  } else if (typeof source === 'string') {
+    // Each rank reads its slice of every tensor it holds from the files (rows, or columns of every row).
+    await Promise.all(
+      ranks.map((rank, i) =>
+        loadCheckpoint(
+          rank.model,
+          source,
+          manifest,
+          i === 0 ? options.log : undefined,
+          (tensors, name) => {
+            if (!rank.countsProgress) return;
+            const next = Math.min(total, loaded + tensors);
+            if (next === loaded) return;
+            loaded = next;
+            options.onProgress?.(loaded, total, name);
+          },
+          (name) => rank.model.holds(name),
+        ),
+      ),
+    );
+  } else {
+    const byName = new Map(manifest.map((t) => [t.name, t]));
+    const tensors = typeof source === 'function' ? source() : source;
+    const progress = new ByteProgress('loading weights', weightBytes, options.log);
+    for await (const tensor of tensors as AsyncIterable<NamedTensor> | Iterable<NamedTensor>) {
+      const entry = byName.get(tensor.name);
+      if (!entry) throw new BadArgumentError(`${where}: tensor '${tensor.name}' is not part of this model`);
+      await Promise.all(
+        ranks
+          .filter((r) => r.model.holds(tensor.name))
+          .map((r) =>
+            native(() =>
+              r.model.setWeight(tensor.name, sliceHostTensor(config, r.tpSize, r.tpRank, entry, tensor.data)),
+            ),
+          ),
+      );
+      progress.add(tensor.data.length * 2);
+      options.onProgress?.(++loaded, total, tensor.name);
+    }
+    progress.finish();
+  }
+}
+
 /**
  * Checks, before any device is opened, that the host can run the ranks: NCCL present for the NCCL communicator
  * (NcclUnavailableError naming libnccl.so.2 otherwise), a usable CUDA driver, and every ordinal one of its GPUs.
@@ -560,62 +646,14 @@ export class CudaModelRunner implements ModelRunner {
           ),
         ),
       );
-      const manifest = weightManifest(config);
-      const total = manifest.length;
-      let loaded = 0;
-      const source = options.weights;
-      const weightBytes = models.reduce((sum, m) => sum + m.weightBytes, 0);
-      if (typeof source === 'string' && isDummyModel(source)) {
-        // Each rank generates its slice of the same tensors as one rank would (dummy_init.cu).
-        const seed = options.seed ?? DEFAULT_DUMMY_SEED;
-        const progress = new ByteProgress('generating dummy weights', weightBytes, options.log);
-        for (const t of manifest) {
-          const recipe = dummyTensorRecipe(config, seed, t.name);
-          // An expert-parallel rank holds its own experts only.
-          await Promise.all(
-            models.filter((m) => m.holds(t.name)).map((m) => native(() => m.fillDummy(t.name, recipe))),
-          );
-          progress.add(tensorElements(t) * 2);
-          options.onProgress?.(++loaded, total, t.name);
-        }
-        progress.finish();
-      } else if (typeof source === 'string') {
-        // Each rank reads its slice of every tensor from the files (rows, or columns of every row).
-        await Promise.all(
-          models.map((m, r) =>
-            loadCheckpoint(
-              m,
-              source,
-              manifest,
-              r === 0 ? options.log : undefined,
-              (tensors, name) => {
-                if (r !== 0) return;
-                loaded += tensors;
-                options.onProgress?.(loaded, total, name);
-              },
-              (name) => m.holds(name),
-            ),
-          ),
-        );
-      } else {
-        const byName = new Map(manifest.map((t) => [t.name, t]));
-        const tensors = typeof source === 'function' ? source() : source;
-        const progress = new ByteProgress('loading weights', weightBytes, options.log);
-        for await (const tensor of tensors as AsyncIterable<NamedTensor> | Iterable<NamedTensor>) {
-          const entry = byName.get(tensor.name);
-          if (!entry) throw new BadArgumentError(`${where}: tensor '${tensor.name}' is not part of this model`);
-          await Promise.all(
-            models.map((m, r) =>
-              m.holds(tensor.name)
-                ? native(() => m.setWeight(tensor.name, sliceHostTensor(config, tpSize, r, entry, tensor.data)))
-                : undefined,
-            ),
-          );
-          progress.add(tensor.data.length * 2);
-          options.onProgress?.(++loaded, total, tensor.name);
-        }
-        progress.finish();
-      }
+      // Expert-parallel ranks (tpSize < tp) hold their own experts only; rank 0 holds every tensor but others'
+      // experts and counts the checkpoint's progress.
+      await loadRankWeights(
+        models.map((model, r) => ({ model, tpSize, tpRank: r, countsProgress: r === 0 })),
+        config,
+        options,
+        where,
+      );
       for (const m of models) nativeSync(() => m.ready());
       const experts = config.moe ? new CudaExpertRanks(models, config, balancer) : undefined;
       await experts?.fillRedundantSlots();

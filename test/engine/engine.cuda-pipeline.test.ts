@@ -14,9 +14,9 @@ import {
   type PipelineRank,
 } from '../../lib/engine/cuda-pipeline.js';
 import { join } from 'node:path';
-import { loadCheckpoint } from '../../lib/engine/cuda.js';
+import { loadCheckpoint, loadRankWeights } from '../../lib/engine/cuda.js';
 import { loadModelConfig } from '../../lib/engine/model/config.js';
-import { weightManifest } from '../../lib/engine/model/manifest.js';
+import { tensorElements, weightManifest } from '../../lib/engine/model/manifest.js';
 import { tensorStages } from '../../lib/engine/parallel.js';
 import type { RawCudaLlama } from '../../lib/native/binding.js';
 import { BadArgumentError } from '../../lib/errors.js';
@@ -265,11 +265,97 @@ describe("loadCheckpoint: a pipeline stage's tensors", () => {
       } as unknown as RawCudaLlama;
       let counted = 0;
       const held = new Set(holds.map((t) => t.name));
-      await loadCheckpoint(raw, dir, manifest, undefined, (n) => (counted += n), (name) => held.has(name));
+      await loadCheckpoint(
+        raw,
+        dir,
+        manifest,
+        undefined,
+        (n) => (counted += n),
+        (name) => held.has(name),
+      );
       expect(read.sort()).toEqual(holds.map((t) => t.name).sort());
       expect(counted).toBe(holds.length);
       expect(read).toContain('model.embed_tokens.weight');
       expect(read.some((n) => n.startsWith(`model.layers.${1 - stage}.`))).toBe(false);
     }
+  });
+});
+
+describe('loadRankWeights: fake rank models (two pipeline stages, two tensor-parallel ranks each)', () => {
+  const dir = join(import.meta.dirname, '..', 'fixtures', 'hf-tiny-qwen2'); // tied: the embedding on both stages
+  const config = loadModelConfig(dir);
+  const manifest = weightManifest(config);
+  const total = manifest.length;
+  /** Rank stage * 2 + tpRank, holding its stage's tensors; records what reaches it. */
+  const ranksOf = () =>
+    [0, 1].flatMap((stage) =>
+      [0, 1].map((tpRank) => {
+        const held = new Set(manifest.filter((t) => tensorStages(config, 2, t).includes(stage)).map((t) => t.name));
+        const got = new Map<string, number>(); // name -> values set (host tensors) or 0 (checkpoint, dummy)
+        const model = {
+          weightBytes: 0,
+          holds: (name: string) => held.has(name),
+          fillDummy: async (name: string) => void got.set(name, 0),
+          loadFromFile: async (_fd: number, tensors: { name: string }[]) => {
+            for (const t of tensors) got.set(t.name, 0);
+          },
+          setWeight: async (name: string, data: Float32Array) => void got.set(name, data.length),
+        } as unknown as RawCudaLlama;
+        return { rank: { model, tpSize: 2, tpRank, countsProgress: tpRank === 0 }, held, got };
+      }),
+    );
+  const progressOf = () => {
+    const calls: number[] = [];
+    return { calls, onProgress: (loaded: number, n: number) => (expect(n).toBe(total), calls.push(loaded)) };
+  };
+
+  it.each(['checkpoint', 'dummy', 'host tensors'])(
+    '%s: every rank gets exactly the tensors it holds; progress rises to the total once',
+    async (kind) => {
+      const ranks = ranksOf();
+      const { calls, onProgress } = progressOf();
+      const weights =
+        kind === 'checkpoint'
+          ? dir
+          : kind === 'dummy'
+            ? 'dummy:tiny'
+            : manifest.map((t) => ({ name: t.name, data: new Float32Array(tensorElements(t)) }));
+      await loadRankWeights(
+        ranks.map((r) => r.rank),
+        config,
+        { weights, onProgress },
+        'test',
+      );
+      for (const r of ranks) expect([...r.got.keys()].sort()).toEqual([...r.held].sort());
+      expect(calls.at(-1)).toBe(total);
+      expect(calls.filter((n) => n === total)).toHaveLength(1);
+      expect(calls).toEqual([...calls].sort((a, b) => a - b));
+    },
+  );
+
+  it('host tensors: each rank gets its tensor-parallel slice; a tensor not in the model is a BadArgumentError', async () => {
+    const ranks = ranksOf();
+    const q = manifest.find((t) => t.name === 'model.layers.0.self_attn.q_proj.weight')!;
+    const norm = manifest.find((t) => t.name === 'model.layers.0.input_layernorm.weight')!;
+    const tensors = [q, norm].map((t) => ({ name: t.name, data: new Float32Array(tensorElements(t)) }));
+    await loadRankWeights(
+      ranks.map((r) => r.rank),
+      config,
+      { weights: tensors },
+      'test',
+    );
+    for (const r of ranks.slice(0, 2)) {
+      expect(r.got.get(q.name)).toBe(tensorElements(q) / 2); // its heads' rows
+      expect(r.got.get(norm.name)).toBe(tensorElements(norm)); // replicated
+    }
+    for (const r of ranks.slice(2)) expect(r.got.size).toBe(0); // stage 1 holds no layer 0
+    await expect(
+      loadRankWeights(
+        ranks.map((r) => r.rank),
+        config,
+        { weights: [{ name: 'model.not_a_tensor', data: new Float32Array(1) }] },
+        'test',
+      ),
+    ).rejects.toThrow(BadArgumentError);
   });
 });

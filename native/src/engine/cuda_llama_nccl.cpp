@@ -3,10 +3,13 @@
 #include <algorithm>
 #include <thread>
 
+#include "../nccl/poll_backoff.h"
+
 namespace tandem::engine {
 
 using nccl::ncclComm_t;
 using nccl::ncclResult_t;
+using nccl::PollBackoff;
 
 namespace {
 
@@ -14,18 +17,6 @@ constexpr unsigned kThreads = 256;
 // How long an abort waits for a rank's NCCL call in progress before it aborts under it (a call stuck in a
 // connection handshake returns only once ncclCommAbort raises the abort flag).
 constexpr auto kAbortGrace = std::chrono::seconds(2);
-
-// Sleeps between polls of a non-blocking NCCL call: 100 us at first, doubling up to 2 ms.
-class PollBackoff {
- public:
-  void sleep() {
-    std::this_thread::sleep_for(delay_);
-    delay_ = std::min<std::chrono::microseconds>(delay_ * 2, std::chrono::microseconds(2000));
-  }
-
- private:
-  std::chrono::microseconds delay_{100};
-};
 
 void* pointer(CUdeviceptr p) { return reinterpret_cast<void*>(static_cast<uintptr_t>(p)); }
 

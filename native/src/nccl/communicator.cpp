@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "../addon_state.h"
+#include "poll_backoff.h"
 
 namespace tandem::nccl {
 namespace {
@@ -35,18 +36,6 @@ struct CommFailure : std::exception {
   explicit CommFailure(Failure f) : failure(std::move(f)) {}
   const char* what() const noexcept override { return failure.message.c_str(); }
   Failure failure;
-};
-
-// Sleeps between polls of a non-blocking NCCL call: 100 us at first, doubling up to 2 ms.
-class PollBackoff {
- public:
-  void sleep() {
-    std::this_thread::sleep_for(delay_);
-    delay_ = std::min<std::chrono::microseconds>(delay_ * 2, std::chrono::microseconds(2000));
-  }
-
- private:
-  std::chrono::microseconds delay_{100};
 };
 
 void* devicePointer(uint64_t address) { return reinterpret_cast<void*>(static_cast<uintptr_t>(address)); }
