@@ -166,7 +166,7 @@ describe.skipIf(!gate.run)('GPU engine, pipeline stages on one device', () => {
     const config = loadModelConfig(dir);
 
     it.each(LAYOUTS)(
-      'TP %i x PP %i reads each stage from the checkpoint; logits match PP 1, 32 greedy tokens identical (and transformers)',
+      'TP $tp x PP $pp reads each stage from the checkpoint; logits match PP 1, 32 greedy tokens identical (and transformers)',
       async ({ tp, pp }) => {
         const one = await CudaModelRunner.create({ config, numBlocks: 16, weights: dir });
         const many = await CudaModelRunner.create({ config, numBlocks: 16, weights: dir, parallel: { tp, pp } });
@@ -211,9 +211,9 @@ describe.skipIf(!gate.run)('GPU engine, pipeline stages on one device', () => {
     ['head dim 64, 8 heads, 2 kv heads', head64, 1, 4],
     ['head dim 64, 8 heads, 2 kv heads', head64, 2, 2],
   ];
-  it.each(SHAPES)(
-    '%s at TP %i x PP %i: dummy weights per stage, batches of prefill chunks and decodes (micro-batches) agree step by step',
-    async (label, config, tp, pp) => {
+  it.each(SHAPES.map(([label, config, tp, pp]) => ({ label, config, tp, pp })))(
+    '$label at TP $tp x PP $pp: dummy weights per stage, batches of prefill chunks and decodes (micro-batches) agree step by step',
+    async ({ label, config, tp, pp }) => {
       const numBlocks = 96;
       const one = await CudaModelRunner.create({ config, numBlocks, weights: 'dummy:tiny' });
       const many = await CudaModelRunner.create({ config, numBlocks, weights: 'dummy:tiny', parallel: { tp, pp } });
@@ -396,7 +396,7 @@ describe.skipIf(!gate.run)('openModel: pipeline stages on one GPU', () => {
     const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
 
     it.each(LAYOUTS)(
-      'TP %i x PP %i through the engine gives PP 1 greedy tokens (and transformers), batched and from the prefix cache',
+      'TP $tp x PP $pp through the engine gives PP 1 greedy tokens (and transformers), batched and from the prefix cache',
       async ({ tp, pp }) => {
         const lines: string[] = [];
         await using one = await openModel({ model: dir, device: 'cuda', numBlocks: 64 });
