@@ -8,7 +8,8 @@
 //
 //   tar xJf tandem-gpu-host.tar.xz && cd tandem-gpu-host
 //   ./run test:gpu             # npm run test:gpu
-//   ./run bench:transfer       # npm run bench:transfer (arguments pass through); bench:collectives, bench:engine too
+//   ./run bench:transfer       # npm run bench:transfer (arguments pass through); bench:collectives, bench:engine,
+//                              # bench:eplb too
 //   ./run profile:engine OUT   # scripts/profile-engine.sh: ncu profiles of one forward per case (needs ncu)
 //   ./run info                 # tandem info
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -119,10 +120,11 @@ case "$cmd" in
   bench:transfer) exec "$node" --import tsx bench/transfer.ts "$@" ;;
   bench:collectives) exec "$node" --import tsx bench/collectives.ts "$@" ;;
   bench:engine) exec "$node" --import tsx bench/engine.ts "$@" ;;
+  bench:eplb) exec "$node" --import tsx bench/eplb.ts "$@" ;;
   profile:engine) NODE="$node" exec bash scripts/profile-engine.sh "$@" ;;
   info) exec "$node" dist/cli/main.js info "$@" ;;
   node) exec "$node" "$@" ;;
-  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | bench:engine [--quick] [--json FILE] | profile:engine OUT [CASE...] | info [--json] | node ARGS" >&2; exit 2 ;;
+  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | bench:engine [--quick] [--json FILE] | bench:eplb [--device cuda] [--quick] [--out FILE] | profile:engine OUT [CASE...] | info [--json] | node ARGS" >&2; exit 2 ;;
 esac
 `,
 );
