@@ -9,6 +9,13 @@ import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { weightManifest } from '../../lib/engine/model/manifest.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
+import {
+  argmax,
+  BF16_TOLERANCE,
+  relativeL2Error as relativeError,
+  topMargin,
+  type HfExpected,
+} from '../helpers/gpu-logits.js';
 
 // Tensor parallelism in the GPU engine (issue 25): TP 2 and TP 4 as ranks on ONE device (each rank its own
 // CudaDevice thread and stream, summing through the local communicator, native/src/engine/cuda_llama_tp.h) against
@@ -16,36 +23,7 @@ import { gpuGate } from '../helpers/gpu.js';
 // and from the dummy generator), logits within bf16 tolerance, identical greedy tokens. Skipped without a GPU.
 const gate = await gpuGate(1);
 
-interface Expected {
-  promptIds: number[];
-  lastLogits: number[];
-  greedy: number[];
-}
-
-/** ||a - b|| / ||b||. */
-function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < b.length; i++) {
-    num += (a[i]! - b[i]!) ** 2;
-    den += b[i]! ** 2;
-  }
-  return Math.sqrt(num / den);
-}
-
-function argmax(row: ArrayLike<number>): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
-  return best;
-}
-
-/** The gap between a row's best and second-best logit. */
-function topMargin(row: ArrayLike<number>): number {
-  const best = argmax(row);
-  let second = -Infinity;
-  for (let i = 0; i < row.length; i++) if (i !== best) second = Math.max(second, row[i]!);
-  return row[best]! - second;
-}
+type Expected = HfExpected;
 
 // Random dummy weights can put two logits closer than the TP 1 / TP n difference: the best token is compared only
 // where TP 1's margin is wider than this.
@@ -56,7 +34,6 @@ const CLEAR_MARGIN = 0.05;
 // 1e-3 at most. 1e-2 still catches a wrong slice or a missed reduction (errors of order 1).
 const TP_TOLERANCE = 1e-2;
 // Against transformers' fp32 logits, as test/gpu/05.engine.gpu.test.ts.
-const BF16_TOLERANCE = 2e-2;
 
 /** One sequence's batch: `ids` at positions start.., block table `table` padded to mb. */
 function batchOf(seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch {

@@ -6,7 +6,7 @@ import { openModel } from '../../lib/engine/open.js';
 import { layerPlacementFromSlots, type ExpertPlacement } from '../../lib/moe/eplb.js';
 import { forwardBatch, logitsRow, promptBatch, type SequenceStep } from '../helpers/forward-batch.js';
 import { gpuGate } from '../helpers/gpu.js';
-import { argmax, BF16_TOLERANCE, hfFixture, relativeL2Error } from '../helpers/gpu-logits.js';
+import { argmax, BF16_TOLERANCE, hfFixture, relativeL2Error, topMargin } from '../helpers/gpu-logits.js';
 
 // Expert parallelism and EPLB on the GPU engine (issue 28; native/src/engine/cuda_moe.cpp, lib/engine/cuda-experts.ts):
 // EP 2 / EP 4 ranks on ONE device (each rank its own CudaDevice thread and stream, its own experts, the MoE output
@@ -24,13 +24,6 @@ const EP_TOLERANCE = 1e-2;
 const CLEAR_MARGIN = 0.05;
 // Seeds whose routing has no bf16 near-tie along the schedule (test/gpu/13's ROUTING_STABLE_SEED).
 const SEED = { 'tiny-moe': 31, 'tiny-mixtral': 47 } as const;
-
-function topMargin(row: ArrayLike<number>): number {
-  const best = argmax(row);
-  let second = -Infinity;
-  for (let i = 0; i < row.length; i++) if (i !== best) second = Math.max(second, row[i]!);
-  return row[best]! - second;
-}
 
 /** Every row of `a` within EP_TOLERANCE of `ref`'s, the same best token where `ref`'s is clear. */
 function expectClose(a: Float32Array, ref: Float32Array, vocab: number, label: string): number {

@@ -14,6 +14,13 @@ import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { parseGraph } from '../../lib/deploy/graph.js';
 import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { gpuGate } from '../helpers/gpu.js';
+import {
+  argmax,
+  BF16_TOLERANCE,
+  relativeL2Error as relativeError,
+  topMargin,
+  type HfExpected,
+} from '../helpers/gpu-logits.js';
 import { prefillCounts } from '../helpers/serve.js';
 
 // Pipeline parallelism in the GPU engine (issue 25) on ONE GPU: pp stages, each a group of tp CudaLlama ranks (its
@@ -27,41 +34,12 @@ import { prefillCounts } from '../helpers/serve.js';
 // pool writing its layers (and head slices) into the decode worker's pools. Skipped without a GPU.
 const gate = await gpuGate(1);
 
-interface Expected {
-  promptIds: number[];
-  lastLogits: number[];
-  greedy: number[];
-}
-
-/** ||a - b|| / ||b||. */
-function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < b.length; i++) {
-    num += (a[i]! - b[i]!) ** 2;
-    den += b[i]! ** 2;
-  }
-  return Math.sqrt(num / den);
-}
-
-function argmax(row: ArrayLike<number>): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
-  return best;
-}
-
-function topMargin(row: ArrayLike<number>): number {
-  const best = argmax(row);
-  let second = -Infinity;
-  for (let i = 0; i < row.length; i++) if (i !== best) second = Math.max(second, row[i]!);
-  return row[best]! - second;
-}
+type Expected = HfExpected;
 
 // As test/gpu/11.engine.tp.gpu.test.ts: PP n holds PP 1's bf16 weights; a stage hands over the residual stream
 // exactly as a layer leaves it, so a single sequence's logits are PP 1's; TP within a stage and micro-batches of
 // other GEMM shapes change only fp32 summation order (a few 1e-3 at most). 1e-2 catches a wrong stage or hand-off.
 const PP_TOLERANCE = 1e-2;
-const BF16_TOLERANCE = 2e-2;
 const CLEAR_MARGIN = 0.05;
 /** A greedy choice PP 1 wins by less than this (logprob) may go the other way under PP n's rounding. */
 const NEAR_TIE = 0.1;

@@ -11,6 +11,7 @@ import { openModel } from '../../lib/engine/open.js';
 import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { ncclInfo } from '../../lib/collectives/index.js';
 import { gpuGate } from '../helpers/gpu.js';
+import { argmax, relativeL2Error as relativeError, topMargin, type HfExpected } from '../helpers/gpu-logits.js';
 
 // Tensor parallelism through NCCL (issue 25; native/src/engine/cuda_llama_nccl.h): each rank a CudaLlama on its own
 // GPU, driven by its own device thread, its collectives (ncclAllReduce, ncclAllGather + the column re-layout) on its
@@ -33,35 +34,7 @@ const runTwo = runOne && gpus >= 2;
 if (runOne && !runTwo)
   console.warn(`[skipped] NCCL tensor parallelism across GPUs: needs 2 CUDA devices, found ${gpus}`);
 
-interface Expected {
-  promptIds: number[];
-  lastLogits: number[];
-  greedy: number[];
-}
-
-/** ||a - b|| / ||b||. */
-function relativeError(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let num = 0;
-  let den = 0;
-  for (let i = 0; i < b.length; i++) {
-    num += (a[i]! - b[i]!) ** 2;
-    den += b[i]! ** 2;
-  }
-  return Math.sqrt(num / den);
-}
-
-function argmax(row: ArrayLike<number>): number {
-  let best = 0;
-  for (let i = 1; i < row.length; i++) if (row[i]! > row[best]!) best = i;
-  return best;
-}
-
-function topMargin(row: ArrayLike<number>): number {
-  const best = argmax(row);
-  let second = -Infinity;
-  for (let i = 0; i < row.length; i++) if (i !== best) second = Math.max(second, row[i]!);
-  return row[best]! - second;
-}
+type Expected = HfExpected;
 
 // A one-rank NCCL group runs TP 1's GEMMs on the same shapes; its all-reduces and all-gather copy. Anything but
 // rounding-free agreement would be a wrong copy or layout, so the bound is far below bf16's.

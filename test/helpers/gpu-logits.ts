@@ -26,6 +26,14 @@ export function argmax(row: ArrayLike<number>): number {
   return best;
 }
 
+/** The gap between a row's best and second-best logit. */
+export function topMargin(row: ArrayLike<number>): number {
+  const best = argmax(row);
+  let second = -Infinity;
+  for (let i = 0; i < row.length; i++) if (i !== best) second = Math.max(second, row[i]!);
+  return row[best]! - second;
+}
+
 /** Two runners' logits compared row by row within BF16_TOLERANCE, keeping the worst error and argmax agreement. */
 export class LogitsAgreement {
   worst = 0;
