@@ -57,11 +57,12 @@ describe('a remote prefill that times out (CPU)', () => {
     expect(got).toEqual(expected);
     // Each prompt was sent to the prefill worker and, the timeout passing first, served by the decode worker. Not
     // always every one: on a loaded machine the decode worker's event loop can take a prefill worker's answer before
-    // its 1 ms timer has run (seen once: 14 of 16 timed out), so most, and every prompt one way or the other.
+    // its 1 ms timer has run (seen once: 14 of 16 timed out), so most, and none twice. (The remote count is no
+    // guide: a late answer that succeeds counts as a remote prefill too.)
     await vi.waitFor(async () => {
-      const now = await prefillCounts(disagg);
-      expect(now.local - before.local + (now.remote - before.remote)).toBe(REQUESTS);
-      expect(now.local - before.local).toBeGreaterThanOrEqual(REQUESTS / 2);
+      const local = (await prefillCounts(disagg)).local - before.local;
+      expect(local).toBeGreaterThanOrEqual(REQUESTS / 2);
+      expect(local).toBeLessThanOrEqual(REQUESTS);
     }, WAIT);
     // Once the prefill worker has answered for every prompt, no block of the decode worker is held.
     await vi.waitFor(async () => {
