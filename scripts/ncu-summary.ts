@@ -12,7 +12,7 @@
  * Prints two markdown tables: per class of kernel (GEMM, GEMV, attention, norm, rope, elementwise, sampler, copy,
  * other; see kernelClass) and per kernel name (the top N by time, default 25), each with launches, total time,
  * share of the forward's kernel time, achieved DRAM GB/s ((read + write bytes) / time), and the time-weighted SM and
- * memory throughput (% of peak). Kernel time is the sum of the kernels' own durations as ncu measured them one at a
+ * memory throughput (% of peak) and, where the CSV has METRICS.tensor, the tensor pipe's active share. Kernel time is the sum of the kernels' own durations as ncu measured them one at a
  * time (serialised, caches flushed between replays by default), not the forward's wall time.
  */
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -26,6 +26,8 @@ export const METRICS = {
   dramWrite: 'dram__bytes_write.sum',
   sm: 'sm__throughput.avg.pct_of_peak_sustained_elapsed',
   memory: 'gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed',
+  /** Optional: how busy the tensor cores (HMMA pipe) were while the kernel ran; the compute bound of attention. */
+  tensor: 'sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active',
 } as const;
 
 export const KERNEL_CLASSES = [
@@ -52,6 +54,7 @@ export interface KernelLaunch {
   /** % of peak; undefined where the column is absent. */
   smPct?: number;
   memoryPct?: number;
+  tensorPct?: number;
 }
 
 /** What a line of kernels adds up to: a class, or one kernel name. */
@@ -69,6 +72,7 @@ export interface KernelGroup {
   /** Time-weighted over the launches. */
   smPct?: number;
   memoryPct?: number;
+  tensorPct?: number;
 }
 
 /** Records of RFC 4180 CSV: fields in double quotes may hold commas, newlines and doubled quotes. */
@@ -182,8 +186,10 @@ export function parseNcuRaw(text: string): KernelLaunch[] {
       };
       const sm = metric(r, METRICS.sm);
       const memory = metric(r, METRICS.memory);
+      const tensor = metric(r, METRICS.tensor);
       if (sm !== undefined) launch.smPct = sm;
       if (memory !== undefined) launch.memoryPct = memory;
+      if (tensor !== undefined) launch.tensorPct = tensor;
       return launch;
     });
 }
@@ -235,8 +241,10 @@ export function group(launches: KernelLaunch[], keyOf: (l: KernelLaunch) => stri
       };
       const sm = weighted(ls, (l) => l.smPct);
       const memory = weighted(ls, (l) => l.memoryPct);
+      const tensor = weighted(ls, (l) => l.tensorPct);
       if (sm !== undefined) g.smPct = sm;
       if (memory !== undefined) g.memoryPct = memory;
+      if (tensor !== undefined) g.tensorPct = tensor;
       return g;
     })
     .sort((a, b) => b.time - a.time || a.key.localeCompare(b.key));
@@ -264,13 +272,13 @@ export function summarise(launches: KernelLaunch[]): NcuSummary {
 const fixed = (x: number | undefined, digits: number) => (x === undefined ? '' : x.toFixed(digits));
 
 function table(title: string, groups: KernelGroup[]): string {
-  const head = `| ${title} | launches | total ms | share | avg us | DRAM read MB | DRAM write MB | DRAM GB/s | SM % | memory % |`;
-  const rule = `|${' --- |'.repeat(10)}`;
+  const head = `| ${title} | launches | total ms | share | avg us | DRAM read MB | DRAM write MB | DRAM GB/s | SM % | memory % | tensor % |`;
+  const rule = `|${' --- |'.repeat(11)}`;
   const lines = groups.map(
     (g) =>
       `| ${g.key.replace(/\|/g, '\\|')} | ${g.launches} | ${fixed(g.time * 1e3, 3)} | ${fixed(g.share * 100, 1)}% | ` +
       `${fixed((g.time / g.launches) * 1e6, 1)} | ${fixed(g.dramReadBytes / 1e6, 1)} | ${fixed(g.dramWriteBytes / 1e6, 1)} | ` +
-      `${fixed(g.dramGBps, 0)} | ${fixed(g.smPct, 1)} | ${fixed(g.memoryPct, 1)} |`,
+      `${fixed(g.dramGBps, 0)} | ${fixed(g.smPct, 1)} | ${fixed(g.memoryPct, 1)} | ${fixed(g.tensorPct, 1)} |`,
   );
   return [head, rule, ...lines].join('\n');
 }

@@ -51,6 +51,9 @@ if [ -z "$ncu" ]; then
 fi
 [ -n "$ncu" ] || { echo "profile-engine: no ncu (Nsight Compute) on PATH or in /usr/local/cuda/bin; set NCU" >&2; exit 2; }
 metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__compute_memory_throughput.avg.pct_of_peak_sustained_elapsed
+# The tensor pipe's share (mma.sync kernels' compute bound), where this ncu knows the metric on this GPU.
+tensor=sm__pipe_tensor_op_hmma_cycles_active
+if "$ncu" --query-metrics 2>/dev/null | grep "^$tensor " >/dev/null; then metrics="$metrics,$tensor.avg.pct_of_peak_sustained_active"; fi
 summary="$out/summary.md"
 {
   echo "# ncu: one forward per case, $model"

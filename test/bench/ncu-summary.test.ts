@@ -91,8 +91,29 @@ describe('ncu raw CSV', () => {
 
     const text = formatSummary(s, 3);
     expect(text).toMatch(/^13 kernel launches, 0\.27\d ms of kernel time, 0\.511 GB DRAM traffic/);
-    expect(text).toContain('| GEMM | 2 | 0.150 | 55.0% | 75.0 | 250.0 | 4.0 | 1693 | 76.7 | 56.7 |');
+    expect(text).toContain('| GEMM | 2 | 0.150 | 55.0% | 75.0 | 250.0 | 4.0 | 1693 | 76.7 | 56.7 |  |');
     expect(text).toContain('| kernel (top 3 of 12) |');
+  });
+
+  it("reads the tensor pipe's share where the CSV has it, time-weighted like the others", () => {
+    // A tensor-pipe column after the last: header, unit (%) and a value per launch (n/a for the last).
+    const lines = SAMPLE.split('\n');
+    const header = lines.findIndex((l) => l.startsWith('"ID"'));
+    lines[header] += ',"sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"';
+    lines[header + 1] += ',"%"';
+    for (let i = header + 2, id = 0; i < lines.length; i++) {
+      if (!/^"\d+"/.test(lines[i]!)) continue;
+      lines[i] += id === 12 ? ',"n/a"' : `,"${10 * (id % 5)}"`;
+      id++;
+    }
+    const launches = parseNcuRaw(lines.join('\n'));
+    expect(launches[3]!.tensorPct).toBe(30);
+    expect(launches[12]!.tensorPct).toBeUndefined();
+    const s = summarise(launches);
+    const gemm = byKey(s.classes, 'GEMM');
+    const [a, b] = launches.filter((l) => kernelClass(l.name) === 'GEMM');
+    expect(gemm.tensorPct).toBeCloseTo((a!.tensorPct! * a!.time + b!.tensorPct! * b!.time) / (a!.time + b!.time), 9);
+    expect(formatSummary(s)).toMatch(/\| GEMM \| 2 \| 0\.150 \| 55\.0% \| .* \| 76\.7 \| 56\.7 \| \d+\.\d \|/);
   });
 
   it('classes the engine and cuBLAS kernels by name', () => {
@@ -156,6 +177,7 @@ describe('scripts/profile-engine.sh', () => {
       [
         '#!/usr/bin/env bash',
         'if [ "$1" = --version ]; then echo "Version 2025.3.0.0 (stand-in)"; exit 0; fi',
+        'if [ "$1" = --query-metrics ]; then printf "Device NVIDIA H100\\nsm__pipe_tensor_op_hmma_cycles_active  Counter  cycle\\n"; exit 0; fi',
         `echo "$*" >> '${calls}'`,
         `if [ "$1" = --import ]; then cat '${join(packageRoot, 'test/fixtures/ncu/decode-raw.csv')}'; exit 0; fi`,
         'while [ "$1" != -o ]; do shift; done; touch "$2.ncu-rep"; shift 2',
@@ -184,6 +206,8 @@ describe('scripts/profile-engine.sh', () => {
     for (const run of runs) {
       expect(run).toMatch(/--profile-from-start off --clock-control none --graph-profiling node/);
       expect(run).toContain('--metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,');
+      // The tensor pipe's share, asked for because this ncu lists the metric.
+      expect(run).toMatch(/,sm__pipe_tensor_op_hmma_cycles_active\.avg\.pct_of_peak_sustained_active /);
       expect(run).toMatch(/bench\/engine\.ts --device cuda --model dummy:tiny --profile-case/);
     }
     expect(runs[0]).toMatch(/--profile-case prefill:16 --graphs on$/);

@@ -118,18 +118,23 @@ constexpr size_t kFlash2DecodeMaxRows = 8;
 // where the group is 4 or 8, larger ones the first: measured on one H100 (bench:engine, 8B, TANDEM_ATTENTION=decode1
 // against decode3, whole decode steps), decode3 wins at 16 sequences (context 512: 7.21 ms against 8.34; 8192: 13.7
 // against 14.8) and loses once the batch's KV fills the GPU (64 at 3072: 18.8 against 17.8; 128 at 3072: 31.7
-// against 29.0). Its splits: the fewest that minimise waves / splits, a wave being
-// kFlash3DecodeCtasPerSm CTAs (its shared memory's limit) on every multiprocessor; at most kFlash2MaxSplits.
-// TANDEM_ATTENTION=decode1 / decode2 / decode3 forces one decode kernel for every batch (A/B measurements).
+// against 29.0). Its splits minimise waves x (tiles per split + kFlash3SplitOverheadTiles), a wave being
+// kFlash3DecodeCtasPerSm CTAs (its shared memory's limit) on every multiprocessor, at most kFlash2MaxSplits: a
+// split pays its pipeline's fill and the merge whatever its length, so a batch that fills the GPU on its own runs
+// unsplit. (Waves / splits alone, the rule before, split 128 sequences of 3072 keys 24 ways into CTAs of two tiles.)
+// TANDEM_ATTENTION=decode1 / decode2 / decode3 forces one decode kernel for every batch, TANDEM_DECODE_SPLITS=n
+// the splits of decode2 / decode3 (A/B measurements).
 constexpr size_t kFlash3DecodeMaxRows = 16;
 constexpr int kFlash3DecodeCtasPerSm = 2;
+constexpr int kFlash3SplitOverheadTiles = 2;
 unsigned flash3DecodeSmem(int headDim) { return 3u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 int flash3DecodeSplits(int ctas, int chunks, int slots) {
   int best = 1;
-  double bestCost = 1e300;
+  long long bestCost = -1;
   for (int s = 1; s <= std::min(chunks, kFlash2MaxSplits); ++s) {
-    const double cost = static_cast<double>((static_cast<long long>(ctas) * s + slots - 1) / slots) / s;
-    if (cost < bestCost - 1e-12) best = s, bestCost = cost;
+    const long long waves = (static_cast<long long>(ctas) * s + slots - 1) / slots;
+    const long long cost = waves * ((chunks + s - 1) / s + kFlash3SplitOverheadTiles);
+    if (bestCost < 0 || cost < bestCost) best = s, bestCost = cost;
   }
   return best;
 }
@@ -398,6 +403,16 @@ void CudaLlama::init() {
       }
     }
     if (attention == "decode1" || attention == "decode2" || attention == "decode3") forcedDecode_ = attention[6] - '0';
+  }
+  forcedSplits_ = 0;
+  if (const char* splits = std::getenv("TANDEM_DECODE_SPLITS")) {
+    const std::string v = splits;
+    char* end = nullptr;
+    const long parsed = std::strtol(v.c_str(), &end, 10);
+    if (v.empty() || *end != '\0' || parsed < 1 || parsed > kFlash2MaxSplits)
+      throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_DECODE_SPLITS must be a whole number of splits from 1 to " +
+                                                   std::to_string(kFlash2MaxSplits) + "; got '" + v + "'");
+    forcedSplits_ = static_cast<int>(parsed);
   }
   int gemvMax = kGemvMaxBatch;
   if (const char* gemv = std::getenv("TANDEM_GEMV")) {
@@ -1059,6 +1074,7 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
       int want = std::max(1, (perSm * multiprocessors_ + ctas - 1) / ctas);
       if (p.decodeKernel == 3) want = flash3DecodeSplits(ctas, chunks, kFlash3DecodeCtasPerSm * multiprocessors_);
       // decode2 and decode3 merge splits through one counter per (row, kv head).
+      if (p.decodeKernel >= 2 && forcedSplits_) want = forcedSplits_;
       if (p.decodeKernel >= 2)
         want = static_cast<size_t>(ctas) <= kFlash2Counters ? std::min(want, kFlash2MaxSplits) : 1;
       p.splits = std::max(1, std::min(want, chunks));
