@@ -56,6 +56,8 @@ for (const path of [
   'binding.gyp',
   'scripts/ncu-summary.ts',
   'scripts/profile-engine.sh',
+  // The kernels' sources, for the micro benchmarks that include them (bench/micro/attention.cu: nvcc on the host).
+  'native/kernels',
 ])
   copy(path);
 copy(relative(root, addon), join('build', 'Release', 'tandem.node'));
