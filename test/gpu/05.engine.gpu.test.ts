@@ -12,6 +12,7 @@ import { sampleOnHost } from '../helpers/device-sampling.js';
 import { runTs } from '../helpers/cli.js';
 import { gpuGate } from '../helpers/gpu.js';
 import { argmax, BF16_TOLERANCE, hfFixture, relativeL2Error } from '../helpers/gpu-logits.js';
+import { forwardBatch } from '../helpers/forward-batch.js';
 
 // The GPU engine (bf16, cuBLAS + Tandem's kernels) against transformers' fp32 logits and greedy tokens on the
 // committed fixtures (scripts/make-hf-fixture.py), and against the CPU engine on batches that mix prefill
@@ -24,30 +25,12 @@ interface Part {
   start: number;
   table: number[];
 }
-function batchOf(parts: Part[], mb: number): ForwardBatch {
-  const tokens: number[] = [];
-  const positions: number[] = [];
-  const seqStarts = [0];
-  const tables: number[] = [];
-  const ctx: number[] = [];
-  for (const part of parts) {
-    part.ids.forEach((t, i) => {
-      tokens.push(t);
-      positions.push(part.start + i);
-    });
-    seqStarts.push(tokens.length);
-    tables.push(...part.table, ...Array<number>(mb - part.table.length).fill(-1));
-    ctx.push(part.start + part.ids.length);
-  }
-  return {
-    tokens: Int32Array.from(tokens),
-    positions: Int32Array.from(positions),
-    seqStarts: Int32Array.from(seqStarts),
-    blockTables: Int32Array.from(tables),
-    maxBlocksPerSeq: mb,
-    contextLens: Int32Array.from(ctx),
-  };
-}
+/** One step's batch: each sequence's new ids, first position and block table (padded to mb with -1). */
+const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch =>
+  forwardBatch(
+    seqs.map((s) => ({ blocks: s.table, start: s.start, tokens: s.ids })),
+    mb,
+  );
 
 // Attention shapes: dummy:tiny's head dim 16 runs llama.cu's kernels; head dims 64 and 128 (GQA groups 4 and 8,
 // as Llama-3 8B and 70B) run attention.cu's second flash kernels by default, and its first ones with

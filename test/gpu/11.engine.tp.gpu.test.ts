@@ -16,6 +16,7 @@ import {
   topMargin,
   type HfExpected,
 } from '../helpers/gpu-logits.js';
+import { forwardBatch } from '../helpers/forward-batch.js';
 
 // Tensor parallelism in the GPU engine (issue 25): TP 2 and TP 4 as ranks on ONE device (each rank its own
 // CudaDevice thread and stream, summing through the local communicator, native/src/engine/cuda_llama_tp.h) against
@@ -35,31 +36,12 @@ const CLEAR_MARGIN = 0.05;
 const TP_TOLERANCE = 1e-2;
 // Against transformers' fp32 logits, as test/gpu/05.engine.gpu.test.ts.
 
-/** One sequence's batch: `ids` at positions start.., block table `table` padded to mb. */
-function batchOf(seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch {
-  const tokens: number[] = [];
-  const positions: number[] = [];
-  const seqStarts = [0];
-  const tables: number[] = [];
-  const ctx: number[] = [];
-  for (const s of seqs) {
-    s.ids.forEach((t, i) => {
-      tokens.push(t);
-      positions.push(s.start + i);
-    });
-    seqStarts.push(tokens.length);
-    tables.push(...s.table, ...Array<number>(mb - s.table.length).fill(-1));
-    ctx.push(s.start + s.ids.length);
-  }
-  return {
-    tokens: Int32Array.from(tokens),
-    positions: Int32Array.from(positions),
-    seqStarts: Int32Array.from(seqStarts),
-    blockTables: Int32Array.from(tables),
-    maxBlocksPerSeq: mb,
-    contextLens: Int32Array.from(ctx),
-  };
-}
+/** One step's batch: each sequence's new ids, first position and block table (padded to mb with -1). */
+const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch =>
+  forwardBatch(
+    seqs.map((s) => ({ blocks: s.table, start: s.start, tokens: s.ids })),
+    mb,
+  );
 
 /** The prompt's last logits, then `steps` greedy tokens, one decode step each. */
 async function greedy(

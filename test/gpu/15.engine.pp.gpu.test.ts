@@ -21,6 +21,7 @@ import {
   topMargin,
   type HfExpected,
 } from '../helpers/gpu-logits.js';
+import { forwardBatch } from '../helpers/forward-batch.js';
 import { prefillCounts } from '../helpers/serve.js';
 
 // Pipeline parallelism in the GPU engine (issue 25) on ONE GPU: pp stages, each a group of tp CudaLlama ranks (its
@@ -44,30 +45,12 @@ const CLEAR_MARGIN = 0.05;
 /** A greedy choice PP 1 wins by less than this (logprob) may go the other way under PP n's rounding. */
 const NEAR_TIE = 0.1;
 
-function batchOf(seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch {
-  const tokens: number[] = [];
-  const positions: number[] = [];
-  const seqStarts = [0];
-  const tables: number[] = [];
-  const ctx: number[] = [];
-  for (const s of seqs) {
-    s.ids.forEach((t, i) => {
-      tokens.push(t);
-      positions.push(s.start + i);
-    });
-    seqStarts.push(tokens.length);
-    tables.push(...s.table, ...Array<number>(mb - s.table.length).fill(-1));
-    ctx.push(s.start + s.ids.length);
-  }
-  return {
-    tokens: Int32Array.from(tokens),
-    positions: Int32Array.from(positions),
-    seqStarts: Int32Array.from(seqStarts),
-    blockTables: Int32Array.from(tables),
-    maxBlocksPerSeq: mb,
-    contextLens: Int32Array.from(ctx),
-  };
-}
+/** One step's batch: each sequence's new ids, first position and block table (padded to mb with -1). */
+const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch =>
+  forwardBatch(
+    seqs.map((s) => ({ blocks: s.table, start: s.start, tokens: s.ids })),
+    mb,
+  );
 
 async function greedy(runner: CudaModelRunner, prompt: number[], steps: number) {
   const mb = 16;

@@ -12,6 +12,7 @@ import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { ncclInfo } from '../../lib/collectives/index.js';
 import { gpuGate } from '../helpers/gpu.js';
 import { argmax, relativeL2Error as relativeError, topMargin, type HfExpected } from '../helpers/gpu-logits.js';
+import { forwardBatch } from '../helpers/forward-batch.js';
 
 // Tensor parallelism through NCCL (issue 25; native/src/engine/cuda_llama_nccl.h): each rank a CudaLlama on its own
 // GPU, driven by its own device thread, its collectives (ncclAllReduce, ncclAllGather + the column re-layout) on its
@@ -43,31 +44,12 @@ const ONE_RANK_TOLERANCE = 1e-6;
 const TP_TOLERANCE = 1e-2;
 const CLEAR_MARGIN = 0.05;
 
-/** A batch of sequences: `ids` at positions start.., block table padded to mb. */
-function batchOf(seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch {
-  const tokens: number[] = [];
-  const positions: number[] = [];
-  const seqStarts = [0];
-  const tables: number[] = [];
-  const ctx: number[] = [];
-  for (const s of seqs) {
-    s.ids.forEach((t, i) => {
-      tokens.push(t);
-      positions.push(s.start + i);
-    });
-    seqStarts.push(tokens.length);
-    tables.push(...s.table, ...Array<number>(mb - s.table.length).fill(-1));
-    ctx.push(s.start + s.ids.length);
-  }
-  return {
-    tokens: Int32Array.from(tokens),
-    positions: Int32Array.from(positions),
-    seqStarts: Int32Array.from(seqStarts),
-    blockTables: Int32Array.from(tables),
-    maxBlocksPerSeq: mb,
-    contextLens: Int32Array.from(ctx),
-  };
-}
+/** One step's batch: each sequence's new ids, first position and block table (padded to mb with -1). */
+const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch =>
+  forwardBatch(
+    seqs.map((s) => ({ blocks: s.table, start: s.start, tokens: s.ids })),
+    mb,
+  );
 
 /** Prefill chunks of two sequences, then decode steps of both: the batches test/gpu/11 uses. */
 function steps(): ForwardBatch[] {
