@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(tandem_attn::kThreads, kCtas)
                    const int32_t* blockTables, int maxBlocksPerSeq, const bf16* pool, int layer, int numLayers,
                    int numBlocks, int blockSize, int blockMajor, int numHeads, int numKvHeads, int slidingWindow,
                    float scale, int keysPerSplit, float* partial, int* counters, bf16* out) {
-  tandem_attn::flashDecode3<D, G, S>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer,
+  tandem_attn::flashDecode3<D, G, false, S>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer,
                                      numLayers, numBlocks, blockSize, blockMajor, numHeads, numKvHeads, slidingWindow,
                                      scale, keysPerSplit, partial, counters, out);
 }

@@ -293,7 +293,10 @@ constexpr int kMaxGroup = 16;
 // A split's partial result: headDim unnormalised outputs, then its max and sum, padded to 16 bytes.
 __host__ __device__ constexpr int partialStride(int headDim) { return headDim + 4; }
 
-template <int D>
+// HeadsFastest (decode1, decode3): the grid is (numKvHeads, rows, splits) instead of (rows, numKvHeads, splits), so
+// the CTAs the scheduler starts together read the same tokens' K and V rows (every kv head of a token is one
+// contiguous row of the pool's tile) instead of one kv head's 256-byte slice of many tokens.
+template <int D, bool HeadsFastest = false>
 __device__ void flashDecode(const float* qkv, const int32_t* positions, const int32_t* rows, const int32_t* tokenSeqs,
                             const int32_t* blockTables, int maxBlocksPerSeq, const bf16* pool, int layer,
                             int numLayers, int numBlocks, int blockSize, int blockMajor, int numHeads,
@@ -309,7 +312,8 @@ __device__ void flashDecode(const float* qkv, const int32_t* positions, const in
   __shared__ float ps[kMaxGroup][kKeys];
   __shared__ float mS[kMaxGroup], lS[kMaxGroup], corr[kMaxGroup];
 
-  const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const int row = HeadsFastest ? blockIdx.y : blockIdx.x, kvh = HeadsFastest ? blockIdx.x : blockIdx.y;
+  const int split = blockIdx.z, splits = gridDim.z;
   const int group = numHeads / numKvHeads;
   const int t = rows[row], p = positions[t];
   const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
@@ -445,18 +449,20 @@ __device__ void flashDecode(const float* qkv, const int32_t* positions, const in
 TANDEM_FLASH_PREFILL(64)
 TANDEM_FLASH_PREFILL(128)
 
-#define TANDEM_FLASH_DECODE(D)                                                                                      \
-  extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads) tandem_flash_decode_d##D(                                \
+#define TANDEM_FLASH_DECODE(D, NAME, HEADS_FASTEST)                                                                  \
+  extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads) NAME(                                        \
       const float* qkv, const int32_t* positions, const int32_t* rows, const int32_t* tokenSeqs,                    \
       const int32_t* blockTables, int maxBlocksPerSeq, const tandem_attn::bf16* pool, int layer, int numLayers,      \
       int numBlocks,                                                                                                \
       int blockSize, int blockMajor, int numHeads, int numKvHeads, int slidingWindow, float scale, int keysPerSplit, \
       float* partial, tandem_attn::bf16* out) {                                                                     \
-    tandem_attn::flashDecode<D>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer, numLayers, numBlocks, \
+    tandem_attn::flashDecode<D, HEADS_FASTEST>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer, numLayers, numBlocks, \
                    blockSize, blockMajor, numHeads, numKvHeads, slidingWindow, scale, keysPerSplit, partial, out);   \
   }
-TANDEM_FLASH_DECODE(64)
-TANDEM_FLASH_DECODE(128)
+TANDEM_FLASH_DECODE(64, tandem_flash_decode_d64, false)
+TANDEM_FLASH_DECODE(128, tandem_flash_decode_d128, false)
+TANDEM_FLASH_DECODE(64, tandem_flash_decode_h_d64, true)
+TANDEM_FLASH_DECODE(128, tandem_flash_decode_h_d128, true)
 
 // Merges the splits of tandem_flash_decode: out = sum_z acc_z 2^(m_z - M) / sum_z l_z 2^(m_z - M).
 // Grid: (rows, numHeads); 128 threads.
@@ -1003,7 +1009,7 @@ __host__ __device__ constexpr int decode3SmemBytes(int headDim, int stages = kDe
   return stages * 2 * kKeys * headDim * 2;
 }
 
-template <int D, int G, int S = kDecodeStages3>
+template <int D, int G, bool HeadsFastest = false, int S = kDecodeStages3>
 __device__ void flashDecode3(const float* qkv, const int32_t* positions, const int32_t* rows,
                              const int32_t* tokenSeqs, const int32_t* blockTables, int maxBlocksPerSeq,
                              const bf16* pool, int layer, int numLayers, int numBlocks, int blockSize, int blockMajor,
@@ -1021,7 +1027,8 @@ __device__ void flashDecode3(const float* qkv, const int32_t* positions, const i
   __shared__ float wz[G][kMaxSplits2];
   __shared__ int last;
 
-  const int row = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const int row = HeadsFastest ? blockIdx.y : blockIdx.x, kvh = HeadsFastest ? blockIdx.x : blockIdx.y;
+  const int split = blockIdx.z, splits = gridDim.z;
   const int t = rows[row], p = positions[t];
   const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
   const int32_t* table = blockTables + (size_t)tokenSeqs[t] * maxBlocksPerSeq;
@@ -1178,18 +1185,22 @@ TANDEM_FLASH_DECODE2(128, 2)
 TANDEM_FLASH_DECODE2(128, 4)
 TANDEM_FLASH_DECODE2(128, 8)
 
-#define TANDEM_FLASH_DECODE3(D, G)                                                                                  \
+#define TANDEM_FLASH_DECODE3(D, G, NAME, HEADS_FASTEST)                                                             \
   extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads, tandem_attn::kDecodeCtas3)                     \
-      tandem_flash_decode3_d##D##_g##G(                                                                             \
+      NAME(                                                                                                         \
           const float* qkv, const int32_t* positions, const int32_t* rows, const int32_t* tokenSeqs,                \
           const int32_t* blockTables, int maxBlocksPerSeq, const tandem_attn::bf16* pool, int layer, int numLayers, \
           int numBlocks, int blockSize, int blockMajor, int numHeads, int numKvHeads, int slidingWindow,            \
           float scale, int keysPerSplit, float* partial, int* counters, tandem_attn::bf16* out) {                   \
-    tandem_attn::flashDecode3<D, G>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer,    \
+    tandem_attn::flashDecode3<D, G, HEADS_FASTEST>(qkv, positions, rows, tokenSeqs, blockTables, maxBlocksPerSeq, pool, layer,    \
                                     numLayers, numBlocks, blockSize, blockMajor, numHeads, numKvHeads,             \
                                     slidingWindow, scale, keysPerSplit, partial, counters, out);                   \
   }
-TANDEM_FLASH_DECODE3(64, 4)
-TANDEM_FLASH_DECODE3(64, 8)
-TANDEM_FLASH_DECODE3(128, 4)
-TANDEM_FLASH_DECODE3(128, 8)
+TANDEM_FLASH_DECODE3(64, 4, tandem_flash_decode3_d64_g4, false)
+TANDEM_FLASH_DECODE3(64, 8, tandem_flash_decode3_d64_g8, false)
+TANDEM_FLASH_DECODE3(128, 4, tandem_flash_decode3_d128_g4, false)
+TANDEM_FLASH_DECODE3(128, 8, tandem_flash_decode3_d128_g8, false)
+TANDEM_FLASH_DECODE3(64, 4, tandem_flash_decode3_h_d64_g4, true)
+TANDEM_FLASH_DECODE3(64, 8, tandem_flash_decode3_h_d64_g8, true)
+TANDEM_FLASH_DECODE3(128, 4, tandem_flash_decode3_h_d128_g4, true)
+TANDEM_FLASH_DECODE3(128, 8, tandem_flash_decode3_h_d128_g8, true)

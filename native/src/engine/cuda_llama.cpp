@@ -369,7 +369,16 @@ void CudaLlama::init() {
       group <= kFlashMaxGroup) {
     const std::string d = std::to_string(D);
     fn_.flashPrefill = device_.function("tandem_flash_prefill_d" + d);
-    fn_.flashDecode = device_.function("tandem_flash_decode_d" + d);
+    // TANDEM_DECODE_GRID: rows (the default) or heads, the order of decode1's and decode3's grids (A/B measurements).
+    decodeHeadsFastest_ = false;
+    if (const char* grid = std::getenv("TANDEM_DECODE_GRID")) {
+      const std::string v = grid;
+      if (v != "rows" && v != "heads")
+        throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_DECODE_GRID must be 'rows' or 'heads'; got '" + v + "'");
+      decodeHeadsFastest_ = v == "heads";
+    }
+    const std::string order = decodeHeadsFastest_ ? "_h" : "";
+    fn_.flashDecode = device_.function("tandem_flash_decode" + order + "_d" + d);
     fn_.flashCombine = device_.function("tandem_flash_decode_combine");
     check(drv.cuFuncSetAttribute(fn_.flashPrefill, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                  static_cast<int>(flashPrefillSmem(D))),
@@ -389,7 +398,7 @@ void CudaLlama::init() {
       }
       if (flash2_ && (group == 4 || group == 8)) {
         try {
-          fn_.flash3Decode = device_.function("tandem_flash_decode3_d" + d + "_g" + std::to_string(group));
+          fn_.flash3Decode = device_.function("tandem_flash_decode3" + order + "_d" + d + "_g" + std::to_string(group));
           check(drv.cuFuncSetAttribute(fn_.flash3Decode, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                        static_cast<int>(flash3DecodeSmem(D))),
                 "cuFuncSetAttribute (flash3 decode shared memory)");
@@ -1173,8 +1182,10 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
     else if (flashTiles)
       launch3(fn_.flashPrefill, flashTiles, H, 1, kFlashThreads, flashPrefillSmem(D), b.qkv, b.positions,
               b.flashTiles, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale, b.attn);
+    // TANDEM_DECODE_GRID=heads: decode1 / decode3 take their grid as (kv heads, rows, splits) (attention.cu).
+    const unsigned gx = decodeHeadsFastest_ ? KVH : decodeRows, gy = decodeHeadsFastest_ ? decodeRows : KVH;
     if (decodeRows && p.decodeKernel == 3)
-      launch3(fn_.flash3Decode, decodeRows, KVH, static_cast<unsigned>(p.splits), kFlashThreads, flash3DecodeSmem(D),
+      launch3(fn_.flash3Decode, gx, gy, static_cast<unsigned>(p.splits), kFlashThreads, flash3DecodeSmem(D),
               b.qkv, b.positions, b.decodeRows, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
               c.slidingWindow, scale, keysPerSplit, b.partial, counters, b.attn);
     else if (decodeRows && p.decodeKernel == 2)
@@ -1182,7 +1193,7 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
               b.positions, b.decodeRows, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
               c.slidingWindow, scale, keysPerSplit, b.partial, counters, b.attn);
     else if (decodeRows) {
-      launch3(fn_.flashDecode, decodeRows, KVH, static_cast<unsigned>(p.splits), kFlashThreads, 0, b.qkv,
+      launch3(fn_.flashDecode, gx, gy, static_cast<unsigned>(p.splits), kFlashThreads, 0, b.qkv,
               b.positions, b.decodeRows, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH,
               c.slidingWindow, scale, keysPerSplit, b.partial, b.attn);
       if (p.splits > 1)
