@@ -755,7 +755,9 @@ __device__ void flashPrefill2(const float* qkv, const int32_t* positions, const 
 // a time), so Q waits in shared memory (32 KiB, swizzled as K) and each warp reloads its two A fragments per 16
 // dims (2 ldmatrix per 8 K ldmatrix and 32 MMAs), with 2 stages of K and V (64 KiB): 97 KiB per CTA keeps two
 // CTAs per multiprocessor (228 KiB), so one CTA's softmax overlaps the other's matrix products, where 3 stages
-// (129 KiB) would leave one CTA of 4 warps.
+// (129 KiB) would leave one CTA of 4 warps. ptxas (CUDA 13): 255 registers at head dim 128 (no spills on sm_90a,
+// 24 bytes on sm_100a), 246 at 64; the order of the prologue below (K / V first, then the queries' loads, fully
+// unrolled) is the one that spills least.
 constexpr int kWarps3 = 4;
 constexpr int kRows3 = 32 * kWarps3;  // query rows per prefill3 CTA: the tile of prefill2
 constexpr int kThreads3 = 32 * kWarps3;
@@ -837,13 +839,23 @@ __device__ void flashPrefill3(const float* qkv, const int32_t* positions, const 
   const uint32_t kAddr = stage0 + (x + 8 * bit4) * kRowBytes + ((bit3 ^ x) << 4);
   const uint32_t vAddr = stage0 + (kKeys + x + 8 * bit3) * kRowBytes + ((bit4 ^ x) << 4);
 
+  // The first K / V tiles start on their way (cp.async) before the queries' loads below, which wait.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < tilesN) {
+      bf16* st = stages + s * kStage;
+      loadKv2<D, kWarps3>(st, st + kKeys * D, pool, table, lo + s * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
+                          blockSize, blockMajor, kvDim);
+    }
+    cpAsyncCommit();  // one group per tile slot, empty or not: the wait below counts groups
+  }
   // Queries (bf16, unscaled; rows past `count` zero): at head dim 128 in shared memory (rows of D / 8 16-byte
   // chunks, swizzled as K; the first barrier of the key loop publishes them), read as A fragments per 16 dims;
   // at 64 the A fragments of both row blocks, held in registers for the whole tile.
   uint32_t qf[2][kQSmem ? 1 : D / 16][4];
   if constexpr (kQSmem) {
     constexpr int kChunks = D / 8;
-#pragma unroll 4
+#pragma unroll
     for (int e = threadIdx.x; e < kRows3 * kChunks; e += kThreads3) {
       const int r = e / kChunks, c = e % kChunks;
       uint4 packed = make_uint4(0u, 0u, 0u, 0u);
@@ -891,15 +903,6 @@ __device__ void flashPrefill3(const float* qkv, const int32_t* positions, const 
   }
   const float sl2 = scale * kLog2e;
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < tilesN) {
-      bf16* st = stages + s * kStage;
-      loadKv2<D, kWarps3>(st, st + kKeys * D, pool, table, lo + s * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
-                          blockSize, blockMajor, kvDim);
-    }
-    cpAsyncCommit();  // one group per tile slot, empty or not: the wait below counts groups
-  }
   for (int it = 0; it < tilesN; ++it) {
     const int j0 = lo + it * kKeys;
     cpAsyncWait<kStages - 2>();
