@@ -753,9 +753,9 @@ __device__ void flashPrefill2(const float* qkv, const int32_t* positions, const 
 // the 64-key S tile (2 x 32). At head dim 64 the Q fragments of both row blocks (2 x 16) fit too, with 3 stages
 // of K and V (48 KiB). At head dim 128 they (2 x 32) do not (255 registers and spills even with S formed 16 keys at
 // a time), so Q waits in shared memory (32 KiB, swizzled as K) and each warp reloads its two A fragments per 16
-// dims (2 ldmatrix per 8 K ldmatrix and 32 MMAs), with 2 stages of K and V (64 KiB): 97 KiB per CTA keeps two
-// CTAs per multiprocessor (228 KiB), so one CTA's softmax overlaps the other's matrix products, where 3 stages
-// (129 KiB) would leave one CTA of 4 warps. ptxas (CUDA 13): 255 registers at head dim 128 (no spills on sm_90a,
+// dims (2 ldmatrix beside the 4 of K and the 16 MMAs of each 16-dim step), with 2 stages of K and V (64 KiB): 97
+// KiB per CTA keeps two CTAs per multiprocessor (228 KiB), so one CTA's softmax overlaps the other's matrix
+// products, where 3 stages (129 KiB) would leave one CTA of 4 warps. ptxas (CUDA 13): 255 registers at head dim 128 (no spills on sm_90a,
 // 24 bytes on sm_100a), 246 at 64; the order of the prologue below (K / V first, then the queries' loads, fully
 // unrolled) is the one that spills least.
 constexpr int kWarps3 = 4;
