@@ -1,7 +1,8 @@
 // Paged attention kernels against each other and against a float64 reference on the CPU.
 // First table: the engine's tandem_llama_attention / _tiled (llama.cu), the first flash kernels
-// (tandem_flash_prefill / _decode + _combine) and the second ones (tandem_flash_prefill2, tandem_flash_decode2:
-// 128-row tiles, one-launch split decode), on Llama-3.1-8B's attention shape (32 q heads, 8 kv heads, head dim
+// (tandem_flash_prefill / _decode + _combine), the second ones (tandem_flash_prefill2, tandem_flash_decode2:
+// 128-row tiles, one-launch split decode) and the third prefill kernel (tandem_flash_prefill3: prefill2's tiles on
+// 4 warps of 32 query rows, with decode2), on Llama-3.1-8B's attention shape (32 q heads, 8 kv heads, head dim
 // 128, 16-token blocks scattered through the pool). Cases: one prompt of 512 / 3000 / 8192 tokens, a chunk of
 // 1000 tokens behind 2000 cached ones, two prompts in one batch, a sliding window, prefill mixed with decodes.
 // Each case: relative L2 error of each against the reference (sampled rows), every output element written, the
@@ -244,11 +245,15 @@ void runFlash(const Batch& b, const Case& c, const Device& dv, const FlashPlan& 
 }
 
 // The second kernels: prefill2 with 8 warps (tiles of 128, dv.tiles) or 4 (tiles of 64: `tiles4`, the first
-// plan's), decode2.
+// plan's), or prefill3 (warps 3 here: 4 warps of 32 rows, tiles of 128, dv.tiles); decode2.
 void runFlash2(const Batch& b, const Case& c, const Device& dv, const FlashPlan& f, int warps,
                const int32_t* tiles4, int ntiles4) {
   const float scale = 1.0f / std::sqrt((float)D);
-  const int ntiles = warps == 8 ? static_cast<int>(f.tiles.size() / 3) : ntiles4, nrows = static_cast<int>(f.rows.size());
+  const int ntiles = warps == 4 ? ntiles4 : static_cast<int>(f.tiles.size() / 3), nrows = static_cast<int>(f.rows.size());
+  if (ntiles && warps == 3)
+    tandem_flash_prefill3_d128<<<dim3(H, ntiles), tandem_attn::kThreads3, tandem_attn::prefill3SmemBytes(D)>>>(
+        dv.qkv, dv.positions, dv.tiles, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS,
+        BLOCK_MAJOR, H, KVH, c.window, scale, (bf16*)dv.out);
   if (ntiles && warps == 8)
     tandem_flash_prefill2_d128<<<dim3(H, ntiles), 256, tandem_attn::prefill2SmemBytes(D)>>>(
         dv.qkv, dv.positions, dv.tiles, dv.tables, b.mb, (const bf16*)dv.pool, LAYER, LAYERS, b.numBlocks, BS,
@@ -533,6 +538,11 @@ int main(int argc, char** argv) {
                              tandem_attn::prefill2SmemBytes(D)));
   CHECK(cudaFuncSetAttribute(tandem_flash_prefill2w4_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              tandem_attn::prefill2SmemBytes(D)));
+  // As the engine sets it: room for two CTAs per multiprocessor, all shared memory.
+  CHECK(cudaFuncSetAttribute(tandem_flash_prefill3_d128, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             tandem_attn::prefill3SmemBytes(D)));
+  CHECK(cudaFuncSetAttribute(tandem_flash_prefill3_d128, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared));
   std::printf("%s, %d SMs; shape H=%d KVH=%d D=%d, block %d\n", prop.name, sms, H, KVH, D, BS);
   std::vector<Case> cases = {
       {"prefill 512", {{0, 512}}},
@@ -548,10 +558,12 @@ int main(int argc, char** argv) {
   if (quick) cases.resize(2);
 
   std::mt19937 rng(1234);
-  // new: prefill2 (8 warps, 128-row tiles) + decode2, the engine's default; new4: prefill2w4 (4 warps) + decode2.
-  std::printf("%-32s %8s %8s %8s %8s %9s %9s %9s %9s %9s %8s %8s %8s %8s\n", "case", "old ms", "flash ms", "new ms",
-              "new4 ms", "old err", "flash err", "new err", "new4 err", "new-flash", "flash TF", "new TF", "new4 TF",
-              "new x");
+  // new: prefill2 (8 warps, 128-row tiles) + decode2, the engine's default; new4: prefill2w4 (4 warps) + decode2;
+  // new3: prefill3 (4 warps of 32 rows, 128-row tiles) + decode2 (TANDEM_ATTENTION=prefill3). new x: flash over
+  // new; new3 x: new over new3.
+  std::printf("%-32s %8s %8s %8s %8s %8s %9s %9s %9s %9s %9s %9s %8s %8s %8s %8s %8s %8s\n", "case", "old ms",
+              "flash ms", "new ms", "new4 ms", "new3 ms", "old err", "flash err", "new err", "new4 err", "new3 err",
+              "new-flash", "flash TF", "new TF", "new4 TF", "new3 TF", "new x", "new3 x");
   bool ok = true;
   for (const Case& c : cases) {
     Batch b = makeBatch(c, rng);
@@ -588,7 +600,7 @@ int main(int argc, char** argv) {
     auto run = [&](int which) {
       if (which == 0) runOld(b, c, dv);
       else if (which == 1) runFlash(b, c, dv, f);
-      else runFlash2(b, c, dv2, f2, which == 2 ? 8 : 4, dv.tiles, static_cast<int>(f.tiles.size() / 3));
+      else runFlash2(b, c, dv2, f2, which == 2 ? 8 : which == 3 ? 4 : 3, dv.tiles, static_cast<int>(f.tiles.size() / 3));
     };
     auto once = [&](int which) {
       CHECK(cudaMemset(dv.out, 0xff, out.size() * 2));  // NaN everywhere: unwritten outputs show
@@ -598,35 +610,42 @@ int main(int argc, char** argv) {
       CHECK(cudaMemcpy(out.data(), dv.out, out.size() * 2, cudaMemcpyDeviceToHost));
       return check(b, c, out, rng);
     };
-    double err[4];
-    std::vector<uint16_t> outNew4;
-    for (int which = 0; which < 4; ++which) {
+    double err[5];
+    std::vector<uint16_t> outNew4, outNew3;
+    for (int which = 0; which < 5; ++which) {
       err[which] = once(which);
       if (which == 1) outFlash = out;
       if (which == 2) outNew = out;
       if (which == 3) outNew4 = out;
+      if (which == 4) outNew3 = out;
     }
     const double newVsFlash = distance(outNew, outFlash), new4VsFlash = distance(outNew4, outFlash);
+    const double new3VsFlash = distance(outNew3, outFlash);
     float tOld = medianMs([&] { run(0); });
     float tFlash = medianMs([&] { run(1); });
     float tNew = medianMs([&] { run(2); });
     float tNew4 = medianMs([&] { run(3); });
+    float tNew3 = medianMs([&] { run(4); });
     // Again after 21 more launches each: decode2's counters must have reset themselves.
-    const double errAgain = once(2), errAgain2 = once(3);
+    const double errAgain = once(2), errAgain2 = once(3), errAgain3 = once(4);
     double keys = 0;  // (query, key) pairs per head
     for (int t = 0; t < b.ntok; ++t) {
       int p = b.positions[t];
       keys += c.window > 0 ? std::min(p + 1, c.window) : p + 1;
     }
     const double flops = 4.0 * D * keys * H;
-    std::printf("%-32s %8.3f %8.3f %8.3f %8.3f %9.2e %9.2e %9.2e %9.2e %9.2e %8.1f %8.1f %8.1f %7.2fx  (splits %d / %d)\n",
-                c.name.c_str(), tOld, tFlash, tNew, tNew4, err[0], err[1], err[2], err[3], std::max(newVsFlash, new4VsFlash),
-                flops / (tFlash * 1e-3) / 1e12, flops / (tNew * 1e-3) / 1e12, flops / (tNew4 * 1e-3) / 1e12,
-                tFlash / tNew, f.splits, f2.splits);
-    if (!(err[1] < 2e-2) || !(err[2] < 2e-2) || !(err[3] < 2e-2) || !(errAgain < 2e-2) || !(errAgain2 < 2e-2) ||
-        !(newVsFlash < 2e-2) || !(new4VsFlash < 2e-2)) {
-      std::printf("  FAILED: flash err %.3e, new err %.3e, new4 err %.3e (again %.3e / %.3e), new / new4 vs flash %.3e / %.3e\n",
-                  err[1], err[2], err[3], errAgain, errAgain2, newVsFlash, new4VsFlash);
+    std::printf("%-32s %8.3f %8.3f %8.3f %8.3f %8.3f %9.2e %9.2e %9.2e %9.2e %9.2e %9.2e %8.1f %8.1f %8.1f %8.1f %7.2fx "
+                "%7.2fx  (splits %d / %d)\n",
+                c.name.c_str(), tOld, tFlash, tNew, tNew4, tNew3, err[0], err[1], err[2], err[3], err[4],
+                std::max({newVsFlash, new4VsFlash, new3VsFlash}), flops / (tFlash * 1e-3) / 1e12,
+                flops / (tNew * 1e-3) / 1e12, flops / (tNew4 * 1e-3) / 1e12, flops / (tNew3 * 1e-3) / 1e12,
+                tFlash / tNew, tNew / tNew3, f.splits, f2.splits);
+    if (!(err[1] < 2e-2) || !(err[2] < 2e-2) || !(err[3] < 2e-2) || !(err[4] < 2e-2) || !(errAgain < 2e-2) ||
+        !(errAgain2 < 2e-2) || !(errAgain3 < 2e-2) || !(newVsFlash < 2e-2) || !(new4VsFlash < 2e-2) ||
+        !(new3VsFlash < 2e-2)) {
+      std::printf("  FAILED: flash err %.3e, new err %.3e, new4 err %.3e, new3 err %.3e (again %.3e / %.3e / %.3e), "
+                  "new / new4 / new3 vs flash %.3e / %.3e / %.3e\n",
+                  err[1], err[2], err[3], err[4], errAgain, errAgain2, errAgain3, newVsFlash, new4VsFlash, new3VsFlash);
       ok = false;
     }
     for (void* p : {(void*)dv.qkv, (void*)dv.positions, (void*)dv.tokenSeqs, (void*)dv.tables, (void*)dv.tiles,
@@ -634,7 +653,7 @@ int main(int argc, char** argv) {
                     (void*)dv.counters})
       CHECK(cudaFree(p));
   }
-  std::printf(ok ? "all flash and new outputs within 2e-2 of the float64 reference and of each other\n"
+  std::printf(ok ? "all flash and new (new, new4, new3) outputs within 2e-2 of the float64 reference and of each other\n"
                  : "FLASH ERROR above tolerance\n");
   const bool decodeOk = decodeTable(sms, quick, rng);
   return ok && decodeOk ? 0 : 1;

@@ -777,11 +777,12 @@ export class CudaModelRunner implements ModelRunner {
 
   /**
    * Which attention kernels run: 'flash2' (native/kernels/attention.cu's second kernels: 128-row prefill tiles,
-   * one-launch split decode; head dims 64 and 128, GQA groups 1, 2, 4, 8), 'flash' (the first ones: head dims 64
-   * and 128, GQA groups up to 16, or TANDEM_ATTENTION=flash1) or 'reference' (native/kernels/llama.cu: any shape,
-   * or TANDEM_ATTENTION=reference).
+   * one-launch split decode; head dims 64 and 128, GQA groups 1, 2, 4, 8), 'prefill3' (the same with prefill
+   * through tandem_flash_prefill3: 4 warps of 32 query rows; TANDEM_ATTENTION=prefill3 where the kernels have it),
+   * 'flash' (the first ones: head dims 64 and 128, GQA groups up to 16, or TANDEM_ATTENTION=flash1) or 'reference'
+   * (native/kernels/llama.cu: any shape, or TANDEM_ATTENTION=reference).
    */
-  get attentionKernels(): 'flash2' | 'flash' | 'reference' {
+  get attentionKernels(): 'prefill3' | 'flash2' | 'flash' | 'reference' {
     return this.raw.attentionKernels;
   }
 

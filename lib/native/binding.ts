@@ -333,7 +333,7 @@ export type DecodeKernel = 'decode1' | 'decode2' | 'decode3';
 export interface RawCudaLlama {
   readonly weightBytes: number;
   readonly cudaGraphs: { active: boolean; reason: string | null };
-  readonly attentionKernels: 'flash2' | 'flash' | 'reference';
+  readonly attentionKernels: 'prefill3' | 'flash2' | 'flash' | 'reference';
   readonly decodeAttention: DecodeAttention | null;
   readonly gemvMaxBatch: number;
   readonly gemmPath: 'lt' | 'gemmex';

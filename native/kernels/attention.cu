@@ -56,6 +56,18 @@ __device__ __forceinline__ void ldmatrixX4T(uint32_t& r0, uint32_t& r1, uint32_t
                : "r"(smemAddr(p)));
 }
 
+// The same from a shared-memory address (smemAddr), for kernels that form addresses arithmetically (prefill3).
+__device__ __forceinline__ void ldmatrixX4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrixX4T(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
 // c += a (16x16, row) . b (16x8, col); bf16 inputs, fp32 accumulators.
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -739,6 +751,310 @@ __device__ void flashPrefill2(const float* qkv, const int32_t* positions, const 
   }
 }
 
+// prefill3: the tile of prefill2 (up to 128 query rows, 64-key tiles, cp.async stages with one barrier per key
+// tile, the mask only where a tile crosses a row's limits) with 4 warps of 32 query rows instead of 8 of 16. A
+// warp's rows are two m16 row blocks (rows 32w .. 32w + 15 and 32w + 16 .. 32w + 31) whose MMAs share every K and
+// V fragment loaded with ldmatrix: per MMA, half the shared-memory reads of K and V that prefill2 makes.
+// Registers (__launch_bounds__(128, 2): at most 255, two CTAs per multiprocessor) hold O (2 x D / 2 floats) and
+// the 64-key S tile (2 x 32). At head dim 64 the Q fragments of both row blocks (2 x 16) fit too, with 3 stages
+// of K and V (48 KiB). At head dim 128 they (2 x 32) do not (255 registers and spills even with S formed 16 keys at
+// a time), so Q waits in shared memory (32 KiB, swizzled as K) and each warp reloads its two A fragments per 16
+// dims (2 ldmatrix beside the 4 of K and the 16 MMAs of each 16-dim step), with 2 stages of K and V (64 KiB): 97
+// KiB per CTA keeps two CTAs per multiprocessor (228 KiB), so one CTA's softmax overlaps the other's matrix
+// products, where 3 stages (129 KiB) would leave one CTA of 4 warps. ptxas (CUDA 13): 255 registers at head dim 128 (no spills on sm_90a,
+// 24 bytes on sm_100a), 246 at 64; the order of the prologue below (K / V first, then the queries' loads, fully
+// unrolled) is the one that spills least.
+constexpr int kWarps3 = 4;
+constexpr int kRows3 = 32 * kWarps3;  // query rows per prefill3 CTA: the tile of prefill2
+constexpr int kThreads3 = 32 * kWarps3;
+constexpr int kPrefillCtas3 = 2;  // CTAs per multiprocessor (__launch_bounds__): caps registers at 255
+__host__ __device__ constexpr bool prefill3QInSmem(int headDim) { return headDim > 64; }
+__host__ __device__ constexpr int prefill3Stages(int headDim) { return prefill3QInSmem(headDim) ? 2 : 3; }
+constexpr int kSmemAlign3 = 1024;  // prefill3 aligns its dynamic shared memory up to this (see flashPrefill3)
+__host__ __device__ constexpr int prefill3SmemBytes(int headDim) {
+  return kSmemAlign3 + (prefill3QInSmem(headDim) ? kRows3 * headDim * 2 : 0) +
+         prefill3Stages(headDim) * 2 * kKeys * headDim * 2;
+}
+
+template <int D>
+__device__ void flashPrefill3(const float* qkv, const int32_t* positions, const int32_t* tiles,
+                              const int32_t* blockTables, int maxBlocksPerSeq, const bf16* pool, int layer,
+                              int numLayers, int numBlocks, int blockSize, int blockMajor, int numHeads,
+                              int numKvHeads, int slidingWindow, float scale, bf16* out) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr bool kQSmem = prefill3QInSmem(D);
+  constexpr int kStages = prefill3Stages(D), kStage = 2 * kKeys * D;
+  static_assert(kStages >= 2, "the pipeline below waits for all but kStages - 2 groups");
+  static_assert(kThreads3 >= kRows3, "one thread per row position");
+  // From a kSmemAlign3 boundary: [Q: kRows3 rows, swizzled, where kQSmem] [stage 0: K, V] [stage 1: K, V] ...
+  // Every tile then starts on that boundary and its rows are 2D bytes, so bits 4 .. 7 of an element's shared
+  // address are its swizzled chunk (chunk ^ (row & 7)) and nothing else: the fragment a lane reads at another 16
+  // dims is its base address XOR a constant, another 8 or 16 rows its base plus a constant (no address registers
+  // per fragment: without this the head dim 128 kernel spills).
+  const uint32_t smemBase = (smemAddr(smem) + (kSmemAlign3 - 1)) & ~uint32_t(kSmemAlign3 - 1);
+  bf16* const qs = reinterpret_cast<bf16*>(smem + (smemBase - smemAddr(smem)));
+  bf16* const stages = qs + (kQSmem ? kRows3 * D : 0);
+  constexpr uint32_t kRowBytes = 2 * D, kStageBytes = 2 * kStage;
+  static_assert(kStageBytes % kSmemAlign3 == 0 && (kRows3 * kRowBytes) % kSmemAlign3 == 0, "tiles on boundaries");
+  __shared__ int rowPos[kRows3];
+
+  const int tileIndex = gridDim.y - 1 - blockIdx.y;
+  const int tokenStart = tiles[tileIndex * 3], count = tiles[tileIndex * 3 + 1], seq = tiles[tileIndex * 3 + 2];
+  const int h = blockIdx.x, kvh = h / (numHeads / numKvHeads);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, tq = lane & 3;
+  const int kvDim = numKvHeads * D, qDim = numHeads * D, rowStride = qDim + 2 * kvDim;
+  const int32_t* table = blockTables + (size_t)seq * maxBlocksPerSeq;
+
+  if (threadIdx.x < kRows3) rowPos[threadIdx.x] = threadIdx.x < count ? positions[tokenStart + threadIdx.x] : -1;
+  __syncthreads();
+  int hi = -1, minPos = 0x7fffffff;
+  for (int r = 0; r < count; ++r) {
+    hi = max(hi, rowPos[r]);
+    minPos = min(minPos, rowPos[r]);
+  }
+  const int lo = slidingWindow > 0 ? max(0, minPos - slidingWindow + 1) : 0;
+  const int tilesN = hi < lo ? 0 : (hi - lo) / kKeys + 1;
+
+  // This thread's rows: row(i) = 32 * warp + 8 * i + g, i = 0..3. Row block b (an m16 A / C fragment) holds rows
+  // row(2b) (fragment row g: C elements 0, 1) and row(2b + 1) (fragment row g + 8: C elements 2, 3).
+  const int row0 = warp * 32 + g;
+  int pos[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pos[i] = rowPos[row0 + 8 * i];
+  const bool warpActive = warp * 32 < count;
+  // Over this warp's 32 rows (padding rows have position -1, so a warp with padding masks every tile): the largest
+  // position (tiles past it are skipped), the smallest (tiles wholly at or below it need no causal mask) and the
+  // largest window start (tiles wholly at or above it need no window mask).
+  int warpMaxPos = max(max(pos[0], pos[1]), max(pos[2], pos[3]));
+  int warpMinPos = min(min(pos[0], pos[1]), min(pos[2], pos[3]));
+  for (int o = 16; o > 0; o >>= 1) {
+    warpMaxPos = max(warpMaxPos, __shfl_xor_sync(0xffffffffu, warpMaxPos, o));
+    warpMinPos = min(warpMinPos, __shfl_xor_sync(0xffffffffu, warpMinPos, o));
+  }
+  const int warpMaxLo = slidingWindow > 0 ? warpMaxPos - slidingWindow + 1 : 0;
+
+  // This lane's ldmatrix base addresses (x = lane & 7 is its row within each 8x8 matrix, and every row below is x
+  // plus a multiple of 8, so row & 7 = x):
+  //   Q (A operand, row block 0): rows 32w + x + 8 * bit3, chunk 2k + bit4, stored at 2k ^ (bit4 ^ x);
+  //   K (B operand): keys x + 8 * bit4, chunk 2k + bit3, stored at 2k ^ (bit3 ^ x);
+  //   V (B operand, transposed): keys x + 8 * bit3, chunk n + bit4 (n even), stored at n ^ (bit4 ^ x).
+  // A fragment: (base ^ (even chunk << 4)) + rows * kRowBytes; the stage adds a multiple of kStageBytes.
+  const int x = lane & 7, bit3 = (lane >> 3) & 1, bit4 = lane >> 4;
+  const uint32_t stage0 = smemBase + (kQSmem ? kRows3 * kRowBytes : 0);
+  const uint32_t qAddr = smemBase + (warp * 32 + x + 8 * bit3) * kRowBytes + ((bit4 ^ x) << 4);
+  const uint32_t kAddr = stage0 + (x + 8 * bit4) * kRowBytes + ((bit3 ^ x) << 4);
+  const uint32_t vAddr = stage0 + (kKeys + x + 8 * bit3) * kRowBytes + ((bit4 ^ x) << 4);
+
+  // The first K / V tiles start on their way (cp.async) before the queries' loads below, which wait.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < tilesN) {
+      bf16* st = stages + s * kStage;
+      loadKv2<D, kWarps3>(st, st + kKeys * D, pool, table, lo + s * kKeys, lo, hi, kvh, layer, numLayers, numBlocks,
+                          blockSize, blockMajor, kvDim);
+    }
+    cpAsyncCommit();  // one group per tile slot, empty or not: the wait below counts groups
+  }
+  // Queries (bf16, unscaled; rows past `count` zero): at head dim 128 in shared memory (rows of D / 8 16-byte
+  // chunks, swizzled as K; the first barrier of the key loop publishes them), read as A fragments per 16 dims;
+  // at 64 the A fragments of both row blocks, held in registers for the whole tile.
+  uint32_t qf[2][kQSmem ? 1 : D / 16][4];
+  if constexpr (kQSmem) {
+    constexpr int kChunks = D / 8;
+#pragma unroll
+    for (int e = threadIdx.x; e < kRows3 * kChunks; e += kThreads3) {
+      const int r = e / kChunks, c = e % kChunks;
+      uint4 packed = make_uint4(0u, 0u, 0u, 0u);
+      if (r < count) {
+        const float4* src =
+            reinterpret_cast<const float4*>(qkv + (size_t)(tokenStart + r) * rowStride + h * D + c * 8);
+        const float4 lo4 = src[0], hi4 = src[1];
+        packed = make_uint4(packBf16(lo4.x, lo4.y), packBf16(lo4.z, lo4.w), packBf16(hi4.x, hi4.y),
+                            packBf16(hi4.z, hi4.w));
+      }
+      *reinterpret_cast<uint4*>(swizzled<D>(qs, r, c)) = packed;
+    }
+  } else {
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int ra = row0 + 16 * b, rb = ra + 8;
+      const float* qa = qkv + (size_t)(tokenStart + ra) * rowStride + h * D;
+      const float* qb = qkv + (size_t)(tokenStart + rb) * rowStride + h * D;
+#pragma unroll
+      for (int k = 0; k < D / 16; ++k) {
+        const int c = k * 16 + 2 * tq;
+        float2 a = ra < count ? *reinterpret_cast<const float2*>(qa + c) : make_float2(0.f, 0.f);
+        float2 z = rb < count ? *reinterpret_cast<const float2*>(qb + c) : make_float2(0.f, 0.f);
+        float2 a8 = ra < count ? *reinterpret_cast<const float2*>(qa + c + 8) : make_float2(0.f, 0.f);
+        float2 z8 = rb < count ? *reinterpret_cast<const float2*>(qb + c + 8) : make_float2(0.f, 0.f);
+        qf[b][k][0] = packBf16(a.x, a.y);
+        qf[b][k][1] = packBf16(z.x, z.y);
+        qf[b][k][2] = packBf16(a8.x, a8.y);
+        qf[b][k][3] = packBf16(z8.x, z8.y);
+      }
+    }
+  }
+
+  float o[2][D / 8][4];
+#pragma unroll
+  for (int b = 0; b < 2; ++b)
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[b][n][0] = o[b][n][1] = o[b][n][2] = o[b][n][3] = 0.f;
+  // Per row i: the running max in log2 units (scaled) and this thread's share of the row sum.
+  float m[4], l[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+  }
+  const float sl2 = scale * kLog2e;
+
+  for (int it = 0; it < tilesN; ++it) {
+    const int j0 = lo + it * kKeys;
+    cpAsyncWait<kStages - 2>();
+    __syncthreads();  // tile `it` (and Q) visible to all; the stage tile it-1 used is free
+    {
+      const int nxt = it + kStages - 1;
+      if (nxt < tilesN) {
+        bf16* st = stages + (nxt % kStages) * kStage;
+        loadKv2<D, kWarps3>(st, st + kKeys * D, pool, table, lo + nxt * kKeys, lo, hi, kvh, layer, numLayers,
+                            numBlocks, blockSize, blockMajor, kvDim);
+      }
+      cpAsyncCommit();
+    }
+    // Skip the math where none of this warp's rows sees any key of the tile (causal: the tile is past them).
+    if (!warpActive || j0 > warpMaxPos) continue;
+    const uint32_t stageOff = (it % kStages) * kStageBytes;
+    float s[2][kKeys / 8][4];
+#pragma unroll
+    for (int b = 0; b < 2; ++b)
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) s[b][n][0] = s[b][n][1] = s[b][n][2] = s[b][n][3] = 0.f;
+#pragma unroll
+    for (int k = 0; k < D / 16; ++k) {
+      const int kq = kQSmem ? 0 : k;  // this k's Q fragments in qf
+      if constexpr (kQSmem) {
+        // Row block b, dims 16k .. 16k+15: matrices (rows 0-7, dims 16k), (rows 8-15, 16k), (rows 0-7, 16k+8),
+        // (rows 8-15, 16k+8), which are A fragment registers 0 .. 3.
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+          ldmatrixX4(qf[b][0][0], qf[b][0][1], qf[b][0][2], qf[b][0][3], (qAddr ^ (k << 5)) + b * 16 * kRowBytes);
+      }
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; n += 2) {
+        // Keys 8n .. 8n+15, dims 16k .. 16k+15: matrices (keys 8n.., dims 16k), (8n.., 16k+8), (8n+8.., 16k),
+        // (8n+8.., 16k+8); both row blocks multiply the same fragments.
+        uint32_t b0, b1, b2, b3;
+        ldmatrixX4(b0, b1, b2, b3, ((kAddr + stageOff) ^ (k << 5)) + n * 8 * kRowBytes);
+        mma16816(s[0][n], qf[0][kq], b0, b1);
+        mma16816(s[0][n + 1], qf[0][kq], b2, b3);
+        mma16816(s[1][n], qf[1][kq], b0, b1);
+        mma16816(s[1][n + 1], qf[1][kq], b2, b3);
+      }
+    }
+    // Raw scores; the mask only where the tile crosses some row's causal limit or window start.
+    const bool masked = j0 + kKeys - 1 > warpMinPos || j0 < warpMaxLo;
+    if (masked) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int b = i >> 1, e0 = (i & 1) * 2;  // row i: row block b, C elements e0 and e0 + 1
+        const int p = pos[i], rowLo = slidingWindow > 0 ? p - slidingWindow + 1 : 0;
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = j0 + n * 8 + 2 * tq + e;
+            if (!(j <= p && j >= rowLo)) s[b][n][e0 + e] = -INFINITY;
+          }
+        }
+      }
+    }
+    // Online softmax, each of the 4 rows on its own (a row's 64 scores live in the 4 threads of a quad).
+    float ref[4], c[4];
+    bool rescale = false;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int b = i >> 1, e0 = (i & 1) * 2;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) mx = fmaxf(mx, fmaxf(s[b][n][e0], s[b][n][e0 + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // scale > 0, so max(raw) * sl2 is the max of the scaled scores.
+      const float nm = fmaxf(m[i], mx * sl2);
+      // A row that has seen no key yet keeps max -inf: 0 as its reference, so that exp2 gives 0, not NaN.
+      ref[i] = nm == -INFINITY ? 0.f : nm;
+      c[i] = exp2f(m[i] - ref[i]);
+      rescale |= c[i] != 1.f;
+      m[i] = nm;
+    }
+    // O and l scale by c = 2^(old max - new max): skipped where c is 1 for every row of the warp (a tile that
+    // raised no row's max, as most do once a row has seen its first keys).
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) l[i] *= c[i];
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          o[b][n][0] *= c[2 * b];
+          o[b][n][1] *= c[2 * b];
+          o[b][n][2] *= c[2 * b + 1];
+          o[b][n][3] *= c[2 * b + 1];
+        }
+    }
+    // P = 2^(s * sl2 - ref) in bf16: the C fragments of key columns 2k and 2k + 1 (8 keys each) are the A fragment
+    // of keys 16k .. 16k + 15.
+    uint32_t pf[2][kKeys / 16][4];
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const float refA = ref[2 * b], refB = ref[2 * b + 1];
+#pragma unroll
+      for (int n = 0; n < kKeys / 8; ++n) {
+        const float pa0 = exp2f(fmaf(s[b][n][0], sl2, -refA)), pa1 = exp2f(fmaf(s[b][n][1], sl2, -refA));
+        const float pb0 = exp2f(fmaf(s[b][n][2], sl2, -refB)), pb1 = exp2f(fmaf(s[b][n][3], sl2, -refB));
+        l[2 * b] += pa0 + pa1;
+        l[2 * b + 1] += pb0 + pb1;
+        pf[b][n >> 1][(n & 1) * 2] = packBf16(pa0, pa1);
+        pf[b][n >> 1][(n & 1) * 2 + 1] = packBf16(pb0, pb1);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kKeys / 16; ++k) {
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        // Keys 16k .. 16k+15, dims 8n .. 8n+15, transposed: matrices (keys 16k.., dims 8n), (16k+8.., 8n),
+        // (16k.., 8n+8), (16k+8.., 8n+8); both row blocks multiply the same fragments.
+        uint32_t b0, b1, b2, b3;
+        ldmatrixX4T(b0, b1, b2, b3, ((vAddr + stageOff) ^ (n << 4)) + k * 16 * kRowBytes);
+        mma16816(o[0][n], pf[0][k], b0, b1);
+        mma16816(o[0][n + 1], pf[0][k], b2, b3);
+        mma16816(o[1][n], pf[1][k], b0, b1);
+        mma16816(o[1][n + 1], pf[1][k], b2, b3);
+      }
+    }
+  }
+  cpAsyncWait<0>();
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int b = i >> 1, e0 = (i & 1) * 2, r = row0 + 8 * i;
+    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    bf16* dst = out + (size_t)(tokenStart + r) * qDim + h * D;
+    if (r < count) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n)
+        *reinterpret_cast<__nv_bfloat162*>(dst + n * 8 + 2 * tq) =
+            __floats2bfloat162_rn(o[b][n][e0] * inv, o[b][n][e0 + 1] * inv);
+    }
+  }
+}
+
 // 8 bf16 (16 bytes) to floats.
 __device__ __forceinline__ void unpack8(const uint4& raw, float* f) {
   const __nv_bfloat162* v = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -1165,6 +1481,20 @@ TANDEM_FLASH_PREFILL2(64, 8, tandem_flash_prefill2_d64, 1)
 TANDEM_FLASH_PREFILL2(128, 8, tandem_flash_prefill2_d128, 1)
 TANDEM_FLASH_PREFILL2(64, 4, tandem_flash_prefill2w4_d64, 2)
 TANDEM_FLASH_PREFILL2(128, 4, tandem_flash_prefill2w4_d128, 2)
+
+#define TANDEM_FLASH_PREFILL3(D)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads3, tandem_attn::kPrefillCtas3)                  \
+      tandem_flash_prefill3_d##D(const float* qkv, const int32_t* positions, const int32_t* tiles,                  \
+                                 const int32_t* blockTables, int maxBlocksPerSeq, const tandem_attn::bf16* pool,    \
+                                 int layer, int numLayers, int numBlocks, int blockSize, int blockMajor,            \
+                                 int numHeads, int numKvHeads, int slidingWindow, float scale,                      \
+                                 tandem_attn::bf16* out) {                                                          \
+    tandem_attn::flashPrefill3<D>(qkv, positions, tiles, blockTables, maxBlocksPerSeq, pool, layer, numLayers,     \
+                                  numBlocks, blockSize, blockMajor, numHeads, numKvHeads, slidingWindow, scale,    \
+                                  out);                                                                            \
+  }
+TANDEM_FLASH_PREFILL3(64)
+TANDEM_FLASH_PREFILL3(128)
 
 #define TANDEM_FLASH_DECODE2(D, G)                                                                                  \
   extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads, tandem_attn::decodeMinCtas2(G)) tandem_flash_decode2_d##D##_g##G(            \

@@ -4,7 +4,7 @@ import { CudaModelRunner } from '../../lib/engine/cuda.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { forwardBatch, logitsRow, type SequenceStep } from '../helpers/forward-batch.js';
 import { gpuGate } from '../helpers/gpu.js';
-import { relativeL2Error } from '../helpers/gpu-logits.js';
+import { BF16_TOLERANCE, relativeL2Error } from '../helpers/gpu-logits.js';
 
 // The GPU engine's decode attention kernels (native/kernels/attention.cu: tandem_flash_decode + _combine,
 // _decode2, _decode3) against the CPU engine on decode steps of 16 and 64 sequences with ragged contexts (1 .. 600
@@ -12,6 +12,10 @@ import { relativeL2Error } from '../helpers/gpu-logits.js';
 // GQA groups 4 and 8 at head dim 128. Each kernel is forced with TANDEM_ATTENTION=decode1 / decode2 / decode3;
 // unset, the engine picks by rows (decode2 up to 8, decode3 up to 16, decode1 above). Skipped with the reason printed
 // without a GPU.
+//
+// And its prefill kernels (tandem_flash_prefill2, the default, and _prefill3 with TANDEM_ATTENTION=prefill3) against
+// the CPU engine and each other on prompts of several 128-row tiles, chunks behind cached tokens, and lengths that
+// are not multiples of 64, with and without a sliding window, for GQA 4 and 8 at head dim 128 and GQA 4 at 64.
 //
 // Tolerance: the CPU engine keeps K and V in fp32, the GPU in bf16, and these prompts run to 600 tokens of a random
 // model: on an H100 every kernel's worst relative logit error was 1.5e-2 to 1.8e-2, and 2.28e-2 on one sequence at
@@ -117,6 +121,87 @@ describe.skipIf(!gate.run)('GPU decode attention kernels', () => {
           expect(w.rel, `TANDEM_ATTENTION=${DECODE_KERNELS[i]}, ${w.at}`).toBeLessThan(LONG_CONTEXT_TOLERANCE);
       } finally {
         await Promise.all([cpu.dispose(), ...gpus.map((g) => g.dispose())]);
+      }
+    },
+  );
+});
+
+// Head dims and GQA groups of the prefill comparison: dummy:tiny with its attention reshaped.
+const PREFILL_SHAPES = [
+  ['head dim 128, GQA 4', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 2 }],
+  ['head dim 128, GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }],
+  ['head dim 64, GQA 4', { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 }],
+] as const;
+
+describe.skipIf(!gate.run)('GPU prefill attention kernels', () => {
+  const cases = PREFILL_SHAPES.flatMap(([name, config]) =>
+    [null, 100].map((window) => [name, window, config] as const),
+  );
+  it.each(cases)(
+    'prefill3 agrees with the CPU engine and with prefill2 on long prompts, chunks behind cached tokens and ragged tiles (%s, sliding window %s)',
+    async (_shape, slidingWindow, shape) => {
+      const config = { ...shape, slidingWindow };
+      const numBlocks = 256;
+      // Sequence A: a 1120-token prompt (9 tiles of 128, the last of 96 rows), then a 300-token chunk behind it,
+      // then a decode. Sequence B: 77 tokens, a 50-token chunk behind them, a decode. The last token of each step
+      // (the one whose logits are compared) falls in the first m16 row block of its warp for some steps and in the
+      // second for others (prefill3's warps hold two): A 1120 -> row 95 of its tile (block 1), 300 -> 43 (block
+      // 0); B 77 -> 76 (block 0), 50 -> 49 (block 1).
+      const lengths = [
+        [1120, 300, 1],
+        [77, 50, 1],
+      ] as const;
+      const total = lengths.map((l) => l[0] + l[1] + l[2]);
+      // Blocks handed out from the top of the pool down and listed in reverse, so that neighbours in a table are
+      // far apart in the pool.
+      const tables: number[][] = [];
+      let next = numBlocks;
+      for (const n of total) {
+        const count = Math.ceil(n / 16);
+        tables.push(Array.from({ length: count }, (_, k) => next - count + k).reverse());
+        next -= count;
+      }
+      expect(next).toBeGreaterThanOrEqual(0);
+      const mb = Math.max(...tables.map((t) => t.length));
+      const tokens = (s: number, from: number, n: number) =>
+        Array.from({ length: n }, (_, i) => ((from + i) * 29 + s * 13 + 5) % 256);
+
+      const cpu = await CpuModelRunner.create({ config, numBlocks, threads: 2, weights: 'dummy:tiny' });
+      const prefill2 = await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, null);
+      const prefill3 = await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, 'prefill3');
+      try {
+        expect([prefill2.attentionKernels, prefill3.attentionKernels]).toEqual(['flash2', 'prefill3']);
+        const V = config.vocabSize;
+        let worst3 = { rel: 0, at: '' };
+        let worst2 = 0;
+        let worst32 = 0;
+        const starts = [0, 0];
+        for (let step = 0; step < 3; step++) {
+          const parts: SequenceStep[] = lengths.map((l, s) => ({
+            blocks: tables[s]!,
+            start: starts[s]!,
+            tokens: tokens(s, starts[s]!, l[step]!),
+          }));
+          lengths.forEach((l, s) => (starts[s] = starts[s]! + l[step]!));
+          const batch = forwardBatch(parts, mb);
+          const [c, g2, g3] = await Promise.all([cpu, prefill2, prefill3].map((r) => r.forward(batch)));
+          for (let s = 0; s < parts.length; s++) {
+            const rel3 = relativeL2Error(logitsRow(g3!, V, s), logitsRow(c!, V, s));
+            if (rel3 > worst3.rel) worst3 = { rel: rel3, at: `step ${step}, sequence ${s}` };
+            worst2 = Math.max(worst2, relativeL2Error(logitsRow(g2!, V, s), logitsRow(c!, V, s)));
+            worst32 = Math.max(worst32, relativeL2Error(logitsRow(g3!, V, s), logitsRow(g2!, V, s)));
+          }
+        }
+        console.log(
+          `[figure] prefill kernels (${_shape}, window ${slidingWindow}): worst relative logit error against the CPU: prefill3 ${worst3.rel.toExponential(2)} (${worst3.at}), prefill2 ${worst2.toExponential(2)}; prefill3 against prefill2 ${worst32.toExponential(2)}`,
+        );
+        expect(worst3.rel, `prefill3 against the CPU, ${worst3.at}`).toBeLessThan(LONG_CONTEXT_TOLERANCE);
+        expect(worst2, 'prefill2 against the CPU').toBeLessThan(LONG_CONTEXT_TOLERANCE);
+        // The same arithmetic (bf16 Q and P, fp32 accumulators) in another order: far closer than either is to the
+        // CPU's fp32 K and V.
+        expect(worst32, 'prefill3 against prefill2').toBeLessThan(BF16_TOLERANCE);
+      } finally {
+        await Promise.all([cpu.dispose(), prefill2.dispose(), prefill3.dispose()]);
       }
     },
   );

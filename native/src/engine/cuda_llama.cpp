@@ -139,6 +139,19 @@ int flash3DecodeSplits(int ctas, int chunks, int slots) {
   return best;
 }
 unsigned flash2PrefillSmem(int headDim) { return 3u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
+// The third prefill kernel (attention.cu, tandem_flash_prefill3: prefill2's tiles on 4 warps of 32 query rows, two
+// CTAs per multiprocessor), with TANDEM_ATTENTION=prefill3 where the fatbin has it (prefill2 otherwise); off by
+// default until measured. It takes prefill2's tiles (planBatch), so they must fit its kFlash3PrefillRows rows.
+// Shared memory (attention.cu, prefill3SmemBytes): 1 KiB of alignment slack, then at head dim 128 the tile's
+// queries (kFlash3PrefillRows x 128 bf16) and 2 stages of K and V tiles, at 64 3 stages and no queries.
+constexpr int kFlash3PrefillRows = 128;
+constexpr unsigned kFlash3PrefillThreads = 128;
+static_assert(kFlash2Rows <= kFlash3PrefillRows, "prefill3 takes prefill2's tiles");
+unsigned flash3PrefillSmem(int headDim) {
+  const unsigned d = static_cast<unsigned>(headDim);
+  const bool queries = headDim > 64;
+  return 1024u + (queries ? kFlash3PrefillRows * d * 2u : 0u) + (queries ? 2u : 3u) * 2u * kFlashKeys * d * 2u;
+}
 // The skinny GEMM's geometry (gemv.cu, namespace tandem_gemv): threads per CTA, the largest batch with a kernel,
 // and weight rows per CTA (any grid is correct there; this one gives each CTA one row group).
 constexpr unsigned kGemvThreads = 128;
@@ -365,6 +378,7 @@ void CudaLlama::init() {
   const char* attentionEnv = std::getenv("TANDEM_ATTENTION");
   const std::string attention = attentionEnv ? attentionEnv : "";
   flash2_ = false;
+  prefill3_ = false;
   if (attention != "reference" && (D == 64 || D == 128) && local_.numHeads % local_.numKvHeads == 0 &&
       group <= kFlashMaxGroup) {
     const std::string d = std::to_string(D);
@@ -395,6 +409,22 @@ void CudaLlama::init() {
         flash2_ = true;
       } catch (const NativeError& e) {
         if (e.code != "TANDEM_BAD_ARGUMENT") throw;
+      }
+      if (flash2_ && attention == "prefill3") {
+        // A fatbin built before prefill3 lacks it: prefill2 then.
+        try {
+          fn_.flash3Prefill = device_.function("tandem_flash_prefill3_d" + d);
+          check(drv.cuFuncSetAttribute(fn_.flash3Prefill, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                       static_cast<int>(flash3PrefillSmem(D))),
+                "cuFuncSetAttribute (flash3 prefill shared memory)");
+          // All shared memory, no L1: room for two CTAs (97 KiB each at head dim 128).
+          check(drv.cuFuncSetAttribute(fn_.flash3Prefill, CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, 100),
+                "cuFuncSetAttribute (flash3 prefill carveout)");
+          prefill3_ = true;
+        } catch (const NativeError& e) {
+          if (e.code != "TANDEM_BAD_ARGUMENT") throw;
+          fn_.flash3Prefill = nullptr;
+        }
       }
       if (flash2_ && (group == 4 || group == 8)) {
         try {
@@ -1176,7 +1206,10 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   launch(fn_.ropeKv, itok, static_cast<unsigned>(H + KVH + 1), 64, b.qkv, b.positions, b.tokenBlocks, invFreq, H,
          KVH, D, kv, l, L, nb, bs, blockMajor);
   if (flash_) {
-    if (flashTiles && p.flash2)
+    if (flashTiles && p.flash2 && prefill3_)
+      launch3(fn_.flash3Prefill, H, flashTiles, 1, kFlash3PrefillThreads, flash3PrefillSmem(D), b.qkv, b.positions,
+              b.flashTiles, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale, b.attn);
+    else if (flashTiles && p.flash2)
       launch3(fn_.flash2Prefill, H, flashTiles, 1, kFlash2Threads, flash2PrefillSmem(D), b.qkv, b.positions,
               b.flashTiles, b.tables, mb, kv, l, L, nb, bs, blockMajor, H, KVH, c.slidingWindow, scale, b.attn);
     else if (flashTiles)

@@ -123,6 +123,8 @@ class CudaLlama {
   // Whether attention runs through the flash kernels (set by init()), and whether through the second ones.
   bool flashAttention() const { return flash_; }
   bool flash2Attention() const { return flash2_; }
+  // Within flash2: whether prefill runs tandem_flash_prefill3 (TANDEM_ATTENTION=prefill3) instead of _prefill2.
+  bool prefill3Attention() const { return prefill3_; }
   // The decode kernel a step with `rows` decode rows runs (within flash_): 1, 2, 3 = tandem_flash_decode,
   // _decode2, _decode3 (cuda_llama.cpp, kFlash2DecodeMaxRows and TANDEM_ATTENTION=decode<n>).
   int decodeKernel(size_t rows) const;
@@ -330,6 +332,7 @@ class CudaLlama {
     CUfunction flashPrefill, flashDecode, flashCombine;  // attention.cu, for head dims 64 and 128
     CUfunction flash2Prefill, flash2Decode;              // attention.cu's second kernels, where flash2_
     CUfunction flash3Decode;                             // tandem_flash_decode3 (GQA groups 4, 8), where flash2_
+    CUfunction flash3Prefill;                            // tandem_flash_prefill3, where prefill3_
     CUfunction dummyUniform, dummyFill, dummySlice;      // dummy_init.cu, looked up on first use
     CUfunction embedShard;                               // tp.cu, with several tensor-parallel ranks
     CUfunction qkNorm;                                   // moe.cu's tandem_qk_rmsnorm, where config.qkNorm
@@ -340,6 +343,8 @@ class CudaLlama {
   // Within flash_: the second kernels (tandem_flash_prefill2 / _decode2) where they exist, the GQA group is a power
   // of two up to 8 and TANDEM_ATTENTION is not `flash1`.
   std::atomic<bool> flash2_{false};
+  // Within flash2_: prefill through tandem_flash_prefill3 (TANDEM_ATTENTION=prefill3, where the fatbin has it).
+  std::atomic<bool> prefill3_{false};
   // TANDEM_ATTENTION=decode1 / decode2 / decode3: every decode step's attention through that decode kernel (where
   // loaded); 0: chosen by rows (planBatch).
   int forcedDecode_ = 0;

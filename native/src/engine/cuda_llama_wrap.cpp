@@ -834,9 +834,10 @@ Napi::Value CudaLlamaWrap::GetCudaGraphs(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// 'flash' (attention.cu) or 'reference' (llama.cu); known once init() has run.
+// 'flash', 'flash2' or 'prefill3' (attention.cu) or 'reference' (llama.cu); known once init() has run.
 Napi::Value CudaLlamaWrap::GetAttentionKernels(const Napi::CallbackInfo& info) {
   if (!model_ || !model_->flashAttention()) return Napi::String::New(info.Env(), "reference");
+  if (model_->prefill3Attention()) return Napi::String::New(info.Env(), "prefill3");
   return Napi::String::New(info.Env(), model_->flash2Attention() ? "flash2" : "flash");
 }
 
