@@ -776,9 +776,10 @@ export class CudaModelRunner implements ModelRunner {
   }
 
   /**
-   * Which attention kernels run: 'flash2' (native/kernels/attention.cu's second kernels: 128-row prefill tiles,
-   * one-launch split decode; head dims 64 and 128, GQA groups 1, 2, 4, 8), 'prefill3' (the same with prefill
-   * through tandem_flash_prefill3: 4 warps of 32 query rows; TANDEM_ATTENTION=prefill3 where the kernels have it),
+   * Which attention kernels run: 'prefill3' (native/kernels/attention.cu's second kernels, one-launch split decode,
+   * with prefill through tandem_flash_prefill3: 128-row tiles on 4 warps of 32 query rows; head dims 64 and 128, GQA
+   * groups 1, 2, 4, 8: the default), 'flash2' (the same with prefill through tandem_flash_prefill2: 8 warps of 16
+   * rows; TANDEM_ATTENTION=prefill2, or a fatbin without prefill3),
    * 'flash' (the first ones: head dims 64 and 128, GQA groups up to 16, or TANDEM_ATTENTION=flash1) or 'reference'
    * (native/kernels/llama.cu: any shape, or TANDEM_ATTENTION=reference).
    */
@@ -788,8 +789,8 @@ export class CudaModelRunner implements ModelRunner {
 
   /**
    * Which decode kernel a decode step runs (null without the flash kernels): `small` for steps of at most
-   * `smallMaxRows` sequences (decode2: splits read straight into registers), `medium` up to `mediumMaxRows`
-   * (decode3, the GQA group on tensor cores, for groups 4 and 8; decode1 otherwise), `large` above (decode1);
+   * `smallMaxRows` sequences (decode2: splits read straight into registers), `medium` up to `mediumMaxRows` and
+   * `large` above (decode3, the GQA group on tensor cores, for groups 4 and 8; decode1 otherwise);
    * TANDEM_ATTENTION=decode1|decode2|decode3 forces all three.
    */
   get decodeAttention(): DecodeAttention | null {

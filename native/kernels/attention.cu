@@ -17,6 +17,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 namespace tandem_attn {
 
 typedef __nv_bfloat16 bf16;
@@ -314,6 +316,7 @@ __device__ void flashDecode(const float* qkv, const int32_t* positions, const in
                             int numLayers, int numBlocks, int blockSize, int blockMajor, int numHeads,
                             int numKvHeads, int slidingWindow, float scale, int keysPerSplit, float* partial,
                             bf16* out) {
+  tandem_pdl::letDependentsLaunch();  // the o_proj GEMV after it streams its weights meanwhile (pdl.cuh)
   constexpr int kPad = 8;  // row padding (bf16): 16-byte reads of 8 consecutive rows hit distinct bank groups
   constexpr int kRowLen = D + kPad;
   constexpr int kSlotsPerHead = D / 4;  // a thread's output slot: 4 consecutive dims of one q head
@@ -481,6 +484,7 @@ TANDEM_FLASH_DECODE(128, tandem_flash_decode_h_d128, true)
 extern "C" __global__ void __launch_bounds__(tandem_attn::kThreads)
     tandem_flash_decode_combine(const float* partial, const int32_t* rows, int numHeads, int headDim, int splits,
                                 tandem_attn::bf16* out) {
+  tandem_pdl::letDependentsLaunch();  // the o_proj GEMV after it streams its weights meanwhile (pdl.cuh)
   const int row = blockIdx.x, h = blockIdx.y;
   const int stride = tandem_attn::partialStride(headDim);
   const float* base = partial + (size_t)(row * numHeads + h) * splits * stride;
@@ -1158,6 +1162,7 @@ __device__ void flashDecode2(const float* qkv, const int32_t* positions, const i
                              const bf16* pool, int layer, int numLayers, int numBlocks, int blockSize, int blockMajor,
                              int numHeads, int numKvHeads, int slidingWindow, float scale, int keysPerSplit,
                              float* partial, int* counters, bf16* out) {
+  tandem_pdl::letDependentsLaunch();  // the o_proj GEMV after it streams its weights meanwhile (pdl.cuh)
   // A key row is D / 8 lanes of 16 bytes; a warp step covers kSlots keys side by side, kPerLane steps deep.
   constexpr int kLanesPerKey = D / 8, kSlots = 32 / kLanesPerKey, kPerLane = kDecodeKeysPerLane2;
   constexpr int kWarpKeys = kSlots * kPerLane;  // keys per warp step: 8 (D 128) or 16 (D 64)
@@ -1331,6 +1336,7 @@ __device__ void flashDecode3(const float* qkv, const int32_t* positions, const i
                              const bf16* pool, int layer, int numLayers, int numBlocks, int blockSize, int blockMajor,
                              int numHeads, int numKvHeads, int slidingWindow, float scale, int keysPerSplit,
                              float* partial, int* counters, bf16* out) {
+  tandem_pdl::letDependentsLaunch();  // the o_proj GEMV after it streams its weights meanwhile (pdl.cuh)
   static_assert(S >= 2, "a stage loads while another is read");
   static_assert(G <= 8, "query heads g .. 15 of the A operand are zero: rows 8 .. 15 never hold a head");
   constexpr int kWarps = kThreads / 32;

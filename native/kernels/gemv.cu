@@ -26,6 +26,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 namespace tandem_gemv {
 
 typedef __nv_bfloat16 bf16;
@@ -58,17 +60,8 @@ __device__ __forceinline__ uint4 loadInput(const uint4* p) {
   return v;
 }
 
-// Programmatic dependent launch: until this returns, the previous kernel's writes may not be visible.
-__device__ __forceinline__ void waitForInputs() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void letDependentsLaunch() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
+using tandem_pdl::letDependentsLaunch;
+using tandem_pdl::waitForInputs;
 
 // Eight bf16 (one 16-byte vector) to fp32, in order.
 __device__ __forceinline__ void unpack(const uint4& v, float* f) {

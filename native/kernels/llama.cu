@@ -8,6 +8,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl.cuh"
+
 // Channels per block of tandem_llama_silu_mul (the engine's kSiluMulChunk, cuda_llama.h, must be the same).
 #define TANDEM_SILU_MUL_CHUNK 1024
 
@@ -65,6 +67,7 @@ extern "C" __global__ void tandem_llama_embed(const bf16* table, const int32_t* 
 // Grid: output rows. rows lets the final norm take only each sequence's last token.
 extern "C" __global__ void tandem_llama_add_rmsnorm(float* x, const float* delta, const bf16* w, int hidden, float eps,
                                                     const int32_t* rows, bf16* out) {
+  tandem_pdl::letDependentsLaunch();  // the GEMV after it streams its weights meanwhile (pdl.cuh)
   size_t s = rows ? (size_t)rows[blockIdx.x] : blockIdx.x;
   float* xr = x + s * hidden;
   const float* dr = delta ? delta + s * hidden : nullptr;

@@ -33,13 +33,13 @@ const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: 
   );
 
 // Attention shapes: dummy:tiny's head dim 16 runs llama.cu's kernels; head dims 64 and 128 (GQA groups 4 and 8,
-// as Llama-3 8B and 70B) run attention.cu's second flash kernels by default, its first ones with
-// TANDEM_ATTENTION=flash1, and the second with prefill through tandem_flash_prefill3 with TANDEM_ATTENTION=prefill3
-// (the last element: TANDEM_ATTENTION while the GPU runner is created).
+// as Llama-3 8B and 70B) run attention.cu's second flash kernels with prefill through tandem_flash_prefill3 by
+// default, prefill through tandem_flash_prefill2 with TANDEM_ATTENTION=prefill2, and its first kernels with
+// TANDEM_ATTENTION=flash1 (the last element: TANDEM_ATTENTION while the GPU runner is created).
 const ATTENTION_SHAPES = [
   ['head dim 16', dummyConfig('tiny'), 'reference', null],
-  ['head dim 64, GQA 4', { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 }, 'flash2', null],
-  ['head dim 128, GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }, 'flash2', null],
+  ['head dim 64, GQA 4', { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 }, 'prefill3', null],
+  ['head dim 128, GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }, 'prefill3', null],
   [
     'head dim 128, GQA 8, TANDEM_ATTENTION=flash1',
     { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 },
@@ -47,16 +47,16 @@ const ATTENTION_SHAPES = [
     'flash1',
   ],
   [
-    'head dim 64, GQA 4, TANDEM_ATTENTION=prefill3',
+    'head dim 64, GQA 4, TANDEM_ATTENTION=prefill2',
     { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 },
-    'prefill3',
-    'prefill3',
+    'flash2',
+    'prefill2',
   ],
   [
-    'head dim 128, GQA 8, TANDEM_ATTENTION=prefill3',
+    'head dim 128, GQA 8, TANDEM_ATTENTION=prefill2',
     { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 },
-    'prefill3',
-    'prefill3',
+    'flash2',
+    'prefill2',
   ],
 ] as const;
 

@@ -134,9 +134,9 @@ describe.skipIf(!gate.run)('GPU engine, tensor parallel ranks on one device', ()
   const DUMMY_SHAPES: [string, ModelConfig, number, string][] = [
     ['dummy:tiny', dummyConfig('tiny'), 2, 'reference'],
     ['dummy:tiny', dummyConfig('tiny'), 4, 'reference'],
-    ['head dim 64, 8 heads, 2 kv heads', head64, 2, 'flash2'],
-    ['head dim 64, 8 heads, 2 kv heads', head64, 4, 'flash2'],
-    ['head dim 128, 8 heads, 1 kv head', head128, 2, 'flash2'],
+    ['head dim 64, 8 heads, 2 kv heads', head64, 2, 'prefill3'],
+    ['head dim 64, 8 heads, 2 kv heads', head64, 4, 'prefill3'],
+    ['head dim 128, 8 heads, 1 kv head', head128, 2, 'prefill3'],
   ];
   it.each(DUMMY_SHAPES)(
     '%s at TP %i: dummy weights are slices of TP 1, and batches of prefill chunks and decodes agree step by step',

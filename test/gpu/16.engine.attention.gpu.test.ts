@@ -10,10 +10,10 @@ import { BF16_TOLERANCE, relativeL2Error } from '../helpers/gpu-logits.js';
 // _decode2, _decode3) against the CPU engine on decode steps of 16 and 64 sequences with ragged contexts (1 .. 600
 // tokens, so some sequences end before the later context splits begin), with and without a sliding window, for
 // GQA groups 4 and 8 at head dim 128. Each kernel is forced with TANDEM_ATTENTION=decode1 / decode2 / decode3;
-// unset, the engine picks by rows (decode2 up to 8, decode3 up to 16, decode1 above). Skipped with the reason printed
+// unset, the engine picks by rows (decode2 up to 8, decode3 above). Skipped with the reason printed
 // without a GPU.
 //
-// And its prefill kernels (tandem_flash_prefill2, the default, and _prefill3 with TANDEM_ATTENTION=prefill3) against
+// And its prefill kernels (tandem_flash_prefill3, the default, and _prefill2 with TANDEM_ATTENTION=prefill2) against
 // the CPU engine and each other on prompts of several 128-row tiles, chunks behind cached tokens, and lengths that
 // are not multiples of 64, with and without a sliding window, for GQA 4 and 8 at head dim 128 and GQA 4 at 64.
 //
@@ -77,13 +77,13 @@ describe.skipIf(!gate.run)('GPU decode attention kernels', () => {
       try {
         for (const attention of DECODE_KERNELS)
           gpus.push(await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, attention));
-        for (const gpu of gpus) expect(gpu.attentionKernels).toBe('flash2');
-        // Unset: decode2 up to 8 rows, decode3 up to 16, decode1 above; forced: that one always.
+        for (const gpu of gpus) expect(gpu.attentionKernels).toBe('prefill3');
+        // Unset: decode2 up to 8 rows, decode3 above; forced: that one always.
         expect(gpus.map((g) => g.decodeAttention)).toEqual(
           DECODE_KERNELS.map((k) => ({
             small: k ?? 'decode2',
             medium: k ?? 'decode3',
-            large: k ?? 'decode1',
+            large: k ?? 'decode3',
             smallMaxRows: 8,
             mediumMaxRows: 16,
           })),
@@ -167,8 +167,8 @@ describe.skipIf(!gate.run)('GPU prefill attention kernels', () => {
         Array.from({ length: n }, (_, i) => ((from + i) * 29 + s * 13 + 5) % 256);
 
       const cpu = await CpuModelRunner.create({ config, numBlocks, threads: 2, weights: 'dummy:tiny' });
-      const prefill2 = await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, null);
-      const prefill3 = await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, 'prefill3');
+      const prefill2 = await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, 'prefill2');
+      const prefill3 = await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, null);
       try {
         expect([prefill2.attentionKernels, prefill3.attentionKernels]).toEqual(['flash2', 'prefill3']);
         const V = config.vocabSize;

@@ -113,17 +113,19 @@ constexpr size_t kFlash2Counters = 4096;
 // is split across many CTAs (batch 1 at 3032 keys: 18 us against 25; batch 16 at 544: 26 against 29) and loses
 // once the batch alone fills the GPU (batch 16 at 3032: 111 against 103 us; batch 64 at 3032: 388 against 323 us).
 constexpr size_t kFlash2DecodeMaxRows = 8;
-// Steps of up to kFlash3DecodeMaxRows sequences take the third decode kernel (attention.cu, tandem_flash_decode3: the
-// GQA group on tensor cores, three cp.async stages of 64-key tiles, splits merged in the same launch as decode2's)
-// where the group is 4 or 8, larger ones the first: measured on one H100 (bench:engine, 8B, TANDEM_ATTENTION=decode1
-// against decode3, whole decode steps), decode3 wins at 16 sequences (context 512: 7.21 ms against 8.34; 8192: 13.7
-// against 14.8) and loses once the batch's KV fills the GPU (64 at 3072: 18.8 against 17.8; 128 at 3072: 31.7
+// Steps of more than kFlash2DecodeMaxRows sequences take the third decode kernel (attention.cu, tandem_flash_decode3:
+// the GQA group on tensor cores, three cp.async stages of 64-key tiles, splits merged in the same launch as
+// decode2's) where the group is 4 or 8, the first otherwise. Measured on one H100 (bench:engine, 8B,
+// TANDEM_ATTENTION=decode1 against decode3, whole decode steps, eighteenth session): decode3 at 16 / 64 / 128
+// sequences of 3072 keys 9.18 / 16.3 / 25.8 ms against decode1's 9.66 / 17.3 / 28.8, at 16 of 8192 13.0 against
+// 14.5. (Before its splits were fixed, below, it lost from 64 sequences on: 64 at 3072 18.8 against 17.8; 128 at 3072: 31.7
 // against 29.0). Its splits minimise waves x (tiles per split + kFlash3SplitOverheadTiles), a wave being
 // kFlash3DecodeCtasPerSm CTAs (its shared memory's limit) on every multiprocessor, at most kFlash2MaxSplits: a
 // split pays its pipeline's fill and the merge whatever its length, so a batch that fills the GPU on its own runs
 // unsplit. (Waves / splits alone, the rule before, split 128 sequences of 3072 keys 24 ways into CTAs of two tiles.)
 // TANDEM_ATTENTION=decode1 / decode2 / decode3 forces one decode kernel for every batch, TANDEM_DECODE_SPLITS=n
 // the splits of decode2 / decode3 (A/B measurements).
+// The largest step runner.decodeAttention reports as `medium` (decode3 runs every larger one too).
 constexpr size_t kFlash3DecodeMaxRows = 16;
 constexpr int kFlash3DecodeCtasPerSm = 2;
 constexpr int kFlash3SplitOverheadTiles = 2;
@@ -140,8 +142,9 @@ int flash3DecodeSplits(int ctas, int chunks, int slots) {
 }
 unsigned flash2PrefillSmem(int headDim) { return 3u * 2u * kFlashKeys * static_cast<unsigned>(headDim) * 2u; }
 // The third prefill kernel (attention.cu, tandem_flash_prefill3: prefill2's tiles on 4 warps of 32 query rows, two
-// CTAs per multiprocessor), with TANDEM_ATTENTION=prefill3 where the fatbin has it (prefill2 otherwise); off by
-// default until measured. It takes prefill2's tiles (planBatch), so they must fit its kFlash3PrefillRows rows.
+// CTAs per multiprocessor): the default where the fatbin has it, prefill2 with TANDEM_ATTENTION=prefill2 (measured on
+// one H100, bench:engine 8B: 8192 tokens 246.6 ms against 265.8, 3000 79.0 against 80.1, 512 equal). It takes
+// prefill2's tiles (planBatch), so they must fit its kFlash3PrefillRows rows.
 // Shared memory (attention.cu, prefill3SmemBytes): 1 KiB of alignment slack, then at head dim 128 the tile's
 // queries (kFlash3PrefillRows x 128 bf16) and 2 stages of K and V tiles, at 64 3 stages and no queries.
 constexpr int kFlash3PrefillRows = 128;
@@ -383,7 +386,9 @@ void CudaLlama::init() {
       group <= kFlashMaxGroup) {
     const std::string d = std::to_string(D);
     fn_.flashPrefill = device_.function("tandem_flash_prefill_d" + d);
-    // TANDEM_DECODE_GRID: rows (the default) or heads, the order of decode1's and decode3's grids (A/B measurements).
+    // TANDEM_DECODE_GRID: rows (the default) or heads, the order of decode1's and decode3's grids (A/B
+    // measurements: heads measured 0.4-0.8% faster from 64 sequences of 3072 keys up on one H100, within the
+    // runs' spread; its outputs have not been checked against the CPU on a GPU, so rows stays the default).
     decodeHeadsFastest_ = false;
     if (const char* grid = std::getenv("TANDEM_DECODE_GRID")) {
       const std::string v = grid;
@@ -410,7 +415,7 @@ void CudaLlama::init() {
       } catch (const NativeError& e) {
         if (e.code != "TANDEM_BAD_ARGUMENT") throw;
       }
-      if (flash2_ && attention == "prefill3") {
+      if (flash2_ && attention != "prefill2") {
         // A fatbin built before prefill3 lacks it: prefill2 then.
         try {
           fn_.flash3Prefill = device_.function("tandem_flash_prefill3_d" + d);
@@ -486,8 +491,10 @@ void CudaLlama::init() {
       throw NativeError("TANDEM_BACKEND_UNAVAILABLE", "TANDEM_GEMM=lt but cuBLASLt is unavailable: " +
                                                           cublasLt_.reason + " (set TANDEM_LIBCUBLASLT, or TANDEM_GEMM=gemmex)");
   }
-  const char* pdl = std::getenv("TANDEM_GEMV_PDL");
-  gemvPdl_ = pdl && std::string(pdl) == "1";
+  // Programmatic dependent launch of the GEMV kernels (pdl.cuh), with TANDEM_GEMV_PDL=1. Measured on one H100
+  // before the norm and decode-attention kernels let their dependents launch early: no gain (batch 1 at 3072 keys
+  // 6.32 ms against 6.33). Those triggers are in; the A/B with them has not run, so it stays off by default.
+  gemvPdl_ = envSwitch("TANDEM_GEMV_PDL", false);
   CUdevice dev = 0;
   check(drv.cuDeviceGet(&dev, device_.ordinal()), "cuDeviceGet");
   check(drv.cuDeviceGetAttribute(&multiprocessors_, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
@@ -1052,7 +1059,7 @@ void CudaLlama::gateUpAct(CUdeviceptr x, int m, int k, CUdeviceptr wgateUp, int 
 
 int CudaLlama::decodeKernel(size_t rows) const {
   const bool few = rows <= kFlash2DecodeMaxRows;
-  const int k = !flash2_ ? 1 : forcedDecode_ ? forcedDecode_ : few ? 2 : rows <= kFlash3DecodeMaxRows ? 3 : 1;
+  const int k = !flash2_ ? 1 : forcedDecode_ ? forcedDecode_ : few ? 2 : 3;
   return k == 3 && !fn_.flash3Decode ? (few ? 2 : 1) : k;
 }
 size_t CudaLlama::decode2MaxRows() { return kFlash2DecodeMaxRows; }
