@@ -358,8 +358,8 @@ int decode3Stages(int kernel) { return kernel == 3 ? tandem_attn::kDecodeStages3
 
 // cuda_llama.cpp's split plan for each decode kernel (rows sequences, kv heads KVH, context ctx keys):
 // 1: enough for 2 CTAs per multiprocessor; 2: 3 per multiprocessor, at most kMaxSplits2; 3 (and its variants):
-// the fewest splits that minimise waves / splits, a wave being the kernel's resident CTAs on every multiprocessor,
-// at most kMaxSplits2.
+// the fewest splits that minimise waves x (tiles per split + 2), a wave being the kernel's resident CTAs on every
+// multiprocessor, at most kMaxSplits2 (cuda_llama.cpp, flash3DecodeSplits).
 FlashPlan decodePlan(int kernel, int rows, int ctx, int sms) {
   FlashPlan f;
   for (int r = 0; r < rows; ++r) f.rows.push_back(r);
@@ -367,11 +367,11 @@ FlashPlan decodePlan(int kernel, int rows, int ctx, int sms) {
   int want;
   if (kernel >= 3) {
     const int slots = decode3Ctas(kernel) * sms;
-    double bestCost = 1e300;
+    long long bestCost = -1;
     want = 1;
     for (int s = 1; s <= std::min(chunks, tandem_attn::kMaxSplits2); ++s) {
-      const double cost = static_cast<double>(((long long)ctas * s + slots - 1) / slots) / s;
-      if (cost < bestCost - 1e-12) want = s, bestCost = cost;
+      const long long cost = (((long long)ctas * s + slots - 1) / slots) * ((chunks + s - 1) / s + 2);
+      if (bestCost < 0 || cost < bestCost) want = s, bestCost = cost;
     }
   } else {
     want = std::max(1, ((kernel == 2 ? kDecode2CtasPerSm : 2) * sms + ctas - 1) / ctas);
