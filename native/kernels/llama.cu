@@ -129,6 +129,174 @@ extern "C" __global__ void tandem_llama_rope_kv(float* qkv, const int32_t* posit
   }
 }
 
+// ---- TANDEM_ELEMENTWISE=2: rope_kv and add_rmsnorm at the copy rate (opt-in until measured) -------------------
+//
+// Four bf16 (8 bytes) from four floats, each rounded to nearest even as __float2bfloat16 does.
+__device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {
+  uint2 v;
+  __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(&v);
+  p[0] = __floats2bfloat162_rn(a, b);
+  p[1] = __floats2bfloat162_rn(c, d);
+  return v;
+}
+
+// tandem_llama_rope_kv's contract and results, bit for bit (the same cosf / sinf of the same float angle, the same
+// expressions per pair), with fewer, wider accesses: a block takes one token and kRope2Heads of its q and k heads
+// (the last block of the token also copies V), computes the token's cos / sin once per pair index into shared
+// memory for all of them, and moves four pairs per thread in float4 loads and stores of qkv and 8-byte bf16 stores
+// to the pool where headDim % 8 == 0 (rows, heads and halves then stay 16-byte aligned); one pair at a time
+// otherwise. Grid: (tokens, ceil((numHeads + numKvHeads) / kRope2Heads)); block: kRope2Threads. headDim <= 2 *
+// kRope2MaxHalf.
+constexpr int kRope2Heads = 8;
+constexpr int kRope2Threads = 128;
+constexpr int kRope2MaxHalf = 256;
+
+extern "C" __global__ void __launch_bounds__(kRope2Threads)
+    tandem_llama_rope_kv2(float* qkv, const int32_t* positions, const int32_t* tokenBlocks, const float* invFreq,
+                          int numHeads, int numKvHeads, int headDim, bf16* pool, int layer, int numLayers,
+                          int numBlocks, int blockSize, int blockMajor) {
+  __shared__ __align__(16) float ropeCos[kRope2MaxHalf];
+  __shared__ __align__(16) float ropeSin[kRope2MaxHalf];
+  const int t = blockIdx.x, half = headDim / 2;
+  const int kvDim = numKvHeads * headDim, qDim = numHeads * headDim;
+  const int h0 = blockIdx.y * kRope2Heads, heads = min(kRope2Heads, numHeads + numKvHeads - h0);
+  float* row = qkv + (size_t)t * (qDim + 2 * kvDim);
+  const int p = positions[t], block = tokenBlocks[t];
+  const size_t tile = (size_t)blockSize * kvDim, slot = (size_t)(p % blockSize) * kvDim;
+  bf16* k = pool + kvTile(layer, 0, block, numLayers, numBlocks, blockMajor) * tile + slot;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float angle = (float)p * invFreq[i];
+    ropeCos[i] = cosf(angle);
+    ropeSin[i] = sinf(angle);
+  }
+  __syncthreads();
+  if ((headDim & 7) == 0) {
+    const int quads = half / 4;  // four pairs (i .. i + 3 and their partners i + half ..) per step
+    for (int e = threadIdx.x; e < heads * quads; e += blockDim.x) {
+      const int h = h0 + e / quads, i = 4 * (e % quads);
+      float* head = row + h * headDim;
+      const float4 a = *reinterpret_cast<const float4*>(head + i), b = *reinterpret_cast<const float4*>(head + i + half);
+      const float4 c = *reinterpret_cast<const float4*>(ropeCos + i), s = *reinterpret_cast<const float4*>(ropeSin + i);
+      float4 ra, rb;
+      ra.x = a.x * c.x - b.x * s.x, rb.x = b.x * c.x + a.x * s.x;
+      ra.y = a.y * c.y - b.y * s.y, rb.y = b.y * c.y + a.y * s.y;
+      ra.z = a.z * c.z - b.z * s.z, rb.z = b.z * c.z + a.z * s.z;
+      ra.w = a.w * c.w - b.w * s.w, rb.w = b.w * c.w + a.w * s.w;
+      *reinterpret_cast<float4*>(head + i) = ra;
+      *reinterpret_cast<float4*>(head + i + half) = rb;
+      if (h >= numHeads) {
+        bf16* kh = k + (h - numHeads) * headDim;
+        *reinterpret_cast<uint2*>(kh + i) = bf16x4(ra.x, ra.y, ra.z, ra.w);
+        *reinterpret_cast<uint2*>(kh + i + half) = bf16x4(rb.x, rb.y, rb.z, rb.w);
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < heads * half; e += blockDim.x) {
+      const int h = h0 + e / half, i = e % half;
+      float* head = row + h * headDim;
+      const float c = ropeCos[i], s = ropeSin[i];
+      const float a = head[i], b = head[i + half];
+      const float ra = a * c - b * s, rb = b * c + a * s;
+      head[i] = ra;
+      head[i + half] = rb;
+      if (h >= numHeads) {
+        const int off = (h - numHeads) * headDim;
+        k[off + i] = __float2bfloat16(ra);
+        k[off + i + half] = __float2bfloat16(rb);
+      }
+    }
+  }
+  if (blockIdx.y == gridDim.y - 1) {
+    bf16* v = pool + kvTile(layer, 1, block, numLayers, numBlocks, blockMajor) * tile + slot;
+    const float* vrow = row + qDim + kvDim;
+    if ((headDim & 7) == 0) {
+      for (int i = 4 * threadIdx.x; i < kvDim; i += 4 * blockDim.x) {
+        const float4 f = *reinterpret_cast<const float4*>(vrow + i);
+        *reinterpret_cast<uint2*>(v + i) = bf16x4(f.x, f.y, f.z, f.w);
+      }
+    } else {
+      for (int i = threadIdx.x; i < kvDim; i += blockDim.x) v[i] = __float2bfloat16(vrow[i]);
+    }
+  }
+}
+
+// tandem_llama_add_rmsnorm's contract (output row r on residual row rows ? rows[r] : r, x += delta in place when
+// delta is given, out = w * x / rms) in float4 loads and stores of x and delta and 8-byte bf16 loads and stores of
+// w and out where hidden % 4 == 0, one element at a time otherwise. x comes out bit for bit as there; the sum of
+// squares adds in another order, so out may differ in its last bf16 place. A thread keeps its first
+// kNorm2Vecs float4s of the row in registers for the second pass (all of it up to hidden 16 * blockDim) and reads
+// any others again. Grid: output rows; block: normThreads(hidden) (hidden / 4 up to 1024, cuda_llama.cpp), so
+// a decode row is one pass of one float4 per thread.
+constexpr int kNorm2Vecs = 4;
+
+// w * (x * scale) of four elements, rounded to bf16 (the expression of tandem_llama_add_rmsnorm).
+__device__ __forceinline__ uint2 normQuad(float4 v, uint2 w4, float scale) {
+  const float2 w01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w4.x));
+  const float2 w23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w4.y));
+  return bf16x4(w01.x * (v.x * scale), w01.y * (v.y * scale), w23.x * (v.z * scale), w23.y * (v.w * scale));
+}
+
+extern "C" __global__ void tandem_llama_add_rmsnorm2(float* x, const float* delta, const bf16* w, int hidden, float eps,
+                                                     const int32_t* rows, bf16* out) {
+  tandem_pdl::letDependentsLaunch();  // the GEMV after it streams its weights meanwhile (pdl.cuh)
+  const size_t s = rows ? (size_t)rows[blockIdx.x] : blockIdx.x;
+  float* xr = x + s * hidden;
+  const float* dr = delta ? delta + s * hidden : nullptr;
+  bf16* o = out + (size_t)blockIdx.x * hidden;
+  if (hidden & 3) {
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+      float v = xr[i];
+      if (dr) {
+        v += dr[i];
+        xr[i] = v;
+      }
+      ss += v * v;
+    }
+    const float scale = rsqrtf(blockSum(ss) / (float)hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+      o[i] = __float2bfloat16(__bfloat162float(w[i]) * (xr[i] * scale));
+    return;
+  }
+  const int n4 = hidden / 4, stride = blockDim.x;
+  float4* x4 = reinterpret_cast<float4*>(xr);
+  const float4* d4 = reinterpret_cast<const float4*>(dr);
+  float4 kept[kNorm2Vecs];
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kNorm2Vecs; ++j) {
+    const int i = threadIdx.x + j * stride;
+    if (i < n4) {
+      float4 v = x4[i];
+      if (d4) {
+        const float4 d = d4[i];
+        v.x += d.x, v.y += d.y, v.z += d.z, v.w += d.w;
+        x4[i] = v;
+      }
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+      kept[j] = v;
+    }
+  }
+  for (int i = threadIdx.x + kNorm2Vecs * stride; i < n4; i += stride) {
+    float4 v = x4[i];
+    if (d4) {
+      const float4 d = d4[i];
+      v.x += d.x, v.y += d.y, v.z += d.z, v.w += d.w;
+      x4[i] = v;
+    }
+    ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+  }
+  const float scale = rsqrtf(blockSum(ss) / (float)hidden + eps);
+  const uint2* w4 = reinterpret_cast<const uint2*>(w);
+  uint2* o4 = reinterpret_cast<uint2*>(o);
+#pragma unroll
+  for (int j = 0; j < kNorm2Vecs; ++j) {
+    const int i = threadIdx.x + j * stride;
+    if (i < n4) o4[i] = normQuad(kept[j], w4[i], scale);
+  }
+  for (int i = threadIdx.x + kNorm2Vecs * stride; i < n4; i += stride) o4[i] = normQuad(x4[i], w4[i], scale);
+}
+
 // Paged attention for prefill chunks and decode alike: query token t, head h attends over positions
 // (p - window, p] of its sequence (all of 0..p without a window), K and V read from the pool through the
 // sequence's block table; GQA maps q head h to kv head h / (numHeads / numKvHeads).

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // Runs the flash prefill kernels of native/kernels/attention.cu on the CPU (prefill.cpp, warp.h): copies the
 // kernels' source out of attention.cu (the helpers they call and flashPrefill2 / flashPrefill3, with their
-// __shared__ declarations pointed at the emulated CTA's shared memory), builds with g++ and runs.
-//   node bench/micro/emulate/run.mjs [prefill2|prefill3] [--quick]
+// __shared__ declarations pointed at the emulated CTA's shared memory), builds with g++ and runs. With
+// `elementwise`: llama.cu's rope_kv and add_rmsnorm kernels, old and new, through elementwise.cpp.
+//   node bench/micro/emulate/run.mjs [prefill2|prefill3|elementwise] [--quick]
 // Exit status: the harness's (1: an error above tolerance), 2 when it cannot build.
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -11,15 +12,18 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const source = readFileSync(join(here, '../../../native/kernels/attention.cu'), 'utf8');
+const kernelFile = (name) => readFileSync(join(here, '../../../native/kernels', name), 'utf8');
 
-/** The text of attention.cu from `start` up to (not including) `end`. */
-function between(start, end) {
-  const s = source.indexOf(start);
-  const e = source.indexOf(end, s);
-  if (s < 0 || e < 0) throw new Error(`attention.cu: cannot find the section from '${start}' to '${end}'`);
-  return source.slice(s, e);
+/** The text of `file` (its source `text`) from `start` up to (not including) `end`. */
+function section(file, text, start, end) {
+  const s = text.indexOf(start);
+  const e = text.indexOf(end, s);
+  if (s < 0 || e < 0) throw new Error(`${file}: cannot find the section from '${start}' to '${end}'`);
+  return text.slice(s, e);
 }
+
+const source = kernelFile('attention.cu');
+const between = (start, end) => section('attention.cu', source, start, end);
 
 const prefill2 = between('template <int D, int W>\n__device__ void flashPrefill2', '// prefill3: the tile of prefill2')
   .replace('extern __shared__ __align__(128) unsigned char smem[];', 'unsigned char* smem = emuCta().smem;')
@@ -32,7 +36,7 @@ for (const [name, text] of [
   ['flashPrefill3', prefill3],
 ])
   if (text.includes('__shared__')) throw new Error(`${name}: a __shared__ declaration the emulation does not map`);
-const kernels = [
+const prefillKernels = [
   'typedef __nv_bfloat16 bf16;',
   between('constexpr int kKeys', '\n'),
   between('constexpr float kLog2e', '\n'),
@@ -51,13 +55,34 @@ const kernels = [
   prefill3,
 ].join('\n');
 
+// llama.cu's elementwise kernels with the helpers they call; their __shared__ declarations become pieces of the
+// emulated CTA's shared memory (elementwise.cpp, emuShared).
+function elementwiseKernels() {
+  const llama = kernelFile('llama.cu');
+  const take = (start, end) => section('llama.cu', llama, start, end);
+  const text = [
+    'typedef __nv_bfloat16 bf16;',
+    take('__device__ __forceinline__ float warpSum', '__device__ __forceinline__ float warpMax'),
+    take('// Sum over the block', '}  // namespace tandem_llama'),
+    take('// Fused residual add + RMSNorm.', '// y[r, :] += bias.'),
+    take('// RoPE on the q and k heads', '// Paged attention for prefill chunks and decode alike'),
+  ]
+    .join('\n')
+    .replace(/__shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[(\w+)\];/g, '$1* $2 = emuShared<$1>($3);')
+    .replace(/__shared__ (\w+) (\w+);/g, '$1& $2 = *emuShared<$1>(1);');
+  if (text.includes('__shared__')) throw new Error('llama.cu: a __shared__ declaration the emulation does not map');
+  return text;
+}
+
+const elementwise = process.argv[2] === 'elementwise';
+const [kernels, harness] = elementwise ? [elementwiseKernels(), 'elementwise.cpp'] : [prefillKernels, 'prefill.cpp'];
 const dir = mkdtempSync(join(tmpdir(), 'tandem-emulate-'));
 try {
   writeFileSync(join(dir, 'kernels.inc'), kernels);
-  for (const f of ['warp.h', 'prefill.cpp']) copyFileSync(join(here, f), join(dir, f));
+  for (const f of ['warp.h', harness]) copyFileSync(join(here, f), join(dir, f));
   const build = spawnSync(
     'g++',
-    ['-std=c++20', '-O2', '-pthread', '-o', join(dir, 'prefill'), join(dir, 'prefill.cpp')],
+    ['-std=c++20', '-O2', '-fno-strict-aliasing', '-pthread', '-o', join(dir, 'emulate'), join(dir, harness)],
     {
       stdio: 'inherit',
     },
@@ -66,7 +91,7 @@ try {
     console.error(`emulate: g++ failed (${build.error?.message ?? `exit ${build.status}`})`);
     process.exitCode = 2;
   } else {
-    const r = spawnSync(join(dir, 'prefill'), process.argv.slice(2), { stdio: 'inherit' });
+    const r = spawnSync(join(dir, 'emulate'), process.argv.slice(elementwise ? 3 : 2), { stdio: 'inherit' });
     process.exitCode = r.status ?? 1;
   }
 } finally {
