@@ -61,18 +61,26 @@ const ATTENTION_SHAPES = [
 ] as const;
 
 /** A GPU runner created with TANDEM_ATTENTION set to `attention` (unset for null); the runner reads it once. */
-async function createGpuRunner(
+const createGpuRunner = (options: Parameters<typeof CudaModelRunner.create>[0], attention: string | null) =>
+  createGpuRunnerWith(options, { TANDEM_ATTENTION: attention });
+
+/** A GPU runner created with the environment variables of `env` set (unset for null); restored after. */
+async function createGpuRunnerWith(
   options: Parameters<typeof CudaModelRunner.create>[0],
-  attention: string | null,
+  env: Record<string, string | null>,
 ): Promise<CudaModelRunner> {
-  const saved = process.env.TANDEM_ATTENTION;
-  if (attention === null) delete process.env.TANDEM_ATTENTION;
-  else process.env.TANDEM_ATTENTION = attention;
+  const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
+  for (const [k, v] of Object.entries(env)) {
+    if (v === null) delete process.env[k];
+    else process.env[k] = v;
+  }
   try {
     return await CudaModelRunner.create(options);
   } finally {
-    if (saved === undefined) delete process.env.TANDEM_ATTENTION;
-    else process.env.TANDEM_ATTENTION = saved;
+    for (const [k, v] of Object.entries(saved)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
   }
 }
 
@@ -283,6 +291,99 @@ describe.skipIf(!gate.run)('GPU engine', () => {
       }
     },
   );
+
+  // TANDEM_ELEMENTWISE=2: rope_kv2 and add_rmsnorm2 (llama.cu) for every rope and norm launch. rope_kv2 gives
+  // rope_kv's K, V and q bit for bit and add_rmsnorm2 add_rmsnorm's norms within a bf16 place (checked on the CPU
+  // by test/bench/elementwise-emulation), so the logits stay within 1e-3 of the default kernels' and mostly equal.
+  describe('TANDEM_ELEMENTWISE=2', () => {
+    it.each(
+      (['block-major', 'layer-major'] as const).flatMap((layout) =>
+        ATTENTION_SHAPES.filter((s) => s[3] === null).map((s) => [layout, ...s] as const),
+      ),
+    )(
+      'agrees with the CPU engine and the default kernels on prefill chunks of 1 to 300 tokens and decodes (%s, %s)',
+      async (layout, _shape, config, kernels) => {
+        const numBlocks = 96;
+        const cpu = await CpuModelRunner.create({ config, numBlocks, layout, threads: 2, weights: 'dummy:tiny' });
+        const wide = await createGpuRunnerWith(
+          { config, numBlocks, layout, weights: 'dummy:tiny' },
+          {
+            TANDEM_ELEMENTWISE: '2',
+          },
+        );
+        const plain = await createGpuRunnerWith(
+          { config, numBlocks, layout, weights: 'dummy:tiny' },
+          {
+            TANDEM_ELEMENTWISE: null,
+          },
+        );
+        try {
+          expect(wide.attentionKernels).toBe(kernels);
+          const mb = 40;
+          const tableA = Array.from({ length: mb }, (_, j) => (j * 7) % 80); // scattered, distinct
+          const tableB = Array.from({ length: 4 }, (_, j) => 80 + j);
+          const a = Array.from({ length: 400 }, (_, i) => (i * 31 + 3) % 256);
+          const b = Array.from({ length: 40 }, (_, i) => (i * 17 + 9) % 256);
+          const steps: Part[][] = [
+            [{ ids: a.slice(0, 300), start: 0, table: tableA }],
+            [
+              { ids: a.slice(300, 340), start: 300, table: tableA },
+              { ids: b.slice(0, 30), start: 0, table: tableB },
+            ],
+          ];
+          for (let i = 0; i < 5; i++)
+            steps.push([
+              { ids: [a[340 + i]!], start: 340 + i, table: tableA },
+              { ids: [b[30 + i]!], start: 30 + i, table: tableB },
+            ]);
+          let worstCpu = 0;
+          let worstPlain = 0;
+          let equalRows = 0;
+          let rows = 0;
+          for (const [k, parts] of steps.entries()) {
+            const batch = batchOf(parts, mb);
+            const [c, w, p] = await Promise.all([cpu.forward(batch), wide.forward(batch), plain.forward(batch)]);
+            const V = config.vocabSize;
+            for (let s = 0; s < parts.length; s++) {
+              const rowW = w.subarray(s * V, (s + 1) * V);
+              const rowP = p.subarray(s * V, (s + 1) * V);
+              const relCpu = relativeL2Error(rowW, c.subarray(s * V, (s + 1) * V));
+              const relPlain = relativeL2Error(rowW, rowP);
+              worstCpu = Math.max(worstCpu, relCpu);
+              worstPlain = Math.max(worstPlain, relPlain);
+              equalRows += relPlain === 0 ? 1 : 0;
+              rows++;
+              expect(relCpu, `step ${k}, sequence ${s}`).toBeLessThan(BF16_TOLERANCE);
+              expect(relPlain, `step ${k}, sequence ${s}`).toBeLessThan(1e-3);
+            }
+          }
+          console.log(
+            `[figure] TANDEM_ELEMENTWISE=2 dummy:tiny ${layout}, ${_shape}: worst relative logit error against the CPU ${worstCpu.toExponential(2)}, against the default kernels ${worstPlain.toExponential(2)} (${equalRows} of ${rows} rows bit for bit)`,
+          );
+        } finally {
+          await Promise.all([cpu.dispose(), wide.dispose(), plain.dispose()]);
+        }
+      },
+    );
+
+    it('any other value is a typed error naming the variable', async () => {
+      const config = dummyConfig('tiny');
+      await expect(
+        createGpuRunnerWith({ config, numBlocks: 8, weights: 'dummy:tiny' }, { TANDEM_ELEMENTWISE: '3' }),
+      ).rejects.toThrow(BadArgumentError);
+      await expect(
+        createGpuRunnerWith({ config, numBlocks: 8, weights: 'dummy:tiny' }, { TANDEM_ELEMENTWISE: 'on' }),
+      ).rejects.toThrow(/TANDEM_ELEMENTWISE must be '1' or '2'; got 'on'/);
+      // The GPU stays usable.
+      await using gpu = await createGpuRunnerWith(
+        { config, numBlocks: 8, weights: 'dummy:tiny' },
+        {
+          TANDEM_ELEMENTWISE: '1',
+        },
+      );
+      expect(gpu.attentionKernels).toBe('reference');
+    });
+  });
 
   it('rejects a malformed batch with a typed error, writes nothing, and keeps working', async () => {
     const config = dummyConfig('tiny');

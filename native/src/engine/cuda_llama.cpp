@@ -79,6 +79,9 @@ unsigned normThreads(int hidden) {
 // Sampling kernels' geometry (native/kernels/llama.cu, namespace tandem_sample).
 constexpr size_t kSampleChunk = 8192, kSampleMerge = 4096;
 constexpr unsigned kSampleThreads = 512;
+// tandem_llama_rope_kv2's geometry (llama.cu): heads per block, threads, the largest headDim / 2.
+constexpr int kRope2Heads = 8, kRope2MaxHalf = 256;
+constexpr unsigned kRope2Threads = 128;
 // tandem_llama_attention_tiled's limits (llama.cu).
 constexpr int kTiledMaxDim = 128, kTiledMaxGroup = 16;
 // The flash kernels' geometry (attention.cu, namespace tandem_attn): query rows per prefill tile, keys per
@@ -495,6 +498,26 @@ void CudaLlama::init() {
   // before the norm and decode-attention kernels let their dependents launch early: no gain (batch 1 at 3072 keys
   // 6.32 ms against 6.33). Those triggers are in; the A/B with them has not run, so it stays off by default.
   gemvPdl_ = envSwitch("TANDEM_GEMV_PDL", false);
+  // TANDEM_ELEMENTWISE: 1 (the default) rope_kv and add_rmsnorm, 2 their wide-access versions (llama.cu), which
+  // give the same K, V and rotated q bit for bit and norms within a bf16 place (bench/micro/emulate checks both on
+  // the CPU). A fatbin built before them, or a head dim past rope_kv2's shared cos / sin, keeps the first ones.
+  elementwise2_ = false;
+  fn_.ropeKv2 = fn_.addRmsNorm2 = nullptr;
+  if (const char* elementwise = std::getenv("TANDEM_ELEMENTWISE")) {
+    const std::string v = elementwise;
+    if (v != "1" && v != "2")
+      throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_ELEMENTWISE must be '1' or '2'; got '" + v + "'");
+    if (v == "2" && local_.headDim <= 2 * kRope2MaxHalf) {
+      try {
+        fn_.ropeKv2 = device_.function("tandem_llama_rope_kv2");
+        fn_.addRmsNorm2 = device_.function("tandem_llama_add_rmsnorm2");
+        elementwise2_ = true;
+      } catch (const NativeError& e) {
+        if (e.code != "TANDEM_BAD_ARGUMENT") throw;
+        fn_.ropeKv2 = fn_.addRmsNorm2 = nullptr;
+      }
+    }
+  }
   CUdevice dev = 0;
   check(drv.cuDeviceGet(&dev, device_.ordinal()), "cuDeviceGet");
   check(drv.cuDeviceGetAttribute(&multiprocessors_, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
@@ -1206,12 +1229,17 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   // The model's first layer starts from the embedding alone; every other one adds the previous layer's output (a
   // later pipeline stage's first layer: the one the previous stage handed over with x).
   const bool firstLayer = l == 0 && stage_.first();
-  launch(fn_.addRmsNorm, itok, 1, nt, b.x, firstLayer ? null : b.tmp, weight(W.inputNorm), hidden, eps, null, b.xn);
+  const CUfunction addRmsNorm = elementwise2_ ? fn_.addRmsNorm2 : fn_.addRmsNorm;
+  launch(addRmsNorm, itok, 1, nt, b.x, firstLayer ? null : b.tmp, weight(W.inputNorm), hidden, eps, null, b.xn);
   gemm(b.xn, itok, hidden, weight(W.wqkv), iq, b.qkv);
   if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, b.qkv, weight(W.bqkv), iq);
   if (c.qkNorm) launch(fn_.qkNorm, itok, H + KVH, 32, b.qkv, weight(W.qNorm), weight(W.kNorm), H, KVH, D, eps);
-  launch(fn_.ropeKv, itok, static_cast<unsigned>(H + KVH + 1), 64, b.qkv, b.positions, b.tokenBlocks, invFreq, H,
-         KVH, D, kv, l, L, nb, bs, blockMajor);
+  if (elementwise2_)
+    launch(fn_.ropeKv2, itok, static_cast<unsigned>((H + KVH + kRope2Heads - 1) / kRope2Heads), kRope2Threads, b.qkv,
+           b.positions, b.tokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
+  else
+    launch(fn_.ropeKv, itok, static_cast<unsigned>(H + KVH + 1), 64, b.qkv, b.positions, b.tokenBlocks, invFreq, H,
+           KVH, D, kv, l, L, nb, bs, blockMajor);
   if (flash_) {
     if (flashTiles && p.flash2 && prefill3_)
       launch3(fn_.flash3Prefill, H, flashTiles, 1, kFlash3PrefillThreads, flash3PrefillSmem(D), b.qkv, b.positions,
@@ -1249,7 +1277,7 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   gemm(b.attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, b.tmp);
   allReduce(b.tmp, p.ntok);  // row-parallel o_proj: the ranks' partial sums (the bias, replicated, after)
   if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, b.tmp, weight(W.bo), hidden);
-  launch(fn_.addRmsNorm, itok, 1, nt, b.x, b.tmp, weight(W.postNorm), hidden, eps, null, b.xn);
+  launch(addRmsNorm, itok, 1, nt, b.x, b.tmp, weight(W.postNorm), hidden, eps, null, b.xn);
   if (moe_) {
     moe_->enqueue(l, weights_->ptr, b.xn, p.ntok, b.moe, b.tmp,
                   [this](CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) { gemm(x, m, k, w, n, y); });
@@ -1296,7 +1324,8 @@ void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capt
     return;
   }
   const CUdeviceptr lastRows = b.lastRows;
-  launch(fn_.addRmsNorm, static_cast<unsigned>(p.nseq), 1, nt, b.x, b.tmp, weight(finalNorm_), hidden, eps, lastRows,
+  launch(elementwise2_ ? fn_.addRmsNorm2 : fn_.addRmsNorm, static_cast<unsigned>(p.nseq), 1, nt, b.x, b.tmp,
+         weight(finalNorm_), hidden, eps, lastRows,
          b.last);
   if (!tensorParallel()) {
     gemm(b.last, static_cast<int>(p.nseq), hidden, weight(lmHead_), c.vocabSize, b.logits);

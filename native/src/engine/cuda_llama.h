@@ -336,6 +336,7 @@ class CudaLlama {
     CUfunction dummyUniform, dummyFill, dummySlice;      // dummy_init.cu, looked up on first use
     CUfunction embedShard;                               // tp.cu, with several tensor-parallel ranks
     CUfunction qkNorm;                                   // moe.cu's tandem_qk_rmsnorm, where config.qkNorm
+    CUfunction ropeKv2, addRmsNorm2;                     // llama.cu's wide-access kernels, where elementwise2_
   } fn_{};
   // Attention through the flash kernels (attention.cu) where the shape allows and TANDEM_ATTENTION is not
   // `reference`; otherwise through llama.cu's tandem_llama_attention(_tiled).
@@ -356,6 +357,9 @@ class CudaLlama {
   // TANDEM_GEMV_PDL=1: GEMV kernels start before the kernel ahead of them ends (programmatic dependent launch)
   // and stream their first weights meanwhile. Off by default until measured.
   bool gemvPdl_ = false;
+  // TANDEM_ELEMENTWISE=2: every rope_kv and add_rmsnorm launch through tandem_llama_rope_kv2 / _add_rmsnorm2
+  // (float4 accesses, one cos / sin per token; llama.cu) where the fatbin has them. Off by default until measured.
+  bool elementwise2_ = false;
   int multiprocessors_ = 0;
   bool released_ = false;
   std::atomic<bool> cudaGraphs_{true};
