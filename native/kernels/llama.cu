@@ -224,10 +224,11 @@ extern "C" __global__ void __launch_bounds__(kRope2Threads)
 // delta is given, out = w * x / rms) in float4 loads and stores of x and delta and 8-byte bf16 loads and stores of
 // w and out where hidden % 4 == 0, one element at a time otherwise. x comes out bit for bit as there; the sum of
 // squares adds in another order, so out may differ in its last bf16 place. A thread keeps its first
-// kNorm2Vecs float4s of the row in registers for the second pass (all of it up to hidden 16 * blockDim) and reads
-// any others again. Grid: output rows; block: normThreads(hidden) (hidden / 4 up to 1024, cuda_llama.cpp), so
-// a decode row is one pass of one float4 per thread.
-constexpr int kNorm2Vecs = 4;
+// kNorm2Vecs float4s of the row in registers for the second pass (all of it up to hidden 4 * blockDim: Llama 8B's
+// 4096) and reads any others again: two blocks of 1024 threads fit a multiprocessor at 32 registers, which two
+// kept float4s already overflow into local memory (ptxas, sm_90a). Grid: output rows; block: normThreads(hidden)
+// (hidden / 4 up to 1024, cuda_llama.cpp), so a decode row is one pass of one float4 per thread.
+constexpr int kNorm2Vecs = 1;
 
 // w * (x * scale) of four elements, rounded to bf16 (the expression of tandem_llama_add_rmsnorm).
 __device__ __forceinline__ uint2 normQuad(float4 v, uint2 w4, float scale) {
@@ -236,8 +237,9 @@ __device__ __forceinline__ uint2 normQuad(float4 v, uint2 w4, float scale) {
   return bf16x4(w01.x * (v.x * scale), w01.y * (v.y * scale), w23.x * (v.z * scale), w23.y * (v.w * scale));
 }
 
-extern "C" __global__ void tandem_llama_add_rmsnorm2(float* x, const float* delta, const bf16* w, int hidden, float eps,
-                                                     const int32_t* rows, bf16* out) {
+extern "C" __global__ void __launch_bounds__(1024, 2)
+    tandem_llama_add_rmsnorm2(float* x, const float* delta, const bf16* w, int hidden, float eps, const int32_t* rows,
+                              bf16* out) {
   tandem_pdl::letDependentsLaunch();  // the GEMV after it streams its weights meanwhile (pdl.cuh)
   const size_t s = rows ? (size_t)rows[blockIdx.x] : blockIdx.x;
   float* xr = x + s * hidden;
