@@ -366,7 +366,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
       },
     );
 
-    it('any other value is a typed error naming the variable', async () => {
+    it('any other value, of it or of the other A/B switches, is a typed error naming the variable', async () => {
       const config = dummyConfig('tiny');
       await expect(
         createGpuRunnerWith({ config, numBlocks: 8, weights: 'dummy:tiny' }, { TANDEM_ELEMENTWISE: '3' }),
@@ -374,6 +374,22 @@ describe.skipIf(!gate.run)('GPU engine', () => {
       await expect(
         createGpuRunnerWith({ config, numBlocks: 8, weights: 'dummy:tiny' }, { TANDEM_ELEMENTWISE: 'on' }),
       ).rejects.toThrow(/TANDEM_ELEMENTWISE must be '1' or '2'; got 'on'/);
+      // The engine's other A/B switches: each refused with a typed error, whatever the model's attention shape.
+      for (const [name, value, message] of [
+        ['TANDEM_DECODE_GRID', 'cols', /TANDEM_DECODE_GRID must be 'rows' or 'heads'; got 'cols'/],
+        ['TANDEM_DECODE_SPLITS', '0', /TANDEM_DECODE_SPLITS must be a whole number of splits from 1 to 64; got '0'/],
+        ['TANDEM_DECODE_SPLITS', '8x', /TANDEM_DECODE_SPLITS must be a whole number/],
+        [
+          'TANDEM_ATTENTION',
+          'prefil2',
+          /TANDEM_ATTENTION must be 'reference', 'flash1', .* or 'decode3'; got 'prefil2'/,
+        ],
+        ['TANDEM_GEMV_PDL', 'yes', /TANDEM_GEMV_PDL must be 0 or 1; got 'yes'/],
+      ] as const)
+        await expect(
+          createGpuRunnerWith({ config, numBlocks: 8, weights: 'dummy:tiny' }, { [name]: value }),
+          `${name}=${value}`,
+        ).rejects.toThrow(message);
       // The GPU stays usable.
       await using gpu = await createGpuRunnerWith(
         { config, numBlocks: 8, weights: 'dummy:tiny' },

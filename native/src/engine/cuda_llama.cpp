@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <string>
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -188,6 +190,19 @@ bool envSwitch(const char* name, bool fallback) {
   const std::string s = v;
   if (s == "0" || s == "1") return s == "1";
   throw NativeError("TANDEM_BAD_ARGUMENT", std::string(name) + " must be 0 or 1; got '" + s + "'");
+}
+// One of `choices` from the environment ("" when unset or empty); anything else is a typed error listing them.
+std::string envChoice(const char* name, std::initializer_list<const char*> choices) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return "";
+  std::string list;
+  size_t i = 0;
+  for (const char* c : choices) {
+    if (v == std::string(c)) return v;
+    list += std::string(i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + "'" + c + "'";
+    ++i;
+  }
+  throw NativeError("TANDEM_BAD_ARGUMENT", std::string(name) + " must be " + list + "; got '" + v + "'");
 }
 // Decode graphs kept at once (one per batch shape seen); all are dropped when the cache fills.
 constexpr size_t kMaxGraphs = 64;
@@ -381,24 +396,18 @@ void CudaLlama::init() {
   fn_.sampleFinish = device_.function("tandem_sample_finish");
   const CudaDriver& drv = device_.driver();
   const int D = local_.headDim, group = local_.numHeads / local_.numKvHeads;
-  const char* attentionEnv = std::getenv("TANDEM_ATTENTION");
-  const std::string attention = attentionEnv ? attentionEnv : "";
+  const std::string attention = envChoice(
+      "TANDEM_ATTENTION", {"reference", "flash1", "prefill2", "prefill3", "decode1", "decode2", "decode3"});
+  // TANDEM_DECODE_GRID: rows (the default) or heads, the order of decode1's and decode3's grids (A/B
+  // measurements: heads measured 0.4-0.8% faster from 64 sequences of 3072 keys up on one H100, within the
+  // runs' spread; its outputs have not been checked against the CPU on a GPU, so rows stays the default).
+  decodeHeadsFastest_ = envChoice("TANDEM_DECODE_GRID", {"rows", "heads"}) == "heads";
   flash2_ = false;
   prefill3_ = false;
   if (attention != "reference" && (D == 64 || D == 128) && local_.numHeads % local_.numKvHeads == 0 &&
       group <= kFlashMaxGroup) {
     const std::string d = std::to_string(D);
     fn_.flashPrefill = device_.function("tandem_flash_prefill_d" + d);
-    // TANDEM_DECODE_GRID: rows (the default) or heads, the order of decode1's and decode3's grids (A/B
-    // measurements: heads measured 0.4-0.8% faster from 64 sequences of 3072 keys up on one H100, within the
-    // runs' spread; its outputs have not been checked against the CPU on a GPU, so rows stays the default).
-    decodeHeadsFastest_ = false;
-    if (const char* grid = std::getenv("TANDEM_DECODE_GRID")) {
-      const std::string v = grid;
-      if (v != "rows" && v != "heads")
-        throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_DECODE_GRID must be 'rows' or 'heads'; got '" + v + "'");
-      decodeHeadsFastest_ = v == "heads";
-    }
     const std::string order = decodeHeadsFastest_ ? "_h" : "";
     fn_.flashDecode = device_.function("tandem_flash_decode" + order + "_d" + d);
     fn_.flashCombine = device_.function("tandem_flash_decode_combine");
@@ -484,16 +493,12 @@ void CudaLlama::init() {
   gemvMaxBatch_ = gemvMax;
   // TANDEM_GEMM: lt (the default where libcublasLt loaded) or gemmex; lt asked for but absent is an error.
   bool useLt = cublasLt_.available;
-  if (const char* gemm = std::getenv("TANDEM_GEMM")) {
-    const std::string v = gemm;
-    if (v == "gemmex")
-      useLt = false;
-    else if (v != "lt")
-      throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_GEMM must be 'lt' or 'gemmex'; got '" + v + "'");
-    else if (!cublasLt_.available)
-      throw NativeError("TANDEM_BACKEND_UNAVAILABLE", "TANDEM_GEMM=lt but cuBLASLt is unavailable: " +
-                                                          cublasLt_.reason + " (set TANDEM_LIBCUBLASLT, or TANDEM_GEMM=gemmex)");
-  }
+  const std::string gemm = envChoice("TANDEM_GEMM", {"lt", "gemmex"});
+  if (gemm == "gemmex")
+    useLt = false;
+  else if (gemm == "lt" && !cublasLt_.available)
+    throw NativeError("TANDEM_BACKEND_UNAVAILABLE", "TANDEM_GEMM=lt but cuBLASLt is unavailable: " +
+                                                        cublasLt_.reason + " (set TANDEM_LIBCUBLASLT, or TANDEM_GEMM=gemmex)");
   // Programmatic dependent launch of the GEMV kernels (pdl.cuh), with TANDEM_GEMV_PDL=1. Measured on one H100
   // before the norm and decode-attention kernels let their dependents launch early: no gain (batch 1 at 3072 keys
   // 6.32 ms against 6.33). Those triggers are in; the A/B with them has not run, so it stays off by default.
@@ -503,19 +508,14 @@ void CudaLlama::init() {
   // the CPU). A fatbin built before them, or a head dim past rope_kv2's shared cos / sin, keeps the first ones.
   elementwise2_ = false;
   fn_.ropeKv2 = fn_.addRmsNorm2 = nullptr;
-  if (const char* elementwise = std::getenv("TANDEM_ELEMENTWISE")) {
-    const std::string v = elementwise;
-    if (v != "1" && v != "2")
-      throw NativeError("TANDEM_BAD_ARGUMENT", "TANDEM_ELEMENTWISE must be '1' or '2'; got '" + v + "'");
-    if (v == "2" && local_.headDim <= 2 * kRope2MaxHalf) {
-      try {
-        fn_.ropeKv2 = device_.function("tandem_llama_rope_kv2");
-        fn_.addRmsNorm2 = device_.function("tandem_llama_add_rmsnorm2");
-        elementwise2_ = true;
-      } catch (const NativeError& e) {
-        if (e.code != "TANDEM_BAD_ARGUMENT") throw;
-        fn_.ropeKv2 = fn_.addRmsNorm2 = nullptr;
-      }
+  if (envChoice("TANDEM_ELEMENTWISE", {"1", "2"}) == "2" && local_.headDim <= 2 * kRope2MaxHalf) {
+    try {
+      fn_.ropeKv2 = device_.function("tandem_llama_rope_kv2");
+      fn_.addRmsNorm2 = device_.function("tandem_llama_add_rmsnorm2");
+      elementwise2_ = true;
+    } catch (const NativeError& e) {
+      if (e.code != "TANDEM_BAD_ARGUMENT") throw;
+      fn_.ropeKv2 = fn_.addRmsNorm2 = nullptr;
     }
   }
   CUdevice dev = 0;
