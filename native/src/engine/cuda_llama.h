@@ -123,7 +123,8 @@ class CudaLlama {
   // Whether attention runs through the flash kernels (set by init()), and whether through the second ones.
   bool flashAttention() const { return flash_; }
   bool flash2Attention() const { return flash2_; }
-  // Within flash2: whether prefill runs tandem_flash_prefill3 (TANDEM_ATTENTION=prefill3) instead of _prefill2.
+  // Within flash2: whether prefill runs tandem_flash_prefill3 (the default) instead of _prefill2
+  // (TANDEM_ATTENTION=prefill2, or a fatbin without prefill3).
   bool prefill3Attention() const { return prefill3_; }
   // The decode kernel a step with `rows` decode rows runs (within flash_): 1, 2, 3 = tandem_flash_decode,
   // _decode2, _decode3 (cuda_llama.cpp, kFlash2DecodeMaxRows and TANDEM_ATTENTION=decode<n>).
@@ -344,7 +345,8 @@ class CudaLlama {
   // Within flash_: the second kernels (tandem_flash_prefill2 / _decode2) where they exist, the GQA group is a power
   // of two up to 8 and TANDEM_ATTENTION is not `flash1`.
   std::atomic<bool> flash2_{false};
-  // Within flash2_: prefill through tandem_flash_prefill3 (TANDEM_ATTENTION=prefill3, where the fatbin has it).
+  // Within flash2_: prefill through tandem_flash_prefill3 (where the fatbin has it and TANDEM_ATTENTION is not
+  // `prefill2`).
   std::atomic<bool> prefill3_{false};
   // TANDEM_ATTENTION=decode1 / decode2 / decode3: every decode step's attention through that decode kernel (where
   // loaded); 0: chosen by rows (planBatch).
