@@ -17,12 +17,40 @@
  *   const { rows, cols } = tensorSlice(config, 2, 1, tensor);         // rank 1's part of a [out, in] tensor
  */
 import { BadArgumentError, ParallelLayoutError } from '../errors.js';
+import type { DeviceBuffer } from '../cuda/index.js';
+import type { KvLayout, KvPool } from '../kv/pool.js';
+import { libraryCandidates } from '../native/libraries.js';
+import { nativeModelFields } from './cpu.js';
 import type { ModelConfig } from './model/config.js';
 import { weightManifest, type ManifestTensor } from './model/manifest.js';
 import { checkParallelConfig, tensorShard, type IndexRange } from './parallel.js';
 
 /** The most ranks one runner group takes, on one GPU or on several (LocalTpGroup::kMaxRanks). */
 export const MAX_LOCAL_TP_RANKS = 8;
+
+/**
+ * The options every native CudaLlama shares, whether it is a whole model, a tensor-parallel rank or a pipeline
+ * stage's rank: the model's fields, its KV pool's geometry and buffer, the cuBLAS libraries to load and CUDA graphs.
+ */
+export function cudaLlamaFields(
+  config: ModelConfig,
+  pool: KvPool,
+  layout: KvLayout,
+  kvBuffer: DeviceBuffer,
+  cudaGraphs: boolean | undefined,
+) {
+  const libraries = libraryCandidates();
+  return {
+    ...nativeModelFields(config),
+    numBlocks: pool.numBlocks,
+    blockSize: pool.blockSize,
+    layout,
+    kvBuffer: kvBuffer.raw,
+    cublas: libraries.cublas,
+    cublasLt: libraries.cublasLt,
+    cudaGraphs: cudaGraphs ?? true,
+  };
+}
 
 /**
  * Throws ParallelLayoutError unless `tp` ranks fit the model on the GPU engine: an integer 1..MAX_LOCAL_TP_RANKS

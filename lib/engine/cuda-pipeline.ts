@@ -26,8 +26,7 @@ import {
   type RawCudaStageChannel,
   type RawCudaTpGroup,
 } from '../native/binding.js';
-import { libraryCandidates } from '../native/libraries.js';
-import { nativeModelFields, runnerPoolSpec } from './cpu.js';
+import { runnerPoolSpec } from './cpu.js';
 import {
   DEFAULT_GPU_KV_FRACTION,
   GPU_ACTIVATION_RESERVE_BYTES,
@@ -35,7 +34,7 @@ import {
   loadRankWeights,
   type CudaModelRunnerOptions,
 } from './cuda.js';
-import { checkCudaTensorParallel, MAX_LOCAL_TP_RANKS, tpPlacement } from './cuda-parallel.js';
+import { checkCudaTensorParallel, cudaLlamaFields, MAX_LOCAL_TP_RANKS, tpPlacement } from './cuda-parallel.js';
 import type { ModelConfig } from './model/config.js';
 import { StartPhases } from './model/progress.js';
 import { checkParallelConfig, stageLayers } from './parallel.js';
@@ -403,14 +402,7 @@ export async function openCudaPipeline(
       rank.raw = nativeSync(
         () =>
           new binding.CudaLlama(rank.device.raw, {
-            ...nativeModelFields(config),
-            numBlocks: pool.numBlocks,
-            blockSize: pool.blockSize,
-            layout,
-            kvBuffer: buffer.raw,
-            cublas: libraryCandidates().cublas,
-            cublasLt: libraryCandidates().cublasLt,
-            cudaGraphs: options.cudaGraphs ?? true,
+            ...cudaLlamaFields(config, pool, layout, buffer, options.cudaGraphs),
             ...(tp > 1 ? { tp: { group: groups[stage]!, rank: tpRank } } : {}),
             pp: {
               stage,

@@ -50,7 +50,6 @@ import {
 import { libraryCandidates } from '../native/libraries.js';
 import {
   DEFAULT_DUMMY_SEED,
-  nativeModelFields,
   runnerConfigAndLayout,
   runnerPoolSpec,
   type NamedTensor,
@@ -67,6 +66,7 @@ import {
   checkTpDevicesPresent,
   kvBlocksFromFreeMemory,
   rankWeightBytes,
+  cudaLlamaFields,
   sliceHostTensor,
   tpPlacement,
   type TpCommunicatorKind,
@@ -455,14 +455,7 @@ export class CudaModelRunner implements ModelRunner {
       raw = nativeSync(
         () =>
           new (loadBinding().binding.CudaLlama)(device.raw, {
-            ...nativeModelFields(config),
-            numBlocks: pool.numBlocks,
-            blockSize: pool.blockSize,
-            layout,
-            kvBuffer: buffer.raw,
-            cublas: libraryCandidates().cublas,
-            cublasLt: libraryCandidates().cublasLt,
-            cudaGraphs: options.cudaGraphs ?? true,
+            ...cudaLlamaFields(config, pool, layout, buffer, options.cudaGraphs),
           }),
       );
       const model = raw;
@@ -617,14 +610,7 @@ export class CudaModelRunner implements ModelRunner {
         rank.raw = nativeSync(
           () =>
             new (loadBinding().binding.CudaLlama)(rank.device.raw, {
-              ...nativeModelFields(config),
-              numBlocks: pool.numBlocks,
-              blockSize: pool.blockSize,
-              layout,
-              kvBuffer: buffer.raw,
-              cublas: libraryCandidates().cublas,
-              cublasLt: libraryCandidates().cublasLt,
-              cudaGraphs: options.cudaGraphs ?? true,
+              ...cudaLlamaFields(config, pool, layout, buffer, options.cudaGraphs),
               tp: { group, rank: r },
               ...CudaModelRunner.expertOption(config, tpSize, ep, balancer),
             }),
