@@ -17,7 +17,11 @@
 # Clocks stay as the driver sets them (--clock-control none), as in bench:engine's timings.
 #
 # Environment: MODEL (default dummy:llama-3.1-8b), NCU (default: ncu on PATH, else /usr/local/cuda/bin/ncu),
-# VARIANTS (decode variants, default "graph eager"), NODE (default: ./node of the bundle, else node on PATH).
+# VARIANTS (decode variants, default "graph eager"), NODE (default: ./node of the bundle, else node on PATH),
+# REPLAY (ncu's --replay-mode: unset, ncu's default, kernel replay, which saves and restores the memory a kernel
+# writes between its passes; REPLAY=application reruns the whole benchmark per pass instead, for cases whose KV
+# pool is tens of GB: decode:b128:ctx3072 writes into a 51 GB pool, and under kernel replay it did not finish in
+# 290 s).
 set -euo pipefail
 
 usage() {
@@ -72,8 +76,10 @@ for c in "${cases[@]}"; do
     [ "$v" = eager ] && graphs=off
     echo "profile-engine: $c ($v) -> $out/$name.*" >&2
     start=$(date +%s)
+    replay=()
+    [ -z "${REPLAY:-}" ] || replay=(--replay-mode "$REPLAY")
     if ! "$ncu" --profile-from-start off --clock-control none --graph-profiling node --target-processes all \
-      --metrics "$metrics" -f -o "$out/$name" \
+      ${replay[@]+"${replay[@]}"} --metrics "$metrics" -f -o "$out/$name" \
       "$node" --import tsx bench/engine.ts --device cuda --model "$model" --profile-case "$c" --graphs "$graphs" \
       >"$out/$name.log" 2>&1; then
       echo "profile-engine: $c ($v) failed; the end of $out/$name.log:" >&2

@@ -209,6 +209,7 @@ describe('scripts/profile-engine.sh', () => {
       // The tensor pipe's share, asked for because this ncu lists the metric.
       expect(run).toMatch(/,sm__pipe_tensor_op_hmma_cycles_active\.avg\.pct_of_peak_sustained_active /);
       expect(run).toMatch(/bench\/engine\.ts --device cuda --model dummy:tiny --profile-case/);
+      expect(run).not.toContain('--replay-mode'); // ncu's default, kernel replay
     }
     expect(runs[0]).toMatch(/--profile-case prefill:16 --graphs on$/);
     expect(runs[1]).toMatch(/--profile-case decode:b2:ctx32 --graphs on$/);
@@ -220,5 +221,28 @@ describe('scripts/profile-engine.sh', () => {
     expect(summary).toContain('| GEMM | 2 | 0.150 | 55.0% |');
     const eager = JSON.parse(readFileSync(join(out, 'decode-b2-ctx32-eager.json'), 'utf8')) as { launches: number };
     expect(eager.launches).toBe(13);
+
+    // REPLAY=application: ncu reruns the benchmark per pass (a KV pool too large to save and restore per kernel).
+    writeFileSync(calls, '');
+    const again = spawnSync('bash', [join(packageRoot, 'scripts/profile-engine.sh'), 'profiles', 'decode:b2:ctx32'], {
+      cwd: dir,
+      env: {
+        ...process.env,
+        NCU: fake,
+        NODE: process.execPath,
+        MODEL: 'dummy:tiny',
+        VARIANTS: 'graph',
+        REPLAY: 'application',
+      },
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
+    expect(again.status, again.stderr).toBe(0);
+    const replayed = readFileSync(calls, 'utf8')
+      .trim()
+      .split('\n')
+      .filter((line) => !line.startsWith('--import'));
+    expect(replayed).toHaveLength(1);
+    expect(replayed[0]).toMatch(/--graph-profiling node --target-processes all --replay-mode application --metrics /);
   });
 });

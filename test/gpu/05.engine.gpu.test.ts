@@ -13,6 +13,7 @@ import { runTs } from '../helpers/cli.js';
 import { gpuGate } from '../helpers/gpu.js';
 import { argmax, BF16_TOLERANCE, hfFixture, relativeL2Error } from '../helpers/gpu-logits.js';
 import { forwardBatch } from '../helpers/forward-batch.js';
+import { createGpuRunnerWith } from '../helpers/gpu-runner.js';
 
 // The GPU engine (bf16, cuBLAS + Tandem's kernels) against transformers' fp32 logits and greedy tokens on the
 // committed fixtures (scripts/make-hf-fixture.py), and against the CPU engine on batches that mix prefill
@@ -63,26 +64,6 @@ const ATTENTION_SHAPES = [
 /** A GPU runner created with TANDEM_ATTENTION set to `attention` (unset for null); the runner reads it once. */
 const createGpuRunner = (options: Parameters<typeof CudaModelRunner.create>[0], attention: string | null) =>
   createGpuRunnerWith(options, { TANDEM_ATTENTION: attention });
-
-/** A GPU runner created with the environment variables of `env` set (unset for null); restored after. */
-async function createGpuRunnerWith(
-  options: Parameters<typeof CudaModelRunner.create>[0],
-  env: Record<string, string | null>,
-): Promise<CudaModelRunner> {
-  const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
-  for (const [k, v] of Object.entries(env)) {
-    if (v === null) delete process.env[k];
-    else process.env[k] = v;
-  }
-  try {
-    return await CudaModelRunner.create(options);
-  } finally {
-    for (const [k, v] of Object.entries(saved)) {
-      if (v === undefined) delete process.env[k];
-      else process.env[k] = v;
-    }
-  }
-}
 
 describe.skipIf(!gate.run)('GPU engine', () => {
   describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('matches transformers on %s', (name) => {
@@ -292,10 +273,18 @@ describe.skipIf(!gate.run)('GPU engine', () => {
     },
   );
 
-  // TANDEM_ELEMENTWISE=2: rope_kv2 and add_rmsnorm2 (llama.cu) for every rope and norm launch. rope_kv2 gives
-  // rope_kv's K, V and q bit for bit and add_rmsnorm2 add_rmsnorm's norms within a bf16 place (checked on the CPU
-  // by test/bench/elementwise-emulation), so the logits stay within 1e-3 of the default kernels' and mostly equal.
-  describe('TANDEM_ELEMENTWISE=2', () => {
+  // Opt-in and opt-out kernel variants against the CPU engine and the default kernels, each within 1e-3 of the
+  // defaults' logits:
+  // - TANDEM_ELEMENTWISE=2: rope_kv2 and add_rmsnorm2 (llama.cu) for every rope and norm launch. rope_kv2 gives
+  //   rope_kv's K, V and q bit for bit and add_rmsnorm2 add_rmsnorm's norms within a bf16 place (checked on the CPU
+  //   by test/bench/elementwise-emulation), so the logits stay mostly equal.
+  // - TANDEM_RESIDUAL_GEMM=0: o_proj and down write b.tmp and the norm after adds it, where by default (above the
+  //   GEMV's batch, one rank) they add into the residual stream in cuBLASLt's epilogue; the prefill chunks here
+  //   take the fused path, the two-row decodes the GEMV. The same fp32 sums in either order of operations.
+  describe.each([
+    ['TANDEM_ELEMENTWISE=2', { TANDEM_ELEMENTWISE: '2' }],
+    ['TANDEM_RESIDUAL_GEMM=0', { TANDEM_RESIDUAL_GEMM: '0' }],
+  ] as const)('%s', (variant, variantEnv) => {
     it.each(
       (['block-major', 'layer-major'] as const).flatMap((layout) =>
         ATTENTION_SHAPES.filter((s) => s[3] === null).map((s) => [layout, ...s] as const),
@@ -305,17 +294,10 @@ describe.skipIf(!gate.run)('GPU engine', () => {
       async (layout, _shape, config, kernels) => {
         const numBlocks = 96;
         const cpu = await CpuModelRunner.create({ config, numBlocks, layout, threads: 2, weights: 'dummy:tiny' });
-        const wide = await createGpuRunnerWith(
-          { config, numBlocks, layout, weights: 'dummy:tiny' },
-          {
-            TANDEM_ELEMENTWISE: '2',
-          },
-        );
+        const wide = await createGpuRunnerWith({ config, numBlocks, layout, weights: 'dummy:tiny' }, variantEnv);
         const plain = await createGpuRunnerWith(
           { config, numBlocks, layout, weights: 'dummy:tiny' },
-          {
-            TANDEM_ELEMENTWISE: null,
-          },
+          Object.fromEntries(Object.keys(variantEnv).map((k) => [k, null])),
         );
         try {
           expect(wide.attentionKernels).toBe(kernels);
@@ -358,15 +340,17 @@ describe.skipIf(!gate.run)('GPU engine', () => {
             }
           }
           console.log(
-            `[figure] TANDEM_ELEMENTWISE=2 dummy:tiny ${layout}, ${_shape}: worst relative logit error against the CPU ${worstCpu.toExponential(2)}, against the default kernels ${worstPlain.toExponential(2)} (${equalRows} of ${rows} rows bit for bit)`,
+            `[figure] ${variant} dummy:tiny ${layout}, ${_shape}: worst relative logit error against the CPU ${worstCpu.toExponential(2)}, against the default kernels ${worstPlain.toExponential(2)} (${equalRows} of ${rows} rows bit for bit)`,
           );
         } finally {
           await Promise.all([cpu.dispose(), wide.dispose(), plain.dispose()]);
         }
       },
     );
+  });
 
-    it('any other value, of it or of the other A/B switches, is a typed error naming the variable', async () => {
+  describe('A/B switches', () => {
+    it('any other value of TANDEM_ELEMENTWISE, or of the other A/B switches, is a typed error naming the variable', async () => {
       const config = dummyConfig('tiny');
       await expect(
         createGpuRunnerWith({ config, numBlocks: 8, weights: 'dummy:tiny' }, { TANDEM_ELEMENTWISE: '3' }),
@@ -385,6 +369,7 @@ describe.skipIf(!gate.run)('GPU engine', () => {
           /TANDEM_ATTENTION must be 'reference', 'flash1', .* or 'decode3'; got 'prefil2'/,
         ],
         ['TANDEM_GEMV_PDL', 'yes', /TANDEM_GEMV_PDL must be 0 or 1; got 'yes'/],
+        ['TANDEM_RESIDUAL_GEMM', 'true', /TANDEM_RESIDUAL_GEMM must be 0 or 1; got 'true'/],
       ] as const)
         await expect(
           createGpuRunnerWith({ config, numBlocks: 8, weights: 'dummy:tiny' }, { [name]: value }),

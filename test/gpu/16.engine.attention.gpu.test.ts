@@ -4,14 +4,15 @@ import { CudaModelRunner } from '../../lib/engine/cuda.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { forwardBatch, logitsRow, type SequenceStep } from '../helpers/forward-batch.js';
 import { gpuGate } from '../helpers/gpu.js';
+import { createGpuRunnerWith } from '../helpers/gpu-runner.js';
 import { BF16_TOLERANCE, relativeL2Error } from '../helpers/gpu-logits.js';
 
 // The GPU engine's decode attention kernels (native/kernels/attention.cu: tandem_flash_decode + _combine,
 // _decode2, _decode3) against the CPU engine on decode steps of 16 and 64 sequences with ragged contexts (1 .. 600
 // tokens, so some sequences end before the later context splits begin), with and without a sliding window, for
-// GQA groups 4 and 8 at head dim 128. Each kernel is forced with TANDEM_ATTENTION=decode1 / decode2 / decode3;
-// unset, the engine picks by rows (decode2 up to 8, decode3 above). Skipped with the reason printed
-// without a GPU.
+// GQA groups 4 and 8 at head dim 128. Each kernel is forced with TANDEM_ATTENTION=decode1 / decode2 / decode3, and
+// decode1 and decode3 also with TANDEM_DECODE_GRID=heads (grids ordered kv heads fastest); unset, the engine picks
+// by rows (decode2 up to 8, decode3 above). Skipped with the reason printed without a GPU.
 //
 // And its prefill kernels (tandem_flash_prefill3, the default, and _prefill2 with TANDEM_ATTENTION=prefill2) against
 // the CPU engine and each other on prompts of several 128-row tiles, chunks behind cached tokens, and lengths that
@@ -29,23 +30,22 @@ const SHAPES = [
   ['GQA 4', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 2 }],
   ['GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }],
 ] as const;
-const DECODE_KERNELS = [null, 'decode1', 'decode2', 'decode3'] as const;
+// Decode variants: the default pick, each kernel forced, and decode1 / decode3 with their grids ordered kv heads
+// fastest (TANDEM_DECODE_GRID=heads).
+const DECODE_VARIANTS = [
+  { TANDEM_ATTENTION: null, TANDEM_DECODE_GRID: null },
+  { TANDEM_ATTENTION: 'decode1', TANDEM_DECODE_GRID: null },
+  { TANDEM_ATTENTION: 'decode2', TANDEM_DECODE_GRID: null },
+  { TANDEM_ATTENTION: 'decode3', TANDEM_DECODE_GRID: null },
+  { TANDEM_ATTENTION: 'decode1', TANDEM_DECODE_GRID: 'heads' },
+  { TANDEM_ATTENTION: 'decode3', TANDEM_DECODE_GRID: 'heads' },
+] as const;
+const variantName = (v: (typeof DECODE_VARIANTS)[number]) =>
+  (v.TANDEM_ATTENTION ?? 'default') + (v.TANDEM_DECODE_GRID ? `, grid ${v.TANDEM_DECODE_GRID}` : '');
 
 /** A GPU runner created with TANDEM_ATTENTION set to `attention` (unset for null); the runner reads it once. */
-async function createGpuRunner(
-  options: Parameters<typeof CudaModelRunner.create>[0],
-  attention: string | null,
-): Promise<CudaModelRunner> {
-  const saved = process.env.TANDEM_ATTENTION;
-  if (attention === null) delete process.env.TANDEM_ATTENTION;
-  else process.env.TANDEM_ATTENTION = attention;
-  try {
-    return await CudaModelRunner.create(options);
-  } finally {
-    if (saved === undefined) delete process.env.TANDEM_ATTENTION;
-    else process.env.TANDEM_ATTENTION = saved;
-  }
-}
+const createGpuRunner = (options: Parameters<typeof CudaModelRunner.create>[0], attention: string | null) =>
+  createGpuRunnerWith(options, { TANDEM_ATTENTION: attention });
 
 describe.skipIf(!gate.run)('GPU decode attention kernels', () => {
   const cases = SHAPES.flatMap(([name, config]) =>
@@ -75,12 +75,12 @@ describe.skipIf(!gate.run)('GPU decode attention kernels', () => {
       const cpu = await CpuModelRunner.create({ config, numBlocks, threads: 2, weights: 'dummy:tiny' });
       const gpus = [];
       try {
-        for (const attention of DECODE_KERNELS)
-          gpus.push(await createGpuRunner({ config, numBlocks, weights: 'dummy:tiny' }, attention));
+        for (const env of DECODE_VARIANTS)
+          gpus.push(await createGpuRunnerWith({ config, numBlocks, weights: 'dummy:tiny' }, env));
         for (const gpu of gpus) expect(gpu.attentionKernels).toBe('prefill3');
         // Unset: decode2 up to 8 rows, decode3 above; forced: that one always.
         expect(gpus.map((g) => g.decodeAttention)).toEqual(
-          DECODE_KERNELS.map((k) => ({
+          DECODE_VARIANTS.map(({ TANDEM_ATTENTION: k }) => ({
             small: k ?? 'decode2',
             medium: k ?? 'decode3',
             large: k ?? 'decode3',
@@ -99,7 +99,7 @@ describe.skipIf(!gate.run)('GPU decode attention kernels', () => {
         // Decode steps of every sequence at once: compared per sequence, per kernel.
         const V = config.vocabSize;
         // Every kernel's worst error (and where), all steps compared before anything is asserted.
-        const worst = DECODE_KERNELS.map(() => ({ rel: 0, at: '' }));
+        const worst = DECODE_VARIANTS.map(() => ({ rel: 0, at: '' }));
         for (let k = 0; k < steps; k++) {
           const parts: SequenceStep[] = Array.from({ length: nseq }, (_, s) => ({
             blocks: tables[s]!,
@@ -113,12 +113,12 @@ describe.skipIf(!gate.run)('GPU decode attention kernels', () => {
               if (rel > worst[i]!.rel) worst[i] = { rel, at: `step ${k}, sequence ${s}` };
             }
         }
-        const report = worst.map((w, i) => `${DECODE_KERNELS[i] ?? 'default'} ${w.rel.toExponential(2)} (${w.at})`);
+        const report = worst.map((w, i) => `${variantName(DECODE_VARIANTS[i]!)} ${w.rel.toExponential(2)} (${w.at})`);
         console.log(
           `[figure] decode kernels, ${nseq} ragged sequences (${_shape}, window ${slidingWindow}): worst relative logit error against the CPU: ${report.join(', ')}`,
         );
         for (const [i, w] of worst.entries())
-          expect(w.rel, `TANDEM_ATTENTION=${DECODE_KERNELS[i]}, ${w.at}`).toBeLessThan(LONG_CONTEXT_TOLERANCE);
+          expect(w.rel, `${variantName(DECODE_VARIANTS[i]!)}, ${w.at}`).toBeLessThan(LONG_CONTEXT_TOLERANCE);
       } finally {
         await Promise.all([cpu.dispose(), ...gpus.map((g) => g.dispose())]);
       }

@@ -209,13 +209,13 @@ cublasStatus LtGemm::choose(int m, int n, int k, int yType, const cublasLtMatmul
 }
 
 cublasStatus LtGemm::run(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, CUstream stream,
-                         const char** what, const cublasLtMatmulAlgo* algo) {
+                         const char** what, const cublasLtMatmulAlgo* algo, float beta) {
   const Plan* p = nullptr;
   if (cublasStatus s = planFor(Key{m, n, k, yType}, &p, what)) return s;
-  const float one = 1.0f, zero = 0.0f;
+  const float one = 1.0f;
   *what = "cublasLtMatmul";
   return api_.matmul(handle_, p->desc, &one, reinterpret_cast<const void*>(w), p->a, reinterpret_cast<const void*>(x),
-                     p->b, &zero, reinterpret_cast<const void*>(y), p->d, reinterpret_cast<void*>(y), p->d, algo ? algo : &p->algo,
+                     p->b, &beta, reinterpret_cast<const void*>(y), p->d, reinterpret_cast<void*>(y), p->d, algo ? algo : &p->algo,
                      reinterpret_cast<void*>(workspace_), workspaceBytes_, stream);
 }
 

@@ -121,9 +121,10 @@ class LtGemm {
   // offers nothing for the shape.
   cublasStatus prepare(int m, int n, int k, int yType, const char** what);
   // Enqueues the product on `stream` (prepare() first where the shape is new) with the chosen algorithm, or with
-  // `algo` when given (one of candidates()). Returns as prepare().
+  // `algo` when given (one of candidates()). beta 1 adds it to y (y += x . w^T: cuBLASLt's C = D = y, in place);
+  // the kept algorithm serves either. Returns as prepare().
   cublasStatus run(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, CUstream stream,
-                   const char** what, const cublasLtMatmulAlgo* algo = nullptr);
+                   const char** what, const cublasLtMatmulAlgo* algo = nullptr, float beta = 0.0f);
   // The heuristic's top `count` algorithms for the shape, best ranked first (the engine's autotuning and the micro
   // benchmark time them).
   std::vector<cublasLtMatmulAlgo> candidates(int m, int n, int k, int yType, int count, cublasStatus* status);

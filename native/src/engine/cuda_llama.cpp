@@ -503,6 +503,8 @@ void CudaLlama::init() {
   // before the norm and decode-attention kernels let their dependents launch early: no gain (batch 1 at 3072 keys
   // 6.32 ms against 6.33). Those triggers are in; the A/B with them has not run, so it stays off by default.
   gemvPdl_ = envSwitch("TANDEM_GEMV_PDL", false);
+  // o_proj and down add into the residual stream in cuBLASLt's epilogue (gemmAdd) unless TANDEM_RESIDUAL_GEMM=0.
+  residualGemm_ = envSwitch("TANDEM_RESIDUAL_GEMM", true);
   // TANDEM_ELEMENTWISE: 1 (the default) rope_kv and add_rmsnorm, 2 their wide-access versions (llama.cu), which
   // give the same K, V and rotated q bit for bit and norms within a bf16 place (bench/micro/emulate checks both on
   // the CPU). A fatbin built before them, or a head dim past rope_kv2's shared cos / sin, keeps the first ones.
@@ -940,11 +942,7 @@ void CudaLlama::launchGemv(CUfunction fn, unsigned grid, Args... args) {
 // shape the fastest of the heuristic's top candidates as tuneGemm timed them, or its first with tuning off or out
 // of budget, chosen once, for a decode graph before its capture by prepareGemms; the workspace is the runner's)
 // or cublasGemmEx, in whose column-major terms y^T (n x m) = w (k x n, transposed) . x^T (k x m).
-// Not fused (yet): o_proj's and down's residual add could be cuBLASLt's C = x with beta 1 (D = x), the add
-// then leaving tandem_llama_add_rmsnorm (residual null); that changes runModel's layer loop, which the
-// attention work edits at the same time, and the GEMV path (m <= kGemvMaxBatch) would need the same
-// accumulate form. It would save about one fp32 pass over ntok x hidden per fused GEMM (~16 us at 3000 tokens,
-// ~1 ms or 1% of prefill 3000 over 64 GEMMs; negligible in decode), and no launch.
+// o_proj's and down's residual add: gemmAdd, below (not on the GEMV path, which writes y).
 void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType) {
   if (m >= 1 && m <= gemvMaxBatch_) {
     if (yType != kCudaR32F) throw NativeError("TANDEM_INTERNAL", "the GEMV kernels write fp32 only");
@@ -969,6 +967,33 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
   if (s != 0)
     throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx (" + std::to_string(m) + " x " + std::to_string(n) + " x " +
                                                std::to_string(k) + "): " + cublas_.describe(s));
+}
+
+// cuBLASLt's C = D = y with beta 1: the product joins the residual stream in the GEMM's epilogue, so the norm after
+// it reads x alone instead of reading x and the product and writing x back (two fp32 passes over ntok x hidden
+// fewer per fused GEMM, and for a prefill of 8192 tokens 64 of them, ~270 MB each).
+void CudaLlama::gemmAdd(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, CUdeviceptr scratch) {
+  if (m <= gemvMaxBatch_) throw NativeError("TANDEM_INTERNAL", "gemmAdd below the GEMV's largest batch");
+  const float one = 1.0f;
+  if (gemmLt_) {
+    if (gemmTune_ && !lt_->has(m, n, k, kCudaR32F)) tuneGemm(x, m, k, w, n, scratch, kCudaR32F);
+    const char* what = "cublasLtMatmul";
+    cublasStatus s = lt_->run(x, m, k, w, n, y, kCudaR32F, device_.stream(), &what, nullptr, one);
+    if (s != 0)
+      throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
+                                                 " x " + std::to_string(k) + ", adding): " + cublasLt_.describe(s));
+    return;
+  }
+  cublasStatus s = cublas_.gemmEx(handle_, kCublasOpT, kCublasOpN, n, m, k, &one, reinterpret_cast<const void*>(w),
+                                  kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &one,
+                                  reinterpret_cast<void*>(y), kCudaR32F, n, kCublasCompute32F, kCublasGemmDefault);
+  if (s != 0)
+    throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx (" + std::to_string(m) + " x " + std::to_string(n) + " x " +
+                                               std::to_string(k) + ", adding): " + cublas_.describe(s));
+}
+
+bool CudaLlama::downAddsIntoX(const BatchPlan& plan, int layer) const {
+  return plan.residualInGemm && !moe_ && (stage_.last() || layer != local_.numLayers - 1);
 }
 
 void CudaLlama::tuneGemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType) {
@@ -1119,6 +1144,8 @@ CudaLlama::BatchPlan CudaLlama::planBatch(const ForwardInput& in, size_t extraDe
   p.tilesAt = ints.size();
   p.decodeAt = p.tilesAt;
   p.flash2 = flash2_;
+  // One rank only: with tensor parallelism the product is a partial sum, all-reduced before it joins x.
+  p.residualInGemm = residualGemm_ && !tensorParallel() && static_cast<int>(ntok) > gemvMaxBatch_;
   if (flash_) {
     const int32_t tileRows = p.flash2 ? kFlash2Rows : kFlashRows;
     for (size_t s = 0; s < nseq; ++s) {
@@ -1230,7 +1257,10 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   // later pipeline stage's first layer: the one the previous stage handed over with x).
   const bool firstLayer = l == 0 && stage_.first();
   const CUfunction addRmsNorm = elementwise2_ ? fn_.addRmsNorm2 : fn_.addRmsNorm;
-  launch(addRmsNorm, itok, 1, nt, b.x, firstLayer ? null : b.tmp, weight(W.inputNorm), hidden, eps, null, b.xn);
+  // The previous layer's output: in b.tmp to add here, or already in x (its down added into x; a later stage's first
+  // layer receives {x, tmp} from a stage whose last down did not).
+  const bool pending = !firstLayer && (l == 0 || !downAddsIntoX(p, l - 1));
+  launch(addRmsNorm, itok, 1, nt, b.x, pending ? b.tmp : null, weight(W.inputNorm), hidden, eps, null, b.xn);
   gemm(b.xn, itok, hidden, weight(W.wqkv), iq, b.qkv);
   if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, b.qkv, weight(W.bqkv), iq);
   if (c.qkNorm) launch(fn_.qkNorm, itok, H + KVH, 32, b.qkv, weight(W.qNorm), weight(W.kNorm), H, KVH, D, eps);
@@ -1274,10 +1304,15 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   else
     launch(fn_.attention, itok, H, attnThreads, b.qkv, b.positions, b.tokenSeqs, b.tables, mb, kv, l, L, nb, bs,
            blockMajor, H, KVH, D, c.slidingWindow, scale, b.attn);
-  gemm(b.attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, b.tmp);
-  allReduce(b.tmp, p.ntok);  // row-parallel o_proj: the ranks' partial sums (the bias, replicated, after)
-  if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, b.tmp, weight(W.bo), hidden);
-  launch(addRmsNorm, itok, 1, nt, b.x, b.tmp, weight(W.postNorm), hidden, eps, null, b.xn);
+  if (p.residualInGemm && !c.attentionOutputBias) {
+    gemmAdd(b.attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, b.x, b.tmp);
+    launch(addRmsNorm, itok, 1, nt, b.x, null, weight(W.postNorm), hidden, eps, null, b.xn);
+  } else {
+    gemm(b.attn, itok, static_cast<int>(qDim_), weight(W.wo), hidden, b.tmp);
+    allReduce(b.tmp, p.ntok);  // row-parallel o_proj: the ranks' partial sums (the bias, replicated, after)
+    if (c.attentionOutputBias) launch(fn_.addBias, itok, 1, 256, b.tmp, weight(W.bo), hidden);
+    launch(addRmsNorm, itok, 1, nt, b.x, b.tmp, weight(W.postNorm), hidden, eps, null, b.xn);
+  }
   if (moe_) {
     moe_->enqueue(l, weights_->ptr, b.xn, p.ntok, b.moe, b.tmp,
                   [this](CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y) { gemm(x, m, k, w, n, y); });
@@ -1287,6 +1322,10 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
     return;
   }
   gateUpAct(b.xn, itok, hidden, weight(W.wgateUp), iinter, b.gateUp, b.act);
+  if (downAddsIntoX(p, l)) {
+    gemmAdd(b.act, itok, iinter, weight(W.wdown), hidden, b.x, b.tmp);
+    return;
+  }
   gemm(b.act, itok, iinter, weight(W.wdown), hidden, b.tmp);
   allReduce(b.tmp, p.ntok);  // row-parallel down_proj
 }
@@ -1324,9 +1363,9 @@ void CudaLlama::enqueuePass(const BatchPlan& p, const BatchBuffers& b, bool capt
     return;
   }
   const CUdeviceptr lastRows = b.lastRows;
-  launch(elementwise2_ ? fn_.addRmsNorm2 : fn_.addRmsNorm, static_cast<unsigned>(p.nseq), 1, nt, b.x, b.tmp,
-         weight(finalNorm_), hidden, eps, lastRows,
-         b.last);
+  const CUdeviceptr lastDelta = downAddsIntoX(p, local_.numLayers - 1) ? 0 : b.tmp;
+  launch(elementwise2_ ? fn_.addRmsNorm2 : fn_.addRmsNorm, static_cast<unsigned>(p.nseq), 1, nt, b.x, lastDelta,
+         weight(finalNorm_), hidden, eps, lastRows, b.last);
   if (!tensorParallel()) {
     gemm(b.last, static_cast<int>(p.nseq), hidden, weight(lmHead_), c.vocabSize, b.logits);
   } else {

@@ -223,6 +223,9 @@ class CudaLlama {
     int splits = 1, keysPerSplit = 0;
     bool flash2 = false;
     int decodeKernel = 0;  // decode rows' attention: 1, 2, 3 = tandem_flash_decode, _decode2, _decode3
+    // o_proj and down add their product into the residual stream x themselves (gemmAdd), instead of writing b.tmp
+    // for the next norm to add: residualGemm_, one rank, and a batch above the GEMV (see downAddsIntoX).
+    bool residualInGemm = false;
     // Scratch (device) byte offsets, and its size; host: the staging offset of the caller's extra bytes.
     size_t oInts = 0, oX = 0, oTmp = 0, oXn = 0, oQkv = 0, oAttn = 0, oGateUp = 0, oAct = 0, oLast = 0, oLogits = 0;
     size_t oPartial = 0, oExtra = 0, deviceBytes = 0, hostExtraAt = 0, hostBytes = 0;
@@ -249,7 +252,7 @@ class CudaLlama {
   // The layer step of the Llama / Qwen2 decoder: input norm (+ the previous layer's residual), QKV GEMM (+ bias),
   // Qwen3's q/k norm where the config has it, RoPE with the KV write, attention, o_proj (+ bias), residual + post
   // norm, gate/up with SwiGLU, down (an MoE config: moe_'s FFN in their place). Leaves the layer's output in b.tmp
-  // for the next step's residual add.
+  // for the next step's residual add, or already added to b.x (downAddsIntoX).
   void enqueueDenseLayer(int layer, const BatchPlan& plan, const BatchBuffers& b);
   size_t place(size_t count);  // reserves count bf16 values in the weights allocation, 256-byte aligned
   void addSlot(const std::string& name, size_t offset, const SliceOf& slice);
@@ -268,6 +271,12 @@ class CudaLlama {
   void ensureScratch(size_t deviceBytes, size_t hostBytes);
   // y in fp32 (kCudaR32F) or bf16 (kCudaR16BF, above the GEMV only: gemv.cu writes fp32).
   void gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType = kCudaR32F);
+  // y[m, n] += x . w^T in fp32 (cuBLASLt's C = D = y with beta 1, or cublasGemmEx's), for m above the GEMV only.
+  // Autotuning of a shape new to lt_ writes `scratch` (m x n fp32), never y.
+  void gemmAdd(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, CUdeviceptr scratch);
+  // Whether layer `layer`'s down_proj added into x (plan.residualInGemm; not for an MoE FFN, which leaves its output
+  // in b.tmp, nor for the last layer of a pipeline stage that hands {x, tmp} to the next).
+  bool downAddsIntoX(const BatchPlan& plan, int layer) const;
   // Times the heuristic's top algorithms for a shape new to lt_ on these buffers (y is overwritten) and keeps the
   // fastest; nothing when tuning is off, the budget is spent or the heuristic offers one. Eager stream only: it
   // synchronises on events.
@@ -362,6 +371,9 @@ class CudaLlama {
   // TANDEM_ELEMENTWISE=2: every rope_kv and add_rmsnorm launch through tandem_llama_rope_kv2 / _add_rmsnorm2
   // (float4 accesses, one cos / sin per token; llama.cu) where the fatbin has them. Off by default until measured.
   bool elementwise2_ = false;
+  // TANDEM_RESIDUAL_GEMM (default 1): o_proj and down add into the residual stream in cuBLASLt's epilogue, and the
+  // norms after them read x alone (BatchPlan::residualInGemm); 0 keeps the separate add in tandem_llama_add_rmsnorm.
+  bool residualGemm_ = true;
   int multiprocessors_ = 0;
   bool released_ = false;
   std::atomic<bool> cudaGraphs_{true};
