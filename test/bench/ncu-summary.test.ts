@@ -186,22 +186,23 @@ describe('scripts/profile-engine.sh', () => {
     );
     chmodSync(fake, 0o755);
     const out = join(dir, 'profiles');
-    // OUT relative to the caller's directory, though the script runs from the package root.
-    const r = spawnSync(
-      'bash',
-      [join(packageRoot, 'scripts/profile-engine.sh'), 'profiles', 'prefill:16', 'decode:b2:ctx32'],
-      {
+    // The script's ncu runs (not the --import ones), from a clean record, for these cases and environment; OUT
+    // relative to the caller's directory, though the script runs from the package root.
+    const profile = (cases: string[], env: Record<string, string> = {}): string[] => {
+      writeFileSync(calls, '');
+      const r = spawnSync('bash', [join(packageRoot, 'scripts/profile-engine.sh'), 'profiles', ...cases], {
         cwd: dir,
-        env: { ...process.env, NCU: fake, NODE: process.execPath, MODEL: 'dummy:tiny' },
+        env: { ...process.env, NCU: fake, NODE: process.execPath, MODEL: 'dummy:tiny', ...env },
         encoding: 'utf8',
         timeout: 60_000,
-      },
-    );
-    expect(r.status, r.stderr).toBe(0);
-    const runs = readFileSync(calls, 'utf8')
-      .trim()
-      .split('\n')
-      .filter((line) => !line.startsWith('--import'));
+      });
+      expect(r.status, r.stderr).toBe(0);
+      return readFileSync(calls, 'utf8')
+        .trim()
+        .split('\n')
+        .filter((line) => !line.startsWith('--import'));
+    };
+    const runs = profile(['prefill:16', 'decode:b2:ctx32']);
     expect(runs).toHaveLength(3); // prefill once; decode as a graph and eagerly
     for (const run of runs) {
       expect(run).toMatch(/--profile-from-start off --clock-control none --graph-profiling node/);
@@ -223,25 +224,7 @@ describe('scripts/profile-engine.sh', () => {
     expect(eager.launches).toBe(13);
 
     // REPLAY=application: ncu reruns the benchmark per pass (a KV pool too large to save and restore per kernel).
-    writeFileSync(calls, '');
-    const again = spawnSync('bash', [join(packageRoot, 'scripts/profile-engine.sh'), 'profiles', 'decode:b2:ctx32'], {
-      cwd: dir,
-      env: {
-        ...process.env,
-        NCU: fake,
-        NODE: process.execPath,
-        MODEL: 'dummy:tiny',
-        VARIANTS: 'graph',
-        REPLAY: 'application',
-      },
-      encoding: 'utf8',
-      timeout: 60_000,
-    });
-    expect(again.status, again.stderr).toBe(0);
-    const replayed = readFileSync(calls, 'utf8')
-      .trim()
-      .split('\n')
-      .filter((line) => !line.startsWith('--import'));
+    const replayed = profile(['decode:b2:ctx32'], { VARIANTS: 'graph', REPLAY: 'application' });
     expect(replayed).toHaveLength(1);
     expect(replayed[0]).toMatch(/--graph-profiling node --target-processes all --replay-mode application --metrics /);
   });

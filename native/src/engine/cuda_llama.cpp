@@ -950,23 +950,7 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
     launchGemv(gemv_[m - 1], (static_cast<unsigned>(n) + rows - 1) / rows, x, w, y, n, k);
     return;
   }
-  if (gemmLt_) {
-    // New shapes outside a capture only: prepareGemms has seen every shape of a decode graph before it.
-    if (gemmTune_ && !lt_->has(m, n, k, yType)) tuneGemm(x, m, k, w, n, y, yType);
-    const char* what = "cublasLtMatmul";
-    cublasStatus s = lt_->run(x, m, k, w, n, y, yType, device_.stream(), &what);
-    if (s != 0)
-      throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
-                                                 " x " + std::to_string(k) + "): " + cublasLt_.describe(s));
-    return;
-  }
-  const float one = 1.0f, zero = 0.0f;
-  cublasStatus s = cublas_.gemmEx(handle_, kCublasOpT, kCublasOpN, n, m, k, &one, reinterpret_cast<const void*>(w),
-                                  kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &zero,
-                                  reinterpret_cast<void*>(y), yType, n, kCublasCompute32F, kCublasGemmDefault);
-  if (s != 0)
-    throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx (" + std::to_string(m) + " x " + std::to_string(n) + " x " +
-                                               std::to_string(k) + "): " + cublas_.describe(s));
+  matmul(x, m, k, w, n, y, yType, 0.0f, y);
 }
 
 // cuBLASLt's C = D = y with beta 1: the product joins the residual stream in the GEMM's epilogue, so the norm after
@@ -974,22 +958,26 @@ void CudaLlama::gemm(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdevice
 // fewer per fused GEMM, and for a prefill of 8192 tokens 64 of them, ~270 MB each).
 void CudaLlama::gemmAdd(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, CUdeviceptr scratch) {
   if (m <= gemvMaxBatch_) throw NativeError("TANDEM_INTERNAL", "gemmAdd below the GEMV's largest batch");
-  const float one = 1.0f;
+  matmul(x, m, k, w, n, y, kCudaR32F, 1.0f, scratch);
+}
+
+void CudaLlama::matmul(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, float beta,
+                       CUdeviceptr tuneY) {
+  const std::string shape = " (" + std::to_string(m) + " x " + std::to_string(n) + " x " + std::to_string(k) +
+                            (beta != 0.0f ? ", adding)" : ")");
   if (gemmLt_) {
-    if (gemmTune_ && !lt_->has(m, n, k, kCudaR32F)) tuneGemm(x, m, k, w, n, scratch, kCudaR32F);
+    // New shapes outside a capture only: prepareGemms has seen every shape of a decode graph before it.
+    if (gemmTune_ && !lt_->has(m, n, k, yType)) tuneGemm(x, m, k, w, n, tuneY, yType);
     const char* what = "cublasLtMatmul";
-    cublasStatus s = lt_->run(x, m, k, w, n, y, kCudaR32F, device_.stream(), &what, nullptr, one);
-    if (s != 0)
-      throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + " (" + std::to_string(m) + " x " + std::to_string(n) +
-                                                 " x " + std::to_string(k) + ", adding): " + cublasLt_.describe(s));
+    cublasStatus s = lt_->run(x, m, k, w, n, y, yType, device_.stream(), &what, nullptr, beta);
+    if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + shape + ": " + cublasLt_.describe(s));
     return;
   }
+  const float one = 1.0f;
   cublasStatus s = cublas_.gemmEx(handle_, kCublasOpT, kCublasOpN, n, m, k, &one, reinterpret_cast<const void*>(w),
-                                  kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &one,
-                                  reinterpret_cast<void*>(y), kCudaR32F, n, kCublasCompute32F, kCublasGemmDefault);
-  if (s != 0)
-    throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx (" + std::to_string(m) + " x " + std::to_string(n) + " x " +
-                                               std::to_string(k) + ", adding): " + cublas_.describe(s));
+                                  kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &beta,
+                                  reinterpret_cast<void*>(y), yType, n, kCublasCompute32F, kCublasGemmDefault);
+  if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx" + shape + ": " + cublas_.describe(s));
 }
 
 bool CudaLlama::downAddsIntoX(const BatchPlan& plan, int layer) const {

@@ -274,6 +274,9 @@ class CudaLlama {
   // y[m, n] += x . w^T in fp32 (cuBLASLt's C = D = y with beta 1, or cublasGemmEx's), for m above the GEMV only.
   // Autotuning of a shape new to lt_ writes `scratch` (m x n fp32), never y.
   void gemmAdd(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, CUdeviceptr scratch);
+  // The cuBLAS product behind both: y = x . w^T + beta * y; tuning of a new shape writes tuneY.
+  void matmul(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, float beta,
+              CUdeviceptr tuneY);
   // Whether layer `layer`'s down_proj added into x (plan.residualInGemm; not for an MoE FFN, which leaves its output
   // in b.tmp, nor for the last layer of a pipeline stage that hands {x, tmp} to the next).
   bool downAddsIntoX(const BatchPlan& plan, int layer) const;
