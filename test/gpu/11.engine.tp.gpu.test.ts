@@ -1,22 +1,19 @@
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { DisposedError, ParallelLayoutError, TandemError } from '../../lib/errors.js';
+import { ParallelLayoutError, TandemError } from '../../lib/errors.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
-import { tensorSlice } from '../../lib/engine/cuda-parallel.js';
 import { loadModelConfig, type ModelConfig } from '../../lib/engine/model/config.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
-import { weightManifest } from '../../lib/engine/model/manifest.js';
-import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { gpuGate } from '../helpers/gpu.js';
+import { BF16_TOLERANCE, hfFixture, relativeL2Error as relativeError } from '../helpers/gpu-logits.js';
 import {
-  argmax,
-  BF16_TOLERANCE,
-  relativeL2Error as relativeError,
-  topMargin,
-  type HfExpected,
-} from '../helpers/gpu-logits.js';
-import { forwardBatch } from '../helpers/forward-batch.js';
+  batchOf,
+  CLEAR_MARGIN,
+  expectMalformedBatchRefusedThenDisposeSettles,
+  expectStepsAgree,
+  expectSameWeights,
+  greedy,
+  twoSequenceSteps,
+} from '../helpers/parallel.js';
 
 // Tensor parallelism in the GPU engine (issue 25): TP 2 and TP 4 as ranks on ONE device (each rank its own
 // CudaDevice thread and stream, summing through the local communicator, native/src/engine/cuda_llama_tp.h) against
@@ -24,75 +21,15 @@ import { forwardBatch } from '../helpers/forward-batch.js';
 // and from the dummy generator), logits within bf16 tolerance, identical greedy tokens. Skipped without a GPU.
 const gate = await gpuGate(1);
 
-type Expected = HfExpected;
-
-// Random dummy weights can put two logits closer than the TP 1 / TP n difference: the best token is compared only
-// where TP 1's margin is wider than this.
-const CLEAR_MARGIN = 0.05;
-
 // TP 1 and TP n hold the same bf16 weights; they differ only in fp32 summation order (the all-reduces add the ranks'
 // partial sums; one rank sums inside its GEMM), which bf16 activations then round: a relative logit error of a few
 // 1e-3 at most. 1e-2 still catches a wrong slice or a missed reduction (errors of order 1).
 const TP_TOLERANCE = 1e-2;
 // Against transformers' fp32 logits, as test/gpu/05.engine.gpu.test.ts.
 
-/** One step's batch: each sequence's new ids, first position and block table (padded to mb with -1). */
-const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch =>
-  forwardBatch(
-    seqs.map((s) => ({ blocks: s.table, start: s.start, tokens: s.ids })),
-    mb,
-  );
-
-/** The prompt's last logits, then `steps` greedy tokens, one decode step each. */
-async function greedy(
-  runner: CudaModelRunner,
-  prompt: number[],
-  steps: number,
-): Promise<{ logits: Float32Array; tokens: number[] }> {
-  const mb = 16;
-  const table = Array.from({ length: mb }, (_, i) => 15 - i); // out of order on purpose
-  const V = runner.vocabSize;
-  const first = await runner.forward(batchOf([{ ids: prompt, start: 0, table }], mb));
-  const logits = first.slice(0, V);
-  const tokens = [argmax(logits)];
-  for (let i = 1; i < steps; i++) {
-    const out = await runner.forward(batchOf([{ ids: [tokens.at(-1)!], start: prompt.length + i - 1, table }], mb));
-    tokens.push(argmax(out));
-  }
-  return { logits, tokens };
-}
-
-/** bf16 bit patterns as numbers, for sliceHostTensor-style comparison. */
-function asNumbers(bits: Uint16Array): number[] {
-  return Array.from(bits);
-}
-
-/** Rank `rank`'s slice of a whole tensor's bf16 bits (row-major), by the manifest's shard rule. */
-function sliceBits(config: ModelConfig, tp: number, rank: number, name: string, whole: Uint16Array): number[] {
-  const t = weightManifest(config).find((m) => m.name === name)!;
-  const { rows, cols, fullCols } = tensorSlice(config, tp, rank, t);
-  const out: number[] = [];
-  for (let i = 0; i < rows.count; i++)
-    for (let j = 0; j < cols.count; j++) out.push(whole[(rows.start + i) * fullCols + cols.start + j]!);
-  return out;
-}
-
-/** Every rank holds its slice of every TP 1 tensor, bit for bit. */
-async function expectSameWeights(config: ModelConfig, one: CudaModelRunner, many: CudaModelRunner): Promise<void> {
-  const tp = many.tensorParallelSize;
-  for (const t of weightManifest(config)) {
-    const whole = await one.readWeightBf16(t.name);
-    for (let r = 0; r < tp; r++) {
-      const part = await many.readWeightBf16(t.name, r);
-      expect(asNumbers(part), `${t.name}, rank ${r} of ${tp}`).toEqual(sliceBits(config, tp, r, t.name, whole));
-    }
-  }
-}
-
 describe.skipIf(!gate.run)('GPU engine, tensor parallel ranks on one device', () => {
   describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('%s', (name) => {
-    const dir = join(import.meta.dirname, '..', 'fixtures', name);
-    const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+    const { dir, expected } = hfFixture(name);
     const config = loadModelConfig(dir);
 
     it.each([2, 4])(
@@ -148,39 +85,15 @@ describe.skipIf(!gate.run)('GPU engine, tensor parallel ranks on one device', ()
         expect(many.attentionKernels).toBe(kernels);
         await expectSameWeights(config, one, many);
         // Sequence A: a 70-token prompt in chunks of 40 and 30, then decodes; B joins with 20 tokens, then decodes.
-        const tableA = [9, 3, 17, 5, 40, 41];
-        const tableB = [22, 2, 30, 31];
-        const mb = 6;
-        const prompt = (n: number, salt: number) => Array.from({ length: n }, (_, i) => (i * 37 + salt) % 256);
-        const a = prompt(75, 1);
-        const b = prompt(25, 7);
-        const steps = [
-          [{ ids: a.slice(0, 40), start: 0, table: tableA }],
-          [
-            { ids: a.slice(40, 70), start: 40, table: tableA },
-            { ids: b.slice(0, 20), start: 0, table: tableB },
-          ],
-        ];
-        for (let i = 0; i < 5; i++)
-          steps.push([
-            { ids: [a[70 + i]!], start: 70 + i, table: tableA },
-            { ids: [b[20 + i]!], start: 20 + i, table: tableB },
-          ]);
-        let worst = 0;
-        const V = config.vocabSize;
-        for (const seqs of steps) {
-          const batch = batchOf(seqs, mb);
-          const x = await one.forward(batch);
-          const y = await many.forward(batch);
-          for (let s = 0; s < seqs.length; s++) {
-            const rowX = x.subarray(s * V, (s + 1) * V);
-            const rowY = y.subarray(s * V, (s + 1) * V);
-            const rel = relativeError(rowY, rowX);
-            worst = Math.max(worst, rel);
-            expect(rel, `step at ${seqs[s]!.start}, sequence ${s}`).toBeLessThan(TP_TOLERANCE);
-            if (topMargin(rowX) > CLEAR_MARGIN) expect(argmax(rowY)).toBe(argmax(rowX));
-          }
-        }
+        const { a, b, tableA, tableB, mb, steps } = twoSequenceSteps();
+        const { worst } = await expectStepsAgree(
+          one,
+          many,
+          steps,
+          mb,
+          TP_TOLERANCE,
+          (seqs, s) => `step at ${seqs[s]!.start}, sequence ${s}`,
+        );
         // Sampling on rank 0 over the gathered logits: the greedy candidates are TP 1's.
         const last = batchOf(
           [
@@ -249,21 +162,7 @@ describe.skipIf(!gate.run)('GPU engine, tensor parallel ranks on one device', ()
   it('a malformed batch is refused on every rank alike (the group keeps working); dispose mid-pass does not hang', async () => {
     const config = dummyConfig('tiny');
     const many = await CudaModelRunner.create({ config, numBlocks: 16, weights: 'dummy:tiny', parallel: { tp: 2 } });
-    const bad = batchOf([{ ids: [1, 2, 3], start: 0, table: [99] }], 1); // block 99 of 16
-    await expect(many.forward(bad)).rejects.toThrow(TandemError);
-    const good = batchOf([{ ids: [1, 2, 3], start: 0, table: [0] }], 1);
-    expect((await many.forward(good)).length).toBe(config.vocabSize);
-    // A long prefill in flight while the group is disposed: the pass settles (done or DisposedError), nothing hangs.
-    const long = batchOf(
-      [{ ids: Array.from({ length: 200 }, (_, i) => i % 256), start: 0, table: [...Array(13).keys()] }],
-      13,
-    );
-    const pass = many.forward(long).then(
-      () => 'done',
-      (error: unknown) => (error instanceof DisposedError ? 'disposed' : error),
-    );
-    await many.dispose();
-    expect(['done', 'disposed']).toContain(await pass);
-    await expect(many.forward(good)).rejects.toBeInstanceOf(DisposedError);
+    // Block 99 of 16; then a long prefill in flight while the group is disposed: the pass settles, nothing hangs.
+    await expectMalformedBatchRefusedThenDisposeSettles(many, config.vocabSize, TandemError);
   });
 });

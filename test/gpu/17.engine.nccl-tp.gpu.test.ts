@@ -1,18 +1,21 @@
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { DisposedError, ParallelLayoutError } from '../../lib/errors.js';
+import { ParallelLayoutError } from '../../lib/errors.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
-import { tensorSlice } from '../../lib/engine/cuda-parallel.js';
 import { loadModelConfig, type ModelConfig } from '../../lib/engine/model/config.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
-import { weightManifest } from '../../lib/engine/model/manifest.js';
 import { openModel } from '../../lib/engine/open.js';
-import type { ForwardBatch } from '../../lib/engine/runner.js';
 import { ncclInfo } from '../../lib/collectives/index.js';
 import { gpuGate } from '../helpers/gpu.js';
-import { argmax, relativeL2Error as relativeError, topMargin, type HfExpected } from '../helpers/gpu-logits.js';
-import { forwardBatch } from '../helpers/forward-batch.js';
+import { argmax, hfFixture, relativeL2Error as relativeError } from '../helpers/gpu-logits.js';
+import {
+  batchOf,
+  expectDisposeMidPassSettles,
+  expectMalformedBatchRefusedThenDisposeSettles,
+  expectSameWeights,
+  expectStepsAgree,
+  longPrefill,
+  twoSequenceSteps,
+} from '../helpers/parallel.js';
 
 // Tensor parallelism through NCCL (issue 25; native/src/engine/cuda_llama_nccl.h): each rank a CudaLlama on its own
 // GPU, driven by its own device thread, its collectives (ncclAllReduce, ncclAllGather + the column re-layout) on its
@@ -35,88 +38,23 @@ const runTwo = runOne && gpus >= 2;
 if (runOne && !runTwo)
   console.warn(`[skipped] NCCL tensor parallelism across GPUs: needs 2 CUDA devices, found ${gpus}`);
 
-type Expected = HfExpected;
-
 // A one-rank NCCL group runs TP 1's GEMMs on the same shapes; its all-reduces and all-gather copy. Anything but
 // rounding-free agreement would be a wrong copy or layout, so the bound is far below bf16's.
 const ONE_RANK_TOLERANCE = 1e-6;
 // TP 2 against TP 1: fp32 partial sums added in another order, then rounded to bf16 (as test/gpu/11).
 const TP_TOLERANCE = 1e-2;
-const CLEAR_MARGIN = 0.05;
 
-/** One step's batch: each sequence's new ids, first position and block table (padded to mb with -1). */
-const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch =>
-  forwardBatch(
-    seqs.map((s) => ({ blocks: s.table, start: s.start, tokens: s.ids })),
+/** Runs test/gpu/11's batches of prefill chunks and decodes on both runners, rows checked against `tolerance`. */
+async function compare(one: CudaModelRunner, other: CudaModelRunner, tolerance: number) {
+  const { mb, steps } = twoSequenceSteps();
+  return expectStepsAgree(
+    one,
+    other,
+    steps,
     mb,
+    tolerance,
+    (_seqs, s, batch) => `sequence ${s} of a batch of ${batch.tokens.length} tokens`,
   );
-
-/** Prefill chunks of two sequences, then decode steps of both: the batches test/gpu/11 uses. */
-function steps(): ForwardBatch[] {
-  const tableA = [9, 3, 17, 5, 40, 41];
-  const tableB = [22, 2, 30, 31];
-  const mb = 6;
-  const prompt = (n: number, salt: number) => Array.from({ length: n }, (_, i) => (i * 37 + salt) % 256);
-  const a = prompt(75, 1);
-  const b = prompt(25, 7);
-  const out = [
-    batchOf([{ ids: a.slice(0, 40), start: 0, table: tableA }], mb),
-    batchOf(
-      [
-        { ids: a.slice(40, 70), start: 40, table: tableA },
-        { ids: b.slice(0, 20), start: 0, table: tableB },
-      ],
-      mb,
-    ),
-  ];
-  for (let i = 0; i < 5; i++)
-    out.push(
-      batchOf(
-        [
-          { ids: [a[70 + i]!], start: 70 + i, table: tableA },
-          { ids: [b[20 + i]!], start: 20 + i, table: tableB },
-        ],
-        mb,
-      ),
-    );
-  return out;
-}
-
-/** Runs the same batches on both runners; the worst relative error of any row, checked against `tolerance`. */
-async function compare(config: ModelConfig, one: CudaModelRunner, other: CudaModelRunner, tolerance: number) {
-  let worst = 0;
-  let identical = true;
-  const V = config.vocabSize;
-  for (const batch of steps()) {
-    const x = await one.forward(batch);
-    const y = await other.forward(batch);
-    const nseq = batch.seqStarts.length - 1;
-    for (let s = 0; s < nseq; s++) {
-      const rowX = x.subarray(s * V, (s + 1) * V);
-      const rowY = y.subarray(s * V, (s + 1) * V);
-      const rel = relativeError(rowY, rowX);
-      worst = Math.max(worst, rel);
-      if (rowX.some((v, i) => v !== rowY[i])) identical = false;
-      expect(rel, `sequence ${s} of a batch of ${batch.tokens.length} tokens`).toBeLessThan(tolerance);
-      if (topMargin(rowX) > CLEAR_MARGIN) expect(argmax(rowY)).toBe(argmax(rowX));
-    }
-  }
-  return { worst, identical };
-}
-
-/** Every rank holds its slice of every TP 1 tensor, bit for bit. */
-async function expectSameWeights(config: ModelConfig, one: CudaModelRunner, many: CudaModelRunner): Promise<void> {
-  const tp = many.tensorParallelSize;
-  for (const t of weightManifest(config)) {
-    const whole = await one.readWeightBf16(t.name);
-    for (let r = 0; r < tp; r++) {
-      const { rows, cols, fullCols } = tensorSlice(config, tp, r, t);
-      const expected: number[] = [];
-      for (let i = 0; i < rows.count; i++)
-        for (let j = 0; j < cols.count; j++) expected.push(whole[(rows.start + i) * fullCols + cols.start + j]!);
-      expect(Array.from(await many.readWeightBf16(t.name, r)), `${t.name}, rank ${r} of ${tp}`).toEqual(expected);
-    }
-  }
 }
 
 const head64: ModelConfig = { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 };
@@ -125,7 +63,6 @@ const SHAPES: [string, ModelConfig][] = [
   ['head dim 64, 8 heads, 2 kv heads', head64],
 ];
 const FIXTURES = ['hf-tiny-llama', 'hf-tiny-qwen2'];
-const fixtureDir = (name: string) => join(import.meta.dirname, '..', 'fixtures', name);
 
 describe.skipIf(!runOne)('GPU engine through NCCL, one GPU: a one-rank communicator', () => {
   it.each(SHAPES)(
@@ -147,7 +84,7 @@ describe.skipIf(!runOne)('GPU engine through NCCL, one GPU: a one-rank communica
         expect(await viaNccl.takeCollectiveTime()).toEqual([
           { allReduceMs: 0, gatherMs: 0, barrierMs: 0, handoverMs: 0 },
         ]);
-        const { worst, identical } = await compare(config, one, viaNccl, ONE_RANK_TOLERANCE);
+        const { worst, identical } = await compare(one, viaNccl, ONE_RANK_TOLERANCE);
         const [time] = await viaNccl.takeCollectiveTime();
         expect(time!.gatherMs).toBeGreaterThan(0); // the all-gather and its re-layout ran on the rank's stream
         console.log(
@@ -163,8 +100,7 @@ describe.skipIf(!runOne)('GPU engine through NCCL, one GPU: a one-rank communica
   it.each(FIXTURES)(
     '%s: the checkpoint through a one-rank NCCL group gives the fixture greedy tokens',
     async (name) => {
-      const dir = fixtureDir(name);
-      const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+      const { dir, expected } = hfFixture(name);
       const config = loadModelConfig(dir);
       const runner = await CudaModelRunner.create({ config, numBlocks: 16, weights: dir, communicator: 'nccl' });
       try {
@@ -197,17 +133,8 @@ describe.skipIf(!runOne)('GPU engine through NCCL, one GPU: a one-rank communica
       new RegExp(`GPU ${gpus} is not there`),
     );
     const runner = await CudaModelRunner.create({ ...base, communicator: 'nccl' });
-    const long = batchOf(
-      [{ ids: Array.from({ length: 200 }, (_, i) => i % 256), start: 0, table: [...Array(13).keys()] }],
-      13,
-    );
-    const pass = runner.forward(long).then(
-      () => 'done',
-      (error: unknown) => (error instanceof DisposedError ? 'disposed' : error),
-    );
-    await runner.dispose();
-    expect(['done', 'disposed']).toContain(await pass);
-    await expect(runner.forward(long)).rejects.toBeInstanceOf(DisposedError);
+    const long = longPrefill();
+    await expectDisposeMidPassSettles(runner, long, long);
     const again = await CudaModelRunner.create({ ...base, communicator: 'nccl' });
     expect((await again.forward(batchOf([{ ids: [1, 2, 3], start: 0, table: [0] }], 1))).length).toBe(config.vocabSize);
     await again.dispose();
@@ -228,7 +155,7 @@ describe.skipIf(!runTwo)('GPU engine through NCCL, TP 2 across GPUs 0 and 1', ()
       expect(two.deviceOrdinals).toEqual([0, 1]);
       expect(two.tensorShards.map((s) => s.rank)).toEqual([0, 1]);
       await expectSameWeights(config, one, two);
-      const { worst } = await compare(config, one, two, TP_TOLERANCE);
+      const { worst } = await compare(one, two, TP_TOLERANCE);
       console.log(
         `[figure] ${_n}: TP 2 on GPUs 0, 1 (NCCL) vs TP 1: worst relative logit error ${worst.toExponential(2)}`,
       );
@@ -240,8 +167,7 @@ describe.skipIf(!runTwo)('GPU engine through NCCL, TP 2 across GPUs 0 and 1', ()
   it.each(FIXTURES)(
     "%s: openModel with a replica's GPU list [0, 1] serves the fixture's greedy tokens",
     async (name) => {
-      const dir = fixtureDir(name);
-      const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+      const { dir, expected } = hfFixture(name);
       await using opened = await openModel({
         model: dir,
         device: 'cuda',
@@ -269,19 +195,6 @@ describe.skipIf(!runTwo)('GPU engine through NCCL, TP 2 across GPUs 0 and 1', ()
       parallel: { tp: 2 },
       devices: [0, 1],
     });
-    await expect(two.forward(batchOf([{ ids: [1, 2, 3], start: 0, table: [99] }], 1))).rejects.toThrow();
-    const good = batchOf([{ ids: [1, 2, 3], start: 0, table: [0] }], 1);
-    expect((await two.forward(good)).length).toBe(config.vocabSize);
-    const long = batchOf(
-      [{ ids: Array.from({ length: 200 }, (_, i) => i % 256), start: 0, table: [...Array(13).keys()] }],
-      13,
-    );
-    const pass = two.forward(long).then(
-      () => 'done',
-      (error: unknown) => (error instanceof DisposedError ? 'disposed' : error),
-    );
-    await two.dispose();
-    expect(['done', 'disposed']).toContain(await pass);
-    await expect(two.forward(good)).rejects.toBeInstanceOf(DisposedError);
+    await expectMalformedBatchRefusedThenDisposeSettles(two, config.vocabSize);
   });
 });
