@@ -1,28 +1,31 @@
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import OpenAI from 'openai';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
-import { DisposedError, ParallelLayoutError, TandemError } from '../../lib/errors.js';
+import { describe, expect, it } from 'vitest';
+import { ParallelLayoutError, TandemError } from '../../lib/errors.js';
 import { CudaModelRunner } from '../../lib/engine/cuda.js';
-import { tensorSlice } from '../../lib/engine/cuda-parallel.js';
 import { openModel } from '../../lib/engine/open.js';
 import { loadModelConfig, type ModelConfig } from '../../lib/engine/model/config.js';
 import { dummyConfig } from '../../lib/engine/model/dummy.js';
 import { weightManifest } from '../../lib/engine/model/manifest.js';
 import { stageLayers, tensorStages } from '../../lib/engine/parallel.js';
-import type { ForwardBatch } from '../../lib/engine/runner.js';
-import { parseGraph } from '../../lib/deploy/graph.js';
-import { startDeployment, type Deployment } from '../../lib/deploy/launcher.js';
 import { gpuGate } from '../helpers/gpu.js';
+import { BF16_TOLERANCE, hfFixture, relativeL2Error as relativeError } from '../helpers/gpu-logits.js';
 import {
-  argmax,
-  BF16_TOLERANCE,
-  relativeL2Error as relativeError,
-  topMargin,
-  type HfExpected,
-} from '../helpers/gpu-logits.js';
-import { forwardBatch } from '../helpers/forward-batch.js';
-import { prefillCounts } from '../helpers/serve.js';
+  batchOf,
+  CLEAR_MARGIN,
+  expectDisposeMidPassSettles,
+  expectRowsAgree,
+  greedy,
+  rankSliceBits,
+  syntheticPrompt,
+  type SeqPart,
+} from '../helpers/parallel.js';
+import {
+  aggregatedGraph,
+  disaggregatedGraph,
+  expectSameGreedyUpToNearTie,
+  expectServesLikeAggregated,
+  layoutDeployments,
+} from '../helpers/parallel-serve.js';
 
 // Pipeline parallelism in the GPU engine (issue 25) on ONE GPU: pp stages, each a group of tp CudaLlama ranks (its
 // own CudaDevice thread and stream) holding its share of the layers and a KV pool of those, the hidden state handed
@@ -35,36 +38,10 @@ import { prefillCounts } from '../helpers/serve.js';
 // pool writing its layers (and head slices) into the decode worker's pools. Skipped without a GPU.
 const gate = await gpuGate(1);
 
-type Expected = HfExpected;
-
 // As test/gpu/11.engine.tp.gpu.test.ts: PP n holds PP 1's bf16 weights; a stage hands over the residual stream
 // exactly as a layer leaves it, so a single sequence's logits are PP 1's; TP within a stage and micro-batches of
 // other GEMM shapes change only fp32 summation order (a few 1e-3 at most). 1e-2 catches a wrong stage or hand-off.
 const PP_TOLERANCE = 1e-2;
-const CLEAR_MARGIN = 0.05;
-/** A greedy choice PP 1 wins by less than this (logprob) may go the other way under PP n's rounding. */
-const NEAR_TIE = 0.1;
-
-/** One step's batch: each sequence's new ids, first position and block table (padded to mb with -1). */
-const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch =>
-  forwardBatch(
-    seqs.map((s) => ({ blocks: s.table, start: s.start, tokens: s.ids })),
-    mb,
-  );
-
-async function greedy(runner: CudaModelRunner, prompt: number[], steps: number) {
-  const mb = 16;
-  const table = Array.from({ length: mb }, (_, i) => 15 - i);
-  const V = runner.vocabSize;
-  const first = await runner.forward(batchOf([{ ids: prompt, start: 0, table }], mb));
-  const logits = first.slice(0, V);
-  const tokens = [argmax(logits)];
-  for (let i = 1; i < steps; i++) {
-    const out = await runner.forward(batchOf([{ ids: [tokens.at(-1)!], start: prompt.length + i - 1, table }], mb));
-    tokens.push(argmax(out));
-  }
-  return { logits, tokens };
-}
 
 /** Rank (stage, r) holds its slice of each tensor of its stage, bit for bit PP 1's; nothing else. */
 async function expectStageWeights(
@@ -86,12 +63,8 @@ async function expectStageWeights(
           );
           continue;
         }
-        const { rows, cols, fullCols } = tensorSlice(config, tp, r, t);
-        const want: number[] = [];
-        for (let i = 0; i < rows.count; i++)
-          for (let j = 0; j < cols.count; j++) want.push(whole[(rows.start + i) * fullCols + cols.start + j]!);
         expect(Array.from(await many.readWeightBf16(t.name, rank)), `${t.name}, stage ${stage} rank ${r}`).toEqual(
-          want,
+          rankSliceBits(config, tp, r, t, whole),
         );
       }
   }
@@ -122,8 +95,7 @@ const LAYOUTS = [
 
 describe.skipIf(!gate.run)('GPU engine, pipeline stages on one device', () => {
   describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('%s', (name) => {
-    const dir = join(import.meta.dirname, '..', 'fixtures', name);
-    const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+    const { dir, expected } = hfFixture(name);
     const config = loadModelConfig(dir);
 
     it.each(LAYOUTS)(
@@ -190,10 +162,9 @@ describe.skipIf(!gate.run)('GPU engine, pipeline stages on one device', () => {
           [60, 61, 62, 63, 64, 65],
           [70, 71, 72, 73, 74, 75],
         ];
-        const prompt = (n: number, salt: number) => Array.from({ length: n }, (_, i) => (i * 37 + salt) % 256);
-        const ids = [prompt(90, 1), prompt(40, 7), prompt(30, 11), prompt(60, 13)];
+        const ids = [syntheticPrompt(90, 1), syntheticPrompt(40, 7), syntheticPrompt(30, 11), syntheticPrompt(60, 13)];
         const lens = [70, 20, 17, 33];
-        const steps: { ids: number[]; start: number; table: number[] }[][] = [
+        const steps: SeqPart[][] = [
           [{ ids: ids[0]!.slice(0, 40), start: 0, table: tables[0]! }],
           [
             { ids: ids[0]!.slice(40, 70), start: 40, table: tables[0]! },
@@ -216,14 +187,15 @@ describe.skipIf(!gate.run)('GPU engine, pipeline stages on one device', () => {
           const x = await one.forward(batch);
           const y = await many.forward(batch);
           expect(y.length).toBe(x.length);
-          for (let s = 0; s < seqs.length; s++) {
-            const rowX = x.subarray(s * V, (s + 1) * V);
-            const rowY = y.subarray(s * V, (s + 1) * V);
-            const rel = relativeError(rowY, rowX);
-            worst = Math.max(worst, rel);
-            expect(rel, `step at ${seqs[s]!.start}, sequence ${s}`).toBeLessThan(PP_TOLERANCE);
-            if (topMargin(rowX) > CLEAR_MARGIN) expect(argmax(rowY)).toBe(argmax(rowX));
-          }
+          const rows = expectRowsAgree(
+            x,
+            y,
+            V,
+            seqs.length,
+            PP_TOLERANCE,
+            (s) => `step at ${seqs[s]!.start}, sequence ${s}`,
+          );
+          worst = Math.max(worst, rows.worst);
         }
         // Sampling on the last stage, per micro-batch, merged: the greedy candidates are PP 1's, the whole rows asked
         // for come back in order.
@@ -338,13 +310,7 @@ describe.skipIf(!gate.run)('GPU engine, pipeline stages on one device', () => {
         ],
         8,
       );
-      const pass = many.forward(long).then(
-        () => 'done',
-        (error: unknown) => (error instanceof DisposedError ? 'disposed' : error),
-      );
-      await many.dispose();
-      expect(['done', 'disposed']).toContain(await pass);
-      await expect(many.forward(batchOf([good], 1))).rejects.toBeInstanceOf(DisposedError);
+      await expectDisposeMidPassSettles(many, long, batchOf([good], 1));
     } finally {
       await Promise.all([one.dispose(), many.dispose()]);
     }
@@ -353,8 +319,7 @@ describe.skipIf(!gate.run)('GPU engine, pipeline stages on one device', () => {
 
 describe.skipIf(!gate.run)('openModel: pipeline stages on one GPU', () => {
   describe.each(['hf-tiny-llama', 'hf-tiny-qwen2'])('%s', (name) => {
-    const dir = join(import.meta.dirname, '..', 'fixtures', name);
-    const expected = JSON.parse(readFileSync(join(dir, 'expected.json'), 'utf8')) as Expected;
+    const { dir, expected } = hfFixture(name);
 
     it.each(LAYOUTS)(
       'TP $tp x PP $pp through the engine gives PP 1 greedy tokens (and transformers), batched and from the prefix cache',
@@ -386,26 +351,7 @@ describe.skipIf(!gate.run)('openModel: pipeline stages on one GPU', () => {
           many.tokenizer.encode('Hello, world! The quick brown fox'),
           many.tokenizer.encode('Pipeline stages hand the hidden state on, one micro-batch at a time'),
         ];
-        const run = (m: typeof one) =>
-          Promise.all(
-            prompts.map((promptTokenIds) =>
-              m.engine
-                .addRequest({ promptTokenIds, sampling: { ...greedySampling, maxTokens: 24, logprobs: 2 } })
-                .result(),
-            ),
-          );
-        for (let round = 0; round < 2; round++) {
-          const [a, b] = [await run(many), await run(one)];
-          a.forEach((r, i) => {
-            const ref = b[i]!;
-            const tie = ref.logprobs!.findIndex((lp) => lp.topLogprobs[0]! - lp.topLogprobs[1]! < NEAR_TIE);
-            const upTo = tie < 0 ? ref.tokenIds.length : tie + 1;
-            expect(r.tokenIds.slice(0, upTo), `round ${round} prompt ${i}`).toEqual(ref.tokenIds.slice(0, upTo));
-            r.logprobs!.slice(0, upTo).forEach((lp, j) =>
-              expect(Math.abs(lp.logprob - ref.logprobs![j]!.logprob)).toBeLessThan(0.05),
-            );
-          });
-        }
+        await expectSameGreedyUpToNearTie(many, one, prompts);
       },
       120_000,
     );
@@ -413,25 +359,6 @@ describe.skipIf(!gate.run)('openModel: pipeline stages on one GPU', () => {
 });
 
 const FIXTURE = join(import.meta.dirname, '..', 'fixtures', 'hf-tiny-llama');
-
-/** Every prompt goes to the prefill worker; both pools on GPU 0, each pool's ranks on it (gpusPerReplica 1). */
-function graph(mode: 'disagg' | 'agg', prefill: { tp: number; pp: number }, decode: { tp: number; pp: number }) {
-  const pool = (name: string, role: string, l: { tp: number; pp: number }) =>
-    `  - { name: ${name}, role: ${role}, device: cuda, gpuIds: [0], gpusPerReplica: 1, tensorParallelSize: ${l.tp}, pipelineParallelSize: ${l.pp}, engine: { numBlocks: 256 } }`;
-  return parseGraph(`model: ${FIXTURE}
-mode: ${mode}
-frontend: { host: 127.0.0.1, port: 0 }
-disaggregation: { minRemotePrefillTokens: 1 }
-pools:
-${mode === 'agg' ? pool('agg', 'aggregated', { tp: 1, pp: 1 }) : `${pool('prefill', 'prefill', prefill)}\n${pool('decode', 'decode', decode)}`}
-`);
-}
-
-const PROMPTS = [
-  'The KV cache moves from prefill to decode',
-  'Disaggregated serving runs the prompt phase on one pool and the generation phase on another one',
-  'Hello, world! The quick brown fox',
-];
 
 describe.skipIf(!gate.run)('pools of different PP / TP on one GPU: disaggregated == aggregated', () => {
   const layouts = [
@@ -450,74 +377,15 @@ describe.skipIf(!gate.run)('pools of different PP / TP on one GPU: disaggregated
   ] as const;
   const keyOf = (p: { tp: number; pp: number }, d: { tp: number; pp: number }) =>
     `tp ${p.tp} x pp ${p.pp} -> tp ${d.tp} x pp ${d.pp}`;
-  const disagg = new Map<string, Deployment>();
-  const lines = new Map<string, string[]>();
-  let agg: Deployment;
-
-  beforeAll(async () => {
-    agg = await startDeployment(graph('agg', { tp: 1, pp: 1 }, { tp: 1, pp: 1 }), { log: () => {}, heartbeatMs: 200 });
-    for (const [p, d] of layouts) {
-      const log: string[] = [];
-      lines.set(keyOf(p, d), log);
-      disagg.set(
-        keyOf(p, d),
-        await startDeployment(graph('disagg', p, d), { log: (l) => log.push(l), heartbeatMs: 200 }),
-      );
-    }
-  }, 240_000);
-
-  afterAll(async () => {
-    await Promise.all([agg?.stop({ drainMs: 1000 }), ...[...disagg.values()].map((d) => d.stop({ drainMs: 1000 }))]);
-  });
+  const deployments = layoutDeployments(
+    () => aggregatedGraph(FIXTURE, { tp: 1, pp: 1 }),
+    layouts.map(([p, d]) => [keyOf(p, d), () => disaggregatedGraph(FIXTURE, p, d)]),
+  );
 
   it.each(layouts)(
     'prefill %o -> decode %o: every prompt prefilled remotely, greedy text equals TP 1 aggregated serving',
     async (p, d) => {
-      const key = keyOf(p, d);
-      const deployment = disagg.get(key)!;
-      const log = lines.get(key)!.join('\n');
-      for (const [worker, l] of [
-        ['prefill-0', p],
-        ['decode-0', d],
-      ] as const)
-        expect(log).toMatch(
-          l.tp * l.pp > 1
-            ? new RegExp(`\\[${worker}\\] .*open on cuda as tp ${l.tp} x pp ${l.pp} \\(${l.tp * l.pp} ranks`)
-            : new RegExp(`\\[${worker}\\] .*open on cuda in \\d+ ms`),
-        );
-      const client = new OpenAI({
-        baseURL: `${deployment.frontend.url}/v1`,
-        apiKey: 'none',
-        maxRetries: 0,
-        timeout: 60_000,
-      });
-      const aggClient = new OpenAI({
-        baseURL: `${agg.frontend.url}/v1`,
-        apiKey: 'none',
-        maxRetries: 0,
-        timeout: 60_000,
-      });
-      const before = await prefillCounts(deployment);
-      for (const prompt of [...PROMPTS, ...PROMPTS]) {
-        const args = { model: FIXTURE, prompt, max_tokens: 24, temperature: 0, logprobs: 2 };
-        const [a, b] = await Promise.all([client.completions.create(args), aggClient.completions.create(args)]);
-        expect(a.choices[0]!.text, `${key}: ${prompt}`).toBe(b.choices[0]!.text);
-        expect(a.usage!.completion_tokens).toBe(b.usage!.completion_tokens);
-        const la = a.choices[0]!.logprobs!.token_logprobs!;
-        const lb = b.choices[0]!.logprobs!.token_logprobs!;
-        la.forEach((v, i) => expect(Math.abs(v - lb[i]!), `${key}: ${prompt} token ${i}`).toBeLessThan(0.05));
-      }
-      const chat = { model: FIXTURE, messages: [{ role: 'user' as const, content: 'What is a KV cache?' }] };
-      const [sa, sb] = await Promise.all([
-        client.chat.completions.create({ ...chat, max_tokens: 12, temperature: 0 }),
-        aggClient.chat.completions.create({ ...chat, max_tokens: 12, temperature: 0 }),
-      ]);
-      expect(sa.choices[0]!.message.content).toBe(sb.choices[0]!.message.content);
-      await vi.waitFor(
-        async () =>
-          expect((await prefillCounts(deployment)).remote - before.remote).toBeGreaterThanOrEqual(PROMPTS.length + 1),
-        { timeout: 5000, interval: 20 },
-      );
+      await expectServesLikeAggregated(deployments, keyOf(p, d), FIXTURE, { prefill: p, decode: d });
     },
     120_000,
   );
