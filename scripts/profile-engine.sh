@@ -21,7 +21,9 @@
 # REPLAY (ncu's --replay-mode: unset, ncu's default, kernel replay, which saves and restores the memory a kernel
 # writes between its passes; REPLAY=application reruns the whole benchmark per pass instead, for cases whose KV
 # pool is tens of GB: decode:b128:ctx3072 writes into a 51 GB pool, and under kernel replay it did not finish in
-# 290 s).
+# 290 s). Under application replay every pass must launch the same kernels, so TANDEM_GEMM_TUNE defaults to 0 there
+# (the heuristic's first algorithm per GEMM shape: autotuning picks by timing, and one run's pick can differ from the
+# next's).
 set -euo pipefail
 
 usage() {
@@ -77,7 +79,10 @@ for c in "${cases[@]}"; do
     echo "profile-engine: $c ($v) -> $out/$name.*" >&2
     start=$(date +%s)
     replay=()
-    [ -z "${REPLAY:-}" ] || replay=(--replay-mode "$REPLAY")
+    if [ -n "${REPLAY:-}" ]; then
+      replay=(--replay-mode "$REPLAY")
+      [ "$REPLAY" != application ] || export TANDEM_GEMM_TUNE="${TANDEM_GEMM_TUNE:-0}"
+    fi
     if ! "$ncu" --profile-from-start off --clock-control none --graph-profiling node --target-processes all \
       ${replay[@]+"${replay[@]}"} --metrics "$metrics" -f -o "$out/$name" \
       "$node" --import tsx bench/engine.ts --device cuda --model "$model" --profile-case "$c" --graphs "$graphs" \

@@ -172,6 +172,7 @@ describe('scripts/profile-engine.sh', () => {
     // A stand-in for ncu: a profiling run records its arguments and writes the report; --import prints the sample.
     const fake = join(dir, 'fake-ncu');
     const calls = join(dir, 'ncu-calls.txt');
+    const tunes = join(dir, 'ncu-gemm-tune.txt'); // TANDEM_GEMM_TUNE as each profiling run saw it
     writeFileSync(
       fake,
       [
@@ -180,6 +181,7 @@ describe('scripts/profile-engine.sh', () => {
         'if [ "$1" = --query-metrics ]; then printf "Device NVIDIA H100\\nsm__pipe_tensor_op_hmma_cycles_active  Counter  cycle\\n"; exit 0; fi',
         `echo "$*" >> '${calls}'`,
         `if [ "$1" = --import ]; then cat '${join(packageRoot, 'test/fixtures/ncu/decode-raw.csv')}'; exit 0; fi`,
+        `echo "\${TANDEM_GEMM_TUNE:-unset}" >> '${tunes}'`,
         'while [ "$1" != -o ]; do shift; done; touch "$2.ncu-rep"; shift 2',
         'for a in "$@"; do case "$a" in decode:*|prefill:*) echo "profiled $a: one forward, 1.00 ms wall";; esac; done',
       ].join('\n') + '\n',
@@ -190,6 +192,7 @@ describe('scripts/profile-engine.sh', () => {
     // relative to the caller's directory, though the script runs from the package root.
     const profile = (cases: string[], env: Record<string, string> = {}): string[] => {
       writeFileSync(calls, '');
+      writeFileSync(tunes, '');
       const r = spawnSync('bash', [join(packageRoot, 'scripts/profile-engine.sh'), 'profiles', ...cases], {
         cwd: dir,
         env: { ...process.env, NCU: fake, NODE: process.execPath, MODEL: 'dummy:tiny', ...env },
@@ -203,6 +206,7 @@ describe('scripts/profile-engine.sh', () => {
         .filter((line) => !line.startsWith('--import'));
     };
     const runs = profile(['prefill:16', 'decode:b2:ctx32']);
+    expect(readFileSync(tunes, 'utf8').trim().split('\n')).toEqual(['unset', 'unset', 'unset']);
     expect(runs).toHaveLength(3); // prefill once; decode as a graph and eagerly
     for (const run of runs) {
       expect(run).toMatch(/--profile-from-start off --clock-control none --graph-profiling node/);
@@ -227,5 +231,7 @@ describe('scripts/profile-engine.sh', () => {
     const replayed = profile(['decode:b2:ctx32'], { VARIANTS: 'graph', REPLAY: 'application' });
     expect(replayed).toHaveLength(1);
     expect(replayed[0]).toMatch(/--graph-profiling node --target-processes all --replay-mode application --metrics /);
+    // Every pass must launch the same kernels: the heuristic's GEMM algorithms, not timed picks.
+    expect(readFileSync(tunes, 'utf8').trim()).toBe('0');
   });
 });

@@ -273,18 +273,18 @@ describe.skipIf(!gate.run)('GPU engine', () => {
     },
   );
 
-  // Opt-in and opt-out kernel variants against the CPU engine and the default kernels, each within 1e-3 of the
-  // defaults' logits:
-  // - TANDEM_ELEMENTWISE=2: rope_kv2 and add_rmsnorm2 (llama.cu) for every rope and norm launch. rope_kv2 gives
-  //   rope_kv's K, V and q bit for bit and add_rmsnorm2 add_rmsnorm's norms within a bf16 place (checked on the CPU
-  //   by test/bench/elementwise-emulation), so the logits stay mostly equal.
+  // The default kernels against their A/B alternatives, and each against the CPU engine:
+  // - TANDEM_ELEMENTWISE=1: rope_kv and add_rmsnorm (llama.cu) for every rope and norm launch, where the defaults are
+  //   rope_kv2 and add_rmsnorm2. rope_kv2 gives rope_kv's K, V and q bit for bit, add_rmsnorm2 add_rmsnorm's norms
+  //   within a bf16 place (checked on the CPU by test/bench/elementwise-emulation); through these random models a
+  //   norm one bf16 place off moves the logits by up to 2.2e-3 relative (H100, head dim 16), so the bound is 5e-3.
   // - TANDEM_RESIDUAL_GEMM=0: o_proj and down write b.tmp and the norm after adds it, where by default (above the
   //   GEMV's batch, one rank) they add into the residual stream in cuBLASLt's epilogue; the prefill chunks here
-  //   take the fused path, the two-row decodes the GEMV. The same fp32 sums in either order of operations.
+  //   take the fused path, the two-row decodes the GEMV. The same fp32 sum either way: bit for bit.
   describe.each([
-    ['TANDEM_ELEMENTWISE=2', { TANDEM_ELEMENTWISE: '2' }],
-    ['TANDEM_RESIDUAL_GEMM=0', { TANDEM_RESIDUAL_GEMM: '0' }],
-  ] as const)('%s', (variant, variantEnv) => {
+    ['TANDEM_ELEMENTWISE=1', { TANDEM_ELEMENTWISE: '1' }, 5e-3],
+    ['TANDEM_RESIDUAL_GEMM=0', { TANDEM_RESIDUAL_GEMM: '0' }, 0],
+  ] as const)('%s', (variant, variantEnv, bound) => {
     it.each(
       (['block-major', 'layer-major'] as const).flatMap((layout) =>
         ATTENTION_SHAPES.filter((s) => s[3] === null).map((s) => [layout, ...s] as const),
@@ -294,13 +294,13 @@ describe.skipIf(!gate.run)('GPU engine', () => {
       async (layout, _shape, config, kernels) => {
         const numBlocks = 96;
         const cpu = await CpuModelRunner.create({ config, numBlocks, layout, threads: 2, weights: 'dummy:tiny' });
-        const wide = await createGpuRunnerWith({ config, numBlocks, layout, weights: 'dummy:tiny' }, variantEnv);
-        const plain = await createGpuRunnerWith(
+        const alternative = await createGpuRunnerWith({ config, numBlocks, layout, weights: 'dummy:tiny' }, variantEnv);
+        const defaults = await createGpuRunnerWith(
           { config, numBlocks, layout, weights: 'dummy:tiny' },
           Object.fromEntries(Object.keys(variantEnv).map((k) => [k, null])),
         );
         try {
-          expect(wide.attentionKernels).toBe(kernels);
+          expect(alternative.attentionKernels).toBe(kernels);
           const mb = 40;
           const tableA = Array.from({ length: mb }, (_, j) => (j * 7) % 80); // scattered, distinct
           const tableB = Array.from({ length: 4 }, (_, j) => 80 + j);
@@ -319,31 +319,36 @@ describe.skipIf(!gate.run)('GPU engine', () => {
               { ids: [b[30 + i]!], start: 30 + i, table: tableB },
             ]);
           let worstCpu = 0;
-          let worstPlain = 0;
+          let worstDefault = 0;
           let equalRows = 0;
           let rows = 0;
           for (const [k, parts] of steps.entries()) {
             const batch = batchOf(parts, mb);
-            const [c, w, p] = await Promise.all([cpu.forward(batch), wide.forward(batch), plain.forward(batch)]);
+            const [c, w, p] = await Promise.all([
+              cpu.forward(batch),
+              alternative.forward(batch),
+              defaults.forward(batch),
+            ]);
             const V = config.vocabSize;
             for (let s = 0; s < parts.length; s++) {
-              const rowW = w.subarray(s * V, (s + 1) * V);
-              const rowP = p.subarray(s * V, (s + 1) * V);
-              const relCpu = relativeL2Error(rowW, c.subarray(s * V, (s + 1) * V));
-              const relPlain = relativeL2Error(rowW, rowP);
+              const rowA = w.subarray(s * V, (s + 1) * V);
+              const rowD = p.subarray(s * V, (s + 1) * V);
+              const relCpu = relativeL2Error(rowA, c.subarray(s * V, (s + 1) * V));
+              const relDefault = relativeL2Error(rowA, rowD);
               worstCpu = Math.max(worstCpu, relCpu);
-              worstPlain = Math.max(worstPlain, relPlain);
-              equalRows += relPlain === 0 ? 1 : 0;
+              worstDefault = Math.max(worstDefault, relDefault);
+              equalRows += relDefault === 0 ? 1 : 0;
               rows++;
               expect(relCpu, `step ${k}, sequence ${s}`).toBeLessThan(BF16_TOLERANCE);
-              expect(relPlain, `step ${k}, sequence ${s}`).toBeLessThan(1e-3);
+              if (bound === 0) expect(relDefault, `step ${k}, sequence ${s}`).toBe(0);
+              else expect(relDefault, `step ${k}, sequence ${s}`).toBeLessThan(bound);
             }
           }
           console.log(
-            `[figure] ${variant} dummy:tiny ${layout}, ${_shape}: worst relative logit error against the CPU ${worstCpu.toExponential(2)}, against the default kernels ${worstPlain.toExponential(2)} (${equalRows} of ${rows} rows bit for bit)`,
+            `[figure] ${variant} dummy:tiny ${layout}, ${_shape}: worst relative logit error against the CPU ${worstCpu.toExponential(2)}, against the default kernels ${worstDefault.toExponential(2)} (${equalRows} of ${rows} rows bit for bit)`,
           );
         } finally {
-          await Promise.all([cpu.dispose(), wide.dispose(), plain.dispose()]);
+          await Promise.all([cpu.dispose(), alternative.dispose(), defaults.dispose()]);
         }
       },
     );

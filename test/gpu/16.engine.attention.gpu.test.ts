@@ -11,8 +11,8 @@ import { BF16_TOLERANCE, relativeL2Error } from '../helpers/gpu-logits.js';
 // _decode2, _decode3) against the CPU engine on decode steps of 16 and 64 sequences with ragged contexts (1 .. 600
 // tokens, so some sequences end before the later context splits begin), with and without a sliding window, for
 // GQA groups 4 and 8 at head dim 128. Each kernel is forced with TANDEM_ATTENTION=decode1 / decode2 / decode3, and
-// decode1 and decode3 also with TANDEM_DECODE_GRID=heads (grids ordered kv heads fastest); unset, the engine picks
-// by rows (decode2 up to 8, decode3 above). Skipped with the reason printed without a GPU.
+// decode1 and decode3 also with TANDEM_DECODE_GRID=rows (grids ordered rows fastest; kv heads fastest is the
+// default); unset, the engine picks by rows (decode2 up to 8, decode3 above). Skipped with the reason printed without a GPU.
 //
 // And its prefill kernels (tandem_flash_prefill3, the default, and _prefill2 with TANDEM_ATTENTION=prefill2) against
 // the CPU engine and each other on prompts of several 128-row tiles, chunks behind cached tokens, and lengths that
@@ -30,15 +30,15 @@ const SHAPES = [
   ['GQA 4', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 2 }],
   ['GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }],
 ] as const;
-// Decode variants: the default pick, each kernel forced, and decode1 / decode3 with their grids ordered kv heads
-// fastest (TANDEM_DECODE_GRID=heads).
+// Decode variants: the default pick, each kernel forced, and decode1 / decode3 with their grids ordered rows fastest
+// (TANDEM_DECODE_GRID=rows; kv heads fastest is the default).
 const DECODE_VARIANTS = [
   { TANDEM_ATTENTION: null, TANDEM_DECODE_GRID: null },
   { TANDEM_ATTENTION: 'decode1', TANDEM_DECODE_GRID: null },
   { TANDEM_ATTENTION: 'decode2', TANDEM_DECODE_GRID: null },
   { TANDEM_ATTENTION: 'decode3', TANDEM_DECODE_GRID: null },
-  { TANDEM_ATTENTION: 'decode1', TANDEM_DECODE_GRID: 'heads' },
-  { TANDEM_ATTENTION: 'decode3', TANDEM_DECODE_GRID: 'heads' },
+  { TANDEM_ATTENTION: 'decode1', TANDEM_DECODE_GRID: 'rows' },
+  { TANDEM_ATTENTION: 'decode3', TANDEM_DECODE_GRID: 'rows' },
 ] as const;
 const variantName = (v: (typeof DECODE_VARIANTS)[number]) =>
   (v.TANDEM_ATTENTION ?? 'default') + (v.TANDEM_DECODE_GRID ? `, grid ${v.TANDEM_DECODE_GRID}` : '');

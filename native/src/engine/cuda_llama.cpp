@@ -398,10 +398,10 @@ void CudaLlama::init() {
   const int D = local_.headDim, group = local_.numHeads / local_.numKvHeads;
   const std::string attention = envChoice(
       "TANDEM_ATTENTION", {"reference", "flash1", "prefill2", "prefill3", "decode1", "decode2", "decode3"});
-  // TANDEM_DECODE_GRID: rows (the default) or heads, the order of decode1's and decode3's grids (A/B
-  // measurements: heads measured 0.4-0.8% faster from 64 sequences of 3072 keys up on one H100, within the
-  // runs' spread; its outputs have not been checked against the CPU on a GPU, so rows stays the default).
-  decodeHeadsFastest_ = envChoice("TANDEM_DECODE_GRID", {"rows", "heads"}) == "heads";
+  // TANDEM_DECODE_GRID: heads (the default) or rows, the order of decode1's and decode3's grids. On one H100 heads
+  // was 0.9-1.7% faster than rows at 16 to 128 sequences of 3072 keys (decode3; bench:engine --torch off, same
+  // session), and GPU test 16 checks both against the CPU engine.
+  decodeHeadsFastest_ = envChoice("TANDEM_DECODE_GRID", {"rows", "heads"}) != "rows";
   flash2_ = false;
   prefill3_ = false;
   if (attention != "reference" && (D == 64 || D == 128) && local_.numHeads % local_.numKvHeads == 0 &&
@@ -505,12 +505,14 @@ void CudaLlama::init() {
   gemvPdl_ = envSwitch("TANDEM_GEMV_PDL", false);
   // o_proj and down add into the residual stream in cuBLASLt's epilogue (gemmAdd) unless TANDEM_RESIDUAL_GEMM=0.
   residualGemm_ = envSwitch("TANDEM_RESIDUAL_GEMM", true);
-  // TANDEM_ELEMENTWISE: 1 (the default) rope_kv and add_rmsnorm, 2 their wide-access versions (llama.cu), which
-  // give the same K, V and rotated q bit for bit and norms within a bf16 place (bench/micro/emulate checks both on
-  // the CPU). A fatbin built before them, or a head dim past rope_kv2's shared cos / sin, keeps the first ones.
+  // TANDEM_ELEMENTWISE: 2 (the default) the wide-access rope_kv2 and add_rmsnorm2 (llama.cu), 1 rope_kv and
+  // add_rmsnorm. The wide ones give the same K, V and rotated q bit for bit and norms within a bf16 place
+  // (bench/micro/emulate checks both on the CPU; GPU test 05 against the CPU engine); on one H100 they took 2.4%
+  // off prefill 8192 and 1.7% off prefill 3000, and 1.5-4% off decode steps. A fatbin built before them, or a
+  // head dim past rope_kv2's shared cos / sin, keeps the first ones.
   elementwise2_ = false;
   fn_.ropeKv2 = fn_.addRmsNorm2 = nullptr;
-  if (envChoice("TANDEM_ELEMENTWISE", {"1", "2"}) == "2" && local_.headDim <= 2 * kRope2MaxHalf) {
+  if (envChoice("TANDEM_ELEMENTWISE", {"1", "2"}) != "1" && local_.headDim <= 2 * kRope2MaxHalf) {
     try {
       fn_.ropeKv2 = device_.function("tandem_llama_rope_kv2");
       fn_.addRmsNorm2 = device_.function("tandem_llama_add_rmsnorm2");

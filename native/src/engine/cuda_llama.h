@@ -364,7 +364,7 @@ class CudaLlama {
   // loaded); 0: chosen by rows (planBatch).
   int forcedDecode_ = 0;
   int forcedSplits_ = 0;              // TANDEM_DECODE_SPLITS (0: the planner's)
-  bool decodeHeadsFastest_ = false;  // TANDEM_DECODE_GRID=heads
+  bool decodeHeadsFastest_ = true;  // TANDEM_DECODE_GRID: heads (default) or rows
   std::vector<CUfunction> gemv_;        // tandem_gemv_m<m> at index m - 1, m = 1..gemvMaxBatch_
   std::vector<CUfunction> gemvSwiglu_;  // tandem_gemv_swiglu_m<m>, likewise
   std::atomic<int> gemvMaxBatch_{0};
