@@ -12,26 +12,13 @@ import { sampleOnHost } from '../helpers/device-sampling.js';
 import { runTs } from '../helpers/cli.js';
 import { gpuGate } from '../helpers/gpu.js';
 import { argmax, BF16_TOLERANCE, hfFixture, relativeL2Error } from '../helpers/gpu-logits.js';
-import { forwardBatch } from '../helpers/forward-batch.js';
 import { createGpuRunnerWith } from '../helpers/gpu-runner.js';
+import { batchOf, type SeqPart as Part } from '../helpers/parallel.js';
 
 // The GPU engine (bf16, cuBLAS + Tandem's kernels) against transformers' fp32 logits and greedy tokens on the
 // committed fixtures (scripts/make-hf-fixture.py), and against the CPU engine on batches that mix prefill
 // chunks with decodes. Skipped with the reason printed without a GPU; a failure under `npm run test:gpu`.
 const gate = await gpuGate(1);
-
-/** One step's batch from its parts: each sequence's new ids, first position and block table (padded to mb). */
-interface Part {
-  ids: number[];
-  start: number;
-  table: number[];
-}
-/** One step's batch: each sequence's new ids, first position and block table (padded to mb with -1). */
-const batchOf = (seqs: { ids: number[]; start: number; table: number[] }[], mb: number): ForwardBatch =>
-  forwardBatch(
-    seqs.map((s) => ({ blocks: s.table, start: s.start, tokens: s.ids })),
-    mb,
-  );
 
 // Attention shapes: dummy:tiny's head dim 16 runs llama.cu's kernels; head dims 64 and 128 (GQA groups 4 and 8,
 // as Llama-3 8B and 70B) run attention.cu's second flash kernels with prefill through tandem_flash_prefill3 by
