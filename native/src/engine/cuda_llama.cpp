@@ -501,7 +501,8 @@ void CudaLlama::init() {
                                                         cublasLt_.reason + " (set TANDEM_LIBCUBLASLT, or TANDEM_GEMM=gemmex)");
   // Programmatic dependent launch of the GEMV kernels (pdl.cuh), with TANDEM_GEMV_PDL=1. Measured on one H100
   // before the norm and decode-attention kernels let their dependents launch early: no gain (batch 1 at 3072 keys
-  // 6.32 ms against 6.33). Those triggers are in; the A/B with them has not run, so it stays off by default.
+  // 6.32 ms against 6.33). With those triggers in, the A/B again showed nothing beyond the runs' spread (nineteenth
+  // session, docs/measurements.md), so it stays off by default.
   gemvPdl_ = envSwitch("TANDEM_GEMV_PDL", false);
   // o_proj and down add into the residual stream in cuBLASLt's epilogue (gemmAdd) unless TANDEM_RESIDUAL_GEMM=0.
   residualGemm_ = envSwitch("TANDEM_RESIDUAL_GEMM", true);
