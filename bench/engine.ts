@@ -181,6 +181,18 @@ interface CollectiveShare {
 }
 
 /** The ranks' collective time over steps that took `stepMs` (ms each) in all, as shares of the step time. */
+/**
+ * The TANDEM_* variables of the environment (the engine's A/B switches among them: TANDEM_ATTENTION,
+ * TANDEM_ELEMENTWISE, ...), recorded with the run; names that look like credentials are left out.
+ */
+function engineSwitches(env: NodeJS.ProcessEnv): Record<string, string> {
+  return Object.fromEntries(
+    Object.entries(env)
+      .filter(([k, v]) => k.startsWith('TANDEM_') && v !== undefined && !/KEY|TOKEN|SECRET|PASSWORD/.test(k))
+      .sort(([a], [b]) => a.localeCompare(b)) as [string, string][],
+  );
+}
+
 function collectiveShare(times: RawCollectiveTime[], stepMs: number[]): CollectiveShare {
   const steps = stepMs.length;
   const wall = stepMs.reduce((a, b) => a + b, 0);
@@ -1037,6 +1049,7 @@ async function main(): Promise<void> {
   }
 
   const square = ceilings.find((c) => c.what === '8192^3');
+  const switches = engineSwitches(process.env);
   const header = [
     `bench:engine  model ${model} (${sig(params.total / 1e6)} M params; ` +
       `${sig(params.readPerStep / 1e6)} M multiplied per token, ` +
@@ -1048,6 +1061,13 @@ async function main(): Promise<void> {
       ')',
     `device ${deviceLine!}; host ${caps.cpu.cores} cores, ${sig(caps.cpu.memoryBytes / GiB)} GiB` +
       (cuda ? `; GPU memory bandwidth (theoretical) ${sig(caps.cuda.devices[0]?.memoryBandwidthGBps)} GB/s` : ''),
+    ...(Object.keys(switches).length
+      ? [
+          `switches ${Object.entries(switches)
+            .map(([k, v]) => `${k}=${v}`)
+            .join(' ')} (from the environment)`,
+        ]
+      : []),
     `layout ${layoutLine}` +
       (rankCount(parallel) > 1
         ? `; "1-rank ms" = the same rows at one rank (tp 1, pp 1, ep 1) on the same ` +
@@ -1128,6 +1148,7 @@ async function main(): Promise<void> {
             ...(gemvMaxBatch !== undefined ? { gemvMaxBatch } : {}),
             ...(singleRankThreads !== undefined ? { singleRankThreads } : {}),
           },
+          environment: switches,
           baseline: baseline!,
           gemmCeilings: ceilings,
           skipped,

@@ -122,11 +122,12 @@ case "$cmd" in
   bench:transfer) exec "$node" --import tsx bench/transfer.ts "$@" ;;
   bench:collectives) exec "$node" --import tsx bench/collectives.ts "$@" ;;
   bench:engine) exec "$node" --import tsx bench/engine.ts "$@" ;;
+  bench:engine-ab) exec "$node" --import tsx bench/engine-ab.ts "$@" ;;
   bench:eplb) exec "$node" --import tsx bench/eplb.ts "$@" ;;
   profile:engine) NODE="$node" exec bash scripts/profile-engine.sh "$@" ;;
   info) exec "$node" dist/cli/main.js info "$@" ;;
   node) exec "$node" "$@" ;;
-  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | bench:engine [--quick] [--json FILE] | bench:eplb [--device cuda] [--quick] [--out FILE] | profile:engine OUT [CASE...] | info [--json] | node ARGS" >&2; exit 2 ;;
+  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | bench:engine [--quick] [--json FILE] | bench:engine-ab --variants 'NAME=VALUE;...' [-- bench:engine options] | bench:eplb [--device cuda] [--quick] [--out FILE] | profile:engine OUT [CASE...] | info [--json] | node ARGS" >&2; exit 2 ;;
 esac
 `,
 );
