@@ -65,12 +65,9 @@ extern "C" __global__ void tandem_llama_embed(const bf16* table, const int32_t* 
 //   if delta: x[s] += delta[s]
 //   out[r] = w * (x[s] / sqrt(mean(x[s]^2) + eps))      (fp32, then rounded to bf16 for the next GEMM)
 // Grid: output rows. rows lets the final norm take only each sequence's last token.
-extern "C" __global__ void tandem_llama_add_rmsnorm(float* x, const float* delta, const bf16* w, int hidden, float eps,
-                                                    const int32_t* rows, bf16* out) {
-  tandem_pdl::letDependentsLaunch();  // the GEMV after it streams its weights meanwhile (pdl.cuh)
-  size_t s = rows ? (size_t)rows[blockIdx.x] : blockIdx.x;
-  float* xr = x + s * hidden;
-  const float* dr = delta ? delta + s * hidden : nullptr;
+// One row of it, a scalar element per thread per step: xr (+= dr where given), then o. Also add_rmsnorm2's path for
+// a hidden size that is not a multiple of 4.
+__device__ void addRmsNormRow(float* xr, const float* dr, const bf16* w, int hidden, float eps, bf16* o) {
   float ss = 0.0f;
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     float v = xr[i];
@@ -81,8 +78,15 @@ extern "C" __global__ void tandem_llama_add_rmsnorm(float* x, const float* delta
     ss += v * v;
   }
   float scale = rsqrtf(blockSum(ss) / (float)hidden + eps);
-  bf16* o = out + (size_t)blockIdx.x * hidden;
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = __float2bfloat16(__bfloat162float(w[i]) * (xr[i] * scale));
+}
+
+extern "C" __global__ void tandem_llama_add_rmsnorm(float* x, const float* delta, const bf16* w, int hidden, float eps,
+                                                    const int32_t* rows, bf16* out) {
+  tandem_pdl::letDependentsLaunch();  // the GEMV after it streams its weights meanwhile (pdl.cuh)
+  size_t s = rows ? (size_t)rows[blockIdx.x] : blockIdx.x;
+  addRmsNormRow(x + s * hidden, delta ? delta + s * hidden : nullptr, w, hidden, eps,
+                out + (size_t)blockIdx.x * hidden);
 }
 
 // y[r, :] += bias. Grid: rows.
@@ -246,18 +250,7 @@ extern "C" __global__ void __launch_bounds__(1024, 2)
   const float* dr = delta ? delta + s * hidden : nullptr;
   bf16* o = out + (size_t)blockIdx.x * hidden;
   if (hidden & 3) {
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-      float v = xr[i];
-      if (dr) {
-        v += dr[i];
-        xr[i] = v;
-      }
-      ss += v * v;
-    }
-    const float scale = rsqrtf(blockSum(ss) / (float)hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-      o[i] = __float2bfloat16(__bfloat162float(w[i]) * (xr[i] * scale));
+    addRmsNormRow(xr, dr, w, hidden, eps, o);
     return;
   }
   const int n4 = hidden / 4, stride = blockDim.x;
