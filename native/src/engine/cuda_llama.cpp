@@ -966,21 +966,24 @@ void CudaLlama::gemmAdd(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdev
 
 void CudaLlama::matmul(CUdeviceptr x, int m, int k, CUdeviceptr w, int n, CUdeviceptr y, int yType, float beta,
                        CUdeviceptr tuneY) {
-  const std::string shape = " (" + std::to_string(m) + " x " + std::to_string(n) + " x " + std::to_string(k) +
-                            (beta != 0.0f ? ", adding)" : ")");
+  // The shape for an error message, built only when one is thrown (this runs for every GEMM of every pass).
+  auto shape = [&] {
+    return " (" + std::to_string(m) + " x " + std::to_string(n) + " x " + std::to_string(k) +
+           (beta != 0.0f ? ", adding)" : ")");
+  };
   if (gemmLt_) {
     // New shapes outside a capture only: prepareGemms has seen every shape of a decode graph before it.
     if (gemmTune_ && !lt_->has(m, n, k, yType)) tuneGemm(x, m, k, w, n, tuneY, yType);
     const char* what = "cublasLtMatmul";
     cublasStatus s = lt_->run(x, m, k, w, n, y, yType, device_.stream(), &what, nullptr, beta);
-    if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + shape + ": " + cublasLt_.describe(s));
+    if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", std::string(what) + shape() + ": " + cublasLt_.describe(s));
     return;
   }
   const float one = 1.0f;
   cublasStatus s = cublas_.gemmEx(handle_, kCublasOpT, kCublasOpN, n, m, k, &one, reinterpret_cast<const void*>(w),
                                   kCudaR16BF, k, reinterpret_cast<const void*>(x), kCudaR16BF, k, &beta,
                                   reinterpret_cast<void*>(y), yType, n, kCublasCompute32F, kCublasGemmDefault);
-  if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx" + shape + ": " + cublas_.describe(s));
+  if (s != 0) throw NativeError("TANDEM_CUDA_ERROR", "cublasGemmEx" + shape() + ": " + cublas_.describe(s));
 }
 
 bool CudaLlama::downAddsIntoX(const BatchPlan& plan, int layer) const {
