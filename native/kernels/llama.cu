@@ -241,6 +241,17 @@ __device__ __forceinline__ uint2 normQuad(float4 v, uint2 w4, float scale) {
   return bf16x4(w01.x * (v.x * scale), w01.y * (v.y * scale), w23.x * (v.z * scale), w23.y * (v.w * scale));
 }
 
+// Four residual values x4[i] (+= d4[i], written back, where there is a delta).
+__device__ __forceinline__ float4 addQuad(float4* x4, const float4* d4, int i) {
+  float4 v = x4[i];
+  if (d4) {
+    const float4 d = d4[i];
+    v.x += d.x, v.y += d.y, v.z += d.z, v.w += d.w;
+    x4[i] = v;
+  }
+  return v;
+}
+
 extern "C" __global__ void __launch_bounds__(1024, 2)
     tandem_llama_add_rmsnorm2(float* x, const float* delta, const bf16* w, int hidden, float eps, const int32_t* rows,
                               bf16* out) {
@@ -262,23 +273,13 @@ extern "C" __global__ void __launch_bounds__(1024, 2)
   for (int j = 0; j < kNorm2Vecs; ++j) {
     const int i = threadIdx.x + j * stride;
     if (i < n4) {
-      float4 v = x4[i];
-      if (d4) {
-        const float4 d = d4[i];
-        v.x += d.x, v.y += d.y, v.z += d.z, v.w += d.w;
-        x4[i] = v;
-      }
+      const float4 v = addQuad(x4, d4, i);
       ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
       kept[j] = v;
     }
   }
   for (int i = threadIdx.x + kNorm2Vecs * stride; i < n4; i += stride) {
-    float4 v = x4[i];
-    if (d4) {
-      const float4 d = d4[i];
-      v.x += d.x, v.y += d.y, v.z += d.z, v.w += d.w;
-      x4[i] = v;
-    }
+    const float4 v = addQuad(x4, d4, i);
     ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
   }
   const float scale = rsqrtf(blockSum(ss) / (float)hidden + eps);
