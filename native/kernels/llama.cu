@@ -151,14 +151,25 @@ __device__ __forceinline__ uint2 bf16x4(float a, float b, float c, float d) {
 // to the pool where headDim % 8 == 0 (rows, heads and halves then stay 16-byte aligned); one pair at a time
 // otherwise. Grid: (tokens, ceil((numHeads + numKvHeads) / kRope2Heads)); block: kRope2Threads. headDim <= 2 *
 // kRope2MaxHalf.
+// bias (the q / k / v projection's, one qkv row of bf16; null: none) is added to each value as it is read, as
+// tandem_llama_add_bias before it would (the same float sums): q and k heads come out biased and rotated, V's pool
+// slot holds the bf16 of v + bias, and the row's v part stays as the GEMM wrote it (nothing reads it afterwards).
 constexpr int kRope2Heads = 8;
+
+// v += bias[0 .. 3] (bf16), as tandem_llama_add_bias adds one element.
+__device__ __forceinline__ void addBias4(float4& v, const bf16* bias) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(bias);
+  const float2 b01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 b23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  v.x += b01.x, v.y += b01.y, v.z += b23.x, v.w += b23.y;
+}
 constexpr int kRope2Threads = 128;
 constexpr int kRope2MaxHalf = 256;
 
 extern "C" __global__ void __launch_bounds__(kRope2Threads)
     tandem_llama_rope_kv2(float* qkv, const int32_t* positions, const int32_t* tokenBlocks, const float* invFreq,
                           int numHeads, int numKvHeads, int headDim, bf16* pool, int layer, int numLayers,
-                          int numBlocks, int blockSize, int blockMajor) {
+                          int numBlocks, int blockSize, int blockMajor, const bf16* bias) {
   __shared__ __align__(16) float ropeCos[kRope2MaxHalf];
   __shared__ __align__(16) float ropeSin[kRope2MaxHalf];
   const int t = blockIdx.x, half = headDim / 2;
@@ -179,7 +190,8 @@ extern "C" __global__ void __launch_bounds__(kRope2Threads)
     for (int e = threadIdx.x; e < heads * quads; e += blockDim.x) {
       const int h = h0 + e / quads, i = 4 * (e % quads);
       float* head = row + h * headDim;
-      const float4 a = *reinterpret_cast<const float4*>(head + i), b = *reinterpret_cast<const float4*>(head + i + half);
+      float4 a = *reinterpret_cast<const float4*>(head + i), b = *reinterpret_cast<const float4*>(head + i + half);
+      if (bias) addBias4(a, bias + h * headDim + i), addBias4(b, bias + h * headDim + i + half);
       const float4 c = *reinterpret_cast<const float4*>(ropeCos + i), s = *reinterpret_cast<const float4*>(ropeSin + i);
       float4 ra, rb;
       ra.x = a.x * c.x - b.x * s.x, rb.x = b.x * c.x + a.x * s.x;
@@ -199,7 +211,8 @@ extern "C" __global__ void __launch_bounds__(kRope2Threads)
       const int h = h0 + e / half, i = e % half;
       float* head = row + h * headDim;
       const float c = ropeCos[i], s = ropeSin[i];
-      const float a = head[i], b = head[i + half];
+      float a = head[i], b = head[i + half];
+      if (bias) a += __bfloat162float(bias[h * headDim + i]), b += __bfloat162float(bias[h * headDim + i + half]);
       const float ra = a * c - b * s, rb = b * c + a * s;
       head[i] = ra;
       head[i + half] = rb;
@@ -213,13 +226,16 @@ extern "C" __global__ void __launch_bounds__(kRope2Threads)
   if (blockIdx.y == gridDim.y - 1) {
     bf16* v = pool + kvTile(layer, 1, block, numLayers, numBlocks, blockMajor) * tile + slot;
     const float* vrow = row + qDim + kvDim;
+    const bf16* vbias = bias ? bias + qDim + kvDim : nullptr;
     if ((headDim & 7) == 0) {
       for (int i = 4 * threadIdx.x; i < kvDim; i += 4 * blockDim.x) {
-        const float4 f = *reinterpret_cast<const float4*>(vrow + i);
+        float4 f = *reinterpret_cast<const float4*>(vrow + i);
+        if (vbias) addBias4(f, vbias + i);
         *reinterpret_cast<uint2*>(v + i) = bf16x4(f.x, f.y, f.z, f.w);
       }
     } else {
-      for (int i = threadIdx.x; i < kvDim; i += blockDim.x) v[i] = __float2bfloat16(vrow[i]);
+      for (int i = threadIdx.x; i < kvDim; i += blockDim.x)
+        v[i] = __float2bfloat16(vbias ? vrow[i] + __bfloat162float(vbias[i]) : vrow[i]);
     }
   }
 }

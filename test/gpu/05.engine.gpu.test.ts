@@ -28,6 +28,13 @@ const ATTENTION_SHAPES = [
   ['head dim 16', dummyConfig('tiny'), 'reference', null],
   ['head dim 64, GQA 4', { ...dummyConfig('tiny'), headDim: 64, numHeads: 8, numKvHeads: 2 }, 'prefill3', null],
   ['head dim 128, GQA 8', { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 }, 'prefill3', null],
+  // Qwen2's q / k / v bias, which rope_kv2 adds as it reads the row (TANDEM_ELEMENTWISE=1: add_bias first).
+  [
+    'head dim 128, GQA 8, q/k/v bias',
+    { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1, attentionBias: true },
+    'prefill3',
+    null,
+  ],
   [
     'head dim 128, GQA 8, TANDEM_ATTENTION=flash1',
     { ...dummyConfig('tiny'), headDim: 128, numHeads: 8, numKvHeads: 1 },

@@ -67,7 +67,8 @@ template <typename T> size_t differing(const std::vector<T>& a, const std::vecto
   return n;
 }
 
-bool ropeCase(int D, int H, int KVH, int blockMajor, int ntok, unsigned seed) {
+// withBias: the old path adds the q / k / v bias in tandem_llama_add_bias first, rope_kv2 as it reads the row.
+bool ropeCase(int D, int H, int KVH, int blockMajor, int ntok, unsigned seed, bool withBias = false) {
   using namespace std;
   const int numLayers = 3, layer = 1, blockSize = 16, numBlocks = (ntok + blockSize - 1) / blockSize + 5;
   const int kvDim = KVH * D, qDim = H * D, rowStride = qDim + 2 * kvDim, half = D / 2;
@@ -87,15 +88,19 @@ bool ropeCase(int D, int H, int KVH, int blockMajor, int ntok, unsigned seed) {
   for (auto& v : qkv) v = uniform(rng);
   vector<__nv_bfloat16> pool((size_t)numLayers * 2 * numBlocks * blockSize * kvDim);
   for (auto& v : pool) v = {f2bf(uniform(rng))};
+  vector<__nv_bfloat16> bias(withBias ? rowStride : 0);
+  for (auto& v : bias) v = {f2bf(uniform(rng))};
+  const __nv_bfloat16* biasPtr = withBias ? bias.data() : nullptr;
   vector<float> qkvOld = qkv, qkvNew = qkv;
   vector<__nv_bfloat16> poolOld = pool, poolNew = pool;
+  if (withBias) launch(ntok, 1, 256, [&] { tandem_llama_add_bias(qkvOld.data(), bias.data(), rowStride); });
   launch(ntok, H + KVH + 1, 64, [&] {
     tandem_llama_rope_kv(qkvOld.data(), positions.data(), tokenBlocks.data(), invFreq.data(), H, KVH, D,
                          poolOld.data(), layer, numLayers, numBlocks, blockSize, blockMajor);
   });
   launch(ntok, (H + KVH + kRope2Heads - 1) / kRope2Heads, kRope2Threads, [&] {
     tandem_llama_rope_kv2(qkvNew.data(), positions.data(), tokenBlocks.data(), invFreq.data(), H, KVH, D,
-                          poolNew.data(), layer, numLayers, numBlocks, blockSize, blockMajor);
+                          poolNew.data(), layer, numLayers, numBlocks, blockSize, blockMajor, biasPtr);
   });
   // The new kernel's K and V slots hold the bf16 of its rotated k and its v (where they went, independently of
   // the old kernel), and the rotation changed the q and k heads.
@@ -105,15 +110,28 @@ bool ropeCase(int D, int H, int KVH, int blockMajor, int ntok, unsigned seed) {
     for (int kv = 0; kv < 2; ++kv) {
       const size_t at = kvTile(layer, kv, tokenBlocks[t], numLayers, numBlocks, blockMajor) * tile +
                         (size_t)(positions[t] % blockSize) * kvDim;
-      for (int e = 0; e < kvDim; ++e)
-        misplaced += poolNew[at + e].x != f2bf(qkvNew[(size_t)t * rowStride + qDim + kv * kvDim + e]);
+      for (int e = 0; e < kvDim; ++e) {
+        const size_t i = (size_t)t * rowStride + qDim + kv * kvDim + e;
+        // K: the row's rotated k; V: v + bias, the row's v part staying as it was.
+        const float want = kv == 0 ? qkvNew[i] : withBias ? qkv[i] + bf2f(bias[i % rowStride].x) : qkvNew[i];
+        misplaced += poolNew[at + e].x != f2bf(want);
+      }
     }
-  const size_t rotated = differing(qkv, qkvNew), qkvDiff = differing(qkvOld, qkvNew), poolDiff = differing(poolOld, poolNew);
-  const bool ok = qkvDiff == 0 && poolDiff == 0 && misplaced == 0 && rotated > (size_t)ntok * (qDim + kvDim) / 2;
-  printf("rope_kv2 head dim %d, heads %d / %d, %s: %d tokens; qkv floats differing %zu of %zu, pool values "
+  // With a bias, the rows' v parts differ by design (add_bias wrote them, rope_kv2 leaves them): compared are
+  // the q and k parts against the old path, and the v parts against the untouched input.
+  size_t qkvDiff = 0, vTouched = 0;
+  for (size_t i = 0; i < qkv.size(); ++i) {
+    const bool vPart = (int)(i % rowStride) >= qDim + kvDim;
+    if (withBias && vPart) vTouched += memcmp(&qkv[i], &qkvNew[i], sizeof(float)) != 0;
+    else qkvDiff += memcmp(&qkvOld[i], &qkvNew[i], sizeof(float)) != 0;
+  }
+  const size_t rotated = differing(qkv, qkvNew), poolDiff = differing(poolOld, poolNew);
+  const bool ok = qkvDiff == 0 && vTouched == 0 && poolDiff == 0 && misplaced == 0 &&
+                  rotated > (size_t)ntok * (qDim + kvDim) / 2;
+  printf("rope_kv2 head dim %d, heads %d / %d, %s%s: %d tokens; qkv floats differing %zu of %zu, pool values "
          "differing %zu of %zu, K / V slots not the bf16 of qkv %zu%s\n",
-         D, H, KVH, blockMajor ? "block-major" : "layer-major", ntok, qkvDiff, qkv.size(), poolDiff, pool.size(),
-         misplaced, ok ? "" : "  FAILED");
+         D, H, KVH, blockMajor ? "block-major" : "layer-major", withBias ? ", bias" : "", ntok, qkvDiff + vTouched,
+         qkv.size(), poolDiff, pool.size(), misplaced, ok ? "" : "  FAILED");
   return ok;
 }
 
@@ -176,6 +194,8 @@ int main(int argc, char** argv) {
   ok = ropeCase(64, 8, 1, 0, quick ? 64 : 300, 2) && ok;
   ok = ropeCase(16, 4, 4, 1, quick ? 64 : 300, 3) && ok;
   ok = ropeCase(20, 4, 2, 0, quick ? 32 : 200, 4) && ok;
+  ok = ropeCase(128, 28, 4, 1, quick ? 32 : 300, 12, true) && ok;  // Qwen2 7B's heads, with its q / k / v bias
+  ok = ropeCase(20, 4, 2, 0, quick ? 32 : 200, 13, true) && ok;    // the scalar path, with a bias
   if (!quick) {
     ok = ropeCase(128, 32, 8, 0, 300, 5) && ok;
     ok = ropeCase(64, 8, 1, 1, 300, 6) && ok;

@@ -64,8 +64,7 @@ function elementwiseKernels() {
     'typedef __nv_bfloat16 bf16;',
     take('__device__ __forceinline__ float warpSum', '__device__ __forceinline__ float warpMax'),
     take('// Sum over the block', '}  // namespace tandem_llama'),
-    take('// Fused residual add + RMSNorm.', '// y[r, :] += bias.'),
-    take('// RoPE on the q and k heads', '// Paged attention for prefill chunks and decode alike'),
+    take('// Fused residual add + RMSNorm.', '// Paged attention for prefill chunks and decode alike'),
   ]
     .join('\n')
     .replace(/__shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[(\w+)\];/g, '$1* $2 = emuShared<$1>($3);')

@@ -1256,11 +1256,14 @@ void CudaLlama::enqueueDenseLayer(int l, const BatchPlan& p, const BatchBuffers&
   const bool pending = !firstLayer && (l == 0 || !downAddsIntoX(p, l - 1));
   launch(addRmsNorm, itok, 1, nt, b.x, pending ? b.tmp : null, weight(W.inputNorm), hidden, eps, null, b.xn);
   gemm(b.xn, itok, hidden, weight(W.wqkv), iq, b.qkv);
-  if (c.attentionBias) launch(fn_.addBias, itok, 1, 256, b.qkv, weight(W.bqkv), iq);
+  // The q / k / v bias goes in as rope_kv2 reads the row (no pass of its own), unless a q / k norm comes between.
+  const bool biasInRope = c.attentionBias && elementwise2_ && !c.qkNorm;
+  if (c.attentionBias && !biasInRope) launch(fn_.addBias, itok, 1, 256, b.qkv, weight(W.bqkv), iq);
   if (c.qkNorm) launch(fn_.qkNorm, itok, H + KVH, 32, b.qkv, weight(W.qNorm), weight(W.kNorm), H, KVH, D, eps);
   if (elementwise2_)
     launch(fn_.ropeKv2, itok, static_cast<unsigned>((H + KVH + kRope2Heads - 1) / kRope2Heads), kRope2Threads, b.qkv,
-           b.positions, b.tokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor);
+           b.positions, b.tokenBlocks, invFreq, H, KVH, D, kv, l, L, nb, bs, blockMajor,
+           biasInRope ? weight(W.bqkv) : null);
   else
     launch(fn_.ropeKv, itok, static_cast<unsigned>(H + KVH + 1), 64, b.qkv, b.positions, b.tokenBlocks, invFreq, H,
            KVH, D, kv, l, L, nb, bs, blockMajor);
