@@ -23,7 +23,8 @@
  *               --torch is not off): safetensors.torch.load_file of every shard onto the device, and, where
  *               transformers imports, AutoModelForCausalLM.from_pretrained(DIR, bfloat16, device_map=device).
  * Tandem's and PyTorch's times run from the call that opens the device to the weights on it (synchronised);
- * "process s" adds the interpreter's start and imports (spawn to ready).
+ * "process s" adds the interpreter's start and imports (spawn to ready; Tandem's child runs through tsx, which compiles
+ * the TypeScript as it imports it, where `npm start` runs the built dist/).
  * Cold cache: before each measurement bench/start_cache.py fsyncs every file of the checkpoint and drops it from the
  * page cache with posix_fadvise(POSIX_FADV_DONTNEED) (no root needed; /proc/sys/vm/drop_caches where that leaves
  * pages cached and it is writable), then counts the pages still cached (mincore). Without python3: fsync and
@@ -147,11 +148,10 @@ function holdsCheckpoint(dir: string): boolean {
   );
 }
 
-/** Every file of the checkpoint (what the page cache is emptied of). */
+/** The files a loader reads (what the page cache is emptied of): the shards, the index, config and tokenizer. */
 function checkpointFiles(c: Checkpoint): string[] {
-  return readdirSync(c.dir)
-    .map((f) => join(c.dir, f))
-    .filter((f) => statSync(f).isFile());
+  const small = ['config.json', 'generation_config.json', INDEX_FILE, ...TOKENIZER_FILES];
+  return [...c.shards, ...small.map((f) => join(c.dir, f)).filter((f) => existsSync(f))];
 }
 
 /** The ids of the fixture tokenizer: its vocabulary size and its bos / eos ids. */
