@@ -483,7 +483,9 @@ function runChild(
 ): Promise<{ result: Record<string, unknown>; spawnedAtMs: number }> {
   return new Promise((resolvePromise, reject) => {
     const spawnedAtMs = Date.now();
-    const child = spawn(command, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    // The checkpoint is local: transformers and huggingface_hub are told not to look for it online.
+    const env = { ...process.env, HF_HUB_OFFLINE: '1', TRANSFORMERS_OFFLINE: '1' };
+    const child = spawn(command, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
     runningChild = child;
     let stdout = '';
     let pending = '';
