@@ -9,7 +9,7 @@
 //   tar xJf tandem-gpu-host.tar.xz && cd tandem-gpu-host
 //   ./run test:gpu             # npm run test:gpu
 //   ./run bench:transfer       # npm run bench:transfer (arguments pass through); bench:collectives, bench:engine,
-//                              # bench:eplb too
+//                              # bench:engine-ab, bench:start, bench:eplb too
 //   ./run profile:engine OUT   # scripts/profile-engine.sh: ncu profiles of one forward per case (needs ncu)
 //   ./run info                 # tandem info
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -123,11 +123,12 @@ case "$cmd" in
   bench:collectives) exec "$node" --import tsx bench/collectives.ts "$@" ;;
   bench:engine) exec "$node" --import tsx bench/engine.ts "$@" ;;
   bench:engine-ab) exec "$node" --import tsx bench/engine-ab.ts "$@" ;;
+  bench:start) exec "$node" --import tsx bench/start.ts "$@" ;;
   bench:eplb) exec "$node" --import tsx bench/eplb.ts "$@" ;;
   profile:engine) NODE="$node" exec bash scripts/profile-engine.sh "$@" ;;
   info) exec "$node" dist/cli/main.js info "$@" ;;
   node) exec "$node" "$@" ;;
-  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | bench:engine [--quick] [--json FILE] | bench:engine-ab --variants 'NAME=VALUE;...' [-- bench:engine options] | bench:eplb [--device cuda] [--quick] [--out FILE] | profile:engine OUT [CASE...] | info [--json] | node ARGS" >&2; exit 2 ;;
+  *) echo "usage: ./run test:gpu | bench:transfer [--quick] [--json FILE] | bench:collectives [--quick] [--json FILE] | bench:engine [--quick] [--json FILE] | bench:engine-ab --variants 'NAME=VALUE;...' [-- bench:engine options] | bench:start --dir DIR [--model dummy:PRESET] [--runs N] | bench:eplb [--device cuda] [--quick] [--out FILE] | profile:engine OUT [CASE...] | info [--json] | node ARGS" >&2; exit 2 ;;
 esac
 `,
 );

@@ -497,6 +497,34 @@ export interface TensorToWrite {
 }
 
 /**
+ * The start of a .safetensors file whose tensors follow in the order given: the 8-byte length and the JSON header
+ * (padded with spaces to 8 bytes), data offsets laid end to end. For writers that stream the data themselves.
+ */
+export function safetensorsHeader(
+  path: string,
+  tensors: Iterable<readonly [string, { dtype: FloatDtype; shape: number[] }]>,
+  metadata?: Record<string, string>,
+): Buffer {
+  const header: Record<string, unknown> = {};
+  if (metadata) header.__metadata__ = metadata;
+  let offset = 0;
+  for (const [name, t] of tensors) {
+    if (name === '__metadata__') throw new CheckpointError(`${path}: "__metadata__" is not a valid tensor name`);
+    if (!(t.dtype in { BF16: 1, F16: 1, F32: 1 }))
+      throw new CheckpointError(`${path}: tensor "${name}": cannot write dtype ${t.dtype}`);
+    const bytes = numel(t.shape) * SAFETENSORS_DTYPE_BYTES[t.dtype];
+    header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  let json = JSON.stringify(header);
+  json += ' '.repeat((8 - (Buffer.byteLength(json) % 8)) % 8);
+  const headerBuf = Buffer.from(json, 'utf8');
+  const lenBuf = Buffer.alloc(8);
+  lenBuf.writeBigUInt64LE(BigInt(headerBuf.length));
+  return Buffer.concat([lenBuf, headerBuf]);
+}
+
+/**
  * Writes a .safetensors file (header padded to 8 bytes, tensors in the order given). `tensors` is a record or a
  * list of [name, tensor] pairs.
  */
@@ -509,28 +537,10 @@ export function writeSafetensors(
     Symbol.iterator in tensors
       ? [...(tensors as Iterable<readonly [string, TensorToWrite]>)]
       : Object.entries(tensors as Record<string, TensorToWrite>);
-  const header: Record<string, unknown> = {};
-  if (metadata) header.__metadata__ = metadata;
-  let offset = 0;
-  for (const [name, t] of entries) {
-    if (name === '__metadata__') throw new CheckpointError(`${path}: "__metadata__" is not a valid tensor name`);
-    if (!(t.dtype in { BF16: 1, F16: 1, F32: 1 }))
-      throw new CheckpointError(`${path}: tensor "${name}": cannot write dtype ${t.dtype}`);
-    const bytes = numel(t.shape) * SAFETENSORS_DTYPE_BYTES[t.dtype];
-    header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
-    offset += bytes;
-  }
-  let json = JSON.stringify(header);
-  const jsonBytes = Buffer.byteLength(json);
-  json += ' '.repeat((8 - (jsonBytes % 8)) % 8);
-  const headerBuf = Buffer.from(json, 'utf8');
-  const lenBuf = Buffer.alloc(8);
-  lenBuf.writeBigUInt64LE(BigInt(headerBuf.length));
-
+  const header = safetensorsHeader(path, entries, metadata);
   const fd = openSync(path, 'w');
   try {
-    writeSync(fd, lenBuf);
-    writeSync(fd, headerBuf);
+    writeSync(fd, header);
     for (const [name, t] of entries) {
       const data = typeof t.data === 'function' ? t.data() : t.data;
       const n = numel(t.shape);
