@@ -21,6 +21,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { axisFor, PANEL_HEIGHT, PANEL_WIDTH, panels, writeChart } from '../lib/bench/chart.js';
+import { median } from '../lib/bench/stats.js';
 import { formatTable } from '../lib/bench/table.js';
 
 const ENGINE = join(dirname(fileURLToPath(import.meta.url)), 'engine.ts');
@@ -82,11 +83,6 @@ interface EngineRow {
 }
 
 const rowKey = (r: EngineRow) => `${r.phase} b${r.batch} ctx${r.context} t${r.tokens}`;
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 const sig = (x: number) => (x >= 100 ? x.toFixed(1) : x >= 10 ? x.toFixed(2) : x.toFixed(3));
 
 /** Per row (in the baseline's order): each variant's median over the rounds, its speed-up, the baseline's spread. */

@@ -55,6 +55,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ChartUnavailableError, panels, PANEL_HEIGHT, PANEL_WIDTH, writeChart } from '../lib/bench/chart.js';
+import { median } from '../lib/bench/stats.js';
 import { formatTable, percent, sig } from '../lib/bench/table.js';
 import { expectedTensors, loadModelConfig, toHfConfig, type ModelConfig } from '../lib/engine/model/config.js';
 import { dummyConfig, dummyTensorRecipe, Xoshiro128 } from '../lib/engine/model/dummy.js';
@@ -62,6 +63,7 @@ import { ByteProgress } from '../lib/engine/model/progress.js';
 import {
   f32ToBf16,
   INDEX_FILE,
+  numel,
   openSafetensors,
   safetensorsHeader,
   SINGLE_FILE,
@@ -118,12 +120,6 @@ const USAGE = `usage: npm run bench:start -- --dir DIR [--model dummy:llama-3.1-
 const gb = (bytes: number) =>
   bytes >= 1e9 ? `${(bytes / 1e9).toFixed(1)} GB` : bytes >= 1e6 ? `${sig(bytes / 1e6)} MB` : `${sig(bytes / 1e3)} kB`;
 const progress = (line: string) => console.error(`bench:start: ${line}`);
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
-const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 
 // ---------------------------------------------------------------------------------------------------------------
 // The checkpoint
@@ -473,14 +469,15 @@ async function readShards(shards: string[]): Promise<{ seconds: number; bytes: n
 let runningChild: ChildProcess | undefined;
 
 /**
- * Runs a child that prints one JSON line on stdout when done, its stderr passed through as progress; resolves with
- * the JSON and the time from spawn to the child's `readyAtMs`, rejects with its last stderr line.
+ * Runs a child that prints one JSON line on stdout when done (with `readyAtMs`, the wall clock at ready), its stderr
+ * passed through as progress; resolves with the JSON and processSeconds, from spawn to that ready; rejects with its
+ * last stderr line.
  */
 function runChild(
   command: string,
   args: string[],
   name: string,
-): Promise<{ result: Record<string, unknown>; spawnedAtMs: number }> {
+): Promise<{ result: Record<string, unknown>; processSeconds: number }> {
   return new Promise((resolvePromise, reject) => {
     const spawnedAtMs = Date.now();
     // The checkpoint is local: transformers and huggingface_hub are told not to look for it online.
@@ -516,10 +513,8 @@ function runChild(
           ),
         );
       try {
-        resolvePromise({
-          result: JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>,
-          spawnedAtMs,
-        });
+        const result = JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>;
+        resolvePromise({ result, processSeconds: ((result.readyAtMs as number) - spawnedAtMs) / 1000 });
       } catch {
         reject(new Error(`${name} printed no JSON result (${stdout.length} bytes on stdout)`));
       }
@@ -556,48 +551,49 @@ async function measure(row: RowKind, c: Checkpoint, device: 'cuda' | 'cpu', memo
       return { row, cache, seconds, bytes };
     }
     if (row === 'tandem') {
-      const { result, spawnedAtMs } = await runChild(
+      const { result, processSeconds } = await runChild(
         process.execPath,
         ['--import', 'tsx', TANDEM_CHILD, c.dir, device],
         'bench/start-tandem.ts',
       );
-      const r = result as { seconds: number; readyAtMs: number; log: string[]; warmUpMs?: number; finite: boolean };
+      const r = result as { seconds: number; log: string[]; warmUpMs?: number; finite: boolean };
       if (!r.finite)
         throw new Error('Tandem opened the checkpoint, but a short prompt gave logits that are not finite');
+      const { seconds, log, warmUpMs, finite } = r;
       return {
         row,
         cache,
-        seconds: r.seconds,
-        processSeconds: (r.readyAtMs - spawnedAtMs) / 1000,
+        seconds,
+        processSeconds,
         bytes: c.tensorBytes,
-        log: r.log,
-        ...(r.warmUpMs !== undefined ? { warmUpMs: r.warmUpMs } : {}),
-        finite: r.finite,
+        log,
+        ...(warmUpMs !== undefined ? { warmUpMs } : {}),
+        finite,
       };
     }
     const impl = row === 'torch-safetensors' ? 'safetensors' : 'transformers';
-    const { result, spawnedAtMs } = await runChild(
+    const { result, processSeconds } = await runChild(
       'python3',
       [TORCH_CHILD, 'load', '--impl', impl, '--dir', c.dir, '--device', device],
       'bench/start_torch.py',
     );
     const r = result as {
       seconds: number;
-      readyAtMs: number;
       bytes: number;
       finite: boolean;
       method: string;
       torch: string;
       transformers: string | null;
     };
+    const { seconds, bytes, finite, method } = r;
     return {
       row,
       cache,
-      seconds: r.seconds,
-      processSeconds: (r.readyAtMs - spawnedAtMs) / 1000,
-      bytes: r.bytes,
-      finite: r.finite,
-      method: r.method,
+      seconds,
+      processSeconds,
+      bytes,
+      finite,
+      method,
       versions: { torch: r.torch, transformers: r.transformers },
     };
   } catch (error) {

@@ -92,6 +92,11 @@ export interface RunStats {
   cacheHitRate: number | null;
 }
 
+/** The median of `values` (any order; the mean of the middle two when their count is even); NaN when empty. */
+export function median(values: ArrayLike<number>): number {
+  return percentile(Float64Array.from(values).sort(), 50);
+}
+
 /** The p-th percentile (0..100) of ascending `sorted`, interpolating linearly between closest ranks. */
 export function percentile(sorted: ArrayLike<number>, p: number): number {
   const n = sorted.length;

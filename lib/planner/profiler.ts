@@ -21,6 +21,7 @@ import { openModel, type OpenedModel } from '../engine/open.js';
 import { rankCount, type ParallelConfig } from '../engine/parallel.js';
 import { DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS } from '../engine/scheduler.js';
 import { seededSource } from '../bench/distributions.js';
+import { median } from '../bench/stats.js';
 import { packageVersion } from '../version.js';
 import {
   PROFILE_FORMAT,
@@ -103,11 +104,6 @@ function checkList(name: string, values: readonly number[]): number[] {
   return [...new Set(values)].sort((a, b) => a - b);
 }
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  const n = s.length;
-  return n % 2 ? s[(n - 1) / 2]! : (s[n / 2 - 1]! + s[n / 2]!) / 2;
-};
 const round3 = (x: number) => +x.toFixed(3);
 
 /** Measures a profile of `model` on this machine: each layout of `options.layouts` (default TP 1). */

@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import {
   DEFAULT_SLO,
   distribution,
+  median,
   meetsSlo,
   percentile,
   runStats,
@@ -150,5 +151,15 @@ describe('goodput under an SLO', () => {
       durationS: 0,
       ttft: null,
     });
+  });
+});
+
+describe('median', () => {
+  it('is the middle value of an odd count and the mean of the middle two of an even one, in any order', () => {
+    expect(median([3, 1, 2])).toBe(2);
+    expect(median([4, 1, 3, 2])).toBe(2.5);
+    expect(median([7])).toBe(7);
+    expect(median([5, 5, 1, 9, 9, 1])).toBe(5);
+    expect(median([])).toBeNaN();
   });
 });

@@ -60,7 +60,8 @@ function readFully(fd: number, target: Uint8Array, position: number, file: strin
   }
 }
 
-const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
+/** Elements of a tensor of `shape`. */
+export const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 
 /** One .safetensors file. Keeps a file descriptor open until `close()`. */
 export class SafetensorsFile {
