@@ -7,7 +7,7 @@ import { ROUTER_POLICIES } from '../router/index.js';
 import { loadGraph } from '../deploy/graph.js';
 import { joinFrontend } from '../frontend/request-plane-frontend.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
-import { untilSignal } from './worker.js';
+import { watchSignals } from './signals.js';
 
 export interface FrontendArgs {
   join?: string;
@@ -34,17 +34,22 @@ export async function frontend(args: FrontendArgs): Promise<number> {
   if (routerPolicy) graph.router.policy = routerPolicy;
   // --api-key, else the variable the graph names (joinFrontend reads it), else TANDEM_API_KEY.
   const apiKey = args['api-key'] ?? (graph.frontend.apiKeyEnv ? undefined : process.env.TANDEM_API_KEY || undefined);
-  const joined = await joinFrontend({
-    graph,
-    control: args.join,
-    ...(namespace ? { controlOptions: { namespace } } : {}),
-    ...(args.host ? { host: args.host } : {}),
-    ...(port !== undefined ? { port } : {}),
-    ...(apiKey !== undefined ? { apiKey } : {}),
-  });
-  console.log(`tandem: frontend on ${joined.frontend.url}/v1, workers from etcd (${args.join})`);
-  const signal = await untilSignal();
-  console.log(`tandem: ${signal}: draining requests in flight (up to 10 s), then stopping`);
-  await joined.stop({ drainMs: 10_000 });
+  const signals = watchSignals();
+  try {
+    const joined = await joinFrontend({
+      graph,
+      control: args.join,
+      ...(namespace ? { controlOptions: { namespace } } : {}),
+      ...(args.host ? { host: args.host } : {}),
+      ...(port !== undefined ? { port } : {}),
+      ...(apiKey !== undefined ? { apiKey } : {}),
+    });
+    console.log(`tandem: frontend on ${joined.frontend.url}/v1, workers from etcd (${args.join})`);
+    const signal = await signals.next();
+    console.log(`tandem: ${signal}: draining requests in flight (up to 10 s), then stopping`);
+    await joined.stop({ drainMs: 10_000 });
+  } finally {
+    signals.close();
+  }
   return 0;
 }

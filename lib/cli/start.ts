@@ -8,6 +8,7 @@ import { ROUTER_POLICIES } from '../router/index.js';
 import { defaultGraph, loadGraph, SERVING_MODES, type DeploymentGraph } from '../deploy/graph.js';
 import { banner, startDeployment } from '../deploy/launcher.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
+import { watchSignals } from './signals.js';
 
 export interface StartArgs {
   file?: string;
@@ -76,25 +77,23 @@ export async function start(args: StartArgs): Promise<number> {
   const graph = await graphOf(args);
   // --api-key, else the variable the graph names (the launcher reads it), else TANDEM_API_KEY.
   const apiKey = args['api-key'] ?? (graph.frontend.apiKeyEnv ? undefined : process.env.TANDEM_API_KEY || undefined);
-  const deployment = await startDeployment(graph, {
-    seed,
-    ...(apiKey !== undefined ? { apiKey } : {}),
-    ...(args.control
-      ? { control: { endpoints: args.control, ...(args.namespace ? { namespace: args.namespace } : {}) } }
-      : {}),
-  });
-  console.log(banner(deployment));
-  await new Promise<void>((resolve) => {
-    const stop = (signal: NodeJS.Signals) => {
-      console.log(`tandem: ${signal}: draining requests in flight (up to 10 s), then stopping the workers`);
-      process.off('SIGINT', stop);
-      process.off('SIGTERM', stop);
-      resolve();
-    };
-    process.on('SIGINT', stop);
-    process.on('SIGTERM', stop);
-  });
-  await deployment.stop({ drainMs: 10_000 });
-  console.log('tandem: stopped');
+  // Watched from here: a signal while the workers start stops the deployment once it is up, children included.
+  const signals = watchSignals();
+  try {
+    const deployment = await startDeployment(graph, {
+      seed,
+      ...(apiKey !== undefined ? { apiKey } : {}),
+      ...(args.control
+        ? { control: { endpoints: args.control, ...(args.namespace ? { namespace: args.namespace } : {}) } }
+        : {}),
+    });
+    console.log(banner(deployment));
+    const signal = await signals.next();
+    console.log(`tandem: ${signal}: draining requests in flight (up to 10 s), then stopping the workers`);
+    await deployment.stop({ drainMs: 10_000 });
+    console.log('tandem: stopped');
+  } finally {
+    signals.close();
+  }
   return 0;
 }

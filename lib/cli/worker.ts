@@ -8,6 +8,7 @@
 import { loadGraph } from '../deploy/graph.js';
 import { joinWorker } from '../worker/worker-join.js';
 import { choiceOption, numberOption, UsageError } from './args.js';
+import { watchSignals } from './signals.js';
 
 export interface WorkerArgs {
   join?: string;
@@ -25,19 +26,6 @@ export interface WorkerArgs {
   'drain-timeout'?: string;
 }
 
-/** Resolves when SIGINT or SIGTERM arrives. */
-export function untilSignal(): Promise<NodeJS.Signals> {
-  return new Promise((resolve) => {
-    const stop = (signal: NodeJS.Signals) => {
-      process.off('SIGINT', stop);
-      process.off('SIGTERM', stop);
-      resolve(signal);
-    };
-    process.on('SIGINT', stop);
-    process.on('SIGTERM', stop);
-  });
-}
-
 export async function worker(args: WorkerArgs): Promise<number> {
   if (!args.join) throw new UsageError('tandem worker needs --join etcd://HOST:2379');
   if (!args.pool) throw new UsageError('tandem worker needs --pool NAME (a pool of the graph)');
@@ -52,32 +40,38 @@ export async function worker(args: WorkerArgs): Promise<number> {
   const seed = numberOption('seed', args.seed, { integer: true }) ?? 0;
   const drainTimeoutS = numberOption('drain-timeout', args['drain-timeout'], { min: 0 });
   const kvBackend = choiceOption('kv-backend', args['kv-backend'], ['auto', 'shm', 'tcp', 'ucx'] as const);
-  const joined = await joinWorker({
-    graph: loadGraph(args.graph),
-    pool: args.pool,
-    control: args.join,
-    ...(namespace ? { controlOptions: { namespace } } : {}),
-    ...(args.host ? { host: args.host } : {}),
-    ...(args.advertise ? { advertise: args.advertise } : {}),
-    ...(port !== undefined ? { port } : {}),
-    ...(kvPort !== undefined ? { kvPort } : {}),
-    ...(statusPort !== undefined ? { statusPort } : {}),
-    ...(name ? { name } : {}),
-    ...(kvBackend && kvBackend !== 'auto' ? { kvBackend } : {}),
-    ...(drainTimeoutS !== undefined ? { drainTimeoutMs: drainTimeoutS * 1000 } : {}),
-    seed,
-  });
-  // The first signal drains (frontends choose this worker no more; its requests in flight finish, up to the drain
-  // timeout); a second one, or the timeout, stops it at once: requests still running migrate to other workers.
-  const signal = await untilSignal();
-  console.log(
-    `tandem: ${signal}: ${joined.name} drains ${joined.inFlight()} request(s) in flight (a second signal stops it at once)`,
-  );
-  const drained = await Promise.race([joined.drain(), untilSignal().then(() => false)]);
-  console.log(
-    `tandem: ${joined.name} ${drained ? 'drained' : `stops with ${joined.inFlight()} request(s) in flight (they migrate)`}; ` +
-      'it leaves discovery and stops',
-  );
-  await joined.stop();
+  // Watched from here: a signal during the model load or the registration stops the worker once it is up.
+  const signals = watchSignals();
+  try {
+    const joined = await joinWorker({
+      graph: loadGraph(args.graph),
+      pool: args.pool,
+      control: args.join,
+      ...(namespace ? { controlOptions: { namespace } } : {}),
+      ...(args.host ? { host: args.host } : {}),
+      ...(args.advertise ? { advertise: args.advertise } : {}),
+      ...(port !== undefined ? { port } : {}),
+      ...(kvPort !== undefined ? { kvPort } : {}),
+      ...(statusPort !== undefined ? { statusPort } : {}),
+      ...(name ? { name } : {}),
+      ...(kvBackend && kvBackend !== 'auto' ? { kvBackend } : {}),
+      ...(drainTimeoutS !== undefined ? { drainTimeoutMs: drainTimeoutS * 1000 } : {}),
+      seed,
+    });
+    // The first signal drains (frontends choose this worker no more; its requests in flight finish, up to the drain
+    // timeout); a second one, or the timeout, stops it at once: requests still running migrate to other workers.
+    const signal = await signals.next();
+    console.log(
+      `tandem: ${signal}: ${joined.name} drains ${joined.inFlight()} request(s) in flight (a second signal stops it at once)`,
+    );
+    const drained = await Promise.race([joined.drain(), signals.next().then(() => false)]);
+    console.log(
+      `tandem: ${joined.name} ${drained ? 'drained' : `stops with ${joined.inFlight()} request(s) in flight (they migrate)`}; ` +
+        'it leaves discovery and stops',
+    );
+    await joined.stop();
+  } finally {
+    signals.close();
+  }
   return 0;
 }

@@ -4,7 +4,8 @@
  * SIGTERM does) reports it over the request plane at once, so the frontend's routers choose it no more and its
  * /health answers 503; its streams in flight finish with exactly the text of an undisturbed run. Past the drain
  * timeout it stops with streams still running, and they migrate to the other worker, unchanged. The CLI worker
- * drains on SIGTERM, leaves discovery and exits 0. Every wait is bounded; everything stops at the end.
+ * drains on SIGTERM, leaves discovery and exits 0, also when the signal comes while it starts up. Every wait is
+ * bounded; everything stops at the end.
  */
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -19,7 +20,7 @@ import { defaultGraph, type DeploymentGraph } from '../../lib/deploy/graph.js';
 import { METRIC_NAMES } from '../../lib/frontend/metrics.js';
 import { joinFrontend, type JoinedFrontend } from '../../lib/frontend/request-plane-frontend.js';
 import { joinWorker, type JoinedWorker } from '../../lib/worker/worker-join.js';
-import { EtcdServer, etcdBinary } from '../helpers/etcd.js';
+import { EtcdServer, etcdBinary, freeLoopbackPort } from '../helpers/etcd.js';
 import { sample, streamCompletion, type StreamOutcome } from '../helpers/serve.js';
 
 const binary = etcdBinary();
@@ -179,9 +180,9 @@ describe.skipIf(binary.missing !== undefined)('tandem worker --join on SIGTERM',
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
-  it('drains, leaves discovery and exits 0', async () => {
+  /** `tandem worker --join` as a child process, its output collected line by line. */
+  function spawnWorker(name: string, extra: string[] = []) {
     writeFileSync(join(dir, 'graph.yaml'), `model: ${MODEL}\nmode: agg\npools:\n  - { name: agg, role: aggregated }\n`);
-    const namespace = `${NAMESPACE}-cli`;
     const child = spawn(
       process.execPath,
       [
@@ -192,32 +193,61 @@ describe.skipIf(binary.missing !== undefined)('tandem worker --join on SIGTERM',
         '--join',
         etcd.endpoint,
         '--namespace',
-        namespace,
+        `${NAMESPACE}-cli`,
         '--pool',
         'agg',
         '--graph',
         join(dir, 'graph.yaml'),
         '--name',
-        'cli-worker',
+        name,
         '--drain-timeout',
         '5',
+        ...extra,
       ],
       { cwd: packageRoot, env: { ...process.env, TANDEM_TOKEN: TOKEN }, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     const lines: string[] = [];
     for (const s of [child.stdout!, child.stderr!]) createInterface({ input: s }).on('line', (l) => lines.push(l));
     const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-    const observer = await EtcdControlPlane.connect({ endpoints: etcd.endpoint, namespace });
+    return { child, lines, exited };
+  }
+
+  it('drains, leaves discovery and exits 0', async () => {
+    const { child, lines, exited } = spawnWorker('cli-worker');
+    const observer = await EtcdControlPlane.connect({ endpoints: etcd.endpoint, namespace: `${NAMESPACE}-cli` });
     try {
       await vi.waitFor(() => expect(observer.get('cli-worker'), lines.join('\n')).toBeDefined(), {
         timeout: 90_000,
         interval: 100,
       });
       child.kill('SIGTERM');
-      expect(await exited).toBe(0);
+      expect(await exited, lines.join('\n')).toBe(0);
       expect(lines.some((l) => l.includes('SIGTERM: cli-worker drains 0 request(s) in flight'))).toBe(true);
       expect(lines.some((l) => l.includes('cli-worker drained; it leaves discovery'))).toBe(true);
       await vi.waitFor(() => expect(observer.get('cli-worker')).toBeUndefined(), WAIT);
+    } finally {
+      child.kill('SIGKILL');
+      await observer.close();
+    }
+  }, 120_000);
+
+  it('a SIGTERM while it starts up is kept: it comes up, drains, leaves discovery and exits 0', async () => {
+    // /live answers before the model loads and the worker registers (lib/worker/worker-join.ts): the signal lands
+    // mid start-up. Node's default action would kill the process there (exit code null), half-registered.
+    const port = await freeLoopbackPort();
+    const { child, lines, exited } = spawnWorker('early-worker', ['--status-port', String(port)]);
+    const observer = await EtcdControlPlane.connect({ endpoints: etcd.endpoint, namespace: `${NAMESPACE}-cli` });
+    try {
+      await vi.waitFor(
+        async () => expect((await fetch(`http://127.0.0.1:${port}/live`)).status, lines.join('\n')).toBe(200),
+        { timeout: 90_000, interval: 50 },
+      );
+      child.kill('SIGTERM');
+      expect(await exited, lines.join('\n')).toBe(0);
+      expect(lines.some((l) => l.includes('[early-worker] registered in etcd'))).toBe(true);
+      expect(lines.some((l) => l.includes('SIGTERM: early-worker drains 0 request(s) in flight'))).toBe(true);
+      expect(lines.some((l) => l.includes('early-worker drained; it leaves discovery'))).toBe(true);
+      await vi.waitFor(() => expect(observer.get('early-worker')).toBeUndefined(), WAIT);
     } finally {
       child.kill('SIGKILL');
       await observer.close();
