@@ -106,7 +106,10 @@ describe('local connector (CPU workers, requests streaming)', () => {
     // It serves prefills now: with one decode worker left, requests spread over two prefill workers.
     const served = await steadyStream(client, 12, async () => {});
     expect(served.failures).toEqual([]);
-    expect(await metric(d, 'tandem_prefills_total{where="remote"}')).toBeGreaterThan(remoteBefore);
+    await vi.waitFor(
+      async () => expect(await metric(d, 'tandem_prefills_total{where="remote"}')).toBeGreaterThan(remoteBefore),
+      WAIT,
+    );
     expect(lines.some((l) => l.includes(`${moved} registered (prefill`))).toBe(true);
   }, 180_000);
 
@@ -122,7 +125,9 @@ describe('local connector (CPU workers, requests streaming)', () => {
     expect(await w.drain(other!, 30_000)).toBe(true);
     try {
       const remote = () => metric(d, 'tandem_prefills_total{where="remote"}');
+      const local = () => metric(d, 'tandem_prefills_total{where="local"}');
       const before = await remote();
+      const localBefore = await local();
       for (let i = 0; i < 4; i++) {
         const r = await client.completions.create({
           model: MODEL,
@@ -131,7 +136,10 @@ describe('local connector (CPU workers, requests streaming)', () => {
         });
         expect(r.choices[0]?.finish_reason).toBeTruthy();
       }
-      expect(await remote()).toBe(before + 4);
+      // A remote prefill is counted when the prefill worker's prefillDone reaches the router, on that worker's
+      // channel: it can come after the response has ended (test/serve/e2e.test.ts). None was prefilled locally.
+      await vi.waitFor(async () => expect(await remote()).toBe(before + 4), WAIT);
+      expect(await local()).toBe(localBefore);
     } finally {
       w.undrain(other!);
     }
