@@ -22,6 +22,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { axisFor, PANEL_HEIGHT, PANEL_WIDTH, panels, writeChart } from '../lib/bench/chart.js';
 import { median } from '../lib/bench/stats.js';
+import { numberOption, UsageError } from '../lib/cli/args.js';
 import { formatTable } from '../lib/bench/table.js';
 
 const ENGINE = join(dirname(fileURLToPath(import.meta.url)), 'engine.ts');
@@ -129,9 +130,7 @@ async function main(argv: string[]): Promise<number> {
   }
   if (!values.variants) throw new AbUsageError('--variants is required, e.g. --variants "TANDEM_ELEMENTWISE=1"');
   const variants = parseVariants(values.variants);
-  const rounds = Number(values.rounds);
-  if (!Number.isInteger(rounds) || rounds < 1 || rounds > 20)
-    throw new AbUsageError(`--rounds must be a whole number from 1 to 20 (got ${values.rounds})`);
+  const rounds = numberOption('rounds', values.rounds, { integer: true, min: 1, max: 20 })!;
   for (const flag of ['--json', '--svg', '--torch', '--profile-case'])
     if (passed.some((a) => a === flag || a.startsWith(`${flag}=`)))
       throw new AbUsageError(`${flag} is bench:engine-ab's to set: leave it out of the options after --`);
@@ -275,6 +274,7 @@ try {
 } catch (error) {
   if (
     error instanceof AbUsageError ||
+    error instanceof UsageError ||
     (error instanceof TypeError && String((error as { code?: unknown }).code).startsWith('ERR_PARSE_ARGS'))
   ) {
     console.error(`bench:engine-ab: ${error.message}`);

@@ -56,6 +56,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ChartUnavailableError, panels, PANEL_HEIGHT, PANEL_WIDTH, writeChart } from '../lib/bench/chart.js';
 import { median } from '../lib/bench/stats.js';
+import { choiceOption, numberOption, UsageError } from '../lib/cli/args.js';
 import { formatTable, percent, sig } from '../lib/bench/table.js';
 import { expectedTensors, loadModelConfig, toHfConfig, type ModelConfig } from '../lib/engine/model/config.js';
 import { dummyConfig, dummyTensorRecipe, Xoshiro128 } from '../lib/engine/model/dummy.js';
@@ -236,13 +237,6 @@ function valueBlock(recipe: ReturnType<typeof dummyTensorRecipe>): Buffer {
   return block;
 }
 
-/** The writing progress line's end: the time left at the rate so far. */
-function etaText(done: number, total: number, startedMs: number): string {
-  const s = (performance.now() - startedMs) / 1000;
-  if (done <= 0 || s <= 0) return '';
-  return `, ETA ${Math.ceil(((total - done) * s) / done)} s`;
-}
-
 /**
  * Writes the checkpoint of `config` into `dir` (see the file's comment), adding every path written to `written` as
  * it goes (what a clean-up removes). Returns its seconds and the checkpoint.
@@ -255,10 +249,7 @@ async function writeCheckpoint(
 ): Promise<{ seconds: number; checkpoint: Checkpoint }> {
   const total = shards.reduce((a, s) => a + s.bytes, 0);
   const started = performance.now();
-  let done = 0;
-  const bytesProgress = new ByteProgress('writing checkpoint', total, (line) =>
-    progress(line.includes('%') ? `${line.slice(0, -1)}${etaText(done, total, started)})` : line),
-  );
+  const bytesProgress = new ByteProgress('writing checkpoint', total, progress);
   const blocks = new Map<string, Buffer>();
   for (const shard of shards) {
     written.push(shard.file);
@@ -278,7 +269,6 @@ async function writeCheckpoint(
           const { bytesWritten } = await handle.write(block, start, n);
           if (bytesWritten !== n) throw new Error(`${shard.file}: short write (${bytesWritten} of ${n} bytes)`);
           left -= n;
-          done += n;
           unsynced += n;
           bytesProgress.add(n);
           if (unsynced >= SYNC_EVERY) {
@@ -287,7 +277,6 @@ async function writeCheckpoint(
           }
         }
       }
-      done += shard.header.length;
       bytesProgress.add(shard.header.length);
       await handle.sync();
     } finally {
@@ -745,13 +734,6 @@ function existingAncestor(path: string): string {
   return p;
 }
 
-function wholeNumber(flag: string, text: string, min: number, max: number): number {
-  const n = Number(text);
-  if (!/^\d+$/.test(text.trim()) || !Number.isInteger(n) || n < min || n > max)
-    throw new StartUsageError(`--${flag} must be a whole number from ${min} to ${max} (got ${text})`);
-  return n;
-}
-
 async function main(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
@@ -776,12 +758,10 @@ async function main(argv: string[]): Promise<number> {
   }
   if (!values.dir) throw new StartUsageError('--dir is required: the folder of the checkpoint (written there if none)');
   const dir = resolve(values.dir);
-  const device = values.device;
-  if (device !== 'cuda' && device !== 'cpu') throw new StartUsageError(`--device must be cuda or cpu (got ${device})`);
-  const runs = wholeNumber('runs', values.runs, 1, 20);
-  const shardCount = wholeNumber('shards', values.shards, 1, 256);
-  if (!['auto', 'on', 'off'].includes(values.torch))
-    throw new StartUsageError(`--torch must be auto, on or off (got ${values.torch})`);
+  const device = choiceOption('device', values.device, ['cuda', 'cpu'] as const)!;
+  const runs = numberOption('runs', values.runs, { integer: true, min: 1, max: 20 })!;
+  const shardCount = numberOption('shards', values.shards, { integer: true, min: 1, max: 256 })!;
+  choiceOption('torch', values.torch, ['auto', 'on', 'off'] as const);
   if (!values.model.startsWith('dummy:'))
     throw new StartUsageError(
       `--model must be dummy:<preset>, the shape of the checkpoint to write (got ${values.model})`,
@@ -975,6 +955,7 @@ try {
 } catch (error) {
   if (
     error instanceof StartUsageError ||
+    error instanceof UsageError ||
     (error instanceof TypeError && String((error as { code?: unknown }).code).startsWith('ERR_PARSE_ARGS'))
   ) {
     console.error(`bench:start: ${error.message}`);

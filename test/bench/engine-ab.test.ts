@@ -73,7 +73,7 @@ describe('bench:engine-ab', () => {
     [['--variants', 'TANDEM_A=1;;TANDEM_B=1'], /an empty variant/],
     [['--variants', 'TANDEM_A=1,TANDEM_A=2'], /TANDEM_A is set twice/],
     [['--variants', 'TANDEM_A=1;TANDEM_A=1'], /TANDEM_A=1 is listed twice/],
-    [['--variants', 'TANDEM_A=1', '--rounds', '0'], /--rounds must be a whole number from 1 to 20 \(got 0\)/],
+    [['--variants', 'TANDEM_A=1', '--rounds', '0'], /--rounds must be an integer in 1..20 \(got 0\)/],
     [['--variants', 'TANDEM_A=1', '--', '--json', 'x.json'], /--json is bench:engine-ab's to set/],
     [['--variants', 'TANDEM_A=1', '--', '--torch=auto'], /--torch is bench:engine-ab's to set/],
     [['--variants', 'TANDEM_A=1', '--bogus'], /Unknown option '--bogus'/],

@@ -206,11 +206,11 @@ describe('bench:start', () => {
   it.each([
     [['--dir', 'x', '--bogus'], /Unknown option '--bogus'/],
     [[...TINY], /--dir is required/],
-    [['--dir', 'DIR', '--runs', '0'], /--runs must be a whole number from 1 to 20 \(got 0\)/],
-    [['--dir', 'DIR', '--runs', '2.5'], /--runs must be a whole number from 1 to 20 \(got 2.5\)/],
-    [['--dir', 'DIR', '--shards', '0'], /--shards must be a whole number from 1 to 256/],
+    [['--dir', 'DIR', '--runs', '0'], /--runs must be an integer in 1..20 \(got 0\)/],
+    [['--dir', 'DIR', '--runs', '2.5'], /--runs must be an integer in 1..20 \(got 2.5\)/],
+    [['--dir', 'DIR', '--shards', '0'], /--shards must be an integer in 1..256/],
     [['--dir', 'DIR', '--device', 'bogus'], /--device must be cuda or cpu \(got bogus\)/],
-    [['--dir', 'DIR', '--torch', 'maybe'], /--torch must be auto, on or off \(got maybe\)/],
+    [['--dir', 'DIR', '--torch', 'maybe'], /--torch must be one of auto, on, off \(got maybe\)/],
     [['--dir', 'DIR', '--model', 'dummy:nope'], /--model: .*unknown dummy preset "nope"/],
     [['--dir', 'DIR', '--model', '/some/checkpoint'], /--model must be dummy:<preset>/],
     [

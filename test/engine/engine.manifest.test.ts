@@ -212,7 +212,7 @@ describe('start-up log', () => {
       progress.add(0.21e9);
     }
     expect(lines.length).toBe(2); // one line after a second, not one per tensor
-    expect(lines[1]).toBe('loading weights 13% (2.1/16.1 GB, 2.1 GB/s)');
+    expect(lines[1]).toBe('loading weights 13% (2.1/16.1 GB, 2.1 GB/s, ETA 7 s)');
     progress.finish();
     expect(lines[2]).toBe('loading weights: 2.1 GB in 1000 ms (2.1 GB/s)');
     expect(phases.elapsedMs()).toBe(1812);

@@ -34,7 +34,7 @@ export class StartPhases {
   }
 }
 
-/** Counts bytes through a long phase and logs throttled progress, then a summary line. */
+/** Counts bytes through a long phase and logs throttled progress (with the time left), then a summary line. */
 export class ByteProgress {
   private done = 0;
   private readonly began: number;
@@ -57,13 +57,21 @@ export class ByteProgress {
     if (this.log && now - this.lastLog >= this.intervalMs && this.done < this.totalBytes) {
       this.lastLog = now;
       const pct = this.totalBytes > 0 ? Math.floor((100 * this.done) / this.totalBytes) : 100;
-      this.log(`${this.what} ${pct}% (${gb(this.done)}/${gb(this.totalBytes)} GB, ${this.rate(now)} GB/s)`);
+      this.log(
+        `${this.what} ${pct}% (${gb(this.done)}/${gb(this.totalBytes)} GB, ${this.rate(now)} GB/s${this.eta(now)})`,
+      );
     }
   }
 
   finish(): void {
     const now = this.clock();
     this.log?.(`${this.what}: ${gb(this.done)} GB in ${(now - this.began).toFixed(0)} ms (${this.rate(now)} GB/s)`);
+  }
+
+  /** The time left at the rate so far. */
+  private eta(now: number): string {
+    const s = (now - this.began) / 1000;
+    return s > 0 && this.done > 0 ? `, ETA ${Math.ceil(((this.totalBytes - this.done) * s) / this.done)} s` : '';
   }
 
   private rate(now: number): string {
